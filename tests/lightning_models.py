@@ -68,8 +68,7 @@ class AllTemplates(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.net_template.train(self.training)
-        state = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
-        direct = self.net_template(state, x)
+        direct = self.net_template(self.net_template.state_from(self.net), x)
         hyper = self.target(self.target_params(), x)
         return self.ensemble(x).mean(0) + self.bn_ensemble(x).mean(0) + direct + hyper
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
 from lightning_models import AllTemplates, ShardedTemplates, loader, templates_are_meta
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     result["resumed_epoch"] = saved["epoch"]
     result["resumed_global_step"] = saved["global_step"]
     result["templates_meta_after_resume"] = templates_are_meta(resumed)
-    state = full_state(resumed) if strategy != "ddp_spawn" else None
+    state = full_state(resumed)
 
     if t2.global_rank == 0:
         final = str(workdir / "ckpt" / "last.ckpt")
@@ -81,10 +82,9 @@ def main() -> None:
         loaded = AllTemplates.load_from_checkpoint(final)
         result["loaded_templates_meta"] = templates_are_meta(loaded)
         result["loaded_keys"] = sorted(loaded.state_dict())
-        if state is not None:
-            result["loaded_equals_trained"] = all(
-                torch.equal(state[k], v) for k, v in loaded.state_dict().items()
-            ) and state.keys() == loaded.state_dict().keys()
+        result["loaded_equals_trained"] = all(
+            torch.equal(state[k], v) for k, v in loaded.state_dict().items()
+        ) and state.keys() == loaded.state_dict().keys()
         x = torch.randn(5, 6)
         ens = loaded.ensemble.eval()
         ref = torch.stack([ens.member(i)(x) for i in range(len(ens))])

@@ -21,6 +21,13 @@ _EXECUTIONS = ("auto", "fused", "vmap", "loop")
 _RANDOMNESS = ("different", "same", "error")
 
 
+def _slicer(start: int, stop: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x[start:stop]``, or ``x[start]`` when ``stop`` is None, along dim 0."""
+    if stop is None:
+        return lambda x: x[start]
+    return lambda x: x[start:stop]
+
+
 class _Stacked(nn.Module):
     """Holds the stacked tensors of one submodule of the template.
 
@@ -64,12 +71,12 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
     ref, sig = _signature(reference), _signature(other)
     problems = [f"member {index} lacks {n!r} {ref[n][1]}" for n in ref if n not in sig]
     problems += [f"member {index} has extra {n!r} {sig[n][1]}" for n in sig if n not in ref]
-    for name in ref.keys() & sig.keys():
+    for name in sorted(ref.keys() & sig.keys()):
         (kind_a, shape_a, dtype_a, grad_a), (kind_b, shape_b, dtype_b, grad_b) = ref[name], sig[name]
         if (kind_a, shape_a, dtype_a) != (kind_b, shape_b, dtype_b):
             problems.append(
                 f"member {index}: {kind_b} {name!r} is {shape_b} {dtype_b}, member 0 has "
-                f"{kind_a} {shape_a} {dtype_a}"
+                f"{'' if kind_a == kind_b else kind_a + ' '}{shape_a} {dtype_a}"
             )
         elif grad_a != grad_b:
             problems.append(
@@ -271,7 +278,7 @@ class Ensemble(nn.Module):
                 "with the same class and configuration."
             )
         stacked = self.tensors()
-        sources = dict(member.named_parameters(remove_duplicate=False))
+        sources: dict[str, torch.Tensor] = dict(member.named_parameters(remove_duplicate=False))
         sources.update(member.named_buffers(remove_duplicate=False))
         for name in self._names:
             src = sources[name]
@@ -346,7 +353,7 @@ class Ensemble(nn.Module):
             part = {k: v[start:start + size] for k, v in tensors.items()}
             xs = inputs
             if self.per_member_inputs:
-                xs = pytree.tree_map_only(torch.Tensor, lambda x: x[start:start + size], inputs)
+                xs = pytree.tree_map_only(torch.Tensor, _slicer(start, start + size), inputs)
             outs.append(run(part, xs))
         return pytree.tree_map(lambda *parts: torch.cat(parts), *outs)
 
@@ -379,7 +386,7 @@ class Ensemble(nn.Module):
         for i in range(self.num_members):
             xs = inputs
             if self.per_member_inputs:
-                xs = pytree.tree_map_only(torch.Tensor, lambda x: x[i], inputs)
+                xs = pytree.tree_map_only(torch.Tensor, _slicer(i, None), inputs)
             params = {k: v[i] for k, v in tensors.items()}
             outs.append(self.template.functional_call(params, xs, kwargs, strict=False))
         return pytree.tree_map(lambda *o: torch.stack(o), *outs)

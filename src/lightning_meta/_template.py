@@ -196,6 +196,58 @@ class MetaTemplate:
         out.update({n: _shape(b) for n, b in module.named_buffers(remove_duplicate=False)})
         return out
 
+    def state_from(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Collect the tensors of a real ``module`` that has this template's structure.
+
+        Unlike ``dict(module.named_parameters())``, this follows
+        reparametrisations: a weight pruned by ``torch.nn.utils.prune`` (as
+        Lightning's ``ModelPruning`` does) is recomputed as ``weight_orig *
+        weight_mask``, so gradients reach ``weight_orig``, and parametrised
+        tensors (``torch.nn.utils.parametrize``) are evaluated.
+
+        Args:
+            module: the real module, e.g. the one the template was copied from.
+
+        Returns:
+            dotted name -> tensor, for every parameter and buffer of the template.
+
+        Raises:
+            MetaTensorError: ``module`` lacks one of the template's tensors.
+
+        Example::
+
+            >>> import torch
+            >>> from torch import nn
+            >>> import lightning_meta as lm
+            >>> net = nn.Linear(2, 2)
+            >>> template = lm.MetaTemplate(net)
+            >>> x = torch.ones(1, 2)
+            >>> torch.equal(template(template.state_from(net), x), net(x))
+            True
+        """
+        from torch.nn.utils import prune
+
+        for sub in module.modules():
+            for hook in list(sub._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    hook(sub, ())
+        out: dict[str, torch.Tensor] = {}
+        missing = []
+        for name in self.shapes():
+            prefix, _, leaf = name.rpartition(".")
+            try:
+                value = getattr(module.get_submodule(prefix), leaf)
+            except AttributeError:
+                missing.append(name)
+                continue
+            out[name] = value
+        if missing:
+            raise MetaTensorError(
+                f"MetaTemplate.state_from({type(module).__name__}): the module lacks "
+                f"{', '.join(repr(n) for n in missing)}. Fix: pass a module built like the template."
+            )
+        return out
+
     # ---------------------------------------------------------------- calling
     def __call__(self, params_and_buffers: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Any:
         """Run the template's forward with ``params_and_buffers`` (see :meth:`functional_call`)."""

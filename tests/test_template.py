@@ -1,0 +1,258 @@
+"""MetaTemplate and meta_template: copying, calling, strictness, copy and pickle."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(idx) * self.scale)
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def test_module_is_copied_to_meta_without_aliasing() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    template = lm.MetaTemplate(net)
+    assert all(t.is_meta for t in [*template.module.parameters(), *template.module.buffers()])
+    assert template.module is not net
+    assert all(not t.is_meta for t in net.state_dict().values())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert template.module[0].weight.requires_grad
+
+
+def test_call_matches_the_real_module() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    template = lm.MetaTemplate(net)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(template(state(net), x), net(x))
+    assert template.training is False  # copied from the module
+
+
+def test_tied_weights_stay_tied_and_one_name_per_group_is_enough() -> None:
+    model = Tied()
+    template = lm.MetaTemplate(model)
+    assert template.module.head.weight is template.module.embed.weight
+    idx = torch.tensor([1, 2, 3])
+    params = {"embed.weight": model.embed.weight, "scale": model.scale}
+    torch.testing.assert_close(template(params, idx), model(idx))
+
+
+def test_factory_is_called_under_meta_once_when_cached() -> None:
+    calls = []
+
+    def factory() -> nn.Module:
+        calls.append(torch.empty(1).device)
+        return nn.Linear(2, 2)
+
+    template = lm.MetaTemplate(factory)
+    _ = template.module, template.module
+    assert calls == [torch.device("meta")]
+    assert template.module is template.module
+
+
+def test_factory_without_cache_builds_on_every_access() -> None:
+    calls = []
+
+    def factory() -> nn.Module:
+        calls.append(1)
+        return nn.Linear(2, 2)
+
+    template = lm.MetaTemplate(factory, cache=False)
+    assert calls == []
+    first, second = template.module, template.module
+    assert first is not second and len(calls) == 2
+    assert first.weight.is_meta
+
+
+def test_factory_capturing_a_real_module_is_copied_to_meta() -> None:
+    real = nn.Linear(2, 2)
+    template = lm.MetaTemplate(lambda: real)
+    assert template.module.weight.is_meta and not real.weight.is_meta
+
+
+def test_strict_call_lists_every_problem() -> None:
+    template = lm.MetaTemplate(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    given = {
+        "0.weight": torch.zeros(4, 5),
+        "0.bais": torch.zeros(4),
+        "1.weight": torch.zeros(4),
+        "1.bias": torch.zeros(4),
+    }
+    with pytest.raises(lm.MetaTensorError) as info:
+        template(given, torch.zeros(2, 3))
+    message = str(info.value)
+    assert "'0.weight' has shape (4, 5), expected (4, 3)" in message
+    assert "missing '0.bias' (expected shape (4,))" in message
+    assert "missing '1.running_mean'" in message and "missing '1.running_var'" in message
+    assert "missing '1.num_batches_tracked'" in message
+    assert "unexpected '0.bais'; closest: '0.bias'" in message
+    assert "template.shapes()" in message
+
+
+def test_non_mapping_and_non_tensor_values_are_refused() -> None:
+    template = lm.MetaTemplate(nn.Linear(2, 2))
+    with pytest.raises(lm.MetaTensorError, match="expects a mapping of dotted names"):
+        template([torch.zeros(2, 2)], torch.zeros(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match="'bias' is list, expected a tensor"):
+        template({"weight": torch.zeros(2, 2), "bias": [0.0, 0.0]}, torch.zeros(1, 2))  # type: ignore[dict-item]
+
+
+def test_non_strict_call_leaves_checks_to_torch() -> None:
+    template = lm.MetaTemplate(nn.Linear(2, 2, bias=False))
+    out = template.functional_call({"weight": torch.eye(2)}, (torch.ones(1, 2),), strict=False)
+    torch.testing.assert_close(out, torch.ones(1, 2))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(lm.MetaTensorError, match="expects an nn.Module or a zero-argument factory"):
+        lm.MetaTemplate(3)  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match="cache=False.*pass a factory"):
+        lm.MetaTemplate(nn.Linear(1, 1), cache=False)
+    with pytest.raises(lm.MetaTensorError, match="returned int, expected an nn.Module"):
+        lm.MetaTemplate(lambda: 3)  # type: ignore[arg-type,return-value]
+
+
+def test_failing_factory_names_itself_and_chains_the_cause() -> None:
+    def reads_data() -> nn.Module:
+        layer = nn.Linear(2, 2)
+        if layer.weight.sum().item() > 0:  # needs data: impossible on meta
+            pass
+        return layer
+
+    with pytest.raises(lm.MetaTensorError, match="reads_data.*failed under torch.device") as info:
+        lm.MetaTemplate(reads_data)
+    assert info.value.__cause__ is not None
+
+
+def test_works_under_vmap_with_stacked_parameters() -> None:
+    members = [nn.Linear(3, 2) for _ in range(4)]
+    template = lm.MetaTemplate(members[0])
+    params, _ = torch.func.stack_module_state(members)  # type: ignore[arg-type]
+    x = torch.randn(5, 3)
+    out = torch.vmap(lambda p: template(p, x))(params)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+
+
+def test_train_and_eval_switch_the_template_mode() -> None:
+    template = lm.MetaTemplate(nn.Dropout(0.5))
+    x = torch.ones(1000)
+    assert (template({}, x) == 0).any()
+    assert template.eval() is template and template.training is False
+    torch.testing.assert_close(template({}, x), x)
+
+
+def test_deepcopy_and_pickle_keep_ties_on_meta() -> None:
+    template = lm.MetaTemplate(Tied())
+    for clone in (copy.deepcopy(template), pickle.loads(pickle.dumps(template))):
+        module = clone.module
+        assert module is not template.module
+        assert module.head.weight is module.embed.weight
+        assert module.embed.weight.is_meta and module.scale.is_meta
+
+
+def test_uncached_template_deepcopies_and_refuses_to_pickle_a_lambda() -> None:
+    template = lm.MetaTemplate(lambda: Tied(), cache=False)
+    module = copy.deepcopy(template).module
+    assert module.head.weight is module.embed.weight and module.embed.weight.is_meta
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(template)  # the lambda itself cannot be pickled
+
+
+def test_cached_template_with_lambda_factory_pickles() -> None:
+    template = lm.MetaTemplate(lambda: nn.Linear(2, 3))
+    clone = pickle.loads(pickle.dumps(template))
+    assert clone.shapes() == {"weight": (3, 2), "bias": (3,)}
+
+
+class Owner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.real = nn.Linear(2, 2)
+        self.built = 0
+
+    @lm.meta_template
+    def on_demand(self) -> nn.Module:
+        self.built += 1
+        return nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+
+    @lm.meta_template(cache=True)
+    def cached(self) -> nn.Module:
+        self.built += 1
+        return nn.Linear(2, 2)
+
+
+def test_meta_template_builds_on_demand_and_stays_out_of_the_module_tree() -> None:
+    owner = Owner()
+    first, second = owner.on_demand, owner.on_demand
+    assert isinstance(first, lm.MetaTemplate) and first is not second
+    assert owner.built == 2
+    assert first.module[0].weight.is_meta
+    assert [n for n, _ in owner.named_parameters()] == ["real.weight", "real.bias"]
+    assert list(owner.state_dict()) == ["real.weight", "real.bias"]
+    assert isinstance(Owner.on_demand, object) and Owner.on_demand.__doc__ is None
+
+
+def test_meta_template_cache_builds_once_per_instance() -> None:
+    a, b = Owner(), Owner()
+    assert a.cached is a.cached and a.built == 1
+    assert b.cached is not a.cached
+
+
+def test_meta_template_follows_the_owner_mode() -> None:
+    owner = Owner()
+    owner.eval()
+    assert owner.on_demand.training is False and owner.cached.training is False
+    owner.train()
+    assert owner.on_demand.training is True and owner.cached.training is True
+
+
+def test_meta_template_owner_deepcopies_and_pickles() -> None:
+    owner = Owner()
+    _ = owner.cached
+    for clone in (copy.deepcopy(owner), pickle.loads(pickle.dumps(owner))):
+        assert clone.cached.module.weight.is_meta
+        assert clone.cached is not owner.cached
+        assert torch.equal(clone.real.weight, owner.real.weight)
+
+
+def test_meta_template_refuses_non_callables() -> None:
+    with pytest.raises(lm.MetaTensorError, match="decorates a method returning an nn.Module"):
+        lm.meta_template(3)  # type: ignore[call-overload]
+
+
+def test_state_from_follows_pruning_and_lists_what_is_missing() -> None:
+    from torch.nn.utils import prune
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    template = lm.MetaTemplate(net)
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    with torch.no_grad():
+        net[0].weight_orig.add_(1.0)  # the cached pruned weight is now stale
+    x = torch.randn(3, 4)
+    out = template(template.state_from(net), x)
+    torch.testing.assert_close(out, net(x))
+    out.sum().backward()
+    assert net[0].weight_orig.grad is not None
+    with pytest.raises(lm.MetaTensorError, match=r"state_from\(Linear\): the module lacks '0.weight'"):
+        template.state_from(nn.Linear(4, 4))
