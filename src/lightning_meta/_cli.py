@@ -16,7 +16,9 @@ __all__ = ["main"]
 
 # sub-command name -> module implementing it
 _COMMANDS: dict[str, str] = {
+    "check": "lightning_meta._cli_check",
     "estimate": "lightning_meta._cli_estimate",
+    "load-check": "lightning_meta._cli_load",
 }
 
 

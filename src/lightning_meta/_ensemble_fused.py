@@ -10,9 +10,11 @@ modules (applied to the whole stack at once, which is the same function).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["FusedPlan", "NotFusableError", "plan_fused"]
 
@@ -23,6 +25,9 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.Identity,
 )
+# From this many multiply-adds per member on, a layer computes its weight
+# gradient member by member (see _StackedLinear).
+_PER_MEMBER_GRAD_MACS = 1 << 21
 _DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
 
 
@@ -68,6 +73,11 @@ class FusedPlan:
                     h = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
                 h = h.view(n, out_f, -1)
                 shared = False
+            elif (
+                weight.shape[1] * weight.shape[2] * h.shape[2] >= _PER_MEMBER_GRAD_MACS
+                and not torch.is_autocast_enabled(h.device.type)
+            ):
+                h = _StackedLinear.apply(h, weight, bias)
             elif bias is None:
                 h = torch.bmm(weight, h)
             else:
@@ -75,6 +85,43 @@ class FusedPlan:
         if shared:  # no Linear at all: plan_fused never plans that
             raise NotFusableError
         return h.transpose(1, 2).reshape(n, *lead, h.shape[1])
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``weight @ h + bias`` per member, with a faster weight gradient on the CPU.
+
+    ``torch.bmm`` computes the weight gradient ``grad @ h^T`` (a short inner
+    dimension: the batch) up to 2.4x slower than one ``torch.mm`` per member
+    (measured with 32 members of 1024x1024, batch 64, 1 thread); writing each
+    member's product straight into the stacked gradient also avoids a copy.
+    """
+
+    @staticmethod
+    def forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is None:
+            return torch.bmm(weight, h)
+        return torch.baddbmm(bias.unsqueeze(2), weight, h)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        h, weight, bias = inputs
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.bmm(weight.transpose(1, 2), grad)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            for i in range(weight.shape[0]):
+                torch.mm(grad[i], h[i].t(), out=grad_w[i])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(2)
+        return grad_h, grad_w, grad_b
 
 
 class NotFusableError(Exception):

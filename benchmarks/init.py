@@ -1,0 +1,216 @@
+"""Benchmark model construction: eager, meta, FakeTensorMode, deferred_init, materialize.
+
+Each variant runs in a fresh subprocess (``--repeat`` times; the median time
+and the largest peak are reported), builds a Llama-style transformers model
+(hidden 1024, 16 layers, vocab 32000: about 270M parameters) after a warm-up
+on a tiny config, and reports wall time and peak RSS above the process's
+baseline right before the measured step. Prints a Markdown table; ``--json``
+also writes the raw numbers.
+
+    python benchmarks/init.py              # full size
+    python benchmarks/init.py --small      # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+VARIANTS = {
+    "eager": "eager construction (CPU)",
+    "meta": "construction under torch.device('meta')",
+    "fake": "construction under FakeTensorMode",
+    "deferred": "lm.deferred_init construction",
+    "materialize": "lm.materialize to CPU (after deferred_init)",
+    "to_empty_reset": "to_empty + reset_parameters (wrong values; speed floor)",
+    "accelerate": "accelerate.init_empty_weights construction",
+}
+
+
+def _config(small: bool) -> Any:
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(
+            hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
+        )  # fmt: skip
+    return LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+    )  # fmt: skip
+
+
+def _tiny() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
+    )  # fmt: skip
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _steps(variant: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any] | None]:
+    """Return (prepare, measure): ``measure`` is timed; without it ``prepare`` is."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import lightning_meta._deferred as lmd
+
+    def eager(cfg: Any) -> Any:
+        return LlamaForCausalLM(cfg)
+
+    def meta(cfg: Any) -> Any:
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+
+    def fake(cfg: Any) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return LlamaForCausalLM(cfg)
+
+    def deferred(cfg: Any) -> Any:
+        with lmd.deferred_init():
+            return LlamaForCausalLM(cfg)
+
+    def accelerate(cfg: Any) -> Any:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return LlamaForCausalLM(cfg)
+
+    def reset(model: Any) -> Any:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for m in model.modules():
+                if callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()
+        return model
+
+    table: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any] | None]] = {
+        "eager": (eager, None),
+        "meta": (meta, None),
+        "fake": (fake, None),
+        "deferred": (deferred, None),
+        "materialize": (deferred, lmd.materialize),
+        "to_empty_reset": (meta, reset),
+        "accelerate": (accelerate, None),
+    }
+    return table[variant]
+
+
+def run_one(variant: str, small: bool) -> dict[str, float]:
+    """Run one variant in this process and return its measurements."""
+    import torch
+
+    torch.manual_seed(0)
+    prepare, measure = _steps(variant)
+    warm = prepare(_tiny())
+    if measure is not None:
+        measure(warm)
+    del warm
+    cfg = _config(small)
+    if measure is None:
+        base_peak, base = _peak_mb(), _rss_mb()
+        start = time.perf_counter()
+        model = prepare(cfg)
+    else:
+        model = prepare(cfg)
+        base_peak, base = _peak_mb(), _rss_mb()
+        start = time.perf_counter()
+        model = measure(model)
+    seconds = time.perf_counter() - start
+    # ru_maxrss is a lifetime high-water mark; the warm-up keeps it near the
+    # baseline, so what it rises to now is this step's peak.
+    peak = _peak_mb() - min(base, base_peak)
+    n = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(b.numel() * b.element_size() for _, b in model.named_buffers())
+    return {"seconds": seconds, "peak_mb": peak, "params": n, "model_mb": nbytes / 2**20}
+
+
+def _spawn(variant: str, small: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--variant", variant] + (["--small"] if small else [])
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a ~10M-parameter model")
+    parser.add_argument("--repeat", type=int, default=3, help="subprocesses per variant")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_one(args.variant, args.small)))
+        return 0
+
+    results: dict[str, dict[str, Any]] = {}
+    for variant in VARIANTS:
+        runs = [_spawn(variant, args.small) for _ in range(args.repeat)]
+        results[variant] = {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "seconds_all": [r["seconds"] for r in runs],
+            "peak_mb": max(r["peak_mb"] for r in runs),
+            "params": runs[0]["params"],
+            "model_mb": runs[0]["model_mb"],
+        }
+        print(f"{variant}: {results[variant]['seconds']:.4f} s", file=sys.stderr)
+    print(_table(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"small": args.small, "repeat": args.repeat, "results": results}, f, indent=2)
+    return 0
+
+
+def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    eager, fake = results["eager"]["seconds"], results["fake"]["seconds"]
+    model_mb = results["eager"]["model_mb"]
+    params = results["eager"]["params"]
+    lines = [
+        f"Llama-style model, {params / 1e6:.0f}M parameters, {model_mb:.0f} MiB in float32; "
+        f"median of {args.repeat} subprocesses per variant.",
+        "",
+        "| variant | time (s) | x eager | x FakeTensorMode | peak RSS above baseline (MiB) "
+        "| x model bytes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, label in VARIANTS.items():
+        r = results[variant]
+        lines.append(
+            f"| {label} | {r['seconds']:.4f} | {r['seconds'] / eager:.3f} | "
+            f"{r['seconds'] / fake:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / model_mb:.2f} |"
+        )
+    d, m = results["deferred"], results["materialize"]
+    lines += [
+        "",
+        f"Targets: deferred_init construction <= 1.5x FakeTensorMode: {d['seconds'] / fake:.2f}x; "
+        f"materialize <= 1.1x eager time: {m['seconds'] / eager:.2f}x; materialize peak RSS "
+        f"<= 1.1x model bytes: {m['peak_mb'] / model_mb:.2f}x.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

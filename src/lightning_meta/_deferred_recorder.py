@@ -1,0 +1,366 @@
+"""Log every ATen call made while building under :func:`~lightning_meta.deferred_init`.
+
+:class:`Recorder` sits on top of the ``FakeTensorMode`` that computes fake
+outputs and appends one :class:`~lightning_meta._deferred_record.Op` per call
+to the block's :class:`~lightning_meta._deferred_record.Record`. Whatever it
+cannot record exactly (data-dependent calls, ops without a fake kernel, writes
+into captured real tensors) raises at record time, naming the op, the source
+``file:line`` and the tensor's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    UnsupportedOperatorException,
+)
+from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_meta._deferred_record import DEFAULT_STREAM, GenRef, Op, Record, Ref, Stream, Value
+from lightning_meta._errors import MaterializationError
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_WRAPPERS = (os.sep + "contextlib.py", os.sep + "functools.py")
+_INTERNAL: dict[CodeType, bool] = {}
+
+
+def user_site(depth: int = 2) -> str:
+    """Return ``file:line`` of the innermost frame outside torch and this package."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        internal = _INTERNAL.get(code)
+        if internal is None:
+            name = code.co_filename
+            internal = name.startswith((_TORCH_DIR, _OWN_DIR)) or name.endswith(_STDLIB_WRAPPERS)
+            _INTERNAL[code] = internal
+        if not internal:
+            return f"{code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "<unknown>"
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    name: str
+    writes: tuple[tuple[int, str], ...]
+    random: bool
+    returns_tensor: bool
+
+
+@functools.cache
+def _info(func: torch._ops.OpOverload) -> _OpInfo:
+    schema = func._schema
+    writes = tuple(
+        (i, a.name)
+        for i, a in enumerate(schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+    returns_tensor = any("Tensor" in str(r.type) for r in schema.returns)
+    random = torch.Tag.nondeterministic_seeded in func.tags
+    return _OpInfo(str(func), writes, random, returns_tensor)
+
+
+class Recorder(TorchDispatchMode):
+    """Log every ATen call on fake tensors into a :class:`Record`.
+
+    Sits on top of the ``FakeTensorMode`` that computes the fake outputs; keeps
+    every fake tensor it has seen alive until :meth:`close`, so storage ids
+    (``untyped_storage()._cdata``) cannot be reused while recording.
+    """
+
+    def __init__(self, record: Record, chained: bool) -> None:
+        super().__init__()
+        self.record = record
+        self.thread = threading.get_ident()
+        self.modules: dict[int, nn.Module] = {}
+        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+        self._vid_cdata: list[int] = []
+        self._cdata_storage: dict[int, int] = {}
+        self._storage_vid: dict[int, int] = {}
+        self._gen_stream: dict[int, int] = {}
+        # A chained block continues from the previous block's end state, so its
+        # first draw is not pinned unless the generator was reseeded meanwhile.
+        self._physical: torch.Tensor | None = torch.get_rng_state() if chained else None
+        self._entry_physical = self._physical
+
+    # -- module tracking (global registration hooks, installed by deferred_init)
+    def track(self, module: nn.Module, name: str, value: object) -> None:
+        if threading.get_ident() == self.thread:
+            self.modules.setdefault(id(module), module)
+            if isinstance(value, nn.Module):
+                self.modules.setdefault(id(value), value)
+
+    # -- value ids
+    def _new_value(self, t: torch.Tensor, cdata: int) -> int:
+        storage = self._cdata_storage.setdefault(cdata, len(self._cdata_storage))
+        vid = len(self.record.values)
+        self.record.values.append(
+            Value(storage, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+        )
+        self._vid_cdata.append(cdata)
+        self._seen[id(t)] = (t, vid)
+        self._storage_vid[storage] = vid
+        return vid
+
+    def vid(self, t: torch.Tensor, op: str) -> int:
+        """Return the value id of ``t``, capturing real tensors as constants."""
+        seen = self._seen.get(id(t))
+        if not isinstance(t, FakeTensor):
+            if seen is not None and seen[0] is t:
+                return seen[1]
+            vid = self._new_value(t, -1 - len(self.record.constants))
+            self.record.constants[vid] = (t, t._version)
+            return vid
+        cdata = t.untyped_storage()._cdata
+        if seen is not None and seen[0] is t and self._vid_cdata[seen[1]] == cdata:
+            return seen[1]
+        # Reached without a recorded op: ``.data`` assignment or a tensor that
+        # aliases a known storage. Rebuild it as a view of that storage.
+        storage = self._cdata_storage.get(cdata)
+        if storage is None:
+            raise self.error(
+                op,
+                t,
+                "uses a fake tensor this recording never produced",
+                "build every tensor of the module inside the same deferred_init block",
+            )
+        base = self._storage_vid[storage]
+        if self.record.values[base].dtype != t.dtype:
+            raise self.error(
+                op,
+                t,
+                "reinterprets a recorded storage with another dtype",
+                "use tensor.view(dtype) instead of assigning .data",
+            )
+        vid = self._new_value(t, cdata)
+        view = Op(
+            "aten.as_strided.default",
+            (Ref(base), tuple(t.shape), tuple(t.stride()), t.storage_offset()),
+            {},
+            (vid,),
+            (),
+            (base,),
+            frozenset({storage}),
+            frozenset({storage}),
+            user_site(3),
+            None,
+        )
+        self.record.ops.append(view)
+        return vid
+
+    def _stream(self, gen: torch.Generator) -> int:
+        index = self._gen_stream.get(id(gen))
+        if index is None:
+            index = len(self.record.streams)
+            self.record.streams.append(Stream(gen.device, gen.get_state(), gen))
+            self._gen_stream[id(gen)] = index
+        return index
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        info = _info(func)
+        reads: list[int] = []
+        found: list[torch.Tensor] = []
+        streams: list[int] = []
+
+        def scan(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                v = self.vid(x, info.name)
+                reads.append(v)
+                found.append(x)
+                return Ref(v)
+            if isinstance(x, (list, tuple)):
+                return type(x)(scan(y) for y in x) if any(_needs_scan(y) for y in x) else x
+            if isinstance(x, torch.Generator):
+                streams.append(self._stream(x))
+                return GenRef(streams[-1])
+            return x
+
+        largs = tuple(scan(a) for a in args)
+        lkwargs = {k: scan(v) for k, v in kwargs.items()}
+        writes = self._writes(info, args, kwargs) if info.writes else ()
+        try:
+            out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+            raise self.error(
+                info.name,
+                found[0] if found else None,
+                "needs the values of a tensor, which a deferred tensor does not have yet",
+                "compute it from Python numbers or configuration, or build this part of "
+                "the model outside deferred_init and assign it afterwards",
+            ) from e
+        except (UnsupportedOperatorException, NotImplementedError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _lacks_kernel(e):
+                raise
+            raise self.error(
+                info.name,
+                found[0] if found else None,
+                f"cannot run on a fake tensor ({type(e).__name__}: {e})",
+                "build this part of the model outside deferred_init and assign it afterwards",
+            ) from e
+        out_leaves = out if isinstance(out, (list, tuple)) else (out,)
+        outs = tuple(self._out(leaf) for leaf in out_leaves)
+        if not writes and all(o is None for o in outs):
+            return out  # a query such as prim.device: nothing to replay
+        for w in writes:
+            if w in self.record.constants:
+                raise self.error(
+                    info.name,
+                    None,
+                    "writes into a real tensor captured from outside the block",
+                    "clone the tensor before writing into it inside deferred_init",
+                )
+        stream: int | None = None
+        if info.random:
+            stream = streams[0] if streams else DEFAULT_STREAM
+            if stream == DEFAULT_STREAM:
+                self._pin(len(self.record.ops))
+        values = self.record.values
+        touch = frozenset(values[o].storage for o in (*writes, *outs) if o is not None)
+        self.record.ops.append(
+            Op(
+                info.name,
+                largs,
+                lkwargs,
+                outs,
+                writes,
+                tuple(reads),
+                touch,
+                frozenset(values[r].storage for r in reads),
+                # Walking the stack is a sizeable part of recording time; only an
+                # op reading a captured real tensor can fail at replay on the CPU.
+                user_site(2) if any(r in self.record.constants for r in reads) else "",
+                stream,
+            )
+        )
+        return out
+
+    def _out(self, leaf: Any) -> int | None:
+        if not isinstance(leaf, torch.Tensor):
+            return None
+        seen = self._seen.get(id(leaf))
+        if seen is not None and seen[0] is leaf:
+            return seen[1]
+        return self._new_out(leaf)
+
+    def _new_out(self, t: torch.Tensor) -> int:
+        if isinstance(t, FakeTensor):
+            return self._new_value(t, t.untyped_storage()._cdata)
+        return self.vid(t, "output")
+
+    def _writes(
+        self, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, ...]:
+        found: list[int] = []
+        for index, name in info.writes:
+            value = args[index] if index < len(args) else kwargs.get(name)
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            found.extend(self.vid(t, info.name) for t in items if isinstance(t, torch.Tensor))
+        return tuple(found)
+
+    def _pin(self, index: int) -> None:
+        # Fake ops never advance the real generator, so a changed state means
+        # the model reseeded (or drew real numbers) here: replay must too.
+        state = torch.get_rng_state()
+        with no_dispatch():  # the fake mode below us must not see this comparison
+            if self._physical is not None and torch.equal(state, self._physical):
+                return
+        self.record.states.setdefault("default:cpu", {})[index] = state
+        self._physical = state
+
+    def close(self, finished: bool) -> None:
+        """Note the generator at exit, park it on a placeholder, drop every fake tensor.
+
+        Eager construction would have advanced the global generator past the
+        block's draws. Until :func:`materialize` knows that end state, the
+        generator holds a placeholder derived from the block, so a reseed (or
+        a later block continuing this one) can be told apart from "nothing
+        happened", and seeded runs stay reproducible.
+        """
+        record = self.record
+        state = torch.get_rng_state()
+        if self._physical is not None and not torch.equal(state, self._physical):
+            record.exit_pin = state
+        record.exit_state = state
+        if finished and (record.random_ops(DEFAULT_STREAM) or record.exit_pin is not None):
+            digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8)
+            digest.update(str(len(record.ops)).encode())
+            parked = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+            record.exit_state = parked.get_state()
+            torch.set_rng_state(record.exit_state)
+        self.modules.clear()
+        self._seen.clear()
+        self._vid_cdata.clear()
+        self._cdata_storage.clear()
+        self._storage_vid.clear()
+
+    def vid_at_exit(self, t: torch.Tensor) -> int:
+        return self.vid(t, "deferred_init exit")
+
+    # -- error reporting
+    def error(
+        self, op: str, tensor: torch.Tensor | None, what: str, fix: str
+    ) -> MaterializationError:
+        site = user_site(3)
+        where = ""
+        if tensor is not None:
+            path = self._path_of(tensor)
+            if path:
+                where = f" on {path!r}"
+        return MaterializationError(
+            f"deferred_init cannot record {op}{where} issued at {site}: it {what}. Fix: {fix}."
+        )
+
+    def _path_of(self, tensor: torch.Tensor) -> str | None:
+        with contextlib.suppress(Exception):
+            cdata = tensor.untyped_storage()._cdata
+            parents: dict[int, tuple[nn.Module, str]] = {}
+            for m in self.modules.values():
+                for child_name, child in m._modules.items():
+                    if child is not None:
+                        parents[id(child)] = (m, child_name)
+            for m in self.modules.values():
+                for name, t in (*m._parameters.items(), *m._buffers.items()):
+                    if t is not None and t.untyped_storage()._cdata == cdata:
+                        parts = [name]
+                        node = m
+                        while id(node) in parents:
+                            node, child_name = parents[id(node)]
+                            parts.append(child_name)
+                        return f"{type(node).__name__}." + ".".join(reversed(parts))
+        return None
+
+
+def _lacks_kernel(e: RuntimeError) -> bool:
+    """Tell "no fake/meta kernel for this op" apart from errors eager code raises too."""
+    text = str(e).lower()
+    return "fake impl" in text or "meta kernel" in text or "fake tensor" in text
+
+
+def _needs_scan(x: Any) -> bool:
+    if isinstance(x, (torch.Tensor, torch.Generator)):
+        return True
+    return isinstance(x, (list, tuple)) and any(_needs_scan(y) for y in x)

@@ -1,0 +1,355 @@
+"""Turn the deferred meta tensors of a module into real ones, exactly."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_meta._deferred_record import HANDLES_ATTR, Handle, Record, handle_of
+from lightning_meta._errors import MaterializationError, MetaTensorError
+from lightning_meta._materialize_replay import complete, replay
+
+__all__ = ["materialize"]
+
+logger = logging.getLogger(__name__)
+
+DrawOn = Literal["cpu", "device"]
+Fallback = Literal["reset_parameters"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor lives: ``owner._parameters[name]``, ``_buffers`` or ``__dict__``."""
+
+    path: str
+    owner: nn.Module
+    kind: Literal["param", "buffer", "attr"]
+    name: str
+    tensor: torch.Tensor
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.kind == "param":
+            self.owner._parameters[self.name] = value  # type: ignore[assignment]
+        elif self.kind == "buffer":
+            self.owner._buffers[self.name] = value
+        else:
+            self.owner.__dict__[self.name] = value
+
+
+def iter_slots(module: nn.Module) -> Iterator[Slot]:
+    """Yield every parameter, buffer and deferred plain tensor attribute slot."""
+    for prefix, mod in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                yield Slot(dot + name, mod, "param", name, p)
+        for name, b in mod._buffers.items():
+            if b is not None:
+                yield Slot(dot + name, mod, "buffer", name, b)
+        handles: dict[str, Handle] = mod.__dict__.get(HANDLES_ATTR, {})
+        for name in handles:
+            value = mod.__dict__.get(name)
+            if isinstance(value, torch.Tensor):
+                yield Slot(dot + name, mod, "attr", name, value)
+
+
+def materialize(
+    module: nn.Module,
+    *,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+    draw_on: DrawOn = "cpu",
+    fallback: Fallback | None = None,
+) -> nn.Module:
+    """Replace the deferred meta tensors of ``module`` by real ones, in place.
+
+    Every parameter and buffer recorded under :func:`deferred_init` gets the
+    exact bits eager construction with the same seed gives (with ``dtype``: the
+    bits of eager construction followed by ``.to(dtype)``); tied tensors stay
+    one object; parameter class, ``requires_grad`` and buffer persistence are
+    kept. A submodule can be materialized alone, the rest later, in any order.
+    Tensors that are not on meta are left untouched, so calling this again is a
+    no-op.
+
+    Args:
+        module: the module whose meta tensors to materialize (the whole tree).
+        device: where the tensors end up (default: CPU).
+        dtype: floating point tensors are cast to it after drawing in the
+            recorded dtype, exactly like ``module.to(dtype)``.
+        draw_on: ``"cpu"`` (default) draws random numbers from the CPU
+            generator and moves the results to ``device``, the values a model
+            built on the CPU and then moved gets; ``"device"`` replays on
+            ``device`` with that device's generator, the values of eager
+            construction directly on it.
+        fallback: ``"reset_parameters"`` lets meta tensors that were never
+            deferred be allocated and initialised by their module's
+            ``reset_parameters()``; a tensor that method leaves unwritten still
+            raises.
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        MaterializationError: a meta tensor was not built under
+            ``deferred_init`` (and no ``fallback``), a deferred tensor was
+            modified after the block, or the record cannot be replayed exactly.
+            Nothing is changed when it raises before replaying.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> with lm.deferred_init():
+        ...     net = torch.nn.Linear(4, 2)
+        >>> net.weight.is_meta
+        True
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> torch.equal(lm.materialize(net).weight, torch.nn.Linear(4, 2).weight)
+        True
+
+    .. warning::
+        If the global generator is reseeded or drawn from between the
+        ``deferred_init`` block and ``materialize``, it is left as it is;
+        otherwise it is moved to where eager construction would have left it.
+    """
+    return materialize_slots(
+        module, None, device=device, dtype=dtype, draw_on=draw_on, fallback=fallback
+    )
+
+
+def materialize_slots(
+    module: nn.Module,
+    names: Iterable[str] | None,
+    *,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+    draw_on: DrawOn = "cpu",
+    fallback: Fallback | None = None,
+) -> nn.Module:
+    """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
+
+    Shared by :func:`materialize` and the checkpoint loader, which replays only
+    what a checkpoint lacks.
+    """
+    if not isinstance(module, nn.Module):
+        raise MetaTensorError(
+            f"materialize expects an nn.Module, got {type(module).__name__}. "
+            "Fix: pass the module built under deferred_init."
+        )
+    if torch._C._len_torch_dispatch_stack() > 0:
+        raise MetaTensorError(
+            "materialize cannot run while a TorchDispatchMode is active (inside a "
+            "deferred_init block or a FakeTensorMode): the replay would produce fake tensors. "
+            "Fix: call materialize after the block ends."
+        )
+    target_device = _normalize_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise MetaTensorError(
+            f"materialize got dtype={dtype!r}; expected a floating point torch.dtype or None."
+        )
+    if draw_on not in ("cpu", "device"):
+        raise MetaTensorError(f"materialize got draw_on={draw_on!r}; expected 'cpu' or 'device'.")
+    if fallback not in (None, "reset_parameters"):
+        raise MetaTensorError(
+            f"materialize got fallback={fallback!r}; expected None or 'reset_parameters'."
+        )
+    rdev = target_device if draw_on == "device" else torch.device("cpu")
+
+    slots = [s for s in iter_slots(module) if s.tensor.is_meta]
+    if names is not None:
+        wanted = set(names)
+        unknown = sorted(wanted - {s.path for s in slots})
+        if unknown:
+            raise MetaTensorError(
+                f"materialize was asked for {unknown} but those are not meta tensors of "
+                f"{type(module).__name__}. Fix: pass names from _deferred.deferred_names(module)."
+            )
+        slots = [s for s in slots if s.path in wanted]
+    if not slots:
+        return module
+
+    deferred: list[tuple[Slot, Handle]] = []
+    plain: list[Slot] = []
+    for slot in slots:
+        handle = handle_of(slot.tensor)
+        if handle is None:
+            plain.append(slot)
+        else:
+            deferred.append((slot, handle))
+    _check(deferred, plain, fallback)
+
+    # One replay per record; value ids already materialized elsewhere (a tie
+    # reaching outside the submodule) reuse that tensor.
+    by_record: dict[int, tuple[Record, dict[int, str]]] = {}
+    reuse: dict[int, torch.Tensor] = {}
+    for slot, handle in deferred:
+        ref = handle.record.materialized.get(handle.vid)
+        done = ref() if ref is not None else None
+        if done is not None:
+            reuse[id(slot.tensor)] = done
+            continue
+        by_record.setdefault(id(handle.record), (handle.record, {}))[1].setdefault(
+            handle.vid, slot.path
+        )
+    produced: dict[tuple[int, int], torch.Tensor] = {}
+    for record, targets in by_record.values():
+        for vid, t in replay(record, targets, device=target_device, dtype=dtype, rdev=rdev).items():
+            produced[(id(record), vid)] = t
+
+    for slot, handle in deferred:
+        new = reuse.get(id(slot.tensor))
+        if new is None:
+            new = _wrap(slot.tensor, produced[(id(handle.record), handle.vid)], handle)
+            reuse[id(slot.tensor)] = new
+            handle.record.materialized[handle.vid] = weakref.ref(new)
+        slot.put(new)
+        handle.record.pending.discard(handle)
+        handles: dict[str, Handle] = slot.owner.__dict__.get(HANDLES_ATTR, {})
+        if handles.get(slot.name) is handle:
+            del handles[slot.name]
+    finished = {id(r): r for r, _ in by_record.values()}
+    finished.update(_drop_stale(module))
+    for record in finished.values():
+        if not record.pending:
+            complete(record, rdev)
+    if plain:
+        _reset(plain, target_device)
+    logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
+    return module
+
+
+def _drop_stale(module: nn.Module) -> dict[int, Record]:
+    """Forget handles whose tensor was replaced (e.g. ``load_state_dict(assign=True)``)."""
+    touched: dict[int, Record] = {}
+    for mod in module.modules():
+        handles: dict[str, Handle] = mod.__dict__.get(HANDLES_ATTR, {})
+        for name, handle in list(handles.items()):
+            current = mod._parameters.get(name, mod._buffers.get(name, mod.__dict__.get(name)))
+            if current is not handle.tensor:
+                del handles[name]
+                handle.record.pending.discard(handle)
+                touched[id(handle.record)] = handle.record
+    return touched
+
+
+def _normalize_device(device: torch.device | str | int | None) -> torch.device:
+    try:
+        d = torch.device("cpu") if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MetaTensorError(f"materialize got device={device!r}: {e}") from e
+    if d.type == "meta":
+        raise MetaTensorError(
+            "materialize got device='meta'. Fix: pass a real device such as 'cpu'."
+        )
+    if d.type != "cpu" and d.index is None:
+        d = torch.device(d.type, torch.get_device_module(d.type).current_device())
+    return d
+
+
+def _wrap(meta: torch.Tensor, real: torch.Tensor, handle: Handle) -> torch.Tensor:
+    if isinstance(meta, nn.Parameter):
+        new: torch.Tensor = type(meta)(real, requires_grad=meta.requires_grad)
+    else:
+        new = real.requires_grad_(meta.requires_grad) if meta.requires_grad else real
+    for key, value in handle.attrs.items():
+        setattr(new, key, value)
+    return new
+
+
+def _check(
+    deferred: list[tuple[Slot, Handle]], plain: list[Slot], fallback: Fallback | None
+) -> None:
+    modified = sorted(s.path for s, h in deferred if s.tensor._version != h.version)
+    if modified:
+        raise MaterializationError(
+            f"materialize cannot reproduce {modified}: these deferred tensors were modified "
+            "in place after the deferred_init block ended, and that change was not recorded. "
+            "Fix: move the initialisation into the deferred_init block (or run it after "
+            "materialize)."
+        )
+    released = sorted(
+        s.path
+        for s, h in deferred
+        if h.record.released and h.record.materialized.get(h.vid) is None
+    )
+    if released:
+        raise MaterializationError(
+            f"materialize cannot reproduce {released}: the tensor they are tied to was "
+            "materialized and has since been dropped, so the record is gone. Fix: materialize "
+            "the whole module in one call."
+        )
+    if plain and fallback is None:
+        paths = sorted(s.path for s in plain)
+        raise MaterializationError(
+            f"materialize found meta tensors that were not built under deferred_init: {paths}. "
+            "Their values are unknown. Fix: build the module inside `with "
+            "lightning_meta.deferred_init():`, load them from a checkpoint, or pass "
+            "fallback='reset_parameters' to initialise them with reset_parameters()."
+        )
+    if plain:
+        missing = sorted(
+            {
+                s.path
+                for s in plain
+                if s.kind == "attr" or not callable(getattr(s.owner, "reset_parameters", None))
+            }
+        )
+        if missing:
+            raise MaterializationError(
+                f"materialize(fallback='reset_parameters') cannot initialise {missing}: their "
+                "modules have no reset_parameters(). Fix: build the module under deferred_init "
+                "or load these tensors from a checkpoint."
+            )
+
+
+def _reset(plain: list[Slot], device: torch.device) -> None:
+    """Allocate never-deferred meta tensors and run their modules' reset_parameters()."""
+    memo: dict[int, torch.Tensor] = {}
+    owners: dict[int, nn.Module] = {}
+    fresh: list[tuple[Slot, torch.Tensor]] = []
+    for slot in plain:
+        new = memo.get(id(slot.tensor))
+        if new is None:
+            real = torch.empty_like(slot.tensor, device=device)
+            if isinstance(slot.tensor, nn.Parameter):
+                new = type(slot.tensor)(real, requires_grad=slot.tensor.requires_grad)
+            else:
+                new = real
+            memo[id(slot.tensor)] = new
+        slot.put(new)
+        fresh.append((slot, new))
+        owners[id(slot.owner)] = slot.owner
+    versions = {id(t): t._version for _, t in fresh}
+    for owner in owners.values():
+        with torch.no_grad():
+            owner.reset_parameters()  # type: ignore[operator]
+    untouched = sorted(
+        s.path for s, t in fresh if _current(s) is t and t._version == versions[id(t)]
+    )
+    if untouched:
+        for slot in plain:
+            slot.put(slot.tensor)
+        raise MaterializationError(
+            f"materialize(fallback='reset_parameters') left {untouched} uninitialised: "
+            "reset_parameters() of their modules does not write them. The module was put "
+            "back on meta. Fix: build the module under deferred_init or load these tensors "
+            "from a checkpoint."
+        )
+
+
+def _current(slot: Slot) -> torch.Tensor | None:
+    table: dict[str, Any] = {
+        "param": slot.owner._parameters,
+        "buffer": slot.owner._buffers,
+        "attr": slot.owner.__dict__,
+    }
+    value = table[slot.kind].get(slot.name)
+    return value if isinstance(value, torch.Tensor) else None
