@@ -291,3 +291,26 @@ def test_keyword_inputs_go_to_every_member() -> None:
     for execution in EXECUTIONS:
         ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
         torch.testing.assert_close(ens(x, scale=2.0), torch.stack([m(x, scale=2.0) for m in mods]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    from lightning_meta import _ensemble_fused
+
+    monkeypatch.setattr(_ensemble_fused, "_PER_MEMBER_GRAD_MACS", 0)  # every layer takes it
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(3, 8, bias=bias), nn.ReLU(), nn.Linear(8, 8, bias=bias),
+                          nn.ReLU(), nn.Linear(8, 2, bias=bias)) for _ in range(3)]
+    ens = lm.Ensemble(mods)
+    x = torch.randn(5, 3)
+    out, ref = ens(x), loop(mods, x)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for i, m in enumerate(mods):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(ens.stacked.get_parameter(name).grad[i], p.grad)
+    xs = torch.randn(3, 5, 3, requires_grad=True)
+    per = lm.Ensemble(mods, per_member_inputs=True)
+    per(xs).sum().backward()
+    assert xs.grad is not None and xs.grad.shape == xs.shape
