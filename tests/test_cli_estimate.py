@@ -1,0 +1,129 @@
+"""Tests for the ``lightning-meta estimate`` sub-command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_meta
+from lightning_meta._cli import main
+
+NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, hidden)
+        self.fc2 = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+"""
+
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+}
+
+
+@pytest.fixture
+def net_file(tmp_path: Path) -> Path:
+    path = tmp_path / f"lm_cli_net_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text(NET)
+    yield path
+    sys.modules.pop(path.stem, None)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    src = str(Path(lightning_meta.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_meta", "estimate", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_json_subprocess_stdout_is_only_json(net_file: Path) -> None:
+    proc = _run(f"{net_file}:Net", "--args", '{"hidden": 8}', "--input", "8,16:float32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["parameters"] == 16 * 8 + 8 + 8 * 4 + 4
+    assert doc["forward_flops"] == 2 * 8 * 16 * 8 + 2 * 8 * 8 * 4
+    assert doc["optimizer"] == "adamw"
+
+
+def test_bad_target_exits_2_subprocess() -> None:
+    proc = _run("no_such_module:Net", "--input", "8,16")
+    assert proc.returncode == 2
+    assert "no module named 'no_such_module'" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_table(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["estimate", f"{net_file}:Net", "--input", "8,16:float32", "--optimizer", "sgd", "--depth", "1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "peak training-step memory" in out
+    assert "fc1" in out
+    assert "KiB" in out
+
+
+def test_hf_config_json_text_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = json.dumps(LLAMA)
+    assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (tmp_path / "config.json").write_text(text)
+    assert main(["estimate", "LlamaForCausalLM", "--hf-config", str(tmp_path), "--input", "1,16:int64",
+                 "--json", "--precision", "bf16-mixed"]) == 0
+    doc2 = json.loads(capsys.readouterr().out)
+    assert doc["parameters"] == doc2["parameters"] > 0
+    assert doc2["precision"] == "bf16-mixed"
+
+
+def test_errors(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", f"{net_file}:Nett", "--input", "8,16"]) == 2
+    assert "use 'Net'" in capsys.readouterr().err
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,15:float32"]) == 1
+    assert "in module 'fc1'" in capsys.readouterr().err
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "lion"]) == 1
+    assert "unknown optimizer 'lion'" in capsys.readouterr().err
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--precision", "8-true"]) == 1
+    assert "unknown precision '8-true'" in capsys.readouterr().err
+    assert main(["estimate", "--hf-config", "{}", "--input", "1,4:int64"]) == 2
+    assert "has no 'model_type'" in capsys.readouterr().err
+    assert main(["estimate", "--input", "1,4:int64"]) == 2
+    assert "no TARGET" in capsys.readouterr().err
+
+
+def test_optimizer_class_target(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "torch.optim:Adagrad", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer"] == "Adagrad"
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer_state_bytes"] == 0
+
+
+def test_deep_stack_extrapolated_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    text = json.dumps({**LLAMA, "num_hidden_layers": 10})
+    assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json", "--no-extrapolate"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert "extrapolated exactly" in fast.pop("method")
+    assert full.pop("method") == "full step"
+    assert fast == full
