@@ -256,3 +256,11 @@ def test_state_from_follows_pruning_and_lists_what_is_missing() -> None:
     assert net[0].weight_orig.grad is not None
     with pytest.raises(lm.MetaTensorError, match=r"state_from\(Linear\): the module lacks '0.weight'"):
         template.state_from(nn.Linear(4, 4))
+
+
+def test_on_demand_template_can_be_read_inside_vmap() -> None:
+    owner = Owner()
+    x = torch.randn(4, 3, 2)
+    params = {"0.weight": torch.eye(2), "0.bias": torch.zeros(2)}
+    out = torch.vmap(lambda xi: owner.on_demand.eval()(params, xi))(x)
+    torch.testing.assert_close(out, x)

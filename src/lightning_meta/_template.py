@@ -60,7 +60,10 @@ def _describe(obj: object) -> str:
 
 def _build_on_meta(factory: Factory) -> nn.Module:
     try:
-        with torch.device("meta"):
+        # Outside any torch.func transform: a template read inside torch.vmap
+        # would otherwise run the module's random initialisation under vmap
+        # (an error with randomness="error", wasted work otherwise).
+        with torch._C._DisableFuncTorch(), torch.device("meta"):
             module = factory()
     except MetaTensorError:
         raise
