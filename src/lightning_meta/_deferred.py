@@ -155,6 +155,10 @@ def _block() -> Iterator[None]:
         try:
             if finished:
                 _convert(recorder, fake)
+                # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
+                from lightning_meta._load_hooks import install_load_hooks
+
+                install_load_hooks(recorder.modules.values())
         finally:
             recorder.close(finished)
     if record.random_ops(DEFAULT_STREAM) or record.prev is not None:

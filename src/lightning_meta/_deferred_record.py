@@ -183,11 +183,19 @@ class Handle:
         _register(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__ if k != "__weakref__"}
+        state = {k: getattr(self, k) for k in self.__slots__ if k != "__weakref__"}
+        # Only the in-place writes since recording matter, and rebuilding the
+        # tensor may bump its counter (torch.multiprocessing does, so every
+        # module sent to a ddp_spawn worker would look modified): keep the
+        # difference, not the absolute count.
+        state["version"] = self.tensor._version - self.version
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        writes = state.pop("version")
         for k, v in state.items():
             object.__setattr__(self, k, v)
+        object.__setattr__(self, "version", self.tensor._version - writes)
         _register(self)
 
 

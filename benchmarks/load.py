@@ -1,0 +1,302 @@
+"""Benchmark checkpoint loading: naive, the mmap+assign floor, accelerate, lm.load_checkpoint.
+
+A Llama-style transformers model (hidden 1024, 16 layers, vocab 32000: about
+271M parameters, 1.08 GB in float32) is saved once as a Lightning-layout
+``.ckpt``, a torch ``.pt``, a ``.safetensors`` file, a sharded Hugging Face
+directory (``save_pretrained``) and a ``torch.distributed.checkpoint``
+directory. Each variant then runs in a fresh subprocess: the page cache of the
+files it reads is dropped first (``posix_fadvise(DONTNEED)``, so reads are
+cold-ish), the model is constructed (eager, meta or ``deferred_init``, as the
+variant does it), then the checkpoint is loaded and every tensor is touched
+(summed). Each variant runs ``--repeat`` times (median time, largest peak). Reported: construction and load+touch wall time, peak RSS above the
+interpreter's baseline (after imports), and GB/s of checkpoint bytes over the
+load+touch time. ``cat > /dev/null`` of the files gives the disk floor.
+
+    python benchmarks/load.py                       # full size, fp32 and bf16
+    python benchmarks/load.py --small               # quick check
+    python benchmarks/load.py --json /tmp/load.json --keep /tmp/load-files --repeat 3
+
+The files are deleted at the end unless ``--keep DIR`` names where to keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# variant -> (description, file it reads)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "cat": ("cat model.pt > /dev/null (disk floor)", "model.pt"),
+    "naive": ("eager + load_state_dict(torch.load(.pt))", "model.pt"),
+    "floor": ("meta + torch.load(mmap) + assign (.pt floor)", "model.pt"),
+    "floor_ckpt": ("meta + torch.load(mmap) + assign (.ckpt floor)", "model.ckpt"),
+    "floor_safetensors": ("meta + safetensors mmap + assign (floor)", "model.safetensors"),
+    "floor_shards": ("meta + per-shard safetensors mmap + assign (floor)", "sharded"),
+    "dcp_load": ("torch.distributed.checkpoint.load into fresh tensors", "dcp"),
+    "accelerate": (
+        "accelerate init_empty_weights + load_checkpoint_and_dispatch",
+        "model.safetensors",
+    ),
+    "lm_ckpt": ("lm.load_checkpoint .ckpt (deferred)", "model.ckpt"),
+    "lm_pt": ("lm.load_checkpoint .pt (deferred)", "model.pt"),
+    "lm_safetensors": ("lm.load_checkpoint .safetensors (deferred)", "model.safetensors"),
+    "lm_sharded": ("lm.load_checkpoint sharded HF dir (deferred)", "sharded"),
+    "lm_dcp": ("lm.load_checkpoint DCP dir (deferred)", "dcp"),
+}
+# lm variant -> the floor it is compared with
+FLOORS = {
+    "lm_ckpt": "floor_ckpt",
+    "lm_pt": "floor",
+    "lm_safetensors": "floor_safetensors",
+    "lm_sharded": "floor_shards",
+    "lm_dcp": "dcp_load",
+}
+
+
+def _config(small: bool) -> Any:
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(
+            hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
+        )  # fmt: skip
+    return LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+    )  # fmt: skip
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in _files(path))
+
+
+def _drop_cache(path: Path) -> None:
+    for p in _files(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def write_files(root: Path, small: bool) -> None:
+    """Save one model in every format under ``root``."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import save
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(small))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, root / "model.pt")
+    # The layout Lightning's save_checkpoint writes: weights under "state_dict" with
+    # the LightningModule attribute prefix, next to trainer state.
+    ckpt = {
+        "epoch": 0, "global_step": 0, "pytorch-lightning_version": "2.6.6",
+        "state_dict": {f"model.{k}": v for k, v in state.items()},
+        "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
+    }  # fmt: skip
+    torch.save(ckpt, root / "model.ckpt")
+    save_file(state, str(root / "model.safetensors"))
+    model.save_pretrained(root / "sharded", max_shard_size="200MB" if not small else "5MB")
+    save(state, checkpoint_id=root / "dcp")
+
+
+def _touch(tensors: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        for t in tensors:
+            t.sum()
+
+
+def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[str, Any]:
+    """Run one variant in this process and return its measurements."""
+    import warnings
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import lightning_meta as lm
+    from lightning_meta._load import load_checkpoint
+
+    warnings.filterwarnings("ignore")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else None
+    cfg = _config(small)
+    path = root / VARIANTS[variant][1]
+    with torch.device("meta"):  # warm-up of lazy imports and first-call costs
+        LlamaForCausalLM(_config(True))
+    _drop_cache(path)
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    model: Any = None
+    if variant == "cat":
+        subprocess.run(["cat", *map(str, _files(path))], stdout=subprocess.DEVNULL, check=True)
+        t1 = t0
+    elif variant == "naive":
+        model = LlamaForCausalLM(cfg)
+        t1 = time.perf_counter()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        if dtype is not None:
+            model.to(dtype)
+    elif variant.startswith("floor") or variant == "dcp_load":
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        t1 = time.perf_counter()
+        if variant == "dcp_load":
+            from torch.distributed.checkpoint import FileSystemReader, load
+
+            sd = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+            load(sd, storage_reader=FileSystemReader(str(path)), no_dist=True)
+            parts = [sd]
+        elif variant == "floor":
+            parts = [torch.load(path, mmap=True, weights_only=True)]
+        elif variant == "floor_ckpt":
+            weights = torch.load(path, mmap=True, weights_only=True)["state_dict"]
+            parts = [{k.removeprefix("model."): v for k, v in weights.items()}]
+        else:
+            from safetensors.torch import load_file
+
+            parts = [load_file(str(p)) for p in _files(path) if p.suffix == ".safetensors"]
+        for sd in parts:
+            if dtype is not None:
+                sd = {k: v.to(dtype) for k, v in sd.items()}
+            model.load_state_dict(sd, assign=True, strict=False)
+    elif variant == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        with init_empty_weights():
+            model = LlamaForCausalLM(cfg)
+        t1 = time.perf_counter()
+        model = load_checkpoint_and_dispatch(model, str(path), device_map={"": "cpu"}, dtype=dtype)
+    else:
+        model = lm.deferred_init(LlamaForCausalLM, cfg)
+        t1 = time.perf_counter()
+        load_checkpoint(model, path, dtype=dtype)
+    if model is not None:
+        _touch([*model.parameters(), *model.buffers()])
+        assert not any(t.is_meta for t in model.state_dict().values()), variant
+    t2 = time.perf_counter()
+    return {
+        "variant": variant, "dtype": dtype_name, "construct_s": t1 - t0, "load_s": t2 - t1,
+        "peak_mb": _peak_mb() - base, "file_bytes": _size(path),
+    }  # fmt: skip
+
+
+def _child(variant: str, root: Path, small: bool, dtype: str, repeat: int) -> dict[str, Any]:
+    """Run ``variant`` in ``repeat`` fresh subprocesses: median times, largest peak."""
+    runs = [_one(variant, root, small, dtype) for _ in range(repeat)]
+    result = dict(runs[0])
+    for key in ("construct_s", "load_s"):
+        result[key] = statistics.median(r[key] for r in runs)
+    result["peak_mb"] = max(r["peak_mb"] for r in runs)
+    result["load_runs_s"] = [r["load_s"] for r in runs]
+    return result
+
+
+def _one(variant: str, root: Path, small: bool, dtype: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_variant", variant, "--_dir", str(root), "--dtype", dtype]
+    if small:
+        cmd.append("--small")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"variant {variant} ({dtype}) failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    by = {(r["variant"], r["dtype"]): r for r in results}
+    lines = [
+        "| variant | dtype | construct (s) | load + touch (s) | GB/s | peak RSS above baseline (MB) | x file size | x its floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        floor = by.get((FLOORS.get(r["variant"], ""), r["dtype"]))
+        ratio = f"{r['load_s'] / floor['load_s']:.2f}" if floor else ""
+        gbs = r["file_bytes"] / 1e9 / r["load_s"] if r["load_s"] > 0 else 0.0
+        # cat runs in its own process; this process's peak says nothing about it
+        peak = "" if r["variant"] == "cat" else f"{r['peak_mb']:.0f}"
+        share = "" if r["variant"] == "cat" else f"{r['peak_mb'] * 2**20 / r['file_bytes']:.2f}"
+        lines.append(
+            f"| {VARIANTS[r['variant']][0]} | {r['dtype']} | {r['construct_s']:.2f} | "
+            f"{r['load_s']:.2f} | {gbs:.2f} | {peak} | {share} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a ~7M-parameter config")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="write (or reuse) the files here and keep them"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="fresh subprocesses per variant (median)"
+    )
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument("--_variant", help=argparse.SUPPRESS)
+    parser.add_argument("--_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._variant:
+        print(json.dumps(run_variant(args._variant, Path(args._dir), args.small, args.dtype)))
+        return
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lm-load-bench-"))
+    try:
+        if not (root / "dcp").is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            write_files(root, args.small)
+            print(
+                f"wrote the checkpoints to {root} in {time.perf_counter() - t:.1f} s",
+                file=sys.stderr,
+            )
+        dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+        results = []
+        for dtype in dtypes:
+            for variant in args.variants.split(","):
+                if (
+                    variant
+                    in ("cat", "floor_shards", "dcp_load", "floor_ckpt", "floor_safetensors")
+                    and dtype == "bf16"
+                ):
+                    continue  # the .pt floor stands for all casts
+                results.append(_child(variant, root, args.small, dtype, args.repeat))
+                print(json.dumps(results[-1]), file=sys.stderr)
+        print(table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The report :func:`~lightning_meta.load_checkpoint` returns, and its progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LoadReport", "progress_bar"]
+
+
+@dataclass
+class LoadReport:
+    """What :func:`~lightning_meta.load_checkpoint` did, every list sorted and complete.
+
+    Attributes:
+        path: the checkpoint as given.
+        format: ``"lightning"``, ``"torch"``, ``"torch-legacy"``, ``"safetensors"``,
+            ``"sharded"`` or ``"dcp"``.
+        prefix: the checkpoint key prefix that was stripped (``""`` for none).
+        loaded: module names filled from the checkpoint (every name of a tied group).
+        cast: names whose checkpoint dtype differed and were cast, tensor by tensor.
+        replayed: deferred names the checkpoint lacks, replayed from the record.
+        missing: persistent names the checkpoint lacks (``strict=False`` only).
+        unexpected: checkpoint keys the module has no place for (``strict=False`` only).
+        mismatched: ``(name, shape in the model, shape in the checkpoint)``, left as they were.
+        ignored: checkpoint keys outside ``prefix`` (another part of a LightningModule).
+        left_on_meta: names still on meta afterwards (never deferred, not in the checkpoint).
+        tied: groups of names that share one tensor and were tied again.
+        bytes_read: bytes of tensor data taken from the checkpoint.
+    """
+
+    path: str
+    format: str
+    prefix: str = ""
+    loaded: list[str] = field(default_factory=list)
+    cast: list[str] = field(default_factory=list)
+    replayed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    left_on_meta: list[str] = field(default_factory=list)
+    tied: list[tuple[str, ...]] = field(default_factory=list)
+    bytes_read: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain JSON-serialisable data."""
+        data = asdict(self)
+        data["mismatched"] = [[n, list(m), list(c)] for n, m, c in self.mismatched]
+        data["tied"] = [list(g) for g in self.tied]
+        return data
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)} tensors ({self.bytes_read / 1e6:.1f} MB) from "
+            f"{self.path!r} [{self.format}]"
+            + (f", prefix {self.prefix!r} stripped" if self.prefix else "")
+        ]
+        for label, items in (
+            ("cast", self.cast),
+            ("replayed", self.replayed),
+            ("tied again", [" = ".join(g) for g in self.tied]),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatch", [f"{n} model {m} checkpoint {c}" for n, m, c in self.mismatched]),
+            ("left on meta", self.left_on_meta),
+            ("ignored (outside the prefix)", self.ignored),
+        ):
+            if items:
+                lines.append(f"{label} ({len(items)}):")
+                lines += [f"  {x}" for x in items]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """Yield a callback advancing a rich progress bar over ``total`` bytes on stderr."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
