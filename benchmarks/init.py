@@ -4,8 +4,11 @@ Each variant runs in a fresh subprocess (``--repeat`` times; the median time
 and the largest peak are reported), builds a Llama-style transformers model
 (hidden 1024, 16 layers, vocab 32000: about 270M parameters) after a warm-up
 on a tiny config, and reports wall time and peak RSS above the process's
-baseline right before the measured step. Prints a Markdown table; ``--json``
-also writes the raw numbers.
+baseline right before the measured step. A second table compares
+FakeTensorMode and deferred_init construction warm, in one process, alternating
+``--warm`` times (min), which is what the 1.5x target is about: a fresh process
+mostly measures one-time costs (imports, first-call caches). Prints Markdown
+tables; ``--json`` also writes the raw numbers.
 
     python benchmarks/init.py              # full size
     python benchmarks/init.py --small      # quick check
@@ -147,6 +150,48 @@ def run_one(variant: str, small: bool) -> dict[str, float]:
     return {"seconds": seconds, "peak_mb": peak, "params": n, "model_mb": nbytes / 2**20}
 
 
+def run_warm(small: bool, reps: int) -> dict[str, dict[str, Any]]:
+    """Build with FakeTensorMode and deferred_init alternately, ``reps`` times each, warm.
+
+    Returns, per variant, the min and median wall time and the min CPU time
+    (``time.process_time``, less sensitive to other processes on shared cores).
+    """
+    import torch
+
+    torch.manual_seed(0)
+    builds = {"fake": _steps("fake")[0], "deferred": _steps("deferred")[0]}
+    cfg = _config(small)
+    for build in builds.values():
+        for warm_cfg in (_tiny(), cfg, cfg):
+            build(warm_cfg)
+    wall: dict[str, list[float]] = {name: [] for name in builds}
+    cpu: dict[str, list[float]] = {name: [] for name in builds}
+    for _ in range(reps):
+        for name, build in builds.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            model = build(cfg)
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+            del model
+    return {
+        name: {
+            "wall_min": min(wall[name]),
+            "wall_median": statistics.median(wall[name]),
+            "cpu_min": min(cpu[name]),
+            "wall_all": wall[name],
+        }
+        for name in builds
+    }
+
+
+def _spawn_warm(small: bool, reps: int) -> dict[str, dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--warm-child", str(reps)] + (["--small"] if small else [])
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    result: dict[str, dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def _spawn(variant: str, small: bool) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--variant", variant] + (["--small"] if small else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
@@ -160,10 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a ~10M-parameter model")
     parser.add_argument("--repeat", type=int, default=3, help="subprocesses per variant")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=15,
+        metavar="N",
+        help="alternating warm repetitions of FakeTensorMode vs deferred_init (0: skip)",
+    )
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--warm-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.variant:
         print(json.dumps(run_one(args.variant, args.small)))
+        return 0
+    if args.warm_child:
+        print(json.dumps(run_warm(args.small, args.warm_child)))
         return 0
 
     results: dict[str, dict[str, Any]] = {}
@@ -177,14 +233,23 @@ def main(argv: list[str] | None = None) -> int:
             "model_mb": runs[0]["model_mb"],
         }
         print(f"{variant}: {results[variant]['seconds']:.4f} s", file=sys.stderr)
-    print(_table(results, args))
+    warm = _spawn_warm(args.small, args.warm) if args.warm > 0 else None
+    print(_table(results, args, warm))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"small": args.small, "repeat": args.repeat, "results": results}, f, indent=2)
+            json.dump(
+                {"small": args.small, "repeat": args.repeat, "results": results, "warm": warm},
+                f,
+                indent=2,
+            )
     return 0
 
 
-def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+def _table(
+    results: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    warm: dict[str, dict[str, Any]] | None = None,
+) -> str:
     eager, fake = results["eager"]["seconds"], results["fake"]["seconds"]
     model_mb = results["eager"]["model_mb"]
     params = results["eager"]["params"]
@@ -203,9 +268,33 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['seconds'] / fake:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / model_mb:.2f} |"
         )
     d, m = results["deferred"], results["materialize"]
+    construction = f"{d['seconds'] / fake:.2f}x (fresh processes)"
+    if warm is not None:
+        wf, wd = warm["fake"], warm["deferred"]
+        lines += [
+            "",
+            f"Warm, one process, min of {args.warm} alternating repetitions (FakeTensorMode, "
+            "then deferred_init, after warm-up):",
+            "",
+            "| variant | wall min (s) | wall median (s) | CPU min (s) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, label in (("fake", VARIANTS["fake"]), ("deferred", VARIANTS["deferred"])):
+            r = warm[name]
+            lines.append(
+                f"| {label} | {r['wall_min']:.4f} | {r['wall_median']:.4f} | {r['cpu_min']:.4f} |"
+            )
+        lines.append(
+            f"| x FakeTensorMode | {wd['wall_min'] / wf['wall_min']:.2f} | "
+            f"{wd['wall_median'] / wf['wall_median']:.2f} | {wd['cpu_min'] / wf['cpu_min']:.2f} |"
+        )
+        construction = (
+            f"{wd['wall_min'] / wf['wall_min']:.2f}x wall / {wd['cpu_min'] / wf['cpu_min']:.2f}x "
+            f"CPU (warm, min of {args.warm}), {d['seconds'] / fake:.2f}x (fresh processes)"
+        )
     lines += [
         "",
-        f"Targets: deferred_init construction <= 1.5x FakeTensorMode: {d['seconds'] / fake:.2f}x; "
+        f"Targets: deferred_init construction <= 1.5x FakeTensorMode: {construction}; "
         f"materialize <= 1.1x eager time: {m['seconds'] / eager:.2f}x; materialize peak RSS "
         f"<= 1.1x model bytes: {m['peak_mb'] / model_mb:.2f}x.",
     ]

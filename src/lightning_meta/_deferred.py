@@ -154,11 +154,13 @@ def _block() -> Iterator[None]:
         _ACTIVE.recorder = None
         try:
             if finished:
-                _convert(recorder, fake)
+                owners = _convert(recorder, fake)
                 # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
                 from lightning_meta._load_hooks import install_load_hooks
 
-                install_load_hooks(recorder.modules.values())
+                # Every module under the tracked ones that owns deferred tensors
+                # (the only ones it hooks), so it need not walk the tree again.
+                install_load_hooks(owners)
         finally:
             recorder.close(finished)
     if record.random_ops(DEFAULT_STREAM) or record.prev is not None:
@@ -176,6 +178,7 @@ def _chain_candidate() -> Record | None:
 
 
 _FAKE_ATTRS: set[str] = set()
+_META = torch.device("meta")
 
 
 def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
@@ -189,8 +192,11 @@ def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _convert(recorder: Recorder, fake: FakeTensorMode) -> None:
-    """Swap every fake tensor on the recorded modules for a deferred meta tensor."""
+def _convert(recorder: Recorder, fake: FakeTensorMode) -> list[nn.Module]:
+    """Swap every fake tensor on the recorded modules for a deferred meta tensor.
+
+    Returns every module under the tracked ones that owns deferred tensors.
+    """
     record = recorder.record
     memo: dict[int, tuple[torch.Tensor, Handle]] = {}
 
@@ -199,7 +205,7 @@ def _convert(recorder: Recorder, fake: FakeTensorMode) -> None:
         if done is not None:
             return done
         vid = recorder.vid_at_exit(t)
-        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META)
         if isinstance(t, nn.Parameter):
             meta = nn.Parameter(meta, requires_grad=t.requires_grad)
         elif t.requires_grad:
@@ -209,12 +215,10 @@ def _convert(recorder: Recorder, fake: FakeTensorMode) -> None:
         memo[id(t)] = (meta, handle)
         return meta, handle
 
-    modules: dict[int, nn.Module] = {}
     # Submodules can arrive without a registration hook (deepcopy in
     # nn.TransformerEncoder's _get_clones), so walk down from every tracked one.
-    for tracked in recorder.modules.values():
-        for sub in tracked.modules():
-            modules.setdefault(id(sub), sub)
+    modules = _walk(recorder.modules.values())
+    owners: list[nn.Module] = []
     for module in modules.values():
         handles: dict[str, Handle] = module.__dict__.get(HANDLES_ATTR, {})
         tables: list[dict[str, Any]] = [module._parameters, module._buffers]
@@ -222,11 +226,33 @@ def _convert(recorder: Recorder, fake: FakeTensorMode) -> None:
             for name, t in list(table.items()):
                 if isinstance(t, FakeTensor):
                     table[name], handles[name] = convert(t)
-        for name, value in list(vars(module).items()):
-            if isinstance(value, FakeTensor):
-                module.__dict__[name], handles[name] = convert(value)
+        for name, value in [kv for kv in vars(module).items() if isinstance(kv[1], FakeTensor)]:
+            module.__dict__[name], handles[name] = convert(value)
         if handles:
             module.__dict__[HANDLES_ATTR] = handles
+            owners.append(module)
+    return owners
+
+
+def _walk(roots: Iterable[nn.Module]) -> dict[int, nn.Module]:
+    """Return every module under ``roots``, by id, in the order of ``root.modules()`` walks.
+
+    Same first-visit order as walking ``modules()`` of each root in turn, but a
+    module already visited is not descended into again: its whole subtree was
+    visited with it (tracked modules are nested, so plain walks are quadratic).
+    """
+    seen: dict[int, nn.Module] = {}
+    for root in roots:
+        stack = [root]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen[id(module)] = module
+            children = [c for c in module._modules.values() if c is not None]
+            children.reverse()
+            stack.extend(children)
+    return seen
 
 
 def is_deferred(obj: nn.Module | torch.Tensor) -> bool:

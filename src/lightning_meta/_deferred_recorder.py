@@ -11,11 +11,13 @@ into captured real tensors) raises at record time, naming the op, the source
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -28,7 +30,6 @@ from torch._subclasses.fake_tensor import (
     FakeTensor,
     UnsupportedOperatorException,
 )
-from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_meta._deferred_record import DEFAULT_STREAM, GenRef, Op, Record, Ref, Stream, Value
@@ -77,27 +78,36 @@ def _info(func: torch._ops.OpOverload) -> _OpInfo:
     return _OpInfo(str(func), writes, random, returns_tensor)
 
 
-class Recorder(TorchDispatchMode):
+class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Log every ATen call on fake tensors into a :class:`Record`.
 
-    Sits on top of the ``FakeTensorMode`` that computes the fake outputs; keeps
-    every fake tensor it has seen alive until :meth:`close`, so storage ids
-    (``untyped_storage()._cdata``) cannot be reused while recording.
+    Sits on top of the ``FakeTensorMode`` that computes the fake outputs. It
+    keeps every storage it has seen alive until :meth:`close`, so storage ids
+    (``untyped_storage()._cdata``) cannot be reused while recording, but holds
+    the fake tensors themselves only weakly: a strong reference to the output
+    of a factory call (``torch.empty``) makes torch's ``make_variable`` see a
+    shared tensor and re-wrap it through a Python ``detach``, which costs a
+    second trip through both modes and a second fake tensor for every
+    parameter (measured: ~2x FakeTensorMode's construction time).
     """
 
     def __init__(self, record: Record, chained: bool) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.record = record
         self.thread = threading.get_ident()
         self.modules: dict[int, nn.Module] = {}
-        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._vid_cdata: list[int] = []
         self._cdata_storage: dict[int, int] = {}
+        self._storages: list[torch.UntypedStorage] = []  # keeps their ``_cdata`` unique
         self._storage_vid: dict[int, int] = {}
         self._gen_stream: dict[int, int] = {}
+        self._refs: dict[int, Ref] = {}
+        self._fsets: dict[int | None, frozenset[int]] = {}
         # A chained block continues from the previous block's end state, so its
         # first draw is not pinned unless the generator was reseeded meanwhile.
         self._physical: torch.Tensor | None = torch.get_rng_state() if chained else None
+        self._physical_key = _state_key(self._physical) if self._physical is not None else None
         self._entry_physical = self._physical
 
     # -- module tracking (global registration hooks, installed by deferred_init)
@@ -108,14 +118,18 @@ class Recorder(TorchDispatchMode):
                 self.modules.setdefault(id(value), value)
 
     # -- value ids
-    def _new_value(self, t: torch.Tensor, cdata: int) -> int:
-        storage = self._cdata_storage.setdefault(cdata, len(self._cdata_storage))
+    def _new_value(self, t: torch.Tensor, cdata: int, owner: torch.UntypedStorage | None) -> int:
+        storage = self._cdata_storage.get(cdata)
+        if storage is None:
+            storage = self._cdata_storage[cdata] = len(self._cdata_storage)
+            if owner is not None:
+                self._storages.append(owner)
         vid = len(self.record.values)
         self.record.values.append(
             Value(storage, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
         )
         self._vid_cdata.append(cdata)
-        self._seen[id(t)] = (t, vid)
+        self._seen[id(t)] = (weakref.ref(t), vid)
         self._storage_vid[storage] = vid
         return vid
 
@@ -123,13 +137,14 @@ class Recorder(TorchDispatchMode):
         """Return the value id of ``t``, capturing real tensors as constants."""
         seen = self._seen.get(id(t))
         if not isinstance(t, FakeTensor):
-            if seen is not None and seen[0] is t:
+            if seen is not None and seen[0]() is t:
                 return seen[1]
-            vid = self._new_value(t, -1 - len(self.record.constants))
-            self.record.constants[vid] = (t, t._version)
+            vid = self._new_value(t, -1 - len(self.record.constants), None)
+            self.record.constants[vid] = (t, t._version)  # holds ``t``: its id stays unique
             return vid
-        cdata = t.untyped_storage()._cdata
-        if seen is not None and seen[0] is t and self._vid_cdata[seen[1]] == cdata:
+        owner = t.untyped_storage()
+        cdata = owner._cdata
+        if seen is not None and seen[0]() is t and self._vid_cdata[seen[1]] == cdata:
             return seen[1]
         # Reached without a recorded op: ``.data`` assignment or a tensor that
         # aliases a known storage. Rebuild it as a view of that storage.
@@ -149,7 +164,7 @@ class Recorder(TorchDispatchMode):
                 "reinterprets a recorded storage with another dtype",
                 "use tensor.view(dtype) instead of assigning .data",
             )
-        vid = self._new_value(t, cdata)
+        vid = self._new_value(t, cdata, owner)
         view = Op(
             "aten.as_strided.default",
             (Ref(base), tuple(t.shape), tuple(t.stride()), t.storage_offset()),
@@ -180,6 +195,8 @@ class Recorder(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        # The hot path of recording: one call per ATen op issued by the model,
+        # so it avoids generator expressions and per-op allocations it can share.
         kwargs = kwargs or {}
         info = _info(func)
         reads: list[int] = []
@@ -187,20 +204,22 @@ class Recorder(TorchDispatchMode):
         streams: list[int] = []
 
         def scan(x: Any) -> Any:
+            if type(x) in _ATOMIC:
+                return x
             if isinstance(x, torch.Tensor):
                 v = self.vid(x, info.name)
                 reads.append(v)
                 found.append(x)
-                return Ref(v)
+                return self._ref(v)
             if isinstance(x, (list, tuple)):
-                return type(x)(scan(y) for y in x) if any(_needs_scan(y) for y in x) else x
+                return type(x)([scan(y) for y in x]) if _needs_scan(x) else x
             if isinstance(x, torch.Generator):
                 streams.append(self._stream(x))
                 return GenRef(streams[-1])
             return x
 
-        largs = tuple(scan(a) for a in args)
-        lkwargs = {k: scan(v) for k, v in kwargs.items()}
+        largs = tuple([scan(a) for a in args])
+        lkwargs = {k: scan(v) for k, v in kwargs.items()} if kwargs else {}
         writes = self._writes(info, args, kwargs) if info.writes else ()
         try:
             out = func(*args, **kwargs)
@@ -221,25 +240,27 @@ class Recorder(TorchDispatchMode):
                 f"cannot run on a fake tensor ({type(e).__name__}: {e})",
                 "build this part of the model outside deferred_init and assign it afterwards",
             ) from e
-        out_leaves = out if isinstance(out, (list, tuple)) else (out,)
-        outs = tuple(self._out(leaf) for leaf in out_leaves)
+        if isinstance(out, (list, tuple)):
+            outs = tuple([self._out(leaf) for leaf in out])
+        else:
+            outs = (self._out(out),)
         if not writes and all(o is None for o in outs):
             return out  # a query such as prim.device: nothing to replay
-        for w in writes:
-            if w in self.record.constants:
-                raise self.error(
-                    info.name,
-                    None,
-                    "writes into a real tensor captured from outside the block",
-                    "clone the tensor before writing into it inside deferred_init",
-                )
+        constants = self.record.constants
+        if constants:
+            for w in writes:
+                if w in constants:
+                    raise self.error(
+                        info.name,
+                        None,
+                        "writes into a real tensor captured from outside the block",
+                        "clone the tensor before writing into it inside deferred_init",
+                    )
         stream: int | None = None
         if info.random:
             stream = streams[0] if streams else DEFAULT_STREAM
             if stream == DEFAULT_STREAM:
                 self._pin(len(self.record.ops))
-        values = self.record.values
-        touch = frozenset(values[o].storage for o in (*writes, *outs) if o is not None)
         self.record.ops.append(
             Op(
                 info.name,
@@ -248,27 +269,47 @@ class Recorder(TorchDispatchMode):
                 outs,
                 writes,
                 tuple(reads),
-                touch,
-                frozenset(values[r].storage for r in reads),
+                self._storages_of([*writes, *outs]),
+                self._storages_of(reads),
                 # Walking the stack is a sizeable part of recording time; only an
                 # op reading a captured real tensor can fail at replay on the CPU.
-                user_site(2) if any(r in self.record.constants for r in reads) else "",
+                user_site(2) if constants and any(r in constants for r in reads) else "",
                 stream,
             )
         )
         return out
 
+    def _ref(self, vid: int) -> Ref:
+        # Refs are immutable: one per value, shared by every op that reads it.
+        ref = self._refs.get(vid)
+        if ref is None:
+            ref = self._refs[vid] = Ref(vid)
+        return ref
+
+    def _storages_of(self, vids: list[int | None] | list[int]) -> frozenset[int]:
+        """Return the storages of ``vids`` (``None`` skipped), sharing the common sets."""
+        values = self.record.values
+        storages = [values[v].storage for v in vids if v is not None]
+        if len(storages) > 1:
+            return frozenset(storages)
+        key = storages[0] if storages else None
+        shared = self._fsets.get(key)
+        if shared is None:
+            shared = self._fsets[key] = frozenset(storages)
+        return shared
+
     def _out(self, leaf: Any) -> int | None:
         if not isinstance(leaf, torch.Tensor):
             return None
         seen = self._seen.get(id(leaf))
-        if seen is not None and seen[0] is leaf:
+        if seen is not None and seen[0]() is leaf:
             return seen[1]
         return self._new_out(leaf)
 
     def _new_out(self, t: torch.Tensor) -> int:
         if isinstance(t, FakeTensor):
-            return self._new_value(t, t.untyped_storage()._cdata)
+            owner = t.untyped_storage()
+            return self._new_value(t, owner._cdata, owner)
         return self.vid(t, "output")
 
     def _writes(
@@ -285,11 +326,12 @@ class Recorder(TorchDispatchMode):
         # Fake ops never advance the real generator, so a changed state means
         # the model reseeded (or drew real numbers) here: replay must too.
         state = torch.get_rng_state()
-        with no_dispatch():  # the fake mode below us must not see this comparison
-            if self._physical is not None and torch.equal(state, self._physical):
-                return
+        key = _state_key(state)
+        if key == self._physical_key:
+            return
         self.record.states.setdefault("default:cpu", {})[index] = state
         self._physical = state
+        self._physical_key = key
 
     def close(self, finished: bool) -> None:
         """Note the generator at exit, park it on a placeholder, drop every fake tensor.
@@ -315,6 +357,9 @@ class Recorder(TorchDispatchMode):
         self._seen.clear()
         self._vid_cdata.clear()
         self._cdata_storage.clear()
+        self._storages.clear()
+        self._refs.clear()
+        self._fsets.clear()
         self._storage_vid.clear()
 
     def vid_at_exit(self, t: torch.Tensor) -> int:
@@ -354,13 +399,47 @@ class Recorder(TorchDispatchMode):
         return None
 
 
+# Argument types that are never a tensor, a generator or a sequence: checked by
+# exact type first, since ``isinstance(x, torch.Generator)`` runs a Python-level
+# metaclass ``__instancecheck__`` (about 1 us) for every shape entry.
+_ATOMIC = frozenset(
+    {
+        int,
+        float,
+        bool,
+        complex,
+        str,
+        type(None),
+        torch.dtype,
+        torch.device,
+        torch.layout,
+        torch.memory_format,
+    }
+)
+
+
+def _state_key(state: torch.Tensor) -> bytes:
+    """Return the bytes of a CPU generator state, to compare without dispatching.
+
+    ``torch.equal`` would go to the fake mode below the recorder unless wrapped
+    in ``no_dispatch()``, which costs ten times more than this copy.
+    """
+    return ctypes.string_at(state.data_ptr(), state.nbytes)
+
+
 def _lacks_kernel(e: RuntimeError) -> bool:
     """Tell "no fake/meta kernel for this op" apart from errors eager code raises too."""
     text = str(e).lower()
     return "fake impl" in text or "meta kernel" in text or "fake tensor" in text
 
 
-def _needs_scan(x: Any) -> bool:
-    if isinstance(x, (torch.Tensor, torch.Generator)):
-        return True
-    return isinstance(x, (list, tuple)) and any(_needs_scan(y) for y in x)
+def _needs_scan(seq: list[Any] | tuple[Any, ...]) -> bool:
+    """Return whether ``seq`` holds a tensor or generator, at any depth."""
+    for y in seq:
+        if type(y) in _ATOMIC:
+            continue
+        if isinstance(y, (torch.Tensor, torch.Generator)):
+            return True
+        if isinstance(y, (list, tuple)) and _needs_scan(y):
+            return True
+    return False
