@@ -94,12 +94,11 @@ def load_checkpoint(
     Example::
 
         >>> import os, tempfile, torch, lightning_meta as lm
-        >>> from lightning_meta._load import load_checkpoint
         >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
         >>> torch.save(torch.nn.Linear(4, 2).state_dict(), path)
         >>> with torch.device("meta"):
         ...     net = torch.nn.Linear(4, 2)
-        >>> report = load_checkpoint(net, path)
+        >>> report = lm.load_checkpoint(net, path)
         >>> report.loaded, net.weight.is_meta
         (['bias', 'weight'], False)
 
