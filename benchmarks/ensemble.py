@@ -5,8 +5,15 @@ Baselines, measured side by side in one process:
   (b) hand-written ``torch.func.stack_module_state`` + ``vmap`` + ``functional_call``.
 
 Reported as ratios ``Ensemble / min(a, b)`` (median of repetitions, 1 thread).
+Each step starts from gradients set to None, as in a training loop.
 
     python benchmarks/ensemble.py [--json out.json] [--repeats 5]
+
+On glibc, every allocation above 32 MiB is a fresh mmap, page-faulted anew
+each step; a stacked gradient of 32 members of 1024x1024 is 128 MiB, the
+loop's per-member ones are 4 MiB. Run it a second time with
+MALLOC_MMAP_THRESHOLD_=2000000000 (or under jemalloc / tcmalloc) to see the
+computation alone.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -55,7 +63,11 @@ def cell(n: int, dims: tuple[int, int, int], batch: int, repeats: int) -> dict[s
     members = [mlp(*dims) for _ in range(n)]
     x = torch.randn(batch, dims[0])
 
+    # Every step starts with the gradients set to None, as optimizer.zero_grad()
+    # leaves them in a training loop (and Lightning calls it every step).
     def loop_step() -> None:
+        for m in members:
+            m.zero_grad()
         loss = sum(m(x).square().mean() for m in members)
         assert isinstance(loss, torch.Tensor)
         loss.backward()
@@ -69,12 +81,15 @@ def cell(n: int, dims: tuple[int, int, int], batch: int, repeats: int) -> dict[s
     batched = vmap(call, in_dims=(0, 0, None))
 
     def vmap_step() -> None:
+        for p in params.values():
+            p.grad = None
         batched(params, buffers, x).square().mean(dim=(1, 2)).sum().backward()
 
     ensembles = {ex: lm.Ensemble(members, execution=ex) for ex in ("auto", "vmap")}
 
     def ens_step(ex: str) -> Callable[[], None]:
         def step() -> None:
+            ensembles[ex].zero_grad()
             ensembles[ex](x).square().mean(dim=(1, 2)).sum().backward()
         return step
 
@@ -109,7 +124,9 @@ def main() -> None:
                 "model": label, "members": n, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                 "ratio": t["ensemble"] / best, "ratio_vmap_path": t["ensemble_vmap"] / best,
             })
-    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, median of {args.repeats}\n")
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
+    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, median of {args.repeats}, "
+          f"MALLOC_MMAP_THRESHOLD_={malloc}\n")
     print("| model | N | loop (a) ms | vmap (b) ms | Ensemble ms | Ensemble / min(a,b) "
           "| Ensemble(execution='vmap') / min(a,b) |")
     print("|---|---|---|---|---|---|---|")

@@ -97,7 +97,12 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
         attributes of those modules) are converted; a tensor kept elsewhere
         (a closure, a plain list) stays a fake tensor and fails when used.
         Random draws from the global generator outside the block, between it
-        and :func:`materialize`, see the generator as it was at entry.
+        and :func:`materialize`, see the generator as it was at entry. Inside
+        the block the global CPU generator holds placeholder states (so that
+        any reseed by the model, even to the seed already in use, is seen and
+        replayed); ``torch.get_rng_state()`` read there is a placeholder, and
+        restoring one read after a random draw (``torch.random.fork_rng``
+        around a reseed) raises :class:`MaterializationError`.
     """
     if fn is None:
         if args or kwargs:
@@ -132,6 +137,7 @@ def _block() -> Iterator[None]:
     _ACTIVE.recorder = recorder
     finished = False
     try:
+        recorder.open()
         with warnings.catch_warnings():
             # torch's own Tensor.__deepcopy__ (nn.TransformerEncoder clones its
             # layer) probes data_ptr() of the fake tensors; harmless here.

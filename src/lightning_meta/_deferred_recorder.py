@@ -104,11 +104,64 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self._gen_stream: dict[int, int] = {}
         self._refs: dict[int, Ref] = {}
         self._fsets: dict[int | None, frozenset[int]] = {}
+        # While recording, the physical CPU generator holds a placeholder state
+        # of this block, a fresh one after every draw from it (a token: the
+        # ``k``-th placeholder stands for the state after the ``k``-th draw),
+        # so any reseed, even to the state the generator had before the block,
+        # moves it away from the current placeholder; :meth:`open` installs the
+        # first, :meth:`close` puts a real state back.
+        self._chained = chained
+        self._entry = torch.empty(0, dtype=torch.uint8)  # real state at entry
+        self._buf = self._entry  # the placeholder; its first 8 bytes count draws
+        self._rest = b""  # the placeholder's bytes after the count
+        self._salt = 0
+        self._count = -1
+        self._physical_key = b""
         # A chained block continues from the previous block's end state, so its
-        # first draw is not pinned unless the generator was reseeded meanwhile.
-        self._physical: torch.Tensor | None = torch.get_rng_state() if chained else None
-        self._physical_key = _state_key(self._physical) if self._physical is not None else None
-        self._entry_physical = self._physical
+        # first draw is not pinned unless the generator was reseeded meanwhile;
+        # an unchained one pins its entry state at its first draw.
+        self._entry_pending = not chained
+
+    def open(self) -> None:
+        """Note the generator's entry state and move it to this block's first placeholder."""
+        self._entry = torch.get_rng_state()
+        digest = hashlib.blake2b(self._entry.numpy().tobytes(), digest_size=8, person=b"lm-rng")
+        self._salt = int.from_bytes(digest.digest(), "little")
+        self._buf = torch.Generator().manual_seed(self._salt >> 1).get_state()
+        # Bytes 0-7 of a CPU state are its initial seed, which set_state keeps
+        # as is: the count goes there, the Mersenne Twister state stays valid.
+        self._rest = _state_key(self._buf)[8:]
+        self._install()
+
+    def _install(self) -> None:
+        # One call per draw from the global generator: kept to a few calls.
+        self._count += 1
+        head = (self._salt ^ self._count).to_bytes(8, "little")
+        ctypes.memmove(self._buf.data_ptr(), head, 8)
+        torch.default_generator.set_state(self._buf)
+        self._physical_key = head + self._rest
+
+    def _resolve(self, state: torch.Tensor, key: bytes) -> torch.Tensor:
+        """Return the real state behind ``state``, which is not the current placeholder.
+
+        An earlier placeholder means the model restored a state it read inside
+        the block (``torch.random.fork_rng``, ``get_rng_state`` then
+        ``set_rng_state``): only the first one, read before any draw, has a
+        real value known while recording (the entry state of an unchained block).
+        """
+        if key[8:] != self._rest:
+            return state
+        if int.from_bytes(key[:8], "little") ^ self._salt == 0 and not self._chained:
+            return self._entry
+        raise self.error(
+            "torch.set_rng_state",
+            None,
+            "restores a generator state read inside the block after random draws (for "
+            "example torch.random.fork_rng around a reseed), whose real value is not known "
+            "while recording",
+            "seed explicitly with torch.manual_seed(k) instead, or read the state before "
+            "entering deferred_init",
+        )
 
     # -- module tracking (global registration hooks, installed by deferred_init)
     def track(self, module: nn.Module, name: str, value: object) -> None:
@@ -184,7 +237,13 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         index = self._gen_stream.get(id(gen))
         if index is None:
             index = len(self.record.streams)
-            self.record.streams.append(Stream(gen.device, gen.get_state(), gen))
+            start = gen.get_state()
+            if gen.device.type == "cpu":
+                key = _state_key(start)
+                if self._rest and key[8:] == self._rest:  # copied from the global generator
+                    start = self._resolve(start, key)
+                    gen.set_state(start)
+            self.record.streams.append(Stream(gen.device, start, gen))
             self._gen_stream[id(gen)] = index
         return index
 
@@ -325,13 +384,19 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def _pin(self, index: int) -> None:
         # Fake ops never advance the real generator, so a changed state means
         # the model reseeded (or drew real numbers) here: replay must too.
+        # The generator holds a placeholder of this block while recording, so
+        # even a reseed to the state it had before the block is a change.
         state = torch.get_rng_state()
         key = _state_key(state)
         if key == self._physical_key:
-            return
-        self.record.states.setdefault("default:cpu", {})[index] = state
-        self._physical = state
-        self._physical_key = key
+            if self._entry_pending:
+                self._entry_pending = False
+                self.record.states.setdefault("default:cpu", {})[index] = self._entry
+        else:
+            state = self._resolve(state, key)
+            self._entry_pending = False
+            self.record.states.setdefault("default:cpu", {})[index] = state
+        self._install()
 
     def close(self, finished: bool) -> None:
         """Note the generator at exit, park it on a placeholder, drop every fake tensor.
@@ -340,19 +405,38 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         block's draws. Until :func:`materialize` knows that end state, the
         generator holds a placeholder derived from the block, so a reseed (or
         a later block continuing this one) can be told apart from "nothing
-        happened", and seeded runs stay reproducible.
+        happened", and seeded runs stay reproducible. A block without draws
+        leaves it where the model set it (or at the entry state), a failed
+        block at the entry state: no recording placeholder outlives the block.
+        Raises when the model restored a placeholder it read after a draw.
         """
         record = self.record
+        error: MaterializationError | None = None
         state = torch.get_rng_state()
-        if self._physical is not None and not torch.equal(state, self._physical):
-            record.exit_pin = state
-        record.exit_state = state
-        if finished and (record.random_ops(DEFAULT_STREAM) or record.exit_pin is not None):
+        key = _state_key(state)
+        changed: torch.Tensor | None = None  # a state the model set after its last draw
+        if self._entry.numel() and key != self._physical_key:
+            try:
+                changed = self._resolve(state, key)
+            except MaterializationError as e:
+                error = e if finished else None
+                finished = False
+        has_draws = bool(record.random_ops(DEFAULT_STREAM))
+        if finished and changed is not None and (self._chained or has_draws):
+            record.exit_pin = changed
+        if finished and (has_draws or record.exit_pin is not None):
             digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8)
             digest.update(str(len(record.ops)).encode())
             parked = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
             record.exit_state = parked.get_state()
-            torch.set_rng_state(record.exit_state)
+        elif finished and self._entry.numel():
+            # No draw to account for: where the model left it, or where it was.
+            record.exit_state = changed if changed is not None else self._entry
+        elif self._entry.numel():
+            record.exit_state = self._entry  # failed: back to the entry state
+        else:
+            record.exit_state = state  # never opened
+        torch.set_rng_state(record.exit_state)
         self.modules.clear()
         self._seen.clear()
         self._vid_cdata.clear()
@@ -361,6 +445,8 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self._refs.clear()
         self._fsets.clear()
         self._storage_vid.clear()
+        if error is not None:
+            raise error
 
     def vid_at_exit(self, t: torch.Tensor) -> int:
         return self.vid(t, "deferred_init exit")
