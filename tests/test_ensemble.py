@@ -258,6 +258,8 @@ def test_differently_shaped_members_are_listed() -> None:
         lm.Ensemble([a, d])
     with pytest.raises(lm.MetaTensorError, match="member 1 holds '0.weight' on float64|is \\(8, 3\\) torch.float64"):
         lm.Ensemble([a, mlp().double()])
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+        lm.Ensemble([a, mlp(dropout=0.5)])
 
 
 def test_other_bad_input() -> None:
@@ -314,3 +316,8 @@ def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, 
     per = lm.Ensemble(mods, per_member_inputs=True)
     per(xs).sum().backward()
     assert xs.grad is not None and xs.grad.shape == xs.shape
+
+
+def test_members_with_other_settings_are_refused() -> None:
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+        lm.Ensemble([mlp(), mlp(dropout=0.5)])

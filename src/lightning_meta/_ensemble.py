@@ -84,6 +84,14 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
             )
     if _ties(other) != _ties(reference):
         problems.append(f"member {index} ties {_ties(other)}, member 0 ties {_ties(reference)}")
+    if not problems:
+        # Same tensors, other settings (a dropout rate, an activation's slope):
+        # the template is member 0, so the difference would be lost silently.
+        for mine, theirs in zip(repr(reference).splitlines(), repr(other).splitlines(), strict=False):
+            if mine != theirs:
+                problems.append(f"member {index} has {theirs.strip()!r} where member 0 has "
+                                f"{mine.strip()!r}")
+                break
     return problems
 
 
@@ -222,10 +230,9 @@ class Ensemble(nn.Module):
         template = self.template.module
         # One stacked tensor per distinct tensor of the template; tied names
         # are filled in by functional_call(tie_weights=True).
-        self._names: list[str] = [n for n, _ in template.named_parameters()]
-        self._names += [n for n, _ in template.named_buffers()]
+        self._names: list[str] = [name for name, _ in template.named_parameters()]
+        self._names += [name for name, _ in template.named_buffers()]
         self.stacked = _Stacked()
-        device: torch.device | None = None
         for name, t in [*template.named_parameters(), *template.named_buffers()]:
             holder = self._holder(name.rpartition(".")[0])
             leaf = name.rpartition(".")[2]
@@ -235,7 +242,6 @@ class Ensemble(nn.Module):
                     f"Ensemble member 0 holds {name!r} on the meta device. Members must hold "
                     "real tensors. Fix: build them normally, or use Ensemble.from_factory."
                 )
-            device = device or ref.device
             data = torch.empty((n, *t.shape), dtype=t.dtype, device=ref.device)
             if isinstance(t, nn.Parameter):
                 holder.register_parameter(leaf, nn.Parameter(data, requires_grad=t.requires_grad))
