@@ -138,3 +138,17 @@ def test_layer_index_attribute_is_allowed() -> None:
         b.layer_idx = i  # type: ignore[assignment]
     rep, why = find_repeat(Stack(blocks))
     assert rep is not None and rep.name == "blocks" and rep.count == 12, why
+
+
+def test_per_block_config_settings_refuse_extrapolation() -> None:
+    """Blocks that read `config.layer_types[self.layer_idx]` look alike but differ."""
+    from types import SimpleNamespace
+
+    kinds = ["full" if i % 6 == 5 else "local" for i in range(12)]
+    model = Stack([Block() for _ in range(12)])
+    model.config = SimpleNamespace(layer_types=kinds)  # type: ignore[assignment]
+    rep, why = find_repeat(model)
+    assert rep is None
+    assert why == "blocks: config.layer_types differs between blocks"
+    model.config = SimpleNamespace(layer_types=["full"] * 12)  # type: ignore[assignment]
+    assert find_repeat(model)[0] is not None

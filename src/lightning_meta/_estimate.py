@@ -257,6 +257,10 @@ def estimate(
             count grows exactly linearly per block (the result is then the
             same as the full step's, in a fraction of the time); otherwise,
             or with ``False``, simulate the full model. ``method`` says which.
+            Blocks that differ in an attribute, a tensor or a per-block
+            ``config`` list (``config.layer_types``) are simulated in full; a
+            block whose forward branches on its index some other way is not
+            detected: pass ``False`` for such models.
 
     Returns:
         An :class:`Estimate`.

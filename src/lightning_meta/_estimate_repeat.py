@@ -129,6 +129,23 @@ def _identical(container: nn.Module) -> str | None:
     return None
 
 
+def _varies_in_config(module: nn.Module, n: int) -> str | None:
+    """Why a per-block setting in a ``config`` makes the blocks differ, or ``None``.
+
+    Blocks that look alike can still behave differently when their forward
+    reads ``config.layer_types[self.layer_idx]`` (transformers' sliding and
+    full attention layers); the sample steps would then not represent the
+    others, so any ``config`` attribute with one differing value per block
+    refuses extrapolation.
+    """
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
+    for config in configs.values():
+        for key, value in sorted(getattr(config, "__dict__", {}).items()):
+            if isinstance(value, (list, tuple)) and len(value) == n and not _same(list(value)):
+                return f"config.{key} differs between blocks"
+    return None
+
+
 def find_repeat(module: nn.Module) -> tuple[Repeat | None, str]:
     """Return the largest container of at least ``MIN_BLOCKS`` identical blocks, and why if none.
 
@@ -152,7 +169,7 @@ def find_repeat(module: nn.Module) -> tuple[Repeat | None, str]:
         if list(mod._modules) != [str(i) for i in range(len(mod))]:
             reason = reason or f"{where}: items are not named 0 to N-1"
             continue
-        why = _identical(mod)
+        why = _identical(mod) or _varies_in_config(module, len(mod))
         if why is None and any(counts[id(t)] > 1 for t in [*mod.parameters(), *mod.buffers()]):
             why = "a block shares a tensor with another module"
         if why is not None:
