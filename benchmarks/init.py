@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _llama import llama_config
+
 VARIANTS = {
     "eager": "eager construction (CPU)",
     "meta": "construction under torch.device('meta')",
@@ -38,18 +40,6 @@ VARIANTS = {
 }
 
 
-def _config(small: bool) -> Any:
-    from transformers import LlamaConfig
-
-    if small:
-        return LlamaConfig(
-            hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
-        )  # fmt: skip
-    return LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-    )  # fmt: skip
 
 
 def _tiny() -> Any:
@@ -130,7 +120,7 @@ def run_one(variant: str, small: bool) -> dict[str, float]:
     if measure is not None:
         measure(warm)
     del warm
-    cfg = _config(small)
+    cfg = llama_config(small)
     if measure is None:
         base_peak, base = _peak_mb(), _rss_mb()
         start = time.perf_counter()
@@ -160,7 +150,7 @@ def run_warm(small: bool, reps: int) -> dict[str, dict[str, Any]]:
 
     torch.manual_seed(0)
     builds = {"fake": _steps("fake")[0], "deferred": _steps("deferred")[0]}
-    cfg = _config(small)
+    cfg = llama_config(small)
     for build in builds.values():
         for warm_cfg in (_tiny(), cfg, cfg):
             build(warm_cfg)

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from _llama import llama_config
+
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore")
@@ -91,18 +93,6 @@ def small_fit(reps: int) -> dict[str, Any]:
     }
 
 
-def _config(small: bool) -> Any:
-    from transformers import LlamaConfig
-
-    if small:
-        return LlamaConfig(
-            hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
-        )  # fmt: skip
-    return LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-    )  # fmt: skip
 
 
 def first_step(variant: str, small: bool) -> dict[str, Any]:
@@ -115,7 +105,7 @@ def first_step(variant: str, small: bool) -> dict[str, Any]:
     import lightning_meta as lm
     from lightning_meta._guard import MetaGuard
 
-    config = _config(small)
+    config = llama_config(small)
     vocab = config.vocab_size
 
     class Llama(L.LightningModule):

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _llama import llama_config
+
 # variant -> (description, file it reads)
 VARIANTS: dict[str, tuple[str, str]] = {
     "cat": ("cat model.pt > /dev/null (disk floor)", "model.pt"),
@@ -63,18 +65,6 @@ FLOORS = {
 }
 
 
-def _config(small: bool) -> Any:
-    from transformers import LlamaConfig
-
-    if small:
-        return LlamaConfig(
-            hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
-        )  # fmt: skip
-    return LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-    )  # fmt: skip
 
 
 def _files(path: Path) -> list[Path]:
@@ -111,7 +101,7 @@ def write_files(root: Path, small: bool) -> None:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_config(small))
+    model = LlamaForCausalLM(llama_config(small))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     torch.save(state, root / "model.pt")
     # The layout Lightning's save_checkpoint writes: weights under "state_dict" with
@@ -147,10 +137,10 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
 
     warnings.filterwarnings("ignore")
     dtype = torch.bfloat16 if dtype_name == "bf16" else None
-    cfg = _config(small)
+    cfg = llama_config(small)
     path = root / VARIANTS[variant][1]
     with torch.device("meta"):  # warm-up of lazy imports and first-call costs
-        LlamaForCausalLM(_config(True))
+        LlamaForCausalLM(llama_config(True))
     _drop_cache(path)
     base = _rss_mb()
     t0 = time.perf_counter()
