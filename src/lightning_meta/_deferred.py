@@ -28,7 +28,8 @@ from torch.nn.modules.module import (
 from lightning_meta._deferred_record import DEFAULT_STREAM, HANDLES_ATTR, Handle, Record, handle_of
 from lightning_meta._deferred_recorder import Recorder
 from lightning_meta._errors import MaterializationError, MetaTensorError
-from lightning_meta._materialize import iter_slots, materialize, materialize_slots
+from lightning_meta._materialize import materialize, materialize_slots
+from lightning_meta._slots import iter_slots
 
 __all__ = ["deferred_init", "is_deferred", "materialize"]
 

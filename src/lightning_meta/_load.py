@@ -170,7 +170,9 @@ def load_checkpoint(
     report.loaded = sorted(loaded)
     report.cast.sort()
     report.tied = sorted(tuple(sorted(g.names)) for g, _ in plan.load if len(g.slots) > 1)
-    report.left_on_meta = sorted(s.path for g in groups for s in g.slots if s.get().is_meta)
+    report.left_on_meta = sorted(
+        s.path for g in groups for s in g.slots if (t := s.current()) is not None and t.is_meta
+    )
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report
 

@@ -10,45 +10,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from lightning_meta._deferred_record import HANDLES_ATTR
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._load_formats import Entry
+from lightning_meta._slots import Slot, iter_slots
 
 __all__ = ["Group", "Plan", "Slot", "detect_prefix", "make_plan", "module_groups"]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one tensor of the module lives (``owner._parameters[name]`` and so on)."""
-
-    path: str
-    owner: nn.Module
-    kind: Literal["param", "buffer", "attr"]
-    name: str
-    persistent: bool
-
-    def get(self) -> torch.Tensor:
-        if self.kind == "param":
-            value: object = self.owner._parameters[self.name]
-        elif self.kind == "buffer":
-            value = self.owner._buffers[self.name]
-        else:
-            value = self.owner.__dict__[self.name]
-        assert isinstance(value, torch.Tensor)  # walked from the module a moment ago
-        return value
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.kind == "param":
-            self.owner._parameters[self.name] = value  # type: ignore[assignment]
-        elif self.kind == "buffer":
-            self.owner._buffers[self.name] = value
-        else:
-            self.owner.__dict__[self.name] = value
 
 
 @dataclass
@@ -74,22 +44,8 @@ def module_groups(module: nn.Module) -> list[Group]:
     ``state_dict``; a group collects the names of one tensor object.
     """
     groups: dict[int, Group] = {}
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        found: list[tuple[str, Literal["param", "buffer", "attr"], torch.Tensor, bool]] = []
-        for name, p in mod._parameters.items():
-            if p is not None:
-                found.append((name, "param", p, True))
-        for name, b in mod._buffers.items():
-            if b is not None:
-                found.append((name, "buffer", b, name not in mod._non_persistent_buffers_set))
-        for name in mod.__dict__.get(HANDLES_ATTR, {}):
-            value = mod.__dict__.get(name)
-            if isinstance(value, torch.Tensor):
-                found.append((name, "attr", value, False))
-        for name, kind, t, persistent in found:
-            group = groups.setdefault(id(t), Group(t))
-            group.slots.append(Slot(dot + name, mod, kind, name, persistent))
+    for slot in iter_slots(module, remove_duplicate=False):
+        groups.setdefault(id(slot.tensor), Group(slot.tensor)).slots.append(slot)
     return list(groups.values())
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from torch import nn
 from lightning_meta._deferred_record import HANDLES_ATTR, Handle, Record, handle_of
 from lightning_meta._errors import MaterializationError, MetaTensorError
 from lightning_meta._materialize_replay import complete, replay
+from lightning_meta._slots import Slot, iter_slots
 
 __all__ = ["materialize"]
 
@@ -21,42 +21,6 @@ logger = logging.getLogger(__name__)
 
 DrawOn = Literal["cpu", "device"]
 Fallback = Literal["reset_parameters"]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where a tensor lives: ``owner._parameters[name]``, ``_buffers`` or ``__dict__``."""
-
-    path: str
-    owner: nn.Module
-    kind: Literal["param", "buffer", "attr"]
-    name: str
-    tensor: torch.Tensor
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.kind == "param":
-            self.owner._parameters[self.name] = value  # type: ignore[assignment]
-        elif self.kind == "buffer":
-            self.owner._buffers[self.name] = value
-        else:
-            self.owner.__dict__[self.name] = value
-
-
-def iter_slots(module: nn.Module) -> Iterator[Slot]:
-    """Yield every parameter, buffer and deferred plain tensor attribute slot."""
-    for prefix, mod in module.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        for name, p in mod._parameters.items():
-            if p is not None:
-                yield Slot(dot + name, mod, "param", name, p)
-        for name, b in mod._buffers.items():
-            if b is not None:
-                yield Slot(dot + name, mod, "buffer", name, b)
-        handles: dict[str, Handle] = mod.__dict__.get(HANDLES_ATTR, {})
-        for name in handles:
-            value = mod.__dict__.get(name)
-            if isinstance(value, torch.Tensor):
-                yield Slot(dot + name, mod, "attr", name, value)
 
 
 def materialize(
@@ -332,7 +296,7 @@ def _reset(plain: list[Slot], device: torch.device) -> None:
         with torch.no_grad():
             owner.reset_parameters()  # type: ignore[operator]
     untouched = sorted(
-        s.path for s, t in fresh if _current(s) is t and t._version == versions[id(t)]
+        s.path for s, t in fresh if s.current() is t and t._version == versions[id(t)]
     )
     if untouched:
         for slot in plain:
@@ -343,13 +307,3 @@ def _reset(plain: list[Slot], device: torch.device) -> None:
             "back on meta. Fix: build the module under deferred_init or load these tensors "
             "from a checkpoint."
         )
-
-
-def _current(slot: Slot) -> torch.Tensor | None:
-    table: dict[str, Any] = {
-        "param": slot.owner._parameters,
-        "buffer": slot.owner._buffers,
-        "attr": slot.owner.__dict__,
-    }
-    value = table[slot.kind].get(slot.name)
-    return value if isinstance(value, torch.Tensor) else None
