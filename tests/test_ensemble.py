@@ -29,19 +29,23 @@ def loop(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return torch.stack([m(x) for m in mods])
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
-def test_outputs_and_gradients_match_a_loop(execution: str) -> None:
-    mods = members()
-    ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
-    x = torch.randn(5, 3)
-    out = ens(x)
-    ref = loop(mods, x)
+def assert_outputs_and_gradients_match(
+    ens: lm.Ensemble, mods: list[nn.Module], x: torch.Tensor
+) -> None:
+    out, ref = ens(x), loop(mods, x)
     torch.testing.assert_close(out, ref)
     out.square().sum().backward()
     ref.square().sum().backward()
     for i, m in enumerate(mods):
         for name, p in m.named_parameters():
             torch.testing.assert_close(ens.stacked.get_parameter(name).grad[i], p.grad)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_outputs_and_gradients_match_a_loop(execution: str) -> None:
+    mods = members()
+    ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+    assert_outputs_and_gradients_match(ens, mods, torch.randn(5, 3))
 
 
 def test_auto_picks_the_fused_path_for_linear_stacks_only() -> None:
@@ -304,14 +308,7 @@ def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, 
     mods = [nn.Sequential(nn.Linear(3, 8, bias=bias), nn.ReLU(), nn.Linear(8, 8, bias=bias),
                           nn.ReLU(), nn.Linear(8, 2, bias=bias)) for _ in range(3)]
     ens = lm.Ensemble(mods)
-    x = torch.randn(5, 3)
-    out, ref = ens(x), loop(mods, x)
-    torch.testing.assert_close(out, ref)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    for i, m in enumerate(mods):
-        for name, p in m.named_parameters():
-            torch.testing.assert_close(ens.stacked.get_parameter(name).grad[i], p.grad)
+    assert_outputs_and_gradients_match(ens, mods, torch.randn(5, 3))
     xs = torch.randn(3, 5, 3, requires_grad=True)
     per = lm.Ensemble(mods, per_member_inputs=True)
     per(xs).sum().backward()
