@@ -65,7 +65,7 @@ def _steps(variant: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any] | N
     import torch
     from transformers import LlamaForCausalLM
 
-    import lightning_meta._deferred as lmd
+    import lightning_meta as lmd
 
     def eager(cfg: Any) -> Any:
         return LlamaForCausalLM(cfg)

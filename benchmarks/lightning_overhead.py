@@ -54,7 +54,7 @@ def small_fit(reps: int) -> dict[str, Any]:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_meta._guard import MetaGuard
+    from lightning_meta._guard._callback import MetaGuard
 
     class Small(L.LightningModule):
         def __init__(self) -> None:
@@ -103,7 +103,7 @@ def first_step(variant: str, small: bool) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     import lightning_meta as lm
-    from lightning_meta._guard import MetaGuard
+    from lightning_meta._guard._callback import MetaGuard
 
     config = llama_config(small)
     vocab = config.vocab_size

@@ -133,7 +133,7 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
     from transformers import LlamaForCausalLM
 
     import lightning_meta as lm
-    from lightning_meta._load import load_checkpoint
+    from lightning_meta._load._checkpoint import load_checkpoint
 
     warnings.filterwarnings("ignore")
     dtype = torch.bfloat16 if dtype_name == "bf16" else None

@@ -1,19 +1,18 @@
 """Meta-device modules that just work in PyTorch Lightning."""
 
-from __future__ import annotations
+import typing as _typing
 
-from typing import TYPE_CHECKING, Any
-
-from lightning_meta._deferred import deferred_init, is_deferred, materialize
-from lightning_meta._ensemble import Ensemble
+from lightning_meta._deferred._block import deferred_init, is_deferred
+from lightning_meta._deferred._materialize import materialize
+from lightning_meta._ensemble._ensemble import Ensemble
 from lightning_meta._errors import MaterializationError, MetaTensorError, MetaTensorWarning
-from lightning_meta._estimate import Estimate, InputSpec, ModuleEstimate, estimate
-from lightning_meta._find import MetaFinding, assert_no_meta, find_meta_tensors
-from lightning_meta._load import LoadReport, load_checkpoint
-from lightning_meta._template import MetaTemplate, meta_template
+from lightning_meta._estimate._estimate import Estimate, InputSpec, ModuleEstimate, estimate
+from lightning_meta._guard._find import MetaFinding, assert_no_meta, find_meta_tensors
+from lightning_meta._load._checkpoint import LoadReport, load_checkpoint
+from lightning_meta._template._template import MetaTemplate, meta_template
 
-if TYPE_CHECKING:
-    from lightning_meta._guard import MetaGuard
+if _typing.TYPE_CHECKING:
+    from lightning_meta._guard._callback import MetaGuard
 
 __version__ = "0.1.0"
 
@@ -40,11 +39,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # MetaGuard is a Lightning Callback: importing it imports Lightning, which
     # the rest of the package (torch only) does not need.
     if name == "MetaGuard":
-        from lightning_meta._guard import MetaGuard
+        from lightning_meta._guard._callback import MetaGuard
 
         return MetaGuard
     raise AttributeError(f"module 'lightning_meta' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, "__version__", *(n for n in globals() if n.startswith("_"))})

@@ -2,6 +2,6 @@
 
 import sys
 
-from lightning_meta._cli import main
+from lightning_meta._cli._main import main
 
 sys.exit(main())

@@ -1,4 +1,10 @@
-"""Where a module keeps its tensors: the one walk that materializing and loading share."""
+"""Where a module keeps its tensors: the one accessor by name, walk and tie grouping.
+
+Every read or write of a module's parameter, buffer or deferred tensor
+attribute by name goes through here (as torch's ``NamedMemberAccessor`` does
+for ``torch.func``); the module's private tables come from
+:mod:`lightning_meta._compat`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,27 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_meta._deferred_record import HANDLES_ATTR
+from lightning_meta import _compat
 
-__all__ = ["Slot", "iter_slots"]
+__all__ = [
+    "HANDLES_ATTR",
+    "Slot",
+    "buffer_names",
+    "children",
+    "iter_slots",
+    "parameter_names",
+    "slot_at",
+    "tensor_at",
+    "tie_groups",
+    "wrap_like",
+]
 
 Kind = Literal["param", "buffer", "attr"]
+
+# The ``__dict__`` entry of a module that maps its deferred tensors' names to
+# their handles (owned by ``_deferred._handles``). Plain tensor attributes are
+# slots only when listed there.
+HANDLES_ATTR = "_lightning_meta_deferred"
 
 
 @dataclass(frozen=True)
@@ -33,22 +55,70 @@ class Slot:
 
     def current(self) -> torch.Tensor | None:
         """The tensor the slot holds now (it may have been replaced since the walk)."""
-        table: dict[str, Any] = {
-            "param": self.owner._parameters,
-            "buffer": self.owner._buffers,
-            "attr": self.owner.__dict__,
-        }
-        value = table[self.kind].get(self.name)
-        return value if isinstance(value, torch.Tensor) else None
+        return _get(self.owner, self.kind, self.name)
 
     def put(self, value: torch.Tensor) -> None:
         """Store ``value`` in the slot, bypassing ``nn.Module.__setattr__``'s checks."""
         if self.kind == "param":
-            self.owner._parameters[self.name] = value  # type: ignore[assignment]
+            _compat.parameters_of(self.owner)[self.name] = value  # type: ignore[assignment]
         elif self.kind == "buffer":
-            self.owner._buffers[self.name] = value
+            _compat.buffers_of(self.owner)[self.name] = value
         else:
             self.owner.__dict__[self.name] = value
+
+
+def _get(module: nn.Module, kind: Kind, name: str) -> torch.Tensor | None:
+    if kind == "param":
+        value: Any = _compat.parameters_of(module).get(name)
+    elif kind == "buffer":
+        value = _compat.buffers_of(module).get(name)
+    else:
+        value = module.__dict__.get(name)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _kind(module: nn.Module, name: str) -> Kind:
+    if name in _compat.parameters_of(module):
+        return "param"
+    if name in _compat.buffers_of(module):
+        return "buffer"
+    return "attr"
+
+
+def slot_at(module: nn.Module, name: str, path: str | None = None) -> Slot | None:
+    """Return the slot of ``module``'s own tensor ``name`` (parameter, buffer or attribute).
+
+    ``path`` is the dotted name to report (default ``name``); ``None`` when
+    ``module`` holds no tensor under ``name``.
+    """
+    kind = _kind(module, name)
+    tensor = _get(module, kind, name)
+    if tensor is None:
+        return None
+    persistent = kind == "param" or (
+        kind == "buffer" and name not in _compat.non_persistent_of(module)
+    )
+    return Slot(path or name, module, kind, name, tensor, persistent)
+
+
+def tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
+    """Return ``module``'s own parameter, buffer or tensor attribute ``name``, or ``None``."""
+    return _get(module, _kind(module, name), name)
+
+
+def parameter_names(module: nn.Module) -> list[str]:
+    """Return the names of ``module``'s own parameters (not its children's), ``None`` ones too."""
+    return list(_compat.parameters_of(module))
+
+
+def buffer_names(module: nn.Module) -> list[str]:
+    """Return the names of ``module``'s own buffers (not its children's), ``None`` ones too."""
+    return list(_compat.buffers_of(module))
+
+
+def children(module: nn.Module) -> list[nn.Module]:
+    """Return the direct submodules of ``module`` in registration order (``None`` entries skipped)."""
+    return [c for c in _compat.children_of(module).values() if c is not None]
 
 
 def iter_slots(module: nn.Module, *, remove_duplicate: bool = True) -> Iterator[Slot]:
@@ -59,14 +129,43 @@ def iter_slots(module: nn.Module, *, remove_duplicate: bool = True) -> Iterator[
     """
     for prefix, mod in module.named_modules(remove_duplicate=remove_duplicate):
         dot = f"{prefix}." if prefix else ""
-        for name, p in mod._parameters.items():
+        for name, p in _compat.parameters_of(mod).items():
             if p is not None:
                 yield Slot(dot + name, mod, "param", name, p, True)
-        for name, b in mod._buffers.items():
+        non_persistent = _compat.non_persistent_of(mod)
+        for name, b in _compat.buffers_of(mod).items():
             if b is not None:
-                persistent = name not in mod._non_persistent_buffers_set
-                yield Slot(dot + name, mod, "buffer", name, b, persistent)
+                yield Slot(dot + name, mod, "buffer", name, b, name not in non_persistent)
         for name in mod.__dict__.get(HANDLES_ATTR, {}):
             value = mod.__dict__.get(name)
             if isinstance(value, torch.Tensor):
                 yield Slot(dot + name, mod, "attr", name, value, False)
+
+
+def tie_groups(module: nn.Module) -> list[list[Slot]]:
+    """Group every slot of ``module`` by the tensor object it holds (the one tie computation).
+
+    Walked as ``state_dict`` walks (shared submodules under every name); a
+    group of more than one slot is a set of tied tensors. Groups come in walk
+    order, slots within a group too.
+    """
+    groups: dict[int, list[Slot]] = {}
+    for slot in iter_slots(module, remove_duplicate=False):
+        groups.setdefault(id(slot.tensor), []).append(slot)
+    return list(groups.values())
+
+
+def wrap_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    """Return ``data`` dressed as ``old`` was: Parameter class, ``requires_grad``, ``attrs``.
+
+    ``attrs`` are attributes model code set on the original tensor (for
+    example ``_is_hf_initialized``); tensor-valued ones are not copied.
+    """
+    if isinstance(old, nn.Parameter):
+        new: torch.Tensor = type(old)(data, requires_grad=old.requires_grad)
+    else:
+        new = data.requires_grad_(old.requires_grad) if old.requires_grad else data
+    for key, value in attrs.items():
+        if not isinstance(value, torch.Tensor):
+            setattr(new, key, value)
+    return new

@@ -1,0 +1,102 @@
+"""Normalise and check the arguments every public entry point shares.
+
+One implementation per argument kind (a module, a device, a dtype), so that
+``materialize``, ``load_checkpoint`` and ``estimate`` refuse the same bad
+input with the same words, as :class:`~lightning_meta._errors.ArgumentTypeError`
+or :class:`~lightning_meta._errors.ArgumentValueError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+
+__all__ = ["check_module_argument", "describe", "float_dtype", "real_device"]
+
+DeviceLike = torch.device | str | int
+
+
+def describe(obj: object) -> str:
+    """Name ``obj`` for a message: its class name, or the callable's qualified name."""
+    if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__")):
+        return str(getattr(obj, "__qualname__", type(obj).__name__))
+    return type(obj).__name__
+
+
+def check_module_argument(module: Any, function: str, fix: str) -> None:
+    """Raise unless ``module`` is an ``nn.Module``; ``fix`` completes the message."""
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"{function} expects an nn.Module, got {type(module).__name__}. Fix: {fix}."
+        )
+
+
+def real_device(
+    device: DeviceLike | None, function: str, *, default: str | None = None
+) -> torch.device | None:
+    """Return ``device`` as a ``torch.device`` with an index, after checking it can be used.
+
+    ``None`` gives ``default`` (``None`` stays ``None``). Refuses ``meta`` and
+    devices this torch build or machine does not have, before anything
+    touches them (asking torch for a missing backend aborts some builds).
+    """
+    if device is None:
+        if default is None:
+            return None
+        device = default
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise ArgumentTypeError(
+            f"{function} got device={device!r} ({type(device).__name__}); expected a "
+            "torch.device, a string such as 'cpu' or 'cuda:0', or a CUDA index."
+        )
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ArgumentValueError(
+            f"{function} got device={device!r}, which torch does not recognise ({e}). "
+            "Fix: pass a device such as 'cpu' or 'cuda:0'."
+        ) from e
+    if d.type == "meta":
+        raise ArgumentValueError(
+            f"{function} got device='meta'. Fix: pass a real device such as 'cpu' or 'cuda'."
+        )
+    if d.type == "cpu":
+        return d
+    backend = getattr(torch, d.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ArgumentValueError(
+            f"{function} got device={str(d)!r} but torch {torch.__version__} has no usable "
+            f"{d.type} device here. Fix: pass device='cpu', or run where a {d.type} device "
+            "is available."
+        )
+    if d.index is None:
+        d = torch.device(d.type, torch.get_device_module(d.type).current_device())
+    elif d.index >= torch.get_device_module(d.type).device_count():
+        raise ArgumentValueError(
+            f"{function} got device={str(d)!r} but only "
+            f"{torch.get_device_module(d.type).device_count()} {d.type} device(s) exist. "
+            f"Fix: pass an index below that."
+        )
+    return d
+
+
+def float_dtype(dtype: Any, function: str) -> torch.dtype | None:
+    """Return ``dtype`` if it is ``None`` or a floating point ``torch.dtype``, else raise."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(
+            f"{function} got dtype={dtype!r} ({type(dtype).__name__}); expected a floating "
+            "point torch.dtype such as torch.bfloat16, or None."
+        )
+    if not dtype.is_floating_point:
+        raise ArgumentValueError(
+            f"{function} got dtype={dtype!r}; expected a floating point torch.dtype or None. "
+            "Fix: pass torch.float32, torch.bfloat16 or torch.float16."
+        )
+    return dtype

@@ -1,0 +1,170 @@
+"""``lightning-meta estimate``: parameters, FLOPs and training memory of a model, from the shell.
+
+Examples::
+
+    lightning-meta estimate torch.nn:Linear --args '[4096, 4096]' --input 8,4096:float32
+    lightning-meta estimate models.py:Net --input 8,3,224,224 --precision bf16-mixed --json
+    lightning-meta estimate --hf-config config.json --input 1,4096:int64 --optimizer adamw
+
+Exit status: 0 on success, 2 when the command line or the target is wrong,
+1 when the model cannot be estimated with these inputs or options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning_meta._errors import MetaTensorError
+
+__all__ = ["add_parser", "run"]
+
+_HELP = "Estimate parameters, FLOPs and peak training memory of a model without allocating it."
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``estimate`` sub-command on ``subparsers`` and return its parser."""
+    from lightning_meta._estimate._options import OPTIMIZERS, PRECISIONS
+
+    p: argparse.ArgumentParser = subparsers.add_parser("estimate", help=_HELP, description=_HELP)
+    p.add_argument(
+        "target",
+        nargs="?",
+        help="module class or factory: 'package.module:Name' or 'path/to/file.py:Name'; "
+        "with --hf-config, a transformers class name (default: the config's architecture)",
+    )
+    p.add_argument("--args", metavar="JSON", help="constructor/factory arguments: JSON list, object, or @file.json")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="SHAPE:DTYPE",
+        help="one positional input, e.g. 8,16:float32 or 1,4096:int64 (repeat for several); "
+        "default: the LightningModule's example_input_array",
+    )
+    p.add_argument("--optimizer", default="adamw", help=f"{', '.join(OPTIMIZERS)}, none, or MODULE:CLASS")
+    p.add_argument("--precision", default="32-true", help=", ".join(PRECISIONS))
+    p.add_argument("--device", default="cpu", help="device the model would train on (default: cpu)")
+    p.add_argument("--depth", type=int, default=2, help="depth of the per-module table (default: 2)")
+    p.add_argument("--loop", choices=["lightning", "plain"], default="lightning", help="when gradients are zeroed")
+    p.add_argument(
+        "--no-extrapolate",
+        action="store_true",
+        help="simulate every block of a deep stack instead of 2, 3 and 4 of them (slower, same result)",
+    )
+    p.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers config file, directory or JSON text; never fetched from a hub")
+    p.add_argument("--json", action="store_true", help="print only the JSON document on standard output")
+    return p
+
+
+def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
+    """Return a factory building a transformers model from a local config, never from a hub."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise MetaTensorError("--hf-config needs transformers. Fix: pip install transformers.") from e
+    path = Path(config_text).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = path.read_text() if path.is_file() else config_text
+        data = json.loads(raw)
+    except (OSError, json.JSONDecodeError) as e:
+        raise MetaTensorError(
+            f"--hf-config {config_text!r} is neither a readable config file nor JSON text ({e}). "
+            "Fix: pass the path of a config.json or its JSON content."
+        ) from e
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise MetaTensorError(
+            f"--hf-config {config_text!r} has no 'model_type'. Fix: add it, e.g. \"model_type\": \"llama\"."
+        )
+    model_type = data.pop("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **data)
+    except Exception as e:
+        raise MetaTensorError(f"--hf-config: transformers cannot build a {model_type!r} config: {e}.") from e
+    architectures: list[str] = list(getattr(config, "architectures", None) or [])
+    name = class_name or (architectures[0] if architectures else None)
+    if name is None:
+        cls: Any = transformers.AutoModelForCausalLM
+    else:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise MetaTensorError(
+                f"--hf-config: transformers has no class {name!r}. Fix: give a model class such as "
+                "LlamaForCausalLM as TARGET."
+            )
+
+    def build() -> Any:
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+    build.__qualname__ = f"{getattr(cls, '__name__', cls)}({model_type} config)"
+    return build
+
+
+def _factory(args: argparse.Namespace) -> Callable[[], Any]:
+    from lightning_meta._cli._target import target_factory
+
+    if args.hf_config is not None:
+        if args.target is not None and ":" in args.target:
+            raise MetaTensorError(
+                f"estimate: with --hf-config, TARGET {args.target!r} must be a transformers class "
+                "name such as LlamaForCausalLM. Fix: drop TARGET or give the class name."
+            )
+        return _hf_factory(args.hf_config, args.target)
+    if args.target is None:
+        raise MetaTensorError("estimate: no TARGET. Fix: give 'package.module:Name', 'file.py:Name' or --hf-config.")
+    return target_factory(args.target, args.args)
+
+
+def _optimizer(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    if ":" in text:
+        from lightning_meta._cli._target import load_target
+
+        return load_target(text)
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``estimate`` for parsed ``args``; print a table (or JSON) and return the exit status."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        factory = _factory(args)
+        optimizer = _optimizer(args.optimizer)
+    except MetaTensorError as e:
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    from lightning_meta._estimate._estimate import estimate
+    from lightning_meta._estimate._options import parse_input_spec
+
+    try:
+        inputs = tuple(parse_input_spec(s) for s in args.input) or None
+        with err.status("building the model on meta and simulating one training step..."):
+            result = estimate(
+                factory,
+                inputs,
+                optimizer=optimizer,
+                precision=args.precision,
+                device=args.device,
+                depth=args.depth,
+                loop=args.loop,
+                extrapolate=not args.no_extrapolate,
+            )
+    except MetaTensorError as e:
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return 0
+    from lightning_meta._estimate._table import render
+
+    render(result, Console(), title=args.target or "transformers model")
+    return 0

@@ -1,0 +1,382 @@
+"""The one door to private torch APIs.
+
+Every use of a private torch name (``torch._*``, ``torch.*._*``, a private
+attribute of a torch object) in this package goes through this module; a test
+(``tests/architecture/test_private_api.py``) scans the package's source and
+fails on any other. Each entry below says which torch versions it was checked
+on and what breaks without it.
+
+An API that is missing is not an ``ImportError`` at ``import lightning_meta``
+nor an ``AttributeError`` deep inside a call: the placeholder raises
+:class:`~lightning_meta.MetaTensorError` naming the torch version and the
+feature that needs it, the first time that feature is used.
+
+``nn.Module``'s own tables (``_parameters``, ``_buffers``, ``_modules``,
+``_non_persistent_buffers_set``) are private too but are what torch's
+``NamedMemberAccessor`` and ``torch.func`` themselves use; the package reads
+and writes them through :mod:`lightning_meta._slots` only, which asks this
+module for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._errors import MetaTensorError
+
+__all__ = [
+    "DataDependentOutputException",
+    "DynamicOutputShapeException",
+    "FakeTensor",
+    "FakeTensorMode",
+    "KeywordModuleTracker",
+    "TorchDispatchMode",
+    "UnsupportedOperatorException",
+    "apply_to_tensors",
+    "children_replaced",
+    "is_swap_refusal",
+    "is_torch_meta_error",
+    "is_weights_only_refusal",
+    "lacks_fake_kernel",
+    "quiet_fake_tensor_log",
+    "state_bytes",
+    "tree_leaves",
+    "tree_map",
+    "tree_map_only",
+    "buffers_of",
+    "children_of",
+    "dispatch_mode_active",
+    "foreach_supported_devices",
+    "functorch_disabled",
+    "non_persistent_of",
+    "op_schema",
+    "parameters_of",
+    "set_flop_module_tracker",
+    "storage_id",
+    "uncounted_attention_ops",
+    "version_of",
+    "write_seed_bytes",
+]
+
+_FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+
+
+def missing(api: str, feature: str) -> MetaTensorError:
+    """Return the error raised when ``api`` does not exist in the running torch."""
+    return MetaTensorError(
+        f"{feature} needs {api}, which torch {torch.__version__} does not provide. "
+        "Fix: install a torch version lightning-meta supports (see docs/guarantees.md)."
+    )
+
+
+def _placeholder(api: str, feature: str, base: type = object) -> Any:
+    """A stand-in class for a missing ``api``: isinstance is False, construction raises."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise missing(api, feature)
+
+    return type(api.rsplit(".", 1)[-1], (base,), {"__init__": __init__})
+
+
+# -- fake tensors: deferred_init records under them, estimate runs under them.
+# Checked on torch 2.6, 2.13, 2.14. Without them neither feature can work.
+try:
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        FakeTensor,
+        FakeTensorMode,
+        UnsupportedOperatorException,
+    )
+except ImportError:  # pragma: no cover - only on a torch without fake tensors
+    _WHERE = "torch._subclasses.fake_tensor"
+    FakeTensor = _placeholder(f"{_WHERE}.FakeTensor", "deferred_init and estimate", torch.Tensor)  # type: ignore[misc]
+    FakeTensorMode = _placeholder(f"{_WHERE}.FakeTensorMode", "deferred_init and estimate")  # type: ignore[misc]
+    DataDependentOutputException = _placeholder(  # type: ignore[misc]
+        f"{_WHERE}.DataDependentOutputException", "deferred_init", Exception
+    )
+    DynamicOutputShapeException = _placeholder(  # type: ignore[misc]
+        f"{_WHERE}.DynamicOutputShapeException", "deferred_init", Exception
+    )
+    UnsupportedOperatorException = _placeholder(  # type: ignore[misc]
+        f"{_WHERE}.UnsupportedOperatorException", "deferred_init", Exception
+    )
+
+# -- dispatch modes: the recorder of deferred_init and estimate's memory tracker.
+# Checked on torch 2.6, 2.13, 2.14.
+try:
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ImportError:  # pragma: no cover
+    TorchDispatchMode = _placeholder(  # type: ignore[misc]
+        "torch.utils._python_dispatch.TorchDispatchMode", "deferred_init and estimate"
+    )
+
+
+def dispatch_mode_active() -> bool:
+    """Return whether any ``TorchDispatchMode`` (a FakeTensorMode, a recorder) is active.
+
+    materialize and the load hooks refuse to run under one: the replay would
+    produce fake tensors. Checked on torch 2.6, 2.13, 2.14.
+    """
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if length is None:  # pragma: no cover
+        raise missing("torch._C._len_torch_dispatch_stack", "materialize")
+    return bool(length() > 0)
+
+
+@contextlib.contextmanager
+def functorch_disabled() -> Iterator[None]:
+    """Run the body outside any ``torch.func`` transform (vmap, grad).
+
+    A template's factory may be first called inside ``vmap``; building its meta
+    module there would wrap the tensors in batched tensors. Checked on torch
+    2.6, 2.13, 2.14.
+    """
+    disable = getattr(torch._C, "_DisableFuncTorch", None)
+    if disable is None:  # pragma: no cover
+        raise missing("torch._C._DisableFuncTorch", "MetaTemplate factories")
+    with disable():
+        yield
+
+
+def storage_id(storage: torch.UntypedStorage) -> int:
+    """Return the identity of a storage (its C pointer), shared by all its views.
+
+    deferred_init tells aliasing tensors apart with it. Checked on torch 2.6,
+    2.13, 2.14.
+    """
+    return int(storage._cdata)
+
+
+def version_of(tensor: torch.Tensor) -> int:
+    """Return the in-place version counter of ``tensor``.
+
+    Deferred tensors modified after their block, and fallback initialisers that
+    leave a tensor unwritten, are found with it. Checked on torch 2.6, 2.13, 2.14.
+    """
+    return int(tensor._version)
+
+
+@functools.cache
+def op_schema(func: Any) -> tuple[tuple[tuple[int, str], ...], bool]:
+    """Return ``(written arguments as (index, name), returns a tensor)`` of an ATen overload.
+
+    The recorder needs the mutated arguments of each op. Checked on torch
+    2.6, 2.13, 2.14.
+    """
+    schema = func._schema
+    writes = tuple(
+        (i, a.name)
+        for i, a in enumerate(schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+    return writes, any("Tensor" in str(r.type) for r in schema.returns)
+
+
+def write_seed_bytes(state: torch.Tensor, head: bytes) -> None:
+    """Overwrite the first bytes of a CPU generator state tensor in place.
+
+    Bytes 0-7 of a CPU state are its initial seed, which ``set_state`` keeps as
+    is; the recorder stores a draw counter there once per draw from the global
+    generator, so this stays a single ``memmove``. Relies on the CPU state
+    layout, checked on torch 2.6, 2.13, 2.14.
+    """
+    ctypes.memmove(state.data_ptr(), head, len(head))
+
+
+def foreach_supported_devices() -> list[str]:
+    """Return the device types on which optimizers pick ``foreach`` kernels by default.
+
+    estimate sets that choice explicitly (fake parameters would make torch
+    fall back to single-tensor kernels). Checked on torch 2.6, 2.13, 2.14.
+    """
+    from torch.optim import optimizer as optim_module
+
+    get = getattr(optim_module, "_get_foreach_kernels_supported_devices", None)
+    if get is None:  # pragma: no cover
+        raise missing("torch.optim.optimizer._get_foreach_kernels_supported_devices", "estimate")
+    return list(get())
+
+
+def apply_to_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Call ``Module._apply(fn)``: map every parameter and buffer, keeping Parameter objects.
+
+    ``fully_shard`` modules re-register their sharded parameters in their own
+    ``_apply``, which a plain walk would skip. Checked on torch 2.6, 2.13, 2.14.
+    """
+    module._apply(fn)  # type: ignore[no-untyped-call]
+
+
+def parameters_of(module: nn.Module) -> dict[str, nn.Parameter | None]:
+    """``module._parameters``: the module's own parameter table (used by ``_slots`` only)."""
+    return module._parameters
+
+
+def buffers_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """``module._buffers``: the module's own buffer table (used by ``_slots`` only)."""
+    return module._buffers
+
+
+def non_persistent_of(module: nn.Module) -> set[str]:
+    """``module._non_persistent_buffers_set``: buffers ``state_dict`` leaves out."""
+    return module._non_persistent_buffers_set
+
+
+def children_of(module: nn.Module) -> dict[str, nn.Module | None]:
+    """``module._modules``: the module's own child table, in registration order."""
+    return module._modules
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence FakeTensorMode's own traceback log while the caller re-raises the error named."""
+    import logging
+
+    logger = logging.getLogger(_FAKE_TENSOR_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# -- pytrees: flattening nested inputs and outputs. Checked on torch 2.6, 2.13, 2.14.
+try:
+    from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
+except ImportError:  # pragma: no cover
+    def _no_pytree(*args: Any, **kwargs: Any) -> Any:
+        raise missing("torch.utils._pytree", "Ensemble and estimate")
+
+    tree_leaves = tree_map = tree_map_only = _no_pytree
+
+
+# -- FLOP counting: estimate attributes FLOPs to modules with a module tracker.
+# Checked on torch 2.6, 2.13, 2.14.
+try:
+    from torch.autograd.graph import register_multi_grad_hook
+    from torch.utils.module_tracker import ModuleTracker
+
+    class KeywordModuleTracker(ModuleTracker):
+        """A ``ModuleTracker`` that also sees tensors passed to a module by keyword.
+
+        torch's tracker leaves a module's backward when the gradients of its
+        *positional* tensor inputs are ready; a module called with keywords
+        only (``self.self_attn(hidden_states=h, ...)`` in transformers) is then
+        never left, and every later backward FLOP is counted to it as well.
+        Here the exit hook is placed after the forward, on positional and
+        keyword inputs alike; totals are unchanged, per-module backward FLOPs
+        become each module's own. Uses the tracker's private ``_get_*`` helpers.
+        """
+
+        def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+            self._get_append_fn(self._get_mod_name(mod), False)()
+
+        def _fw_post_hook_kw(self, mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            name = self._get_mod_name(mod)
+            self._get_pop_fn(name, False)()
+            for tensors, fn in (
+                (tree_leaves((args, kwargs)), self._get_pop_fn(name, True)),
+                (tree_leaves(output), self._get_append_fn(name, True)),
+            ):
+                needs_grad = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+                if needs_grad:
+                    self._hooks.append(register_multi_grad_hook(needs_grad, fn))
+
+        def __enter__(self) -> KeywordModuleTracker:
+            self._fw_pre_handle = nn.modules.module.register_module_forward_pre_hook(
+                self._fw_pre_hook
+            )
+            self._fw_post_handle = nn.modules.module.register_module_forward_hook(
+                self._fw_post_hook_kw, with_kwargs=True
+            )
+            return self
+
+except ImportError:  # pragma: no cover
+    KeywordModuleTracker = _placeholder("torch.utils.module_tracker.ModuleTracker", "estimate")  # type: ignore[misc]
+
+
+def set_flop_module_tracker(counter: Any, tracker: Any) -> None:
+    """Make ``FlopCounterMode`` attribute FLOPs with ``tracker`` (its ``mod_tracker`` attribute).
+
+    Checked on torch 2.6, 2.13, 2.14; without it per-module backward FLOPs of
+    modules called by keyword are attributed to every enclosing module.
+    """
+    if not hasattr(counter, "mod_tracker"):  # pragma: no cover
+        raise missing("FlopCounterMode.mod_tracker", "estimate")
+    counter.mod_tracker = tracker
+
+
+def uncounted_attention_ops() -> dict[Any, str]:
+    """Return the ATen attention overloads ``FlopCounterMode`` counts as 0, by kind.
+
+    ``"forward"`` or ``"backward"``; estimate counts them itself, in a field of
+    their own. Overloads a torch version lacks are left out (checked on torch
+    2.6, 2.13, 2.14).
+    """
+    names = {
+        "_scaled_dot_product_flash_attention_for_cpu": "forward",
+        "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
+        "_scaled_dot_product_fused_attention_overrideable": "forward",
+        "_scaled_dot_product_fused_attention_overrideable_backward": "backward",
+    }
+    out: dict[Any, str] = {}
+    for name, kind in names.items():
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            out[packet.default] = kind
+    return out
+
+
+# -- errors torch reports only in their text. Each check below reads a message
+# torch writes; checked on torch 2.6, 2.13, 2.14. If torch rewords one, the
+# check answers False and the caller re-raises torch's own error unchanged.
+
+
+def is_torch_meta_error(e: BaseException) -> bool:
+    """Whether torch raised ``e`` because a meta tensor was used as data ("Cannot copy out of meta tensor")."""
+    text = str(e).lower()
+    return "meta tensor" in text or "meta device" in text
+
+
+def lacks_fake_kernel(e: BaseException) -> bool:
+    """Whether ``e`` says an op has no fake/meta kernel (not an error eager code raises too)."""
+    text = str(e).lower()
+    return "fake impl" in text or "meta kernel" in text or "fake tensor" in text
+
+
+def is_swap_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is ``Module._apply`` refusing to swap tensors (``.to()`` of fake tensors)."""
+    return "Couldn't swap" in str(e)
+
+
+def is_weights_only_refusal(e: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a global (not a corrupt file)."""
+    return "Weights only load failed" in str(e)
+
+
+def state_bytes(state: torch.Tensor) -> bytes:
+    """Return the raw bytes of a (CPU, contiguous uint8) generator state tensor, without a copy to numpy."""
+    return ctypes.string_at(state.data_ptr(), state.nbytes)
+
+
+@contextlib.contextmanager
+def children_replaced(module: nn.Module, table: dict[str, nn.Module | None]) -> Iterator[None]:
+    """Give ``module`` the child table ``table`` for the body, then restore its own.
+
+    estimate runs a stack of identical blocks cut to its first ``k`` blocks
+    this way (``nn.ModuleList`` iterates its table); no module is copied.
+    """
+    saved = module._modules
+    module._modules = table
+    try:
+        yield
+    finally:
+        module._modules = saved

@@ -1,0 +1,214 @@
+"""The owner of the deferred record's bookkeeping: handles, what is pending, what is done.
+
+A :class:`Handle` links one deferred meta tensor to the :class:`Record` of its
+block and its value id. Handles live in their module's ``__dict__`` (under
+:data:`~lightning_meta._slots.HANDLES_ATTR`) so they follow ``deepcopy`` and
+``pickle``; a registry finds the handle of a tensor. Every change to a
+record's ``pending`` set and ``materialized`` table, and to a module's handle
+table, is made by a function of this module; the block, ``materialize``, the
+load hooks, the checkpoint loader and MetaGuard call them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lightning_meta import _compat
+from lightning_meta._deferred._record import Record
+from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at
+
+__all__ = [
+    "Handle",
+    "attach",
+    "deferred_paths",
+    "deferred_slots",
+    "done",
+    "drop",
+    "drop_stale",
+    "forget",
+    "handle_of",
+    "handles_of",
+    "lone_module",
+    "mark_done",
+    "own_deferred",
+    "released_without_result",
+    "settle",
+]
+
+
+class Handle:
+    """Links one deferred meta tensor to its record and value id.
+
+    Handles live in the owning module's ``__dict__`` so they follow
+    :func:`copy.deepcopy` and :mod:`pickle`; unpickling re-registers the
+    (copied) tensor so :func:`handle_of` finds it again.
+    """
+
+    __slots__ = ("__weakref__", "attrs", "record", "tensor", "version", "vid")
+
+    def __init__(
+        self, tensor: torch.Tensor, record: Record, vid: int, attrs: dict[str, Any]
+    ) -> None:
+        self.tensor, self.record, self.vid, self.attrs = tensor, record, vid, attrs
+        self.version = _compat.version_of(tensor)
+        _register(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self.__slots__ if k != "__weakref__"}
+        # Only the in-place writes since recording matter, and rebuilding the
+        # tensor may bump its counter (torch.multiprocessing does, so every
+        # module sent to a ddp_spawn worker would look modified): keep the
+        # difference, not the absolute count.
+        state["version"] = _compat.version_of(self.tensor) - self.version
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        writes = state.pop("version")
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "version", _compat.version_of(self.tensor) - writes)
+        _register(self)
+
+
+# Deferred meta tensor -> weak ref to its handle. Weak on both sides: the
+# module owning the handle decides how long it lives, and the handle refers to
+# the tensor, so a strong value here would keep both alive forever.
+REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+
+def _register(handle: Handle) -> None:
+    current = REGISTRY.get(handle.tensor)
+    if current is None or current() is None:
+        REGISTRY[handle.tensor] = weakref.ref(handle)
+
+
+def handle_of(tensor: torch.Tensor) -> Handle | None:
+    """Return the handle of ``tensor`` if it is still a deferred meta tensor."""
+    if not tensor.is_meta:
+        return None
+    ref: weakref.ref[Handle] | None = REGISTRY.get(tensor)
+    handle = ref() if ref is not None else None
+    if handle is None or handle.tensor is not tensor:
+        return None
+    return handle
+
+
+def handles_of(module: nn.Module) -> dict[str, Handle]:
+    """Return a copy of ``module``'s own table of deferred tensor names to handles."""
+    return dict(module.__dict__.get(HANDLES_ATTR) or {})
+
+
+def attach(record: Record, module: nn.Module, name: str, meta: torch.Tensor, vid: int,
+           attrs: dict[str, Any], handle: Handle | None = None) -> Handle:
+    """Make ``module.name`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``.
+
+    ``handle`` reuses the handle of a tensor already attached elsewhere (a
+    tie). Returns the handle.
+    """
+    if handle is None:
+        handle = Handle(meta, record, vid, attrs)
+        record.pending.add(handle)
+    module.__dict__.setdefault(HANDLES_ATTR, {})[name] = handle
+    return handle
+
+
+def deferred_slots(module: nn.Module) -> list[Slot]:
+    """Return the slots of ``module`` (whole tree) that still hold a deferred tensor."""
+    return [s for s in iter_slots(module) if handle_of(s.tensor) is not None]
+
+
+def deferred_paths(module: nn.Module) -> list[str]:
+    """Return the dotted names of the deferred tensors in ``module``, sorted."""
+    return sorted({s.path for s in deferred_slots(module)})
+
+
+def own_deferred(module: nn.Module) -> list[tuple[Slot, Handle]]:
+    """Return ``module``'s own slots (not its children's) still holding their deferred tensor."""
+    out: list[tuple[Slot, Handle]] = []
+    for name, handle in handles_of(module).items():
+        slot = slot_at(module, name)
+        if slot is not None and slot.tensor is handle.tensor and slot.tensor.is_meta:
+            out.append((slot, handle))
+    return out
+
+
+def done(handle: Handle) -> torch.Tensor | None:
+    """Return the real tensor already made for ``handle``'s value (a tie's other end), if alive."""
+    ref = handle.record.materialized.get(handle.vid)
+    return ref() if ref is not None else None
+
+
+def mark_done(handle: Handle, tensor: torch.Tensor) -> None:
+    """Note that ``tensor`` is the real value of ``handle``'s value id, for ties reaching elsewhere."""
+    handle.record.materialized[handle.vid] = weakref.ref(tensor)
+
+
+def settle(owner: nn.Module, name: str, handle: Handle, tensor: torch.Tensor) -> None:
+    """Note that ``owner.name`` now holds ``tensor``, the real value of ``handle``."""
+    mark_done(handle, tensor)
+    handle.record.pending.discard(handle)
+    drop(owner, name, handle)
+
+
+def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
+    """Remove ``owner.name`` from its handle table (only if it is ``handle``, when given)."""
+    table: dict[str, Handle] = owner.__dict__.get(HANDLES_ATTR) or {}
+    current = table.get(name)
+    if current is not None and (handle is None or current is handle):
+        del table[name]
+        current.record.pending.discard(current)
+
+
+def forget(module: nn.Module, names: Iterable[str]) -> None:
+    """Drop the handles of ``names`` (dotted) after the caller filled them itself.
+
+    Once every deferred tensor of a record is materialized or forgotten, the
+    record is released. The generator is not moved: eager construction would
+    have drawn those tensors.
+    """
+    wanted = set(names)
+    for prefix, mod in module.named_modules():
+        for name, handle in handles_of(mod).items():
+            if (f"{prefix}.{name}" if prefix else name) in wanted:
+                drop(mod, name, handle)
+                if not handle.record.pending:
+                    handle.record.release()
+
+
+def drop_stale(module: nn.Module) -> dict[int, Record]:
+    """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``).
+
+    Returns the records touched, by id.
+    """
+    touched: dict[int, Record] = {}
+    for mod in module.modules():
+        for name, handle in handles_of(mod).items():
+            slot = slot_at(mod, name)
+            if slot is None or slot.tensor is not handle.tensor:
+                drop(mod, name, handle)
+                touched[id(handle.record)] = handle.record
+    return touched
+
+
+def released_without_result(handle: Handle) -> bool:
+    """Whether ``handle``'s record was released and its value was not kept anywhere."""
+    return handle.record.released and done(handle) is None
+
+
+def lone_module(name: str, handle: Handle) -> nn.Module:
+    """Return a scratch module holding only ``handle``'s tensor as ``name``, still deferred."""
+    scratch = nn.Module()
+    if isinstance(handle.tensor, nn.Parameter):
+        scratch.register_parameter(name, handle.tensor)
+    else:
+        scratch.register_buffer(name, handle.tensor)
+    scratch.__dict__[HANDLES_ATTR] = {name: handle}
+    return scratch
+

@@ -1,0 +1,122 @@
+"""``load_state_dict`` hooks that let deferred modules be filled by plain torch and Lightning.
+
+Loading a real tensor into a meta parameter with ``Module.load_state_dict``
+is a silent no-op in torch (``meta.copy_(x)`` does nothing), which is why
+``LightningModule.load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)``
+cannot fill a deferred model by themselves. :func:`install_load_hooks`, called
+by :func:`~lightning_meta.deferred_init` when its block ends, registers on
+every module that owns deferred tensors:
+
+- a pre-hook that gives each deferred tensor present in the state dict (with
+  the right shape) real storage in the module's dtype, on the state dict
+  tensor's device, just before torch copies the values into it; with
+  ``assign=True`` it hands torch the wrapped state dict tensor itself so that
+  tied weights stay one object;
+- a post-hook that replays, exactly, every deferred tensor the state dict did
+  not fill (non-persistent buffers, a new head).
+
+The hooks are module-level functions, so modules stay picklable and
+deep-copyable, and they do nothing once no deferred tensor is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._compat import dispatch_mode_active
+from lightning_meta._deferred._handles import (
+    done,
+    forget,
+    handles_of,
+    mark_done,
+    own_deferred,
+)
+from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._slots import buffer_names, parameter_names, tensor_at, wrap_like
+
+__all__ = ["install_load_hooks"]
+
+_HOOKED_ATTR = "_lightning_meta_load_hooks"
+
+
+def install_load_hooks(modules: Iterable[nn.Module]) -> None:
+    """Register the load hooks on every module under ``modules`` that owns deferred tensors.
+
+    Installing twice on one module is a no-op.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> net = lm.deferred_init(torch.nn.Linear, 2, 2)  # installs the hooks
+        >>> _ = net.load_state_dict({"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
+        >>> net.weight.is_meta, net.weight.sum().item()
+        (False, 4.0)
+    """
+    seen: set[int] = set()
+    for top in modules:
+        for mod in top.modules():
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            if not handles_of(mod) or mod.__dict__.get(_HOOKED_ATTR):
+                continue
+            mod.register_load_state_dict_pre_hook(_fill_before_copy)
+            mod.register_load_state_dict_post_hook(_replay_rest)
+            mod.__dict__[_HOOKED_ATTR] = True
+
+
+def _fill_before_copy(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    if dispatch_mode_active():
+        return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
+    assign = bool(local_metadata.get("assign_to_params_buffers", False))
+    filled: list[str] = []
+    for slot, handle in own_deferred(module):
+        old = slot.tensor
+        key = prefix + slot.name
+        value = state_dict.get(key)
+        if not slot.persistent or not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        if value.shape != old.shape:
+            continue  # torch reports the mismatch; the tensor stays deferred
+        new = done(handle)
+        if new is None:
+            if assign:
+                # torch assigns state_dict[key]; make it the wrapped tensor so a
+                # tie's other end (below, via mark_done) gets the same object.
+                new = wrap_like(old, value.detach(), handle.attrs)
+            else:
+                # Only storage: torch's own copy_ fills it right after this hook,
+                # with its shape checks and dtype conversion.
+                new = wrap_like(old, torch.empty_like(old, device=value.device), handle.attrs)
+            mark_done(handle, new)
+        if assign:
+            state_dict[key] = new
+        slot.put(new)
+        filled.append(slot.name)
+    if filled:
+        forget(module, filled)
+
+
+def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
+    if dispatch_mode_active():
+        return
+    rest = [slot.name for slot, _ in own_deferred(module)]
+    if not rest:
+        return
+    owned = [tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))]
+    real = [t for t in owned if t is not None and not t.is_meta]
+    device = real[0].device if real else None
+    materialize_paths(module, rest, device=device)

@@ -1,0 +1,268 @@
+"""Turn the deferred meta tensors of a module into real ones, exactly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_meta import _compat
+from lightning_meta._arguments import check_module_argument, float_dtype, real_device
+from lightning_meta._deferred._handles import (
+    Handle,
+    done,
+    drop_stale,
+    handle_of,
+    released_without_result,
+    settle,
+)
+from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._replay import complete, replay
+from lightning_meta._errors import ArgumentValueError, MaterializationError
+from lightning_meta._slots import Slot, iter_slots, wrap_like
+
+__all__ = ["materialize"]
+
+logger = logging.getLogger(__name__)
+
+DrawOn = Literal["cpu", "device"]
+Fallback = Literal["reset_parameters"]
+
+
+def materialize(
+    module: nn.Module,
+    *,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+    draw_on: DrawOn = "cpu",
+    fallback: Fallback | None = None,
+) -> nn.Module:
+    """Replace the deferred meta tensors of ``module`` by real ones, in place.
+
+    Every parameter and buffer recorded under :func:`deferred_init` gets the
+    exact bits eager construction with the same seed gives (with ``dtype``: the
+    bits of eager construction followed by ``.to(dtype)``); tied tensors stay
+    one object; parameter class, ``requires_grad`` and buffer persistence are
+    kept. A submodule can be materialized alone, the rest later, in any order.
+    Tensors that are not on meta are left untouched, so calling this again is a
+    no-op.
+
+    Args:
+        module: the module whose meta tensors to materialize (the whole tree).
+        device: where the tensors end up (default: CPU).
+        dtype: floating point tensors are cast to it after drawing in the
+            recorded dtype, exactly like ``module.to(dtype)``.
+        draw_on: ``"cpu"`` (default) draws random numbers from the CPU
+            generator and moves the results to ``device``, the values a model
+            built on the CPU and then moved gets; ``"device"`` replays on
+            ``device`` with that device's generator, the values of eager
+            construction directly on it.
+        fallback: ``"reset_parameters"`` lets meta tensors that were never
+            deferred be allocated and initialised by their module's
+            ``reset_parameters()``; a tensor that method leaves unwritten still
+            raises.
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        MaterializationError: a meta tensor was not built under
+            ``deferred_init`` (and no ``fallback``), a deferred tensor was
+            modified after the block, or the record cannot be replayed exactly.
+            Nothing is changed when it raises before replaying.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> with lm.deferred_init():
+        ...     net = torch.nn.Linear(4, 2)
+        >>> net.weight.is_meta
+        True
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> torch.equal(lm.materialize(net).weight, torch.nn.Linear(4, 2).weight)
+        True
+
+    .. warning::
+        If the global generator is reseeded or drawn from between the
+        ``deferred_init`` block and ``materialize``, it is left as it is;
+        otherwise it is moved to where eager construction would have left it.
+    """
+    return materialize_paths(
+        module, None, device=device, dtype=dtype, draw_on=draw_on, fallback=fallback
+    )
+
+
+def materialize_paths(
+    module: nn.Module,
+    names: Iterable[str] | None,
+    *,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
+    draw_on: DrawOn = "cpu",
+    fallback: Fallback | None = None,
+) -> nn.Module:
+    """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
+
+    Shared by :func:`materialize` and the checkpoint loader, which replays only
+    what a checkpoint lacks.
+    """
+    check_module_argument(module, "materialize", "pass the module built under deferred_init")
+    if _compat.dispatch_mode_active():
+        raise MaterializationError(
+            "materialize cannot run while a TorchDispatchMode is active (inside a "
+            "deferred_init block or a FakeTensorMode): the replay would produce fake tensors. "
+            "Fix: call materialize after the block ends."
+        )
+    target_device = real_device(device, "materialize") or torch.device("cpu")
+    float_dtype(dtype, "materialize")
+    if draw_on not in ("cpu", "device"):
+        raise ArgumentValueError(
+            f"materialize got draw_on={draw_on!r}; expected 'cpu' or 'device'."
+        )
+    if fallback not in (None, "reset_parameters"):
+        raise ArgumentValueError(
+            f"materialize got fallback={fallback!r}; expected None or 'reset_parameters'."
+        )
+    rdev = target_device if draw_on == "device" else torch.device("cpu")
+
+    slots = [s for s in iter_slots(module) if s.tensor.is_meta]
+    if names is not None:
+        wanted = set(names)
+        unknown = sorted(wanted - {s.path for s in slots})
+        if unknown:
+            raise ArgumentValueError(
+                f"materialize was asked for {unknown} but those are not meta tensors of "
+                f"{type(module).__name__}. Fix: pass names from deferred_paths(module).",
+                paths=unknown,
+            )
+        slots = [s for s in slots if s.path in wanted]
+    if not slots:
+        return module
+
+    deferred: list[tuple[Slot, Handle]] = []
+    plain: list[Slot] = []
+    for slot in slots:
+        handle = handle_of(slot.tensor)
+        if handle is None:
+            plain.append(slot)
+        else:
+            deferred.append((slot, handle))
+    _check(deferred, plain, fallback)
+
+    # One replay per record; value ids already materialized elsewhere (a tie
+    # reaching outside the submodule) reuse that tensor.
+    by_record: dict[int, tuple[Record, dict[int, str]]] = {}
+    reuse: dict[int, torch.Tensor] = {}
+    for slot, handle in deferred:
+        existing = done(handle)
+        if existing is not None:
+            reuse[id(slot.tensor)] = existing
+            continue
+        by_record.setdefault(id(handle.record), (handle.record, {}))[1].setdefault(
+            handle.vid, slot.path
+        )
+    produced: dict[tuple[int, int], torch.Tensor] = {}
+    for record, targets in by_record.values():
+        for vid, t in replay(record, targets, device=target_device, dtype=dtype, rdev=rdev).items():
+            produced[(id(record), vid)] = t
+
+    for slot, handle in deferred:
+        new = reuse.get(id(slot.tensor))
+        if new is None:
+            new = wrap_like(slot.tensor, produced[(id(handle.record), handle.vid)], handle.attrs)
+            reuse[id(slot.tensor)] = new
+        slot.put(new)
+        settle(slot.owner, slot.name, handle, new)
+    finished = {id(r): r for r, _ in by_record.values()}
+    finished.update(drop_stale(module))
+    for record in finished.values():
+        if not record.pending:
+            complete(record, rdev)
+    if plain:
+        _reset(plain, target_device)
+    logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
+    return module
+
+
+def _check(
+    deferred: list[tuple[Slot, Handle]], plain: list[Slot], fallback: Fallback | None
+) -> None:
+    modified = sorted(s.path for s, h in deferred if _compat.version_of(s.tensor) != h.version)
+    if modified:
+        raise MaterializationError(
+            f"materialize cannot reproduce {modified}: these deferred tensors were modified "
+            "in place after the deferred_init block ended, and that change was not recorded. "
+            "Fix: move the initialisation into the deferred_init block (or run it after "
+            "materialize).",
+            paths=modified,
+        )
+    released = sorted(s.path for s, h in deferred if released_without_result(h))
+    if released:
+        raise MaterializationError(
+            f"materialize cannot reproduce {released}: the tensor they are tied to was "
+            "materialized and has since been dropped, so the record is gone. Fix: materialize "
+            "the whole module in one call.",
+            paths=released,
+        )
+    if plain and fallback is None:
+        paths = sorted(s.path for s in plain)
+        raise MaterializationError(
+            f"materialize found meta tensors that were not built under deferred_init: {paths}. "
+            "Their values are unknown. Fix: build the module inside `with "
+            "lightning_meta.deferred_init():`, load them from a checkpoint, or pass "
+            "fallback='reset_parameters' to initialise them with reset_parameters().",
+            paths=paths,
+        )
+    if plain:
+        missing = sorted(
+            {
+                s.path
+                for s in plain
+                if s.kind == "attr" or not callable(getattr(s.owner, "reset_parameters", None))
+            }
+        )
+        if missing:
+            raise MaterializationError(
+                f"materialize(fallback='reset_parameters') cannot initialise {missing}: their "
+                "modules have no reset_parameters(). Fix: build the module under deferred_init "
+                "or load these tensors from a checkpoint.",
+                paths=missing,
+            )
+
+
+def _reset(plain: list[Slot], device: torch.device) -> None:
+    """Allocate never-deferred meta tensors and run their modules' reset_parameters()."""
+    memo: dict[int, torch.Tensor] = {}
+    owners: dict[int, nn.Module] = {}
+    fresh: list[tuple[Slot, torch.Tensor]] = []
+    for slot in plain:
+        new = memo.get(id(slot.tensor))
+        if new is None:
+            new = wrap_like(slot.tensor, torch.empty_like(slot.tensor, device=device), {})
+            memo[id(slot.tensor)] = new
+        slot.put(new)
+        fresh.append((slot, new))
+        owners[id(slot.owner)] = slot.owner
+    versions = {id(t): _compat.version_of(t) for _, t in fresh}
+    for owner in owners.values():
+        with torch.no_grad():
+            owner.reset_parameters()  # type: ignore[operator]
+    untouched = sorted(
+        s.path for s, t in fresh if s.current() is t and _compat.version_of(t) == versions[id(t)]
+    )
+    if untouched:
+        for slot in plain:
+            slot.put(slot.tensor)
+        raise MaterializationError(
+            f"materialize(fallback='reset_parameters') left {untouched} uninitialised: "
+            "reset_parameters() of their modules does not write them. The module was put "
+            "back on meta. Fix: build the module under deferred_init or load these tensors "
+            "from a checkpoint.",
+            paths=untouched,
+        )

@@ -1,0 +1,196 @@
+"""Dispatch modes that watch a training step: live tensor bytes and FLOPs the counter misses.
+
+Both modes work the same on real and on fake tensors, which is what makes the
+estimate checkable: the simulation under ``FakeTensorMode`` and a measurement
+of the real step see the same operators and the same storages.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+from lightning_meta._compat import TorchDispatchMode, tree_leaves, uncounted_attention_ops
+
+__all__ = ["CATEGORIES", "LiveBytes", "UncountedFlops"]
+
+#: What each live byte of a training step is held for, in the order tables show them.
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "inputs",
+    "gradients",
+    "optimizer_state",
+    "activations",
+    "temporaries",
+)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Count the bytes of every storage alive while the mode is on, and their peak.
+
+    Every storage produced by an operator (or registered with :meth:`track`) is
+    counted once, under the category current at its creation
+    (:attr:`allocate_as`) until :meth:`retag` moves it, and stops counting when
+    its last reference dies (a weak reference callback on the storage). Views
+    and in-place results share their storage and so cost nothing extra, as on
+    a real allocator.
+
+    ``torch.distributed._tools.mem_tracker.MemTracker`` offers the same idea,
+    but it snapshots every module at every operator (quadratic in model size)
+    and refuses a second call of the root module, so a 70B-parameter step
+    would take minutes instead of seconds.
+    """
+
+    def __init__(self, uncounted: UncountedFlops | None = None) -> None:
+        super().__init__()
+        self._uncounted = uncounted
+        # id(storage) -> [weak reference, bytes, category]
+        self._live: dict[int, list[Any]] = {}
+        self.current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.total = 0
+        self.peak = 0
+        self.peak_breakdown: dict[str, int] = dict(self.current)
+        self.phase = "setup"
+        self.peak_phase = "setup"
+        self.allocate_as = "activations"
+        self.untracked = 0
+        #: optional: names the part of the phase each allocation falls in; the
+        #: peak of every ``"phase|part"`` window is then kept in ``window_peaks``
+        #: (in order of first appearance) as ``(bytes, breakdown)``
+        self.where: Callable[[], str] | None = None
+        self.window_peaks: dict[str, tuple[int, dict[str, int]]] = {}
+
+    def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
+        if t.layout != torch.strided:
+            # sparse and nested tensors have no single storage to weigh
+            self.untracked += 1
+            return None
+        storage = t.untyped_storage()
+        return id(storage), storage
+
+    def track(self, t: torch.Tensor, category: str | None = None) -> None:
+        """Start counting the storage of ``t`` (no-op if already counted)."""
+        found = self._entry(t)
+        if found is None:
+            return
+        key, storage = found
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        cat = category or self.allocate_as
+
+        def _free(ref: weakref.ref[torch.UntypedStorage], key: int = key) -> None:
+            entry = self._live.get(key)
+            # the id may already belong to a newer storage; only drop our own entry
+            if entry is not None and entry[0] is ref:
+                del self._live[key]
+                self.current[entry[2]] -= entry[1]
+                self.total -= entry[1]
+
+        self._live[key] = [weakref.ref(storage, _free), nbytes, cat]
+        self.current[cat] += nbytes
+        self.total += nbytes
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_breakdown = dict(self.current)
+            self.peak_phase = self.phase
+        if self.where is not None:
+            window = f"{self.phase}|{self.where()}"
+            best = self.window_peaks.get(window)
+            if best is None or self.total > best[0]:
+                self.window_peaks[window] = (self.total, dict(self.current))
+
+    def track_all(self, tensors: Iterable[Any], category: str) -> None:
+        """Track every tensor in ``tensors`` (any pytree) under ``category``."""
+        for t in tree_leaves(list(tensors)):
+            if isinstance(t, torch.Tensor):
+                self.track(t, category)
+
+    def retag(self, t: torch.Tensor, category: str) -> None:
+        """Move the storage of ``t`` to ``category`` (tracking it if it is new)."""
+        found = self._entry(t)
+        if found is None:
+            return
+        entry = self._live.get(found[0])
+        if entry is None:
+            self.track(t, category)
+            return
+        self.current[entry[2]] -= entry[1]
+        self.current[category] += entry[1]
+        entry[2] = category
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if func is _DEVICE:
+            # Most operators a step dispatches are device queries (autograd and
+            # model code ask for it); answer fake ones without the modes below.
+            fake_device = getattr(args[0], "fake_device", None)
+            return fake_device if fake_device is not None else func(*args, **(kwargs or {}))
+        if self._uncounted is not None:
+            self._uncounted.observe(func, args, kwargs or {})
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in t.shape)
+
+
+def _sdpa_forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    return int(sdpa_flop_count(_shape(args[0]), _shape(args[1]), _shape(args[2])))
+
+
+def _sdpa_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    grad_out, query, key, value = args[:4]
+    return int(sdpa_backward_flop_count(_shape(grad_out), _shape(query), _shape(key), _shape(value)))
+
+
+_DEVICE = torch.ops.prim.device.default
+# Attention kernels FlopCounterMode has no formula for (it counts 0 for them),
+# with torch's own formulas for the math they do.
+_UNCOUNTED: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]] = {
+    op: _sdpa_forward if kind == "forward" else _sdpa_backward
+    for op, kind in uncounted_attention_ops().items()
+}
+
+
+class UncountedFlops:
+    """Count the FLOPs of operators ``FlopCounterMode`` gives 0, per module.
+
+    Not a dispatch mode of its own: :class:`LiveBytes` shows it every operator,
+    which saves a mode layer on each of the ~10^5 operators of a large model.
+
+    Args:
+        modules: the ``ModuleTracker`` of the ``FlopCounterMode`` running
+            alongside, so that both attribute FLOPs to the same module names.
+    """
+
+    def __init__(self, modules: Any) -> None:
+        self._tracker = modules
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def observe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Count ``func(*args, **kwargs)`` if the FLOP counter misses it."""
+        formula = _UNCOUNTED.get(func)
+        if formula is not None:
+            flops = formula(args, kwargs)
+            for parent in set(self._tracker.parents):
+                self.counts[parent][str(func.overloadpacket)] += flops
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Return a copy of the FLOPs counted so far, per module name and operator."""
+        return {name: dict(ops) for name, ops in self.counts.items()}

@@ -1,0 +1,282 @@
+"""The Lightning callback: materialize deferred models at the right moment, refuse stray meta tensors.
+
+This is the only module of the package that imports Lightning's trainer
+machinery. The materialization itself lives in ``_guard_materialize``.
+
+When it acts, in ``Trainer._run`` order:
+
+1. ``Callback.setup``: notes which deferred tensors exist before
+   ``configure_model`` and wraps three methods of this run's *strategy
+   instance* (never the class): ``setup``, ``load_model_state_dict`` and
+   ``teardown``. Lightning offers no callback hook between ``configure_model``
+   and the strategy's device transfer, so this is the one place to act.
+2. Right before the strategy's ``setup`` (or before a ``ckpt_path`` restore
+   that comes earlier): refuses meta parameters and buffers that were never
+   deferred, naming each path, then materializes the deferred ones on the
+   root device (shard by shard after ``fully_shard``); for ``strategy="fsdp"``
+   hands torch's FSDP a ``param_init_fn`` that replays each unit as it is
+   wrapped. Lightning's own ``to_empty()`` + ``reset_parameters()`` then finds
+   nothing left to do.
+3. ``on_fit_start``: refuses meta tensors in the optimizers.
+4. ``on_save_checkpoint``: refuses meta tensors in the checkpoint (they would
+   also make ``load_from_checkpoint`` move the model to meta).
+5. The strategy's ``teardown`` and the ``teardown`` / ``on_exception`` hooks
+   put every wrapped method back, whether the run succeeded or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_meta import _compat
+from lightning_meta._deferred._handles import handle_of
+from lightning_meta._guard._find import explain, find_meta_tensors
+from lightning_meta._guard._materialize import (
+    fsdp_param_init_fn,
+    materialize_model,
+    refuse_strays,
+)
+
+__all__ = ["MetaGuard"]
+
+logger = logging.getLogger(__name__)
+
+_PATCHED = ("setup", "load_model_state_dict", "teardown")
+
+
+class MetaGuard(Callback):
+    """Make deferred and meta-device models safe in any Lightning ``Trainer``.
+
+    Add it to the trainer's callbacks; nothing else changes. A model built
+    under :func:`~lightning_meta.deferred_init` (in ``__init__`` or in
+    ``configure_model``) is materialized exactly, with the values eager
+    construction with the same seed gives:
+
+    - single device, ``ddp``, ``ddp_spawn``: on the root device, right before
+      Lightning moves and wraps the model;
+    - ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``):
+      after sharding, one tensor at a time, each rank keeping only its shard;
+    - ``strategy="fsdp"`` (FSDP1): unit by unit as torch's FSDP wraps it,
+      through its ``param_init_fn``.
+
+    Real weights are never re-initialised and
+    :class:`~lightning_meta.MetaTemplate`\\ s are never materialized. A meta
+    parameter or buffer that was not deferred, or a meta tensor in an
+    optimizer or a checkpoint, raises :class:`~lightning_meta.MetaTensorError`
+    naming every path and the fix before Lightning would fail on it.
+
+    Example::
+
+        >>> import lightning as L, torch, lightning_meta as lm
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         with lm.deferred_init():
+        ...             self.layer = torch.nn.Linear(4, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.layer(batch[0]).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)))
+        >>> model = Net()
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[lm.MetaGuard()], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False, accelerator="cpu")
+        >>> trainer.fit(model, data)
+        >>> model.layer.weight.is_meta
+        False
+
+    .. warning::
+        Lightning gives callbacks no hook between ``configure_model`` and the
+        strategy's setup, so ``MetaGuard`` wraps ``setup``,
+        ``load_model_state_dict`` and ``teardown`` on the trainer's strategy
+        *instance* for the length of a run, and restores them when it ends,
+        also on failure. Under FSDP1, modules wrapped in ``FullyShardedDataParallel``
+        inside ``configure_model`` are materialized by torch before MetaGuard
+        can act; let the strategy wrap them (``auto_wrap_policy``) instead.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._before: frozenset[int] = frozenset()
+        self._prepared = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the trainer before any run starts; nothing of a
+        # run (bound methods of a strategy) may travel with it.
+        return {"_undo": [], "_before": frozenset(), "_prepared": False}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- hooks -------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()  # a run that ended without reaching teardown
+        self._prepared = False
+        self._before = frozenset(_deferred_ids(pl_module))
+        strategy = trainer.strategy
+        self._wrap(strategy, "setup", lambda: self._prepare(trainer))
+        self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
+        self._wrap_teardown(strategy)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        problems = [
+            dataclasses.replace(f, path=f"optimizers.{f.path}")
+            for f in find_meta_tensors(list(trainer.optimizers))
+            if f.problem
+        ]
+        if problems:
+            raise explain(
+                    problems,
+                    f"{type(pl_module).__name__}.configure_optimizers()",
+                    "The optimizer cannot step them.",
+            )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        problems = [f for f in find_meta_tensors(checkpoint) if f.problem]
+        if problems:
+            raise explain(
+                    problems,
+                    "The checkpoint Lightning is about to save",
+                    "It was not written: meta tensors save without error, and "
+                    "load_from_checkpoint would then move the whole model to meta.",
+            )
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # The strategy's teardown still runs after this hook; its wrapper keeps
+        # Lightning's `.cpu()` off refused meta tensors and then removes itself.
+        self._restore(keep="teardown")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    # -- the work ----------------------------------------------------------
+
+    def _prepare(self, trainer: pl.Trainer) -> None:
+        if self._prepared:
+            return
+        module = trainer.lightning_module
+        strategy = trainer.strategy
+        device = strategy.root_device
+        name = type(module).__name__
+        if _is_fsdp1(strategy):
+            refuse_strays(module, name)
+            self._install_param_init_fn(strategy, device)
+        else:
+            on_device = frozenset(_deferred_ids(module)) - self._before
+            count = materialize_model(module, device, on_device=on_device)
+            if count:
+                logger.info(
+                    "MetaGuard materialized %d deferred tensors of %s on %s", count, name, device
+                )
+        self._prepared = True
+
+    def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
+        kwargs: dict[str, Any] = strategy.kwargs
+        had = "param_init_fn" in kwargs
+        user = kwargs.get("param_init_fn")
+        ours = fsdp_param_init_fn(device)
+
+        def init(module: nn.Module) -> None:
+            ours(module)
+            # The user's initialiser only for what is still on meta: running it
+            # on replayed modules would overwrite the exact values.
+            if user is not None and _has_meta(module, recurse=False):
+                user(module)
+
+        kwargs["param_init_fn"] = init
+
+        def undo() -> None:
+            if had:
+                kwargs["param_init_fn"] = user
+            else:
+                kwargs.pop("param_init_fn", None)
+
+        self._undo.append(("param_init_fn", undo))
+
+    # -- patching the strategy instance ------------------------------------
+
+    def _wrap(self, strategy: Any, name: str, before: Callable[[], None]) -> None:
+        original = getattr(strategy, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            before()
+            return original(*args, **kwargs)
+
+        self._set(strategy, name, wrapper)
+
+    def _wrap_teardown(self, strategy: Any) -> None:
+        original = strategy.teardown
+
+        @functools.wraps(original)
+        def teardown(*args: Any, **kwargs: Any) -> Any:
+            module = strategy.lightning_module
+            shadowed = module is not None and _has_meta(module)
+            if shadowed:
+                # The run was refused with meta tensors still in place; move what
+                # is real to the CPU and keep Lightning's `.cpu()` from raising
+                # NotImplementedError on top of the MetaTensorError.
+                _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
+                object.__setattr__(module, "cpu", lambda: module)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if shadowed:
+                    object.__delattr__(module, "cpu")
+                self._restore()
+
+        self._set(strategy, "teardown", teardown)
+
+    def _set(self, obj: Any, name: str, value: Any) -> None:
+        had = name in vars(obj)
+        old = vars(obj).get(name)
+        setattr(obj, name, value)
+
+        def undo() -> None:
+            if vars(obj).get(name) is not value:
+                return  # replaced by someone else since; theirs stays
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+
+        self._undo.append((name, undo))
+
+    def _restore(self, keep: str | None = None) -> None:
+        kept = []
+        for name, undo in reversed(self._undo):
+            if name == keep:
+                kept.append((name, undo))
+            else:
+                undo()
+        self._undo = kept
+
+
+def _is_fsdp1(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def _deferred_ids(module: nn.Module) -> list[int]:
+    return [id(t) for t in [*module.parameters(), *module.buffers()] if handle_of(t) is not None]
+
+
+def _has_meta(module: nn.Module, recurse: bool = True) -> bool:
+    tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+    return any(t.is_meta for t in tensors)

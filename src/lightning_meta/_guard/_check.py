@@ -1,0 +1,180 @@
+"""Walk a LightningModule through the lifecycle a Trainer would, without training.
+
+Used by ``lightning-meta check``: :func:`check_module` returns one
+:class:`Row` per finding; a row with ``status == "problem"`` is a meta-related
+failure (the command exits 1), ``"note"`` a failure of another kind (an
+unpicklable attribute), ``"info"`` and ``"ok"`` are for reading.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_meta._compat import is_torch_meta_error
+from lightning_meta._deferred._handles import deferred_paths
+from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._errors import MetaTensorError
+from lightning_meta._guard._find import find_meta_tensors
+
+__all__ = ["Row", "check_module"]
+
+Status = Literal["ok", "info", "note", "problem"]
+
+_MATERIALIZE = "MetaGuard (or lightning_meta.materialize) fills it exactly"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report: which step, what happened, where, and the fix."""
+
+    step: str
+    status: Status
+    path: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def check_module(module: nn.Module) -> list[Row]:
+    """Walk ``module`` through configure_model, materialization, device transfer,
+    state-dict round trip, optimizer construction, deepcopy, pickle and summary.
+
+    The module is changed the way a Trainer would change it (``configure_model``
+    is called, deferred tensors are materialized on the CPU).
+    """
+    rows: list[Row] = []
+    configure = getattr(module, "configure_model", None)
+    if callable(configure):
+        rows.append(_step("configure_model", configure))
+    for f in find_meta_tensors(module):
+        if f.kind == "template":
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "ok",
+                    f.path,
+                    "MetaTemplate: meta by design, hidden from Lightning",
+                )
+            )
+        elif f.deferred:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "info",
+                    f.path,
+                    f"deferred {f.kind} {f.shape}: {_MATERIALIZE}",
+                )
+            )
+        elif f.kind in ("parameter", "buffer"):
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "problem",
+                    f.path,
+                    f"meta {f.kind} {f.shape}, not deferred: Lightning cannot move, wrap, optimize or save it",
+                )
+            )
+        else:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "note",
+                    f.path,
+                    f"meta {f.kind} {f.shape}: Lightning does not see it, but using it needs real data.",
+                )
+            )
+    if any(f.deferred for f in find_meta_tensors(module)):
+        rows.append(_step("materialize deferred", lambda: _materialize(module)))
+    strays = ", ".join(
+        f.path for f in find_meta_tensors(module) if f.kind in ("parameter", "buffer")
+    )
+    rows.append(_step("device transfer (.to('cpu'))", lambda: module.to("cpu"), strays))
+    rows.append(_step("state_dict round trip", lambda: _round_trip(module)))
+    rows.append(_step("optimizer construction", lambda: _optimizers(module)))
+    rows.append(_step("deepcopy", lambda: copy.deepcopy(module)))
+    rows.append(_step("pickle", lambda: pickle.loads(pickle.dumps(module))))
+    rows.append(_step("summary", lambda: _summary(module)))
+    return rows
+
+
+def _step(name: str, fn: Callable[[], Any], paths: str = "") -> Row:
+    try:
+        fn()
+    except Exception as e:  # every failure becomes a row; the cause is in the detail
+        status: Status = "problem" if _meta_related(e) else "note"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Row(name, status, _path_of(e) or paths, f"{type(e).__name__}: {first}")
+    return Row(name, "ok", "", "")
+
+
+def _meta_related(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, MetaTensorError) or is_torch_meta_error(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _path_of(e: BaseException) -> str:
+    return ", ".join(e.paths) if isinstance(e, MetaTensorError) else ""
+
+
+def _materialize(module: nn.Module) -> None:
+    materialize_paths(module, deferred_paths(module), device="cpu")
+
+
+def _round_trip(module: nn.Module) -> None:
+    state = module.state_dict()
+    meta = [f for f in find_meta_tensors(state) if f.problem]
+    if meta:
+        raise MetaTensorError(
+            "state_dict() holds meta tensors (a checkpoint would save them without error, "
+            "and load_from_checkpoint would then move the model to meta):\n"
+            + "\n".join(f"  {f.describe()}" for f in meta),
+            paths=[f.path for f in meta],
+        )
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    module.load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def _optimizers(module: nn.Module) -> None:
+    configure = getattr(module, "configure_optimizers", None)
+    if not callable(configure):
+        return
+    result = configure()
+    optimizers = [o for o in _flatten(result) if isinstance(o, torch.optim.Optimizer)]
+    meta = [f for f in find_meta_tensors(optimizers) if f.problem]
+    if meta:
+        raise MetaTensorError(
+            "configure_optimizers() returned optimizers holding meta tensors:\n"
+            + "\n".join(f"  {f.describe()}" for f in meta),
+            paths=[f.path for f in meta],
+        )
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [x for item in obj for x in _flatten(item)]
+    if isinstance(obj, dict):
+        return [x for item in obj.values() for x in _flatten(item)]
+    return [obj]
+
+
+def _summary(module: nn.Module) -> None:
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.model_summary.model_summary import ModelSummary
+
+    if isinstance(module, LightningModule):
+        str(ModelSummary(module, max_depth=1))

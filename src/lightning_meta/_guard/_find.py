@@ -1,0 +1,254 @@
+"""Find every meta tensor reachable from a module, an optimizer or a container.
+
+:func:`find_meta_tensors` lists them by dotted path; :func:`assert_no_meta`
+raises :class:`~lightning_meta.MetaTensorError` listing them all. Both are
+torch-only: the Lightning callback (``_guard``) and the ``check`` command build
+on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_meta._deferred._handles import handle_of, handles_of
+from lightning_meta._errors import MetaTensorError
+from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
+from lightning_meta._template._template import MetaTemplate
+
+__all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors"]
+
+Kind = Literal["parameter", "buffer", "attribute", "optimizer", "tensor", "template"]
+
+# Module internals walked explicitly (or holding only bookkeeping).
+_SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR})
+
+FIX = (
+    "Fix: keep a stateless copy as lightning_meta.MetaTemplate(module) (Lightning never "
+    "sees it), or build the module inside `with lightning_meta.deferred_init():` so that "
+    "lightning_meta.materialize (or the MetaGuard callback) gives it exact real values, "
+    "or load real weights into it first."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaFinding:
+    """One meta tensor (or template) found by :func:`find_meta_tensors`.
+
+    Attributes:
+        path: dotted path from the object searched, e.g. ``"encoder.0.weight"``
+            or ``"param_groups.0.params.3"``.
+        kind: ``"parameter"`` or ``"buffer"`` (registered on a module, so
+            Lightning moves, wraps and saves it), ``"attribute"`` (a plain
+            tensor attribute, possibly inside a list, tuple, dict or dataclass),
+            ``"optimizer"`` (a parameter or state of an optimizer), ``"tensor"``
+            (inside a plain container searched directly) or ``"template"``
+            (a :class:`~lightning_meta.MetaTemplate`: meta by design, not a
+            problem).
+        shape: the tensor's shape; ``()`` for a template.
+        dtype: the tensor's dtype; ``None`` for a template.
+        deferred: built under :func:`~lightning_meta.deferred_init`, so
+            :func:`~lightning_meta.materialize` can fill it exactly.
+    """
+
+    path: str
+    kind: Kind
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    deferred: bool
+
+    @property
+    def problem(self) -> bool:
+        """Whether this finding is a meta tensor (not a template)."""
+        return self.kind != "template"
+
+    def describe(self) -> str:
+        """Return a one-line description: path, kind, shape, dtype, deferred."""
+        if self.kind == "template":
+            return f"{self.path!r} (MetaTemplate: meta by design, ignored)"
+        state = "deferred" if self.deferred else "not deferred"
+        return f"{self.path!r} ({self.kind}, shape {self.shape}, {self.dtype}, {state})"
+
+
+def find_meta_tensors(obj: Any) -> list[MetaFinding]:
+    """Return every meta tensor reachable from ``obj``, with its dotted path.
+
+    Searches parameters, buffers, plain tensor attributes of every submodule
+    and tensors inside lists, tuples, dicts, sets and dataclasses held as
+    attributes (modules hidden there are searched too); the parameter groups
+    and state of an optimizer; or the items of a plain container.
+    :class:`~lightning_meta.MetaTemplate` objects (also ``Ensemble.template``)
+    are listed with kind ``"template"`` and not searched: they are meta by
+    design. Each object is visited once, so a shared submodule is reported
+    under its first path.
+
+    Args:
+        obj: an ``nn.Module``, a ``torch.optim.Optimizer``, a tensor, a
+            ``MetaTemplate``, or a list, tuple, dict, set or dataclass of those.
+
+    Returns:
+        The findings in traversal order (parameters, buffers, attributes,
+        then submodules); empty when nothing is on meta.
+
+    Example::
+
+        >>> import copy, torch, lightning_meta as lm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> net.stray = copy.deepcopy(net[0]).to("meta")
+        >>> [f.describe() for f in lm.find_meta_tensors(net)]
+        ["'stray.weight' (parameter, shape (2, 2), torch.float32, not deferred)", "'stray.bias' (parameter, shape (2,), torch.float32, not deferred)"]
+    """
+    return list(_Walker().walk(obj, ""))
+
+
+def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
+    """Raise if any meta tensor (other than a template) is reachable from ``obj``.
+
+    Args:
+        obj: anything :func:`find_meta_tensors` accepts.
+        name: how to call ``obj`` in the message (default: its type name).
+
+    Raises:
+        MetaTensorError: listing every meta tensor with its path, kind, shape
+            and dtype, and the fix (``materialize`` for deferred ones,
+            ``MetaTemplate`` or ``deferred_init`` for the others).
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> lm.assert_no_meta(torch.nn.Linear(2, 2))
+        >>> lm.assert_no_meta(torch.nn.Linear(2, 2, device="meta"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_meta._errors.MetaTensorError: Linear holds 2 meta tensors, which hold no data:...
+    """
+    problems = [f for f in find_meta_tensors(obj) if f.problem]
+    if problems:
+        raise explain(problems, name or type(obj).__name__)
+
+
+def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> MetaTensorError:
+    """Return the error for ``problems``: every path, why it matters, then the fix."""
+    n = len(problems)
+    them = "meta tensors, which hold" if n != 1 else "meta tensor, which holds"
+    lines = [f"{owner} holds {n} {them} no data:"]
+    lines += [f"  {f.describe()}" for f in problems]
+    if consequence:
+        lines.append(consequence)
+    deferred = [f.path for f in problems if f.deferred]
+    if deferred:
+        lines.append(
+            "Deferred tensors are filled exactly by lightning_meta.materialize(module) "
+            "(MetaGuard does it for you inside Trainer.fit)."
+        )
+    if len(deferred) < n:
+        lines.append(FIX)
+    return MetaTensorError("\n".join(lines), paths=[f.path for f in problems])
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def walk(self, obj: Any, path: str, kind: Kind = "tensor") -> Iterator[MetaFinding]:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_meta:
+                yield _finding(path, kind, obj, handle_of(obj) is not None)
+            return
+        if isinstance(obj, MetaTemplate):
+            yield MetaFinding(path or "<template>", "template", (), None, False)
+            return
+        if not _container(obj) or id(obj) in self.seen:
+            return
+        self.seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            yield from self._module(obj, path)
+        elif isinstance(obj, torch.optim.Optimizer):
+            yield from self._optimizer(obj, path)
+        else:
+            for key, value in _items(obj):
+                yield from self.walk(value, _join(path, key), kind)
+
+    def _module(self, module: nn.Module, prefix: str) -> Iterator[MetaFinding]:
+        handles = handles_of(module)
+        tables: tuple[tuple[Kind, list[str]], ...] = (
+            ("parameter", parameter_names(module)),
+            ("buffer", buffer_names(module)),
+        )
+        for kind, names in tables:
+            for name in names:
+                t = tensor_at(module, name)
+                if t is not None and t.is_meta:
+                    yield _finding(_join(prefix, name), kind, t, _deferred(t, handles.get(name)))
+        for name, value in vars(module).items():
+            if name in _SKIP:
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.is_meta:
+                    deferred = _deferred(value, handles.get(name))
+                    yield _finding(_join(prefix, name), "attribute", value, deferred)
+            else:
+                yield from self.walk(value, _join(prefix, name), "attribute")
+        for name, child in module.named_children():
+            yield from self.walk(child, _join(prefix, name))
+
+    def _optimizer(self, opt: torch.optim.Optimizer, prefix: str) -> Iterator[MetaFinding]:
+        # Parameters are numbered across groups, as in optimizer.state_dict().
+        index: dict[int, int] = {}
+        for g, group in enumerate(opt.param_groups):
+            for i, p in enumerate(group["params"]):
+                index.setdefault(id(p), len(index))
+                if isinstance(p, torch.Tensor) and p.is_meta:
+                    path = _join(prefix, f"param_groups.{g}.params.{i}")
+                    yield _finding(path, "optimizer", p, handle_of(p) is not None)
+        for p, state in opt.state.items():
+            where = _join(prefix, f"state.{index.get(id(p), '?')}")
+            for key, value in state.items() if isinstance(state, Mapping) else ():
+                yield from self.walk(value, _join(where, str(key)), "optimizer")
+
+
+def _container(obj: Any) -> bool:
+    return isinstance(
+        obj, (nn.Module, torch.optim.Optimizer, Mapping, list, tuple, set, frozenset)
+    ) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
+
+
+def _items(obj: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield str(key), value
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield str(i), value
+    elif isinstance(obj, (set, frozenset)):
+        for i, value in enumerate(obj):
+            yield f"<set item {i}>", value
+    else:  # a dataclass instance
+        for field in dataclasses.fields(obj):
+            yield field.name, getattr(obj, field.name, None)
+
+
+def _deferred(t: torch.Tensor, handle: Any) -> bool:
+    """A deferred tensor, or the sharded stand-in (a DTensor) of one."""
+    if handle_of(t) is not None:
+        return True
+    # fully_shard swaps a deferred parameter for a DTensor of the same global
+    # shape; the handle stays on the owning module under the same name.
+    return (
+        handle is not None
+        and handle.tensor.is_meta
+        and tuple(handle.tensor.shape) == tuple(t.shape)
+        and type(t).__name__ == "DTensor"
+    )
+
+
+def _finding(path: str, kind: Kind, t: torch.Tensor, deferred: bool) -> MetaFinding:
+    return MetaFinding(path or "<tensor>", kind, tuple(t.shape), t.dtype, deferred)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

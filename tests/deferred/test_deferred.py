@@ -1,0 +1,256 @@
+"""deferred_init + materialize give the bits of eager construction, for real models."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta import MaterializationError, deferred_init, is_deferred, materialize
+from support import deferred_models as md
+
+Builder = Callable[[], nn.Module]
+
+
+def tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(m.named_parameters(remove_duplicate=False))
+    out.update(m.named_buffers(remove_duplicate=False))
+    return out
+
+
+def tie_groups(m: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, t in tensors(m).items():
+        groups.setdefault(id(t), []).append(name)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def non_persistent(m: nn.Module) -> set[str]:
+    return {
+        f"{p}.{n}" if p else n
+        for p, mod in m.named_modules()
+        for n in mod._non_persistent_buffers_set
+    }
+
+
+def assert_same_as_eager(eager: nn.Module, deferred: nn.Module) -> None:
+    """Every tensor bit-identical, same dtype, class, requires_grad, membership and ties."""
+    a, b = tensors(eager), tensors(deferred)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        x, y = a[name], b[name]
+        assert not y.is_meta, name
+        assert x.dtype == y.dtype, name
+        assert x.device == y.device, name
+        assert torch.equal(x, y), name
+        assert type(x) is type(y), name
+        assert x.requires_grad == y.requires_grad, name
+    assert dict(eager.named_parameters()).keys() == dict(deferred.named_parameters()).keys()
+    assert dict(eager.named_buffers()).keys() == dict(deferred.named_buffers()).keys()
+    assert non_persistent(eager) == non_persistent(deferred)
+    assert tie_groups(eager) == tie_groups(deferred)
+
+
+def build_eager(build: Builder, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    module = build()
+    return module, torch.rand(4)  # where the global generator stands afterwards
+
+
+def build_deferred(build: Builder, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    with deferred_init():
+        module = build()
+    return module
+
+
+BUILDERS: dict[str, Builder] = {
+    "linear": lambda: nn.Linear(6, 5),
+    "conv_bn": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+    "lstm": lambda: nn.LSTM(4, 5, num_layers=2),
+    "transformer_encoder": lambda: nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2, enable_nested_tensor=False
+    ),
+    "embedding_padding": lambda: nn.Embedding(10, 4, padding_idx=3),
+    "custom": md.Custom,
+    "nanogpt": md.NanoGPT,
+    "llama": md.llama,
+    "gpt2": md.gpt2,
+    "bert": md.bert,
+    "litgpt_pythia": md.litgpt_pythia,
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> None:
+    warnings.filterwarnings("ignore", message=".*(enable_nested_tensor|TypedStorage).*")
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_materialize_is_bit_identical_to_eager(name: str) -> None:
+    build = BUILDERS[name]
+    eager, rng_after_eager = build_eager(build)
+    module = build_deferred(build)
+    assert is_deferred(module)
+    assert all(t.is_meta for t in tensors(module).values())
+    assert tie_groups(module) == tie_groups(eager)
+
+    assert materialize(module) is module
+    assert not is_deferred(module)
+    assert_same_as_eager(eager, module)
+    # The global generator continues exactly where eager construction left it.
+    assert torch.equal(torch.rand(4), rng_after_eager)
+
+
+def test_embedding_padding_row_is_zero_and_others_random() -> None:
+    module = build_deferred(BUILDERS["embedding_padding"])
+    materialize(module)
+    weight = module.weight  # type: ignore[union-attr]
+    assert torch.count_nonzero(weight[3]) == 0
+    assert torch.count_nonzero(weight[2]) == 4
+
+
+def test_llama_norm_and_rotary_buffer_are_right_not_garbage() -> None:
+    module = build_deferred(md.llama)
+    materialize(module)
+    assert torch.equal(module.model.norm.weight, torch.ones(32))  # type: ignore[union-attr]
+    inv = module.model.rotary_emb.inv_freq  # type: ignore[union-attr]
+    expected = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
+    assert torch.allclose(inv, expected)
+    std = module.model.layers[0].self_attn.q_proj.weight.std().item()  # type: ignore[union-attr]
+    assert 0.01 < std < 0.03  # the model's own 0.02 init, not kaiming's
+
+
+def test_deferred_init_with_callable_and_arguments() -> None:
+    eager, _ = build_eager(lambda: nn.Linear(3, 2, bias=False))
+    torch.manual_seed(0)
+    module = deferred_init(nn.Linear, 3, 2, bias=False)
+    assert module.weight.is_meta
+    assert module.bias is None
+    assert_same_as_eager(eager, materialize(module))
+
+
+def test_real_tensor_captured_from_outside_is_replayed() -> None:
+    captured = torch.tensor([1.0, -2.0, 3.5])
+    eager, _ = build_eager(lambda: md.Custom(captured))
+    module = build_deferred(lambda: md.Custom(captured))
+    assert_same_as_eager(eager, materialize(module))
+
+
+def test_tensor_attribute_and_data_assignment_are_recorded() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 4))
+            self.w.data = torch.full((4, 4), 3.0)  # invisible to dispatch
+            self.w.data.mul_(2)
+            self.table = torch.linspace(0, 1, 5)  # plain attribute, not a buffer
+
+    module = deferred_init(Odd)
+    assert module.table.is_meta
+    assert is_deferred(module.table)
+    materialize(module)
+    assert torch.equal(module.w, torch.full((4, 4), 6.0))
+    assert isinstance(module.w, nn.Parameter)
+    assert torch.equal(module.table, torch.linspace(0, 1, 5))
+
+
+def test_dtype_conversion_inside_the_block_raises_with_fix() -> None:
+    # torch's FakeTensorMode itself cannot swap fake parameters in Module._apply.
+    with pytest.raises(MaterializationError, match=r"Module\.to\(\).*pass dtype= .*to materialize"):
+        deferred_init(lambda: md.NanoGPT().to(torch.bfloat16))
+
+
+def test_reseed_inside_construction_is_reproduced() -> None:
+    def build() -> nn.Module:
+        first = nn.Linear(3, 3)
+        torch.manual_seed(123)
+        return nn.Sequential(first, nn.Linear(3, 3))
+
+    eager, after = build_eager(build)
+    module = build_deferred(build)
+    assert_same_as_eager(eager, materialize(module))
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_explicit_generator_is_replayed_and_advanced() -> None:
+    def build(gen: torch.Generator) -> nn.Module:
+        m = nn.Linear(4, 4)
+        nn.init.normal_(m.weight, generator=gen)
+        return m
+
+    gen = torch.Generator().manual_seed(7)
+    eager, _ = build_eager(lambda: build(gen))
+    after_eager = torch.rand(2, generator=gen)
+    gen.manual_seed(7)
+    module = build_deferred(lambda: build(gen))
+    assert_same_as_eager(eager, materialize(module))
+    assert torch.equal(torch.rand(2, generator=gen), after_eager)
+
+
+def test_consecutive_blocks_continue_the_generator() -> None:
+    torch.manual_seed(0)
+    a_eager, b_eager = nn.Linear(3, 3), nn.Linear(3, 3)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    with deferred_init():
+        a = nn.Linear(3, 3)
+    with deferred_init():
+        b = nn.Linear(3, 3)
+    materialize(b)  # later block first: it needs the earlier block's end state
+    materialize(a)
+    assert_same_as_eager(a_eager, a)
+    assert_same_as_eager(b_eager, b)
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_reseed_between_blocks_starts_fresh() -> None:
+    torch.manual_seed(5)
+    eager = nn.Linear(3, 3)
+    torch.manual_seed(5)
+    with deferred_init():
+        nn.Linear(3, 3)
+    torch.manual_seed(5)
+    with deferred_init():
+        module = nn.Linear(3, 3)
+    assert_same_as_eager(eager, materialize(module))
+
+
+def test_nested_blocks_record_once() -> None:
+    eager, _ = build_eager(md.NanoGPT)
+    torch.manual_seed(0)
+    with deferred_init(), deferred_init():
+        module = md.NanoGPT()
+    assert_same_as_eager(eager, materialize(module))
+
+
+def test_deferred_construction_does_not_allocate() -> None:
+    with deferred_init():
+        big = nn.Linear(50_000, 50_000)  # 10 GB in float32
+    assert big.weight.is_meta
+    assert big.weight.shape == (50_000, 50_000)
+
+
+def test_draw_on_device_cpu_matches_default() -> None:
+    eager, _ = build_eager(md.NanoGPT)
+    module = build_deferred(md.NanoGPT)
+    assert_same_as_eager(eager, materialize(module, device="cpu", draw_on="device"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_and_draw_on_device() -> None:
+    eager, _ = build_eager(md.llama)
+    module = build_deferred(md.llama)
+    materialize(module, device="cuda")
+    assert_same_as_eager(eager.to("cuda"), module)
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        on_device = md.llama()
+    module = build_deferred(md.llama)
+    materialize(module, device="cuda", draw_on="device")
+    assert_same_as_eager(on_device, module)

@@ -1,0 +1,353 @@
+"""materialize: order, dtype, copies, no-ops, helpers and every MaterializationError."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+from test_deferred import assert_same_as_eager, build_deferred, build_eager, tensors
+from torch import nn
+
+from lightning_meta import (
+    MaterializationError,
+    MetaTensorError,
+    deferred_init,
+    is_deferred,
+    materialize,
+)
+from lightning_meta._deferred._handles import deferred_paths, forget, handle_of
+from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._deferred._record import Record
+from lightning_meta._slots import HANDLES_ATTR
+from support import deferred_models as md
+
+
+def record_of(module: nn.Module) -> Record:
+    for t in tensors(module).values():
+        handle = handle_of(t)
+        if handle is not None:
+            return handle.record
+    raise AssertionError("no deferred tensor")
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor object by name, to prove a failed call changed nothing."""
+    return dict(tensors(module))
+
+
+def assert_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = tensors(module)
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+
+
+@pytest.mark.parametrize("builder", [md.NanoGPT, md.llama], ids=["nanogpt", "llama"])
+def test_per_submodule_in_reversed_order(builder: Callable[[], nn.Module]) -> None:
+    eager, after = build_eager(builder)
+    module = build_deferred(builder)
+    for _, sub in reversed(list(module.named_modules())):
+        materialize(sub)
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(4), after)
+    assert record_of_released(module)
+
+
+def record_of_released(module: nn.Module) -> bool:
+    return not any(is_deferred(t) for t in tensors(module).values())
+
+
+def test_one_submodule_then_the_rest() -> None:
+    eager, after = build_eager(md.llama)
+    module = build_deferred(md.llama)
+    layer = module.model.layers[1]  # type: ignore[union-attr,index]
+    materialize(layer)
+    assert not is_deferred(layer)
+    assert is_deferred(module)
+    assert module.model.layers[0].mlp.up_proj.weight.is_meta  # type: ignore[union-attr,index]
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_bfloat16_equals_eager_then_cast() -> None:
+    eager, _ = build_eager(md.llama)
+    module = build_deferred(md.llama)
+    materialize(module, dtype=torch.bfloat16)
+    assert_same_as_eager(eager.to(torch.bfloat16), module)
+    assert module.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # type: ignore[union-attr,index]
+
+
+def test_non_float_buffers_keep_their_dtype() -> None:
+    module = build_deferred(lambda: nn.BatchNorm1d(3))
+    materialize(module, dtype=torch.bfloat16)
+    assert module.num_batches_tracked.dtype == torch.long  # type: ignore[union-attr]
+    assert module.running_mean.dtype == torch.bfloat16  # type: ignore[union-attr]
+
+
+def test_deepcopy_of_deferred_module_materializes_exactly() -> None:
+    eager, after = build_eager(md.NanoGPT)
+    module = build_deferred(md.NanoGPT)
+    clone = copy.deepcopy(module)
+    assert is_deferred(clone)
+    assert record_of(clone) is not record_of(module)
+    materialize(clone)
+    assert is_deferred(module)  # the original is untouched
+    assert_same_as_eager(eager, clone)
+    assert torch.equal(torch.rand(4), after)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+
+
+def test_pickle_of_deferred_module_materializes_exactly() -> None:
+    eager, after = build_eager(md.gpt2)
+    module = build_deferred(md.gpt2)
+    restored = pickle.loads(pickle.dumps(module))
+    assert is_deferred(restored)
+    materialize(restored)
+    assert_same_as_eager(eager, restored)
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_pickle_of_partly_materialized_module() -> None:
+    eager, _ = build_eager(md.NanoGPT)
+    module = build_deferred(md.NanoGPT)
+    materialize(module.transformer.h[1])  # type: ignore[union-attr,index]
+    restored = pickle.loads(pickle.dumps(module))
+    materialize(restored)
+    assert_same_as_eager(eager, restored)
+
+
+def test_materialize_again_and_real_module_are_no_ops() -> None:
+    module = build_deferred(md.Custom)
+    materialize(module)
+    before = snapshot(module)
+    assert materialize(module) is module
+    assert_unchanged(module, before)
+    real = nn.Linear(2, 2)
+    before = snapshot(real)
+    materialize(real)
+    assert_unchanged(real, before)
+
+
+def test_record_is_released_once_everything_is_materialized() -> None:
+    module = build_deferred(md.NanoGPT)
+    record = record_of(module)
+    ref = weakref.ref(record)
+    materialize(module.lm_head)
+    assert not record.released
+    materialize(module)
+    assert record.released
+    assert record.ops == []
+    del record
+    gc.collect()
+    assert ref() is None
+    assert HANDLES_ATTR not in vars(module.lm_head) or not vars(module.lm_head)[HANDLES_ATTR]
+
+
+def test_deferred_names_and_materialize_names_for_loading() -> None:
+    eager, _ = build_eager(md.llama)
+    module = build_deferred(md.llama)
+    names = deferred_paths(module)
+    assert "model.rotary_emb.inv_freq" in names
+    assert "lm_head.weight" in names
+    materialize_paths(module, ["model.rotary_emb.inv_freq"])
+    assert torch.equal(module.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq)  # type: ignore[union-attr]
+    assert "model.rotary_emb.inv_freq" not in deferred_paths(module)
+    assert is_deferred(module.model.norm.weight)  # type: ignore[union-attr]
+
+
+def test_forget_releases_what_a_loader_filled() -> None:
+    module = build_deferred(md.Custom)
+    record = record_of(module)
+    names = deferred_paths(module)
+    for name in names:
+        setattr(
+            module,
+            name,
+            nn.Parameter(torch.zeros(1)) if name in {"scale", "frozen"} else torch.zeros(1),
+        )
+    forget(module, names)
+    assert record.released
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def test_meta_module_never_deferred_raises_with_paths() -> None:
+    with torch.device("meta"):
+        module = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    before = snapshot(module)
+    with pytest.raises(
+        MaterializationError,
+        match=r"not built under deferred_init: \['0.bias', '0.weight', '1.bias', '1.weight'\].*fallback='reset_parameters'",
+    ):
+        materialize(module)
+    assert_unchanged(module, before)
+
+
+def test_reset_parameters_fallback_initialises_everything() -> None:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        module = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    materialize(module, fallback="reset_parameters")
+    assert not any(t.is_meta for t in tensors(module).values())
+    assert torch.equal(module[1].weight, torch.ones(2))
+
+
+def test_reset_parameters_fallback_refuses_modules_without_it() -> None:
+    class Raw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(2, device="meta"))
+
+    module = nn.Sequential(nn.Linear(2, 2, device="meta"), Raw())
+    before = snapshot(module)
+    with pytest.raises(
+        MaterializationError, match=r"cannot initialise \['1.w'\].*no reset_parameters"
+    ):
+        materialize(module, fallback="reset_parameters")
+    assert_unchanged(module, before)
+
+
+def test_reset_parameters_fallback_refuses_to_leave_garbage() -> None:
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.empty(2, device="meta"))
+            self.b = nn.Parameter(torch.empty(2, device="meta"))
+
+        def reset_parameters(self) -> None:
+            nn.init.ones_(self.a)
+
+    module = Partial()
+    before = snapshot(module)
+    with pytest.raises(MaterializationError, match=r"left \['b'\] uninitialised.*put back on meta"):
+        materialize(module, fallback="reset_parameters")
+    assert_unchanged(module, before)
+
+
+def test_item_during_construction_raises_at_record_time() -> None:
+    class ReadsData(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+            self.n = int(self.w.abs().sum().item())
+
+    with pytest.raises(
+        MaterializationError,
+        match=r"cannot record aten\._local_scalar_dense\.default issued at .*test_materialize\.py:\d+.*needs the values.*Fix:",
+    ):
+        deferred_init(ReadsData)
+
+
+def test_data_dependent_shape_raises_naming_the_tensor() -> None:
+    class Nonzero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.ones(4))
+            self.register_buffer("idx", self.mask.nonzero())
+
+    with pytest.raises(
+        MaterializationError,
+        match=r"aten\.nonzero\.default on 'Nonzero\.mask' issued at .*test_materialize\.py",
+    ):
+        deferred_init(Nonzero)
+
+
+def test_op_without_fake_kernel_raises() -> None:
+    @torch.library.custom_op("lmtest_deferred::opaque", mutates_args=())
+    def opaque(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    class UsesOpaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("y", opaque(torch.ones(2)))
+
+    with pytest.raises(
+        MaterializationError,
+        match=r"lmtest_deferred\.opaque.*cannot run on a fake tensor.*outside deferred_init",
+    ):
+        deferred_init(UsesOpaque)
+
+
+def test_writing_into_captured_real_tensor_raises() -> None:
+    outside = torch.zeros(3)
+
+    class Writes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+            outside.copy_(self.w)
+
+    with pytest.raises(
+        MaterializationError,
+        match=r"aten\.copy_\.default.*writes into a real tensor captured.*clone",
+    ):
+        deferred_init(Writes)
+
+
+def test_captured_tensor_mutated_after_capture_raises() -> None:
+    captured = torch.ones(3)
+    module = build_deferred(lambda: md.Custom(captured))
+    captured.add_(1)
+    before = snapshot(module)
+    with pytest.raises(
+        MaterializationError,
+        match=r"aten\.mul\.Tensor issued at .*deferred_models\.py:\d+ for 'shifted'.*modified in place since \(version 0 -> 1\)",
+    ):
+        materialize(module)
+    assert_unchanged(module, before)
+
+
+def test_deferred_tensor_modified_after_block_raises() -> None:
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with torch.no_grad():
+        module.weight.mul_(2)  # on meta: not recorded
+    before = snapshot(module)
+    with pytest.raises(
+        MaterializationError,
+        match=r"cannot reproduce \['weight'\].*modified in place after the deferred_init block",
+    ):
+        materialize(module)
+    assert_unchanged(module, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": torch.int64}, "expected a floating point torch.dtype"),
+        ({"device": "meta"}, "pass a real device"),
+        ({"device": "nowhere"}, "device='nowhere'"),
+        ({"draw_on": "gpu"}, "expected 'cpu' or 'device'"),
+        ({"fallback": "zeros"}, "expected None or 'reset_parameters'"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict[str, object], match: str) -> None:
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with pytest.raises(MetaTensorError, match=match):
+        materialize(module, **kwargs)  # type: ignore[arg-type]
+    assert is_deferred(module)
+
+
+def test_bad_targets_raise() -> None:
+    with pytest.raises(MetaTensorError, match=r"expects an nn\.Module, got Tensor"):
+        materialize(torch.ones(2))  # type: ignore[arg-type]
+    with pytest.raises(
+        MetaTensorError, match=r"expects an nn\.Module or a torch\.Tensor, got list"
+    ):
+        is_deferred([])  # type: ignore[arg-type]
+    with pytest.raises(MetaTensorError, match="got arguments but no callable"):
+        deferred_init(None, 3)
+    with pytest.raises(MetaTensorError, match="expects a callable"):
+        deferred_init(3)  # type: ignore[call-overload]
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with deferred_init(), pytest.raises(MetaTensorError, match="after the block ends"):
+        materialize(module)
+    with pytest.raises(MetaTensorError, match=r"asked for \['nope'\]"):
+        materialize_paths(module, ["nope"])

@@ -1,0 +1,106 @@
+"""Peak training-step memory of estimate() against the measured real step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_estimate import cnn, first, llama, mlp
+from torch import nn
+
+from lightning_meta import estimate
+from lightning_meta._estimate._track import LiveBytes
+from support.measure import measure_training_step
+
+MODELS = {
+    "mlp": (mlp, lambda: torch.randn(8, 32)),
+    "cnn": (cnn, lambda: torch.randn(4, 3, 16, 16)),
+    "llama": (llama, lambda: torch.randint(0, 256, (2, 12))),
+}
+
+
+def test_live_bytes_counts_storages_once_and_frees_them() -> None:
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.ones(256)  # 1 KiB
+        view = a[:128]  # same storage: free
+        a.mul_(2)  # in place: free
+        b = a * 2  # 1 KiB more
+        del a  # the view keeps the storage alive
+        assert tracker.total == 2048
+        del view
+        assert tracker.total == 1024
+        c = torch.zeros(512, dtype=torch.float64)  # 4 KiB
+        del b, c
+    assert tracker.peak == 1024 + 4096
+    assert tracker.total == 0
+
+
+def test_live_bytes_categories() -> None:
+    tracker = LiveBytes()
+    w = torch.ones(10)
+    tracker.track(w, "parameters")
+    tracker.allocate_as = "temporaries"
+    with tracker:
+        t = w + 1
+        tracker.retag(t, "gradients")
+    assert tracker.current["parameters"] == 40
+    assert tracker.current["gradients"] == 40
+    assert tracker.peak_breakdown["temporaries"] == 40  # what it was at the peak
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peak_within_ten_percent_of_measured(name: str, optimizer: str, precision: str) -> None:
+    factory, make_input = MODELS[name]
+    torch.manual_seed(0)
+    x = make_input()
+    est = estimate(factory, x, loss_fn=first, optimizer=optimizer, precision=precision)
+    real = measure_training_step(factory(), (x,), loss_fn=first, optimizer=optimizer, precision=precision)
+    assert abs(est.peak_bytes - real.peak_bytes) <= 0.10 * real.peak_bytes
+    assert est.forward_flops == real.forward_flops
+    assert est.backward_flops == real.backward_flops
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam", None])
+def test_plain_loop_and_other_optimizers(optimizer: str | None) -> None:
+    x = torch.randint(0, 256, (2, 12))
+    est = estimate(llama, x, loss_fn=first, optimizer=optimizer, loop="plain")
+    real = measure_training_step(llama(), (x,), loss_fn=first, optimizer=optimizer, loop="plain")
+    assert abs(est.peak_bytes - real.peak_bytes) <= 0.10 * real.peak_bytes
+
+
+def test_lightning_loop_keeps_gradients_through_forward() -> None:
+    lightning = estimate(mlp, "64,32:float32", loop="lightning")
+    plain = estimate(mlp, "64,32:float32", loop="plain")
+    assert lightning.peak_bytes >= plain.peak_bytes
+    assert lightning.gradient_bytes == plain.gradient_bytes == lightning.parameter_bytes
+
+
+def test_breakdown_adds_up() -> None:
+    est = estimate(llama, "2,12:int64", optimizer="adamw")
+    parts = est.peak_breakdown
+    assert sum(parts.values()) == est.peak_bytes
+    assert parts["parameters"] == est.parameter_bytes
+    assert parts["optimizer_state"] == est.optimizer_state_bytes
+    assert est.peak_phase in ("forward", "backward", "optimizer step")
+    assert est.activation_bytes > 0
+
+
+def test_tied_weights_counted_once() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.head(self.emb(x))
+            return out
+
+    x = torch.randint(0, 50, (4, 6))
+    est = estimate(Tied, x)
+    assert est.parameters == 800
+    real = measure_training_step(Tied(), (x,))
+    assert est.peak_bytes == real.peak_bytes

@@ -1,0 +1,154 @@
+"""Tests for lightning_meta._estimate._repeat: deep stacks estimated from 2, 3 and 4 blocks."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta import Estimate, estimate
+from lightning_meta._estimate._repeat import MIN_BLOCKS, find_repeat
+
+
+def deep_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=MIN_BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 16, scale: float = 1.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x)) * self.scale
+
+
+class Stack(nn.Module):
+    """``n`` blocks in a ModuleList; ``use`` limits how many the forward calls."""
+
+    def __init__(self, blocks: list[nn.Module], use: int | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(16, 4)
+        self.use = use
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[: self.use]:
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+
+class Dense(Stack):
+    """Every block sees all earlier outputs: the cost grows with the square of the depth."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [x]
+        for block in self.blocks:
+            mixed = torch.cat(outs, dim=-1) @ torch.ones(16 * len(outs), 16)
+            outs.append(block(mixed))
+        out: torch.Tensor = self.head(outs[-1])
+        return out
+
+
+def _same(a: Estimate, b: Estimate) -> None:
+    da, db = a.to_dict(), b.to_dict()
+    assert da.pop("method") != db.pop("method")
+    for key in da:
+        assert da[key] == db[key], key
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "precision", "loop"),
+    [("adamw", "32-true", "lightning"), ("sgd", "bf16-mixed", "plain")],
+)
+def test_extrapolated_equals_full_step(optimizer: str, precision: str, loop: Any) -> None:
+    options = dict(optimizer=optimizer, precision=precision, loop=loop, depth=5)
+    fast = estimate(deep_llama, "2,12:int64", **options)
+    full = estimate(deep_llama, "2,12:int64", extrapolate=False, **options)
+    assert fast.method.startswith(f"model.layers: {MIN_BLOCKS} identical blocks, extrapolated")
+    assert full.method == "full step"
+    _same(fast, full)  # every field, every per-module row down to depth 5
+    names = [m.name for m in fast.modules]
+    assert f"model.layers.{MIN_BLOCKS - 1}.self_attn.q_proj" in names
+
+
+def test_the_model_is_left_as_it_was() -> None:
+    with torch.device("meta"):
+        model = deep_llama()
+    before = list(model.model.layers)
+    est = estimate(model, "2,12:int64")
+    assert "extrapolated" in est.method
+    assert list(model.model.layers) == before
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_shallow_stacks_run_in_full() -> None:
+    est = estimate(lambda: Stack([Block() for _ in range(MIN_BLOCKS - 1)]), "4,16:float32")
+    assert est.method == "full step"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: Stack([Block(scale=1.0 + (i == 5)) for i in range(12)]), r"differ in 'scale'"),
+        (lambda: Stack([Block() for _ in range(11)] + [nn.Sequential(nn.Linear(16, 16))]), r"different submodules"),
+        (lambda: Stack([Block() for _ in range(12)], use=2), r"does not call each block once"),
+        (lambda: Dense([Block() for _ in range(12)]), r"not linear in the number of blocks"),
+    ],
+    ids=["attribute", "structure", "some-blocks", "quadratic"],
+)
+def test_extrapolation_refused(make: Any, reason: str) -> None:
+    est = estimate(make, "4,16:float32", optimizer="adamw", depth=3)
+    assert est.method.startswith("full step (not extrapolated: ")
+    assert re.search(reason, est.method), est.method
+    full = estimate(make, "4,16:float32", optimizer="adamw", depth=3, extrapolate=False)
+    da, db = est.to_dict(), full.to_dict()
+    da.pop("method"), db.pop("method")
+    assert da == db
+
+
+def test_tied_blocks_are_not_extrapolated() -> None:
+    shared = Block()
+    model = Stack([Block() for _ in range(11)])
+    model.blocks.append(shared)
+    model.blocks[0].fc.weight = shared.fc.weight
+    rep, why = find_repeat(model)
+    assert rep is None
+    assert "shares a tensor" in why
+
+
+def test_layer_index_attribute_is_allowed() -> None:
+    blocks = [Block() for _ in range(12)]
+    for i, b in enumerate(blocks):
+        b.layer_idx = i  # type: ignore[assignment]
+    rep, why = find_repeat(Stack(blocks))
+    assert rep is not None and rep.name == "blocks" and rep.count == 12, why
+
+
+def test_per_block_config_settings_refuse_extrapolation() -> None:
+    """Blocks that read `config.layer_types[self.layer_idx]` look alike but differ."""
+    from types import SimpleNamespace
+
+    kinds = ["full" if i % 6 == 5 else "local" for i in range(12)]
+    model = Stack([Block() for _ in range(12)])
+    model.config = SimpleNamespace(layer_types=kinds)  # type: ignore[assignment]
+    rep, why = find_repeat(model)
+    assert rep is None
+    assert why == "blocks: config.layer_types differs between blocks"
+    model.config = SimpleNamespace(layer_types=["full"] * 12)  # type: ignore[assignment]
+    assert find_repeat(model)[0] is not None

@@ -1,0 +1,343 @@
+"""load_checkpoint: every format into meta, deferred and real modules; strictness; faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_meta as lm
+from lightning_meta import load_checkpoint
+from support import deferred_models as md
+from support import load_models as ml
+
+FORMATS = ["torch", "torch-legacy", "safetensors", "sharded", "sharded-bin", "dcp", "dcp-lightning"]
+KINDS = ["meta", "deferred", "real"]
+
+
+@pytest.fixture(scope="module")
+def ref() -> torch.nn.Module:
+    return ml.eager()
+
+
+@pytest.fixture(scope="module")
+def files(ref: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("formats")
+    return {fmt: ml.write(fmt, ref, root) for fmt in FORMATS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip(fmt: str, kind: str, files: dict[str, Path], ref: torch.nn.Module) -> None:
+    m = ml.build(kind)
+    report = load_checkpoint(m, files[fmt])
+    assert report.format == {"sharded-bin": "sharded", "dcp-lightning": "dcp"}.get(fmt, fmt)
+    state = ref.state_dict()
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[name]), name
+    assert m.lm_head.weight is m.transformer["wte"].weight
+    assert report.tied == [("lm_head.weight", "transformer.wte.weight")]
+    assert report.missing == report.unexpected == report.cast == []
+    assert report.bytes_read > 0
+    buffers = [f"transformer.h.{i}.attn.bias" for i in range(2)]
+    if kind == "meta":
+        assert report.left_on_meta == buffers  # never deferred, not in any checkpoint
+    else:
+        ml.assert_equal(m, ref)
+        assert report.replayed == (buffers if kind == "deferred" else [])
+        assert not lm.is_deferred(m)
+
+
+def test_real_module_copied_in_place(files: dict[str, Path], ref: torch.nn.Module) -> None:
+    m = ml.build("real")
+    params = list(m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    load_checkpoint(m, files["safetensors"])
+    assert list(m.parameters()) == params
+    assert all(a is b for a, b in zip(opt.param_groups[0]["params"], m.parameters(), strict=True))
+    ml.assert_equal(m, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dtype_bf16(kind: str, files: dict[str, Path], ref: torch.nn.Module) -> None:
+    m = ml.build(kind)
+    report = load_checkpoint(m, files["torch"], dtype=torch.bfloat16)
+    state = ref.state_dict()
+    for name, t in m.state_dict().items():
+        assert t.dtype == torch.bfloat16, name
+        assert torch.equal(t, state[name].to(torch.bfloat16)), name
+    assert "lm_head.weight" in report.cast
+    assert m.lm_head.weight is m.transformer["wte"].weight
+    if kind == "deferred":
+        ml.assert_equal(m, ref, cast=lambda t: t.to(torch.bfloat16))
+
+
+def test_lightning_ckpt_into_module_and_inner(tmp_path: Path) -> None:
+    path, trained = ml.write_lightning(tmp_path)
+    inner = ml.build("deferred")
+    report = load_checkpoint(inner, path)
+    assert (report.format, report.prefix) == ("lightning", "model.")
+    ml.assert_equal(inner, trained)
+    outer = ml.Wrapper(deferred=True)
+    report = load_checkpoint(outer, path)
+    assert report.prefix == ""
+    ml.assert_equal(outer.model, trained)
+    with torch.device("meta"):
+        twin = md.NanoGPT()
+    with pytest.raises(lm.MetaTensorError, match=r"prefix='nope\.' matches no checkpoint key"):
+        load_checkpoint(twin, path, prefix="nope")
+    # a copy: `inner` maps the original file's pages, which must not change under it
+    cut = _truncate(Path(shutil.copy(path, tmp_path / "cut.ckpt")))
+    before = ml.snapshot(inner)
+    with pytest.raises(
+        lm.MetaTensorError, match=r"cut.ckpt' is not a valid torch checkpoint \(truncated"
+    ):
+        load_checkpoint(inner, cut)
+    ml.assert_unchanged(inner, before)
+
+
+def test_ambiguous_prefix_refused(tmp_path: Path, ref: torch.nn.Module) -> None:
+    state = {
+        f"{side}.{k}": v for side in ("student", "teacher") for k, v in ref.state_dict().items()
+    }
+    torch.save(state, tmp_path / "two.pt")
+    m = ml.build("meta")
+    before = ml.snapshot(m)
+    with pytest.raises(lm.MetaTensorError, match=r"several prefixes \['student\.', 'teacher\.'\]"):
+        load_checkpoint(m, tmp_path / "two.pt")
+    ml.assert_unchanged(m, before)
+    report = load_checkpoint(m, tmp_path / "two.pt", prefix="teacher.")
+    assert report.ignored == sorted(k for k in state if k.startswith("student."))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shape_mismatch_leaves_module_unchanged(
+    kind: str, tmp_path: Path, ref: torch.nn.Module
+) -> None:
+    state = ref.state_dict()
+    state["transformer.ln_f.weight"] = torch.ones(17)
+    state["transformer.h.1.ln_2.bias"] = torch.ones(3)
+    torch.save(state, tmp_path / "bad.pt")
+    m = ml.build(kind)
+    before = ml.snapshot(m)
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"(?s)shape mismatch \(2\):\n    'transformer.h.1.ln_2.bias' has shape \(16,\) in "
+        r"the model but \(3,\) in the checkpoint\n    'transformer.ln_f.weight' has shape \(16,\) "
+        r"in the model but \(17,\)",
+    ):
+        load_checkpoint(m, tmp_path / "bad.pt")
+    ml.assert_unchanged(m, before)
+    report = load_checkpoint(m, tmp_path / "bad.pt", strict=False)
+    assert [n for n, *_ in report.mismatched] == [
+        "transformer.h.1.ln_2.bias",
+        "transformer.ln_f.weight",
+    ]
+    assert "transformer.ln_f.weight" not in report.loaded
+
+
+def test_missing_and_unexpected_listed_with_closest(tmp_path: Path, ref: torch.nn.Module) -> None:
+    state = ref.state_dict()
+    state["transformer.h.0.ln1.weight"] = state.pop("transformer.h.0.ln_1.weight")
+    del state["transformer.wpe.weight"]
+    torch.save(state, tmp_path / "renamed.pt")
+    m = ml.build("deferred")
+    before = ml.snapshot(m)
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"(?s)missing from the checkpoint \(2\):\n    'transformer.h.0.ln_1.weight' \(closest: "
+        r"'transformer.h.0.ln1.weight'\)\n    'transformer.wpe.weight'\n  unexpected in the checkpoint "
+        r"\(1\):\n    'transformer.h.0.ln1.weight' \(closest: 'transformer.h.0.ln_1.weight'\)",
+    ):
+        load_checkpoint(m, tmp_path / "renamed.pt")
+    ml.assert_unchanged(m, before)
+    report = load_checkpoint(m, tmp_path / "renamed.pt", strict=False)
+    assert report.missing == ["transformer.h.0.ln_1.weight", "transformer.wpe.weight"]
+    assert report.unexpected == ["transformer.h.0.ln1.weight"]
+    # a deferred module gets what the checkpoint lacks replayed exactly
+    assert set(report.missing) <= set(report.replayed)
+    torch.manual_seed(ml.SEED + 1)
+    assert torch.equal(m.transformer["wpe"].weight, md.NanoGPT().transformer["wpe"].weight)
+    assert not lm.is_deferred(m)
+
+
+def _truncate(path: Path) -> Path:
+    """Cut the file (or the largest data file of a directory) to half its size."""
+    target = path
+    if path.is_dir():
+        data = [p for p in path.iterdir() if p.suffix in (".distcp", ".safetensors", ".bin")]
+        target = max(data, key=lambda p: p.stat().st_size)
+    size = target.stat().st_size
+    with target.open("r+b") as f:
+        f.truncate(size // 2)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["meta", "deferred", "real"])
+@pytest.mark.parametrize(
+    "fmt", ["torch", "torch-legacy", "safetensors", "sharded", "sharded-bin", "dcp"]
+)
+def test_truncated_file_leaves_module_unchanged(
+    fmt: str, kind: str, tmp_path: Path, ref: torch.nn.Module
+) -> None:
+    path = ml.write(fmt, ref, tmp_path)
+    cut = _truncate(path)
+    m = ml.build(kind)
+    before = ml.snapshot(m)
+    with pytest.raises(lm.MetaTensorError, match=rf"{cut.name}.*(truncated|incomplete|damaged)"):
+        load_checkpoint(m, path)
+    ml.assert_unchanged(m, before)
+
+
+def test_bad_safetensors_header(tmp_path: Path, ref: torch.nn.Module) -> None:
+    path = ml.write("safetensors", ref, tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = b"{xx:"
+    path.write_bytes(bytes(raw))
+    m = ml.build("meta")
+    before = ml.snapshot(m)
+    with pytest.raises(lm.MetaTensorError, match=r"not a valid safetensors file \(bad header"):
+        load_checkpoint(m, path)
+    ml.assert_unchanged(m, before)
+
+
+def test_sharded_index_errors(tmp_path: Path, ref: torch.nn.Module) -> None:
+    path = ml.write("sharded", ref, tmp_path)
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[-1]
+    m = ml.build("deferred")
+    before = ml.snapshot(m)
+    # sizes that disagree: the index claims a tensor in the wrong shard
+    first = sorted(set(data["weight_map"].values()))[0]
+    key = next(k for k, v in data["weight_map"].items() if v == shard)
+    data["weight_map"][key] = first
+    index.write_text(json.dumps(data))
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=rf"index .* and its shards disagree:\n  '{key}': index says '{first}'",
+    ):
+        load_checkpoint(m, path)
+    index.write_text("{not json")
+    with pytest.raises(
+        lm.MetaTensorError, match=r"model.safetensors.index.json' is not valid JSON"
+    ):
+        load_checkpoint(m, index)
+    data["weight_map"][key] = shard
+    index.write_text(json.dumps(data))
+    (path / shard).unlink()
+    with pytest.raises(
+        lm.MetaTensorError, match=rf"refers to shard\(s\) \['{shard}'\] that do not exist"
+    ):
+        load_checkpoint(m, path)
+    ml.assert_unchanged(m, before)
+
+
+def test_malicious_pickle_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.ones(2), "evil": ml.Payload(str(marker))}, tmp_path / "evil.pt")
+    m = ml.build("meta")
+    before = ml.snapshot(m)
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"(?s)cannot be loaded with weights_only=True.*load_models.write_payload.*safe_globals=",
+    ):
+        load_checkpoint(m, tmp_path / "evil.pt")
+    assert not marker.exists()
+    ml.assert_unchanged(m, before)
+
+
+def test_safe_globals_allow_a_trusted_checkpoint(tmp_path: Path, ref: torch.nn.Module) -> None:
+    from fractions import Fraction
+
+    torch.save({"state_dict": ref.state_dict(), "extra": Fraction(1, 3)}, tmp_path / "c.ckpt")
+    m = ml.build("meta")
+    with pytest.raises(lm.MetaTensorError, match=r"It needs: \['fractions.Fraction'\]"):
+        load_checkpoint(m, tmp_path / "c.ckpt")
+    assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=[Fraction]).format == "lightning"
+
+
+def test_bad_arguments(tmp_path: Path, files: dict[str, Path]) -> None:
+    m = ml.build("meta")
+    with pytest.raises(
+        lm.MetaTensorError, match=r"no checkpoint at '.*nothing.pt'. Fix: check the path"
+    ):
+        load_checkpoint(m, tmp_path / "nothing.pt")
+    (tmp_path / "x.txt").write_text("hello world, not a checkpoint")
+    with pytest.raises(lm.MetaTensorError, match=r"not a checkpoint format lightning_meta knows"):
+        load_checkpoint(m, tmp_path / "x.txt")
+    with pytest.raises(lm.MetaTensorError, match=r"expects an nn.Module, got dict"):
+        load_checkpoint({}, files["torch"])  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match=r"dtype=torch.int64; expected a floating point"):
+        load_checkpoint(m, files["torch"], dtype=torch.int64)
+    with pytest.raises(lm.MetaTensorError, match=r"device='meta'"):
+        load_checkpoint(m, files["torch"], device="meta")
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    with pytest.raises(lm.MetaTensorError, match=r"holds a Tensor, not a state dict"):
+        load_checkpoint(m, tmp_path / "tensor.pt")
+    os.mkdir(tmp_path / "empty")
+    with pytest.raises(lm.MetaTensorError, match=r"is a directory but holds no"):
+        load_checkpoint(m, tmp_path / "empty")
+
+
+def test_transformers_gpt2_sharded_keeps_ties(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(cfg)
+    ref.save_pretrained(tmp_path / "gpt2", max_shard_size="20KB")
+    assert len(list((tmp_path / "gpt2").glob("*.safetensors"))) > 1
+    for m in (
+        lm.deferred_init(transformers.GPT2LMHeadModel, cfg),
+        transformers.GPT2LMHeadModel(cfg),
+    ):
+        report = load_checkpoint(m, tmp_path / "gpt2")
+        assert m.lm_head.weight is m.transformer.wte.weight
+        assert report.tied == [("lm_head.weight", "transformer.wte.weight")]
+        ml.assert_equal(m, ref)
+
+
+def test_transformers_llama_inv_freq_replayed(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg)
+    ref.save_pretrained(tmp_path / "llama")
+    m = lm.deferred_init(transformers.LlamaForCausalLM, cfg)
+    report = load_checkpoint(m, tmp_path / "llama", dtype=torch.bfloat16)
+    assert "model.rotary_emb.inv_freq" in report.replayed
+    ml.assert_equal(m, ref, cast=lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)
+    m = lm.deferred_init(transformers.LlamaForCausalLM, cfg)
+    load_checkpoint(m, tmp_path / "llama")
+    assert torch.equal(m.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    ml.assert_equal(m, ref)
+
+
+def test_more_structural_errors(tmp_path: Path, ref: torch.nn.Module) -> None:
+    m = ml.build("deferred")
+    before = ml.snapshot(m)
+    (tmp_path / "a.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(lm.MetaTensorError, match=r"a.index.json' has no 'weight_map'"):
+        load_checkpoint(m, tmp_path / "a.index.json")
+    (tmp_path / "junk.bin").write_bytes(b"junk" * 10)
+    (tmp_path / "b.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "junk.bin"}})
+    )
+    with pytest.raises(
+        lm.MetaTensorError, match=r"shard '.*junk.bin' of .* is neither safetensors nor"
+    ):
+        load_checkpoint(m, tmp_path / "b.index.json")
+    path = ml.write("dcp", ref, tmp_path)
+    (path / ".metadata").write_bytes((path / ".metadata").read_bytes()[:40])
+    with pytest.raises(lm.MetaTensorError, match=r"metadata '.*\.metadata' cannot be read"):
+        load_checkpoint(m, path)
+    with pytest.raises(lm.MetaTensorError, match=r"device='nowhere'"):
+        load_checkpoint(m, path, device="nowhere")
+    ml.assert_unchanged(m, before)

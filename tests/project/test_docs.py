@@ -1,0 +1,217 @@
+"""Run every code block of the documentation (docs/**/*.md and README.md) on the CPU.
+
+One test per page. A page's blocks run in order, in one temporary working
+directory, like a reader pasting them one after another:
+
+- ```` ```python ```` blocks are executed in one namespace per page;
+- ```` ```python title="name.py" ```` blocks are written to ``name.py`` in the
+  working directory (and not executed), for the shell blocks that follow to
+  run or import;
+- ```` ```bash ```` blocks run under ``bash -e -o pipefail`` with this
+  interpreter's ``bin`` directory first on ``PATH`` (so ``python`` and
+  ``lightning-meta`` are the project's) and a ``.venv`` link to it, and must
+  exit 0;
+- ```` ```text ```` is program output: right after a python block (nothing but
+  blank lines between them) it must equal what that block printed, so shown
+  output cannot drift from the code; elsewhere (after a shell command, whose
+  output depends on the terminal) it is shown as is. ```` ```mermaid ```` is a
+  diagram.
+
+An HTML comment right before a fence changes what happens to that block:
+``<!-- docs-test: skip REASON -->`` leaves it out (the reason is required and
+shown in the test report) and ``<!-- docs-test: returncode N -->`` expects a
+shell block to exit with N. Skips are rare on purpose: each is listed in
+``ALLOWED_SKIPS`` below, so adding one is a reviewed change. README.md may not
+carry markers (it stays as short as possible), so its skips live here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+
+CODE = {"python", "py", "bash", "sh", "shell"}
+NOT_CODE = {"text", "mermaid"}
+
+# (page relative to the root, first line of the block) -> why it cannot run here.
+ALLOWED_SKIPS = {
+    ("README.md", "bash scripts/demo.sh    # the main job: trains an ensemble and a hypernetwork on the CPU"):
+        "set-up of .venv itself (pip) and the whole test suite, which contains this test; "
+        "the demo runs in tests/project/test_examples.py, the suite in CI",
+    ("docs/getting-started.md", "bash scripts/demo.sh    # set up .venv, then train an ensemble and a hypernetwork"):
+        "the README's two commands: set-up (pip) and the whole suite, which contains this test",
+}
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+_MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<what>skip|returncode)\s*(?P<arg>.*?)\s*-->\s*$")
+_TITLE = re.compile(r"""title\s*=\s*["']([^"']+)["']""")
+
+
+@dataclasses.dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    title: str | None
+    source: str
+    skip: str | None = None
+    returncode: int = 0
+    adjacent: bool = False  # only blank lines since the previous block's closing fence
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def first_line(self) -> str:
+        return self.source.splitlines()[0] if self.source else ""
+
+
+def blocks(page: Path) -> list[Block]:
+    """Return every fenced block of ``page`` with its marker, in order."""
+    lines = page.read_text().splitlines()
+    out: list[Block] = []
+    i = 0
+    last_close = -2
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence, info = m["indent"], m["fence"], m["info"].strip()
+        start = i
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence) and lines[i].strip().strip(fence[0]) == ""
+        ):
+            line = lines[i]
+            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            i += 1
+        close = i
+        i += 1  # the closing fence
+        lang = info.split()[0].lower() if info else ""
+        title = _TITLE.search(info)
+        block = Block(page, start + 1, lang, title[1] if title else None, "\n".join(body) + "\n")
+        block.adjacent = all(not line.strip() for line in lines[last_close + 1:start])
+        last_close = close
+        j = start - 1
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        marker = _MARKER.match(lines[j]) if j >= 0 else None
+        if marker and marker["what"] == "skip":
+            block.skip = marker["arg"] or "(no reason given)"
+        elif marker:
+            block.returncode = int(marker["arg"])
+        rel = str(page.relative_to(ROOT))
+        if (rel, block.first_line.strip()) in ALLOWED_SKIPS:
+            block.skip = ALLOWED_SKIPS[(rel, block.first_line.strip())]
+        out.append(block)
+    return out
+
+
+def test_every_block_is_known_code_or_output() -> None:
+    """No untested block sneaks in under an unknown language, and every skip is listed."""
+    problems = []
+    for page in PAGES:
+        for block in blocks(page):
+            if block.lang not in CODE | NOT_CODE:
+                problems.append(f"{block.where}: fence language {block.lang!r} is neither code "
+                                f"({sorted(CODE)}) nor output ({sorted(NOT_CODE)})")
+            rel = str(page.relative_to(ROOT))
+            if block.skip and (rel, block.first_line.strip()) not in ALLOWED_SKIPS:
+                problems.append(f"{block.where}: skipped ({block.skip}) but not in ALLOWED_SKIPS")
+    assert not problems, "\n".join(problems)
+    assert sum(1 for p in PAGES for b in blocks(p) if b.lang in CODE) >= 20
+
+
+def _shell_env(workdir: Path) -> dict[str, str]:
+    bindir = Path(sys.executable).parent
+    link = workdir / ".venv"
+    if not link.exists():
+        link.symlink_to(bindir.parent, target_is_directory=True)
+    env = dict(os.environ)
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir), env.get("PYTHONPATH")]))
+    env.update(COLUMNS="120", NO_COLOR="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_python(block: Block, namespace: dict[str, object]) -> str:
+    """Execute ``block`` in ``namespace``; return what it printed (also echoed)."""
+    code = compile(block.source, block.where, "exec")
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(code, namespace)
+    except Exception as e:
+        raise AssertionError(f"{block.where}: the python block raised {type(e).__name__}: {e}") from e
+    finally:
+        sys.stdout.write(printed.getvalue())
+    return printed.getvalue()
+
+
+def _normalize(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+def _run_shell(block: Block, workdir: Path) -> None:
+    proc = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", block.source],
+        cwd=workdir, env=_shell_env(workdir), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == block.returncode, (
+        f"{block.where}: `{shlex.quote(block.first_line)}` exited {proc.returncode}, "
+        f"expected {block.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+        f"{proc.stderr[-4000:]}"
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    skipped = []
+    printed: str | None = None  # output of the previous block when it was python
+    try:
+        for block in blocks(page):
+            if block.lang == "text" and block.adjacent and printed is not None:
+                assert _normalize(printed) == _normalize(block.source), (
+                    f"{block.where}: the output shown differs from what the block above "
+                    f"printed:\n--- shown\n{block.source}--- printed\n{printed}"
+                )
+            printed = None
+            if block.lang in NOT_CODE:
+                continue
+            if block.skip:
+                skipped.append(f"{block.where}: {block.skip}")
+                continue
+            if block.title:
+                (tmp_path / block.title).write_text(block.source)
+            elif block.lang in ("python", "py"):
+                printed = _run_python(block, namespace)
+            else:
+                _run_shell(block, tmp_path)
+    finally:
+        # Modules the page's files defined must not leak into the next page.
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules[name], "__file__", None) or ""
+            if file.startswith(str(tmp_path)):
+                del sys.modules[name]
+    for line in skipped:
+        print(f"skipped {line}")

@@ -1,0 +1,30 @@
+"""Run a runner module of this package in a fresh interpreter, as Lightning's launchers need."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import SUPPORT
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m support.<module> ARGS`` in ``cwd`` with one thread per process.
+
+    ``tests/`` goes on ``PYTHONPATH`` so the runner, and the worker processes
+    Lightning starts by re-running it, import ``support`` like the tests do.
+    """
+    tests = str(SUPPORT.parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    return subprocess.run(
+        [sys.executable, "-m", f"support.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )

@@ -1,0 +1,320 @@
+"""Ensemble: agreement with a loop over members on every execution path, state, errors."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+EXECUTIONS = ["auto", "vmap", "loop"]
+
+
+def mlp(dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Dropout(dropout), nn.Linear(8, 2))
+
+
+def members(n: int = 4, make=mlp) -> list[nn.Module]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return [make() for _ in range(n)]
+
+
+def loop(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([m(x) for m in mods])
+
+
+def assert_outputs_and_gradients_match(
+    ens: lm.Ensemble, mods: list[nn.Module], x: torch.Tensor
+) -> None:
+    out, ref = ens(x), loop(mods, x)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for i, m in enumerate(mods):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(ens.stacked.get_parameter(name).grad[i], p.grad)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_outputs_and_gradients_match_a_loop(execution: str) -> None:
+    mods = members()
+    ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+    assert_outputs_and_gradients_match(ens, mods, torch.randn(5, 3))
+
+
+def test_auto_picks_the_fused_path_for_linear_stacks_only() -> None:
+    assert lm.Ensemble(members()).execution == "fused"
+    conv = [nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU()) for _ in range(2)]
+    assert lm.Ensemble(conv).execution == "vmap"
+    with pytest.raises(lm.MetaTensorError, match="execution='fused'.*nn.Sequential of nn.Linear"):
+        lm.Ensemble(conv, execution="fused")
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_per_member_inputs_and_leading_dims(execution: str) -> None:
+    mods = members()
+    ens = lm.Ensemble(mods, per_member_inputs=True, execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(4, 2, 5, 3)
+    torch.testing.assert_close(ens(x), torch.stack([m(xi) for m, xi in zip(mods, x, strict=True)]))
+    shared = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+    torch.testing.assert_close(shared(x[0]), loop(mods, x[0]))
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_chunk_size_gives_the_same_result(execution: str) -> None:
+    mods = members(5)
+    x = torch.randn(6, 3)
+    ens = lm.Ensemble(mods, chunk_size=2, execution=execution)  # type: ignore[arg-type]
+    torch.testing.assert_close(ens(x), loop(mods, x))
+    per = lm.Ensemble(mods, chunk_size=2, per_member_inputs=True, execution=execution)  # type: ignore[arg-type]
+    xs = torch.randn(5, 6, 3)
+    torch.testing.assert_close(per(xs), torch.stack([m(xi) for m, xi in zip(mods, xs, strict=True)]))
+
+
+def bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+
+
+@pytest.mark.parametrize("execution", ["vmap", "loop"])
+def test_batchnorm_running_stats_update_per_member(execution: str) -> None:
+    mods = members(3, bn_net)
+    ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        torch.testing.assert_close(ens(x), loop(mods, x))
+    for i, m in enumerate(mods):
+        torch.testing.assert_close(ens.stacked.get_buffer("1.running_mean")[i], m[1].running_mean)
+        assert int(ens.stacked.get_buffer("1.num_batches_tracked")[i]) == 3
+    ens.eval()
+    for m in mods:
+        m.eval()
+    torch.testing.assert_close(ens(x), loop(mods, x))
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_dropout_differs_between_members_and_eval_switches_it_off(execution: str) -> None:
+    mods = [nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5)) for _ in range(2)]
+    with torch.no_grad():
+        for m in mods:
+            m[0].weight.fill_(1.0)
+            m[0].bias.fill_(0.0)
+    ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+    out = ens(torch.ones(1, 3))
+    assert not torch.equal(out[0] == 0, out[1] == 0)  # independent masks
+    ens.eval()
+    assert ens.template.training is False
+    torch.testing.assert_close(ens(torch.ones(1, 3)), torch.full((2, 1, 64), 3.0))
+
+
+def test_randomness_same_and_error() -> None:
+    mods = [nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5)) for _ in range(2)]
+    same = lm.Ensemble(mods, randomness="same")
+    assert same.execution == "vmap"
+    out = same(torch.ones(1, 3))
+    assert torch.equal(out[0] == 0, out[1] == 0)
+    with pytest.raises(RuntimeError, match="randomness"):
+        lm.Ensemble(mods, randomness="error")(torch.ones(1, 3))
+
+
+def test_tied_weights_in_members() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    mods = members(3, Tied)
+    ens = lm.Ensemble(mods)
+    assert sorted(ens.state_dict()) == ["stacked.a.bias", "stacked.a.weight", "stacked.b.bias"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ens(x), loop(mods, x))
+    member = ens.member(1)
+    assert member.b.weight is member.a.weight
+
+
+def test_member_returns_an_independent_real_module() -> None:
+    mods = members(3, bn_net)
+    ens = lm.Ensemble(mods).eval()
+    m = ens.member(-1)
+    assert isinstance(m, nn.Sequential) and not m.training
+    for (name, t), ref in zip(m.state_dict().items(), mods[2].state_dict().values(), strict=True):
+        assert torch.equal(t, ref), name
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    assert not torch.equal(ens.stacked.get_parameter("0.weight")[2], m[0].weight)
+    with pytest.raises(lm.MetaTensorError, match=r"member\(3\) is out of range for 3 members"):
+        ens.member(3)
+
+
+def test_from_factory_holds_one_member_at_a_time() -> None:
+    alive: list[weakref.ref[nn.Module]] = []
+
+    def factory() -> nn.Module:
+        gc.collect()
+        count = sum(r() is not None for r in alive)
+        assert count <= 1, f"{count} earlier members are still alive"
+        m = mlp()
+        alive.append(weakref.ref(m))
+        return m
+
+    ens = lm.Ensemble.from_factory(factory, 6)
+    assert len(ens) == 6 and ens.stacked.get_parameter("0.weight").shape == (6, 8, 3)
+    with pytest.raises(lm.MetaTensorError, match="num_members >= 1"):
+        lm.Ensemble.from_factory(mlp, 0)
+
+
+def test_state_dict_round_trip_and_readable_keys() -> None:
+    mods = members(3, bn_net)
+    ens = lm.Ensemble(mods)
+    other = lm.Ensemble(members(3, bn_net))
+    other.load_state_dict(ens.state_dict())
+    assert list(ens.state_dict()) == [
+        "stacked.0.weight", "stacked.0.bias", "stacked.1.weight", "stacked.1.bias",
+        "stacked.1.running_mean", "stacked.1.running_var", "stacked.1.num_batches_tracked",
+        "stacked.3.weight", "stacked.3.bias",
+    ]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(other(x), ens(x))
+    assert all(t.is_meta for t in other.template.module.parameters())
+
+
+def test_non_persistent_buffers_stay_non_persistent() -> None:
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("freq", torch.arange(2.0), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.freq
+
+    ens = lm.Ensemble(members(2, WithBuffer))
+    assert "stacked.freq" not in ens.state_dict()
+    assert ens.stacked.get_buffer("freq").shape == (2, 2)
+
+
+def test_deepcopy_and_pickle() -> None:
+    mods = members()
+    ens = lm.Ensemble(mods)
+    x = torch.randn(3, 3)
+    for clone in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+        torch.testing.assert_close(clone(x), ens(x))
+        assert clone.stacked.get_parameter("0.weight") is not ens.stacked.get_parameter("0.weight")
+        assert clone.template.module.get_parameter("0.weight").is_meta
+
+
+def test_pruning_hooks_on_stacked_tensors_apply() -> None:
+    from torch.nn.utils import prune
+
+    mods = members()
+    ens = lm.Ensemble(mods)
+    holder = ens.stacked.get_submodule("0")
+    prune.l1_unstructured(holder, "weight", amount=0.5)
+    x = torch.randn(3, 3)
+    mask = holder.get_buffer("weight_mask")
+    with torch.no_grad():
+        for i, m in enumerate(mods):
+            m[0].weight.mul_(mask[i])
+    torch.testing.assert_close(ens(x), loop(mods, x))
+    ens(x).sum().backward()
+    assert holder.get_parameter("weight_orig").grad is not None
+
+
+def test_module_to_moves_stacked_tensors_but_not_the_template() -> None:
+    ens = lm.Ensemble(members()).to(torch.float64)
+    assert ens.stacked.get_parameter("0.weight").dtype == torch.float64
+    assert ens.template.module.get_parameter("0.weight").is_meta
+    assert ens(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_wrong_input_width_raises_torch_error_from_the_member() -> None:
+    ens = lm.Ensemble(members())
+    with pytest.raises(RuntimeError, match=r"\[4, 5\] but got: \[4, 3\]|cannot be multiplied"):
+        ens(torch.randn(2, 5))
+
+
+def test_differently_shaped_members_are_listed() -> None:
+    a = mlp()
+    b = nn.Sequential(nn.Linear(3, 9), nn.GELU(), nn.Dropout(0.0), nn.Linear(9, 2))
+    c = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Dropout(0.0))
+    with pytest.raises(lm.MetaTensorError) as info:
+        lm.Ensemble([a, b])
+    message = str(info.value)
+    assert "member 1: parameter '0.weight' is (9, 3) torch.float32, member 0 has (8, 3)" in message
+    assert "member 1: parameter '3.weight' is (2, 9)" in message
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 lacks '3.weight' \(2, 8\)"):
+        lm.Ensemble([a, c])
+    with pytest.raises(lm.MetaTensorError, match="member 1 is Linear, member 0 is Sequential"):
+        lm.Ensemble([a, nn.Linear(3, 2)])
+    d = mlp()
+    d[0].weight.requires_grad_(False)
+    with pytest.raises(lm.MetaTensorError, match="'0.weight' has requires_grad=False"):
+        lm.Ensemble([a, d])
+    with pytest.raises(lm.MetaTensorError, match="member 1 holds '0.weight' on float64|is \\(8, 3\\) torch.float64"):
+        lm.Ensemble([a, mlp().double()])
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+        lm.Ensemble([a, mlp(dropout=0.5)])
+
+
+def test_other_bad_input() -> None:
+    with pytest.raises(lm.MetaTensorError, match="got no members"):
+        lm.Ensemble([])
+    with pytest.raises(lm.MetaTensorError, match="expects a sequence of modules, got one Linear"):
+        lm.Ensemble(nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match="member 0 is int"):
+        lm.Ensemble([1, 2])  # type: ignore[list-item]
+    with pytest.raises(lm.MetaTensorError, match="on the meta device"):
+        lm.Ensemble([nn.Linear(2, 2, device="meta")])
+    with pytest.raises(lm.MetaTensorError, match="randomness='sometimes'"):
+        lm.Ensemble(members(), randomness="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match="execution='fast'"):
+        lm.Ensemble(members(), execution="fast")  # type: ignore[arg-type]
+    with pytest.raises(lm.MetaTensorError, match="chunk_size=0"):
+        lm.Ensemble(members(), chunk_size=0)
+
+
+def test_keyword_inputs_go_to_every_member() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    mods = members(3, Scaled)
+    x = torch.randn(4, 2)
+    for execution in EXECUTIONS:
+        ens = lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+        torch.testing.assert_close(ens(x, scale=2.0), torch.stack([m(x, scale=2.0) for m in mods]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    from lightning_meta._ensemble import _fused as _ensemble_fused
+
+    monkeypatch.setattr(_ensemble_fused, "_PER_MEMBER_GRAD_MACS", 0)  # every layer takes it
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(3, 8, bias=bias), nn.ReLU(), nn.Linear(8, 8, bias=bias),
+                          nn.ReLU(), nn.Linear(8, 2, bias=bias)) for _ in range(3)]
+    ens = lm.Ensemble(mods)
+    assert_outputs_and_gradients_match(ens, mods, torch.randn(5, 3))
+    xs = torch.randn(3, 5, 3, requires_grad=True)
+    per = lm.Ensemble(mods, per_member_inputs=True)
+    per(xs).sum().backward()
+    assert xs.grad is not None and xs.grad.shape == xs.shape
+
+
+def test_members_with_other_settings_are_refused() -> None:
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+        lm.Ensemble([mlp(), mlp(dropout=0.5)])
