@@ -341,3 +341,95 @@ def test_more_structural_errors(tmp_path: Path, ref: torch.nn.Module) -> None:
     with pytest.raises(lm.MetaTensorError, match=r"device='nowhere'"):
         load_checkpoint(m, path, device="nowhere")
     ml.assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param(
+            {"path": 42}, TypeError, r"path=42 \(int\); expected a str or os.PathLike", id="path"
+        ),
+        pytest.param(
+            {"path": b"net.pt"}, TypeError, r"path=b'net.pt' \(bytes\); expected", id="path-bytes"
+        ),
+        pytest.param({"prefix": 3}, TypeError, r"prefix=3 \(int\); expected a str", id="prefix"),
+        pytest.param(
+            {"prefix": "nope"}, ValueError, r"prefix='nope\.' matches no checkpoint", id="prefix-v"
+        ),
+        pytest.param(
+            {"safe_globals": 42}, TypeError, r"safe_globals=42 \(int\); expected a seq", id="safe"
+        ),
+        pytest.param(
+            {"safe_globals": "fractions.Fraction"},
+            TypeError,
+            r"safe_globals='fractions.Fraction' \(str\); expected a sequence of classes",
+            id="safe-str",
+        ),
+        pytest.param(
+            {"safe_globals": ["fractions.Fraction"]},
+            TypeError,
+            r"got 'fractions.Fraction' \(str\) in safe_globals.*not their names",
+            id="safe-names",
+        ),
+    ],
+)
+def test_argument_errors_are_typed(
+    kwargs: dict[str, object], error: type[Exception], match: str, files: dict[str, Path]
+) -> None:
+    m = ml.build("deferred")
+    before = ml.snapshot(m)
+    args: dict[str, object] = {"path": files["torch"], **kwargs}
+    with pytest.raises(error, match=match) as info:
+        load_checkpoint(m, **args)  # type: ignore[arg-type]
+    assert isinstance(info.value, error)
+    assert isinstance(info.value, lm.MetaTensorError)
+    ml.assert_unchanged(m, before)
+
+
+def test_safe_globals_accept_pairs_and_tuples(tmp_path: Path, ref: torch.nn.Module) -> None:
+    from fractions import Fraction
+
+    torch.save({"state_dict": ref.state_dict(), "extra": Fraction(1, 3)}, tmp_path / "c.ckpt")
+    for trusted in ((Fraction,), [(Fraction, "fractions.Fraction")]):
+        m = ml.build("meta")
+        assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=trusted).format == "lightning"
+
+
+def test_errors_carry_the_keys_and_files(tmp_path: Path, ref: torch.nn.Module) -> None:
+    m = ml.build("meta")
+    nothing = tmp_path / "nothing.pt"
+    with pytest.raises(lm.MetaTensorError) as info:
+        load_checkpoint(m, nothing)
+    assert info.value.paths == (str(nothing),)
+    state = ref.state_dict()
+    state["transformer.ln_f.weight"] = torch.ones(17)
+    state["extra.weight"] = state.pop("transformer.wpe.weight")
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(lm.MetaTensorError, match="shape mismatch") as info:
+        load_checkpoint(m, tmp_path / "bad.pt")
+    assert info.value.paths == ("extra.weight", "transformer.ln_f.weight", "transformer.wpe.weight")
+    torch.save(
+        {f"{s}.{k}": v for s in "ab" for k, v in ref.state_dict().items()}, tmp_path / "2.pt"
+    )
+    with pytest.raises(lm.MetaTensorError, match="several prefixes") as info:
+        load_checkpoint(m, tmp_path / "2.pt")
+    assert info.value.paths == ("a", "b")
+
+
+def test_phases_run_on_their_own(files: dict[str, Path]) -> None:
+    from lightning_meta._load import _checkpoint as phases
+    from lightning_meta._load._formats import open_source
+    from lightning_meta._load._match import mismatch_error, plan_load
+
+    m = ml.build("deferred")
+    before = ml.snapshot(m)
+    source = open_source(files["safetensors"])
+    plan = plan_load(m, source, "net", prefix=None, strict=True)
+    assert mismatch_error(m, "net", plan, strict=True) is None
+    assert [g.names for g, _ in plan.load if len(g.slots) > 1] == [
+        ["transformer.wte.weight", "lm_head.weight"]
+    ]
+    conversion = phases.convert(source, plan, device=None, dtype=torch.bfloat16)
+    assert conversion.bytes_read == sum(e.nbytes for _, e in plan.load)
+    assert "lm_head.weight" in conversion.cast
+    ml.assert_unchanged(m, before)  # nothing in the module touched before the swap

@@ -1,7 +1,7 @@
-"""Match checkpoint keys to a module's tensors: prefixes, tied groups, shapes, messages.
+"""Match checkpoint keys to a module's tensors: prefixes, tied groups, shapes, the refusal.
 
 Everything here only looks: it walks the module and the checkpoint's
-:class:`~lightning_meta._load_formats.Entry` list and builds a :class:`Plan`,
+:class:`~lightning_meta._load._source.Entry` list and builds a :class:`Plan`,
 so a checkpoint that does not fit is refused before the module is touched.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_meta._errors import MetaTensorError
-from lightning_meta._load._formats import Entry
-from lightning_meta._slots import Slot, iter_slots
+from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._load._source import Entry, Source
+from lightning_meta._slots import Slot, tie_groups
 
-__all__ = ["Group", "Plan", "Slot", "detect_prefix", "make_plan", "module_groups"]
+__all__ = ["Group", "Plan", "detect_prefix", "make_plan", "mismatch_error", "plan_load"]
 
 
 @dataclass
@@ -28,25 +28,50 @@ class Group:
     tensor: torch.Tensor
     slots: list[Slot] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, slots: list[Slot]) -> Group:
+        """Return the group of one :func:`~lightning_meta._slots.tie_groups` entry."""
+        return cls(slots[0].tensor, slots)
+
     @property
     def names(self) -> list[str]:
+        """Every dotted name of the tensor, in walk order."""
         return [s.path for s in self.slots]
 
     @property
     def persistent(self) -> bool:
+        """Whether ``state_dict`` holds the tensor under any of its names."""
         return any(s.persistent for s in self.slots)
 
 
-def module_groups(module: nn.Module) -> list[Group]:
-    """Return every tensor of ``module`` (parameters, buffers, deferred attributes) as groups.
+def plan_load(
+    module: nn.Module, source: Source, where: str, *, prefix: str | None, strict: bool
+) -> Plan:
+    """Pair ``module``'s tensors with ``source``'s entries; refuse a checkpoint that does not fit.
 
-    Shared submodules and tied tensors appear under every name, as in
-    ``state_dict``; a group collects the names of one tensor object.
+    Args:
+        module: the module to fill; only looked at.
+        source: the opened checkpoint; only its entries are looked at.
+        where: the checkpoint as the caller named it, for the message.
+        prefix: the key prefix to strip, or ``None`` to detect it.
+        strict: refuse any missing, unexpected or mis-shaped key.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        ArgumentValueError: ``prefix`` matches no checkpoint key.
+        MetaTensorError: the prefix is ambiguous (see :func:`detect_prefix`),
+            or, with ``strict``, keys do not fit (see :func:`mismatch_error`).
     """
-    groups: dict[int, Group] = {}
-    for slot in iter_slots(module, remove_duplicate=False):
-        groups.setdefault(id(slot.tensor), Group(slot.tensor)).slots.append(slot)
-    return list(groups.values())
+    groups = [Group.of(slots) for slots in tie_groups(module)]
+    expected = {s.path for g in groups for s in g.slots if s.persistent}
+    chosen = detect_prefix(source.entries, expected, prefix)
+    plan = make_plan(groups, source.entries, source.others, chosen)
+    error = mismatch_error(module, where, plan, strict=strict)
+    if error is not None:
+        raise error
+    return plan
 
 
 def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) -> str:
@@ -56,15 +81,29 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     ``self.model`` has keys ``model.*``; loading it into that inner network
     strips ``model.``. The prefix matching the most keys wins; two different
     prefixes matching equally many (two copies of one network) are refused.
+
+    Args:
+        keys: the checkpoint's keys.
+        expected: the module's persistent names.
+        given: the caller's prefix (a missing trailing dot is added), or
+            ``None`` to detect it.
+
+    Returns:
+        The prefix, ending in a dot, or ``""`` for none.
+
+    Raises:
+        ArgumentValueError: ``given`` matches no key.
+        MetaTensorError: several prefixes match equally many keys; ``paths``
+            holds them, without their trailing dot.
     """
     keys = list(keys)
     if given is not None:
         if given and not given.endswith("."):
             given += "."
         if given and not any(k.startswith(given) for k in keys):
-            raise MetaTensorError(
-                f"prefix={given!r} matches no checkpoint key. Fix: pass one of "
-                f"{_prefixes(keys)} or prefix=None to detect it."
+            raise ArgumentValueError(
+                f"load_checkpoint: prefix={given!r} matches no checkpoint key. "
+                f"Fix: pass one of {_prefixes(keys)} or prefix=None to detect it."
             )
         return given
     counts: dict[str, int] = {}
@@ -86,7 +125,8 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     if len(winners) > 1:
         raise MetaTensorError(
             f"the checkpoint holds the module's keys under several prefixes {winners} "
-            f"({best} keys each). Fix: choose one with load_checkpoint(..., prefix=...)."
+            f"({best} keys each). Fix: choose one with load_checkpoint(..., prefix=...).",
+            paths=[w[:-1] for w in winners],
         )
     return winners[0]
 
@@ -97,9 +137,21 @@ def _prefixes(keys: list[str]) -> list[str]:
 
 @dataclass
 class Plan:
-    """What to load where, and everything that does not fit, each list sorted."""
+    """What to load where, and everything that does not fit, each list sorted.
+
+    Attributes:
+        prefix: the checkpoint key prefix stripped.
+        groups: every tensor group of the module, persistent or not.
+        load: each group to fill, with its checkpoint entry.
+        missing: persistent names the checkpoint lacks.
+        unexpected: checkpoint keys (prefix included) the module has no place for.
+        mismatched: ``(name, shape in the model, shape in the checkpoint)``.
+        ignored: checkpoint keys outside ``prefix``.
+        skipped: groups left as they are because a shape differs.
+    """
 
     prefix: str
+    groups: list[Group] = field(default_factory=list)
     load: list[tuple[Group, Entry]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -107,12 +159,33 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
     skipped: list[Group] = field(default_factory=list)
 
+    @property
+    def loaded_names(self) -> list[str]:
+        """Every module name the plan fills (each name of a tied group), sorted."""
+        return sorted({n for g, _ in self.load for n in g.names})
+
+    @property
+    def skipped_names(self) -> list[str]:
+        """Every module name of a group skipped for its shape, sorted."""
+        return sorted({n for g in self.skipped for n in g.names})
+
 
 def make_plan(
     groups: list[Group], entries: dict[str, Entry], others: list[str], prefix: str
 ) -> Plan:
-    """Pair every persistent group with its checkpoint entry and list what does not fit."""
-    plan = Plan(prefix)
+    """Pair every persistent group with its checkpoint entry and list what does not fit.
+
+    Args:
+        groups: the module's tensor groups.
+        entries: the checkpoint's tensors by key.
+        others: checkpoint keys of values that are not tensors.
+        prefix: the key prefix to strip (``""`` for none).
+
+    Returns:
+        The :class:`Plan`; a group is paired with the entry of its first name
+        the checkpoint holds, and every other name it holds must agree in shape.
+    """
+    plan = Plan(prefix, groups=groups)
     local: dict[str, Entry] = {}
     for key, entry in entries.items():
         if key.startswith(prefix):
@@ -154,11 +227,24 @@ def _shape(s: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
 
 
-def mismatch_message(module: nn.Module, where: str, plan: Plan, *, strict: bool) -> str | None:
+def mismatch_error(
+    module: nn.Module, where: str, plan: Plan, *, strict: bool
+) -> MetaTensorError | None:
     """Return the error listing every key that does not fit, or ``None`` if loading may go on.
 
-    Mis-shaped tensors always fail with ``strict=True``; missing and
-    unexpected keys fail only then too. With ``strict=False`` nothing fails.
+    With ``strict=True`` any mis-shaped, missing or unexpected key fails;
+    with ``strict=False`` nothing does (the report lists them).
+
+    Args:
+        module: the module, named in the message.
+        where: the checkpoint as the caller named it.
+        plan: the plan to judge.
+        strict: whether anything that does not fit fails.
+
+    Returns:
+        A :class:`~lightning_meta.MetaTensorError` whose ``paths`` are every
+        key it lists (missing and mis-shaped module names, unexpected
+        checkpoint keys), or ``None``.
     """
     if not strict or not (plan.missing or plan.unexpected or plan.mismatched):
         return None
@@ -188,4 +274,5 @@ def mismatch_message(module: nn.Module, where: str, plan: Plan, *, strict: bool)
         "sit under another attribute, or strict=False to load what matches and get the rest "
         "listed in the report."
     )
-    return "\n".join(lines)
+    paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
+    return MetaTensorError("\n".join(lines), paths=paths)

@@ -76,7 +76,16 @@ class LoadReport:
 
 @contextlib.contextmanager
 def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yield a callback advancing a rich progress bar over ``total`` bytes on stderr."""
+    """Show a rich progress bar over ``total`` bytes on stderr while the body runs.
+
+    Args:
+        total: the bytes the body will read.
+        label: the bar's label (the checkpoint's file name).
+        enabled: ``False`` shows nothing (and ``rich`` is not imported).
+
+    Returns:
+        A context manager yielding the callback that advances the bar by ``n`` bytes.
+    """
     if not enabled:
         yield lambda n: None
         return
