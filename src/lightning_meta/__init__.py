@@ -6,7 +6,9 @@ from lightning_meta._deferred._block import deferred_init, is_deferred
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._ensemble._ensemble import Ensemble
 from lightning_meta._errors import MaterializationError, MetaTensorError, MetaTensorWarning
-from lightning_meta._estimate._estimate import Estimate, InputSpec, ModuleEstimate, estimate
+from lightning_meta._estimate._estimate import estimate
+from lightning_meta._estimate._result import Estimate, ModuleEstimate
+from lightning_meta._estimate._specs import InputSpec
 from lightning_meta._guard._find import MetaFinding, assert_no_meta, find_meta_tensors
 from lightning_meta._load._checkpoint import LoadReport, load_checkpoint
 from lightning_meta._template._template import MetaTemplate, meta_template

@@ -127,3 +127,8 @@ def test_deep_stack_extrapolated_unless_asked(capsys: pytest.CaptureFixture[str]
     assert "extrapolated exactly" in fast.pop("method")
     assert full.pop("method") == "full step"
     assert fast == full
+
+
+def test_bad_device_exits_1(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--device", "bogus"]) == 1
+    assert "device='bogus', which torch does not recognise" in capsys.readouterr().err

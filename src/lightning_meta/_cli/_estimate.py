@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._errors import ArgumentValueError, MetaTensorError
 
 __all__ = ["add_parser", "run"]
 
@@ -62,7 +62,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
-    """Return a factory building a transformers model from a local config, never from a hub."""
+    """Return a factory building a transformers model from a local config, never from a hub.
+
+    Args:
+        config_text: a config file, a directory holding ``config.json``, or JSON text.
+        class_name: a transformers class; ``None`` takes the config's architecture.
+
+    Returns:
+        A factory named after the class and the model type, for messages.
+
+    Raises:
+        MetaTensorError: if transformers is not installed.
+        ArgumentValueError: if the config cannot be read or built, or the class is unknown.
+    """
     try:
         import transformers
     except ImportError as e:
@@ -74,19 +86,22 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
         raw = path.read_text() if path.is_file() else config_text
         data = json.loads(raw)
     except (OSError, json.JSONDecodeError) as e:
-        raise MetaTensorError(
+        raise ArgumentValueError(
             f"--hf-config {config_text!r} is neither a readable config file nor JSON text ({e}). "
             "Fix: pass the path of a config.json or its JSON content."
         ) from e
     if not isinstance(data, dict) or "model_type" not in data:
-        raise MetaTensorError(
+        raise ArgumentValueError(
             f"--hf-config {config_text!r} has no 'model_type'. Fix: add it, e.g. \"model_type\": \"llama\"."
         )
     model_type = data.pop("model_type")
     try:
         config = transformers.AutoConfig.for_model(model_type, **data)
     except Exception as e:
-        raise MetaTensorError(f"--hf-config: transformers cannot build a {model_type!r} config: {e}.") from e
+        raise ArgumentValueError(
+            f"--hf-config: transformers cannot build a {model_type!r} config: {e}. Fix: correct "
+            "the config's fields, or check the model_type."
+        ) from e
     architectures: list[str] = list(getattr(config, "architectures", None) or [])
     name = class_name or (architectures[0] if architectures else None)
     if name is None:
@@ -94,7 +109,7 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
     else:
         cls = getattr(transformers, name, None)
         if cls is None:
-            raise MetaTensorError(
+            raise ArgumentValueError(
                 f"--hf-config: transformers has no class {name!r}. Fix: give a model class such as "
                 "LlamaForCausalLM as TARGET."
             )
@@ -107,21 +122,28 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
 
 
 def _factory(args: argparse.Namespace) -> Callable[[], Any]:
+    """Return the factory of the model named by TARGET, or by ``--hf-config``.
+
+    Raises:
+        ArgumentValueError: if TARGET is missing or does not fit ``--hf-config``.
+        MetaTensorError: if the target cannot be imported.
+    """
     from lightning_meta._cli._target import target_factory
 
     if args.hf_config is not None:
         if args.target is not None and ":" in args.target:
-            raise MetaTensorError(
+            raise ArgumentValueError(
                 f"estimate: with --hf-config, TARGET {args.target!r} must be a transformers class "
                 "name such as LlamaForCausalLM. Fix: drop TARGET or give the class name."
             )
         return _hf_factory(args.hf_config, args.target)
     if args.target is None:
-        raise MetaTensorError("estimate: no TARGET. Fix: give 'package.module:Name', 'file.py:Name' or --hf-config.")
+        raise ArgumentValueError("estimate: no TARGET. Fix: give 'package.module:Name', 'file.py:Name' or --hf-config.")
     return target_factory(args.target, args.args)
 
 
 def _optimizer(text: str) -> Any:
+    """Return ``--optimizer`` as ``estimate`` takes it: ``None``, a loaded target, or the name."""
     if text.lower() == "none":
         return None
     if ":" in text:
@@ -143,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     from lightning_meta._estimate._estimate import estimate
-    from lightning_meta._estimate._options import parse_input_spec
+    from lightning_meta._estimate._specs import parse_input_spec
 
     try:
         inputs = tuple(parse_input_spec(s) for s in args.input) or None

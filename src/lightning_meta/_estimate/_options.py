@@ -1,34 +1,41 @@
-"""Normalise the options of :func:`lightning_meta.estimate`: precision, optimizer, input specs.
+"""Normalise the options of :func:`lightning_meta.estimate`: device, precision, optimizer, loop.
 
 Every option is checked here, before anything runs, so that a typo fails in
-milliseconds with a message that lists the accepted values.
+milliseconds with a message that lists the accepted values. A bad option is
+an :class:`~lightning_meta._errors.ArgumentTypeError` (wrong kind of value)
+or :class:`~lightning_meta._errors.ArgumentValueError` (unknown name, value
+out of range), both :class:`~lightning_meta.MetaTensorError`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._arguments import describe, real_device
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 
 __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
-    "InputSpec",
+    "LossFn",
+    "OptimizerFactory",
     "OptimizerLike",
+    "Options",
     "Precision",
     "make_optimizer_factory",
-    "parse_dtype",
-    "parse_input_spec",
+    "resolve_options",
     "resolve_precision",
+    "target_device",
 ]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 OptimizerLike = str | type[torch.optim.Optimizer] | OptimizerFactory | None
+LossFn = Callable[[Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -66,53 +73,63 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adamw": (torch.optim.AdamW, {}),
 }
 
-_DTYPE_ALIASES = {
-    "fp64": torch.float64,
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "half": torch.float16,
-    "float": torch.float32,
-    "double": torch.float64,
-    "long": torch.int64,
-    "int": torch.int32,
-}
+_PRECISION_NAMES = (
+    f"{', '.join(PRECISIONS)} (legacy {', '.join(_PRECISION_ALIASES)} also accepted)"
+)
 
 
 def resolve_precision(precision: str | int) -> Precision:
     """Return the :class:`Precision` for a Lightning precision name such as ``"bf16-mixed"``.
 
+    Args:
+        precision: a Lightning precision name, or a legacy one such as ``16``.
+
+    Returns:
+        The :class:`Precision`.
+
     Raises:
-        MetaTensorError: if ``precision`` is not one of Lightning's names.
+        ArgumentTypeError: if ``precision`` is neither a string nor an integer.
+        ArgumentValueError: if ``precision`` is not one of Lightning's names.
     """
+    if isinstance(precision, bool) or not isinstance(precision, (str, int)):
+        raise ArgumentTypeError(
+            f"estimate: precision={precision!r} is a {type(precision).__name__}, not a "
+            f"Lightning precision name. Fix: pass one of {_PRECISION_NAMES}."
+        )
     key = str(precision)
     key = _PRECISION_ALIASES.get(key, key)
     if key not in PRECISIONS:
-        raise MetaTensorError(
+        raise ArgumentValueError(
             f"estimate: unknown precision {precision!r}. Fix: use one of Lightning's names: "
-            f"{', '.join(PRECISIONS)} (legacy {', '.join(_PRECISION_ALIASES)} also accepted)."
+            f"{_PRECISION_NAMES}."
         )
     return PRECISIONS[key]
-
-
-def _describe(obj: object) -> str:
-    return str(getattr(obj, "__qualname__", None) or type(obj).__qualname__)
 
 
 def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, OptimizerFactory | None]:
     """Return ``(name, factory)`` for an optimizer name, class or factory (``None``: no step).
 
+    Args:
+        optimizer: a name in :data:`OPTIMIZERS`, an ``Optimizer`` subclass, a
+            callable taking the parameters, or ``None``.
+
+    Returns:
+        The name the estimate reports and the factory (both ``None`` for no
+        optimizer).
+
     Raises:
-        MetaTensorError: if ``optimizer`` is an unknown name or not callable.
+        ArgumentValueError: if ``optimizer`` is an unknown name.
+        ArgumentTypeError: if ``optimizer`` is neither a name nor callable (an
+            optimizer instance, say: its class is what is wanted).
     """
     if optimizer is None:
         return None, None
     if isinstance(optimizer, str):
         key = optimizer.lower()
         if key not in OPTIMIZERS:
-            raise MetaTensorError(
+            raise ArgumentValueError(
                 f"estimate: unknown optimizer {optimizer!r}. Fix: use one of "
-                f"{', '.join(OPTIMIZERS)}, an torch.optim.Optimizer subclass, or a callable "
+                f"{', '.join(OPTIMIZERS)}, a torch.optim.Optimizer subclass, or a callable "
                 "that takes the parameters and returns an optimizer."
             )
         cls, kwargs = OPTIMIZERS[key]
@@ -120,89 +137,129 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer.__name__, cast(OptimizerFactory, optimizer)
     if callable(optimizer):
-        return _describe(optimizer), cast(OptimizerFactory, optimizer)
-    raise MetaTensorError(
+        return describe(optimizer), cast(OptimizerFactory, optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        # its repr spans lines and its parameters are another model's
+        got = f"an {type(optimizer).__name__} instance, which holds other parameters"
+    else:
+        got = f"{type(optimizer).__name__} {optimizer!r}"
+    raise ArgumentTypeError(
         f"estimate: optimizer must be a name ({', '.join(OPTIMIZERS)}), an Optimizer class "
-        f"or a callable, got {type(optimizer).__name__} {optimizer!r}."
+        f"or a callable, got {got}. Fix: pass "
+        "optimizer='adamw', optimizer=torch.optim.AdamW or a function of the parameters."
     )
 
 
-class InputSpec(NamedTuple):
-    """The shape and dtype of one input tensor, standing in for the tensor itself.
+def target_device(device: Any) -> torch.device:
+    """Return the device to simulate the step on, refusing one this machine does not have.
+
+    Args:
+        device: the device the model would train on, as ``estimate`` got it.
+
+    Returns:
+        The ``torch.device``, with an index for an accelerator.
+
+    Raises:
+        ArgumentTypeError: if ``device`` is not a device, string or index.
+        ArgumentValueError: if ``device`` is ``meta``, unknown to torch, or
+            missing here (``cuda`` on a CPU-only torch): the fake step still
+            asks the device's backend for its properties, which aborts some
+            builds instead of raising.
+    """
+    if isinstance(device, (str, torch.device)):
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None  # real_device below words the refusal
+        if kind == "meta":
+            # estimate has its own reason to refuse meta, worth saying
+            raise ArgumentValueError(
+                "estimate: device='meta' picks kernels no real device runs (attention, for "
+                "one). Fix: pass the device the model would train on, such as 'cpu' or 'cuda'."
+            )
+    checked = real_device(device, "estimate", default="cpu")
+    return checked if checked is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The checked options of one :func:`~lightning_meta.estimate` call.
+
+    ``loss_fn`` is ``None`` for the default loss; ``optimizer_name`` and
+    ``optimizer_factory`` are ``None`` for a step without an optimizer.
+    """
+
+    device: torch.device
+    precision: Precision
+    optimizer_name: str | None
+    optimizer_factory: OptimizerFactory | None
+    loss_fn: LossFn | None
+    zero_grad_before_forward: bool
+    depth: int
+    extrapolate: bool
+
+
+def resolve_options(
+    *,
+    loss_fn: Any,
+    optimizer: Any,
+    precision: Any,
+    device: Any,
+    depth: Any,
+    loop: Any,
+    extrapolate: Any,
+) -> Options:
+    """Check the keyword options of ``estimate`` and return them normalised.
+
+    Args:
+        loss_fn: ``None`` or a callable taking the model's output.
+        optimizer: see :func:`make_optimizer_factory`.
+        precision: see :func:`resolve_precision`.
+        device: see :func:`target_device`.
+        depth: a non-negative ``int``.
+        loop: ``"lightning"`` or ``"plain"``.
+        extrapolate: whether deep stacks of identical blocks may be extrapolated.
+
+    Returns:
+        The :class:`Options`.
+
+    Raises:
+        ArgumentTypeError: if an option has the wrong type.
+        ArgumentValueError: if an option has a value that cannot work.
 
     Example::
 
-        >>> InputSpec((8, 16), torch.int64)
-        InputSpec(shape=(8, 16), dtype=torch.int64)
+        >>> resolve_options(loss_fn=None, optimizer="sgd", precision="bf16-mixed",
+        ...                 device="cpu", depth=2, loop="plain", extrapolate=True).precision
+        Precision(name='bf16-mixed', cast_to=None, autocast=torch.bfloat16)
     """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
-
-    def to_meta(self) -> torch.Tensor:
-        """Return a meta tensor of this shape and dtype."""
-        return torch.empty(self.shape, dtype=self.dtype, device="meta")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """Return the torch dtype called ``name`` (``float32``, ``bf16``, ``int64``, ...).
-
-    Raises:
-        MetaTensorError: if no torch dtype has that name.
-    """
-    key = name.strip().lower().removeprefix("torch.")
-    if key in _DTYPE_ALIASES:
-        return _DTYPE_ALIASES[key]
-    dtype = getattr(torch, key, None)
-    if not isinstance(dtype, torch.dtype):
-        raise MetaTensorError(
-            f"unknown dtype {name!r}. Fix: use a torch dtype name such as float32, bfloat16, "
-            "float16, int64 or bool."
+    prec = resolve_precision(precision)
+    opt_name, opt_factory = make_optimizer_factory(optimizer)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ArgumentTypeError(
+            f"estimate: loss_fn must be callable, got {type(loss_fn).__name__}. Fix: pass a "
+            "function taking the model's output and returning a one-element tensor, or None."
         )
-    return dtype
-
-
-def parse_input_spec(text: str) -> InputSpec:
-    """Parse ``"SHAPE:DTYPE"`` (``"8,16:float32"``, ``"1,4096:int64"``) into an :class:`InputSpec`.
-
-    The dtype may be left out (``"8,16"``), meaning ``float32``.
-
-    Raises:
-        MetaTensorError: if the shape is not comma-separated non-negative integers
-            or the dtype is unknown.
-    """
-    shape_text, _, dtype_text = text.partition(":")
-    try:
-        parts = [p.strip() for p in shape_text.split(",") if p.strip()]
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = (-1,)
-    if not shape_text.strip() or any(s < 0 for s in shape):
-        raise MetaTensorError(
-            f"input spec {text!r}: the shape must be comma-separated non-negative integers. "
-            "Fix: write it like '8,16:float32' or '1,4096:int64'."
+    if not isinstance(loop, str) or loop not in ("lightning", "plain"):
+        raise ArgumentValueError(
+            f"estimate: loop must be 'lightning' or 'plain', got {loop!r}. Fix: pass "
+            "loop='lightning' (zero gradients after the forward) or loop='plain'."
         )
-    try:
-        dtype = parse_dtype(dtype_text) if dtype_text else torch.float32
-    except MetaTensorError as e:
-        raise MetaTensorError(f"input spec {text!r}: {e}") from e
-    return InputSpec(shape, dtype)
-
-
-def spec_of(value: Any) -> InputSpec | None:
-    """Return ``value`` as an :class:`InputSpec` if it is one or a ``"SHAPE:DTYPE"`` string."""
-    if isinstance(value, InputSpec):
-        return InputSpec(tuple(int(s) for s in value.shape), value.dtype)
-    if isinstance(value, str) and ":" in value:
-        return parse_input_spec(value)
-    return None
-
-
-def describe_tensor(t: torch.Tensor) -> str:
-    """Return ``float32[8, 16]`` for a tensor, the way error messages show inputs."""
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-
-
-def shape_list(shapes: Sequence[torch.Tensor]) -> str:
-    """Return the shapes of ``shapes`` joined for a message."""
-    return ", ".join(describe_tensor(t) for t in shapes)
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise ArgumentTypeError(
+            f"estimate: depth must be an int, got {type(depth).__name__}. Fix: pass depth=2."
+        )
+    if depth < 0:
+        raise ArgumentValueError(
+            f"estimate: depth must be >= 0, got {depth}. Fix: pass 0 for the root only."
+        )
+    return Options(
+        device=target_device(device),
+        precision=prec,
+        optimizer_name=opt_name,
+        optimizer_factory=opt_factory,
+        loss_fn=loss_fn,
+        zero_grad_before_forward=loop == "plain",
+        depth=depth,
+        extrapolate=bool(extrapolate),
+    )

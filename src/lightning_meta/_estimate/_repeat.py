@@ -5,7 +5,7 @@ decoder layers of a 70B Llama (some 60,000 operators) take 15-20 s, almost
 all of it repeating the same block. When a ``ModuleList`` (or ``Sequential``)
 holds at least :data:`MIN_BLOCKS` structurally identical blocks, the step is
 simulated with the container cut to its first 2, 3 and 4 blocks. Every
-count of a :class:`~lightning_meta._estimate_run.StepRecord` must then grow
+count of a :class:`~lightning_meta._estimate._run.StepRecord` must then grow
 by the same amount per block (FLOPs, bytes, and the peak of every window of
 the step: before, inside and after the blocks of forward, backward and the
 optimizer step), and the per-module values of the first, the middle and the
@@ -30,7 +30,7 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._estimate._run import StepRecord
 
-__all__ = ["MIN_BLOCKS", "SAMPLES", "Repeat", "extrapolate_step", "find_repeat", "shape_state"]
+__all__ = ["MIN_BLOCKS", "SAMPLES", "Repeat", "extrapolate_step", "find_repeat"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,22 +178,6 @@ def find_repeat(module: nn.Module) -> tuple[Repeat | None, str]:
             continue
         return Repeat(name, mod, len(mod)), ""
     return None, reason
-
-
-def shape_state(module: nn.Module, cast_to: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Return meta stand-ins for every parameter and buffer, shared where the model shares them."""
-    state: dict[str, torch.Tensor] = {}
-    made: dict[int, torch.Tensor] = {}
-    for named in (module.named_parameters, module.named_buffers):
-        for name, t in named(remove_duplicate=False):
-            if id(t) not in made:
-                dtype = cast_to if cast_to is not None and t.is_floating_point() else t.dtype
-                meta = torch.empty(t.shape, dtype=dtype, device="meta")
-                if isinstance(t, nn.Parameter):
-                    meta = nn.Parameter(meta, requires_grad=t.requires_grad)
-                made[id(t)] = meta
-            state[name] = made[id(t)]
-    return state
 
 
 @contextlib.contextmanager

@@ -27,12 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensorMode, KeywordModuleTracker, tree_leaves
-from lightning_meta._estimate._options import OptimizerFactory, Precision
+from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
+from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
 from lightning_meta._estimate._track import LiveBytes, UncountedFlops
 
-__all__ = ["StepRecord", "fake_state", "simulate_step"]
-
-LossFn = Callable[[Any], torch.Tensor]
+__all__ = ["StepRecord", "Watch", "default_loss", "simulate_step", "watch_step"]
 
 
 @dataclass
@@ -58,32 +57,6 @@ class StepRecord:
     # where the step is, for error messages: stage and the modules entered
     stage: str = "setup"
     module_path: list[str] = field(default_factory=list)
-
-
-def fake_state(
-    module: nn.Module, mode: FakeTensorMode, device: torch.device, cast_to: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """Return fake stand-ins, on ``device``, for every parameter and buffer of ``module``.
-
-    Tensors shared under several names (tied weights) get one shared stand-in,
-    so the step sees the same aliasing as the real model. ``cast_to`` converts
-    floating tensors the way ``module.to(dtype)`` would.
-    """
-    state: dict[str, torch.Tensor] = {}
-    made: dict[int, torch.Tensor] = {}
-    with mode:
-        for named in (module.named_parameters, module.named_buffers):
-            for name, t in named(remove_duplicate=False):
-                if id(t) not in made:
-                    dtype = cast_to if cast_to is not None and t.is_floating_point() else t.dtype
-                    fake = torch.empty_strided(
-                        t.shape, t.stride(), dtype=dtype, device=device
-                    ) if t.is_contiguous() else torch.empty(t.shape, dtype=dtype, device=device)
-                    if isinstance(t, nn.Parameter):
-                        fake = nn.Parameter(fake, requires_grad=t.requires_grad)
-                    made[id(t)] = fake
-                state[name] = made[id(t)]
-    return state
 
 
 def _per_module(counts: dict[str, dict[Any, int]], root: str) -> dict[str, int]:
@@ -142,35 +115,6 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
             h.remove()
 
 
-def _warm_up(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device) -> None:
-    """Create the optimizer's state with one step on zero gradients, as after a real first step.
-
-    Fake parameters are ``FakeTensor`` instances, not ``Parameter``, so torch's
-    default implementation choice (``foreach`` on CUDA, single-tensor on CPU)
-    would always fall back to single-tensor; set what real parameters on
-    ``device`` would get. The warm-up itself uses ``foreach``: its memory is
-    not measured and it dispatches one operator per kind instead of one per
-    parameter.
-    """
-    supported = _compat.foreach_supported_devices()
-    real_default = device.type in supported
-    chosen = []
-    for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-            group["foreach"] = real_default
-        chosen.append(group.get("foreach"))
-        if "foreach" in group and not group.get("fused"):
-            group["foreach"] = True
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    try:
-        optimizer.step()
-    finally:
-        for group, foreach in zip(optimizer.param_groups, chosen, strict=False):
-            if "foreach" in group:
-                group["foreach"] = foreach
-
-
 @contextlib.contextmanager
 def _train_mode(module: nn.Module) -> Iterator[None]:
     """Put ``module`` in training mode, restoring every submodule's flag afterwards."""
@@ -181,6 +125,154 @@ def _train_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@dataclass
+class Watch:
+    """The instruments of one step, and the FLOPs they had counted at the end of each phase."""
+
+    counter: FlopCounterMode
+    uncounted: UncountedFlops
+    tracker: LiveBytes
+    flops: dict[str, dict[str, dict[Any, int]]] = field(default_factory=dict)
+    uncounted_flops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def mark(self, phase: str) -> None:
+        """Keep the FLOPs counted so far as those at the end of ``phase``."""
+        self.flops[phase] = self.counter.get_flop_counts()
+        self.uncounted_flops[phase] = self.uncounted.snapshot()
+
+
+def watch_step(
+    state: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer | None,
+    record: StepRecord,
+    block_prefix: str | None,
+) -> Watch:
+    """Set up the FLOP counters and the byte tracker, with what is alive before the step.
+
+    Args:
+        state: the fake parameters and buffers.
+        args: the fake positional inputs.
+        kwargs: the fake keyword inputs.
+        params: the trainable parameters (their gradients are alive).
+        optimizer: the warmed-up optimizer (its state is alive), or ``None``.
+        record: receives ``input_bytes`` and ``optimizer_state_bytes``.
+        block_prefix: see :func:`simulate_step`.
+
+    Returns:
+        The :class:`Watch`; enter its counter and tracker around the step.
+    """
+    counter = FlopCounterMode(display=False)
+    modules = KeywordModuleTracker()
+    _compat.set_flop_module_tracker(counter, modules)
+    uncounted = UncountedFlops(modules)
+    tracker = LiveBytes(uncounted)
+    if block_prefix is not None:
+        tracker.where = _block_windows(modules, tracker, block_prefix)
+    tracker.track_all([t for t in state.values() if isinstance(t, nn.Parameter)], "parameters")
+    tracker.track_all([t for t in state.values() if not isinstance(t, nn.Parameter)], "buffers")
+    tracker.track_all([args, kwargs], "inputs")
+    tracker.track_all([p.grad for p in params if p.grad is not None], "gradients")
+    if optimizer is not None:
+        tracker.track_all([list(s.values()) for s in optimizer.state.values()], "optimizer_state")
+    record.input_bytes = tracker.current["inputs"]
+    record.optimizer_state_bytes = tracker.current["optimizer_state"]
+    return Watch(counter, uncounted, tracker)
+
+
+@contextlib.contextmanager
+def _gradients_tagged(params: list[nn.Parameter], tracker: LiveBytes) -> Iterator[None]:
+    """Count each gradient as ``gradients`` once accumulated; it is allocated as a temporary."""
+
+    def ready(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            tracker.retag(p.grad, "gradients")
+
+    hooks = [p.register_post_accumulate_grad_hook(ready) for p in params]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _forward(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loss_fn: LossFn,
+    autocast: contextlib.AbstractContextManager[Any],
+    watch: Watch,
+    record: StepRecord,
+) -> tuple[Any, torch.Tensor]:
+    """Run forward and loss; return both, the output being alive until after backward."""
+    watch.tracker.phase = record.stage = "forward"
+    with _activation_hooks(module, watch.tracker, record), autocast:
+        output = torch.func.functional_call(module, state, args, kwargs)
+        watch.mark("forward")
+        record.stage = "loss"
+        loss = loss_fn(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(
+                f"the loss must be a one-element tensor, got {type(loss).__name__}"
+                + (f" of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            )
+    watch.mark("loss")
+    record.activation_bytes = watch.tracker.current["activations"]
+    return output, loss
+
+
+def _backward(
+    loss: torch.Tensor,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer | None,
+    watch: Watch,
+    record: StepRecord,
+) -> None:
+    """Drop last step's gradients, as Lightning's ``zero_grad`` does, and run backward."""
+    if params and loss.requires_grad:
+        watch.tracker.phase = record.stage = "backward"
+        watch.tracker.allocate_as = "temporaries"
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in params:
+                p.grad = None
+        loss.backward()
+    watch.mark("backward")
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer | None, watch: Watch, record: StepRecord
+) -> None:
+    """Run ``optimizer.step()`` on the gradients backward left, if there is an optimizer."""
+    if optimizer is not None:
+        watch.tracker.phase = record.stage = "optimizer step"
+        optimizer.step()
+
+
+def _record(record: StepRecord, watch: Watch, root: str) -> None:
+    """Write what ``watch`` measured into ``record``; ``root`` is the model's class name."""
+    record.forward_flops = _per_module(watch.flops["forward"], root)
+    loss_end = _per_module(watch.flops["loss"], root)
+    record.loss_flops = loss_end.get("", 0) - record.forward_flops.get("", 0)
+    record.backward_flops = _minus(_per_module(watch.flops["backward"], root), loss_end)
+    record.uncounted_forward = _per_module(watch.uncounted_flops["forward"], root)
+    record.uncounted_backward = _minus(
+        _per_module(watch.uncounted_flops["backward"], root), record.uncounted_forward
+    )
+    tracker = watch.tracker
+    record.peak_bytes = tracker.peak
+    record.peak_breakdown = tracker.peak_breakdown
+    record.peak_phase = tracker.peak_phase
+    record.window_peaks = tracker.window_peaks
+    record.untracked_tensors = tracker.untracked
+    record.stage = "done"
 
 
 def simulate_step(
@@ -202,110 +294,57 @@ def simulate_step(
 
     Exceptions from the model, the loss or the optimizer propagate unchanged;
     ``record.stage`` and ``record.module_path`` say where they came from.
-    With ``block_prefix`` (the counter's name of a block container followed by
-    a dot, such as ``"LlamaForCausalLM.model.layers."``), ``record.window_peaks``
-    also holds the peak of each phase before, inside and after its blocks.
+
+    Args:
+        module: the model; its own tensors are never used.
+        state: fake parameters and buffers by name, made under ``mode``.
+        args: fake positional inputs.
+        kwargs: fake keyword inputs.
+        mode: the ``FakeTensorMode`` of ``state`` and the inputs.
+        device: the simulated device.
+        loss_fn: takes the output, returns a one-element tensor.
+        optimizer_factory: builds the optimizer; ``None`` for none.
+        precision: the Lightning precision (autocast around forward and loss).
+        zero_grad_before_forward: ``loop="plain"``: last step's gradients are
+            dropped before the forward pass rather than after it.
+        record: receives the measurements.
+        block_prefix: the counter's name of a block container followed by a
+            dot, such as ``"LlamaForCausalLM.model.layers."``; then
+            ``record.window_peaks`` also holds the peak of each phase before,
+            inside and after its blocks.
     """
-    params: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for t in state.values():
-        if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
-            seen.add(id(t))
-            params.append(t)
-
-    optimizer: torch.optim.Optimizer | None = None
+    params = trainable_parameters(state)
     record.stage = "optimizer"
-    with mode:
-        if optimizer_factory is not None and params:
-            optimizer = optimizer_factory(params)
-            _warm_up(optimizer, params, device)
-            if zero_grad_before_forward:
-                optimizer.zero_grad(set_to_none=True)
-        elif zero_grad_before_forward or not params:
-            for p in params:
-                p.grad = None
-        else:
-            for p in params:
-                p.grad = torch.zeros_like(p)
-
-    counter = FlopCounterMode(display=False)
-    modules = KeywordModuleTracker()
-    _compat.set_flop_module_tracker(counter, modules)
-    uncounted = UncountedFlops(modules)
-    tracker = LiveBytes(uncounted)
-    if block_prefix is not None:
-        tracker.where = _block_windows(modules, tracker, block_prefix)
-    tracker.track_all([t for t in state.values() if isinstance(t, nn.Parameter)], "parameters")
-    tracker.track_all([t for t in state.values() if not isinstance(t, nn.Parameter)], "buffers")
-    tracker.track_all([args, kwargs], "inputs")
-    tracker.track_all([p.grad for p in params if p.grad is not None], "gradients")
-    if optimizer is not None:
-        tracker.track_all([list(s.values()) for s in optimizer.state.values()], "optimizer_state")
-    record.input_bytes = tracker.current["inputs"]
-    record.optimizer_state_bytes = tracker.current["optimizer_state"]
-
-    def _grad_ready(p: torch.Tensor) -> None:
-        if p.grad is not None:
-            tracker.retag(p.grad, "gradients")
-
-    root = type(module).__name__
-    autocast = (
+    optimizer = prepare_optimizer(
+        params,
+        mode=mode,
+        device=device,
+        optimizer_factory=optimizer_factory,
+        zero_grad_before_forward=zero_grad_before_forward,
+    )
+    watch = watch_step(state, args, kwargs, params, optimizer, record, block_prefix)
+    autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=precision.autocast)
         if precision.autocast is not None
         else contextlib.nullcontext()
     )
-    hooks = [p.register_post_accumulate_grad_hook(_grad_ready) for p in params]
-    try:
-        # the tracker is entered last, so it sees operators before the counter
-        # decomposes any of them: the same operators a real run allocates for
-        with _compat.quiet_fake_tensor_log(), _train_mode(module), mode, counter, tracker:
-            tracker.phase = record.stage = "forward"
-            with _activation_hooks(module, tracker, record), autocast:
-                output = torch.func.functional_call(module, state, args, kwargs)
-                after_forward = counter.get_flop_counts()
-                unc_forward = uncounted.snapshot()
-                record.stage = "loss"
-                loss = loss_fn(output)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError(
-                        f"the loss must be a one-element tensor, got {type(loss).__name__}"
-                        + (f" of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                    )
-            after_loss = counter.get_flop_counts()
-            record.activation_bytes = tracker.current["activations"]
-            if params and loss.requires_grad:
-                tracker.phase = record.stage = "backward"
-                tracker.allocate_as = "temporaries"
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    for p in params:
-                        p.grad = None
-                loss.backward()
-            after_backward = counter.get_flop_counts()
-            unc_backward = uncounted.snapshot()
-            # Lightning drops the outputs of training_step before stepping
-            del output, loss
-            record.gradient_bytes = tracker.current["gradients"]
-            if optimizer is not None and params:
-                tracker.phase = record.stage = "optimizer step"
-                optimizer.step()
-    finally:
-        for h in hooks:
-            h.remove()
-
-    record.forward_flops = _per_module(after_forward, root)
-    loss_end = _per_module(after_loss, root)
-    record.loss_flops = loss_end.get("", 0) - record.forward_flops.get("", 0)
-    record.backward_flops = _minus(_per_module(after_backward, root), loss_end)
-    record.uncounted_forward = _per_module(unc_forward, root)
-    record.uncounted_backward = _minus(_per_module(unc_backward, root), record.uncounted_forward)
-    record.peak_bytes = tracker.peak
-    record.peak_breakdown = tracker.peak_breakdown
-    record.peak_phase = tracker.peak_phase
-    record.window_peaks = tracker.window_peaks
-    record.untracked_tensors = tracker.untracked
-    record.stage = "done"
+    # the tracker is entered last, so it sees operators before the counter
+    # decomposes any of them: the same operators a real run allocates for
+    with (
+        _gradients_tagged(params, watch.tracker),
+        _compat.quiet_fake_tensor_log(),
+        _train_mode(module),
+        mode,
+        watch.counter,
+        watch.tracker,
+    ):
+        output, loss = _forward(module, state, args, kwargs, loss_fn, autocast, watch, record)
+        _backward(loss, params, optimizer, watch, record)
+        # Lightning drops the outputs of training_step before stepping
+        del output, loss
+        record.gradient_bytes = watch.tracker.current["gradients"]
+        _optimizer_step(optimizer, watch, record)
+    _record(record, watch, type(module).__name__)
 
 
 def _block_windows(modules: Any, tracker: LiveBytes, prefix: str) -> Callable[[], str]:

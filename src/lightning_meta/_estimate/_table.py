@@ -9,30 +9,33 @@ from lightning_meta._estimate._track import CATEGORIES
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from lightning_meta._estimate._estimate import Estimate
+    from lightning_meta._estimate._result import Estimate
 
 __all__ = ["human_bytes", "human_count", "render"]
 
 
 def human_bytes(n: int) -> str:
     """Return ``n`` bytes in binary units: ``human_bytes(3 * 2**30) == '3.00 GiB'``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+    if abs(n) < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.2f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.2f} TiB"
 
 
 def human_count(n: int, unit: str = "") -> str:
     """Return ``n`` in decimal units: ``human_count(1_500_000, 'FLOP') == '1.50 MFLOP'``."""
-    value = float(n)
-    for prefix in ("", "K", "M", "G", "T", "P", "E"):
-        if abs(value) < 1000 or prefix == "E":
-            text = f"{int(value)}" if not prefix else f"{value:.2f}"
-            return f"{text} {prefix}{unit}".rstrip()
+    if abs(n) < 1000:
+        return f"{n} {unit}".rstrip()
+    value = n / 1000
+    for prefix in ("K", "M", "G", "T", "P"):
+        if abs(value) < 1000:
+            return f"{value:.2f} {prefix}{unit}"
         value /= 1000
-    raise AssertionError("unreachable")
+    return f"{value:.2f} E{unit}"
 
 
 def render(est: Estimate, console: Console, *, title: str = "") -> None:

@@ -1,0 +1,192 @@
+"""Stand-ins for what a simulated training step touches: the module's tensors and its inputs.
+
+``estimate`` never reads a tensor value: parameters, buffers and inputs are
+replaced by fake tensors of the same shape, dtype and aliasing on the target
+device, created under the step's ``FakeTensorMode``. The inputs are first
+normalised once per call (:func:`inputs_of`), the fakes made afresh for each
+simulated step (:func:`fake_state`, :func:`fake_inputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._compat import FakeTensorMode
+from lightning_meta._errors import ArgumentTypeError, MetaTensorError
+from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
+
+__all__ = ["fake_inputs", "fake_state", "input_text", "inputs_of"]
+
+_FORMS = (
+    "tensors, meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings: one, a tuple "
+    "of positional inputs or a dict of keyword inputs"
+)
+
+
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Apply ``leaf`` to every value in dicts, lists and tuples, rebuilding the containers.
+
+    Named tuples are leaves: their constructor takes fields, not an iterable,
+    and an :class:`InputSpec` is one.
+    """
+    if isinstance(value, Mapping):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_leaves(v, leaf) for v in value)
+    return leaf(value)
+
+
+def _spec_to_meta(value: Any) -> Any:
+    spec = spec_of(value)
+    return spec.to_meta() if spec is not None else value
+
+
+def _check_form(example_inputs: Any) -> None:
+    """Raise if ``example_inputs`` cannot be a forward's inputs, before anything runs."""
+    if isinstance(example_inputs, nn.Module):
+        raise ArgumentTypeError(
+            f"estimate: example_inputs is a module ({type(example_inputs).__name__}). Fix: pass "
+            f"the model first and its inputs second, estimate(model, inputs), with inputs as "
+            f"{_FORMS}."
+        )
+    if isinstance(example_inputs, (set, frozenset, Iterator)):
+        # a set has no order and an iterator is used up by the first of several steps
+        raise ArgumentTypeError(
+            f"estimate: example_inputs is a {type(example_inputs).__name__}. Fix: pass a tuple "
+            f"or list of positional inputs, or a dict of keyword inputs: {_FORMS}."
+        )
+    if isinstance(example_inputs, Mapping):
+        keys = [k for k in example_inputs if not isinstance(k, str)]
+        if keys:
+            raise ArgumentTypeError(
+                f"estimate: the keys of a dict of example_inputs are the forward's keyword "
+                f"names, got {keys[0]!r} ({type(keys[0]).__name__}). Fix: use the parameter "
+                "names of forward as keys, or pass a tuple of positional inputs."
+            )
+
+
+def inputs_of(module: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Normalise ``example_inputs`` into ``(args, kwargs)`` as ``ModelSummary`` does.
+
+    Specs and ``'SHAPE:DTYPE'`` strings become meta tensors; other values stay.
+
+    Args:
+        module: the model; its ``example_input_array`` stands in for ``None``.
+        example_inputs: one input, a tuple or list of positional inputs, or a
+            dict of keyword inputs (see :func:`lightning_meta.estimate`).
+
+    Returns:
+        The positional and keyword inputs of the forward.
+
+    Raises:
+        MetaTensorError: if there are no inputs.
+        ArgumentTypeError: if ``example_inputs`` is a module, a set or an
+            iterator, a dict with keys that are not strings, or holds a bad
+            :class:`InputSpec`.
+        ArgumentValueError: if a spec has a negative size or an unknown dtype.
+
+    Example::
+
+        >>> inputs_of(nn.Linear(2, 2), ("4,2:float32", 3))
+        ((tensor(..., device='meta', size=(4, 2)), 3), {})
+    """
+    if example_inputs is None:
+        example_inputs = getattr(module, "example_input_array", None)
+        if example_inputs is None:
+            raise MetaTensorError(
+                f"estimate: no inputs for {type(module).__name__}: example_inputs is None and "
+                "the module has no example_input_array. Fix: pass example_inputs (tensors, "
+                "meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings), or set "
+                "self.example_input_array in the LightningModule."
+            )
+    _check_form(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        args: tuple[Any, ...] = ()
+        kwargs = dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)) and not isinstance(example_inputs, InputSpec):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    return _map_leaves(args, _spec_to_meta), _map_leaves(kwargs, _spec_to_meta)
+
+
+def fake_state(
+    module: nn.Module,
+    mode: FakeTensorMode | None,
+    device: torch.device,
+    cast_to: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """Return stand-ins, on ``device``, for every parameter and buffer of ``module``.
+
+    Tensors shared under several names (tied weights) get one shared stand-in,
+    so the step sees the same aliasing as the real model.
+
+    Args:
+        module: the model.
+        mode: the step's ``FakeTensorMode``; ``None`` makes plain tensors on
+            ``device`` (meta), enough where they are only counted, as for
+            the result of an extrapolated step, whose steps ran on a cut model.
+        device: the device of the stand-ins.
+        cast_to: converts floating tensors the way ``module.to(dtype)`` would.
+
+    Returns:
+        The stand-ins by name, every name of a shared tensor included.
+    """
+    state: dict[str, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}
+    with mode if mode is not None else contextlib.nullcontext():
+        for named in (module.named_parameters, module.named_buffers):
+            for name, t in named(remove_duplicate=False):
+                if id(t) not in made:
+                    dtype = cast_to if cast_to is not None and t.is_floating_point() else t.dtype
+                    made[id(t)] = _stand_in(t, dtype, device)
+                state[name] = made[id(t)]
+    return state
+
+
+def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if t.is_contiguous():
+        new = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device)
+    else:
+        new = torch.empty(t.shape, dtype=dtype, device=device)
+    return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+def fake_inputs(
+    value: Any, mode: FakeTensorMode, device: torch.device, cast_to: torch.dtype | None
+) -> Any:
+    """Replace the tensors in ``value`` (as :func:`inputs_of` left it) by fakes on ``device``.
+
+    Args:
+        value: the positional or keyword inputs.
+        mode: the step's ``FakeTensorMode``.
+        device: the device of the fakes.
+        cast_to: the dtype floating inputs are converted to (``*-true`` precisions).
+
+    Returns:
+        ``value`` with every tensor replaced by a fake of its shape.
+    """
+
+    def fake(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
+        with mode:
+            return torch.empty(leaf.shape, dtype=dtype, device=device)
+
+    return _map_leaves(value, fake)
+
+
+def input_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Return the inputs as an error message shows them: ``(float32[8, 16], mask=bool[8])``."""
+
+    def one(v: Any) -> str:
+        return describe_tensor(v) if isinstance(v, torch.Tensor) else type(v).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"

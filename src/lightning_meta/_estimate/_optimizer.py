@@ -1,0 +1,95 @@
+"""Bring the optimizer of a simulated step to its steady state: as after a previous step.
+
+A training step in steady state starts with the optimizer's state (Adam's
+moments, SGD's momentum) and, in Lightning's loop, last step's gradients
+alive; both weigh as much as the parameters, so the step is simulated from
+there rather than from a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_meta import _compat
+from lightning_meta._compat import FakeTensorMode
+from lightning_meta._estimate._options import OptimizerFactory
+
+__all__ = ["prepare_optimizer", "trainable_parameters"]
+
+
+def trainable_parameters(state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+    """Return the parameters of ``state`` that need gradients, each once, in order."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for t in state.values():
+        if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            params.append(t)
+    return params
+
+
+def prepare_optimizer(
+    params: list[nn.Parameter],
+    *,
+    mode: FakeTensorMode,
+    device: torch.device,
+    optimizer_factory: OptimizerFactory | None,
+    zero_grad_before_forward: bool,
+) -> torch.optim.Optimizer | None:
+    """Bring optimizer and gradients to their steady state: as after a previous step.
+
+    Args:
+        params: the trainable fake parameters.
+        mode: the step's ``FakeTensorMode``.
+        device: the simulated device (it decides ``foreach``).
+        optimizer_factory: builds the optimizer; ``None`` for none.
+        zero_grad_before_forward: drop the previous step's gradients now
+            (``loop="plain"``) instead of after the forward pass.
+
+    Returns:
+        The optimizer with its state created, or ``None``.
+    """
+    optimizer: torch.optim.Optimizer | None = None
+    with mode:
+        if optimizer_factory is not None and params:
+            optimizer = optimizer_factory(params)
+            _warm_up(optimizer, params, device)
+            if zero_grad_before_forward:
+                optimizer.zero_grad(set_to_none=True)
+        elif zero_grad_before_forward or not params:
+            for p in params:
+                p.grad = None
+        else:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+    return optimizer
+
+
+def _warm_up(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device) -> None:
+    """Create the optimizer's state with one step on zero gradients, as after a real first step.
+
+    Fake parameters are ``FakeTensor`` instances, not ``Parameter``, so torch's
+    default implementation choice (``foreach`` on CUDA, single-tensor on CPU)
+    would always fall back to single-tensor; set what real parameters on
+    ``device`` would get. The warm-up itself uses ``foreach``: its memory is
+    not measured and it dispatches one operator per kind instead of one per
+    parameter.
+    """
+    supported = _compat.foreach_supported_devices()
+    real_default = device.type in supported
+    chosen = []
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = real_default
+        chosen.append(group.get("foreach"))
+        if "foreach" in group and not group.get("fused"):
+            group["foreach"] = True
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    finally:
+        for group, foreach in zip(optimizer.param_groups, chosen, strict=False):
+            if "foreach" in group:
+                group["foreach"] = foreach
