@@ -23,6 +23,7 @@ from lightning_meta._deferred._handles import deferred_paths
 from lightning_meta._deferred._materialize import materialize_paths
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import find_meta_tensors
+from lightning_meta._guard._materialize import HYPERPARAMETERS
 
 __all__ = ["Row", "check_module"]
 
@@ -74,6 +75,28 @@ def check_module(module: nn.Module) -> list[Row]:
                     f"deferred {f.kind} {f.shape}: {_MATERIALIZE}",
                 )
             )
+        elif f.hidden:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "note",
+                    f.path,
+                    f"meta {f.kind} {f.shape} of a module held outside the module tree: "
+                    "Lightning never sees it, and torch.func.functional_call runs it with real "
+                    "tensors. lightning_meta.MetaTemplate(module) is the supported form.",
+                )
+            )
+        elif f.path.split(".", 1)[0] in HYPERPARAMETERS:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "problem",
+                    f.path,
+                    f"meta hyperparameter {f.shape}: every checkpoint would save it, and "
+                    "load_from_checkpoint would then build the model with a meta tensor. "
+                    "Fix: pass a real tensor, or leave it out of save_hyperparameters(ignore=...).",
+                )
+            )
         elif f.kind in ("parameter", "buffer"):
             rows.append(
                 Row(
@@ -87,15 +110,19 @@ def check_module(module: nn.Module) -> list[Row]:
             rows.append(
                 Row(
                     "find meta tensors",
-                    "note",
+                    "problem",
                     f.path,
-                    f"meta {f.kind} {f.shape}: Lightning does not see it, but using it needs real data.",
+                    f"meta {f.kind} {f.shape}, not deferred: Lightning does not move it, and "
+                    "forward fails on it (a meta tensor holds no data). Fix: register it as a "
+                    "buffer built under deferred_init, or keep it in a MetaTemplate.",
                 )
             )
     if any(f.deferred for f in find_meta_tensors(module)):
         rows.append(_step("materialize deferred", lambda: _materialize(module)))
     strays = ", ".join(
-        f.path for f in find_meta_tensors(module) if f.kind in ("parameter", "buffer")
+        f.path
+        for f in find_meta_tensors(module)
+        if f.kind in ("parameter", "buffer") and not f.hidden
     )
     rows.append(_step("device transfer (.to('cpu'))", lambda: module.to("cpu"), strays))
     rows.append(_step("state_dict round trip", lambda: _round_trip(module)))

@@ -53,6 +53,10 @@ class MetaFinding:
         dtype: the tensor's dtype; ``None`` for a template.
         deferred: built under :func:`~lightning_meta.deferred_init`, so
             :func:`~lightning_meta.materialize` can fill it exactly.
+        hidden: held by a module reached only through a plain container
+            (``self.templates = [net]``): outside the module tree, so Lightning
+            never moves, wraps or saves it (the classic template workaround;
+            :class:`~lightning_meta.MetaTemplate` is the supported form).
     """
 
     path: str
@@ -60,6 +64,7 @@ class MetaFinding:
     shape: tuple[int, ...]
     dtype: torch.dtype | None
     deferred: bool
+    hidden: bool = False
 
     @property
     def problem(self) -> bool:
@@ -71,7 +76,8 @@ class MetaFinding:
         if self.kind == "template":
             return f"{self.path!r} (MetaTemplate: meta by design, ignored)"
         state = "deferred" if self.deferred else "not deferred"
-        return f"{self.path!r} ({self.kind}, shape {self.shape}, {self.dtype}, {state})"
+        where = ", outside the module tree" if self.hidden else ""
+        return f"{self.path!r} ({self.kind}, shape {self.shape}, {self.dtype}, {state}{where})"
 
 
 def find_meta_tensors(obj: Any) -> list[MetaFinding]:
@@ -92,7 +98,9 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
 
     Returns:
         The findings in traversal order (parameters, buffers, attributes,
-        then submodules); empty when nothing is on meta.
+        then submodules); empty when nothing is on meta. A module reached
+        only through a container is outside the module tree: its findings
+        have ``hidden=True``.
 
     Example::
 
@@ -153,11 +161,16 @@ def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> M
 class _Walker:
     def __init__(self) -> None:
         self.seen: set[int] = set()
+        # Every module of the tree searched: one reached through a container
+        # but not in here is outside the tree (hidden from Lightning).
+        self.tree: set[int] | None = None
 
-    def walk(self, obj: Any, path: str, kind: Kind = "tensor") -> Iterator[MetaFinding]:
+    def walk(
+        self, obj: Any, path: str, kind: Kind = "tensor", hidden: bool = False
+    ) -> Iterator[MetaFinding]:
         if isinstance(obj, torch.Tensor):
             if obj.is_meta:
-                yield _finding(path, kind, obj, handle_of(obj) is not None)
+                yield _finding(path, kind, obj, handle_of(obj) is not None, hidden)
             return
         if isinstance(obj, MetaTemplate):
             yield MetaFinding(path or "<template>", "template", (), None, False)
@@ -166,14 +179,16 @@ class _Walker:
             return
         self.seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            yield from self._module(obj, path)
+            if self.tree is None:
+                self.tree = {id(m) for m in obj.modules()}
+            yield from self._module(obj, path, hidden)
         elif isinstance(obj, torch.optim.Optimizer):
             yield from self._optimizer(obj, path)
         else:
             for key, value in _items(obj):
-                yield from self.walk(value, _join(path, key), kind)
+                yield from self.walk(value, _join(path, key), kind, hidden)
 
-    def _module(self, module: nn.Module, prefix: str) -> Iterator[MetaFinding]:
+    def _module(self, module: nn.Module, prefix: str, hidden: bool) -> Iterator[MetaFinding]:
         handles = handles_of(module)
         tables: tuple[tuple[Kind, list[str]], ...] = (
             ("parameter", parameter_names(module)),
@@ -183,18 +198,30 @@ class _Walker:
             for name in names:
                 t = tensor_at(module, name)
                 if t is not None and t.is_meta:
-                    yield _finding(_join(prefix, name), kind, t, _deferred(t, handles.get(name)))
+                    deferred = _deferred(t, handles.get(name))
+                    yield _finding(_join(prefix, name), kind, t, deferred, hidden)
         for name, value in vars(module).items():
             if name in _SKIP:
                 continue
             if isinstance(value, torch.Tensor):
                 if value.is_meta:
                     deferred = _deferred(value, handles.get(name))
-                    yield _finding(_join(prefix, name), "attribute", value, deferred)
+                    yield _finding(_join(prefix, name), "attribute", value, deferred, hidden)
             else:
-                yield from self.walk(value, _join(prefix, name), "attribute")
+                yield from self._contained(value, _join(prefix, name), hidden)
         for name, child in module.named_children():
-            yield from self.walk(child, _join(prefix, name))
+            yield from self.walk(child, _join(prefix, name), hidden=hidden)
+
+    def _contained(self, obj: Any, path: str, hidden: bool) -> Iterator[MetaFinding]:
+        if isinstance(obj, nn.Module):
+            outside = hidden or self.tree is None or id(obj) not in self.tree
+            yield from self.walk(obj, path, hidden=outside)
+        elif isinstance(obj, torch.optim.Optimizer) or not _container(obj):
+            yield from self.walk(obj, path, "attribute")
+        elif id(obj) not in self.seen:
+            self.seen.add(id(obj))
+            for key, value in _items(obj):
+                yield from self._contained(value, _join(path, key), hidden)
 
     def _optimizer(self, opt: torch.optim.Optimizer, prefix: str) -> Iterator[MetaFinding]:
         # Parameters are numbered across groups, as in optimizer.state_dict().
@@ -246,8 +273,10 @@ def _deferred(t: torch.Tensor, handle: Any) -> bool:
     )
 
 
-def _finding(path: str, kind: Kind, t: torch.Tensor, deferred: bool) -> MetaFinding:
-    return MetaFinding(path or "<tensor>", kind, tuple(t.shape), t.dtype, deferred)
+def _finding(
+    path: str, kind: Kind, t: torch.Tensor, deferred: bool, hidden: bool = False
+) -> MetaFinding:
+    return MetaFinding(path or "<tensor>", kind, tuple(t.shape), t.dtype, deferred, hidden)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -46,14 +46,31 @@ logger = logging.getLogger(__name__)
 
 REACHES = (
     "Lightning would fail on them when it moves the model to the device, wraps it for "
-    "distributed training, builds the optimizer or saves a checkpoint."
+    "distributed training, builds the optimizer or saves a checkpoint; forward fails on "
+    "any of them it uses (a plain tensor attribute is not moved by Lightning either)."
 )
 
 
+# What LightningModule.save_hyperparameters keeps: copied into checkpoints (which
+# MetaGuard checks when they are saved), never computed with by forward.
+HYPERPARAMETERS = frozenset({"_hparams", "_hparams_initial"})
+
+
 def strays(module: nn.Module) -> list[MetaFinding]:
-    """Return the meta parameters and buffers of ``module`` that no replay can fill."""
+    """Return the meta tensors of ``module`` that no replay can fill and training would touch.
+
+    Parameters, buffers and plain tensor attributes of the module tree (forward
+    uses those as data). Modules held outside the tree in a plain container
+    (``self.templates = [net]``) are left alone: Lightning never sees them, and
+    ``torch.func.functional_call`` runs them with real tensors.
+    """
     return [
-        f for f in find_meta_tensors(module) if f.kind in ("parameter", "buffer") and not f.deferred
+        f
+        for f in find_meta_tensors(module)
+        if f.kind in ("parameter", "buffer", "attribute")
+        and not f.deferred
+        and not f.hidden
+        and f.path.split(".", 1)[0] not in HYPERPARAMETERS
     ]
 
 
