@@ -351,3 +351,102 @@ def test_bad_targets_raise() -> None:
         materialize(module)
     with pytest.raises(MetaTensorError, match=r"asked for \['nope'\]"):
         materialize_paths(module, ["nope"])
+
+
+# -- what errors carry -----------------------------------------------------------
+
+
+def test_recording_error_carries_the_tensor_path() -> None:
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.ones(4))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+            self.register_buffer("idx", self.inner.mask.nonzero())
+
+    with pytest.raises(MaterializationError, match=r"on 'Outer\.inner\.mask' issued at") as info:
+        deferred_init(Outer)
+    assert info.value.paths == ("inner.mask",)
+
+
+def test_recording_error_without_a_tensor_on_a_module_has_no_paths() -> None:
+    outside = torch.zeros(3)
+
+    def build() -> nn.Module:
+        module = nn.Linear(3, 3)
+        outside.copy_(module.bias)
+        return module
+
+    with pytest.raises(MaterializationError, match="writes into a real tensor") as info:
+        deferred_init(build)
+    assert info.value.paths == ()
+
+
+def test_replay_of_a_modified_capture_carries_the_paths() -> None:
+    captured = torch.ones(3)
+    module = build_deferred(lambda: md.Custom(captured))
+    captured.add_(1)
+    with pytest.raises(MaterializationError) as info:
+        materialize(module)
+    assert info.value.paths == ("shifted",)
+
+
+def test_op_failing_at_replay_names_the_tensors_it_feeds() -> None:
+    @torch.library.custom_op("lmtest_deferred::real_fails", mutates_args=())
+    def real_fails(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no real kernel today")
+
+    @real_fails.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("y", real_fails(torch.ones(2)))
+
+    module = deferred_init(Fails)
+    with pytest.raises(
+        MaterializationError, match=r"could not replay lmtest_deferred\.real_fails.*no real kernel"
+    ) as info:
+        materialize(module)
+    assert info.value.paths == ("y",)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "match"),
+    [
+        ({"draw_on": "gpu"}, ValueError, r"draw_on='gpu'.*Fix: pass draw_on='cpu'"),
+        ({"fallback": "zeros"}, ValueError, r"fallback='zeros'.*Fix: leave fallback=None"),
+        ({"dtype": "float32"}, TypeError, r"dtype='float32'"),
+    ],
+)
+def test_bad_arguments_are_python_errors_too(
+    kwargs: dict[str, object], kind: type[Exception], match: str
+) -> None:
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with pytest.raises(kind, match=match) as info:
+        materialize(module, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, MetaTensorError)
+    assert is_deferred(module)
+
+
+def test_materialize_paths_refuses_a_single_string() -> None:
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"names='weight', a single string.*Fix: pass \['weight'\]"):
+        materialize_paths(module, "weight")
+    assert is_deferred(module.weight)
+
+
+def test_unknown_names_carry_their_paths() -> None:
+    module = build_deferred(lambda: nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"asked for \['nope'\]") as info:
+        materialize_paths(module, ["weight", "nope"])
+    assert isinstance(info.value, MetaTensorError)
+    assert info.value.paths == ("nope",)
+    assert is_deferred(module.weight)

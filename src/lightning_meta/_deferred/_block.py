@@ -1,8 +1,9 @@
 """Deferred initialisation: build on meta, record how, materialize exactly later.
 
 The public entry points are :func:`deferred_init`, :func:`materialize` and
-:func:`is_deferred`. Recording lives in ``_deferred_record``, replay in
-``_materialize_replay`` and ``_materialize``.
+:func:`is_deferred`. Recording lives in ``_recorder`` (with ``_values``,
+``_rng`` and ``_record_errors``), the op log in ``_record``, replay in
+``_replay`` and ``_materialize``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
         A context manager without ``fn``; ``fn``'s result with it.
 
     Raises:
+        ArgumentTypeError: ``fn`` is not callable, or arguments came without
+            ``fn`` (also a ``TypeError``).
         MaterializationError: the construction reads tensor values (``.item()``,
             data-dependent shapes), uses an op with no meta kernel, or writes
             into a real tensor captured from outside; the message names the
@@ -125,6 +128,7 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
 
 @contextlib.contextmanager
 def _block() -> Iterator[None]:
+    """Record the body, then swap the built modules' fake tensors for deferred meta tensors."""
     if _ACTIVE.recorder is not None:
         yield  # nested: the outer block records everything
         return
@@ -176,6 +180,7 @@ def _block() -> Iterator[None]:
 
 
 def _chain_candidate() -> Record | None:
+    """Return the last block's record if the generator still sits where that block left it."""
     prev = _LAST[0]() if _LAST else None
     if prev is None or prev.pid != os.getpid() or prev.exit_state is None:
         return None
@@ -272,7 +277,7 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
         meta tensors that were never deferred.
 
     Raises:
-        MetaTensorError: ``obj`` is neither a module nor a tensor (also a ``TypeError``).
+        ArgumentTypeError: ``obj`` is neither a module nor a tensor (also a ``TypeError``).
 
     Example::
 

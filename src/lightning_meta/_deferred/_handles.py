@@ -39,6 +39,7 @@ __all__ = [
     "own_deferred",
     "released_without_result",
     "settle",
+    "without_pending",
 ]
 
 
@@ -82,8 +83,8 @@ class Handle:
 REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-
 def _register(handle: Handle) -> None:
+    """Let :func:`handle_of` find ``handle`` from its tensor (a live handle already there wins)."""
     current = REGISTRY.get(handle.tensor)
     if current is None or current() is None:
         REGISTRY[handle.tensor] = weakref.ref(handle)
@@ -105,8 +106,15 @@ def handles_of(module: nn.Module) -> dict[str, Handle]:
     return dict(module.__dict__.get(HANDLES_ATTR) or {})
 
 
-def attach(record: Record, module: nn.Module, name: str, meta: torch.Tensor, vid: int,
-           attrs: dict[str, Any], handle: Handle | None = None) -> Handle:
+def attach(
+    record: Record,
+    module: nn.Module,
+    name: str,
+    meta: torch.Tensor,
+    vid: int,
+    attrs: dict[str, Any],
+    handle: Handle | None = None,
+) -> Handle:
     """Make ``module.name`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``.
 
     ``handle`` reuses the handle of a tensor already attached elsewhere (a
@@ -146,7 +154,7 @@ def done(handle: Handle) -> torch.Tensor | None:
 
 
 def mark_done(handle: Handle, tensor: torch.Tensor) -> None:
-    """Note that ``tensor`` is the real value of ``handle``'s value id, for ties reaching elsewhere."""
+    """Note ``tensor`` as the real value of ``handle``'s value id (for ties reaching elsewhere)."""
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
 
 
@@ -170,8 +178,8 @@ def forget(module: nn.Module, names: Iterable[str]) -> None:
     """Drop the handles of ``names`` (dotted) after the caller filled them itself.
 
     Once every deferred tensor of a record is materialized or forgotten, the
-    record is released. The generator is not moved: eager construction would
-    have drawn those tensors.
+    record is released (:meth:`Record.release`, the record's own method). The
+    generator is not moved: eager construction would have drawn those tensors.
     """
     wanted = set(names)
     for prefix, mod in module.named_modules():
@@ -197,6 +205,11 @@ def drop_stale(module: nn.Module) -> dict[int, Record]:
     return touched
 
 
+def without_pending(records: Iterable[Record]) -> list[Record]:
+    """Return the records among ``records`` with no deferred tensor left to materialize."""
+    return [r for r in records if not r.pending]
+
+
 def released_without_result(handle: Handle) -> bool:
     """Whether ``handle``'s record was released and its value was not kept anywhere."""
     return handle.record.released and done(handle) is None
@@ -211,4 +224,3 @@ def lone_module(name: str, handle: Handle) -> nn.Module:
         scratch.register_buffer(name, handle.tensor)
     scratch.__dict__[HANDLES_ATTR] = {name: handle}
     return scratch
-

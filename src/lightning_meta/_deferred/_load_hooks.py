@@ -79,6 +79,7 @@ def _fill_before_copy(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
+    """Give each deferred tensor in ``state_dict`` real storage just before torch copies into it."""
     if dispatch_mode_active():
         return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
@@ -111,6 +112,7 @@ def _fill_before_copy(
 
 
 def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
+    """Replay, exactly, the module's deferred tensors the state dict did not fill."""
     if dispatch_mode_active():
         return
     rest = [slot.name for slot, _ in own_deferred(module)]

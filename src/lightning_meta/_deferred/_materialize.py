@@ -18,10 +18,11 @@ from lightning_meta._deferred._handles import (
     handle_of,
     released_without_result,
     settle,
+    without_pending,
 )
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
-from lightning_meta._errors import ArgumentValueError, MaterializationError
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, iter_slots, wrap_like
 
 __all__ = ["materialize"]
@@ -69,6 +70,10 @@ def materialize(
         ``module`` itself.
 
     Raises:
+        ArgumentTypeError: ``module`` is not an ``nn.Module``, or ``device`` or
+            ``dtype`` has the wrong type (also a ``TypeError``).
+        ArgumentValueError: ``device``, ``dtype``, ``draw_on`` or ``fallback``
+            has a value that cannot work (also a ``ValueError``).
         MaterializationError: a meta tensor was not built under
             ``deferred_init`` (and no ``fallback``), a deferred tensor was
             modified after the block, or the record cannot be replayed exactly.
@@ -110,8 +115,52 @@ def materialize_paths(
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
     Shared by :func:`materialize` and the checkpoint loader, which replays only
-    what a checkpoint lacks.
+    what a checkpoint lacks. Nothing changes when it raises before replaying.
+
+    Args:
+        module: see :func:`materialize`.
+        names: dotted paths of meta tensors of ``module`` to materialize, or
+            ``None`` for all of them.
+        device: see :func:`materialize`.
+        dtype: see :func:`materialize`.
+        draw_on: see :func:`materialize`.
+        fallback: see :func:`materialize`.
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ArgumentTypeError: ``module``, ``names``, ``device`` or ``dtype`` has the wrong type.
+        ArgumentValueError: ``names`` holds a path that is not a meta tensor of
+            ``module``, or ``device``, ``dtype``, ``draw_on`` or ``fallback``
+            has a value that cannot work.
+        MaterializationError: see :func:`materialize`.
     """
+    target, rdev = _check_arguments(module, names, device, dtype, draw_on, fallback)
+    slots = _select(module, names)
+    if not slots:
+        return module
+    deferred, plain = _split(slots)
+    _check_deferred(deferred)
+    _check_plain(plain, fallback)
+    ready, replayed = _replay_records(deferred, target, dtype, rdev)
+    _swap_in(deferred, ready)
+    _complete_records(module, replayed, rdev)
+    if plain:
+        _reset(plain, target)
+    logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
+    return module
+
+
+def _check_arguments(
+    module: nn.Module,
+    names: Iterable[str] | None,
+    device: torch.device | str | int | None,
+    dtype: torch.dtype | None,
+    draw_on: DrawOn,
+    fallback: Fallback | None,
+) -> tuple[torch.device, torch.device]:
+    """Refuse bad arguments; return the target device and the device that draws."""
     check_module_argument(module, "materialize", "pass the module built under deferred_init")
     if _compat.dispatch_mode_active():
         raise MaterializationError(
@@ -119,32 +168,46 @@ def materialize_paths(
             "deferred_init block or a FakeTensorMode): the replay would produce fake tensors. "
             "Fix: call materialize after the block ends."
         )
-    target_device = real_device(device, "materialize") or torch.device("cpu")
+    if isinstance(names, (str, bytes)):
+        raise ArgumentTypeError(
+            f"materialize got names={names!r}, a single string; expected an iterable of "
+            f"dotted paths. Fix: pass [{names!r}]."
+        )
+    target = real_device(device, "materialize") or torch.device("cpu")
     float_dtype(dtype, "materialize")
     if draw_on not in ("cpu", "device"):
         raise ArgumentValueError(
-            f"materialize got draw_on={draw_on!r}; expected 'cpu' or 'device'."
+            f"materialize got draw_on={draw_on!r}; expected 'cpu' or 'device'. Fix: pass "
+            "draw_on='cpu' for the values of a model built on the CPU and moved, or "
+            "draw_on='device' for those of a model built on the target device."
         )
     if fallback not in (None, "reset_parameters"):
         raise ArgumentValueError(
-            f"materialize got fallback={fallback!r}; expected None or 'reset_parameters'."
+            f"materialize got fallback={fallback!r}; expected None or 'reset_parameters'. "
+            "Fix: leave fallback=None, or pass fallback='reset_parameters' to initialise "
+            "never-deferred meta tensors with their module's reset_parameters()."
         )
-    rdev = target_device if draw_on == "device" else torch.device("cpu")
+    return target, target if draw_on == "device" else torch.device("cpu")
 
+
+def _select(module: nn.Module, names: Iterable[str] | None) -> list[Slot]:
+    """Return the meta slots of ``module`` named in ``names`` (all if ``None``)."""
     slots = [s for s in iter_slots(module) if s.tensor.is_meta]
-    if names is not None:
-        wanted = set(names)
-        unknown = sorted(wanted - {s.path for s in slots})
-        if unknown:
-            raise ArgumentValueError(
-                f"materialize was asked for {unknown} but those are not meta tensors of "
-                f"{type(module).__name__}. Fix: pass names from deferred_paths(module).",
-                paths=unknown,
-            )
-        slots = [s for s in slots if s.path in wanted]
-    if not slots:
-        return module
+    if names is None:
+        return slots
+    wanted = set(names)
+    unknown = sorted(wanted - {s.path for s in slots})
+    if unknown:
+        raise ArgumentValueError(
+            f"materialize was asked for {unknown} but those are not meta tensors of "
+            f"{type(module).__name__}. Fix: pass names from deferred_paths(module).",
+            paths=unknown,
+        )
+    return [s for s in slots if s.path in wanted]
 
+
+def _split(slots: list[Slot]) -> tuple[list[tuple[Slot, Handle]], list[Slot]]:
+    """Return the deferred slots (with their handles) and the plain, never-deferred ones."""
     deferred: list[tuple[Slot, Handle]] = []
     plain: list[Slot] = []
     for slot in slots:
@@ -153,46 +216,58 @@ def materialize_paths(
             plain.append(slot)
         else:
             deferred.append((slot, handle))
-    _check(deferred, plain, fallback)
+    return deferred, plain
 
-    # One replay per record; value ids already materialized elsewhere (a tie
-    # reaching outside the submodule) reuse that tensor.
-    by_record: dict[int, tuple[Record, dict[int, str]]] = {}
-    reuse: dict[int, torch.Tensor] = {}
+
+def _replay_records(
+    deferred: list[tuple[Slot, Handle]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    rdev: torch.device,
+) -> tuple[dict[int, torch.Tensor], dict[int, Record]]:
+    """Return the real tensor for each deferred tensor (by ``id``) and the records replayed.
+
+    One replay per record; a value already materialized elsewhere (a tie
+    reaching outside the submodule) reuses that tensor.
+    """
+    ready: dict[int, torch.Tensor] = {}
+    targets: dict[int, tuple[Record, dict[int, str]]] = {}
     for slot, handle in deferred:
         existing = done(handle)
         if existing is not None:
-            reuse[id(slot.tensor)] = existing
-            continue
-        by_record.setdefault(id(handle.record), (handle.record, {}))[1].setdefault(
-            handle.vid, slot.path
-        )
+            ready[id(slot.tensor)] = existing
+        else:
+            per_record = targets.setdefault(id(handle.record), (handle.record, {}))[1]
+            per_record.setdefault(handle.vid, slot.path)
     produced: dict[tuple[int, int], torch.Tensor] = {}
-    for record, targets in by_record.values():
-        for vid, t in replay(record, targets, device=target_device, dtype=dtype, rdev=rdev).items():
+    for record, wanted in targets.values():
+        for vid, t in replay(record, wanted, device=device, dtype=dtype, rdev=rdev).items():
             produced[(id(record), vid)] = t
-
     for slot, handle in deferred:
-        new = reuse.get(id(slot.tensor))
-        if new is None:
-            new = wrap_like(slot.tensor, produced[(id(handle.record), handle.vid)], handle.attrs)
-            reuse[id(slot.tensor)] = new
+        if id(slot.tensor) not in ready:
+            value = produced[(id(handle.record), handle.vid)]
+            ready[id(slot.tensor)] = wrap_like(slot.tensor, value, handle.attrs)
+    return ready, {key: record for key, (record, _) in targets.items()}
+
+
+def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
+    """Put each real tensor in its slot and settle its handle."""
+    for slot, handle in deferred:
+        new = ready[id(slot.tensor)]
         slot.put(new)
         settle(slot.owner, slot.name, handle, new)
-    finished = {id(r): r for r, _ in by_record.values()}
-    finished.update(drop_stale(module))
-    for record in finished.values():
-        if not record.pending:
-            complete(record, rdev)
-    if plain:
-        _reset(plain, target_device)
-    logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
-    return module
 
 
-def _check(
-    deferred: list[tuple[Slot, Handle]], plain: list[Slot], fallback: Fallback | None
-) -> None:
+def _complete_records(module: nn.Module, replayed: dict[int, Record], rdev: torch.device) -> None:
+    """Settle the generators of, and release, every record touched with nothing left pending."""
+    touched = dict(replayed)
+    touched.update(drop_stale(module))
+    for record in without_pending(touched.values()):
+        complete(record, rdev)
+
+
+def _check_deferred(deferred: list[tuple[Slot, Handle]]) -> None:
+    """Refuse deferred tensors whose record cannot give their value any more."""
     modified = sorted(s.path for s, h in deferred if _compat.version_of(s.tensor) != h.version)
     if modified:
         raise MaterializationError(
@@ -210,6 +285,10 @@ def _check(
             "the whole module in one call.",
             paths=released,
         )
+
+
+def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
+    """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
         raise MaterializationError(

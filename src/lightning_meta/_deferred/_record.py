@@ -5,7 +5,7 @@ Construction runs under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`
 own initialisation for meta tensors still runs it) with a
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` on top that logs every
 ATen call as an :class:`Op` over integer value ids (the mode itself is in
-``_deferred_recorder``). Once recording ends the
+``_recorder``). Once recording ends the
 :class:`Record` holds no fake tensor: only op names, literal arguments, tensor
 metadata, captured real tensors and generator states, so it deep-copies and
 pickles with the module that refers to it.
@@ -64,7 +64,7 @@ class Op(NamedTuple):
     ``outs`` lines up with the output (a tensor, or a tuple or list of them;
     ``None`` for non-tensor items); ``touch`` and ``read`` are the storages
     the op writes and reads, which is all the slicing in
-    ``_materialize_replay`` needs. ``stream`` is ``None`` for ops that draw no
+    ``_replay`` needs. ``stream`` is ``None`` for ops that draw no
     random numbers.
     """
 
@@ -97,6 +97,9 @@ class Record:
     ``"gen:3"``); pins made while recording (the generator was reseeded) and
     states met during any replay accumulate there, so any later slice starts
     from the nearest known state instead of from the block's entry.
+
+    ``pending`` and ``materialized`` are changed by ``_handles`` only, the one
+    owner of that bookkeeping (copying and pickling below rebuild them).
     """
 
     def __init__(self, prev: Record | None) -> None:
@@ -130,7 +133,12 @@ class Record:
         return cached.get(stream, [])
 
     def release(self) -> None:
-        """Drop the op log; keep the generator end states later blocks chain to."""
+        """Drop the op log; keep the generator end states later blocks chain to.
+
+        The record's own method, called once nothing is pending: by
+        ``_handles.forget`` and, after settling the generators, by
+        ``_replay.complete``.
+        """
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
         self.__dict__.pop("_random_index", None)
         self.released = True

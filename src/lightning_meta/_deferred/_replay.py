@@ -1,4 +1,4 @@
-"""Replay a slice of a :class:`~lightning_meta._deferred_record.Record` with real tensors.
+"""Replay a slice of a :class:`~lightning_meta._deferred._record.Record` with real tensors.
 
 Guarantee on random numbers: every random op is replayed in recorded order
 from the generator state it met while the model was built, so a value is
@@ -22,6 +22,12 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._deferred._record import DEFAULT_STREAM, GenRef, Op, Record, Ref
+from lightning_meta._deferred._rng import (
+    ReplayRng,
+    get_default_state,
+    set_default_state,
+    stream_key,
+)
 from lightning_meta._errors import MaterializationError
 
 # Random ops whose generator consumption depends only on the metadata of their
@@ -44,15 +50,13 @@ _METADATA_ONLY = frozenset(
 
 @functools.cache
 def _resolve(name: str) -> Any:
+    """Return the ATen overload named ``name`` (``"aten.add.Tensor"``)."""
     namespace, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
 
-def stream_key(stream: int, rdev: torch.device) -> str:
-    return f"default:{rdev}" if stream == DEFAULT_STREAM else f"gen:{stream}"
-
-
 def _placeholder_ok(op: Op) -> bool:
+    """Whether random op ``op`` can be redrawn on scratch tensors (its draws need metadata only)."""
     if not op.reads:
         return True
     base = op.name.rsplit(".", 1)[0]
@@ -74,63 +78,6 @@ def _slice(ops: list[Op], storages: set[int]) -> set[int]:
         chosen.add(i)
         needed.update(op.read)
     return chosen
-
-
-class _Rng:
-    """Get and set generator states by stream while one replay runs."""
-
-    def __init__(self, record: Record, rdev: torch.device) -> None:
-        self.record, self.rdev = record, rdev
-        self.gens: dict[int, torch.Generator] = {}
-
-    def generator(self, stream: int) -> torch.Generator:
-        gen = self.gens.get(stream)
-        if gen is None:
-            gen = self.gens[stream] = torch.Generator(device=self.record.streams[stream].device)
-        return gen
-
-    def get(self, stream: int) -> torch.Tensor:
-        if stream != DEFAULT_STREAM:
-            return self.generator(stream).get_state()
-        return get_default_state(self.rdev)
-
-    def set(self, stream: int, state: torch.Tensor) -> None:
-        if stream != DEFAULT_STREAM:
-            self.generator(stream).set_state(state)
-        else:
-            set_default_state(self.rdev, state)
-
-    def enter(self, i: int, stream: int) -> None:
-        known = self.record.states.setdefault(stream_key(stream, self.rdev), {})
-        state = known.get(i)
-        if state is not None:
-            self.set(stream, state)
-        else:
-            known[i] = self.get(stream)
-
-    def leave(self, i: int, stream: int) -> None:
-        key = stream_key(stream, self.rdev)
-        index = self.record.random_ops(stream)
-        pos = bisect.bisect_left(index, i)
-        state = self.get(stream)
-        if pos == len(index) - 1:
-            self.record.ends.setdefault(key, state)
-        else:
-            self.record.states.setdefault(key, {}).setdefault(index[pos + 1], state)
-
-
-def get_default_state(rdev: torch.device) -> torch.Tensor:
-    if rdev.type == "cpu":
-        return torch.get_rng_state()
-    state: torch.Tensor = torch.get_device_module(rdev.type).get_rng_state(rdev)
-    return state
-
-
-def set_default_state(rdev: torch.device, state: torch.Tensor) -> None:
-    if rdev.type == "cpu":
-        torch.set_rng_state(state)
-    else:
-        torch.get_device_module(rdev.type).set_rng_state(state, rdev)
 
 
 def _start_index(record: Record, stream: int, first: int, rdev: torch.device) -> int:
@@ -181,6 +128,7 @@ def end_state(record: Record, rdev: torch.device) -> torch.Tensor:
 def _plan(
     record: Record, targets: set[int], rdev: torch.device, through_end: bool
 ) -> tuple[list[int], set[int]]:
+    """Return the ops to run, in order, and those run on scratch tensors to advance a generator."""
     ops = record.ops
     storages = {record.values[v].storage for v in targets}
     while True:
@@ -237,6 +185,7 @@ def replay(
 def _check_constants(
     record: Record, order: list[int], scratch: set[int], targets: dict[int, str]
 ) -> None:
+    """Refuse to replay an op reading a captured real tensor modified in place since."""
     for i in order:
         if i in scratch:
             continue
@@ -244,30 +193,35 @@ def _check_constants(
         for v in op.reads:
             const = record.constants.get(v)
             if const is not None and _compat.version_of(const[0]) != const[1]:
-                hit = sorted(
-                    p
-                    for t, p in targets.items()
-                    if i in _slice(record.ops, {record.values[t].storage})
-                )
+                hit = _paths_needing(record, i, targets)
                 names = ", ".join(repr(p) for p in hit) or "the module"
                 raise MaterializationError(
                     f"materialize cannot replay {op.name} issued at {op.site} for {names}: it "
                     "reads a real tensor captured while recording that was modified in place "
-                    f"since (version {const[1]} -> {_compat.version_of(const[0])}), so the result would "
-                    "differ from eager construction. Fix: pass a clone of the tensor into the "
-                    "deferred_init block, or do not modify it before materializing."
+                    f"since (version {const[1]} -> {_compat.version_of(const[0])}), so the "
+                    "result would differ from eager construction. Fix: pass a clone of the "
+                    "tensor into the deferred_init block, or do not modify it before "
+                    "materializing.",
+                    paths=hit,
                 )
 
 
-def _execute(
-    record: Record,
-    order: list[int],
-    scratch: set[int],
-    targets: dict[int, str],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    rdev: torch.device,
-) -> dict[int, torch.Tensor]:
+def _paths_needing(record: Record, i: int, targets: dict[int, str]) -> list[str]:
+    """Return the paths of the ``targets`` whose value op ``i`` contributes to, sorted."""
+    return sorted(
+        p for t, p in targets.items() if i in _slice(record.ops, {record.values[t].storage})
+    )
+
+
+def _lifetimes(
+    record: Record, order: list[int], scratch: set[int], targets: dict[int, str]
+) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Return the last op using each value id, and the targets final after each op.
+
+    Values are dropped after their last use, and a target is moved and cast
+    once the last op writing its storage has run, so memory stays at what is
+    still needed.
+    """
     ops, values = record.ops, record.values
     last_use: dict[int, int] = {}
     finalize_at: dict[int, list[int]] = {}
@@ -281,8 +235,22 @@ def _execute(
             last_write[s] = i
     for t in targets:
         finalize_at.setdefault(last_write[values[t].storage], []).append(t)
+    return last_use, finalize_at
 
-    rng = _Rng(record, rdev)
+
+def _execute(
+    record: Record,
+    order: list[int],
+    scratch: set[int],
+    targets: dict[int, str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    rdev: torch.device,
+) -> dict[int, torch.Tensor]:
+    """Run the ops in ``order`` (those in ``scratch`` on blank tensors) and return the targets."""
+    ops, values = record.ops, record.values
+    last_use, finalize_at = _lifetimes(record, order, scratch, targets)
+    rng = ReplayRng(record, rdev)
     on_device = rdev.type != "cpu"
     env: dict[int, torch.Tensor] = {}
     results: dict[int, torch.Tensor] = {}
@@ -306,12 +274,7 @@ def _execute(
         try:
             out = _resolve(op.name)(*args, **kwargs)
         except Exception as e:
-            site = f" issued at {op.site}" if op.site else ""
-            raise MaterializationError(
-                f"materialize could not replay {op.name}{site} on {rdev}: "
-                f"{type(e).__name__}: {e}. Fix: materialize with draw_on='cpu', or build this "
-                "part of the model outside deferred_init."
-            ) from e
+            raise _replay_error(record, i, targets, rdev, e) from e
         if op.stream is not None:
             rng.leave(i, op.stream)
         if i in scratch:
@@ -328,7 +291,24 @@ def _execute(
     return results
 
 
+def _replay_error(
+    record: Record, i: int, targets: dict[int, str], rdev: torch.device, e: Exception
+) -> MaterializationError:
+    """Return the error for op ``i`` failing on real tensors, naming the tensors it blocks."""
+    op = record.ops[i]
+    site = f" issued at {op.site}" if op.site else ""
+    # A draw on scratch tensors feeds no target but blocks every one after it.
+    paths = _paths_needing(record, i, targets) or sorted(set(targets.values()))
+    return MaterializationError(
+        f"materialize could not replay {op.name}{site} on {rdev}: "
+        f"{type(e).__name__}: {e}. Fix: materialize with draw_on='cpu', or build this "
+        "part of the model outside deferred_init.",
+        paths=paths,
+    )
+
+
 def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Return ``t`` on ``device``, cast to ``dtype`` if floating point (itself if already so)."""
     cast = dtype if dtype is not None and t.is_floating_point() else None
     if t.device == device and (cast is None or t.dtype == cast):
         return t
@@ -338,9 +318,11 @@ def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) ->
 def _bind(
     op: Op,
     tensor: Callable[[int], torch.Tensor],
-    rng: _Rng,
+    rng: ReplayRng,
     move_to: torch.device | None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return ``op``'s arguments with real tensors, generators and devices in place of the log's."""
+
     def leaf(x: Any) -> Any:
         if isinstance(x, Ref):
             return tensor(x.vid)
@@ -365,6 +347,9 @@ def complete(record: Record, rdev: torch.device) -> None:
     The default generator moves to where eager construction would have left
     it, but only in the process that recorded the block and only if nobody
     reseeded or drew from it since the block exited (then it is left alone).
+    Releasing is :meth:`Record.release`, the record's own method, called under
+    its lock so two threads cannot both move the generators; which records are
+    finished is for :mod:`~lightning_meta._deferred._handles` to say.
     """
     with record.lock:
         if record.released:

@@ -1,0 +1,120 @@
+"""Say where a recording failed: the user's ``file:line`` and the tensor's dotted path.
+
+Everything :class:`~lightning_meta._deferred._recorder.Recorder` and the
+placeholder generator of :mod:`~lightning_meta._deferred._rng` cannot record
+exactly is refused at record time with one message shape, built here:
+``deferred_init cannot record <op> [on '<Model.path>'] issued at <file:line>:
+it <what>. Fix: <fix>.``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable
+from types import CodeType
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lightning_meta import _compat
+from lightning_meta._errors import MaterializationError
+from lightning_meta._slots import buffer_names, parameter_names, tensor_at
+
+__all__ = ["TensorPath", "path_of", "recording_error", "user_site"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_WRAPPERS = (os.sep + "contextlib.py", os.sep + "functools.py")
+# Whether a code object is torch's, this subpackage's or a stdlib wrapper's:
+# cached, since an op reading a captured real tensor asks on every call.
+_INTERNAL: dict[CodeType, bool] = {}
+
+
+def user_site(depth: int = 1) -> str:
+    """Return ``file:line`` of the innermost frame outside torch and this subpackage.
+
+    Args:
+        depth: the frame to start from (1: the caller). Frames of torch, of
+            this subpackage and of ``contextlib``/``functools`` are skipped,
+            so any start at or below the user's frame gives the same answer.
+
+    Returns:
+        ``"path/to/file.py:LINE"``, or ``"<unknown>"`` when every frame is internal.
+    """
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        internal = _INTERNAL.get(code)
+        if internal is None:
+            name = code.co_filename
+            internal = name.startswith((_TORCH_DIR, _OWN_DIR)) or name.endswith(_STDLIB_WRAPPERS)
+            _INTERNAL[code] = internal
+        if not internal:
+            return f"{code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "<unknown>"
+
+
+class TensorPath(NamedTuple):
+    """Where a recorded tensor lives: the outermost module's class and the dotted path in it."""
+
+    root: str
+    dotted: str
+
+    def __str__(self) -> str:
+        return f"{self.root}.{self.dotted}"
+
+
+def path_of(tensor: torch.Tensor, modules: Iterable[nn.Module]) -> TensorPath | None:
+    """Return the path of the parameter or buffer of ``modules`` sharing ``tensor``'s storage.
+
+    Only used to word an error, so any failure to find it (a tensor that is
+    not on a module yet, a half-built module) gives ``None``.
+    """
+    with contextlib.suppress(Exception):
+        mods = list(modules)
+        cdata = _compat.storage_id(tensor.untyped_storage())
+        parents: dict[int, tuple[nn.Module, str]] = {}
+        for m in mods:
+            for child_name, child in m.named_children():
+                parents[id(child)] = (m, child_name)
+        for m in mods:
+            for name in (*parameter_names(m), *buffer_names(m)):
+                t = tensor_at(m, name)
+                if t is not None and _compat.storage_id(t.untyped_storage()) == cdata:
+                    return _climb(m, name, parents)
+    return None
+
+
+def _climb(module: nn.Module, name: str, parents: dict[int, tuple[nn.Module, str]]) -> TensorPath:
+    """Return the path of ``module.name`` from the outermost module above it."""
+    parts = [name]
+    node = module
+    while id(node) in parents:
+        node, child_name = parents[id(node)]
+        parts.append(child_name)
+    return TensorPath(type(node).__name__, ".".join(reversed(parts)))
+
+
+def recording_error(
+    op: str, what: str, fix: str, *, path: TensorPath | None = None
+) -> MaterializationError:
+    """Return the error for an op ``deferred_init`` cannot record, naming where it was issued.
+
+    Args:
+        op: the ATen op (``"aten.nonzero.default"``) or Python call refused.
+        what: why, completing "it ..." (no final period).
+        fix: what to do instead (no final period).
+        path: the tensor concerned, if known; its dotted path goes to ``paths``.
+
+    Returns:
+        A :class:`MaterializationError` for the caller to raise.
+    """
+    where = f" on {str(path)!r}" if path is not None else ""
+    return MaterializationError(
+        f"deferred_init cannot record {op}{where} issued at {user_site(2)}: it {what}. Fix: {fix}.",
+        paths=(path.dotted,) if path is not None else (),
+    )
