@@ -13,18 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+from lightning_meta._compat import functorch_disabled
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 
-__all__ = ["check_module_argument", "describe", "float_dtype", "real_device"]
+__all__ = ["build_on_meta", "check_module_argument", "describe", "float_dtype", "real_device"]
 
 DeviceLike = torch.device | str | int
 
 
 def describe(obj: object) -> str:
-    """Name ``obj`` for a message: its class name, or the callable's qualified name."""
-    if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__")):
-        return str(getattr(obj, "__qualname__", type(obj).__name__))
-    return type(obj).__name__
+    """Name ``obj`` for a message: a class's or function's qualified name, else its type's."""
+    return str(getattr(obj, "__qualname__", None) or type(obj).__qualname__)
 
 
 def check_module_argument(module: Any, function: str, fix: str) -> None:
@@ -100,3 +99,32 @@ def float_dtype(dtype: Any, function: str) -> torch.dtype | None:
             "Fix: pass torch.float32, torch.bfloat16 or torch.float16."
         )
     return dtype
+
+
+def build_on_meta(factory: Any, owner: str) -> nn.Module:
+    """Call ``factory()`` under ``torch.device("meta")``, outside any ``torch.func`` transform.
+
+    The one way a factory argument (of ``MetaTemplate``, ``Ensemble``'s
+    template, ``estimate``) is built: parameters of model size never get
+    storage, and a factory first called inside ``torch.vmap`` does not run its
+    random initialisation batched. ``owner`` starts the messages ("MetaTemplate
+    factory", "estimate: factory").
+    """
+    name = describe(factory)
+    try:
+        with functorch_disabled(), torch.device("meta"):
+            module = factory()
+    except MetaTensorError:
+        raise
+    except Exception as e:
+        raise MetaTensorError(
+            f"{owner} {name!r} failed under torch.device('meta'): {type(e).__name__}: {e}. "
+            "Fix: make the factory build the module without reading tensor values (no "
+            ".item(), .tolist(), printing or data-dependent branches)."
+        ) from e
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"{owner} {name!r} returned {type(module).__name__}, expected an nn.Module. "
+            "Fix: return the module."
+        )
+    return module

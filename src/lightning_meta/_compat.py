@@ -380,3 +380,97 @@ def children_replaced(module: nn.Module, table: dict[str, nn.Module | None]) -> 
         yield
     finally:
         module._modules = saved
+
+
+# -- running a real kernel from inside a dispatch mode. estimate checks, on tiny
+# real tensors, that the real kernel accepts the dtypes a fake kernel let
+# through (meta kernels skip many dtype checks). Checked on torch 2.6, 2.13, 2.14.
+try:
+    from torch.utils._python_dispatch import _disable_current_modes as _no_modes
+except ImportError:  # pragma: no cover
+    _no_modes = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def no_dispatch_modes() -> Iterator[None]:
+    """Run the body with every ``TorchDispatchMode`` (fake, FLOP counter, trackers) switched off.
+
+    The modes are restored afterwards; tensors made in the body are real.
+    """
+    if _no_modes is None:  # pragma: no cover
+        raise missing("torch.utils._python_dispatch._disable_current_modes", "estimate")
+    with _no_modes():
+        yield
+
+
+def is_dtype_refusal(e: BaseException, *, cpu_only_gaps: bool) -> bool:
+    """Whether a real kernel raised ``e`` because of the dtype of an input.
+
+    ``cpu_only_gaps=False`` leaves out "not implemented for 'Half'" and the
+    like: reduced-precision dtypes some CPU kernels lack and accelerator
+    kernels have. An operator missing for the whole backend ("Could not run
+    'aten::...'") is not a dtype refusal.
+    """
+    import re
+
+    text = str(e)
+    if "Could not run '" in text:
+        return False
+    gap = re.search(r"not implemented for '([^']+)'", text)
+    if gap is not None:
+        reduced = ("Half", "BFloat16", "ComplexHalf", "Float8")
+        return cpu_only_gaps or not gap.group(1).startswith(reduced)
+    pattern = r"dtype|scalar ?type|datatype|data type|type \(|indices must be|must be long"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+__all__ += ["is_dtype_refusal", "no_dispatch_modes"]
+
+
+# -- loading: checks made before a checkpoint's tensors replace a module's.
+# Checked on torch 2.13; without them a bad target is refused only when torch
+# itself raises, half way through putting tensors in place.
+
+
+def can_set_data(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether ``old.data = new`` is allowed (``torch._has_compatible_shallow_copy_type``)."""
+    check = getattr(torch, "_has_compatible_shallow_copy_type", None)
+    if check is None:  # pragma: no cover
+        return old.layout == new.layout and type(old) in (torch.Tensor, nn.Parameter)
+    return bool(check(old, new))
+
+
+def has_internal_overlap(tensor: torch.Tensor) -> bool:
+    """Whether elements of ``tensor`` share memory (an expanded view), so ``copy_`` into it fails.
+
+    ``torch._debug_has_internal_overlap`` answers 0 (no), 1 (yes) or 2 (too
+    hard to tell, which ``copy_`` accepts).
+    """
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    if check is None:  # pragma: no cover
+        return any(s == 0 and n > 1 for s, n in zip(tensor.stride(), tensor.shape, strict=True))
+    return int(check(tensor)) == 1
+
+
+# -- sharding: slicing a full tensor every rank holds into this rank's shard.
+
+
+def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
+    """Return this rank's local piece of ``full`` under ``placements`` on ``mesh``.
+
+    Every rank replayed the same full tensor, so torch >= 2.7 slices it locally
+    (``distribute_tensor(..., src_data_rank=None)``: no communication). torch
+    2.6 has no ``src_data_rank``: there rank 0's identical copy is scattered,
+    which gives the same values at the cost of one collective. Checked on
+    torch 2.6, 2.13, 2.14.
+    """
+    import inspect
+
+    from torch.distributed.tensor import distribute_tensor
+
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+        return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+    return distribute_tensor(full, mesh, placements).to_local()  # pragma: no cover (torch 2.6)
+
+
+__all__ += ["local_shard"]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import lightning_meta as lm
+from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 from support.processes import run_module
 
 
@@ -38,6 +39,7 @@ def test_ddp_deferred_runs_are_bit_identical_to_eager(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
 def test_model_parallel_shards_equal_eager_construction(tmp_path: Path) -> None:
     results = run("model_parallel", tmp_path)
     assert sorted(results) == ["0", "1"]

@@ -12,11 +12,22 @@ from pathlib import Path
 
 import pytest
 
+from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 from support.processes import run_module
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "model_parallel"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        "ddp_spawn",
+        pytest.param(
+            "model_parallel",
+            marks=pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON),
+        ),
+    ],
+)
 def test_lifecycle_under_strategy(tmp_path: Path, strategy: str) -> None:
     proc = run_module("run_strategy", strategy, str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -147,7 +147,7 @@ def _allocate_shards(module: nn.Module, device: torch.device) -> None:
 
 
 def _fill_shard(owner: nn.Module, name: str, handle: Handle, device: torch.device) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     full = _replay_one(name, handle, device)
     target = tensor_at(owner, name)
@@ -159,11 +159,8 @@ def _fill_shard(owner: nn.Module, name: str, handle: Handle, device: torch.devic
             "MetaGuard materializes it (in configure_model), and do not replace its parameters.",
             paths=[name],
         )
-    # src_data_rank=None: every rank replayed the same full tensor, so each
-    # one slices its own shard locally; no communication.
-    local = distribute_tensor(
-        full, target.device_mesh, target.placements, src_data_rank=None
-    ).to_local()
+    # Every rank replayed the same full tensor: each slices its own shard.
+    local = _compat.local_shard(full, target.device_mesh, target.placements)
     with torch.no_grad():
         target.to_local().copy_(local)
     drop(owner, name, handle)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import nn
 
-from lightning_meta._compat import functorch_disabled
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._arguments import build_on_meta, describe
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+from lightning_meta._slots import tie_groups
 
 __all__ = ["MetaTemplate", "meta_template"]
 
@@ -54,31 +56,8 @@ def to_meta(module: nn.Module) -> nn.Module:
     return copy_module(module, make)
 
 
-def _describe(obj: object) -> str:
-    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-    return str(name)
-
-
 def _build_on_meta(factory: Factory) -> nn.Module:
-    try:
-        # Outside any torch.func transform: a template read inside torch.vmap
-        # would otherwise run the module's random initialisation under vmap
-        # (an error with randomness="error", wasted work otherwise).
-        with functorch_disabled(), torch.device("meta"):
-            module = factory()
-    except MetaTensorError:
-        raise
-    except Exception as e:
-        raise MetaTensorError(
-            f"MetaTemplate factory {_describe(factory)!r} failed under torch.device('meta'): "
-            f"{type(e).__name__}: {e}. Fix: make the factory build the module without "
-            "reading tensor data (no .item(), .tolist() or printing of values)."
-        ) from e
-    if not isinstance(module, nn.Module):
-        raise MetaTensorError(
-            f"MetaTemplate factory {_describe(factory)!r} returned "
-            f"{type(module).__name__}, expected an nn.Module. Fix: return the module."
-        )
+    module = build_on_meta(factory, "MetaTemplate factory")
     # A factory may capture modules or tensors built elsewhere; copy what is
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
@@ -141,7 +120,7 @@ class MetaTemplate:
         self._training = True
         if isinstance(module_or_factory, nn.Module):
             if not cache:
-                raise MetaTensorError(
+                raise ArgumentValueError(
                     f"MetaTemplate({type(module_or_factory).__name__}, cache=False): a module "
                     "argument is copied once, so there is nothing to build on demand. Fix: "
                     "pass a factory (e.g. `lambda: MyNet(...)`) to use cache=False."
@@ -154,7 +133,7 @@ class MetaTemplate:
             # Built eagerly when cached so a broken factory fails where it is named.
             self._module = _build_on_meta(module_or_factory) if cache else None
         else:
-            raise MetaTensorError(
+            raise ArgumentTypeError(
                 f"MetaTemplate expects an nn.Module or a zero-argument factory returning one, "
                 f"got {type(module_or_factory).__name__}. Fix: pass the module or "
                 "`lambda: MyNet(...)`."
@@ -170,9 +149,8 @@ class MetaTemplate:
     @property
     def module(self) -> nn.Module:
         """The meta ``nn.Module`` (with ``cache=False``, a new one on every access)."""
-        if self._module is not None:
-            return self._module
-        assert self._factory is not None
+        if self._module is not None or self._factory is None:  # a module was given: cached
+            return typing.cast(nn.Module, self._module)
         module = _build_on_meta(self._factory)
         module.train(self._training)
         return module
@@ -248,7 +226,8 @@ class MetaTemplate:
         if missing:
             raise MetaTensorError(
                 f"MetaTemplate.state_from({type(module).__name__}): the module lacks "
-                f"{', '.join(repr(n) for n in missing)}. Fix: pass a module built like the template."
+                f"{', '.join(repr(n) for n in missing)}. Fix: pass a module built like the template.",
+                paths=missing,
             )
         return out
 
@@ -300,44 +279,38 @@ class MetaTemplate:
         self, module: nn.Module, given: Mapping[str, torch.Tensor], *, tie_weights: bool
     ) -> None:
         if not isinstance(given, Mapping):
-            raise MetaTensorError(
+            raise ArgumentTypeError(
                 f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
                 f"tensors as its first argument, got {type(given).__name__}. Fix: pass "
                 "`dict(module.named_parameters())` or the output of a hypernetwork keyed by name."
             )
         # Every name of a group of tied tensors, so one of them satisfies the group.
-        groups: dict[int, list[str]] = {}
-        expected: dict[str, tuple[int, ...]] = {}
-        for name, t in [
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
-        ]:
-            groups.setdefault(id(t), []).append(name)
-            expected[name] = _shape(t)
-        problems: list[str] = []
-        for names in groups.values():
+        slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(module)]
+        expected = {s.path: _shape(s.tensor) for g in slots for s in g}
+        problems: dict[str, str] = {}  # path -> what is wrong with it
+        for group in slots:
+            names = [s.path for s in group]
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
-                missing = names if not present else [n for n in names if n not in given]
-                problems += [f"missing {n!r} (expected shape {expected[n]})" for n in missing]
+                for n in names if not present else [n for n in names if n not in given]:
+                    problems[n] = f"missing {n!r} (expected shape {expected[n]})"
         for name, value in given.items():
             if name not in expected:
                 close = _closest(name, expected)
                 hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
-                problems.append(f"unexpected {name!r}{hint}")
+                problems[name] = f"unexpected {name!r}{hint}"
             elif not isinstance(value, torch.Tensor):
-                problems.append(f"{name!r} is {type(value).__name__}, expected a tensor")
+                problems[name] = f"{name!r} is {type(value).__name__}, expected a tensor"
             elif _shape(value) != expected[name]:
-                problems.append(
-                    f"{name!r} has shape {_shape(value)}, expected {expected[name]}"
-                )
+                problems[name] = f"{name!r} has shape {_shape(value)}, expected {expected[name]}"
         if problems:
-            lines = "\n  ".join(sorted(problems))
+            lines = "\n  ".join(sorted(problems.values()))
             raise MetaTensorError(
                 f"MetaTemplate({type(module).__name__}) was called with parameters and buffers "
                 f"that do not match it ({len(problems)} problem(s)):\n  {lines}\n"
                 "Fix: pass one tensor per name in `template.shapes()` (under torch.vmap, the "
-                "shape of one member), or call `template.functional_call(..., strict=False)`."
+                "shape of one member), or call `template.functional_call(..., strict=False)`.",
+                paths=problems,
             )
 
     # -------------------------------------------------------- copy and pickle
@@ -362,7 +335,7 @@ class MetaTemplate:
         if self._module is not None:
             body = repr(self._module).replace("\n", "\n  ")
         else:
-            body = f"factory={_describe(self._factory)}"
+            body = f"factory={describe(self._factory)}"
         return f"MetaTemplate(cache={self._cache}, {body})"
 
 
@@ -455,7 +428,7 @@ def meta_template(
 
     def wrap(fn: Callable[[Any], nn.Module]) -> Any:
         if not callable(fn):
-            raise MetaTensorError(
+            raise ArgumentTypeError(
                 f"@meta_template decorates a method returning an nn.Module, got "
                 f"{type(fn).__name__}. Fix: put it on a `def name(self): return Module(...)`."
             )
