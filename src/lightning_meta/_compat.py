@@ -474,3 +474,153 @@ def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
 
 
 __all__ += ["local_shard"]
+
+
+# -- ensembles: gradient buffers reused across steps, and the hooks that keep a
+# module off the batched paths. Checked on torch 2.13.
+
+
+def storage_users(tensor: torch.Tensor) -> int:
+    """Return how many tensors share ``tensor``'s storage (``tensor`` itself included).
+
+    Ensemble reuses a gradient buffer only when nothing but its own cache
+    holds it (the ``.grad`` it became was set to None and dropped). Uses
+    ``torch._C._storage_Use_Count``; without it every buffer counts as shared,
+    so buffers are never reused (correct, only slower).
+    """
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover
+        return 2
+    storage = tensor.untyped_storage()
+    # The Python storage object above holds one reference of its own.
+    return int(count(storage._cdata)) - 1
+
+
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre or backward hooks of its own.
+
+    Ensemble's batched paths compute a layer without calling it, so they
+    refuse such layers (their hooks would not run).
+    """
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def functorch_transform_active() -> bool:
+    """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ...).
+
+    Ensemble does not time its plans there (a backward inside a transform is
+    not what the transform computes). Uses
+    ``torch._C._functorch.peek_interpreter_stack``.
+    """
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    if peek is None:  # pragma: no cover
+        return False
+    return peek() is not None
+
+
+__all__ += ["functorch_transform_active", "has_module_hooks", "storage_users"]
+
+
+# -- deferred_init: running real kernels while recording, Parameter subclasses,
+# and Module._apply inside a block. Checked on torch 2.6 and 2.13.
+
+
+@contextlib.contextmanager
+def no_python_dispatch() -> Iterator[None]:
+    """Run the body with Python dispatch and ``__torch_function__`` off: real kernels only.
+
+    deferred_init draws random numbers for real (on scratch memory) and
+    computes values a model reads while it is recorded, from inside its
+    dispatch mode, where the fake mode below would otherwise take over. Uses
+    ``torch._C._DisableTorchDispatch`` and ``torch._C.DisableTorchFunction``.
+    """
+    no_dispatch = getattr(torch._C, "_DisableTorchDispatch", None)
+    no_function = getattr(torch._C, "DisableTorchFunction", None)
+    if no_dispatch is None or no_function is None:  # pragma: no cover
+        raise missing("torch._C._DisableTorchDispatch", "deferred_init")
+    with no_dispatch(), no_function():
+        yield
+
+
+def make_subclass(cls: type, data: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """Return ``data`` as an instance of the tensor subclass ``cls`` without calling ``cls``.
+
+    What ``nn.Parameter.__new__`` does for plain tensors
+    (``torch.Tensor._make_subclass``): a ``Parameter`` subclass whose
+    constructor takes other arguments is rebuilt around new data this way.
+    """
+    made: torch.Tensor = torch.Tensor._make_subclass(cls, data, requires_grad)
+    return made
+
+
+_PARAMETER_HOOKS: list[Callable[[type, Any, tuple[Any, ...], dict[str, Any]], Any]] = []
+_PARAMETER_SAVED: list[Any] = []
+
+
+@functools.cache
+def _parameter_lock() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+@contextlib.contextmanager
+def parameter_calls(
+    hook: Callable[[type, Any, tuple[Any, ...], dict[str, Any]], Any],
+) -> Iterator[None]:
+    """Call ``hook(cls, made, args, kwargs)`` after every ``cls(*args, **kwargs)`` of a Parameter class.
+
+    Under a fake mode, ``MyParameter(fake)`` returns the fake tensor itself
+    (``Parameter.__new__`` cannot wrap a tensor subclass), so the class, and
+    whatever ``MyParameter.__init__`` would set, are lost; deferred_init
+    notes them here. Installed on ``type(nn.Parameter)`` (torch's private
+    ``_ParameterMeta``) for the body only, shared by concurrent blocks; the
+    hook's return value replaces what the call returns.
+    """
+    meta = type(nn.Parameter)
+    with _parameter_lock():
+        if not _PARAMETER_HOOKS:
+            own = meta.__dict__.get("__call__")
+            _PARAMETER_SAVED[:] = [own]
+
+            def __call__(cls: type, *args: Any, **kwargs: Any) -> Any:
+                if own is not None:
+                    made = own(cls, *args, **kwargs)
+                else:
+                    made = super(meta, cls).__call__(*args, **kwargs)  # type: ignore[misc]
+                for each in list(_PARAMETER_HOOKS):
+                    made = each(cls, made, args, kwargs)
+                return made
+
+            meta.__call__ = __call__  # type: ignore[method-assign,assignment]
+        _PARAMETER_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        with _parameter_lock():
+            _PARAMETER_HOOKS.remove(hook)
+            if not _PARAMETER_HOOKS:
+                own = _PARAMETER_SAVED[0]
+                if own is None:
+                    del meta.__call__
+                else:
+                    meta.__call__ = own
+
+
+def is_module_apply(code: Any) -> bool:
+    """Whether ``code`` is the code object of ``nn.Module._apply`` (``.to()``, ``.half()``, ...).
+
+    deferred_init refuses tensor conversions of a whole module inside a block
+    the same way on every torch version: torch 2.13 cannot swap fake
+    parameters, torch 2.6 assigns ``.data`` (and would record it).
+    """
+    return code is nn.Module._apply.__code__
+
+
+__all__ += ["is_module_apply", "make_subclass", "no_python_dispatch", "parameter_calls"]

@@ -76,11 +76,18 @@ def test_parse_arguments(tmp_path: Path) -> None:
 
 
 def test_bad_targets(model_file: Path) -> None:
-    with pytest.raises(MetaTensorError, match=r"target 'torch.nn.Linear': expected MODULE:NAME.*package.module:Name"):
+    with pytest.raises(
+        MetaTensorError,
+        match=r"target 'torch.nn.Linear': expected MODULE:NAME.*package.module:Name",
+    ):
         load_target("torch.nn.Linear")
-    with pytest.raises(MetaTensorError, match=r"target 'no_such_pkg.models:Net': no module named 'no_such_pkg'"):
+    with pytest.raises(
+        MetaTensorError, match=r"target 'no_such_pkg.models:Net': no module named 'no_such_pkg'"
+    ):
         load_target("no_such_pkg.models:Net")
-    with pytest.raises(MetaTensorError, match=r"'torch.nn' has no attribute 'Linaer'. Fix: use 'Linear'"):
+    with pytest.raises(
+        MetaTensorError, match=r"'torch.nn' has no attribute 'Linaer'. Fix: use 'Linear'"
+    ):
         load_target("torch.nn:Linaer")
     with pytest.raises(MetaTensorError, match=r"no Python file at 'missing/model.py'"):
         load_target("missing/model.py:Net")
@@ -93,7 +100,10 @@ def test_bad_targets(model_file: Path) -> None:
 def test_file_that_fails_to_import(tmp_path: Path) -> None:
     bad = tmp_path / "lm_target_broken.py"
     bad.write_text("raise ImportError('needs a GPU library')\n")
-    with pytest.raises(MetaTensorError, match=r"importing .*lm_target_broken.py' raised ImportError: needs a GPU library"):
+    with pytest.raises(
+        MetaTensorError,
+        match=r"importing .*lm_target_broken.py' raised ImportError: needs a GPU library",
+    ):
         load_target(f"{bad}:Net")
     assert "lm_target_broken" not in sys.modules
 
@@ -101,5 +111,7 @@ def test_file_that_fails_to_import(tmp_path: Path) -> None:
 def test_module_name_conflict(tmp_path: Path) -> None:
     clash = tmp_path / "json.py"  # the name of a module already imported
     clash.write_text("X = 1\n")
-    with pytest.raises(MetaTensorError, match=r"module name 'json' is already taken.*rename json.py"):
+    with pytest.raises(
+        MetaTensorError, match=r"module name 'json' is already taken.*rename json.py"
+    ):
         load_target(f"{clash}:X")

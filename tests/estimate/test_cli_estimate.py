@@ -76,7 +76,18 @@ def test_bad_target_exits_2_subprocess() -> None:
 
 
 def test_table(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["estimate", f"{net_file}:Net", "--input", "8,16:float32", "--optimizer", "sgd", "--depth", "1"])
+    status = main(
+        [
+            "estimate",
+            f"{net_file}:Net",
+            "--input",
+            "8,16:float32",
+            "--optimizer",
+            "sgd",
+            "--depth",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "peak training-step memory" in out
@@ -89,8 +100,22 @@ def test_hf_config_json_text_and_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     (tmp_path / "config.json").write_text(text)
-    assert main(["estimate", "LlamaForCausalLM", "--hf-config", str(tmp_path), "--input", "1,16:int64",
-                 "--json", "--precision", "bf16-mixed"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "LlamaForCausalLM",
+                "--hf-config",
+                str(tmp_path),
+                "--input",
+                "1,16:int64",
+                "--json",
+                "--precision",
+                "bf16-mixed",
+            ]
+        )
+        == 0
+    )
     doc2 = json.loads(capsys.readouterr().out)
     assert doc["parameters"] == doc2["parameters"] > 0
     assert doc2["precision"] == "bf16-mixed"
@@ -101,9 +126,9 @@ def test_errors(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "use 'Net'" in capsys.readouterr().err
     assert main(["estimate", f"{net_file}:Net", "--input", "8,15:float32"]) == 1
     assert "in module 'fc1'" in capsys.readouterr().err
-    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "lion"]) == 1
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "lion"]) == 2
     assert "unknown optimizer 'lion'" in capsys.readouterr().err
-    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--precision", "8-true"]) == 1
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--precision", "8-true"]) == 2
     assert "unknown precision '8-true'" in capsys.readouterr().err
     assert main(["estimate", "--hf-config", "{}", "--input", "1,4:int64"]) == 2
     assert "has no 'model_type'" in capsys.readouterr().err
@@ -112,9 +137,25 @@ def test_errors(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_optimizer_class_target(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "torch.optim:Adagrad", "--json"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                f"{net_file}:Net",
+                "--input",
+                "8,16",
+                "--optimizer",
+                "torch.optim:Adagrad",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["optimizer"] == "Adagrad"
-    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "none", "--json"]) == 0
+    assert (
+        main(["estimate", f"{net_file}:Net", "--input", "8,16", "--optimizer", "none", "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["optimizer_state_bytes"] == 0
 
 
@@ -122,13 +163,19 @@ def test_deep_stack_extrapolated_unless_asked(capsys: pytest.CaptureFixture[str]
     text = json.dumps({**LLAMA, "num_hidden_layers": 10})
     assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json"]) == 0
     fast = json.loads(capsys.readouterr().out)
-    assert main(["estimate", "--hf-config", text, "--input", "1,16:int64", "--json", "--no-extrapolate"]) == 0
+    assert (
+        main(
+            ["estimate", "--hf-config", text, "--input", "1,16:int64", "--json", "--no-extrapolate"]
+        )
+        == 0
+    )
     full = json.loads(capsys.readouterr().out)
     assert "extrapolated exactly" in fast.pop("method")
     assert full.pop("method") == "full step"
     assert fast == full
 
 
-def test_bad_device_exits_1(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--device", "bogus"]) == 1
+def test_bad_device_exits_2(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a bad command line, like any other unknown option value
+    assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--device", "bogus"]) == 2
     assert "device='bogus', which torch does not recognise" in capsys.readouterr().err

@@ -18,7 +18,9 @@ from lightning_meta._estimate._run import default_loss
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)
+    )
 
 
 def cnn() -> nn.Module:
@@ -62,7 +64,9 @@ def llama() -> nn.Module:
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
+    return GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    )
 
 
 def bert() -> nn.Module:
@@ -224,7 +228,10 @@ def test_backward_flops_per_module_are_their_own() -> None:
         parts = [rows[f"model.layers.{i}.{p}"].backward_flops for p in ("self_attn", "mlp")]
         assert 0 < sum(parts) <= rows[f"model.layers.{i}"].backward_flops
     assert rows["model.layers.0"].backward_flops == rows["model.layers.1"].backward_flops
-    assert rows["model.layers.0.self_attn"].backward_flops == rows["model.layers.1.self_attn"].backward_flops
+    assert (
+        rows["model.layers.0.self_attn"].backward_flops
+        == rows["model.layers.1.self_attn"].backward_flops
+    )
 
 
 def test_precision_changes_parameter_bytes() -> None:
@@ -274,7 +281,10 @@ def test_factory_that_fails() -> None:
     def broken() -> nn.Module:
         raise ValueError("no such layer size")
 
-    with pytest.raises(MetaTensorError, match=r"factory 'test_factory_that_fails.<locals>.broken' failed.*no such layer size"):
+    with pytest.raises(
+        MetaTensorError,
+        match=r"factory 'test_factory_that_fails.<locals>.broken' failed.*no such layer size",
+    ):
         estimate(broken, "8,32:float32")
 
 
@@ -284,7 +294,10 @@ def test_factory_that_returns_no_module() -> None:
 
 
 def test_input_of_wrong_rank() -> None:
-    with pytest.raises(MetaTensorError, match=r"forward of Sequential in module '0'.*float32\[4, 16, 16\].*Fix: pass example_inputs"):
+    with pytest.raises(
+        MetaTensorError,
+        match=r"forward of Sequential in module '0'.*float32\[4, 16, 16\].*Fix: pass example_inputs",
+    ):
         estimate(cnn, "4,16,16:float32")
 
 
@@ -294,12 +307,17 @@ def test_input_of_wrong_width() -> None:
 
 
 def test_input_of_wrong_dtype() -> None:
-    with pytest.raises(MetaTensorError, match=r"forward of LlamaForCausalLM in module 'model.embed_tokens'.*float32\[2, 12\]"):
+    with pytest.raises(
+        MetaTensorError,
+        match=r"forward of LlamaForCausalLM in module 'model.embed_tokens'.*float32\[2, 12\]",
+    ):
         estimate(llama, "2,12:float32")
 
 
 def test_unknown_optimizer_and_precision() -> None:
-    with pytest.raises(MetaTensorError, match=r"unknown optimizer 'lion'.*sgd, sgd-momentum, adam, adamw"):
+    with pytest.raises(
+        MetaTensorError, match=r"unknown optimizer 'lion'.*sgd, sgd-momentum, adam, adamw"
+    ):
         estimate(mlp, "8,32:float32", optimizer="lion")
     with pytest.raises(MetaTensorError, match=r"unknown precision 'fp8'.*bf16-mixed"):
         estimate(mlp, "8,32:float32", precision="fp8")

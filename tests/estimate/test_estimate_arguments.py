@@ -50,7 +50,9 @@ def test_cuda_without_cuda_is_refused_not_aborted() -> None:
         "8,32:float32",
         device="cuda",
     )
-    _refused(ArgumentValueError, r"device='cuda:1'.*no usable cuda", mlp, "8,32:float32", device="cuda:1")
+    _refused(
+        ArgumentValueError, r"device='cuda:1'.*no usable cuda", mlp, "8,32:float32", device="cuda:1"
+    )
 
 
 def test_unknown_device() -> None:
@@ -64,7 +66,13 @@ def test_unknown_device() -> None:
 
 
 def test_device_of_the_wrong_type() -> None:
-    _refused(ArgumentTypeError, r"device=2.5 \(float\); expected a torch.device", mlp, "8,32:float32", device=2.5)
+    _refused(
+        ArgumentTypeError,
+        r"device=2.5 \(float\); expected a torch.device",
+        mlp,
+        "8,32:float32",
+        device=2.5,
+    )
 
 
 def test_meta_device_says_why() -> None:
@@ -93,7 +101,13 @@ def test_a_bad_option_fails_before_the_factory_runs() -> None:
 
 
 def test_precision() -> None:
-    _refused(ArgumentValueError, r"unknown precision 'fp8'.*Fix: use one of.*bf16-mixed", mlp, "8,32:float32", precision="fp8")
+    _refused(
+        ArgumentValueError,
+        r"unknown precision 'fp8'.*Fix: use one of.*bf16-mixed",
+        mlp,
+        "8,32:float32",
+        precision="fp8",
+    )
     _refused(
         ArgumentTypeError,
         r"precision=torch.bfloat16 is a dtype, not a Lightning precision name.*Fix: pass one of.*bf16-true",
@@ -104,43 +118,157 @@ def test_precision() -> None:
 
 
 def test_optimizer() -> None:
-    _refused(ArgumentValueError, r"unknown optimizer 'lion'.*Fix: use one of sgd", mlp, "8,32:float32", optimizer="lion")
-    _refused(ArgumentTypeError, r"optimizer must be a name.*got int 42.*Fix: pass", mlp, "8,32:float32", optimizer=42)
+    _refused(
+        ArgumentValueError,
+        r"unknown optimizer 'lion'.*Fix: use one of sgd",
+        mlp,
+        "8,32:float32",
+        optimizer="lion",
+    )
+    _refused(
+        ArgumentTypeError,
+        r"optimizer must be a name.*got int 42.*Fix: pass",
+        mlp,
+        "8,32:float32",
+        optimizer=42,
+    )
     instance = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
-    _refused(ArgumentTypeError, r"got an SGD instance, which holds other parameters. Fix: pass optimizer='adamw', optimizer=torch.optim.AdamW", mlp, "8,32:float32", optimizer=instance)
+    _refused(
+        ArgumentTypeError,
+        r"got an SGD instance, which holds other parameters. Fix: pass optimizer='adamw', optimizer=torch.optim.AdamW",
+        mlp,
+        "8,32:float32",
+        optimizer=instance,
+    )
 
 
 def test_loop_depth_and_loss() -> None:
-    _refused(ArgumentValueError, r"loop must be 'lightning' or 'plain', got 'eager'. Fix", mlp, "8,32:float32", loop="eager")
+    _refused(
+        ArgumentValueError,
+        r"loop must be 'lightning' or 'plain', got 'eager'. Fix",
+        mlp,
+        "8,32:float32",
+        loop="eager",
+    )
     _refused(ArgumentValueError, r"depth must be >= 0, got -1. Fix", mlp, "8,32:float32", depth=-1)
-    _refused(ArgumentTypeError, r"depth must be an int, got float. Fix", mlp, "8,32:float32", depth=1.5)
-    _refused(ArgumentTypeError, r"loss_fn must be callable, got int. Fix", mlp, "8,32:float32", loss_fn=3)
+    _refused(
+        ArgumentTypeError, r"depth must be an int, got float. Fix", mlp, "8,32:float32", depth=1.5
+    )
+    _refused(
+        ArgumentTypeError, r"loss_fn must be callable, got int. Fix", mlp, "8,32:float32", loss_fn=3
+    )
 
 
 # ---------------------------------------------------------------- the model and its inputs
 
 
 def test_module_or_factory() -> None:
-    _refused(ArgumentTypeError, r"expected an nn.Module or a factory returning one, got int. Fix", 42, "8,32:float32")
-    _refused(ArgumentTypeError, r"factory '.*<lambda>' returned int, expected an nn.Module. Fix", lambda: 3, "8,32:float32")
+    _refused(
+        ArgumentTypeError,
+        r"expected an nn.Module or a factory returning one, got int. Fix",
+        42,
+        "8,32:float32",
+    )
+    _refused(
+        ArgumentTypeError,
+        r"factory '.*<lambda>' returned int, expected an nn.Module. Fix",
+        lambda: 3,
+        "8,32:float32",
+    )
 
 
 def test_input_specs() -> None:
-    _refused(ArgumentValueError, r"input spec '8,x:float32'.*comma-separated.*Fix: write it like", mlp, "8,x:float32")
-    _refused(ArgumentValueError, r"input spec '8,32:float33': unknown dtype 'float33'.*Fix", mlp, "8,32:float33")
+    _refused(
+        ArgumentValueError,
+        r"input spec '8,x:float32'.*comma-separated.*Fix: write it like",
+        mlp,
+        "8,x:float32",
+    )
+    _refused(
+        ArgumentValueError,
+        r"input spec '8,32:float33': unknown dtype 'float33'.*Fix",
+        mlp,
+        "8,32:float33",
+    )
     _refused(ArgumentValueError, r"input spec '-8,32:float32'", mlp, "-8,32:float32")
-    _refused(ArgumentTypeError, r"the shape must be a sequence of integers.*Fix", mlp, InputSpec((8, "32")))  # type: ignore[arg-type]
+    _refused(
+        ArgumentTypeError,
+        r"the shape must be a sequence of integers.*Fix",
+        mlp,
+        InputSpec((8, "32")),  # type: ignore[arg-type]
+    )
     _refused(ArgumentTypeError, r"the shape must be a sequence of integers", mlp, InputSpec(8))  # type: ignore[arg-type]
-    _refused(ArgumentTypeError, r"the dtype must be a torch.dtype, got str.*Fix", mlp, InputSpec((8, 32), "float32"))  # type: ignore[arg-type]
-    _refused(ArgumentValueError, r"the sizes must be non-negative.*Fix", mlp, (InputSpec((-1, 32)),))
+    _refused(
+        ArgumentTypeError,
+        r"the dtype must be a torch.dtype, got str.*Fix",
+        mlp,
+        InputSpec((8, 32), "float32"),  # type: ignore[arg-type]
+    )
+    _refused(
+        ArgumentValueError, r"the sizes must be non-negative.*Fix", mlp, (InputSpec((-1, 32)),)
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (
+            "99999999999999999999:float32",
+            r"size 99999999999999999999 is larger than any tensor dimension",
+        ),
+        (
+            "4611686018427387904,4:float32",
+            r"would take 73786976294838206464 bytes, more than a tensor",
+        ),
+        ("9" * 5000 + ":float32", r"size about 2\*\*\d+ is larger than any tensor dimension"),
+        ("8,,16:float32", r"comma-separated non-negative integers"),
+        ("8,:float32", r"comma-separated non-negative integers"),
+        ("1e3:int64", r"comma-separated non-negative integers"),
+        (InputSpec((2**70, 1)), r"size 1180591620717411303424 is larger than any tensor dimension"),
+        (InputSpec((2**40, 2**40)), r"more than a tensor can hold"),
+        (InputSpec((10**5000,)), r"InputSpec\(<too large to show>\): size about 2\*\*"),
+    ],
+)
+def test_input_specs_larger_than_a_tensor(spec: object, match: str) -> None:
+    # each used to escape as torch's RuntimeError or TypeError ("Overflow when unpacking long")
+    e = _refused(ArgumentValueError, match + r".*Fix: write it like", mlp, spec)
+    assert len(str(e)) < 400  # a long spec is cut, not repeated in full
+
+
+def test_input_spec_at_the_limit_is_accepted() -> None:
+    from lightning_meta._estimate._specs import parse_input_spec
+
+    assert parse_input_spec("9223372036854775807:bool").shape == (2**63 - 1,)
+    assert parse_input_spec(" 8 , 16 :int64") == InputSpec((8, 16), torch.int64)
+
+
+def test_no_inputs_is_a_bad_argument() -> None:
+    _refused(ArgumentValueError, r"no inputs for Sequential.*--input SHAPE:DTYPE", mlp)
 
 
 def test_example_inputs_of_a_wrong_type() -> None:
     x = torch.zeros(8, 32)
-    _refused(ArgumentTypeError, r"example_inputs is a module \(Linear\).*Fix: pass the model first", mlp, nn.Linear(2, 2))
-    _refused(ArgumentTypeError, r"example_inputs is a set.*Fix: pass a tuple", mlp, {"8,32:float32"})
-    _refused(ArgumentTypeError, r"example_inputs is a generator.*Fix: pass a tuple", mlp, (t for t in [x]))
-    _refused(ArgumentTypeError, r"keyword names, got 0 \(int\).*Fix: use the parameter names", mlp, {0: x})
+    _refused(
+        ArgumentTypeError,
+        r"example_inputs is a module \(Linear\).*Fix: pass the model first",
+        mlp,
+        nn.Linear(2, 2),
+    )
+    _refused(
+        ArgumentTypeError, r"example_inputs is a set.*Fix: pass a tuple", mlp, {"8,32:float32"}
+    )
+    _refused(
+        ArgumentTypeError,
+        r"example_inputs is a generator.*Fix: pass a tuple",
+        mlp,
+        (t for t in [x]),
+    )
+    _refused(
+        ArgumentTypeError,
+        r"keyword names, got 0 \(int\).*Fix: use the parameter names",
+        mlp,
+        {0: x},
+    )
 
 
 def test_step_failures_stay_meta_tensor_errors() -> None:
@@ -155,7 +283,12 @@ def test_step_failures_stay_meta_tensor_errors() -> None:
 
 def test_resolve_options() -> None:
     options = resolve_options(
-        loss_fn=None, optimizer="adam", precision="bf16-true", device="cpu", depth=1, loop="plain",
+        loss_fn=None,
+        optimizer="adam",
+        precision="bf16-true",
+        device="cpu",
+        depth=1,
+        loop="plain",
         extrapolate=False,
     )
     assert options.device == torch.device("cpu")
@@ -193,13 +326,21 @@ def test_fake_state_keeps_tied_weights_tied() -> None:
 def test_prepare_optimizer_creates_the_steady_state() -> None:
     module = mlp()
     options = resolve_options(
-        loss_fn=None, optimizer="adamw", precision="32-true", device="cpu", depth=2,
-        loop="lightning", extrapolate=True,
+        loss_fn=None,
+        optimizer="adamw",
+        precision="32-true",
+        device="cpu",
+        depth=2,
+        loop="lightning",
+        extrapolate=True,
     )
     fake = fake_step(module, *inputs_of(module, "8,32:float32"), options)
     params = trainable_parameters(fake.state)
     optimizer = prepare_optimizer(
-        params, mode=fake.mode, device=options.device, optimizer_factory=options.optimizer_factory,
+        params,
+        mode=fake.mode,
+        device=options.device,
+        optimizer_factory=options.optimizer_factory,
         zero_grad_before_forward=False,
     )
     assert optimizer is not None
@@ -210,15 +351,26 @@ def test_prepare_optimizer_creates_the_steady_state() -> None:
 def test_the_phases_compose_to_estimate() -> None:
     module = mlp()
     options = resolve_options(
-        loss_fn=None, optimizer="sgd", precision="32-true", device="cpu", depth=2,
-        loop="lightning", extrapolate=True,
+        loss_fn=None,
+        optimizer="sgd",
+        precision="32-true",
+        device="cpu",
+        depth=2,
+        loop="lightning",
+        extrapolate=True,
     )
     args, kwargs = inputs_of(module, "8,32:float32")
     state, record = run_step(module, args, kwargs, options)
     assert record.stage == "done" and record.forward_flops[""] == 2 * 8 * (32 * 64 + 64 * 10)
     result = assemble(
-        module, state, record, depth=2, optimizer="sgd", precision="32-true",
-        device=options.device, method="full step",
+        module,
+        state,
+        record,
+        depth=2,
+        optimizer="sgd",
+        precision="32-true",
+        device=options.device,
+        method="full step",
     )
     assert result == estimate(mlp, "8,32:float32", optimizer="sgd")
     assert simulate(module, args, kwargs, options)[2] == "full step"

@@ -56,7 +56,9 @@ def test_peak_within_ten_percent_of_measured(name: str, optimizer: str, precisio
     torch.manual_seed(0)
     x = make_input()
     est = estimate(factory, x, loss_fn=first, optimizer=optimizer, precision=precision)
-    real = measure_training_step(factory(), (x,), loss_fn=first, optimizer=optimizer, precision=precision)
+    real = measure_training_step(
+        factory(), (x,), loss_fn=first, optimizer=optimizer, precision=precision
+    )
     assert abs(est.peak_bytes - real.peak_bytes) <= 0.10 * real.peak_bytes
     assert est.forward_flops == real.forward_flops
     assert est.backward_flops == real.backward_flops

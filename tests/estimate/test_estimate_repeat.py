@@ -106,7 +106,10 @@ def test_shallow_stacks_run_in_full() -> None:
     ("make", "reason"),
     [
         (lambda: Stack([Block(scale=1.0 + (i == 5)) for i in range(12)]), r"differ in 'scale'"),
-        (lambda: Stack([Block() for _ in range(11)] + [nn.Sequential(nn.Linear(16, 16))]), r"different submodules"),
+        (
+            lambda: Stack([Block() for _ in range(11)] + [nn.Sequential(nn.Linear(16, 16))]),
+            r"different submodules",
+        ),
         (lambda: Stack([Block() for _ in range(12)], use=2), r"does not call each block once"),
         (lambda: Dense([Block() for _ in range(12)]), r"not linear in the number of blocks"),
     ],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,86 @@ def test_unpicklable_attribute_is_a_note(
 def test_bad_target_exits_2(target: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", target]) == 2
     assert message in capsys.readouterr().err
+
+
+HIDDEN = """
+import lightning as L
+import torch
+from torch import nn
+
+
+class Listed(L.LightningModule):
+    # the classic workaround: a meta teacher in a plain list, outside the module tree
+    def __init__(self):
+        super().__init__()
+        self.student = nn.Linear(4, 4)
+        self.templates = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)).to("meta")]
+
+
+class Keyed(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.student = nn.Linear(4, 4)
+        self.bag = {"teacher": nn.Linear(4, 4, device="meta")}
+"""
+
+
+@pytest.fixture
+def hidden_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / f"lm_check_hidden_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text(HIDDEN)
+    yield path
+    sys.modules.pop(path.stem, None)
+
+
+def test_module_in_a_plain_list_is_a_note_that_names_metatemplate(
+    hidden_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", f"{hidden_file}:Listed"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo the table's line wrapping
+    assert "No meta problem found." in out
+    # one row for the module, not one per tensor
+    assert "meta Sequential (4 meta tensors) held outside the module tree" in out
+    assert "templates.0.weight" not in out
+    assert "Note: 1 meta module(s) held in a plain attribute or container (templates.0)" in out
+    assert "lightning_meta.MetaTemplate(module) is the supported form" in out
+    assert "Fix: hold lightning_meta.MetaTemplate(module) there instead of the module." in out
+
+
+def test_json_lists_hidden_modules_with_the_fix(
+    hidden_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", f"{hidden_file}:Keyed", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["hidden_modules"] == [
+        {
+            "path": "bag.teacher",
+            "type": "Linear",
+            "tensors": ["bag.teacher.weight", "bag.teacher.bias"],
+            "detail": report["hidden_modules"][0]["detail"],
+            "fix": "Hold lightning_meta.MetaTemplate(module) there instead of the module.",
+        }
+    ]
+    assert "MetaTemplate(module) is the supported form" in report["hidden_modules"][0]["detail"]
+    notes = {r["path"] for r in report["findings"] if r["status"] == "note"}
+    assert notes == {"bag.teacher.weight", "bag.teacher.bias"}  # every tensor, for machines
+    assert main(["check", f"{MODELS}:Clean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hidden_modules"] == []
+
+
+def test_target_that_exits_while_built_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "lm_check_exits.py").write_text(
+        "import sys\nfrom torch import nn\n"
+        "class Exits(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        sys.exit(0)\n"
+    )
+    try:
+        assert main(["check", f"{tmp_path / 'lm_check_exits.py'}:Exits", "--json"]) == 2
+    finally:
+        sys.modules.pop("lm_check_exits", None)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "building it called sys.exit(0)" in captured.err and "Traceback" not in captured.err

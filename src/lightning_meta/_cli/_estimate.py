@@ -6,8 +6,11 @@ Examples::
     lightning-meta estimate models.py:Net --input 8,3,224,224 --precision bf16-mixed --json
     lightning-meta estimate --hf-config config.json --input 1,4096:int64 --optimizer adamw
 
-Exit status: 0 on success, 2 when the command line or the target is wrong,
-1 when the model cannot be estimated with these inputs or options.
+Exit status (see :mod:`lightning_meta._cli._main`): 0 on success; 1 when
+the model cannot be estimated with these inputs (they do not fit its
+forward, a real kernel would refuse their dtypes, the model reads tensor
+values); 2 when the command line is wrong (an unknown optimizer, precision
+or device, a bad ``--input``) or the target cannot be imported or built.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._errors import ArgumentValueError
 
 __all__ = ["add_parser", "run"]
 
@@ -37,7 +40,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="module class or factory: 'package.module:Name' or 'path/to/file.py:Name'; "
         "with --hf-config, a transformers class name (default: the config's architecture)",
     )
-    p.add_argument("--args", metavar="JSON", help="constructor/factory arguments: JSON list, object, or @file.json")
+    p.add_argument(
+        "--args",
+        metavar="JSON",
+        help="constructor/factory arguments: JSON list, object, or @file.json",
+    )
     p.add_argument(
         "--input",
         action="append",
@@ -46,19 +53,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="one positional input, e.g. 8,16:float32 or 1,4096:int64 (repeat for several); "
         "default: the LightningModule's example_input_array",
     )
-    p.add_argument("--optimizer", default="adamw", help=f"{', '.join(OPTIMIZERS)}, none, or MODULE:CLASS")
+    p.add_argument(
+        "--optimizer", default="adamw", help=f"{', '.join(OPTIMIZERS)}, none, or MODULE:CLASS"
+    )
     p.add_argument("--precision", default="32-true", help=", ".join(PRECISIONS))
     p.add_argument("--device", default="cpu", help="device the model would train on (default: cpu)")
-    p.add_argument("--depth", type=int, default=2, help="depth of the per-module table (default: 2)")
-    p.add_argument("--loop", choices=["lightning", "plain"], default="lightning", help="when gradients are zeroed")
+    p.add_argument(
+        "--depth", type=int, default=2, help="depth of the per-module table (default: 2)"
+    )
+    p.add_argument(
+        "--loop",
+        choices=["lightning", "plain"],
+        default="lightning",
+        help="when gradients are zeroed",
+    )
     p.add_argument(
         "--no-extrapolate",
         action="store_true",
         help="simulate every block of a deep stack instead of 2, 3 and 4 of them (slower, same result)",
     )
-    p.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers config file, directory or JSON text; never fetched from a hub")
-    p.add_argument("--json", action="store_true", help="print only the JSON document on standard output")
+    p.add_argument(
+        "--hf-config",
+        metavar="PATH_OR_JSON",
+        help="a transformers config file, directory or JSON text; never fetched from a hub",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print only the JSON document on standard output"
+    )
     return p
+
+
+def _clip(text: str) -> str:
+    """``repr`` of an argument for a message, cut to a readable length (JSON text can be long)."""
+    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
 
 
 def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
@@ -72,27 +99,31 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
         A factory named after the class and the model type, for messages.
 
     Raises:
-        MetaTensorError: if transformers is not installed.
+        TargetError: if transformers is not installed; the factory raises it
+            if the model cannot be built.
         ArgumentValueError: if the config cannot be read or built, or the class is unknown.
     """
+    from lightning_meta._cli._target import TargetError, guarded_build, user_code
+
     try:
-        import transformers
+        with user_code():
+            import transformers
     except ImportError as e:
-        raise MetaTensorError("--hf-config needs transformers. Fix: pip install transformers.") from e
+        raise TargetError("--hf-config needs transformers. Fix: pip install transformers.") from e
     path = Path(config_text).expanduser()
     if path.is_dir():
         path = path / "config.json"
     try:
         raw = path.read_text() if path.is_file() else config_text
         data = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
         raise ArgumentValueError(
-            f"--hf-config {config_text!r} is neither a readable config file nor JSON text ({e}). "
+            f"--hf-config {_clip(config_text)} is neither a readable config file nor JSON text ({e}). "
             "Fix: pass the path of a config.json or its JSON content."
         ) from e
     if not isinstance(data, dict) or "model_type" not in data:
         raise ArgumentValueError(
-            f"--hf-config {config_text!r} has no 'model_type'. Fix: add it, e.g. \"model_type\": \"llama\"."
+            f'--hf-config {_clip(config_text)} has no \'model_type\'. Fix: add it, e.g. "model_type": "llama".'
         )
     model_type = data.pop("model_type")
     try:
@@ -117,8 +148,7 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
     def build() -> Any:
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
-    build.__qualname__ = f"{getattr(cls, '__name__', cls)}({model_type} config)"
-    return build
+    return guarded_build(f"{getattr(cls, '__name__', cls)}({model_type} config)", build)
 
 
 def _factory(args: argparse.Namespace) -> Callable[[], Any]:
@@ -126,7 +156,7 @@ def _factory(args: argparse.Namespace) -> Callable[[], Any]:
 
     Raises:
         ArgumentValueError: if TARGET is missing or does not fit ``--hf-config``.
-        MetaTensorError: if the target cannot be imported.
+        TargetError: if the target cannot be imported.
     """
     from lightning_meta._cli._target import target_factory
 
@@ -138,7 +168,9 @@ def _factory(args: argparse.Namespace) -> Callable[[], Any]:
             )
         return _hf_factory(args.hf_config, args.target)
     if args.target is None:
-        raise ArgumentValueError("estimate: no TARGET. Fix: give 'package.module:Name', 'file.py:Name' or --hf-config.")
+        raise ArgumentValueError(
+            "estimate: no TARGET. Fix: give 'package.module:Name', 'file.py:Name' or --hf-config."
+        )
     return target_factory(args.target, args.args)
 
 
@@ -154,35 +186,38 @@ def _optimizer(text: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``estimate`` for parsed ``args``; print a table (or JSON) and return the exit status."""
+    """Run ``estimate`` for parsed ``args``; print a table (or JSON) and return 0.
+
+    Failures are raised for ``main`` to report with their exit status.
+
+    Raises:
+        ArgumentValueError: a bad option or ``--input`` (exit status 2).
+        TargetError: the target or ``--optimizer MODULE:CLASS`` cannot be
+            imported or built (exit status 2).
+        MetaTensorError: the model cannot be estimated with these inputs
+            (exit status 1).
+    """
     from rich.console import Console
 
-    err = Console(stderr=True)
-    try:
-        factory = _factory(args)
-        optimizer = _optimizer(args.optimizer)
-    except MetaTensorError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        return 2
+    from lightning_meta._cli._target import user_code
     from lightning_meta._estimate._estimate import estimate
     from lightning_meta._estimate._specs import parse_input_spec
 
-    try:
-        inputs = tuple(parse_input_spec(s) for s in args.input) or None
-        with err.status("building the model on meta and simulating one training step..."):
-            result = estimate(
-                factory,
-                inputs,
-                optimizer=optimizer,
-                precision=args.precision,
-                device=args.device,
-                depth=args.depth,
-                loop=args.loop,
-                extrapolate=not args.no_extrapolate,
-            )
-    except MetaTensorError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        return 1
+    factory = _factory(args)
+    optimizer = _optimizer(args.optimizer)
+    inputs = tuple(parse_input_spec(s) for s in args.input) or None
+    err = Console(stderr=True)
+    with user_code(), err.status("building the model on meta and simulating one training step..."):
+        result = estimate(
+            factory,
+            inputs,
+            optimizer=optimizer,
+            precision=args.precision,
+            device=args.device,
+            depth=args.depth,
+            loop=args.loop,
+            extrapolate=not args.no_extrapolate,
+        )
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0

@@ -1,18 +1,55 @@
 """The ``lightning-meta`` command line (also ``python -m lightning_meta``).
 
 Each sub-command lives in a module of its own that exposes
-``add_parser(subparsers)`` and ``run(args) -> int``; this module only wires
-them together, so importing it stays cheap.
+``add_parser(subparsers)`` and ``run(args) -> int``; this module wires them
+together, so importing it stays cheap, and is the one place that turns an
+exception into an exit status and a message (:func:`run_command`).
+
+Exit status, for every sub-command:
+
+* ``0``: done, nothing wrong found;
+* ``1``: a problem was found in the model, its inputs or the file (the
+  command names it), or the command failed on the model for a reason of its
+  own (an unexpected exception, a ``sys.exit`` in the model's forward);
+* ``2``: the command line is wrong (an unknown option or value, a bad
+  ``--input`` spec, an unknown device), or the TARGET cannot be imported or
+  built (whatever its code raises, ``sys.exit`` included);
+* ``130``: interrupted (Ctrl-C).
+
+Every failure is one message on standard error, without a traceback (set the
+environment variable ``LIGHTNING_META_TRACEBACK=1`` to add it); with
+``--json``, standard output then stays empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["main"]
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PROBLEM",
+    "EXIT_USAGE",
+    "TargetError",
+    "exit_status",
+    "main",
+    "report_failure",
+    "run_command",
+]
+
+EXIT_OK = 0
+#: a problem found in the model, its inputs or the file
+EXIT_PROBLEM = 1
+#: a bad command line, or a TARGET that cannot be imported or built
+EXIT_USAGE = 2
+#: stopped by Ctrl-C (the shell's convention, 128 + SIGINT)
+EXIT_INTERRUPTED = 130
 
 # sub-command name -> module implementing it
 _COMMANDS: dict[str, str] = {
@@ -21,12 +58,117 @@ _COMMANDS: dict[str, str] = {
     "load-check": "lightning_meta._cli._load",
 }
 
+_TRACEBACK_ENV = "LIGHTNING_META_TRACEBACK"
+
+
+class TargetError(MetaTensorError):
+    """A command-line TARGET (or its arguments) cannot be imported or built: exit status 2.
+
+    Raised by :mod:`lightning_meta._cli._target`, whatever the user's code
+    raised (``SystemExit`` included), with the original as ``__cause__``.
+    """
+
+
+def exit_status(e: BaseException) -> int:
+    """Return the exit status for exception ``e`` escaping a sub-command.
+
+    ``ArgumentTypeError`` / ``ArgumentValueError`` (a bad option or value)
+    and ``TargetError`` (a TARGET that cannot be imported or built) give
+    :data:`EXIT_USAGE`; ``KeyboardInterrupt`` gives :data:`EXIT_INTERRUPTED`;
+    every other exception, :class:`~lightning_meta.MetaTensorError` or not,
+    gives :data:`EXIT_PROBLEM`.
+
+    Example::
+
+        >>> from lightning_meta._errors import ArgumentValueError, MetaTensorError
+        >>> exit_status(ArgumentValueError("bad")), exit_status(MetaTensorError("bad"))
+        (2, 1)
+    """
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(e, (ArgumentTypeError, ArgumentValueError, TargetError)):
+        return EXIT_USAGE
+    return EXIT_PROBLEM
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, MetaTensorError):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted."
+    if isinstance(e, SystemExit):
+        # the package never exits: the model's own code did, after it was built
+        return (
+            f"the model's code called sys.exit({e.code!r}) while the command ran. Fix: raise an "
+            "exception instead of exiting, or guard that call."
+        )
+    text = " ".join(str(e).split())
+    return (
+        f"unexpected {type(e).__name__}{': ' + text if text else ''} (raised by the model's "
+        f"code or by lightning-meta; set {_TRACEBACK_ENV}=1 to see where)."
+    )
+
+
+def report_failure(command: str, e: BaseException) -> int:
+    """Print ``e`` as one message on standard error and return its exit status.
+
+    The message is ``lightning-meta COMMAND: error: ...``; with the
+    environment variable ``LIGHTNING_META_TRACEBACK=1``, the traceback comes
+    first. For sub-commands that catch an exception themselves and want the
+    same words and status as :func:`run_command` gives.
+    """
+    status = exit_status(e)
+    try:
+        if os.environ.get(_TRACEBACK_ENV, "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        from rich.console import Console
+
+        message = _message(e).removeprefix(f"{command}: ")  # the API's own prefix, once is enough
+        Console(stderr=True).print(
+            f"lightning-meta {command}: error: {message}",
+            style="red",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    except Exception:  # a closed or broken stderr must not hide the status  # pragma: no cover
+        pass
+    return status
+
+
+def run_command(command: str, body: Callable[[], int]) -> int:
+    """Run ``body`` (a sub-command) and return its exit status, or that of what it raised.
+
+    Every exception, ``SystemExit`` and ``KeyboardInterrupt`` included,
+    becomes one message on standard error (:func:`report_failure`) and the
+    status of :func:`exit_status`; nothing escapes as a traceback.
+    ``main`` runs every sub-command through it.
+
+    Example::
+
+        >>> from lightning_meta._errors import ArgumentValueError
+        >>> def bad() -> int:
+        ...     raise ArgumentValueError("--depth must be >= 0")
+        >>> run_command("demo", bad)
+        2
+    """
+    try:
+        return int(body())
+    except BaseException as e:  # the one place a failure becomes a status
+        return report_failure(command, e)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="lightning-meta",
         description="Meta-device modules that just work in PyTorch Lightning.",
+        epilog=(
+            "Exit status: 0 ok; 1 a problem found in the model, its inputs or the file; "
+            "2 a bad command line, or a TARGET that cannot be imported or built."
+        ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMANDS.values():
@@ -35,16 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit status.
+    """Run the command line and return its exit status (see the module's docstring).
 
-    Exit status 2 means the command line or its target was wrong (argparse's
-    convention); each sub-command documents its other statuses.
+    ``--help`` returns 0 and a command line argparse refuses returns 2,
+    rather than exiting.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     module = importlib.import_module(_COMMANDS[args.command])
-    status: int = module.run(args)
-    return status
+    return run_command(args.command, lambda: module.run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

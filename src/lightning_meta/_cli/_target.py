@@ -1,30 +1,73 @@
 """Resolve a command-line TARGET (``package.module:Name`` or ``path/to/file.py:Name``).
 
-Used by the ``estimate`` and ``check`` sub-commands: :func:`load_target` finds
-the object, :func:`parse_arguments` reads its JSON arguments, and
-:func:`target_factory` combines both into a zero-argument callable that builds
-the model.
+Used by the ``estimate``, ``check`` and ``load-check`` sub-commands:
+:func:`load_target` finds the object, :func:`parse_arguments` reads its JSON
+arguments, and :func:`target_factory` combines both into a zero-argument
+callable that builds the model.
+
+Whatever the user's code does while it is imported or builds the model
+(raises any exception, calls ``sys.exit``, raises a ``BaseException`` of its
+own) becomes a :class:`TargetError` naming the target, which the command line
+turns into exit status 2; only ``KeyboardInterrupt`` passes through. What it
+prints goes to standard error (:func:`user_code`), so that standard output
+holds only the command's own output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._cli._main import TargetError
 
-__all__ = ["import_file", "load_target", "parse_arguments", "target_factory"]
+__all__ = [
+    "TargetError",
+    "guarded_build",
+    "import_file",
+    "load_target",
+    "parse_arguments",
+    "target_factory",
+    "user_code",
+]
 
 _SYNTAX = "'package.module:Name' or 'path/to/file.py:Name'"
 
 
-def _fail(spec: str, problem: str, fix: str) -> MetaTensorError:
-    return MetaTensorError(f"target {spec!r}: {problem}. Fix: {fix}.")
+def _fail(spec: str, problem: str, fix: str) -> TargetError:
+    return TargetError(f"target {spec!r}: {problem}. Fix: {fix}.")
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """Send what the user's code prints to standard error while the body runs.
+
+    Standard output then holds only what the command itself writes (the JSON
+    document with ``--json``). Output written below Python (by C code, or a
+    subprocess) is not redirected.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _raised(e: BaseException) -> str:
+    """Say what ``e`` is, for 'importing X ...' / 'building X ...': one line."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r})"
+    text = " ".join(str(e).split())
+    kind = type(e).__name__ if isinstance(e, Exception) else f"{type(e).__name__} (a BaseException)"
+    return f"raised {kind}: {text}" if text else f"raised {kind}"
+
+
+def _import_fix(e: BaseException, what: str) -> str:
+    if isinstance(e, SystemExit):
+        return f'put the script part of {what} under `if __name__ == "__main__":`'
+    return f"fix the error in {what}"
 
 
 def _module_name(path: Path) -> tuple[str, Path]:
@@ -50,13 +93,16 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
     is imported.
 
     Raises:
-        MetaTensorError: if the file does not exist, fails to import, or its
-            name is taken by a different module already imported.
+        TargetError: if the file does not exist, fails to import (whatever it
+            raises, ``SystemExit`` included), or its name is taken by a
+            different module already imported.
     """
     label = spec or str(path)
     file = Path(path).expanduser().resolve()
     if not file.is_file() or file.suffix != ".py":
-        raise _fail(label, f"no Python file at {str(path)!r}", "give the path of an existing .py file")
+        raise _fail(
+            label, f"no Python file at {str(path)!r}", "give the path of an existing .py file"
+        )
     name, root = _module_name(file)
     loaded = sys.modules.get(name)
     if loaded is not None:
@@ -72,11 +118,16 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
     if added:
         sys.path.insert(0, str(root))
     try:
-        return importlib.import_module(name)
-    except Exception as e:
-        raise _fail(label, f"importing {str(file)!r} raised {type(e).__name__}: {e}", "fix the error in that file") from e
+        with user_code():
+            return importlib.import_module(name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit and the user's own BaseExceptions too
+        raise _fail(
+            label, f"importing {str(file)!r} {_raised(e)}", _import_fix(e, "that file")
+        ) from e
     finally:
-        if added:
+        if added and str(root) in sys.path:
             sys.path.remove(str(root))
 
 
@@ -88,8 +139,9 @@ def load_target(spec: str) -> Any:
             ``Name`` may be dotted (``"Outer.Inner"``).
 
     Raises:
-        MetaTensorError: naming the target and the fix, if the syntax is wrong,
-            the module cannot be imported or has no such name.
+        TargetError: naming the target and the fix, if the syntax is wrong,
+            the module cannot be imported (whatever it raises, ``SystemExit``
+            included) or has no such name.
 
     Example::
 
@@ -104,15 +156,20 @@ def load_target(spec: str) -> Any:
         module = import_file(where, spec=spec)
     else:
         try:
-            module = importlib.import_module(where)
+            with user_code():
+                module = importlib.import_module(where)
         except ModuleNotFoundError as e:
             raise _fail(
                 spec,
                 f"no module named {e.name!r}",
                 f"install it, add its directory to PYTHONPATH, or use {_SYNTAX}",
             ) from e
-        except Exception as e:
-            raise _fail(spec, f"importing {where!r} raised {type(e).__name__}: {e}", "fix that module") from e
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit and the user's own BaseExceptions too
+            raise _fail(
+                spec, f"importing {where!r} {_raised(e)}", _import_fix(e, "that module")
+            ) from e
     obj: Any = module
     for i, part in enumerate(attr.split(".")):
         if not hasattr(obj, part):
@@ -131,7 +188,7 @@ def parse_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:
     ``text`` may also be ``@path/to/args.json``.
 
     Raises:
-        MetaTensorError: if the text is not valid JSON or the file is missing.
+        TargetError: if the text is not valid JSON or the file is missing.
 
     Example::
 
@@ -144,12 +201,15 @@ def parse_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:
     if text.startswith("@"):
         try:
             source = Path(text[1:]).read_text()
-        except OSError as e:
-            raise MetaTensorError(f"target arguments {text!r}: cannot read the file: {e}.") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise TargetError(
+                f"target arguments {text!r}: cannot read the file: {e}. Fix: give the path of "
+                "a readable JSON file after '@'."
+            ) from e
     try:
         value = json.loads(source)
     except json.JSONDecodeError as e:
-        raise MetaTensorError(
+        raise TargetError(
             f"target arguments {text!r} are not valid JSON ({e}). Fix: pass a JSON list of "
             """positional arguments or an object of keyword arguments, e.g. '{"hidden": 64}'."""
         ) from e
@@ -160,6 +220,48 @@ def parse_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:
     return [value], {}
 
 
+def guarded_build(spec: str, build: Callable[[], Any]) -> Callable[[], Any]:
+    """Return ``build`` wrapped so that whatever it raises becomes a :class:`TargetError`.
+
+    ``SystemExit`` and the user's own ``BaseException`` subclasses included;
+    ``KeyboardInterrupt`` passes through. What the build prints goes to
+    standard error. The wrapper keeps the name ``spec`` for messages.
+
+    Example::
+
+        >>> import sys
+        >>> guarded_build("demo:exits", lambda: sys.exit(3))()
+        Traceback (most recent call last):
+        ...
+        lightning_meta._cli._main.TargetError: target 'demo:exits': building it called sys.exit(3)...
+    """
+
+    def guarded() -> Any:
+        try:
+            with user_code():
+                return build()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            import torch
+
+            from lightning_meta._compat import is_torch_meta_error
+
+            if isinstance(e, SystemExit):
+                fix = "make the constructor return the model instead of exiting"
+            else:
+                fix = "fix the model's constructor or the arguments it gets (--args, --hf-config)"
+            if torch.get_default_device().type == "meta" and is_torch_meta_error(e):
+                fix += (
+                    "; it runs under torch.device('meta'), so it must not read tensor values "
+                    "(.item(), .tolist(), printing tensors, data-dependent branches)"
+                )
+            raise _fail(spec, f"building it {_raised(e)}", fix) from e
+
+    guarded.__qualname__ = spec
+    return guarded
+
+
 def target_factory(spec: str, arguments: str | None = None) -> Callable[[], Any]:
     """Return a zero-argument callable that builds the target with its JSON arguments.
 
@@ -167,18 +269,18 @@ def target_factory(spec: str, arguments: str | None = None) -> Callable[[], Any]
     is returned as is by the callable, and takes no arguments.
 
     Raises:
-        MetaTensorError: as :func:`load_target` and :func:`parse_arguments`, or
-            if arguments are given for a target that is not callable.
+        TargetError: as :func:`load_target` and :func:`parse_arguments`, or
+            if arguments are given for a target that is not callable. The
+            callable raises it too if building fails (see :func:`guarded_build`).
     """
     obj = load_target(spec)
     args, kwargs = parse_arguments(arguments)
     if not callable(obj) or (hasattr(obj, "forward") and not isinstance(obj, type)):
         if args or kwargs:
-            raise _fail(spec, f"it is a {type(obj).__name__} instance, which takes no arguments", "drop the arguments")
+            raise _fail(
+                spec,
+                f"it is a {type(obj).__name__} instance, which takes no arguments",
+                "drop the arguments",
+            )
         return lambda: obj
-
-    def build() -> Any:
-        return obj(*args, **kwargs)
-
-    build.__qualname__ = spec
-    return build
+    return guarded_build(spec, lambda: obj(*args, **kwargs))

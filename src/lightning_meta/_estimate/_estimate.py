@@ -27,6 +27,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError, MetaTensorWarning
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
+from lightning_meta._estimate._kernels import KernelRefusal
 from lightning_meta._estimate._options import OptimizerLike, Options, resolve_options
 from lightning_meta._estimate._repeat import SAMPLES, extrapolate_step, find_repeat
 from lightning_meta._estimate._result import Estimate, ModuleEstimate, assemble
@@ -89,11 +90,46 @@ def fake_step(
     )
 
 
+def _dtype_fix(e: KernelRefusal, module: nn.Module, stage: str) -> str:
+    """Return the fix for inputs a real kernel refuses for their dtype."""
+    floats = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    model = str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else None
+    if stage == "loss":
+        return (
+            "Fix: make loss_fn give the loss the dtypes it expects (class targets as int64, "
+            "predictions and float targets in one floating dtype)"
+        )
+    integer = [d for d in e.dtypes if not (d.is_floating_point or d.is_complex)]
+    kinds = f"{model} " if model else "floating point "
+    if not integer and ("index" in e.reason.lower() or "indices" in e.reason.lower()):
+        return (
+            "Fix: pass integer ids (int64) where the model indexes with its inputs "
+            "(e.g. the spec '8,16:int64')"
+        )
+    if integer:
+        return (
+            f"Fix: pass {kinds}inputs to this module, or integer ids only to an nn.Embedding "
+            "(e.g. the spec '8,16:float32' rather than '8,16:int64')"
+        )
+    computes = f"the dtype the model computes in ({model})" if model else "one floating dtype"
+    return (
+        f"Fix: pass inputs of {computes}, and choose the training dtype with precision= "
+        "(e.g. 'bf16-true', '64-true') rather than by casting the inputs"
+    )
+
+
 def _fail(e: Exception, module: nn.Module, record: StepRecord, inputs: str) -> MetaTensorError:
     """Return the error for exception ``e`` of a step, naming its stage, module and fix."""
     root = type(module).__name__
     where = [n for n in record.module_path if n]
     place = f" in module {where[-1]!r}" if where else ""
+    if isinstance(e, KernelRefusal):
+        return MetaTensorError(
+            f"estimate: the {record.stage} of {root}{place} would fail on a real device: "
+            f"{e.op} refuses the dtypes of its tensors ({e.inputs}): {e.reason.rstrip('. ')} "
+            f"(estimate's inputs: {inputs}). {_dtype_fix(e, module, record.stage)}.",
+            paths=where[-1:],
+        )
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
         fix = (
             "the model reads tensor values (a data-dependent branch, .item() or an output "
@@ -280,13 +316,18 @@ def estimate(
             ``TypeError``.
         ArgumentValueError: if an argument has a value that cannot work: an
             unknown precision, optimizer name or ``loop``, a negative
-            ``depth``, an input spec that does not parse, or a ``device``
-            that is ``meta``, unknown, or missing on this machine (checked
-            before anything touches it). Also a ``ValueError``.
-        MetaTensorError: (the base of both) if the factory fails, there are
-            no inputs, the inputs do not fit the model (wrong rank or dtype),
-            the loss or optimizer cannot be used, or the model reads tensor
-            values.
+            ``depth``, no inputs (``None`` and no ``example_input_array``),
+            an input spec that does not parse or is larger than a tensor can
+            be, or a ``device`` that is ``meta``, unknown, or missing on this
+            machine (checked before anything touches it). Also a ``ValueError``.
+        MetaTensorError: (the base of both) if the factory fails, the inputs
+            do not fit the model (wrong rank or width), a real kernel would
+            refuse the dtypes an operator of the forward or the loss gets
+            (an ``int64`` input to a float ``nn.Linear``, say: fake kernels
+            skip that check, so each distinct call is tried on tiny real
+            tensors; the message names the operator, the module and the
+            fix), the loss or optimizer cannot be used, or the model reads
+            tensor values.
 
     Example::
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_meta._compat import FakeTensorMode
-from lightning_meta._errors import ArgumentTypeError, MetaTensorError
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
 
 __all__ = ["fake_inputs", "fake_state", "input_text", "inputs_of"]
@@ -84,11 +84,12 @@ def inputs_of(module: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], 
         The positional and keyword inputs of the forward.
 
     Raises:
-        MetaTensorError: if there are no inputs.
+        ArgumentValueError: if there are no inputs (``None`` and no
+            ``example_input_array``), a spec has a negative size, one larger
+            than a tensor can be, or an unknown dtype.
         ArgumentTypeError: if ``example_inputs`` is a module, a set or an
             iterator, a dict with keys that are not strings, or holds a bad
             :class:`InputSpec`.
-        ArgumentValueError: if a spec has a negative size or an unknown dtype.
 
     Example::
 
@@ -98,11 +99,12 @@ def inputs_of(module: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], 
     if example_inputs is None:
         example_inputs = getattr(module, "example_input_array", None)
         if example_inputs is None:
-            raise MetaTensorError(
+            raise ArgumentValueError(
                 f"estimate: no inputs for {type(module).__name__}: example_inputs is None and "
                 "the module has no example_input_array. Fix: pass example_inputs (tensors, "
-                "meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings), or set "
-                "self.example_input_array in the LightningModule."
+                "meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings; --input "
+                "SHAPE:DTYPE on the command line), or set self.example_input_array in the "
+                "LightningModule."
             )
     _check_form(example_inputs)
     if isinstance(example_inputs, Mapping):

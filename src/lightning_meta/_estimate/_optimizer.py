@@ -66,7 +66,9 @@ def prepare_optimizer(
     return optimizer
 
 
-def _warm_up(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device) -> None:
+def _warm_up(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device
+) -> None:
     """Create the optimizer's state with one step on zero gradients, as after a real first step.
 
     Fake parameters are ``FakeTensor`` instances, not ``Parameter``, so torch's

@@ -73,9 +73,7 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adamw": (torch.optim.AdamW, {}),
 }
 
-_PRECISION_NAMES = (
-    f"{', '.join(PRECISIONS)} (legacy {', '.join(_PRECISION_ALIASES)} also accepted)"
-)
+_PRECISION_NAMES = f"{', '.join(PRECISIONS)} (legacy {', '.join(_PRECISION_ALIASES)} also accepted)"
 
 
 def resolve_precision(precision: str | int) -> Precision:

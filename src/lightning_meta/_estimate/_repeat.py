@@ -89,8 +89,17 @@ def _attributes(block: nn.Module) -> list[tuple[str, Any]]:
         for named in (mod.named_parameters, mod.named_buffers):
             for name, t in named(recurse=False):
                 out.append(
-                    (f"{path}.{name}", (tuple(t.shape), t.stride(), t.dtype, t.device.type,
-                                        t.requires_grad, isinstance(t, nn.Parameter)))
+                    (
+                        f"{path}.{name}",
+                        (
+                            tuple(t.shape),
+                            t.stride(),
+                            t.dtype,
+                            t.device.type,
+                            t.requires_grad,
+                            isinstance(t, nn.Parameter),
+                        ),
+                    )
                 )
     return out
 
@@ -193,7 +202,9 @@ def _cut(rep: Repeat, k: int) -> Iterator[list[int]]:
         return hook
 
     blocks = list(saved.values())[:k]
-    handles = [b.register_forward_pre_hook(counter(i)) for i, b in enumerate(blocks) if b is not None]
+    handles = [
+        b.register_forward_pre_hook(counter(i)) for i, b in enumerate(blocks) if b is not None
+    ]
     try:
         with _compat.children_replaced(rep.container, dict(list(saved.items())[:k])):
             yield calls
@@ -266,7 +277,9 @@ def _peak(records: list[StepRecord], n: int) -> tuple[int, dict[str, int], str]:
         total = _line([r.window_peaks[window][0] for r in records], f"the peak of {window!r}", n)
         categories = records[-1].window_peaks[window][1]
         breakdown = {
-            cat: _line([r.window_peaks[window][1].get(cat, 0) for r in records], f"{cat} at {window!r}", n)
+            cat: _line(
+                [r.window_peaks[window][1].get(cat, 0) for r in records], f"{cat} at {window!r}", n
+            )
             for cat in categories
         }
         if sum(breakdown.values()) != total:

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensorMode, KeywordModuleTracker, tree_leaves
+from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
 from lightning_meta._estimate._track import LiveBytes, UncountedFlops
@@ -151,6 +152,7 @@ def watch_step(
     optimizer: torch.optim.Optimizer | None,
     record: StepRecord,
     block_prefix: str | None,
+    device: torch.device | None = None,
 ) -> Watch:
     """Set up the FLOP counters and the byte tracker, with what is alive before the step.
 
@@ -162,6 +164,9 @@ def watch_step(
         optimizer: the warmed-up optimizer (its state is alive), or ``None``.
         record: receives ``input_bytes`` and ``optimizer_state_bytes``.
         block_prefix: see :func:`simulate_step`.
+        device: the simulated device; the forward's operators are then checked
+            against the real kernels' dtype rules (:class:`RealKernels`).
+            ``None`` (a real step, measured) checks nothing.
 
     Returns:
         The :class:`Watch`; enter its counter and tracker around the step.
@@ -170,7 +175,7 @@ def watch_step(
     modules = KeywordModuleTracker()
     _compat.set_flop_module_tracker(counter, modules)
     uncounted = UncountedFlops(modules)
-    tracker = LiveBytes(uncounted)
+    tracker = LiveBytes(uncounted, RealKernels(device) if device is not None else None)
     if block_prefix is not None:
         tracker.where = _block_windows(modules, tracker, block_prefix)
     tracker.track_all([t for t in state.values() if isinstance(t, nn.Parameter)], "parameters")
@@ -293,7 +298,11 @@ def simulate_step(
     """Run one steady-state training step of ``module`` on fake ``state`` and inputs into ``record``.
 
     Exceptions from the model, the loss or the optimizer propagate unchanged;
-    ``record.stage`` and ``record.module_path`` say where they came from.
+    ``record.stage`` and ``record.module_path`` say where they came from. An
+    operator of the forward or the loss whose real kernel refuses the dtypes
+    of its inputs (a fake kernel does not check them) raises a
+    :class:`~lightning_meta._estimate._kernels.KernelRefusal`, which is also
+    the kind of exception torch raises for it.
 
     Args:
         module: the model; its own tensors are never used.
@@ -322,7 +331,7 @@ def simulate_step(
         optimizer_factory=optimizer_factory,
         zero_grad_before_forward=zero_grad_before_forward,
     )
-    watch = watch_step(state, args, kwargs, params, optimizer, record, block_prefix)
+    watch = watch_step(state, args, kwargs, params, optimizer, record, block_prefix, device)
     autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=precision.autocast)
         if precision.autocast is not None

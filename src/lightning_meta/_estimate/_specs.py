@@ -7,6 +7,7 @@ or a ``"SHAPE:DTYPE"`` string (``"8,16:float32"``), which the command line's
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, NamedTuple
 
@@ -14,7 +15,14 @@ import torch
 
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 
-__all__ = ["InputSpec", "describe_tensor", "parse_dtype", "parse_input_spec", "spec_of"]
+__all__ = [
+    "InputSpec",
+    "check_shape",
+    "describe_tensor",
+    "parse_dtype",
+    "parse_input_spec",
+    "spec_of",
+]
 
 _DTYPE_ALIASES = {
     "fp64": torch.float64,
@@ -62,24 +70,75 @@ def parse_dtype(name: str) -> torch.dtype:
     key = name.strip().lower().removeprefix("torch.")
     if key in _DTYPE_ALIASES:
         return _DTYPE_ALIASES[key]
-    dtype = getattr(torch, key, None)
+    dtype = getattr(torch, key, None) if key.isidentifier() else None
     if not isinstance(dtype, torch.dtype):
         raise ArgumentValueError(
-            f"unknown dtype {name!r}. Fix: use a torch dtype name such as float32, bfloat16, "
+            f"unknown dtype {_quoted(name)}. Fix: use a torch dtype name such as float32, bfloat16, "
             "float16, int64 or bool."
         )
     return dtype
 
 
+#: the largest size, element count and byte count of a tensor (torch's int64 sizes)
+_LIMIT = 2**63 - 1
+
+
 def _sizes(text: str) -> tuple[int, ...] | None:
     """Return the sizes of a comma-separated shape, or ``None`` if it is not one."""
-    if not text.strip():
+    parts = [part.strip() for part in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
         return None
+    # int() refuses thousands of digits; such a size is too large anyway
+    return tuple(int(p) if len(p) <= 100 else 10**100 for p in parts)
+
+
+def _show(size: int) -> str:
+    return str(size) if size.bit_length() <= 128 else f"about 2**{size.bit_length() - 1}"
+
+
+def _quoted(text: str) -> str:
+    """``repr`` of a spec for a message, cut to a readable length."""
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
+
+
+def check_shape(shape: tuple[int, ...], dtype: torch.dtype, label: str, fix: str) -> None:
+    """Raise unless torch can make a tensor of ``shape`` and ``dtype`` (on meta, so for free).
+
+    Args:
+        shape: non-negative sizes.
+        dtype: the tensor's dtype.
+        label: starts the message (``"input spec '8,16:float32'"``).
+        fix: ends it.
+
+    Raises:
+        ArgumentValueError: if a size, the element count or the byte count
+            is beyond what torch's 64-bit sizes hold, or torch refuses the shape.
+    """
+    if str(dtype).startswith("torch.q"):  # qint8, quint8, qint32, quint4x2...
+        raise ArgumentValueError(
+            f"{label}: {dtype} is a quantized dtype, which estimate cannot simulate. "
+            "Fix: pass a floating point or integer dtype."
+        )
+    too_big = [s for s in shape if s > _LIMIT]
+    if too_big:
+        raise ArgumentValueError(
+            f"{label}: size {_show(too_big[0])} is larger than any tensor dimension can be "
+            f"(2**63 - 1 = {_LIMIT}). {fix}"
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _LIMIT:
+        raise ArgumentValueError(
+            f"{label}: {_show(math.prod(shape))} elements of {str(dtype).removeprefix('torch.')} "
+            f"would take {_show(nbytes)} bytes, more than a tensor can hold (2**63 - 1). {fix}"
+        )
     try:
-        shape = tuple(int(p) for p in (part.strip() for part in text.split(",")) if p)
-    except ValueError:
-        return None
-    return shape if all(s >= 0 for s in shape) else None
+        torch.empty(shape, dtype=dtype, device="meta")
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ArgumentValueError(
+            f"{label}: torch cannot make a tensor of this shape and dtype "
+            f"({type(e).__name__}: {first}). {fix}"
+        ) from e
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -95,20 +154,38 @@ def parse_input_spec(text: str) -> InputSpec:
 
     Raises:
         ArgumentValueError: if the shape is not comma-separated non-negative
-            integers or the dtype is unknown.
+            integers, is larger than a tensor can be, or the dtype is unknown.
+
+    Example::
+
+        >>> parse_input_spec("1,4096:int64")
+        InputSpec(shape=(1, 4096), dtype=torch.int64)
     """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(
+            f"input spec: expected a string such as '8,16:float32', got {type(text).__name__}."
+        )
+    fix = "Fix: write it like '8,16:float32' or '1,4096:int64'."
     shape_text, _, dtype_text = text.partition(":")
     shape = _sizes(shape_text)
     if shape is None:
         raise ArgumentValueError(
-            f"input spec {text!r}: the shape must be comma-separated non-negative integers. "
-            "Fix: write it like '8,16:float32' or '1,4096:int64'."
+            f"input spec {_quoted(text)}: the shape must be comma-separated non-negative integers. {fix}"
         )
     try:
         dtype = parse_dtype(dtype_text) if dtype_text else torch.float32
     except ArgumentValueError as e:
-        raise ArgumentValueError(f"input spec {text!r}: {e}") from e
+        raise ArgumentValueError(f"input spec {_quoted(text)}: {e}") from e
+    check_shape(shape, dtype, f"input spec {_quoted(text)}", fix)
     return InputSpec(shape, dtype)
+
+
+def _label(spec: InputSpec) -> str:
+    try:
+        text = repr(spec)
+    except ValueError:  # a size of thousands of digits has no repr
+        return "InputSpec(<too large to show>)"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _checked_spec(spec: InputSpec) -> InputSpec:
@@ -116,14 +193,17 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
     fix = "Fix: write it like InputSpec((8, 16), torch.int64)."
     if not isinstance(spec.dtype, torch.dtype):
         raise ArgumentTypeError(
-            f"{spec!r}: the dtype must be a torch.dtype, got {type(spec.dtype).__name__}. {fix}"
+            f"{_label(spec)}: the dtype must be a torch.dtype, got {type(spec.dtype).__name__}. {fix}"
         )
     try:
         shape = tuple(operator.index(s) for s in spec.shape)
     except TypeError as e:
-        raise ArgumentTypeError(f"{spec!r}: the shape must be a sequence of integers. {fix}") from e
+        raise ArgumentTypeError(
+            f"{_label(spec)}: the shape must be a sequence of integers. {fix}"
+        ) from e
     if any(s < 0 for s in shape):
-        raise ArgumentValueError(f"{spec!r}: the sizes must be non-negative. {fix}")
+        raise ArgumentValueError(f"{_label(spec)}: the sizes must be non-negative. {fix}")
+    check_shape(shape, spec.dtype, _label(spec), fix)
     return InputSpec(shape, spec.dtype)
 
 

@@ -42,7 +42,9 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
     """Print the summary, the peak-memory breakdown and the per-module table of ``est``."""
     from rich.table import Table
 
-    summary = Table(title=f"estimate: {title}".rstrip(": "), show_header=False, title_justify="left")
+    summary = Table(
+        title=f"estimate: {title}".rstrip(": "), show_header=False, title_justify="left"
+    )
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     dtypes = ", ".join(f"{k} {human_count(v)}" for k, v in est.parameters_by_dtype.items())
@@ -53,9 +55,15 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
         ("buffer bytes", human_bytes(est.buffer_bytes)),
         ("forward FLOPs", human_count(est.forward_flops, "FLOP")),
         ("backward FLOPs", human_count(est.backward_flops, "FLOP")),
-        ("uncounted FLOPs (fwd + bwd)", human_count(est.uncounted_forward_flops + est.uncounted_backward_flops, "FLOP")),
+        (
+            "uncounted FLOPs (fwd + bwd)",
+            human_count(est.uncounted_forward_flops + est.uncounted_backward_flops, "FLOP"),
+        ),
         ("activations kept for backward", human_bytes(est.activation_bytes)),
-        ("peak training-step memory", f"[bold]{human_bytes(est.peak_bytes)}[/] (during {est.peak_phase})"),
+        (
+            "peak training-step memory",
+            f"[bold]{human_bytes(est.peak_bytes)}[/] (during {est.peak_phase})",
+        ),
         ("optimizer / precision / device", f"{est.optimizer} / {est.precision} / {est.device}"),
         ("simulated", est.method),
     ]
@@ -73,10 +81,17 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
         peak.add_row(cat.replace("_", " "), human_bytes(held), share)
     console.print(peak)
 
-    modules = Table(title="per module (forward; FLOPs and bytes include children)", title_justify="left")
-    for name, justify in (("module", "left"), ("type", "left"), ("parameters", "right"),
-                          ("forward FLOPs", "right"), ("backward FLOPs", "right"),
-                          ("activations", "right")):
+    modules = Table(
+        title="per module (forward; FLOPs and bytes include children)", title_justify="left"
+    )
+    for name, justify in (
+        ("module", "left"),
+        ("type", "left"),
+        ("parameters", "right"),
+        ("forward FLOPs", "right"),
+        ("backward FLOPs", "right"),
+        ("activations", "right"),
+    ):
         modules.add_column(name, justify=justify)  # type: ignore[arg-type]
     for m in est.modules:
         label = "  " * m.depth + (m.name.rsplit(".", 1)[-1] if m.name else "(root)")

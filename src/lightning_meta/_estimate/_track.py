@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 from lightning_meta._compat import TorchDispatchMode, tree_leaves, uncounted_attention_ops
+from lightning_meta._estimate._kernels import RealKernels
 
 __all__ = ["CATEGORIES", "LiveBytes", "UncountedFlops"]
 
@@ -41,15 +42,23 @@ class LiveBytes(TorchDispatchMode):
     and in-place results share their storage and so cost nothing extra, as on
     a real allocator.
 
+    With ``kernels``, every operator of the forward (and loss) is first checked
+    against the real kernel's dtype rules, which fake kernels skip
+    (:class:`~lightning_meta._estimate._kernels.RealKernels`).
+
     ``torch.distributed._tools.mem_tracker.MemTracker`` offers the same idea,
     but it snapshots every module at every operator (quadratic in model size)
     and refuses a second call of the root module, so a 70B-parameter step
     would take minutes instead of seconds.
     """
 
-    def __init__(self, uncounted: UncountedFlops | None = None) -> None:
+    def __init__(
+        self, uncounted: UncountedFlops | None = None, kernels: RealKernels | None = None
+    ) -> None:
         super().__init__()
         self._uncounted = uncounted
+        #: checks the forward's operators against the real kernels' dtype rules
+        self._kernels = kernels
         # id(storage) -> [weak reference, bytes, category]
         self._live: dict[int, list[Any]] = {}
         self.current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
@@ -137,6 +146,9 @@ class LiveBytes(TorchDispatchMode):
             # model code ask for it); answer fake ones without the modes below.
             fake_device = getattr(args[0], "fake_device", None)
             return fake_device if fake_device is not None else func(*args, **(kwargs or {}))
+        if self._kernels is not None and self.phase == "forward":
+            # first: a refused call is no FLOP and no allocation, as for real
+            self._kernels.observe(func, args, kwargs or {})
         if self._uncounted is not None:
             self._uncounted.observe(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
@@ -156,7 +168,9 @@ def _sdpa_forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 def _sdpa_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     grad_out, query, key, value = args[:4]
-    return int(sdpa_backward_flop_count(_shape(grad_out), _shape(query), _shape(key), _shape(value)))
+    return int(
+        sdpa_backward_flop_count(_shape(grad_out), _shape(query), _shape(key), _shape(value))
+    )
 
 
 _DEVICE = torch.ops.prim.device.default
