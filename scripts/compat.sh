@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build (or reuse) a virtual environment for one torch / Lightning pair and run
+# the test suite in it: the support window is what this script passes on.
+#
+#   bash scripts/compat.sh TORCH LIGHTNING [TRANSFORMERS] [-- PYTEST ARGS...]
+#   bash scripts/compat.sh 2.6.0 2.5.0 4.57.6          # the declared floor
+#   bash scripts/compat.sh 2.15.0 2.6.6 -- -m "not slow"
+#
+# Each pair gets .venv-compat/torch-T-lightning-L (pip's cache is shared, so a
+# rebuild downloads nothing). A constraint file pins the pair, replacing the
+# machine's own pip constraint for this venv only (PIP_CONSTRAINT), so that no
+# later install can move torch or Lightning.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 2 ]; then
+    sed -n '2,12p' "$0" >&2
+    exit 2
+fi
+TORCH=$1
+LIGHTNING=$2
+shift 2
+TRANSFORMERS=""
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then
+    TRANSFORMERS=$1
+    shift
+fi
+[ "${1:-}" = "--" ] && shift
+PY=${PYTHON:-python3}
+VENV=.venv-compat/torch-$TORCH-lightning-$LIGHTNING
+mkdir -p "$VENV"
+CONSTRAINTS=$VENV/constraints.txt
+{
+    echo "torch==$TORCH"
+    echo "lightning==$LIGHTNING"
+    [ -n "$TRANSFORMERS" ] && echo "transformers==$TRANSFORMERS"
+} > "$CONSTRAINTS"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+export PIP_CONSTRAINT=$CONSTRAINTS
+if ! "$VENV/bin/python" -c "import torch, lightning" >/dev/null 2>&1 \
+    || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ]; then
+    "$VENV/bin/python" -m pip install --quiet "torch==$TORCH" "lightning==$LIGHTNING"
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$VENV/installed"
+fi
+"$VENV/bin/python" -c "import torch, lightning, transformers; print(f'torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
