@@ -12,6 +12,12 @@ variant does it), then the checkpoint is loaded and every tensor is touched
 interpreter's baseline (after imports), and GB/s of checkpoint bytes over the
 load+touch time. ``cat > /dev/null`` of the files gives the disk floor.
 
+``lm.load_checkpoint`` reads every tensor into memory the process owns (one
+copy; the file can change afterwards), so next to the mapped floors it pays
+one copy of the weights in CPU time; ``lm_pt_mmap`` is its zero-copy
+``mmap=True`` option, comparable with the floors as they are (coupled to the
+file).
+
     python benchmarks/load.py                       # full size, fp32 and bf16
     python benchmarks/load.py --small               # quick check
     python benchmarks/load.py --json /tmp/load.json --keep /tmp/load-files --repeat 3
@@ -54,6 +60,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "lm_safetensors": ("lm.load_checkpoint .safetensors (deferred)", "model.safetensors"),
     "lm_sharded": ("lm.load_checkpoint sharded HF dir (deferred)", "sharded"),
     "lm_dcp": ("lm.load_checkpoint DCP dir (deferred)", "dcp"),
+    "lm_pt_mmap": ("lm.load_checkpoint .pt mmap=True (deferred, zero-copy)", "model.pt"),
 }
 # lm variant -> the floor it is compared with
 FLOORS = {
@@ -62,9 +69,8 @@ FLOORS = {
     "lm_safetensors": "floor_safetensors",
     "lm_sharded": "floor_shards",
     "lm_dcp": "dcp_load",
+    "lm_pt_mmap": "floor",
 }
-
-
 
 
 def _files(path: Path) -> list[Path]:
@@ -187,7 +193,7 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
     else:
         model = lm.deferred_init(LlamaForCausalLM, cfg)
         t1 = time.perf_counter()
-        load_checkpoint(model, path, dtype=dtype)
+        load_checkpoint(model, path, dtype=dtype, mmap=variant.endswith("_mmap"))
     if model is not None:
         _touch([*model.parameters(), *model.buffers()])
         assert not any(t.is_meta for t in model.state_dict().values()), variant

@@ -524,28 +524,63 @@ def functorch_transform_active() -> bool:
     return peek() is not None
 
 
-__all__ += ["functorch_transform_active", "has_module_hooks", "storage_users"]
+def module_apply(
+    module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+) -> Any:
+    """Call ``nn.Module._apply`` itself on ``module``.
+
+    For a module that overrides ``_apply`` to drop caches of its tensors
+    before ``.to()`` / ``.half()`` / ``.cuda()`` replace them (Ensemble).
+    """
+    return nn.Module._apply(module, fn, recurse)  # type: ignore[no-untyped-call]
+
+
+__all__ += ["functorch_transform_active", "has_module_hooks", "module_apply", "storage_users"]
 
 
 # -- deferred_init: running real kernels while recording, Parameter subclasses,
 # and Module._apply inside a block. Checked on torch 2.6 and 2.13.
 
 
-@contextlib.contextmanager
-def no_python_dispatch() -> Iterator[None]:
+class no_python_dispatch:  # used like a function: `with no_python_dispatch():`
     """Run the body with Python dispatch and ``__torch_function__`` off: real kernels only.
 
     deferred_init draws random numbers for real (on scratch memory) and
     computes values a model reads while it is recorded, from inside its
     dispatch mode, where the fake mode below would otherwise take over. Uses
-    ``torch._C._DisableTorchDispatch`` and ``torch._C.DisableTorchFunction``.
+    ``torch._C._DisableTorchDispatch`` and ``torch._C.DisableTorchFunction``
+    (a class, not a generator: it runs once per random draw while recording).
     """
-    no_dispatch = getattr(torch._C, "_DisableTorchDispatch", None)
-    no_function = getattr(torch._C, "DisableTorchFunction", None)
-    if no_dispatch is None or no_function is None:  # pragma: no cover
-        raise missing("torch._C._DisableTorchDispatch", "deferred_init")
-    with no_dispatch(), no_function():
-        yield
+
+    __slots__ = ("_guards",)
+    _dispatch = getattr(torch._C, "_DisableTorchDispatch", None)
+    _function = getattr(torch._C, "DisableTorchFunction", None)
+
+    def __enter__(self) -> None:
+        if self._dispatch is None or self._function is None:  # pragma: no cover
+            raise missing("torch._C._DisableTorchDispatch", "deferred_init")
+        self._guards = (self._dispatch(), self._function())
+        for guard in self._guards:
+            guard.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for guard in reversed(self._guards):
+            guard.__exit__(*exc)
+
+
+class RecordingDispatchMode(TorchDispatchMode):  # type: ignore[misc,valid-type]
+    """A ``TorchDispatchMode`` whose ``__torch_dispatch__`` torch does not wrap for dynamo.
+
+    torch 2.13 wraps every subclass's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo`` (a few microseconds per op) unless
+    ``_should_skip_dynamo()`` is false; deferred_init's recorder never runs
+    under ``torch.compile``. torch 2.6 has no such wrapper (the method is
+    simply unused there).
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
 
 
 def make_subclass(cls: type, data: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -610,7 +645,7 @@ def parameter_calls(
                 if own is None:
                     del meta.__call__
                 else:
-                    meta.__call__ = own
+                    meta.__call__ = own  # type: ignore[method-assign]
 
 
 def is_module_apply(code: Any) -> bool:
@@ -623,4 +658,91 @@ def is_module_apply(code: Any) -> bool:
     return code is nn.Module._apply.__code__
 
 
-__all__ += ["is_module_apply", "make_subclass", "no_python_dispatch", "parameter_calls"]
+__all__ += [
+    "RecordingDispatchMode",
+    "is_module_apply",
+    "make_subclass",
+    "no_python_dispatch",
+    "parameter_calls",
+]
+
+
+# -- estimate: reading a tensor's value. ``.item()``, ``bool(t)``, ``t.tolist()``
+# and ``x in t`` all reach ``aten._local_scalar_dense``; estimate answers it
+# for tensors whose values it follows (inputs, and what is computed from them
+# and constants alone). Checked on torch 2.6 and 2.13.
+
+
+@functools.cache
+def value_read_ops() -> frozenset[Any]:
+    """Return the ATen overloads that read a tensor's value into a Python scalar."""
+    return frozenset({torch.ops.aten._local_scalar_dense.default})
+
+
+__all__ += ["value_read_ops"]
+
+
+# -- estimate per rank: rebuilding a module's inputs after FSDP2's hooks wrap
+# them. Checked on torch 2.6 and 2.13.
+try:
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+except ImportError:  # pragma: no cover
+
+    def tree_flatten(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        raise missing("torch.utils._pytree", "estimate with a strategy")
+
+    tree_unflatten = tree_flatten  # type: ignore[assignment]
+
+
+__all__ += ["tree_flatten", "tree_unflatten"]
+
+
+@contextlib.contextmanager
+def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Give ``module`` the parameters and buffers ``tensors`` (by name, tied names too) for the body.
+
+    What ``torch.func.functional_call`` does around one call, kept for a whole
+    training step: activation checkpointing recomputes a block's forward in
+    backward, which must see the same tensors. Uses
+    ``torch.nn.utils.stateless._reparametrize_module``; checked on torch 2.6
+    and 2.13.
+    """
+    from torch.nn.utils import stateless
+
+    swap = getattr(stateless, "_reparametrize_module", None)
+    if swap is None:  # pragma: no cover
+        raise missing("torch.nn.utils.stateless._reparametrize_module", "estimate with a strategy")
+    with swap(module, tensors, tie_weights=True):
+        yield
+
+
+__all__ += ["reparametrized"]
+
+
+# -- estimate with activation checkpointing: the module tracker must not keep
+# recomputed forwards alive. Checked on torch 2.6 and 2.13.
+if isinstance(KeywordModuleTracker, type) and issubclass(KeywordModuleTracker, ModuleTracker):
+
+    class StepModuleTracker(KeywordModuleTracker):
+        """A :class:`KeywordModuleTracker` that ignores the backward of forwards run in backward.
+
+        Activation checkpointing recomputes a block's forward during backward;
+        that graph is never run backward, and the hooks ``ModuleTracker`` puts
+        on its tensors (through ``register_multi_grad_hook``, which holds their
+        autograd nodes) would keep every recomputed activation alive until the
+        step ends. FLOPs of the recomputation are still attributed to the
+        modules that run it. Uses ``ModuleTracker.is_bw`` and its private
+        ``_get_*`` helpers.
+        """
+
+        def _fw_post_hook_kw(self, mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if self.is_bw:
+                self._get_pop_fn(self._get_mod_name(mod), False)()
+                return
+            super()._fw_post_hook_kw(mod, args, kwargs, output)
+
+else:  # pragma: no cover
+    StepModuleTracker = KeywordModuleTracker  # type: ignore[misc,assignment]
+
+
+__all__ += ["StepModuleTracker"]

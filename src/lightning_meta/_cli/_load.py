@@ -5,11 +5,26 @@ Examples::
     lightning-meta load-check models.py:Net checkpoints/last.ckpt
     lightning-meta load-check transformers:LlamaForCausalLM ./llama --args @config_args.json
     lightning-meta load-check models.py:Net model.safetensors --dtype bfloat16 --json
+    lightning-meta load-check models.py:Net model.pt --verify
 
 The model is built under ``deferred_init`` (``--init meta`` builds it on the
 meta device instead), so checking a checkpoint needs no memory beyond one copy
-of its weights. Exit status: 0 when the checkpoint loads, 1 when it does not
-(the reason is printed), 2 when the command line or the target is wrong.
+of its weights. Reading the checkpoint runs no code from it.
+
+Exit status (see :mod:`~lightning_meta._cli._main`, which turns what
+:func:`run` raises into one message on standard error):
+
+- 0: the checkpoint loads into the model (the report is printed);
+- 1: a problem in the checkpoint: it does not fit the model (missing,
+  unexpected or mis-shaped keys), is truncated or damaged (with ``--verify``,
+  a CRC that differs), unreadable, or unsafe to unpickle;
+- 2: the command line is wrong (an unknown option, a ``--dtype`` that is not
+  a floating point dtype, a ``--device`` this machine lacks, a ``--prefix``
+  matching no key, a bad ``--trust``), or the target cannot be imported or
+  built (a target that calls ``sys.exit`` included).
+
+Standard output holds the report (with ``--json``, only the JSON document),
+and nothing when the command fails; the progress bar goes to standard error.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ from typing import Any
 
 import torch
 
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._errors import ArgumentValueError, MetaTensorError
 
 __all__ = ["add_parser", "run"]
 
@@ -55,6 +70,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="checkpoint key prefix to strip (default: detected)")
     p.add_argument("--no-strict", action="store_true", help="load what matches and list the rest")
     p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check the CRC-32 of every zip record read (torch files, DCP items)",
+    )
+    p.add_argument(
         "--trust",
         metavar="MODULE:NAME",
         action="append",
@@ -72,56 +92,69 @@ def _dtype(text: str | None) -> torch.dtype | None:
         return None
     value = getattr(torch, text.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise MetaTensorError(
+        raise ArgumentValueError(
             f"--dtype {text!r} is not a torch dtype. Fix: use e.g. bfloat16 or float16."
+        )
+    if not value.is_floating_point:
+        raise ArgumentValueError(
+            f"--dtype {text!r} is not a floating point dtype; only floating point tensors are "
+            "cast. Fix: use e.g. bfloat16, float16 or float32."
         )
     return value
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``load-check`` for parsed ``args``; print the report and return the exit status."""
-    from rich.console import Console
+    """Run ``load-check`` for parsed ``args``; print the report and return 0.
 
+    Raises:
+        ArgumentValueError: ``--dtype``, ``--device`` or ``--prefix`` cannot
+            be used (exit status 2).
+        TargetError: the target or a ``--trust`` name cannot be imported, or
+            the model cannot be built (exit status 2).
+        MetaTensorError: the checkpoint cannot be loaded into the model (exit
+            status 1).
+    """
+    from lightning_meta._arguments import real_device
     from lightning_meta._cli._target import load_target, target_factory
-    from lightning_meta._deferred._block import deferred_init
-
-    err = Console(stderr=True)
-
-    def fail(e: Exception, status: int) -> int:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        return status
-
-    try:
-        factory = target_factory(args.model, args.args)
-        dtype = _dtype(args.dtype)
-        trusted = [load_target(t) for t in args.trust]
-    except MetaTensorError as e:
-        return fail(e, 2)
-    try:
-        with err.status(f"building {args.model} on meta..."):
-            if args.init == "meta":
-                with torch.device("meta"):
-                    model = factory()
-            else:
-                model = deferred_init(factory)
-    except Exception as e:  # the user's model code: report it, do not hide the type
-        return fail(MetaTensorError(f"building {args.model!r} raised {type(e).__name__}: {e}"), 2)
-    if not isinstance(model, torch.nn.Module):
-        return fail(
-            MetaTensorError(f"{args.model!r} built a {type(model).__name__}, not an nn.Module."), 2
-        )
-
     from lightning_meta._load._checkpoint import load_checkpoint
 
-    try:
-        report = load_checkpoint(
-            model, args.checkpoint, device=args.device, dtype=dtype, strict=not args.no_strict,
-            prefix=args.prefix, safe_globals=trusted, progress=True,
-        )  # fmt: skip
-    except MetaTensorError as e:
-        return fail(e, 1)
+    dtype = _dtype(args.dtype)
+    device = real_device(args.device, "load-check")
+    factory = target_factory(args.model, args.args)
+    trusted = [load_target(t) for t in args.trust]
+    model = _build(args, factory)
+    report = load_checkpoint(
+        model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
+        prefix=args.prefix, safe_globals=trusted, progress=True, verify=args.verify,
+    )  # fmt: skip
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
+        from rich.console import Console
+
         Console().print(str(report), markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _build(args: argparse.Namespace, factory: Any) -> torch.nn.Module:
+    from lightning_meta._cli._target import TargetError
+    from lightning_meta._deferred._block import deferred_init
+
+    try:
+        if args.init == "meta":
+            with torch.device("meta"):
+                model = factory()
+        else:
+            model = deferred_init(factory)
+    except TargetError:
+        raise
+    except MetaTensorError as e:  # the recorder refusing the model's code
+        raise TargetError(
+            f"target {args.model!r}: building it under deferred_init failed: {e}"
+        ) from e
+    if not isinstance(model, torch.nn.Module):
+        raise TargetError(
+            f"target {args.model!r} built a {type(model).__name__}, not an nn.Module. Fix: name "
+            "the model class or a function returning the model."
+        )
+    return model

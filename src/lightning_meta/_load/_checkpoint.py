@@ -2,18 +2,22 @@
 
 :func:`load_checkpoint` runs fixed phases, each a function of its own, so a
 failure leaves the module as it was: check the arguments, open the source
-(:mod:`~lightning_meta._load._formats`), plan (match every key and shape,
-:mod:`~lightning_meta._load._match`), convert every tensor (read, cast, move;
-nothing in the module touched yet), replay what the checkpoint lacks, and
-only then swap the new tensors in and report
-(:mod:`~lightning_meta._load._report`).
+(:mod:`~lightning_meta._load._formats`: structure only, every size checked,
+no code run), plan (match every key and shape, refuse tensors of kinds a
+module cannot hold, :mod:`~lightning_meta._load._match`), convert every tensor
+(read into memory of its own, cast, move, dressed as the tensor it replaces;
+nothing in the module touched yet), replay what the checkpoint lacks (into a
+scratch module), and only then swap the new tensors in, undoing the swap if
+anything in it fails, and report (:mod:`~lightning_meta._load._report`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,21 +25,23 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from lightning_meta import _compat
 from lightning_meta._arguments import check_module_argument, float_dtype, real_device
-from lightning_meta._deferred._handles import deferred_paths, forget, handle_of, mark_done
+from lightning_meta._deferred._handles import attach, deferred_paths, forget, handle_of, mark_done
 from lightning_meta._deferred._materialize import materialize_paths
-from lightning_meta._errors import ArgumentTypeError
+from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._match import Group, Plan, plan_load
 from lightning_meta._load._report import LoadReport, progress_bar
 from lightning_meta._load._source import Source
-from lightning_meta._slots import wrap_like
+from lightning_meta._slots import Slot, wrap_like
 
 __all__ = [
     "Arguments",
     "Conversion",
     "Converted",
     "LoadReport",
+    "Replay",
     "check_arguments",
     "convert",
     "load_checkpoint",
@@ -57,18 +63,27 @@ def load_checkpoint(
     prefix: str | None = None,
     safe_globals: Sequence[Any] = (),
     progress: bool = False,
+    verify: bool = False,
+    mmap: bool = False,
 ) -> LoadReport:
     """Fill ``module`` from the checkpoint at ``path``, in place, and report what happened.
 
-    Meta and deferred tensors are *assigned* tensors that stay memory-mapped
-    from the file where the format allows it (torch zip, safetensors), so the
-    weights exist once; tied tensors are tied again; deferred tensors the
-    checkpoint lacks (non-persistent buffers such as rotary ``inv_freq``, a
-    new head with ``strict=False``) are replayed exactly from their
-    :func:`~lightning_meta.deferred_init` record. Real tensors are copied in
-    place, so optimizers keep pointing at them. Each tensor keeps the module's
-    dtype (cast one by one) unless ``dtype`` asks for another floating point
-    dtype.
+    Every tensor is read into memory of its own (one copy of the weights; a
+    later change to the file changes nothing); meta and deferred tensors are
+    *assigned* those tensors, tied tensors are tied again, and deferred
+    tensors the checkpoint lacks (non-persistent buffers such as rotary
+    ``inv_freq``, a new head with ``strict=False``) are replayed exactly from
+    their :func:`~lightning_meta.deferred_init` record. Real tensors are
+    copied in place, so optimizers keep pointing at them. Each tensor keeps
+    the module's dtype (cast one by one) unless ``dtype`` asks for another
+    floating point dtype. The load is atomic: when it raises, every tensor of
+    the module is as it was (same objects, same values, still meta or
+    deferred).
+
+    Reading a checkpoint never runs code: pickles (torch files, a
+    distributed checkpoint's metadata) are read by an unpickler that hands
+    out only tensors, plain containers and the classes of the format, plus
+    ``safe_globals``.
 
     Args:
         module: the module to fill (meta, deferred, real, or a mix).
@@ -85,10 +100,16 @@ def load_checkpoint(
         prefix: checkpoint key prefix to strip (``"model."`` to load a
             LightningModule's checkpoint into its ``self.model``); detected
             when ``None``.
-        safe_globals: classes or functions a trusted torch checkpoint may
-            construct beyond ``weights_only=True``'s defaults (the objects
+        safe_globals: classes or functions a trusted checkpoint's pickle may
+            construct beyond tensors and plain containers (the objects
             themselves, or ``(object, "module.Name")`` pairs as torch takes them).
         progress: show a progress bar over bytes on stderr.
+        verify: also check the CRC-32 of every zip record read (torch zip
+            files, the items of a distributed checkpoint), to catch flipped
+            bits; safetensors and legacy torch files store no checksum (their
+            structure and sizes are always checked).
+        mmap: map the files instead of reading them (zero-copy, copy-on-write);
+            see the warning below.
 
     Returns:
         A :class:`LoadReport` (loaded, cast, replayed, missing, unexpected,
@@ -96,16 +117,21 @@ def load_checkpoint(
 
     Raises:
         ArgumentTypeError: ``module`` is not an ``nn.Module``, or ``path``,
-            ``device``, ``dtype``, ``prefix`` or ``safe_globals`` is of the
-            wrong type (also a ``TypeError``).
+            ``device``, ``dtype``, ``prefix``, ``safe_globals``, ``verify`` or
+            ``mmap`` is of the wrong type (also a ``TypeError``).
         ArgumentValueError: ``device`` or ``dtype`` cannot be used, or
             ``prefix`` matches no checkpoint key (also a ``ValueError``).
-        MetaTensorError: the file is missing, of an unknown format,
-            structurally invalid (truncated, bad header or index, sizes that
-            disagree, a missing shard), needs unsafe unpickling, or does not
-            fit the module (every key listed, sorted, with shapes and closest
-            names). ``paths`` holds the files or keys concerned. The module
-            is unchanged when it raises.
+        MetaTensorError: the file is missing, unreadable, of an unknown
+            format, structurally invalid (truncated, bad header or index,
+            sizes that disagree, a CRC that differs with ``verify``, a missing
+            shard, a key in two shards), changed while it was read, needs
+            unsafe unpickling, holds a tensor of a kind a module cannot hold
+            (meta, sparse, quantized, nested, a subclass) under a key the
+            module has, or does not fit the module (every key listed, sorted,
+            with shapes and closest names), or a tensor of the module cannot
+            take the new one (a Parameter subclass that cannot be rebuilt).
+            ``paths`` holds the files or keys concerned. The module is
+            unchanged when it raises.
 
     Example::
 
@@ -119,10 +145,17 @@ def load_checkpoint(
         (['bias', 'weight'], False)
 
     .. warning::
-        Assigned tensors share pages with the file (copy-on-write), so the
-        file must not be modified while the module uses them.
+        With ``mmap=True``, assigned tensors are mapped from the file
+        (copy-on-write): they read its pages on demand for as long as they
+        live. Overwriting the file in place then changes the weights, and
+        truncating or shrinking it kills the process with ``SIGBUS`` the next
+        time a weight is read. Use it only for files nothing will modify
+        (read-only storage). The default reads every tensor into memory the
+        process owns.
     """
-    args = check_arguments(module, path, device, dtype, prefix, safe_globals)
+    args = check_arguments(
+        module, path, device, dtype, prefix, safe_globals, verify=verify, mmap=mmap
+    )
     where = str(path)
     source = open_source(path, safe_globals=args.safe_globals)
     plan = plan_load(module, source, where, prefix=prefix, strict=strict)
@@ -133,10 +166,13 @@ def load_checkpoint(
         dtype=args.dtype,
         progress=progress,
         label=Path(where).name,
+        verify=verify,
+        mapped=mmap,
     )
-    replayed = replay_missing(module, plan, device=args.device, dtype=args.dtype)
-    forget(module, swap_in(conversion.tensors))
-    report = make_report(where, source, plan, conversion, replayed)
+    replay = replay_missing(module, plan, device=args.device, dtype=args.dtype)
+    filled = swap_in(conversion.tensors, replay)
+    forget(module, [*filled, *replay.names])
+    report = make_report(where, source, plan, conversion, replay.names)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report
 
@@ -150,13 +186,21 @@ class Arguments(NamedTuple):
 
 
 def check_arguments(
-    module: Any, path: Any, device: Any, dtype: Any, prefix: Any, safe_globals: Any
+    module: Any,
+    path: Any,
+    device: Any,
+    dtype: Any,
+    prefix: Any,
+    safe_globals: Any,
+    *,
+    verify: Any = False,
+    mmap: Any = False,
 ) -> Arguments:
     """Check every argument of :func:`load_checkpoint` before anything is opened.
 
     Args:
-        module, path, device, dtype, prefix, safe_globals: as given to
-            :func:`load_checkpoint`.
+        module, path, device, dtype, prefix, safe_globals, verify, mmap: as
+            given to :func:`load_checkpoint`.
 
     Returns:
         The target device (``None``: keep each tensor's, CPU for meta), the
@@ -179,11 +223,17 @@ def check_arguments(
             f"load_checkpoint got prefix={prefix!r} ({type(prefix).__name__}); expected a str "
             "such as 'model.', or None to detect it. Fix: pass the checkpoint key prefix as a str."
         )
+    for name, value in (("verify", verify), ("mmap", mmap)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(
+                f"load_checkpoint got {name}={value!r} ({type(value).__name__}); expected True "
+                f"or False. Fix: pass {name}=True or {name}=False."
+            )
     return Arguments(target, checked_dtype, _safe_globals(safe_globals))
 
 
 def _safe_globals(value: Any) -> list[Any]:
-    # A str is iterable, and its characters would reach torch as "globals".
+    # A str is iterable, and its characters would reach the unpickler as "globals".
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ArgumentTypeError(
             f"load_checkpoint got safe_globals={value!r} ({type(value).__name__}); expected a "
@@ -204,7 +254,13 @@ def _safe_globals(value: Any) -> list[Any]:
 
 @dataclass
 class Converted:
-    """One group's new tensor, ready to go in; ``in_place``: copy into the old tensor."""
+    """One group's new tensor, ready to go in.
+
+    ``in_place``: copy ``tensor`` into the group's (real) tensor. Otherwise a
+    real tensor takes ``tensor`` as its ``.data`` (a new dtype or device),
+    and a meta tensor's slots take ``tensor`` itself, already dressed as the
+    old one (Parameter class, ``requires_grad``, attributes).
+    """
 
     group: Group
     tensor: torch.Tensor
@@ -228,12 +284,16 @@ def convert(
     dtype: torch.dtype | None,
     progress: bool = False,
     label: str = "",
+    verify: bool = False,
+    mapped: bool = False,
 ) -> Conversion:
-    """Read every tensor the plan loads and give it its final dtype and device.
+    """Read every tensor the plan loads and make it exactly what goes into the module.
 
-    Nothing in the module is touched: this is the phase that can fail (a
-    short read, no memory on the device), and the module must stay as it was
-    when it does.
+    Read, cast, moved, and (for meta slots) rebuilt as the tensor it
+    replaces; every check the swap would need is made here. Nothing in the
+    module is touched: this is the phase that can fail (a short read, a
+    changed file, no memory on the device, a Parameter subclass that cannot
+    be rebuilt), and the module must stay as it was when it does.
 
     Args:
         source: the opened checkpoint.
@@ -244,28 +304,38 @@ def convert(
             module's).
         progress: show a progress bar over bytes on stderr.
         label: the progress bar's label.
+        verify: check the CRC-32 of every zip record read.
+        mapped: map the files instead of reading them.
 
     Returns:
         The :class:`Conversion`.
 
     Raises:
-        MetaTensorError: the source cannot read the data.
+        MetaTensorError: the source cannot read the data, or a tensor cannot
+            be converted or put in place (``paths``: its names).
     """
     by_key = {entry.key: (group, entry) for group, entry in plan.load}
     out = Conversion()
     # Two checkpoint keys on one storage (saved from a tied model) must not
     # silently tie untied tensors of this module.
     seen_storage: set[int] = set()
-    source.prefetch()
-    with progress_bar(sum(e.nbytes for _, e in plan.load), label, progress) as advance:
-        for key, tensor in source.read(list(by_key)):
+    wanted = {e.key: _placement(g.tensor, device, dtype) for g, e in plan.load}
+    # Casting while reading needs no full-size temporary of the checkpoint's dtype.
+    cast = {k: want for k, (_, want) in wanted.items() if want != source.entries[k].dtype}
+    reading = source.read(list(by_key), verify=verify, mapped=mapped, cast=cast)
+    with (
+        closing(reading),
+        progress_bar(sum(e.nbytes for _, e in plan.load), label, progress) as advance,
+    ):
+        for key, tensor in reading:
             group, entry = by_key[key]
-            dev, want = _placement(group.tensor, device, dtype)
-            if tensor.dtype != want:
+            dev, want = wanted[key]
+            if entry.dtype != want:
                 out.cast.extend(group.names)
             out.tensors.append(_convert_one(group, tensor, dev, want, seen_storage))
             out.bytes_read += entry.nbytes
             advance(entry.nbytes)
+            del tensor  # a cast's source is a temporary: free it before the next read
     return out
 
 
@@ -277,6 +347,14 @@ def _placement(
     return device or (old.device if not old.is_meta else torch.device("cpu")), want
 
 
+def _refuse(group: Group, problem: str, fix: str) -> MetaTensorError:
+    name = group.names[0]
+    return MetaTensorError(
+        f"cannot load {name!r}: {problem}. Nothing in the module was changed. Fix: {fix}.",
+        paths=group.names,
+    )
+
+
 def _convert_one(
     group: Group,
     tensor: torch.Tensor,
@@ -286,66 +364,229 @@ def _convert_one(
 ) -> Converted:
     old = group.tensor
     in_place = not old.is_meta and old.device == device and old.dtype == dtype
-    if not in_place:
+    if in_place:
+        if old.layout != torch.strided:
+            raise _refuse(
+                group, f"the module holds a {old.layout} tensor there", "load into a dense tensor"
+            )
+        if _compat.has_internal_overlap(old):
+            raise _refuse(
+                group,
+                "the module's tensor is an expanded view whose elements share memory, so it "
+                "cannot take distinct values",
+                "give the module a tensor of its own there (e.g. .clone()) before loading",
+            )
+        return Converted(group, tensor, True)
+    try:
         tensor = tensor.to(device=device, dtype=dtype)
-        ptr = tensor.untyped_storage().data_ptr()
-        # Empty tensors all report storage pointer 0 and share nothing.
-        if ptr in seen_storage and ptr != 0:
-            tensor = tensor.clone()
-        seen_storage.add(ptr)
-    return Converted(group, tensor, in_place)
+    except (RuntimeError, ValueError, TypeError) as e:  # out of memory on the device, mostly
+        raise _refuse(
+            group, f"converting it to {dtype} on {device} failed ({type(e).__name__}: {e})",
+            "free memory on the device, or load with device='cpu'",
+        ) from e  # fmt: skip
+    ptr = tensor.untyped_storage().data_ptr()
+    # Empty tensors all report storage pointer 0 and share nothing.
+    if ptr in seen_storage and ptr != 0:
+        tensor = tensor.clone()
+    seen_storage.add(ptr)
+    if not old.is_meta:
+        if not _compat.can_set_data(old, tensor):
+            raise _refuse(
+                group,
+                f"the module's {type(old).__name__} on {old.device} cannot take a {dtype} tensor "
+                f"on {device} as its data",
+                "move or cast the module first, so the checkpoint is copied in place",
+            )
+        return Converted(group, tensor, False)
+    handle = handle_of(old)
+    try:
+        new = wrap_like(old, tensor, handle.attrs if handle is not None else vars(old))
+    except Exception as e:  # a Parameter subclass's constructor, user code
+        raise _refuse(
+            group,
+            f"rebuilding it as {type(old).__qualname__}(data, requires_grad=...) raised "
+            f"{type(e).__name__}: {e}",
+            f"give {type(old).__qualname__} a constructor that accepts (data, requires_grad=...), "
+            "or load into a real module (its tensors are then copied in place)",
+        ) from e
+    return Converted(group, new, False)
+
+
+@dataclass
+class Replay:
+    """Deferred tensors the checkpoint lacks, replayed but not yet in the module.
+
+    Attributes:
+        names: the names replayed, sorted.
+        tensors: each group replayed, with its new tensor.
+    """
+
+    names: list[str] = field(default_factory=list)
+    tensors: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
 
 
 def replay_missing(
     module: nn.Module, plan: Plan, *, device: torch.device | None, dtype: torch.dtype | None
-) -> list[str]:
-    """Replay the deferred tensors the checkpoint does not fill from their record.
+) -> Replay:
+    """Replay the deferred tensors the checkpoint does not fill, without touching ``module``.
 
-    Tensors the plan loads or skips for their shape are left alone.
+    Tensors the plan loads or skips for their shape are left alone. The
+    replay runs on a scratch module holding the same deferred tensors, so
+    ``module`` keeps them until :func:`swap_in` puts the results in, together
+    with the checkpoint's tensors.
 
     Returns:
-        The names replayed, sorted.
+        The :class:`Replay`.
 
     Raises:
         MaterializationError: a tensor cannot be replayed exactly; nothing
             was changed.
     """
     covered = {*plan.loaded_names, *plan.skipped_names}
-    replay = [n for n in deferred_paths(module) if n not in covered]
-    if replay:
-        materialize_paths(module, replay, device=device, dtype=dtype)
-    return sorted(replay)
+    wanted = {n for n in deferred_paths(module) if n not in covered}
+    if not wanted:
+        return Replay()
+    scratch = nn.Module()
+    groups: list[tuple[str, Group]] = []
+    for group in plan.groups:
+        handle = handle_of(group.tensor)
+        if handle is None or not wanted.intersection(group.names):
+            continue
+        name = f"t{len(groups)}"
+        if isinstance(group.tensor, nn.Parameter):
+            scratch.register_parameter(name, group.tensor)
+        else:
+            scratch.register_buffer(name, group.tensor)
+        attach(handle.record, scratch, name, group.tensor, handle.vid, handle.attrs, handle=handle)
+        groups.append((name, group))
+    materialize_paths(scratch, None, device=device, dtype=dtype)
+    out = Replay(sorted(wanted))
+    for name, group in groups:
+        new = getattr(scratch, name)
+        out.tensors.append((group, new))
+    return out
 
 
-def swap_in(converted: list[Converted]) -> list[str]:
-    """Put every converted tensor into all slots of its group.
+# Hooks for tests: every change the swap makes goes through these two.
+def _put(slot: Slot, tensor: torch.Tensor) -> None:
+    slot.put(tensor)
+
+
+def _copy(old: torch.Tensor, new: torch.Tensor) -> None:
+    if old.is_inference():
+        with torch.inference_mode():
+            old.copy_(new)
+    else:
+        old.copy_(new)
+
+
+def _set_data(old: torch.Tensor, new: torch.Tensor) -> None:
+    old.data = new
+
+
+def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[str]:
+    """Put every converted and replayed tensor into all slots of its group, or none.
+
+    Slots and ``.data`` are switched first, then real tensors are copied into
+    in place, each after a backup of its values; if anything fails, every
+    step done is undone in reverse order, so the module is as it was.
 
     Returns:
-        The names of deferred or meta slots filled (real tensors are updated
-        in place and need no bookkeeping).
+        The names of deferred or meta slots filled from the checkpoint (real
+        tensors are updated in place and need no bookkeeping).
+
+    Raises:
+        MetaTensorError: a tensor could not be put in place (``paths``: its
+            names); the module was restored.
     """
+    undo: list[Callable[[], None]] = []
     filled: list[str] = []
-    with torch.no_grad():
-        for item in converted:
-            old = item.group.tensor
-            if item.in_place:
-                old.copy_(item.tensor)
-                continue
-            if not old.is_meta:
-                # A real tensor changing dtype or device: keep the object so
-                # optimizers and ties that refer to it stay valid.
-                old.data = item.tensor
-                continue
-            handle = handle_of(old)
-            new = wrap_like(old, item.tensor, handle.attrs if handle is not None else vars(old))
-            for slot in item.group.slots:
-                slot.put(new)
-            if handle is not None:
-                # A tie reaching outside this module picks this tensor up when
-                # its other end is materialized.
-                mark_done(handle, new)
-            filled.extend(item.group.names)
+    done: list[tuple[Any, torch.Tensor]] = []
+    current: Group | None = None
+    copies = [item for item in converted if item.in_place]
+    try:
+        with torch.no_grad():
+            for item in converted:
+                if item.in_place:
+                    continue
+                current = item.group
+                old = item.group.tensor
+                if not old.is_meta:
+                    # A real tensor changing dtype or device: keep the object so
+                    # optimizers and ties that refer to it stay valid.
+                    undo.append(_undo_data(old, old.data))
+                    _set_data(old, item.tensor)
+                    continue
+                for slot in item.group.slots:
+                    undo.append(_undo_put(slot, old))
+                    _put(slot, item.tensor)
+                handle = handle_of(old)
+                if handle is not None:
+                    done.append((handle, item.tensor))
+                filled.extend(item.group.names)
+            for group, new in replay.tensors if replay is not None else ():
+                current = group
+                for slot in group.slots:
+                    undo.append(_undo_put(slot, group.tensor))
+                    _put(slot, new)
+            for item in copies:
+                current = item.group
+                old = item.group.tensor
+                # The backup takes the place of the new values once they are in
+                # the module, so memory stays at one extra tensor.
+                backup = old.detach().clone()
+                try:
+                    _copy(old, item.tensor)
+                except BaseException:
+                    # in case it wrote part of the values before failing
+                    with contextlib.suppress(Exception):
+                        _copy(old, backup)
+                    raise
+                undo.append(_undo_copy(old, backup))
+                item.tensor = backup
+    except BaseException as e:
+        unrestored = 0
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception:  # keep undoing the rest; say so below
+                unrestored += 1
+        if isinstance(e, Exception) and not isinstance(e, MetaTensorError) and current is not None:
+            names = current.names
+            restored = (
+                "every tensor of the module was put back as it was"
+                if not unrestored
+                else f"{unrestored} change(s) could not be undone"
+            )
+            raise MetaTensorError(
+                f"putting the new {names[0]!r} into the module failed "
+                f"({type(e).__name__}: {e}); {restored}. Fix: load into a module whose tensors "
+                "are plain tensors or Parameters (a tensor subclass that refuses copy_ cannot "
+                "take a checkpoint in place).",
+                paths=names,
+            ) from e
+        raise
+    # A tie reaching outside this module picks these tensors up when its other
+    # end is materialized.
+    for handle, tensor in done:
+        mark_done(handle, tensor)
     return filled
+
+
+def _undo_put(slot: Slot, old: torch.Tensor) -> Callable[[], None]:
+    return lambda: slot.put(old)
+
+
+def _undo_data(old: torch.Tensor, data: torch.Tensor) -> Callable[[], None]:
+    return lambda: _set_data(old, data)
+
+
+def _undo_copy(old: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
+    def restore() -> None:
+        with torch.no_grad():
+            _copy(old, backup)
+
+    return restore
 
 
 def make_report(

@@ -3,31 +3,32 @@
 Formats are recognised from the content (magic bytes, a ``.metadata`` file, an
 index's JSON), not from the file name:
 
-- torch zip (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``): memory-mapped;
-- torch legacy (``_use_new_zipfile_serialization=False``): read eagerly (the
-  format cannot be mapped);
-- ``.safetensors``: memory-mapped by safetensors itself;
+- torch zip (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``) and torch
+  legacy (``_use_new_zipfile_serialization=False``);
+- ``.safetensors``;
 - a sharded Hugging Face index (``*.index.json``, or a directory holding one)
   over safetensors or torch shards;
-- a ``torch.distributed.checkpoint`` directory (``.metadata``), read with
-  ``torch.distributed.checkpoint.load`` into fresh tensors.
+- a ``torch.distributed.checkpoint`` directory (``.metadata``).
 
-The readers of one file live in :mod:`~lightning_meta._load._source`, those of
-several in :mod:`~lightning_meta._load._sharded`. Every unpickling uses
-``weights_only=True``.
+Opening reads structure only (headers, pickles, indexes, metadata), checks it,
+and reads no tensor data. The readers of one file live in
+:mod:`~lightning_meta._load._source`, those of several in
+:mod:`~lightning_meta._load._sharded`. Every pickle is read by
+:mod:`~lightning_meta._load._unpickle`, which runs no code.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_meta._errors import MetaTensorError
+from lightning_meta._load._files import head, io_error
 from lightning_meta._load._sharded import open_dcp, open_index
 from lightning_meta._load._source import (
     Source,
-    head,
     is_safetensors,
     is_torch,
     open_safetensors,
@@ -45,7 +46,7 @@ def open_source(path: str | Path, *, safe_globals: Sequence[Any] = ()) -> Source
 
     Args:
         path: a checkpoint file, an index, or a directory holding one checkpoint.
-        safe_globals: what unpickling may construct beyond ``weights_only=True``'s defaults.
+        safe_globals: what unpickling may construct beyond tensors and plain containers.
 
     Returns:
         The checkpoint's :class:`~lightning_meta._load._source.Source`, every
@@ -53,15 +54,26 @@ def open_source(path: str | Path, *, safe_globals: Sequence[Any] = ()) -> Source
 
     Raises:
         MetaTensorError: the path does not exist, its format is not recognised,
-            it is structurally invalid (truncated, bad header or index, sizes
-            that disagree, a missing shard), or unpickling it needs more than
-            ``weights_only=True`` allows. ``paths`` holds the file(s) or keys
+            it cannot be read (permission denied), it is structurally invalid
+            (truncated, bad header or index, sizes that disagree, a missing
+            shard, a key in two shards), or unpickling it needs more than
+            tensors and plain containers. ``paths`` holds the file(s) or keys
             concerned.
     """
     p = Path(path).expanduser()
-    if p.is_dir():
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        raise MetaTensorError(
+            "lightning_meta reads checkpoints (little-endian) on little-endian machines only. "
+            "Fix: load the checkpoint with torch.load on this machine.",
+            paths=[str(p)],
+        )
+    try:
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except OSError as e:
+        raise io_error(p, e) from e
+    if is_dir:
         return _open_directory(p, safe_globals)
-    if not p.is_file():
+    if not is_file:
         raise MetaTensorError(f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)])
     first = head(p)
     if is_torch(first):
@@ -82,7 +94,7 @@ def _open_directory(p: Path, safe_globals: Sequence[Any]) -> Source:
     # Most specific first, so a directory holding several candidates (an index
     # and a stray single file) resolves as the tool that wrote it reads it.
     if (p / ".metadata").is_file():
-        return open_dcp(p)
+        return open_dcp(p, safe_globals)
     for name in _INDEX_NAMES:
         if (p / name).is_file():
             return open_index(p / name, safe_globals)

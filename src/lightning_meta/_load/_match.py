@@ -15,10 +15,18 @@ import torch
 from torch import nn
 
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
-from lightning_meta._load._source import Entry, Source
+from lightning_meta._load._source import DENSE, Entry, Source
 from lightning_meta._slots import Slot, tie_groups
 
-__all__ = ["Group", "Plan", "detect_prefix", "make_plan", "mismatch_error", "plan_load"]
+__all__ = [
+    "Group",
+    "Plan",
+    "detect_prefix",
+    "make_plan",
+    "mismatch_error",
+    "plan_load",
+    "unsupported_error",
+]
 
 
 @dataclass
@@ -62,12 +70,16 @@ def plan_load(
     Raises:
         ArgumentValueError: ``prefix`` matches no checkpoint key.
         MetaTensorError: the prefix is ambiguous (see :func:`detect_prefix`),
-            or, with ``strict``, keys do not fit (see :func:`mismatch_error`).
+            a module name asks for a tensor of a kind a module cannot hold
+            (see :func:`unsupported_error`), or, with ``strict``, keys do not
+            fit (see :func:`mismatch_error`).
     """
     groups = [Group.of(slots) for slots in tie_groups(module)]
     expected = {s.path for g in groups for s in g.slots if s.persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
     plan = make_plan(groups, source.entries, source.others, chosen)
+    if plan.unsupported:
+        raise unsupported_error(where, plan)
     error = mismatch_error(module, where, plan, strict=strict)
     if error is not None:
         raise error
@@ -148,6 +160,8 @@ class Plan:
         mismatched: ``(name, shape in the model, shape in the checkpoint)``.
         ignored: checkpoint keys outside ``prefix``.
         skipped: groups left as they are because a shape differs.
+        unsupported: ``(key, kind)`` of checkpoint tensors a module name asks
+            for but a module cannot hold (meta, sparse, quantized, ...).
     """
 
     prefix: str
@@ -158,6 +172,7 @@ class Plan:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     skipped: list[Group] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def loaded_names(self) -> list[str]:
@@ -202,6 +217,10 @@ def make_plan(
             plan.missing.extend(names)
             continue
         used.update(present)
+        odd = [(prefix + n, local[n].kind) for n in present if local[n].kind != DENSE]
+        if odd:
+            plan.unsupported.extend(odd)
+            continue
         shape = tuple(group.tensor.shape)
         bad = [n for n in present if local[n].shape != shape]
         if bad:
@@ -213,6 +232,7 @@ def make_plan(
         [prefix + k for k in local if k not in used] + [o for o in others if o.startswith(prefix)]
     )
     plan.missing.sort()
+    plan.unsupported.sort()
     plan.mismatched.sort()
     plan.ignored.sort()
     return plan
@@ -276,3 +296,24 @@ def mismatch_error(
     )
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
     return MetaTensorError("\n".join(lines), paths=paths)
+
+
+def unsupported_error(where: str, plan: Plan) -> MetaTensorError:
+    """Return the refusal of checkpoint tensors a module cannot be filled with.
+
+    A meta tensor has no values; sparse, quantized and nested tensors and
+    tensor subclasses are not what a dense parameter or buffer holds, and
+    copying them in would fail half way or lose their meaning.
+
+    Returns:
+        A :class:`~lightning_meta.MetaTensorError` whose ``paths`` are the keys.
+    """
+    lines = [f"  {key!r}: a {kind} tensor" for key, kind in plan.unsupported]
+    return MetaTensorError(
+        f"cannot load {where!r}: it holds tensors of kinds a module's parameters and buffers "
+        "cannot take; the module was left unchanged:\n"
+        + "\n".join(lines)
+        + "\nFix: save dense tensors with real values (e.g. t.to_dense(), t.dequantize(), "
+        "a model materialized off the meta device), or drop these keys from the checkpoint.",
+        paths=[k for k, _ in plan.unsupported],
+    )

@@ -1,42 +1,63 @@
-"""A checkpoint as the loader sees it, and the readers of one torch or safetensors file.
+"""A checkpoint as the loader sees it, and the single-file sources: torch and safetensors.
 
 A :class:`Source` lists every tensor's name, shape and dtype (:class:`Entry`)
 *before* any data is read, so the loader can validate the whole checkpoint
-against the module and refuse it without touching the module. The readers
-here open one file; the single-file formats and the shards of an index
-(:mod:`~lightning_meta._load._sharded`) share them. Every unpickling uses
-``weights_only=True``.
+against the module and refuse it without touching the module. Its
+:meth:`Source.read` then reads the tensors asked for, file by file in the
+order they lie on disk, into memory the process owns (see
+:mod:`~lightning_meta._load._files`). Nothing here unpickles with
+``pickle.load`` or ``torch.load``: torch files are read by
+:mod:`~lightning_meta._load._torchfile`, safetensors headers are parsed here.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import json
+import math
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_meta._compat import is_weights_only_refusal
 from lightning_meta._errors import MetaTensorError
+from lightning_meta._load._files import (
+    CORRUPT_FIX,
+    FileStamp,
+    Reader,
+    Region,
+    corrupt,
+    head,
+    read_file,
+    stamps_of,
+)
+from lightning_meta._load._torchfile import (
+    Archive,
+    TensorRef,
+    Unsupported,
+    check_storage_bounds,
+    open_archive,
+    open_legacy,
+    tensor_from,
+    torch_policy,
+)
 
 __all__ = [
     "CORRUPT_FIX",
+    "CompositeSource",
     "Entry",
-    "MappingSource",
     "SafetensorsSource",
     "Source",
+    "TorchSource",
+    "castable",
     "head",
     "is_safetensors",
     "is_torch",
     "open_safetensors",
     "open_torch",
-    "safetensors_handles",
     "state_tensors",
-    "torch_load",
+    "torch_archive",
 ]
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -53,28 +74,36 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F32": torch.float32,
     "F64": torch.float64,
+    "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-CORRUPT_FIX = "Fix: save it again or download it again; the file on disk is incomplete or damaged."
+# safetensors' own limit on the JSON header
+_MAX_HEADER = 100_000_000
+
+DENSE = "dense"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of a checkpoint, known before its data is read."""
+    """One tensor of a checkpoint, known before its data is read.
+
+    ``kind`` is ``"dense"`` for a tensor the loader can read; anything else
+    (``"meta"``, ``"sparse"``, ``"quantized"``, ``"nested"``, ``"tensor
+    subclass ..."``) names a tensor a module cannot be filled with, refused
+    when a module name asks for it.
+    """
 
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    kind: str = DENSE
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor's data."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class Source:
@@ -86,7 +115,8 @@ class Source:
         entries: every tensor by checkpoint key.
         others: keys of non-tensor values found where tensors were expected;
             the plan lists them as unexpected.
-        mapped: memory-mapped files, read ahead by :meth:`prefetch`.
+        stamps: each file read, as it was when opened; a file that differs
+            when it is read is refused.
     """
 
     def __init__(
@@ -96,96 +126,149 @@ class Source:
         entries: dict[str, Entry],
         *,
         others: Iterable[str] = (),
-        mapped: Iterable[Path] = (),
+        stamps: Mapping[Path, FileStamp] | None = None,
     ) -> None:
         self.path, self.format, self.entries = path, fmt, entries
         self.others = sorted(others)
-        self.mapped = list(mapped)
+        self.stamps: dict[Path, FileStamp] = dict(stamps or {})
 
-    def prefetch(self) -> None:
-        """Ask the kernel to read the mapped files ahead, in file order.
-
-        Mapped tensors are otherwise read page by page in the order the model
-        touches them, which on a cold cache is a random walk through the file.
-        """
-        for f in self.mapped:
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue  # only a hint; reading the tensor reports a real problem
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except (AttributeError, OSError):
-                pass  # no posix_fadvise on this platform: pages are read on demand
-            finally:
-                os.close(fd)
-
-    def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def read(
+        self,
+        keys: Sequence[str],
+        *,
+        verify: bool = False,
+        mapped: bool = False,
+        cast: Mapping[str, torch.dtype] | None = None,
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Yield ``(key, tensor)`` for ``keys``, file by file, in the order data lies on disk.
 
+        Each tensor has the checkpoint's shape, dtype and values, on the CPU,
+        in memory of its own (``mapped=True``: mapped from the file,
+        copy-on-write).
+
+        Args:
+            keys: the keys to read (all in :attr:`entries`, all ``"dense"``).
+            verify: check the CRC-32 of every zip record read.
+            mapped: map instead of reading.
+            cast: the dtype some keys should arrive in; a source may cast
+                while it reads (piece by piece, so no full-size temporary of
+                the checkpoint's dtype exists) or leave it to the caller.
+
         Raises:
-            MetaTensorError: the data cannot be read (formats read lazily only).
+            MetaTensorError: the data cannot be read: a file is truncated,
+                damaged (a CRC differs, with ``verify``), unreadable, or
+                changed since it was opened.
         """
+        with Reader(self.stamps, verify=verify, mapped=mapped) as reader:
+            yield from self.read_with(list(keys), reader, dict(cast or {}))
+
+    def read_with(
+        self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` for ``keys`` using ``reader`` (see :meth:`read`)."""
         raise NotImplementedError
 
 
-class MappingSource(Source):
-    """Tensors already in hand (memory-mapped or read eagerly by ``torch.load``)."""
+class TorchSource(Source):
+    """Torch files (zip or legacy): tensors described by their pickles, read storage by storage."""
 
     def __init__(
         self,
         path: Path,
         fmt: str,
-        tensors: Mapping[str, torch.Tensor],
-        files: Mapping[str, str],
+        refs: dict[str, tuple[Archive, TensorRef | Unsupported | torch.Tensor]],
         *,
         others: Iterable[str] = (),
-        mapped: Iterable[Path] = (),
-    ) -> None:
-        entries = {k: Entry(k, tuple(t.shape), t.dtype, files[k]) for k, t in tensors.items()}
-        super().__init__(path, fmt, entries, others=others, mapped=mapped)
-        self._tensors = tensors
-
-    def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in keys:
-            yield key, self._tensors[key]
-
-
-class SafetensorsSource(Source):
-    """Safetensors files opened with ``safe_open``; each tensor is mapped when read."""
-
-    def __init__(
-        self,
-        path: Path,
-        fmt: str,
-        handles: dict[str, Any],
-        owner: dict[str, str],
-        *,
-        mapped: Iterable[Path] = (),
     ) -> None:
         entries: dict[str, Entry] = {}
-        for key, name in owner.items():
-            sl = handles[name].get_slice(key)
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise MetaTensorError(
-                    f"{name!r} stores {key!r} as {sl.get_dtype()}, which torch cannot hold. "
-                    "Fix: convert the checkpoint to a torch dtype.",
-                    paths=[key],
+        for key, (archive, ref) in refs.items():
+            if isinstance(ref, Unsupported):
+                entries[key] = Entry(key, ref.shape, torch.uint8, archive.path.name, ref.kind)
+            elif isinstance(ref, TensorRef):
+                entries[key] = Entry(key, ref.shape, ref.dtype, archive.path.name)
+            else:
+                entries[key] = Entry(
+                    key, tuple(ref.shape), ref.dtype, archive.path.name, _kind(ref)
                 )
-            entries[key] = Entry(key, tuple(sl.get_shape()), dtype, name)
-        super().__init__(path, fmt, entries, mapped=mapped)
-        self._handles = handles
+        files = {a.path for a, _ in refs.values()}
+        super().__init__(path, fmt, entries, others=others, stamps=stamps_of(files))
+        self._refs = refs
 
-    def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in sorted(keys, key=lambda k: self.entries[k].file):
-            yield key, self._handles[self.entries[key].file].get_tensor(key)
+    def read_with(
+        self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        # One read per storage (several keys may view one), in file order.
+        groups: dict[tuple[int, str], list[tuple[str, TensorRef]]] = {}
+        archives: dict[int, Archive] = {}
+        for key in keys:
+            archive, ref = self._refs[key]
+            if isinstance(ref, torch.Tensor):
+                yield key, ref  # built by a safe_globals function the caller trusts
+                continue
+            assert isinstance(ref, TensorRef), key
+            archives[id(archive)] = archive
+            groups.setdefault((id(archive), ref.storage.key), []).append((key, ref))
+
+        def order(item: tuple[tuple[int, str], list[tuple[str, TensorRef]]]) -> tuple[str, int]:
+            (aid, skey), _ = item
+            region = archives[aid].regions[skey]
+            return str(region.file), region.offset
+
+        plan: list[tuple[Region, int, int, list[tuple[str, TensorRef]]]] = []
+        for (aid, skey), members in sorted(groups.items(), key=order):
+            spans = [ref.byte_range() for _, ref in members]
+            used = [s for s in spans if s[1] > s[0]]
+            lo = min((s[0] for s in used), default=0)
+            hi = max((s[1] for s in used), default=0)
+            plan.append((archives[aid].regions[skey], lo, hi, members))
+        reader.prefetch((region, lo, hi) for region, lo, hi, _ in plan)
+        for region, lo, hi, members in plan:
+            if len(members) == 1 and castable(members[0][1], lo, hi, cast.get(members[0][0])):
+                key, ref = members[0]
+                flat = reader.read_cast(region, lo, hi, ref.dtype, cast[key])
+                yield key, flat.view(ref.shape)
+                del flat
+                continue
+            data = reader.read(region, lo, hi) if hi > lo else torch.empty(0, dtype=torch.uint8)
+            for key, ref in members:
+                try:
+                    yield key, tensor_from(data, ref, lo)
+                except (RuntimeError, ValueError) as e:
+                    raise corrupt(
+                        region.file, f"cannot hold {key!r} as its pickle describes it ({e})"
+                    ) from e
+            # Let the buffer go before the next one is read: with a cast, the
+            # read (checkpoint dtype) tensors are temporaries.
+            del data
 
 
-def head(p: Path) -> bytes:
-    """Return the first 16 bytes of the file ``p``, from which its format is told."""
-    with p.open("rb") as f:
-        return f.read(16)
+def castable(ref: TensorRef, lo: int, hi: int, dtype: torch.dtype | None) -> bool:
+    """Whether ``ref`` can be read cast to ``dtype`` piece by piece: contiguous, filling ``[lo, hi)``."""
+    if dtype is None or dtype == ref.dtype or ref.fix is not None or hi <= lo:
+        return False
+    expected, step = [], 1
+    for n in reversed(ref.shape):
+        expected.append(step)
+        step *= n
+    contiguous = all(
+        s == e or n == 1 for s, e, n in zip(ref.stride, reversed(expected), ref.shape, strict=True)
+    )
+    return contiguous and hi - lo == step * ref.dtype.itemsize
+
+
+def _kind(t: torch.Tensor) -> str:
+    """The :attr:`Entry.kind` of a tensor a trusted ``safe_globals`` function built."""
+    if t.is_meta:
+        return "meta"
+    if t.is_quantized:
+        return "quantized"
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return "sparse"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"tensor subclass {type(t).__qualname__}"
+    return DENSE
 
 
 def is_torch(first: bytes) -> bool:
@@ -198,103 +281,74 @@ def is_safetensors(first: bytes) -> bool:
     return first[8:9] == b"{"
 
 
-def open_torch(p: Path, safe_globals: Sequence[Any]) -> Source:
-    """Open the torch zip or legacy file ``p`` (a Lightning ``.ckpt`` included).
-
-    Args:
-        p: the file.
-        safe_globals: what unpickling may construct beyond ``weights_only=True``'s defaults.
-
-    Returns:
-        A source of ``p``'s state dict, memory-mapped when ``p`` is a zip file.
+def torch_archive(p: Path, safe_globals: Sequence[Any]) -> Archive:
+    """Read the structure of the torch file ``p`` (zip or legacy) without reading tensor data.
 
     Raises:
-        MetaTensorError: see :func:`torch_load` and :func:`state_tensors`.
+        MetaTensorError: see :func:`~lightning_meta._load._torchfile.open_archive`
+            and :func:`~lightning_meta._load._torchfile.open_legacy`.
     """
-    zipped = head(p).startswith(b"PK")
-    obj, fmt = torch_load(p, safe_globals, zipped=zipped)
-    tensors, others = state_tensors(p, obj)
-    return MappingSource(
-        p, fmt, tensors, dict.fromkeys(tensors, p.name), others=others, mapped=[p] if zipped else []
-    )
+    policy = torch_policy().with_trusted(safe_globals)
+    if head(p).startswith(b"PK"):
+        return open_archive(p, policy)
+    return open_legacy(p, policy)
 
 
-def torch_load(p: Path, safe_globals: Sequence[Any], *, zipped: bool) -> tuple[Any, str]:
-    """Unpickle ``p`` with ``weights_only=True``; return its state dict and format name.
+def open_torch(p: Path, safe_globals: Sequence[Any]) -> Source:
+    """Open the torch zip or legacy file ``p`` (a Lightning ``.ckpt`` included).
 
     A Lightning checkpoint gives its ``"state_dict"`` (format ``"lightning"``);
     the rest of it is trainer state a module does not hold.
 
+    Args:
+        p: the file.
+        safe_globals: what unpickling may construct beyond tensors and plain containers.
+
+    Returns:
+        A source of ``p``'s state dict; nothing of tensor data read yet.
+
     Raises:
-        MetaTensorError: ``p`` is truncated or corrupt, or needs globals
-            ``weights_only=True`` refuses (the message lists them). ``paths``
-            holds the file.
+        MetaTensorError: see :func:`torch_archive` and :func:`state_tensors`;
+            or a tensor reaches past its storage.
     """
-    where = str(p)
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as e:
-        if not is_weights_only_refusal(e):
-            raise MetaTensorError(
-                f"{where!r} is not a valid torch checkpoint: {e}. {CORRUPT_FIX}", paths=[where]
-            ) from e
-        raise MetaTensorError(_unsafe_message(p, e, zipped), paths=[where]) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise MetaTensorError(
-            f"{where!r} is not a valid torch checkpoint (truncated or corrupt): "
-            f"{type(e).__name__}: {e}. {CORRUPT_FIX}",
-            paths=[where],
-        ) from e
+    archive = torch_archive(p, safe_globals)
+    obj = archive.obj
+    fmt = "torch" if archive.layout == "zip" else "torch-legacy"
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        return obj["state_dict"], "lightning"
-    return obj, "torch" if zipped else "torch-legacy"
+        obj, fmt = obj["state_dict"], "lightning"
+    leaves, others = state_tensors(p, obj)
+    check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
+    refs = {k: (archive, v) for k, v in leaves.items()}
+    return TorchSource(p, fmt, refs, others=others)
 
 
-def _unsafe_message(p: Path, e: Exception, zipped: bool) -> str:
-    names: list[str] = []
-    if zipped:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
-        except Exception:  # only improves the message; the refusal stands either way
-            names = []
-    listed = f" It needs: {names}." if names else ""
-    return (
-        f"{str(p)!r} cannot be loaded with weights_only=True: unpickling it would construct "
-        f"objects other than tensors and plain containers, which can run arbitrary code.{listed} "
-        "lightning_meta never unpickles arbitrary objects. Fix: if you trust this file, allow "
-        "exactly those with load_checkpoint(..., safe_globals=[TheClass, ...]) (the objects "
-        f"themselves, not their names), or re-save only the state_dict. (torch: {e})".replace(
-            "\n", " "
-        )[:4000]
-    )
-
-
-def state_tensors(p: Path, obj: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
     """Flatten the state dict ``obj`` read from ``p`` into dotted keys.
 
     Nested dicts (a dict of state dicts) give dotted keys, as ``state_dict`` does.
 
     Returns:
-        The tensors by key, and the keys of values that are not tensors.
+        The tensors (:class:`TensorRef`, :class:`Unsupported`, or tensors a
+        trusted global built) by key, and the keys of values that are not tensors.
 
     Raises:
         MetaTensorError: ``obj`` is not a mapping (a saved module or tensor).
     """
     if not isinstance(obj, Mapping):
+        kind = "Tensor" if isinstance(obj, (TensorRef, Unsupported)) else type(obj).__name__
         raise MetaTensorError(
-            f"{str(p)!r} holds a {type(obj).__name__}, not a state dict. Fix: save "
+            f"{str(p)!r} holds a {kind}, not a state dict. Fix: save "
             "module.state_dict() (or a dict of them), not the module or a tensor.",
             paths=[str(p)],
         )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     others: list[str] = []
     _flatten(obj, "", tensors, others)
     return tensors, others
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], others: list[str]) -> None:
-    if isinstance(obj, torch.Tensor):
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], others: list[str]) -> None:
+    if isinstance(obj, (TensorRef, Unsupported, torch.Tensor)):
         out[prefix[:-1]] = obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
@@ -303,39 +357,164 @@ def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], others: list[s
         others.append(prefix[:-1])
 
 
-def open_safetensors(p: Path) -> Source:
-    """Open the single safetensors file ``p``; tensors are mapped when read.
+class SafetensorsSource(Source):
+    """One safetensors file, its JSON header parsed and checked here; tensors read on demand."""
 
-    Raises:
-        MetaTensorError: see :func:`safetensors_handles`, or a dtype torch lacks.
-    """
-    handles, owner = safetensors_handles([p])
-    return SafetensorsSource(p, "safetensors", handles, owner, mapped=[p])
+    def __init__(self, path: Path, fmt: str = "safetensors") -> None:
+        where = str(path)
+        stamps = stamps_of([path])
+        size = stamps[path].size
+        if size < 8:
+            raise self._bad(where, "shorter than its 8-byte header length")
+        n = int.from_bytes(read_file(path, 0, 8), "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise self._bad(where, f"header length {n} does not fit in the file's {size} bytes")
+        header = self._header(where, read_file(path, 8, n))
+        data_start = 8 + n
+        entries: dict[str, Entry] = {}
+        self._regions: dict[str, Region] = {}
+        spans: list[tuple[int, int, str]] = []
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            entry, begin, end = self._entry(where, path, key, info)
+            entries[key] = entry
+            spans.append((begin, end, key))
+            self._regions[key] = Region(
+                path, data_start + begin, end - begin, None, f"tensor {key!r}"
+            )
+        spans.sort()
+        edge = 0
+        for begin, end, key in spans:
+            if begin != edge:
+                raise self._bad(
+                    where, f"{key!r} starts at byte {begin} of the data, expected {edge}"
+                )
+            edge = end
+        if data_start + edge != size:
+            raise self._bad(
+                where,
+                f"its tensors need {data_start + edge} bytes but the file has {size} (truncated?)",
+            )
+        super().__init__(path, fmt, entries, stamps=stamps)
 
+    @staticmethod
+    def _bad(where: str, problem: str) -> MetaTensorError:
+        return MetaTensorError(
+            f"{where!r} is not a valid safetensors file (bad header, truncated, or sizes that "
+            f"disagree): {problem}. {CORRUPT_FIX}",
+            paths=[where],
+        )
 
-def safetensors_handles(files: Sequence[Path]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Open every safetensors file of ``files`` (reading headers only).
+    def _header(self, where: str, raw: bytes) -> dict[str, Any]:
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                dup = sorted({k for k in keys if keys.count(k) > 1})
+                raise ValueError(f"keys {dup} appear twice")
+            return dict(pairs)
 
-    Returns:
-        The ``safe_open`` handles by file name, and the file name holding each key.
-
-    Raises:
-        MetaTensorError: a file has a bad header, is truncated, or its sizes
-            disagree; ``paths`` holds the file.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    handles: dict[str, Any] = {}
-    owner: dict[str, str] = {}
-    for f in files:
         try:
-            handles[f.name] = safe_open(str(f), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise self._bad(where, f"its JSON header cannot be read ({e})") from e
+        if not isinstance(header, dict):
+            raise self._bad(where, "its header is not a JSON object")
+        return header
+
+    def _entry(self, where: str, path: Path, key: str, info: Any) -> tuple[Entry, int, int]:
+        if not isinstance(info, dict):
+            raise self._bad(where, f"the header entry of {key!r} is not an object")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise self._bad(where, f"the header entry of {key!r} has a bad shape or data_offsets")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
             raise MetaTensorError(
-                f"{str(f)!r} is not a valid safetensors file (bad header, truncated, or sizes "
-                f"that disagree): {e}. {CORRUPT_FIX}",
-                paths=[str(f)],
-            ) from e
-        for key in handles[f.name].keys():  # noqa: SIM118 - safe_open is not a Mapping
-            owner[key] = f.name
-    return handles, owner
+                f"{path.name!r} stores {key!r} as {dtype_name}, which torch cannot hold. "
+                "Fix: convert the checkpoint to a torch dtype.",
+                paths=[key],
+            )
+        entry = Entry(key, tuple(shape), dtype, path.name)
+        begin, end = offsets
+        if end - begin != entry.nbytes:
+            raise self._bad(
+                where,
+                f"{key!r} ({shape} {dtype_name}) needs {entry.nbytes} bytes but its data_offsets "
+                f"give {end - begin}",
+            )
+        return entry, begin, end
+
+    def read_with(
+        self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        keys = sorted(keys, key=lambda k: self._regions[k].offset)
+        reader.prefetch((self._regions[k], 0, self._regions[k].nbytes) for k in keys)
+        for key in keys:
+            entry = self.entries[key]
+            region = self._regions[key]
+            want = cast.get(key, entry.dtype)
+            if want != entry.dtype and region.nbytes:
+                flat = reader.read_cast(region, 0, region.nbytes, entry.dtype, want)
+                yield key, flat.view(entry.shape)
+                del flat
+                continue
+            data = reader.read(region)
+            yield key, data.view(entry.dtype).reshape(entry.shape)
+            del data  # before the next read (see TorchSource.read_with)
+
+
+def open_safetensors(p: Path) -> Source:
+    """Open the single safetensors file ``p``; tensors are read when asked for.
+
+    Raises:
+        MetaTensorError: a bad header, a truncated file, sizes that disagree,
+            or a dtype torch lacks.
+    """
+    return SafetensorsSource(p)
+
+
+class CompositeSource(Source):
+    """Several sources read as one (the shards of an index); every key in exactly one of them."""
+
+    def __init__(self, path: Path, fmt: str, parts: list[Source]) -> None:
+        entries: dict[str, Entry] = {}
+        owner: dict[str, Source] = {}
+        stamps: dict[Path, FileStamp] = {}
+        twice: dict[str, list[str]] = {}
+        for part in parts:
+            for key, entry in part.entries.items():
+                if key in entries:
+                    twice.setdefault(key, [entries[key].file]).append(entry.file)
+                    continue
+                entries[key] = entry
+                owner[key] = part
+            stamps.update(part.stamps)
+        if twice:
+            lines = [f"{k!r} in {files}" for k, files in sorted(twice.items())]
+            raise MetaTensorError(
+                f"the checkpoint {str(path)!r} holds keys in more than one shard, so which value "
+                f"is meant is ambiguous: {'; '.join(lines)}. Fix: remove the stale shard or "
+                "re-save the checkpoint.",
+                paths=[*twice, *(f for fs in twice.values() for f in fs)],
+            )
+        # Non-tensor values in shards are dropped, not listed as unexpected:
+        # Hugging Face writes only tensors into shards.
+        super().__init__(path, fmt, entries, stamps=stamps)
+        self._owner = owner
+        self._parts = parts
+
+    def read_with(
+        self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for part in self._parts:
+            mine = [k for k in keys if self._owner[k] is part]
+            if mine:
+                yield from part.read_with(mine, reader, cast)
