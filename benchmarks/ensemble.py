@@ -1,19 +1,30 @@
-"""One training step (forward + backward) of ``lm.Ensemble`` against its baselines.
+"""One step of ``lm.Ensemble`` against its baselines, measured side by side in one process.
 
-Baselines, measured side by side in one process:
+Baselines:
   (a) a Python loop over N ``nn.Module``s,
   (b) hand-written ``torch.func.stack_module_state`` + ``vmap`` + ``functional_call``.
 
-Reported as ratios ``Ensemble / min(a, b)`` (median of repetitions, 1 thread).
-Each step starts from gradients set to None, as in a training loop.
+Reported as ratios ``Ensemble / min(a, b)`` (median of repetitions, the
+variants interleaved so drift on a noisy machine hits all of them alike). A
+training step is forward + backward from gradients set to None (as
+``optimizer.zero_grad()`` leaves them); an eval step is ``eval()`` and a
+forward under ``torch.no_grad()``. The ensemble's first call of each kind,
+where ``execution="auto"`` times its plans, is reported apart
+(``first_call_s``) and not in the ratio.
 
-    python benchmarks/ensemble.py [--json out.json] [--repeats 5]
+    python benchmarks/ensemble.py [--json out.json] [--repeats 5]   # MLPs, 1 thread
+    python benchmarks/ensemble.py --zoo [--json zoo.json]           # every architecture
+
+``--zoo`` covers an MLP (small, large), a CNN with BatchNorm (ResNet basic
+blocks), a transformer encoder layer and an LSTM, at N in {4, 16, 32}, on 1
+and 2 threads, float32 and bfloat16, training and eval; ``--models``,
+``--members``, ``--threads``, ``--dtypes`` and ``--modes`` narrow it.
 
 On glibc, every allocation above 32 MiB is a fresh mmap, page-faulted anew
 each step; a stacked gradient of 32 members of 1024x1024 is 128 MiB, the
-loop's per-member ones are 4 MiB. Run it a second time with
-MALLOC_MMAP_THRESHOLD_=2000000000 (or under jemalloc / tcmalloc) to see the
-computation alone.
+loop's per-member ones are 4 MiB. The ensemble reuses its own gradient
+buffers across steps, so the default allocator is what this measures; run
+with MALLOC_MMAP_THRESHOLD_=2000000000 (or jemalloc / tcmalloc) to compare.
 """
 
 from __future__ import annotations
@@ -21,10 +32,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,107 +46,285 @@ from torch.func import functional_call, stack_module_state, vmap
 
 import lightning_meta as lm
 
-SIZES = {
-    "small (64-128-128-10)": (64, 128, 10),
-    "large (512-1024-1024-10)": (512, 1024, 10),
-}
 
-
+# ------------------------------------------------------------------ the zoo
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, d_out),
     )
 
 
-def timed(step: Callable[[], None], repeats: int, inner: int) -> float:
-    """Median seconds per step over ``repeats`` blocks of ``inner`` steps."""
-    for _ in range(3):
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm and a residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+def resnet(channels: int, blocks: int = 2, classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        *[BasicBlock(channels) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, classes),
+    )
+
+
+class LastStep(nn.Module):
+    """An LSTM whose output is its last hidden state, projected."""
+
+    def __init__(self, d_in: int, hidden: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(d_in, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+@dataclass(frozen=True)
+class Model:
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+ZOO: dict[str, Model] = {
+    "mlp small (64-128-128-10), batch 64": Model(lambda: mlp(64, 128, 10), (64, 64)),
+    "mlp large (512-1024-1024-10), batch 64": Model(lambda: mlp(512, 1024, 10), (64, 512)),
+    "cnn 2x BasicBlock(16) + BN, batch 8x3x16x16": Model(lambda: resnet(16), (8, 3, 16, 16)),
+    "transformer layer (64, 4, 128), batch 16x32": Model(
+        lambda: nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), (16, 32, 64)
+    ),
+    "lstm (32 -> 64) + linear, batch 16x32": Model(lambda: LastStep(32, 64), (16, 32, 32)),
+}
+SHORT = {name: name.split(" (")[0].split(" 2x")[0].split(",")[0] for name in ZOO}
+
+
+# ----------------------------------------------------------------- timing
+def clock() -> float:
+    """The calling thread's CPU time on one thread (immune to other processes), else wall time."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def timed(step: Callable[[], None], inner: int) -> float:
+    start = clock()
+    for _ in range(inner):
         step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            step()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+    return (clock() - start) / inner
 
 
-def cell(n: int, dims: tuple[int, int, int], batch: int, repeats: int) -> dict[str, float]:
+def runs(step: Callable[[], None]) -> bool:
+    try:
+        step()
+    except RuntimeError:  # torch.vmap has no batching rule for an op (LSTM)
+        return False
+    return True
+
+
+def cell(
+    model: Model, n: int, dtype: torch.dtype, train: bool, rounds: int, seconds: float
+) -> dict[str, Any]:
+    """Time one cell: at least ``rounds`` rounds and ``seconds`` of timing.
+
+    Every round runs each variant once (``inner`` steps), in alternating
+    order; the ratio is the median over rounds of Ensemble / baseline, for the
+    faster baseline (the larger of the two ratios).
+    """
     torch.manual_seed(0)
-    members = [mlp(*dims) for _ in range(n)]
-    x = torch.randn(batch, dims[0])
+    members = [model.make().to(dtype).train(train) for _ in range(n)]
+    x = torch.randn(model.input_shape, dtype=dtype)
 
-    # Every step starts with the gradients set to None, as optimizer.zero_grad()
-    # leaves them in a training loop (and Lightning calls it every step).
+    def loss_of(out: torch.Tensor) -> torch.Tensor:  # per member: mean of squares, summed
+        return out.float().square().flatten(1).mean(1).sum()
+
     def loop_step() -> None:
-        for m in members:
-            m.zero_grad()
-        loss = sum(m(x).square().mean() for m in members)
-        assert isinstance(loss, torch.Tensor)
-        loss.backward()
+        if train:
+            for m in members:
+                m.zero_grad()
+            sum(m(x).float().square().mean() for m in members).backward()  # type: ignore[union-attr]
+        else:
+            with torch.no_grad():
+                for m in members:
+                    m(x)
 
     params, buffers = stack_module_state(members)  # type: ignore[arg-type]
     base = copy.deepcopy(members[0]).to("meta")
 
-    def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
         return functional_call(base, (p, b), (x,))
 
-    batched = vmap(call, in_dims=(0, 0, None))
+    batched = vmap(call, in_dims=(0, 0, None), randomness="different")
 
     def vmap_step() -> None:
-        for p in params.values():
-            p.grad = None
-        batched(params, buffers, x).square().mean(dim=(1, 2)).sum().backward()
+        if train:
+            for p in params.values():
+                p.grad = None
+            loss_of(batched(params, buffers, x)).backward()
+        else:
+            with torch.no_grad():
+                batched(params, buffers, x)
 
-    ensembles = {ex: lm.Ensemble(members, execution=ex) for ex in ("auto", "vmap")}
+    ensemble = lm.Ensemble(members).train(train)
 
-    def ens_step(ex: str) -> Callable[[], None]:
-        def step() -> None:
-            ensembles[ex].zero_grad()
-            ensembles[ex](x).square().mean(dim=(1, 2)).sum().backward()
-        return step
+    def ensemble_step() -> None:
+        if train:
+            ensemble.zero_grad()
+            loss_of(ensemble(x)).backward()
+        else:
+            with torch.no_grad():
+                ensemble(x)
 
-    inner = max(1, int(2e7 // (n * batch * dims[1] * dims[1])))
-    steps = {
-        "loop": loop_step,
-        "vmap": vmap_step,
-        "ensemble": ens_step("auto"),
-        "ensemble_vmap": ens_step("vmap"),
-    }
-    # Interleave the variants so drift on a noisy machine hits all of them alike.
+    start = time.perf_counter()
+    ensemble_step()  # the first call of this kind: auto times its plans here
+    first_call = time.perf_counter() - start
+    steps = {"loop": loop_step, "vmap": vmap_step, "ensemble": ensemble_step}
+    if not runs(vmap_step):
+        del steps["vmap"]
+    for fn in steps.values():
+        fn()
+    inner = max(1, round(2e-3 / max(timed(loop_step, 1), 1e-6)))
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, fn in steps.items():
-            times[k].append(timed(fn, 1, inner))
-    return {k: statistics.median(v) for k, v in times.items()}
+    began = time.perf_counter()
+    while len(times["loop"]) < rounds or time.perf_counter() - began < seconds:
+        order = list(steps.items())
+        if len(times["loop"]) % 2:
+            order.reverse()
+        for k, fn in order:
+            times[k].append(timed(fn, inner))
+        if len(times["loop"]) >= 20 * rounds:
+            break
+    med = {k: statistics.median(v) for k, v in times.items()}
+    per_baseline = {
+        b: statistics.median(e / t for e, t in zip(times["ensemble"], times[b], strict=True))
+        for b in ("loop", "vmap")
+        if b in times
+    }
+    record = ensemble.plans[-1] if ensemble.plans else None
+    return {
+        "vmap_ms": None,
+        **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+        "ratio": max(per_baseline.values()),
+        "ratio_of_medians": med["ensemble"] / min(med["loop"], med.get("vmap", math.inf)),
+        "rounds": len(times["loop"]),
+        "plan": ensemble.plan,
+        "plan_timings_ms": dict(record.timings_ms) if record else {},
+        "first_call_s": first_call,
+    }
+
+
+# ------------------------------------------------------------------ tables
+def mlp_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    rows = []
+    for label in list(ZOO)[:2]:
+        for n in (4, 32):
+            r = cell(ZOO[label], n, torch.float32, True, args.repeats, args.seconds)
+            rows.append({"model": label, "members": n, **r})
+    print(
+        f"torch {torch.__version__}, 1 thread, training step, >= {args.repeats} rounds, "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}\n"
+    )
+    print("| model | N | loop (a) ms | vmap (b) ms | Ensemble ms | plan | Ensemble / min(a,b) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['members']} | {r['loop_ms']:.3f} | {r['vmap_ms']:.3f} | "
+            f"{r['ensemble_ms']:.3f} | {r['plan']} | **{r['ratio']:.2f}x** |"
+        )
+    return rows
+
+
+def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = [m for m in ZOO if not args.models or any(k in m for k in args.models.split(","))]
+    rows = []
+    for label in models:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for dtype_name in args.dtypes.split(","):
+                for mode in args.modes.split(","):
+                    for n in (int(m) for m in args.members.split(",")):
+                        r = cell(
+                            ZOO[label],
+                            n,
+                            getattr(torch, dtype_name),
+                            mode == "train",
+                            args.repeats,
+                            args.seconds,
+                        )
+                        row = {
+                            "model": label,
+                            "threads": threads,
+                            "dtype": dtype_name,
+                            "mode": mode,
+                            "members": n,
+                            **r,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{SHORT[label]:12s} t={threads} {dtype_name:8s} {mode:5s} N={n:2d} "
+                            f"{r['plan']:5s} {r['ratio']:.2f}x",
+                            flush=True,
+                        )
+    print(
+        f"\ntorch {torch.__version__}, >= {args.repeats} rounds and {args.seconds} s per cell; "
+        "ratio = median over rounds of Ensemble / the faster of (loop, hand vmap); "
+        "plan = what execution='auto' chose\n"
+    )
+    members = [int(m) for m in args.members.split(",")]
+    print("| model | threads | dtype | mode | " + " | ".join(f"N={n}" for n in members) + " |")
+    print("|---|---|---|---|" + "---|" * len(members))
+    for label in models:
+        for threads in (int(t) for t in args.threads.split(",")):
+            for dtype_name in args.dtypes.split(","):
+                for mode in args.modes.split(","):
+                    cells = [
+                        r
+                        for r in rows
+                        if r["model"] == label
+                        and r["threads"] == threads
+                        and r["dtype"] == dtype_name
+                        and r["mode"] == mode
+                    ]
+                    text = " | ".join(
+                        f"{'**' if r['ratio'] > 1.05 else ''}{r['ratio']:.2f}"
+                        f"{'**' if r['ratio'] > 1.05 else ''} {r['plan']}"
+                        for r in cells
+                    )
+                    print(f"| {SHORT[label]} | {threads} | {dtype_name} | {mode} | {text} |")
+    return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7, help="at least this many rounds")
+    parser.add_argument("--seconds", type=float, default=3.0, help="and at least this long")
+    parser.add_argument("--zoo", action="store_true", help="every architecture and setting")
+    parser.add_argument("--models", default="", help="comma-separated substrings of model names")
+    parser.add_argument("--members", default="4,16,32")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--modes", default="train,eval")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for label, dims in SIZES.items():
-        for n in (4, 32):
-            t = cell(n, dims, args.batch, args.repeats)
-            best = min(t["loop"], t["vmap"])
-            rows.append({
-                "model": label, "members": n, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-                "ratio": t["ensemble"] / best, "ratio_vmap_path": t["ensemble_vmap"] / best,
-            })
-    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    print(f"torch {torch.__version__}, 1 thread, batch {args.batch}, median of {args.repeats}, "
-          f"MALLOC_MMAP_THRESHOLD_={malloc}\n")
-    print("| model | N | loop (a) ms | vmap (b) ms | Ensemble ms | Ensemble / min(a,b) "
-          "| Ensemble(execution='vmap') / min(a,b) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['members']} | {r['loop_ms']:.3f} | {r['vmap_ms']:.3f} | "
-              f"{r['ensemble_ms']:.3f} | **{r['ratio']:.2f}x** | {r['ratio_vmap_path']:.2f}x |")
+    rows = zoo_table(args) if args.zoo else mlp_table(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_meta._compat import tree_map, tree_map_only
-from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, plan_fused
-from lightning_meta._errors import MetaTensorError
-from lightning_meta._slots import slot_at
+from lightning_meta._compat import has_module_hooks, module_apply, tree_map, tree_map_only
+from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
+from lightning_meta._ensemble._grads import GradBuffers
+from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
+from lightning_meta._ensemble._loop import MemberShells, MemberSlots, ViewCache, run_loop
+from lightning_meta._ensemble._plan import PlanCache, PlanRecord, measure, signature, untimed_reason
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+from lightning_meta._slots import slot_at, tie_groups
 from lightning_meta._template._template import MetaTemplate, copy_module
 
 __all__ = ["Ensemble"]
 
-Execution = Literal["auto", "fused", "vmap", "loop"]
+logger = logging.getLogger(__name__)
+
+Execution = Literal["auto", "fused", "grouped", "vmap", "loop"]
 Randomness = Literal["different", "same", "error"]
-_EXECUTIONS = ("auto", "fused", "vmap", "loop")
+_EXECUTIONS = ("auto", "fused", "grouped", "vmap", "loop")
 _RANDOMNESS = ("different", "same", "error")
 
 
@@ -55,25 +63,25 @@ def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch
 
 
 def _ties(module: nn.Module) -> list[tuple[str, ...]]:
-    groups: dict[int, list[str]] = {}
-    for name, t in [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]:
-        groups.setdefault(id(t), []).append(name)
-    return sorted(tuple(g) for g in groups.values() if len(g) > 1)
+    groups = [tuple(s.path for s in g) for g in tie_groups(module)]
+    return sorted(g for g in groups if len(g) > 1)
 
 
 def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
     """Every way ``other`` (member ``index``) differs from member 0."""
     if type(other) is not type(reference):
-        return [f"member {index} is {type(other).__qualname__}, member 0 is "
-                f"{type(reference).__qualname__}"]
+        return [
+            f"member {index} is {type(other).__qualname__}, member 0 is "
+            f"{type(reference).__qualname__}"
+        ]
     ref, sig = _signature(reference), _signature(other)
     problems = [f"member {index} lacks {n!r} {ref[n][1]}" for n in ref if n not in sig]
     problems += [f"member {index} has extra {n!r} {sig[n][1]}" for n in sig if n not in ref]
     for name in sorted(ref.keys() & sig.keys()):
-        (kind_a, shape_a, dtype_a, grad_a), (kind_b, shape_b, dtype_b, grad_b) = ref[name], sig[name]
+        (kind_a, shape_a, dtype_a, grad_a), (kind_b, shape_b, dtype_b, grad_b) = (
+            ref[name],
+            sig[name],
+        )
         if (kind_a, shape_a, dtype_a) != (kind_b, shape_b, dtype_b):
             problems.append(
                 f"member {index}: {kind_b} {name!r} is {shape_b} {dtype_b}, member 0 has "
@@ -88,12 +96,25 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
     if not problems:
         # Same tensors, other settings (a dropout rate, an activation's slope):
         # the template is member 0, so the difference would be lost silently.
-        for mine, theirs in zip(repr(reference).splitlines(), repr(other).splitlines(), strict=False):
+        for mine, theirs in zip(
+            repr(reference).splitlines(), repr(other).splitlines(), strict=False
+        ):
             if mine != theirs:
-                problems.append(f"member {index} has {theirs.strip()!r} where member 0 has "
-                                f"{mine.strip()!r}")
+                problems.append(
+                    f"member {index} has {theirs.strip()!r} where member 0 has {mine.strip()!r}"
+                )
                 break
     return problems
+
+
+def _as_stacked(module: nn.Module, path: str) -> _Stacked:
+    if not isinstance(module, _Stacked):
+        raise MetaTensorError(
+            f"Ensemble.stacked.{path} is a {type(module).__name__}, not a holder of stacked "
+            "tensors. Fix: do not register modules under `ensemble.stacked`.",
+            paths=[f"stacked.{path}"],
+        )
+    return module
 
 
 class Ensemble(nn.Module):
@@ -118,12 +139,32 @@ class Ensemble(nn.Module):
             ``"same"`` shares one; ``"error"`` refuses random operations.
         chunk_size: run at most this many members at a time, to bound
             activation memory (default: all at once).
-        execution: ``"auto"`` (default) uses a batched-matmul path for
-            ``nn.Sequential`` stacks of ``nn.Linear`` and element-wise
-            activations, and ``torch.vmap`` otherwise; ``"fused"``, ``"vmap"``
-            and ``"loop"`` (a Python loop over members) force one. All agree
-            with a loop over the original modules up to floating-point
-            reassociation.
+        execution: how the members run. ``"auto"`` (default) times the plans
+            that apply the first time it sees a kind of call (input shapes
+            rounded up to powers of two, dtypes, devices, train/eval,
+            gradients on/off, autocast, threads) and keeps the fastest for
+            every later call of that kind (see :attr:`plan` and
+            :attr:`plans`). The others force a plan: ``"fused"``, one
+            batched matmul per layer (an ``nn.Sequential`` of ``nn.Linear``,
+            element-wise activations and dropout only); ``"grouped"``, the
+            members' channels side by side, so that a convolution is one
+            grouped convolution and BatchNorm one BatchNorm (convolutions,
+            BatchNorm, pooling, ``Linear``, element-wise ops, residual
+            additions and dropout, traced with ``torch.fx``; inputs it cannot
+            lay out run on the loop); ``"vmap"``, ``torch.vmap``; ``"loop"``,
+            a Python loop over the members on views of the stacked tensors.
+            Every plan agrees with a loop over the original modules up to
+            floating-point reassociation: outputs, gradients, BatchNorm
+            running statistics, a dropout mask per member.
+
+    Attributes:
+        execution: the plan used where nothing is timed (under
+            ``torch.compile``, inside a ``torch.func`` transform, with
+            ``torch.use_deterministic_algorithms(True)``): the forced one, or
+            for ``"auto"`` ``"fused"`` when the template can take it and
+            ``"vmap"`` otherwise.
+        plan: the plan the last call ran.
+        plans: how ``"auto"`` chose, per kind of call (with the timings).
 
     Example::
 
@@ -138,11 +179,26 @@ class Ensemble(nn.Module):
         >>> torch.testing.assert_close(ensemble(x), torch.stack([m(x) for m in members]))
         >>> sorted(k for k in ensemble.state_dict())
         ['stacked.0.bias', 'stacked.0.weight', 'stacked.2.bias', 'stacked.2.weight']
+        >>> ensemble.plan in ("fused", "grouped", "vmap", "loop")  # the fastest here, timed once
+        True
+        >>> lm.Ensemble(members, execution="loop")(x).shape
+        torch.Size([4, 5, 1])
 
     .. warning::
         Members are copied when the ensemble is built: training the ensemble
         does not change the original modules. Use :meth:`member` to get a
         real module back.
+
+    .. warning::
+        With ``execution="auto"``, the first call of each kind runs every
+        applicable plan a few times (forward, and backward when gradients are
+        enabled) before its own forward: a one-off cost of several steps.
+        Those runs use copies of the buffers and inputs and aliases of the
+        parameters, and restore the random number generators, so running
+        statistics, gradients and later random draws are exactly those of an
+        untimed call; only Python-level side effects of ``forward`` repeat.
+        Plans differ in floating-point summation order, so two processes may
+        differ in the last bits; pass ``execution=`` to fix the plan.
     """
 
     def __init__(
@@ -155,14 +211,22 @@ class Ensemble(nn.Module):
         execution: Execution = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(modules, nn.Module) and not isinstance(modules, (nn.ModuleList, nn.Sequential)):
-            raise MetaTensorError(
+        if isinstance(modules, nn.Module) and not isinstance(
+            modules, (nn.ModuleList, nn.Sequential)
+        ):
+            raise ArgumentTypeError(
                 f"Ensemble expects a sequence of modules, got one {type(modules).__name__}. "
                 "Fix: `Ensemble([m1, m2, ...])` or `Ensemble.from_factory(make, n)`."
             )
         members = list(modules)
-        self._setup(len(members), members[0] if members else None, per_member_inputs,
-                    randomness, chunk_size, execution)
+        self._setup(
+            len(members),
+            members[0] if members else None,
+            per_member_inputs,
+            randomness,
+            chunk_size,
+            execution,
+        )
         for i, member in enumerate(members):
             self._store(i, member, reference=members[0])
 
@@ -186,8 +250,9 @@ class Ensemble(nn.Module):
             (8, torch.Size([8, 2, 3]))
         """
         if not isinstance(num_members, int) or num_members < 1:
-            raise MetaTensorError(
-                f"Ensemble.from_factory needs num_members >= 1, got {num_members!r}."
+            raise ArgumentValueError(
+                f"Ensemble.from_factory needs num_members >= 1, got {num_members!r}. "
+                "Fix: pass the number of members as a positive int."
             )
         first = factory()
         self = cls.__new__(cls)
@@ -209,19 +274,24 @@ class Ensemble(nn.Module):
         execution: Execution = "auto",
     ) -> None:
         if first is None or n < 1:
-            raise MetaTensorError(
-                "Ensemble got no members. Fix: pass at least one module."
-            )
+            raise ArgumentValueError("Ensemble got no members. Fix: pass at least one module.")
         if not isinstance(first, nn.Module):
-            raise MetaTensorError(
-                f"Ensemble member 0 is {type(first).__name__}, expected an nn.Module."
+            raise ArgumentTypeError(
+                f"Ensemble member 0 is {type(first).__name__}, expected an nn.Module. "
+                "Fix: pass modules (or a factory returning one)."
             )
         if randomness not in _RANDOMNESS:
-            raise MetaTensorError(f"Ensemble randomness={randomness!r}; choose one of {_RANDOMNESS}.")
+            raise ArgumentValueError(
+                f"Ensemble randomness={randomness!r}; choose one of {_RANDOMNESS}."
+            )
         if execution not in _EXECUTIONS:
-            raise MetaTensorError(f"Ensemble execution={execution!r}; choose one of {_EXECUTIONS}.")
+            raise ArgumentValueError(
+                f"Ensemble execution={execution!r}; choose one of {_EXECUTIONS}."
+            )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise MetaTensorError(f"Ensemble chunk_size={chunk_size!r}; expected None or an int >= 1.")
+            raise ArgumentValueError(
+                f"Ensemble chunk_size={chunk_size!r}; expected None or an int >= 1."
+            )
         self.num_members = n
         self.per_member_inputs = per_member_inputs
         self.randomness: Randomness = randomness
@@ -237,7 +307,9 @@ class Ensemble(nn.Module):
         for name, t in [*template.named_parameters(), *template.named_buffers()]:
             holder = self._holder(name.rpartition(".")[0])
             leaf = name.rpartition(".")[2]
-            ref = first.get_parameter(name) if isinstance(t, nn.Parameter) else first.get_buffer(name)
+            ref = (
+                first.get_parameter(name) if isinstance(t, nn.Parameter) else first.get_buffer(name)
+            )
             if ref.is_meta:
                 raise MetaTensorError(
                     f"Ensemble member 0 holds {name!r} on the meta device. Members must hold "
@@ -251,17 +323,47 @@ class Ensemble(nn.Module):
                 persistent = slot is None or slot.persistent
                 holder.register_buffer(leaf, data, persistent=persistent)
             holder.leaves = (*holder.leaves, leaf)
+        self._buffer_names: tuple[str, ...] = tuple(name for name, _ in template.named_buffers())
         fused = plan_fused(template, randomness)
-        if execution == "fused" and fused is None:
-            raise MetaTensorError(
-                f"Ensemble(execution='fused') needs an nn.Sequential of nn.Linear and "
-                f"element-wise activations, got {type(template).__name__}. Fix: use "
-                "execution='auto' or 'vmap'."
+        if execution == "fused" and isinstance(fused, Refusal):
+            where = f"layer {fused.path!r}" if fused.path else "the template"
+            raise ArgumentValueError(
+                f"Ensemble(execution='fused') runs an nn.Sequential of nn.Linear and element-wise "
+                f"activations or dropout only, and {where} cannot be fused: {fused.reason}. "
+                "Fix: use execution='auto' (or 'loop' / 'vmap').",
+                paths=[fused.path] if fused.path else [],
             )
-        self._fused: FusedPlan | None = fused if execution in ("auto", "fused") else None
-        self.execution: Execution = (
-            ("fused" if fused is not None else "vmap") if execution == "auto" else execution
+        self._fused: FusedPlan | None = (
+            fused if execution in ("auto", "fused") and isinstance(fused, FusedPlan) else None
         )
+        self._requested: Execution = execution
+        self.execution: Execution = (
+            ("fused" if self._fused is not None else "vmap") if execution == "auto" else execution
+        )
+        self._init_caches()
+        if execution == "grouped":
+            grouped = self._grouped.graph(template)
+            if isinstance(grouped, Refusal):
+                where = f"layer {grouped.path!r}" if grouped.path else "the template"
+                raise ArgumentValueError(
+                    f"Ensemble(execution='grouped') runs convolutions, BatchNorm, pooling, Linear, "
+                    f"element-wise ops and dropout with the members' channels side by side, and "
+                    f"{where} cannot: {grouped.reason}. Fix: use execution='auto' (or 'loop' / "
+                    "'vmap').",
+                    paths=[grouped.path] if grouped.path else [],
+                )
+
+    def _init_caches(self) -> None:
+        self._plans = PlanCache()
+        self._grads = GradBuffers()
+        self._views = ViewCache()
+        self._shells = MemberShells()
+        self._member_slots: MemberSlots | None = None
+        # The holders of stacked tensors, in walk order (built on first use).
+        self._holders: list[tuple[str, _Stacked]] | None = None
+        self._aliases: dict[str, str] = {}
+        self._grouped = GroupedPlan(self.randomness)
+        self._last_plan: str | None = None
 
     def _holder(self, path: str) -> _Stacked:
         holder = self.stacked
@@ -270,8 +372,7 @@ class Ensemble(nn.Module):
             if child is None:
                 child = _Stacked()
                 holder.add_module(part, child)
-            assert isinstance(child, _Stacked)
-            holder = child
+            holder = _as_stacked(child, path)
         return holder
 
     @torch.no_grad()
@@ -307,12 +408,21 @@ class Ensemble(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return the stacked tensors by the template's dotted names (pre-hooks applied)."""
+        holders = self._holders
+        if holders is None:
+            holders = []
+            for path, module in self.stacked.named_modules():
+                holder = _as_stacked(module, path)
+                if holder.leaves:
+                    holders.append((f"{path}." if path else "", holder))
+            self._holders = holders
         out: dict[str, torch.Tensor] = {}
-        for path, holder in self.stacked.named_modules():
-            assert isinstance(holder, _Stacked)
-            if holder.leaves:
-                prefix = f"{path}." if path else ""
-                out.update({prefix + k: v for k, v in holder().items()})
+        for prefix, holder in holders:
+            # A holder without hooks is read directly: __call__ costs more
+            # than the read itself, on every forward.
+            values = holder() if has_module_hooks(holder) else holder.forward()
+            for leaf, value in values.items():
+                out[prefix + leaf] = value
         return out
 
     def member(self, index: int) -> nn.Module:
@@ -322,8 +432,9 @@ class Ensemble(nn.Module):
             MetaTensorError: ``index`` is out of range.
         """
         if not -self.num_members <= index < self.num_members:
-            raise MetaTensorError(
-                f"Ensemble.member({index}) is out of range for {self.num_members} members."
+            raise ArgumentValueError(
+                f"Ensemble.member({index}) is out of range for {self.num_members} members. "
+                f"Fix: pass an index in [-{self.num_members}, {self.num_members})."
             )
         tensors = self.tensors()
         module = copy_module(
@@ -336,47 +447,162 @@ class Ensemble(nn.Module):
         self.template.train(mode)
         return self
 
+    # ----------------------------------------------------------------- plans
+    @property
+    def plan(self) -> str | None:
+        """The plan the last call ran: ``"fused"``, ``"vmap"`` or ``"loop"`` (``None`` before the first)."""
+        return self._last_plan
+
+    @property
+    def plans(self) -> tuple[PlanRecord, ...]:
+        """Every timed choice of ``execution="auto"`` so far: signature, plan and timings."""
+        return self._plans.records()
+
+    def clear_plans(self) -> None:
+        """Forget the timed choices (the next call of each kind is timed again)."""
+        self._plans.clear()
+
+    def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
+        plans = ["vmap", "loop"]
+        if (
+            not kwargs
+            and all(isinstance(x, torch.Tensor) for x in inputs)
+            and self._grouped.placeholders(self.template.module) == len(inputs)
+        ):
+            plans.insert(0, "grouped")
+        fused = self._fused
+        if (
+            fused is not None
+            and not kwargs
+            and len(inputs) == 1
+            and isinstance(inputs[0], torch.Tensor)
+            and fused.fits(inputs[0], self.per_member_inputs)
+        ):
+            plans.insert(0, "fused")
+        return plans
+
+    def _choose(
+        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
+        if self._requested != "auto":
+            return self._requested
+        if untimed_reason() is not None:
+            return self.execution
+        key = signature(
+            inputs, kwargs, training=self.training, stacked=next(iter(tensors.values()), None)
+        )
+        record = self._plans.get(key)
+        if record is None:
+            candidates = self._candidates(inputs, kwargs)
+            if len(candidates) == 1:
+                record = PlanRecord(key, candidates[0], "only plan")
+            else:
+                seconds, finalists = measure(
+                    candidates,
+                    functools.partial(self._run, strict=True),
+                    tensors,
+                    self._buffer_names,
+                    inputs,
+                    kwargs,
+                )
+                # Every plan raised: run the static one, which raises its own error.
+                chosen = min(finalists, key=seconds.__getitem__) if finalists else self.execution
+                record = PlanRecord(key, chosen, "timed", {p: t * 1e3 for p, t in seconds.items()})
+            logger.debug("Ensemble plan: %s", record)
+            self._plans.add(record)
+        return record.plan
+
     # -------------------------------------------------------------- forward
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
         tensors = self.tensors()
-        if self._fused is not None and not kwargs:
+        plan = self._choose(tensors, inputs, kwargs)
+        self._last_plan = plan
+        return self._run(plan, tensors, inputs, kwargs)
+
+    def _slots(self) -> MemberSlots:
+        module = self.template.module
+        if self._member_slots is None or self._member_slots.module is not module:
+            self._member_slots = MemberSlots.of(module, self._names)
+            self._aliases = self._member_slots.aliases()
+        return self._member_slots
+
+    def _run(
+        self,
+        plan: str,
+        tensors: Mapping[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        strict: bool = False,
+    ) -> Any:
+        """Run ``plan``; with ``strict``, an input the plan cannot take raises instead of
+        falling back to the loop (so that timing never credits one plan with another)."""
+        if plan == "grouped" and not kwargs:
+            try:
+                return self._chunked(tensors, inputs, self._grouped_call)
+            except NotGroupableError:
+                if strict:
+                    raise
+                plan = "loop"
+        if plan == "loop":
+            return run_loop(
+                self._shells,
+                self.template.module,
+                tensors,
+                inputs,
+                kwargs,
+                num_members=self.num_members,
+                per_member_inputs=self.per_member_inputs,
+                randomness=self.randomness,
+                grad_buffers=self._grads,
+                view_cache=self._views,
+            )
+        if plan == "fused" and self._fused is not None and not kwargs:
             return self._chunked(tensors, inputs, self._fused_call)
-        if self.execution == "loop":
-            return self._loop(tensors, inputs, kwargs)
-        return self._chunked(tensors, inputs, lambda t, x: self._vmap(t, x, kwargs))
+        return self._chunked(tensors, inputs, lambda t, x, start: self._vmap(t, x, kwargs))
 
     def _chunked(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
-        run: Callable[[dict[str, torch.Tensor], tuple[Any, ...]], Any],
+        run: Callable[[dict[str, torch.Tensor], tuple[Any, ...], int], Any],
     ) -> Any:
         size = self.chunk_size
         if size is None or size >= self.num_members:
-            return run(tensors, inputs)
+            return run(dict(tensors), inputs, 0)
         outs = []
         for start in range(0, self.num_members, size):
-            part = {k: v[start:start + size] for k, v in tensors.items()}
+            part = {k: v[start : start + size] for k, v in tensors.items()}
             xs = inputs
             if self.per_member_inputs:
                 xs = tree_map_only(torch.Tensor, _slicer(start, start + size), inputs)
-            outs.append(run(part, xs))
+            outs.append(run(part, xs, start))
         return tree_map(lambda *parts: torch.cat(parts), *outs)
 
-    def _fused_call(self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...]) -> Any:
-        assert self._fused is not None
-        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+    def _grouped_call(
+        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], start: int
+    ) -> Any:
+        module = self.template.module
+        self._slots()  # the aliases of tied names
+        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs)
+
+    def _fused_call(
+        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], start: int
+    ) -> Any:
+        if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             return self._vmap(tensors, inputs, {})
         try:
-            return self._fused(self.template.module, tensors, inputs[0], self.per_member_inputs)
+            return self._fused(
+                self.template.module, tensors, inputs[0], self.per_member_inputs, self._grads, start
+            )
         except NotFusableError:
             # Same function, computed member by member: torch reports any
             # shape error in the member's own terms.
             return self._vmap(tensors, inputs, {})
 
     def _vmap(
-        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
+        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Any:
         template = self.template
 
@@ -386,21 +612,34 @@ class Ensemble(nn.Module):
         in_dims = (0, *([0 if self.per_member_inputs else None] * len(inputs)))
         return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(tensors, *inputs)
 
-    def _loop(
-        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        outs = []
-        for i in range(self.num_members):
-            xs = inputs
-            if self.per_member_inputs:
-                xs = tree_map_only(torch.Tensor, _slicer(i, None), inputs)
-            params = {k: v[i] for k, v in tensors.items()}
-            outs.append(self.template.functional_call(params, xs, kwargs, strict=False))
-        return tree_map(lambda *o: torch.stack(o), *outs)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
+        # views of (and the gradient memory beside) the old ones first.
+        for cache in ("_views", "_shells", "_grads"):
+            if cache in self.__dict__:
+                self.__dict__[cache].clear()
+        return module_apply(self, fn, recurse)
+
+    # ------------------------------------------------------- copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_member_slots"] = None  # refers to the template's modules; rebuilt on use
+        state["_aliases"] = {}
+        state["_holders"] = None
+        state["_last_plan"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_plans" not in state:  # pickled by a version without plans
+            self._requested = state.get("execution", "auto")
+            self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())
+            self._init_caches()
 
     def extra_repr(self) -> str:
         arch = type(self.template.module).__name__
+        plan = "" if self._last_plan is None else f", plan={self._last_plan!r}"
         return (
-            f"num_members={self.num_members}, template={arch}, execution={self.execution!r}, "
-            f"randomness={self.randomness!r}, per_member_inputs={self.per_member_inputs}"
+            f"num_members={self.num_members}, template={arch}, execution={self._requested!r}"
+            f"{plan}, randomness={self.randomness!r}, per_member_inputs={self.per_member_inputs}"
         )

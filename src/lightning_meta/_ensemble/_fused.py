@@ -16,19 +16,40 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FusedPlan", "NotFusableError", "plan_fused"]
+from lightning_meta._compat import has_module_hooks
+from lightning_meta._ensemble._grads import GradBuffers
+
+__all__ = ["FusedPlan", "NotFusableError", "Refusal", "plan_fused"]
 
 # Stateless and element-wise: applying them to (N, M, F) equals applying them
 # to each member's (M, F).
 _ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Identity,
 )
 # From this many multiply-adds per member on, a layer computes its weight
 # gradient member by member (see _StackedLinear).
 _PER_MEMBER_GRAD_MACS = 1 << 21
 _DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
+# From this weight size on (bytes), the first (shared-input) layer computes its
+# weight gradient into a reused buffer too (see _grads).
+_REUSE_WEIGHT_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -38,16 +59,26 @@ class FusedPlan:
     steps: tuple[tuple[str, str], ...]
     in_features: int
 
+    def fits(self, x: torch.Tensor, per_member: bool) -> bool:
+        """Whether ``x`` is an input this plan computes (else the member-level path reports it)."""
+        return x.ndim >= (2 if per_member else 1) and x.shape[-1] == self.in_features
+
     def __call__(
         self,
         template: nn.Module,
         tensors: dict[str, torch.Tensor],
         x: torch.Tensor,
         per_member: bool,
+        grads: GradBuffers,
+        chunk: int = 0,
     ) -> torch.Tensor:
-        """Run every member on ``x`` at once; returns ``(N, *lead, out)``."""
+        """Run every member on ``x`` at once; returns ``(N, *lead, out)``.
+
+        ``grads`` holds the reused memory of large weight gradients, keyed by
+        layer and ``chunk`` (the first member of the chunk ``tensors`` hold).
+        """
         n = next(iter(tensors.values())).shape[0]
-        if x.ndim < (2 if per_member else 1) or x.shape[-1] != self.in_features:
+        if not self.fits(x, per_member):
             # Let the generic path raise torch's own, member-level error.
             raise NotFusableError
         lead = x.shape[1:-1] if per_member else x.shape[:-1]
@@ -55,7 +86,11 @@ class FusedPlan:
         # then comes out of its matmul contiguous, and accumulating it into
         # ``.grad`` stays a plain streaming add (a transposed gradient made
         # that add several times slower than the matmuls themselves).
-        h = x.reshape(n, -1, x.shape[-1]).transpose(1, 2) if per_member else x.reshape(-1, x.shape[-1])
+        h = (
+            x.reshape(n, -1, x.shape[-1]).transpose(1, 2)
+            if per_member
+            else x.reshape(-1, x.shape[-1])
+        )
         shared = not per_member
         for kind, ref in self.steps:
             if kind == "apply":
@@ -64,7 +99,16 @@ class FusedPlan:
             weight = tensors[f"{ref}.weight"]
             bias = tensors.get(f"{ref}.bias")
             out_f = weight.shape[1]
-            if shared:
+            key = f"{chunk}:{ref}.weight"
+            macs = weight.shape[1] * weight.shape[2] * h.shape[-1]  # per member
+            large = (
+                weight.device.type == "cpu"
+                and weight.numel() * weight.element_size() >= _REUSE_WEIGHT_BYTES
+            )
+            if shared and large and not torch.is_autocast_enabled(h.device.type):
+                h = _SharedLinear.apply(h, weight, bias, grads, key)
+                shared = False
+            elif shared:
                 # One GEMM against all members' weights stacked row-wise.
                 flat = weight.reshape(n * out_f, -1)
                 if bias is None:
@@ -73,11 +117,8 @@ class FusedPlan:
                     h = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
                 h = h.view(n, out_f, -1)
                 shared = False
-            elif (
-                weight.shape[1] * weight.shape[2] * h.shape[2] >= _PER_MEMBER_GRAD_MACS
-                and not torch.is_autocast_enabled(h.device.type)
-            ):
-                h = _StackedLinear.apply(h, weight, bias)
+            elif macs >= _PER_MEMBER_GRAD_MACS and not torch.is_autocast_enabled(h.device.type):
+                h = _StackedLinear.apply(h, weight, bias, grads, key)
             elif bias is None:
                 h = torch.bmm(weight, h)
             else:
@@ -98,7 +139,13 @@ class _StackedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grads: GradBuffers,
+        key: str,
+    ) -> torch.Tensor:
         out = h.new_empty(weight.shape[0], weight.shape[1], h.shape[2])
         for i in range(weight.shape[0]):
             if bias is None:
@@ -109,7 +156,7 @@ class _StackedLinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        h, weight, bias = inputs
+        h, weight, bias, ctx.grads, ctx.key = inputs
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
 
@@ -123,40 +170,114 @@ class _StackedLinear(torch.autograd.Function):
             for i in range(weight.shape[0]):
                 torch.mm(weight[i].t(), grad[i], out=grad_h[i])
         if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            grad_w = ctx.grads.empty_like(ctx.key, weight)
             for i in range(weight.shape[0]):
                 torch.mm(grad[i], h[i].t(), out=grad_w[i])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(2)
-        return grad_h, grad_w, grad_b
+        return grad_h, grad_w, grad_b, None, None
+
+
+class _SharedLinear(torch.autograd.Function):
+    """The first layer on a shared input: every member's ``weight @ x^T + bias`` as one GEMM.
+
+    What ``torch.addmm`` on the row-stacked weights computes, with the weight
+    gradient written into a buffer reused across steps (see ``_grads``).
+    ``h`` is ``(M, F)``; the output is ``(N, out, M)``.
+    """
+
+    @staticmethod
+    def forward(
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grads: GradBuffers,
+        key: str,
+    ) -> torch.Tensor:
+        n, out_f, in_f = weight.shape
+        flat = weight.reshape(n * out_f, in_f)
+        if bias is None:
+            out = torch.mm(flat, h.t())
+        else:
+            out = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
+        return out.view(n, out_f, -1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        h, weight, bias, ctx.grads, ctx.key = inputs
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        n, out_f, in_f = weight.shape
+        flat_grad = grad.reshape(n * out_f, -1)
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.mm(flat_grad.t(), weight.reshape(n * out_f, in_f))
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.grads.empty_like(ctx.key, weight)
+            torch.mm(flat_grad, h, out=grad_w.view(n * out_f, in_f))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(2)
+        return grad_h, grad_w, grad_b, None, None
 
 
 class NotFusableError(Exception):
     """Raised inside the fused path when the inputs do not fit it."""
 
 
-def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | None:
-    """Return a plan when ``template`` can run on the batched-matmul path, else ``None``."""
-    if type(template) is not nn.Sequential or len(template) == 0:
-        return None
-    if template._forward_hooks or template._forward_pre_hooks:
-        return None
+@dataclass(frozen=True)
+class Refusal:
+    """Why a template cannot take the fused path: the layer (dotted path, ``""`` for the template) and the reason."""
+
+    path: str
+    reason: str
+
+
+def _layer(name: str, module: nn.Module) -> str:
+    return f"layer {name!r} ({type(module).__name__})"
+
+
+def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
+    """Return a plan when ``template`` can run on the batched-matmul path, else why not."""
+    if type(template) is not nn.Sequential:
+        return Refusal("", f"the template is a {type(template).__name__}, not an nn.Sequential")
+    if len(template) == 0:
+        return Refusal("", "the template is an empty nn.Sequential")
+    if has_module_hooks(template):
+        return Refusal("", "the template has hooks, which the fused path would not run")
     steps: list[tuple[str, str]] = []
     in_features: int | None = None
     for name, child in template.named_children():
-        if child._forward_hooks or child._forward_pre_hooks:
-            return None
+        if has_module_hooks(child):
+            return Refusal(
+                name, f"{_layer(name, child)} has hooks, which the fused path would not run"
+            )
         if type(child) is nn.Linear:
             in_features = in_features or child.in_features
             steps.append(("linear", name))
+        elif in_features is None:
+            return Refusal(name, f"{_layer(name, child)} comes before the first nn.Linear")
         elif type(child) in _ELEMENTWISE:
             steps.append(("apply", name))
-        elif type(child) in _DROPOUT and randomness == "different":
+        elif type(child) in _DROPOUT:
+            if randomness != "different":
+                return Refusal(
+                    name,
+                    f"{_layer(name, child)} draws random numbers, which the fused path draws per "
+                    f"member only (randomness='different'), not with randomness={randomness!r}",
+                )
             # Dropout on the whole stack draws an independent mask per member,
             # which is what randomness="different" promises.
             steps.append(("apply", name))
         else:
-            return None
-    if in_features is None or steps[0][0] != "linear":
-        return None
+            return Refusal(
+                name,
+                f"{_layer(name, child)} is neither an nn.Linear nor an element-wise "
+                "activation or dropout",
+            )
+    assert in_features is not None  # the first child is a Linear, or we returned
     return FusedPlan(tuple(steps), in_features)

@@ -1,0 +1,668 @@
+"""The grouped plan: every member at once, with the members' channels side by side.
+
+A member's activation ``(B, C, ...)`` becomes part of one tensor ``(B, N*C,
+...)``, member-major along dim 1. In that layout a convolution of every
+member is one grouped convolution (``groups=N``; a shared input needs no
+groups at all: one convolution with ``N*out`` filters), BatchNorm of every
+member is one BatchNorm over ``N*C`` channels (its running statistics are
+views of the stacked buffers, updated in place), pooling, element-wise
+activations, dropout and residual additions apply unchanged, ``flatten(1)``
+keeps every member's features contiguous, and a ``Linear`` is one batched
+matmul. On the CPU this beats both a loop over the members and ``torch.vmap``
+for small and mid-sized convolutional networks.
+
+The template's ``forward`` is traced once with ``torch.fx`` (per train/eval
+state, since tracing fixes ``self.training``) and the graph is run op by op.
+Only layers and ops whose member-by-member meaning is known are accepted
+(:data:`_MODULES`, :data:`_FUNCTIONS`, :data:`_METHODS`); anything else — a
+parameter read directly in ``forward``, an op that mixes channels, a shape
+read other than the batch size, a hook — keeps the template off this plan
+(:class:`~lightning_meta._ensemble._fused.Refusal` names the node), and an
+input this plan cannot lay out raises :class:`NotGroupableError` when run.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lightning_meta._compat import has_module_hooks, tree_map
+from lightning_meta._ensemble._fused import Refusal
+
+__all__ = ["GroupedPlan", "NotGroupableError"]
+
+
+class NotGroupableError(Exception):
+    """Raised while running the grouped plan on inputs it cannot lay out."""
+
+
+class _Fold:
+    """A tensor holding every member: ``(B, N*C, ...)``, member-major along dim 1."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _FoldShape:
+    """``x.shape`` of a folded ``x``: every dim but the channel dim (1) means the same per member."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape = shape
+
+    def __getitem__(self, index: Any) -> int:
+        ndim = len(self.shape)
+        if isinstance(index, int) and -ndim <= index < ndim and index % ndim != 1:
+            return int(self.shape[index])
+        raise NotGroupableError(f"shape[{index!r}] of a member activation")
+
+    def __len__(self) -> int:
+        return len(self.shape)
+
+
+class _Context:
+    """What the ops of one run need: the template, the stacked tensors, N, randomness."""
+
+    def __init__(
+        self,
+        template: nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        aliases: Mapping[str, str],
+        n: int,
+    ) -> None:
+        self.template = template
+        self.tensors = tensors
+        self.aliases = aliases
+        self.n = n
+
+    def get(self, module_path: str, leaf: str) -> torch.Tensor | None:
+        name = f"{module_path}.{leaf}" if module_path else leaf
+        return self.tensors.get(self.aliases.get(name, name))
+
+    def fold(self, x: Any) -> _Fold:
+        """A shared tensor as every member's copy of it (``(B, C, ...)`` -> ``(B, N*C, ...)``)."""
+        if isinstance(x, _Fold):
+            return x
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            raise NotGroupableError("a shared value with no channel dim")
+        return _Fold(x.repeat(1, self.n, *([1] * (x.ndim - 2))))
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``(N, C, ...)`` stacked tensor -> ``(N*C, ...)`` view (in-place updates reach the stack)."""
+    if t is None:
+        return None
+    try:
+        return t.view(t.shape[0] * t.shape[1], *t.shape[2:])
+    except RuntimeError as e:  # a non-contiguous stack cannot be flattened in place
+        raise NotGroupableError("a stacked tensor that is not contiguous") from e
+
+
+# ------------------------------------------------------------------ modules
+def _conv(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(mod)]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    data = x.t if isinstance(x, _Fold) else x
+    if not isinstance(data, torch.Tensor) or data.ndim != dims + 2:
+        raise NotGroupableError(f"{type(mod).__name__} on an input without a batch dim")
+    weight, bias = _flat(ctx.get(path, "weight")), _flat(ctx.get(path, "bias"))
+    assert weight is not None
+    padding: Any = mod.padding
+    if isinstance(x, _Fold):
+        groups = ctx.n * mod.groups
+    elif mod.groups == 1:
+        groups = 1  # a shared input: one convolution with every member's filters
+    else:
+        x, groups = ctx.fold(x), ctx.n * mod.groups
+        data = x.t
+    out = conv(data, weight, bias, mod.stride, padding, mod.dilation, groups)
+    return _Fold(out)
+
+
+def _batch_norm(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
+    assert isinstance(mod, _BATCH_NORMS)
+    x = ctx.fold(x)
+    if (
+        x.t.ndim
+        not in {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(mod)]
+    ):
+        raise NotGroupableError(f"{type(mod).__name__} on an input of {x.t.ndim} dims")
+    running_mean, running_var = ctx.get(path, "running_mean"), ctx.get(path, "running_var")
+    tracked = ctx.get(path, "num_batches_tracked")
+    # BatchNorm's own forward, with every member's statistics side by side.
+    momentum = mod.momentum
+    if mod.training and mod.track_running_stats and tracked is not None:
+        tracked.add_(1)
+    bn_training = mod.training or (running_mean is None and running_var is None)
+    keep = not mod.training or mod.track_running_stats
+    out = F.batch_norm(
+        x.t,
+        _flat(running_mean) if keep else None,
+        _flat(running_var) if keep else None,
+        _flat(ctx.get(path, "weight")),
+        _flat(ctx.get(path, "bias")),
+        bn_training,
+        0.0 if momentum is None else momentum,
+        mod.eps,
+    )
+    return _Fold(out)
+
+
+def _linear(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
+    weight, bias = ctx.get(path, "weight"), ctx.get(path, "bias")
+    assert weight is not None
+    n, out_f, in_f = weight.shape
+    if isinstance(x, _Fold):
+        if x.t.ndim != 2:
+            raise NotGroupableError("Linear on a member activation with more than 2 dims")
+        h = x.t.view(x.t.shape[0], n, in_f).transpose(0, 1)  # (N, B, in)
+        if bias is None:
+            out = torch.bmm(h, weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return _Fold(out.transpose(0, 1).reshape(h.shape[1], n * out_f))
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        raise NotGroupableError("Linear on a shared input with other than 2 dims")
+    flat = weight.reshape(n * out_f, in_f)
+    if bias is None:
+        return _Fold(torch.mm(x, flat.t()))
+    return _Fold(torch.addmm(bias.reshape(n * out_f), x, flat.t()))
+
+
+def _per_channel(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
+    """Layers that act on each channel (or element) alone: run on the folded tensor."""
+    if isinstance(x, _Fold):
+        return _Fold(mod(x.t))
+    if getattr(mod, "inplace", False):
+        raise NotGroupableError("an in-place layer on a shared input")
+    return mod(x)
+
+
+def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
+    dims = int(type(mod).__name__[-2])
+    data = x.t if isinstance(x, _Fold) else x
+    if not isinstance(data, torch.Tensor) or data.ndim != dims + 2:
+        raise NotGroupableError(f"{type(mod).__name__} on an input without a batch dim")
+    return _per_channel(ctx, mod, path, x)
+
+
+def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
+    # Every member draws its own mask: fold a shared input first.
+    return _Fold(mod(ctx.fold(x).t))
+
+
+def _flatten(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
+    assert isinstance(mod, nn.Flatten)
+    return _flatten_from(x, mod.start_dim, mod.end_dim)
+
+
+def _flatten_from(x: Any, start: int, end: int) -> Any:
+    if not isinstance(x, _Fold):
+        return torch.flatten(x, start, end)
+    if start != 1 or end not in (-1, x.t.ndim - 1):
+        raise NotGroupableError(f"flatten({start}, {end}) of a member activation")
+    return _Fold(x.t.flatten(1))
+
+
+def _identity(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
+    return x
+
+
+_ModuleRule = Callable[[_Context, nn.Module, str, Any], Any]
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+)
+_POOLS: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_DROPOUTS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_MODULES: dict[type[nn.Module], _ModuleRule] = {
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm3d: _batch_norm,
+    nn.Linear: _linear,
+    nn.Flatten: _flatten,
+    nn.Identity: _identity,
+    **dict.fromkeys(_ELEMENTWISE, _per_channel),
+    **dict.fromkeys(_POOLS, _pool),
+    **dict.fromkeys(_DROPOUTS, _random),
+}
+
+
+def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
+    """Why ``mod`` cannot take its rule, or None."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r} is not supported"
+    if isinstance(mod, _BATCH_NORMS) and mod.momentum is None:
+        # A cumulative average uses each member's own batch count.
+        return "momentum=None (a cumulative average) is not supported"
+    if isinstance(mod, _POOLS) and getattr(mod, "return_indices", False):
+        return "return_indices=True is not supported"
+    if isinstance(mod, _DROPOUTS) and randomness != "different":
+        return f"it draws random numbers, which this plan draws per member only (randomness='different'), not with randomness={randomness!r}"
+    return None
+
+
+# ---------------------------------------------------------------- functions
+def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An op of tensors and numbers that acts element by element (with broadcasting)."""
+
+    def rule(ctx: _Context, *args: Any, **kwargs: Any) -> Any:
+        folds = [a for a in (*args, *kwargs.values()) if isinstance(a, _Fold)]
+        if not folds:
+            return fn(*args, **kwargs)
+        ndim = folds[0].t.ndim
+
+        def lay_out(a: Any) -> Any:
+            if isinstance(a, _Fold):
+                if a.t.ndim != ndim:
+                    raise NotGroupableError("member activations of different ranks broadcast")
+                return a.t
+            if isinstance(a, torch.Tensor) and a.ndim > 0:
+                if a.ndim != ndim:
+                    raise NotGroupableError("a shared tensor broadcast against member activations")
+                return ctx.fold(a).t
+            return a
+
+        return _Fold(fn(*[lay_out(a) for a in args], **{k: lay_out(v) for k, v in kwargs.items()}))
+
+    return rule
+
+
+def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any]:
+    def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, _Fold):
+            return _Fold(fn(x.t, *args, **kwargs))
+        if random:
+            return _Fold(fn(ctx.fold(x).t, *args, **kwargs))
+        if kwargs.get("inplace") or (isinstance(x, torch.Tensor) and fn.__name__.endswith("_")):
+            raise NotGroupableError("an in-place op on a shared input")
+        return fn(x, *args, **kwargs)
+
+    return rule
+
+
+def _pool_function(fn: Callable[..., Any], dims: int) -> Callable[..., Any]:
+    """A functional pooling: per channel, on batched inputs only (else it would pool over members)."""
+
+    def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, _Fold):
+            if x.t.ndim != dims + 2:
+                raise NotGroupableError(f"{fn.__name__} on an input without a batch dim")
+            return _Fold(fn(x.t, *args, **kwargs))
+        return fn(x, *args, **kwargs)
+
+    return rule
+
+
+def _flatten_rule(ctx: _Context, x: Any, start_dim: int = 0, end_dim: int = -1) -> Any:
+    return _flatten_from(x, start_dim, end_dim)
+
+
+def _view(ctx: _Context, x: Any, *shape: Any) -> Any:
+    if not isinstance(x, _Fold):
+        return x.reshape(*shape)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if len(shape) == 2 and shape[1] == -1 and shape[0] == x.t.shape[0]:
+        return _Fold(x.t.flatten(1))
+    raise NotGroupableError(f"view{tuple(shape)} of a member activation")
+
+
+def _size(ctx: _Context, x: Any, dim: int | None = None) -> Any:
+    if not isinstance(x, _Fold):
+        return x.size() if dim is None else x.size(dim)
+    if dim is None:
+        return _FoldShape(x.t.shape)
+    return _FoldShape(x.t.shape)[dim]
+
+
+def _reduce(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """mean / sum / amax / amin over dims that are neither the batch nor the channel dim."""
+
+    def rule(ctx: _Context, x: Any, dim: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, _Fold):
+            return fn(x, *args, **kwargs) if dim is None else fn(x, dim, *args, **kwargs)
+        dims = [dim] if isinstance(dim, int) else list(dim) if dim is not None else []
+        if not dims or any(d % x.t.ndim < 2 for d in dims):
+            raise NotGroupableError(f"{fn.__name__} over dim {dim!r} of a member activation")
+        return _Fold(fn(x.t, dim, *args, **kwargs))
+
+    return rule
+
+
+def _cat(ctx: _Context, tensors: Sequence[Any], dim: int = 0) -> Any:
+    if not any(isinstance(t, _Fold) for t in tensors):
+        return torch.cat(list(tensors), dim)
+    folds = [ctx.fold(t) for t in tensors]
+    ndim = folds[0].t.ndim
+    if any(f.t.ndim != ndim for f in folds):
+        raise NotGroupableError("cat of member activations of different ranks")
+    dim %= ndim
+    if dim != 1:
+        return _Fold(torch.cat([f.t for f in folds], dim))
+    # Channels of each member stay together: (B, N, C_i, ...) concatenated on C.
+    parts = [f.t.view(f.t.shape[0], ctx.n, -1, *f.t.shape[2:]) for f in folds]
+    out = torch.cat(parts, 2)
+    return _Fold(out.view(out.shape[0], -1, *out.shape[3:]))
+
+
+def _getattr(ctx: _Context, x: Any, name: str) -> Any:
+    if isinstance(x, _Fold):
+        if name == "shape":
+            return _FoldShape(x.t.shape)
+        if name in ("dtype", "device", "ndim", "is_cuda", "requires_grad"):
+            return getattr(x.t, name)
+        raise NotGroupableError(f"attribute {name!r} of a member activation")
+    return getattr(x, name)
+
+
+def _getitem(ctx: _Context, x: Any, index: Any) -> Any:
+    if isinstance(x, _Fold):
+        raise NotGroupableError("indexing a member activation")
+    return x[index]
+
+
+_BINARY = (
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+)
+_UNARY = (
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    torch.sqrt,
+    torch.square,
+    operator.neg,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.elu,
+    F.selu,
+    F.leaky_relu,
+    F.hardtanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.softplus,
+    F.interpolate,
+)
+_POOL_FUNCTIONS: dict[Any, int] = {
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    F.avg_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
+_FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    **{fn: _elementwise(fn) for fn in _BINARY},
+    **{fn: _unary(fn) for fn in _UNARY},
+    **{fn: _pool_function(fn, dims) for fn, dims in _POOL_FUNCTIONS.items()},
+    F.dropout: _unary(F.dropout, random=True),
+    F.dropout1d: _unary(F.dropout1d, random=True),
+    F.dropout2d: _unary(F.dropout2d, random=True),
+    F.dropout3d: _unary(F.dropout3d, random=True),
+    torch.flatten: _flatten_rule,
+    torch.cat: _cat,
+    torch.mean: _reduce(torch.mean),
+    torch.sum: _reduce(torch.sum),
+    torch.amax: _reduce(torch.amax),
+    torch.amin: _reduce(torch.amin),
+    getattr: _getattr,
+    operator.getitem: _getitem,
+}
+_RANDOM_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return getattr(x, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+_BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum")
+_UNARY_METHODS = (
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "abs",
+    "neg",
+    "sqrt",
+    "square",
+    "contiguous",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "clone",
+)
+_METHODS: dict[str, Callable[..., Any]] = {
+    **{m: _elementwise(_method(m)) for m in _BINARY_METHODS},
+    **{m: _unary(_method(m)) for m in _UNARY_METHODS},
+    "flatten": _flatten_rule,
+    "view": _view,
+    "reshape": _view,
+    "size": _size,
+    "mean": _reduce(_method("mean")),
+    "sum": _reduce(_method("sum")),
+    "amax": _reduce(_method("amax")),
+    "amin": _reduce(_method("amin")),
+}
+
+
+# --------------------------------------------------------------------- plan
+class GroupedPlan:
+    """The traced template and how to run it grouped; retraced per train/eval state.
+
+    Not pickled or copied (graphs are rebuilt on use).
+    """
+
+    def __init__(self, randomness: str) -> None:
+        self.randomness = randomness
+        self._graphs: dict[tuple[bool, ...], fx.Graph | Refusal] = {}
+
+    def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
+        return (GroupedPlan, (self.randomness,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupedPlan:
+        return GroupedPlan(self.randomness)
+
+    def graph(self, template: nn.Module) -> fx.Graph | Refusal:
+        """The checked graph of ``template`` in its current train/eval state, or why there is none."""
+        key = tuple(m.training for m in template.modules())
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = _trace(template, self.randomness)
+        return graph
+
+    def placeholders(self, template: nn.Module) -> int:
+        graph = self.graph(template)
+        if isinstance(graph, Refusal):
+            return -1
+        return sum(node.op == "placeholder" for node in graph.nodes)
+
+    def __call__(
+        self,
+        template: nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        aliases: Mapping[str, str],
+        inputs: tuple[Any, ...],
+        per_member: bool,
+    ) -> Any:
+        """Run every member on ``inputs``; outputs stacked on a new dim 0."""
+        graph = self.graph(template)
+        if isinstance(graph, Refusal):
+            raise NotGroupableError(graph.reason)
+        n = next(iter(tensors.values())).shape[0]
+        ctx = _Context(template, tensors, aliases, n)
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+
+        def value(a: fx.Node) -> Any:
+            return env[a]
+
+        for node in graph.nodes:
+            args: Any = fx.node.map_arg(node.args, value)
+            kwargs: Any = fx.node.map_arg(node.kwargs, value)
+            if node.op == "placeholder":
+                x = next(placeholders, None)
+                if not isinstance(x, torch.Tensor):
+                    raise NotGroupableError("an input that is not a tensor")
+                env[node] = _fold_input(x, n) if per_member else x
+            elif node.op == "call_module":
+                mod = template.get_submodule(node.target)
+                env[node] = _MODULES[type(mod)](ctx, mod, str(node.target), *args, **kwargs)
+            elif node.op == "call_function":
+                env[node] = _FUNCTIONS[node.target](ctx, *args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = _METHODS[str(node.target)](ctx, *args, **kwargs)
+            elif node.op == "output":
+                return tree_map(lambda v: _unfold(v, n), args[0], is_leaf=_is_value)
+        raise AssertionError("a graph without output")  # pragma: no cover
+
+
+def _is_value(x: Any) -> bool:
+    return isinstance(x, (_Fold, _FoldShape))
+
+
+def _fold_input(x: torch.Tensor, n: int) -> _Fold:
+    """Per-member inputs ``(N, B, C, ...)`` -> ``(B, N*C, ...)``."""
+    if x.ndim < 3 or x.shape[0] != n:
+        raise NotGroupableError("per-member inputs without batch and channel dims")
+    return _Fold(x.transpose(0, 1).reshape(x.shape[1], n * x.shape[2], *x.shape[3:]))
+
+
+def _unfold(v: Any, n: int) -> Any:
+    if isinstance(v, _Fold):
+        t = v.t
+        return t.view(t.shape[0], n, -1, *t.shape[2:]).transpose(0, 1).contiguous()
+    if isinstance(v, torch.Tensor):  # the same for every member
+        return v.unsqueeze(0).expand(n, *v.shape).contiguous()
+    raise NotGroupableError(f"an output of type {type(v).__name__}")
+
+
+def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
+    """Trace ``template`` and check every node against the rules."""
+    for path, mod in template.named_modules():
+        if has_module_hooks(mod):
+            return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = fx.Tracer().trace(template)
+    except Exception as e:  # any failure to trace keeps the template off the plan
+        return Refusal(
+            "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
+        )
+    for node in graph.nodes:
+        where = str(node.target)
+        if node.op == "call_module":
+            mod = template.get_submodule(where)
+            if type(mod) not in _MODULES:
+                return Refusal(where, f"{_describe(where, mod)} has no grouped form")
+            reason = _check_module(mod, where, randomness)
+            if reason is not None:
+                return Refusal(where, f"{_describe(where, mod)}: {reason}")
+        elif node.op == "call_function":
+            if node.target not in _FUNCTIONS:
+                return Refusal(
+                    "", f"the forward calls {_name(node.target)}, which has no grouped form"
+                )
+            if node.target in _RANDOM_FUNCTIONS and randomness != "different":
+                return Refusal(
+                    "", f"the forward calls {_name(node.target)} with randomness={randomness!r}"
+                )
+        elif node.op == "call_method":
+            if node.target not in _METHODS:
+                return Refusal(
+                    "", f"the forward calls Tensor.{node.target}, which has no grouped form"
+                )
+        elif node.op == "get_attr":
+            return Refusal(where, f"the forward reads {where!r} directly, not through a layer")
+    return graph
+
+
+def _describe(path: str, mod: nn.Module) -> str:
+    return (
+        f"layer {path!r} ({type(mod).__name__})" if path else f"the template ({type(mod).__name__})"
+    )
+
+
+def _name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or "torch"
+    return f"{module}.{getattr(fn, '__name__', repr(fn))}"

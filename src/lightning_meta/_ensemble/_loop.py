@@ -1,0 +1,244 @@
+"""The loop plan: run the template once per member, on views of the stacked tensors.
+
+A Python loop over separate modules is what every other plan is measured
+against; on the CPU it beats ``torch.vmap`` for most layers but the
+batched-matmul ones. This is that loop with the members' tensors taken as
+views of the stacked ones: one ``unbind`` per stacked tensor gives every
+member its slice, and its backward writes all members' gradients into the
+stacked gradient at once (the gradients are the ones N separate modules
+would get). In-place buffer updates (BatchNorm running statistics) land in
+the stacked buffers through the views.
+
+The views are put straight into the template's parameter and buffer tables
+(the slots :func:`lightning_meta._slots.tie_groups` finds, tied names
+included) instead of through ``torch.func.functional_call``, whose per-call
+bookkeeping costs as much as a small layer; the template's own tensors are
+put back when the loop ends, also on error.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._compat import tree_leaves, tree_map, tree_map_only
+from lightning_meta._ensemble._grads import GradBuffers, unstack
+from lightning_meta._errors import ArgumentValueError
+from lightning_meta._slots import Slot, tie_groups
+
+__all__ = ["MemberShells", "MemberSlots", "ViewCache", "run_loop"]
+
+
+class MemberSlots:
+    """Where each stacked tensor goes in one template module: name -> the slots of its tie group."""
+
+    def __init__(self, module: nn.Module, groups: Sequence[tuple[str, Sequence[Slot]]]) -> None:
+        self.module = module
+        self.groups = tuple((name, tuple(slots)) for name, slots in groups)
+        # Flat, pre-bound: put() runs once per member per call.
+        self._puts = tuple((name, slot.put) for name, slots in self.groups for slot in slots)
+        self._originals = tuple(
+            (slot.put, slot.tensor) for _, slots in self.groups for slot in slots
+        )
+
+    @classmethod
+    def of(cls, module: nn.Module, names: Sequence[str]) -> MemberSlots:
+        """Find the slots of ``module`` for the stacked tensors ``names``."""
+        wanted = set(names)
+        groups = []
+        for group in tie_groups(module):
+            slots = tuple(s for s in group if s.kind != "attr")
+            name = next((s.path for s in slots if s.path in wanted), None)
+            if name is not None:
+                groups.append((name, slots))
+        return cls(module, groups)
+
+    def aliases(self) -> dict[str, str]:
+        """Every slot's dotted path -> the stacked tensor's name (tied names map to one)."""
+        return {slot.path: name for name, slots in self.groups for slot in slots}
+
+    def put(self, values: Mapping[str, Sequence[torch.Tensor]], index: int) -> None:
+        """Put member ``index``'s view of every stacked tensor into the template."""
+        for name, put in self._puts:
+            put(values[name][index])
+
+    def restore(self) -> None:
+        """Put the template's own (meta) tensors back."""
+        for put, tensor in self._originals:
+            put(tensor)
+
+
+class ViewCache:
+    """Member views of the stacked tensors that need no gradient, kept from call to call.
+
+    Buffers, and parameters under ``torch.no_grad()``, are sliced once and the
+    views reused while the stacked tensor is the same object over the same
+    memory (an optimizer step writes through them; ``.to()`` or
+    ``load_state_dict(assign=True)`` makes new ones). Views that carry a
+    gradient are made on every call. CPU tensors only: the views hold the
+    stacked memory, which must not outlive a move off an accelerator. Never
+    pickled or copied.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Any, ...]] = {}
+
+    def __reduce__(self) -> tuple[type[ViewCache], tuple[()]]:
+        return (ViewCache, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ViewCache:
+        return ViewCache()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def views(self, name: str, stacked: torch.Tensor, grads: GradBuffers) -> Sequence[torch.Tensor]:
+        """Return ``stacked[0], stacked[1], ...``."""
+        if stacked.requires_grad and torch.is_grad_enabled():
+            return unstack(stacked, grads, name)
+        if stacked.device.type != "cpu":
+            return stacked.unbind(0)
+        key = (
+            stacked.data_ptr(),
+            stacked.shape,
+            stacked.stride(),
+            torch.is_inference_mode_enabled(),
+        )
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] is stacked and entry[1] == key:
+            return entry[2]  # type: ignore[no-any-return]
+        views = stacked.unbind(0)
+        self._entries[name] = (stacked, key, views)
+        return views
+
+
+class MemberShells:
+    """One copy of the (meta) template per member, holding that member's views.
+
+    A member's views go into its own copy and stay there, so a call whose
+    views are those of the previous call (no gradient: see
+    :class:`ViewCache`) puts nothing at all, and modules that cache derived
+    state of their weights (an RNN's flattened weight list) keep it. The
+    copies are rebuilt when the template or its train/eval mode changes. On
+    an accelerator the views are taken out again after every call, so no
+    copy holds device memory the ensemble has let go. Never pickled or
+    copied.
+    """
+
+    def __init__(self) -> None:
+        self._template: nn.Module | None = None
+        self._training: bool | None = None
+        self._members: list[MemberSlots] = []
+        self._last: dict[str, Sequence[torch.Tensor]] = {}
+
+    def __reduce__(self) -> tuple[type[MemberShells], tuple[()]]:
+        return (MemberShells, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MemberShells:
+        return MemberShells()
+
+    def clear(self) -> None:
+        """Drop the copies (and the views they hold)."""
+        self._template, self._training, self._members, self._last = None, None, [], {}
+
+    def ready(
+        self,
+        template: nn.Module,
+        names: Sequence[str],
+        views: Mapping[str, Sequence[torch.Tensor]],
+        num_members: int,
+    ) -> list[MemberSlots]:
+        """Return every member's copy, holding the member's views of ``views``."""
+        if (
+            self._template is not template
+            or self._training != template.training
+            or len(self._members) != num_members
+        ):
+            self._members = [
+                MemberSlots.of(copy.deepcopy(template), names) for _ in range(num_members)
+            ]
+            self._template, self._training, self._last = template, template.training, {}
+        if any(self._last.get(name) is not v for name, v in views.items()):
+            for i, member in enumerate(self._members):
+                member.put(views, i)
+            self._last = dict(views)
+        return self._members
+
+    def release(self) -> None:
+        """Put the copies' own (meta) tensors back."""
+        for member in self._members:
+            member.restore()
+        self._last = {}
+
+
+def _rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:
+    """The default generators a member's random ops draw from, with their current states."""
+    states: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]] = [
+        (torch.set_rng_state, torch.get_rng_state())
+    ]
+    if device.type == "cuda":
+        states.append(
+            (lambda s: torch.cuda.set_rng_state(s, device), torch.cuda.get_rng_state(device))
+        )
+    return states
+
+
+def run_loop(
+    shells: MemberShells,
+    template: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    inputs: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    num_members: int,
+    per_member_inputs: bool,
+    randomness: str,
+    grad_buffers: GradBuffers,
+    view_cache: ViewCache,
+) -> Any:
+    """Run every member in turn on views of ``tensors``; stack the outputs on a new dim 0.
+
+    ``randomness="same"`` replays the generators' state for every member (one
+    mask for all, as ``vmap`` draws it); ``"error"`` refuses a member that
+    drew from them.
+    """
+    views = {name: view_cache.views(name, t, grad_buffers) for name, t in tensors.items()}
+    members = shells.ready(template, list(tensors), views, num_members)
+    member_inputs: list[tuple[Any, ...]] = [inputs] * num_members
+    if per_member_inputs:
+        # One unbind per input (a select per member would make the input's
+        # gradient N full-size zero tensors).
+        split = {id(t): t.unbind(0) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+
+        def member(i: int) -> tuple[Any, ...]:
+            return tree_map_only(torch.Tensor, lambda t: split[id(t)][i], inputs)  # type: ignore[no-any-return]
+
+        member_inputs = [member(i) for i in range(num_members)]
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    replay = _rng_states(device) if randomness != "different" else []
+    outs = []
+    try:
+        for i in range(num_members):
+            if randomness == "same" and i > 0:
+                for set_state, state in replay:
+                    set_state(state)
+            outs.append(members[i].module(*member_inputs[i], **kwargs))
+            if randomness == "error" and any(
+                not torch.equal(state, now)
+                for (_, state), (_, now) in zip(replay, _rng_states(device), strict=True)
+            ):
+                raise ArgumentValueError(
+                    f"Ensemble(randomness='error'): member {i} drew random numbers (dropout or "
+                    "another random op). Fix: pass randomness='different' (one draw per member) "
+                    "or 'same' (one draw shared), or call ensemble.eval()."
+                )
+    finally:
+        if device.type != "cpu":
+            shells.release()
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs)
+    return tree_map(lambda *o: torch.stack(o), *outs)

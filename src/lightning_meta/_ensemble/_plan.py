@@ -1,0 +1,268 @@
+"""Choosing how an ensemble runs: timed once per kind of call, then cached.
+
+No plan is fastest everywhere: a batched matmul wins for MLPs, a loop over
+the members for most other layers on the CPU, ``torch.vmap`` for small
+layers on an accelerator, and the order changes with the batch, the number
+of members, the dtype, the number of threads and whether a backward
+follows. ``execution="auto"`` therefore times every plan that applies the
+first time it sees a kind of call (its :func:`signature`) and keeps the
+fastest for every later call of that kind.
+
+Timing never changes what the user sees: the candidates run on aliases of
+the parameters (their gradients land on the aliases, not on the ensemble's
+parameters), on copies of the buffers (BatchNorm's running statistics are
+not advanced) and of the inputs, and the random number generators are put
+back afterwards, so the call that follows draws what it would have drawn
+without the timing. Only ``forward`` code with Python-level side effects
+(a counter attribute, a print) sees the extra runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_meta._compat import functorch_transform_active, tree_leaves, tree_map, tree_map_only
+
+__all__ = ["PlanCache", "PlanRecord", "measure", "signature", "untimed_reason"]
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[str, Mapping[str, torch.Tensor], tuple[Any, ...], Mapping[str, Any]], Any]
+
+# After one untimed warm-up run each, candidates are timed in rounds (the
+# order alternating from round to round); a candidate whose best round is more
+# than _DROP_RATIO slower than the best is not run again. Rounds go on while
+# two or more remain, at least _MIN_ROUNDS and at most _MAX_ROUNDS, and past
+# _MIN_ROUNDS only while the timing has taken less than _BUDGET_SECONDS. The
+# median round decides.
+_MIN_ROUNDS = 3
+_MAX_ROUNDS = 7
+_BUDGET_SECONDS = 2.0
+_DROP_RATIO = 1.5
+# A round repeats a candidate until it has run this long (seconds), so very
+# small ensembles are not timed at the clock's resolution.
+_MIN_ROUND_SECONDS = 2e-3
+_MAX_REPEATS = 16
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """How calls of one kind run.
+
+    Attributes:
+        signature: the kind of call (inputs' shapes rounded up to powers of
+            two, dtypes, devices; train/eval; gradients on/off; autocast;
+            threads).
+        plan: ``"fused"``, ``"vmap"`` or ``"loop"``.
+        how: ``"timed"``, ``"only plan"``, or why no timing was done.
+        timings_ms: the best time of each timed candidate in milliseconds
+            (``inf``: it raised); empty unless ``how == "timed"``.
+    """
+
+    signature: str
+    plan: str
+    how: str
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        times = ", ".join(f"{k} {v:.3g} ms" for k, v in self.timings_ms.items())
+        return f"{self.plan} ({self.how}{': ' + times if times else ''}) for {self.signature}"
+
+
+class PlanCache:
+    """The plans chosen so far, by signature (least recently used dropped beyond ``limit``).
+
+    Timings belong to the machine and process that made them: a pickled or
+    copied ensemble starts with an empty cache.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._records: OrderedDict[str, PlanRecord] = OrderedDict()
+
+    def __reduce__(self) -> tuple[type[PlanCache], tuple[int]]:
+        return (PlanCache, (self.limit,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PlanCache:
+        return PlanCache(self.limit)
+
+    def get(self, key: str) -> PlanRecord | None:
+        record = self._records.get(key)
+        if record is not None:
+            self._records.move_to_end(key)
+        return record
+
+    def add(self, record: PlanRecord) -> None:
+        self._records[record.signature] = record
+        self._records.move_to_end(record.signature)
+        while len(self._records) > self.limit:
+            self._records.popitem(last=False)
+
+    def records(self) -> tuple[PlanRecord, ...]:
+        return tuple(self._records.values())
+
+    def clear(self) -> None:
+        self._records.clear()
+
+
+def _bucket(size: int) -> int:
+    return size if size <= 1 else 1 << (size - 1).bit_length()
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        shape = ",".join(str(_bucket(s)) for s in x.shape)
+        grad = "+grad" if x.requires_grad else ""
+        return f"{str(x.dtype).removeprefix('torch.')}[{shape}]@{x.device}{grad}"
+    if x is None or isinstance(x, (bool, str)):
+        return repr(x)
+    return type(x).__name__
+
+
+def signature(
+    inputs: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    training: bool,
+    stacked: torch.Tensor | None,
+) -> str:
+    """Describe a call for the plan cache: calls with the same description share a plan.
+
+    Dimensions are rounded up to a power of two, so inputs of varying length
+    (sequences) are timed once per octave, not once per length.
+    """
+    structure = tree_map(_describe, (list(inputs), dict(kwargs)))
+    device = stacked.device if stacked is not None else torch.device("cpu")
+    mode = ["train" if training else "eval"]
+    if torch.is_inference_mode_enabled():
+        mode.append("inference")
+    elif not torch.is_grad_enabled():
+        mode.append("no_grad")
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        mode.append(f"autocast={str(dtype).removeprefix('torch.')}")
+    mode.append(f"threads={torch.get_num_threads()}")
+    if stacked is not None:
+        mode.append(f"params={str(stacked.dtype).removeprefix('torch.')}@{device}")
+    return f"{structure} {' '.join(mode)}"
+
+
+def untimed_reason() -> str | None:
+    """Why plans cannot be timed in the current context, or ``None`` when they can."""
+    if torch.compiler.is_compiling():
+        return "not timed under torch.compile"
+    if functorch_transform_active():
+        return "not timed inside a torch.func transform"
+    if torch.are_deterministic_algorithms_enabled():
+        return "not timed with torch.use_deterministic_algorithms(True)"
+    return None
+
+
+def _devices(tensors: Iterable[torch.Tensor]) -> list[torch.device]:
+    return sorted({t.device for t in tensors if t.device.type != "cpu"}, key=str)
+
+
+def _synchronize(devices: Sequence[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _copy_input(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def measure(
+    candidates: Sequence[str],
+    run: Runner,
+    tensors: Mapping[str, torch.Tensor],
+    buffers: Iterable[str],
+    inputs: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> tuple[dict[str, float], list[str]]:
+    """Time ``run(plan, ...)`` for every candidate on copies.
+
+    Returns each candidate's median seconds (``inf`` for one that raised) and
+    the finalists, the candidates still timed when timing ended: the plan is
+    the finalist with the smallest median.
+
+    A forward (and, when gradients are enabled, a backward from the outputs)
+    per run. Parameters are aliased (``detach``), buffers and inputs copied,
+    and the CPU and accelerator generators restored afterwards.
+    """
+    buffer_names = set(buffers)
+    leaves = [t for t in tree_leaves((inputs, dict(kwargs))) if isinstance(t, torch.Tensor)]
+    devices = _devices([*tensors.values(), *leaves])
+    repeats = dict.fromkeys(candidates, 1)
+    # On one CPU thread, the thread's own CPU time: other processes on the
+    # machine then do not decide the plan. Elsewhere, wall time.
+    clock = time.thread_time if not devices and torch.get_num_threads() == 1 else time.perf_counter
+
+    def once(plan: str) -> float:
+        state = {
+            name: t.clone() if name in buffer_names else t.detach().requires_grad_(t.requires_grad)
+            for name, t in tensors.items()
+        }
+        xs = tree_map_only(torch.Tensor, _copy_input, inputs)
+        kw = tree_map_only(torch.Tensor, _copy_input, dict(kwargs))
+        _synchronize(devices)
+        start = clock()
+        out = run(plan, state, xs, kw)
+        if torch.is_grad_enabled():
+            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        _synchronize(devices)
+        return clock() - start
+
+    alive = list(candidates)
+    rounds: dict[str, list[float]] = {plan: [] for plan in candidates}
+    began = time.perf_counter()
+    with (
+        torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]),
+        warnings.catch_warnings(),
+        # Saved tensors stay plain tensors, whatever hooks the caller runs under
+        # (activation checkpointing packs them for recomputation).
+        torch.autograd.graph.saved_tensors_hooks(_same, _same),
+    ):
+        warnings.simplefilter("ignore")
+        for round_ in range(_MAX_ROUNDS + 1):
+            for plan in alive[::-1] if round_ % 2 else list(alive):
+                try:
+                    if round_ == 0:
+                        seconds = once(plan)
+                        repeats[plan] = max(
+                            1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND_SECONDS / max(seconds, 1e-9)))
+                        )
+                        continue
+                    seconds = sum(once(plan) for _ in range(repeats[plan])) / repeats[plan]
+                except Exception as e:  # a plan that fails is not chosen
+                    logger.debug("Ensemble plan %r failed while timed: %r", plan, e)
+                    rounds[plan] = []
+                    alive.remove(plan)
+                    continue
+                rounds[plan].append(seconds)
+            if round_ == 0:
+                continue
+            fastest = min((min(rounds[p]) for p in alive), default=math.inf)
+            alive = [p for p in alive if min(rounds[p]) <= _DROP_RATIO * fastest]
+            if len(alive) <= 1 or (
+                round_ >= _MIN_ROUNDS and time.perf_counter() - began > _BUDGET_SECONDS
+            ):
+                break
+    medians = {plan: statistics.median(ts) if ts else math.inf for plan, ts in rounds.items()}
+    return medians, alive

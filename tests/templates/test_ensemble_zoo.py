@@ -1,0 +1,432 @@
+"""Ensemble plans on a zoo of architectures: every plan agrees with a loop over the members."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+from lightning_meta._errors import ArgumentValueError
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4),
+        nn.Dropout(0.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def transformer() -> nn.Module:
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[str, ...]]] = {
+    # name: (factory, input shape, plans that apply besides "auto" and "loop")
+    "mlp": (mlp, (5, 3), ("fused", "grouped", "vmap")),
+    "cnn": (cnn, (2, 3, 6, 6), ("grouped", "vmap")),
+    "transformer": (transformer, (2, 5, 8), ("vmap",)),
+    "lstm": (lambda: Recurrent(nn.LSTM), (2, 5, 3), ()),
+    "gru": (lambda: Recurrent(nn.GRU), (2, 5, 3), ()),
+}
+CASES = [
+    (arch, plan)
+    for arch, (_, _, plans) in ZOO.items()
+    for plan in ("auto", "loop", *plans)
+]
+
+
+def members(arch: str, n: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [ZOO[arch][0]() for _ in range(n)]
+
+
+def example(arch: str, seed: int = 1) -> torch.Tensor:
+    return torch.randn(ZOO[arch][1], generator=torch.Generator().manual_seed(seed))
+
+
+def check_against_loop(ens: lm.Ensemble, mods: list[nn.Module], steps: int = 2) -> None:
+    """Outputs, gradients and buffers (running statistics) after ``steps`` steps."""
+    for step in range(steps):
+        x = torch.randn(*ZOO_SHAPE[id(ens)], generator=torch.Generator().manual_seed(step))
+        out = ens(x)
+        ref = torch.stack([m(x) for m in mods])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        if torch.is_grad_enabled():
+            out.square().sum().backward()
+            ref.square().sum().backward()
+    for i, m in enumerate(mods):
+        for name, p in m.named_parameters():
+            grad = ens.stacked.get_parameter(name).grad
+            if p.grad is None:
+                assert grad is None or not grad[i].any(), name
+            else:
+                assert grad is not None, name
+                torch.testing.assert_close(grad[i], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        for name, b in m.named_buffers():
+            torch.testing.assert_close(ens.stacked.get_buffer(name)[i], b, msg=name)
+
+
+ZOO_SHAPE: dict[int, tuple[int, ...]] = {}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Tiny ops on several threads mostly wait for each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(arch: str, plan: str, mods: list[nn.Module], **options: object) -> lm.Ensemble:
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=plan, **options)  # type: ignore[arg-type]
+    ZOO_SHAPE[id(ens)] = ZOO[arch][1]
+    return ens
+
+
+@pytest.mark.parametrize(("arch", "plan"), CASES)
+def test_every_plan_matches_a_loop_in_training(arch: str, plan: str) -> None:
+    mods = members(arch)
+    ens = build(arch, plan, mods)
+    check_against_loop(ens, mods)
+    if plan != "auto":
+        assert ens.plan == plan
+    else:
+        assert ens.plan in ("loop", *ZOO[arch][2])
+
+
+@pytest.mark.parametrize(("arch", "plan"), CASES)
+def test_every_plan_matches_a_loop_in_eval_without_gradients(arch: str, plan: str) -> None:
+    mods = [m.eval() for m in members(arch)]
+    ens = build(arch, plan, mods).eval()
+    with torch.no_grad():
+        check_against_loop(ens, mods)
+
+
+@pytest.mark.parametrize(("arch", "plan"), CASES)
+def test_member_and_checkpoint_round_trip_after_training(arch: str, plan: str) -> None:
+    mods = members(arch)
+    ens = build(arch, plan, mods)
+    opt = torch.optim.SGD(ens.parameters(), lr=0.1)
+    x = example(arch)
+    for _ in range(2):
+        opt.zero_grad()
+        ens(x).square().mean().backward()
+        opt.step()
+    ens.eval()
+    out = ens(x)
+    stacked = ens.state_dict()
+    for i in range(len(ens)):
+        member = ens.member(i)
+        assert not member.training
+        for name, t in member.state_dict().items():
+            assert torch.equal(t, stacked[f"stacked.{name}"][i]), name
+        torch.testing.assert_close(member(x), out[i], rtol=1e-4, atol=1e-5)
+    other = lm.Ensemble(members(arch), execution=plan)  # type: ignore[arg-type]
+    other.load_state_dict(ens.state_dict())
+    other.eval()
+    torch.testing.assert_close(other(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_plan_keeps_batchnorm_statistics_and_per_member_inputs() -> None:
+    mods = members("cnn")
+    ens = build("cnn", "grouped", mods, per_member_inputs=True)
+    xs = torch.randn(3, 2, 3, 6, 6)
+    for _ in range(2):
+        out = ens(xs)
+        ref = torch.stack([m(x) for m, x in zip(mods, xs, strict=True)])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for i, m in enumerate(mods):
+        torch.testing.assert_close(ens.stacked.get_buffer("1.running_var")[i], m[1].running_var)
+        assert int(ens.stacked.get_buffer("3.bn1.num_batches_tracked")[i]) == 2
+
+
+@pytest.mark.parametrize("plan", ["grouped", "loop", "vmap"])
+def test_chunked_plans_match_a_loop(plan: str) -> None:
+    mods = members("cnn", 5)
+    ens = build("cnn", plan, mods, chunk_size=2)
+    check_against_loop(ens, mods)
+
+
+@pytest.mark.parametrize("plan", ["grouped", "loop", "fused"])
+def test_dropout_draws_a_mask_per_member(plan: str) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5))
+
+    mods = [make() for _ in range(2)]
+    with torch.no_grad():
+        for m in mods:
+            m[0].weight.fill_(1.0)
+            m[0].bias.fill_(0.0)
+    ens = lm.Ensemble(mods, execution=plan)  # type: ignore[arg-type]
+    out = ens(torch.ones(1, 3))
+    assert not torch.equal(out[0] == 0, out[1] == 0)
+
+
+def test_loop_with_randomness_same_shares_the_mask_and_error_refuses() -> None:
+    mods = [nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5)) for _ in range(3)]
+    with torch.no_grad():
+        for m in mods:
+            m[0].weight.fill_(1.0)
+            m[0].bias.fill_(0.0)
+    same = lm.Ensemble(mods, execution="loop", randomness="same")
+    out = same(torch.ones(1, 3))
+    assert torch.equal(out[0] == 0, out[1] == 0) and torch.equal(out[0] == 0, out[2] == 0)
+    with pytest.raises(lm.MetaTensorError, match=r"randomness='error'.*member 0 drew random"):
+        lm.Ensemble(mods, execution="loop", randomness="error")(torch.ones(1, 3))
+    assert lm.Ensemble(mods, execution="loop", randomness="error").eval()(torch.ones(1, 3)).shape == (3, 1, 64)
+
+
+def test_timing_changes_no_state_the_user_sees() -> None:
+    """The first call times its plans; statistics, gradients and RNG are as if it had not."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    torch.manual_seed(0)
+    mods = [make() for _ in range(3)]
+    x = torch.randn(8, 3, requires_grad=True)
+    auto = lm.Ensemble(copy.deepcopy(mods))
+    torch.manual_seed(5)
+    out = auto(x)
+    after_auto = torch.get_rng_state()
+    assert auto.plans and auto.plans[0].how == "timed"
+    assert set(auto.plans[0].timings_ms) == {"grouped", "vmap", "loop"}  # BatchNorm: not fused
+    assert x.grad is None and all(p.grad is None for p in auto.parameters())
+    forced = lm.Ensemble(copy.deepcopy(mods), execution=auto.plan)  # type: ignore[arg-type]
+    torch.manual_seed(5)
+    ref = forced(x)
+    assert torch.equal(torch.get_rng_state(), after_auto)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(auto.stacked.get_buffer("1.num_batches_tracked"), torch.ones(3, dtype=torch.long))
+    for name, b in forced.stacked.named_buffers():
+        torch.testing.assert_close(auto.stacked.get_buffer(name), b)
+
+
+def test_plans_are_cached_per_kind_of_call_and_overridable() -> None:
+    ens = lm.Ensemble(members("cnn"))
+    assert ens.plan is None and ens.execution == "vmap"
+    x = example("cnn")
+    ens(x)
+    ens(x + 1)  # same kind: no new timing
+    assert len(ens.plans) == 1 and ens.plan == ens.plans[0].plan
+    ens(torch.randn(2, 3, 7, 7))  # 7 rounds up to 8, as 6 does: the same kind
+    assert len(ens.plans) == 1
+    ens(torch.randn(2, 3, 9, 9))  # 9 rounds up to 16: another kind
+    with torch.no_grad():
+        ens(x)
+    ens.eval()
+    ens(x)
+    assert len(ens.plans) == 4
+    assert "no_grad" in ens.plans[2].signature and "eval" in ens.plans[3].signature
+    assert f"plan={ens.plan!r}" in repr(ens)
+    ens.clear_plans()
+    assert ens.plans == ()
+    forced = lm.Ensemble(members("cnn"), execution="loop")
+    forced(x)
+    assert forced.plan == "loop" and forced.plans == ()
+
+
+def test_no_timing_under_deterministic_algorithms() -> None:
+    ens = lm.Ensemble(members("cnn"))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ens(example("cnn"))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert ens.plan == ens.execution == "vmap" and ens.plans == ()
+
+
+def test_copies_start_without_timings() -> None:
+    ens = lm.Ensemble(members("cnn"))
+    x = example("cnn")
+    ens(x)
+    for clone in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+        assert clone.plans == () and clone.plan is None
+        torch.testing.assert_close(clone(x), ens(x))
+
+
+def test_fused_refusal_names_the_layer() -> None:
+    def flat() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2))
+
+    with pytest.raises(ArgumentValueError, match=r"layer '1' \(Flatten\) is neither an nn\.Linear") as info:
+        lm.Ensemble([flat(), flat()], execution="fused")
+    assert info.value.paths == ("1",)
+    with pytest.raises(ArgumentValueError, match=r"the template cannot be fused: the template is a TransformerEncoderLayer"):
+        lm.Ensemble(members("transformer", 2), execution="fused")
+    nested = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()))
+    with pytest.raises(ArgumentValueError, match=r"layer '1' \(Sequential\)"):
+        lm.Ensemble([nested, copy.deepcopy(nested)], execution="fused")
+
+
+def test_grouped_refusal_names_the_layer() -> None:
+    with pytest.raises(ArgumentValueError, match=r"execution='grouped'.*layer 'rnn' \(LSTM\) has no grouped form") as info:
+        lm.Ensemble(members("lstm", 2), execution="grouped")
+    assert info.value.paths == ("rnn",)
+
+    def cumulative() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+
+    with pytest.raises(ArgumentValueError, match=r"layer '1' \(BatchNorm1d\): momentum=None"):
+        lm.Ensemble([cumulative(), cumulative()], execution="grouped")
+    # Auto still runs it, on another plan.
+    ens = lm.Ensemble([cumulative(), cumulative()])
+    assert ens(torch.randn(4, 3)).shape == (2, 4, 4) and ens.plan != "grouped"
+
+
+def test_grouped_refuses_forwards_it_cannot_lay_out() -> None:
+    class MixesChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean(1)  # a mean over channels mixes members if folded
+
+    mods = [MixesChannels() for _ in range(2)]
+    ens = lm.Ensemble(mods, execution="grouped")
+    x = torch.randn(2, 2, 3, 3)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))  # fell back to the loop
+    auto = lm.Ensemble(mods)
+    auto(x)
+    assert auto.plans[0].timings_ms["grouped"] == float("inf")
+
+
+def test_tied_weights_on_every_plan() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    mods = [Tied() for _ in range(3)]
+    x = torch.randn(2, 4)
+    for plan in ("grouped", "loop", "vmap", "auto"):
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+        rm = copy.deepcopy(mods)
+        out, ref = ens(x), torch.stack([m(x) for m in rm])
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        ref.sum().backward()
+        for i, m in enumerate(rm):
+            torch.testing.assert_close(ens.stacked.get_parameter("a.weight").grad[i], m.a.weight.grad)
+
+
+def test_large_gradients_reuse_their_memory_unless_someone_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_meta._ensemble import _fused, _grads
+
+    monkeypatch.setattr(_grads, "REUSE_BYTES", 0)
+    monkeypatch.setattr(_fused, "_REUSE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_fused, "_PER_MEMBER_GRAD_MACS", 0)
+    mods = [nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)]
+    x = torch.randn(5, 3)
+    for plan in ("fused", "loop"):
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+        weights = [ens.stacked.get_parameter(n) for n in ("0.weight", "2.weight")]
+        pointers = []
+        for _ in range(3):
+            ens.zero_grad()
+            ens(x).square().sum().backward()
+            pointers.append([w.grad.data_ptr() for w in weights])  # type: ignore[union-attr]
+        assert pointers[0] == pointers[1] == pointers[2], plan
+        kept = [w.grad.clone() for w in weights]  # type: ignore[union-attr]
+        held = [w.grad for w in weights]
+        ens.zero_grad()
+        (ens(x).square().sum() * 2).backward()
+        for w, h, k in zip(weights, held, kept, strict=True):
+            assert w.grad is not None and w.grad.data_ptr() != h.data_ptr()
+            assert torch.equal(h, k)  # the gradient the caller kept is untouched
+        ref = lm.Ensemble(copy.deepcopy(mods), execution="vmap")
+        (ref(x).square().sum() * 2).backward()
+        for w, r in zip(weights, [ref.stacked.get_parameter(n) for n in ("0.weight", "2.weight")], strict=True):
+            torch.testing.assert_close(w.grad, r.grad)
+
+
+class DenseSqueeze(nn.Module):
+    """Channel concatenation, squeeze-and-excitation, shape reads and a view: laid out per member."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Conv2d(7, 7, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(7 * 3 * 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, torch.relu(self.conv(x))], dim=1)  # (B, 3 + 4, H, W)
+        scale = torch.sigmoid(self.gate(h.mean((2, 3), keepdim=True)))
+        h = self.pool(h * scale) + h.shape[-1] * 0.0
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_grouped_lays_out_concatenation_gates_and_views_per_member() -> None:
+    torch.manual_seed(0)
+    mods = [DenseSqueeze() for _ in range(3)]
+    x = torch.randn(2, 3, 6, 6)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="grouped")
+    ZOO_SHAPE[id(ens)] = (2, 3, 6, 6)
+    check_against_loop(ens, mods)
+    per = lm.Ensemble(copy.deepcopy(mods), execution="grouped", per_member_inputs=True)
+    xs = torch.randn(3, 2, 3, 6, 6)
+    torch.testing.assert_close(
+        per(xs), torch.stack([m(xi) for m, xi in zip(mods, xs, strict=True)]), rtol=1e-4, atol=1e-5
+    )
+    assert per.plan == "grouped" and ens(x).shape == (3, 2, 2)
+
+
+def test_timing_under_activation_checkpointing() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    mods = members("cnn")
+    x = example("cnn").requires_grad_()
+    auto, loop = (lm.Ensemble(copy.deepcopy(mods), execution=p) for p in ("auto", "loop"))  # type: ignore[arg-type]
+    grads = []
+    for ens in (auto, loop):
+        out = checkpoint(ens, x, use_reentrant=False)
+        out.square().sum().backward()
+        grads.append(x.grad)
+        x.grad = None
+    assert auto.plans[0].how == "timed"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    for name, b in loop.stacked.named_buffers():
+        torch.testing.assert_close(auto.stacked.get_buffer(name), b)
