@@ -1,8 +1,9 @@
 """Reseeds inside a deferred_init block are replayed even when they leave the state unchanged.
 
-Fake ops never advance the CPU generator, so a model that reseeds to the very
-state the caller seeded (``torch.manual_seed(0)`` before the block and again in
-``__init__``) looks, from the generator alone, as if nothing happened.
+Random ops draw for real while recording, so the generator inside the block is
+the real one: a model that reseeds to the very state the caller seeded
+(``torch.manual_seed(0)`` before the block and again in ``__init__``), restores
+a state it read, or forks the generator, gets what eager construction gets.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from test_deferred import assert_same_as_eager, build_deferred, build_eager
 from torch import nn
 
-from lightning_meta import MaterializationError, deferred_init, materialize
+from lightning_meta import deferred_init, materialize
 
 
 class Reseeding(nn.Module):
@@ -155,32 +156,30 @@ def test_reseed_to_unchanged_state_in_nested_blocks() -> None:
     assert torch.equal(torch.rand(4), after)
 
 
-def test_generator_state_is_the_entry_state_after_a_failed_block() -> None:
+def _draw_then_fail() -> None:
+    nn.Linear(3, 3)
+    raise ValueError("boom")
+
+
+def _reseed_then_fail() -> None:
+    nn.Linear(3, 3)
+    torch.manual_seed(4)
+    nn.Linear(3, 3)
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize("build", [_draw_then_fail, _reseed_then_fail])
+def test_generator_after_a_failed_block_is_where_eager_construction_leaves_it(
+    build: Callable[[], None],
+) -> None:
     torch.manual_seed(0)
-    entry = torch.get_rng_state()
-
-    def build() -> None:
-        nn.Linear(3, 3)
-        raise ValueError("boom")
-
+    with pytest.raises(ValueError, match="boom"):
+        build()
+    eager = torch.get_rng_state()
+    torch.manual_seed(0)
     with pytest.raises(ValueError, match="boom"):
         deferred_init(build)
-    assert torch.equal(torch.get_rng_state(), entry)
-
-
-def test_failed_block_puts_back_the_entry_state_even_after_a_reseed() -> None:
-    torch.manual_seed(0)
-    entry = torch.get_rng_state()
-
-    def build() -> None:
-        nn.Linear(3, 3)
-        torch.manual_seed(4)
-        nn.Linear(3, 3)
-        raise ValueError("boom")
-
-    with pytest.raises(ValueError, match="boom"):
-        deferred_init(build)
-    assert torch.equal(torch.get_rng_state(), entry)
+    assert torch.equal(torch.get_rng_state(), eager)
 
 
 def test_block_without_draws_leaves_the_generator_alone() -> None:
@@ -201,27 +200,31 @@ def test_block_without_draws_leaves_the_generator_alone() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_restoring_a_state_read_after_draws_inside_the_block_raises() -> None:
-    def build() -> nn.Module:
-        first = nn.Linear(3, 3)
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            second = nn.Linear(3, 3)
-        return nn.Sequential(first, second, nn.Linear(3, 3))
-
-    def save_and_restore() -> nn.Module:
-        first = nn.Linear(3, 3)
-        state = torch.get_rng_state()
+def _fork_around_a_reseed() -> nn.Module:
+    first = nn.Linear(3, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
         second = nn.Linear(3, 3)
-        torch.set_rng_state(state)
-        return nn.Sequential(first, second, nn.Linear(3, 3))
+    return nn.Sequential(first, second, nn.Linear(3, 3))
 
-    for builder in (build, save_and_restore):
-        torch.manual_seed(0)
-        entry = torch.get_rng_state()
-        with pytest.raises(MaterializationError, match="state read inside"):
-            deferred_init(builder)
-        assert torch.equal(torch.get_rng_state(), entry)
+
+def _save_and_restore() -> nn.Module:
+    first = nn.Linear(3, 3)
+    state = torch.get_rng_state()
+    second = nn.Linear(3, 3)
+    torch.set_rng_state(state)
+    return nn.Sequential(first, second, nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("build", [_fork_around_a_reseed, _save_and_restore])
+def test_restoring_a_state_read_after_draws_inside_the_block_is_exact(
+    build: Callable[[], nn.Module],
+) -> None:
+    # The generator is real inside the block: what model code reads is what it restores.
+    eager, after = build_eager(build)
+    module = build_deferred(build)
+    assert_same_as_eager(eager, materialize(module))
+    assert torch.equal(torch.rand(4), after)
 
 
 def test_explicit_generator_seeded_like_the_caller_is_unaffected() -> None:

@@ -240,7 +240,7 @@ def test_item_during_construction_raises_at_record_time() -> None:
 
     with pytest.raises(
         MaterializationError,
-        match=r"cannot record aten\._local_scalar_dense\.default issued at .*test_materialize\.py:\d+.*needs the values.*Fix:",
+        match=r"cannot record aten\._local_scalar_dense\.default on 'ReadsData\.w' issued at .*test_materialize\.py:\d+.*needs the values.*random draws.*Fix:",
     ):
         deferred_init(ReadsData)
 
@@ -249,7 +249,7 @@ def test_data_dependent_shape_raises_naming_the_tensor() -> None:
     class Nonzero(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.register_buffer("mask", torch.ones(4))
+            self.register_buffer("mask", torch.randn(4))
             self.register_buffer("idx", self.mask.nonzero())
 
     with pytest.raises(
@@ -360,7 +360,7 @@ def test_recording_error_carries_the_tensor_path() -> None:
     class Inner(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.register_buffer("mask", torch.ones(4))
+            self.register_buffer("mask", torch.rand(4))
 
     class Outer(nn.Module):
         def __init__(self) -> None:

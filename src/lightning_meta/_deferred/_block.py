@@ -1,38 +1,43 @@
 """Deferred initialisation: build on meta, record how, materialize exactly later.
 
 The public entry points are :func:`deferred_init`, :func:`materialize` and
-:func:`is_deferred`. Recording lives in ``_recorder`` (with ``_values``,
-``_rng`` and ``_record_errors``), the op log in ``_record``, replay in
-``_replay`` and ``_materialize``.
+:func:`is_deferred`. Recording lives in ``_session`` and ``_recorder`` (with
+``_values``, ``_lineage``, ``_rng``, ``_functions`` and ``_record_errors``),
+the op log in ``_record``, replay in ``_replay`` and ``_materialize``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar, overload
 
 import torch
 from torch import nn
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
-from lightning_meta._compat import FakeTensor, FakeTensorMode, is_swap_refusal
-from lightning_meta._deferred._handles import Handle, attach, handle_of
+from lightning_meta import _compat
+from lightning_meta._compat import FakeTensor, FakeTensorMode
+from lightning_meta._deferred._handles import (
+    Handle,
+    attach,
+    attach_item,
+    deferred_slots,
+    handle_of,
+)
 from lightning_meta._deferred._load_hooks import install_load_hooks
 from lightning_meta._deferred._materialize import materialize
-from lightning_meta._deferred._record import DEFAULT_STREAM, Record
+from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._recorder import Recorder
-from lightning_meta._errors import ArgumentTypeError, MaterializationError
-from lightning_meta._slots import Slot, buffer_names, children, iter_slots, parameter_names, slot_at
+from lightning_meta._deferred._session import (
+    PARAMETER_CLASS,
+    close,
+    fake_parameter_class,
+    recording,
+)
+from lightning_meta._errors import ArgumentTypeError
+from lightning_meta._slots import Slot, buffer_names, children, parameter_names, slot_at
 
 __all__ = ["deferred_init", "is_deferred", "materialize"]
 
@@ -47,10 +52,6 @@ class _State(threading.local):
 
 
 _ACTIVE = _State()
-# The last block that advanced the generator only virtually: a block entered
-# while the generator still sits where that one left it continues from its
-# end, exactly as consecutive eager constructions would.
-_LAST: list[weakref.ref[Record]] = []
 
 
 @overload
@@ -66,11 +67,15 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
 
     Inside the block tensors are fake (they report device ``cpu`` but hold no
     data), so model code runs its own initialisation exactly as it would
-    eagerly; every ATen call is recorded. When the block ends, every
-    parameter and buffer registered inside it is replaced by a meta tensor
-    (``p.is_meta``) that :func:`materialize` can turn into the exact values
-    eager construction with the same seed gives. Called with a callable,
-    builds ``fn(*args, **kwargs)`` that way and returns its result.
+    eagerly; every ATen call is recorded, and random numbers are drawn for
+    real (on scratch memory, one tensor at a time) so that every generator
+    stands, inside the block and after it, where eager construction leaves
+    it. When the block ends, every parameter, buffer and tensor attribute
+    (also inside list, tuple and dict attributes) of the modules built in it
+    is replaced by a meta tensor (``p.is_meta``) that :func:`materialize` can
+    turn into the exact values eager construction with the same seed gives.
+    Called with a callable, builds ``fn(*args, **kwargs)`` that way and
+    returns its result.
 
     Args:
         fn: optional callable (a module class or factory) to build.
@@ -83,10 +88,12 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
     Raises:
         ArgumentTypeError: ``fn`` is not callable, or arguments came without
             ``fn`` (also a ``TypeError``).
-        MaterializationError: the construction reads tensor values (``.item()``,
-            data-dependent shapes), uses an op with no meta kernel, or writes
-            into a real tensor captured from outside; the message names the
-            op, the ``file:line`` that issued it and the tensor's path.
+        MaterializationError: the construction reads the values of weights
+            (``.item()`` on a random tensor outside a ``torch.nn.init``
+            initialiser) or of uninitialised memory, uses an op with no fake
+            kernel, converts a whole module (``.to()``), or writes into a
+            real tensor captured from outside; the message names the op, the
+            ``file:line`` that issued it and the tensor's path.
 
     Example::
 
@@ -99,16 +106,11 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
         4.0
 
     .. warning::
-        Only tensors registered on modules (parameters, buffers, or tensor
-        attributes of those modules) are converted; a tensor kept elsewhere
-        (a closure, a plain list) stays a fake tensor and fails when used.
-        Random draws from the global generator outside the block, between it
-        and :func:`materialize`, see the generator as it was at entry. Inside
-        the block the global CPU generator holds placeholder states (so that
-        any reseed by the model, even to the seed already in use, is seen and
-        replayed); ``torch.get_rng_state()`` read there is a placeholder, and
-        restoring one read after a random draw (``torch.random.fork_rng``
-        around a reseed) raises :class:`MaterializationError`.
+        A tensor made in the block but kept elsewhere (a closure, a global
+        list, a module built outside the block) has no values: any use of it
+        after the block raises :class:`~lightning_meta.MetaTensorError`
+        naming where it was made. Construction costs the time of eager
+        construction's random draws (not its memory).
     """
     if fn is None:
         if args or kwargs:
@@ -122,71 +124,37 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
             f"deferred_init expects a callable (a module class or factory), got "
             f"{type(fn).__name__}. Fix: deferred_init(MyModel, *args) or `with deferred_init():`."
         )
-    with _block():
-        return fn(*args, **kwargs)
+    built: list[Any] = []
+    with _block(built):
+        built.append(fn(*args, **kwargs))
+    return built[0]
 
 
 @contextlib.contextmanager
-def _block() -> Iterator[None]:
+def _block(built: list[Any] | None = None) -> Iterator[None]:
     """Record the body, then swap the built modules' fake tensors for deferred meta tensors."""
     if _ACTIVE.recorder is not None:
         yield  # nested: the outer block records everything
         return
-    prev = _chain_candidate()
-    record = Record(prev)
-    recorder = Recorder(record, chained=prev is not None)
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    hooks = [
-        register_module_parameter_registration_hook(recorder.track),
-        register_module_buffer_registration_hook(recorder.track),
-        register_module_module_registration_hook(recorder.track),
-    ]
-    _ACTIVE.recorder = recorder
-    finished = False
+    record = Record()
+    converted: set[int] = set()
+    recorder: Recorder | None = None
     try:
-        recorder.open()
-        with warnings.catch_warnings():
-            # torch's own Tensor.__deepcopy__ (nn.TransformerEncoder clones its
-            # layer) probes data_ptr() of the fake tensors; harmless here.
-            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-            with fake, recorder:
-                try:
-                    yield
-                except RuntimeError as e:
-                    if not is_swap_refusal(e):
-                        raise
-                    raise MaterializationError(
-                        f"deferred_init cannot record Module.to()/.half()/.float() inside the "
-                        f"block ({e}): torch cannot swap the fake tensors it builds on. Fix: "
-                        "pass dtype= (and device=) to materialize, or convert after it."
-                    ) from e
-        finished = True
+        with recording(record) as recorder:
+            _ACTIVE.recorder = recorder
+            try:
+                yield
+            finally:
+                _ACTIVE.recorder = None
+        roots = list(recorder.modules.values())
+        roots += [m for m in built or () if isinstance(m, nn.Module)]
+        owners = _convert(recorder, roots, converted)
+        # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
+        install_load_hooks(owners)
     finally:
-        for hook in hooks:
-            hook.remove()
-        _ACTIVE.recorder = None
-        try:
-            if finished:
-                owners = _convert(recorder, fake)
-                # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
-                # Every module under the tracked ones that owns deferred tensors
-                # (the only ones it hooks), so it need not walk the tree again.
-                install_load_hooks(owners)
-        finally:
-            recorder.close(finished)
-    if record.random_ops(DEFAULT_STREAM) or record.prev is not None:
-        _LAST[:] = [weakref.ref(record)]
+        if recorder is not None:
+            close(recorder, converted)
     logger.debug("deferred_init recorded %d ops", len(record.ops))
-
-
-def _chain_candidate() -> Record | None:
-    """Return the last block's record if the generator still sits where that block left it."""
-    prev = _LAST[0]() if _LAST else None
-    if prev is None or prev.pid != os.getpid() or prev.exit_state is None:
-        return None
-    if not torch.equal(torch.get_rng_state(), prev.exit_state):
-        return None
-    return prev
 
 
 _FAKE_ATTRS: set[str] = set()
@@ -198,44 +166,116 @@ def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
     if not _FAKE_ATTRS:
         with FakeTensorMode():
             _FAKE_ATTRS.update(vars(torch.empty(0)))
-        _FAKE_ATTRS.add("_is_param")
+        _FAKE_ATTRS.update({"_is_param", PARAMETER_CLASS})
     return {
         k: v for k, v in vars(t).items() if k not in _FAKE_ATTRS and not isinstance(v, torch.Tensor)
     }
 
 
-def _convert(recorder: Recorder, fake: FakeTensorMode) -> list[nn.Module]:
-    """Swap every fake tensor on the recorded modules for a deferred meta tensor.
+def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) -> list[nn.Module]:
+    """Swap every fake tensor the built modules hold for a deferred meta tensor.
 
-    Returns every module under the tracked ones that owns deferred tensors.
+    Parameters, buffers, tensor attributes, and tensors inside list, tuple
+    and dict attributes. Returns every module that owns deferred tensors.
     """
     record = recorder.record
     memo: dict[int, tuple[torch.Tensor, Handle | None]] = {}
 
-    def convert(slot: Slot) -> None:
-        t = slot.tensor
+    def meta_of(t: torch.Tensor) -> tuple[torch.Tensor, Handle | None, int]:
         meta, handle = memo.get(id(t), (None, None))
+        vid = recorder.vid_at_exit(t)
         if meta is None:
             meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META)
             if isinstance(t, nn.Parameter):
-                meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+                meta = _compat.make_subclass(fake_parameter_class(t), meta, t.requires_grad)
             elif t.requires_grad:
                 meta.requires_grad_(True)
-        vid = recorder.vid_at_exit(t)
+            for key, value in _own_attrs(t).items():
+                setattr(meta, key, value)  # as on the tensor eager construction makes
+            site = recorder.garbage_site(vid)
+            if site is not None:
+                record.garbage[vid] = site
+        return meta, handle, vid
+
+    def convert(slot: Slot) -> None:
+        t = slot.tensor
+        meta, handle, vid = meta_of(t)
         handle = attach(record, slot.owner, slot.name, meta, vid, _own_attrs(t), handle)
         memo[id(t)] = (meta, handle)
+        converted.add(id(t))
         slot.put(meta)
+
+    def convert_item(module: nn.Module, attr: str, keys: tuple[Any, ...], t: torch.Tensor) -> Any:
+        meta, handle, vid = meta_of(t)
+        handle = attach_item(record, module, attr, keys, meta, vid, _own_attrs(t), handle)
+        memo[id(t)] = (meta, handle)
+        converted.add(id(t))
+        return meta
 
     # Submodules can arrive without a registration hook (deepcopy in
     # nn.TransformerEncoder's _get_clones), so walk down from every tracked one.
     owners: list[nn.Module] = []
-    for module in _walk(recorder.modules.values()).values():
+    for module in _walk(roots).values():
         fakes = _fake_slots(module)
         for slot in fakes:
             convert(slot)
-        if fakes:
+        contained = False
+        for attr, value in list(vars(module).items()):
+            if (
+                isinstance(value, _SEQUENCES)
+                and attr not in _MODULE_TABLES
+                and not attr.startswith("_lightning_meta")
+                and _holds_fake(value)
+            ):
+                contained = True
+                module.__dict__[attr] = _convert_container(value, (), attr, module, convert_item)
+        if fakes or contained:
             owners.append(module)
     return owners
+
+
+_MAX_DEPTH = 4
+_SEQUENCES = (list, tuple, dict)
+# nn.Module's own tables (parameters, buffers, hooks), walked elsewhere or holding no tensor.
+_MODULE_TABLES = frozenset(vars(nn.Module()))
+
+
+def _holds_fake(value: Any, depth: int = 0) -> bool:
+    """Whether the list, tuple or dict ``value`` holds a fake tensor (a few levels down)."""
+    items = value.values() if type(value) is dict else value
+    for item in items:
+        kind = type(item)
+        if kind is FakeTensor:
+            return True
+        if depth < _MAX_DEPTH and isinstance(item, _SEQUENCES) and _holds_fake(item, depth + 1):
+            return True
+    return False
+
+
+def _convert_container(
+    value: Any,
+    keys: tuple[Any, ...],
+    attr: str,
+    module: nn.Module,
+    convert: Callable[[nn.Module, str, tuple[Any, ...], torch.Tensor], Any],
+) -> Any:
+    """Return ``value`` with its fake tensors (at any depth up to a few) made deferred."""
+    if type(value) is FakeTensor:
+        return convert(module, attr, keys, value)
+    if len(keys) > _MAX_DEPTH or not isinstance(value, _SEQUENCES) or not _holds_fake(value):
+        return value
+    entries = value.items() if isinstance(value, dict) else enumerate(value)
+    changes = {
+        key: _convert_container(item, (*keys, key), attr, module, convert) for key, item in entries
+    }
+    if isinstance(value, tuple):
+        items = [changes[i] for i in range(len(value))]
+        make = getattr(type(value), "_make", None)
+        return make(items) if make is not None else type(value)(items)
+    for key, new in changes.items():
+        if new is not value[key]:
+            value[key] = new
+    return value
 
 
 def _fake_slots(module: nn.Module) -> list[Slot]:
@@ -289,7 +329,7 @@ def is_deferred(obj: nn.Module | torch.Tensor) -> bool:
     if isinstance(obj, torch.Tensor):
         return handle_of(obj) is not None
     if isinstance(obj, nn.Module):
-        return any(handle_of(s.tensor) is not None for s in iter_slots(obj))
+        return bool(deferred_slots(obj))
     raise ArgumentTypeError(
         f"is_deferred expects an nn.Module or a torch.Tensor, got {type(obj).__name__}. "
         "Fix: pass the module built under deferred_init, or one of its tensors."

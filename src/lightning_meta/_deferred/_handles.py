@@ -3,17 +3,21 @@
 A :class:`Handle` links one deferred meta tensor to the :class:`Record` of its
 block and its value id. Handles live in their module's ``__dict__`` (under
 :data:`~lightning_meta._slots.HANDLES_ATTR`) so they follow ``deepcopy`` and
-``pickle``; a registry finds the handle of a tensor. Every change to a
-record's ``pending`` set and ``materialized`` table, and to a module's handle
-table, is made by a function of this module; the block, ``materialize``, the
-load hooks, the checkpoint loader and MetaGuard call them.
+``pickle``; a registry finds the handle of a tensor. Tensors a module keeps
+inside a list, tuple or dict attribute are deferred too: their handles live
+in a second table (:data:`ITEMS_ATTR`) and their places are
+item slots (:class:`ItemSlot`). Every change to a record's ``pending`` set and
+``materialized`` table, and to a module's handle tables, is made by a
+function of this module; the block, ``materialize``, the load hooks, the
+checkpoint loader and MetaGuard call them.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,8 +28,13 @@ from lightning_meta._deferred._record import Record
 from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at
 
 __all__ = [
+    "ITEMS_ATTR",
     "Handle",
+    "ItemSlot",
     "attach",
+    "attach_item",
+    "dress_like",
+    "item_slots",
     "deferred_paths",
     "deferred_slots",
     "done",
@@ -127,9 +136,107 @@ def attach(
     return handle
 
 
+# The ``__dict__`` entry of a module mapping the dotted place of each deferred
+# tensor held in a container attribute (``"cache.0"``) to its item.
+ITEMS_ATTR = "_lightning_meta_deferred_items"
+
+
+class Item(NamedTuple):
+    """A deferred tensor inside a container attribute: the attribute, the keys down, the handle."""
+
+    attr: str
+    keys: tuple[Any, ...]
+    handle: Handle
+
+
+@dataclass(frozen=True)
+class ItemSlot(Slot):
+    """A place inside a list, tuple or dict attribute of a module: ``owner.name[k0][k1]...``.
+
+    Tuples on the way are rebuilt (they cannot change in place); lists and
+    dicts are changed in place, so other references to them see the new
+    tensor too.
+    """
+
+    keys: tuple[Any, ...] = ()
+
+    def current(self) -> torch.Tensor | None:
+        """The tensor the place holds now (``None`` if the container changed shape)."""
+        node: Any = self.owner.__dict__.get(self.name)
+        try:
+            for key in self.keys:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return node if isinstance(node, torch.Tensor) else None
+
+    def put(self, value: torch.Tensor) -> None:
+        """Store ``value`` at the place."""
+        self.owner.__dict__[self.name] = _replace(self.owner.__dict__[self.name], self.keys, value)
+
+
+def _replace(node: Any, keys: tuple[Any, ...], value: Any) -> Any:
+    if not keys:
+        return value
+    child = _replace(node[keys[0]], keys[1:], value)
+    if isinstance(node, tuple):
+        items = list(node)
+        items[keys[0]] = child
+        make = getattr(type(node), "_make", None)
+        return make(items) if make is not None else type(node)(items)
+    node[keys[0]] = child
+    return node
+
+
+def _item_path(attr: str, keys: tuple[Any, ...]) -> str:
+    return ".".join([attr, *(str(k) for k in keys)])
+
+
+def attach_item(
+    record: Record,
+    module: nn.Module,
+    attr: str,
+    keys: tuple[Any, ...],
+    meta: torch.Tensor,
+    vid: int,
+    attrs: dict[str, Any],
+    handle: Handle | None = None,
+) -> Handle:
+    """Make ``module.attr[keys...]`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``."""
+    if handle is None:
+        handle = Handle(meta, record, vid, attrs)
+        record.pending.add(handle)
+    table = module.__dict__.setdefault(ITEMS_ATTR, {})
+    table[_item_path(attr, keys)] = Item(attr, keys, handle)
+    return handle
+
+
+def items_of(module: nn.Module) -> dict[str, Item]:
+    """Return a copy of ``module``'s own table of deferred tensors held in containers."""
+    return dict(module.__dict__.get(ITEMS_ATTR) or {})
+
+
+def item_slots(module: nn.Module, prefix: str = "") -> list[ItemSlot]:
+    """Return the places of ``module``'s own deferred container items still holding them."""
+    dot = f"{prefix}." if prefix else ""
+    out: list[ItemSlot] = []
+    for rel, item in items_of(module).items():
+        slot = ItemSlot(dot + rel, module, "attr", item.attr, item.handle.tensor, False, item.keys)
+        if slot.current() is item.handle.tensor:
+            out.append(slot)
+    return out
+
+
 def deferred_slots(module: nn.Module) -> list[Slot]:
-    """Return the slots of ``module`` (whole tree) that still hold a deferred tensor."""
-    return [s for s in iter_slots(module) if handle_of(s.tensor) is not None]
+    """Return the slots of ``module`` (whole tree) that still hold a deferred tensor.
+
+    Container items (:class:`ItemSlot`) come after the parameters, buffers and
+    attributes, under dotted paths such as ``"cache.0"``.
+    """
+    found = [s for s in iter_slots(module) if handle_of(s.tensor) is not None]
+    for prefix, mod in module.named_modules():
+        found += [s for s in item_slots(mod, prefix) if handle_of(s.tensor) is not None]
+    return found
 
 
 def deferred_paths(module: nn.Module) -> list[str]:
@@ -158,11 +265,22 @@ def mark_done(handle: Handle, tensor: torch.Tensor) -> None:
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
 
 
-def settle(owner: nn.Module, name: str, handle: Handle, tensor: torch.Tensor) -> None:
-    """Note that ``owner.name`` now holds ``tensor``, the real value of ``handle``."""
+def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:
+    """Note that ``slot`` now holds ``tensor``, the real value of ``handle``."""
     mark_done(handle, tensor)
     handle.record.pending.discard(handle)
-    drop(owner, name, handle)
+    if isinstance(slot, ItemSlot):
+        _drop_item(slot.owner, _item_path(slot.name, slot.keys), handle)
+    else:
+        drop(slot.owner, slot.name, handle)
+
+
+def _drop_item(owner: nn.Module, rel: str, handle: Handle | None = None) -> None:
+    table: dict[str, Item] = owner.__dict__.get(ITEMS_ATTR) or {}
+    current = table.get(rel)
+    if current is not None and (handle is None or current.handle is handle):
+        del table[rel]
+        current.handle.record.pending.discard(current.handle)
 
 
 def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
@@ -178,16 +296,45 @@ def forget(module: nn.Module, names: Iterable[str]) -> None:
     """Drop the handles of ``names`` (dotted) after the caller filled them itself.
 
     Once every deferred tensor of a record is materialized or forgotten, the
-    record is released (:meth:`Record.release`, the record's own method). The
-    generator is not moved: eager construction would have drawn those tensors.
+    record is released (:meth:`Record.release`, the record's own method).
+    Container items (``"cache.0"``) named here that still hold their deferred
+    tensor are not in any state dict, so no loader fills them: they are
+    replayed instead (on the CPU, where eager construction leaves them), like
+    non-persistent buffers.
     """
     wanted = set(names)
+    items: list[ItemSlot] = []
     for prefix, mod in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
         for name, handle in handles_of(mod).items():
-            if (f"{prefix}.{name}" if prefix else name) in wanted:
+            if dot + name in wanted:
                 drop(mod, name, handle)
                 if not handle.record.pending:
                     handle.record.release()
+        items += [s for s in item_slots(mod, prefix) if s.path in wanted]
+    if items:
+        _replay_items(items)
+
+
+def _replay_items(items: list[ItemSlot]) -> None:
+    """Replay deferred container items exactly, and put them in place."""
+    from lightning_meta._deferred._replay import complete, replay
+
+    found = [(slot, handle_of(slot.tensor)) for slot in items]
+    pending = [(slot, h) for slot, h in found if h is not None]
+    records: dict[int, Record] = {id(h.record): h.record for _, h in pending}
+    for record in records.values():
+        mine = [(slot, h) for slot, h in pending if h.record is record]
+        wanted = {h.vid: slot.path for slot, h in mine if done(h) is None}
+        values = replay(record, wanted, device=torch.device("cpu")) if wanted else {}
+        for slot, h in mine:
+            new = done(h)
+            if new is None:
+                new = dress_like(slot.tensor, values[h.vid], h.attrs)
+            slot.put(new)
+            settle(slot, h, new)
+        if not record.pending:
+            complete(record, None)
 
 
 def drop_stale(module: nn.Module) -> dict[int, Record]:
@@ -202,6 +349,11 @@ def drop_stale(module: nn.Module) -> dict[int, Record]:
             if slot is None or slot.tensor is not handle.tensor:
                 drop(mod, name, handle)
                 touched[id(handle.record)] = handle.record
+        for rel, item in items_of(mod).items():
+            place = ItemSlot(rel, mod, "attr", item.attr, item.handle.tensor, False, item.keys)
+            if place.current() is not item.handle.tensor:
+                _drop_item(mod, rel, item.handle)
+                touched[id(item.handle.record)] = item.handle.record
     return touched
 
 
@@ -213,6 +365,24 @@ def without_pending(records: Iterable[Record]) -> list[Record]:
 def released_without_result(handle: Handle) -> bool:
     """Whether ``handle``'s record was released and its value was not kept anywhere."""
     return handle.record.released and done(handle) is None
+
+
+def dress_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    """Return ``data`` dressed as ``old`` was: its Parameter class, ``requires_grad``, ``attrs``.
+
+    A ``Parameter`` subclass is rebuilt the way ``nn.Parameter.__new__`` builds
+    one (without calling the class, whose constructor may take other
+    arguments); ``attrs`` are attributes model code set on the original
+    tensor (``_is_hf_initialized``, or what a subclass's ``__init__`` set).
+    """
+    if isinstance(old, nn.Parameter):
+        new = _compat.make_subclass(type(old), data, old.requires_grad)
+    else:
+        new = data.requires_grad_(old.requires_grad) if old.requires_grad else data
+    for key, value in attrs.items():
+        if not isinstance(value, torch.Tensor):
+            setattr(new, key, value)
+    return new
 
 
 def lone_module(name: str, handle: Handle) -> nn.Module:

@@ -13,7 +13,8 @@ every module that owns deferred tensors:
   ``assign=True`` it hands torch the wrapped state dict tensor itself so that
   tied weights stay one object;
 - a post-hook that replays, exactly, every deferred tensor the state dict did
-  not fill (non-persistent buffers, a new head).
+  not fill (non-persistent buffers, a new head, tensors held in list, tuple
+  and dict attributes).
 
 The hooks are module-level functions, so modules stay picklable and
 deep-copyable, and they do nothing once no deferred tensor is left.
@@ -30,13 +31,16 @@ from torch import nn
 from lightning_meta._compat import dispatch_mode_active
 from lightning_meta._deferred._handles import (
     done,
+    dress_like,
     forget,
     handles_of,
+    item_slots,
+    items_of,
     mark_done,
     own_deferred,
 )
 from lightning_meta._deferred._materialize import materialize_paths
-from lightning_meta._slots import buffer_names, parameter_names, tensor_at, wrap_like
+from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
 __all__ = ["install_load_hooks"]
 
@@ -62,7 +66,7 @@ def install_load_hooks(modules: Iterable[nn.Module]) -> None:
             if id(mod) in seen:
                 continue
             seen.add(id(mod))
-            if not handles_of(mod) or mod.__dict__.get(_HOOKED_ATTR):
+            if not (handles_of(mod) or items_of(mod)) or mod.__dict__.get(_HOOKED_ATTR):
                 continue
             mod.register_load_state_dict_pre_hook(_fill_before_copy)
             mod.register_load_state_dict_post_hook(_replay_rest)
@@ -97,11 +101,11 @@ def _fill_before_copy(
             if assign:
                 # torch assigns state_dict[key]; make it the wrapped tensor so a
                 # tie's other end (below, via mark_done) gets the same object.
-                new = wrap_like(old, value.detach(), handle.attrs)
+                new = dress_like(old, value.detach(), handle.attrs)
             else:
                 # Only storage: torch's own copy_ fills it right after this hook,
                 # with its shape checks and dtype conversion.
-                new = wrap_like(old, torch.empty_like(old, device=value.device), handle.attrs)
+                new = dress_like(old, torch.empty_like(old, device=value.device), handle.attrs)
             mark_done(handle, new)
         if assign:
             state_dict[key] = new
@@ -116,6 +120,7 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
     if dispatch_mode_active():
         return
     rest = [slot.name for slot, _ in own_deferred(module)]
+    rest += [slot.path for slot in item_slots(module)]  # in no state dict: always replayed
     if not rest:
         return
     owned = [tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))]

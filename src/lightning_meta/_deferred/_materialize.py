@@ -11,11 +11,15 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_module_argument, float_dtype, real_device
+from lightning_meta._deferred._fallback import reset_parameters
 from lightning_meta._deferred._handles import (
     Handle,
+    ItemSlot,
     done,
+    dress_like,
     drop_stale,
     handle_of,
+    item_slots,
     released_without_result,
     settle,
     without_pending,
@@ -23,9 +27,9 @@ from lightning_meta._deferred._handles import (
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
-from lightning_meta._slots import Slot, iter_slots, wrap_like
+from lightning_meta._slots import Slot, iter_slots
 
-__all__ = ["materialize"]
+__all__ = ["materialize", "materialize_paths"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +44,23 @@ def materialize(
     dtype: torch.dtype | None = None,
     draw_on: DrawOn = "cpu",
     fallback: Fallback | None = None,
+    allow_uninitialized: bool = False,
 ) -> nn.Module:
     """Replace the deferred meta tensors of ``module`` by real ones, in place.
 
     Every parameter and buffer recorded under :func:`deferred_init` gets the
     exact bits eager construction with the same seed gives (with ``dtype``: the
-    bits of eager construction followed by ``.to(dtype)``); tied tensors stay
-    one object; parameter class, ``requires_grad`` and buffer persistence are
-    kept. A submodule can be materialized alone, the rest later, in any order.
-    Tensors that are not on meta are left untouched, so calling this again is a
-    no-op.
+    bits of eager construction followed by ``.to(dtype)``), in the dtype eager
+    construction gives it (the default dtype in force when it was built);
+    tied tensors stay one object; parameter class (subclasses too), their
+    attributes, ``requires_grad`` and buffer persistence are kept. Tensors
+    held in list, tuple and dict attributes are materialized too (where eager
+    construction leaves them: on the CPU unless ``draw_on="device"``, in their
+    own dtype, as ``Module.to`` does not move them). A submodule can be
+    materialized alone, the rest later, in any order. No generator moves:
+    they stand where eager construction left them since the block ended.
+    Tensors that are not on meta are left untouched, so calling this again is
+    a no-op.
 
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
@@ -62,9 +73,12 @@ def materialize(
             ``device`` with that device's generator, the values of eager
             construction directly on it.
         fallback: ``"reset_parameters"`` lets meta tensors that were never
-            deferred be allocated and initialised by their module's
-            ``reset_parameters()``; a tensor that method leaves unwritten still
-            raises.
+            deferred be initialised by their module's ``reset_parameters()``
+            (recorded first, so a tensor it leaves wholly or partly unwritten,
+            or a method that raises, changes nothing and raises).
+        allow_uninitialized: keep eager construction's behaviour for tensors
+            it leaves uninitialised (``torch.empty`` never filled): replay
+            them as uninitialised memory instead of raising.
 
     Returns:
         ``module`` itself.
@@ -76,8 +90,9 @@ def materialize(
             has a value that cannot work (also a ``ValueError``).
         MaterializationError: a meta tensor was not built under
             ``deferred_init`` (and no ``fallback``), a deferred tensor was
-            modified after the block, or the record cannot be replayed exactly.
-            Nothing is changed when it raises before replaying.
+            modified after the block, holds uninitialised memory (and not
+            ``allow_uninitialized``), or the record cannot be replayed
+            exactly. Nothing is changed when it raises before replaying.
 
     Example::
 
@@ -93,13 +108,15 @@ def materialize(
         >>> torch.equal(lm.materialize(net).weight, torch.nn.Linear(4, 2).weight)
         True
 
-    .. warning::
-        If the global generator is reseeded or drawn from between the
-        ``deferred_init`` block and ``materialize``, it is left as it is;
-        otherwise it is moved to where eager construction would have left it.
     """
     return materialize_paths(
-        module, None, device=device, dtype=dtype, draw_on=draw_on, fallback=fallback
+        module,
+        None,
+        device=device,
+        dtype=dtype,
+        draw_on=draw_on,
+        fallback=fallback,
+        allow_uninitialized=allow_uninitialized,
     )
 
 
@@ -111,6 +128,7 @@ def materialize_paths(
     dtype: torch.dtype | None = None,
     draw_on: DrawOn = "cpu",
     fallback: Fallback | None = None,
+    allow_uninitialized: bool = False,
 ) -> nn.Module:
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
@@ -125,6 +143,7 @@ def materialize_paths(
         dtype: see :func:`materialize`.
         draw_on: see :func:`materialize`.
         fallback: see :func:`materialize`.
+        allow_uninitialized: see :func:`materialize`.
 
     Returns:
         ``module`` itself.
@@ -136,18 +155,18 @@ def materialize_paths(
             has a value that cannot work.
         MaterializationError: see :func:`materialize`.
     """
-    target, rdev = _check_arguments(module, names, device, dtype, draw_on, fallback)
+    target, remap = _check_arguments(module, names, device, dtype, draw_on, fallback)
     slots = _select(module, names)
     if not slots:
         return module
     deferred, plain = _split(slots)
-    _check_deferred(deferred)
+    _check_deferred(deferred, allow_uninitialized)
     _check_plain(plain, fallback)
-    ready, replayed = _replay_records(deferred, target, dtype, rdev)
+    ready, replayed = _replay_records(deferred, target, dtype, remap)
     _swap_in(deferred, ready)
-    _complete_records(module, replayed, rdev)
+    _complete_records(module, replayed, remap)
     if plain:
-        _reset(plain, target)
+        reset_parameters(plain, target)
     logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
     return module
 
@@ -159,8 +178,8 @@ def _check_arguments(
     dtype: torch.dtype | None,
     draw_on: DrawOn,
     fallback: Fallback | None,
-) -> tuple[torch.device, torch.device]:
-    """Refuse bad arguments; return the target device and the device that draws."""
+) -> tuple[torch.device, torch.device | None]:
+    """Refuse bad arguments; return the target device and where CPU draws are redrawn."""
     check_module_argument(module, "materialize", "pass the module built under deferred_init")
     if _compat.dispatch_mode_active():
         raise MaterializationError(
@@ -187,12 +206,15 @@ def _check_arguments(
             "Fix: leave fallback=None, or pass fallback='reset_parameters' to initialise "
             "never-deferred meta tensors with their module's reset_parameters()."
         )
-    return target, target if draw_on == "device" else torch.device("cpu")
+    remap = target if draw_on == "device" and target.type != "cpu" else None
+    return target, remap
 
 
 def _select(module: nn.Module, names: Iterable[str] | None) -> list[Slot]:
     """Return the meta slots of ``module`` named in ``names`` (all if ``None``)."""
-    slots = [s for s in iter_slots(module) if s.tensor.is_meta]
+    slots: list[Slot] = [s for s in iter_slots(module) if s.tensor.is_meta]
+    for prefix, mod in module.named_modules():
+        slots += item_slots(mod, prefix)
     if names is None:
         return slots
     wanted = set(names)
@@ -223,31 +245,35 @@ def _replay_records(
     deferred: list[tuple[Slot, Handle]],
     device: torch.device,
     dtype: torch.dtype | None,
-    rdev: torch.device,
+    remap: torch.device | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, Record]]:
     """Return the real tensor for each deferred tensor (by ``id``) and the records replayed.
 
-    One replay per record; a value already materialized elsewhere (a tie
-    reaching outside the submodule) reuses that tensor.
+    One replay per record (two when container items, which stay where eager
+    construction leaves them, come along); a value already materialized
+    elsewhere (a tie reaching outside the submodule) reuses that tensor.
     """
     ready: dict[int, torch.Tensor] = {}
-    targets: dict[int, tuple[Record, dict[int, str]]] = {}
+    targets: dict[tuple[int, bool], tuple[Record, dict[int, str]]] = {}
     for slot, handle in deferred:
         existing = done(handle)
         if existing is not None:
             ready[id(slot.tensor)] = existing
         else:
-            per_record = targets.setdefault(id(handle.record), (handle.record, {}))[1]
+            key = (id(handle.record), isinstance(slot, ItemSlot))
+            per_record = targets.setdefault(key, (handle.record, {}))[1]
             per_record.setdefault(handle.vid, slot.path)
     produced: dict[tuple[int, int], torch.Tensor] = {}
-    for record, wanted in targets.values():
-        for vid, t in replay(record, wanted, device=device, dtype=dtype, rdev=rdev).items():
+    for (_, item), (record, wanted) in targets.items():
+        to = (remap or torch.device("cpu")) if item else device
+        cast = None if item else dtype
+        for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid)] = t
     for slot, handle in deferred:
         if id(slot.tensor) not in ready:
             value = produced[(id(handle.record), handle.vid)]
-            ready[id(slot.tensor)] = wrap_like(slot.tensor, value, handle.attrs)
-    return ready, {key: record for key, (record, _) in targets.items()}
+            ready[id(slot.tensor)] = dress_like(slot.tensor, value, handle.attrs)
+    return ready, {id(record): record for record, _ in targets.values()}
 
 
 def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
@@ -255,19 +281,21 @@ def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]
     for slot, handle in deferred:
         new = ready[id(slot.tensor)]
         slot.put(new)
-        settle(slot.owner, slot.name, handle, new)
+        settle(slot, handle, new)
 
 
-def _complete_records(module: nn.Module, replayed: dict[int, Record], rdev: torch.device) -> None:
+def _complete_records(
+    module: nn.Module, replayed: dict[int, Record], remap: torch.device | None
+) -> None:
     """Settle the generators of, and release, every record touched with nothing left pending."""
     touched = dict(replayed)
     touched.update(drop_stale(module))
     for record in without_pending(touched.values()):
-        complete(record, rdev)
+        complete(record, remap)
 
 
-def _check_deferred(deferred: list[tuple[Slot, Handle]]) -> None:
-    """Refuse deferred tensors whose record cannot give their value any more."""
+def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool) -> None:
+    """Refuse deferred tensors whose record cannot give their value (exactly) any more."""
     modified = sorted(s.path for s, h in deferred if _compat.version_of(s.tensor) != h.version)
     if modified:
         raise MaterializationError(
@@ -284,6 +312,23 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]]) -> None:
             "materialized and has since been dropped, so the record is gone. Fix: materialize "
             "the whole module in one call.",
             paths=released,
+        )
+    if allow_uninitialized:
+        return
+    garbage = {
+        s.path: h.record.garbage[h.vid]
+        for s, h in deferred
+        if h.vid in h.record.garbage and done(h) is None
+    }
+    if garbage:
+        where = "; ".join(f"{p!r} (aten.empty at {site})" for p, site in sorted(garbage.items()))
+        raise MaterializationError(
+            "materialize found deferred tensors that eager construction leaves uninitialised "
+            f"(torch.empty never filled): {where}. Their values would be whatever memory "
+            "holds. Fix: load them from a checkpoint (load_checkpoint or load_state_dict "
+            "fills them without replaying), initialise them in the model, or pass "
+            "allow_uninitialized=True to keep eager construction's uninitialised memory.",
+            paths=garbage,
         )
 
 
@@ -313,35 +358,3 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
                 "or load these tensors from a checkpoint.",
                 paths=missing,
             )
-
-
-def _reset(plain: list[Slot], device: torch.device) -> None:
-    """Allocate never-deferred meta tensors and run their modules' reset_parameters()."""
-    memo: dict[int, torch.Tensor] = {}
-    owners: dict[int, nn.Module] = {}
-    fresh: list[tuple[Slot, torch.Tensor]] = []
-    for slot in plain:
-        new = memo.get(id(slot.tensor))
-        if new is None:
-            new = wrap_like(slot.tensor, torch.empty_like(slot.tensor, device=device), {})
-            memo[id(slot.tensor)] = new
-        slot.put(new)
-        fresh.append((slot, new))
-        owners[id(slot.owner)] = slot.owner
-    versions = {id(t): _compat.version_of(t) for _, t in fresh}
-    for owner in owners.values():
-        with torch.no_grad():
-            owner.reset_parameters()  # type: ignore[operator]
-    untouched = sorted(
-        s.path for s, t in fresh if s.current() is t and _compat.version_of(t) == versions[id(t)]
-    )
-    if untouched:
-        for slot in plain:
-            slot.put(slot.tensor)
-        raise MaterializationError(
-            f"materialize(fallback='reset_parameters') left {untouched} uninitialised: "
-            "reset_parameters() of their modules does not write them. The module was put "
-            "back on meta. Fix: build the module under deferred_init or load these tensors "
-            "from a checkpoint.",
-            paths=untouched,
-        )

@@ -5,7 +5,9 @@ Construction runs under :class:`~torch._subclasses.fake_tensor.FakeTensorMode`
 own initialisation for meta tensors still runs it) with a
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` on top that logs every
 ATen call as an :class:`Op` over integer value ids (the mode itself is in
-``_recorder``). Once recording ends the
+``_recorder``). Random ops draw for real while recording (on scratch memory,
+see ``_draws``), so every generator moves exactly as in eager construction and
+the state each draw starts from is known. Once recording ends the
 :class:`Record` holds no fake tensor: only op names, literal arguments, tensor
 metadata, captured real tensors and generator states, so it deep-copies and
 pickles with the module that refers to it.
@@ -13,7 +15,7 @@ pickles with the module that refers to it.
 
 from __future__ import annotations
 
-import copy
+import bisect
 import os
 import threading
 import weakref
@@ -22,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-DEFAULT_STREAM = -1
+from lightning_meta import _compat
 
 
 class Ref:
@@ -63,9 +65,10 @@ class Op(NamedTuple):
 
     ``outs`` lines up with the output (a tensor, or a tuple or list of them;
     ``None`` for non-tensor items); ``touch`` and ``read`` are the storages
-    the op writes and reads, which is all the slicing in
-    ``_replay`` needs. ``stream`` is ``None`` for ops that draw no
-    random numbers.
+    the op writes and reads, ``kills`` the storages it overwrites whole
+    without reading what they held (``normal_`` on a whole weight), which is
+    all the slicing in ``_replay`` needs. ``stream`` is ``None`` for ops that
+    draw no random numbers; ``site`` is the user's ``file:line`` that issued it.
     """
 
     name: str
@@ -78,40 +81,50 @@ class Op(NamedTuple):
     read: frozenset[int]
     site: str
     stream: int | None
+    kills: frozenset[int] = frozenset()
 
 
 @dataclass
 class Stream:
-    """An explicit generator passed to a random op while recording."""
+    """A generator random ops drew from while recording.
+
+    ``default`` streams stand for the default generator of ``device`` (the
+    global CPU generator for CPU tensors); the others for an explicit
+    ``torch.Generator`` passed to the op. ``known`` says whether the state
+    before each of its draws was noted while recording (always on the CPU).
+    """
 
     device: torch.device
-    start: torch.Tensor
-    owner: torch.Generator | None
+    default: bool
+    known: bool
 
 
 class Record:
     """The op log of one ``deferred_init`` block plus the replay bookkeeping.
 
     ``states[key][i]`` is the generator state right before random op ``i`` of
-    the stream named ``key`` (``"default:cpu"``, ``"default:cuda:0"``,
-    ``"gen:3"``); pins made while recording (the generator was reseeded) and
-    states met during any replay accumulate there, so any later slice starts
-    from the nearest known state instead of from the block's entry.
+    the stream named ``key`` (``"gen:3"``, or ``"default:cuda:0"`` when a CPU
+    stream is redrawn on an accelerator): noted for every draw while
+    recording, and for redraws on another device as replays meet them.
+    ``dtypes`` holds ``(op index, default dtype)`` from where the default
+    dtype took that value; ``garbage`` the value ids of tensors on modules
+    that hold uninitialised memory, with the ``file:line`` of the
+    ``torch.empty`` that made it.
 
     ``pending`` and ``materialized`` are changed by ``_handles`` only, the one
     owner of that bookkeeping (copying and pickling below rebuild them).
     """
 
-    def __init__(self, prev: Record | None) -> None:
+    def __init__(self) -> None:
         self.ops: list[Op] = []
         self.values: list[Value] = []
         self.constants: dict[int, tuple[torch.Tensor, int]] = {}
         self.streams: list[Stream] = []
-        self.prev = prev
         self.states: dict[str, dict[int, torch.Tensor]] = {}
         self.ends: dict[str, torch.Tensor] = {}
-        self.exit_state: torch.Tensor | None = None
-        self.exit_pin: torch.Tensor | None = None
+        self.random_index: dict[int, list[int]] = {}
+        self.dtypes: list[tuple[int, torch.dtype]] = []
+        self.garbage: dict[int, str] = {}
         self.pid = os.getpid()
         # Handles not yet materialized; weak, so a module that was built but
         # dropped (a prototype deep-copied into a ModuleList) does not hold the
@@ -123,24 +136,22 @@ class Record:
 
     def random_ops(self, stream: int) -> list[int]:
         """Return the indices of the random ops drawing from ``stream``, in order."""
-        cached: dict[int, list[int]] | None = self.__dict__.get("_random_index")
-        if cached is None:
-            cached = {}
-            for i, op in enumerate(self.ops):
-                if op.stream is not None:
-                    cached.setdefault(op.stream, []).append(i)
-            self.__dict__["_random_index"] = cached
-        return cached.get(stream, [])
+        return self.random_index.get(stream, [])
+
+    def default_dtype_at(self, i: int) -> torch.dtype:
+        """Return the default dtype in force when op ``i`` was recorded."""
+        marks = self.dtypes
+        pos = bisect.bisect_right(marks, i, key=lambda m: m[0]) - 1
+        return marks[max(pos, 0)][1] if marks else torch.get_default_dtype()
 
     def release(self) -> None:
-        """Drop the op log; keep the generator end states later blocks chain to.
+        """Drop the op log once nothing is pending.
 
-        The record's own method, called once nothing is pending: by
-        ``_handles.forget`` and, after settling the generators, by
+        The record's own method, called by ``_handles.forget`` and by
         ``_replay.complete``.
         """
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
-        self.__dict__.pop("_random_index", None)
+        self.random_index = {}
         self.released = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,22 +159,32 @@ class Record:
         state["materialized"] = {}
         state["pending"] = list(self.pending)
         state.pop("lock")
-        state.pop("_random_index", None)
-        state["streams"] = [Stream(s.device, s.start, None) for s in self.streams]
+        # Only in-place writes since capture matter, and rebuilding a tensor
+        # may bump its counter (torch 2.6 does when unpickling): keep the
+        # difference, not the absolute count (as ``_handles.Handle`` does).
+        state["constants"] = {
+            vid: (t, _compat.version_of(t) - version)
+            for vid, (t, version) in self.constants.items()
+        }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state["constants"] = {
+            vid: (t, _compat.version_of(t) - writes)
+            for vid, (t, writes) in state["constants"].items()
+        }
         self.__dict__.update(state)
         self.pending = weakref.WeakSet(state["pending"])
         self.lock = threading.RLock()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Record:
+        import copy
+
         # The op log is never mutated in place once recorded (release rebinds),
         # so copies share it; only the replay bookkeeping is per copy.
         new = Record.__new__(Record)
         memo[id(self)] = new  # before copying handles, which refer back to us
         new.__dict__.update(self.__dict__)
-        new.prev = copy.deepcopy(self.prev, memo)
         new.states = {k: dict(v) for k, v in self.states.items()}
         new.ends = dict(self.ends)
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))

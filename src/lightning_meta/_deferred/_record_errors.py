@@ -33,6 +33,12 @@ _STDLIB_WRAPPERS = (os.sep + "contextlib.py", os.sep + "functools.py")
 _INTERNAL: dict[CodeType, bool] = {}
 
 
+# ``file:line`` by (code object, instruction offset): a model issues the same
+# few call sites again and again (one per layer), and ``frame.f_lineno``
+# decodes the line table on every read.
+_SITES: dict[tuple[CodeType, int], str] = {}
+
+
 def user_site(depth: int = 1) -> str:
     """Return ``file:line`` of the innermost frame outside torch and this subpackage.
 
@@ -53,7 +59,11 @@ def user_site(depth: int = 1) -> str:
             internal = name.startswith((_TORCH_DIR, _OWN_DIR)) or name.endswith(_STDLIB_WRAPPERS)
             _INTERNAL[code] = internal
         if not internal:
-            return f"{code.co_filename}:{frame.f_lineno}"
+            key = (code, frame.f_lasti)
+            site = _SITES.get(key)
+            if site is None:
+                site = _SITES[key] = f"{code.co_filename}:{frame.f_lineno}"
+            return site
         frame = frame.f_back  # type: ignore[assignment]
     return "<unknown>"
 
@@ -68,11 +78,15 @@ class TensorPath(NamedTuple):
         return f"{self.root}.{self.dotted}"
 
 
-def path_of(tensor: torch.Tensor, modules: Iterable[nn.Module]) -> TensorPath | None:
+def path_of(
+    tensor: torch.Tensor, modules: Iterable[nn.Module], sources: frozenset[int] = frozenset()
+) -> TensorPath | None:
     """Return the path of the parameter or buffer of ``modules`` sharing ``tensor``'s storage.
 
-    Only used to word an error, so any failure to find it (a tensor that is
-    not on a module yet, a half-built module) gives ``None``.
+    Failing that, the path of one whose storage is in ``sources`` (the storages
+    ``tensor``'s value was computed from). Only used to word an error, so any
+    failure to find it (a tensor that is not on a module yet, a half-built
+    module) gives ``None``.
     """
     with contextlib.suppress(Exception):
         mods = list(modules)
@@ -81,11 +95,12 @@ def path_of(tensor: torch.Tensor, modules: Iterable[nn.Module]) -> TensorPath | 
         for m in mods:
             for child_name, child in m.named_children():
                 parents[id(child)] = (m, child_name)
-        for m in mods:
-            for name in (*parameter_names(m), *buffer_names(m)):
-                t = tensor_at(m, name)
-                if t is not None and _compat.storage_id(t.untyped_storage()) == cdata:
-                    return _climb(m, name, parents)
+        for wanted in ({cdata}, sources):
+            for m in mods:
+                for name in (*parameter_names(m), *buffer_names(m)):
+                    t = tensor_at(m, name)
+                    if t is not None and _compat.storage_id(t.untyped_storage()) in wanted:
+                        return _climb(m, name, parents)
     return None
 
 

@@ -6,17 +6,26 @@ to the block's :class:`~lightning_meta._deferred._record.Record`. Each call
 goes through the same phases, one method each: classify the op
 (:func:`_info`), map its tensor arguments to value ids (``_values``) and its
 generators to streams (:meth:`Recorder._log_arguments`), run it under the
-fake mode (:meth:`Recorder._run_fake`), then record its outputs and writes
-(:meth:`Recorder._output_vids`, :meth:`Recorder._log`). Whatever it cannot
-record exactly (data-dependent calls, ops without a fake kernel, writes into
+fake mode (:meth:`Recorder._run_fake`), draw its random numbers for real
+(``_rng.LiveDraws``), then record its outputs and writes
+(:meth:`Recorder._output_vids`, :meth:`Recorder._log`), following what each
+storage depends on (``_lineage``).
+
+Construction that reads values is recorded too: a value computed from
+Python numbers and captured real tensors only (``torch.linspace(...)``,
+``.tolist()``) is computed for real by replaying the part of the log it
+needs, and so is one an initialiser of ``torch.nn.init`` reads to decide
+how often to draw (``trunc_normal_`` redraws until every value is in range).
+What still cannot be recorded exactly (reading the values of weights
+elsewhere, uninitialised memory, ops without a fake kernel, writes into
 captured real tensors) raises at record time, naming the op, the source
-``file:line`` and the tensor's path (see ``_record_errors``). The global CPU
-generator is watched by :class:`~lightning_meta._deferred._rng.PlaceholderRng`.
+``file:line`` and the tensor's path (see ``_record_errors``).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +37,25 @@ from lightning_meta import _compat
 from lightning_meta._compat import (
     DataDependentOutputException,
     DynamicOutputShapeException,
-    TorchDispatchMode,
+    FakeTensor,
+    RecordingDispatchMode,
     UnsupportedOperatorException,
 )
-from lightning_meta._deferred._record import DEFAULT_STREAM, GenRef, Op, Record, Stream
+from lightning_meta._deferred._functions import conversion_refused
+from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
+from lightning_meta._deferred._record import GenRef, Op, Record, Stream
 from lightning_meta._deferred._record_errors import user_site
-from lightning_meta._deferred._rng import PlaceholderRng
+from lightning_meta._deferred._replay import replay, slice_ops
+from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
 from lightning_meta._deferred._values import ValueIds
+from lightning_meta._errors import MaterializationError
 
 __all__ = ["Recorder"]
+
+# Ops that draw random numbers but lack torch's ``nondeterministic_seeded`` tag.
+_UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
+_INIT_FILE = torch.nn.init.__file__
+_VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
 
 
 @dataclass(frozen=True)
@@ -45,59 +64,84 @@ class _OpInfo:
     writes: tuple[tuple[int, str], ...]
     random: bool
     returns_tensor: bool
+    converts: bool  # what Tensor.to() runs: refused when Module.to() issues it
 
 
 @functools.cache
 def _info(func: Any) -> _OpInfo:
     """Classify an ATen overload once: its name, the arguments it writes, whether it draws."""
     writes, returns_tensor = _compat.op_schema(func)
-    random = torch.Tag.nondeterministic_seeded in func.tags
-    return _OpInfo(str(func), writes, random, returns_tensor)
+    name = str(func)
+    random = (
+        torch.Tag.nondeterministic_seeded in func.tags or name.rsplit(".", 1)[0] in _UNTAGGED_RANDOM
+    )
+    return _OpInfo(name, writes, random, returns_tensor, name == "aten._to_copy.default")
 
 
 class _Call:
     """One ATen call's arguments as logged, and the value ids it reads and writes."""
 
-    __slots__ = ("args", "first", "kwargs", "reads", "streams", "writes")
+    __slots__ = ("args", "first", "generators", "kwargs", "reads", "streams", "writes")
 
     def __init__(self) -> None:
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
         self.reads: list[int] = []  # value ids of the tensor arguments, in order
         self.streams: list[int] = []  # streams of the explicit generator arguments
+        self.generators: list[torch.Generator] = []
         self.writes: tuple[int, ...] = ()
         self.first: torch.Tensor | None = None  # the first tensor argument, named in errors
 
 
-class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
+def _in_module_apply() -> bool:
+    """Whether ``nn.Module._apply`` (``.to()``, ``.half()``, ``.float()``) is a near caller."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if _compat.is_module_apply(frame.f_code):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def in_initializer() -> bool:
+    """Whether a ``torch.nn.init`` function is running (somewhere up the caller's stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _INIT_FILE:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+class Recorder(RecordingDispatchMode):
     """Log every ATen call on fake tensors into a :class:`Record`.
 
     Sits on top of the ``FakeTensorMode`` that computes the fake outputs.
     Tensors become value ids through :class:`~lightning_meta._deferred._values.ValueIds`
     (which holds the fake tensors only weakly, and their storages until
-    :meth:`close`); the global CPU generator is watched by
-    :class:`~lightning_meta._deferred._rng.PlaceholderRng`.
+    :meth:`close`); random ops draw for real through
+    :class:`~lightning_meta._deferred._rng.LiveDraws`.
 
     Args:
         record: the block's op log, filled in place.
-        chained: the block continues from the previous block's generator end
-            state (see :class:`~lightning_meta._deferred._rng.PlaceholderRng`).
     """
 
-    def __init__(self, record: Record, chained: bool) -> None:
+    def __init__(self, record: Record) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.record = record
         self.thread = threading.get_ident()
         self.modules: dict[int, nn.Module] = {}
-        self.rng = PlaceholderRng(chained)
-        self.values = ValueIds(record, self.modules)
-        self._gen_stream: dict[int, int] = {}
+        self.lineage = Lineage(record.values)
+        self.values = ValueIds(record, self.modules, self.lineage)
+        self.draws = LiveDraws()
+        self._streams: dict[int | torch.device, int] = {}
+        self._generators: list[torch.Generator] = []  # keeps their ids unique while recording
+        self._dtype: torch.dtype | None = None
+        self.fake: Any = None  # the FakeTensorMode below, set by ``_session``
 
     # -- the block's lifetime (deferred_init calls these)
-    def open(self) -> None:
-        """Note the generator's entry state and move it to this block's first placeholder."""
-        self.rng.open()
-
     def track(self, module: nn.Module, name: str, value: object) -> None:
         """Note a module (and a submodule registered on it) built in this block's thread.
 
@@ -112,22 +156,74 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         """Return the value id of ``t``, a tensor found on a module when the block ends."""
         return self.values.vid(t, "deferred_init exit")
 
-    def close(self, finished: bool) -> None:
-        """Set the generator where it must be after the block, then drop every fake tensor.
+    def garbage_site(self, vid: int) -> str | None:
+        """Return where the uninitialised memory value ``vid`` holds was made, if it holds any."""
+        if self.lineage.depends(vid) & GARBAGE:
+            return self.lineage.site(vid)
+        return None
 
-        Args:
-            finished: the block's body and conversion ran to the end (else the
-                generator goes back to its entry state).
+    def site_of(self, vid: int) -> str:
+        """Return the ``file:line`` of the op that made value ``vid``."""
+        index = self.values.producer[vid]
+        ops = self.record.ops
+        return ops[index].site if index < len(ops) else "<unknown>"
 
-        Raises:
-            MaterializationError: the model restored a generator state it read
-                inside the block after a draw (see :class:`PlaceholderRng`).
-        """
-        error = self.rng.close(self.record, finished)
+    def close(self) -> None:
+        """Drop every fake tensor, storage and scratch buffer held (the record keeps its log)."""
+        self.draws.close()
         self.modules.clear()
         self.values.clear()
-        if error is not None:
-            raise error
+        self._generators.clear()
+
+    # -- values read while recording
+    def read_values(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """Return the real value of ``t``, which model code reads (``.item()``, ``.tolist()``).
+
+        Raises:
+            MaterializationError: ``t`` depends on uninitialised memory, or on
+                random draws outside a ``torch.nn.init`` initialiser (the
+                values of weights, which are only drawn at materialize).
+        """
+        vid = self.values.vid(t, op)
+        flags = self.lineage.depends(vid)
+        if flags & GARBAGE:
+            raise self.values.error(
+                op,
+                t,
+                "reads uninitialised memory (the torch.empty at "
+                f"{self.lineage.site(vid)} was never filled), whose values eager "
+                "construction does not define either",
+                "fill the tensor before reading it",
+                self._sources(vid),
+            )
+        if flags & RANDOM and not in_initializer():
+            call = " (.item(), bool(), int() or float())" if op == _VALUE_READ else ""
+            raise self.values.error(
+                op,
+                t,
+                f"needs the values of a tensor{call} computed from random draws (the model's "
+                "weights), which a deferred tensor does not have yet",
+                "compute it from Python numbers or configuration, or build this part of "
+                "the model outside deferred_init and assign it afterwards",
+                self._sources(vid),
+            )
+        return self.real_value(t)
+
+    def _sources(self, vid: int) -> frozenset[int]:
+        """Return the storages value ``vid`` was computed from (to name a weight in errors)."""
+        values = self.record.values
+        chosen, _ = slice_ops(self.record.ops, {values[vid].storage}, {vid}, values)
+        found: set[int] = set()
+        for i in chosen:
+            found |= self.record.ops[i].read | self.record.ops[i].touch
+        return frozenset(found)
+
+    def real_value(self, t: torch.Tensor) -> torch.Tensor:
+        """Return the real value of fake tensor ``t`` by replaying the part of the log it needs."""
+        vid = self.values.vid(t, "read")
+        with _compat.no_python_dispatch():
+            device = t.device
+            return replay(self.record, {vid: "<value read while recording>"}, device=device)[vid]
 
     # -- one ATen call, phase by phase
     def __torch_dispatch__(
@@ -141,13 +237,26 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         # so the phases avoid generator expressions and share what they can.
         kwargs = kwargs or {}
         info = _info(func)
+        if info.converts and _in_module_apply():
+            raise conversion_refused(f"{info.name} converts a parameter or buffer")
+        dtype = torch.get_default_dtype()
+        if dtype is not self._dtype:
+            self.record.dtypes.append((len(self.record.ops), dtype))
+            self._dtype = dtype
         call = self._log_arguments(info, args, kwargs)
-        out = self._run_fake(func, info, call, args, kwargs)
+        stream: int | None = None
+        state: torch.Tensor | None = None
+        if info.random:
+            with DRAW_LOCK:
+                out = self._run_fake(func, info, call, args, kwargs)
+                stream, state = self._draw(func, info, call, args, kwargs, out)
+        else:
+            out = self._run_fake(func, info, call, args, kwargs)
         outs = self._output_vids(out)
         # A call without tensor outputs or writes (a query such as prim.device)
         # has nothing to replay.
         if call.writes or outs.count(None) != len(outs):
-            self._log(info, call, outs)
+            self._log(info, call, outs, stream, state)
         return out
 
     def _log_arguments(self, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
@@ -173,8 +282,9 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if isinstance(x, (list, tuple)):
             return type(x)([self._scan(y, op, call) for y in x]) if _needs_scan(x) else x
         if isinstance(x, torch.Generator):
-            stream = self._stream(x)
+            stream = self._stream(x, x.device, default=False, known=True)
             call.streams.append(stream)
+            call.generators.append(x)
             return GenRef(stream)
         return x
 
@@ -194,17 +304,11 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def _run_fake(
         self, func: Any, info: _OpInfo, call: _Call, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """Run ``func`` under the fake mode below; refuse what has no exact fake result."""
+        """Run ``func`` under the fake mode below; compute for real what needs values."""
         try:
             return func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
-            raise self.values.error(
-                info.name,
-                call.first,
-                "needs the values of a tensor, which a deferred tensor does not have yet",
-                "compute it from Python numbers or configuration, or build this part of "
-                "the model outside deferred_init and assign it afterwards",
-            ) from e
+            return self._run_real(func, info, call, args, kwargs, e)
         except (UnsupportedOperatorException, NotImplementedError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and not _compat.lacks_fake_kernel(e):
                 raise
@@ -215,15 +319,104 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 "build this part of the model outside deferred_init and assign it afterwards",
             ) from e
 
+    def _run_real(
+        self,
+        func: Any,
+        info: _OpInfo,
+        call: _Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cause: Exception,
+    ) -> Any:
+        """Run an op whose result depends on values (``.item()``, ``nonzero``) on real values.
+
+        Its inputs are computed by replaying the log (see :meth:`read_values`);
+        tensor outputs come back as fake tensors of the real result's shape,
+        and the op is logged like any other, so replay computes it again.
+        """
+        real_inputs: dict[int, torch.Tensor] = {}
+
+        def real(x: Any) -> Any:
+            if isinstance(x, FakeTensor):
+                if id(x) not in real_inputs:
+                    real_inputs[id(x)] = self.read_values(x, info.name)
+                return real_inputs[id(x)]
+            if isinstance(x, (list, tuple)):
+                return type(x)(real(y) for y in x)
+            return x
+
+        try:
+            real_args = tuple(real(a) for a in args)
+            real_kwargs = {k: real(v) for k, v in kwargs.items()}
+        except MaterializationError as e:
+            raise e from cause
+        with _compat.no_python_dispatch():
+            out = func(*real_args, **real_kwargs)
+
+        def fake(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+            if isinstance(x, (list, tuple)):
+                return type(x)(fake(y) for y in x)
+            return x
+
+        return fake(out)  # under the fake mode below: fake tensors, not logged
+
+    def _draw(
+        self,
+        func: Any,
+        info: _OpInfo,
+        call: _Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        out: Any,
+    ) -> tuple[int, torch.Tensor | None]:
+        """Draw a random op's numbers for real; return its stream and the state it started from."""
+        target: torch.Tensor | None = None
+        if info.writes:
+            index, name = info.writes[0]
+            target = args[index] if index < len(args) else kwargs.get(name)
+        if call.generators:
+            gen: torch.Generator | None = call.generators[0]
+            stream = call.streams[0]
+        else:
+            made = target if target is not None else _first_tensor(out)
+            device = made.device if made is not None else torch.device("cpu")
+            gen = default_generator(device)
+            stream = self._stream(device, device, default=True, known=gen is not None)
+        if gen is None:
+            return stream, None
+        state = gen.get_state()
+        try:
+            self.draws.draw(info.name, func, args, kwargs, target, self.real_value)
+        except MaterializationError:
+            raise
+        except Exception as e:
+            raise self.values.error(
+                info.name,
+                call.first,
+                f"could not draw its random numbers for real ({type(e).__name__}: {e})",
+                "build this part of the model outside deferred_init and assign it afterwards",
+            ) from e
+        return stream, state
+
     def _output_vids(self, out: Any) -> tuple[int | None, ...]:
         """Return the value ids of the outputs (``None`` for non-tensor items)."""
         if isinstance(out, (list, tuple)):
             return tuple([self.values.out(leaf) for leaf in out])
         return (self.values.out(out),)
 
-    def _log(self, info: _OpInfo, call: _Call, outs: tuple[int | None, ...]) -> None:
+    def _log(
+        self,
+        info: _OpInfo,
+        call: _Call,
+        outs: tuple[int | None, ...],
+        stream: int | None,
+        state: torch.Tensor | None,
+    ) -> None:
         """Append the call to the record, after refusing writes into captured real tensors."""
-        constants = self.record.constants
+        record = self.record
+        constants = record.constants
         if constants and not constants.keys().isdisjoint(call.writes):
             raise self.values.error(
                 info.name,
@@ -231,9 +424,11 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 "writes into a real tensor captured from outside the block",
                 "clone the tensor before writing into it inside deferred_init",
             )
-        stream = self._random_stream(call.streams) if info.random else None
         reads = tuple(call.reads)
-        self.record.ops.append(
+        site = user_site()
+        kills = self.lineage.op(info.name, info.random, reads, call.writes, outs, site)
+        index = len(record.ops)
+        record.ops.append(
             Op(
                 info.name,
                 call.args,
@@ -243,28 +438,39 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 reads,
                 self.values.storages_of([*call.writes, *outs]),
                 self.values.storages_of(call.reads),
-                # Walking the stack is a sizeable part of recording time; only an
-                # op reading a captured real tensor can fail at replay on the CPU.
-                user_site() if constants and not constants.keys().isdisjoint(reads) else "",
+                site,
                 stream,
+                kills,
             )
         )
+        if stream is not None:
+            record.random_index.setdefault(stream, []).append(index)
+            if state is not None:
+                record.states.setdefault(stream_key(stream), {})[index] = state
 
-    def _random_stream(self, streams: list[int]) -> int:
-        """Return the stream a random op draws from, pinning the global generator if it is that."""
-        if streams:
-            return streams[0]
-        self.rng.pin(self.record, len(self.record.ops))
-        return DEFAULT_STREAM
-
-    def _stream(self, gen: torch.Generator) -> int:
-        """Return the stream index of an explicit generator, registering it on first use."""
-        index = self._gen_stream.get(id(gen))
+    def _stream(
+        self, key: torch.Generator | torch.device, device: torch.device, default: bool, known: bool
+    ) -> int:
+        """Return the stream of a generator (or of a device's default one), registering it once."""
+        ident: int | torch.device = key if isinstance(key, torch.device) else id(key)
+        index = self._streams.get(ident)
         if index is None:
             index = len(self.record.streams)
-            self.record.streams.append(Stream(gen.device, self.rng.start_of(gen), gen))
-            self._gen_stream[id(gen)] = index
+            self.record.streams.append(Stream(device, default, known))
+            self._streams[ident] = index
+            if isinstance(key, torch.Generator):
+                self._generators.append(key)
         return index
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        for leaf in out:
+            if isinstance(leaf, torch.Tensor):
+                return leaf
+    return None
 
 
 # Argument types that are never a tensor, a generator or a sequence: checked by

@@ -1,13 +1,18 @@
 """Replay a slice of a :class:`~lightning_meta._deferred._record.Record` with real tensors.
 
-Guarantee on random numbers: every random op is replayed in recorded order
-from the generator state it met while the model was built, so a value is
-bit-identical to eager construction whichever subset is materialized first.
-States are known at the block's entry (and wherever the model reseeded) and
-are cached at every random op any replay passes; a slice starts from the
-nearest known state at or before its first draw and re-draws the ops in
-between into scratch tensors of the recorded shape (discarded at once), so
-memory stays at the slice plus the largest single tensor.
+Guarantee on random numbers: every random op is replayed from the generator
+state it met while the model was built (noted for every draw while
+recording), so a value is bit-identical to eager construction whichever
+subset is materialized first, and only the draws a value needs are made:
+a draw overwritten whole later (``kaiming_uniform_`` in ``nn.Linear``, then
+the model's own ``normal_``) is skipped. Each op runs under the default
+dtype it was recorded under. Memory stays at the slice plus what is still
+needed: every value is dropped after its last use.
+
+Streams whose states were not noted (a CPU stream redrawn on an accelerator
+with ``draw_on="device"``) start from the nearest known state at or before
+their first draw and redraw the ops in between into scratch tensors of the
+recorded shape.
 """
 
 from __future__ import annotations
@@ -21,14 +26,11 @@ from typing import Any
 import torch
 
 from lightning_meta import _compat
-from lightning_meta._deferred._record import DEFAULT_STREAM, GenRef, Op, Record, Ref
-from lightning_meta._deferred._rng import (
-    ReplayRng,
-    get_default_state,
-    set_default_state,
-    stream_key,
-)
+from lightning_meta._deferred._record import GenRef, Op, Record, Ref
+from lightning_meta._deferred._rng import ReplayRng, get_default_state, set_default_state
 from lightning_meta._errors import MaterializationError
+
+__all__ = ["complete", "replay", "slice_ops"]
 
 # Random ops whose generator consumption depends only on the metadata of their
 # tensor arguments, so skipped draws can run on scratch tensors.
@@ -67,92 +69,92 @@ def _placeholder_ok(op: Op) -> bool:
     )
 
 
-def _slice(ops: list[Op], storages: set[int]) -> set[int]:
-    """Return the ops that contribute to ``storages`` (reverse dependency scan)."""
+def slice_ops(
+    ops: list[Op], storages: set[int], vids: set[int], values: list[Any]
+) -> tuple[set[int], set[int]]:
+    """Return the ops that contribute to ``storages`` and the ops that only make a tensor.
+
+    A reverse scan. An op that overwrites a storage whole without reading it
+    (``Op.kills``) ends the need for what came before in that storage; an op
+    still needed only because it makes a tensor object a later op writes
+    into is returned in the second set when its outputs are new storages:
+    replay makes blank tensors of the recorded layout instead of running it.
+    """
     needed = set(storages)
+    undefined = set(vids)
     chosen: set[int] = set()
+    blanks: set[int] = set()
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
-        if needed.isdisjoint(op.touch):
+        contributes = not needed.isdisjoint(op.touch)
+        defines = False
+        if not contributes:
+            for o in op.outs:
+                if o is not None and o in undefined:
+                    defines = True
+                    break
+            if not defines:
+                continue
+        for o in op.outs:
+            if o is not None:
+                undefined.discard(o)
+        if not contributes and op.read.isdisjoint(
+            values[o].storage for o in op.outs if o is not None
+        ):
+            blanks.add(i)
             continue
         chosen.add(i)
-        needed.update(op.read)
-    return chosen
-
-
-def _start_index(record: Record, stream: int, first: int, rdev: torch.device) -> int:
-    """Return the latest random op at or before ``first`` whose state is known."""
-    known = record.states.setdefault(stream_key(stream, rdev), {})
-    earlier = [i for i in known if i <= first]
-    if earlier:
-        return max(earlier)
-    head = record.random_ops(stream)[0]
-    if stream != DEFAULT_STREAM:
-        known[head] = record.streams[stream].start
-    elif record.prev is not None:
-        known[head] = end_state(record.prev, rdev)
-    else:
-        # Drawing on an accelerator whose generator was not captured at entry:
-        # continue from where it is now (nothing in the block advanced it).
-        known[head] = get_default_state(rdev)
-    return head
-
-
-def end_state(record: Record, rdev: torch.device) -> torch.Tensor:
-    """Return the default generator state eager construction of the block ends at."""
-    key = stream_key(DEFAULT_STREAM, rdev)
-    if rdev.type == "cpu" and record.exit_pin is not None:
-        return record.exit_pin
-    if key in record.ends:
-        return record.ends[key]
-    if not record.random_ops(DEFAULT_STREAM):
-        if record.released and record.prev is None:
-            raise MaterializationError(
-                f"materialize cannot tell where the {rdev} generator would stand after a "
-                "deferred_init block whose record was already released. Fix: materialize "
-                "blocks built one after another with the same draw_on."
-            )
-        state = end_state(record.prev, rdev) if record.prev is not None else get_default_state(rdev)
-        record.ends[key] = state
-        return state
-    if record.released:
-        raise MaterializationError(
-            f"materialize needs the {rdev} generator state after an earlier deferred_init "
-            "block that was already materialized with another draw_on. Fix: use the same "
-            "draw_on for every block built one after another."
-        )
-    replay(record, {}, device=rdev, dtype=None, rdev=rdev, through_end=True)
-    return record.ends[key]
+        undefined.update(op.reads)
+        if contributes:
+            needed.difference_update(op.kills)
+            needed.update(op.read - op.kills)
+    return chosen, blanks
 
 
 def _plan(
-    record: Record, targets: set[int], rdev: torch.device, through_end: bool
-) -> tuple[list[int], set[int]]:
-    """Return the ops to run, in order, and those run on scratch tensors to advance a generator."""
-    ops = record.ops
-    storages = {record.values[v].storage for v in targets}
+    record: Record, targets: set[int], rng: ReplayRng, through_end: bool
+) -> tuple[list[int], set[int], set[int]]:
+    """Return the ops to run in order, those run on scratch tensors, and those made blank."""
+    ops, values = record.ops, record.values
+    storages = {values[v].storage for v in targets}
     while True:
-        full = _slice(ops, storages)
-        streams = {ops[i].stream for i in full if ops[i].stream is not None}
+        chosen, blanks = slice_ops(ops, storages, set(targets), values)
+        streams = {ops[i].stream for i in chosen if ops[i].stream is not None}
         if through_end:
-            streams |= {op.stream for op in ops if op.stream is not None}
+            streams |= set(record.random_index)
         walk: set[int] = set()
         extra: set[int] = set()
         for stream in sorted(s for s in streams if s is not None):
+            if rng.known(stream):
+                continue
             index = record.random_ops(stream)
-            drawn = [i for i in index if i in full]
+            drawn = [i for i in index if i in chosen]
             last = index[-1] if through_end else max(drawn)
-            start = _start_index(record, stream, min(drawn) if drawn else last, rdev)
+            start = _start_index(record, rng, stream, min(drawn) if drawn else last)
             for j in index[bisect.bisect_left(index, start) : bisect.bisect_right(index, last)]:
-                if j in full:
+                if j in chosen:
                     continue
+                blanks.discard(j)
                 if _placeholder_ok(ops[j]):
                     walk.add(j)
                 else:
                     extra |= ops[j].touch
         if not extra:
-            return sorted(full | walk), walk
+            return sorted(chosen | walk | blanks), walk, blanks - walk
         storages |= extra
+
+
+def _start_index(record: Record, rng: ReplayRng, stream: int, first: int) -> int:
+    """Return the latest random op at or before ``first`` whose state is known."""
+    known = record.states.setdefault(rng.key(stream), {})
+    earlier = [i for i in known if i <= first]
+    if earlier:
+        return max(earlier)
+    head = record.random_ops(stream)[0]
+    # Drawing on an accelerator whose generator was not noted while recording:
+    # continue from where it is now (nothing in the block advanced it).
+    known[head] = rng.get(stream)
+    return head
 
 
 def replay(
@@ -160,34 +162,38 @@ def replay(
     targets: dict[int, str],
     *,
     device: torch.device,
-    dtype: torch.dtype | None,
-    rdev: torch.device,
+    dtype: torch.dtype | None = None,
+    remap: torch.device | None = None,
     through_end: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Return real tensors for the value ids in ``targets`` (id -> dotted path).
 
-    Replays on ``rdev`` (the device whose generator draws), then moves each
-    result to ``device`` and casts floating point ones to ``dtype`` as soon as
-    its last write has run. The default generators of ``cpu`` and ``rdev`` are
-    restored afterwards; the caller decides where they end up.
+    Each result is moved to ``device`` and floating point ones cast to
+    ``dtype`` as soon as its last write has run. ``remap`` redraws CPU
+    default streams on that device's generator (``draw_on="device"``). The
+    default generators and the default dtype are restored afterwards.
     """
     with record.lock:
-        order, scratch = _plan(record, set(targets), rdev, through_end)
-        _check_constants(record, order, scratch, targets)
-        saved = [(d, get_default_state(d)) for d in {torch.device("cpu"), rdev}]
+        rng = ReplayRng(record, remap)
+        order, scratch, blanks = _plan(record, set(targets), rng, through_end)
+        _check_constants(record, order, scratch | blanks, targets)
+        devices = {torch.device("cpu")} | {rng.device(s) for s in range(len(record.streams))}
+        saved = [(d, get_default_state(d)) for d in devices]
+        default_dtype = torch.get_default_dtype()
         try:
-            return _execute(record, order, scratch, targets, device, dtype, rdev)
+            return _execute(record, order, scratch, blanks, targets, device, dtype, rng, remap)
         finally:
+            torch.set_default_dtype(default_dtype)
             for d, state in saved:
                 set_default_state(d, state)
 
 
 def _check_constants(
-    record: Record, order: list[int], scratch: set[int], targets: dict[int, str]
+    record: Record, order: list[int], skipped: set[int], targets: dict[int, str]
 ) -> None:
     """Refuse to replay an op reading a captured real tensor modified in place since."""
     for i in order:
-        if i in scratch:
+        if i in skipped:
             continue
         op = record.ops[i]
         for v in op.reads:
@@ -208,13 +214,16 @@ def _check_constants(
 
 def _paths_needing(record: Record, i: int, targets: dict[int, str]) -> list[str]:
     """Return the paths of the ``targets`` whose value op ``i`` contributes to, sorted."""
-    return sorted(
-        p for t, p in targets.items() if i in _slice(record.ops, {record.values[t].storage})
-    )
+    found = []
+    for t, p in targets.items():
+        chosen, _ = slice_ops(record.ops, {record.values[t].storage}, {t}, record.values)
+        if i in chosen:
+            found.append(p)
+    return sorted(found)
 
 
 def _lifetimes(
-    record: Record, order: list[int], scratch: set[int], targets: dict[int, str]
+    record: Record, order: list[int], skipped: set[int], targets: dict[int, str]
 ) -> tuple[dict[int, int], dict[int, list[int]]]:
     """Return the last op using each value id, and the targets final after each op.
 
@@ -227,7 +236,7 @@ def _lifetimes(
     finalize_at: dict[int, list[int]] = {}
     last_write: dict[int, int] = {}
     for i in order:
-        if i in scratch:
+        if i in skipped:
             continue
         for v in (*ops[i].reads, *(o for o in ops[i].outs if o is not None)):
             last_use[v] = i
@@ -242,42 +251,58 @@ def _execute(
     record: Record,
     order: list[int],
     scratch: set[int],
+    blanks: set[int],
     targets: dict[int, str],
     device: torch.device,
     dtype: torch.dtype | None,
-    rdev: torch.device,
+    rng: ReplayRng,
+    remap: torch.device | None,
 ) -> dict[int, torch.Tensor]:
-    """Run the ops in ``order`` (those in ``scratch`` on blank tensors) and return the targets."""
+    """Run the ops in ``order`` (``scratch`` ones on blank tensors, ``blanks`` not at all)."""
     ops, values = record.ops, record.values
     last_use, finalize_at = _lifetimes(record, order, scratch, targets)
-    rng = ReplayRng(record, rdev)
-    on_device = rdev.type != "cpu"
+    # Redraws on scratch that also make a tensor a later op writes into.
+    defines = {i for i in scratch if any(o in last_use for o in ops[i].outs if o is not None)}
     env: dict[int, torch.Tensor] = {}
     results: dict[int, torch.Tensor] = {}
+    current_dtype: torch.dtype | None = None
 
     def fetch(v: int) -> torch.Tensor:
         t = env.get(v)
         if t is None:
             t = record.constants[v][0]
-            t = env[v] = t.to(rdev) if on_device else t
+            t = env[v] = t.to(remap) if remap is not None else t
         return t
 
     def blank(v: int) -> torch.Tensor:
         meta = values[v]
-        return torch.empty_strided(meta.size, meta.stride, dtype=meta.dtype, device=rdev)
+        where = remap if remap is not None else torch.device("cpu")
+        return torch.empty_strided(meta.size, meta.stride, dtype=meta.dtype, device=where)
 
     for i in order:
         op = ops[i]
+        if i in blanks:
+            for vid in op.outs:
+                if vid is not None:
+                    meta = values[vid]
+                    env[vid] = torch.empty_strided(
+                        meta.size, meta.stride, dtype=meta.dtype, device=_out_device(op, remap)
+                    )
+            continue
+        wanted = record.default_dtype_at(i)
+        if wanted is not current_dtype:
+            torch.set_default_dtype(wanted)
+            current_dtype = wanted
         if op.stream is not None:
             rng.enter(i, op.stream)
-        args, kwargs = _bind(op, blank if i in scratch else fetch, rng, rdev if on_device else None)
+        args, kwargs = _bind(op, blank if i in scratch else fetch, rng, remap)
         try:
             out = _resolve(op.name)(*args, **kwargs)
         except Exception as e:
-            raise _replay_error(record, i, targets, rdev, e) from e
+            raise _replay_error(record, i, targets, e) from e
         if op.stream is not None:
             rng.leave(i, op.stream)
-        if i in scratch:
+        if i in scratch and i not in defines:
             continue
         flat = out if isinstance(out, (list, tuple)) else (out,)
         for leaf, vid in zip(flat, op.outs, strict=True):
@@ -291,8 +316,16 @@ def _execute(
     return results
 
 
+def _out_device(op: Op, remap: torch.device | None) -> torch.device:
+    """Return the device a blank stand-in for ``op``'s outputs goes on."""
+    where = op.kwargs.get("device")
+    if isinstance(where, torch.device) and where.type != "cpu":
+        return where
+    return remap if remap is not None else torch.device("cpu")
+
+
 def _replay_error(
-    record: Record, i: int, targets: dict[int, str], rdev: torch.device, e: Exception
+    record: Record, i: int, targets: dict[int, str], e: Exception
 ) -> MaterializationError:
     """Return the error for op ``i`` failing on real tensors, naming the tensors it blocks."""
     op = record.ops[i]
@@ -300,7 +333,7 @@ def _replay_error(
     # A draw on scratch tensors feeds no target but blocks every one after it.
     paths = _paths_needing(record, i, targets) or sorted(set(targets.values()))
     return MaterializationError(
-        f"materialize could not replay {op.name}{site} on {rdev}: "
+        f"materialize could not replay {op.name}{site}: "
         f"{type(e).__name__}: {e}. Fix: materialize with draw_on='cpu', or build this "
         "part of the model outside deferred_init.",
         paths=paths,
@@ -341,38 +374,38 @@ def _bind(
     return args, kwargs
 
 
-def complete(record: Record, rdev: torch.device) -> None:
+def end_state(record: Record, rng: ReplayRng, stream: int) -> torch.Tensor:
+    """Return the state of an unknown-state stream after its last draw (replaying if needed)."""
+    key = rng.key(stream)
+    if key not in record.ends:
+        replay(record, {}, device=rng.device(stream), remap=rng.remap, through_end=True)
+    return record.ends[key]
+
+
+def complete(record: Record, remap: torch.device | None) -> None:
     """Settle the generators once every deferred tensor of ``record`` is real, then release it.
 
-    The default generator moves to where eager construction would have left
-    it, but only in the process that recorded the block and only if nobody
-    reseeded or drew from it since the block exited (then it is left alone).
-    Releasing is :meth:`Record.release`, the record's own method, called under
-    its lock so two threads cannot both move the generators; which records are
-    finished is for :mod:`~lightning_meta._deferred._handles` to say.
+    Generators that drew while recording already stand where eager
+    construction left them. A CPU stream redrawn on an accelerator
+    (``draw_on="device"``) moves that accelerator's default generator past
+    the block's draws, as eager construction directly on it would, but only
+    in the process that recorded the block and only if nobody used the
+    generator since the first redraw. Releasing is :meth:`Record.release`,
+    the record's own method, called under its lock so two threads cannot
+    both move a generator.
     """
     with record.lock:
         if record.released:
             return
-        has_draws = bool(record.random_ops(DEFAULT_STREAM)) or record.exit_pin is not None
-        if has_draws or record.prev is not None:
-            end = end_state(record, rdev)
-            if record.pid == os.getpid():
-                current = get_default_state(rdev)
-                key = stream_key(DEFAULT_STREAM, rdev)
-                head = record.random_ops(DEFAULT_STREAM)[:1]
-                start = record.states.get(key, {}).get(head[0]) if head else None
-                # On the CPU the block parked the generator on ``exit_state``;
-                # elsewhere nothing parks it, so compare with where draws began.
-                parked = record.exit_state if rdev.type == "cpu" else start
-                untouched = parked is not None and torch.equal(current, parked)
-                if untouched:
-                    set_default_state(rdev, end)
-        for k, stream in enumerate(record.streams):
-            if stream.owner is None or not torch.equal(stream.owner.get_state(), stream.start):
+        rng = ReplayRng(record, remap)
+        for stream in range(len(record.streams)):
+            if rng.known(stream) or not record.streams[stream].default:
                 continue
-            key = stream_key(k, rdev)
-            if key not in record.ends:
-                replay(record, {}, device=rdev, dtype=None, rdev=rdev, through_end=True)
-            stream.owner.set_state(record.ends[key])
+            index = record.random_ops(stream)
+            if not index or record.pid != os.getpid():
+                continue
+            start = record.states.get(rng.key(stream), {}).get(index[0])
+            end = end_state(record, rng, stream)
+            if start is not None and torch.equal(rng.get(stream), start):
+                rng.set(stream, end)
         record.release()

@@ -1,268 +1,88 @@
-"""Generator states: watched while a ``deferred_init`` block records, driven while replaying.
+"""Generators: draw for real while recording, set the recorded states while replaying.
 
-Fake ops never advance the real generator, so a reseed inside the block (even
-to the state the generator already had) would be invisible. While recording,
-the generator therefore holds a *placeholder* state of this block, a fresh one
-after every draw from it (a token: the ``k``-th placeholder stands for the
-state after the ``k``-th draw), so any reseed moves it away from the current
-placeholder. :class:`PlaceholderRng` installs the first placeholder when the
-block opens, notes every reseed as a pin in the record, and puts a real (or
-parked) state back when the block closes. :class:`ReplayRng` gets and sets
-the states of the default and explicit generators, stream by stream, while
-``_replay`` re-runs the random ops.
+Fake ops never touch a generator, so a block that only recorded would leave
+every generator where it was, and any draw after the block (or a reseed
+inside it) would see another state than in eager construction.
+:class:`LiveDraws` therefore runs every random op of the block for real, on
+scratch memory of the recorded shape, with the generator the op would use
+eagerly (the default generator of its device, or the explicit one it was
+given), and notes that generator's state right before each draw. So the
+global generator is at every moment where eager construction would have it:
+inside the block (a reseed, ``fork_rng`` or ``get_rng_state`` is the real
+thing), between blocks and after them, in this thread and in any other;
+the cost is the time of eager construction's draws, and memory for one
+tensor at a time.
+
+:class:`ReplayRng` sets those states again when ``_replay`` re-runs a random
+op. A default generator that could not draw while recording (an accelerator
+this process does not have), or a CPU stream redrawn on an accelerator
+(``draw_on="device"``), has unknown states: replay continues from the
+device generator's current state and notes states as it meets them.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from lightning_meta import _compat
-from lightning_meta._deferred._record import DEFAULT_STREAM, Record
-from lightning_meta._deferred._record_errors import recording_error
-from lightning_meta._errors import MaterializationError
+from lightning_meta._compat import FakeTensor
+from lightning_meta._deferred._record import Record
 
 __all__ = [
-    "PlaceholderRng",
+    "DRAW_LOCK",
+    "LiveDraws",
     "ReplayRng",
+    "default_generator",
     "get_default_state",
     "set_default_state",
-    "state_key",
     "stream_key",
 ]
 
+# Held from reading a generator's state until the draw that follows it has
+# run, by every recording thread: blocks in several threads draw in some
+# order, each from the state it noted.
+DRAW_LOCK = threading.RLock()
 
-def state_key(state: torch.Tensor) -> bytes:
-    """Return the bytes of a CPU generator state, to compare without dispatching.
-
-    ``torch.equal`` would go to the fake mode below the recorder unless wrapped
-    in ``no_dispatch()``, which costs ten times more than this copy.
-    """
-    return _compat.state_bytes(state)
-
-
-def stream_key(stream: int, rdev: torch.device) -> str:
-    """Return the key of ``stream`` in ``Record.states`` when replaying on ``rdev``."""
-    return f"default:{rdev}" if stream == DEFAULT_STREAM else f"gen:{stream}"
-
-
-# The key of the global CPU generator's pins, needed on every draw: computed once.
-_DEFAULT_CPU = stream_key(DEFAULT_STREAM, torch.device("cpu"))
-
-
-class PlaceholderRng:
-    """Hold the global CPU generator on placeholder states while one block records.
-
-    Args:
-        chained: the block continues from the previous block's end state (the
-            generator still sat where that block left it), so its first draw is
-            not pinned unless the generator was reseeded meanwhile; an
-            unchained block pins its entry state at its first draw.
-    """
-
-    def __init__(self, chained: bool) -> None:
-        self._chained = chained
-        self._entry = torch.empty(0, dtype=torch.uint8)  # real state at entry
-        self._buf = self._entry  # the placeholder; its first 8 bytes count draws
-        self._rest = b""  # the placeholder's bytes after the count
-        self._salt = 0
-        self._count = -1
-        self._physical_key = b""
-        self._entry_pending = not chained
-
-    def open(self) -> None:
-        """Note the generator's entry state and move it to this block's first placeholder."""
-        self._entry = torch.get_rng_state()
-        digest = hashlib.blake2b(self._entry.numpy().tobytes(), digest_size=8, person=b"lm-rng")
-        self._salt = int.from_bytes(digest.digest(), "little")
-        self._buf = torch.Generator().manual_seed(self._salt >> 1).get_state()
-        # Bytes 0-7 of a CPU state are its initial seed, which set_state keeps
-        # as is: the count goes there, the Mersenne Twister state stays valid.
-        self._rest = state_key(self._buf)[8:]
-        self._install()
-
-    def _install(self) -> None:
-        # One call per draw from the global generator: kept to a few calls.
-        self._count += 1
-        head = (self._salt ^ self._count).to_bytes(8, "little")
-        _compat.write_seed_bytes(self._buf, head)
-        torch.default_generator.set_state(self._buf)
-        self._physical_key = head + self._rest
-
-    def _resolve(self, state: torch.Tensor, key: bytes) -> torch.Tensor:
-        """Return the real state behind ``state``, which is not the current placeholder.
-
-        An earlier placeholder means the model restored a state it read inside
-        the block (``torch.random.fork_rng``, ``get_rng_state`` then
-        ``set_rng_state``): only the first one, read before any draw, has a
-        real value known while recording (the entry state of an unchained block).
-
-        Raises:
-            MaterializationError: ``state`` is a later placeholder.
-        """
-        if key[8:] != self._rest:
-            return state
-        if int.from_bytes(key[:8], "little") ^ self._salt == 0 and not self._chained:
-            return self._entry
-        raise recording_error(
-            "torch.set_rng_state",
-            "restores a generator state read inside the block after random draws (for "
-            "example torch.random.fork_rng around a reseed), whose real value is not known "
-            "while recording",
-            "seed explicitly with torch.manual_seed(k) instead, or read the state before "
-            "entering deferred_init",
-        )
-
-    def start_of(self, gen: torch.Generator) -> torch.Tensor:
-        """Return the state an explicit generator starts from when a random op first uses it.
-
-        A CPU generator whose state was copied from the global one holds a
-        placeholder: it gets the real state back, which is also what is returned.
-
-        Raises:
-            MaterializationError: the copied placeholder has no known real state.
-        """
-        start = gen.get_state()
-        if gen.device.type == "cpu":
-            key = state_key(start)
-            if self._rest and key[8:] == self._rest:
-                start = self._resolve(start, key)
-                gen.set_state(start)
-        return start
-
-    def pin(self, record: Record, index: int) -> None:
-        """Before random op ``index`` draws from the global generator, note any reseed.
-
-        Raises:
-            MaterializationError: the model restored a placeholder read after a draw.
-        """
-        # Fake ops never advance the real generator, so a changed state means
-        # the model reseeded (or drew real numbers) here: replay must too.
-        # The generator holds a placeholder of this block while recording, so
-        # even a reseed to the state it had before the block is a change.
-        state = torch.get_rng_state()
-        key = state_key(state)
-        if key == self._physical_key:
-            if self._entry_pending:
-                self._entry_pending = False
-                record.states.setdefault(_DEFAULT_CPU, {})[index] = self._entry
-        else:
-            state = self._resolve(state, key)
-            self._entry_pending = False
-            record.states.setdefault(_DEFAULT_CPU, {})[index] = state
-        self._install()
-
-    def close(self, record: Record, finished: bool) -> MaterializationError | None:
-        """Note the generator at exit in ``record`` and set it where it must be after the block.
-
-        Eager construction would have advanced the global generator past the
-        block's draws. Until :func:`materialize` knows that end state, the
-        generator holds a placeholder derived from the block, so a reseed (or
-        a later block continuing this one) can be told apart from "nothing
-        happened", and seeded runs stay reproducible. A block without draws
-        leaves it where the model set it (or at the entry state), a failed
-        block at the entry state: no recording placeholder outlives the block.
-
-        Returns:
-            The error to raise once the recorder is torn down (the model
-            restored a placeholder it read after a draw), else ``None``.
-        """
-        error: MaterializationError | None = None
-        state = torch.get_rng_state()
-        changed: torch.Tensor | None = None  # a state the model set after its last draw
-        key = state_key(state)
-        if self._entry.numel() and key != self._physical_key:
-            try:
-                changed = self._resolve(state, key)
-            except MaterializationError as e:
-                error = e if finished else None
-                finished = False
-        record.exit_state = self._exit_state(record, finished, state, changed)
-        torch.set_rng_state(record.exit_state)
-        return error
-
-    def _exit_state(
-        self,
-        record: Record,
-        finished: bool,
-        state: torch.Tensor,
-        changed: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Return where to leave the generator; pin ``changed`` in ``record`` if it counts."""
-        opened = bool(self._entry.numel())
-        if not finished:
-            return self._entry if opened else state  # failed: back to the entry state
-        has_draws = bool(record.random_ops(DEFAULT_STREAM))
-        if changed is not None and (self._chained or has_draws):
-            record.exit_pin = changed
-        if has_draws or record.exit_pin is not None:
-            digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8)
-            digest.update(str(len(record.ops)).encode())
-            parked = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
-            return parked.get_state()
-        if opened:
-            # No draw to account for: where the model left it, or where it was.
-            return changed if changed is not None else self._entry
-        return state  # never opened
+# Random ops whose number of draws depends on their inputs' values: their
+# scratch inputs must hold the real values (computed by the recorder).
+_VALUE_DEPENDENT = frozenset(
+    {
+        "aten.multinomial",
+        "aten.poisson",
+        "aten._standard_gamma",
+        "aten.binomial",
+        "aten._sample_dirichlet",
+        "aten.rrelu_with_noise",
+        "aten.rrelu_with_noise_",
+        "aten.rrelu_with_noise_functional",
+    }
+)
 
 
-class ReplayRng:
-    """Get and set generator states by stream while one replay runs.
+def stream_key(stream: int, remap: torch.device | None = None) -> str:
+    """Return the key of ``stream`` in ``Record.states`` (``remap``: redrawn on that device)."""
+    return f"gen:{stream}" if remap is None else f"remap:{remap}:{stream}"
 
-    Every state met right before a random op is noted in ``record.states``
-    (and the state after the last one in ``record.ends``), so a later replay
-    of any slice starts from the nearest known state.
 
-    Args:
-        record: the record replayed.
-        rdev: the device whose default generator draws.
-    """
-
-    def __init__(self, record: Record, rdev: torch.device) -> None:
-        self.record, self.rdev = record, rdev
-        self.gens: dict[int, torch.Generator] = {}
-
-    def generator(self, stream: int) -> torch.Generator:
-        """Return the replay's own generator standing in for explicit generator ``stream``."""
-        gen = self.gens.get(stream)
-        if gen is None:
-            gen = self.gens[stream] = torch.Generator(device=self.record.streams[stream].device)
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """Return the default generator of ``device``, or ``None`` if this process has none."""
+    if device.type == "cpu":
+        return torch.default_generator
+    module = getattr(torch, device.type, None)
+    gens = getattr(module, "default_generators", None)
+    try:
+        if module is None or not module.is_available() or gens is None:
+            return None
+        index = device.index if device.index is not None else module.current_device()
+        gen: torch.Generator = gens[index]
         return gen
-
-    def get(self, stream: int) -> torch.Tensor:
-        """Return the current state of ``stream``."""
-        if stream != DEFAULT_STREAM:
-            return self.generator(stream).get_state()
-        return get_default_state(self.rdev)
-
-    def set(self, stream: int, state: torch.Tensor) -> None:
-        """Set the state of ``stream``."""
-        if stream != DEFAULT_STREAM:
-            self.generator(stream).set_state(state)
-        else:
-            set_default_state(self.rdev, state)
-
-    def enter(self, i: int, stream: int) -> None:
-        """Before random op ``i``: set the state known for it, or note the current one."""
-        known = self.record.states.setdefault(stream_key(stream, self.rdev), {})
-        state = known.get(i)
-        if state is not None:
-            self.set(stream, state)
-        else:
-            known[i] = self.get(stream)
-
-    def leave(self, i: int, stream: int) -> None:
-        """After random op ``i``: note the state the next random op of ``stream`` starts from."""
-        key = stream_key(stream, self.rdev)
-        index = self.record.random_ops(stream)
-        pos = bisect.bisect_left(index, i)
-        state = self.get(stream)
-        if pos == len(index) - 1:
-            self.record.ends.setdefault(key, state)
-        else:
-            self.record.states.setdefault(key, {}).setdefault(index[pos + 1], state)
+    except (RuntimeError, IndexError, AttributeError):
+        return None
 
 
 def get_default_state(rdev: torch.device) -> torch.Tensor:
@@ -279,3 +99,163 @@ def set_default_state(rdev: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
     else:
         torch.get_device_module(rdev.type).set_rng_state(state, rdev)
+
+
+class LiveDraws:
+    """Run the random ops of one recording for real, on scratch memory, in program order.
+
+    The written tensor of an in-place draw gets uninitialised scratch memory
+    (reused from one draw to the next, so drawing a model costs one tensor
+    of memory); the other tensor arguments are zeros (a ``std`` or a
+    probability of 0 is valid), except for the few ops whose number of draws
+    depends on their inputs' values, which get the real values.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[torch.device, torch.Tensor] = {}
+        # Views of the memory by layout: models repeat a few shapes many times.
+        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def draw(
+        self,
+        name: str,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        target: torch.Tensor | None,
+        real_value: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Run ``func`` on real stand-ins for its fake arguments; its results are dropped.
+
+        Args:
+            name: the op's name.
+            func: the ATen overload.
+            args: the op's arguments, with fake tensors.
+            kwargs: its keyword arguments.
+            target: the fake tensor it writes (``None``: none).
+            real_value: returns the real value of a fake tensor argument.
+        """
+        needs_values = name.rsplit(".", 1)[0] in _VALUE_DEPENDENT
+
+        def real(x: Any) -> Any:
+            if isinstance(x, FakeTensor):
+                if needs_values:
+                    value = real_value(x)
+                    return value.clone() if x is target else value
+                if x is target:
+                    return self._scratch(x)
+                zeros = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+                return zeros.zero_()
+            if isinstance(x, (list, tuple)):
+                return type(x)(real(y) for y in x)
+            return x
+
+        with _compat.no_python_dispatch():
+            real_args = tuple(real(a) for a in args)
+            real_kwargs = {k: real(v) for k, v in kwargs.items()}
+            func(*real_args, **real_kwargs)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """Return uninitialised memory laid out like ``like`` (same sizes and strides)."""
+        size, stride, dtype, device = tuple(like.shape), like.stride(), like.dtype, like.device
+        key = (size, stride, dtype, device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        extent = 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
+        nbytes = extent * dtype.itemsize
+        memory = self._memory.get(device)
+        if memory is None or memory.numel() < nbytes:
+            memory = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self._memory[device] = memory
+            self._views = {k: v for k, v in self._views.items() if k[3] != device}
+        view = memory[:nbytes].view(dtype).as_strided(size, stride)
+        self._views[key] = view
+        return view
+
+    def close(self) -> None:
+        """Free the scratch memory."""
+        self._memory.clear()
+        self._views.clear()
+
+
+class ReplayRng:
+    """Get and set generator states by stream while one replay runs.
+
+    Known states come from the recording; where a stream's states are unknown
+    (see the module docstring), every state met right before a random op is
+    noted in ``record.states`` (and the state after the last one in
+    ``record.ends``), so a later replay of any slice starts from the nearest
+    known state.
+
+    Args:
+        record: the record replayed.
+        remap: the device CPU default streams are redrawn on (``draw_on="device"``
+            with an accelerator), else ``None``.
+    """
+
+    def __init__(self, record: Record, remap: torch.device | None) -> None:
+        self.record, self.remap = record, remap
+        self.gens: dict[int, torch.Generator] = {}
+
+    def key(self, stream: int) -> str:
+        """Return the ``Record.states`` key of ``stream`` in this replay."""
+        return stream_key(stream, self.remap if self.remapped(stream) else None)
+
+    def known(self, stream: int) -> bool:
+        """Whether the state before every draw of ``stream`` was noted while recording."""
+        return self.record.streams[stream].known and not self.remapped(stream)
+
+    def remapped(self, stream: int) -> bool:
+        """Whether ``stream`` is a CPU default stream redrawn on another device here."""
+        s = self.record.streams[stream]
+        return self.remap is not None and s.default and s.device.type == "cpu"
+
+    def device(self, stream: int) -> torch.device:
+        """Return the device whose generator draws ``stream`` in this replay."""
+        if self.remapped(stream):
+            assert self.remap is not None
+            return self.remap
+        return self.record.streams[stream].device
+
+    def generator(self, stream: int) -> torch.Generator:
+        """Return the replay's own generator standing in for explicit generator ``stream``."""
+        gen = self.gens.get(stream)
+        if gen is None:
+            gen = self.gens[stream] = torch.Generator(device=self.record.streams[stream].device)
+        return gen
+
+    def get(self, stream: int) -> torch.Tensor:
+        """Return the current state of ``stream``."""
+        if not self.record.streams[stream].default:
+            return self.generator(stream).get_state()
+        return get_default_state(self.device(stream))
+
+    def set(self, stream: int, state: torch.Tensor) -> None:
+        """Set the state of ``stream``."""
+        if not self.record.streams[stream].default:
+            self.generator(stream).set_state(state)
+        else:
+            set_default_state(self.device(stream), state)
+
+    def enter(self, i: int, stream: int) -> None:
+        """Before random op ``i``: set the state known for it, or note the current one."""
+        known = self.record.states.setdefault(self.key(stream), {})
+        state = known.get(i)
+        if state is not None:
+            self.set(stream, state)
+        else:
+            known[i] = self.get(stream)
+
+    def leave(self, i: int, stream: int) -> None:
+        """After random op ``i``: note the state the next random op of ``stream`` starts from."""
+        if self.known(stream):
+            return
+        key = self.key(stream)
+        index = self.record.random_ops(stream)
+        pos = bisect.bisect_left(index, i)
+        state = self.get(stream)
+        if pos == len(index) - 1:
+            self.record.ends.setdefault(key, state)
+        else:
+            self.record.states.setdefault(key, {}).setdefault(index[pos + 1], state)

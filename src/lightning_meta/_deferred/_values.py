@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
+from lightning_meta._deferred._lineage import Lineage
 from lightning_meta._deferred._record import Op, Record, Ref, Value
 from lightning_meta._deferred._record_errors import path_of, recording_error, user_site
 from lightning_meta._errors import MaterializationError
@@ -39,11 +40,16 @@ class ValueIds:
     Args:
         record: the op log whose ``values``, ``constants`` and ``ops`` grow.
         modules: the modules built so far (by ``id``), to name a tensor in errors.
+        lineage: told the size of every storage met.
     """
 
-    def __init__(self, record: Record, modules: dict[int, nn.Module]) -> None:
+    def __init__(self, record: Record, modules: dict[int, nn.Module], lineage: Lineage) -> None:
         self.record = record
         self.modules = modules
+        self.lineage = lineage
+        # The op that made each value (its index in the log), to say where a
+        # fake tensor that escaped the block was created.
+        self.producer: list[int] = []
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._vid_cdata: list[int] = []
         self._cdata_storage: dict[int, int] = {}
@@ -105,15 +111,35 @@ class ValueIds:
         return shared
 
     def error(
-        self, op: str, tensor: torch.Tensor | None, what: str, fix: str
+        self,
+        op: str,
+        tensor: torch.Tensor | None,
+        what: str,
+        fix: str,
+        sources: frozenset[int] = frozenset(),
     ) -> MaterializationError:
-        """Return the error refusing ``op``, naming ``tensor``'s path when it is on a module."""
-        path = path_of(tensor, self.modules.values()) if tensor is not None else None
+        """Return the error refusing ``op``, naming ``tensor``'s path when it is on a module.
+
+        ``sources`` are the storage indices ``tensor`` was computed from: one
+        of those on a module is named when ``tensor`` itself is not.
+        """
+        cdatas = frozenset(c for c, s in self._cdata_storage.items() if s in sources)
+        path = path_of(tensor, self.modules.values(), cdatas) if tensor is not None else None
         return recording_error(op, what, fix, path=path)
+
+    def alive(self) -> list[tuple[torch.Tensor, int]]:
+        """Return every fake tensor of this recording still alive, with its value id."""
+        out: list[tuple[torch.Tensor, int]] = []
+        for ref, vid in self._seen.values():
+            t = ref()
+            if isinstance(t, FakeTensor):
+                out.append((t, vid))
+        return out
 
     def clear(self) -> None:
         """Drop every fake tensor and storage held (the record keeps what it logged)."""
         self._seen.clear()
+        self.producer.clear()
         self._vid_cdata.clear()
         self._cdata_storage.clear()
         self._storages.clear()
@@ -168,7 +194,10 @@ class ValueIds:
             storage = self._cdata_storage[cdata] = len(self._cdata_storage)
             if owner is not None:
                 self._storages.append(owner)
+            held = owner if owner is not None else t.untyped_storage()
+            self.lineage.new_storage(storage, int(held.nbytes()))
         vid = len(self.record.values)
+        self.producer.append(len(self.record.ops))
         self.record.values.append(
             Value(storage, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
         )

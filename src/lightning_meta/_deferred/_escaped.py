@@ -1,0 +1,75 @@
+"""Fake tensors that escaped a ``deferred_init`` block: refused on first use, findable.
+
+When a block ends, every tensor it made that modules built in it hold
+(parameters, buffers, attributes, items of list, tuple and dict attributes)
+becomes a deferred meta tensor. A fake tensor kept anywhere else (a closure,
+a global list, a module built outside the block) cannot be materialized:
+left alone, ``real + fake`` would quietly compute a fake tensor. So the
+block's fake mode is *closed*: any op on one of its tensors raises
+:class:`~lightning_meta.MetaTensorError` naming where the tensor was created,
+and :func:`escaped_site` lets ``find_meta_tensors`` report such tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lightning_meta._compat import FakeTensor, FakeTensorMode
+from lightning_meta._errors import MetaTensorError
+
+__all__ = ["close_fake_mode", "escaped_site"]
+
+
+class _ClosedFakeMode(FakeTensorMode):
+    """The fake mode of a finished block: every op on its tensors raises."""
+
+    escaped: WeakIdKeyDictionary
+
+    def __torch_dispatch__(  # type: ignore[override]
+        self,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
+        site = "<unknown>"
+        for x in (*args, *(kwargs or {}).values()):
+            if isinstance(x, FakeTensor):
+                site = self.escaped.get(x, site)
+                break
+        raise MetaTensorError(
+            f"{func} was called on a tensor created inside a deferred_init block at {site}, "
+            "after the block ended. It is not a parameter, buffer or attribute (or an item of "
+            "a list, tuple or dict attribute) of a module built in the block, so materialize "
+            "cannot give it values: it holds none. Fix: register it on the module "
+            "(self.register_buffer(name, t, persistent=False), or a plain attribute), or "
+            "create it after materialize."
+        )
+
+
+def close_fake_mode(mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor, str]]) -> None:
+    """Make every later op on a fake tensor of ``mode`` raise; remember where ``leftovers`` were made."""
+    escaped = WeakIdKeyDictionary()
+    for t, site in leftovers:
+        escaped[t] = site
+    mode.__class__ = _ClosedFakeMode
+    mode.escaped = escaped  # type: ignore[attr-defined]
+
+
+def escaped_site(t: object) -> str | None:
+    """Return where ``t`` was created if it is a fake tensor of a finished ``deferred_init`` block.
+
+    For ``find_meta_tensors`` and MetaGuard: such a tensor holds no data and
+    cannot be materialized; any op on it raises ``MetaTensorError``.
+    """
+    if not isinstance(t, FakeTensor):
+        return None
+    mode = getattr(t, "fake_mode", None)
+    if not isinstance(mode, _ClosedFakeMode):
+        return None
+    site: str = mode.escaped.get(t, "<unknown>")
+    return site

@@ -1,0 +1,94 @@
+"""``materialize(fallback="reset_parameters")``: meta tensors that were never deferred.
+
+The modules' ``reset_parameters()`` is first *recorded* on fake tensors, the
+way a ``deferred_init`` block records construction (random numbers drawn
+for real, generators moving as they would eagerly), then replayed onto real
+memory. Recording first is what makes the fallback safe: a method that
+writes only part of a tensor, or none of it, is seen (the tensor still holds
+uninitialised memory) and refused, and a method that raises has changed
+nothing; in both cases every tensor is back on meta and the generators are
+where they were.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_meta._deferred._handles import dress_like
+from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._recorder import Recorder
+from lightning_meta._deferred._replay import replay
+from lightning_meta._deferred._rng import default_generator
+from lightning_meta._deferred._session import close, recording
+from lightning_meta._errors import MaterializationError
+from lightning_meta._slots import Slot
+
+__all__ = ["reset_parameters"]
+
+
+def reset_parameters(plain: list[Slot], device: torch.device) -> None:
+    """Initialise never-deferred meta tensors with their modules' ``reset_parameters()``.
+
+    Raises:
+        MaterializationError: ``reset_parameters()`` leaves a tensor wholly or
+            partly unwritten; every tensor is put back on meta.
+        Exception: whatever ``reset_parameters()`` raised; every tensor is put
+            back on meta.
+    """
+    owners: dict[int, nn.Module] = {}
+    for slot in plain:
+        owners.setdefault(id(slot.owner), slot.owner)
+    generators = [
+        g for g in {default_generator(torch.device("cpu")), default_generator(device)} if g
+    ]
+    entry = [(g, g.get_state()) for g in generators]
+    record = Record()
+    converted: set[int] = set()
+    recorder: Recorder | None = None
+    ok = False
+    try:
+        with recording(record, track_modules=False) as recorder:
+            fakes: dict[int, torch.Tensor] = {}
+            for slot in plain:
+                fake = fakes.get(id(slot.tensor))
+                if fake is None:
+                    t = slot.tensor
+                    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                    if isinstance(t, nn.Parameter):
+                        fake = nn.Parameter(fake, requires_grad=t.requires_grad)
+                    fakes[id(t)] = fake
+                slot.put(fake)
+            with torch.no_grad():
+                for owner in owners.values():
+                    owner.reset_parameters()  # type: ignore[operator]
+            made = {slot.path: slot.current() for slot in plain}
+            vids = {path: recorder.vid_at_exit(t) for path, t in made.items() if t is not None}
+            converted.update(id(t) for t in made.values())
+        untouched = sorted(p for p, v in vids.items() if recorder.garbage_site(v) is not None)
+        if untouched:
+            raise MaterializationError(
+                f"materialize(fallback='reset_parameters') left {untouched} uninitialised: "
+                "reset_parameters() of their modules does not write them (or writes only "
+                "part of them). The module was put back on meta. Fix: build the module under "
+                "deferred_init or load these tensors from a checkpoint.",
+                paths=untouched,
+            )
+        ok = True
+    finally:
+        if not ok:
+            for slot in plain:
+                slot.put(slot.tensor)
+            for gen, state in entry:
+                gen.set_state(state)
+        if recorder is not None:
+            close(recorder, converted)
+    wanted = {vid: path for path, vid in vids.items()}
+    values = replay(record, wanted, device=device)
+    record.release()
+    real: dict[int, torch.Tensor] = {}  # tied slots get one object
+    for slot in plain:
+        new = real.get(id(slot.tensor))
+        if new is None:
+            new = real[id(slot.tensor)] = dress_like(slot.tensor, values[vids[slot.path]], {})
+        slot.put(new)

@@ -1,0 +1,88 @@
+"""Tensor methods a ``deferred_init`` block answers before they reach ATen.
+
+``.numpy()`` and ``.tolist()`` on a fake tensor never reach a dispatch mode
+as one call (``.numpy()`` raises torch's own error first; ``.tolist()``
+reads element by element). While at least one block is open,
+:func:`value_reads` puts wrappers for those two methods on the fake tensor
+class (restored when the last block ends, whatever thread opened it): on a
+fake tensor of an open block they return the real value when it can be
+known while recording (see
+:meth:`~lightning_meta._deferred._recorder.Recorder.read_values`), and
+raise a :class:`~lightning_meta.MaterializationError` naming the call, the
+tensor's path and the ``file:line`` otherwise; on any other fake tensor they
+are torch's own methods. Real tensors are not touched. (A
+``TorchFunctionMode`` would see them too, but it costs every tensor call of
+the model a trip through Python.)
+
+:func:`conversion_refused` is the error for ``Module.to()`` /
+``.half()`` / ``.float()`` inside a block, raised the same way on every torch
+version (see ``Recorder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from lightning_meta import _compat
+from lightning_meta._compat import FakeTensor
+from lightning_meta._errors import MaterializationError
+
+__all__ = ["conversion_refused", "value_reads"]
+
+Reader = Callable[[torch.Tensor, str], torch.Tensor]
+
+_METHODS = ("numpy", "tolist")
+_READERS: dict[int, Reader] = {}  # id of an open block's fake mode -> its reader
+_SAVED: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+def conversion_refused(detail: str) -> MaterializationError:
+    """Return the error for ``Module.to()`` and the like inside a block."""
+    return MaterializationError(
+        f"deferred_init cannot record Module.to()/.half()/.float() inside the block "
+        f"({detail}): torch cannot swap the fake tensors it builds on. Fix: "
+        "pass dtype= (and device=) to materialize, or convert after it."
+    )
+
+
+def _wrapper(name: str, original: Any) -> Any:
+    def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        reader = _READERS.get(id(getattr(self, "fake_mode", None)))
+        if reader is None:
+            return original(self, *args, **kwargs)
+        real = reader(self, f"Tensor.{name}")
+        with _compat.no_python_dispatch():
+            return original(real, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = getattr(original, "__doc__", None)
+    return method
+
+
+@contextlib.contextmanager
+def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
+    """Answer ``.numpy()`` and ``.tolist()`` of ``fake_mode``'s tensors with ``reader`` for the body."""
+    with _LOCK:
+        if not _READERS:
+            for name in _METHODS:
+                _SAVED[name] = vars(FakeTensor).get(name)
+                setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
+        _READERS[id(fake_mode)] = reader
+    try:
+        yield
+    finally:
+        with _LOCK:
+            del _READERS[id(fake_mode)]
+            if not _READERS:
+                for name in _METHODS:
+                    own = _SAVED.pop(name)
+                    if own is None:
+                        delattr(FakeTensor, name)
+                    else:
+                        setattr(FakeTensor, name, own)

@@ -1,0 +1,233 @@
+"""What each recorded storage's bytes depend on: random draws, uninitialised memory, or neither.
+
+While a ``deferred_init`` block records, :class:`Lineage` follows every op
+over storages (by the recorder's storage indices):
+
+- a storage made by ``torch.empty`` (and its like) starts *uninitialised*;
+  an op that overwrites it whole without reading it (``normal_``,
+  ``fill_``, ``copy_``) initialises it, a partial overwrite initialises the
+  bytes it covers (tracked with a byte map, made only for that case);
+- a value computed from uninitialised bytes is *garbage*, one computed
+  from random draws is *random*; both spread to every op's outputs and to
+  what it writes.
+
+The recorder asks it whether a value can be read while recording (it can if
+neither random nor garbage: it depends on Python numbers and captured real
+tensors only), which storages an op overwrites whole (replay skips what comes
+before), and, when the block ends, which tensors left on modules still hold
+uninitialised memory (``materialize`` refuses them unless a checkpoint
+fills them first).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lightning_meta import _compat
+from lightning_meta._deferred._record import Value
+
+__all__ = ["GARBAGE", "RANDOM", "Lineage", "covers", "op_kind"]
+
+RANDOM = 1
+GARBAGE = 2
+
+# Op kinds, by the op's name without overload.
+PLAIN, MAKES_UNINIT, READS_METADATA, OVERWRITES = 0, 1, 2, 3
+
+_UNINIT = frozenset(
+    {
+        "aten.empty",
+        "aten.empty_strided",
+        "aten.empty_like",
+        "aten.new_empty",
+        "aten.new_empty_strided",
+        "aten.empty_permuted",
+    }
+)
+# In-place ops whose first argument is written whole, its old values unread.
+_OVERWRITE = frozenset(
+    {
+        "aten.fill_",
+        "aten.zero_",
+        "aten.copy_",
+        "aten.normal_",
+        "aten.uniform_",
+        "aten.random_",
+        "aten.exponential_",
+        "aten.cauchy_",
+        "aten.log_normal_",
+        "aten.geometric_",
+        "aten.bernoulli_",
+    }
+)
+_METADATA = frozenset({"aten.detach", "aten.alias", "aten.lift_fresh"})
+
+
+@functools.cache
+def op_kind(name: str) -> int:
+    """Return how an op (``"aten.normal_.default"``) treats the values of its tensor arguments."""
+    base = name.rsplit(".", 1)[0]
+    if base in _UNINIT:
+        return MAKES_UNINIT
+    if base in _OVERWRITE:
+        return OVERWRITES
+    if base in _METADATA or base.endswith("_like") or base.startswith("aten.new_"):
+        return READS_METADATA
+    return PLAIN
+
+
+_NOTHING: frozenset[int] = frozenset()
+
+
+@functools.lru_cache(maxsize=4096)
+def covers(value: Value, nbytes: int) -> bool:
+    """Whether ``value`` (a view) spans every byte of its storage, each once."""
+    itemsize = value.dtype.itemsize
+    numel = 1
+    for n in value.size:
+        numel *= n
+    if numel * itemsize != nbytes or value.offset != 0:
+        return False
+    expected = 1
+    for stride, size in sorted(
+        (st, n) for st, n in zip(value.stride, value.size, strict=True) if n > 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Lineage:
+    """The random / garbage flags and the initialised bytes of every storage of one recording.
+
+    Args:
+        values: the record's values (read, never changed).
+    """
+
+    def __init__(self, values: list[Value]) -> None:
+        self.values = values
+        self.nbytes: dict[int, int] = {}
+        self.flags: dict[int, int] = {}
+        # Storage -> None (all bytes uninitialised) or a byte map (1: written).
+        self.uninit: dict[int, torch.Tensor | None] = {}
+        self.sites: dict[int, str] = {}
+
+    def new_storage(self, storage: int, nbytes: int) -> None:
+        """Note a storage first met while recording (initialised, unless an op says otherwise)."""
+        self.nbytes[storage] = nbytes
+
+    def depends(self, vid: int) -> int:
+        """Return the flags of value ``vid``: ``RANDOM``, ``GARBAGE`` (or both, or 0)."""
+        value = self.values[vid]
+        storage = value.storage
+        flags = self.flags.get(storage, 0)
+        if storage in self.uninit and not self._written(value):
+            flags |= GARBAGE
+        return flags
+
+    def site(self, vid: int) -> str:
+        """Return where the uninitialised memory behind value ``vid`` was made."""
+        return self.sites.get(self.values[vid].storage, "<unknown>")
+
+    def op(
+        self,
+        name: str,
+        random: bool,
+        reads: tuple[int, ...],
+        writes: tuple[int, ...],
+        outs: tuple[int | None, ...],
+        site: str,
+    ) -> frozenset[int]:
+        """Follow one op; return the storages it overwrites whole without reading them."""
+        kind = op_kind(name)
+        values = self.values
+        target = writes[0] if kind == OVERWRITES and writes else None
+        flags = RANDOM if random else 0
+        origin = ""
+        if kind != READS_METADATA:
+            for v in reads:
+                if v == target:
+                    continue
+                storage = values[v].storage
+                if storage not in self.flags and storage not in self.uninit:
+                    continue  # the common case: a clean value
+                f = self.depends(v)
+                if f:
+                    flags |= f
+                    if f & GARBAGE and not origin:
+                        origin = self.site(v)
+        if not writes and not flags and kind != MAKES_UNINIT:
+            return _NOTHING  # new values are clean: nothing to note
+        touched = {values[v].storage for v in reads} | {values[v].storage for v in writes}
+        for out in outs:
+            if out is None:
+                continue
+            storage = values[out].storage
+            if storage in touched:
+                continue  # a view of an argument: the storage's own state holds
+            touched.add(storage)
+            if flags:
+                self.flags[storage] = flags
+            if origin:
+                self.sites[storage] = origin
+            if kind == MAKES_UNINIT:
+                self.uninit[storage] = None
+                self.sites[storage] = site
+        kills: frozenset[int] = frozenset()
+        for v in writes:
+            storage = values[v].storage
+            if v != target:
+                self._taint(storage, flags, origin)
+                continue
+            if covers(values[v], self.nbytes.get(storage, -1)):
+                self.uninit.pop(storage, None)
+                if flags:
+                    self.flags[storage] = flags
+                else:
+                    self.flags.pop(storage, None)
+                if origin:
+                    self.sites[storage] = origin
+                others = {values[r].storage for r in reads if r != v}
+                if storage not in others:
+                    kills = frozenset({storage})
+            else:
+                self._mark_written(values[v])
+                self._taint(storage, flags, origin)
+        return kills
+
+    def _taint(self, storage: int, flags: int, origin: str) -> None:
+        """Add ``flags`` to what ``storage`` depends on."""
+        if flags:
+            self.flags[storage] = self.flags.get(storage, 0) | flags
+            if origin and storage not in self.sites:
+                self.sites[storage] = origin
+
+    def _region(self, bytemap: torch.Tensor, value: Value) -> torch.Tensor:
+        itemsize = value.dtype.itemsize
+        size = (*value.size, itemsize)
+        stride = (*(s * itemsize for s in value.stride), 1)
+        return bytemap.as_strided(size, stride, value.offset * itemsize)
+
+    def _written(self, value: Value) -> bool:
+        """Whether every byte ``value`` spans was written since its storage was made."""
+        bytemap = self.uninit.get(value.storage)
+        if bytemap is None:
+            return False
+        with _compat.no_python_dispatch():
+            return bool(self._region(bytemap, value).all())
+
+    def _mark_written(self, value: Value) -> None:
+        storage = value.storage
+        if storage not in self.uninit:
+            return
+        with _compat.no_python_dispatch():
+            bytemap = self.uninit[storage]
+            if bytemap is None:
+                bytemap = torch.zeros(self.nbytes[storage], dtype=torch.bool)
+                self.uninit[storage] = bytemap
+            self._region(bytemap, value).fill_(True)
+            if bool(bytemap.all()):
+                del self.uninit[storage]

@@ -1,0 +1,129 @@
+"""One recording session: the fake mode, the recorder and every hook, for the length of a body.
+
+Shared by the ``deferred_init`` block (``_block``) and by
+``materialize(fallback="reset_parameters")`` (``_fallback``), which records
+a module's ``reset_parameters()`` the same way before replaying it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+
+from lightning_meta import _compat
+from lightning_meta._compat import FakeTensor, FakeTensorMode, is_swap_refusal
+from lightning_meta._deferred._escaped import close_fake_mode
+from lightning_meta._deferred._functions import conversion_refused, value_reads
+from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._record_errors import recording_error
+from lightning_meta._deferred._recorder import Recorder
+
+__all__ = ["PARAMETER_CLASS", "close", "recording"]
+
+# Where a fake Parameter keeps the Parameter subclass the model asked for.
+PARAMETER_CLASS = "_lightning_meta_parameter_class"
+
+
+@contextlib.contextmanager
+def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorder]:
+    """Record the body into ``record``; yield the recorder (``recorder.fake`` is its fake mode).
+
+    The caller converts what it needs and then calls :func:`close`, also
+    when the body raised.
+    """
+    recorder = Recorder(record)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    recorder.fake = fake
+    hooks = []
+    if track_modules:
+        hooks = [
+            register_module_parameter_registration_hook(recorder.track),
+            register_module_buffer_registration_hook(recorder.track),
+            register_module_module_registration_hook(recorder.track),
+        ]
+    try:
+        with warnings.catch_warnings():
+            # torch's own Tensor.__deepcopy__ (nn.TransformerEncoder clones its
+            # layer) probes data_ptr() of the fake tensors; harmless here.
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            with (
+                _compat.parameter_calls(_parameter_hook(recorder, fake)),
+                value_reads(fake, recorder.read_values),
+                fake,
+                recorder,
+            ):
+                try:
+                    yield recorder
+                except RuntimeError as e:
+                    if not is_swap_refusal(e):
+                        raise
+                    raise conversion_refused(str(e)) from e
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def close(recorder: Recorder, converted: set[int]) -> None:
+    """End a recording: close its fake mode on every tensor left out, free what it holds.
+
+    Args:
+        recorder: the recording's recorder.
+        converted: ``id``\\ s of the fake tensors swapped for deferred meta tensors.
+    """
+    try:
+        leftovers = [(t, recorder.site_of(vid)) for t, vid in recorder.values.alive()]
+        close_fake_mode(recorder.fake, leftovers)
+    finally:
+        recorder.close()
+
+
+def _parameter_hook(recorder: Recorder, fake: FakeTensorMode) -> Any:
+    """Note the Parameter subclass a model asks for (a fake tensor cannot be an instance of it)."""
+
+    def hook(cls: type, made: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if (
+            cls is nn.Parameter
+            or not isinstance(made, FakeTensor)
+            or getattr(made, "fake_mode", None) is not fake
+            or isinstance(made, cls)
+            or threading.get_ident() != recorder.thread
+        ):
+            return made
+        made.__dict__[PARAMETER_CLASS] = cls
+        # type.__call__ skips __init__ for an object not of the class: run it
+        # as eager construction would, so the attributes it sets are kept.
+        if any(
+            "__init__" in vars(k)
+            for k in cls.__mro__
+            if k is not nn.Parameter and issubclass(k, nn.Parameter)
+        ):
+            try:
+                cls.__init__(made, *args, **kwargs)  # type: ignore[misc]
+            except Exception as e:
+                raise recording_error(
+                    f"{cls.__name__}.__init__",
+                    f"cannot run on the fake tensor deferred_init builds the parameter on "
+                    f"({type(e).__name__}: {e})",
+                    f"set the attributes of {cls.__name__} in __new__, or build this parameter "
+                    "outside deferred_init and assign it afterwards",
+                ) from e
+        return made
+
+    return hook
+
+
+def fake_parameter_class(t: torch.Tensor) -> type:
+    """Return the Parameter class a fake parameter stands for."""
+    cls: type = t.__dict__.get(PARAMETER_CLASS, nn.Parameter)
+    return cls

@@ -1,0 +1,76 @@
+"""Uninitialised memory is an error, never a value (issue #11, item 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_meta as lm
+from lightning_meta import MaterializationError, deferred_init, is_deferred, materialize
+from support import deferred_models as md
+from support import program_models as pm
+
+
+def test_empty_never_filled_raises_listing_the_paths_and_the_line() -> None:
+    module = deferred_init(pm.Empty)
+    with pytest.raises(
+        MaterializationError,
+        match=r"uninitialised .*'halfway' \(aten.empty at .*program_models\.py:\d+\); 'raw' .*"
+        r"allow_uninitialized=True",
+    ) as info:
+        materialize(module)
+    assert info.value.paths == ("halfway", "raw")
+    assert is_deferred(module.raw) and is_deferred(module.fc.weight)  # nothing changed
+
+
+def test_a_buffer_filled_piece_by_piece_is_initialised() -> None:
+    torch.manual_seed(0)
+    eager = pm.Empty()
+    torch.manual_seed(0)
+    module = deferred_init(pm.Empty)
+    lm.materialize(module, allow_uninitialized=True)
+    assert torch.equal(module.full, eager.full)
+    assert torch.equal(module.fc.weight, eager.fc.weight)
+    assert module.raw.shape == (2, 3)
+
+
+def test_a_checkpoint_fills_what_eager_construction_left_uninitialised(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = pm.Empty()
+    with torch.no_grad():
+        eager.raw.fill_(3.0)
+        eager.halfway.fill_(4.0)
+    path = tmp_path / "empty.pt"
+    torch.save(eager.state_dict(), path)
+    torch.manual_seed(0)
+    module = deferred_init(pm.Empty)
+    lm.load_checkpoint(module, path)
+    assert torch.equal(module.raw, torch.full((2, 3), 3.0))
+    module = deferred_init(pm.Empty)
+    module.load_state_dict(eager.state_dict())
+    assert torch.equal(module.halfway, torch.full((4,), 4.0))
+
+
+def test_a_missing_uninitialised_tensor_is_refused_by_a_partial_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = {k: v for k, v in pm.Empty().state_dict().items() if k != "raw"}
+    module = deferred_init(pm.Empty)
+    with pytest.raises(MaterializationError, match=r"'raw' \(aten.empty"):
+        module.load_state_dict(state, strict=False)
+
+
+def test_fabric_empty_init_inside_deferred_init_is_refused_then_loaded() -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    eager = md.NanoGPT()
+    with fabric.init_module(empty_init=True), deferred_init():
+        module = md.NanoGPT()
+    with pytest.raises(MaterializationError, match="uninitialised"):
+        materialize(module)
+    module.load_state_dict(eager.state_dict())
+    assert not is_deferred(module)
+    assert torch.equal(module.lm_head.weight, eager.lm_head.weight)
