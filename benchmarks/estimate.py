@@ -123,22 +123,37 @@ def _accuracy() -> list[dict[str, Any]]:
     from support.measure import measure_training_step
 
     def mlp() -> nn.Module:
-        return nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10))
+        return nn.Sequential(
+            nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10)
+        )
 
     def cnn() -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 10),
         )
 
     def llama() -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024,
-        ))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=1024,
+            )
+        )
 
     models: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
         "MLP": (mlp, lambda: torch.randn(64, 256)),
@@ -152,17 +167,21 @@ def _accuracy() -> list[dict[str, Any]]:
                 torch.manual_seed(0)
                 x = make_input()
                 est = estimate(factory, x, optimizer=optimizer, precision=precision)
-                real = measure_training_step(factory(), (x,), optimizer=optimizer, precision=precision)
-                rows.append({
-                    "model": model_name,
-                    "optimizer": optimizer,
-                    "precision": precision,
-                    "estimated_bytes": est.peak_bytes,
-                    "measured_bytes": real.peak_bytes,
-                    "error_pct": 100 * (est.peak_bytes - real.peak_bytes) / real.peak_bytes,
-                    "flops_equal": est.forward_flops == real.forward_flops
-                    and est.backward_flops == real.backward_flops,
-                })
+                real = measure_training_step(
+                    factory(), (x,), optimizer=optimizer, precision=precision
+                )
+                rows.append(
+                    {
+                        "model": model_name,
+                        "optimizer": optimizer,
+                        "precision": precision,
+                        "estimated_bytes": est.peak_bytes,
+                        "measured_bytes": real.peak_bytes,
+                        "error_pct": 100 * (est.peak_bytes - real.peak_bytes) / real.peak_bytes,
+                        "flops_equal": est.forward_flops == real.forward_flops
+                        and est.backward_flops == real.backward_flops,
+                    }
+                )
     return rows
 
 
@@ -186,26 +205,32 @@ def main() -> None:
     large = [] if args.skip_large else [_large(name, not args.no_full) for name in CONFIGS]
     accuracy = _accuracy()
     print(f"## estimate: large configurations (batch {TOKENS}, AdamW, 32-true, CPU)\n")
-    print("| config | parameters | estimate call (s) | import (s) | peak RSS (MB) | "
-          "full step (s) | same as full step | "
-          "estimated peak | accelerate weights | accelerate training (4x) | fwd+bwd FLOPs |")
+    print(
+        "| config | parameters | estimate call (s) | import (s) | peak RSS (MB) | "
+        "full step (s) | same as full step | "
+        "estimated peak | accelerate weights | accelerate training (4x) | fwd+bwd FLOPs |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in large:
         full_s = "-" if r["full_step_s"] is None else f"{r['full_step_s']:.2f}"
         same = "-" if r["same_as_full_step"] is None else str(r["same_as_full_step"])
-        print(f"| {r['config']} | {r['parameters']:,} | {r['estimate_s']:.2f} | {r['import_s']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {full_s} | {same} | "
-              f"{_gb(r['peak_bytes'])} ({r['peak_phase']}) | "
-              f"{_gb(r['accelerate_weights_bytes'])} | {_gb(r['accelerate_training_bytes'])} | "
-              f"{(r['forward_flops'] + r['backward_flops']) / 1e12:,.1f} T |")
+        print(
+            f"| {r['config']} | {r['parameters']:,} | {r['estimate_s']:.2f} | {r['import_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {full_s} | {same} | "
+            f"{_gb(r['peak_bytes'])} ({r['peak_phase']}) | "
+            f"{_gb(r['accelerate_weights_bytes'])} | {_gb(r['accelerate_training_bytes'])} | "
+            f"{(r['forward_flops'] + r['backward_flops']) / 1e12:,.1f} T |"
+        )
     for r in large:
         print(f"\n{r['config']}: {r['method']}")
     print("\n## estimate vs measured peak (real CPU step, live-storage tracker)\n")
     print("| model | optimizer | precision | estimated | measured | error | FLOPs equal |")
     print("|---|---|---|---:|---:|---:|---|")
     for r in accuracy:
-        print(f"| {r['model']} | {r['optimizer']} | {r['precision']} | {r['estimated_bytes']:,} | "
-              f"{r['measured_bytes']:,} | {r['error_pct']:+.2f}% | {r['flops_equal']} |")
+        print(
+            f"| {r['model']} | {r['optimizer']} | {r['precision']} | {r['estimated_bytes']:,} | "
+            f"{r['measured_bytes']:,} | {r['error_pct']:+.2f}% | {r['flops_equal']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"large": large, "accuracy": accuracy}, f, indent=2)

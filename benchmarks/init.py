@@ -40,8 +40,6 @@ VARIANTS = {
 }
 
 
-
-
 def _tiny() -> Any:
     from transformers import LlamaConfig
 

@@ -93,8 +93,6 @@ def small_fit(reps: int) -> dict[str, Any]:
     }
 
 
-
-
 def first_step(variant: str, small: bool) -> dict[str, Any]:
     """In this (fresh) process: seconds from construction start to the first training step."""
     import lightning as L

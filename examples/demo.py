@@ -35,7 +35,9 @@ def waves(n: int, seed: int) -> TensorDataset:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    return nn.Sequential(
+        nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
 
 
 class DeepEnsemble(L.LightningModule):
@@ -71,7 +73,9 @@ class HyperNetwork(L.LightningModule):
         shapes = self.target.shapes()
         self.sizes = {name: math.prod(shape) for name, shape in shapes.items()}
         self.code = nn.Parameter(torch.randn(8))
-        self.hyper = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, sum(self.sizes.values())))
+        self.hyper = nn.Sequential(
+            nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, sum(self.sizes.values()))
+        )
 
     @lm.meta_template
     def target(self) -> nn.Module:  # built on demand on meta; never in the state dict
@@ -102,8 +106,12 @@ def fit(model: L.LightningModule, workdir: Path, epochs: int) -> str:
     train = DataLoader(waves(512, seed=0), batch_size=64, shuffle=True)
     val = DataLoader(waves(256, seed=1), batch_size=256)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=str(workdir),
-        logger=False, enable_model_summary=True,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        default_root_dir=str(workdir),
+        logger=False,
+        enable_model_summary=True,
     )
     trainer.fit(model, train, val)
     assert trainer.checkpoint_callback is not None
@@ -131,18 +139,22 @@ def main() -> None:
     for i, loss in enumerate(losses.tolist()):
         table.add_row(str(i), f"{per_member:,}", f"{loss:.4f}")
     console.print(table)
-    console.print(f"members: {len(ensemble.ensemble)}, real parameters: "
-                  f"{sum(p.numel() for p in ensemble.parameters()):,}, template on meta: "
-                  f"{ensemble.ensemble.template.module.get_parameter('0.weight').is_meta}")
+    console.print(
+        f"members: {len(ensemble.ensemble)}, real parameters: "
+        f"{sum(p.numel() for p in ensemble.parameters()):,}, template on meta: "
+        f"{ensemble.ensemble.template.module.get_parameter('0.weight').is_meta}"
+    )
 
     ckpt = fit(HyperNetwork(), args.workdir / "hypernetwork", args.epochs)
     hyper = HyperNetwork.load_from_checkpoint(ckpt).eval()
     x, y = waves(256, seed=1).tensors
     with torch.no_grad():
         loss = nn.functional.mse_loss(hyper(x), y).item()
-    console.print(f"hypernetwork reloaded from {ckpt}: validation MSE {loss:.4f}, "
-                  f"real parameters {sum(p.numel() for p in hyper.parameters()):,}, "
-                  f"state_dict keys {sorted(hyper.state_dict())}")
+    console.print(
+        f"hypernetwork reloaded from {ckpt}: validation MSE {loss:.4f}, "
+        f"real parameters {sum(p.numel() for p in hyper.parameters()):,}, "
+        f"state_dict keys {sorted(hyper.state_dict())}"
+    )
 
 
 if __name__ == "__main__":

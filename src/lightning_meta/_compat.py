@@ -252,6 +252,7 @@ def quiet_fake_tensor_log() -> Iterator[None]:
 try:
     from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
 except ImportError:  # pragma: no cover
+
     def _no_pytree(*args: Any, **kwargs: Any) -> Any:
         raise missing("torch.utils._pytree", "Ensemble and estimate")
 

@@ -102,7 +102,11 @@ def test_the_torch_only_core_does_not_import_lightning() -> None:
             isinstance(node, (ast.Import, ast.ImportFrom))
             and any(
                 n.startswith("lightning.") or n == "lightning"
-                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+                for n in (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                )
             )
             for node in ast.walk(ast.parse(path.read_text()))
         )

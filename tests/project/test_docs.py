@@ -49,11 +49,15 @@ NOT_CODE = {"text", "mermaid"}
 
 # (page relative to the root, first line of the block) -> why it cannot run here.
 ALLOWED_SKIPS = {
-    ("README.md", "bash scripts/demo.sh    # the main job: trains an ensemble and a hypernetwork on the CPU"):
-        "set-up of .venv itself (pip) and the whole test suite, which contains this test; "
-        "the demo runs in tests/project/test_examples.py, the suite in CI",
-    ("docs/getting-started.md", "bash scripts/demo.sh    # set up .venv, then train an ensemble and a hypernetwork"):
-        "the README's two commands: set-up (pip) and the whole suite, which contains this test",
+    (
+        "README.md",
+        "bash scripts/demo.sh    # the main job: trains an ensemble and a hypernetwork on the CPU",
+    ): "set-up of .venv itself (pip) and the whole test suite, which contains this test; "
+    "the demo runs in tests/project/test_examples.py, the suite in CI",
+    (
+        "docs/getting-started.md",
+        "bash scripts/demo.sh    # set up .venv, then train an ensemble and a hypernetwork",
+    ): "the README's two commands: set-up (pip) and the whole suite, which contains this test",
 }
 
 # Blocks that run FSDP2 on the CPU, which torch itself cannot do before 2.7:
@@ -104,14 +108,14 @@ def blocks(page: Path) -> list[Block]:
             lines[i].strip().startswith(fence) and lines[i].strip().strip(fence[0]) == ""
         ):
             line = lines[i]
-            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             i += 1
         close = i
         i += 1  # the closing fence
         lang = info.split()[0].lower() if info else ""
         title = _TITLE.search(info)
         block = Block(page, start + 1, lang, title[1] if title else None, "\n".join(body) + "\n")
-        block.adjacent = all(not line.strip() for line in lines[last_close + 1:start])
+        block.adjacent = all(not line.strip() for line in lines[last_close + 1 : start])
         last_close = close
         j = start - 1
         while j >= 0 and not lines[j].strip():
@@ -136,8 +140,10 @@ def test_every_block_is_known_code_or_output() -> None:
     for page in PAGES:
         for block in blocks(page):
             if block.lang not in CODE | NOT_CODE:
-                problems.append(f"{block.where}: fence language {block.lang!r} is neither code "
-                                f"({sorted(CODE)}) nor output ({sorted(NOT_CODE)})")
+                problems.append(
+                    f"{block.where}: fence language {block.lang!r} is neither code "
+                    f"({sorted(CODE)}) nor output ({sorted(NOT_CODE)})"
+                )
             rel = str(page.relative_to(ROOT))
             key = (rel, block.first_line.strip())
             if block.skip and key not in ALLOWED_SKIPS and key not in NEEDS_FSDP2_ON_CPU:
@@ -166,7 +172,9 @@ def _run_python(block: Block, namespace: dict[str, object]) -> str:
         with contextlib.redirect_stdout(printed):
             exec(code, namespace)
     except Exception as e:
-        raise AssertionError(f"{block.where}: the python block raised {type(e).__name__}: {e}") from e
+        raise AssertionError(
+            f"{block.where}: the python block raised {type(e).__name__}: {e}"
+        ) from e
     finally:
         sys.stdout.write(printed.getvalue())
     return printed.getvalue()
@@ -179,7 +187,11 @@ def _normalize(text: str) -> str:
 def _run_shell(block: Block, workdir: Path) -> None:
     proc = subprocess.run(
         ["bash", "-e", "-o", "pipefail", "-c", block.source],
-        cwd=workdir, env=_shell_env(workdir), capture_output=True, text=True, timeout=600,
+        cwd=workdir,
+        env=_shell_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == block.returncode, (
         f"{block.where}: `{shlex.quote(block.first_line)}` exited {proc.returncode}, "

@@ -39,8 +39,9 @@ def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader[Any]:
 class AllTemplates(L.LightningModule):
     """An ensemble, a MetaTemplate of a real net, and a hypernetwork over a meta_template."""
 
-    def __init__(self, members: int = 4, hidden: int = HIDDEN, lr: float = 0.05,
-                 execution: str = "auto") -> None:
+    def __init__(
+        self, members: int = 4, hidden: int = HIDDEN, lr: float = 0.05, execution: str = "auto"
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.ensemble = lm.Ensemble.from_factory(lambda: mlp(hidden), members, execution=execution)
@@ -58,11 +59,13 @@ class AllTemplates(L.LightningModule):
         return nn.Linear(IN, OUT)
 
     def target_params(self) -> dict[str, torch.Tensor]:
-        flat = self.hyper(torch.ones(2, device=self.hyper.weight.device, dtype=self.hyper.weight.dtype))
+        flat = self.hyper(
+            torch.ones(2, device=self.hyper.weight.device, dtype=self.hyper.weight.dtype)
+        )
         out, offset = {}, 0
         for name, shape in self.target.shapes().items():
             size = int(torch.Size(shape).numel())
-            out[name] = flat[offset:offset + size].view(shape) * 0.1
+            out[name] = flat[offset : offset + size].view(shape) * 0.1
             offset += size
         return out
 
@@ -118,8 +121,12 @@ class ShardedTemplates(AllTemplates):
 def templates_are_meta(model: AllTemplates) -> bool:
     return all(
         t.is_meta
-        for module in (model.net_template.module, model.ensemble.template.module,
-                       model.bn_ensemble.template.module, model.target.module)
+        for module in (
+            model.net_template.module,
+            model.ensemble.template.module,
+            model.bn_ensemble.template.module,
+            model.target.module,
+        )
         for t in [*module.parameters(), *module.buffers()]
     )
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from support import SUPPORT
 
 
-def run_module(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_module(
+    module: str, *args: str, cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m support.<module> ARGS`` in ``cwd`` with one thread per process.
 
     ``tests/`` goes on ``PYTHONPATH`` so the runner, and the worker processes

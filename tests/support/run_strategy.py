@@ -39,9 +39,15 @@ def trainer(strategy_name: str, workdir: Path, epochs: int) -> L.Trainer:
             data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
         )
     return L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
-        default_root_dir=str(workdir), logger=False, enable_progress_bar=False,
-        enable_model_summary=False, gradient_clip_val=1.0 if strategy_name != "model_parallel" else None,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=epochs,
+        default_root_dir=str(workdir),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0 if strategy_name != "model_parallel" else None,
         callbacks=[ModelCheckpoint(dirpath=str(workdir / "ckpt"), save_last=True)],
     )
 
@@ -79,9 +85,10 @@ def main() -> None:
         loaded = AllTemplates.load_from_checkpoint(final)
         result["loaded_templates_meta"] = templates_are_meta(loaded)
         result["loaded_keys"] = sorted(loaded.state_dict())
-        result["loaded_equals_trained"] = all(
-            torch.equal(state[k], v) for k, v in loaded.state_dict().items()
-        ) and state.keys() == loaded.state_dict().keys()
+        result["loaded_equals_trained"] = (
+            all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+            and state.keys() == loaded.state_dict().keys()
+        )
         x = torch.randn(5, 6)
         ens = loaded.ensemble.eval()
         ref = torch.stack([ens.member(i)(x) for i in range(len(ens))])

@@ -74,7 +74,9 @@ def test_chunk_size_gives_the_same_result(execution: str) -> None:
     torch.testing.assert_close(ens(x), loop(mods, x))
     per = lm.Ensemble(mods, chunk_size=2, per_member_inputs=True, execution=execution)  # type: ignore[arg-type]
     xs = torch.randn(5, 6, 3)
-    torch.testing.assert_close(per(xs), torch.stack([m(xi) for m, xi in zip(mods, xs, strict=True)]))
+    torch.testing.assert_close(
+        per(xs), torch.stack([m(xi) for m, xi in zip(mods, xs, strict=True)])
+    )
 
 
 def bn_net() -> nn.Module:
@@ -179,9 +181,15 @@ def test_state_dict_round_trip_and_readable_keys() -> None:
     other = lm.Ensemble(members(3, bn_net))
     other.load_state_dict(ens.state_dict())
     assert list(ens.state_dict()) == [
-        "stacked.0.weight", "stacked.0.bias", "stacked.1.weight", "stacked.1.bias",
-        "stacked.1.running_mean", "stacked.1.running_var", "stacked.1.num_batches_tracked",
-        "stacked.3.weight", "stacked.3.bias",
+        "stacked.0.weight",
+        "stacked.0.bias",
+        "stacked.1.weight",
+        "stacked.1.bias",
+        "stacked.1.running_mean",
+        "stacked.1.running_var",
+        "stacked.1.num_batches_tracked",
+        "stacked.3.weight",
+        "stacked.3.bias",
     ]
     x = torch.randn(4, 3)
     torch.testing.assert_close(other(x), ens(x))
@@ -260,9 +268,14 @@ def test_differently_shaped_members_are_listed() -> None:
     d[0].weight.requires_grad_(False)
     with pytest.raises(lm.MetaTensorError, match="'0.weight' has requires_grad=False"):
         lm.Ensemble([a, d])
-    with pytest.raises(lm.MetaTensorError, match="member 1 holds '0.weight' on float64|is \\(8, 3\\) torch.float64"):
+    with pytest.raises(
+        lm.MetaTensorError, match="member 1 holds '0.weight' on float64|is \\(8, 3\\) torch.float64"
+    ):
         lm.Ensemble([a, mlp().double()])
-    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0",
+    ):
         lm.Ensemble([a, mlp(dropout=0.5)])
 
 
@@ -305,8 +318,16 @@ def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(_ensemble_fused, "_PER_MEMBER_GRAD_MACS", 0)  # every layer takes it
     torch.manual_seed(0)
-    mods = [nn.Sequential(nn.Linear(3, 8, bias=bias), nn.ReLU(), nn.Linear(8, 8, bias=bias),
-                          nn.ReLU(), nn.Linear(8, 2, bias=bias)) for _ in range(3)]
+    mods = [
+        nn.Sequential(
+            nn.Linear(3, 8, bias=bias),
+            nn.ReLU(),
+            nn.Linear(8, 8, bias=bias),
+            nn.ReLU(),
+            nn.Linear(8, 2, bias=bias),
+        )
+        for _ in range(3)
+    ]
     ens = lm.Ensemble(mods)
     assert_outputs_and_gradients_match(ens, mods, torch.randn(5, 3))
     xs = torch.randn(3, 5, 3, requires_grad=True)
@@ -316,5 +337,8 @@ def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_members_with_other_settings_are_refused() -> None:
-    with pytest.raises(lm.MetaTensorError, match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0"):
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0",
+    ):
         lm.Ensemble([mlp(), mlp(dropout=0.5)])

@@ -29,8 +29,14 @@ class BasicBlock(nn.Module):
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4),
-        nn.Dropout(0.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        BasicBlock(4),
+        nn.Dropout(0.0),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     )
 
 
@@ -61,11 +67,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[str, ...]]]
     "lstm": (lambda: Recurrent(nn.LSTM), (2, 5, 3), ()),
     "gru": (lambda: Recurrent(nn.GRU), (2, 5, 3), ()),
 }
-CASES = [
-    (arch, plan)
-    for arch, (_, _, plans) in ZOO.items()
-    for plan in ("auto", "loop", *plans)
-]
+CASES = [(arch, plan) for arch, (_, _, plans) in ZOO.items() for plan in ("auto", "loop", *plans)]
 
 
 def members(arch: str, n: int = 3) -> list[nn.Module]:
@@ -207,14 +209,18 @@ def test_loop_with_randomness_same_shares_the_mask_and_error_refuses() -> None:
     assert torch.equal(out[0] == 0, out[1] == 0) and torch.equal(out[0] == 0, out[2] == 0)
     with pytest.raises(lm.MetaTensorError, match=r"randomness='error'.*member 0 drew random"):
         lm.Ensemble(mods, execution="loop", randomness="error")(torch.ones(1, 3))
-    assert lm.Ensemble(mods, execution="loop", randomness="error").eval()(torch.ones(1, 3)).shape == (3, 1, 64)
+    assert lm.Ensemble(mods, execution="loop", randomness="error").eval()(
+        torch.ones(1, 3)
+    ).shape == (3, 1, 64)
 
 
 def test_timing_changes_no_state_the_user_sees() -> None:
     """The first call times its plans; statistics, gradients and RNG are as if it had not."""
 
     def make() -> nn.Module:
-        return nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2))
+        return nn.Sequential(
+            nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2)
+        )
 
     torch.manual_seed(0)
     mods = [make() for _ in range(3)]
@@ -231,7 +237,9 @@ def test_timing_changes_no_state_the_user_sees() -> None:
     ref = forced(x)
     assert torch.equal(torch.get_rng_state(), after_auto)
     torch.testing.assert_close(out, ref)
-    assert torch.equal(auto.stacked.get_buffer("1.num_batches_tracked"), torch.ones(3, dtype=torch.long))
+    assert torch.equal(
+        auto.stacked.get_buffer("1.num_batches_tracked"), torch.ones(3, dtype=torch.long)
+    )
     for name, b in forced.stacked.named_buffers():
         torch.testing.assert_close(auto.stacked.get_buffer(name), b)
 
@@ -284,10 +292,15 @@ def test_fused_refusal_names_the_layer() -> None:
     def flat() -> nn.Module:
         return nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2))
 
-    with pytest.raises(ArgumentValueError, match=r"layer '1' \(Flatten\) is neither an nn\.Linear") as info:
+    with pytest.raises(
+        ArgumentValueError, match=r"layer '1' \(Flatten\) is neither an nn\.Linear"
+    ) as info:
         lm.Ensemble([flat(), flat()], execution="fused")
     assert info.value.paths == ("1",)
-    with pytest.raises(ArgumentValueError, match=r"the template cannot be fused: the template is a TransformerEncoderLayer"):
+    with pytest.raises(
+        ArgumentValueError,
+        match=r"the template cannot be fused: the template is a TransformerEncoderLayer",
+    ):
         lm.Ensemble(members("transformer", 2), execution="fused")
     nested = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()))
     with pytest.raises(ArgumentValueError, match=r"layer '1' \(Sequential\)"):
@@ -295,7 +308,9 @@ def test_fused_refusal_names_the_layer() -> None:
 
 
 def test_grouped_refusal_names_the_layer() -> None:
-    with pytest.raises(ArgumentValueError, match=r"execution='grouped'.*layer 'rnn' \(LSTM\) has no grouped form") as info:
+    with pytest.raises(
+        ArgumentValueError, match=r"execution='grouped'.*layer 'rnn' \(LSTM\) has no grouped form"
+    ) as info:
         lm.Ensemble(members("lstm", 2), execution="grouped")
     assert info.value.paths == ("rnn",)
 
@@ -349,10 +364,14 @@ def test_tied_weights_on_every_plan() -> None:
         out.sum().backward()
         ref.sum().backward()
         for i, m in enumerate(rm):
-            torch.testing.assert_close(ens.stacked.get_parameter("a.weight").grad[i], m.a.weight.grad)
+            torch.testing.assert_close(
+                ens.stacked.get_parameter("a.weight").grad[i], m.a.weight.grad
+            )
 
 
-def test_large_gradients_reuse_their_memory_unless_someone_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_gradients_reuse_their_memory_unless_someone_holds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from lightning_meta._ensemble import _fused, _grads
 
     monkeypatch.setattr(_grads, "REUSE_BYTES", 0)
@@ -378,7 +397,9 @@ def test_large_gradients_reuse_their_memory_unless_someone_holds_it(monkeypatch:
             assert torch.equal(h, k)  # the gradient the caller kept is untouched
         ref = lm.Ensemble(copy.deepcopy(mods), execution="vmap")
         (ref(x).square().sum() * 2).backward()
-        for w, r in zip(weights, [ref.stacked.get_parameter(n) for n in ("0.weight", "2.weight")], strict=True):
+        for w, r in zip(
+            weights, [ref.stacked.get_parameter(n) for n in ("0.weight", "2.weight")], strict=True
+        ):
             torch.testing.assert_close(w.grad, r.grad)
 
 

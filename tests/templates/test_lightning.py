@@ -19,8 +19,13 @@ from support.lightning_models import AllTemplates, loader, mlp, real_state, temp
 
 def make_trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path),
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     options.update(kwargs)
     return L.Trainer(**options)
@@ -91,8 +96,9 @@ def test_model_summary_counts_only_real_parameters(tmp_path: Path) -> None:
     summary = summarize(model, max_depth=1)
     assert summary.total_parameters == real
     assert summary.trainable_parameters == real
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[ModelSummary(max_depth=2)],
-                           enable_model_summary=True)
+    trainer = make_trainer(
+        tmp_path, max_epochs=1, callbacks=[ModelSummary(max_depth=2)], enable_model_summary=True
+    )
     trainer.fit(model, loader())
 
 
@@ -115,8 +121,11 @@ class RecordingSGD(torch.optim.SGD):
     def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))))
+        self.norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
+        )
         super().step()
         return loss
 
@@ -137,8 +146,12 @@ def test_gradient_clipping(tmp_path: Path) -> None:
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_precision(tmp_path: Path, precision: str) -> None:
     model = AllTemplates()
-    trainer = make_trainer(tmp_path, max_epochs=1, precision=precision,
-                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer = make_trainer(
+        tmp_path,
+        max_epochs=1,
+        precision=precision,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+    )
     trainer.fit(model, loader(), loader())
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     assert templates_are_meta(model)
@@ -186,8 +199,11 @@ def test_stochastic_weight_averaging(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     model = AllTemplates()
-    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[
-        StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
+    trainer = make_trainer(
+        tmp_path,
+        max_epochs=3,
+        callbacks=[StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)],
+    )
     trainer.fit(model, loader())
     assert templates_are_meta(model)
     assert torch.isfinite(model(torch.randn(2, 6))).all()
@@ -200,8 +216,9 @@ def test_weight_averaging(tmp_path: Path) -> None:
     WeightAveraging = callbacks.WeightAveraging
 
     model = AllTemplates()
-    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[WeightAveraging()],
-                           enable_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path, max_epochs=2, callbacks=[WeightAveraging()], enable_checkpointing=True
+    )
     trainer.fit(model, loader(), loader())
     assert templates_are_meta(model)
     assert torch.isfinite(model(torch.randn(2, 6))).all()
@@ -211,8 +228,9 @@ def test_model_pruning_of_every_real_layer(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelPruning
 
     model = AllTemplates()
-    trainer = make_trainer(tmp_path, max_epochs=2,
-                           callbacks=[ModelPruning("l1_unstructured", amount=0.5)])
+    trainer = make_trainer(
+        tmp_path, max_epochs=2, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]
+    )
     trainer.fit(model, loader(), loader())
     assert templates_are_meta(model)
     # ModelPruning made the pruning permanent at the end of fit; half the

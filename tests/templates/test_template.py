@@ -254,7 +254,9 @@ def test_state_from_follows_pruning_and_lists_what_is_missing() -> None:
     torch.testing.assert_close(out, net(x))
     out.sum().backward()
     assert net[0].weight_orig.grad is not None
-    with pytest.raises(lm.MetaTensorError, match=r"state_from\(Linear\): the module lacks '0.weight'"):
+    with pytest.raises(
+        lm.MetaTensorError, match=r"state_from\(Linear\): the module lacks '0.weight'"
+    ):
         template.state_from(nn.Linear(4, 4))
 
 

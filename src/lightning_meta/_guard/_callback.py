@@ -137,9 +137,9 @@ class MetaGuard(Callback):
         ]
         if problems:
             raise explain(
-                    problems,
-                    f"{type(pl_module).__name__}.configure_optimizers()",
-                    "The optimizer cannot step them.",
+                problems,
+                f"{type(pl_module).__name__}.configure_optimizers()",
+                "The optimizer cannot step them.",
             )
 
     def on_save_checkpoint(
@@ -148,10 +148,10 @@ class MetaGuard(Callback):
         problems = [f for f in find_meta_tensors(checkpoint) if f.problem]
         if problems:
             raise explain(
-                    problems,
-                    "The checkpoint Lightning is about to save",
-                    "It was not written: meta tensors save without error, and "
-                    "load_from_checkpoint would then move the whole model to meta.",
+                problems,
+                "The checkpoint Lightning is about to save",
+                "It was not written: meta tensors save without error, and "
+                "load_from_checkpoint would then move the whole model to meta.",
             )
 
     def on_exception(

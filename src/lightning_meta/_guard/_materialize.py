@@ -186,7 +186,9 @@ def fsdp_param_init_fn(device: torch.device) -> Callable[[nn.Module], None]:
     """
 
     def init(module: nn.Module) -> None:
-        tensors = {n: tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))}
+        tensors = {
+            n: tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))
+        }
         own = [n for n, t in tensors.items() if t is not None and t.is_meta]
         own += [n for n in handles_of(module) if n not in own]
         held = {n: tensor_at(module, n) for n in own}
@@ -197,4 +199,3 @@ def fsdp_param_init_fn(device: torch.device) -> Callable[[nn.Module], None]:
             materialize_paths(module, deferred, device=device)
 
     return init
-

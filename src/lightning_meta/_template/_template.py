@@ -232,7 +232,9 @@ class MetaTemplate:
         return out
 
     # ---------------------------------------------------------------- calling
-    def __call__(self, params_and_buffers: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self, params_and_buffers: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any
+    ) -> Any:
         """Run the template's forward with ``params_and_buffers`` (see :meth:`functional_call`)."""
         return self.functional_call(params_and_buffers, args, kwargs)
 
