@@ -8,9 +8,27 @@ the weights-only arithmetic of ``accelerate estimate-memory`` (its
 estimate-vs-measured peak-memory error for small models, measured on real
 tensors on the CPU.
 
+Per rank (``--ranks``): Llama 3 8B and 70B under FSDP2 (bf16 parameters,
+float32 reductions, AdamW, 1 x 4096 tokens per rank), with and without
+tensor parallelism and activation checkpointing, next to DeepSpeed's ZeRO-3
+estimate (``estimate_zero3_model_states_mem_needs``, no offload: parameters,
+gradients and optimizer states only; DeepSpeed's own function when
+``deepspeed`` imports, which it does on a CPU-only machine when built with
+``DS_BUILD_OPS=0``, else its formula, and the table says which) and accelerate's
+(``estimate-memory``: weights x 4 for Adam training, on one device). The
+headline configuration (70B, 64 ranks, tensor parallel 8, activation
+checkpointing) is timed in a fresh process, with its peak RSS.
+
+Per rank against real runs (``--measured``): TinyLM (tests/support) trained
+by real CPU processes (gloo) under DDP, FSDP2 and FSDP2 + tensor parallel,
+each rank measured with the CPU allocator's own events (no package code),
+next to the estimate of the same configuration (``backend="gloo"``).
+
 Run::
 
     python benchmarks/estimate.py [--json PATH] [--skip-large] [--no-full]
+    python benchmarks/estimate.py --ranks [--json PATH]
+    python benchmarks/estimate.py --measured [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +62,242 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 TOKENS = "1,4096:int64"
+
+CONFIGS["llama-3-8b"] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+#: (config, world size, tensor parallel, activation checkpointing); the first is the headline
+RANK_CASES: list[tuple[str, int, int, bool]] = [
+    ("llama-70b", 64, 8, True),
+    ("llama-70b", 64, 1, True),
+    ("llama-70b", 64, 8, False),
+    ("llama-70b", 256, 8, True),
+    ("llama-70b", 16, 8, True),
+    ("llama-3-8b", 8, 1, True),
+    ("llama-3-8b", 8, 1, False),
+    ("llama-3-8b", 64, 1, True),
+    ("llama-3-8b", 16, 2, True),
+]
+#: transformers' plan for Llama, plus the embedding (vocabulary rows) and the
+#: head (output gathered), as torchtitan splits them (no sequence or loss parallel)
+TP_EXTRA = {"model.embed_tokens": "rowwise", "lm_head": "colwise_rep"}
+
+
+def zero3_formula_bytes(total_params: int, largest_layer_params: int, gpus: int) -> int:
+    """DeepSpeed's ``estimate_zero3_model_states_mem_needs`` without offload, per GPU.
+
+    ``4 * largest_layer_params + 18 * total_params / gpus``: the largest layer
+    gathered in fp32, and 18 bytes per parameter (fp16 parameters and
+    gradients, fp32 master weights and Adam moments) sharded over the GPUs.
+    """
+    return 4 * largest_layer_params + int(18 * total_params / gpus)
+
+
+def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus: int) -> tuple[int, str]:
+    """DeepSpeed's own ZeRO-3 estimate per GPU (no offload), and where it came from.
+
+    DeepSpeed's function when ``deepspeed`` imports (it builds without CUDA
+    with ``DS_BUILD_OPS=0``; ``DS_ACCELERATOR=cpu``), checked against the
+    formula; else the formula, and the source says so.
+    """
+    formula = zero3_formula_bytes(total_params, largest_layer_params, gpus)
+    try:
+        import deepspeed
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    except ImportError:
+        return formula, "formula (deepspeed not installed)"
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params,
+        largest_layer_params,
+        num_gpus_per_node=gpus,
+        num_nodes=1,
+        cpu_offload=False,
+        cpu_offload_params=False,
+    )
+    if int(gpu) != formula:
+        raise RuntimeError(f"deepspeed's ZeRO-3 estimate {gpu} differs from the formula {formula}")
+    return int(gpu), f"deepspeed {deepspeed.__version__} estimate_zero3_model_states_mem_needs"
+
+
+def _rank_child(cases: list[tuple[str, int, int, bool]]) -> None:
+    """Estimate per-rank cases in this process; print one JSON line per case."""
+    start = time.perf_counter()
+    import torch
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_meta import estimate
+
+    imported = time.perf_counter() - start
+    for i, (name, world, tp, ac) in enumerate(cases):
+        config = LlamaConfig(**CONFIGS[name])
+        plan = {**{f"model.{k}": v for k, v in config.base_model_tp_plan.items()}, **TP_EXTRA}
+        begin, cpu = time.perf_counter(), time.process_time()
+        est = estimate(
+            lambda config=config: LlamaForCausalLM(config),
+            TOKENS,
+            optimizer="adamw",
+            strategy="fsdp",
+            world_size=world,
+            tensor_parallel=tp,
+            tensor_parallel_plan=plan if tp > 1 else None,
+            activation_checkpointing=ac,
+            mixed_precision="bf16",
+        )
+        seconds = time.perf_counter() - begin
+        cpu_seconds = time.process_time() - cpu
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        total = sum(p.numel() for p in model.parameters())
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        weights, _ = calculate_maximum_sizes(model)
+        zero3 = zero3_gpu_bytes(total, largest, world)
+        assert est.rank is not None
+        print(json.dumps({
+            "config": name, "world_size": world, "tensor_parallel": tp, "checkpointing": ac,
+            "estimate_s": seconds, "estimate_cpu_s": cpu_seconds, "import_s": imported, "peak_rss_mb": rss if i == 0 else None,
+            "method": est.method, "peak_bytes": est.peak_bytes, "peak_phase": est.peak_phase,
+            "breakdown": est.peak_breakdown, "rank_parameter_bytes": est.rank.parameter_bytes,
+            "rank_flops": est.rank.forward_flops + est.rank.backward_flops,
+            "zero3_bytes": zero3[0], "zero3_source": zero3[1],
+            "accelerate_training_bytes": int(weights) * 4,
+        }), flush=True)  # fmt: skip
+
+
+def _ranks() -> list[dict[str, Any]]:
+    """The headline case in a fresh process (time, RSS), then the others in another."""
+    rows = []
+    for cases in (RANK_CASES[:1], RANK_CASES[1:]):
+        command = [sys.executable, __file__, "--child-ranks", json.dumps(cases)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"per-rank cases failed:\n{proc.stderr}")
+        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return rows
+
+
+#: (world size, configs of support.run_estimate_ranks)
+MEASURED: list[tuple[int, list[dict[str, Any]]]] = [
+    (
+        2,
+        [
+            {"strategy": "ddp"},
+            {"strategy": "ddp", "bucket_view": True},
+            {"strategy": "fsdp"},
+            {"strategy": "fsdp", "ac": True},
+            {"strategy": "fsdp", "mp": "bf16"},
+            {"strategy": "fsdp", "reshard": False},
+        ],
+    ),
+    (
+        4,
+        [
+            {"strategy": "ddp"},
+            {"strategy": "fsdp"},
+            {"strategy": "fsdp", "mp": "bf16", "ac": True},
+            {"strategy": "fsdp", "tp": 2},
+            {"strategy": "fsdp", "tp": 2, "ac": True},
+            {"strategy": "fsdp", "tp": 2, "mp": "bf16"},
+        ],
+    ),
+]
+
+
+def _measured() -> list[dict[str, Any]]:
+    """Run the real multi-process cases and estimate each; one row per config and rank."""
+    import os
+    import tempfile
+
+    from lightning_meta import estimate
+
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path.insert(0, str(tests))
+    from support.measure_estimate_ranks import PLAN, TinyLM, first_loss
+
+    rows = []
+    for world, configs in MEASURED:
+        with tempfile.TemporaryDirectory() as workdir:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                   "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+            command = [sys.executable, "-m", "support.run_estimate_ranks", str(world), workdir]
+            command += [json.dumps(c) for c in configs]
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            ranks = [
+                json.loads(Path(workdir, f"result-{r}.json").read_text()) for r in range(world)
+            ]
+        for i, config in enumerate(configs):
+            options: dict[str, Any] = {"strategy": config["strategy"], "world_size": world}
+            if config.get("tp", 1) > 1:
+                options.update(tensor_parallel=config["tp"], tensor_parallel_plan=PLAN)
+            for key, option in (
+                ("ac", "activation_checkpointing"),
+                ("bucket_view", "gradient_as_bucket_view"),
+            ):
+                if config.get(key):
+                    options[option] = True
+            if config.get("mp"):
+                options["mixed_precision"] = config["mp"]
+            if "reshard" in config:
+                options["reshard_after_forward"] = config["reshard"]
+            est = estimate(TinyLM, "4,64:int64", loss_fn=first_loss, backend="gloo", **options)
+            for rank, results in enumerate(ranks):
+                measured = results[i]["peak_bytes"]
+                rows.append({
+                    "world_size": world, "config": config, "rank": rank,
+                    "estimated_bytes": est.peak_bytes, "measured_bytes": measured,
+                    "error_pct": 100 * (est.peak_bytes - measured) / measured,
+                    "flops_equal": (est.forward_flops, est.backward_flops)
+                    == (results[i]["forward_flops"], results[i]["backward_flops"]),
+                })  # fmt: skip
+    return rows
+
+
+def _print_measured(rows: list[dict[str, Any]]) -> None:
+    print("## per rank vs real CPU runs (gloo), TinyLM, AdamW, 4 x 64 tokens per rank\n")
+    print("| ranks | strategy | rank | estimated | measured | error | FLOPs equal |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        c = r["config"]
+        words = [c["strategy"]] + [
+            k if v is True else f"{k}={v}" for k, v in c.items() if k != "strategy"
+        ]
+        print(f"| {r['world_size']} | {', '.join(words)} | {r['rank']} | {r['estimated_bytes']:,} | "
+              f"{r['measured_bytes']:,} | {r['error_pct']:+.2f}% | {r['flops_equal']} |")  # fmt: skip
+
+
+def _print_ranks(rows: list[dict[str, Any]]) -> None:
+    gib = 2**30
+    print(
+        "## per rank: FSDP2, bf16 parameters / fp32 reductions, AdamW, 1 x 4096 tokens per rank\n"
+    )
+    print(
+        "| model | ranks | TP | AC | this estimate, peak per rank | of which params+grads+optim "
+        "| DeepSpeed ZeRO-3 (model states) | accelerate (4x weights, 1 device) | estimate call (s) |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        b = r["breakdown"]
+        states = b["parameters"] + b["gradients"] + b["optimizer_state"]
+        print(f"| {r['config']} | {r['world_size']} | {r['tensor_parallel']} | "
+              f"{'yes' if r['checkpointing'] else 'no'} | {r['peak_bytes'] / gib:,.1f} GiB "
+              f"({r['peak_phase']}) | {states / gib:,.1f} GiB | {r['zero3_bytes'] / gib:,.1f} GiB | "
+              f"{r['accelerate_training_bytes'] / gib:,.1f} GiB | {r['estimate_s']:.1f} |")  # fmt: skip
+    head = rows[0]
+    print(f"\nheadline ({head['config']}, {head['world_size']} ranks, TP {head['tensor_parallel']}, "
+          f"checkpointing): estimate call {head['estimate_s']:.2f} s "
+          f"({head['estimate_cpu_s']:.2f} s of CPU), peak RSS "
+          f"{head['peak_rss_mb']:.0f} MB; {head['method']}")  # fmt: skip
+    print(f"ZeRO-3 column: {head['zero3_source']}; accelerate column: weights from "
+          "accelerate.utils.calculate_maximum_sizes (fp32) x 4, its estimate-memory rule for "
+          "Adam training")  # fmt: skip
 
 
 def _child(name: str, full: bool) -> None:
@@ -196,10 +450,34 @@ def main() -> None:
     parser.add_argument(
         "--no-full", action="store_true", help="skip the reference run without block extrapolation"
     )
+    parser.add_argument(
+        "--ranks", action="store_true", help="only the per-rank table (Llama 8B and 70B, FSDP2)"
+    )
+    parser.add_argument(
+        "--measured", action="store_true", help="only per-rank estimates vs real CPU runs"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ranks", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, not args.no_full)
+        return
+    if args.child_ranks:
+        _rank_child([tuple(c) for c in json.loads(args.child_ranks)])  # type: ignore[misc]
+        return
+    if args.measured:
+        measured = _measured()
+        _print_measured(measured)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"measured": measured}, f, indent=2)
+        return
+    if args.ranks:
+        rows = _ranks()
+        _print_ranks(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ranks": rows}, f, indent=2)
         return
 
     large = [] if args.skip_large else [_large(name, not args.no_full) for name in CONFIGS]

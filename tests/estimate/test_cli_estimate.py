@@ -91,8 +91,43 @@ def test_table(net_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert status == 0
     assert "peak training-step memory" in out
+    assert "input values read as zeros" not in out
     assert "fc1" in out
     assert "KiB" in out
+
+
+BRANCHING = """
+from torch import nn
+
+
+class Branching(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.extra = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h if bool((x == 0).all()) else self.extra(h)
+"""
+
+
+def test_inputs_read_as_zeros_are_shown_in_the_table_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"lm_cli_branching_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text(BRANCHING)
+    try:
+        argv = ["estimate", f"{path}:Branching", "--input", "8,16:float32", "--optimizer", "sgd"]
+        assert main([*argv, "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["inputs_read_as_zeros"] == ["aten._local_scalar_dense in Branching"]
+        assert main(argv) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "input values read as zeros" in out
+        assert "aten._local_scalar_dense in Branching" in out
+    finally:
+        sys.modules.pop(path.stem, None)
 
 
 def test_hf_config_json_text_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

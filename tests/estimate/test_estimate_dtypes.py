@@ -179,7 +179,10 @@ def test_refusal_is_the_kind_torch_raises() -> None:
         check.observe(torch.ops.aten.mm.default, (x, w), {})
     assert isinstance(info.value, KernelRefusal)
     assert info.value.op == "aten.mm" and info.value.dtypes == (torch.int64, torch.float32)
-    with pytest.raises(NotImplementedError, match=r"aten.gelu: .*not implemented for 'Long'"):
+    # torch 2.13 raises NotImplementedError for gelu of integers, torch 2.6 RuntimeError
+    with pytest.raises(Exception) as torch_raised:
+        torch.nn.functional.gelu(x)
+    with pytest.raises(type(torch_raised.value), match=r"aten.gelu: .*not implemented for 'Long'"):
         check.observe(torch.ops.aten.gelu.default, (x,), {})
     # accepted calls and views pass; a repeated call is answered from memory
     check.observe(torch.ops.aten.mm.default, (x.float(), w), {})

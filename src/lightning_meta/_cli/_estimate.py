@@ -5,6 +5,10 @@ Examples::
     lightning-meta estimate torch.nn:Linear --args '[4096, 4096]' --input 8,4096:float32
     lightning-meta estimate models.py:Net --input 8,3,224,224 --precision bf16-mixed --json
     lightning-meta estimate --hf-config config.json --input 1,4096:int64 --optimizer adamw
+    lightning-meta estimate --hf-config config.json --input 1,4096:int64 --strategy fsdp \
+        --world-size 64 --tensor-parallel 8 --activation-checkpointing --mixed-precision bf16
+    lightning-meta estimate --hf-config config.json --input 1,4096:int64 --strategy fsdp \
+        --world-size 64 --memory 80GiB --fit batch
 
 Exit status (see :mod:`lightning_meta._cli._main`): 0 on success; 1 when
 the model cannot be estimated with these inputs (they do not fit its
@@ -76,6 +80,70 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--hf-config",
         metavar="PATH_OR_JSON",
         help="a transformers config file, directory or JSON text; never fetched from a hub",
+    )
+    ranks = p.add_argument_group(
+        "per rank", "estimate one rank of a multi-process run (no process is started)"
+    )
+    ranks.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp", "fsdp2", "model_parallel"],
+        help="ddp (DDPStrategy) or fsdp (FSDP2: fully_shard per block and root, "
+        "ModelParallelStrategy)",
+    )
+    ranks.add_argument("--world-size", type=int, metavar="N", help="number of ranks")
+    ranks.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ranks per tensor-parallel group (fsdp; default 1)",
+    )
+    ranks.add_argument(
+        "--activation-checkpointing", action="store_true", help="checkpoint every block"
+    )
+    ranks.add_argument(
+        "--no-reshard-after-forward",
+        action="store_true",
+        help="FSDP2: keep blocks unsharded from forward to backward",
+    )
+    ranks.add_argument(
+        "--mixed-precision",
+        metavar="DTYPE[,DTYPE]",
+        help="FSDP2 MixedPrecisionPolicy: param dtype (reduced in float32), or param,reduce",
+    )
+    ranks.add_argument(
+        "--blocks",
+        metavar="NAME",
+        help="the container of blocks, e.g. model.layers (default: found)",
+    )
+    ranks.add_argument(
+        "--tensor-parallel-plan",
+        metavar="JSON",
+        help='module patterns to colwise/rowwise/colwise_rep, e.g. \'{"layers.*.q": "colwise"}\' '
+        "(default: the plan transformers applies, the model's tp_plan)",
+    )
+    ranks.add_argument(
+        "--gradient-as-bucket-view", action="store_true", help="DDP: gradients live in the buckets"
+    )
+    ranks.add_argument(
+        "--backend",
+        choices=["nccl", "gloo"],
+        help="the collectives' backend whose buffers are simulated (default nccl)",
+    )
+    fits = p.add_argument_group("what fits", "search against a memory budget per device")
+    fits.add_argument(
+        "--memory", metavar="SIZE", help="memory of one device, e.g. 80GiB (GB = 10**9 bytes)"
+    )
+    fits.add_argument(
+        "--fit",
+        choices=["batch", "sequence", "world-size"],
+        help="the largest batch or sequence length, or the smallest world size, that fits",
+    )
+    fits.add_argument(
+        "--global-batch",
+        type=int,
+        metavar="N",
+        help="with --fit world-size: samples per step over all data-parallel ranks",
     )
     p.add_argument(
         "--json", action="store_true", help="print only the JSON document on standard output"
@@ -185,8 +253,58 @@ def _optimizer(text: str) -> Any:
     return text
 
 
+def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the per-rank options of ``estimate`` given on the command line (none: {})."""
+    options: dict[str, Any] = {}
+    if args.strategy is not None:
+        options["strategy"] = args.strategy
+    if args.world_size is not None:
+        options["world_size"] = args.world_size
+    if args.tensor_parallel != 1:
+        options["tensor_parallel"] = args.tensor_parallel
+    if args.activation_checkpointing:
+        options["activation_checkpointing"] = True
+    if args.no_reshard_after_forward:
+        options["reshard_after_forward"] = False
+    if args.mixed_precision is not None:
+        parts = [p.strip() for p in args.mixed_precision.split(",")]
+        options["mixed_precision"] = parts[0] if len(parts) == 1 else tuple(parts)
+    if args.blocks is not None:
+        options["blocks"] = args.blocks
+    if args.tensor_parallel_plan is not None:
+        text = args.tensor_parallel_plan
+        try:
+            raw = Path(text[1:]).read_text() if text.startswith("@") else text
+            options["tensor_parallel_plan"] = json.loads(raw)
+        except (OSError, ValueError) as e:
+            raise ArgumentValueError(
+                f"--tensor-parallel-plan {_clip(text)} is neither JSON nor a readable @file ({e}). "
+                'Fix: pass \'{"layers.*.attn.q": "colwise"}\' or @plan.json.'
+            ) from e
+    if args.gradient_as_bucket_view:
+        options["gradient_as_bucket_view"] = True
+    if args.backend is not None:
+        options["backend"] = args.backend
+    return options
+
+
+def _check_fit(args: argparse.Namespace) -> None:
+    if (args.memory is None) != (args.fit is None):
+        raise ArgumentValueError(
+            "estimate: --memory and --fit go together. Fix: pass both, e.g. --memory 80GiB "
+            "--fit batch, or neither."
+        )
+    if args.global_batch is not None and args.fit != "world-size":
+        raise ArgumentValueError(
+            "estimate: --global-batch applies to --fit world-size. Fix: drop it, or pass "
+            "--fit world-size."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``estimate`` for parsed ``args``; print a table (or JSON) and return 0.
+    """Run ``estimate`` for parsed ``args``; print a table (or JSON) and return the exit status.
+
+    The status is 0, or 1 when ``--fit`` finds that nothing fits ``--memory``.
 
     Failures are raised for ``main`` to report with their exit status.
 
@@ -203,25 +321,52 @@ def run(args: argparse.Namespace) -> int:
     from lightning_meta._estimate._estimate import estimate
     from lightning_meta._estimate._specs import parse_input_spec
 
+    _check_fit(args)
+    options = _strategy_options(args)
     factory = _factory(args)
     optimizer = _optimizer(args.optimizer)
     inputs = tuple(parse_input_spec(s) for s in args.input) or None
     err = Console(stderr=True)
+    common: dict[str, Any] = dict(
+        optimizer=optimizer,
+        precision=args.precision,
+        device=args.device,
+        depth=args.depth,
+        loop=args.loop,
+        extrapolate=not args.no_extrapolate,
+        **options,
+    )
+    title = args.target or "transformers model"
+    if args.fit is not None:
+        from lightning_meta._estimate._fit import find_fit
+
+        vary = args.fit.replace("-", "_")
+        with user_code(), err.status(f"searching the {vary.replace('_', ' ')} that fits..."):
+            answer = find_fit(
+                factory,
+                inputs,
+                memory=args.memory,
+                vary=vary,
+                global_batch=args.global_batch,
+                **common,
+            )
+        # nothing fits: a problem found (status 1), after the answer is printed
+        status = 0 if answer.value is not None else 1
+        if args.json:
+            sys.stdout.write(json.dumps(answer.to_dict(), indent=2) + "\n")
+            return status
+        from lightning_meta._estimate._table import render, render_fit
+
+        render_fit(answer, Console())
+        if answer.fits is not None:
+            render(answer.fits, Console(), title=title)
+        return status
     with user_code(), err.status("building the model on meta and simulating one training step..."):
-        result = estimate(
-            factory,
-            inputs,
-            optimizer=optimizer,
-            precision=args.precision,
-            device=args.device,
-            depth=args.depth,
-            loop=args.loop,
-            extrapolate=not args.no_extrapolate,
-        )
+        result = estimate(factory, inputs, **common)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0
     from lightning_meta._estimate._table import render
 
-    render(result, Console(), title=args.target or "transformers model")
+    render(result, Console(), title=title)
     return 0

@@ -28,13 +28,17 @@ from lightning_meta._compat import (
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError, MetaTensorWarning
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
 from lightning_meta._estimate._kernels import KernelRefusal
+from lightning_meta._estimate._layout import Layout, layout_of
 from lightning_meta._estimate._options import OptimizerLike, Options, resolve_options
-from lightning_meta._estimate._repeat import SAMPLES, extrapolate_step, find_repeat
-from lightning_meta._estimate._result import Estimate, ModuleEstimate, assemble
+from lightning_meta._estimate._parallel import resolve_parallel
+from lightning_meta._estimate._ranks import RankStep
+from lightning_meta._estimate._repeat import RANK_SAMPLES, SAMPLES, extrapolate_step, find_repeat
+from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate, assemble
 from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step
 from lightning_meta._estimate._specs import InputSpec
+from lightning_meta._estimate._values import Values
 
-__all__ = ["Estimate", "InputSpec", "ModuleEstimate", "estimate"]
+__all__ = ["Estimate", "InputSpec", "ModuleEstimate", "RankEstimate", "estimate"]
 
 
 def _build(module_or_factory: Any) -> nn.Module:
@@ -58,16 +62,26 @@ def _build(module_or_factory: Any) -> nn.Module:
 
 @dataclass(frozen=True)
 class FakeStep:
-    """The fake tensors of one simulated step, all made under ``mode``."""
+    """The fake tensors of one simulated step, all made under ``mode``.
+
+    ``rank`` is one rank's step under a strategy (``None`` for one process);
+    ``state`` is then what its forward computes with.
+    """
 
     mode: FakeTensorMode
     state: dict[str, torch.Tensor]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    values: Values
+    rank: RankStep | None = None
 
 
 def fake_step(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    layout: Layout | None = None,
 ) -> FakeStep:
     """Return a fresh ``FakeTensorMode`` with fakes of the module's state and of the inputs.
 
@@ -76,17 +90,22 @@ def fake_step(
         args: the positional inputs, as :func:`inputs_of` returns them.
         kwargs: the keyword inputs, likewise.
         options: the checked options (device, precision).
+        layout: one rank's layout under a strategy; ``None`` for one process.
 
     Returns:
         The :class:`FakeStep`.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     cast_to = options.precision.cast_to
+    values = Values()
+    rank = RankStep(module, layout, mode, options.device, cast_to) if layout is not None else None
     return FakeStep(
         mode=mode,
-        state=fake_state(module, mode, options.device, cast_to),
-        args=fake_inputs(args, mode, options.device, cast_to),
-        kwargs=fake_inputs(kwargs, mode, options.device, cast_to),
+        state=rank.state if rank is not None else fake_state(module, mode, options.device, cast_to),
+        args=fake_inputs(args, mode, options.device, cast_to, values),
+        kwargs=fake_inputs(kwargs, mode, options.device, cast_to, values),
+        values=values,
+        rank=rank,
     )
 
 
@@ -118,7 +137,9 @@ def _dtype_fix(e: KernelRefusal, module: nn.Module, stage: str) -> str:
     )
 
 
-def _fail(e: Exception, module: nn.Module, record: StepRecord, inputs: str) -> MetaTensorError:
+def _fail(
+    e: Exception, module: nn.Module, record: StepRecord, inputs: str, layout: Layout | None = None
+) -> MetaTensorError:
     """Return the error for exception ``e`` of a step, naming its stage, module and fix."""
     root = type(module).__name__
     where = [n for n in record.module_path if n]
@@ -132,9 +153,20 @@ def _fail(e: Exception, module: nn.Module, record: StepRecord, inputs: str) -> M
         )
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
         fix = (
-            "the model reads tensor values (a data-dependent branch, .item() or an output "
-            "whose shape depends on data), which a shape-only run cannot follow. Fix: "
-            "make that code depend on shapes only, or estimate the submodules around it"
+            "the model reads tensor values a shape-only run does not know: values computed "
+            "from its weights or drawn at random (a data-dependent branch, .item() or an "
+            "output whose shape depends on data); only the values of the inputs (zeros for "
+            "inputs given by shape) and of what is computed from them and constants alone "
+            "are known. Fix: make that code depend on shapes or inputs only, or estimate the "
+            "submodules around it"
+        )
+    elif record.stage == "forward" and layout is not None and layout.tp_modules:
+        fix = (
+            f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects; under "
+            f"tensor parallelism each rank runs the forward on its slice of the split layers "
+            f"({len(layout.tp_modules)} of them), so the model must reshape with -1 (its local "
+            "head count), not with the whole model's sizes, and the plan must pair column-wise "
+            "layers with the row-wise ones that consume them"
         )
     elif record.stage == "forward":
         fix = f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects"
@@ -156,6 +188,7 @@ def run_step(
     kwargs: dict[str, Any],
     options: Options,
     block_prefix: str | None = None,
+    layout: Layout | None = None,
 ) -> tuple[dict[str, torch.Tensor], StepRecord]:
     """Simulate one training step of ``module``; return its fake state and what it measured.
 
@@ -165,6 +198,7 @@ def run_step(
         kwargs: the keyword inputs, likewise.
         options: the checked options.
         block_prefix: see :func:`~lightning_meta._estimate._run.simulate_step`.
+        layout: one rank's layout under a strategy; ``None`` for one process.
 
     Returns:
         The fake parameters and buffers by name, and the step's record.
@@ -173,8 +207,15 @@ def run_step(
         MetaTensorError: if the model, the loss or the optimizer fails,
             naming the stage, the module and the inputs.
     """
-    fake = fake_step(module, args, kwargs, options)
+    fake = fake_step(module, args, kwargs, options, layout)
     record = StepRecord()
+    root = type(module).__name__
+
+    def where() -> str:
+        path = record.module_path
+        return (path[-1] or root) if path else f"{root} ({record.stage})"
+
+    fake.values.where = where
     try:
         simulate_step(
             module,
@@ -189,16 +230,23 @@ def run_step(
             zero_grad_before_forward=options.zero_grad_before_forward,
             record=record,
             block_prefix=block_prefix,
+            values=fake.values,
+            rank=fake.rank,
         )
     except MetaTensorError:
         raise
     except Exception as e:
-        raise _fail(e, module, record, input_text(fake.args, fake.kwargs)) from e
+        raise _fail(e, module, record, input_text(fake.args, fake.kwargs), layout) from e
+    record.zero_input_reads = list(fake.values.zero_reads)
     return fake.state, record
 
 
 def simulate(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    layout: Layout | None = None,
 ) -> tuple[dict[str, torch.Tensor], StepRecord, str]:
     """Simulate the training step, extrapolated over identical blocks where that is exact.
 
@@ -207,6 +255,7 @@ def simulate(
         args: the positional inputs, as :func:`inputs_of` returns them.
         kwargs: the keyword inputs, likewise.
         options: the checked options.
+        layout: one rank's layout under a strategy; ``None`` for one process.
 
     Returns:
         Stand-ins for the model's parameters and buffers, the step's record,
@@ -216,23 +265,25 @@ def simulate(
         MetaTensorError: if the (full) step fails.
     """
     rep, why = find_repeat(module) if options.extrapolate else (None, "")
+    samples = SAMPLES if layout is None else RANK_SAMPLES
     if rep is not None:
         found, why = extrapolate_step(
             rep,
-            lambda prefix: run_step(module, args, kwargs, options, prefix)[1],
+            lambda prefix: run_step(module, args, kwargs, options, prefix, layout)[1],
             type(module).__name__,
+            samples,
         )
         if found is not None:
             # the sample steps ran on a cut model; the full model's tensors are
             # only counted, so meta stand-ins serve
             state = fake_state(module, None, torch.device("meta"), options.precision.cast_to)
-            sampled = ", ".join(map(str, SAMPLES))
+            sampled = ", ".join(map(str, samples))
             method = (
                 f"{rep.name or 'the root'}: {rep.count} identical blocks, extrapolated exactly "
                 f"from steps with {sampled} of them"
             )
             return state, found, method
-    state, record = run_step(module, args, kwargs, options)
+    state, record = run_step(module, args, kwargs, options, layout=layout)
     return state, record, f"full step (not extrapolated: {why})" if why else "full step"
 
 
@@ -247,6 +298,45 @@ def _warn_untracked(module: nn.Module, record: StepRecord) -> None:
         )
 
 
+def _rank_of(
+    module: nn.Module, layout: Layout, cast_to: torch.dtype | None, record: StepRecord
+) -> RankEstimate:
+    """Return what one rank holds of ``module`` under ``layout``."""
+    parallel = layout.parallel
+    numel = size = 0
+    seen: set[int] = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = layout.held_numel(name)
+        dtype = cast_to if cast_to is not None and p.is_floating_point() else p.dtype
+        numel += n
+        size += n * dtype.itemsize
+    fsdp = parallel.strategy == "fsdp"
+
+    def dtype_name(d: torch.dtype | None) -> str | None:
+        return str(d).removeprefix("torch.") if d is not None else None
+
+    return RankEstimate(
+        strategy=parallel.strategy,
+        world_size=parallel.world_size,
+        data_parallel_size=parallel.data_parallel,
+        tensor_parallel_size=parallel.tensor_parallel,
+        activation_checkpointing=parallel.activation_checkpointing,
+        reshard_after_forward=parallel.reshard_after_forward if fsdp else None,
+        param_dtype=dtype_name(parallel.param_dtype),
+        reduce_dtype=dtype_name(parallel.reduce_dtype),
+        blocks=len(layout.blocks) if fsdp or parallel.activation_checkpointing else 0,
+        blocks_found=layout.blocks_source,
+        tensor_parallel_layers=len(layout.tp_modules),
+        parameters=numel,
+        parameter_bytes=size,
+        forward_flops=record.rank_forward_flops,
+        backward_flops=record.rank_backward_flops,
+    )
+
+
 def estimate(
     module_or_factory: nn.Module | Callable[[], nn.Module],
     example_inputs: Any = None,
@@ -258,6 +348,16 @@ def estimate(
     depth: int = 2,
     loop: Literal["lightning", "plain"] = "lightning",
     extrapolate: bool = True,
+    strategy: str | None = None,
+    world_size: int | None = None,
+    tensor_parallel: int = 1,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool | None = None,
+    mixed_precision: Any = None,
+    blocks: str | type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    tensor_parallel_plan: dict[str, str] | None = None,
+    gradient_as_bucket_view: bool = False,
+    backend: str | None = None,
 ) -> Estimate:
     """Estimate parameters, FLOPs and peak memory of one training step, allocating nothing.
 
@@ -271,6 +371,17 @@ def estimate(
     backward, ``optimizer.step()``, with optimizer state and the previous
     step's gradients alive from the start.
 
+    With a ``strategy``, the step is one rank's of a ``world_size``-rank run
+    (rank 0's, the busiest): its share of parameters, gradients and optimizer
+    state, its activations on its own batch, and the buffers the strategy's
+    collectives allocate, when they allocate them. ``forward_flops`` and
+    ``backward_flops`` are what ``FlopCounterMode`` counts on the real rank,
+    which sees a tensor-parallel layer's ``DTensor`` operations at their
+    unsplit size; what the rank itself computes is ``rank.forward_flops`` and
+    ``rank.backward_flops`` (the same without tensor parallelism). No
+    process is started and nothing is communicated (see
+    :mod:`~lightning_meta._estimate._ranks` for what each strategy holds).
+
     Args:
         module_or_factory: an ``nn.Module`` (on meta, deferred, or even real:
             its tensor values are never read), a ``LightningModule``, or a
@@ -279,7 +390,9 @@ def estimate(
             inputs or a dict of keyword inputs, where each tensor may be real,
             meta, an :class:`InputSpec` or a ``"SHAPE:DTYPE"`` string such as
             ``"8,16:float32"``. ``None`` takes the module's
-            ``example_input_array``.
+            ``example_input_array``. Under a strategy, one rank's batch (what
+            its dataloader yields). Code that reads an input's value sees
+            the real tensor's values, or zeros for one given by shape.
         loss_fn: takes the model's output and returns the loss; default:
             ``output.loss`` when the model computes one, else the sum of its
             floating-point outputs.
@@ -303,23 +416,57 @@ def estimate(
             ``config`` list (``config.layer_types``) are simulated in full; a
             block whose forward branches on its index some other way is not
             detected: pass ``False`` for such models.
+        strategy: ``None`` (one process), ``"ddp"`` (Lightning's
+            ``DDPStrategy``) or ``"fsdp"`` (FSDP2, ``fully_shard`` on every
+            block and the root, as under Lightning's ``ModelParallelStrategy``;
+            also ``"fsdp2"``, ``"model_parallel"``).
+        world_size: the number of ranks, ``data_parallel x tensor_parallel``.
+        tensor_parallel: ranks per tensor-parallel group (``"fsdp"`` only):
+            the layers of ``tensor_parallel_plan`` are split over them.
+        activation_checkpointing: checkpoint every block (non-reentrant, as
+            ``checkpoint_wrapper`` does).
+        reshard_after_forward: FSDP2's option for the blocks (default
+            ``True``); the root is never resharded after forward, as FSDP2 does.
+        mixed_precision: FSDP2's ``MixedPrecisionPolicy``: ``"bf16"`` (bf16
+            parameters, gradients reduced in float32) or a pair
+            ``(param_dtype, reduce_dtype)``.
+        blocks: what FSDP2 wraps and activation checkpointing checkpoints one
+            by one: a container's dotted name (``"model.layers"``) or block
+            classes; default: the children of the longest ``ModuleList`` or
+            ``Sequential`` of modules of one class.
+        tensor_parallel_plan: module name patterns (``"model.layers.*.mlp.up_proj"``)
+            to ``"colwise"``, ``"rowwise"``, ``"colwise_rep"`` (column-wise,
+            output gathered) or ``"replicate"``, as given to torch's
+            ``parallelize_module``; default: the plan transformers applies
+            (the model's ``tp_plan``, else ``config.base_model_tp_plan``).
+        gradient_as_bucket_view: DDP's option: gradients are views into its
+            buckets instead of a second copy.
+        backend: the process-group backend whose buffers are simulated:
+            ``"nccl"`` (default; whatever ``device`` simulates the kernels) or
+            ``"gloo"`` (CPU processes), which stages a copy of each
+            all-gather and reduce-scatter buffer while it runs.
 
     Returns:
-        An :class:`Estimate`.
+        An :class:`Estimate`; under a strategy its ``rank`` field says what the
+        rank holds, and the step's fields are the rank's.
 
     Raises:
         ArgumentTypeError: if an argument has the wrong type: a
             ``module_or_factory`` that is neither a module nor callable, an
             ``example_inputs`` that is a module, set or iterator, a
             ``device``, ``precision``, ``optimizer``, ``loss_fn`` or
-            ``depth`` of the wrong kind, or a bad :class:`InputSpec`. Also a
-            ``TypeError``.
+            ``depth`` of the wrong kind, a bad :class:`InputSpec`, or a
+            strategy option of the wrong kind. Also a ``TypeError``.
         ArgumentValueError: if an argument has a value that cannot work: an
             unknown precision, optimizer name or ``loop``, a negative
             ``depth``, no inputs (``None`` and no ``example_input_array``),
             an input spec that does not parse or is larger than a tensor can
-            be, or a ``device`` that is ``meta``, unknown, or missing on this
-            machine (checked before anything touches it). Also a ``ValueError``.
+            be, a ``device`` that is ``meta``, unknown, or missing on this
+            machine (checked before anything touches it); an unknown
+            strategy, a ``world_size`` the ``(data, tensor)`` mesh cannot
+            divide, a ``tensor_parallel`` that does not divide the model's
+            heads or a split layer, tensor parallelism under DDP, strategy
+            options without a strategy. Also a ``ValueError``.
         MetaTensorError: (the base of both) if the factory fails, the inputs
             do not fit the model (wrong rank or width), a real kernel would
             refuse the dtypes an operator of the forward or the loss gets
@@ -327,7 +474,7 @@ def estimate(
             skip that check, so each distinct call is tried on tiny real
             tensors; the message names the operator, the module and the
             fix), the loss or optimizer cannot be used, or the model reads
-            tensor values.
+            tensor values computed from its weights.
 
     Example::
 
@@ -336,12 +483,17 @@ def estimate(
         >>> est = estimate(lambda: nn.Linear(16, 4), "8,16:float32", optimizer="sgd")
         >>> est.parameters, est.forward_flops, est.backward_flops
         (68, 1024, 1024)
+        >>> net = lambda: nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16))
+        >>> est = estimate(net, "8,16:float32", strategy="fsdp", world_size=4)
+        >>> est.parameters, est.rank.parameters, est.rank.data_parallel_size
+        (2128, 532, 4)
 
     .. warning::
         The estimate counts tensor storage, as ``torch.cuda.memory_allocated``
         does, not allocator caching or fragmentation, CUDA context or library
-        workspaces; leave headroom on a real device. Tensor values are never
-        read, so models whose control flow depends on data cannot be estimated.
+        workspaces (NCCL's among them); leave headroom on a real device.
+        Tensor values are never read, so models whose control flow depends
+        on values computed from their weights cannot be estimated.
     """
     options = resolve_options(
         loss_fn=loss_fn,
@@ -352,10 +504,28 @@ def estimate(
         loop=loop,
         extrapolate=extrapolate,
     )
+    parallel = resolve_parallel(
+        strategy=strategy,
+        world_size=world_size,
+        tensor_parallel=tensor_parallel,
+        activation_checkpointing=activation_checkpointing,
+        reshard_after_forward=reshard_after_forward,
+        mixed_precision=mixed_precision,
+        blocks=blocks,
+        tensor_parallel_plan=tensor_parallel_plan,
+        gradient_as_bucket_view=gradient_as_bucket_view,
+        backend=backend,
+    )
     module = _build(module_or_factory)
+    layout = layout_of(module, parallel) if parallel is not None else None
     args, kwargs = inputs_of(module, example_inputs)
-    state, record, method = simulate(module, args, kwargs, options)
+    state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
+    cast_to = options.precision.cast_to
+    rank = None
+    if layout is not None:  # the model's own counts, not the rank's stand-ins
+        state = fake_state(module, None, torch.device("meta"), cast_to)
+        rank = _rank_of(module, layout, cast_to, record)
     return assemble(
         module,
         state,
@@ -365,4 +535,5 @@ def estimate(
         precision=options.precision.name,
         device=options.device,
         method=method,
+        rank=rank,
     )

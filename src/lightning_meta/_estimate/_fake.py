@@ -19,8 +19,9 @@ from torch import nn
 from lightning_meta._compat import FakeTensorMode
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
+from lightning_meta._estimate._values import Values
 
-__all__ = ["fake_inputs", "fake_state", "input_text", "inputs_of"]
+__all__ = ["fake_inputs", "fake_state", "input_text", "inputs_of", "map_leaves"]
 
 _FORMS = (
     "tensors, meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings: one, a tuple "
@@ -28,16 +29,16 @@ _FORMS = (
 )
 
 
-def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
     """Apply ``leaf`` to every value in dicts, lists and tuples, rebuilding the containers.
 
     Named tuples are leaves: their constructor takes fields, not an iterable,
     and an :class:`InputSpec` is one.
     """
     if isinstance(value, Mapping):
-        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+        return {k: map_leaves(v, leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_map_leaves(v, leaf) for v in value)
+        return type(value)(map_leaves(v, leaf) for v in value)
     return leaf(value)
 
 
@@ -114,7 +115,7 @@ def inputs_of(module: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], 
         args, kwargs = tuple(example_inputs), {}
     else:
         args, kwargs = (example_inputs,), {}
-    return _map_leaves(args, _spec_to_meta), _map_leaves(kwargs, _spec_to_meta)
+    return map_leaves(args, _spec_to_meta), map_leaves(kwargs, _spec_to_meta)
 
 
 def fake_state(
@@ -160,7 +161,11 @@ def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def fake_inputs(
-    value: Any, mode: FakeTensorMode, device: torch.device, cast_to: torch.dtype | None
+    value: Any,
+    mode: FakeTensorMode,
+    device: torch.device,
+    cast_to: torch.dtype | None,
+    values: Values | None = None,
 ) -> Any:
     """Replace the tensors in ``value`` (as :func:`inputs_of` left it) by fakes on ``device``.
 
@@ -169,6 +174,8 @@ def fake_inputs(
         mode: the step's ``FakeTensorMode``.
         device: the device of the fakes.
         cast_to: the dtype floating inputs are converted to (``*-true`` precisions).
+        values: receives the value of each fake: the real input's, or zeros for
+            an input given by shape (a spec or a meta tensor).
 
     Returns:
         ``value`` with every tensor replaced by a fake of its shape.
@@ -179,9 +186,12 @@ def fake_inputs(
             return leaf
         dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
         with mode:
-            return torch.empty(leaf.shape, dtype=dtype, device=device)
+            made = torch.empty(leaf.shape, dtype=dtype, device=device)
+        if values is not None:
+            values.give(made, leaf)
+        return made
 
-    return _map_leaves(value, fake)
+    return map_leaves(value, fake)
 
 
 def input_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from lightning_meta._arguments import describe, real_device
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+from lightning_meta._estimate._parallel import Parallel
 
 __all__ = [
     "OPTIMIZERS",
@@ -184,7 +185,8 @@ class Options:
     """The checked options of one :func:`~lightning_meta.estimate` call.
 
     ``loss_fn`` is ``None`` for the default loss; ``optimizer_name`` and
-    ``optimizer_factory`` are ``None`` for a step without an optimizer.
+    ``optimizer_factory`` are ``None`` for a step without an optimizer;
+    ``parallel`` is ``None`` for one process.
     """
 
     device: torch.device
@@ -195,6 +197,7 @@ class Options:
     zero_grad_before_forward: bool
     depth: int
     extrapolate: bool
+    parallel: Parallel | None = None
 
 
 def resolve_options(

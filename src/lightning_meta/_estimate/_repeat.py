@@ -30,7 +30,7 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._estimate._run import StepRecord
 
-__all__ = ["MIN_BLOCKS", "SAMPLES", "Repeat", "extrapolate_step", "find_repeat"]
+__all__ = ["MIN_BLOCKS", "RANK_SAMPLES", "SAMPLES", "Repeat", "extrapolate_step", "find_repeat"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 MIN_BLOCKS = 10
 #: Depths the step is simulated at.
 SAMPLES = (2, 3, 4)
+#: Depths under a strategy: FSDP2's buffers of a block depend on whether it is
+#: the first, a middle or the last one in backward (prefetch, reduce-scatter
+#: kept for the next block), so every sample needs a middle block.
+RANK_SAMPLES = (3, 4, 5)
 
 _SCALARS = (
     "loss_flops",
@@ -46,6 +50,8 @@ _SCALARS = (
     "optimizer_state_bytes",
     "input_bytes",
     "untracked_tensors",
+    "rank_forward_flops",
+    "rank_backward_flops",
 )
 _PER_MODULE = (
     "forward_flops",
@@ -213,13 +219,13 @@ def _cut(rep: Repeat, k: int) -> Iterator[list[int]]:
             h.remove()
 
 
-def _line(values: list[int], what: str, n: int) -> int:
-    """Return the value at depth ``n`` of ``values`` taken at depths ``SAMPLES``, if linear."""
+def _line(values: list[int], what: str, n: int, first: int = SAMPLES[0]) -> int:
+    """Return the value at depth ``n`` of ``values`` taken at consecutive depths from ``first``, if linear."""
     slope = values[1] - values[0]
     for a, b in itertools.pairwise(values):
         if b - a != slope:
             raise Refused(f"{what} is not linear in the number of blocks ({values})")
-    return values[0] + (n - SAMPLES[0]) * slope
+    return values[0] + (n - first) * slope
 
 
 def _split(rep: Repeat, name: str) -> tuple[int, str] | None:
@@ -231,7 +237,13 @@ def _split(rep: Repeat, name: str) -> tuple[int, str] | None:
     return (int(head), rest) if head.isdigit() else None
 
 
-def _per_module(rep: Repeat, dicts: list[dict[str, int]], what: str, n: int) -> dict[str, int]:
+def _per_module(
+    rep: Repeat,
+    dicts: list[dict[str, int]],
+    what: str,
+    n: int,
+    samples: tuple[int, ...] = SAMPLES,
+) -> dict[str, int]:
     """Extrapolate per-module counts: linear outside the blocks, by role (first/middle/last) inside."""
     outside: set[str] = set()
     rests: set[str] = set()
@@ -244,12 +256,14 @@ def _per_module(rep: Repeat, dicts: list[dict[str, int]], what: str, n: int) -> 
                 rests.add(found[1])
     out: dict[str, int] = {}
     for name in sorted(outside):
-        value = _line([d.get(name, 0) for d in dicts], f"{what} of {name or 'the model'!r}", n)
+        value = _line(
+            [d.get(name, 0) for d in dicts], f"{what} of {name or 'the model'!r}", n, samples[0]
+        )
         if value:
             out[name] = value
     for rest in sorted(rests):
         roles: dict[str, set[int]] = {"first": set(), "middle": set(), "last": set()}
-        for k, d in zip(SAMPLES, dicts, strict=True):
+        for k, d in zip(samples, dicts, strict=True):
             for i in range(k):
                 role = "first" if i == 0 else "last" if i == k - 1 else "middle"
                 full = rep.block(i) + (f".{rest}" if rest else "")
@@ -264,7 +278,9 @@ def _per_module(rep: Repeat, dicts: list[dict[str, int]], what: str, n: int) -> 
     return out
 
 
-def _peak(records: list[StepRecord], n: int) -> tuple[int, dict[str, int], str]:
+def _peak(
+    records: list[StepRecord], n: int, first: int = SAMPLES[0]
+) -> tuple[int, dict[str, int], str]:
     """Extrapolate the peak of every window of the step; return the largest, first in time."""
     windows = list(records[-1].window_peaks)
     if any(list(r.window_peaks) != windows for r in records):
@@ -274,11 +290,16 @@ def _peak(records: list[StepRecord], n: int) -> tuple[int, dict[str, int], str]:
             raise Refused("the peak lies outside the windows followed")
     best: tuple[int, dict[str, int], str] | None = None
     for window in windows:
-        total = _line([r.window_peaks[window][0] for r in records], f"the peak of {window!r}", n)
+        total = _line(
+            [r.window_peaks[window][0] for r in records], f"the peak of {window!r}", n, first
+        )
         categories = records[-1].window_peaks[window][1]
         breakdown = {
             cat: _line(
-                [r.window_peaks[window][1].get(cat, 0) for r in records], f"{cat} at {window!r}", n
+                [r.window_peaks[window][1].get(cat, 0) for r in records],
+                f"{cat} at {window!r}",
+                n,
+                first,
             )
             for cat in categories
         }
@@ -292,15 +313,20 @@ def _peak(records: list[StepRecord], n: int) -> tuple[int, dict[str, int], str]:
 
 
 def extrapolate_step(
-    rep: Repeat, run: Callable[[str], StepRecord], root: str
+    rep: Repeat,
+    run: Callable[[str], StepRecord],
+    root: str,
+    samples: tuple[int, ...] = SAMPLES,
 ) -> tuple[StepRecord | None, str]:
-    """Simulate the step at depths ``SAMPLES`` and return the record at full depth, or why not.
+    """Simulate the step at depths ``samples`` and return the record at full depth, or why not.
 
     Args:
         rep: the container of identical blocks.
         run: runs the step of the (cut) model with the given block prefix,
             returning its record; may raise.
         root: the class name of the model, as the FLOP counter names it.
+        samples: three consecutive depths (:data:`SAMPLES`, or
+            :data:`RANK_SAMPLES` under a strategy).
 
     Returns:
         ``(record, "")`` for the full depth, or ``(None, reason)`` if the
@@ -308,7 +334,7 @@ def extrapolate_step(
     """
     prefix = f"{root}.{rep.name}." if rep.name else f"{root}."
     records = []
-    for k in SAMPLES:
+    for k in samples:
         with _cut(rep, k) as calls:
             try:
                 records.append(run(prefix))
@@ -320,10 +346,12 @@ def extrapolate_step(
         out = StepRecord()
         n = rep.count
         for name in _SCALARS:
-            setattr(out, name, _line([getattr(r, name) for r in records], name, n))
+            setattr(out, name, _line([getattr(r, name) for r in records], name, n, samples[0]))
         for name in _PER_MODULE:
-            setattr(out, name, _per_module(rep, [getattr(r, name) for r in records], name, n))
-        out.peak_bytes, out.peak_breakdown, out.peak_phase = _peak(records, n)
+            dicts = [getattr(r, name) for r in records]
+            setattr(out, name, _per_module(rep, dicts, name, n, samples))
+        out.peak_bytes, out.peak_breakdown, out.peak_phase = _peak(records, n, samples[0])
+        out.zero_input_reads = list(dict.fromkeys(x for r in records for x in r.zero_input_reads))
     except Refused as e:
         logger.info("estimate: not extrapolating %s: %s", rep.name or "the root", e)
         return None, str(e)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_meta._estimate._run import StepRecord
 
-__all__ = ["Estimate", "ModuleEstimate", "assemble"]
+__all__ = ["Estimate", "ModuleEstimate", "RankEstimate", "assemble"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,39 @@ class ModuleEstimate:
 
 
 @dataclasses.dataclass(frozen=True)
+class RankEstimate:
+    """How a strategy lays one rank out: the ``rank`` field of a per-rank :class:`Estimate`.
+
+    ``parameters`` and ``parameter_bytes`` are what the rank keeps between
+    steps: the whole model under DDP; under FSDP2 its padded shard of every
+    parameter (``ceil(rows / data_parallel_size)`` rows of dim 0, of the
+    tensor-parallel slice where a layer is split). ``blocks`` is how many
+    blocks FSDP2 wraps and activation checkpointing checkpoints one by one,
+    ``blocks_found`` where they were found; ``tensor_parallel_layers`` counts
+    the split layers. ``forward_flops`` and ``backward_flops`` are what the
+    rank computes; they differ from the :class:`Estimate`'s under tensor
+    parallelism only, where ``FlopCounterMode`` counts a split layer's
+    ``DTensor`` operations at their unsplit size.
+    """
+
+    strategy: str
+    world_size: int
+    data_parallel_size: int
+    tensor_parallel_size: int
+    activation_checkpointing: bool
+    reshard_after_forward: bool | None
+    param_dtype: str | None
+    reduce_dtype: str | None
+    blocks: int
+    blocks_found: str
+    tensor_parallel_layers: int
+    parameters: int
+    parameter_bytes: int
+    forward_flops: int
+    backward_flops: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Estimate:
     """What one training step of a model costs, as returned by :func:`estimate`.
 
@@ -46,6 +79,25 @@ class Estimate:
     that moment is (``forward``, ``backward`` or ``optimizer step``).
     ``method`` says how the step was simulated: in full, or for a stack of
     identical blocks, with a few of them and extrapolated exactly.
+
+    With a strategy (``rank`` is a :class:`RankEstimate`), every field of the
+    step is one rank's (FLOPs, activation, gradient, optimizer-state, input
+    and peak bytes, ``peak_breakdown`` with ``communication`` for the
+    collectives' buffers, the per-module table), while ``parameters``,
+    ``parameter_bytes``, ``parameters_by_dtype`` and ``buffer_bytes`` still
+    describe the whole model; ``rank`` says what the rank holds of it. The
+    FLOPs are what ``FlopCounterMode`` counts on the real rank, which sees a
+    tensor-parallel layer's ``DTensor`` operations at their unsplit size;
+    ``rank.forward_flops`` and ``rank.backward_flops`` are what the rank
+    computes. Without a strategy, ``rank`` is ``None`` and left out of
+    :meth:`to_dict`.
+
+    ``inputs_read_as_zeros`` lists the value reads (``.item()``, ``bool()``,
+    a data-dependent shape) the step answered from zeros standing for an
+    input given by shape, as ``"<operator> in <module>"``: where the model
+    branches on an input's value, the estimate follows the branch that zeros
+    take, which may not be the one real data takes. Empty when no such read
+    happened (real inputs are read as they are).
     """
 
     parameters: int
@@ -70,6 +122,8 @@ class Estimate:
     precision: str
     device: str
     method: str = "full step"
+    rank: RankEstimate | None = None
+    inputs_read_as_zeros: tuple[str, ...] = ()
 
     @property
     def flops(self) -> int:
@@ -80,6 +134,8 @@ class Estimate:
         """Return the estimate as plain JSON-serialisable Python values."""
         out = dataclasses.asdict(self)
         out["modules"] = [dataclasses.asdict(m) for m in self.modules]
+        if self.rank is None:
+            del out["rank"]
         return out
 
 
@@ -150,6 +206,7 @@ def assemble(
     precision: str,
     device: torch.device,
     method: str,
+    rank: RankEstimate | None = None,
 ) -> Estimate:
     """Return the :class:`Estimate` of a simulated step.
 
@@ -163,6 +220,7 @@ def assemble(
         precision: the Lightning precision name.
         device: the device the step was simulated for.
         method: how the step was simulated, for :attr:`Estimate.method`.
+        rank: under a strategy, the rank's layout.
 
     Returns:
         The estimate.
@@ -198,4 +256,6 @@ def assemble(
         precision=precision,
         device=str(device),
         method=method,
+        rank=rank,
+        inputs_read_as_zeros=tuple(record.zero_input_reads),
     )

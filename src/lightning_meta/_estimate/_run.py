@@ -19,18 +19,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import _compat
-from lightning_meta._compat import FakeTensorMode, KeywordModuleTracker, tree_leaves
+from lightning_meta._compat import FakeTensorMode, StepModuleTracker, tree_leaves
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
-from lightning_meta._estimate._track import LiveBytes, UncountedFlops
+from lightning_meta._estimate._track import CATEGORIES, RANK_CATEGORIES, LiveBytes, UncountedFlops
+from lightning_meta._estimate._values import Values
+
+if TYPE_CHECKING:
+    from lightning_meta._estimate._ranks import RankStep
 
 __all__ = ["StepRecord", "Watch", "default_loss", "simulate_step", "watch_step"]
 
@@ -55,6 +59,12 @@ class StepRecord:
     # with ``block_prefix``: peak and breakdown per "phase|before/blocks/after" window
     window_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
     untracked_tensors: int = 0
+    # under a strategy: the FLOPs the rank computes itself (``forward_flops``
+    # and ``backward_flops`` count split layers as FlopCounterMode sees them)
+    rank_forward_flops: int = 0
+    rank_backward_flops: int = 0
+    # value reads answered from zeros standing for inputs given by shape: "<op> in <module>"
+    zero_input_reads: list[str] = field(default_factory=list)
     # where the step is, for error messages: stage and the modules entered
     stage: str = "setup"
     module_path: list[str] = field(default_factory=list)
@@ -92,17 +102,19 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
     into = record.module_activations
 
     def pre(mod: nn.Module, args: Any) -> None:
-        starts.append(tracker.total)
+        starts.append(tracker.current["activations"])
         record.module_path.append(names.get(id(mod), type(mod).__name__))
 
     def post(mod: nn.Module, args: Any, output: Any) -> None:
-        start = starts.pop() if starts else tracker.total
+        start = starts.pop() if starts else tracker.current["activations"]
         if record.module_path:
             record.module_path.pop()
         name = names.get(id(mod))
         # activation checkpointing re-runs forwards during backward: not activations
         if name is not None and tracker.phase == "forward":
-            into[name] = into.get(name, 0) + tracker.total - start
+            # the activations' own bytes: a strategy's buffers, gathered and
+            # freed in forward, are no module's activations
+            into[name] = into.get(name, 0) + tracker.current["activations"] - start
 
     # no always_call: after an exception the path must still name the failing module
     handles = [
@@ -135,6 +147,7 @@ class Watch:
     counter: FlopCounterMode
     uncounted: UncountedFlops
     tracker: LiveBytes
+    modules: Any = None
     flops: dict[str, dict[str, dict[Any, int]]] = field(default_factory=dict)
     uncounted_flops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
@@ -153,6 +166,8 @@ def watch_step(
     record: StepRecord,
     block_prefix: str | None,
     device: torch.device | None = None,
+    values: Values | None = None,
+    rank: RankStep | None = None,
 ) -> Watch:
     """Set up the FLOP counters and the byte tracker, with what is alive before the step.
 
@@ -167,18 +182,35 @@ def watch_step(
         device: the simulated device; the forward's operators are then checked
             against the real kernels' dtype rules (:class:`RealKernels`).
             ``None`` (a real step, measured) checks nothing.
+        values: the values the step follows (see :class:`Values`).
+        rank: under a strategy, the rank's step: the parameters it holds are
+            tracked (FSDP2: its shards, not what the forward computes with).
 
     Returns:
         The :class:`Watch`; enter its counter and tracker around the step.
     """
     counter = FlopCounterMode(display=False)
-    modules = KeywordModuleTracker()
+    modules = StepModuleTracker()
     _compat.set_flop_module_tracker(counter, modules)
     uncounted = UncountedFlops(modules)
-    tracker = LiveBytes(uncounted, RealKernels(device) if device is not None else None)
+    tracker = LiveBytes(
+        uncounted,
+        RealKernels(device) if device is not None else None,
+        values,
+        RANK_CATEGORIES if rank is not None else CATEGORIES,
+    )
     if block_prefix is not None:
-        tracker.where = _block_windows(modules, tracker, block_prefix)
-    tracker.track_all([t for t in state.values() if isinstance(t, nn.Parameter)], "parameters")
+        tracker.where = _block_windows(
+            modules, tracker, block_prefix, rank.block_count(block_prefix) if rank else None
+        )
+    held = (
+        rank.held
+        if rank is not None
+        else [t for t in state.values() if isinstance(t, nn.Parameter)]
+    )
+    tracker.track_all(held, "parameters")
+    for t in rank.unsharded if rank is not None else ():
+        tracker.ignore(t)  # FSDP2: what the forward computes with is counted as it is gathered
     tracker.track_all([t for t in state.values() if not isinstance(t, nn.Parameter)], "buffers")
     tracker.track_all([args, kwargs], "inputs")
     tracker.track_all([p.grad for p in params if p.grad is not None], "gradients")
@@ -186,7 +218,7 @@ def watch_step(
         tracker.track_all([list(s.values()) for s in optimizer.state.values()], "optimizer_state")
     record.input_bytes = tracker.current["inputs"]
     record.optimizer_state_bytes = tracker.current["optimizer_state"]
-    return Watch(counter, uncounted, tracker)
+    return Watch(counter, uncounted, tracker, modules)
 
 
 @contextlib.contextmanager
@@ -214,11 +246,19 @@ def _forward(
     autocast: contextlib.AbstractContextManager[Any],
     watch: Watch,
     record: StepRecord,
+    swapped: bool = False,
 ) -> tuple[Any, torch.Tensor]:
-    """Run forward and loss; return both, the output being alive until after backward."""
+    """Run forward and loss; return both, the output being alive until after backward.
+
+    ``swapped``: ``module`` already holds ``state`` (for the whole step), so it
+    is called as it is.
+    """
     watch.tracker.phase = record.stage = "forward"
     with _activation_hooks(module, watch.tracker, record), autocast:
-        output = torch.func.functional_call(module, state, args, kwargs)
+        if swapped:
+            output = module(*args, **kwargs)
+        else:
+            output = torch.func.functional_call(module, state, args, kwargs)
         watch.mark("forward")
         record.stage = "loss"
         loss = loss_fn(output)
@@ -238,6 +278,7 @@ def _backward(
     optimizer: torch.optim.Optimizer | None,
     watch: Watch,
     record: StepRecord,
+    rank: RankStep | None = None,
 ) -> None:
     """Drop last step's gradients, as Lightning's ``zero_grad`` does, and run backward."""
     if params and loss.requires_grad:
@@ -249,6 +290,8 @@ def _backward(
             for p in params:
                 p.grad = None
         loss.backward()
+        if rank is not None:
+            rank.after_backward()
     watch.mark("backward")
 
 
@@ -294,6 +337,8 @@ def simulate_step(
     zero_grad_before_forward: bool,
     record: StepRecord,
     block_prefix: str | None = None,
+    values: Values | None = None,
+    rank: RankStep | None = None,
 ) -> None:
     """Run one steady-state training step of ``module`` on fake ``state`` and inputs into ``record``.
 
@@ -321,8 +366,13 @@ def simulate_step(
             dot, such as ``"LlamaForCausalLM.model.layers."``; then
             ``record.window_peaks`` also holds the peak of each phase before,
             inside and after its blocks.
+        values: the values of the inputs, followed through the step so that
+            reads of them are answered (:class:`Values`); ``None``: none known.
+        rank: under a strategy, one rank's step (:class:`RankStep`): ``state``
+            is then its ``state``, the optimizer steps its ``optimizer_params``
+            and its hooks add the strategy's buffers and collectives.
     """
-    params = trainable_parameters(state)
+    params = rank.optimizer_params if rank is not None else trainable_parameters(state)
     record.stage = "optimizer"
     optimizer = prepare_optimizer(
         params,
@@ -331,7 +381,11 @@ def simulate_step(
         optimizer_factory=optimizer_factory,
         zero_grad_before_forward=zero_grad_before_forward,
     )
-    watch = watch_step(state, args, kwargs, params, optimizer, record, block_prefix, device)
+    watch = watch_step(
+        state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank
+    )
+    if rank is not None:
+        rank.setup(mode, watch.tracker)
     autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=precision.autocast)
         if precision.autocast is not None
@@ -340,34 +394,57 @@ def simulate_step(
     # the tracker is entered last, so it sees operators before the counter
     # decomposes any of them: the same operators a real run allocates for
     with (
-        _gradients_tagged(params, watch.tracker),
+        _gradients_tagged(rank.grad_params if rank is not None else params, watch.tracker),
+        # under a strategy the model holds the rank's tensors for the whole
+        # step: activation checkpointing recomputes forwards in backward
+        _compat.reparametrized(module, state) if rank is not None else contextlib.nullcontext(),
+        rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
         _train_mode(module),
         mode,
         watch.counter,
         watch.tracker,
     ):
-        output, loss = _forward(module, state, args, kwargs, loss_fn, autocast, watch, record)
-        _backward(loss, params, optimizer, watch, record)
+        output, loss = _forward(
+            module, state, args, kwargs, loss_fn, autocast, watch, record, rank is not None
+        )
+        _backward(loss, params, optimizer, watch, record, rank)
         # Lightning drops the outputs of training_step before stepping
         del output, loss
         record.gradient_bytes = watch.tracker.current["gradients"]
         _optimizer_step(optimizer, watch, record)
     _record(record, watch, type(module).__name__)
+    if rank is not None:
+        rank.count_as_dtensor(record)
 
 
-def _block_windows(modules: Any, tracker: LiveBytes, prefix: str) -> Callable[[], str]:
+def _block_windows(
+    modules: Any, tracker: LiveBytes, prefix: str, count: int | None = None
+) -> Callable[[], str]:
     """Return a function naming where the step is: before, inside or after the blocks of a phase.
 
     ``modules`` is the step's module tracker; its ``parents`` set is replaced
-    after each backward, so it is read on every call.
+    after each backward, so it is read on every call. With ``count`` (the
+    number of blocks, under a strategy), the blocks are told apart by role,
+    ``blocks:first``, ``blocks:middle`` and ``blocks:last``: FSDP2's buffers
+    differ between them, so each window's peak grows linearly with depth.
     """
     seen: set[str] = set()
+    start = len(prefix)
 
     def where() -> str:
-        if any(p.startswith(prefix) for p in modules.parents):
+        inside = [p for p in modules.parents if p.startswith(prefix)]
+        if inside:
             seen.add(tracker.phase)
-            return "blocks"
+            if count is None:
+                return "blocks"
+            index = inside[0][start:].partition(".")[0]
+            if not index.isdigit():
+                return "blocks"
+            i = int(index)
+            return (
+                "blocks:first" if i == 0 else "blocks:last" if i == count - 1 else "blocks:middle"
+            )
         return "after" if tracker.phase in seen else "before"
 
     return where

@@ -9,9 +9,10 @@ from lightning_meta._estimate._track import CATEGORIES
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from lightning_meta._estimate._fit import Fit
     from lightning_meta._estimate._result import Estimate
 
-__all__ = ["human_bytes", "human_count", "render"]
+__all__ = ["human_bytes", "human_count", "render", "render_fit"]
 
 
 def human_bytes(n: int) -> str:
@@ -42,8 +43,9 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
     """Print the summary, the peak-memory breakdown and the per-module table of ``est``."""
     from rich.table import Table
 
+    per = " (per rank)" if est.rank is not None else ""
     summary = Table(
-        title=f"estimate: {title}".rstrip(": "), show_header=False, title_justify="left"
+        title=f"estimate{per}: {title}".rstrip(": "), show_header=False, title_justify="left"
     )
     summary.add_column(style="bold")
     summary.add_column(justify="right")
@@ -67,6 +69,34 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
         ("optimizer / precision / device", f"{est.optimizer} / {est.precision} / {est.device}"),
         ("simulated", est.method),
     ]
+    rank = est.rank
+    if rank is not None:
+        mesh = (
+            f"{rank.world_size} ranks = data {rank.data_parallel_size} x tensor "
+            f"{rank.tensor_parallel_size}"
+        )
+        extras = [
+            "activation checkpointing" if rank.activation_checkpointing else "",
+            "no reshard after forward" if rank.reshard_after_forward is False else "",
+            f"params {rank.param_dtype} / reduce {rank.reduce_dtype}" if rank.param_dtype else "",
+        ]
+        rows[:0] = [
+            ("strategy (one rank)", ", ".join([f"{rank.strategy}: {mesh}", *filter(None, extras)])),
+            (
+                "parameters held by the rank",
+                f"{human_count(rank.parameters)} ({human_bytes(rank.parameter_bytes)})",
+            ),
+        ]
+        rows += [
+            ("FLOPs the rank computes (fwd + bwd)",
+             human_count(rank.forward_flops + rank.backward_flops, "FLOP")),
+            ("blocks", f"{rank.blocks} ({rank.blocks_found})"),
+        ]  # fmt: skip
+    if est.inputs_read_as_zeros:
+        # the model branched on an input given by shape: it took the branch zeros take
+        rows.append(
+            ("input values read as zeros", "; ".join(est.inputs_read_as_zeros)),
+        )
     for key, value in rows:
         summary.add_row(key, value)
     console.print(summary)
@@ -75,7 +105,7 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
     peak.add_column("held for")
     peak.add_column("bytes", justify="right")
     peak.add_column("share", justify="right")
-    for cat in CATEGORIES:
+    for cat in [*CATEGORIES, *(c for c in est.peak_breakdown if c not in CATEGORIES)]:
         held = est.peak_breakdown.get(cat, 0)
         share = f"{100 * held / est.peak_bytes:.1f}%" if est.peak_bytes else "-"
         peak.add_row(cat.replace("_", " "), human_bytes(held), share)
@@ -104,3 +134,36 @@ def render(est: Estimate, console: Console, *, title: str = "") -> None:
             human_bytes(m.activation_bytes),
         )
     console.print(modules)
+
+
+def render_fit(answer: Fit, console: Console) -> None:
+    """Print the answer of :func:`~lightning_meta._estimate._fit.find_fit` in one line."""
+    what = {"batch": "largest batch", "sequence": "largest sequence length"}.get(
+        answer.vary, "smallest world size"
+    )
+    budget = human_bytes(answer.memory)
+    if answer.value is None:
+        # a batch or sequence search stops at 1; a world-size one at the limit
+        none = (
+            f"none up to {answer.limit} ranks"
+            if answer.vary == "world_size"
+            else f"none: even 1 does not fit in {budget}"
+        )
+        peak = (
+            f"peak {human_bytes(answer.beyond.peak_bytes)}; " if answer.beyond is not None else ""
+        )
+        console.print(
+            f"[bold]{what}[/] within {budget} per device: {none} ({peak}{answer.estimates} "
+            "estimates)"
+        )
+        return
+    peak = human_bytes(answer.fits.peak_bytes) if answer.fits is not None else "-"
+    beyond = (
+        f"; the next candidate needs {human_bytes(answer.beyond.peak_bytes)}"
+        if answer.beyond is not None
+        else ""
+    )
+    console.print(
+        f"[bold]{what}[/] within {budget} per device: [bold]{answer.value}[/] "
+        f"(peak {peak}{beyond}; {answer.estimates} estimates)"
+    )

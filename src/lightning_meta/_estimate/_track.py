@@ -15,10 +15,17 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-from lightning_meta._compat import TorchDispatchMode, tree_leaves, uncounted_attention_ops
+from lightning_meta._compat import (
+    DynamicOutputShapeException,
+    TorchDispatchMode,
+    tree_leaves,
+    tree_map,
+    uncounted_attention_ops,
+)
 from lightning_meta._estimate._kernels import RealKernels
+from lightning_meta._estimate._values import Values
 
-__all__ = ["CATEGORIES", "LiveBytes", "UncountedFlops"]
+__all__ = ["CATEGORIES", "RANK_CATEGORIES", "LiveBytes", "UncountedFlops"]
 
 #: What each live byte of a training step is held for, in the order tables show them.
 CATEGORIES = (
@@ -30,6 +37,9 @@ CATEGORIES = (
     "activations",
     "temporaries",
 )
+#: under a strategy, also what collectives hold (all-gather and reduce-scatter
+#: buffers, DDP's gradient buckets)
+RANK_CATEGORIES = (*CATEGORIES, "communication")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -44,7 +54,10 @@ class LiveBytes(TorchDispatchMode):
 
     With ``kernels``, every operator of the forward (and loss) is first checked
     against the real kernel's dtype rules, which fake kernels skip
-    (:class:`~lightning_meta._estimate._kernels.RealKernels`).
+    (:class:`~lightning_meta._estimate._kernels.RealKernels`). With
+    ``values``, the values of inputs and of what is computed from them alone
+    are followed, and reads of them answered
+    (:class:`~lightning_meta._estimate._values.Values`).
 
     ``torch.distributed._tools.mem_tracker.MemTracker`` offers the same idea,
     but it snapshots every module at every operator (quadratic in model size)
@@ -53,15 +66,21 @@ class LiveBytes(TorchDispatchMode):
     """
 
     def __init__(
-        self, uncounted: UncountedFlops | None = None, kernels: RealKernels | None = None
+        self,
+        uncounted: UncountedFlops | None = None,
+        kernels: RealKernels | None = None,
+        values: Values | None = None,
+        categories: tuple[str, ...] = CATEGORIES,
     ) -> None:
         super().__init__()
         self._uncounted = uncounted
         #: checks the forward's operators against the real kernels' dtype rules
         self._kernels = kernels
+        #: the values the step knows (inputs and what only they determine)
+        self._values = values
         # id(storage) -> [weak reference, bytes, category]
         self._live: dict[int, list[Any]] = {}
-        self.current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.current: dict[str, int] = dict.fromkeys(categories, 0)
         self.total = 0
         self.peak = 0
         self.peak_breakdown: dict[str, int] = dict(self.current)
@@ -115,6 +134,19 @@ class LiveBytes(TorchDispatchMode):
             if best is None or self.total > best[0]:
                 self.window_peaks[window] = (self.total, dict(self.current))
 
+    def ignore(self, t: torch.Tensor) -> None:
+        """Count the storage of ``t``, and of every view of it, as 0 bytes (held elsewhere)."""
+        found = self._entry(t)
+        if found is not None and found[0] not in self._live:
+            key, storage = found
+
+            def _free(ref: weakref.ref[torch.UntypedStorage], key: int = key) -> None:
+                entry = self._live.get(key)
+                if entry is not None and entry[0] is ref:
+                    del self._live[key]
+
+            self._live[key] = [weakref.ref(storage, _free), 0, "parameters"]
+
     def track_all(self, tensors: Iterable[Any], category: str) -> None:
         """Track every tensor in ``tensors`` (any pytree) under ``category``."""
         for t in tree_leaves(list(tensors)):
@@ -146,16 +178,45 @@ class LiveBytes(TorchDispatchMode):
             # model code ask for it); answer fake ones without the modes below.
             fake_device = getattr(args[0], "fake_device", None)
             return fake_device if fake_device is not None else func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        values = self._values
+        if values is not None:
+            known, scalar = values.read(func, args)
+            if known:
+                return scalar
         if self._kernels is not None and self.phase == "forward":
             # first: a refused call is no FLOP and no allocation, as for real
-            self._kernels.observe(func, args, kwargs or {})
+            self._kernels.observe(func, args, kwargs)
         if self._uncounted is not None:
-            self._uncounted.observe(func, args, kwargs or {})
-        out = func(*args, **(kwargs or {}))
+            self._uncounted.observe(func, args, kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except DynamicOutputShapeException:
+            # an output shape that depends on values (nonzero): known for known values
+            real = values.shape_of(func, args, kwargs) if values is not None else None
+            if real is None:
+                raise
+            out = _fakes_like(real, args)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if values is not None:
+            values.follow(func, args, kwargs, out)
         return out
+
+
+def _fakes_like(real: Any, args: tuple[Any, ...]) -> Any:
+    """Return fakes (made by the modes below) shaped like the real results ``real``."""
+    device = next(
+        (t.device for t in tree_leaves(args) if isinstance(t, torch.Tensor)),
+        torch.device("cpu"),
+    )
+    return tree_map(
+        lambda r: (
+            torch.empty(r.shape, dtype=r.dtype, device=device) if isinstance(r, torch.Tensor) else r
+        ),
+        real,
+    )
 
 
 def _shape(t: Any) -> tuple[int, ...]:

@@ -1,0 +1,346 @@
+"""What fits in a memory budget: the largest batch or sequence, the smallest world size.
+
+:func:`find_fit` searches with :func:`~lightning_meta.estimate` itself: each
+candidate is a full (per-rank) estimate, so the answer is exactly as good as
+one estimate, and the estimates on both sides of the boundary come back with
+it. Peak memory grows with the batch and the sequence and shrinks as FSDP2
+shards over more ranks; the search assumes that (straight-line predictions
+guarded by doubling and bisection, so at most about ``4 * log2(limit)``
+estimates) and reports the two estimates that bracket the answer, so the
+assumption can be checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+from lightning_meta._estimate._fake import inputs_of, map_leaves
+from lightning_meta._estimate._result import Estimate
+
+__all__ = ["Fit", "find_fit", "parse_bytes"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(value: Any) -> int:
+    """Return a memory size in bytes: an ``int``, or text such as ``"80GiB"`` or ``"79.6 GB"``.
+
+    ``GB`` is 10**9 bytes and ``GiB`` 2**30 (an "80GB" GPU holds about 80 GiB).
+
+    Raises:
+        ArgumentTypeError: if ``value`` is neither a number nor text.
+        ArgumentValueError: if the text does not parse or the size is not positive.
+
+    Example::
+
+        >>> parse_bytes("80GiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
+        (85899345920, 1500000000, 4096)
+    """
+    fix = "pass bytes as an int, or text such as '80GiB' or '79GB'"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ArgumentTypeError(f"find_fit: memory={value!r} is not a size. Fix: {fix}.")
+    if isinstance(value, str):
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        unit = found.group(2).lower() if found else None
+        if found is None or unit not in _UNITS:
+            raise ArgumentValueError(f"find_fit: memory={value!r} does not parse. Fix: {fix}.")
+        size = float(found.group(1)) * _UNITS[unit]
+    else:
+        size = float(value)
+    if not math.isfinite(size) or size <= 0:
+        raise ArgumentValueError(f"find_fit: memory={value!r} is not a positive size. Fix: {fix}.")
+    return int(size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """The answer of :func:`find_fit`.
+
+    ``value`` is the largest batch (or sequence length) whose peak fits in
+    ``memory`` bytes, or the smallest world size whose per-rank peak does;
+    ``None`` when none does within ``limit``. ``fits`` is the estimate at
+    ``value`` and ``beyond`` the one at the next candidate (one more sample
+    or token, the next smaller world size), which does not fit; either is
+    ``None`` where there is none. ``estimates`` counts the estimates run.
+    """
+
+    vary: str
+    value: int | None
+    memory: int
+    fits: Estimate | None
+    beyond: Estimate | None
+    estimates: int
+    limit: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the answer as plain JSON-serialisable values."""
+        return {
+            "vary": self.vary,
+            "value": self.value,
+            "memory": self.memory,
+            "fits_peak_bytes": self.fits.peak_bytes if self.fits is not None else None,
+            "beyond_peak_bytes": self.beyond.peak_bytes if self.beyond is not None else None,
+            "estimates": self.estimates,
+            "limit": self.limit,
+            "fits": self.fits.to_dict() if self.fits is not None else None,
+        }
+
+
+def _meta_like(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size
+    return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def _leaves(value: Any) -> list[Any]:
+    out: list[Any] = []
+    map_leaves(value, out.append)
+    return out
+
+
+def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable[[int], Any], int]:
+    """Return the inputs as a function of the size of ``dim``, and the size they have now.
+
+    Every input tensor whose ``dim`` has the first input's size is resized
+    (as a meta tensor: inputs given for real lose their values).
+    """
+    args, kwargs = inputs_of(module, example_inputs)
+    tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    what = "batch (dim 0)" if dim == 0 else "sequence (dim 1)"
+    if not tensors or tensors[0].dim() <= dim:
+        raise ArgumentValueError(
+            f"find_fit: the first input has no {what} to vary. Fix: pass inputs whose first tensor "
+            f"has the {what}, such as '1,4096:int64'."
+        )
+    if args and kwargs:
+        raise ArgumentValueError(
+            "find_fit: inputs that are both positional and keyword cannot be varied. Fix: pass a "
+            "tuple of positional inputs or a dict of keyword inputs."
+        )
+    size = int(tensors[0].shape[dim])
+
+    def leaf(n: int) -> Callable[[Any], Any]:
+        def resize(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == size:
+                return _meta_like(t, dim, n)
+            return t
+
+        return resize
+
+    def inputs(n: int) -> Any:
+        return map_leaves(kwargs, leaf(n)) if kwargs else map_leaves(args, leaf(n))
+
+    return inputs, size
+
+
+def _search(
+    peak: Callable[[int], Estimate], memory: int, start: int, limit: int, grows: bool
+) -> tuple[int | None, Estimate | None, Estimate | None, int]:
+    """Find the boundary of ``peak(n).peak_bytes <= memory`` over ``1..limit``.
+
+    With ``grows``, the largest ``n`` that fits (the peak grows with ``n``):
+    ``1``, then ``start``, then steps predicted by the straight line through
+    two estimates (extrapolated from the two largest fits until a candidate
+    does not fit, then interpolated across the bracket), each guarded: a
+    predicted step that neither doubles the largest fit nor halves the
+    bracket is followed by a doubling or a bisection. A straight peak takes
+    a few estimates, a curved one (attention is quadratic in the sequence)
+    at most about ``4 * log2(limit)``. Without ``grows``, the smallest ``n``
+    that fits (the peak shrinks with ``n``), by doubling and bisection.
+
+    Returns:
+        ``(n or None, estimate at n, estimate beyond n, estimates run)``.
+    """
+    seen: dict[int, Estimate] = {}
+
+    def at(n: int) -> Estimate:
+        if n not in seen:
+            seen[n] = peak(n)
+        return seen[n]
+
+    def fits(n: int) -> bool:
+        return at(n).peak_bytes <= memory
+
+    if not grows:  # double until one fits, then bisect below it
+        lo, n = 0, 1  # lo does not fit (0: nothing tried)
+        while not fits(n):
+            if n >= limit:
+                return None, None, at(n), len(seen)
+            lo, n = n, min(limit, n * 2)
+        hi = n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi, at(hi), at(lo) if lo >= 1 else None, len(seen)
+
+    def line(a: int, b: int) -> int | None:
+        """Where the line through the peaks at ``a < b`` reaches ``memory``; None if flat."""
+        pa, pb = at(a).peak_bytes, at(b).peak_bytes
+        return a + (memory - pa) * (b - a) // (pb - pa) if pb > pa else None
+
+    if not fits(1):
+        return None, None, at(1), len(seen)
+    lo, hi, below = 1, 0, 0  # lo fits; hi (when not 0) does not; below (when not 0): a smaller fit
+    first = min(max(start, 1), limit)
+    if first > 1:
+        lo, hi, below = (first, 0, 1) if fits(first) else (1, first, 0)
+    safe = False  # the last predicted step made too little progress: this one doubles or bisects
+    while lo < limit and (hi == 0 or hi - lo > 1):
+        was_safe, before, old = safe, hi - lo, lo
+        if hi == 0:
+            guess = line(below, lo) if below else None
+            n = min(limit, 2 * lo if safe or guess is None else max(guess, lo + 1))
+        else:
+            guess = line(lo, hi)
+            n = (lo + hi) // 2 if safe or guess is None else min(max(guess, lo + 1), hi - 1)
+        if fits(n):
+            below, lo = lo, n
+        else:
+            hi = n
+        if was_safe:
+            safe = False
+        elif before < 0:  # there was no bracket: the fit must have doubled, or a bracket formed
+            safe = hi == 0 and lo < 2 * old
+        else:
+            safe = (hi - lo) * 2 > before
+    return lo, at(lo), at(hi) if hi else None, len(seen)
+
+
+def find_fit(
+    module_or_factory: nn.Module | Callable[[], nn.Module],
+    example_inputs: Any = None,
+    *,
+    memory: int | str,
+    vary: Literal["batch", "sequence", "world_size"] = "batch",
+    limit: int | None = None,
+    global_batch: int | None = None,
+    **options: Any,
+) -> Fit:
+    """Find what fits in ``memory`` per device: the largest batch or sequence, or the fewest ranks.
+
+    Each candidate is one :func:`~lightning_meta.estimate` with ``options``
+    (``optimizer``, ``precision``, ``strategy``, ``world_size``,
+    ``tensor_parallel``, ``activation_checkpointing``...), whose
+    ``peak_bytes`` is compared with ``memory``. A batch or sequence search
+    tries 1, then the size of ``example_inputs``, then sizes predicted by a
+    straight line through two estimates, guarded by doubling and bisection:
+    at most about ``4 * log2(limit)`` estimates, a few when the peak is
+    linear in the size. A world-size search doubles, then bisects.
+
+    Args:
+        module_or_factory: as for :func:`~lightning_meta.estimate`; a
+            factory is built once.
+        example_inputs: as for :func:`~lightning_meta.estimate` (one rank's
+            batch under a strategy); the sizes varied are read from them.
+        memory: the memory of one device: bytes, or text such as
+            ``"80GiB"`` (``GB`` is 10**9 bytes, ``GiB`` 2**30).
+        vary: ``"batch"`` (dim 0 of every input that has the first input's
+            batch size), ``"sequence"`` (dim 1 likewise), or
+            ``"world_size"`` (the fewest ranks, a multiple of
+            ``tensor_parallel``, for ``strategy="fsdp"``).
+        limit: the largest batch or sequence, or world size, tried
+            (default: 2**20 samples or tokens, 2**16 ranks).
+        global_batch: with ``vary="world_size"``, keep this many samples per
+            step across the data-parallel ranks: each rank's batch is
+            ``global_batch / data_parallel``, and only world sizes whose
+            data-parallel size divides it are tried.
+        **options: keyword options of :func:`~lightning_meta.estimate`.
+
+    Returns:
+        A :class:`Fit`.
+
+    Raises:
+        ArgumentTypeError: if ``memory``, ``limit`` or an option has the wrong type.
+        ArgumentValueError: if ``vary`` is unknown, the inputs have no such
+            dimension, ``vary="world_size"`` is asked without
+            ``strategy="fsdp"``, or an option of ``estimate`` is refused.
+        MetaTensorError: if an estimate fails.
+
+    Example::
+
+        >>> net = lambda: nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))
+        >>> answer = find_fit(net, "1,256:float32", memory="16MiB", optimizer="sgd")
+        >>> answer.value, answer.fits.peak_bytes <= 2**24 < answer.beyond.peak_bytes
+        (950, True)
+    """
+    from lightning_meta._estimate._estimate import _build, estimate
+
+    budget = parse_bytes(memory)
+    if vary not in ("batch", "sequence", "world_size"):
+        raise ArgumentValueError(
+            f"find_fit: unknown vary={vary!r}. Fix: pass 'batch', 'sequence' or 'world_size'."
+        )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ArgumentTypeError(
+            f"find_fit: limit must be a positive int, got {limit!r}. Fix: pass limit=4096."
+        )
+    strategy = str(options.get("strategy") or "")
+    if vary == "world_size" and strategy.lower() not in ("fsdp", "fsdp2", "model_parallel"):
+        raise ArgumentValueError(
+            "find_fit: vary='world_size' needs strategy='fsdp': only sharding lowers the memory of "
+            "a rank as ranks are added (DDP replicates the model on every rank). Fix: pass "
+            "strategy='fsdp'."
+        )
+    for key in ("world_size",) if vary == "world_size" else ():
+        if key in options:
+            raise ArgumentValueError(
+                f"find_fit: vary='world_size' searches {key} itself. Fix: leave {key} out."
+            )
+    if global_batch is not None and vary != "world_size":
+        raise ArgumentValueError(
+            "find_fit: global_batch applies to vary='world_size'. Fix: leave it out, or pass "
+            "vary='world_size'."
+        )
+    module = _build(module_or_factory)
+
+    def run(inputs: Any, **more: Any) -> Estimate:
+        return estimate(module, inputs, **options, **more)
+
+    if vary in ("batch", "sequence"):
+        inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
+        top = limit or 2**20
+        value, at, beyond, runs = _search(lambda n: run(inputs_at(n)), budget, start, top, True)
+        return Fit(vary, value, budget, at, beyond, runs, top)
+    if global_batch is not None and (
+        isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
+    ):
+        raise ArgumentTypeError(
+            f"find_fit: global_batch must be a positive int, got {global_batch!r}. Fix: pass 256."
+        )
+    tp = options.get("tensor_parallel", 1)
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1 else 1
+    top = limit or 2**16
+    inputs_at, start = _resized(module, example_inputs, 0)
+    # candidates by data-parallel size d (world size d * tp); with a global batch,
+    # only the d that divide it
+    sizes = [
+        d for d in range(1, max(1, top // tp) + 1) if global_batch is None or global_batch % d == 0
+    ]
+
+    def per_rank(i: int) -> Estimate:
+        d = sizes[i - 1]
+        batch = global_batch // d if global_batch is not None else start
+        return run(inputs_at(batch), world_size=d * tp)
+
+    index, at, beyond, runs = _search(per_rank, budget, 1, len(sizes), False)
+    value = sizes[index - 1] * tp if index is not None else None
+    return Fit(vary, value, budget, at, beyond, runs, top)

@@ -1,0 +1,218 @@
+"""Values a simulated step knows: its inputs, and what it computes from them and constants alone.
+
+A shape-only step cannot follow code that reads a tensor's value (``.item()``,
+``bool(t)``, ``t.tolist()``, ``x in t``), yet models read values that do not
+depend on their weights: transformers' BERT asks whether the last token of
+``input_ids`` is padding, and whether an all-ones attention mask can be
+dropped. :class:`Values` follows such tensors with small real *shadows* on the
+CPU:
+
+* an input tensor given for real keeps its values; an input given by shape (an
+  :class:`~lightning_meta.InputSpec`, a ``"SHAPE:DTYPE"`` string or a meta
+  tensor) is zeros;
+* an operator whose tensor arguments all have values (or that has none:
+  ``torch.arange``, ``torch.ones``) is run on the shadows too, and its outputs
+  get the results; a seeded random operator is not (its value is not known,
+  and drawing would move the generator);
+* reading a value (``aten._local_scalar_dense``, which ``.item()``,
+  ``bool()``, ``tolist()`` and ``in`` all reach) is answered from the
+  shadow; a data-dependent output shape (``nonzero``) is taken from it.
+
+Parameters and buffers never have values (they are never read), nor has
+anything computed from them: reading those still fails with the named
+:class:`~lightning_meta.MetaTensorError`. An in-place write of unknown values
+into a tensor with a shadow drops the shadows of its whole storage. Tensors
+of more than :data:`MAX_ELEMENTS` elements are not followed (a causal mask of
+a long sequence, a batch of images): reading them fails the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from lightning_meta import _compat
+from lightning_meta._compat import FakeTensor, no_dispatch_modes, tree_leaves, tree_map
+
+__all__ = ["MAX_ELEMENTS", "Values"]
+
+#: the most elements a followed tensor may have (8 MiB of int64)
+MAX_ELEMENTS = 1 << 20
+
+_ATTRIBUTE = "_lightning_meta_value"
+# marks a value that is (or is computed from) zeros standing for an input given by shape
+_ZEROS = "_lightning_meta_assumed_zeros"
+_CPU = torch.device("cpu")
+
+
+def _small(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and math.prod(t.shape) <= MAX_ELEMENTS
+
+
+class Values:
+    """The real values of the small tensors a fake step computes from inputs and constants.
+
+    :class:`~lightning_meta._estimate._track.LiveBytes` shows it every
+    operator (:meth:`read` before running it, :meth:`follow` after), which
+    saves a dispatch-mode layer.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_meta._compat import FakeTensorMode
+        >>> mode, values = FakeTensorMode(), Values()
+        >>> with mode:
+        ...     ids = torch.empty(2, 3, dtype=torch.int64)
+        >>> values.give(ids, torch.tensor([[5, 0, 7], [1, 2, 3]]))
+        >>> values.of(ids)[0, 2].item()
+        7
+    """
+
+    def __init__(self) -> None:
+        # storages written with values nobody knows: their shadows are stale
+        self._stale: set[int] = set()
+        #: reads answered from zeros standing for an input given by shape:
+        #: ``"<operator> in <module>"``, each once, in order
+        self.zero_reads: list[str] = []
+        #: where the step is, for :attr:`zero_reads` (the caller sets it)
+        self.where: Callable[[], str] = lambda: "the model"
+
+    def give(self, fake: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Make ``real`` (or zeros for ``None``) the value of fake tensor ``fake``, if small."""
+        if not isinstance(fake, FakeTensor) or not _small(fake):
+            return
+        if real is None or real.is_meta:
+            value = torch.zeros(fake.shape, dtype=fake.dtype, device=_CPU)
+        else:
+            value = real.detach().to(device=_CPU, dtype=fake.dtype, copy=True)
+        if value.shape == fake.shape:
+            setattr(fake, _ATTRIBUTE, value)
+            if real is None or real.is_meta:
+                setattr(fake, _ZEROS, True)
+
+    def of(self, t: Any) -> torch.Tensor | None:
+        """Return the value of tensor ``t`` on the CPU, or ``None`` if it is not known."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        if isinstance(t, FakeTensor):
+            value: torch.Tensor | None = getattr(t, _ATTRIBUTE, None)
+            if value is None or (
+                self._stale and _compat.storage_id(t.untyped_storage()) in self._stale
+            ):
+                return None
+            return value
+        if t.is_meta or t.device.type != "cpu" or not _small(t):
+            return None
+        return t  # a real constant the model holds or made outside the step
+
+    def read(self, func: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+        """Answer a value read (``.item()`` and all that reach it) from a known value.
+
+        Returns:
+            ``(True, the Python scalar)`` if ``func`` reads the value of a
+            tensor whose value is known, else ``(False, None)``.
+        """
+        if func not in _compat.value_read_ops() or not args:
+            return False, None
+        value = self.of(args[0])
+        if value is None:
+            return False, None
+        self._note_zeros(func, args, {})
+        with no_dispatch_modes():
+            return True, value.item()
+
+    def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Give the outputs of ``func`` their values, when every tensor argument has one.
+
+        Arguments the operator writes to lose their values (their whole
+        storage does) when the operator cannot be followed.
+        """
+        tags = getattr(func, "tags", None)
+        if tags is None:  # not an ATen overload: nothing to follow
+            return
+        known = all(self.of(t) is not None for t in _tensors(args, kwargs))
+        writes = _compat.op_schema(func)[0]
+        if not known or torch.Tag.nondeterministic_seeded in tags:
+            if writes:
+                self._forget(_written(func, args, kwargs))
+            return
+        written = _written(func, args, kwargs) if writes else []
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not all(_small(t) for t in outputs) or any(
+            not isinstance(t, FakeTensor) for t in written
+        ):
+            self._forget(written)
+            return
+        real = self._run(func, args, kwargs)
+        results = [t for t in tree_leaves(real) if isinstance(t, torch.Tensor)]
+        if real is None or len(results) != len(outputs):
+            self._forget(written)
+            return
+        zeros = any(getattr(t, _ZEROS, False) for t in _tensors(args, kwargs))
+        for fake, value in zip(outputs, results, strict=True):
+            if value.shape == fake.shape and value.dtype == fake.dtype:
+                setattr(fake, _ATTRIBUTE, value)
+                if zeros:
+                    setattr(fake, _ZEROS, True)
+            else:
+                self._forget([fake])
+
+    def shape_of(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Return the real result of an operator whose output shape depends on values, or ``None``."""
+        if any(self.of(t) is None for t in _tensors(args, kwargs)):
+            return None
+        self._note_zeros(func, args, kwargs)
+        return self._run(func, args, kwargs)
+
+    def _note_zeros(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record a read of a value that stands for an input given by shape (zeros)."""
+        if any(getattr(t, _ZEROS, False) for t in _tensors(args, kwargs)):
+            note = f"{str(func).removesuffix('.default')} in {self.where()}"
+            if note not in self.zero_reads:
+                self.zero_reads.append(note)
+
+    def _run(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run ``func`` on the values, on the CPU, outside every mode; ``None`` if it fails."""
+
+        def real(leaf: Any) -> Any:
+            if isinstance(leaf, torch.Tensor):
+                return self.of(leaf)
+            if isinstance(leaf, torch.device):
+                return _CPU
+            return leaf
+
+        new_args, new_kwargs = tree_map(real, (args, kwargs))
+        try:
+            with no_dispatch_modes(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+                return func(*new_args, **new_kwargs)
+        except Exception:  # a kernel only the target device has, say: value unknown
+            return None
+
+    def _forget(self, written: list[torch.Tensor]) -> None:
+        for t in written:
+            if isinstance(t, FakeTensor) and getattr(t, _ATTRIBUTE, None) is not None:
+                self._stale.add(_compat.storage_id(t.untyped_storage()))
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """Yield the tensor arguments of an ATen call (tensors and lists of tensors), fast."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    yield item
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Return the tensors ``func`` writes to (in-place and ``out=`` arguments)."""
+    writes, _ = _compat.op_schema(func)
+    out: list[torch.Tensor] = []
+    for index, name in writes:
+        value = args[index] if index < len(args) else kwargs.get(name)
+        out += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return out

@@ -1,0 +1,99 @@
+"""Per-rank estimates against real multi-process CPU runs, measured without the package.
+
+Each test launches ``support.run_estimate_ranks``: real ranks (gloo) train
+``TinyLM`` under DDP, FSDP2 or FSDP2 + tensor parallel for five steps, and
+every rank measures two steps (the lower peak) with the CPU allocator's own events
+(``support.measure_estimate_ranks``). The estimate of the same configuration
+(``backend="gloo"``, what the runs use) must be within 5 % of every rank's
+peak, and its FLOPs equal ``FlopCounterMode``'s on the rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightning_meta import estimate
+from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
+from support.measure_estimate_ranks import PLAN, TinyLM, first_loss
+from support.processes import run_module
+
+TOLERANCE = 0.05
+
+
+def _estimate(config: dict[str, Any], world: int) -> Any:
+    options: dict[str, Any] = {"strategy": config["strategy"], "world_size": world}
+    if config.get("tp", 1) > 1:
+        options.update(tensor_parallel=config["tp"], tensor_parallel_plan=PLAN)
+    if config.get("ac"):
+        options["activation_checkpointing"] = True
+    if config.get("mp"):
+        options["mixed_precision"] = config["mp"]
+    if "reshard" in config:
+        options["reshard_after_forward"] = config["reshard"]
+    if config.get("bucket_view"):
+        options["gradient_as_bucket_view"] = True
+    batch, seq = config.get("batch", 4), config.get("seq", 64)
+    return estimate(TinyLM, f"{batch},{seq}:int64", loss_fn=first_loss, backend="gloo", **options)
+
+
+def _check(world: int, configs: list[dict[str, Any]], tmp_path: Path) -> None:
+    proc = run_module(
+        "run_estimate_ranks",
+        str(world),
+        str(tmp_path),
+        *(json.dumps(c) for c in configs),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(world)]
+    failures = []
+    for i, config in enumerate(configs):
+        est = _estimate(config, world)
+        for rank, results in enumerate(ranks):
+            measured = results[i]
+            error = (est.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
+            if abs(error) > TOLERANCE:
+                failures.append(
+                    f"{config} rank {rank}: estimated {est.peak_bytes:,}, measured "
+                    f"{measured['peak_bytes']:,} ({100 * error:+.2f} %; alive when the "
+                    f"measured step began: {measured['start_bytes']:,})"
+                )
+            # FlopCounterMode on the real rank: split layers' DTensor ops at their full size
+            assert (est.forward_flops, est.backward_flops) == (
+                measured["forward_flops"],
+                measured["backward_flops"],
+            ), config
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_ddp_per_rank_peak_matches_two_real_ranks(tmp_path: Path) -> None:
+    _check(2, [{"strategy": "ddp"}, {"strategy": "ddp", "bucket_view": True}], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_fsdp2_per_rank_peak_matches_two_real_ranks(tmp_path: Path) -> None:
+    configs = [
+        {"strategy": "fsdp"},
+        {"strategy": "fsdp", "ac": True},
+        {"strategy": "fsdp", "mp": "bf16"},
+        {"strategy": "fsdp", "reshard": False},
+    ]
+    _check(2, configs, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_fsdp2_and_2d_per_rank_peak_matches_four_real_ranks(tmp_path: Path) -> None:
+    configs = [
+        {"strategy": "fsdp", "mp": "bf16", "ac": True},
+        {"strategy": "fsdp", "tp": 2},
+        {"strategy": "fsdp", "tp": 2, "ac": True},
+    ]
+    _check(4, configs, tmp_path)

@@ -1,0 +1,148 @@
+"""Tests for lightning_meta._estimate._values: reads of values known from the inputs alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_meta import MetaTensorError, estimate
+from lightning_meta._compat import FakeTensorMode
+from lightning_meta._estimate._values import MAX_ELEMENTS, Values
+
+
+class Gated(nn.Module):
+    """Skips a layer when the mask is all ones, as transformers' BERT drops such a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.extra = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.fc(x)
+        if bool(torch.all(mask == 1)):
+            return h
+        return self.extra(h) * mask.unsqueeze(-1)
+
+
+def _real_forward_flops(model: nn.Module, *args: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def test_a_spec_input_reads_as_zeros_and_a_real_input_as_itself() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4)
+    ones = torch.ones(2, 3)
+    zeros = torch.zeros(2, 3)
+    by_spec = estimate(Gated, (x, "2,3:float32"), optimizer=None)
+    assert by_spec.forward_flops == _real_forward_flops(Gated(), x, zeros)
+    by_value = estimate(Gated, (x, ones), optimizer=None)
+    assert by_value.forward_flops == _real_forward_flops(Gated(), x, ones)
+    assert by_value.forward_flops < by_spec.forward_flops
+    # the result says which reads were answered from zeros, and where; real inputs are not listed
+    assert by_spec.inputs_read_as_zeros == ("aten._local_scalar_dense in Gated",)
+    assert json.loads(json.dumps(by_spec.to_dict()))["inputs_read_as_zeros"] == [
+        "aten._local_scalar_dense in Gated"
+    ]
+    assert by_value.inputs_read_as_zeros == ()
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Gated()
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.inner(x, mask)
+            return out
+
+    nested = estimate(Outer, (x, "2,3:float32"), optimizer=None)
+    assert nested.inputs_read_as_zeros == ("aten._local_scalar_dense in inner",)
+    # a model that reads no input value lists none
+    assert estimate(nn.Linear(4, 4), "2,4:float32").inputs_read_as_zeros == ()
+
+
+def test_tolist_and_a_data_dependent_shape_follow_the_inputs() -> None:
+    class Ragged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(x, lengths.tolist())  # sizes read from an input
+            keep = (lengths > 1).nonzero().squeeze(1)  # a shape read from an input
+            out: torch.Tensor = self.fc(torch.cat(parts)).sum() + x[keep].sum()
+            return out
+
+    x = torch.randn(6, 4)
+    lengths = torch.tensor([1, 2, 3])
+    est = estimate(Ragged, (x, lengths), optimizer=None, loss_fn=lambda out: out)
+    assert est.forward_flops == _real_forward_flops(Ragged(), x, lengths)
+
+
+def test_reading_a_value_computed_from_weights_still_fails() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h: torch.Tensor = self.fc(x)
+            return h if h.sum() > 0 else h * 2
+
+    with pytest.raises(
+        MetaTensorError,
+        match=r"forward of Branchy.*reads tensor values a shape-only run does not know",
+    ):
+        estimate(Branchy, torch.ones(2, 4))
+
+
+def test_an_input_overwritten_with_weight_values_is_no_longer_known() -> None:
+    class Overwrites(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.clone()
+            view = y[0]
+            y.copy_(self.fc(x))  # unknown values into y's storage: the view is stale too
+            return self.fc(x) * view.sum().item()
+
+    with pytest.raises(MetaTensorError, match=r"reads tensor values"):
+        estimate(Overwrites, "2,4:float32")
+
+
+def test_values_are_copies_and_large_tensors_are_not_followed() -> None:
+    mode, values = FakeTensorMode(), Values()
+    real = torch.arange(6).reshape(2, 3)
+    with mode:
+        small = torch.empty(2, 3, dtype=torch.int64)
+        large = torch.empty(MAX_ELEMENTS + 1, dtype=torch.int8)
+    values.give(small, real)
+    values.give(large, None)
+    known = values.of(small)
+    assert known is not None and torch.equal(known, real) and known is not real
+    assert values.of(large) is None
+    assert values.of(torch.empty(3, device="meta")) is None
+
+
+def test_random_operators_are_not_followed_and_do_not_draw() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            noise = torch.rand(2, 4)  # values unknown: reading them must fail
+            return self.fc(x) * float(noise.sum())
+
+    state = torch.get_rng_state()
+    with pytest.raises(MetaTensorError, match=r"reads tensor values"):
+        estimate(Noisy, "2,4:float32")
+    assert torch.equal(torch.get_rng_state(), state)
