@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks in one short run, for a machine with a GPU (the device tool
 # lends one to some tasks): every test marked `cuda` (CUDA RNG replay with
-# draw_on="device", FSDP1 strategy="fsdp" under MetaGuard, bf16-mixed, ...),
+# draw_on="device", FSDP1 strategy="fsdp" under MetaGuard, bf16-mixed,
+# lm.fabric_setup under Fabric's FSDPStrategy and ModelParallelStrategy, ...),
 # then a Markdown table of the results. Needs a Python with a CUDA torch and
 # Lightning already installed (PYTHON=..., default python3); nothing is
 # downloaded. The log and the table go to $OUT (default /tmp).

@@ -28,7 +28,7 @@ from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import load_checkpoint
-from lightning_meta._load import _checkpoint
+from lightning_meta._load import _phases
 from support import load_models as ml
 
 KINDS = ["meta", "deferred", "real"]
@@ -276,7 +276,7 @@ def test_failure_during_the_swap_restores_the_module(
     before = ml.snapshot(m)
     # fail on the 5th change the swap makes (a slot put, or a copy into a real tensor)
     hook = "_copy" if kind == "real" else "_put"
-    real = getattr(_checkpoint, hook)
+    real = getattr(_phases, hook)
     calls: list[int] = []
 
     def failing(*args: Any) -> None:
@@ -285,13 +285,13 @@ def test_failure_during_the_swap_restores_the_module(
             raise RuntimeError("injected failure")
         real(*args)
 
-    monkeypatch.setattr(_checkpoint, hook, failing)
+    monkeypatch.setattr(_phases, hook, failing)
     with pytest.raises(lm.MetaTensorError, match=r"injected failure.*put back as it was") as info:
         load_checkpoint(m, tmp_path / "m.pt")
     assert info.value.paths
     assert len(calls) >= 5  # four changes were made before the failure, then undone
     ml.assert_unchanged(m, before)
-    monkeypatch.setattr(_checkpoint, hook, real)
+    monkeypatch.setattr(_phases, hook, real)
     load_checkpoint(m, tmp_path / "m.pt")  # and the module still loads afterwards
     state = ref.state_dict()
     for name, t in m.state_dict().items():

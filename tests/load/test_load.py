@@ -417,7 +417,7 @@ def test_errors_carry_the_keys_and_files(tmp_path: Path, ref: torch.nn.Module) -
 
 
 def test_phases_run_on_their_own(files: dict[str, Path]) -> None:
-    from lightning_meta._load import _checkpoint as phases
+    from lightning_meta._load import _phases as phases
     from lightning_meta._load._formats import open_source
     from lightning_meta._load._match import mismatch_error, plan_load
 

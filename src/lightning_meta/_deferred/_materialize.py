@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,9 +18,12 @@ from lightning_meta._deferred._handles import (
     ItemSlot,
     done,
     dress_like,
+    drop,
     drop_stale,
     handle_of,
+    handles_of,
     item_slots,
+    lone_module,
     released_without_result,
     settle,
     without_pending,
@@ -27,9 +31,9 @@ from lightning_meta._deferred._handles import (
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
-from lightning_meta._slots import Slot, iter_slots
+from lightning_meta._slots import Slot, iter_slots, tensor_at
 
-__all__ = ["materialize", "materialize_paths"]
+__all__ = ["ShardedSlot", "materialize", "materialize_paths", "sharded_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,14 @@ def materialize(
     Tensors that are not on meta are left untouched, so calling this again is
     a no-op.
 
+    Sharded modules work too: a deferred parameter that ``fully_shard``
+    (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
+    ``DTensor`` gets only its local shard allocated, filled with this rank's
+    slice of the exact full tensor (each full tensor is replayed in turn, so
+    peak memory is the shards plus one full tensor; no communication on
+    torch >= 2.7). Every rank must call it, with the same seed history, as
+    eager construction would.
+
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
         device: where the tensors end up (default: CPU).
@@ -92,7 +104,10 @@ def materialize(
             ``deferred_init`` (and no ``fallback``), a deferred tensor was
             modified after the block, holds uninitialised memory (and not
             ``allow_uninitialized``), or the record cannot be replayed
-            exactly. Nothing is changed when it raises before replaying.
+            exactly; for sharded parameters also: a ``DTensor`` whose global
+            shape is not the deferred tensor's, a ``Partial`` placement, a
+            ``device`` of another type than the mesh's, or a ``dtype`` cast.
+            Nothing is changed when it raises before replaying.
 
     Example::
 
@@ -156,18 +171,32 @@ def materialize_paths(
         MaterializationError: see :func:`materialize`.
     """
     target, remap = _check_arguments(module, names, device, dtype, draw_on, fallback)
+    sharded = sharded_slots(module)
     slots = _select(module, names)
-    if not slots:
+    wanted = {s.path for s in slots}
+    sharded = [s for s in sharded if s.path in wanted]
+    # By identity: a tied DTensor is listed once in ``sharded`` but at every path in ``slots``.
+    on_shards = {id(s.dtensor) for s in sharded}
+    slots = [s for s in slots if id(s.tensor) not in on_shards]
+    if not slots and not sharded:
         return module
     deferred, plain = _split(slots)
-    _check_deferred(deferred, allow_uninitialized)
+    _check_deferred([*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized)
     _check_plain(plain, fallback)
+    _check_sharded(sharded, target, dtype)
+    if sharded:
+        fill_shards(module, sharded, target, draw_on)
     ready, replayed = _replay_records(deferred, target, dtype, remap)
     _swap_in(deferred, ready)
     _complete_records(module, replayed, remap)
     if plain:
         reset_parameters(plain, target)
-    logger.debug("materialized %d deferred and %d plain meta tensors", len(deferred), len(plain))
+    logger.debug(
+        "materialized %d deferred (%d of them sharded) and %d plain meta tensors",
+        len(deferred) + len(sharded),
+        len(sharded),
+        len(plain),
+    )
     return module
 
 
@@ -296,6 +325,20 @@ def _complete_records(
 
 def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool) -> None:
     """Refuse deferred tensors whose record cannot give their value (exactly) any more."""
+    on_meta = sorted(
+        s.path for s, h in deferred if any(st.device.type == "meta" for st in h.record.streams)
+    )
+    if on_meta:
+        raise MaterializationError(
+            f"materialize cannot reproduce {on_meta}: their deferred_init block drew random "
+            "numbers on the meta device (it ran inside a torch.device('meta') context, such as "
+            "fabric.init_module(empty_init=True) or trainer.init_module(empty_init=True) under "
+            "ModelParallelStrategy or FSDPStrategy), "
+            "where eager construction gives no values at all. Fix: leave empty_init unset "
+            "(deferred_init already keeps the model on meta), or enter deferred_init outside "
+            "the meta device context.",
+            paths=on_meta,
+        )
     modified = sorted(s.path for s, h in deferred if _compat.version_of(s.tensor) != h.version)
     if modified:
         raise MaterializationError(
@@ -334,6 +377,31 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
 
 def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
     """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
+    replaced = sorted(
+        f"{s.path} ({type(s.tensor).__name__} of shape {tuple(s.tensor.shape)}, deferred as "
+        f"{tuple(handles_of(s.owner)[s.name].tensor.shape)})"
+        for s in plain
+        if s.kind != "attr" and s.name in handles_of(s.owner)
+    )
+    if replaced:
+        raise MaterializationError(
+            f"materialize cannot fill {replaced}: these deferred tensors were replaced after "
+            "the deferred_init block by other meta tensors, whose values the record does not "
+            "give. Fix: assign real tensors instead, shard with fully_shard (FSDP2) or "
+            "parallelize_module (tensor parallel), which keep the global shape, or "
+            "materialize before wrapping (FSDP1: let the strategy wrap and materialize).",
+            paths=replaced,
+        )
+    sharded = sorted(s.path for s in plain if type(s.tensor).__name__ == "DTensor")
+    if sharded and fallback is not None:
+        raise MaterializationError(
+            f"materialize(fallback='reset_parameters') cannot initialise the sharded meta "
+            f"tensors {sharded}: they were not built under deferred_init, and "
+            "reset_parameters() on a shard draws values that differ from eager construction. "
+            "Fix: build the module under deferred_init before sharding it, or load these "
+            "tensors from a checkpoint.",
+            paths=sharded,
+        )
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
         raise MaterializationError(
@@ -358,3 +426,152 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
                 "or load these tensors from a checkpoint.",
                 paths=missing,
             )
+
+
+# -- sharded parameters (FSDP2 fully_shard, tensor parallel parallelize_module)
+#
+# torchtitan's meta -> shard -> materialize sequence: the deferred parameter
+# was swapped for a meta DTensor of the same global shape, while its handle
+# stays on the owning module under the same name. Only the local shards are
+# allocated; each full tensor is replayed in turn and this rank's slice copied.
+
+
+@dataclass(frozen=True)
+class ShardedSlot:
+    """A deferred tensor that a meta ``DTensor`` of the same global shape now stands for."""
+
+    path: str
+    owner: nn.Module
+    name: str
+    handle: Handle
+    dtensor: torch.Tensor
+
+    def as_slot(self) -> Slot:
+        """The slot as it was when deferred (for the checks on the handle's own tensor)."""
+        if isinstance(self.dtensor, nn.Parameter):
+            return Slot(self.path, self.owner, "param", self.name, self.handle.tensor, True)
+        return Slot(self.path, self.owner, "buffer", self.name, self.handle.tensor, True)
+
+
+def sharded_slots(module: nn.Module) -> list[ShardedSlot]:
+    """Return the deferred tensors of ``module`` that ``fully_shard`` / TP turned into meta DTensors.
+
+    A DTensor shared by several modules (tied weights) is listed once, under
+    its first path.
+    """
+    found: list[ShardedSlot] = []
+    seen: set[int] = set()
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for name, handle in handles_of(mod).items():
+            t = tensor_at(mod, name)
+            if (
+                t is not None
+                and t is not handle.tensor
+                and t.is_meta
+                and type(t).__name__ == "DTensor"
+                and tuple(t.shape) == tuple(handle.tensor.shape)
+                and id(t) not in seen
+            ):
+                seen.add(id(t))
+                path = f"{prefix}.{name}" if prefix else name
+                found.append(ShardedSlot(path, mod, name, handle, t))
+    return found
+
+
+def _check_sharded(
+    sharded: list[ShardedSlot], target: torch.device, dtype: torch.dtype | None
+) -> None:
+    """Refuse, before anything is allocated, sharded tensors no exact shard can be made for."""
+    if not sharded:
+        return
+    from torch.distributed.tensor import Partial
+
+    partial = sorted(s.path for s in sharded if any(isinstance(p, Partial) for p in _placements(s)))
+    if partial:
+        raise MaterializationError(
+            f"materialize cannot fill {partial}: their DTensor placements include Partial "
+            "(pending sums), which no slice of the full tensor gives. Fix: shard or replicate "
+            "these parameters (Shard/Replicate placements), as fully_shard and the tensor "
+            "parallel styles do.",
+            paths=partial,
+        )
+    other = sorted(s.path for s in sharded if _mesh_device_type(s) != target.type)
+    if other:
+        kinds = sorted({_mesh_device_type(s) for s in sharded})
+        raise MaterializationError(
+            f"materialize was asked for device={str(target)!r}, but the sharded parameters "
+            f"{other} live on a {'/'.join(kinds)} device mesh. Fix: pass this rank's device "
+            f"of that type, e.g. device=fabric.device or trainer.strategy.root_device.",
+            paths=other,
+        )
+    if dtype is not None:
+        cast = sorted(s.path for s in sharded if s.dtensor.dtype != dtype)
+        if cast:
+            raise MaterializationError(
+                f"materialize(dtype={dtype}) cannot cast the sharded parameters {cast}: "
+                "fully_shard and parallelize_module fixed their dtype when they sharded them. "
+                "Fix: cast before sharding (model.to(dtype) on the deferred model, then "
+                "fully_shard), or use FSDP2's MixedPrecisionPolicy.",
+                paths=cast,
+            )
+
+
+def _placements(s: ShardedSlot) -> tuple[Any, ...]:
+    return tuple(getattr(s.dtensor, "placements", ()))
+
+
+def _mesh_device_type(s: ShardedSlot) -> str:
+    return str(s.dtensor.device_mesh.device_type)  # type: ignore[attr-defined]
+
+
+def fill_shards(
+    module: nn.Module, sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn = "cpu"
+) -> None:
+    """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
+    _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
+    for s in sharded:
+        _fill_shard(s, device, draw_on)
+
+
+def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) -> None:
+    # Module.to_empty() on the root would also replace every *real* tensor
+    # with uninitialised memory (the damage Lightning's materializer does);
+    # only the wanted meta DTensors (the local shards) are allocated here.
+    # FSDPModule._apply re-registers its sharded parameters afterwards, as it
+    # does for to_empty().
+    def empty_if_wanted(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in wanted:
+            return torch.empty_like(t, device=device)
+        return t
+
+    _compat.apply_to_tensors(module, empty_if_wanted)
+
+
+def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
+    from torch.distributed.tensor import DTensor
+
+    full = _replay_one(s.name, s.handle, device, draw_on)
+    target = tensor_at(s.owner, s.name)
+    if not isinstance(target, DTensor) or target.is_meta:
+        raise MaterializationError(
+            f"materialize expected an allocated DTensor at {s.path!r} after allocating the "
+            f"shards, found {type(target).__name__}. Fix: apply fully_shard / "
+            "parallelize_module to the deferred model before materialize, and do not replace "
+            "its parameters in between.",
+            paths=[s.path],
+        )
+    # Every rank replayed the same full tensor: each slices its own shard.
+    local = _compat.local_shard(full, target.device_mesh, target.placements)
+    with torch.no_grad():
+        target.to_local().copy_(local)
+    drop(s.owner, s.name, s.handle)
+
+
+def _replay_one(name: str, handle: Handle, device: torch.device, draw_on: DrawOn) -> torch.Tensor:
+    """Replay one deferred tensor, full size, through a scratch module holding only it."""
+    scratch = lone_module(name, handle)
+    materialize(scratch, device=device, draw_on=draw_on)
+    out = tensor_at(scratch, name)
+    if out is None or out.is_meta:  # materialize raises first; this guards the invariant
+        raise MaterializationError(f"materialize left {name!r} on meta", paths=[name])
+    return out.detach()

@@ -39,8 +39,10 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._deferred._handles import handle_of
+from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
+    deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
     refuse_strays,
@@ -66,7 +68,10 @@ class MetaGuard(Callback):
     - ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``):
       after sharding, one tensor at a time, each rank keeping only its shard;
     - ``strategy="fsdp"`` (FSDP1): unit by unit as torch's FSDP wraps it,
-      through its ``param_init_fn``.
+      through its ``param_init_fn``;
+    - ``DeepSpeedStrategy``: refused when the run starts, before anything is
+      allocated, with a :class:`~lightning_meta.MetaTensorError` naming what
+      to use instead.
 
     Real weights are never re-initialised and
     :class:`~lightning_meta.MetaTemplate`\\ s are never materialized. A meta
@@ -122,6 +127,7 @@ class MetaGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()  # a run that ended without reaching teardown
+        _refuse_deepspeed(trainer.strategy, type(pl_module).__name__)
         self._prepared = False
         self._before = frozenset(_deferred_ids(pl_module))
         strategy = trainer.strategy
@@ -265,6 +271,21 @@ class MetaGuard(Callback):
             else:
                 undo()
         self._undo = kept
+
+
+def _refuse_deepspeed(strategy: Any, name: str) -> None:
+    """Refuse DeepSpeed before ``configure_model`` runs and before anything is allocated."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise MetaTensorError(
+            deepspeed_refusal(
+                f"MetaGuard cannot guard {name}",
+                "use ModelParallelStrategy (FSDP2, fully_shard in configure_model) or "
+                "strategy='fsdp' with MetaGuard, or, for ZeRO stage 1 or 2, drop MetaGuard and "
+                "call lightning_meta.materialize(model) before trainer.fit.",
+            )
+        )
 
 
 def _is_fsdp1(strategy: Any) -> bool:

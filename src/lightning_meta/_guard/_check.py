@@ -22,7 +22,7 @@ from lightning_meta._compat import is_torch_meta_error
 from lightning_meta._deferred._handles import deferred_paths
 from lightning_meta._deferred._materialize import materialize_paths
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._guard._find import find_meta_tensors
+from lightning_meta._guard._find import ESCAPED_FIX, find_meta_tensors
 from lightning_meta._guard._materialize import HYPERPARAMETERS
 
 __all__ = ["Row", "check_module"]
@@ -64,6 +64,15 @@ def check_module(module: nn.Module) -> list[Row]:
                     "ok",
                     f.path,
                     "MetaTemplate: meta by design, hidden from Lightning",
+                )
+            )
+        elif f.escaped is not None:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "problem",
+                    f.path,
+                    f"{f.kind} {f.shape} created at {f.escaped}. {ESCAPED_FIX}",
                 )
             )
         elif f.deferred:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import handle_of, handles_of
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
@@ -32,6 +33,14 @@ FIX = (
     "sees it), or build the module inside `with lightning_meta.deferred_init():` so that "
     "lightning_meta.materialize (or the MetaGuard callback) gives it exact real values, "
     "or load real weights into it first."
+)
+
+ESCAPED_FIX = (
+    "A tensor created inside a deferred_init block but kept outside the modules built "
+    "there (a local variable assigned after the block, a closure, a global list) holds no "
+    "data, and materialize cannot fill it: any use raises. Fix: register it on a module "
+    "built in the block (self.register_buffer(name, t, persistent=False), or a plain "
+    "attribute set inside the block), or create it after materialize."
 )
 
 
@@ -57,6 +66,12 @@ class MetaFinding:
             (``self.templates = [net]``): outside the module tree, so Lightning
             never moves, wraps or saves it (the classic template workaround;
             :class:`~lightning_meta.MetaTemplate` is the supported form).
+        escaped: for a tensor created inside a
+            :func:`~lightning_meta.deferred_init` block and kept outside the
+            modules built there, the ``file:line`` that created it (else
+            ``None``). It is not on the meta device but holds no data either
+            (a fake tensor of the finished block): nothing can fill it and any
+            use raises :class:`~lightning_meta.MetaTensorError`.
     """
 
     path: str
@@ -65,6 +80,7 @@ class MetaFinding:
     dtype: torch.dtype | None
     deferred: bool
     hidden: bool = False
+    escaped: str | None = None
 
     @property
     def problem(self) -> bool:
@@ -75,8 +91,11 @@ class MetaFinding:
         """Return a one-line description: path, kind, shape, dtype, deferred."""
         if self.kind == "template":
             return f"{self.path!r} (MetaTemplate: meta by design, ignored)"
-        state = "deferred" if self.deferred else "not deferred"
         where = ", outside the module tree" if self.hidden else ""
+        if self.escaped is not None:
+            state = f"created in a deferred_init block at {self.escaped} and left outside it"
+        else:
+            state = "deferred" if self.deferred else "not deferred"
         return f"{self.path!r} ({self.kind}, shape {self.shape}, {self.dtype}, {state}{where})"
 
 
@@ -86,7 +105,10 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     Searches parameters, buffers, plain tensor attributes of every submodule
     and tensors inside lists, tuples, dicts, sets and dataclasses held as
     attributes (modules hidden there are searched too); the parameter groups
-    and state of an optimizer; or the items of a plain container.
+    and state of an optimizer; or the items of a plain container. A tensor
+    created inside a :func:`~lightning_meta.deferred_init` block but kept
+    outside the modules built there holds no data either: it is listed too,
+    with the ``file:line`` that created it (``MetaFinding.escaped``).
     :class:`~lightning_meta.MetaTemplate` objects (also ``Ensemble.template``)
     are listed with kind ``"template"`` and not searched: they are meta by
     design. Each object is visited once, so a shared submodule is reported
@@ -142,7 +164,11 @@ def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
 def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> MetaTensorError:
     """Return the error for ``problems``: every path, why it matters, then the fix."""
     n = len(problems)
-    them = "meta tensors, which hold" if n != 1 else "meta tensor, which holds"
+    # Escaped tensors are not on the meta device (their fake data raises on use).
+    if any(f.escaped is not None for f in problems):
+        them = "tensors that hold" if n != 1 else "tensor that holds"
+    else:
+        them = "meta tensors, which hold" if n != 1 else "meta tensor, which holds"
     lines = [f"{owner} holds {n} {them} no data:"]
     lines += [f"  {f.describe()}" for f in problems]
     if consequence:
@@ -153,7 +179,9 @@ def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> M
             "Deferred tensors are filled exactly by lightning_meta.materialize(module) "
             "(MetaGuard does it for you inside Trainer.fit)."
         )
-    if len(deferred) < n:
+    if any(f.escaped is not None for f in problems):
+        lines.append(ESCAPED_FIX)
+    if len(deferred) + sum(f.escaped is not None for f in problems) < n:
         lines.append(FIX)
     return MetaTensorError("\n".join(lines), paths=[f.path for f in problems])
 
@@ -169,7 +197,7 @@ class _Walker:
         self, obj: Any, path: str, kind: Kind = "tensor", hidden: bool = False
     ) -> Iterator[MetaFinding]:
         if isinstance(obj, torch.Tensor):
-            if obj.is_meta:
+            if _holds_no_data(obj):
                 yield _finding(path, kind, obj, handle_of(obj) is not None, hidden)
             return
         if isinstance(obj, MetaTemplate):
@@ -197,14 +225,14 @@ class _Walker:
         for kind, names in tables:
             for name in names:
                 t = tensor_at(module, name)
-                if t is not None and t.is_meta:
+                if t is not None and _holds_no_data(t):
                     deferred = _deferred(t, handles.get(name))
                     yield _finding(_join(prefix, name), kind, t, deferred, hidden)
         for name, value in vars(module).items():
             if name in _SKIP:
                 continue
             if isinstance(value, torch.Tensor):
-                if value.is_meta:
+                if _holds_no_data(value):
                     deferred = _deferred(value, handles.get(name))
                     yield _finding(_join(prefix, name), "attribute", value, deferred, hidden)
             else:
@@ -229,7 +257,7 @@ class _Walker:
         for g, group in enumerate(opt.param_groups):
             for i, p in enumerate(group["params"]):
                 index.setdefault(id(p), len(index))
-                if isinstance(p, torch.Tensor) and p.is_meta:
+                if isinstance(p, torch.Tensor) and _holds_no_data(p):
                     path = _join(prefix, f"param_groups.{g}.params.{i}")
                     yield _finding(path, "optimizer", p, handle_of(p) is not None)
         for p, state in opt.state.items():
@@ -273,10 +301,24 @@ def _deferred(t: torch.Tensor, handle: Any) -> bool:
     )
 
 
+def _holds_no_data(t: torch.Tensor) -> bool:
+    """A meta tensor, or a fake tensor of a finished ``deferred_init`` block (on no device)."""
+    return t.is_meta or escaped_site(t) is not None
+
+
 def _finding(
     path: str, kind: Kind, t: torch.Tensor, deferred: bool, hidden: bool = False
 ) -> MetaFinding:
-    return MetaFinding(path or "<tensor>", kind, tuple(t.shape), t.dtype, deferred, hidden)
+    escaped = escaped_site(t)
+    return MetaFinding(
+        path or "<tensor>",
+        kind,
+        tuple(t.shape),
+        t.dtype,
+        deferred and escaped is None,
+        hidden,
+        escaped,
+    )
 
 
 def _join(prefix: str, name: str) -> str:

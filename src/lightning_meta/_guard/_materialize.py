@@ -8,10 +8,9 @@ The sequence (torchtitan's meta -> shard -> materialize) is:
 2. replay the deferred tensors that are plain tensors on the root device
    (:func:`materialize_model`);
 3. for parameters ``fully_shard`` (FSDP2) turned into meta ``DTensor``\\ s:
-   allocate only the local shards (``empty_like`` on meta tensors only, so
-   real weights are never touched), then replay each full tensor in turn and
-   copy this rank's shard out of it. Peak memory is the shards plus one full
-   tensor.
+   the public ``materialize`` allocates only the local shards, then replays
+   each full tensor in turn and copies this rank's shard out of it. Peak
+   memory is the shards plus one full tensor.
 
 For FSDP1 (``strategy="fsdp"``), torch materializes a wrapped unit at a time
 through ``param_init_fn``; :func:`fsdp_param_init_fn` replays the deferred
@@ -21,26 +20,17 @@ tensors of each module it is given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from lightning_meta import _compat
-from lightning_meta._deferred._handles import (
-    Handle,
-    deferred_slots,
-    drop,
-    handle_of,
-    handles_of,
-    lone_module,
-)
-from lightning_meta._deferred._materialize import materialize, materialize_paths
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._deferred._handles import deferred_slots, handle_of, handles_of
+from lightning_meta._deferred._materialize import DrawOn, materialize_paths, sharded_slots
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
-__all__ = ["fsdp_param_init_fn", "materialize_model", "refuse_strays"]
+__all__ = ["deepspeed_refusal", "fsdp_param_init_fn", "materialize_model", "refuse_strays"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +39,15 @@ REACHES = (
     "distributed training, builds the optimizer or saves a checkpoint; forward fails on "
     "any of them it uses (a plain tensor attribute is not moved by Lightning either)."
 )
+
+
+def deepspeed_refusal(what: str, fix: str) -> str:
+    """The message refusing DeepSpeed (MetaGuard and ``fabric_setup``): ``what`` cannot, why, ``fix``."""
+    return (
+        f"{what} under DeepSpeedStrategy: DeepSpeed partitions and initialises parameters its "
+        "own way (ZeRO stage 3 builds them inside deepspeed.zero.Init), which the deferred "
+        f"record does not reach, so exact values cannot be promised. Fix: {fix}"
+    )
 
 
 # What LightningModule.save_hyperparameters keeps: copied into checkpoints (which
@@ -101,11 +100,9 @@ def materialize_model(
     refuse_strays(module)
     # Sharded ones first: materializing the plain ones drops every handle
     # whose slot now holds another tensor (the DTensors) as stale.
-    sharded = list(_sharded_slots(module))
+    sharded = sharded_slots(module)
     if sharded:
-        _allocate_shards(module, device)
-        for owner, name, handle in sharded:
-            _fill_shard(owner, name, handle, device)
+        materialize_paths(module, [s.path for s in sharded], device=device)
     count = len(sharded)
     plain = deferred_slots(module)
     for draw_on in ("cpu", "device"):
@@ -117,72 +114,16 @@ def materialize_model(
     return count
 
 
-def _sharded_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Handle]]:
-    """Yield the deferred parameters that ``fully_shard`` replaced by meta DTensors."""
-    for mod in module.modules():
-        for name, handle in handles_of(mod).items():
-            t = tensor_at(mod, name)
-            if (
-                t is not None
-                and t is not handle.tensor
-                and t.is_meta
-                and type(t).__name__ == "DTensor"
-                and tuple(t.shape) == tuple(handle.tensor.shape)
-            ):
-                yield mod, name, handle
-
-
-def _allocate_shards(module: nn.Module, device: torch.device) -> None:
-    # Module.to_empty() on the root would also replace every *real* tensor
-    # with uninitialised memory (the damage Lightning's materializer does);
-    # only meta DTensors (the local shards) are allocated here, deferred plain
-    # tensors are replayed afterwards. FSDPModule._apply re-registers its
-    # sharded parameters afterwards, as it does for to_empty().
-    def empty_if_meta(t: torch.Tensor) -> torch.Tensor:
-        if t.is_meta and type(t).__name__ == "DTensor":
-            return torch.empty_like(t, device=device)
-        return t
-
-    _compat.apply_to_tensors(module, empty_if_meta)
-
-
-def _fill_shard(owner: nn.Module, name: str, handle: Handle, device: torch.device) -> None:
-    from torch.distributed.tensor import DTensor
-
-    full = _replay_one(name, handle, device)
-    target = tensor_at(owner, name)
-    if not isinstance(target, DTensor):
-        raise MetaTensorError(
-            f"MetaGuard expected a sharded DTensor at {type(owner).__name__}.{name} after "
-            "allocating shards, found "
-            f"{type(target).__name__}. Fix: apply fully_shard to the deferred model before "
-            "MetaGuard materializes it (in configure_model), and do not replace its parameters.",
-            paths=[name],
-        )
-    # Every rank replayed the same full tensor: each slices its own shard.
-    local = _compat.local_shard(full, target.device_mesh, target.placements)
-    with torch.no_grad():
-        target.to_local().copy_(local)
-    drop(owner, name, handle)
-
-
-def _replay_one(name: str, handle: Handle, device: torch.device) -> torch.Tensor:
-    """Replay one deferred tensor, full size, through a scratch module holding only it."""
-    scratch = lone_module(name, handle)
-    materialize(scratch, device=device)
-    out = tensor_at(scratch, name)
-    if out is None or out.is_meta:  # materialize raises first; this guards the invariant
-        raise MetaTensorError(f"materialize left {name!r} on meta", paths=[name])
-    return out.detach()
-
-
-def fsdp_param_init_fn(device: torch.device) -> Callable[[nn.Module], None]:
+def fsdp_param_init_fn(
+    device: torch.device, draw_on: DrawOn = "cpu"
+) -> Callable[[nn.Module], None]:
     """Return a ``param_init_fn`` for torch's ``FullyShardedDataParallel`` (FSDP1).
 
     FSDP1 calls it on each module of a unit that holds meta tensors, right
     before flattening and sharding that unit; it replays the module's own
-    deferred tensors on ``device`` and refuses any other meta tensor (which
-    FSDP would otherwise ``reset_parameters()`` into different values).
+    deferred tensors on ``device`` (drawing as ``draw_on`` says, see
+    :func:`~lightning_meta.materialize`) and refuses any other meta tensor
+    (which FSDP would otherwise ``reset_parameters()`` into different values).
     """
 
     def init(module: nn.Module) -> None:
@@ -196,6 +137,6 @@ def fsdp_param_init_fn(device: torch.device) -> Callable[[nn.Module], None]:
         if len(deferred) != len([n for n, t in held.items() if t is not None and t.is_meta]):
             refuse_strays(module)
         if deferred:
-            materialize_paths(module, deferred, device=device)
+            materialize_paths(module, deferred, device=device, draw_on=draw_on)
 
     return init

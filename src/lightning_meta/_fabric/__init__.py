@@ -1,0 +1,1 @@
+"""Deferred models in Lightning Fabric (``lm.fabric_setup``); imports nothing itself."""

@@ -1,0 +1,492 @@
+"""The phases of :func:`~lightning_meta._load._checkpoint.load_checkpoint`, one function each.
+
+Check the arguments, convert every tensor (read into memory of its own,
+cast, move, dressed as the tensor it replaces; nothing in the module touched
+yet), replay what the checkpoint lacks (into a scratch module), swap the new
+tensors in (undoing the swap if anything in it fails) and report. The
+sharded loader (:mod:`~lightning_meta._load._shards`) reuses them for the
+tensors of a module that are not DTensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from lightning_meta import _compat
+from lightning_meta._arguments import check_module_argument, float_dtype, real_device
+from lightning_meta._deferred._handles import attach, deferred_paths, handle_of, mark_done
+from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._errors import ArgumentTypeError, MetaTensorError
+from lightning_meta._load._match import Group, Plan
+from lightning_meta._load._report import LoadReport, progress_bar
+from lightning_meta._load._source import Source
+from lightning_meta._slots import Slot, wrap_like
+
+__all__ = [
+    "Arguments",
+    "Conversion",
+    "Converted",
+    "Replay",
+    "check_arguments",
+    "convert",
+    "make_report",
+    "replay_missing",
+    "swap_in",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Arguments(NamedTuple):
+    """The arguments of :func:`load_checkpoint` that :func:`check_arguments` normalises."""
+
+    device: torch.device | None
+    dtype: torch.dtype | None
+    safe_globals: list[Any]
+
+
+def check_arguments(
+    module: Any,
+    path: Any,
+    device: Any,
+    dtype: Any,
+    prefix: Any,
+    safe_globals: Any,
+    *,
+    verify: Any = False,
+    mmap: Any = False,
+) -> Arguments:
+    """Check every argument of :func:`load_checkpoint` before anything is opened.
+
+    Args:
+        module, path, device, dtype, prefix, safe_globals, verify, mmap: as
+            given to :func:`load_checkpoint`.
+
+    Returns:
+        The target device (``None``: keep each tensor's, CPU for meta), the
+        dtype, and ``safe_globals`` as a list.
+
+    Raises:
+        ArgumentTypeError: an argument has the wrong type.
+        ArgumentValueError: ``device`` or ``dtype`` cannot be used.
+    """
+    check_module_argument(module, "load_checkpoint", "pass the model to fill as the first argument")
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ArgumentTypeError(
+            f"load_checkpoint got path={path!r} ({type(path).__name__}); expected a str or "
+            "os.PathLike. Fix: pass the checkpoint file or directory, e.g. 'model.safetensors'."
+        )
+    target = real_device(device, "load_checkpoint")
+    checked_dtype = float_dtype(dtype, "load_checkpoint")
+    if prefix is not None and not isinstance(prefix, str):
+        raise ArgumentTypeError(
+            f"load_checkpoint got prefix={prefix!r} ({type(prefix).__name__}); expected a str "
+            "such as 'model.', or None to detect it. Fix: pass the checkpoint key prefix as a str."
+        )
+    for name, value in (("verify", verify), ("mmap", mmap)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(
+                f"load_checkpoint got {name}={value!r} ({type(value).__name__}); expected True "
+                f"or False. Fix: pass {name}=True or {name}=False."
+            )
+    return Arguments(target, checked_dtype, _safe_globals(safe_globals))
+
+
+def _safe_globals(value: Any) -> list[Any]:
+    # A str is iterable, and its characters would reach the unpickler as "globals".
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ArgumentTypeError(
+            f"load_checkpoint got safe_globals={value!r} ({type(value).__name__}); expected a "
+            "sequence of classes or functions. Fix: pass e.g. safe_globals=[TheClass], or () "
+            "for none."
+        )
+    items = list(value)
+    for item in items:
+        pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str)
+        if not callable(item[0] if pair else item):
+            raise ArgumentTypeError(
+                f"load_checkpoint got {item!r} ({type(item).__name__}) in safe_globals; expected "
+                "a class or function (or a (class, 'module.Name') pair). Fix: pass the objects "
+                "themselves, not their names, e.g. safe_globals=[fractions.Fraction]."
+            )
+    return items
+
+
+@dataclass
+class Converted:
+    """One group's new tensor, ready to go in.
+
+    ``in_place``: copy ``tensor`` into the group's (real) tensor. Otherwise a
+    real tensor takes ``tensor`` as its ``.data`` (a new dtype or device),
+    and a meta tensor's slots take ``tensor`` itself, already dressed as the
+    old one (Parameter class, ``requires_grad``, attributes).
+    """
+
+    group: Group
+    tensor: torch.Tensor
+    in_place: bool
+
+
+@dataclass
+class Conversion:
+    """Every converted tensor, the names cast on the way, and the bytes read."""
+
+    tensors: list[Converted] = field(default_factory=list)
+    cast: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def convert(
+    source: Source,
+    plan: Plan,
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+    progress: bool = False,
+    label: str = "",
+    verify: bool = False,
+    mapped: bool = False,
+) -> Conversion:
+    """Read every tensor the plan loads and make it exactly what goes into the module.
+
+    Read, cast, moved, and (for meta slots) rebuilt as the tensor it
+    replaces; every check the swap would need is made here. Nothing in the
+    module is touched: this is the phase that can fail (a short read, a
+    changed file, no memory on the device, a Parameter subclass that cannot
+    be rebuilt), and the module must stay as it was when it does.
+
+    Args:
+        source: the opened checkpoint.
+        plan: what to load.
+        device: where tensors end up (``None``: a real tensor's own device,
+            CPU for meta ones).
+        dtype: the dtype floating point tensors end up in (``None``: the
+            module's).
+        progress: show a progress bar over bytes on stderr.
+        label: the progress bar's label.
+        verify: check the CRC-32 of every zip record read.
+        mapped: map the files instead of reading them.
+
+    Returns:
+        The :class:`Conversion`.
+
+    Raises:
+        MetaTensorError: the source cannot read the data, or a tensor cannot
+            be converted or put in place (``paths``: its names).
+    """
+    by_key = {entry.key: (group, entry) for group, entry in plan.load}
+    out = Conversion()
+    # Two checkpoint keys on one storage (saved from a tied model) must not
+    # silently tie untied tensors of this module.
+    seen_storage: set[int] = set()
+    wanted = {e.key: _placement(g.tensor, device, dtype) for g, e in plan.load}
+    # Casting while reading needs no full-size temporary of the checkpoint's dtype.
+    cast = {k: want for k, (_, want) in wanted.items() if want != source.entries[k].dtype}
+    reading = source.read(list(by_key), verify=verify, mapped=mapped, cast=cast)
+    with (
+        closing(reading),
+        progress_bar(sum(e.nbytes for _, e in plan.load), label, progress) as advance,
+    ):
+        for key, tensor in reading:
+            group, entry = by_key[key]
+            dev, want = wanted[key]
+            if entry.dtype != want:
+                out.cast.extend(group.names)
+            out.tensors.append(_convert_one(group, tensor, dev, want, seen_storage))
+            out.bytes_read += entry.nbytes
+            advance(entry.nbytes)
+            del tensor  # a cast's source is a temporary: free it before the next read
+    return out
+
+
+def _placement(
+    old: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    # Like module.to(dtype): only floating point tensors change dtype.
+    want = dtype if dtype is not None and old.is_floating_point() else old.dtype
+    return device or (old.device if not old.is_meta else torch.device("cpu")), want
+
+
+def _refuse(group: Group, problem: str, fix: str) -> MetaTensorError:
+    name = group.names[0]
+    return MetaTensorError(
+        f"cannot load {name!r}: {problem}. Nothing in the module was changed. Fix: {fix}.",
+        paths=group.names,
+    )
+
+
+def _convert_one(
+    group: Group,
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    seen_storage: set[int],
+) -> Converted:
+    old = group.tensor
+    in_place = not old.is_meta and old.device == device and old.dtype == dtype
+    if in_place:
+        if old.layout != torch.strided:
+            raise _refuse(
+                group, f"the module holds a {old.layout} tensor there", "load into a dense tensor"
+            )
+        if _compat.has_internal_overlap(old):
+            raise _refuse(
+                group,
+                "the module's tensor is an expanded view whose elements share memory, so it "
+                "cannot take distinct values",
+                "give the module a tensor of its own there (e.g. .clone()) before loading",
+            )
+        return Converted(group, tensor, True)
+    try:
+        tensor = tensor.to(device=device, dtype=dtype)
+    except (RuntimeError, ValueError, TypeError) as e:  # out of memory on the device, mostly
+        raise _refuse(
+            group, f"converting it to {dtype} on {device} failed ({type(e).__name__}: {e})",
+            "free memory on the device, or load with device='cpu'",
+        ) from e  # fmt: skip
+    ptr = tensor.untyped_storage().data_ptr()
+    # Empty tensors all report storage pointer 0 and share nothing.
+    if ptr in seen_storage and ptr != 0:
+        tensor = tensor.clone()
+    seen_storage.add(ptr)
+    if not old.is_meta:
+        if not _compat.can_set_data(old, tensor):
+            raise _refuse(
+                group,
+                f"the module's {type(old).__name__} on {old.device} cannot take a {dtype} tensor "
+                f"on {device} as its data",
+                "move or cast the module first, so the checkpoint is copied in place",
+            )
+        return Converted(group, tensor, False)
+    handle = handle_of(old)
+    try:
+        new = wrap_like(old, tensor, handle.attrs if handle is not None else vars(old))
+    except Exception as e:  # a Parameter subclass's constructor, user code
+        raise _refuse(
+            group,
+            f"rebuilding it as {type(old).__qualname__}(data, requires_grad=...) raised "
+            f"{type(e).__name__}: {e}",
+            f"give {type(old).__qualname__} a constructor that accepts (data, requires_grad=...), "
+            "or load into a real module (its tensors are then copied in place)",
+        ) from e
+    return Converted(group, new, False)
+
+
+@dataclass
+class Replay:
+    """Deferred tensors the checkpoint lacks, replayed but not yet in the module.
+
+    Attributes:
+        names: the names replayed, sorted.
+        tensors: each group replayed, with its new tensor.
+    """
+
+    names: list[str] = field(default_factory=list)
+    tensors: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
+
+
+def replay_missing(
+    module: nn.Module, plan: Plan, *, device: torch.device | None, dtype: torch.dtype | None
+) -> Replay:
+    """Replay the deferred tensors the checkpoint does not fill, without touching ``module``.
+
+    Tensors the plan loads or skips for their shape are left alone. The
+    replay runs on a scratch module holding the same deferred tensors, so
+    ``module`` keeps them until :func:`swap_in` puts the results in, together
+    with the checkpoint's tensors.
+
+    Returns:
+        The :class:`Replay`.
+
+    Raises:
+        MaterializationError: a tensor cannot be replayed exactly; nothing
+            was changed.
+    """
+    covered = {*plan.loaded_names, *plan.skipped_names}
+    wanted = {n for n in deferred_paths(module) if n not in covered}
+    if not wanted:
+        return Replay()
+    scratch = nn.Module()
+    groups: list[tuple[str, Group]] = []
+    for group in plan.groups:
+        handle = handle_of(group.tensor)
+        if handle is None or not wanted.intersection(group.names):
+            continue
+        name = f"t{len(groups)}"
+        if isinstance(group.tensor, nn.Parameter):
+            scratch.register_parameter(name, group.tensor)
+        else:
+            scratch.register_buffer(name, group.tensor)
+        attach(handle.record, scratch, name, group.tensor, handle.vid, handle.attrs, handle=handle)
+        groups.append((name, group))
+    materialize_paths(scratch, None, device=device, dtype=dtype)
+    out = Replay(sorted(wanted))
+    for name, group in groups:
+        new = getattr(scratch, name)
+        out.tensors.append((group, new))
+    return out
+
+
+# Hooks for tests: every change the swap makes goes through these two.
+def _put(slot: Slot, tensor: torch.Tensor) -> None:
+    slot.put(tensor)
+
+
+def _copy(old: torch.Tensor, new: torch.Tensor) -> None:
+    if old.is_inference():
+        with torch.inference_mode():
+            old.copy_(new)
+    else:
+        old.copy_(new)
+
+
+def _set_data(old: torch.Tensor, new: torch.Tensor) -> None:
+    old.data = new
+
+
+def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[str]:
+    """Put every converted and replayed tensor into all slots of its group, or none.
+
+    Slots and ``.data`` are switched first, then real tensors are copied into
+    in place, each after a backup of its values; if anything fails, every
+    step done is undone in reverse order, so the module is as it was.
+
+    Returns:
+        The names of deferred or meta slots filled from the checkpoint (real
+        tensors are updated in place and need no bookkeeping).
+
+    Raises:
+        MetaTensorError: a tensor could not be put in place (``paths``: its
+            names); the module was restored.
+    """
+    undo: list[Callable[[], None]] = []
+    filled: list[str] = []
+    done: list[tuple[Any, torch.Tensor]] = []
+    current: Group | None = None
+    copies = [item for item in converted if item.in_place]
+    try:
+        with torch.no_grad():
+            for item in converted:
+                if item.in_place:
+                    continue
+                current = item.group
+                old = item.group.tensor
+                if not old.is_meta:
+                    # A real tensor changing dtype or device: keep the object so
+                    # optimizers and ties that refer to it stay valid.
+                    undo.append(_undo_data(old, old.data))
+                    _set_data(old, item.tensor)
+                    continue
+                for slot in item.group.slots:
+                    undo.append(_undo_put(slot, old))
+                    _put(slot, item.tensor)
+                handle = handle_of(old)
+                if handle is not None:
+                    done.append((handle, item.tensor))
+                filled.extend(item.group.names)
+            for group, new in replay.tensors if replay is not None else ():
+                current = group
+                for slot in group.slots:
+                    undo.append(_undo_put(slot, group.tensor))
+                    _put(slot, new)
+            for item in copies:
+                current = item.group
+                old = item.group.tensor
+                # The backup takes the place of the new values once they are in
+                # the module, so memory stays at one extra tensor.
+                backup = old.detach().clone()
+                try:
+                    _copy(old, item.tensor)
+                except BaseException:
+                    # in case it wrote part of the values before failing
+                    with contextlib.suppress(Exception):
+                        _copy(old, backup)
+                    raise
+                undo.append(_undo_copy(old, backup))
+                item.tensor = backup
+    except BaseException as e:
+        unrestored = 0
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception:  # keep undoing the rest; say so below
+                unrestored += 1
+        if isinstance(e, Exception) and not isinstance(e, MetaTensorError) and current is not None:
+            names = current.names
+            restored = (
+                "every tensor of the module was put back as it was"
+                if not unrestored
+                else f"{unrestored} change(s) could not be undone"
+            )
+            raise MetaTensorError(
+                f"putting the new {names[0]!r} into the module failed "
+                f"({type(e).__name__}: {e}); {restored}. Fix: load into a module whose tensors "
+                "are plain tensors or Parameters (a tensor subclass that refuses copy_ cannot "
+                "take a checkpoint in place).",
+                paths=names,
+            ) from e
+        raise
+    # A tie reaching outside this module picks these tensors up when its other
+    # end is materialized.
+    for handle, tensor in done:
+        mark_done(handle, tensor)
+    return filled
+
+
+def _undo_put(slot: Slot, old: torch.Tensor) -> Callable[[], None]:
+    return lambda: slot.put(old)
+
+
+def _undo_data(old: torch.Tensor, data: torch.Tensor) -> Callable[[], None]:
+    return lambda: _set_data(old, data)
+
+
+def _undo_copy(old: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
+    def restore() -> None:
+        with torch.no_grad():
+            _copy(old, backup)
+
+    return restore
+
+
+def make_report(
+    where: str, source: Source, plan: Plan, conversion: Conversion, replayed: list[str]
+) -> LoadReport:
+    """Return the :class:`LoadReport` of a finished load (after :func:`swap_in`).
+
+    Args:
+        where: the checkpoint as the caller named it.
+        source: the opened checkpoint.
+        plan: what was loaded and what did not fit.
+        conversion: what was read and cast.
+        replayed: the names replayed from the deferred record.
+    """
+    return LoadReport(
+        where,
+        source.format,
+        plan.prefix,
+        loaded=plan.loaded_names,
+        cast=sorted(conversion.cast),
+        replayed=replayed,
+        missing=plan.missing,
+        unexpected=plan.unexpected,
+        mismatched=plan.mismatched,
+        ignored=plan.ignored,
+        left_on_meta=sorted(
+            s.path
+            for g in plan.groups
+            for s in g.slots
+            if (t := s.current()) is not None and t.is_meta
+        ),
+        tied=sorted(tuple(sorted(g.names)) for g, _ in plan.load if len(g.slots) > 1),
+        bytes_read=conversion.bytes_read,
+    )

@@ -1,0 +1,342 @@
+"""`lm.load_checkpoint` into a sharded deferred model, in real processes (gloo, CPU).
+
+    python -m support.run_sharded_load WORLD WORKDIR   (with tests/ on PYTHONPATH)
+
+Started without ``RANK`` in its environment, it starts WORLD copies of itself
+(plain ``torch.distributed``, ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/
+``WORLD_SIZE``) and waits for them. Each rank builds `Wide` under
+``lm.deferred_init()``, shards it with FSDP2 (dim 0, or 2-D weights on dim 1),
+and loads it from:
+
+- a sharded safetensors directory (Hugging Face's ``save_torch_state_dict``
+  with a small ``max_shard_size``: an index and several shards);
+- a ``torch.distributed.checkpoint`` written by one process (one chunk per
+  tensor), and one written by all WORLD ranks from the eager model sharded on
+  dim 0 (one chunk per rank; loading it sharded on dim 1 crosses every chunk);
+- a single float64 safetensors file lacking ``head.weight`` (``strict=False``:
+  the values are cast, the missing shard replayed).
+
+For each load it records the names whose ``full_tensor()`` differs from
+single-process eager construction with the same seed, the bytes the process
+read during the call (``rchar`` of ``/proc/self/io``: every ``read``/``pread``
+of the process), the bytes its shards need, and the bound it must stay under:
+need + the structure of the files (index, headers, DCP metadata, a fixed
+allowance per DCP item opened) + a fixed slack. It also records the refusal
+of ``dtype=`` on sharded parameters. Every rank writes WORKDIR/result-RANK.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lightning_meta as lm
+from support.mesh_models import full, unequal
+
+DIM, HIDDEN, VOCAB, LAYERS = 128, 512, 512, 2
+#: Bytes a rank may read per DCP item it opens beyond its box: the zip directory,
+#: data.pkl and the 8 KiB read-ahead of the buffered reader that parses them.
+PER_ITEM = 16 * 1024
+#: Bytes a load may read whatever the checkpoint: format detection, /proc reads.
+SLACK = 16 * 1024
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(DIM)
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+
+
+class Wide(nn.Module):
+    """About 1.3 MB of float32 weights, every dimension divisible by 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.register_buffer("scale", torch.rand(DIM))  # persistent, left unsharded by FSDP2
+        self.register_buffer("jitter", torch.randn(DIM), persistent=False)
+        for block in self.blocks:
+            nn.init.trunc_normal_(block.down.weight, std=0.02)
+
+
+#: ``dim`` of :func:`shard` for tensor parallel (2 ranks) or a 2x2 data x tensor mesh (4 ranks).
+TP = -1
+
+
+def tensor_parallel(model: nn.Module) -> nn.Module:
+    """The blocks' `up` column-wise, `down` row-wise and the head column-wise; then FSDP2 over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    for block in model.blocks:  # type: ignore[union-attr]
+        parallelize_module(block, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    parallelize_module(model, mesh["tp"], {"head": ColwiseParallel()})
+    if world > 2:
+        for block in model.blocks:  # type: ignore[union-attr]
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def shard(model: nn.Module, dim: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    if dim == TP:
+        return tensor_parallel(model)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def place(p: nn.Parameter) -> Shard:
+        return Shard(dim if p.ndim > dim else 0)
+
+    for block in model.blocks:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, shard_placement_fn=place)
+    return model
+
+
+def eager() -> Wide:
+    torch.manual_seed(0)
+    return Wide()
+
+
+def deferred(dim: int) -> nn.Module:
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = Wide()
+    return shard(model, dim)
+
+
+def rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+def need(model: nn.Module, skip: set[str], itemsize: int = 4) -> int:
+    """Bytes of the checkpoint this rank's tensors need: local shards, whole plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in skip or name == "jitter":
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * itemsize
+    return total
+
+
+def safetensors_structure(directory: Path) -> int:
+    """The index, and the 8-byte length and JSON header of every shard (what every rank parses)."""
+    total = 0
+    for f in directory.iterdir():
+        if f.name.endswith(".json"):
+            total += 2 * f.stat().st_size
+        elif f.suffix == ".safetensors":
+            with f.open("rb") as fh:
+                total += 8 + int.from_bytes(fh.read(8), "little") + 16
+    return total
+
+
+def dcp_structure(directory: Path, items: int) -> int:
+    return (directory / ".metadata").stat().st_size + items * PER_ITEM
+
+
+def write_checkpoints(workdir: Path, world: int) -> dict[str, Path]:
+    import torch.distributed.checkpoint as dcp
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    paths = {
+        "safetensors": workdir / "hf",
+        "dcp_one": workdir / "dcp-one",
+        "dcp_ranks": workdir / "dcp-ranks",
+        "float64_no_head": workdir / "f64.safetensors",
+        "torch": workdir / "model.pt",
+    }
+    reference = eager()
+    if rank == 0:
+        state = reference.state_dict()
+        paths["safetensors"].mkdir(exist_ok=True)
+        save_torch_state_dict(state, paths["safetensors"], max_shard_size=400_000)
+        dcp.save(state, checkpoint_id=paths["dcp_one"], no_dist=True)
+        save_file(
+            {k: v.double() for k, v in state.items() if k != "head.weight"},
+            paths["float64_no_head"],
+        )
+        torch.save(state, paths["torch"])
+    sharded_eager = shard(eager(), 0)
+    dcp.save(sharded_eager.state_dict(), checkpoint_id=paths["dcp_ranks"])
+    dist.barrier()
+    return paths
+
+
+def load_case(
+    path: Path, dim: int, expected: dict[str, torch.Tensor], structure: int, **kwargs: Any
+) -> dict[str, Any]:
+    model = deferred(dim)
+    skip = set() if kwargs.get("strict", True) else {"head.weight"}
+    itemsize = 8 if path.suffix == ".safetensors" else 4
+    before = rchar()
+    report = lm.load_checkpoint(model, path, **kwargs)
+    read = rchar() - before
+    needed = need(model, skip, itemsize)
+    return {
+        "unequal": unequal(full(model), expected),
+        "meta_left": [n for n, t in full(model).items() if t.is_meta],
+        "rchar": read,
+        "need": needed,
+        "bound": needed + structure + SLACK,
+        "report_bytes": report.bytes_read,
+        "replayed": report.replayed,
+        "cast": len(report.cast),
+        "loaded": len(report.loaded),
+    }
+
+
+def refusal(path: Path) -> dict[str, Any]:
+    model = deferred(0)
+    try:
+        lm.load_checkpoint(model, path, dtype=torch.float64)
+    except lm.MetaTensorError as e:
+        unchanged = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        return {"error": type(e).__name__, "message": str(e), "unchanged": unchanged}
+    return {"error": None}
+
+
+def undo_after_failure(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A failure after the shards went in (putting the replayed buffer, through the loader's
+    test hook) puts every shard back on meta; loading again then gives the exact values."""
+    from lightning_meta._load import _phases
+
+    model = deferred(0)
+    put = _phases._put
+
+    def fail(slot: Any, tensor: torch.Tensor) -> None:
+        raise RuntimeError("injected failure")
+
+    _phases._put = fail
+    try:
+        lm.load_checkpoint(model, path)
+        raised = False
+    except lm.MetaTensorError:
+        raised = True
+    finally:
+        _phases._put = put
+    meta = all(p.is_meta for p in [*model.parameters(), *model.buffers()])
+    lm.load_checkpoint(model, path)
+    return {"raised": raised, "all_meta": meta, "unequal": unequal(full(model), expected)}
+
+
+def worker(world: int, workdir: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    paths = write_checkpoints(workdir, world)
+    expected = full(eager())
+    st = safetensors_structure(paths["safetensors"])
+    result: dict[str, Any] = {}
+    # Not measured: the first load imports what a load imports.
+    load_case(paths["safetensors"], 0, expected, st)
+    result["safetensors_dim0"] = load_case(paths["safetensors"], 0, expected, st)
+    result["safetensors_dim1"] = load_case(paths["safetensors"], 1, expected, st)
+    tensors = len(expected) - 1  # jitter is not in checkpoints
+    result["dcp_one_dim1"] = load_case(
+        paths["dcp_one"], 1, expected, dcp_structure(paths["dcp_one"], tensors)
+    )
+    result["dcp_ranks_dim0"] = load_case(
+        paths["dcp_ranks"], 0, expected, dcp_structure(paths["dcp_ranks"], tensors)
+    )
+    # Every rank's dim-1 box meets every rank's dim-0 chunk of a 2-D weight.
+    result["dcp_ranks_dim1"] = load_case(
+        paths["dcp_ranks"], 1, expected, dcp_structure(paths["dcp_ranks"], tensors * world)
+    )
+    # Tensor parallel (2 ranks: the embedding and norms stay plain, read whole) or
+    # a 2x2 mesh (4 ranks: FSDP2 over TP shards, strided placements).
+    result["safetensors_tp"] = load_case(paths["safetensors"], TP, expected, st)
+    result["dcp_ranks_tp"] = load_case(
+        paths["dcp_ranks"], TP, expected, dcp_structure(paths["dcp_ranks"], tensors * world)
+    )
+    f64 = paths["float64_no_head"]
+    result["float64_no_head"] = load_case(
+        f64, 0, expected, 8 + int.from_bytes(f64.read_bytes()[:8], "little") + 16, strict=False
+    )
+    result["refused_dtype"] = refusal(paths["safetensors"])
+    result["undo"] = undo_after_failure(paths["safetensors"], expected)
+    # Torch files: each tensor is read whole (a view of its storage), then sliced.
+    torch_case = load_case(paths["torch"], 1, expected, 0)
+    result["torch_dim1"] = {k: torch_case[k] for k in ("unequal", "meta_left", "replayed")}
+    # Real (already materialized) shards are copied into in place.
+    torch.manual_seed(1)
+    real = shard(Wide(), 0)
+    lm.load_checkpoint(real, paths["safetensors"])
+    # (its non-persistent jitter is its own: seed 1, not in any checkpoint)
+    differ = [n for n in unequal(full(real), expected) if n != "jitter"]
+    result["real_shards"] = {"unequal": differ, "meta_left": []}
+    # The baseline: the same files into the unsharded deferred model (every rank reads all).
+    for name in ("safetensors", "dcp_one", "dcp_ranks"):
+        torch.manual_seed(0)
+        with lm.deferred_init():
+            whole = Wide()
+        before = rchar()
+        lm.load_checkpoint(whole, paths[name])
+        result[f"unsharded_{name}"] = {"rchar": rchar() - before}
+    result["total_bytes"] = sum(t.numel() * 4 for k, t in expected.items() if k != "jitter")
+    (workdir / f"result-{rank}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(world: int, workdir: Path) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "support.run_sharded_load", str(world), str(workdir)],
+                env=env,
+            )
+        )
+    return max(p.wait() for p in procs)
+
+
+def main() -> None:
+    world, workdir = int(sys.argv[1]), Path(sys.argv[2])
+    if "RANK" not in os.environ:
+        sys.exit(launch(world, workdir))
+    worker(world, workdir)
+
+
+if __name__ == "__main__":
+    main()
