@@ -450,3 +450,32 @@ def test_unknown_names_carry_their_paths() -> None:
     assert isinstance(info.value, MetaTensorError)
     assert info.value.paths == ("nope",)
     assert is_deferred(module.weight)
+
+
+def _aten_calls(fn: Callable[[], object]) -> list[str]:
+    """Return the names of the ATen ops ``fn`` runs on the CPU (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+class Reinitialised(nn.Module):
+    """nn.Linear draws kaiming_uniform_, then the model overwrites both tensors whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        nn.init.normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+
+def test_materialize_skips_draws_overwritten_whole_later() -> None:
+    # Each replayed draw starts from the generator state recorded for it, so the
+    # kaiming_uniform_ draws that eager construction throws away are not replayed
+    # (they were, when an in-place op counted as making the tensor it returns).
+    eager, after = build_eager(Reinitialised)
+    module = build_deferred(Reinitialised)
+    calls = _aten_calls(lambda: materialize(module))
+    assert "aten::uniform_" not in calls and calls.count("aten::normal_") == 1
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(4), after)  # the generator stands where eager left it

@@ -14,6 +14,7 @@ checkpoint loader and MetaGuard call them.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_meta import _compat
 from lightning_meta._deferred._record import Record
@@ -86,25 +86,49 @@ class Handle:
         _register(self)
 
 
-# Deferred meta tensor -> weak ref to its handle. Weak on both sides: the
-# module owning the handle decides how long it lives, and the handle refers to
-# the tensor, so a strong value here would keep both alive forever.
-REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id of a deferred meta tensor -> weak refs to the tensor and to its handle.
+# Weak on both sides: the module owning the handle decides how long it lives,
+# and the handle refers to the tensor, so a strong value here would keep both
+# alive forever. A plain dict by ``id``, not torch's ``WeakIdKeyDictionary``,
+# whose every lookup builds a Python key object (materialize looks up every
+# tensor); the tensor's weak ref removes the entry when the tensor dies, and
+# a lookup checks the ref still points at the tensor asked about.
+_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Handle]]] = {}
+
+
+def _unregister(
+    key: int,
+    dead: weakref.ref[torch.Tensor],
+    registry: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Handle]]] = _REGISTRY,
+) -> None:
+    """Drop the entry of a tensor that died (unless the id went to another tensor since).
+
+    ``registry`` is bound at definition: the callback may run while the
+    interpreter shuts down, when module globals can already be gone.
+    """
+    entry = registry.get(key)
+    if entry is not None and entry[0] is dead:
+        registry.pop(key, None)
 
 
 def _register(handle: Handle) -> None:
     """Let :func:`handle_of` find ``handle`` from its tensor (a live handle already there wins)."""
-    current = REGISTRY.get(handle.tensor)
-    if current is None or current() is None:
-        REGISTRY[handle.tensor] = weakref.ref(handle)
+    tensor = handle.tensor
+    key = id(tensor)
+    entry = _REGISTRY.get(key)
+    if entry is not None and entry[0]() is tensor and entry[1]() is not None:
+        return
+    _REGISTRY[key] = (weakref.ref(tensor, functools.partial(_unregister, key)), weakref.ref(handle))
 
 
 def handle_of(tensor: torch.Tensor) -> Handle | None:
     """Return the handle of ``tensor`` if it is still a deferred meta tensor."""
     if not tensor.is_meta:
         return None
-    ref: weakref.ref[Handle] | None = REGISTRY.get(tensor)
-    handle = ref() if ref is not None else None
+    entry = _REGISTRY.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    handle = entry[1]()
     if handle is None or handle.tensor is not tensor:
         return None
     return handle

@@ -26,7 +26,7 @@ import functools
 import torch
 
 from lightning_meta import _compat
-from lightning_meta._deferred._record import Value
+from lightning_meta._deferred._record import RANDOM_FILLS, Value
 
 __all__ = ["GARBAGE", "RANDOM", "Lineage", "covers", "op_kind"]
 
@@ -47,21 +47,7 @@ _UNINIT = frozenset(
     }
 )
 # In-place ops whose first argument is written whole, its old values unread.
-_OVERWRITE = frozenset(
-    {
-        "aten.fill_",
-        "aten.zero_",
-        "aten.copy_",
-        "aten.normal_",
-        "aten.uniform_",
-        "aten.random_",
-        "aten.exponential_",
-        "aten.cauchy_",
-        "aten.log_normal_",
-        "aten.geometric_",
-        "aten.bernoulli_",
-    }
-)
+_OVERWRITE = RANDOM_FILLS | {"aten.fill_", "aten.zero_", "aten.copy_", "aten.bernoulli_"}
 _METADATA = frozenset({"aten.detach", "aten.alias", "aten.lift_fresh"})
 
 

@@ -26,6 +26,22 @@ import torch
 
 from lightning_meta import _compat
 
+# In-place draws whose numbers depend only on the generator and the layout of
+# the tensor they fill (never on its old values): the recorder keeps the last
+# one an initialiser makes, replay can skip one that is overwritten whole, and
+# a skipped one can run on scratch memory to move the generator.
+RANDOM_FILLS = frozenset(
+    {
+        "aten.normal_",
+        "aten.uniform_",
+        "aten.random_",
+        "aten.exponential_",
+        "aten.cauchy_",
+        "aten.log_normal_",
+        "aten.geometric_",
+    }
+)
+
 
 class Ref:
     """A tensor argument of a recorded op, by value id."""
@@ -141,6 +157,8 @@ class Record:
     def default_dtype_at(self, i: int) -> torch.dtype:
         """Return the default dtype in force when op ``i`` was recorded."""
         marks = self.dtypes
+        if len(marks) == 1:  # the default dtype never changed in the block
+            return marks[0][1]
         pos = bisect.bisect_right(marks, i, key=lambda m: m[0]) - 1
         return marks[max(pos, 0)][1] if marks else torch.get_default_dtype()
 

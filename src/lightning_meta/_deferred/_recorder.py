@@ -43,7 +43,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
-from lightning_meta._deferred._record import GenRef, Op, Record, Stream
+from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Stream
 from lightning_meta._deferred._record_errors import user_site
 from lightning_meta._deferred._replay import replay, slice_ops
 from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
@@ -54,6 +54,9 @@ __all__ = ["Recorder"]
 
 # Ops that draw random numbers but lack torch's ``nondeterministic_seeded`` tag.
 _UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
+# In-place draws whose numbers depend only on the generator and the layout of
+# the tensor they fill: the last one an initialiser makes is kept (see ``_draw``).
+_KEEPABLE = RANDOM_FILLS
 _INIT_FILE = torch.nn.init.__file__
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
 
@@ -65,6 +68,7 @@ class _OpInfo:
     random: bool
     returns_tensor: bool
     converts: bool  # what Tensor.to() runs: refused when Module.to() issues it
+    keepable: bool  # an in-place draw of ``_KEEPABLE``: fills ``self`` and returns it
 
 
 @functools.cache
@@ -72,10 +76,10 @@ def _info(func: Any) -> _OpInfo:
     """Classify an ATen overload once: its name, the arguments it writes, whether it draws."""
     writes, returns_tensor = _compat.op_schema(func)
     name = str(func)
-    random = (
-        torch.Tag.nondeterministic_seeded in func.tags or name.rsplit(".", 1)[0] in _UNTAGGED_RANDOM
-    )
-    return _OpInfo(name, writes, random, returns_tensor, name == "aten._to_copy.default")
+    base = name.rsplit(".", 1)[0]
+    random = torch.Tag.nondeterministic_seeded in func.tags or base in _UNTAGGED_RANDOM
+    keepable = base in _KEEPABLE and writes == ((0, "self"),)
+    return _OpInfo(name, writes, random, returns_tensor, name == "aten._to_copy.default", keepable)
 
 
 class _Call:
@@ -139,6 +143,10 @@ class Recorder(RecordingDispatchMode):
         self._streams: dict[int | torch.device, int] = {}
         self._generators: list[torch.Generator] = []  # keeps their ids unique while recording
         self._dtype: torch.dtype | None = None
+        # The last draw of an initialiser, by op index, and the one not logged yet:
+        # ``trunc_normal_`` reads what it just drew, and the read copies it.
+        self._kept: tuple[int, torch.Tensor] | None = None
+        self._pending: torch.Tensor | None = None
         self.fake: Any = None  # the FakeTensorMode below, set by ``_session``
 
     # -- the block's lifetime (deferred_init calls these)
@@ -171,6 +179,7 @@ class Recorder(RecordingDispatchMode):
     def close(self) -> None:
         """Drop every fake tensor, storage and scratch buffer held (the record keeps its log)."""
         self.draws.close()
+        self._kept = self._pending = None
         self.modules.clear()
         self.values.clear()
         self._generators.clear()
@@ -223,7 +232,8 @@ class Recorder(RecordingDispatchMode):
         vid = self.values.vid(t, "read")
         with _compat.no_python_dispatch():
             device = t.device
-            return replay(self.record, {vid: "<value read while recording>"}, device=device)[vid]
+            targets = {vid: "<value read while recording>"}
+            return replay(self.record, targets, device=device, preset=self._kept)[vid]
 
     # -- one ATen call, phase by phase
     def __torch_dispatch__(
@@ -246,6 +256,21 @@ class Recorder(RecordingDispatchMode):
         call = self._log_arguments(info, args, kwargs)
         stream: int | None = None
         state: torch.Tensor | None = None
+        if info.keepable and self._fills_own_fake(call, args):
+            # ``normal_`` and the like on one of our fake tensors: the fake
+            # mode would only run the meta kernel and return ``self`` (about
+            # as long as the draw itself), so the live draw on real scratch
+            # memory stands in for it, and its checks (dtype, bounds) too.
+            with DRAW_LOCK:
+                try:
+                    stream, state = self._draw(func, info, call, args, kwargs, args[0])
+                except MaterializationError:
+                    # Raise what eager construction raises for bad arguments, if anything.
+                    self._run_fake(func, info, call, args, kwargs)
+                    raise
+            self._log(info, call, (call.reads[0],), stream, state)
+            self._pending = None
+            return args[0]
         if info.random:
             with DRAW_LOCK:
                 out = self._run_fake(func, info, call, args, kwargs)
@@ -257,17 +282,33 @@ class Recorder(RecordingDispatchMode):
         # has nothing to replay.
         if call.writes or outs.count(None) != len(outs):
             self._log(info, call, outs, stream, state)
+        self._pending = None
         return out
 
     def _log_arguments(self, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """Return the call with its tensors as value ids and its generators as streams."""
         call = _Call()
-        call.args = tuple([self._scan(a, info.name, call) for a in args])
+        scan, name = self._scan, info.name
+        call.args = tuple([a if type(a) in _ATOMIC else scan(a, name, call) for a in args])
         if kwargs:
             call.kwargs = {k: self._scan(v, info.name, call) for k, v in kwargs.items()}
         if info.writes:
             call.writes = self._writes(info, args, kwargs)
         return call
+
+    def _fills_own_fake(self, call: _Call, args: tuple[Any, ...]) -> bool:
+        """Whether an in-place draw fills a fake tensor of this recording and reads no other.
+
+        A fake tensor holding a constant (``torch.tensor([1.0])``) is left to
+        the fake mode, which forgets the constant when it is written.
+        """
+        t = args[0] if args else None
+        return (
+            len(call.reads) == 1
+            and type(t) is FakeTensor
+            and t.fake_mode is self.fake
+            and getattr(t, "constant", None) is None
+        )
 
     def _scan(self, x: Any, op: str, call: _Call) -> Any:
         """Return ``x`` as logged: each tensor as a ``Ref``, each generator as a ``GenRef``."""
@@ -387,8 +428,22 @@ class Recorder(RecordingDispatchMode):
         if gen is None:
             return stream, None
         state = gen.get_state()
+        # Keep a whole-tensor draw an initialiser may read next (trunc_normal_
+        # checks its draws against the bounds): the read then copies it instead
+        # of drawing the same numbers again. One more scratch buffer at most.
+        keep = (
+            target is not None
+            and info.keepable
+            and set(call.reads) <= set(call.writes)
+            and target.is_contiguous()
+            and in_initializer()
+        )
+        if keep:
+            self._kept = None  # its memory is drawn into again
         try:
-            self.draws.draw(info.name, func, args, kwargs, target, self.real_value)
+            self._pending = self.draws.draw(
+                info.name, func, args, kwargs, target, self.real_value, keep
+            )
         except MaterializationError:
             raise
         except Exception as e:
@@ -428,6 +483,9 @@ class Recorder(RecordingDispatchMode):
         site = user_site()
         kills = self.lineage.op(info.name, info.random, reads, call.writes, outs, site)
         index = len(record.ops)
+        if self._pending is not None:
+            self._kept = (index, self._pending)
+            self._pending = None
         record.ops.append(
             Op(
                 info.name,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lightning_meta import _compat
-from lightning_meta._deferred._record import GenRef, Op, Record, Ref
+from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref
 from lightning_meta._deferred._rng import ReplayRng, get_default_state, set_default_state
 from lightning_meta._errors import MaterializationError
 
@@ -34,25 +34,13 @@ __all__ = ["complete", "replay", "slice_ops"]
 
 # Random ops whose generator consumption depends only on the metadata of their
 # tensor arguments, so skipped draws can run on scratch tensors.
-_METADATA_ONLY = frozenset(
-    {
-        "aten.normal_",
-        "aten.uniform_",
-        "aten.random_",
-        "aten.exponential_",
-        "aten.cauchy_",
-        "aten.log_normal_",
-        "aten.geometric_",
-        "aten.randn_like",
-        "aten.rand_like",
-        "aten.randint_like",
-    }
-)
+_METADATA_ONLY = RANDOM_FILLS | {"aten.randn_like", "aten.rand_like", "aten.randint_like"}
 
 
 @functools.cache
+@functools.cache
 def _resolve(name: str) -> Any:
-    """Return the ATen overload named ``name`` (``"aten.add.Tensor"``)."""
+    """Return the ATen overload named ``name`` (``"aten.add.Tensor"``), looked up once."""
     namespace, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
@@ -85,18 +73,22 @@ def slice_ops(
     chosen: set[int] = set()
     blanks: set[int] = set()
     for i in range(len(ops) - 1, -1, -1):
+        if not needed and not undefined:
+            break  # nothing earlier can contribute or define: reads stay cheap
         op = ops[i]
         contributes = not needed.isdisjoint(op.touch)
         defines = False
         if not contributes:
             for o in op.outs:
-                if o is not None and o in undefined:
+                # An in-place op returns the tensor it was given: it does not
+                # make that tensor, so a draw overwritten whole later is skipped.
+                if o is not None and o in undefined and o not in op.reads:
                     defines = True
                     break
             if not defines:
                 continue
         for o in op.outs:
-            if o is not None:
+            if o is not None and (contributes or o not in op.reads):
                 undefined.discard(o)
         if not contributes and op.read.isdisjoint(
             values[o].storage for o in op.outs if o is not None
@@ -165,6 +157,7 @@ def replay(
     dtype: torch.dtype | None = None,
     remap: torch.device | None = None,
     through_end: bool = False,
+    preset: tuple[int, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Return real tensors for the value ids in ``targets`` (id -> dotted path).
 
@@ -172,6 +165,9 @@ def replay(
     ``dtype`` as soon as its last write has run. ``remap`` redraws CPU
     default streams on that device's generator (``draw_on="device"``). The
     default generators and the default dtype are restored afterwards.
+    ``preset`` is ``(i, drawn)``: random op ``i`` (an in-place draw that
+    reads nothing but the tensor it fills, from a known state) already ran
+    for real while recording and gave ``drawn``, so it is copied, not redrawn.
     """
     with record.lock:
         rng = ReplayRng(record, remap)
@@ -181,7 +177,9 @@ def replay(
         saved = [(d, get_default_state(d)) for d in devices]
         default_dtype = torch.get_default_dtype()
         try:
-            return _execute(record, order, scratch, blanks, targets, device, dtype, rng, remap)
+            return _execute(
+                record, order, scratch, blanks, targets, device, dtype, rng, remap, preset
+            )
         finally:
             torch.set_default_dtype(default_dtype)
             for d, state in saved:
@@ -257,6 +255,7 @@ def _execute(
     dtype: torch.dtype | None,
     rng: ReplayRng,
     remap: torch.device | None,
+    preset: tuple[int, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Run the ops in ``order`` (``scratch`` ones on blank tensors, ``blanks`` not at all)."""
     ops, values = record.ops, record.values
@@ -289,19 +288,23 @@ def _execute(
                         meta.size, meta.stride, dtype=meta.dtype, device=_out_device(op, remap)
                     )
             continue
-        wanted = record.default_dtype_at(i)
-        if wanted is not current_dtype:
-            torch.set_default_dtype(wanted)
-            current_dtype = wanted
-        if op.stream is not None:
-            rng.enter(i, op.stream)
-        args, kwargs = _bind(op, blank if i in scratch else fetch, rng, remap)
-        try:
-            out = _resolve(op.name)(*args, **kwargs)
-        except Exception as e:
-            raise _replay_error(record, i, targets, e) from e
-        if op.stream is not None:
-            rng.leave(i, op.stream)
+        if preset is not None and i == preset[0] and _copies(op, rng, remap, i in scratch):
+            # The same numbers from the same state into the same layout: a copy.
+            out = fetch(op.writes[0]).copy_(preset[1])
+        else:
+            wanted = record.default_dtype_at(i)
+            if wanted is not current_dtype:
+                torch.set_default_dtype(wanted)
+                current_dtype = wanted
+            if op.stream is not None:
+                rng.enter(i, op.stream)
+            args, kwargs = _bind(op, blank if i in scratch else fetch, rng, remap)
+            try:
+                out = _resolve(op.name)(*args, **kwargs)
+            except Exception as e:
+                raise _replay_error(record, i, targets, e) from e
+            if op.stream is not None:
+                rng.leave(i, op.stream)
         if i in scratch and i not in defines:
             continue
         flat = out if isinstance(out, (list, tuple)) else (out,)
@@ -314,6 +317,19 @@ def _execute(
             if last_use.get(v, -1) <= i and (v not in targets or v in results):
                 env.pop(v, None)
     return results
+
+
+def _copies(op: Op, rng: ReplayRng, remap: torch.device | None, on_scratch: bool) -> bool:
+    """Whether preset op ``op`` can be copied: one in-place draw, from a known state, no remap."""
+    return (
+        remap is None
+        and not on_scratch
+        and op.stream is not None
+        and rng.known(op.stream)
+        and len(op.writes) == 1
+        and op.outs == op.writes
+        and set(op.reads) <= set(op.writes)
+    )
 
 
 def _out_device(op: Op, remap: torch.device | None) -> torch.device:
@@ -348,6 +364,10 @@ def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) ->
     return t.to(device=device, dtype=cast)
 
 
+# Argument types replayed as logged (never a Ref, a GenRef, a sequence or a device).
+_LITERAL = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.layout})
+
+
 def _bind(
     op: Op,
     tensor: Callable[[int], torch.Tensor],
@@ -357,10 +377,13 @@ def _bind(
     """Return ``op``'s arguments with real tensors, generators and devices in place of the log's."""
 
     def leaf(x: Any) -> Any:
-        if isinstance(x, Ref):
+        cls = type(x)
+        if cls in _LITERAL:  # most arguments: sizes, scalars, dtypes
+            return x
+        if cls is Ref:
             return tensor(x.vid)
         if isinstance(x, (list, tuple)):
-            return type(x)(leaf(y) for y in x)
+            return cls([leaf(y) for y in x])
         if isinstance(x, GenRef):
             return rng.generator(x.stream)
         if move_to is not None and isinstance(x, torch.device) and x.type == "cpu":

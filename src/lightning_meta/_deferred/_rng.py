@@ -10,8 +10,9 @@ given), and notes that generator's state right before each draw. So the
 global generator is at every moment where eager construction would have it:
 inside the block (a reseed, ``fork_rng`` or ``get_rng_state`` is the real
 thing), between blocks and after them, in this thread and in any other;
-the cost is the time of eager construction's draws, and memory for one
-tensor at a time.
+the cost is the time of eager construction's draws, and scratch memory for
+the largest tensor drawn (twice: the last draw of an initialiser is kept so
+that reading it back, as ``trunc_normal_`` does, copies it).
 
 :class:`ReplayRng` sets those states again when ``_replay`` re-runs a random
 op. A default generator that could not draw while recording (an accelerator
@@ -23,6 +24,7 @@ device generator's current state and notes states as it meets them.
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -101,18 +103,30 @@ def set_default_state(rdev: torch.device, state: torch.Tensor) -> None:
         torch.get_device_module(rdev.type).set_rng_state(state, rdev)
 
 
+@functools.cache
+def _needs_values(name: str) -> bool:
+    """Whether op ``name``'s number of draws depends on its inputs' values."""
+    return name.rsplit(".", 1)[0] in _VALUE_DEPENDENT
+
+
+def _any_tensor(args: tuple[Any, ...], start: int) -> bool:
+    """Whether ``args[start:]`` holds a tensor or a sequence (which may hold one)."""
+    return any(isinstance(a, (torch.Tensor, list, tuple)) for a in args[start:])
+
+
 class LiveDraws:
     """Run the random ops of one recording for real, on scratch memory, in program order.
 
     The written tensor of an in-place draw gets uninitialised scratch memory
     (reused from one draw to the next, so drawing a model costs one tensor
-    of memory); the other tensor arguments are zeros (a ``std`` or a
+    of memory, two with the kept draw of ``draw(keep=True)``); the other tensor arguments are zeros (a ``std`` or a
     probability of 0 is valid), except for the few ops whose number of draws
     depends on their inputs' values, which get the real values.
     """
 
     def __init__(self) -> None:
-        self._memory: dict[torch.device, torch.Tensor] = {}
+        # Two pools per device: 0 for draws nobody reads, 1 for the kept draw.
+        self._memory: dict[tuple[torch.device, int], torch.Tensor] = {}
         # Views of the memory by layout: models repeat a few shapes many times.
         self._views: dict[tuple[Any, ...], torch.Tensor] = {}
 
@@ -124,8 +138,15 @@ class LiveDraws:
         kwargs: dict[str, Any],
         target: torch.Tensor | None,
         real_value: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
+        keep: bool = False,
+    ) -> torch.Tensor | None:
         """Run ``func`` on real stand-ins for its fake arguments; its results are dropped.
+
+        With ``keep``, the written tensor is drawn into a second scratch
+        buffer and returned, valid until the next kept draw: the recorder
+        keeps the last draw of an initialiser, which the initialiser usually
+        reads right away (``trunc_normal_``), so reading it copies instead of
+        drawing again.
 
         Args:
             name: the op's name.
@@ -134,8 +155,24 @@ class LiveDraws:
             kwargs: its keyword arguments.
             target: the fake tensor it writes (``None``: none).
             real_value: returns the real value of a fake tensor argument.
+            keep: return the written tensor (``None`` when nothing is written).
         """
-        needs_values = name.rsplit(".", 1)[0] in _VALUE_DEPENDENT
+        needs_values = _needs_values(name)
+        if (
+            not needs_values
+            and target is not None
+            and args
+            and args[0] is target
+            and not kwargs
+            and not _any_tensor(args, 1)
+        ):
+            # The common case (``normal_``, ``uniform_`` on a weight): only the
+            # written tensor is a tensor, so it alone gets scratch memory.
+            with _compat.no_python_dispatch():
+                view = self._scratch(target, 1 if keep else 0)
+                func(view, *args[1:])
+            return view if keep else None
+        kept: list[torch.Tensor] = []
 
         def real(x: Any) -> Any:
             if isinstance(x, FakeTensor):
@@ -143,7 +180,10 @@ class LiveDraws:
                     value = real_value(x)
                     return value.clone() if x is target else value
                 if x is target:
-                    return self._scratch(x)
+                    view = self._scratch(x, 1 if keep else 0)
+                    if keep:
+                        kept.append(view)
+                    return view
                 zeros = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
                 return zeros.zero_()
             if isinstance(x, (list, tuple)):
@@ -154,21 +194,22 @@ class LiveDraws:
             real_args = tuple(real(a) for a in args)
             real_kwargs = {k: real(v) for k, v in kwargs.items()}
             func(*real_args, **real_kwargs)
+        return kept[0] if kept else None
 
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """Return uninitialised memory laid out like ``like`` (same sizes and strides)."""
+    def _scratch(self, like: torch.Tensor, pool: int = 0) -> torch.Tensor:
+        """Return uninitialised memory of ``pool`` laid out like ``like`` (same sizes and strides)."""
         size, stride, dtype, device = tuple(like.shape), like.stride(), like.dtype, like.device
-        key = (size, stride, dtype, device)
+        key = (size, stride, dtype, device, pool)
         view = self._views.get(key)
         if view is not None:
             return view
         extent = 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
         nbytes = extent * dtype.itemsize
-        memory = self._memory.get(device)
+        memory = self._memory.get((device, pool))
         if memory is None or memory.numel() < nbytes:
             memory = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-            self._memory[device] = memory
-            self._views = {k: v for k, v in self._views.items() if k[3] != device}
+            self._memory[device, pool] = memory
+            self._views = {k: v for k, v in self._views.items() if k[3:] != (device, pool)}
         view = memory[:nbytes].view(dtype).as_strided(size, stride)
         self._views[key] = view
         return view
@@ -197,10 +238,16 @@ class ReplayRng:
     def __init__(self, record: Record, remap: torch.device | None) -> None:
         self.record, self.remap = record, remap
         self.gens: dict[int, torch.Generator] = {}
+        self._keys: dict[int, str] = {}
 
     def key(self, stream: int) -> str:
         """Return the ``Record.states`` key of ``stream`` in this replay."""
-        return stream_key(stream, self.remap if self.remapped(stream) else None)
+        key = self._keys.get(stream)
+        if key is None:
+            key = self._keys[stream] = stream_key(
+                stream, self.remap if self.remapped(stream) else None
+            )
+        return key
 
     def known(self, stream: int) -> bool:
         """Whether the state before every draw of ``stream`` was noted while recording."""
