@@ -336,7 +336,8 @@ def test_grouped_refuses_forwards_it_cannot_lay_out() -> None:
     mods = [MixesChannels() for _ in range(2)]
     ens = lm.Ensemble(mods, execution="grouped")
     x = torch.randn(2, 2, 3, 3)
-    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))  # fell back to the loop
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))
+    assert ens.plan == "loop"  # it fell back to the loop
     auto = lm.Ensemble(mods)
     auto(x)
     assert auto.plans[0].timings_ms["grouped"] == float("inf")
@@ -451,3 +452,61 @@ def test_timing_under_activation_checkpointing() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
     for name, b in loop.stacked.named_buffers():
         torch.testing.assert_close(auto.stacked.get_buffer(name), b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["loop", "grouped"])
+def test_torch_compile_runs_the_loop_and_grouped_plans(plan: str) -> None:
+    mods = members("cnn", 2)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+    ZOO_SHAPE[id(ens)] = ZOO["cnn"][1]
+    compiled = torch.compile(ens)
+    ZOO_SHAPE[id(compiled)] = ZOO["cnn"][1]
+    check_against_loop(compiled, mods)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("plan", ["loop", "grouped", "auto"])
+def test_hooks_and_modes_set_on_the_template_later_are_honoured(plan: str) -> None:
+    mods = members("cnn")
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+    x = example("cnn")
+
+    def same_as_a_loop() -> None:
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]), rtol=1e-4, atol=1e-5)
+
+    same_as_a_loop()
+    calls: list[int] = []
+    ens.template.module[0].register_forward_hook(lambda *args: calls.append(1))
+    same_as_a_loop()
+    assert len(calls) == len(ens) and ens.plan != "grouped"
+    ens.template.module[1].eval()  # one BatchNorm in eval mode, in every member
+    for m in mods:
+        m[1].eval()
+    same_as_a_loop()
+
+
+def test_hooks_added_to_an_mlp_template_later_run_on_the_fused_plan() -> None:
+    ens = lm.Ensemble(members("mlp"), execution="fused")
+    calls: list[int] = []
+    ens.template.module[0].register_forward_hook(lambda *args: calls.append(1))
+    ens(example("mlp"))
+    assert calls  # the call went to torch.vmap, which runs them
+
+
+@pytest.mark.slow
+def test_torch_compile_loop_with_randomness_same_shares_the_mask_and_error_refuses() -> None:
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5))
+    ens = lm.Ensemble([copy.deepcopy(first) for _ in range(3)], execution="loop", randomness="same")
+    compiled = torch.compile(ens)
+    for batch in (2, 3):  # the second compiles with a dynamic batch size
+        out = compiled(torch.ones(batch, 4))
+        dropped = out == 0
+        assert dropped.any() and (~dropped).any()
+        for i in range(1, 3):  # same weights and one mask: the same output
+            torch.testing.assert_close(out[i], out[0])
+    error = lm.Ensemble(
+        [copy.deepcopy(first) for _ in range(3)], execution="loop", randomness="error"
+    )
+    with pytest.raises(lm.MetaTensorError, match=r"randomness='error'.*member 0 drew random"):
+        torch.compile(error)(torch.ones(2, 4))

@@ -14,8 +14,23 @@ from lightning_meta._compat import has_module_hooks, module_apply, tree_map, tre
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
 from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
-from lightning_meta._ensemble._loop import MemberShells, MemberSlots, ViewCache, run_loop
-from lightning_meta._ensemble._plan import PlanCache, PlanRecord, measure, signature, untimed_reason
+from lightning_meta._ensemble._loop import (
+    MemberShells,
+    MemberSlots,
+    ViewCache,
+    check_no_draw,
+    replay_rng,
+    rng_states,
+    run_loop,
+)
+from lightning_meta._ensemble._plan import (
+    PlanCache,
+    PlanRecord,
+    fast_key,
+    measure,
+    signature,
+    untimed_reason,
+)
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import slot_at, tie_groups
 from lightning_meta._template._template import MetaTemplate, copy_module
@@ -450,7 +465,7 @@ class Ensemble(nn.Module):
     # ----------------------------------------------------------------- plans
     @property
     def plan(self) -> str | None:
-        """The plan the last call ran: ``"fused"``, ``"vmap"`` or ``"loop"`` (``None`` before the first)."""
+        """The plan the last call ran: ``"fused"``, ``"grouped"``, ``"vmap"`` or ``"loop"`` (``None`` before the first)."""
         return self._last_plan
 
     @property
@@ -488,9 +503,12 @@ class Ensemble(nn.Module):
             return self._requested
         if untimed_reason() is not None:
             return self.execution
-        key = signature(
-            inputs, kwargs, training=self.training, stacked=next(iter(tensors.values()), None)
-        )
+        stacked = next(iter(tensors.values()), None)
+        fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
+        record = self._plans.seen(fast)
+        if record is not None:
+            return record.plan
+        key = signature(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.get(key)
         if record is None:
             candidates = self._candidates(inputs, kwargs)
@@ -510,6 +528,7 @@ class Ensemble(nn.Module):
                 record = PlanRecord(key, chosen, "timed", {p: t * 1e3 for p, t in seconds.items()})
             logger.debug("Ensemble plan: %s", record)
             self._plans.add(record)
+        self._plans.remember(fast, record)
         return record.plan
 
     # -------------------------------------------------------------- forward
@@ -544,7 +563,9 @@ class Ensemble(nn.Module):
             except NotGroupableError:
                 if strict:
                     raise
-                plan = "loop"
+                plan = self._last_plan = "loop"
+        if plan == "loop" and torch.compiler.is_compiling():
+            return self._functional_loop(tensors, inputs, kwargs)
         if plan == "loop":
             return run_loop(
                 self._shells,
@@ -600,6 +621,32 @@ class Ensemble(nn.Module):
             # Same function, computed member by member: torch reports any
             # shape error in the member's own terms.
             return self._vmap(tensors, inputs, {})
+
+    def _functional_loop(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        """The loop through ``functional_call``, which torch.compile traces (it cannot trace
+        the per-member template copies of :func:`run_loop`)."""
+        views = {k: v.unbind(0) for k, v in tensors.items()}
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        # randomness="same": every member draws from the generators' states
+        # before the first (CPU and the parameters' accelerator), as run_loop does.
+        replay = rng_states(device) if self.randomness != "different" else []
+        outs = []
+        for i in range(self.num_members):
+            if self.randomness == "same" and i > 0:
+                replay_rng(replay)
+            xs = inputs
+            if self.per_member_inputs:
+                xs = tree_map_only(torch.Tensor, _slicer(i, None), inputs)
+            params = {k: v[i] for k, v in views.items()}
+            outs.append(self.template.functional_call(params, xs, kwargs, strict=False))
+            if self.randomness == "error":
+                check_no_draw(replay, device, i)
+        return tree_map(lambda *o: torch.stack(o), *outs)
 
     def _vmap(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]

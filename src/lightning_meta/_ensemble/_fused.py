@@ -78,8 +78,9 @@ class FusedPlan:
         layer and ``chunk`` (the first member of the chunk ``tensors`` hold).
         """
         n = next(iter(tensors.values())).shape[0]
-        if not self.fits(x, per_member):
-            # Let the generic path raise torch's own, member-level error.
+        if not self.fits(x, per_member) or any(has_module_hooks(m) for m in template.modules()):
+            # The generic path raises torch's own, member-level error, and
+            # runs hooks added to the template since the plan was made.
             raise NotFusableError
         lead = x.shape[1:-1] if per_member else x.shape[:-1]
         # Activations are kept feature-major, (N, F, M): every weight gradient

@@ -527,14 +527,14 @@ _METHODS: dict[str, Callable[..., Any]] = {
 
 # --------------------------------------------------------------------- plan
 class GroupedPlan:
-    """The traced template and how to run it grouped; retraced per train/eval state.
+    """The traced template and how to run it grouped; retraced per train/eval state and hooks.
 
     Not pickled or copied (graphs are rebuilt on use).
     """
 
     def __init__(self, randomness: str) -> None:
         self.randomness = randomness
-        self._graphs: dict[tuple[bool, ...], fx.Graph | Refusal] = {}
+        self._graphs: dict[tuple[tuple[bool, bool], ...], fx.Graph | Refusal] = {}
 
     def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
         return (GroupedPlan, (self.randomness,))
@@ -544,7 +544,8 @@ class GroupedPlan:
 
     def graph(self, template: nn.Module) -> fx.Graph | Refusal:
         """The checked graph of ``template`` in its current train/eval state, or why there is none."""
-        key = tuple(m.training for m in template.modules())
+        # Tracing fixes self.training; hooks added since keep the template off.
+        key = tuple((m.training, has_module_hooks(m)) for m in template.modules())
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _trace(template, self.randomness)
@@ -568,6 +569,8 @@ class GroupedPlan:
         graph = self.graph(template)
         if isinstance(graph, Refusal):
             raise NotGroupableError(graph.reason)
+        if sum(node.op == "placeholder" for node in graph.nodes) != len(inputs):
+            raise NotGroupableError("inputs that are not the forward's positional arguments")
         n = next(iter(tensors.values())).shape[0]
         ctx = _Context(template, tensors, aliases, n)
         env: dict[fx.Node, Any] = {}

@@ -9,11 +9,12 @@ stacked gradient at once (the gradients are the ones N separate modules
 would get). In-place buffer updates (BatchNorm running statistics) land in
 the stacked buffers through the views.
 
-The views are put straight into the template's parameter and buffer tables
-(the slots :func:`lightning_meta._slots.tie_groups` finds, tied names
-included) instead of through ``torch.func.functional_call``, whose per-call
-bookkeeping costs as much as a small layer; the template's own tensors are
-put back when the loop ends, also on error.
+Each member runs in its own copy of the (meta) template (:class:`MemberShells`),
+with its views put straight into the copy's parameter and buffer tables (the
+slots :func:`lightning_meta._slots.tie_groups` finds, tied names included)
+instead of through ``torch.func.functional_call``, whose per-call bookkeeping
+costs as much as a small layer. Views that need no gradient are kept from
+call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import tree_leaves, tree_map, tree_map_only
+from lightning_meta._compat import has_module_hooks, tree_leaves, tree_map, tree_map_only
 from lightning_meta._ensemble._grads import GradBuffers, unstack
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._slots import Slot, tie_groups
 
-__all__ = ["MemberShells", "MemberSlots", "ViewCache", "run_loop"]
+__all__ = [
+    "MemberShells",
+    "MemberSlots",
+    "ViewCache",
+    "check_no_draw",
+    "replay_rng",
+    "rng_states",
+    "run_loop",
+]
 
 
 class MemberSlots:
@@ -123,7 +132,8 @@ class MemberShells:
     views are those of the previous call (no gradient: see
     :class:`ViewCache`) puts nothing at all, and modules that cache derived
     state of their weights (an RNN's flattened weight list) keep it. The
-    copies are rebuilt when the template or its train/eval mode changes. On
+    copies are rebuilt when the template, the train/eval mode of any of its
+    modules, or which of them have hooks changes. On
     an accelerator the views are taken out again after every call, so no
     copy holds device memory the ensemble has let go. Never pickled or
     copied.
@@ -131,7 +141,7 @@ class MemberShells:
 
     def __init__(self) -> None:
         self._template: nn.Module | None = None
-        self._training: bool | None = None
+        self._state: tuple[tuple[bool, bool], ...] = ()
         self._members: list[MemberSlots] = []
         self._last: dict[str, Sequence[torch.Tensor]] = {}
 
@@ -143,7 +153,7 @@ class MemberShells:
 
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
-        self._template, self._training, self._members, self._last = None, None, [], {}
+        self._template, self._state, self._members, self._last = None, (), [], {}
 
     def ready(
         self,
@@ -153,15 +163,17 @@ class MemberShells:
         num_members: int,
     ) -> list[MemberSlots]:
         """Return every member's copy, holding the member's views of ``views``."""
+        # The copies follow the template's train/eval modes and hooks.
+        state = tuple((m.training, has_module_hooks(m)) for m in template.modules())
         if (
             self._template is not template
-            or self._training != template.training
+            or self._state != state
             or len(self._members) != num_members
         ):
             self._members = [
                 MemberSlots.of(copy.deepcopy(template), names) for _ in range(num_members)
             ]
-            self._template, self._training, self._last = template, template.training, {}
+            self._template, self._state, self._last = template, state, {}
         if any(self._last.get(name) is not v for name, v in views.items()):
             for i, member in enumerate(self._members):
                 member.put(views, i)
@@ -175,7 +187,7 @@ class MemberShells:
         self._last = {}
 
 
-def _rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:
+def rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:
     """The default generators a member's random ops draw from, with their current states."""
     states: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]] = [
         (torch.set_rng_state, torch.get_rng_state())
@@ -185,6 +197,29 @@ def _rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], Non
             (lambda s: torch.cuda.set_rng_state(s, device), torch.cuda.get_rng_state(device))
         )
     return states
+
+
+def replay_rng(states: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]) -> None:
+    """Put every generator of ``states`` (from :func:`rng_states`) back (``randomness="same"``)."""
+    for set_state, state in states:
+        set_state(state)
+
+
+def check_no_draw(
+    states: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]],
+    device: torch.device,
+    member: int,
+) -> None:
+    """Raise if a generator of ``states`` moved since (``randomness="error"``)."""
+    # A plain loop, not any(<generator>): torch.compile (2.6) cannot trace the latter here.
+    for (_, state), (_, now) in zip(states, rng_states(device), strict=True):
+        if torch.equal(state, now):
+            continue
+        raise ArgumentValueError(
+            f"Ensemble(randomness='error'): member {member} drew random numbers (dropout or "
+            "another random op). Fix: pass randomness='different' (one draw per member) "
+            "or 'same' (one draw shared), or call ensemble.eval()."
+        )
 
 
 def run_loop(
@@ -219,23 +254,15 @@ def run_loop(
 
         member_inputs = [member(i) for i in range(num_members)]
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-    replay = _rng_states(device) if randomness != "different" else []
+    replay = rng_states(device) if randomness != "different" else []
     outs = []
     try:
         for i in range(num_members):
             if randomness == "same" and i > 0:
-                for set_state, state in replay:
-                    set_state(state)
+                replay_rng(replay)
             outs.append(members[i].module(*member_inputs[i], **kwargs))
-            if randomness == "error" and any(
-                not torch.equal(state, now)
-                for (_, state), (_, now) in zip(replay, _rng_states(device), strict=True)
-            ):
-                raise ArgumentValueError(
-                    f"Ensemble(randomness='error'): member {i} drew random numbers (dropout or "
-                    "another random op). Fix: pass randomness='different' (one draw per member) "
-                    "or 'same' (one draw shared), or call ensemble.eval()."
-                )
+            if randomness == "error":
+                check_no_draw(replay, device, i)
     finally:
         if device.type != "cpu":
             shells.release()

@@ -8,13 +8,24 @@ follows. ``execution="auto"`` therefore times every plan that applies the
 first time it sees a kind of call (its :func:`signature`) and keeps the
 fastest for every later call of that kind.
 
-Timing never changes what the user sees: the candidates run on aliases of
-the parameters (their gradients land on the aliases, not on the ensemble's
-parameters), on copies of the buffers (BatchNorm's running statistics are
-not advanced) and of the inputs, and the random number generators are put
-back afterwards, so the call that follows draws what it would have drawn
-without the timing. Only ``forward`` code with Python-level side effects
-(a counter attribute, a print) sees the extra runs.
+Timing does not change what the user sees of a forward that does not
+write into its parameters: the candidates run on aliases of the parameters
+(their gradients land on the aliases, not on the ensemble's parameters;
+without gradients, on the parameters themselves), on copies of the buffers
+(BatchNorm's running statistics are not advanced) and of the inputs, and the
+random number generators are put back afterwards, so the call that follows
+draws what it would have drawn without the timing; saved-tensor hooks the
+caller runs under (activation checkpointing) do not see the timed runs.
+``forward`` code with Python-level side effects (a counter attribute, a
+print) sees them, and so does a forward that writes into a parameter in
+place (``nn.Embedding(max_norm=...)`` renormalises rows it looks up): the
+aliases share the parameters' storage. Pass ``execution=`` to skip timing.
+
+On one CPU thread the clock is the thread's own CPU time, so other processes
+on a shared machine do not decide the plan; elsewhere it is wall time (with
+the accelerator synchronised). Plans within noise of each other may be
+chosen either way; any of them gives the same results up to floating-point
+reassociation.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 
 from lightning_meta._compat import functorch_transform_active, tree_leaves, tree_map, tree_map_only
 
-__all__ = ["PlanCache", "PlanRecord", "measure", "signature", "untimed_reason"]
+__all__ = ["PlanCache", "PlanRecord", "fast_key", "measure", "signature", "untimed_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +54,17 @@ Runner = Callable[[str, Mapping[str, torch.Tensor], tuple[Any, ...], Mapping[str
 # order alternating from round to round); a candidate whose best round is more
 # than _DROP_RATIO slower than the best is not run again. Rounds go on while
 # two or more remain, at least _MIN_ROUNDS and at most _MAX_ROUNDS, and past
-# _MIN_ROUNDS only while the timing has taken less than _BUDGET_SECONDS. The
-# median round decides.
+# _MIN_ROUNDS only while the timing has taken less than _BUDGET_SECONDS, or
+# _CLOSE_BUDGET_FACTOR times that while the two best medians are within
+# _CLOSE_RATIO of each other. After the first round only a candidate more
+# than _FIRST_DROP_RATIO slower is dropped. The median round decides.
 _MIN_ROUNDS = 3
-_MAX_ROUNDS = 7
+_MAX_ROUNDS = 9
 _BUDGET_SECONDS = 2.0
+_CLOSE_RATIO = 1.1
+_CLOSE_BUDGET_FACTOR = 3
 _DROP_RATIO = 1.5
+_FIRST_DROP_RATIO = 4.0
 # A round repeats a candidate until it has run this long (seconds), so very
 # small ensembles are not timed at the clock's resolution.
 _MIN_ROUND_SECONDS = 2e-3
@@ -63,7 +79,7 @@ class PlanRecord:
         signature: the kind of call (inputs' shapes rounded up to powers of
             two, dtypes, devices; train/eval; gradients on/off; autocast;
             threads).
-        plan: ``"fused"``, ``"vmap"`` or ``"loop"``.
+        plan: ``"fused"``, ``"grouped"``, ``"vmap"`` or ``"loop"``.
         how: ``"timed"``, ``"only plan"``, or why no timing was done.
         timings_ms: the best time of each timed candidate in milliseconds
             (``inf``: it raised); empty unless ``how == "timed"``.
@@ -89,6 +105,9 @@ class PlanCache:
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._records: OrderedDict[str, PlanRecord] = OrderedDict()
+        # Exact calls already seen (see fast_key): a dict lookup per call
+        # instead of building the signature.
+        self._fast: dict[tuple[Any, ...], PlanRecord] = {}
 
     def __reduce__(self) -> tuple[type[PlanCache], tuple[int]]:
         return (PlanCache, (self.limit,))
@@ -113,6 +132,18 @@ class PlanCache:
 
     def clear(self) -> None:
         self._records.clear()
+        self._fast.clear()
+
+    def seen(self, fast: tuple[Any, ...] | None) -> PlanRecord | None:
+        """The record of an exact call seen before (``fast`` from :func:`fast_key`)."""
+        return None if fast is None else self._fast.get(fast)
+
+    def remember(self, fast: tuple[Any, ...] | None, record: PlanRecord) -> None:
+        if fast is None:
+            return
+        if len(self._fast) >= 4 * self.limit:
+            self._fast.clear()
+        self._fast[fast] = record
 
 
 def _bucket(size: int) -> int:
@@ -155,6 +186,34 @@ def signature(
     if stacked is not None:
         mode.append(f"params={str(stacked.dtype).removeprefix('torch.')}@{device}")
     return f"{structure} {' '.join(mode)}"
+
+
+def fast_key(
+    inputs: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    training: bool,
+    stacked: torch.Tensor | None,
+) -> tuple[Any, ...] | None:
+    """An exact, cheap key for calls with tensor inputs only (``None`` for any other call).
+
+    Calls with equal keys have equal signatures (see :func:`signature`).
+    """
+    if kwargs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return None
+    device = stacked.device if stacked is not None else torch.device("cpu")
+    autocast = (
+        torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    )
+    return (
+        tuple((x.shape, x.dtype, x.device, x.requires_grad) for x in inputs),
+        training,
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        autocast,
+        torch.get_num_threads(),
+        None if stacked is None else (stacked.dtype, stacked.device),
+    )
 
 
 def untimed_reason() -> str | None:
@@ -212,9 +271,18 @@ def measure(
     # machine then do not decide the plan. Elsewhere, wall time.
     clock = time.thread_time if not devices and torch.get_num_threads() == 1 else time.perf_counter
 
+    grad = torch.is_grad_enabled()
+
     def once(plan: str) -> float:
+        # Parameters: aliases that collect the timed runs' gradients, or the
+        # parameters themselves when no gradient is computed (so the runs see
+        # what later calls see: the loop's cached views). Buffers: copies.
         state = {
-            name: t.clone() if name in buffer_names else t.detach().requires_grad_(t.requires_grad)
+            name: t.clone()
+            if name in buffer_names
+            else t.detach().requires_grad_(t.requires_grad)
+            if grad
+            else t
             for name, t in tensors.items()
         }
         xs = tree_map_only(torch.Tensor, _copy_input, inputs)
@@ -222,7 +290,7 @@ def measure(
         _synchronize(devices)
         start = clock()
         out = run(plan, state, xs, kw)
-        if torch.is_grad_enabled():
+        if grad:
             outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
@@ -259,10 +327,19 @@ def measure(
             if round_ == 0:
                 continue
             fastest = min((min(rounds[p]) for p in alive), default=math.inf)
-            alive = [p for p in alive if min(rounds[p]) <= _DROP_RATIO * fastest]
-            if len(alive) <= 1 or (
-                round_ >= _MIN_ROUNDS and time.perf_counter() - began > _BUDGET_SECONDS
-            ):
+            # One round can be a burst of load from elsewhere: after it, only
+            # a hopeless candidate is dropped.
+            drop = _DROP_RATIO if round_ > 1 else _FIRST_DROP_RATIO
+            alive = [p for p in alive if min(rounds[p]) <= drop * fastest]
+            if len(alive) <= 1:
+                break
+            if round_ < _MIN_ROUNDS:
+                continue
+            first, second = sorted(statistics.median(rounds[p]) for p in alive)[:2]
+            budget = _BUDGET_SECONDS * (
+                _CLOSE_BUDGET_FACTOR if second <= _CLOSE_RATIO * first else 1
+            )
+            if time.perf_counter() - began > budget:
                 break
     medians = {plan: statistics.median(ts) if ts else math.inf for plan, ts in rounds.items()}
     return medians, alive
