@@ -8,9 +8,15 @@ directory. Each variant then runs in a fresh subprocess: the page cache of the
 files it reads is dropped first (``posix_fadvise(DONTNEED)``, so reads are
 cold-ish), the model is constructed (eager, meta or ``deferred_init``, as the
 variant does it), then the checkpoint is loaded and every tensor is touched
-(summed). Each variant runs ``--repeat`` times (median time, largest peak). Reported: construction and load+touch wall time, peak RSS above the
+(summed). The variants run in ``--repeat`` rounds, each round every variant
+once, in fresh subprocesses, the order reversed every other round so that a
+loader and its floor see the machine in the same state. Reported per
+variant: the median construction and load+touch wall time, the median CPU time
+(user + system) of the load+touch, the largest peak RSS above the
 interpreter's baseline (after imports), and GB/s of checkpoint bytes over the
-load+touch time. ``cat > /dev/null`` of the files gives the disk floor.
+load+touch time; per loader, the median over rounds of its wall and CPU time
+divided by its floor's in the same round. ``cat > /dev/null`` of the files
+gives the disk floor.
 
 ``lm.load_checkpoint`` reads every tensor into memory the process owns (one
 copy; the file can change afterwards), so next to the mapped floors it pays
@@ -50,6 +56,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "floor_ckpt": ("meta + torch.load(mmap) + assign (.ckpt floor)", "model.ckpt"),
     "floor_safetensors": ("meta + safetensors mmap + assign (floor)", "model.safetensors"),
     "floor_shards": ("meta + per-shard safetensors mmap + assign (floor)", "sharded"),
+    # What owning the memory costs by any means: the floor, each tensor cloned.
+    "copy_safetensors": ("meta + safetensors mmap + clone + assign", "model.safetensors"),
     "dcp_load": ("torch.distributed.checkpoint.load into fresh tensors", "dcp"),
     "accelerate": (
         "accelerate init_empty_weights + load_checkpoint_and_dispatch",
@@ -70,6 +78,7 @@ FLOORS = {
     "lm_sharded": "floor_shards",
     "lm_dcp": "dcp_load",
     "lm_pt_mmap": "floor",
+    "copy_safetensors": "floor_safetensors",
 }
 
 
@@ -95,8 +104,29 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_s() -> float:
+    # this process and its waited-for children (cat)
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _reset_peak() -> None:
+    # ru_maxrss is the high-water mark of the process's whole life: import-time
+    # memory the kernel reclaimed before ``base`` was read (library pages under
+    # memory pressure) would count as load memory. Linux resets the mark here.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # KiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def write_files(root: Path, small: bool) -> None:
@@ -148,22 +178,24 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
     with torch.device("meta"):  # warm-up of lazy imports and first-call costs
         LlamaForCausalLM(llama_config(True))
     _drop_cache(path)
+    _reset_peak()
     base = _rss_mb()
     t0 = time.perf_counter()
     model: Any = None
     if variant == "cat":
+        c1 = _cpu_s()
         subprocess.run(["cat", *map(str, _files(path))], stdout=subprocess.DEVNULL, check=True)
         t1 = t0
     elif variant == "naive":
         model = LlamaForCausalLM(cfg)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         model.load_state_dict(torch.load(path, weights_only=True))
         if dtype is not None:
             model.to(dtype)
-    elif variant.startswith("floor") or variant == "dcp_load":
+    elif variant.startswith(("floor", "copy")) or variant == "dcp_load":
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         if variant == "dcp_load":
             from torch.distributed.checkpoint import FileSystemReader, load
 
@@ -179,6 +211,8 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
             from safetensors.torch import load_file
 
             parts = [load_file(str(p)) for p in _files(path) if p.suffix == ".safetensors"]
+            if variant == "copy_safetensors":
+                parts = [{k: v.clone() for k, v in sd.items()} for sd in parts]
         for sd in parts:
             if dtype is not None:
                 sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -188,31 +222,52 @@ def run_variant(variant: str, root: Path, small: bool, dtype_name: str) -> dict[
 
         with init_empty_weights():
             model = LlamaForCausalLM(cfg)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         model = load_checkpoint_and_dispatch(model, str(path), device_map={"": "cpu"}, dtype=dtype)
     else:
         model = lm.deferred_init(LlamaForCausalLM, cfg)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         load_checkpoint(model, path, dtype=dtype, mmap=variant.endswith("_mmap"))
     if model is not None:
         _touch([*model.parameters(), *model.buffers()])
         assert not any(t.is_meta for t in model.state_dict().values()), variant
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), _cpu_s()
     return {
         "variant": variant, "dtype": dtype_name, "construct_s": t1 - t0, "load_s": t2 - t1,
-        "peak_mb": _peak_mb() - base, "file_bytes": _size(path),
+        "load_cpu_s": c2 - c1, "peak_mb": _peak_mb() - base, "file_bytes": _size(path),
     }  # fmt: skip
 
 
-def _child(variant: str, root: Path, small: bool, dtype: str, repeat: int) -> dict[str, Any]:
-    """Run ``variant`` in ``repeat`` fresh subprocesses: median times, largest peak."""
-    runs = [_one(variant, root, small, dtype) for _ in range(repeat)]
-    result = dict(runs[0])
-    for key in ("construct_s", "load_s"):
-        result[key] = statistics.median(r[key] for r in runs)
-    result["peak_mb"] = max(r["peak_mb"] for r in runs)
-    result["load_runs_s"] = [r["load_s"] for r in runs]
-    return result
+def _rounds(
+    variants: list[str], root: Path, small: bool, dtype: str, repeat: int
+) -> list[dict[str, Any]]:
+    """Run every variant once per round, in fresh subprocesses, alternating the order.
+
+    Returns one result per variant: median times, largest peak, every run,
+    and for a loader the median over rounds of its time over its floor's.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for i in range(repeat):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
+            runs[variant].append(_one(variant, root, small, dtype))
+            print(json.dumps(runs[variant][-1]), file=sys.stderr)
+    results = []
+    for variant in variants:
+        mine = runs[variant]
+        result = dict(mine[0])
+        for key in ("construct_s", "load_s", "load_cpu_s"):
+            result[key] = statistics.median(r[key] for r in mine)
+        result["peak_mb"] = max(r["peak_mb"] for r in mine)
+        result["load_runs_s"] = [r["load_s"] for r in mine]
+        result["load_cpu_runs_s"] = [r["load_cpu_s"] for r in mine]
+        floor = FLOORS.get(variant)
+        if floor in runs:
+            for key, out in (("load_s", "x_floor"), ("load_cpu_s", "x_floor_cpu")):
+                ratios = [r[key] / f[key] for r, f in zip(mine, runs[floor], strict=True)]
+                result[out] = statistics.median(ratios)
+                result[f"{out}_runs"] = ratios
+        results.append(result)
+    return results
 
 
 def _one(variant: str, root: Path, small: bool, dtype: str) -> dict[str, Any]:
@@ -227,21 +282,22 @@ def _one(variant: str, root: Path, small: bool, dtype: str) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    by = {(r["variant"], r["dtype"]): r for r in results}
     lines = [
-        "| variant | dtype | construct (s) | load + touch (s) | GB/s | peak RSS above baseline (MB) | x file size | x its floor |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | dtype | construct (s) | load + touch (s) | load CPU (s) | GB/s "
+        "| peak RSS above baseline (MB) | x file size | x its floor (wall) | x its floor (CPU) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        floor = by.get((FLOORS.get(r["variant"], ""), r["dtype"]))
-        ratio = f"{r['load_s'] / floor['load_s']:.2f}" if floor else ""
+        ratio = f"{r['x_floor']:.2f}" if "x_floor" in r else ""
+        cpu_ratio = f"{r['x_floor_cpu']:.2f}" if "x_floor_cpu" in r else ""
         gbs = r["file_bytes"] / 1e9 / r["load_s"] if r["load_s"] > 0 else 0.0
         # cat runs in its own process; this process's peak says nothing about it
         peak = "" if r["variant"] == "cat" else f"{r['peak_mb']:.0f}"
         share = "" if r["variant"] == "cat" else f"{r['peak_mb'] * 2**20 / r['file_bytes']:.2f}"
         lines.append(
             f"| {VARIANTS[r['variant']][0]} | {r['dtype']} | {r['construct_s']:.2f} | "
-            f"{r['load_s']:.2f} | {gbs:.2f} | {peak} | {share} | {ratio} |"
+            f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {gbs:.2f} | {peak} | {share} | "
+            f"{ratio} | {cpu_ratio} |"
         )
     return "\n".join(lines)
 
@@ -254,7 +310,10 @@ def main() -> None:
         "--keep", metavar="DIR", help="write (or reuse) the files here and keep them"
     )
     parser.add_argument(
-        "--repeat", type=int, default=3, help="fresh subprocesses per variant (median)"
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each runs every variant once in a fresh subprocess (median)",
     )
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
@@ -277,15 +336,17 @@ def main() -> None:
         dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
         results = []
         for dtype in dtypes:
-            for variant in args.variants.split(","):
-                if (
-                    variant
-                    in ("cat", "floor_shards", "dcp_load", "floor_ckpt", "floor_safetensors")
-                    and dtype == "bf16"
-                ):
-                    continue  # the .pt floor stands for all casts
-                results.append(_child(variant, root, args.small, dtype, args.repeat))
-                print(json.dumps(results[-1]), file=sys.stderr)
+            variants = [
+                v
+                for v in args.variants.split(",")
+                # the .pt floor stands for all casts
+                if not (
+                    dtype == "bf16"
+                    and v in ("cat", "copy_safetensors", *FLOORS.values())
+                    and v != "floor"
+                )
+            ]
+            results.extend(_rounds(variants, root, args.small, dtype, args.repeat))
         print(table(results))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

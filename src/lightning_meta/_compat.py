@@ -319,9 +319,14 @@ def uncounted_attention_ops() -> dict[Any, str]:
     """Return the ATen attention overloads ``FlopCounterMode`` counts as 0, by kind.
 
     ``"forward"`` or ``"backward"``; estimate counts them itself, in a field of
-    their own. Overloads a torch version lacks are left out (checked on torch
-    2.6, 2.13, 2.14).
+    their own. Overloads a torch version lacks, and those its counter has a
+    formula for (torch 2.15 counts the CPU flash kernel), are left out, so
+    no FLOP is counted twice (checked on torch 2.6, 2.13, 2.14, 2.15).
     """
+    from torch.utils import flop_counter
+
+    # FlopCounterMode looks its formulas up by overload packet (aten.mm)
+    counted = flop_counter.flop_registry
     names = {
         "_scaled_dot_product_flash_attention_for_cpu": "forward",
         "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
@@ -331,7 +336,7 @@ def uncounted_attention_ops() -> dict[Any, str]:
     out: dict[Any, str] = {}
     for name, kind in names.items():
         packet = getattr(torch.ops.aten, name, None)
-        if packet is not None:
+        if packet is not None and packet not in counted and packet.default not in counted:
             out[packet.default] = kind
     return out
 
@@ -451,6 +456,9 @@ def has_internal_overlap(tensor: torch.Tensor) -> bool:
     if check is None:  # pragma: no cover
         return any(s == 0 and n > 1 for s, n in zip(tensor.stride(), tensor.shape, strict=True))
     return int(check(tensor)) == 1
+
+
+__all__ += ["can_set_data", "has_internal_overlap"]
 
 
 # -- sharding: slicing a full tensor every rank holds into this rank's shard.
@@ -747,3 +755,23 @@ else:  # pragma: no cover
 
 
 __all__ += ["StepModuleTracker"]
+
+
+# -- sharded loading: which box of the global tensor this rank's shard is.
+
+
+def local_box(dtensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Return ``(offsets, sizes)`` of this rank's local shard of ``dtensor`` in the global tensor.
+
+    Uses ``DTensor.__create_chunk_list__`` (what ``torch.distributed.checkpoint``
+    plans its reads with); works on meta DTensors. ``None`` when the local
+    shard is not one box of the global tensor (several chunks). Checked on
+    torch 2.13.
+    """
+    chunks = dtensor.__create_chunk_list__()  # type: ignore[attr-defined]
+    if len(chunks) != 1:
+        return None
+    return tuple(int(o) for o in chunks[0].offsets), tuple(int(s) for s in chunks[0].sizes)
+
+
+__all__ += ["local_box"]

@@ -105,7 +105,8 @@ def head(p: Path, n: int = 16) -> bytes:
         MetaTensorError: ``p`` cannot be opened or read (permission denied, a directory).
     """
     try:
-        with p.open("rb") as f:
+        # Unbuffered: a buffered open reads a whole block to return these few bytes.
+        with p.open("rb", buffering=0) as f:
             return f.read(n)
     except OSError as e:
         raise io_error(p, e) from e

@@ -404,7 +404,10 @@ def open_archive(
     """
     where = where or str(p)
     try:
-        with p.open("rb") as raw:
+        # A zip inside a file (a distributed checkpoint item) is read through
+        # one buffer (below), not two: the file's own would read ahead into
+        # tensor data at every seek.
+        with p.open("rb", buffering=-1 if length is None else 0) as raw:
             size = raw.seek(0, 2) if length is None else length
             f: Any = raw if start == 0 and length is None else _Window(raw, start, size)
             if f is not raw:
