@@ -193,10 +193,17 @@ def test_transformers_plan_is_used_by_default() -> None:
 
 
 def _head(split: bool) -> Callable[[], nn.Module]:
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES
+
+    # the head's style has another name in transformers 4.x
+    style = (
+        "colwise_gather_output" if "colwise_gather_output" in ALL_PARALLEL_STYLES else "colwise_rep"
+    )
+
     def build() -> nn.Module:
         model = llama()
         plan = {k: v for k, v in model.tp_plan.items() if k != "lm_head"}
-        model.tp_plan = {**plan, "lm_head": "colwise_rep"} if split else plan  # type: ignore
+        model.tp_plan = {**plan, "lm_head": style} if split else plan  # type: ignore
         return model
 
     return build
