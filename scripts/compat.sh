@@ -38,11 +38,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 export PIP_CONSTRAINT=$CONSTRAINTS
+# Reinstall when the venv cannot import the pair, pyproject.toml changed, or
+# the pins changed (another transformers for the same torch / Lightning).
 if ! "$VENV/bin/python" -c "import torch, lightning" >/dev/null 2>&1 \
-    || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ]; then
+    || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ] \
+    || ! cmp -s "$CONSTRAINTS" "$VENV/installed"; then
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH" "lightning==$LIGHTNING"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
-    touch "$VENV/installed"
+    cp "$CONSTRAINTS" "$VENV/installed"
 fi
 "$VENV/bin/python" -c "import torch, lightning, transformers; print(f'torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

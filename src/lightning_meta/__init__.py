@@ -7,8 +7,10 @@ from lightning_meta._deferred._materialize import materialize
 from lightning_meta._ensemble._ensemble import Ensemble
 from lightning_meta._errors import MaterializationError, MetaTensorError, MetaTensorWarning
 from lightning_meta._estimate._estimate import estimate
-from lightning_meta._estimate._result import Estimate, ModuleEstimate
+from lightning_meta._estimate._fit import Fit, find_fit
+from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate
 from lightning_meta._estimate._specs import InputSpec
+from lightning_meta._fabric._setup import fabric_setup
 from lightning_meta._guard._find import MetaFinding, assert_no_meta, find_meta_tensors
 from lightning_meta._load._checkpoint import LoadReport, load_checkpoint
 from lightning_meta._template._template import MetaTemplate, meta_template
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ensemble",
     "Estimate",
+    "Fit",
     "InputSpec",
     "LoadReport",
     "MaterializationError",
@@ -30,9 +33,12 @@ __all__ = [
     "MetaTensorError",
     "MetaTensorWarning",
     "ModuleEstimate",
+    "RankEstimate",
     "assert_no_meta",
     "deferred_init",
     "estimate",
+    "fabric_setup",
+    "find_fit",
     "find_meta_tensors",
     "is_deferred",
     "load_checkpoint",
