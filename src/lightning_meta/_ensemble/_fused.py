@@ -19,11 +19,12 @@ from torch.autograd.function import once_differentiable
 from lightning_meta._compat import has_module_hooks
 from lightning_meta._ensemble._grads import GradBuffers
 
-__all__ = ["FusedPlan", "NotFusableError", "Refusal", "plan_fused"]
+__all__ = ["ELEMENTWISE_ACTIVATIONS", "FusedPlan", "NotFusableError", "Refusal", "plan_fused"]
 
-# Stateless and element-wise: applying them to (N, M, F) equals applying them
-# to each member's (M, F).
-_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+# Stateless, element-wise activations: applying them to (N, M, F) equals
+# applying them to each member's (M, F), and to member-stacked channels
+# (the grouped plan uses them too).
+ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -41,8 +42,8 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Softplus,
     nn.Softsign,
     nn.Tanhshrink,
-    nn.Identity,
 )
+_ELEMENTWISE: tuple[type[nn.Module], ...] = (*ELEMENTWISE_ACTIVATIONS, nn.Identity)
 # From this many multiply-adds per member on, a layer computes its weight
 # gradient member by member (see _StackedLinear).
 _PER_MEMBER_GRAD_MACS = 1 << 21

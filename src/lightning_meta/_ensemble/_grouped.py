@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
-from lightning_meta._ensemble._fused import Refusal
+from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
 
 __all__ = ["GroupedPlan", "NotGroupableError"]
 
@@ -220,25 +220,7 @@ def _identity(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
 
 _ModuleRule = Callable[[_Context, nn.Module, str, Any], Any]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-)
+_ELEMENTWISE = ELEMENTWISE_ACTIVATIONS
 _POOLS: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.MaxPool2d,
