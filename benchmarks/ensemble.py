@@ -8,9 +8,11 @@ Reported as ratios ``Ensemble / min(a, b)`` (median of repetitions, the
 variants interleaved so drift on a noisy machine hits all of them alike). A
 training step is forward + backward from gradients set to None (as
 ``optimizer.zero_grad()`` leaves them); an eval step is ``eval()`` and a
-forward under ``torch.no_grad()``. The ensemble's first call of each kind,
-where ``execution="auto"`` times its plans, is reported apart
-(``first_call_s``) and not in the ratio.
+forward under ``torch.no_grad()``, every member's output kept until the step
+ends (the loop collects them in a list, as a caller would; it no longer drops
+each one before the next member runs, which let the allocator reuse one
+block). The ensemble's first call of each kind, where ``execution="auto"``
+times its plans, is reported apart (``first_call_s``) and not in the ratio.
 
     python benchmarks/ensemble.py [--json out.json] [--repeats 5]   # MLPs, 1 thread
     python benchmarks/ensemble.py --zoo [--json zoo.json]           # every architecture
@@ -165,9 +167,11 @@ def cell(
                 m.zero_grad()
             sum(m(x).float().square().mean() for m in members).backward()  # type: ignore[union-attr]
         else:
+            # Keep the outputs, as Ensemble returns them all: a loop that drops
+            # each one lets the allocator hand the next member the same block.
             with torch.no_grad():
-                for m in members:
-                    m(x)
+                outs = [m(x) for m in members]
+            del outs
 
     params, buffers = stack_module_state(members)  # type: ignore[arg-type]
     base = copy.deepcopy(members[0]).to("meta")

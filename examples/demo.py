@@ -12,7 +12,10 @@ Trainer with ``Cannot copy out of meta tensor; no data!``.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +105,24 @@ class HyperNetwork(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertisements for its cloud products ("💡 Tip: ... litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence what this demo's reader could neither act on nor needs to see."""
+    # Lightning 2.6 tests pytree leaves with a torch API that torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+
+
 def fit(model: L.LightningModule, workdir: Path, epochs: int) -> str:
+    # A rerun of the demo replaces its own previous checkpoints (Lightning
+    # would warn that the directory is not empty and number the new files -v1).
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     train = DataLoader(waves(512, seed=0), batch_size=64, shuffle=True)
     val = DataLoader(waves(256, seed=1), batch_size=256)
     trainer = L.Trainer(
@@ -124,6 +144,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=Path("demo_out"))
     args = parser.parse_args()
+    quiet_lightning()
     L.seed_everything(0, verbose=False)
     console = Console()
 

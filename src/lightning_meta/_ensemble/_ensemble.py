@@ -536,7 +536,8 @@ class Ensemble(nn.Module):
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
         tensors = self.tensors()
         plan = self._choose(tensors, inputs, kwargs)
-        self._last_plan = plan
+        if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
+            self._last_plan = plan
         return self._run(plan, tensors, inputs, kwargs)
 
     def _slots(self) -> MemberSlots:

@@ -130,7 +130,17 @@ class FusedPlan:
         return h.transpose(1, 2).reshape(n, *lead, h.shape[1])
 
 
-class _StackedLinear(torch.autograd.Function):
+class _LinearFunction(torch.autograd.Function):
+    """What both stacked-Linear functions save: ``(h, weight, bias, grads, key)`` inputs."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        h, weight, bias, ctx.grads, ctx.key = inputs
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+
+
+class _StackedLinear(_LinearFunction):
     """``weight @ h + bias`` for every member, one ``torch.mm`` per member.
 
     For large layers on the CPU, ``torch.bmm`` runs these products up to 2.4x
@@ -157,12 +167,6 @@ class _StackedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        h, weight, bias, ctx.grads, ctx.key = inputs
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-
-    @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight = ctx.saved_tensors
@@ -180,7 +184,7 @@ class _StackedLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
-class _SharedLinear(torch.autograd.Function):
+class _SharedLinear(_LinearFunction):
     """The first layer on a shared input: every member's ``weight @ x^T + bias`` as one GEMM.
 
     What ``torch.addmm`` on the row-stacked weights computes, with the weight
@@ -203,12 +207,6 @@ class _SharedLinear(torch.autograd.Function):
         else:
             out = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
         return out.view(n, out_f, -1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        h, weight, bias, ctx.grads, ctx.key = inputs
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
 
     @staticmethod
     @once_differentiable

@@ -144,6 +144,7 @@ class MemberShells:
         self._state: tuple[tuple[bool, bool], ...] = ()
         self._members: list[MemberSlots] = []
         self._last: dict[str, Sequence[torch.Tensor]] = {}
+        self._module_list: list[nn.Module] = []
 
     def __reduce__(self) -> tuple[type[MemberShells], tuple[()]]:
         return (MemberShells, ())
@@ -154,6 +155,7 @@ class MemberShells:
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
         self._template, self._state, self._members, self._last = None, (), [], {}
+        self._module_list = []
 
     def ready(
         self,
@@ -163,8 +165,12 @@ class MemberShells:
         num_members: int,
     ) -> list[MemberSlots]:
         """Return every member's copy, holding the member's views of ``views``."""
-        # The copies follow the template's train/eval modes and hooks.
-        state = tuple((m.training, has_module_hooks(m)) for m in template.modules())
+        # The copies follow the template's train/eval modes and hooks. The
+        # module list is walked once per template: the walk (named_modules)
+        # cost as much as the member calls of a small layer.
+        if self._template is not template:
+            self._module_list = list(template.modules())
+        state = tuple([(m.training, has_module_hooks(m)) for m in self._module_list])
         if (
             self._template is not template
             or self._state != state

@@ -226,6 +226,15 @@ class DcpSource(Source):
         self._chunks = chunks
         self._policy = torch_policy().with_trusted(safe_globals)
 
+    def chunks(self, key: str) -> list[_Chunk]:
+        """Return the stored pieces of tensor ``key`` (each one's box and item region)."""
+        return self._chunks[key]
+
+    @property
+    def policy(self) -> Policy:
+        """The unpickling policy items are opened with (torch's, plus ``safe_globals``)."""
+        return self._policy
+
     def read_with(
         self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
     ) -> Iterator[tuple[str, torch.Tensor]]:

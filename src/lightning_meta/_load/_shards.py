@@ -284,11 +284,10 @@ def _read_box(source: Source, t: ShardTarget, reader: Reader) -> tuple[torch.Ten
     assert t.entry is not None
     key, entry = t.entry.key, t.entry
     if isinstance(source, CompositeSource):
-        part = source._owner[key]
-        return _read_box(part, t, reader)
+        return _read_box(source.part_of(key), t, reader)
     offsets, sizes = t.box
     if isinstance(source, SafetensorsSource):
-        region = source._regions[key]
+        region = source.region(key)
         runs = box_runs(entry.shape, t.box, entry.dtype.itemsize)
         data = _read_runs(reader, region, 0, runs)
         return data.view(entry.dtype).reshape(sizes).to(t.dtype), data.numel()
@@ -309,7 +308,7 @@ def _read_dcp_box(source: DcpSource, t: ShardTarget, reader: Reader) -> tuple[to
     offsets, sizes = t.box
     out = torch.empty(sizes, dtype=t.dtype)
     total = 0
-    for chunk in source._chunks[key]:
+    for chunk in source.chunks(key):
         lo = [max(a, b) for a, b in zip(offsets, chunk.offsets, strict=True)]
         hi = [
             min(a + n, b + m)
@@ -355,7 +354,7 @@ def _dcp_item(source: DcpSource, key: str, entry: Entry, chunk: Any) -> tuple[Te
     region = chunk.region
     archive = open_archive(
         region.file,
-        source._policy,
+        source.policy,
         start=region.offset,
         length=region.nbytes,
         where=f"{region.file}@{region.offset}",

@@ -452,6 +452,10 @@ class SafetensorsSource(Source):
             )
         return entry, begin, end
 
+    def region(self, key: str) -> Region:
+        """Return where the data of tensor ``key`` lies in the file."""
+        return self._regions[key]
+
     def read_with(
         self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
     ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -510,6 +514,10 @@ class CompositeSource(Source):
         super().__init__(path, fmt, entries, stamps=stamps)
         self._owner = owner
         self._parts = parts
+
+    def part_of(self, key: str) -> Source:
+        """Return the shard that holds tensor ``key``."""
+        return self._owner[key]
 
     def read_with(
         self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
