@@ -12,6 +12,7 @@ import pytest
 
 import lightning_meta
 from lightning_meta._cli import main
+from support.zoo_models import LLAMA_HF_CONFIG as LLAMA
 
 NET = """
 from torch import nn
@@ -26,16 +27,6 @@ class Net(nn.Module):
     def forward(self, x):
         return self.fc2(self.fc1(x).relu())
 """
-
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from lightning_meta._estimate._fit import find_fit, parse_bytes
 from lightning_meta._estimate._layout import shard_rows
 from lightning_meta._estimate._track import CATEGORIES
 from support.measure_estimate_ranks import PLAN, TinyLM, first_loss
+from support.zoo_models import LLAMA_HF_CONFIG as LLAMA
 
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -460,16 +461,6 @@ def test_fit_refuses_what_cannot_be_searched() -> None:
 
 
 # ---------------------------------------------------------------- command line
-
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-}
 
 
 def test_cli_json_carries_the_rank(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
+# The ``--hf-config`` the command-line estimate tests pass (a Llama with
+# grouped-query attention, small enough to estimate in well under a second).
+LLAMA_HF_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+}
+
 _TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 _HEADS = dict(num_attention_heads=4, num_key_value_heads=2)
 
