@@ -12,5 +12,8 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install --quiet "torch==2.13.0"
 fi
-"$VPY" -c "import torch; print('torch==' + torch.__version__)" > .venv/torch-constraint.txt
+# numpy arrives with the package's dependencies below; until then torch warns
+# on import that it cannot find it, which says nothing about the set-up.
+"$VPY" -W "ignore:Failed to initialize NumPy" -c "import torch; print('torch==' + torch.__version__)" \
+    > .venv/torch-constraint.txt
 "$VPY" -m pip install --quiet -c .venv/torch-constraint.txt -e ".[dev]"
