@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -277,6 +278,32 @@ def test_no_timing_under_deterministic_algorithms() -> None:
     finally:
         torch.use_deterministic_algorithms(previous)
     assert ens.plan == ens.execution == "vmap" and ens.plans == ()
+
+
+def _fallback_warnings(ens: lm.Ensemble, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = ens(x)
+    return out, [str(w.message) for w in caught if "batching rule" in str(w.message)]
+
+
+def test_vmap_fallback_warning_only_when_vmap_is_forced() -> None:
+    # In eval under no_grad, TransformerEncoderLayer takes its fused fast path,
+    # an op vmap has no batching rule for: torch warns of a "performance drop".
+    x = example("transformer")
+    forced = lm.Ensemble(members("transformer"), execution="vmap").eval()
+    expected, said = _fallback_warnings(forced, x)
+    assert any("_transformer_encoder_layer_fwd" in m for m in said)
+    auto = lm.Ensemble(members("transformer")).eval()
+    assert _fallback_warnings(auto, x)[1] == []  # timed: whichever plan won
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # untimed: auto runs vmap
+    try:
+        out, said = _fallback_warnings(auto, x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert said == [] and auto.plan == "vmap"
+    torch.testing.assert_close(out, expected)
 
 
 def test_copies_start_without_timings() -> None:

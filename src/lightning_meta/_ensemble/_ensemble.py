@@ -28,6 +28,7 @@ from lightning_meta._ensemble._plan import (
     PlanRecord,
     fast_key,
     measure,
+    quiet_vmap_fallback,
     signature,
     untimed_reason,
 )
@@ -170,7 +171,11 @@ class Ensemble(nn.Module):
             a Python loop over the members on views of the stacked tensors.
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
-            running statistics, a dropout mask per member.
+            running statistics, a dropout mask per member. torch's
+            "performance drop ... batching rule" warning (an op that
+            ``vmap`` runs once per member) is shown only when ``"vmap"`` is
+            forced: where another setting runs vmap, that cost was the
+            plan's to weigh, not the user's to act on.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -658,7 +663,12 @@ class Ensemble(nn.Module):
             return template.functional_call(t, xs, kwargs, strict=False)
 
         in_dims = (0, *([0 if self.per_member_inputs else None] * len(inputs)))
-        return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(tensors, *inputs)
+        batched = torch.vmap(one, in_dims=in_dims, randomness=self.randomness)
+        if self._requested == "vmap" or torch.compiler.is_compiling():
+            return batched(tensors, *inputs)
+        # A plan the user did not ask for does not warn about its own ops.
+        with quiet_vmap_fallback():
+            return batched(tensors, *inputs)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
