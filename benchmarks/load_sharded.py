@@ -7,8 +7,8 @@ at each world size: the `Wide` test model (about 1.5 MB of float32) built under
 `lm.deferred_init()`, sharded with FSDP2 on dim 0 or dim 1, or tensor parallel
 (2 ranks) / a 2x2 data x tensor mesh (4 ranks), loaded from a
 sharded safetensors directory (Hugging Face `save_torch_state_dict`, six
-shards), a distributed checkpoint written by one process, and one written by
-every rank. Bytes read are `rchar` of `/proc/self/io` across the
+shards), a distributed checkpoint written by one process, one written by
+every rank, and a torch file (`torch.save` of the state dict). Bytes read are `rchar` of `/proc/self/io` across the
 `load_checkpoint` call (every read/pread of the process). The baseline, side
 by side: the same files loaded into the unsharded deferred model, where every
 rank reads everything. Prints a Markdown table (the largest figure over ranks).
@@ -33,6 +33,8 @@ CASES = {
     "dcp_ranks_dim1": ("DCP, every rank wrote", "FSDP2 dim 1", "unsharded_dcp_ranks"),
     "safetensors_tp": ("sharded safetensors", "TP", "unsharded_safetensors"),
     "dcp_ranks_tp": ("DCP, every rank wrote", "TP", "unsharded_dcp_ranks"),
+    "torch_dim0": ("torch file", "FSDP2 dim 0", "unsharded_torch"),
+    "torch_dim1": ("torch file", "FSDP2 dim 1", "unsharded_torch"),
 }
 
 

@@ -76,8 +76,9 @@ def load_checkpoint(
     Sharded modules (parameters that ``fully_shard`` or
     ``parallelize_module`` made ``DTensor`` s, meta or real) load on every
     rank: each rank reads only the box of each tensor its shard holds
-    (safetensors and distributed checkpoints; torch files are read whole,
-    then sliced), with no collective, and deferred shards the checkpoint
+    (safetensors, torch files and distributed checkpoints; a torch-file
+    tensor saved as another view of its storage is read whole, then
+    sliced), with no collective, and deferred shards the checkpoint
     lacks are replayed shard by shard. ``dtype`` cannot recast them, and
     ``device`` must be of the mesh's type.
 

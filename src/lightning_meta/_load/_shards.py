@@ -6,9 +6,10 @@ every global tensor (offsets and sizes, as ``torch.distributed.checkpoint``
 plans its reads). :func:`load_into_shards` runs the phases of
 :func:`~lightning_meta._load._checkpoint.load_checkpoint` for those tensors:
 check (placements, device, dtype) before anything is read; read each box
-straight from the file (safetensors: the byte runs of the box; a distributed
-checkpoint: the runs of the box inside every stored chunk it meets; torch
-files: the whole tensor, then the box); replay, shard by shard, the deferred
+straight from the file (safetensors, and torch files whose tensor is laid
+out row-major in its storage: the byte runs of the box; a distributed
+checkpoint: the runs of the box inside every stored chunk it meets; other
+views in torch files: the whole tensor, then the box); replay, shard by shard, the deferred
 ones the checkpoint lacks; then allocate the local shards (through the
 module's ``_apply``, so FSDP2 re-registers them) and copy each box in. The
 other tensors of the module go through the plain phases unchanged.
@@ -39,7 +40,13 @@ from lightning_meta._load._files import Reader, Region, corrupt
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport
 from lightning_meta._load._sharded import DcpSource
-from lightning_meta._load._source import CompositeSource, Entry, SafetensorsSource, Source
+from lightning_meta._load._source import (
+    CompositeSource,
+    Entry,
+    SafetensorsSource,
+    Source,
+    TorchSource,
+)
 from lightning_meta._load._torchfile import (
     TensorRef,
     check_storage_bounds,
@@ -293,7 +300,15 @@ def _read_box(source: Source, t: ShardTarget, reader: Reader) -> tuple[torch.Ten
         return data.view(entry.dtype).reshape(sizes).to(t.dtype), data.numel()
     if isinstance(source, DcpSource):
         return _read_dcp_box(source, t, reader)
-    # Torch files: the tensor may be any view of its storage; read it whole, keep the box.
+    described = source.described(key) if isinstance(source, TorchSource) else None
+    if described is not None and _row_major(described[0]):
+        # A torch file's tensor laid out row-major in its storage: the box's byte runs.
+        ref, region = described
+        start, _ = ref.byte_range()
+        runs = box_runs(ref.shape, t.box, ref.dtype.itemsize)
+        data = _read_runs(reader, region, start, runs)
+        return data.view(ref.dtype).reshape(sizes).to(t.dtype), data.numel()
+    # Any other view of its storage (a transpose, a conj/neg bit): read it whole, keep the box.
     full = dict(source.read_with([key], reader, {}))[key]
     view = full
     for d, (o, n) in enumerate(zip(offsets, sizes, strict=True)):

@@ -194,6 +194,16 @@ class TorchSource(Source):
         super().__init__(path, fmt, entries, others=others, stamps=stamps_of(files))
         self._refs = refs
 
+    def described(self, key: str) -> tuple[TensorRef, Region] | None:
+        """``key``'s tensor as its pickle describes it, and the file region of its storage.
+
+        ``None`` for a tensor a ``safe_globals`` function built (it is already in memory).
+        """
+        archive, ref = self._refs[key]
+        if not isinstance(ref, TensorRef):
+            return None
+        return ref, archive.regions[ref.storage.key]
+
     def read_with(
         self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
     ) -> Iterator[tuple[str, torch.Tensor]]:
