@@ -280,30 +280,34 @@ def test_no_timing_under_deterministic_algorithms() -> None:
     assert ens.plan == ens.execution == "vmap" and ens.plans == ()
 
 
-def _fallback_warnings(ens: lm.Ensemble, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        out = ens(x)
-    return out, [str(w.message) for w in caught if "batching rule" in str(w.message)]
+class Warns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        warnings.warn("legacy path used", UserWarning, stacklevel=1)
+        return self.lin(x)
 
 
-def test_vmap_fallback_warning_only_when_vmap_is_forced() -> None:
-    # In eval under no_grad, TransformerEncoderLayer takes its fused fast path,
-    # an op vmap has no batching rule for: torch warns of a "performance drop".
-    x = example("transformer")
-    forced = lm.Ensemble(members("transformer"), execution="vmap").eval()
-    expected, said = _fallback_warnings(forced, x)
-    assert any("_transformer_encoder_layer_fwd" in m for m in said)
-    auto = lm.Ensemble(members("transformer")).eval()
-    assert _fallback_warnings(auto, x)[1] == []  # timed: whichever plan won
+@pytest.mark.parametrize("execution", ["auto", "vmap", "loop"])
+def test_a_members_warning_shows_once_as_for_a_loop(execution: str) -> None:
+    # Python shows a warning once per place by default; the ensemble must not
+    # reset that memory on every call (a warnings.catch_warnings per call does).
+    torch.manual_seed(0)
+    ens = lm.Ensemble([Warns() for _ in range(3)], execution=execution)
+    x = torch.randn(2, 4)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # untimed: auto runs vmap
     try:
-        out, said = _fallback_warnings(auto, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for _ in range(4):
+                ens(x)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert said == [] and auto.plan == "vmap"
-    torch.testing.assert_close(out, expected)
+    assert ens.plan == ("vmap" if execution == "auto" else execution)
+    assert [str(w.message) for w in caught] == ["legacy path used"]
 
 
 def test_copies_start_without_timings() -> None:

@@ -28,7 +28,6 @@ from lightning_meta._ensemble._plan import (
     PlanRecord,
     fast_key,
     measure,
-    quiet_vmap_fallback,
     signature,
     untimed_reason,
 )
@@ -166,16 +165,14 @@ class Ensemble(nn.Module):
             members' channels side by side, so that a convolution is one
             grouped convolution and BatchNorm one BatchNorm (convolutions,
             BatchNorm, pooling, ``Linear``, element-wise ops, residual
-            additions and dropout, traced with ``torch.fx``; inputs it cannot
-            lay out run on the loop); ``"vmap"``, ``torch.vmap``; ``"loop"``,
+            additions and dropout, traced with ``torch.fx``, so Python code in
+            ``forward`` such as a print or a warning runs when traced, not on
+            every call; inputs it cannot lay out run on the loop);
+            ``"vmap"``, ``torch.vmap``; ``"loop"``,
             a Python loop over the members on views of the stacked tensors.
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
-            running statistics, a dropout mask per member. torch's
-            "performance drop ... batching rule" warning (an op that
-            ``vmap`` runs once per member) is shown only when ``"vmap"`` is
-            forced: where another setting runs vmap, that cost was the
-            plan's to weigh, not the user's to act on.
+            running statistics, a dropout mask per member.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -663,12 +660,7 @@ class Ensemble(nn.Module):
             return template.functional_call(t, xs, kwargs, strict=False)
 
         in_dims = (0, *([0 if self.per_member_inputs else None] * len(inputs)))
-        batched = torch.vmap(one, in_dims=in_dims, randomness=self.randomness)
-        if self._requested == "vmap" or torch.compiler.is_compiling():
-            return batched(tensors, *inputs)
-        # A plan the user did not ask for does not warn about its own ops.
-        with quiet_vmap_fallback():
-            return batched(tensors, *inputs)
+        return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(tensors, *inputs)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the

@@ -30,14 +30,13 @@ reassociation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +44,7 @@ import torch
 
 from lightning_meta._compat import functorch_transform_active, tree_leaves, tree_map, tree_map_only
 
-__all__ = [
-    "PlanCache",
-    "PlanRecord",
-    "fast_key",
-    "measure",
-    "quiet_vmap_fallback",
-    "signature",
-    "untimed_reason",
-]
+__all__ = ["PlanCache", "PlanRecord", "fast_key", "measure", "signature", "untimed_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,22 +225,6 @@ def untimed_reason() -> str | None:
     if torch.are_deterministic_algorithms_enabled():
         return "not timed with torch.use_deterministic_algorithms(True)"
     return None
-
-
-# torch.vmap runs an op without a batching rule once per member and warns
-# that it does ("There is a performance drop because we have not yet
-# implemented the batching rule for aten::..."). When "auto" chose vmap, the
-# timing already paid for that loop and found it the fastest: the warning
-# would tell the user about a choice they did not make.
-_VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented"
-
-
-@contextlib.contextmanager
-def quiet_vmap_fallback() -> Iterator[None]:
-    """Hide torch's per-op vmap fallback warning inside the block (nothing else)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_WARNING, category=UserWarning)
-        yield
 
 
 def _devices(tensors: Iterable[torch.Tensor]) -> list[torch.device]:
