@@ -342,3 +342,90 @@ def test_members_with_other_settings_are_refused() -> None:
         match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0",
     ):
         lm.Ensemble([mlp(), mlp(dropout=0.5)])
+
+
+class Scaled(nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.k = k  # read by forward, shown by no repr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.k
+
+
+def with_bn() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_members_with_settings_repr_does_not_show_are_refused() -> None:
+    # The template is member 0: another member's setting would be lost silently.
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has k = 3.0, member 0 has 2.0"):
+        lm.Ensemble([Scaled(2.0), Scaled(3.0)])
+    frozen = with_bn()
+    frozen[1].eval()
+    with pytest.raises(
+        lm.MetaTensorError, match=r"member 1 has 1.training = False, member 0 has True"
+    ):
+        lm.Ensemble([with_bn(), frozen])
+    other = with_bn()
+    running_mean = other[1].running_mean
+    del other[1].running_mean
+    other[1].register_buffer("running_mean", running_mean, persistent=False)
+    with pytest.raises(
+        lm.MetaTensorError, match=r"1._non_persistent_buffers_set = \{'running_mean'\}"
+    ):
+        lm.Ensemble([with_bn(), other])
+    lm.Ensemble([Scaled(2.0), Scaled(2.0)])  # equal settings pass
+
+
+def test_members_modes_are_kept_submodule_by_submodule() -> None:
+    members = [with_bn() for _ in range(3)]
+    for m in members:
+        m[1].eval()  # a frozen BatchNorm, as a plain module wrapping them would keep it
+    ens = lm.Ensemble(members)
+    assert ens.training and not ens.template.module[1].training
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    assert torch.equal(
+        ens.stacked.get_buffer("1.num_batches_tracked"), torch.zeros(3, dtype=torch.long)
+    )
+    assert not ens.member(0)[1].training and ens.member(0)[0].training
+    ens.train()  # nn.Module.train: every submodule
+    assert ens.template.module[1].training
+    evaluated = lm.Ensemble([with_bn().eval() for _ in range(2)])
+    assert not evaluated.training and not evaluated.template.module.training
+
+
+class ScaledBy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.lin(x)
+        return y if scale is None else y * scale
+
+
+@pytest.mark.parametrize("execution", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_per_member_keyword_inputs_are_split(execution: str, chunk_size: int | None) -> None:
+    torch.manual_seed(0)
+    members = [ScaledBy() for _ in range(3)]
+    x, scale = torch.randn(3, 5, 4), torch.rand(3, 5, 1)
+    expected = torch.stack([m(x[i], scale=scale[i]) for i, m in enumerate(members)])
+    ens = lm.Ensemble(members, per_member_inputs=True, execution=execution, chunk_size=chunk_size)
+    torch.testing.assert_close(ens(x, scale=scale), expected)
+
+
+@pytest.mark.parametrize("execution", ["auto", "fused", "vmap", "loop"])
+def test_per_member_inputs_need_one_slice_per_member(execution: str) -> None:
+    members = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)]
+    ens = lm.Ensemble(members, per_member_inputs=True, execution=execution)
+    for bad in (torch.randn(6, 5, 4), torch.randn(2, 5, 4), torch.randn(4)):
+        with pytest.raises(ValueError, match=r"input 0 holds a tensor of shape"):
+            ens(bad)
+    with pytest.raises(ValueError, match=r"keyword input 'scale'"):
+        lm.Ensemble([ScaledBy() for _ in range(3)], per_member_inputs=True)(
+            torch.randn(3, 5, 4), scale=torch.rand(5, 1)
+        )

@@ -541,3 +541,57 @@ def test_torch_compile_loop_with_randomness_same_shares_the_mask_and_error_refus
     )
     with pytest.raises(lm.MetaTensorError, match=r"randomness='error'.*member 0 drew random"):
         torch.compile(error)(torch.ones(2, 4))
+
+
+class Augmented(nn.Module):
+    """``h += 1`` with the old ``h`` read again through another name when ``alias``."""
+
+    def __init__(self, alias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.alias = alias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        skip = h if self.alias else x
+        h += 1.0  # eager: in place, so an alias sees it
+        return torch.relu(h) + skip
+
+
+def test_augmented_assignment_is_kept_in_place_or_refused() -> None:
+    # torch.fx traces `h += 1` as `h = h + 1`; the grouped plan must not lose
+    # the update an alias of `h` sees in eager PyTorch.
+    x = torch.randn(2, 3, 6, 6)
+    torch.manual_seed(0)
+    plain = [Augmented(alias=False) for _ in range(3)]
+    grouped = lm.Ensemble(plain, execution="grouped")
+    torch.testing.assert_close(grouped(x), torch.stack([m(x) for m in plain]))
+    torch.manual_seed(0)
+    aliased = [Augmented(alias=True) for _ in range(3)]
+    with pytest.raises(ArgumentValueError, match=r"updates 'conv' in place \(iadd\) and reads it"):
+        lm.Ensemble(aliased, execution="grouped")
+    expected = torch.stack([m(x) for m in aliased])
+    for execution in ("auto", "vmap", "loop"):
+        torch.testing.assert_close(lm.Ensemble(aliased, execution=execution)(x), expected)
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_autocast_gives_the_members_dtype_and_values(timed: bool) -> None:
+    # torch.vmap leaves nn.Linear's output float32 under CPU autocast
+    # (pytorch/pytorch#192617): no plan may return what the members do not.
+    mods = members("cnn")
+    x = example("cnn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.stack([m(x) for m in mods])
+        ens = lm.Ensemble(mods)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(not timed)  # untimed: auto's static plan, vmap
+        try:
+            out = ens(x)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        assert out.dtype == expected.dtype == torch.bfloat16, ens.plan
+        torch.testing.assert_close(out, expected)
+        assert all(p.plan != "vmap" for p in ens.plans)
+        with pytest.raises(ArgumentValueError, match=r"execution='vmap'\) cannot run under"):
+            lm.Ensemble(mods, execution="vmap")(x)

@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.utilities.model_summary import summarize
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_meta as lm
 from support.lightning_models import AllTemplates, loader, mlp, real_state, templates_are_meta
 
 
@@ -242,3 +244,48 @@ def test_model_pruning_of_every_real_layer(tmp_path: Path) -> None:
     x = torch.randn(4, 6)
     ens = model.ensemble
     torch.testing.assert_close(ens(x), torch.stack([ens.member(i)(x) for i in range(len(ens))]))
+
+
+class ModesAfterValidation(L.LightningModule):
+    """An ensemble with BatchNorm and dropout, one member's BatchNorm frozen by the user."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        members = [
+            nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 1))
+            for _ in range(3)
+        ]
+        self.ens = lm.Ensemble(members, execution="loop")
+        self.seen: list[tuple[str, tuple[bool, ...]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ens(x)
+        modes = tuple(m.training for m in self.ens.template.module.modules())
+        self.seen.append(("train" if self.training else "eval", modes))
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).square().mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_modes_come_back_after_validation(tmp_path: Path, frozen: bool) -> None:
+    # Lightning puts modes back after validation by setting `training` on every
+    # module it sees; the ensemble's template must follow, submodule by submodule.
+    model = ModesAfterValidation()
+    if frozen:
+        model.ens.template.module[1].eval()  # the BatchNorm: running stats frozen
+    data = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8)
+    make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=1).fit(model, data, data)
+    train_modes = {modes for mode, modes in model.seen if mode == "train"}
+    eval_modes = {modes for mode, modes in model.seen if mode == "eval"}
+    assert eval_modes == {(False,) * 5}
+    assert train_modes == {(True, True, not frozen, True, True)}
+    assert len(model.seen) == 2 * 2 + 2 * 2 + 1  # 2 epochs x (2 train + 2 val) + sanity

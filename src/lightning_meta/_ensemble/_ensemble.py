@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -10,7 +11,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_meta._compat import has_module_hooks, module_apply, tree_map, tree_map_only
+from lightning_meta._compat import (
+    has_module_hooks,
+    module_apply,
+    tree_leaves,
+    tree_map,
+    tree_map_only,
+)
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
 from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
@@ -50,6 +57,28 @@ def _slicer(start: int, stop: int | None) -> Callable[[torch.Tensor], torch.Tens
     if stop is None:
         return lambda x: x[start]
     return lambda x: x[start:stop]
+
+
+def _check_member_inputs(inputs: tuple[Any, ...], kwargs: Mapping[str, Any], n: int) -> None:
+    """Refuse a tensor input without one slice per member on dim 0 (``per_member_inputs=True``)."""
+    named = [(f"input {i}", x) for i, x in enumerate(inputs)]
+    named += [(f"keyword input {k!r}", v) for k, v in kwargs.items()]
+    for where, value in named:
+        for t in tree_leaves(value):
+            if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[0] != n):
+                raise ArgumentValueError(
+                    f"Ensemble(per_member_inputs=True) of {n} members takes one slice per member "
+                    f"on dim 0 of every tensor input, but {where} holds a tensor of shape "
+                    f"{tuple(t.shape)}. Fix: stack the members' inputs on a new dim 0 "
+                    "(torch.stack), or pass per_member_inputs=False to give every member the "
+                    "same inputs."
+                )
+
+
+def _autocasting(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether autocast is on for the device of the stacked tensors."""
+    first = next(iter(tensors.values()), None)
+    return first is not None and torch.is_autocast_enabled(first.device.type)
 
 
 class _Stacked(nn.Module):
@@ -119,7 +148,50 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
                     f"member {index} has {theirs.strip()!r} where member 0 has {mine.strip()!r}"
                 )
                 break
+    if not problems:
+        # Settings repr does not show (a plain attribute forward reads, a
+        # submodule left in eval mode, a buffer's persistence).
+        ref_settings, settings = _settings(reference), _settings(other)
+        for key in sorted(ref_settings.keys() | settings.keys()):
+            mine, theirs = ref_settings.get(key, "<unset>"), settings.get(key, "<unset>")
+            if _differs(mine, theirs):
+                problems.append(f"member {index} has {key} = {theirs!r}, member 0 has {mine!r}")
     return problems
+
+
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a setting that can be compared: numbers, strings, and containers of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """Every plain setting of every submodule, by dotted name: the attributes ``forward`` reads
+    (a scale, an epsilon, a flag), its ``training`` mode and which buffers are persistent."""
+    out: dict[str, Any] = {}
+    for path, mod in module.named_modules(remove_duplicate=False):
+        dot = f"{path}." if path else ""
+        for key, value in vars(mod).items():
+            if _plain(value):
+                out[dot + key] = value
+    return out
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        if bool(a == b):
+            return False
+    except Exception:  # a comparison that raises is not an equality
+        pass
+    return repr(a) != repr(b)  # NaN == NaN
 
 
 def _as_stacked(module: nn.Module, path: str) -> _Stacked:
@@ -313,8 +385,12 @@ class Ensemble(nn.Module):
         self.per_member_inputs = per_member_inputs
         self.randomness: Randomness = randomness
         self.chunk_size = chunk_size
+        # The members' modes, submodule by submodule (a frozen BatchNorm stays
+        # frozen), as a module wrapping them would leave them.
         self.template = MetaTemplate(first)
-        self.template.train(self.training)
+        self.training = first.training
+        self._mode_applied = first.training
+        self._modes_before_eval: list[bool] | None = None
         template = self.template.module
         # One stacked tensor per distinct tensor of the template; tied names
         # are filled in by functional_call(tie_weights=True).
@@ -453,16 +529,45 @@ class Ensemble(nn.Module):
                 f"Ensemble.member({index}) is out of range for {self.num_members} members. "
                 f"Fix: pass an index in [-{self.num_members}, {self.num_members})."
             )
+        self._follow_mode()
         tensors = self.tensors()
-        module = copy_module(
+        # A copy of the template: its modes, submodule by submodule.
+        return copy_module(
             self.template.module, lambda name, t: tensors[name][index].detach().clone()
         )
-        return module.train(self.training)
 
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)
-        self.template.train(mode)
+        self._apply_mode(mode, restore=False)
         return self
+
+    def _apply_mode(self, mode: bool, *, restore: bool) -> None:
+        """Put the template in ``mode``; with ``restore``, back into the modes it had before
+        the last switch to eval (submodule by submodule)."""
+        modules = list(self.template.module.modules())
+        if not mode and self._mode_applied:
+            self._modes_before_eval = [m.training for m in modules]
+        before = self._modes_before_eval
+        if mode and restore and before is not None and len(before) == len(modules):
+            self.template.train(True)
+            for m, flag in zip(modules, before, strict=True):
+                m.training = flag
+        else:
+            self.template.train(mode)
+        if mode:
+            self._modes_before_eval = None
+        self._mode_applied = mode
+
+    def _follow_mode(self) -> None:
+        """Follow ``self.training`` when it was set directly, not through :meth:`train`.
+
+        Lightning does so when it puts modes back after validation: it sets
+        ``training`` on every module it sees, and the template is not one of
+        them. The template then returns to the modes it had before the
+        switch to eval, as every module Lightning sees does.
+        """
+        if self.training != self._mode_applied:
+            self._apply_mode(self.training, restore=True)
 
     # ----------------------------------------------------------------- plans
     @property
@@ -514,6 +619,8 @@ class Ensemble(nn.Module):
         record = self._plans.get(key)
         if record is None:
             candidates = self._candidates(inputs, kwargs)
+            if _autocasting(tensors):  # see _vmap
+                candidates.remove("vmap")
             if len(candidates) == 1:
                 record = PlanRecord(key, candidates[0], "only plan")
             else:
@@ -536,6 +643,9 @@ class Ensemble(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
+        self._follow_mode()
+        if self.per_member_inputs:
+            _check_member_inputs(inputs, kwargs, self.num_members)
         tensors = self.tensors()
         plan = self._choose(tensors, inputs, kwargs)
         if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
@@ -562,7 +672,7 @@ class Ensemble(nn.Module):
         falling back to the loop (so that timing never credits one plan with another)."""
         if plan == "grouped" and not kwargs:
             try:
-                return self._chunked(tensors, inputs, self._grouped_call)
+                return self._chunked(tensors, inputs, kwargs, self._grouped_call)
             except NotGroupableError:
                 if strict:
                     raise
@@ -583,36 +693,46 @@ class Ensemble(nn.Module):
                 view_cache=self._views,
             )
         if plan == "fused" and self._fused is not None and not kwargs:
-            return self._chunked(tensors, inputs, self._fused_call)
-        return self._chunked(tensors, inputs, lambda t, x, start: self._vmap(t, x, kwargs))
+            return self._chunked(tensors, inputs, kwargs, self._fused_call)
+        return self._chunked(tensors, inputs, kwargs, lambda t, x, kw, start: self._vmap(t, x, kw))
 
     def _chunked(
         self,
         tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
-        run: Callable[[dict[str, torch.Tensor], tuple[Any, ...], int], Any],
+        kwargs: Mapping[str, Any],
+        run: Callable[[dict[str, torch.Tensor], tuple[Any, ...], Mapping[str, Any], int], Any],
     ) -> Any:
         size = self.chunk_size
         if size is None or size >= self.num_members:
-            return run(dict(tensors), inputs, 0)
+            return run(dict(tensors), inputs, kwargs, 0)
         outs = []
         for start in range(0, self.num_members, size):
             part = {k: v[start : start + size] for k, v in tensors.items()}
-            xs = inputs
+            xs, kw = inputs, kwargs
             if self.per_member_inputs:
                 xs = tree_map_only(torch.Tensor, _slicer(start, start + size), inputs)
-            outs.append(run(part, xs, start))
+                kw = tree_map_only(torch.Tensor, _slicer(start, start + size), dict(kwargs))
+            outs.append(run(part, xs, kw, start))
         return tree_map(lambda *parts: torch.cat(parts), *outs)
 
     def _grouped_call(
-        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], start: int
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        start: int,
     ) -> Any:
         module = self.template.module
         self._slots()  # the aliases of tied names
         return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs)
 
     def _fused_call(
-        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], start: int
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        start: int,
     ) -> Any:
         if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             return self._vmap(tensors, inputs, {})
@@ -639,14 +759,16 @@ class Ensemble(nn.Module):
         # before the first (CPU and the parameters' accelerator), as run_loop does.
         replay = rng_states(device) if self.randomness != "different" else []
         outs = []
-        for i in range(self.num_members):
+        members = next(iter(tensors.values())).shape[0] if tensors else self.num_members
+        for i in range(members):
             if self.randomness == "same" and i > 0:
                 replay_rng(replay)
-            xs = inputs
+            xs, kw = inputs, kwargs
             if self.per_member_inputs:
                 xs = tree_map_only(torch.Tensor, _slicer(i, None), inputs)
+                kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
-            outs.append(self.template.functional_call(params, xs, kwargs, strict=False))
+            outs.append(self.template.functional_call(params, xs, kw, strict=False))
             if self.randomness == "error":
                 check_no_draw(replay, device, i)
         return tree_map(lambda *o: torch.stack(o), *outs)
@@ -654,13 +776,35 @@ class Ensemble(nn.Module):
     def _vmap(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Any:
+        if _autocasting(tensors):
+            # torch.vmap does not apply autocast to every op (nn.Linear's bias
+            # add stays float32: pytorch/pytorch#192617), so its result would
+            # differ from the members'.
+            if self._requested == "vmap":
+                raise ArgumentValueError(
+                    "Ensemble(execution='vmap') cannot run under torch.autocast: torch.vmap "
+                    "does not apply autocast to every op (pytorch/pytorch#192617), so the "
+                    "result would differ from the members' own. Fix: use execution='auto' or "
+                    "'loop'."
+                )
+            return self._functional_loop(tensors, inputs, kwargs)
         template = self.template
 
-        def one(t: dict[str, torch.Tensor], *xs: Any) -> Any:
-            return template.functional_call(t, xs, kwargs, strict=False)
+        def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+            return template.functional_call(t, xs, kw, strict=False)
 
-        in_dims = (0, *([0 if self.per_member_inputs else None] * len(inputs)))
-        return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(tensors, *inputs)
+        kw = dict(kwargs)
+        if self.per_member_inputs:
+            # Keyword inputs are split like positional ones (vmap batches none by itself).
+            dims: Any = tuple(0 for _ in inputs)
+            kw_dims: Any = {
+                k: tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, v)
+                for k, v in kw.items()
+            }
+        else:
+            dims, kw_dims = None, None
+        batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
+        return batched(tensors, inputs, kw)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
@@ -681,6 +825,9 @@ class Ensemble(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_mode_applied" not in state:  # pickled by a version that kept no modes
+            self._mode_applied = self.template.module.training
+            self._modes_before_eval = None
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

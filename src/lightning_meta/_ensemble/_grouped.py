@@ -601,6 +601,57 @@ def _unfold(v: Any, n: int) -> Any:
     raise NotGroupableError(f"an output of type {type(v).__name__}")
 
 
+# torch.fx's Proxy has no in-place operators, so ``h += y`` traces as
+# ``h = h + y``: another name still bound to the old ``h`` (``skip = h``) then
+# misses the update eager PyTorch makes. The tracer below records them, and
+# _trace keeps them only where no other name can see the difference.
+_AUGMENTED = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+class _AugmentedProxy(fx.Proxy):
+    """A Proxy whose ``x += y`` (and ``-=``, ``*=``, ``/=``) is an in-place node."""
+
+
+def _augmented(target: Callable[..., Any]) -> Callable[..., Any]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    return method
+
+
+for _target in _AUGMENTED:
+    setattr(_AugmentedProxy, f"__{_target.__name__}__", _augmented(_target))
+
+
+class _Tracer(fx.Tracer):
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedProxy(node, self)
+
+
+def _out_of_place(graph: fx.Graph) -> Refusal | None:
+    """Turn each ``x += y`` node into ``x + y`` where nothing reads the old ``x`` afterwards."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _AUGMENTED:
+            continue
+        old = node.args[0]
+        if isinstance(old, fx.Node) and any(
+            user is not node and order[user] > order[node] for user in old.users
+        ):
+            return Refusal(
+                "",
+                f"the forward updates {old.name!r} in place ({node.target.__name__}) and reads it "
+                "again under another name, which this plan cannot keep",
+            )
+        node.target = _AUGMENTED[node.target]
+    return None
+
+
 def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     """Trace ``template`` and check every node against the rules."""
     for path, mod in template.named_modules():
@@ -609,11 +660,14 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = fx.Tracer().trace(template)
+            graph = _Tracer().trace(template)
     except Exception as e:  # any failure to trace keeps the template off the plan
         return Refusal(
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
         )
+    refused = _out_of_place(graph)
+    if refused is not None:
+        return refused
     for node in graph.nodes:
         where = str(node.target)
         if node.op == "call_module":

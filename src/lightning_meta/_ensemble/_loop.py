@@ -250,15 +250,21 @@ def run_loop(
     views = {name: view_cache.views(name, t, grad_buffers) for name, t in tensors.items()}
     members = shells.ready(template, list(tensors), views, num_members)
     member_inputs: list[tuple[Any, ...]] = [inputs] * num_members
+    member_kwargs: list[Mapping[str, Any]] = [kwargs] * num_members
     if per_member_inputs:
         # One unbind per input (a select per member would make the input's
-        # gradient N full-size zero tensors).
-        split = {id(t): t.unbind(0) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+        # gradient N full-size zero tensors); keyword inputs are split too.
+        split = {
+            id(t): t.unbind(0)
+            for t in tree_leaves((inputs, dict(kwargs)))
+            if isinstance(t, torch.Tensor)
+        }
 
-        def member(i: int) -> tuple[Any, ...]:
-            return tree_map_only(torch.Tensor, lambda t: split[id(t)][i], inputs)  # type: ignore[no-any-return]
+        def member(i: int, tree: Any) -> Any:
+            return tree_map_only(torch.Tensor, lambda t: split[id(t)][i], tree)
 
-        member_inputs = [member(i) for i in range(num_members)]
+        member_inputs = [member(i, inputs) for i in range(num_members)]
+        member_kwargs = [member(i, dict(kwargs)) for i in range(num_members)]
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     replay = rng_states(device) if randomness != "different" else []
     outs = []
@@ -266,7 +272,7 @@ def run_loop(
         for i in range(num_members):
             if randomness == "same" and i > 0:
                 replay_rng(replay)
-            outs.append(members[i].module(*member_inputs[i], **kwargs))
+            outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
             if randomness == "error":
                 check_no_draw(replay, device, i)
     finally:
