@@ -163,6 +163,18 @@ def test_dtype_conversion_inside_the_block_raises_with_fix() -> None:
     with pytest.raises(MaterializationError, match=r"Module\.to\(\).*pass dtype= .*to materialize"):
         deferred_init(lambda: md.NanoGPT().to(torch.bfloat16))
 
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4)).half()  # the line named
+
+    line = build.__code__.co_firstlineno + 1
+    with pytest.raises(MaterializationError) as info:
+        deferred_init(build)
+    assert f"converts 'Sequential.0.weight', issued at {__file__}:{line}" in str(info.value)
+    assert info.value.paths == ("0.weight",)
+    # A conversion that changes nothing is refused too: torch swaps even then.
+    with pytest.raises(MaterializationError, match=r"even for a conversion that changes nothing"):
+        deferred_init(lambda: nn.Linear(3, 4).to("cpu"))
+
 
 def test_reseed_inside_construction_is_reproduced() -> None:
     def build() -> nn.Module:

@@ -42,12 +42,14 @@ _SAVED: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
 
-def conversion_refused(detail: str) -> MaterializationError:
-    """Return the error for ``Module.to()`` and the like inside a block."""
+def conversion_refused(detail: str, paths: tuple[str, ...] = ()) -> MaterializationError:
+    """Return the error for ``Module.to()`` and the like inside a block (``paths``: the tensors)."""
     return MaterializationError(
         f"deferred_init cannot record Module.to()/.half()/.float() inside the block "
-        f"({detail}): torch cannot swap the fake tensors it builds on. Fix: "
-        "pass dtype= (and device=) to materialize, or convert after it."
+        f"({detail}): torch cannot swap the fake tensors it builds on, even for a conversion "
+        "that changes nothing. Fix: pass dtype= (and device=) to materialize, or convert "
+        "after it.",
+        paths=paths,
     )
 
 

@@ -44,7 +44,7 @@ from lightning_meta._compat import (
 from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
 from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Stream
-from lightning_meta._deferred._record_errors import user_site
+from lightning_meta._deferred._record_errors import path_of, user_site
 from lightning_meta._deferred._replay import replay, slice_ops
 from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
 from lightning_meta._deferred._values import ValueIds
@@ -248,7 +248,13 @@ class Recorder(RecordingDispatchMode):
         kwargs = kwargs or {}
         info = _info(func)
         if info.converts and _in_module_apply():
-            raise conversion_refused(f"{info.name} converts a parameter or buffer")
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            path = path_of(first, self.modules.values()) if first is not None else None
+            what = f"{str(path)!r}" if path is not None else "a parameter or buffer"
+            raise conversion_refused(
+                f"{info.name} converts {what}, issued at {user_site(1)}",
+                paths=(path.dotted,) if path is not None else (),
+            )
         dtype = torch.get_default_dtype()
         if dtype is not self._dtype:
             self.record.dtypes.append((len(self.record.ops), dtype))
