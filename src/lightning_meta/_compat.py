@@ -47,9 +47,11 @@ __all__ = [
     "lacks_fake_kernel",
     "quiet_fake_tensor_log",
     "state_bytes",
+    "tree_flatten",
     "tree_leaves",
     "tree_map",
     "tree_map_only",
+    "tree_unflatten",
     "buffers_of",
     "children_of",
     "dispatch_mode_active",
@@ -250,13 +252,19 @@ def quiet_fake_tensor_log() -> Iterator[None]:
 
 # -- pytrees: flattening nested inputs and outputs. Checked on torch 2.6, 2.13, 2.14.
 try:
-    from torch.utils._pytree import tree_leaves, tree_map, tree_map_only
+    from torch.utils._pytree import (
+        tree_flatten,
+        tree_leaves,
+        tree_map,
+        tree_map_only,
+        tree_unflatten,
+    )
 except ImportError:  # pragma: no cover
 
     def _no_pytree(*args: Any, **kwargs: Any) -> Any:
         raise missing("torch.utils._pytree", "Ensemble and estimate")
 
-    tree_leaves = tree_map = tree_map_only = _no_pytree
+    tree_flatten = tree_leaves = tree_map = tree_map_only = tree_unflatten = _no_pytree
 
 
 # -- FLOP counting: estimate attributes FLOPs to modules with a module tracker.

@@ -429,3 +429,26 @@ def test_per_member_inputs_need_one_slice_per_member(execution: str) -> None:
         lm.Ensemble([ScaledBy() for _ in range(3)], per_member_inputs=True)(
             torch.randn(3, 5, 4), scale=torch.rand(5, 1)
         )
+
+
+class Tagged(nn.Parameter):
+    pass
+
+
+def test_bad_arguments_are_refused_with_a_type_error() -> None:
+    members = [nn.Linear(2, 2) for _ in range(2)]
+    with pytest.raises(TypeError, match=r"per_member_inputs='yes'; expected True or False"):
+        lm.Ensemble(members, per_member_inputs="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"chunk_size=True"):
+        lm.Ensemble(members, chunk_size=True)
+    with pytest.raises(TypeError, match=r"num_members=True, a bool"):
+        lm.Ensemble.from_factory(lambda: nn.Linear(2, 2), True)
+    ens = lm.Ensemble(members)
+    for bad in (1.0, "0"):
+        with pytest.raises(TypeError, match=r"needs an int index"):
+            ens.member(bad)  # type: ignore[arg-type]
+    assert torch.equal(ens.member(torch.tensor(1)).weight, members[1].weight)
+    tagged = nn.Linear(2, 2)
+    tagged.weight = Tagged(tagged.weight.detach())
+    with pytest.raises(lm.MetaTensorError, match=r"member 1: parameter \(Tagged\) 'weight'"):
+        lm.Ensemble([nn.Linear(2, 2), tagged])

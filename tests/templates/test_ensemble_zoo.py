@@ -6,6 +6,7 @@ import copy
 import pickle
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -595,3 +596,62 @@ def test_autocast_gives_the_members_dtype_and_values(timed: bool) -> None:
         assert all(p.plan != "vmap" for p in ens.plans)
         with pytest.raises(ArgumentValueError, match=r"execution='vmap'\) cannot run under"):
             lm.Ensemble(mods, execution="vmap")(x)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_gradient_penalty_through_the_fused_plan(
+    monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    # Double backward (create_graph=True), as a WGAN-GP loss takes it: the large
+    # layers' own autograd functions must be differentiable again.
+    from lightning_meta._ensemble import _fused
+
+    if large:  # every layer takes the shared and per-member GEMM functions
+        monkeypatch.setattr(_fused, "_REUSE_WEIGHT_BYTES", 0)
+        monkeypatch.setattr(_fused, "_PER_MEMBER_GRAD_MACS", 0)
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)) for _ in range(3)]
+    refs = copy.deepcopy(mods)
+    ens = lm.Ensemble(mods, execution="fused")
+    x = torch.randn(5, 3)
+
+    def penalty(out: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        return g.square().sum()
+
+    xi = x.clone().requires_grad_()
+    penalty(ens(xi), xi).backward()
+    xr = x.clone().requires_grad_()
+    penalty(torch.stack([m(xr) for m in refs]), xr).backward()
+    for name in ("0.weight", "0.bias", "2.weight"):
+        expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
+        torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected)
+
+
+class Mixed(nn.Module):
+    """An output with tensors, None and a number (a model's aux fields)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        y = self.lin(x)
+        return {"y": y, "aux": None, "n": x.shape[0], "pair": (y.sum(), y * 2)}
+
+
+@pytest.mark.parametrize("execution", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_outputs_with_none_and_numbers(execution: str, chunk_size: int | None) -> None:
+    torch.manual_seed(0)
+    mods = [Mixed() for _ in range(3)]
+    x = torch.randn(5, 4)
+    out = lm.Ensemble(mods, execution=execution, chunk_size=chunk_size)(x)
+    assert out["aux"] is None and out["n"] == 5
+    torch.testing.assert_close(out["y"], torch.stack([m(x)["y"] for m in mods]))
+    torch.testing.assert_close(out["pair"][0], torch.stack([m(x)["pair"][0] for m in mods]))
+
+
+def test_vmap_without_a_batching_rule_is_our_error() -> None:
+    with pytest.raises(ArgumentValueError, match=r"cannot run Recurrent: .*aten::gru.*'loop'"):
+        lm.Ensemble(members("gru"), execution="vmap")(example("gru"))

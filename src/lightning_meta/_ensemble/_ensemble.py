@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -14,9 +15,11 @@ from torch import nn
 from lightning_meta._compat import (
     has_module_hooks,
     module_apply,
+    tree_flatten,
     tree_leaves,
     tree_map,
     tree_map_only,
+    tree_unflatten,
 )
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
@@ -26,6 +29,7 @@ from lightning_meta._ensemble._loop import (
     MemberSlots,
     ViewCache,
     check_no_draw,
+    join_outputs,
     replay_rng,
     rng_states,
     run_loop,
@@ -100,7 +104,8 @@ class _Stacked(nn.Module):
 def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]:
     sig: dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        sig[name] = ("parameter", tuple(p.shape), p.dtype, p.requires_grad)
+        kind = "parameter" if type(p) is nn.Parameter else f"parameter ({type(p).__qualname__})"
+        sig[name] = (kind, tuple(p.shape), p.dtype, p.requires_grad)
     for name, b in module.named_buffers(remove_duplicate=False):
         sig[name] = ("buffer", tuple(b.shape), b.dtype, False)
     return sig
@@ -216,11 +221,13 @@ class Ensemble(nn.Module):
 
     Args:
         modules: the members: same class, same parameter and buffer names,
-            shapes, dtypes and weight ties, on one device. Their values are
-            copied; the modules themselves are not kept.
+            shapes, dtypes and weight ties, same settings (attributes,
+            train/eval mode of every submodule), on one device. Their values
+            and modes are copied; the modules themselves are not kept.
         per_member_inputs: ``False`` (default): every member gets the same
-            inputs. ``True``: tensor inputs are stacked on dim 0, one slice per
-            member.
+            inputs. ``True``: tensor inputs, keyword ones included, are
+            stacked on dim 0, one slice per member (any other size of dim 0
+            is an ``ArgumentValueError``).
         randomness: ``torch.vmap`` randomness. ``"different"`` (default) gives
             each member its own dropout mask, as N separate modules would;
             ``"same"`` shares one; ``"error"`` refuses random operations.
@@ -338,7 +345,12 @@ class Ensemble(nn.Module):
             >>> len(ens), ens.stacked.weight.shape
             (8, torch.Size([8, 2, 3]))
         """
-        if not isinstance(num_members, int) or num_members < 1:
+        if not isinstance(num_members, int) or isinstance(num_members, bool):
+            raise ArgumentTypeError(
+                f"Ensemble.from_factory got num_members={num_members!r}, a "
+                f"{type(num_members).__name__}. Fix: pass the number of members as an int."
+            )
+        if num_members < 1:
             raise ArgumentValueError(
                 f"Ensemble.from_factory needs num_members >= 1, got {num_members!r}. "
                 "Fix: pass the number of members as a positive int."
@@ -369,6 +381,10 @@ class Ensemble(nn.Module):
                 f"Ensemble member 0 is {type(first).__name__}, expected an nn.Module. "
                 "Fix: pass modules (or a factory returning one)."
             )
+        if not isinstance(per_member_inputs, bool):
+            raise ArgumentTypeError(
+                f"Ensemble per_member_inputs={per_member_inputs!r}; expected True or False."
+            )
         if randomness not in _RANDOMNESS:
             raise ArgumentValueError(
                 f"Ensemble randomness={randomness!r}; choose one of {_RANDOMNESS}."
@@ -377,7 +393,9 @@ class Ensemble(nn.Module):
             raise ArgumentValueError(
                 f"Ensemble execution={execution!r}; choose one of {_EXECUTIONS}."
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
             raise ArgumentValueError(
                 f"Ensemble chunk_size={chunk_size!r}; expected None or an int >= 1."
             )
@@ -524,6 +542,13 @@ class Ensemble(nn.Module):
         Raises:
             MetaTensorError: ``index`` is out of range.
         """
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise ArgumentTypeError(
+                f"Ensemble.member({index!r}) needs an int index, got a {type(index).__name__}. "
+                "Fix: pass the member's position as an int."
+            ) from None
         if not -self.num_members <= index < self.num_members:
             raise ArgumentValueError(
                 f"Ensemble.member({index}) is out of range for {self.num_members} members. "
@@ -714,7 +739,7 @@ class Ensemble(nn.Module):
                 xs = tree_map_only(torch.Tensor, _slicer(start, start + size), inputs)
                 kw = tree_map_only(torch.Tensor, _slicer(start, start + size), dict(kwargs))
             outs.append(run(part, xs, kw, start))
-        return tree_map(lambda *parts: torch.cat(parts), *outs)
+        return join_outputs(outs, torch.cat)
 
     def _grouped_call(
         self,
@@ -771,7 +796,7 @@ class Ensemble(nn.Module):
             outs.append(self.template.functional_call(params, xs, kw, strict=False))
             if self.randomness == "error":
                 check_no_draw(replay, device, i)
-        return tree_map(lambda *o: torch.stack(o), *outs)
+        return join_outputs(outs, torch.stack)
 
     def _vmap(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -790,8 +815,14 @@ class Ensemble(nn.Module):
             return self._functional_loop(tensors, inputs, kwargs)
         template = self.template
 
+        structure: list[Any] = []
+
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-            return template.functional_call(t, xs, kw, strict=False)
+            # vmap returns tensors only: other leaves (None, a number) are kept
+            # aside and put back, once for all members.
+            leaves, spec = tree_flatten(template.functional_call(t, xs, kw, strict=False))
+            structure[:] = [leaves, spec]
+            return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
         kw = dict(kwargs)
         if self.per_member_inputs:
@@ -804,7 +835,21 @@ class Ensemble(nn.Module):
         else:
             dims, kw_dims = None, None
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
-        return batched(tensors, inputs, kw)
+        try:
+            outs = iter(batched(tensors, inputs, kw))
+        except RuntimeError as e:
+            if "Batching rule not implemented" not in str(e):
+                raise
+            how = "forced" if self._requested == "vmap" else "used where no plan is timed"
+            raise ArgumentValueError(
+                f"Ensemble(execution={self._requested!r}) ran torch.vmap ({how}), which cannot "
+                f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
+                "execution='loop'."
+            ) from e
+        leaves, spec = structure
+        return tree_unflatten(
+            [next(outs) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec
+        )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the

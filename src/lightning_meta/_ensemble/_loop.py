@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import has_module_hooks, tree_leaves, tree_map, tree_map_only
+from lightning_meta._compat import (
+    has_module_hooks,
+    tree_flatten,
+    tree_leaves,
+    tree_map_only,
+    tree_unflatten,
+)
 from lightning_meta._ensemble._grads import GradBuffers, unstack
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._slots import Slot, tie_groups
@@ -36,6 +42,7 @@ __all__ = [
     "MemberSlots",
     "ViewCache",
     "check_no_draw",
+    "join_outputs",
     "replay_rng",
     "rng_states",
     "run_loop",
@@ -280,4 +287,33 @@ def run_loop(
             shells.release()
     if isinstance(outs[0], torch.Tensor):
         return torch.stack(outs)
-    return tree_map(lambda *o: torch.stack(o), *outs)
+    return join_outputs(outs, torch.stack)
+
+
+def join_outputs(outs: Sequence[Any], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """Join the members' (or chunks') outputs leaf by leaf: ``join`` the tensors; any other
+    leaf (``None``, a number) must be the same in every output and is kept once."""
+    flat = [tree_flatten(out) for out in outs]
+    leaves, spec = flat[0]
+    for i, (_, other) in enumerate(flat[1:], start=1):
+        if other != spec:
+            raise ArgumentValueError(
+                f"Ensemble member or chunk {i} returned an output of another structure than "
+                f"the first ({other} vs {spec}). Fix: return the same structure from every "
+                "member."
+            )
+    joined: list[Any] = []
+    for j, first in enumerate(leaves):
+        column = [f[0][j] for f in flat]
+        if isinstance(first, torch.Tensor):
+            joined.append(join(column))
+        elif all(type(c) is type(first) and c == first for c in column[1:]):
+            joined.append(first)
+        else:
+            raise ArgumentValueError(
+                f"Ensemble members returned different values in output leaf {j} "
+                f"({first!r}, then {next(c for c in column if c != first)!r}), which is not a "
+                "tensor and cannot be stacked. Fix: return it as a tensor, or the same value "
+                "from every member."
+            )
+    return tree_unflatten(joined, spec)
