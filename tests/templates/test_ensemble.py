@@ -377,6 +377,10 @@ def test_members_with_settings_repr_does_not_show_are_refused() -> None:
     ):
         lm.Ensemble([with_bn(), other])
     lm.Ensemble([Scaled(2.0), Scaled(2.0)])  # equal settings pass
+    # Private bookkeeping is not a setting: a hook registered once and removed.
+    hooked = Scaled(2.0)
+    hooked.register_full_backward_hook(lambda *args: None).remove()
+    lm.Ensemble([Scaled(2.0), hooked])
 
 
 def test_members_modes_are_kept_submodule_by_submodule() -> None:
@@ -395,6 +399,7 @@ def test_members_modes_are_kept_submodule_by_submodule() -> None:
     assert ens.template.module[1].training
     evaluated = lm.Ensemble([with_bn().eval() for _ in range(2)])
     assert not evaluated.training and not evaluated.template.module.training
+    assert not any(m.training for m in evaluated.modules())  # its holders too
 
 
 class ScaledBy(nn.Module):

@@ -559,6 +559,20 @@ class Augmented(nn.Module):
         return torch.relu(h) + skip
 
 
+class ThroughView(nn.Module):
+    """``+=`` on a view: the tensor it views changes too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        flat = h.flatten(1)
+        flat += 1.0
+        return h
+
+
 def test_augmented_assignment_is_kept_in_place_or_refused() -> None:
     # torch.fx traces `h += 1` as `h = h + 1`; the grouped plan must not lose
     # the update an alias of `h` sees in eager PyTorch.
@@ -569,8 +583,15 @@ def test_augmented_assignment_is_kept_in_place_or_refused() -> None:
     torch.testing.assert_close(grouped(x), torch.stack([m(x) for m in plain]))
     torch.manual_seed(0)
     aliased = [Augmented(alias=True) for _ in range(3)]
-    with pytest.raises(ArgumentValueError, match=r"updates 'conv' in place \(iadd\) and reads it"):
+    with pytest.raises(ArgumentValueError, match=r"updates 'conv' in place \(iadd\) where another"):
         lm.Ensemble(aliased, execution="grouped")
+    torch.manual_seed(0)
+    through_view = [ThroughView() for _ in range(3)]
+    with pytest.raises(ArgumentValueError, match=r"updates 'flatten' in place"):
+        lm.Ensemble(through_view, execution="grouped")
+    torch.testing.assert_close(
+        lm.Ensemble(through_view)(x), torch.stack([m(x) for m in through_view])
+    )
     expected = torch.stack([m(x) for m in aliased])
     for execution in ("auto", "vmap", "loop"):
         torch.testing.assert_close(lm.Ensemble(aliased, execution=execution)(x), expected)
@@ -655,3 +676,29 @@ def test_outputs_with_none_and_numbers(execution: str, chunk_size: int | None) -
 def test_vmap_without_a_batching_rule_is_our_error() -> None:
     with pytest.raises(ArgumentValueError, match=r"cannot run Recurrent: .*aten::gru.*'loop'"):
         lm.Ensemble(members("gru"), execution="vmap")(example("gru"))
+
+
+class WithCache(nn.Module):
+    """Returns an object holding tensors next to the output (as transformers' caches do)."""
+
+    class Cache:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        y = self.lin(x)
+        return y, WithCache.Cache(y)
+
+
+@pytest.mark.parametrize("execution", ["auto", "vmap", "loop"])
+def test_outputs_holding_objects_are_refused(execution: str) -> None:
+    # Under vmap the object's tensors would escape batched; a loop cannot stack it.
+    ens = lm.Ensemble([WithCache() for _ in range(3)], execution=execution)
+    with pytest.raises(
+        ArgumentValueError, match=r"return a Cache in output leaf 1.*use_cache=False"
+    ):
+        ens(torch.randn(5, 4))

@@ -289,3 +289,22 @@ def test_modes_come_back_after_validation(tmp_path: Path, frozen: bool) -> None:
     assert eval_modes == {(False,) * 5}
     assert train_modes == {(True, True, not frozen, True, True)}
     assert len(model.seen) == 2 * 2 + 2 * 2 + 1  # 2 epochs x (2 train + 2 val) + sanity
+
+
+class Member(L.LightningModule):
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_lightning_members_differing_in_hyperparameters_only() -> None:
+    # A deep ensemble of LightningModules trained with different learning
+    # rates: save_hyperparameters' private record is not a setting forward reads.
+    members = [Member(lr) for lr in (1e-3, 3e-4)]
+    ens = lm.Ensemble(members)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ens(x), torch.stack([m.lin(x) for m in members]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import operator
@@ -29,7 +28,9 @@ from lightning_meta._ensemble._loop import (
     MemberSlots,
     ViewCache,
     check_no_draw,
+    check_output_leaves,
     join_outputs,
+    plain_value,
     replay_rng,
     rng_states,
     run_loop,
@@ -157,35 +158,28 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
         # Settings repr does not show (a plain attribute forward reads, a
         # submodule left in eval mode, a buffer's persistence).
         ref_settings, settings = _settings(reference), _settings(other)
-        for key in sorted(ref_settings.keys() | settings.keys()):
-            mine, theirs = ref_settings.get(key, "<unset>"), settings.get(key, "<unset>")
+        for key in sorted(ref_settings.keys() & settings.keys()):
+            mine, theirs = ref_settings[key], settings[key]
             if _differs(mine, theirs):
                 problems.append(f"member {index} has {key} = {theirs!r}, member 0 has {mine!r}")
     return problems
 
 
-_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
-
-
-def _plain(value: Any) -> bool:
-    """Whether ``value`` is a setting that can be compared: numbers, strings, and containers of them."""
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (tuple, list, set, frozenset)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(_plain(k) and _plain(v) for k, v in value.items())
-    return False
-
-
 def _settings(module: nn.Module) -> dict[str, Any]:
-    """Every plain setting of every submodule, by dotted name: the attributes ``forward`` reads
-    (a scale, an epsilon, a flag), its ``training`` mode and which buffers are persistent."""
+    """Every plain public setting of every submodule, by dotted name: the attributes ``forward``
+    reads (a scale, an epsilon, a flag), its ``training`` mode and its non-persistent buffers.
+
+    Private attributes are left out: torch's and Lightning's bookkeeping
+    (hooks once registered, ``save_hyperparameters`` values, the trainer)
+    differs between members that compute the same function.
+    """
     out: dict[str, Any] = {}
     for path, mod in module.named_modules(remove_duplicate=False):
         dot = f"{path}." if path else ""
         for key, value in vars(mod).items():
-            if _plain(value):
+            if (not key.startswith("_") or key == "_non_persistent_buffers_set") and plain_value(
+                value
+            ):
                 out[dot + key] = value
     return out
 
@@ -406,7 +400,6 @@ class Ensemble(nn.Module):
         # The members' modes, submodule by submodule (a frozen BatchNorm stays
         # frozen), as a module wrapping them would leave them.
         self.template = MetaTemplate(first)
-        self.training = first.training
         self._mode_applied = first.training
         self._modes_before_eval: list[bool] | None = None
         template = self.template.module
@@ -435,6 +428,7 @@ class Ensemble(nn.Module):
                 holder.register_buffer(leaf, data, persistent=persistent)
             holder.leaves = (*holder.leaves, leaf)
         self._buffer_names: tuple[str, ...] = tuple(name for name, _ in template.named_buffers())
+        nn.Module.train(self, first.training)  # this module and its holders; the template as is
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -821,6 +815,7 @@ class Ensemble(nn.Module):
             # vmap returns tensors only: other leaves (None, a number) are kept
             # aside and put back, once for all members.
             leaves, spec = tree_flatten(template.functional_call(t, xs, kw, strict=False))
+            check_output_leaves(leaves)
             structure[:] = [leaves, spec]
             return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 

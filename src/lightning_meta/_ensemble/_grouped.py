@@ -633,20 +633,34 @@ class _Tracer(fx.Tracer):
         return _AugmentedProxy(node, self)
 
 
-def _out_of_place(graph: fx.Graph) -> Refusal | None:
-    """Turn each ``x += y`` node into ``x + y`` where nothing reads the old ``x`` afterwards."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
+# Layers whose output is always a new tensor (never their input or a view of it).
+_FRESH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _fresh(node: fx.Node, template: nn.Module) -> bool:
+    """Whether ``node``'s value is a new tensor no other name can see (no view, no input)."""
+    if node.op == "call_module":
+        return isinstance(template.get_submodule(str(node.target)), _FRESH_LAYERS)
+    return node.op == "call_function" and node.target in _AUGMENTED.values()
+
+
+def _out_of_place(graph: fx.Graph, template: nn.Module) -> Refusal | None:
+    """Turn each ``x += y`` node into ``x + y`` where eager could not show the difference.
+
+    That is where the old ``x`` is a new tensor (a convolution's, a linear
+    layer's, BatchNorm's or arithmetic's output) read by nothing else: no
+    alias, view or input of the forward shares its memory (a residual
+    ``out += identity``). Anything else is refused for this plan.
+    """
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _AUGMENTED:
             continue
         old = node.args[0]
-        if isinstance(old, fx.Node) and any(
-            user is not node and order[user] > order[node] for user in old.users
-        ):
+        if isinstance(old, fx.Node) and (set(old.users) != {node} or not _fresh(old, template)):
             return Refusal(
                 "",
-                f"the forward updates {old.name!r} in place ({node.target.__name__}) and reads it "
-                "again under another name, which this plan cannot keep",
+                f"the forward updates {old.name!r} in place ({node.target.__name__}) where "
+                "another name or a view may see it, which this plan cannot keep",
             )
         node.target = _AUGMENTED[node.target]
     return None
@@ -665,7 +679,7 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
         return Refusal(
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
         )
-    refused = _out_of_place(graph)
+    refused = _out_of_place(graph, template)
     if refused is not None:
         return refused
     for node in graph.nodes:

@@ -20,6 +20,7 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,9 @@ __all__ = [
     "MemberSlots",
     "ViewCache",
     "check_no_draw",
+    "check_output_leaves",
     "join_outputs",
+    "plain_value",
     "replay_rng",
     "rng_states",
     "run_loop",
@@ -290,6 +293,32 @@ def run_loop(
     return join_outputs(outs, torch.stack)
 
 
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def plain_value(value: Any) -> bool:
+    """Whether ``value`` holds no tensor or object: numbers, strings, and containers of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(plain_value(k) and plain_value(v) for k, v in value.items())
+    return False
+
+
+def check_output_leaves(leaves: Sequence[Any]) -> None:
+    """Refuse an output leaf that is neither a tensor nor a plain value (a cache object
+    holding tensors cannot be stacked, and under vmap its tensors would escape)."""
+    for j, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) and not plain_value(leaf):
+            raise ArgumentValueError(
+                f"Ensemble members return a {type(leaf).__name__} in output leaf {j}, which is "
+                "neither a tensor nor a plain value and cannot be stacked. Fix: return tensors "
+                "(for transformers models, pass use_cache=False or return_dict=False)."
+            )
+
+
 def join_outputs(outs: Sequence[Any], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
     """Join the members' (or chunks') outputs leaf by leaf: ``join`` the tensors; any other
     leaf (``None``, a number) must be the same in every output and is kept once."""
@@ -302,10 +331,11 @@ def join_outputs(outs: Sequence[Any], join: Callable[[list[torch.Tensor]], torch
                 f"the first ({other} vs {spec}). Fix: return the same structure from every "
                 "member."
             )
+    check_output_leaves(leaves)
     joined: list[Any] = []
     for j, first in enumerate(leaves):
         column = [f[0][j] for f in flat]
-        if isinstance(first, torch.Tensor):
+        if isinstance(first, torch.Tensor) and all(isinstance(c, torch.Tensor) for c in column):
             joined.append(join(column))
         elif all(type(c) is type(first) and c == first for c in column[1:]):
             joined.append(first)
