@@ -91,8 +91,8 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
         MaterializationError: the construction reads the values of weights
             (``.item()`` on a random tensor outside a ``torch.nn.init``
             initialiser) or of uninitialised memory, uses an op with no fake
-            kernel, converts a whole module (``.to()``, even one that changes
-            nothing: torch cannot swap fake parameters), or writes into a
+            kernel, converts a whole module (``.to()``; on recent torch even
+            one that changes nothing: torch cannot swap fake parameters), or writes into a
             real tensor captured from outside; the message names the op, the
             ``file:line`` that issued it and the tensor's path.
 

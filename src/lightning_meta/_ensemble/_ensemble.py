@@ -80,6 +80,10 @@ def _check_member_inputs(inputs: tuple[Any, ...], kwargs: Mapping[str, Any], n: 
                 )
 
 
+# Where a tensor leaf of a vmap output goes back (see Ensemble._vmap).
+_BATCHED = object()
+
+
 def _autocasting(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether autocast is on for the device of the stacked tensors."""
     first = next(iter(tensors.values()), None)
@@ -812,11 +816,15 @@ class Ensemble(nn.Module):
         structure: list[Any] = []
 
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+            out = template.functional_call(t, xs, kw, strict=False)
+            if isinstance(out, torch.Tensor):
+                return out
             # vmap returns tensors only: other leaves (None, a number) are kept
-            # aside and put back, once for all members.
-            leaves, spec = tree_flatten(template.functional_call(t, xs, kw, strict=False))
+            # aside and put back, once for all members. The batched tensors
+            # themselves must not be kept (they would escape vmap).
+            leaves, spec = tree_flatten(out)
             check_output_leaves(leaves)
-            structure[:] = [leaves, spec]
+            structure[:] = [[_BATCHED if isinstance(x, torch.Tensor) else x for x in leaves], spec]
             return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
         kw = dict(kwargs)
@@ -831,7 +839,7 @@ class Ensemble(nn.Module):
             dims, kw_dims = None, None
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
         try:
-            outs = iter(batched(tensors, inputs, kw))
+            result = batched(tensors, inputs, kw)
         except RuntimeError as e:
             if "Batching rule not implemented" not in str(e):
                 raise
@@ -841,10 +849,11 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
+        if not structure:
+            return result
         leaves, spec = structure
-        return tree_unflatten(
-            [next(outs) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec
-        )
+        outs = iter(result)
+        return tree_unflatten([next(outs) if x is _BATCHED else x for x in leaves], spec)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
