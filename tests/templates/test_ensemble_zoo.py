@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import warnings
 from collections.abc import Callable
@@ -702,3 +703,16 @@ def test_outputs_holding_objects_are_refused(execution: str) -> None:
         ArgumentValueError, match=r"return a Cache in output leaf 1.*use_cache=False"
     ):
         ens(torch.randn(5, 4))
+
+
+def test_outputs_that_differ_in_kind_are_our_error() -> None:
+    # One member's tensor where another returns None: a plain loop's torch.stack
+    # would fail; the ensemble says which leaf and why.
+    from lightning_meta._ensemble._loop import join_outputs
+
+    with pytest.raises(ArgumentValueError, match=r"leaf 1 \(a tensor of shape \(3,\), then None\)"):
+        join_outputs([(torch.ones(2), torch.ones(3)), (torch.ones(2), None)], torch.stack)
+    with pytest.raises(ArgumentValueError, match=r"leaf 0 \(4, then 5\)"):
+        join_outputs([(4,), (5,)], torch.stack)
+    (kept,) = join_outputs([(float("nan"),), (float("nan"),)], torch.stack)  # NaN is NaN
+    assert math.isnan(kept)

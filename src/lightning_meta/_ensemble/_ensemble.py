@@ -29,6 +29,7 @@ from lightning_meta._ensemble._loop import (
     ViewCache,
     check_no_draw,
     check_output_leaves,
+    differs,
     join_outputs,
     plain_value,
     replay_rng,
@@ -164,7 +165,7 @@ def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
         ref_settings, settings = _settings(reference), _settings(other)
         for key in sorted(ref_settings.keys() & settings.keys()):
             mine, theirs = ref_settings[key], settings[key]
-            if _differs(mine, theirs):
+            if differs(mine, theirs):
                 problems.append(f"member {index} has {key} = {theirs!r}, member 0 has {mine!r}")
     return problems
 
@@ -186,15 +187,6 @@ def _settings(module: nn.Module) -> dict[str, Any]:
             ):
                 out[dot + key] = value
     return out
-
-
-def _differs(a: Any, b: Any) -> bool:
-    try:
-        if bool(a == b):
-            return False
-    except Exception:  # a comparison that raises is not an equality
-        pass
-    return repr(a) != repr(b)  # NaN == NaN
 
 
 def _as_stacked(module: nn.Module, path: str) -> _Stacked:

@@ -44,6 +44,7 @@ __all__ = [
     "ViewCache",
     "check_no_draw",
     "check_output_leaves",
+    "differs",
     "join_outputs",
     "plain_value",
     "replay_rng",
@@ -335,15 +336,39 @@ def join_outputs(outs: Sequence[Any], join: Callable[[list[torch.Tensor]], torch
     joined: list[Any] = []
     for j, first in enumerate(leaves):
         column = [f[0][j] for f in flat]
-        if isinstance(first, torch.Tensor) and all(isinstance(c, torch.Tensor) for c in column):
-            joined.append(join(column))
-        elif all(type(c) is type(first) and c == first for c in column[1:]):
-            joined.append(first)
-        else:
+        odd = next((c for c in column[1:] if not _same_leaf(first, c)), _NONE)
+        if odd is not _NONE:
             raise ArgumentValueError(
                 f"Ensemble members returned different values in output leaf {j} "
-                f"({first!r}, then {next(c for c in column if c != first)!r}), which is not a "
-                "tensor and cannot be stacked. Fix: return it as a tensor, or the same value "
+                f"({_describe(first)}, then {_describe(odd)}), which is not a tensor in every "
+                "output and cannot be stacked. Fix: return it as a tensor, or the same value "
                 "from every member."
             )
+        joined.append(join(column) if isinstance(first, torch.Tensor) else first)
     return tree_unflatten(joined, spec)
+
+
+_NONE = object()
+
+
+def differs(a: Any, b: Any) -> bool:
+    """Whether plain values ``a`` and ``b`` differ (NaN equals NaN; a failing ``==`` differs)."""
+    try:
+        if bool(a == b):
+            return False
+    except Exception:  # a comparison that raises is not an equality
+        pass
+    return repr(a) != repr(b)
+
+
+def _same_leaf(a: Any, b: Any) -> bool:
+    """Whether two output leaves can be joined: both tensors, or equal plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return type(a) is type(b) and not differs(a, b)
+
+
+def _describe(leaf: Any) -> str:
+    return (
+        f"a tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
+    )
