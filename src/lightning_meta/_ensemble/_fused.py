@@ -169,7 +169,7 @@ class _StackedLinear(_LinearFunction):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient penalty differentiates this
-            return _differentiable_backward(ctx, grad, h, weight, grad.sum(2))
+            return _differentiable_backward(ctx, grad, h, weight)
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
@@ -213,7 +213,7 @@ class _SharedLinear(_LinearFunction):
         h, weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient penalty differentiates this
             per_member = h.unsqueeze(0).expand(weight.shape[0], *h.shape).transpose(1, 2)
-            grads = _differentiable_backward(ctx, grad, per_member, weight, grad.sum(2))
+            grads = _differentiable_backward(ctx, grad, per_member, weight)
             # The shared input's gradient is the sum over members.
             return (None if grads[0] is None else grads[0].sum(0).t(), *grads[1:])
         n, out_f, in_f = weight.shape
@@ -230,14 +230,14 @@ class _SharedLinear(_LinearFunction):
 
 
 def _differentiable_backward(
-    ctx: Any, grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_b: torch.Tensor
+    ctx: Any, grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of ``weight @ h + bias`` per member (``h``: ``(N, in, M)``) in ops autograd
     can differentiate again, into fresh tensors (the reused gradient buffers are not)."""
     grad_h = torch.bmm(weight.transpose(1, 2), grad) if ctx.needs_input_grad[0] else None
     grad_w = torch.bmm(grad, h.transpose(1, 2)) if ctx.needs_input_grad[1] else None
-    grad_b_out = grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_h, grad_w, grad_b_out, None, None
+    grad_b = grad.sum(2) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_h, grad_w, grad_b, None, None
 
 
 class NotFusableError(Exception):

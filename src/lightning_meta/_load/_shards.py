@@ -276,6 +276,19 @@ def _read_runs(
     return out
 
 
+def _read_box_runs(
+    reader: Reader,
+    region: Region,
+    base: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    box: Box,
+) -> torch.Tensor:
+    """Read ``box`` of the row-major ``shape`` tensor at byte ``base`` of ``region``, as ``dtype``."""
+    data = _read_runs(reader, region, base, box_runs(shape, box, dtype.itemsize))
+    return data.view(dtype).reshape(box[1])
+
+
 def _read_boxes(source: Source, targets: list[ShardTarget], verify: bool) -> int:
     """Read every target's box from ``source`` into ``target.local``; return the bytes read."""
     total = 0
@@ -294,20 +307,16 @@ def _read_box(source: Source, t: ShardTarget, reader: Reader) -> tuple[torch.Ten
         return _read_box(source.part_of(key), t, reader)
     offsets, sizes = t.box
     if isinstance(source, SafetensorsSource):
-        region = source.region(key)
-        runs = box_runs(entry.shape, t.box, entry.dtype.itemsize)
-        data = _read_runs(reader, region, 0, runs)
-        return data.view(entry.dtype).reshape(sizes).to(t.dtype), data.numel()
+        data = _read_box_runs(reader, source.region(key), 0, entry.shape, entry.dtype, t.box)
+        return data.to(t.dtype), data.nbytes
     if isinstance(source, DcpSource):
         return _read_dcp_box(source, t, reader)
     described = source.described(key) if isinstance(source, TorchSource) else None
     if described is not None and _row_major(described[0]):
         # A torch file's tensor laid out row-major in its storage: the box's byte runs.
         ref, region = described
-        start, _ = ref.byte_range()
-        runs = box_runs(ref.shape, t.box, ref.dtype.itemsize)
-        data = _read_runs(reader, region, start, runs)
-        return data.view(ref.dtype).reshape(sizes).to(t.dtype), data.numel()
+        data = _read_box_runs(reader, region, ref.byte_range()[0], ref.shape, ref.dtype, t.box)
+        return data.to(t.dtype), data.nbytes
     # Any other view of its storage (a transpose, a conj/neg bit): read it whole, keep the box.
     full = dict(source.read_with([key], reader, {}))[key]
     view = full
@@ -336,16 +345,14 @@ def _read_dcp_box(source: DcpSource, t: ShardTarget, reader: Reader) -> tuple[to
         within = (tuple(a - b for a, b in zip(lo, chunk.offsets, strict=True)), inter)
         start, stop = ref.byte_range()
         if _row_major(ref) and stop - start == math.prod(ref.shape) * ref.dtype.itemsize:
-            runs = box_runs(ref.shape, within, ref.dtype.itemsize)
-            data = _read_runs(reader, storage, start, runs)
-            piece = data.view(entry.dtype).reshape(inter)
+            data = piece = _read_box_runs(reader, storage, start, ref.shape, ref.dtype, within)
         else:
             data = reader.read(storage, start, stop)
             whole = tensor_from(data, ref, start)
             piece = whole
             for d, (o, n) in enumerate(zip(*within, strict=True)):
                 piece = piece.narrow(d, o, n)
-        total += data.numel()
+        total += data.nbytes
         view = out
         for d, (o, n) in enumerate(zip(lo, inter, strict=True)):
             view = view.narrow(d, o - offsets[d], n)
