@@ -96,3 +96,59 @@ def test_fabric_init_module_with_bf16_true() -> None:
     materialize(module)
     assert module.lm_head.weight.dtype == torch.bfloat16
     assert_same_as_eager(eager, module)
+
+
+class _Filled(nn.Module):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, value: float) -> None:
+        super().__init__()
+        self.register_buffer("zeroed", torch.ones(shape, dtype=dtype).zero_())
+        self.register_buffer("filled", torch.empty(shape, dtype=dtype).fill_(value))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "value"),
+    [
+        ((3,), torch.float16, 70000),  # overflows float16: eager raises
+        ((), torch.float16, 70000),  # one element: eager's own kernel lets it through
+        ((2, 2), torch.float32, 1e39),
+        ((0,), torch.int8, 300),
+        ((4,), torch.int8, -1),
+        ((4,), torch.int64, 1.5),
+        ((4,), torch.bool, 2),
+        ((4,), torch.bfloat16, float("-inf")),
+    ],
+)
+def test_fills_raise_or_fill_as_eager(
+    shape: tuple[int, ...], dtype: torch.dtype, value: float
+) -> None:
+    """``zero_`` / ``fill_`` skip the fake mode: a value eager refuses is refused at its line."""
+    eager: nn.Module | RuntimeError
+    try:
+        eager = _Filled(shape, dtype, value)
+    except RuntimeError as e:
+        eager = e
+    if isinstance(eager, RuntimeError):
+        with pytest.raises(RuntimeError, match="without overflow") as raised, deferred_init():
+            _Filled(shape, dtype, value)
+        assert str(raised.value) == str(eager)
+        return
+    with deferred_init():
+        module = _Filled(shape, dtype, value)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+
+
+def test_a_fill_on_a_meta_tensor_checks_nothing_as_eager() -> None:
+    """The meta kernel lets an overflowing value through: no CPU check may refuse it."""
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            shape = torch.empty(4, dtype=torch.float16, device="meta").fill_(1e39).shape
+            self.register_buffer("b", torch.ones(shape))
+
+    eager = Probe()
+    with deferred_init():
+        module = Probe()
+    materialize(module)
+    assert_same_as_eager(eager, module)

@@ -59,6 +59,9 @@ _UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
 _KEEPABLE = RANDOM_FILLS
 _INIT_FILE = torch.nn.init.__file__
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
+# Deterministic in-place fills every module constructor makes (biases, norms'
+# weights, running statistics).
+_FILLS = frozenset({"aten.zero_.default", "aten.fill_.Scalar"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class _OpInfo:
     returns_tensor: bool
     converts: bool  # what Tensor.to() runs: refused when Module.to() issues it
     keepable: bool  # an in-place draw of ``_KEEPABLE``: fills ``self`` and returns it
+    fill: bool  # ``zero_`` or ``fill_`` with a number: fills ``self`` and returns it
 
 
 @functools.cache
@@ -79,7 +83,50 @@ def _info(func: Any) -> _OpInfo:
     base = name.rsplit(".", 1)[0]
     random = torch.Tag.nondeterministic_seeded in func.tags or base in _UNTAGGED_RANDOM
     keepable = base in _KEEPABLE and writes == ((0, "self"),)
-    return _OpInfo(name, writes, random, returns_tensor, name == "aten._to_copy.default", keepable)
+    fill = name in _FILLS and writes == ((0, "self"),)
+    converts = name == "aten._to_copy.default"
+    return _OpInfo(name, writes, random, returns_tensor, converts, keepable, fill)
+
+
+@functools.cache
+def _fill_allowed(dtype: torch.dtype, size: int, kind: str, value: float) -> bool:
+    """Whether eager ``fill_(value)`` on ``size`` elements of ``dtype`` succeeds (no overflow)."""
+    try:
+        _fill_real(dtype, size, value)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _fill_real(dtype: torch.dtype, size: int, value: float) -> None:
+    # Eager checks the value against the dtype except on one element (a
+    # separate kernel): ``size`` is 0, 1 or 2 for "more than one".
+    with _compat.no_python_dispatch():
+        torch.empty(size, dtype=dtype).fill_(value)
+
+
+def _plain_fill(args: tuple[Any, ...]) -> bool:
+    """Whether a ``zero_`` / ``fill_`` call fills dense memory with a plain number.
+
+    Raises:
+        RuntimeError: what eager ``fill_`` raises for the value (it overflows
+            the dtype), which the fake mode does not check.
+    """
+    t = args[0]
+    # The check below runs eager's CPU kernel: meta tensors (whose kernel checks
+    # nothing) and accelerators (other kernels) keep the fake mode's path.
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return False
+    if len(args) == 1:
+        return True
+    value = args[1]
+    if type(value) not in (int, float, bool):
+        return False
+    size = min(t.numel(), 2)
+    # The kind keeps True, 1 and 1.0 (equal keys) apart.
+    if not _fill_allowed(t.dtype, size, type(value).__name__, value):
+        _fill_real(t.dtype, size, value)
+    return True
 
 
 class _Call:
@@ -275,6 +322,13 @@ class Recorder(RecordingDispatchMode):
                     self._run_fake(func, info, call, args, kwargs)
                     raise
             self._log(info, call, (call.reads[0],), stream, state)
+            self._pending = None
+            return args[0]
+        if info.fill and self._fills_own_fake(call, args) and _plain_fill(args):
+            # Likewise for a fill: the fake mode would only return ``self``
+            # (and let a value that overflows the dtype through, which
+            # _plain_fill refuses as eager does).
+            self._log(info, call, (call.reads[0],), None, None)
             self._pending = None
             return args[0]
         if info.random:
