@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -269,6 +270,96 @@ def test_plans_are_cached_per_kind_of_call_and_overridable() -> None:
     forced = lm.Ensemble(members("cnn"), execution="loop")
     forced(x)
     assert forced.plan == "loop" and forced.plans == ()
+
+
+class _BurnsUnder(nn.Module):
+    """A member whose forward burns CPU under one plan only: a burst of load aimed at it."""
+
+    slow: str = "vmap"  # the plan that burns: "vmap" (inside the transform) or "loop"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        from lightning_meta._compat import functorch_transform_active
+
+        if (_BurnsUnder.slow == "vmap") == functorch_transform_active():
+            # The clock the plan timing reads: the thread's CPU time on one thread.
+            clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+            end = clock() + 3e-3
+            while clock() < end:
+                pass
+        return self.lin(x) * scale
+
+
+def test_the_choice_is_timed_again_at_a_later_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first choice made under a burst of load does not last: call RETIME_CALL times again."""
+    from lightning_meta._ensemble._plan import RETIME_CALL
+
+    monkeypatch.setattr(_BurnsUnder, "slow", "vmap")
+    ens = lm.Ensemble([_BurnsUnder() for _ in range(3)])
+    x = torch.randn(5, 4)
+    ens(x, scale=2.0)  # a keyword: vmap and loop only, through the signature lookup
+    first = ens.plans[0]
+    assert (first.how, first.plan, ens.plan) == ("timed", "loop", "loop"), first
+    monkeypatch.setattr(_BurnsUnder, "slow", "loop")  # the burst moves to the loop
+    for _ in range(RETIME_CALL - 2):
+        ens(x, scale=2.0)
+    assert ens.plans == (first,) and ens.plan == "loop"
+    out = ens(x, scale=2.0)  # call RETIME_CALL
+    (again,) = ens.plans
+    assert (again.how, again.plan, ens.plan) == ("timed again", "vmap", "vmap"), again
+    assert again.signature == first.signature
+    expected = torch.stack([m.lin(x) * 2.0 for m in (ens.member(i) for i in range(3))])
+    torch.testing.assert_close(out, expected)
+    monkeypatch.setattr(_BurnsUnder, "slow", "vmap")
+    for _ in range(2 * RETIME_CALL):  # kept for good
+        ens(x, scale=2.0)
+    assert ens.plans == (again,) and ens.plan == "vmap"
+
+
+def test_exact_calls_follow_the_choice_timed_again() -> None:
+    """Calls of one kind with other exact shapes take the new choice, and do not time again."""
+    from lightning_meta._ensemble._plan import RETIME_CALL
+
+    ens = lm.Ensemble(members("mlp"))
+    x, y = torch.randn(5, 3), torch.randn(6, 3)  # batch 5 and 6: one kind (8), two exact keys
+    ens(x)
+    ens(y)
+    (first,) = ens.plans
+    for _ in range(RETIME_CALL - 3):
+        ens(x)
+    assert ens.plans == (first,) and first.how == "timed"
+    ens(x)  # call RETIME_CALL of the kind
+    (record,) = ens.plans
+    assert record.how == "timed again" and ens.plan == record.plan
+    for _ in range(RETIME_CALL):
+        ens(y)
+        ens(x)
+    assert ens.plans == (record,) and ens.plans[0] is record
+    ens.clear_plans()
+    ens(x)
+    assert [p.how for p in ens.plans] == ["timed"]
+
+
+def test_plan_cache_forgets_exact_calls_of_a_dropped_or_replaced_choice() -> None:
+    from lightning_meta._ensemble._plan import RETIME_CALL, PlanCache, PlanRecord
+
+    cache = PlanCache(limit=2)
+    records = [PlanRecord(f"kind{i}", "loop", "timed") for i in range(3)]
+    for i, record in enumerate(records[:2]):
+        cache.add(record)
+        cache.remember((i,), record)
+    assert cache.seen((0,)) is records[0]
+    cache.add(records[2])  # beyond the limit: kind0, the least recently used, goes
+    assert cache.seen((0,)) is None and cache.get("kind0") is None
+    assert cache.seen((1,)) is records[1]
+    assert [cache.due(records[1]) for _ in range(RETIME_CALL - 1)][-2:] == [False, True]
+    again = PlanRecord("kind1", "vmap", "timed again")
+    cache.add(again)
+    assert cache.seen((1,)) is None and cache.get("kind1") is again
+    assert not cache.due(again)
 
 
 def test_no_timing_under_deterministic_algorithms() -> None:

@@ -1,4 +1,4 @@
-"""Choosing how an ensemble runs: timed once per kind of call, then cached.
+"""Choosing how an ensemble runs: timed per kind of call, then cached.
 
 No plan is fastest everywhere: a batched matmul wins for MLPs, a loop over
 the members for most other layers on the CPU, ``torch.vmap`` for small
@@ -6,7 +6,12 @@ layers on an accelerator, and the order changes with the batch, the number
 of members, the dtype, the number of threads and whether a backward
 follows. ``execution="auto"`` therefore times every plan that applies the
 first time it sees a kind of call (its :func:`signature`) and keeps the
-fastest for every later call of that kind.
+fastest for later calls of that kind. It times them once more at the
+``RETIME_CALL``-th call of that kind and keeps that choice for good: the
+first call of a training run is where one-off costs pile up (lazy
+initialisation, the allocator growing, data-loader workers starting on the
+other cores), so a choice made there can be 1.7x off (measured on a loaded
+2-core machine); by the later call the process runs as it will run.
 
 Timing does not change what the user sees of a forward that does not
 write into its parameters: the candidates run on aliases of the parameters
@@ -44,7 +49,15 @@ import torch
 
 from lightning_meta._compat import functorch_transform_active, tree_leaves, tree_map, tree_map_only
 
-__all__ = ["PlanCache", "PlanRecord", "fast_key", "measure", "signature", "untimed_reason"]
+__all__ = [
+    "RETIME_CALL",
+    "PlanCache",
+    "PlanRecord",
+    "fast_key",
+    "measure",
+    "signature",
+    "untimed_reason",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +82,8 @@ _FIRST_DROP_RATIO = 4.0
 # small ensembles are not timed at the clock's resolution.
 _MIN_ROUND_SECONDS = 2e-3
 _MAX_REPEATS = 16
+# The call of a kind at which its plans are timed again (the first is call 1).
+RETIME_CALL = 16
 
 
 @dataclass(frozen=True)
@@ -80,9 +95,11 @@ class PlanRecord:
             two, dtypes, devices; train/eval; gradients on/off; autocast;
             threads).
         plan: ``"fused"``, ``"grouped"``, ``"vmap"`` or ``"loop"``.
-        how: ``"timed"``, ``"only plan"``, or why no timing was done.
-        timings_ms: the best time of each timed candidate in milliseconds
-            (``inf``: it raised); empty unless ``how == "timed"``.
+        how: ``"timed"`` (at the first call of its kind), ``"timed again"``
+            (at call ``RETIME_CALL``, whose choice replaces the first one
+            and is kept), or ``"only plan"``.
+        timings_ms: the median time of each timed candidate in milliseconds
+            (``inf``: it raised); empty for ``"only plan"``.
     """
 
     signature: str
@@ -108,6 +125,8 @@ class PlanCache:
         # Exact calls already seen (see fast_key): a dict lookup per call
         # instead of building the signature.
         self._fast: dict[tuple[Any, ...], PlanRecord] = {}
+        # Calls so far of each kind whose choice was timed once only.
+        self._calls: dict[str, int] = {}
 
     def __reduce__(self) -> tuple[type[PlanCache], tuple[int]]:
         return (PlanCache, (self.limit,))
@@ -122,10 +141,26 @@ class PlanCache:
         return record
 
     def add(self, record: PlanRecord) -> None:
+        gone = [self._records.pop(record.signature)] if record.signature in self._records else []
         self._records[record.signature] = record
-        self._records.move_to_end(record.signature)
         while len(self._records) > self.limit:
-            self._records.popitem(last=False)
+            gone.append(self._records.popitem(last=False)[1])
+        if gone:  # timed again, or dropped: exact calls no longer follow the old record
+            self._fast = {k: v for k, v in self._fast.items() if all(v is not g for g in gone)}
+            for old in gone:
+                self._calls.pop(old.signature, None)
+
+    def due(self, record: PlanRecord) -> bool:
+        """Count a call that follows ``record``; whether its kind is to be timed again now.
+
+        A record timed at the first call of its kind is timed again at call
+        :data:`RETIME_CALL` (or at the first call after it that can be timed).
+        """
+        if record.how != "timed":
+            return False
+        calls = self._calls.get(record.signature, 1) + 1
+        self._calls[record.signature] = calls
+        return calls >= RETIME_CALL
 
     def records(self) -> tuple[PlanRecord, ...]:
         return tuple(self._records.values())
@@ -133,6 +168,7 @@ class PlanCache:
     def clear(self) -> None:
         self._records.clear()
         self._fast.clear()
+        self._calls.clear()
 
     def seen(self, fast: tuple[Any, ...] | None) -> PlanRecord | None:
         """The record of an exact call seen before (``fast`` from :func:`fast_key`)."""
