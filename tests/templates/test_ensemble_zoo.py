@@ -403,6 +403,29 @@ def test_a_members_warning_shows_once_as_for_a_loop(execution: str) -> None:
     assert [str(w.message) for w in caught] == ["legacy path used"]
 
 
+class WarnsWithKeyword(Warns):
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) * scale
+
+
+def test_a_members_warning_shows_once_across_both_timings() -> None:
+    # The timings ignore warnings (vmap's own among them) without making
+    # Python forget the ones it has shown: call RETIME_CALL shows nothing new.
+    from lightning_meta._ensemble._plan import RETIME_CALL
+
+    torch.manual_seed(0)
+    ens = lm.Ensemble([WarnsWithKeyword() for _ in range(3)])
+    x = torch.randn(2, 4)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(RETIME_CALL + 2):
+            ens(x, scale=2.0)  # a keyword: vmap and loop, both running forward's Python
+    assert [p.how for p in ens.plans] == ["timed again"]
+    assert [str(w.message) for w in caught] == ["legacy path used"]
+    assert warnings.filters == filters
+
+
 def test_copies_start_without_timings() -> None:
     ens = lm.Ensemble(members("cnn"))
     x = example("cnn")

@@ -35,13 +35,14 @@ reassociation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +282,27 @@ def _copy_input(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(t.requires_grad)
 
 
+@contextlib.contextmanager
+def _warnings_ignored() -> Iterator[None]:
+    """Ignore every warning inside, and leave the memory of warnings already shown alone.
+
+    ``warnings.catch_warnings`` does not: leaving it marks the filters as
+    changed, which makes Python forget the warnings it has shown once per
+    place, so a warning in a member's ``forward`` would show again after
+    every timing. An ``"ignore"`` filter records nothing in that memory, so
+    adding one in front and taking it out again changes nothing else.
+    """
+    entry = ("ignore", None, Warning, None, 0)
+    warnings.filters.insert(0, entry)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for i, item in enumerate(warnings.filters):  # type: ignore[attr-defined]
+            if item is entry:
+                del warnings.filters[i]  # type: ignore[attr-defined]
+                break
+
+
 def measure(
     candidates: Sequence[str],
     run: Runner,
@@ -338,12 +360,11 @@ def measure(
     began = time.perf_counter()
     with (
         torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]),
-        warnings.catch_warnings(),
+        _warnings_ignored(),
         # Saved tensors stay plain tensors, whatever hooks the caller runs under
         # (activation checkpointing packs them for recomputation).
         torch.autograd.graph.saved_tensors_hooks(_same, _same),
     ):
-        warnings.simplefilter("ignore")
         for round_ in range(_MAX_ROUNDS + 1):
             for plan in alive[::-1] if round_ % 2 else list(alive):
                 try:
