@@ -351,15 +351,37 @@ def test_plan_cache_forgets_exact_calls_of_a_dropped_or_replaced_choice() -> Non
     for i, record in enumerate(records[:2]):
         cache.add(record)
         cache.remember((i,), record)
-    assert cache.seen((0,)) is records[0]
     cache.add(records[2])  # beyond the limit: kind0, the least recently used, goes
     assert cache.seen((0,)) is None and cache.get("kind0") is None
     assert cache.seen((1,)) is records[1]
-    assert [cache.due(records[1]) for _ in range(RETIME_CALL - 1)][-2:] == [False, True]
+    due = [cache.due(records[1]) for _ in range(2 * RETIME_CALL)]
+    assert due.index(True) == RETIME_CALL - 2 and due.count(True) == 1  # once, at call 16
     again = PlanRecord("kind1", "vmap", "timed again")
     cache.add(again)
     assert cache.seen((1,)) is None and cache.get("kind1") is again
     assert not cache.due(again)
+    # A kind served by exact calls only is used, not the first one dropped.
+    cache.remember((1,), again)
+    cache.get("kind2")
+    assert cache.seen((1,)) is again
+    cache.add(PlanRecord("kind3", "loop", "timed"))
+    assert cache.get("kind1") is again and cache.get("kind2") is None
+
+
+def test_a_bad_call_at_the_second_timing_keeps_the_first_choice() -> None:
+    from lightning_meta._ensemble._plan import RETIME_CALL
+
+    ens = lm.Ensemble(members("cnn"))
+    x = example("cnn")
+    for _ in range(RETIME_CALL - 1):
+        ens(x)
+    (first,) = ens.plans
+    with pytest.raises(RuntimeError, match="channels"):
+        ens(torch.randn(2, 4, 6, 6))  # 4 channels for 3: the same kind (4), and every plan raises
+    assert ens.plans == (first,)
+    for _ in range(RETIME_CALL):
+        ens(x)
+    assert ens.plans == (first,) and ens.plan == first.plan
 
 
 def test_no_timing_under_deterministic_algorithms() -> None:

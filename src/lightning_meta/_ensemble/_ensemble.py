@@ -634,12 +634,12 @@ class Ensemble(nn.Module):
             key = signature(inputs, kwargs, training=self.training, stacked=stacked)
             record = self._plans.get(key)
             if record is None:
-                record = self._time(key, tensors, inputs, kwargs, again=False)
+                record = self._time(key, tensors, inputs, kwargs, previous=None)
             elif self._plans.due(record):
-                record = self._time(key, tensors, inputs, kwargs, again=True)
+                record = self._time(key, tensors, inputs, kwargs, previous=record)
             self._plans.remember(fast, record)
         elif self._plans.due(record):
-            record = self._time(record.signature, tensors, inputs, kwargs, again=True)
+            record = self._time(record.signature, tensors, inputs, kwargs, previous=record)
             self._plans.remember(fast, record)
         return record.plan
 
@@ -650,9 +650,12 @@ class Ensemble(nn.Module):
         inputs: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
-        again: bool,
+        previous: PlanRecord | None,
     ) -> PlanRecord:
-        """Time the plans that apply to this call; record and return the choice."""
+        """Time the plans that apply to this call; record and return the choice.
+
+        ``previous``: the first timing's record, when this is the second.
+        """
         candidates = self._candidates(inputs, kwargs)
         if _autocasting(tensors):  # see _vmap
             candidates.remove("vmap")
@@ -667,9 +670,13 @@ class Ensemble(nn.Module):
                 inputs,
                 kwargs,
             )
+            if not finalists and previous is not None:
+                # Every plan raised on this call (a bad input): keep the first
+                # choice, and let the call raise under it.
+                return previous
             # Every plan raised: run the static one, which raises its own error.
             chosen = min(finalists, key=seconds.__getitem__) if finalists else self.execution
-            how = "timed again" if again else "timed"
+            how = "timed" if previous is None else "timed again"
             record = PlanRecord(key, chosen, how, {p: t * 1e3 for p, t in seconds.items()})
         logger.debug("Ensemble plan: %s", record)
         self._plans.add(record)

@@ -154,14 +154,14 @@ class PlanCache:
     def due(self, record: PlanRecord) -> bool:
         """Count a call that follows ``record``; whether its kind is to be timed again now.
 
-        A record timed at the first call of its kind is timed again at call
-        :data:`RETIME_CALL` (or at the first call after it that can be timed).
+        A record timed at the first call of its kind is timed again once, at
+        call :data:`RETIME_CALL` (calls that cannot be timed do not count).
         """
         if record.how != "timed":
             return False
         calls = self._calls.get(record.signature, 1) + 1
         self._calls[record.signature] = calls
-        return calls >= RETIME_CALL
+        return calls == RETIME_CALL
 
     def records(self) -> tuple[PlanRecord, ...]:
         return tuple(self._records.values())
@@ -172,8 +172,15 @@ class PlanCache:
         self._calls.clear()
 
     def seen(self, fast: tuple[Any, ...] | None) -> PlanRecord | None:
-        """The record of an exact call seen before (``fast`` from :func:`fast_key`)."""
-        return None if fast is None else self._fast.get(fast)
+        """The record of an exact call seen before (``fast`` from :func:`fast_key`).
+
+        Its kind becomes the most recently used: a kind served only by exact
+        calls is not the first one dropped.
+        """
+        record = None if fast is None else self._fast.get(fast)
+        if record is not None:
+            self._records.move_to_end(record.signature)
+        return record
 
     def remember(self, fast: tuple[Any, ...] | None, record: PlanRecord) -> None:
         if fast is None:
