@@ -98,7 +98,8 @@ class PlanRecord:
         plan: ``"fused"``, ``"grouped"``, ``"vmap"`` or ``"loop"``.
         how: ``"timed"`` (at the first call of its kind), ``"timed again"``
             (at call ``RETIME_CALL``, whose choice replaces the first one
-            and is kept), or ``"only plan"``.
+            and is kept; a call on which every plan raises keeps the first
+            one instead), or ``"only plan"``.
         timings_ms: the median time of each timed candidate in milliseconds
             (``inf``: it raised); empty for ``"only plan"``.
     """
