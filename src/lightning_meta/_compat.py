@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -527,6 +527,37 @@ def has_module_hooks(module: nn.Module) -> bool:
     )
 
 
+def tensor_tables(
+    module: nn.Module,
+) -> tuple[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor | None]]:
+    """``module``'s own parameter and buffer tables (``_parameters``, ``_buffers``).
+
+    Ensemble reads its stacked tensors from them on every call:
+    ``nn.Module.__getattr__`` costs more than the read.
+    """
+    return module._parameters, module._buffers
+
+
+def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, bool]]:
+    """``(training, has_module_hooks(m))`` for every module of ``modules``, in one pass.
+
+    Ensemble's loop plan checks this on every call, to rebuild its member
+    copies when a mode or a hook of the template changed.
+    """
+    return [
+        (
+            m.training,
+            bool(
+                m._forward_hooks
+                or m._forward_pre_hooks
+                or m._backward_hooks
+                or m._backward_pre_hooks
+            ),
+        )
+        for m in modules
+    ]
+
+
 def functorch_transform_active() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ...).
 
@@ -552,7 +583,14 @@ def module_apply(
     return nn.Module._apply(module, fn, recurse)  # type: ignore[no-untyped-call]
 
 
-__all__ += ["functorch_transform_active", "has_module_hooks", "module_apply", "storage_users"]
+__all__ += [
+    "functorch_transform_active",
+    "has_module_hooks",
+    "modes_and_hooks",
+    "module_apply",
+    "storage_users",
+    "tensor_tables",
+]
 
 
 # -- deferred_init: running real kernels while recording, Parameter subclasses,

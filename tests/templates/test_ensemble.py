@@ -457,3 +457,73 @@ def test_bad_arguments_are_refused_with_a_type_error() -> None:
     tagged.weight = Tagged(tagged.weight.detach())
     with pytest.raises(lm.MetaTensorError, match=r"member 1: parameter \(Tagged\) 'weight'"):
         lm.Ensemble([nn.Linear(2, 2), tagged])
+
+
+def test_inference_calls_follow_every_change_to_the_stacked_tensors_and_template() -> None:
+    """The loop plan keeps member views from call to call without gradients: each way of
+    changing a stacked tensor or the template must still reach the next call."""
+    from torch.nn.utils import parameters_to_vector, prune, vector_to_parameters
+
+    mods = members()
+    ens = lm.Ensemble(mods, execution="loop").eval()
+    x = torch.randn(5, 3)
+    holder = ens.stacked.get_submodule("0")
+    with torch.no_grad():
+        first = ens(x)
+        assert torch.equal(ens(x), first)
+        # In place, as an optimizer step writes.
+        holder.get_parameter("weight").mul_(2)
+        for m in mods:
+            m[0].weight.mul_(2)
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        # New memory behind the same Parameter (vector_to_parameters assigns .data).
+        vector_to_parameters(parameters_to_vector(ens.parameters()) * 0.5, ens.parameters())
+        for m in mods:
+            vector_to_parameters(parameters_to_vector(m.parameters()) * 0.5, m.parameters())
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        # A new Parameter object.
+        state = {k: v * -1 for k, v in ens.state_dict().items()}
+        ens.load_state_dict(state, assign=True)
+        for m in mods:
+            m.load_state_dict({k: v * -1 for k, v in m.state_dict().items()})
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        # The same memory read in another order (same data_ptr, other strides).
+        weight = ens.stacked.get_parameter("0.weight")
+        reordered = weight.data.view(4, 3, 8).transpose(1, 2)
+        weight.data = reordered
+        for i, m in enumerate(mods):
+            m[0].weight.data = reordered[i].clone()
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        # A hook on the template runs in every member.
+        calls: list[int] = []
+        handle = ens.template.module[0].register_forward_hook(lambda *_: calls.append(1))
+        ens(x)
+        assert len(calls) == 4
+        handle.remove()
+        # A reparametrisation on a holder (pruning) applies at once.
+        pruned = ens.stacked.get_submodule("3")
+        prune.l1_unstructured(pruned, "weight", amount=0.5)
+        mask = pruned.get_buffer("weight_mask")
+        for i, m in enumerate(mods):
+            m[3].weight.mul_(mask[i])
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        pruned.get_parameter("weight_orig").mul_(3)  # the hook recomputes the weight
+        for m in mods:
+            m[3].weight.mul_(3)
+        torch.testing.assert_close(ens(x), loop(mods, x))
+
+
+def test_plans_are_ranked_by_their_ratio_to_the_fastest_of_each_round() -> None:
+    from lightning_meta._ensemble._plan import _ranked
+
+    # b is faster in three rounds of five, a in two; a's median is lower.
+    rounds = {"a": [1.0, 1.0, 1.0, 2.1, 2.1], "b": [1.9, 1.9, 0.95, 0.95, 2.0]}
+    medians = {p: sorted(t)[2] for p, t in rounds.items()}
+    assert medians["a"] < medians["b"]
+    assert _ranked(["a", "b"], rounds, medians) == ["b", "a"]
+    assert _ranked(["a"], rounds, medians) == ["a"]
+    # Equal ratios: the smaller median first.
+    assert _ranked(["b", "a"], {"a": [1.0, 2.0], "b": [2.0, 1.0]}, {"a": 1.0, "b": 2.0}) == [
+        "a",
+        "b",
+    ]

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_meta._compat import (
     has_module_hooks,
     module_apply,
+    tensor_tables,
     tree_flatten,
     tree_leaves,
     tree_map,
@@ -462,8 +463,9 @@ class Ensemble(nn.Module):
         self._views = ViewCache()
         self._shells = MemberShells()
         self._member_slots: MemberSlots | None = None
-        # The holders of stacked tensors, in walk order (built on first use).
-        self._holders: list[tuple[str, _Stacked]] | None = None
+        # The holders of stacked tensors, in walk order, with their names
+        # (built on first use).
+        self._holders: list[tuple[_Stacked, str, tuple[tuple[str, str], ...]]] | None = None
         self._aliases: dict[str, str] = {}
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
@@ -517,15 +519,26 @@ class Ensemble(nn.Module):
             for path, module in self.stacked.named_modules():
                 holder = _as_stacked(module, path)
                 if holder.leaves:
-                    holders.append((f"{path}." if path else "", holder))
+                    prefix = f"{path}." if path else ""
+                    reads = tuple((prefix + leaf, leaf) for leaf in holder.leaves)
+                    holders.append((holder, prefix, reads))
             self._holders = holders
         out: dict[str, torch.Tensor] = {}
-        for prefix, holder in holders:
-            # A holder without hooks is read directly: __call__ costs more
-            # than the read itself, on every forward.
-            values = holder() if has_module_hooks(holder) else holder.forward()
-            for leaf, value in values.items():
-                out[prefix + leaf] = value
+        for holder, prefix, reads in holders:
+            if has_module_hooks(holder):
+                for leaf, value in holder().items():
+                    out[prefix + leaf] = value
+                continue
+            # A holder without hooks is read from its tables: __call__, and
+            # even nn.Module.__getattr__, cost more than the read, on every forward.
+            params, buffers = tensor_tables(holder)
+            for full, leaf in reads:
+                value = params.get(leaf)
+                if value is None:
+                    value = buffers.get(leaf)
+                    if value is None:
+                        value = getattr(holder, leaf)
+                out[full] = value
         return out
 
     def member(self, index: int) -> nn.Module:
@@ -675,7 +688,7 @@ class Ensemble(nn.Module):
                 # choice, and let the call raise under it.
                 return previous
             # Every plan raised: run the static one, which raises its own error.
-            chosen = min(finalists, key=seconds.__getitem__) if finalists else self.execution
+            chosen = finalists[0] if finalists else self.execution
             how = "timed" if previous is None else "timed again"
             record = PlanRecord(key, chosen, how, {p: t * 1e3 for p, t in seconds.items()})
         logger.debug("Ensemble plan: %s", record)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_meta._compat import (
-    has_module_hooks,
+    modes_and_hooks,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -106,6 +106,7 @@ class ViewCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[Any, ...]] = {}
+        self._last: dict[str, Sequence[torch.Tensor]] | None = None
 
     def __reduce__(self) -> tuple[type[ViewCache], tuple[()]]:
         return (ViewCache, ())
@@ -115,19 +116,39 @@ class ViewCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._last = None
 
-    def views(self, name: str, stacked: torch.Tensor, grads: GradBuffers) -> Sequence[torch.Tensor]:
-        """Return ``stacked[0], stacked[1], ...``."""
-        if stacked.requires_grad and torch.is_grad_enabled():
+    def views_of(
+        self, tensors: Mapping[str, torch.Tensor], grads: GradBuffers
+    ) -> dict[str, Sequence[torch.Tensor]]:
+        """Every stacked tensor's member views (``stacked[0], stacked[1], ...``), by name.
+
+        While every view comes from the cache, this returns the very dict of
+        the previous call (never changed once returned), so that
+        :meth:`MemberShells.ready` sees in one comparison that nothing is to be put.
+        """
+        grad = torch.is_grad_enabled()
+        inference = torch.is_inference_mode_enabled()
+        last = self._last
+        out = {}
+        for name, stacked in tensors.items():
+            views = self._views(name, stacked, grads, grad, inference)
+            if last is not None and last.get(name) is not views:
+                last = None
+            out[name] = views
+        if last is not None and len(last) == len(out):
+            return last
+        self._last = out
+        return out
+
+    def _views(
+        self, name: str, stacked: torch.Tensor, grads: GradBuffers, grad: bool, inference: bool
+    ) -> Sequence[torch.Tensor]:
+        if grad and stacked.requires_grad:
             return unstack(stacked, grads, name)
-        if stacked.device.type != "cpu":
+        if not stacked.is_cpu:
             return stacked.unbind(0)
-        key = (
-            stacked.data_ptr(),
-            stacked.shape,
-            stacked.stride(),
-            torch.is_inference_mode_enabled(),
-        )
+        key = (stacked.data_ptr(), stacked.shape, stacked.stride(), inference)
         entry = self._entries.get(name)
         if entry is not None and entry[0] is stacked and entry[1] == key:
             return entry[2]  # type: ignore[no-any-return]
@@ -152,9 +173,10 @@ class MemberShells:
 
     def __init__(self) -> None:
         self._template: nn.Module | None = None
-        self._state: tuple[tuple[bool, bool], ...] = ()
+        self._state: list[tuple[bool, bool]] = []
         self._members: list[MemberSlots] = []
-        self._last: dict[str, Sequence[torch.Tensor]] = {}
+        # The views the copies hold: the very mapping last passed (never changed after).
+        self._last: Mapping[str, Sequence[torch.Tensor]] = {}
         self._module_list: list[nn.Module] = []
 
     def __reduce__(self) -> tuple[type[MemberShells], tuple[()]]:
@@ -165,13 +187,12 @@ class MemberShells:
 
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
-        self._template, self._state, self._members, self._last = None, (), [], {}
+        self._template, self._state, self._members, self._last = None, [], [], {}
         self._module_list = []
 
     def ready(
         self,
         template: nn.Module,
-        names: Sequence[str],
         views: Mapping[str, Sequence[torch.Tensor]],
         num_members: int,
     ) -> list[MemberSlots]:
@@ -181,20 +202,21 @@ class MemberShells:
         # cost as much as the member calls of a small layer.
         if self._template is not template:
             self._module_list = list(template.modules())
-        state = tuple([(m.training, has_module_hooks(m)) for m in self._module_list])
+        state = modes_and_hooks(self._module_list)
         if (
             self._template is not template
             or self._state != state
             or len(self._members) != num_members
         ):
             self._members = [
-                MemberSlots.of(copy.deepcopy(template), names) for _ in range(num_members)
+                MemberSlots.of(copy.deepcopy(template), list(views)) for _ in range(num_members)
             ]
             self._template, self._state, self._last = template, state, {}
-        if any(self._last.get(name) is not v for name, v in views.items()):
+        last = self._last
+        if views is not last and any(last.get(name) is not v for name, v in views.items()):
             for i, member in enumerate(self._members):
                 member.put(views, i)
-            self._last = dict(views)
+        self._last = views
         return self._members
 
     def release(self) -> None:
@@ -258,8 +280,8 @@ def run_loop(
     mask for all, as ``vmap`` draws it); ``"error"`` refuses a member that
     drew from them.
     """
-    views = {name: view_cache.views(name, t, grad_buffers) for name, t in tensors.items()}
-    members = shells.ready(template, list(tensors), views, num_members)
+    views = view_cache.views_of(tensors, grad_buffers)
+    members = shells.ready(template, views, num_members)
     member_inputs: list[tuple[Any, ...]] = [inputs] * num_members
     member_kwargs: list[Mapping[str, Any]] = [kwargs] * num_members
     if per_member_inputs:
