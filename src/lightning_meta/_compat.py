@@ -538,22 +538,30 @@ def tensor_tables(
     return module._parameters, module._buffers
 
 
-def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, bool]]:
-    """``(training, has_module_hooks(m))`` for every module of ``modules``, in one pass.
+def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
+    return (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+
+
+def module_hooks(module: nn.Module) -> list[Callable[..., Any]]:
+    """Every forward, forward-pre and backward hook of ``module``'s own."""
+    return [hook for table in _hook_tables(module) for hook in table.values()]
+
+
+def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
+    """Every module's train/eval mode and which hooks it has, in one pass.
 
     Ensemble's loop plan checks this on every call, to rebuild its member
-    copies when a mode or a hook of the template changed.
+    copies when a mode or a hook of the template changed. A hook is known by
+    its handle's id, which is never reused: a hook removed and another
+    registered in its place is a change.
     """
     return [
-        (
-            m.training,
-            bool(
-                m._forward_hooks
-                or m._forward_pre_hooks
-                or m._backward_hooks
-                or m._backward_pre_hooks
-            ),
-        )
+        (m.training, tuple(tuple(t) for t in _hook_tables(m)) if has_module_hooks(m) else None)
         for m in modules
     ]
 
@@ -587,6 +595,7 @@ __all__ += [
     "functorch_transform_active",
     "has_module_hooks",
     "modes_and_hooks",
+    "module_hooks",
     "module_apply",
     "storage_users",
     "tensor_tables",

@@ -527,3 +527,115 @@ def test_plans_are_ranked_by_their_ratio_to_the_fastest_of_each_round() -> None:
         "a",
         "b",
     ]
+
+
+def test_hooks_swapped_or_added_on_the_template_run_on_the_objects_they_belong_to() -> None:
+    mods = members()
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop").eval()
+    for m in mods:
+        m.eval()
+    x = torch.randn(5, 3)
+
+    def on_all(layer: int, hook):  # type: ignore[no-untyped-def]
+        return [m[layer].register_forward_hook(hook) for m in [ens.template.module, *mods]]
+
+    with torch.no_grad():
+        handles = on_all(3, lambda m, i, o: o * 2)
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        for h in handles:
+            h.remove()
+        handles = on_all(3, lambda m, i, o: o * 3)  # as many hooks as before, another one
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        on_all(3, lambda m, i, o: o + 1)  # a second hook on the same layer
+        torch.testing.assert_close(ens(x), loop(mods, x))
+
+        class Collector:
+            def __init__(self) -> None:
+                self.seen: list[torch.Tensor] = []
+
+            def hook(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+                self.seen.append(output)
+
+        collector = Collector()
+        ens.template.module[0].register_forward_hook(collector.hook)
+        ens(x)
+        assert len(collector.seen) == 4  # on the collector itself, not on copies of it
+
+
+def test_stacked_memory_given_another_dtype_or_conjugated_is_read_anew() -> None:
+    torch.manual_seed(0)
+    mods = [nn.Linear(3, 2, dtype=torch.complex64) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    x = torch.randn(5, 3, dtype=torch.complex64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(mods, x))
+        weight = ens.stacked.get_parameter("weight")
+        weight.data = weight.data.conj()  # same data_ptr, shape and strides
+        for m in mods:
+            m.weight.data = m.weight.data.conj()
+        torch.testing.assert_close(ens(x), loop(mods, x))
+    # The same bits read as another dtype of the same size.
+    mods = [nn.Linear(3, 2, dtype=torch.float16) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    with torch.no_grad():
+        ens(torch.randn(5, 3, dtype=torch.float16))
+        for holder in [ens.stacked, *mods]:
+            for p in holder.parameters():
+                p.data = p.data.view(torch.bfloat16)
+        x = torch.randn(5, 3, dtype=torch.bfloat16)
+        torch.testing.assert_close(ens(x), loop(mods, x))
+
+
+def test_holders_offloaded_by_accelerate_and_parametrized_holders_copied() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    from torch.nn.utils import parametrize
+
+    mods = members()
+    for m in mods:
+        m.eval()
+    x = torch.randn(5, 3)
+    for execution in ("loop", "vmap"):
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=execution).eval()
+        with torch.no_grad():
+            ens(x)
+            # accelerate sets forward on each holder and leaves meta tensors in its tables.
+            accelerate.cpu_offload(ens, execution_device=torch.device("cpu"))
+            assert ens.stacked.get_submodule("0").get_parameter("weight").is_meta
+            torch.testing.assert_close(ens(x), loop(mods, x))
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop").eval()
+    with torch.no_grad():
+        ens(x)
+        parametrize.register_parametrization(ens.stacked.get_submodule("3"), "weight", Double())
+        doubled = copy.deepcopy(mods)
+        for m in doubled:
+            parametrize.register_parametrization(m[3], "weight", Double())
+        # (torch pickles no parametrized module.)
+        for clone in (ens, copy.deepcopy(ens)):
+            torch.testing.assert_close(clone(x), loop(doubled, x))
+
+
+def test_torch_func_over_the_stacked_tensors_of_the_loop_plan() -> None:
+    from torch.func import functional_call, vmap
+
+    mods = members()
+    for m in mods:
+        m.eval()
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop").eval()
+    x = torch.randn(5, 3)
+    weight = ens.stacked.get_parameter("0.weight").detach()
+    with torch.no_grad():
+        ens(x)  # views cached outside the transform
+        out = vmap(lambda w: functional_call(ens, {"stacked.0.weight": w}, (x,)))(
+            torch.stack([weight, weight * 2])
+        )
+        for k, scale in enumerate((1, 2)):
+            ref = torch.stack(
+                [functional_call(m, {"0.weight": m[0].weight * scale}, (x,)) for m in mods]
+            )
+            torch.testing.assert_close(out[k], ref)
+        torch.testing.assert_close(ens(x), loop(mods, x))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
     has_module_hooks,
@@ -188,6 +189,20 @@ def _settings(module: nn.Module) -> dict[str, Any]:
             ):
                 out[dot + key] = value
     return out
+
+
+def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
+    """Every holder of stacked tensors under ``root`` (itself included), with its path.
+
+    The ``parametrizations`` of a holder that ``torch.nn.utils.parametrize``
+    reparametrised are its own business, not holders.
+    """
+    holder = _as_stacked(root, path)
+    yield path, holder
+    skip = "parametrizations" if parametrize.is_parametrized(holder) else None
+    for name, child in holder.named_children():
+        if name != skip:
+            yield from _holders(child, f"{path}.{name}" if path else name)
 
 
 def _as_stacked(module: nn.Module, path: str) -> _Stacked:
@@ -516,8 +531,7 @@ class Ensemble(nn.Module):
         holders = self._holders
         if holders is None:
             holders = []
-            for path, module in self.stacked.named_modules():
-                holder = _as_stacked(module, path)
+            for path, holder in _holders(self.stacked):
                 if holder.leaves:
                     prefix = f"{path}." if path else ""
                     reads = tuple((prefix + leaf, leaf) for leaf in holder.leaves)
@@ -525,12 +539,15 @@ class Ensemble(nn.Module):
             self._holders = holders
         out: dict[str, torch.Tensor] = {}
         for holder, prefix, reads in holders:
-            if has_module_hooks(holder):
-                for leaf, value in holder().items():
+            # A holder whose forward is its own and that has no hooks is read
+            # from its tables: __call__, and even nn.Module.__getattr__, cost
+            # more than the read, on every forward. Hooks (pruning) and a
+            # forward set on the instance (accelerate's offloading) run.
+            if has_module_hooks(holder) or "forward" in holder.__dict__:
+                values = holder() if has_module_hooks(holder) else holder.forward()
+                for leaf, value in values.items():
                     out[prefix + leaf] = value
                 continue
-            # A holder without hooks is read from its tables: __call__, and
-            # even nn.Module.__getattr__, cost more than the read, on every forward.
             params, buffers = tensor_tables(holder)
             for full, leaf in reads:
                 value = params.get(leaf)

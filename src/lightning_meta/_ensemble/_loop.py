@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from lightning_meta._compat import (
+    functorch_transform_active,
     modes_and_hooks,
+    module_hooks,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -128,11 +130,14 @@ class ViewCache:
         :meth:`MemberShells.ready` sees in one comparison that nothing is to be put.
         """
         grad = torch.is_grad_enabled()
+        # Inside torch.func the stacked tensors may be wrappers without
+        # storage (a vmap over them): nothing is kept.
+        keep = not functorch_transform_active()
         inference = torch.is_inference_mode_enabled()
         last = self._last
         out = {}
         for name, stacked in tensors.items():
-            views = self._views(name, stacked, grads, grad, inference)
+            views = self._views(name, stacked, grads, grad, keep, inference)
             if last is not None and last.get(name) is not views:
                 last = None
             out[name] = views
@@ -142,13 +147,29 @@ class ViewCache:
         return out
 
     def _views(
-        self, name: str, stacked: torch.Tensor, grads: GradBuffers, grad: bool, inference: bool
+        self,
+        name: str,
+        stacked: torch.Tensor,
+        grads: GradBuffers,
+        grad: bool,
+        keep: bool,
+        inference: bool,
     ) -> Sequence[torch.Tensor]:
         if grad and stacked.requires_grad:
             return unstack(stacked, grads, name)
-        if not stacked.is_cpu:
+        if not keep or not stacked.is_cpu:
             return stacked.unbind(0)
-        key = (stacked.data_ptr(), stacked.shape, stacked.stride(), inference)
+        # Everything that says what the memory holds: .data can be given the
+        # same memory read in another order, as another dtype, or conjugated.
+        key = (
+            stacked.data_ptr(),
+            stacked.shape,
+            stacked.stride(),
+            stacked.dtype,
+            stacked.is_conj(),
+            stacked.is_neg(),
+            inference,
+        )
         entry = self._entries.get(name)
         if entry is not None and entry[0] is stacked and entry[1] == key:
             return entry[2]  # type: ignore[no-any-return]
@@ -173,7 +194,7 @@ class MemberShells:
 
     def __init__(self) -> None:
         self._template: nn.Module | None = None
-        self._state: list[tuple[bool, bool]] = []
+        self._state: list[tuple[bool, Any]] = []
         self._members: list[MemberSlots] = []
         # The views the copies hold: the very mapping last passed (never changed after).
         self._last: Mapping[str, Sequence[torch.Tensor]] = {}
@@ -208,8 +229,12 @@ class MemberShells:
             or self._state != state
             or len(self._members) != num_members
         ):
+            # The hooks are shared, not copied: a hook that is a bound method
+            # (or holds state) must see every member's call on its own object.
+            hooks = {id(h): h for m in self._module_list for h in module_hooks(m)}
             self._members = [
-                MemberSlots.of(copy.deepcopy(template), list(views)) for _ in range(num_members)
+                MemberSlots.of(copy.deepcopy(template, dict(hooks)), list(views))
+                for _ in range(num_members)
             ]
             self._template, self._state, self._last = template, state, {}
         last = self._last
