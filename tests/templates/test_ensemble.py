@@ -639,3 +639,31 @@ def test_torch_func_over_the_stacked_tensors_of_the_loop_plan() -> None:
             )
             torch.testing.assert_close(out[k], ref)
         torch.testing.assert_close(ens(x), loop(mods, x))
+
+
+class _ScaledByHook(nn.Module):
+    """Registers a method of its own as a hook, as some model code does in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.register_forward_hook(self._scale)
+
+    def _scale(self, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return output * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_a_hook_that_is_a_method_of_the_member_runs_on_each_member() -> None:
+    torch.manual_seed(0)
+    mods = [_ScaledByHook() for _ in range(3)]
+    for k, m in enumerate(mods):
+        m.scale.fill_(k + 1.0)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))

@@ -229,9 +229,17 @@ class MemberShells:
             or self._state != state
             or len(self._members) != num_members
         ):
-            # The hooks are shared, not copied: a hook that is a bound method
-            # (or holds state) must see every member's call on its own object.
-            hooks = {id(h): h for m in self._module_list for h in module_hooks(m)}
+            # Hooks are shared, not copied: a hook that is a bound method of
+            # another object (or holds state) must see every member's call on
+            # that object. A method of a template module itself (registered
+            # in __init__) is copied with it, so it runs on the member's copy.
+            ours = {id(m) for m in self._module_list}
+            hooks = {
+                id(h): h
+                for m in self._module_list
+                for h in module_hooks(m)
+                if id(getattr(h, "__self__", None)) not in ours
+            }
             self._members = [
                 MemberSlots.of(copy.deepcopy(template, dict(hooks)), list(views))
                 for _ in range(num_members)
