@@ -547,11 +547,6 @@ def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
     )
 
 
-def module_hooks(module: nn.Module) -> list[Callable[..., Any]]:
-    """Every forward, forward-pre and backward hook of ``module``'s own."""
-    return [hook for table in _hook_tables(module) for hook in table.values()]
-
-
 def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
     """Every module's train/eval mode and which hooks it has, in one pass.
 
@@ -595,7 +590,6 @@ __all__ += [
     "functorch_transform_active",
     "has_module_hooks",
     "modes_and_hooks",
-    "module_hooks",
     "module_apply",
     "storage_users",
     "tensor_tables",

@@ -30,7 +30,6 @@ from torch import nn
 from lightning_meta._compat import (
     functorch_transform_active,
     modes_and_hooks,
-    module_hooks,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -143,7 +142,7 @@ class ViewCache:
             out[name] = views
         if last is not None and len(last) == len(out):
             return last
-        self._last = out
+        self._last = out if keep else None
         return out
 
     def _views(
@@ -229,20 +228,8 @@ class MemberShells:
             or self._state != state
             or len(self._members) != num_members
         ):
-            # Hooks are shared, not copied: a hook that is a bound method of
-            # another object (or holds state) must see every member's call on
-            # that object. A method of a template module itself (registered
-            # in __init__) is copied with it, so it runs on the member's copy.
-            ours = {id(m) for m in self._module_list}
-            hooks = {
-                id(h): h
-                for m in self._module_list
-                for h in module_hooks(m)
-                if id(getattr(h, "__self__", None)) not in ours
-            }
             self._members = [
-                MemberSlots.of(copy.deepcopy(template, dict(hooks)), list(views))
-                for _ in range(num_members)
+                MemberSlots.of(copy.deepcopy(template), list(views)) for _ in range(num_members)
             ]
             self._template, self._state, self._last = template, state, {}
         last = self._last
@@ -342,7 +329,9 @@ def run_loop(
             if randomness == "error":
                 check_no_draw(replay, device, i)
     finally:
-        if device.type != "cpu":
+        # Off the CPU, and inside a torch.func transform, the copies let go
+        # of the views (device memory; the transform's wrappers).
+        if device.type != "cpu" or functorch_transform_active():
             shells.release()
     if isinstance(outs[0], torch.Tensor):
         return torch.stack(outs)
