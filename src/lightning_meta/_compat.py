@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -561,6 +562,55 @@ def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
     ]
 
 
+def rebind_hook_closures(original: nn.Module, copied: nn.Module) -> None:
+    """Point hooks of ``copied`` (a ``copy.deepcopy`` of ``original``) that are functions
+    closing over modules of ``original`` at the matching modules of ``copied``.
+
+    ``deepcopy`` copies a bound method with its object, but a function as is:
+    a ``lambda m, i, o: o * self.gate`` registered in ``__init__`` would read
+    the original model from every copy. Only variables that hold a module
+    of ``original`` themselves are rebound (not modules inside other objects).
+    """
+    pairs = {
+        id(a): b for a, b in zip(original.modules(), copied.modules(), strict=True) if a is not b
+    }
+    for module in copied.modules():
+        for table in _hook_tables(module):
+            for key, hook in list(table.items()):
+                rebound = _rebound(hook, pairs)
+                if rebound is not None:
+                    table[key] = rebound
+
+
+def _rebound(hook: Any, pairs: dict[int, nn.Module]) -> Any:
+    """``hook`` with closure cells holding a module of ``pairs`` pointed at its copy, or None."""
+    cells = getattr(hook, "__closure__", None)
+    if not isinstance(hook, types.FunctionType) or not cells:
+        return None
+    contents = []
+    for cell in cells:
+        try:
+            contents.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a variable assigned after the function)
+            contents.append(_EMPTY)
+    if not any(id(value) in pairs for value in contents):
+        return None
+    closure = tuple(
+        types.CellType() if value is _EMPTY else types.CellType(pairs.get(id(value), value))
+        for value in contents
+    )
+    rebound = types.FunctionType(
+        hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__, closure
+    )
+    rebound.__kwdefaults__ = hook.__kwdefaults__
+    rebound.__qualname__ = hook.__qualname__
+    rebound.__dict__.update(hook.__dict__)
+    return rebound
+
+
+_EMPTY = object()
+
+
 def functorch_transform_active() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ...).
 
@@ -590,6 +640,7 @@ __all__ += [
     "functorch_transform_active",
     "has_module_hooks",
     "modes_and_hooks",
+    "rebind_hook_closures",
     "module_apply",
     "storage_users",
     "tensor_tables",

@@ -633,7 +633,8 @@ def test_torch_func_over_the_stacked_tensors_of_the_loop_plan() -> None:
 
 class _ScaledByHook(nn.Module):
     """Hooks of the model's own, registered in ``__init__`` as model code does: a method,
-    a ``functools.partial`` of one, an object holding the model, and a submodule."""
+    a ``functools.partial`` of one, an object holding the model, a submodule, and a
+    function closing over the model."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -645,6 +646,7 @@ class _ScaledByHook(nn.Module):
         self.lin.register_forward_hook(functools.partial(self._gate, "lin"))
         self.lin.register_forward_hook(_GateHook(self))
         self.lin.register_forward_hook(self.post)
+        self.lin.register_forward_hook(lambda m, i, o: None if self.gate is None else o - self.gate)
 
     def _scale(self, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
         return output * self.scale
@@ -674,12 +676,14 @@ class _GateHook:
         return None if self.owner.gate is None else output + self.owner.gate
 
 
-def test_hooks_the_model_registers_on_itself_run_on_each_member() -> None:
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+def test_hooks_the_model_registers_on_itself_run_on_each_member(execution: str) -> None:
     torch.manual_seed(0)
     mods = [_ScaledByHook() for _ in range(3)]
     for k, m in enumerate(mods):
         m.scale.fill_(k + 1.0)
-    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    # The members themselves: a copy.deepcopy of them would keep closures over the originals.
+    ens = lm.Ensemble(mods, execution=execution)
     x, gate = torch.randn(5, 3), torch.rand(4)
     with torch.no_grad():
         for g in (None, gate):

@@ -30,6 +30,7 @@ from torch import nn
 from lightning_meta._compat import (
     functorch_transform_active,
     modes_and_hooks,
+    rebind_hook_closures,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -185,10 +186,11 @@ class MemberShells:
     :class:`ViewCache`) puts nothing at all, and modules that cache derived
     state of their weights (an RNN's flattened weight list) keep it. The
     copies are rebuilt when the template, the train/eval mode of any of its
-    modules, or which of them have hooks changes. On
-    an accelerator the views are taken out again after every call, so no
-    copy holds device memory the ensemble has let go. Never pickled or
-    copied.
+    modules, or any of their hooks changes (hooks are copied with the
+    template). On an accelerator, and inside a ``torch.func`` transform, the
+    views are taken out again after every call, so no copy holds device
+    memory the ensemble has let go, or a transform's wrappers. Never pickled
+    or copied.
     """
 
     def __init__(self) -> None:
@@ -229,7 +231,7 @@ class MemberShells:
             or len(self._members) != num_members
         ):
             self._members = [
-                MemberSlots.of(copy.deepcopy(template), list(views)) for _ in range(num_members)
+                MemberSlots.of(_copy_of(template), list(views)) for _ in range(num_members)
             ]
             self._template, self._state, self._last = template, state, {}
         last = self._last
@@ -244,6 +246,13 @@ class MemberShells:
         for member in self._members:
             member.restore()
         self._last = {}
+
+
+def _copy_of(template: nn.Module) -> nn.Module:
+    """A member's copy of ``template``: its hooks run on the copy, closures over the model included."""
+    copied = copy.deepcopy(template)
+    rebind_hook_closures(template, copied)
+    return copied
 
 
 def rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:
