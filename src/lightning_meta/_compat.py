@@ -571,9 +571,10 @@ def rebind_hook_closures(original: nn.Module, copied: nn.Module) -> None:
     the original model from every copy. Only variables that hold a module
     of ``original`` themselves are rebound (not modules inside other objects).
     """
-    pairs = {
-        id(a): b for a, b in zip(original.modules(), copied.modules(), strict=True) if a is not b
-    }
+    before, after = list(original.modules()), list(copied.modules())
+    if len(before) != len(after):  # a module's own __deepcopy__ changed the tree: no pairing
+        return
+    pairs = {id(a): b for a, b in zip(before, after, strict=True) if a is not b}
     for module in copied.modules():
         for table in _hook_tables(module):
             for key, hook in list(table.items()):
