@@ -562,54 +562,64 @@ def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
     ]
 
 
-def rebind_hook_closures(original: nn.Module, copied: nn.Module) -> None:
-    """Point hooks of ``copied`` (a ``copy.deepcopy`` of ``original``) that are functions
-    closing over modules of ``original`` at the matching modules of ``copied``.
+def rebind_hook_closures(original: nn.Module, copied: nn.Module, memo: dict[int, Any]) -> None:
+    """Point hooks of ``copied`` that are functions closing over modules of ``original`` at
+    the matching modules of ``copied``.
 
-    ``deepcopy`` copies a bound method with its object, but a function as is:
-    a ``lambda m, i, o: o * self.gate`` registered in ``__init__`` would read
-    the original model from every copy. Only variables that hold a module
-    of ``original`` themselves are rebound (not modules inside other objects).
+    ``copied`` is ``copy.deepcopy(original, memo)`` and ``memo`` that call's
+    memo, which pairs every copied module with its original. ``deepcopy``
+    copies a bound method with its object, but a function as is: a
+    ``lambda m, i, o: o * self.gate`` registered in ``__init__`` would read
+    the original model from every copy. Only the variables that hold a
+    module of ``original`` themselves get a new cell (one per old cell, so
+    hooks that shared it still do); every other variable keeps its cell,
+    shared with whatever else closes over it.
     """
-    before, after = list(original.modules()), list(copied.modules())
-    if len(before) != len(after):  # a module's own __deepcopy__ changed the tree: no pairing
+    pairs = {}
+    for module in original.modules():
+        twin = memo.get(id(module))
+        if isinstance(twin, nn.Module) and twin is not module:
+            pairs[id(module)] = twin
+    if not pairs:
         return
-    pairs = {id(a): b for a, b in zip(before, after, strict=True) if a is not b}
+    cells: dict[int, Any] = {}
     for module in copied.modules():
         for table in _hook_tables(module):
             for key, hook in list(table.items()):
-                rebound = _rebound(hook, pairs)
+                rebound = _rebound(hook, pairs, cells)
                 if rebound is not None:
                     table[key] = rebound
 
 
-def _rebound(hook: Any, pairs: dict[int, nn.Module]) -> Any:
-    """``hook`` with closure cells holding a module of ``pairs`` pointed at its copy, or None."""
-    cells = getattr(hook, "__closure__", None)
-    if not isinstance(hook, types.FunctionType) or not cells:
+def _rebound(hook: Any, pairs: dict[int, nn.Module], cells: dict[int, Any]) -> Any:
+    """``hook`` with its closure cells that hold a module of ``pairs`` replaced, or None."""
+    closure = getattr(hook, "__closure__", None)
+    if not isinstance(hook, types.FunctionType) or not closure:
         return None
-    contents = []
-    for cell in cells:
+    new, changed = [], False
+    for cell in closure:
         try:
-            contents.append(cell.cell_contents)
+            value = cell.cell_contents
         except ValueError:  # an empty cell (a variable assigned after the function)
-            contents.append(_EMPTY)
-    if not any(id(value) in pairs for value in contents):
+            new.append(cell)
+            continue
+        if id(value) in pairs:
+            if id(cell) not in cells:
+                cells[id(cell)] = types.CellType(pairs[id(value)])
+            new.append(cells[id(cell)])
+            changed = True
+        else:
+            new.append(cell)
+    if not changed:
         return None
-    closure = tuple(
-        types.CellType() if value is _EMPTY else types.CellType(pairs.get(id(value), value))
-        for value in contents
-    )
     rebound = types.FunctionType(
-        hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__, closure
+        hook.__code__, hook.__globals__, hook.__name__, hook.__defaults__, tuple(new)
     )
     rebound.__kwdefaults__ = hook.__kwdefaults__
     rebound.__qualname__ = hook.__qualname__
+    rebound.__doc__ = hook.__doc__
     rebound.__dict__.update(hook.__dict__)
     return rebound
-
-
-_EMPTY = object()
 
 
 def functorch_transform_active() -> bool:

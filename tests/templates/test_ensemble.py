@@ -690,3 +690,44 @@ def test_hooks_the_model_registers_on_itself_run_on_each_member(execution: str) 
             torch.testing.assert_close(ens(x, g), torch.stack([m(x, g) for m in mods]))
     assert ens.template.module.post.weight.is_meta
     torch.testing.assert_close(ens(x, gate), torch.stack([m(x, gate) for m in mods]))
+
+
+class _Normalized(nn.Module):
+    """A hook closing over the model beside state it shares with another hook (``nonlocal``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.normalize = True
+        scale = torch.tensor(1.0)
+
+        def measure(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            nonlocal scale
+            scale = inputs[0].abs().amax()
+
+        def divide(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+            return output / scale if self.normalize else output
+
+        self.lin.register_forward_pre_hook(measure)
+        self.lin.register_forward_hook(divide)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+def test_closure_hooks_keep_shared_state_and_survive_copies_of_the_ensemble(
+    execution: str,
+) -> None:
+    torch.manual_seed(0)
+    mods = [_Normalized() for _ in range(3)]
+    x = torch.randn(4, 3) * 10
+    ens = lm.Ensemble(mods, execution=execution)
+    with torch.no_grad():
+        ref = torch.stack([m(x) for m in mods])
+        torch.testing.assert_close(ens(x), ref)
+        for i, m in enumerate(mods):
+            torch.testing.assert_close(ens.member(i)(x), m(x))
+        clone = copy.deepcopy(ens)
+        torch.testing.assert_close(clone(x), ref)
+        torch.testing.assert_close(clone.member(1)(x), mods[1](x))

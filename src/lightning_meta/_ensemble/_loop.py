@@ -250,8 +250,9 @@ class MemberShells:
 
 def _copy_of(template: nn.Module) -> nn.Module:
     """A member's copy of ``template``: its hooks run on the copy, closures over the model included."""
-    copied = copy.deepcopy(template)
-    rebind_hook_closures(template, copied)
+    memo: dict[int, Any] = {}
+    copied = copy.deepcopy(template, memo)
+    rebind_hook_closures(template, copied, memo)
     return copied
 
 

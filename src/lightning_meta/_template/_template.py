@@ -45,7 +45,7 @@ def copy_module(module: nn.Module, make: Callable[[str, torch.Tensor], torch.Ten
     copied = copy.deepcopy(module, memo)
     # Hooks that are functions closing over the module would still read the
     # original (deepcopy copies a function as is); bound methods move already.
-    rebind_hook_closures(module, copied)
+    rebind_hook_closures(module, copied, memo)
     return copied
 
 
@@ -325,6 +325,9 @@ class MetaTemplate:
         new = MetaTemplate.__new__(MetaTemplate)
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if self._module is not None and new._module is not None:
+            # Hooks closing over this template would still read it.
+            rebind_hook_closures(self._module, new._module, memo)
         return new
 
     def __getstate__(self) -> dict[str, Any]:
