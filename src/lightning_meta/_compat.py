@@ -21,6 +21,7 @@ module for them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import types
@@ -520,12 +521,7 @@ def has_module_hooks(module: nn.Module) -> bool:
     Ensemble's batched paths compute a layer without calling it, so they
     refuse such layers (their hooks would not run).
     """
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
+    return any(_hook_tables(module))
 
 
 def tensor_tables(
@@ -556,10 +552,20 @@ def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
     its handle's id, which is never reused: a hook removed and another
     registered in its place is a change.
     """
-    return [
-        (m.training, tuple(tuple(t) for t in _hook_tables(m)) if has_module_hooks(m) else None)
-        for m in modules
-    ]
+    state = []
+    for m in modules:
+        tables = _hook_tables(m)
+        state.append((m.training, tuple(tuple(t) for t in tables) if any(tables) else None))
+    return state
+
+
+def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, with its hooks that close over ``module`` pointed at
+    the copy (:func:`rebind_hook_closures`)."""
+    memo = {} if memo is None else memo
+    copied = copy.deepcopy(module, memo)
+    rebind_hook_closures(module, copied, memo)
+    return copied
 
 
 def rebind_hook_closures(original: nn.Module, copied: nn.Module, memo: dict[int, Any]) -> None:
@@ -648,6 +654,7 @@ def module_apply(
 
 
 __all__ += [
+    "deepcopy_module",
     "functorch_transform_active",
     "has_module_hooks",
     "modes_and_hooks",

@@ -543,8 +543,9 @@ class Ensemble(nn.Module):
             # from its tables: __call__, and even nn.Module.__getattr__, cost
             # more than the read, on every forward. Hooks (pruning) and a
             # forward set on the instance (accelerate's offloading) run.
-            if has_module_hooks(holder) or "forward" in holder.__dict__:
-                values = holder() if has_module_hooks(holder) else holder.forward()
+            hooked = has_module_hooks(holder)
+            if hooked or "forward" in holder.__dict__:
+                values = holder() if hooked else holder.forward()
                 for leaf, value in values.items():
                     out[prefix + leaf] = value
                 continue

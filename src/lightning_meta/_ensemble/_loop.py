@@ -19,7 +19,6 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,9 +27,9 @@ import torch
 from torch import nn
 
 from lightning_meta._compat import (
+    deepcopy_module,
     functorch_transform_active,
     modes_and_hooks,
-    rebind_hook_closures,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -231,7 +230,7 @@ class MemberShells:
             or len(self._members) != num_members
         ):
             self._members = [
-                MemberSlots.of(_copy_of(template), list(views)) for _ in range(num_members)
+                MemberSlots.of(deepcopy_module(template), list(views)) for _ in range(num_members)
             ]
             self._template, self._state, self._last = template, state, {}
         last = self._last
@@ -246,14 +245,6 @@ class MemberShells:
         for member in self._members:
             member.restore()
         self._last = {}
-
-
-def _copy_of(template: nn.Module) -> nn.Module:
-    """A member's copy of ``template``: its hooks run on the copy, closures over the model included."""
-    memo: dict[int, Any] = {}
-    copied = copy.deepcopy(template, memo)
-    rebind_hook_closures(template, copied, memo)
-    return copied
 
 
 def rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:

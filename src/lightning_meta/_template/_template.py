@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_meta._arguments import build_on_meta, describe
-from lightning_meta._compat import rebind_hook_closures
+from lightning_meta._compat import deepcopy_module, rebind_hook_closures
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import tie_groups
 
@@ -42,11 +42,9 @@ def copy_module(module: nn.Module, make: Callable[[str, torch.Tensor], torch.Ten
             if kind == "param" and not isinstance(new, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = new
-    copied = copy.deepcopy(module, memo)
     # Hooks that are functions closing over the module would still read the
     # original (deepcopy copies a function as is); bound methods move already.
-    rebind_hook_closures(module, copied, memo)
-    return copied
+    return deepcopy_module(module, memo)
 
 
 def to_meta(module: nn.Module) -> nn.Module:
