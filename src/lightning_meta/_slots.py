@@ -23,6 +23,7 @@ __all__ = [
     "buffer_names",
     "children",
     "iter_slots",
+    "own_slots",
     "parameter_names",
     "slot_at",
     "tensor_at",
@@ -128,18 +129,26 @@ def iter_slots(module: nn.Module, *, remove_duplicate: bool = True) -> Iterator[
     walked under each of them, as ``state_dict`` does.
     """
     for prefix, mod in module.named_modules(remove_duplicate=remove_duplicate):
-        dot = f"{prefix}." if prefix else ""
-        for name, p in _compat.parameters_of(mod).items():
-            if p is not None:
-                yield Slot(dot + name, mod, "param", name, p, True)
-        non_persistent = _compat.non_persistent_of(mod)
-        for name, b in _compat.buffers_of(mod).items():
-            if b is not None:
-                yield Slot(dot + name, mod, "buffer", name, b, name not in non_persistent)
-        for name in mod.__dict__.get(HANDLES_ATTR, {}):
-            value = mod.__dict__.get(name)
-            if isinstance(value, torch.Tensor):
-                yield Slot(dot + name, mod, "attr", name, value, False)
+        yield from own_slots(mod, prefix)
+
+
+def own_slots(module: nn.Module, prefix: str = "") -> Iterator[Slot]:
+    """Yield ``module``'s own parameters, buffers and deferred plain tensor attributes.
+
+    Paths start with ``prefix`` (the module's dotted name in the tree walked).
+    """
+    dot = f"{prefix}." if prefix else ""
+    for name, p in _compat.parameters_of(module).items():
+        if p is not None:
+            yield Slot(dot + name, module, "param", name, p, True)
+    non_persistent = _compat.non_persistent_of(module)
+    for name, b in _compat.buffers_of(module).items():
+        if b is not None:
+            yield Slot(dot + name, module, "buffer", name, b, name not in non_persistent)
+    for name in module.__dict__.get(HANDLES_ATTR, {}):
+        value = module.__dict__.get(name)
+        if isinstance(value, torch.Tensor):
+            yield Slot(dot + name, module, "attr", name, value, False)
 
 
 def tie_groups(module: nn.Module) -> list[list[Slot]]:

@@ -479,3 +479,31 @@ def test_materialize_skips_draws_overwritten_whole_later() -> None:
     assert "aten::uniform_" not in calls and calls.count("aten::normal_") == 1
     assert_same_as_eager(eager, module)
     assert torch.equal(torch.rand(4), after)  # the generator stands where eager left it
+
+
+def test_materialize_runs_no_detach_per_parameter_twice() -> None:
+    # nn.Parameter(t) records a detach of t; replaying it and then making the
+    # Parameter (which detaches again) cost one op per parameter for nothing.
+    module = build_deferred(Reinitialised)
+    calls = _aten_calls(lambda: materialize(module))
+    assert calls.count("aten::detach") == 2  # one per Parameter made, as eager construction
+
+
+class SharesWithParameter(nn.Module):
+    """A Parameter made from a tensor that is also a buffer and is read after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        t = torch.randn(4, 4)
+        self.register_buffer("source", t)
+        self.weight = nn.Parameter(t)
+        self.register_buffer("twice", t * 2)
+
+
+def test_materialize_keeps_parameter_sharing_storage_with_its_source() -> None:
+    eager, _ = build_eager(SharesWithParameter)
+    module = build_deferred(SharesWithParameter)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert module.weight.data_ptr() == module.source.data_ptr()  # as in eager
+    assert eager.weight.data_ptr() == eager.source.data_ptr()

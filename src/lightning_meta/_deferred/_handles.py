@@ -361,13 +361,14 @@ def _replay_items(items: list[ItemSlot]) -> None:
             complete(record, None)
 
 
-def drop_stale(module: nn.Module) -> dict[int, Record]:
+def drop_stale(modules: Iterable[nn.Module]) -> dict[int, Record]:
     """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``).
 
-    Returns the records touched, by id.
+    ``modules``: every module of the tree (``module.modules()``). Returns the
+    records touched, by id.
     """
     touched: dict[int, Record] = {}
-    for mod in module.modules():
+    for mod in modules:
         for name, handle in handles_of(mod).items():
             slot = slot_at(mod, name)
             if slot is None or slot.tensor is not handle.tensor:

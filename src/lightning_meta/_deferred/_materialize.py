@@ -31,7 +31,7 @@ from lightning_meta._deferred._handles import (
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
-from lightning_meta._slots import Slot, iter_slots, tensor_at
+from lightning_meta._slots import Slot, own_slots, tensor_at
 
 __all__ = ["ShardedSlot", "materialize", "materialize_paths", "sharded_slots"]
 
@@ -171,8 +171,11 @@ def materialize_paths(
         MaterializationError: see :func:`materialize`.
     """
     target, remap = _check_arguments(module, names, device, dtype, draw_on, fallback)
-    sharded = sharded_slots(module)
-    slots = _select(module, names)
+    # One walk of the tree for every step below: on a small model the walks
+    # cost as much as replaying its ops.
+    walk = list(module.named_modules())
+    sharded = sharded_slots(module, walk)
+    slots = _select(module, names, walk)
     wanted = {s.path for s in slots}
     sharded = [s for s in sharded if s.path in wanted]
     # By identity: a tied DTensor is listed once in ``sharded`` but at every path in ``slots``.
@@ -188,7 +191,7 @@ def materialize_paths(
         fill_shards(module, sharded, target, draw_on)
     ready, replayed = _replay_records(deferred, target, dtype, remap)
     _swap_in(deferred, ready)
-    _complete_records(module, replayed, remap)
+    _complete_records(walk, replayed, remap)
     if plain:
         reset_parameters(plain, target)
     logger.debug(
@@ -239,10 +242,18 @@ def _check_arguments(
     return target, remap
 
 
-def _select(module: nn.Module, names: Iterable[str] | None) -> list[Slot]:
-    """Return the meta slots of ``module`` named in ``names`` (all if ``None``)."""
-    slots: list[Slot] = [s for s in iter_slots(module) if s.tensor.is_meta]
-    for prefix, mod in module.named_modules():
+def _select(
+    module: nn.Module, names: Iterable[str] | None, walk: list[tuple[str, nn.Module]]
+) -> list[Slot]:
+    """Return the meta slots of ``module`` named in ``names`` (all if ``None``).
+
+    ``walk`` is ``list(module.named_modules())``. Container items come after
+    the parameters, buffers and attributes, as in :func:`deferred_slots`.
+    """
+    slots: list[Slot] = []
+    for prefix, mod in walk:
+        slots += [s for s in own_slots(mod, prefix) if s.tensor.is_meta]
+    for prefix, mod in walk:
         slots += item_slots(mod, prefix)
     if names is None:
         return slots
@@ -314,21 +325,42 @@ def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]
 
 
 def _complete_records(
-    module: nn.Module, replayed: dict[int, Record], remap: torch.device | None
+    walk: list[tuple[str, nn.Module]], replayed: dict[int, Record], remap: torch.device | None
 ) -> None:
-    """Settle the generators of, and release, every record touched with nothing left pending."""
+    """Settle the generators of, and release, every record touched with nothing left pending.
+
+    ``walk`` is the module tree's ``named_modules()``.
+    """
     touched = dict(replayed)
-    touched.update(drop_stale(module))
+    touched.update(drop_stale(mod for _, mod in walk))
     for record in without_pending(touched.values()):
         complete(record, remap)
 
 
 def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool) -> None:
     """Refuse deferred tensors whose record cannot give their value (exactly) any more."""
-    on_meta = sorted(
-        s.path for s, h in deferred if any(st.device.type == "meta" for st in h.record.streams)
-    )
+    # One pass over the tensors (the checks are per record or cheap per tensor);
+    # the errors are raised below in order of what to fix first.
+    meta_draws: dict[int, bool] = {}
+    on_meta: list[str] = []
+    modified: list[str] = []
+    released: list[str] = []
+    garbage: dict[str, str] = {}
+    for s, h in deferred:
+        record = h.record
+        drew = meta_draws.get(id(record))
+        if drew is None:
+            drew = meta_draws[id(record)] = any(st.device.type == "meta" for st in record.streams)
+        if drew:
+            on_meta.append(s.path)
+        if _compat.version_of(s.tensor) != h.version:
+            modified.append(s.path)
+        if released_without_result(h):
+            released.append(s.path)
+        if h.vid in record.garbage and done(h) is None:
+            garbage[s.path] = record.garbage[h.vid]
     if on_meta:
+        on_meta.sort()
         raise MaterializationError(
             f"materialize cannot reproduce {on_meta}: their deferred_init block drew random "
             "numbers on the meta device (it ran inside a torch.device('meta') context, such as "
@@ -339,8 +371,8 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
             "the meta device context.",
             paths=on_meta,
         )
-    modified = sorted(s.path for s, h in deferred if _compat.version_of(s.tensor) != h.version)
     if modified:
+        modified.sort()
         raise MaterializationError(
             f"materialize cannot reproduce {modified}: these deferred tensors were modified "
             "in place after the deferred_init block ended, and that change was not recorded. "
@@ -348,22 +380,15 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
             "materialize).",
             paths=modified,
         )
-    released = sorted(s.path for s, h in deferred if released_without_result(h))
     if released:
+        released.sort()
         raise MaterializationError(
             f"materialize cannot reproduce {released}: the tensor they are tied to was "
             "materialized and has since been dropped, so the record is gone. Fix: materialize "
             "the whole module in one call.",
             paths=released,
         )
-    if allow_uninitialized:
-        return
-    garbage = {
-        s.path: h.record.garbage[h.vid]
-        for s, h in deferred
-        if h.vid in h.record.garbage and done(h) is None
-    }
-    if garbage:
+    if garbage and not allow_uninitialized:
         where = "; ".join(f"{p!r} (aten.empty at {site})" for p, site in sorted(garbage.items()))
         raise MaterializationError(
             "materialize found deferred tensors that eager construction leaves uninitialised "
@@ -453,15 +478,19 @@ class ShardedSlot:
         return Slot(self.path, self.owner, "buffer", self.name, self.handle.tensor, True)
 
 
-def sharded_slots(module: nn.Module) -> list[ShardedSlot]:
+def sharded_slots(
+    module: nn.Module, walk: Iterable[tuple[str, nn.Module]] | None = None
+) -> list[ShardedSlot]:
     """Return the deferred tensors of ``module`` that ``fully_shard`` / TP turned into meta DTensors.
 
     A DTensor shared by several modules (tied weights) is listed once, under
-    its first path.
+    its first path. ``walk``: ``module.named_modules()`` when the caller has
+    it already (a shared submodule's later names add nothing: its DTensors
+    are listed under their first path either way).
     """
     found: list[ShardedSlot] = []
     seen: set[int] = set()
-    for prefix, mod in module.named_modules(remove_duplicate=False):
+    for prefix, mod in module.named_modules() if walk is None else walk:
         for name, handle in handles_of(mod).items():
             t = tensor_at(mod, name)
             if (
