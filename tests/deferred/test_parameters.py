@@ -8,7 +8,7 @@ from test_deferred import assert_same_as_eager, build_deferred, build_eager
 from test_materialize import assert_unchanged, snapshot
 from torch import nn
 
-from lightning_meta import MaterializationError, materialize
+from lightning_meta import MaterializationError, deferred_init, load_checkpoint, materialize
 from support import program_models as pm
 
 
@@ -21,6 +21,46 @@ def test_parameter_subclasses_keep_their_class_and_attributes() -> None:
     assert type(module.a) is pm.Tagged and type(module.b) is pm.Plain
     assert (module.a.tag, module.a.from_new) == ("decay", "DECAY")
     assert type(module.c) is nn.Parameter
+
+
+def _tag_after_the_block(model: nn.Module) -> None:
+    # What code does between building and training: flags for optimizer groups.
+    model[1].weight._no_weight_decay = True
+    model[0].weight.tp_sharded = "col"
+    del model[0].bias.note
+
+
+def _tagged_in_the_block() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model[0].bias.note = "set in __init__"
+    return model
+
+
+@pytest.mark.parametrize("fill", ["materialize", "load_checkpoint", "fallback"])
+def test_attributes_set_or_deleted_after_the_block_are_kept(tmp_path, fill: str) -> None:
+    # The real tensors used to get the attributes the block ended with.
+    torch.manual_seed(0)
+    eager = _tagged_in_the_block()
+    _tag_after_the_block(eager)
+    if fill == "fallback":  # never deferred: meta tensors filled by reset_parameters
+        with torch.device("meta"):
+            model = _tagged_in_the_block()
+        _tag_after_the_block(model)
+        materialize(model, fallback="reset_parameters")
+    else:
+        torch.manual_seed(0)
+        with deferred_init():
+            model = _tagged_in_the_block()
+        _tag_after_the_block(model)
+        if fill == "materialize":
+            materialize(model)
+            assert_same_as_eager(eager, model)
+        else:
+            torch.save(eager.state_dict(), tmp_path / "m.pt")
+            load_checkpoint(model, tmp_path / "m.pt")
+    assert model[1].weight._no_weight_decay is True
+    assert model[0].weight.tp_sharded == "col"
+    assert not hasattr(model[0].bias, "note")
 
 
 def test_fallback_equals_to_empty_then_reset_parameters() -> None:

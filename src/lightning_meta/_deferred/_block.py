@@ -201,14 +201,14 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
     def convert(slot: Slot) -> None:
         t = slot.tensor
         meta, handle, vid = meta_of(t)
-        handle = attach(record, slot.owner, slot.name, meta, vid, _own_attrs(t), handle)
+        handle = attach(record, slot.owner, slot.name, meta, vid, handle)
         memo[id(t)] = (meta, handle)
         converted.add(id(t))
         slot.put(meta)
 
     def convert_item(module: nn.Module, attr: str, keys: tuple[Any, ...], t: torch.Tensor) -> Any:
         meta, handle, vid = meta_of(t)
-        handle = attach_item(record, module, attr, keys, meta, vid, _own_attrs(t), handle)
+        handle = attach_item(record, module, attr, keys, meta, vid, handle)
         memo[id(t)] = (meta, handle)
         converted.add(id(t))
         return meta

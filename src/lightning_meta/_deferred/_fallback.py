@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_meta._deferred._handles import dress_like
+from lightning_meta._deferred._handles import dress_like, tensor_attrs
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._replay import replay
@@ -90,5 +90,7 @@ def reset_parameters(plain: list[Slot], device: torch.device) -> None:
     for slot in plain:
         new = real.get(id(slot.tensor))
         if new is None:
-            new = real[id(slot.tensor)] = dress_like(slot.tensor, values[vids[slot.path]], {})
+            new = real[id(slot.tensor)] = dress_like(
+                slot.tensor, values[vids[slot.path]], tensor_attrs(slot.tensor)
+            )
         slot.put(new)

@@ -48,6 +48,7 @@ __all__ = [
     "own_deferred",
     "released_without_result",
     "settle",
+    "tensor_attrs",
     "without_pending",
 ]
 
@@ -60,14 +61,22 @@ class Handle:
     (copied) tensor so :func:`handle_of` finds it again.
     """
 
-    __slots__ = ("__weakref__", "attrs", "record", "tensor", "version", "vid")
+    __slots__ = ("__weakref__", "record", "tensor", "version", "vid")
 
-    def __init__(
-        self, tensor: torch.Tensor, record: Record, vid: int, attrs: dict[str, Any]
-    ) -> None:
-        self.tensor, self.record, self.vid, self.attrs = tensor, record, vid, attrs
+    def __init__(self, tensor: torch.Tensor, record: Record, vid: int) -> None:
+        self.tensor, self.record, self.vid = tensor, record, vid
         self.version = _compat.version_of(tensor)
         _register(self)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The attributes model code set on the deferred tensor, in the block or after it.
+
+        Read when the real tensor is made, not when the block ends: eager
+        construction's tensor has what was set since (``p._no_weight_decay =
+        True`` for optimizer groups) and lacks what was deleted.
+        """
+        return tensor_attrs(self.tensor)
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.__slots__ if k != "__weakref__"}
@@ -145,7 +154,6 @@ def attach(
     name: str,
     meta: torch.Tensor,
     vid: int,
-    attrs: dict[str, Any],
     handle: Handle | None = None,
 ) -> Handle:
     """Make ``module.name`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``.
@@ -154,7 +162,7 @@ def attach(
     tie). Returns the handle.
     """
     if handle is None:
-        handle = Handle(meta, record, vid, attrs)
+        handle = Handle(meta, record, vid)
         record.pending.add(handle)
     module.__dict__.setdefault(HANDLES_ATTR, {})[name] = handle
     return handle
@@ -223,12 +231,11 @@ def attach_item(
     keys: tuple[Any, ...],
     meta: torch.Tensor,
     vid: int,
-    attrs: dict[str, Any],
     handle: Handle | None = None,
 ) -> Handle:
     """Make ``module.attr[keys...]`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``."""
     if handle is None:
-        handle = Handle(meta, record, vid, attrs)
+        handle = Handle(meta, record, vid)
         record.pending.add(handle)
     table = module.__dict__.setdefault(ITEMS_ATTR, {})
     table[_item_path(attr, keys)] = Item(attr, keys, handle)
@@ -390,6 +397,11 @@ def without_pending(records: Iterable[Record]) -> list[Record]:
 def released_without_result(handle: Handle) -> bool:
     """Whether ``handle``'s record was released and its value was not kept anywhere."""
     return handle.record.released and done(handle) is None
+
+
+def tensor_attrs(t: torch.Tensor) -> dict[str, Any]:
+    """Return the attributes code set on meta tensor ``t`` (tensor-valued ones left out)."""
+    return {k: v for k, v in vars(t).items() if not isinstance(v, torch.Tensor)}
 
 
 def dress_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:

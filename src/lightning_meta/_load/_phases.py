@@ -326,7 +326,7 @@ def replay_missing(
             scratch.register_parameter(name, group.tensor)
         else:
             scratch.register_buffer(name, group.tensor)
-        attach(handle.record, scratch, name, group.tensor, handle.vid, handle.attrs, handle=handle)
+        attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
         groups.append((name, group))
     materialize_paths(scratch, None, device=device, dtype=dtype)
     out = Replay(sorted(wanted))
