@@ -275,3 +275,58 @@ def test_cuda_device_and_draw_on_device() -> None:
     module = build_deferred(md.llama)
     materialize(module, device="cuda", draw_on="device")
     assert_same_as_eager(on_device, module)
+
+
+def _relaid(change: Callable[[torch.Tensor], object], fill: bool) -> Builder:
+    def build() -> nn.Module:
+        module = nn.Module()
+        buffer = torch.arange(12.0).reshape(3, 4)
+        change(buffer)
+        if fill:
+            buffer.normal_()  # overwrites it whole: replay starts from a stand-in
+        module.register_buffer("b", buffer)
+        return module
+
+    return build
+
+
+LAYOUT_CHANGES: dict[str, Callable[[torch.Tensor], object]] = {
+    "t_": lambda b: b.t_(),
+    "transpose_": lambda b: b.transpose_(0, 1),
+    "unsqueeze_": lambda b: b.unsqueeze_(0),
+    "as_strided_": lambda b: b.as_strided_((2, 2), (1, 2)),
+    "resize_": lambda b: b.resize_(2, 3),
+}
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["then_filled", "kept"])
+@pytest.mark.parametrize("change", sorted(LAYOUT_CHANGES))
+def test_layout_changed_in_place_is_replayed_with_the_new_layout(change: str, fill: bool) -> None:
+    # An in-place op that changes the layout (t_, resize_) kept the value's old
+    # layout in the log: a stand-in of the old shape came back, silently.
+    build = _relaid(LAYOUT_CHANGES[change], fill)
+    eager, after = build_eager(build)
+    module = build_deferred(build)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert module.b.shape == eager.b.shape and module.b.stride() == eager.b.stride()
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_resize_growing_a_tensor_is_uninitialised_memory_unless_filled() -> None:
+    def grown(fill: bool) -> nn.Module:
+        module = nn.Module()
+        buffer = torch.zeros(3)
+        buffer.resize_(6)  # three new elements, never written
+        if fill:
+            buffer[3:].fill_(1.0)
+        module.register_buffer("b", buffer)
+        return module
+
+    module = build_deferred(lambda: grown(False))
+    with pytest.raises(MaterializationError, match=r"'b' \(aten\.resize_ at .*test_deferred"):
+        materialize(module)
+    eager, _ = build_eager(lambda: grown(True))
+    module = build_deferred(lambda: grown(True))
+    materialize(module)
+    assert_same_as_eager(eager, module)

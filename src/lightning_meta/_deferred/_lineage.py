@@ -105,6 +105,24 @@ class Lineage:
         """Note a storage first met while recording (initialised, unless an op says otherwise)."""
         self.nbytes[storage] = nbytes
 
+    def grow(self, storage: int, nbytes: int, site: str) -> None:
+        """Note that ``resize_`` grew ``storage`` to ``nbytes``: the new bytes are uninitialised."""
+        old = self.nbytes.get(storage, 0)
+        if nbytes <= old:
+            return
+        self.nbytes[storage] = nbytes
+        if storage in self.uninit and self.uninit[storage] is None:
+            return  # all of it was uninitialised already
+        with _compat.no_python_dispatch():
+            grown = torch.zeros(nbytes, dtype=torch.bool)
+            written = self.uninit.get(storage)
+            if written is None:
+                grown[:old] = True
+            else:
+                grown[:old] = written
+        self.uninit[storage] = grown
+        self.sites[storage] = f"aten.resize_ at {site}"
+
     def depends(self, vid: int) -> int:
         """Return the flags of value ``vid``: ``RANDOM``, ``GARBAGE`` (or both, or 0)."""
         value = self.values[vid]
@@ -161,7 +179,7 @@ class Lineage:
                 self.sites[storage] = origin
             if kind == MAKES_UNINIT:
                 self.uninit[storage] = None
-                self.sites[storage] = site
+                self.sites[storage] = f"{name.rsplit('.', 1)[0]} at {site}"
         kills: frozenset[int] = frozenset()
         for v in writes:
             storage = values[v].storage

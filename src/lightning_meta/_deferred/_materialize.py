@@ -389,10 +389,10 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
             paths=released,
         )
     if garbage and not allow_uninitialized:
-        where = "; ".join(f"{p!r} (aten.empty at {site})" for p, site in sorted(garbage.items()))
+        where = "; ".join(f"{p!r} ({site})" for p, site in sorted(garbage.items()))
         raise MaterializationError(
             "materialize found deferred tensors that eager construction leaves uninitialised "
-            f"(torch.empty never filled): {where}. Their values would be whatever memory "
+            f"(torch.empty, or resize_ growing a tensor, never filled): {where}. Their values would be whatever memory "
             "holds. Fix: load them from a checkpoint (load_checkpoint or load_state_dict "
             "fills them without replaying), initialise them in the model, or pass "
             "allow_uninitialized=True to keep eager construction's uninitialised memory.",

@@ -246,8 +246,8 @@ class Recorder(RecordingDispatchMode):
             raise self.values.error(
                 op,
                 t,
-                "reads uninitialised memory (the torch.empty at "
-                f"{self.lineage.site(vid)} was never filled), whose values eager "
+                f"reads uninitialised memory (made by {self.lineage.site(vid)} and never "
+                "filled), whose values eager "
                 "construction does not define either",
                 "fill the tensor before reading it",
                 self._sources(vid),

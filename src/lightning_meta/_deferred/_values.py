@@ -85,10 +85,23 @@ class ValueIds:
             return None
         seen = self._seen.get(id(leaf))
         if seen is not None and seen[0]() is leaf:
-            return seen[1]
+            value = self.record.values[seen[1]]
+            if (
+                leaf.shape == value.size
+                and leaf.stride() == value.stride
+                and leaf.storage_offset() == value.offset
+            ) or not isinstance(leaf, FakeTensor):
+                return seen[1]
+            # The op changed the tensor's layout in place (t_, unsqueeze_,
+            # resize_, as_strided_): what follows reads a new value, with
+            # the new layout, on the same storage. Under the old id replay
+            # would make a stand-in of the old shape for it.
         if isinstance(leaf, FakeTensor):
             owner = leaf.untyped_storage()
-            return self._new_value(leaf, _compat.storage_id(owner), owner)
+            vid = self._new_value(leaf, _compat.storage_id(owner), owner)
+            if seen is not None:  # resize_ may have grown the storage
+                self.lineage.grow(self.record.values[vid].storage, int(owner.nbytes()), user_site())
+            return vid
         return self.vid(leaf, "output")
 
     def ref(self, vid: int) -> Ref:
