@@ -330,3 +330,30 @@ def test_resize_growing_a_tensor_is_uninitialised_memory_unless_filled() -> None
     module = build_deferred(lambda: grown(True))
     materialize(module)
     assert_same_as_eager(eager, module)
+
+
+class OutFilled(nn.Module):
+    """Tensors from torch.empty filled whole by out= ops; out= and copy_ reading their target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.empty(4, 4))
+        nn.init.eye_(self.proj)  # torch.eye(out=)
+        pos = torch.empty(6)
+        torch.arange(6, out=pos)
+        self.register_buffer("pos", pos)
+        acc = torch.randn(4)
+        torch.add(acc, 1, out=acc)  # reads what it overwrites
+        acc.copy_(acc)
+        self.register_buffer("acc", acc)
+
+
+def test_out_overloads_fill_their_target_and_may_read_it() -> None:
+    # An out= op was not counted as filling torch.empty memory (refused as
+    # uninitialised); counted as a whole overwrite, one that also reads its
+    # target must not drop the ops before it.
+    eager, after = build_eager(OutFilled)
+    module = build_deferred(OutFilled)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(4), after)

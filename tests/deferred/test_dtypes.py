@@ -152,3 +152,28 @@ def test_a_fill_on_a_meta_tensor_checks_nothing_as_eager() -> None:
         module = Probe()
     materialize(module)
     assert_same_as_eager(eager, module)
+
+
+class Rotary(nn.Module):
+    """A complex64 freqs_cis buffer next to a float weight (Meta's Llama, torchtitan)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        angles = torch.outer(torch.arange(6.0), torch.rand(2))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))
+
+
+def test_dtype_casts_complex_tensors_as_module_to_does() -> None:
+    # materialize(dtype=) left complex buffers as they were; module.to(dtype)
+    # casts floating point and complex tensors.
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: casting complex to real drops the imaginary part
+        eager = Rotary().to(torch.bfloat16)
+        torch.manual_seed(0)
+        with deferred_init():
+            module = Rotary()
+        materialize(module, dtype=torch.bfloat16)
+    assert module.freqs_cis.dtype == torch.bfloat16
+    assert_same_as_eager(eager, module)

@@ -54,10 +54,12 @@ _METADATA = frozenset({"aten.detach", "aten.alias", "aten.lift_fresh"})
 @functools.cache
 def op_kind(name: str) -> int:
     """Return how an op (``"aten.normal_.default"``) treats the values of its tensor arguments."""
-    base = name.rsplit(".", 1)[0]
+    base, overload = name.rsplit(".", 1)
     if base in _UNINIT:
         return MAKES_UNINIT
-    if base in _OVERWRITE:
+    if base in _OVERWRITE or overload == "out" or overload.endswith("_out"):
+        # An out= overload (torch.eye(out=) in nn.init.eye_, torch.arange(out=))
+        # writes its result over the whole out tensor, resized to fit.
         return OVERWRITES
     if base in _METADATA or base.endswith("_like") or base.startswith("aten.new_"):
         return READS_METADATA
@@ -149,6 +151,8 @@ class Lineage:
         kind = op_kind(name)
         values = self.values
         target = writes[0] if kind == OVERWRITES and writes else None
+        if target is not None and reads.count(target) > 1:
+            target = None  # also an input (torch.add(c, 1, out=c), c.copy_(c)): it reads c
         flags = RANDOM if random else 0
         origin = ""
         if kind != READS_METADATA:

@@ -391,8 +391,12 @@ def _replay_error(
 
 
 def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Return ``t`` on ``device``, cast to ``dtype`` if floating point (itself if already so)."""
-    cast = dtype if dtype is not None and t.is_floating_point() else None
+    """Return ``t`` on ``device``, cast to ``dtype`` if floating point or complex (itself if already so).
+
+    As ``module.to(dtype)`` casts (complex to real drops the imaginary part,
+    with torch's own warning).
+    """
+    cast = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else None
     if t.device == device and (cast is None or t.dtype == cast):
         return t
     return t.to(device=device, dtype=cast)

@@ -211,8 +211,10 @@ def convert(
 def _placement(
     old: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    # Like module.to(dtype): only floating point tensors change dtype.
-    want = dtype if dtype is not None and old.is_floating_point() else old.dtype
+    # Like module.to(dtype): only floating point and complex tensors change dtype.
+    want = (
+        dtype if dtype is not None and (old.is_floating_point() or old.is_complex()) else old.dtype
+    )
     return device or (old.device if not old.is_meta else torch.device("cpu")), want
 
 
