@@ -7,6 +7,7 @@ import functools
 import gc
 import pickle
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -731,3 +732,28 @@ def test_closure_hooks_keep_shared_state_and_survive_copies_of_the_ensemble(
         clone = copy.deepcopy(ens)
         torch.testing.assert_close(clone(x), ref)
         torch.testing.assert_close(clone.member(1)(x), mods[1](x))
+
+
+def _shared_activation() -> nn.Module:
+    act = nn.Tanh()  # one module used twice: a common idiom
+    return nn.Sequential(nn.Linear(4, 16), act, nn.Linear(16, 16), act, nn.Linear(16, 2))
+
+
+def _shared_linear() -> nn.Module:
+    lin = nn.Linear(8, 8)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), lin, nn.ReLU(), lin)
+
+
+@pytest.mark.parametrize("factory", [_shared_activation, _shared_linear])
+def test_a_module_used_twice_in_a_sequential_is_not_fused(factory: Callable[[], nn.Module]) -> None:
+    # The fused path walked named_children(), which lists a module once, so
+    # its second use was skipped; "auto" picked fused, with wrong outputs.
+    torch.manual_seed(0)
+    members = [factory() for _ in range(3)]
+    x = torch.randn(32, 4)
+    expected = torch.stack([m(x) for m in members])
+    with pytest.raises(lm.MetaTensorError, match=r"layer '\d' \(\w+\) is used more than once"):
+        lm.Ensemble(members, execution="fused")
+    ensemble = lm.Ensemble(members, execution="auto")
+    torch.testing.assert_close(ensemble(x), expected)
+    assert ensemble.plan != "fused"

@@ -264,9 +264,17 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
         return Refusal("", "the template is an empty nn.Sequential")
     if has_module_hooks(template):
         return Refusal("", "the template has hooks, which the fused path would not run")
+    children = list(template.named_children())  # each module once, under its first name
+    if len(children) != len(template):
+        name, child = next((n, c) for n, c in children if sum(m is c for m in template) > 1)
+        return Refusal(
+            name,
+            f"{_layer(name, child)} is used more than once in the nn.Sequential, and the "
+            "fused path runs each layer once",
+        )
     steps: list[tuple[str, str]] = []
     in_features: int | None = None
-    for name, child in template.named_children():
+    for name, child in children:
         if has_module_hooks(child):
             return Refusal(
                 name, f"{_layer(name, child)} has hooks, which the fused path would not run"
