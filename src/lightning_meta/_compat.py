@@ -524,6 +524,16 @@ def has_module_hooks(module: nn.Module) -> bool:
     return any(_hook_tables(module))
 
 
+def has_backward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has backward or backward-pre hooks of its own.
+
+    ``torch.vmap`` does not run them (the module's backward hooks see no
+    tensor requiring grad inside the transform), so Ensemble's vmap plan
+    cannot take such a template.
+    """
+    return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
+
+
 def tensor_tables(
     module: nn.Module,
 ) -> tuple[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor | None]]:
@@ -656,6 +666,7 @@ def module_apply(
 __all__ += [
     "deepcopy_module",
     "functorch_transform_active",
+    "has_backward_hooks",
     "has_module_hooks",
     "modes_and_hooks",
     "rebind_hook_closures",

@@ -757,3 +757,40 @@ def test_a_module_used_twice_in_a_sequential_is_not_fused(factory: Callable[[], 
     ensemble = lm.Ensemble(members, execution="auto")
     torch.testing.assert_close(ensemble(x), expected)
     assert ensemble.plan != "fused"
+
+
+class _GradientGated(nn.Module):
+    """A full backward pre-hook registered in __init__ that zeroes the incoming gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        self.b.register_full_backward_pre_hook(lambda m, grad_output: (grad_output[0] * 0.0,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["timed", "untimed"])
+def test_backward_hooks_keep_auto_off_vmap(deterministic: bool) -> None:
+    # torch.vmap does not run module backward hooks: "auto" picked vmap and
+    # gave gradients the members do not have, without an error.
+    torch.manual_seed(0)
+    members = [_GradientGated() for _ in range(3)]
+    x = torch.randn(5, 4)
+    for m in members:
+        m(x).sum().backward()
+    ensemble = lm.Ensemble(members, execution="auto")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)  # no timing: the static choice
+    try:
+        ensemble(x).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ensemble.plan == "loop"
+    for name in ("a.weight", "b.weight"):
+        expected = torch.stack([m.get_parameter(name).grad for m in members])
+        torch.testing.assert_close(ensemble.tensors()[name].grad, expected)
+    with pytest.raises(lm.MetaTensorError, match="backward hooks .* torch.vmap does not run"):
+        lm.Ensemble(members, execution="vmap")(x)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    has_backward_hooks,
     has_module_hooks,
     module_apply,
     tensor_tables,
@@ -633,7 +634,7 @@ class Ensemble(nn.Module):
         self._plans.clear()
 
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
-        plans = ["vmap", "loop"]
+        plans = ["loop"] if has_backward_hooks(self.template.module) else ["vmap", "loop"]
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -657,6 +658,8 @@ class Ensemble(nn.Module):
         if self._requested != "auto":
             return self._requested
         if untimed_reason() is not None:
+            if self.execution == "vmap" and has_backward_hooks(self.template.module):
+                return "loop"  # see _candidates
             return self.execution
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
@@ -862,6 +865,13 @@ class Ensemble(nn.Module):
                 )
             return self._functional_loop(tensors, inputs, kwargs)
         template = self.template
+        if self._requested == "vmap" and has_backward_hooks(template.module):
+            raise ArgumentValueError(
+                "Ensemble(execution='vmap') cannot run a template with backward hooks "
+                "(register_full_backward_hook / register_full_backward_pre_hook): torch.vmap "
+                "does not run them, so the gradients would differ from the members' own. "
+                "Fix: use execution='auto' or 'loop'."
+            )
 
         structure: list[Any] = []
 
