@@ -534,6 +534,11 @@ def has_backward_hooks(module: nn.Module) -> bool:
     return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
 
 
+def has_tensor_hooks(t: torch.Tensor) -> bool:
+    """Whether ``t`` has gradient hooks (``register_hook``, ``register_post_accumulate_grad_hook``)."""
+    return bool(t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None))
+
+
 def tensor_tables(
     module: nn.Module,
 ) -> tuple[Mapping[str, torch.Tensor | None], Mapping[str, torch.Tensor | None]]:
@@ -667,6 +672,7 @@ __all__ += [
     "deepcopy_module",
     "functorch_transform_active",
     "has_backward_hooks",
+    "has_tensor_hooks",
     "has_module_hooks",
     "modes_and_hooks",
     "rebind_hook_closures",

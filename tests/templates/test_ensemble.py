@@ -794,3 +794,72 @@ def test_backward_hooks_keep_auto_off_vmap(deterministic: bool) -> None:
         torch.testing.assert_close(ensemble.tensors()[name].grad, expected)
     with pytest.raises(lm.MetaTensorError, match="backward hooks .* torch.vmap does not run"):
         lm.Ensemble(members, execution="vmap")(x)
+
+
+class _TensorSetting(nn.Module):
+    """A setting kept as a plain tensor attribute, neither parameter nor buffer."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.temperature = torch.tensor(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) / self.temperature
+
+
+class _Config:
+    def __init__(self, scale: float) -> None:
+        self.logit_scale = scale
+
+
+class _ConfigSetting(nn.Module):
+    """A setting read from a config object, as transformers models do."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.config = _Config(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.config.logit_scale
+
+
+@pytest.mark.parametrize(
+    ("factory", "shown"),
+    [
+        (_TensorSetting, r"temperature = tensor\(2\.\), member 0 has tensor\(1\.\)"),
+        (_ConfigSetting, r"config\.logit_scale = 2\.0, member 0 has 1\.0"),
+    ],
+)
+def test_settings_in_tensor_attributes_and_config_objects_must_agree(
+    factory: Callable[[float], nn.Module], shown: str
+) -> None:
+    # Every member ran with member 0's setting, without an error.
+    with pytest.raises(lm.MetaTensorError, match=shown):
+        lm.Ensemble([factory(1.0), factory(2.0)])
+    members = [factory(2.0), factory(2.0)]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(lm.Ensemble(members)(x), torch.stack([m(x) for m in members]))
+
+
+class _FrozenRow(nn.Module):
+    """A gradient hook on a parameter, registered in __init__, that masks its gradient."""
+
+    def __init__(self, post_accumulate: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        if post_accumulate:
+            self.lin.weight.register_post_accumulate_grad_hook(lambda p: None)
+        else:
+            self.lin.weight.register_hook(torch.zeros_like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("post_accumulate", [False, True], ids=["hook", "post_accumulate"])
+def test_gradient_hooks_on_member_parameters_are_refused(post_accumulate: bool) -> None:
+    # The stacked tensors did not run them: other gradients than the members'.
+    with pytest.raises(lm.MetaTensorError, match=r"gradient hooks on \['lin.weight'\]"):
+        lm.Ensemble([_FrozenRow(post_accumulate), _FrozenRow(post_accumulate)])

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from lightning_meta._compat import (
     has_backward_hooks,
     has_module_hooks,
+    has_tensor_hooks,
     module_apply,
     tensor_tables,
     tree_flatten,
@@ -185,11 +186,40 @@ def _settings(module: nn.Module) -> dict[str, Any]:
     for path, mod in module.named_modules(remove_duplicate=False):
         dot = f"{path}." if path else ""
         for key, value in vars(mod).items():
-            if (not key.startswith("_") or key == "_non_persistent_buffers_set") and plain_value(
-                value
-            ):
+            if key.startswith("_") and key != "_non_persistent_buffers_set":
+                continue
+            if plain_value(value):
                 out[dot + key] = value
+            elif isinstance(value, torch.Tensor):
+                # A tensor forward reads that is neither parameter nor buffer
+                # (self.temperature = torch.tensor(2.0)): the template keeps member 0's.
+                out[dot + key] = _TensorSetting(value)
+            elif hasattr(value, "__dict__") and not callable(value):
+                # A config object forward reads (self.config.logit_scale), one level deep.
+                for name, item in vars(value).items():
+                    if not name.startswith("_") and plain_value(item):
+                        out[f"{dot}{key}.{name}"] = item
     return out
+
+
+class _TensorSetting:
+    """A tensor attribute compared by value (shape, dtype and every element, NaN equal to NaN)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _TensorSetting):
+            return NotImplemented
+        a, b = self.tensor, other.tensor
+        if (a.shape, a.dtype, a.is_meta) != (b.shape, b.dtype, b.is_meta):
+            return False
+        return a.is_meta or bool(torch.equal(a, b) or (a.isnan() & b.isnan() | (a == b)).all())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.tensor)
 
 
 def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
@@ -509,6 +539,18 @@ class Ensemble(nn.Module):
         stacked = self.tensors()
         sources: dict[str, torch.Tensor] = dict(member.named_parameters(remove_duplicate=False))
         sources.update(member.named_buffers(remove_duplicate=False))
+        hooked = sorted(name for name, t in sources.items() if has_tensor_hooks(t))
+        if hooked:
+            # The members' tensors are copied into stacked ones: their hooks
+            # would be lost, and the stacked gradients would differ from theirs.
+            raise ArgumentValueError(
+                f"Ensemble member {index} has gradient hooks on {hooked} (tensor.register_hook "
+                "or register_post_accumulate_grad_hook), which the stacked tensors would not "
+                "run. Fix: build the members without them and register the hook on "
+                "ensemble.tensors()[name] (it sees every member's gradient), or use a "
+                "module hook (register_full_backward_hook).",
+                paths=hooked,
+            )
         for name in self._names:
             src = sources[name]
             if src.is_meta:
