@@ -224,7 +224,8 @@ def parameters_of(module: nn.Module) -> dict[str, nn.Parameter | None]:
 
 
 def buffers_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
-    """``module._buffers``: the module's own buffer table (used by ``_slots`` only)."""
+    """``module._buffers``: the module's own buffer table (``_slots``; Ensemble's loop reads
+    it to see a buffer a forward replaced)."""
     return module._buffers
 
 

@@ -30,6 +30,7 @@ from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
+    Reassigned,
     ViewCache,
     check_no_draw,
     check_output_leaves,
@@ -37,6 +38,7 @@ from lightning_meta._ensemble._loop import (
     join_outputs,
     plain_value,
     replay_rng,
+    restack,
     rng_states,
     run_loop,
 )
@@ -768,7 +770,14 @@ class Ensemble(nn.Module):
         plan = self._choose(tensors, inputs, kwargs)
         if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
             self._last_plan = plan
-        return self._run(plan, tensors, inputs, kwargs)
+        replaced: list[str] = []
+        out = self._run(plan, tensors, inputs, kwargs, replaced=replaced)
+        for name in replaced:
+            # A forward assigned the buffer a new tensor (self.ema = ...), as
+            # each member's own forward would: the stacked buffer is replaced.
+            path, _, leaf = name.rpartition(".")
+            setattr(self._holder(path), leaf, tensors[name])
+        return out
 
     def _slots(self) -> MemberSlots:
         module = self.template.module
@@ -780,14 +789,36 @@ class Ensemble(nn.Module):
     def _run(
         self,
         plan: str,
-        tensors: Mapping[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         *,
         strict: bool = False,
+        replaced: list[str] | None = None,
     ) -> Any:
         """Run ``plan``; with ``strict``, an input the plan cannot take raises instead of
-        falling back to the loop (so that timing never credits one plan with another)."""
+        falling back to the loop (so that timing never credits one plan with another).
+
+        Buffers the members' forwards assigned new tensors get new stacked
+        tensors in ``tensors``; their names go in ``replaced``.
+        """
+        changes: Reassigned = {}
+        out = self._run_plan(plan, tensors, inputs, kwargs, strict, changes)
+        if changes:
+            names = restack(tensors, changes)
+            if replaced is not None:
+                replaced.extend(names)
+        return out
+
+    def _run_plan(
+        self,
+        plan: str,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        strict: bool,
+        changes: Reassigned,
+    ) -> Any:
         if plan == "grouped" and not kwargs:
             try:
                 return self._chunked(tensors, inputs, kwargs, self._grouped_call)
@@ -796,7 +827,7 @@ class Ensemble(nn.Module):
                     raise
                 plan = self._last_plan = "loop"
         if plan == "loop" and torch.compiler.is_compiling():
-            return self._functional_loop(tensors, inputs, kwargs)
+            return self._functional_loop(tensors, inputs, kwargs, changes)
         if plan == "loop":
             return run_loop(
                 self._shells,
@@ -809,10 +840,13 @@ class Ensemble(nn.Module):
                 randomness=self.randomness,
                 grad_buffers=self._grads,
                 view_cache=self._views,
+                changes=changes,
             )
         if plan == "fused" and self._fused is not None and not kwargs:
             return self._chunked(tensors, inputs, kwargs, self._fused_call)
-        return self._chunked(tensors, inputs, kwargs, lambda t, x, kw, start: self._vmap(t, x, kw))
+        return self._chunked(
+            tensors, inputs, kwargs, lambda t, x, kw, start: self._vmap(t, x, kw, start, changes)
+        )
 
     def _chunked(
         self,
@@ -863,14 +897,46 @@ class Ensemble(nn.Module):
             # shape error in the member's own terms.
             return self._vmap(tensors, inputs, {})
 
+    def _call_template(
+        self,
+        given: Mapping[str, torch.Tensor],
+        xs: tuple[Any, ...],
+        kw: Mapping[str, Any],
+        seen: Reassigned | None,
+    ) -> Any:
+        """``template.functional_call``, noting in ``seen`` the buffers its forward replaced.
+
+        ``functional_call`` puts the template's own tensors back on return, so
+        a forward hook on the template's root reads the buffer tables while
+        the call's tensors are still in them (not under torch.compile, which
+        traces the call).
+        """
+        template = self.template
+        slots = self._slots() if seen is not None else None
+        if slots is None or not slots.watches_buffers or torch.compiler.is_compiling():
+            return template.functional_call(given, xs, kw, strict=False)
+        assert seen is not None
+
+        def note(module: nn.Module, args: Any, output: Any) -> None:
+            slots.reassigned(given, None, seen)
+
+        handle = template.module.register_forward_hook(note)
+        try:
+            return template.functional_call(given, xs, kw, strict=False)
+        finally:
+            handle.remove()
+
     def _functional_loop(
         self,
         tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
+        changes: Reassigned | None = None,
+        start: int = 0,
     ) -> Any:
         """The loop through ``functional_call``, which torch.compile traces (it cannot trace
-        the per-member template copies of :func:`run_loop`)."""
+        the per-member template copies of :func:`run_loop`). ``tensors`` are members
+        ``start``, ``start + 1``, ... of the ensemble."""
         views = {k: v.unbind(0) for k, v in tensors.items()}
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         # randomness="same": every member draws from the generators' states
@@ -886,13 +952,22 @@ class Ensemble(nn.Module):
                 xs = tree_map_only(torch.Tensor, _slicer(i, None), inputs)
                 kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
-            outs.append(self.template.functional_call(params, xs, kw, strict=False))
+            seen: Reassigned | None = {} if changes is not None else None
+            outs.append(self._call_template(params, xs, kw, seen))
+            if changes is not None and seen:
+                for name, new in seen.items():
+                    changes.setdefault(name, {})[start + i] = new[-1]
             if self.randomness == "error":
                 check_no_draw(replay, device, i)
         return join_outputs(outs, torch.stack)
 
     def _vmap(
-        self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        start: int = 0,
+        changes: Reassigned | None = None,
     ) -> Any:
         if _autocasting(tensors):
             # torch.vmap does not apply autocast to every op (nn.Linear's bias
@@ -905,7 +980,7 @@ class Ensemble(nn.Module):
                     "result would differ from the members' own. Fix: use execution='auto' or "
                     "'loop'."
                 )
-            return self._functional_loop(tensors, inputs, kwargs)
+            return self._functional_loop(tensors, inputs, kwargs, changes, start)
         template = self.template
         if self._requested == "vmap" and has_backward_hooks(template.module):
             raise ArgumentValueError(
@@ -916,18 +991,33 @@ class Ensemble(nn.Module):
             )
 
         structure: list[Any] = []
+        # Buffers the forward replaced: their names, and the non-tensor values
+        # assigned (vmap returns tensors only; restack refuses the others).
+        replaced: list[str] = []
+        others: dict[str, Any] = {}
 
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-            out = template.functional_call(t, xs, kw, strict=False)
+            seen: Reassigned | None = {} if changes is not None else None
+            out = self._call_template(t, xs, kw, seen)
             if isinstance(out, torch.Tensor):
-                return out
-            # vmap returns tensors only: other leaves (None, a number) are kept
-            # aside and put back, once for all members. The batched tensors
-            # themselves must not be kept (they would escape vmap).
-            leaves, spec = tree_flatten(out)
-            check_output_leaves(leaves)
-            structure[:] = [[_BATCHED if isinstance(x, torch.Tensor) else x for x in leaves], spec]
-            return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+                result: Any = out
+            else:
+                # vmap returns tensors only: other leaves (None, a number) are kept
+                # aside and put back, once for all members. The batched tensors
+                # themselves must not be kept (they would escape vmap).
+                leaves, spec = tree_flatten(out)
+                check_output_leaves(leaves)
+                structure[:] = [
+                    [_BATCHED if isinstance(x, torch.Tensor) else x for x in leaves],
+                    spec,
+                ]
+                result = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+            if not seen:
+                return result
+            news = {name: new[-1] for name, new in seen.items()}
+            others.update((n, v) for n, v in news.items() if not isinstance(v, torch.Tensor))
+            replaced[:] = [n for n, v in news.items() if isinstance(v, torch.Tensor)]
+            return result, [news[n] for n in replaced]
 
         kw = dict(kwargs)
         if self.per_member_inputs:
@@ -951,6 +1041,16 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
+        if replaced or others:
+            result, news = result if replaced else (result, [])
+            assert changes is not None
+            size = next(iter(tensors.values())).shape[0]
+            for name, new in zip(replaced, news, strict=True):
+                per_member = changes.setdefault(name, {})
+                for j, row in enumerate(new.unbind(0)):
+                    per_member[start + j] = row
+            for name, value in others.items():
+                changes.setdefault(name, {}).update((start + j, value) for j in range(size))
         if not structure:
             return result
         leaves, spec = structure

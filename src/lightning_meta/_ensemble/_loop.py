@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_meta._compat import (
+    buffers_of,
     deepcopy_module,
     functorch_transform_active,
     modes_and_hooks,
@@ -42,6 +43,7 @@ from lightning_meta._slots import Slot, tie_groups
 __all__ = [
     "MemberShells",
     "MemberSlots",
+    "Reassigned",
     "ViewCache",
     "check_no_draw",
     "check_output_leaves",
@@ -49,6 +51,7 @@ __all__ = [
     "join_outputs",
     "plain_value",
     "replay_rng",
+    "restack",
     "rng_states",
     "run_loop",
 ]
@@ -64,6 +67,14 @@ class MemberSlots:
         self._puts = tuple((name, slot.put) for name, slots in self.groups for slot in slots)
         self._originals = tuple(
             (slot.put, slot.tensor) for _, slots in self.groups for slot in slots
+        )
+        # Where a forward may put a new tensor in place of a buffer
+        # (self.ema = 0.9 * self.ema + ...): the buffer tables themselves.
+        self._buffer_reads = tuple(
+            (name, buffers_of(slot.owner), slot.name)
+            for name, slots in self.groups
+            for slot in slots
+            if slot.kind == "buffer"
         )
 
     @classmethod
@@ -86,6 +97,23 @@ class MemberSlots:
         """Put member ``index``'s view of every stacked tensor into the template."""
         for name, put in self._puts:
             put(values[name][index])
+
+    @property
+    def watches_buffers(self) -> bool:
+        """Whether the module has buffers a forward could replace."""
+        return bool(self._buffer_reads)
+
+    def reassigned(self, given: Mapping[str, Any], index: int | None, changes: Reassigned) -> None:
+        """Note in ``changes`` the buffers the forward replaced by another tensor.
+
+        ``given`` holds what was put (member ``index``'s slices, or the
+        tensors themselves when ``index`` is ``None``).
+        """
+        for name, table, key in self._buffer_reads:
+            now = table.get(key)
+            put = given[name] if index is None else given[name][index]
+            if now is not put:
+                changes.setdefault(name, {})[-1 if index is None else index] = now
 
     def restore(self) -> None:
         """Put the template's own (meta) tensors back."""
@@ -156,8 +184,10 @@ class ViewCache:
     ) -> Sequence[torch.Tensor]:
         if grad and stacked.requires_grad:
             return unstack(stacked, grads, name)
-        if not keep or not stacked.is_cpu:
-            return stacked.unbind(0)
+        if not keep:
+            return stacked.unbind(0)  # a transform's wrappers
+        if not stacked.is_cpu:
+            return _member_views(stacked)
         # Everything that says what the memory holds: .data can be given the
         # same memory read in another order, as another dtype, or conjugated.
         key = (
@@ -172,9 +202,24 @@ class ViewCache:
         entry = self._entries.get(name)
         if entry is not None and entry[0] is stacked and entry[1] == key:
             return entry[2]  # type: ignore[no-any-return]
-        views = stacked.unbind(0)
+        views = _member_views(stacked)
         self._entries[name] = (stacked, key, views)
         return views
+
+
+def _member_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
+    """``stacked.unbind(0)``; for a tensor that needs no gradient, each with its own version counter.
+
+    Views share their base's counter, so a buffer one member updates in place
+    (``self.n += 1``) after another member saved its own slice for backward
+    made autograd refuse that member's backward; separate modules have one
+    counter each. The members' slices never overlap, and writes still land in
+    the stacked memory (BatchNorm's running statistics).
+    """
+    views = stacked.unbind(0)
+    if stacked.requires_grad:
+        return views
+    return tuple(v.data for v in views)
 
 
 class MemberShells:
@@ -247,6 +292,51 @@ class MemberShells:
         self._last = {}
 
 
+# Buffer name -> member index -> the tensor that member's forward put in its place.
+Reassigned = dict[str, dict[int, Any]]
+
+
+def restack(tensors: dict[str, torch.Tensor], changes: Reassigned) -> list[str]:
+    """Put new stacked buffers in ``tensors`` for the buffers members' forwards replaced.
+
+    A member that replaced nothing keeps its slice. Returns the names
+    replaced. The old stacked tensors are left as they were (a member's old
+    buffer is left alone when its forward assigns a new one).
+
+    Raises:
+        ArgumentValueError: a new value that cannot be stacked with the
+            others (``None``, another shape, dtype or device, or one that
+            carries a gradient history).
+    """
+    for name, per_member in changes.items():
+        old = tensors[name]
+        rows = []
+        for i, row in enumerate(old.unbind(0)):
+            new = per_member.get(i, row)
+            if (
+                not isinstance(new, torch.Tensor)
+                or new.requires_grad
+                or (new.shape, new.dtype, new.device) != (row.shape, row.dtype, row.device)
+            ):
+                what = (
+                    f"a {type(new).__name__}"
+                    if not isinstance(new, torch.Tensor)
+                    else "a tensor that requires grad"
+                    if new.requires_grad
+                    else f"a tensor of shape {tuple(new.shape)} {new.dtype} on {new.device}"
+                )
+                raise ArgumentValueError(
+                    f"Ensemble member {i}'s forward replaced buffer {name!r} "
+                    f"({tuple(row.shape)} {row.dtype} on {row.device}) by {what}, which cannot "
+                    "be stacked with the other members' buffers. Fix: assign a tensor of the "
+                    "same shape, dtype and device, detached from the graph (or update the "
+                    "buffer in place)."
+                )
+            rows.append(new)
+        tensors[name] = torch.stack(rows)
+    return list(changes)
+
+
 def rng_states(device: torch.device) -> list[tuple[Callable[[torch.Tensor], None], torch.Tensor]]:
     """The default generators a member's random ops draw from, with their current states."""
     states: list[tuple[Callable[[torch.Tensor], None], torch.Tensor]] = [
@@ -294,12 +384,13 @@ def run_loop(
     randomness: str,
     grad_buffers: GradBuffers,
     view_cache: ViewCache,
+    changes: Reassigned,
 ) -> Any:
     """Run every member in turn on views of ``tensors``; stack the outputs on a new dim 0.
 
     ``randomness="same"`` replays the generators' state for every member (one
     mask for all, as ``vmap`` draws it); ``"error"`` refuses a member that
-    drew from them.
+    drew from them. Buffers a member's forward replaced go in ``changes``.
     """
     views = view_cache.views_of(tensors, grad_buffers)
     members = shells.ready(template, views, num_members)
@@ -327,8 +418,13 @@ def run_loop(
             if randomness == "same" and i > 0:
                 replay_rng(replay)
             outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
+            members[i].reassigned(views, i, changes)
             if randomness == "error":
                 check_no_draw(replay, device, i)
+        if changes:
+            # The copies hold what the forwards assigned: the next call puts
+            # the slices of the new stacked buffers back in.
+            shells.release()
     finally:
         # Off the CPU, and inside a torch.func transform, the copies let go
         # of the views (device memory; the transform's wrappers).
