@@ -976,3 +976,14 @@ def test_transformers_dynamic_rope_updates_its_buffer_per_member(execution: str)
         torch.testing.assert_close(ensemble(ids, return_dict=False)[0], expected)
     name = next(k for k in ensemble.tensors() if k.endswith("inv_freq"))
     torch.testing.assert_close(ensemble.tensors()[name][0], members[0].get_buffer(name))
+
+
+def test_what_vmap_cannot_batch_is_an_argument_error_naming_the_fix() -> None:
+    # BatchNorm with momentum=None calls .item() in train mode: torch's own
+    # RuntimeError reached the user, without the fix.
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None))
+
+    ensemble = lm.Ensemble([build(), build()], execution="vmap")
+    with pytest.raises(lm.MetaTensorError, match=r"ran torch.vmap \(forced\).*execution='loop'"):
+        ensemble(torch.randn(2, 3, 8, 8))
