@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import load_checkpoint
@@ -433,3 +434,31 @@ def test_phases_run_on_their_own(files: dict[str, Path]) -> None:
     assert conversion.bytes_read == sum(e.nbytes for _, e in plan.load)
     assert "lm_head.weight" in conversion.cast
     ml.assert_unchanged(m, before)  # nothing in the module touched before the swap
+
+
+class _TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("deferred", [True, False], ids=["deferred", "real"])
+def test_tied_keys_with_different_values_load_as_load_state_dict_does(
+    tmp_path: Path, deferred: bool
+) -> None:
+    # load_checkpoint took the first key of the tied group, load_state_dict
+    # leaves the last: another value, without an error.
+    path = tmp_path / "tied.pt"
+    torch.save({"emb.weight": torch.ones(10, 8), "head.weight": torch.full((10, 8), 2.0)}, path)
+    eager = _TiedHead()
+    eager.load_state_dict(torch.load(path))
+    if deferred:
+        with lm.deferred_init():
+            model = _TiedHead()
+    else:
+        model = _TiedHead()
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.emb.weight, eager.emb.weight)
+    assert model.head.weight is model.emb.weight

@@ -197,8 +197,9 @@ def make_plan(
         prefix: the key prefix to strip (``""`` for none).
 
     Returns:
-        The :class:`Plan`; a group is paired with the entry of its first name
-        the checkpoint holds, and every other name it holds must agree in shape.
+        The :class:`Plan`; a group is paired with the entry of its last name
+        the checkpoint holds (``load_state_dict`` leaves that value), and every
+        other name it holds must agree in shape.
     """
     plan = Plan(prefix, groups=groups)
     local: dict[str, Entry] = {}
@@ -227,7 +228,9 @@ def make_plan(
             plan.mismatched.extend((n, shape, local[n].shape) for n in bad)
             plan.skipped.append(group)
             continue
-        plan.load.append((group, local[present[0]]))
+        # Tied names the checkpoint holds twice (with different values, maybe):
+        # the last, in state_dict order, as load_state_dict leaves it.
+        plan.load.append((group, local[present[-1]]))
     plan.unexpected = sorted(
         [prefix + k for k in local if k not in used] + [o for o in others if o.startswith(prefix)]
     )
