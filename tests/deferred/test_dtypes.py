@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import torch
 from test_deferred import assert_same_as_eager, tensors
 from torch import nn
 
-from lightning_meta import deferred_init, materialize
+from lightning_meta import MaterializationError, deferred_init, materialize
 from support import deferred_models as md
 
 
@@ -177,3 +178,36 @@ def test_dtype_casts_complex_tensors_as_module_to_does() -> None:
         materialize(module, dtype=torch.bfloat16)
     assert module.freqs_cis.dtype == torch.bfloat16
     assert_same_as_eager(eager, module)
+
+
+def test_module_to_dtype_after_the_block_is_followed() -> None:
+    # model.to(torch.bfloat16) after the block gave the same tensor objects
+    # bfloat16 storage; materialize made float32 values from the record.
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    torch.manual_seed(0)
+    with deferred_init():
+        module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    module.to(torch.bfloat16)
+    copied = copy.deepcopy(module)
+    for model in (module, copied):
+        materialize(model)
+        assert_same_as_eager(eager, model)
+
+
+def test_cast_after_the_block_and_dtype_argument_together_are_refused() -> None:
+    with deferred_init():
+        module = nn.Linear(4, 4)
+    module.to(torch.bfloat16)
+    with pytest.raises(MaterializationError, match=r"cast once"):
+        materialize(module, dtype=torch.float16)
+    assert module.weight.is_meta  # nothing changed
+
+
+def test_data_assigned_after_the_block_is_refused() -> None:
+    # The record's values came back in place of the assigned ones.
+    with deferred_init():
+        module = nn.Linear(4, 4)
+    module.weight.data = torch.empty(2, 4, device="meta")
+    with pytest.raises(MaterializationError, match=r"\['weight'\].*given other data, of another"):
+        materialize(module)

@@ -61,12 +61,19 @@ class Handle:
     (copied) tensor so :func:`handle_of` finds it again.
     """
 
-    __slots__ = ("__weakref__", "record", "tensor", "version", "vid")
+    __slots__ = ("__weakref__", "record", "storage", "tensor", "version", "vid")
 
     def __init__(self, tensor: torch.Tensor, record: Record, vid: int) -> None:
         self.tensor, self.record, self.vid = tensor, record, vid
         self.version = _compat.version_of(tensor)
+        # What the tensor's .data is: `p.data = x` and `module.to(dtype)` after
+        # the block give the same tensor object another storage.
+        self.storage = _compat.storage_id(tensor.untyped_storage())
         _register(self)
+
+    def replaced(self) -> bool:
+        """Whether the tensor was given other data (``.data =``, ``module.to(dtype)``) since."""
+        return _compat.storage_id(self.tensor.untyped_storage()) != self.storage
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -85,13 +92,17 @@ class Handle:
         # module sent to a ddp_spawn worker would look modified): keep the
         # difference, not the absolute count.
         state["version"] = _compat.version_of(self.tensor) - self.version
+        state["storage"] = self.replaced()  # storage ids mean nothing in another copy
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         writes = state.pop("version")
+        replaced = state.pop("storage")
         for k, v in state.items():
             object.__setattr__(self, k, v)
         object.__setattr__(self, "version", _compat.version_of(self.tensor) - writes)
+        storage = -1 if replaced else _compat.storage_id(self.tensor.untyped_storage())
+        object.__setattr__(self, "storage", storage)
         _register(self)
 
 

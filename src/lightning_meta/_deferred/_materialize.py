@@ -184,12 +184,14 @@ def materialize_paths(
     if not slots and not sharded:
         return module
     deferred, plain = _split(slots)
-    _check_deferred([*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized)
+    recast = _check_deferred(
+        [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
+    )
     _check_plain(plain, fallback)
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
-    ready, replayed = _replay_records(deferred, target, dtype, remap)
+    ready, replayed = _replay_records(deferred, target, dtype, remap, recast)
     _swap_in(deferred, ready)
     _complete_records(walk, replayed, remap)
     if plain:
@@ -286,8 +288,12 @@ def _replay_records(
     device: torch.device,
     dtype: torch.dtype | None,
     remap: torch.device | None,
+    recast: dict[int, torch.dtype],
 ) -> tuple[dict[int, torch.Tensor], dict[int, Record]]:
     """Return the real tensor for each deferred tensor (by ``id``) and the records replayed.
+
+    ``recast``: the dtype of each deferred tensor (by ``id``) that
+    ``module.to(dtype)`` cast after the block; its value is cast the same way.
 
     One replay per record (two when container items, which stay where eager
     construction leaves them, come along); a value already materialized
@@ -312,6 +318,9 @@ def _replay_records(
     for slot, handle in deferred:
         if id(slot.tensor) not in ready:
             value = produced[(id(handle.record), handle.vid)]
+            cast = recast.get(id(slot.tensor))
+            if cast is not None:
+                value = value.to(cast)
             ready[id(slot.tensor)] = dress_like(slot.tensor, value, handle.attrs)
     return ready, {id(record): record for record, _ in targets.values()}
 
@@ -337,8 +346,14 @@ def _complete_records(
         complete(record, remap)
 
 
-def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool) -> None:
-    """Refuse deferred tensors whose record cannot give their value (exactly) any more."""
+def _check_deferred(
+    deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool, dtype: torch.dtype | None
+) -> dict[int, torch.dtype]:
+    """Refuse deferred tensors whose record cannot give their value (exactly) any more.
+
+    Returns the dtype of each tensor (by ``id``) that ``module.to(dtype)``
+    cast after the block, to cast its value alike.
+    """
     # One pass over the tensors (the checks are per record or cheap per tensor);
     # the errors are raised below in order of what to fix first.
     meta_draws: dict[int, bool] = {}
@@ -346,8 +361,20 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
     modified: list[str] = []
     released: list[str] = []
     garbage: dict[str, str] = {}
+    recast: dict[int, torch.dtype] = {}
+    replaced: list[str] = []
     for s, h in deferred:
         record = h.record
+        if h.replaced() and not record.released:
+            # module.to(dtype) casts the same values; a conversion that changes
+            # nothing swaps the storage too (torch 2.13's swap_tensors), and so
+            # does `tensor.data = other` of the same shape and dtype, which
+            # cannot be told apart from it.
+            value, t = record.values[h.vid], s.tensor
+            if tuple(t.shape) != value.size:
+                replaced.append(s.path)
+            elif t.dtype != value.dtype:
+                recast[id(t)] = t.dtype
         drew = meta_draws.get(id(record))
         if drew is None:
             drew = meta_draws[id(record)] = any(st.device.type == "meta" for st in record.streams)
@@ -370,6 +397,23 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
             "(deferred_init already keeps the model on meta), or enter deferred_init outside "
             "the meta device context.",
             paths=on_meta,
+        )
+    if replaced:
+        replaced.sort()
+        raise MaterializationError(
+            f"materialize cannot reproduce {replaced}: these deferred tensors were given other "
+            "data, of another shape, after the deferred_init block (`tensor.data = ...`), "
+            "which was not recorded. "
+            "Fix: do it inside the deferred_init block, or after materialize.",
+            paths=replaced,
+        )
+    if recast and dtype is not None:
+        paths = sorted(s.path for s, _ in deferred if id(s.tensor) in recast)
+        raise MaterializationError(
+            f"materialize(dtype={dtype}) was asked to cast {paths}, which module.to() already "
+            "cast to another dtype after the deferred_init block. Fix: cast once: either "
+            "module.to(dtype) before materialize, or materialize(dtype=...).",
+            paths=paths,
         )
     if modified:
         modified.sort()
@@ -398,6 +442,7 @@ def _check_deferred(deferred: list[tuple[Slot, Handle]], allow_uninitialized: bo
             "allow_uninitialized=True to keep eager construction's uninitialised memory.",
             paths=garbage,
         )
+    return recast
 
 
 def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
