@@ -357,3 +357,12 @@ def test_out_overloads_fill_their_target_and_may_read_it() -> None:
     materialize(module)
     assert_same_as_eager(eager, module)
     assert torch.equal(torch.rand(4), after)
+
+
+def test_lazy_modules_are_refused_with_the_fix() -> None:
+    # torch's own RuntimeError (about FakeTensor) named neither the module nor the fix.
+    with pytest.raises(MaterializationError, match=r"cannot build lazy modules .*Fix: give"):
+        with deferred_init():
+            nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    with pytest.raises(MaterializationError, match=r"lazy modules"):
+        deferred_init(nn.LazyConv2d, 4, 3)

@@ -36,7 +36,7 @@ from lightning_meta._deferred._session import (
     fake_parameter_class,
     recording,
 )
-from lightning_meta._errors import ArgumentTypeError
+from lightning_meta._errors import ArgumentTypeError, MaterializationError
 from lightning_meta._slots import Slot, buffer_names, children, parameter_names, slot_at
 
 __all__ = ["deferred_init", "is_deferred", "materialize"]
@@ -145,6 +145,17 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
             _ACTIVE.recorder = recorder
             try:
                 yield
+            except RuntimeError as e:
+                if "Uninitialized" in str(e) and "FakeTensor" in str(e):
+                    # torch's own words name neither the module nor the fix.
+                    raise MaterializationError(
+                        "deferred_init cannot build lazy modules (nn.LazyLinear, "
+                        "nn.LazyConv2d, ...): their UninitializedParameter has no shape until "
+                        f"the first forward, so there is nothing to defer ({e}). Fix: give the "
+                        "shapes (nn.Linear(in_features, ...)), or build the lazy module outside "
+                        "deferred_init and run one forward first."
+                    ) from e
+                raise
             finally:
                 _ACTIVE.recorder = None
         roots = list(recorder.modules.values())
