@@ -305,6 +305,20 @@ def test_captured_tensor_mutated_after_capture_raises() -> None:
     assert_unchanged(module, before)
 
 
+def test_captured_tensor_changed_through_data_after_capture_raises() -> None:
+    # .data has its own version counter: the change was replayed silently.
+    captured = torch.ones(3)
+    module = build_deferred(lambda: md.Custom(captured))
+    captured.data.add_(1)
+    before = snapshot(module)
+    with pytest.raises(
+        MaterializationError,
+        match=r"for 'shifted'.*changed since \(through \.data or memory shared with numpy\)",
+    ):
+        materialize(module)
+    assert_unchanged(module, before)
+
+
 def test_deferred_tensor_modified_after_block_raises() -> None:
     module = build_deferred(lambda: nn.Linear(2, 2))
     with torch.no_grad():

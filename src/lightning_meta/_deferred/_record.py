@@ -135,6 +135,9 @@ class Record:
         self.ops: list[Op] = []
         self.values: list[Value] = []
         self.constants: dict[int, tuple[torch.Tensor, int]] = {}
+        # Copies of the small constants, to see writes their version counter
+        # misses (through .data, or numpy memory shared with torch.from_numpy).
+        self.snapshots: dict[int, torch.Tensor] = {}
         self.streams: list[Stream] = []
         self.states: dict[str, dict[int, torch.Tensor]] = {}
         self.ends: dict[str, torch.Tensor] = {}
@@ -169,6 +172,7 @@ class Record:
         ``_replay.complete``.
         """
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
+        self.snapshots = {}
         self.random_index = {}
         self.released = True
 

@@ -195,18 +195,32 @@ def _check_constants(
         op = record.ops[i]
         for v in op.reads:
             const = record.constants.get(v)
-            if const is not None and _compat.version_of(const[0]) != const[1]:
-                hit = _paths_needing(record, i, targets)
-                names = ", ".join(repr(p) for p in hit) or "the module"
-                raise MaterializationError(
-                    f"materialize cannot replay {op.name} issued at {op.site} for {names}: it "
-                    "reads a real tensor captured while recording that was modified in place "
-                    f"since (version {const[1]} -> {_compat.version_of(const[0])}), so the "
-                    "result would differ from eager construction. Fix: pass a clone of the "
-                    "tensor into the deferred_init block, or do not modify it before "
-                    "materializing.",
-                    paths=hit,
-                )
+            if const is None:
+                continue
+            now = _compat.version_of(const[0])
+            if now != const[1]:
+                how = f"modified in place since (version {const[1]} -> {now})"
+            elif v in record.snapshots and not _same_bits(record.snapshots[v], const[0]):
+                how = "changed since (through .data or memory shared with numpy)"
+            else:
+                continue
+            hit = _paths_needing(record, i, targets)
+            names = ", ".join(repr(p) for p in hit) or "the module"
+            raise MaterializationError(
+                f"materialize cannot replay {op.name} issued at {op.site} for {names}: it "
+                f"reads a real tensor captured while recording that was {how}, so the "
+                "result would differ from eager construction. Fix: pass a clone of the "
+                "tensor into the deferred_init block, or do not modify it before "
+                "materializing.",
+                paths=hit,
+            )
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (NaN included), shape and dtype alike."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _paths_needing(record: Record, i: int, targets: dict[int, str]) -> list[str]:

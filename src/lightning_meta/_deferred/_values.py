@@ -25,6 +25,10 @@ from lightning_meta._errors import MaterializationError
 
 __all__ = ["ValueIds"]
 
+# Captured real tensors up to this size are copied, so that replay sees a
+# write after the block that their version counter does not count.
+_SNAPSHOT_BYTES = 1 << 20
+
 
 class ValueIds:
     """The value ids and storage indices of one recording.
@@ -72,6 +76,9 @@ class ValueIds:
             vid = self._new_value(t, -1 - len(self.record.constants), None)
             # Holding ``t`` keeps its id unique.
             self.record.constants[vid] = (t, _compat.version_of(t))
+            if t.layout == torch.strided and t.numel() * t.element_size() <= _SNAPSHOT_BYTES:
+                with _compat.no_python_dispatch():
+                    self.record.snapshots[vid] = t.detach().clone()
             return vid
         owner = t.untyped_storage()
         cdata = _compat.storage_id(owner)
