@@ -495,12 +495,27 @@ def test_materialize_skips_draws_overwritten_whole_later() -> None:
     assert torch.equal(torch.rand(4), after)  # the generator stands where eager left it
 
 
-def test_materialize_runs_no_detach_per_parameter_twice() -> None:
-    # nn.Parameter(t) records a detach of t; replaying it and then making the
-    # Parameter (which detaches again) cost one op per parameter for nothing.
-    module = build_deferred(Reinitialised)
-    calls = _aten_calls(lambda: materialize(module))
-    assert calls.count("aten::detach") == 2  # one per Parameter made, as eager construction
+class DetachedTable(nn.Module):
+    """A buffer that is a view of t, next to a buffer that is t.detach()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        t = torch.randn(4, 4)
+        self.register_buffer("row", t[1])
+        self.register_buffer("table", t.detach())
+
+
+def test_a_detached_tensor_stays_apart_from_views_of_its_source() -> None:
+    # Replay once let t itself stand for t.detach(): the view then had the
+    # table as its autograd base, and requires_grad set on it leaked into it.
+    eager, _ = build_eager(DetachedTable)
+    module = build_deferred(DetachedTable)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    for m in (eager, module):
+        m.table.requires_grad_(True)
+    assert module.row.requires_grad is eager.row.requires_grad is False
+    assert module.row.data_ptr() == module.table.data_ptr() + 4 * 4  # still one storage
 
 
 class SharesWithParameter(nn.Module):

@@ -153,6 +153,10 @@ class Lineage:
         target = writes[0] if kind == OVERWRITES and writes else None
         if target is not None and reads.count(target) > 1:
             target = None  # also an input (torch.add(c, 1, out=c), c.copy_(c)): it reads c
+        if target is not None and outs and outs[0] != target:
+            # An out= op that resized its target (a new value id, see
+            # ValueIds.out): what it wrote is not what the target spanned.
+            target = None
         flags = RANDOM if random else 0
         origin = ""
         if kind != READS_METADATA:

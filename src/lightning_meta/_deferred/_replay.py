@@ -275,7 +275,6 @@ def _execute(
     last_use, finalize_at = _lifetimes(record, order, scratch, targets)
     # Redraws on scratch that also make a tensor a later op writes into.
     defines = {i for i in scratch if any(o in last_use for o in ops[i].outs if o is not None)}
-    aliases = _aliases(record, order, scratch, targets, last_use)
     env: dict[int, torch.Tensor] = {}
     results: dict[int, torch.Tensor] = {}
     current_dtype: torch.dtype | None = None
@@ -302,12 +301,10 @@ def _execute(
                         meta.size, meta.stride, dtype=meta.dtype, device=_out_device(op, remap)
                     )
             continue
-        alias = env.get(aliases[i]) if i in aliases else None
-        if alias is not None and not alias.requires_grad:
-            # nn.Parameter(t) records a detach of t, and t is needed nowhere
-            # else: the replayed t itself stands for its alias (the Parameter
-            # made from it detaches once more), saving an op per parameter.
-            out = alias
+        if op.name == _DETACH and i not in scratch and len(op.args) == 1:
+            # nn.Parameter(t) records one per parameter: Tensor.detach() is the
+            # same op, without the generic argument binding and dispatch.
+            out = fetch(op.reads[0]).detach()
         elif preset is not None and i == preset[0] and _copies(op, rng, remap, i in scratch):
             # The same numbers from the same state into the same layout: a copy.
             out = fetch(op.writes[0]).copy_(preset[1])
@@ -337,34 +334,6 @@ def _execute(
             if last_use.get(v, -1) <= i and (v not in targets or v in results):
                 env.pop(v, None)
     return results
-
-
-def _aliases(
-    record: Record,
-    order: list[int],
-    skipped: set[int],
-    targets: dict[int, str],
-    last_use: dict[int, int],
-) -> dict[int, int]:
-    """Return the ``detach`` ops whose input can stand for their output (op index -> input id).
-
-    Only where nothing tells the two apart: the input is a value replay made
-    (not a tensor captured from the caller), no target, and used by no later op.
-    """
-    out: dict[int, int] = {}
-    for i in order:
-        op = record.ops[i]
-        if op.name != "aten.detach.default" or i in skipped or len(op.reads) != 1:
-            continue
-        source = op.reads[0]
-        if (
-            source not in record.constants
-            and source not in targets
-            and last_use.get(source) == i
-            and op.outs[0] is not None
-        ):
-            out[i] = source
-    return out
 
 
 def _copies(op: Op, rng: ReplayRng, remap: torch.device | None, on_scratch: bool) -> bool:
@@ -415,6 +384,8 @@ def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) ->
         return t
     return t.to(device=device, dtype=cast)
 
+
+_DETACH = "aten.detach.default"
 
 # Argument types replayed as logged (never a Ref, a GenRef, a sequence or a device).
 _LITERAL = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.layout})
