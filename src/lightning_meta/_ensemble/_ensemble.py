@@ -195,12 +195,9 @@ def _settings(module: nn.Module) -> dict[str, Any]:
             elif isinstance(value, torch.Tensor):
                 # A tensor forward reads that is neither parameter nor buffer
                 # (self.temperature = torch.tensor(2.0)): the template keeps member 0's.
+                # Objects (a config, an argparse.Namespace) are not compared:
+                # they hold per-run fields forward never reads (a seed, a path).
                 out[dot + key] = _TensorSetting(value)
-            elif hasattr(value, "__dict__") and not callable(value):
-                # A config object forward reads (self.config.logit_scale), one level deep.
-                for name, item in vars(value).items():
-                    if not name.startswith("_") and plain_value(item):
-                        out[f"{dot}{key}.{name}"] = item
     return out
 
 

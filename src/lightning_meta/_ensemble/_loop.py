@@ -208,18 +208,16 @@ class ViewCache:
 
 
 def _member_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
-    """``stacked.unbind(0)``; for a tensor that needs no gradient, each with its own version counter.
+    """``stacked.unbind(0)``: views, which share the stacked tensor's version counter.
 
-    Views share their base's counter, so a buffer one member updates in place
-    (``self.n += 1``) after another member saved its own slice for backward
-    made autograd refuse that member's backward; separate modules have one
-    counter each. The members' slices never overlap, and writes still land in
-    the stacked memory (BatchNorm's running statistics).
+    So a change to the stacked buffer between forward and backward is refused
+    by autograd, as it is for the members; the price is that a buffer one
+    member updates in place after another member saved its own slice for
+    backward (``self.n += 1; return y * self.n``) is refused too, which
+    separate modules are not: ``execution="auto"`` does not pick the loop
+    plan then (its timing runs with autograd's check).
     """
-    views = stacked.unbind(0)
-    if stacked.requires_grad:
-        return views
-    return tuple(v.data for v in views)
+    return stacked.unbind(0)
 
 
 class MemberShells:

@@ -48,7 +48,13 @@ from typing import Any
 
 import torch
 
-from lightning_meta._compat import functorch_transform_active, tree_leaves, tree_map, tree_map_only
+from lightning_meta._compat import (
+    functorch_transform_active,
+    tree_leaves,
+    tree_map,
+    tree_map_only,
+    version_of,
+)
 
 __all__ = [
     "RETIME_CALL",
@@ -297,7 +303,21 @@ def _synchronize(devices: Sequence[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def _pack(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return t, version_of(t)
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    # Saved tensors stay plain tensors, and autograd's own check stays: a
+    # plan whose backward would be refused (a buffer saved for backward and
+    # updated in place by another member under the loop plan) fails its
+    # timing instead of winning it.
+    t, version = packed
+    if version_of(t) != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation (version {version} -> {version_of(t)})"
+        )
     return t
 
 
@@ -386,7 +406,7 @@ def measure(
         _warnings_ignored(),
         # Saved tensors stay plain tensors, whatever hooks the caller runs under
         # (activation checkpointing packs them for recomputation).
-        torch.autograd.graph.saved_tensors_hooks(_same, _same),
+        torch.autograd.graph.saved_tensors_hooks(_pack, _unpack),
     ):
         for round_ in range(_MAX_CLOSE_ROUNDS + 1):
             for plan in alive[::-1] if round_ % 2 else list(alive):
