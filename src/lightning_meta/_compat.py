@@ -535,6 +535,20 @@ def has_backward_hooks(module: nn.Module) -> bool:
     return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
 
 
+def global_module_hooks() -> tuple[bool, bool]:
+    """Whether hooks for every module are registered: (forward or forward-pre, backward or backward-pre).
+
+    ``torch.nn.modules.module.register_module_forward_hook`` and its kin.
+    Ensemble's fused and grouped plans compute layers without calling them,
+    and ``torch.vmap`` runs no backward hooks, so they cannot honour them.
+    """
+    from torch.nn.modules import module as m
+
+    forward = bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+    backward = bool(m._global_backward_hooks or m._global_backward_pre_hooks)
+    return forward, backward
+
+
 def has_tensor_hooks(t: torch.Tensor) -> bool:
     """Whether ``t`` has gradient hooks (``register_hook``, ``register_post_accumulate_grad_hook``)."""
     return bool(t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None))
@@ -672,6 +686,7 @@ def module_apply(
 __all__ += [
     "deepcopy_module",
     "functorch_transform_active",
+    "global_module_hooks",
     "has_backward_hooks",
     "has_tensor_hooks",
     "has_module_hooks",

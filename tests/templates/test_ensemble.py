@@ -972,3 +972,34 @@ def test_what_vmap_cannot_batch_is_an_argument_error_naming_the_fix() -> None:
     ensemble = lm.Ensemble([build(), build()], execution="vmap")
     with pytest.raises(lm.MetaTensorError, match=r"ran torch.vmap \(forced\).*execution='loop'"):
         ensemble(torch.randn(2, 3, 8, 8))
+
+
+def test_hooks_registered_for_every_module_keep_plans_that_skip_them_out() -> None:
+    # A global full backward hook that zeroes grad_input ran under the loop
+    # plan only: "auto" picked grouped and gave other gradients, silently.
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+
+    torch.manual_seed(0)
+    members = [build() for _ in range(3)]
+    x = torch.randn(2, 3, 8, 8)
+    handle = torch.nn.modules.module.register_module_full_backward_hook(
+        lambda m, grad_input, grad_output: tuple(
+            None if g is None else torch.zeros_like(g) for g in grad_input
+        )
+    )
+    try:
+        xs = [x.clone().requires_grad_() for _ in members]
+        for m, xi in zip(members, xs, strict=True):
+            m(xi).sum().backward()
+        ensemble = lm.Ensemble(copy.deepcopy(members), execution="auto")
+        xe = x.clone().requires_grad_()
+        ensemble(xe).sum().backward()
+        assert ensemble.plan == "loop"
+        torch.testing.assert_close(xe.grad, sum(xi.grad for xi in xs))
+        for execution in ("vmap", "grouped"):
+            forced = lm.Ensemble(copy.deepcopy(members), execution=execution)
+            with pytest.raises(lm.MetaTensorError, match="registered for every module"):
+                forced(x)
+    finally:
+        handle.remove()

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    global_module_hooks,
     has_backward_hooks,
     has_module_hooks,
     has_tensor_hooks,
@@ -199,6 +200,20 @@ def _settings(module: nn.Module) -> dict[str, Any]:
                 # they hold per-run fields forward never reads (a seed, a path).
                 out[dot + key] = _TensorSetting(value)
     return out
+
+
+def _skipped_global_hooks(plan: str) -> str | None:
+    """Which hooks registered for every module ``plan`` would not run (``None``: none).
+
+    The fused and grouped plans compute layers without calling them; vmap
+    runs forward hooks but no backward hooks.
+    """
+    forward, backward = global_module_hooks()
+    if plan in ("fused", "grouped") and (forward or backward):
+        return "module hooks (register_module_forward_hook and its kin)"
+    if plan == "vmap" and backward:
+        return "module backward hooks (register_module_full_backward_hook and its kin)"
+    return None
 
 
 class _TensorSetting:
@@ -676,6 +691,8 @@ class Ensemble(nn.Module):
 
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
         plans = ["loop"] if has_backward_hooks(self.template.module) else ["vmap", "loop"]
+        if any(global_module_hooks()):
+            return [p for p in plans if _skipped_global_hooks(p) is None]  # see _unhooked
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -701,7 +718,7 @@ class Ensemble(nn.Module):
         if untimed_reason() is not None:
             if self.execution == "vmap" and has_backward_hooks(self.template.module):
                 return "loop"  # see _candidates
-            return self.execution
+            return self._unhooked(self.execution)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
@@ -716,7 +733,13 @@ class Ensemble(nn.Module):
         elif self._plans.due(record):
             record = self._time(record.signature, tensors, inputs, kwargs, previous=record)
             self._plans.remember(fast, record)
-        return record.plan
+        return self._unhooked(record.plan)
+
+    def _unhooked(self, plan: str) -> str:
+        """``plan``, or the loop when hooks registered for every module would be skipped by it."""
+        if plan != "loop" and _skipped_global_hooks(plan) is not None:
+            return "loop"
+        return plan
 
     def _time(
         self,
@@ -816,6 +839,14 @@ class Ensemble(nn.Module):
         strict: bool,
         changes: Reassigned,
     ) -> Any:
+        if self._requested == plan:
+            skipped = _skipped_global_hooks(plan)
+            if skipped is not None:
+                raise ArgumentValueError(
+                    f"Ensemble(execution={plan!r}) cannot honour the {skipped} registered for "
+                    f"every module: the {plan} plan does not run them, so the results would "
+                    "differ from the members' own. Fix: use execution='auto' or 'loop'."
+                )
         if plan == "grouped" and not kwargs:
             try:
                 return self._chunked(tensors, inputs, kwargs, self._grouped_call)
