@@ -211,3 +211,13 @@ def test_data_assigned_after_the_block_is_refused() -> None:
     module.weight.data = torch.empty(2, 4, device="meta")
     with pytest.raises(MaterializationError, match=r"\['weight'\].*given other data, of another"):
         materialize(module)
+
+
+def test_module_to_dtype_replacing_buffers_is_refused_with_the_fix() -> None:
+    # module.to() gives floating-point buffers new meta tensors, whose values
+    # the record does not give.
+    with deferred_init():
+        module = nn.BatchNorm1d(4)
+    module.to(torch.bfloat16)
+    with pytest.raises(MaterializationError, match=r"running_mean.*pass dtype= to materialize"):
+        materialize(module)

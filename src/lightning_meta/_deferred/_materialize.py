@@ -457,7 +457,9 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
         raise MaterializationError(
             f"materialize cannot fill {replaced}: these deferred tensors were replaced after "
             "the deferred_init block by other meta tensors, whose values the record does not "
-            "give. Fix: assign real tensors instead, shard with fully_shard (FSDP2) or "
+            "give (module.to(dtype) replaces floating-point buffers so). Fix: pass dtype= to "
+            "materialize instead of module.to(dtype), assign real tensors, shard with "
+            "fully_shard (FSDP2) or "
             "parallelize_module (tensor parallel), which keep the global shape, or "
             "materialize before wrapping (FSDP1: let the strategy wrap and materialize).",
             paths=replaced,
