@@ -1003,3 +1003,16 @@ def test_hooks_registered_for_every_module_keep_plans_that_skip_them_out() -> No
                 forced(x)
     finally:
         handle.remove()
+
+
+def test_backward_hooks_under_autocast_time_the_plans_left() -> None:
+    # With vmap already left out for the hooks, leaving it out again for
+    # autocast raised ValueError from list.remove at the first call.
+    torch.manual_seed(0)
+    members = [_GradientGated() for _ in range(2)]
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.stack([m(x) for m in members])
+        ensemble = lm.Ensemble(members, execution="auto")
+        torch.testing.assert_close(ensemble(x), expected)
+    assert ensemble.plan == "loop"

@@ -202,17 +202,27 @@ def _settings(module: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _skipped_global_hooks(plan: str) -> str | None:
-    """Which hooks registered for every module ``plan`` would not run (``None``: none).
+def _skipped_hooks(plan: str, template: nn.Module | None) -> str | None:
+    """Which hooks ``plan`` would not run (``None``: none), to name in an error.
 
-    The fused and grouped plans compute layers without calling them; vmap
-    runs forward hooks but no backward hooks.
+    The fused and grouped plans compute layers without calling them (they
+    refuse templates with hooks of their own when built); vmap runs forward
+    hooks but no backward hooks. Hooks registered for every module are
+    always looked at; ``template``'s own backward hooks only when given (a
+    walk of its modules, kept off the per-call path).
     """
     forward, backward = global_module_hooks()
     if plan in ("fused", "grouped") and (forward or backward):
-        return "module hooks (register_module_forward_hook and its kin)"
-    if plan == "vmap" and backward:
-        return "module backward hooks (register_module_full_backward_hook and its kin)"
+        return "module hooks registered for every module (register_module_forward_hook and its kin)"
+    if plan != "vmap":
+        return None
+    if backward:
+        return (
+            "module backward hooks registered for every module "
+            "(register_module_full_backward_hook and its kin)"
+        )
+    if template is not None and has_backward_hooks(template):
+        return "backward hooks (register_full_backward_hook / register_full_backward_pre_hook)"
     return None
 
 
@@ -690,9 +700,7 @@ class Ensemble(nn.Module):
         self._plans.clear()
 
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
-        plans = ["loop"] if has_backward_hooks(self.template.module) else ["vmap", "loop"]
-        if any(global_module_hooks()):
-            return [p for p in plans if _skipped_global_hooks(p) is None]  # see _unhooked
+        plans = ["vmap", "loop"]
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -708,7 +716,8 @@ class Ensemble(nn.Module):
             and fused.fits(inputs[0], self.per_member_inputs)
         ):
             plans.insert(0, "fused")
-        return plans
+        module = self.template.module
+        return [p for p in plans if _skipped_hooks(p, module) is None]
 
     def _choose(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
@@ -716,9 +725,7 @@ class Ensemble(nn.Module):
         if self._requested != "auto":
             return self._requested
         if untimed_reason() is not None:
-            if self.execution == "vmap" and has_backward_hooks(self.template.module):
-                return "loop"  # see _candidates
-            return self._unhooked(self.execution)
+            return self._unhooked(self.execution, self.template.module)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
@@ -733,13 +740,16 @@ class Ensemble(nn.Module):
         elif self._plans.due(record):
             record = self._time(record.signature, tensors, inputs, kwargs, previous=record)
             self._plans.remember(fast, record)
-        return self._unhooked(record.plan)
+        return self._unhooked(record.plan, None)
 
-    def _unhooked(self, plan: str) -> str:
-        """``plan``, or the loop when hooks registered for every module would be skipped by it."""
-        if plan != "loop" and _skipped_global_hooks(plan) is not None:
-            return "loop"
-        return plan
+    def _unhooked(self, plan: str, template: nn.Module | None) -> str:
+        """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`).
+
+        A timed plan already left out the template's own backward hooks; the
+        global ones can be registered at any time, so they are checked on
+        every call.
+        """
+        return "loop" if _skipped_hooks(plan, template) is not None else plan
 
     def _time(
         self,
@@ -755,7 +765,7 @@ class Ensemble(nn.Module):
         ``previous``: the first timing's record, when this is the second.
         """
         candidates = self._candidates(inputs, kwargs)
-        if _autocasting(tensors):  # see _vmap
+        if _autocasting(tensors) and "vmap" in candidates:  # see _vmap
             candidates.remove("vmap")
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
@@ -840,12 +850,13 @@ class Ensemble(nn.Module):
         changes: Reassigned,
     ) -> Any:
         if self._requested == plan:
-            skipped = _skipped_global_hooks(plan)
+            skipped = _skipped_hooks(plan, self.template.module)
             if skipped is not None:
+                runner = "torch.vmap" if plan == "vmap" else f"the {plan} plan"
                 raise ArgumentValueError(
-                    f"Ensemble(execution={plan!r}) cannot honour the {skipped} registered for "
-                    f"every module: the {plan} plan does not run them, so the results would "
-                    "differ from the members' own. Fix: use execution='auto' or 'loop'."
+                    f"Ensemble(execution={plan!r}) cannot run with {skipped}: {runner} does "
+                    "not run them, so the results would differ from the members' own. Fix: "
+                    "use execution='auto' or 'loop'."
                 )
         if plan == "grouped" and not kwargs:
             try:
@@ -930,9 +941,10 @@ class Ensemble(nn.Module):
         given: Mapping[str, torch.Tensor],
         xs: tuple[Any, ...],
         kw: Mapping[str, Any],
-        seen: Reassigned | None,
+        seen: dict[str, Any] | None,
     ) -> Any:
-        """``template.functional_call``, noting in ``seen`` the buffers its forward replaced.
+        """``template.functional_call``, noting in ``seen`` the buffers its forward replaced
+        (name -> what it put there).
 
         ``functional_call`` puts the template's own tensors back on return, so
         a forward hook on the template's root reads the buffer tables while
@@ -946,7 +958,7 @@ class Ensemble(nn.Module):
         assert seen is not None
 
         def note(module: nn.Module, args: Any, output: Any) -> None:
-            slots.reassigned(given, None, seen)
+            seen.update(slots.reassigned(given, None))
 
         handle = template.module.register_forward_hook(note)
         try:
@@ -980,11 +992,11 @@ class Ensemble(nn.Module):
                 xs = tree_map_only(torch.Tensor, _slicer(i, None), inputs)
                 kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
-            seen: Reassigned | None = {} if changes is not None else None
+            seen: dict[str, Any] | None = {} if changes is not None else None
             outs.append(self._call_template(params, xs, kw, seen))
             if changes is not None and seen:
                 for name, new in seen.items():
-                    changes.setdefault(name, {})[start + i] = new[-1]
+                    changes.setdefault(name, {})[start + i] = new
             if self.randomness == "error":
                 check_no_draw(replay, device, i)
         return join_outputs(outs, torch.stack)
@@ -1010,22 +1022,16 @@ class Ensemble(nn.Module):
                 )
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
         template = self.template
-        if self._requested == "vmap" and has_backward_hooks(template.module):
-            raise ArgumentValueError(
-                "Ensemble(execution='vmap') cannot run a template with backward hooks "
-                "(register_full_backward_hook / register_full_backward_pre_hook): torch.vmap "
-                "does not run them, so the gradients would differ from the members' own. "
-                "Fix: use execution='auto' or 'loop'."
-            )
 
         structure: list[Any] = []
-        # Buffers the forward replaced: their names, and the non-tensor values
-        # assigned (vmap returns tensors only; restack refuses the others).
+        # Buffers the forward replaced: the names of those given a tensor (vmap
+        # returns tensors only: they come back as a second output), and the
+        # other values assigned (restack refuses them).
         replaced: list[str] = []
         others: dict[str, Any] = {}
 
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-            seen: Reassigned | None = {} if changes is not None else None
+            seen: dict[str, Any] | None = {} if changes is not None else None
             out = self._call_template(t, xs, kw, seen)
             if isinstance(out, torch.Tensor):
                 result: Any = out
@@ -1040,12 +1046,11 @@ class Ensemble(nn.Module):
                     spec,
                 ]
                 result = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-            if not seen:
+            if seen is None:
                 return result
-            news = {name: new[-1] for name, new in seen.items()}
-            others.update((n, v) for n, v in news.items() if not isinstance(v, torch.Tensor))
-            replaced[:] = [n for n, v in news.items() if isinstance(v, torch.Tensor)]
-            return result, [news[n] for n in replaced]
+            others.update((n, v) for n, v in seen.items() if not isinstance(v, torch.Tensor))
+            replaced[:] = [n for n, v in seen.items() if isinstance(v, torch.Tensor)]
+            return result, [seen[n] for n in replaced]
 
         kw = dict(kwargs)
         if self.per_member_inputs:
@@ -1073,9 +1078,8 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
-        if replaced or others:
-            result, news = result if replaced else (result, [])
-            assert changes is not None
+        if changes is not None:
+            result, news = result
             size = next(iter(tensors.values())).shape[0]
             for name, new in zip(replaced, news, strict=True):
                 per_member = changes.setdefault(name, {})

@@ -103,17 +103,18 @@ class MemberSlots:
         """Whether the module has buffers a forward could replace."""
         return bool(self._buffer_reads)
 
-    def reassigned(self, given: Mapping[str, Any], index: int | None, changes: Reassigned) -> None:
-        """Note in ``changes`` the buffers the forward replaced by another tensor.
+    def reassigned(self, given: Mapping[str, Any], index: int | None) -> list[tuple[str, Any]]:
+        """The buffers the forward replaced by another value: ``(name, what it put there)``.
 
         ``given`` holds what was put (member ``index``'s slices, or the
         tensors themselves when ``index`` is ``None``).
         """
+        out = []
         for name, table, key in self._buffer_reads:
             now = table.get(key)
-            put = given[name] if index is None else given[name][index]
-            if now is not put:
-                changes.setdefault(name, {})[-1 if index is None else index] = now
+            if now is not (given[name] if index is None else given[name][index]):
+                out.append((name, now))
+        return out
 
     def restore(self) -> None:
         """Put the template's own (meta) tensors back."""
@@ -416,7 +417,8 @@ def run_loop(
             if randomness == "same" and i > 0:
                 replay_rng(replay)
             outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
-            members[i].reassigned(views, i, changes)
+            for name, new in members[i].reassigned(views, i):
+                changes.setdefault(name, {})[i] = new
             if randomness == "error":
                 check_no_draw(replay, device, i)
         if changes:
