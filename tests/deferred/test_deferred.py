@@ -68,6 +68,34 @@ def build_deferred(build: Builder, seed: int = 0) -> nn.Module:
     return module
 
 
+class OutFilled(nn.Module):
+    """Tensors from torch.empty filled whole by out= ops; out= and copy_ reading their target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.empty(4, 4))
+        nn.init.eye_(self.proj)  # torch.eye(out=)
+        pos = torch.empty(6)
+        torch.arange(6, out=pos)
+        self.register_buffer("pos", pos)
+        acc = torch.randn(4)
+        torch.add(acc, 1, out=acc)  # reads what it overwrites
+        acc.copy_(acc)
+        self.register_buffer("acc", acc)
+
+
+class OutShrunk(nn.Module):
+    """An out= op that resizes its target smaller: a view keeps the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = torch.randn(6)
+        keep = c.view(2, 3)
+        torch.arange(3.0, out=c)
+        self.register_buffer("c", c)
+        self.register_buffer("keep", keep)
+
+
 BUILDERS: dict[str, Builder] = {
     "linear": lambda: nn.Linear(6, 5),
     "conv_bn": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
@@ -82,6 +110,12 @@ BUILDERS: dict[str, Builder] = {
     "gpt2": md.gpt2,
     "bert": md.bert,
     "litgpt_pythia": md.litgpt_pythia,
+    # An out= op was not counted as filling torch.empty memory (refused as
+    # uninitialised); counted as a whole overwrite, one that also reads its
+    # target must not drop the ops before it, nor one that shrinks it
+    # (keep[1] came back as garbage).
+    "out_filled": OutFilled,
+    "out_shrunk": OutShrunk,
 }
 
 
@@ -332,33 +366,6 @@ def test_resize_growing_a_tensor_is_uninitialised_memory_unless_filled() -> None
     assert_same_as_eager(eager, module)
 
 
-class OutFilled(nn.Module):
-    """Tensors from torch.empty filled whole by out= ops; out= and copy_ reading their target."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Parameter(torch.empty(4, 4))
-        nn.init.eye_(self.proj)  # torch.eye(out=)
-        pos = torch.empty(6)
-        torch.arange(6, out=pos)
-        self.register_buffer("pos", pos)
-        acc = torch.randn(4)
-        torch.add(acc, 1, out=acc)  # reads what it overwrites
-        acc.copy_(acc)
-        self.register_buffer("acc", acc)
-
-
-def test_out_overloads_fill_their_target_and_may_read_it() -> None:
-    # An out= op was not counted as filling torch.empty memory (refused as
-    # uninitialised); counted as a whole overwrite, one that also reads its
-    # target must not drop the ops before it.
-    eager, after = build_eager(OutFilled)
-    module = build_deferred(OutFilled)
-    materialize(module)
-    assert_same_as_eager(eager, module)
-    assert torch.equal(torch.rand(4), after)
-
-
 def test_lazy_modules_are_refused_with_the_fix() -> None:
     # torch's own RuntimeError (about FakeTensor) named neither the module nor the fix.
     with pytest.raises(MaterializationError, match=r"cannot build lazy modules .*Fix: give"):
@@ -366,25 +373,3 @@ def test_lazy_modules_are_refused_with_the_fix() -> None:
             nn.Sequential(nn.LazyLinear(4), nn.ReLU())
     with pytest.raises(MaterializationError, match=r"lazy modules"):
         deferred_init(nn.LazyConv2d, 4, 3)
-
-
-class OutShrunk(nn.Module):
-    """An out= op that resizes its target smaller: a view keeps the rest."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        c = torch.randn(6)
-        keep = c.view(2, 3)
-        torch.arange(3.0, out=c)
-        self.register_buffer("c", c)
-        self.register_buffer("keep", keep)
-
-
-def test_an_out_op_that_shrinks_its_target_keeps_what_it_did_not_write() -> None:
-    # Counted as overwriting its target whole (as laid out before the op), the
-    # randn before it was skipped: keep[1] came back as garbage.
-    eager, after = build_eager(OutShrunk)
-    module = build_deferred(OutShrunk)
-    materialize(module)
-    assert_same_as_eager(eager, module)
-    assert torch.equal(torch.rand(4), after)
