@@ -535,6 +535,17 @@ def has_backward_hooks(module: nn.Module) -> bool:
     return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
 
 
+def hook_registrations() -> int:
+    """A count that grows whenever a hook of any kind is registered anywhere.
+
+    Every ``register_*hook`` of modules and tensors returns a
+    ``torch.utils.hooks.RemovableHandle``, whose ids come from one counter:
+    a cached answer about hooks stays valid while it has not moved, so
+    Ensemble checks its template's hooks on every call without walking it.
+    """
+    return int(torch.utils.hooks.RemovableHandle.next_id)
+
+
 def global_module_hooks() -> tuple[bool, bool]:
     """Whether hooks for every module are registered: (forward or forward-pre, backward or backward-pre).
 
@@ -688,6 +699,7 @@ __all__ += [
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",
+    "hook_registrations",
     "has_tensor_hooks",
     "has_module_hooks",
     "modes_and_hooks",

@@ -796,6 +796,40 @@ def test_backward_hooks_keep_auto_off_vmap(deterministic: bool) -> None:
         lm.Ensemble(members, execution="vmap")(x)
 
 
+class _Scaled(nn.Module):
+    """Two linear layers whose forward takes a keyword (no fused or grouped plan)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x))) * scale
+
+
+def test_backward_hook_added_after_vmap_was_timed_runs() -> None:
+    # A backward hook registered on the template after "auto" had timed vmap
+    # was skipped until clear_plans(): the gradients ignored it, without an error.
+    torch.manual_seed(0)
+    members = [_Scaled() for _ in range(64)]  # vmap clearly beats a loop of 64
+    x = torch.randn(5, 4)
+    ensemble = lm.Ensemble(members, execution="auto")
+    ensemble(x, scale=2.0).sum().backward()
+    assert ensemble.plan == "vmap", ensemble.plans  # the case under test
+    ensemble.zero_grad(set_to_none=True)
+    handle = ensemble.template.module.b.register_full_backward_pre_hook(
+        lambda m, grad_output: (grad_output[0] * 0.0,)
+    )
+    ensemble(x, scale=2.0).sum().backward()
+    assert ensemble.plan == "loop"
+    grads = ensemble.tensors()["a.weight"].grad
+    assert grads is not None and not grads.any()  # the hook zeroed what reaches a
+    handle.remove()
+    ensemble(x, scale=2.0)
+    assert ensemble.plan == "vmap"  # the timed choice again, once the hook is gone
+
+
 class _TensorSetting(nn.Module):
     """A setting kept as a plain tensor attribute, neither parameter nor buffer."""
 

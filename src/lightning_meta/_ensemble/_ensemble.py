@@ -16,6 +16,7 @@ from lightning_meta._compat import (
     global_module_hooks,
     has_backward_hooks,
     has_module_hooks,
+    hook_registrations,
     has_tensor_hooks,
     module_apply,
     tensor_tables,
@@ -202,14 +203,13 @@ def _settings(module: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _skipped_hooks(plan: str, template: nn.Module | None) -> str | None:
+def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
     """Which hooks ``plan`` would not run (``None``: none), to name in an error.
 
     The fused and grouped plans compute layers without calling them (they
-    refuse templates with hooks of their own when built); vmap runs forward
-    hooks but no backward hooks. Hooks registered for every module are
-    always looked at; ``template``'s own backward hooks only when given (a
-    walk of its modules, kept off the per-call path).
+    look for the template's own hooks on every call); vmap runs forward
+    hooks but no backward hooks. ``backward_hooked``: whether the template
+    has module backward hooks of its own (:class:`_HookCheck`).
     """
     forward, backward = global_module_hooks()
     if plan in ("fused", "grouped") and (forward or backward):
@@ -221,9 +221,33 @@ def _skipped_hooks(plan: str, template: nn.Module | None) -> str | None:
             "module backward hooks registered for every module "
             "(register_module_full_backward_hook and its kin)"
         )
-    if template is not None and has_backward_hooks(template):
+    if backward_hooked:
         return "backward hooks (register_full_backward_hook / register_full_backward_pre_hook)"
     return None
+
+
+class _HookCheck:
+    """Whether a template has module backward hooks, walked again only when it may have changed.
+
+    A hook registered anywhere moves :func:`hook_registrations`; a different
+    template module (a copy carries its hooks without registering them) is
+    walked too. So every call sees a hook added since the last one, at the
+    cost of one integer comparison when none was.
+    """
+
+    __slots__ = ("_hooked", "_module", "_stamp")
+
+    def __init__(self) -> None:
+        self._stamp = -1
+        self._module: nn.Module | None = None
+        self._hooked = False
+
+    def __call__(self, module: nn.Module) -> bool:
+        stamp = hook_registrations()
+        if stamp != self._stamp or module is not self._module:
+            self._stamp, self._module = stamp, module
+            self._hooked = has_backward_hooks(module)
+        return self._hooked
 
 
 class _TensorSetting:
@@ -533,6 +557,7 @@ class Ensemble(nn.Module):
         self._views = ViewCache()
         self._shells = MemberShells()
         self._member_slots: MemberSlots | None = None
+        self._backward_hooked = _HookCheck()
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
         self._holders: list[tuple[_Stacked, str, tuple[tuple[str, str], ...]]] | None = None
@@ -716,8 +741,8 @@ class Ensemble(nn.Module):
             and fused.fits(inputs[0], self.per_member_inputs)
         ):
             plans.insert(0, "fused")
-        module = self.template.module
-        return [p for p in plans if _skipped_hooks(p, module) is None]
+        hooked = self._backward_hooked(self.template.module)
+        return [p for p in plans if _skipped_hooks(p, hooked) is None]
 
     def _choose(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
@@ -725,7 +750,7 @@ class Ensemble(nn.Module):
         if self._requested != "auto":
             return self._requested
         if untimed_reason() is not None:
-            return self._unhooked(self.execution, self.template.module)
+            return self._unhooked(self.execution)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
@@ -740,16 +765,16 @@ class Ensemble(nn.Module):
         elif self._plans.due(record):
             record = self._time(record.signature, tensors, inputs, kwargs, previous=record)
             self._plans.remember(fast, record)
-        return self._unhooked(record.plan, None)
+        return self._unhooked(record.plan)
 
-    def _unhooked(self, plan: str, template: nn.Module | None) -> str:
+    def _unhooked(self, plan: str) -> str:
         """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`).
 
-        A timed plan already left out the template's own backward hooks; the
-        global ones can be registered at any time, so they are checked on
-        every call.
+        Hooks can be registered at any time, after the plan was timed too,
+        so they are checked on every call.
         """
-        return "loop" if _skipped_hooks(plan, template) is not None else plan
+        hooked = self._backward_hooked(self.template.module)
+        return "loop" if _skipped_hooks(plan, hooked) is not None else plan
 
     def _time(
         self,
@@ -850,7 +875,7 @@ class Ensemble(nn.Module):
         changes: Reassigned,
     ) -> Any:
         if self._requested == plan:
-            skipped = _skipped_hooks(plan, self.template.module)
+            skipped = _skipped_hooks(plan, self._backward_hooked(self.template.module))
             if skipped is not None:
                 runner = "torch.vmap" if plan == "vmap" else f"the {plan} plan"
                 raise ArgumentValueError(
