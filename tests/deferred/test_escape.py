@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import MetaTensorError, deferred_init, is_deferred, materialize
@@ -107,3 +108,83 @@ def test_a_tensor_that_escaped_stops_a_trainer_before_a_step_is_taken() -> None:
     with pytest.raises(MetaTensorError, match="created inside a deferred_init block"):
         trainer.fit(model, pm.loader())
     assert trainer.global_step == 0
+
+
+class _Views(nn.Module):
+    """Views of a parameter kept as an attribute, in a list and in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.row = self.lin.weight[0]
+        self.rows = [self.lin.weight[1:], self.lin.bias]
+        self.table = {"t": self.lin.weight.t()}
+
+
+def _views(m: _Views) -> list[torch.Tensor]:
+    return [m.row, m.rows[0], m.rows[1], m.table["t"]]
+
+
+def _shares(view: torch.Tensor, base: torch.Tensor) -> bool:
+    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
+def test_views_kept_on_the_module_stay_views_of_their_parameter() -> None:
+    # A view kept in a list or dict came back as a copy: a later change to
+    # the weight (an optimizer step) no longer reached it.
+    torch.manual_seed(0)
+    eager = _Views()
+    torch.manual_seed(0)
+    module = deferred_init(_Views)
+    materialize(module)
+    for m in (eager, module):
+        assert all(_shares(v, m.lin.weight) for v in (m.row, m.rows[0], m.table["t"]))
+        assert m.rows[1] is m.lin.bias
+        with torch.no_grad():
+            m.lin.weight.add_(1.0)
+    for got, want in zip(_views(module), _views(eager), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("load", ["load_state_dict", "assign", "load_checkpoint"])
+def test_views_kept_on_the_module_see_what_a_load_copies(load: str, tmp_path: Path) -> None:
+    # Eager loading copies into the weight, which its views see; the views
+    # were replayed with the initial values instead. Deferred loading keeps
+    # views and ties with assign=True too (eager's assign=True breaks both).
+    torch.manual_seed(1)
+    path = tmp_path / "views.pt"
+    torch.save(_Views().state_dict(), path)
+    torch.manual_seed(0)
+    eager = _Views()
+    torch.manual_seed(0)
+    module = deferred_init(_Views)
+    for m in (eager, module):
+        if load == "load_checkpoint":
+            lm.load_checkpoint(m, path)
+        else:
+            m.load_state_dict(torch.load(path), assign=load == "assign" and m is module)
+    assert not is_deferred(module)
+    for got, want in zip(_views(module), _views(eager), strict=True):
+        assert torch.equal(got, want)
+    assert _shares(module.row, module.lin.weight) and module.rows[1] is module.lin.bias
+
+
+class _Straddling(nn.Module):
+    """Two parameters cut from one tensor, and a view across both kept in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        flat = torch.randn(10)
+        self.a = nn.Parameter(flat[:4])
+        self.b = nn.Parameter(flat[4:])
+        self.span = [flat[2:6]]
+
+
+def test_a_view_across_two_loaded_tensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "straddling.pt"
+    torch.save(_Straddling().state_dict(), path)
+    module = deferred_init(_Straddling)
+    with pytest.raises(MetaTensorError, match=r"'span\.0'.*views memory") as info:
+        lm.load_checkpoint(module, path)
+    assert list(info.value.paths) == ["span.0"]
+    assert is_deferred(module) and module.a.is_meta  # nothing was changed

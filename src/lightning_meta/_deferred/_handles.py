@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._deferred._record import Record
+from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "ItemSlot",
     "attach",
     "attach_item",
+    "copied_view",
+    "view_of",
     "dress_like",
     "item_slots",
     "deferred_paths",
@@ -302,9 +305,91 @@ def done(handle: Handle) -> torch.Tensor | None:
     return ref() if ref is not None else None
 
 
-def mark_done(handle: Handle, tensor: torch.Tensor) -> None:
-    """Note ``tensor`` as the real value of ``handle``'s value id (for ties reaching elsewhere)."""
+def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> None:
+    """Note ``tensor`` as the real value of ``handle``'s value id (for ties reaching elsewhere).
+
+    ``copied``: ``tensor`` holds loaded values that eager construction would
+    copy into its tensor, which tensors viewing its storage see (:func:`copied_view`).
+    """
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
+    if copied and not handle.replaced():
+        handle.record.copied.add(handle.vid)
+
+
+def copied_view(handle: Handle, path: str) -> torch.Tensor | None:
+    """The view eager construction leaves for ``handle``'s value after ``load_state_dict``.
+
+    In eager construction ``self.row = self.weight[0]`` (or a view kept in a
+    list) shares the weight's storage, so ``load_state_dict``, which copies,
+    changes it too (``assign=True`` would break the view, as it unties weights;
+    deferred loading keeps both). Returns that view of the real tensor loaded
+    (see :func:`view_of`); ``None`` when nothing was loaded into its storage.
+    """
+    record = handle.record
+    if not record.copied:
+        return None
+    bases = []
+    for vid in record.copied:
+        ref = record.materialized.get(vid)
+        base = ref() if ref is not None else None
+        if base is not None:
+            bases.append((vid, base))
+    return view_of(handle, bases, path)
+
+
+def view_of(
+    handle: Handle, bases: Iterable[tuple[int, torch.Tensor]], path: str
+) -> torch.Tensor | None:
+    """``handle``'s value as a view of one of ``bases`` (value id, real tensor), as eager has it.
+
+    ``bases`` are values of ``handle``'s record that a load fills with the
+    checkpoint's numbers where eager construction copies them into its
+    tensors. A value of the block that views the storage of one of them is
+    that view; ``None`` when it views none (it is replayed then), or when
+    its tensor was given other data after the block.
+
+    Raises:
+        MaterializationError: the value shares storage with a loaded tensor
+            but not within it (a view across two parameters of one buffer).
+    """
+    record = handle.record
+    if handle.replaced() or record.released:
+        return None  # replay refuses a released record, naming the fix
+    value = record.values[handle.vid]
+    lo, hi = _extent(value)
+    for vid, base in bases:
+        base_value = record.values[vid]
+        if vid == handle.vid or base_value.storage != value.storage:
+            continue
+        base_lo, base_hi = _extent(base_value)
+        if hi <= base_lo or base_hi <= lo:
+            continue  # another part of the storage, which nothing loaded
+        if not (
+            base_lo <= lo
+            and hi <= base_hi
+            and base.dtype == value.dtype
+            and tuple(base.shape) == base_value.size
+            and base.stride() == base_value.stride
+        ):
+            raise MaterializationError(
+                f"loading cannot reproduce {path!r}: in eager construction it views memory "
+                "of a tensor the checkpoint fills, but not within its layout here, so its "
+                "values after loading would differ. Fix: compute "
+                f"{path!r} in forward instead of keeping it on the module, or build the "
+                "model eagerly.",
+                paths=[path],
+            )
+        offset = base.storage_offset() + value.offset - base_value.offset
+        return base.detach().as_strided(value.size, value.stride, offset)
+    return None
+
+
+def _extent(value: Any) -> tuple[int, int]:
+    """The element range ``[lo, hi)`` of its storage that a recorded value spans."""
+    if not all(value.size):
+        return value.offset, value.offset
+    span = sum((n - 1) * st for n, st in zip(value.size, value.stride, strict=True))
+    return value.offset, value.offset + span + 1
 
 
 def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:
@@ -367,12 +452,17 @@ def _replay_items(items: list[ItemSlot]) -> None:
     records: dict[int, Record] = {id(h.record): h.record for _, h in pending}
     for record in records.values():
         mine = [(slot, h) for slot, h in pending if h.record is record]
-        wanted = {h.vid: slot.path for slot, h in mine if done(h) is None}
+        # A view of a tensor a load copied into (self.rows = [self.weight[0]])
+        # is that view, as in eager construction; the rest is replayed.
+        todo = [(slot, h) for slot, h in mine if done(h) is None]
+        views = {id(h): copied_view(h, slot.path) for slot, h in todo}
+        wanted = {h.vid: slot.path for slot, h in todo if views[id(h)] is None}
         values = replay(record, wanted, device=torch.device("cpu")) if wanted else {}
         for slot, h in mine:
             new = done(h)
             if new is None:
-                new = dress_like(slot.tensor, values[h.vid], h.attrs)
+                view = views.get(id(h))
+                new = dress_like(slot.tensor, values[h.vid] if view is None else view, h.attrs)
             slot.put(new)
             settle(slot, h, new)
         if not record.pending:

@@ -30,17 +30,21 @@ from torch import nn
 
 from lightning_meta._compat import dispatch_mode_active
 from lightning_meta._deferred._handles import (
+    Handle,
+    copied_view,
     done,
     dress_like,
     forget,
+    handle_of,
     handles_of,
     item_slots,
     items_of,
     mark_done,
     own_deferred,
+    settle,
 )
 from lightning_meta._deferred._materialize import materialize_paths
-from lightning_meta._slots import buffer_names, parameter_names, tensor_at
+from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 
 __all__ = ["install_load_hooks"]
 
@@ -106,7 +110,9 @@ def _fill_before_copy(
                 # Only storage: torch's own copy_ fills it right after this hook,
                 # with its shape checks and dtype conversion.
                 new = dress_like(old, torch.empty_like(old, device=value.device), handle.attrs)
-            mark_done(handle, new)
+            # Views of it (self.row = self.weight[0]) see the loaded values, as
+            # in eager loading without assign=True, which keeps ties and views.
+            mark_done(handle, new, copied=new.dtype == old.dtype)
         if assign:
             state_dict[key] = new
         slot.put(new)
@@ -119,8 +125,18 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
     """Replay, exactly, the module's deferred tensors the state dict did not fill."""
     if dispatch_mode_active():
         return
-    rest = [slot.name for slot, _ in own_deferred(module)]
-    rest += [slot.path for slot in item_slots(module)]  # in no state dict: always replayed
+    slots: list[tuple[Slot, Handle | None]] = list(own_deferred(module))
+    # Container items are in no state dict: replayed, or views of what was loaded.
+    slots += [(slot, handle_of(slot.tensor)) for slot in item_slots(module)]
+    rest: list[str] = []
+    for slot, handle in slots:
+        view = copied_view(handle, slot.path) if handle is not None else None
+        if view is None or handle is None:
+            rest.append(slot.path)
+            continue
+        new = dress_like(slot.tensor, view, handle.attrs)
+        slot.put(new)
+        settle(slot, handle, new)
     if not rest:
         return
     owned = [tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))]

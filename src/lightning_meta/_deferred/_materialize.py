@@ -296,22 +296,26 @@ def _replay_records(
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
 
     One replay per record (two when container items, which stay where eager
-    construction leaves them, come along); a value already materialized
+    construction leaves them, come along to another device or dtype); a value already materialized
     elsewhere (a tie reaching outside the submodule) reuses that tensor.
     """
     ready: dict[int, torch.Tensor] = {}
     targets: dict[tuple[int, bool], tuple[Record, dict[int, str]]] = {}
+    item_device = remap or torch.device("cpu")
+    # Where items and module tensors end up alike, one replay keeps a view
+    # in a list (self.rows = [self.weight[0]]) a view, as in eager construction.
+    apart = item_device != device or dtype is not None
     for slot, handle in deferred:
         existing = done(handle)
         if existing is not None:
             ready[id(slot.tensor)] = existing
         else:
-            key = (id(handle.record), isinstance(slot, ItemSlot))
+            key = (id(handle.record), apart and isinstance(slot, ItemSlot))
             per_record = targets.setdefault(key, (handle.record, {}))[1]
             per_record.setdefault(handle.vid, slot.path)
     produced: dict[tuple[int, int], torch.Tensor] = {}
     for (_, item), (record, wanted) in targets.items():
-        to = (remap or torch.device("cpu")) if item else device
+        to = item_device if item else device
         cast = None if item else dtype
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid)] = t

@@ -127,7 +127,7 @@ class Record:
     that hold uninitialised memory, with the ``file:line`` of the
     ``torch.empty`` that made it.
 
-    ``pending`` and ``materialized`` are changed by ``_handles`` only, the one
+    ``pending``, ``materialized`` and ``copied`` are changed by ``_handles`` only, the one
     owner of that bookkeeping (copying and pickling below rebuild them).
     """
 
@@ -150,6 +150,9 @@ class Record:
         # record open forever.
         self.pending: weakref.WeakSet[Any] = weakref.WeakSet()  # of _handles.Handle
         self.materialized: dict[int, weakref.ref[torch.Tensor]] = {}
+        # The value ids of ``materialized`` that load_state_dict copied values
+        # into: tensors viewing their storage in eager construction see them.
+        self.copied: set[int] = set()
         self.released = False
         self.lock = threading.RLock()
 
@@ -179,6 +182,7 @@ class Record:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["materialized"] = {}
+        state["copied"] = set()
         state["pending"] = list(self.pending)
         state.pop("lock")
         # Only in-place writes since capture matter, and rebuilding a tensor
@@ -211,5 +215,6 @@ class Record:
         new.ends = dict(self.ends)
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
+        new.copied = set()
         new.lock = threading.RLock()
         return new

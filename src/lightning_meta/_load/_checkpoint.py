@@ -170,7 +170,9 @@ def load_checkpoint(
         verify=verify,
         mapped=mmap,
     )
-    replay = replay_missing(module, plan, device=args.device, dtype=args.dtype)
+    replay = replay_missing(
+        module, plan, device=args.device, dtype=args.dtype, loaded=conversion.tensors
+    )
     filled = swap_in(conversion.tensors, replay)
     forget(module, [*filled, *replay.names])
     report = make_report(where, source, plan, conversion, replay.names)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,7 +23,16 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_module_argument, float_dtype, real_device
-from lightning_meta._deferred._handles import attach, deferred_paths, handle_of, mark_done
+from lightning_meta._deferred._handles import (
+    ItemSlot,
+    attach,
+    deferred_paths,
+    deferred_slots,
+    dress_like,
+    handle_of,
+    mark_done,
+    view_of,
+)
 from lightning_meta._deferred._materialize import materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
@@ -297,14 +306,22 @@ class Replay:
 
 
 def replay_missing(
-    module: nn.Module, plan: Plan, *, device: torch.device | None, dtype: torch.dtype | None
+    module: nn.Module,
+    plan: Plan,
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+    loaded: Sequence[Converted] = (),
 ) -> Replay:
     """Replay the deferred tensors the checkpoint does not fill, without touching ``module``.
 
     Tensors the plan loads or skips for their shape are left alone. The
     replay runs on a scratch module holding the same deferred tensors, so
     ``module`` keeps them until :func:`swap_in` puts the results in, together
-    with the checkpoint's tensors.
+    with the checkpoint's tensors. A tensor that views the memory of one of
+    ``loaded`` in eager construction (``self.row = self.weight[0]``) becomes
+    that view of the loaded tensor: eager loading copies into the weight,
+    which the view sees.
 
     Returns:
         The :class:`Replay`.
@@ -317,11 +334,24 @@ def replay_missing(
     wanted = {n for n in deferred_paths(module) if n not in covered}
     if not wanted:
         return Replay()
+    # Eager construction copies into the tensors it built (on the CPU); where
+    # a load changes their dtype or device it gives them other memory
+    # instead, and views keep the values they had, which replay gives.
+    bases: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for item in loaded:
+        base = handle_of(item.group.tensor)
+        if base is not None and _copied_in_eager(item.group.tensor, item.tensor):
+            bases.setdefault(id(base.record), []).append((base.vid, item.tensor))
+    out = Replay(sorted(wanted))
     scratch = nn.Module()
     groups: list[tuple[str, Group]] = []
     for group in plan.groups:
         handle = handle_of(group.tensor)
         if handle is None or not wanted.intersection(group.names):
+            continue
+        view = view_of(handle, bases.get(id(handle.record), ()), group.names[0])
+        if view is not None:
+            out.tensors.append((group, dress_like(group.tensor, view, handle.attrs)))
             continue
         name = f"t{len(groups)}"
         if isinstance(group.tensor, nn.Parameter):
@@ -330,12 +360,27 @@ def replay_missing(
             scratch.register_buffer(name, group.tensor)
         attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
         groups.append((name, group))
-    materialize_paths(scratch, None, device=device, dtype=dtype)
-    out = Replay(sorted(wanted))
+    for slot in deferred_slots(module):
+        handle = handle_of(slot.tensor)
+        if isinstance(slot, ItemSlot) and slot.path in wanted and handle is not None:
+            # Made in forget() once the rest is in; refused here, before that.
+            view_of(handle, bases.get(id(handle.record), ()), slot.path)
+    if groups:
+        materialize_paths(scratch, None, device=device, dtype=dtype)
     for name, group in groups:
         new = getattr(scratch, name)
         out.tensors.append((group, new))
     return out
+
+
+def _copied_in_eager(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether eager construction copies ``new`` into the tensor ``old`` stands for.
+
+    Its tensors are real and on the CPU there: a load that keeps their dtype
+    and device copies into them (views of them see the new values); one that
+    changes either gives them other memory, and views keep the old values.
+    """
+    return (new.dtype, new.device.type) == (old.dtype, "cpu")
 
 
 # Hooks for tests: every change the swap makes goes through these two.
@@ -372,7 +417,7 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
     """
     undo: list[Callable[[], None]] = []
     filled: list[str] = []
-    done: list[tuple[Any, torch.Tensor]] = []
+    done: list[tuple[Any, torch.Tensor, bool]] = []
     current: Group | None = None
     copies = [item for item in converted if item.in_place]
     try:
@@ -393,7 +438,7 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
                     _put(slot, item.tensor)
                 handle = handle_of(old)
                 if handle is not None:
-                    done.append((handle, item.tensor))
+                    done.append((handle, item.tensor, _copied_in_eager(old, item.tensor)))
                 filled.extend(item.group.names)
             for group, new in replay.tensors if replay is not None else ():
                 current = group
@@ -439,8 +484,8 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
         raise
     # A tie reaching outside this module picks these tensors up when its other
     # end is materialized.
-    for handle, tensor in done:
-        mark_done(handle, tensor)
+    for handle, tensor, copied in done:
+        mark_done(handle, tensor, copied=copied)
     return filled
 
 
