@@ -146,6 +146,28 @@ def test_views_kept_on_the_module_stay_views_of_their_parameter() -> None:
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("load", ["load_state_dict", "load_checkpoint"])
+def test_views_of_a_weight_cast_after_the_block_keep_their_values(
+    load: str, tmp_path: Path
+) -> None:
+    # module.to(dtype) gives the weight other memory: eager's views keep the
+    # initial values, and loading must not make them views of the new weight.
+    torch.manual_seed(1)
+    path = tmp_path / "views.pt"
+    torch.save(_Views().state_dict(), path)
+    torch.manual_seed(0)
+    eager = _Views().to(torch.float64)
+    torch.manual_seed(0)
+    module = deferred_init(_Views).to(torch.float64)
+    for m in (eager, module):
+        if load == "load_checkpoint":
+            lm.load_checkpoint(m, path)
+        else:
+            m.load_state_dict(torch.load(path))
+    for got, want in zip(_views(module), _views(eager), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("load", ["load_state_dict", "assign", "load_checkpoint"])
 def test_views_kept_on_the_module_see_what_a_load_copies(load: str, tmp_path: Path) -> None:
     # Eager loading copies into the weight, which its views see; the views

@@ -335,12 +335,17 @@ def replay_missing(
     if not wanted:
         return Replay()
     # Eager construction copies into the tensors it built (on the CPU); where
-    # a load changes their dtype or device it gives them other memory
-    # instead, and views keep the values they had, which replay gives.
+    # a load (or module.to(dtype) after the block) changes their dtype or
+    # device it gives them other memory instead, and views keep the values
+    # they had, which replay gives.
     bases: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for item in loaded:
         base = handle_of(item.group.tensor)
-        if base is not None and _copied_in_eager(item.group.tensor, item.tensor):
+        if (
+            base is not None
+            and not base.replaced()
+            and _copied_in_eager(item.group.tensor, item.tensor)
+        ):
             bases.setdefault(id(base.record), []).append((base.vid, item.tensor))
     out = Replay(sorted(wanted))
     scratch = nn.Module()
