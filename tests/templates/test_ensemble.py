@@ -1050,3 +1050,15 @@ def test_backward_hooks_under_autocast_time_the_plans_left() -> None:
         ensemble = lm.Ensemble(members, execution="auto")
         torch.testing.assert_close(ensemble(x), expected)
     assert ensemble.plan == "loop"
+
+
+def test_the_hook_check_is_not_carried_to_another_process() -> None:
+    # The hook-registration counter restarts in each process (ddp_spawn
+    # pickles the model): a carried answer could match a new count there.
+    import pickle
+
+    ensemble = lm.Ensemble([_Scaled() for _ in range(2)])
+    ensemble(torch.randn(3, 4), scale=1.0)
+    assert ensemble._backward_hooked._stamp != -1
+    copied = pickle.loads(pickle.dumps(ensemble))
+    assert copied._backward_hooked._stamp == -1

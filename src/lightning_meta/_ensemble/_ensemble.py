@@ -242,6 +242,11 @@ class _HookCheck:
         self._module: nn.Module | None = None
         self._hooked = False
 
+    def __reduce__(self) -> tuple[type[_HookCheck], tuple[()]]:
+        # The counter restarts in another process (ddp_spawn pickles the
+        # model): a copy walks again on its first call.
+        return (_HookCheck, ())
+
     def __call__(self, module: nn.Module) -> bool:
         stamp = hook_registrations()
         if stamp != self._stamp or module is not self._module:
