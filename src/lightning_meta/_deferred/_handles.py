@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
-from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._record import Record, Value, span
 from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at
 
@@ -384,12 +384,9 @@ def view_of(
     return None
 
 
-def _extent(value: Any) -> tuple[int, int]:
+def _extent(value: Value) -> tuple[int, int]:
     """The element range ``[lo, hi)`` of its storage that a recorded value spans."""
-    if not all(value.size):
-        return value.offset, value.offset
-    span = sum((n - 1) * st for n, st in zip(value.size, value.stride, strict=True))
-    return value.offset, value.offset + span + 1
+    return value.offset, value.offset + span(value.size, value.stride)
 
 
 def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:

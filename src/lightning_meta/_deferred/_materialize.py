@@ -296,8 +296,9 @@ def _replay_records(
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
 
     One replay per record (two when container items, which stay where eager
-    construction leaves them, come along to another device or dtype); a value already materialized
-    elsewhere (a tie reaching outside the submodule) reuses that tensor.
+    construction leaves them, come along to another device or dtype); a
+    value already materialized elsewhere (a tie reaching outside the
+    submodule) reuses that tensor.
     """
     ready: dict[int, torch.Tensor] = {}
     targets: dict[tuple[int, bool], tuple[Record, dict[int, str]]] = {}

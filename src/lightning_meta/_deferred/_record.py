@@ -76,6 +76,11 @@ class Value(NamedTuple):
     dtype: torch.dtype
 
 
+def span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """How many elements of its storage a tensor of ``size`` and ``stride`` reaches, from its offset on."""
+    return 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
+
+
 class Op(NamedTuple):
     """One recorded ATen call.
 
@@ -150,8 +155,8 @@ class Record:
         # record open forever.
         self.pending: weakref.WeakSet[Any] = weakref.WeakSet()  # of _handles.Handle
         self.materialized: dict[int, weakref.ref[torch.Tensor]] = {}
-        # The value ids of ``materialized`` that load_state_dict copied values
-        # into: tensors viewing their storage in eager construction see them.
+        # The value ids of ``materialized`` holding loaded values that eager
+        # loading copies into its tensor: tensors viewing its storage see them.
         self.copied: set[int] = set()
         self.released = False
         self.lock = threading.RLock()

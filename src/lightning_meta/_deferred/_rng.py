@@ -33,7 +33,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
-from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._record import Record, span
 
 __all__ = [
     "DRAW_LOCK",
@@ -203,7 +203,7 @@ class LiveDraws:
         view = self._views.get(key)
         if view is not None:
             return view
-        extent = 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
+        extent = span(size, stride)
         nbytes = extent * dtype.itemsize
         memory = self._memory.get((device, pool))
         if memory is None or memory.numel() < nbytes:

@@ -354,7 +354,7 @@ def replay_missing(
         handle = handle_of(group.tensor)
         if handle is None or not wanted.intersection(group.names):
             continue
-        view = view_of(handle, bases.get(id(handle.record), ()), group.names[0])
+        view = view_of(handle, bases.get(id(handle.record), ()), group.names[0]) if bases else None
         if view is not None:
             out.tensors.append((group, dress_like(group.tensor, view, handle.attrs)))
             continue
@@ -365,7 +365,7 @@ def replay_missing(
             scratch.register_buffer(name, group.tensor)
         attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
         groups.append((name, group))
-    for slot in deferred_slots(module):
+    for slot in deferred_slots(module) if bases else ():
         handle = handle_of(slot.tensor)
         if isinstance(slot, ItemSlot) and slot.path in wanted and handle is not None:
             # Made in forget() once the rest is in; refused here, before that.
