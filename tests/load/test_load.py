@@ -462,3 +462,65 @@ def test_tied_keys_with_different_values_load_as_load_state_dict_does(
     lm.load_checkpoint(model, path)
     assert torch.equal(model.emb.weight, eager.emb.weight)
     assert model.head.weight is model.emb.weight
+
+
+def _small() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+
+
+def _safetensors_with_header_length(ref: nn.Module, path: Path, low: int) -> Path:
+    """Save ``ref`` as safetensors, padding the metadata until the header's length ends in ``low``."""
+    from safetensors.torch import save_model
+
+    for pad in range(4096):
+        save_model(ref, str(path), metadata={"pad": "x" * pad})
+        length = int.from_bytes(path.read_bytes()[:8], "little")
+        if length & 0xFFFF == low:
+            return path
+    raise AssertionError(f"no padding gives a header length ending in {low:#06x}")
+
+
+@pytest.mark.parametrize("low", [0x0280, 0x0580, 0x0180], ids=["proto2", "proto5", "not-proto"])
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path: Path, low: int) -> None:
+    # A header length of 0x...0280 starts the file with b"\x80\x02", a pickle's
+    # PROTO opcode: the file was taken for a legacy torch file and refused as
+    # corrupt (about one safetensors file in 32 has 0x80 as its low byte).
+    torch.manual_seed(0)
+    ref = _small()
+    path = _safetensors_with_header_length(ref, tmp_path / "m.safetensors", low)
+    assert path.read_bytes()[:2] == low.to_bytes(2, "little")
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    shard = "model-00001-of-00001.safetensors"
+    shutil.copy(path, shards / shard)
+    index = {"metadata": {}, "weight_map": dict.fromkeys(ref.state_dict(), shard)}
+    (shards / "model.safetensors.index.json").write_text(json.dumps(index))
+    # The suffix does not decide; a shard of an index is sniffed too.
+    for name, fmt in [
+        ("m.safetensors", "safetensors"),
+        ("m.bin", "safetensors"),
+        ("m", "safetensors"),
+        ("sharded", "sharded"),
+    ]:
+        other = tmp_path / name
+        if not other.exists():
+            shutil.copy(path, other)
+        with lm.deferred_init():
+            m = _small()
+        assert load_checkpoint(m, other).format == fmt
+        for (key, got), want in zip(m.state_dict().items(), ref.state_dict().values(), strict=True):
+            assert torch.equal(got, want), (name, key)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_legacy_torch_files_of_every_pickle_protocol(
+    tmp_path: Path, ref: torch.nn.Module, protocol: int
+) -> None:
+    path = tmp_path / "m.pth"
+    torch.save(
+        ref.state_dict(), path, _use_new_zipfile_serialization=False, pickle_protocol=protocol
+    )
+    assert path.read_bytes()[:2] == bytes([0x80, protocol])
+    m = ml.build("deferred")
+    assert load_checkpoint(m, path).format == "torch-legacy"
+    ml.assert_equal(m, ref)

@@ -283,7 +283,16 @@ def _kind(t: torch.Tensor) -> str:
 
 def is_torch(first: bytes) -> bool:
     """Whether a file starting with ``first`` is a torch zip or legacy pickle file."""
-    return first.startswith((b"PK\x03\x04", b"\x80"))
+    if first.startswith(b"PK\x03\x04"):
+        return True
+    # A legacy file is a pickle: the PROTO opcode, then protocol 2 to 5. Its
+    # first object, torch's magic number, leaves no "{" at byte 8, where a
+    # safetensors file starting with the same two bytes (a header length of
+    # 0x..0280, say: about one file in 32 has 0x80 as its low byte) has one.
+    return first[:1] == b"\x80" and first[1:2] in _PICKLE_PROTOCOLS and not is_safetensors(first)
+
+
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 def is_safetensors(first: bytes) -> bool:
