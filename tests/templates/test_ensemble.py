@@ -830,6 +830,42 @@ def test_backward_hook_added_after_vmap_was_timed_runs() -> None:
     assert ensemble.plan == "vmap"  # the timed choice again, once the hook is gone
 
 
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_backward_hook_added_after_fused_was_chosen_runs() -> None:
+    # The fused plan sends a template with hooks to vmap, which skipped a
+    # backward hook registered after "fused" was chosen (or forced): the
+    # gradients ignored it, without an error.
+    torch.manual_seed(0)
+    members = [_mlp() for _ in range(64)]
+    x = torch.randn(5, 4)
+    auto = lm.Ensemble(members, execution="auto")
+    forced = lm.Ensemble(members, execution="fused")
+    for ensemble in (auto, forced):
+        ensemble(x).sum().backward()
+        assert ensemble.plan == "fused", ensemble.plans  # the case under test
+    handles = [
+        e.template.module[2].register_full_backward_pre_hook(
+            lambda m, grad_output: (grad_output[0] * 0.0,)
+        )
+        for e in (auto, forced)
+    ]
+    auto.zero_grad(set_to_none=True)
+    auto(x).sum().backward()
+    assert auto.plan == "loop"
+    grads = auto.tensors()["0.weight"].grad
+    assert grads is not None and not grads.any()  # the hook zeroed what reaches layer 0
+    with pytest.raises(lm.MetaTensorError, match=r"execution='fused'\) cannot run with backward"):
+        forced(x)
+    for handle in handles:
+        handle.remove()
+    auto(x)
+    assert auto.plan == "fused"  # the timed choice again, once the hook is gone
+    forced(x)
+
+
 class _TensorSetting(nn.Module):
     """A setting kept as a plain tensor attribute, neither parameter nor buffer."""
 

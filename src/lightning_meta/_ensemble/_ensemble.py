@@ -208,12 +208,16 @@ def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
 
     The fused and grouped plans compute layers without calling them (they
     look for the template's own hooks on every call); vmap runs forward
-    hooks but no backward hooks. ``backward_hooked``: whether the template
-    has module backward hooks of its own (:class:`_HookCheck`).
+    hooks but no backward hooks. A template with hooks of its own sends
+    the fused plan to vmap, so fused skips backward hooks as vmap does
+    (the grouped plan goes to the loop). ``backward_hooked``: whether the
+    template has module backward hooks of its own (:class:`_HookCheck`).
     """
     forward, backward = global_module_hooks()
     if plan in ("fused", "grouped") and (forward or backward):
         return "module hooks registered for every module (register_module_forward_hook and its kin)"
+    if plan == "fused" and backward_hooked:
+        return "backward hooks (register_full_backward_hook / register_full_backward_pre_hook)"
     if plan != "vmap":
         return None
     if backward:
@@ -232,7 +236,9 @@ class _HookCheck:
     A hook registered anywhere moves :func:`hook_registrations`; a different
     template module (a copy carries its hooks without registering them) is
     walked too. So every call sees a hook added since the last one, at the
-    cost of one integer comparison when none was.
+    cost of one integer comparison when none was. Removing a hook moves
+    nothing: a hooked template is walked on every call, until the walk
+    finds no hook.
     """
 
     __slots__ = ("_hooked", "_module", "_stamp")
@@ -249,7 +255,7 @@ class _HookCheck:
 
     def __call__(self, module: nn.Module) -> bool:
         stamp = hook_registrations()
-        if stamp != self._stamp or module is not self._module:
+        if self._hooked or stamp != self._stamp or module is not self._module:
             self._stamp, self._module = stamp, module
             self._hooked = has_backward_hooks(module)
         return self._hooked
