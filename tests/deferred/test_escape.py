@@ -121,7 +121,19 @@ class _Views(nn.Module):
         self.table = {"t": self.lin.weight.t()}
 
 
-def _views(m: _Views) -> list[torch.Tensor]:
+class _DetachedViews(nn.Module):
+    """The views of :class:`_Views` taken under ``torch.no_grad()``: no gradient flows through them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.row = self.lin.weight[0]
+            self.rows = [self.lin.weight[1:], self.lin.bias]
+            self.table = {"t": self.lin.weight.t()}
+
+
+def _views(m: nn.Module) -> list[torch.Tensor]:
     return [m.row, m.rows[0], m.rows[1], m.table["t"]]
 
 
@@ -154,11 +166,11 @@ def test_views_of_a_weight_cast_after_the_block_keep_their_values(
     # initial values, and loading must not make them views of the new weight.
     torch.manual_seed(1)
     path = tmp_path / "views.pt"
-    torch.save(_Views().state_dict(), path)
+    torch.save(_DetachedViews().state_dict(), path)
     torch.manual_seed(0)
-    eager = _Views().to(torch.float64)
+    eager = _DetachedViews().to(torch.float64)
     torch.manual_seed(0)
-    module = deferred_init(_Views).to(torch.float64)
+    module = deferred_init(_DetachedViews).to(torch.float64)
     for m in (eager, module):
         if load == "load_checkpoint":
             lm.load_checkpoint(m, path)
@@ -166,6 +178,19 @@ def test_views_of_a_weight_cast_after_the_block_keep_their_values(
             m.load_state_dict(torch.load(path))
     for got, want in zip(_views(module), _views(eager), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
+    # Views taken with autograd recording still send gradients into the cast
+    # weight in eager construction; a copy of the old values cannot.
+    module = deferred_init(_Views).to(torch.float64)
+    state = torch.load(path)
+
+    def run() -> None:
+        if load == "load_checkpoint":
+            lm.load_checkpoint(module, path)
+        else:
+            module.load_state_dict(state)
+
+    with pytest.raises(MetaTensorError, match=r"'row' \(aten\.select\.int at .*test_escape\.py"):
+        run()
 
 
 @pytest.mark.parametrize("load", ["load_state_dict", "assign", "load_checkpoint"])
@@ -189,6 +214,137 @@ def test_views_kept_on_the_module_see_what_a_load_copies(load: str, tmp_path: Pa
     for got, want in zip(_views(module), _views(eager), strict=True):
         assert torch.equal(got, want)
     assert _shares(module.row, module.lin.weight) and module.rows[1] is module.lin.bias
+
+
+def _gradient(m: nn.Module) -> torch.Tensor:
+    """The weight's gradient from a loss that reaches it only through the kept views."""
+    m.zero_grad(set_to_none=True)
+    x = torch.arange(1.0, 5.0)
+    loss = (m.row * x).sum() + (m.rows[0] @ x).sum() + (m.table["t"].T @ x).sum()
+    loss.backward()
+    assert m.lin.weight.grad is not None
+    return m.lin.weight.grad
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["materialize", "submodule first", "load_state_dict", "load_checkpoint", "checkpoint twice"],
+)
+def test_views_kept_on_the_module_carry_gradients_into_the_weight(
+    route: str, tmp_path: Path
+) -> None:
+    # Views taken in __init__ outside torch.no_grad() are part of eager's
+    # autograd graph: gradients flow through them into the weight. Deferred
+    # ones were leaves: the weight got no gradient from them, without an error.
+    torch.manual_seed(1)
+    path = tmp_path / "views.pt"
+    torch.save(_Views().state_dict(), path)
+    torch.manual_seed(0)
+    eager = _Views()
+    torch.manual_seed(0)
+    module = deferred_init(_Views)
+    if route == "materialize":
+        materialize(module)
+    elif route == "submodule first":
+        materialize(module.lin)  # the weight is real before the views are made
+        materialize(module)
+    elif route == "load_state_dict":
+        for m in (eager, module):
+            m.load_state_dict(torch.load(path))
+    else:
+        for m in (eager, module):
+            if route == "checkpoint twice":
+                lm.load_checkpoint(m.lin, path)  # the weight is real before the views are made
+            lm.load_checkpoint(m, path)
+    for got, want in zip(_views(module), _views(eager), strict=True):
+        assert torch.equal(got, want) and got.requires_grad
+    assert all(_shares(v, module.lin.weight) for v in (module.row, module.rows[0]))
+    assert torch.equal(_gradient(module), _gradient(eager))
+
+
+class _Scaled(nn.Module):
+    """A tensor computed from a parameter (not a view of it) kept as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.doubled = self.lin.weight * 2
+
+
+def test_a_tensor_computed_from_a_parameter_with_autograd_is_refused() -> None:
+    # Its gradient flows into the weight in eager construction; a replayed
+    # copy is a separate tensor no gradient reaches.
+    module = deferred_init(_Scaled)
+    with pytest.raises(
+        MetaTensorError, match=r"'doubled' \(aten\.mul\.Tensor at .*test_escape\.py:\d+\).*no_grad"
+    ) as info:
+        materialize(module)
+    assert list(info.value.paths) == ["doubled"]
+    assert is_deferred(module) and module.lin.weight.is_meta  # nothing was changed
+
+
+class _HolderFirst(nn.Module):
+    """A view of a weight kept on a module registered before the weight's."""
+
+    def __init__(self, grad: bool) -> None:
+        super().__init__()
+        self.holder = nn.Module()
+        self.holder.gain = nn.Parameter(torch.ones(1))
+        self.lin = nn.Linear(4, 3)
+        with torch.set_grad_enabled(grad):
+            self.holder.row = self.lin.weight[0]
+            self.holder.rows = [self.lin.weight[1]]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("strict", [True, False], ids=["loaded", "weight-missing"])
+def test_a_view_on_a_module_loaded_before_its_weight(grad: bool, strict: bool) -> None:
+    # load_state_dict runs the holder's post-hook before it reaches lin: the
+    # views were replayed with the initial values, as copies.
+    torch.manual_seed(1)
+    state = _HolderFirst(grad).state_dict()
+    if not strict:
+        del state["lin.weight"]
+    torch.manual_seed(0)
+    eager = _HolderFirst(grad)
+    torch.manual_seed(0)
+    module = deferred_init(_HolderFirst, grad)
+    for m in (eager, module):
+        m.load_state_dict(state, strict=strict)
+    assert not is_deferred(module)
+    for m in (eager, module):
+        assert _shares(m.holder.row, m.lin.weight) and _shares(m.holder.rows[0], m.lin.weight)
+    assert torch.equal(module.holder.row, eager.holder.row)
+    assert torch.equal(module.holder.rows[0], eager.holder.rows[0])
+    assert module.holder.row.requires_grad == eager.holder.row.requires_grad
+    assert (module.holder.row.grad_fn is not None) == grad
+    if grad:
+        for m in (eager, module):
+            m.zero_grad(set_to_none=True)
+            (m.holder.row.sum() + m.holder.rows[0].sum()).backward()
+        assert torch.equal(module.lin.weight.grad, eager.lin.weight.grad)
+
+
+class _Settings(nn.Module):
+    """A float tensor kept as a plain attribute, next to a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.temperature = torch.tensor(0.1)
+        self.stats = [torch.ones(3) / 3]
+
+
+def test_materialize_dtype_casts_what_module_to_casts() -> None:
+    # module.to(dtype) casts parameters and buffers only; materialize(dtype=)
+    # cast the plain attribute too.
+    eager = _Settings().to(torch.bfloat16)
+    module = materialize(deferred_init(_Settings), dtype=torch.bfloat16)
+    for m in (eager, module):
+        assert m.lin.weight.dtype == torch.bfloat16
+    assert module.temperature.dtype == eager.temperature.dtype == torch.float32
+    assert torch.equal(module.temperature, eager.temperature)
+    assert module.stats[0].dtype == eager.stats[0].dtype == torch.float32
 
 
 class _Straddling(nn.Module):

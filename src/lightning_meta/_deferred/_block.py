@@ -207,12 +207,18 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
             site = recorder.garbage_site(vid)
             if site is not None:
                 record.garbage[vid] = site
+            if t.grad_fn is not None:
+                record.graded[vid] = recorder.made_by(vid)
         return meta, handle, vid
 
     def convert(slot: Slot) -> None:
         t = slot.tensor
         meta, handle, vid = meta_of(t)
         handle = attach(record, slot.owner, slot.name, meta, vid, handle)
+        if slot.kind != "attr":
+            owned = record.owned.setdefault(record.values[vid].storage, [])
+            if vid not in owned:
+                owned.append(vid)
         memo[id(t)] = (meta, handle)
         converted.add(id(t))
         slot.put(meta)

@@ -34,8 +34,11 @@ __all__ = [
     "ItemSlot",
     "attach",
     "attach_item",
-    "copied_view",
+    "earlier_view",
+    "graph_view",
+    "refuse_graded",
     "view_of",
+    "wait_for_base",
     "dress_like",
     "item_slots",
     "deferred_paths",
@@ -51,6 +54,7 @@ __all__ = [
     "own_deferred",
     "released_without_result",
     "settle",
+    "settle_waiting",
     "tensor_attrs",
     "without_pending",
 ]
@@ -309,32 +313,95 @@ def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> 
     """Note ``tensor`` as the real value of ``handle``'s value id (for ties reaching elsewhere).
 
     ``copied``: ``tensor`` holds loaded values that eager construction would
-    copy into its tensor, which tensors viewing its storage see (:func:`copied_view`).
+    copy into its tensor, which tensors viewing its storage see (:func:`earlier_view`).
     """
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
     if copied and not handle.replaced():
         handle.record.copied.add(handle.vid)
 
 
-def copied_view(handle: Handle, path: str) -> torch.Tensor | None:
-    """The view eager construction leaves for ``handle``'s value after ``load_state_dict``.
+def earlier_view(handle: Handle, path: str) -> torch.Tensor | None:
+    """The view eager construction has for ``handle``'s value, of a tensor its block made real before.
 
     In eager construction ``self.row = self.weight[0]`` (or a view kept in a
-    list) shares the weight's storage, so ``load_state_dict``, which copies,
-    changes it too (``assign=True`` would break the view, as it unties weights;
-    deferred loading keeps both). Returns that view of the real tensor loaded
-    (see :func:`view_of`); ``None`` when nothing was loaded into its storage.
+    list) shares the weight's storage: values written into the weight later
+    (``load_state_dict`` copies, an optimizer step) are the view's values.
+    A parameter or buffer made real before ``handle``'s turn (its module
+    materialized or loaded on its own, a load's pre-hook) is such a base when it is what
+    eager construction would hold: loaded values eager loading copies in
+    (``assign=True`` too: the product keeps the views, as it keeps ties), or
+    a tensor on the CPU in its recorded dtype. Returns that view (see
+    :func:`view_of`); ``None`` when no such base holds its memory.
     """
     record = handle.record
-    if not record.copied:
+    if not record.materialized or record.released or not record.values:
         return None
     bases = []
-    for vid in record.copied:
+    for vid in record.owned.get(record.values[handle.vid].storage, ()):
         ref = record.materialized.get(vid)
         base = ref() if ref is not None else None
-        if base is not None:
+        if base is None or vid == handle.vid:
+            continue
+        if vid in record.copied or (
+            base.device.type == "cpu" and base.dtype == record.values[vid].dtype
+        ):
             bases.append((vid, base))
     return view_of(handle, bases, path)
+
+
+def wait_for_base(slot: Slot, handle: Handle) -> bool:
+    """Put off ``slot`` when its value views a parameter or buffer still deferred; whether it was.
+
+    ``load_state_dict`` runs a module's post-hook before it reaches the
+    modules registered after it: a view kept on one of those
+    (``self.holder.row = self.lin.weight[0]``, ``holder`` first) waits for
+    the weight, and :func:`settle_waiting` makes it a view of the weight
+    once it is real. A weight given other data since the block
+    (``module.to(dtype)``) has other memory than eager's views: those are
+    not put off.
+    """
+    if not _base_pending(handle):
+        return False
+    handle.record.waiting.append((slot, handle))
+    return True
+
+
+def _base_pending(handle: Handle) -> bool:
+    """Whether ``handle``'s value views a parameter or buffer still deferred, with eager's memory."""
+    record = handle.record
+    if record.released or not record.values:
+        return False
+    owned = record.owned.get(record.values[handle.vid].storage, ())
+    # A value not made real yet, whose tensor has eager's memory still.
+    todo = {vid for vid in owned if vid != handle.vid and vid not in record.materialized}
+    return bool(todo) and any(
+        other.vid in todo and not other.replaced() for other in list(record.pending)
+    )
+
+
+def settle_waiting(records: Iterable[Record]) -> list[Slot]:
+    """Make each waiting tensor of ``records`` (see :func:`wait_for_base`) whose base is real a view of it.
+
+    Returns the waiting slots whose bases are all real but hold none of
+    their memory (cast by a load): the caller replays them.
+    """
+    replay: list[Slot] = []
+    for record in records:
+        still = []
+        for slot, handle in record.waiting:
+            if slot.current() is not handle.tensor:
+                continue  # replaced since (a materialize, an assignment)
+            view = earlier_view(handle, slot.path)
+            if view is not None:
+                new = dress_like(slot.tensor, view, handle.attrs)
+                slot.put(new)
+                settle(slot, handle, new)
+            elif _base_pending(handle):
+                still.append((slot, handle))
+            else:
+                replay.append(slot)
+        record.waiting = still
+    return replay
 
 
 def view_of(
@@ -342,18 +409,19 @@ def view_of(
 ) -> torch.Tensor | None:
     """``handle``'s value as a view of one of ``bases`` (value id, real tensor), as eager has it.
 
-    ``bases`` are values of ``handle``'s record that a load fills with the
-    checkpoint's numbers where eager construction copies them into its
-    tensors. A value of the block that views the storage of one of them is
-    that view; ``None`` when it views none (it is replayed then), or when
-    its tensor was given other data after the block.
+    ``bases`` are values of ``handle``'s record made real before it, whose
+    memory eager construction shares with it. A value of the block that
+    views the storage of one of them is that view, carrying autograd history
+    from it where eager's does (:attr:`Record.graded`); ``None`` when it
+    views none (it is replayed then), or when its tensor was given other
+    data after the block.
 
     Raises:
-        MaterializationError: the value shares storage with a loaded tensor
-            but not within it (a view across two parameters of one buffer).
+        MaterializationError: the value shares storage with a base but not
+            within it (a view across two parameters of one buffer).
     """
     record = handle.record
-    if handle.replaced() or record.released:
+    if handle.replaced() or record.released or not record.values:
         return None  # replay refuses a released record, naming the fix
     value = record.values[handle.vid]
     lo, hi = _extent(value)
@@ -363,7 +431,7 @@ def view_of(
             continue
         base_lo, base_hi = _extent(base_value)
         if hi <= base_lo or base_hi <= lo:
-            continue  # another part of the storage, which nothing loaded
+            continue  # another part of the storage
         if not (
             base_lo <= lo
             and hi <= base_hi
@@ -372,16 +440,52 @@ def view_of(
             and base.stride() == base_value.stride
         ):
             raise MaterializationError(
-                f"loading cannot reproduce {path!r}: in eager construction it views memory "
-                "of a tensor the checkpoint fills, but not within its layout here, so its "
-                "values after loading would differ. Fix: compute "
-                f"{path!r} in forward instead of keeping it on the module, or build the "
-                "model eagerly.",
+                f"{path!r} cannot be reproduced: in eager construction it views memory of "
+                "a tensor made real before it (loaded, or materialized on its own), but not "
+                "within that tensor's layout here, so its values would differ. Fix: compute "
+                f"{path!r} in forward instead of keeping it on the module, materialize or "
+                "load the whole model in one call, or build the model eagerly.",
                 paths=[path],
             )
-        offset = base.storage_offset() + value.offset - base_value.offset
-        return base.detach().as_strided(value.size, value.stride, offset)
+        offset = int(base.storage_offset()) + value.offset - base_value.offset
+        return graph_view(handle, base, value.size, value.stride, offset)
     return None
+
+
+def graph_view(
+    handle: Handle,
+    base: torch.Tensor,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+) -> torch.Tensor:
+    """A view of ``base``: one autograd records (gradients reach ``base``) where eager's did."""
+    if handle.vid in handle.record.graded and base.requires_grad:
+        with torch.enable_grad():
+            return base.as_strided(size, stride, offset)
+    return base.detach().as_strided(size, stride, offset)
+
+
+def refuse_graded(made: dict[str, str], what: str) -> None:
+    """Raise for tensors that carry autograd history in eager construction but would not here.
+
+    ``made``: dotted path -> the op and ``file:line`` that made it. ``what``:
+    the call refusing (``"materialize"``).
+
+    Raises:
+        MaterializationError: always, naming the paths, the ops and the fix.
+    """
+    where = "; ".join(f"{p!r} ({m})" for p, m in sorted(made.items()))
+    raise MaterializationError(
+        f"{what} cannot reproduce {where}: in eager construction each is computed from a "
+        "parameter with autograd recording, so gradients flow through it into the "
+        "parameter; here it would be a separate tensor (not a view of the parameter, or the "
+        "parameter is cast, moved, or filled in another call), which no gradient reaches. "
+        "Fix: compute it in forward, or make it under torch.no_grad() (or .detach() it) "
+        "where no gradient should flow; or materialize or load the whole model in one call, "
+        "in its own dtype, on the CPU.",
+        paths=sorted(made),
+    )
 
 
 def _extent(value: Value) -> tuple[int, int]:
@@ -452,8 +556,11 @@ def _replay_items(items: list[ItemSlot]) -> None:
         # A view of a tensor a load copied into (self.rows = [self.weight[0]])
         # is that view, as in eager construction; the rest is replayed.
         todo = [(slot, h) for slot, h in mine if done(h) is None]
-        views = {id(h): copied_view(h, slot.path) for slot, h in todo}
+        views = {id(h): earlier_view(h, slot.path) for slot, h in todo}
         wanted = {h.vid: slot.path for slot, h in todo if views[id(h)] is None}
+        graded = {p: record.graded[v] for v, p in wanted.items() if v in record.graded}
+        if graded:
+            refuse_graded(graded, "loading")
         values = replay(record, wanted, device=torch.device("cpu")) if wanted else {}
         for slot, h in mine:
             new = done(h)

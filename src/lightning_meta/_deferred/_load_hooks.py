@@ -31,9 +31,9 @@ from torch import nn
 from lightning_meta._compat import dispatch_mode_active
 from lightning_meta._deferred._handles import (
     Handle,
-    copied_view,
     done,
     dress_like,
+    earlier_view,
     forget,
     handle_of,
     handles_of,
@@ -42,8 +42,11 @@ from lightning_meta._deferred._handles import (
     mark_done,
     own_deferred,
     settle,
+    settle_waiting,
+    wait_for_base,
 )
 from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._deferred._record import Record
 from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 
 __all__ = ["install_load_hooks"]
@@ -92,6 +95,7 @@ def _fill_before_copy(
         return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     filled: list[str] = []
+    records: dict[int, Record] = {}
     for slot, handle in own_deferred(module):
         old = slot.tensor
         key = prefix + slot.name
@@ -113,12 +117,14 @@ def _fill_before_copy(
             # Views of it (self.row = self.weight[0]) see the loaded values, as
             # in eager loading without assign=True, which keeps ties and views.
             mark_done(handle, new, copied=new.dtype == old.dtype)
+            records[id(handle.record)] = handle.record
         if assign:
             state_dict[key] = new
         slot.put(new)
         filled.append(slot.name)
     if filled:
         forget(module, filled)
+    _settle_waiting(records.values())
 
 
 def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
@@ -129,17 +135,35 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
     # Container items are in no state dict: replayed, or views of what was loaded.
     slots += [(slot, handle_of(slot.tensor)) for slot in item_slots(module)]
     rest: list[str] = []
+    records = {id(h.record): h.record for _, h in slots if h is not None}
     for slot, handle in slots:
-        view = copied_view(handle, slot.path) if handle is not None else None
+        view = earlier_view(handle, slot.path) if handle is not None else None
+        if (
+            view is None
+            and handle is not None
+            and slot.kind == "attr"
+            and wait_for_base(slot, handle)
+        ):
+            continue  # its base is loaded or replayed further on
         if view is None or handle is None:
             rest.append(slot.path)
             continue
         new = dress_like(slot.tensor, view, handle.attrs)
         slot.put(new)
         settle(slot, handle, new)
-    if not rest:
-        return
+    if rest:
+        materialize_paths(module, rest, device=_device_of(module))
+    _settle_waiting(records.values())
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s own real parameters and buffers (``None``: it has none)."""
     owned = [tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))]
     real = [t for t in owned if t is not None and not t.is_meta]
-    device = real[0].device if real else None
-    materialize_paths(module, rest, device=device)
+    return real[0].device if real else None
+
+
+def _settle_waiting(records: Iterable[Record]) -> None:
+    """Views kept on modules loaded before their base's (see ``wait_for_base``), once it is real."""
+    for slot in settle_waiting(records):
+        materialize_paths(slot.owner, [slot.path], device=_device_of(slot.owner))

@@ -20,10 +20,13 @@ from lightning_meta._deferred._handles import (
     dress_like,
     drop,
     drop_stale,
+    earlier_view,
+    graph_view,
     handle_of,
     handles_of,
     item_slots,
     lone_module,
+    refuse_graded,
     released_without_result,
     settle,
     without_pending,
@@ -295,39 +298,93 @@ def _replay_records(
     ``recast``: the dtype of each deferred tensor (by ``id``) that
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
 
-    One replay per record (two when container items, which stay where eager
-    construction leaves them, come along to another device or dtype); a
-    value already materialized elsewhere (a tie reaching outside the
-    submodule) reuses that tensor.
+    One replay per record and place (container items and plain tensor
+    attributes stay where eager construction leaves them when parameters go
+    to another device or dtype); a value already materialized elsewhere (a
+    tie reaching outside the submodule) reuses that tensor.
     """
     ready: dict[int, torch.Tensor] = {}
-    targets: dict[tuple[int, bool], tuple[Record, dict[int, str]]] = {}
+    targets: dict[tuple[int, torch.device, torch.dtype | None], tuple[Record, dict[int, str]]] = {}
+    # Eager's module.to() casts and moves parameters and buffers only: a plain
+    # tensor attribute keeps its dtype, and container items stay on the CPU
+    # (or where draw_on="device" builds them). Where all end up alike, one
+    # replay keeps a view in a list (self.rows = [self.weight[0]]) a view.
     item_device = remap or torch.device("cpu")
-    # Where items and module tensors end up alike, one replay keeps a view
-    # in a list (self.rows = [self.weight[0]]) a view, as in eager construction.
-    apart = item_device != device or dtype is not None
     for slot, handle in deferred:
         existing = done(handle)
         if existing is not None:
             ready[id(slot.tensor)] = existing
+            continue
+        if slot.kind == "attr":
+            # A view of a tensor made real before (its module materialized or
+            # loaded on its own) is that view, as in eager construction.
+            view = earlier_view(handle, slot.path)
+            if view is not None:
+                ready[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+                continue
+            to, cast = (item_device if isinstance(slot, ItemSlot) else device), None
         else:
-            key = (id(handle.record), apart and isinstance(slot, ItemSlot))
-            per_record = targets.setdefault(key, (handle.record, {}))[1]
-            per_record.setdefault(handle.vid, slot.path)
+            to, cast = device, dtype
+        per_record = targets.setdefault((id(handle.record), to, cast), (handle.record, {}))[1]
+        per_record.setdefault(handle.vid, slot.path)
     produced: dict[tuple[int, int], torch.Tensor] = {}
-    for (_, item), (record, wanted) in targets.items():
-        to = item_device if item else device
-        cast = None if item else dtype
+    for (_, to, cast), (record, wanted) in targets.items():
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid)] = t
     for slot, handle in deferred:
         if id(slot.tensor) not in ready:
             value = produced[(id(handle.record), handle.vid)]
-            cast = recast.get(id(slot.tensor))
-            if cast is not None:
-                value = value.to(cast)
+            recast_to = recast.get(id(slot.tensor))
+            if recast_to is not None:
+                value = value.to(recast_to)
             ready[id(slot.tensor)] = dress_like(slot.tensor, value, handle.attrs)
+    _graded_views(deferred, ready)
     return ready, {id(record): record for record, _ in targets.values()}
+
+
+def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
+    """Make the views that carry autograd history in eager construction views autograd records.
+
+    A replayed view (``self.row = self.weight[0]`` outside ``torch.no_grad()``)
+    shares the weight's memory but not its graph; rebuilt as a view of the
+    parameter object itself, gradients flow through it into the weight, as
+    in eager construction. One that shares no parameter's memory (a
+    ``weight * 2``, or a weight cast or filled elsewhere) is refused.
+
+    Raises:
+        MaterializationError: such a tensor would be a separate one here.
+    """
+    graded = [
+        (slot, handle)
+        for slot, handle in deferred
+        if handle.vid in handle.record.graded and ready[id(slot.tensor)].grad_fn is None
+    ]
+    if not graded:
+        return
+    leaves: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    for slot, handle in deferred:
+        t = ready[id(slot.tensor)]
+        storage = t.untyped_storage()
+        if (
+            slot.kind != "attr"
+            and handle.vid not in handle.record.graded
+            and t.requires_grad
+            and t.is_leaf
+            and storage.nbytes()
+        ):
+            leaves.setdefault((storage.data_ptr(), t.dtype), t)
+    refused: dict[str, str] = {}
+    for slot, handle in graded:
+        value = ready[id(slot.tensor)]
+        base = leaves.get((value.untyped_storage().data_ptr(), value.dtype))
+        if base is None or base.device != value.device:
+            refused[slot.path] = handle.record.graded[handle.vid]
+            continue
+        size, stride = tuple(value.shape), tuple(value.stride())
+        view = graph_view(handle, base, size, stride, int(value.storage_offset()))
+        ready[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+    if refused:
+        refuse_graded(refused, "materialize")
 
 
 def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:

@@ -130,9 +130,12 @@ class Record:
     ``dtypes`` holds ``(op index, default dtype)`` from where the default
     dtype took that value; ``garbage`` the value ids of tensors on modules
     that hold uninitialised memory, with the ``file:line`` of the
-    ``torch.empty`` that made it.
+    ``torch.empty`` that made it; ``graded`` those of tensors on modules that
+    carry autograd history in eager construction (``self.row = self.weight[0]``
+    outside ``torch.no_grad()``: gradients flow through it into the weight),
+    with the op and ``file:line`` that made them.
 
-    ``pending``, ``materialized`` and ``copied`` are changed by ``_handles`` only, the one
+    ``pending``, ``materialized``, ``copied`` and ``waiting`` are changed by ``_handles`` only, the one
     owner of that bookkeeping (copying and pickling below rebuild them).
     """
 
@@ -149,6 +152,10 @@ class Record:
         self.random_index: dict[int, list[int]] = {}
         self.dtypes: list[tuple[int, torch.dtype]] = []
         self.garbage: dict[int, str] = {}
+        self.graded: dict[int, str] = {}
+        # The value ids held as parameters or buffers when the block ended,
+        # by the storage they are in.
+        self.owned: dict[int, list[int]] = {}
         self.pid = os.getpid()
         # Handles not yet materialized; weak, so a module that was built but
         # dropped (a prototype deep-copied into a ModuleList) does not hold the
@@ -158,6 +165,9 @@ class Record:
         # The value ids of ``materialized`` holding loaded values that eager
         # loading copies into its tensor: tensors viewing its storage see them.
         self.copied: set[int] = set()
+        # Tensors kept on a module that view a tensor a load_state_dict in
+        # progress has not reached yet (slot, handle): made views once it has.
+        self.waiting: list[tuple[Any, Any]] = []
         self.released = False
         self.lock = threading.RLock()
 
@@ -188,6 +198,7 @@ class Record:
         state = dict(self.__dict__)
         state["materialized"] = {}
         state["copied"] = set()
+        state["waiting"] = []
         state["pending"] = list(self.pending)
         state.pop("lock")
         # Only in-place writes since capture matter, and rebuilding a tensor
@@ -221,5 +232,6 @@ class Record:
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
         new.copied = set()
+        new.waiting = []
         new.lock = threading.RLock()
         return new

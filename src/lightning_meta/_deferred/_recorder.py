@@ -223,6 +223,12 @@ class Recorder(RecordingDispatchMode):
         ops = self.record.ops
         return ops[index].site if index < len(ops) else "<unknown>"
 
+    def made_by(self, vid: int) -> str:
+        """Return the op and ``file:line`` that made value ``vid`` (``"aten.select.int at m.py:3"``)."""
+        index = self.values.producer[vid]
+        ops = self.record.ops
+        return f"{ops[index].name} at {ops[index].site}" if index < len(ops) else "<unknown>"
+
     def close(self) -> None:
         """Drop every fake tensor, storage and scratch buffer held (the record keeps its log)."""
         self.draws.close()

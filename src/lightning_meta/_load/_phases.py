@@ -24,13 +24,14 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._arguments import check_module_argument, float_dtype, real_device
 from lightning_meta._deferred._handles import (
-    ItemSlot,
     attach,
     deferred_paths,
     deferred_slots,
     dress_like,
+    earlier_view,
     handle_of,
     mark_done,
+    refuse_graded,
     view_of,
 )
 from lightning_meta._deferred._materialize import materialize_paths
@@ -355,6 +356,8 @@ def replay_missing(
         if handle is None or not wanted.intersection(group.names):
             continue
         view = view_of(handle, bases.get(id(handle.record), ()), group.names[0]) if bases else None
+        if view is None:  # of a tensor made real before (its module loaded on its own)
+            view = earlier_view(handle, group.names[0])
         if view is not None:
             out.tensors.append((group, dress_like(group.tensor, view, handle.attrs)))
             continue
@@ -365,11 +368,27 @@ def replay_missing(
             scratch.register_buffer(name, group.tensor)
         attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
         groups.append((name, group))
-    for slot in deferred_slots(module) if bases else ():
+    graded: dict[str, str] = {}
+    replayed = {(id(h.record), h.vid) for _, g in groups if (h := handle_of(g.tensor)) is not None}
+    handles = (handle_of(g.tensor) for g in plan.groups)
+    views = bases or any(h is not None and h.record.graded for h in handles)
+    for slot in deferred_slots(module) if views else ():
         handle = handle_of(slot.tensor)
-        if isinstance(slot, ItemSlot) and slot.path in wanted and handle is not None:
-            # Made in forget() once the rest is in; refused here, before that.
-            view_of(handle, bases.get(id(handle.record), ()), slot.path)
+        if slot.kind != "attr" or slot.path not in wanted or handle is None:
+            continue
+        # Made in forget() once the rest is in; refused here, before that.
+        view = view_of(handle, bases.get(id(handle.record), ()), slot.path) if bases else None
+        record = handle.record
+        if view is None and handle.vid in record.graded and earlier_view(handle, slot.path) is None:
+            # It carries autograd history from its weight in eager construction:
+            # only a view of the weight can, which a replay gives when the
+            # weight is replayed here too, in its own dtype on the CPU.
+            owned = record.owned.get(record.values[handle.vid].storage, ())
+            with_base = any((id(record), vid) in replayed for vid in owned)
+            if not with_base or dtype is not None or (device is not None and device.type != "cpu"):
+                graded[slot.path] = record.graded[handle.vid]
+    if graded:
+        refuse_graded(graded, "load_checkpoint")
     if groups:
         materialize_paths(scratch, None, device=device, dtype=dtype)
     for name, group in groups:
