@@ -262,6 +262,117 @@ def test_views_kept_on_the_module_carry_gradients_into_the_weight(
     assert torch.equal(_gradient(module), _gradient(eager))
 
 
+class _CutFromOne(nn.Module):
+    """Two parameters cut from one tensor, and views of the second kept with autograd history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        flat = torch.randn(6, 4)
+        self.a = nn.Parameter(flat[:3])
+        self.b = nn.Parameter(flat[3:])
+        self.row = self.b[0]
+        self.p = nn.Parameter(self.a[1])  # a parameter viewing another's memory
+        self.tail = [self.p[1:]]
+
+
+@pytest.mark.parametrize("route", ["materialize", "load_state_dict"])
+def test_a_kept_view_feeds_the_parameter_it_was_taken_from(route: str) -> None:
+    # Several parameters share the memory: the view's gradient went to the
+    # first one holding that memory (a) instead of the one it came from (b, p).
+    torch.manual_seed(1)
+    state = _CutFromOne().state_dict()
+    models = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        m = deferred_init(_CutFromOne) if deferred else _CutFromOne()
+        if route == "materialize":
+            if deferred:
+                materialize(m)
+        else:
+            m.load_state_dict(state)
+        (m.row.sum() + m.tail[0].sum() * 2).backward()
+        models.append(m)
+    eager, module = models
+    for name in ("a", "b", "p"):
+        got, want = module.get_parameter(name).grad, eager.get_parameter(name).grad
+        assert (got is None) == (want is None), name
+        assert got is None or torch.equal(got, want), name
+    assert torch.equal(module.row, eager.row) and torch.equal(module.tail[0], eager.tail[0])
+
+
+class _Frozen(nn.Module):
+    """A view kept with autograd history, then its weight frozen (or replaced) in ``__init__``."""
+
+    def __init__(self, then: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.row = self.lin.weight[0]
+        self.rows = [self.row, self.row]  # the same tensor twice
+        if then == "freeze":
+            self.lin.requires_grad_(False)
+        elif then == "replace":  # eager's gradient goes to the old, orphaned weight
+            self.lin.weight = nn.Parameter(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("then", ["freeze", "replace", "freeze after the block"])
+@pytest.mark.parametrize("route", ["materialize", "load_state_dict", "load_checkpoint"])
+def test_kept_views_whose_weight_gets_no_gradient_are_not_refused(
+    then: str, route: str, tmp_path: Path
+) -> None:
+    # Refused as if gradients could reach the weight through them; eager
+    # trains these exactly as a detached copy.
+    torch.manual_seed(1)
+    path = tmp_path / "frozen.pt"
+    torch.save(_Frozen("").state_dict(), path)
+    models = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        m = deferred_init(_Frozen, then) if deferred else _Frozen(then)
+        if then == "freeze after the block":
+            m.lin.requires_grad_(False)
+        if route == "materialize":
+            if deferred:
+                materialize(m)
+        elif route == "load_state_dict":
+            m.load_state_dict(torch.load(path))
+        else:
+            lm.load_checkpoint(m, path)
+        models.append(m)
+    eager, module = models
+    assert not is_deferred(module)
+    assert module.rows[0] is module.rows[1] is module.row
+    assert torch.equal(module.row, eager.row)
+    assert _shares(module.row, module.lin.weight) == _shares(eager.row, eager.lin.weight)
+    for m in models:
+        (m.row * 2).sum().backward()
+    assert module.lin.weight.grad is None and eager.lin.weight.grad is None
+
+
+def test_a_view_of_a_weight_given_other_data_keeps_the_old_memory() -> None:
+    # lin materialized on its own, then `weight.data = new`: eager's view
+    # keeps the old memory and values; it became a view of the new data.
+    models = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        m = deferred_init(_DetachedViews) if deferred else _DetachedViews()
+        if deferred:
+            materialize(m.lin)
+        m.lin.weight.data = torch.full((3, 4), 5.0)
+        if deferred:
+            materialize(m)
+        models.append(m)
+    eager, module = models
+    for got, want in zip(_views(module), _views(eager), strict=True):
+        assert torch.equal(got, want)
+    assert not _shares(module.row, module.lin.weight)
+    # With autograd history it would feed a weight it no longer views: refused.
+    module = deferred_init(_Views)
+    materialize(module.lin)
+    module.lin.weight.data = torch.full((3, 4), 5.0)
+    with pytest.raises(MetaTensorError, match=r"'row' \(aten\.select\.int"):
+        materialize(module)
+
+
 class _Scaled(nn.Module):
     """A tensor computed from a parameter (not a view of it) kept as an attribute."""
 

@@ -859,6 +859,8 @@ def test_backward_hook_added_after_fused_was_chosen_runs() -> None:
     assert grads is not None and not grads.any()  # the hook zeroed what reaches layer 0
     with pytest.raises(lm.MetaTensorError, match=r"execution='fused'\) cannot run with backward"):
         forced(x)
+    with torch.no_grad():  # no backward runs: nothing is skipped
+        torch.testing.assert_close(forced(x), torch.stack([m(x) for m in members]))
     for handle in handles:
         handle.remove()
     auto(x)

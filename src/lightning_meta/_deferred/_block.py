@@ -28,7 +28,7 @@ from lightning_meta._deferred._handles import (
 )
 from lightning_meta._deferred._load_hooks import install_load_hooks
 from lightning_meta._deferred._materialize import materialize
-from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._record import Graded, Record
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._session import (
     PARAMETER_CLASS,
@@ -192,6 +192,10 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
     """
     record = recorder.record
     memo: dict[int, tuple[torch.Tensor, Handle | None]] = {}
+    # Tensors kept with autograd history (value id, fake tensor); the fake
+    # parameters and buffers the modules hold, by id, to their value ids.
+    with_history: list[tuple[int, torch.Tensor]] = []
+    held: dict[int, int] = {}
 
     def meta_of(t: torch.Tensor) -> tuple[torch.Tensor, Handle | None, int]:
         meta, handle = memo.get(id(t), (None, None))
@@ -208,7 +212,7 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
             if site is not None:
                 record.garbage[vid] = site
             if t.grad_fn is not None:
-                record.graded[vid] = recorder.made_by(vid)
+                with_history.append((vid, t))
         return meta, handle, vid
 
     def convert(slot: Slot) -> None:
@@ -216,6 +220,7 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         meta, handle, vid = meta_of(t)
         handle = attach(record, slot.owner, slot.name, meta, vid, handle)
         if slot.kind != "attr":
+            held[id(t)] = vid
             owned = record.owned.setdefault(record.values[vid].storage, [])
             if vid not in owned:
                 owned.append(vid)
@@ -249,7 +254,31 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
                 module.__dict__[attr] = _convert_container(value, (), attr, module, convert_item)
         if fakes or contained:
             owners.append(module)
+    for vid, t in with_history:
+        reached = {held[i] for i in _leaves(t) if i in held}
+        if reached:
+            # Its gradient reaches the modules' parameters in eager construction.
+            views = [v for v in reached if record.values[v].storage == record.values[vid].storage]
+            origin = views[0] if len(reached) == 1 and views else None
+            record.graded[vid] = Graded(recorder.made_by(vid), origin)
     return owners
+
+
+def _leaves(t: torch.Tensor, limit: int = 10_000) -> set[int]:
+    """The ids of the leaf tensors ``t``'s autograd graph accumulates gradients into."""
+    found: set[int] = set()
+    todo: list[Any] = [t.grad_fn]
+    seen: set[int] = set()
+    while todo and len(seen) < limit:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        todo.extend(fn for fn, _ in node.next_functions)
+    return found
 
 
 _MAX_DEPTH = 4

@@ -316,6 +316,7 @@ def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> 
     copy into its tensor, which tensors viewing its storage see (:func:`earlier_view`).
     """
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
+    handle.record.made_in[handle.vid] = _compat.storage_id(tensor.untyped_storage())
     if copied and not handle.replaced():
         handle.record.copied.add(handle.vid)
 
@@ -340,8 +341,12 @@ def earlier_view(handle: Handle, path: str) -> torch.Tensor | None:
     for vid in record.owned.get(record.values[handle.vid].storage, ()):
         ref = record.materialized.get(vid)
         base = ref() if ref is not None else None
-        if base is None or vid == handle.vid:
-            continue
+        if (
+            base is None
+            or vid == handle.vid
+            or _compat.storage_id(base.untyped_storage()) != record.made_in.get(vid)
+        ):
+            continue  # given other data since (`.data = ...`): eager's views keep the old
         if vid in record.copied or (
             base.device.type == "cpu" and base.dtype == record.values[vid].dtype
         ):
@@ -425,10 +430,13 @@ def view_of(
         return None  # replay refuses a released record, naming the fix
     value = record.values[handle.vid]
     lo, hi = _extent(value)
+    graded = record.graded.get(handle.vid)
     for vid, base in bases:
         base_value = record.values[vid]
         if vid == handle.vid or base_value.storage != value.storage:
             continue
+        if graded is not None and vid != graded.origin:
+            continue  # its gradient goes to the tensor it was taken from, not to one sharing memory
         base_lo, base_hi = _extent(base_value)
         if hi <= base_lo or base_hi <= lo:
             continue  # another part of the storage
@@ -460,7 +468,8 @@ def graph_view(
     offset: int,
 ) -> torch.Tensor:
     """A view of ``base``: one autograd records (gradients reach ``base``) where eager's did."""
-    if handle.vid in handle.record.graded and base.requires_grad:
+    graded = handle.record.graded.get(handle.vid)
+    if graded is not None and graded.origin is not None and base.requires_grad:
         with torch.enable_grad():
             return base.as_strided(size, stride, offset)
     return base.detach().as_strided(size, stride, offset)
@@ -558,7 +567,7 @@ def _replay_items(items: list[ItemSlot]) -> None:
         todo = [(slot, h) for slot, h in mine if done(h) is None]
         views = {id(h): earlier_view(h, slot.path) for slot, h in todo}
         wanted = {h.vid: slot.path for slot, h in todo if views[id(h)] is None}
-        graded = {p: record.graded[v] for v, p in wanted.items() if v in record.graded}
+        graded = {p: record.graded[v].made for v, p in wanted.items() if v in record.graded}
         if graded:
             refuse_graded(graded, "loading")
         values = replay(record, wanted, device=torch.device("cpu")) if wanted else {}

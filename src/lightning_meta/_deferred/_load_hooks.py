@@ -137,6 +137,11 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
     rest: list[str] = []
     records = {id(h.record): h.record for _, h in slots if h is not None}
     for slot, handle in slots:
+        made = done(handle) if handle is not None else None
+        if made is not None and handle is not None:  # the same tensor kept twice
+            slot.put(made)
+            settle(slot, handle, made)
+            continue
         view = earlier_view(handle, slot.path) if handle is not None else None
         if (
             view is None
@@ -165,5 +170,9 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 def _settle_waiting(records: Iterable[Record]) -> None:
     """Views kept on modules loaded before their base's (see ``wait_for_base``), once it is real."""
+    by_owner: dict[int, tuple[nn.Module, list[str]]] = {}
     for slot in settle_waiting(records):
-        materialize_paths(slot.owner, [slot.path], device=_device_of(slot.owner))
+        by_owner.setdefault(id(slot.owner), (slot.owner, []))[1].append(slot.path)
+    for owner, paths in by_owner.values():
+        # One replay per module: views of one another stay views.
+        materialize_paths(owner, paths, device=_device_of(owner))

@@ -347,38 +347,34 @@ def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Te
 
     A replayed view (``self.row = self.weight[0]`` outside ``torch.no_grad()``)
     shares the weight's memory but not its graph; rebuilt as a view of the
-    parameter object itself, gradients flow through it into the weight, as
-    in eager construction. One that shares no parameter's memory (a
-    ``weight * 2``, or a weight cast or filled elsewhere) is refused.
+    parameter object it was taken from, gradients flow through it into that
+    parameter, as in eager construction. One that is no view of a parameter
+    made here (a ``weight * 2``, or a view of a weight cast, moved or
+    filled in another call) is refused.
 
     Raises:
         MaterializationError: such a tensor would be a separate one here.
     """
     graded = [
-        (slot, handle)
+        (slot, handle, g)
         for slot, handle in deferred
-        if handle.vid in handle.record.graded and ready[id(slot.tensor)].grad_fn is None
+        if (g := handle.record.graded.get(handle.vid)) is not None
+        and ready[id(slot.tensor)].grad_fn is None
     ]
     if not graded:
         return
-    leaves: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-    for slot, handle in deferred:
-        t = ready[id(slot.tensor)]
-        storage = t.untyped_storage()
-        if (
-            slot.kind != "attr"
-            and handle.vid not in handle.record.graded
-            and t.requires_grad
-            and t.is_leaf
-            and storage.nbytes()
-        ):
-            leaves.setdefault((storage.data_ptr(), t.dtype), t)
+    # The real tensor of every value made here, by record and value id.
+    made = {(id(h.record), h.vid): ready[id(s.tensor)] for s, h in deferred if s.kind != "attr"}
     refused: dict[str, str] = {}
-    for slot, handle in graded:
+    for slot, handle, g in graded:
         value = ready[id(slot.tensor)]
-        base = leaves.get((value.untyped_storage().data_ptr(), value.dtype))
-        if base is None or base.device != value.device:
-            refused[slot.path] = handle.record.graded[handle.vid]
+        base = made.get((id(handle.record), g.origin)) if g.origin is not None else None
+        if (
+            base is None
+            or base.dtype != value.dtype
+            or base.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
+        ):
+            refused[slot.path] = g.made
             continue
         size, stride = tuple(value.shape), tuple(value.stride())
         view = graph_view(handle, base, size, stride, int(value.storage_offset()))

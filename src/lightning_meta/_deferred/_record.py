@@ -120,6 +120,18 @@ class Stream:
     known: bool
 
 
+class Graded(NamedTuple):
+    """A tensor kept on a module whose eager autograd history reaches the modules' parameters.
+
+    ``made``: the op and ``file:line`` that made it. ``origin``: the value id
+    of the one parameter (or buffer) it is a view of, whose gradient it
+    feeds; ``None`` when it is no such view (``weight * 2``).
+    """
+
+    made: str
+    origin: int | None
+
+
 class Record:
     """The op log of one ``deferred_init`` block plus the replay bookkeeping.
 
@@ -152,7 +164,7 @@ class Record:
         self.random_index: dict[int, list[int]] = {}
         self.dtypes: list[tuple[int, torch.dtype]] = []
         self.garbage: dict[int, str] = {}
-        self.graded: dict[int, str] = {}
+        self.graded: dict[int, Graded] = {}
         # The value ids held as parameters or buffers when the block ended,
         # by the storage they are in.
         self.owned: dict[int, list[int]] = {}
@@ -162,6 +174,9 @@ class Record:
         # record open forever.
         self.pending: weakref.WeakSet[Any] = weakref.WeakSet()  # of _handles.Handle
         self.materialized: dict[int, weakref.ref[torch.Tensor]] = {}
+        # The storage each of ``materialized`` was made with: one given other
+        # data since (``.data = ...``) is no base of eager's views any more.
+        self.made_in: dict[int, int] = {}
         # The value ids of ``materialized`` holding loaded values that eager
         # loading copies into its tensor: tensors viewing its storage see them.
         self.copied: set[int] = set()
@@ -197,6 +212,7 @@ class Record:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["materialized"] = {}
+        state["made_in"] = {}
         state["copied"] = set()
         state["waiting"] = []
         state["pending"] = list(self.pending)
@@ -231,6 +247,7 @@ class Record:
         new.ends = dict(self.ends)
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
+        new.made_in = {}
         new.copied = set()
         new.waiting = []
         new.lock = threading.RLock()

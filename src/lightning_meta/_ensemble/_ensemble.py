@@ -214,6 +214,9 @@ def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
     template has module backward hooks of its own (:class:`_HookCheck`).
     """
     forward, backward = global_module_hooks()
+    if not torch.is_grad_enabled():
+        # No backward runs (no_grad, inference_mode: validation): nothing to skip.
+        backward = backward_hooked = False
     if plan in ("fused", "grouped") and (forward or backward):
         return "module hooks registered for every module (register_module_forward_hook and its kin)"
     if plan == "fused" and backward_hooked:

@@ -386,7 +386,7 @@ def replay_missing(
             owned = record.owned.get(record.values[handle.vid].storage, ())
             with_base = any((id(record), vid) in replayed for vid in owned)
             if not with_base or dtype is not None or (device is not None and device.type != "cpu"):
-                graded[slot.path] = record.graded[handle.vid]
+                graded[slot.path] = record.graded[handle.vid].made
     if graded:
         refuse_graded(graded, "load_checkpoint")
     if groups:
@@ -469,6 +469,10 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
                 for slot in group.slots:
                     undo.append(_undo_put(slot, group.tensor))
                     _put(slot, new)
+                handle = handle_of(group.tensor)
+                if handle is not None:
+                    # The same tensor kept in a list too (self.rows = [self.row]) is this one.
+                    done.append((handle, new, False))
             for item in copies:
                 current = item.group
                 old = item.group.tensor
