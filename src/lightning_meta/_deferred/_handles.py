@@ -49,9 +49,11 @@ __all__ = [
     "forget",
     "handle_of",
     "handles_of",
+    "hold",
     "lone_module",
     "mark_done",
     "own_deferred",
+    "pending_base",
     "released_without_result",
     "settle",
     "settle_waiting",
@@ -365,23 +367,38 @@ def wait_for_base(slot: Slot, handle: Handle) -> bool:
     (``module.to(dtype)``) has other memory than eager's views: those are
     not put off.
     """
-    if not _base_pending(handle):
+    if pending_base(handle) is None:
         return False
     handle.record.waiting.append((slot, handle))
     return True
 
 
-def _base_pending(handle: Handle) -> bool:
-    """Whether ``handle``'s value views a parameter or buffer still deferred, with eager's memory."""
+def pending_base(handle: Handle) -> Handle | None:
+    """The parameter or buffer ``handle``'s value views that is still deferred, with eager's memory.
+
+    Its handle; ``None`` when there is none.
+    """
     record = handle.record
     if record.released or not record.values:
-        return False
+        return None
     owned = record.owned.get(record.values[handle.vid].storage, ())
+    graded = record.graded.get(handle.vid)
+    if graded is not None and graded.origin is not None:
+        owned = [graded.origin]  # the one it was taken from
     # A value not made real yet, whose tensor has eager's memory still.
     todo = {vid for vid in owned if vid != handle.vid and vid not in record.materialized}
-    return bool(todo) and any(
-        other.vid in todo and not other.replaced() for other in list(record.pending)
+    if not todo:
+        return None
+    return next(
+        (other for other in list(record.pending) if other.vid in todo and not other.replaced()),
+        None,
     )
+
+
+def hold(handle: Handle, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the real value of ``handle`` ahead of its module (see :attr:`Record.held`)."""
+    mark_done(handle, tensor)
+    handle.record.held[handle.vid] = tensor
 
 
 def settle_waiting(records: Iterable[Record]) -> list[Slot]:
@@ -401,7 +418,7 @@ def settle_waiting(records: Iterable[Record]) -> list[Slot]:
                 new = dress_like(slot.tensor, view, handle.attrs)
                 slot.put(new)
                 settle(slot, handle, new)
-            elif _base_pending(handle):
+            elif pending_base(handle) is not None:
                 still.append((slot, handle))
             else:
                 replay.append(slot)
@@ -506,6 +523,7 @@ def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:
     """Note that ``slot`` now holds ``tensor``, the real value of ``handle``."""
     mark_done(handle, tensor)
     handle.record.pending.discard(handle)
+    handle.record.held.pop(handle.vid, None)
     if isinstance(slot, ItemSlot):
         _drop_item(slot.owner, _item_path(slot.name, slot.keys), handle)
     else:
@@ -527,6 +545,7 @@ def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
     if current is not None and (handle is None or current is handle):
         del table[name]
         current.record.pending.discard(current)
+        current.record.held.pop(current.vid, None)
 
 
 def forget(module: nn.Module, names: Iterable[str]) -> None:

@@ -24,8 +24,10 @@ from lightning_meta._deferred._handles import (
     graph_view,
     handle_of,
     handles_of,
+    hold,
     item_slots,
     lone_module,
+    pending_base,
     refuse_graded,
     released_without_result,
     settle,
@@ -310,10 +312,12 @@ def _replay_records(
     # (or where draw_on="device" builds them). Where all end up alike, one
     # replay keeps a view in a list (self.rows = [self.weight[0]]) a view.
     item_device = remap or torch.device("cpu")
+    in_call = {(id(h.record), h.vid) for _, h in deferred}
+    ahead: list[Handle] = []  # bases made real ahead of their module
     for slot, handle in deferred:
         existing = done(handle)
         if existing is not None:
-            ready[id(slot.tensor)] = existing
+            ready[id(slot.tensor)] = _taken(slot, handle, existing, device, dtype, recast)
             continue
         if slot.kind == "attr":
             # A view of a tensor made real before (its module materialized or
@@ -327,10 +331,22 @@ def _replay_records(
             to, cast = device, dtype
         per_record = targets.setdefault((id(handle.record), to, cast), (handle.record, {}))[1]
         per_record.setdefault(handle.vid, slot.path)
+        base = pending_base(handle) if slot.kind == "attr" else None
+        if base is not None and (id(base.record), base.vid) not in in_call:
+            # It views a weight of a module not materialized here: the weight
+            # is made now, in the same replay (eager's memory, on the CPU in
+            # its own dtype), and its module takes it when its turn comes.
+            per_record.setdefault(base.vid, f"{slot.path} (the tensor it views)")
+            in_call.add((id(base.record), base.vid))
+            ahead.append(base)
     produced: dict[tuple[int, int], torch.Tensor] = {}
     for (_, to, cast), (record, wanted) in targets.items():
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid)] = t
+    made: dict[tuple[int, int], torch.Tensor] = {}
+    for base in ahead:
+        key = (id(base.record), base.vid)
+        made[key] = dress_like(base.tensor, produced[key], base.attrs)
     for slot, handle in deferred:
         if id(slot.tensor) not in ready:
             value = produced[(id(handle.record), handle.vid)]
@@ -338,11 +354,42 @@ def _replay_records(
             if recast_to is not None:
                 value = value.to(recast_to)
             ready[id(slot.tensor)] = dress_like(slot.tensor, value, handle.attrs)
-    _graded_views(deferred, ready)
+    _graded_views(deferred, ready, made)
+    for base in ahead:
+        hold(base, made[(id(base.record), base.vid)])
     return ready, {id(record): record for record, _ in targets.values()}
 
 
-def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
+def _taken(
+    slot: Slot,
+    handle: Handle,
+    existing: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    recast: dict[int, torch.dtype],
+) -> torch.Tensor:
+    """The tensor ``slot`` takes when its value was made real before.
+
+    A tie's other end is that tensor. A weight made ahead of its module (the
+    base of a view materialized first) is that tensor, given cast or moved
+    data where this call puts it elsewhere, as ``module.to()`` does to
+    eager's weight: its views keep the old memory, and their gradients
+    still reach the weight.
+    """
+    if handle.vid not in handle.record.held:
+        return existing
+    want_dtype = dtype or recast.get(id(slot.tensor)) or existing.dtype
+    if existing.device != device or existing.dtype != want_dtype:
+        with torch.no_grad():
+            existing.data = existing.detach().to(device=device, dtype=want_dtype, copy=True)
+    return existing
+
+
+def _graded_views(
+    deferred: list[tuple[Slot, Handle]],
+    ready: dict[int, torch.Tensor],
+    ahead: dict[tuple[int, int], torch.Tensor],
+) -> None:
     """Make the views that carry autograd history in eager construction views autograd records.
 
     A replayed view (``self.row = self.weight[0]`` outside ``torch.no_grad()``)
@@ -350,7 +397,8 @@ def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Te
     parameter object it was taken from, gradients flow through it into that
     parameter, as in eager construction. One that is no view of a parameter
     made here (a ``weight * 2``, or a view of a weight cast, moved or
-    filled in another call) is refused.
+    filled in another call) is refused. ``ahead``: the weights made real
+    ahead of their module here (by record id and value id).
 
     Raises:
         MaterializationError: such a tensor would be a separate one here.
@@ -365,6 +413,7 @@ def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Te
         return
     # The real tensor of every value made here, by record and value id.
     made = {(id(h.record), h.vid): ready[id(s.tensor)] for s, h in deferred if s.kind != "attr"}
+    made.update(ahead)
     refused: dict[str, str] = {}
     for slot, handle, g in graded:
         value = ready[id(slot.tensor)]

@@ -457,10 +457,18 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
                     undo.append(_undo_data(old, old.data))
                     _set_data(old, item.tensor)
                     continue
+                handle = handle_of(old)
+                held = handle.record.held.get(handle.vid) if handle is not None else None
+                if held is not None and _copied_in_eager(old, item.tensor):
+                    # Made ahead of this module as the base of a view kept
+                    # elsewhere: eager loading copies into it, which the view sees.
+                    backup = held.detach().clone()
+                    undo.append(_undo_copy(held, backup))
+                    _copy(held, item.tensor)
+                    item.tensor = held
                 for slot in item.group.slots:
                     undo.append(_undo_put(slot, old))
                     _put(slot, item.tensor)
-                handle = handle_of(old)
                 if handle is not None:
                     done.append((handle, item.tensor, _copied_in_eager(old, item.tensor)))
                 filled.extend(item.group.names)
