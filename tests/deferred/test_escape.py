@@ -535,6 +535,10 @@ class _Settings(nn.Module):
         self.lin = nn.Linear(4, 3)
         self.temperature = torch.tensor(0.1)
         self.stats = [torch.ones(3) / 3]
+        # One tensor as a buffer and a plain attribute (transformers' Llama
+        # rotary embedding keeps inv_freq so): module.to(dtype) casts the buffer only.
+        self.register_buffer("inv_freq", torch.arange(4.0), persistent=False)
+        self.original_inv_freq = self.inv_freq
 
 
 def test_materialize_dtype_casts_what_module_to_casts() -> None:
@@ -547,6 +551,10 @@ def test_materialize_dtype_casts_what_module_to_casts() -> None:
     assert module.temperature.dtype == eager.temperature.dtype == torch.float32
     assert torch.equal(module.temperature, eager.temperature)
     assert module.stats[0].dtype == eager.stats[0].dtype == torch.float32
+    assert module.inv_freq.dtype == eager.inv_freq.dtype == torch.bfloat16
+    assert module.original_inv_freq.dtype == eager.original_inv_freq.dtype == torch.float32
+    kept = materialize(deferred_init(_Settings))
+    assert kept.original_inv_freq is kept.inv_freq  # one tensor, as in eager construction
 
 
 class _Straddling(nn.Module):

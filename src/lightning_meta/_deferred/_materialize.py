@@ -288,6 +288,10 @@ def _split(slots: list[Slot]) -> tuple[list[tuple[Slot, Handle]], list[Slot]]:
     return deferred, plain
 
 
+# Where a real tensor goes: device and dtype (``None``: the recorded one).
+_Place = tuple[torch.device, torch.dtype | None]
+
+
 def _replay_records(
     deferred: list[tuple[Slot, Handle]],
     device: torch.device,
@@ -295,7 +299,7 @@ def _replay_records(
     remap: torch.device | None,
     recast: dict[int, torch.dtype],
 ) -> tuple[dict[int, torch.Tensor], dict[int, Record]]:
-    """Return the real tensor for each deferred tensor (by ``id``) and the records replayed.
+    """Return the real tensor for each deferred slot (by ``id`` of the slot) and the records replayed.
 
     ``recast``: the dtype of each deferred tensor (by ``id``) that
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
@@ -305,31 +309,41 @@ def _replay_records(
     to another device or dtype); a value already materialized elsewhere (a
     tie reaching outside the submodule) reuses that tensor.
     """
-    ready: dict[int, torch.Tensor] = {}
-    targets: dict[tuple[int, torch.device, torch.dtype | None], tuple[Record, dict[int, str]]] = {}
+    # By the deferred tensor and its place: a tensor held both as a buffer and
+    # as a plain attribute (transformers' original_inv_freq) gets one real
+    # tensor per place, as module.to(dtype) casts only the buffer.
+    by_place: dict[tuple[int, _Place], torch.Tensor] = {}
+    targets: dict[tuple[int, _Place], tuple[Record, dict[int, str]]] = {}
     # Eager's module.to() casts and moves parameters and buffers only: a plain
     # tensor attribute keeps its dtype, and container items stay on the CPU
     # (or where draw_on="device" builds them). Where all end up alike, one
     # replay keeps a view in a list (self.rows = [self.weight[0]]) a view.
     item_device = remap or torch.device("cpu")
+
+    def place(slot: Slot) -> _Place:
+        if slot.kind != "attr":
+            return device, dtype
+        return (item_device if isinstance(slot, ItemSlot) else device), None
+
     in_call = {(id(h.record), h.vid) for _, h in deferred}
-    ahead: list[Handle] = []  # bases made real ahead of their module
+    ahead: list[tuple[Handle, _Place]] = []  # bases made real ahead of their module
     for slot, handle in deferred:
+        where = place(slot)
+        key = (id(slot.tensor), where)
+        if key in by_place:
+            continue  # a tie
         existing = done(handle)
         if existing is not None:
-            ready[id(slot.tensor)] = _taken(slot, handle, existing, device, dtype, recast)
+            by_place[key] = _taken(slot, handle, existing, device, dtype, recast)
             continue
         if slot.kind == "attr":
             # A view of a tensor made real before (its module materialized or
             # loaded on its own) is that view, as in eager construction.
             view = earlier_view(handle, slot.path)
             if view is not None:
-                ready[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+                by_place[key] = dress_like(slot.tensor, view, handle.attrs)
                 continue
-            to, cast = (item_device if isinstance(slot, ItemSlot) else device), None
-        else:
-            to, cast = device, dtype
-        per_record = targets.setdefault((id(handle.record), to, cast), (handle.record, {}))[1]
+        per_record = targets.setdefault((id(handle.record), where), (handle.record, {}))[1]
         per_record.setdefault(handle.vid, slot.path)
         base = pending_base(handle) if slot.kind == "attr" else None
         if base is not None and (id(base.record), base.vid) not in in_call:
@@ -338,24 +352,28 @@ def _replay_records(
             # its own dtype), and its module takes it when its turn comes.
             per_record.setdefault(base.vid, f"{slot.path} (the tensor it views)")
             in_call.add((id(base.record), base.vid))
-            ahead.append(base)
-    produced: dict[tuple[int, int], torch.Tensor] = {}
-    for (_, to, cast), (record, wanted) in targets.items():
+            ahead.append((base, where))
+    produced: dict[tuple[int, int, _Place], torch.Tensor] = {}
+    for (_, (to, cast)), (record, wanted) in targets.items():
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
-            produced[(id(record), vid)] = t
+            produced[(id(record), vid, (to, cast))] = t
     made: dict[tuple[int, int], torch.Tensor] = {}
-    for base in ahead:
-        key = (id(base.record), base.vid)
-        made[key] = dress_like(base.tensor, produced[key], base.attrs)
+    for base, where in ahead:
+        value = produced[(id(base.record), base.vid, where)]
+        made[(id(base.record), base.vid)] = dress_like(base.tensor, value, base.attrs)
+    ready: dict[int, torch.Tensor] = {}
     for slot, handle in deferred:
-        if id(slot.tensor) not in ready:
-            value = produced[(id(handle.record), handle.vid)]
-            recast_to = recast.get(id(slot.tensor))
+        where = place(slot)
+        key = (id(slot.tensor), where)
+        if key not in by_place:
+            value = produced[(id(handle.record), handle.vid, where)]
+            recast_to = recast.get(id(slot.tensor)) if slot.kind != "attr" else None
             if recast_to is not None:
                 value = value.to(recast_to)
-            ready[id(slot.tensor)] = dress_like(slot.tensor, value, handle.attrs)
+            by_place[key] = dress_like(slot.tensor, value, handle.attrs)
+        ready[id(slot)] = by_place[key]
     _graded_views(deferred, ready, made)
-    for base in ahead:
+    for base, _ in ahead:
         hold(base, made[(id(base.record), base.vid)])
     return ready, {id(record): record for record, _ in targets.values()}
 
@@ -407,16 +425,20 @@ def _graded_views(
         (slot, handle, g)
         for slot, handle in deferred
         if (g := handle.record.graded.get(handle.vid)) is not None
-        and ready[id(slot.tensor)].grad_fn is None
+        and ready[id(slot)].grad_fn is None
     ]
     if not graded:
         return
     # The real tensor of every value made here, by record and value id.
-    made = {(id(h.record), h.vid): ready[id(s.tensor)] for s, h in deferred if s.kind != "attr"}
+    made = {(id(h.record), h.vid): ready[id(s)] for s, h in deferred if s.kind != "attr"}
     made.update(ahead)
     refused: dict[str, str] = {}
+    views: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
     for slot, handle, g in graded:
-        value = ready[id(slot.tensor)]
+        value = ready[id(slot)]
+        if id(value) in views:
+            ready[id(slot)] = views[id(value)]
+            continue
         base = made.get((id(handle.record), g.origin)) if g.origin is not None else None
         if (
             base is None
@@ -427,7 +449,7 @@ def _graded_views(
             continue
         size, stride = tuple(value.shape), tuple(value.stride())
         view = graph_view(handle, base, size, stride, int(value.storage_offset()))
-        ready[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+        ready[id(slot)] = views[id(value)] = dress_like(slot.tensor, view, handle.attrs)
     if refused:
         refuse_graded(refused, "materialize")
 
@@ -435,7 +457,7 @@ def _graded_views(
 def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
     """Put each real tensor in its slot and settle its handle."""
     for slot, handle in deferred:
-        new = ready[id(slot.tensor)]
+        new = ready[id(slot)]
         slot.put(new)
         settle(slot, handle, new)
 
