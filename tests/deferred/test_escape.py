@@ -476,55 +476,35 @@ def test_a_view_on_a_module_loaded_before_its_weight(grad: bool, strict: bool) -
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-@pytest.mark.parametrize(
-    "then", ["materialize", "load_state_dict", "assign", "load_checkpoint", "materialize bf16"]
-)
-def test_a_view_on_a_module_materialized_before_its_weight(
-    grad: bool, then: str, tmp_path: Path
+@pytest.mark.parametrize("first", ["materialize", "load_checkpoint"])
+def test_a_view_on_a_module_filled_before_its_weight_is_refused(
+    grad: bool, first: str, tmp_path: Path
 ) -> None:
     # materialize(holder) made the view a copy with the initial values: a
-    # load (or an optimizer step) later no longer reached it.
+    # load (or an optimizer step) of the weight later no longer reached it.
     torch.manual_seed(1)
     path = tmp_path / "holder.pt"
-    torch.save(_HolderFirst(grad).state_dict(), path)
-    models = []
-    for deferred in (False, True):
-        torch.manual_seed(0)
-        m = deferred_init(_HolderFirst, grad) if deferred else _HolderFirst(grad)
-        if deferred:
-            materialize(m.holder)
-            assert m.lin.weight.is_meta  # its module's turn has not come
-        if then == "materialize":
-            if deferred:
-                materialize(m)
-            with torch.no_grad():
-                m.lin.weight.add_(1.0)  # an optimizer step
-        elif then == "materialize bf16":  # eager: module.to(dtype), views keep the old memory
-            if deferred:
-                materialize(m, dtype=torch.bfloat16)
-            else:
-                m.to(torch.bfloat16)
-        elif then == "load_checkpoint":
-            lm.load_checkpoint(m, path)
+    torch.save(_HolderFirst(grad).holder.state_dict(), path)
+    torch.manual_seed(0)
+    module = deferred_init(_HolderFirst, grad)
+
+    def fill_holder() -> None:
+        if first == "materialize":
+            materialize(module.holder)
         else:
-            m.load_state_dict(torch.load(path), assign=then == "assign" and deferred)
-        models.append(m)
-    eager, module = models
-    assert not is_deferred(module)
-    assert module.lin.weight.dtype == eager.lin.weight.dtype
-    for got, want in [
-        (module.holder.row, eager.holder.row),
-        (module.holder.rows[0], eager.holder.rows[0]),
-    ]:
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    shares = then != "materialize bf16"
-    assert _shares(module.holder.row, module.lin.weight) == shares
-    assert _shares(eager.holder.row, eager.lin.weight) == shares
-    if grad:  # after module.to(dtype) too: the same weight object, other memory
-        for m in models:
-            m.zero_grad(set_to_none=True)
-            (m.holder.row.sum() + m.holder.rows[0].sum()).backward()
-        assert torch.equal(module.lin.weight.grad, eager.lin.weight.grad)
+            lm.load_checkpoint(module.holder, path)
+
+    with pytest.raises(MetaTensorError, match=r"\['row', 'rows\.0'\].*views a parameter") as info:
+        fill_holder()
+    assert sorted(info.value.paths) == ["row", "rows.0"]
+    assert module.holder.gain.is_meta and module.holder.row.is_meta  # nothing was changed
+    # The weight's module first, or the whole model, is exact.
+    torch.manual_seed(0)
+    eager = _HolderFirst(grad)
+    materialize(module.lin)
+    materialize(module)
+    assert torch.equal(module.holder.row, eager.holder.row)
+    assert _shares(module.holder.row, module.lin.weight)
 
 
 class _Settings(nn.Module):

@@ -36,6 +36,7 @@ __all__ = [
     "attach_item",
     "earlier_view",
     "graph_view",
+    "refuse_apart",
     "refuse_graded",
     "view_of",
     "wait_for_base",
@@ -49,7 +50,6 @@ __all__ = [
     "forget",
     "handle_of",
     "handles_of",
-    "hold",
     "lone_module",
     "mark_done",
     "own_deferred",
@@ -395,12 +395,6 @@ def pending_base(handle: Handle) -> Handle | None:
     )
 
 
-def hold(handle: Handle, tensor: torch.Tensor) -> None:
-    """Make ``tensor`` the real value of ``handle`` ahead of its module (see :attr:`Record.held`)."""
-    mark_done(handle, tensor)
-    handle.record.held[handle.vid] = tensor
-
-
 def settle_waiting(records: Iterable[Record]) -> list[Slot]:
     """Make each waiting tensor of ``records`` (see :func:`wait_for_base`) whose base is real a view of it.
 
@@ -492,6 +486,24 @@ def graph_view(
     return base.detach().as_strided(size, stride, offset)
 
 
+def refuse_apart(paths: list[str], what: str) -> None:
+    """Raise for views of a parameter or buffer that ``what`` (``"materialize"``) leaves deferred.
+
+    In eager construction they share its memory: loads and updates of it
+    later reach them, which a copy made now could not.
+
+    Raises:
+        MaterializationError: always, naming the paths and the fix.
+    """
+    raise MaterializationError(
+        f"{what} cannot reproduce {paths}: in eager construction each views a parameter or "
+        "buffer of another module, which this call leaves deferred, so later loads and "
+        "updates of that tensor would not reach a copy made now. Fix: materialize or load a "
+        "module that holds both (the whole model), or the weight's module first.",
+        paths=paths,
+    )
+
+
 def refuse_graded(made: dict[str, str], what: str) -> None:
     """Raise for tensors that carry autograd history in eager construction but would not here.
 
@@ -523,7 +535,6 @@ def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:
     """Note that ``slot`` now holds ``tensor``, the real value of ``handle``."""
     mark_done(handle, tensor)
     handle.record.pending.discard(handle)
-    handle.record.held.pop(handle.vid, None)
     if isinstance(slot, ItemSlot):
         _drop_item(slot.owner, _item_path(slot.name, slot.keys), handle)
     else:
@@ -545,7 +556,6 @@ def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
     if current is not None and (handle is None or current is handle):
         del table[name]
         current.record.pending.discard(current)
-        current.record.held.pop(current.vid, None)
 
 
 def forget(module: nn.Module, names: Iterable[str]) -> None:
@@ -586,6 +596,11 @@ def _replay_items(items: list[ItemSlot]) -> None:
         todo = [(slot, h) for slot, h in mine if done(h) is None]
         views = {id(h): earlier_view(h, slot.path) for slot, h in todo}
         wanted = {h.vid: slot.path for slot, h in todo if views[id(h)] is None}
+        apart = sorted(
+            slot.path for slot, h in todo if views[id(h)] is None and pending_base(h) is not None
+        )
+        if apart:
+            refuse_apart(apart, "loading")
         graded = {p: record.graded[v].made for v, p in wanted.items() if v in record.graded}
         if graded:
             refuse_graded(graded, "loading")

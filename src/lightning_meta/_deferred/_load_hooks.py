@@ -118,11 +118,6 @@ def _fill_before_copy(
             # in eager loading without assign=True, which keeps ties and views.
             mark_done(handle, new, copied=new.dtype == old.dtype)
             records[id(handle.record)] = handle.record
-        elif assign and handle.vid in handle.record.held:
-            # Made ahead of this module as the base of a view kept elsewhere:
-            # it takes the values (the product keeps views under assign=True).
-            with torch.no_grad():
-                new.copy_(value)
         if assign:
             state_dict[key] = new
         slot.put(new)

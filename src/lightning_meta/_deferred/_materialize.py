@@ -24,10 +24,10 @@ from lightning_meta._deferred._handles import (
     graph_view,
     handle_of,
     handles_of,
-    hold,
     item_slots,
     lone_module,
     pending_base,
+    refuse_apart,
     refuse_graded,
     released_without_result,
     settle,
@@ -326,7 +326,7 @@ def _replay_records(
         return (item_device if isinstance(slot, ItemSlot) else device), None
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
-    ahead: list[tuple[Handle, _Place]] = []  # bases made real ahead of their module
+    apart: dict[str, str] = {}  # views whose weight this call leaves deferred
     for slot, handle in deferred:
         where = place(slot)
         key = (id(slot.tensor), where)
@@ -334,7 +334,7 @@ def _replay_records(
             continue  # a tie
         existing = done(handle)
         if existing is not None:
-            by_place[key] = _taken(slot, handle, existing, device, dtype, recast)
+            by_place[key] = existing
             continue
         if slot.kind == "attr":
             # A view of a tensor made real before (its module materialized or
@@ -343,24 +343,17 @@ def _replay_records(
             if view is not None:
                 by_place[key] = dress_like(slot.tensor, view, handle.attrs)
                 continue
+            base = pending_base(handle)
+            if base is not None and (id(base.record), base.vid) not in in_call:
+                apart[slot.path] = slot.path
         per_record = targets.setdefault((id(handle.record), where), (handle.record, {}))[1]
         per_record.setdefault(handle.vid, slot.path)
-        base = pending_base(handle) if slot.kind == "attr" else None
-        if base is not None and (id(base.record), base.vid) not in in_call:
-            # It views a weight of a module not materialized here: the weight
-            # is made now, in the same replay (eager's memory, on the CPU in
-            # its own dtype), and its module takes it when its turn comes.
-            per_record.setdefault(base.vid, f"{slot.path} (the tensor it views)")
-            in_call.add((id(base.record), base.vid))
-            ahead.append((base, where))
+    if apart:
+        refuse_apart(sorted(apart), "materialize")
     produced: dict[tuple[int, int, _Place], torch.Tensor] = {}
     for (_, (to, cast)), (record, wanted) in targets.items():
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid, (to, cast))] = t
-    made: dict[tuple[int, int], torch.Tensor] = {}
-    for base, where in ahead:
-        value = produced[(id(base.record), base.vid, where)]
-        made[(id(base.record), base.vid)] = dress_like(base.tensor, value, base.attrs)
     ready: dict[int, torch.Tensor] = {}
     for slot, handle in deferred:
         where = place(slot)
@@ -372,42 +365,11 @@ def _replay_records(
                 value = value.to(recast_to)
             by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
-    _graded_views(deferred, ready, made)
-    for base, _ in ahead:
-        hold(base, made[(id(base.record), base.vid)])
+    _graded_views(deferred, ready)
     return ready, {id(record): record for record, _ in targets.values()}
 
 
-def _taken(
-    slot: Slot,
-    handle: Handle,
-    existing: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    recast: dict[int, torch.dtype],
-) -> torch.Tensor:
-    """The tensor ``slot`` takes when its value was made real before.
-
-    A tie's other end is that tensor. A weight made ahead of its module (the
-    base of a view materialized first) is that tensor, given cast or moved
-    data where this call puts it elsewhere, as ``module.to()`` does to
-    eager's weight: its views keep the old memory, and their gradients
-    still reach the weight.
-    """
-    if handle.vid not in handle.record.held:
-        return existing
-    want_dtype = dtype or recast.get(id(slot.tensor)) or existing.dtype
-    if existing.device != device or existing.dtype != want_dtype:
-        with torch.no_grad():
-            existing.data = existing.detach().to(device=device, dtype=want_dtype, copy=True)
-    return existing
-
-
-def _graded_views(
-    deferred: list[tuple[Slot, Handle]],
-    ready: dict[int, torch.Tensor],
-    ahead: dict[tuple[int, int], torch.Tensor],
-) -> None:
+def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
     """Make the views that carry autograd history in eager construction views autograd records.
 
     A replayed view (``self.row = self.weight[0]`` outside ``torch.no_grad()``)
@@ -415,8 +377,7 @@ def _graded_views(
     parameter object it was taken from, gradients flow through it into that
     parameter, as in eager construction. One that is no view of a parameter
     made here (a ``weight * 2``, or a view of a weight cast, moved or
-    filled in another call) is refused. ``ahead``: the weights made real
-    ahead of their module here (by record id and value id).
+    filled in another call) is refused.
 
     Raises:
         MaterializationError: such a tensor would be a separate one here.
@@ -431,7 +392,6 @@ def _graded_views(
         return
     # The real tensor of every value made here, by record and value id.
     made = {(id(h.record), h.vid): ready[id(s)] for s, h in deferred if s.kind != "attr"}
-    made.update(ahead)
     refused: dict[str, str] = {}
     views: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
     for slot, handle, g in graded:

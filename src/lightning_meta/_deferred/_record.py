@@ -177,10 +177,6 @@ class Record:
         # The storage each of ``materialized`` was made with: one given other
         # data since (``.data = ...``) is no base of eager's views any more.
         self.made_in: dict[int, int] = {}
-        # Parameters and buffers made real ahead of their module, as the base
-        # of a view kept on a module materialized first (value id -> tensor):
-        # their module takes them when its turn comes.
-        self.held: dict[int, torch.Tensor] = {}
         # The value ids of ``materialized`` holding loaded values that eager
         # loading copies into its tensor: tensors viewing its storage see them.
         self.copied: set[int] = set()
@@ -211,14 +207,12 @@ class Record:
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
         self.snapshots = {}
         self.random_index = {}
-        self.held = {}
         self.released = True
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["materialized"] = {}
         state["made_in"] = {}
-        state["held"] = {}
         state["copied"] = set()
         state["waiting"] = []
         state["pending"] = list(self.pending)
@@ -254,7 +248,6 @@ class Record:
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
         new.made_in = {}
-        new.held = {}
         new.copied = set()
         new.waiting = []
         new.lock = threading.RLock()

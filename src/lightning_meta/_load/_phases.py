@@ -25,12 +25,13 @@ from lightning_meta import _compat
 from lightning_meta._arguments import check_module_argument, float_dtype, real_device
 from lightning_meta._deferred._handles import (
     attach,
-    deferred_paths,
     deferred_slots,
     dress_like,
     earlier_view,
     handle_of,
     mark_done,
+    pending_base,
+    refuse_apart,
     refuse_graded,
     view_of,
 )
@@ -332,7 +333,8 @@ def replay_missing(
             was changed.
     """
     covered = {*plan.loaded_names, *plan.skipped_names}
-    wanted = {n for n in deferred_paths(module) if n not in covered}
+    slots = deferred_slots(module)
+    wanted = {s.path for s in slots if s.path not in covered}
     if not wanted:
         return Replay()
     # Eager construction copies into the tensors it built (on the CPU); where
@@ -369,17 +371,24 @@ def replay_missing(
         attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
         groups.append((name, group))
     graded: dict[str, str] = {}
+    apart: list[str] = []
     replayed = {(id(h.record), h.vid) for _, g in groups if (h := handle_of(g.tensor)) is not None}
-    handles = (handle_of(g.tensor) for g in plan.groups)
-    views = bases or any(h is not None and h.record.graded for h in handles)
-    for slot in deferred_slots(module) if views else ():
+    here = replayed | {
+        (id(h.record), h.vid) for item in loaded if (h := handle_of(item.group.tensor)) is not None
+    }
+    for slot in slots:
         handle = handle_of(slot.tensor)
         if slot.kind != "attr" or slot.path not in wanted or handle is None:
             continue
         # Made in forget() once the rest is in; refused here, before that.
         view = view_of(handle, bases.get(id(handle.record), ()), slot.path) if bases else None
         record = handle.record
-        if view is None and handle.vid in record.graded and earlier_view(handle, slot.path) is None:
+        if view is not None or earlier_view(handle, slot.path) is not None:
+            continue
+        base = pending_base(handle)
+        if base is not None and (id(record), base.vid) not in here:
+            apart.append(slot.path)  # its weight is neither loaded nor replayed here
+        elif handle.vid in record.graded:
             # It carries autograd history from its weight in eager construction:
             # only a view of the weight can, which a replay gives when the
             # weight is replayed here too, in its own dtype on the CPU.
@@ -387,6 +396,8 @@ def replay_missing(
             with_base = any((id(record), vid) in replayed for vid in owned)
             if not with_base or dtype is not None or (device is not None and device.type != "cpu"):
                 graded[slot.path] = record.graded[handle.vid].made
+    if apart:
+        refuse_apart(sorted(apart), "load_checkpoint")
     if graded:
         refuse_graded(graded, "load_checkpoint")
     if groups:
@@ -457,18 +468,10 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
                     undo.append(_undo_data(old, old.data))
                     _set_data(old, item.tensor)
                     continue
-                handle = handle_of(old)
-                held = handle.record.held.get(handle.vid) if handle is not None else None
-                if held is not None and _copied_in_eager(old, item.tensor):
-                    # Made ahead of this module as the base of a view kept
-                    # elsewhere: eager loading copies into it, which the view sees.
-                    backup = held.detach().clone()
-                    undo.append(_undo_copy(held, backup))
-                    _copy(held, item.tensor)
-                    item.tensor = held
                 for slot in item.group.slots:
                     undo.append(_undo_put(slot, old))
                     _put(slot, item.tensor)
+                handle = handle_of(old)
                 if handle is not None:
                     done.append((handle, item.tensor, _copied_in_eager(old, item.tensor)))
                 filled.extend(item.group.names)
