@@ -326,7 +326,7 @@ def _replay_records(
         return (item_device if isinstance(slot, ItemSlot) else device), None
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
-    apart: dict[str, str] = {}  # views whose weight this call leaves deferred
+    apart: list[str] = []  # views whose weight this call leaves deferred
     for slot, handle in deferred:
         where = place(slot)
         key = (id(slot.tensor), where)
@@ -345,7 +345,7 @@ def _replay_records(
                 continue
             base = pending_base(handle)
             if base is not None and (id(base.record), base.vid) not in in_call:
-                apart[slot.path] = slot.path
+                apart.append(slot.path)
         per_record = targets.setdefault((id(handle.record), where), (handle.record, {}))[1]
         per_record.setdefault(handle.vid, slot.path)
     if apart:

@@ -388,14 +388,14 @@ def replay_missing(
         base = pending_base(handle)
         if base is not None and (id(record), base.vid) not in here:
             apart.append(slot.path)  # its weight is neither loaded nor replayed here
-        elif handle.vid in record.graded:
+        elif (g := record.graded.get(handle.vid)) is not None:
             # It carries autograd history from its weight in eager construction:
             # only a view of the weight can, which a replay gives when the
-            # weight is replayed here too, in its own dtype on the CPU.
-            owned = record.owned.get(record.values[handle.vid].storage, ())
-            with_base = any((id(record), vid) in replayed for vid in owned)
+            # weight it was taken from is replayed here too, in its own dtype
+            # on the CPU.
+            with_base = (id(record), g.origin) in replayed
             if not with_base or dtype is not None or (device is not None and device.type != "cpu"):
-                graded[slot.path] = record.graded[handle.vid].made
+                graded[slot.path] = g.made
     if apart:
         refuse_apart(sorted(apart), "load_checkpoint")
     if graded:
