@@ -16,6 +16,7 @@ from torch import nn
 import lightning_meta as lm
 from lightning_meta import MetaTensorError, deferred_init, is_deferred, materialize
 from lightning_meta._deferred._escaped import escaped_site
+from lightning_meta._deferred._handles import handle_of
 from support import program_models as pm
 
 
@@ -205,12 +206,15 @@ def test_views_kept_on_the_module_see_what_a_load_copies(load: str, tmp_path: Pa
     eager = _Views()
     torch.manual_seed(0)
     module = deferred_init(_Views)
+    record = handle_of(module.lin.weight).record  # type: ignore[union-attr]
     for m in (eager, module):
         if load == "load_checkpoint":
             lm.load_checkpoint(m, path)
         else:
             m.load_state_dict(torch.load(path), assign=load == "assign" and m is module)
     assert not is_deferred(module)
+    # Nothing is left to replay: the op log (and what the block captured) is freed.
+    assert record.released and record.ops == []
     for got, want in zip(_views(module), _views(eager), strict=True):
         assert torch.equal(got, want)
     assert _shares(module.row, module.lin.weight) and module.rows[1] is module.lin.bias

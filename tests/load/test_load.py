@@ -77,6 +77,49 @@ def test_dtype_bf16(kind: str, files: dict[str, Path], ref: torch.nn.Module) -> 
         ml.assert_equal(m, ref, cast=lambda t: t.to(torch.bfloat16))
 
 
+class _Headed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.rand(3), persistent=False)
+        self.register_buffer("steps", torch.arange(3))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("strict", [True, False])
+def test_dtype_reaches_what_the_checkpoint_lacks(kind: str, strict: bool, tmp_path: Path) -> None:
+    # dtype= promises module.to(dtype): a real module's non-persistent buffers
+    # and the tensors strict=False leaves alone were kept float32, so one
+    # model came out in two dtypes (a deferred one was cast throughout).
+    torch.manual_seed(1)
+    saved = _Headed().state_dict()
+    if not strict:
+        saved = {k: v for k, v in saved.items() if not k.startswith("head.")}
+    torch.save(saved, tmp_path / "part.pt")
+    torch.manual_seed(0)
+    if kind == "meta":
+        with torch.device("meta"):
+            m = _Headed()
+    else:
+        m = _Headed() if kind == "real" else lm.deferred_init(_Headed)
+    params = list(m.parameters())
+    load_checkpoint(m, tmp_path / "part.pt", dtype=torch.bfloat16, strict=strict)
+    torch.manual_seed(0)
+    want = _Headed()
+    want.load_state_dict(saved, strict=strict)
+    want.to(torch.bfloat16)
+    if kind == "real":  # optimizers keep pointing at its parameters
+        assert all(a is b for a, b in zip(m.parameters(), params, strict=True))
+    got = dict([*m.named_parameters(), *m.named_buffers()])
+    for name, t in [*want.named_parameters(), *want.named_buffers()]:
+        assert got[name].dtype == t.dtype, name
+        assert got[name].is_meta == (kind == "meta" and name not in saved), name
+        if not got[name].is_meta:
+            assert torch.equal(got[name], t), name
+    assert m.head.weight.requires_grad and isinstance(m.head.weight, nn.Parameter)
+
+
 def test_lightning_ckpt_into_module_and_inner(tmp_path: Path) -> None:
     path, trained = ml.write_lightning(tmp_path)
     inner = ml.build("deferred")

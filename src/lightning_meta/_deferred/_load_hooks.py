@@ -47,6 +47,7 @@ from lightning_meta._deferred._handles import (
 )
 from lightning_meta._deferred._materialize import materialize_paths
 from lightning_meta._deferred._record import Record
+from lightning_meta._deferred._replay import complete
 from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 
 __all__ = ["install_load_hooks"]
@@ -124,7 +125,7 @@ def _fill_before_copy(
         filled.append(slot.name)
     if filled:
         forget(module, filled)
-    _settle_waiting(records.values())
+    _finish(records.values())
 
 
 def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
@@ -158,7 +159,7 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
         settle(slot, handle, new)
     if rest:
         materialize_paths(module, rest, device=_device_of(module))
-    _settle_waiting(records.values())
+    _finish(records.values())
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
@@ -166,6 +167,20 @@ def _device_of(module: nn.Module) -> torch.device | None:
     owned = [tensor_at(module, n) for n in (*parameter_names(module), *buffer_names(module))]
     real = [t for t in owned if t is not None and not t.is_meta]
     return real[0].device if real else None
+
+
+def _finish(records: Iterable[Record]) -> None:
+    """Make the views waiting for a base now real, then release the records with nothing left.
+
+    A record whose last tensors were settled here (views of loaded weights,
+    the same tensor kept twice) has no replay to release it, and its op log
+    holds every tensor the block captured.
+    """
+    records = list(records)
+    _settle_waiting(records)
+    for record in records:
+        if not record.pending:
+            complete(record, None)
 
 
 def _settle_waiting(records: Iterable[Record]) -> None:

@@ -29,6 +29,7 @@ from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
     check_arguments,
     convert,
+    convert_rest,
     make_report,
     replay_missing,
     swap_in,
@@ -89,9 +90,12 @@ def load_checkpoint(
             or its directory, or a ``torch.distributed.checkpoint`` directory.
             The format is read from the content.
         device: where meta and deferred tensors end up (default CPU); real
-            tensors move there too if given.
-        dtype: floating point tensors end up in this dtype (like
-            ``module.to(dtype)``); others keep theirs.
+            tensors move there too if given, loaded or not (like
+            ``module.to(device)``).
+        dtype: floating point tensors end up in this dtype, like
+            ``module.to(dtype)``: loaded or not (non-persistent buffers, keys
+            ``strict=False`` leaves alone), meta ones included (they stay
+            meta); others keep their dtype.
         strict: raise on any missing, unexpected or mis-shaped key (default).
             With ``False``, load what matches and list the rest in the report.
         prefix: checkpoint key prefix to strip (``"model."`` to load a
@@ -173,7 +177,8 @@ def load_checkpoint(
     replay = replay_missing(
         module, plan, device=args.device, dtype=args.dtype, loaded=conversion.tensors
     )
-    filled = swap_in(conversion.tensors, replay)
+    rest = convert_rest(plan, device=args.device, dtype=args.dtype)
+    filled = swap_in([*conversion.tensors, *rest], replay)
     forget(module, [*filled, *replay.names])
     report = make_report(where, source, plan, conversion, replay.names)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)

@@ -49,6 +49,7 @@ __all__ = [
     "Replay",
     "check_arguments",
     "convert",
+    "convert_rest",
     "make_report",
     "replay_missing",
     "swap_in",
@@ -292,6 +293,41 @@ def _convert_one(
             "or load into a real module (its tensors are then copied in place)",
         ) from e
     return Converted(group, new, False)
+
+
+def convert_rest(
+    plan: Plan, *, device: torch.device | None, dtype: torch.dtype | None
+) -> list[Converted]:
+    """Cast and move the module's tensors the checkpoint does not fill, as ``module.to`` would.
+
+    ``dtype=`` and ``device=`` promise ``module.to(device, dtype)`` for the
+    whole module: its non-persistent buffers and what ``strict=False`` leaves
+    alone (a missing key, a shape that differs) too, not only the loaded
+    tensors. Deferred tensors are left out (:func:`replay_missing` replays
+    them so); meta ones only change dtype (they stay meta, for
+    ``to_empty``). Nothing in the module is touched.
+
+    Raises:
+        MetaTensorError: a tensor cannot take its new dtype or device
+            (``paths``: its names).
+    """
+    if device is None and dtype is None:
+        return []
+    loaded = {id(group) for group, _ in plan.load}
+    out: list[Converted] = []
+    seen_storage: set[int] = set()
+    for group in plan.groups:
+        old = group.tensor
+        if id(group) in loaded or handle_of(old) is not None:
+            continue
+        dev, want = _placement(old, None if old.is_meta else device, dtype)
+        if old.is_meta:
+            if want != old.dtype:
+                data = old.detach().to(want)
+                out.append(Converted(group, wrap_like(old, data, vars(old)), False))
+        elif (dev, want) != (old.device, old.dtype):
+            out.append(_convert_one(group, old.detach(), dev, want, seen_storage))
+    return out
 
 
 @dataclass

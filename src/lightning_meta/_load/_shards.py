@@ -152,9 +152,11 @@ def load_into_shards(
         if t.deferred is not None:
             t.local = _replay_box(t)
     replay = _phases.replay_missing(module, rest, device=args.device, dtype=args.dtype)
+    plain = dataclasses.replace(rest, groups=[g for g in rest.groups if not is_sharded(g.tensor)])
+    others = _phases.convert_rest(plain, device=args.device, dtype=args.dtype)
     undo = _put_boxes(module, targets)
     try:
-        filled = _phases.swap_in(conversion.tensors, replay)
+        filled = _phases.swap_in([*conversion.tensors, *others], replay)
     except BaseException:
         undo()
         raise
