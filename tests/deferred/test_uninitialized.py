@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 import lightning_meta as lm
 from lightning_meta import MaterializationError, deferred_init, is_deferred, materialize
+from lightning_meta._cli import main
+from support import SUPPORT
 from support import deferred_models as md
 from support import program_models as pm
 
@@ -59,6 +62,37 @@ def test_a_missing_uninitialised_tensor_is_refused_by_a_partial_load(tmp_path: P
     module = deferred_init(pm.Empty)
     with pytest.raises(MaterializationError, match=r"'raw' \(aten.empty"):
         module.load_state_dict(state, strict=False)
+
+
+def test_an_uninitialised_buffer_in_no_state_dict_loads_with_the_opt_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No checkpoint can hold a non-persistent buffer, and load_checkpoint had
+    # no opt-in: such a model could not be loaded at all, and its refusal
+    # named the loader's scratch tensor ('t0') and suggested loading it.
+    torch.manual_seed(1)
+    eager = pm.Cached()
+    path = tmp_path / "cached.pt"
+    torch.save(eager.state_dict(), path)
+    module = deferred_init(pm.Cached)
+    with pytest.raises(
+        MaterializationError,
+        match=r"'block\.cache' \(aten\.empty at .*\['block\.cache'\] are in no state dict.*"
+        r"load_checkpoint\(module, path, allow_uninitialized=True\)",
+    ) as info:
+        lm.load_checkpoint(module, path)
+    assert info.value.paths == ("block.cache",)
+    assert is_deferred(module.block.weight)  # nothing changed
+    report = lm.load_checkpoint(module, path, allow_uninitialized=True)
+    assert report.replayed == ["block.cache"]
+    assert not is_deferred(module)
+    assert torch.equal(module.block.weight, eager.block.weight)
+    assert module.block.cache.shape == (2, 3)
+    assert "cache" not in module.block.state_dict()
+    target = f"{SUPPORT / 'program_models.py'}:Cached"
+    assert main(["load-check", target, str(path), "--json"]) == 1
+    assert main(["load-check", target, str(path), "--json", "--allow-uninitialized"]) == 0
+    assert json.loads(capsys.readouterr().out)["replayed"] == ["block.cache"]
 
 
 def test_fabric_empty_init_inside_deferred_init_is_refused_then_loaded() -> None:

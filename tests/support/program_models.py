@@ -81,6 +81,15 @@ class Empty(nn.Module):
         self.full[2:] = 2.0
 
 
+class Cached(nn.Module):
+    """A non-persistent cache made with torch.empty, as KV caches are: in no state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+        self.block.register_buffer("cache", torch.empty(2, 3), persistent=False)
+
+
 class Truncated(nn.Module):
     """torch's trunc_normal_ redraws until every value is in range (data-dependent loop)."""
 

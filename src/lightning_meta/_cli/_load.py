@@ -75,6 +75,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="also check the CRC-32 of every zip record read (torch files, DCP items)",
     )
     p.add_argument(
+        "--allow-uninitialized",
+        action="store_true",
+        help="give tensors the model leaves uninitialised (torch.empty never filled) and the "
+        "checkpoint lacks uninitialised memory, as eager construction does, instead of refusing",
+    )
+    p.add_argument(
         "--trust",
         metavar="MODULE:NAME",
         action="append",
@@ -126,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     report = load_checkpoint(
         model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
         prefix=args.prefix, safe_globals=trusted, progress=True, verify=args.verify,
+        allow_uninitialized=args.allow_uninitialized,
     )  # fmt: skip
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")

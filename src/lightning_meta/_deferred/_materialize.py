@@ -450,6 +450,7 @@ def _check_deferred(
     modified: list[str] = []
     released: list[str] = []
     garbage: dict[str, str] = {}
+    unsaved: list[str] = []  # of ``garbage``: in no state dict, so no checkpoint fills them
     recast: dict[int, torch.dtype] = {}
     replaced: list[str] = []
     for s, h in deferred:
@@ -475,6 +476,8 @@ def _check_deferred(
             released.append(s.path)
         if h.vid in record.garbage and done(h) is None:
             garbage[s.path] = record.garbage[h.vid]
+            if not s.persistent:
+                unsaved.append(s.path)
     if on_meta:
         on_meta.sort()
         raise MaterializationError(
@@ -523,12 +526,22 @@ def _check_deferred(
         )
     if garbage and not allow_uninitialized:
         where = "; ".join(f"{p!r} ({site})" for p, site in sorted(garbage.items()))
+        fill = (
+            "load them from a checkpoint (load_checkpoint or load_state_dict fill them "
+            "without replaying), "
+            if not unsaved
+            else f"{sorted(unsaved)} are in no state dict (non-persistent buffers or plain "
+            "attributes), so no checkpoint fills them; "
+        )
         raise MaterializationError(
-            "materialize found deferred tensors that eager construction leaves uninitialised "
-            f"(torch.empty, or resize_ growing a tensor, never filled): {where}. Their values would be whatever memory "
-            "holds. Fix: load them from a checkpoint (load_checkpoint or load_state_dict "
-            "fills them without replaying), initialise them in the model, or pass "
-            "allow_uninitialized=True to keep eager construction's uninitialised memory.",
+            "cannot replay deferred tensors that eager construction leaves uninitialised "
+            f"(torch.empty, or resize_ growing a tensor, never filled): {where}. Their values "
+            f"would be whatever memory holds. Fix: {fill}initialise them in the model, or keep "
+            "eager construction's uninitialised memory with allow_uninitialized=True "
+            "(lm.materialize(module, allow_uninitialized=True), "
+            "lm.load_checkpoint(module, path, allow_uninitialized=True); before Trainer.fit "
+            "or a plain load_state_dict, call lm.materialize(module, allow_uninitialized=True) "
+            "first).",
             paths=garbage,
         )
     return recast

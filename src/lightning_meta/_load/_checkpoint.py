@@ -54,6 +54,7 @@ def load_checkpoint(
     progress: bool = False,
     verify: bool = False,
     mmap: bool = False,
+    allow_uninitialized: bool = False,
 ) -> LoadReport:
     """Fill ``module`` from the checkpoint at ``path``, in place, and report what happened.
 
@@ -111,6 +112,11 @@ def load_checkpoint(
             structure and sizes are always checked).
         mmap: map the files instead of reading them (zero-copy, copy-on-write);
             see the warning below.
+        allow_uninitialized: deferred tensors the checkpoint lacks that eager
+            construction leaves uninitialised (``torch.empty`` never filled,
+            such as a non-persistent cache buffer) get uninitialised memory,
+            as in eager construction, instead of a ``MaterializationError``
+            (as :func:`~lightning_meta.materialize`'s).
 
     Returns:
         A :class:`LoadReport` (loaded, cast, replayed, missing, unexpected,
@@ -162,7 +168,15 @@ def load_checkpoint(
     plan = plan_load(module, source, where, prefix=prefix, strict=strict)
     if has_sharded(plan):  # DTensors: each rank reads only its own shards
         return load_into_shards(
-            module, source, plan, where, args, progress=progress, verify=verify, mapped=mmap
+            module,
+            source,
+            plan,
+            where,
+            args,
+            progress=progress,
+            verify=verify,
+            mapped=mmap,
+            allow_uninitialized=allow_uninitialized,
         )
     conversion = convert(
         source,
@@ -175,7 +189,12 @@ def load_checkpoint(
         mapped=mmap,
     )
     replay = replay_missing(
-        module, plan, device=args.device, dtype=args.dtype, loaded=conversion.tensors
+        module,
+        plan,
+        device=args.device,
+        dtype=args.dtype,
+        loaded=conversion.tensors,
+        allow_uninitialized=allow_uninitialized,
     )
     rest = convert_rest(plan, device=args.device, dtype=args.dtype)
     filled = swap_in([*conversion.tensors, *rest], replay)

@@ -40,7 +40,7 @@ from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport, progress_bar
 from lightning_meta._load._source import Source
-from lightning_meta._slots import Slot, wrap_like
+from lightning_meta._slots import Slot, tensor_at, wrap_like
 
 __all__ = [
     "Arguments",
@@ -350,6 +350,7 @@ def replay_missing(
     device: torch.device | None,
     dtype: torch.dtype | None,
     loaded: Sequence[Converted] = (),
+    allow_uninitialized: bool = False,
 ) -> Replay:
     """Replay the deferred tensors the checkpoint does not fill, without touching ``module``.
 
@@ -359,7 +360,8 @@ def replay_missing(
     with the checkpoint's tensors. A tensor that views the memory of one of
     ``loaded`` in eager construction (``self.row = self.weight[0]``) becomes
     that view of the loaded tensor: eager loading copies into the weight,
-    which the view sees.
+    which the view sees. ``allow_uninitialized``: as
+    :func:`~lightning_meta.materialize`'s, for the tensors replayed.
 
     Returns:
         The :class:`Replay`.
@@ -399,13 +401,13 @@ def replay_missing(
         if view is not None:
             out.tensors.append((group, dress_like(group.tensor, view, handle.attrs)))
             continue
-        name = f"t{len(groups)}"
+        owner, name = _scratch_place(scratch, group.names[0])
         if isinstance(group.tensor, nn.Parameter):
-            scratch.register_parameter(name, group.tensor)
+            owner.register_parameter(name, group.tensor)
         else:
-            scratch.register_buffer(name, group.tensor)
-        attach(handle.record, scratch, name, group.tensor, handle.vid, handle=handle)
-        groups.append((name, group))
+            owner.register_buffer(name, group.tensor, persistent=group.persistent)
+        attach(handle.record, owner, name, group.tensor, handle.vid, handle=handle)
+        groups.append((group.names[0], group))
     graded: dict[str, str] = {}
     apart: list[str] = []
     replayed = {(id(h.record), h.vid) for _, g in groups if (h := handle_of(g.tensor)) is not None}
@@ -437,11 +439,32 @@ def replay_missing(
     if graded:
         refuse_graded(graded, "load_checkpoint")
     if groups:
-        materialize_paths(scratch, None, device=device, dtype=dtype)
-    for name, group in groups:
-        new = getattr(scratch, name)
+        materialize_paths(
+            scratch, None, device=device, dtype=dtype, allow_uninitialized=allow_uninitialized
+        )
+    for path, group in groups:
+        parent, _, name = path.rpartition(".")
+        new = tensor_at(scratch.get_submodule(parent), name)
+        assert new is not None
         out.tensors.append((group, new))
     return out
+
+
+def _scratch_place(scratch: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """Return the module of ``scratch`` to hold the tensor of ``path`` (made as needed), and its name.
+
+    The scratch tree mirrors the module's, so that a refusal of the replay
+    names the module's own paths.
+    """
+    *parents, leaf = path.split(".")
+    owner = scratch
+    for name in parents:
+        child = owner._modules.get(name)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(name, child)
+        owner = child
+    return owner, leaf
 
 
 def _copied_in_eager(old: torch.Tensor, new: torch.Tensor) -> bool:

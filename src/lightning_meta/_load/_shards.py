@@ -102,6 +102,7 @@ def load_into_shards(
     progress: bool,
     verify: bool,
     mapped: bool,
+    allow_uninitialized: bool = False,
 ) -> LoadReport:
     """Finish :func:`~lightning_meta._load._checkpoint.load_checkpoint` for a module holding DTensors.
 
@@ -115,6 +116,7 @@ def load_into_shards(
         verify: check CRC-32s (a distributed checkpoint's items are then read whole).
         mapped: map the plain tensors' files; boxes are always read into
             memory the process owns (a box is rarely contiguous in the file).
+        allow_uninitialized: see :func:`~lightning_meta.load_checkpoint`.
 
     Returns:
         The report; ``bytes_read`` counts the bytes of every box read.
@@ -150,8 +152,14 @@ def load_into_shards(
     )
     for t in targets:
         if t.deferred is not None:
-            t.local = _replay_box(t)
-    replay = _phases.replay_missing(module, rest, device=args.device, dtype=args.dtype)
+            t.local = _replay_box(t, allow_uninitialized)
+    replay = _phases.replay_missing(
+        module,
+        rest,
+        device=args.device,
+        dtype=args.dtype,
+        allow_uninitialized=allow_uninitialized,
+    )
     plain = dataclasses.replace(rest, groups=[g for g in rest.groups if not is_sharded(g.tensor)])
     others = _phases.convert_rest(plain, device=args.device, dtype=args.dtype)
     undo = _put_boxes(module, targets)
@@ -401,13 +409,13 @@ def _dcp_item(source: DcpSource, key: str, entry: Entry, chunk: Any) -> tuple[Te
 # -- replaying and putting in ----------------------------------------------------
 
 
-def _replay_box(t: ShardTarget) -> torch.Tensor:
+def _replay_box(t: ShardTarget, allow_uninitialized: bool) -> torch.Tensor:
     """Replay the deferred full tensor of ``t`` and keep this rank's box (no communication)."""
     s = t.deferred
     assert s is not None
     scratch = lone_module(s.name, s.handle)
     try:
-        materialize(scratch, device=t.device)
+        materialize(scratch, device=t.device, allow_uninitialized=allow_uninitialized)
     except MaterializationError as e:
         raise MaterializationError(
             f"load_checkpoint cannot replay the sharded {s.path!r}, which the checkpoint lacks: "
