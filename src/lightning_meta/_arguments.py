@@ -16,7 +16,14 @@ from torch import nn
 from lightning_meta._compat import functorch_disabled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 
-__all__ = ["build_on_meta", "check_module_argument", "describe", "float_dtype", "real_device"]
+__all__ = [
+    "build_on_meta",
+    "check_flag",
+    "check_module_argument",
+    "describe",
+    "float_dtype",
+    "real_device",
+]
 
 DeviceLike = torch.device | str | int
 
@@ -31,6 +38,18 @@ def check_module_argument(module: Any, function: str, fix: str) -> None:
     if not isinstance(module, nn.Module):
         raise ArgumentTypeError(
             f"{function} expects an nn.Module, got {type(module).__name__}. Fix: {fix}."
+        )
+
+
+def check_flag(value: Any, name: str, function: str) -> None:
+    """Raise unless ``value`` (the argument ``name`` of ``function``) is ``True`` or ``False``.
+
+    A truthy string (``"no"``) would otherwise switch the option on.
+    """
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(
+            f"{function} got {name}={value!r} ({type(value).__name__}); expected True or "
+            f"False. Fix: pass {name}=True or {name}=False."
         )
 
 

@@ -60,6 +60,11 @@ def test_empty_init_is_refused_as_uninitialised(fabric: L.Fabric) -> None:
         lm.fabric_setup(fabric, model)
     assert "Fix:" in str(info.value)
     assert all(p.is_meta for p in model.parameters())
+    # The explicit opt-in keeps eager's uninitialised memory (fabric_setup had none).
+    model = lm.fabric_setup(fabric, model, allow_uninitialized=True)
+    assert not any(p.is_meta for p in model.parameters())
+    with pytest.raises(TypeError, match=r"fabric_setup got allow_uninitialized=1 \(int\)"):
+        lm.fabric_setup(fabric, deferred(), allow_uninitialized=1)  # type: ignore[arg-type]
 
 
 def test_a_stray_meta_tensor_is_refused_before_anything_is_allocated(fabric: L.Fabric) -> None:

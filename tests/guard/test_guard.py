@@ -207,3 +207,33 @@ def test_stray_error_lists_deepcopy_pattern_for_plain_module() -> None:
     with pytest.raises(lm.MetaTensorError, match=r"'teacher\.0\.bias'"):
         refuse_strays(holder)
     assert holder.teacher[0].weight.is_meta  # nothing was changed
+
+
+class _Cached(Seeded):
+    """`net()` under `deferred_init`, with a non-persistent cache made by torch.empty."""
+
+    def __init__(self) -> None:
+        super().__init__("configure")  # builds nothing itself
+        with lm.deferred_init():
+            self.model = net()
+            self.model.register_buffer("cache", torch.empty(3), persistent=False)
+
+
+def test_uninitialised_memory_is_refused_before_a_step_unless_allowed() -> None:
+    # No checkpoint holds a non-persistent buffer: MetaGuard had no opt-in, so
+    # such a model could not be trained under it at all.
+    model = _Cached()
+    with pytest.raises(lm.MaterializationError, match=r"'model\.cache' \(aten\.empty") as info:
+        trainer().fit(model, loader())
+    assert info.value.paths == ("model.cache",)
+    assert model.losses == []
+    want, eager_state, _ = seeded_run("eager")
+    L.seed_everything(0, verbose=False)
+    model = _Cached()
+    trainer(callbacks=[MetaGuard(allow_uninitialized=True)]).fit(model, loader())
+    assert model.losses == want
+    got = tensors(model)
+    assert got.pop("model.cache").shape == (3,)
+    assert_same(got, eager_state)
+    with pytest.raises(TypeError, match=r"allow_uninitialized=.yes."):
+        MetaGuard(allow_uninitialized="yes")  # type: ignore[arg-type]

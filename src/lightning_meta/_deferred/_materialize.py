@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
-from lightning_meta._arguments import check_module_argument, float_dtype, real_device
+from lightning_meta._arguments import check_flag, check_module_argument, float_dtype, real_device
 from lightning_meta._deferred._fallback import reset_parameters
 from lightning_meta._deferred._handles import (
     Handle,
@@ -176,6 +176,7 @@ def materialize_paths(
         MaterializationError: see :func:`materialize`.
     """
     target, remap = _check_arguments(module, names, device, dtype, draw_on, fallback)
+    check_flag(allow_uninitialized, "allow_uninitialized", "materialize")
     # One walk of the tree for every step below: on a small model the walks
     # cost as much as replaying its ops.
     walk = list(module.named_modules())
@@ -538,10 +539,9 @@ def _check_deferred(
             f"(torch.empty, or resize_ growing a tensor, never filled): {where}. Their values "
             f"would be whatever memory holds. Fix: {fill}initialise them in the model, or keep "
             "eager construction's uninitialised memory with allow_uninitialized=True "
-            "(lm.materialize(module, allow_uninitialized=True), "
-            "lm.load_checkpoint(module, path, allow_uninitialized=True); before Trainer.fit "
-            "or a plain load_state_dict, call lm.materialize(module, allow_uninitialized=True) "
-            "first).",
+            "(lm.materialize, lm.load_checkpoint, lm.MetaGuard and lm.fabric_setup take it; "
+            "before a plain load_state_dict, call lm.materialize(module, "
+            "allow_uninitialized=True) first).",
             paths=garbage,
         )
     return recast

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._deferred._materialize import DrawOn, materialize
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
@@ -49,6 +50,7 @@ def fabric_setup(
     module: nn.Module,
     *optimizers: torch.optim.Optimizer,
     draw_on: DrawOn = "cpu",
+    allow_uninitialized: bool = False,
     **setup_kwargs: Any,
 ) -> Any:
     """``fabric.setup(module, *optimizers, **setup_kwargs)`` for a model built under ``deferred_init``.
@@ -81,6 +83,9 @@ def fabric_setup(
             values of a model built on the CPU and moved, ``"device"`` those
             of a model built on ``fabric.device`` (inside
             ``fabric.init_module()`` on an accelerator).
+        allow_uninitialized: as in :func:`materialize`: tensors the model
+            leaves uninitialised (``torch.empty`` never filled) get
+            uninitialised memory instead of a ``MaterializationError``.
         **setup_kwargs: passed to ``fabric.setup`` (``scheduler``,
             ``move_to_device``, ...). With ``move_to_device=False``, single
             device and DDP materialize on the CPU (where eager construction
@@ -92,8 +97,8 @@ def fabric_setup(
         the optimizers and the scheduler.
 
     Raises:
-        ArgumentTypeError: ``fabric`` is not a Fabric, or ``module`` is not
-            an ``nn.Module``.
+        ArgumentTypeError: ``fabric`` is not a Fabric, ``module`` is not
+            an ``nn.Module``, or ``allow_uninitialized`` is not a bool.
         ArgumentValueError: ``draw_on="device"`` with ``move_to_device=False``.
         MetaTensorError: a meta parameter or buffer of ``module`` was not
             built under ``deferred_init`` (before anything is allocated).
@@ -117,6 +122,7 @@ def fabric_setup(
         True
     """
     strategy = _check(fabric, module)
+    check_flag(allow_uninitialized, "allow_uninitialized", "fabric_setup")
     names = _class_names(strategy)
     owner = type(module).__name__
     if "DeepSpeedStrategy" in names:
@@ -126,18 +132,18 @@ def fabric_setup(
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)
-        with _materialize_after_parallelize(strategy, draw_on):
+        with _materialize_after_parallelize(strategy, draw_on, allow_uninitialized):
             return fabric.setup(module, *optimizers, **setup_kwargs)
     if "FSDPStrategy" in names:
         _refuse_meta_optimizers(optimizers, "FSDPStrategy")
         refuse_strays(module, owner)
-        with _param_init_fn(strategy, draw_on):
+        with _param_init_fn(strategy, draw_on, allow_uninitialized):
             return fabric.setup(module, *optimizers, **setup_kwargs)
     device = _plain_device(fabric, draw_on, setup_kwargs)
     refuse_strays(module, owner)
     _check_optimizers(module, optimizers)
     old = {id(p): path for path, p in _parameters(module)}
-    materialize(module, device=device, draw_on=draw_on)
+    materialize(module, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized)
     _repoint(optimizers, old, dict(_parameters(module)))
     return fabric.setup(module, *optimizers, **setup_kwargs)
 
@@ -264,7 +270,9 @@ def _private(strategy: Any, name: str, what: str, fix: str) -> Any:
 
 
 @contextmanager
-def _materialize_after_parallelize(strategy: Any, draw_on: DrawOn) -> Iterator[None]:
+def _materialize_after_parallelize(
+    strategy: Any, draw_on: DrawOn, allow_uninitialized: bool
+) -> Iterator[None]:
     """Wrap the strategy instance's ``parallelize_fn`` so materialize runs right after it."""
     original: Callable[..., nn.Module] = _private(
         strategy,
@@ -277,7 +285,12 @@ def _materialize_after_parallelize(strategy: Any, draw_on: DrawOn) -> Iterator[N
     def parallelize(module: nn.Module, mesh: Any) -> nn.Module:
         out = original(module, mesh)
         if isinstance(out, nn.Module):
-            materialize(out, device=strategy.root_device, draw_on=draw_on)
+            materialize(
+                out,
+                device=strategy.root_device,
+                draw_on=draw_on,
+                allow_uninitialized=allow_uninitialized,
+            )
         return out
 
     had = "_parallelize_fn" in vars(strategy)
@@ -292,7 +305,7 @@ def _materialize_after_parallelize(strategy: Any, draw_on: DrawOn) -> Iterator[N
 
 
 @contextmanager
-def _param_init_fn(strategy: Any, draw_on: DrawOn) -> Iterator[None]:
+def _param_init_fn(strategy: Any, draw_on: DrawOn, allow_uninitialized: bool) -> Iterator[None]:
     """Hand FSDP1 a ``param_init_fn`` that replays each unit, for the length of the call."""
     kwargs: dict[str, Any] = _private(
         strategy,
@@ -308,7 +321,7 @@ def _param_init_fn(strategy: Any, draw_on: DrawOn) -> Iterator[None]:
             "FSDPStrategy, or materialize the model yourself in it."
         )
     had = "param_init_fn" in kwargs
-    kwargs["param_init_fn"] = fsdp_param_init_fn(strategy.root_device, draw_on)
+    kwargs["param_init_fn"] = fsdp_param_init_fn(strategy.root_device, draw_on, allow_uninitialized)
     try:
         yield
     finally:

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import explain, find_meta_tensors
@@ -79,6 +80,13 @@ class MetaGuard(Callback):
     optimizer or a checkpoint, raises :class:`~lightning_meta.MetaTensorError`
     naming every path and the fix before Lightning would fail on it.
 
+    Args:
+        allow_uninitialized: as in :func:`~lightning_meta.materialize`:
+            deferred tensors the model leaves uninitialised (``torch.empty``
+            never filled, such as a non-persistent cache buffer) get
+            uninitialised memory, as in eager construction, instead of a
+            :class:`~lightning_meta.MaterializationError` before the run.
+
     Example::
 
         >>> import lightning as L, torch, lightning_meta as lm
@@ -110,7 +118,9 @@ class MetaGuard(Callback):
         can act; let the strategy wrap them (``auto_wrap_policy``) instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, allow_uninitialized: bool = False) -> None:
+        check_flag(allow_uninitialized, "allow_uninitialized", "MetaGuard")
+        self.allow_uninitialized = allow_uninitialized
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._before: frozenset[int] = frozenset()
         self._prepared = False
@@ -118,7 +128,12 @@ class MetaGuard(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
         # run (bound methods of a strategy) may travel with it.
-        return {"_undo": [], "_before": frozenset(), "_prepared": False}
+        return {
+            "allow_uninitialized": self.allow_uninitialized,
+            "_undo": [],
+            "_before": frozenset(),
+            "_prepared": False,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -184,7 +199,12 @@ class MetaGuard(Callback):
             self._install_param_init_fn(strategy, device)
         else:
             on_device = frozenset(_deferred_ids(module)) - self._before
-            count = materialize_model(module, device, on_device=on_device)
+            count = materialize_model(
+                module,
+                device,
+                on_device=on_device,
+                allow_uninitialized=self.allow_uninitialized,
+            )
             if count:
                 logger.info(
                     "MetaGuard materialized %d deferred tensors of %s on %s", count, name, device
@@ -195,7 +215,7 @@ class MetaGuard(Callback):
         kwargs: dict[str, Any] = strategy.kwargs
         had = "param_init_fn" in kwargs
         user = kwargs.get("param_init_fn")
-        ours = fsdp_param_init_fn(device)
+        ours = fsdp_param_init_fn(device, allow_uninitialized=self.allow_uninitialized)
 
         def init(module: nn.Module) -> None:
             ours(module)

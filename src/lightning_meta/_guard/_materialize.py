@@ -85,6 +85,7 @@ def materialize_model(
     device: torch.device,
     *,
     on_device: frozenset[int] = frozenset(),
+    allow_uninitialized: bool = False,
 ) -> int:
     """Materialize every deferred tensor of ``module`` on ``device``; return how many.
 
@@ -96,34 +97,47 @@ def materialize_model(
             are replayed with that device's generator, like eager construction
             there. Others are drawn on the CPU and moved, like a model built
             in ``__init__`` and moved by Lightning.
+        allow_uninitialized: see :func:`~lightning_meta.materialize`.
     """
     refuse_strays(module)
     # Sharded ones first: materializing the plain ones drops every handle
     # whose slot now holds another tensor (the DTensors) as stale.
     sharded = sharded_slots(module)
     if sharded:
-        materialize_paths(module, [s.path for s in sharded], device=device)
+        materialize_paths(
+            module,
+            [s.path for s in sharded],
+            device=device,
+            allow_uninitialized=allow_uninitialized,
+        )
     count = len(sharded)
     plain = deferred_slots(module)
     for draw_on in ("cpu", "device"):
         names = [s.path for s in plain if (id(s.tensor) in on_device) == (draw_on == "device")]
         if names:
-            materialize_paths(module, names, device=device, draw_on=draw_on)
+            materialize_paths(
+                module,
+                names,
+                device=device,
+                draw_on=draw_on,
+                allow_uninitialized=allow_uninitialized,
+            )
             count += len(names)
     logger.debug("MetaGuard materialized %d deferred tensors on %s", count, device)
     return count
 
 
 def fsdp_param_init_fn(
-    device: torch.device, draw_on: DrawOn = "cpu"
+    device: torch.device, draw_on: DrawOn = "cpu", allow_uninitialized: bool = False
 ) -> Callable[[nn.Module], None]:
     """Return a ``param_init_fn`` for torch's ``FullyShardedDataParallel`` (FSDP1).
 
     FSDP1 calls it on each module of a unit that holds meta tensors, right
     before flattening and sharding that unit; it replays the module's own
     deferred tensors on ``device`` (drawing as ``draw_on`` says, see
-    :func:`~lightning_meta.materialize`) and refuses any other meta tensor
-    (which FSDP would otherwise ``reset_parameters()`` into different values).
+    :func:`~lightning_meta.materialize`, as ``allow_uninitialized``) and
+    refuses any other meta tensor (which FSDP would otherwise
+    ``reset_parameters()`` into different values).
     """
 
     def init(module: nn.Module) -> None:
@@ -137,6 +151,12 @@ def fsdp_param_init_fn(
         if len(deferred) != len([n for n, t in held.items() if t is not None and t.is_meta]):
             refuse_strays(module)
         if deferred:
-            materialize_paths(module, deferred, device=device, draw_on=draw_on)
+            materialize_paths(
+                module,
+                deferred,
+                device=device,
+                draw_on=draw_on,
+                allow_uninitialized=allow_uninitialized,
+            )
 
     return init

@@ -124,8 +124,9 @@ def load_checkpoint(
 
     Raises:
         ArgumentTypeError: ``module`` is not an ``nn.Module``, or ``path``,
-            ``device``, ``dtype``, ``prefix``, ``safe_globals``, ``verify`` or
-            ``mmap`` is of the wrong type (also a ``TypeError``).
+            ``device``, ``dtype``, ``prefix``, ``safe_globals``, ``verify``,
+            ``mmap`` or ``allow_uninitialized`` is of the wrong type (also a
+            ``TypeError``).
         ArgumentValueError: ``device`` or ``dtype`` cannot be used, or
             ``prefix`` matches no checkpoint key (also a ``ValueError``).
         MetaTensorError: the file is missing, unreadable, of an unknown
@@ -161,7 +162,15 @@ def load_checkpoint(
         process owns.
     """
     args = check_arguments(
-        module, path, device, dtype, prefix, safe_globals, verify=verify, mmap=mmap
+        module,
+        path,
+        device,
+        dtype,
+        prefix,
+        safe_globals,
+        verify=verify,
+        mmap=mmap,
+        allow_uninitialized=allow_uninitialized,
     )
     where = str(path)
     source = open_source(path, safe_globals=args.safe_globals)

@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
-from lightning_meta._arguments import check_module_argument, float_dtype, real_device
+from lightning_meta._arguments import (
+    check_flag,
+    check_module_argument,
+    float_dtype,
+    real_device,
+)
 from lightning_meta._deferred._handles import (
     attach,
     deferred_slots,
@@ -76,12 +81,13 @@ def check_arguments(
     *,
     verify: Any = False,
     mmap: Any = False,
+    allow_uninitialized: Any = False,
 ) -> Arguments:
     """Check every argument of :func:`load_checkpoint` before anything is opened.
 
     Args:
-        module, path, device, dtype, prefix, safe_globals, verify, mmap: as
-            given to :func:`load_checkpoint`.
+        module, path, device, dtype, prefix, safe_globals, verify, mmap,
+            allow_uninitialized: as given to :func:`load_checkpoint`.
 
     Returns:
         The target device (``None``: keep each tensor's, CPU for meta), the
@@ -104,12 +110,12 @@ def check_arguments(
             f"load_checkpoint got prefix={prefix!r} ({type(prefix).__name__}); expected a str "
             "such as 'model.', or None to detect it. Fix: pass the checkpoint key prefix as a str."
         )
-    for name, value in (("verify", verify), ("mmap", mmap)):
-        if not isinstance(value, bool):
-            raise ArgumentTypeError(
-                f"load_checkpoint got {name}={value!r} ({type(value).__name__}); expected True "
-                f"or False. Fix: pass {name}=True or {name}=False."
-            )
+    for name, value in (
+        ("verify", verify),
+        ("mmap", mmap),
+        ("allow_uninitialized", allow_uninitialized),
+    ):
+        check_flag(value, name, "load_checkpoint")
     return Arguments(target, checked_dtype, _safe_globals(safe_globals))
 
 
