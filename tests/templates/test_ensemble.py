@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import pickle
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -384,6 +387,157 @@ def test_members_with_settings_repr_does_not_show_are_refused() -> None:
     hooked = Scaled(2.0)
     hooked.register_full_backward_hook(lambda *args: None).remove()
     lm.Ensemble([Scaled(2.0), hooked])
+
+
+class _Set(nn.Module):
+    """A setting forward reads, held as given (any kind of value)."""
+
+    def __init__(self, setting: Any, private: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.private = private
+        if private:
+            self._setting = setting
+        else:
+            self.setting = setting
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = self._setting if self.private else self.setting
+        if callable(value):
+            return value(self.lin(x))  # type: ignore[no-any-return]
+        if isinstance(value, list):
+            value = value[0]
+        return self.lin(x) * float(value)
+
+
+def _scaler(k: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda y: y * k
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "private", "shown"),
+    [
+        (1.0, 3.0, True, r"_setting = 3.0, member 0 has 1.0"),
+        (np.float32(1.0), np.float32(3.0), False, r"setting = (np\.float32\()?3\.0"),
+        (torch.relu, torch.tanh, False, r"setting = torch.tanh, member 0 has torch.relu"),
+        (_scaler(1.0), _scaler(3.0), False, r"setting = _scaler.<locals>.<lambda>"),
+        ([torch.tensor(1.0)], [torch.tensor(3.0)], False, r"tensor\(3\.\)\]\), member 0"),
+    ],
+    ids=["private", "numpy", "function", "closure", "tensor-in-list"],
+)
+def test_members_with_settings_of_any_kind_are_refused(
+    mine: Any, theirs: Any, private: bool, shown: str
+) -> None:
+    # Each ran with member 0's setting, without an error: private attributes,
+    # numpy values, functions and tensors in lists were not compared.
+    with pytest.raises(lm.MetaTensorError, match=shown):
+        lm.Ensemble([_Set(mine, private), _Set(theirs, private)])
+    same = [_Set(mine, private), _Set(copy.copy(mine), private)]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(lm.Ensemble(same)(x), torch.stack([m(x) for m in same]))
+
+
+def test_members_with_other_module_hooks_are_refused() -> None:
+    # The template runs member 0's hooks for every member: a hook on another
+    # member, or one closing over another value, was dropped silently.
+    def scale(k: float) -> Callable[..., torch.Tensor]:
+        return lambda mod, args, out: out * k
+
+    a, b = Scaled(1.0), Scaled(1.0)
+    a.lin.register_forward_hook(scale(1.0))
+    b.lin.register_forward_hook(scale(2.0))
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"member 1 has forward hooks \['test_members_with_other_module_hooks_are_refused"
+        r"\.<locals>\.scale\.<locals>\.<lambda>'\] on 'lin'.*closing over",
+    ):
+        lm.Ensemble([a, b])
+    c = Scaled(1.0)
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has forward hooks \[\] on 'lin'"):
+        lm.Ensemble([a, c])
+    c.lin.register_forward_hook(scale(1.0))  # the same hook on every member runs
+    x = torch.randn(4, 3)
+    for plan in ("loop", "vmap"):
+        ens = lm.Ensemble([a, c], execution=plan)  # type: ignore[arg-type]
+        torch.testing.assert_close(ens(x), torch.stack([a(x), c(x)]))
+
+
+def test_members_sharing_a_tensor_are_refused() -> None:
+    # One shared embedding, trained once by a loop, was split into a copy per
+    # member that trained apart (5e4 apart after two SGD steps).
+    shared = nn.Embedding(5, 3)
+    built = [nn.Sequential(shared, nn.Linear(3, 2)) for _ in range(3)]
+    with pytest.raises(
+        lm.MetaTensorError, match=r"members 0 and 1 share the tensors \['0.weight'\]"
+    ) as info:
+        lm.Ensemble(built)
+    assert info.value.paths == ("0.weight",)
+    with pytest.raises(lm.MetaTensorError, match=r"members 0 and 1 share"):
+        lm.Ensemble.from_factory(lambda: nn.Sequential(shared, nn.Linear(3, 2)), 3)
+    lm.Ensemble.from_factory(lambda: nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), 3)
+
+
+class _HeldOutside(nn.Module):
+    def __init__(self, held: Any) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.held = held
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    ("held", "where"),
+    [
+        ([nn.Parameter(torch.randn(4))], r"\['held\[0\]'\]"),
+        ({"shift": torch.randn(4, requires_grad=True)}, r"\[\"held\['shift'\]\"\]"),
+        ([nn.Linear(4, 4)], r"\['held\[0\].bias', 'held\[0\].weight'\]"),
+    ],
+    ids=["parameter-in-list", "leaf-in-dict", "module-in-list"],
+)
+def test_tensors_that_require_grad_outside_the_parameters_are_refused(
+    held: Any, where: str
+) -> None:
+    # The template kept a copy of member 0's: no gradient reached it.
+    with pytest.raises(lm.MetaTensorError, match=rf"require grad outside its parameters: {where}"):
+        lm.Ensemble([_HeldOutside(held), _HeldOutside(held)])
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        torch.nn.utils.spectral_norm,
+        torch.nn.utils.weight_norm,
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", 0.5),
+    ],
+    ids=["spectral_norm", "weight_norm", "prune"],
+)
+def test_weights_a_hook_recomputes_are_refused_naming_the_fix(wrap: Callable[..., Any]) -> None:
+    # spectral_norm's weight was compared as a setting (a wrong refusal
+    # printing the whole tensor); weight_norm and prune raised torch's
+    # deepcopy RuntimeError.
+    mods = [nn.Sequential(nn.Linear(5, 4), nn.ReLU()) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+        for m in mods:
+            wrap(m[0])
+    with pytest.raises(
+        lm.MetaTensorError, match=r"\['0.weight'\] made by a hook.*parametrizations"
+    ) as info:
+        lm.Ensemble(mods)
+    assert info.value.paths == ("0.weight",)
+
+
+def test_member_differences_carry_their_paths() -> None:
+    with pytest.raises(lm.MetaTensorError) as info:
+        lm.Ensemble([nn.Linear(3, 4), nn.Linear(3, 5)])
+    assert info.value.paths == ("bias", "weight")
+    frozen = with_bn()
+    frozen[1].eval()
+    with pytest.raises(lm.MetaTensorError, match=r"call \.train\(\) or \.eval\(\) alike") as info:
+        lm.Ensemble([with_bn(), frozen])
+    assert info.value.paths == ("1.training",)
 
 
 def test_members_modes_are_kept_submodule_by_submodule() -> None:
@@ -857,8 +1011,11 @@ def test_backward_hook_added_after_fused_was_chosen_runs() -> None:
     assert auto.plan == "loop"
     grads = auto.tensors()["0.weight"].grad
     assert grads is not None and not grads.any()  # the hook zeroed what reaches layer 0
-    with pytest.raises(lm.MetaTensorError, match=r"execution='fused'\) cannot run with backward"):
+    with pytest.raises(
+        lm.MetaTensorError, match=r"execution='fused'\) cannot run with backward.* on \['2'\]"
+    ) as info:
         forced(x)
+    assert info.value.paths == ("2",)
     with torch.no_grad():  # no backward runs: nothing is skipped
         torch.testing.assert_close(forced(x), torch.stack([m(x) for m in members]))
     for handle in handles:
@@ -1100,3 +1257,34 @@ def test_the_hook_check_is_not_carried_to_another_process() -> None:
     assert ensemble._backward_hooked._stamp != -1
     copied = pickle.loads(pickle.dumps(ensemble))
     assert copied._backward_hooked._stamp == -1
+
+
+@dataclasses.dataclass
+class _Batch:
+    h: torch.Tensor
+
+
+class _FromBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, batch: _Batch) -> torch.Tensor:
+        return self.lin(batch.h)
+
+
+def test_timing_the_plans_leaves_gradients_outside_the_ensemble_alone() -> None:
+    # execution="auto" timed each plan with a backward through everything the
+    # outputs reach: a tensor inside an input it could not copy (a dataclass)
+    # collected every timed run's gradient on top of the real one (9x the loop's).
+    torch.manual_seed(0)
+    upstream = nn.Parameter(torch.randn(4))
+    mods = [_FromBatch() for _ in range(3)]
+    x = torch.randn(5, 4)
+    torch.stack([m(_Batch(x + upstream)) for m in mods]).sum().backward()
+    want = upstream.grad.clone()  # type: ignore[union-attr]
+    upstream.grad = None
+    ens = lm.Ensemble(mods)
+    ens(_Batch(x + upstream)).sum().backward()
+    assert ens.plan in {"loop", "vmap"}
+    torch.testing.assert_close(upstream.grad, want)

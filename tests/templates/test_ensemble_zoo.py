@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import lightning_meta as lm
 from lightning_meta._errors import ArgumentValueError
@@ -202,6 +203,45 @@ def test_dropout_draws_a_mask_per_member(plan: str) -> None:
     assert not torch.equal(out[0] == 0, out[1] == 0)
 
 
+class _ChannelDrop(nn.Module):
+    """A channel dropout given an input torch reads as unbatched (channels first)."""
+
+    def __init__(self, drop: nn.Module, functional: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, bias=False)
+        self.drop, self.functional = drop, functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if not self.functional:
+            return self.drop(y)  # type: ignore[no-any-return]
+        fn = F.dropout1d if isinstance(self.drop, nn.Dropout1d) else F.dropout3d
+        return fn(y, 0.5, self.training)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+@pytest.mark.parametrize(
+    ("drop", "shape"),
+    [(nn.Dropout1d(0.5), (8, 3)), (nn.Dropout3d(0.5), (6, 2, 2, 3))],
+    ids=["dropout1d-2d", "dropout3d-4d"],
+)
+@pytest.mark.parametrize("plan", ["grouped", "auto"])
+def test_channel_dropout_of_an_unbatched_input_draws_a_mask_per_member(
+    plan: str, drop: nn.Module, shape: tuple[int, ...], functional: bool
+) -> None:
+    # torch drops whole rows of such an input: on the grouped plan's layout
+    # (batch, members x channels) a row spans every member, so all members
+    # got one mask.
+    torch.manual_seed(0)
+    mods = [_ChannelDrop(copy.deepcopy(drop), functional) for _ in range(4)]
+    for m in mods:
+        nn.init.eye_(m.lin.weight)
+    ens = lm.Ensemble(mods, execution=plan)  # type: ignore[arg-type]
+    for _ in range(5):
+        keep = ens(torch.ones(shape)) != 0
+        assert not all(torch.equal(keep[0], keep[k]) for k in range(1, 4))
+
+
 def test_loop_with_randomness_same_shares_the_mask_and_error_refuses() -> None:
     mods = [nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5)) for _ in range(3)]
     with torch.no_grad():
@@ -216,6 +256,47 @@ def test_loop_with_randomness_same_shares_the_mask_and_error_refuses() -> None:
     assert lm.Ensemble(mods, execution="loop", randomness="error").eval()(
         torch.ones(1, 3)
     ).shape == (3, 1, 64)
+
+
+@pytest.mark.parametrize("plan", ["loop", "vmap"])
+def test_randomness_same_shares_one_mask_across_chunks(plan: str) -> None:
+    # vmap drew one mask per chunk of chunk_size members.
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)) for _ in range(4)]
+    x = torch.randn(3, 8)
+    masks = {}
+    for chunk in (None, 2, 3):
+        ens = lm.Ensemble(mods, execution=plan, randomness="same", chunk_size=chunk)  # type: ignore[arg-type]
+        torch.manual_seed(1)
+        masks[chunk] = ens(x) != 0
+        after = torch.get_rng_state()
+        assert all(torch.equal(masks[chunk][0], masks[chunk][k]) for k in range(4)), chunk
+        torch.manual_seed(1)
+        lm.Ensemble(mods, execution=plan, randomness="same")(x)
+        assert torch.equal(after, torch.get_rng_state())  # one draw, as unchunked
+    assert torch.equal(masks[2], masks[None]) and torch.equal(masks[3], masks[None])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_auto_gives_the_members_bits_in_16_bit_floats(arch: str, dtype: torch.dtype) -> None:
+    # torch.vmap rounds a batched nn.Linear twice (matmul, then bias): in
+    # 16-bit floats a vmap plan differed from the members' own results by a
+    # unit in the last place, and auto picked it where it was fastest.
+    mods = [m.to(dtype) for m in members(arch)]
+    x = example(arch).to(dtype)
+    ens = lm.Ensemble(copy.deepcopy(mods)).eval()
+    with torch.no_grad():
+        for _ in range(2):
+            out = ens(x)
+        assert "vmap" not in ens.plans[0].timings_ms
+        assert torch.equal(out, torch.stack([m.eval()(x) for m in mods]))
+    torch.use_deterministic_algorithms(True)  # auto runs untimed
+    try:
+        with torch.no_grad():
+            assert torch.equal(lm.Ensemble(copy.deepcopy(mods)).eval()(x), out)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_timing_changes_no_state_the_user_sees() -> None:

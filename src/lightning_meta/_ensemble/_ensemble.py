@@ -36,13 +36,17 @@ from lightning_meta._ensemble._loop import (
     ViewCache,
     check_no_draw,
     check_output_leaves,
-    differs,
     join_outputs,
-    plain_value,
     replay_rng,
     restack,
     rng_states,
     run_loop,
+)
+from lightning_meta._ensemble._members import (
+    SharedTensors,
+    compare,
+    held_outside,
+    hook_reparametrised,
 )
 from lightning_meta._ensemble._plan import (
     PlanCache,
@@ -53,7 +57,7 @@ from lightning_meta._ensemble._plan import (
     untimed_reason,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._slots import slot_at, tie_groups
+from lightning_meta._slots import slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
 
 __all__ = ["Ensemble"]
@@ -93,6 +97,11 @@ def _check_member_inputs(inputs: tuple[Any, ...], kwargs: Mapping[str, Any], n: 
 _BATCHED = object()
 
 
+def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a stacked floating point tensor is 16-bit (bfloat16, float16)."""
+    return any(t.is_floating_point() and t.itemsize == 2 for t in tensors.values())
+
+
 def _autocasting(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether autocast is on for the device of the stacked tensors."""
     first = next(iter(tensors.values()), None)
@@ -115,92 +124,19 @@ class _Stacked(nn.Module):
         return {leaf: getattr(self, leaf) for leaf in self.leaves}
 
 
-def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]:
-    sig: dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        kind = "parameter" if type(p) is nn.Parameter else f"parameter ({type(p).__qualname__})"
-        sig[name] = (kind, tuple(p.shape), p.dtype, p.requires_grad)
-    for name, b in module.named_buffers(remove_duplicate=False):
-        sig[name] = ("buffer", tuple(b.shape), b.dtype, False)
-    return sig
-
-
-def _ties(module: nn.Module) -> list[tuple[str, ...]]:
-    groups = [tuple(s.path for s in g) for g in tie_groups(module)]
-    return sorted(g for g in groups if len(g) > 1)
-
-
-def _compare(reference: nn.Module, other: nn.Module, index: int) -> list[str]:
-    """Every way ``other`` (member ``index``) differs from member 0."""
-    if type(other) is not type(reference):
-        return [
-            f"member {index} is {type(other).__qualname__}, member 0 is "
-            f"{type(reference).__qualname__}"
-        ]
-    ref, sig = _signature(reference), _signature(other)
-    problems = [f"member {index} lacks {n!r} {ref[n][1]}" for n in ref if n not in sig]
-    problems += [f"member {index} has extra {n!r} {sig[n][1]}" for n in sig if n not in ref]
-    for name in sorted(ref.keys() & sig.keys()):
-        (kind_a, shape_a, dtype_a, grad_a), (kind_b, shape_b, dtype_b, grad_b) = (
-            ref[name],
-            sig[name],
+def _refuse_hook_reparametrised(member: nn.Module, index: int) -> None:
+    """Refuse ``torch.nn.utils.spectral_norm`` / ``weight_norm`` / ``prune``, naming the fix."""
+    found = hook_reparametrised(member)
+    if found:
+        raise ArgumentValueError(
+            f"Ensemble member {index} has {found} made by a hook of torch.nn.utils."
+            "spectral_norm, weight_norm or prune: a tensor attribute the hook recomputes, "
+            "with autograd history, which the ensemble's template cannot carry. Fix: use "
+            "torch.nn.utils.parametrizations.spectral_norm / weight_norm instead (which torch "
+            "recommends), and prune.remove() the members before building (prune the "
+            "ensemble's stacked tensors instead, ensemble.stacked).",
+            paths=found,
         )
-        if (kind_a, shape_a, dtype_a) != (kind_b, shape_b, dtype_b):
-            problems.append(
-                f"member {index}: {kind_b} {name!r} is {shape_b} {dtype_b}, member 0 has "
-                f"{'' if kind_a == kind_b else kind_a + ' '}{shape_a} {dtype_a}"
-            )
-        elif grad_a != grad_b:
-            problems.append(
-                f"member {index}: {name!r} has requires_grad={grad_b}, member 0 has {grad_a}"
-            )
-    if _ties(other) != _ties(reference):
-        problems.append(f"member {index} ties {_ties(other)}, member 0 ties {_ties(reference)}")
-    if not problems:
-        # Same tensors, other settings (a dropout rate, an activation's slope):
-        # the template is member 0, so the difference would be lost silently.
-        for mine, theirs in zip(
-            repr(reference).splitlines(), repr(other).splitlines(), strict=False
-        ):
-            if mine != theirs:
-                problems.append(
-                    f"member {index} has {theirs.strip()!r} where member 0 has {mine.strip()!r}"
-                )
-                break
-    if not problems:
-        # Settings repr does not show (a plain attribute forward reads, a
-        # submodule left in eval mode, a buffer's persistence).
-        ref_settings, settings = _settings(reference), _settings(other)
-        for key in sorted(ref_settings.keys() & settings.keys()):
-            mine, theirs = ref_settings[key], settings[key]
-            if differs(mine, theirs):
-                problems.append(f"member {index} has {key} = {theirs!r}, member 0 has {mine!r}")
-    return problems
-
-
-def _settings(module: nn.Module) -> dict[str, Any]:
-    """Every plain public setting of every submodule, by dotted name: the attributes ``forward``
-    reads (a scale, an epsilon, a flag), its ``training`` mode and its non-persistent buffers.
-
-    Private attributes are left out: torch's and Lightning's bookkeeping
-    (hooks once registered, ``save_hyperparameters`` values, the trainer)
-    differs between members that compute the same function.
-    """
-    out: dict[str, Any] = {}
-    for path, mod in module.named_modules(remove_duplicate=False):
-        dot = f"{path}." if path else ""
-        for key, value in vars(mod).items():
-            if key.startswith("_") and key != "_non_persistent_buffers_set":
-                continue
-            if plain_value(value):
-                out[dot + key] = value
-            elif isinstance(value, torch.Tensor):
-                # A tensor forward reads that is neither parameter nor buffer
-                # (self.temperature = torch.tensor(2.0)): the template keeps member 0's.
-                # Objects (a config, an argparse.Namespace) are not compared:
-                # they hold per-run fields forward never reads (a seed, a path).
-                out[dot + key] = _TensorSetting(value)
-    return out
 
 
 def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
@@ -262,26 +198,6 @@ class _HookCheck:
             self._stamp, self._module = stamp, module
             self._hooked = has_backward_hooks(module)
         return self._hooked
-
-
-class _TensorSetting:
-    """A tensor attribute compared by value (shape, dtype and every element, NaN equal to NaN)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _TensorSetting):
-            return NotImplemented
-        a, b = self.tensor, other.tensor
-        if (a.shape, a.dtype, a.is_meta) != (b.shape, b.dtype, b.is_meta):
-            return False
-        return a.is_meta or bool(torch.equal(a, b) or (a.isnan() & b.isnan() | (a == b)).all())
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self.tensor)
 
 
 def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
@@ -424,8 +340,9 @@ class Ensemble(nn.Module):
             chunk_size,
             execution,
         )
+        shared = SharedTensors()
         for i, member in enumerate(members):
-            self._store(i, member, reference=members[0])
+            self._store(i, member, reference=members[0], shared=shared)
 
     @classmethod
     def from_factory(
@@ -460,9 +377,10 @@ class Ensemble(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(num_members, first, **options)
-        self._store(0, first, reference=first)
+        shared = SharedTensors()
+        self._store(0, first, reference=first, shared=shared)
         for i in range(1, num_members):
-            self._store(i, factory(), reference=first)
+            self._store(i, factory(), reference=first, shared=shared)
         return self
 
     # ---------------------------------------------------------------- set-up
@@ -504,6 +422,7 @@ class Ensemble(nn.Module):
         self.per_member_inputs = per_member_inputs
         self.randomness: Randomness = randomness
         self.chunk_size = chunk_size
+        _refuse_hook_reparametrised(first, 0)
         # The members' modes, submodule by submodule (a frozen BatchNorm stays
         # frozen), as a module wrapping them would leave them.
         self.template = MetaTemplate(first)
@@ -524,7 +443,8 @@ class Ensemble(nn.Module):
             if ref.is_meta:
                 raise MetaTensorError(
                     f"Ensemble member 0 holds {name!r} on the meta device. Members must hold "
-                    "real tensors. Fix: build them normally, or use Ensemble.from_factory."
+                    "real tensors. Fix: build them normally, or use Ensemble.from_factory.",
+                    paths=[name],
                 )
             data = torch.empty((n, *t.shape), dtype=t.dtype, device=ref.device)
             if isinstance(t, nn.Parameter):
@@ -590,14 +510,41 @@ class Ensemble(nn.Module):
         return holder
 
     @torch.no_grad()
-    def _store(self, index: int, member: nn.Module, *, reference: nn.Module) -> None:
-        problems = _compare(reference, member, index) if member is not reference else []
+    def _store(
+        self, index: int, member: nn.Module, *, reference: nn.Module, shared: SharedTensors
+    ) -> None:
+        _refuse_hook_reparametrised(member, index)
+        problems = compare(reference, member, index) if member is not reference else []
         if problems:
-            lines = "\n  ".join(problems)
+            lines = "\n  ".join(line for line, _ in problems)
             raise MetaTensorError(
                 f"Ensemble members must have the same architecture as member 0 "
                 f"({type(reference).__qualname__}):\n  {lines}\nFix: build every member "
-                "with the same class and configuration."
+                "with the same class and configuration, settings and hooks (or register "
+                "hooks on ensemble.template.module once it is built).",
+                paths=sorted({p for _, paths in problems for p in paths.split(", ") if p}),
+            )
+        outside = held_outside(member)
+        if outside:
+            raise ArgumentValueError(
+                f"Ensemble member {index} holds tensors that require grad outside its "
+                f"parameters: {outside}. The ensemble keeps a copy of member 0's there, which "
+                "no gradient reaches (and a later change to it is not seen). Fix: register "
+                "them as parameters of each member (nn.Parameter, or a submodule), or pass "
+                "them in as inputs.",
+                paths=outside,
+            )
+        both = shared.add(index, member)
+        if both:
+            names = sorted({name for name, _ in both})
+            other = both[0][1]
+            raise ArgumentValueError(
+                f"Ensemble members {other} and {index} share the tensors {names}: one object, "
+                "which a loop over the members trains once for all, but the ensemble stacks a "
+                "copy per member, trained apart. Fix: give every member its own copy "
+                "(copy.deepcopy), or keep the shared module outside the ensemble and pass its "
+                "output in.",
+                paths=names,
             )
         stacked = self.tensors()
         sources: dict[str, torch.Tensor] = dict(member.named_parameters(remove_duplicate=False))
@@ -619,12 +566,14 @@ class Ensemble(nn.Module):
             if src.is_meta:
                 raise MetaTensorError(
                     f"Ensemble member {index} holds {name!r} on the meta device. Fix: pass "
-                    "members with real tensors."
+                    "members with real tensors.",
+                    paths=[name],
                 )
             if src.device != stacked[name].device:
                 raise MetaTensorError(
                     f"Ensemble member {index} holds {name!r} on {src.device}, member 0 on "
-                    f"{stacked[name].device}. Fix: move every member to one device first."
+                    f"{stacked[name].device}. Fix: move every member to one device first.",
+                    paths=[name],
                 )
             stacked[name][index].copy_(src)
 
@@ -764,7 +713,10 @@ class Ensemble(nn.Module):
         if self._requested != "auto":
             return self._requested
         if untimed_reason() is not None:
-            return self._unhooked(self.execution)
+            static = self.execution
+            if static == "vmap" and _half_precision(tensors):  # see _time
+                static = "loop"
+            return self._unhooked(static)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
@@ -804,7 +756,11 @@ class Ensemble(nn.Module):
         ``previous``: the first timing's record, when this is the second.
         """
         candidates = self._candidates(inputs, kwargs)
-        if _autocasting(tensors) and "vmap" in candidates:  # see _vmap
+        if (_autocasting(tensors) or _half_precision(tensors)) and "vmap" in candidates:
+            # Under autocast see _vmap. In 16-bit floats torch.vmap's batching
+            # rules round some ops twice (a batched nn.Linear is a matmul, then
+            # the bias added: two roundings where the members' addmm has one),
+            # so its results differ from the members' own in the last bits.
             candidates.remove("vmap")
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
@@ -892,10 +848,17 @@ class Ensemble(nn.Module):
             skipped = _skipped_hooks(plan, self._backward_hooked(self.template.module))
             if skipped is not None:
                 runner = "torch.vmap" if plan == "vmap" else f"the {plan} plan"
+                hooked = [
+                    path or "(the template itself)"
+                    for path, m in self.template.module.named_modules()
+                    if m._backward_hooks or m._backward_pre_hooks
+                ]
+                where = f" on {hooked}" if hooked else ""
                 raise ArgumentValueError(
-                    f"Ensemble(execution={plan!r}) cannot run with {skipped}: {runner} does "
-                    "not run them, so the results would differ from the members' own. Fix: "
-                    "use execution='auto' or 'loop'."
+                    f"Ensemble(execution={plan!r}) cannot run with {skipped}{where}: {runner} "
+                    "does not run them, so the results would differ from the members' own. "
+                    "Fix: use execution='auto' or 'loop'.",
+                    paths=hooked,
                 )
         if plan == "grouped" and not kwargs:
             try:
@@ -937,7 +900,13 @@ class Ensemble(nn.Module):
         if size is None or size >= self.num_members:
             return run(dict(tensors), inputs, kwargs, 0)
         outs = []
+        # randomness="same": one draw shared by every member, so every chunk
+        # draws from the generators' states before the first, as the loop does.
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        replay = rng_states(device) if self.randomness == "same" else []
         for start in range(0, self.num_members, size):
+            if replay and start > 0:
+                replay_rng(replay)
             part = {k: v[start : start + size] for k, v in tensors.items()}
             xs, kw = inputs, kwargs
             if self.per_member_inputs:

@@ -198,7 +198,22 @@ def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
 
 def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     # Every member draws its own mask: fold a shared input first.
-    return _Fold(mod(ctx.fold(x).t))
+    folded = ctx.fold(x).t
+    _check_batched(type(mod), folded)
+    return _Fold(mod(folded))
+
+
+# Channel dropouts that take an input without a batch dim for one with a
+# channel dim first: on the folded layout (batch, members x channels, ...)
+# that would drop whole batch rows, one mask for every member.
+_BATCHED_NDIM: dict[Any, int] = {nn.Dropout1d: 3, nn.Dropout3d: 5}
+
+
+def _check_batched(kind: Any, x: torch.Tensor) -> None:
+    want = _BATCHED_NDIM.get(kind)
+    if want is not None and x.ndim != want:
+        name = getattr(kind, "__name__", str(kind))
+        raise NotGroupableError(f"{name} on an input without a batch dim ({x.ndim}-D)")
 
 
 def _flatten(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
@@ -301,10 +316,12 @@ def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any]:
     def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if random:
+            folded = x.t if isinstance(x, _Fold) else ctx.fold(x).t
+            _check_batched(fn, folded)
+            return _Fold(fn(folded, *args, **kwargs))
         if isinstance(x, _Fold):
             return _Fold(fn(x.t, *args, **kwargs))
-        if random:
-            return _Fold(fn(ctx.fold(x).t, *args, **kwargs))
         if kwargs.get("inplace") or (isinstance(x, torch.Tensor) and fn.__name__.endswith("_")):
             raise NotGroupableError("an in-place op on a shared input")
         return fn(x, *args, **kwargs)
@@ -462,6 +479,7 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.getitem: _getitem,
 }
 _RANDOM_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+_BATCHED_NDIM.update({F.dropout1d: 3, F.dropout3d: 5})
 
 
 def _method(name: str) -> Callable[..., Any]:

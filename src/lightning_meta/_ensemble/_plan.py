@@ -321,6 +321,10 @@ def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
     return t
 
 
+def _wants_grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
+
+
 def _copy_input(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(t.requires_grad)
 
@@ -360,8 +364,8 @@ def measure(
     the finalists, the candidates still timed when timing ended, fastest
     first: the plan is the first.
 
-    A forward (and, when gradients are enabled, a backward from the outputs)
-    per run. Parameters are aliased (``detach``), buffers and inputs copied,
+    A forward (and, when gradients are enabled, the gradients of the
+    copies from the outputs, accumulated nowhere) per run. Parameters are aliased (``detach``), buffers and inputs copied,
     and the CPU and accelerator generators restored afterwards.
     """
     buffer_names = set(buffers)
@@ -393,8 +397,15 @@ def measure(
         out = run(plan, state, xs, kw)
         if grad:
             outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-            if outs:
-                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            # Gradients of the copies only, never accumulated into any .grad:
+            # a tensor the copies do not reach (one inside an input the tree
+            # walk cannot open, a parameter a forward closes over) keeps what
+            # the user's own backward gives it.
+            wanted = [t for t in (*state.values(), *tree_leaves((xs, kw))) if _wants_grad(t)]
+            if outs and wanted:
+                torch.autograd.grad(
+                    outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True
+                )
         _synchronize(devices)
         return clock() - start
 
