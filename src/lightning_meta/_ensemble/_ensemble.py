@@ -539,9 +539,10 @@ class Ensemble(nn.Module):
             names = sorted({name for name, _ in both})
             other = both[0][1]
             raise ArgumentValueError(
-                f"Ensemble members {other} and {index} share the tensors {names}: one object, "
-                "which a loop over the members trains once for all, but the ensemble stacks a "
-                "copy per member, trained apart. Fix: give every member its own copy "
+                f"Ensemble members {other} and {index} share {names} (parameters, or modules "
+                "holding buffers): one object, which a loop over the members trains once for "
+                "all (and whose buffers it updates member after member), but the ensemble "
+                "stacks a copy per member, trained apart. Fix: give every member its own copy "
                 "(copy.deepcopy), or keep the shared module outside the ensemble and pass its "
                 "output in.",
                 paths=names,

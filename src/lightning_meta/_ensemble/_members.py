@@ -459,27 +459,38 @@ def held_outside(member: nn.Module) -> list[str]:
 
 
 class SharedTensors:
-    """Parameters and buffers seen in earlier members, to refuse one held by two members.
+    """Parameters, and modules holding buffers, seen in earlier members, to refuse sharing.
+
+    A parameter two members hold is trained once by a loop over them, but
+    the ensemble stacks a copy per member; a shared module's buffers
+    (BatchNorm's running statistics) are updated by every member in turn in
+    a loop, and per member here. A buffer tensor registered in two members'
+    own modules is copied per member like any buffer (a constant mask taken
+    from one cache is common). Stateless modules (one activation object in
+    every member) are fine.
 
     Weak references: a member built by a factory and dropped after it was
-    stored frees its tensors, and a new tensor at the same ``id`` is not
-    the same tensor.
+    stored frees its tensors, and a new object at the same ``id`` is not the
+    same object.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, str]] = {}
+        self._seen: dict[int, tuple[weakref.ref[Any], int]] = {}
 
     def add(self, index: int, member: nn.Module) -> list[tuple[str, int]]:
-        """Note member ``index``'s tensors; return ``(name, earlier member)`` of shared ones."""
+        """Note member ``index``'s parameters and buffer-holding modules; return
+        ``(name, earlier member)`` of the shared ones."""
         shared: list[tuple[str, int]] = []
-        named = [
-            *member.named_parameters(remove_duplicate=False),
-            *member.named_buffers(remove_duplicate=False),
+        named: list[tuple[str, Any]] = list(member.named_parameters(remove_duplicate=False))
+        named += [
+            (path, mod)
+            for path, mod in member.named_modules(remove_duplicate=False)
+            if any(b is not None for b in mod._buffers.values())
         ]
-        for name, t in named:
-            entry = self._seen.get(id(t))
-            if entry is not None and entry[0]() is t and entry[1] != index:
-                shared.append((name, entry[1]))
-            elif entry is None or entry[0]() is not t:
-                self._seen[id(t)] = (weakref.ref(t), index, name)
+        for name, obj in named:
+            entry = self._seen.get(id(obj))
+            if entry is not None and entry[0]() is obj and entry[1] != index:
+                shared.append((name or "(the member itself)", entry[1]))
+            elif entry is None or entry[0]() is not obj:
+                self._seen[id(obj)] = (weakref.ref(obj), index)
         return shared

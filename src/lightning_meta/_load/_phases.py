@@ -329,8 +329,16 @@ def convert_rest(
         dev, want = _placement(old, None if old.is_meta else device, dtype)
         if old.is_meta:
             if want != old.dtype:
-                data = old.detach().to(want)
-                out.append(Converted(group, wrap_like(old, data, vars(old)), False))
+                try:
+                    new = wrap_like(old, old.detach().to(want), vars(old))
+                except Exception as e:  # a Parameter subclass's constructor, user code
+                    raise _refuse(
+                        group,
+                        f"rebuilding it as {type(old).__qualname__} in {want} raised "
+                        f"{type(e).__name__}: {e}",
+                        "load without dtype= and cast the module afterwards",
+                    ) from e
+                out.append(Converted(group, new, False))
         elif (dev, want) != (old.device, old.dtype):
             out.append(_convert_one(group, old.detach(), dev, want, seen_storage))
     return out
