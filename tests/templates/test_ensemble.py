@@ -280,9 +280,10 @@ def test_differently_shaped_members_are_listed() -> None:
         lm.Ensemble([a, mlp().double()])
     with pytest.raises(
         lm.MetaTensorError,
-        match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0",
-    ):
+        match=r"member 1 has Dropout\(p=0.5, inplace=False\) at '2', member 0 has Dropout\(p=0.0",
+    ) as info:
         lm.Ensemble([a, mlp(dropout=0.5)])
+    assert info.value.paths == ("2",)
 
 
 def test_other_bad_input() -> None:
@@ -345,7 +346,7 @@ def test_per_member_gemm_path_for_large_layers(monkeypatch: pytest.MonkeyPatch, 
 def test_members_with_other_settings_are_refused() -> None:
     with pytest.raises(
         lm.MetaTensorError,
-        match=r"member 1 has '\(2\): Dropout\(p=0.5, inplace=False\)' where member 0 has '\(2\): Dropout\(p=0.0",
+        match=r"member 1 has Dropout\(p=0.5, inplace=False\) at '2', member 0 has Dropout\(p=0.0",
     ):
         lm.Ensemble([mlp(), mlp(dropout=0.5)])
 
@@ -549,6 +550,64 @@ def test_member_differences_carry_their_paths() -> None:
     with pytest.raises(lm.MetaTensorError, match=r"call \.train\(\) or \.eval\(\) alike") as info:
         lm.Ensemble([with_bn(), frozen])
     assert info.value.paths == ("1.training",)
+
+
+def _block(scale: float) -> nn.Module:
+    class Block(nn.Module):  # a class a factory defines per call, closing over a value
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    return Block()
+
+
+class _Scale:
+    """A hook object whose state decides what it computes."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out * self.k
+
+
+def test_members_are_compared_by_what_computes_their_output() -> None:
+    # Classes defined per instance (torch's parametrizations, a factory's
+    # class) compare by definition; a factory class closing over another
+    # value, a hook object with other state, a function closing over a
+    # tensor that requires grad were taken from member 0 without an error.
+    x = torch.randn(4, 3)
+    same = [_block(1.0), _block(1.0)]
+    torch.testing.assert_close(lm.Ensemble(same)(x), torch.stack([m(x) for m in same]))
+    with pytest.raises(lm.MetaTensorError, match=r"has a _block.<locals>.Block \(defined anew"):
+        lm.Ensemble([nn.Sequential(_block(1.0)), nn.Sequential(_block(5.0))])
+    normed = [torch.nn.utils.parametrizations.spectral_norm(nn.Linear(3, 2)) for _ in range(2)]
+    lm.Ensemble(normed)
+    hooked = [Scaled(1.0), Scaled(1.0)]
+    for m, k in zip(hooked, (1.0, 2.0), strict=True):
+        m.register_forward_hook(_Scale(k))
+    with pytest.raises(lm.MetaTensorError, match=r"forward hooks \['_Scale'\] on the member"):
+        lm.Ensemble(hooked)
+    shift = torch.zeros(2, requires_grad=True)
+    closing = [_Set(lambda y: y + shift), _Set(lambda y: y + shift)]
+    with pytest.raises(lm.MetaTensorError, match=r"\[\"setting \(closing over 'shift'\)\"\]"):
+        lm.Ensemble(closing)
+
+
+def test_members_wrapped_by_torch_compile_or_sharing_frozen_weights_are_accepted() -> None:
+    # torch.compile's wrapper keeps per-instance ids and a config getter,
+    # which are not settings; a frozen shared embedding trains nowhere.
+    compiled = [torch.compile(Scaled(2.0)) for _ in range(2)]
+    lm.Ensemble(compiled, execution="loop")  # type: ignore[arg-type]
+    frozen = nn.Embedding(5, 3).requires_grad_(False)
+    heads = [nn.Sequential(frozen, nn.Linear(3, 2)) for _ in range(2)]
+    ids = torch.tensor([[0, 1], [2, 3]])
+    torch.testing.assert_close(lm.Ensemble(heads)(ids), torch.stack([m(ids) for m in heads]))
+    with pytest.raises(lm.MetaTensorError, match=r"TorchScript module.*before torch.jit.script"):
+        lm.Ensemble([torch.jit.script(nn.Linear(3, 2)) for _ in range(2)])
 
 
 def test_members_modes_are_kept_submodule_by_submodule() -> None:

@@ -125,7 +125,14 @@ class _Stacked(nn.Module):
 
 
 def _refuse_hook_reparametrised(member: nn.Module, index: int) -> None:
-    """Refuse ``torch.nn.utils.spectral_norm`` / ``weight_norm`` / ``prune``, naming the fix."""
+    """Refuse ``torch.nn.utils.spectral_norm`` / ``weight_norm`` / ``prune``, naming the fix
+    (and TorchScript modules, which cannot be copied to meta or called functionally)."""
+    if isinstance(member, torch.jit.ScriptModule):
+        raise ArgumentTypeError(
+            f"Ensemble member {index} is a TorchScript module ({type(member).__name__}), which "
+            "cannot be copied to meta or called with stacked tensors. Fix: pass the modules "
+            "before torch.jit.script (or compile the ensemble with torch.compile instead)."
+        )
     found = hook_reparametrised(member)
     if found:
         raise ArgumentValueError(
@@ -539,12 +546,13 @@ class Ensemble(nn.Module):
             names = sorted({name for name, _ in both})
             other = both[0][1]
             raise ArgumentValueError(
-                f"Ensemble members {other} and {index} share {names} (parameters, or modules "
-                "holding buffers): one object, which a loop over the members trains once for "
-                "all (and whose buffers it updates member after member), but the ensemble "
-                "stacks a copy per member, trained apart. Fix: give every member its own copy "
-                "(copy.deepcopy), or keep the shared module outside the ensemble and pass its "
-                "output in.",
+                f"Ensemble members {other} and {index} share {names} (parameters that require "
+                "grad, or modules holding buffers): one object, which a loop over the members "
+                "trains once for all (and whose buffers it updates member after member once "
+                "in training mode, as Trainer.fit sets it), but the ensemble stacks a copy per "
+                "member, trained apart. Fix: keep the shared module outside the ensemble and "
+                "pass its output in (it then runs once, not once per member), or give every "
+                "member its own copy (copy.deepcopy).",
                 paths=names,
             )
         stacked = self.tensors()

@@ -60,14 +60,9 @@ def _ties(module: nn.Module) -> list[tuple[str, ...]]:
 def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
     """Every way ``other`` (member ``index``) differs from member 0: (a line for an error,
     the dotted paths it concerns, comma-separated, ``""`` for the member as a whole)."""
-    if type(other) is not type(reference):
-        return [
-            (
-                f"member {index} is {type(other).__qualname__}, member 0 is "
-                f"{type(reference).__qualname__}",
-                "",
-            )
-        ]
+    if not same_class(type(other), type(reference)):
+        theirs, mine = _class_names(type(other), type(reference))
+        return [(f"member {index} is {theirs}, member 0 is {mine}", "")]
     ref, sig = _signature(reference), _signature(other)
     problems = [(f"member {index} lacks {n!r} {ref[n][1]}", n) for n in ref if n not in sig]
     problems += [(f"member {index} has extra {n!r} {sig[n][1]}", n) for n in sig if n not in ref]
@@ -96,8 +91,11 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
         tied = ", ".join(sorted({n for g in {*ties} ^ {*ref_ties} for n in g}))
         problems.append((f"member {index} ties {ties}, member 0 ties {ref_ties}", tied))
     if not problems:
-        # Same tensors, other settings (a dropout rate, an activation's slope):
-        # the template is member 0, so the difference would be lost silently.
+        # Same tensors, other classes or settings (a dropout rate, an
+        # activation's slope): the template is member 0, so the difference
+        # would be lost silently.
+        problems += _compare_modules(reference, other, index)
+    if not problems:
         for mine, theirs in zip(
             repr(reference).splitlines(), repr(other).splitlines(), strict=False
         ):
@@ -125,15 +123,103 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
     return problems
 
 
-def _compare_hooks(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
-    """The submodules whose module hooks differ from member 0's (the template runs those)."""
+def _compare_modules(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
+    """Submodules of another class (by definition, see :func:`same_class`) or ``extra_repr``."""
     problems = []
     mods = dict(other.named_modules(remove_duplicate=False))
     for path, mod in reference.named_modules(remove_duplicate=False):
         theirs = mods.get(path)
         if theirs is None:
+            continue  # the tensors' names differ, reported above
+        where = repr(path) if path else "the member itself"
+        if not same_class(type(theirs), type(mod)):
+            their_name, my_name = _class_names(type(theirs), type(mod))
+            problems.append(
+                (f"member {index} has a {their_name} at {where}, member 0 a {my_name}", path)
+            )
             continue
-        mine_tables, their_tables = _hook_tables(mod), _hook_tables(theirs)
+        mine, their_repr = _extra_repr(mod), _extra_repr(theirs)
+        if mine != their_repr:
+            problems.append(
+                (
+                    f"member {index} has {type(mod).__name__}({their_repr}) at {where}, "
+                    f"member 0 has {type(mod).__name__}({mine})",
+                    path,
+                )
+            )
+    return problems
+
+
+def _extra_repr(mod: nn.Module) -> str:
+    try:
+        return mod.extra_repr()
+    except Exception as e:  # user code; the whole repr is compared below as well
+        return f"<extra_repr raised {type(e).__name__}>"
+
+
+def _class_names(a: type, b: type) -> tuple[str, str]:
+    """How to name two classes apart: their names, or, for one name, what differs."""
+    if a.__qualname__ != b.__qualname__:
+        return a.__qualname__, b.__qualname__
+    if a.__module__ != b.__module__:
+        return f"{a.__module__}.{a.__qualname__}", f"{b.__module__}.{b.__qualname__}"
+    return (
+        f"{a.__qualname__} (defined anew, with other code or values)",
+        f"{b.__qualname__} (another definition)",
+    )
+
+
+def same_class(a: type, b: type, depth: int = 0) -> bool:
+    """Whether classes ``a`` and ``b`` compute the same: one class, or one definition.
+
+    torch's parametrizations and factories define a class per instance
+    (``ParametrizedLinear``, a ``Block`` made inside a function); two such
+    classes are the same when their names, methods (code, and the plain
+    values the methods close over) and bases are.
+    """
+    if a is b:
+        return True
+    if depth > 4 or (a.__module__, a.__qualname__) != (b.__module__, b.__qualname__):
+        return False
+    if len(a.__bases__) != len(b.__bases__):
+        return False
+    if not all(same_class(x, y, depth + 1) for x, y in zip(a.__bases__, b.__bases__, strict=True)):
+        return False
+    return _same_key(_class_body(a), _class_body(b))
+
+
+def _class_body(cls: type) -> list[tuple[str, Any]]:
+    body = []
+    for name, value in sorted(vars(cls).items()):
+        if name in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property):
+            value = (value.fget, value.fset)
+        if isinstance(value, tuple):
+            body.append(
+                (name, tuple(callable_key(v, _IN_A_CLASS) if callable(v) else v for v in value))
+            )
+        elif callable(value):
+            body.append((name, callable_key(value, _IN_A_CLASS)))
+        elif plain_value(value) and not (name.startswith("__") and name.endswith("__")):
+            # (copyreg caches __slotnames__ on a class once an instance is copied)
+            body.append((name, value))
+    return body
+
+
+def _compare_hooks(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
+    """The submodules whose module hooks differ from member 0's (the template runs those)."""
+    problems = []
+    mods = dict(other.named_modules(remove_duplicate=False))
+    ref_member, other_member = _Member(reference), _Member(other)
+    for path, mod in reference.named_modules(remove_duplicate=False):
+        theirs = mods.get(path)
+        if theirs is None or _is_dynamo(mod):
+            continue
+        mine_tables = _hook_tables(mod, ref_member)
+        their_tables = _hook_tables(theirs, other_member)
         for table, mine in mine_tables.items():
             if not _same_key(mine, their_tables[table]):
                 where = f"on {path!r}" if path else "on the member itself"
@@ -175,29 +261,61 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-def settings(module: nn.Module) -> dict[str, Any]:
+class _Member:
+    """What a setting is compared against: the member's own tensors and modules, by path.
+
+    A setting that refers back to the member (an LSTM's ``_flat_weights``, a
+    hook closing over ``self``) is compared by where it points, not by value.
+    """
+
+    def __init__(self, member: nn.Module | None, *, every_module: bool = False) -> None:
+        # every_module: a class's own methods refer to the instance they were
+        # made for (torch's parametrized classes): any module is "the member".
+        self.every_module = every_module
+        self.tensors: dict[int, str] = {}
+        self.modules: dict[int, str] = {}
+        if member is not None:
+            named: list[tuple[str, torch.Tensor]] = [
+                *member.named_parameters(remove_duplicate=False),
+                *member.named_buffers(remove_duplicate=False),
+            ]
+            for n, t in named:
+                self.tensors.setdefault(id(t), n)
+            for n, m in member.named_modules(remove_duplicate=False):
+                self.modules.setdefault(id(m), n)
+
+
+_NOWHERE = _Member(None)
+_IN_A_CLASS = _Member(None, every_module=True)
+_DEPTH = 4
+
+
+def settings(module: nn.Module, depth: int = 0) -> dict[str, Any]:
     """Every setting of every submodule, by dotted name, in a form compared with ``==``.
 
     The attributes ``forward`` reads (a scale, an epsilon, a flag, a numpy
-    value, a tensor kept as a plain attribute, a function, and containers of
-    them), its ``training`` mode and its non-persistent buffers (module hooks
-    are compared apart, in :func:`compare`). Objects other than those (a
-    config, an ``argparse.Namespace``) are not compared: they hold per-run fields
+    value, a slice, a tensor kept as a plain attribute, a function, a module
+    kept in a list, and containers of them), its ``training`` mode and its
+    non-persistent buffers (module hooks are compared apart, in
+    :func:`compare`). Objects other than those (a config, an
+    ``argparse.Namespace``) are not compared: they hold per-run fields
     ``forward`` never reads (a seed, a path); nor is torch's and Lightning's
-    own bookkeeping. The member's own parameters and buffers, held again in
-    a list (``nn.LSTM._flat_weights``), are compared by name.
+    own bookkeeping (``torch.compile``'s wrapper included: the module it
+    wraps is compared). The member's own parameters, buffers and modules,
+    held again elsewhere (``nn.LSTM._flat_weights``), are compared by name.
     """
-    own = {id(t): n for n, t in module.named_parameters(remove_duplicate=False)}
-    own.update({id(t): n for n, t in module.named_buffers(remove_duplicate=False)})
+    member = _Member(module)
     out: dict[str, Any] = {}
     for path, mod in module.named_modules(remove_duplicate=False):
+        if _is_dynamo(mod):
+            continue
         dot = f"{path}." if path else ""
         lightning = _is_lightning(mod)
         for key, value in vars(mod).items():
             private = key.startswith("_") and key != "_non_persistent_buffers_set"
             if private and (key in _MODULE_INTERNALS or key.startswith(_OWN_PREFIX) or lightning):
                 continue
-            setting = _setting(value, own)
+            setting = _setting(value, member, depth)
             if setting is not _UNCOMPARED:
                 out[dot + key] = setting
     return out
@@ -207,98 +325,137 @@ def _is_lightning(mod: nn.Module) -> bool:
     return any(c.__module__.split(".")[0] in _LIGHTNING_ROOTS for c in type(mod).__mro__)
 
 
+def _is_dynamo(mod: nn.Module) -> bool:
+    """Whether ``mod`` is ``torch.compile``'s wrapper (``OptimizedModule``), whose attributes
+    are the compiler's bookkeeping (ids, the original callable, a config getter)."""
+    return type(mod).__module__.startswith("torch._dynamo")
+
+
 _UNCOMPARED = object()
 
 
-def _setting(value: Any, own: dict[int, str], depth: int = 0) -> Any:
+def _setting(value: Any, member: _Member, depth: int = 0) -> Any:
     """``value`` in a form ``==`` compares as the template would use it, or ``_UNCOMPARED``."""
     if plain_value(value):
         return value
+    if isinstance(value, (slice, range)):
+        return (type(value).__name__, value.start, value.stop, value.step)
     if isinstance(value, torch.Tensor):
-        name = own.get(id(value))
+        name = member.tensors.get(id(value))
         return _Own(name) if name is not None else TensorSetting(value)
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return _Numpy(value)
-    if isinstance(value, (list, tuple)) and depth < 4:
-        items = [_setting(v, own, depth + 1) for v in value]
+    if depth >= _DEPTH:
+        return _Object(value)
+    if isinstance(value, (list, tuple)):
+        items = [_setting(v, member, depth + 1) for v in value]
         kept = [_Object(v) if s is _UNCOMPARED else s for v, s in zip(value, items, strict=True)]
         return (type(value).__name__, kept)
-    if isinstance(value, dict) and depth < 4 and all(plain_value(k) for k in value):
-        return {
-            k: _Object(v) if (s := _setting(v, own, depth + 1)) is _UNCOMPARED else s
-            for k, v in value.items()
-        }
-    if callable(value) and not isinstance(value, nn.Module):
-        return _Callable(value)
+    if isinstance(value, dict):
+        pairs = []
+        for k, v in value.items():
+            key, item = _setting(k, member, depth + 1), _setting(v, member, depth + 1)
+            pairs.append(
+                (
+                    _Object(k) if key is _UNCOMPARED else key,
+                    _Object(v) if item is _UNCOMPARED else item,
+                )
+            )
+        return ("dict", pairs)
+    if isinstance(value, nn.Module):
+        path = member.modules.get(id(value))
+        return _Own(path) if path is not None else _ModuleSetting(value, depth + 1)
+    if callable(value):
+        return _Callable(value, member, depth)
     return _UNCOMPARED
 
 
-def callable_key(fn: Any, depth: int = 0) -> Any:
+def callable_key(fn: Any, member: _Member = _NOWHERE, depth: int = 0) -> Any:
     """What decides what ``fn`` computes, compared with ``==``.
 
-    A Python function by its code, defaults and the plain values it closes
-    over (two lambdas written once but made per member are the same; one
-    closing over another scale is not); a bound method by its function (the
-    instance is the member itself); a ``functools.partial`` by its function
-    and arguments; a class by identity; any other callable object by its type.
+    A Python function by its code, defaults and the values it closes over
+    (two lambdas written once but made per member are the same; one closing
+    over another scale, tensor or module is not); a bound method by its
+    function and its instance (the member's own modules by path); a
+    ``functools.partial`` by its function and arguments; a class or a
+    builtin by identity; any other callable object by its type and state.
     """
-    if depth > 3:
+    if depth > _DEPTH:
         return ("callable", type(fn))
     if isinstance(fn, types.MethodType):
-        return ("method", callable_key(fn.__func__, depth + 1))
+        return (
+            "method",
+            callable_key(fn.__func__, member, depth + 1),
+            _loose(fn.__self__, member, depth + 1),
+        )
     if isinstance(fn, types.FunctionType):
-        cells = tuple(_cell(c) for c in fn.__closure__ or ())
-        defaults = tuple(_loose(v) for v in fn.__defaults__ or ())
-        kwdefaults = tuple(sorted((k, _loose(v)) for k, v in (fn.__kwdefaults__ or {}).items()))
+        # A method's __class__ cell (zero-argument super()) is its own class.
+        cells = tuple(
+            ("__class__",) if name == "__class__" else _cell(c, member, depth)
+            for name, c in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False)
+        )
+        defaults = tuple(_loose(v, member, depth + 1) for v in fn.__defaults__ or ())
+        kwdefaults = tuple(
+            sorted((k, _loose(v, member, depth + 1)) for k, v in (fn.__kwdefaults__ or {}).items())
+        )
         return ("function", fn.__code__, defaults, kwdefaults, cells)
     if isinstance(fn, functools.partial):
         return (
             "partial",
-            callable_key(fn.func, depth + 1),
-            tuple(_loose(a) for a in fn.args),
-            tuple(sorted((k, _loose(v)) for k, v in fn.keywords.items())),
+            callable_key(fn.func, member, depth + 1),
+            tuple(_loose(a, member, depth + 1) for a in fn.args),
+            tuple(sorted((k, _loose(v, member, depth + 1)) for k, v in fn.keywords.items())),
         )
     if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
         return ("object", id(fn), getattr(fn, "__qualname__", repr(fn)))
-    return ("callable", type(fn))
+    state = vars(fn) if hasattr(fn, "__dict__") else {}
+    return ("callable", type(fn), _setting(dict(state), member, depth + 1))
 
 
-def _cell(cell: Any) -> Any:
+_EMPTY = object()
+
+
+def _cell_contents(cell: Any) -> Any:
     try:
-        return _loose(cell.cell_contents)
+        return cell.cell_contents
     except ValueError:  # an empty cell (a name assigned after the closure was made)
-        return ("empty",)
+        return _EMPTY
 
 
-def _loose(value: Any) -> Any:
-    """A value a function closes over or defaults to: plain ones by value, others by kind."""
-    if plain_value(value):
-        return value
-    if isinstance(value, torch.Tensor):
-        return (
-            TensorSetting(value)
-            if not value.requires_grad and value.numel() <= 64
-            else ("tensor", tuple(value.shape))
-        )
-    if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
-        return ("function", getattr(value, "__qualname__", type(value).__qualname__))
-    return ("object", type(value))
+def _cell(cell: Any, member: _Member, depth: int) -> Any:
+    contents = _cell_contents(cell)
+    return ("empty",) if contents is _EMPTY else _loose(contents, member, depth + 1)
 
 
-def _hook_tables(mod: nn.Module) -> dict[str, Any]:
+def _loose(value: Any, member: _Member, depth: int) -> Any:
+    """A value a function closes over or defaults to, or a method's instance.
+
+    As :func:`_setting`, except that objects of other kinds (a config) are
+    compared by type only.
+    """
+    if isinstance(value, nn.Module) and (member.every_module or id(value) in member.modules):
+        return _Own(member.modules.get(id(value), type(value).__qualname__))
+    if callable(value) and not isinstance(value, nn.Module):
+        return callable_key(value, member, depth)
+    setting = _setting(value, member, depth)
+    return ("object", type(value)) if setting is _UNCOMPARED else setting
+
+
+def _hook_tables(mod: nn.Module, member: _Member = _NOWHERE) -> dict[str, Any]:
     """The module's own forward and backward hooks, in order, each as its :func:`callable_key`."""
     with_kwargs = set(getattr(mod, "_forward_hooks_with_kwargs", {}))
     pre_kwargs = set(getattr(mod, "_forward_pre_hooks_with_kwargs", {}))
     always = set(getattr(mod, "_forward_hooks_always_called", {}))
     tables: dict[str, Any] = {
         "forward hooks": [
-            (callable_key(h), i in with_kwargs, i in always) for i, h in mod._forward_hooks.items()
+            (callable_key(h, member), i in with_kwargs, i in always)
+            for i, h in mod._forward_hooks.items()
         ],
         "forward pre-hooks": [
-            (callable_key(h), i in pre_kwargs) for i, h in mod._forward_pre_hooks.items()
+            (callable_key(h, member), i in pre_kwargs) for i, h in mod._forward_pre_hooks.items()
         ],
-        "backward hooks": [callable_key(h) for h in mod._backward_hooks.values()],
-        "backward pre-hooks": [callable_key(h) for h in mod._backward_pre_hooks.values()],
+        "backward hooks": [callable_key(h, member) for h in mod._backward_hooks.values()],
+        "backward pre-hooks": [callable_key(h, member) for h in mod._backward_pre_hooks.values()],
     }
     return tables
 
@@ -357,8 +514,8 @@ class _Numpy:
 class _Callable:
     """A function (or other callable) setting, compared by :func:`callable_key`."""
 
-    def __init__(self, fn: Any) -> None:
-        self.key = callable_key(fn)
+    def __init__(self, fn: Any, member: _Member = _NOWHERE, depth: int = 0) -> None:
+        self.key = callable_key(fn, member, depth)
         self.name = _callable_name(fn)
 
     def __eq__(self, other: object) -> bool:
@@ -383,6 +540,31 @@ def _same_key(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # a tensor comparison of another shape, or one that raises
         return False
+
+
+class _ModuleSetting:
+    """A module held outside the member's tree (in a list, a closure): compared by class,
+    settings and the values of its parameters and buffers."""
+
+    def __init__(self, mod: nn.Module, depth: int) -> None:
+        self.type = type(mod)
+        self.state = [
+            (n, TensorSetting(t)) for n, t in [*mod.named_parameters(), *mod.named_buffers()]
+        ]
+        self.settings = settings(mod, depth) if depth < _DEPTH else {}
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _ModuleSetting)
+            and same_class(self.type, other.type)
+            and _same_key(self.state, other.state)
+            and _same_key(self.settings, other.settings)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<a {self.type.__qualname__} with its own values>"
 
 
 class _Object:
@@ -425,29 +607,58 @@ def hook_reparametrised(member: nn.Module) -> list[str]:
 
 
 def held_outside(member: nn.Module) -> list[str]:
-    """Dotted places of tensors that require grad in ``member``'s plain attributes (sorted).
+    """Dotted places of tensors that require grad held outside ``member``'s parameters (sorted).
 
-    Containers (lists, tuples, dicts) are searched, and modules held in them
-    (their parameters are not the member's). The member's own parameters
-    held again (``nn.LSTM._flat_weights``) are not listed.
+    Plain attributes and containers (lists, tuples, dicts) are searched, and
+    what functions there and the module hooks reach: the values they close
+    over or default to, a ``functools.partial``'s arguments, a bound
+    method's instance, a callable object's attributes, and modules held in
+    any of those (their parameters are not the member's). The member's own
+    parameters held again (``nn.LSTM._flat_weights``) are not listed.
     """
     own = {id(t) for t in member.parameters(recurse=True)}
+    inside = {id(m) for m in member.modules()}
     found: list[str] = []
+    seen: set[int] = set()
 
     def visit(value: Any, where: str, depth: int) -> None:
+        if depth > _DEPTH or id(value) in seen or plain_value(value):
+            return
+        seen.add(id(value))
         if isinstance(value, torch.Tensor):
             if value.requires_grad and id(value) not in own:
                 found.append(where)
         elif isinstance(value, nn.Module):
+            if id(value) in inside:
+                return
             for name, p in value.named_parameters():
                 if p.requires_grad and id(p) not in own:
                     found.append(f"{where}.{name}")
-        elif depth < 4 and isinstance(value, (list, tuple)):
+        elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
                 visit(v, f"{where}[{i}]", depth + 1)
-        elif depth < 4 and isinstance(value, dict):
+        elif isinstance(value, dict):
             for k, v in value.items():
                 visit(v, f"{where}[{k!r}]", depth + 1)
+        elif isinstance(value, types.FunctionType):
+            for name, cell in zip(
+                value.__code__.co_freevars, value.__closure__ or (), strict=False
+            ):
+                contents = _cell_contents(cell)
+                if contents is not _EMPTY:
+                    visit(contents, f"{where} (closing over {name!r})", depth + 1)
+            for i, v in enumerate(value.__defaults__ or ()):
+                visit(v, f"{where} (default {i})", depth + 1)
+        elif isinstance(value, functools.partial):
+            visit(value.func, where, depth + 1)
+            for i, v in enumerate((*value.args, *value.keywords.values())):
+                visit(v, f"{where} (argument {i})", depth + 1)
+        elif isinstance(value, types.MethodType):
+            visit(value.__func__, where, depth + 1)
+            visit(value.__self__, f"{where} (its instance)", depth + 1)
+        elif callable(value) and hasattr(value, "__dict__") and not isinstance(value, type):
+            for k, v in vars(value).items():
+                visit(v, f"{where}.{k}", depth + 1)
 
     for path, mod in member.named_modules():
         dot = f"{path}." if path else ""
@@ -455,6 +666,14 @@ def held_outside(member: nn.Module) -> list[str]:
             if key in _MODULE_INTERNALS:
                 continue
             visit(value, dot + key, 0)
+        for table, hooks in (
+            ("forward hook", mod._forward_hooks),
+            ("forward pre-hook", mod._forward_pre_hooks),
+            ("backward hook", mod._backward_hooks),
+            ("backward pre-hook", mod._backward_pre_hooks),
+        ):
+            for hook in hooks.values():
+                visit(hook, f"{dot}<{table} {_callable_name(hook)}>", 0)
     return sorted(found)
 
 
@@ -462,7 +681,7 @@ class SharedTensors:
     """Parameters, and modules holding buffers, seen in earlier members, to refuse sharing.
 
     A parameter two members hold is trained once by a loop over them, but
-    the ensemble stacks a copy per member; a shared module's buffers
+    the ensemble stacks a copy per member (a frozen one is fine); a shared module's buffers
     (BatchNorm's running statistics) are updated by every member in turn in
     a loop, and per member here. A buffer tensor registered in two members'
     own modules is copied per member like any buffer (a constant mask taken
@@ -481,7 +700,10 @@ class SharedTensors:
         """Note member ``index``'s parameters and buffer-holding modules; return
         ``(name, earlier member)`` of the shared ones."""
         shared: list[tuple[str, int]] = []
-        named: list[tuple[str, Any]] = list(member.named_parameters(remove_duplicate=False))
+        # A frozen parameter is not trained: a copy per member computes the same.
+        named: list[tuple[str, Any]] = [
+            (n, p) for n, p in member.named_parameters(remove_duplicate=False) if p.requires_grad
+        ]
         named += [
             (path, mod)
             for path, mod in member.named_modules(remove_duplicate=False)
