@@ -576,6 +576,37 @@ def tensor_tables(
     return module._parameters, module._buffers
 
 
+def module_hooks(module: nn.Module) -> dict[str, dict[int, Any]]:
+    """``module``'s own forward and backward hook tables, by kind (handle id -> hook).
+
+    Ensemble compares every member's with member 0's, whose hooks the
+    template runs.
+    """
+    return {
+        "forward hooks": module._forward_hooks,
+        "forward pre-hooks": module._forward_pre_hooks,
+        "backward hooks": module._backward_hooks,
+        "backward pre-hooks": module._backward_pre_hooks,
+    }
+
+
+def forward_hook_flags(module: nn.Module) -> tuple[set[int], set[int], set[int]]:
+    """Handle ids of ``module``'s forward hooks taking kwargs, forward pre-hooks taking
+    kwargs, and forward hooks always called (each empty on a torch without the table)."""
+    return (
+        set(getattr(module, "_forward_hooks_with_kwargs", {})),
+        set(getattr(module, "_forward_pre_hooks_with_kwargs", {})),
+        set(getattr(module, "_forward_hooks_always_called", {})),
+    )
+
+
+def backward_hooked(module: nn.Module) -> list[str]:
+    """Dotted paths of the submodules of ``module`` (``""``: itself) with backward hooks."""
+    return [
+        path for path, m in module.named_modules() if m._backward_hooks or m._backward_pre_hooks
+    ]
+
+
 def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
     return (
         module._forward_hooks,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    backward_hooked,
     global_module_hooks,
     has_backward_hooks,
     has_module_hooks,
@@ -859,8 +860,7 @@ class Ensemble(nn.Module):
                 runner = "torch.vmap" if plan == "vmap" else f"the {plan} plan"
                 hooked = [
                     path or "(the template itself)"
-                    for path, m in self.template.module.named_modules()
-                    if m._backward_hooks or m._backward_pre_hooks
+                    for path in backward_hooked(self.template.module)
                 ]
                 where = f" on {hooked}" if hooked else ""
                 raise ArgumentValueError(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._compat import buffers_of, forward_hook_flags, module_hooks
 from lightning_meta._ensemble._loop import differs, plain_value
 from lightning_meta._slots import tie_groups
 
@@ -237,12 +238,7 @@ def _compare_hooks(reference: nn.Module, other: nn.Module, index: int) -> list[t
 
 
 def _hook_names(mod: nn.Module, table: str) -> list[str]:
-    hooks = {
-        "forward hooks": mod._forward_hooks,
-        "forward pre-hooks": mod._forward_pre_hooks,
-        "backward hooks": mod._backward_hooks,
-        "backward pre-hooks": mod._backward_pre_hooks,
-    }[table]
+    hooks = module_hooks(mod)[table]
     return [_callable_name(h) for h in hooks.values()]
 
 
@@ -443,19 +439,21 @@ def _loose(value: Any, member: _Member, depth: int) -> Any:
 
 def _hook_tables(mod: nn.Module, member: _Member = _NOWHERE) -> dict[str, Any]:
     """The module's own forward and backward hooks, in order, each as its :func:`callable_key`."""
-    with_kwargs = set(getattr(mod, "_forward_hooks_with_kwargs", {}))
-    pre_kwargs = set(getattr(mod, "_forward_pre_hooks_with_kwargs", {}))
-    always = set(getattr(mod, "_forward_hooks_always_called", {}))
+    with_kwargs, pre_kwargs, always = forward_hook_flags(mod)
+    hooks = module_hooks(mod)
     tables: dict[str, Any] = {
         "forward hooks": [
             (callable_key(h, member), i in with_kwargs, i in always)
-            for i, h in mod._forward_hooks.items()
+            for i, h in hooks["forward hooks"].items()
         ],
         "forward pre-hooks": [
-            (callable_key(h, member), i in pre_kwargs) for i, h in mod._forward_pre_hooks.items()
+            (callable_key(h, member), i in pre_kwargs)
+            for i, h in hooks["forward pre-hooks"].items()
         ],
-        "backward hooks": [callable_key(h, member) for h in mod._backward_hooks.values()],
-        "backward pre-hooks": [callable_key(h, member) for h in mod._backward_pre_hooks.values()],
+        "backward hooks": [callable_key(h, member) for h in hooks["backward hooks"].values()],
+        "backward pre-hooks": [
+            callable_key(h, member) for h in hooks["backward pre-hooks"].values()
+        ],
     }
     return tables
 
@@ -666,12 +664,7 @@ def held_outside(member: nn.Module) -> list[str]:
             if key in _MODULE_INTERNALS:
                 continue
             visit(value, dot + key, 0)
-        for table, hooks in (
-            ("forward hook", mod._forward_hooks),
-            ("forward pre-hook", mod._forward_pre_hooks),
-            ("backward hook", mod._backward_hooks),
-            ("backward pre-hook", mod._backward_pre_hooks),
-        ):
+        for table, hooks in module_hooks(mod).items():
             for hook in hooks.values():
                 visit(hook, f"{dot}<{table} {_callable_name(hook)}>", 0)
     return sorted(found)
@@ -707,7 +700,7 @@ class SharedTensors:
         named += [
             (path, mod)
             for path, mod in member.named_modules(remove_duplicate=False)
-            if any(b is not None for b in mod._buffers.values())
+            if any(b is not None for b in buffers_of(mod).values())
         ]
         for name, obj in named:
             entry = self._seen.get(id(obj))

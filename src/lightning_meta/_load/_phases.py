@@ -473,7 +473,7 @@ def _scratch_place(scratch: nn.Module, path: str) -> tuple[nn.Module, str]:
     *parents, leaf = path.split(".")
     owner = scratch
     for name in parents:
-        child = owner._modules.get(name)
+        child = dict(owner.named_children()).get(name)
         if child is None:
             child = nn.Module()
             owner.add_module(name, child)
