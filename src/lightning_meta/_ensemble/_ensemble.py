@@ -44,6 +44,7 @@ from lightning_meta._ensemble._loop import (
     run_loop,
 )
 from lightning_meta._ensemble._members import (
+    Profile,
     SharedTensors,
     compare,
     held_outside,
@@ -348,9 +349,9 @@ class Ensemble(nn.Module):
             chunk_size,
             execution,
         )
-        shared = SharedTensors()
+        shared, reference = SharedTensors(), Profile(members[0])
         for i, member in enumerate(members):
-            self._store(i, member, reference=members[0], shared=shared)
+            self._store(i, member, reference=reference, shared=shared)
 
     @classmethod
     def from_factory(
@@ -385,10 +386,10 @@ class Ensemble(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(num_members, first, **options)
-        shared = SharedTensors()
-        self._store(0, first, reference=first, shared=shared)
+        shared, reference = SharedTensors(), Profile(first)
+        self._store(0, first, reference=reference, shared=shared)
         for i in range(1, num_members):
-            self._store(i, factory(), reference=first, shared=shared)
+            self._store(i, factory(), reference=reference, shared=shared)
         return self
 
     # ---------------------------------------------------------------- set-up
@@ -519,15 +520,15 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def _store(
-        self, index: int, member: nn.Module, *, reference: nn.Module, shared: SharedTensors
+        self, index: int, member: nn.Module, *, reference: Profile, shared: SharedTensors
     ) -> None:
         _refuse_hook_reparametrised(member, index)
-        problems = compare(reference, member, index) if member is not reference else []
+        problems = compare(reference, member, index) if member is not reference.module else []
         if problems:
             lines = "\n  ".join(line for line, _ in problems)
             raise MetaTensorError(
                 f"Ensemble members must have the same architecture as member 0 "
-                f"({type(reference).__qualname__}):\n  {lines}\nFix: build every member "
+                f"({type(reference.module).__qualname__}):\n  {lines}\nFix: build every member "
                 "with the same class and configuration, settings and hooks (or register "
                 "hooks on ensemble.template.module once it is built).",
                 paths=sorted({p for _, paths in problems for p in paths.split(", ") if p}),

@@ -33,7 +33,14 @@ from lightning_meta._compat import buffers_of, forward_hook_flags, module_hooks
 from lightning_meta._ensemble._loop import differs, plain_value
 from lightning_meta._slots import tie_groups
 
-__all__ = ["SharedTensors", "compare", "held_outside", "hook_reparametrised", "settings"]
+__all__ = [
+    "Profile",
+    "SharedTensors",
+    "compare",
+    "held_outside",
+    "hook_reparametrised",
+    "settings",
+]
 
 # nn.Module's own bookkeeping, and what torch.compile and this package add.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
@@ -58,13 +65,59 @@ def _ties(module: nn.Module) -> list[tuple[str, ...]]:
     return sorted(g for g in groups if len(g) > 1)
 
 
-def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
-    """Every way ``other`` (member ``index``) differs from member 0: (a line for an error,
-    the dotted paths it concerns, comma-separated, ``""`` for the member as a whole)."""
-    if not same_class(type(other), type(reference)):
-        theirs, mine = _class_names(type(other), type(reference))
+class Profile:
+    """What :func:`compare` reads of one member, each computed once (member 0's is compared
+    with every other member)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @functools.cached_property
+    def signature(self) -> dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]:
+        return _signature(self.module)
+
+    @functools.cached_property
+    def ties(self) -> list[tuple[str, ...]]:
+        return _ties(self.module)
+
+    @functools.cached_property
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.module.named_modules(remove_duplicate=False))
+
+    @functools.cached_property
+    def reprs(self) -> dict[str, str]:
+        return {path: _extra_repr(mod) for path, mod in self.modules.items()}
+
+    @functools.cached_property
+    def repr_lines(self) -> list[str]:
+        return repr(self.module).splitlines()
+
+    @functools.cached_property
+    def member(self) -> _Member:
+        return _Member(self.module)
+
+    @functools.cached_property
+    def settings(self) -> dict[str, Any]:
+        return settings(self.module, member=self.member)
+
+    @functools.cached_property
+    def hooks(self) -> dict[str, dict[str, Any]]:
+        return {
+            path: _hook_tables(mod, self.member)
+            for path, mod in self.modules.items()
+            if not _is_dynamo(mod)
+        }
+
+
+def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str, str]]:
+    """Every way ``other`` (member ``index``) differs from member 0 (``reference``): (a line
+    for an error, the dotted paths it concerns, comma-separated, ``""`` for the member as a
+    whole)."""
+    if not same_class(type(other), type(reference.module)):
+        theirs, mine = _class_names(type(other), type(reference.module))
         return [(f"member {index} is {theirs}, member 0 is {mine}", "")]
-    ref, sig = _signature(reference), _signature(other)
+    them = Profile(other)
+    ref, sig = reference.signature, them.signature
     problems = [(f"member {index} lacks {n!r} {ref[n][1]}", n) for n in ref if n not in sig]
     problems += [(f"member {index} has extra {n!r} {sig[n][1]}", n) for n in sig if n not in ref]
     for name in sorted(ref.keys() & sig.keys()):
@@ -87,7 +140,7 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
                     name,
                 )
             )
-    ties, ref_ties = _ties(other), _ties(reference)
+    ties, ref_ties = them.ties, reference.ties
     if ties != ref_ties:
         tied = ", ".join(sorted({n for g in {*ties} ^ {*ref_ties} for n in g}))
         problems.append((f"member {index} ties {ties}, member 0 ties {ref_ties}", tied))
@@ -95,11 +148,9 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
         # Same tensors, other classes or settings (a dropout rate, an
         # activation's slope): the template is member 0, so the difference
         # would be lost silently.
-        problems += _compare_modules(reference, other, index)
+        problems += _compare_modules(reference, them, index)
     if not problems:
-        for mine, theirs in zip(
-            repr(reference).splitlines(), repr(other).splitlines(), strict=False
-        ):
+        for mine, theirs in zip(reference.repr_lines, them.repr_lines, strict=False):
             if mine != theirs:
                 problems.append(
                     (
@@ -112,7 +163,7 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
     if not problems:
         # Settings repr does not show (a plain attribute forward reads, a
         # submodule left in eval mode, a buffer's persistence, hooks).
-        ref_settings, other_settings = settings(reference), settings(other)
+        ref_settings, other_settings = reference.settings, them.settings
         for key in sorted(ref_settings.keys() | other_settings.keys()):
             mine, theirs = ref_settings.get(key, _ABSENT), other_settings.get(key, _ABSENT)
             if _differs(mine, theirs):
@@ -120,16 +171,15 @@ def compare(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[st
                 if key.endswith("training"):
                     line += " (call .train() or .eval() alike on every member)"
                 problems.append((line, key))
-        problems += _compare_hooks(reference, other, index)
+        problems += _compare_hooks(reference, them, index)
     return problems
 
 
-def _compare_modules(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
+def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:
     """Submodules of another class (by definition, see :func:`same_class`) or ``extra_repr``."""
     problems = []
-    mods = dict(other.named_modules(remove_duplicate=False))
-    for path, mod in reference.named_modules(remove_duplicate=False):
-        theirs = mods.get(path)
+    for path, mod in reference.modules.items():
+        theirs = other.modules.get(path)
         if theirs is None:
             continue  # the tensors' names differ, reported above
         where = repr(path) if path else "the member itself"
@@ -139,7 +189,7 @@ def _compare_modules(reference: nn.Module, other: nn.Module, index: int) -> list
                 (f"member {index} has a {their_name} at {where}, member 0 a {my_name}", path)
             )
             continue
-        mine, their_repr = _extra_repr(mod), _extra_repr(theirs)
+        mine, their_repr = reference.reprs[path], other.reprs[path]
         if mine != their_repr:
             problems.append(
                 (
@@ -210,17 +260,15 @@ def _class_body(cls: type) -> list[tuple[str, Any]]:
     return body
 
 
-def _compare_hooks(reference: nn.Module, other: nn.Module, index: int) -> list[tuple[str, str]]:
+def _compare_hooks(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:
     """The submodules whose module hooks differ from member 0's (the template runs those)."""
     problems = []
-    mods = dict(other.named_modules(remove_duplicate=False))
-    ref_member, other_member = _Member(reference), _Member(other)
-    for path, mod in reference.named_modules(remove_duplicate=False):
-        theirs = mods.get(path)
-        if theirs is None or _is_dynamo(mod):
+    for path, mine_tables in reference.hooks.items():
+        their_tables = other.hooks.get(path)
+        theirs = other.modules.get(path)
+        if their_tables is None or theirs is None:
             continue
-        mine_tables = _hook_tables(mod, ref_member)
-        their_tables = _hook_tables(theirs, other_member)
+        mod = reference.modules[path]
         for table, mine in mine_tables.items():
             if not _same_key(mine, their_tables[table]):
                 where = f"on {path!r}" if path else "on the member itself"
@@ -286,7 +334,7 @@ _IN_A_CLASS = _Member(None, every_module=True)
 _DEPTH = 4
 
 
-def settings(module: nn.Module, depth: int = 0) -> dict[str, Any]:
+def settings(module: nn.Module, depth: int = 0, *, member: _Member | None = None) -> dict[str, Any]:
     """Every setting of every submodule, by dotted name, in a form compared with ``==``.
 
     The attributes ``forward`` reads (a scale, an epsilon, a flag, a numpy
@@ -300,7 +348,7 @@ def settings(module: nn.Module, depth: int = 0) -> dict[str, Any]:
     wraps is compared). The member's own parameters, buffers and modules,
     held again elsewhere (``nn.LSTM._flat_weights``), are compared by name.
     """
-    member = _Member(module)
+    member = member or _Member(module)
     out: dict[str, Any] = {}
     for path, mod in module.named_modules(remove_duplicate=False):
         if _is_dynamo(mod):
