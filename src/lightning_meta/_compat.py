@@ -607,6 +607,31 @@ def backward_hooked(module: nn.Module) -> list[str]:
     ]
 
 
+def hook_reparametrised(module: nn.Module) -> list[str]:
+    """Dotted names of the tensors the hooks of ``torch.nn.utils.spectral_norm``,
+    ``weight_norm`` or ``prune`` recompute under ``module`` (sorted).
+
+    Each is a tensor attribute with autograd history, rebuilt by a forward
+    pre-hook from other parameters, which ``copy.deepcopy`` refuses; the
+    hook objects name it (``name``, prune's ``_tensor_name``).
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for path, mod in module.named_modules():
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, (SpectralNorm, WeightNorm)):
+                name = hook.name
+            elif isinstance(hook, BasePruningMethod):
+                name = hook._tensor_name
+            else:
+                continue
+            found.append(f"{path}.{name}" if path else name)
+    return sorted(found)
+
+
 def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
     return (
         module._forward_hooks,

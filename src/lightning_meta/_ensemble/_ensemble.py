@@ -19,6 +19,7 @@ from lightning_meta._compat import (
     has_module_hooks,
     has_tensor_hooks,
     hook_registrations,
+    hook_reparametrised,
     module_apply,
     tensor_tables,
     tree_flatten,
@@ -48,7 +49,6 @@ from lightning_meta._ensemble._members import (
     SharedTensors,
     compare,
     held_outside,
-    hook_reparametrised,
 )
 from lightning_meta._ensemble._plan import (
     PlanCache,

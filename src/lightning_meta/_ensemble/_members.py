@@ -29,7 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import buffers_of, forward_hook_flags, module_hooks
+from lightning_meta._compat import (
+    buffers_of,
+    forward_hook_flags,
+    module_hooks,
+)
 from lightning_meta._ensemble._loop import differs, plain_value
 from lightning_meta._slots import tie_groups
 
@@ -38,7 +42,6 @@ __all__ = [
     "SharedTensors",
     "compare",
     "held_outside",
-    "hook_reparametrised",
     "settings",
 ]
 
@@ -626,30 +629,6 @@ class _Object:
 
     def __repr__(self) -> str:
         return f"<a {self.type.__qualname__}>"
-
-
-def hook_reparametrised(member: nn.Module) -> list[str]:
-    """Paths of tensors ``torch.nn.utils.spectral_norm``, ``weight_norm`` or ``prune`` made.
-
-    Each is a tensor attribute a forward pre-hook recomputes from other
-    parameters and buffers, with autograd history, which a copy of the
-    template cannot take (``copy.deepcopy`` refuses it).
-    """
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    found = []
-    for path, mod in member.named_modules():
-        for hook in mod._forward_pre_hooks.values():
-            if isinstance(hook, (SpectralNorm, WeightNorm)):
-                name = hook.name
-            elif isinstance(hook, BasePruningMethod):
-                name = hook._tensor_name
-            else:
-                continue
-            found.append(f"{path}.{name}" if path else name)
-    return sorted(found)
 
 
 def held_outside(member: nn.Module) -> list[str]:

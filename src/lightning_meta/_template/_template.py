@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_meta._arguments import build_on_meta, describe
-from lightning_meta._compat import deepcopy_module, rebind_hook_closures
+from lightning_meta._compat import deepcopy_module, module_hooks, rebind_hook_closures
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import tie_groups
 
@@ -213,7 +213,7 @@ class MetaTemplate:
         from torch.nn.utils import prune
 
         for sub in module.modules():
-            for hook in list(sub._forward_pre_hooks.values()):
+            for hook in list(module_hooks(sub)["forward pre-hooks"].values()):
                 if isinstance(hook, prune.BasePruningMethod):
                     hook(sub, ())
         out: dict[str, torch.Tensor] = {}
