@@ -532,7 +532,7 @@ def has_backward_hooks(module: nn.Module) -> bool:
     tensor requiring grad inside the transform), so Ensemble's vmap plan
     cannot take such a template.
     """
-    return any(m._backward_hooks or m._backward_pre_hooks for m in module.modules())
+    return any(_backward_hooked(m) for m in module.modules())
 
 
 def hook_registrations() -> int:
@@ -582,12 +582,10 @@ def module_hooks(module: nn.Module) -> dict[str, dict[int, Any]]:
     Ensemble compares every member's with member 0's, whose hooks the
     template runs.
     """
-    return {
-        "forward hooks": module._forward_hooks,
-        "forward pre-hooks": module._forward_pre_hooks,
-        "backward hooks": module._backward_hooks,
-        "backward pre-hooks": module._backward_pre_hooks,
-    }
+    return dict(zip(_HOOK_KINDS, _hook_tables(module), strict=True))
+
+
+_HOOK_KINDS = ("forward hooks", "forward pre-hooks", "backward hooks", "backward pre-hooks")
 
 
 def forward_hook_flags(module: nn.Module) -> tuple[set[int], set[int], set[int]]:
@@ -602,9 +600,11 @@ def forward_hook_flags(module: nn.Module) -> tuple[set[int], set[int], set[int]]
 
 def backward_hooked(module: nn.Module) -> list[str]:
     """Dotted paths of the submodules of ``module`` (``""``: itself) with backward hooks."""
-    return [
-        path for path, m in module.named_modules() if m._backward_hooks or m._backward_pre_hooks
-    ]
+    return [path for path, m in module.named_modules() if _backward_hooked(m)]
+
+
+def _backward_hooked(module: nn.Module) -> bool:
+    return bool(module._backward_hooks or module._backward_pre_hooks)
 
 
 def hook_reparametrised(module: nn.Module) -> list[str]:
@@ -633,6 +633,7 @@ def hook_reparametrised(module: nn.Module) -> list[str]:
 
 
 def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
+    # A plain tuple: Ensemble's loop plan reads these for every module on every call.
     return (
         module._forward_hooks,
         module._forward_pre_hooks,

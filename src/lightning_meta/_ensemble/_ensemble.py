@@ -126,9 +126,9 @@ class _Stacked(nn.Module):
         return {leaf: getattr(self, leaf) for leaf in self.leaves}
 
 
-def _refuse_hook_reparametrised(member: nn.Module, index: int) -> None:
-    """Refuse ``torch.nn.utils.spectral_norm`` / ``weight_norm`` / ``prune``, naming the fix
-    (and TorchScript modules, which cannot be copied to meta or called functionally)."""
+def _refuse_uncopyable(member: nn.Module, index: int) -> None:
+    """Refuse what the template cannot copy, naming the fix: TorchScript modules, and the
+    weights the hooks of ``torch.nn.utils.spectral_norm`` / ``weight_norm`` / ``prune`` make."""
     if isinstance(member, torch.jit.ScriptModule):
         raise ArgumentTypeError(
             f"Ensemble member {index} is a TorchScript module ({type(member).__name__}), which "
@@ -431,7 +431,7 @@ class Ensemble(nn.Module):
         self.per_member_inputs = per_member_inputs
         self.randomness: Randomness = randomness
         self.chunk_size = chunk_size
-        _refuse_hook_reparametrised(first, 0)
+        _refuse_uncopyable(first, 0)  # before MetaTemplate copies it
         # The members' modes, submodule by submodule (a frozen BatchNorm stays
         # frozen), as a module wrapping them would leave them.
         self.template = MetaTemplate(first)
@@ -522,8 +522,10 @@ class Ensemble(nn.Module):
     def _store(
         self, index: int, member: nn.Module, *, reference: Profile, shared: SharedTensors
     ) -> None:
-        _refuse_hook_reparametrised(member, index)
-        problems = compare(reference, member, index) if member is not reference.module else []
+        problems = []
+        if member is not reference.module:  # member 0 was checked before it was copied
+            _refuse_uncopyable(member, index)
+            problems = compare(reference, member, index)
         if problems:
             lines = "\n  ".join(line for line, _ in problems)
             raise MetaTensorError(

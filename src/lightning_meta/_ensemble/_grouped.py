@@ -206,7 +206,7 @@ def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
 # Channel dropouts that take an input without a batch dim for one with a
 # channel dim first: on the folded layout (batch, members x channels, ...)
 # that would drop whole batch rows, one mask for every member.
-_BATCHED_NDIM: dict[Any, int] = {nn.Dropout1d: 3, nn.Dropout3d: 5}
+_BATCHED_NDIM: dict[Any, int] = {nn.Dropout1d: 3, nn.Dropout3d: 5, F.dropout1d: 3, F.dropout3d: 5}
 
 
 def _check_batched(kind: Any, x: torch.Tensor) -> None:
@@ -479,7 +479,6 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.getitem: _getitem,
 }
 _RANDOM_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-_BATCHED_NDIM.update({F.dropout1d: 3, F.dropout3d: 5})
 
 
 def _method(name: str) -> Callable[..., Any]:

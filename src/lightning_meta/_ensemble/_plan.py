@@ -365,8 +365,9 @@ def measure(
     first: the plan is the first.
 
     A forward (and, when gradients are enabled, the gradients of the
-    copies from the outputs, accumulated nowhere) per run. Parameters are aliased (``detach``), buffers and inputs copied,
-    and the CPU and accelerator generators restored afterwards.
+    copies from the outputs, accumulated nowhere) per run. Parameters are
+    aliased (``detach``), buffers and inputs copied, and the CPU and
+    accelerator generators restored afterwards.
     """
     buffer_names = set(buffers)
     leaves = [t for t in tree_leaves((inputs, dict(kwargs))) if isinstance(t, torch.Tensor)]
