@@ -740,6 +740,23 @@ def functorch_transform_active() -> bool:
     return peek() is not None
 
 
+def transform_level() -> int | None:
+    """The innermost ``torch.func`` transform's level where the caller runs, else ``None``.
+
+    Uses ``torch._C._functorch.maybe_current_level``.
+    """
+    return torch._C._functorch.maybe_current_level()  # type: ignore[no-any-return]
+
+
+def made_at_level(tensor: torch.Tensor, level: int) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` transform's wrapper of ``level`` or an inner one:
+    a value that exists only inside that transform's call.
+
+    Uses ``torch._C._functorch.maybe_get_level`` (-1 for a plain tensor).
+    """
+    return bool(torch._C._functorch.maybe_get_level(tensor) >= level)
+
+
 def module_apply(
     module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
 ) -> Any:
@@ -761,8 +778,10 @@ __all__ += [
     "has_module_hooks",
     "modes_and_hooks",
     "rebind_hook_closures",
+    "made_at_level",
     "module_apply",
     "storage_users",
+    "transform_level",
     "tensor_tables",
 ]
 

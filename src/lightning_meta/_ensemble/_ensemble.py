@@ -20,8 +20,10 @@ from lightning_meta._compat import (
     has_tensor_hooks,
     hook_registrations,
     hook_reparametrised,
+    made_at_level,
     module_apply,
     tensor_tables,
+    transform_level,
     tree_flatten,
     tree_leaves,
     tree_map,
@@ -58,6 +60,7 @@ from lightning_meta._ensemble._plan import (
     signature,
     untimed_reason,
 )
+from lightning_meta._ensemble._state import AttributeState, state_written_error
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
@@ -70,6 +73,10 @@ Execution = Literal["auto", "fused", "grouped", "vmap", "loop"]
 Randomness = Literal["different", "same", "error"]
 _EXECUTIONS = ("auto", "fused", "grouped", "vmap", "loop")
 _RANDOMNESS = ("different", "same", "error")
+
+
+def _among(ids: set[int], tensor: torch.Tensor) -> bool:
+    return id(tensor) in ids
 
 
 def _slicer(start: int, stop: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -507,6 +514,10 @@ class Ensemble(nn.Module):
         self._aliases: dict[str, str] = {}
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
+        self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
+        # A forward seen storing a tensor in a plain attribute: untimed calls
+        # of execution="auto" run the loop.
+        self._writes_state = False
 
     def _holder(self, path: str) -> _Stacked:
         holder = self.stacked
@@ -725,10 +736,12 @@ class Ensemble(nn.Module):
     ) -> str:
         if self._requested != "auto":
             return self._requested
+        if self._writes_state:  # see _timed_run
+            return self._unhooked("loop")
         if untimed_reason() is not None:
             static = self.execution
-            if static == "vmap" and _half_precision(tensors):  # see _time
-                static = "loop"
+            if static == "vmap" and (_half_precision(tensors) or self._writes_state):
+                static = "loop"  # see _time and _refuse_written
             return self._unhooked(static)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
@@ -780,7 +793,7 @@ class Ensemble(nn.Module):
         else:
             seconds, finalists = measure(
                 candidates,
-                functools.partial(self._run, strict=True),
+                self._timed_run,
                 tensors,
                 self._buffer_names,
                 inputs,
@@ -793,6 +806,8 @@ class Ensemble(nn.Module):
             # Every plan raised: run the static one, which raises its own error.
             chosen = finalists[0] if finalists else self.execution
             how = "timed" if previous is None else "timed again"
+            if self._writes_state:  # see _timed_run
+                chosen, how = "loop", "forward keeps state"
             record = PlanRecord(key, chosen, how, {p: t * 1e3 for p, t in seconds.items()})
         logger.debug("Ensemble plan: %s", record)
         self._plans.add(record)
@@ -816,6 +831,56 @@ class Ensemble(nn.Module):
             path, _, leaf = name.rpartition(".")
             setattr(self._holder(path), leaf, tensors[name])
         return out
+
+    def _timed_run(
+        self,
+        plan: str,
+        tensors: Mapping[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        """One run of ``plan`` for :func:`measure`: strict, and leaving no module changed.
+
+        What the forward stored in the plain attributes of the template or of
+        the member copies is put back: a timed run's cache or step count is
+        not the call's. A forward that stores anything there keeps state each
+        member keeps for itself, which only the loop's copies keep (one value
+        for all members in the template): ``execution="auto"`` then runs the
+        loop from then on.
+        """
+        self._shells.build(self.template.module, self._names, self.num_members)
+        state = AttributeState([*self._template_modules(), *self._shells.modules()])
+        try:
+            return self._run(plan, dict(tensors), inputs, kwargs, strict=True)
+        finally:
+            own = {
+                id(t)
+                for mod in state.modules
+                for table in tensor_tables(mod)
+                for t in table.values()
+                if t is not None
+            }
+            if state.changed(functools.partial(_among, own)):
+                self._writes_state = True
+            state.restore()
+
+    def _template_modules(self) -> list[tuple[str, nn.Module]]:
+        """The template's modules with their paths (walked once per template)."""
+        module = self.template.module
+        if self._module_paths is None or self._module_paths[0] is not module:
+            self._module_paths = (module, list(module.named_modules()))
+        return self._module_paths[1]
+
+    def _refuse_written(
+        self, state: AttributeState, runner: str, shared: Callable[[torch.Tensor], bool]
+    ) -> None:
+        """Raise if the forward stored a tensor of its own in a plain attribute (see ``_state``)."""
+        written = state.written(shared)
+        if written:
+            state.restore()
+            self._writes_state = True
+            plan, forced = self._requested, self._requested != "auto"
+            raise state_written_error(plan, runner, written, forced=forced)
 
     def _slots(self) -> MemberSlots:
         module = self.template.module
@@ -998,6 +1063,7 @@ class Ensemble(nn.Module):
         the per-member template copies of :func:`run_loop`). ``tensors`` are members
         ``start``, ``start + 1``, ... of the ensemble."""
         views = {k: v.unbind(0) for k, v in tensors.items()}
+        compiling = torch.compiler.is_compiling()
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         # randomness="same": every member draws from the generators' states
         # before the first (CPU and the parameters' accelerator), as run_loop does.
@@ -1013,7 +1079,13 @@ class Ensemble(nn.Module):
                 kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
             seen: dict[str, Any] | None = {} if changes is not None else None
+            state = None if compiling else AttributeState(self._template_modules())
             outs.append(self._call_template(params, xs, kw, seen))
+            if state is not None:
+                # The next member would read this one's value there; the
+                # member's inputs are the same value for every member.
+                given = {id(t) for t in tree_leaves((xs, kw)) if isinstance(t, torch.Tensor)}
+                self._refuse_written(state, "once per member", functools.partial(_among, given))
             if changes is not None and seen:
                 for name, new in seen.items():
                     changes.setdefault(name, {})[start + i] = new
@@ -1050,9 +1122,20 @@ class Ensemble(nn.Module):
         replaced: list[str] = []
         others: dict[str, Any] = {}
 
+        compiling = torch.compiler.is_compiling()
+
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
             seen: dict[str, Any] | None = {} if changes is not None else None
+            state = None if compiling else AttributeState(self._template_modules())
             out = self._call_template(t, xs, kw, seen)
+            if state is not None:
+                # What vmap made is batched at its level (or an inner one).
+                level = transform_level()
+                self._refuse_written(
+                    state,
+                    "under torch.vmap",
+                    lambda t: level is None or not made_at_level(t, level),
+                )
             if isinstance(out, torch.Tensor):
                 result: Any = out
             else:
@@ -1085,6 +1168,8 @@ class Ensemble(nn.Module):
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
         try:
             result = batched(tensors, inputs, kw)
+        except MetaTensorError:
+            raise  # the package's own refusals (_refuse_written) say what ran
         except RuntimeError as e:
             # torch's own refusals name vmap or its batching rules: an .item()
             # (BatchNorm with momentum=None), data-dependent control flow, an
@@ -1128,6 +1213,7 @@ class Ensemble(nn.Module):
         state["_aliases"] = {}
         state["_holders"] = None
         state["_last_plan"] = None
+        state["_module_paths"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1135,6 +1221,9 @@ class Ensemble(nn.Module):
         if "_mode_applied" not in state:  # pickled by a version that kept no modes
             self._mode_applied = self.template.module.training
             self._modes_before_eval = None
+        # Pickled by a version that did not watch the forward's attributes.
+        self.__dict__.setdefault("_writes_state", False)
+        self.__dict__.setdefault("_module_paths", None)
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

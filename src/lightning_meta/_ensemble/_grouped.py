@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
+from lightning_meta._ensemble._state import AttributeState
 
 __all__ = ["GroupedPlan", "NotGroupableError"]
 
@@ -688,6 +689,7 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     for path, mod in template.named_modules():
         if has_module_hooks(mod):
             return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
+    state = AttributeState(template.named_modules())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -695,6 +697,16 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     except Exception as e:  # any failure to trace keeps the template off the plan
         return Refusal(
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
+        )
+    finally:
+        written = state.changed()
+        state.restore()  # a proxy the forward stored must not stay in the template
+    if written:
+        return Refusal(
+            "",
+            f"the forward changes {', '.join(repr(p) for p in written)} (outside the "
+            "parameters and buffers), state each member keeps for itself, which the traced "
+            "graph would keep as it was at the trace",
         )
     refused = _out_of_place(graph, template)
     if refused is not None:

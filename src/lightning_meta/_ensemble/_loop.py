@@ -227,10 +227,11 @@ class MemberShells:
     A member's views go into its own copy and stay there, so a call whose
     views are those of the previous call (no gradient: see
     :class:`ViewCache`) puts nothing at all, and modules that cache derived
-    state of their weights (an RNN's flattened weight list) keep it. The
-    copies are rebuilt when the template, the train/eval mode of any of its
-    modules, or any of their hooks changes (hooks are copied with the
-    template). On an accelerator, and inside a ``torch.func`` transform, the
+    state of their weights (an RNN's flattened weight list) keep it, as do
+    forwards that keep state in plain attributes. The copies follow the
+    template's train/eval modes (running their own ``train()``, as the
+    members would) and are rebuilt when the template or any hook of its
+    modules changes (hooks are copied with the template). On an accelerator, and inside a ``torch.func`` transform, the
     views are taken out again after every call, so no copy holds device
     memory the ensemble has let go, or a transform's wrappers. Never pickled
     or copied.
@@ -262,27 +263,52 @@ class MemberShells:
         num_members: int,
     ) -> list[MemberSlots]:
         """Return every member's copy, holding the member's views of ``views``."""
-        # The copies follow the template's train/eval modes and hooks. The
-        # module list is walked once per template: the walk (named_modules)
-        # cost as much as the member calls of a small layer.
-        if self._template is not template:
-            self._module_list = list(template.modules())
-        state = modes_and_hooks(self._module_list)
-        if (
-            self._template is not template
-            or self._state != state
-            or len(self._members) != num_members
-        ):
-            self._members = [
-                MemberSlots.of(deepcopy_module(template), list(views)) for _ in range(num_members)
-            ]
-            self._template, self._state, self._last = template, state, {}
+        self.build(template, list(views), num_members)
         last = self._last
         if views is not last and any(last.get(name) is not v for name, v in views.items()):
             for i, member in enumerate(self._members):
                 member.put(views, i)
         self._last = views
         return self._members
+
+    def build(self, template: nn.Module, names: Sequence[str], num_members: int) -> None:
+        """Make the copies of ``template`` for the stacked tensors ``names``, unless made."""
+        # The copies follow the template's train/eval modes and hooks. The
+        # module list is walked once per template: the walk (named_modules)
+        # cost as much as the member calls of a small layer.
+        if self._template is not template:
+            self._module_list = list(template.modules())
+        state = modes_and_hooks(self._module_list)
+        if self._state == state and self._template is template:
+            if len(self._members) == num_members:
+                return
+        elif (
+            self._template is template
+            and len(self._members) == num_members
+            and [hooks for _, hooks in state] == [hooks for _, hooks in self._state]
+        ):
+            # Modes only: the copies keep what their forwards stored (a
+            # member's state survives train()/eval()), and run their own
+            # train() as the members do (LeViT's drops its cache there).
+            for member in self._members:
+                member.module.train(template.training)
+                for mine, theirs in zip(member.module.modules(), self._module_list, strict=True):
+                    mine.training = theirs.training
+            self._state = state
+            return
+        self._members = [
+            MemberSlots.of(deepcopy_module(template), names) for _ in range(num_members)
+        ]
+        self._template, self._state, self._last = template, state, {}
+
+    @property
+    def copies(self) -> list[MemberSlots]:
+        """The copies as they are now (a new list whenever they are rebuilt)."""
+        return self._members
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """Every copy's modules, with their paths in the copy."""
+        return [pair for member in self._members for pair in member.module.named_modules()]
 
     def release(self) -> None:
         """Put the copies' own (meta) tensors back."""

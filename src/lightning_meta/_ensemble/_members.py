@@ -35,6 +35,7 @@ from lightning_meta._compat import (
     module_hooks,
 )
 from lightning_meta._ensemble._loop import differs, plain_value
+from lightning_meta._ensemble._state import MODULE_INTERNALS
 from lightning_meta._slots import tie_groups
 
 __all__ = [
@@ -45,8 +46,7 @@ __all__ = [
     "settings",
 ]
 
-# nn.Module's own bookkeeping, and what torch.compile and this package add.
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+# What this package adds to a module.
 _OWN_PREFIX = "_lightning_meta"
 # Lightning's modules keep run state in private attributes (the trainer,
 # hyperparameters, the current hook's name): not settings of the function.
@@ -360,7 +360,7 @@ def settings(module: nn.Module, depth: int = 0, *, member: _Member | None = None
         lightning = _is_lightning(mod)
         for key, value in vars(mod).items():
             private = key.startswith("_") and key != "_non_persistent_buffers_set"
-            if private and (key in _MODULE_INTERNALS or key.startswith(_OWN_PREFIX) or lightning):
+            if private and (key in MODULE_INTERNALS or key.startswith(_OWN_PREFIX) or lightning):
                 continue
             setting = _setting(value, member, depth)
             if setting is not _UNCOMPARED:
@@ -688,7 +688,7 @@ def held_outside(member: nn.Module) -> list[str]:
     for path, mod in member.named_modules():
         dot = f"{path}." if path else ""
         for key, value in vars(mod).items():
-            if key in _MODULE_INTERNALS:
+            if key in MODULE_INTERNALS:
                 continue
             visit(value, dot + key, 0)
         for table, hooks in module_hooks(mod).items():

@@ -113,7 +113,9 @@ class PlanRecord:
         how: ``"timed"`` (at the first call of its kind), ``"timed again"``
             (at call ``RETIME_CALL``, whose choice replaces the first one
             and is kept; a call on which every plan raises keeps the first
-            one instead), or ``"only plan"``.
+            one instead), ``"only plan"``, or ``"forward keeps state"`` (the loop:
+            a timed run's forward stored something in a module's plain
+            attributes, which only the loop keeps for each member).
         timings_ms: the median time of each timed candidate in milliseconds
             (``inf``: it raised); empty for ``"only plan"``.
     """

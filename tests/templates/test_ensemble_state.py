@@ -1,0 +1,241 @@
+"""Ensemble members whose forward keeps state in plain attributes (caches, counters, activations).
+
+Each member keeps what its own forward stores outside its parameters and
+buffers. The loop plan keeps it per member; plans that run one template for
+all members cannot, and must neither give other numbers nor leave a dead
+``torch.vmap`` wrapper or ``torch.fx`` proxy in the template.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class _CachedBias(nn.Module):
+    """timm's LeViT attention: in eval mode, the gathered bias is cached per device and the
+    cache dropped by ``train()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.biases = nn.Parameter(torch.randn(4, 8))
+        self.register_buffer("idx", torch.tensor([0, 2, 1, 3]), persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> _CachedBias:
+        super().train(mode)
+        if mode and self.cache:
+            self.cache = {}
+        return self
+
+    def bias(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.biases[self.idx]
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.biases[self.idx]
+        return self.cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.bias(x.device)
+
+
+class _KeepsActivation(nn.Module):
+    """Research code keeping the last activation for inspection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.last = h
+        return torch.relu(h)
+
+
+class _Counter(nn.Module):
+    """A forward whose result depends on how often it ran (a step count kept as a Python int)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x) * self.calls
+
+
+def _pair(cls: type[nn.Module], n: int = 4) -> tuple[list[nn.Module], list[nn.Module]]:
+    torch.manual_seed(0)
+    members = [cls() for _ in range(n)]
+    return members, copy.deepcopy(members)
+
+
+def test_a_forward_caching_a_tensor_gives_the_members_numbers() -> None:
+    members, twins = _pair(_CachedBias)
+    ens = lm.Ensemble(twins).eval()
+    for m in members:
+        m.eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    # Nothing batched was left in the template: copies work, and so does member(i).
+    assert ens.template.module.cache == {}
+    for i, m in enumerate(members):
+        assert torch.equal(ens.member(i)(x), m(x))
+    copy.deepcopy(ens)
+    # A training step on both sides, then eval again: the caches are dropped alike.
+    ens.train()
+    opt = torch.optim.SGD(ens.parameters(), lr=0.1)
+    ref_opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in members]
+    for m in members:
+        m.train()
+    ens(x).square().sum().backward()
+    opt.step()
+    for m, o in zip(members, ref_opts, strict=True):
+        m(x).square().sum().backward()
+        o.step()
+    ens.eval()
+    for m in members:
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+@pytest.mark.parametrize("module", [_CachedBias, _KeepsActivation])
+def test_vmap_refuses_a_forward_that_stores_a_tensor_of_its_own(module: type[nn.Module]) -> None:
+    _, twins = _pair(module)
+    ens = lm.Ensemble(twins, execution="vmap").eval()
+    before = dict(vars(ens.template.module))
+    with pytest.raises(ValueError, match="execution='loop'") as info:
+        ens(torch.randn(4, 8))
+    where = "cache['cpu']" if module is _CachedBias else "last"
+    assert isinstance(info.value, lm.MetaTensorError)
+    assert info.value.paths == (where,)
+    assert where in str(info.value)
+    # The template is as it was: no batched tensor kept.
+    assert dict(vars(ens.template.module)) == before
+    if module is _CachedBias:
+        assert ens.template.module.cache == {}
+
+
+@pytest.mark.parametrize("module", [_KeepsActivation, _Counter])
+def test_grouped_refuses_a_forward_that_changes_its_attributes(module: type[nn.Module]) -> None:
+    _, twins = _pair(module)
+    name = "last" if module is _KeepsActivation else "calls"
+    with pytest.raises(ValueError, match=f"the forward changes '{name}'"):
+        lm.Ensemble(twins, execution="grouped")
+    # The same module traced by "auto" is left as it was.
+    ens = lm.Ensemble(twins)
+    ens(torch.randn(16, 8))
+    assert getattr(ens.template.module, name) == getattr(twins[0], name)
+
+
+@pytest.mark.parametrize("module", [_Counter, _KeepsActivation])
+def test_auto_runs_a_stateful_forward_like_the_members(module: type[nn.Module]) -> None:
+    """The timed runs of "auto" leave no state behind, and the plan is the loop from then on
+    (before: timing ran the counter several times, or the grouped graph kept it at 1)."""
+    members, twins = _pair(module)
+    ens = lm.Ensemble(twins)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        expected = torch.stack([m(x) for m in members])
+        assert torch.equal(ens(x), expected)
+    (record,) = ens.plans
+    assert (record.plan, record.how) == ("loop", "forward keeps state")
+    with torch.no_grad():  # another kind of call runs the loop untimed
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    assert len(ens.plans) == 1
+
+
+def test_a_forward_keeping_its_input_still_runs_under_vmap() -> None:
+    """The same tensor for every member (an input, here) is not a member's own state."""
+
+    class KeepsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.seen: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen = x
+            return self.lin(x)
+
+    members, twins = _pair(KeepsInput)
+    ens = lm.Ensemble(twins, execution="vmap")
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    assert ens.template.module.seen is x
+
+
+def test_timm_levit_ensemble_in_eval_gives_the_members_numbers() -> None:
+    """timm's LeViT caches its attention biases in eval mode (in the torchvision/timm venv:
+    ``bash scripts/compat-vision.sh``)."""
+    timm = pytest.importorskip("timm", reason="timm is tested in the torchvision/timm venv")
+    torch.manual_seed(0)
+    members = [
+        timm.create_model("levit_128s", num_classes=10, img_size=64).eval() for _ in range(2)
+    ]
+    ens = lm.Ensemble(copy.deepcopy(members)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        for _ in range(2):
+            assert torch.equal(ens(x), expected)
+        assert torch.equal(ens.member(1)(x), expected[1])
+    assert ens.plans[0].how == "forward keeps state"
+    with pytest.raises(ValueError, match=r"attention_bias_cache\['cpu'\]"):
+        with torch.no_grad():
+            lm.Ensemble(copy.deepcopy(members), execution="vmap").eval()(x)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_untimed_auto_refuses_once_then_runs_the_loop(autocast: bool) -> None:
+    """Where "auto" times nothing (here: deterministic algorithms) its first call runs torch.vmap
+    (under autocast, the template once per member): a cache written there is refused, naming it,
+    and the calls after it run the loop."""
+    members, twins = _pair(_CachedBias)
+    ens = lm.Ensemble(twins).eval()
+    for m in members:
+        m.eval()
+    x = torch.randn(4, 8)
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        _deterministic(),
+    ):
+        with pytest.raises(ValueError, match=r"cache\['cpu'\].*Fix: use execution='loop'"):
+            ens(x)
+        assert ens.template.module.cache == {}
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+class _deterministic:
+    def __enter__(self) -> None:
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.use_deterministic_algorithms(self.before)
+
+
+def test_the_loop_keeps_each_members_state_across_train_and_eval() -> None:
+    members, twins = _pair(_Counter)
+    ens = lm.Ensemble(twins, execution="loop")
+    x = torch.randn(16, 8)
+    for mode in (True, False, True, False):
+        ens.train(mode)
+        for m in members:
+            m.train(mode)
+        with torch.no_grad():
+            assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    assert members[0].calls == 4
