@@ -7,12 +7,14 @@ import gc
 import pickle
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from test_deferred import assert_same_as_eager, build_deferred, build_eager, tensors
 from torch import nn
 
+import lightning_meta as lm
 from lightning_meta import (
     MaterializationError,
     MetaTensorError,
@@ -72,6 +74,39 @@ def test_one_submodule_then_the_rest() -> None:
     materialize(module)
     assert_same_as_eager(eager, module)
     assert torch.equal(torch.rand(4), after)
+
+
+class _TiedLater(nn.Module):
+    """The tie is made by the caller after construction (``model.head.weight = ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+
+
+@pytest.mark.parametrize("first", ["emb", "head", "load emb"])
+def test_a_tie_made_after_the_block_survives_materializing_one_end_first(
+    first: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    eager = _TiedLater()
+    eager.head.weight = eager.emb.weight
+    after = torch.get_rng_state()
+    torch.save(eager.emb.state_dict(), tmp_path / "emb.pt")
+    torch.manual_seed(0)
+    with deferred_init():
+        module = _TiedLater()
+    module.head.weight = module.emb.weight
+    if first == "load emb":
+        lm.load_checkpoint(module.emb, tmp_path / "emb.pt")
+    else:
+        materialize(getattr(module, first))
+    materialize(module)
+    assert module.head.weight is module.emb.weight
+    assert type(module.head.weight) is nn.Parameter
+    assert torch.equal(module.emb.weight, eager.emb.weight)
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 def test_bfloat16_equals_eager_then_cast() -> None:

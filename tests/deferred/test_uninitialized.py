@@ -39,6 +39,32 @@ def test_a_buffer_filled_piece_by_piece_is_initialised() -> None:
     assert module.raw.shape == (2, 3)
 
 
+class _Placeholders(torch.nn.Module):
+    """Zero-element tensors hold no memory to leave uninitialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("cache", torch.empty(0), persistent=False)
+        self.register_buffer("rows", torch.empty(0, 4))
+        self.extra = torch.nn.ParameterDict({"p": torch.nn.Parameter()})  # torch.empty(0)
+
+
+def test_zero_element_tensors_are_not_uninitialised() -> None:
+    torch.manual_seed(0)
+    eager = _Placeholders()
+    torch.manual_seed(0)
+    module = deferred_init(_Placeholders)
+    materialize(module)
+    for (name, a), (_, b) in zip(
+        eager.state_dict(keep_vars=True).items(),
+        module.state_dict(keep_vars=True).items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and a.shape == b.shape and type(a) is type(b), name
+    assert module.cache.shape == (0,)
+
+
 def test_a_checkpoint_fills_what_eager_construction_left_uninitialised(tmp_path: Path) -> None:
     torch.manual_seed(0)
     eager = pm.Empty()
@@ -108,3 +134,27 @@ def test_fabric_empty_init_inside_deferred_init_is_refused_then_loaded() -> None
     module.load_state_dict(eager.state_dict())
     assert not is_deferred(module)
     assert torch.equal(module.lm_head.weight, eager.lm_head.weight)
+
+
+def test_refusals_name_the_users_line_past_wrappers() -> None:
+    """nn.Parameter(torch.empty(...)) passes through this package's Parameter hook, and the old
+    torch.nn.utils.weight_norm through typing_extensions' @deprecated: neither is the user's
+    line."""
+    import inspect
+    import warnings
+
+    class Raw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.empty(3))
+
+    line = inspect.getsourcelines(Raw.__init__)[1] + 2
+    with pytest.raises(MaterializationError, match=rf"test_uninitialized\.py:{line}\)"):
+        materialize(deferred_init(Raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with deferred_init():
+            net = torch.nn.utils.weight_norm(torch.nn.Linear(5, 3))
+        line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
+        with pytest.raises(MaterializationError, match=rf"test_uninitialized\.py:{line}\)"):
+            materialize(net)

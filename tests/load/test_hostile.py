@@ -641,6 +641,17 @@ def test_path_none_and_bad_flags(tmp_path: Path) -> None:
     with pytest.raises(lm.MetaTensorError, match=r"verify='yes'") as info:
         load_checkpoint(m, tmp_path, verify="yes")  # type: ignore[arg-type]
     assert isinstance(info.value, TypeError)
+    # strict=None would load part of a checkpoint without a word; 'False' would be strict.
+    for strict in (None, "False", 0):
+        with pytest.raises(lm.MetaTensorError, match=rf"strict={strict!r}") as info:
+            load_checkpoint(m, tmp_path, strict=strict)  # type: ignore[arg-type]
+        assert isinstance(info.value, TypeError)
+
+
+def test_a_prefix_matching_nothing_offers_what_can_be_passed(tmp_path: Path) -> None:
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "lin.pt")  # keys without a dot
+    with pytest.raises(lm.MetaTensorError, match=r"\['bias', 'weight'\].*Fix: pass prefix=''"):
+        load_checkpoint(nn.Linear(2, 2), tmp_path / "lin.pt", prefix="model")
 
 
 # -- 6. a key in two shards ----------------------------------------------------------------

@@ -86,6 +86,47 @@ class _Headed(nn.Module):
         self.register_buffer("steps", torch.arange(3))
 
 
+class _TiedLater(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+
+
+@pytest.mark.parametrize("kind", ["meta", "deferred"])
+@pytest.mark.parametrize("then", ["whole", "other end"])
+def test_a_tie_made_after_construction_survives_loading_one_end_first(
+    kind: str, then: str, tmp_path: Path
+) -> None:
+    """``model.head.weight = model.emb.weight`` after construction, then ``emb`` loaded alone:
+    the meta tensor left at ``head.weight`` is the tensor ``emb`` got, as in eager."""
+    torch.manual_seed(0)
+    eager = _TiedLater()
+    eager.head.weight = eager.emb.weight
+    torch.save(eager.state_dict(), tmp_path / "full.pt")
+    torch.save(eager.emb.state_dict(), tmp_path / "emb.pt")
+    other = torch.randn(10, 4)
+    torch.save({"weight": other}, tmp_path / "head.pt")
+    if kind == "meta":
+        with torch.device("meta"):
+            model = _TiedLater()
+    else:
+        with lm.deferred_init():
+            model = _TiedLater()
+    model.head.weight = model.emb.weight
+    load_checkpoint(model.emb, tmp_path / "emb.pt")
+    if then == "whole":
+        report = load_checkpoint(model, tmp_path / "full.pt")
+        assert report.loaded == ["emb.weight", "head.weight"]
+        expected = eager.emb.weight
+    else:  # into the tensor both ends hold, as eager's load_state_dict copies into it
+        load_checkpoint(model.head, tmp_path / "head.pt")
+        expected = other
+    assert model.head.weight is model.emb.weight
+    assert type(model.head.weight) is nn.Parameter
+    assert torch.equal(model.emb.weight, expected)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("strict", [True, False])
 def test_dtype_reaches_what_the_checkpoint_lacks(kind: str, strict: bool, tmp_path: Path) -> None:

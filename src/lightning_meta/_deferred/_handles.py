@@ -51,7 +51,9 @@ __all__ = [
     "handle_of",
     "handles_of",
     "lone_module",
+    "made_for",
     "mark_done",
+    "note_made",
     "own_deferred",
     "pending_base",
     "released_without_result",
@@ -125,10 +127,17 @@ class Handle:
 _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Handle]]] = {}
 
 
+# id of a meta tensor (deferred or plain) made real -> weak refs to it and to
+# the real tensor made for it. The same meta tensor held at another place (a
+# tie made after construction, whose other end was materialized or loaded
+# first) gets that real tensor, as the eager tie would (see :func:`made_for`).
+_MADE: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
+
+
 def _unregister(
     key: int,
     dead: weakref.ref[torch.Tensor],
-    registry: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Handle]]] = _REGISTRY,
+    registry: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = _REGISTRY,
 ) -> None:
     """Drop the entry of a tensor that died (unless the id went to another tensor since).
 
@@ -161,6 +170,20 @@ def handle_of(tensor: torch.Tensor) -> Handle | None:
     if handle is None or handle.tensor is not tensor:
         return None
     return handle
+
+
+def made_for(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The real tensor the meta ``tensor`` became at another place, if alive.
+
+    A tie made after construction (``model.head.weight = model.emb.weight``)
+    holds one meta tensor at two places; materializing or loading one place
+    first leaves the other holding the old meta tensor, which gets that real
+    tensor.
+    """
+    entry = _MADE.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    return entry[1]()
 
 
 def handles_of(module: nn.Module) -> dict[str, Handle]:
@@ -319,8 +342,19 @@ def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> 
     """
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
     handle.record.made_in[handle.vid] = _compat.storage_id(tensor.untyped_storage())
+    note_made(handle.tensor, tensor)
     if copied and not handle.replaced():
         handle.record.copied.add(handle.vid)
+
+
+def note_made(meta: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Note ``tensor`` as what the meta tensor ``meta`` became where it was put in
+    (:func:`made_for`): deferred or plain meta, by ``materialize`` or a load."""
+    key = id(meta)
+    _MADE[key] = (
+        weakref.ref(meta, functools.partial(_unregister, key, registry=_MADE)),
+        weakref.ref(tensor),
+    )
 
 
 def earlier_view(handle: Handle, path: str) -> torch.Tensor | None:

@@ -225,6 +225,8 @@ class Lineage:
 
     def _written(self, value: Value) -> bool:
         """Whether every byte ``value`` spans was written since its storage was made."""
+        if 0 in value.size:
+            return True  # it spans no byte (torch.empty(0), nn.Parameter()'s default)
         bytemap = self.uninit.get(value.storage)
         if bytemap is None:
             return False

@@ -26,6 +26,7 @@ from lightning_meta._deferred._handles import (
     handles_of,
     item_slots,
     lone_module,
+    made_for,
     pending_base,
     refuse_apart,
     refuse_graded,
@@ -189,7 +190,7 @@ def materialize_paths(
     slots = [s for s in slots if id(s.tensor) not in on_shards]
     if not slots and not sharded:
         return module
-    deferred, plain = _split(slots)
+    deferred, plain, made = _split(slots)
     recast = _check_deferred(
         [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
     )
@@ -199,6 +200,8 @@ def materialize_paths(
         fill_shards(module, sharded, target, draw_on)
     ready, replayed = _replay_records(deferred, target, dtype, remap, recast)
     _swap_in(deferred, ready)
+    for slot, tensor in made:
+        slot.put(tensor)
     _complete_records(walk, replayed, remap)
     if plain:
         reset_parameters(plain, target)
@@ -276,17 +279,25 @@ def _select(
     return [s for s in slots if s.path in wanted]
 
 
-def _split(slots: list[Slot]) -> tuple[list[tuple[Slot, Handle]], list[Slot]]:
-    """Return the deferred slots (with their handles) and the plain, never-deferred ones."""
+def _split(
+    slots: list[Slot],
+) -> tuple[list[tuple[Slot, Handle]], list[Slot], list[tuple[Slot, torch.Tensor]]]:
+    """Return the deferred slots (with their handles), the plain, never-deferred ones, and
+    those holding a deferred tensor made real at another place (with that real tensor)."""
     deferred: list[tuple[Slot, Handle]] = []
     plain: list[Slot] = []
+    made: list[tuple[Slot, torch.Tensor]] = []
     for slot in slots:
         handle = handle_of(slot.tensor)
-        if handle is None:
+        if handle is not None:
+            deferred.append((slot, handle))
+            continue
+        real = made_for(slot.tensor)
+        if real is None:
             plain.append(slot)
         else:
-            deferred.append((slot, handle))
-    return deferred, plain
+            made.append((slot, real))
+    return deferred, plain, made
 
 
 # Where a real tensor goes: device and dtype (``None``: the recorded one).
@@ -537,7 +548,9 @@ def _check_deferred(
         raise MaterializationError(
             "cannot replay deferred tensors that eager construction leaves uninitialised "
             f"(torch.empty, or resize_ growing a tensor, never filled): {where}. Their values "
-            f"would be whatever memory holds. Fix: {fill}initialise them in the model, or keep "
+            "would be whatever memory holds (writes at computed places, such as scatter_, "
+            "index_copy_ or t[mask] = ..., count as covering part of a tensor, even where they "
+            f"cover all of it). Fix: {fill}initialise them in the model, or keep "
             "eager construction's uninitialised memory with allow_uninitialized=True "
             "(lm.materialize, lm.load_checkpoint, lm.MetaGuard and lm.fabric_setup take it; "
             "before a plain load_state_dict, call lm.materialize(module, "

@@ -27,7 +27,15 @@ __all__ = ["TensorPath", "path_of", "recording_error", "user_site"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_STDLIB_WRAPPERS = (os.sep + "contextlib.py", os.sep + "functools.py")
+# Wrappers between the user's line and the op: the stdlib's, typing_extensions'
+# @deprecated (torch.nn.utils.weight_norm), and this package's patched
+# Parameter constructor (nn.Parameter() itself calls torch.empty).
+_STDLIB_WRAPPERS = (
+    os.sep + "contextlib.py",
+    os.sep + "functools.py",
+    os.sep + "typing_extensions.py",
+    os.path.abspath(_compat.__file__),
+)
 # Whether a code object is torch's, this subpackage's or a stdlib wrapper's:
 # cached, since an op reading a captured real tensor asks on every call.
 _INTERNAL: dict[CodeType, bool] = {}
@@ -44,7 +52,8 @@ def user_site(depth: int = 1) -> str:
 
     Args:
         depth: the frame to start from (1: the caller). Frames of torch, of
-            this subpackage and of ``contextlib``/``functools`` are skipped,
+            this subpackage and of wrappers (``contextlib``, ``functools``,
+            ``typing_extensions``' ``@deprecated``, ``_compat``) are skipped,
             so any start at or below the user's frame gives the same answer.
 
     Returns:

@@ -171,6 +171,7 @@ def load_checkpoint(
         verify=verify,
         mmap=mmap,
         allow_uninitialized=allow_uninitialized,
+        strict=strict,
     )
     where = str(path)
     source = open_source(path, safe_globals=args.safe_globals)
@@ -206,7 +207,7 @@ def load_checkpoint(
         allow_uninitialized=allow_uninitialized,
     )
     rest = convert_rest(plan, device=args.device, dtype=args.dtype)
-    filled = swap_in([*conversion.tensors, *rest], replay)
+    filled = swap_in([*conversion.tensors, *rest], replay, plan.made)
     forget(module, [*filled, *replay.names])
     report = make_report(where, source, plan, conversion, replay.names)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_meta._deferred._handles import made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._source import DENSE, Entry, Source
 from lightning_meta._slots import Slot, tie_groups
@@ -74,16 +75,42 @@ def plan_load(
             (see :func:`unsupported_error`), or, with ``strict``, keys do not
             fit (see :func:`mismatch_error`).
     """
-    groups = [Group.of(slots) for slots in tie_groups(module)]
+    groups, made = _join_made([Group.of(slots) for slots in tie_groups(module)])
     expected = {s.path for g in groups for s in g.slots if s.persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
     plan = make_plan(groups, source.entries, source.others, chosen)
+    plan.made = made
     if plan.unsupported:
         raise unsupported_error(where, plan)
     error = mismatch_error(module, where, plan, strict=strict)
     if error is not None:
         raise error
     return plan
+
+
+def _join_made(groups: list[Group]) -> tuple[list[Group], list[tuple[Slot, torch.Tensor]]]:
+    """Join to its real tensor's group each group holding a meta tensor made real elsewhere.
+
+    A tie made after construction whose other end was loaded or
+    materialized first (:func:`~lightning_meta._deferred._handles.made_for`)
+    is that real tensor, in this load as in eager: returns the groups and
+    the slots to put their real tensor in (done by ``swap_in``).
+    """
+    by_tensor = {id(g.tensor): g for g in groups}
+    joined: list[Group] = []
+    made: list[tuple[Slot, torch.Tensor]] = []
+    for group in groups:
+        real = made_for(group.tensor) if group.tensor.is_meta else None
+        if real is None:
+            joined.append(group)
+            continue
+        made += [(slot, real) for slot in group.slots]
+        target = by_tensor.get(id(real))
+        if target is not None:
+            target.slots = [*target.slots, *group.slots]
+        else:  # the other end is outside the module loaded
+            joined.append(Group(real, group.slots))
+    return joined, made
 
 
 def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) -> str:
@@ -113,9 +140,13 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
         if given and not given.endswith("."):
             given += "."
         if given and not any(k.startswith(given) for k in keys):
+            found = _prefixes(keys)
+            # Keys without a dot (a bare nn.Linear's 'weight') have no prefix to offer.
+            choices = f"one of {found}, prefix='' (none)" if found else "prefix='' (none)"
             raise ArgumentValueError(
-                f"load_checkpoint: prefix={given!r} matches no checkpoint key. "
-                f"Fix: pass one of {_prefixes(keys)} or prefix=None to detect it."
+                f"load_checkpoint: prefix={given!r} matches no checkpoint key "
+                f"(its first keys: {sorted(keys)[:3]}). "
+                f"Fix: pass {choices} or prefix=None to detect it."
             )
         return given
     counts: dict[str, int] = {}
@@ -162,6 +193,8 @@ class Plan:
         skipped: groups left as they are because a shape differs.
         unsupported: ``(key, kind)`` of checkpoint tensors a module name asks
             for but a module cannot hold (meta, sparse, quantized, ...).
+        made: slots holding a meta tensor made real at another place, with
+            that real tensor (see :func:`_join_made`).
     """
 
     prefix: str
@@ -173,6 +206,7 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
     skipped: list[Group] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    made: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
 
     @property
     def loaded_names(self) -> list[str]:

@@ -35,6 +35,7 @@ from lightning_meta._deferred._handles import (
     earlier_view,
     handle_of,
     mark_done,
+    note_made,
     pending_base,
     refuse_apart,
     refuse_graded,
@@ -82,12 +83,13 @@ def check_arguments(
     verify: Any = False,
     mmap: Any = False,
     allow_uninitialized: Any = False,
+    strict: Any = True,
 ) -> Arguments:
     """Check every argument of :func:`load_checkpoint` before anything is opened.
 
     Args:
         module, path, device, dtype, prefix, safe_globals, verify, mmap,
-            allow_uninitialized: as given to :func:`load_checkpoint`.
+            allow_uninitialized, strict: as given to :func:`load_checkpoint`.
 
     Returns:
         The target device (``None``: keep each tensor's, CPU for meta), the
@@ -111,6 +113,7 @@ def check_arguments(
             "such as 'model.', or None to detect it. Fix: pass the checkpoint key prefix as a str."
         )
     for name, value in (
+        ("strict", strict),
         ("verify", verify),
         ("mmap", mmap),
         ("allow_uninitialized", allow_uninitialized),
@@ -508,10 +511,15 @@ def _set_data(old: torch.Tensor, new: torch.Tensor) -> None:
     old.data = new
 
 
-def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[str]:
+def swap_in(
+    converted: list[Converted],
+    replay: Replay | None = None,
+    made: list[tuple[Slot, torch.Tensor]] | None = None,
+) -> list[str]:
     """Put every converted and replayed tensor into all slots of its group, or none.
 
-    Slots and ``.data`` are switched first, then real tensors are copied into
+    ``made``: slots still holding a meta tensor that another place made
+    real (``Plan.made``), put that real tensor first. Slots and ``.data`` are switched first, then real tensors are copied into
     in place, each after a backup of its values; if anything fails, every
     step done is undone in reverse order, so the module is as it was.
 
@@ -526,10 +534,14 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
     undo: list[Callable[[], None]] = []
     filled: list[str] = []
     done: list[tuple[Any, torch.Tensor, bool]] = []
+    plain: list[tuple[torch.Tensor, torch.Tensor]] = []  # (plain meta tensor, what it became)
     current: Group | None = None
     copies = [item for item in converted if item.in_place]
     try:
         with torch.no_grad():
+            for slot, real in made or ():
+                undo.append(_undo_put(slot, slot.tensor))
+                _put(slot, real)
             for item in converted:
                 if item.in_place:
                     continue
@@ -547,6 +559,8 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
                 handle = handle_of(old)
                 if handle is not None:
                     done.append((handle, item.tensor, _copied_in_eager(old, item.tensor)))
+                else:
+                    plain.append((old, item.tensor))
                 filled.extend(item.group.names)
             for group, new in replay.tensors if replay is not None else ():
                 current = group
@@ -598,6 +612,8 @@ def swap_in(converted: list[Converted], replay: Replay | None = None) -> list[st
     # end is materialized.
     for handle, tensor, copied in done:
         mark_done(handle, tensor, copied=copied)
+    for meta, tensor in plain:
+        note_made(meta, tensor)
     return filled
 
 

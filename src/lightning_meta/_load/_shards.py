@@ -164,7 +164,7 @@ def load_into_shards(
     others = _phases.convert_rest(plain, device=args.device, dtype=args.dtype)
     undo = _put_boxes(module, targets)
     try:
-        filled = _phases.swap_in([*conversion.tensors, *others], replay)
+        filled = _phases.swap_in([*conversion.tensors, *others], replay, plan.made)
     except BaseException:
         undo()
         raise
