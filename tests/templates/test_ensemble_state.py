@@ -9,7 +9,10 @@ all members cannot, and must neither give other numbers nor leave a dead
 from __future__ import annotations
 
 import copy
+import pickle
+from collections import OrderedDict, defaultdict
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -239,3 +242,224 @@ def test_the_loop_keeps_each_members_state_across_train_and_eval() -> None:
         with torch.no_grad():
             assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
     assert members[0].calls == 4
+
+
+# -- found by a hostile review of the above ------------------------------------------------
+
+
+class _TensorSteps(nn.Module):
+    """A step count kept as a plain tensor, changed in place (the same object, a new value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.steps = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        return self.lin(x) * self.steps
+
+
+class _OrderedCount(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seen: OrderedDict[int, bool] = OrderedDict()
+        self.counts: defaultdict[str, int] = defaultdict(int)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen[len(self.seen)] = True
+        self.counts["n"] += 1
+        return self.lin(x) * (len(self.seen) + self.counts["n"])
+
+
+class _OrderedCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "w" not in self.cache:
+            self.cache["w"] = 2 * self.lin.weight
+        return x @ self.cache["w"].T
+
+
+class _NegativeCount(nn.Module):
+    """Counts only the calls whose input is negative: the first timing sees no change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0] < 0:
+            self.n += 1
+        return self.lin(x) * (1 + self.n)
+
+
+@pytest.mark.parametrize("module", [_TensorSteps, _OrderedCount, _OrderedCache])
+def test_auto_sees_changes_in_place_and_in_dict_subclasses(module: type[nn.Module]) -> None:
+    members, twins = _pair(module, 3)
+    ens = lm.Ensemble(twins)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        expected = torch.stack([m(x) for m in members])
+        assert torch.equal(ens(x), expected)
+    assert ens.plans[0].how == "forward keeps state"
+    with pytest.raises(ValueError, match="the forward changes"):
+        lm.Ensemble(_pair(module, 3)[1], execution="grouped")
+
+
+@pytest.mark.parametrize("module", [_OrderedCache, _Counter])
+def test_vmap_in_chunks_refuses_any_change(module: type[nn.Module]) -> None:
+    """Each chunk runs the template's forward again: a count would count the chunks."""
+    _, twins = _pair(module, 4)
+    ens = lm.Ensemble(twins, execution="vmap", chunk_size=2)
+    x = torch.randn(2, 4) if module is _OrderedCache else torch.randn(2, 8)
+    with pytest.raises(ValueError, match="once per chunk") as info:
+        ens(x)
+    assert info.value.paths == ("cache['w']",) if module is _OrderedCache else ("calls",)
+    if module is _OrderedCache:
+        assert dict(ens.template.module.cache) == {}
+
+
+def test_state_left_by_vmap_calls_reaches_the_loop() -> None:
+    members, twins = _pair(_NegativeCount, 3)
+    ens = lm.Ensemble(twins)
+    pos, neg = torch.ones(2, 4), -torch.ones(2, 4)
+    ens(pos)
+    for m in members:
+        m(pos)
+    with _deterministic():  # "auto" times nothing: vmap, which keeps the count in the template
+        for _ in range(3):
+            ens(neg)
+            for m in members:
+                m(neg)
+    x = -torch.ones(5, 4)  # another kind of call: timed, the change seen, the loop from here on
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    assert ens.plans[-1].how == "forward keeps state"
+
+
+def test_each_members_state_survives_copies_moves_and_new_hooks() -> None:
+    members, twins = _pair(_Counter, 3)
+    ens = lm.Ensemble(twins)
+    x = torch.randn(2, 8)
+    for _ in range(3):
+        ens(x)
+        for m in members:
+            m(x)
+    copied, unpickled = copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))
+    assert torch.equal(copied(x), torch.stack([m(x) for m in copy.deepcopy(members)]))
+    assert torch.equal(unpickled(x), torch.stack([m(x) for m in copy.deepcopy(members)]))
+    ens.to(torch.float32)  # .to() replaces the stacked tensors
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    ens.template.module.register_forward_hook(lambda mod, i, o: None)  # the copies are made again
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    one = ens.member(1)
+    assert one.calls == members[1].calls == 5
+    assert torch.equal(one(x), members[1](x))
+
+
+def test_lstm_is_not_taken_for_a_stateful_forward() -> None:
+    """nn.LSTM keeps lists of its weights, which follow its parameter table."""
+    ens = lm.Ensemble([nn.LSTM(4, 8, batch_first=True) for _ in range(3)])
+    ens(torch.randn(2, 5, 4))
+    assert ens.plans[0].how == "timed"
+
+
+def test_a_forward_adding_a_submodule_then_a_mode_switch() -> None:
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "extra"):
+                self.extra = nn.Identity()
+            return self.extra(self.lin(x))
+
+    members, twins = _pair(Lazy, 3)
+    ens = lm.Ensemble(twins, execution="loop")
+    x = torch.randn(2, 4)
+    ens(x)
+    ens.eval()
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+def test_members_that_already_cached_are_told_why_they_differ() -> None:
+    members = [_CachedBias().eval() for _ in range(3)]
+    with torch.no_grad():
+        for m in members:
+            m(torch.randn(4, 8))
+    with pytest.raises(lm.MetaTensorError, match=r"cache.*build the Ensemble before the members"):
+        lm.Ensemble(members)
+
+
+class _LeViTish(nn.Module):
+    """An eval-mode cache that only train(True) drops (timm's LeViT up to 0.9)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> _LeViTish:
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return x @ (2 * self.lin.weight).T
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = 2 * self.lin.weight
+        return x @ self.cache["cpu"].T
+
+
+class _Validated(L.LightningModule):
+    def __init__(self, ensemble: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        members = [_LeViTish() for _ in range(3)]
+        self.net = lm.Ensemble(members) if ensemble else nn.ModuleList(members)
+        self.ensemble = ensemble
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if self.ensemble else torch.stack([m(x) for m in self.net])
+
+    def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+        return (self(batch[0]) - batch[1]).pow(2).mean()
+
+    def validation_step(self, batch: list[torch.Tensor], index: int) -> None:
+        self.outputs.append(self(batch[0]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_trainer_switching_modes_gives_the_members_numbers() -> None:
+    """Lightning puts modes back after validation by setting them, without train(): the
+    members' caches are not dropped, and neither are the loop copies'."""
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    runs = []
+    for ensemble in (False, True):
+        module = _Validated(ensemble)
+        L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        ).fit(
+            module,
+            torch.utils.data.DataLoader(data, batch_size=4),
+            torch.utils.data.DataLoader(data, batch_size=4),
+        )
+        runs.append(module.outputs)
+    assert len(runs[0]) == len(runs[1]) > 4
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -60,7 +60,13 @@ from lightning_meta._ensemble._plan import (
     signature,
     untimed_reason,
 )
-from lightning_meta._ensemble._state import AttributeState, state_written_error
+from lightning_meta._ensemble._state import (
+    AttributeState,
+    carry_state,
+    owned_by,
+    state_written_error,
+    watched,
+)
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
@@ -77,6 +83,17 @@ _RANDOMNESS = ("different", "same", "error")
 
 def _among(ids: set[int], tensor: torch.Tensor) -> bool:
     return id(tensor) in ids
+
+
+def _own_tensors(modules: Iterable[nn.Module]) -> set[int]:
+    """The ids of the parameters and buffers in ``modules``' own tables."""
+    return {
+        id(t)
+        for mod in modules
+        for table in tensor_tables(mod)
+        for t in table.values()
+        if t is not None
+    }
 
 
 def _slicer(start: int, stop: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -518,6 +535,9 @@ class Ensemble(nn.Module):
         # A forward seen storing a tensor in a plain attribute: untimed calls
         # of execution="auto" run the loop.
         self._writes_state = False
+        # A call ran the one template for every member (vmap, grouped), which
+        # then holds the state such calls leave (see _keeps_state).
+        self._ran_shared = False
 
     def _holder(self, path: str) -> _Stacked:
         holder = self.stacked
@@ -539,11 +559,18 @@ class Ensemble(nn.Module):
             problems = compare(reference, member, index)
         if problems:
             lines = "\n  ".join(line for line, _ in problems)
+            cached = (
+                " A tensor kept in a plain attribute that differs per member may be what a "
+                "forward cached (an eval-mode cache such as timm LeViT's): empty it, or build "
+                "the Ensemble before the members run, so that each member's copy fills its own."
+                if "tensor(" in lines
+                else ""
+            )
             raise MetaTensorError(
                 f"Ensemble members must have the same architecture as member 0 "
                 f"({type(reference.module).__qualname__}):\n  {lines}\nFix: build every member "
                 "with the same class and configuration, settings and hooks (or register "
-                "hooks on ensemble.template.module once it is built).",
+                f"hooks on ensemble.template.module once it is built).{cached}",
                 paths=sorted({p for _, paths in problems for p in paths.split(", ") if p}),
             )
         outside = held_outside(member)
@@ -659,9 +686,15 @@ class Ensemble(nn.Module):
         self._follow_mode()
         tensors = self.tensors()
         # A copy of the template: its modes, submodule by submodule.
-        return copy_module(
+        member = copy_module(
             self.template.module, lambda name, t: tensors[name][index].detach().clone()
         )
+        copies = self._shells.copies
+        if len(copies) == self.num_members:
+            # What the member's forward kept in its plain attributes, under the loop plan.
+            shell = copies[index].module
+            carry_state(shell, member, owned_by(shell), copy=True)
+        return member
 
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)
@@ -671,6 +704,9 @@ class Ensemble(nn.Module):
     def _apply_mode(self, mode: bool, *, restore: bool) -> None:
         """Put the template in ``mode``; with ``restore``, back into the modes it had before
         the last switch to eval (submodule by submodule)."""
+        # Lightning sets the modes it puts back directly, without train(): the
+        # loop's copies follow it so, as the members would.
+        self._shells.by_train_call = not restore
         modules = list(self.template.module.modules())
         if not mode and self._mode_applied:
             self._modes_before_eval = [m.training for m in modules]
@@ -825,6 +861,8 @@ class Ensemble(nn.Module):
             self._last_plan = plan
         replaced: list[str] = []
         out = self._run(plan, tensors, inputs, kwargs, replaced=replaced)
+        if self._last_plan in ("vmap", "grouped") and not self._ran_shared:
+            self._ran_shared = True
         for name in replaced:
             # A forward assigned the buffer a new tensor (self.ema = ...), as
             # each member's own forward would: the stacked buffer is replaced.
@@ -849,20 +887,26 @@ class Ensemble(nn.Module):
         loop from then on.
         """
         self._shells.build(self.template.module, self._names, self.num_members)
-        state = AttributeState([*self._template_modules(), *self._shells.modules()])
+        state = AttributeState(
+            watched([*self._template_modules(), *self._shells.modules()]), keep=True
+        )
         try:
             return self._run(plan, dict(tensors), inputs, kwargs, strict=True)
         finally:
-            own = {
-                id(t)
-                for mod in state.modules
-                for table in tensor_tables(mod)
-                for t in table.values()
-                if t is not None
-            }
-            if state.changed(functools.partial(_among, own)):
-                self._writes_state = True
+            if state.changed(functools.partial(_among, _own_tensors(state.modules))):
+                self._keeps_state()
             state.restore()
+
+    def _keeps_state(self) -> None:
+        """Note that the forward changes its modules' plain attributes: from now on
+        ``execution="auto"`` runs the loop, whose copies keep each member's own."""
+        if self._writes_state:
+            return
+        self._writes_state = True
+        if self._ran_shared:
+            # Calls that ran the one template (vmap) left their state there:
+            # the copies are made from it again.
+            self._shells.clear()
 
     def _template_modules(self) -> list[tuple[str, nn.Module]]:
         """The template's modules with their paths (walked once per template)."""
@@ -872,13 +916,20 @@ class Ensemble(nn.Module):
         return self._module_paths[1]
 
     def _refuse_written(
-        self, state: AttributeState, runner: str, shared: Callable[[torch.Tensor], bool]
+        self,
+        state: AttributeState,
+        runner: str,
+        shared: Callable[[torch.Tensor], bool],
+        *,
+        any_change: bool,
     ) -> None:
-        """Raise if the forward stored a tensor of its own in a plain attribute (see ``_state``)."""
-        written = state.written(shared)
+        """Raise if the forward stored a tensor of its own in a plain attribute, or with
+        ``any_change`` (the forward ran more than once for the call) changed anything there
+        (see ``_state``)."""
+        written = state.changed(shared) if any_change else state.written(shared)
         if written:
             state.restore()
-            self._writes_state = True
+            self._keeps_state()
             plan, forced = self._requested, self._requested != "auto"
             raise state_written_error(plan, runner, written, forced=forced)
 
@@ -1079,13 +1130,20 @@ class Ensemble(nn.Module):
                 kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
             seen: dict[str, Any] | None = {} if changes is not None else None
-            state = None if compiling else AttributeState(self._template_modules())
+            state = None if compiling else AttributeState(watched(self._template_modules()))
             outs.append(self._call_template(params, xs, kw, seen))
             if state is not None:
-                # The next member would read this one's value there; the
-                # member's inputs are the same value for every member.
+                # The next member would read this one's value there (a count
+                # would count every member); the member's inputs are the same
+                # value for every member.
                 given = {id(t) for t in tree_leaves((xs, kw)) if isinstance(t, torch.Tensor)}
-                self._refuse_written(state, "once per member", functools.partial(_among, given))
+                given |= _own_tensors(state.modules)
+                self._refuse_written(
+                    state,
+                    "once per member",
+                    functools.partial(_among, given),
+                    any_change=True,
+                )
             if changes is not None and seen:
                 for name, new in seen.items():
                     changes.setdefault(name, {})[start + i] = new
@@ -1126,15 +1184,17 @@ class Ensemble(nn.Module):
 
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
             seen: dict[str, Any] | None = {} if changes is not None else None
-            state = None if compiling else AttributeState(self._template_modules())
+            state = None if compiling else AttributeState(watched(self._template_modules()))
             out = self._call_template(t, xs, kw, seen)
             if state is not None:
                 # What vmap made is batched at its level (or an inner one).
                 level = transform_level()
+                chunked = self.chunk_size is not None and self.chunk_size < self.num_members
                 self._refuse_written(
                     state,
-                    "under torch.vmap",
+                    "under torch.vmap" + (" once per chunk" if chunked else ""),
                     lambda t: level is None or not made_at_level(t, level),
+                    any_change=chunked,
                 )
             if isinstance(out, torch.Tensor):
                 result: Any = out
@@ -1201,9 +1261,13 @@ class Ensemble(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
         # views of (and the gradient memory beside) the old ones first.
-        for cache in ("_views", "_shells", "_grads"):
+        for cache in ("_views", "_grads"):
             if cache in self.__dict__:
                 self.__dict__[cache].clear()
+        if "_shells" in self.__dict__:
+            # The copies keep what each member's forward stored (plain
+            # attributes, which .to() leaves alone on the members too).
+            self._shells.release()
         return module_apply(self, fn, recurse)
 
     # ------------------------------------------------------- copy and pickle
@@ -1223,6 +1287,7 @@ class Ensemble(nn.Module):
             self._modes_before_eval = None
         # Pickled by a version that did not watch the forward's attributes.
         self.__dict__.setdefault("_writes_state", False)
+        self.__dict__.setdefault("_ran_shared", False)
         self.__dict__.setdefault("_module_paths", None)
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")

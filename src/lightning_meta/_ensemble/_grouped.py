@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
-from lightning_meta._ensemble._state import AttributeState
+from lightning_meta._ensemble._state import AttributeState, owned_by, watched
 
 __all__ = ["GroupedPlan", "NotGroupableError"]
 
@@ -689,7 +689,7 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     for path, mod in template.named_modules():
         if has_module_hooks(mod):
             return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
-    state = AttributeState(template.named_modules())
+    state = AttributeState(watched(template.named_modules()), keep=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -699,7 +699,7 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
         )
     finally:
-        written = state.changed()
+        written = state.changed(owned_by(template))
         state.restore()  # a proxy the forward stored must not stay in the template
     if written:
         return Refusal(

@@ -37,6 +37,13 @@ from lightning_meta._compat import (
     tree_unflatten,
 )
 from lightning_meta._ensemble._grads import GradBuffers, unstack
+from lightning_meta._ensemble._state import (
+    CopyState,
+    apply_state,
+    carry_state,
+    owned_by,
+    state_of,
+)
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._slots import Slot, tie_groups
 
@@ -221,6 +228,12 @@ def _member_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
     return stacked.unbind(0)
 
 
+def _with_states(states: list[CopyState] | None) -> MemberShells:
+    shells = MemberShells()
+    shells._pending = states
+    return shells
+
+
 class MemberShells:
     """One copy of the (meta) template per member, holding that member's views.
 
@@ -244,12 +257,25 @@ class MemberShells:
         # The views the copies hold: the very mapping last passed (never changed after).
         self._last: Mapping[str, Sequence[torch.Tensor]] = {}
         self._module_list: list[nn.Module] = []
+        # Whether the last change of modes was a train()/eval() call (the
+        # copies run their own train() then) or flags set directly.
+        self.by_train_call = True
+        # What the copies of a copied or unpickled ensemble held, for the
+        # copies made next.
+        self._pending: list[CopyState] | None = None
 
-    def __reduce__(self) -> tuple[type[MemberShells], tuple[()]]:
-        return (MemberShells, ())
+    def __reduce__(self) -> tuple[Callable[..., MemberShells], tuple[Any, ...]]:
+        return (_with_states, (self._states(),))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MemberShells:
-        return MemberShells()
+        return _with_states(self._states())
+
+    def _states(self) -> list[CopyState] | None:
+        """What each copy holds in its plain attributes (copies of it), for a copy of the
+        ensemble: the copies themselves are made again from the template."""
+        if not self._members:
+            return self._pending
+        return [state_of(m.module, owned_by(m.module), copy=True) for m in self._members]
 
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
@@ -279,26 +305,36 @@ class MemberShells:
         if self._template is not template:
             self._module_list = list(template.modules())
         state = modes_and_hooks(self._module_list)
-        if self._state == state and self._template is template:
-            if len(self._members) == num_members:
-                return
-        elif (
-            self._template is template
-            and len(self._members) == num_members
+        same = self._template is template and len(self._members) == num_members
+        if same and self._state == state:
+            return
+        copies = [list(m.module.modules()) for m in self._members] if same else []
+        if (
+            same
             and [hooks for _, hooks in state] == [hooks for _, hooks in self._state]
+            and all(len(mods) == len(self._module_list) for mods in copies)
         ):
             # Modes only: the copies keep what their forwards stored (a
             # member's state survives train()/eval()), and run their own
-            # train() as the members do (LeViT's drops its cache there).
-            for member in self._members:
-                member.module.train(template.training)
-                for mine, theirs in zip(member.module.modules(), self._module_list, strict=True):
+            # train() where the members would (LeViT's drops its cache there).
+            for member, mods in zip(self._members, copies, strict=True):
+                if self.by_train_call:
+                    member.module.train(template.training)
+                for mine, theirs in zip(mods, self._module_list, strict=True):
                     mine.training = theirs.training
             self._state = state
             return
+        old = self._members if same else []
         self._members = [
             MemberSlots.of(deepcopy_module(template), names) for _ in range(num_members)
         ]
+        for before, after in zip(old, self._members, strict=False):
+            # A hook added or removed: the new copies keep what the old ones stored.
+            carry_state(before.module, after.module, owned_by(before.module))
+        if not old and self._pending is not None and len(self._pending) == num_members:
+            for held, after in zip(self._pending, self._members, strict=True):
+                apply_state(after.module, held)
+        self._pending = None
         self._template, self._state, self._last = template, state, {}
 
     @property

@@ -2,49 +2,224 @@
 
 Every member keeps what its own forward stores outside its parameters and
 buffers (a cache of a derived tensor, such as LeViT's attention biases in
-eval mode; the previous step's state), each in its own module. The loop plan
-runs each member in its own copy of the template, which keeps it the same
-way. ``torch.vmap`` and the grouped plan's ``torch.fx`` trace run the one
-template for every member at once: a tensor computed there and stored is a wrapper that
-exists only inside the call (a batched tensor, a trace's proxy), one value
-where the members have N. So a plan of that kind that stores such a tensor
-is refused (``execution="auto"`` then runs the loop), and the template is
-put back as it was. A tensor every member would store alike (an input the
-forward keeps for its hooks) is let be. The plan timing puts back whatever its runs stored, so
-that only the calls whose results are used change any module.
+eval mode; a step count; the previous step's state), each in its own
+module. The loop plan runs each member in its own copy of the template,
+which keeps it the same way. ``torch.vmap`` and the grouped plan's
+``torch.fx`` trace run the one template for every member at once: a tensor
+computed there and stored is a wrapper that exists only inside the call (a
+batched tensor, a trace's proxy), one value where the members have N. So a
+plan of that kind that stores such a tensor is refused (``execution="auto"``
+then runs the loop), and the template is put back as it was. A tensor every
+member would store alike (an input the forward keeps for its hooks) is let
+be. The plan timing puts back whatever its runs stored, so that only the
+calls whose results are used change any module.
+
+What is noted: every attribute of a module's ``__dict__`` but torch's own
+tables, the items of dicts, lists, sets and deques among them (their
+subclasses too, two levels deep), the in-place version of every tensor
+among those, and the names of the module's children. Modules whose class is
+torch's own and that have no hooks are not watched (their forwards store
+nothing), which keeps a model of many small torch layers cheap to watch.
+Not seen: changes inside other objects (a config, a cache object's own
+attributes) and deeper in containers.
 """
 
 from __future__ import annotations
 
+import collections
+import copy as pycopy
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from lightning_meta._compat import children_of, has_module_hooks, version_of
 from lightning_meta._errors import ArgumentValueError
 
-__all__ = ["MODULE_INTERNALS", "AttributeState", "state_written_error"]
+__all__ = [
+    "MODULE_INTERNALS",
+    "AttributeState",
+    "CopyState",
+    "apply_state",
+    "carry_state",
+    "owned_by",
+    "state_of",
+    "state_written_error",
+    "watched",
+]
 
 # nn.Module's own bookkeeping, and what torch.compile adds.
 MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 # Containers whose items are noted too, this deep (a dict of dicts).
 _DEPTH = 2
 
+# Whether a stored tensor is one every member would store alike (or the module's own).
+Shared = Callable[[torch.Tensor], bool]
 
-def _copy(value: Any, depth: int) -> Any:
-    """What ``value`` holds, to compare and put back; ``None`` for an object not opened."""
-    if depth > _DEPTH:
-        return None
-    if type(value) is dict:
-        return [(k, v, _copy(v, depth + 1)) for k, v in value.items()]
-    if type(value) is list:
-        return [(i, v, _copy(v, depth + 1)) for i, v in enumerate(value)]
+_TORCH_CLASSES: dict[type, bool] = {}
+
+
+def _torch_class(cls: type) -> bool:
+    known = _TORCH_CLASSES.get(cls)
+    if known is None:
+        known = _TORCH_CLASSES[cls] = cls.__module__.split(".", 1)[0] == "torch"
+    return known
+
+
+def watched(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The modules whose forward (or hooks) may store something: all but torch's own
+    classes without hooks."""
+    return [(p, m) for p, m in modules if not _torch_class(type(m)) or has_module_hooks(m)]
+
+
+def _items(value: Any) -> list[tuple[Any, Any]] | None:
+    """A container's (key, item) pairs (a set's items are their own keys); ``None`` for
+    anything else."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, collections.deque)):
+        return list(enumerate(value))
+    if isinstance(value, (set, frozenset)):
+        return [(v, v) for v in value]
     return None
 
 
-# Whether a stored tensor is one every member would store alike.
-Shared = Callable[[torch.Tensor], bool]
+class _Noted:
+    """One value as it was: the object, its in-place version (tensors), a copy of its values
+    (tensors, when asked), and its items noted in turn (containers)."""
+
+    __slots__ = ("items", "saved", "value", "version")
+
+    def __init__(self, value: Any, depth: int, keep: bool) -> None:
+        self.value = value
+        self.version = -1
+        self.saved: torch.Tensor | None = None
+        self.items: dict[Any, _Noted] | None = None
+        if isinstance(value, torch.Tensor):
+            self.version = version_of(value)
+            if keep and not value.is_meta:
+                self.saved = value.detach().clone()
+        elif depth <= _DEPTH:
+            pairs = _items(value)
+            if pairs is not None:
+                self.items = {k: _Noted(v, depth + 1, keep) for k, v in pairs}
+
+    def restore(self) -> None:
+        value, items = self.value, self.items
+        if self.saved is not None and version_of(value) != self.version:
+            with torch.no_grad():
+                value.copy_(self.saved)
+        if items is None:
+            return
+        if isinstance(value, dict):
+            value.clear()
+            value.update((k, n.value) for k, n in items.items())
+        elif isinstance(value, list):
+            value[:] = [n.value for n in items.values()]
+        elif isinstance(value, collections.deque):
+            value.clear()
+            value.extend(n.value for n in items.values())
+        elif isinstance(value, set):
+            value.clear()
+            value.update(n.value for n in items.values())
+        for noted in items.values():
+            noted.restore()
+
+
+class AttributeState:
+    """The plain attributes (not torch's tables) of some modules, as they were when noted.
+
+    Args:
+        modules: ``(path, module)`` pairs (see :func:`watched`).
+        keep: also copy the values of the tensors among them, so that
+            :meth:`restore` undoes in-place changes too.
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]], *, keep: bool = False) -> None:
+        pairs = list(modules)
+        self.modules = [mod for _, mod in pairs]
+        self._noted = [
+            (
+                path,
+                mod,
+                vars(mod),
+                list(children_of(mod)),
+                {
+                    key: _Noted(value, 0, keep)
+                    for key, value in vars(mod).items()
+                    if key not in MODULE_INTERNALS
+                },
+            )
+            for path, mod in pairs
+        ]
+
+    def written(self, shared: Shared) -> list[str]:
+        """Dotted paths where a tensor is now held that was not before and is not ``shared``
+        (a trace's proxy never is)."""
+        return self._diff(lambda value: _holds_own(value, shared), in_place=False)
+
+    def changed(self, own: Shared) -> list[str]:
+        """Dotted paths of every attribute, container item or child added, replaced, removed
+        or changed in place since, but for those holding only ``own`` tensors (or weak
+        references to them: an ``nn.LSTM``'s lists of its weights, which follow its
+        parameter table)."""
+        found = self._diff(lambda value: not _only(value, own), in_place=True)
+        for path, mod, _, children, _ in self._noted:
+            if list(children_of(mod)) != children:
+                found.append(f"{path}.<children>" if path else "<children>")
+        return found
+
+    def _diff(self, counts: Callable[[Any], bool], in_place: bool) -> list[str]:
+        found: list[str] = []
+        for path, _, attributes, _, noted in self._noted:
+            now = {k: v for k, v in attributes.items() if k not in MODULE_INTERNALS}
+            _diff_items(now, noted, f"{path}." if path else "", False, counts, in_place, found)
+        return found
+
+    def restore(self) -> None:
+        """Put back every noted attribute, container item, tensor value (with ``keep``) and
+        child; drop attributes and children added since."""
+        for _, mod, attributes, children, noted in self._noted:
+            for key in [k for k in attributes if k not in MODULE_INTERNALS and k not in noted]:
+                del attributes[key]
+            for key, entry in noted.items():
+                attributes[key] = entry.value
+                entry.restore()
+            for name in [n for n in children_of(mod) if n not in children]:
+                delattr(mod, name)
+
+
+def _diff_items(
+    now: dict[Any, Any],
+    before: dict[Any, _Noted],
+    where: str,
+    items_of: bool,
+    counts: Callable[[Any], bool],
+    in_place: bool,
+    found: list[str],
+) -> None:
+    """Note in ``found`` the keys of ``now`` (an object's attributes, or with ``items_of`` a
+    container's items) that changed from ``before``."""
+
+    def name(key: Any) -> str:
+        return f"{where}[{key!r}]" if items_of else f"{where}{key}"
+
+    for key, value in now.items():
+        old = before.get(key)
+        if old is None or old.value is not value:
+            changed = True
+        else:
+            changed = in_place and old.version >= 0 and version_of(value) != old.version
+        if changed:
+            if counts(value):
+                found.append(name(key))
+        elif old is not None and old.items is not None:
+            pairs = _items(value) or []
+            _diff_items(dict(pairs), old.items, name(key), True, counts, in_place, found)
+    if in_place:
+        found.extend(name(key) for key in before if key not in now)
 
 
 def _holds_own(value: Any, shared: Shared, depth: int = 0) -> bool:
@@ -55,139 +230,105 @@ def _holds_own(value: Any, shared: Shared, depth: int = 0) -> bool:
         return not shared(value)
     if depth > _DEPTH:
         return False
-    if isinstance(value, dict):
-        return any(_holds_own(v, shared, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set)):
-        return any(_holds_own(v, shared, depth + 1) for v in value)
-    return False
-
-
-def _never(tensor: torch.Tensor) -> bool:
-    return False
-
-
-class AttributeState:
-    """The plain attributes (not torch's tables) of some modules, as they were when noted.
-
-    Dicts and lists among them are noted item by item (two levels deep), so
-    that an item put into a cache dict is seen, and taken out again by
-    :meth:`restore`.
-    """
-
-    def __init__(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
-        modules = list(modules)
-        self.modules = [mod for _, mod in modules]
-        self._noted = [
-            (
-                path,
-                attributes,
-                {
-                    key: (value, _copy(value, 0))
-                    for key, value in attributes.items()
-                    if key not in MODULE_INTERNALS
-                },
-            )
-            for path, mod in modules
-            for attributes in (vars(mod),)
-        ]
-
-    def written(self, shared: Shared = _never) -> list[str]:
-        """Dotted paths where a tensor is now held that was not before and is not ``shared``
-        (a trace's proxy never is)."""
-        return self._diff(lambda value: _holds_own(value, shared), removed=False)
-
-    def changed(self, own: Shared = _never) -> list[str]:
-        """Dotted paths of every attribute or container item added, replaced or removed since,
-        but for those now holding only ``own`` tensors (an ``nn.LSTM``'s list of its weights,
-        which follows its parameter table)."""
-        return self._diff(lambda value: not _only(value, own), removed=True)
-
-    def _diff(self, counts: Callable[[Any], bool], removed: bool) -> list[str]:
-        found: list[str] = []
-        for path, attributes, noted in self._noted:
-            _diff_items(
-                {k: v for k, v in attributes.items() if k not in MODULE_INTERNALS},
-                noted,
-                f"{path}." if path else "",
-                False,
-                counts,
-                removed,
-                found,
-            )
-        return found
-
-    def restore(self) -> None:
-        """Put back every noted attribute and container item; drop attributes added since."""
-        for _, attributes, noted in self._noted:
-            for key in [k for k in attributes if k not in MODULE_INTERNALS and k not in noted]:
-                del attributes[key]
-            for key, (value, items) in noted.items():
-                attributes[key] = value
-                if items is not None:
-                    _restore_items(value, items)
-
-
-def _diff_items(
-    now: dict[Any, Any],
-    before: dict[Any, tuple[Any, Any]],
-    where: str,
-    items_of: bool,
-    counts: Callable[[Any], bool],
-    removed: bool,
-    found: list[str],
-) -> None:
-    """Note in ``found`` the keys of ``now`` (an object's attributes, or with ``items_of`` a
-    container's items) that changed from ``before`` (key -> (value, its items or ``None``))."""
-
-    def name(key: Any) -> str:
-        return f"{where}[{key!r}]" if items_of else f"{where}{key}"
-
-    for key, value in now.items():
-        old = before.get(key)
-        if old is None or old[0] is not value:
-            if counts(value):
-                found.append(name(key))
-        elif old[1] is not None:
-            items = dict(value.items()) if isinstance(value, dict) else dict(enumerate(value))
-            _diff_items(
-                items,
-                {k: (v, inner) for k, v, inner in old[1]},
-                name(key),
-                True,
-                counts,
-                removed,
-                found,
-            )
-    if removed:
-        found.extend(name(key) for key in before if key not in now)
+    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    return pairs is not None and any(_holds_own(v, shared, depth + 1) for _, v in pairs)
 
 
 def _only(value: Any, own: Shared, depth: int = 0) -> bool:
-    """Whether ``value`` is an ``own`` tensor, or a non-empty container of nothing else."""
+    """Whether ``value`` is an ``own`` tensor (or a weak reference to one, or to nothing),
+    or a non-empty container of nothing else."""
     if isinstance(value, torch.Tensor):
         return own(value)
-    if depth > _DEPTH or not isinstance(value, (list, tuple, dict)) or not value:
+    if isinstance(value, weakref.ref):
+        target = value()
+        return target is None or (isinstance(target, torch.Tensor) and own(target))
+    if depth > _DEPTH:
         return False
-    items = value.values() if isinstance(value, dict) else value
-    return all(_only(v, own, depth + 1) for v in items)
+    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    return pairs is not None and bool(pairs) and all(_only(v, own, depth + 1) for _, v in pairs)
 
 
-def _restore_items(container: Any, items: list[tuple[Any, Any, Any]]) -> None:
-    if isinstance(container, dict):
-        container.clear()
-        container.update((k, v) for k, v, _ in items)
-    else:
-        container[:] = [v for _, v, _ in items]
-    for _, value, inner in items:
-        if inner is not None:
-            _restore_items(value, inner)
+def owned_by(module: nn.Module) -> Shared:
+    """Whether a tensor is one of ``module``'s parameters or buffers (any submodule's)."""
+    ids = {id(t) for t in (*module.parameters(), *module.buffers())}
+    return lambda tensor: id(tensor) in ids
+
+
+# What a copy holds in its plain attributes: its modules' classes (to check a
+# copy it is given to has the same structure) and each module's attributes.
+CopyState = tuple[list[type], list[dict[str, Any]]]
+
+
+def state_of(module: nn.Module, own: Shared, *, copy: bool = False) -> CopyState:
+    """What ``module`` (a member's copy of the template) holds in its plain attributes,
+    module by module, but for what follows its parameter table (``own``: an ``nn.LSTM``'s
+    list of its weights) and modules held there (the copy's own); with ``copy``, copies
+    of it (tensors detached)."""
+    mods = list(module.modules())
+    return (
+        [type(m) for m in mods],
+        [
+            {
+                key: _detached_copy(value) if copy else value
+                for key, value in vars(mod).items()
+                if key not in MODULE_INTERNALS
+                and not _only(value, own)
+                and not _holds_module(value)
+            }
+            for mod in mods
+        ],
+    )
+
+
+def apply_state(module: nn.Module, state: CopyState) -> None:
+    """Put ``state`` (from :func:`state_of`) into ``module``'s plain attributes, unless its
+    structure differs (nothing is known to correspond then)."""
+    types, attributes = state
+    mods = list(module.modules())
+    if [type(m) for m in mods] != types:
+        return
+    for mod, values in zip(mods, attributes, strict=True):
+        vars(mod).update(values)
+
+
+def carry_state(old: nn.Module, new: nn.Module, own: Shared, *, copy: bool = False) -> None:
+    """Give ``new`` (a fresh copy of the template) what ``old`` (the copy it replaces) holds
+    in its plain attributes (see :func:`state_of`)."""
+    apply_state(new, state_of(old, own, copy=copy))
+
+
+def _detached_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (dict, list, set, collections.deque)):
+        out: Any = pycopy.copy(value)  # the same class (a defaultdict keeps its factory)
+        out.clear()
+        if isinstance(value, dict):
+            out.update((k, _detached_copy(v)) for k, v in value.items())
+        elif isinstance(value, set):
+            out.update(_detached_copy(v) for v in value)
+        else:
+            out.extend(_detached_copy(v) for v in value)
+        return out
+    if type(value) is tuple:
+        return tuple(_detached_copy(v) for v in value)
+    return pycopy.deepcopy(value)
+
+
+def _holds_module(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, nn.Module):
+        return True
+    if depth > _DEPTH:
+        return False
+    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    return pairs is not None and any(_holds_module(v, depth + 1) for _, v in pairs)
 
 
 def state_written_error(
     plan: str, runner: str, paths: list[str], forced: bool
 ) -> ArgumentValueError:
     """The refusal of ``plan`` (which ran the template's forward as ``runner``) for a
-    forward that stored tensors at ``paths``."""
+    forward that stored state at ``paths``."""
     fix = (
         "Fix: use execution='loop', or 'auto' (which runs the loop for such a forward)."
         if forced
@@ -195,8 +336,8 @@ def state_written_error(
     )
     return ArgumentValueError(
         f"Ensemble(execution={plan!r}) ran the template's forward {runner}, and the forward "
-        f"stored a tensor in {', '.join(repr(p) for p in paths)}, outside the parameters and "
-        "buffers. Each member keeps its own value there; the template, shared by the members, "
+        f"changed {', '.join(repr(p) for p in paths)}, outside the parameters and buffers. "
+        "Each member keeps its own value there; the template, shared by the members, "
         "cannot (the template is left as it was). " + fix,
         paths=paths,
     )
