@@ -532,6 +532,7 @@ class Ensemble(nn.Module):
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
         self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
+        self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
         # A forward seen storing a tensor in a plain attribute: untimed calls
         # of execution="auto" run the loop.
         self._writes_state = False
@@ -915,6 +916,15 @@ class Ensemble(nn.Module):
             self._module_paths = (module, list(module.named_modules()))
         return self._module_paths[1]
 
+    def _watched_template(self) -> list[tuple[str, nn.Module]]:
+        """The template's modules whose forward may store state (:func:`watched`), found again
+        only when a hook was registered somewhere since (see :class:`_HookCheck`)."""
+        modules, stamp = self._template_modules(), hook_registrations()
+        cached = self._watch_cache
+        if cached is None or cached[0] is not modules or cached[1] != stamp:
+            cached = self._watch_cache = (modules, stamp, watched(modules))
+        return cached[2]
+
     def _refuse_written(
         self,
         state: AttributeState,
@@ -1130,7 +1140,7 @@ class Ensemble(nn.Module):
                 kw = tree_map_only(torch.Tensor, _slicer(i, None), dict(kwargs))
             params = {k: v[i] for k, v in views.items()}
             seen: dict[str, Any] | None = {} if changes is not None else None
-            state = None if compiling else AttributeState(watched(self._template_modules()))
+            state = None if compiling else AttributeState(self._watched_template())
             outs.append(self._call_template(params, xs, kw, seen))
             if state is not None:
                 # The next member would read this one's value there (a count
@@ -1184,7 +1194,7 @@ class Ensemble(nn.Module):
 
         def one(t: dict[str, torch.Tensor], xs: tuple[Any, ...], kw: dict[str, Any]) -> Any:
             seen: dict[str, Any] | None = {} if changes is not None else None
-            state = None if compiling else AttributeState(watched(self._template_modules()))
+            state = None if compiling else AttributeState(self._watched_template())
             out = self._call_template(t, xs, kw, seen)
             if state is not None:
                 # What vmap made is batched at its level (or an inner one).
@@ -1278,6 +1288,7 @@ class Ensemble(nn.Module):
         state["_holders"] = None
         state["_last_plan"] = None
         state["_module_paths"] = None
+        state["_watch_cache"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1289,6 +1300,7 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_writes_state", False)
         self.__dict__.setdefault("_ran_shared", False)
         self.__dict__.setdefault("_module_paths", None)
+        self.__dict__.setdefault("_watch_cache", None)
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

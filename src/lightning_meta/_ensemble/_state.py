@@ -74,16 +74,58 @@ def watched(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
     return [(p, m) for p, m in modules if not _torch_class(type(m)) or has_module_hooks(m)]
 
 
+# Kinds of values, by class: found once per class with issubclass, since
+# isinstance asks the object for its __class__, which some objects answer
+# slowly (transformers' configs override __getattribute__).
+_OTHER, _TENSOR, _DICT, _SEQUENCE, _SET = range(5)
+_KINDS: dict[type, int] = {}
+
+
+def _kind(value: Any) -> int:
+    cls = type(value)
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = _KINDS[cls] = (
+            _TENSOR
+            if issubclass(cls, torch.Tensor)
+            else _DICT
+            if issubclass(cls, dict)
+            else _SEQUENCE
+            if issubclass(cls, (list, collections.deque))
+            else _SET
+            if issubclass(cls, (set, frozenset))
+            else _OTHER
+        )
+    return kind
+
+
 def _items(value: Any) -> list[tuple[Any, Any]] | None:
     """A container's (key, item) pairs (a set's items are their own keys); ``None`` for
     anything else."""
-    if isinstance(value, dict):
+    kind = _kind(value)
+    if kind == _DICT:
         return list(value.items())
-    if isinstance(value, (list, collections.deque)):
+    if kind == _SEQUENCE:
         return list(enumerate(value))
-    if isinstance(value, (set, frozenset)):
+    if kind == _SET:
         return [(v, v) for v in value]
     return None
+
+
+_MISSING = object()
+
+
+def _note(value: Any, depth: int, keep: bool) -> Any:
+    """``value`` itself, or a :class:`_Noted` for a tensor or a container (most attributes
+    are numbers and strings, noted as they are: a call is watched on every ``vmap``)."""
+    kind = _kind(value)
+    if kind == _TENSOR or (kind != _OTHER and depth <= _DEPTH):
+        return _Noted(value, depth, keep)
+    return value
+
+
+def _value(noted: Any) -> Any:
+    return noted.value if type(noted) is _Noted else noted
 
 
 class _Noted:
@@ -96,7 +138,7 @@ class _Noted:
         self.value = value
         self.version = -1
         self.saved: torch.Tensor | None = None
-        self.items: dict[Any, _Noted] | None = None
+        self.items: dict[Any, Any] | None = None
         if isinstance(value, torch.Tensor):
             self.version = version_of(value)
             if keep and not value.is_meta:
@@ -104,7 +146,7 @@ class _Noted:
         elif depth <= _DEPTH:
             pairs = _items(value)
             if pairs is not None:
-                self.items = {k: _Noted(v, depth + 1, keep) for k, v in pairs}
+                self.items = {k: _note(v, depth + 1, keep) for k, v in pairs}
 
     def restore(self) -> None:
         value, items = self.value, self.items
@@ -115,17 +157,18 @@ class _Noted:
             return
         if isinstance(value, dict):
             value.clear()
-            value.update((k, n.value) for k, n in items.items())
+            value.update((k, _value(n)) for k, n in items.items())
         elif isinstance(value, list):
-            value[:] = [n.value for n in items.values()]
+            value[:] = [_value(n) for n in items.values()]
         elif isinstance(value, collections.deque):
             value.clear()
-            value.extend(n.value for n in items.values())
+            value.extend(_value(n) for n in items.values())
         elif isinstance(value, set):
             value.clear()
-            value.update(n.value for n in items.values())
+            value.update(_value(n) for n in items.values())
         for noted in items.values():
-            noted.restore()
+            if type(noted) is _Noted:
+                noted.restore()
 
 
 class AttributeState:
@@ -147,7 +190,7 @@ class AttributeState:
                 vars(mod),
                 list(children_of(mod)),
                 {
-                    key: _Noted(value, 0, keep)
+                    key: _note(value, 0, keep)
                     for key, value in vars(mod).items()
                     if key not in MODULE_INTERNALS
                 },
@@ -185,15 +228,16 @@ class AttributeState:
             for key in [k for k in attributes if k not in MODULE_INTERNALS and k not in noted]:
                 del attributes[key]
             for key, entry in noted.items():
-                attributes[key] = entry.value
-                entry.restore()
+                attributes[key] = _value(entry)
+                if type(entry) is _Noted:
+                    entry.restore()
             for name in [n for n in children_of(mod) if n not in children]:
                 delattr(mod, name)
 
 
 def _diff_items(
     now: dict[Any, Any],
-    before: dict[Any, _Noted],
+    before: dict[Any, Any],
     where: str,
     items_of: bool,
     counts: Callable[[Any], bool],
@@ -207,15 +251,17 @@ def _diff_items(
         return f"{where}[{key!r}]" if items_of else f"{where}{key}"
 
     for key, value in now.items():
-        old = before.get(key)
-        if old is None or old.value is not value:
+        old = before.get(key, _MISSING)
+        if old is _MISSING or _value(old) is not value:
             changed = True
-        else:
+        elif type(old) is _Noted:
             changed = in_place and old.version >= 0 and version_of(value) != old.version
+        else:
+            changed = False
         if changed:
             if counts(value):
                 found.append(name(key))
-        elif old is not None and old.items is not None:
+        elif type(old) is _Noted and old.items is not None:
             pairs = _items(value) or []
             _diff_items(dict(pairs), old.items, name(key), True, counts, in_place, found)
     if in_place:
