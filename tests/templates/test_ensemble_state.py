@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import pickle
+import types
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -202,10 +204,10 @@ def test_timm_levit_ensemble_in_eval_gives_the_members_numbers() -> None:
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_untimed_auto_refuses_once_then_runs_the_loop(autocast: bool) -> None:
-    """Where "auto" times nothing (here: deterministic algorithms) its first call runs torch.vmap
-    (under autocast, the template once per member): a cache written there is refused, naming it,
-    and the calls after it run the loop."""
+def test_untimed_auto_runs_the_loop_for_modules_of_their_own(autocast: bool) -> None:
+    """Where "auto" times nothing (here: deterministic algorithms) no run shows whether a forward
+    keeps state: a template with modules of other classes than torch's runs the loop (under
+    autocast too), one of torch's own layers runs vmap as before."""
     members, twins = _pair(_CachedBias)
     ens = lm.Ensemble(twins).eval()
     for m in members:
@@ -216,10 +218,12 @@ def test_untimed_auto_refuses_once_then_runs_the_loop(autocast: bool) -> None:
         torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
         _deterministic(),
     ):
-        with pytest.raises(ValueError, match=r"cache\['cpu'\].*Fix: use execution='loop'"):
-            ens(x)
-        assert ens.template.module.cache == {}
-        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+        for _ in range(2):
+            assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+            assert ens.plan == "loop"
+        layers = lm.Ensemble([nn.Linear(8, 8) for _ in range(3)], execution="auto")
+        layers(torch.randn(2, 8))
+        assert layers.plan == "vmap"
 
 
 class _deterministic:
@@ -325,21 +329,38 @@ def test_vmap_in_chunks_refuses_any_change(module: type[nn.Module]) -> None:
         assert dict(ens.template.module.cache) == {}
 
 
+class _NegativeProduct(nn.Module):
+    """Counts only the calls whose input is negative, and reads its weight directly (no
+    grouped plan): with many members "auto" times vmap fastest, before any count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0] < 0:
+            self.n += 1
+        return x @ self.weight * (1 + self.n)
+
+
 def test_state_left_by_vmap_calls_reaches_the_loop() -> None:
-    members, twins = _pair(_NegativeCount, 3)
+    members, twins = _pair(_NegativeProduct, 64)
     ens = lm.Ensemble(twins)
     pos, neg = torch.ones(2, 4), -torch.ones(2, 4)
-    ens(pos)
-    for m in members:
-        m(pos)
-    with _deterministic():  # "auto" times nothing: vmap, which keeps the count in the template
-        for _ in range(3):
+    with torch.no_grad():
+        ens(pos)
+        assert ens.plan == "vmap"  # timed: nothing changed yet
+        for _ in range(3):  # under vmap the one template counts, as each member does
             ens(neg)
-            for m in members:
+        for m in members:
+            m(pos)
+            for _ in range(3):
                 m(neg)
-    x = -torch.ones(5, 4)  # another kind of call: timed, the change seen, the loop from here on
-    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+        x = -torch.ones(5, 4)  # another kind of call: timed, the change seen, the loop from here
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
     assert ens.plans[-1].how == "forward keeps state"
+    assert ens.member(7).n == members[7].n == 4
 
 
 def test_each_members_state_survives_copies_moves_and_new_hooks() -> None:
@@ -463,3 +484,124 @@ def test_a_trainer_switching_modes_gives_the_members_numbers() -> None:
         runs.append(module.outputs)
     assert len(runs[0]) == len(runs[1]) > 4
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+# -- found by a second hostile review ------------------------------------------------------
+
+
+class _BoundAct(nn.Module):
+    """A bound method kept as an attribute (as accelerate keeps ``_old_forward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = self._act
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+def _compiled_linear() -> nn.Module:
+    return torch.compile(nn.Linear(4, 4))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("make", [_BoundAct, _compiled_linear], ids=["bound method", "compiled"])
+def test_copies_of_the_ensemble_run_their_own_weights(make: Callable[[], nn.Module]) -> None:
+    """Only data is carried from the loop's copies (numbers, strings, tensors, containers of
+    them): a function or method kept there refers to the old copy and its weights."""
+    torch.manual_seed(0)
+    ens = lm.Ensemble([make() for _ in range(3)], execution="loop")
+    x = torch.randn(2, 4)
+    ens(x).sum().backward()  # a call with autograd, as training makes
+    for twin in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.zero_()
+            assert twin(x).abs().max() == 0
+    one = ens.member(0)
+    with torch.no_grad():
+        for p in one.parameters():
+            p.zero_()
+        assert one(x).abs().max() == 0
+    members = [make() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    ens(x)
+    ens.template.module.register_forward_hook(lambda m, i, o: None)  # the copies are made again
+    with torch.no_grad():
+        for p in ens.parameters():
+            p.add_(1.0)
+        for m in members:
+            for p in m.parameters():
+                p.add_(1.0)
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return (w + w.T) / 2
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x @ self.weight * self.calls
+
+
+def _parametrized() -> nn.Module:
+    module = _CountsCalls()
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", _Symmetric())
+    return module  # its class is made by torch (module torch.nn.utils.parametrize)
+
+
+def _forward_on_the_instance() -> nn.Module:
+    lin = nn.Linear(4, 4)
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        self.calls = getattr(self, "calls", 0) + 1
+        return torch.nn.functional.linear(x, self.weight, self.bias) * self.calls
+
+    lin.forward = types.MethodType(forward, lin)  # type: ignore[method-assign]
+    return lin
+
+
+@pytest.mark.parametrize("make", [_parametrized, _forward_on_the_instance])
+def test_a_forward_of_the_users_on_a_torch_class_is_watched(make: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    members = [make() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members))
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+    assert ens.plans[0].how == "forward keeps state"
+
+
+def test_a_large_constant_table_is_not_copied_and_one_changed_in_place_is_refused() -> None:
+    class Table(nn.Module):
+        def __init__(self, change: bool) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.table = torch.zeros(2048, 1024)  # 2M elements: above what timing copies
+            self.change = change
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.change:
+                self.table[0, 0] += 1
+            return self.lin(x) + self.table[0, :8]
+
+    x = torch.randn(2, 8)
+    ens = lm.Ensemble([Table(False) for _ in range(3)])
+    ens(x)
+    assert ens.plans[0].how != "forward keeps state"
+    with pytest.raises(ValueError, match=r"changed \['table'\] in place.*execution='loop'"):
+        lm.Ensemble([Table(True) for _ in range(3)])(x)
+    members = [Table(True) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))

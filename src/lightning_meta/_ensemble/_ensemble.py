@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import operator
@@ -306,7 +307,10 @@ class Ensemble(nn.Module):
             ``torch.compile``, inside a ``torch.func`` transform, with
             ``torch.use_deterministic_algorithms(True)``): the forced one, or
             for ``"auto"`` ``"fused"`` when the template can take it and
-            ``"vmap"`` otherwise.
+            ``"vmap"`` otherwise (outside ``torch.compile``, the loop runs
+            instead of ``"vmap"`` for a template with modules of other
+            classes than torch's, whose forward may keep state, and in
+            16-bit floats).
         plan: the plan the last call ran.
         plans: how ``"auto"`` chose, per kind of call (with the timings).
 
@@ -533,6 +537,8 @@ class Ensemble(nn.Module):
         self._last_plan: str | None = None
         self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
         self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
+        # Tensors changed in place by a timed run that could not be put back (see _time).
+        self._lost: list[str] = []
         # A forward seen storing a tensor in a plain attribute: untimed calls
         # of execution="auto" run the loop.
         self._writes_state = False
@@ -777,8 +783,15 @@ class Ensemble(nn.Module):
             return self._unhooked("loop")
         if untimed_reason() is not None:
             static = self.execution
-            if static == "vmap" and (_half_precision(tensors) or self._writes_state):
-                static = "loop"  # see _time and _refuse_written
+            if static == "vmap" and (
+                _half_precision(tensors)  # see _time
+                # Untimed, no run shows whether the forward keeps state in
+                # its modules' attributes, which vmap would refuse: the loop,
+                # unless every module is one of torch's own (see _state), or
+                # under torch.compile (which traces the call once).
+                or (not torch.compiler.is_compiling() and self._watched_template())
+            ):
+                static = "loop"
             return self._unhooked(static)
         stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
@@ -828,14 +841,25 @@ class Ensemble(nn.Module):
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:
+            self._lost = []
             seconds, finalists = measure(
                 candidates,
-                self._timed_run,
+                functools.partial(self._run, strict=True),
                 tensors,
                 self._buffer_names,
                 inputs,
                 kwargs,
+                around=self._timed_state,
             )
+            if self._lost:
+                raise ArgumentValueError(
+                    f"Ensemble(execution='auto') timed its plans, and the forward changed "
+                    f"{sorted(set(self._lost))} in place: tensors kept in plain attributes, too "
+                    "large for the timing to copy and put back, so the timed runs changed "
+                    "them. Fix: use execution='loop' (which each member's copy runs as the "
+                    "member would).",
+                    paths=sorted(set(self._lost)),
+                )
             if not finalists and previous is not None:
                 # Every plan raised on this call (a bad input): keep the first
                 # choice, and let the call raise under it.
@@ -871,18 +895,13 @@ class Ensemble(nn.Module):
             setattr(self._holder(path), leaf, tensors[name])
         return out
 
-    def _timed_run(
-        self,
-        plan: str,
-        tensors: Mapping[str, torch.Tensor],
-        inputs: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-    ) -> Any:
-        """One run of ``plan`` for :func:`measure`: strict, and leaving no module changed.
+    @contextlib.contextmanager
+    def _timed_state(self) -> Iterator[None]:
+        """Around each timed run of :func:`measure` (not timed): leave no module changed.
 
-        What the forward stored in the plain attributes of the template or of
+        What the forward changed in the plain attributes of the template or of
         the member copies is put back: a timed run's cache or step count is
-        not the call's. A forward that stores anything there keeps state each
+        not the call's. A forward that changes anything there keeps state each
         member keeps for itself, which only the loop's copies keep (one value
         for all members in the template): ``execution="auto"`` then runs the
         loop from then on.
@@ -892,11 +911,11 @@ class Ensemble(nn.Module):
             watched([*self._template_modules(), *self._shells.modules()]), keep=True
         )
         try:
-            return self._run(plan, dict(tensors), inputs, kwargs, strict=True)
+            yield
         finally:
             if state.changed(functools.partial(_among, _own_tensors(state.modules))):
                 self._keeps_state()
-            state.restore()
+            self._lost += state.restore()
 
     def _keeps_state(self) -> None:
         """Note that the forward changes its modules' plain attributes: from now on
@@ -1301,6 +1320,7 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_ran_shared", False)
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
+        self.__dict__.setdefault("_lost", [])
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

@@ -359,8 +359,12 @@ def measure(
     buffers: Iterable[str],
     inputs: tuple[Any, ...],
     kwargs: Mapping[str, Any],
+    around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Time ``run(plan, ...)`` for every candidate on copies.
+
+    ``around``: a context entered before each run and left after it,
+    outside the time measured (what it does there is not the plan's).
 
     Returns each candidate's median seconds (``inf`` for one that raised) and
     the finalists, the candidates still timed when timing ended, fastest
@@ -395,22 +399,27 @@ def measure(
         }
         xs = tree_map_only(torch.Tensor, _copy_input, inputs)
         kw = tree_map_only(torch.Tensor, _copy_input, dict(kwargs))
-        _synchronize(devices)
-        start = clock()
-        out = run(plan, state, xs, kw)
-        if grad:
-            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-            # Gradients of the copies only, never accumulated into any .grad:
-            # a tensor the copies do not reach (one inside an input the tree
-            # walk cannot open, a parameter a forward closes over) keeps what
-            # the user's own backward gives it.
-            wanted = [t for t in (*state.values(), *tree_leaves((xs, kw))) if _wants_grad(t)]
-            if outs and wanted:
-                torch.autograd.grad(
-                    outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True
-                )
-        _synchronize(devices)
-        return clock() - start
+        # What ``around`` does before and after a run is not timed.
+        with around() if around is not None else contextlib.nullcontext():
+            _synchronize(devices)
+            start = clock()
+            out = run(plan, state, xs, kw)
+            if grad:
+                outs = [
+                    o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad
+                ]
+                # Gradients of the copies only, never accumulated into any .grad:
+                # a tensor the copies do not reach (one inside an input the tree
+                # walk cannot open, a parameter a forward closes over) keeps what
+                # the user's own backward gives it.
+                wanted = [t for t in (*state.values(), *tree_leaves((xs, kw))) if _wants_grad(t)]
+                if outs and wanted:
+                    torch.autograd.grad(
+                        outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True
+                    )
+            _synchronize(devices)
+            elapsed = clock() - start
+        return elapsed
 
     alive = list(candidates)
     rounds: dict[str, list[float]] = {plan: [] for plan in candidates}

@@ -54,24 +54,35 @@ __all__ = [
 MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 # Containers whose items are noted too, this deep (a dict of dicts).
 _DEPTH = 2
+# Tensors up to this size are copied to undo a change in place (a count, a
+# small cache); a larger one (a constant table) changed in place is refused.
+_KEEP_NUMEL = 1 << 20
 
 # Whether a stored tensor is one every member would store alike (or the module's own).
 Shared = Callable[[torch.Tensor], bool]
 
-_TORCH_CLASSES: dict[type, bool] = {}
+_TORCH_FORWARD: dict[type, bool] = {}
 
 
-def _torch_class(cls: type) -> bool:
-    known = _TORCH_CLASSES.get(cls)
+def _torch_forward(cls: type) -> bool:
+    """Whether the class's ``forward`` is torch's own (not a subclass's, or a class torch
+    makes around the user's, such as a parametrized module's)."""
+    known = _TORCH_FORWARD.get(cls)
     if known is None:
-        known = _TORCH_CLASSES[cls] = cls.__module__.split(".", 1)[0] == "torch"
+        forward = getattr(cls, "forward", None)
+        where = getattr(forward, "__module__", None) or ""
+        known = _TORCH_FORWARD[cls] = where.split(".", 1)[0] == "torch"
     return known
 
 
 def watched(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """The modules whose forward (or hooks) may store something: all but torch's own
-    classes without hooks."""
-    return [(p, m) for p, m in modules if not _torch_class(type(m)) or has_module_hooks(m)]
+    """The modules whose forward (or hooks) may store something: all but those running
+    torch's own ``forward`` (not one set on the instance) without hooks."""
+    return [
+        (p, m)
+        for p, m in modules
+        if not _torch_forward(type(m)) or "forward" in vars(m) or has_module_hooks(m)
+    ]
 
 
 # Kinds of values, by class: found once per class with issubclass, since
@@ -141,18 +152,23 @@ class _Noted:
         self.items: dict[Any, Any] | None = None
         if isinstance(value, torch.Tensor):
             self.version = version_of(value)
-            if keep and not value.is_meta:
+            if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
                 self.saved = value.detach().clone()
         elif depth <= _DEPTH:
             pairs = _items(value)
             if pairs is not None:
                 self.items = {k: _note(v, depth + 1, keep) for k, v in pairs}
 
-    def restore(self) -> None:
+    def restore(self, where: str, lost: list[str]) -> None:
+        """Put the value back; note ``where`` in ``lost`` for a tensor changed in place that
+        was not copied."""
         value, items = self.value, self.items
-        if self.saved is not None and version_of(value) != self.version:
-            with torch.no_grad():
-                value.copy_(self.saved)
+        if self.version >= 0 and version_of(value) != self.version:
+            if self.saved is None:
+                lost.append(where)
+            else:
+                with torch.no_grad():
+                    value.copy_(self.saved)
         if items is None:
             return
         if isinstance(value, dict):
@@ -166,9 +182,9 @@ class _Noted:
         elif isinstance(value, set):
             value.clear()
             value.update(_value(n) for n in items.values())
-        for noted in items.values():
+        for key, noted in items.items():
             if type(noted) is _Noted:
-                noted.restore()
+                noted.restore(f"{where}[{key!r}]", lost)
 
 
 class AttributeState:
@@ -221,18 +237,22 @@ class AttributeState:
             _diff_items(now, noted, f"{path}." if path else "", False, counts, in_place, found)
         return found
 
-    def restore(self) -> None:
-        """Put back every noted attribute, container item, tensor value (with ``keep``) and
-        child; drop attributes and children added since."""
-        for _, mod, attributes, children, noted in self._noted:
+    def restore(self) -> list[str]:
+        """Put back every noted attribute, container item, tensor value (with ``keep``, up to
+        a size) and child; drop attributes and children added since. Returns the dotted
+        paths of tensors changed in place that could not be put back (not copied)."""
+        lost: list[str] = []
+        for path, mod, attributes, children, noted in self._noted:
+            dot = f"{path}." if path else ""
             for key in [k for k in attributes if k not in MODULE_INTERNALS and k not in noted]:
                 del attributes[key]
             for key, entry in noted.items():
                 attributes[key] = _value(entry)
                 if type(entry) is _Noted:
-                    entry.restore()
+                    entry.restore(dot + key, lost)
             for name in [n for n in children_of(mod) if n not in children]:
                 delattr(mod, name)
+        return lost
 
 
 def _diff_items(
@@ -307,9 +327,11 @@ CopyState = tuple[list[type], list[dict[str, Any]]]
 
 def state_of(module: nn.Module, own: Shared, *, copy: bool = False) -> CopyState:
     """What ``module`` (a member's copy of the template) holds in its plain attributes,
-    module by module, but for what follows its parameter table (``own``: an ``nn.LSTM``'s
-    list of its weights) and modules held there (the copy's own); with ``copy``, copies
-    of it (tensors detached)."""
+    module by module: data only (numbers, strings, tensors, and containers of those), not
+    what follows its parameter table (``own``: an ``nn.LSTM``'s list of its weights), nor
+    functions, methods and other objects (which may refer to the copy itself: a bound
+    method kept as an attribute, ``torch.compile``'s wrapper), which a new copy has from
+    the template. With ``copy``, copies of it (tensors detached)."""
     mods = list(module.modules())
     return (
         [type(m) for m in mods],
@@ -317,13 +339,24 @@ def state_of(module: nn.Module, own: Shared, *, copy: bool = False) -> CopyState
             {
                 key: _detached_copy(value) if copy else value
                 for key, value in vars(mod).items()
-                if key not in MODULE_INTERNALS
-                and not _only(value, own)
-                and not _holds_module(value)
+                if key not in MODULE_INTERNALS and _data(value) and not _only(value, own)
             }
             for mod in mods
         ],
     )
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _data(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a number, a string, a tensor, or a container of only those."""
+    if isinstance(value, _PLAIN) or _kind(value) == _TENSOR:
+        return True
+    if depth > _DEPTH:
+        return False
+    pairs = _items(value) if type(value) is not tuple else list(enumerate(value))
+    return pairs is not None and all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in pairs)
 
 
 def apply_state(module: nn.Module, state: CopyState) -> None:
@@ -359,15 +392,6 @@ def _detached_copy(value: Any) -> Any:
     if type(value) is tuple:
         return tuple(_detached_copy(v) for v in value)
     return pycopy.deepcopy(value)
-
-
-def _holds_module(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, nn.Module):
-        return True
-    if depth > _DEPTH:
-        return False
-    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
-    return pairs is not None and any(_holds_module(v, depth + 1) for _, v in pairs)
 
 
 def state_written_error(
