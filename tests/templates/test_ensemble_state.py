@@ -8,13 +8,17 @@ all members cannot, and must neither give other numbers nor leave a dead
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import enum
 import pickle
 import types
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -604,4 +608,138 @@ def test_a_large_constant_table_is_not_copied_and_one_changed_in_place_is_refuse
         lm.Ensemble([Table(True) for _ in range(3)])(x)
     members = [Table(True) for _ in range(3)]
     ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+# -- found by a third hostile review -------------------------------------------------------
+
+
+class _LongestSeen(nn.Module):
+    """Remembers the longest input seen (dynamic RoPE's pattern), and caches a tensor of its
+    weight then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.longest = 20
+        self.cache = torch.zeros(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.longest:
+            self.longest = x.shape[0]
+            self.cache = self.lin.weight.detach().sum(0) * self.longest
+        return self.lin(x) / self.longest + self.cache
+
+
+def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
+    """vmap (chosen when nothing changed) keeps the state in the template; a later call that
+    changes it runs again on the loop when nothing else changed yet (before: a refusal), and
+    untimed calls in between keep to the template."""
+    members, twins = _pair(_LongestSeen, 64)
+    ens = lm.Ensemble(twins)
+
+    def check(length: int, untimed: bool = False) -> None:
+        x = torch.randn(length, 16)
+        with torch.no_grad(), _deterministic() if untimed else contextlib.nullcontext():
+            got = ens(x)
+            expected = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(got, expected)
+
+    check(17)
+    assert ens.plan == "vmap"
+    check(17)
+    check(25, untimed=True)  # untimed after vmap calls: vmap, where the state is
+    check(17)
+    check(26)  # the cache is stored now: this call runs on the loop, and the rest too
+    assert ens.plan == "loop"
+    check(24)
+
+
+def test_torch_compile_refuses_a_forward_that_keeps_state() -> None:
+    _, twins = _pair(_Counter, 3)
+    ens = lm.Ensemble(twins)
+    x = torch.randn(2, 8)
+    ens(x)
+    assert ens.plans[0].how == "forward keeps state"
+    with pytest.raises(Exception, match="cannot run under torch.compile a forward that keeps"):
+        torch.compile(ens, backend="eager")(x)
+
+
+class _Phase(enum.Enum):
+    A = 1
+    B = 2
+
+
+class _Point(NamedTuple):
+    n: int
+
+
+class _KeepsData(nn.Module):
+    """State of many data kinds, two of them one object (a list holding the tensor kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.phase = _Phase.A
+        self.scale = np.float32(1.0)
+        self.shape = torch.Size([1])
+        self.point = _Point(1)
+        self.total: torch.Tensor | None = None
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if self.total is None:
+            self.total = torch.zeros(3)
+            self.history.append(self.total)
+        self.total.add_(y.detach().sum(0))
+        out = y * self.phase.value * float(self.scale) * self.shape[0] * self.point.n
+        self.phase, self.scale = _Phase.B, np.float32(self.scale * 2)
+        self.shape, self.point = torch.Size([self.shape[0] + 1]), _Point(self.point.n + 1)
+        return out + self.history[0]
+
+
+def test_data_of_every_kind_is_carried_with_its_aliases() -> None:
+    members, twins = _pair(_KeepsData, 2)
+    ens = lm.Ensemble(twins, execution="loop")
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        ens(x)
+        for m in members:
+            m(x)
+        copied, unpickled, first = (
+            copy.deepcopy(ens),
+            pickle.loads(pickle.dumps(ens)),
+            ens.member(0),
+        )
+        twice = copy.deepcopy(copy.deepcopy(ens))  # a copy of a copy that has not run
+        expected = torch.stack([m(x) for m in copy.deepcopy(members)])
+        for other in (copied, unpickled, twice):
+            assert torch.equal(other(x), expected)
+        assert torch.equal(first(x), expected[0])
+        assert first.history[0] is first.total
+        assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+def test_state_of_a_submodule_added_by_the_forward_is_carried() -> None:
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.n = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "post"):
+                self.post = nn.Identity()
+            self.n += 1
+            return self.post(self.lin(x)) * self.n
+
+    members, twins = _pair(Lazy, 3)
+    ens = lm.Ensemble(twins, execution="loop")
+    x = torch.randn(2, 4)
+    ens(x)
+    for m in members:
+        m(x)
+    assert ens.member(0).n == 1
+    ens.template.module.register_forward_hook(lambda m, i, o: None)
     assert torch.equal(ens(x), torch.stack([m(x) for m in members]))

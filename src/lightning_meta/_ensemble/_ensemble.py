@@ -30,6 +30,7 @@ from lightning_meta._compat import (
     tree_map,
     tree_map_only,
     tree_unflatten,
+    version_of,
 )
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
@@ -63,6 +64,7 @@ from lightning_meta._ensemble._plan import (
 )
 from lightning_meta._ensemble._state import (
     AttributeState,
+    StateWrittenError,
     carry_state,
     owned_by,
     state_written_error,
@@ -789,7 +791,12 @@ class Ensemble(nn.Module):
                 # its modules' attributes, which vmap would refuse: the loop,
                 # unless every module is one of torch's own (see _state), or
                 # under torch.compile (which traces the call once).
-                or (not torch.compiler.is_compiling() and self._watched_template())
+                or (
+                    not torch.compiler.is_compiling()
+                    and self._watched_template()
+                    # A vmap call ran: its state is in the template, where vmap keeps it.
+                    and not self._ran_shared
+                )
             ):
                 static = "loop"
             return self._unhooked(static)
@@ -1025,26 +1032,75 @@ class Ensemble(nn.Module):
                     raise
                 plan = self._last_plan = "loop"
         if plan == "loop" and torch.compiler.is_compiling():
+            if self._writes_state:
+                raise ArgumentValueError(
+                    "Ensemble cannot run under torch.compile a forward that keeps state in its "
+                    "modules' plain attributes (seen when its plans were timed): torch.compile "
+                    "runs every member through the one template, while each member keeps its "
+                    "own state. Fix: call the ensemble without torch.compile (compile the "
+                    "members' layers instead)."
+                )
             return self._functional_loop(tensors, inputs, kwargs, changes)
         if plan == "loop":
-            return run_loop(
-                self._shells,
-                self.template.module,
-                tensors,
-                inputs,
-                kwargs,
-                num_members=self.num_members,
-                per_member_inputs=self.per_member_inputs,
-                randomness=self.randomness,
-                grad_buffers=self._grads,
-                view_cache=self._views,
-                changes=changes,
-            )
+            return self._loop(tensors, inputs, kwargs, changes)
         if plan == "fused" and self._fused is not None and not kwargs:
             return self._chunked(tensors, inputs, kwargs, self._fused_call)
+        if self._requested == "auto" and not strict and not torch.compiler.is_compiling():
+            return self._vmap_or_loop(tensors, inputs, kwargs, changes)
         return self._chunked(
             tensors, inputs, kwargs, lambda t, x, kw, start: self._vmap(t, x, kw, start, changes)
         )
+
+    def _loop(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        changes: Reassigned,
+    ) -> Any:
+        return run_loop(
+            self._shells,
+            self.template.module,
+            tensors,
+            inputs,
+            kwargs,
+            num_members=self.num_members,
+            per_member_inputs=self.per_member_inputs,
+            randomness=self.randomness,
+            grad_buffers=self._grads,
+            view_cache=self._views,
+            changes=changes,
+        )
+
+    def _vmap_or_loop(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        changes: Reassigned,
+    ) -> Any:
+        """``execution="auto"``'s vmap call; the loop instead when the forward turns out to keep
+        state (first seen on this call) and nothing else changed yet (no buffer, no random
+        generator): the call is then run again, as the members would have run it."""
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        buffers = [(t, version_of(t)) for n, t in tensors.items() if n in self._buffer_names]
+        generators = rng_states(device)
+        try:
+            return self._chunked(
+                tensors,
+                inputs,
+                kwargs,
+                lambda t, x, kw, start: self._vmap(t, x, kw, start, changes),
+            )
+        except StateWrittenError:
+            untouched = all(version_of(t) == v for t, v in buffers) and all(
+                torch.equal(state, getter)
+                for (_, state), (_, getter) in zip(generators, rng_states(device), strict=True)
+            )
+            if not untouched or changes:
+                raise
+            self._last_plan = "loop"
+            return self._loop(tensors, inputs, kwargs, changes)
 
     def _chunked(
         self,

@@ -41,6 +41,7 @@ from lightning_meta._ensemble._state import (
     CopyState,
     apply_state,
     carry_state,
+    copy_state,
     owned_by,
     state_of,
 )
@@ -274,7 +275,8 @@ class MemberShells:
         """What each copy holds in its plain attributes (copies of it), for a copy of the
         ensemble: the copies themselves are made again from the template."""
         if not self._members:
-            return self._pending
+            # Not run since it was copied: a copy of what it was given.
+            return None if self._pending is None else [copy_state(s) for s in self._pending]
         return [state_of(m.module, owned_by(m.module), copy=True) for m in self._members]
 
     def clear(self) -> None:

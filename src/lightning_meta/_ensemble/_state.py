@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import collections
 import copy as pycopy
+import enum
+import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,9 +43,11 @@ from lightning_meta._errors import ArgumentValueError
 __all__ = [
     "MODULE_INTERNALS",
     "AttributeState",
+    "StateWrittenError",
     "CopyState",
     "apply_state",
     "carry_state",
+    "copy_state",
     "owned_by",
     "state_of",
     "state_written_error",
@@ -272,8 +276,11 @@ def _diff_items(
 
     for key, value in now.items():
         old = before.get(key, _MISSING)
-        if old is _MISSING or _value(old) is not value:
+        if old is _MISSING:
             changed = True
+        elif _value(old) is not value:
+            # A new object of the same value (self.shape = tuple(x.shape)) is no change.
+            changed = not _same_value(_value(old), value)
         elif type(old) is _Noted:
             changed = in_place and old.version >= 0 and version_of(value) != old.version
         else:
@@ -286,6 +293,21 @@ def _diff_items(
             _diff_items(dict(pairs), old.items, name(key), True, counts, in_place, found)
     if in_place:
         found.extend(name(key) for key in before if key not in now)
+
+
+_IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype})
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are numbers, strings or tuples of those, equal."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind in _IMMUTABLE:
+        return bool(a == b)
+    if kind is tuple or kind is torch.Size:
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return False
 
 
 def _holds_own(value: Any, shared: Shared, depth: int = 0) -> bool:
@@ -320,54 +342,50 @@ def owned_by(module: nn.Module) -> Shared:
     return lambda tensor: id(tensor) in ids
 
 
-# What a copy holds in its plain attributes: its modules' classes (to check a
-# copy it is given to has the same structure) and each module's attributes.
-CopyState = tuple[list[type], list[dict[str, Any]]]
+# What a copy holds in its plain attributes: module path -> (its class, its
+# attributes carried).
+CopyState = dict[str, tuple[type, dict[str, Any]]]
 
 
 def state_of(module: nn.Module, own: Shared, *, copy: bool = False) -> CopyState:
     """What ``module`` (a member's copy of the template) holds in its plain attributes,
-    module by module: data only (numbers, strings, tensors, and containers of those), not
-    what follows its parameter table (``own``: an ``nn.LSTM``'s list of its weights), nor
-    functions, methods and other objects (which may refer to the copy itself: a bound
-    method kept as an attribute, ``torch.compile``'s wrapper), which a new copy has from
-    the template. With ``copy``, copies of it (tensors detached)."""
-    mods = list(module.modules())
-    return (
-        [type(m) for m in mods],
-        [
+    module by module: data only (numbers, strings, enums, numpy values, tensors, and
+    containers of those), not what follows its parameter table (``own``: an ``nn.LSTM``'s
+    list of its weights), nor functions, methods and other objects (which may refer to the
+    copy itself: a bound method kept as an attribute, ``torch.compile``'s wrapper), which a
+    new copy has from the template. With ``copy``, copies of it (tensors detached; values
+    that were one object stay one object)."""
+    memo: dict[int, Any] = {}
+    return {
+        path: (
+            type(mod),
             {
-                key: _detached_copy(value) if copy else value
+                key: _detached_copy(value, memo) if copy else value
                 for key, value in vars(mod).items()
                 if key not in MODULE_INTERNALS and _data(value) and not _only(value, own)
-            }
-            for mod in mods
-        ],
-    )
+            },
+        )
+        for path, mod in module.named_modules()
+    }
 
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
-
-
-def _data(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is a number, a string, a tensor, or a container of only those."""
-    if isinstance(value, _PLAIN) or _kind(value) == _TENSOR:
-        return True
-    if depth > _DEPTH:
-        return False
-    pairs = _items(value) if type(value) is not tuple else list(enumerate(value))
-    return pairs is not None and all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in pairs)
+def copy_state(state: CopyState) -> CopyState:
+    """A copy of ``state`` (tensors detached, one object staying one object)."""
+    memo: dict[int, Any] = {}
+    return {
+        path: (cls, {k: _detached_copy(v, memo) for k, v in values.items()})
+        for path, (cls, values) in state.items()
+    }
 
 
 def apply_state(module: nn.Module, state: CopyState) -> None:
-    """Put ``state`` (from :func:`state_of`) into ``module``'s plain attributes, unless its
-    structure differs (nothing is known to correspond then)."""
-    types, attributes = state
-    mods = list(module.modules())
-    if [type(m) for m in mods] != types:
-        return
-    for mod, values in zip(mods, attributes, strict=True):
-        vars(mod).update(values)
+    """Put ``state`` (from :func:`state_of`) into ``module``'s plain attributes, module by
+    module where the path holds a module of the same class (a submodule a forward adds on
+    its first call is added again by that forward)."""
+    for path, mod in module.named_modules():
+        held = state.get(path)
+        if held is not None and held[0] is type(mod):
+            vars(mod).update(held[1])
 
 
 def carry_state(old: nn.Module, new: nn.Module, own: Shared, *, copy: bool = False) -> None:
@@ -376,27 +394,67 @@ def carry_state(old: nn.Module, new: nn.Module, own: Shared, *, copy: bool = Fal
     apply_state(new, state_of(old, own, copy=copy))
 
 
-def _detached_copy(value: Any) -> Any:
+_PLAIN = (
+    type(None),
+    bool,
+    numbers.Number,
+    str,
+    bytes,
+    enum.Enum,
+    torch.dtype,
+    torch.device,
+)
+# Containers of data are carried this deep.
+_DATA_DEPTH = 6
+
+
+def _numpy(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype")
+
+
+def _data(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a number, a string, an enum, a numpy value, a tensor, or a
+    container (tuples and named tuples included) of only those."""
+    if isinstance(value, _PLAIN) or _kind(value) == _TENSOR or _numpy(value):
+        return True
+    if depth > _DATA_DEPTH:
+        return False
+    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    return pairs is not None and all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in pairs)
+
+
+def _detached_copy(value: Any, memo: dict[int, Any]) -> Any:
+    known = memo.get(id(value))
+    if known is not None:
+        return known
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (dict, list, set, collections.deque)):
-        out: Any = pycopy.copy(value)  # the same class (a defaultdict keeps its factory)
+        out: Any = value.detach().clone()
+    elif isinstance(value, (dict, list, set, collections.deque)):
+        out = pycopy.copy(value)  # the same class (a defaultdict keeps its factory)
         out.clear()
+        memo[id(value)] = out
         if isinstance(value, dict):
-            out.update((k, _detached_copy(v)) for k, v in value.items())
+            out.update((k, _detached_copy(v, memo)) for k, v in value.items())
         elif isinstance(value, set):
-            out.update(_detached_copy(v) for v in value)
+            out.update(_detached_copy(v, memo) for v in value)
         else:
-            out.extend(_detached_copy(v) for v in value)
+            out.extend(_detached_copy(v, memo) for v in value)
         return out
-    if type(value) is tuple:
-        return tuple(_detached_copy(v) for v in value)
-    return pycopy.deepcopy(value)
+    elif isinstance(value, tuple) and type(value) is tuple:
+        out = tuple(_detached_copy(v, memo) for v in value)
+    else:  # numbers, strings, enums, named tuples of those, numpy values
+        out = pycopy.deepcopy(value)
+    memo[id(value)] = out
+    return out
+
+
+class StateWrittenError(ArgumentValueError):
+    """A plan that runs one template for every member saw its forward keep state."""
 
 
 def state_written_error(
     plan: str, runner: str, paths: list[str], forced: bool
-) -> ArgumentValueError:
+) -> StateWrittenError:
     """The refusal of ``plan`` (which ran the template's forward as ``runner``) for a
     forward that stored state at ``paths``."""
     fix = (
@@ -404,7 +462,7 @@ def state_written_error(
         if forced
         else "Fix: use execution='loop'."
     )
-    return ArgumentValueError(
+    return StateWrittenError(
         f"Ensemble(execution={plan!r}) ran the template's forward {runner}, and the forward "
         f"changed {', '.join(repr(p) for p in paths)}, outside the parameters and buffers. "
         "Each member keeps its own value there; the template, shared by the members, "
