@@ -1058,6 +1058,7 @@ class Ensemble(nn.Module):
         kwargs: Mapping[str, Any],
         changes: Reassigned,
     ) -> Any:
+        """The loop plan: each member in its own copy of the template (see ``_loop``)."""
         return run_loop(
             self._shells,
             self.template.module,

@@ -17,11 +17,16 @@ calls whose results are used change any module.
 What is noted: every attribute of a module's ``__dict__`` but torch's own
 tables, the items of dicts, lists, sets and deques among them (their
 subclasses too, two levels deep), the in-place version of every tensor
-among those, and the names of the module's children. Modules whose class is
-torch's own and that have no hooks are not watched (their forwards store
+among those, and the names of the module's children. Modules running
+torch's own ``forward`` without hooks are not watched (their forwards store
 nothing), which keeps a model of many small torch layers cheap to watch.
 Not seen: changes inside other objects (a config, a cache object's own
-attributes) and deeper in containers.
+attributes, a numpy array changed in place) and deeper in containers.
+
+The loop's copies keep each member's state; what they hold is carried
+(:func:`state_of`, :func:`apply_state`) into copies made again (a hook
+added), into copies and pickles of the ensemble, and into ``member(i)``:
+data only, never a function or an object that may refer to an old copy.
 """
 
 from __future__ import annotations
