@@ -65,9 +65,10 @@ from lightning_meta._ensemble._plan import (
 from lightning_meta._ensemble._state import (
     AttributeState,
     StateWrittenError,
+    among,
     carry_state,
-    owned_by,
     state_written_error,
+    tensor_ids,
     watched,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
@@ -82,21 +83,6 @@ Execution = Literal["auto", "fused", "grouped", "vmap", "loop"]
 Randomness = Literal["different", "same", "error"]
 _EXECUTIONS = ("auto", "fused", "grouped", "vmap", "loop")
 _RANDOMNESS = ("different", "same", "error")
-
-
-def _among(ids: set[int], tensor: torch.Tensor) -> bool:
-    return id(tensor) in ids
-
-
-def _own_tensors(modules: Iterable[nn.Module]) -> set[int]:
-    """The ids of the parameters and buffers in ``modules``' own tables."""
-    return {
-        id(t)
-        for mod in modules
-        for table in tensor_tables(mod)
-        for t in table.values()
-        if t is not None
-    }
 
 
 def _slicer(start: int, stop: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -541,8 +527,8 @@ class Ensemble(nn.Module):
         self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
         # Tensors changed in place by a timed run that could not be put back (see _time).
         self._lost: list[str] = []
-        # A forward seen storing a tensor in a plain attribute: untimed calls
-        # of execution="auto" run the loop.
+        # The forward was seen changing its modules' plain attributes:
+        # execution="auto" runs the loop from then on (see _keeps_state).
         self._writes_state = False
         # A call ran the one template for every member (vmap, grouped), which
         # then holds the state such calls leave (see _keeps_state).
@@ -702,7 +688,7 @@ class Ensemble(nn.Module):
         if len(copies) == self.num_members:
             # What the member's forward kept in its plain attributes, under the loop plan.
             shell = copies[index].module
-            carry_state(shell, member, owned_by(shell), copy=True)
+            carry_state(shell, member, copy=True)
         return member
 
     def train(self, mode: bool = True) -> Ensemble:
@@ -781,8 +767,8 @@ class Ensemble(nn.Module):
     ) -> str:
         if self._requested != "auto":
             return self._requested
-        if self._writes_state:  # see _timed_run
-            return self._unhooked("loop")
+        if self._writes_state:  # see _timed_state
+            return "loop"
         if untimed_reason() is not None:
             static = self.execution
             if static == "vmap" and (
@@ -874,7 +860,7 @@ class Ensemble(nn.Module):
             # Every plan raised: run the static one, which raises its own error.
             chosen = finalists[0] if finalists else self.execution
             how = "timed" if previous is None else "timed again"
-            if self._writes_state:  # see _timed_run
+            if self._writes_state:  # see _timed_state
                 chosen, how = "loop", "forward keeps state"
             record = PlanRecord(key, chosen, how, {p: t * 1e3 for p, t in seconds.items()})
         logger.debug("Ensemble plan: %s", record)
@@ -920,7 +906,7 @@ class Ensemble(nn.Module):
         try:
             yield
         finally:
-            if state.changed(functools.partial(_among, _own_tensors(state.modules))):
+            if state.changed(among(tensor_ids(state.modules))):
                 self._keeps_state()
             self._lost += state.restore()
 
@@ -1047,6 +1033,16 @@ class Ensemble(nn.Module):
             return self._chunked(tensors, inputs, kwargs, self._fused_call)
         if self._requested == "auto" and not strict and not torch.compiler.is_compiling():
             return self._vmap_or_loop(tensors, inputs, kwargs, changes)
+        return self._vmapped(tensors, inputs, kwargs, changes)
+
+    def _vmapped(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        changes: Reassigned,
+    ) -> Any:
+        """The vmap plan, chunk by chunk."""
         return self._chunked(
             tensors, inputs, kwargs, lambda t, x, kw, start: self._vmap(t, x, kw, start, changes)
         )
@@ -1058,7 +1054,7 @@ class Ensemble(nn.Module):
         kwargs: Mapping[str, Any],
         changes: Reassigned,
     ) -> Any:
-        """The loop plan: each member in its own copy of the template (see ``_loop``)."""
+        """The loop plan: each member in its own copy of the template (:func:`run_loop`)."""
         return run_loop(
             self._shells,
             self.template.module,
@@ -1083,16 +1079,14 @@ class Ensemble(nn.Module):
         """``execution="auto"``'s vmap call; the loop instead when the forward turns out to keep
         state (first seen on this call) and nothing else changed yet (no buffer, no random
         generator): the call is then run again, as the members would have run it."""
+        if not self._watched_template():
+            # No module whose forward may store state: nothing to note before the call.
+            return self._vmapped(tensors, inputs, kwargs, changes)
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         buffers = [(t, version_of(t)) for n, t in tensors.items() if n in self._buffer_names]
         generators = rng_states(device)
         try:
-            return self._chunked(
-                tensors,
-                inputs,
-                kwargs,
-                lambda t, x, kw, start: self._vmap(t, x, kw, start, changes),
-            )
+            return self._vmapped(tensors, inputs, kwargs, changes)
         except StateWrittenError:
             untouched = all(version_of(t) == v for t, v in buffers) and all(
                 torch.equal(state, getter)
@@ -1223,11 +1217,10 @@ class Ensemble(nn.Module):
                 # would count every member); the member's inputs are the same
                 # value for every member.
                 given = {id(t) for t in tree_leaves((xs, kw)) if isinstance(t, torch.Tensor)}
-                given |= _own_tensors(state.modules)
                 self._refuse_written(
                     state,
                     "once per member",
-                    functools.partial(_among, given),
+                    among(given | tensor_ids(state.modules)),
                     any_change=True,
                 )
             if changes is not None and seen:

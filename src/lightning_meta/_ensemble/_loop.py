@@ -42,7 +42,6 @@ from lightning_meta._ensemble._state import (
     apply_state,
     carry_state,
     copy_state,
-    owned_by,
     state_of,
 )
 from lightning_meta._errors import ArgumentValueError
@@ -245,10 +244,12 @@ class MemberShells:
     forwards that keep state in plain attributes. The copies follow the
     template's train/eval modes (running their own ``train()``, as the
     members would) and are rebuilt when the template or any hook of its
-    modules changes (hooks are copied with the template). On an accelerator, and inside a ``torch.func`` transform, the
-    views are taken out again after every call, so no copy holds device
-    memory the ensemble has let go, or a transform's wrappers. Never pickled
-    or copied.
+    modules changes (hooks are copied with the template; what the old copies
+    held is carried over). On an accelerator, and inside a ``torch.func``
+    transform, the views are taken out again after every call, so no copy
+    holds device memory the ensemble has let go, or a transform's wrappers.
+    Pickled and copied as what the copies hold in their plain attributes
+    (:func:`~lightning_meta._ensemble._state.state_of`), never as the copies.
     """
 
     def __init__(self) -> None:
@@ -277,7 +278,7 @@ class MemberShells:
         if not self._members:
             # Not run since it was copied: a copy of what it was given.
             return None if self._pending is None else [copy_state(s) for s in self._pending]
-        return [state_of(m.module, owned_by(m.module), copy=True) for m in self._members]
+        return [state_of(m.module, copy=True) for m in self._members]
 
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
@@ -332,7 +333,7 @@ class MemberShells:
         ]
         for before, after in zip(old, self._members, strict=False):
             # A hook added or removed: the new copies keep what the old ones stored.
-            carry_state(before.module, after.module, owned_by(before.module))
+            carry_state(before.module, after.module)
         if not old and self._pending is not None and len(self._pending) == num_members:
             for held, after in zip(self._pending, self._members, strict=True):
                 apply_state(after.module, held)

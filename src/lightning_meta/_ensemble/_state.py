@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_meta._compat import children_of, has_module_hooks, version_of
+from lightning_meta._compat import children_of, has_module_hooks, tensor_tables, version_of
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = [
@@ -50,12 +50,14 @@ __all__ = [
     "AttributeState",
     "StateWrittenError",
     "CopyState",
+    "among",
     "apply_state",
     "carry_state",
     "copy_state",
     "owned_by",
     "state_of",
     "state_written_error",
+    "tensor_ids",
     "watched",
 ]
 
@@ -132,6 +134,11 @@ def _items(value: Any) -> list[tuple[Any, Any]] | None:
     return None
 
 
+def _pairs(value: Any) -> list[tuple[Any, Any]] | None:
+    """:func:`_items`, tuples (named tuples, ``torch.Size``) included: for reading only."""
+    return list(enumerate(value)) if isinstance(value, tuple) else _items(value)
+
+
 _MISSING = object()
 
 
@@ -142,6 +149,18 @@ def _note(value: Any, depth: int, keep: bool) -> Any:
     if kind == _TENSOR or (kind != _OTHER and depth <= _DEPTH):
         return _Noted(value, depth, keep)
     return value
+
+
+def _refill(container: Any, pairs: list[tuple[Any, Any]]) -> None:
+    """Make ``container`` (a dict, list, deque or set, as :func:`_items` reads them; not a
+    frozenset) hold ``pairs`` (a set's and a sequence's keys are not used)."""
+    container.clear()
+    if _kind(container) == _DICT:
+        container.update(pairs)
+    elif _kind(container) == _SET:
+        container.update(v for _, v in pairs)
+    else:
+        container.extend(v for _, v in pairs)
 
 
 def _value(noted: Any) -> Any:
@@ -180,17 +199,8 @@ class _Noted:
                     value.copy_(self.saved)
         if items is None:
             return
-        if isinstance(value, dict):
-            value.clear()
-            value.update((k, _value(n)) for k, n in items.items())
-        elif isinstance(value, list):
-            value[:] = [_value(n) for n in items.values()]
-        elif isinstance(value, collections.deque):
-            value.clear()
-            value.extend(_value(n) for n in items.values())
-        elif isinstance(value, set):
-            value.clear()
-            value.update(_value(n) for n in items.values())
+        if not isinstance(value, frozenset):
+            _refill(value, [(k, _value(n)) for k, n in items.items()])
         for key, noted in items.items():
             if type(noted) is _Noted:
                 noted.restore(f"{where}[{key!r}]", lost)
@@ -323,7 +333,7 @@ def _holds_own(value: Any, shared: Shared, depth: int = 0) -> bool:
         return not shared(value)
     if depth > _DEPTH:
         return False
-    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    pairs = _pairs(value)
     return pairs is not None and any(_holds_own(v, shared, depth + 1) for _, v in pairs)
 
 
@@ -337,14 +347,29 @@ def _only(value: Any, own: Shared, depth: int = 0) -> bool:
         return target is None or (isinstance(target, torch.Tensor) and own(target))
     if depth > _DEPTH:
         return False
-    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    pairs = _pairs(value)
     return pairs is not None and bool(pairs) and all(_only(v, own, depth + 1) for _, v in pairs)
+
+
+def tensor_ids(modules: Iterable[nn.Module]) -> set[int]:
+    """The ids of the parameters and buffers in ``modules``' own tables."""
+    return {
+        id(t)
+        for mod in modules
+        for table in tensor_tables(mod)
+        for t in table.values()
+        if t is not None
+    }
+
+
+def among(ids: set[int]) -> Shared:
+    """Whether a tensor is one of ``ids``."""
+    return lambda tensor: id(tensor) in ids
 
 
 def owned_by(module: nn.Module) -> Shared:
     """Whether a tensor is one of ``module``'s parameters or buffers (any submodule's)."""
-    ids = {id(t) for t in (*module.parameters(), *module.buffers())}
-    return lambda tensor: id(tensor) in ids
+    return among(tensor_ids(module.modules()))
 
 
 # What a copy holds in its plain attributes: module path -> (its class, its
@@ -352,15 +377,16 @@ def owned_by(module: nn.Module) -> Shared:
 CopyState = dict[str, tuple[type, dict[str, Any]]]
 
 
-def state_of(module: nn.Module, own: Shared, *, copy: bool = False) -> CopyState:
+def state_of(module: nn.Module, *, copy: bool = False) -> CopyState:
     """What ``module`` (a member's copy of the template) holds in its plain attributes,
     module by module: data only (numbers, strings, enums, numpy values, tensors, and
-    containers of those), not what follows its parameter table (``own``: an ``nn.LSTM``'s
-    list of its weights), nor functions, methods and other objects (which may refer to the
+    containers of those), not what follows its parameter tables (an ``nn.LSTM``'s list of
+    its weights), nor functions, methods and other objects (which may refer to the
     copy itself: a bound method kept as an attribute, ``torch.compile``'s wrapper), which a
     new copy has from the template. With ``copy``, copies of it (tensors detached; values
     that were one object stay one object)."""
     memo: dict[int, Any] = {}
+    own = owned_by(module)
     return {
         path: (
             type(mod),
@@ -393,10 +419,10 @@ def apply_state(module: nn.Module, state: CopyState) -> None:
             vars(mod).update(held[1])
 
 
-def carry_state(old: nn.Module, new: nn.Module, own: Shared, *, copy: bool = False) -> None:
+def carry_state(old: nn.Module, new: nn.Module, *, copy: bool = False) -> None:
     """Give ``new`` (a fresh copy of the template) what ``old`` (the copy it replaces) holds
     in its plain attributes (see :func:`state_of`)."""
-    apply_state(new, state_of(old, own, copy=copy))
+    apply_state(new, state_of(old, copy=copy))
 
 
 _PLAIN = (
@@ -424,7 +450,7 @@ def _data(value: Any, depth: int = 0) -> bool:
         return True
     if depth > _DATA_DEPTH:
         return False
-    pairs = _items(value) if not isinstance(value, tuple) else list(enumerate(value))
+    pairs = _pairs(value)
     return pairs is not None and all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in pairs)
 
 
@@ -434,16 +460,10 @@ def _detached_copy(value: Any, memo: dict[int, Any]) -> Any:
         return known
     if isinstance(value, torch.Tensor):
         out: Any = value.detach().clone()
-    elif isinstance(value, (dict, list, set, collections.deque)):
+    elif not isinstance(value, frozenset) and (pairs := _items(value)) is not None:
         out = pycopy.copy(value)  # the same class (a defaultdict keeps its factory)
-        out.clear()
         memo[id(value)] = out
-        if isinstance(value, dict):
-            out.update((k, _detached_copy(v, memo)) for k, v in value.items())
-        elif isinstance(value, set):
-            out.update(_detached_copy(v, memo) for v in value)
-        else:
-            out.extend(_detached_copy(v, memo) for v in value)
+        _refill(out, [(k, _detached_copy(v, memo)) for k, v in pairs])
         return out
     elif isinstance(value, tuple) and type(value) is tuple:
         out = tuple(_detached_copy(v, memo) for v in value)
