@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import MaterializationError, deferred_init, is_deferred, materialize
@@ -119,6 +120,23 @@ def test_an_uninitialised_buffer_in_no_state_dict_loads_with_the_opt_in(
     assert main(["load-check", target, str(path), "--json"]) == 1
     assert main(["load-check", target, str(path), "--json", "--allow-uninitialized"]) == 0
     assert json.loads(capsys.readouterr().out)["replayed"] == ["block.cache"]
+
+
+def test_a_plain_load_state_dict_names_the_full_path_of_what_it_refuses() -> None:
+    # torch calls a load post-hook with the submodule alone: the refusal named
+    # 'cache' where the model has 'block.cache' (and a Lightning module
+    # 'model.block.cache').
+    torch.manual_seed(1)
+    state = pm.Cached().state_dict()
+    module = deferred_init(pm.Cached)
+    with pytest.raises(MaterializationError, match=r"'block\.cache' \(aten\.empty") as info:
+        module.load_state_dict(state)
+    assert info.value.paths == ("block.cache",)
+    outer = nn.Sequential()
+    outer.add_module("model", deferred_init(pm.Cached))
+    with pytest.raises(MaterializationError) as info:
+        outer.load_state_dict({f"model.{k}": v for k, v in state.items()})
+    assert info.value.paths == ("model.block.cache",)
 
 
 def test_fabric_empty_init_inside_deferred_init_is_refused_then_loaded() -> None:

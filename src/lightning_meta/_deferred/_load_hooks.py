@@ -22,6 +22,7 @@ deep-copyable, and they do nothing once no deferred tensor is left.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,6 +54,10 @@ from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 __all__ = ["install_load_hooks"]
 
 _HOOKED_ATTR = "_lightning_meta_load_hooks"
+
+# Each module's prefix in the load running now, from its pre-hook to its
+# post-hook (which torch calls without it), so refusals name full paths.
+_PREFIXES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def install_load_hooks(modules: Iterable[nn.Module]) -> None:
@@ -94,6 +99,7 @@ def _fill_before_copy(
     """Give each deferred tensor in ``state_dict`` real storage just before torch copies into it."""
     if dispatch_mode_active():
         return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
+    _PREFIXES[module] = prefix
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     filled: list[str] = []
     records: dict[int, Record] = {}
@@ -132,6 +138,7 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
     """Replay, exactly, the module's deferred tensors the state dict did not fill."""
     if dispatch_mode_active():
         return
+    at = _PREFIXES.pop(module, "").rstrip(".")
     slots: list[tuple[Slot, Handle | None]] = list(own_deferred(module))
     # Container items are in no state dict: replayed, or views of what was loaded.
     slots += [(slot, handle_of(slot.tensor)) for slot in item_slots(module)]
@@ -158,7 +165,8 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
         slot.put(new)
         settle(slot, handle, new)
     if rest:
-        materialize_paths(module, rest, device=_device_of(module))
+        rest = [f"{at}.{path}" if at else path for path in rest]
+        materialize_paths(module, rest, device=_device_of(module), at=at)
     _finish(records.values())
 
 

@@ -150,6 +150,7 @@ def materialize_paths(
     draw_on: DrawOn = "cpu",
     fallback: Fallback | None = None,
     allow_uninitialized: bool = False,
+    at: str = "",
 ) -> nn.Module:
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
@@ -165,6 +166,9 @@ def materialize_paths(
         draw_on: see :func:`materialize`.
         fallback: see :func:`materialize`.
         allow_uninitialized: see :func:`materialize`.
+        at: ``module``'s dotted path in the model a ``load_state_dict`` is
+            filling (``""``: the model itself); ``names`` and the paths
+            errors name start with it.
 
     Returns:
         ``module`` itself.
@@ -180,7 +184,7 @@ def materialize_paths(
     check_flag(allow_uninitialized, "allow_uninitialized", "materialize")
     # One walk of the tree for every step below: on a small model the walks
     # cost as much as replaying its ops.
-    walk = list(module.named_modules())
+    walk = [(_join(at, path), mod) for path, mod in module.named_modules()]
     sharded = sharded_slots(module, walk)
     slots = _select(module, names, walk)
     wanted = {s.path for s in slots}
@@ -251,6 +255,10 @@ def _check_arguments(
         )
     remap = target if draw_on == "device" and target.type != "cpu" else None
     return target, remap
+
+
+def _join(at: str, path: str) -> str:
+    return f"{at}.{path}" if at and path else at or path
 
 
 def _select(
