@@ -492,6 +492,31 @@ ZOO: dict[str, Entry] = {
         "transformers",
         _pixels(32),
     ),
+    "hf_clip": Entry(
+        _hf(
+            "CLIPModel",
+            "CLIPConfig",
+            text_config=dict(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=16,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=16,
+        ),
+        "transformers",
+        lambda: {**_ids(), **_pixels(32)()},
+    ),
     # torchvision (tiny widths where the constructor allows; C ops not needed to build)
     "tv_resnet18": Entry(_tv("resnet18", num_classes=10), "torchvision", _image(32)),
     "tv_mobilenet_v3_small": Entry(
