@@ -75,6 +75,14 @@ def test_each_rank_loads_exactly_and_reads_only_its_shards(world: int, tmp_path:
             assert r["report_bytes"] == r["need"], (rank, case)
         assert cases["float64_no_head"]["replayed"] == ["head.weight", "jitter"], rank
         assert cases["float64_no_head"]["cast"] > 0, rank
+        assert cases["views_of_loaded"] == {
+            "sharded": "DTensor",
+            "table": True,
+            "first": True,
+            "row": True,
+            "row_is_view": True,
+            "replayed": ["first", "row"],
+        }, rank
         refused = cases["refused_dtype"]
         assert refused["error"] == "MetaTensorError", rank
         assert "cannot cast it" in refused["message"] and "Fix:" in refused["message"]

@@ -261,6 +261,51 @@ def undo_after_failure(path: Path, expected: dict[str, torch.Tensor]) -> dict[st
     return {"raised": raised, "all_meta": meta, "unequal": unequal(full(model), expected)}
 
 
+class Viewed(nn.Module):
+    """Views of a loaded buffer, kept as a non-persistent buffer and as a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("table", torch.randn(3, 8))  # persistent: in the file
+        self.register_buffer("first", self.table[0], persistent=False)
+        self.row = self.table[1]
+
+
+def views_of_loaded(workdir: Path) -> dict[str, Any]:
+    """On a sharded model, views of a loaded plain buffer see the file's values, as unsharded.
+
+    (The shard path replayed them from their record: the initial values, and
+    a plain-attribute view was refused as a view of a tensor left deferred.)
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    path = workdir / "viewed.pt"
+    if dist.get_rank() == 0:
+        torch.manual_seed(5)
+        torch.save({k: torch.randn_like(v) for k, v in Viewed().state_dict().items()}, path)
+    dist.barrier()
+    state = torch.load(path)
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = Viewed()
+    fully_shard(model)
+    try:
+        report = lm.load_checkpoint(model, path)
+    except lm.MetaTensorError as e:
+        return {"error": str(e)}
+    table = state["table"]
+    return {
+        "sharded": type(model.lin.weight).__name__,
+        "table": torch.equal(model.table, table),
+        "first": torch.equal(model.first, table[0]),
+        "row": torch.equal(model.row, table[1]),
+        "row_is_view": model.row.untyped_storage().data_ptr()
+        == model.table.untyped_storage().data_ptr(),
+        "replayed": report.replayed,
+    }
+
+
 def worker(world: int, workdir: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -314,6 +359,7 @@ def worker(world: int, workdir: Path) -> None:
         before = rchar()
         lm.load_checkpoint(whole, paths[name])
         result[f"unsharded_{name}"] = {"rchar": rchar() - before}
+    result["views_of_loaded"] = views_of_loaded(workdir)
     result["total_bytes"] = sum(t.numel() * 4 for k, t in expected.items() if k != "jitter")
     (workdir / f"result-{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()

@@ -158,6 +158,9 @@ def load_into_shards(
         rest,
         device=args.device,
         dtype=args.dtype,
+        # Views of the plain tensors loaded here see their loaded values, as on
+        # an unsharded model.
+        loaded=conversion.tensors,
         allow_uninitialized=allow_uninitialized,
     )
     plain = dataclasses.replace(rest, groups=[g for g in rest.groups if not is_sharded(g.tensor)])
