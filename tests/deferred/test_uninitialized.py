@@ -139,6 +139,28 @@ def test_a_plain_load_state_dict_names_the_full_path_of_what_it_refuses() -> Non
     assert info.value.paths == ("model.block.cache",)
 
 
+class _ListedCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.caches = [torch.empty(1 << 12)]  # in no state dict, never filled
+
+
+def test_load_checkpoint_refuses_an_uninitialised_tensor_kept_in_a_list(tmp_path: Path) -> None:
+    # Container items were replayed after the checkpoint's tensors went in, without
+    # the check: the list held whatever memory held (values of a freed tensor).
+    path = tmp_path / "listed.pt"
+    torch.save(_ListedCache().state_dict(), path)
+    module = deferred_init(_ListedCache)
+    with pytest.raises(MaterializationError, match=r"'caches\.0' \(aten\.empty") as info:
+        lm.load_checkpoint(module, path)
+    assert info.value.paths == ("caches.0",)
+    assert is_deferred(module.lin.weight) and is_deferred(module.caches[0])  # nothing changed
+    report = lm.load_checkpoint(module, path, allow_uninitialized=True)
+    assert report.replayed == ["caches.0"]
+    assert not is_deferred(module) and module.caches[0].shape == (1 << 12,)
+
+
 def test_fabric_empty_init_inside_deferred_init_is_refused_then_loaded() -> None:
     from lightning.fabric import Fabric
 

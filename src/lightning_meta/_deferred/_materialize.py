@@ -39,7 +39,7 @@ from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
 
-__all__ = ["ShardedSlot", "materialize", "materialize_paths", "sharded_slots"]
+__all__ = ["ShardedSlot", "check_deferred", "materialize", "materialize_paths", "sharded_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def materialize_paths(
     if not slots and not sharded:
         return module
     deferred, plain, made = _split(slots)
-    recast = _check_deferred(
+    recast = check_deferred(
         [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
     )
     _check_plain(plain, fallback)
@@ -455,7 +455,7 @@ def _complete_records(
         complete(record, remap)
 
 
-def _check_deferred(
+def check_deferred(
     deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool, dtype: torch.dtype | None
 ) -> dict[int, torch.dtype]:
     """Refuse deferred tensors whose record cannot give their value (exactly) any more.

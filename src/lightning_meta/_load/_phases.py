@@ -29,6 +29,8 @@ from lightning_meta._arguments import (
     real_device,
 )
 from lightning_meta._deferred._handles import (
+    Handle,
+    ItemSlot,
     attach,
     deferred_slots,
     dress_like,
@@ -41,7 +43,7 @@ from lightning_meta._deferred._handles import (
     refuse_graded,
     view_of,
 )
-from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._deferred._materialize import check_deferred, materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport, progress_bar
@@ -427,6 +429,7 @@ def replay_missing(
         groups.append((group.names[0], group))
     graded: dict[str, str] = {}
     apart: list[str] = []
+    items: list[tuple[Slot, Handle]] = []
     replayed = {(id(h.record), h.vid) for _, g in groups if (h := handle_of(g.tensor)) is not None}
     here = replayed | {
         (id(h.record), h.vid) for item in loaded if (h := handle_of(item.group.tensor)) is not None
@@ -440,6 +443,8 @@ def replay_missing(
         record = handle.record
         if view is not None or earlier_view(handle, slot.path) is not None:
             continue
+        if isinstance(slot, ItemSlot) and (id(record), handle.vid) not in here:
+            items.append((slot, handle))  # replayed by forget(): checked like the groups
         base = pending_base(handle)
         if base is not None and (id(record), base.vid) not in here:
             apart.append(slot.path)  # its weight is neither loaded nor replayed here
@@ -455,6 +460,9 @@ def replay_missing(
         refuse_apart(sorted(apart), "load_checkpoint")
     if graded:
         refuse_graded(graded, "load_checkpoint")
+    if items:
+        # Replayed on the CPU in their recorded dtype, as eager construction leaves them.
+        check_deferred(items, allow_uninitialized, None)
     if groups:
         materialize_paths(
             scratch, None, device=device, dtype=dtype, allow_uninitialized=allow_uninitialized
