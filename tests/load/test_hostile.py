@@ -729,3 +729,84 @@ def test_default_load_reads_one_copy(tmp_path: Path) -> None:
     assert torch.equal(m.bias, big[20:22])
     assert m.weight.untyped_storage().nbytes() < 1 << 10
     assert report.bytes_read == 24
+
+
+def test_mappings_nested_past_any_state_dict_are_refused(tmp_path: Path) -> None:
+    # A pickle nesting dicts 5,000 deep (no globals) exhausted the recursion
+    # limit: RecursionError, which the CLI reported as a bug of the model.
+    deep: dict[str, Any] = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    path = tmp_path / "deep.pt"
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # for torch.save itself
+    torch.save(deep, path)
+    module = nn.Linear(2, 2, device="meta")
+    with pytest.raises(lm.MetaTensorError, match="nests mappings more than 256 levels"):
+        load_checkpoint(module, path)
+    assert module.weight.is_meta
+    header = json.dumps({"a": [[[[0]]]]}).replace("[[[[0]]]]", "[" * 100_000 + "]" * 100_000)
+    st = tmp_path / "deep.safetensors"
+    st.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    with pytest.raises(lm.MetaTensorError, match="JSON header cannot be read"):
+        load_checkpoint(module, st)
+
+
+@pytest.mark.parametrize("layout", ["flat", "expanded", "transposed"])
+def test_views_saved_in_a_checkpoint_load_as_tensors_of_their_own(
+    layout: str, tmp_path: Path
+) -> None:
+    # Loaded into meta or deferred tensors, a view kept the whole saved storage
+    # alive (parameters saved as views of one flat buffer: the memory of all of
+    # them per parameter), and an expanded view became a parameter whose
+    # elements share memory (an optimizer's foreach step raised).
+    net = nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(4)))
+    flat = torch.randn(4 * 64 * 64)
+    if layout == "flat":
+        state = {f"{i}.weight": flat[i * 4096 : (i + 1) * 4096].view(64, 64) for i in range(4)}
+    elif layout == "expanded":
+        state = {f"{i}.weight": flat[i * 64 : (i + 1) * 64].expand(64, 64) for i in range(4)}
+    else:
+        state = {f"{i}.weight": flat[i * 4096 : (i + 1) * 4096].view(64, 64).t() for i in range(4)}
+    path = tmp_path / "views.pt"
+    torch.save(state, path)
+    for target in (
+        net.to("meta"),
+        lm.deferred_init(lambda: nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(4)))),
+    ):
+        load_checkpoint(target, path)
+        for name, p in target.named_parameters():
+            assert torch.equal(p, state[name]), name
+            assert p.is_contiguous() and p.storage_offset() == 0
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+        torch.optim.SGD(target.parameters(), lr=0.1, foreach=True).step()  # no error
+
+
+class _WithExtraState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale = 1.0
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.scale = state["scale"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_extra_state_is_refused_not_reported_as_unexpected_or_dropped(
+    strict: bool, tmp_path: Path
+) -> None:
+    # The module's own state_dict() was refused as another module's
+    # ("unexpected '_extra_state.scale'"), and with strict=False loaded
+    # without its extra state (scale stayed 1.0 where load_state_dict gives 3.0).
+    saved = _WithExtraState()
+    saved.scale = 3.0
+    path = tmp_path / "extra.pt"
+    torch.save(saved.state_dict(), path)
+    module = _WithExtraState().to("meta")
+    with pytest.raises(lm.MetaTensorError, match=r"extra state.*\['_extra_state'\].*Fix:") as info:
+        load_checkpoint(module, path, strict=strict)
+    assert info.value.paths == ("_extra_state",)
+    assert module.lin.weight.is_meta and module.scale == 1.0

@@ -78,6 +78,7 @@ def plan_load(
     groups, made = _join_made([Group.of(slots) for slots in tie_groups(module)])
     expected = {s.path for g in groups for s in g.slots if s.persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
+    _refuse_extra_state(module, source, where, chosen)
     plan = make_plan(groups, source.entries, source.others, chosen)
     plan.made = made
     if plan.unsupported:
@@ -86,6 +87,31 @@ def plan_load(
     if error is not None:
         raise error
     return plan
+
+
+def _refuse_extra_state(module: nn.Module, source: Source, where: str, prefix: str) -> None:
+    """Refuse a checkpoint holding the extra state of a module that takes one.
+
+    ``Module.load_state_dict`` hands ``<path>._extra_state`` to the module's
+    ``set_extra_state``; this loader reads tensors only, and would report it
+    as unexpected (or, with ``strict=False``, leave the state out).
+    """
+    keys = [*source.entries, *source.others]
+    held = []
+    for path, mod in module.named_modules():
+        if type(mod).set_extra_state is nn.Module.set_extra_state:
+            continue
+        key = f"{prefix}{path}._extra_state" if path else f"{prefix}_extra_state"
+        if any(k == key or k.startswith(key + ".") for k in keys):
+            held.append(key)
+    if held:
+        raise MetaTensorError(
+            f"{where!r} holds the extra state of modules that keep one (set_extra_state): "
+            f"{held}. load_checkpoint reads tensors only and does not restore it. Fix: load "
+            "that file with module.load_state_dict(torch.load(path)) (materialize a deferred "
+            "model first), or save the extra state apart from the tensors.",
+            paths=held,
+        )
 
 
 def _join_made(groups: list[Group]) -> tuple[list[Group], list[tuple[Slot, torch.Tensor]]]:

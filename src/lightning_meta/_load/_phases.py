@@ -278,6 +278,13 @@ def _convert_one(
             group, f"converting it to {dtype} on {device} failed ({type(e).__name__}: {e})",
             "free memory on the device, or load with device='cpu'",
         ) from e  # fmt: skip
+    if not _compact(tensor):
+        # A view of a larger storage (parameters saved as views of one flat
+        # buffer, a fused qkv split) would keep all of it alive, and an
+        # expanded or transposed one would give the module a parameter whose
+        # elements share memory or that .view() refuses: eager loading copies
+        # into the module's own contiguous tensor.
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
     ptr = tensor.untyped_storage().data_ptr()
     # Empty tensors all report storage pointer 0 and share nothing.
     if ptr in seen_storage and ptr != 0:
@@ -304,6 +311,15 @@ def _convert_one(
             "or load into a real module (its tensors are then copied in place)",
         ) from e
     return Converted(group, new, False)
+
+
+def _compact(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous and the whole of its storage."""
+    return (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
 
 
 def convert_rest(

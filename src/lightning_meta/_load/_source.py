@@ -362,18 +362,34 @@ def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
         )
     tensors: dict[str, Any] = {}
     others: list[str] = []
-    _flatten(obj, "", tensors, others)
+    if not _flatten(obj, "", tensors, others):
+        raise MetaTensorError(
+            f"{str(p)!r} nests mappings more than {_MAX_NESTING} levels deep, which no "
+            "state dict does. Fix: load a file written by torch.save(module.state_dict()).",
+            paths=[str(p)],
+        )
     return tensors, others
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any], others: list[str]) -> None:
+# Deeper than any state dict (a module path is one level here); a hostile file
+# nesting further would exhaust Python's recursion limit.
+_MAX_NESTING = 256
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], others: list[str], depth: int = 0) -> bool:
+    """Put ``obj``'s tensors in ``out`` by dotted key, its other leaves in ``others``;
+    ``False`` if it nests deeper than ``_MAX_NESTING``."""
     if isinstance(obj, (TensorRef, Unsupported, torch.Tensor)):
         out[prefix[:-1]] = obj
     elif isinstance(obj, Mapping):
+        if depth >= _MAX_NESTING:
+            return False
         for k, v in obj.items():
-            _flatten(v, f"{prefix}{k}.", out, others)
+            if not _flatten(v, f"{prefix}{k}.", out, others, depth + 1):
+                return False
     elif prefix:
         others.append(prefix[:-1])
+    return True
 
 
 class SafetensorsSource(Source):
@@ -435,7 +451,7 @@ class SafetensorsSource(Source):
 
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise self._bad(where, f"its JSON header cannot be read ({e})") from e
         if not isinstance(header, dict):
             raise self._bad(where, "its header is not a JSON object")
