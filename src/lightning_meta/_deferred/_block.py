@@ -162,7 +162,8 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
         roots += [m for m in built or () if isinstance(m, nn.Module)]
         owners = _convert(recorder, roots, converted)
         # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
-        install_load_hooks(owners)
+        below = {id(m) for root in roots for m in root.modules() if m is not root}
+        install_load_hooks(owners, tops=[m for m in roots if id(m) not in below])
     finally:
         if recorder is not None:
             close(recorder, converted)
@@ -289,7 +290,7 @@ _MODULE_TABLES = frozenset(vars(nn.Module()))
 
 def _holds_fake(value: Any, depth: int = 0) -> bool:
     """Whether the list, tuple or dict ``value`` holds a fake tensor (a few levels down)."""
-    items = value.values() if type(value) is dict else value
+    items = value.values() if isinstance(value, dict) else value
     for item in items:
         kind = type(item)
         if kind is FakeTensor:

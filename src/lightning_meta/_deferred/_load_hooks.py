@@ -14,7 +14,10 @@ every module that owns deferred tensors:
   tied weights stay one object;
 - a post-hook that replays, exactly, every deferred tensor the state dict did
   not fill (non-persistent buffers, a new head, tensors held in list, tuple
-  and dict attributes).
+  and dict attributes);
+- on each module the block built at the top, a post-hook that replays the
+  deferred modules it keeps outside its tree (``self.teacher = [net]``) and
+  gives references taken after the block the real tensors.
 
 The hooks are module-level functions, so modules stay picklable and
 deep-copyable, and they do nothing once no deferred tensor is left.
@@ -46,7 +49,7 @@ from lightning_meta._deferred._handles import (
     settle_waiting,
     wait_for_base,
 )
-from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete
 from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
@@ -54,14 +57,16 @@ from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 __all__ = ["install_load_hooks"]
 
 _HOOKED_ATTR = "_lightning_meta_load_hooks"
+_BEYOND_ATTR = "_lightning_meta_load_beyond"
 
 # Each module's prefix in the load running now, from its pre-hook to its
 # post-hook (which torch calls without it), so refusals name full paths.
 _PREFIXES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-def install_load_hooks(modules: Iterable[nn.Module]) -> None:
-    """Register the load hooks on every module under ``modules`` that owns deferred tensors.
+def install_load_hooks(modules: Iterable[nn.Module], tops: Iterable[nn.Module] = ()) -> None:
+    """Register the load hooks on every module under ``modules`` that owns deferred tensors,
+    and the hook reaching outside the tree on each of ``tops`` (the block's top modules).
 
     Installing twice on one module is a no-op.
 
@@ -73,6 +78,10 @@ def install_load_hooks(modules: Iterable[nn.Module]) -> None:
         >>> net.weight.is_meta, net.weight.sum().item()
         (False, 4.0)
     """
+    for top in tops:
+        if not top.__dict__.get(_BEYOND_ATTR):
+            top.register_load_state_dict_post_hook(_reach_beyond)
+            top.__dict__[_BEYOND_ATTR] = True
     seen: set[int] = set()
     for top in modules:
         for mod in top.modules():
@@ -168,6 +177,13 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
         rest = [f"{at}.{path}" if at else path for path in rest]
         materialize_paths(module, rest, device=_device_of(module), at=at)
     _finish(records.values())
+
+
+def _reach_beyond(module: nn.Module, incompatible_keys: Any) -> None:
+    """On a block's top module: replay the deferred modules it keeps outside its tree (in no
+    state dict), and give references taken after the block the tensors loaded (see ``_reach``)."""
+    if not dispatch_mode_active():
+        materialize_beyond(module)
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

@@ -16,6 +16,7 @@ from lightning_meta._deferred._fallback import reset_parameters
 from lightning_meta._deferred._handles import (
     Handle,
     ItemSlot,
+    deferred_slots,
     done,
     dress_like,
     drop,
@@ -34,12 +35,20 @@ from lightning_meta._deferred._handles import (
     settle,
     without_pending,
 )
+from lightning_meta._deferred._reach import outside_tree, settle_beyond
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
 
-__all__ = ["ShardedSlot", "check_deferred", "materialize", "materialize_paths", "sharded_slots"]
+__all__ = [
+    "ShardedSlot",
+    "check_deferred",
+    "materialize",
+    "materialize_beyond",
+    "materialize_paths",
+    "sharded_slots",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +139,7 @@ def materialize(
         True
 
     """
-    return materialize_paths(
+    materialize_paths(
         module,
         None,
         device=device,
@@ -139,6 +148,48 @@ def materialize(
         fallback=fallback,
         allow_uninitialized=allow_uninitialized,
     )
+    materialize_beyond(
+        module, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized
+    )
+    return module
+
+
+def materialize_beyond(
+    module: nn.Module,
+    *,
+    device: torch.device | str | int | None = None,
+    draw_on: DrawOn = "cpu",
+    on_device: frozenset[int] = frozenset(),
+    allow_uninitialized: bool = False,
+) -> list[str]:
+    """Materialize what ``module``'s tree holds outside it (see ``_reach``); return the paths.
+
+    The deferred tensors of modules kept in plain containers (their other meta
+    tensors, a template kept there on purpose, stay) go where eager
+    construction leaves them, as for container items: ``Module.to`` does not
+    reach them, so on the CPU in their own dtype unless drawn on the device
+    (``draw_on="device"``, or ``on_device``: ids of deferred tensors built on
+    ``device``, MetaGuard's ``configure_model``). Then every reference to a
+    deferred tensor made real elsewhere gets that tensor.
+    """
+    paths: list[str] = []
+    for path, held in outside_tree(module):
+        slots = deferred_slots(held)
+        if not slots:
+            continue
+        names = [f"{path}.{s.path}" for s in slots]
+        here = "device" if any(id(s.tensor) in on_device for s in slots) else draw_on
+        materialize_paths(
+            held,
+            names,
+            device=device if here == "device" else None,
+            draw_on=here,
+            allow_uninitialized=allow_uninitialized,
+            at=path,
+        )
+        paths += names
+    settle_beyond(module)
+    return paths
 
 
 def materialize_paths(

@@ -36,6 +36,8 @@ _STDLIB_WRAPPERS = (
     os.sep + "typing_extensions.py",
     os.path.abspath(_compat.__file__),
 )
+# The methods through which torch hands a call to a mode or tensor subclass.
+_INTERCEPTORS = frozenset({"__torch_function__", "__torch_dispatch__"})
 # Whether a code object is torch's, this subpackage's or a stdlib wrapper's:
 # cached, since an op reading a captured real tensor asks on every call.
 _INTERNAL: dict[CodeType, bool] = {}
@@ -52,8 +54,9 @@ def user_site(depth: int = 1) -> str:
 
     Args:
         depth: the frame to start from (1: the caller). Frames of torch, of
-            this subpackage and of wrappers (``contextlib``, ``functools``,
-            ``typing_extensions``' ``@deprecated``, ``_compat``) are skipped,
+            this subpackage, of wrappers (``contextlib``, ``functools``,
+            ``typing_extensions``' ``@deprecated``, ``_compat``) and of any
+            ``__torch_function__`` / ``__torch_dispatch__`` are skipped,
             so any start at or below the user's frame gives the same answer.
 
     Returns:
@@ -65,7 +68,13 @@ def user_site(depth: int = 1) -> str:
         internal = _INTERNAL.get(code)
         if internal is None:
             name = code.co_filename
-            internal = name.startswith((_TORCH_DIR, _OWN_DIR)) or name.endswith(_STDLIB_WRAPPERS)
+            internal = (
+                name.startswith((_TORCH_DIR, _OWN_DIR))
+                or name.endswith(_STDLIB_WRAPPERS)
+                # A mode or subclass passing the call on (Lightning's _EmptyInit,
+                # active in fabric.init_module() and around configure_model).
+                or code.co_name in _INTERCEPTORS
+            )
             _INTERNAL[code] = internal
         if not internal:
             key = (code, frame.f_lasti)

@@ -29,12 +29,15 @@ import torch
 from torch import nn
 
 from lightning_meta._arguments import check_flag
+from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._deferred._materialize import DrawOn, materialize
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
+from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._guard._materialize import (
     deepspeed_refusal,
     fsdp_param_init_fn,
+    refuse_left,
     refuse_strays,
 )
 from lightning_meta._slots import iter_slots
@@ -127,7 +130,8 @@ def fabric_setup(
     owner = type(module).__name__
     if "DeepSpeedStrategy" in names:
         _refuse_deepspeed(module)
-    if not _has_meta(module):
+    if not _has_meta(module) and not any(f.deferred for f in find_meta_tensors(module)):
+        # (deferred tensors can be held outside the tree too: a module in a list)
         return fabric.setup(module, *optimizers, **setup_kwargs)
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
@@ -144,6 +148,7 @@ def fabric_setup(
     _check_optimizers(module, optimizers)
     old = {id(p): path for path, p in _parameters(module)}
     materialize(module, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized)
+    refuse_left(module, owner)
     _repoint(optimizers, old, dict(_parameters(module)))
     return fabric.setup(module, *optimizers, **setup_kwargs)
 
@@ -225,6 +230,16 @@ def _check_optimizers(module: nn.Module, optimizers: tuple[torch.optim.Optimizer
     """Refuse optimizers whose meta parameters cannot be pointed at real ones."""
     own = {id(p) for _, p in _parameters(module) if handle_of(p) is not None}
     for i, opt in enumerate(optimizers):
+        inside = [p for g in opt.param_groups for p in g["params"] if escaped_site(p) is not None]
+        if inside:
+            # The block's own fake parameters, which it replaced on the modules by
+            # deferred ones: nothing can repoint them, and steps on them do nothing.
+            raise MaterializationError(
+                f"fabric_setup got optimizer {i} ({type(opt).__name__}) created inside the "
+                f"deferred_init block, at {escaped_site(inside[0])}: it holds {len(inside)} "
+                "tensors of the block, not the model's deferred parameters. Fix: create the "
+                "optimizer after the block, from model.parameters()."
+            )
         stray = [p for p in _meta_params(opt.param_groups) if id(p) not in own]
         if stray:
             raise MaterializationError(
@@ -250,7 +265,8 @@ def _repoint(
     """Point each optimizer's deferred parameters at the real ones now in their places."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["params"] = [new[old[id(p)]] if id(p) in old else p for p in group["params"]]
+            # In place: optimizers keep the list itself too (LBFGS's ``_params``).
+            group["params"][:] = [new[old[id(p)]] if id(p) in old else p for p in group["params"]]
 
 
 def _private(strategy: Any, name: str, what: str, fix: str) -> Any:
@@ -291,6 +307,7 @@ def _materialize_after_parallelize(
                 draw_on=draw_on,
                 allow_uninitialized=allow_uninitialized,
             )
+            refuse_left(out)
         return out
 
     had = "_parallelize_fn" in vars(strategy)

@@ -39,7 +39,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
-from lightning_meta._deferred._handles import handle_of
+from lightning_meta._deferred._handles import deferred_slots
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -146,6 +146,10 @@ class MetaGuard(Callback):
         self._prepared = False
         self._before = frozenset(_deferred_ids(pl_module))
         strategy = trainer.strategy
+        # Entered right around configure_model (after LightningModule.setup, whose
+        # modules are built on the CPU): what is deferred from then on was built
+        # under Lightning's device context.
+        self._wrap(strategy, "model_sharded_context", lambda: self._note_before(pl_module))
         self._wrap(strategy, "setup", lambda: self._prepare(trainer))
         self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
         self._wrap_teardown(strategy)
@@ -186,6 +190,9 @@ class MetaGuard(Callback):
         self._restore()
 
     # -- the work ----------------------------------------------------------
+
+    def _note_before(self, module: nn.Module) -> None:
+        self._before = frozenset(_deferred_ids(module))
 
     def _prepare(self, trainer: pl.Trainer) -> None:
         if self._prepared:
@@ -256,8 +263,13 @@ class MetaGuard(Callback):
             if shadowed:
                 # The run was refused with meta tensors still in place; move what
                 # is real to the CPU and keep Lightning's `.cpu()` from raising
-                # NotImplementedError on top of the MetaTensorError.
-                _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
+                # NotImplementedError on top of the MetaTensorError. Not past the
+                # fake tensors of a failed deferred_init block: Module._apply swaps
+                # tensor subclasses even when given the same tensor back, and
+                # the swap would raise on them on top of the block's error.
+                tensors = [*module.parameters(), *module.buffers()]
+                if not any(isinstance(t, _compat.FakeTensor) for t in tensors):
+                    _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
                 object.__setattr__(module, "cpu", lambda: module)
             try:
                 return original(*args, **kwargs)
@@ -315,9 +327,12 @@ def _is_fsdp1(strategy: Any) -> bool:
 
 
 def _deferred_ids(module: nn.Module) -> list[int]:
-    return [id(t) for t in [*module.parameters(), *module.buffers()] if handle_of(t) is not None]
+    """The ids of ``module``'s deferred tensors: parameters, buffers, attributes, container items."""
+    return [id(s.tensor) for s in deferred_slots(module)]
 
 
 def _has_meta(module: nn.Module, recurse: bool = True) -> bool:
+    """Whether ``module`` holds a parameter or buffer without data: on meta, or a fake
+    tensor a failed ``deferred_init`` block left behind."""
     tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
-    return any(t.is_meta for t in tensors)
+    return any(t.is_meta or isinstance(t, _compat.FakeTensor) for t in tensors)

@@ -26,11 +26,22 @@ import torch
 from torch import nn
 
 from lightning_meta._deferred._handles import deferred_slots, handle_of, handles_of
-from lightning_meta._deferred._materialize import DrawOn, materialize_paths, sharded_slots
+from lightning_meta._deferred._materialize import (
+    DrawOn,
+    materialize_beyond,
+    materialize_paths,
+    sharded_slots,
+)
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
-__all__ = ["deepspeed_refusal", "fsdp_param_init_fn", "materialize_model", "refuse_strays"]
+__all__ = [
+    "deepspeed_refusal",
+    "fsdp_param_init_fn",
+    "materialize_model",
+    "refuse_left",
+    "refuse_strays",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +91,32 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
         raise explain(found, owner or type(module).__name__, REACHES)
 
 
+def refuse_left(module: nn.Module, owner: str | None = None) -> None:
+    """Raise :class:`MetaTensorError` naming every tensor materializing left without data.
+
+    After :func:`materialize_model` (or ``fabric_setup``'s materialize),
+    nothing deferred may be left anywhere ``module`` reaches, nor any meta
+    tensor in its tree: a CPU matmul with a meta weight returns uninitialised
+    memory instead of raising. Meta tensors of modules kept outside the tree
+    that were never deferred (a template in a list, on purpose) stay.
+    """
+    left = [
+        f
+        for f in find_meta_tensors(module)
+        if f.problem
+        and (f.deferred or f.escaped is not None or not f.hidden)
+        and f.path.split(".", 1)[0] not in HYPERPARAMETERS
+    ]
+    if left:
+        raise explain(
+            left,
+            owner or type(module).__name__,
+            "They were left without data after materializing (referenced from a place "
+            "materialize does not reach, such as an object other than a list, tuple or "
+            "dict); training would compute with them.",
+        )
+
+
 def materialize_model(
     module: nn.Module,
     device: torch.device,
@@ -123,6 +160,10 @@ def materialize_model(
                 allow_uninitialized=allow_uninitialized,
             )
             count += len(names)
+    materialize_beyond(
+        module, device=device, on_device=on_device, allow_uninitialized=allow_uninitialized
+    )
+    refuse_left(module)
     logger.debug("MetaGuard materialized %d deferred tensors on %s", count, device)
     return count
 

@@ -34,6 +34,7 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._deferred._handles import forget, lone_module
 from lightning_meta._deferred._materialize import ShardedSlot, materialize, sharded_slots
+from lightning_meta._deferred._reach import settle_beyond
 from lightning_meta._errors import MaterializationError, MetaTensorError
 from lightning_meta._load import _phases
 from lightning_meta._load._files import Reader, Region, corrupt
@@ -103,6 +104,7 @@ def load_into_shards(
     verify: bool,
     mapped: bool,
     allow_uninitialized: bool = False,
+    beyond: list[str] | None = None,
 ) -> LoadReport:
     """Finish :func:`~lightning_meta._load._checkpoint.load_checkpoint` for a module holding DTensors.
 
@@ -117,6 +119,8 @@ def load_into_shards(
         mapped: map the plain tensors' files; boxes are always read into
             memory the process owns (a box is rarely contiguous in the file).
         allow_uninitialized: see :func:`~lightning_meta.load_checkpoint`.
+        beyond: paths of the deferred tensors outside the module tree it
+            replayed first (reported as replayed).
 
     Returns:
         The report; ``bytes_read`` counts the bytes of every box read.
@@ -173,11 +177,14 @@ def load_into_shards(
         raise
     sharded_names = [n for t in targets for n in t.group.names]
     forget(module, [*filled, *replay.names, *sharded_names])
+    settle_beyond(module)
     conversion.bytes_read += bytes_read
     conversion.cast += [
         n for t in targets if t.entry and t.entry.dtype != t.dtype for n in t.group.names
     ]
-    replayed = sorted({*replay.names, *(n for t in targets if t.deferred for n in t.group.names)})
+    replayed = sorted(
+        {*replay.names, *(beyond or ()), *(n for t in targets if t.deferred for n in t.group.names)}
+    )
     return _phases.make_report(where, source, plan, conversion, replayed)
 
 

@@ -1,0 +1,128 @@
+"""What a deferred model holds outside its module tree gets eager construction's tensors.
+
+A module kept in a plain container (``self.teacher = [net]``, out of
+Lightning's sight on purpose) and a reference taken after the block
+(``self.shared = [self.proj.weight]``) stayed on meta after materialize and
+after loading; a CPU matmul with a meta weight returns uninitialised memory
+without an error, so a forward gave garbage. Dict subclasses
+(``OrderedDict``, Lightning's ``AttributeDict``) were walked by their keys,
+so their tensors stayed fake.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.fabric.utilities.data import AttributeDict
+from torch import nn
+
+import lightning_meta as lm
+from lightning_meta import deferred_init, is_deferred, materialize
+
+
+class _Teacher(nn.Module):
+    """A frozen teacher kept in a list: outside the tree, in no state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.teacher = [nn.Linear(4, 3, bias=False)]
+
+
+def _check_teacher(module: _Teacher, eager: _Teacher) -> None:
+    weight = module.teacher[0].weight
+    assert not weight.is_meta and weight.device.type == "cpu"
+    assert torch.equal(weight, eager.teacher[0].weight)
+    assert lm.find_meta_tensors(module) == []
+
+
+def _loads(tmp_path: Path, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return {
+        "materialize": lambda m: materialize(m),
+        "load_checkpoint": lambda m: lm.load_checkpoint(m, path),
+        "load_state_dict": lambda m: m.load_state_dict(state),
+        "load_state_dict(assign=True)": lambda m: m.load_state_dict(state, assign=True),
+    }
+
+
+def test_a_deferred_module_kept_in_a_list_gets_eager_values(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = _Teacher()
+    after = torch.get_rng_state()
+    for how, fill in _loads(tmp_path, eager.state_dict()).items():
+        torch.manual_seed(0)
+        module = deferred_init(_Teacher)
+        fill(module)
+        _check_teacher(module, eager)
+        assert torch.equal(torch.get_rng_state(), after), how
+    torch.manual_seed(0)
+    module = deferred_init(_Teacher)
+    report = lm.load_checkpoint(module, tmp_path / "state.pt")
+    assert report.replayed == ["teacher.0.weight"]
+
+
+def test_a_template_kept_in_a_list_stays_meta() -> None:
+    # Meta tensors that were never deferred (the classic template workaround)
+    # are left alone: only what eager construction made real is made real.
+    template = nn.Linear(4, 3, device="meta")
+    with deferred_init():
+        module = nn.Linear(2, 2)
+    module.templates = [template]
+    materialize(module)
+    assert template.weight.is_meta and not module.weight.is_meta
+
+
+def _hold(module: nn.Module, kind: str, weight: torch.Tensor) -> None:
+    if kind == "attribute":
+        module.__dict__["alias"] = weight  # not a registered parameter
+    elif kind == "list":
+        module.shared = [weight]
+    elif kind == "dict":
+        module.shared = {"w": weight}
+    else:
+        module.shared = (weight, "label")
+
+
+def _held(module: nn.Module, kind: str) -> Any:
+    if kind == "attribute":
+        return module.alias
+    return module.shared["w"] if kind == "dict" else module.shared[0]
+
+
+@pytest.mark.parametrize("kind", ["attribute", "list", "dict", "tuple"])
+def test_a_reference_taken_after_the_block_is_the_real_tensor(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    eager = nn.Linear(4, 6)
+    state = {k: torch.randn_like(v) for k, v in eager.state_dict().items()}
+    for how, fill in _loads(tmp_path, state).items():
+        torch.manual_seed(0)
+        with deferred_init():
+            module = nn.Linear(4, 6)
+        _hold(module, kind, module.weight)
+        fill(module)
+        assert _held(module, kind) is module.weight, how
+        assert not is_deferred(module) and lm.find_meta_tensors(module) == [], how
+
+
+@pytest.mark.parametrize("kind", [OrderedDict, AttributeDict])
+def test_tensors_in_a_dict_subclass_are_materialized(kind: type) -> None:
+    class Rope(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            t = torch.arange(8.0)
+            self.cache = kind(cos=t.cos(), noise=torch.randn(3))
+
+    torch.manual_seed(0)
+    eager = Rope()
+    torch.manual_seed(0)
+    module = deferred_init(Rope)
+    assert type(module.cache) is kind and module.cache["noise"].is_meta
+    materialize(module)
+    assert torch.equal(module.cache["cos"], eager.cache["cos"])
+    assert torch.equal(module.cache["noise"], eager.cache["noise"])

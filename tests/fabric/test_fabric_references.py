@@ -1,0 +1,86 @@
+"""fabric_setup: optimizers that keep their own list of parameters, a teacher kept in a list,
+and the line deferred_init names inside ``fabric.init_module()``."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+@pytest.fixture
+def fabric() -> L.Fabric:
+    return L.Fabric(accelerator="cpu", devices=1)
+
+
+def test_lbfgs_is_pointed_at_the_real_parameters(fabric: L.Fabric) -> None:
+    # LBFGS keeps the first group's list as its own `_params`: replacing the
+    # group's list left it on the meta parameters, and its step raised.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Linear(3, 1)
+
+    def lbfgs(net: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(net.parameters(), lr=0.1, max_iter=3)
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    results = []
+    for deferred in (False, True):
+        if deferred:
+            with lm.deferred_init():
+                net = build()
+            net, opt = lm.fabric_setup(fabric, net, lbfgs(net))
+        else:
+            net = build()
+            net, opt = fabric.setup(net, lbfgs(net))
+
+        def closure(net: nn.Module = net, opt: torch.optim.Optimizer = opt) -> torch.Tensor:
+            opt.zero_grad()
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        results.append(net.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_teacher_kept_in_a_list_is_materialized(fabric: L.Fabric) -> None:
+    class WithTeacher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = nn.Linear(3, 1)
+            self.teacher = [nn.Linear(3, 1, bias=False)]
+
+    torch.manual_seed(0)
+    eager = WithTeacher()
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = WithTeacher()
+    model.student.weight.requires_grad_(False)
+    model = lm.fabric_setup(fabric, model)
+    assert torch.equal(model.teacher[0].weight, eager.teacher[0].weight)
+    assert lm.find_meta_tensors(model) == []
+
+
+def test_a_refusal_inside_init_module_names_the_users_line(fabric: L.Fabric) -> None:
+    # Lightning's _EmptyInit (a TorchFunctionMode) is active there: its
+    # __torch_function__ frame was named as the user's line.
+    def build() -> None:
+        with fabric.init_module(), lm.deferred_init():
+            nn.Linear(3, 1).weight.sum().item()
+
+    with pytest.raises(lm.MaterializationError, match=r"test_fabric_references\.py:\d+"):
+        build()
+
+
+def test_an_optimizer_created_inside_the_block_is_refused(fabric: L.Fabric) -> None:
+    # It holds the block's fake parameters: its steps changed nothing, silently.
+    with lm.deferred_init():
+        net = nn.Linear(3, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(lm.MaterializationError, match="created inside the deferred_init block"):
+        lm.fabric_setup(fabric, net, opt)
