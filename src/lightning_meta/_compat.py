@@ -41,6 +41,7 @@ __all__ = [
     "KeywordModuleTracker",
     "TorchDispatchMode",
     "UnsupportedOperatorException",
+    "active_fake_mode",
     "apply_to_tensors",
     "children_replaced",
     "is_swap_refusal",
@@ -133,6 +134,21 @@ def dispatch_mode_active() -> bool:
     if length is None:  # pragma: no cover
         raise missing("torch._C._len_torch_dispatch_stack", "materialize")
     return bool(length() > 0)
+
+
+def active_fake_mode() -> object | None:
+    """Return the ``FakeTensorMode`` active in this thread, if any.
+
+    deferred_init tells its own blocks' copies of real tensors from a user's
+    fake mode by it. ``torch._C._get_dispatch_mode`` with the ``FAKE`` key;
+    checked on torch 2.6, 2.13, 2.14.
+    """
+    get = getattr(torch._C, "_get_dispatch_mode", None)
+    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+    if get is None or key is None:  # pragma: no cover
+        raise missing("torch._C._get_dispatch_mode", "deferred_init")
+    mode: object | None = get(key)
+    return mode
 
 
 @contextlib.contextmanager

@@ -126,3 +126,18 @@ def test_tensors_in_a_dict_subclass_are_materialized(kind: type) -> None:
     materialize(module)
     assert torch.equal(module.cache["cos"], eager.cache["cos"])
     assert torch.equal(module.cache["noise"], eager.cache["noise"])
+
+
+def test_a_real_tensor_deep_copied_inside_the_block_is_a_real_copy() -> None:
+    import copy
+
+    real = torch.tensor([1.0, 5.0, 10.0])
+    original = vars(torch.Tensor)["__deepcopy__"]
+    with deferred_init():
+        module = nn.Linear(2, 2)
+        module.weights = copy.deepcopy(real)
+    assert type(module.weights) is torch.Tensor and torch.equal(module.weights, real)
+    assert module.weights.data_ptr() != real.data_ptr()
+    materialize(module)
+    assert torch.equal(module.weights, real)
+    assert vars(torch.Tensor)["__deepcopy__"] is original  # nothing outlives the block

@@ -47,11 +47,14 @@ class Distilled(L.LightningModule):
 
 def _run(deferred: bool, tmp_path: Path) -> tuple[Distilled, L.Trainer]:
     torch.manual_seed(0)
+    # A real tensor made outside the block: save_hyperparameters deep-copies it
+    # inside (torch's copy failed there: a real storage set on a fake tensor).
+    weights = torch.tensor([1.0, 5.0, 10.0])
     if deferred:
         with lm.deferred_init():
-            model = Distilled(torch.tensor([1.0, 5.0, 10.0]))
+            model = Distilled(weights)
     else:
-        model = Distilled(torch.tensor([1.0, 5.0, 10.0]))
+        model = Distilled(weights)
     model.refs = {"w": model.student.weight}  # taken after the block
     t = trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
     t.fit(model, loader())

@@ -10,7 +10,9 @@ known while recording (see
 :meth:`~lightning_meta._deferred._recorder.Recorder.read_values`), and
 raise a :class:`~lightning_meta.MaterializationError` naming the call, the
 tensor's path and the ``file:line`` otherwise; on any other fake tensor they
-are torch's own methods. Real tensors are not touched. (A
+are torch's own methods. ``torch.Tensor.__deepcopy__`` is wrapped alike: a
+real tensor deep-copied inside a block (``save_hyperparameters`` copies the
+arguments of ``__init__``) gets a real copy, as in eager construction. (A
 ``TorchFunctionMode`` would see them too, but it costs every tensor call of
 the model a trip through Python.)
 
@@ -53,6 +55,21 @@ def conversion_refused(detail: str, paths: tuple[str, ...] = ()) -> Materializat
     )
 
 
+def _real_deepcopy(original: Any) -> Any:
+    """``torch.Tensor.__deepcopy__`` giving a real tensor a real copy inside a block."""
+
+    def __deepcopy__(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if type(self) is torch.Tensor and id(_compat.active_fake_mode()) in _READERS:
+            # Eager construction copies a real tensor (save_hyperparameters copies
+            # the arguments of __init__): a real copy. Recorded, torch's copy
+            # would put the real storage it makes on a fake tensor, which fails.
+            with _compat.no_python_dispatch():
+                return original(self, memo)
+        return original(self, memo)
+
+    return __deepcopy__
+
+
 def _wrapper(name: str, original: Any) -> Any:
     def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         reader = _READERS.get(id(getattr(self, "fake_mode", None)))
@@ -75,6 +92,8 @@ def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
             for name in _METHODS:
                 _SAVED[name] = vars(FakeTensor).get(name)
                 setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
+            _SAVED["__deepcopy__"] = vars(torch.Tensor)["__deepcopy__"]
+            torch.Tensor.__deepcopy__ = _real_deepcopy(_SAVED["__deepcopy__"])  # type: ignore[method-assign]
         _READERS[id(fake_mode)] = reader
     try:
         yield
@@ -88,3 +107,4 @@ def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
                         delattr(FakeTensor, name)
                     else:
                         setattr(FakeTensor, name, own)
+                torch.Tensor.__deepcopy__ = _SAVED.pop("__deepcopy__")  # type: ignore[method-assign]
