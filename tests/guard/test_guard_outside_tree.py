@@ -132,3 +132,52 @@ def test_an_error_inside_a_block_in_configure_model_is_what_the_user_reads(
     # (the line named is the user's, not Lightning's _EmptyInit around configure_model)
     with pytest.raises(error, match=match):
         trainer().fit(FailingBlock(failure), loader())
+
+
+class Small(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return ((self.net(x) - y) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _copying_callbacks() -> dict[str, Any]:
+    from lightning.pytorch import callbacks
+
+    made: dict[str, Any] = {
+        "swa": lambda: callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1),
+        "pruning": lambda: callbacks.ModelPruning(
+            "l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=True, verbose=0
+        ),
+    }
+    if hasattr(callbacks, "WeightAveraging"):  # Lightning >= 2.6
+        made["weight_averaging"] = callbacks.WeightAveraging
+    return made
+
+
+@pytest.mark.parametrize("name", ["swa", "pruning", "weight_averaging"])
+def test_callbacks_that_copy_the_model_in_setup_train_like_eager(name: str) -> None:
+    # They deep-copy the module in their setup, before MetaGuard materialized it:
+    # "Cannot copy out of meta tensor" when they moved the deferred copy.
+    made = _copying_callbacks()
+    if name not in made:
+        pytest.skip("WeightAveraging needs Lightning >= 2.6")
+    weights = []
+    for deferred in (False, True):
+        L.seed_everything(0, verbose=False)
+        if deferred:
+            with lm.deferred_init():
+                model = Small()
+        else:
+            model = Small()
+        trainer(max_epochs=2, callbacks=[lm.MetaGuard(), made[name]()]).fit(model, loader())
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key

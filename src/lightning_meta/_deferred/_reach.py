@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_meta._deferred._handles import made_for
 
-__all__ = ["outside_tree", "settle_beyond", "settle_references"]
+__all__ = ["held_modules", "outside_tree", "settle_beyond", "settle_references"]
 
 # As deep as deferred_init converts containers (see _block._MAX_DEPTH).
 _MAX_DEPTH = 4
@@ -45,12 +45,13 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
         yield from enumerate(value)
 
 
-def _held_modules(value: Any, path: str, depth: int = 0) -> Iterator[tuple[str, nn.Module]]:
+def held_modules(value: Any, path: str, depth: int = 0) -> Iterator[tuple[str, nn.Module]]:
+    """The modules ``value`` is or holds in lists, tuples and dicts a few levels down, with paths."""
     if isinstance(value, nn.Module):
         yield path, value
     elif depth < _MAX_DEPTH:
         for key, item in _items(value):
-            yield from _held_modules(item, _join(path, str(key)), depth + 1)
+            yield from held_modules(item, _join(path, str(key)), depth + 1)
 
 
 def outside_tree(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -66,7 +67,7 @@ def outside_tree(module: nn.Module) -> list[tuple[str, nn.Module]]:
     while todo:
         prefix, mod = todo.pop()
         for name, value in _attributes(mod):
-            for path, held in _held_modules(value, _join(prefix, name)):
+            for path, held in held_modules(value, _join(prefix, name)):
                 if id(held) in seen:
                     continue
                 seen.update(id(m) for m in held.modules())

@@ -40,6 +40,8 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._handles import deferred_slots
+from lightning_meta._deferred._materialize import materialize
+from lightning_meta._deferred._reach import held_modules
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -153,6 +155,26 @@ class MetaGuard(Callback):
         self._wrap(strategy, "setup", lambda: self._prepare(trainer))
         self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
         self._wrap_teardown(strategy)
+        if stage == "fit" and self._before and _averages_in_setup(trainer, self):
+            self._materialize_for_averaging(trainer, pl_module)
+
+    def _materialize_for_averaging(self, trainer: pl.Trainer, module: nn.Module) -> None:
+        """Materialize the model now, on the CPU, for a ``WeightAveraging`` callback after this one.
+
+        It copies the model and moves the copy inside its own ``setup``, before
+        Lightning moves the model: in eager construction a real model on the
+        CPU, which this gives (Lightning moves it later, as in eager).
+        """
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise MetaTensorError(
+                f"MetaGuard cannot materialize {type(module).__name__} for WeightAveraging under "
+                f"{type(trainer.strategy).__name__}: WeightAveraging copies the whole model in "
+                "its setup, before the strategy shards it. Fix: drop WeightAveraging, or "
+                "call lm.materialize(model) before trainer.fit."
+            )
+        materialize_model(module, torch.device("cpu"), allow_uninitialized=self.allow_uninitialized)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         problems = [
@@ -216,7 +238,24 @@ class MetaGuard(Callback):
                 logger.info(
                     "MetaGuard materialized %d deferred tensors of %s on %s", count, name, device
                 )
+        self._copies(trainer)
         self._prepared = True
+
+    def _copies(self, trainer: pl.Trainer) -> None:
+        """Materialize the copies of the model other callbacks made in their ``setup``.
+
+        ``StochasticWeightAveraging`` and ``ModelPruning`` (lottery ticket)
+        deep-copy the module there, before Lightning moves it: in eager
+        construction a real copy on the CPU; here a deferred copy, which
+        ``.to(device)`` later failed on. They get eager's values, on the CPU.
+        """
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if callback is self:
+                continue
+            for name, value in list(vars(callback).items()):
+                for _, held in held_modules(value, name):
+                    if deferred_slots(held):
+                        materialize(held, allow_uninitialized=self.allow_uninitialized)
 
     def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
         kwargs: dict[str, Any] = strategy.kwargs
@@ -318,6 +357,17 @@ def _refuse_deepspeed(strategy: Any, name: str) -> None:
                 "call lightning_meta.materialize(model) before trainer.fit.",
             )
         )
+
+
+def _averages_in_setup(trainer: pl.Trainer, guard: MetaGuard) -> bool:
+    """Whether a ``WeightAveraging`` callback (Lightning >= 2.6) runs its ``setup`` after ``guard``."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:
+        return False
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    later = callbacks[callbacks.index(guard) + 1 :] if guard in callbacks else []
+    return any(isinstance(cb, WeightAveraging) for cb in later)
 
 
 def _is_fsdp1(strategy: Any) -> bool:
