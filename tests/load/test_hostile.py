@@ -810,3 +810,25 @@ def test_extra_state_is_refused_not_reported_as_unexpected_or_dropped(
         load_checkpoint(module, path, strict=strict)
     assert info.value.paths == ("_extra_state",)
     assert module.lin.weight.is_meta and module.scale == 1.0
+
+
+def test_dtype_casts_a_deferred_tensor_skipped_for_its_shape(tmp_path: Path) -> None:
+    # "dtype= gives the whole module what module.to() gives": a deferred head
+    # whose shape differs from the file's stayed deferred in float32, and the
+    # forward then mixed float16 and float32.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+
+    eager = build()
+    path = tmp_path / "other_head.pt"
+    torch.save({**eager[0].state_dict(prefix="0."), "1.weight": torch.zeros(5, 4)}, path)
+    module = lm.deferred_init(build)
+    report = load_checkpoint(module, path, strict=False, dtype=torch.float16)
+    assert {p.dtype for p in module.parameters()} == {torch.float16}
+    assert not lm.is_deferred(module)
+    assert torch.equal(module[1].weight, eager[1].weight.half())
+    assert "1.weight" in report.replayed
+    module = lm.deferred_init(build)
+    load_checkpoint(module, path, strict=False)  # no dtype=: left deferred, as before
+    assert lm.is_deferred(module[1].weight)

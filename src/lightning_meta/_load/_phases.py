@@ -331,7 +331,7 @@ def convert_rest(
     whole module: its non-persistent buffers and what ``strict=False`` leaves
     alone (a missing key, a shape that differs) too, not only the loaded
     tensors. Deferred tensors are left out (:func:`replay_missing` replays
-    them so); meta ones only change dtype (they stay meta, for
+    them so, those skipped for their shape too); meta ones only change dtype (they stay meta, for
     ``to_empty``). Nothing in the module is touched.
 
     Raises:
@@ -389,7 +389,8 @@ def replay_missing(
 ) -> Replay:
     """Replay the deferred tensors the checkpoint does not fill, without touching ``module``.
 
-    Tensors the plan loads or skips for their shape are left alone. The
+    Tensors the plan loads are left alone, and those it skips for their shape
+    too, unless ``dtype`` or ``device`` is given (see :func:`convert_rest`). The
     replay runs on a scratch module holding the same deferred tensors, so
     ``module`` keeps them until :func:`swap_in` puts the results in, together
     with the checkpoint's tensors. A tensor that views the memory of one of
@@ -405,7 +406,11 @@ def replay_missing(
         MaterializationError: a tensor cannot be replayed exactly; nothing
             was changed.
     """
-    covered = {*plan.loaded_names, *plan.skipped_names}
+    # A tensor skipped for its shape stays deferred, unless dtype= or device=
+    # asks for module.to() of the whole module: then it is replayed and cast,
+    # as eager construction's tensor would be.
+    skipped = plan.skipped_names if dtype is None and device is None else ()
+    covered = {*plan.loaded_names, *skipped}
     slots = deferred_slots(module)
     wanted = {s.path for s in slots if s.path not in covered}
     if not wanted:
