@@ -34,7 +34,7 @@ from lightning_meta._estimate._parallel import resolve_parallel
 from lightning_meta._estimate._ranks import RankStep
 from lightning_meta._estimate._repeat import RANK_SAMPLES, SAMPLES, extrapolate_step, find_repeat
 from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate, assemble
-from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step
+from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step, trace_forward
 from lightning_meta._estimate._specs import InputSpec
 from lightning_meta._estimate._values import Values
 
@@ -241,6 +241,29 @@ def run_step(
     return fake.state, record
 
 
+def _trace(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    into: list[Any],
+) -> None:
+    """List the operators of the forward and loss of ``module`` into ``into`` (one process)."""
+    fake = fake_step(module, args, kwargs, options)
+    trace_forward(
+        module,
+        fake.state,
+        fake.args,
+        fake.kwargs,
+        mode=fake.mode,
+        device=options.device,
+        loss_fn=options.loss_fn or default_loss,
+        precision=options.precision,
+        values=fake.values,
+        into=into,
+    )
+
+
 def simulate(
     module: nn.Module,
     args: tuple[Any, ...],
@@ -270,6 +293,7 @@ def simulate(
         found, why = extrapolate_step(
             rep,
             lambda prefix: run_step(module, args, kwargs, options, prefix, layout)[1],
+            lambda into: _trace(module, args, kwargs, options, into),
             type(module).__name__,
             samples,
         )
@@ -409,13 +433,17 @@ def estimate(
         extrapolate: for a ``ModuleList`` or ``Sequential`` of at least 10
             identical blocks (a transformer's layers), simulate the step with
             2, 3 and 4 blocks and extrapolate to the full depth when every
-            count grows exactly linearly per block (the result is then the
+            count grows exactly linearly per block and the full model's
+            forward runs the same operators as the cut one, its block and
+            the stretch between two blocks repeated (the result is then the
             same as the full step's, in a fraction of the time); otherwise,
             or with ``False``, simulate the full model. ``method`` says which.
             Blocks that differ in an attribute, a tensor or a per-block
-            ``config`` list (``config.layer_types``) are simulated in full; a
-            block whose forward branches on its index some other way is not
-            detected: pass ``False`` for such models.
+            ``config`` list (``config.layer_types``), a forward that skips
+            blocks or runs other operators for some of them are simulated in
+            full; code that only keeps some blocks' tensors alive longer
+            (appends every sixth output to a list) runs no other operator and
+            is not detected: pass ``False`` for such models.
         strategy: ``None`` (one process), ``"ddp"`` (Lightning's
             ``DDPStrategy``) or ``"fsdp"`` (FSDP2, ``fully_shard`` on every
             block and the root, as under Lightning's ``ModelParallelStrategy``;

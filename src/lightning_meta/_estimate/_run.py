@@ -36,7 +36,7 @@ from lightning_meta._estimate._values import Values
 if TYPE_CHECKING:
     from lightning_meta._estimate._ranks import RankStep
 
-__all__ = ["StepRecord", "Watch", "default_loss", "simulate_step", "watch_step"]
+__all__ = ["StepRecord", "Watch", "default_loss", "simulate_step", "trace_forward", "watch_step"]
 
 
 @dataclass
@@ -416,6 +416,38 @@ def simulate_step(
     _record(record, watch, type(module).__name__)
     if rank is not None:
         rank.count_as_dtensor(record)
+
+
+def trace_forward(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    mode: FakeTensorMode,
+    device: torch.device,
+    loss_fn: LossFn,
+    precision: Precision,
+    values: Values,
+    into: list[Any],
+) -> None:
+    """Run the forward and the loss of ``module`` as :func:`simulate_step` does, listing each operator.
+
+    Nothing is counted and nothing is checked: ``into`` receives, in order,
+    ``(operator, shapes and dtypes of its results)`` for every operator (see
+    :class:`LiveBytes`), and whatever hooks of the caller add to it. The
+    arguments are those of :func:`simulate_step`; exceptions propagate.
+    """
+    tracker = LiveBytes(values=values)
+    tracker.trace = into
+    tracker.phase = "forward"
+    autocast: contextlib.AbstractContextManager[Any] = (
+        torch.autocast(device.type, dtype=precision.autocast)
+        if precision.autocast is not None
+        else contextlib.nullcontext()
+    )
+    with _compat.quiet_fake_tensor_log(), _train_mode(module), mode, tracker, autocast:
+        loss_fn(torch.func.functional_call(module, state, args, kwargs))
 
 
 def _block_windows(

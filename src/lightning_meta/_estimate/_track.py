@@ -93,6 +93,8 @@ class LiveBytes(TorchDispatchMode):
         #: (in order of first appearance) as ``(bytes, breakdown)``
         self.where: Callable[[], str] | None = None
         self.window_peaks: dict[str, tuple[int, dict[str, int]]] = {}
+        #: optional: receives ``(operator, what it returned)`` for every operator, in order
+        self.trace: list[Any] | None = None
 
     def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
         if t.layout != torch.strided:
@@ -202,7 +204,16 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t)
         if values is not None:
             values.follow(func, args, kwargs, out)
+        if self.trace is not None:
+            self.trace.append((func, _signature(out)))
         return out
+
+
+def _signature(out: Any) -> tuple[Any, ...]:
+    """Return the shapes and dtypes of an operator's tensor results, and its other results."""
+    return tuple(
+        (_shape(t), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in tree_leaves(out)
+    )
 
 
 def _fakes_like(real: Any, args: tuple[Any, ...]) -> Any:
