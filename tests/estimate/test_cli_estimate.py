@@ -215,3 +215,17 @@ def test_bad_device_exits_2(net_file: Path, capsys: pytest.CaptureFixture[str]) 
     # a bad command line, like any other unknown option value
     assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--device", "bogus"]) == 2
     assert "device='bogus', which torch does not recognise" in capsys.readouterr().err
+
+
+def test_fit_that_reaches_the_search_limit_says_at_least(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["estimate", "torch.nn:Linear", "--args", "[16, 4]", "--input", "8,16:float32",
+            "--optimizer", "sgd", "--memory", "4GiB", "--fit", "batch"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["value"] == doc["limit"] == 2**20 and doc["at_limit"] is True
+    assert doc["fits_peak_bytes"] < 4 * 2**30 and doc["beyond_peak_bytes"] is None
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "largest batch within 4.00 GiB per device: at least 1048576 (the search limit)" in out

@@ -42,7 +42,7 @@ from lightning_meta._estimate._run import (
     trace_forward,
 )
 from lightning_meta._estimate._specs import InputSpec
-from lightning_meta._estimate._values import Values
+from lightning_meta._estimate._values import IndexRefusal, Values
 
 __all__ = ["Estimate", "InputSpec", "ModuleEstimate", "RankEstimate", "estimate"]
 
@@ -155,6 +155,14 @@ def _fail(
             f"estimate: the {record.stage} of {root}{place} would fail on a real device: "
             f"{e.op} refuses the dtypes of its tensors ({e.inputs}): {e.reason.rstrip('. ')} "
             f"(estimate's inputs: {inputs}). {_dtype_fix(e, module, record.stage)}.",
+            paths=where[-1:],
+        )
+    if isinstance(e, IndexRefusal):
+        return MetaTensorError(
+            f"estimate: the {record.stage} of {root}{place} would fail on a real device: "
+            f"{e.op}: {e.reason} (estimate's inputs: {inputs}). Fix: pass indices below "
+            f"{e.size} (token ids within the vocabulary; a sequence no longer than the "
+            f"model's positions), or a larger {'table' if e.op == 'aten.embedding' else 'tensor'}.",
             paths=where[-1:],
         )
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):

@@ -186,9 +186,12 @@ class LiveBytes(TorchDispatchMode):
             known, scalar = values.read(func, args)
             if known:
                 return scalar
-        if self._kernels is not None and self.phase == "forward":
+        if self.phase == "forward":
             # first: a refused call is no FLOP and no allocation, as for real
-            self._kernels.observe(func, args, kwargs)
+            if self._kernels is not None:
+                self._kernels.observe(func, args, kwargs)
+            if values is not None:
+                values.check_indices(func, args)
         if self._uncounted is not None:
             self._uncounted.observe(func, args, kwargs)
         try:
