@@ -225,6 +225,11 @@ def test_help_and_usage_errors_return_instead_of_exiting(
         (["--input", "8,16:float33"], "unknown dtype 'float33'"),
         (["--input", "8,16", "--optimizer", "no_such_pkg:Opt"], "no module named 'no_such_pkg'"),
         ([], "no inputs for Linear"),
+        (
+            ["--input", "8,16", "--optimizer", "torch.nn:Linear"],
+            "optimizer torch.nn.modules.linear.Linear is a class that is not a "
+            "torch.optim.Optimizer subclass. Fix: pass optimizer='adamw'",
+        ),
     ],
 )
 def test_estimate_bad_command_line_exits_2(
@@ -440,3 +445,34 @@ def test_load_check_gets_the_same_target_errors(
     assert main(["load-check", f"{exits_on_import}:Net", missing]) == 2
     err = capsys.readouterr().err
     assert "called sys.exit(0)" in err and "Traceback" not in err
+
+
+def test_the_fix_names_the_arguments_option_of_each_command(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # check takes the arguments as ARGS_JSON, estimate and load-check as --args
+    missing = str(tmp_path / "missing.pt")
+    for argv, given in (
+        (["check", f"{models}:Broken"], "(ARGS_JSON)"),
+        (["estimate", f"{models}:Broken", "--input", "8,16"], "(--args)"),
+        (["load-check", f"{models}:Broken", missing], "(--args)"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"fix the model's constructor or the arguments it gets {given}" in err, err
+        assert "--hf-config" not in err
+
+
+def test_load_check_shows_no_progress_bar_with_json_or_off_a_terminal(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    path = tmp_path / "net.pt"
+    torch.save({"fc.weight": torch.zeros(4, 16), "fc.bias": torch.zeros(4)}, path)
+    assert main(["load-check", f"{models}:Net", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)
+    assert captured.err == ""  # standard error is not a terminal here
+    assert main(["load-check", f"{models}:Net", str(path)]) == 0
+    assert capsys.readouterr().err == ""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_meta
 from lightning_meta._cli import main
@@ -57,6 +58,15 @@ def test_json_subprocess_stdout_is_only_json(net_file: Path) -> None:
     assert doc["parameters"] == 16 * 8 + 8 + 8 * 4 + 4
     assert doc["forward_flops"] == 2 * 8 * 16 * 8 + 2 * 8 * 8 * 4
     assert doc["optimizer"] == "adamw"
+
+
+def test_lstm_subprocess_survives_the_real_kernel_check() -> None:
+    # the kernel check ran mkldnn_rnn_layer on tensors shrunk to 2 per dimension
+    # with hidden_size=128 kept: the real kernel read past them and the process died
+    proc = _run("torch.nn:LSTM", "--args", "[64, 128, 2]", "--input", "20,8,64:float32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    expected = sum(p.numel() for p in torch.nn.LSTM(64, 128, 2).parameters())
+    assert json.loads(proc.stdout)["parameters"] == expected
 
 
 def test_bad_target_exits_2_subprocess() -> None:
@@ -205,3 +215,17 @@ def test_bad_device_exits_2(net_file: Path, capsys: pytest.CaptureFixture[str]) 
     # a bad command line, like any other unknown option value
     assert main(["estimate", f"{net_file}:Net", "--input", "8,16", "--device", "bogus"]) == 2
     assert "device='bogus', which torch does not recognise" in capsys.readouterr().err
+
+
+def test_fit_that_reaches_the_search_limit_says_at_least(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["estimate", "torch.nn:Linear", "--args", "[16, 4]", "--input", "8,16:float32",
+            "--optimizer", "sgd", "--memory", "4GiB", "--fit", "batch"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["value"] == doc["limit"] == 2**20 and doc["at_limit"] is True
+    assert doc["fits_peak_bytes"] < 4 * 2**30 and doc["beyond_peak_bytes"] is None
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "largest batch within 4.00 GiB per device: at least 1048576 (the search limit)" in out

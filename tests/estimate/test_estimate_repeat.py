@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import Estimate, estimate
 from lightning_meta._estimate._repeat import MIN_BLOCKS, find_repeat
@@ -65,6 +66,34 @@ class Dense(Stack):
         return out
 
 
+class Periodic(Stack):
+    """A shared extra layer after every sixth block: the cut models never reach it."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__(blocks)
+        self.extra = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i % 6 == 5:
+                x = self.extra(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+
+class Late(Block):
+    """Blocks from the seventh on also square their output (the block's index is allowed)."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * out if self.layer_idx >= 6 else out
+
+
 def _same(a: Estimate, b: Estimate) -> None:
     da, db = a.to_dict(), b.to_dict()
     assert da.pop("method") != db.pop("method")
@@ -111,9 +140,12 @@ def test_shallow_stacks_run_in_full() -> None:
             r"different submodules",
         ),
         (lambda: Stack([Block() for _ in range(12)], use=2), r"does not call each block once"),
-        (lambda: Dense([Block() for _ in range(12)]), r"not linear in the number of blocks"),
+        (lambda: Dense([Block() for _ in range(12)]), r"other operators after block 1"),
+        (lambda: Stack([Block() for _ in range(12)], use=6), r"6 of 12 called"),
+        (lambda: Periodic([Block() for _ in range(12)]), r"other operators after block 5"),
+        (lambda: Stack([Late(i) for i in range(12)]), r"block 6 runs other operators"),
     ],
-    ids=["attribute", "structure", "some-blocks", "quadratic"],
+    ids=["attribute", "structure", "some-blocks", "quadratic", "first-half", "periodic", "late"],
 )
 def test_extrapolation_refused(make: Any, reason: str) -> None:
     est = estimate(make, "4,16:float32", optimizer="adamw", depth=3)
@@ -123,6 +155,10 @@ def test_extrapolation_refused(make: Any, reason: str) -> None:
     da, db = est.to_dict(), full.to_dict()
     da.pop("method"), db.pop("method")
     assert da == db
+    model, x = make(), torch.zeros(4, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert est.forward_flops + est.backward_flops == counter.get_total_flops()
 
 
 def test_tied_blocks_are_not_extrapolated() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -146,3 +147,56 @@ def test_random_operators_are_not_followed_and_do_not_draw() -> None:
     with pytest.raises(MetaTensorError, match=r"reads tensor values"):
         estimate(Noisy, "2,4:float32")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class Positioned(nn.Module):
+    """Token and position embeddings, positions built with arange: at most 16 of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(100, 8)
+        self.positions = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(ids.shape[1], device=ids.device)
+        h = self.tokens(ids) + self.positions(where)
+        out: torch.Tensor = self.head(h[:, -1])  # a negative index is in range
+        return out
+
+
+def test_a_known_index_out_of_range_is_refused_like_the_real_kernel() -> None:
+    ids = torch.tensor([[5, 150]])
+    with pytest.raises(IndexError):
+        nn.Embedding(100, 8)(ids)
+    with pytest.raises(
+        MetaTensorError,
+        match=r"the forward of Embedding would fail on a real device: aten.embedding: index 150 "
+        r"is out of range for the rows of the embedding of size 100.*Fix: pass indices below 100",
+    ):
+        estimate(lambda: nn.Embedding(100, 8), ids)
+    assert estimate(lambda: nn.Embedding(100, 8), torch.tensor([[5, 99]])).parameters == 800
+
+
+def test_positions_beyond_the_model_are_refused_and_find_fit_stops_there() -> None:
+    from lightning_meta import find_fit
+
+    with pytest.raises(IndexError):
+        Positioned()(torch.zeros(2, 17, dtype=torch.long))
+    with pytest.raises(MetaTensorError, match=r"in module 'positions'.*index 16 is out of range"):
+        estimate(Positioned, "2,17:int64")
+    assert estimate(Positioned, "2,16:int64").forward_flops == 2 * 2 * 8 * 4
+    fit = find_fit(Positioned, "2,4:int64", memory="1GiB", vary="sequence")
+    assert fit.value == 16 and not fit.at_limit
+    assert "index 16 is out of range" in fit.refused
+
+
+def test_class_targets_out_of_range_are_refused_and_ignored_ones_pass() -> None:
+    def loss(target: torch.Tensor) -> Any:
+        return lambda out: nn.functional.cross_entropy(out, target)
+
+    with pytest.raises(IndexError):
+        loss(torch.tensor([0, 4]))(nn.Linear(3, 4)(torch.zeros(2, 3)))
+    with pytest.raises(MetaTensorError, match=r"the loss of Linear.*index 4 is out of range"):
+        estimate(lambda: nn.Linear(3, 4), "2,3:float32", loss_fn=loss(torch.tensor([0, 4])))
+    assert estimate(lambda: nn.Linear(3, 4), "2,3:float32", loss_fn=loss(torch.tensor([3, -100])))

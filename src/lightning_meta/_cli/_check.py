@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from lightning_meta._cli._target import TargetError, target_factory, user_code
     from lightning_meta._guard._check import check_module
 
-    module = target_factory(args.target, args.arguments)()
+    module = target_factory(args.target, args.arguments, given_by="ARGS_JSON")()
     if not isinstance(module, nn.Module):
         raise TargetError(
             f"target {args.target!r} built a {type(module).__name__}, not a LightningModule. "

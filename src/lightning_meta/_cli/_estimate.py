@@ -216,7 +216,9 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
     def build() -> Any:
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
-    return guarded_build(f"{getattr(cls, '__name__', cls)}({model_type} config)", build)
+    return guarded_build(
+        f"{getattr(cls, '__name__', cls)}({model_type} config)", build, arguments="--hf-config"
+    )
 
 
 def _factory(args: argparse.Namespace) -> Callable[[], Any]:

@@ -24,7 +24,8 @@ Exit status (see :mod:`~lightning_meta._cli._main`, which turns what
   built (a target that calls ``sys.exit`` included).
 
 Standard output holds the report (with ``--json``, only the JSON document),
-and nothing when the command fails; the progress bar goes to standard error.
+and nothing when the command fails; the progress bar goes to standard error,
+only when it is a terminal and ``--json`` is not given.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     model = _build(args, factory)
     report = load_checkpoint(
         model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
-        prefix=args.prefix, safe_globals=trusted, progress=True, verify=args.verify,
+        prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
+        verify=args.verify,
         allow_uninitialized=args.allow_uninitialized,
     )  # fmt: skip
     if args.json:

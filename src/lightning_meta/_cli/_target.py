@@ -220,12 +220,16 @@ def parse_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:
     return [value], {}
 
 
-def guarded_build(spec: str, build: Callable[[], Any]) -> Callable[[], Any]:
+def guarded_build(
+    spec: str, build: Callable[[], Any], *, arguments: str = "--args"
+) -> Callable[[], Any]:
     """Return ``build`` wrapped so that whatever it raises becomes a :class:`TargetError`.
 
     ``SystemExit`` and the user's own ``BaseException`` subclasses included;
     ``KeyboardInterrupt`` passes through. What the build prints goes to
-    standard error. The wrapper keeps the name ``spec`` for messages.
+    standard error. The wrapper keeps the name ``spec`` for messages;
+    ``arguments`` names where the command takes the constructor's arguments
+    (``"--args"``, ``"ARGS_JSON"``, ``"--hf-config"``), for the fix.
 
     Example::
 
@@ -250,7 +254,7 @@ def guarded_build(spec: str, build: Callable[[], Any]) -> Callable[[], Any]:
             if isinstance(e, SystemExit):
                 fix = "make the constructor return the model instead of exiting"
             else:
-                fix = "fix the model's constructor or the arguments it gets (--args, --hf-config)"
+                fix = f"fix the model's constructor or the arguments it gets ({arguments})"
             if torch.get_default_device().type == "meta" and is_torch_meta_error(e):
                 fix += (
                     "; it runs under torch.device('meta'), so it must not read tensor values "
@@ -262,11 +266,15 @@ def guarded_build(spec: str, build: Callable[[], Any]) -> Callable[[], Any]:
     return guarded
 
 
-def target_factory(spec: str, arguments: str | None = None) -> Callable[[], Any]:
+def target_factory(
+    spec: str, arguments: str | None = None, *, given_by: str = "--args"
+) -> Callable[[], Any]:
     """Return a zero-argument callable that builds the target with its JSON arguments.
 
     A target that is not callable (a module instance defined at module level)
     is returned as is by the callable, and takes no arguments.
+    ``given_by`` names the command's option (or positional) that carries
+    ``arguments``, for messages.
 
     Raises:
         TargetError: as :func:`load_target` and :func:`parse_arguments`, or
@@ -283,4 +291,4 @@ def target_factory(spec: str, arguments: str | None = None) -> Callable[[], Any]
                 "drop the arguments",
             )
         return lambda: obj
-    return guarded_build(spec, lambda: obj(*args, **kwargs))
+    return guarded_build(spec, lambda: obj(*args, **kwargs), arguments=given_by)

@@ -34,9 +34,15 @@ from lightning_meta._estimate._parallel import resolve_parallel
 from lightning_meta._estimate._ranks import RankStep
 from lightning_meta._estimate._repeat import RANK_SAMPLES, SAMPLES, extrapolate_step, find_repeat
 from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate, assemble
-from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step
+from lightning_meta._estimate._run import (
+    StepRecord,
+    Unreached,
+    default_loss,
+    simulate_step,
+    trace_forward,
+)
 from lightning_meta._estimate._specs import InputSpec
-from lightning_meta._estimate._values import Values
+from lightning_meta._estimate._values import IndexRefusal, Values
 
 __all__ = ["Estimate", "InputSpec", "ModuleEstimate", "RankEstimate", "estimate"]
 
@@ -151,6 +157,14 @@ def _fail(
             f"(estimate's inputs: {inputs}). {_dtype_fix(e, module, record.stage)}.",
             paths=where[-1:],
         )
+    if isinstance(e, IndexRefusal):
+        return MetaTensorError(
+            f"estimate: the {record.stage} of {root}{place} would fail on a real device: "
+            f"{e.op}: {e.reason} (estimate's inputs: {inputs}). Fix: pass indices below "
+            f"{e.size} (token ids within the vocabulary; a sequence no longer than the "
+            f"model's positions), or a larger {'table' if e.op == 'aten.embedding' else 'tensor'}.",
+            paths=where[-1:],
+        )
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
         fix = (
             "the model reads tensor values a shape-only run does not know: values computed "
@@ -207,6 +221,21 @@ def run_step(
         MetaTensorError: if the model, the loss or the optimizer fails,
             naming the stage, the module and the inputs.
     """
+    try:
+        return _run_step(module, args, kwargs, options, block_prefix, layout, None)
+    except Unreached as e:  # as a real optimizer: no gradient, no state
+        return _run_step(module, args, kwargs, options, block_prefix, layout, e.names)
+
+
+def _run_step(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    block_prefix: str | None,
+    layout: Layout | None,
+    trainable: frozenset[str] | None,
+) -> tuple[dict[str, torch.Tensor], StepRecord]:
     fake = fake_step(module, args, kwargs, options, layout)
     record = StepRecord()
     root = type(module).__name__
@@ -232,13 +261,37 @@ def run_step(
             block_prefix=block_prefix,
             values=fake.values,
             rank=fake.rank,
+            trainable=trainable,
         )
-    except MetaTensorError:
+    except (MetaTensorError, Unreached):
         raise
     except Exception as e:
         raise _fail(e, module, record, input_text(fake.args, fake.kwargs), layout) from e
     record.zero_input_reads = list(fake.values.zero_reads)
     return fake.state, record
+
+
+def _trace(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    into: list[Any],
+) -> None:
+    """List the operators of the forward and loss of ``module`` into ``into`` (one process)."""
+    fake = fake_step(module, args, kwargs, options)
+    trace_forward(
+        module,
+        fake.state,
+        fake.args,
+        fake.kwargs,
+        mode=fake.mode,
+        device=options.device,
+        loss_fn=options.loss_fn or default_loss,
+        precision=options.precision,
+        values=fake.values,
+        into=into,
+    )
 
 
 def simulate(
@@ -270,6 +323,7 @@ def simulate(
         found, why = extrapolate_step(
             rep,
             lambda prefix: run_step(module, args, kwargs, options, prefix, layout)[1],
+            lambda into: _trace(module, args, kwargs, options, into),
             type(module).__name__,
             samples,
         )
@@ -409,13 +463,17 @@ def estimate(
         extrapolate: for a ``ModuleList`` or ``Sequential`` of at least 10
             identical blocks (a transformer's layers), simulate the step with
             2, 3 and 4 blocks and extrapolate to the full depth when every
-            count grows exactly linearly per block (the result is then the
+            count grows exactly linearly per block and the full model's
+            forward runs the same operators as the cut one, its block and
+            the stretch between two blocks repeated (the result is then the
             same as the full step's, in a fraction of the time); otherwise,
             or with ``False``, simulate the full model. ``method`` says which.
             Blocks that differ in an attribute, a tensor or a per-block
-            ``config`` list (``config.layer_types``) are simulated in full; a
-            block whose forward branches on its index some other way is not
-            detected: pass ``False`` for such models.
+            ``config`` list (``config.layer_types``), a forward that skips
+            blocks or runs other operators for some of them are simulated in
+            full; code that only keeps some blocks' tensors alive longer
+            (appends every sixth output to a list) runs no other operator and
+            is not detected: pass ``False`` for such models.
         strategy: ``None`` (one process), ``"ddp"`` (Lightning's
             ``DDPStrategy``) or ``"fsdp"`` (FSDP2, ``fully_shard`` on every
             block and the root, as under Lightning's ``ModelParallelStrategy``;

@@ -21,9 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._estimate._fake import inputs_of, map_leaves
 from lightning_meta._estimate._result import Estimate
+from lightning_meta._estimate._values import IndexRefusal
 
 __all__ = ["Fit", "find_fit", "parse_bytes"]
 
@@ -81,6 +82,11 @@ class Fit:
     ``value`` and ``beyond`` the one at the next candidate (one more sample
     or token, the next smaller world size), which does not fit; either is
     ``None`` where there is none. ``estimates`` counts the estimates run.
+    ``at_limit`` is true when a batch or sequence search stopped at
+    ``limit`` with memory to spare: the answer is then *at least* ``value``.
+    ``refused`` is the message of the model's refusal of the next candidate
+    (a sequence longer than its positions, which a real forward refuses by
+    index) when that, not memory, bounds the answer; ``""`` otherwise.
     """
 
     vary: str
@@ -90,6 +96,8 @@ class Fit:
     beyond: Estimate | None
     estimates: int
     limit: int
+    at_limit: bool = False
+    refused: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the answer as plain JSON-serialisable values."""
@@ -101,6 +109,8 @@ class Fit:
             "beyond_peak_bytes": self.beyond.peak_bytes if self.beyond is not None else None,
             "estimates": self.estimates,
             "limit": self.limit,
+            "at_limit": self.at_limit,
+            "refused": self.refused,
             "fits": self.fits.to_dict() if self.fits is not None else None,
         }
 
@@ -153,7 +163,7 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
 
 
 def _search(
-    peak: Callable[[int], Estimate], memory: int, start: int, limit: int, grows: bool
+    peak: Callable[[int], Estimate | None], memory: int, start: int, limit: int, grows: bool
 ) -> tuple[int | None, Estimate | None, Estimate | None, int]:
     """Find the boundary of ``peak(n).peak_bytes <= memory`` over ``1..limit``.
 
@@ -167,18 +177,22 @@ def _search(
     at most about ``4 * log2(limit)``. Without ``grows``, the smallest ``n``
     that fits (the peak shrinks with ``n``), by doubling and bisection.
 
+    ``peak`` returns ``None`` for an ``n`` the model refuses (with ``grows``,
+    every larger one is taken to be refused too): it does not fit.
+
     Returns:
         ``(n or None, estimate at n, estimate beyond n, estimates run)``.
     """
-    seen: dict[int, Estimate] = {}
+    seen: dict[int, Estimate | None] = {}
 
-    def at(n: int) -> Estimate:
+    def at(n: int) -> Estimate | None:
         if n not in seen:
             seen[n] = peak(n)
         return seen[n]
 
     def fits(n: int) -> bool:
-        return at(n).peak_bytes <= memory
+        found = at(n)
+        return found is not None and found.peak_bytes <= memory
 
     if not grows:  # double until one fits, then bisect below it
         lo, n = 0, 1  # lo does not fit (0: nothing tried)
@@ -194,7 +208,10 @@ def _search(
 
     def line(a: int, b: int) -> int | None:
         """Where the line through the peaks at ``a < b`` reaches ``memory``; None if flat."""
-        pa, pb = at(a).peak_bytes, at(b).peak_bytes
+        ea, eb = at(a), at(b)
+        if ea is None or eb is None:
+            return None
+        pa, pb = ea.peak_bytes, eb.peak_bytes
         return a + (memory - pa) * (b - a) // (pb - pa) if pb > pa else None
 
     if not fits(1):
@@ -318,8 +335,32 @@ def find_fit(
     if vary in ("batch", "sequence"):
         inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
         top = limit or 2**20
-        value, at, beyond, runs = _search(lambda n: run(inputs_at(n)), budget, start, top, True)
-        return Fit(vary, value, budget, at, beyond, runs, top)
+        refusals: dict[int, MetaTensorError] = {}
+
+        def probe(n: int) -> Estimate | None:
+            try:
+                return run(inputs_at(n))
+            except MetaTensorError as e:
+                # a size the forward refuses by index (positions beyond the
+                # model's): larger ones are refused too; at 1 it is the model's
+                if n == 1 or not isinstance(e.__cause__, IndexRefusal):
+                    raise
+                refusals[n] = e
+                return None
+
+        value, at, beyond, runs = _search(probe, budget, start, top, True)
+        refused = refusals.get(value + 1) if value is not None else None
+        return Fit(
+            vary,
+            value,
+            budget,
+            at,
+            beyond,
+            runs,
+            top,
+            at_limit=value == top,
+            refused=str(refused) if refused is not None else "",
+        )
     if global_batch is not None and (
         isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
     ):

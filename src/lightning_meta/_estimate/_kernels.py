@@ -10,6 +10,12 @@ A simulation that lets them through reports numbers for a model that cannot run.
 operator is run on tiny zero-filled tensors of the same dtypes on the CPU, and
 the same call on meta tensors of the same shapes tells a dtype refusal apart
 from one caused by the shrinking (a meta kernel checks shapes but not dtypes).
+Shrinking keeps every other argument as it is, so an integer that states a
+size (``mkldnn_rnn_layer``'s ``hidden_size``) would no longer match the tiny
+tensors, and a real kernel that trusts it reads past them: only operators
+whose meta kernel is torch's reference shape function (``torch.Tag.core``,
+``torch.Tag.pointwise``), or calls that pass no integer, are shrunk; any
+other call is asked at its true shapes or not at all.
 A refusal is raised as a :class:`KernelRefusal` of the kind torch raises
 (``RuntimeError``, ``NotImplementedError``, ``IndexError``...), so model code
 that catches torch's error behaves as it would for real; ``estimate`` turns it
@@ -17,8 +23,9 @@ into a :class:`~lightning_meta.MetaTensorError` naming the operator, the
 module and the fix.
 
 Only ``aten`` operators of the forward pass (and loss) are checked; views,
-operators without tensor inputs and operators that cannot run on tiny CPU
-tensors (CUDA-only kernels, value-dependent checks) are let through.
+operators without tensor inputs, operators that cannot run on tiny CPU
+tensors (CUDA-only kernels, value-dependent checks) and calls that may not be
+shrunk and are too large to run whole are let through.
 """
 
 from __future__ import annotations
@@ -145,13 +152,33 @@ def _call(
     return func(*new_args, **new_kwargs)
 
 
+#: operators whose meta kernel checks every shape relation the real kernel relies on:
+#: the core ATen set (the shape functions ``torch.export`` relies on) and pointwise ops
+_SHRINKABLE = (torch.Tag.core, torch.Tag.pointwise)
+
+
+def _shrinkable(func: Any, leaves: Sequence[Any]) -> bool:
+    """Whether ``func`` may run on shrunk tensors with its other arguments unchanged.
+
+    An integer argument may state a size (a hidden size, a layer count, a
+    batch size list) that a real kernel trusts without checking it against
+    the tensors; on shrunk tensors it would read past them. Only a call
+    without integers, or an operator whose meta kernel checks what the real
+    one relies on, is shrunk.
+    """
+    if any(tag in _SHRINKABLE for tag in getattr(func, "tags", ())):
+        return True
+    return not any(isinstance(leaf, int) and not isinstance(leaf, bool) for leaf in leaves)
+
+
 def _judge(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: list[torch.Tensor], cpu: bool
 ) -> Verdict:
     """Ask the real CPU kernel about the call, on the first shrinking the meta kernel accepts."""
     shapes = [tuple(int(d) for d in t.shape) for t in tensors]
     tried: list[list[tuple[int, ...]]] = []
-    for shrink in _SHRINKS:
+    shrinks = _SHRINKS if _shrinkable(func, tree_leaves((args, kwargs))) else (_exact,)
+    for shrink in shrinks:
         small = shrink(shapes)
         if small is None or small in tried:
             continue

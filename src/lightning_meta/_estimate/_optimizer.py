@@ -18,11 +18,18 @@ from lightning_meta._estimate._options import OptimizerFactory
 __all__ = ["prepare_optimizer", "trainable_parameters"]
 
 
-def trainable_parameters(state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
-    """Return the parameters of ``state`` that need gradients, each once, in order."""
+def trainable_parameters(
+    state: dict[str, torch.Tensor], names: frozenset[str] | None = None
+) -> list[nn.Parameter]:
+    """Return the parameters of ``state`` that need gradients, each once, in order.
+
+    With ``names``, only those of them named there (the ones that get a gradient).
+    """
     params: list[nn.Parameter] = []
     seen: set[int] = set()
-    for t in state.values():
+    for name, t in state.items():
+        if names is not None and name not in names:
+            continue
         if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             params.append(t)

@@ -119,7 +119,8 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
     Raises:
         ArgumentValueError: if ``optimizer`` is an unknown name.
         ArgumentTypeError: if ``optimizer`` is neither a name nor callable (an
-            optimizer instance, say: its class is what is wanted).
+            optimizer instance, say: its class is what is wanted), or is a
+            class that is not an ``Optimizer`` subclass (``nn.Linear``).
     """
     if optimizer is None:
         return None, None
@@ -135,8 +136,14 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
         return key, functools.partial(cls, **kwargs)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer.__name__, cast(OptimizerFactory, optimizer)
+    if isinstance(optimizer, type):
+        raise ArgumentTypeError(
+            f"estimate: optimizer {optimizer.__module__}.{optimizer.__qualname__} is a class "
+            "that is not a torch.optim.Optimizer subclass. Fix: pass optimizer='adamw', "
+            "optimizer=torch.optim.AdamW or a function of the parameters."
+        )
     if callable(optimizer):
-        return describe(optimizer), cast(OptimizerFactory, optimizer)
+        return describe(optimizer), optimizer
     if isinstance(optimizer, torch.optim.Optimizer):
         # its repr spans lines and its parameters are another model's
         got = f"an {type(optimizer).__name__} instance, which holds other parameters"

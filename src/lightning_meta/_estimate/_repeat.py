@@ -10,9 +10,19 @@ by the same amount per block (FLOPs, bytes, and the peak of every window of
 the step: before, inside and after the blocks of forward, backward and the
 optimizer step), and the per-module values of the first, the middle and the
 last block must not depend on the depth; then the record of the full depth
-follows exactly, block rows (``model.layers.37``) included. Anything else, a
-block whose forward is not called once per step, an operator that fails, a
-count that is not linear, and the caller runs the full model instead.
+follows exactly, block rows (``model.layers.37``) included.
+
+The cut model stands for the full one only if the full forward is the cut
+one with more blocks: before the sample steps, the forward (and loss) of the
+full model and of the model cut to 2 blocks are run once more, uncounted,
+listing every operator with the shapes and dtypes of its results. The full
+list must be the cut one with the same block and the same stretch between
+two blocks repeated: each block called once, in order, every block running
+the same operators, the same operators between any two of them, and the same
+before and after. A forward that skips blocks (``self.layers[:6]``), adds a
+module every sixth block, or makes a block behave by its index fails that.
+Anything else, an operator that fails, a count that is not linear, and the
+caller runs the full model instead.
 """
 
 from __future__ import annotations
@@ -219,6 +229,78 @@ def _cut(rep: Repeat, k: int) -> Iterator[list[int]]:
             h.remove()
 
 
+_ENTER, _EXIT = "enter", "exit"
+
+
+def _schedule(rep: Repeat, trace: Callable[[list[Any]], None], k: int) -> list[Any]:
+    """Run ``trace`` with the container's first ``k`` blocks marking where they start and end."""
+    events: list[Any] = []
+
+    def marker(kind: str, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            events.append((kind, i))
+
+        return hook
+
+    blocks = list(_compat.children_of(rep.container).values())[:k]
+    handles = []
+    try:
+        for i, b in enumerate(blocks):
+            if b is not None:
+                handles.append(b.register_forward_pre_hook(marker(_ENTER, i)))
+                handles.append(b.register_forward_hook(marker(_EXIT, i)))
+        trace(events)
+    finally:
+        for h in handles:
+            h.remove()
+    return events
+
+
+def _segments(
+    events: list[Any], k: int
+) -> tuple[list[Any], list[list[Any]], list[list[Any]], list[Any]]:
+    """Split a schedule into (before, each block's operators, each stretch between two, after)."""
+    before: list[Any] = []
+    inside: list[list[Any]] = []
+    between: list[list[Any]] = []
+    current, entered = before, None
+    for event in events:
+        if event[0] == _ENTER:
+            if entered is not None or event[1] != len(inside):
+                raise Refused(
+                    f"the forward does not call each block once per step, in order "
+                    f"(block {event[1]} after {len(inside)} finished)"
+                )
+            if inside:
+                between.append(current)
+            current, entered = [], event[1]
+        elif event[0] == _EXIT:
+            inside.append(current)
+            current, entered = [], None
+        else:
+            current.append(event)
+    if entered is not None or len(inside) != k:
+        raise Refused(
+            f"the forward does not call each block once per step ({len(inside)} of {k} called)"
+        )
+    return before, inside, between, current
+
+
+def _same_schedule(cut: list[Any], full: list[Any], k: int, n: int) -> None:
+    """Refuse unless the full forward is the cut one with its block and stretch between repeated."""
+    before, inside, between, after = _segments(full, n)
+    cut_before, cut_inside, cut_between, cut_after = _segments(cut, k)
+    if any(ops != cut_inside[0] for ops in [*cut_inside, *inside]):
+        first = next(i for i, ops in enumerate(inside) if ops != cut_inside[0])
+        raise Refused(f"block {first} runs other operators than block 0")
+    if any(ops != cut_between[0] for ops in [*cut_between, *between]):
+        first = next(i for i, ops in enumerate(between) if ops != cut_between[0])
+        raise Refused(f"the forward runs other operators after block {first} than after block 0")
+    if before != cut_before or after != cut_after:
+        where = "before" if before != cut_before else "after"
+        raise Refused(f"the forward runs other operators {where} the blocks with all {n} of them")
+
+
 def _line(values: list[int], what: str, n: int, first: int = SAMPLES[0]) -> int:
     """Return the value at depth ``n`` of ``values`` taken at consecutive depths from ``first``, if linear."""
     slope = values[1] - values[0]
@@ -315,6 +397,7 @@ def _peak(
 def extrapolate_step(
     rep: Repeat,
     run: Callable[[str], StepRecord],
+    trace: Callable[[list[Any]], None],
     root: str,
     samples: tuple[int, ...] = SAMPLES,
 ) -> tuple[StepRecord | None, str]:
@@ -324,6 +407,9 @@ def extrapolate_step(
         rep: the container of identical blocks.
         run: runs the step of the (cut) model with the given block prefix,
             returning its record; may raise.
+        trace: runs the forward and loss of the (cut) model, appending every
+            operator to the list given (see
+            :func:`~lightning_meta._estimate._run.trace_forward`); may raise.
         root: the class name of the model, as the FLOP counter names it.
         samples: three consecutive depths (:data:`SAMPLES`, or
             :data:`RANK_SAMPLES` under a strategy).
@@ -333,6 +419,17 @@ def extrapolate_step(
         sample steps do not determine it.
     """
     prefix = f"{root}.{rep.name}." if rep.name else f"{root}."
+    k = SAMPLES[0]
+    try:
+        full = _schedule(rep, trace, rep.count)
+        with _cut(rep, k):
+            cut = _schedule(rep, trace, k)
+        _same_schedule(cut, full, k, rep.count)
+    except Refused as e:
+        logger.info("estimate: not extrapolating %s: %s", rep.name or "the root", e)
+        return None, str(e)
+    except Exception as e:  # the full run reports it, named
+        return None, f"the forward failed while its operators were listed ({type(e).__name__})"
     records = []
     for k in samples:
         with _cut(rep, k) as calls:

@@ -163,7 +163,10 @@ def render_fit(answer: Fit, console: Console) -> None:
         if answer.beyond is not None
         else ""
     )
+    value = f"at least {answer.value} (the search limit)" if answer.at_limit else str(answer.value)
+    if answer.refused:
+        beyond = f"; {answer.value + 1} is refused by the model: {answer.refused}"
     console.print(
-        f"[bold]{what}[/] within {budget} per device: [bold]{answer.value}[/] "
+        f"[bold]{what}[/] within {budget} per device: [bold]{value}[/] "
         f"(peak {peak}{beyond}; {answer.estimates} estimates)"
     )

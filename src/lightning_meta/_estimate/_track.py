@@ -93,6 +93,8 @@ class LiveBytes(TorchDispatchMode):
         #: (in order of first appearance) as ``(bytes, breakdown)``
         self.where: Callable[[], str] | None = None
         self.window_peaks: dict[str, tuple[int, dict[str, int]]] = {}
+        #: optional: receives ``(operator, what it returned)`` for every operator, in order
+        self.trace: list[Any] | None = None
 
     def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
         if t.layout != torch.strided:
@@ -184,9 +186,12 @@ class LiveBytes(TorchDispatchMode):
             known, scalar = values.read(func, args)
             if known:
                 return scalar
-        if self._kernels is not None and self.phase == "forward":
+        if self.phase == "forward":
             # first: a refused call is no FLOP and no allocation, as for real
-            self._kernels.observe(func, args, kwargs)
+            if self._kernels is not None:
+                self._kernels.observe(func, args, kwargs)
+            if values is not None:
+                values.check_indices(func, args)
         if self._uncounted is not None:
             self._uncounted.observe(func, args, kwargs)
         try:
@@ -202,7 +207,16 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t)
         if values is not None:
             values.follow(func, args, kwargs, out)
+        if self.trace is not None:
+            self.trace.append((func, _signature(out)))
         return out
+
+
+def _signature(out: Any) -> tuple[Any, ...]:
+    """Return the shapes and dtypes of an operator's tensor results, and its other results."""
+    return tuple(
+        (_shape(t), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in tree_leaves(out)
+    )
 
 
 def _fakes_like(real: Any, args: tuple[Any, ...]) -> Any:

@@ -14,6 +14,12 @@ CPU:
   ``torch.arange``, ``torch.ones``) is run on the shadows too, and its outputs
   get the results; a seeded random operator is not (its value is not known,
   and drawing would move the generator);
+* an index whose values are known (token ids given for real, positions built
+  with ``torch.arange``) is checked against the size it indexes, as the real
+  kernel does (``embedding``, ``index_select``, ``gather``, ``index``,
+  ``nll_loss``): one out of range raises :class:`IndexRefusal`; indices
+  given by shape read as zeros, and nothing is known of indices computed
+  from weights, so those are not checked;
 * reading a value (``aten._local_scalar_dense``, which ``.item()``,
   ``bool()``, ``tolist()`` and ``in`` all reach) is answered from the
   shadow; a data-dependent output shape (``nonzero``) is taken from it.
@@ -37,7 +43,7 @@ import torch
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor, no_dispatch_modes, tree_leaves, tree_map
 
-__all__ = ["MAX_ELEMENTS", "Values"]
+__all__ = ["MAX_ELEMENTS", "IndexRefusal", "Values"]
 
 #: the most elements a followed tensor may have (8 MiB of int64)
 MAX_ELEMENTS = 1 << 20
@@ -46,6 +52,49 @@ _ATTRIBUTE = "_lightning_meta_value"
 # marks a value that is (or is computed from) zeros standing for an input given by shape
 _ZEROS = "_lightning_meta_assumed_zeros"
 _CPU = torch.device("cpu")
+
+
+class IndexRefusal(IndexError):
+    """A known index is out of the range of what it indexes: the real kernel raises.
+
+    Attributes: ``op`` (``"aten.embedding"``), ``value`` (the first index out
+    of range), ``size`` (the size indexed) and ``reason`` (the message).
+    """
+
+    def __init__(self, op: str, value: int, size: int, what: str) -> None:
+        self.op, self.value, self.size = op, value, size
+        self.reason = f"index {value} is out of range for {what} of size {size}"
+        super().__init__(f"{op}: {self.reason}")
+
+
+_Index = tuple[Any, int, str, bool, int | None]
+
+
+def _indices(func: Any, args: tuple[Any, ...]) -> list[_Index]:
+    """Return ``(index tensor, size indexed, what, negatives wrap, ignored value)`` of an index op."""
+    aten = torch.ops.aten
+    if func is aten.embedding.default:
+        return [(args[1], args[0].shape[0], "the rows of the embedding", False, None)]
+    if func in (aten.index_select.default, aten.gather.default):
+        dim = args[1] % max(args[0].dim(), 1)
+        size = args[0].shape[dim] if args[0].dim() else 1
+        return [(args[2], size, f"dimension {dim}", False, None)]
+    if func is aten.index.Tensor:
+        out: list[_Index] = []
+        dim = 0
+        for index in args[1]:
+            if index is not None and index.dtype in (torch.bool, torch.uint8):
+                dim += max(index.dim(), 1)
+                continue
+            if index is not None and dim < args[0].dim():
+                out.append((index, args[0].shape[dim], f"dimension {dim}", True, None))
+            dim += 1
+        return out
+    if func in (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default):
+        classes = args[0].shape[1] if args[0].dim() >= 2 else args[0].shape[0]
+        ignore = args[4] if len(args) > 4 else -100
+        return [(args[1], classes, "the classes", False, ignore)]
+    return []
 
 
 def _small(t: torch.Tensor) -> bool:
@@ -124,6 +173,25 @@ class Values:
         with no_dispatch_modes():
             return True, value.item()
 
+    def check_indices(self, func: Any, args: tuple[Any, ...]) -> None:
+        """Raise :class:`IndexRefusal` if a known index of ``func`` is out of range, as torch does."""
+        if func not in _INDEX_OPS:
+            return
+        for index, size, what, wraps, ignored in _indices(func, args):
+            value = self.of(index)
+            if value is None or value.is_floating_point() or value.numel() == 0:
+                continue
+            low = -size if wraps else 0
+            with no_dispatch_modes():
+                bad = (value < low) | (value >= size)
+                if ignored is not None:
+                    bad &= value != ignored
+                first = int(value[bad].flatten()[0]) if bool(bad.any()) else None
+            if first is not None:
+                self._note_zeros(func, (index,), {})
+                name = str(getattr(func, "overloadpacket", func))
+                raise IndexRefusal(name, first, int(size), what)
+
     def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Give the outputs of ``func`` their values, when every tensor argument has one.
 
@@ -195,6 +263,18 @@ class Values:
         for t in written:
             if isinstance(t, FakeTensor) and getattr(t, _ATTRIBUTE, None) is not None:
                 self._stale.add(_compat.storage_id(t.untyped_storage()))
+
+
+_INDEX_OPS = frozenset(
+    {
+        torch.ops.aten.embedding.default,
+        torch.ops.aten.index_select.default,
+        torch.ops.aten.gather.default,
+        torch.ops.aten.index.Tensor,
+        torch.ops.aten.nll_loss_forward.default,
+        torch.ops.aten.nll_loss2d_forward.default,
+    }
+)
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
