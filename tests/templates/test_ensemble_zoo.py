@@ -621,6 +621,70 @@ def test_tied_weights_on_every_plan() -> None:
             )
 
 
+def _tied_sequential(tie: str) -> nn.Module:
+    s = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    setattr(s[2], tie, getattr(s[0], tie))
+    return s
+
+
+@pytest.mark.parametrize("tie", ["weight", "bias"])
+@pytest.mark.parametrize("plan", ["fused", "auto", "untimed auto", "fused chunked large"])
+def test_ties_between_linear_layers_on_the_fused_plan(
+    monkeypatch: pytest.MonkeyPatch, tie: str, plan: str
+) -> None:
+    # The fused plan read each layer's tensors by its own name, where the
+    # stacked tensors hold a tie group under its first name only: a tied bias
+    # was dropped (other numbers, and "auto" picked it), a tied weight was a
+    # bare KeyError.
+    from lightning_meta._ensemble import _fused
+
+    if plan.endswith("large"):  # every layer takes the shared and per-member GEMM functions
+        monkeypatch.setattr(_fused, "_REUSE_WEIGHT_BYTES", 0)
+        monkeypatch.setattr(_fused, "_PER_MEMBER_GRAD_MACS", 0)
+    torch.manual_seed(0)
+    mods = [_tied_sequential(tie) for _ in range(3)]
+    x = torch.randn(5, 4)
+    execution = "auto" if "auto" in plan else "fused"
+    chunk = 2 if "chunked" in plan else None
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=execution, chunk_size=chunk)  # type: ignore[arg-type]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(plan == "untimed auto")  # "auto" untimed: its static plan
+    try:
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    if plan != "auto":
+        assert ens.plan == "fused"
+    ref = torch.stack([m(x) for m in mods])
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for name, _ in mods[0].named_parameters():  # the tie group under its first name
+        expected = torch.stack([m.get_parameter(name).grad for m in mods])  # type: ignore[misc]
+        torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected, msg=name)
+
+
+def _constant_bias_mlp() -> nn.Module:
+    s = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    del s[0].bias
+    s[0].bias = torch.ones(4)  # a plain attribute, the same for every member: not stacked
+    return s
+
+
+@pytest.mark.parametrize("plan", ["fused", "grouped"])
+def test_a_linear_holding_its_bias_as_a_plain_attribute_is_not_fused_or_grouped(plan: str) -> None:
+    # The fused and grouped plans read the bias from the stacked tensors only,
+    # and left it out ("auto" picked them).
+    torch.manual_seed(0)
+    mods = [_constant_bias_mlp() for _ in range(3)]
+    x = torch.randn(5, 4)
+    with pytest.raises(ArgumentValueError, match=r"layer '0' \(Linear\)(: it)? holds .*bias"):
+        lm.Ensemble(mods, execution=plan)  # type: ignore[arg-type]
+    ens = lm.Ensemble(mods)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))
+    assert ens.plan not in ("fused", "grouped")
+
+
 def test_large_gradients_reuse_their_memory_unless_someone_holds_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1371,6 +1371,11 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
         self.__dict__.setdefault("_lost", [])
+        if isinstance(self.__dict__.get("_fused"), FusedPlan):
+            # Planned again from the template: an earlier pickle's steps read a
+            # tied tensor by the layer's own name (and have another form).
+            fused = plan_fused(self.template.module, self.randomness)
+            self._fused = fused if isinstance(fused, FusedPlan) else None
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

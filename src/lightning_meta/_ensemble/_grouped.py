@@ -275,8 +275,18 @@ _MODULES: dict[type[nn.Module], _ModuleRule] = {
 }
 
 
+# The tensors the module rules read from the stacked tensors.
+_READS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
     """Why ``mod`` cannot take its rule, or None."""
+    own = {n for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False)}
+    own |= {n for n, _ in mod.named_buffers(recurse=False, remove_duplicate=False)}
+    for leaf in _READS:
+        if isinstance(getattr(mod, leaf, None), torch.Tensor) and leaf not in own:
+            # Not stacked: the rule would find no tensor there and leave it out.
+            return f"it holds {leaf!r} as a plain attribute, not a parameter or buffer"
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} is not supported"
     if isinstance(mod, _BATCH_NORMS) and mod.momentum is None:
