@@ -932,6 +932,35 @@ def test_gradient_penalty_through_the_fused_plan(
         torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected)
 
 
+@pytest.mark.parametrize("arch", ["gru", "mlp"])
+def test_second_order_gradients_through_the_parameters_on_the_loop_plan(
+    monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    # A gradient-norm penalty (create_graph=True through the parameters) raised
+    # "trying to differentiate twice" on the loop plan once a stacked tensor
+    # reached the reused-gradient size (4 MiB; here every size): the members'
+    # views came from a once-differentiable autograd function.
+    from lightning_meta._ensemble import _grads
+
+    monkeypatch.setattr(_grads, "REUSE_BYTES", 0)
+    mods = members(arch)
+    refs = copy.deepcopy(mods)
+    ens = build(arch, "loop", mods)
+    x = example(arch)
+
+    def step(params: list[torch.Tensor], out: torch.Tensor) -> None:
+        loss = out.square().sum()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + sum(g.square().sum() for g in grads)).backward()
+
+    step(list(ens.parameters()), ens(x))
+    step([p for m in refs for p in m.parameters()], torch.stack([m(x) for m in refs]))
+    for name, _ in refs[0].named_parameters():
+        expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
+        grad = ens.stacked.get_parameter(name).grad
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
 class Mixed(nn.Module):
     """An output with tensors, None and a number (a model's aux fields)."""
 
