@@ -594,6 +594,72 @@ def test_grouped_refuses_forwards_it_cannot_lay_out() -> None:
     assert auto.plans[0].timings_ms["grouped"] == float("inf")
 
 
+class _SpatialGate(nn.Module):
+    """CBAM-style attention: a 1-channel map broadcast against the features, after BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.att = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        return h * torch.sigmoid(self.att(h))  # (B, 4, H, W) * (B, 1, H, W)
+
+
+class _ReadsChannels(nn.Module):
+    """Reads its channel count after BatchNorm (which the grouped plan cannot give)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        return h.mean((2, 3)) * h.shape[1]
+
+
+def _conv_head() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (_SpatialGate, (2, 3, 5, 5)),
+        (_ReadsChannels, (2, 3, 5, 5)),
+        (_conv_head, (0, 3, 5, 5)),  # an empty batch
+    ],
+    ids=["channels-broadcast", "shape-read-after-batchnorm", "empty-batch"],
+)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_grouped_runs_the_loop_for_inputs_it_cannot_lay_out(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], chunk_size: int | None
+) -> None:
+    # A forced grouped plan raised torch's errors about its folded tensors
+    # (channels that broadcast per member but not side by side; a view of an
+    # empty batch), and where it did fall back to the loop, its BatchNorms had
+    # already advanced the running statistics, which the loop advanced again.
+    torch.manual_seed(0)
+    mods = [make() for _ in range(3)]
+    refs = copy.deepcopy(mods)
+    ens = lm.Ensemble(mods, execution="grouped", chunk_size=chunk_size)
+    for step in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        out, ref = ens(x), torch.stack([m(x) for m in refs])
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+    for name, _ in refs[0].named_parameters():
+        expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
+        torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected, msg=name)
+    for name, _ in refs[0].named_buffers():
+        expected = torch.stack([m.get_buffer(name) for m in refs])
+        torch.testing.assert_close(ens.stacked.get_buffer(name), expected, msg=name)
+
+
 def test_tied_weights_on_every_plan() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

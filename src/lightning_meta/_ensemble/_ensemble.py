@@ -34,7 +34,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
-from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
+from lightning_meta._ensemble._grouped import GroupedPlan, LayoutLog, NotGroupableError
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
@@ -1011,12 +1011,19 @@ class Ensemble(nn.Module):
                     paths=hooked,
                 )
         if plan == "grouped" and not kwargs:
+            log = self._grouped.log(inputs, self.chunk_size)
             try:
-                return self._chunked(tensors, inputs, kwargs, self._grouped_call)
+                out = self._chunked(
+                    tensors, inputs, kwargs, functools.partial(self._grouped_call, log=log)
+                )
             except NotGroupableError:
+                log.restore()  # the running statistics its BatchNorms had advanced
                 if strict:
                     raise
                 plan = self._last_plan = "loop"
+            else:
+                self._grouped.laid_out(log)
+                return out
         if plan == "loop" and torch.compiler.is_compiling():
             if self._writes_state:
                 raise ArgumentValueError(
@@ -1129,10 +1136,12 @@ class Ensemble(nn.Module):
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         start: int,
+        *,
+        log: LayoutLog,
     ) -> Any:
         module = self.template.module
         self._slots()  # the aliases of tied names
-        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs)
+        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs, log)
 
     def _fused_call(
         self,

@@ -36,11 +36,44 @@ from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
 from lightning_meta._ensemble._state import AttributeState, owned_by, watched
 
-__all__ = ["GroupedPlan", "NotGroupableError"]
+__all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
+
+# How many kinds of call (input shapes, ...) the plan remembers having laid out.
+_LAID_OUT_MAX = 4096
 
 
 class NotGroupableError(Exception):
     """Raised while running the grouped plan on inputs it cannot lay out."""
+
+
+class LayoutLog:
+    """One call of the grouped plan (all its chunks): the kind of call, and the stacked
+    buffers its BatchNorms changed in place with their values before, to put back when
+    the call turns out not to lay out (the loop then runs it from the start).
+
+    Whether a call lays out depends only on its kind (the graph, the inputs' types,
+    shapes, dtypes and devices, gradient mode, chunking), so the values are saved
+    only for a kind of call not yet laid out: ``saved`` is ``None`` once it has been.
+    """
+
+    __slots__ = ("graph", "key", "saved")
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.graph: int | None = None
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def save(self, *tensors: torch.Tensor | None) -> None:
+        if self.saved is not None:
+            self.saved.extend((t, t.clone()) for t in tensors if t is not None)
+
+    def restore(self) -> None:
+        """Put back what the call changed (nothing once this kind of call has laid out)."""
+        if self.saved:
+            with torch.no_grad():
+                for t, before in reversed(self.saved):
+                    t.copy_(before)
+            self.saved.clear()
 
 
 class _Fold:
@@ -79,11 +112,13 @@ class _Context:
         tensors: Mapping[str, torch.Tensor],
         aliases: Mapping[str, str],
         n: int,
+        log: LayoutLog,
     ) -> None:
         self.template = template
         self.tensors = tensors
         self.aliases = aliases
         self.n = n
+        self.log = log
 
     def get(self, module_path: str, leaf: str) -> torch.Tensor | None:
         name = f"{module_path}.{leaf}" if module_path else leaf
@@ -142,6 +177,8 @@ def _batch_norm(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     tracked = ctx.get(path, "num_batches_tracked")
     # BatchNorm's own forward, with every member's statistics side by side.
     momentum = mod.momentum
+    if mod.training:
+        ctx.log.save(running_mean, running_var, tracked)
     if mod.training and mod.track_running_stats and tracked is not None:
         tracked.add_(1)
     bn_training = mod.training or (running_mean is None and running_var is None)
@@ -400,7 +437,7 @@ def _cat(ctx: _Context, tensors: Sequence[Any], dim: int = 0) -> Any:
     if dim != 1:
         return _Fold(torch.cat([f.t for f in folds], dim))
     # Channels of each member stay together: (B, N, C_i, ...) concatenated on C.
-    parts = [f.t.view(f.t.shape[0], ctx.n, -1, *f.t.shape[2:]) for f in folds]
+    parts = [f.t.view(f.t.shape[0], ctx.n, f.t.shape[1] // ctx.n, *f.t.shape[2:]) for f in folds]
     out = torch.cat(parts, 2)
     return _Fold(out.view(out.shape[0], -1, *out.shape[3:]))
 
@@ -545,6 +582,8 @@ class GroupedPlan:
     def __init__(self, randomness: str) -> None:
         self.randomness = randomness
         self._graphs: dict[tuple[tuple[bool, bool], ...], fx.Graph | Refusal] = {}
+        # The kinds of call (graph, LayoutLog.key) that ran to the end.
+        self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
 
     def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
         return (GroupedPlan, (self.randomness,))
@@ -567,6 +606,25 @@ class GroupedPlan:
             return -1
         return sum(node.op == "placeholder" for node in graph.nodes)
 
+    @staticmethod
+    def log(inputs: tuple[Any, ...], chunk_size: int | None) -> LayoutLog:
+        """A :class:`LayoutLog` for a call on ``inputs`` (one per call, for all its chunks)."""
+        kinds = tuple(
+            (x.shape, x.dtype, x.device, x.requires_grad)
+            if isinstance(x, torch.Tensor)
+            else type(x)
+            for x in inputs
+        )
+        return LayoutLog((kinds, chunk_size, torch.is_grad_enabled()))
+
+    def laid_out(self, log: LayoutLog) -> None:
+        """Note that the call of ``log`` ran to the end: its kind of call lays out."""
+        if log.saved is not None and log.graph is not None:
+            if len(self._laid_out) >= _LAID_OUT_MAX:
+                self._laid_out.clear()
+            self._laid_out.add((log.graph, log.key))
+        log.saved = None
+
     def __call__(
         self,
         template: nn.Module,
@@ -574,15 +632,40 @@ class GroupedPlan:
         aliases: Mapping[str, str],
         inputs: tuple[Any, ...],
         per_member: bool,
+        log: LayoutLog,
     ) -> Any:
-        """Run every member on ``inputs``; outputs stacked on a new dim 0."""
+        """Run every member on ``inputs``; outputs stacked on a new dim 0.
+
+        Raises:
+            NotGroupableError: the inputs cannot be laid out; what the call
+                changed is put back by ``log.restore()``, once for all chunks.
+        """
         graph = self.graph(template)
         if isinstance(graph, Refusal):
             raise NotGroupableError(graph.reason)
         if sum(node.op == "placeholder" for node in graph.nodes) != len(inputs):
             raise NotGroupableError("inputs that are not the forward's positional arguments")
+        if log.graph is None:  # the call's first chunk
+            log.graph = id(graph)
+            log.saved = None if (id(graph), log.key) in self._laid_out else []
         n = next(iter(tensors.values())).shape[0]
-        ctx = _Context(template, tensors, aliases, n)
+        ctx = _Context(template, tensors, aliases, n, log)
+        if log.saved is None:
+            return self._run(graph, ctx, inputs, per_member)
+        try:
+            return self._run(graph, ctx, inputs, per_member)
+        except RuntimeError as e:
+            # A kind of call not laid out before: torch refused an op on the
+            # folded layout (operands whose channels broadcast per member but
+            # not side by side, a view of an empty batch, ...), or the members
+            # would refuse it too. The loop runs it, member by member, and
+            # raises the member's own error if there is one.
+            raise NotGroupableError(f"torch refused the folded layout: {e}") from e
+
+    def _run(
+        self, graph: fx.Graph, ctx: _Context, inputs: tuple[Any, ...], per_member: bool
+    ) -> Any:
+        template, n = ctx.template, ctx.n
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
 
@@ -623,7 +706,8 @@ def _fold_input(x: torch.Tensor, n: int) -> _Fold:
 def _unfold(v: Any, n: int) -> Any:
     if isinstance(v, _Fold):
         t = v.t
-        return t.view(t.shape[0], n, -1, *t.shape[2:]).transpose(0, 1).contiguous()
+        # Sizes given, not -1: an empty batch has no size to infer.
+        return t.view(t.shape[0], n, t.shape[1] // n, *t.shape[2:]).transpose(0, 1).contiguous()
     if isinstance(v, torch.Tensor):  # the same for every member
         return v.unsqueeze(0).expand(n, *v.shape).contiguous()
     raise NotGroupableError(f"an output of type {type(v).__name__}")
