@@ -660,6 +660,47 @@ def test_grouped_runs_the_loop_for_inputs_it_cannot_lay_out(
         torch.testing.assert_close(ens.stacked.get_buffer(name), expected, msg=name)
 
 
+class _ScalesInPlace(nn.Module):
+    """Scales its input in place, as some preprocessing does (``x.div_(255)``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "div_":
+            x.div_(255)
+        else:
+            torch.add(x, 1, out=x)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("how", ["div_", "out="])
+@pytest.mark.parametrize("plan", ["loop", "grouped", "auto", "vmap"])
+def test_a_forward_changing_its_shared_input_in_place_runs_as_a_loop_or_is_refused(
+    how: str, plan: str
+) -> None:
+    # A loop over the members changes the caller's input once per member, each
+    # member seeing the last one's change; the grouped and vmap plans changed it
+    # once, with other outputs than the members', without an error.
+    torch.manual_seed(0)
+    mods = [_ScalesInPlace(how) for _ in range(3)]
+    x = torch.rand(2, 3, 6, 6) * 255
+    x_ref = x.clone()
+    with torch.no_grad():
+        ref = torch.stack([m(x_ref) for m in mods])
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+        if plan == "vmap":  # runs the forward once for all members: refused
+            with pytest.raises(ArgumentValueError, match="changed its shared input in place"):
+                ens(x)
+            return
+        out = ens(x)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x, x_ref)  # changed as often as the members change it
+
+
 def test_tied_weights_on_every_plan() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

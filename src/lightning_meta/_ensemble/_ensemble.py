@@ -1314,6 +1314,16 @@ class Ensemble(nn.Module):
         else:
             dims, kw_dims = None, None
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
+        # Shared inputs: vmap runs the forward once for all members, so an
+        # in-place change to one (x.div_(255)) happens once, where a loop over
+        # the members makes it once per member.
+        if self.per_member_inputs:
+            shared: Sequence[torch.Tensor] = ()
+        elif not kw and all(isinstance(t, torch.Tensor) for t in inputs):
+            shared = inputs  # the common case, without a tree walk
+        else:
+            shared = [t for t in tree_leaves((inputs, kw)) if isinstance(t, torch.Tensor)]
+        versions = [version_of(t) for t in shared]
         try:
             result = batched(tensors, inputs, kw)
         except MetaTensorError:
@@ -1331,6 +1341,21 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
+        changed = [
+            i for i, (t, v) in enumerate(zip(shared, versions, strict=True)) if version_of(t) != v
+        ]
+        if changed:
+            raise ArgumentValueError(
+                f"Ensemble(execution={self._requested!r}) ran torch.vmap, which runs the "
+                "template's forward once for all members, and the forward changed its shared "
+                f"input in place (tensor input{'s' if len(changed) > 1 else ''} "
+                f"{', '.join(map(str, changed))} among the tensors in the inputs, in order): a "
+                "loop over the members changes it once per member, each member seeing the "
+                "previous member's change, so the results would differ from the members' own. "
+                "The input has been changed once. Fix: change a copy in the forward "
+                "(x = x / 255 instead of x.div_(255)), or pass execution='loop', which runs "
+                "the members as a loop would."
+            )
         if changes is not None:
             result, news = result
             size = next(iter(tensors.values())).shape[0]

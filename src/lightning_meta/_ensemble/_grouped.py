@@ -23,6 +23,7 @@ input this plan cannot lay out raises :class:`NotGroupableError` when run.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -221,9 +222,15 @@ def _per_channel(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
     """Layers that act on each channel (or element) alone: run on the folded tensor."""
     if isinstance(x, _Fold):
         return _Fold(mod(x.t))
-    if getattr(mod, "inplace", False):
-        raise NotGroupableError("an in-place layer on a shared input")
+    _refuse_in_place(x, getattr(mod, "inplace", False))
     return mod(x)
+
+
+def _refuse_in_place(x: Any, in_place: bool) -> None:
+    """Refuse an in-place op on a shared value: every member changes it, one after the other,
+    in a loop over the members (``x.div_(255)`` divides the caller's input N times)."""
+    if in_place and isinstance(x, torch.Tensor):
+        raise NotGroupableError("an in-place op on a shared input")
 
 
 def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
@@ -236,6 +243,8 @@ def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
 
 def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     # Every member draws its own mask: fold a shared input first.
+    if not isinstance(x, _Fold):
+        _refuse_in_place(x, getattr(mod, "inplace", False))
     folded = ctx.fold(x).t
     _check_batched(type(mod), folded)
     return _Fold(mod(folded))
@@ -340,7 +349,13 @@ def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
 def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
     """An op of tensors and numbers that acts element by element (with broadcasting)."""
 
+    in_place = fn.__name__.endswith("_")  # Tensor.add_ and its kin change their first argument
+
     def rule(ctx: _Context, *args: Any, **kwargs: Any) -> Any:
+        if in_place and args and not isinstance(args[0], _Fold):
+            _refuse_in_place(args[0], True)
+        if "out" in kwargs:
+            raise NotGroupableError("an op writing into out=")
         folds = [a for a in (*args, *kwargs.values()) if isinstance(a, _Fold)]
         if not folds:
             return fn(*args, **kwargs)
@@ -363,15 +378,26 @@ def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any]:
+    # Where ``inplace`` goes when passed by position (F.relu(x, True)), after ``x``.
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: no inplace argument
+        names = []
+    at = names.index("inplace") - 1 if "inplace" in names else None
+    method = fn.__name__.endswith("_")
+
     def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, _Fold):
+            in_place = method or bool(
+                kwargs.get("inplace") if at is None or len(args) <= at else args[at]
+            )
+            _refuse_in_place(x, in_place)
         if random:
             folded = x.t if isinstance(x, _Fold) else ctx.fold(x).t
             _check_batched(fn, folded)
             return _Fold(fn(folded, *args, **kwargs))
         if isinstance(x, _Fold):
             return _Fold(fn(x.t, *args, **kwargs))
-        if kwargs.get("inplace") or (isinstance(x, torch.Tensor) and fn.__name__.endswith("_")):
-            raise NotGroupableError("an in-place op on a shared input")
         return fn(x, *args, **kwargs)
 
     return rule
