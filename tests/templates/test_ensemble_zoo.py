@@ -701,6 +701,56 @@ def test_a_forward_changing_its_shared_input_in_place_runs_as_a_loop_or_is_refus
     torch.testing.assert_close(x, x_ref)  # changed as often as the members change it
 
 
+class _KeywordScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.conv(x) * scale
+
+
+def test_plan_reports_the_plan_that_ran() -> None:
+    # ensemble.plan named the plan asked for where another one ran: a forced
+    # grouped plan given a keyword input (vmap ran), a forced fused plan whose
+    # template got a hook (vmap ran), vmap under autocast (a loop ran); and
+    # "auto" timed vmap's run under the fused plan's name.
+    torch.manual_seed(0)
+    convs = [_KeywordScaled() for _ in range(3)]
+    x = torch.randn(2, 3, 5, 5)
+    ens = lm.Ensemble(convs, execution="grouped")
+    out = ens(x, scale=2.0)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, torch.stack([m(x, scale=2.0) for m in convs]))
+
+    mlps = [mlp() for _ in range(3)]
+    xs = torch.randn(5, 3)
+    seen: list[int] = []
+    for execution in ("fused", "auto"):
+        ens = lm.Ensemble(mlps, execution=execution)  # type: ignore[arg-type]
+        ens(xs)
+        assert ens.plan == "fused"
+        ens.template.module[0].register_forward_hook(lambda m, i, o: seen.append(1))
+        ens.clear_plans()
+        out = ens(xs)
+        assert ens.plan == "vmap" if execution == "fused" else ens.plan != "fused"
+        assert seen, "the template's hook ran"
+        torch.testing.assert_close(out, torch.stack([m(xs) for m in mlps]))
+        seen.clear()
+    assert ens.plans[0].timings_ms["fused"] == math.inf  # not timed as vmap
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # "auto" untimed: its static plan, vmap
+    try:
+        ens = lm.Ensemble([nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()) for _ in range(3)])
+        assert ens.execution == "vmap"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ens.plan == "loop"
+
+
 def test_tied_weights_on_every_plan() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

@@ -1010,7 +1010,12 @@ class Ensemble(nn.Module):
                     "Fix: use execution='auto' or 'loop'.",
                     paths=hooked,
                 )
-        if plan == "grouped" and not kwargs:
+        if plan == "grouped" and kwargs:
+            # The traced graph takes positional tensors only: the loop runs the call.
+            if strict:
+                raise NotGroupableError("keyword inputs")
+            plan = self._last_plan = "loop"
+        if plan == "grouped":
             log = self._grouped.log(inputs, self.chunk_size)
             try:
                 out = self._chunked(
@@ -1036,8 +1041,14 @@ class Ensemble(nn.Module):
             return self._functional_loop(tensors, inputs, kwargs, changes)
         if plan == "loop":
             return self._loop(tensors, inputs, kwargs, changes)
-        if plan == "fused" and self._fused is not None and not kwargs:
-            return self._chunked(tensors, inputs, kwargs, self._fused_call)
+        if plan == "fused":
+            if self._fused is not None and not kwargs:
+                return self._chunked(
+                    tensors, inputs, kwargs, functools.partial(self._fused_call, strict=strict)
+                )
+            if strict:
+                raise NotFusableError
+            plan = self._last_plan = "vmap"
         if self._requested == "auto" and not strict and not torch.compiler.is_compiling():
             return self._vmap_or_loop(tensors, inputs, kwargs, changes)
         return self._vmapped(tensors, inputs, kwargs, changes)
@@ -1149,16 +1160,24 @@ class Ensemble(nn.Module):
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         start: int,
+        *,
+        strict: bool = False,
     ) -> Any:
-        if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
-            return self._vmap(tensors, inputs, {})
+        """The fused plan; vmap for a call it cannot take (an input of another shape, hooks
+        added to the template since), or with ``strict`` a :class:`NotFusableError`."""
         try:
+            if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+                raise NotFusableError
             return self._fused(
                 self.template.module, tensors, inputs[0], self.per_member_inputs, self._grads, start
             )
         except NotFusableError:
+            if strict:  # timing must not credit the fused plan with vmap's time
+                raise
             # Same function, computed member by member: torch reports any
             # shape error in the member's own terms.
+            if self._last_plan != "vmap":
+                self._last_plan = "vmap"
             return self._vmap(tensors, inputs, {})
 
     def _call_template(
@@ -1258,6 +1277,8 @@ class Ensemble(nn.Module):
                     "result would differ from the members' own. Fix: use execution='auto' or "
                     "'loop'."
                 )
+            if self._last_plan != "loop":
+                self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
         template = self.template
 
