@@ -751,6 +751,54 @@ def test_plan_reports_the_plan_that_ran() -> None:
     assert ens.plan == "loop"
 
 
+@pytest.mark.parametrize("execution", ["grouped", "vmap", "auto", "untimed auto"])
+def test_members_without_tensors_run_on_the_loop_or_are_refused(execution: str) -> None:
+    # A forced grouped plan raised a bare StopIteration, vmap "Expected at
+    # least one Tensor to vmap over" (and so did "auto" where it times nothing).
+    mods = [nn.Sequential(nn.ReLU(), nn.AvgPool2d(2)) for _ in range(2)]
+    x = torch.randn(2, 3, 6, 6)
+    if execution in ("grouped", "vmap"):
+        with pytest.raises(ArgumentValueError, match="without parameters or buffers.*Fix"):
+            lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+        return
+    ens = lm.Ensemble(mods)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(execution == "untimed auto")
+    try:
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, torch.stack([m(x) for m in mods]))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d, nn.Conv3d])
+def test_to_memory_format_lays_out_each_member_as_the_members(conv: type[nn.Module]) -> None:
+    # Ensemble.to(memory_format=torch.channels_last) failed on the 5-D stacked
+    # weights of Conv2d members ("required rank 4 tensor").
+    torch.manual_seed(0)
+    mods = [nn.Sequential(conv(3, 4, 3), nn.ReLU()) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    fmt = torch.channels_last if conv is nn.Conv2d else torch.channels_last_3d
+    other = torch.channels_last_3d if conv is nn.Conv2d else torch.channels_last
+    with pytest.raises(ArgumentValueError, match=r"cannot lay out \['0.weight'\].*torch refuses"):
+        ens.to(memory_format=other)  # as torch refuses it on each member
+    for m in mods:
+        m.to(memory_format=fmt)
+    assert ens.to(memory_format=fmt) is ens
+    weight = ens.stacked.get_parameter("0.weight")
+    for i, m in enumerate(mods):
+        assert weight[i].stride() == m[0].weight.stride()
+    torch.testing.assert_close(weight, torch.stack([m[0].weight for m in mods]))
+    x = torch.randn(2, 3, *(5,) * (2 if conv is nn.Conv2d else 3))
+    out, ref = ens(x), torch.stack([m(x) for m in mods])
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    grads = torch.stack([m[0].weight.grad for m in mods])  # type: ignore[misc]
+    torch.testing.assert_close(weight.grad, grads)
+
+
 def test_tied_weights_on_every_plan() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

@@ -480,6 +480,13 @@ class Ensemble(nn.Module):
                 holder.register_buffer(leaf, data, persistent=persistent)
             holder.leaves = (*holder.leaves, leaf)
         self._buffer_names: tuple[str, ...] = tuple(name for name, _ in template.named_buffers())
+        if not self._names and execution in ("grouped", "vmap"):
+            raise ArgumentValueError(
+                f"Ensemble(execution={execution!r}) got members without parameters or buffers "
+                f"({type(first).__name__}): the {execution} plan runs every member through "
+                "stacked tensors, and there are none to stack. Fix: use execution='auto' or "
+                "'loop' (a loop over the members' copies), or give the members their tensors."
+            )
         nn.Module.train(self, first.training)  # this module and its holders; the template as is
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
@@ -495,7 +502,9 @@ class Ensemble(nn.Module):
         )
         self._requested: Execution = execution
         self.execution: Execution = (
-            ("fused" if self._fused is not None else "vmap") if execution == "auto" else execution
+            ("fused" if self._fused is not None else "vmap" if self._names else "loop")
+            if execution == "auto"
+            else execution
         )
         self._init_caches()
         if execution == "grouped":
@@ -743,6 +752,8 @@ class Ensemble(nn.Module):
         self._plans.clear()
 
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
+        if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
+            return ["loop"]
         plans = ["vmap", "loop"]
         if (
             not kwargs
@@ -1391,6 +1402,52 @@ class Ensemble(nn.Module):
         leaves, spec = structure
         outs = iter(result)
         return tree_unflatten([next(outs) if x is _BATCHED else x for x in leaves], spec)
+
+    def to(self, *args: Any, **kwargs: Any) -> Ensemble:  # type: ignore[override]
+        """``nn.Module.to``; ``memory_format=`` lays out each member's slice of a stacked
+        tensor as ``.to(memory_format=...)`` lays out that member's own tensor."""
+        memory_format = kwargs.pop("memory_format", None)
+        if memory_format is None or args or kwargs:
+            super().to(*args, **kwargs)
+        if memory_format is not None:
+            self._to_memory_format(memory_format)
+        return self
+
+    def _to_memory_format(self, memory_format: torch.memory_format) -> None:
+        # nn.Module.to converts the 4-D and 5-D tensors of a module; a stacked
+        # tensor has one dim more than the member's, so its slices are converted.
+        if memory_format == torch.preserve_format:
+            return  # each tensor as it is
+        named = [*self.stacked.named_parameters(), *self.stacked.named_buffers()]
+        refused = []
+        for name, t in named:
+            if t.dim() in (5, 6):
+                try:
+                    torch.empty(t.shape[1:], device="meta").to(memory_format=memory_format)
+                except RuntimeError as e:
+                    refused.append((name, t.dim() - 1, str(e)))
+        if refused:
+            names = [name for name, _, _ in refused]
+            _, dims, why = refused[0]
+            raise ArgumentValueError(
+                f"Ensemble.to(memory_format={memory_format}) cannot lay out {names}: the "
+                f"members' tensors there have {dims} dims, and torch refuses them as it "
+                f"would on the members ({why}). Fix: use torch.channels_last for 4-D "
+                "(Conv2d) and torch.channels_last_3d for 5-D (Conv3d) weights.",
+                paths=names,
+            )
+
+        def lay_out(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() not in (5, 6):
+                return t
+            member = torch.empty_like(t[0], device="meta").to(memory_format=memory_format)
+            strides = (member.numel(), *member.stride())
+            if t.stride() == strides:
+                return t
+            out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+            return out.copy_(t)
+
+        self._apply(lay_out)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
