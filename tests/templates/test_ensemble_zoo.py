@@ -299,6 +299,32 @@ def test_auto_gives_the_members_bits_in_16_bit_floats(arch: str, dtype: torch.dt
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("how", ["float16", "autocast"])
+@pytest.mark.parametrize("timed", [True, False], ids=["timed", "untimed"])
+def test_auto_does_not_pick_the_fused_plan_in_float16(how: str, timed: bool) -> None:
+    # The fused plan's GEMMs over the stacked weights round differently in
+    # float16 (not in bfloat16): "auto" picked it, and differed from the
+    # members' own results in the last bit.
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)) for _ in range(8)]
+    x = torch.randn(64, 64)
+    if how == "float16":
+        mods, x = [m.half() for m in mods], x.half()
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=how == "autocast")
+    ens = lm.Ensemble(copy.deepcopy(mods))
+    assert ens.execution == "fused"  # where nothing is timed, without float16
+    torch.use_deterministic_algorithms(not timed)
+    try:
+        with torch.no_grad(), autocast:
+            out, ref = ens(x), torch.stack([m(x) for m in mods])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ens.plan != "fused"
+    assert torch.equal(out, ref)
+    if timed:
+        assert "fused" not in ens.plans[0].timings_ms
+
+
 def test_timing_changes_no_state_the_user_sees() -> None:
     """The first call times its plans; statistics, gradients and RNG are as if it had not."""
 

@@ -117,6 +117,17 @@ def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
     return any(t.is_floating_point() and t.itemsize == 2 for t in tensors.values())
 
 
+def _float16(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the members compute in float16 (stacked float16 tensors, or autocast to it)."""
+    first = next(iter(tensors.values()), None)
+    if first is None:
+        return False
+    kind = first.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+        return True
+    return any(t.dtype == torch.float16 for t in tensors.values())
+
+
 def _autocasting(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether autocast is on for the device of the stacked tensors."""
     first = next(iter(tensors.values()), None)
@@ -298,7 +309,8 @@ class Ensemble(nn.Module):
             ``"vmap"`` otherwise (outside ``torch.compile``, the loop runs
             instead of ``"vmap"`` for a template with modules of other
             classes than torch's, whose forward may keep state, and in
-            16-bit floats).
+            16-bit floats; instead of ``"fused"`` in float16; and for
+            members without parameters or buffers).
         plan: the plan the last call ran.
         plans: how ``"auto"`` chose, per kind of call (with the timings).
 
@@ -570,6 +582,13 @@ class Ensemble(nn.Module):
                 if "tensor(" in lines
                 else ""
             )
+            if "torch.Generator(" in lines:
+                cached += (
+                    " A torch.Generator that differs per member (a seed per member) would run "
+                    "every member with member 0's: draw from the global generator instead "
+                    "(randomness='different' gives every member its own draws), or pass the "
+                    "noise in as an input."
+                )
             raise MetaTensorError(
                 f"Ensemble members must have the same architecture as member 0 "
                 f"({type(reference.module).__qualname__}):\n  {lines}\nFix: build every member "
@@ -782,6 +801,8 @@ class Ensemble(nn.Module):
             return "loop"
         if untimed_reason() is not None:
             static = self.execution
+            if static == "fused" and _float16(tensors):
+                static = "loop"  # see _time
             if static == "vmap" and (
                 _half_precision(tensors)  # see _time
                 # Untimed, no run shows whether the forward keeps state in
@@ -842,6 +863,11 @@ class Ensemble(nn.Module):
             # the bias added: two roundings where the members' addmm has one),
             # so its results differ from the members' own in the last bits.
             candidates.remove("vmap")
+        if _float16(tensors) and "fused" in candidates:
+            # In float16 the fused plan's GEMMs over the members' stacked
+            # weights round differently from each member's own (bfloat16
+            # gives the members' bits): it is not chosen there.
+            candidates.remove("fused")
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:
