@@ -438,6 +438,36 @@ def test_members_with_settings_of_any_kind_are_refused(
     torch.testing.assert_close(lm.Ensemble(same)(x), torch.stack([m(x) for m in same]))
 
 
+class _Noisy(nn.Module):
+    """Draws noise from a generator of its own (a seed per member)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + torch.randn(x.shape[0], 3, generator=self.gen)
+
+
+def test_members_with_other_generators_are_refused() -> None:
+    # Members drawing from generators of their own ran with copies of member
+    # 0's: every member drew member 0's noise, without an error.
+    torch.manual_seed(0)
+    with pytest.raises(
+        lm.MetaTensorError, match=r"gen = torch.Generator\(.*initial_seed=1\)"
+    ) as info:
+        lm.Ensemble([_Noisy(seed) for seed in (0, 1, 2)])
+    assert info.value.paths == ("gen",)
+    assert "torch.Generator that differs per member" in str(info.value)
+    # Generators in the same state draw the same noise, as the members do.
+    mods = [_Noisy(7) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    x = torch.zeros(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(mods, x))
+
+
 def test_members_with_other_module_hooks_are_refused() -> None:
     # The template runs member 0's hooks for every member: a hook on another
     # member, or one closing over another value, was dropped silently.

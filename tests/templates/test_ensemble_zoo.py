@@ -299,6 +299,32 @@ def test_auto_gives_the_members_bits_in_16_bit_floats(arch: str, dtype: torch.dt
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("how", ["float16", "autocast"])
+@pytest.mark.parametrize("timed", [True, False], ids=["timed", "untimed"])
+def test_auto_does_not_pick_the_fused_plan_in_float16(how: str, timed: bool) -> None:
+    # The fused plan's GEMMs over the stacked weights round differently in
+    # float16 (not in bfloat16): "auto" picked it, and differed from the
+    # members' own results in the last bit.
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)) for _ in range(8)]
+    x = torch.randn(64, 64)
+    if how == "float16":
+        mods, x = [m.half() for m in mods], x.half()
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=how == "autocast")
+    ens = lm.Ensemble(copy.deepcopy(mods))
+    assert ens.execution == "fused"  # where nothing is timed, without float16
+    torch.use_deterministic_algorithms(not timed)
+    try:
+        with torch.no_grad(), autocast:
+            out, ref = ens(x), torch.stack([m(x) for m in mods])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ens.plan != "fused"
+    assert torch.equal(out, ref)
+    if timed:
+        assert "fused" not in ens.plans[0].timings_ms
+
+
 def test_timing_changes_no_state_the_user_sees() -> None:
     """The first call times its plans; statistics, gradients and RNG are as if it had not."""
 
@@ -594,6 +620,211 @@ def test_grouped_refuses_forwards_it_cannot_lay_out() -> None:
     assert auto.plans[0].timings_ms["grouped"] == float("inf")
 
 
+class _SpatialGate(nn.Module):
+    """CBAM-style attention: a 1-channel map broadcast against the features, after BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.att = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        return h * torch.sigmoid(self.att(h))  # (B, 4, H, W) * (B, 1, H, W)
+
+
+class _ReadsChannels(nn.Module):
+    """Reads its channel count after BatchNorm (which the grouped plan cannot give)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        return h.mean((2, 3)) * h.shape[1]
+
+
+def _conv_head() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (_SpatialGate, (2, 3, 5, 5)),
+        (_ReadsChannels, (2, 3, 5, 5)),
+        (_conv_head, (0, 3, 5, 5)),  # an empty batch
+    ],
+    ids=["channels-broadcast", "shape-read-after-batchnorm", "empty-batch"],
+)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_grouped_runs_the_loop_for_inputs_it_cannot_lay_out(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], chunk_size: int | None
+) -> None:
+    # A forced grouped plan raised torch's errors about its folded tensors
+    # (channels that broadcast per member but not side by side; a view of an
+    # empty batch), and where it did fall back to the loop, its BatchNorms had
+    # already advanced the running statistics, which the loop advanced again.
+    torch.manual_seed(0)
+    mods = [make() for _ in range(3)]
+    refs = copy.deepcopy(mods)
+    ens = lm.Ensemble(mods, execution="grouped", chunk_size=chunk_size)
+    for step in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        out, ref = ens(x), torch.stack([m(x) for m in refs])
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+    for name, _ in refs[0].named_parameters():
+        expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
+        torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected, msg=name)
+    for name, _ in refs[0].named_buffers():
+        expected = torch.stack([m.get_buffer(name) for m in refs])
+        torch.testing.assert_close(ens.stacked.get_buffer(name), expected, msg=name)
+
+
+class _ScalesInPlace(nn.Module):
+    """Scales its input in place, as some preprocessing does (``x.div_(255)``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "div_":
+            x.div_(255)
+        else:
+            torch.add(x, 1, out=x)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("how", ["div_", "out="])
+@pytest.mark.parametrize("plan", ["loop", "grouped", "auto", "vmap"])
+def test_a_forward_changing_its_shared_input_in_place_runs_as_a_loop_or_is_refused(
+    how: str, plan: str
+) -> None:
+    # A loop over the members changes the caller's input once per member, each
+    # member seeing the last one's change; the grouped and vmap plans changed it
+    # once, with other outputs than the members', without an error.
+    torch.manual_seed(0)
+    mods = [_ScalesInPlace(how) for _ in range(3)]
+    x = torch.rand(2, 3, 6, 6) * 255
+    x_ref = x.clone()
+    with torch.no_grad():
+        ref = torch.stack([m(x_ref) for m in mods])
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=plan)  # type: ignore[arg-type]
+        if plan == "vmap":  # runs the forward once for all members: refused
+            with pytest.raises(ArgumentValueError, match="changed its shared input in place"):
+                ens(x)
+            return
+        out = ens(x)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x, x_ref)  # changed as often as the members change it
+
+
+class _KeywordScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.conv(x) * scale
+
+
+def test_plan_reports_the_plan_that_ran() -> None:
+    # ensemble.plan named the plan asked for where another one ran: a forced
+    # grouped plan given a keyword input (vmap ran), a forced fused plan whose
+    # template got a hook (vmap ran), vmap under autocast (a loop ran); and
+    # "auto" timed vmap's run under the fused plan's name.
+    torch.manual_seed(0)
+    convs = [_KeywordScaled() for _ in range(3)]
+    x = torch.randn(2, 3, 5, 5)
+    ens = lm.Ensemble(convs, execution="grouped")
+    out = ens(x, scale=2.0)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, torch.stack([m(x, scale=2.0) for m in convs]))
+
+    mlps = [mlp() for _ in range(3)]
+    xs = torch.randn(5, 3)
+    seen: list[int] = []
+    for execution in ("fused", "auto"):
+        ens = lm.Ensemble(mlps, execution=execution)  # type: ignore[arg-type]
+        ens(xs)
+        assert ens.plan == "fused"
+        ens.template.module[0].register_forward_hook(lambda m, i, o: seen.append(1))
+        ens.clear_plans()
+        out = ens(xs)
+        assert ens.plan == "vmap" if execution == "fused" else ens.plan != "fused"
+        assert seen, "the template's hook ran"
+        torch.testing.assert_close(out, torch.stack([m(xs) for m in mlps]))
+        seen.clear()
+    assert ens.plans[0].timings_ms["fused"] == math.inf  # not timed as vmap
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # "auto" untimed: its static plan, vmap
+    try:
+        ens = lm.Ensemble([nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()) for _ in range(3)])
+        assert ens.execution == "vmap"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ens.plan == "loop"
+
+
+@pytest.mark.parametrize("execution", ["grouped", "vmap", "auto", "untimed auto"])
+def test_members_without_tensors_run_on_the_loop_or_are_refused(execution: str) -> None:
+    # A forced grouped plan raised a bare StopIteration, vmap "Expected at
+    # least one Tensor to vmap over" (and so did "auto" where it times nothing).
+    mods = [nn.Sequential(nn.ReLU(), nn.AvgPool2d(2)) for _ in range(2)]
+    x = torch.randn(2, 3, 6, 6)
+    if execution in ("grouped", "vmap"):
+        with pytest.raises(ArgumentValueError, match="without parameters or buffers.*Fix"):
+            lm.Ensemble(mods, execution=execution)  # type: ignore[arg-type]
+        return
+    ens = lm.Ensemble(mods)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(execution == "untimed auto")
+    try:
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, torch.stack([m(x) for m in mods]))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d, nn.Conv3d])
+def test_to_memory_format_lays_out_each_member_as_the_members(conv: type[nn.Module]) -> None:
+    # Ensemble.to(memory_format=torch.channels_last) failed on the 5-D stacked
+    # weights of Conv2d members ("required rank 4 tensor").
+    torch.manual_seed(0)
+    mods = [nn.Sequential(conv(3, 4, 3), nn.ReLU()) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    fmt = torch.channels_last if conv is nn.Conv2d else torch.channels_last_3d
+    other = torch.channels_last_3d if conv is nn.Conv2d else torch.channels_last
+    with pytest.raises(ArgumentValueError, match=r"cannot lay out \['0.weight'\].*torch refuses"):
+        ens.to(memory_format=other)  # as torch refuses it on each member
+    for m in mods:
+        m.to(memory_format=fmt)
+    assert ens.to(memory_format=fmt) is ens
+    weight = ens.stacked.get_parameter("0.weight")
+    for i, m in enumerate(mods):
+        assert weight[i].stride() == m[0].weight.stride()
+    torch.testing.assert_close(weight, torch.stack([m[0].weight for m in mods]))
+    x = torch.randn(2, 3, *(5,) * (2 if conv is nn.Conv2d else 3))
+    out, ref = ens(x), torch.stack([m(x) for m in mods])
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    grads = torch.stack([m[0].weight.grad for m in mods])  # type: ignore[misc]
+    torch.testing.assert_close(weight.grad, grads)
+
+
 def test_tied_weights_on_every_plan() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:
@@ -619,6 +850,70 @@ def test_tied_weights_on_every_plan() -> None:
             torch.testing.assert_close(
                 ens.stacked.get_parameter("a.weight").grad[i], m.a.weight.grad
             )
+
+
+def _tied_sequential(tie: str) -> nn.Module:
+    s = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    setattr(s[2], tie, getattr(s[0], tie))
+    return s
+
+
+@pytest.mark.parametrize("tie", ["weight", "bias"])
+@pytest.mark.parametrize("plan", ["fused", "auto", "untimed auto", "fused chunked large"])
+def test_ties_between_linear_layers_on_the_fused_plan(
+    monkeypatch: pytest.MonkeyPatch, tie: str, plan: str
+) -> None:
+    # The fused plan read each layer's tensors by its own name, where the
+    # stacked tensors hold a tie group under its first name only: a tied bias
+    # was dropped (other numbers, and "auto" picked it), a tied weight was a
+    # bare KeyError.
+    from lightning_meta._ensemble import _fused
+
+    if plan.endswith("large"):  # every layer takes the shared and per-member GEMM functions
+        monkeypatch.setattr(_fused, "_REUSE_WEIGHT_BYTES", 0)
+        monkeypatch.setattr(_fused, "_PER_MEMBER_GRAD_MACS", 0)
+    torch.manual_seed(0)
+    mods = [_tied_sequential(tie) for _ in range(3)]
+    x = torch.randn(5, 4)
+    execution = "auto" if "auto" in plan else "fused"
+    chunk = 2 if "chunked" in plan else None
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=execution, chunk_size=chunk)  # type: ignore[arg-type]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(plan == "untimed auto")  # "auto" untimed: its static plan
+    try:
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    if plan != "auto":
+        assert ens.plan == "fused"
+    ref = torch.stack([m(x) for m in mods])
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for name, _ in mods[0].named_parameters():  # the tie group under its first name
+        expected = torch.stack([m.get_parameter(name).grad for m in mods])  # type: ignore[misc]
+        torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected, msg=name)
+
+
+def _constant_bias_mlp() -> nn.Module:
+    s = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    del s[0].bias
+    s[0].bias = torch.ones(4)  # a plain attribute, the same for every member: not stacked
+    return s
+
+
+@pytest.mark.parametrize("plan", ["fused", "grouped"])
+def test_a_linear_holding_its_bias_as_a_plain_attribute_is_not_fused_or_grouped(plan: str) -> None:
+    # The fused and grouped plans read the bias from the stacked tensors only,
+    # and left it out ("auto" picked them).
+    torch.manual_seed(0)
+    mods = [_constant_bias_mlp() for _ in range(3)]
+    x = torch.randn(5, 4)
+    with pytest.raises(ArgumentValueError, match=r"layer '0' \(Linear\)(: it)? holds .*bias"):
+        lm.Ensemble(mods, execution=plan)  # type: ignore[arg-type]
+    ens = lm.Ensemble(mods)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))
+    assert ens.plan not in ("fused", "grouped")
 
 
 def test_large_gradients_reuse_their_memory_unless_someone_holds_it(
@@ -866,6 +1161,35 @@ def test_gradient_penalty_through_the_fused_plan(
     for name in ("0.weight", "0.bias", "2.weight"):
         expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
         torch.testing.assert_close(ens.stacked.get_parameter(name).grad, expected)
+
+
+@pytest.mark.parametrize("arch", ["gru", "mlp"])
+def test_second_order_gradients_through_the_parameters_on_the_loop_plan(
+    monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    # A gradient-norm penalty (create_graph=True through the parameters) raised
+    # "trying to differentiate twice" on the loop plan once a stacked tensor
+    # reached the reused-gradient size (4 MiB; here every size): the members'
+    # views came from a once-differentiable autograd function.
+    from lightning_meta._ensemble import _grads
+
+    monkeypatch.setattr(_grads, "REUSE_BYTES", 0)
+    mods = members(arch)
+    refs = copy.deepcopy(mods)
+    ens = build(arch, "loop", mods)
+    x = example(arch)
+
+    def step(params: list[torch.Tensor], out: torch.Tensor) -> None:
+        loss = out.square().sum()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + sum(g.square().sum() for g in grads)).backward()
+
+    step(list(ens.parameters()), ens(x))
+    step([p for m in refs for p in m.parameters()], torch.stack([m(x) for m in refs]))
+    for name, _ in refs[0].named_parameters():
+        expected = torch.stack([m.get_parameter(name).grad for m in refs])  # type: ignore[misc]
+        grad = ens.stacked.get_parameter(name).grad
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
 class Mixed(nn.Module):

@@ -34,7 +34,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
-from lightning_meta._ensemble._grouped import GroupedPlan, NotGroupableError
+from lightning_meta._ensemble._grouped import GroupedPlan, LayoutLog, NotGroupableError
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
@@ -115,6 +115,17 @@ _BATCHED = object()
 def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether a stacked floating point tensor is 16-bit (bfloat16, float16)."""
     return any(t.is_floating_point() and t.itemsize == 2 for t in tensors.values())
+
+
+def _float16(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the members compute in float16 (stacked float16 tensors, or autocast to it)."""
+    first = next(iter(tensors.values()), None)
+    if first is None:
+        return False
+    kind = first.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+        return True
+    return any(t.dtype == torch.float16 for t in tensors.values())
 
 
 def _autocasting(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -298,7 +309,8 @@ class Ensemble(nn.Module):
             ``"vmap"`` otherwise (outside ``torch.compile``, the loop runs
             instead of ``"vmap"`` for a template with modules of other
             classes than torch's, whose forward may keep state, and in
-            16-bit floats).
+            16-bit floats; instead of ``"fused"`` in float16; and for
+            members without parameters or buffers).
         plan: the plan the last call ran.
         plans: how ``"auto"`` chose, per kind of call (with the timings).
 
@@ -480,6 +492,13 @@ class Ensemble(nn.Module):
                 holder.register_buffer(leaf, data, persistent=persistent)
             holder.leaves = (*holder.leaves, leaf)
         self._buffer_names: tuple[str, ...] = tuple(name for name, _ in template.named_buffers())
+        if not self._names and execution in ("grouped", "vmap"):
+            raise ArgumentValueError(
+                f"Ensemble(execution={execution!r}) got members without parameters or buffers "
+                f"({type(first).__name__}): the {execution} plan runs every member through "
+                "stacked tensors, and there are none to stack. Fix: use execution='auto' or "
+                "'loop' (a loop over the members' copies), or give the members their tensors."
+            )
         nn.Module.train(self, first.training)  # this module and its holders; the template as is
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
@@ -495,7 +514,9 @@ class Ensemble(nn.Module):
         )
         self._requested: Execution = execution
         self.execution: Execution = (
-            ("fused" if self._fused is not None else "vmap") if execution == "auto" else execution
+            ("fused" if self._fused is not None else "vmap" if self._names else "loop")
+            if execution == "auto"
+            else execution
         )
         self._init_caches()
         if execution == "grouped":
@@ -561,6 +582,13 @@ class Ensemble(nn.Module):
                 if "tensor(" in lines
                 else ""
             )
+            if "torch.Generator(" in lines:
+                cached += (
+                    " A torch.Generator that differs per member (a seed per member) would run "
+                    "every member with member 0's: draw from the global generator instead "
+                    "(randomness='different' gives every member its own draws), or pass the "
+                    "noise in as an input."
+                )
             raise MetaTensorError(
                 f"Ensemble members must have the same architecture as member 0 "
                 f"({type(reference.module).__qualname__}):\n  {lines}\nFix: build every member "
@@ -743,6 +771,8 @@ class Ensemble(nn.Module):
         self._plans.clear()
 
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
+        if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
+            return ["loop"]
         plans = ["vmap", "loop"]
         if (
             not kwargs
@@ -771,6 +801,8 @@ class Ensemble(nn.Module):
             return "loop"
         if untimed_reason() is not None:
             static = self.execution
+            if static == "fused" and _float16(tensors):
+                static = "loop"  # see _time
             if static == "vmap" and (
                 _half_precision(tensors)  # see _time
                 # Untimed, no run shows whether the forward keeps state in
@@ -831,6 +863,11 @@ class Ensemble(nn.Module):
             # the bias added: two roundings where the members' addmm has one),
             # so its results differ from the members' own in the last bits.
             candidates.remove("vmap")
+        if _float16(tensors) and "fused" in candidates:
+            # In float16 the fused plan's GEMMs over the members' stacked
+            # weights round differently from each member's own (bfloat16
+            # gives the members' bits): it is not chosen there.
+            candidates.remove("fused")
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:
@@ -1010,13 +1047,25 @@ class Ensemble(nn.Module):
                     "Fix: use execution='auto' or 'loop'.",
                     paths=hooked,
                 )
-        if plan == "grouped" and not kwargs:
+        if plan == "grouped" and kwargs:
+            # The traced graph takes positional tensors only: the loop runs the call.
+            if strict:
+                raise NotGroupableError("keyword inputs")
+            plan = self._last_plan = "loop"
+        if plan == "grouped":
+            log = self._grouped.log(inputs, self.chunk_size)
             try:
-                return self._chunked(tensors, inputs, kwargs, self._grouped_call)
+                out = self._chunked(
+                    tensors, inputs, kwargs, functools.partial(self._grouped_call, log=log)
+                )
             except NotGroupableError:
+                log.restore()  # the running statistics its BatchNorms had advanced
                 if strict:
                     raise
                 plan = self._last_plan = "loop"
+            else:
+                self._grouped.laid_out(log)
+                return out
         if plan == "loop" and torch.compiler.is_compiling():
             if self._writes_state:
                 raise ArgumentValueError(
@@ -1029,8 +1078,14 @@ class Ensemble(nn.Module):
             return self._functional_loop(tensors, inputs, kwargs, changes)
         if plan == "loop":
             return self._loop(tensors, inputs, kwargs, changes)
-        if plan == "fused" and self._fused is not None and not kwargs:
-            return self._chunked(tensors, inputs, kwargs, self._fused_call)
+        if plan == "fused":
+            if self._fused is not None and not kwargs:
+                return self._chunked(
+                    tensors, inputs, kwargs, functools.partial(self._fused_call, strict=strict)
+                )
+            if strict:
+                raise NotFusableError
+            plan = self._last_plan = "vmap"
         if self._requested == "auto" and not strict and not torch.compiler.is_compiling():
             return self._vmap_or_loop(tensors, inputs, kwargs, changes)
         return self._vmapped(tensors, inputs, kwargs, changes)
@@ -1129,10 +1184,12 @@ class Ensemble(nn.Module):
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         start: int,
+        *,
+        log: LayoutLog,
     ) -> Any:
         module = self.template.module
         self._slots()  # the aliases of tied names
-        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs)
+        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs, log)
 
     def _fused_call(
         self,
@@ -1140,16 +1197,24 @@ class Ensemble(nn.Module):
         inputs: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         start: int,
+        *,
+        strict: bool = False,
     ) -> Any:
-        if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
-            return self._vmap(tensors, inputs, {})
+        """The fused plan; vmap for a call it cannot take (an input of another shape, hooks
+        added to the template since), or with ``strict`` a :class:`NotFusableError`."""
         try:
+            if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+                raise NotFusableError
             return self._fused(
                 self.template.module, tensors, inputs[0], self.per_member_inputs, self._grads, start
             )
         except NotFusableError:
+            if strict:  # timing must not credit the fused plan with vmap's time
+                raise
             # Same function, computed member by member: torch reports any
             # shape error in the member's own terms.
+            if self._last_plan != "vmap":
+                self._last_plan = "vmap"
             return self._vmap(tensors, inputs, {})
 
     def _call_template(
@@ -1249,6 +1314,8 @@ class Ensemble(nn.Module):
                     "result would differ from the members' own. Fix: use execution='auto' or "
                     "'loop'."
                 )
+            if self._last_plan != "loop":
+                self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
         template = self.template
 
@@ -1305,6 +1372,16 @@ class Ensemble(nn.Module):
         else:
             dims, kw_dims = None, None
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
+        # Shared inputs: vmap runs the forward once for all members, so an
+        # in-place change to one (x.div_(255)) happens once, where a loop over
+        # the members makes it once per member.
+        if self.per_member_inputs:
+            shared: Sequence[torch.Tensor] = ()
+        elif not kw and all(isinstance(t, torch.Tensor) for t in inputs):
+            shared = inputs  # the common case, without a tree walk
+        else:
+            shared = [t for t in tree_leaves((inputs, kw)) if isinstance(t, torch.Tensor)]
+        versions = [version_of(t) for t in shared]
         try:
             result = batched(tensors, inputs, kw)
         except MetaTensorError:
@@ -1322,6 +1399,21 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
+        changed = [
+            i for i, (t, v) in enumerate(zip(shared, versions, strict=True)) if version_of(t) != v
+        ]
+        if changed:
+            raise ArgumentValueError(
+                f"Ensemble(execution={self._requested!r}) ran torch.vmap, which runs the "
+                "template's forward once for all members, and the forward changed its shared "
+                f"input in place (tensor input{'s' if len(changed) > 1 else ''} "
+                f"{', '.join(map(str, changed))} among the tensors in the inputs, in order): a "
+                "loop over the members changes it once per member, each member seeing the "
+                "previous member's change, so the results would differ from the members' own. "
+                "The input has been changed once. Fix: change a copy in the forward "
+                "(x = x / 255 instead of x.div_(255)), or pass execution='loop', which runs "
+                "the members as a loop would."
+            )
         if changes is not None:
             result, news = result
             size = next(iter(tensors.values())).shape[0]
@@ -1336,6 +1428,52 @@ class Ensemble(nn.Module):
         leaves, spec = structure
         outs = iter(result)
         return tree_unflatten([next(outs) if x is _BATCHED else x for x in leaves], spec)
+
+    def to(self, *args: Any, **kwargs: Any) -> Ensemble:  # type: ignore[override]
+        """``nn.Module.to``; ``memory_format=`` lays out each member's slice of a stacked
+        tensor as ``.to(memory_format=...)`` lays out that member's own tensor."""
+        memory_format = kwargs.pop("memory_format", None)
+        if memory_format is None or args or kwargs:
+            super().to(*args, **kwargs)
+        if memory_format is not None:
+            self._to_memory_format(memory_format)
+        return self
+
+    def _to_memory_format(self, memory_format: torch.memory_format) -> None:
+        # nn.Module.to converts the 4-D and 5-D tensors of a module; a stacked
+        # tensor has one dim more than the member's, so its slices are converted.
+        if memory_format == torch.preserve_format:
+            return  # each tensor as it is
+        named = [*self.stacked.named_parameters(), *self.stacked.named_buffers()]
+        refused = []
+        for name, t in named:
+            if t.dim() in (5, 6):
+                try:
+                    torch.empty(t.shape[1:], device="meta").to(memory_format=memory_format)
+                except RuntimeError as e:
+                    refused.append((name, t.dim() - 1, str(e)))
+        if refused:
+            names = [name for name, _, _ in refused]
+            _, dims, why = refused[0]
+            raise ArgumentValueError(
+                f"Ensemble.to(memory_format={memory_format}) cannot lay out {names}: the "
+                f"members' tensors there have {dims} dims, and torch refuses them as it "
+                f"would on the members ({why}). Fix: use torch.channels_last for 4-D "
+                "(Conv2d) and torch.channels_last_3d for 5-D (Conv3d) weights.",
+                paths=names,
+            )
+
+        def lay_out(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() not in (5, 6):
+                return t
+            member = torch.empty_like(t[0], device="meta").to(memory_format=memory_format)
+            strides = (member.numel(), *member.stride())
+            if t.stride() == strides:
+                return t
+            out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+            return out.copy_(t)
+
+        self._apply(lay_out)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
@@ -1371,6 +1509,11 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
         self.__dict__.setdefault("_lost", [])
+        if isinstance(self.__dict__.get("_fused"), FusedPlan):
+            # Planned again from the template: an earlier pickle's steps read a
+            # tied tensor by the layer's own name (and have another form).
+            fused = plan_fused(self.template.module, self.randomness)
+            self._fused = fused if isinstance(fused, FusedPlan) else None
         if "_plans" not in state:  # pickled by a version without plans
             self._requested = state.get("execution", "auto")
             self._buffer_names = tuple(name for name, _ in self.template.module.named_buffers())

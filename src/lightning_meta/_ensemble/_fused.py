@@ -18,7 +18,14 @@ from torch import nn
 from lightning_meta._compat import has_module_hooks
 from lightning_meta._ensemble._grads import GradBuffers
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "FusedPlan", "NotFusableError", "Refusal", "plan_fused"]
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "FusedPlan",
+    "NotFusableError",
+    "Refusal",
+    "Step",
+    "plan_fused",
+]
 
 # Stateless, element-wise activations: applying them to (N, M, F) equals
 # applying them to each member's (M, F), and to member-stacked channels
@@ -53,10 +60,22 @@ _REUSE_WEIGHT_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
-class FusedPlan:
-    """The layers of a fusable template: ``("linear", prefix)`` or ``("apply", index)``."""
+class Step:
+    """One layer of a fused plan: ``kind`` ``"linear"`` (a Linear, whose ``weight`` and ``bias``
+    are the names of the stacked tensors it reads: the first name of each tie group) or
+    ``"apply"`` (a module applied to the whole stack); ``path``: the layer in the template."""
 
-    steps: tuple[tuple[str, str], ...]
+    kind: str
+    path: str
+    weight: str = ""
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """The layers of a fusable template, in order."""
+
+    steps: tuple[Step, ...]
     in_features: int
 
     def fits(self, x: torch.Tensor, per_member: bool) -> bool:
@@ -93,14 +112,14 @@ class FusedPlan:
             else x.reshape(-1, x.shape[-1])
         )
         shared = not per_member
-        for kind, ref in self.steps:
-            if kind == "apply":
-                h = template.get_submodule(ref)(h)
+        for step in self.steps:
+            if step.kind == "apply":
+                h = template.get_submodule(step.path)(h)
                 continue
-            weight = tensors[f"{ref}.weight"]
-            bias = tensors.get(f"{ref}.bias")
+            weight = tensors[step.weight]
+            bias = None if step.bias is None else tensors[step.bias]
             out_f = weight.shape[1]
-            key = f"{chunk}:{ref}.weight"
+            key = f"{chunk}:{step.path}.weight"
             macs = weight.shape[1] * weight.shape[2] * h.shape[-1]  # per member
             large = (
                 weight.device.type == "cpu"
@@ -272,7 +291,10 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
             f"{_layer(name, child)} is used more than once in the nn.Sequential, and the "
             "fused path runs each layer once",
         )
-    steps: list[tuple[str, str]] = []
+    # The stacked tensors are named by the first name of each tie group (a bias
+    # tied between two layers is stacked once, under the first layer's name).
+    first = {id(t): n for n, t in [*template.named_parameters(), *template.named_buffers()]}
+    steps: list[Step] = []
     in_features: int | None = None
     for name, child in children:
         if has_module_hooks(child):
@@ -280,12 +302,20 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
                 name, f"{_layer(name, child)} has hooks, which the fused path would not run"
             )
         if type(child) is nn.Linear:
+            weight = first.get(id(child.weight))
+            bias = None if child.bias is None else first.get(id(child.bias))
+            if weight is None or (child.bias is not None and bias is None):
+                return Refusal(
+                    name,
+                    f"{_layer(name, child)} holds its weight or bias as a plain attribute, "
+                    "not a parameter or buffer, which the ensemble does not stack",
+                )
             in_features = in_features or child.in_features
-            steps.append(("linear", name))
+            steps.append(Step("linear", name, weight, bias))
         elif in_features is None:
             return Refusal(name, f"{_layer(name, child)} comes before the first nn.Linear")
         elif type(child) in _ELEMENTWISE:
-            steps.append(("apply", name))
+            steps.append(Step("apply", name))
         elif type(child) in _DROPOUT:
             if randomness != "different":
                 return Refusal(
@@ -295,7 +325,7 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
                 )
             # Dropout on the whole stack draws an independent mask per member,
             # which is what randomness="different" promises.
-            steps.append(("apply", name))
+            steps.append(Step("apply", name))
         else:
             return Refusal(
                 name,

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from lightning_meta._compat import storage_users
 
@@ -90,8 +89,11 @@ class _Unstack(torch.autograd.Function):
         ctx.meta = (stacked.shape, stacked.dtype, stacked.device)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty differentiates this): a fresh
+            # stack autograd can differentiate again (the reused buffer is not).
+            return torch.stack(grads), None, None
         out = ctx.buffers.empty(ctx.key, *ctx.meta)
         torch.stack(grads, out=out)
         return out, None, None

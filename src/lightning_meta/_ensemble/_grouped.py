@@ -23,6 +23,7 @@ input this plan cannot lay out raises :class:`NotGroupableError` when run.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +37,44 @@ from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
 from lightning_meta._ensemble._state import AttributeState, owned_by, watched
 
-__all__ = ["GroupedPlan", "NotGroupableError"]
+__all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
+
+# How many kinds of call (input shapes, ...) the plan remembers having laid out.
+_LAID_OUT_MAX = 4096
 
 
 class NotGroupableError(Exception):
     """Raised while running the grouped plan on inputs it cannot lay out."""
+
+
+class LayoutLog:
+    """One call of the grouped plan (all its chunks): the kind of call, and the stacked
+    buffers its BatchNorms changed in place with their values before, to put back when
+    the call turns out not to lay out (the loop then runs it from the start).
+
+    Whether a call lays out depends only on its kind (the graph, the inputs' types,
+    shapes, dtypes and devices, gradient mode, chunking), so the values are saved
+    only for a kind of call not yet laid out: ``saved`` is ``None`` once it has been.
+    """
+
+    __slots__ = ("graph", "key", "saved")
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.graph: int | None = None
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def save(self, *tensors: torch.Tensor | None) -> None:
+        if self.saved is not None:
+            self.saved.extend((t, t.clone()) for t in tensors if t is not None)
+
+    def restore(self) -> None:
+        """Put back what the call changed (nothing once this kind of call has laid out)."""
+        if self.saved:
+            with torch.no_grad():
+                for t, before in reversed(self.saved):
+                    t.copy_(before)
+            self.saved.clear()
 
 
 class _Fold:
@@ -79,11 +113,13 @@ class _Context:
         tensors: Mapping[str, torch.Tensor],
         aliases: Mapping[str, str],
         n: int,
+        log: LayoutLog,
     ) -> None:
         self.template = template
         self.tensors = tensors
         self.aliases = aliases
         self.n = n
+        self.log = log
 
     def get(self, module_path: str, leaf: str) -> torch.Tensor | None:
         name = f"{module_path}.{leaf}" if module_path else leaf
@@ -142,6 +178,8 @@ def _batch_norm(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     tracked = ctx.get(path, "num_batches_tracked")
     # BatchNorm's own forward, with every member's statistics side by side.
     momentum = mod.momentum
+    if mod.training:
+        ctx.log.save(running_mean, running_var, tracked)
     if mod.training and mod.track_running_stats and tracked is not None:
         tracked.add_(1)
     bn_training = mod.training or (running_mean is None and running_var is None)
@@ -184,9 +222,15 @@ def _per_channel(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
     """Layers that act on each channel (or element) alone: run on the folded tensor."""
     if isinstance(x, _Fold):
         return _Fold(mod(x.t))
-    if getattr(mod, "inplace", False):
-        raise NotGroupableError("an in-place layer on a shared input")
+    _refuse_in_place(x, getattr(mod, "inplace", False))
     return mod(x)
+
+
+def _refuse_in_place(x: Any, in_place: bool) -> None:
+    """Refuse an in-place op on a shared value: every member changes it, one after the other,
+    in a loop over the members (``x.div_(255)`` divides the caller's input N times)."""
+    if in_place and isinstance(x, torch.Tensor):
+        raise NotGroupableError("an in-place op on a shared input")
 
 
 def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
@@ -199,6 +243,8 @@ def _pool(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
 
 def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     # Every member draws its own mask: fold a shared input first.
+    if not isinstance(x, _Fold):
+        _refuse_in_place(x, getattr(mod, "inplace", False))
     folded = ctx.fold(x).t
     _check_batched(type(mod), folded)
     return _Fold(mod(folded))
@@ -275,8 +321,18 @@ _MODULES: dict[type[nn.Module], _ModuleRule] = {
 }
 
 
+# The tensors the module rules read from the stacked tensors.
+_READS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
     """Why ``mod`` cannot take its rule, or None."""
+    own = {n for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False)}
+    own |= {n for n, _ in mod.named_buffers(recurse=False, remove_duplicate=False)}
+    for leaf in _READS:
+        if isinstance(getattr(mod, leaf, None), torch.Tensor) and leaf not in own:
+            # Not stacked: the rule would find no tensor there and leave it out.
+            return f"it holds {leaf!r} as a plain attribute, not a parameter or buffer"
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} is not supported"
     if isinstance(mod, _BATCH_NORMS) and mod.momentum is None:
@@ -293,7 +349,13 @@ def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
 def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
     """An op of tensors and numbers that acts element by element (with broadcasting)."""
 
+    in_place = fn.__name__.endswith("_")  # Tensor.add_ and its kin change their first argument
+
     def rule(ctx: _Context, *args: Any, **kwargs: Any) -> Any:
+        if in_place and args and not isinstance(args[0], _Fold):
+            _refuse_in_place(args[0], True)
+        if "out" in kwargs:
+            raise NotGroupableError("an op writing into out=")
         folds = [a for a in (*args, *kwargs.values()) if isinstance(a, _Fold)]
         if not folds:
             return fn(*args, **kwargs)
@@ -316,15 +378,26 @@ def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any]:
+    # Where ``inplace`` goes when passed by position (F.relu(x, True)), after ``x``.
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: no inplace argument
+        names = []
+    at = names.index("inplace") - 1 if "inplace" in names else None
+    method = fn.__name__.endswith("_")
+
     def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, _Fold):
+            in_place = method or bool(
+                kwargs.get("inplace") if at is None or len(args) <= at else args[at]
+            )
+            _refuse_in_place(x, in_place)
         if random:
             folded = x.t if isinstance(x, _Fold) else ctx.fold(x).t
             _check_batched(fn, folded)
             return _Fold(fn(folded, *args, **kwargs))
         if isinstance(x, _Fold):
             return _Fold(fn(x.t, *args, **kwargs))
-        if kwargs.get("inplace") or (isinstance(x, torch.Tensor) and fn.__name__.endswith("_")):
-            raise NotGroupableError("an in-place op on a shared input")
         return fn(x, *args, **kwargs)
 
     return rule
@@ -390,7 +463,7 @@ def _cat(ctx: _Context, tensors: Sequence[Any], dim: int = 0) -> Any:
     if dim != 1:
         return _Fold(torch.cat([f.t for f in folds], dim))
     # Channels of each member stay together: (B, N, C_i, ...) concatenated on C.
-    parts = [f.t.view(f.t.shape[0], ctx.n, -1, *f.t.shape[2:]) for f in folds]
+    parts = [f.t.view(f.t.shape[0], ctx.n, f.t.shape[1] // ctx.n, *f.t.shape[2:]) for f in folds]
     out = torch.cat(parts, 2)
     return _Fold(out.view(out.shape[0], -1, *out.shape[3:]))
 
@@ -535,6 +608,8 @@ class GroupedPlan:
     def __init__(self, randomness: str) -> None:
         self.randomness = randomness
         self._graphs: dict[tuple[tuple[bool, bool], ...], fx.Graph | Refusal] = {}
+        # The kinds of call (graph, LayoutLog.key) that ran to the end.
+        self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
 
     def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
         return (GroupedPlan, (self.randomness,))
@@ -557,6 +632,25 @@ class GroupedPlan:
             return -1
         return sum(node.op == "placeholder" for node in graph.nodes)
 
+    @staticmethod
+    def log(inputs: tuple[Any, ...], chunk_size: int | None) -> LayoutLog:
+        """A :class:`LayoutLog` for a call on ``inputs`` (one per call, for all its chunks)."""
+        kinds = tuple(
+            (x.shape, x.dtype, x.device, x.requires_grad)
+            if isinstance(x, torch.Tensor)
+            else type(x)
+            for x in inputs
+        )
+        return LayoutLog((kinds, chunk_size, torch.is_grad_enabled()))
+
+    def laid_out(self, log: LayoutLog) -> None:
+        """Note that the call of ``log`` ran to the end: its kind of call lays out."""
+        if log.saved is not None and log.graph is not None:
+            if len(self._laid_out) >= _LAID_OUT_MAX:
+                self._laid_out.clear()
+            self._laid_out.add((log.graph, log.key))
+        log.saved = None
+
     def __call__(
         self,
         template: nn.Module,
@@ -564,15 +658,40 @@ class GroupedPlan:
         aliases: Mapping[str, str],
         inputs: tuple[Any, ...],
         per_member: bool,
+        log: LayoutLog,
     ) -> Any:
-        """Run every member on ``inputs``; outputs stacked on a new dim 0."""
+        """Run every member on ``inputs``; outputs stacked on a new dim 0.
+
+        Raises:
+            NotGroupableError: the inputs cannot be laid out; what the call
+                changed is put back by ``log.restore()``, once for all chunks.
+        """
         graph = self.graph(template)
         if isinstance(graph, Refusal):
             raise NotGroupableError(graph.reason)
         if sum(node.op == "placeholder" for node in graph.nodes) != len(inputs):
             raise NotGroupableError("inputs that are not the forward's positional arguments")
+        if log.graph is None:  # the call's first chunk
+            log.graph = id(graph)
+            log.saved = None if (id(graph), log.key) in self._laid_out else []
         n = next(iter(tensors.values())).shape[0]
-        ctx = _Context(template, tensors, aliases, n)
+        ctx = _Context(template, tensors, aliases, n, log)
+        if log.saved is None:
+            return self._run(graph, ctx, inputs, per_member)
+        try:
+            return self._run(graph, ctx, inputs, per_member)
+        except RuntimeError as e:
+            # A kind of call not laid out before: torch refused an op on the
+            # folded layout (operands whose channels broadcast per member but
+            # not side by side, a view of an empty batch, ...), or the members
+            # would refuse it too. The loop runs it, member by member, and
+            # raises the member's own error if there is one.
+            raise NotGroupableError(f"torch refused the folded layout: {e}") from e
+
+    def _run(
+        self, graph: fx.Graph, ctx: _Context, inputs: tuple[Any, ...], per_member: bool
+    ) -> Any:
+        template, n = ctx.template, ctx.n
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
 
@@ -613,7 +732,8 @@ def _fold_input(x: torch.Tensor, n: int) -> _Fold:
 def _unfold(v: Any, n: int) -> Any:
     if isinstance(v, _Fold):
         t = v.t
-        return t.view(t.shape[0], n, -1, *t.shape[2:]).transpose(0, 1).contiguous()
+        # Sizes given, not -1: an empty batch has no size to infer.
+        return t.view(t.shape[0], n, t.shape[1] // n, *t.shape[2:]).transpose(0, 1).contiguous()
     if isinstance(v, torch.Tensor):  # the same for every member
         return v.unsqueeze(0).expand(n, *v.shape).contiguous()
     raise NotGroupableError(f"an output of type {type(v).__name__}")

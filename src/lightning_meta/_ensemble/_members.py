@@ -392,6 +392,8 @@ def _setting(value: Any, member: _Member, depth: int = 0) -> Any:
         return _Own(name) if name is not None else TensorSetting(value)
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return _Numpy(value)
+    if isinstance(value, torch.Generator):
+        return GeneratorSetting(value)
     if depth >= _DEPTH:
         return _Object(value)
     if isinstance(value, (list, tuple)):
@@ -527,6 +529,26 @@ class TensorSetting:
 
     def __repr__(self) -> str:
         return repr(self.tensor)
+
+
+class GeneratorSetting:
+    """A ``torch.Generator`` a module draws from, compared by device and state (its seed and
+    how far it has drawn): the template runs every member with member 0's."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.device = generator.device
+        self.seed = generator.initial_seed()
+        self.state = generator.get_state()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GeneratorSetting):
+            return NotImplemented
+        return self.device == other.device and bool(torch.equal(self.state, other.state))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"torch.Generator(device={str(self.device)!r}, initial_seed={self.seed})"
 
 
 class _Own:
