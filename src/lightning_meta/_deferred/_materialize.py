@@ -35,7 +35,7 @@ from lightning_meta._deferred._handles import (
     settle,
     without_pending,
 )
-from lightning_meta._deferred._reach import outside_tree, settle_beyond
+from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
@@ -173,7 +173,8 @@ def materialize_beyond(
     deferred tensor made real elsewhere gets that tensor.
     """
     paths: list[str] = []
-    for path, held in outside_tree(module):
+    found = reach(module)
+    for path, held in found.hidden:
         slots = deferred_slots(held)
         if not slots:
             continue
@@ -188,7 +189,7 @@ def materialize_beyond(
             at=path,
         )
         paths += names
-    settle_beyond(module)
+    settle_references(found.holders)
     return paths
 
 

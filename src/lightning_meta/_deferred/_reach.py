@@ -5,13 +5,14 @@ Eager construction gives a module kept in a plain container (``self.teacher =
 taken after the block (``self.shared = [self.proj.weight]``) is the very
 tensor the tree holds. Walking ``named_modules()`` alone left both on meta,
 where a CPU matmul with a meta weight returns uninitialised memory without an
-error. :func:`outside_tree` finds such modules; :func:`settle_references`
+error. :func:`reach` finds such modules and references; :func:`settle_references`
 gives each reference the real tensor its deferred tensor became.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +20,13 @@ from torch import nn
 
 from lightning_meta._deferred._handles import made_for
 
-__all__ = ["held_modules", "outside_tree", "settle_beyond", "settle_references"]
+__all__ = [
+    "Reach",
+    "held_modules",
+    "reach",
+    "settle_beyond",
+    "settle_references",
+]
 
 # As deep as deferred_init converts containers (see _block._MAX_DEPTH).
 _MAX_DEPTH = 4
@@ -27,15 +34,30 @@ _MAX_DEPTH = 4
 _MODULE_TABLES = frozenset(vars(nn.Module()))
 
 
+_CONTAINERS = (list, tuple, dict)
+# What an attribute must be to hold a module or a tensor (the rest is skipped
+# at once: a walk of every module's attributes runs on every materialize).
+_HOLDERS = (nn.Module, torch.Tensor, *_CONTAINERS)
+_MODULES_OR_CONTAINERS = (nn.Module, *_CONTAINERS)
+_TENSORS_OR_CONTAINERS = (torch.Tensor, *_CONTAINERS)
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _attributes(module: nn.Module) -> Iterator[tuple[str, Any]]:
-    """``module``'s plain attributes, without its tables and this package's own."""
-    for name, value in vars(module).items():
-        if name not in _MODULE_TABLES and not name.startswith("_lightning_meta"):
-            yield name, value
+def _attributes(module: nn.Module) -> list[tuple[str, Any]]:
+    """``module``'s plain attributes that are modules, tensors or containers (not its
+    tables, not this package's own)."""
+    # By class: isinstance asks an object without the class for __class__,
+    # through its own __getattribute__ (transformers' configs: slow).
+    return [
+        (name, value)
+        for name, value in vars(module).items()
+        if name not in _MODULE_TABLES
+        and issubclass(type(value), _HOLDERS)
+        and not name.startswith("_lightning_meta")
+    ]
 
 
 def _items(value: Any) -> Iterator[tuple[Any, Any]]:
@@ -47,59 +69,98 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
 
 def held_modules(value: Any, path: str, depth: int = 0) -> Iterator[tuple[str, nn.Module]]:
     """The modules ``value`` is or holds in lists, tuples and dicts a few levels down, with paths."""
-    if isinstance(value, nn.Module):
+    kind = type(value)
+    if issubclass(kind, nn.Module):
         yield path, value
-    elif depth < _MAX_DEPTH:
+    elif depth < _MAX_DEPTH and issubclass(kind, _CONTAINERS):
         for key, item in _items(value):
-            yield from held_modules(item, _join(path, str(key)), depth + 1)
+            if issubclass(type(item), _MODULES_OR_CONTAINERS):
+                yield from held_modules(item, _join(path, str(key)), depth + 1)
 
 
-def outside_tree(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return the modules held in plain attributes or containers (lists, tuples, dicts a few
-    levels down) of ``module``'s tree, and of those, that are not in the tree, with their paths.
+@dataclass
+class Reach:
+    """What ``module``'s tree holds outside it (see :func:`reach`).
 
-    Each module is listed once, under its first path; its own submodules are
-    not listed (materializing it covers them).
+    Attributes:
+        hidden: the modules held in plain attributes or containers of the
+            tree, and of those, that are not in the tree, with their paths;
+            each listed once, under its first path, without its own
+            submodules (materializing it covers them).
+        holders: ``(module, attribute)`` of every plain attribute holding a
+            meta tensor, itself or in a container, in the tree and in
+            ``hidden``'s modules.
     """
-    seen = {id(m) for m in module.modules()}
-    found: list[tuple[str, nn.Module]] = []
+
+    hidden: list[tuple[str, nn.Module]] = field(default_factory=list)
+    holders: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+
+def reach(module: nn.Module) -> Reach:
+    """Walk the plain attributes of every module of ``module``'s tree, and of the modules
+    found there (lists, tuples and dicts a few levels down), once."""
     todo = list(module.named_modules())
+    seen = {id(m) for _, m in todo}
+    out = Reach()
     while todo:
         prefix, mod = todo.pop()
         for name, value in _attributes(mod):
-            for path, held in held_modules(value, _join(prefix, name)):
+            found: list[tuple[str, nn.Module]] = []
+            if _walk(value, _join(prefix, name), 0, found):
+                out.holders.append((mod, name))
+            for path, held in found:
                 if id(held) in seen:
                     continue
                 seen.update(id(m) for m in held.modules())
-                found.append((path, held))
+                out.hidden.append((path, held))
                 todo += [(_join(path, p), m) for p, m in held.named_modules()]
-    return found
+    return out
 
 
-def settle_references(modules: list[nn.Module]) -> None:
-    """Give every meta tensor held in a plain attribute or container of ``modules`` (each
-    module alone, not its children) the real tensor it became at another place.
+def _walk(value: Any, path: str, depth: int, found: list[tuple[str, nn.Module]]) -> bool:
+    """Note the modules ``value`` is or holds in ``found``; return whether it holds a meta tensor."""
+    kind = type(value)
+    if issubclass(kind, torch.Tensor):
+        return bool(value.is_meta)
+    if issubclass(kind, nn.Module):
+        found.append((path, value))
+        return False
+    if depth >= _MAX_DEPTH or not issubclass(kind, _CONTAINERS):
+        return False
+    meta = False
+    for key, item in _items(value):
+        if issubclass(type(item), _HOLDERS):
+            meta = _walk(item, _join(path, str(key)), depth + 1, found) or meta
+    return meta
+
+
+def settle_references(holders: list[tuple[nn.Module, str]]) -> None:
+    """Give every meta tensor held in the attributes ``holders`` name (:attr:`Reach.holders`)
+    the real tensor it became at another place.
 
     ``model.shared = [model.proj.weight]`` taken after the block holds the
     deferred parameter, which materialize or a load then replaced in
     ``proj``; eager construction's list holds that very parameter.
     """
-    for mod in modules:
-        for name, value in list(_attributes(mod)):
-            new = _settled(value, 0)
-            if new is not value:
-                mod.__dict__[name] = new
+    for mod, name in holders:
+        value = mod.__dict__.get(name)
+        new = _settled(value, 0)
+        if new is not value:
+            mod.__dict__[name] = new
 
 
 def _settled(value: Any, depth: int) -> Any:
     """``value`` with its meta tensors made real where they were (lists and dicts in place)."""
-    if isinstance(value, torch.Tensor):
+    kind = type(value)
+    if issubclass(kind, torch.Tensor):
         real = made_for(value) if value.is_meta else None
         return value if real is None else real
-    if depth >= _MAX_DEPTH or not isinstance(value, (list, tuple, dict)):
+    if depth >= _MAX_DEPTH or not issubclass(kind, _CONTAINERS):
         return value
     changes = {}
     for key, item in _items(value):
+        if not issubclass(type(item), _TENSORS_OR_CONTAINERS):
+            continue
         new = _settled(item, depth + 1)
         if new is not item:
             changes[key] = new
@@ -115,6 +176,5 @@ def _settled(value: Any, depth: int) -> Any:
 
 
 def settle_beyond(module: nn.Module) -> None:
-    """:func:`settle_references` for every module of ``module``'s tree and outside it."""
-    hidden = [m for _, held in outside_tree(module) for m in held.modules()]
-    settle_references([*module.modules(), *hidden])
+    """:func:`settle_references` for every attribute of ``module``'s tree and outside it."""
+    settle_references(reach(module).holders)
