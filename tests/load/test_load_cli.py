@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ def checkpoint(tmp_path: Path) -> Path:
     return ml.write("safetensors", ml.eager(), tmp_path)
 
 
-def test_load_check_prints_report(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_load_check_prints_report(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The progress bar is drawn on a terminal only (see tests/cli/test_exit_codes.py).
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["load-check", TARGET, str(checkpoint)]) == 0
     out, err = capsys.readouterr()
     assert "loaded 29 tensors" in out

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    apply_to_tensors,
     backward_hooked,
     global_module_hooks,
     has_backward_hooks,
@@ -1473,7 +1474,7 @@ class Ensemble(nn.Module):
             out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
             return out.copy_(t)
 
-        self._apply(lay_out)
+        apply_to_tensors(self, lay_out)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # .to(), .cuda(), .half(), ... replace the stacked tensors: drop the
