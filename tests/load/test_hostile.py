@@ -832,3 +832,22 @@ def test_dtype_casts_a_deferred_tensor_skipped_for_its_shape(tmp_path: Path) -> 
     module = lm.deferred_init(build)
     load_checkpoint(module, path, strict=False)  # no dtype=: left deferred, as before
     assert lm.is_deferred(module[1].weight)
+
+
+def test_parameters_sharing_memory_get_the_last_names_values(tmp_path: Path) -> None:
+    # Two distinct Parameters on one memory (b = nn.Parameter(a.data)), the file
+    # holding b before a: load_checkpoint copied in file order (a's values),
+    # load_state_dict leaves the last name's in state_dict order (b's).
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.zeros(4))
+            self.b = nn.Parameter(self.a.data)
+
+    path = tmp_path / "ba.pt"
+    torch.save({"b": torch.full((4,), 2.0), "a": torch.full((4,), 1.0)}, path)
+    eager, module = Shared(), Shared()
+    eager.load_state_dict(torch.load(path))
+    load_checkpoint(module, path)
+    assert torch.equal(module.a, eager.a) and torch.equal(module.b, eager.b)
+    assert module.a.tolist() == [2.0] * 4

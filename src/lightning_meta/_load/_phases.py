@@ -228,6 +228,11 @@ def convert(
             out.bytes_read += entry.nbytes
             advance(entry.nbytes)
             del tensor  # a cast's source is a temporary: free it before the next read
+    # In state_dict order, not the file's: where two of the module's tensors
+    # share memory (b = nn.Parameter(a.data)), the copies leave the last
+    # name's values, as load_state_dict does.
+    order = {id(group): i for i, group in enumerate(plan.groups)}
+    out.tensors.sort(key=lambda item: order.get(id(item.group), len(order)))
     return out
 
 
