@@ -141,3 +141,60 @@ def test_a_real_tensor_deep_copied_inside_the_block_is_a_real_copy() -> None:
     materialize(module)
     assert torch.equal(module.weights, real)
     assert vars(torch.Tensor)["__deepcopy__"] is original  # nothing outlives the block
+
+
+class _Student(nn.Module):
+    """A teacher in a list whose weight is the student's (a tie across the tree's edge)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4, bias=False)
+        self.register_buffer("nb", torch.randn(3), persistent=False)
+        teacher = nn.Linear(4, 4, bias=False)
+        teacher.weight = self.proj.weight
+        self.teacher = [teacher]
+
+
+def test_a_tie_across_the_trees_edge_and_references_to_replayed_buffers(tmp_path: Path) -> None:
+    # load_checkpoint replayed the teacher before loading: it kept its initial
+    # values and lost the tie; a reference to the top module's non-persistent
+    # buffer was settled before that buffer was replayed, and stayed meta.
+    state = {"proj.weight": torch.full((4, 4), 7.0)}
+    for how, fill in _loads(tmp_path, state).items():
+        torch.manual_seed(0)
+        module = deferred_init(_Student)
+        module.refs = [module.nb]
+        fill(module)
+        assert module.teacher[0].weight is module.proj.weight, how
+        assert module.refs[0] is module.nb and not module.nb.is_meta, how
+
+
+def test_what_materialize_reaches_stays_within_bounds() -> None:
+    # A back-reference to the parent (materializing one block materialized the
+    # whole model, ignoring a later dtype=), a template built on meta on
+    # purpose (torch's "Cannot copy out of meta tensor"), containers referring
+    # to each other (a walk of width**depth) and large tables (walked on
+    # every materialize and load).
+    class Block(nn.Module):
+        def __init__(self, owner: nn.Module) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self._owner = [owner]
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Block(self) for _ in range(2))
+            self.template = [nn.LayerNorm(4, device="meta")]
+            graph: dict[str, Any] = {}
+            graph.update({str(i): graph for i in range(60)})
+            self.graph = graph
+            self.table = [list(range(300)) for _ in range(3000)]
+
+    module = deferred_init(Model)
+    materialize(module.blocks[0])
+    assert is_deferred(module.blocks[1])
+    materialize(module.blocks[1], dtype=torch.float64)
+    assert module.blocks[1].lin.weight.dtype == torch.float64
+    materialize(module)
+    assert module.template[0].weight.is_meta and not is_deferred(module.blocks[0])

@@ -288,14 +288,26 @@ _SEQUENCES = (list, tuple, dict)
 _MODULE_TABLES = frozenset(vars(nn.Module()))
 
 
-def _holds_fake(value: Any, depth: int = 0) -> bool:
-    """Whether the list, tuple or dict ``value`` holds a fake tensor (a few levels down)."""
+def _holds_fake(value: Any, depth: int = 0, seen: set[int] | None = None) -> bool:
+    """Whether the list, tuple or dict ``value`` holds a fake tensor (a few levels down).
+
+    Each container is looked into once (``seen``): containers that refer to
+    one another would otherwise cost their width to the power of the depth.
+    """
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
     items = value.values() if isinstance(value, dict) else value
     for item in items:
         kind = type(item)
         if kind is FakeTensor:
             return True
-        if depth < _MAX_DEPTH and isinstance(item, _SEQUENCES) and _holds_fake(item, depth + 1):
+        if (
+            depth < _MAX_DEPTH
+            and isinstance(item, _SEQUENCES)
+            and _holds_fake(item, depth + 1, seen)
+        ):
             return True
     return False
 

@@ -35,6 +35,7 @@ from torch import nn
 from lightning_meta._compat import dispatch_mode_active
 from lightning_meta._deferred._handles import (
     Handle,
+    deferred_slots,
     done,
     dress_like,
     earlier_view,
@@ -50,6 +51,7 @@ from lightning_meta._deferred._handles import (
     wait_for_base,
 )
 from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
+from lightning_meta._deferred._reach import reach
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete
 from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
@@ -78,10 +80,6 @@ def install_load_hooks(modules: Iterable[nn.Module], tops: Iterable[nn.Module] =
         >>> net.weight.is_meta, net.weight.sum().item()
         (False, 4.0)
     """
-    for top in tops:
-        if not top.__dict__.get(_BEYOND_ATTR):
-            top.register_load_state_dict_post_hook(_reach_beyond)
-            top.__dict__[_BEYOND_ATTR] = True
     seen: set[int] = set()
     for top in modules:
         for mod in top.modules():
@@ -93,6 +91,12 @@ def install_load_hooks(modules: Iterable[nn.Module], tops: Iterable[nn.Module] =
             mod.register_load_state_dict_pre_hook(_fill_before_copy)
             mod.register_load_state_dict_post_hook(_replay_rest)
             mod.__dict__[_HOOKED_ATTR] = True
+    # After the module's own post-hook (registered above): references to its
+    # non-persistent buffers need them replayed first.
+    for top in tops:
+        if _BEYOND_ATTR not in top.__dict__:
+            top.register_load_state_dict_post_hook(_reach_beyond)
+            top.__dict__[_BEYOND_ATTR] = True
 
 
 def _fill_before_copy(
@@ -182,8 +186,16 @@ def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
 def _reach_beyond(module: nn.Module, incompatible_keys: Any) -> None:
     """On a block's top module: replay the deferred modules it keeps outside its tree (in no
     state dict), and give references taken after the block the tensors loaded (see ``_reach``)."""
-    if not dispatch_mode_active():
-        materialize_beyond(module)
+    if dispatch_mode_active() or not module.__dict__.get(_BEYOND_ATTR):
+        return
+    materialize_beyond(module)
+    found = reach(module)
+    if not found.holders and not any(
+        deferred_slots(m) for m in (module, *(held for _, held in found.hidden))
+    ):
+        # Everything it reaches is real: later loads need no walk (a walk of a
+        # large vocabulary dict on every load_state_dict).
+        module.__dict__[_BEYOND_ATTR] = False
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

@@ -180,14 +180,22 @@ def materialize_beyond(
             continue
         names = [f"{path}.{s.path}" for s in slots]
         here = "device" if any(id(s.tensor) in on_device for s in slots) else draw_on
-        materialize_paths(
-            held,
-            names,
-            device=device if here == "device" else None,
-            draw_on=here,
-            allow_uninitialized=allow_uninitialized,
-            at=path,
-        )
+        try:
+            materialize_paths(
+                held,
+                names,
+                device=device if here == "device" else None,
+                draw_on=here,
+                allow_uninitialized=allow_uninitialized,
+                at=path,
+            )
+        except NotImplementedError as e:
+            # Built on the meta device on purpose inside the block (a template,
+            # nn.LayerNorm(4, device="meta")): its replay gives meta tensors,
+            # which eager construction leaves there too. Nothing was changed.
+            if not _compat.is_torch_meta_error(e):
+                raise
+            continue
         paths += names
     settle_references(found.holders)
     return paths

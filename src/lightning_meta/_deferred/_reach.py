@@ -30,6 +30,10 @@ __all__ = [
 
 # As deep as deferred_init converts containers (see _block._MAX_DEPTH).
 _MAX_DEPTH = 4
+# Containers longer than this (a vocabulary, a table of data) are not walked:
+# a module or a tensor reference is not kept among thousands of items, and the
+# walk runs on every materialize and load.
+_MAX_ITEMS = 1_000
 # nn.Module's own tables (parameters, buffers, hooks), walked elsewhere or holding no tensor.
 _MODULE_TABLES = frozenset(vars(nn.Module()))
 
@@ -67,15 +71,26 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
         yield from enumerate(value)
 
 
-def held_modules(value: Any, path: str, depth: int = 0) -> Iterator[tuple[str, nn.Module]]:
+def _walkable(value: Any, depth: int, seen: set[int]) -> bool:
+    """Whether to look inside ``value``: a list, tuple or dict not seen yet in this walk (they
+    can refer to one another), a few levels down, of at most ``_MAX_ITEMS`` items."""
+    if depth >= _MAX_DEPTH or not issubclass(type(value), _CONTAINERS) or id(value) in seen:
+        return False
+    seen.add(id(value))
+    return len(value) <= _MAX_ITEMS
+
+
+def held_modules(
+    value: Any, path: str, depth: int = 0, seen: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
     """The modules ``value`` is or holds in lists, tuples and dicts a few levels down, with paths."""
-    kind = type(value)
-    if issubclass(kind, nn.Module):
+    seen = set() if seen is None else seen
+    if issubclass(type(value), nn.Module):
         yield path, value
-    elif depth < _MAX_DEPTH and issubclass(kind, _CONTAINERS):
+    elif _walkable(value, depth, seen):
         for key, item in _items(value):
             if issubclass(type(item), _MODULES_OR_CONTAINERS):
-                yield from held_modules(item, _join(path, str(key)), depth + 1)
+                yield from held_modules(item, _join(path, str(key)), depth + 1, seen)
 
 
 @dataclass
@@ -98,26 +113,37 @@ class Reach:
 
 def reach(module: nn.Module) -> Reach:
     """Walk the plain attributes of every module of ``module``'s tree, and of the modules
-    found there (lists, tuples and dicts a few levels down), once."""
+    found there (lists, tuples and dicts a few levels down, each container once), once.
+
+    A module found there whose tree holds ``module`` (a back-reference to a
+    parent, ``self._owner = [model]``) is not outside: materializing a
+    submodule alone does not reach its parent.
+    """
     todo = list(module.named_modules())
     seen = {id(m) for _, m in todo}
+    containers: set[int] = set()
     out = Reach()
     while todo:
         prefix, mod = todo.pop()
         for name, value in _attributes(mod):
             found: list[tuple[str, nn.Module]] = []
-            if _walk(value, _join(prefix, name), 0, found):
+            if _walk(value, _join(prefix, name), 0, found, containers):
                 out.holders.append((mod, name))
             for path, held in found:
                 if id(held) in seen:
                     continue
-                seen.update(id(m) for m in held.modules())
+                inside = list(held.named_modules())
+                seen.update(id(m) for _, m in inside)
+                if any(m is module for _, m in inside):
+                    continue
                 out.hidden.append((path, held))
-                todo += [(_join(path, p), m) for p, m in held.named_modules()]
+                todo += [(_join(path, p), m) for p, m in inside]
     return out
 
 
-def _walk(value: Any, path: str, depth: int, found: list[tuple[str, nn.Module]]) -> bool:
+def _walk(
+    value: Any, path: str, depth: int, found: list[tuple[str, nn.Module]], seen: set[int]
+) -> bool:
     """Note the modules ``value`` is or holds in ``found``; return whether it holds a meta tensor."""
     kind = type(value)
     if issubclass(kind, torch.Tensor):
@@ -125,12 +151,12 @@ def _walk(value: Any, path: str, depth: int, found: list[tuple[str, nn.Module]])
     if issubclass(kind, nn.Module):
         found.append((path, value))
         return False
-    if depth >= _MAX_DEPTH or not issubclass(kind, _CONTAINERS):
+    if not _walkable(value, depth, seen):
         return False
     meta = False
     for key, item in _items(value):
         if issubclass(type(item), _HOLDERS):
-            meta = _walk(item, _join(path, str(key)), depth + 1, found) or meta
+            meta = _walk(item, _join(path, str(key)), depth + 1, found, seen) or meta
     return meta
 
 
@@ -142,26 +168,26 @@ def settle_references(holders: list[tuple[nn.Module, str]]) -> None:
     deferred parameter, which materialize or a load then replaced in
     ``proj``; eager construction's list holds that very parameter.
     """
+    seen: set[int] = set()
     for mod, name in holders:
         value = mod.__dict__.get(name)
-        new = _settled(value, 0)
+        new = _settled(value, 0, seen)
         if new is not value:
             mod.__dict__[name] = new
 
 
-def _settled(value: Any, depth: int) -> Any:
+def _settled(value: Any, depth: int, seen: set[int]) -> Any:
     """``value`` with its meta tensors made real where they were (lists and dicts in place)."""
-    kind = type(value)
-    if issubclass(kind, torch.Tensor):
+    if issubclass(type(value), torch.Tensor):
         real = made_for(value) if value.is_meta else None
         return value if real is None else real
-    if depth >= _MAX_DEPTH or not issubclass(kind, _CONTAINERS):
+    if not _walkable(value, depth, seen):
         return value
     changes = {}
     for key, item in _items(value):
         if not issubclass(type(item), _TENSORS_OR_CONTAINERS):
             continue
-        new = _settled(item, depth + 1)
+        new = _settled(item, depth + 1, seen)
         if new is not item:
             changes[key] = new
     if not changes:

@@ -25,7 +25,6 @@ from torch import nn
 
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import materialize_beyond
-from lightning_meta._deferred._reach import settle_beyond
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
@@ -178,10 +177,6 @@ def load_checkpoint(
     where = str(path)
     source = open_source(path, safe_globals=args.safe_globals)
     plan = plan_load(module, source, where, prefix=prefix, strict=strict)
-    # Deferred modules kept outside the tree (self.teacher = [net]) are in no
-    # state dict: replayed where eager construction leaves them, first, so
-    # that a refusal comes before the module changes.
-    beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
     if has_sharded(plan):  # DTensors: each rank reads only its own shards
         return load_into_shards(
             module,
@@ -193,7 +188,6 @@ def load_checkpoint(
             verify=verify,
             mapped=mmap,
             allow_uninitialized=allow_uninitialized,
-            beyond=beyond,
         )
     conversion = convert(
         source,
@@ -216,7 +210,10 @@ def load_checkpoint(
     rest = convert_rest(plan, device=args.device, dtype=args.dtype)
     filled = swap_in([*conversion.tensors, *rest], replay, plan.made)
     forget(module, [*filled, *replay.names])
-    settle_beyond(module)  # references to what was loaded (self.shared = [self.proj.weight])
+    # Deferred modules kept outside the tree (self.teacher = [net]) are in no
+    # state dict: replayed, after the load, so that one tied to a loaded
+    # tensor gets it; references taken after the block get what was loaded.
+    beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
     report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report

@@ -33,8 +33,12 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._deferred._handles import forget, lone_module
-from lightning_meta._deferred._materialize import ShardedSlot, materialize, sharded_slots
-from lightning_meta._deferred._reach import settle_beyond
+from lightning_meta._deferred._materialize import (
+    ShardedSlot,
+    materialize,
+    materialize_beyond,
+    sharded_slots,
+)
 from lightning_meta._errors import MaterializationError, MetaTensorError
 from lightning_meta._load import _phases
 from lightning_meta._load._files import Reader, Region, corrupt
@@ -104,7 +108,6 @@ def load_into_shards(
     verify: bool,
     mapped: bool,
     allow_uninitialized: bool = False,
-    beyond: list[str] | None = None,
 ) -> LoadReport:
     """Finish :func:`~lightning_meta._load._checkpoint.load_checkpoint` for a module holding DTensors.
 
@@ -119,8 +122,6 @@ def load_into_shards(
         mapped: map the plain tensors' files; boxes are always read into
             memory the process owns (a box is rarely contiguous in the file).
         allow_uninitialized: see :func:`~lightning_meta.load_checkpoint`.
-        beyond: paths of the deferred tensors outside the module tree it
-            replayed first (reported as replayed).
 
     Returns:
         The report; ``bytes_read`` counts the bytes of every box read.
@@ -177,13 +178,13 @@ def load_into_shards(
         raise
     sharded_names = [n for t in targets for n in t.group.names]
     forget(module, [*filled, *replay.names, *sharded_names])
-    settle_beyond(module)
+    beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
     conversion.bytes_read += bytes_read
     conversion.cast += [
         n for t in targets if t.entry and t.entry.dtype != t.dtype for n in t.group.names
     ]
     replayed = sorted(
-        {*replay.names, *(beyond or ()), *(n for t in targets if t.deferred for n in t.group.names)}
+        {*replay.names, *beyond, *(n for t in targets if t.deferred for n in t.group.names)}
     )
     return _phases.make_report(where, source, plan, conversion, replayed)
 
