@@ -1258,3 +1258,15 @@ def test_outputs_that_differ_in_kind_are_our_error() -> None:
         join_outputs([(4,), (5,)], torch.stack)
     (kept,) = join_outputs([(float("nan"),), (float("nan"),)], torch.stack)  # NaN is NaN
     assert math.isnan(kept)
+
+
+def test_vmap_runs_under_inference_mode() -> None:
+    # The shared-input check read the version counter, which inference tensors lack.
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)]
+    ens = lm.Ensemble(members, execution="vmap")
+    with torch.inference_mode():
+        x = torch.randn(5, 4)
+        out = ens(x)
+        expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected)

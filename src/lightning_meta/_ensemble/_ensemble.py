@@ -1382,6 +1382,9 @@ class Ensemble(nn.Module):
             shared = inputs  # the common case, without a tree walk
         else:
             shared = [t for t in tree_leaves((inputs, kw)) if isinstance(t, torch.Tensor)]
+        # Inference tensors keep no version counter: a change to one under
+        # torch.inference_mode() cannot be seen (reading it would raise).
+        shared = [t for t in shared if not t.is_inference()]
         versions = [version_of(t) for t in shared]
         try:
             result = batched(tensors, inputs, kw)
