@@ -106,29 +106,3 @@ def test_tied_weights_counted_once() -> None:
     assert est.parameters == 800
     real = measure_training_step(Tied(), (x,))
     assert est.peak_bytes == real.peak_bytes
-
-
-class Distilled(nn.Module):
-    """A teacher run under no_grad and a head used only in validation: neither gets a gradient."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.teacher = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
-        self.student = nn.Linear(64, 64)
-        self.val_head = nn.Linear(64, 512)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = self.teacher(x)
-        return (self.student(x) - target).pow(2).mean()
-
-
-@pytest.mark.parametrize("loop", ["lightning", "plain"])
-def test_parameters_without_a_gradient_get_no_gradient_and_no_optimizer_state(loop: str) -> None:
-    x = torch.randn(16, 64)
-    est = estimate(Distilled, x, optimizer="adamw", loop=loop)
-    real = measure_training_step(Distilled(), (x,), optimizer="adamw", loop=loop)
-    student = (64 * 64 + 64) * 4
-    assert est.gradient_bytes == student
-    assert est.optimizer_state_bytes == 2 * student + 2 * 4  # exp_avg, exp_avg_sq, steps
-    assert abs(est.peak_bytes - real.peak_bytes) <= 0.10 * real.peak_bytes

@@ -34,13 +34,7 @@ from lightning_meta._estimate._parallel import resolve_parallel
 from lightning_meta._estimate._ranks import RankStep
 from lightning_meta._estimate._repeat import RANK_SAMPLES, SAMPLES, extrapolate_step, find_repeat
 from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate, assemble
-from lightning_meta._estimate._run import (
-    StepRecord,
-    Unreached,
-    default_loss,
-    simulate_step,
-    trace_forward,
-)
+from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step, trace_forward
 from lightning_meta._estimate._specs import InputSpec
 from lightning_meta._estimate._values import IndexRefusal, Values
 
@@ -221,21 +215,6 @@ def run_step(
         MetaTensorError: if the model, the loss or the optimizer fails,
             naming the stage, the module and the inputs.
     """
-    try:
-        return _run_step(module, args, kwargs, options, block_prefix, layout, None)
-    except Unreached as e:  # as a real optimizer: no gradient, no state
-        return _run_step(module, args, kwargs, options, block_prefix, layout, e.names)
-
-
-def _run_step(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    options: Options,
-    block_prefix: str | None,
-    layout: Layout | None,
-    trainable: frozenset[str] | None,
-) -> tuple[dict[str, torch.Tensor], StepRecord]:
     fake = fake_step(module, args, kwargs, options, layout)
     record = StepRecord()
     root = type(module).__name__
@@ -261,9 +240,8 @@ def _run_step(
             block_prefix=block_prefix,
             values=fake.values,
             rank=fake.rank,
-            trainable=trainable,
         )
-    except (MetaTensorError, Unreached):
+    except MetaTensorError:
         raise
     except Exception as e:
         raise _fail(e, module, record, input_text(fake.args, fake.kwargs), layout) from e

@@ -18,18 +18,11 @@ from lightning_meta._estimate._options import OptimizerFactory
 __all__ = ["prepare_optimizer", "trainable_parameters"]
 
 
-def trainable_parameters(
-    state: dict[str, torch.Tensor], names: frozenset[str] | None = None
-) -> list[nn.Parameter]:
-    """Return the parameters of ``state`` that need gradients, each once, in order.
-
-    With ``names``, only those of them named there (the ones that get a gradient).
-    """
+def trainable_parameters(state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+    """Return the parameters of ``state`` that need gradients, each once, in order."""
     params: list[nn.Parameter] = []
     seen: set[int] = set()
-    for name, t in state.items():
-        if names is not None and name not in names:
-            continue
+    for t in state.values():
         if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             params.append(t)

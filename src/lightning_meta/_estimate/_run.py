@@ -36,29 +36,7 @@ from lightning_meta._estimate._values import Values
 if TYPE_CHECKING:
     from lightning_meta._estimate._ranks import RankStep
 
-__all__ = [
-    "StepRecord",
-    "Unreached",
-    "Watch",
-    "default_loss",
-    "simulate_step",
-    "trace_forward",
-    "watch_step",
-]
-
-
-class Unreached(Exception):
-    """Backward gave no gradient to some trainable parameters: rerun the step without them.
-
-    A real optimizer skips a parameter whose ``.grad`` is ``None`` (a teacher
-    run under ``torch.no_grad``, a head used only in validation): it never
-    gets state, and in steady state it has no gradient either. ``names`` are
-    the names in ``state`` of the parameters that did get one.
-    """
-
-    def __init__(self, names: frozenset[str]) -> None:
-        super().__init__(f"{len(names)} parameters get a gradient")
-        self.names = names
+__all__ = ["StepRecord", "Watch", "default_loss", "simulate_step", "trace_forward", "watch_step"]
 
 
 @dataclass
@@ -361,7 +339,6 @@ def simulate_step(
     block_prefix: str | None = None,
     values: Values | None = None,
     rank: RankStep | None = None,
-    trainable: frozenset[str] | None = None,
 ) -> None:
     """Run one steady-state training step of ``module`` on fake ``state`` and inputs into ``record``.
 
@@ -385,10 +362,6 @@ def simulate_step(
         zero_grad_before_forward: ``loop="plain"``: last step's gradients are
             dropped before the forward pass rather than after it.
         record: receives the measurements.
-        trainable: the names in ``state`` of the parameters that get a
-            gradient; ``None``: every one that requires it, and if backward
-            leaves some without a gradient, :class:`Unreached` is raised
-            after it, naming those that got one (without a strategy).
         block_prefix: the counter's name of a block container followed by a
             dot, such as ``"LlamaForCausalLM.model.layers."``; then
             ``record.window_peaks`` also holds the peak of each phase before,
@@ -399,7 +372,7 @@ def simulate_step(
             is then its ``state``, the optimizer steps its ``optimizer_params``
             and its hooks add the strategy's buffers and collectives.
     """
-    params = rank.optimizer_params if rank is not None else trainable_parameters(state, trainable)
+    params = rank.optimizer_params if rank is not None else trainable_parameters(state)
     record.stage = "optimizer"
     optimizer = prepare_optimizer(
         params,
@@ -436,10 +409,6 @@ def simulate_step(
             module, state, args, kwargs, loss_fn, autocast, watch, record, rank is not None
         )
         _backward(loss, params, optimizer, watch, record, rank)
-        if rank is None and trainable is None and loss.requires_grad:
-            got = {id(p) for p in params if p.grad is not None}
-            if len(got) < len(params):
-                raise Unreached(frozenset(n for n, t in state.items() if id(t) in got))
         # Lightning drops the outputs of training_step before stepping
         del output, loss
         record.gradient_bytes = watch.tracker.current["gradients"]
