@@ -25,9 +25,11 @@ from lightning_meta._deferred._handles import (
     attach_item,
     deferred_slots,
     handle_of,
+    rebuilt,
 )
 from lightning_meta._deferred._load_hooks import install_load_hooks
 from lightning_meta._deferred._materialize import materialize
+from lightning_meta._deferred._reach import MAX_DEPTH, MODULE_TABLES
 from lightning_meta._deferred._record import Graded, Record
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._session import (
@@ -247,7 +249,7 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         for attr, value in list(vars(module).items()):
             if (
                 isinstance(value, _SEQUENCES)
-                and attr not in _MODULE_TABLES
+                and attr not in MODULE_TABLES
                 and not attr.startswith("_lightning_meta")
                 and _holds_fake(value)
             ):
@@ -282,10 +284,7 @@ def _leaves(t: torch.Tensor, limit: int = 10_000) -> set[int]:
     return found
 
 
-_MAX_DEPTH = 4
 _SEQUENCES = (list, tuple, dict)
-# nn.Module's own tables (parameters, buffers, hooks), walked elsewhere or holding no tensor.
-_MODULE_TABLES = frozenset(vars(nn.Module()))
 
 
 def _holds_fake(value: Any, depth: int = 0, seen: set[int] | None = None) -> bool:
@@ -304,7 +303,7 @@ def _holds_fake(value: Any, depth: int = 0, seen: set[int] | None = None) -> boo
         if kind is FakeTensor:
             return True
         if (
-            depth < _MAX_DEPTH
+            depth < MAX_DEPTH
             and isinstance(item, _SEQUENCES)
             and _holds_fake(item, depth + 1, seen)
         ):
@@ -322,16 +321,14 @@ def _convert_container(
     """Return ``value`` with its fake tensors (at any depth up to a few) made deferred."""
     if type(value) is FakeTensor:
         return convert(module, attr, keys, value)
-    if len(keys) > _MAX_DEPTH or not isinstance(value, _SEQUENCES) or not _holds_fake(value):
+    if len(keys) > MAX_DEPTH or not isinstance(value, _SEQUENCES) or not _holds_fake(value):
         return value
     entries = value.items() if isinstance(value, dict) else enumerate(value)
     changes = {
         key: _convert_container(item, (*keys, key), attr, module, convert) for key, item in entries
     }
     if isinstance(value, tuple):
-        items = [changes[i] for i in range(len(value))]
-        make = getattr(type(value), "_make", None)
-        return make(items) if make is not None else type(value)(items)
+        return rebuilt(value, [changes[i] for i in range(len(value))])
     for key, new in changes.items():
         if new is not value[key]:
             value[key] = new

@@ -56,6 +56,7 @@ __all__ = [
     "note_made",
     "own_deferred",
     "pending_base",
+    "rebuilt",
     "released_without_result",
     "settle",
     "settle_waiting",
@@ -257,10 +258,15 @@ def _replace(node: Any, keys: tuple[Any, ...], value: Any) -> Any:
     if isinstance(node, tuple):
         items = list(node)
         items[keys[0]] = child
-        make = getattr(type(node), "_make", None)
-        return make(items) if make is not None else type(node)(items)
+        return rebuilt(node, items)
     node[keys[0]] = child
     return node
+
+
+def rebuilt(old: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """A tuple of ``old``'s class (named tuples too) holding ``items``: tuples cannot change in place."""
+    make = getattr(type(old), "_make", None)
+    return make(items) if make is not None else type(old)(items)
 
 
 def _item_path(attr: str, keys: tuple[Any, ...]) -> str:

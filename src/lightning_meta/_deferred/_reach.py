@@ -18,31 +18,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._deferred._handles import made_for
+from lightning_meta._deferred._handles import made_for, rebuilt
 
 __all__ = [
+    "MAX_DEPTH",
+    "MODULE_TABLES",
     "Reach",
     "held_modules",
     "reach",
-    "settle_beyond",
     "settle_references",
 ]
 
-# As deep as deferred_init converts containers (see _block._MAX_DEPTH).
-_MAX_DEPTH = 4
+# As deep as deferred_init converts containers (``_block`` uses it too).
+MAX_DEPTH = 4
 # Containers longer than this (a vocabulary, a table of data) are not walked:
 # a module or a tensor reference is not kept among thousands of items, and the
 # walk runs on every materialize and load.
 _MAX_ITEMS = 1_000
 # nn.Module's own tables (parameters, buffers, hooks), walked elsewhere or holding no tensor.
-_MODULE_TABLES = frozenset(vars(nn.Module()))
+MODULE_TABLES = frozenset(vars(nn.Module()))
 
 
 _CONTAINERS = (list, tuple, dict)
 # What an attribute must be to hold a module or a tensor (the rest is skipped
 # at once: a walk of every module's attributes runs on every materialize).
 _HOLDERS = (nn.Module, torch.Tensor, *_CONTAINERS)
-_MODULES_OR_CONTAINERS = (nn.Module, *_CONTAINERS)
 _TENSORS_OR_CONTAINERS = (torch.Tensor, *_CONTAINERS)
 
 
@@ -58,7 +58,7 @@ def _attributes(module: nn.Module) -> list[tuple[str, Any]]:
     return [
         (name, value)
         for name, value in vars(module).items()
-        if name not in _MODULE_TABLES
+        if name not in MODULE_TABLES
         and issubclass(type(value), _HOLDERS)
         and not name.startswith("_lightning_meta")
     ]
@@ -74,23 +74,17 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
 def _walkable(value: Any, depth: int, seen: set[int]) -> bool:
     """Whether to look inside ``value``: a list, tuple or dict not seen yet in this walk (they
     can refer to one another), a few levels down, of at most ``_MAX_ITEMS`` items."""
-    if depth >= _MAX_DEPTH or not issubclass(type(value), _CONTAINERS) or id(value) in seen:
+    if depth >= MAX_DEPTH or not issubclass(type(value), _CONTAINERS) or id(value) in seen:
         return False
     seen.add(id(value))
     return len(value) <= _MAX_ITEMS
 
 
-def held_modules(
-    value: Any, path: str, depth: int = 0, seen: set[int] | None = None
-) -> Iterator[tuple[str, nn.Module]]:
+def held_modules(value: Any, path: str) -> list[tuple[str, nn.Module]]:
     """The modules ``value`` is or holds in lists, tuples and dicts a few levels down, with paths."""
-    seen = set() if seen is None else seen
-    if issubclass(type(value), nn.Module):
-        yield path, value
-    elif _walkable(value, depth, seen):
-        for key, item in _items(value):
-            if issubclass(type(item), _MODULES_OR_CONTAINERS):
-                yield from held_modules(item, _join(path, str(key)), depth + 1, seen)
+    found: list[tuple[str, nn.Module]] = []
+    _walk(value, path, 0, found, set())
+    return found
 
 
 @dataclass
@@ -193,14 +187,7 @@ def _settled(value: Any, depth: int, seen: set[int]) -> Any:
     if not changes:
         return value
     if isinstance(value, tuple):
-        items = [changes.get(i, item) for i, item in enumerate(value)]
-        make = getattr(type(value), "_make", None)
-        return make(items) if make is not None else type(value)(items)
+        return rebuilt(value, [changes.get(i, item) for i, item in enumerate(value)])
     for key, new in changes.items():
         value[key] = new
     return value
-
-
-def settle_beyond(module: nn.Module) -> None:
-    """:func:`settle_references` for every attribute of ``module``'s tree and outside it."""
-    settle_references(reach(module).holders)
