@@ -468,6 +468,40 @@ def test_members_with_other_generators_are_refused() -> None:
         torch.testing.assert_close(ens(x), loop(mods, x))
 
 
+def test_a_generator_of_the_members_draws_as_in_a_loop_over_them() -> None:
+    # "auto"'s timed runs drew from the copies' generators and left them
+    # advanced; vmap drew N values from the template's one; the copies'
+    # states were not carried into member(i), deepcopy or pickle: every call
+    # gave other noise than a loop over the members, without an error.
+    x = torch.zeros(2, 3)
+    for execution in ("auto", "loop"):
+        torch.manual_seed(0)
+        mods = [_Noisy(7) for _ in range(3)]
+        ens = lm.Ensemble(copy.deepcopy(mods), execution=execution)
+        with torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(ens(x), loop(mods, x), rtol=0, atol=0)
+            assert ens.plan == "loop"
+            want = loop(copy.deepcopy(mods), x)
+            torch.testing.assert_close(ens.member(1)(x), want[1], rtol=0, atol=0)
+            torch.testing.assert_close(copy.deepcopy(ens)(x), want, rtol=0, atol=0)
+            torch.testing.assert_close(pickle.loads(pickle.dumps(ens))(x), want, rtol=0, atol=0)
+    with pytest.raises(lm.MetaTensorError, match=r"changed 'gen'") as info:
+        lm.Ensemble([_Noisy(7) for _ in range(3)], execution="vmap")(x)
+    assert info.value.paths == ("gen",)
+
+
+def test_members_sharing_one_generator_are_refused() -> None:
+    # A loop over them draws from it member after member; the ensemble's
+    # members drew from copies of it, every member the same noise.
+    shared = [_Noisy(7) for _ in range(3)]
+    for mod in shared[1:]:
+        mod.gen = shared[0].gen
+    with pytest.raises(lm.MetaTensorError, match=r"share \['gen'\].*torch\.Generator") as info:
+        lm.Ensemble(shared)
+    assert info.value.paths == ("gen",)
+
+
 def test_members_with_other_module_hooks_are_refused() -> None:
     # The template runs member 0's hooks for every member: a hook on another
     # member, or one closing over another value, was dropped silently.

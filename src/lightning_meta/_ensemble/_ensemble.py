@@ -613,12 +613,14 @@ class Ensemble(nn.Module):
             other = both[0][1]
             raise ArgumentValueError(
                 f"Ensemble members {other} and {index} share {names} (parameters that require "
-                "grad, or modules holding buffers): one object, which a loop over the members "
-                "trains once for all (and whose buffers it updates member after member once "
-                "in training mode, as Trainer.fit sets it), but the ensemble stacks a copy per "
-                "member, trained apart. Fix: keep the shared module outside the ensemble and "
-                "pass its output in (it then runs once, not once per member), or give every "
-                "member its own copy (copy.deepcopy).",
+                "grad, modules holding buffers, or torch.Generator objects): one object, which "
+                "a loop over the members trains once for all (whose buffers it updates, and "
+                "from whose generator it draws, member after member), but the ensemble keeps "
+                "a copy per member, trained and drawn from apart. Fix: keep the shared module "
+                "outside the ensemble and pass its output in (it then runs once, not once per "
+                "member), or give every member its own copy (copy.deepcopy); for a generator, "
+                "draw from the global one instead (randomness='different' gives every member "
+                "its own draws).",
                 paths=names,
             )
         stacked = self.tensors()

@@ -751,6 +751,7 @@ class SharedTensors:
             for path, mod in member.named_modules(remove_duplicate=False)
             if any(b is not None for b in buffers_of(mod).values())
         ]
+        named += _generators(member)
         for name, obj in named:
             entry = self._seen.get(id(obj))
             if entry is not None and entry[0]() is obj and entry[1] != index:
@@ -758,3 +759,22 @@ class SharedTensors:
             elif entry is None or entry[0]() is not obj:
                 self._seen[id(obj)] = (weakref.ref(obj), index)
         return shared
+
+
+def _generators(member: nn.Module) -> list[tuple[str, Any]]:
+    """The ``torch.Generator`` objects ``member``'s modules hold in plain attributes, or as
+    items of a list, tuple or dict there, with their dotted paths."""
+    found: list[tuple[str, Any]] = []
+    for path, mod in member.named_modules(remove_duplicate=False):
+        dot = f"{path}." if path else ""
+        for key, value in vars(mod).items():
+            if key in MODULE_INTERNALS:
+                continue
+            if isinstance(value, torch.Generator):
+                found.append((dot + key, value))
+            elif isinstance(value, (list, tuple, dict)):
+                pairs = value.items() if isinstance(value, dict) else enumerate(value)
+                found += [
+                    (f"{dot}{key}[{k!r}]", v) for k, v in pairs if isinstance(v, torch.Generator)
+                ]
+    return found

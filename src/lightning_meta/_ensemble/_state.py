@@ -99,7 +99,7 @@ def watched(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
 # Kinds of values, by class: found once per class with issubclass, since
 # isinstance asks the object for its __class__, which some objects answer
 # slowly (transformers' configs override __getattribute__).
-_OTHER, _TENSOR, _DICT, _SEQUENCE, _SET = range(5)
+_OTHER, _TENSOR, _DICT, _SEQUENCE, _SET, _GENERATOR = range(6)
 _KINDS: dict[type, int] = {}
 
 
@@ -110,6 +110,8 @@ def _kind(value: Any) -> int:
         kind = _KINDS[cls] = (
             _TENSOR
             if issubclass(cls, torch.Tensor)
+            else _GENERATOR
+            if issubclass(cls, torch.Generator)
             else _DICT
             if issubclass(cls, dict)
             else _SEQUENCE
@@ -146,7 +148,7 @@ def _note(value: Any, depth: int, keep: bool) -> Any:
     """``value`` itself, or a :class:`_Noted` for a tensor or a container (most attributes
     are numbers and strings, noted as they are: a call is watched on every ``vmap``)."""
     kind = _kind(value)
-    if kind == _TENSOR or (kind != _OTHER and depth <= _DEPTH):
+    if kind in (_TENSOR, _GENERATOR) or (kind != _OTHER and depth <= _DEPTH):
         return _Noted(value, depth, keep)
     return value
 
@@ -169,16 +171,21 @@ def _value(noted: Any) -> Any:
 
 class _Noted:
     """One value as it was: the object, its in-place version (tensors), a copy of its values
-    (tensors, when asked), and its items noted in turn (containers)."""
+    (tensors, when asked), its state (a ``torch.Generator``, which every draw from it
+    changes in place: each member draws from its own), and its items noted in turn
+    (containers)."""
 
-    __slots__ = ("items", "saved", "value", "version")
+    __slots__ = ("drawn", "items", "saved", "value", "version")
 
     def __init__(self, value: Any, depth: int, keep: bool) -> None:
         self.value = value
         self.version = -1
         self.saved: torch.Tensor | None = None
+        self.drawn: torch.Tensor | None = None
         self.items: dict[Any, Any] | None = None
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Generator):
+            self.drawn = value.get_state()
+        elif isinstance(value, torch.Tensor):
             self.version = version_of(value)
             if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
                 self.saved = value.detach().clone()
@@ -191,6 +198,8 @@ class _Noted:
         """Put the value back; note ``where`` in ``lost`` for a tensor changed in place that
         was not copied."""
         value, items = self.value, self.items
+        if self.moved():
+            value.set_state(self.drawn)
         if self.version >= 0 and version_of(value) != self.version:
             if self.saved is None:
                 lost.append(where)
@@ -204,6 +213,10 @@ class _Noted:
         for key, noted in items.items():
             if type(noted) is _Noted:
                 noted.restore(f"{where}[{key!r}]", lost)
+
+    def moved(self) -> bool:
+        """Whether the value is a generator drawn from since."""
+        return self.drawn is not None and not torch.equal(self.value.get_state(), self.drawn)
 
 
 class AttributeState:
@@ -297,7 +310,11 @@ def _diff_items(
             # A new object of the same value (self.shape = tuple(x.shape)) is no change.
             changed = not _same_value(_value(old), value)
         elif type(old) is _Noted:
-            changed = in_place and old.version >= 0 and version_of(value) != old.version
+            # A draw from a generator is a change in place, whatever ``in_place``
+            # asks: the draw itself is state each member keeps for itself.
+            changed = old.moved() or (
+                in_place and old.version >= 0 and version_of(value) != old.version
+            )
         else:
             changed = False
         if changed:
@@ -326,8 +343,9 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _holds_own(value: Any, shared: Shared, depth: int = 0) -> bool:
-    """Whether ``value`` is or holds a tensor that is not ``shared`` (or a trace's proxy)."""
-    if isinstance(value, fx.Proxy):
+    """Whether ``value`` is or holds a tensor that is not ``shared`` (or a trace's proxy), or
+    is a generator (only a changed one is asked about: one drawn from)."""
+    if isinstance(value, (fx.Proxy, torch.Generator)):
         return True
     if isinstance(value, torch.Tensor):
         return not shared(value)
@@ -444,9 +462,9 @@ def _numpy(value: Any) -> bool:
 
 
 def _data(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is a number, a string, an enum, a numpy value, a tensor, or a
-    container (tuples and named tuples included) of only those."""
-    if isinstance(value, _PLAIN) or _kind(value) == _TENSOR or _numpy(value):
+    """Whether ``value`` is a number, a string, an enum, a numpy value, a tensor, a
+    generator (its state), or a container (tuples and named tuples included) of only those."""
+    if isinstance(value, _PLAIN) or _kind(value) in (_TENSOR, _GENERATOR) or _numpy(value):
         return True
     if depth > _DATA_DEPTH:
         return False
@@ -460,6 +478,9 @@ def _detached_copy(value: Any, memo: dict[int, Any]) -> Any:
         return known
     if isinstance(value, torch.Tensor):
         out: Any = value.detach().clone()
+    elif isinstance(value, torch.Generator):
+        out = torch.Generator(value.device)
+        out.set_state(value.get_state())
     elif not isinstance(value, frozenset) and (pairs := _items(value)) is not None:
         out = pycopy.copy(value)  # the same class (a defaultdict keeps its factory)
         memo[id(value)] = out
