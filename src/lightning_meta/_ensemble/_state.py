@@ -20,13 +20,17 @@ subclasses too, two levels deep), the in-place version of every tensor
 among those, and the names of the module's children. Modules running
 torch's own ``forward`` without hooks are not watched (their forwards store
 nothing), which keeps a model of many small torch layers cheap to watch.
-Not seen: changes inside other objects (a config, a cache object's own
-attributes, a numpy array changed in place) and deeper in containers.
+With ``keep`` (the plan timing, the grouped plan's trace), other objects
+(a ``random.Random`` or numpy generator drawn from, a counter object) are
+noted too, as their pickles (tensors and modules they refer to by identity),
+and put back in place. Not seen: changes deeper in containers, inside
+objects that do not pickle, and inside objects on calls not timed.
 
 The loop's copies keep each member's state; what they hold is carried
 (:func:`state_of`, :func:`apply_state`) into copies made again (a hook
 added), into copies and pickles of the ensemble, and into ``member(i)``:
-data only, never a function or an object that may refer to an old copy.
+data only (objects that pickle without referring to a tensor or module
+included), never a function or an object that may refer to an old copy.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from __future__ import annotations
 import collections
 import copy as pycopy
 import enum
+import io
 import numbers
+import pickle
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,6 +69,22 @@ __all__ = [
 
 # nn.Module's own bookkeeping, and what torch.compile adds.
 MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+# Values noted as they are (an object of another kind may change in place).
+_IMMUTABLE_TYPES = (
+    type(None),
+    numbers.Number,
+    str,
+    bytes,
+    enum.Enum,
+    tuple,
+    frozenset,
+    range,
+    slice,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 # Containers whose items are noted too, this deep (a dict of dicts).
 _DEPTH = 2
 # Tensors up to this size are copied to undo a change in place (a count, a
@@ -144,13 +166,83 @@ def _pairs(value: Any) -> list[tuple[Any, Any]] | None:
 _MISSING = object()
 
 
-def _note(value: Any, depth: int, keep: bool) -> Any:
+def _note(value: Any, depth: int, keep: bool, objects: dict[int, _Noted]) -> Any:
     """``value`` itself, or a :class:`_Noted` for a tensor or a container (most attributes
     are numbers and strings, noted as they are: a call is watched on every ``vmap``)."""
     kind = _kind(value)
     if kind in (_TENSOR, _GENERATOR) or (kind != _OTHER and depth <= _DEPTH):
-        return _Noted(value, depth, keep)
+        return _Noted(value, depth, keep, objects)
+    if keep and not isinstance(value, _IMMUTABLE_TYPES) and not callable(value):
+        # An object's own attributes (a random.Random, a counter, a numpy
+        # generator): noted as its pickle, only when asked (the timed runs),
+        # once however many modules hold it (a transformers config).
+        noted = objects.get(id(value))
+        if noted is None:
+            noted = objects[id(value)] = _Noted(value, depth, keep, objects)
+        return noted
     return value
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles an object's own data (classes and functions by name, as pickle does);
+    tensors, generators and modules it refers to by identity (their own changes are seen
+    elsewhere)."""
+
+    def __init__(self, file: io.BytesIO, refs: dict[int, Any]) -> None:
+        super().__init__(file, protocol=4)
+        self.refs = refs
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (torch.Tensor, torch.Generator, nn.Module)):
+            self.refs[id(obj)] = obj
+            return id(obj)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, refs: dict[int, Any]) -> None:
+        super().__init__(file)
+        self.refs = refs
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.refs[pid]
+
+
+def _pickled(value: Any) -> tuple[bytes, dict[int, Any]] | None:
+    """``value``'s data as :class:`_Pickler` writes it, or ``None`` for an object that does
+    not pickle."""
+    refs: dict[int, Any] = {}
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer, refs).dump(value)
+    except Exception:  # an object pickle cannot take (a lock, a file) is not noted
+        return None
+    return buffer.getvalue(), refs
+
+
+def _put_back(value: Any, pickled: tuple[bytes, dict[int, Any]]) -> bool:
+    """Give ``value`` the data of its pickle again, in place (other names may hold the same
+    object); ``False`` where this cannot be done."""
+    try:
+        old = _Unpickler(io.BytesIO(pickled[0]), pickled[1]).load()
+        if hasattr(value, "bit_generator"):  # a numpy Generator: its state is its bit generator's
+            value.bit_generator.state = old.bit_generator.state
+            return True
+        reduced = old.__reduce_ex__(4)
+        state = reduced[2] if isinstance(reduced, tuple) and len(reduced) > 2 else None
+        if hasattr(type(value), "__setstate__"):  # random.Random, a numpy array, ...
+            value.__setstate__(state)
+            return True
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+            for key, item in (slots or {}).items():
+                setattr(value, key, item)
+        if isinstance(state, dict):
+            vars(value).clear()
+            vars(value).update(state)
+        return isinstance(state, dict) or state is None
+    except Exception:
+        return False
 
 
 def _refill(container: Any, pairs: list[tuple[Any, Any]]) -> None:
@@ -175,16 +267,20 @@ class _Noted:
     changes in place: each member draws from its own), and its items noted in turn
     (containers)."""
 
-    __slots__ = ("drawn", "items", "saved", "value", "version")
+    __slots__ = ("changed", "drawn", "items", "pickled", "saved", "value", "version")
 
-    def __init__(self, value: Any, depth: int, keep: bool) -> None:
+    def __init__(self, value: Any, depth: int, keep: bool, objects: dict[int, _Noted]) -> None:
         self.value = value
         self.version = -1
         self.saved: torch.Tensor | None = None
         self.drawn: torch.Tensor | None = None
         self.items: dict[Any, Any] | None = None
+        self.pickled: tuple[bytes, dict[int, Any]] | None = None
+        self.changed = False  # an object's, as :meth:`look` last found
         if isinstance(value, torch.Generator):
             self.drawn = value.get_state()
+        elif _kind(value) == _OTHER:
+            self.pickled = _pickled(value)
         elif isinstance(value, torch.Tensor):
             self.version = version_of(value)
             if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
@@ -192,14 +288,17 @@ class _Noted:
         elif depth <= _DEPTH:
             pairs = _items(value)
             if pairs is not None:
-                self.items = {k: _note(v, depth + 1, keep) for k, v in pairs}
+                self.items = {k: _note(v, depth + 1, keep, objects) for k, v in pairs}
 
     def restore(self, where: str, lost: list[str]) -> None:
         """Put the value back; note ``where`` in ``lost`` for a tensor changed in place that
         was not copied."""
         value, items = self.value, self.items
         if self.moved():
-            value.set_state(self.drawn)
+            if self.drawn is not None:
+                value.set_state(self.drawn)
+            elif self.pickled is None or not _put_back(value, self.pickled):
+                lost.append(where)
         if self.version >= 0 and version_of(value) != self.version:
             if self.saved is None:
                 lost.append(where)
@@ -215,8 +314,17 @@ class _Noted:
                 noted.restore(f"{where}[{key!r}]", lost)
 
     def moved(self) -> bool:
-        """Whether the value is a generator drawn from since."""
-        return self.drawn is not None and not torch.equal(self.value.get_state(), self.drawn)
+        """Whether the value is a generator drawn from since, or an object (noted by its
+        pickle) whose data changed."""
+        if self.drawn is not None:
+            return not torch.equal(self.value.get_state(), self.drawn)
+        return self.changed
+
+    def look(self) -> None:
+        """Pickle an object again and note whether its data changed (once per object, however
+        many modules hold it: see :meth:`AttributeState._look`)."""
+        now = _pickled(self.value)
+        self.changed = now is None or self.pickled is None or now[0] != self.pickled[0]
 
 
 class AttributeState:
@@ -231,6 +339,7 @@ class AttributeState:
     def __init__(self, modules: Iterable[tuple[str, nn.Module]], *, keep: bool = False) -> None:
         pairs = list(modules)
         self.modules = [mod for _, mod in pairs]
+        self._objects: dict[int, _Noted] = {}
         self._noted = [
             (
                 path,
@@ -238,7 +347,7 @@ class AttributeState:
                 vars(mod),
                 list(children_of(mod)),
                 {
-                    key: _note(value, 0, keep)
+                    key: _note(value, 0, keep, self._objects)
                     for key, value in vars(mod).items()
                     if key not in MODULE_INTERNALS
                 },
@@ -262,7 +371,13 @@ class AttributeState:
                 found.append(f"{path}.<children>" if path else "<children>")
         return found
 
+    def _look(self) -> None:
+        for noted in self._objects.values():
+            if noted.pickled is not None:
+                noted.look()
+
     def _diff(self, counts: Callable[[Any], bool], in_place: bool) -> list[str]:
+        self._look()
         found: list[str] = []
         for path, _, attributes, _, noted in self._noted:
             now = {k: v for k, v in attributes.items() if k not in MODULE_INTERNALS}
@@ -273,6 +388,7 @@ class AttributeState:
         """Put back every noted attribute, container item, tensor value (with ``keep``, up to
         a size) and child; drop attributes and children added since. Returns the dotted
         paths of tensors changed in place that could not be put back (not copied)."""
+        self._look()
         lost: list[str] = []
         for path, mod, attributes, children, noted in self._noted:
             dot = f"{path}." if path else ""
@@ -463,9 +579,15 @@ def _numpy(value: Any) -> bool:
 
 def _data(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` is a number, a string, an enum, a numpy value, a tensor, a
-    generator (its state), or a container (tuples and named tuples included) of only those."""
+    generator (its state), an object that pickles without referring to any tensor or
+    module, or a container (tuples and named tuples included) of only those."""
     if isinstance(value, _PLAIN) or _kind(value) in (_TENSOR, _GENERATOR) or _numpy(value):
         return True
+    if _kind(value) == _OTHER and not isinstance(value, _IMMUTABLE_TYPES) and not callable(value):
+        # An object holding data only (a random.Random, a counter): no tensor
+        # or module of the copy it came from.
+        pickled = _pickled(value)
+        return pickled is not None and not pickled[1]
     if depth > _DATA_DEPTH:
         return False
     pairs = _pairs(value)
