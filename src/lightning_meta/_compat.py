@@ -66,6 +66,7 @@ __all__ = [
     "set_flop_module_tracker",
     "storage_id",
     "uncounted_attention_ops",
+    "uncounted_rnn_ops",
     "version_of",
     "write_seed_bytes",
 ]
@@ -359,6 +360,35 @@ def uncounted_attention_ops() -> dict[Any, str]:
         "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
         "_scaled_dot_product_fused_attention_overrideable": "forward",
         "_scaled_dot_product_fused_attention_overrideable_backward": "backward",
+    }
+    out: dict[Any, str] = {}
+    for name, kind in names.items():
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None and packet not in counted and packet.default not in counted:
+            out[packet.default] = kind
+    return out
+
+
+def uncounted_rnn_ops() -> dict[Any, str]:
+    """Return the ATen fused RNN kernels (LSTM/GRU/RNN layers) ``FlopCounterMode`` counts as
+    0, by kind (``"forward"`` or ``"backward"``).
+
+    ``nn.LSTM`` on the CPU runs ``mkldnn_rnn_layer`` (one call per layer and
+    direction), on CUDA ``_cudnn_rnn`` (or ``miopen_rnn``): single kernels the
+    counter has no formula for, while ``nn.GRU`` on the CPU decomposes into
+    matmuls it counts. Overloads a torch version lacks or counts are left out
+    (checked on torch 2.6, 2.13, 2.14).
+    """
+    from torch.utils import flop_counter
+
+    counted = flop_counter.flop_registry
+    names = {
+        "mkldnn_rnn_layer": "forward",
+        "mkldnn_rnn_layer_backward": "backward",
+        "_cudnn_rnn": "forward",
+        "_cudnn_rnn_backward": "backward",
+        "miopen_rnn": "forward",
+        "miopen_rnn_backward": "backward",
     }
     out: dict[Any, str] = {}
     for name, kind in names.items():

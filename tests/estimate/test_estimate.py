@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import Estimate, InputSpec, MetaTensorError, estimate
-from lightning_meta._compat import uncounted_attention_ops
+from lightning_meta._compat import uncounted_attention_ops, uncounted_rnn_ops
 from lightning_meta._estimate._run import default_loss
 
 # ---------------------------------------------------------------- the zoo
@@ -210,6 +210,28 @@ def test_flops_attention_uncounted_kept_apart() -> None:
         assert est.uncounted_backward_flops == 0
     model = rows["model"]
     assert model.uncounted_flops == est.uncounted_forward_flops + est.uncounted_backward_flops
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True}])
+def test_flops_of_a_fused_lstm_kernel_kept_apart(kwargs: dict[str, Any]) -> None:
+    # nn.LSTM on the CPU runs one fused kernel per layer (mkldnn_rnn_layer),
+    # which FlopCounterMode counts as 0: estimate reported 0 FLOPs, and 0
+    # uncounted, for the most expensive layer of the model.
+    batch, steps, size, hidden = 3, 5, 6, 16
+
+    def build() -> nn.Module:
+        return nn.LSTM(size, hidden, batch_first=True, **kwargs)
+
+    x = torch.randn(batch, steps, size)
+    est = estimate(build, x, loss_fn=lambda out: out[0].sum())
+    matrices = sum(p.numel() for p in build().parameters() if p.dim() == 2)
+    fused = bool(_dispatched(build(), x) & set(uncounted_rnn_ops()))
+    assert est.forward_flops == _real_flops(build(), x)[0]
+    # The matmuls of every layer and direction, counted as for nn.Linear
+    # (torch 2.6 and later run the fused kernel on the CPU).
+    assert fused
+    assert est.uncounted_forward_flops == 2 * batch * steps * matrices
+    assert est.uncounted_backward_flops == 2 * est.uncounted_forward_flops
 
 
 def test_input_forms_agree() -> None:

@@ -73,8 +73,9 @@ class Estimate:
     and ``backward_flops`` are what :class:`torch.utils.flop_counter.FlopCounterMode`
     counts for the real model on the same device; ``uncounted_forward_flops``
     and ``uncounted_backward_flops`` hold the FLOPs of kernels it counts as 0
-    (the CPU flash-attention kernel behind ``scaled_dot_product_attention``),
-    never folded in. ``peak_breakdown`` splits ``peak_bytes`` by what the
+    (the CPU flash-attention kernel behind ``scaled_dot_product_attention``;
+    the fused kernels of ``nn.LSTM``, counted as their matmuls, the backward
+    as twice the forward), never folded in. ``peak_breakdown`` splits ``peak_bytes`` by what the
     memory is held for at the moment of the peak; ``peak_phase`` says when
     that moment is (``forward``, ``backward`` or ``optimizer step``).
     ``method`` says how the step was simulated: in full, or for a stack of

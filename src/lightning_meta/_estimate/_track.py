@@ -21,6 +21,7 @@ from lightning_meta._compat import (
     tree_leaves,
     tree_map,
     uncounted_attention_ops,
+    uncounted_rnn_ops,
 )
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._values import Values
@@ -248,12 +249,41 @@ def _sdpa_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     )
 
 
+def _rnn_forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The matmuls of a fused RNN kernel, as ``FlopCounterMode`` counts them where the layer
+    decomposes (``nn.GRU`` on the CPU): ``2 * steps * batch`` multiply-adds per element of
+    every weight matrix (input-hidden, hidden-hidden and projection; biases and the gates'
+    element-wise math count 0, as the counter counts them)."""
+    data = args[0]
+    # Rows of the input: time x batch (a packed sequence is already flat).
+    rows = data.numel() // max(int(data.shape[-1]), 1)
+    weights = [
+        t
+        for t in tree_leaves(args[1:5] if len(args) > 4 else args[1:])
+        if isinstance(t, torch.Tensor) and t.dim() == 2
+    ]
+    return int(2 * rows * sum(int(w.numel()) for w in weights))
+
+
+def _rnn_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    # The gradients of the input (and hidden state) and of the weights: two
+    # matmuls of the forward's size each, as for nn.Linear.
+    return 2 * _rnn_forward(args, kwargs)
+
+
 _DEVICE = torch.ops.prim.device.default
-# Attention kernels FlopCounterMode has no formula for (it counts 0 for them),
-# with torch's own formulas for the math they do.
+# Attention and fused RNN kernels FlopCounterMode has no formula for (it counts
+# 0 for them), with torch's own formulas for the math attention does and the
+# counter's matmul rule for the RNN's matmuls.
 _UNCOUNTED: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]] = {
-    op: _sdpa_forward if kind == "forward" else _sdpa_backward
-    for op, kind in uncounted_attention_ops().items()
+    **{
+        op: _sdpa_forward if kind == "forward" else _sdpa_backward
+        for op, kind in uncounted_attention_ops().items()
+    },
+    **{
+        op: _rnn_forward if kind == "forward" else _rnn_backward
+        for op, kind in uncounted_rnn_ops().items()
+    },
 }
 
 
