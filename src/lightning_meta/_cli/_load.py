@@ -64,7 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--init",
         choices=["deferred", "meta"],
         default="deferred",
-        help="how to build the model (default: deferred)",
+        help="how to build the model (default: deferred); with meta, what the checkpoint "
+        "lacks (a non-persistent buffer such as a rotary inv_freq) stays on meta and is "
+        "listed under 'left on meta', not a problem of the checkpoint (exit status 0)",
     )
     p.add_argument("--dtype", help="cast floating point tensors, e.g. bfloat16")
     p.add_argument("--device", help="where the tensors end up (default: cpu)")

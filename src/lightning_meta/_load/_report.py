@@ -26,7 +26,10 @@ class LoadReport:
         unexpected: checkpoint keys the module has no place for (``strict=False`` only).
         mismatched: ``(name, shape in the model, shape in the checkpoint)``, left as they were.
         ignored: checkpoint keys outside ``prefix`` (another part of a LightningModule).
-        left_on_meta: names still on meta afterwards (never deferred, not in the checkpoint).
+        left_on_meta: names still on meta afterwards: never deferred and not in the
+            checkpoint, or deferred and skipped for their shape (``strict=False``, without
+            ``dtype=`` or ``device=``), which stay deferred (``materialize`` gives them eager's
+            values).
         tied: groups of names that share one tensor and were tied again.
         bytes_read: bytes of tensor data taken from the checkpoint.
     """
