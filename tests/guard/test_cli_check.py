@@ -68,6 +68,41 @@ def test_unpicklable_attribute_is_a_note(
     assert [r["status"] for r in rows if r["step"] == "pickle"] == ["note"]
 
 
+def test_a_failed_materialize_is_one_problem_with_its_own_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An uninitialised buffer made materialize fail, and the steps after it
+    # failed on the tensors it left deferred: 4 problems for one cause, and
+    # a closing fix telling the user to use deferred_init, which they did.
+    (tmp_path / "lm_check_uninit.py").write_text(
+        "import lightning as L, torch, lightning_meta as lm\n"
+        "class Uninit(L.LightningModule):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        with lm.deferred_init():\n"
+        "            self.net = torch.nn.Linear(4, 4)\n"
+        "            self.register_buffer('cache', torch.empty(3), persistent=False)\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+    )
+    target = f"{tmp_path / 'lm_check_uninit.py'}:Uninit"
+    assert main(["check", target, "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)["findings"]
+    problems = [r for r in rows if r["status"] == "problem"]
+    assert [(r["step"], r["path"]) for r in problems] == [("materialize deferred", "cache")]
+    assert "Fix:" in problems[0]["detail"] and "allow_uninitialized=True" in problems[0]["detail"]
+    skipped = [r["step"] for r in rows if r["detail"].startswith("not run")]
+    assert skipped == [
+        "device transfer (.to('cpu'))",
+        "state_dict round trip",
+        "optimizer construction",
+    ]
+    assert main(["check", target]) == 1
+    out = capsys.readouterr().out
+    assert "1 meta problem(s) found: the fix of each is in its row." in out
+    assert "build the module inside" not in out
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [

@@ -190,7 +190,9 @@ def _print_table(
     from lightning_meta._guard._find import FIX
 
     problems = sum(r.status == "problem" for r in rows)
-    if status:
+    if status and any(r.status == "problem" and "Fix:" in r.detail for r in rows):
+        console.print(f"{problems} meta problem(s) found: the fix of each is in its row.")
+    elif status:
         console.print(f"{problems} meta problem(s) found. {FIX}", markup=False)
     else:
         console.print("No meta problem found.")

@@ -126,16 +126,28 @@ def check_module(module: nn.Module) -> list[Row]:
                     "buffer built under deferred_init, or keep it in a MetaTemplate.",
                 )
             )
+    materialized = True
     if any(f.deferred for f in find_meta_tensors(module)):
-        rows.append(_step("materialize deferred", lambda: _materialize(module)))
+        row = _step("materialize deferred", lambda: _materialize(module))
+        rows.append(row)
+        materialized = row.status == "ok"
     strays = ", ".join(
         f.path
         for f in find_meta_tensors(module)
         if f.kind in ("parameter", "buffer") and not f.hidden
     )
-    rows.append(_step("device transfer (.to('cpu'))", lambda: module.to("cpu"), strays))
-    rows.append(_step("state_dict round trip", lambda: _round_trip(module)))
-    rows.append(_step("optimizer construction", lambda: _optimizers(module)))
+    steps: list[tuple[str, Callable[[], Any], str]] = [
+        ("device transfer (.to('cpu'))", lambda: module.to("cpu"), strays),
+        ("state_dict round trip", lambda: _round_trip(module), ""),
+        ("optimizer construction", lambda: _optimizers(module), ""),
+    ]
+    for name, fn, paths in steps:
+        if materialized:
+            rows.append(_step(name, fn, paths))
+        else:
+            # Each would fail on the tensors materialize left deferred: one
+            # cause, reported once, in the row above.
+            rows.append(Row(name, "note", "", "not run: 'materialize deferred' failed above"))
     rows.append(_step("deepcopy", lambda: copy.deepcopy(module)))
     rows.append(_step("pickle", lambda: pickle.loads(pickle.dumps(module))))
     rows.append(_step("summary", lambda: _summary(module)))
@@ -147,8 +159,12 @@ def _step(name: str, fn: Callable[[], Any], paths: str = "") -> Row:
         fn()
     except Exception as e:  # every failure becomes a row; the cause is in the detail
         status: Status = "problem" if _meta_related(e) else "note"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return Row(name, status, _path_of(e) or paths, f"{type(e).__name__}: {first}")
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        # The fix, where the message gives one after its first line.
+        fix = text[text.index("Fix:") :].split("\n\n")[0] if "Fix:" in text[len(first) :] else ""
+        detail = f"{type(e).__name__}: {first}" + (f" {' '.join(fix.split())}" if fix else "")
+        return Row(name, status, _path_of(e) or paths, detail)
     return Row(name, "ok", "", "")
 
 
