@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -736,7 +737,7 @@ class SharedTensors:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[weakref.ref[Any], int]] = {}
+        self._seen: dict[int, tuple[Callable[[], Any], int]] = {}
 
     def add(self, index: int, member: nn.Module) -> list[tuple[str, int]]:
         """Note member ``index``'s parameters and buffer-holding modules; return
@@ -757,8 +758,17 @@ class SharedTensors:
             if entry is not None and entry[0]() is obj and entry[1] != index:
                 shared.append((name or "(the member itself)", entry[1]))
             elif entry is None or entry[0]() is not obj:
-                self._seen[id(obj)] = (weakref.ref(obj), index)
+                self._seen[id(obj)] = (_reference(obj), index)
         return shared
+
+
+def _reference(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj``; a strong one where torch allows no weak one (a
+    ``torch.Generator`` before torch 2.7), held only while the members are compared."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def _generators(member: nn.Module) -> list[tuple[str, Any]]:
