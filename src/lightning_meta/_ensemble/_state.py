@@ -172,7 +172,14 @@ def _note(value: Any, depth: int, keep: bool, objects: dict[int, _Noted]) -> Any
     kind = _kind(value)
     if kind in (_TENSOR, _GENERATOR) or (kind != _OTHER and depth <= _DEPTH):
         return _Noted(value, depth, keep, objects)
-    if keep and not isinstance(value, _IMMUTABLE_TYPES) and not callable(value):
+    if (
+        keep
+        and not isinstance(value, _IMMUTABLE_TYPES)
+        and not callable(value)
+        # A large constant array is not pickled on every timed run (as a large
+        # tensor is not copied: see _KEEP_NUMEL).
+        and not (_numpy(value) and value.size > _KEEP_NUMEL)
+    ):
         # An object's own attributes (a random.Random, a counter, a numpy
         # generator): noted as its pickle, only when asked (the timed runs),
         # once however many modules hold it (a transformers config).
@@ -520,6 +527,7 @@ def state_of(module: nn.Module, *, copy: bool = False) -> CopyState:
     new copy has from the template. With ``copy``, copies of it (tensors detached; values
     that were one object stay one object)."""
     memo: dict[int, Any] = {}
+    objects: dict[int, bool] = {}
     own = owned_by(module)
     return {
         path: (
@@ -527,7 +535,7 @@ def state_of(module: nn.Module, *, copy: bool = False) -> CopyState:
             {
                 key: _detached_copy(value, memo) if copy else value
                 for key, value in vars(mod).items()
-                if key not in MODULE_INTERNALS and _data(value) and not _only(value, own)
+                if key not in MODULE_INTERNALS and _data(value, objects) and not _only(value, own)
             },
         )
         for path, mod in module.named_modules()
@@ -577,21 +585,29 @@ def _numpy(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "dtype")
 
 
-def _data(value: Any, depth: int = 0) -> bool:
+def _data(value: Any, objects: dict[int, bool], depth: int = 0) -> bool:
     """Whether ``value`` is a number, a string, an enum, a numpy value, a tensor, a
     generator (its state), an object that pickles without referring to any tensor or
-    module, or a container (tuples and named tuples included) of only those."""
+    module, or a container (tuples and named tuples included) of only those.
+
+    ``objects``: the answers for objects found so far, by id (one config object is
+    held by every module of a transformers model)."""
     if isinstance(value, _PLAIN) or _kind(value) in (_TENSOR, _GENERATOR) or _numpy(value):
         return True
     if _kind(value) == _OTHER and not isinstance(value, _IMMUTABLE_TYPES) and not callable(value):
         # An object holding data only (a random.Random, a counter): no tensor
         # or module of the copy it came from.
-        pickled = _pickled(value)
-        return pickled is not None and not pickled[1]
+        known = objects.get(id(value))
+        if known is None:
+            pickled = _pickled(value)
+            known = objects[id(value)] = pickled is not None and not pickled[1]
+        return known
     if depth > _DATA_DEPTH:
         return False
     pairs = _pairs(value)
-    return pairs is not None and all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in pairs)
+    return pairs is not None and all(
+        _data(k, objects, depth + 1) and _data(v, objects, depth + 1) for k, v in pairs
+    )
 
 
 def _detached_copy(value: Any, memo: dict[int, Any]) -> Any:
