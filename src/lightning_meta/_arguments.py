@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import functorch_disabled
+from lightning_meta._compat import functorch_disabled, is_torch_meta_error
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 
 __all__ = [
@@ -136,10 +136,15 @@ def build_on_meta(factory: Any, owner: str) -> nn.Module:
     except MetaTensorError:
         raise
     except Exception as e:
+        fix = (
+            "make the factory build the module without reading tensor values (no "
+            ".item(), .tolist(), printing or data-dependent branches)"
+            if is_torch_meta_error(e)
+            else "correct the factory: it raised this itself (see the cause above)"
+        )
         raise MetaTensorError(
             f"{owner} {name!r} failed under torch.device('meta'): {type(e).__name__}: {e}. "
-            "Fix: make the factory build the module without reading tensor values (no "
-            ".item(), .tolist(), printing or data-dependent branches)."
+            f"Fix: {fix}."
         ) from e
     if not isinstance(module, nn.Module):
         raise ArgumentTypeError(

@@ -678,6 +678,26 @@ def hook_reparametrised(module: nn.Module) -> list[str]:
     return sorted(found)
 
 
+def recomputing_hooks(module: nn.Module) -> list[tuple[Any, str]]:
+    """``module``'s own forward pre-hooks of ``spectral_norm``, ``weight_norm`` or
+    ``prune``, each with the name of the tensor attribute it recomputes.
+
+    MetaTemplate re-runs them (as a forward would) and copies their stale
+    result to meta; prune names it only in the private ``_tensor_name``.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found: list[tuple[Any, str]] = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (SpectralNorm, WeightNorm)):
+            found.append((hook, hook.name))
+        elif isinstance(hook, BasePruningMethod):
+            found.append((hook, hook._tensor_name))
+    return found
+
+
 def _hook_tables(module: nn.Module) -> tuple[dict[int, Any], ...]:
     # A plain tuple: Ensemble's loop plan reads these for every module on every call.
     return (
@@ -816,6 +836,7 @@ def module_apply(
 
 __all__ += [
     "deepcopy_module",
+    "recomputing_hooks",
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",

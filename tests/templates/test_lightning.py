@@ -308,3 +308,65 @@ def test_lightning_members_differing_in_hyperparameters_only() -> None:
     ens = lm.Ensemble(members)
     x = torch.randn(2, 4)
     torch.testing.assert_close(ens(x), torch.stack([m.lin(x) for m in members]))
+
+
+def frozen_bn_net() -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 1))
+    net[1].eval()  # frozen BatchNorm: Lightning keeps it in eval during fit
+    return net
+
+
+class FollowsTheNet(L.LightningModule):
+    """Compares template(state_from(net), x) with net(x) in every stage, same dropout draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = frozen_bn_net()
+        self.template = lm.MetaTemplate(self.net)
+        self.diffs: dict[str, float] = {}
+        self.stats_changed = False
+
+    @lm.meta_template
+    def on_demand(self) -> nn.Module:
+        return frozen_bn_net()
+
+    def compare(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        stats = self.net[1].running_mean.clone(), int(self.net[1].num_batches_tracked)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            want = self.net(x)
+        for name, template in (("attribute", self.template), ("meta_template", self.on_demand)):
+            with torch.random.fork_rng():
+                torch.manual_seed(1)
+                got = template(template.state_from(self.net), x)
+            key = f"{stage} {name}"
+            self.diffs[key] = max(self.diffs.get(key, 0.0), (got - want).abs().max().item())
+        bn = self.net[1]
+        self.stats_changed |= not torch.equal(bn.running_mean, stats[0])
+        self.stats_changed |= int(bn.num_batches_tracked) != stats[1]
+        return want
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.compare("fit", batch[0]).pow(2).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.compare("validate", batch[0])
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.compare("predict", batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:Found 1 module.s. in eval mode")
+def test_a_template_called_with_state_from_runs_in_the_net_modes(tmp_path: Path) -> None:
+    """model.eval() (validate, predict) and a frozen submodule reach the template call."""
+    model = FollowsTheNet()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    trainer.fit(model, loader(), loader())
+    trainer.validate(model, loader(), verbose=False)
+    trainer.predict(model, loader())
+    assert {k.split()[0] for k in model.diffs} == {"fit", "validate", "predict"}
+    assert all(d == 0.0 for d in model.diffs.values()), model.diffs
+    assert not model.stats_changed  # the frozen BatchNorm's running stats are the net's

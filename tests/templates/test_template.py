@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
 from torch import nn
 
 import lightning_meta as lm
+from lightning_meta._compat import module_hooks
 
 
 class Tied(nn.Module):
@@ -175,8 +177,10 @@ def test_uncached_template_deepcopies_and_refuses_to_pickle_a_lambda() -> None:
     template = lm.MetaTemplate(lambda: Tied(), cache=False)
     module = copy.deepcopy(template).module
     assert module.head.weight is module.embed.weight and module.embed.weight.is_meta
-    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        pickle.dumps(template)  # the lambda itself cannot be pickled
+    with pytest.raises(
+        lm.MetaTensorError, match=r"(?s)cannot be pickled.*module-level function.*cache=True"
+    ):
+        pickle.dumps(template)  # the lambda itself cannot be pickled (ddp_spawn)
 
 
 def test_cached_template_with_lambda_factory_pickles() -> None:
@@ -266,3 +270,199 @@ def test_on_demand_template_can_be_read_inside_vmap() -> None:
     params = {"0.weight": torch.eye(2), "0.bias": torch.zeros(2)}
     out = torch.vmap(lambda xi: owner.on_demand.eval()(params, xi))(x)
     torch.testing.assert_close(out, x)
+
+
+def test_state_from_carries_the_source_modes_submodule_by_submodule() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    template = lm.MetaTemplate(net)  # copied in training mode
+    net[1].eval()  # a frozen BatchNorm inside a net in training mode
+    x = torch.randn(6, 4)
+    running = net[1].running_mean.clone()
+    torch.manual_seed(1)
+    want = net(x)
+    torch.manual_seed(1)
+    got = template(template.state_from(net), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(net[1].running_mean, running)  # neither call updated it
+    assert template.training and template.module[1].training  # the template's own modes are back
+    net.eval()
+    state = template.state_from(net)
+    torch.testing.assert_close(template(state, x), net(x), rtol=0, atol=0)
+    torch.testing.assert_close(template(state.copy(), x), net(x), rtol=0, atol=0)
+    out = template.functional_call(dict(state), (x,), modes=net)
+    torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+    with pytest.raises(lm.MetaTensorError, match=r"modes that lack the submodule\(s\) '1', '2'"):
+        template.functional_call(dict(state), (x,), modes={"": False, "0": False, "3": False})
+
+
+def test_a_plain_mapping_runs_in_the_template_own_modes() -> None:
+    template = lm.MetaTemplate(nn.Dropout(0.5))
+    x = torch.ones(1000)
+    assert (template({}, x) == 0).any()  # documented: model.eval() does not reach it
+    torch.testing.assert_close(template.functional_call({}, (x,), modes=nn.Dropout().eval()), x)
+
+
+class Gated(nn.Module):
+    """Owns a gate and a net whose forward hook is a bound method reading the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.ones(4))
+        self.big = nn.Linear(64, 64)
+        self.net = nn.Linear(4, 4)
+        self.net.register_forward_hook(self.gate_hook)
+
+    def gate_hook(self, module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        return out * self.gate
+
+
+def test_a_bound_method_hook_of_the_owner_keeps_reading_the_live_owner() -> None:
+    owner = Gated()
+    template = lm.MetaTemplate(owner.net)
+    (hook,) = module_hooks(template.module)["forward hooks"].values()
+    assert hook.__self__ is owner  # the owner (and its real weights) was not copied
+    with torch.no_grad():
+        owner.gate.mul_(3.0)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(template(template.state_from(owner.net), x), owner.net(x))
+
+
+def normed(kind: str, *, training: bool = True) -> nn.Module:
+    """A Linear under the hook-based weight_norm / spectral_norm, after a forward and a step."""
+    torch.manual_seed(0)
+    norm = nn.utils.weight_norm if kind == "weight" else nn.utils.spectral_norm
+    net = norm(nn.Linear(4, 3)).train(training)
+    net(torch.ones(2, 4))
+    with torch.no_grad():  # an optimizer step: the weight stored by the last forward is stale
+        for name, p in net.named_parameters():
+            p.add_(0.5 if name != "weight_g" else 1.0)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_state_from_recomputes_hook_based_weight_norm_and_spectral_norm() -> None:
+    x = torch.randn(5, 4)
+    plain = lm.MetaTemplate(lambda: nn.Linear(4, 3))
+    net = normed("weight")
+    out = plain(plain.state_from(net), x)
+    torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+    out.sum().backward()
+    assert net.weight_g.grad is not None
+    for training in (True, False):
+        a, b = normed("spectral", training=training), normed("spectral", training=training)
+        torch.testing.assert_close(plain(plain.state_from(a), x), b(x), rtol=0, atol=0)
+        assert torch.equal(a.weight_u, b.weight_u)  # one power iteration each, as one forward
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_a_hook_based_weight_norm_module_is_copied_and_called() -> None:
+    x = torch.randn(5, 4)
+    for kind in ("weight", "spectral"):
+        net, twin = normed(kind), normed(kind)
+        template = lm.MetaTemplate(net)
+        assert all(t.is_meta for t in template.module.parameters())
+        torch.testing.assert_close(template(template.state_from(net), x), twin(x), rtol=0, atol=0)
+        assert template.module.weight.is_meta  # the hook's result is not kept in the template
+        assert copy.deepcopy(template).module.weight.is_meta
+
+
+class Derived(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.lin.w2 = self.lin.weight * 2
+
+
+class Locked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4))
+        self.block[0].lock = threading.Lock()
+
+
+def test_modules_that_cannot_be_copied_are_refused_by_path() -> None:
+    with pytest.raises(lm.MetaTensorError, match=r"'lin.w2' is a tensor attribute.*Fix:") as e:
+        lm.MetaTemplate(Derived())
+    assert e.value.paths == ("lin.w2",)
+    with pytest.raises(lm.MetaTensorError, match=r"cannot copy 'block.0.lock'.*Fix:") as e:
+        lm.MetaTemplate(Locked())
+    assert e.value.paths == ("block.0.lock",)
+    with pytest.raises(lm.MetaTensorError, match=r"'weight', 'bias' not initialised.*Fix:"):
+        lm.MetaTemplate(nn.LazyLinear(3))
+
+
+def test_tied_names_given_different_tensors_are_listed_in_the_one_error() -> None:
+    template = lm.MetaTemplate(Tied())
+    given = {"embed.weight": torch.zeros(10, 4), "head.weight": torch.ones(10, 4)}
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=r"(?s)2 problem.*'embed.weight', 'head.weight' "
+        r"are tied.*missing 'scale'",
+    ):
+        template(given, torch.tensor([1]))
+    same = torch.zeros(10, 4)
+    given = {"embed.weight": same, "head.weight": same, "scale": torch.ones(4)}
+    assert template(given, torch.tensor([1])).shape == (1, 10)
+
+
+def test_concurrent_calls_of_a_cached_template_use_their_own_tensors() -> None:
+    torch.manual_seed(0)
+    template = lm.MetaTemplate(lambda: nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)]))
+    given = [{k: torch.randn(s) for k, s in template.shapes().items()} for _ in range(2)]
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        want = [template(p, x) for p in given]
+    wrong: list[int] = []
+
+    def run(i: int) -> None:
+        for _ in range(100):
+            with torch.no_grad():
+                if not torch.equal(template(given[i], x), want[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+class HyperNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.t = lm.MetaTemplate(lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+        self.hyper = nn.Linear(
+            8, sum(s.numel() for s in map(torch.Size, self.target.shapes().values()))
+        )
+
+    @lm.meta_template
+    def target(self) -> nn.Module:
+        return nn.Linear(4, 5)
+
+
+def test_templates_built_inside_deferred_init_leave_the_block_exact() -> None:
+    torch.manual_seed(0)
+    eager = HyperNet()
+    after_eager = torch.rand(1)
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        deferred = HyperNet()
+    after_deferred = torch.rand(1)
+    lm.materialize(deferred)
+    assert torch.equal(after_eager, after_deferred)
+    for (k, a), (_, b) in zip(
+        eager.state_dict().items(), deferred.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    assert deferred.t.module[0].weight.is_meta and not lm.is_deferred(deferred.t.module)
+
+
+def test_a_failing_factory_gets_the_meta_fix_only_for_reading_values() -> None:
+    def missing_key() -> nn.Module:
+        raise KeyError("boom")
+
+    with pytest.raises(lm.MetaTensorError, match="KeyError: 'boom'. Fix: correct the factory"):
+        lm.MetaTemplate(missing_key)

@@ -8,47 +8,103 @@ it is not an ``nn.Module``, so ``children()``, ``parameters()``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import pickle
+import threading
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, SupportsIndex, TypeVar, overload
 
 import torch
 from torch import nn
 
 from lightning_meta._arguments import build_on_meta, describe
-from lightning_meta._compat import deepcopy_module, module_hooks, rebind_hook_closures
+from lightning_meta._compat import (
+    deepcopy_module,
+    module_hooks,
+    no_dispatch_modes,
+    rebind_hook_closures,
+    recomputing_hooks,
+)
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import tie_groups
 
-__all__ = ["MetaTemplate", "meta_template"]
+__all__ = ["MetaTemplate", "TemplateState", "meta_template"]
 
 Factory = Callable[[], nn.Module]
 _T = TypeVar("_T")
 
 
-def copy_module(module: nn.Module, make: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
+def copy_module(
+    module: nn.Module,
+    make: Callable[[str, torch.Tensor], torch.Tensor],
+    *,
+    memo: dict[int, Any] | None = None,
+) -> nn.Module:
     """Deep-copy ``module``, replacing every parameter and buffer by ``make(name, t)``.
 
     The originals are handed to :func:`copy.deepcopy` through its memo, so no
     real tensor is ever duplicated and tensors shared between submodules (tied
-    weights) stay shared in the copy.
+    weights) stay shared in the copy. ``memo`` may hold more objects to
+    replace (or keep, mapped to themselves).
     """
-    memo: dict[int, Any] = {}
+    memo = {} if memo is None else memo
     for kind, named in (("param", module.named_parameters), ("buffer", module.named_buffers)):
         for name, tensor in named(remove_duplicate=True):
             new = make(name, tensor)
             if kind == "param" and not isinstance(new, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = new
+    _keep_outside_owners(module, memo)
     # Hooks that are functions closing over the module would still read the
-    # original (deepcopy copies a function as is); bound methods move already.
+    # original (deepcopy copies a function as is); bound methods of its own
+    # submodules move with them.
     return deepcopy_module(module, memo)
 
 
+def _keep_outside_owners(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Keep hooks that are bound methods of an object outside ``module`` as they are.
+
+    ``copy.deepcopy`` copies a bound method with its ``__self__``: a hook
+    ``self.gate_hook`` of the LightningModule on ``self.net`` would copy the
+    whole LightningModule, real weights included, and then read a frozen
+    copy of them. Like a closure over the owner (``rebind_hook_closures``),
+    the hook keeps reading the live owner.
+    """
+    inside = {id(m) for m in module.modules()}
+    for sub in module.modules():
+        for table in module_hooks(sub).values():
+            for hook in table.values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(hook, types.MethodType) and id(owner) not in inside:
+                    memo[id(hook)] = hook
+
+
 def to_meta(module: nn.Module) -> nn.Module:
-    """Return a meta-device copy of ``module`` without allocating real memory."""
+    """Return a meta-device copy of ``module`` without allocating real memory.
+
+    Raises:
+        ArgumentValueError: ``module`` holds what cannot be copied (an
+            uninitialised lazy parameter, a tensor attribute computed from a
+            parameter, a lock), named by its dotted path.
+    """
+    lazy = [
+        name
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named(remove_duplicate=False)
+        if torch.nn.parameter.is_lazy(t)
+    ]
+    if lazy:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, lazy))} not "
+            "initialised yet (a lazy module such as nn.LazyLinear), so it has no shape to "
+            "copy. Fix: run one forward on an example batch before building the template, or "
+            "pass a factory that builds the module with explicit sizes.",
+            paths=lazy,
+        )
 
     def make(name: str, tensor: torch.Tensor) -> torch.Tensor:
         meta = torch.empty_like(tensor, device="meta")
@@ -56,11 +112,68 @@ def to_meta(module: nn.Module) -> nn.Module:
             return nn.Parameter(meta, requires_grad=tensor.requires_grad)
         return meta
 
-    return copy_module(module, make)
+    memo: dict[int, Any] = {}
+    derived: list[str] = []
+    for path, sub in module.named_modules():
+        # The hook recomputes this attribute from the parameters before every
+        # forward, so its value (a non-leaf deepcopy refuses) is never read.
+        computed = set()
+        for _, attr in recomputing_hooks(sub):
+            value = vars(sub).get(attr)
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = torch.empty_like(value, device="meta")
+                computed.add(attr)
+        for attr, value in vars(sub).items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.grad_fn is not None
+                and attr not in computed
+            ):
+                derived.append(f"{path}.{attr}" if path else attr)
+    if derived:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, derived))} is a "
+            "tensor attribute computed from parameters (it has a grad_fn), which cannot be "
+            "copied without its graph. Fix: compute it in forward, keep a detached copy "
+            "(`t.detach()`), or register it as a buffer (`self.register_buffer(name, "
+            "t.detach(), persistent=False)`).",
+            paths=derived,
+        )
+    try:
+        return copy_module(module, make, memo=memo)
+    except MetaTensorError:
+        raise
+    except Exception as e:
+        paths = _uncopyable(module, memo)
+        where = ", ".join(map(repr, paths)) if paths else "an attribute"
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}) cannot copy {where}: "
+            f"{type(e).__name__}: {e}. Fix: keep such objects (locks, open files, "
+            "handles) out of the module, e.g. on the LightningModule that holds it, or pass "
+            "a factory (`lambda: MyNet(...)`) that builds the template from scratch.",
+            paths=paths,
+        ) from e
+
+
+def _uncopyable(module: nn.Module, memo: dict[int, Any]) -> list[str]:
+    """Dotted paths of the attributes of ``module``'s submodules that deepcopy refuses."""
+    found = []
+    for path, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if attr in ("_parameters", "_buffers", "_modules") or isinstance(value, nn.Module):
+                continue
+            try:
+                copy.deepcopy(value, dict(memo))
+            except Exception:
+                found.append(f"{path}.{attr}" if path else attr)
+    return found
 
 
 def _build_on_meta(factory: Factory) -> nn.Module:
-    module = build_on_meta(factory, "MetaTemplate factory")
+    # The template is meta on purpose: a deferred_init block (or any dispatch
+    # mode) around it must neither record its construction nor make it fake.
+    with no_dispatch_modes():
+        module = build_on_meta(factory, "MetaTemplate factory")
     # A factory may capture modules or tensors built elsewhere; copy what is
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
@@ -73,8 +186,39 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.buffers()
 
 
+def _tensor_names(module: nn.Module) -> list[str]:
+    return [
+        *(n for n, _ in module.named_parameters(remove_duplicate=False)),
+        *(n for n, _ in module.named_buffers(remove_duplicate=False)),
+    ]
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
+
+
+class TemplateState(dict[str, torch.Tensor]):
+    """What :meth:`MetaTemplate.state_from` returns: a ``dict`` of tensors by dotted name
+    that also carries the source module's modes.
+
+    ``modes`` maps each submodule path of the template to the ``training``
+    flag of the matching submodule of the source; calling the template with
+    this mapping runs every submodule in that mode, as the source's own
+    forward would. A plain ``dict(...)`` or ``{**state}`` of it drops the
+    modes; :meth:`copy` keeps them, and so does passing ``modes=`` to
+    :meth:`MetaTemplate.functional_call`.
+    """
+
+    modes: dict[str, bool]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modes = {}
+
+    def copy(self) -> TemplateState:
+        new = TemplateState(self)
+        new.modes = dict(self.modes)
+        return new
 
 
 class MetaTemplate:
@@ -90,13 +234,23 @@ class MetaTemplate:
 
     Args:
         module_or_factory: an ``nn.Module`` on any device, copied to meta
-            (never aliased: the original is untouched and nothing of its size
-            is allocated), or a zero-argument callable returning a module,
-            called under ``torch.device("meta")``.
+            (never aliased: the original is untouched; its parameters and
+            buffers get no storage, tensors kept in plain attributes are
+            copied as they are, and hooks that are methods or closures of an
+            object outside the module keep reading that live object), or a
+            zero-argument callable returning a module, called under
+            ``torch.device("meta")`` (also inside a ``deferred_init`` block,
+            which does not record it).
         cache: with a factory, build the module once (``True``) or on every
             access to :attr:`module` (``False``: nothing is kept between
-            calls, the "build on demand" pattern). Must be ``True`` for a
-            module argument.
+            calls, the "build on demand" pattern; the factory must then be a
+            module-level function for the template to pickle). Must be
+            ``True`` for a module argument.
+
+    Raises:
+        MetaTensorError: the module holds what cannot be copied (a lazy
+            parameter, a tensor attribute with a ``grad_fn``, a lock), named
+            by its path; the factory fails or returns no module.
 
     Example::
 
@@ -111,16 +265,22 @@ class MetaTemplate:
         tensor([[3., 3.]])
 
     .. warning::
-        The template has its own ``training`` flag: the module holding it
-        cannot switch it. Call :meth:`train` / :meth:`eval` on the template
-        (as :class:`Ensemble` does) when its forward uses dropout or
-        batch normalisation.
+        The template is not a child module, so ``model.eval()`` (which
+        Lightning calls for validate, test and predict) does not reach it.
+        Call it with ``template.state_from(net)`` (or ``modes=net``) to run
+        every submodule in ``net``'s mode, frozen submodules included. With
+        a plain mapping (a hypernetwork's output) it runs in its own modes:
+        those of the module it was copied from, or as set by :meth:`train` /
+        :meth:`eval`.
     """
 
     def __init__(self, module_or_factory: nn.Module | Factory, *, cache: bool = True) -> None:
         self._factory: Factory | None
         self._module: nn.Module | None
         self._training = True
+        # functional_call swaps tensors into the one cached module: calls from
+        # several threads take turns.
+        self._lock = threading.RLock()
         if isinstance(module_or_factory, nn.Module):
             if not cache:
                 raise ArgumentValueError(
@@ -165,10 +325,18 @@ class MetaTemplate:
 
     def train(self, mode: bool = True) -> MetaTemplate:
         """Set the mode the template's forward runs in and return the template."""
-        self._training = mode
-        if self._module is not None:
-            self._module.train(mode)
+        with self._serialized():
+            self._training = mode
+            if self._module is not None:
+                self._module.train(mode)
         return self
+
+    def _serialized(self) -> contextlib.AbstractContextManager[Any]:
+        # A compiled graph takes the tensors as inputs and swaps nothing in;
+        # dynamo could not trace the lock anyway.
+        if self._module is None or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return self._lock
 
     def eval(self) -> MetaTemplate:
         """Equivalent to ``train(False)``."""
@@ -185,19 +353,31 @@ class MetaTemplate:
         """Collect the tensors of a real ``module`` that has this template's structure.
 
         Unlike ``dict(module.named_parameters())``, this follows
-        reparametrisations: a weight pruned by ``torch.nn.utils.prune`` (as
-        Lightning's ``ModelPruning`` does) is recomputed as ``weight_orig *
-        weight_mask``, so gradients reach ``weight_orig``, and parametrised
-        tensors (``torch.nn.utils.parametrize``) are evaluated.
+        reparametrisations as ``module``'s forward would: a weight pruned by
+        ``torch.nn.utils.prune`` (as Lightning's ``ModelPruning`` does) or
+        computed by the hook-based ``torch.nn.utils.weight_norm`` /
+        ``spectral_norm`` is recomputed by its hook, so gradients reach
+        ``weight_orig`` (``weight_g``, ``weight_v``), and parametrised tensors
+        (``torch.nn.utils.parametrize``) are evaluated. Like a forward in
+        training mode, spectral norm's power iteration then advances its
+        ``u`` / ``v`` buffers once: ``template(template.state_from(net), x)``
+        stands for one call ``net(x)``.
+
+        The result also carries every submodule's ``training`` flag, so the
+        template call runs each submodule in ``module``'s mode (``model.eval()``
+        for validation reaches it; a frozen BatchNorm stays in eval).
 
         Args:
             module: the real module, e.g. the one the template was copied from.
 
         Returns:
-            dotted name -> tensor, for every parameter and buffer of the template.
+            a :class:`TemplateState`: dotted name -> tensor, for every parameter
+            and buffer of the template, and ``modes``, submodule path ->
+            ``training``.
 
         Raises:
-            MetaTensorError: ``module`` lacks one of the template's tensors.
+            MetaTensorError: ``module`` lacks one of the template's tensors or
+                submodules.
 
         Example::
 
@@ -210,27 +390,35 @@ class MetaTemplate:
             >>> torch.equal(template(template.state_from(net), x), net(x))
             True
         """
-        from torch.nn.utils import prune
-
-        for sub in module.modules():
-            for hook in list(module_hooks(sub)["forward pre-hooks"].values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    hook(sub, ())
-        out: dict[str, torch.Tensor] = {}
+        template = self.module
+        out = TemplateState()
         missing = []
-        for name in self.shapes():
+        for name in _tensor_names(template):
             prefix, _, leaf = name.rpartition(".")
             try:
-                value = getattr(module.get_submodule(prefix), leaf)
+                sub = module.get_submodule(prefix)
+                # A tensor recomputed by a forward pre-hook holds the value of
+                # the last forward: run the hook as the forward would, so the
+                # tensor is current and its gradient reaches what it is made of.
+                for hook, attr in list(recomputing_hooks(sub)):
+                    if attr == leaf:
+                        hook(sub, ())
+                out[name] = getattr(sub, leaf)
             except AttributeError:
                 missing.append(name)
-                continue
-            out[name] = value
-        if missing:
+        template_paths = [p for p, _ in template.named_modules()]
+        lacking = []
+        for path in template_paths:
+            try:
+                out.modes[path] = module.get_submodule(path).training
+            except AttributeError:
+                lacking.append(path)
+        if missing or lacking:
+            listed = [*missing, *(f"{p} (a submodule)" for p in lacking)]
             raise MetaTensorError(
                 f"MetaTemplate.state_from({type(module).__name__}): the module lacks "
-                f"{', '.join(repr(n) for n in missing)}. Fix: pass a module built like the template.",
-                paths=missing,
+                f"{', '.join(repr(n) for n in listed)}. Fix: pass a module built like the template.",
+                paths=[*missing, *lacking],
             )
         return out
 
@@ -249,8 +437,18 @@ class MetaTemplate:
         *,
         strict: bool = True,
         tie_weights: bool = True,
+        modes: Mapping[str, bool] | nn.Module | None = None,
     ) -> Any:
         """Run the template's forward with the given tensors in place of its own.
+
+        Each submodule runs in the mode of the matching submodule of the
+        source when modes are given (``modes``, or a mapping returned by
+        :meth:`state_from`), and in the template's own mode otherwise; the
+        template's modes are put back after the call.
+
+        Calls from several threads are safe: on a cached template they take
+        turns (the one meta module receives the tensors of one call at a
+        time); with ``cache=False`` each call has a module of its own.
 
         Args:
             params_and_buffers: dotted name -> tensor, for every parameter and
@@ -263,22 +461,38 @@ class MetaTemplate:
                 (default). With ``False``, torch's own checks apply and
                 omitted entries stay meta.
             tie_weights: as in :func:`torch.func.functional_call`.
+            modes: the module whose submodules' modes to run in (e.g. the real
+                net the tensors come from), or submodule path -> ``training``.
+                Defaults to the modes :meth:`state_from` attached to
+                ``params_and_buffers``, if any.
 
         Returns:
             Whatever the template's ``forward`` returns.
 
         Raises:
-            MetaTensorError: ``strict`` and an entry is missing, unexpected or
-                of the wrong shape; every offending key is listed.
+            MetaTensorError: ``strict`` and an entry is missing, unexpected,
+                of the wrong shape, or a tied name given a different tensor
+                than its twin; every offending key is listed. ``modes`` lacks
+                a submodule of the template.
         """
         module = self.module
         if strict:
             self._check(module, params_and_buffers, tie_weights=tie_weights)
+        if modes is None:
+            modes = getattr(params_and_buffers, "modes", None)
+        if isinstance(modes, nn.Module):
+            modes = {path: m.training for path, m in modes.named_modules()}
         if not isinstance(args, tuple):
             args = (args,)
-        return torch.func.functional_call(
-            module, dict(params_and_buffers), args, dict(kwargs or {}), tie_weights=tie_weights
-        )
+        with self._serialized(), _computed_kept(module):
+            with _modes_set(module, modes) if modes else contextlib.nullcontext():
+                return torch.func.functional_call(
+                    module,
+                    dict(params_and_buffers),
+                    args,
+                    dict(kwargs or {}),
+                    tie_weights=tie_weights,
+                )
 
     def _check(
         self, module: nn.Module, given: Mapping[str, torch.Tensor], *, tie_weights: bool
@@ -299,6 +513,11 @@ class MetaTemplate:
             if not present or (not tie_weights and len(present) < len(names)):
                 for n in names if not present else [n for n in names if n not in given]:
                     problems[n] = f"missing {n!r} (expected shape {expected[n]})"
+            elif tie_weights and len({id(given[n]) for n in present}) > 1:
+                problems[present[0]] = (
+                    f"{', '.join(map(repr, present))} are tied in the template but were given "
+                    "different tensors (pass one of them, or tie_weights=False to untie them)"
+                )
         for name, value in given.items():
             if name not in expected:
                 close = _closest(name, expected)
@@ -330,6 +549,7 @@ class MetaTemplate:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        state.pop("_lock", None)
         if state["_module"] is not None:
             # A cached module is all that is needed; the factory may be a
             # lambda or closure that cannot be pickled.
@@ -338,6 +558,29 @@ class MetaTemplate:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __copy__(self) -> MetaTemplate:
+        new = MetaTemplate.__new__(MetaTemplate)
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        factory = self.__dict__.get("_factory")
+        if self.__dict__.get("_module") is None and isinstance(factory, types.FunctionType):
+            # pickle names a function by its qualified name; a lambda or a
+            # local function has none it can import, and the raw error would
+            # not say that a template is the cause (ddp_spawn pickles the model).
+            try:
+                pickle.dumps(factory, int(protocol))
+            except Exception as e:
+                raise ArgumentValueError(
+                    f"MetaTemplate(cache=False) with factory {describe(factory)!r} cannot be "
+                    f"pickled ({type(e).__name__}: {e}), e.g. for strategy='ddp_spawn'. Fix: "
+                    "make the factory a module-level function, or use cache=True (the built "
+                    "module is pickled instead of the factory)."
+                ) from e
+        return super().__reduce_ex__(protocol)
 
     def __repr__(self) -> str:
         if self._module is not None:
@@ -345,6 +588,50 @@ class MetaTemplate:
         else:
             body = f"factory={describe(self._factory)}"
         return f"MetaTemplate(cache={self._cache}, {body})"
+
+
+@contextlib.contextmanager
+def _computed_kept(module: nn.Module) -> Iterator[None]:
+    """Put back the attributes forward pre-hooks recompute (a pruned ``weight``) after the body.
+
+    The hook stores the value computed from the caller's tensors on the
+    template: kept, it would hold real memory and a graph (which deepcopy
+    refuses) until the next call.
+    """
+    saved = [
+        (sub, attr, vars(sub)[attr])
+        for sub in module.modules()
+        for _, attr in recomputing_hooks(sub)
+        if attr in vars(sub)
+    ]
+    try:
+        yield
+    finally:
+        for sub, attr, value in saved:
+            setattr(sub, attr, value)
+
+
+@contextlib.contextmanager
+def _modes_set(module: nn.Module, modes: Mapping[str, bool]) -> Iterator[None]:
+    """Run the body with each submodule of ``module`` in ``modes[path]``, then put back its own."""
+    subs = dict(module.named_modules())
+    lacking = sorted(set(subs) - set(modes))
+    if lacking:
+        raise MetaTensorError(
+            f"MetaTemplate({type(module).__name__}) was given modes that lack the submodule(s) "
+            f"{', '.join(map(repr, lacking))}. Fix: pass modes=<the module the tensors come "
+            "from>, built like the template, or the mapping template.state_from(module) returns.",
+            paths=lacking,
+        )
+    # Set directly, as Lightning restores modes: train() recurses and may be overridden.
+    saved = {path: sub.training for path, sub in subs.items()}
+    try:
+        for path, sub in subs.items():
+            sub.training = bool(modes[path])
+        yield
+    finally:
+        for path, sub in subs.items():
+            sub.training = saved[path]
 
 
 def _closest(name: str, candidates: Mapping[str, object], n: int = 3) -> list[str]:
@@ -400,8 +687,16 @@ def meta_template(
     Reading the attribute calls the method under ``torch.device("meta")`` and
     wraps the result in a :class:`MetaTemplate`, so the template is built on
     demand and never stored in the ``LightningModule``'s module tree,
-    ``state_dict`` or checkpoint. The template runs in the owner's mode
-    (``owner.training``) at the time of access, so ``model.eval()`` reaches it.
+    ``state_dict`` or checkpoint. Each access puts the whole template in the
+    owner's mode (``owner.training``), so ``model.eval()`` reaches it when it
+    is called with a plain mapping; called with ``template.state_from(net)``
+    it runs each submodule in ``net``'s mode instead (a frozen BatchNorm of
+    ``net`` stays in eval).
+
+    .. warning::
+        With ``cache=False`` every access builds a new module, so
+        ``torch.compile`` recompiles on every call until its recompile limit.
+        Under ``torch.compile`` use ``@lm.meta_template(cache=True)``.
 
     Args:
         builder: the method; it receives ``self`` and returns an ``nn.Module``.
