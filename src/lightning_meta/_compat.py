@@ -44,7 +44,9 @@ __all__ = [
     "active_fake_mode",
     "apply_to_tensors",
     "children_replaced",
+    "is_subclass_refusal",
     "is_swap_refusal",
+    "is_unallocated_read",
     "is_torch_meta_error",
     "is_weights_only_refusal",
     "lacks_fake_kernel",
@@ -60,6 +62,7 @@ __all__ = [
     "dispatch_mode_active",
     "foreach_supported_devices",
     "functorch_disabled",
+    "generator_overload",
     "non_persistent_of",
     "op_schema",
     "parameters_of",
@@ -199,6 +202,33 @@ def op_schema(func: Any) -> tuple[tuple[tuple[int, str], ...], bool]:
         if a.alias_info is not None and a.alias_info.is_write
     )
     return writes, any("Tensor" in str(r.type) for r in schema.returns)
+
+
+@functools.cache
+def generator_overload(func: Any) -> tuple[str, int | None] | None:
+    """Where random ATen overload ``func`` takes a generator: ``(overload to run, index)``.
+
+    ``index`` is its positional index, ``None`` when keyword-only; the result
+    is ``None`` for an op taking none in any overload (``native_dropout``).
+    ``randn.default`` and the like take none, but a sibling overload with
+    the same arguments plus ``generator`` (``randn.generator``) does: the
+    same kernel, drawing from the generator given. Replay hands each random
+    op a generator of its own. Reads ``OpOverload._schema`` and
+    ``_overloadpacket``; checked on torch 2.6, 2.13.
+    """
+    packet = func._overloadpacket
+    namespace, base, overload = str(func).split(".")
+    own = [a.name for a in func._schema.arguments]
+    for candidate in (overload, *packet.overloads()):
+        args = getattr(packet, candidate)._schema.arguments
+        names = [a.name for a in args]
+        if "generator" not in names:
+            continue
+        if candidate != overload and [n for n in names if n != "generator"] != own:
+            continue
+        index = names.index("generator")
+        return f"{namespace}.{base}.{candidate}", None if args[index].kwarg_only else index
+    return None
 
 
 def write_seed_bytes(state: torch.Tensor, head: bytes) -> None:
@@ -418,6 +448,17 @@ def lacks_fake_kernel(e: BaseException) -> bool:
 def is_swap_refusal(e: BaseException) -> bool:
     """Whether ``e`` is ``Module._apply`` refusing to swap tensors (``.to()`` of fake tensors)."""
     return "Couldn't swap" in str(e)
+
+
+def is_unallocated_read(e: BaseException) -> bool:
+    """Whether ``e`` is torch's C++ reading a fake tensor's data (``torch.tensor([fake, ...])``)."""
+    return "data is not allocated yet" in str(e)
+
+
+def is_subclass_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is torch refusing to make a tensor subclass of a fake tensor (``as_subclass``)."""
+    text = str(e)
+    return "Creating a new Tensor subclass" in text and "FakeTensor" in text
 
 
 def is_weights_only_refusal(e: BaseException) -> bool:

@@ -13,6 +13,8 @@ recorded, and where it was issued), ``_escaped`` (fake tensors left outside
 the modules), ``_record`` (the op log), ``_handles`` (the one owner of what
 is pending and what is done), ``_materialize`` (the public ``materialize``),
 ``_fallback`` (``reset_parameters`` recorded, then replayed), ``_replay``
-(re-running a slice of the log exactly), ``_load_hooks`` (``load_state_dict``
+(re-running a slice of the log exactly, on private generators), ``_ambient``
+(the settings that change values, noted per op and set again in replay),
+``_load_hooks`` (``load_state_dict``
 on deferred modules).
 """

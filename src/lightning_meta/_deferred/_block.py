@@ -25,6 +25,7 @@ from lightning_meta._deferred._handles import (
     attach_item,
     deferred_slots,
     handle_of,
+    mark_on_meta,
     rebuilt,
 )
 from lightning_meta._deferred._load_hooks import install_load_hooks
@@ -140,6 +141,9 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
         yield  # nested: the outer block records everything
         return
     record = Record()
+    # Entered inside torch.device("meta") (fabric.init_module(empty_init=True)):
+    # every tensor is on meta, which materialize refuses (see check_deferred).
+    record.outer_meta = torch.get_default_device().type == "meta"
     converted: set[int] = set()
     recorder: Recorder | None = None
     try:
@@ -218,9 +222,17 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
                 with_history.append((vid, t))
         return meta, handle, vid
 
-    def convert(slot: Slot) -> None:
+    def convert(slot: Slot) -> bool:
         t = slot.tensor
         meta, handle, vid = meta_of(t)
+        if t.device.type == "meta" and not record.outer_meta:
+            # Made on meta on purpose (device="meta", a torch.device("meta")
+            # block inside, a MetaTemplate's factory): eager leaves it there.
+            mark_on_meta(slot.owner, slot.name, meta)
+            memo[id(t)] = (meta, None)
+            converted.add(id(t))
+            slot.put(meta)
+            return False
         handle = attach(record, slot.owner, slot.name, meta, vid, handle)
         if slot.kind != "attr":
             held[id(t)] = vid
@@ -230,22 +242,26 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         memo[id(t)] = (meta, handle)
         converted.add(id(t))
         slot.put(meta)
+        return True
 
     def convert_item(module: nn.Module, attr: str, keys: tuple[Any, ...], t: torch.Tensor) -> Any:
         meta, handle, vid = meta_of(t)
+        converted.add(id(t))
+        if t.device.type == "meta" and not record.outer_meta:
+            memo[id(t)] = (meta, None)
+            return meta  # on meta on purpose, as above: no handle, stays meta
         handle = attach_item(record, module, attr, keys, meta, vid, handle)
         memo[id(t)] = (meta, handle)
-        converted.add(id(t))
+        items[0] += 1
         return meta
 
     # Submodules can arrive without a registration hook (deepcopy in
     # nn.TransformerEncoder's _get_clones), so walk down from every tracked one.
     owners: list[nn.Module] = []
+    items = [0]  # container items made deferred, counted by convert_item
     for module in _walk(roots).values():
-        fakes = _fake_slots(module)
-        for slot in fakes:
-            convert(slot)
-        contained = False
+        before = items[0]
+        deferred = [convert(slot) for slot in _fake_slots(module)]
         for attr, value in list(vars(module).items()):
             if (
                 isinstance(value, _SEQUENCES)
@@ -253,9 +269,10 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
                 and not attr.startswith("_lightning_meta")
                 and _holds_fake(value)
             ):
-                contained = True
                 module.__dict__[attr] = _convert_container(value, (), attr, module, convert_item)
-        if fakes or contained:
+        # A module holding meta tensors only (a shape-only helper, a
+        # template's module) gets no load hooks: nothing of it is deferred.
+        if any(deferred) or items[0] > before:
             owners.append(module)
     for vid, t in with_history:
         reached = {held[i] for i in _leaves(t) if i in held}

@@ -24,6 +24,17 @@ from lightning_meta._errors import MetaTensorError
 __all__ = ["close_fake_mode", "escaped_site"]
 
 
+def _refusal(call: str, site: str) -> MetaTensorError:
+    return MetaTensorError(
+        f"{call} was called on a tensor created inside a deferred_init block at {site}, "
+        "after the block ended. It is not a parameter, buffer or attribute (or an item of "
+        "a list, tuple or dict attribute) of a module built in the block, so materialize "
+        "cannot give it values: it holds none. Fix: register it on the module "
+        "(self.register_buffer(name, t, persistent=False), or a plain attribute), or "
+        "create it after materialize."
+    )
+
+
 class _ClosedFakeMode(FakeTensorMode):
     """The fake mode of a finished block: every op on its tensors raises."""
 
@@ -41,14 +52,58 @@ class _ClosedFakeMode(FakeTensorMode):
             if isinstance(x, FakeTensor):
                 site = self.escaped.get(x, site)
                 break
-        raise MetaTensorError(
-            f"{func} was called on a tensor created inside a deferred_init block at {site}, "
-            "after the block ended. It is not a parameter, buffer or attribute (or an item of "
-            "a list, tuple or dict attribute) of a module built in the block, so materialize "
-            "cannot give it values: it holds none. Fix: register it on the module "
-            "(self.register_buffer(name, t, persistent=False), or a plain attribute), or "
-            "create it after materialize."
-        )
+        raise _refusal(str(func), site)
+
+
+# Tensor methods that return the tensor itself, or read its memory, without an
+# ATen call the closed mode would see: ``t.to("cpu")`` on a tensor already
+# there, ``t.float()`` on a float tensor, ``.numpy()``, pickling.
+_SILENT = (
+    "to",
+    "cpu",
+    "cuda",
+    "type",
+    "type_as",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "int",
+    "long",
+    "short",
+    "char",
+    "byte",
+    "bool",
+    "contiguous",
+    "numpy",
+    "tolist",
+    "data_ptr",
+    "untyped_storage",
+    "storage",
+    "__array__",
+    "__dlpack__",
+    "__reduce_ex__",
+    "__deepcopy__",
+)
+
+
+def _refused(name: str) -> Any:
+    def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        mode = getattr(self, "fake_mode", None)
+        escaped = getattr(mode, "escaped", None)
+        site = escaped.get(self, "<unknown>") if escaped is not None else "<unknown>"
+        raise _refusal(f"Tensor.{name}", site)
+
+    method.__name__ = name
+    return method
+
+
+class _EscapedTensor(FakeTensor):
+    """The class of a finished block's fake tensors: their first use of any kind raises."""
+
+
+for _name in _SILENT:
+    setattr(_EscapedTensor, _name, _refused(_name))
 
 
 def close_fake_mode(mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor, str]]) -> None:
@@ -56,6 +111,8 @@ def close_fake_mode(mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor
     escaped = WeakIdKeyDictionary()
     for t, site in leftovers:
         escaped[t] = site
+        if type(t) is FakeTensor:
+            t.__class__ = _EscapedTensor
     mode.__class__ = _ClosedFakeMode
     mode.escaped = escaped  # type: ignore[attr-defined]
 

@@ -27,8 +27,14 @@ from lightning_meta._slots import Slot
 __all__ = ["reset_parameters"]
 
 
-def reset_parameters(plain: list[Slot], device: torch.device) -> None:
+def reset_parameters(
+    plain: list[Slot], device: torch.device, dtype: torch.dtype | None = None
+) -> None:
     """Initialise never-deferred meta tensors with their modules' ``reset_parameters()``.
+
+    ``dtype``: floating point results are cast to it afterwards, as
+    ``module.to(dtype)`` casts (``reset_parameters()`` draws in the tensors'
+    own dtype, as it would eagerly before the cast).
 
     Raises:
         MaterializationError: ``reset_parameters()`` leaves a tensor wholly or
@@ -84,7 +90,7 @@ def reset_parameters(plain: list[Slot], device: torch.device) -> None:
         if recorder is not None:
             close(recorder, converted)
     wanted = {vid: path for path, vid in vids.items()}
-    values = replay(record, wanted, device=device)
+    values = replay(record, wanted, device=device, dtype=dtype)
     record.release()
     real: dict[int, torch.Tensor] = {}  # tied slots get one object
     for slot in plain:

@@ -38,7 +38,10 @@ __all__ = ["conversion_refused", "value_reads"]
 
 Reader = Callable[[torch.Tensor, str], torch.Tensor]
 
-_METHODS = ("numpy", "tolist")
+# ``__dlpack__`` (torch.from_dlpack) would hand out a bogus data pointer, and
+# ``__reduce_ex__`` (torch.save, pickle) fails on the fake mode it refers to:
+# both get the real value, as ``.numpy()`` does.
+_METHODS = ("numpy", "tolist", "__dlpack__", "__reduce_ex__")
 _READERS: dict[int, Reader] = {}  # id of an open block's fake mode -> its reader
 _SAVED: dict[str, Any] = {}
 _LOCK = threading.Lock()

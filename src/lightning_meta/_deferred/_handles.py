@@ -42,6 +42,9 @@ __all__ = [
     "wait_for_base",
     "dress_like",
     "item_slots",
+    "mark_on_meta",
+    "on_meta_on_purpose",
+    "keep_ahead",
     "deferred_paths",
     "deferred_slots",
     "done",
@@ -334,10 +337,45 @@ def own_deferred(module: nn.Module) -> list[tuple[Slot, Handle]]:
     return out
 
 
+# The ``__dict__`` entry of a module mapping the names of tensors a block made
+# on meta on purpose to those meta tensors (held, so deepcopy and pickle keep
+# the identity the check below relies on).
+ON_META_ATTR = "_lightning_meta_on_meta"
+
+
+def mark_on_meta(module: nn.Module, name: str, meta: torch.Tensor) -> None:
+    """Note that ``module.name`` (``meta``) was made on the meta device inside a block on purpose.
+
+    ``nn.Linear(3, 3, device="meta")`` or a ``with torch.device("meta")``
+    inside the block: eager construction leaves it on meta, so
+    ``materialize`` leaves it there too.
+    """
+    module.__dict__.setdefault(ON_META_ATTR, {})[name] = meta
+
+
+def on_meta_on_purpose(slot: Slot) -> bool:
+    """Whether ``slot`` still holds a tensor its block made on meta on purpose."""
+    table: dict[str, torch.Tensor] = slot.owner.__dict__.get(ON_META_ATTR) or {}
+    return table.get(slot.name) is slot.tensor
+
+
 def done(handle: Handle) -> torch.Tensor | None:
     """Return the real tensor already made for ``handle``'s value (a tie's other end), if alive."""
+    ahead = handle.record.ahead.get(handle.vid)
+    if ahead is not None:
+        return ahead
     ref = handle.record.materialized.get(handle.vid)
     return ref() if ref is not None else None
+
+
+def keep_ahead(handle: Handle, tensor: torch.Tensor) -> None:
+    """Hold ``tensor`` as the real value of ``handle``, made before its own module is materialized.
+
+    It shares memory with a tensor materialized now, as eager's does: held
+    strongly (nothing else refers to it yet) until ``handle`` is settled.
+    """
+    handle.record.ahead[handle.vid] = tensor
+    mark_done(handle, tensor)
 
 
 def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> None:
@@ -554,16 +592,28 @@ def refuse_graded(made: dict[str, str], what: str) -> None:
         MaterializationError: always, naming the paths, the ops and the fix.
     """
     where = "; ".join(f"{p!r} ({m})" for p, m in sorted(made.items()))
+    old_hooks = sorted(p for p, m in made.items() if _OLD_HOOK_OPS.intersection(m.split()))
+    hint = (
+        f"Fix for {old_hooks}: made by the hook of torch.nn.utils.weight_norm, which "
+        "recomputes them in every forward; use torch.nn.utils.parametrizations.weight_norm "
+        "instead, or apply weight_norm after materialize. Otherwise: "
+        if old_hooks
+        else "Fix: "
+    )
     raise MaterializationError(
         f"{what} cannot reproduce {where}: in eager construction each is computed from a "
         "parameter with autograd recording, so gradients flow through it into the "
         "parameter; here it would be a separate tensor (not a view of the parameter, or the "
-        "parameter is cast, moved, or filled in another call), which no gradient reaches. "
-        "Fix: compute it in forward, or make it under torch.no_grad() (or .detach() it) "
+        f"parameter is cast, moved, or filled in another call), which no gradient reaches. "
+        f"{hint}compute it in forward, or make it under torch.no_grad() (or .detach() it) "
         "where no gradient should flow; or materialize or load the whole model in one call, "
         "in its own dtype, on the CPU.",
         paths=sorted(made),
     )
+
+
+# What the old hook-based torch.nn.utils.weight_norm computes its weight with.
+_OLD_HOOK_OPS = frozenset({"aten._weight_norm_interface.default", "aten._weight_norm.default"})
 
 
 def _extent(value: Value) -> tuple[int, int]:
@@ -574,6 +624,7 @@ def _extent(value: Value) -> tuple[int, int]:
 def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:
     """Note that ``slot`` now holds ``tensor``, the real value of ``handle``."""
     mark_done(handle, tensor)
+    handle.record.ahead.pop(handle.vid, None)
     handle.record.pending.discard(handle)
     if isinstance(slot, ItemSlot):
         _drop_item(slot.owner, _item_path(slot.name, slot.keys), handle)
@@ -596,6 +647,7 @@ def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
     if current is not None and (handle is None or current is handle):
         del table[name]
         current.record.pending.discard(current)
+        current.record.ahead.pop(current.vid, None)
 
 
 def forget(module: nn.Module, names: Iterable[str]) -> None:

@@ -102,6 +102,9 @@ class Lineage:
         # Storage -> None (all bytes uninitialised) or a byte map (1: written).
         self.uninit: dict[int, torch.Tensor | None] = {}
         self.sites: dict[int, str] = {}
+        # Deterministic algorithms fill torch.empty (and resize_'s new bytes)
+        # with NaN or the integer maximum: defined values, not garbage.
+        self.fills_empty = False
 
     def new_storage(self, storage: int, nbytes: int) -> None:
         """Note a storage first met while recording (initialised, unless an op says otherwise)."""
@@ -113,6 +116,8 @@ class Lineage:
         if nbytes <= old:
             return
         self.nbytes[storage] = nbytes
+        if self.fills_empty:
+            return
         if storage in self.uninit and self.uninit[storage] is None:
             return  # all of it was uninitialised already
         with _compat.no_python_dispatch():
@@ -185,7 +190,7 @@ class Lineage:
                 self.flags[storage] = flags
             if origin:
                 self.sites[storage] = origin
-            if kind == MAKES_UNINIT:
+            if kind == MAKES_UNINIT and not self.fills_empty:
                 self.uninit[storage] = None
                 self.sites[storage] = f"{name.rsplit('.', 1)[0]} at {site}"
         kills: frozenset[int] = frozenset()

@@ -124,6 +124,11 @@ def _fill_before_copy(
             continue
         if value.shape != old.shape:
             continue  # torch reports the mismatch; the tensor stays deferred
+        if assign:
+            # Made ahead for sharing memory with a tensor materialized before
+            # (see _materialize._sharing): eager's assign=True puts the loaded
+            # tensor in its place, and the other keeps the old memory.
+            handle.record.ahead.pop(handle.vid, None)
         new = done(handle)
         if new is None:
             if assign:

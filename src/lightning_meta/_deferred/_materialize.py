@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,8 +26,10 @@ from lightning_meta._deferred._handles import (
     handle_of,
     handles_of,
     item_slots,
+    keep_ahead,
     lone_module,
     made_for,
+    on_meta_on_purpose,
     pending_base,
     refuse_apart,
     refuse_graded,
@@ -268,7 +270,7 @@ def materialize_paths(
         slot.put(tensor)
     _complete_records(walk, replayed, remap)
     if plain:
-        reset_parameters(plain, target)
+        reset_parameters(plain, target, dtype)
     logger.debug(
         "materialized %d deferred (%d of them sharded) and %d plain meta tensors",
         len(deferred) + len(sharded),
@@ -360,6 +362,8 @@ def _split(
         if handle is not None:
             deferred.append((slot, handle))
             continue
+        if on_meta_on_purpose(slot):
+            continue  # eager construction leaves it on meta
         real = made_for(slot.tensor)
         if real is None:
             plain.append(slot)
@@ -430,10 +434,16 @@ def _replay_records(
         per_record.setdefault(handle.vid, slot.path)
     if apart:
         refuse_apart(sorted(apart), "materialize")
+    sharing = _sharing(deferred, place)
+    for key, group in sharing.items():
+        wanted = targets[key][1]
+        for vid, (_, path) in group.items():
+            wanted.setdefault(vid, f"(sharing memory with {path!r})")
     produced: dict[tuple[int, int, _Place], torch.Tensor] = {}
     for (_, (to, cast)), (record, wanted) in targets.items():
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid, (to, cast))] = t
+    _keep_ahead(sharing, targets, produced)
     ready: dict[int, torch.Tensor] = {}
     for slot, handle in deferred:
         where = place(slot)
@@ -447,6 +457,65 @@ def _replay_records(
         ready[id(slot)] = by_place[key]
     _graded_views(deferred, ready)
     return ready, {id(record): record for record, _ in targets.values()}
+
+
+def _sharing(
+    deferred: list[tuple[Slot, Handle]], place: Callable[[Slot], _Place]
+) -> dict[tuple[int, _Place], dict[int, tuple[Handle, str]]]:
+    """Return the deferred parameters and buffers outside this call sharing memory with one in it.
+
+    By record and place, value id -> (handle, path of the tensor in the call
+    it shares with). In eager construction ``nn.Parameter(emb.weight[:2])``,
+    ``Embedding(_weight=emb.weight.data)`` or ``p.data = q.data`` share one
+    storage: an update of one (an optimizer step) is seen by the others.
+    Materialized module by module, each would get its own memory; so the
+    others are replayed with it, from the same storage, and kept until their
+    own modules are materialized (:func:`_keep_ahead`).
+    """
+    in_call = {(id(h.record), h.vid) for _, h in deferred}
+    found: dict[tuple[int, _Place], dict[int, tuple[Handle, str]]] = {}
+    for slot, handle in deferred:
+        record = handle.record
+        if slot.kind == "attr" or record.released or not record.values or handle.replaced():
+            continue
+        owned = record.owned.get(record.values[handle.vid].storage, ())
+        others = {v for v in owned if (id(record), v) not in in_call}
+        if not others:
+            continue
+        group = found.setdefault((id(record), place(slot)), {})
+        for other in list(record.pending):
+            if (
+                other.vid in others
+                and other.vid not in group
+                and done(other) is None
+                and not other.replaced()
+            ):
+                group[other.vid] = (other, slot.path)
+    return {key: group for key, group in found.items() if group}
+
+
+def _keep_ahead(
+    sharing: dict[tuple[int, _Place], dict[int, tuple[Handle, str]]],
+    targets: dict[tuple[int, _Place], tuple[Record, dict[int, str]]],
+    produced: dict[tuple[int, int, _Place], torch.Tensor],
+) -> None:
+    """Keep the replayed tensors of :func:`_sharing` that share memory with this call's, for later.
+
+    One cast or moved apart from the others (``dtype=``, ``device=``) shares
+    nothing, as after eager's ``module.to()``: it is replayed in its own turn.
+    """
+    for key, group in sharing.items():
+        record, wanted = targets[key]
+        place = key[1]
+        here = {
+            produced[(id(record), vid, place)].untyped_storage().data_ptr()
+            for vid in wanted
+            if vid not in group
+        }
+        for vid, (handle, _) in group.items():
+            value = produced[(id(record), vid, place)]
+            if value.untyped_storage().data_ptr() in here:
+                keep_ahead(handle, dress_like(handle.tensor, value, handle.attrs))
 
 
 def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
@@ -525,7 +594,6 @@ def check_deferred(
     """
     # One pass over the tensors (the checks are per record or cheap per tensor);
     # the errors are raised below in order of what to fix first.
-    meta_draws: dict[int, bool] = {}
     on_meta: list[str] = []
     modified: list[str] = []
     released: list[str] = []
@@ -545,10 +613,7 @@ def check_deferred(
                 replaced.append(s.path)
             elif t.dtype != value.dtype:
                 recast[id(t)] = t.dtype
-        drew = meta_draws.get(id(record))
-        if drew is None:
-            drew = meta_draws[id(record)] = any(st.device.type == "meta" for st in record.streams)
-        if drew:
+        if record.outer_meta:
             on_meta.append(s.path)
         if _compat.version_of(s.tensor) != h.version:
             modified.append(s.path)
@@ -561,13 +626,12 @@ def check_deferred(
     if on_meta:
         on_meta.sort()
         raise MaterializationError(
-            f"materialize cannot reproduce {on_meta}: their deferred_init block drew random "
-            "numbers on the meta device (it ran inside a torch.device('meta') context, such as "
-            "fabric.init_module(empty_init=True) or trainer.init_module(empty_init=True) under "
-            "ModelParallelStrategy or FSDPStrategy), "
-            "where eager construction gives no values at all. Fix: leave empty_init unset "
-            "(deferred_init already keeps the model on meta), or enter deferred_init outside "
-            "the meta device context.",
+            f"materialize cannot reproduce {on_meta}: their deferred_init block was entered "
+            "inside a torch.device('meta') context (such as fabric.init_module(empty_init=True) "
+            "or trainer.init_module(empty_init=True) under ModelParallelStrategy or "
+            "FSDPStrategy), so every tensor was built on meta, where eager construction gives "
+            "no values at all. Fix: leave empty_init unset (deferred_init already keeps the "
+            "model on meta), or enter deferred_init outside the meta device context.",
             paths=on_meta,
         )
     if replaced:

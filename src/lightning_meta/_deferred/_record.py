@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lightning_meta import _compat
+from lightning_meta._deferred._ambient import Ambient
 
 # In-place draws whose numbers depend only on the generator and the layout of
 # the tensor they fill (never on its old values): the recorder keeps the last
@@ -147,6 +148,11 @@ class Record:
     outside ``torch.no_grad()``: gradients flow through it into the weight),
     with the op and ``file:line`` that made them.
 
+    ``ambient`` holds ``(op index, settings)`` alike for the settings that
+    change what an op computes (deterministic algorithms, matmul precision,
+    denormal flushing: see ``_ambient``); ``inference`` whether the block ran
+    in inference mode.
+
     ``pending``, ``materialized``, ``copied`` and ``waiting`` are changed by ``_handles`` only, the one
     owner of that bookkeeping (copying and pickling below rebuild them).
     """
@@ -163,6 +169,11 @@ class Record:
         self.ends: dict[str, torch.Tensor] = {}
         self.random_index: dict[int, list[int]] = {}
         self.dtypes: list[tuple[int, torch.dtype]] = []
+        # (op index, settings) from where the settings that change values took them.
+        self.ambient: list[tuple[int, Ambient]] = []
+        self.inference = torch.is_inference_mode_enabled()
+        # Whether the block was entered inside a torch.device("meta") context.
+        self.outer_meta = False
         self.garbage: dict[int, str] = {}
         self.graded: dict[int, Graded] = {}
         # The value ids held as parameters or buffers when the block ended,
@@ -174,6 +185,9 @@ class Record:
         # record open forever.
         self.pending: weakref.WeakSet[Any] = weakref.WeakSet()  # of _handles.Handle
         self.materialized: dict[int, weakref.ref[torch.Tensor]] = {}
+        # Real tensors made for values still pending, which share memory with
+        # tensors materialized before them (``_materialize._sharing``).
+        self.ahead: dict[int, torch.Tensor] = {}
         # The storage each of ``materialized`` was made with: one given other
         # data since (``.data = ...``) is no base of eager's views any more.
         self.made_in: dict[int, int] = {}
@@ -198,6 +212,14 @@ class Record:
         pos = bisect.bisect_right(marks, i, key=lambda m: m[0]) - 1
         return marks[max(pos, 0)][1] if marks else torch.get_default_dtype()
 
+    def ambient_at(self, i: int) -> Ambient | None:
+        """Return the settings in force when op ``i`` was recorded (``None``: none noted)."""
+        marks = self.ambient
+        if len(marks) <= 1:
+            return marks[0][1] if marks else None
+        pos = bisect.bisect_right(marks, i, key=lambda m: m[0]) - 1
+        return marks[max(pos, 0)][1]
+
     def release(self) -> None:
         """Drop the op log once nothing is pending.
 
@@ -207,6 +229,7 @@ class Record:
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
         self.snapshots = {}
         self.random_index = {}
+        self.ahead = {}
         self.released = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -227,6 +250,10 @@ class Record:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("ambient", [])  # pickled before settings were noted
+        state.setdefault("ahead", {})
+        state.setdefault("outer_meta", any(s.device.type == "meta" for s in state["streams"]))
+        state.setdefault("inference", False)
         state["constants"] = {
             vid: (t, _compat.version_of(t) - writes)
             for vid, (t, writes) in state["constants"].items()
@@ -247,6 +274,7 @@ class Record:
         new.ends = dict(self.ends)
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
+        new.ahead = copy.deepcopy(self.ahead, memo)
         new.made_in = {}
         new.copied = set()
         new.waiting = []

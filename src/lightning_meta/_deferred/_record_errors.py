@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 from types import CodeType
 from typing import NamedTuple
@@ -23,7 +24,7 @@ from lightning_meta import _compat
 from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
-__all__ = ["TensorPath", "path_of", "recording_error", "user_site"]
+__all__ = ["TensorPath", "path_of", "recording_error", "torch_refusal", "user_site"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -151,3 +152,38 @@ def recording_error(
         f"deferred_init cannot record {op}{where} issued at {user_site(2)}: it {what}. Fix: {fix}.",
         paths=(path.dotted,) if path is not None else (),
     )
+
+
+def _raised_at(e: BaseException) -> str:
+    """Return ``file:line`` of the innermost frame of ``e``'s traceback outside torch and this package."""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        name = frame.filename
+        if not (name.startswith((_TORCH_DIR, _OWN_DIR)) or name.endswith(_STDLIB_WRAPPERS)):
+            return f"{name}:{frame.lineno}"
+    return "<unknown>"
+
+
+def torch_refusal(e: BaseException) -> MaterializationError | None:
+    """Return the package's error for torch failing on the block's fake tensors outside dispatch.
+
+    What torch's C++ does without an ATen call the recorder sees: reading a
+    tensor's memory (``torch.tensor([t0, t1])``), making a tensor subclass
+    (``t.as_subclass(MyTensor)``). ``None`` when ``e`` is neither.
+    """
+    if _compat.is_unallocated_read(e):
+        return MaterializationError(
+            f"deferred_init cannot record a read of tensor values by torch's C++ code "
+            f"(torch.tensor() or torch.as_tensor() of tensors, or a list of them) issued at "
+            f"{_raised_at(e)}: the tensors of a deferred_init block hold no data. Fix: combine "
+            "tensors with torch.stack or torch.cat, compute the values from Python numbers, "
+            "or build this part of the model outside deferred_init and assign it afterwards."
+        )
+    if _compat.is_subclass_refusal(e) and "Uninitialized" not in str(e):  # lazy modules: _block
+        return MaterializationError(
+            f"deferred_init cannot record making a tensor subclass (Tensor.as_subclass, "
+            f"Tensor._make_subclass) issued at {_raised_at(e)}: the tensors of a deferred_init "
+            "block are FakeTensors, which cannot become another class. Fix: keep a plain "
+            "tensor in the module and wrap it in forward, or build this tensor after "
+            "materialize and assign it then."
+        )
+    return None

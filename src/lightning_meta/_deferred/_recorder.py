@@ -25,12 +25,14 @@ captured real tensors) raises at record time, naming the op, the source
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.utils.parametrize
 from torch import nn
 
 from lightning_meta import _compat
@@ -41,6 +43,8 @@ from lightning_meta._compat import (
     RecordingDispatchMode,
     UnsupportedOperatorException,
 )
+from lightning_meta._deferred import _ambient
+from lightning_meta._deferred._ambient import Ambient
 from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
 from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Stream
@@ -73,6 +77,7 @@ class _OpInfo:
     converts: bool  # what Tensor.to() runs: refused when Module.to() issues it
     keepable: bool  # an in-place draw of ``_KEEPABLE``: fills ``self`` and returns it
     fill: bool  # ``zero_`` or ``fill_`` with a number: fills ``self`` and returns it
+    sets_storage: bool  # ``set_`` onto a storage: how torch.load rebuilds a tensor
 
 
 @functools.cache
@@ -85,7 +90,8 @@ def _info(func: Any) -> _OpInfo:
     keepable = base in _KEEPABLE and writes == ((0, "self"),)
     fill = name in _FILLS and writes == ((0, "self"),)
     converts = name == "aten._to_copy.default"
-    return _OpInfo(name, writes, random, returns_tensor, converts, keepable, fill)
+    sets_storage = base == "aten.set_" and "Storage" in name
+    return _OpInfo(name, writes, random, returns_tensor, converts, keepable, fill, sets_storage)
 
 
 @functools.cache
@@ -156,6 +162,19 @@ def _in_module_apply() -> bool:
     return False
 
 
+_PARAMETRIZE_DIR = os.path.dirname(torch.nn.utils.parametrize.__file__) + os.sep + "parametriz"
+
+
+def _in_parametrization() -> bool:
+    """Whether torch's ``parametrize`` or ``parametrizations`` code is running (up the stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PARAMETRIZE_DIR):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 def in_initializer() -> bool:
     """Whether a ``torch.nn.init`` function is running (somewhere up the caller's stack)."""
     frame = sys._getframe(1)
@@ -190,6 +209,9 @@ class Recorder(RecordingDispatchMode):
         self._streams: dict[int | torch.device, int] = {}
         self._generators: list[torch.Generator] = []  # keeps their ids unique while recording
         self._dtype: torch.dtype | None = None
+        self._settings: _ambient.Settings | None = None
+        # Read once: torch has no getter, and the test costs a real op.
+        self._flush = _ambient.flush_denormal()
         # The last draw of an initialiser, by op index, and the one not logged yet:
         # ``trunc_normal_`` reads what it just drew, and the read copies it.
         self._kept: tuple[int, torch.Tensor] | None = None
@@ -260,13 +282,23 @@ class Recorder(RecordingDispatchMode):
             )
         if flags & RANDOM and not in_initializer():
             call = " (.item(), bool(), int() or float())" if op == _VALUE_READ else ""
+            fix = (
+                "compute it from Python numbers or configuration, or build this part of "
+                "the model outside deferred_init and assign it afterwards"
+            )
+            if _in_parametrization():
+                # torch's own parametrizations (orthogonal) read the weight they wrap.
+                fix = (
+                    "register the parametrization (torch.nn.utils.parametrizations.orthogonal, "
+                    "parametrize.register_parametrization) after materialize, on the real "
+                    "module; or " + fix
+                )
             raise self.values.error(
                 op,
                 t,
                 f"needs the values of a tensor{call} computed from random draws (the model's "
                 "weights), which a deferred tensor does not have yet",
-                "compute it from Python numbers or configuration, or build this part of "
-                "the model outside deferred_init and assign it afterwards",
+                fix,
                 self._sources(vid),
             )
         return self.real_value(t)
@@ -308,10 +340,26 @@ class Recorder(RecordingDispatchMode):
                 f"{info.name} converts {what}, issued at {user_site(1)}",
                 paths=(path.dotted,) if path is not None else (),
             )
+        if info.sets_storage and not self.record.outer_meta and _meta_storage(args):
+            raise self.values.error(
+                info.name,
+                None,
+                "loads a tensor (torch.load, pickle.loads, a tensor unpickled on its way in), "
+                "which torch builds on the meta device inside a deferred_init block (it sees "
+                "the block's fake tensor mode): its values would be lost",
+                "load it before the block and use the loaded tensor inside it (a real tensor "
+                "from outside the block is kept as it is), or load it after materialize",
+            )
         dtype = torch.get_default_dtype()
         if dtype is not self._dtype:
             self.record.dtypes.append((len(self.record.ops), dtype))
             self._dtype = dtype
+        settings = _ambient.settings()
+        if settings != self._settings:
+            ambient = Ambient(settings, self._flush)
+            self.record.ambient.append((len(self.record.ops), ambient))
+            self._settings = settings
+            self.lineage.fills_empty = ambient.fills_empty
         call = self._log_arguments(info, args, kwargs)
         stream: int | None = None
         state: torch.Tensor | None = None
@@ -585,6 +633,11 @@ class Recorder(RecordingDispatchMode):
             if isinstance(key, torch.Generator):
                 self._generators.append(key)
         return index
+
+
+def _meta_storage(args: tuple[Any, ...]) -> bool:
+    """Whether ``args`` hold a storage on the meta device (what torch.load makes under a fake mode)."""
+    return any(isinstance(a, torch.UntypedStorage) and a.device.type == "meta" for a in args)
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from lightning_meta import _compat
+from lightning_meta._deferred import _ambient
 from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref
-from lightning_meta._deferred._rng import ReplayRng, get_default_state, set_default_state
+from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
 __all__ = ["complete", "replay", "slice_ops"]
@@ -144,7 +145,7 @@ def _start_index(record: Record, rng: ReplayRng, stream: int, first: int) -> int
     head = record.random_ops(stream)[0]
     # Drawing on an accelerator whose generator was not noted while recording:
     # continue from where it is now (nothing in the block advanced it).
-    known[head] = rng.get(stream)
+    known[head] = rng.current(stream)
     return head
 
 
@@ -162,8 +163,10 @@ def replay(
 
     Each result is moved to ``device`` and floating point ones cast to
     ``dtype`` as soon as its last write has run. ``remap`` redraws CPU
-    default streams on that device's generator (``draw_on="device"``). The
-    default generators and the default dtype are restored afterwards.
+    default streams on that device's generator (``draw_on="device"``).
+    Random ops draw from the replay's own generators, never the global ones
+    (see ``_rng``); the default dtype and the settings of ``_ambient`` are
+    restored afterwards.
     ``preset`` is ``(i, drawn)``: random op ``i`` (an in-place draw that
     reads nothing but the tensor it fills, from a known state) already ran
     for real while recording and gave ``drawn``, so it is copied, not redrawn.
@@ -172,17 +175,31 @@ def replay(
         rng = ReplayRng(record, remap)
         order, scratch, blanks = _plan(record, set(targets), rng, through_end)
         _check_constants(record, order, scratch | blanks, targets)
-        devices = {torch.device("cpu")} | {rng.device(s) for s in range(len(record.streams))}
-        saved = [(d, get_default_state(d)) for d in devices]
         default_dtype = torch.get_default_dtype()
+        # The settings in force, then those each op ran under (see _execute).
+        ambient = [_ambient.now()] * 2
         try:
-            return _execute(
-                record, order, scratch, blanks, targets, device, dtype, rng, remap, preset
-            )
+            # Ops run as they were recorded: autocast (whose casts, if the
+            # block ran under it, are in the log already) and inference mode
+            # of the caller stay out, the settings of the block come back.
+            with _ambient.outside(record.inference):
+                return _execute(
+                    record,
+                    order,
+                    scratch,
+                    blanks,
+                    targets,
+                    device,
+                    dtype,
+                    rng,
+                    remap,
+                    preset,
+                    ambient,
+                )
         finally:
             torch.set_default_dtype(default_dtype)
-            for d, state in saved:
-                set_default_state(d, state)
+            if ambient[1] != ambient[0]:
+                _ambient.put(ambient[0])
 
 
 def _check_constants(
@@ -269,8 +286,13 @@ def _execute(
     rng: ReplayRng,
     remap: torch.device | None,
     preset: tuple[int, torch.Tensor] | None = None,
+    ambient: list[_ambient.Ambient] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Run the ops in ``order`` (``scratch`` ones on blank tensors, ``blanks`` not at all)."""
+    """Run the ops in ``order`` (``scratch`` ones on blank tensors, ``blanks`` not at all).
+
+    ``ambient``: the settings in force at entry and (kept up to date here)
+    those the last op ran under.
+    """
     ops, values = record.ops, record.values
     last_use, finalize_at = _lifetimes(record, order, scratch, targets)
     # Redraws on scratch that also make a tensor a later op writes into.
@@ -278,6 +300,7 @@ def _execute(
     env: dict[int, torch.Tensor] = {}
     results: dict[int, torch.Tensor] = {}
     current_dtype: torch.dtype | None = None
+    ambient = ambient if ambient is not None else [_ambient.now()] * 2
 
     def fetch(v: int) -> torch.Tensor:
         t = env.get(v)
@@ -313,11 +336,21 @@ def _execute(
             if wanted is not current_dtype:
                 torch.set_default_dtype(wanted)
                 current_dtype = wanted
+            settings = record.ambient_at(i)
+            if settings is not None and settings != ambient[1]:
+                _ambient.put(settings)
+                ambient[1] = settings
+            args, kwargs = _bind(op, blank if i in scratch else fetch, rng, remap)
+            run, lent = _resolve(op.name), None
             if op.stream is not None:
                 rng.enter(i, op.stream)
-            args, kwargs = _bind(op, blank if i in scratch else fetch, rng, remap)
+                run, args, lent = _with_generator(op, rng, args, kwargs)
             try:
-                out = _resolve(op.name)(*args, **kwargs)
+                if lent is None:
+                    out = run(*args, **kwargs)
+                else:
+                    with lent:
+                        out = run(*args, **kwargs)
             except Exception as e:
                 raise _replay_error(record, i, targets, e) from e
             if op.stream is not None:
@@ -334,6 +367,32 @@ def _execute(
             if last_use.get(v, -1) <= i and (v not in targets or v in results):
                 env.pop(v, None)
     return results
+
+
+def _with_generator(
+    op: Op, rng: ReplayRng, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...], Any]:
+    """Return the overload running random op ``op`` on the replay's own generator, and its args.
+
+    ``kwargs`` gets the generator where ``args`` does not. The third item is
+    ``None``, or, for an op that takes no generator, a context lending the
+    global generator to it for its one call.
+    """
+    assert op.stream is not None
+    if not rng.record.streams[op.stream].default:
+        return _resolve(op.name), args, None  # its GenRef is bound to the replay's generator
+    gen = rng.generator(op.stream)
+    if gen is None:  # on meta: nothing is drawn
+        return _resolve(op.name), args, None
+    where = _compat.generator_overload(_resolve(op.name))
+    if where is None:
+        return _resolve(op.name), args, rng.lent(op.stream)
+    name, index = where
+    if index is not None and index < len(args):
+        args = (*args[:index], gen, *args[index + 1 :])
+    else:
+        kwargs["generator"] = gen
+    return _resolve(name), args, None
 
 
 def _copies(op: Op, rng: ReplayRng, remap: torch.device | None, on_scratch: bool) -> bool:
@@ -452,6 +511,6 @@ def complete(record: Record, remap: torch.device | None) -> None:
                 continue
             start = record.states.get(rng.key(stream), {}).get(index[0])
             end = end_state(record, rng, stream)
-            if start is not None and torch.equal(rng.get(stream), start):
-                rng.set(stream, end)
+            if start is not None and torch.equal(rng.current(stream), start):
+                set_default_state(rng.device(stream), end)
         record.release()

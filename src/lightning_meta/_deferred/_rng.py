@@ -15,18 +15,23 @@ the largest tensor drawn (twice: the last draw of an initialiser is kept so
 that reading it back, as ``trunc_normal_`` does, copies it).
 
 :class:`ReplayRng` sets those states again when ``_replay`` re-runs a random
-op. A default generator that could not draw while recording (an accelerator
-this process does not have), or a CPU stream redrawn on an accelerator
-(``draw_on="device"``), has unknown states: replay continues from the
-device generator's current state and notes states as it meets them.
+op, on private ``torch.Generator`` objects handed to the op (``generator=``),
+never on the global ones: another thread drawing while ``materialize`` runs
+gets the numbers it would get without it. A default generator that could
+not draw while recording (an accelerator this process does not have), or a
+CPU stream redrawn on an accelerator (``draw_on="device"``), has unknown
+states: replay continues from the device generator's current state and
+notes states as it meets them. Draws on the meta device consume nothing,
+eagerly too: their streams have no state at all.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -250,7 +255,12 @@ class ReplayRng:
         return key
 
     def known(self, stream: int) -> bool:
-        """Whether the state before every draw of ``stream`` was noted while recording."""
+        """Whether the state before every draw of ``stream`` was noted while recording.
+
+        True for a meta stream too: there is no state to note or follow.
+        """
+        if self.on_meta(stream):
+            return True
         return self.record.streams[stream].known and not self.remapped(stream)
 
     def remapped(self, stream: int) -> bool:
@@ -265,28 +275,65 @@ class ReplayRng:
             return self.remap
         return self.record.streams[stream].device
 
-    def generator(self, stream: int) -> torch.Generator:
-        """Return the replay's own generator standing in for explicit generator ``stream``."""
+    def on_meta(self, stream: int) -> bool:
+        """Whether ``stream`` draws on the meta device, where nothing is drawn (eagerly too)."""
+        return self.record.streams[stream].device.type == "meta"
+
+    def generator(self, stream: int) -> torch.Generator | None:
+        """Return the replay's own generator standing in for ``stream`` (``None`` on meta).
+
+        Default streams get one too: setting the global generator to a
+        recorded state would hand those numbers to any other thread drawing
+        meanwhile, and undo that thread's own draws when restored.
+        """
         gen = self.gens.get(stream)
         if gen is None:
-            gen = self.gens[stream] = torch.Generator(device=self.record.streams[stream].device)
+            if self.on_meta(stream):
+                return None
+            gen = self.gens[stream] = torch.Generator(device=self.device(stream))
         return gen
 
-    def get(self, stream: int) -> torch.Tensor:
-        """Return the current state of ``stream``."""
+    def current(self, stream: int) -> torch.Tensor:
+        """Return the state the generator ``stream`` stands for has now (outside the replay)."""
         if not self.record.streams[stream].default:
-            return self.generator(stream).get_state()
+            return self._own(stream).get_state()
         return get_default_state(self.device(stream))
 
+    def get(self, stream: int) -> torch.Tensor:
+        """Return the replay's current state of ``stream``."""
+        return self._own(stream).get_state()
+
     def set(self, stream: int, state: torch.Tensor) -> None:
-        """Set the state of ``stream``."""
-        if not self.record.streams[stream].default:
-            self.generator(stream).set_state(state)
-        else:
-            set_default_state(self.device(stream), state)
+        """Set the replay's state of ``stream``."""
+        self._own(stream).set_state(state)
+
+    def _own(self, stream: int) -> torch.Generator:
+        gen = self.generator(stream)
+        assert gen is not None, "meta streams have no state"
+        return gen
+
+    @contextlib.contextmanager
+    def lent(self, stream: int) -> Iterator[None]:
+        """Run the body with the global generator of ``stream`` in the replay's state.
+
+        For the few random ops that take no generator argument
+        (``native_dropout``): the global generator moves for the length of
+        one op, under :data:`DRAW_LOCK`, and is put back after it.
+        """
+        with DRAW_LOCK:
+            device = self.device(stream)
+            saved = get_default_state(device)
+            set_default_state(device, self.get(stream))
+            try:
+                yield
+            finally:
+                self.set(stream, get_default_state(device))
+                set_default_state(device, saved)
 
     def enter(self, i: int, stream: int) -> None:
         """Before random op ``i``: set the state known for it, or note the current one."""
+        if self.on_meta(stream):
+            return
         known = self.record.states.setdefault(self.key(stream), {})
         state = known.get(i)
         if state is not None:
@@ -296,7 +343,7 @@ class ReplayRng:
 
     def leave(self, i: int, stream: int) -> None:
         """After random op ``i``: note the state the next random op of ``stream`` starts from."""
-        if self.known(stream):
+        if self.known(stream) or self.on_meta(stream):
             return
         key = self.key(stream)
         index = self.record.random_ops(stream)

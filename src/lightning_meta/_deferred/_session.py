@@ -26,7 +26,7 @@ from lightning_meta._compat import FakeTensor, FakeTensorMode, is_swap_refusal
 from lightning_meta._deferred._escaped import close_fake_mode
 from lightning_meta._deferred._functions import conversion_refused, value_reads
 from lightning_meta._deferred._record import Record
-from lightning_meta._deferred._record_errors import recording_error
+from lightning_meta._deferred._record_errors import recording_error, torch_refusal
 from lightning_meta._deferred._recorder import Recorder
 
 __all__ = ["PARAMETER_CLASS", "close", "recording"]
@@ -66,6 +66,9 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
                 try:
                     yield recorder
                 except RuntimeError as e:
+                    refused = torch_refusal(e)
+                    if refused is not None:
+                        raise refused from e
                     if not is_swap_refusal(e):
                         raise
                     raise conversion_refused(str(e)) from e

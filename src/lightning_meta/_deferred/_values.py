@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
+from lightning_meta._deferred._handles import handle_of
 from lightning_meta._deferred._lineage import Lineage
 from lightning_meta._deferred._record import Op, Record, Ref, Value
 from lightning_meta._deferred._record_errors import path_of, recording_error, user_site
@@ -73,10 +74,25 @@ class ValueIds:
         if not isinstance(t, FakeTensor):
             if seen is not None and seen[0]() is t:
                 return seen[1]
+            if t.is_meta and handle_of(t) is not None:
+                # Its values come from another block's record, which this
+                # record cannot replay: materialize would fail on meta data.
+                raise recording_error(
+                    op,
+                    "reads a deferred tensor of another deferred_init block (built in an "
+                    "earlier block and not materialized yet), which has no values and which "
+                    "this block's record cannot replay",
+                    "build both modules in one deferred_init block, or materialize the first "
+                    "module before entering this block",
+                )
             vid = self._new_value(t, -1 - len(self.record.constants), None)
             # Holding ``t`` keeps its id unique.
             self.record.constants[vid] = (t, _compat.version_of(t))
-            if t.layout == torch.strided and t.numel() * t.element_size() <= _SNAPSHOT_BYTES:
+            if (
+                t.layout == torch.strided
+                and not t.is_meta  # no data to compare
+                and t.numel() * t.element_size() <= _SNAPSHOT_BYTES
+            ):
                 with _compat.no_python_dispatch():
                     self.record.snapshots[vid] = t.detach().clone()
             return vid
