@@ -39,7 +39,7 @@ REFUSED = {
     "dtype": "cannot cast the sharded parameters",
     "stray": "not built under deferred_init",
     "stray_fallback": "cannot initialise the sharded meta tensors",
-    "meta_context": "drew random numbers on the meta device",
+    "meta_context": "was entered inside a torch.device('meta') context",
     "optimizer_first": "create the optimizer from model.parameters()",
     "partial": "placements include Partial",
     "standalone_package": "ModelParallelStrategy replaces every parameter",
