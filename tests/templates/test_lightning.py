@@ -211,6 +211,42 @@ def test_stochastic_weight_averaging(tmp_path: Path) -> None:
     assert torch.isfinite(model(torch.randn(2, 6))).all()
 
 
+def test_a_buffer_members_register_in_forward_is_trained_and_checkpointed(tmp_path: Path) -> None:
+    class Peak(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            if "peak" not in self._buffers:
+                self.register_buffer("peak", y.detach().abs().amax())
+            else:
+                self.peak = torch.maximum(self.peak, y.detach().abs().amax())
+            return y / (1 + self.peak)
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ensemble = lm.Ensemble.from_factory(Peak, 3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return ((self.ensemble(x) - y) ** 2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Model()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[checkpoint]).fit(model, loader())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert saved["ensemble.stacked.peak"].shape == (3,)
+    assert torch.equal(saved["ensemble.stacked.peak"], model.ensemble.tensors()["peak"])
+    assert model.ensemble.template.module.peak.is_meta
+    assert torch.equal(model.ensemble.member(2).peak, saved["ensemble.stacked.peak"][2])
+
+
 def test_weight_averaging(tmp_path: Path) -> None:
     callbacks = pytest.importorskip("lightning.pytorch.callbacks")
     if not hasattr(callbacks, "WeightAveraging"):

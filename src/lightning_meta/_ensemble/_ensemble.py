@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from lightning_meta._compat import (
     apply_to_tensors,
     backward_hooked,
+    functorch_transform_active,
     global_module_hooks,
     has_backward_hooks,
     has_module_hooks,
@@ -24,6 +25,7 @@ from lightning_meta._compat import (
     hook_reparametrised,
     made_at_level,
     module_apply,
+    non_persistent_of,
     tensor_tables,
     transform_level,
     tree_flatten,
@@ -52,6 +54,7 @@ from lightning_meta._ensemble._loop import (
 from lightning_meta._ensemble._members import (
     Profile,
     SharedTensors,
+    changed_since,
     compare,
     held_outside,
 )
@@ -160,6 +163,20 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "cannot be copied to meta or called with stacked tensors. Fix: pass the modules "
             "before torch.jit.script (or compile the ensemble with torch.compile instead)."
         )
+    lazy = sorted(
+        name
+        for named in (member.named_parameters, member.named_buffers)
+        for name, t in named(remove_duplicate=False)
+        if nn.parameter.is_lazy(t)
+    )
+    if lazy:
+        raise ArgumentValueError(
+            f"Ensemble member {index} has {lazy} not initialised yet (a lazy module such as "
+            "nn.LazyLinear), so they have no shape to stack. Fix: run one forward on an "
+            "example batch through every member before building the ensemble (or give the "
+            "sizes: nn.Linear(in_features, ...) instead of nn.LazyLinear).",
+            paths=lazy,
+        )
     found = hook_reparametrised(member)
     if found:
         raise ArgumentValueError(
@@ -232,6 +249,17 @@ class _HookCheck:
             self._stamp, self._module = stamp, module
             self._hooked = has_backward_hooks(module)
         return self._hooked
+
+
+def _sparse_gradients(template: nn.Module) -> list[str]:
+    """Paths of the layers whose weights get sparse gradients (``nn.Embedding`` and
+    ``nn.EmbeddingBag`` with ``sparse=True``), whose backward ``torch.vmap`` cannot batch
+    (torch's "reshape is not implemented for sparse tensors")."""
+    return [
+        path
+        for path, mod in template.named_modules()
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse
+    ]
 
 
 def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
@@ -350,6 +378,28 @@ class Ensemble(nn.Module):
         untimed call; only Python-level side effects of ``forward`` repeat.
         Plans differ in floating-point summation order, so two processes may
         differ in the last bits; pass ``execution=`` to fix the plan.
+
+    .. warning::
+        Tools that find modules by class in ``model.modules()`` or treat a
+        parameter as one tensor see holders of stacked tensors, not the
+        members, and do nothing to them without an error:
+        ``torch.optim.swa_utils.update_bn`` and Lightning's
+        ``StochasticWeightAveraging`` (no BatchNorm statistics recomputed:
+        run ``update_bn`` on :meth:`member` ``(i)`` and copy its buffers
+        back into :meth:`tensors`), ``Trainer(sync_batchnorm=True)``,
+        ``quantize_dynamic`` and other conversions by class,
+        ``BaseFinetuning.freeze`` (BatchNorm weights frozen too), weight
+        decay rules by ``p.dim()`` or module class (group by the template's
+        parameters: ``template.module.named_parameters()``, then
+        ``stacked.get_parameter(name)``), and optimizers whose update
+        depends on a whole tensor (Adafactor, LAMB, LARS, Shampoo,
+        per-tensor norm clipping), which treat N members as one tensor;
+        element-wise ones (SGD, Adam, AdamW, RMSprop) give each member its
+        own update. ``model.apply(fn)`` reaches the members (:meth:`apply`).
+        In 16-bit parameters, torch's CPU ``add_(..., alpha=)`` (SGD) rounds
+        some elements of a stacked tensor one unit differently from a
+        member's own. See docs/guarantees.md, "What does not reach the
+        members".
     """
 
     def __init__(
@@ -501,6 +551,15 @@ class Ensemble(nn.Module):
                 "'loop' (a loop over the members' copies), or give the members their tensors."
             )
         nn.Module.train(self, first.training)  # this module and its holders; the template as is
+        self._sparse = _sparse_gradients(template)
+        if execution == "vmap" and self._sparse:
+            raise ArgumentValueError(
+                f"Ensemble(execution='vmap') cannot run {self._sparse} (nn.Embedding or "
+                "nn.EmbeddingBag with sparse=True): torch.vmap cannot batch the sparse "
+                "gradients of their weights in backward. Fix: use execution='loop' (or "
+                "'auto', which runs the loop for them), or sparse=False.",
+                paths=self._sparse,
+            )
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -515,7 +574,13 @@ class Ensemble(nn.Module):
         )
         self._requested: Execution = execution
         self.execution: Execution = (
-            ("fused" if self._fused is not None else "vmap" if self._names else "loop")
+            (
+                "fused"
+                if self._fused is not None
+                else "vmap"
+                if self._names and not self._sparse
+                else "loop"
+            )
             if execution == "auto"
             else execution
         )
@@ -711,16 +776,101 @@ class Ensemble(nn.Module):
             )
         self._follow_mode()
         tensors = self.tensors()
+
+        def make(name: str, t: torch.Tensor) -> torch.Tensor:
+            value = tensors[name][index].detach().clone()
+            if isinstance(t, nn.Parameter):
+                # requires_grad as the stacked tensor has it now (a layer
+                # frozen after the ensemble was built), not as the template.
+                return nn.Parameter(value, requires_grad=tensors[name].requires_grad)
+            return value
+
         # A copy of the template: its modes, submodule by submodule.
-        member = copy_module(
-            self.template.module, lambda name, t: tensors[name][index].detach().clone()
-        )
+        member = copy_module(self.template.module, make)
         copies = self._shells.copies
         if len(copies) == self.num_members:
             # What the member's forward kept in its plain attributes, under the loop plan.
             shell = copies[index].module
             carry_state(shell, member, copy=True)
         return member
+
+    def apply(self, fn: Callable[[nn.Module], None]) -> Ensemble:
+        """Call ``fn`` on every submodule of every member, then on the ensemble itself.
+
+        What ``nn.Module.apply`` does to an ``nn.ModuleList`` of the members:
+        member after member, each submodule before its parent, so
+        ``model.apply(init_weights)`` on a model holding the ensemble draws the
+        same random numbers in the same order as on one holding the members,
+        and gives the same values. ``fn`` runs on :meth:`member` copies; what
+        it changes there is carried back into the ensemble: the values of
+        parameters and buffers (changed in place or assigned), their
+        ``requires_grad`` and the submodules' train/eval modes (each alike in
+        every member). The holders of stacked tensors (``ensemble.stacked``)
+        are not passed to ``fn``. Peak memory: the stacked tensors twice.
+
+        Raises:
+            ArgumentValueError: ``fn`` changed what the ensemble cannot carry (a
+                setting such as BatchNorm's ``momentum``, a hook, a tensor's
+                shape or dtype, a submodule), or changed members differently
+                (``requires_grad``, modes); the ensemble is left as it was.
+        """
+        names = self._names
+        values: list[dict[str, torch.Tensor]] = []
+        grads: dict[str, bool] = {}
+        modes: list[bool] | None = None
+        for i in range(self.num_members):
+            member = self.member(i)
+            before = Profile(member)
+            _ = before.signature, before.settings, before.hooks  # read before fn runs
+            member.apply(fn)
+            changed = changed_since(before)
+            mine = [m.training for m in member.modules()]
+            table = {
+                name: t
+                for named in (member.named_parameters, member.named_buffers)
+                for name, t in named(remove_duplicate=False)
+            }
+            differ = (
+                [
+                    n
+                    for n in names
+                    if grads.setdefault(n, table[n].requires_grad) != table[n].requires_grad
+                ]
+                if not changed
+                else []
+            )
+            if changed or differ or (modes is not None and mine != modes):
+                what = (
+                    f"changed {changed}, which the ensemble cannot carry (its template and "
+                    "the copies the loop plan runs are member 0's)"
+                    if changed
+                    else f"set requires_grad on {differ} differently in member {i} than in member 0"
+                    if differ
+                    else f"left member {i} in other train/eval modes than member 0"
+                )
+                raise ArgumentValueError(
+                    f"Ensemble.apply({getattr(fn, '__qualname__', fn)}) ran on copies of the "
+                    f"members, and it {what}; the ensemble is left as it was. Fix: change "
+                    "settings and hooks on the members and build a new Ensemble; apply "
+                    "functions that change values, requires_grad or modes alike in every "
+                    "member.",
+                    paths=changed or differ,
+                )
+            modes = mine
+            values.append({name: table[name] for name in names})
+        tensors = self.tensors()
+        with torch.no_grad():
+            for i, member_values in enumerate(values):
+                for name, value in member_values.items():
+                    tensors[name][i].copy_(value)
+        for name, flag in grads.items():
+            if tensors[name].requires_grad != flag:
+                tensors[name].requires_grad_(flag)
+        if modes is not None:
+            for module, flag in zip(self.template.module.modules(), modes, strict=True):
+                module.training = flag
+        fn(self)
+        return self
 
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)
@@ -776,7 +926,7 @@ class Ensemble(nn.Module):
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
         if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
             return ["loop"]
-        plans = ["vmap", "loop"]
+        plans = ["loop"] if self._sparse else ["vmap", "loop"]
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -926,7 +1076,85 @@ class Ensemble(nn.Module):
             # each member's own forward would: the stacked buffer is replaced.
             path, _, leaf = name.rpartition(".")
             setattr(self._holder(path), leaf, tensors[name])
+        if self._last_plan == "loop" and self._shells.registered():
+            self._adopt_registered()
         return out
+
+    def _adopt_registered(self) -> None:
+        """Stack the buffers the members' forwards registered in their loop copies.
+
+        A forward that registers a buffer on its first call (a lazily built
+        running statistic) gives each member a buffer of its own: it becomes a
+        stacked buffer of the ensemble (``state_dict``, ``member(i)``,
+        checkpoints), as it is a buffer of each member, and the template gains
+        its meta counterpart. Anything else registered or removed is refused.
+        """
+        template = self.template.module
+        copies = [member.module for member in self._shells.copies]
+        n = len(copies)
+        added: dict[str, list[Any]] = {}
+        refused: list[tuple[int, str, str]] = []
+        for i, copy in enumerate(copies):
+            for path, mod in copy.named_modules():
+                try:
+                    mine = template.get_submodule(path)
+                except AttributeError:
+                    continue  # a submodule the forward added: state of the copy
+                params, buffers = tensor_tables(mod)
+                my_params, my_buffers = tensor_tables(mine)
+                dot = f"{path}." if path else ""
+                refused += [
+                    (i, dot + k, "registered parameter") for k in params.keys() - my_params.keys()
+                ]
+                refused += [
+                    (i, dot + k, "removed parameter") for k in my_params.keys() - params.keys()
+                ]
+                refused += [
+                    (i, dot + k, "removed buffer") for k in my_buffers.keys() - buffers.keys()
+                ]
+                for key in buffers.keys() - my_buffers.keys():
+                    added.setdefault(dot + key, [None] * n)[i] = buffers[key]
+        for name, rows in added.items():
+            first = rows[0]
+            for i, row in enumerate(rows):
+                if not isinstance(row, torch.Tensor):
+                    why = "did not register it" if row is None else f"registered a {type(row)}"
+                    refused.append((i, name, f"registered buffer (member {i} {why})"))
+                elif row.requires_grad or functorch_transform_active():
+                    refused.append((i, name, "registered buffer (carrying a gradient history)"))
+                elif isinstance(first, torch.Tensor) and (row.shape, row.dtype, row.device) != (
+                    first.shape,
+                    first.dtype,
+                    first.device,
+                ):
+                    refused.append((i, name, "registered buffer (other shape, dtype or device)"))
+        if refused:
+            i, name, what = refused[0]
+            raise ArgumentValueError(
+                f"Ensemble member {i}'s forward {what} {name!r}, which the ensemble cannot "
+                "stack: it stacks a buffer the members' forwards register (the same shape, "
+                "dtype and device in every member, detached from the graph), and nothing else. "
+                "Fix: register the tensor in the module's __init__ (self.register_buffer("
+                "name, torch.zeros(...)), or an nn.Parameter), so that every member has it "
+                "when the ensemble is built.",
+                paths=sorted({path for _, path, _ in refused}),
+            )
+        for name, rows in added.items():
+            path, _, leaf = name.rpartition(".")
+            persistent = leaf not in non_persistent_of(copies[0].get_submodule(path))
+            holder = self._holder(path)
+            holder.register_buffer(leaf, torch.stack(rows), persistent=persistent)
+            holder.leaves = (*holder.leaves, leaf)
+            meta = torch.empty_like(rows[0], device="meta")
+            template.get_submodule(path).register_buffer(leaf, meta, persistent=persistent)
+            self._names.append(name)
+            self._buffer_names = (*self._buffer_names, name)
+        self._holders = None
+        self._member_slots = None
+        self._views.clear()
+        # The next call's copies have slots for the new buffers, holding the
+        # stacked ones' views.
+        self._shells.remake()
 
     @contextlib.contextmanager
     def _timed_state(self) -> Iterator[None]:
@@ -990,10 +1218,11 @@ class Ensemble(nn.Module):
         (see ``_state``)."""
         written = state.changed(shared) if any_change else state.written(shared)
         if written:
+            registered = state.registered()
             state.restore()
             self._keeps_state()
             plan, forced = self._requested, self._requested != "auto"
-            raise state_written_error(plan, runner, written, forced=forced)
+            raise state_written_error(plan, runner, written, forced=forced, registered=registered)
 
     def _slots(self) -> MemberSlots:
         module = self.template.module
@@ -1515,6 +1744,8 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
         self.__dict__.setdefault("_lost", [])
+        if "_sparse" not in self.__dict__:  # pickled by a version that did not look
+            self._sparse = _sparse_gradients(self.template.module)
         if isinstance(self.__dict__.get("_fused"), FusedPlan):
             # Planned again from the template: an earlier pickle's steps read a
             # tied tensor by the layer's own name (and have another form).

@@ -820,7 +820,15 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
         )
     finally:
         written = state.changed(owned_by(template))
+        registered = state.registered()
         state.restore()  # a proxy the forward stored must not stay in the template
+    if registered:
+        return Refusal(
+            "",
+            f"the forward registers (or removes) {', '.join(repr(p) for p in registered)} in "
+            "its parameter or buffer tables, which each member does for itself (register "
+            "the buffer in __init__)",
+        )
     if written:
         return Refusal(
             "",

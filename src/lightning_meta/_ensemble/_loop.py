@@ -31,6 +31,7 @@ from lightning_meta._compat import (
     deepcopy_module,
     functorch_transform_active,
     modes_and_hooks,
+    tensor_tables,
     tree_flatten,
     tree_leaves,
     tree_map_only,
@@ -43,6 +44,7 @@ from lightning_meta._ensemble._state import (
     carry_state,
     copy_state,
     state_of,
+    watched,
 )
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._slots import Slot, tie_groups
@@ -265,6 +267,11 @@ class MemberShells:
         # What the copies of a copied or unpickled ensemble held, for the
         # copies made next.
         self._pending: list[CopyState] | None = None
+        # The parameter and buffer tables of the copies' modules whose forward
+        # may register one (see watched), with their sizes when made.
+        self._tables: list[tuple[Mapping[str, Any], int, Mapping[str, Any], int]] = []
+        # The template gained tensors: the copies are made again on the next call.
+        self._stale = False
 
     def __reduce__(self) -> tuple[Callable[..., MemberShells], tuple[Any, ...]]:
         return (_with_states, (self._states(),))
@@ -284,6 +291,17 @@ class MemberShells:
         """Drop the copies (and the views they hold)."""
         self._template, self._state, self._members, self._last = None, [], [], {}
         self._module_list = []
+        self._tables = []
+
+    def remake(self) -> None:
+        """Make the copies again on the next call (the template gained a buffer), keeping
+        what they hold in their plain attributes."""
+        self._stale = True
+
+    def registered(self) -> bool:
+        """Whether a forward registered (or removed) a parameter or buffer in a copy since
+        it was made (one of the modules whose forward may: see ``watched``)."""
+        return any(len(p) != n_p or len(b) != n_b for p, n_p, b, n_b in self._tables)
 
     def ready(
         self,
@@ -309,11 +327,12 @@ class MemberShells:
             self._module_list = list(template.modules())
         state = modes_and_hooks(self._module_list)
         same = self._template is template and len(self._members) == num_members
-        if same and self._state == state:
+        if same and self._state == state and not self._stale:
             return
         copies = [list(m.module.modules()) for m in self._members] if same else []
         if (
             same
+            and not self._stale
             and [hooks for _, hooks in state] == [hooks for _, hooks in self._state]
             and all(len(mods) == len(self._module_list) for mods in copies)
         ):
@@ -339,6 +358,13 @@ class MemberShells:
                 apply_state(after.module, held)
         self._pending = None
         self._template, self._state, self._last = template, state, {}
+        self._stale = False
+        self._tables = [
+            (params, len(params), buffers, len(buffers))
+            for member in self._members
+            for _, mod in watched(member.module.named_modules())
+            for params, buffers in (tensor_tables(mod),)
+        ]
 
     @property
     def copies(self) -> list[MemberSlots]:

@@ -42,6 +42,7 @@ from lightning_meta._slots import tie_groups
 __all__ = [
     "Profile",
     "SharedTensors",
+    "changed_since",
     "compare",
     "held_outside",
     "settings",
@@ -177,6 +178,30 @@ def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str,
                 problems.append((line, key))
         problems += _compare_hooks(reference, them, index)
     return problems
+
+
+def changed_since(before: Profile) -> list[str]:
+    """What changed in ``before.module`` since ``before`` read it (its signature, settings and
+    hooks read before the change): the names of tensors added, removed, or of another kind,
+    shape or dtype, submodules added or removed, settings and hooks changed. Values,
+    ``requires_grad`` and train/eval modes are not listed."""
+    after = Profile(before.module)
+    changed = []
+    sig_before, sig_after = before.signature, after.signature
+    for name in sorted(sig_before.keys() | sig_after.keys()):
+        mine, theirs = sig_before.get(name), sig_after.get(name)
+        if mine is None or theirs is None or mine[:3] != theirs[:3]:
+            changed.append(name)
+    changed += sorted(before.modules.keys() ^ after.modules.keys())
+    for key in sorted(before.settings.keys() | after.settings.keys()):
+        if key == "training" or key.endswith(".training"):
+            continue
+        if _differs(before.settings.get(key, _ABSENT), after.settings.get(key, _ABSENT)):
+            changed.append(key)
+    for path in sorted(before.hooks.keys() & after.hooks.keys()):
+        if not _same_key(before.hooks[path], after.hooks[path]):
+            changed.append(f"{path}.<hooks>" if path else "<hooks>")
+    return changed
 
 
 def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:

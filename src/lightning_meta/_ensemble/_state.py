@@ -17,7 +17,9 @@ calls whose results are used change any module.
 What is noted: every attribute of a module's ``__dict__`` but torch's own
 tables, the items of dicts, lists, sets and deques among them (their
 subclasses too, two levels deep), the in-place version of every tensor
-among those, and the names of the module's children. Modules running
+among those, the names of the module's children, and the names in its
+parameter and buffer tables (a forward that registers a buffer on its first
+call, a lazily built running statistic). Modules running
 torch's own ``forward`` without hooks are not watched (their forwards store
 nothing), which keeps a model of many small torch layers cheap to watch.
 With ``keep`` (the plan timing, the grouped plan's trace), other objects
@@ -48,7 +50,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_meta._compat import children_of, has_module_hooks, tensor_tables, version_of
+from lightning_meta._compat import (
+    children_of,
+    has_module_hooks,
+    non_persistent_of,
+    tensor_tables,
+    version_of,
+)
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = [
@@ -334,6 +342,10 @@ class _Noted:
         self.changed = now is None or self.pickled is None or now[0] != self.pickled[0]
 
 
+# A module's own parameter or buffer table, as noted.
+_Table = dict[str, "torch.Tensor | None"]
+
+
 class AttributeState:
     """The plain attributes (not torch's tables) of some modules, as they were when noted.
 
@@ -347,6 +359,16 @@ class AttributeState:
         pairs = list(modules)
         self.modules = [mod for _, mod in pairs]
         self._objects: dict[int, _Noted] = {}
+        # The parameter and buffer tables, as they were: a forward that registers
+        # a buffer on its first call (a lazily built running statistic) changes
+        # torch's own tables, which the attributes below leave out.
+        self._tables: list[tuple[str, nn.Module, _Table, _Table, set[str]]] = []
+        for path, mod in pairs:
+            params, buffers = tensor_tables(mod)
+            dot = f"{path}." if path else ""
+            self._tables.append(
+                (dot, mod, dict(params), dict(buffers), set(non_persistent_of(mod)))
+            )
         self._noted = [
             (
                 path,
@@ -364,8 +386,18 @@ class AttributeState:
 
     def written(self, shared: Shared) -> list[str]:
         """Dotted paths where a tensor is now held that was not before and is not ``shared``
-        (a trace's proxy never is)."""
-        return self._diff(lambda value: _holds_own(value, shared), in_place=False)
+        (a trace's proxy never is), parameters and buffers registered or removed included."""
+        found = self._diff(lambda value: _holds_own(value, shared), in_place=False)
+        return found + self.registered()
+
+    def registered(self) -> list[str]:
+        """Dotted paths of the parameters and buffers registered or removed since."""
+        found: list[str] = []
+        for dot, mod, params, buffers, _ in self._tables:
+            for now, before in zip(tensor_tables(mod), (params, buffers), strict=True):
+                if now.keys() != before.keys():
+                    found += [dot + key for key in now.keys() ^ before.keys()]
+        return found
 
     def changed(self, own: Shared) -> list[str]:
         """Dotted paths of every attribute, container item or child added, replaced, removed
@@ -376,7 +408,7 @@ class AttributeState:
         for path, mod, _, children, _ in self._noted:
             if list(children_of(mod)) != children:
                 found.append(f"{path}.<children>" if path else "<children>")
-        return found
+        return found + self.registered()
 
     def _look(self) -> None:
         for noted in self._objects.values():
@@ -407,6 +439,18 @@ class AttributeState:
                     entry.restore(dot + key, lost)
             for name in [n for n in children_of(mod) if n not in children]:
                 delattr(mod, name)
+        for _, mod, params, buffers, non_persistent in self._tables:
+            for now, before in zip(tensor_tables(mod), (params, buffers), strict=True):
+                if now.keys() != before.keys():
+                    table = dict(now)
+                    for key in table.keys() - before.keys():
+                        del now[key]  # type: ignore[attr-defined]
+                    for key in before.keys() - table.keys():
+                        now[key] = before[key]  # type: ignore[index]
+            kept = non_persistent_of(mod)
+            if kept != non_persistent:
+                kept.clear()
+                kept.update(non_persistent)
         return lost
 
 
@@ -637,15 +681,29 @@ class StateWrittenError(ArgumentValueError):
 
 
 def state_written_error(
-    plan: str, runner: str, paths: list[str], forced: bool
+    plan: str, runner: str, paths: list[str], forced: bool, registered: Iterable[str] = ()
 ) -> StateWrittenError:
     """The refusal of ``plan`` (which ran the template's forward as ``runner``) for a
-    forward that stored state at ``paths``."""
+    forward that stored state at ``paths``, among which it ``registered`` parameters or
+    buffers (or removed them)."""
     fix = (
         "Fix: use execution='loop', or 'auto' (which runs the loop for such a forward)."
         if forced
         else "Fix: use execution='loop'."
     )
+    registered = sorted(registered)
+    if registered:
+        return StateWrittenError(
+            f"Ensemble(execution={plan!r}) ran the template's forward {runner}, and the "
+            f"forward registered (or removed) {', '.join(repr(p) for p in registered)} in its "
+            "parameter or buffer tables: each member registers its own, which the template, "
+            "shared by the members, cannot hold (the template is left as it was). Fix: "
+            "register the buffer in the module's __init__ (self.register_buffer(name, "
+            "torch.zeros(...)); the forward then assigns it), or use execution='loop' (or "
+            "'auto', which runs the loop for such a forward), which stacks a buffer the "
+            "members' forwards register.",
+            paths=registered,
+        )
     return StateWrittenError(
         f"Ensemble(execution={plan!r}) ran the template's forward {runner}, and the forward "
         f"changed {', '.join(repr(p) for p in paths)}, outside the parameters and buffers. "
