@@ -13,7 +13,7 @@ from lightning_meta._estimate._specs import InputSpec
 from lightning_meta._fabric._setup import fabric_setup
 from lightning_meta._guard._find import MetaFinding, assert_no_meta, find_meta_tensors
 from lightning_meta._load._checkpoint import LoadReport, load_checkpoint
-from lightning_meta._template._template import MetaTemplate, meta_template
+from lightning_meta._template._template import MetaTemplate, TemplateState, meta_template
 
 if _typing.TYPE_CHECKING:
     from lightning_meta._guard._callback import MetaGuard
@@ -34,6 +34,7 @@ __all__ = [
     "MetaTensorWarning",
     "ModuleEstimate",
     "RankEstimate",
+    "TemplateState",
     "assert_no_meta",
     "deferred_init",
     "estimate",

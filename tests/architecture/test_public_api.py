@@ -21,6 +21,7 @@ DOCUMENTED = [
     "MetaTensorWarning",
     "ModuleEstimate",
     "RankEstimate",
+    "TemplateState",
     "assert_no_meta",
     "deferred_init",
     "estimate",
