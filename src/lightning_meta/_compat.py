@@ -381,22 +381,14 @@ def uncounted_attention_ops() -> dict[Any, str]:
     formula for (torch 2.15 counts the CPU flash kernel), are left out, so
     no FLOP is counted twice (checked on torch 2.6, 2.13, 2.14, 2.15).
     """
-    from torch.utils import flop_counter
-
-    # FlopCounterMode looks its formulas up by overload packet (aten.mm)
-    counted = flop_counter.flop_registry
-    names = {
-        "_scaled_dot_product_flash_attention_for_cpu": "forward",
-        "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
-        "_scaled_dot_product_fused_attention_overrideable": "forward",
-        "_scaled_dot_product_fused_attention_overrideable_backward": "backward",
-    }
-    out: dict[Any, str] = {}
-    for name, kind in names.items():
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is not None and packet not in counted and packet.default not in counted:
-            out[packet.default] = kind
-    return out
+    return _uncounted(
+        {
+            "_scaled_dot_product_flash_attention_for_cpu": "forward",
+            "_scaled_dot_product_flash_attention_for_cpu_backward": "backward",
+            "_scaled_dot_product_fused_attention_overrideable": "forward",
+            "_scaled_dot_product_fused_attention_overrideable_backward": "backward",
+        }
+    )
 
 
 def uncounted_rnn_ops() -> dict[Any, str]:
@@ -409,17 +401,24 @@ def uncounted_rnn_ops() -> dict[Any, str]:
     matmuls it counts. Overloads a torch version lacks or counts are left out
     (checked on torch 2.6, 2.13, 2.14).
     """
+    return _uncounted(
+        {
+            "mkldnn_rnn_layer": "forward",
+            "mkldnn_rnn_layer_backward": "backward",
+            "_cudnn_rnn": "forward",
+            "_cudnn_rnn_backward": "backward",
+            "miopen_rnn": "forward",
+            "miopen_rnn_backward": "backward",
+        }
+    )
+
+
+def _uncounted(names: dict[str, str]) -> dict[Any, str]:
+    """The default overloads of the ATen ops ``names`` (name -> kind) that this torch has
+    and ``FlopCounterMode`` has no formula for (it looks them up by overload packet)."""
     from torch.utils import flop_counter
 
     counted = flop_counter.flop_registry
-    names = {
-        "mkldnn_rnn_layer": "forward",
-        "mkldnn_rnn_layer_backward": "backward",
-        "_cudnn_rnn": "forward",
-        "_cudnn_rnn_backward": "backward",
-        "miopen_rnn": "forward",
-        "miopen_rnn_backward": "backward",
-    }
     out: dict[Any, str] = {}
     for name, kind in names.items():
         packet = getattr(torch.ops.aten, name, None)
@@ -702,21 +701,11 @@ def hook_reparametrised(module: nn.Module) -> list[str]:
     pre-hook from other parameters, which ``copy.deepcopy`` refuses; the
     hook objects name it (``name``, prune's ``_tensor_name``).
     """
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    found = []
-    for path, mod in module.named_modules():
-        for hook in mod._forward_pre_hooks.values():
-            if isinstance(hook, (SpectralNorm, WeightNorm)):
-                name = hook.name
-            elif isinstance(hook, BasePruningMethod):
-                name = hook._tensor_name
-            else:
-                continue
-            found.append(f"{path}.{name}" if path else name)
-    return sorted(found)
+    return sorted(
+        f"{path}.{name}" if path else name
+        for path, mod in module.named_modules()
+        for _, name in recomputing_hooks(mod)
+    )
 
 
 def recomputing_hooks(module: nn.Module) -> list[tuple[Any, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import itertools
 import pickle
 import random
 import types
@@ -780,3 +781,30 @@ def test_an_object_changed_by_the_forward_keeps_each_members_own(kind: str) -> N
         torch.testing.assert_close(pickle.loads(pickle.dumps(ens))(x), want, rtol=0, atol=0)
         with pytest.raises(lm.MetaTensorError, match=r"changes 'rng'"):
             lm.Ensemble(copy.deepcopy(mods), execution="grouped")(x)
+
+
+class _Counts(nn.Module):
+    """A call counter whose data is in its constructor's arguments (``itertools.count``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.step = itertools.count()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * next(self.step)
+
+
+def test_an_object_the_timing_cannot_put_back_is_refused() -> None:
+    # Its pickle holds no state to set again: the "put back" did nothing, and
+    # "auto" then ran the loop on counters its timed runs had advanced.
+    torch.manual_seed(0)
+    mods = [_Counts() for _ in range(2)]
+    x = torch.ones(1, 2)
+    with pytest.raises(lm.MetaTensorError, match=r"changed \['step'\] in place") as info:
+        lm.Ensemble(copy.deepcopy(mods))(x)
+    assert info.value.paths == ("step",)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="loop")
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mods]))

@@ -1038,9 +1038,10 @@ class Ensemble(nn.Module):
                 raise ArgumentValueError(
                     f"Ensemble(execution='auto') timed its plans, and the forward changed "
                     f"{sorted(set(self._lost))} in place: tensors kept in plain attributes, too "
-                    "large for the timing to copy and put back, so the timed runs changed "
-                    "them. Fix: use execution='loop' (which each member's copy runs as the "
-                    "member would).",
+                    "large for the timing to copy and put back, or objects it cannot put back "
+                    "(one whose data is in its constructor's arguments, such as "
+                    "itertools.count), so the timed runs changed them. Fix: use "
+                    "execution='loop' (which each member's copy runs as the member would).",
                     paths=sorted(set(self._lost)),
                 )
             if not finalists and previous is not None:

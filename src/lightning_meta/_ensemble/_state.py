@@ -237,7 +237,15 @@ def _pickled(value: Any) -> tuple[bytes, dict[int, Any]] | None:
 
 def _put_back(value: Any, pickled: tuple[bytes, dict[int, Any]]) -> bool:
     """Give ``value`` the data of its pickle again, in place (other names may hold the same
-    object); ``False`` where this cannot be done."""
+    object); ``False`` where this cannot be done, or did not give the pickle back (an object
+    whose data is in its constructor's arguments, such as ``itertools.count``)."""
+    if not _put_back_state(value, pickled):
+        return False
+    again = _pickled(value)
+    return again is not None and again[0] == pickled[0]
+
+
+def _put_back_state(value: Any, pickled: tuple[bytes, dict[int, Any]]) -> bool:
     try:
         old = _Unpickler(io.BytesIO(pickled[0]), pickled[1]).load()
         if hasattr(value, "bit_generator"):  # a numpy Generator: its state is its bit generator's
