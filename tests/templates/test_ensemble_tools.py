@@ -282,3 +282,47 @@ def test_update_bn_member_by_member_gives_the_members_statistics() -> None:
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         expected = torch.stack([m.get_buffer(name) for m in mods])
         assert torch.equal(ens.tensors()[name], expected), name
+
+
+class _OnSharedEmbedding(nn.Module):
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.emb = emb
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def _shared_frozen() -> list[nn.Module]:
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    emb.weight.requires_grad_(False)  # frozen and shared: accepted, stacked per member
+    return [_OnSharedEmbedding(emb) for _ in range(3)]
+
+
+def test_apply_on_a_frozen_tensor_the_members_shared_writes_it_member_after_member() -> None:
+    # Each member's copy got its own draw: on the members, the one shared
+    # tensor is written member after member and all end with the last write.
+    def draw(mod: nn.Module) -> None:
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight)
+
+    def double(mod: nn.Module) -> None:  # reads what the previous member wrote
+        if isinstance(mod, nn.Embedding):
+            with torch.no_grad():
+                mod.weight.mul_(2)
+
+    x = torch.tensor([[1, 2]])
+    for fn in (draw, double):
+        ref, ens = nn.ModuleList(_shared_frozen()), lm.Ensemble(_shared_frozen(), execution="loop")
+        torch.manual_seed(1)
+        ref.apply(fn)
+        after = torch.get_rng_state()
+        torch.manual_seed(1)
+        ens.apply(fn)
+        assert torch.equal(torch.get_rng_state(), after)
+        with torch.no_grad():
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ref]), rtol=0, atol=0)
+        for i in range(3):
+            assert torch.equal(ens.member(i).emb.weight, ref[i].emb.weight)

@@ -251,6 +251,15 @@ class _HookCheck:
         return self._hooked
 
 
+def _tensor_table(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by dotted name (tied names included)."""
+    return {
+        name: t
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named(remove_duplicate=False)
+    }
+
+
 def _sparse_gradients(template: nn.Module) -> list[str]:
     """Paths of the layers whose weights get sparse gradients (``nn.Embedding`` and
     ``nn.EmbeddingBag`` with ``sparse=True``), whose backward ``torch.vmap`` cannot batch
@@ -431,6 +440,7 @@ class Ensemble(nn.Module):
         shared, reference = SharedTensors(), Profile(members[0])
         for i, member in enumerate(members):
             self._store(i, member, reference=reference, shared=shared)
+        self._aliased = sorted(shared.aliased)
 
     @classmethod
     def from_factory(
@@ -469,6 +479,7 @@ class Ensemble(nn.Module):
         self._store(0, first, reference=reference, shared=shared)
         for i in range(1, num_members):
             self._store(i, factory(), reference=reference, shared=shared)
+        self._aliased = sorted(shared.aliased)
         return self
 
     # ---------------------------------------------------------------- set-up
@@ -818,18 +829,24 @@ class Ensemble(nn.Module):
         values: list[dict[str, torch.Tensor]] = []
         grads: dict[str, bool] = {}
         modes: list[bool] | None = None
+        # A frozen tensor the members shared (one object, stacked per member):
+        # on the members, fn writes it member after member, each reading the
+        # last write, and all end with the last one.
+        chained = [n for n in getattr(self, "_aliased", ()) if n in names]
+        last: dict[str, torch.Tensor] = {}
         for i in range(self.num_members):
             member = self.member(i)
+            if last:
+                with torch.no_grad():
+                    for name, tensor in _tensor_table(member).items():
+                        if name in last:
+                            tensor.copy_(last[name])
             before = Profile(member)
             _ = before.signature, before.settings, before.hooks  # read before fn runs
             member.apply(fn)
             changed = changed_since(before)
             mine = [m.training for m in member.modules()]
-            table = {
-                name: t
-                for named in (member.named_parameters, member.named_buffers)
-                for name, t in named(remove_duplicate=False)
-            }
+            table = _tensor_table(member)
             differ = (
                 [
                     n
@@ -858,6 +875,9 @@ class Ensemble(nn.Module):
                 )
             modes = mine
             values.append({name: table[name] for name in names})
+            last = {name: table[name].detach() for name in chained}
+        for member_values in values:
+            member_values.update(last)
         tensors = self.tensors()
         with torch.no_grad():
             for i, member_values in enumerate(values):

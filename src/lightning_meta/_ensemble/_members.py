@@ -763,6 +763,10 @@ class SharedTensors:
 
     def __init__(self) -> None:
         self._seen: dict[int, tuple[Callable[[], Any], int]] = {}
+        # Frozen parameters and buffers one tensor object in several members
+        # (allowed: see above): their names, for Ensemble.apply.
+        self._tensors: dict[int, tuple[Callable[[], Any], int]] = {}
+        self.aliased: set[str] = set()
 
     def add(self, index: int, member: nn.Module) -> list[tuple[str, int]]:
         """Note member ``index``'s parameters and buffer-holding modules; return
@@ -778,6 +782,7 @@ class SharedTensors:
             if any(b is not None for b in buffers_of(mod).values())
         ]
         named += _generators(member)
+        self._note_aliased(index, member)
         for name, obj in named:
             entry = self._seen.get(id(obj))
             if entry is not None and entry[0]() is obj and entry[1] != index:
@@ -785,6 +790,22 @@ class SharedTensors:
             elif entry is None or entry[0]() is not obj:
                 self._seen[id(obj)] = (_reference(obj), index)
         return shared
+
+    def _note_aliased(self, index: int, member: nn.Module) -> None:
+        kept = [
+            *(
+                (n, p)
+                for n, p in member.named_parameters(remove_duplicate=False)
+                if not p.requires_grad
+            ),
+            *member.named_buffers(remove_duplicate=False),
+        ]
+        for name, tensor in kept:
+            entry = self._tensors.get(id(tensor))
+            if entry is not None and entry[0]() is tensor and entry[1] != index:
+                self.aliased.add(name)
+            elif entry is None or entry[0]() is not tensor:
+                self._tensors[id(tensor)] = (_reference(tensor), index)
 
 
 def _reference(obj: Any) -> Callable[[], Any]:

@@ -358,9 +358,10 @@ class MetaTemplate:
         computed by the hook-based ``torch.nn.utils.weight_norm`` /
         ``spectral_norm`` is recomputed by its hook, so gradients reach
         ``weight_orig`` (``weight_g``, ``weight_v``), and parametrised tensors
-        (``torch.nn.utils.parametrize``) are evaluated. Like a forward in
-        training mode, spectral norm's power iteration then advances its
-        ``u`` / ``v`` buffers once: ``template(template.state_from(net), x)``
+        (``torch.nn.utils.parametrize``) are evaluated. Spectral norm's
+        ``u`` / ``v`` are ``net``'s own buffers in the mapping: in training
+        mode each template call advances them by one power iteration, as
+        each call ``net(x)`` does, so ``template(template.state_from(net), x)``
         stands for one call ``net(x)``.
 
         The result also carries every submodule's ``training`` flag, so the
