@@ -34,6 +34,7 @@ from torch import nn
 from lightning_meta._errors import MetaTensorError
 
 __all__ = [
+    "default_device",
     "DataDependentOutputException",
     "DynamicOutputShapeException",
     "FakeTensor",
@@ -492,6 +493,24 @@ try:
     from torch.utils._python_dispatch import _disable_current_modes as _no_modes
 except ImportError:  # pragma: no cover
     _no_modes = None  # type: ignore[assignment]
+
+
+def default_device() -> torch.device:
+    """The device factory functions build on now: the innermost ``torch.device(...)``
+    context, else ``torch.set_default_device``'s.
+
+    Before torch 2.8, ``torch.get_default_device()`` sees only the latter (a
+    ``with torch.device("meta")`` block, as ``fabric.init_module(empty_init=True)``
+    enters, answers ``cpu``); the context is a ``DeviceContext`` mode on the
+    function-mode stack (checked on torch 2.6, 2.13, 2.14).
+    """
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, DeviceContext):
+            return torch.device(mode.device)
+    return torch.get_default_device()
 
 
 @contextlib.contextmanager

@@ -247,15 +247,13 @@ def guarded_build(
         except KeyboardInterrupt:
             raise
         except BaseException as e:
-            import torch
-
-            from lightning_meta._compat import is_torch_meta_error
+            from lightning_meta._compat import default_device, is_torch_meta_error
 
             if isinstance(e, SystemExit):
                 fix = "make the constructor return the model instead of exiting"
             else:
                 fix = f"fix the model's constructor or the arguments it gets ({arguments})"
-            if torch.get_default_device().type == "meta" and is_torch_meta_error(e):
+            if default_device().type == "meta" and is_torch_meta_error(e):
                 fix += (
                     "; it runs under torch.device('meta'), so it must not read tensor values "
                     "(.item(), .tolist(), printing tensors, data-dependent branches)"

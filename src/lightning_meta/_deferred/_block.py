@@ -143,7 +143,7 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
     record = Record()
     # Entered inside torch.device("meta") (fabric.init_module(empty_init=True)):
     # every tensor is on meta, which materialize refuses (see check_deferred).
-    record.outer_meta = torch.get_default_device().type == "meta"
+    record.outer_meta = _compat.default_device().type == "meta"
     converted: set[int] = set()
     recorder: Recorder | None = None
     try:

@@ -371,7 +371,9 @@ class AttributeState:
         # a buffer on its first call (a lazily built running statistic) changes
         # torch's own tables, which the attributes below leave out.
         self._tables: list[tuple[str, nn.Module, _Table, _Table, set[str]]] = []
-        for path, mod in pairs:
+        # Under torch.compile (which cannot trace a copy of a module's set of
+        # non-persistent names on torch 2.6) a registration is not watched.
+        for path, mod in [] if torch.compiler.is_compiling() else pairs:
             params, buffers = tensor_tables(mod)
             dot = f"{path}." if path else ""
             self._tables.append(
