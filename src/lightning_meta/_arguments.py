@@ -110,7 +110,8 @@ def float_dtype(dtype: Any, function: str) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise ArgumentTypeError(
             f"{function} got dtype={dtype!r} ({type(dtype).__name__}); expected a floating "
-            "point torch.dtype such as torch.bfloat16, or None."
+            "point torch.dtype such as torch.bfloat16, or None. Fix: pass the torch.dtype "
+            "object (dtype=torch.bfloat16), not its name."
         )
     if not dtype.is_floating_point:
         raise ArgumentValueError(

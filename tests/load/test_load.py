@@ -359,6 +359,9 @@ def test_bad_arguments(tmp_path: Path, files: dict[str, Path]) -> None:
         load_checkpoint({}, files["torch"])  # type: ignore[arg-type]
     with pytest.raises(lm.MetaTensorError, match=r"dtype=torch.int64; expected a floating point"):
         load_checkpoint(m, files["torch"], dtype=torch.int64)
+    # A dtype's name instead of the dtype: the fix says so.
+    with pytest.raises(lm.MetaTensorError, match=r"dtype='bf16'.*Fix: pass the torch.dtype"):
+        load_checkpoint(m, files["torch"], dtype="bf16")
     with pytest.raises(lm.MetaTensorError, match=r"device='meta'"):
         load_checkpoint(m, files["torch"], device="meta")
     torch.save(torch.ones(3), tmp_path / "tensor.pt")
