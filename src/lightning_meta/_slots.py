@@ -23,6 +23,7 @@ __all__ = [
     "buffer_names",
     "children",
     "iter_slots",
+    "named_tensors",
     "own_slots",
     "parameter_names",
     "slot_at",
@@ -115,6 +116,16 @@ def parameter_names(module: nn.Module) -> list[str]:
 def buffer_names(module: nn.Module) -> list[str]:
     """Return the names of ``module``'s own buffers (not its children's), ``None`` ones too."""
     return list(_compat.buffers_of(module))
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` and its submodules by dotted name, tied
+    names included (each name of a tie maps to the one tensor)."""
+    return {
+        name: t
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named(remove_duplicate=False)
+    }
 
 
 def children(module: nn.Module) -> list[nn.Module]:

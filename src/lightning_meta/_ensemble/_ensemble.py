@@ -76,7 +76,7 @@ from lightning_meta._ensemble._state import (
     watched,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._slots import slot_at
+from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
 
 __all__ = ["Ensemble"]
@@ -163,12 +163,7 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "cannot be copied to meta or called with stacked tensors. Fix: pass the modules "
             "before torch.jit.script (or compile the ensemble with torch.compile instead)."
         )
-    lazy = sorted(
-        name
-        for named in (member.named_parameters, member.named_buffers)
-        for name, t in named(remove_duplicate=False)
-        if nn.parameter.is_lazy(t)
-    )
+    lazy = sorted(name for name, t in named_tensors(member).items() if nn.parameter.is_lazy(t))
     if lazy:
         raise ArgumentValueError(
             f"Ensemble member {index} has {lazy} not initialised yet (a lazy module such as "
@@ -249,15 +244,6 @@ class _HookCheck:
             self._stamp, self._module = stamp, module
             self._hooked = has_backward_hooks(module)
         return self._hooked
-
-
-def _tensor_table(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``module`` by dotted name (tied names included)."""
-    return {
-        name: t
-        for named in (module.named_parameters, module.named_buffers)
-        for name, t in named(remove_duplicate=False)
-    }
 
 
 def _sparse_gradients(template: nn.Module) -> list[str]:
@@ -700,8 +686,7 @@ class Ensemble(nn.Module):
                 paths=names,
             )
         stacked = self.tensors()
-        sources: dict[str, torch.Tensor] = dict(member.named_parameters(remove_duplicate=False))
-        sources.update(member.named_buffers(remove_duplicate=False))
+        sources = named_tensors(member)
         hooked = sorted(name for name, t in sources.items() if has_tensor_hooks(t))
         if hooked:
             # The members' tensors are copied into stacked ones: their hooks
@@ -838,7 +823,7 @@ class Ensemble(nn.Module):
             member = self.member(i)
             if last:
                 with torch.no_grad():
-                    for name, tensor in _tensor_table(member).items():
+                    for name, tensor in named_tensors(member).items():
                         if name in last:
                             tensor.copy_(last[name])
             before = Profile(member)
@@ -846,7 +831,7 @@ class Ensemble(nn.Module):
             member.apply(fn)
             changed = changed_since(before)
             mine = [m.training for m in member.modules()]
-            table = _tensor_table(member)
+            table = named_tensors(member)
             differ = (
                 [
                     n

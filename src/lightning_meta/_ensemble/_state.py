@@ -320,7 +320,9 @@ class _Noted:
         if self.moved():
             if self.drawn is not None:
                 value.set_state(self.drawn)
-            elif self.pickled is None or not _put_back(value, self.pickled):
+            elif self.pickled is not None and _put_back(value, self.pickled):
+                self.changed = False  # put back once, however many modules hold it
+            else:
                 lost.append(where)
         if self.version >= 0 and version_of(value) != self.version:
             if self.saved is None:

@@ -30,7 +30,7 @@ from lightning_meta._compat import (
     recomputing_hooks,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._slots import tie_groups
+from lightning_meta._slots import named_tensors, tie_groups
 
 __all__ = ["MetaTemplate", "TemplateState", "meta_template"]
 
@@ -91,12 +91,7 @@ def to_meta(module: nn.Module) -> nn.Module:
             uninitialised lazy parameter, a tensor attribute computed from a
             parameter, a lock), named by its dotted path.
     """
-    lazy = [
-        name
-        for named in (module.named_parameters, module.named_buffers)
-        for name, t in named(remove_duplicate=False)
-        if torch.nn.parameter.is_lazy(t)
-    ]
+    lazy = [name for name, t in named_tensors(module).items() if torch.nn.parameter.is_lazy(t)]
     if lazy:
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, lazy))} not "
@@ -184,13 +179,6 @@ def _build_on_meta(factory: Factory) -> nn.Module:
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
-
-
-def _tensor_names(module: nn.Module) -> list[str]:
-    return [
-        *(n for n, _ in module.named_parameters(remove_duplicate=False)),
-        *(n for n, _ in module.named_buffers(remove_duplicate=False)),
-    ]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -345,9 +333,7 @@ class MetaTemplate:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Return the shape of every parameter and buffer the template expects, by dotted name."""
         module = self.module
-        out = {n: _shape(p) for n, p in module.named_parameters(remove_duplicate=False)}
-        out.update({n: _shape(b) for n, b in module.named_buffers(remove_duplicate=False)})
-        return out
+        return {n: _shape(t) for n, t in named_tensors(module).items()}
 
     def state_from(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Collect the tensors of a real ``module`` that has this template's structure.
@@ -394,7 +380,7 @@ class MetaTemplate:
         template = self.module
         out = TemplateState()
         missing = []
-        for name in _tensor_names(template):
+        for name in named_tensors(template):
             prefix, _, leaf = name.rpartition(".")
             try:
                 sub = module.get_submodule(prefix)
