@@ -343,7 +343,8 @@ def test_safe_globals_allow_a_trusted_checkpoint(tmp_path: Path, ref: torch.nn.M
     m = ml.build("meta")
     with pytest.raises(lm.MetaTensorError, match=r"It needs: \['fractions.Fraction'\]"):
         load_checkpoint(m, tmp_path / "c.ckpt")
-    assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=[Fraction]).format == "lightning"
+    # A "state_dict" key alone does not make a Lightning checkpoint.
+    assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=[Fraction]).format == "torch"
 
 
 def test_bad_arguments(tmp_path: Path, files: dict[str, Path]) -> None:
@@ -480,7 +481,7 @@ def test_safe_globals_accept_pairs_and_tuples(tmp_path: Path, ref: torch.nn.Modu
     torch.save({"state_dict": ref.state_dict(), "extra": Fraction(1, 3)}, tmp_path / "c.ckpt")
     for trusted in ((Fraction,), [(Fraction, "fractions.Fraction")]):
         m = ml.build("meta")
-        assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=trusted).format == "lightning"
+        assert load_checkpoint(m, tmp_path / "c.ckpt", safe_globals=trusted).format == "torch"
 
 
 def test_errors_carry_the_keys_and_files(tmp_path: Path, ref: torch.nn.Module) -> None:

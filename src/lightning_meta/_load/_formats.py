@@ -41,12 +41,15 @@ _INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
-def open_source(path: str | Path, *, safe_globals: Sequence[Any] = ()) -> Source:
+def open_source(
+    path: str | Path, *, safe_globals: Sequence[Any] = (), prefix: str | None = None
+) -> Source:
     """Detect the format of ``path`` from its content and open it without reading tensor data.
 
     Args:
         path: a checkpoint file, an index, or a directory holding one checkpoint.
         safe_globals: what unpickling may construct beyond tensors and plain containers.
+        prefix: the caller's key prefix (see :func:`~lightning_meta._load._source.open_torch`).
 
     Returns:
         The checkpoint's :class:`~lightning_meta._load._source.Source`, every
@@ -72,12 +75,12 @@ def open_source(path: str | Path, *, safe_globals: Sequence[Any] = ()) -> Source
     except OSError as e:
         raise io_error(p, e) from e
     if is_dir:
-        return _open_directory(p, safe_globals)
+        return _open_directory(p, safe_globals, prefix)
     if not is_file:
         raise MetaTensorError(f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)])
     first = head(p)
     if is_torch(first):
-        return open_torch(p, safe_globals)
+        return open_torch(p, safe_globals, prefix)
     if is_safetensors(first) or p.suffix == ".safetensors":
         return open_safetensors(p)
     if first.lstrip()[:1] == b"{":
@@ -90,7 +93,7 @@ def open_source(path: str | Path, *, safe_globals: Sequence[Any] = ()) -> Source
     )
 
 
-def _open_directory(p: Path, safe_globals: Sequence[Any]) -> Source:
+def _open_directory(p: Path, safe_globals: Sequence[Any], prefix: str | None) -> Source:
     # Most specific first, so a directory holding several candidates (an index
     # and a stray single file) resolves as the tool that wrote it reads it.
     if (p / ".metadata").is_file():
@@ -103,7 +106,7 @@ def _open_directory(p: Path, safe_globals: Sequence[Any]) -> Source:
         return open_index(indexes[0], safe_globals)
     singles = [p / n for n in _SINGLE_NAMES if (p / n).is_file()]
     if len(singles) == 1:
-        return open_source(singles[0], safe_globals=safe_globals)
+        return open_source(singles[0], safe_globals=safe_globals, prefix=prefix)
     raise MetaTensorError(
         f"{str(p)!r} is a directory but holds no torch.distributed.checkpoint '.metadata', "
         f"no single '*.index.json' (found {[i.name for i in indexes]}) and no single "

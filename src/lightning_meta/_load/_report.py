@@ -16,8 +16,8 @@ class LoadReport:
 
     Attributes:
         path: the checkpoint as given.
-        format: ``"lightning"``, ``"torch"``, ``"torch-legacy"``, ``"safetensors"``,
-            ``"sharded"`` or ``"dcp"``.
+        format: ``"lightning"`` (a checkpoint Lightning's Trainer saved), ``"torch"``,
+            ``"torch-legacy"``, ``"safetensors"``, ``"sharded"`` or ``"dcp"``.
         prefix: the checkpoint key prefix that was stripped (``""`` for none).
         loaded: module names filled from the checkpoint (every name of a tied group).
         cast: names whose checkpoint dtype differed and were cast, tensor by tensor.

@@ -92,19 +92,25 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
             paths=[str(index.parent / n) for n in missing],
         )
     parts: list[Source] = []
+    # Non-tensor values of torch shards (a module's extra state) are kept as
+    # the source's others: refused as extra state, or listed as unexpected.
+    other_files: dict[str, str] = {}
     for shard in (index.parent / n for n in names):
         first = head(shard)
         if is_safetensors(first):
             parts.append(SafetensorsSource(shard, "sharded"))
         elif is_torch(first):
             archive = torch_archive(shard, safe_globals)
-            leaves, _others = state_tensors(shard, archive.obj)
+            leaves, others = state_tensors(shard, archive.obj)
             check_storage_bounds(
                 [(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(shard)
             )
             parts.append(
-                TorchSource(shard, "sharded", {k: (archive, v) for k, v in leaves.items()})
+                TorchSource(
+                    shard, "sharded", {k: (archive, v) for k, v in leaves.items()}, others=others
+                )
             )
+            other_files.update(dict.fromkeys(others, shard.name))
         else:
             raise MetaTensorError(
                 f"shard {str(shard)!r} of {str(index)!r} is neither safetensors nor a torch file. "
@@ -112,7 +118,10 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
                 paths=[str(shard)],
             )
     source = CompositeSource(index, "sharded", parts)
-    check_index(index, weight_map, {k: e.file for k, e in source.entries.items()})
+    found = {k: e.file for k, e in source.entries.items()}
+    # An index may name a non-tensor value's shard too; one it leaves out is no damage.
+    found.update({k: f for k, f in other_files.items() if k in weight_map})
+    check_index(index, weight_map, found)
     return source
 
 
@@ -221,8 +230,10 @@ class DcpSource(Source):
         chunks: dict[str, list[_Chunk]],
         files: list[Path],
         safe_globals: Sequence[Any],
+        *,
+        others: Sequence[str] = (),
     ) -> None:
-        super().__init__(path, "dcp", entries, stamps=stamps_of(files))
+        super().__init__(path, "dcp", entries, others=others, stamps=stamps_of(files))
         self._chunks = chunks
         self._policy = torch_policy().with_trusted(safe_globals)
 
@@ -323,7 +334,7 @@ def open_dcp(p: Path, safe_globals: Sequence[Any] = ()) -> Source:
         subject=f"the torch.distributed.checkpoint metadata {where!r}",
     )
     try:
-        tensors, storage = _interpret(metadata)
+        tensors, storage, others = _interpret(metadata)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise MetaTensorError(
             f"the torch.distributed.checkpoint metadata {where!r} cannot be read: {e}. {CORRUPT_FIX}",
@@ -352,7 +363,14 @@ def open_dcp(p: Path, safe_globals: Sequence[Any] = ()) -> Source:
                 _Chunk(offsets, sizes, Region(p / rel, offset, length, None, f"item of {fqn!r}"))
             )
         _check_tiling(where, key, shape, chunks[key])
-    return DcpSource(p, entries, chunks, files, safe_globals)
+    # Non-tensor items of the module's state (extra state) go to the plan: the
+    # extra-state refusal, or unexpected; Lightning's trainer state is not the module's.
+    kept = [
+        o[len("state_dict.") :] if lightning else o
+        for o in others
+        if not lightning or o.startswith("state_dict.")
+    ]
+    return DcpSource(p, entries, chunks, files, safe_globals, others=kept)
 
 
 def _record(value: Any, name: str) -> Record:
@@ -375,19 +393,22 @@ Tensors = dict[
 Storage = dict[tuple[str, tuple[int, ...]], tuple[str, int, int]]
 
 
-def _interpret(metadata: Any) -> tuple[Tensors, Storage]:
-    """Return each tensor's (shape, dtype, chunks) and each chunk's (file, offset, length)."""
+def _interpret(metadata: Any) -> tuple[Tensors, Storage, list[str]]:
+    """Return each tensor's (shape, dtype, chunks), each chunk's (file, offset, length),
+    and the keys of the items that are not tensors."""
     md = _record(metadata, "Metadata")
     state = md.field("state_dict_metadata", 0)
     storage_data = md.field("storage_data", 2) or {}
     if not isinstance(state, dict) or not isinstance(storage_data, dict):
         raise ValueError("state_dict_metadata or storage_data is not a dict")
     tensors: Tensors = {}
+    others: list[str] = []
     for fqn, item in state.items():
         if not isinstance(fqn, str):
             raise ValueError(f"key {fqn!r} is not a str")
         if not isinstance(item, Record) or not item.cls_name.endswith(".TensorStorageMetadata"):
-            continue  # bytes (non-tensor) items: nothing a module holds
+            others.append(fqn)  # bytes (non-tensor) items: extra state, or not a module's
+            continue
         props = _record(item.field("properties", 0), "TensorProperties")
         dtype = props.field("dtype", 0)
         if not isinstance(dtype, torch.dtype):
@@ -429,7 +450,7 @@ def _interpret(metadata: Any) -> tuple[Tensors, Storage]:
             )
         key = (fqn, _size(offset, f"the chunk offset of {fqn!r}") if offset is not None else ())
         storage[key] = (rel, start, length)
-    return tensors, storage
+    return tensors, storage, others
 
 
 def _check_storage(p: Path, storage: Storage) -> list[Path]:

@@ -82,6 +82,8 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER = 100_000_000
 
 DENSE = "dense"
+# The key every checkpoint Lightning's Trainer saves holds (Lightning 1.x and 2.x).
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 
 
 @dataclass(frozen=True)
@@ -313,15 +315,20 @@ def torch_archive(p: Path, safe_globals: Sequence[Any]) -> Archive:
     return open_legacy(p, policy)
 
 
-def open_torch(p: Path, safe_globals: Sequence[Any]) -> Source:
+def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) -> Source:
     """Open the torch zip or legacy file ``p`` (a Lightning ``.ckpt`` included).
 
-    A Lightning checkpoint gives its ``"state_dict"`` (format ``"lightning"``);
-    the rest of it is trainer state a module does not hold.
+    A file holding a ``"state_dict"`` mapping (a Lightning checkpoint, timm's
+    ``train.py`` layout) gives that state dict; the rest of it is trainer
+    state a module does not hold. A given ``prefix`` that matches keys of the
+    whole file (``"state_dict_ema."``) gives the whole file instead, so that
+    its other mappings can be reached. The format is ``"lightning"`` only
+    for a Lightning checkpoint (it records ``"pytorch-lightning_version"``).
 
     Args:
         p: the file.
         safe_globals: what unpickling may construct beyond tensors and plain containers.
+        prefix: the caller's key prefix, or ``None`` (detected later).
 
     Returns:
         A source of ``p``'s state dict; nothing of tensor data read yet.
@@ -334,8 +341,14 @@ def open_torch(p: Path, safe_globals: Sequence[Any]) -> Source:
     obj = archive.obj
     fmt = "torch" if archive.layout == "zip" else "torch-legacy"
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj, fmt = obj["state_dict"], "lightning"
-    leaves, others = state_tensors(p, obj)
+        if LIGHTNING_VERSION_KEY in obj:
+            fmt = "lightning"
+        leaves, others = state_tensors(p, obj)
+        given = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        if not given or not any(k.startswith(given) for k in [*leaves, *others]):
+            leaves, others = state_tensors(p, obj["state_dict"])
+    else:
+        leaves, others = state_tensors(p, obj)
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
     return TorchSource(p, fmt, refs, others=others)
@@ -544,9 +557,10 @@ class CompositeSource(Source):
                 "re-save the checkpoint.",
                 paths=[*twice, *(f for fs in twice.values() for f in fs)],
             )
-        # Non-tensor values in shards are dropped, not listed as unexpected:
-        # Hugging Face writes only tensors into shards.
-        super().__init__(path, fmt, entries, stamps=stamps)
+        # Non-tensor values of the shards (a module's extra state) stay visible:
+        # refused as extra state, or listed as unexpected.
+        others = sorted({o for part in parts for o in part.others})
+        super().__init__(path, fmt, entries, others=others, stamps=stamps)
         self._owner = owner
         self._parts = parts
 
