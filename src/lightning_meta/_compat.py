@@ -1130,3 +1130,31 @@ def local_box(dtensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] 
 
 
 __all__ += ["local_box"]
+
+
+def load_hook_tables(module: nn.Module) -> tuple[dict[int, Any], dict[int, Any]]:
+    """``module``'s load_state_dict pre-hook and post-hook tables (``_load_state_dict_pre_hooks``,
+    ``_load_state_dict_post_hooks``; torch 2.6 to 2.15), the tables themselves."""
+    return module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks
+
+
+def hook_function(hook: Any) -> Any:
+    """The function a load pre-hook table entry calls: torch wraps it in ``_WrappedHook``
+    (its ``hook`` attribute, torch 2.6 to 2.15); post-hooks are stored as given."""
+    return getattr(hook, "hook", hook)
+
+
+def load_code_owner(module: nn.Module) -> type:
+    """The class whose ``_load_from_state_dict`` ``module`` runs (``nn.Module`` when none overrides it)."""
+    for cls in type(module).__mro__:
+        if "_load_from_state_dict" in vars(cls):
+            return cls
+    return nn.Module  # pragma: no cover - nn.Module defines it
+
+
+def incompatible_keys(missing: list[str], unexpected: list[str]) -> Any:
+    """What ``load_state_dict`` hands its post-hooks and returns:
+    ``torch.nn.modules.module._IncompatibleKeys`` (a named tuple, torch 2.6 to 2.15)."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    return _IncompatibleKeys(missing, unexpected)

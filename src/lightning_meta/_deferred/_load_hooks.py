@@ -56,7 +56,7 @@ from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete
 from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
 
-__all__ = ["install_load_hooks"]
+__all__ = ["OWN_HOOKS", "install_load_hooks"]
 
 _HOOKED_ATTR = "_lightning_meta_load_hooks"
 _BEYOND_ATTR = "_lightning_meta_load_beyond"
@@ -232,3 +232,8 @@ def _settle_waiting(records: Iterable[Record]) -> None:
     for owner, paths in by_owner.values():
         # One replay per module: views of one another stay views.
         materialize_paths(owner, paths, device=_device_of(owner))
+
+
+# The hooks above: a module carrying only these has no load code of its own
+# (see lightning_meta._load._hooks).
+OWN_HOOKS = (_fill_before_copy, _replay_rest, _reach_beyond)

@@ -26,6 +26,7 @@ from torch import nn
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import materialize_beyond
 from lightning_meta._load._formats import open_source
+from lightning_meta._load._hooks import run_post_hooks
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
     check_arguments,
@@ -76,6 +77,13 @@ def load_checkpoint(
     out only tensors, plain containers and the classes of the format, plus
     ``safe_globals``.
 
+    A module's own load code (a ``_load_from_state_dict`` override, load
+    pre- and post-hooks, such as ``checkpoint_wrapper``'s or litgpt's) is
+    followed as ``load_state_dict`` runs it: traced on a meta copy of the
+    model, keys it renames load from the key it names; code that computes
+    the values it loads is refused. Post-hooks then run on the loaded
+    module. Names reported are those ``module.state_dict()`` shows.
+
     Sharded modules (parameters that ``fully_shard`` or
     ``parallelize_module`` made ``DTensor`` s, meta or real) load on every
     rank: each rank reads only the box of each tensor its shard holds
@@ -102,7 +110,9 @@ def load_checkpoint(
             With ``False``, load what matches and list the rest in the report.
         prefix: checkpoint key prefix to strip (``"model."`` to load a
             LightningModule's checkpoint into its ``self.model``); detected
-            when ``None``.
+            when ``None``. In a torch file holding a ``"state_dict"``, it
+            is matched against the whole file first (``"state_dict_ema."``
+            reaches timm's EMA weights), else against that state dict.
         safe_globals: classes or functions a trusted checkpoint's pickle may
             construct beyond tensors and plain containers (the objects
             themselves, or ``(object, "module.Name")`` pairs as torch takes them).
@@ -138,9 +148,14 @@ def load_checkpoint(
             (meta, sparse, quantized, nested, a subclass) under a key the
             module has, or does not fit the module (every key listed, sorted,
             with shapes and closest names), or a tensor of the module cannot
-            take the new one (a Parameter subclass that cannot be rebuilt).
-            ``paths`` holds the files or keys concerned. The module is
-            unchanged when it raises.
+            take the new one (a Parameter subclass that cannot be rebuilt),
+            or holds extra state (``set_extra_state``) or lazy parameters
+            (``nn.Lazy*``), or has load code of its own that computes the
+            values it loads, or a load post-hook over tensors that would stay
+            on meta. ``paths`` holds the files or keys concerned. The module
+            is unchanged when it raises, except when a module's own load
+            post-hook raises after the tensors were loaded (the message
+            says so).
 
     Example::
 
@@ -175,10 +190,10 @@ def load_checkpoint(
         strict=strict,
     )
     where = str(path)
-    source = open_source(path, safe_globals=args.safe_globals)
+    source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
     plan = plan_load(module, source, where, prefix=prefix, strict=strict)
     if has_sharded(plan):  # DTensors: each rank reads only its own shards
-        return load_into_shards(
+        sharded = load_into_shards(
             module,
             source,
             plan,
@@ -189,6 +204,9 @@ def load_checkpoint(
             mapped=mmap,
             allow_uninitialized=allow_uninitialized,
         )
+        if plan.code:
+            run_post_hooks(module, sharded.missing, sharded.unexpected)
+        return sharded
     conversion = convert(
         source,
         plan,
@@ -215,5 +233,7 @@ def load_checkpoint(
     # tensor gets it; references taken after the block get what was loaded.
     beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
     report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
+    if plan.code:  # as load_state_dict ends: the modules' own post-hooks, for real
+        run_post_hooks(module, report.missing, report.unexpected)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report

@@ -13,11 +13,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from lightning_meta._deferred._handles import made_for
+from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._load._hooks import (
+    LoadCode,
+    describe_all,
+    load_code,
+    post_hooked,
+    skeleton_of,
+    trace_load,
+)
 from lightning_meta._load._source import DENSE, Entry, Source
-from lightning_meta._slots import Slot, tie_groups
+from lightning_meta._slots import Slot, iter_slots, tie_groups
 
 __all__ = [
     "Group",
@@ -75,18 +84,94 @@ def plan_load(
             (see :func:`unsupported_error`), or, with ``strict``, keys do not
             fit (see :func:`mismatch_error`).
     """
-    groups, made = _join_made([Group.of(slots) for slots in tie_groups(module)])
-    expected = {s.path for g in groups for s in g.slots if s.persistent}
+    _refuse_lazy(module, where)
+    # Walk order is state_dict order (the order tie_groups' slots come in).
+    order = {s.path: i for i, s in enumerate(iter_slots(module, remove_duplicate=False))}
+    groups, made = _join_made([Group.of(slots) for slots in tie_groups(module)], order)
+    # Modules with load code of their own (hooks, a _load_from_state_dict
+    # override): what load_state_dict would do is traced on a meta skeleton.
+    code = load_code(module)
+    skeleton = skeleton_of(module, where, code) if code else None
+    display = skeleton.display() if skeleton is not None else {}
+    expected = {display.get(s.path, s.path) for g in groups for s in g.slots if s.persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
     _refuse_extra_state(module, source, where, chosen)
-    plan = make_plan(groups, source.entries, source.others, chosen)
+    sources = None
+    if skeleton is not None:
+        local = {k[len(chosen) :]: e for k, e in source.entries.items() if k.startswith(chosen)}
+        sources = trace_load(module, code, local, where, skeleton)
+    plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
     plan.made = made
+    plan.code = code
+    plan.display = display
+    if sources is not None:
+        plan.missing = sorted(display.get(n, n) for n in plan.missing)
+        _refuse_post_hooks_on_meta(where, plan)
     if plan.unsupported:
         raise unsupported_error(where, plan)
     error = mismatch_error(module, where, plan, strict=strict)
     if error is not None:
         raise error
     return plan
+
+
+def _refuse_post_hooks_on_meta(where: str, plan: Plan) -> None:
+    """Refuse before loading when a module's load post-hook would run on tensors left on meta.
+
+    The post-hooks run for real after the load (what they refresh, such as a
+    derived buffer, must come out as ``load_state_dict`` gives it); on a meta
+    tensor they would compute nothing.
+    """
+    hooked = post_hooked(plan.code)
+    if not hooked:
+        return
+    loaded = {id(g) for g, _ in plan.load}
+    skipped = {id(g) for g in plan.skipped}
+    left = [
+        s.path
+        for g in plan.groups
+        if id(g) not in loaded
+        and g.tensor.is_meta
+        and (handle_of(g.tensor) is None or id(g) in skipped)
+        for s in g.slots
+    ]
+    bad = sorted({p for p in left for c in hooked if not c.path or p.startswith(c.path + ".")})
+    if bad:
+        shown = [plan.display.get(p, p) for p in bad]
+        raise MetaTensorError(
+            f"cannot load {where!r}: load_state_dict post-hooks of "
+            f"{describe_all(hooked)} run after the load, but {shown} would "
+            "still be on the meta device (not in the checkpoint and never deferred, or "
+            "skipped for their shape), so the hooks could not compute on them; nothing in "
+            "the module was changed. Fix: build those tensors for real (or under "
+            "lm.deferred_init) or put them in the checkpoint, or materialize the model and use "
+            "model.load_state_dict(torch.load(path, mmap=True, weights_only=True)).",
+            paths=shown,
+        )
+
+
+def _refuse_lazy(module: nn.Module, where: str) -> None:
+    """Refuse a module holding lazy parameters or buffers that have no shape yet.
+
+    ``load_state_dict`` gives them the checkpoint's shapes (a load hook of
+    ``nn.LazyModuleMixin``); this loader plans by the module's shapes and
+    has none to plan with.
+    """
+    lazy = [
+        s.path
+        for s in iter_slots(module, remove_duplicate=False)
+        if isinstance(s.tensor, (UninitializedParameter, UninitializedBuffer))
+    ]
+    if lazy:
+        raise MetaTensorError(
+            f"cannot load {where!r} into {type(module).__name__}: it holds lazy parameters or "
+            f"buffers that have no shape yet (nn.Lazy* modules): {sorted(lazy)}; the module was "
+            "left unchanged. Fix: run one forward with an example input (or build the module "
+            "with explicit sizes) so they take their shapes, then load; or fill it with "
+            "module.load_state_dict(torch.load(path, weights_only=True)), which takes the "
+            "shapes from the checkpoint.",
+            paths=sorted(lazy),
+        )
 
 
 def _refuse_extra_state(module: nn.Module, source: Source, where: str, prefix: str) -> None:
@@ -114,13 +199,18 @@ def _refuse_extra_state(module: nn.Module, source: Source, where: str, prefix: s
         )
 
 
-def _join_made(groups: list[Group]) -> tuple[list[Group], list[tuple[Slot, torch.Tensor]]]:
+def _join_made(
+    groups: list[Group], order: dict[str, int]
+) -> tuple[list[Group], list[tuple[Slot, torch.Tensor]]]:
     """Join to its real tensor's group each group holding a meta tensor made real elsewhere.
 
     A tie made after construction whose other end was loaded or
     materialized first (:func:`~lightning_meta._deferred._handles.made_for`)
     is that real tensor, in this load as in eager: returns the groups and
-    the slots to put their real tensor in (done by ``swap_in``).
+    the slots to put their real tensor in (done by ``swap_in``). A joined
+    group's slots stay in walk (``state_dict``) order, given by ``order``
+    (position by path), so that the last name the checkpoint holds is the
+    one whose value the tie gets, as with ``load_state_dict``.
     """
     by_tensor = {id(g.tensor): g for g in groups}
     joined: list[Group] = []
@@ -133,7 +223,7 @@ def _join_made(groups: list[Group]) -> tuple[list[Group], list[tuple[Slot, torch
         made += [(slot, real) for slot in group.slots]
         target = by_tensor.get(id(real))
         if target is not None:
-            target.slots = [*target.slots, *group.slots]
+            target.slots = sorted([*target.slots, *group.slots], key=lambda s: order[s.path])
         else:  # the other end is outside the module loaded
             joined.append(Group(real, group.slots))
     return joined, made
@@ -221,6 +311,10 @@ class Plan:
             for but a module cannot hold (meta, sparse, quantized, ...).
         made: slots holding a meta tensor made real at another place, with
             that real tensor (see :func:`_join_made`).
+        code: the modules with load code of their own (their post-hooks run
+            after the load).
+        display: walk names to ``state_dict`` names, where these differ
+            (a ``checkpoint_wrapper``), for the report.
     """
 
     prefix: str
@@ -233,6 +327,8 @@ class Plan:
     skipped: list[Group] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     made: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
+    code: list[LoadCode] = field(default_factory=list)
+    display: dict[str, str] = field(default_factory=dict)
 
     @property
     def loaded_names(self) -> list[str]:
@@ -246,7 +342,12 @@ class Plan:
 
 
 def make_plan(
-    groups: list[Group], entries: dict[str, Entry], others: list[str], prefix: str
+    groups: list[Group],
+    entries: dict[str, Entry],
+    others: list[str],
+    prefix: str,
+    *,
+    sources: dict[str, str] | None = None,
 ) -> Plan:
     """Pair every persistent group with its checkpoint entry and list what does not fit.
 
@@ -255,6 +356,10 @@ def make_plan(
         entries: the checkpoint's tensors by key.
         others: checkpoint keys of values that are not tensors.
         prefix: the key prefix to strip (``""`` for none).
+        sources: for a module with load code of its own, the checkpoint key
+            (prefix stripped) each persistent name is filled from, as traced
+            (see :mod:`~lightning_meta._load._hooks`); ``None``: each name
+            from the key of the same name.
 
     Returns:
         The :class:`Plan`; a group is paired with the entry of its last name
@@ -273,7 +378,8 @@ def make_plan(
         if not group.persistent:
             continue
         names = [s.path for s in group.slots if s.persistent]
-        present = [n for n in names if n in local]
+        keys = {n: n for n in names} if sources is None else sources
+        present = [keys[n] for n in names if n in keys and keys[n] in local]
         if not present:
             plan.missing.extend(names)
             continue
@@ -352,11 +458,22 @@ def mismatch_error(
             f"    {u!r}{_close(ul, plan.missing)}"
             for u, ul in zip(plan.unexpected, unexpected_local, strict=True)
         ]
-    lines.append(
-        "Fix: load into the module the checkpoint was saved from, pass prefix= if its keys "
-        "sit under another attribute, or strict=False to load what matches and get the rest "
-        "listed in the report."
-    )
+    if plan.code:
+        # Names here are as the module's own load code sees them; strict=False
+        # is no fix for keys that code was meant to map.
+        lines.append(
+            "Fix: load into the module the checkpoint was saved from, or pass prefix= if its "
+            "keys sit under another attribute. Names are as module.state_dict() shows them, "
+            "after the load code of "
+            + describe_all(plan.code)
+            + " mapped the checkpoint's keys as load_state_dict does."
+        )
+    else:
+        lines.append(
+            "Fix: load into the module the checkpoint was saved from, pass prefix= if its keys "
+            "sit under another attribute, or strict=False to load what matches and get the rest "
+            "listed in the report."
+        )
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
     return MetaTensorError("\n".join(lines), paths=paths)
 

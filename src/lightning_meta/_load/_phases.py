@@ -679,23 +679,30 @@ def make_report(
         conversion: what was read and cast.
         replayed: the names replayed from the deferred record.
     """
+    # Names as module.state_dict() shows them (a checkpoint_wrapper hides its
+    # '_checkpoint_wrapped_module.'); plan.missing already is.
+    shown = plan.display
+
+    def names(items: Iterable[str]) -> list[str]:
+        return sorted(shown.get(n, n) for n in items)
+
     return LoadReport(
         where,
         source.format,
         plan.prefix,
-        loaded=plan.loaded_names,
-        cast=sorted(conversion.cast),
-        replayed=replayed,
+        loaded=names(plan.loaded_names),
+        cast=names(conversion.cast),
+        replayed=names(replayed),
         missing=plan.missing,
         unexpected=plan.unexpected,
-        mismatched=plan.mismatched,
+        mismatched=sorted((shown.get(n, n), m, c) for n, m, c in plan.mismatched),
         ignored=plan.ignored,
-        left_on_meta=sorted(
+        left_on_meta=names(
             s.path
             for g in plan.groups
             for s in g.slots
             if (t := s.current()) is not None and t.is_meta
         ),
-        tied=sorted(tuple(sorted(g.names)) for g, _ in plan.load if len(g.slots) > 1),
+        tied=sorted(tuple(names(g.names)) for g, _ in plan.load if len(g.slots) > 1),
         bytes_read=conversion.bytes_read,
     )

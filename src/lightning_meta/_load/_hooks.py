@@ -1,0 +1,318 @@
+"""Modules with load code of their own: follow what ``load_state_dict`` would do, on a meta skeleton.
+
+``Module.load_state_dict`` runs each module's ``_load_from_state_dict`` and
+its load pre-hooks (which may rename keys: ``checkpoint_wrapper`` adds
+``_checkpoint_wrapped_module.``, litgpt's LoRA maps ``qkv.weight`` to
+``qkv.linear.weight``, or convert values: a quantize-on-load hook) and then
+its load post-hooks (which may refresh derived buffers). The loader does not
+go through ``load_state_dict``; for a module that has such code,
+:func:`trace_load` runs it on a *skeleton*: a deep copy of the module whose
+every tensor is a meta stand-in (no data copied), fed a state dict of meta
+placeholders of the checkpoint's keys, under a
+``torch.overrides.TorchFunctionMode`` that records every ``copy_`` into the
+stand-ins. A tensor whose copy source is the placeholder of key ``K`` loads
+from ``K`` (a rename); one filled from any other tensor (a value converted by
+a hook) is refused. The module's post-hooks are not traced: they run for real
+after the load (:func:`run_post_hooks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_meta import _compat
+from lightning_meta._deferred._handles import ITEMS_ATTR
+from lightning_meta._deferred._load_hooks import OWN_HOOKS
+from lightning_meta._errors import MetaTensorError
+from lightning_meta._load._source import Entry
+from lightning_meta._slots import HANDLES_ATTR, children, iter_slots
+
+__all__ = [
+    "LoadCode",
+    "describe_all",
+    "load_code",
+    "post_hooked",
+    "run_post_hooks",
+    "skeleton_of",
+    "trace_load",
+]
+
+_FIX = (
+    "materialize the model (lm.materialize(model), or build it for real), then fill it with "
+    "model.load_state_dict(torch.load(path, mmap=True, weights_only=True)), which runs that "
+    "code"
+)
+
+
+@dataclass(frozen=True)
+class LoadCode:
+    """A module with load code of its own: its path, class, and what it has."""
+
+    path: str
+    module: nn.Module
+    what: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"{self.path or '<root>'!r} ({type(self.module).__qualname__}: {', '.join(self.what)})"
+        )
+
+
+def _own(hook: Any) -> bool:
+    """Whether ``hook`` is bookkeeping the loader does itself: lightning_meta's own hooks on
+    deferred modules, and FSDP2's (re-pad a shard, reshard before a load), which the sharded
+    loader (:mod:`~lightning_meta._load._shards`) takes care of."""
+    fn = _compat.hook_function(hook)
+    return fn in OWN_HOOKS or str(getattr(fn, "__module__", "")).startswith(
+        "torch.distributed.fsdp."
+    )
+
+
+def load_code(module: nn.Module) -> list[LoadCode]:
+    """Every submodule (shared ones once) that has load code ``load_state_dict`` would run.
+
+    That is an override of ``_load_from_state_dict`` (torch's own layers
+    excepted: ``nn.BatchNorm``'s converts checkpoints of older torch versions
+    only), a load pre-hook, or a load post-hook, lightning_meta's own hooks
+    (on deferred modules) excepted.
+    """
+    found = []
+    for path, mod in module.named_modules():
+        what = []
+        owner = _compat.load_code_owner(mod)
+        if owner is not nn.Module and not owner.__module__.startswith("torch.nn.modules."):
+            what.append(f"{owner.__qualname__}._load_from_state_dict")
+        pre, post = _compat.load_hook_tables(mod)
+        if any(not _own(h) for h in pre.values()):
+            what.append("a load_state_dict pre-hook")
+        if any(not _own(h) for h in post.values()):
+            what.append("a load_state_dict post-hook")
+        if what:
+            found.append(LoadCode(path, mod, tuple(what)))
+    return found
+
+
+class _Skeleton:
+    """The module's deep copy with meta stand-ins, and the way back to the module's names."""
+
+    def __init__(self, module: nn.Module, where: str, code: list[LoadCode]) -> None:
+        memo: dict[int, Any] = {}
+        self.paths: dict[int, list[str]] = {}  # stand-in id -> walk names of its tensor
+        for slot in iter_slots(module, remove_duplicate=False):
+            t = slot.tensor
+            if id(t) not in memo:
+                memo[id(t)] = _standin(t)
+            self.paths.setdefault(id(memo[id(t)]), []).append(slot.path)
+        for mod in module.modules():
+            for key, value in mod.__dict__.items():
+                if isinstance(value, torch.Tensor) and id(value) not in memo:
+                    memo[id(value)] = _standin(value)
+                elif key in (HANDLES_ATTR, ITEMS_ATTR):
+                    memo[id(value)] = {}  # deferred records: not copied, not needed
+        self.standins = {id(v): v for v in memo.values() if isinstance(v, torch.Tensor)}
+        try:
+            self.module = _compat.deepcopy_module(module, memo)
+        except Exception as e:  # user code: __deepcopy__, a lock, a file handle
+            raise MetaTensorError(
+                f"cannot load {where!r}: modules of this model have load code of their own "
+                f"({describe_all(code)}), which load_checkpoint follows on a "
+                f"meta copy of the model, but copying it failed ({type(e).__name__}: {e}); "
+                f"nothing in the module was changed. Fix: {_FIX}.",
+                paths=[c.path for c in code],
+            ) from e
+        for mod in self.module.modules():  # post-hooks run for real after the load
+            pre, post = _compat.load_hook_tables(mod)
+            for hook_id in [k for k, h in pre.items() if _own(h)]:
+                del pre[hook_id]
+            post.clear()
+
+    def display(self) -> dict[str, str]:
+        """Walk name to ``state_dict`` name, where a state-dict hook renames (checkpoint_wrapper)."""
+        try:
+            state = self.module.state_dict(keep_vars=True)
+        except Exception:  # a state-dict hook that cannot run on meta tensors: keep walk names
+            return {}
+        names: dict[int, list[str]] = {}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                names.setdefault(id(value), []).append(name)
+        out = {}
+        for sid, shown in names.items():
+            walked = [p for p in self.paths.get(sid, ())]
+            persistent = walked[: len(shown)] if len(walked) >= len(shown) else []
+            for walk, name in zip(persistent, shown, strict=False):
+                if walk != name:
+                    out[walk] = name
+        return out
+
+
+def _standin(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s shape, dtype and class (a Parameter stays one)."""
+    data = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+    if isinstance(t, nn.Parameter):
+        try:
+            return _compat.make_subclass(type(t), data, t.requires_grad)
+        except Exception:
+            return nn.Parameter(data, requires_grad=t.requires_grad)
+    return data.requires_grad_(t.requires_grad) if t.requires_grad else data
+
+
+class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
+    """Records every ``dst.copy_(src)`` (and ``.data =``) as ``(dst, src)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[Any, Any]] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func in _RECORDED and len(args) >= 2:
+            self.copies.append((args[0], args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+_RECORDED = (torch.Tensor.copy_, torch.Tensor.data.__set__, torch.Tensor.set_)  # type: ignore[attr-defined]
+
+
+def trace_load(
+    module: nn.Module,
+    code: list[LoadCode],
+    local: dict[str, Entry],
+    where: str,
+    skeleton: _Skeleton,
+) -> dict[str, str]:
+    """Run ``load_state_dict(strict=False)`` on the skeleton; return walk name to checkpoint key.
+
+    Raises:
+        MetaTensorError: the load code fills a tensor from a value it made
+            (a conversion), replaces a tensor of the module, or fails on meta
+            tensors; nothing in the module was changed.
+    """
+    placeholders: dict[str, torch.Tensor] = {}
+    key_of: dict[int, str] = {}
+    for key, entry in local.items():
+        ph = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        placeholders[key] = ph
+        key_of[id(ph)] = key
+    # The module's own version numbers, as a checkpoint saved by this code has.
+    state: Any = _with_metadata(placeholders, skeleton.module)
+    recorder = _CopyRecorder()
+    try:
+        with recorder:
+            skeleton.module.load_state_dict(state, strict=False)
+    except Exception as e:
+        # torch's own "size mismatch" is reported by the plan (missing, unexpected).
+        if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
+            raise _refusal(
+                where, code, f"running it on meta tensors raised {type(e).__name__}: {e}"
+            ) from e
+    sources: dict[str, str] = {}
+    converted: dict[str, str] = {}
+    for dst, src in recorder.copies:
+        paths = skeleton.paths.get(id(dst))
+        if paths is None:
+            continue  # not a tensor of the module (a temporary of the hook)
+        source = key_of.get(id(src)) if isinstance(src, torch.Tensor) else None
+        for path in paths:
+            if source is None:
+                converted[path] = type(src).__name__
+                sources.pop(path, None)
+            else:
+                sources[path] = source
+                converted.pop(path, None)
+    replaced = [
+        s.path
+        for s in iter_slots(skeleton.module, remove_duplicate=False)
+        if id(s.tensor) not in skeleton.standins
+    ]
+    if converted or replaced:
+        bad = sorted({*converted, *replaced})
+        owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
+        raise _refusal(
+            where,
+            owners,
+            f"it fills {bad} with values it computes (or replaces those tensors), not with "
+            "the checkpoint's tensors as they are; load_checkpoint copies only what the "
+            "file holds",
+            paths=bad,
+        )
+    return sources
+
+
+def _under(path: str, prefix: str) -> bool:
+    return not prefix or path == prefix or path.startswith(prefix + ".")
+
+
+def _with_metadata(placeholders: dict[str, torch.Tensor], skeleton: nn.Module) -> Any:
+    from collections import OrderedDict
+
+    state: Any = OrderedDict(placeholders)
+    with contextlib.suppress(Exception):
+        state._metadata = getattr(skeleton.state_dict(), "_metadata")  # noqa: B009
+    return state
+
+
+def describe_all(code: list[LoadCode], most: int = 4) -> str:
+    """The first ``most`` of ``code`` described, and how many more."""
+    shown = "; ".join(c.describe() for c in code[:most])
+    return shown + (f"; and {len(code) - most} more" if len(code) > most else "")
+
+
+def _refusal(
+    where: str, code: list[LoadCode], problem: str, paths: list[str] | None = None
+) -> MetaTensorError:
+    listed = describe_all(code)
+    return MetaTensorError(
+        f"cannot load {where!r}: modules of this model have load code of their own that "
+        f"load_state_dict runs ({listed}), and {problem}; nothing in the module was changed. "
+        f"Fix: {_FIX}.",
+        paths=[*(paths or []), *(c.path for c in code)],
+    )
+
+
+def skeleton_of(module: nn.Module, where: str, code: list[LoadCode]) -> _Skeleton:
+    """The meta skeleton of ``module`` (see :func:`trace_load`)."""
+    return _Skeleton(module, where, code)
+
+
+def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+    # As load_state_dict: every child (shared ones under each name) before its parent.
+    for child in children(module):
+        yield from _post_order(child)
+    yield module
+
+
+def run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Run the module's own load post-hooks, children first, as ``load_state_dict`` does.
+
+    Raises:
+        MetaTensorError: a hook raised; the tensors are loaded, the hook's
+            work may be partly done.
+    """
+    keys = _compat.incompatible_keys(list(missing), list(unexpected))
+    for mod in _post_order(module):
+        _, post = _compat.load_hook_tables(mod)
+        hooks: list[Callable[..., Any]] = [h for h in list(post.values()) if not _own(h)]
+        for hook in hooks:
+            try:
+                hook(mod, keys)
+            except Exception as e:
+                raise MetaTensorError(
+                    f"the tensors were loaded, but the load_state_dict post-hook {hook!r} of "
+                    f"{type(mod).__qualname__} raised {type(e).__name__}: {e}; what it "
+                    f"refreshes may be left as it was. Fix: {_FIX}.",
+                    paths=[],
+                ) from e
+
+
+def post_hooked(code: list[LoadCode]) -> list[LoadCode]:
+    """The modules of ``code`` that have a load post-hook."""
+    return [c for c in code if "a load_state_dict post-hook" in c.what]
