@@ -64,6 +64,8 @@ __all__ = ["MetaGuard"]
 
 logger = logging.getLogger(__name__)
 
+# Longer containers a datamodule holds (its samples) are not searched for meta tensors.
+_MAX_ITEMS = 1_000
 # The strategy instance's methods a run wraps (and restores when it ends).
 _PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
 
@@ -349,6 +351,8 @@ class MetaGuard(Callback):
         left = [
             dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
             for name, value in attributes.items()
+            # (not a table of data: a list of samples holds no module)
+            if not isinstance(value, (list, tuple, dict, set)) or len(value) <= _MAX_ITEMS
             for f in find_meta_tensors(value)
             if f.problem and (f.deferred or f.escaped is not None or f.stale)
         ]
