@@ -84,3 +84,59 @@ def test_an_optimizer_created_inside_the_block_is_refused(fabric: L.Fabric) -> N
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(lm.MaterializationError, match="created inside the deferred_init block"):
         lm.fabric_setup(fabric, net, opt)
+
+
+def _two_models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        return nn.Linear(3, 3), nn.Linear(3, 1)
+
+
+def test_an_optimizer_spanning_two_models_is_refused_with_a_fix_that_applies(
+    fabric: L.Fabric,
+) -> None:
+    # A GAN's or a shared optimizer: fabric_setup takes one model, so "create the
+    # optimizer from model.parameters() of the model you pass" could not be followed.
+    a, b = _two_models()
+    opt = torch.optim.Adam([*a.parameters(), *b.parameters()], lr=0.05)
+    with pytest.raises(
+        lm.MaterializationError,
+        match=r"(?s)2 meta parameters that are deferred parameters of another model than Linear"
+        r".*Fix: set up every model it trains first.*fabric\.setup_optimizers\(optimizer\)",
+    ):
+        lm.fabric_setup(fabric, a, opt)
+    assert all(p.is_meta for p in b.parameters())  # refused before anything was replayed
+
+
+def test_an_optimizer_created_before_an_earlier_fabric_setup_trains_or_is_refused(
+    fabric: L.Fabric,
+) -> None:
+    # Either materialize keeps the parameters' identity (the optimizer then holds
+    # the real ones, as in eager code) or it is refused with the fix that works.
+    def step(a: nn.Module, b: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        fabric.backward(b(a(x)).pow(2).mean())
+        opt.step()
+        return [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+
+    torch.manual_seed(0)
+    ea, eb = nn.Linear(3, 3), nn.Linear(3, 1)
+    eopt = torch.optim.SGD([*ea.parameters(), *eb.parameters()], lr=0.1)
+    ea = fabric.setup(ea)
+    eb, eopt = fabric.setup(eb, eopt)
+    want = step(ea, eb, eopt)
+    a, b = _two_models()
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+    a = lm.fabric_setup(fabric, a)
+    refusal: lm.MaterializationError | None = None
+    try:
+        b, opt = lm.fabric_setup(fabric, b, opt)
+    except lm.MaterializationError as e:
+        refusal = e
+    if refusal is not None:
+        assert "materialized elsewhere" in str(refusal)
+        assert "Fix: set up every model it trains first" in str(refusal)
+    else:
+        got = step(a, b, opt)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -41,6 +41,18 @@ def test_stray_meta_module_exits_1_with_paths(capsys: pytest.CaptureFixture[str]
     assert "problem" in out and "MetaTemplate" in out and "deferred_init" in out
 
 
+def test_layers_built_in_setup_are_checked_as_the_trainer_sees_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # check called configure_model but not setup(stage), which the Trainer calls
+    # first: "No meta problem found." for a module MetaGuard refuses.
+    assert main(["check", f"{MODELS}:BuiltInSetup", "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)["findings"]
+    assert [r["step"] for r in rows][:2] == ["setup('fit')", "configure_model"]
+    problems = {r["path"] for r in rows if r["step"] == "find meta tensors"}
+    assert {"teacher.0.weight", "teacher.2.bias"} <= problems
+
+
 def test_json_lists_every_failed_step(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", f"{MODELS}:Stray", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)

@@ -18,7 +18,7 @@ from support.guard_models import IN, Clean, Seeded, Stray, loader, net, state, t
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
-PATCHED = {"setup", "teardown", "load_model_state_dict"}
+PATCHED = {"model_sharded_context", "setup", "teardown", "load_model_state_dict"}
 
 
 def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,7 +162,24 @@ def test_patches_are_restored_and_earlier_instance_attributes_kept() -> None:
     t.strategy.teardown = marker  # an instance attribute that was there before the run
     t.fit(Seeded("init"), loader())
     assert vars(t.strategy)["teardown"] is marker
-    assert not {"setup", "load_model_state_dict"} & vars(t.strategy).keys()
+    assert not (PATCHED - {"teardown"}) & vars(t.strategy).keys()
+
+
+def test_every_wrapped_method_is_named_and_restored() -> None:
+    from lightning_meta._guard._callback import _PATCHED
+
+    assert set(_PATCHED) == PATCHED
+    t = trainer(max_steps=1)
+    seen: set[str] = set()
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen.update(vars(trainer.strategy).keys())
+
+    t.callbacks.append(Spy())
+    t.fit(Seeded("configure"), loader())
+    assert seen >= PATCHED  # wrapped during the run (configure_model overridden)
+    assert not PATCHED & vars(t.strategy).keys()
 
 
 def test_failure_inside_training_restores_patches() -> None:

@@ -127,6 +127,19 @@ class Clean(Stray):
         self.teacher = lm.MetaTemplate(self.mlp)
 
 
+class BuiltInSetup(Stray):
+    """The meta teacher registered in `setup()` (where Lightning's docs build layers whose
+    sizes come from the data), not in `__init__`: the Trainer calls `setup` first."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "mlp"):
+            self.mlp = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+            self.teacher = copy.deepcopy(self.mlp).to("meta")
+
+
 def state(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 

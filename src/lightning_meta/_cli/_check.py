@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
         "check",
         help="walk a LightningModule's lifecycle and report meta tensors that would break it",
         description=(
-            "Instantiate TARGET and walk the lifecycle a Trainer would (configure_model, "
+            "Instantiate TARGET and walk the lifecycle a Trainer would (setup('fit'), configure_model, "
             "materialization, device transfer, state-dict round trip, optimizer construction, "
             "deepcopy, pickle, summary) without training. Exit 0: no meta problem; 1: meta "
             "problems found; 2: bad command line, or a target that cannot be imported or built."

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import handle_of
+from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._deferred._materialize import DrawOn, materialize
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._guard._find import find_meta_tensors
@@ -242,12 +242,7 @@ def _check_optimizers(module: nn.Module, optimizers: tuple[torch.optim.Optimizer
             )
         stray = [p for p in _meta_params(opt.param_groups) if id(p) not in own]
         if stray:
-            raise MaterializationError(
-                f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding "
-                f"{len(stray)} meta parameters that are not deferred parameters of "
-                f"{type(module).__name__}: they cannot become real. Fix: create the optimizer "
-                "from model.parameters() of the model you pass."
-            )
+            raise MaterializationError(_stray_message(i, opt, module, stray))
         stateful = [p for p in opt.state if isinstance(p, torch.Tensor) and p.is_meta]
         if stateful:
             raise MaterializationError(
@@ -255,6 +250,37 @@ def _check_optimizers(module: nn.Module, optimizers: tuple[torch.optim.Optimizer
                 f"{len(stateful)} deferred parameters (it has stepped on meta tensors). "
                 "Fix: create the optimizer fresh, before any step."
             )
+
+
+def _stray_message(
+    i: int, opt: torch.optim.Optimizer, module: nn.Module, stray: list[torch.Tensor]
+) -> str:
+    """Why optimizer ``i``'s meta parameters outside ``module``'s deferred ones cannot become real."""
+    what = f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding {len(stray)} meta parameters"
+    name = type(module).__name__
+    # Each model set up first, then one optimizer over all of them: what works
+    # for an optimizer that spans several models (a GAN's, a shared one).
+    spanning = (
+        "Fix: set up every model it trains first (a = lm.fabric_setup(fabric, a), then "
+        "b = lm.fabric_setup(fabric, b)), then create the optimizer from their parameters "
+        "and call fabric.setup_optimizers(optimizer)."
+    )
+    if any(made_for(p) is not None for p in stray):
+        return (
+            f"{what} that were materialized elsewhere (by an earlier fabric_setup, materialize "
+            "or load): it was created before, and holds references that still have no data "
+            f"while real tensors took their places. {spanning}"
+        )
+    if any(handle_of(p) is not None for p in stray):
+        return (
+            f"{what} that are deferred parameters of another model than {name} (an optimizer "
+            "spanning several models): fabric_setup materializes only the model it is given, "
+            f"so the others would stay without data. {spanning}"
+        )
+    return (
+        f"{what} that are not deferred parameters of {name}: they cannot become real. "
+        "Fix: create the optimizer from model.parameters() of the model you pass."
+    )
 
 
 def _repoint(

@@ -6,8 +6,10 @@ machinery. The materialization itself lives in ``_guard_materialize``.
 When it acts, in ``Trainer._run`` order:
 
 1. ``Callback.setup``: notes which deferred tensors exist before
-   ``configure_model`` and wraps three methods of this run's *strategy
-   instance* (never the class): ``setup``, ``load_model_state_dict`` and
+   ``configure_model`` and wraps four methods of this run's *strategy
+   instance* (never the class): ``model_sharded_context`` (to note the
+   deferred tensors built under Lightning's device context in
+   ``configure_model``), ``setup``, ``load_model_state_dict`` and
    ``teardown``. Lightning offers no callback hook between ``configure_model``
    and the strategy's device transfer, so this is the one place to act.
 2. Right before the strategy's ``setup`` (or before a ``ckpt_path`` restore
@@ -16,12 +18,18 @@ When it acts, in ``Trainer._run`` order:
    root device (shard by shard after ``fully_shard``); for ``strategy="fsdp"``
    hands torch's FSDP a ``param_init_fn`` that replays each unit as it is
    wrapped. Lightning's own ``to_empty()`` + ``reset_parameters()`` then finds
-   nothing left to do.
+   nothing left to do. Deferred modules held by other callbacks and by the
+   ``LightningDataModule`` are materialized on the CPU, where eager
+   construction leaves them.
 3. ``on_fit_start``: refuses meta tensors in the optimizers.
 4. ``on_save_checkpoint``: refuses meta tensors in the checkpoint (they would
    also make ``load_from_checkpoint`` move the model to meta).
 5. The strategy's ``teardown`` and the ``teardown`` / ``on_exception`` hooks
-   put every wrapped method back, whether the run succeeded or not.
+   put every wrapped method back, whether the run succeeded or not. A
+   ``WeightAveraging`` listed before ``MetaGuard`` fails in its own ``setup``,
+   before ``MetaGuard``'s: ``on_exception`` then has the strategy's
+   ``teardown`` raise a ``MetaTensorError`` naming the fix, once Lightning's
+   clean-up has run.
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ from lightning_meta._deferred._handles import deferred_slots
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import held_modules
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._guard._find import explain, find_meta_tensors
+from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
+    HYPERPARAMETERS,
     deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
@@ -55,7 +64,10 @@ __all__ = ["MetaGuard"]
 
 logger = logging.getLogger(__name__)
 
-_PATCHED = ("setup", "load_model_state_dict", "teardown")
+# Longer containers a datamodule holds (its samples) are not searched for meta tensors.
+_MAX_ITEMS = 1_000
+# The strategy instance's methods a run wraps (and restores when it ends).
+_PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
 
 
 class MetaGuard(Callback):
@@ -110,12 +122,19 @@ class MetaGuard(Callback):
         >>> model.layer.weight.is_meta
         False
 
+    A deferred module held by another callback or by the
+    ``LightningDataModule`` (``trainer.datamodule``; a frozen feature
+    extractor used in ``on_after_batch_transfer``) is materialized on the CPU,
+    where eager construction leaves it (Lightning moves neither).
+
     .. warning::
         Lightning gives callbacks no hook between ``configure_model`` and the
-        strategy's setup, so ``MetaGuard`` wraps ``setup``,
-        ``load_model_state_dict`` and ``teardown`` on the trainer's strategy
-        *instance* for the length of a run, and restores them when it ends,
-        also on failure. Under FSDP1, modules wrapped in ``FullyShardedDataParallel``
+        strategy's setup, so ``MetaGuard`` wraps ``model_sharded_context``,
+        ``setup``, ``load_model_state_dict`` and ``teardown`` on the trainer's
+        strategy *instance* for the length of a run, and restores them when it
+        ends, also on failure. List it before a ``WeightAveraging`` callback:
+        Lightning runs callbacks' ``setup`` in list order, and
+        ``WeightAveraging`` moves a copy of the model in its own. Under FSDP1, modules wrapped in ``FullyShardedDataParallel``
         inside ``configure_model`` are materialized by torch before MetaGuard
         can act; let the strategy wrap them (``auto_wrap_policy``) instead.
     """
@@ -125,7 +144,12 @@ class MetaGuard(Callback):
         self.allow_uninitialized = allow_uninitialized
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._before: frozenset[int] = frozenset()
+        # Whether Lightning entered model_sharded_context (configure_model is
+        # overridden) in this run: only then is anything built on the device.
+        self._sharded = False
         self._prepared = False
+        self._running = False
+        self._refusal: tuple[MetaTensorError, BaseException] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -134,7 +158,10 @@ class MetaGuard(Callback):
             "allow_uninitialized": self.allow_uninitialized,
             "_undo": [],
             "_before": frozenset(),
+            "_sharded": False,
             "_prepared": False,
+            "_running": False,
+            "_refusal": None,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -144,13 +171,17 @@ class MetaGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()  # a run that ended without reaching teardown
+        self._running = True
+        self._refusal = None
         _refuse_deepspeed(trainer.strategy, type(pl_module).__name__)
         self._prepared = False
+        self._sharded = False
         self._before = frozenset(_deferred_ids(pl_module))
         strategy = trainer.strategy
-        # Entered right around configure_model (after LightningModule.setup, whose
-        # modules are built on the CPU): what is deferred from then on was built
-        # under Lightning's device context.
+        # Entered right around configure_model, and only when the module
+        # overrides it (after LightningModule.setup, whose modules are built on
+        # the CPU): what is deferred from then on was built under Lightning's
+        # device context.
         self._wrap(strategy, "model_sharded_context", lambda: self._note_before(pl_module))
         self._wrap(strategy, "setup", lambda: self._prepare(trainer))
         self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
@@ -204,16 +235,54 @@ class MetaGuard(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if not self._running:
+            self._explain_early_failure(trainer, pl_module, exception)
+        self._running = False
         # The strategy's teardown still runs after this hook; its wrapper keeps
         # Lightning's `.cpu()` off refused meta tensors and then removes itself.
         self._restore(keep="teardown")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._running = False
         self._restore()
 
     # -- the work ----------------------------------------------------------
 
+    def _explain_early_failure(
+        self, trainer: pl.Trainer, module: nn.Module, exception: BaseException
+    ) -> None:
+        """Refuse the run a ``WeightAveraging`` listed before this callback broke.
+
+        Lightning calls callbacks' ``setup`` in list order, and
+        ``WeightAveraging``'s moves a copy of the model to its device: on a
+        deferred model, torch's "Cannot copy out of meta tensor" before
+        ``MetaGuard`` could act, and again from Lightning's ``teardown``. This
+        hook cannot raise without cutting Lightning's clean-up short (the other
+        callbacks' ``on_exception``, the loggers), so the strategy's
+        ``teardown``, which runs last, raises the ``MetaTensorError`` once it
+        has done its work, keeping its ``.cpu()`` off the meta tensors.
+        """
+        earlier = _averaging_before(trainer, self)
+        if earlier is None or not _compat.is_torch_meta_error(exception):
+            return
+        found = [f for f in find_meta_tensors(module) if f.problem]
+        if not found:
+            return
+        name = type(module).__name__
+        error = MetaTensorError(
+            f"{earlier} is listed before MetaGuard in Trainer(callbacks=...): Lightning runs "
+            f"callbacks' setup in that order, and {earlier}.setup copies {name} and moves the copy "
+            f"to its device there, before MetaGuard could materialize the {_count(found)} "
+            f"({_paths(found)}), so torch raised {type(exception).__name__}. Fix: list "
+            f"MetaGuard before {earlier}: callbacks=[lightning_meta.MetaGuard(), {earlier}(...)] "
+            "(MetaGuard then materializes the model on the CPU for it).",
+            paths=[f.path for f in found],
+        )
+        self._refusal = (error, exception)
+        self._wrap_teardown(trainer.strategy)
+
     def _note_before(self, module: nn.Module) -> None:
+        self._sharded = True
         self._before = frozenset(_deferred_ids(module))
 
     def _prepare(self, trainer: pl.Trainer) -> None:
@@ -227,7 +296,11 @@ class MetaGuard(Callback):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
         else:
-            on_device = frozenset(_deferred_ids(module)) - self._before
+            # Without configure_model, Lightning enters no device context: every
+            # deferred tensor (built in __init__ or in setup) is drawn on the CPU.
+            on_device = (
+                frozenset(_deferred_ids(module)) - self._before if self._sharded else frozenset()
+            )
             count = materialize_model(
                 module,
                 device,
@@ -236,12 +309,20 @@ class MetaGuard(Callback):
             )
             if count:
                 logger.info(
-                    "MetaGuard materialized %d deferred tensors of %s on %s", count, name, device
+                    "MetaGuard materialized %d deferred tensors of %s on %s, %d of them "
+                    "with the device's generator (built in configure_model)",
+                    count,
+                    name,
+                    device,
+                    len(on_device),
                 )
-        self._copies(trainer)
+        tree = {id(m) for m in module.modules()}
+        self._copies(trainer, tree)
+        if trainer.datamodule is not None:  # type: ignore[attr-defined]
+            self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
         self._prepared = True
 
-    def _copies(self, trainer: pl.Trainer) -> None:
+    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> None:
         """Materialize the copies of the model other callbacks made in their ``setup``.
 
         ``StochasticWeightAveraging`` and ``ModelPruning`` (lottery ticket)
@@ -250,12 +331,48 @@ class MetaGuard(Callback):
         ``.to(device)`` later failed on. They get eager's values, on the CPU.
         """
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if callback is self:
-                continue
-            for name, value in list(vars(callback).items()):
-                for _, held in held_modules(value, name):
-                    if deferred_slots(held):
-                        materialize(held, allow_uninitialized=self.allow_uninitialized)
+            if callback is not self:
+                self._held(vars(callback), tree)
+
+    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> None:
+        """Materialize the deferred modules ``datamodule`` holds, on the CPU, as its callbacks'.
+
+        Lightning moves neither a datamodule nor what it holds: eager
+        construction leaves a module built there on the CPU, and a CPU matmul
+        with a meta weight returns uninitialised memory instead of raising.
+        Then refuse, as ``datamodule.<path>``, what is still deferred or a
+        reference taken before materializing (``check``: the model is real by
+        now, so such a reference cannot be filled any more).
+        """
+        attributes = {k: v for k, v in vars(datamodule).items() if k not in HYPERPARAMETERS}
+        self._held(attributes, tree)
+        if not check:
+            return
+        left = [
+            dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
+            for name, value in attributes.items()
+            # (not a table of data: a list of samples holds no module)
+            if not isinstance(value, (list, tuple, dict, set)) or len(value) <= _MAX_ITEMS
+            for f in find_meta_tensors(value)
+            if f.problem and (f.deferred or f.escaped is not None or f.stale)
+        ]
+        if left:
+            raise explain(
+                left,
+                f"The LightningDataModule {type(datamodule).__name__}",
+                "MetaGuard materialized the deferred modules the datamodule holds on the CPU; "
+                "these were left without data (held where materialize does not reach, or a "
+                "reference taken before materializing), and batches would be computed with them.",
+            )
+
+    def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
+        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
+        for name, value in list(attributes.items()):
+            for _, held in held_modules(value, name):
+                # The model's own modules (a reference to the LightningModule)
+                # are materialized where the strategy needs them, not here.
+                if id(held) not in tree and deferred_slots(held):
+                    materialize(held, allow_uninitialized=self.allow_uninitialized)
 
     def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
         kwargs: dict[str, Any] = strategy.kwargs
@@ -297,6 +414,7 @@ class MetaGuard(Callback):
 
         @functools.wraps(original)
         def teardown(*args: Any, **kwargs: Any) -> Any:
+            refusal, self._refusal = self._refusal, None
             module = strategy.lightning_module
             shadowed = module is not None and _has_meta(module)
             if shadowed:
@@ -311,11 +429,15 @@ class MetaGuard(Callback):
                     _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
                 object.__setattr__(module, "cpu", lambda: module)
             try:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
             finally:
                 if shadowed:
                     object.__delattr__(module, "cpu")
                 self._restore()
+            if refusal is not None:
+                error, cause = refusal
+                raise error from cause
+            return result
 
         self._set(strategy, "teardown", teardown)
 
@@ -357,6 +479,27 @@ def _refuse_deepspeed(strategy: Any, name: str) -> None:
                 "call lightning_meta.materialize(model) before trainer.fit.",
             )
         )
+
+
+def _averaging_before(trainer: pl.Trainer, guard: MetaGuard) -> str | None:
+    """The class name of a ``WeightAveraging`` callback (Lightning >= 2.6) listed before ``guard``."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:
+        return None
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    earlier = callbacks[: callbacks.index(guard)] if guard in callbacks else []
+    names = [type(cb).__name__ for cb in earlier if isinstance(cb, WeightAveraging)]
+    return names[0] if names else None
+
+
+def _count(found: list[MetaFinding]) -> str:
+    return f"{len(found)} meta tensor{'s' if len(found) != 1 else ''}"
+
+
+def _paths(found: list[MetaFinding], shown: int = 3) -> str:
+    names = ", ".join(repr(f.path) for f in found[:shown])
+    return names + (f", ... {len(found) - shown} more" if len(found) > shown else "")
 
 
 def _averages_in_setup(trainer: pl.Trainer, guard: MetaGuard) -> bool:

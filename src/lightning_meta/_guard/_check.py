@@ -22,7 +22,7 @@ from lightning_meta._compat import is_torch_meta_error
 from lightning_meta._deferred._handles import deferred_paths
 from lightning_meta._deferred._materialize import materialize_paths
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._guard._find import ESCAPED_FIX, find_meta_tensors
+from lightning_meta._guard._find import ESCAPED_FIX, STALE_FIX, explain, find_meta_tensors
 from lightning_meta._guard._materialize import HYPERPARAMETERS
 
 __all__ = ["Row", "check_module"]
@@ -45,14 +45,19 @@ class Row:
         return asdict(self)
 
 
-def check_module(module: nn.Module) -> list[Row]:
-    """Walk ``module`` through configure_model, materialization, device transfer,
+def check_module(module: nn.Module, *, stage: str = "fit") -> list[Row]:
+    """Walk ``module`` through setup, configure_model, materialization, device transfer,
     state-dict round trip, optimizer construction, deepcopy, pickle and summary.
 
-    The module is changed the way a Trainer would change it (``configure_model``
-    is called, deferred tensors are materialized on the CPU).
+    The module is changed the way a Trainer would change it (a
+    ``LightningModule``'s ``setup(stage)`` then ``configure_model`` are
+    called, deferred tensors are materialized on the CPU).
     """
     rows: list[Row] = []
+    if _is_lightning_module(module):
+        # The Trainer calls setup(stage) before configure_model; layers built
+        # there are what MetaGuard sees too.
+        rows.append(_step(f"setup({stage!r})", lambda: module.setup(stage)))  # type: ignore[operator]
     configure = getattr(module, "configure_model", None)
     if callable(configure):
         rows.append(_step("configure_model", configure))
@@ -104,6 +109,16 @@ def check_module(module: nn.Module) -> list[Row]:
                     f"meta hyperparameter {f.shape}: every checkpoint would save it, and "
                     "load_from_checkpoint would then build the model with a meta tensor. "
                     "Fix: pass a real tensor, or leave it out of save_hyperparameters(ignore=...).",
+                )
+            )
+        elif f.stale:
+            rows.append(
+                Row(
+                    "find meta tensors",
+                    "problem",
+                    f.path,
+                    f"{f.kind} {f.shape} materialized elsewhere: a reference taken before "
+                    f"materializing. {STALE_FIX}",
                 )
             )
         elif f.kind in ("parameter", "buffer"):
@@ -209,11 +224,7 @@ def _optimizers(module: nn.Module) -> None:
     optimizers = [o for o in _flatten(result) if isinstance(o, torch.optim.Optimizer)]
     meta = [f for f in find_meta_tensors(optimizers) if f.problem]
     if meta:
-        raise MetaTensorError(
-            "configure_optimizers() returned optimizers holding meta tensors:\n"
-            + "\n".join(f"  {f.describe()}" for f in meta),
-            paths=[f.path for f in meta],
-        )
+        raise explain(meta, "configure_optimizers()")
 
 
 def _flatten(obj: Any) -> list[Any]:
@@ -222,6 +233,14 @@ def _flatten(obj: Any) -> list[Any]:
     if isinstance(obj, dict):
         return [x for item in obj.values() for x in _flatten(item)]
     return [obj]
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+        return False
+    return isinstance(module, LightningModule)
 
 
 def _summary(module: nn.Module) -> None:

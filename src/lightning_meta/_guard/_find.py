@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import handle_of, handles_of
+from lightning_meta._deferred._handles import handle_of, handles_of, made_for
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
 from lightning_meta._template._template import MetaTemplate
@@ -41,6 +41,15 @@ ESCAPED_FIX = (
     "data, and materialize cannot fill it: any use raises. Fix: register it on a module "
     "built in the block (self.register_buffer(name, t, persistent=False), or a plain "
     "attribute set inside the block), or create it after materialize."
+)
+
+STALE_FIX = (
+    "A tensor 'materialized elsewhere' is a reference taken before materializing: "
+    "materialize (or a load) put a real tensor in its place on the module that owns it, and "
+    "this reference still holds no data. Fix: create optimizers after materializing (in "
+    "configure_optimizers under MetaGuard, after lightning_meta.fabric_setup with Fabric), "
+    "and take other references to the tensor (a tie to another model's weight) after the "
+    "model that owns it is materialized."
 )
 
 
@@ -72,6 +81,11 @@ class MetaFinding:
             ``None``). It is not on the meta device but holds no data either
             (a fake tensor of the finished block): nothing can fill it and any
             use raises :class:`~lightning_meta.MetaTensorError`.
+        stale: a meta tensor that :func:`~lightning_meta.materialize` (or a
+            load) already replaced by a real one at the place that owns it
+            (a module's parameter): a reference taken before materializing,
+            such as an optimizer created in ``__init__``. It stays without
+            data; take the reference after materializing instead.
     """
 
     path: str
@@ -81,6 +95,7 @@ class MetaFinding:
     deferred: bool
     hidden: bool = False
     escaped: str | None = None
+    stale: bool = False
 
     @property
     def problem(self) -> bool:
@@ -94,6 +109,8 @@ class MetaFinding:
         where = ", outside the module tree" if self.hidden else ""
         if self.escaped is not None:
             state = f"created in a deferred_init block at {self.escaped} and left outside it"
+        elif self.stale:
+            state = "materialized elsewhere: a reference taken before materializing"
         else:
             state = "deferred" if self.deferred else "not deferred"
         return f"{self.path!r} ({self.kind}, shape {self.shape}, {self.dtype}, {state}{where})"
@@ -181,7 +198,9 @@ def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> M
         )
     if any(f.escaped is not None for f in problems):
         lines.append(ESCAPED_FIX)
-    if len(deferred) + sum(f.escaped is not None for f in problems) < n:
+    if any(f.stale for f in problems):
+        lines.append(STALE_FIX)
+    if any(not f.deferred and f.escaped is None and not f.stale for f in problems):
         lines.append(FIX)
     return MetaTensorError("\n".join(lines), paths=[f.path for f in problems])
 
@@ -310,14 +329,16 @@ def _finding(
     path: str, kind: Kind, t: torch.Tensor, deferred: bool, hidden: bool = False
 ) -> MetaFinding:
     escaped = escaped_site(t)
+    deferred = deferred and escaped is None
     return MetaFinding(
         path or "<tensor>",
         kind,
         tuple(t.shape),
         t.dtype,
-        deferred and escaped is None,
+        deferred,
         hidden,
         escaped,
+        stale=not deferred and escaped is None and made_for(t) is not None,
     )
 
 

@@ -111,9 +111,9 @@ def refuse_left(module: nn.Module, owner: str | None = None) -> None:
         raise explain(
             left,
             owner or type(module).__name__,
-            "They were left without data after materializing (referenced from a place "
-            "materialize does not reach, such as an object other than a list, tuple or "
-            "dict); training would compute with them.",
+            "They were left without data after materializing (held where materialize does "
+            "not reach, such as an object other than a list, tuple or dict, or by a reference "
+            "taken before materializing); training would compute with them.",
         )
 
 
