@@ -29,6 +29,7 @@ from lightning_meta._deferred._handles import (
     keep_ahead,
     lone_module,
     made_for,
+    mark_done,
     on_meta_on_purpose,
     pending_base,
     refuse_apart,
@@ -391,10 +392,13 @@ def _replay_records(
     dtype: torch.dtype | None,
     remap: torch.device | None,
     recast: dict[int, torch.dtype],
-) -> tuple[dict[int, torch.Tensor], dict[int, Record], set[int]]:
+) -> tuple[dict[int, torch.Tensor], dict[int, Record], tuple[set[int], set[int]]]:
     """Return the real tensor for each deferred slot (by ``id`` of the slot), the records
-    replayed, and the ``id``\\ s of those real tensors already in place elsewhere (a tie's
-    other end made real before), which no deferred tensor may take over.
+    replayed, the ``id``\\ s of those real tensors already in place elsewhere (a tie's
+    other end made real before), which no deferred tensor may take over, and the
+    ``id``\\ s of the slots that are views of a tensor made real before
+    (:func:`~lightning_meta._deferred._handles.earlier_view`), which ``_swap_in``
+    takes again once their bases are in place.
 
     ``recast``: the dtype of each deferred tensor (by ``id``) that
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
@@ -422,6 +426,7 @@ def _replay_records(
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
     held: set[int] = set()
+    earlier: set[int] = set()
     apart: list[str] = []  # views whose weight this call leaves deferred
     for slot, handle in deferred:
         where = place(slot)
@@ -440,6 +445,7 @@ def _replay_records(
             view = earlier_view(handle, slot.path)
             if view is not None:
                 by_place[key] = dress_like(slot.tensor, view, handle.attrs)
+                earlier.add(id(slot))
                 continue
             base = pending_base(handle)
             if base is not None and (id(base.record), base.vid) not in in_call:
@@ -469,7 +475,7 @@ def _replay_records(
                 value = value.to(recast_to)
             by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
-    return ready, {id(record): record for record, _ in targets.values()}, held
+    return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
 
 
 def _sharing(
@@ -594,7 +600,7 @@ def _graded_views(plan: list[tuple[Slot, Handle, Slot]], ready: dict[int, torch.
 def _swap_in(
     deferred: list[tuple[Slot, Handle]],
     ready: dict[int, torch.Tensor],
-    held: set[int],
+    held: tuple[set[int], set[int]],
     graded: list[tuple[Slot, Handle, Slot]],
     remap: torch.device | None,
     *,
@@ -613,8 +619,13 @@ def _swap_in(
     # id of a real tensor -> it (kept alive, so the id stays its own) and the
     # deferred object that took its contents over.
     owner: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    held, earlier = held
+    # Views of a tensor made real before (replayed ahead of this call, the
+    # base of one of its parameters) are taken again below: the view holds
+    # its base's C++ tensor, which could not be swapped then.
+    late = {id(slot) for slot, _ in deferred if id(slot) in earlier}
     why: dict[int, tuple[Handle, str, str]] = {}  # objects left meta: path, reason
-    later = {id(slot) for slot, _, _ in graded}
+    later = {id(slot) for slot, _, _ in graded} | late
 
     def take(slot: Slot, handle: Handle) -> None:
         new = ready[id(slot)]
@@ -638,6 +649,7 @@ def _swap_in(
             if take_over(old, new) or take_over(old, _alias(new)):
                 owner[id(new)] = (new, old)
                 ready[id(slot)] = old
+                mark_done(handle, old)  # the base of a view taken below
                 why.pop(id(old), None)
                 return
             reason = (
@@ -646,9 +658,20 @@ def _swap_in(
             )
         why.setdefault(id(old), (handle, slot.path, reason))
 
+    for slot, _ in deferred:
+        if id(slot) in late:
+            del ready[id(slot)]  # drops the view: its base can be swapped
     for slot, handle in deferred:
         if id(slot) not in later:
             take(slot, handle)
+    again: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
+    for slot, handle in deferred:
+        if id(slot) in late:
+            if id(slot.tensor) not in again:
+                view = earlier_view(handle, slot.path)
+                assert view is not None  # found before, its base only swapped since
+                again[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+            ready[id(slot)] = again[id(slot.tensor)]
     _graded_views(graded, ready)
     for slot, handle in deferred:
         if id(slot) in later:
