@@ -273,9 +273,9 @@ def materialize_paths(
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
-    ready, replayed, held = _replay_records(deferred, target, dtype, remap, recast)
+    ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast)
     graded = _graded_plan(deferred, ready)
-    _swap_in(deferred, ready, held, graded, remap if identity else None, identity=identity)
+    _swap_in(deferred, ready, kept, graded, remap if identity else None, identity=identity)
     for slot, tensor in made:
         slot.put(tensor)
     _complete_records(walk, replayed, remap)
@@ -600,7 +600,7 @@ def _graded_views(plan: list[tuple[Slot, Handle, Slot]], ready: dict[int, torch.
 def _swap_in(
     deferred: list[tuple[Slot, Handle]],
     ready: dict[int, torch.Tensor],
-    held: tuple[set[int], set[int]],
+    kept: tuple[set[int], set[int]],
     graded: list[tuple[Slot, Handle, Slot]],
     remap: torch.device | None,
     *,
@@ -619,7 +619,7 @@ def _swap_in(
     # id of a real tensor -> it (kept alive, so the id stays its own) and the
     # deferred object that took its contents over.
     owner: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    held, earlier = held
+    held, earlier = kept
     # Views of a tensor made real before (replayed ahead of this call, the
     # base of one of its parameters) are taken again below: the view holds
     # its base's C++ tensor, which could not be swapped then.
