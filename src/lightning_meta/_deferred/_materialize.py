@@ -87,6 +87,22 @@ def materialize(
     Tensors that are not on meta are left untouched, so calling this again is
     a no-op.
 
+    Each deferred tensor object is made real in place (its real contents put
+    into it with ``torch.utils.swap_tensors``), as eager's ``module.to()``
+    keeps each parameter's object: a reference taken after the block (a
+    local, a closure, an optimizer built on ``module.parameters()`` before
+    this call) is the real tensor.
+
+    .. warning::
+        Where eager's object is not the module's (a buffer or tensor
+        attribute moved or cast by ``device=`` or ``dtype=``, which eager's
+        ``module.to()`` replaces) or torch cannot swap it (a view of it taken
+        after the block, an autograd graph or a weak reference holds it), the
+        module gets a new tensor and the old object becomes stale: any use
+        of it other than reading its shape, dtype or device raises
+        :class:`~lightning_meta.MetaTensorError` naming its path. Read such
+        tensors from the module after ``materialize``.
+
     Sharded modules work too: a deferred parameter that ``fully_shard``
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
     ``DTensor`` gets only its local shard allocated, filled with this rank's
