@@ -140,3 +140,30 @@ def test_an_optimizer_created_before_an_earlier_fabric_setup_trains_or_is_refuse
     else:
         got = step(a, b, opt)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_an_optimizer_not_passed_to_fabric_setup_trains_as_eager(fabric: L.Fabric) -> None:
+    # The review's case: the optimizer built on the deferred parameters and
+    # used directly, lm.fabric_setup(fabric, model) given only the model.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    results = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        if deferred:
+            with lm.deferred_init():
+                module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        else:
+            module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.Adam(module.parameters(), lr=0.01)
+        wrapped = lm.fabric_setup(fabric, module) if deferred else fabric.setup(module)
+        for _ in range(3):
+            opt.zero_grad()
+            fabric.backward(nn.functional.mse_loss(wrapped(x), y))
+            opt.step()
+        results.append(module)
+    eager, module = results
+    for (name, got), want in zip(
+        module.state_dict().items(), eager.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name

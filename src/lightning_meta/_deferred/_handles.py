@@ -64,6 +64,8 @@ __all__ = [
     "settle",
     "settle_waiting",
     "tensor_attrs",
+    "unhook",
+    "unregister",
     "without_pending",
 ]
 
@@ -121,35 +123,39 @@ class Handle:
         _register(self)
 
 
-# id of a deferred meta tensor -> weak refs to the tensor and to its handle.
-# Weak on both sides: the module owning the handle decides how long it lives,
-# and the handle refers to the tensor, so a strong value here would keep both
-# alive forever. A plain dict by ``id``, not torch's ``WeakIdKeyDictionary``,
-# whose every lookup builds a Python key object (materialize looks up every
-# tensor); the tensor's weak ref removes the entry when the tensor dies, and
-# a lookup checks the ref still points at the tensor asked about.
-_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[Handle]]] = {}
+# id of a deferred meta tensor -> a weak ref to its handle. Weak: the module
+# owning the handle decides how long it lives. No weak ref to the tensor:
+# ``materialize`` gives the deferred tensor object its real contents with
+# ``torch.utils.swap_tensors`` (see ``_identity``), which refuses a tensor
+# anything refers to weakly. The handle holds its tensor, so while the handle
+# lives the id is that tensor's; a lookup checks ``handle.tensor`` is the
+# tensor asked about. A plain dict by ``id``, not torch's
+# ``WeakIdKeyDictionary``, whose every lookup builds a Python key object
+# (materialize looks up every tensor).
+_REGISTRY: dict[int, weakref.ref[Handle]] = {}
 
 
-# id of a meta tensor (deferred or plain) made real -> weak refs to it and to
-# the real tensor made for it. The same meta tensor held at another place (a
-# tie made after construction, whose other end was materialized or loaded
-# first) gets that real tensor, as the eager tie would (see :func:`made_for`).
+# id of a meta tensor (deferred or plain) made real by a load, or replayed
+# ahead of its module -> weak refs to it and to the real tensor made for it.
+# The same meta tensor held at another place (a tie made after construction,
+# whose other end was loaded first) gets that real tensor, as the eager tie
+# would (see :func:`made_for`). ``materialize`` drops an entry before it
+# swaps the meta tensor's contents (:func:`unhook`).
 _MADE: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
 
 
 def _unregister(
     key: int,
-    dead: weakref.ref[torch.Tensor],
-    registry: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = _REGISTRY,
+    dead: weakref.ref[Any],
+    registry: dict[int, Any] = _REGISTRY,
 ) -> None:
-    """Drop the entry of a tensor that died (unless the id went to another tensor since).
+    """Drop the entry of a handle or tensor that died (unless the id went to another since).
 
     ``registry`` is bound at definition: the callback may run while the
     interpreter shuts down, when module globals can already be gone.
     """
     entry = registry.get(key)
-    if entry is not None and entry[0] is dead:
+    if entry is not None and (entry is dead or (isinstance(entry, tuple) and entry[0] is dead)):
         registry.pop(key, None)
 
 
@@ -158,9 +164,11 @@ def _register(handle: Handle) -> None:
     tensor = handle.tensor
     key = id(tensor)
     entry = _REGISTRY.get(key)
-    if entry is not None and entry[0]() is tensor and entry[1]() is not None:
-        return
-    _REGISTRY[key] = (weakref.ref(tensor, functools.partial(_unregister, key)), weakref.ref(handle))
+    if entry is not None:
+        current = entry()
+        if current is not None and current.tensor is tensor:
+            return
+    _REGISTRY[key] = weakref.ref(handle, functools.partial(_unregister, key))
 
 
 def handle_of(tensor: torch.Tensor) -> Handle | None:
@@ -168,12 +176,34 @@ def handle_of(tensor: torch.Tensor) -> Handle | None:
     if not tensor.is_meta:
         return None
     entry = _REGISTRY.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
-        return None
-    handle = entry[1]()
+    handle = entry() if entry is not None else None
     if handle is None or handle.tensor is not tensor:
         return None
     return handle
+
+
+def unhook(handle: Handle, tensor: torch.Tensor) -> None:
+    """Drop this package's weak refs to ``handle``'s deferred tensor and to ``tensor``.
+
+    Before ``torch.utils.swap_tensors`` puts ``tensor``'s contents into the
+    deferred tensor (it refuses tensors with weak refs): a value replayed
+    ahead of its module (:func:`keep_ahead`) is noted as done with weak refs.
+    :func:`mark_done` notes the result afterwards.
+    """
+    meta = handle.tensor
+    entry = _MADE.get(id(meta))
+    if entry is not None and entry[0]() is meta:
+        del _MADE[id(meta)]
+    ref = handle.record.materialized.get(handle.vid)
+    if ref is not None and ref() is tensor:
+        del handle.record.materialized[handle.vid]
+
+
+def unregister(handle: Handle) -> None:
+    """Make :func:`handle_of` find no handle for ``handle``'s tensor (left stale, see ``_identity``)."""
+    entry = _REGISTRY.get(id(handle.tensor))
+    if entry is not None and entry() is handle:
+        del _REGISTRY[id(handle.tensor)]
 
 
 def made_for(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -305,7 +335,8 @@ def item_slots(module: nn.Module, prefix: str = "") -> list[ItemSlot]:
     out: list[ItemSlot] = []
     for rel, item in items_of(module).items():
         slot = ItemSlot(dot + rel, module, "attr", item.attr, item.handle.tensor, False, item.keys)
-        if slot.current() is item.handle.tensor:
+        # (a tensor made real in place at another of its places is done)
+        if slot.current() is item.handle.tensor and item.handle.tensor.is_meta:
             out.append(slot)
     return out
 
@@ -386,7 +417,8 @@ def mark_done(handle: Handle, tensor: torch.Tensor, *, copied: bool = False) -> 
     """
     handle.record.materialized[handle.vid] = weakref.ref(tensor)
     handle.record.made_in[handle.vid] = _compat.storage_id(tensor.untyped_storage())
-    note_made(handle.tensor, tensor)
+    if handle.tensor is not tensor:  # not when materialize swapped its contents in
+        note_made(handle.tensor, tensor)
     if copied and not handle.replaced():
         handle.record.copied.add(handle.vid)
 
@@ -709,7 +741,8 @@ def _replay_items(items: list[ItemSlot]) -> None:
 
 
 def drop_stale(modules: Iterable[nn.Module]) -> dict[int, Record]:
-    """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``).
+    """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``),
+    or whose tensor was made real in place at another of its places (a tie).
 
     ``modules``: every module of the tree (``module.modules()``). Returns the
     records touched, by id.
@@ -718,12 +751,13 @@ def drop_stale(modules: Iterable[nn.Module]) -> dict[int, Record]:
     for mod in modules:
         for name, handle in handles_of(mod).items():
             slot = slot_at(mod, name)
-            if slot is None or slot.tensor is not handle.tensor:
+            # (or made real in place at another of its places: a tie, see _identity)
+            if slot is None or slot.tensor is not handle.tensor or not handle.tensor.is_meta:
                 drop(mod, name, handle)
                 touched[id(handle.record)] = handle.record
         for rel, item in items_of(mod).items():
             place = ItemSlot(rel, mod, "attr", item.attr, item.handle.tensor, False, item.keys)
-            if place.current() is not item.handle.tensor:
+            if place.current() is not item.handle.tensor or not item.handle.tensor.is_meta:
                 _drop_item(mod, rel, item.handle)
                 touched[id(item.handle.record)] = item.handle.record
     return touched

@@ -29,14 +29,18 @@ from lightning_meta._deferred._handles import (
     keep_ahead,
     lone_module,
     made_for,
+    mark_done,
     on_meta_on_purpose,
     pending_base,
     refuse_apart,
     refuse_graded,
     released_without_result,
     settle,
+    unhook,
+    unregister,
     without_pending,
 )
+from lightning_meta._deferred._identity import keeps_identity, mark_stale, take_over
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
@@ -82,6 +86,22 @@ def materialize(
     they stand where eager construction left them since the block ended.
     Tensors that are not on meta are left untouched, so calling this again is
     a no-op.
+
+    Each deferred tensor object is made real in place (its real contents put
+    into it with ``torch.utils.swap_tensors``), as eager's ``module.to()``
+    keeps each parameter's object: a reference taken after the block (a
+    local, a closure, an optimizer built on ``module.parameters()`` before
+    this call) is the real tensor.
+
+    .. warning::
+        Where eager's object is not the module's (a buffer or tensor
+        attribute moved or cast by ``device=`` or ``dtype=``, which eager's
+        ``module.to()`` replaces) or torch cannot swap it (a view of it taken
+        after the block, an autograd graph or a weak reference holds it), the
+        module gets a new tensor and the old object becomes stale: any use
+        of it other than reading its shape, dtype or device raises
+        :class:`~lightning_meta.MetaTensorError` naming its path. Read such
+        tensors from the module after ``materialize``.
 
     Sharded modules work too: a deferred parameter that ``fully_shard``
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
@@ -213,6 +233,7 @@ def materialize_paths(
     fallback: Fallback | None = None,
     allow_uninitialized: bool = False,
     at: str = "",
+    identity: bool = True,
 ) -> nn.Module:
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
@@ -231,6 +252,10 @@ def materialize_paths(
         at: ``module``'s dotted path in the model a ``load_state_dict`` is
             filling (``""``: the model itself); ``names`` and the paths
             errors name start with it.
+        identity: give each deferred tensor object its real contents
+            (see ``_identity``); ``False`` for a scratch module holding the
+            deferred tensors of another (a loader's, a shard's replay),
+            whose results the caller puts in place itself.
 
     Returns:
         ``module`` itself.
@@ -264,8 +289,9 @@ def materialize_paths(
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
-    ready, replayed = _replay_records(deferred, target, dtype, remap, recast)
-    _swap_in(deferred, ready)
+    ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast)
+    graded = _graded_plan(deferred, ready)
+    _swap_in(deferred, ready, kept, graded, remap if identity else None, identity=identity)
     for slot, tensor in made:
         slot.put(tensor)
     _complete_records(walk, replayed, remap)
@@ -382,8 +408,13 @@ def _replay_records(
     dtype: torch.dtype | None,
     remap: torch.device | None,
     recast: dict[int, torch.dtype],
-) -> tuple[dict[int, torch.Tensor], dict[int, Record]]:
-    """Return the real tensor for each deferred slot (by ``id`` of the slot) and the records replayed.
+) -> tuple[dict[int, torch.Tensor], dict[int, Record], tuple[set[int], set[int]]]:
+    """Return the real tensor for each deferred slot (by ``id`` of the slot), the records
+    replayed, the ``id``\\ s of those real tensors already in place elsewhere (a tie's
+    other end made real before), which no deferred tensor may take over, and the
+    ``id``\\ s of the slots that are views of a tensor made real before
+    (:func:`~lightning_meta._deferred._handles.earlier_view`), which ``_swap_in``
+    takes again once their bases are in place.
 
     ``recast``: the dtype of each deferred tensor (by ``id``) that
     ``module.to(dtype)`` cast after the block; its value is cast the same way.
@@ -410,6 +441,8 @@ def _replay_records(
         return (item_device if isinstance(slot, ItemSlot) else device), None
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
+    held: set[int] = set()
+    earlier: set[int] = set()
     apart: list[str] = []  # views whose weight this call leaves deferred
     for slot, handle in deferred:
         where = place(slot)
@@ -419,6 +452,8 @@ def _replay_records(
         existing = done(handle)
         if existing is not None:
             by_place[key] = existing
+            if handle.record.ahead.get(handle.vid) is not existing:
+                held.add(id(existing))
             continue
         if slot.kind == "attr":
             # A view of a tensor made real before (its module materialized or
@@ -426,6 +461,7 @@ def _replay_records(
             view = earlier_view(handle, slot.path)
             if view is not None:
                 by_place[key] = dress_like(slot.tensor, view, handle.attrs)
+                earlier.add(id(slot))
                 continue
             base = pending_base(handle)
             if base is not None and (id(base.record), base.vid) not in in_call:
@@ -455,8 +491,7 @@ def _replay_records(
                 value = value.to(recast_to)
             by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
-    _graded_views(deferred, ready)
-    return ready, {id(record): record for record, _ in targets.values()}
+    return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
 
 
 def _sharing(
@@ -518,15 +553,19 @@ def _keep_ahead(
                 keep_ahead(handle, dress_like(handle.tensor, value, handle.attrs))
 
 
-def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
-    """Make the views that carry autograd history in eager construction views autograd records.
+def _graded_plan(
+    deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]
+) -> list[tuple[Slot, Handle, Slot]]:
+    """Find the views that carry autograd history in eager construction, and their bases.
 
     A replayed view (``self.row = self.weight[0]`` outside ``torch.no_grad()``)
-    shares the weight's memory but not its graph; rebuilt as a view of the
-    parameter object it was taken from, gradients flow through it into that
-    parameter, as in eager construction. One that is no view of a parameter
-    made here (a ``weight * 2``, or a view of a weight cast, moved or
-    filled in another call) is refused.
+    shares the weight's memory but not its graph; :func:`_graded_views` makes
+    it a view of the parameter object it was taken from, so gradients flow
+    through it into that parameter, as in eager construction. Returns each
+    such slot with its handle and the slot of the parameter it views. Checked
+    before anything changes: one that is no view of a parameter made here (a
+    ``weight * 2``, or a view of a weight cast, moved or filled in another
+    call) is refused.
 
     Raises:
         MaterializationError: such a tensor would be a separate one here.
@@ -538,37 +577,139 @@ def _graded_views(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Te
         and ready[id(slot)].grad_fn is None
     ]
     if not graded:
-        return
-    # The real tensor of every value made here, by record and value id.
-    made = {(id(h.record), h.vid): ready[id(s)] for s, h in deferred if s.kind != "attr"}
+        return []
+    # The slot of every value made here, by record and value id.
+    made = {(id(h.record), h.vid): s for s, h in deferred if s.kind != "attr"}
     refused: dict[str, str] = {}
-    views: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
+    plan: list[tuple[Slot, Handle, Slot]] = []
     for slot, handle, g in graded:
+        value = ready[id(slot)]
+        base = made.get((id(handle.record), g.origin)) if g.origin is not None else None
+        real = ready[id(base)] if base is not None else None
+        if (
+            base is None
+            or real is None
+            or real.dtype != value.dtype
+            or real.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
+        ):
+            refused[slot.path] = g.made
+            continue
+        plan.append((slot, handle, base))
+    if refused:
+        refuse_graded(refused, "materialize")
+    return plan
+
+
+def _graded_views(plan: list[tuple[Slot, Handle, Slot]], ready: dict[int, torch.Tensor]) -> None:
+    """Make the views of :func:`_graded_plan` views autograd records, of the parameters now in place."""
+    views: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
+    for slot, handle, base in plan:
         value = ready[id(slot)]
         if id(value) in views:
             ready[id(slot)] = views[id(value)]
             continue
-        base = made.get((id(handle.record), g.origin)) if g.origin is not None else None
-        if (
-            base is None
-            or base.dtype != value.dtype
-            or base.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
-        ):
-            refused[slot.path] = g.made
-            continue
         size, stride = tuple(value.shape), tuple(value.stride())
-        view = graph_view(handle, base, size, stride, int(value.storage_offset()))
+        view = graph_view(handle, ready[id(base)], size, stride, int(value.storage_offset()))
         ready[id(slot)] = views[id(value)] = dress_like(slot.tensor, view, handle.attrs)
-    if refused:
-        refuse_graded(refused, "materialize")
 
 
-def _swap_in(deferred: list[tuple[Slot, Handle]], ready: dict[int, torch.Tensor]) -> None:
-    """Put each real tensor in its slot and settle its handle."""
+def _swap_in(
+    deferred: list[tuple[Slot, Handle]],
+    ready: dict[int, torch.Tensor],
+    kept: tuple[set[int], set[int]],
+    graded: list[tuple[Slot, Handle, Slot]],
+    remap: torch.device | None,
+    *,
+    identity: bool,
+) -> None:
+    """Put each real tensor in its slot and settle its handle.
+
+    With ``identity``, each deferred tensor object takes over the contents of
+    its real tensor (``_identity.take_over``) where eager's object is the one
+    the module holds: references taken before (a local, an optimizer) are the
+    real tensors then. Parameters and buffers first, then the views of
+    :func:`_graded_plan` (built on the parameters in place; a tensor that a
+    view is taken of can no longer be swapped). Every deferred object left
+    meta is made stale (its first use raises, naming its path).
+    """
+    # id of a real tensor -> it (kept alive, so the id stays its own) and the
+    # deferred object that took its contents over.
+    owner: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    held, earlier = kept
+    # Views of a tensor made real before (replayed ahead of this call, the
+    # base of one of its parameters) are taken again below: the view holds
+    # its base's C++ tensor, which could not be swapped then.
+    late = {id(slot) for slot, _ in deferred if id(slot) in earlier}
+    why: dict[int, tuple[Handle, str, str]] = {}  # objects left meta: path, reason
+    later = {id(slot) for slot, _, _ in graded} | late
+
+    def take(slot: Slot, handle: Handle) -> None:
+        new = ready[id(slot)]
+        if id(new) in owner:
+            ready[id(slot)] = owner[id(new)][1]
+            return
+        old = slot.tensor
+        if not identity or old is not handle.tensor or not old.is_meta:
+            return
+        recorded = handle.record.values[handle.vid].dtype if handle.record.values else new.dtype
+        built_on = new.device.type == "cpu" or remap is not None
+        if id(new) in held:
+            reason = "its real tensor is held at another place already"
+        elif not keeps_identity(slot.kind, new, recorded, built_on):
+            reason = (
+                "eager's module.to() replaces a buffer it moves or casts (to "
+                f"{new.device.type}, {new.dtype}), and the old object keeps the old values"
+            )
+        else:
+            unhook(handle, new)
+            if take_over(old, new) or take_over(old, _alias(new)):
+                owner[id(new)] = (new, old)
+                ready[id(slot)] = old
+                mark_done(handle, old)  # the base of a view taken below
+                why.pop(id(old), None)
+                return
+            reason = (
+                "torch.utils.swap_tensors could not give it the real contents (a view of "
+                "it, an autograd graph or a weak reference holds it)"
+            )
+        why.setdefault(id(old), (handle, slot.path, reason))
+
+    for slot, _ in deferred:
+        if id(slot) in late:
+            del ready[id(slot)]  # drops the view: its base can be swapped
+    for slot, handle in deferred:
+        if id(slot) not in later:
+            take(slot, handle)
+    again: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
+    for slot, handle in deferred:
+        if id(slot) in late:
+            if id(slot.tensor) not in again:
+                view = earlier_view(handle, slot.path)
+                assert view is not None  # found before, its base only swapped since
+                again[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+            ready[id(slot)] = again[id(slot.tensor)]
+    _graded_views(graded, ready)
+    for slot, handle in deferred:
+        if id(slot) in later:
+            take(slot, handle)
     for slot, handle in deferred:
         new = ready[id(slot)]
         slot.put(new)
         settle(slot, handle, new)
+    for handle, path, reason in why.values():
+        if handle.tensor.is_meta:  # not taken over at another of its places
+            unregister(handle)
+            mark_stale(handle.tensor, path, reason)
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor object for the memory of ``t``, one ``take_over`` can swap, for a plain
+    tensor without autograd history that views of it hold (buffers viewing one another)."""
+    if type(t) is not torch.Tensor or t.grad_fn is not None or t.requires_grad:
+        return t  # swapped already failed for it: fails again, changing nothing
+    alias = t.detach()
+    vars(alias).update(vars(t))
+    return alias
 
 
 def _complete_records(
@@ -893,7 +1034,9 @@ def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
 def _replay_one(name: str, handle: Handle, device: torch.device, draw_on: DrawOn) -> torch.Tensor:
     """Replay one deferred tensor, full size, through a scratch module holding only it."""
     scratch = lone_module(name, handle)
-    materialize(scratch, device=device, draw_on=draw_on)
+    # Not swapped into the deferred tensor: it stands for the full tensor,
+    # which this rank keeps only a shard of (peak memory: one full tensor).
+    materialize_paths(scratch, None, device=device, draw_on=draw_on, identity=False)
     out = tensor_at(scratch, name)
     if out is None or out.is_meta:  # materialize raises first; this guards the invariant
         raise MaterializationError(f"materialize left {name!r} on meta", paths=[name])

@@ -490,8 +490,15 @@ def replay_missing(
         # Replayed on the CPU in their recorded dtype, as eager construction leaves them.
         check_deferred(items, allow_uninitialized, None)
     if groups:
+        # identity=False: the scratch holds the module's own deferred tensors,
+        # which swap_in puts the results in place of (or leaves, if it fails).
         materialize_paths(
-            scratch, None, device=device, dtype=dtype, allow_uninitialized=allow_uninitialized
+            scratch,
+            None,
+            device=device,
+            dtype=dtype,
+            allow_uninitialized=allow_uninitialized,
+            identity=False,
         )
     for path, group in groups:
         parent, _, name = path.rpartition(".")

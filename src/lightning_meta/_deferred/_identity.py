@@ -1,0 +1,143 @@
+"""Keep the identity of a deferred tensor as it becomes real, or make the stale object refuse.
+
+In eager construction ``w = model.lin.weight`` (a local, a closure, an
+optimizer built before ``fabric.setup``) *is* the parameter: ``module.to()``
+keeps a parameter's object (``param.data = ...``), so every reference sees
+the values and the updates. ``materialize`` gives the deferred meta tensor
+object the real contents (:func:`take_over`, ``torch.utils.swap_tensors``),
+so such references are the real tensors, as eagerly.
+
+Where that cannot be the eager object (a buffer or attribute moved or cast,
+which eager's ``module.to()`` replaces, so a reference taken before holds the
+old values there), or cannot be done (something holds the meta tensor's
+C++ tensor: a view of it, an autograd graph, a weak reference), the module
+gets a new tensor and the old meta object is made *stale* (:func:`mark_stale`):
+its first use of any kind raises :class:`~lightning_meta.MetaTensorError`
+naming the dotted path, where a meta tensor would otherwise answer CPU ops with
+uninitialised memory (``torch.ones(1, 4) @ w.T``) or take optimizer steps
+that train nothing. Reading its metadata (shape, dtype, device) still works.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+import torch
+
+from lightning_meta._errors import MetaTensorError
+
+__all__ = ["keeps_identity", "mark_stale", "stale_path", "take_over"]
+
+
+def take_over(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Give ``old`` the contents, class and attributes of ``new``; whether it could.
+
+    ``new`` (a tensor nothing else holds) gets ``old``'s. Nothing changes when
+    it cannot: ``torch.utils.swap_tensors`` checks before it swaps.
+    """
+    if weakref.getweakrefs(old) or weakref.getweakrefs(new):
+        return False  # swap_tensors refuses them; checked here to skip its exception
+    try:
+        torch.utils.swap_tensors(old, new)
+    except RuntimeError:
+        return False  # another holder of the C++ tensor (a view, autograd)
+    return True
+
+
+def keeps_identity(kind: str, new: torch.Tensor, recorded: torch.dtype, built_on: bool) -> bool:
+    """Whether eager's object for a tensor of ``kind`` is the one the module holds as ``new``.
+
+    ``module.to()`` keeps every parameter's object; it replaces a buffer
+    it moves or casts (the old object keeps the old values), and leaves plain
+    attributes alone. ``built_on``: ``new`` is on the device eager
+    construction built it on.
+    """
+    return kind == "param" or (built_on and new.dtype == recorded)
+
+
+# What a stale tensor still answers: metadata, never values.
+_METADATA = frozenset(
+    {
+        torch.Tensor.__hash__,
+        torch.Tensor.__repr__,
+        torch.Tensor.__format__,
+        torch.Tensor.dim,
+        torch.Tensor.size,
+        torch.Tensor.stride,
+        torch.Tensor.numel,
+        torch.Tensor.element_size,
+        torch.Tensor.storage_offset,
+        torch.Tensor.is_floating_point,
+        *(
+            getattr(torch.Tensor, name).__get__
+            for name in (
+                "is_meta",
+                "is_cuda",
+                "is_sparse",
+                "is_leaf",
+                "device",
+                "dtype",
+                "shape",
+                "ndim",
+                "layout",
+                "requires_grad",
+            )
+        ),
+    }
+)
+
+# ``__dict__`` key of a stale tensor: its dotted path and why it was not made real.
+_STALE_ATTR = "_lightning_meta_stale"
+
+
+class _Stale:
+    """Mixed into the class of a stale tensor: every use but reading metadata raises."""
+
+    _stale_base: ClassVar[type]
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _METADATA:
+            return torch.Tensor.__torch_function__.__func__(  # type: ignore[attr-defined]
+                cls, func, types, args, kwargs
+            )
+        stale = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Stale)), None)
+        path, why = (
+            vars(stale).get(_STALE_ATTR, ("<unknown>", "")) if stale is not None else ("", "")
+        )
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
+        raise MetaTensorError(
+            f"{name} was called on the meta tensor that stood for {path!r} before "
+            f"materialize, through a reference taken before it (a local, a closure, an "
+            f"optimizer built on the deferred model): {why}, so this object holds no "
+            f"values. Fix: read {path!r} from the module after materialize (and build "
+            "optimizers from model.parameters() after it).",
+            paths=[path],
+        )
+
+
+_STALE_CLASSES: dict[type, type] = {}
+
+
+def mark_stale(old: torch.Tensor, path: str, why: str) -> None:
+    """Make every later use of the meta tensor ``old`` (but reading metadata) raise, naming ``path``."""
+    cls = type(old)
+    if issubclass(cls, _Stale):
+        return
+    stale = _STALE_CLASSES.get(cls)
+    if stale is None:
+        stale = type(
+            cls.__name__, (_Stale, cls), {"_stale_base": cls, "__module__": cls.__module__}
+        )
+        _STALE_CLASSES[cls] = stale
+    old.__class__ = stale
+    vars(old)[_STALE_ATTR] = (path, why)
+
+
+def stale_path(t: object) -> str | None:
+    """The dotted path a stale tensor (see :func:`mark_stale`) stood for; ``None`` for others."""
+    if not isinstance(t, _Stale):
+        return None
+    path: str = vars(t).get(_STALE_ATTR, ("<unknown>", ""))[0]
+    return path
