@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from test_estimate import cnn, first, llama, mlp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_meta import estimate
 from lightning_meta._estimate._track import LiveBytes
@@ -106,3 +109,56 @@ def test_tied_weights_counted_once() -> None:
     assert est.parameters == 800
     real = measure_training_step(Tied(), (x,))
     assert est.peak_bytes == real.peak_bytes
+
+
+class _SelfCheckpointed(nn.Module):
+    """Checkpoints its own block with torch.utils.checkpoint (non-reentrant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 256)
+        self.b = nn.Linear(256, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = checkpoint(
+            lambda t: self.b(torch.relu(self.a(t))), x, use_reentrant=False
+        )
+        return out
+
+
+def _llama_checkpointed() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize(
+    ("factory", "make_input"),
+    [
+        (_SelfCheckpointed, lambda: torch.randn(8, 32)),
+        (_llama_checkpointed, lambda: torch.randint(0, 256, (2, 12))),
+    ],
+    ids=["torch-checkpoint", "hf-gradient-checkpointing"],
+)
+def test_a_model_that_checkpoints_its_own_activations_matches_the_measured_step(
+    factory: Callable[[], nn.Module], make_input: Callable[[], torch.Tensor]
+) -> None:
+    # the recomputation in backward must see the fake tensors the forward saw
+    torch.manual_seed(0)
+    x = make_input()
+    est = estimate(factory, x, loss_fn=first, optimizer="adamw")
+    real = measure_training_step(factory(), (x,), loss_fn=first, optimizer="adamw")
+    assert est.peak_bytes == real.peak_bytes
+    assert est.forward_flops == real.forward_flops
+    assert est.backward_flops == real.backward_flops

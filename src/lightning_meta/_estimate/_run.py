@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensorMode, StepModuleTracker, tree_leaves
+from lightning_meta._errors import MetaTensorError
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
@@ -239,26 +240,20 @@ def _gradients_tagged(params: list[nn.Parameter], tracker: LiveBytes) -> Iterato
 
 def _forward(
     module: nn.Module,
-    state: dict[str, torch.Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     loss_fn: LossFn,
     autocast: contextlib.AbstractContextManager[Any],
     watch: Watch,
     record: StepRecord,
-    swapped: bool = False,
 ) -> tuple[Any, torch.Tensor]:
     """Run forward and loss; return both, the output being alive until after backward.
 
-    ``swapped``: ``module`` already holds ``state`` (for the whole step), so it
-    is called as it is.
+    ``module`` already holds ``state`` (for the whole step), so it is called as it is.
     """
     watch.tracker.phase = record.stage = "forward"
     with _activation_hooks(module, watch.tracker, record), autocast:
-        if swapped:
-            output = module(*args, **kwargs)
-        else:
-            output = torch.func.functional_call(module, state, args, kwargs)
+        output = module(*args, **kwargs)
         watch.mark("forward")
         record.stage = "loss"
         loss = loss_fn(output)
@@ -395,9 +390,11 @@ def simulate_step(
     # decomposes any of them: the same operators a real run allocates for
     with (
         _gradients_tagged(rank.grad_params if rank is not None else params, watch.tracker),
-        # under a strategy the model holds the rank's tensors for the whole
-        # step: activation checkpointing recomputes forwards in backward
-        _compat.reparametrized(module, state) if rank is not None else contextlib.nullcontext(),
+        # the model holds the fake tensors for the whole step, not only for the
+        # forward: activation checkpointing (the strategy's, or the model's own
+        # torch.utils.checkpoint and transformers' gradient_checkpointing_enable)
+        # recomputes forwards in backward, which must see the same tensors
+        _compat.reparametrized(module, state),
         rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
         _train_mode(module),
@@ -405,9 +402,9 @@ def simulate_step(
         watch.counter,
         watch.tracker,
     ):
-        output, loss = _forward(
-            module, state, args, kwargs, loss_fn, autocast, watch, record, rank is not None
-        )
+        output, loss = _forward(module, args, kwargs, loss_fn, autocast, watch, record)
+        if params and not loss.requires_grad:
+            raise _loss_without_grad(module, state, params)
         _backward(loss, params, optimizer, watch, record, rank)
         # Lightning drops the outputs of training_step before stepping
         del output, loss
@@ -423,6 +420,24 @@ def trace_forward(
     state: dict[str, torch.Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+def _loss_without_grad(
+    module: nn.Module, state: dict[str, torch.Tensor], params: list[nn.Parameter]
+) -> MetaTensorError:
+    """Return the error for a loss that no trainable parameter reaches (backward would fail)."""
+    ids = {id(p) for p in params}
+    names = [n for n, t in state.items() if id(t) in ids]
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return MetaTensorError(
+        f"estimate: the loss of {type(module).__name__} does not require grad, while the model "
+        f"has {len(params)} trainable parameters ({shown}): the real step's loss.backward() "
+        "fails ('element 0 of tensors does not require grad'), so there is no training step "
+        "to estimate. Fix: compute the loss from the model's output without .detach(), "
+        ".item() or torch.no_grad(); or, for a model that is not trained, freeze its "
+        "parameters (requires_grad_(False)).",
+        paths=names[:3],
+    )
+
+
     *,
     mode: FakeTensorMode,
     device: torch.device,
