@@ -350,14 +350,40 @@ try:
                 if needs_grad:
                     self._hooks.append(register_multi_grad_hook(needs_grad, fn))
 
+        def __init__(self, root: nn.Module | None = None) -> None:
+            super().__init__()
+            #: with a root, hooks go on its modules rather than on every module:
+            #: global module hooks make ``torch.compile``'d modules warn
+            self._root = root
+            self._module_handles: list[Any] = []
+
         def __enter__(self) -> KeywordModuleTracker:
-            self._fw_pre_handle = nn.modules.module.register_module_forward_pre_hook(
-                self._fw_pre_hook
-            )
-            self._fw_post_handle = nn.modules.module.register_module_forward_hook(
-                self._fw_post_hook_kw, with_kwargs=True
-            )
+            if self._root is None:
+                self._fw_pre_handle = nn.modules.module.register_module_forward_pre_hook(
+                    self._fw_pre_hook
+                )
+                self._fw_post_handle = nn.modules.module.register_module_forward_hook(
+                    self._fw_post_hook_kw, with_kwargs=True
+                )
+                return self
+            # prepend: before the module's own hooks, where global hooks run
+            for m in self._root.modules():
+                self._module_handles.append(
+                    m.register_forward_pre_hook(self._fw_pre_hook, prepend=True)
+                )
+                self._module_handles.append(
+                    m.register_forward_hook(self._fw_post_hook_kw, with_kwargs=True, prepend=True)
+                )
             return self
+
+        def __exit__(self, *args: Any) -> None:
+            if self._root is None:
+                super().__exit__(*args)
+                return
+            for handle in (*self._module_handles, *self._hooks):
+                handle.remove()
+            self._module_handles.clear()
+            self._hooks.clear()
 
 except ImportError:  # pragma: no cover
     KeywordModuleTracker = _placeholder("torch.utils.module_tracker.ModuleTracker", "estimate")  # type: ignore[misc]

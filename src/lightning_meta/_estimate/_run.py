@@ -117,11 +117,13 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
             # freed in forward, are no module's activations
             into[name] = into.get(name, 0) + tracker.current["activations"] - start
 
-    # no always_call: after an exception the path must still name the failing module
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(pre),
-        nn.modules.module.register_module_forward_hook(post),
-    ]
+    # no always_call: after an exception the path must still name the failing module;
+    # hooks per module, not global ones (a torch.compile'd module warns of those),
+    # prepended to run where global hooks would: before the module's own
+    handles = []
+    for m in module.modules():
+        handles.append(m.register_forward_pre_hook(pre, prepend=True))
+        handles.append(m.register_forward_hook(post, prepend=True))
     try:
         yield
     finally:
@@ -169,6 +171,7 @@ def watch_step(
     device: torch.device | None = None,
     values: Values | None = None,
     rank: RankStep | None = None,
+    module: nn.Module | None = None,
 ) -> Watch:
     """Set up the FLOP counters and the byte tracker, with what is alive before the step.
 
@@ -186,12 +189,14 @@ def watch_step(
         values: the values the step follows (see :class:`Values`).
         rank: under a strategy, the rank's step: the parameters it holds are
             tracked (FSDP2: its shards, not what the forward computes with).
+        module: the model: FLOPs are attributed with hooks on its modules;
+            ``None``: with global module hooks, on every module called.
 
     Returns:
         The :class:`Watch`; enter its counter and tracker around the step.
     """
     counter = FlopCounterMode(display=False)
-    modules = StepModuleTracker()
+    modules = StepModuleTracker(module)
     _compat.set_flop_module_tracker(counter, modules)
     uncounted = UncountedFlops(modules)
     tracker = LiveBytes(
@@ -377,7 +382,7 @@ def simulate_step(
         zero_grad_before_forward=zero_grad_before_forward,
     )
     watch = watch_step(
-        state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank
+        state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank, module
     )
     if rank is not None:
         rank.setup(mode, watch.tracker)
@@ -415,11 +420,6 @@ def simulate_step(
         rank.count_as_dtensor(record)
 
 
-def trace_forward(
-    module: nn.Module,
-    state: dict[str, torch.Tensor],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
 def _loss_without_grad(
     module: nn.Module, state: dict[str, torch.Tensor], params: list[nn.Parameter]
 ) -> MetaTensorError:
@@ -438,6 +438,11 @@ def _loss_without_grad(
     )
 
 
+def trace_forward(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     *,
     mode: FakeTensorMode,
     device: torch.device,
