@@ -483,7 +483,8 @@ def estimate(
         example_inputs: the forward's inputs: one tensor, a tuple of positional
             inputs or a dict of keyword inputs, where each tensor may be real,
             meta, an :class:`InputSpec` or a ``"SHAPE:DTYPE"`` string such as
-            ``"8,16:float32"``. ``None`` takes the module's
+            ``"8,16:float32"`` (``"8,16"`` alone is ``float32``, as on the
+            command line). ``None`` takes the module's
             ``example_input_array``. Under a strategy, one rank's batch (what
             its dataloader yields). Code that reads an input's value sees
             the real tensor's values, or zeros for one given by shape.
