@@ -392,6 +392,24 @@ def _warn_untracked(module: nn.Module, record: StepRecord) -> None:
         )
 
 
+def _warn_scratch(module: nn.Module, record: StepRecord) -> None:
+    """Warn, for the caller of ``estimate``, that kernel scratch may exceed the peak."""
+    over = record.scratch_bound_bytes - record.peak_bytes
+    if over > 0:
+        kernels = "; ".join(record.scratch_kernels) or "a CPU kernel"
+        warnings.warn(
+            f"estimate: peak_bytes of {type(module).__name__} may be too low by up to "
+            f"{over} bytes: CPU kernels allocate scratch memory inside themselves that a "
+            f"shape-only run does not see, and its size is only bounded here ({kernels}): "
+            "the slow convolutions (not oneDNN's: float64, float16, a float32 batch of 1) hold "
+            "im2col columns, the CPU flash attention per-thread blocks and copies of its "
+            "inputs. Leave that much headroom (the bound is generous), or measure one real "
+            "step; float32 convolutions on a batch above 1 allocate none.",
+            MetaTensorWarning,
+            stacklevel=3,  # the caller of estimate
+        )
+
+
 def _rank_of(
     module: nn.Module, layout: Layout, cast_to: torch.dtype | None, record: StepRecord
 ) -> RankEstimate:
@@ -591,6 +609,11 @@ def estimate(
         The estimate counts tensor storage, as ``torch.cuda.memory_allocated``
         does, not allocator caching or fragmentation, CUDA context or library
         workspaces (NCCL's among them); leave headroom on a real device.
+        Scratch that a CPU kernel allocates inside itself (the im2col
+        columns of slow convolutions, the CPU flash attention's blocks) is
+        not seen either: where it could raise the peak, a
+        :class:`MetaTensorWarning` names the kernel and module and bounds
+        by how much ``peak_bytes`` may be too low.
         Tensor values are never read, so models whose control flow depends
         on values computed from their weights cannot be estimated.
     """
@@ -620,6 +643,7 @@ def estimate(
     args, kwargs = inputs_of(module, example_inputs)
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
+    _warn_scratch(module, record)
     cast_to = options.precision.cast_to
     rank = None
     if layout is not None:  # the model's own counts, not the rank's stand-ins

@@ -31,7 +31,13 @@ from lightning_meta._errors import MetaTensorError
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
-from lightning_meta._estimate._track import CATEGORIES, RANK_CATEGORIES, LiveBytes, UncountedFlops
+from lightning_meta._estimate._track import (
+    CATEGORIES,
+    RANK_CATEGORIES,
+    KernelScratch,
+    LiveBytes,
+    UncountedFlops,
+)
 from lightning_meta._estimate._values import Values
 
 if TYPE_CHECKING:
@@ -66,6 +72,10 @@ class StepRecord:
     rank_backward_flops: int = 0
     # value reads answered from zeros standing for inputs given by shape: "<op> in <module>"
     zero_input_reads: list[str] = field(default_factory=list)
+    # live bytes plus an upper bound of a kernel's internal scratch, at its worst
+    # call, and the kernels ("kernel in module 'name'") whose bound exceeds the peak
+    scratch_bound_bytes: int = 0
+    scratch_kernels: list[str] = field(default_factory=list)
     # where the step is, for error messages: stage and the modules entered
     stage: str = "setup"
     module_path: list[str] = field(default_factory=list)
@@ -205,6 +215,8 @@ def watch_step(
         values,
         RANK_CATEGORIES if rank is not None else CATEGORIES,
     )
+    if device is not None and device.type == "cpu":
+        tracker.scratch = KernelScratch(modules)
     if block_prefix is not None:
         tracker.where = _block_windows(
             modules, tracker, block_prefix, rank.block_count(block_prefix) if rank else None
@@ -320,6 +332,11 @@ def _record(record: StepRecord, watch: Watch, root: str) -> None:
     record.peak_phase = tracker.peak_phase
     record.window_peaks = tracker.window_peaks
     record.untracked_tensors = tracker.untracked
+    if tracker.scratch is not None:
+        record.scratch_bound_bytes = tracker.scratch.worst
+        record.scratch_kernels = [
+            k for k, v in tracker.scratch.kernels.items() if v > record.peak_bytes
+        ]
     record.stage = "done"
 
 
