@@ -422,7 +422,7 @@ class KernelScratch:
     """
 
     def __init__(self, modules: Any) -> None:
-        self._modules = modules
+        self._tracker = modules
         self._ops = scratch_kernel_ops()
         self.worst = 0
         #: "kernel in module 'name'" -> the largest live bytes plus scratch bound
@@ -442,7 +442,7 @@ class KernelScratch:
         if found is None:
             return
         bound, kernel = found
-        names = [p for p in self._modules.parents if p != "Global"]
+        names = [p for p in self._tracker.parents if p != "Global"]
         where = max(names, key=len).partition(".")[2] if names else ""
         key = f"{kernel} in module {where!r}" if where else f"{kernel} in the root module"
         self.kernels[key] = max(self.kernels.get(key, 0), total + bound)
