@@ -350,14 +350,40 @@ try:
                 if needs_grad:
                     self._hooks.append(register_multi_grad_hook(needs_grad, fn))
 
+        def __init__(self, root: nn.Module | None = None) -> None:
+            super().__init__()
+            #: with a root, hooks go on its modules rather than on every module:
+            #: global module hooks make ``torch.compile``'d modules warn
+            self._root = root
+            self._module_handles: list[Any] = []
+
         def __enter__(self) -> KeywordModuleTracker:
-            self._fw_pre_handle = nn.modules.module.register_module_forward_pre_hook(
-                self._fw_pre_hook
-            )
-            self._fw_post_handle = nn.modules.module.register_module_forward_hook(
-                self._fw_post_hook_kw, with_kwargs=True
-            )
+            if self._root is None:
+                self._fw_pre_handle = nn.modules.module.register_module_forward_pre_hook(
+                    self._fw_pre_hook
+                )
+                self._fw_post_handle = nn.modules.module.register_module_forward_hook(
+                    self._fw_post_hook_kw, with_kwargs=True
+                )
+                return self
+            # prepend: before the module's own hooks, where global hooks run
+            for m in self._root.modules():
+                self._module_handles.append(
+                    m.register_forward_pre_hook(self._fw_pre_hook, prepend=True)
+                )
+                self._module_handles.append(
+                    m.register_forward_hook(self._fw_post_hook_kw, with_kwargs=True, prepend=True)
+                )
             return self
+
+        def __exit__(self, *args: Any) -> None:
+            if self._root is None:
+                super().__exit__(*args)
+                return
+            for handle in (*self._module_handles, *self._hooks):
+                handle.remove()
+            self._module_handles.clear()
+            self._hooks.clear()
 
 except ImportError:  # pragma: no cover
     KeywordModuleTracker = _placeholder("torch.utils.module_tracker.ModuleTracker", "estimate")  # type: ignore[misc]
@@ -412,6 +438,59 @@ def uncounted_rnn_ops() -> dict[Any, str]:
             "miopen_rnn_backward": "backward",
         }
     )
+
+
+def scratch_kernel_ops() -> dict[Any, str]:
+    """Return the ATen overloads whose CPU kernels allocate scratch tensors inside themselves.
+
+    A dispatch mode sees only an operator's outputs; these kernels also
+    allocate, through torch's allocator and freed before they return, what
+    no fake run sees: the slow (non-oneDNN) convolutions their im2col
+    ``columns`` (``ConvolutionMM2d.cpp``, ``ConvolutionMM3d.cpp``,
+    ``NaiveDilatedConvolution.cpp``, ``NaiveConvolutionTranspose2d.cpp``),
+    the CPU flash attention its per-thread ``buf`` and contiguous copies of
+    its inputs (``cpu/FlashAttentionKernel.cpp``). By kind: ``"conv"``,
+    ``"conv_backward"``, ``"flash"``, ``"flash_backward"``; overloads a
+    torch version lacks are left out (checked on torch 2.6 and 2.13).
+    """
+    names = {
+        "convolution": "conv",
+        "convolution_backward": "conv_backward",
+        "_scaled_dot_product_flash_attention_for_cpu": "flash",
+        "_scaled_dot_product_flash_attention_for_cpu_backward": "flash_backward",
+    }
+    out: dict[Any, str] = {}
+    for name, kind in names.items():
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            out[packet.default] = kind
+    return out
+
+
+def cpu_conv_uses_onednn(dtype: torch.dtype, batch: int, pointwise: bool) -> bool:
+    """Whether a CPU convolution of ``dtype`` runs in oneDNN, which allocates no torch scratch.
+
+    Mirrors ``use_mkldnn`` in ``aten/src/ATen/native/Convolution.cpp``
+    conservatively: ``float32`` with a batch of more than 1 and a kernel
+    that is not 1x1 with stride 1 (``pointwise``) or a batch of 16 or more, and
+    ``bfloat16`` where the CPU supports oneDNN's bf16
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``); every other call is
+    taken to run the slow kernels (a bound, never a miss). Checked with the
+    profiler on torch 2.13: float32 batch 1 and float16 run
+    ``_slow_conv2d_forward``, float32 batch 4 and bfloat16 ``mkldnn_convolution``.
+    """
+    mkldnn = torch.backends.mkldnn
+    if not (mkldnn.is_available() and mkldnn.enabled):
+        return False
+    if dtype == torch.float32:
+        return batch > 1 and (not pointwise or batch >= 16)
+    if dtype == torch.bfloat16:
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(supported is not None and supported())
+    return False
+
+
+__all__ += ["cpu_conv_uses_onednn", "scratch_kernel_ops"]
 
 
 def _uncounted(names: dict[str, str]) -> dict[Any, str]:

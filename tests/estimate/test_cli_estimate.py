@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,45 @@ def test_fit_that_reaches_the_search_limit_says_at_least(
     assert main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "largest batch within 4.00 GiB per device: at least 1048576 (the search limit)" in out
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "why"),
+    [
+        ("torch.optim:ASGD", "its step\\(\\) reads the values of its own state"),
+        ("torch.optim:LBFGS", "its step\\(\\) needs a closure"),
+    ],
+)
+def test_an_optimizer_that_cannot_be_simulated_is_a_bad_option_exit_2(
+    net_file: Path, capsys: pytest.CaptureFixture[str], optimizer: str, why: str
+) -> None:
+    # the optimizer is an option: status 2, not 1 ("a problem found in the model")
+    argv = ["estimate", f"{net_file}:Net", "--input", "8,16:float32", "--optimizer", optimizer]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(f"the optimizer {optimizer.partition(':')[2]} of Net cannot be simulated", err)
+    assert re.search(why, err)
+    assert "Fix: pass an optimizer whose step" in err
+    assert "the model reads tensor values" not in err
+
+
+def test_fit_sequence_on_a_model_without_a_sequence_says_what_it_varied(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["estimate", "torch.nn:Linear", "--args", "[32, 8]", "--input", "4,32:float32",
+            "--memory", "80GiB", "--fit", "sequence"]  # fmt: skip
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "vary='sequence' (--fit sequence) varies dim 1 of the inputs, given as 32" in err
+    assert "search the batch instead: vary='batch' (--fit batch)" in err
+    assert "Fix: pass example_inputs" not in err  # the inputs as given are fine
+
+
+def test_hf_config_path_that_does_not_exist_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "config.json"
+    assert main(["estimate", "--hf-config", str(missing), "--input", "1,4:int64"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no such file" in err
+    assert "Expecting value" not in err

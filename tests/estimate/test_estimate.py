@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_meta import Estimate, InputSpec, MetaTensorError, estimate
 from lightning_meta._compat import uncounted_attention_ops, uncounted_rnn_ops
 from lightning_meta._estimate._run import default_loss
+from support.measure import measure_training_step
 
 # ---------------------------------------------------------------- the zoo
 
@@ -427,6 +429,115 @@ def test_data_dependent_model() -> None:
 def test_bad_loss() -> None:
     with pytest.raises(MetaTensorError, match=r"the loss of Sequential failed.*one-element tensor"):
         estimate(mlp, "8,32:float32", loss_fn=lambda out: out)
+
+
+def test_a_loss_that_does_not_require_grad_is_refused() -> None:
+    # the real step's loss.backward() raises; a step without backward is no training step
+    x = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        nn.Linear(32, 8)(x).detach().pow(2).mean().backward()
+    with pytest.raises(
+        MetaTensorError,
+        match=r"the loss of Linear does not require grad, while the model has 2 trainable "
+        r"parameters \('weight', 'bias'\).*Fix: compute the loss from the model's output "
+        r"without \.detach\(\)",
+    ) as caught:
+        estimate(lambda: nn.Linear(32, 8), x, loss_fn=lambda out: out.detach().pow(2).mean())
+    assert caught.value.paths == ("bias", "weight")
+    # a frozen model has no backward to run: its forward is still estimated
+    frozen = estimate(lambda: nn.Linear(32, 8).requires_grad_(False), x, optimizer=None)
+    assert frozen.backward_flops == 0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "why"),
+    [
+        (torch.optim.ASGD, r"its step\(\) reads the values of its own state or of the gradients"),
+        (torch.optim.LBFGS, r"its step\(\) needs a closure"),
+    ],
+)
+def test_an_optimizer_that_cannot_be_simulated_is_refused_as_an_option(
+    optimizer: type[torch.optim.Optimizer], why: str
+) -> None:
+    from lightning_meta._errors import ArgumentValueError
+
+    with pytest.raises(ArgumentValueError, match=f"the optimizer {optimizer.__name__} of Linear "
+                       f"cannot be simulated.*{why}.*Fix: pass an optimizer whose step"):  # fmt: skip
+        estimate(lambda: nn.Linear(32, 8), "4,32:float32", optimizer=optimizer)
+
+
+def test_a_string_of_sizes_is_a_float32_spec_as_on_the_command_line() -> None:
+    plain = estimate(lambda: nn.Linear(32, 8), "4,32", optimizer="sgd")
+    typed = estimate(lambda: nn.Linear(32, 8), "4,32:float32", optimizer="sgd")
+    assert plain.to_dict() == typed.to_dict()
+    assert plain.forward_flops == 2 * 4 * 32 * 8
+    with pytest.raises(MetaTensorError, match=r"input spec '4,x:float32'.*Fix: write it like"):
+        estimate(lambda: nn.Linear(32, 8), "4,x:float32")
+
+
+def test_a_compiled_module_gives_no_warning_about_global_hooks() -> None:
+    # torch.compile'd modules warn of global module hooks; the estimate's are per module
+    def compiled() -> nn.Module:
+        return torch.compile(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = estimate(compiled, "8,32:float32", optimizer="sgd")
+    assert not [w for w in caught if "global hooks" in str(w.message)]
+    eager = estimate(lambda: compiled()._orig_mod, "8,32:float32", optimizer="sgd")
+    assert (est.forward_flops, est.backward_flops, est.peak_bytes) == (
+        eager.forward_flops,
+        eager.backward_flops,
+        eager.peak_bytes,
+    )
+
+
+def _mixtral_config() -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+
+
+def test_a_fake_kernel_stricter_than_the_real_one_is_not_blamed_on_the_inputs() -> None:
+    from transformers import MixtralForCausalLM
+
+    if not hasattr(torch.ops.aten, "_grouped_mm") or not hasattr(
+        MixtralForCausalLM, "set_experts_implementation"
+    ):
+        pytest.skip("torch without aten._grouped_mm or transformers without grouped_mm experts")
+    cfg = _mixtral_config()
+    ids = torch.randint(0, 256, (2, 12))
+    MixtralForCausalLM(cfg)(ids).logits.sum().backward()  # the real float32 step runs
+    with pytest.raises(
+        MetaTensorError,
+        match=r"forward of MixtralForCausalLM in module 'model\.layers\.0\.mlp\.experts' cannot "
+        r"be simulated: torch's shape-only \(fake\) kernel of aten\._grouped_mm refuses a call "
+        r"its real CPU kernel accepts.*The inputs are not at fault.*Fix: estimate at a precision "
+        r"that kernel accepts \(for aten\._grouped_mm: precision='bf16-true'\).*"
+        r"set_experts_implementation\('batched_mm'\)",
+    ):
+        estimate(lambda: MixtralForCausalLM(cfg), ids, optimizer="sgd")
+    # both fixes work, and the second is exact against the real step
+    assert estimate(lambda: MixtralForCausalLM(cfg), ids, precision="bf16-true").peak_bytes > 0
+
+    def batched() -> nn.Module:
+        model = MixtralForCausalLM(cfg)
+        model.set_experts_implementation("batched_mm")
+        return model
+
+    est = estimate(batched, ids, optimizer="sgd", loss_fn=first)
+    torch.manual_seed(0)
+    real = measure_training_step(batched(), (ids,), optimizer="sgd", loss_fn=first)
+    assert (est.peak_bytes, est.forward_flops) == (real.peak_bytes, real.forward_flops)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "litgpt_pythia"])

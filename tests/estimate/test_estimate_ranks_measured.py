@@ -21,6 +21,13 @@ from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 from support.measure_estimate_ranks import PLAN, TinyLM, first_loss
 from support.processes import run_module
 
+# The CPU flash attention's scratch is only bounded (a MetaTensorWarning when the
+# bound could exceed the peak; tests/estimate/test_estimate_memory.py checks it);
+# these tests check each rank's peak against real runs or relations between estimates.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:estimate. peak_bytes of .* may be too low by up to:lightning_meta.MetaTensorWarning"
+)
+
 TOLERANCE = 0.05
 
 

@@ -179,6 +179,13 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
     except ImportError as e:
         raise TargetError("--hf-config needs transformers. Fix: pip install transformers.") from e
     path = Path(config_text).expanduser()
+    if not config_text.lstrip().startswith("{") and not path.exists():
+        # not JSON text: a path, and it is not there ("Expecting value" would mislead)
+        raise ArgumentValueError(
+            f"--hf-config {_clip(config_text)}: no such file or directory (nor JSON text, which "
+            "starts with '{'). Fix: pass the path of a config.json, of the folder holding it, "
+            "or its JSON content."
+        )
     if path.is_dir():
         path = path / "config.json"
     try:

@@ -25,9 +25,14 @@ from lightning_meta._compat import (
     DynamicOutputShapeException,
     FakeTensorMode,
 )
-from lightning_meta._errors import ArgumentTypeError, MetaTensorError, MetaTensorWarning
+from lightning_meta._errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    MetaTensorError,
+    MetaTensorWarning,
+)
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
-from lightning_meta._estimate._kernels import KernelRefusal
+from lightning_meta._estimate._kernels import FakeKernelStricter, KernelRefusal
 from lightning_meta._estimate._layout import Layout, layout_of
 from lightning_meta._estimate._options import OptimizerLike, Options, resolve_options
 from lightning_meta._estimate._parallel import resolve_parallel
@@ -137,13 +142,70 @@ def _dtype_fix(e: KernelRefusal, module: nn.Module, stage: str) -> str:
     )
 
 
+def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> ArgumentValueError:
+    """Return the error for an optimizer that cannot be built or stepped in a simulated step.
+
+    The optimizer is an option of ``estimate`` (``--optimizer`` on the command
+    line), so this is an :class:`ArgumentValueError`, whatever the optimizer's
+    own code raised.
+    """
+    which = f"optimizer {name}" if name else "the optimizer"
+    raised = f"{type(e).__name__}: {str(e).rstrip('. ')}"
+    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+        why = (
+            "its step() reads the values of its own state or of the gradients (.item(), a "
+            "data-dependent branch), which a shape-only run does not know; the model is not "
+            "at fault"
+        )
+        fix = (
+            "Fix: pass an optimizer whose step computes on tensors only, such as 'adamw', "
+            "'adam', 'sgd' or 'sgd-momentum'"
+        )
+    elif isinstance(e, TypeError) and "closure" in str(e):
+        why = (
+            "its step() needs a closure that re-evaluates the model (several forward and "
+            "backward passes per step, as LBFGS does), which estimate does not simulate"
+        )
+        fix = (
+            "Fix: pass an optimizer whose step takes no closure, such as 'adamw' or 'sgd' "
+            "(the estimate then lacks the closure's extra passes and the optimizer's own "
+            "history)"
+        )
+    else:
+        why = "it cannot be built or stepped on the model's parameters"
+        fix = "Fix: pass an optimizer name, class or factory that accepts the parameters"
+    return ArgumentValueError(
+        f"estimate: the {which} of {root} cannot be simulated (stage: {stage}): {why} "
+        f"({raised}). {fix}."
+    )
+
+
 def _fail(
-    e: Exception, module: nn.Module, record: StepRecord, inputs: str, layout: Layout | None = None
+    e: Exception,
+    module: nn.Module,
+    record: StepRecord,
+    inputs: str,
+    layout: Layout | None = None,
+    optimizer: str | None = None,
 ) -> MetaTensorError:
     """Return the error for exception ``e`` of a step, naming its stage, module and fix."""
     root = type(module).__name__
     where = [n for n in record.module_path if n]
     place = f" in module {where[-1]!r}" if where else ""
+    if record.stage in ("optimizer", "optimizer step"):
+        return _optimizer_fail(e, root, record.stage, optimizer)
+    if isinstance(e, FakeKernelStricter):
+        return MetaTensorError(
+            f"estimate: the {record.stage} of {root}{place} cannot be simulated: torch's "
+            f"shape-only (fake) kernel of {e.op} refuses a call its real CPU kernel accepts "
+            f"({e.inputs}): {e.reason.rstrip('. ')}. The inputs are not at fault (estimate's "
+            f"inputs: {inputs}). Fix: estimate at a precision that kernel accepts (for "
+            "aten._grouped_mm: precision='bf16-true'), or make the model compute this module "
+            "with other operators (for transformers' mixture-of-experts layers: "
+            "model.set_experts_implementation('batched_mm') in the factory; 'eager' routes "
+            "with data-dependent shapes, which a shape-only run cannot follow).",
+            paths=where[-1:],
+        )
     if isinstance(e, KernelRefusal):
         return MetaTensorError(
             f"estimate: the {record.stage} of {root}{place} would fail on a real device: "
@@ -180,8 +242,6 @@ def _fail(
         fix = f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects"
     elif record.stage == "loss":
         fix = "Fix: make loss_fn take the model's output and return a one-element tensor"
-    elif record.stage in ("optimizer", "optimizer step"):
-        fix = "Fix: pass an optimizer name, class or factory that accepts the parameters"
     else:
         fix = "Fix: check the model's backward pass"
     return MetaTensorError(
@@ -244,7 +304,9 @@ def run_step(
     except MetaTensorError:
         raise
     except Exception as e:
-        raise _fail(e, module, record, input_text(fake.args, fake.kwargs), layout) from e
+        raise _fail(
+            e, module, record, input_text(fake.args, fake.kwargs), layout, options.optimizer_name
+        ) from e
     record.zero_input_reads = list(fake.values.zero_reads)
     return fake.state, record
 
@@ -325,6 +387,24 @@ def _warn_untracked(module: nn.Module, record: StepRecord) -> None:
         warnings.warn(
             f"estimate: {record.untracked_tensors} sparse or nested tensors of "
             f"{type(module).__name__} have no single storage and are left out of peak_bytes.",
+            MetaTensorWarning,
+            stacklevel=3,  # the caller of estimate
+        )
+
+
+def _warn_scratch(module: nn.Module, record: StepRecord) -> None:
+    """Warn, for the caller of ``estimate``, that kernel scratch may exceed the peak."""
+    over = record.scratch_bound_bytes - record.peak_bytes
+    if over > 0:
+        kernels = "; ".join(record.scratch_kernels) or "a CPU kernel"
+        warnings.warn(
+            f"estimate: peak_bytes of {type(module).__name__} may be too low by up to "
+            f"{over} bytes: CPU kernels allocate scratch memory inside themselves that a "
+            f"shape-only run does not see, and its size is only bounded here ({kernels}): "
+            "the slow convolutions (not oneDNN's: float64, float16, a float32 batch of 1) hold "
+            "im2col columns, the CPU flash attention per-thread blocks and copies of its "
+            "inputs. Leave that much headroom (the bound is generous), or measure one real "
+            "step; float32 convolutions on a batch above 1 allocate none.",
             MetaTensorWarning,
             stacklevel=3,  # the caller of estimate
         )
@@ -421,7 +501,8 @@ def estimate(
         example_inputs: the forward's inputs: one tensor, a tuple of positional
             inputs or a dict of keyword inputs, where each tensor may be real,
             meta, an :class:`InputSpec` or a ``"SHAPE:DTYPE"`` string such as
-            ``"8,16:float32"``. ``None`` takes the module's
+            ``"8,16:float32"`` (``"8,16"`` alone is ``float32``, as on the
+            command line). ``None`` takes the module's
             ``example_input_array``. Under a strategy, one rank's batch (what
             its dataloader yields). Code that reads an input's value sees
             the real tensor's values, or zeros for one given by shape.
@@ -528,6 +609,11 @@ def estimate(
         The estimate counts tensor storage, as ``torch.cuda.memory_allocated``
         does, not allocator caching or fragmentation, CUDA context or library
         workspaces (NCCL's among them); leave headroom on a real device.
+        Scratch that a CPU kernel allocates inside itself (the im2col
+        columns of slow convolutions, the CPU flash attention's blocks) is
+        not seen either: where it could raise the peak, a
+        :class:`MetaTensorWarning` names the kernel and module and bounds
+        by how much ``peak_bytes`` may be too low.
         Tensor values are never read, so models whose control flow depends
         on values computed from their weights cannot be estimated.
     """
@@ -557,6 +643,7 @@ def estimate(
     args, kwargs = inputs_of(module, example_inputs)
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
+    _warn_scratch(module, record)
     cast_to = options.precision.cast_to
     rank = None
     if layout is not None:  # the model's own counts, not the rank's stand-ins

@@ -162,6 +162,25 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
     return inputs, size
 
 
+def _varied(e: MetaTensorError, vary: str, given: int, n: int) -> MetaTensorError:
+    """Return ``e`` (an estimate at a size the search chose) saying what the search varied."""
+    dim = 0 if vary == "batch" else 1
+    if vary == "sequence":
+        fix = (
+            "Fix: if dim 1 of the inputs is not a sequence (a feature or channel size), search "
+            "the batch instead: vary='batch' (--fit batch); otherwise make the model accept "
+            "any sequence length"
+        )
+    else:
+        fix = "Fix: make the model accept any batch size, or search another dimension"
+    cause = str(e).partition(" Fix: ")[0].rstrip(". ")  # the estimate's own Fix is for its inputs
+    return type(e)(
+        f"find_fit: vary={vary!r} (--fit {vary}) varies dim {dim} of the inputs, given as "
+        f"{given}; at {n} the model refuses them ({cause}). {fix}.",
+        paths=e.paths,
+    )
+
+
 def _search(
     peak: Callable[[int], Estimate | None], memory: int, start: int, limit: int, grows: bool
 ) -> tuple[int | None, Estimate | None, Estimate | None, int]:
@@ -344,7 +363,9 @@ def find_fit(
                 # a size the forward refuses by index (positions beyond the
                 # model's): larger ones are refused too; at 1 it is the model's
                 if n == 1 or not isinstance(e.__cause__, IndexRefusal):
-                    raise
+                    if n == start or isinstance(e, (ArgumentTypeError, ArgumentValueError)):
+                        raise  # the inputs as given, or an option: not the search's doing
+                    raise _varied(e, vary, start, n) from e
                 refusals[n] = e
                 return None
 

@@ -39,7 +39,7 @@ import torch
 
 from lightning_meta._compat import is_dtype_refusal, no_dispatch_modes, tree_leaves, tree_map
 
-__all__ = ["KernelRefusal", "RealKernels", "refusal_of"]
+__all__ = ["FakeKernelStricter", "KernelRefusal", "RealKernels", "refusal_of"]
 
 #: most elements the tiny tensors of one check may hold (inputs; outputs get 16 times as many)
 CAP = 1 << 16
@@ -73,6 +73,25 @@ _KINDS: tuple[type[Exception], ...] = (
 _REFUSALS: dict[type[Exception], type[KernelRefusal]] = {
     kind: type(f"Refused{kind.__name__}", (KernelRefusal, kind), {}) for kind in _KINDS
 }
+
+
+class FakeKernelStricter(RuntimeError):
+    """torch's shape-only (meta/fake) kernel refuses a call the real kernel accepts.
+
+    Raised in place of the fake kernel's ``RuntimeError`` (the kind it was),
+    with the original as ``__cause__``. Attributes: ``op``
+    (``"aten._grouped_mm"``), ``inputs`` (the call's tensors) and
+    ``reason`` (the fake kernel's message, first line).
+    """
+
+    op: str = ""
+    inputs: str = ""
+    reason: str = ""
+
+
+#: most elements the real kernel may get when a fake kernel's refusal is checked
+#: at the call's true shapes (only on that error path, once per distinct call)
+SECOND_OPINION_CAP = 1 << 22
 
 
 def refusal_of(kind: type[BaseException]) -> type[KernelRefusal]:
@@ -122,6 +141,18 @@ def _trailing(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
             kept.insert(0, d if math.prod(kept) * d <= CAP else min(d, 1))
         out.append(tuple(kept))
     return out
+
+
+def _renamed(shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Rename every distinct size above 1 to 16, 32, 48... in size order.
+
+    Sizes that are equal stay equal, smaller ones stay smaller, 0 and 1 stay
+    as they are (broadcasting, empty tensors), and rows stay 16-element
+    aligned, which some kernels check.
+    """
+    sizes = sorted({d for s in shapes for d in s if d > 1})
+    new = {d: 16 * (i + 1) for i, d in enumerate(sizes)}
+    return [tuple(new.get(d, d) for d in s) for s in shapes]
 
 
 _SHRINKS: tuple[Callable[[list[tuple[int, ...]]], list[tuple[int, ...]] | None], ...] = (
@@ -222,6 +253,55 @@ class RealKernels:
 
     def __init__(self, device: torch.device) -> None:
         self._cpu = device.type == "cpu"
+
+    def second_opinion(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], error: BaseException
+    ) -> None:
+        """Raise :class:`FakeKernelStricter` if the real kernel accepts a call its fake one refused.
+
+        Only on a CPU (the real kernels asked are the ones that would run),
+        only for a plain ``RuntimeError`` (a shape or dtype check of a meta
+        registration; data-dependent and missing-kernel errors are subclasses),
+        and only where the real kernel can be asked without changing a shape
+        relation: at the call's true shapes, or with every distinct size
+        renamed to a small multiple of 16 (equal sizes stay equal, order and
+        alignment are kept) for calls without integer arguments. Otherwise
+        nothing is raised and the caller re-raises ``error``.
+        """
+        if not self._cpu or type(error) is not RuntimeError:
+            return
+        if getattr(func, "namespace", None) != "aten":
+            return
+        leaves = tree_leaves((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not tensors or any(t.layout != torch.strided for t in tensors):
+            return
+        shapes = [tuple(int(d) for d in t.shape) for t in tensors]
+        tries = []
+        if sum(math.prod(s) for s in shapes) <= SECOND_OPINION_CAP:
+            tries.append(shapes)
+        if not any(isinstance(leaf, int) and not isinstance(leaf, bool) for leaf in leaves):
+            tries.append(_renamed(shapes))
+        for small in tries:
+            try:
+                with (
+                    no_dispatch_modes(),
+                    torch.random.fork_rng(devices=[]),
+                    warnings.catch_warnings(),
+                    torch.no_grad(),
+                    torch.autocast("cpu", enabled=False),
+                ):
+                    warnings.simplefilter("ignore")
+                    _call(func, args, kwargs, small, torch.device("cpu"))
+            except Exception:  # the real kernel refuses too (or cannot tell): the fake is right
+                return
+            name = str(getattr(func, "overloadpacket", func))
+            reason = (str(error).strip().splitlines() or [""])[0]
+            stricter = FakeKernelStricter(f"{name}: {reason}")
+            stricter.op = name
+            stricter.inputs = ", ".join(_describe(t) for t in tensors)
+            stricter.reason = reason
+            raise stricter from error
 
     def observe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise a :class:`KernelRefusal` if the real kernel refuses ``func(*args, **kwargs)``."""

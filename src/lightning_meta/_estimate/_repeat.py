@@ -60,6 +60,7 @@ _SCALARS = (
     "optimizer_state_bytes",
     "input_bytes",
     "untracked_tensors",
+    "scratch_bound_bytes",
     "rank_forward_flops",
     "rank_backward_flops",
 )
@@ -449,6 +450,7 @@ def extrapolate_step(
             setattr(out, name, _per_module(rep, dicts, name, n, samples))
         out.peak_bytes, out.peak_breakdown, out.peak_phase = _peak(records, n, samples[0])
         out.zero_input_reads = list(dict.fromkeys(x for r in records for x in r.zero_input_reads))
+        out.scratch_kernels = list(dict.fromkeys(x for r in records for x in r.scratch_kernels))
     except Refused as e:
         logger.info("estimate: not extrapolating %s: %s", rep.name or "the root", e)
         return None, str(e)

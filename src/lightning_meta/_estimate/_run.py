@@ -27,10 +27,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensorMode, StepModuleTracker, tree_leaves
+from lightning_meta._errors import MetaTensorError
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
-from lightning_meta._estimate._track import CATEGORIES, RANK_CATEGORIES, LiveBytes, UncountedFlops
+from lightning_meta._estimate._track import (
+    CATEGORIES,
+    RANK_CATEGORIES,
+    KernelScratch,
+    LiveBytes,
+    UncountedFlops,
+)
 from lightning_meta._estimate._values import Values
 
 if TYPE_CHECKING:
@@ -65,6 +72,10 @@ class StepRecord:
     rank_backward_flops: int = 0
     # value reads answered from zeros standing for inputs given by shape: "<op> in <module>"
     zero_input_reads: list[str] = field(default_factory=list)
+    # live bytes plus an upper bound of a kernel's internal scratch, at its worst
+    # call, and the kernels ("kernel in module 'name'") whose bound exceeds the peak
+    scratch_bound_bytes: int = 0
+    scratch_kernels: list[str] = field(default_factory=list)
     # where the step is, for error messages: stage and the modules entered
     stage: str = "setup"
     module_path: list[str] = field(default_factory=list)
@@ -116,11 +127,13 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
             # freed in forward, are no module's activations
             into[name] = into.get(name, 0) + tracker.current["activations"] - start
 
-    # no always_call: after an exception the path must still name the failing module
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(pre),
-        nn.modules.module.register_module_forward_hook(post),
-    ]
+    # no always_call: after an exception the path must still name the failing module;
+    # hooks per module, not global ones (a torch.compile'd module warns of those),
+    # prepended to run where global hooks would: before the module's own
+    handles = []
+    for m in module.modules():
+        handles.append(m.register_forward_pre_hook(pre, prepend=True))
+        handles.append(m.register_forward_hook(post, prepend=True))
     try:
         yield
     finally:
@@ -168,6 +181,7 @@ def watch_step(
     device: torch.device | None = None,
     values: Values | None = None,
     rank: RankStep | None = None,
+    module: nn.Module | None = None,
 ) -> Watch:
     """Set up the FLOP counters and the byte tracker, with what is alive before the step.
 
@@ -185,12 +199,14 @@ def watch_step(
         values: the values the step follows (see :class:`Values`).
         rank: under a strategy, the rank's step: the parameters it holds are
             tracked (FSDP2: its shards, not what the forward computes with).
+        module: the model: FLOPs are attributed with hooks on its modules;
+            ``None``: with global module hooks, on every module called.
 
     Returns:
         The :class:`Watch`; enter its counter and tracker around the step.
     """
     counter = FlopCounterMode(display=False)
-    modules = StepModuleTracker()
+    modules = StepModuleTracker(module)
     _compat.set_flop_module_tracker(counter, modules)
     uncounted = UncountedFlops(modules)
     tracker = LiveBytes(
@@ -199,6 +215,8 @@ def watch_step(
         values,
         RANK_CATEGORIES if rank is not None else CATEGORIES,
     )
+    if device is not None and device.type == "cpu":
+        tracker.scratch = KernelScratch(modules)
     if block_prefix is not None:
         tracker.where = _block_windows(
             modules, tracker, block_prefix, rank.block_count(block_prefix) if rank else None
@@ -239,26 +257,20 @@ def _gradients_tagged(params: list[nn.Parameter], tracker: LiveBytes) -> Iterato
 
 def _forward(
     module: nn.Module,
-    state: dict[str, torch.Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     loss_fn: LossFn,
     autocast: contextlib.AbstractContextManager[Any],
     watch: Watch,
     record: StepRecord,
-    swapped: bool = False,
 ) -> tuple[Any, torch.Tensor]:
     """Run forward and loss; return both, the output being alive until after backward.
 
-    ``swapped``: ``module`` already holds ``state`` (for the whole step), so it
-    is called as it is.
+    ``module`` already holds ``state`` (for the whole step), so it is called as it is.
     """
     watch.tracker.phase = record.stage = "forward"
     with _activation_hooks(module, watch.tracker, record), autocast:
-        if swapped:
-            output = module(*args, **kwargs)
-        else:
-            output = torch.func.functional_call(module, state, args, kwargs)
+        output = module(*args, **kwargs)
         watch.mark("forward")
         record.stage = "loss"
         loss = loss_fn(output)
@@ -320,6 +332,11 @@ def _record(record: StepRecord, watch: Watch, root: str) -> None:
     record.peak_phase = tracker.peak_phase
     record.window_peaks = tracker.window_peaks
     record.untracked_tensors = tracker.untracked
+    if tracker.scratch is not None:
+        record.scratch_bound_bytes = tracker.scratch.worst
+        record.scratch_kernels = [
+            k for k, v in tracker.scratch.kernels.items() if v > record.peak_bytes
+        ]
     record.stage = "done"
 
 
@@ -382,7 +399,7 @@ def simulate_step(
         zero_grad_before_forward=zero_grad_before_forward,
     )
     watch = watch_step(
-        state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank
+        state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank, module
     )
     if rank is not None:
         rank.setup(mode, watch.tracker)
@@ -395,9 +412,11 @@ def simulate_step(
     # decomposes any of them: the same operators a real run allocates for
     with (
         _gradients_tagged(rank.grad_params if rank is not None else params, watch.tracker),
-        # under a strategy the model holds the rank's tensors for the whole
-        # step: activation checkpointing recomputes forwards in backward
-        _compat.reparametrized(module, state) if rank is not None else contextlib.nullcontext(),
+        # the model holds the fake tensors for the whole step, not only for the
+        # forward: activation checkpointing (the strategy's, or the model's own
+        # torch.utils.checkpoint and transformers' gradient_checkpointing_enable)
+        # recomputes forwards in backward, which must see the same tensors
+        _compat.reparametrized(module, state),
         rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
         _train_mode(module),
@@ -405,9 +424,9 @@ def simulate_step(
         watch.counter,
         watch.tracker,
     ):
-        output, loss = _forward(
-            module, state, args, kwargs, loss_fn, autocast, watch, record, rank is not None
-        )
+        output, loss = _forward(module, args, kwargs, loss_fn, autocast, watch, record)
+        if params and not loss.requires_grad:
+            raise _loss_without_grad(module, state, params)
         _backward(loss, params, optimizer, watch, record, rank)
         # Lightning drops the outputs of training_step before stepping
         del output, loss
@@ -416,6 +435,24 @@ def simulate_step(
     _record(record, watch, type(module).__name__)
     if rank is not None:
         rank.count_as_dtensor(record)
+
+
+def _loss_without_grad(
+    module: nn.Module, state: dict[str, torch.Tensor], params: list[nn.Parameter]
+) -> MetaTensorError:
+    """Return the error for a loss that no trainable parameter reaches (backward would fail)."""
+    ids = {id(p) for p in params}
+    names = [n for n, t in state.items() if id(t) in ids]
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return MetaTensorError(
+        f"estimate: the loss of {type(module).__name__} does not require grad, while the model "
+        f"has {len(params)} trainable parameters ({shown}): the real step's loss.backward() "
+        "fails ('element 0 of tensors does not require grad'), so there is no training step "
+        "to estimate. Fix: compute the loss from the model's output without .detach(), "
+        ".item() or torch.no_grad(); or, for a model that is not trained, freeze its "
+        "parameters (requires_grad_(False)).",
+        paths=names[:3],
+    )
 
 
 def trace_forward(

@@ -210,6 +210,9 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
 def spec_of(value: Any) -> InputSpec | None:
     """Return ``value`` as an :class:`InputSpec` if it is one or a ``"SHAPE:DTYPE"`` string.
 
+    A string of comma-separated integers alone (``"8,16"``) is a spec too,
+    of ``float32``, as ``--input 8,16`` is on the command line.
+
     Args:
         value: one leaf of ``example_inputs``.
 
@@ -223,7 +226,7 @@ def spec_of(value: Any) -> InputSpec | None:
     """
     if isinstance(value, InputSpec):
         return _checked_spec(value)
-    if isinstance(value, str) and ":" in value:
+    if isinstance(value, str) and (":" in value or _sizes(value) is not None):
         return parse_input_spec(value)
     return None
 

@@ -7,6 +7,7 @@ of the real step see the same operators and the same storages.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -18,6 +19,8 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 from lightning_meta._compat import (
     DynamicOutputShapeException,
     TorchDispatchMode,
+    cpu_conv_uses_onednn,
+    scratch_kernel_ops,
     tree_leaves,
     tree_map,
     uncounted_attention_ops,
@@ -26,7 +29,7 @@ from lightning_meta._compat import (
 from lightning_meta._estimate._kernels import RealKernels
 from lightning_meta._estimate._values import Values
 
-__all__ = ["CATEGORIES", "RANK_CATEGORIES", "LiveBytes", "UncountedFlops"]
+__all__ = ["CATEGORIES", "RANK_CATEGORIES", "KernelScratch", "LiveBytes", "UncountedFlops"]
 
 #: What each live byte of a training step is held for, in the order tables show them.
 CATEGORIES = (
@@ -96,6 +99,8 @@ class LiveBytes(TorchDispatchMode):
         self.window_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         #: optional: receives ``(operator, what it returned)`` for every operator, in order
         self.trace: list[Any] | None = None
+        #: optional: bounds the scratch memory of kernels that allocate it internally
+        self.scratch: KernelScratch | None = None
 
     def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
         if t.layout != torch.strided:
@@ -203,9 +208,17 @@ class LiveBytes(TorchDispatchMode):
             if real is None:
                 raise
             out = _fakes_like(real, args)
+        except RuntimeError as e:
+            # a fake kernel may be stricter than the real one (aten._grouped_mm
+            # in float32): then say so rather than blame the inputs
+            if self._kernels is not None and self.phase == "forward":
+                self._kernels.second_opinion(func, args, kwargs, e)
+            raise
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if self.scratch is not None:
+            self.scratch.observe(func, args, self.total)
         if values is not None:
             values.follow(func, args, kwargs, out)
         if self.trace is not None:
@@ -313,3 +326,124 @@ class UncountedFlops:
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Return a copy of the FLOPs counted so far, per module name and operator."""
         return {name: dict(ops) for name, ops in self.counts.items()}
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.numel()) * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _columns(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, groups: int) -> int:
+    """An upper bound of the bytes of a slow convolution's im2col ``columns``: a row per
+    channel and kernel element, a column per position, for the whole batch (the larger
+    of the input's and the output's channels and positions, which covers transposed
+    convolutions too)."""
+    kernel = math.prod(int(d) for d in w.shape[2:])
+    channels = max(int(x.shape[1]), int(out.shape[1]), int(w.shape[1]) * groups)
+    spatial = max(math.prod(int(d) for d in x.shape[2:]), math.prod(int(d) for d in out.shape[2:]))
+    return int(x.shape[0]) * channels * kernel * spatial * x.element_size()
+
+
+def _conv_scratch(args: tuple[Any, ...], backward: bool) -> tuple[int, str] | None:
+    """An upper bound of a CPU convolution's internal scratch, or None (oneDNN: none seen).
+
+    The slow kernels hold the im2col ``columns`` (forward) and, in backward,
+    the columns and their gradient; a contiguous copy of each input is
+    allowed for as well.
+    """
+    if backward:
+        grad_out, x, w = args[0], args[1], args[2]
+        transposed, groups = bool(args[7]), int(args[9])
+        out = grad_out
+    else:
+        x, w = args[0], args[1]
+        transposed, groups = bool(args[6]), int(args[8])
+        out = None
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dim() < 3:
+        return None
+    at = 4 if backward else 3  # where stride is; dilation two further
+    stride, dilation = list(args[at]), list(args[at + 2])
+    pointwise = all(int(d) == 1 for d in (*w.shape[2:], *stride, *dilation))
+    if cpu_conv_uses_onednn(x.dtype, int(x.shape[0]), pointwise):
+        return None
+    if out is None:  # the forward's output is the same size as its gradient
+        out = x if transposed else _conv_out(x, w, args)
+    columns = _columns(x, w, out, groups)
+    copies = _nbytes(x) + _nbytes(w) + (_nbytes(grad_out) if backward else 0)
+    bound = (2 * columns if backward else columns) + copies
+    kernel = "slow_conv_transpose" if transposed else "slow_conv (thnn_conv / im2col)"
+    return bound, f"{kernel}, {str(x.dtype).removeprefix('torch.')}"
+
+
+def _conv_out(x: torch.Tensor, w: torch.Tensor, args: tuple[Any, ...]) -> Any:
+    stride, padding, dilation = args[3], args[4], args[5]
+    sizes = [int(x.shape[0]), int(w.shape[0])]
+    for i, n in enumerate(x.shape[2:]):
+        k = int(w.shape[2 + i])
+        s, p, d = (int(v[i] if len(v) > i else v[0]) for v in (stride, padding, dilation))
+        sizes.append(max((int(n) + 2 * p - d * (k - 1) - 1) // s + 1, 0))
+    return torch.empty(sizes, device="meta")
+
+
+def _flash_scratch(args: tuple[Any, ...], backward: bool) -> tuple[int, str] | None:
+    """An upper bound of the CPU flash attention's internal scratch.
+
+    Its per-thread ``buf`` (float32 blocks of at most 256 queries by 512 keys,
+    with row statistics and an output block; twice that in backward) for each
+    of ``torch.get_num_threads()`` threads, and contiguous copies of the
+    query, key, value (and, in backward, output, its gradient and a float32
+    gradient of the query).
+    """
+    tensors = [a for a in args[:6] if isinstance(a, torch.Tensor)]
+    q, k, v = (args[1], args[2], args[3]) if backward else (args[0], args[1], args[2])
+    if not isinstance(q, torch.Tensor) or q.device.type != "cpu":
+        return None
+    tq, tk, dv = int(q.shape[-2]), int(k.shape[-2]), int(v.shape[-1])
+    qs, ks = min(256, tq), min(512, tk)
+    per_thread = qs * ks + 3 * qs + qs * dv
+    buf = torch.get_num_threads() * per_thread * 4 * (2 if backward else 1)
+    if q.dtype != torch.float32:
+        buf *= 2  # a copy in the reduced dtype
+    copies = sum(_nbytes(t) for t in tensors) + (int(q.numel()) * 4 if backward else 0)
+    return buf + copies, f"flash attention for CPU, {str(q.dtype).removeprefix('torch.')}"
+
+
+class KernelScratch:
+    """Bound the memory kernels allocate inside themselves, which no dispatch mode sees.
+
+    For each call of a kernel of :func:`~lightning_meta._compat.scratch_kernel_ops`,
+    the live bytes just after it (its outputs included) plus an upper bound
+    of its scratch; :attr:`worst` is the largest. When it exceeds the step's
+    peak, the peak may be too low by up to the difference, and
+    :attr:`kernels` names the kernel and module of each such call
+    (``estimate`` warns).
+
+    Args:
+        modules: the step's module tracker, to name the module of a call.
+    """
+
+    def __init__(self, modules: Any) -> None:
+        self._tracker = modules
+        self._ops = scratch_kernel_ops()
+        self.worst = 0
+        #: "kernel in module 'name'" -> the largest live bytes plus scratch bound
+        self.kernels: dict[str, int] = {}
+
+    def observe(self, func: Any, args: tuple[Any, ...], total: int) -> None:
+        """Note a call of ``func`` after its outputs were counted (``total`` live bytes)."""
+        kind = self._ops.get(func)
+        if kind is None:
+            return
+        # the arguments follow the operators' schemas; a failure here is a bug, not a miss
+        found = (
+            _conv_scratch(args, kind == "conv_backward")
+            if kind.startswith("conv")
+            else _flash_scratch(args, kind == "flash_backward")
+        )
+        if found is None:
+            return
+        bound, kernel = found
+        names = [p for p in self._tracker.parents if p != "Global"]
+        where = max(names, key=len).partition(".")[2] if names else ""
+        key = f"{kernel} in module {where!r}" if where else f"{kernel} in the root module"
+        self.kernels[key] = max(self.kernels.get(key, 0), total + bound)
+        self.worst = max(self.worst, total + bound)
