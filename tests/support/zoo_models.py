@@ -392,7 +392,9 @@ ZOO: dict[str, Entry] = {
         _hf(
             "DeepseekV3ForCausalLM",
             "DeepseekV3Config",
-            **_LLAMA_LIKE,
+            # Latent attention has as many key/value heads as query heads:
+            # transformers 5.24 fails the eager forward with fewer.
+            **{**_LLAMA_LIKE, "num_key_value_heads": _HEADS["num_attention_heads"]},
             moe_intermediate_size=16,
             n_routed_experts=4,
             num_experts_per_tok=2,

@@ -658,14 +658,25 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
     check(24)
 
 
-def test_torch_compile_refuses_a_forward_that_keeps_state() -> None:
-    _, twins = _pair(_Counter, 3)
+def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> None:
+    # Where dynamo traces into the ensemble's loop (torch 2.13) the ensemble
+    # refuses; torch 2.15 breaks the graph before it and runs the loop eagerly,
+    # member after member. Either way, never the template's one state for all.
+    members, twins = _pair(_Counter, 3)
     ens = lm.Ensemble(twins)
     x = torch.randn(2, 8)
     ens(x)
+    for m in members:
+        m(x)
     assert ens.plans[0].how == "forward keeps state"
-    with pytest.raises(Exception, match="cannot run under torch.compile a forward that keeps"):
-        torch.compile(ens, backend="eager")(x)
+    compiled = torch.compile(ens, backend="eager")
+    try:
+        got = compiled(x)
+    except Exception as e:
+        assert "cannot run under torch.compile a forward that keeps" in str(e)
+        return
+    assert torch.equal(got, torch.stack([m(x) for m in members]))
+    assert torch.equal(compiled(x), torch.stack([m(x) for m in members]))
 
 
 class _Phase(enum.Enum):
