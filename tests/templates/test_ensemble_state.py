@@ -670,10 +670,13 @@ def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> No
         m(x)
     assert ens.plans[0].how == "forward keeps state"
     compiled = torch.compile(ens, backend="eager")
+    refusal: Exception | None = None
     try:
         got = compiled(x)
     except Exception as e:
-        assert "cannot run under torch.compile a forward that keeps" in str(e)
+        refusal = e
+    if refusal is not None:
+        assert "cannot run under torch.compile a forward that keeps" in str(refusal)
         return
     assert torch.equal(got, torch.stack([m(x) for m in members]))
     assert torch.equal(compiled(x), torch.stack([m(x) for m in members]))
