@@ -27,7 +27,7 @@ import torch
 
 from lightning_meta._errors import MetaTensorError
 
-__all__ = ["keeps_identity", "mark_stale", "stale_path", "take_over"]
+__all__ = ["alias_of", "keeps_identity", "mark_stale", "stale_path", "take_over"]
 
 
 def take_over(old: torch.Tensor, new: torch.Tensor) -> bool:
@@ -43,6 +43,16 @@ def take_over(old: torch.Tensor, new: torch.Tensor) -> bool:
     except RuntimeError:
         return False  # another holder of the C++ tensor (a view, autograd)
     return True
+
+
+def alias_of(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor object for the memory of ``t``, one ``take_over`` can swap, for a plain
+    tensor without autograd history that views of it hold (buffers viewing one another)."""
+    if type(t) is not torch.Tensor or t.grad_fn is not None or t.requires_grad:
+        return t  # swapped already failed for it: fails again, changing nothing
+    alias = t.detach()
+    vars(alias).update(vars(t))
+    return alias
 
 
 def keeps_identity(kind: str, new: torch.Tensor, recorded: torch.dtype, built_on: bool) -> bool:
@@ -87,7 +97,7 @@ _METADATA = frozenset(
     }
 )
 
-# ``__dict__`` key of a stale tensor: its dotted path and why it was not made real.
+# ``__dict__`` key of a stale tensor: its dotted path, why it was not made real, and by what.
 _STALE_ATTR = "_lightning_meta_stale"
 
 
@@ -103,15 +113,17 @@ class _Stale:
                 cls, func, types, args, kwargs
             )
         stale = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Stale)), None)
-        path, why = (
-            vars(stale).get(_STALE_ATTR, ("<unknown>", "")) if stale is not None else ("", "")
+        path, why, by = (
+            vars(stale).get(_STALE_ATTR, ("<unknown>", "", "materialize"))
+            if stale is not None
+            else ("", "", "materialize")
         )
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
         raise MetaTensorError(
             f"{name} was called on the meta tensor that stood for {path!r} before "
-            f"materialize, through a reference taken before it (a local, a closure, an "
+            f"{by}, through a reference taken before it (a local, a closure, an "
             f"optimizer built on the deferred model): {why}, so this object holds no "
-            f"values. Fix: read {path!r} from the module after materialize (and build "
+            f"values. Fix: read {path!r} from the module after {by} (and build "
             "optimizers from model.parameters() after it).",
             paths=[path],
         )
@@ -120,8 +132,11 @@ class _Stale:
 _STALE_CLASSES: dict[type, type] = {}
 
 
-def mark_stale(old: torch.Tensor, path: str, why: str) -> None:
-    """Make every later use of the meta tensor ``old`` (but reading metadata) raise, naming ``path``."""
+def mark_stale(old: torch.Tensor, path: str, why: str, by: str = "materialize") -> None:
+    """Make every later use of the meta tensor ``old`` (but reading metadata) raise, naming ``path``.
+
+    ``by``: what made ``path`` real without ``old`` (``"materialize"``, ``"load_checkpoint"``).
+    """
     cls = type(old)
     if issubclass(cls, _Stale):
         return
@@ -132,7 +147,7 @@ def mark_stale(old: torch.Tensor, path: str, why: str) -> None:
         )
         _STALE_CLASSES[cls] = stale
     old.__class__ = stale
-    vars(old)[_STALE_ATTR] = (path, why)
+    vars(old)[_STALE_ATTR] = (path, why, by)
 
 
 def stale_path(t: object) -> str | None:

@@ -40,7 +40,7 @@ from lightning_meta._deferred._handles import (
     unregister,
     without_pending,
 )
-from lightning_meta._deferred._identity import keeps_identity, mark_stale, take_over
+from lightning_meta._deferred._identity import alias_of, keeps_identity, mark_stale, take_over
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
@@ -662,7 +662,7 @@ def _swap_in(
             )
         else:
             unhook(handle, new)
-            if take_over(old, new) or take_over(old, _alias(new)):
+            if take_over(old, new) or take_over(old, alias_of(new)):
                 owner[id(new)] = (new, old)
                 ready[id(slot)] = old
                 mark_done(handle, old)  # the base of a view taken below
@@ -700,16 +700,6 @@ def _swap_in(
         if handle.tensor.is_meta:  # not taken over at another of its places
             unregister(handle)
             mark_stale(handle.tensor, path, reason)
-
-
-def _alias(t: torch.Tensor) -> torch.Tensor:
-    """A new tensor object for the memory of ``t``, one ``take_over`` can swap, for a plain
-    tensor without autograd history that views of it hold (buffers viewing one another)."""
-    if type(t) is not torch.Tensor or t.grad_fn is not None or t.requires_grad:
-        return t  # swapped already failed for it: fails again, changing nothing
-    alias = t.detach()
-    vars(alias).update(vars(t))
-    return alias
 
 
 def _complete_records(

@@ -129,6 +129,16 @@ def load_checkpoint(
             as in eager construction, instead of a ``MaterializationError``
             (as :func:`~lightning_meta.materialize`'s).
 
+    References taken before the load (``w = model.lin.weight``, an optimizer
+    built on ``model.parameters()``) are the loaded tensors, as after eager
+    construction and ``load_state_dict``: a meta or deferred parameter (and
+    a deferred buffer loaded in its own dtype on the CPU) takes over the
+    loaded contents. A buffer that ``dtype=``/``device=`` casts or moves, a
+    plain meta model's buffer (``module.to_empty()`` replaces them) and a
+    tensor torch cannot swap get a new object instead, and the old one
+    raises :class:`~lightning_meta.MetaTensorError`, naming its path, on its
+    first use.
+
     Returns:
         A :class:`LoadReport` (loaded, cast, replayed, missing, unexpected,
         mismatched, tied, bytes read).

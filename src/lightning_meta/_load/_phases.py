@@ -41,8 +41,11 @@ from lightning_meta._deferred._handles import (
     pending_base,
     refuse_apart,
     refuse_graded,
+    unhook,
+    unregister,
     view_of,
 )
+from lightning_meta._deferred._identity import alias_of, keeps_identity, mark_stale, take_over
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
@@ -377,10 +380,17 @@ class Replay:
     Attributes:
         names: the names replayed, sorted.
         tensors: each group replayed, with its new tensor.
+        views: for a group of ``tensors`` that views a loaded tensor, its
+            view taken again (of ``Converted.tensor``, which :func:`swap_in`
+            points at the object that took the loaded contents).
     """
 
     names: list[str] = field(default_factory=list)
     tensors: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
+    # id of a group in ``tensors`` that is a view of a loaded tensor -> how to
+    # take that view again: the view holds the loaded tensor's C++ tensor,
+    # which torch.utils.swap_tensors then refuses (see swap_in).
+    views: dict[int, Callable[[], torch.Tensor | None]] = field(default_factory=dict)
 
 
 def replay_missing(
@@ -424,7 +434,7 @@ def replay_missing(
     # a load (or module.to(dtype) after the block) changes their dtype or
     # device it gives them other memory instead, and views keep the values
     # they had, which replay gives.
-    bases: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    bases: dict[int, list[tuple[int, Converted]]] = {}
     for item in loaded:
         base = handle_of(item.group.tensor)
         if (
@@ -432,7 +442,7 @@ def replay_missing(
             and not base.replaced()
             and _copied_in_eager(item.group.tensor, item.tensor)
         ):
-            bases.setdefault(id(base.record), []).append((base.vid, item.tensor))
+            bases.setdefault(id(base.record), []).append((base.vid, item))
     out = Replay(sorted(wanted))
     scratch = nn.Module()
     groups: list[tuple[str, Group]] = []
@@ -440,11 +450,16 @@ def replay_missing(
         handle = handle_of(group.tensor)
         if handle is None or not wanted.intersection(group.names):
             continue
-        view = view_of(handle, bases.get(id(handle.record), ()), group.names[0]) if bases else None
-        if view is None:  # of a tensor made real before (its module loaded on its own)
-            view = earlier_view(handle, group.names[0])
+        mine = bases.get(id(handle.record), [])
+        view = _view_again(handle, group, mine)() if mine else None
         if view is not None:
-            out.tensors.append((group, dress_like(group.tensor, view, handle.attrs)))
+            out.views[id(group)] = _view_again(handle, group, mine)
+        else:  # of a tensor made real before (its module loaded on its own)
+            view = earlier_view(handle, group.names[0])
+            if view is not None:
+                view = dress_like(group.tensor, view, handle.attrs)
+        if view is not None:
+            out.tensors.append((group, view))
             continue
         owner, name = _scratch_place(scratch, group.names[0])
         if isinstance(group.tensor, nn.Parameter):
@@ -465,7 +480,11 @@ def replay_missing(
         if slot.kind != "attr" or slot.path not in wanted or handle is None:
             continue
         # Made in forget() once the rest is in; refused here, before that.
-        view = view_of(handle, bases.get(id(handle.record), ()), slot.path) if bases else None
+        view = (
+            view_of(handle, [(v, item.tensor) for v, item in bases[id(handle.record)]], slot.path)
+            if id(handle.record) in bases
+            else None
+        )
         record = handle.record
         if view is not None or earlier_view(handle, slot.path) is not None:
             continue
@@ -506,6 +525,19 @@ def replay_missing(
         assert new is not None
         out.tensors.append((group, new))
     return out
+
+
+def _view_again(
+    handle: Handle, group: Group, bases: list[tuple[int, Converted]]
+) -> Callable[[], torch.Tensor | None]:
+    """``handle``'s value as the view of a loaded tensor (``Converted.tensor``, read when called)."""
+    meta = group.tensor  # the deferred tensor the view is dressed as, kept: swap_in may swap it
+
+    def view() -> torch.Tensor | None:
+        found = view_of(handle, [(v, item.tensor) for v, item in bases], group.names[0])
+        return None if found is None else dress_like(meta, found, handle.attrs)
+
+    return view
 
 
 def _scratch_place(scratch: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -560,9 +592,18 @@ def swap_in(
     """Put every converted and replayed tensor into all slots of its group, or none.
 
     ``made``: slots still holding a meta tensor that another place made
-    real (``Plan.made``), put that real tensor first. Slots and ``.data`` are switched first, then real tensors are copied into
-    in place, each after a backup of its values; if anything fails, every
-    step done is undone in reverse order, so the module is as it was.
+    real (``Plan.made``), put that real tensor first. Slots and ``.data`` are
+    switched first, then real tensors are copied into in place, each after a
+    backup of its values, then views of loaded tensors are taken; if anything
+    fails, every step done is undone in reverse order, so the module is as it was.
+
+    A meta tensor the module holds takes over its new tensor's contents
+    (``_identity.take_over``) where eager's object is the one it holds
+    (:func:`_keeps`), so a reference taken before the load (a local, an
+    optimizer built on ``model.parameters()``) is the loaded tensor. Where
+    eager's object is another, or torch cannot swap it, its slots get the new
+    tensor and the old object is made stale once everything is in: its first
+    use raises :class:`MetaTensorError` naming its path.
 
     Returns:
         The names of deferred or meta slots filled from the checkpoint (real
@@ -576,8 +617,28 @@ def swap_in(
     filled: list[str] = []
     done: list[tuple[Any, torch.Tensor, bool]] = []
     plain: list[tuple[torch.Tensor, torch.Tensor]] = []  # (plain meta tensor, what it became)
+    stale: list[tuple[torch.Tensor, Handle | None, str, str]] = []  # old object, path, why
     current: Group | None = None
     copies = [item for item in converted if item.in_place]
+    views = replay.views if replay is not None else {}
+    # Views of loaded tensors are taken again once those are in place: the
+    # view holds its base's C++ tensor, which could not be swapped then.
+    replayed = [
+        (group, None if id(group) in views else new)
+        for group, new in (replay.tensors if replay is not None else ())
+    ]
+    if replay is not None:
+        replay.tensors = []
+    view: torch.Tensor | None = None
+
+    def put(group: Group, new: torch.Tensor, handle: Handle | None) -> torch.Tensor:
+        """Put ``new`` (or ``group.tensor`` holding its contents) in ``group``'s slots; which."""
+        real = _take_over(group, new, handle, undo, stale)
+        for slot in group.slots:
+            undo.append(_undo_put(slot, group.tensor))
+            _put(slot, real)
+        return real
+
     try:
         with torch.no_grad():
             for slot, real in made or ():
@@ -594,21 +655,20 @@ def swap_in(
                     undo.append(_undo_data(old, old.data))
                     _set_data(old, item.tensor)
                     continue
-                for slot in item.group.slots:
-                    undo.append(_undo_put(slot, old))
-                    _put(slot, item.tensor)
                 handle = handle_of(old)
+                copied = _copied_in_eager(old, item.tensor)
+                item.tensor = put(item.group, item.tensor, handle)  # views are taken of it
                 if handle is not None:
-                    done.append((handle, item.tensor, _copied_in_eager(old, item.tensor)))
-                else:
+                    done.append((handle, item.tensor, copied))
+                elif item.tensor is not old:
                     plain.append((old, item.tensor))
                 filled.extend(item.group.names)
-            for group, new in replay.tensors if replay is not None else ():
+            for group, new in replayed:
+                if new is None:
+                    continue
                 current = group
-                for slot in group.slots:
-                    undo.append(_undo_put(slot, group.tensor))
-                    _put(slot, new)
                 handle = handle_of(group.tensor)
+                new = put(group, new, handle)
                 if handle is not None:
                     # The same tensor kept in a list too (self.rows = [self.row]) is this one.
                     done.append((handle, new, False))
@@ -627,7 +687,19 @@ def swap_in(
                     raise
                 undo.append(_undo_copy(old, backup))
                 item.tensor = backup
+            for group, new in replayed:
+                if new is not None:
+                    continue
+                current = group
+                handle = handle_of(group.tensor)
+                view = views[id(group)]()
+                assert view is not None  # found before, its bases only swapped since
+                view = put(group, view, handle)
+                if handle is not None:
+                    done.append((handle, view, False))
+                view = None
     except BaseException as e:
+        view = None  # a view of a swapped tensor blocks swapping it back
         unrestored = 0
         for step in reversed(undo):
             try:
@@ -655,7 +727,71 @@ def swap_in(
         mark_done(handle, tensor, copied=copied)
     for meta, tensor in plain:
         note_made(meta, tensor)
+    for old, handle, path, why in stale:
+        if old.is_meta:
+            if handle is not None:
+                unregister(handle)
+            mark_stale(old, path, why, "load_checkpoint")
     return filled
+
+
+def _keeps(group: Group, new: torch.Tensor, handle: Handle | None) -> bool:
+    """Whether eager's object for ``group``'s meta tensor is the one the module holds.
+
+    A deferred model's eager program is eager construction (on the CPU) then
+    ``load_state_dict``, which copies in place, then ``module.to(...)`` for
+    ``device=``/``dtype=``, which keeps parameters and replaces a buffer it
+    moves or casts. A plain meta model's is ``module.to_empty(...)`` then
+    ``load_state_dict``: ``to_empty`` keeps parameters and replaces buffers
+    (``load_state_dict(assign=True)`` replaces both: a reference taken before
+    it is a meta tensor that answers CPU ops with uninitialised memory, which
+    the loaded parameter or a refusal beats).
+    """
+    old = group.tensor
+    kind = "param" if all(s.kind == "param" for s in group.slots) else "buffer"
+    return keeps_identity(kind, new, old.dtype, handle is not None and new.device.type == "cpu")
+
+
+def _take_over(
+    group: Group,
+    new: torch.Tensor,
+    handle: Handle | None,
+    undo: list[Callable[[], None]],
+    stale: list[tuple[torch.Tensor, Handle | None, str, str]],
+) -> torch.Tensor:
+    """Give ``group``'s meta tensor ``new``'s contents where eager keeps it; the tensor for its slots.
+
+    Returns ``group.tensor`` when it took them over (``undo`` swaps back),
+    else ``new`` (``stale`` gets the old object, to refuse once loaded).
+    """
+    old = group.tensor
+    if not _keeps(group, new, handle):
+        why = (
+            "eager's module.to() or to_empty() replaces a buffer it moves or casts (to "
+            f"{new.device.type}, {new.dtype}), and the old object keeps the old values"
+        )
+    else:
+        if handle is not None:
+            unhook(handle, new)
+        partner: torch.Tensor | None = new
+        if not take_over(old, new):
+            partner = alias_of(new)  # a plain buffer that views of it hold
+            if partner is new or not take_over(old, partner):
+                partner = None
+        if partner is not None:
+            undo.append(_undo_take(old, partner))
+            return old
+        why = (
+            "torch.utils.swap_tensors could not give it the loaded contents (a view of "
+            "it, an autograd graph or a weak reference holds it)"
+        )
+    if not new.is_meta:  # a meta tensor only cast (dtype=) stays meta, as eagerly
+        stale.append((old, handle, group.names[0], why))
+    return new
+
+
+def _undo_take(old: torch.Tensor, partner: torch.Tensor) -> Callable[[], None]:
+    return lambda: torch.utils.swap_tensors(old, partner)
 
 
 def _undo_put(slot: Slot, old: torch.Tensor) -> Callable[[], None]:
