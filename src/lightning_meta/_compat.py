@@ -1237,3 +1237,27 @@ def incompatible_keys(missing: list[str], unexpected: list[str]) -> Any:
     from torch.nn.modules.module import _IncompatibleKeys
 
     return _IncompatibleKeys(missing, unexpected)
+
+
+def grad_hook_tables(t: torch.Tensor) -> tuple[Any, Any]:
+    """``t``'s gradient hook tables (``Tensor._backward_hooks``,
+    ``Tensor._post_accumulate_grad_hooks``; torch 2.6 to 2.15), ``None`` where empty."""
+    return t._backward_hooks, t._post_accumulate_grad_hooks
+
+
+def install_grad_hooks(t: torch.Tensor, tables: tuple[Any, Any]) -> None:
+    """Make leaf ``t`` run the hooks of ``tables`` (from :func:`grad_hook_tables`).
+
+    ``torch.utils.swap_tensors`` leaves the Python tables with the object but
+    moves the C++ hooks that run them with the tensor's data; assigning a
+    table installs it (the properties' setters do), so the handles
+    ``register_hook`` returned keep removing from it.
+    """
+    backward, post = tables
+    if backward:
+        t._backward_hooks = backward
+    if post:
+        t._post_accumulate_grad_hooks = post
+
+
+__all__ += ["grad_hook_tables", "install_grad_hooks"]

@@ -238,3 +238,37 @@ def test_metaguard_trains_an_optimizer_created_in_init_as_eager() -> None:
         model.state_dict().items(), eager.state_dict().values(), strict=True
     ):
         assert torch.equal(got, want), name
+
+
+class _FrozenByHook(nn.Module):
+    """A weight frozen by a gradient hook registered in ``__init__`` (in the block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.lin.weight.register_hook(lambda g: g * 0)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_gradient_hooks_registered_in_or_after_the_block_run_as_eagerly(
+    dtype: torch.dtype | None,
+) -> None:
+    # swap_tensors moves the C++ side of a tensor's hooks with its data: the
+    # real parameter ran none of them (a gradient of 2 where eager's is 0).
+    def run(deferred: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        module = _build(_FrozenByHook, deferred)
+        hits: list[int] = []
+        handle = module.lin.bias.register_post_accumulate_grad_hook(lambda p: hits.append(1))
+        if deferred:
+            materialize(module, dtype=dtype)
+        elif dtype is not None:
+            module.to(dtype)
+        module.lin(torch.ones(2, 4, dtype=dtype)).sum().backward()
+        handle.remove()  # the handle still reaches the table the hook runs from
+        module.lin(torch.ones(2, 4, dtype=dtype)).sum().backward()
+        return module.lin.weight.grad, module.lin.bias.grad, len(hits)
+
+    eager, deferred = run(False), run(True)
+    assert deferred[2] == eager[2] == 1
+    assert torch.equal(deferred[0], eager[0]) and not deferred[0].any()
+    assert torch.equal(deferred[1], eager[1])

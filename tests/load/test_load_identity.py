@@ -150,3 +150,23 @@ def test_failed_swap_gives_the_objects_back(
     assert w is model.lin.weight and w.is_meta and type(w) is nn.Parameter
     lm.load_checkpoint(model, path)
     assert w is model.lin.weight and not w.is_meta
+
+
+@pytest.mark.parametrize("deferred", [True, False], ids=["deferred", "meta"])
+def test_gradient_hooks_registered_before_the_load_run_as_eagerly(
+    tmp_path: Path, deferred: bool
+) -> None:
+    # swap_tensors moves the C++ side of a tensor's hooks with its data.
+    path, _ = _saved(tmp_path)
+    torch.manual_seed(7)
+    if deferred:
+        with lm.deferred_init():
+            model = _Net()
+    else:
+        with torch.device("meta"):
+            model = _Net()
+    model.lin.weight.register_hook(lambda g: g * 0)
+    lm.load_checkpoint(model, path)
+    model(torch.tensor([[0, 1, 2]])).square().mean().backward()
+    assert model.lin.weight.grad is not None and not model.lin.weight.grad.any()
+    assert model.lin.bias.grad is not None and model.lin.bias.grad.any()

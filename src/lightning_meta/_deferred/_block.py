@@ -215,6 +215,10 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
                 meta.requires_grad_(True)
             for key, value in _own_attrs(t).items():
                 setattr(meta, key, value)  # as on the tensor eager construction makes
+            if meta.requires_grad and meta.grad_fn is None:
+                # Gradient hooks registered in the block (``register_hook``) stay with
+                # the parameter, as eagerly; materialize carries them on.
+                _compat.install_grad_hooks(meta, _compat.grad_hook_tables(t))
             site = recorder.garbage_site(vid)
             if site is not None:
                 record.garbage[vid] = site

@@ -25,9 +25,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from lightning_meta import _compat
 from lightning_meta._errors import MetaTensorError
 
-__all__ = ["alias_of", "keeps_identity", "mark_stale", "stale_path", "take_over"]
+__all__ = [
+    "alias_of",
+    "carry_grad_hooks",
+    "keeps_identity",
+    "mark_stale",
+    "stale_path",
+    "take_over",
+]
 
 
 def take_over(old: torch.Tensor, new: torch.Tensor) -> bool:
@@ -38,11 +46,21 @@ def take_over(old: torch.Tensor, new: torch.Tensor) -> bool:
     """
     if weakref.getweakrefs(old) or weakref.getweakrefs(new):
         return False  # swap_tensors refuses them; checked here to skip its exception
+    hooks = _compat.grad_hook_tables(old)
     try:
         torch.utils.swap_tensors(old, new)
     except RuntimeError:
         return False  # another holder of the C++ tensor (a view, autograd)
+    # Hooks registered on the deferred parameter (in the block or before
+    # materialize) run on it in eager code; their C++ side left with the meta data.
+    _compat.install_grad_hooks(old, hooks)
     return True
+
+
+def carry_grad_hooks(old: torch.Tensor, new: torch.Tensor) -> None:
+    """Give ``new``, which replaces ``old`` in the module, ``old``'s gradient hooks."""
+    if new.requires_grad and new.grad_fn is None:
+        _compat.install_grad_hooks(new, _compat.grad_hook_tables(old))
 
 
 def alias_of(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,13 @@ from lightning_meta._deferred._handles import (
     unregister,
     without_pending,
 )
-from lightning_meta._deferred._identity import alias_of, keeps_identity, mark_stale, take_over
+from lightning_meta._deferred._identity import (
+    alias_of,
+    carry_grad_hooks,
+    keeps_identity,
+    mark_stale,
+    take_over,
+)
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay
@@ -672,6 +678,8 @@ def _swap_in(
                 "torch.utils.swap_tensors could not give it the real contents (a view of "
                 "it, an autograd graph or a weak reference holds it)"
             )
+        if id(new) not in held:
+            carry_grad_hooks(old, new)
         why.setdefault(id(old), (handle, slot.path, reason))
 
     for slot, _ in deferred:

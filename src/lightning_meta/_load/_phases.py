@@ -45,7 +45,13 @@ from lightning_meta._deferred._handles import (
     unregister,
     view_of,
 )
-from lightning_meta._deferred._identity import alias_of, keeps_identity, mark_stale, take_over
+from lightning_meta._deferred._identity import (
+    alias_of,
+    carry_grad_hooks,
+    keeps_identity,
+    mark_stale,
+    take_over,
+)
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
@@ -786,6 +792,7 @@ def _take_over(
             "it, an autograd graph or a weak reference holds it)"
         )
     if not new.is_meta:  # a meta tensor only cast (dtype=) stays meta, as eagerly
+        carry_grad_hooks(old, new)
         stale.append((old, handle, group.names[0], why))
     return new
 
