@@ -14,6 +14,7 @@ and their ratio; ``--json`` also writes the raw numbers. Run it with another
 tree's ``src`` on ``PYTHONPATH`` to compare trees.
 
     python benchmarks/load_code.py --layers 12 --width 768
+    python benchmarks/load_code.py --profile --repeat 5   # where the trace's time goes
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -32,6 +34,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead, cProfile load_checkpoint and print the time in the load-code trace",
+    )
     args = parser.parse_args()
 
     import torch
@@ -46,6 +53,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         torch.save(GPT(cfg).state_dict(), path)
+        if args.profile:
+            _profile(GPT, cfg, path, args.repeat)
+            return
         times: dict[str, list[float]] = {"load_checkpoint": [], "floor": []}
         for _ in range(args.repeat):
             with lm.deferred_init():
@@ -72,6 +82,40 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "times": times}, indent=1))
+
+
+def _profile(gpt: Any, cfg: Any, path: Path, repeat: int) -> None:
+    """Print load_checkpoint's time per call under cProfile and that of the trace's steps."""
+    import cProfile
+    import pstats
+
+    import lightning_meta as lm
+
+    steps = ("skeleton_of", "trace_load", "load_code", "run_post_hooks")
+    profile, total = cProfile.Profile(), 0.0
+    for i in range(repeat + 2):  # two warm-up loads
+        with lm.deferred_init():
+            model = gpt(cfg)
+        t0 = time.perf_counter()
+        if i >= 2:
+            profile.enable()
+        lm.load_checkpoint(model, path)
+        if i >= 2:
+            profile.disable()
+            total += time.perf_counter() - t0
+    stats: Any = pstats.Stats(profile).stats
+    spent = {
+        fn: sum(v[3] for k, v in stats.items() if k[0].endswith("_hooks.py") and k[2] == fn)
+        for fn in steps
+    }
+    print(f"cProfile, {repeat} loads, ms per load\n")
+    print("| load_checkpoint | " + " | ".join(steps) + " |")
+    print("| ---: |" + " ---: |" * len(steps))
+    print(
+        f"| {total / repeat * 1e3:.1f} | "
+        + " | ".join(f"{spent[fn] / repeat * 1e3:.1f}" for fn in steps)
+        + " |"
+    )
 
 
 if __name__ == "__main__":
