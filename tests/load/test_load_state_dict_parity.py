@@ -250,6 +250,105 @@ def test_load_code_that_converts_values_is_refused_naming_the_module(
     ml.assert_unchanged(m, before)
 
 
+class _ScaledInPlace(nn.Linear):
+    """Converts the stored weight in place, then lets torch copy it (the review's item 1)."""
+
+    def _load_from_state_dict(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        with torch.no_grad():
+            state[prefix + "weight"].mul_(0.5)
+        super()._load_from_state_dict(state, prefix, *args)
+
+
+class _CopiedIntoAView(nn.Linear):
+    """Fills its weight through a view, transposed (the review's item 2)."""
+
+    def _load_from_state_dict(
+        self, state: dict[str, Any], prefix: str, meta: Any, strict: bool, *args: Any
+    ) -> None:
+        w = state.pop(prefix + "weight")
+        with torch.no_grad():
+            self.weight[:] = w.t()
+        super()._load_from_state_dict(state, prefix, meta, False, *args)
+
+
+class _FlaggedByAPreHook(nn.Linear):
+    """A pre-hook that sets a Python flag from a marker key and pops it (the review's item 3)."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 3)
+        self.legacy = False
+        self._register_load_state_dict_pre_hook(self._mark, with_module=True)
+
+    @staticmethod
+    def _mark(mod: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        if state.pop(prefix + "legacy_marker", None) is not None:
+            mod.legacy = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * (2 if self.legacy else 1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "problem"),
+    [
+        (_ScaledInPlace, r"changes the checkpoint's tensors \['net\.weight'\] in place"),
+        (_CopiedIntoAView, r"writes into \['net\.weight'\] other than by copying"),
+        (_FlaggedByAPreHook, r"changes the modules' own attributes \(net\.legacy\)"),
+    ],
+    ids=["in-place", "view", "attribute"],
+)
+@pytest.mark.parametrize("kind", ["meta", "deferred"])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_code_that_edits_in_place_writes_views_or_sets_attributes_is_refused(
+    cls: type[nn.Module], problem: str, kind: str, fmt: str, strict: bool, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    # Eager load_state_dict loads each of these with values the file does not hold
+    # (halved, transposed) or with a flag set: a load that copied the file as it is
+    # would give other numbers without an error.
+    state = {
+        "net.weight": torch.arange(9.0).reshape(3, 3),
+        "net.bias": torch.ones(3),
+        "net.legacy_marker": torch.zeros(1),
+    }
+    if cls is not _FlaggedByAPreHook:
+        del state["net.legacy_marker"]
+    path = tmp_path / f"c.{fmt}"
+    torch.save(state, path) if fmt == "pt" else save_file(state, path)
+
+    def build() -> nn.Module:
+        return nn.ModuleDict({"net": cls() if cls is _FlaggedByAPreHook else cls(3, 3)})
+
+    if kind == "meta":
+        with torch.device("meta"):
+            m = build()
+    else:
+        m = lm.deferred_init(build)
+    before = ml.snapshot(m)
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=rf"'net' \({cls.__qualname__}: .*{problem}.*Fix: materialize .*load_state_dict",
+    ) as e:
+        load_checkpoint(m, path, strict=strict)
+    assert "net" in e.value.paths
+    ml.assert_unchanged(m, before)
+    assert m["net"].__dict__.get("legacy") in (None, False)
+
+
+def test_load_code_that_only_reads_attributes_and_copies_whole_still_loads(
+    tmp_path: Path,
+) -> None:
+    # The checks above do not refuse the renaming hooks: a copy into the whole
+    # tensor from a checkpoint tensor left as it is.
+    state = _old_state()
+    torch.save(state, tmp_path / "old.pt")
+    m = lm.deferred_init(_Hooked)
+    load_checkpoint(m, tmp_path / "old.pt")
+    ml.assert_equal(m, _eager(_Hooked, state))
+
+
 def test_a_post_hook_over_tensors_left_on_meta_is_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.ones(3, 3)}, tmp_path / "r.pt")
     with torch.device("meta"):

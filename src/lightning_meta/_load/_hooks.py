@@ -19,6 +19,7 @@ after the load (:func:`run_post_hooks`).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -165,21 +166,78 @@ def _standin(t: torch.Tensor) -> torch.Tensor:
 
 
 class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
-    """Records every ``dst.copy_(src)`` (and ``.data =``) as ``(dst, src)``."""
+    """Records every ``dst.copy_(src)`` (and ``.data =``, ``set_``) as ``(dst, src)``.
+
+    It also counts how far each such call moved ``dst``'s version counter, so
+    that a stand-in written by anything else (an in-place op on it or on a
+    view of it, ``weight[:] = ...``) shows as a version count the recorded
+    copies do not account for.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.copies: list[tuple[Any, Any]] = []
+        self.accounted: dict[int, int] = {}  # id(dst) -> version moves of its recorded copies
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
-        if func in _RECORDED and len(args) >= 2:
-            self.copies.append((args[0], args[1]))
+        if func in _RECORDED and len(args) >= 2 and isinstance(args[0], torch.Tensor):
+            dst = args[0]
+            self.copies.append((dst, args[1]))
+            before = _compat.version_of(dst)
+            out = func(*args, **(kwargs or {}))
+            moved = _compat.version_of(dst) - before
+            self.accounted[id(dst)] = self.accounted.get(id(dst), 0) + moved
+            return out
         return func(*args, **(kwargs or {}))
 
 
 _RECORDED = (torch.Tensor.copy_, torch.Tensor.data.__set__, torch.Tensor.set_)  # type: ignore[attr-defined]
+
+# Module attributes that are not the module's own state: its tensors and
+# children (followed by the trace itself), and lightning_meta's records.
+_NOT_STATE = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR, ITEMS_ATTR})
+
+
+def _state_of(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """The module's non-tensor attributes: each value, and a shallow copy of a container."""
+    out = {}
+    for key, value in module.__dict__.items():
+        if key in _NOT_STATE or "hook" in key or isinstance(value, torch.Tensor):
+            continue
+        shallow = None
+        if isinstance(value, (list, dict, set)):
+            with contextlib.suppress(Exception):
+                shallow = copy.copy(value)
+        out[key] = (value, shallow)
+    return out
+
+
+def _same(before: tuple[Any, Any], after: tuple[Any, Any]) -> bool:
+    (old, old_items), (new, _) = before, after
+    if old is new:
+        return old_items is None or _equal(old_items, new)
+    return _equal(old, new)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # a value whose == cannot answer: taken as changed
+        return False
+
+
+def _state_changes(skeleton: nn.Module, before: dict[int, Any]) -> list[tuple[str, str]]:
+    """``(module path, attribute)`` for each non-tensor attribute the trace changed."""
+    changed = []
+    for path, mod in skeleton.named_modules():
+        old = before.get(id(mod), {})
+        new = _state_of(mod)
+        for key in sorted({*old, *new}):
+            if key not in old or key not in new or not _same(old[key], new[key]):
+                changed.append((path, key))
+    return changed
 
 
 def trace_load(
@@ -205,6 +263,8 @@ def trace_load(
     # The module's own version numbers, as a checkpoint saved by this code has.
     state: Any = _with_metadata(placeholders, skeleton.module)
     recorder = _CopyRecorder()
+    versions = {sid: _compat.version_of(t) for sid, t in skeleton.standins.items()}
+    held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
         with recorder:
             skeleton.module.load_state_dict(state, strict=False)
@@ -214,6 +274,47 @@ def trace_load(
             raise _refusal(
                 where, code, f"running it on meta tensors raised {type(e).__name__}: {e}"
             ) from e
+    attrs = _state_changes(skeleton.module, held)
+    if attrs:
+        changed = sorted({p for p, _ in attrs})
+        owners = [c for c in code if any(_under(p, c.path) for p in changed)] or code
+        shown = ", ".join(f"{(p + '.') if p else ''}{a}" for p, a in attrs[:6])
+        raise _refusal(
+            where,
+            owners,
+            f"it changes the modules' own attributes ({shown}), which load_checkpoint "
+            "follows only on a meta copy of the model and cannot carry over",
+            paths=changed,
+        )
+    # A checkpoint tensor changed in place (sd[k].mul_(0.5), sd[k].data = ...) before
+    # it is copied: its values are converted, not the file's.
+    edited = sorted(
+        key
+        for key, ph in placeholders.items()
+        if _compat.version_of(ph) != 0 or any(dst is ph for dst, _ in recorder.copies)
+    )
+    # A stand-in written other than by a recorded copy into it (through a view:
+    # weight[:] = w.t(), an in-place op): views share their base's version counter.
+    partly = sorted(
+        p
+        for sid, t in skeleton.standins.items()
+        if _compat.version_of(t) - versions[sid] != recorder.accounted.get(sid, 0)
+        for p in skeleton.paths.get(sid, [])
+    )
+    if edited or partly:
+        bad = sorted({*edited, *partly})
+        owners = [c for c in code if any(_under(p, c.path) for p in partly)] or code
+        what = []
+        if edited:
+            what.append(f"it changes the checkpoint's tensors {edited} in place")
+        if partly:
+            what.append(f"it writes into {partly} other than by copying a checkpoint tensor whole")
+        raise _refusal(
+            where,
+            owners,
+            " and ".join(what) + "; load_checkpoint copies only what the file holds",
+            paths=bad,
+        )
     sources: dict[str, str] = {}
     converted: dict[str, str] = {}
     for dst, src in recorder.copies:
