@@ -491,3 +491,31 @@ def test_a_prefix_reaches_state_dicts_beside_state_dict(tmp_path: Path) -> None:
         m = nn.Linear(3, 2)
     report = load_checkpoint(m, path)
     assert torch.equal(m.weight, net.weight) and report.format == "torch"
+
+
+class _SetsHooked(nn.Module):
+    """A pre-hook that sets a plain attribute whose name contains "hook"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.hooked = False
+        self.register_load_state_dict_pre_hook(_SetsHooked._pre)
+
+    @staticmethod
+    def _pre(module: nn.Module, sd: dict[str, Any], prefix: str, *args: Any) -> None:
+        if prefix + "marker" in sd:
+            sd.pop(prefix + "marker")
+            module.hooked = True
+
+
+def test_a_plain_attribute_named_like_a_hook_table_is_state(tmp_path: Path) -> None:
+    # Only torch's own hook tables (_forward_hooks, ...) are left out of the
+    # comparison; `self.hooked` set by load code was missed before.
+    sd = {**_SetsHooked().state_dict(), "marker": torch.zeros(1)}
+    torch.save(sd, tmp_path / "m.pt")
+    with lm.deferred_init():
+        model = _SetsHooked()
+    with pytest.raises(lm.MetaTensorError, match=r"changes the modules' own attribute"):
+        lm.load_checkpoint(model, tmp_path / "m.pt", strict=False)
+    assert model.hooked is False

@@ -204,7 +204,10 @@ def _state_of(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     """The module's non-tensor attributes: each value, and a shallow copy of a container."""
     out = {}
     for key, value in module.__dict__.items():
-        if key in _NOT_STATE or "hook" in key or isinstance(value, torch.Tensor):
+        # torch's hook tables (_forward_hooks, _state_dict_pre_hooks, ...) only: a
+        # plain attribute such as ``self.hooked = True`` is state like any other.
+        torch_table = key.startswith("_") and "hook" in key
+        if key in _NOT_STATE or torch_table or isinstance(value, torch.Tensor):
             continue
         shallow = None
         if isinstance(value, (list, dict, set)):
