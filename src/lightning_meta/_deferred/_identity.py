@@ -29,12 +29,12 @@ from lightning_meta import _compat
 from lightning_meta._errors import MetaTensorError
 
 __all__ = [
-    "alias_of",
     "carry_grad_hooks",
     "keeps_identity",
     "mark_stale",
     "stale_path",
     "take_over",
+    "take_over_memory",
 ]
 
 
@@ -63,14 +63,21 @@ def carry_grad_hooks(old: torch.Tensor, new: torch.Tensor) -> None:
         _compat.install_grad_hooks(new, _compat.grad_hook_tables(old))
 
 
-def alias_of(t: torch.Tensor) -> torch.Tensor:
-    """A new tensor object for the memory of ``t``, one ``take_over`` can swap, for a plain
-    tensor without autograd history that views of it hold (buffers viewing one another)."""
-    if type(t) is not torch.Tensor or t.grad_fn is not None or t.requires_grad:
-        return t  # swapped already failed for it: fails again, changing nothing
-    alias = t.detach()
-    vars(alias).update(vars(t))
-    return alias
+def take_over_memory(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
+    """:func:`take_over` from ``new``, else from an alias of its memory; the tensor that got
+    ``old``'s meta contents in exchange (``None`` when neither could swap).
+
+    A plain tensor without autograd history that views of it hold (buffers
+    viewing one another) cannot be swapped itself, a new object for its
+    memory can.
+    """
+    if take_over(old, new):
+        return new
+    if type(new) is not torch.Tensor or new.grad_fn is not None or new.requires_grad:
+        return None  # no alias: it would fail as ``new`` did
+    alias = new.detach()
+    vars(alias).update(vars(new))
+    return alias if take_over(old, alias) else None
 
 
 def keeps_identity(kind: str, new: torch.Tensor, recorded: torch.dtype, built_on: bool) -> bool:

@@ -41,11 +41,10 @@ from lightning_meta._deferred._handles import (
     without_pending,
 )
 from lightning_meta._deferred._identity import (
-    alias_of,
     carry_grad_hooks,
     keeps_identity,
     mark_stale,
-    take_over,
+    take_over_memory,
 )
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
@@ -668,7 +667,7 @@ def _swap_in(
             )
         else:
             unhook(handle, new)
-            if take_over(old, new) or take_over(old, alias_of(new)):
+            if take_over_memory(old, new) is not None:
                 owner[id(new)] = (new, old)
                 ready[id(slot)] = old
                 mark_done(handle, old)  # the base of a view taken below

@@ -46,11 +46,10 @@ from lightning_meta._deferred._handles import (
     view_of,
 )
 from lightning_meta._deferred._identity import (
-    alias_of,
     carry_grad_hooks,
     keeps_identity,
     mark_stale,
-    take_over,
+    take_over_memory,
 )
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MetaTensorError
@@ -779,11 +778,7 @@ def _take_over(
     else:
         if handle is not None:
             unhook(handle, new)
-        partner: torch.Tensor | None = new
-        if not take_over(old, new):
-            partner = alias_of(new)  # a plain buffer that views of it hold
-            if partner is new or not take_over(old, partner):
-                partner = None
+        partner = take_over_memory(old, new)
         if partner is not None:
             undo.append(_undo_take(old, partner))
             return old
