@@ -226,18 +226,7 @@ class _OptimizerInInit(L.LightningModule):
 
 
 def test_metaguard_trains_an_optimizer_created_in_init_as_eager() -> None:
-    runs = []
-    for deferred in (False, True):
-        model = _OptimizerInInit(deferred)
-        torch.manual_seed(1)
-        pm.trainer(steps=3).fit(model, pm.loader())
-        runs.append(model)
-    eager, model = runs
-    assert model.losses == eager.losses
-    for (name, got), want in zip(
-        model.state_dict().items(), eager.state_dict().values(), strict=True
-    ):
-        assert torch.equal(got, want), name
+    pm.fit_as_eager(_OptimizerInInit)
 
 
 class _FrozenByHook(nn.Module):

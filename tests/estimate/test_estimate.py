@@ -17,6 +17,7 @@ from lightning_meta import Estimate, InputSpec, MetaTensorError, estimate
 from lightning_meta._compat import uncounted_attention_ops, uncounted_rnn_ops
 from lightning_meta._estimate._run import default_loss
 from support.measure import measure_training_step
+from support.zoo_models import TINY_DECODER
 
 # ---------------------------------------------------------------- the zoo
 
@@ -64,15 +65,7 @@ def encoder() -> nn.Module:
 
 
 def llama() -> nn.Module:
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
 
 
 def gpt2() -> nn.Module:
@@ -496,16 +489,7 @@ def test_a_compiled_module_gives_no_warning_about_global_hooks() -> None:
 def _mixtral_config() -> Any:
     from transformers import MixtralConfig
 
-    return MixtralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    return MixtralConfig(**TINY_DECODER, num_local_experts=4, num_experts_per_tok=2)
 
 
 def test_a_fake_kernel_stricter_than_the_real_one_is_not_blamed_on_the_inputs() -> None:

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_meta import estimate
 from lightning_meta._estimate._track import LiveBytes
 from support.measure import measure_training_step
+from support.zoo_models import TINY_DECODER
 
 MODELS = {
     "mlp": (mlp, lambda: torch.randn(8, 32)),
@@ -131,15 +132,7 @@ class _SelfCheckpointed(nn.Module):
 def _llama_checkpointed() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        use_cache=False,
-    )
+    cfg = LlamaConfig(**TINY_DECODER, use_cache=False)
     model = LlamaForCausalLM(cfg)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -14,11 +14,20 @@ from torch import nn
 import lightning_meta as lm
 from lightning_meta import MetaGuard
 from lightning_meta._guard._materialize import refuse_strays
-from support.guard_models import IN, Clean, Seeded, Stray, loader, net, state, trainer
+from support.guard_models import (
+    IN,
+    PATCHED,
+    Clean,
+    Seeded,
+    Stray,
+    chain,
+    loader,
+    net,
+    state,
+    trainer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-PATCHED = {"model_sharded_context", "setup", "teardown", "load_model_state_dict"}
 
 
 def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -31,14 +40,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def chain(e: BaseException | None) -> list[BaseException]:
-    out = []
-    while e is not None:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
 
 
 def seeded_run(mode: str, **options: Any) -> tuple[list[float], dict[str, torch.Tensor], L.Trainer]:

@@ -22,19 +22,9 @@ from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import MetaGuard
-from support.guard_models import IN, Seeded, loader, net, trainer
+from support.guard_models import IN, PATCHED, Seeded, loader, net, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-PATCHED = {"model_sharded_context", "setup", "teardown", "load_model_state_dict"}
-
-
-def chain(e: BaseException | None) -> list[BaseException]:
-    out = []
-    while e is not None:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
 
 
 class Features(L.LightningDataModule):

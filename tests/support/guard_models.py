@@ -162,3 +162,16 @@ def trainer(**kwargs: Any) -> L.Trainer:
     }
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+# The strategy methods MetaGuard wraps for a run (lightning_meta._guard._callback._PATCHED).
+PATCHED = {"model_sharded_context", "setup", "teardown", "load_model_state_dict"}
+
+
+def chain(e: BaseException | None) -> list[BaseException]:
+    """``e`` and every exception it was raised from or during, outermost first."""
+    out = []
+    while e is not None:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -212,3 +213,23 @@ def trainer(steps: int = 2, **kwargs: Any) -> L.Trainer:
     }
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def fit_as_eager(
+    make: Callable[[bool], L.LightningModule], steps: int = 3
+) -> tuple[L.LightningModule, L.LightningModule]:
+    """Fit ``make(False)`` (eager) and ``make(True)`` (deferred) under MetaGuard, each from
+    seed 1, and assert the same losses and ``state_dict``; return (eager, deferred)."""
+    runs = []
+    for deferred in (False, True):
+        model = make(deferred)
+        torch.manual_seed(1)
+        trainer(steps=steps).fit(model, loader())
+        runs.append(model)
+    eager, model = runs
+    assert model.losses == eager.losses
+    for (name, got), want in zip(
+        model.state_dict().items(), eager.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    return eager, model

@@ -19,8 +19,8 @@ from torch import nn
 
 # The ``--hf-config`` the command-line estimate tests pass (a Llama with
 # grouped-query attention, small enough to estimate in well under a second).
-LLAMA_HF_CONFIG: dict[str, Any] = {
-    "model_type": "llama",
+# TINY_DECODER: its sizes, for transformers configs built in Python (Llama, Mixtral).
+TINY_DECODER: dict[str, int] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -28,6 +28,7 @@ LLAMA_HF_CONFIG: dict[str, Any] = {
     "num_key_value_heads": 2,
     "vocab_size": 256,
 }
+LLAMA_HF_CONFIG: dict[str, Any] = {"model_type": "llama", **TINY_DECODER}
 
 _TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 _HEADS = dict(num_attention_heads=4, num_key_value_heads=2)
