@@ -32,7 +32,6 @@ __all__ = [
     "carry_grad_hooks",
     "keeps_identity",
     "mark_stale",
-    "stale_path",
     "take_over",
     "take_over_memory",
 ]
@@ -173,11 +172,3 @@ def mark_stale(old: torch.Tensor, path: str, why: str, by: str = "materialize") 
         _STALE_CLASSES[cls] = stale
     old.__class__ = stale
     vars(old)[_STALE_ATTR] = (path, why, by)
-
-
-def stale_path(t: object) -> str | None:
-    """The dotted path a stale tensor (see :func:`mark_stale`) stood for; ``None`` for others."""
-    if not isinstance(t, _Stale):
-        return None
-    path: str = vars(t).get(_STALE_ATTR, ("<unknown>", ""))[0]
-    return path
