@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -30,3 +31,23 @@ def run_module(
         cwd=cwd,
         check=False,
     )
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy this process' default process group, if any, before the interpreter finalizes.
+
+    Lightning's launchers leave it alive at exit; gloo's worker threads then
+    sometimes outlive the interpreter and abort the rank at exit ("terminate
+    called without an active exception", SIGABRT) after it did all its work
+    (pytorch/pytorch#179291). Called at import by every runner module, so
+    the worker processes Lightning starts (re-running or importing it) do
+    it too.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -21,6 +21,9 @@ from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
 import lightning_meta as lm
 from support.mesh_models import Block, Llama, full, parallelize, unequal
+from support.processes import destroy_process_group_at_exit
+
+destroy_process_group_at_exit()
 
 
 def deferred() -> Llama:

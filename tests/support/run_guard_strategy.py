@@ -22,6 +22,9 @@ from torch import nn
 
 from lightning_meta import MetaGuard
 from support.guard_models import Seeded, Sharded, loader, net, trainer
+from support.processes import destroy_process_group_at_exit
+
+destroy_process_group_at_exit()
 
 
 def full(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,6 +53,9 @@ from support.mesh_models import (
     trainer_module,
     unequal,
 )
+from support.processes import destroy_process_group_at_exit
+
+destroy_process_group_at_exit()
 
 MESHES = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2)]}
 

@@ -19,6 +19,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from support.lightning_models import AllTemplates, ShardedTemplates, loader, templates_are_meta
+from support.processes import destroy_process_group_at_exit
+
+destroy_process_group_at_exit()
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
