@@ -1261,3 +1261,33 @@ def install_grad_hooks(t: torch.Tensor, tables: tuple[Any, Any]) -> None:
 
 
 __all__ += ["grad_hook_tables", "install_grad_hooks"]
+
+
+def register_pytree_node(
+    cls: type,
+    flatten: Callable[[Any], tuple[list[Any], Any]],
+    unflatten: Callable[[Any, Any], Any],
+    name: str,
+) -> None:
+    """Make ``cls`` a node of torch's pytrees (``torch.utils._pytree.register_pytree_node``,
+    torch 2.6 to 2.15), so ``torch.func`` transforms and ``tree_map`` look inside it."""
+    import torch.utils._pytree as pytree
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=name)
+
+
+__all__ += ["register_pytree_node"]
+
+
+def is_checkpoint_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``CheckpointWrapper`` of
+    ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (torch 2.6 to 2.15), which
+    recomputes its forward in backward (found by name: ``torch.distributed`` may be absent)."""
+    return any(
+        cls.__name__ == "CheckpointWrapper"
+        and cls.__module__ == "torch.distributed.algorithms._checkpoint.checkpoint_wrapper"
+        for cls in type(module).__mro__
+    )
+
+
+__all__ += ["is_checkpoint_wrapper"]

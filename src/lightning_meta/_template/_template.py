@@ -8,6 +8,7 @@ it is not an ``nn.Module``, so ``children()``, ``parameters()``,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -15,7 +16,8 @@ import pickle
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, Generic, SupportsIndex, TypeVar, overload
 
 import torch
@@ -24,11 +26,14 @@ from torch import nn
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
     deepcopy_module,
-    module_hooks,
+    hook_registrations,
+    is_checkpoint_wrapper,
     no_dispatch_modes,
     rebind_hook_closures,
     recomputing_hooks,
+    register_pytree_node,
 )
+from lightning_meta._ensemble._state import AttributeState, among, tensor_ids, watched
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import named_tensors, tie_groups
 
@@ -66,21 +71,119 @@ def copy_module(
 
 
 def _keep_outside_owners(module: nn.Module, memo: dict[int, Any]) -> None:
-    """Keep hooks that are bound methods of an object outside ``module`` as they are.
+    """Keep the modules outside ``module`` that it refers to as they are (not copied).
 
-    ``copy.deepcopy`` copies a bound method with its ``__self__``: a hook
-    ``self.gate_hook`` of the LightningModule on ``self.net`` would copy the
-    whole LightningModule, real weights included, and then read a frozen
-    copy of them. Like a closure over the owner (``rebind_hook_closures``),
-    the hook keeps reading the live owner.
+    ``copy.deepcopy`` copies whatever a module refers to: a hook
+    ``self.gate_hook`` of the LightningModule on ``self.net`` (or a
+    ``functools.partial`` of it, or a callable object holding it), a
+    ``forward`` set on the instance, or a plain reference to another module
+    would copy the whole LightningModule, real weights included, and the
+    template would then read a frozen copy of them. Like a closure over the
+    owner (``rebind_hook_closures``), each keeps reading the live module.
+    """
+    for owner in outside_modules(module).values():
+        memo[id(owner)] = owner
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def outside_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules outside ``module`` that its submodules refer to, by where they are found.
+
+    Searched: every submodule's plain attributes (a ``forward`` set on the
+    instance, hooks included), containers, a bound method's instance, a
+    ``functools.partial``'s function and arguments, and the attributes of
+    other objects (a callable object holding the owner). Functions are not
+    searched: ``copy.deepcopy`` keeps a function (and so its closure) as is.
     """
     inside = {id(m) for m in module.modules()}
-    for sub in module.modules():
-        for table in module_hooks(sub).values():
-            for hook in table.values():
-                owner = getattr(hook, "__self__", None)
-                if isinstance(hook, types.MethodType) and id(owner) not in inside:
-                    memo[id(hook)] = hook
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for path, where, value in _reachable(module, seen):
+        if isinstance(value, nn.Module) and id(value) not in inside:
+            found.setdefault(where if not path else f"{path}.{where}", value)
+    return found
+
+
+def _reachable(module: nn.Module, seen: set[int]) -> Iterator[tuple[str, str, Any]]:
+    """``(submodule path, place, value)`` for the values reachable from ``module``'s
+    submodules (see :func:`outside_modules`); a module or a tensor is not searched further."""
+    inside = {id(m) for m in module.modules()}
+    for path, sub in module.named_modules():
+        seen.add(id(sub))
+        for key, value in vars(sub).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, nn.Module) and id(value) in inside:
+                continue
+            for where, found in _visit(value, key, 0, seen):
+                yield path, where, found
+
+
+def _visit(value: Any, where: str, depth: int, seen: set[int]) -> Iterator[tuple[str, Any]]:
+    if depth > 6 or isinstance(value, _SCALARS) or id(value) in seen:
+        return
+    seen.add(id(value))
+    yield where, value
+    if isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType)):
+        return
+    if isinstance(value, types.MethodType):
+        yield from _visit(value.__self__, f"{where} (its instance)", depth + 1, seen)
+    elif isinstance(value, functools.partial):
+        yield from _visit(value.func, where, depth + 1, seen)
+        for i, v in enumerate((*value.args, *value.keywords.values())):
+            yield from _visit(v, f"{where} (argument {i})", depth + 1, seen)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _visit(v, f"{where}[{k!r}]", depth + 1, seen)
+    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        for i, v in enumerate(value):
+            yield from _visit(v, f"{where}[{i}]", depth + 1, seen)
+    elif not isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict):
+            for k, v in attributes.items():
+                yield from _visit(v, f"{where}.{k}", depth + 1, seen)
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a variable assigned after the function)
+        return None
+
+
+def _foreign_forwards(copied: nn.Module) -> list[str]:
+    """Paths of submodules of ``copied`` (a fresh copy) whose ``forward``, set on the
+    instance, may run modules other than the copy's: a method of an object outside it (the
+    LightningModule), or a function (which ``copy.deepcopy`` keeps as is) whose closure
+    holds modules of the original, or holds none (it can then reach one only through its
+    globals). A copy that rebuilds its ``forward`` (``torch.compile``'s wrapper) is fine."""
+    inside = {id(m) for m in copied.modules()}
+    found = []
+    for path, sub in copied.named_modules():
+        forward = vars(sub).get("forward")
+        if forward is None:
+            continue
+        seen: set[int] = set()
+        reached = [v for _, v in _visit(forward, "forward", 0, seen)]
+        # Through closures, as deep as they go (torch.compile's wrapper nests
+        # several functions around the module's own __call__).
+        functions = [v for v in reached if isinstance(v, types.FunctionType)]
+        while functions:
+            function = functions.pop()
+            held = function.__closure__ or ()
+            wrapped = vars(function).get("__wrapped__")
+            for value in [*(_contents(c) for c in held), wrapped]:
+                new = [v for _, v in _visit(value, "", 1, seen)]
+                reached += new
+                functions += [v for v in new if isinstance(v, types.FunctionType)]
+        modules = [v for v in reached if isinstance(v, nn.Module)]
+        plain = isinstance(forward, types.FunctionType)
+        if any(id(m) not in inside for m in modules) or (plain and not modules):
+            found.append(f"{path}.forward" if path else "forward")
+    return found
 
 
 def to_meta(module: nn.Module) -> nn.Module:
@@ -89,7 +192,9 @@ def to_meta(module: nn.Module) -> nn.Module:
     Raises:
         ArgumentValueError: ``module`` holds what cannot be copied (an
             uninitialised lazy parameter, a tensor attribute computed from a
-            parameter, a lock), named by its dotted path.
+            parameter, a tensor that requires grad outside the parameters,
+            a ``forward`` set on the instance to outside code, a lock),
+            named by its dotted path.
     """
     lazy = [name for name, t in named_tensors(module).items() if torch.nn.parameter.is_lazy(t)]
     if lazy:
@@ -108,23 +213,21 @@ def to_meta(module: nn.Module) -> nn.Module:
         return meta
 
     memo: dict[int, Any] = {}
-    derived: list[str] = []
-    for path, sub in module.named_modules():
+    for sub in module.modules():
         # The hook recomputes this attribute from the parameters before every
         # forward, so its value (a non-leaf deepcopy refuses) is never read.
-        computed = set()
         for _, attr in recomputing_hooks(sub):
             value = vars(sub).get(attr)
             if isinstance(value, torch.Tensor):
                 memo[id(value)] = torch.empty_like(value, device="meta")
-                computed.add(attr)
-        for attr, value in vars(sub).items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.grad_fn is not None
-                and attr not in computed
-            ):
-                derived.append(f"{path}.{attr}" if path else attr)
+    own = {id(t) for t in _tensors(module)} | set(memo)
+    derived: list[str] = []
+    trained: list[str] = []
+    for path, where, value in _reachable(module, set()):
+        if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in own:
+            (derived if value.grad_fn is not None else trained).append(
+                f"{path}.{where}" if path else where
+            )
     if derived:
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, derived))} is a "
@@ -134,8 +237,17 @@ def to_meta(module: nn.Module) -> nn.Module:
             "t.detach(), persistent=False)`).",
             paths=derived,
         )
+    if trained:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}) holds tensors that require grad outside "
+            f"its parameters: {trained}. The template would keep a copy of them as they are "
+            "now, which no gradient reaches (and a later change to them is not seen). Fix: "
+            "register them as parameters (nn.Parameter, or a submodule), so that "
+            "`state_from` and the mapping pass them in, or pass them in as inputs.",
+            paths=trained,
+        )
     try:
-        return copy_module(module, make, memo=memo)
+        copied = copy_module(module, make, memo=memo)
     except MetaTensorError:
         raise
     except Exception as e:
@@ -148,6 +260,18 @@ def to_meta(module: nn.Module) -> nn.Module:
             "a factory (`lambda: MyNet(...)`) that builds the template from scratch.",
             paths=paths,
         ) from e
+    foreign = _foreign_forwards(copied)
+    if foreign:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, foreign))} is set on "
+            "the instance to a function, or to a method of an object outside the module (the "
+            "LightningModule): the template would run that code, which reaches the original "
+            "modules, not the tensors the template is called with. Fix: override `forward` in "
+            "a subclass, or build the template from a wrapper module whose `forward` does the "
+            "extra work.",
+            paths=foreign,
+        )
+    return copied
 
 
 def _uncopyable(module: nn.Module, memo: dict[int, Any]) -> list[str]:
@@ -192,9 +316,36 @@ class TemplateState(dict[str, torch.Tensor]):
     ``modes`` maps each submodule path of the template to the ``training``
     flag of the matching submodule of the source; calling the template with
     this mapping runs every submodule in that mode, as the source's own
-    forward would. A plain ``dict(...)`` or ``{**state}`` of it drops the
-    modes; :meth:`copy` keeps them, and so does passing ``modes=`` to
-    :meth:`MetaTemplate.functional_call`.
+    forward would. The state also refers (weakly) to the source module: a
+    buffer the template's forward assigns a new tensor to (an EMA, dynamic
+    RoPE's ``inv_freq``) is set on the source too, as ``net(x)`` would.
+
+    A plain ``dict(...)`` or ``{**state}`` of it drops the modes and the
+    source; :meth:`copy` keeps them, and so does passing ``modes=`` to
+    :meth:`MetaTemplate.functional_call`. ``copy.deepcopy`` and ``pickle``
+    keep the modes and drop the source (the copied tensors are not its).
+    It is a pytree node (``torch.func.grad``, ``torch.vmap`` and
+    ``torch.utils._pytree.tree_map`` see its tensors); the states a transform
+    builds keep the modes, not the source (as a ``dict`` given to
+    ``torch.func.functional_call`` inside a transform, whose new buffers stay
+    in that dict).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import lightning_meta as lm
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).eval()
+        >>> template = lm.MetaTemplate(net)
+        >>> state = template.state_from(net)
+        >>> sorted(state)[:2], state.modes["1"]
+        (['0.bias', '0.weight'], False)
+        >>> x = torch.ones(3, 2)
+        >>> torch.equal(template(state, x), net(x))
+        True
+        >>> grads = torch.func.grad(lambda s: template(s, x).sum())(state)
+        >>> type(grads).__name__, grads["0.weight"].shape
+        ('TemplateState', torch.Size([2, 2]))
     """
 
     modes: dict[str, bool]
@@ -202,11 +353,42 @@ class TemplateState(dict[str, torch.Tensor]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modes = {}
+        self._source: weakref.ref[nn.Module] | None = None
+
+    @property
+    def source(self) -> nn.Module | None:
+        """The module :meth:`MetaTemplate.state_from` read, while it exists; else ``None``."""
+        return None if self._source is None else self._source()
 
     def copy(self) -> TemplateState:
         new = TemplateState(self)
         new.modes = dict(self.modes)
+        new._source = self._source
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"modes": self.modes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.modes = dict(state.get("modes", {}))
+        self._source = None
+
+
+def _flatten_state(state: TemplateState) -> tuple[list[torch.Tensor], Any]:
+    keys = tuple(state)
+    return [state[k] for k in keys], (keys, tuple(state.modes.items()))
+
+
+def _unflatten_state(values: Any, context: Any) -> TemplateState:
+    keys, modes = context
+    new = TemplateState(zip(keys, values, strict=True))
+    new.modes = dict(modes)
+    return new
+
+
+register_pytree_node(
+    TemplateState, _flatten_state, _unflatten_state, "lightning_meta.TemplateState"
+)
 
 
 class MetaTemplate:
@@ -224,8 +406,9 @@ class MetaTemplate:
         module_or_factory: an ``nn.Module`` on any device, copied to meta
             (never aliased: the original is untouched; its parameters and
             buffers get no storage, tensors kept in plain attributes are
-            copied as they are, and hooks that are methods or closures of an
-            object outside the module keep reading that live object), or a
+            copied as they are, and modules outside it that it refers to,
+            such as the LightningModule a hook is a method of, are kept
+            live, not copied), or a
             zero-argument callable returning a module, called under
             ``torch.device("meta")`` (also inside a ``deferred_init`` block,
             which does not record it).
@@ -237,8 +420,10 @@ class MetaTemplate:
 
     Raises:
         MetaTensorError: the module holds what cannot be copied (a lazy
-            parameter, a tensor attribute with a ``grad_fn``, a lock), named
-            by its path; the factory fails or returns no module.
+            parameter, a tensor attribute with a ``grad_fn`` or that
+            requires grad, a ``forward`` set on the instance to code outside
+            the module, a lock), named by its path; the factory fails or
+            returns no module.
 
     Example::
 
@@ -269,6 +454,8 @@ class MetaTemplate:
         # functional_call swaps tensors into the one cached module: calls from
         # several threads take turns.
         self._lock = threading.RLock()
+        # Tensors in plain attributes a forward changed in place: see _put_back.
+        self._spoiled: list[str] = []
         if isinstance(module_or_factory, nn.Module):
             if not cache:
                 raise ArgumentValueError(
@@ -330,12 +517,32 @@ class MetaTemplate:
         """Equivalent to ``train(False)``."""
         return self.train(False)
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Return the shape of every parameter and buffer the template expects, by dotted name."""
+    def shapes(self, *, buffers: bool = True) -> dict[str, tuple[int, ...]]:
+        """Return the shape of every parameter and buffer the template expects, by dotted name.
+
+        Args:
+            buffers: include the buffers (``True``, the default). With
+                ``False``, only the parameters: what a hypernetwork generates,
+                while the buffers (BatchNorm's running statistics and its
+                integer step count) come from the real module
+                (``template.state_from(net)``) or are kept by the caller.
+
+        Example::
+
+            >>> from torch import nn
+            >>> import lightning_meta as lm
+            >>> template = lm.MetaTemplate(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+            >>> template.shapes(buffers=False)
+            {'0.weight': (2, 3), '0.bias': (2,), '1.weight': (2,), '1.bias': (2,)}
+            >>> sorted(set(template.shapes()) - set(template.shapes(buffers=False)))
+            ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+        """
         module = self.module
+        if not buffers:
+            return {n: _shape(t) for n, t in module.named_parameters(remove_duplicate=False)}
         return {n: _shape(t) for n, t in named_tensors(module).items()}
 
-    def state_from(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def state_from(self, module: nn.Module) -> TemplateState:
         """Collect the tensors of a real ``module`` that has this template's structure.
 
         Unlike ``dict(module.named_parameters())``, this follows
@@ -379,6 +586,7 @@ class MetaTemplate:
         """
         template = self.module
         out = TemplateState()
+        out._source = weakref.ref(module)
         missing = []
         for name in named_tensors(template):
             prefix, _, leaf = name.rpartition(".")
@@ -433,9 +641,19 @@ class MetaTemplate:
         :meth:`state_from`), and in the template's own mode otherwise; the
         template's modes are put back after the call.
 
-        Calls from several threads are safe: on a cached template they take
-        turns (the one meta module receives the tensors of one call at a
-        time); with ``cache=False`` each call has a module of its own.
+        Each call starts from the template as built: what the forward stores
+        in its modules' plain attributes (a cache, ``self.last = h``) is put
+        back after the call (``strict=True``). A buffer the forward assigns a
+        new tensor to (an EMA) is written back into ``params_and_buffers``, as
+        :func:`torch.func.functional_call` does, and, for a
+        :class:`TemplateState`, set on the module it was read from.
+
+        Calls from several threads are safe in eager mode: on a cached
+        template they take turns (the one meta module receives the tensors
+        of one call at a time); with ``cache=False`` each call has a module
+        of its own. Under ``torch.compile`` no lock is taken: a forward with
+        a graph break is not safe across threads (give each its own
+        ``copy.deepcopy`` of the template).
 
         Args:
             params_and_buffers: dotted name -> tensor, for every parameter and
@@ -444,9 +662,12 @@ class MetaTemplate:
                 when the template has none.
             args: positional inputs to ``forward`` (a single tensor is wrapped).
             kwargs: keyword inputs to ``forward``.
-            strict: raise on missing, unexpected or mis-shaped entries
-                (default). With ``False``, torch's own checks apply and
-                omitted entries stay meta.
+            strict: raise on missing, unexpected or mis-shaped entries, and
+                put back what the forward stores in plain attributes
+                (default). With ``False``, the call is
+                :func:`torch.func.functional_call`'s as is: torch's own
+                checks apply, omitted entries stay meta, and what the
+                forward stores stays on the template.
             tie_weights: as in :func:`torch.func.functional_call`.
             modes: the module whose submodules' modes to run in (e.g. the real
                 net the tensors come from), or submodule path -> ``training``.
@@ -458,11 +679,24 @@ class MetaTemplate:
 
         Raises:
             MetaTensorError: ``strict`` and an entry is missing, unexpected,
-                of the wrong shape, or a tied name given a different tensor
-                than its twin; every offending key is listed. ``modes`` lacks
-                a submodule of the template.
+                of the wrong shape (or a float for an integer buffer), or a
+                tied name given a different tensor than its twin; every
+                offending key is listed. ``modes`` lacks a submodule of the
+                template. The template checkpoints activations (recomputed
+                in backward, after the call). The forward changed a plain
+                tensor attribute in place, or, called with a
+                :class:`TemplateState`, stored anything in plain attributes.
         """
         module = self.module
+        if self._spoiled:
+            raise MetaTensorError(
+                f"MetaTemplate({type(module).__name__}): an earlier call's forward changed "
+                f"{', '.join(map(repr, self._spoiled))} in place, a tensor the template keeps "
+                "in a plain attribute, which cannot be put back: every later call would see "
+                "that call's values. Fix: register it as a buffer (`self.register_buffer(...)`"
+                ", passed in the mapping like the others) and build the template again.",
+                paths=self._spoiled,
+            )
         if strict:
             self._check(module, params_and_buffers, tie_weights=tie_weights)
         if modes is None:
@@ -471,15 +705,78 @@ class MetaTemplate:
             modes = {path: m.training for path, m in modes.named_modules()}
         if not isinstance(args, tuple):
             args = (args,)
+        source = (
+            params_and_buffers.source if isinstance(params_and_buffers, TemplateState) else None
+        )
+        # torch.func.functional_call writes a buffer the forward assigns a new
+        # tensor to back into the dict it is given: hand it the caller's own.
+        given = (
+            params_and_buffers if isinstance(params_and_buffers, dict) else dict(params_and_buffers)
+        )
+        before = dict(given)
         with self._serialized(), _computed_kept(module):
             with _modes_set(module, modes) if modes else contextlib.nullcontext():
-                return torch.func.functional_call(
-                    module,
-                    dict(params_and_buffers),
-                    args,
-                    dict(kwargs or {}),
-                    tie_weights=tie_weights,
+                if torch.is_grad_enabled():
+                    _refuse_checkpointing(module)
+                # strict=False is torch.func.functional_call as is (Ensemble
+                # watches and keeps what its forward stores itself).
+                state = (
+                    AttributeState(_watched(module))
+                    if strict and not torch.compiler.is_compiling()
+                    else None
                 )
+                try:
+                    out = torch.func.functional_call(
+                        module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                    )
+                except BaseException:
+                    if state is not None:
+                        state.restore()
+                    raise
+                if state is not None:
+                    self._put_back(module, state, source is not None)
+        replaced = [k for k, v in given.items() if before.get(k, v) is not v]
+        if replaced:
+            _write_back(module, params_and_buffers, given, replaced, source)
+        return out
+
+    def _put_back(self, module: nn.Module, state: AttributeState, refuse: bool) -> None:
+        """Put back what the forward stored in the template's plain attributes; raise if it
+        changed a tensor there in place, or (``refuse``: a call standing for ``net(x)``)
+        changed anything."""
+        changed = state.changed(among(tensor_ids(module.modules()))) if refuse else []
+        if changed:
+            # What a forward pre-hook recomputes from the parameters (a pruned or
+            # weight-normed `weight`) is no state: net's hook recomputes it too.
+            computed = {
+                f"{path}.{attr}" if path else attr
+                for path, sub in module.named_modules()
+                for _, attr in recomputing_hooks(sub)
+            }
+            changed = [c for c in changed if c not in computed]
+        lost = state.restore()
+        if lost:
+            self._spoiled = lost
+            raise MetaTensorError(
+                f"MetaTemplate({type(module).__name__}): the forward changed "
+                f"{', '.join(map(repr, lost))} in place, a tensor the template keeps in a plain "
+                "attribute, so every later call would see this call's values (this template "
+                "now refuses every call). Fix: register it as a buffer "
+                "(`self.register_buffer(...)`, passed in the mapping like the others) and build "
+                "the template again.",
+                paths=lost,
+            )
+        if changed:
+            raise MetaTensorError(
+                f"MetaTemplate({type(module).__name__}) was called with state_from(net), but the "
+                f"forward stored {', '.join(map(repr, changed))} in plain attributes: net(x) "
+                "would keep that in net, and the template, which puts its attributes back after "
+                "each call, cannot (later outputs of net would differ). Fix: call net(x) "
+                "itself, keep such state in a buffer (which state_from passes in and the "
+                "template sets on net when the forward assigns it), or call the template with a "
+                "plain dict (`dict(state)`, modes=net) if each call may start afresh.",
+                paths=changed,
+            )
 
     def _check(
         self, module: nn.Module, given: Mapping[str, torch.Tensor], *, tie_weights: bool
@@ -493,6 +790,14 @@ class MetaTemplate:
         # Every name of a group of tied tensors, so one of them satisfies the group.
         slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(module)]
         expected = {s.path: _shape(s.tensor) for g in slots for s in g}
+        # A float where an integer buffer is expected (a generated step count)
+        # would run, but not as the module does.
+        integral = {
+            s.path: s.tensor.dtype
+            for g in slots
+            for s in g
+            if s.kind == "buffer" and not (s.tensor.is_floating_point() or s.tensor.is_complex())
+        }
         problems: dict[str, str] = {}  # path -> what is wrong with it
         for group in slots:
             names = [s.path for s in group]
@@ -514,6 +819,11 @@ class MetaTemplate:
                 problems[name] = f"{name!r} is {type(value).__name__}, expected a tensor"
             elif _shape(value) != expected[name]:
                 problems[name] = f"{name!r} has shape {_shape(value)}, expected {expected[name]}"
+            elif name in integral and value.dtype != integral[name]:
+                problems[name] = (
+                    f"{name!r} has dtype {value.dtype}, expected {integral[name]} (a buffer: "
+                    "pass the module's own, e.g. from template.state_from(net))"
+                )
         if problems:
             lines = "\n  ".join(sorted(problems.values()))
             raise MetaTensorError(
@@ -526,6 +836,11 @@ class MetaTemplate:
 
     # -------------------------------------------------------- copy and pickle
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaTemplate:
+        if not memo and self._module is not None:
+            # The template is copied alone (not with the LightningModule that
+            # holds it): modules outside it that its module refers to (a hook's
+            # owner) stay the live ones, as when it was built.
+            _keep_outside_owners(self._module, memo)
         new = MetaTemplate.__new__(MetaTemplate)
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -545,6 +860,7 @@ class MetaTemplate:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_spoiled", [])
         self._lock = threading.RLock()
 
     def __copy__(self) -> MetaTemplate:
@@ -596,6 +912,80 @@ def _computed_kept(module: nn.Module) -> Iterator[None]:
     finally:
         for sub, attr, value in saved:
             setattr(sub, attr, value)
+
+
+def _write_back(
+    module: nn.Module,
+    caller: Mapping[str, torch.Tensor],
+    given: dict[str, torch.Tensor],
+    replaced: list[str],
+    source: nn.Module | None,
+) -> None:
+    """Hand the tensors the forward assigned to ``replaced`` names to the caller, as
+    :func:`torch.func.functional_call` does: into the caller's mapping and, for a
+    :class:`TemplateState`, onto the module it was read from, as ``net(x)`` would."""
+    if given is not caller:
+        if not isinstance(caller, MutableMapping):
+            raise MetaTensorError(
+                f"MetaTemplate({type(module).__name__})'s forward assigned new tensors to "
+                f"{', '.join(map(repr, replaced))}, which cannot be written back into the "
+                f"read-only {type(caller).__name__} it was called with (torch.func."
+                "functional_call writes them into the dict it is given). Fix: pass a dict.",
+                paths=replaced,
+            )
+        for name in replaced:
+            caller[name] = given[name]
+    if source is None:
+        return
+    for name in replaced:
+        prefix, _, leaf = name.rpartition(".")
+        setattr(source.get_submodule(prefix), leaf, given[name])
+
+
+def _watched(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules whose forward may store something in plain attributes (found again
+    once a hook was registered somewhere since)."""
+    stamp = hook_registrations()
+    cached = _WATCHED.get(module)
+    if cached is None or cached[0] != stamp:
+        cached = _WATCHED[module] = (stamp, watched(list(module.named_modules())))
+    return cached[1]
+
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, nn.Module]]]] = (
+    weakref.WeakKeyDictionary()
+)
+_CHECKPOINTED: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _refuse_checkpointing(module: nn.Module) -> None:
+    """Refuse a template whose forward recomputes activations in backward."""
+    candidates = _CHECKPOINTED.get(module)
+    if candidates is None:
+        candidates = _CHECKPOINTED[module] = [
+            (path, sub)
+            for path, sub in module.named_modules()
+            if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
+        ]
+    found = [
+        path or "<root>"
+        for path, sub in candidates
+        if is_checkpoint_wrapper(sub)
+        or (vars(sub).get("gradient_checkpointing") is True and sub.training)
+    ]
+    if found:
+        raise MetaTensorError(
+            f"MetaTemplate({type(module).__name__}) recomputes activations in backward "
+            f"(activation checkpointing) at {', '.join(map(repr, found))}: the recomputation "
+            "runs after the call, when the template holds its meta tensors again, and would "
+            "fail with a device error. Fix: build the template from a module without "
+            "gradient checkpointing (`model.gradient_checkpointing_disable()`, or no "
+            "checkpoint_wrapper) and checkpoint outside the template call, e.g. "
+            "`torch.utils.checkpoint.checkpoint(template, params, x, use_reentrant=False)`.",
+            paths=found,
+        )
 
 
 @contextlib.contextmanager
