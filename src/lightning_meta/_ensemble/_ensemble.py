@@ -14,8 +14,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    active_fake_mode,
     apply_to_tensors,
     backward_hooked,
+    default_device,
     functorch_transform_active,
     global_module_hooks,
     has_backward_hooks,
@@ -68,9 +70,11 @@ from lightning_meta._ensemble._plan import (
 )
 from lightning_meta._ensemble._state import (
     AttributeState,
+    GlobalRandom,
     StateWrittenError,
     among,
     carry_state,
+    global_draw_error,
     state_written_error,
     tensor_ids,
     watched,
@@ -525,10 +529,17 @@ class Ensemble(nn.Module):
             ref = (
                 first.get_parameter(name) if isinstance(t, nn.Parameter) else first.get_buffer(name)
             )
-            if ref.is_meta:
+            if ref.is_meta and default_device().type != "meta":
+                # Under torch.device("meta") (lm.estimate builds a model there) the
+                # members and the stacked tensors are shape-only alike.
                 raise MetaTensorError(
-                    f"Ensemble member 0 holds {name!r} on the meta device. Members must hold "
-                    "real tensors. Fix: build them normally, or use Ensemble.from_factory.",
+                    f"Ensemble member 0 holds {name!r} on the meta device, and the ensemble "
+                    "is built outside torch.device('meta'), so its stacked tensors would be "
+                    "real and hold nothing of the member's. Fix: give the members real "
+                    "tensors first (lm.materialize a member made by lm.deferred_init, "
+                    "to_empty() and initialise one built on meta), or build the ensemble "
+                    "under the same torch.device('meta') block as its members (a shape-only "
+                    "ensemble, as lm.estimate builds).",
                     paths=[name],
                 )
             data = torch.empty((n, *t.shape), dtype=t.dtype, device=ref.device)
@@ -609,6 +620,10 @@ class Ensemble(nn.Module):
         self._last_plan: str | None = None
         self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
         self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
+        self._encoders: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
+        # The modes (self.training) in which a vmap call was seen drawing
+        # nothing from the global Python generators (see _vmap).
+        self._draws_seen: set[bool] = set()
         # Tensors changed in place by a timed run that could not be put back (see _time).
         self._lost: list[str] = []
         # The forward was seen changing its modules' plain attributes:
@@ -701,10 +716,11 @@ class Ensemble(nn.Module):
             )
         for name in self._names:
             src = sources[name]
-            if src.is_meta:
+            if src.is_meta and not stacked[name].is_meta:
                 raise MetaTensorError(
-                    f"Ensemble member {index} holds {name!r} on the meta device. Fix: pass "
-                    "members with real tensors.",
+                    f"Ensemble member {index} holds {name!r} on the meta device, where member "
+                    "0 holds real tensors. Fix: give every member real tensors (lm.materialize "
+                    "a member made by lm.deferred_init).",
                     paths=[name],
                 )
             if src.device != stacked[name].device:
@@ -957,6 +973,9 @@ class Ensemble(nn.Module):
             return self._requested
         if self._writes_state:  # see _timed_state
             return "loop"
+        stacked = next(iter(tensors.values()), None)
+        if stacked is not None and (stacked.is_meta or active_fake_mode() is not None):
+            return self._unhooked("loop")
         if untimed_reason() is not None:
             static = self.execution
             if static == "fused" and _float16(tensors):
@@ -976,7 +995,6 @@ class Ensemble(nn.Module):
             ):
                 static = "loop"
             return self._unhooked(static)
-        stacked = next(iter(tensors.values()), None)
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
         if record is None:
@@ -1021,6 +1039,8 @@ class Ensemble(nn.Module):
             # the bias added: two roundings where the members' addmm has one),
             # so its results differ from the members' own in the last bits.
             candidates.remove("vmap")
+        if "vmap" in candidates and self._nested_encoder(tensors) is not None:
+            candidates.remove("vmap")  # see _nested_encoder
         if _float16(tensors) and "fused" in candidates:
             # In float16 the fused plan's GEMMs over the members' stacked
             # weights round differently from each member's own (bfloat16
@@ -1177,12 +1197,19 @@ class Ensemble(nn.Module):
         state = AttributeState(
             watched([*self._template_modules(), *self._shells.modules()]), keep=True
         )
+        # Python's random and numpy's global generator: a forward drawing from
+        # them (a LayerDrop) makes one draw under vmap for all members, where
+        # each member draws its own; only the loop draws as the members do.
+        generators = GlobalRandom()
         try:
             yield
         finally:
             if state.changed(among(tensor_ids(state.modules))):
                 self._keeps_state()
             self._lost += state.restore()
+            if generators.moved():
+                generators.restore()  # a timed run's draws are not the call's
+                self._keeps_state()
 
     def _keeps_state(self) -> None:
         """Note that the forward changes its modules' plain attributes: from now on
@@ -1210,6 +1237,35 @@ class Ensemble(nn.Module):
         if cached is None or cached[0] is not modules or cached[1] != stamp:
             cached = self._watch_cache = (modules, stamp, watched(modules))
         return cached[2]
+
+    def _nested_encoder(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """The path of an ``nn.TransformerEncoder`` of the template whose members may take
+        torch's nested-tensor fast path on this call (``None``: none).
+
+        In eval mode, with no gradient to compute, such an encoder given a
+        ``src_key_padding_mask`` runs its layers on a nested tensor and returns
+        zeros at the padded positions, where its standard path (the only one
+        vmap can run) computes values there: vmap cannot give the members'
+        numbers, so the loop runs the call.
+        """
+        module = self.template.module
+        cached = self._encoders
+        if cached is None or cached[0] is not module:
+            found: list[tuple[str, nn.Module]] = [
+                (path, m)
+                for path, m in self._template_modules()
+                if isinstance(m, nn.TransformerEncoder)
+            ]
+            cached = (module, found)
+            self._encoders = cached
+        if not cached[1]:
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+            return None  # the members' fast path needs no gradient
+        for path, encoder in cached[1]:
+            if not encoder.training and getattr(encoder, "use_nested_tensor", False):
+                return path
+        return None
 
     def _refuse_written(
         self,
@@ -1449,6 +1505,12 @@ class Ensemble(nn.Module):
         except NotFusableError:
             if strict:  # timing must not credit the fused plan with vmap's time
                 raise
+            if _half_precision(tensors):
+                # In 16-bit floats vmap rounds some ops otherwise than the
+                # members (see _time): the loop runs the call.
+                if self._last_plan != "loop":
+                    self._last_plan = "loop"
+                return self._functional_loop(tensors, inputs, {}, None, start)
             # Same function, computed member by member: torch reports any
             # shape error in the member's own terms.
             if self._last_plan != "vmap":
@@ -1555,6 +1617,23 @@ class Ensemble(nn.Module):
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
+        encoder = self._nested_encoder(tensors)
+        if encoder is not None:
+            if self._requested == "vmap":
+                where = f"at {encoder!r}" if encoder else "(the template)"
+                raise ArgumentValueError(
+                    f"Ensemble(execution='vmap') cannot run the nn.TransformerEncoder {where} "
+                    "in eval mode without gradients: there each member takes "
+                    "torch's nested-tensor fast path (given a src_key_padding_mask, it returns "
+                    "zeros at the padded positions), which torch.vmap cannot run, and vmap's "
+                    "standard path gives other values there. Fix: use execution='loop' (or "
+                    "'auto', which runs the loop there), or build the encoder with "
+                    "enable_nested_tensor=False.",
+                    paths=[encoder] if encoder else [],
+                )
+            if self._last_plan != "loop":
+                self._last_plan = "loop"  # what ran, for ensemble.plan
+            return self._functional_loop(tensors, inputs, kwargs, changes, start)
         template = self.template
 
         structure: list[Any] = []
@@ -1623,6 +1702,25 @@ class Ensemble(nn.Module):
         # torch.inference_mode() cannot be seen (reading it would raise).
         shared = [t for t in shared if not t.is_inference()]
         versions = [version_of(t) for t in shared]
+        # A forward of the user's own may draw from Python's random or numpy,
+        # which vmap would do once for all members (see _state.GlobalRandom).
+        # Noting them costs about 20 to 60 microseconds, so the first vmap call
+        # in train mode and the first in eval mode are watched (a forward
+        # draws on every call of the mode it draws in, as a LayerDrop does).
+        generators = None
+        if not compiling and self.training not in self._draws_seen and self._watched_template():
+            generators = GlobalRandom()
+        # torch's fused eval fast paths (nn.TransformerEncoderLayer,
+        # nn.MultiheadAttention) see no stacked parameter requiring grad
+        # under vmap, so with gradients on they would run where the members do
+        # not (their kernels have no derivative): vmap runs the members'
+        # standard path then. Without gradients the members take the fast path
+        # too (the nested-tensor one excepted, see _nested_encoder).
+        fastpath = (
+            not compiling and torch.is_grad_enabled() and torch.backends.mha.get_fastpath_enabled()
+        )
+        if fastpath:
+            torch.backends.mha.set_fastpath_enabled(False)
         try:
             result = batched(tensors, inputs, kw)
         except MetaTensorError:
@@ -1640,6 +1738,16 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
+        finally:
+            if fastpath:
+                torch.backends.mha.set_fastpath_enabled(True)
+        if generators is not None:
+            drawn = generators.moved()
+            if drawn:
+                generators.restore()
+                self._keeps_state()
+                raise global_draw_error(self._requested, drawn, forced=self._requested != "auto")
+            self._draws_seen.add(self.training)
         changed = [
             i for i, (t, v) in enumerate(zip(shared, versions, strict=True)) if version_of(t) != v
         ]
@@ -1737,6 +1845,7 @@ class Ensemble(nn.Module):
         state["_last_plan"] = None
         state["_module_paths"] = None
         state["_watch_cache"] = None
+        state["_encoders"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1749,6 +1858,8 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_ran_shared", False)
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
+        self.__dict__.setdefault("_encoders", None)
+        self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
             self._sparse = _sparse_gradients(self.template.module)

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
-from lightning_meta._ensemble._state import AttributeState, owned_by, watched
+from lightning_meta._ensemble._state import AttributeState, GlobalRandom, owned_by, watched
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
 
@@ -385,8 +385,16 @@ def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any
         names = []
     at = names.index("inplace") - 1 if "inplace" in names else None
     method = fn.__name__.endswith("_")
+    # x.type_as(h), x.to(h): torch reads only the dtype and device of ``h``,
+    # which its folded layout has too.
+    reads_like = fn.__name__ in ("to", "type_as")
 
     def rule(ctx: _Context, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, _Fold) for a in (*args, *kwargs.values())):
+            if not reads_like:
+                raise NotGroupableError(f"{fn.__name__} given member activations as an argument")
+            args = tuple(a.t if isinstance(a, _Fold) else a for a in args)
+            kwargs = {k: v.t if isinstance(v, _Fold) else v for k, v in kwargs.items()}
         if not isinstance(x, _Fold):
             in_place = method or bool(
                 kwargs.get("inplace") if at is None or len(args) <= at else args[at]
@@ -680,11 +688,12 @@ class GroupedPlan:
             return self._run(graph, ctx, inputs, per_member)
         try:
             return self._run(graph, ctx, inputs, per_member)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:
             # A kind of call not laid out before: torch refused an op on the
             # folded layout (operands whose channels broadcast per member but
-            # not side by side, a view of an empty batch, ...), or the members
-            # would refuse it too. The loop runs it, member by member, and
+            # not side by side, a view of an empty batch, an argument of a form
+            # no rule lays out: a TypeError), or the members would refuse it
+            # too. The loop runs it, member by member, and
             # raises the member's own error if there is one.
             raise NotGroupableError(f"torch refused the folded layout: {e}") from e
 
@@ -810,6 +819,11 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
         if has_module_hooks(mod):
             return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
     state = AttributeState(watched(template.named_modules()), keep=True)
+    # A draw the trace makes (torch.rand(()) takes no traced tensor; Python's
+    # random, numpy) is made once, and the graph keeps the branch it took for
+    # every later call and member: the stochastic depth of `if self.training and
+    # torch.rand(()) < p`. It is put back too (the trace is not a call).
+    generators = GlobalRandom(torch_too=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -822,6 +836,17 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
         written = state.changed(owned_by(template))
         registered = state.registered()
         state.restore()  # a proxy the forward stored must not stay in the template
+        drawn = generators.moved()
+        if drawn:
+            generators.restore()
+    if drawn:
+        return Refusal(
+            "",
+            f"the forward draws random numbers outside the traced ops (from {', '.join(drawn)}: "
+            "torch.rand(()) or another random op given no input tensor, random.random(), "
+            "numpy.random), which the traced graph would draw once and keep the branch of, "
+            "for every call and member",
+        )
     if registered:
         return Refusal(
             "",
