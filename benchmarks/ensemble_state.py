@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-from lightning_meta._ensemble._state import AttributeState
+from lightning_meta._forward_state import AttributeState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 

@@ -68,7 +68,8 @@ from lightning_meta._ensemble._plan import (
     signature,
     untimed_reason,
 )
-from lightning_meta._ensemble._state import (
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+from lightning_meta._forward_state import (
     AttributeState,
     GlobalRandom,
     StateWrittenError,
@@ -79,7 +80,6 @@ from lightning_meta._ensemble._state import (
     tensor_ids,
     watched,
 )
-from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
 

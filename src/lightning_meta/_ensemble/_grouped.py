@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
-from lightning_meta._ensemble._state import AttributeState, GlobalRandom, owned_by, watched
+from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
 

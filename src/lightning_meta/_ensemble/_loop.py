@@ -38,7 +38,8 @@ from lightning_meta._compat import (
     tree_unflatten,
 )
 from lightning_meta._ensemble._grads import GradBuffers, unstack
-from lightning_meta._ensemble._state import (
+from lightning_meta._errors import ArgumentValueError
+from lightning_meta._forward_state import (
     CopyState,
     apply_state,
     carry_state,
@@ -46,7 +47,6 @@ from lightning_meta._ensemble._state import (
     state_of,
     watched,
 )
-from lightning_meta._errors import ArgumentValueError
 from lightning_meta._slots import Slot, tie_groups
 
 __all__ = [
@@ -251,7 +251,7 @@ class MemberShells:
     transform, the views are taken out again after every call, so no copy
     holds device memory the ensemble has let go, or a transform's wrappers.
     Pickled and copied as what the copies hold in their plain attributes
-    (:func:`~lightning_meta._ensemble._state.state_of`), never as the copies.
+    (:func:`~lightning_meta._forward_state.state_of`), never as the copies.
     """
 
     def __init__(self) -> None:

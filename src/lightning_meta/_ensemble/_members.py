@@ -36,7 +36,7 @@ from lightning_meta._compat import (
     module_hooks,
 )
 from lightning_meta._ensemble._loop import differs, plain_value
-from lightning_meta._ensemble._state import MODULE_INTERNALS
+from lightning_meta._forward_state import MODULE_INTERNALS
 from lightning_meta._slots import tie_groups
 
 __all__ = [

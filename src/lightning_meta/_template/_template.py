@@ -33,8 +33,8 @@ from lightning_meta._compat import (
     recomputing_hooks,
     register_pytree_node,
 )
-from lightning_meta._ensemble._state import AttributeState, among, tensor_ids, watched
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+from lightning_meta._forward_state import AttributeState, among, tensor_ids, watched
 from lightning_meta._slots import named_tensors, tie_groups
 
 __all__ = ["MetaTemplate", "TemplateState", "meta_template"]

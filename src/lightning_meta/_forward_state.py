@@ -1,5 +1,9 @@
 """What a forward keeps in its modules' plain attributes, noted before a call and put back.
 
+Shared by :class:`~lightning_meta.Ensemble` (below) and
+:class:`~lightning_meta.MetaTemplate`, whose strict calls each start from
+the template as built (what a forward stored is put back after the call).
+
 Every member keeps what its own forward stores outside its parameters and
 buffers (a cache of a derived tensor, such as LeViT's attention biases in
 eval mode; a step count; the previous step's state), each in its own
