@@ -1291,3 +1291,12 @@ def is_checkpoint_wrapper(module: nn.Module) -> bool:
 
 
 __all__ += ["is_checkpoint_wrapper"]
+
+
+def child_table(module: nn.Module) -> Mapping[str, nn.Module | None]:
+    """``module``'s own table of children (``_modules``).
+
+    MetaTemplate compares its module's tables with those it laid its checks
+    out for on every call: ``children()`` is a Python generator per module.
+    """
+    return module._modules

@@ -18,13 +18,14 @@ import types
 import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any, Generic, SupportsIndex, TypeVar, overload
+from typing import Any, Generic, NamedTuple, SupportsIndex, TypeVar, overload
 
 import torch
 from torch import nn
 
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
+    child_table,
     deepcopy_module,
     hook_registrations,
     is_checkpoint_wrapper,
@@ -32,9 +33,10 @@ from lightning_meta._compat import (
     rebind_hook_closures,
     recomputing_hooks,
     register_pytree_node,
+    tensor_tables,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._forward_state import AttributeState, among, tensor_ids, watched
+from lightning_meta._forward_state import AttributeState, tensor_ids, watched
 from lightning_meta._slots import named_tensors, tie_groups
 
 __all__ = ["MetaTemplate", "TemplateState", "meta_template"]
@@ -309,6 +311,59 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
+def _layout_key(modules: list[nn.Module]) -> tuple[Any, ...]:
+    """What the names and ties a call is checked against depend on.
+
+    ``modules`` is ``list(module.modules())`` as laid out last. Each one's
+    parameter and buffer tables (names, tensor objects) and children: a tie
+    made, a parametrization or a submodule registered, a tensor replaced
+    since changes it (a new submodule changes its parent's children). Tuples
+    of names and ids, built by torch's C code: a few microseconds per module.
+    """
+    key: list[Any] = []
+    for sub in modules:
+        params, buffers = tensor_tables(sub)
+        key += (
+            tuple(params),
+            tuple(map(id, params.values())),
+            tuple(buffers),
+            tuple(map(id, buffers.values())),
+            tuple(map(id, child_table(sub).values())),
+        )
+    return tuple(key)
+
+
+class _Layout(NamedTuple):
+    """The names a call must give: tie groups, shapes, and integer buffers' dtypes."""
+
+    modules: list[nn.Module]
+    key: tuple[Any, ...]
+    # Every name of a group of tied tensors, so one of them satisfies the group.
+    groups: list[list[str]]
+    expected: dict[str, torch.Size]
+    # A float where an integer buffer is expected (a generated step count)
+    # would run, but not as the module does.
+    integral: dict[str, torch.dtype]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Layout:
+        modules = list(module.modules())
+        slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(module)]
+        return cls(
+            modules,
+            _layout_key(modules),
+            [[s.path for s in g] for g in slots if g],
+            {s.path: s.tensor.shape for g in slots for s in g},
+            {
+                s.path: s.tensor.dtype
+                for g in slots
+                for s in g
+                if s.kind == "buffer"
+                and not (s.tensor.is_floating_point() or s.tensor.is_complex())
+            },
+        )
+
+
 class TemplateState(dict[str, torch.Tensor]):
     """What :meth:`MetaTemplate.state_from` returns: a ``dict`` of tensors by dotted name
     that also carries the source module's modes.
@@ -456,6 +511,8 @@ class MetaTemplate:
         self._lock = threading.RLock()
         # Tensors in plain attributes a forward changed in place: see _put_back.
         self._spoiled: list[str] = []
+        # What _check compares every call with, while the module's tables stay as they were.
+        self._layout: _Layout | None = None
         if isinstance(module_or_factory, nn.Module):
             if not cache:
                 raise ArgumentValueError(
@@ -744,7 +801,8 @@ class MetaTemplate:
         """Put back what the forward stored in the template's plain attributes; raise if it
         changed a tensor there in place, or (``refuse``: a call standing for ``net(x)``)
         changed anything."""
-        changed = state.changed(among(tensor_ids(module.modules()))) if refuse else []
+        # Nothing watched (torch's own layers without hooks store nothing): nothing to compare.
+        changed = state.changed(_own_tensors(module)) if refuse and state.modules else []
         if changed:
             # What a forward pre-hook recomputes from the parameters (a pruned or
             # weight-normed `weight`) is no state: net's hook recomputes it too.
@@ -787,24 +845,22 @@ class MetaTemplate:
                 f"tensors as its first argument, got {type(given).__name__}. Fix: pass "
                 "`dict(module.named_parameters())` or the output of a hypernetwork keyed by name."
             )
-        # Every name of a group of tied tensors, so one of them satisfies the group.
-        slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(module)]
-        expected = {s.path: _shape(s.tensor) for g in slots for s in g}
-        # A float where an integer buffer is expected (a generated step count)
-        # would run, but not as the module does.
-        integral = {
-            s.path: s.tensor.dtype
-            for g in slots
-            for s in g
-            if s.kind == "buffer" and not (s.tensor.is_floating_point() or s.tensor.is_complex())
-        }
+        layout = self._layout
+        if (
+            layout is None
+            or layout.modules[0] is not module
+            or (layout.key != _layout_key(layout.modules))
+        ):
+            # A new module (cache=False builds one per call), or one whose
+            # tables changed since (a tie, a parametrization): laid out again.
+            layout = self._layout = _Layout.of(module)
+        expected, integral = layout.expected, layout.integral
         problems: dict[str, str] = {}  # path -> what is wrong with it
-        for group in slots:
-            names = [s.path for s in group]
+        for names in layout.groups:
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
                 for n in names if not present else [n for n in names if n not in given]:
-                    problems[n] = f"missing {n!r} (expected shape {expected[n]})"
+                    problems[n] = f"missing {n!r} (expected shape {tuple(expected[n])})"
             elif tie_weights and len({id(given[n]) for n in present}) > 1:
                 problems[present[0]] = (
                     f"{', '.join(map(repr, present))} are tied in the template but were given "
@@ -817,8 +873,10 @@ class MetaTemplate:
                 problems[name] = f"unexpected {name!r}{hint}"
             elif not isinstance(value, torch.Tensor):
                 problems[name] = f"{name!r} is {type(value).__name__}, expected a tensor"
-            elif _shape(value) != expected[name]:
-                problems[name] = f"{name!r} has shape {_shape(value)}, expected {expected[name]}"
+            elif value.shape != expected[name]:
+                problems[name] = (
+                    f"{name!r} has shape {_shape(value)}, expected {tuple(expected[name])}"
+                )
             elif name in integral and value.dtype != integral[name]:
                 problems[name] = (
                     f"{name!r} has dtype {value.dtype}, expected {integral[name]} (a buffer: "
@@ -852,6 +910,7 @@ class MetaTemplate:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_lock", None)
+        state.pop("_layout", None)  # ids of this process' tensors
         if state["_module"] is not None:
             # A cached module is all that is needed; the factory may be a
             # lambda or closure that cannot be pickled.
@@ -861,6 +920,7 @@ class MetaTemplate:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_spoiled", [])
+        self._layout = None
         self._lock = threading.RLock()
 
     def __copy__(self) -> MetaTemplate:
@@ -901,12 +961,7 @@ def _computed_kept(module: nn.Module) -> Iterator[None]:
     template: kept, it would hold real memory and a graph (which deepcopy
     refuses) until the next call.
     """
-    saved = [
-        (sub, attr, vars(sub)[attr])
-        for sub in module.modules()
-        for _, attr in recomputing_hooks(sub)
-        if attr in vars(sub)
-    ]
+    saved = [(sub, attr, vars(sub)[attr]) for sub, attr in _recomputed(module) if attr in vars(sub)]
     try:
         yield
     finally:
@@ -952,6 +1007,34 @@ def _watched(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return cached[1]
 
 
+def _own_tensors(module: nn.Module) -> Callable[[torch.Tensor], bool]:
+    """Whether a tensor is one of ``module``'s parameters or buffers; the ids are collected
+    on the first question (most calls ask none)."""
+    ids: set[int] | None = None
+
+    def own(tensor: torch.Tensor) -> bool:
+        nonlocal ids
+        if ids is None:
+            ids = tensor_ids(module.modules())
+        return id(tensor) in ids
+
+    return own
+
+
+def _recomputed(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The (submodule, attribute) pairs forward pre-hooks recompute (found again once a hook
+    was registered somewhere since)."""
+    stamp = hook_registrations()
+    cached = _RECOMPUTED.get(module)
+    if cached is None or cached[0] != stamp:
+        found = [(sub, attr) for sub in module.modules() for _, attr in recomputing_hooks(sub)]
+        cached = _RECOMPUTED[module] = (stamp, found)
+    return cached[1]
+
+
+_RECOMPUTED: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[nn.Module, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, nn.Module]]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -1001,14 +1084,17 @@ def _modes_set(module: nn.Module, modes: Mapping[str, bool]) -> Iterator[None]:
             paths=lacking,
         )
     # Set directly, as Lightning restores modes: train() recurses and may be overridden.
-    saved = {path: sub.training for path, sub in subs.items()}
+    # Only where it differs: nn.Module.__setattr__ costs a microsecond a module.
+    saved = [(sub, sub.training) for sub in subs.values()]
     try:
         for path, sub in subs.items():
-            sub.training = bool(modes[path])
+            if sub.training is not bool(modes[path]):
+                sub.training = bool(modes[path])
         yield
     finally:
-        for path, sub in subs.items():
-            sub.training = saved[path]
+        for sub, training in saved:
+            if sub.training is not training:
+                sub.training = training
 
 
 def _closest(name: str, candidates: Mapping[str, object], n: int = 3) -> list[str]:
