@@ -41,10 +41,24 @@ _DTYPE_ALIASES = {
 class InputSpec(NamedTuple):
     """The shape and dtype of one input tensor, standing in for the tensor itself.
 
+    Wherever :func:`~lightning_meta.estimate` or :func:`~lightning_meta.find_fit`
+    take an input tensor, an ``InputSpec`` (or the string ``"8,16:int64"``)
+    may stand in for it; the forward then gets a tensor of that shape and
+    dtype that holds no data (values read from it read as zeros, see
+    ``Estimate.inputs_read_as_zeros``).
+
+    Args:
+        shape: the sizes, non-negative integers.
+        dtype: a ``torch.dtype`` (default ``torch.float32``).
+
     Example::
 
-        >>> InputSpec((8, 16), torch.int64)
+        >>> import torch, lightning_meta as lm
+        >>> spec = lm.InputSpec((8, 16), torch.int64)
+        >>> spec
         InputSpec(shape=(8, 16), dtype=torch.int64)
+        >>> lm.estimate(lambda: torch.nn.Embedding(100, 4), spec, optimizer=None).parameters
+        400
     """
 
     shape: tuple[int, ...]
