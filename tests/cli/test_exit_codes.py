@@ -88,6 +88,17 @@ class Broken(nn.Module):
         raise ValueError("hidden must be even")
 
 
+class RefusesWithFix(nn.Module):
+    # the package's own refusal from inside a constructor (an Ensemble of meta members was one)
+    def __init__(self):
+        super().__init__()
+        from lightning_meta import MetaTensorError
+
+        raise MetaTensorError(
+            "member 0 holds 'w' on the meta device. Fix: build it normally.", paths=["w"]
+        )
+
+
 class ExitsInForward(nn.Module):
     def __init__(self):
         super().__init__()
@@ -270,6 +281,8 @@ def test_target_that_cannot_be_built_exits_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     _one_clean_message(captured.err, command)
+    if command == "estimate":  # which builds the model on meta, and says so
+        message = message.replace("building it", "building it under torch.device('meta')")
     assert f"target '{models}:{name}'" in captured.err and message in captured.err
     assert captured.err.count("\n") == 1  # one line
 
@@ -289,6 +302,25 @@ def test_target_that_exits_on_import_exits_2(
     assert str(exits_on_import.parent) not in sys.path
 
 
+@pytest.mark.parametrize("command", ["check", "estimate"])
+def test_a_refusal_with_its_own_fix_gets_no_second_fix(
+    command: str, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it used to read "... Fix: build it normally.. Fix: fix the model's constructor ..."
+    argv = [command, f"{models}:RefusesWithFix"] + (
+        ["--input", "8,16"] if command == "estimate" else []
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_clean_message(err, command)
+    assert err.count("Fix:") == 1 and ".." not in err, err
+    assert err.rstrip().endswith("raised MetaTensorError: member 0 holds 'w' on the meta "
+                                 "device. Fix: build it normally."), err  # fmt: skip
+    # estimate builds the model on meta: the message says where the refusal came from
+    said = "building it under torch.device('meta') (where this command builds models, shape only)"
+    assert (said in err) == (command == "estimate"), err
+
+
 def test_estimate_hf_factory_that_cannot_be_built_exits_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -298,7 +330,10 @@ def test_estimate_hf_factory_that_cannot_be_built_exits_2(
     assert main(["estimate", "--hf-config", json.dumps(config), "--input", "1,4:int64"]) == 2
     err = capsys.readouterr().err
     _one_clean_message(err, "estimate")
-    assert "target 'AutoModelForCausalLM(llama config)': building it raised RuntimeError" in err
+    assert (
+        "target 'AutoModelForCausalLM(llama config)': building it under torch.device('meta') "
+        "raised RuntimeError" in err
+    )
 
 
 def test_check_of_something_that_is_not_a_module_exits_2(

@@ -271,6 +271,30 @@ def test_input_spec_at_the_limit_is_accepted() -> None:
     assert parse_input_spec(" 8 , 16 :int64") == InputSpec((8, 16), torch.int64)
 
 
+def test_a_refusal_inside_the_factory_says_that_estimate_built_it_on_meta() -> None:
+    def refuses() -> nn.Module:
+        raise ArgumentValueError(
+            "member 0 holds 'w' on the meta device. Fix: build it normally.", paths=["w"]
+        )
+
+    e = _refused(ArgumentValueError, r"^estimate: factory .*refuses", refuses, "8,16")
+    text = str(e)
+    assert text.count("Fix:") == 1 and ".." not in text, text
+    assert "raised ArgumentValueError under torch.device('meta'), where estimate builds it" in text
+    assert text.endswith("member 0 holds 'w' on the meta device. Fix: build it normally.")
+    assert e.paths == ("w",) and isinstance(e.__cause__, ArgumentValueError)
+
+    def refuses_without_a_fix() -> nn.Module:
+        raise MetaTensorError("no members")
+
+    with pytest.raises(MetaTensorError) as info:
+        estimate(refuses_without_a_fix, "8,16")
+    assert str(info.value).endswith(
+        "no members. Fix: make the factory work under torch.device('meta'), or pass a module "
+        "built outside it."
+    )
+
+
 def test_no_inputs_is_a_bad_argument() -> None:
     _refused(ArgumentValueError, r"no inputs for Sequential.*--input SHAPE:DTYPE", mlp)
 
