@@ -448,6 +448,51 @@ def test_subprocess_sys_exit_targets_exit_2_with_one_line(tmp_path: Path) -> Non
         assert f"target '{argv[1]}'" in lines[0] and "called sys.exit(0)" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["estimate", "torch.nn:Linear", "--bogus"], "unrecognized arguments: --bogus"),
+        (["check", "torch.nn:Linear", "--bogus"], "unrecognized arguments: --bogus"),
+        (["load-check", "torch.nn:Linear", "x.pt", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["estimate", "torch.nn:Linear", "--strategy", "foo"],
+            "argument --strategy: invalid choice: 'foo'",
+        ),
+        (["estimate", "torch.nn:Linear", "--depth", "two"], "argument --depth: invalid int value"),
+        (["check"], "the following arguments are required: TARGET"),
+    ],
+)
+def test_subprocess_usage_errors_are_one_line_naming_the_command(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    # an unknown option used to print the top-level usage and "lightning-meta: error: ..."
+    proc = _python_m(*argv, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    command = argv[0]
+    assert lines[0].startswith(f"lightning-meta {command}: error: {message}"), lines[0]
+    assert lines[0].endswith(f". Fix: see 'lightning-meta {command} --help'."), lines[0]
+
+
+@pytest.mark.parametrize("command", ["check", "estimate", "load-check"])
+def test_subprocess_help_of_every_command_lists_the_exit_statuses(
+    command: str, tmp_path: Path
+) -> None:
+    # estimate --help and load-check --help used to say nothing of them
+    proc = _python_m(command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "Exit status: 0 " in text, text
+    for status in (
+        "; 1 ",
+        "; 2 a bad command line",
+        "cannot be imported or built",
+        "; 130 interrupted.",
+    ):
+        assert status in text, (status, text)
+
+
 def test_subprocess_stdout_is_only_json(tmp_path: Path) -> None:
     (tmp_path / "lm_exit_sub_json.py").write_text(CHATTY)
     for argv in (

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shlex
@@ -236,3 +237,54 @@ def test_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                 del sys.modules[name]
     for line in skipped:
         print(f"skipped {line}")
+
+
+_LLAMA_TARGET = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def build():
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8)
+    return LlamaForCausalLM(config)
+"""
+
+
+def _prose(page: Path) -> str:
+    """Return ``page`` without its fenced blocks, whitespace runs made one space."""
+    return " ".join(re.sub(r"^```.*?^```", " ", page.read_text(), flags=re.S | re.M).split())
+
+
+def _inline_commands(page: Path, program: str) -> list[str]:
+    """Return the inline code spans of ``page`` that start with ``program``, joined across lines."""
+    text = _prose(page)
+    return [span for span in re.findall(r"`([^`]+)`", text) if span.startswith(program + " ")]
+
+
+@pytest.mark.slow
+def test_readme_command_lines_run(tmp_path: Path) -> None:
+    """The README's inline ``lightning-meta estimate`` line runs on the README's own Llama.
+
+    It used to lack ``--input`` and exit 2 ("no inputs for LlamaForCausalLM").
+    The span after it (``--memory 80GiB --fit batch``) is added to it, as the
+    sentence says.
+    """
+    pytest.importorskip("transformers")
+    readme = ROOT / "README.md"
+    (command,) = _inline_commands(readme, "lightning-meta estimate")
+    fit = re.search(re.escape(command) + r"`, and `([^`]+)`", _prose(readme))
+    assert fit is not None and fit[1] == "--memory 80GiB --fit batch"
+    (tmp_path / "readme_llama.py").write_text(_LLAMA_TARGET)
+    argv = shlex.split(command.replace("TARGET", "readme_llama.py:build"))
+    for extra in ([], shlex.split(fit[1])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_meta", *argv[1:], *extra],
+            cwd=tmp_path,
+            env=_shell_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (extra, proc.stderr[-2000:])
+        answer = json.loads(proc.stdout)
+        assert answer["value"] > 0 if extra else answer["rank"]["world_size"] == 64
