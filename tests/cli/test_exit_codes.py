@@ -281,8 +281,6 @@ def test_target_that_cannot_be_built_exits_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     _one_clean_message(captured.err, command)
-    if command == "estimate":  # which builds the model on meta, and says so
-        message = message.replace("building it", "building it under torch.device('meta')")
     assert f"target '{models}:{name}'" in captured.err and message in captured.err
     assert captured.err.count("\n") == 1  # one line
 
@@ -330,10 +328,8 @@ def test_estimate_hf_factory_that_cannot_be_built_exits_2(
     assert main(["estimate", "--hf-config", json.dumps(config), "--input", "1,4:int64"]) == 2
     err = capsys.readouterr().err
     _one_clean_message(err, "estimate")
-    assert (
-        "target 'AutoModelForCausalLM(llama config)': building it under torch.device('meta') "
-        "raised RuntimeError" in err
-    )
+    assert "target 'AutoModelForCausalLM(llama config)': building it raised RuntimeError" in err
+    assert "(run under torch.device('meta')). Fix:" in err
 
 
 def test_check_of_something_that_is_not_a_module_exits_2(

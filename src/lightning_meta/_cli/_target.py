@@ -255,14 +255,19 @@ def guarded_build(
             from lightning_meta._compat import default_device, is_torch_meta_error
 
             on_meta = default_device().type == "meta"
-            where = " under torch.device('meta')" if on_meta else ""
             if isinstance(e, MetaTensorError) and "Fix:" in str(e):
                 # the package's own refusal already says what to do; say where it ran
-                where += " (where this command builds models, shape only)" if on_meta else ""
+                where = (
+                    " under torch.device('meta') (where this command builds models, shape only)"
+                    if on_meta
+                    else ""
+                )
                 raise TargetError(
                     f"target {spec!r}: building it{where} {_raised(e)}", paths=e.paths
                 ) from e
-            problem = f"building it{where} {_raised(e)}"
+            problem = f"building it {_raised(e)}" + (
+                " (run under torch.device('meta'))" if on_meta else ""
+            )
             if isinstance(e, SystemExit):
                 fix = "make the constructor return the model instead of exiting"
             else:
