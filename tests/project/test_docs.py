@@ -27,6 +27,7 @@ carry markers (it stays as short as possible), so its skips live here too.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -288,3 +289,65 @@ def test_readme_command_lines_run(tmp_path: Path) -> None:
         assert proc.returncode == 0, (extra, proc.stderr[-2000:])
         answer = json.loads(proc.stdout)
         assert answer["value"] > 0 if extra else answer["rank"]["world_size"] == 64
+
+
+# Messages troubleshooting.md quotes that are not the package's (torch's, Lightning's).
+_FOREIGN = (
+    "NotImplementedError: Cannot copy out of meta tensor",
+    "Please use torch.nn.Module.to_empty()",
+    "ValueError: DistributedDataParallel's input module",
+    'if __name__ == "__main__":',
+)
+# Quotes whose words the code assembles from several strings at run time (a
+# plan's repr, a helper's phrase, a "+" chain), which no single literal holds;
+# the tests named raise the message.
+_COMPOSED = {
+    "Ensemble(execution='vmap') ran the template's forward under torch.vmap, and the forward "
+    "changed '...'": "tests/templates/test_ensemble_state.py",
+    "deferred_init cannot record <op> ... issued at file:line: it needs the values of a "
+    "tensor": "tests/deferred/test_reads.py",
+    "materialize cannot replay <op> ... it reads a real tensor captured while recording that "
+    "was modified in place since": "tests/deferred/test_materialize.py",
+    "cannot load '<path>' into <Module>; the module was left unchanged:": "tests/load/test_hostile.py",
+    "the forward of <Model> in module '<path>' would fail on a real device: aten.<op> refuses "
+    "the dtypes of its tensors": "tests/estimate/test_estimate_dtypes.py",
+    "importing '...' called sys.exit(0)": "tests/cli/test_exit_codes.py",
+}
+# Placeholders of a quote: <Model>, '<path>', '...', [...], (...), ..., file:line, N.
+_HOLE = re.compile(r"'?<[^>]*>'?|'\.\.\.'|\[\.\.\.\]|\(\.\.\.\)|\.\.\.|\bfile:line\b|\bN\b")
+
+
+def _message_texts() -> list[str]:
+    """Return every string literal of the package, an f-string's holes as NUL."""
+    texts = []
+    for path in sorted((ROOT / "src" / "lightning_meta").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                parts = [v.value if isinstance(v, ast.Constant) else "\0" for v in node.values]
+                texts.append(" ".join("".join(map(str, parts)).split()))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                texts.append(" ".join(node.value.split()))
+    return texts
+
+
+def test_troubleshooting_quotes_messages_the_code_prints() -> None:
+    """Every message quoted in troubleshooting.md occurs in the source, placeholders aside.
+
+    A reader searches the page for the words of their error; it once quoted
+    "a shape-only run cannot follow" where ``estimate`` says "a shape-only run
+    does not know".
+    """
+    texts = _message_texts()
+    missing = []
+    quotes = re.findall(r"`([^`]+)`", _prose(ROOT / "docs" / "troubleshooting.md"))
+    assert set(_COMPOSED) <= set(quotes), "_COMPOSED lists a quote the page no longer has"
+    for quote in quotes:
+        if len(quote.split()) < 4 or quote.startswith(_FOREIGN) or quote in _COMPOSED:
+            continue  # code, not a message; or a message assembled at run time
+        # a word the message fills in at run time ("the forward of", "the backward of")
+        parts = [p.strip() for p in _HOLE.split(quote)]
+        pattern = r"[^\n]*?".join(re.escape(p) for p in parts if p)
+        pattern = pattern.replace(re.escape("the forward of"), r"the (?:forward|\x00) of")
+        if not any(re.search(pattern, t) for t in texts):
+            missing.append(quote)
+    assert missing == [], "quoted in troubleshooting.md but printed nowhere:\n" + "\n".join(missing)
