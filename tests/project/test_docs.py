@@ -351,3 +351,30 @@ def test_troubleshooting_quotes_messages_the_code_prints() -> None:
         if not any(re.search(pattern, t) for t in texts):
             missing.append(quote)
     assert missing == [], "quoted in troubleshooting.md but printed nowhere:\n" + "\n".join(missing)
+
+
+def test_troubleshooting_quote_for_value_reads_is_what_estimate_says() -> None:
+    # The page quoted "a shape-only run cannot follow", which only the grouped-mm
+    # message says, so the literal check above could not tell.
+    import torch
+    from torch import nn
+
+    import lightning_meta as lm
+
+    found = re.search(
+        r"the model reads tensor values \(`([^`]+)`\)", _prose(ROOT / "docs" / "troubleshooting.md")
+    )
+    assert found is not None
+
+    class ReadsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            return y[y > 0].sum()  # a shape that depends on the weights' values
+
+    with pytest.raises(lm.MetaTensorError) as info:
+        lm.estimate(ReadsValues, "2,4", optimizer=None)
+    assert found[1] in str(info.value), str(info.value)
