@@ -378,3 +378,19 @@ def test_troubleshooting_quote_for_value_reads_is_what_estimate_says() -> None:
     with pytest.raises(lm.MetaTensorError) as info:
         lm.estimate(ReadsValues, "2,4", optimizer=None)
     assert found[1] in str(info.value), str(info.value)
+
+
+def test_pages_state_the_cost_of_deferred_construction_as_its_docstring_does() -> None:
+    # choosing-a-pattern.md once said "about what FakeTensorMode costs" and
+    # "nothing until materialization": about ten times that, and one tensor's scratch
+    import lightning_meta as lm
+
+    phrase = "eager construction's random draws"
+    assert phrase in " ".join((lm.deferred_init.__doc__ or "").split())
+    row = next(
+        line
+        for line in (ROOT / "docs" / "choosing-a-pattern.md").read_text().splitlines()
+        if line.startswith("| `lm.deferred_init`")
+    )
+    assert phrase in row and "scratch for one tensor" in row, row
+    assert "what `FakeTensorMode` costs" not in row
