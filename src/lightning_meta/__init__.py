@@ -5,7 +5,13 @@ import typing as _typing
 from lightning_meta._deferred._block import deferred_init, is_deferred
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._ensemble._ensemble import Ensemble
-from lightning_meta._errors import MaterializationError, MetaTensorError, MetaTensorWarning
+from lightning_meta._errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    MaterializationError,
+    MetaTensorError,
+    MetaTensorWarning,
+)
 from lightning_meta._estimate._estimate import estimate
 from lightning_meta._estimate._fit import Fit, find_fit
 from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstimate
@@ -21,6 +27,8 @@ if _typing.TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
+    "ArgumentValueError",
     "Ensemble",
     "Estimate",
     "Fit",

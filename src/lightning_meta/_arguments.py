@@ -27,6 +27,9 @@ __all__ = [
 
 DeviceLike = torch.device | str | int
 
+#: how messages name the context factories run in
+_META = "torch.device('meta')"
+
 
 def describe(obj: object) -> str:
     """Name ``obj`` for a message: a class's or function's qualified name, else its type's."""
@@ -129,13 +132,40 @@ def build_on_meta(factory: Any, owner: str) -> nn.Module:
     storage, and a factory first called inside ``torch.vmap`` does not run its
     random initialisation batched. ``owner`` starts the messages ("MetaTemplate
     factory", "estimate: factory").
+
+    A :class:`~lightning_meta.MetaTensorError` the factory raises (the
+    package's own refusal of something built inside it) is raised again, of
+    the same class and paths, saying that it ran under ``torch.device("meta")``
+    and keeping its one "Fix:"; one that already says so (the command line's
+    target errors) passes unchanged.
     """
     name = describe(factory)
     try:
         with functorch_disabled(), torch.device("meta"):
             module = factory()
-    except MetaTensorError:
-        raise
+    except MetaTensorError as e:
+        text = str(e)
+        if _META in text:
+            raise
+        # Written for code that runs eagerly: the reader must learn that the
+        # factory ran on meta, or its advice (build the members normally)
+        # reads as if they had done something else.
+        text = text.strip()
+        if "Fix:" not in text:
+            text = (
+                f"{text.rstrip('.')}. Fix: make the factory work under {_META}, or pass a "
+                "module built outside it."
+            )
+        builder = owner.split()[0].rstrip(":")
+        message = (
+            f"{owner} {name!r} raised {type(e).__name__} under {_META}, where {builder} "
+            f"builds it (shape only): {text}"
+        )
+        try:
+            again = type(e)(message, paths=e.paths)
+        except TypeError:  # a subclass of the user's with a constructor of its own
+            again = MetaTensorError(message, paths=e.paths)
+        raise again from e
     except Exception as e:
         fix = (
             "make the factory build the module without reading tensor values (no "

@@ -8,6 +8,8 @@ import sys
 import lightning_meta as lm
 
 DOCUMENTED = [
+    "ArgumentTypeError",
+    "ArgumentValueError",
     "Ensemble",
     "Estimate",
     "Fit",
@@ -61,6 +63,8 @@ def test_argument_errors_are_the_packages_and_pythons() -> None:
     with pytest.raises(TypeError, match="expects an nn.Module") as info:
         lm.materialize(torch.zeros(2))  # type: ignore[arg-type]
     assert isinstance(info.value, lm.MetaTensorError)
+    assert isinstance(info.value, lm.ArgumentTypeError)  # the name the docs use, public
     with pytest.raises(ValueError, match="floating point") as value_info:
         lm.materialize(torch.nn.Linear(2, 2), dtype=torch.int8)
     assert isinstance(value_info.value, lm.MetaTensorError)
+    assert isinstance(value_info.value, lm.ArgumentValueError)

@@ -88,6 +88,17 @@ class Broken(nn.Module):
         raise ValueError("hidden must be even")
 
 
+class RefusesWithFix(nn.Module):
+    # the package's own refusal from inside a constructor (an Ensemble of meta members was one)
+    def __init__(self):
+        super().__init__()
+        from lightning_meta import MetaTensorError
+
+        raise MetaTensorError(
+            "member 0 holds 'w' on the meta device. Fix: build it normally.", paths=["w"]
+        )
+
+
 class ExitsInForward(nn.Module):
     def __init__(self):
         super().__init__()
@@ -289,6 +300,25 @@ def test_target_that_exits_on_import_exits_2(
     assert str(exits_on_import.parent) not in sys.path
 
 
+@pytest.mark.parametrize("command", ["check", "estimate"])
+def test_a_refusal_with_its_own_fix_gets_no_second_fix(
+    command: str, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it used to read "... Fix: build it normally.. Fix: fix the model's constructor ..."
+    argv = [command, f"{models}:RefusesWithFix"] + (
+        ["--input", "8,16"] if command == "estimate" else []
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_clean_message(err, command)
+    assert err.count("Fix:") == 1 and ".." not in err, err
+    assert err.rstrip().endswith("raised MetaTensorError: member 0 holds 'w' on the meta "
+                                 "device. Fix: build it normally."), err  # fmt: skip
+    # estimate builds the model on meta: the message says where the refusal came from
+    said = "building it under torch.device('meta') (where this command builds models, shape only)"
+    assert (said in err) == (command == "estimate"), err
+
+
 def test_estimate_hf_factory_that_cannot_be_built_exits_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -299,6 +329,7 @@ def test_estimate_hf_factory_that_cannot_be_built_exits_2(
     err = capsys.readouterr().err
     _one_clean_message(err, "estimate")
     assert "target 'AutoModelForCausalLM(llama config)': building it raised RuntimeError" in err
+    assert "(run under torch.device('meta')). Fix:" in err
 
 
 def test_check_of_something_that_is_not_a_module_exits_2(
@@ -411,6 +442,51 @@ def test_subprocess_sys_exit_targets_exit_2_with_one_line(tmp_path: Path) -> Non
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, proc.stderr
         assert f"target '{argv[1]}'" in lines[0] and "called sys.exit(0)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["estimate", "torch.nn:Linear", "--bogus"], "unrecognized arguments: --bogus"),
+        (["check", "torch.nn:Linear", "--bogus"], "unrecognized arguments: --bogus"),
+        (["load-check", "torch.nn:Linear", "x.pt", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["estimate", "torch.nn:Linear", "--strategy", "foo"],
+            "argument --strategy: invalid choice: 'foo'",
+        ),
+        (["estimate", "torch.nn:Linear", "--depth", "two"], "argument --depth: invalid int value"),
+        (["check"], "the following arguments are required: TARGET"),
+    ],
+)
+def test_subprocess_usage_errors_are_one_line_naming_the_command(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    # an unknown option used to print the top-level usage and "lightning-meta: error: ..."
+    proc = _python_m(*argv, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    command = argv[0]
+    assert lines[0].startswith(f"lightning-meta {command}: error: {message}"), lines[0]
+    assert lines[0].endswith(f". Fix: see 'lightning-meta {command} --help'."), lines[0]
+
+
+@pytest.mark.parametrize("command", ["check", "estimate", "load-check"])
+def test_subprocess_help_of_every_command_lists_the_exit_statuses(
+    command: str, tmp_path: Path
+) -> None:
+    # estimate --help and load-check --help used to say nothing of them
+    proc = _python_m(command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "Exit status: 0 " in text, text
+    for status in (
+        "; 1 ",
+        "; 2 a bad command line",
+        "cannot be imported or built",
+        "; 130 interrupted.",
+    ):
+        assert status in text, (status, text)
 
 
 def test_subprocess_stdout_is_only_json(tmp_path: Path) -> None:

@@ -235,11 +235,64 @@ def test_input_specs_larger_than_a_tensor(spec: object, match: str) -> None:
     assert len(str(e)) < 400  # a long spec is cut, not repeated in full
 
 
+@pytest.mark.parametrize("spec", ["8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)", "8,32,"])
+def test_a_string_that_looks_like_a_shape_is_refused_as_the_cli_refuses_it(spec: str) -> None:
+    # it used to reach the forward as text: "the forward of Sequential failed ... not str"
+    e = _refused(
+        ArgumentValueError,
+        r"the shape must be comma-separated non-negative integers\. Fix: write it like",
+        mlp,
+        spec,
+    )
+    from lightning_meta._estimate._specs import parse_input_spec
+
+    with pytest.raises(ArgumentValueError) as cli:  # what --input SPEC says
+        parse_input_spec(spec)
+    assert str(e) == str(cli.value)
+
+
+def test_a_string_that_is_no_shape_still_reaches_the_forward() -> None:
+    class Echo(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+            assert mode == "train step"
+            return self.fc(x)
+
+    assert estimate(Echo, ("2,4", "train step"), optimizer=None).parameters == 20
+
+
 def test_input_spec_at_the_limit_is_accepted() -> None:
     from lightning_meta._estimate._specs import parse_input_spec
 
     assert parse_input_spec("9223372036854775807:bool").shape == (2**63 - 1,)
     assert parse_input_spec(" 8 , 16 :int64") == InputSpec((8, 16), torch.int64)
+
+
+def test_a_refusal_inside_the_factory_says_that_estimate_built_it_on_meta() -> None:
+    def refuses() -> nn.Module:
+        raise ArgumentValueError(
+            "member 0 holds 'w' on the meta device. Fix: build it normally.", paths=["w"]
+        )
+
+    e = _refused(ArgumentValueError, r"^estimate: factory .*refuses", refuses, "8,16")
+    text = str(e)
+    assert text.count("Fix:") == 1 and ".." not in text, text
+    assert "raised ArgumentValueError under torch.device('meta'), where estimate builds it" in text
+    assert text.endswith("member 0 holds 'w' on the meta device. Fix: build it normally.")
+    assert e.paths == ("w",) and isinstance(e.__cause__, ArgumentValueError)
+
+    def refuses_without_a_fix() -> nn.Module:
+        raise MetaTensorError("no members")
+
+    with pytest.raises(MetaTensorError) as info:
+        estimate(refuses_without_a_fix, "8,16")
+    assert str(info.value).endswith(
+        "no members. Fix: make the factory work under torch.device('meta'), or pass a module "
+        "built outside it."
+    )
 
 
 def test_no_inputs_is_a_bad_argument() -> None:

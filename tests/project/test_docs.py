@@ -27,9 +27,11 @@ carry markers (it stays as short as possible), so its skips live here too.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shlex
@@ -236,3 +238,159 @@ def test_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                 del sys.modules[name]
     for line in skipped:
         print(f"skipped {line}")
+
+
+_LLAMA_TARGET = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def build():
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8)
+    return LlamaForCausalLM(config)
+"""
+
+
+def _prose(page: Path) -> str:
+    """Return ``page`` without its fenced blocks, whitespace runs made one space."""
+    return " ".join(re.sub(r"^```.*?^```", " ", page.read_text(), flags=re.S | re.M).split())
+
+
+def _inline_commands(page: Path, program: str) -> list[str]:
+    """Return the inline code spans of ``page`` that start with ``program``, joined across lines."""
+    text = _prose(page)
+    return [span for span in re.findall(r"`([^`]+)`", text) if span.startswith(program + " ")]
+
+
+@pytest.mark.slow
+def test_readme_command_lines_run(tmp_path: Path) -> None:
+    """The README's inline ``lightning-meta estimate`` line runs on the README's own Llama.
+
+    It used to lack ``--input`` and exit 2 ("no inputs for LlamaForCausalLM").
+    The span after it (``--memory 80GiB --fit batch``) is added to it, as the
+    sentence says.
+    """
+    pytest.importorskip("transformers")
+    readme = ROOT / "README.md"
+    (command,) = _inline_commands(readme, "lightning-meta estimate")
+    fit = re.search(re.escape(command) + r"`, and `([^`]+)`", _prose(readme))
+    assert fit is not None and fit[1] == "--memory 80GiB --fit batch"
+    (tmp_path / "readme_llama.py").write_text(_LLAMA_TARGET)
+    argv = shlex.split(command.replace("TARGET", "readme_llama.py:build"))
+    for extra in ([], shlex.split(fit[1])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_meta", *argv[1:], *extra],
+            cwd=tmp_path,
+            env=_shell_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (extra, proc.stderr[-2000:])
+        answer = json.loads(proc.stdout)
+        assert answer["value"] > 0 if extra else answer["rank"]["world_size"] == 64
+
+
+# Messages troubleshooting.md quotes that are not the package's (torch's, Lightning's).
+_FOREIGN = (
+    "NotImplementedError: Cannot copy out of meta tensor",
+    "Please use torch.nn.Module.to_empty()",
+    "ValueError: DistributedDataParallel's input module",
+    'if __name__ == "__main__":',
+)
+# Quotes whose words the code assembles from several strings at run time (a
+# plan's repr, a helper's phrase, a "+" chain), which no single literal holds;
+# the tests named raise the message.
+_COMPOSED = {
+    "Ensemble(execution='vmap') ran the template's forward under torch.vmap, and the forward "
+    "changed '...'": "tests/templates/test_ensemble_state.py",
+    "deferred_init cannot record <op> ... issued at file:line: it needs the values of a "
+    "tensor": "tests/deferred/test_reads.py",
+    "materialize cannot replay <op> ... it reads a real tensor captured while recording that "
+    "was modified in place since": "tests/deferred/test_materialize.py",
+    "cannot load '<path>' into <Module>; the module was left unchanged:": "tests/load/test_hostile.py",
+    "the forward of <Model> in module '<path>' would fail on a real device: aten.<op> refuses "
+    "the dtypes of its tensors": "tests/estimate/test_estimate_dtypes.py",
+    "importing '...' called sys.exit(0)": "tests/cli/test_exit_codes.py",
+}
+# Placeholders of a quote: <Model>, '<path>', '...', [...], (...), ..., file:line, N.
+_HOLE = re.compile(r"'?<[^>]*>'?|'\.\.\.'|\[\.\.\.\]|\(\.\.\.\)|\.\.\.|\bfile:line\b|\bN\b")
+
+
+def _message_texts() -> list[str]:
+    """Return every string literal of the package, an f-string's holes as NUL."""
+    texts = []
+    for path in sorted((ROOT / "src" / "lightning_meta").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                parts = [v.value if isinstance(v, ast.Constant) else "\0" for v in node.values]
+                texts.append(" ".join("".join(map(str, parts)).split()))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                texts.append(" ".join(node.value.split()))
+    return texts
+
+
+def test_troubleshooting_quotes_messages_the_code_prints() -> None:
+    """Every message quoted in troubleshooting.md occurs in the source, placeholders aside.
+
+    A reader searches the page for the words of their error; it once quoted
+    "a shape-only run cannot follow" where ``estimate`` says "a shape-only run
+    does not know".
+    """
+    texts = _message_texts()
+    missing = []
+    quotes = re.findall(r"`([^`]+)`", _prose(ROOT / "docs" / "troubleshooting.md"))
+    assert set(_COMPOSED) <= set(quotes), "_COMPOSED lists a quote the page no longer has"
+    for quote in quotes:
+        if len(quote.split()) < 4 or quote.startswith(_FOREIGN) or quote in _COMPOSED:
+            continue  # code, not a message; or a message assembled at run time
+        # a word the message fills in at run time ("the forward of", "the backward of")
+        parts = [p.strip() for p in _HOLE.split(quote)]
+        pattern = r"[^\n]*?".join(re.escape(p) for p in parts if p)
+        pattern = pattern.replace(re.escape("the forward of"), r"the (?:forward|\x00) of")
+        if not any(re.search(pattern, t) for t in texts):
+            missing.append(quote)
+    assert missing == [], "quoted in troubleshooting.md but printed nowhere:\n" + "\n".join(missing)
+
+
+def test_troubleshooting_quote_for_value_reads_is_what_estimate_says() -> None:
+    # The page quoted "a shape-only run cannot follow", which only the grouped-mm
+    # message says, so the literal check above could not tell.
+    import torch
+    from torch import nn
+
+    import lightning_meta as lm
+
+    found = re.search(
+        r"the model reads tensor values \(`([^`]+)`\)", _prose(ROOT / "docs" / "troubleshooting.md")
+    )
+    assert found is not None
+
+    class ReadsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            return y[y > 0].sum()  # a shape that depends on the weights' values
+
+    with pytest.raises(lm.MetaTensorError) as info:
+        lm.estimate(ReadsValues, "2,4", optimizer=None)
+    assert found[1] in str(info.value), str(info.value)
+
+
+def test_pages_state_the_cost_of_deferred_construction_as_its_docstring_does() -> None:
+    # choosing-a-pattern.md once said "about what FakeTensorMode costs" and
+    # "nothing until materialization": about ten times that, and one tensor's scratch
+    import lightning_meta as lm
+
+    phrase = "eager construction's random draws"
+    assert phrase in " ".join((lm.deferred_init.__doc__ or "").split())
+    row = next(
+        line
+        for line in (ROOT / "docs" / "choosing-a-pattern.md").read_text().splitlines()
+        if line.startswith("| `lm.deferred_init`")
+    )
+    assert phrase in row and "scratch for one tensor" in row, row
+    assert "what `FakeTensorMode` costs" not in row

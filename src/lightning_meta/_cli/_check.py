@@ -35,8 +35,11 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Instantiate TARGET and walk the lifecycle a Trainer would (setup('fit'), configure_model, "
             "materialization, device transfer, state-dict round trip, optimizer construction, "
-            "deepcopy, pickle, summary) without training. Exit 0: no meta problem; 1: meta "
-            "problems found; 2: bad command line, or a target that cannot be imported or built."
+            "deepcopy, pickle, summary) without training."
+        ),
+        epilog=(
+            "Exit status: 0 no meta problem (notes do not count); 1 meta problems found; 2 a bad "
+            "command line, or a TARGET that cannot be imported or built; 130 interrupted."
         ),
     )
     parser.add_argument(

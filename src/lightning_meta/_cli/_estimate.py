@@ -31,13 +31,22 @@ from lightning_meta._errors import ArgumentValueError
 __all__ = ["add_parser", "run"]
 
 _HELP = "Estimate parameters, FLOPs and peak training memory of a model without allocating it."
+_EXIT = (
+    "Exit status: 0 done; 1 the model cannot be estimated with these inputs (they do not fit "
+    "its forward, a real kernel would refuse their dtypes, an index is out of range), or "
+    "nothing fits --memory with --fit (the answer is still printed); 2 a bad command line (an "
+    "unknown option, optimizer, precision or device, a bad --input, no inputs), or a TARGET "
+    "that cannot be imported or built; 130 interrupted."
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``estimate`` sub-command on ``subparsers`` and return its parser."""
     from lightning_meta._estimate._options import OPTIMIZERS, PRECISIONS
 
-    p: argparse.ArgumentParser = subparsers.add_parser("estimate", help=_HELP, description=_HELP)
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "estimate", help=_HELP, description=_HELP, epilog=_EXIT
+    )
     p.add_argument(
         "target",
         nargs="?",

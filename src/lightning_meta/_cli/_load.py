@@ -42,11 +42,20 @@ from lightning_meta._errors import ArgumentValueError, MetaTensorError
 __all__ = ["add_parser", "run"]
 
 _HELP = "Load a checkpoint into a model built on meta, with a progress bar, and print the report."
+_EXIT = (
+    "Exit status: 0 the checkpoint loads into the model; 1 it does not fit the model (missing, "
+    "unexpected or mis-shaped keys), is truncated, damaged, unreadable or unsafe to unpickle; "
+    "2 a bad command line (an unknown option, a --dtype that is not a floating point dtype, a "
+    "--device this machine lacks, a --prefix matching no key, a bad --trust), or a MODEL that "
+    "cannot be imported or built; 130 interrupted."
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``load-check`` sub-command on ``subparsers`` and return its parser."""
-    p: argparse.ArgumentParser = subparsers.add_parser("load-check", help=_HELP, description=_HELP)
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "load-check", help=_HELP, description=_HELP, epilog=_EXIT
+    )
     p.add_argument(
         "model", help="module class or factory: 'package.module:Name' or 'path/to/file.py:Name'"
     )

@@ -18,7 +18,9 @@ Exit status, for every sub-command:
 
 Every failure is one message on standard error, without a traceback (set the
 environment variable ``LIGHTNING_META_TRACEBACK=1`` to add it); with
-``--json``, standard output then stays empty.
+``--json``, standard output then stays empty. That holds for a command line
+argparse refuses too (:class:`Parser`): one line naming the sub-command and
+pointing at its ``--help``, instead of argparse's usage block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 
@@ -160,19 +163,42 @@ def run_command(command: str, body: Callable[[], int]) -> int:
         return report_failure(command, e)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, as every other failure is.
+
+    ``lightning-meta estimate: error: unrecognized arguments: --bogus. Fix:
+    see 'lightning-meta estimate --help'.`` on standard error, exit status 2
+    (argparse would print the usage block first). Sub-parsers are of this
+    class too (argparse makes them of their parent's class); ``commands``
+    maps each sub-command's name to its parser.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line on standard error and exit with status 2."""
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message.rstrip('.')}. Fix: see '{self.prog} --help'.\n",
+        )
+
+
+def build_parser() -> Parser:
     """Return the argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lightning-meta",
         description="Meta-device modules that just work in PyTorch Lightning.",
         epilog=(
             "Exit status: 0 ok; 1 a problem found in the model, its inputs or the file; "
-            "2 a bad command line, or a TARGET that cannot be imported or built."
+            "2 a bad command line, or a TARGET that cannot be imported or built; 130 interrupted."
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMANDS.values():
         importlib.import_module(module_name).add_parser(subparsers)
+    parser.commands.update(subparsers.choices)
     return parser
 
 
@@ -184,7 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # argparse blames the top-level parser for a sub-command's unknown
+            # option; the sub-command's own parser names it and its --help
+            parser.commands.get(args.command, parser).error(
+                f"unrecognized arguments: {' '.join(unknown)}"
+            )
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     module = importlib.import_module(_COMMANDS[args.command])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_meta._cli._main import TargetError
+from lightning_meta._errors import MetaTensorError
 
 __all__ = [
     "TargetError",
@@ -40,7 +41,8 @@ _SYNTAX = "'package.module:Name' or 'path/to/file.py:Name'"
 
 
 def _fail(spec: str, problem: str, fix: str) -> TargetError:
-    return TargetError(f"target {spec!r}: {problem}. Fix: {fix}.")
+    # a problem quoting a message ends with its own full stop: one is enough
+    return TargetError(f"target {spec!r}: {problem.rstrip('.')}. Fix: {fix.rstrip('.')}.")
 
 
 @contextlib.contextmanager
@@ -229,7 +231,10 @@ def guarded_build(
     ``KeyboardInterrupt`` passes through. What the build prints goes to
     standard error. The wrapper keeps the name ``spec`` for messages;
     ``arguments`` names where the command takes the constructor's arguments
-    (``"--args"``, ``"ARGS_JSON"``, ``"--hf-config"``), for the fix.
+    (``"--args"``, ``"ARGS_JSON"``, ``"--hf-config"``), for the fix. Built
+    under ``torch.device("meta")`` (``estimate``, ``load-check --init
+    meta``), the message says so; a :class:`~lightning_meta.MetaTensorError`
+    whose message has its own "Fix:" keeps it as the only one.
 
     Example::
 
@@ -249,16 +254,30 @@ def guarded_build(
         except BaseException as e:
             from lightning_meta._compat import default_device, is_torch_meta_error
 
+            on_meta = default_device().type == "meta"
+            if isinstance(e, MetaTensorError) and "Fix:" in str(e):
+                # the package's own refusal already says what to do; say where it ran
+                where = (
+                    " under torch.device('meta') (where this command builds models, shape only)"
+                    if on_meta
+                    else ""
+                )
+                raise TargetError(
+                    f"target {spec!r}: building it{where} {_raised(e)}", paths=e.paths
+                ) from e
+            problem = f"building it {_raised(e)}" + (
+                " (run under torch.device('meta'))" if on_meta else ""
+            )
             if isinstance(e, SystemExit):
                 fix = "make the constructor return the model instead of exiting"
             else:
                 fix = f"fix the model's constructor or the arguments it gets ({arguments})"
-            if default_device().type == "meta" and is_torch_meta_error(e):
+            if on_meta and is_torch_meta_error(e):
                 fix += (
-                    "; it runs under torch.device('meta'), so it must not read tensor values "
-                    "(.item(), .tolist(), printing tensors, data-dependent branches)"
+                    "; on meta it must not read tensor values (.item(), .tolist(), printing "
+                    "tensors, data-dependent branches)"
                 )
-            raise _fail(spec, f"building it {_raised(e)}", fix) from e
+            raise _fail(spec, problem, fix) from e
 
     guarded.__qualname__ = spec
     return guarded

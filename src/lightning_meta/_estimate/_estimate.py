@@ -595,13 +595,13 @@ def estimate(
 
     Example::
 
-        >>> import torch
+        >>> import torch, lightning_meta as lm
         >>> from torch import nn
-        >>> est = estimate(lambda: nn.Linear(16, 4), "8,16:float32", optimizer="sgd")
+        >>> est = lm.estimate(lambda: nn.Linear(16, 4), "8,16:float32", optimizer="sgd")
         >>> est.parameters, est.forward_flops, est.backward_flops
         (68, 1024, 1024)
         >>> net = lambda: nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16))
-        >>> est = estimate(net, "8,16:float32", strategy="fsdp", world_size=4)
+        >>> est = lm.estimate(net, "8,16:float32", strategy="fsdp", world_size=4)
         >>> est.parameters, est.rank.parameters, est.rank.data_parallel_size
         (2128, 532, 4)
 

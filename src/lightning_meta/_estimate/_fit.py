@@ -87,6 +87,19 @@ class Fit:
     ``refused`` is the message of the model's refusal of the next candidate
     (a sequence longer than its positions, which a real forward refuses by
     index) when that, not memory, bounds the answer; ``""`` otherwise.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> from torch import nn
+        >>> fit = lm.find_fit(lambda: nn.Linear(256, 256), "1,256:float32", memory="4MiB",
+        ...                   optimizer="sgd")
+        >>> fit.vary, fit.fits.peak_bytes <= fit.memory < fit.beyond.peak_bytes
+        ('batch', True)
+        >>> fit.fits.input_bytes == fit.value * 256 * 4, fit.at_limit, fit.refused
+        (True, False, '')
+        >>> sorted(fit.to_dict())[:4]
+        ['at_limit', 'beyond_peak_bytes', 'estimates', 'fits']
     """
 
     vary: str
@@ -313,8 +326,10 @@ def find_fit(
 
     Example::
 
+        >>> import torch, lightning_meta as lm
+        >>> from torch import nn
         >>> net = lambda: nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))
-        >>> answer = find_fit(net, "1,256:float32", memory="16MiB", optimizer="sgd")
+        >>> answer = lm.find_fit(net, "1,256:float32", memory="16MiB", optimizer="sgd")
         >>> answer.value, answer.fits.peak_bytes <= 2**24 < answer.beyond.peak_bytes
         (950, True)
     """

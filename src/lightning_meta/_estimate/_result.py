@@ -19,7 +19,19 @@ class ModuleEstimate:
 
     ``name`` is the dotted name from ``named_modules()`` (``""`` for the root),
     ``depth`` its number of components (0 for the root). FLOPs and bytes
-    include those of the module's children.
+    include those of the module's children. ``Estimate.modules`` holds the
+    rows down to the ``depth`` given to :func:`~lightning_meta.estimate`.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> from torch import nn
+        >>> est = lm.estimate(lambda: nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)),
+        ...                   "8,16:float32", optimizer=None)
+        >>> [(m.name, m.type, m.parameters, m.forward_flops) for m in est.modules]
+        [('', 'Sequential', 1348, 20480), ('0', 'Linear', 1088, 16384), ('1', 'ReLU', 0, 0), ('2', 'Linear', 260, 4096)]
+        >>> est.modules[1].activation_bytes  # the (8, 64) float32 output kept for backward
+        2048
     """
 
     name: str
@@ -46,6 +58,17 @@ class RankEstimate:
     rank computes; they differ from the :class:`Estimate`'s under tensor
     parallelism only, where ``FlopCounterMode`` counts a split layer's
     ``DTensor`` operations at their unsplit size.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> from torch import nn
+        >>> net = lambda: nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16))
+        >>> rank = lm.estimate(net, "8,16:float32", strategy="fsdp", world_size=4).rank
+        >>> rank.strategy, rank.data_parallel_size, rank.blocks
+        ('fsdp', 4, 2)
+        >>> rank.parameters, rank.parameter_bytes  # a quarter of 2128 parameters, float32
+        (532, 2128)
     """
 
     strategy: str
@@ -99,6 +122,19 @@ class Estimate:
     branches on an input's value, the estimate follows the branch that zeros
     take, which may not be the one real data takes. Empty when no such read
     happened (real inputs are read as they are).
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> from torch import nn
+        >>> net = lambda: nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        >>> est = lm.estimate(net, "8,16:float32", optimizer="adamw")
+        >>> est.parameters, est.parameter_bytes, est.optimizer_state_bytes  # AdamW: 2 moments + step
+        (1348, 5392, 10800)
+        >>> est.flops, est.peak_phase, est.peak_bytes == sum(est.peak_breakdown.values())
+        (45056, 'optimizer step', True)
+        >>> est.to_dict()["peak_bytes"] == est.peak_bytes, est.rank is None
+        (True, True)
     """
 
     parameters: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from typing import Any, NamedTuple
 
 import torch
@@ -40,10 +41,24 @@ _DTYPE_ALIASES = {
 class InputSpec(NamedTuple):
     """The shape and dtype of one input tensor, standing in for the tensor itself.
 
+    Wherever :func:`~lightning_meta.estimate` or :func:`~lightning_meta.find_fit`
+    take an input tensor, an ``InputSpec`` (or the string ``"8,16:int64"``)
+    may stand in for it; the forward then gets a tensor of that shape and
+    dtype that holds no data (values read from it read as zeros, see
+    ``Estimate.inputs_read_as_zeros``).
+
+    Args:
+        shape: the sizes, non-negative integers.
+        dtype: a ``torch.dtype`` (default ``torch.float32``).
+
     Example::
 
-        >>> InputSpec((8, 16), torch.int64)
+        >>> import torch, lightning_meta as lm
+        >>> spec = lm.InputSpec((8, 16), torch.int64)
+        >>> spec
         InputSpec(shape=(8, 16), dtype=torch.int64)
+        >>> lm.estimate(lambda: torch.nn.Embedding(100, 4), spec, optimizer=None).parameters
+        400
     """
 
     shape: tuple[int, ...]
@@ -207,11 +222,18 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
     return InputSpec(shape, spec.dtype)
 
 
+#: what a mistyped shape is made of ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 16)")
+_SHAPE_LIKE = re.compile(r"[0-9\s,xX*.+\-()\[\]]*[0-9][0-9\s,xX*.+\-()\[\]]*")
+
+
 def spec_of(value: Any) -> InputSpec | None:
     """Return ``value`` as an :class:`InputSpec` if it is one or a ``"SHAPE:DTYPE"`` string.
 
     A string of comma-separated integers alone (``"8,16"``) is a spec too,
-    of ``float32``, as ``--input 8,16`` is on the command line.
+    of ``float32``, as ``--input 8,16`` is on the command line. A string made
+    only of digits and shape punctuation that does not parse (``"8x16"``,
+    ``"2.5,4"``, ``"-1,16"``) is refused as ``--input`` refuses it, rather
+    than handed to the forward as text.
 
     Args:
         value: one leaf of ``example_inputs``.
@@ -222,11 +244,22 @@ def spec_of(value: Any) -> InputSpec | None:
     Raises:
         ArgumentTypeError: if an :class:`InputSpec` has a shape of non-integers
             or a dtype that is not a ``torch.dtype``.
-        ArgumentValueError: if a spec has a negative size or an unknown dtype.
+        ArgumentValueError: if a spec has a negative size or an unknown dtype,
+            or a string looks like a shape but is not one.
+
+    Example::
+
+        >>> from lightning_meta._estimate._specs import spec_of
+        >>> spec_of("8,16"), spec_of("hello")
+        (InputSpec(shape=(8, 16), dtype=torch.float32), None)
+        >>> spec_of("8x16")
+        Traceback (most recent call last):
+        ...
+        lightning_meta._errors.ArgumentValueError: input spec '8x16': the shape must be comma-separated...
     """
     if isinstance(value, InputSpec):
         return _checked_spec(value)
-    if isinstance(value, str) and (":" in value or _sizes(value) is not None):
+    if isinstance(value, str) and (":" in value or _SHAPE_LIKE.fullmatch(value) is not None):
         return parse_input_spec(value)
     return None
 

@@ -86,6 +86,16 @@ class MetaFinding:
             (a module's parameter): a reference taken before materializing,
             such as an optimizer created in ``__init__``. It stays without
             data; take the reference after materializing instead.
+
+    Example::
+
+        >>> import torch, lightning_meta as lm
+        >>> net = lm.deferred_init(torch.nn.Linear, 4, 2)
+        >>> found = lm.find_meta_tensors(net)
+        >>> [(f.path, f.kind, f.shape, f.deferred) for f in found]
+        [('weight', 'parameter', (2, 4), True), ('bias', 'parameter', (2,), True)]
+        >>> found[0].problem, found[0].describe()
+        (True, "'weight' (parameter, shape (2, 4), torch.float32, deferred)")
     """
 
     path: str

@@ -32,6 +32,21 @@ class LoadReport:
             values).
         tied: groups of names that share one tensor and were tied again.
         bytes_read: bytes of tensor data taken from the checkpoint.
+
+    ``str(report)`` is a readable summary, ``to_dict()`` plain JSON data.
+
+    Example::
+
+        >>> import tempfile, torch, lightning_meta as lm
+        >>> with torch.device("meta"):
+        ...     net = torch.nn.Linear(4, 2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save(torch.nn.Linear(4, 2).state_dict(), f"{d}/linear.pt")
+        ...     report = lm.load_checkpoint(net, f"{d}/linear.pt")
+        >>> report.format, report.loaded, report.bytes_read, report.missing, report.left_on_meta
+        ('torch', ['bias', 'weight'], 40, [], [])
+        >>> net.weight.is_meta
+        False
     """
 
     path: str
