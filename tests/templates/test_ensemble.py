@@ -1129,11 +1129,17 @@ def test_backward_hook_added_after_fused_was_chosen_runs() -> None:
     torch.manual_seed(0)
     members = [_mlp() for _ in range(64)]
     x = torch.randn(5, 4)
-    auto = lm.Ensemble(members, execution="auto")
+    # "auto" times the plans: on a loaded machine one timing can go astray
+    # (fused 31 ms against vmap's 5 ms once), so a few fresh tries.
+    for _ in range(3):
+        auto = lm.Ensemble(members, execution="auto")
+        auto(x).sum().backward()
+        if auto.plan == "fused":
+            break
+    assert auto.plan == "fused", auto.plans  # the case under test
     forced = lm.Ensemble(members, execution="fused")
-    for ensemble in (auto, forced):
-        ensemble(x).sum().backward()
-        assert ensemble.plan == "fused", ensemble.plans  # the case under test
+    forced(x).sum().backward()
+    assert forced.plan == "fused"
     handles = [
         e.template.module[2].register_full_backward_pre_hook(
             lambda m, grad_output: (grad_output[0] * 0.0,)
