@@ -87,7 +87,9 @@ def materialize(
     attributes, ``requires_grad`` and buffer persistence are kept. Tensors
     held in list, tuple and dict attributes are materialized too (where eager
     construction leaves them: on the CPU unless ``draw_on="device"``, in their
-    own dtype, as ``Module.to`` does not move them). A submodule can be
+    own dtype, as ``Module.to`` does not move them; an entry that is a
+    parameter's object, like ``nn.LSTM``'s ``_flat_weights``, is that
+    parameter, cast and moved with it). A submodule can be
     materialized alone, the rest later, in any order. No generator moves:
     they stand where eager construction left them since the block ended.
     Tensors that are not on meta are left untouched, so calling this again is
@@ -103,11 +105,15 @@ def materialize(
         Where eager's object is not the module's (a buffer or tensor
         attribute moved or cast by ``device=`` or ``dtype=``, which eager's
         ``module.to()`` replaces) or torch cannot swap it (a view of it taken
-        after the block, an autograd graph or a weak reference holds it), the
-        module gets a new tensor and the old object becomes stale: any use
-        of it other than reading its shape, dtype or device raises
-        :class:`~lightning_meta.MetaTensorError` naming its path. Read such
-        tensors from the module after ``materialize``.
+        after the block, an autograd graph or a weak reference holds it;
+        ``nn.LSTM``'s own weak references excepted), the module gets a new
+        tensor and the old object becomes stale: any use of it other than
+        reading its shape, dtype or device raises
+        :class:`~lightning_meta.MetaTensorError` naming its path. So does a
+        deferred tensor the module replaced after the block (a tie, an
+        assignment). Read such tensors from the module after ``materialize``;
+        ``.data``, ``.detach()`` and views taken after the block are not
+        tracked: take them after ``materialize``.
 
     Sharded modules work too: a deferred parameter that ``fully_shard``
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
