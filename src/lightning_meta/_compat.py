@@ -1300,3 +1300,26 @@ def child_table(module: nn.Module) -> Mapping[str, nn.Module | None]:
     out for on every call: ``children()`` is a Python generator per module.
     """
     return module._modules
+
+
+def drop_rnn_weak_refs(module: nn.Module) -> bool:
+    """Drop the weak references ``nn.RNNBase`` keeps to its parameters (``_flat_weight_refs``,
+    torch 2.6 to 2.15); whether it held any. :func:`rebuild_rnn_flat_weights` makes them again.
+
+    ``torch.utils.swap_tensors`` refuses a tensor something refers to weakly;
+    ``module.to()``, ``functional_call`` and every forward make these.
+    """
+    if not isinstance(module, nn.RNNBase) or not getattr(module, "_flat_weight_refs", None):
+        return False
+    module._flat_weight_refs = []
+    return True
+
+
+def rebuild_rnn_flat_weights(module: nn.Module) -> None:
+    """Make ``module``'s list of its weights and weak references to them again, as its
+    ``__init__`` and ``_apply`` do (torch 2.6 to 2.15)."""
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+__all__ += ["drop_rnn_weak_refs", "rebuild_rnn_flat_weights"]

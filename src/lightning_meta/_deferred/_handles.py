@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._deferred._identity import mark_stale
 from lightning_meta._deferred._record import Record, Value, span
 from lightning_meta._errors import MaterializationError
-from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at
+from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at, tensor_at
 
 __all__ = [
     "ITEMS_ATTR",
@@ -590,10 +591,14 @@ def graph_view(
 ) -> torch.Tensor:
     """A view of ``base``: one autograd records (gradients reach ``base``) where eager's did."""
     graded = handle.record.graded.get(handle.vid)
-    if graded is not None and graded.origin is not None and base.requires_grad:
-        with torch.enable_grad():
-            return base.as_strided(size, stride, offset)
-    return base.detach().as_strided(size, stride, offset)
+    # In the inference mode of the block, not the caller's (an eval helper
+    # materializing under torch.inference_mode()): eager's view was made
+    # then, and carries the history construction gave it.
+    with torch.inference_mode(handle.record.inference):
+        if graded is not None and graded.origin is not None and base.requires_grad:
+            with torch.enable_grad():
+                return base.as_strided(size, stride, offset)
+        return base.detach().as_strided(size, stride, offset)
 
 
 def refuse_apart(paths: list[str], what: str) -> None:
@@ -682,7 +687,7 @@ def drop(owner: nn.Module, name: str, handle: Handle | None = None) -> None:
         current.record.ahead.pop(current.vid, None)
 
 
-def forget(module: nn.Module, names: Iterable[str]) -> None:
+def forget(module: nn.Module, names: Iterable[str], *, at: str = "", by: str = "the load") -> None:
     """Drop the handles of ``names`` (dotted) after the caller filled them itself.
 
     Once every deferred tensor of a record is materialized or forgotten, the
@@ -690,7 +695,9 @@ def forget(module: nn.Module, names: Iterable[str]) -> None:
     Container items (``"cache.0"``) named here that still hold their deferred
     tensor are not in any state dict, so no loader fills them: they are
     replayed instead (on the CPU, where eager construction leaves them), like
-    non-persistent buffers.
+    non-persistent buffers. ``at``: ``module``'s dotted path in the model
+    loaded, and ``by`` what filled them, for the message of a deferred tensor
+    the module no longer holds (see :func:`_note_orphan`).
     """
     wanted = set(names)
     items: list[ItemSlot] = []
@@ -698,6 +705,8 @@ def forget(module: nn.Module, names: Iterable[str]) -> None:
         dot = f"{prefix}." if prefix else ""
         for name, handle in handles_of(mod).items():
             if dot + name in wanted:
+                path = dot + name
+                _note_orphan(handle, handle.tensor, tensor_at(mod, name), _at(at, path), by)
                 drop(mod, name, handle)
                 if not handle.record.pending:
                     handle.record.release()
@@ -740,27 +749,75 @@ def _replay_items(items: list[ItemSlot]) -> None:
             complete(record, None)
 
 
-def drop_stale(modules: Iterable[nn.Module]) -> dict[int, Record]:
-    """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``),
-    or whose tensor was made real in place at another of its places (a tie).
+def drop_stale(walk: Iterable[tuple[str, nn.Module]]) -> dict[int, Record]:
+    """Forget handles whose slot holds another tensor now (``load_state_dict(assign=True)``,
+    a tie or an assignment after the block), or whose tensor was made real in place
+    at another of its places (a tie).
 
-    ``modules``: every module of the tree (``module.modules()``). Returns the
-    records touched, by id.
+    ``walk``: every module of the tree with its dotted path
+    (``module.named_modules()``). Returns the records touched, by id. A
+    deferred tensor the module no longer holds is made stale once no module
+    holds its handle (:func:`_note_orphan`).
     """
     touched: dict[int, Record] = {}
-    for mod in modules:
+    for prefix, mod in walk:
+        dot = f"{prefix}." if prefix else ""
         for name, handle in handles_of(mod).items():
             slot = slot_at(mod, name)
             # (or made real in place at another of its places: a tie, see _identity)
             if slot is None or slot.tensor is not handle.tensor or not handle.tensor.is_meta:
+                now = slot.tensor if slot is not None else None
+                _note_orphan(handle, handle.tensor, now, dot + name, "materialize")
                 drop(mod, name, handle)
                 touched[id(handle.record)] = handle.record
         for rel, item in items_of(mod).items():
             place = ItemSlot(rel, mod, "attr", item.attr, item.handle.tensor, False, item.keys)
             if place.current() is not item.handle.tensor or not item.handle.tensor.is_meta:
+                now = place.current()
+                _note_orphan(item.handle, item.handle.tensor, now, dot + rel, "materialize")
                 _drop_item(mod, rel, item.handle)
                 touched[id(item.handle.record)] = item.handle.record
     return touched
+
+
+def _at(at: str, path: str) -> str:
+    return f"{at}.{path}" if at and path else at or path
+
+
+def _note_orphan(
+    handle: Handle, old: torch.Tensor, now: torch.Tensor | None, path: str, by: str
+) -> None:
+    """Make ``old``, the deferred tensor of ``handle``, stale once no module holds ``handle``,
+    if its place holds ``now`` instead and it is still meta then.
+
+    A reference to it taken after the block (a local, an optimizer) would
+    otherwise stay a plain meta tensor, which some CPU ops answer with
+    uninitialised memory (``x @ w.T``). While a module still holds the
+    handle (a tie's other place), that place may still make it real.
+    """
+    if old is handle.tensor and now is not old and old.is_meta:
+        weakref.finalize(handle, _settle_orphan, old, path, by).atexit = False
+
+
+def _settle_orphan(old: torch.Tensor, path: str, by: str) -> None:
+    """Make ``old`` (see :func:`_note_orphan`) stale if it stayed meta: nothing can fill it now."""
+    if not old.is_meta:
+        return
+    what = (
+        "a tie or an assignment after the deferred_init block put another tensor at that "
+        "place, and materialize makes real only what the module holds"
+        if by == "materialize"
+        else f"{by} put a new tensor object at that place (eager's copies into the old one "
+        "unless assign=True)"
+    )
+    fix = (
+        f"use the tensor the module holds at {path!r} now, or take the reference after "
+        f"materialize; to keep what eager's old object holds, replace it after materialize"
+        if by == "materialize"
+        else f"read {path!r} from the module after {by}, or load with lm.load_checkpoint, "
+        "which keeps the module's tensor objects"
+    )
+    mark_stale(old, path, what, by, fix=fix)
 
 
 def without_pending(records: Iterable[Record]) -> list[Record]:

@@ -137,29 +137,65 @@ class _Stale:
                 cls, func, types, args, kwargs
             )
         stale = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, _Stale)), None)
-        path, why, by = (
+        path, why, by, *fix = (
             vars(stale).get(_STALE_ATTR, ("<unknown>", "", "materialize"))
             if stale is not None
             else ("", "", "materialize")
         )
-        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
+        how = (
+            fix[0]
+            if fix
+            else f"read {path!r} from the module after {by} (and build optimizers from "
+            "model.parameters() after it)"
+        )
+        use = _use(func)
         raise MetaTensorError(
-            f"{name} was called on the meta tensor that stood for {path!r} before "
-            f"{by}, through a reference taken before it (a local, a closure, an "
-            f"optimizer built on the deferred model): {why}, so this object holds no "
-            f"values. Fix: read {path!r} from the module after {by} (and build "
-            "optimizers from model.parameters() after it).",
+            f"{use[:1].upper()}{use[1:]} the meta tensor that stood for {path!r} before {by}, through a "
+            "reference taken before it (a local, a closure, an optimizer built on the "
+            f"deferred model): {why}, so this object holds no values. Fix: {how}.",
             paths=[path],
         )
+
+
+_ACCESS = {"__get__": "reading", "__set__": "setting", "__delete__": "deleting"}
+
+
+def _use(func: Any) -> str:
+    """What using ``func`` does, in the words a user knows: ``reading .grad of``, ``calling torch.mm on``.
+
+    ``__torch_function__`` gets descriptor slots for attributes and pybind11
+    function records for ``torch.ops``, whose own names mean nothing to users.
+    """
+    name = getattr(func, "__name__", None)
+    attr = getattr(getattr(func, "__self__", None), "__name__", None)
+    if name in _ACCESS and isinstance(attr, str):
+        return f"{_ACCESS[name]} .{attr} of"  # a getset descriptor: .grad, .data
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch._ops.") and isinstance(name, str):  # torch.ops.aten.mm(.default)
+        return f"calling torch.ops.{module[len('torch._ops.') :]}.{name} on"
+    qualname = getattr(func, "__qualname__", None) or name or str(func)
+    if not isinstance(qualname, str):
+        return f"calling {func!r} on"
+    head, _, tail = qualname.rpartition(".")
+    if head in ("TensorBase", "_TensorBase"):
+        return f"calling Tensor.{tail} on"
+    if head == "_VariableFunctionsClass":
+        return f"calling torch.{tail} on"
+    if module.startswith("torch") and "." not in qualname:
+        return f"calling {module}.{qualname} on"
+    return f"calling {qualname} on"
 
 
 _STALE_CLASSES: dict[type, type] = {}
 
 
-def mark_stale(old: torch.Tensor, path: str, why: str, by: str = "materialize") -> None:
+def mark_stale(
+    old: torch.Tensor, path: str, why: str, by: str = "materialize", fix: str | None = None
+) -> None:
     """Make every later use of the meta tensor ``old`` (but reading metadata) raise, naming ``path``.
 
     ``by``: what made ``path`` real without ``old`` (``"materialize"``, ``"load_checkpoint"``).
+    ``fix``: what to do instead (default: read ``path`` from the module after ``by``).
     """
     cls = type(old)
     if issubclass(cls, _Stale):
@@ -171,4 +207,4 @@ def mark_stale(old: torch.Tensor, path: str, why: str, by: str = "materialize") 
         )
         _STALE_CLASSES[cls] = stale
     old.__class__ = stale
-    vars(old)[_STALE_ATTR] = (path, why, by)
+    vars(old)[_STALE_ATTR] = (path, why, by) if fix is None else (path, why, by, fix)

@@ -138,7 +138,12 @@ def _fill_before_copy(
             else:
                 # Only storage: torch's own copy_ fills it right after this hook,
                 # with its shape checks and dtype conversion.
-                new = dress_like(old, torch.empty_like(old, device=value.device), handle.attrs)
+                # In the inference mode of the block, not the caller's: eager's
+                # tensor was built then, and copy_ keeps it a normal tensor
+                # under the caller's torch.inference_mode().
+                with torch.inference_mode(handle.record.inference):
+                    storage = torch.empty_like(old, device=value.device)
+                new = dress_like(old, storage, handle.attrs)
             # Views of it (self.row = self.weight[0]) see the loaded values, as
             # in eager loading without assign=True, which keeps ties and views.
             mark_done(handle, new, copied=new.dtype == old.dtype)
@@ -148,7 +153,7 @@ def _fill_before_copy(
         slot.put(new)
         filled.append(slot.name)
     if filled:
-        forget(module, filled)
+        forget(module, filled, at=prefix.rstrip("."), by="load_state_dict")
     _finish(records.values())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -86,7 +87,9 @@ def materialize(
     attributes, ``requires_grad`` and buffer persistence are kept. Tensors
     held in list, tuple and dict attributes are materialized too (where eager
     construction leaves them: on the CPU unless ``draw_on="device"``, in their
-    own dtype, as ``Module.to`` does not move them). A submodule can be
+    own dtype, as ``Module.to`` does not move them; an entry that is a
+    parameter's object, like ``nn.LSTM``'s ``_flat_weights``, is that
+    parameter, cast and moved with it). A submodule can be
     materialized alone, the rest later, in any order. No generator moves:
     they stand where eager construction left them since the block ended.
     Tensors that are not on meta are left untouched, so calling this again is
@@ -102,11 +105,15 @@ def materialize(
         Where eager's object is not the module's (a buffer or tensor
         attribute moved or cast by ``device=`` or ``dtype=``, which eager's
         ``module.to()`` replaces) or torch cannot swap it (a view of it taken
-        after the block, an autograd graph or a weak reference holds it), the
-        module gets a new tensor and the old object becomes stale: any use
-        of it other than reading its shape, dtype or device raises
-        :class:`~lightning_meta.MetaTensorError` naming its path. Read such
-        tensors from the module after ``materialize``.
+        after the block, an autograd graph or a weak reference holds it;
+        ``nn.LSTM``'s own weak references excepted), the module gets a new
+        tensor and the old object becomes stale: any use of it other than
+        reading its shape, dtype or device raises
+        :class:`~lightning_meta.MetaTensorError` naming its path. So does a
+        deferred tensor the module replaced after the block (a tie, an
+        assignment). Read such tensors from the module after ``materialize``;
+        ``.data``, ``.detach()`` and views taken after the block are not
+        tracked: take them after ``materialize``.
 
     Sharded modules work too: a deferred parameter that ``fully_shard``
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
@@ -439,10 +446,28 @@ def _replay_records(
     # (or where draw_on="device" builds them). Where all end up alike, one
     # replay keeps a view in a list (self.rows = [self.weight[0]]) a view.
     item_device = remap or torch.device("cpu")
+    # An attribute or container item holding the very object of a parameter
+    # (self.no_decay = [self.norm.weight], nn.LSTM's _flat_weights) holds the
+    # cast or moved parameter after eager's module.to(), which keeps the
+    # parameter's object; so does one holding a buffer that module.to() leaves
+    # alone (already where and in the dtype it is sent to). It goes with that
+    # tensor: one replay, one object.
+    kept_by_to: dict[int, _Place] = {}
+    for slot, _ in deferred:
+        if slot.kind == "param" or (
+            slot.kind == "buffer"
+            and device == item_device
+            and _cast_keeps(slot.tensor.dtype, dtype)
+        ):
+            kept_by_to.setdefault(id(slot.tensor), (device, dtype))
 
     def place(slot: Slot) -> _Place:
         if slot.kind != "attr":
             return device, dtype
+        if kept_by_to:
+            kept = kept_by_to.get(id(slot.tensor))
+            if kept is not None:
+                return kept
         return (item_device if isinstance(slot, ItemSlot) else device), None
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
@@ -497,6 +522,15 @@ def _replay_records(
             by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
     return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
+
+
+def _cast_keeps(recorded: torch.dtype, dtype: torch.dtype | None) -> bool:
+    """Whether ``module.to(dtype)`` leaves a tensor recorded in ``recorded`` as it is."""
+    return (
+        dtype is None
+        or dtype == recorded
+        or not (recorded.is_floating_point or recorded.is_complex)
+    )
 
 
 def _sharing(
@@ -673,9 +707,12 @@ def _swap_in(
                 mark_done(handle, old)  # the base of a view taken below
                 why.pop(id(old), None)
                 return
-            reason = (
-                "torch.utils.swap_tensors could not give it the real contents (a view of "
-                "it, an autograd graph or a weak reference holds it)"
+            reason = "torch.utils.swap_tensors could not give it the real contents: " + (
+                f"{len(weakref.getweakrefs(old))} weak reference(s) to it exist "
+                "(torch.func.functional_call, a FakeTensorMode or torch.compile run on "
+                "the deferred model, or code keeping weakref.ref to its parameters)"
+                if weakref.getweakrefs(old)
+                else "a view of it taken after the block or an autograd graph through it holds it"
             )
         if id(new) not in held:
             carry_grad_hooks(old, new)
@@ -684,6 +721,14 @@ def _swap_in(
     for slot, _ in deferred:
         if id(slot) in late:
             del ready[id(slot)]  # drops the view: its base can be swapped
+    # nn.LSTM/GRU/RNN keep weak references to their parameters (made by
+    # module.to(), a forward, functional_call), which swap_tensors refuses;
+    # made again below, as eager's module.to() does.
+    rnns = (
+        {id(s.owner): s.owner for s, _ in deferred if _compat.drop_rnn_weak_refs(s.owner)}
+        if identity
+        else {}
+    )
     for slot, handle in deferred:
         if id(slot) not in later:
             take(slot, handle)
@@ -703,6 +748,8 @@ def _swap_in(
         new = ready[id(slot)]
         slot.put(new)
         settle(slot, handle, new)
+    for rnn in rnns.values():
+        _compat.rebuild_rnn_flat_weights(rnn)
     for handle, path, reason in why.values():
         if handle.tensor.is_meta:  # not taken over at another of its places
             unregister(handle)
@@ -717,7 +764,7 @@ def _complete_records(
     ``walk`` is the module tree's ``named_modules()``.
     """
     touched = dict(replayed)
-    touched.update(drop_stale(mod for _, mod in walk))
+    touched.update(drop_stale(walk))
     for record in without_pending(touched.values()):
         complete(record, remap)
 

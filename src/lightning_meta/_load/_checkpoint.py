@@ -199,50 +199,56 @@ def load_checkpoint(
         allow_uninitialized=allow_uninitialized,
         strict=strict,
     )
-    where = str(path)
-    source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
-    plan = plan_load(module, source, where, prefix=prefix, strict=strict)
-    if has_sharded(plan):  # DTensors: each rank reads only its own shards
-        sharded = load_into_shards(
-            module,
+    # Eager code loads into a model built before, copying into its tensors,
+    # which stay normal tensors under the caller's torch.inference_mode();
+    # tensors made here under it would be inference tensors, which autograd
+    # and optimizers refuse (a replay of a block run in inference mode still
+    # makes its own inference tensors, as eagerly).
+    with torch.inference_mode(False):
+        where = str(path)
+        source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
+        plan = plan_load(module, source, where, prefix=prefix, strict=strict)
+        if has_sharded(plan):  # DTensors: each rank reads only its own shards
+            sharded = load_into_shards(
+                module,
+                source,
+                plan,
+                where,
+                args,
+                progress=progress,
+                verify=verify,
+                mapped=mmap,
+                allow_uninitialized=allow_uninitialized,
+            )
+            if plan.code:
+                run_post_hooks(module, sharded.missing, sharded.unexpected)
+            return sharded
+        conversion = convert(
             source,
             plan,
-            where,
-            args,
+            device=args.device,
+            dtype=args.dtype,
             progress=progress,
+            label=Path(where).name,
             verify=verify,
             mapped=mmap,
+        )
+        replay = replay_missing(
+            module,
+            plan,
+            device=args.device,
+            dtype=args.dtype,
+            loaded=conversion.tensors,
             allow_uninitialized=allow_uninitialized,
         )
-        if plan.code:
-            run_post_hooks(module, sharded.missing, sharded.unexpected)
-        return sharded
-    conversion = convert(
-        source,
-        plan,
-        device=args.device,
-        dtype=args.dtype,
-        progress=progress,
-        label=Path(where).name,
-        verify=verify,
-        mapped=mmap,
-    )
-    replay = replay_missing(
-        module,
-        plan,
-        device=args.device,
-        dtype=args.dtype,
-        loaded=conversion.tensors,
-        allow_uninitialized=allow_uninitialized,
-    )
-    rest = convert_rest(plan, device=args.device, dtype=args.dtype)
-    filled = swap_in([*conversion.tensors, *rest], replay, plan.made)
-    forget(module, [*filled, *replay.names])
-    # Deferred modules kept outside the tree (self.teacher = [net]) are in no
-    # state dict: replayed, after the load, so that one tied to a loaded
-    # tensor gets it; references taken after the block get what was loaded.
-    beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
-    report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
+        rest = convert_rest(plan, device=args.device, dtype=args.dtype)
+        filled = swap_in([*conversion.tensors, *rest], replay, plan.made)
+        forget(module, [*filled, *replay.names])
+        # Deferred modules kept outside the tree (self.teacher = [net]) are in no
+        # state dict: replayed, after the load, so that one tied to a loaded
+        # tensor gets it; references taken after the block get what was loaded.
+        beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
+        report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
     if plan.code:  # as load_state_dict ends: the modules' own post-hooks, for real
         run_post_hooks(module, report.missing, report.unexpected)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
