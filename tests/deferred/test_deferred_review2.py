@@ -23,7 +23,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_meta import MetaTensorError, deferred_init, load_checkpoint, materialize
+from lightning_meta import (
+    MaterializationError,
+    MetaTensorError,
+    deferred_init,
+    load_checkpoint,
+    materialize,
+)
 
 
 def _build(builder: Callable[[], nn.Module], deferred: bool) -> nn.Module:
@@ -235,3 +241,45 @@ def test_stale_messages_name_the_operation() -> None:
             use()
         assert str(info.value).startswith(start + " the meta tensor that stood for 'b'")
         assert "pybind11" not in str(info.value) and "getset_descriptor" not in str(info.value)
+
+
+@pytest.mark.parametrize("mean_resizing", [False, True])
+def test_resize_token_embeddings_inside_the_block_is_eager_or_refused(mean_resizing: bool) -> None:
+    # A review reported every parameter wrong after resizing inside the block:
+    # its eager run had changed the shared config's vocab_size (transformers'
+    # resize does), so the deferred model was built at the new size. With a
+    # config of its own each, mean_resizing=False is bit-equal to eager, and
+    # True (a multivariate normal from the old rows' values) is refused.
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+
+    def build() -> nn.Module:
+        config = transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+        model = transformers.LlamaForCausalLM(config)
+        model.resize_token_embeddings(70, mean_resizing=mean_resizing)
+        return model
+
+    if mean_resizing:
+        with pytest.raises(MaterializationError, match="needs the values of a tensor"):
+            with deferred_init():
+                build()
+        return
+    torch.manual_seed(0)
+    eager = build()
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(0)
+    with deferred_init():
+        deferred = build()
+    assert torch.equal(torch.get_rng_state(), after_eager)
+    materialize(deferred)
+    expected, got = eager.state_dict(), deferred.state_dict()
+    assert sorted(expected) == sorted(got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert got["model.embed_tokens.weight"].shape == (70, 16)
