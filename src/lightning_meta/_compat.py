@@ -1323,3 +1323,28 @@ def rebuild_rnn_flat_weights(module: nn.Module) -> None:
 
 
 __all__ += ["drop_rnn_weak_refs", "rebuild_rnn_flat_weights"]
+
+
+def functional_call_restoring_in_reverse(
+    module: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    tie_weights: bool,
+) -> Any:
+    """``torch.func.functional_call(module, tensors, args, kwargs)`` whose tensors are put
+    back in the reverse order they were swapped in (``stack_weights``).
+
+    For a module that holds one submodule under two names (T5's ``shared``
+    and ``encoder.embed_tokens``): torch swaps name by name, and restoring in
+    the same order leaves the caller's tensor in the module and hands the
+    module's own back to the caller. Names are the caller's; torch's checks
+    of them are left to the caller (``strict=False``).
+    """
+    from torch.nn.utils import stateless
+
+    with stateless._reparametrize_module(
+        module, tensors, tie_weights=tie_weights, strict=False, stack_weights=True
+    ):
+        return module(*args, **kwargs)

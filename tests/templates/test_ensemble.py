@@ -1096,15 +1096,31 @@ class _Scaled(nn.Module):
         return self.b(torch.tanh(self.a(x))) * scale
 
 
+def _auto_choosing(
+    plan: str, members: list[nn.Module], call: Callable[[lm.Ensemble], object]
+) -> lm.Ensemble:
+    """An ``execution="auto"`` ensemble of ``members`` whose timing chose ``plan`` on ``call``.
+
+    On a loaded machine one timing can go astray (fused 31 ms against
+    vmap's 5 ms once, in a full run): a few fresh ensembles are timed.
+    """
+    for _ in range(3):
+        ensemble = lm.Ensemble(members, execution="auto")
+        call(ensemble)
+        if ensemble.plan == plan:
+            return ensemble
+    raise AssertionError(f"auto chose {ensemble.plan!r}, not {plan!r}: {ensemble.plans}")
+
+
 def test_backward_hook_added_after_vmap_was_timed_runs() -> None:
     # A backward hook registered on the template after "auto" had timed vmap
     # was skipped until clear_plans(): the gradients ignored it, without an error.
     torch.manual_seed(0)
     members = [_Scaled() for _ in range(64)]  # vmap clearly beats a loop of 64
     x = torch.randn(5, 4)
-    ensemble = lm.Ensemble(members, execution="auto")
-    ensemble(x, scale=2.0).sum().backward()
-    assert ensemble.plan == "vmap", ensemble.plans  # the case under test
+    ensemble = _auto_choosing(
+        "vmap", members, lambda e: e(x, scale=2.0).sum().backward()
+    )  # the case under test
     ensemble.zero_grad(set_to_none=True)
     handle = ensemble.template.module.b.register_full_backward_pre_hook(
         lambda m, grad_output: (grad_output[0] * 0.0,)
@@ -1129,14 +1145,7 @@ def test_backward_hook_added_after_fused_was_chosen_runs() -> None:
     torch.manual_seed(0)
     members = [_mlp() for _ in range(64)]
     x = torch.randn(5, 4)
-    # "auto" times the plans: on a loaded machine one timing can go astray
-    # (fused 31 ms against vmap's 5 ms once), so a few fresh tries.
-    for _ in range(3):
-        auto = lm.Ensemble(members, execution="auto")
-        auto(x).sum().backward()
-        if auto.plan == "fused":
-            break
-    assert auto.plan == "fused", auto.plans  # the case under test
+    auto = _auto_choosing("fused", members, lambda e: e(x).sum().backward())  # the case under test
     forced = lm.Ensemble(members, execution="fused")
     forced(x).sum().backward()
     assert forced.plan == "fused"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
 import warnings
 
 import lightning as L
@@ -417,3 +419,52 @@ def test_meta_members_outside_a_meta_block_are_refused() -> None:
     with pytest.raises(MetaTensorError, match=r"lm\.materialize.*torch\.device\('meta'\)") as info:
         lm.Ensemble(members)
     assert info.value.paths == ("0.weight",)
+
+
+class _SlowAttention(nn.Module):
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_two_threads_running_attention_under_vmap_keep_the_fast_path_off() -> None:
+    # The switch of torch.backends.mha is one flag for the process: the first
+    # ensemble to finish turned it back on while the second was still in its
+    # vmap call, whose backward then raised torch's "derivative for
+    # aten::_native_multi_head_attention is not implemented".
+    x = torch.randn(2, 5, 8)
+
+    def members(delay: float) -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [_SlowAttention(delay).eval() for _ in range(3)]
+
+    ensembles = [lm.Ensemble(members(delay), execution="vmap").eval() for delay in (0.3, 0.6)]
+    errors: list[BaseException] = []
+
+    def run(ensemble: lm.Ensemble, wait: float) -> None:
+        try:
+            time.sleep(wait)
+            ensemble(x).sum().backward()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=run, args=(e, wait))
+        for e, wait in zip(ensembles, (0.0, 0.1), strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert torch.backends.mha.get_fastpath_enabled()  # as it was
+    reference = members(0.0)
+    torch.stack([m(x) for m in reference]).sum().backward()
+    expected = torch.stack([m.attn.in_proj_weight.grad for m in reference])
+    for ensemble in ensembles:
+        torch.testing.assert_close(ensemble.tensors()["attn.in_proj_weight"].grad, expected)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import time
 
 import lightning as L
 import pytest
@@ -311,3 +313,135 @@ def test_shapes_lists_parameters_only_and_generated_buffers_of_the_wrong_kind_ar
         lm.MetaTensorError, match=r"'1.num_batches_tracked' has dtype torch.float32"
     ):
         template(generated, torch.randn(4, 1))
+
+
+# ---------------------------------------------------- the session's own review
+
+
+class _SharedTwice(nn.Module):
+    """One submodule under two names (T5's shared / encoder.embed_tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = nn.Module()
+        self.encoder.embed = self.shared
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.embed(ids))
+
+
+def test_a_submodule_registered_twice_leaves_net_and_the_callers_dict_alone() -> None:
+    # torch.func.functional_call writes the template's own meta tensor back for
+    # the second name of a shared submodule; written on net, it replaced net's
+    # real weight with the template's meta one.
+    torch.manual_seed(0)
+    net = _SharedTwice()
+    weight = net.shared.weight
+    template = lm.MetaTemplate(net)
+    x = torch.tensor([[1, 2, 3]])
+    state = template.state_from(net)
+    given = dict(state)
+    assert torch.equal(template(state, x), net(x))
+    assert torch.equal(template(given, x), net(x))
+    assert net.shared.weight is weight and net.encoder.embed.weight is weight
+    assert all(not t.is_meta for t in [*state.values(), *given.values()])
+    assert template.module.shared.weight.is_meta
+
+
+class _EmaWithSteps(nn.Module):
+    """An EMA buffer reassigned by forward, with its bias correction's step count in a plain
+    attribute: one call's state in two places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("ema", torch.zeros(3))
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.steps += 1
+        self.ema = 0.9 * self.ema + 0.1 * h.detach().mean(0)
+        return h - self.ema / (1 - 0.9**self.steps)
+
+
+def test_a_call_that_reassigns_a_buffer_and_stores_plain_state_is_refused() -> None:
+    # Called with a plain dict, the new EMA went into the dict and the step
+    # count was put back: the next call saw one without the other (0.3 off).
+    torch.manual_seed(0)
+    net = _EmaWithSteps()
+    template = lm.MetaTemplate(net)
+    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    ema = params["ema"]
+    with pytest.raises(lm.MetaTensorError, match=r"'ema'.*'steps'.*do not repeat") as info:
+        template(params, torch.randn(4, 3))
+    assert set(info.value.paths) == {"ema", "steps"}
+    assert params["ema"] is ema and template.module.steps == 0  # nothing half-kept
+
+
+def test_a_refused_state_from_call_says_that_it_ran() -> None:
+    # Its in-place updates (BatchNorm statistics) are done: repeating the batch
+    # with net(x), as the message advised, applied it twice.
+    torch.manual_seed(0)
+    net = _EmaWithSteps()
+    template = lm.MetaTemplate(net)
+    with pytest.raises(lm.MetaTensorError, match=r"This call ran.*do not repeat it"):
+        template(template.state_from(net), torch.randn(4, 3))
+
+
+class _ChangesThenRaises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.offset = torch.zeros(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            self.offset += 1.0
+            raise ValueError("batch too large")
+        return self.lin(x) + self.offset
+
+
+def test_a_forward_that_changes_a_plain_tensor_in_place_and_raises_spoils_the_template() -> None:
+    template = lm.MetaTemplate(_ChangesThenRaises())
+    params = {"lin.weight": torch.eye(3), "lin.bias": torch.zeros(3)}
+    with pytest.raises(ValueError, match="batch too large"):
+        template(params, torch.zeros(8, 3))
+    with pytest.raises(lm.MetaTensorError, match="offset") as info:
+        template(params, torch.zeros(1, 3))  # returned ones, silently, before
+    assert info.value.paths == ("offset",)
+
+
+class _TiedSlow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 7:
+            time.sleep(0.5)  # a slow call, in the other thread
+        return self.b(self.a(x))
+
+
+def test_the_strict_check_does_not_read_another_threads_tensors() -> None:
+    # The check compared the module's tables, which a concurrent call (here
+    # one untying the weights) fills with its own tensors: a valid call was
+    # refused ("missing 'b.weight'").
+    template = lm.MetaTemplate(_TiedSlow())
+    w = torch.eye(3)
+    template({"a.weight": w}, torch.ones(1, 3))  # the checks laid out
+    slow = threading.Thread(
+        target=lambda: template.functional_call(
+            {"a.weight": w, "b.weight": 2 * w}, torch.ones(7, 3), tie_weights=False
+        )
+    )
+    slow.start()
+    time.sleep(0.1)
+    try:
+        assert torch.equal(template({"a.weight": w}, torch.ones(1, 3)), torch.ones(1, 3))
+    finally:
+        slow.join()

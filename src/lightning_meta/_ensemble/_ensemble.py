@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import operator
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -84,6 +85,41 @@ from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module
 
 __all__ = ["Ensemble"]
+
+# torch.backends.mha's fast-path switch is one flag for the process: vmap
+# calls of several ensembles (threads) count themselves in and out, so that one
+# leaving does not turn it back on under another still running.
+_ATTENTION_LOCK = threading.Lock()
+_attention_users = 0
+_attention_was_on = False
+
+
+@contextlib.contextmanager
+def _standard_attention() -> Iterator[None]:
+    """Run the body with torch's eval fast path of attention off (``torch.backends.mha``).
+
+    Under vmap the stacked parameters report no ``requires_grad``, so
+    ``nn.MultiheadAttention`` and the transformer layers would take their
+    fused eval kernels, which the members (whose parameters require grad)
+    do not take and which have no derivative. The switch is process-wide:
+    other code running attention in another thread meanwhile takes the
+    standard path too (the same function, rounded otherwise).
+    """
+    global _attention_users, _attention_was_on
+    with _ATTENTION_LOCK:
+        if _attention_users == 0:
+            _attention_was_on = torch.backends.mha.get_fastpath_enabled()
+            if _attention_was_on:
+                torch.backends.mha.set_fastpath_enabled(False)
+        _attention_users += 1
+    try:
+        yield
+    finally:
+        with _ATTENTION_LOCK:
+            _attention_users -= 1
+            if _attention_users == 0 and _attention_was_on:
+                torch.backends.mha.set_fastpath_enabled(True)
+
 
 logger = logging.getLogger(__name__)
 
@@ -621,6 +657,7 @@ class Ensemble(nn.Module):
         self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
         self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
         self._encoders: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
+        self._attention: tuple[nn.Module, bool] | None = None
         # The modes (self.training) in which a vmap call was seen drawing
         # nothing from the global Python generators (see _vmap).
         self._draws_seen: set[bool] = set()
@@ -1238,6 +1275,16 @@ class Ensemble(nn.Module):
             cached = self._watch_cache = (modules, stamp, watched(modules))
         return cached[2]
 
+    def _has_attention(self) -> bool:
+        """Whether the template holds an ``nn.MultiheadAttention`` (a transformer layer's
+        too), whose eval fast path :func:`_standard_attention` keeps vmap off."""
+        module = self.template.module
+        cached = self._attention
+        if cached is None or cached[0] is not module:
+            found = any(isinstance(m, nn.MultiheadAttention) for _, m in self._template_modules())
+            cached = self._attention = (module, found)
+        return cached[1]
+
     def _nested_encoder(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
         """The path of an ``nn.TransformerEncoder`` of the template whose members may take
         torch's nested-tensor fast path on this call (``None``: none).
@@ -1716,13 +1763,10 @@ class Ensemble(nn.Module):
         # not (their kernels have no derivative): vmap runs the members'
         # standard path then. Without gradients the members take the fast path
         # too (the nested-tensor one excepted, see _nested_encoder).
-        fastpath = (
-            not compiling and torch.is_grad_enabled() and torch.backends.mha.get_fastpath_enabled()
-        )
-        if fastpath:
-            torch.backends.mha.set_fastpath_enabled(False)
+        standard = not compiling and torch.is_grad_enabled() and self._has_attention()
         try:
-            result = batched(tensors, inputs, kw)
+            with _standard_attention() if standard else contextlib.nullcontext():
+                result = batched(tensors, inputs, kw)
         except MetaTensorError:
             raise  # the package's own refusals (_refuse_written) say what ran
         except RuntimeError as e:
@@ -1738,9 +1782,6 @@ class Ensemble(nn.Module):
                 f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
                 "execution='loop'."
             ) from e
-        finally:
-            if fastpath:
-                torch.backends.mha.set_fastpath_enabled(True)
         if generators is not None:
             drawn = generators.moved()
             if drawn:
@@ -1846,6 +1887,7 @@ class Ensemble(nn.Module):
         state["_module_paths"] = None
         state["_watch_cache"] = None
         state["_encoders"] = None
+        state["_attention"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1859,6 +1901,7 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_module_paths", None)
         self.__dict__.setdefault("_watch_cache", None)
         self.__dict__.setdefault("_encoders", None)
+        self.__dict__.setdefault("_attention", None)
         self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look

@@ -27,6 +27,7 @@ from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
     child_table,
     deepcopy_module,
+    functional_call_restoring_in_reverse,
     hook_registrations,
     is_checkpoint_wrapper,
     no_dispatch_modes,
@@ -754,8 +755,6 @@ class MetaTemplate:
                 ", passed in the mapping like the others) and build the template again.",
                 paths=self._spoiled,
             )
-        if strict:
-            self._check(module, params_and_buffers, tie_weights=tie_weights)
         if modes is None:
             modes = getattr(params_and_buffers, "modes", None)
         if isinstance(modes, nn.Module):
@@ -765,13 +764,17 @@ class MetaTemplate:
         source = (
             params_and_buffers.source if isinstance(params_and_buffers, TemplateState) else None
         )
-        # torch.func.functional_call writes a buffer the forward assigns a new
-        # tensor to back into the dict it is given: hand it the caller's own.
-        given = (
-            params_and_buffers if isinstance(params_and_buffers, dict) else dict(params_and_buffers)
-        )
-        before = dict(given)
+        # torch.func.functional_call writes what each name holds after the call
+        # into the dict it is given: the forward's new tensor for a reassigned
+        # buffer, but also the template's own meta tensor for the second name of
+        # a submodule registered twice (its swaps run name by name). So it gets a
+        # copy, and _reassigned picks what the forward assigned.
+        given = dict(params_and_buffers)
+        # The check inside the lock: the tables it compares are the module's,
+        # which another thread's call fills with its tensors meanwhile.
         with self._serialized(), _computed_kept(module):
+            if strict:
+                self._check(module, params_and_buffers, tie_weights=tie_weights)
             with _modes_set(module, modes) if modes else contextlib.nullcontext():
                 if torch.is_grad_enabled():
                     _refuse_checkpointing(module)
@@ -783,26 +786,37 @@ class MetaTemplate:
                     else None
                 )
                 try:
-                    out = torch.func.functional_call(
-                        module, given, args, dict(kwargs or {}), tie_weights=tie_weights
-                    )
+                    if _registered_twice(module) and not torch.compiler.is_compiling():
+                        out = functional_call_restoring_in_reverse(
+                            module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                        )
+                    else:
+                        out = torch.func.functional_call(
+                            module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                        )
                 except BaseException:
                     if state is not None:
-                        state.restore()
+                        lost = state.restore()
+                        if lost:  # changed in place, then raised: later calls would see it
+                            self._spoiled = lost
                     raise
+                replaced = _reassigned(module, params_and_buffers, given)
                 if state is not None:
-                    self._put_back(module, state, source is not None)
-        replaced = [k for k, v in given.items() if before.get(k, v) is not v]
+                    self._put_back(module, state, source is not None, replaced)
         if replaced:
             _write_back(module, params_and_buffers, given, replaced, source)
         return out
 
-    def _put_back(self, module: nn.Module, state: AttributeState, refuse: bool) -> None:
+    def _put_back(
+        self, module: nn.Module, state: AttributeState, refuse: bool, replaced: list[str]
+    ) -> None:
         """Put back what the forward stored in the template's plain attributes; raise if it
-        changed a tensor there in place, or (``refuse``: a call standing for ``net(x)``)
-        changed anything."""
+        changed a tensor there in place, or changed anything where ``refuse`` (a call standing
+        for ``net(x)``) or the forward also reassigned the buffers ``replaced`` (written back:
+        the next call would see them without the attributes that went with them)."""
         # Nothing watched (torch's own layers without hooks store nothing): nothing to compare.
-        changed = state.changed(_own_tensors(module)) if refuse and state.modules else []
+        compare = (refuse or bool(replaced)) and bool(state.modules)
+        changed = state.changed(_own_tensors(module)) if compare else []
         if changed:
             # What a forward pre-hook recomputes from the parameters (a pruned or
             # weight-normed `weight`) is no state: net's hook recomputes it too.
@@ -824,16 +838,33 @@ class MetaTemplate:
                 "the template again.",
                 paths=lost,
             )
-        if changed:
+        # The call ran: what it changed in place in the tensors it was given
+        # (BatchNorm's running statistics) stays changed; repeating it would
+        # apply the batch twice.
+        ran = (
+            " This call ran: what it changed in place in the tensors passed in (running "
+            "statistics) stays changed, so do not repeat it for the same batch."
+        )
+        if changed and refuse:
             raise MetaTensorError(
                 f"MetaTemplate({type(module).__name__}) was called with state_from(net), but the "
                 f"forward stored {', '.join(map(repr, changed))} in plain attributes: net(x) "
                 "would keep that in net, and the template, which puts its attributes back after "
-                "each call, cannot (later outputs of net would differ). Fix: call net(x) "
-                "itself, keep such state in a buffer (which state_from passes in and the "
-                "template sets on net when the forward assigns it), or call the template with a "
-                "plain dict (`dict(state)`, modes=net) if each call may start afresh.",
+                f"each call, cannot (later outputs of net would differ).{ran} Fix: from now on "
+                "call net(x) itself, or keep such state in buffers (which state_from passes in "
+                "and the template sets on net when the forward assigns them); if each call may "
+                "start afresh, call the template with a plain dict (`dict(state)`, modes=net).",
                 paths=changed,
+            )
+        if changed:
+            raise MetaTensorError(
+                f"MetaTemplate({type(module).__name__})'s forward assigned new tensors to the "
+                f"buffers {', '.join(map(repr, replaced))} (written back into the mapping "
+                f"given) and stored {', '.join(map(repr, changed))} in plain attributes (which "
+                "the template puts back after each call): the next call would see the one "
+                f"without the other (dynamic RoPE's inv_freq and its cached length).{ran} Fix: "
+                "call the real module, or keep all such state in buffers.",
+                paths=[*replaced, *changed],
             )
 
     def _check(
@@ -969,6 +1000,19 @@ def _computed_kept(module: nn.Module) -> Iterator[None]:
             setattr(sub, attr, value)
 
 
+def _reassigned(
+    module: nn.Module, caller: Mapping[str, torch.Tensor], given: dict[str, torch.Tensor]
+) -> list[str]:
+    """The names the forward assigned a new tensor to, from what ``torch.func.functional_call``
+    wrote into ``given`` (a copy of ``caller``): not the template's own tensors, which it
+    writes for the second name of a submodule registered twice."""
+    changed = [k for k, v in given.items() if caller.get(k) is not v]
+    if not changed:
+        return []
+    own = {id(t) for t in named_tensors(module).values()}
+    return [k for k in changed if id(given[k]) not in own]
+
+
 def _write_back(
     module: nn.Module,
     caller: Mapping[str, torch.Tensor],
@@ -977,19 +1021,22 @@ def _write_back(
     source: nn.Module | None,
 ) -> None:
     """Hand the tensors the forward assigned to ``replaced`` names to the caller, as
-    :func:`torch.func.functional_call` does: into the caller's mapping and, for a
+    :func:`torch.func.functional_call` does: into the caller's mapping (under every name
+    of the same tensor of the template: a submodule registered twice) and, for a
     :class:`TemplateState`, onto the module it was read from, as ``net(x)`` would."""
-    if given is not caller:
-        if not isinstance(caller, MutableMapping):
-            raise MetaTensorError(
-                f"MetaTemplate({type(module).__name__})'s forward assigned new tensors to "
-                f"{', '.join(map(repr, replaced))}, which cannot be written back into the "
-                f"read-only {type(caller).__name__} it was called with (torch.func."
-                "functional_call writes them into the dict it is given). Fix: pass a dict.",
-                paths=replaced,
-            )
-        for name in replaced:
-            caller[name] = given[name]
+    if not isinstance(caller, MutableMapping):
+        raise MetaTensorError(
+            f"MetaTemplate({type(module).__name__})'s forward assigned new tensors to "
+            f"{', '.join(map(repr, replaced))}, which cannot be written back into the "
+            f"read-only {type(caller).__name__} it was called with (torch.func."
+            "functional_call writes them into the dict it is given). Fix: pass a dict.",
+            paths=replaced,
+        )
+    names = {s.path: [t.path for t in group] for group in tie_groups(module) for s in group}
+    for name in replaced:
+        for alias in names.get(name, [name]):
+            if alias == name or alias in caller:
+                caller[alias] = given[name]
     if source is None:
         return
     for name in replaced:
@@ -1005,6 +1052,19 @@ def _watched(module: nn.Module) -> list[tuple[str, nn.Module]]:
     if cached is None or cached[0] != stamp:
         cached = _WATCHED[module] = (stamp, watched(list(module.named_modules())))
     return cached[1]
+
+
+def _registered_twice(module: nn.Module) -> bool:
+    """Whether a submodule of ``module`` is registered under two names (looked up once per
+    module: a template's structure is fixed when it is built)."""
+    found = _TWICE.get(module)
+    if found is None:
+        names = sum(1 for _ in module.named_modules(remove_duplicate=False))
+        found = _TWICE[module] = names > sum(1 for _ in module.modules())
+    return found
+
+
+_TWICE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def _own_tensors(module: nn.Module) -> Callable[[torch.Tensor], bool]:
