@@ -30,14 +30,7 @@ from lightning_meta import (
     load_checkpoint,
     materialize,
 )
-
-
-def _build(builder: Callable[[], nn.Module], deferred: bool) -> nn.Module:
-    torch.manual_seed(0)
-    if not deferred:
-        return builder()
-    with deferred_init():
-        return builder()
+from support.program_models import build_seeded
 
 
 class _NoDecay(nn.Module):
@@ -65,8 +58,8 @@ def _groups(m: _NoDecay) -> list[dict[str, object]]:
 def test_a_list_holding_parameters_holds_them_after_materialize_with_dtype(
     dtype: torch.dtype,
 ) -> None:
-    eager = _build(_NoDecay, deferred=False).to(dtype)
-    module = _build(_NoDecay, deferred=True)
+    eager = build_seeded(_NoDecay, deferred=False).to(dtype)
+    module = build_seeded(_NoDecay, deferred=True)
     materialize(module, dtype=dtype)
     held = [module.proj.bias, module.norm.weight, module.norm.bias]
     assert all(a is b for a, b in zip(module.no_decay, held, strict=True))
@@ -86,8 +79,8 @@ def test_a_list_holding_parameters_holds_them_after_materialize_with_dtype(
 
 
 def test_lstm_flat_weights_are_the_cast_parameters_after_materialize_with_dtype() -> None:
-    eager = _build(lambda: nn.LSTM(4, 4, num_layers=2), deferred=False).double()
-    module = _build(lambda: nn.LSTM(4, 4, num_layers=2), deferred=True)
+    eager = build_seeded(lambda: nn.LSTM(4, 4, num_layers=2), deferred=False).double()
+    module = build_seeded(lambda: nn.LSTM(4, 4, num_layers=2), deferred=True)
     materialize(module, dtype=torch.float64)
     params = [getattr(module, n) for n in module._flat_weights_names]
     assert all(a is b for a, b in zip(module._flat_weights, params, strict=True))
@@ -118,8 +111,8 @@ def _grads_equal(eager: nn.Module, module: nn.Module) -> None:
 def test_a_view_kept_on_the_module_carries_its_history_when_materialized_in_inference_mode() -> (
     None
 ):
-    eager = _build(_Row, deferred=False)
-    module = _build(_Row, deferred=True)
+    eager = build_seeded(_Row, deferred=False)
+    module = build_seeded(_Row, deferred=True)
     with torch.inference_mode():
         materialize(module)
     assert module.row[0].grad_fn is not None and not module.row[0].is_inference()
@@ -131,10 +124,10 @@ def test_loading_in_inference_mode_leaves_normal_parameters(tmp_path: Path, how:
     # Eager code copies into a model built before: its parameters stay normal
     # tensors (inference tensors cannot be trained: the step raised torch's
     # "Inplace update to inference tensor outside InferenceMode").
-    eager = _build(_Row, deferred=False)
+    eager = build_seeded(_Row, deferred=False)
     path = tmp_path / "row.pt"
     torch.save(eager.state_dict(), path)
-    module = _build(_Row, deferred=True)
+    module = build_seeded(_Row, deferred=True)
     with torch.inference_mode():
         if how == "load_checkpoint":
             load_checkpoint(module, path)
@@ -154,7 +147,7 @@ class _TinyLM(nn.Module):
 
 
 def test_a_parameter_tied_away_after_the_block_is_stale_not_uninitialised() -> None:
-    module = _build(_TinyLM, deferred=True)
+    module = build_seeded(_TinyLM, deferred=True)
     untied = module.head.weight
     module.head.weight = module.emb.weight  # a tie after the block
     materialize(module)
@@ -165,7 +158,7 @@ def test_a_parameter_tied_away_after_the_block_is_stale_not_uninitialised() -> N
 
 
 def test_a_parameter_replaced_after_the_block_is_stale_not_uninitialised() -> None:
-    module = _build(lambda: nn.Linear(4, 3), deferred=True)
+    module = build_seeded(lambda: nn.Linear(4, 3), deferred=True)
     old = module.weight
     module.weight = nn.Parameter(torch.zeros(3, 4))
     materialize(module)
@@ -179,8 +172,8 @@ def test_a_parameter_replaced_after_the_block_is_stale_not_uninitialised() -> No
 
 
 def test_a_parameter_load_state_dict_replaced_is_stale() -> None:
-    eager = _build(lambda: nn.Linear(4, 3), deferred=False)
-    module = _build(lambda: nn.Linear(4, 3), deferred=True)
+    eager = build_seeded(lambda: nn.Linear(4, 3), deferred=False)
+    module = build_seeded(lambda: nn.Linear(4, 3), deferred=True)
     old = module.weight
     module.load_state_dict(eager.state_dict())
     assert torch.equal(module.weight, eager.weight)
@@ -193,8 +186,8 @@ def test_lstm_keeps_its_parameters_objects_after_weak_references_to_them(before:
     def build() -> nn.Module:
         return nn.Sequential(nn.LSTM(4, 4, batch_first=True))
 
-    eager = _build(build, deferred=False)
-    module = _build(build, deferred=True)
+    eager = build_seeded(build, deferred=False)
+    module = build_seeded(build, deferred=True)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_d = torch.optim.SGD(module.parameters(), lr=0.1)
     dtype = torch.float32

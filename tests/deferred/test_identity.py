@@ -19,19 +19,12 @@ from torch import nn
 
 from lightning_meta import MetaTensorError, deferred_init, materialize
 from support import program_models as pm
-
-
-def _build(builder: Callable[[], nn.Module], deferred: bool) -> nn.Module:
-    torch.manual_seed(0)
-    if not deferred:
-        return builder()
-    with deferred_init():
-        return builder()
+from support.program_models import build_seeded
 
 
 def test_a_local_taken_after_the_block_is_the_real_parameter() -> None:
-    eager = _build(lambda: nn.Linear(4, 3), deferred=False)
-    module = _build(lambda: nn.Linear(4, 3), deferred=True)
+    eager = build_seeded(lambda: nn.Linear(4, 3), deferred=False)
+    module = build_seeded(lambda: nn.Linear(4, 3), deferred=True)
     w, b = module.weight, module.bias
     materialize(module)
     assert w is module.weight and b is module.bias
@@ -65,7 +58,7 @@ def _train(
     optim: Callable[[Any], torch.optim.Optimizer],
     steps: int = 3,
 ) -> nn.Module:
-    module = _build(builder, deferred)
+    module = build_seeded(builder, deferred)
     opt = optim(module.parameters())  # the eager order: model, optimizer, then setup
     if deferred:
         make(module)
@@ -124,8 +117,8 @@ class _Shared(nn.Module):
 
 
 def test_ties_views_and_shared_memory_keep_their_identity() -> None:
-    eager = _build(_Shared, deferred=False)
-    module = _build(_Shared, deferred=True)
+    eager = build_seeded(_Shared, deferred=False)
+    module = build_seeded(_Shared, deferred=True)
     held = {name: getattr(module, name) for name in ("row", "table", "first")}
     held |= {"emb": module.emb.weight, "part": module.part.weight}
     materialize(module.part)  # shares memory with emb: replayed ahead, held
@@ -148,7 +141,7 @@ def test_ties_views_and_shared_memory_keep_their_identity() -> None:
 
 
 def test_parameter_subclasses_keep_class_attributes_and_identity() -> None:
-    module = _build(pm.WithParameterSubclasses, deferred=True)
+    module = build_seeded(pm.WithParameterSubclasses, deferred=True)
     module.c.requires_grad_(False)
     held = [module.a, module.b, module.c]
     module.a.late = 1
@@ -168,8 +161,8 @@ class _WithBuffer(nn.Module):
 def test_materialize_to_a_dtype_keeps_parameters_and_refuses_a_stale_buffer() -> None:
     # eager's module.to(dtype) keeps each parameter's object, and gives a cast
     # buffer a new one: a reference taken before holds the float32 values.
-    eager = _build(_WithBuffer, deferred=False).to(torch.bfloat16)
-    module = _build(_WithBuffer, deferred=True)
+    eager = build_seeded(_WithBuffer, deferred=False).to(torch.bfloat16)
+    module = build_seeded(_WithBuffer, deferred=True)
     weight, scale = module.lin.weight, module.scale
     materialize(module, dtype=torch.bfloat16)
     assert weight is module.lin.weight and weight.dtype == torch.bfloat16
@@ -186,8 +179,8 @@ def test_materialize_to_a_dtype_keeps_parameters_and_refuses_a_stale_buffer() ->
 def test_a_reference_that_cannot_be_swapped_refuses_on_first_use() -> None:
     # A view of the meta weight taken after the block holds its C++ tensor:
     # the weight's object cannot take the real contents over.
-    eager = _build(lambda: nn.Linear(4, 3), deferred=False)
-    module = _build(lambda: nn.Linear(4, 3), deferred=True)
+    eager = build_seeded(lambda: nn.Linear(4, 3), deferred=False)
+    module = build_seeded(lambda: nn.Linear(4, 3), deferred=True)
     w = module.weight
     view = w[0]
     materialize(module)
@@ -245,7 +238,7 @@ def test_gradient_hooks_registered_in_or_after_the_block_run_as_eagerly(
     # swap_tensors moves the C++ side of a tensor's hooks with its data: the
     # real parameter ran none of them (a gradient of 2 where eager's is 0).
     def run(deferred: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        module = _build(_FrozenByHook, deferred)
+        module = build_seeded(_FrozenByHook, deferred)
         hits: list[int] = []
         handle = module.lin.bias.register_post_accumulate_grad_hook(lambda p: hits.append(1))
         if deferred:

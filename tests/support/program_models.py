@@ -233,3 +233,12 @@ def fit_as_eager(
     ):
         assert torch.equal(got, want), name
     return eager, model
+
+
+def build_seeded(builder: Callable[[], nn.Module], deferred: bool) -> nn.Module:
+    """``builder()`` after ``torch.manual_seed(0)``, eagerly or inside ``lm.deferred_init()``."""
+    torch.manual_seed(0)
+    if not deferred:
+        return builder()
+    with lm.deferred_init():
+        return builder()
