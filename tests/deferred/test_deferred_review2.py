@@ -276,3 +276,37 @@ def test_resize_token_embeddings_inside_the_block_is_eager_or_refused(mean_resiz
     assert sorted(expected) == sorted(got)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert got["model.embed_tokens.weight"].shape == (70, 16)
+
+
+def test_lstm_cast_before_load_checkpoint_keeps_its_parameters_objects(tmp_path: Path) -> None:
+    # module.to() leaves weak references to an RNN's parameters, which
+    # swap_tensors refuses: load_checkpoint made every parameter stale, and an
+    # optimizer built before the load refused its first step.
+    torch.manual_seed(1)
+    source = nn.LSTM(4, 4, num_layers=2).double()
+    path = tmp_path / "lstm.pt"
+    torch.save(source.state_dict(), path)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def trained(module: nn.Module, load: Callable[[nn.Module], object]) -> nn.Module:
+        module = module.double()
+        params = list(module.parameters())
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        load(module)
+        assert all(a is b for a, b in zip(params, module.parameters(), strict=True))
+        module(x)[0].sum().backward()
+        optimizer.step()
+        return module
+
+    eager = trained(
+        build_seeded(lambda: nn.LSTM(4, 4, num_layers=2), deferred=False),
+        lambda m: m.load_state_dict(torch.load(path, weights_only=True)),
+    )
+    module = trained(
+        build_seeded(lambda: nn.LSTM(4, 4, num_layers=2), deferred=True),
+        lambda m: load_checkpoint(m, path),
+    )
+    expected = eager.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in module.state_dict().items())
+    flat = [getattr(module, n) for n in module._flat_weights_names]
+    assert all(a is b for a, b in zip(module._flat_weights, flat, strict=True))

@@ -635,6 +635,16 @@ def swap_in(
     if replay is not None:
         replay.tensors = []
     view: torch.Tensor | None = None
+    # nn.LSTM/GRU/RNN keep weak references to their parameters (made by
+    # module.to(), a forward), which swap_tensors refuses; made again once
+    # the tensors are in (or put back), as eager's module.to() does.
+    groups = [item.group for item in converted] + [group for group, _ in replayed]
+    rnns = {
+        id(s.owner): s.owner
+        for group in groups
+        for s in group.slots
+        if _compat.drop_rnn_weak_refs(s.owner)
+    }
 
     def put(group: Group, new: torch.Tensor, handle: Handle | None) -> torch.Tensor:
         """Put ``new`` (or ``group.tensor`` holding its contents) in ``group``'s slots; which."""
@@ -711,6 +721,8 @@ def swap_in(
                 step()
             except Exception:  # keep undoing the rest; say so below
                 unrestored += 1
+        for rnn in rnns.values():
+            _compat.rebuild_rnn_flat_weights(rnn)
         if isinstance(e, Exception) and not isinstance(e, MetaTensorError) and current is not None:
             names = current.names
             restored = (
@@ -726,6 +738,8 @@ def swap_in(
                 paths=names,
             ) from e
         raise
+    for rnn in rnns.values():
+        _compat.rebuild_rnn_flat_weights(rnn)
     # A tie reaching outside this module picks these tensors up when its other
     # end is materialized.
     for handle, tensor, copied in done:
