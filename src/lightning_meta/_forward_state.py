@@ -572,8 +572,20 @@ def among(ids: set[int]) -> Shared:
 
 
 def owned_by(module: nn.Module) -> Shared:
-    """Whether a tensor is one of ``module``'s parameters or buffers (any submodule's)."""
-    return among(tensor_ids(module.modules()))
+    """Whether a tensor is one of ``module``'s parameters or buffers (any submodule's).
+
+    The ids are collected on the first question: most comparisons ask none
+    (nothing was stored), and a template call makes one per call.
+    """
+    ids: set[int] | None = None
+
+    def own(tensor: torch.Tensor) -> bool:
+        nonlocal ids
+        if ids is None:
+            ids = tensor_ids(module.modules())
+        return id(tensor) in ids
+
+    return own
 
 
 # What a copy holds in its plain attributes: module path -> (its class, its

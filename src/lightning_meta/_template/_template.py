@@ -37,7 +37,7 @@ from lightning_meta._compat import (
     tensor_tables,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._forward_state import AttributeState, tensor_ids, watched
+from lightning_meta._forward_state import AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
 
 __all__ = ["MetaTemplate", "TemplateState", "meta_template"]
@@ -816,7 +816,7 @@ class MetaTemplate:
         the next call would see them without the attributes that went with them)."""
         # Nothing watched (torch's own layers without hooks store nothing): nothing to compare.
         compare = (refuse or bool(replaced)) and bool(state.modules)
-        changed = state.changed(_own_tensors(module)) if compare else []
+        changed = state.changed(owned_by(module)) if compare else []
         if changed:
             # What a forward pre-hook recomputes from the parameters (a pruned or
             # weight-normed `weight`) is no state: net's hook recomputes it too.
@@ -1065,20 +1065,6 @@ def _registered_twice(module: nn.Module) -> bool:
 
 
 _TWICE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def _own_tensors(module: nn.Module) -> Callable[[torch.Tensor], bool]:
-    """Whether a tensor is one of ``module``'s parameters or buffers; the ids are collected
-    on the first question (most calls ask none)."""
-    ids: set[int] | None = None
-
-    def own(tensor: torch.Tensor) -> bool:
-        nonlocal ids
-        if ids is None:
-            ids = tensor_ids(module.modules())
-        return id(tensor) in ids
-
-    return own
 
 
 def _recomputed(module: nn.Module) -> list[tuple[nn.Module, str]]:
