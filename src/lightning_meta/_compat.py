@@ -25,7 +25,7 @@ import copy
 import ctypes
 import functools
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -1302,27 +1302,30 @@ def child_table(module: nn.Module) -> Mapping[str, nn.Module | None]:
     return module._modules
 
 
-def drop_rnn_weak_refs(module: nn.Module) -> bool:
-    """Drop the weak references ``nn.RNNBase`` keeps to its parameters (``_flat_weight_refs``,
-    torch 2.6 to 2.15); whether it held any. :func:`rebuild_rnn_flat_weights` makes them again.
+@contextlib.contextmanager
+def rnn_weak_refs_dropped(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Drop the weak references each ``nn.RNNBase`` among ``modules`` keeps to its
+    parameters (``_flat_weight_refs``, torch 2.6 to 2.15) for the block, and make them
+    again at its end, also when it raises, as the RNN's ``__init__`` and ``_apply`` do.
 
     ``torch.utils.swap_tensors`` refuses a tensor something refers to weakly;
     ``module.to()``, ``functional_call`` and every forward make these.
     """
-    if not isinstance(module, nn.RNNBase) or not getattr(module, "_flat_weight_refs", None):
-        return False
-    module._flat_weight_refs = []
-    return True
+    rnns = {
+        id(m): m
+        for m in modules
+        if isinstance(m, nn.RNNBase) and getattr(m, "_flat_weight_refs", None)
+    }
+    for rnn in rnns.values():
+        rnn._flat_weight_refs = []
+    try:
+        yield
+    finally:
+        for rnn in rnns.values():
+            rnn._init_flat_weights()
 
 
-def rebuild_rnn_flat_weights(module: nn.Module) -> None:
-    """Make ``module``'s list of its weights and weak references to them again, as its
-    ``__init__`` and ``_apply`` do (torch 2.6 to 2.15)."""
-    if isinstance(module, nn.RNNBase):
-        module._init_flat_weights()
-
-
-__all__ += ["drop_rnn_weak_refs", "rebuild_rnn_flat_weights"]
+__all__ += ["rnn_weak_refs_dropped"]
 
 
 def functional_call_restoring_in_reverse(

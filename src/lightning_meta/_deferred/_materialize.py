@@ -723,33 +723,27 @@ def _swap_in(
             del ready[id(slot)]  # drops the view: its base can be swapped
     # nn.LSTM/GRU/RNN keep weak references to their parameters (made by
     # module.to(), a forward, functional_call), which swap_tensors refuses;
-    # made again below, as eager's module.to() does.
-    rnns = (
-        {id(s.owner): s.owner for s, _ in deferred if _compat.drop_rnn_weak_refs(s.owner)}
-        if identity
-        else {}
-    )
-    for slot, handle in deferred:
-        if id(slot) not in later:
-            take(slot, handle)
-    again: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
-    for slot, handle in deferred:
-        if id(slot) in late:
-            if id(slot.tensor) not in again:
-                view = earlier_view(handle, slot.path)
-                assert view is not None  # found before, its base only swapped since
-                again[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
-            ready[id(slot)] = again[id(slot.tensor)]
-    _graded_views(graded, ready)
-    for slot, handle in deferred:
-        if id(slot) in later:
-            take(slot, handle)
-    for slot, handle in deferred:
-        new = ready[id(slot)]
-        slot.put(new)
-        settle(slot, handle, new)
-    for rnn in rnns.values():
-        _compat.rebuild_rnn_flat_weights(rnn)
+    # made again after the swaps, as eager's module.to() does.
+    with _compat.rnn_weak_refs_dropped(s.owner for s, _ in deferred if identity):
+        for slot, handle in deferred:
+            if id(slot) not in later:
+                take(slot, handle)
+        again: dict[int, torch.Tensor] = {}  # one view for one tensor kept in several places
+        for slot, handle in deferred:
+            if id(slot) in late:
+                if id(slot.tensor) not in again:
+                    view = earlier_view(handle, slot.path)
+                    assert view is not None  # found before, its base only swapped since
+                    again[id(slot.tensor)] = dress_like(slot.tensor, view, handle.attrs)
+                ready[id(slot)] = again[id(slot.tensor)]
+        _graded_views(graded, ready)
+        for slot, handle in deferred:
+            if id(slot) in later:
+                take(slot, handle)
+        for slot, handle in deferred:
+            new = ready[id(slot)]
+            slot.put(new)
+            settle(slot, handle, new)
     for handle, path, reason in why.values():
         if handle.tensor.is_meta:  # not taken over at another of its places
             unregister(handle)

@@ -639,12 +639,7 @@ def swap_in(
     # module.to(), a forward), which swap_tensors refuses; made again once
     # the tensors are in (or put back), as eager's module.to() does.
     groups = [item.group for item in converted] + [group for group, _ in replayed]
-    rnns = {
-        id(s.owner): s.owner
-        for group in groups
-        for s in group.slots
-        if _compat.drop_rnn_weak_refs(s.owner)
-    }
+    owners = [s.owner for group in groups for s in group.slots]
 
     def put(group: Group, new: torch.Tensor, handle: Handle | None) -> torch.Tensor:
         """Put ``new`` (or ``group.tensor`` holding its contents) in ``group``'s slots; which."""
@@ -654,92 +649,93 @@ def swap_in(
             _put(slot, real)
         return real
 
-    try:
-        with torch.no_grad():
-            for slot, real in made or ():
-                undo.append(_undo_put(slot, slot.tensor))
-                _put(slot, real)
-            for item in converted:
-                if item.in_place:
-                    continue
-                current = item.group
-                old = item.group.tensor
-                if not old.is_meta:
-                    # A real tensor changing dtype or device: keep the object so
-                    # optimizers and ties that refer to it stay valid.
-                    undo.append(_undo_data(old, old.data))
-                    _set_data(old, item.tensor)
-                    continue
-                handle = handle_of(old)
-                copied = _copied_in_eager(old, item.tensor)
-                item.tensor = put(item.group, item.tensor, handle)  # views are taken of it
-                if handle is not None:
-                    done.append((handle, item.tensor, copied))
-                elif item.tensor is not old:
-                    plain.append((old, item.tensor))
-                filled.extend(item.group.names)
-            for group, new in replayed:
-                if new is None:
-                    continue
-                current = group
-                handle = handle_of(group.tensor)
-                new = put(group, new, handle)
-                if handle is not None:
-                    # The same tensor kept in a list too (self.rows = [self.row]) is this one.
-                    done.append((handle, new, False))
-            for item in copies:
-                current = item.group
-                old = item.group.tensor
-                # The backup takes the place of the new values once they are in
-                # the module, so memory stays at one extra tensor.
-                backup = old.detach().clone()
+    with _compat.rnn_weak_refs_dropped(owners):
+        try:
+            with torch.no_grad():
+                for slot, real in made or ():
+                    undo.append(_undo_put(slot, slot.tensor))
+                    _put(slot, real)
+                for item in converted:
+                    if item.in_place:
+                        continue
+                    current = item.group
+                    old = item.group.tensor
+                    if not old.is_meta:
+                        # A real tensor changing dtype or device: keep the object so
+                        # optimizers and ties that refer to it stay valid.
+                        undo.append(_undo_data(old, old.data))
+                        _set_data(old, item.tensor)
+                        continue
+                    handle = handle_of(old)
+                    copied = _copied_in_eager(old, item.tensor)
+                    item.tensor = put(item.group, item.tensor, handle)  # views are taken of it
+                    if handle is not None:
+                        done.append((handle, item.tensor, copied))
+                    elif item.tensor is not old:
+                        plain.append((old, item.tensor))
+                    filled.extend(item.group.names)
+                for group, new in replayed:
+                    if new is None:
+                        continue
+                    current = group
+                    handle = handle_of(group.tensor)
+                    new = put(group, new, handle)
+                    if handle is not None:
+                        # The same tensor kept in a list too (self.rows = [self.row]) is this one.
+                        done.append((handle, new, False))
+                for item in copies:
+                    current = item.group
+                    old = item.group.tensor
+                    # The backup takes the place of the new values once they are in
+                    # the module, so memory stays at one extra tensor.
+                    backup = old.detach().clone()
+                    try:
+                        _copy(old, item.tensor)
+                    except BaseException:
+                        # in case it wrote part of the values before failing
+                        with contextlib.suppress(Exception):
+                            _copy(old, backup)
+                        raise
+                    undo.append(_undo_copy(old, backup))
+                    item.tensor = backup
+                for group, new in replayed:
+                    if new is not None:
+                        continue
+                    current = group
+                    handle = handle_of(group.tensor)
+                    view = views[id(group)]()
+                    assert view is not None  # found before, its bases only swapped since
+                    view = put(group, view, handle)
+                    if handle is not None:
+                        done.append((handle, view, False))
+                    view = None
+        except BaseException as e:
+            view = None  # a view of a swapped tensor blocks swapping it back
+            unrestored = 0
+            for step in reversed(undo):
                 try:
-                    _copy(old, item.tensor)
-                except BaseException:
-                    # in case it wrote part of the values before failing
-                    with contextlib.suppress(Exception):
-                        _copy(old, backup)
-                    raise
-                undo.append(_undo_copy(old, backup))
-                item.tensor = backup
-            for group, new in replayed:
-                if new is not None:
-                    continue
-                current = group
-                handle = handle_of(group.tensor)
-                view = views[id(group)]()
-                assert view is not None  # found before, its bases only swapped since
-                view = put(group, view, handle)
-                if handle is not None:
-                    done.append((handle, view, False))
-                view = None
-    except BaseException as e:
-        view = None  # a view of a swapped tensor blocks swapping it back
-        unrestored = 0
-        for step in reversed(undo):
-            try:
-                step()
-            except Exception:  # keep undoing the rest; say so below
-                unrestored += 1
-        for rnn in rnns.values():
-            _compat.rebuild_rnn_flat_weights(rnn)
-        if isinstance(e, Exception) and not isinstance(e, MetaTensorError) and current is not None:
-            names = current.names
-            restored = (
-                "every tensor of the module was put back as it was"
-                if not unrestored
-                else f"{unrestored} change(s) could not be undone"
-            )
-            raise MetaTensorError(
-                f"putting the new {names[0]!r} into the module failed "
-                f"({type(e).__name__}: {e}); {restored}. Fix: load into a module whose tensors "
-                "are plain tensors or Parameters (a tensor subclass that refuses copy_ cannot "
-                "take a checkpoint in place).",
-                paths=names,
-            ) from e
-        raise
-    for rnn in rnns.values():
-        _compat.rebuild_rnn_flat_weights(rnn)
+                    step()
+                except Exception:  # keep undoing the rest; say so below
+                    unrestored += 1
+            if (
+                isinstance(e, Exception)
+                and not isinstance(e, MetaTensorError)
+                and current is not None
+            ):
+                names = current.names
+                restored = (
+                    "every tensor of the module was put back as it was"
+                    if not unrestored
+                    else f"{unrestored} change(s) could not be undone"
+                )
+                raise MetaTensorError(
+                    f"putting the new {names[0]!r} into the module failed "
+                    f"({type(e).__name__}: {e}); {restored}. Fix: load into a module whose tensors "
+                    "are plain tensors or Parameters (a tensor subclass that refuses copy_ cannot "
+                    "take a checkpoint in place).",
+                    paths=names,
+                ) from e
+            raise
     # A tie reaching outside this module picks these tensors up when its other
     # end is materialized.
     for handle, tensor, copied in done:
