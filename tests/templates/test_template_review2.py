@@ -445,3 +445,25 @@ def test_the_strict_check_does_not_read_another_threads_tensors() -> None:
         assert torch.equal(template({"a.weight": w}, torch.ones(1, 3)), torch.ones(1, 3))
     finally:
         slow.join()
+
+
+def test_what_a_call_looks_up_is_found_again_when_the_template_module_changes() -> None:
+    # What the first call found (no submodule registered twice, none
+    # checkpointing) was kept for good: a submodule registered again on
+    # template.module since left the caller's real tensors in the template
+    # after the next call, and a checkpoint wrapper added since ran.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    template = lm.MetaTemplate(net)
+    x = torch.randn(2, 3)
+    assert torch.equal(template(dict(net.named_parameters()), x), net(x))
+    template.module.add_module("again", template.module[0])
+    net.add_module("again", net[0])
+    assert torch.equal(template(dict(net.named_parameters()), x), net(x))
+    assert all(t.is_meta for _, t in template.module.named_parameters(remove_duplicate=False))
+    template.module.add_module("wrapped", checkpoint_wrapper(nn.Linear(3, 3, device="meta")))
+    net.add_module("wrapped", checkpoint_wrapper(nn.Linear(3, 3)))
+    with pytest.raises(lm.MetaTensorError, match=r"activation checkpointing.*'wrapped'"):
+        template(template.state_from(net), x)

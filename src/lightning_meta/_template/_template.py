@@ -18,7 +18,7 @@ import types
 import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any, Generic, NamedTuple, SupportsIndex, TypeVar, overload
+from typing import Any, Generic, SupportsIndex, TypeVar, overload
 
 import torch
 from torch import nn
@@ -334,35 +334,78 @@ def _layout_key(modules: list[nn.Module]) -> tuple[Any, ...]:
     return tuple(key)
 
 
-class _Layout(NamedTuple):
-    """The names a call must give: tie groups, shapes, and integer buffers' dtypes."""
+# Tie groups' names, the shape of each name, integer buffers' dtypes.
+_Names = tuple[list[list[str]], dict[str, torch.Size], dict[str, torch.dtype]]
+_Watched = list[tuple[str, nn.Module]]
+_Recomputed = list[tuple[str, nn.Module, str]]
 
-    modules: list[nn.Module]
-    key: tuple[Any, ...]
-    # Every name of a group of tied tensors, so one of them satisfies the group.
-    groups: list[list[str]]
-    expected: dict[str, torch.Size]
-    # A float where an integer buffer is expected (a generated step count)
-    # would run, but not as the module does.
-    integral: dict[str, torch.dtype]
 
-    @classmethod
-    def of(cls, module: nn.Module) -> _Layout:
-        modules = list(module.modules())
-        slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(module)]
-        return cls(
-            modules,
-            _layout_key(modules),
-            [[s.path for s in g] for g in slots if g],
-            {s.path: s.tensor.shape for g in slots for s in g},
-            {
-                s.path: s.tensor.dtype
-                for g in slots
-                for s in g
-                if s.kind == "buffer"
-                and not (s.tensor.is_floating_point() or s.tensor.is_complex())
-            },
+class _Layout:
+    """What a template's calls look up about its module, found once and again only when
+    the module's tables change (a tie, a parametrization, a submodule registered or
+    replaced since: :func:`_layout_key`): the names a strict call must give, whether
+    a submodule is registered twice, which submodules checkpoint activations, and
+    (found again too once a hook was registered anywhere) which submodules may store
+    state in plain attributes and which attributes forward pre-hooks recompute.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modules = list(module.modules())
+        self.key = _layout_key(self.modules)
+        self.twice = sum(1 for _ in module.named_modules(remove_duplicate=False)) > len(
+            self.modules
         )
+        # Whether they checkpoint depends on their mode and flag at call time.
+        self.checkpointing = [
+            (path, sub)
+            for path, sub in module.named_modules()
+            if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
+        ]
+        self._names: _Names | None = None
+        self._hooked: tuple[int, _Watched, _Recomputed] | None = None
+
+    def fits(self, module: nn.Module) -> bool:
+        """Whether this is still ``module``'s layout."""
+        return self.modules[0] is module and self.key == _layout_key(self.modules)
+
+    def names(self) -> _Names:
+        """Every name of each group of tied tensors (one of them satisfies the group), the
+        shape expected for each name, and the dtype of integer buffers (a float where an
+        integer buffer is expected, a generated step count, would run, but not as the module
+        does)."""
+        if self._names is None:
+            slots = [[s for s in g if s.kind != "attr"] for g in tie_groups(self.modules[0])]
+            self._names = (
+                [[s.path for s in g] for g in slots if g],
+                {s.path: s.tensor.shape for g in slots for s in g},
+                {
+                    s.path: s.tensor.dtype
+                    for g in slots
+                    for s in g
+                    if s.kind == "buffer"
+                    and not (s.tensor.is_floating_point() or s.tensor.is_complex())
+                },
+            )
+        return self._names
+
+    def _hooks(self) -> tuple[int, _Watched, _Recomputed]:
+        stamp = hook_registrations()
+        if self._hooked is None or self._hooked[0] != stamp:
+            named = list(self.modules[0].named_modules())
+            self._hooked = (
+                stamp,
+                watched(named),
+                [(path, sub, attr) for path, sub in named for _, attr in recomputing_hooks(sub)],
+            )
+        return self._hooked
+
+    def watched(self) -> _Watched:
+        """The submodules whose forward may store something in plain attributes."""
+        return self._hooks()[1]
+
+    def recomputed(self) -> _Recomputed:
+        """(path, submodule, attribute) for each attribute a forward pre-hook recomputes."""
+        return self._hooks()[2]
 
 
 class TemplateState(dict[str, torch.Tensor]):
@@ -772,59 +815,66 @@ class MetaTemplate:
         given = dict(params_and_buffers)
         # The check inside the lock: the tables it compares are the module's,
         # which another thread's call fills with its tensors meanwhile.
-        with self._serialized(), _computed_kept(module):
-            if strict:
-                self._check(module, params_and_buffers, tie_weights=tie_weights)
-            with _modes_set(module, modes) if modes else contextlib.nullcontext():
-                if torch.is_grad_enabled():
-                    _refuse_checkpointing(module)
-                # strict=False is torch.func.functional_call as is (Ensemble
-                # watches and keeps what its forward stores itself).
-                state = (
-                    AttributeState(_watched(module))
-                    if strict and not torch.compiler.is_compiling()
-                    else None
-                )
-                try:
-                    if _registered_twice(module) and not torch.compiler.is_compiling():
-                        out = functional_call_restoring_in_reverse(
-                            module, given, args, dict(kwargs or {}), tie_weights=tie_weights
-                        )
-                    else:
-                        out = torch.func.functional_call(
-                            module, given, args, dict(kwargs or {}), tie_weights=tie_weights
-                        )
-                except BaseException:
+        with self._serialized():
+            layout = self._layout_of(module)
+            with _computed_kept(layout):
+                if strict:
+                    self._check(layout, params_and_buffers, tie_weights=tie_weights)
+                with _modes_set(module, modes) if modes else contextlib.nullcontext():
+                    if torch.is_grad_enabled():
+                        _refuse_checkpointing(layout)
+                    # strict=False is torch.func.functional_call as is (Ensemble
+                    # watches and keeps what its forward stores itself).
+                    state = (
+                        AttributeState(layout.watched())
+                        if strict and not torch.compiler.is_compiling()
+                        else None
+                    )
+                    try:
+                        if layout.twice and not torch.compiler.is_compiling():
+                            out = functional_call_restoring_in_reverse(
+                                module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                            )
+                        else:
+                            out = torch.func.functional_call(
+                                module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                            )
+                    except BaseException:
+                        if state is not None:
+                            lost = state.restore()
+                            if lost:  # changed in place, then raised: later calls would see it
+                                self._spoiled = lost
+                        raise
+                    replaced = _reassigned(module, params_and_buffers, given)
                     if state is not None:
-                        lost = state.restore()
-                        if lost:  # changed in place, then raised: later calls would see it
-                            self._spoiled = lost
-                    raise
-                replaced = _reassigned(module, params_and_buffers, given)
-                if state is not None:
-                    self._put_back(module, state, source is not None, replaced)
+                        self._put_back(layout, state, source is not None, replaced)
         if replaced:
             _write_back(module, params_and_buffers, given, replaced, source)
         return out
 
+    def _layout_of(self, module: nn.Module) -> _Layout:
+        layout = self._layout
+        if layout is None or not layout.fits(module):
+            # A new module (cache=False builds one per call), or one whose
+            # tables changed since (a tie, a parametrization, a submodule).
+            layout = self._layout = _Layout(module)
+        return layout
+
     def _put_back(
-        self, module: nn.Module, state: AttributeState, refuse: bool, replaced: list[str]
+        self, layout: _Layout, state: AttributeState, refuse: bool, replaced: list[str]
     ) -> None:
         """Put back what the forward stored in the template's plain attributes; raise if it
         changed a tensor there in place, or changed anything where ``refuse`` (a call standing
         for ``net(x)``) or the forward also reassigned the buffers ``replaced`` (written back:
         the next call would see them without the attributes that went with them)."""
         # Nothing watched (torch's own layers without hooks store nothing): nothing to compare.
+        module = layout.modules[0]
         compare = (refuse or bool(replaced)) and bool(state.modules)
         changed = state.changed(owned_by(module)) if compare else []
         if changed:
             # What a forward pre-hook recomputes from the parameters (a pruned or
             # weight-normed `weight`) is no state: net's hook recomputes it too.
-            computed = {
-                f"{path}.{attr}" if path else attr
-                for path, sub in module.named_modules()
-                for _, attr in recomputing_hooks(sub)
-            }
+            computed = {f"{path}.{attr}" if path else attr for path, _, attr in layout.recomputed()}
             changed = [c for c in changed if c not in computed]
         lost = state.restore()
         if lost:
@@ -868,26 +918,18 @@ class MetaTemplate:
             )
 
     def _check(
-        self, module: nn.Module, given: Mapping[str, torch.Tensor], *, tie_weights: bool
+        self, layout: _Layout, given: Mapping[str, torch.Tensor], *, tie_weights: bool
     ) -> None:
+        module = layout.modules[0]
         if not isinstance(given, Mapping):
             raise ArgumentTypeError(
                 f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
                 f"tensors as its first argument, got {type(given).__name__}. Fix: pass "
                 "`dict(module.named_parameters())` or the output of a hypernetwork keyed by name."
             )
-        layout = self._layout
-        if (
-            layout is None
-            or layout.modules[0] is not module
-            or (layout.key != _layout_key(layout.modules))
-        ):
-            # A new module (cache=False builds one per call), or one whose
-            # tables changed since (a tie, a parametrization): laid out again.
-            layout = self._layout = _Layout.of(module)
-        expected, integral = layout.expected, layout.integral
+        groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
-        for names in layout.groups:
+        for names in groups:
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
                 for n in names if not present else [n for n in names if n not in given]:
@@ -985,14 +1027,16 @@ class MetaTemplate:
 
 
 @contextlib.contextmanager
-def _computed_kept(module: nn.Module) -> Iterator[None]:
+def _computed_kept(layout: _Layout) -> Iterator[None]:
     """Put back the attributes forward pre-hooks recompute (a pruned ``weight``) after the body.
 
     The hook stores the value computed from the caller's tensors on the
     template: kept, it would hold real memory and a graph (which deepcopy
     refuses) until the next call.
     """
-    saved = [(sub, attr, vars(sub)[attr]) for sub, attr in _recomputed(module) if attr in vars(sub)]
+    saved = [
+        (sub, attr, vars(sub)[attr]) for _, sub, attr in layout.recomputed() if attr in vars(sub)
+    ]
     try:
         yield
     finally:
@@ -1044,63 +1088,12 @@ def _write_back(
         setattr(source.get_submodule(prefix), leaf, given[name])
 
 
-def _watched(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The submodules whose forward may store something in plain attributes (found again
-    once a hook was registered somewhere since)."""
-    stamp = hook_registrations()
-    cached = _WATCHED.get(module)
-    if cached is None or cached[0] != stamp:
-        cached = _WATCHED[module] = (stamp, watched(list(module.named_modules())))
-    return cached[1]
-
-
-def _registered_twice(module: nn.Module) -> bool:
-    """Whether a submodule of ``module`` is registered under two names (looked up once per
-    module: a template's structure is fixed when it is built)."""
-    found = _TWICE.get(module)
-    if found is None:
-        names = sum(1 for _ in module.named_modules(remove_duplicate=False))
-        found = _TWICE[module] = names > sum(1 for _ in module.modules())
-    return found
-
-
-_TWICE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def _recomputed(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The (submodule, attribute) pairs forward pre-hooks recompute (found again once a hook
-    was registered somewhere since)."""
-    stamp = hook_registrations()
-    cached = _RECOMPUTED.get(module)
-    if cached is None or cached[0] != stamp:
-        found = [(sub, attr) for sub in module.modules() for _, attr in recomputing_hooks(sub)]
-        cached = _RECOMPUTED[module] = (stamp, found)
-    return cached[1]
-
-
-_RECOMPUTED: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[nn.Module, str]]]] = (
-    weakref.WeakKeyDictionary()
-)
-_WATCHED: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, nn.Module]]]] = (
-    weakref.WeakKeyDictionary()
-)
-_CHECKPOINTED: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _refuse_checkpointing(module: nn.Module) -> None:
+def _refuse_checkpointing(layout: _Layout) -> None:
     """Refuse a template whose forward recomputes activations in backward."""
-    candidates = _CHECKPOINTED.get(module)
-    if candidates is None:
-        candidates = _CHECKPOINTED[module] = [
-            (path, sub)
-            for path, sub in module.named_modules()
-            if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
-        ]
+    module = layout.modules[0]
     found = [
         path or "<root>"
-        for path, sub in candidates
+        for path, sub in layout.checkpointing
         if is_checkpoint_wrapper(sub)
         or (vars(sub).get("gradient_checkpointing") is True and sub.training)
     ]
