@@ -321,6 +321,28 @@ def _as_stacked(module: nn.Module, path: str) -> _Stacked:
     return module
 
 
+class _TemplateWalk:
+    """What an ensemble's calls look up about its template's modules, walked once: their
+    paths, whether one is an ``nn.MultiheadAttention``, the ``nn.TransformerEncoder`` ones,
+    and (found again once a hook was registered anywhere) those whose forward may store
+    state in plain attributes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.paths: list[tuple[str, nn.Module]] = list(module.named_modules())
+        self.attention = any(isinstance(m, nn.MultiheadAttention) for _, m in self.paths)
+        self.encoders: list[tuple[str, nn.Module]] = [
+            (p, m) for p, m in self.paths if isinstance(m, nn.TransformerEncoder)
+        ]
+        self._watched: tuple[int, list[tuple[str, nn.Module]]] | None = None
+
+    def watched(self) -> list[tuple[str, nn.Module]]:
+        stamp = hook_registrations()
+        if self._watched is None or self._watched[0] != stamp:
+            self._watched = (stamp, watched(self.paths))
+        return self._watched[1]
+
+
 class Ensemble(nn.Module):
     """Run N same-shaped modules as one, with stacked real parameters and a meta template.
 
@@ -654,10 +676,7 @@ class Ensemble(nn.Module):
         self._aliases: dict[str, str] = {}
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
-        self._module_paths: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
-        self._watch_cache: tuple[Any, int, list[tuple[str, nn.Module]]] | None = None
-        self._encoders: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None
-        self._attention: tuple[nn.Module, bool] | None = None
+        self._walk: _TemplateWalk | None = None
         # The modes (self.training) in which a vmap call was seen drawing
         # nothing from the global Python generators (see _vmap).
         self._draws_seen: set[bool] = set()
@@ -1259,31 +1278,26 @@ class Ensemble(nn.Module):
             # the copies are made from it again.
             self._shells.clear()
 
-    def _template_modules(self) -> list[tuple[str, nn.Module]]:
-        """The template's modules with their paths (walked once per template)."""
+    def _template_walk(self) -> _TemplateWalk:
+        """What calls look up about the template's modules (walked once per template)."""
         module = self.template.module
-        if self._module_paths is None or self._module_paths[0] is not module:
-            self._module_paths = (module, list(module.named_modules()))
-        return self._module_paths[1]
+        if self._walk is None or self._walk.module is not module:
+            self._walk = _TemplateWalk(module)
+        return self._walk
+
+    def _template_modules(self) -> list[tuple[str, nn.Module]]:
+        """The template's modules with their paths."""
+        return self._template_walk().paths
 
     def _watched_template(self) -> list[tuple[str, nn.Module]]:
         """The template's modules whose forward may store state (:func:`watched`), found again
         only when a hook was registered somewhere since (see :class:`_HookCheck`)."""
-        modules, stamp = self._template_modules(), hook_registrations()
-        cached = self._watch_cache
-        if cached is None or cached[0] is not modules or cached[1] != stamp:
-            cached = self._watch_cache = (modules, stamp, watched(modules))
-        return cached[2]
+        return self._template_walk().watched()
 
     def _has_attention(self) -> bool:
         """Whether the template holds an ``nn.MultiheadAttention`` (a transformer layer's
         too), whose eval fast path :func:`_standard_attention` keeps vmap off."""
-        module = self.template.module
-        cached = self._attention
-        if cached is None or cached[0] is not module:
-            found = any(isinstance(m, nn.MultiheadAttention) for _, m in self._template_modules())
-            cached = self._attention = (module, found)
-        return cached[1]
+        return self._template_walk().attention
 
     def _nested_encoder(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
         """The path of an ``nn.TransformerEncoder`` of the template whose members may take
@@ -1295,21 +1309,12 @@ class Ensemble(nn.Module):
         vmap can run) computes values there: vmap cannot give the members'
         numbers, so the loop runs the call.
         """
-        module = self.template.module
-        cached = self._encoders
-        if cached is None or cached[0] is not module:
-            found: list[tuple[str, nn.Module]] = [
-                (path, m)
-                for path, m in self._template_modules()
-                if isinstance(m, nn.TransformerEncoder)
-            ]
-            cached = (module, found)
-            self._encoders = cached
-        if not cached[1]:
+        encoders = self._template_walk().encoders
+        if not encoders:
             return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
             return None  # the members' fast path needs no gradient
-        for path, encoder in cached[1]:
+        for path, encoder in encoders:
             if not encoder.training and getattr(encoder, "use_nested_tensor", False):
                 return path
         return None
@@ -1884,10 +1889,7 @@ class Ensemble(nn.Module):
         state["_aliases"] = {}
         state["_holders"] = None
         state["_last_plan"] = None
-        state["_module_paths"] = None
-        state["_watch_cache"] = None
-        state["_encoders"] = None
-        state["_attention"] = None
+        state["_walk"] = None  # refers to the template's modules; walked again on use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1898,10 +1900,7 @@ class Ensemble(nn.Module):
         # Pickled by a version that did not watch the forward's attributes.
         self.__dict__.setdefault("_writes_state", False)
         self.__dict__.setdefault("_ran_shared", False)
-        self.__dict__.setdefault("_module_paths", None)
-        self.__dict__.setdefault("_watch_cache", None)
-        self.__dict__.setdefault("_encoders", None)
-        self.__dict__.setdefault("_attention", None)
+        self.__dict__.setdefault("_walk", None)
         self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
