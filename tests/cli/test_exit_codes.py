@@ -12,7 +12,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning
 import pytest
+import torch
 
 import lightning_meta
 from lightning_meta import MetaTensorError
@@ -213,6 +215,11 @@ def test_help_and_usage_errors_return_instead_of_exiting(
 ) -> None:
     assert main(["--help"]) == 0
     assert "Exit status" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == (
+        f"lightning-meta {lightning_meta.__version__} (torch {torch.__version__}, lightning "
+        f"{lightning.__version__}, Python {sys.version.split()[0]})\n"
+    )
     assert main(["estimate", "--no-such-option"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2

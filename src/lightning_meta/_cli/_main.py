@@ -185,6 +185,18 @@ class Parser(argparse.ArgumentParser):
         )
 
 
+def _version() -> str:
+    """This package's version with those of torch and Lightning it runs with."""
+    from importlib.metadata import version
+
+    import lightning_meta
+
+    return (
+        f"lightning-meta {lightning_meta.__version__} (torch {version('torch')}, "
+        f"lightning {version('lightning')}, Python {sys.version.split()[0]})"
+    )
+
+
 def build_parser() -> Parser:
     """Return the argument parser with every sub-command registered."""
     parser = Parser(
@@ -194,6 +206,12 @@ def build_parser() -> Parser:
             "Exit status: 0 ok; 1 a problem found in the model, its inputs or the file; "
             "2 a bad command line, or a TARGET that cannot be imported or built; 130 interrupted."
         ),
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the versions of lightning-meta, torch and Lightning (for a bug report)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMANDS.values():
