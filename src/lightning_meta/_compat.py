@@ -1211,6 +1211,31 @@ def local_box(dtensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] 
 __all__ += ["local_box"]
 
 
+def fsdp_reshard_hooks(module: nn.Module) -> list[Callable[[], None]]:
+    """FSDP2's load pre-hooks on ``module``: each reshards the parameter group it belongs to.
+
+    ``fully_shard`` registers one (``FSDPParamGroup._to_sharded``, in a
+    ``to_sharded_hook`` closure that ignores its arguments) on every module
+    holding parameters of the group, so that ``load_state_dict`` never
+    writes into the unsharded copies a forward leaves registered (the root's
+    after a ``no_grad`` forward, all of them with ``reshard_after_forward=False``),
+    which the next reshard frees. Checked on torch 2.13.
+    """
+    pre, _ = load_hook_tables(module)
+    found = []
+    for hook in pre.values():
+        fn = hook_function(hook)
+        if (
+            getattr(fn, "__module__", "") == "torch.distributed.fsdp._fully_shard._fsdp_param_group"
+            and getattr(fn, "__name__", "") == "to_sharded_hook"
+        ):
+            found.append(fn)
+    return found
+
+
+__all__ += ["fsdp_reshard_hooks"]
+
+
 def load_hook_tables(module: nn.Module) -> tuple[dict[int, Any], dict[int, Any]]:
     """``module``'s load_state_dict pre-hook and post-hook tables (``_load_state_dict_pre_hooks``,
     ``_load_state_dict_post_hooks``; torch 2.6 to 2.15), the tables themselves."""

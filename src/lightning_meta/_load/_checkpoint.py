@@ -37,7 +37,7 @@ from lightning_meta._load._phases import (
     swap_in,
 )
 from lightning_meta._load._report import LoadReport
-from lightning_meta._load._shards import has_sharded, load_into_shards
+from lightning_meta._load._shards import has_sharded, load_into_shards, reshard_fsdp
 
 __all__ = ["LoadReport", "load_checkpoint"]
 
@@ -207,6 +207,7 @@ def load_checkpoint(
     with torch.inference_mode(False):
         where = str(path)
         source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
+        reshard_fsdp(module)  # as load_state_dict's FSDP2 pre-hooks: never into the gathered copy
         plan = plan_load(module, source, where, prefix=prefix, strict=strict)
         if has_sharded(plan):  # DTensors: each rank reads only its own shards
             sharded = load_into_shards(

@@ -60,7 +60,15 @@ from lightning_meta._load._torchfile import (
 )
 from lightning_meta._slots import Slot
 
-__all__ = ["Box", "ShardTarget", "box_runs", "has_sharded", "is_sharded", "load_into_shards"]
+__all__ = [
+    "Box",
+    "ShardTarget",
+    "box_runs",
+    "has_sharded",
+    "is_sharded",
+    "load_into_shards",
+    "reshard_fsdp",
+]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -68,6 +76,24 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]
 def is_sharded(t: torch.Tensor | None) -> bool:
     """Whether ``t`` is a ``DTensor`` (without importing ``torch.distributed`` when none is)."""
     return t is not None and type(t).__name__ == "DTensor"
+
+
+def reshard_fsdp(module: nn.Module) -> None:
+    """Reshard every FSDP2 parameter group with parameters in ``module``'s tree, as ``load_state_dict`` does first.
+
+    A forward leaves unsharded parameters registered in the module (the
+    root's after a ``no_grad`` forward, every group's with
+    ``reshard_after_forward=False``): plain tensors that FSDP2 frees at the
+    next reshard, so values loaded into them would be lost. FSDP2's own load
+    pre-hooks (which the plan leaves out, :mod:`~lightning_meta._load._hooks`)
+    reshard first; run here before planning, the plan sees the sharded
+    DTensors and each rank loads its shards. Like those hooks, this stays
+    done if the load is then refused: the values are the same, only the
+    all-gathered copies are freed (the next forward gathers them again).
+    """
+    for mod in module.modules():
+        for reshard in _compat.fsdp_reshard_hooks(mod):
+            reshard()
 
 
 def has_sharded(plan: Plan) -> bool:
