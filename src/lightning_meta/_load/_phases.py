@@ -158,13 +158,15 @@ class Converted:
 
     ``in_place``: copy ``tensor`` into the group's (real) tensor. Otherwise a
     real tensor takes ``tensor`` as its ``.data`` (a new dtype or device),
-    and a meta tensor's slots take ``tensor`` itself, already dressed as the
-    old one (Parameter class, ``requires_grad``, attributes).
+    and its ``.grad`` takes ``grad`` as its ``.data`` where given, and a
+    meta tensor's slots take ``tensor`` itself, already dressed as the old
+    one (Parameter class, ``requires_grad``, attributes).
     """
 
     group: Group
     tensor: torch.Tensor
     in_place: bool
+    grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -311,7 +313,7 @@ def _convert_one(
                 f"on {device} as its data",
                 "move or cast the module first, so the checkpoint is copied in place",
             )
-        return Converted(group, tensor, False)
+        return Converted(group, tensor, False, _grad_like(group, device, dtype))
     handle = handle_of(old)
     try:
         new = wrap_like(old, tensor, handle.attrs if handle is not None else vars(old))
@@ -324,6 +326,39 @@ def _convert_one(
             "or load into a real module (its tensors are then copied in place)",
         ) from e
     return Converted(group, new, False)
+
+
+def _grad_like(group: Group, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``.grad`` of ``group``'s real parameter as ``module.to(device, dtype)`` converts it.
+
+    ``Module._apply`` casts and moves a parameter's gradient with it (and
+    leaves a buffer's alone), so an optimizer step after a load with
+    ``dtype=``/``device=`` sees gradients of the parameter's dtype, as after
+    eager ``module.to``. ``None``: none to convert.
+    """
+    old = group.tensor
+    grad = old.grad
+    if grad is None or not any(s.kind == "param" for s in group.slots):
+        return None
+    dev, want = _placement(grad, device, dtype)
+    if (dev, want) == (grad.device, grad.dtype):
+        return None
+    try:
+        new = grad.detach().to(device=dev, dtype=want)
+    except (RuntimeError, ValueError, TypeError) as e:  # out of memory on the device, mostly
+        raise _refuse(
+            group, f"converting its .grad to {want} on {dev} failed ({type(e).__name__}: {e})",
+            "free memory on the device, or set the gradients to None (optimizer.zero_grad()) "
+            "before loading",
+        ) from e  # fmt: skip
+    if not _compat.can_set_data(grad, new):
+        raise _refuse(
+            group,
+            f"its .grad ({grad.layout}, {type(grad).__name__}) cannot take a {want} tensor on "
+            f"{dev} as its data",
+            "set the gradients to None (optimizer.zero_grad()) before loading",
+        )
+    return new
 
 
 def _compact(t: torch.Tensor) -> bool:
@@ -665,6 +700,9 @@ def swap_in(
                         # optimizers and ties that refer to it stay valid.
                         undo.append(_undo_data(old, old.data))
                         _set_data(old, item.tensor)
+                        if item.grad is not None and old.grad is not None:
+                            undo.append(_undo_data(old.grad, old.grad.data))
+                            _set_data(old.grad, item.grad)
                         continue
                     handle = handle_of(old)
                     copied = _copied_in_eager(old, item.tensor)
