@@ -1,4 +1,4 @@
-"""`load_checkpoint` leaves the state eager loading leaves: FSDP2 shards, gradients.
+"""`load_checkpoint` leaves the state eager loading leaves: FSDP2 shards, gradients, strides.
 
 - An FSDP2 model that ran a ``no_grad`` forward holds unsharded copies that
   the next reshard frees: the load reshards first (as FSDP2's own load
@@ -6,6 +6,9 @@
   then shard" (2 gloo ranks, `tests/support/run_fsdp_load_after_forward.py`).
 - ``dtype=``/``device=`` on a real module convert each parameter's ``.grad``
   as ``module.to`` does: an AdamW step after a bf16 load equals eager's.
+- Meta, deferred and real targets keep the module's strides (a channels_last
+  convolution, a parameter stored transposed), as ``to_empty()`` or eager
+  construction then ``load_state_dict`` (then ``module.to``) do.
 """
 
 from __future__ import annotations
@@ -95,3 +98,61 @@ def test_a_failed_swap_gives_the_gradients_back(
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.grad is not None, name
         assert p.grad.dtype == torch.float32 and torch.equal(p.grad, grads[name]), name
+
+
+class Laid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        self.wt = nn.Parameter(torch.randn(5, 4).t())  # stored transposed
+        self.register_buffer("cl", torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))
+
+
+class Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wt = nn.Parameter(torch.randn(5, 4).t())
+
+
+@pytest.mark.parametrize("kind", ["meta", "deferred", "real"])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_strides_kept_as_eager(kind: str, dtype: torch.dtype | None, tmp_path: Path) -> None:
+    # A deferred model cannot record .to(memory_format=...) of a submodule: Transposed.
+    cls = Transposed if kind == "deferred" else Laid
+    path = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    # saved contiguous, as safetensors files always are
+    torch.save({k: v.contiguous() for k, v in cls().state_dict().items()}, path)
+    torch.manual_seed(1)
+    eager = cls()
+    eager.load_state_dict(torch.load(path, weights_only=True))
+    if dtype is not None:
+        eager.to(dtype)
+    torch.manual_seed(1)
+    if kind == "meta":
+        with torch.device("meta"):
+            model = cls()
+    elif kind == "deferred":
+        model = lm.deferred_init(cls)
+    else:
+        model = cls()
+    lm.load_checkpoint(model, path, dtype=dtype)
+    want = dict(eager.state_dict())
+    got = dict(model.state_dict())
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert t.stride() == want[name].stride(), name
+        assert t.dtype == want[name].dtype, name
+        assert torch.equal(t, want[name]), name
+
+
+def test_a_checkpoint_saved_channels_last_is_taken_without_a_copy(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save(Laid().state_dict(), path)  # torch.save keeps the strides
+    with torch.device("meta"):
+        model = Laid()
+    lm.load_checkpoint(model, path, mmap=True)
+    # mapped from the file, not copied: the tensor's storage is the file's pages
+    assert model.conv.weight.stride() == (27, 1, 9, 3)
+    assert not model.conv.weight.untyped_storage().resizable()

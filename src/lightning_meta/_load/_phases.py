@@ -287,19 +287,12 @@ def _convert_one(
             )
         return Converted(group, tensor, True)
     try:
-        tensor = tensor.to(device=device, dtype=dtype)
+        tensor = _laid_out_like(old, tensor, device, dtype)
     except (RuntimeError, ValueError, TypeError) as e:  # out of memory on the device, mostly
         raise _refuse(
             group, f"converting it to {dtype} on {device} failed ({type(e).__name__}: {e})",
             "free memory on the device, or load with device='cpu'",
         ) from e  # fmt: skip
-    if not _compact(tensor):
-        # A view of a larger storage (parameters saved as views of one flat
-        # buffer, a fused qkv split) would keep all of it alive, and an
-        # expanded or transposed one would give the module a parameter whose
-        # elements share memory or that .view() refuses: eager loading copies
-        # into the module's own contiguous tensor.
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
     ptr = tensor.untyped_storage().data_ptr()
     # Empty tensors all report storage pointer 0 and share nothing.
     if ptr in seen_storage and ptr != 0:
@@ -326,6 +319,37 @@ def _convert_one(
             "or load into a real module (its tensors are then copied in place)",
         ) from e
     return Converted(group, new, False)
+
+
+def _laid_out_like(
+    old: torch.Tensor, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, in memory of its own laid out as eager leaves ``old``.
+
+    Eager loading copies into the module's own tensor (``load_state_dict``
+    after construction or ``to_empty``), whose strides ``module.to`` and
+    ``to_empty`` keep where it is dense (a channels_last weight, a parameter
+    stored transposed), and a dense tensor otherwise: what ``empty_like``
+    gives. Made in one copy (cast and move included) where the read tensor
+    is laid out otherwise, or is a view of a larger storage (parameters saved
+    as views of one flat buffer, a fused qkv split), which would keep all of
+    it alive, or expanded (elements sharing memory).
+    """
+    if old.layout == torch.strided and tensor.layout == torch.strided:
+        stride = torch.empty_like(old, device="meta", dtype=dtype).stride()
+        whole = (
+            tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        )
+        if whole and tensor.stride() == stride:
+            return tensor.to(device=device, dtype=dtype)  # a dense tensor keeps its strides
+        out = torch.empty_strided(tuple(old.shape), stride, dtype=dtype, device=device)
+        out.copy_(tensor)
+        return out
+    tensor = tensor.to(device=device, dtype=dtype)
+    if tensor.layout == torch.strided and not _compact(tensor):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
 
 
 def _grad_like(group: Group, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
