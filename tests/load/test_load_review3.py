@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,3 +76,78 @@ def test_index_name_that_climbs_out_through_a_subfolder_is_refused(
     with pytest.raises(lm.MetaTensorError, match=r"outside its directory"):
         load_checkpoint(m, path)
     ml.assert_unchanged(m, before)
+
+
+# -- tied weights in a model with load code: each name loads from its own key ----------------
+
+
+class _TiedWithLoadCode(nn.Module):
+    """The review's minimal model: a tie, and a module with a load pre-hook (weight_norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3))
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def _gpt2_checkpointed() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    m = transformers.GPT2LMHeadModel(cfg)
+    for i, block in enumerate(m.transformer.h):
+        m.transformer.h[i] = checkpoint_wrapper(block)
+    return m
+
+
+def _build(make: type[nn.Module] | Any, kind: str) -> nn.Module:
+    torch.manual_seed(7)
+    if kind == "deferred":
+        return lm.deferred_init(make)
+    if kind == "meta":
+        with torch.device("meta"):
+            return make()
+    return make()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("make", [_TiedWithLoadCode, _gpt2_checkpointed], ids=["net", "gpt2"])
+def test_tied_weights_with_load_code_load_like_load_state_dict(
+    make: Any, kind: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    saved = make()
+    torch.save(saved.state_dict(), tmp_path / "c.pt")
+    eager = _build(make, "real")
+    eager.load_state_dict(torch.load(tmp_path / "c.pt"))
+    m = _build(make, kind)
+    report = load_checkpoint(m, tmp_path / "c.pt")
+    assert report.missing == [] and report.unexpected == []
+    want = eager.state_dict()
+    got = m.state_dict()
+    assert list(got) == list(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    if make is _TiedWithLoadCode:
+        assert m.head.weight is m.emb.weight
+    else:
+        assert m.lm_head.weight is m.transformer.wte.weight
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tied_names_with_different_values_and_load_code_give_the_last(
+    kind: str, tmp_path: Path
+) -> None:
+    state = _TiedWithLoadCode().state_dict()
+    state["head.weight"] = torch.full_like(state["emb.weight"], 7.0)
+    torch.save(state, tmp_path / "c.pt")
+    eager = _build(_TiedWithLoadCode, "real")
+    eager.load_state_dict(torch.load(tmp_path / "c.pt"))
+    m = _build(_TiedWithLoadCode, kind)
+    load_checkpoint(m, tmp_path / "c.pt")
+    assert m.head.weight is m.emb.weight
+    for name, t in eager.state_dict().items():
+        assert torch.equal(m.state_dict()[name], t), name

@@ -105,6 +105,7 @@ class _Skeleton:
 
     def __init__(self, module: nn.Module, where: str, code: list[LoadCode]) -> None:
         memo: dict[int, Any] = {}
+        self._display: dict[str, str] | None = None
         self.paths: dict[int, list[str]] = {}  # stand-in id -> walk names of its tensor
         for slot in iter_slots(module, remove_duplicate=False):
             t = slot.tensor
@@ -136,6 +137,11 @@ class _Skeleton:
 
     def display(self) -> dict[str, str]:
         """Walk name to ``state_dict`` name, where a state-dict hook renames (checkpoint_wrapper)."""
+        if self._display is None:
+            self._display = self._names()
+        return self._display
+
+    def _names(self) -> dict[str, str]:
         try:
             state = self.module.state_dict(keep_vars=True)
         except Exception:  # a state-dict hook that cannot run on meta tensors: keep walk names
@@ -166,7 +172,8 @@ def _standin(t: torch.Tensor) -> torch.Tensor:
 
 
 class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
-    """Records every ``dst.copy_(src)`` (and ``.data =``, ``set_``) as ``(dst, src)``.
+    """Records every ``dst.copy_(src)`` (and ``.data =``, ``set_``) as ``(dst, src, prefix)``,
+    ``prefix`` that of the module whose ``_load_from_state_dict`` runs it (``at[-1]``).
 
     It also counts how far each such call moved ``dst``'s version counter, so
     that a stand-in written by anything else (an in-place op on it or on a
@@ -176,7 +183,8 @@ class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__()
-        self.copies: list[tuple[Any, Any]] = []
+        self.at: list[str] = []
+        self.copies: list[tuple[Any, Any, str | None]] = []
         self.accounted: dict[int, int] = {}  # id(dst) -> version moves of its recorded copies
 
     def __torch_function__(
@@ -184,7 +192,7 @@ class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
     ) -> Any:
         if func in _RECORDED and len(args) >= 2 and isinstance(args[0], torch.Tensor):
             dst = args[0]
-            self.copies.append((dst, args[1]))
+            self.copies.append((dst, args[1], self.at[-1] if self.at else None))
             before = _compat.version_of(dst)
             out = func(*args, **(kwargs or {}))
             moved = _compat.version_of(dst) - before
@@ -269,7 +277,7 @@ def trace_load(
     versions = {sid: _compat.version_of(t) for sid, t in skeleton.standins.items()}
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
-        with recorder:
+        with recorder, _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at):
             skeleton.module.load_state_dict(state, strict=False)
     except Exception as e:
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
@@ -294,7 +302,7 @@ def trace_load(
     edited = sorted(
         key
         for key, ph in placeholders.items()
-        if _compat.version_of(ph) != 0 or any(dst is ph for dst, _ in recorder.copies)
+        if _compat.version_of(ph) != 0 or any(dst is ph for dst, _, _ in recorder.copies)
     )
     # A stand-in written other than by a recorded copy into it (through a view:
     # weight[:] = w.t(), an in-place op): views share their base's version counter.
@@ -320,12 +328,12 @@ def trace_load(
         )
     sources: dict[str, str] = {}
     converted: dict[str, str] = {}
-    for dst, src in recorder.copies:
+    for dst, src, at in recorder.copies:
         paths = skeleton.paths.get(id(dst))
         if paths is None:
             continue  # not a tensor of the module (a temporary of the hook)
         source = key_of.get(id(src)) if isinstance(src, torch.Tensor) else None
-        for path in paths:
+        for path in _copied_at(paths, at, source, skeleton):
             if source is None:
                 converted[path] = type(src).__name__
                 sources.pop(path, None)
@@ -349,6 +357,26 @@ def trace_load(
             paths=bad,
         )
     return sources
+
+
+def _copied_at(
+    paths: list[str], at: str | None, source: str | None, skeleton: _Skeleton
+) -> list[str]:
+    """The names of a tensor that one copy into it loads, as ``load_state_dict`` sees it.
+
+    A tied tensor is copied once per name, each time from that name's key:
+    the copy belongs to the name(s) of the module whose
+    ``_load_from_state_dict`` ran it (``at``), and of two names in that
+    module to the one whose key it read. A copy made by other code (a
+    parent's override filling a child's tensor) belongs to every name.
+    """
+    if at is None:
+        return paths
+    here = [p for p in paths if p.startswith(at) and "." not in p[len(at) :]]
+    if len(here) > 1 and source is not None:
+        read = [p for p in here if source in (p, skeleton.display().get(p, p))]
+        here = read or here
+    return here or paths
 
 
 def _under(path: str, prefix: str) -> bool:
