@@ -151,3 +151,61 @@ def test_tied_names_with_different_values_and_load_code_give_the_last(
     assert m.head.weight is m.emb.weight
     for name, t in eager.state_dict().items():
         assert torch.equal(m.state_dict()[name], t), name
+
+
+# -- load post-hooks that edit the key lists in place --------------------------------------
+
+
+class _LoRALinear(nn.Module):
+    """A base layer and an adapter whose post-hook drops its own keys from the missing ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.lora_a = nn.Parameter(torch.zeros(2, 4))
+        self.register_load_state_dict_post_hook(self._ignore_lora)
+
+    @staticmethod
+    def _ignore_lora(module: nn.Module, incompatible: Any) -> None:
+        for k in [k for k in incompatible.missing_keys if "lora_" in k]:
+            incompatible.missing_keys.remove(k)
+
+
+class _TwoAdapters(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _LoRALinear()
+        self.b = _LoRALinear()
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("kind", ["deferred", "real"])
+@pytest.mark.parametrize("make", [_LoRALinear, _TwoAdapters], ids=["lora", "nested"])
+def test_post_hook_removing_its_missing_keys_is_honoured_as_load_state_dict(
+    make: Any, kind: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    base = {k: v for k, v in make().state_dict().items() if "lora_" not in k}
+    torch.save(base, tmp_path / "base.pt")
+    eager = _build(make, "real")
+    keys = eager.load_state_dict(torch.load(tmp_path / "base.pt"))  # strict
+    m = _build(make, kind)
+    report = load_checkpoint(m, tmp_path / "base.pt")
+    assert report.missing == sorted(keys.missing_keys) == []
+    for name, t in eager.state_dict().items():
+        assert torch.equal(m.state_dict()[name], t), name
+
+
+def test_post_hook_leaves_other_missing_keys_to_the_strict_check(tmp_path: Path) -> None:
+    base = {k: v for k, v in _TwoAdapters().state_dict().items() if k != "head.bias"}
+    base = {k: v for k, v in base.items() if "lora_" not in k}
+    torch.save(base, tmp_path / "base.pt")
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "head.bias"\. $'):
+        _TwoAdapters().load_state_dict(torch.load(tmp_path / "base.pt"))
+    m = lm.deferred_init(_TwoAdapters)
+    with pytest.raises(
+        lm.MetaTensorError, match=r"missing from the checkpoint \(1\):\n    'head.bias'"
+    ):
+        load_checkpoint(m, tmp_path / "base.pt")
+    report = load_checkpoint(m, tmp_path / "base.pt", strict=False)
+    assert report.missing == ["head.bias"]

@@ -13,7 +13,9 @@ placeholders of the checkpoint's keys, under a
 stand-ins. A tensor whose copy source is the placeholder of key ``K`` loads
 from ``K`` (a rename); one filled from any other tensor (a value converted by
 a hook) is refused. The module's post-hooks are not traced: they run for real
-after the load (:func:`run_post_hooks`).
+after the load (:func:`run_post_hooks`); run once more on the skeleton, they
+tell which missing and unexpected keys they take off the lists
+(:meth:`_Skeleton.post_hook_edits`).
 """
 
 from __future__ import annotations
@@ -129,11 +131,62 @@ class _Skeleton:
                 f"nothing in the module was changed. Fix: {_FIX}.",
                 paths=[c.path for c in code],
             ) from e
-        for mod in self.module.modules():  # post-hooks run for real after the load
+        # Post-hooks run for real after the load; here only to learn which keys they
+        # take off the lists (post_hook_edits), after the trace.
+        self._post: list[tuple[dict[int, Any], dict[int, Any]]] = []
+        for mod in self.module.modules():
             pre, post = _compat.load_hook_tables(mod)
             for hook_id in [k for k, h in pre.items() if _own(h)]:
                 del pre[hook_id]
+            if any(not _own(h) for h in post.values()):
+                self._post.append((post, {k: h for k, h in post.items() if not _own(h)}))
             post.clear()
+        self._traced: tuple[Any, list[str], list[str]] | None = None  # state, missing, unexpected
+
+    def post_hook_edits(self) -> tuple[set[str], set[str], set[str], set[str]] | None:
+        """What the load post-hooks do to ``load_state_dict``'s key lists, or ``None`` if unknown.
+
+        torch hands every post-hook the missing and unexpected keys, which it
+        may edit in place (an adapter dropping its own ``lora_*`` keys from
+        the missing ones), and the strict check reads them afterwards. The
+        traced load is run again on the skeleton with the post-hooks in place,
+        each at the moment ``load_state_dict`` runs it; returns the missing
+        keys (walk names) they removed and added, then the unexpected keys
+        (checkpoint keys, prefix stripped) removed and added. ``None`` when
+        the trace gave no lists or a post-hook fails on meta tensors.
+        """
+        if self._traced is None or not self._post:
+            return None
+        state, missing, unexpected = self._traced
+        failed: list[BaseException] = []
+
+        def guarded(hook: Any) -> Callable[..., Any]:
+            def call(module: nn.Module, keys: Any) -> None:
+                try:
+                    hook(module, keys)
+                except Exception as e:  # user code on meta tensors
+                    failed.append(e)
+
+            return call
+
+        for table, hooks in self._post:
+            table.update({k: guarded(h) for k, h in hooks.items()})
+        try:
+            after = self.module.load_state_dict(state, strict=False)
+        except Exception:
+            return None
+        finally:
+            for table, _ in self._post:
+                table.clear()
+        if failed:
+            return None
+        got_m, got_u = set(after.missing_keys), set(after.unexpected_keys)
+        return (
+            set(missing) - got_m,
+            got_m - set(missing),
+            set(unexpected) - got_u,
+            got_u - set(unexpected),
+        )
 
     def display(self) -> dict[str, str]:
         """Walk name to ``state_dict`` name, where a state-dict hook renames (checkpoint_wrapper)."""
@@ -278,7 +331,8 @@ def trace_load(
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
         with recorder, _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at):
-            skeleton.module.load_state_dict(state, strict=False)
+            keys = skeleton.module.load_state_dict(state, strict=False)
+        skeleton._traced = (state, list(keys.missing_keys), list(keys.unexpected_keys))
     except Exception as e:
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
@@ -422,8 +476,14 @@ def _post_order(module: nn.Module) -> Iterator[nn.Module]:
     yield module
 
 
-def run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+def run_post_hooks(
+    module: nn.Module, missing: list[str], unexpected: list[str]
+) -> tuple[list[str], list[str]]:
     """Run the module's own load post-hooks, children first, as ``load_state_dict`` does.
+
+    Returns:
+        The missing and unexpected keys, sorted, as the hooks left them (they
+        may edit the lists in place; ``load_state_dict`` returns them so).
 
     Raises:
         MetaTensorError: a hook raised; the tensors are loaded, the hook's
@@ -443,6 +503,7 @@ def run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str])
                     f"refreshes may be left as it was. Fix: {_FIX}.",
                     paths=[],
                 ) from e
+    return sorted(set(keys.missing_keys)), sorted(set(keys.unexpected_keys))
 
 
 def post_hooked(code: list[LoadCode]) -> list[LoadCode]:

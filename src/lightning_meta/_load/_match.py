@@ -106,6 +106,8 @@ def plan_load(
     plan.display = display
     if sources is not None:
         plan.missing = sorted(display.get(n, n) for n in plan.missing)
+        if skeleton is not None and (plan.missing or plan.unexpected):
+            _apply_post_hook_edits(plan, skeleton.post_hook_edits())
         _refuse_post_hooks_on_meta(where, plan)
     if plan.unsupported:
         raise unsupported_error(where, plan)
@@ -113,6 +115,29 @@ def plan_load(
     if error is not None:
         raise error
     return plan
+
+
+def _apply_post_hook_edits(
+    plan: Plan, edits: tuple[set[str], set[str], set[str], set[str]] | None
+) -> None:
+    """Take off (or add to) the plan's missing and unexpected keys what the post-hooks do.
+
+    ``load_state_dict`` checks ``strict`` and returns the key lists after
+    the modules' load post-hooks edited them in place; the report and the
+    strict check here do the same.
+    """
+    if edits is None:
+        return
+    gone_m, new_m, gone_u, new_u = edits
+    shown = plan.display
+    gone_m = {shown.get(n, n) for n in gone_m}
+    plan.missing = sorted(
+        {n for n in plan.missing if n not in gone_m} | {shown.get(n, n) for n in new_m}
+    )
+    strip = len(plan.prefix)
+    plan.unexpected = sorted(
+        {u for u in plan.unexpected if u[strip:] not in gone_u} | {plan.prefix + u for u in new_u}
+    )
 
 
 def _refuse_post_hooks_on_meta(where: str, plan: Plan) -> None:
