@@ -1265,6 +1265,19 @@ def load_prefixes_seen(modules: Iterable[nn.Module], at: list[str]) -> Iterator[
             vars(mod).pop("_load_from_state_dict", None)
 
 
+def counts_batches(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer whose ``_load_from_state_dict`` fills a missing
+    ``num_batches_tracked`` in a state dict of an older version
+    (``torch.nn.modules.batchnorm._NormBase`` with ``track_running_stats``; torch 2.6 to 2.15)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return (
+        isinstance(module, _NormBase)
+        and bool(module.track_running_stats)
+        and isinstance(getattr(module, "num_batches_tracked", None), torch.Tensor)
+    )
+
+
 def incompatible_keys(missing: list[str], unexpected: list[str]) -> Any:
     """What ``load_state_dict`` hands its post-hooks and returns:
     ``torch.nn.modules.module._IncompatibleKeys`` (a named tuple, torch 2.6 to 2.15)."""

@@ -209,3 +209,68 @@ def test_post_hook_leaves_other_missing_keys_to_the_strict_check(tmp_path: Path)
         load_checkpoint(m, tmp_path / "base.pt")
     report = load_checkpoint(m, tmp_path / "base.pt", strict=False)
     assert report.missing == ["head.bias"]
+
+
+# -- nn.BatchNorm checkpoints without num_batches_tracked (old torchvision format) -----------
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+
+def _bn_files(root: Path) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = _bn_net()
+    with torch.no_grad():
+        src[1].running_mean.uniform_()
+        src[1].num_batches_tracked.fill_(7)
+    # Built from the state dict, as old weights were: no "_metadata", no counter.
+    state = {k: v.clone() for k, v in src.state_dict().items() if "num_batches" not in k}
+    torch.save(state, root / "r.pt")
+    save_file(state, str(root / "r.safetensors"))
+    return {"pt": root / "r.pt", "safetensors": root / "r.safetensors"}
+
+
+def _eager_bn(kind: str, path: Path, *, strict: bool = True) -> nn.Module:
+    """What plain PyTorch gives: load_state_dict into a built model; assign=True on meta."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path)
+    m = _build(_bn_net, "meta" if kind == "meta" else "real")
+    if kind == "real":
+        m[1].num_batches_tracked.fill_(5)  # the module's own value is kept
+    m.load_state_dict(state, strict=strict, assign=kind == "meta")
+    return m
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_batchnorm_checkpoint_without_its_counter_loads_as_load_state_dict(
+    kind: str, fmt: str, strict: bool, tmp_path: Path
+) -> None:
+    path = _bn_files(tmp_path)[fmt]
+    eager = _eager_bn(kind, path, strict=strict)
+    m = _build(_bn_net, kind)
+    if kind == "real":
+        m[1].num_batches_tracked.fill_(5)
+    report = load_checkpoint(m, path, strict=strict)
+    assert report.missing == [] and report.left_on_meta == []
+    for name, t in eager.state_dict().items():
+        got = m.state_dict()[name]
+        assert not got.is_meta and got.dtype == t.dtype and torch.equal(got, t), name
+    assert int(m[1].num_batches_tracked) == (5 if kind == "real" else 0)
+
+
+def test_batchnorm_counter_missing_from_a_current_state_dict_is_refused(tmp_path: Path) -> None:
+    state = _bn_net().state_dict()
+    del state["1.num_batches_tracked"]  # "_metadata" still says version 2
+    torch.save(state, tmp_path / "v2.pt")
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "1.num_batches'):
+        _bn_net().load_state_dict(torch.load(tmp_path / "v2.pt"))
+    for kind in KINDS:
+        m = _build(_bn_net, kind)
+        with pytest.raises(lm.MetaTensorError, match=r"missing from the checkpoint \(1\)"):
+            load_checkpoint(m, tmp_path / "v2.pt")

@@ -82,8 +82,8 @@ def load_code(module: nn.Module) -> list[LoadCode]:
     """Every submodule (shared ones once) that has load code ``load_state_dict`` would run.
 
     That is an override of ``_load_from_state_dict`` (torch's own layers
-    excepted: ``nn.BatchNorm``'s converts checkpoints of older torch versions
-    only), a load pre-hook, or a load post-hook, lightning_meta's own hooks
+    excepted: ``nn.BatchNorm``'s only fills the ``num_batches_tracked`` that
+    checkpoints of older torch versions lack, which the plan does itself), a load pre-hook, or a load post-hook, lightning_meta's own hooks
     (on deferred modules) excepted.
     """
     found = []

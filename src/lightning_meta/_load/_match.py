@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from lightning_meta import _compat
 from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._hooks import (
@@ -108,6 +109,9 @@ def plan_load(
         plan.missing = sorted(display.get(n, n) for n in plan.missing)
         if skeleton is not None and (plan.missing or plan.unexpected):
             _apply_post_hook_edits(plan, skeleton.post_hook_edits())
+    if plan.missing:
+        _fill_batch_counters(module, source, plan)
+    if sources is not None:
         _refuse_post_hooks_on_meta(where, plan)
     if plan.unsupported:
         raise unsupported_error(where, plan)
@@ -138,6 +142,38 @@ def _apply_post_hook_edits(
     plan.unexpected = sorted(
         {u for u in plan.unexpected if u[strip:] not in gone_u} | {plan.prefix + u for u in new_u}
     )
+
+
+def _fill_batch_counters(module: nn.Module, source: Source, plan: Plan) -> None:
+    """Fill a norm layer's missing ``num_batches_tracked`` as its ``_load_from_state_dict`` does.
+
+    ``nn.BatchNorm`` (any ``_NormBase`` tracking running stats) puts its own
+    counter in a state dict whose version for the module is below 2 or
+    unknown (old torchvision weights, safetensors, a dict built from a state
+    dict), or ``tensor(0)`` when the counter is on meta. Here a real counter
+    stays as it is, a deferred one is replayed (eager's own value), and a
+    plain meta one is given ``tensor(0)``; none of them is missing.
+    """
+    if source.own_versions:
+        return
+    groups = {id(g.tensor): g for g in plan.groups}
+    for path, mod in module.named_modules():
+        if not _compat.counts_batches(mod):
+            continue
+        name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        shown = plan.display.get(name, name)
+        if shown not in plan.missing:
+            continue
+        local = (source.versions or {}).get(plan.prefix + path if path else plan.prefix[:-1])
+        version = local.get("version") if isinstance(local, dict) else None
+        if isinstance(version, int) and version >= 2:
+            continue
+        plan.missing.remove(shown)
+        counter = mod.num_batches_tracked
+        group = groups.get(id(counter))
+        if counter.is_meta and handle_of(counter) is None and group is not None:
+            entry = source.supply(plan.prefix + shown, torch.tensor(0, dtype=torch.long))
+            plan.load.append((group, entry))
 
 
 def _refuse_post_hooks_on_meta(where: str, plan: Plan) -> None:

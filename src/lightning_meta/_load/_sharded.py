@@ -225,6 +225,8 @@ class _Chunk:
 class DcpSource(Source):
     """A ``torch.distributed.checkpoint`` directory, its items read like small torch files."""
 
+    own_versions = True
+
     def __init__(
         self,
         path: Path,
