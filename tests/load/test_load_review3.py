@@ -274,3 +274,60 @@ def test_batchnorm_counter_missing_from_a_current_state_dict_is_refused(tmp_path
         m = _build(_bn_net, kind)
         with pytest.raises(lm.MetaTensorError, match=r"missing from the checkpoint \(1\)"):
             load_checkpoint(m, tmp_path / "v2.pt")
+
+
+# -- safetensors dtypes that torch and safetensors.torch.load_file handle ---------------------
+
+_ST_DTYPES = [
+    getattr(torch, n)
+    for n in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2")
+    if hasattr(torch, n)
+]
+
+
+class _Holder(nn.Module):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("b", torch.zeros(shape, dtype=torch.uint8).view(dtype))
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (5,), (2, 0)])
+@pytest.mark.parametrize("dtype", _ST_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_safetensors_dtypes_load_as_load_file(
+    kind: str, dtype: torch.dtype, shape: tuple[int, ...], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    saved = torch.randint(0, 256, shape, dtype=torch.uint8).view(dtype)
+    save_file({"b": saved}, str(tmp_path / "x.safetensors"))
+    want = load_file(str(tmp_path / "x.safetensors"))["b"]
+    if kind == "deferred":
+        m = lm.deferred_init(_Holder, shape, dtype)
+    else:
+        with torch.device("meta" if kind == "meta" else "cpu"):
+            m = _Holder(shape, dtype)
+    load_checkpoint(m, tmp_path / "x.safetensors")
+    assert m.b.dtype == want.dtype == dtype and m.b.shape == want.shape
+    assert torch.equal(m.b.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [[3, 7], [2, 3], []])
+def test_safetensors_f4_that_does_not_pack_into_bytes_is_refused(
+    shape: list[int], tmp_path: Path
+) -> None:
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("torch has no float4_e2m1fn_x2")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header = json.dumps({"b": {"dtype": "F4", "shape": shape, "data_offsets": [0, 3]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0")
+    with pytest.raises(SafetensorError):
+        load_file(str(path))
+    m = _Holder((3,), torch.float4_e2m1fn_x2)
+    with pytest.raises(lm.MetaTensorError, match=r"last dimension is not a multiple of 2"):
+        load_checkpoint(m, path)

@@ -79,6 +79,19 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Dtypes newer torch versions have (as safetensors.torch guards them).
+for _name, _attr in (
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if isinstance(getattr(torch, _attr, None), torch.dtype):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+# Sub-byte dtypes: safetensors counts their shape in elements, torch in packed
+# bytes (two 4-bit values per element of the last dimension).
+_SAFETENSORS_PACKED: dict[str, tuple[torch.dtype, int]] = {}
+if isinstance(getattr(torch, "float4_e2m1fn_x2", None), torch.dtype):
+    _SAFETENSORS_PACKED["F4"] = (torch.float4_e2m1fn_x2, 2)
 # safetensors' own limit on the JSON header
 _MAX_HEADER = 100_000_000
 
@@ -523,12 +536,23 @@ class SafetensorsSource(Source):
         ):
             raise self._bad(where, f"the header entry of {key!r} has a bad shape or data_offsets")
         dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
+        packed = _SAFETENSORS_PACKED.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None and packed is None:
             raise MetaTensorError(
-                f"{path.name!r} stores {key!r} as {dtype_name}, which torch cannot hold. "
-                "Fix: convert the checkpoint to a torch dtype.",
+                f"{path.name!r} stores {key!r} as {dtype_name}, which torch "
+                f"{torch.__version__} cannot hold. Fix: convert the checkpoint to a torch dtype.",
                 paths=[key],
             )
+        if packed is not None:
+            dtype, per = packed
+            if not shape or shape[-1] % per:
+                raise self._bad(
+                    where,
+                    f"{key!r} is {dtype_name} of shape {shape}, whose last dimension is not a "
+                    f"multiple of {per} (the values it packs into one byte)",
+                )
+            shape = [*shape[:-1], shape[-1] // per]
+        assert dtype is not None
         entry = Entry(key, tuple(shape), dtype, path.name)
         begin, end = offsets
         if end - begin != entry.nbytes:
