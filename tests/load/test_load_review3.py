@@ -18,6 +18,7 @@ from torch import nn
 
 import lightning_meta as lm
 from lightning_meta import load_checkpoint
+from support import deferred_models as md
 from support import load_models as ml
 
 KINDS = ["meta", "deferred", "real"]
@@ -331,3 +332,30 @@ def test_safetensors_f4_that_does_not_pack_into_bytes_is_refused(
     m = _Holder((3,), torch.float4_e2m1fn_x2)
     with pytest.raises(lm.MetaTensorError, match=r"last dimension is not a multiple of 2"):
         load_checkpoint(m, path)
+
+
+# -- load-check names its own options in its messages --------------------------------------
+
+
+def test_load_check_messages_name_the_command_line_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_meta._cli import main
+    from support import SUPPORT
+
+    target = str(SUPPORT / "deferred_models.py") + ":NanoGPT"
+    path = ml.write("safetensors", ml.eager(), tmp_path)
+    assert main(["load-check", target, str(path), "--args", '{"n_embd": 8}']) == 1
+    err = capsys.readouterr().err
+    assert "pass --prefix if its keys" in err and "or --no-strict to load what matches" in err
+    assert "strict=False" not in err and "prefix=" not in err
+    assert main(["load-check", target, str(path), "--prefix", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefix 'nope.' matches no checkpoint key" in err
+    assert "pass --prefix with one of ['lm_head.', 'transformer.'], --prefix '' (none)" in err
+    assert "leave --prefix out to detect it" in err and "prefix=" not in err
+    # The Python API keeps naming its keywords.
+    with pytest.raises(lm.MetaTensorError, match=r"or strict=False to load what matches"):
+        load_checkpoint(lm.deferred_init(md.NanoGPT, n_embd=8), path)
+    with pytest.raises(ValueError, match=r"pass one of .*, prefix='' \(none\) or prefix=None"):
+        load_checkpoint(ml.build("meta"), path, prefix="nope")

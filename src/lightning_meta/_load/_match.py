@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from lightning_meta import _compat
+from lightning_meta._arguments import spelled
 from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._hooks import (
@@ -319,11 +320,15 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
         if given and not any(k.startswith(given) for k in keys):
             found = _prefixes(keys)
             # Keys without a dot (a bare nn.Linear's 'weight') have no prefix to offer.
-            choices = f"one of {found}, prefix='' (none)" if found else "prefix='' (none)"
+            fix = spelled(
+                (f"pass one of {found}, " if found else "pass ")
+                + "prefix='' (none) or prefix=None to detect it",
+                (f"pass --prefix with one of {found}, " if found else "pass ")
+                + "--prefix '' (none), or leave --prefix out to detect it",
+            )
             raise ArgumentValueError(
-                f"load_checkpoint: prefix={given!r} matches no checkpoint key "
-                f"(its first keys: {sorted(keys)[:3]}). "
-                f"Fix: pass {choices} or prefix=None to detect it."
+                f"{spelled(f'load_checkpoint: prefix={given!r}', f'--prefix {given!r}')} "
+                f"matches no checkpoint key (its first keys: {sorted(keys)[:3]}). Fix: {fix}."
             )
         return given
     counts: dict[str, int] = {}
@@ -345,7 +350,8 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     if len(winners) > 1:
         raise MetaTensorError(
             f"the checkpoint holds the module's keys under several prefixes {winners} "
-            f"({best} keys each). Fix: choose one with load_checkpoint(..., prefix=...).",
+            f"({best} keys each). Fix: choose one with "
+            f"{spelled('load_checkpoint(..., prefix=...)', '--prefix')}.",
             paths=[w[:-1] for w in winners],
         )
     return winners[0]
@@ -523,16 +529,17 @@ def mismatch_error(
         # Names here are as the module's own load code sees them; strict=False
         # is no fix for keys that code was meant to map.
         lines.append(
-            "Fix: load into the module the checkpoint was saved from, or pass prefix= if its "
-            "keys sit under another attribute. Names are as module.state_dict() shows them, "
+            "Fix: load into the module the checkpoint was saved from, or pass "
+            f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute. Names are as module.state_dict() shows them, "
             "after the load code of "
             + describe_all(plan.code)
             + " mapped the checkpoint's keys as load_state_dict does."
         )
     else:
         lines.append(
-            "Fix: load into the module the checkpoint was saved from, pass prefix= if its keys "
-            "sit under another attribute, or strict=False to load what matches and get the rest "
+            "Fix: load into the module the checkpoint was saved from, pass "
+            f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute, or "
+            f"{spelled('strict=False', '--no-strict')} to load what matches and get the rest "
             "listed in the report."
         )
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
