@@ -8,6 +8,9 @@ or :class:`~lightning_meta._errors.ArgumentValueError`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -20,15 +23,38 @@ __all__ = [
     "build_on_meta",
     "check_flag",
     "check_module_argument",
+    "command_line_spelling",
     "describe",
     "float_dtype",
     "real_device",
+    "spelled",
 ]
 
 DeviceLike = torch.device | str | int
 
 #: how messages name the context factories run in
 _META = "torch.device('meta')"
+
+
+# Whether messages name options as the command line spells them (--no-strict)
+# rather than as Python keywords (strict=False): set by the CLI around its call.
+_COMMAND_LINE: ContextVar[bool] = ContextVar("lightning_meta_command_line", default=False)
+
+
+@contextlib.contextmanager
+def command_line_spelling() -> Iterator[None]:
+    """Within the block, :func:`spelled` gives the command line's spelling of an option."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def spelled(python: str, command_line: str) -> str:
+    """``python`` (``strict=False``), or ``command_line`` (``--no-strict``) inside
+    :func:`command_line_spelling`: a message's fix names what its reader types."""
+    return command_line if _COMMAND_LINE.get() else python
 
 
 def describe(obj: object) -> str:

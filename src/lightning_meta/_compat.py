@@ -1256,6 +1256,53 @@ def load_code_owner(module: nn.Module) -> type:
     return nn.Module  # pragma: no cover - nn.Module defines it
 
 
+@contextlib.contextmanager
+def load_prefixes_seen(modules: Iterable[nn.Module], at: list[str]) -> Iterator[None]:
+    """Keep ``at[-1]`` the prefix of the module whose ``_load_from_state_dict`` runs.
+
+    ``Module.load_state_dict`` calls ``module._load_from_state_dict(state_dict,
+    prefix, ...)`` (torch 2.6 to 2.15) for every module, looked up on the
+    instance; each of ``modules`` (throwaway copies, never the caller's model)
+    gets an instance attribute that pushes ``prefix`` onto ``at`` for the
+    call, removed when the block exits.
+    """
+    installed: list[nn.Module] = []
+
+    def seen(bound: Callable[..., Any]) -> Callable[..., Any]:
+        def call(state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> Any:
+            at.append(prefix)
+            try:
+                return bound(state_dict, prefix, *args, **kwargs)
+            finally:
+                at.pop()
+
+        return call
+
+    try:
+        for mod in modules:
+            if "_load_from_state_dict" in vars(mod):
+                continue  # an instance attribute of its own: left as it is
+            object.__setattr__(mod, "_load_from_state_dict", seen(mod._load_from_state_dict))
+            installed.append(mod)
+        yield
+    finally:
+        for mod in installed:
+            vars(mod).pop("_load_from_state_dict", None)
+
+
+def counts_batches(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer whose ``_load_from_state_dict`` fills a missing
+    ``num_batches_tracked`` in a state dict of an older version
+    (``torch.nn.modules.batchnorm._NormBase`` with ``track_running_stats``; torch 2.6 to 2.15)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return (
+        isinstance(module, _NormBase)
+        and bool(module.track_running_stats)
+        and isinstance(getattr(module, "num_batches_tracked", None), torch.Tensor)
+    )
+
+
 def incompatible_keys(missing: list[str], unexpected: list[str]) -> Any:
     """What ``load_state_dict`` hands its post-hooks and returns:
     ``torch.nn.modules.module._IncompatibleKeys`` (a named tuple, torch 2.6 to 2.15)."""

@@ -94,7 +94,7 @@ def _damaged(checkpoint: Path, tmp_path: Path) -> Path:
     [
         (["--dtype", "int8"], "--dtype 'int8' is not a floating point dtype"),
         (["--dtype", "floaty"], "--dtype 'floaty' is not a torch dtype"),
-        (["--prefix", "nope"], "prefix='nope.' matches no checkpoint key"),
+        (["--prefix", "nope"], "--prefix 'nope.' matches no checkpoint key"),
         (["--trust", "fractions:Nope"], "'fractions' has no attribute 'Nope'"),
         pytest.param(
             ["--device", "cuda"],

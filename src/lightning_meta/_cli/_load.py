@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         MetaTensorError: the checkpoint cannot be loaded into the model (exit
             status 1).
     """
-    from lightning_meta._arguments import real_device
+    from lightning_meta._arguments import command_line_spelling, real_device
     from lightning_meta._cli._target import load_target, target_factory
     from lightning_meta._load._checkpoint import load_checkpoint
 
@@ -141,12 +141,13 @@ def run(args: argparse.Namespace) -> int:
     factory = target_factory(args.model, args.args)
     trusted = [load_target(t) for t in args.trust]
     model = _build(args, factory)
-    report = load_checkpoint(
-        model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
-        prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
-        verify=args.verify,
-        allow_uninitialized=args.allow_uninitialized,
-    )  # fmt: skip
+    with command_line_spelling():  # its messages name --no-strict, --prefix
+        report = load_checkpoint(
+            model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
+            prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
+            verify=args.verify,
+            allow_uninitialized=args.allow_uninitialized,
+        )  # fmt: skip
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:

@@ -82,7 +82,9 @@ def load_checkpoint(
     followed as ``load_state_dict`` runs it: traced on a meta copy of the
     model, keys it renames load from the key it names; code that computes
     the values it loads is refused. Post-hooks then run on the loaded
-    module. Names reported are those ``module.state_dict()`` shows.
+    module; keys they take off the missing or unexpected lists do not
+    count for ``strict`` or the report, as with ``load_state_dict``. Names
+    reported are those ``module.state_dict()`` shows.
 
     Sharded modules (parameters that ``fully_shard`` or
     ``parallelize_module`` made ``DTensor`` s, meta or real) load on every
@@ -222,7 +224,9 @@ def load_checkpoint(
                 allow_uninitialized=allow_uninitialized,
             )
             if plan.code:
-                run_post_hooks(module, sharded.missing, sharded.unexpected)
+                sharded.missing, sharded.unexpected = run_post_hooks(
+                    module, sharded.missing, sharded.unexpected
+                )
             return sharded
         conversion = convert(
             source,
@@ -251,6 +255,8 @@ def load_checkpoint(
         beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
         report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
     if plan.code:  # as load_state_dict ends: the modules' own post-hooks, for real
-        run_post_hooks(module, report.missing, report.unexpected)
+        report.missing, report.unexpected = run_post_hooks(
+            module, report.missing, report.unexpected
+        )
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report

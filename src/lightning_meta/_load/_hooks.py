@@ -13,7 +13,9 @@ placeholders of the checkpoint's keys, under a
 stand-ins. A tensor whose copy source is the placeholder of key ``K`` loads
 from ``K`` (a rename); one filled from any other tensor (a value converted by
 a hook) is refused. The module's post-hooks are not traced: they run for real
-after the load (:func:`run_post_hooks`).
+after the load (:func:`run_post_hooks`); run once more on the skeleton, they
+tell which missing and unexpected keys they take off the lists
+(:meth:`_Skeleton.post_hook_edits`).
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ def load_code(module: nn.Module) -> list[LoadCode]:
     """Every submodule (shared ones once) that has load code ``load_state_dict`` would run.
 
     That is an override of ``_load_from_state_dict`` (torch's own layers
-    excepted: ``nn.BatchNorm``'s converts checkpoints of older torch versions
-    only), a load pre-hook, or a load post-hook, lightning_meta's own hooks
+    excepted: ``nn.BatchNorm``'s only fills the ``num_batches_tracked`` that
+    checkpoints of older torch versions lack, which the plan does itself), a load pre-hook, or a load post-hook, lightning_meta's own hooks
     (on deferred modules) excepted.
     """
     found = []
@@ -105,6 +107,7 @@ class _Skeleton:
 
     def __init__(self, module: nn.Module, where: str, code: list[LoadCode]) -> None:
         memo: dict[int, Any] = {}
+        self._display: dict[str, str] | None = None
         self.paths: dict[int, list[str]] = {}  # stand-in id -> walk names of its tensor
         for slot in iter_slots(module, remove_duplicate=False):
             t = slot.tensor
@@ -128,14 +131,70 @@ class _Skeleton:
                 f"nothing in the module was changed. Fix: {_FIX}.",
                 paths=[c.path for c in code],
             ) from e
-        for mod in self.module.modules():  # post-hooks run for real after the load
+        # Post-hooks run for real after the load; here only to learn which keys they
+        # take off the lists (post_hook_edits), after the trace.
+        self._post: list[tuple[dict[int, Any], dict[int, Any]]] = []
+        for mod in self.module.modules():
             pre, post = _compat.load_hook_tables(mod)
             for hook_id in [k for k, h in pre.items() if _own(h)]:
                 del pre[hook_id]
+            if any(not _own(h) for h in post.values()):
+                self._post.append((post, {k: h for k, h in post.items() if not _own(h)}))
             post.clear()
+        self._traced: tuple[Any, list[str], list[str]] | None = None  # state, missing, unexpected
+
+    def post_hook_edits(self) -> tuple[set[str], set[str], set[str], set[str]] | None:
+        """What the load post-hooks do to ``load_state_dict``'s key lists, or ``None`` if unknown.
+
+        torch hands every post-hook the missing and unexpected keys, which it
+        may edit in place (an adapter dropping its own ``lora_*`` keys from
+        the missing ones), and the strict check reads them afterwards. The
+        traced load is run again on the skeleton with the post-hooks in place,
+        each at the moment ``load_state_dict`` runs it; returns the missing
+        keys (walk names) they removed and added, then the unexpected keys
+        (checkpoint keys, prefix stripped) removed and added. ``None`` when
+        the trace gave no lists or a post-hook fails on meta tensors.
+        """
+        if self._traced is None or not self._post:
+            return None
+        state, missing, unexpected = self._traced
+        failed: list[BaseException] = []
+
+        def guarded(hook: Any) -> Callable[..., Any]:
+            def call(module: nn.Module, keys: Any) -> None:
+                try:
+                    hook(module, keys)
+                except Exception as e:  # user code on meta tensors
+                    failed.append(e)
+
+            return call
+
+        for table, hooks in self._post:
+            table.update({k: guarded(h) for k, h in hooks.items()})
+        try:
+            after = self.module.load_state_dict(state, strict=False)
+        except Exception:
+            return None
+        finally:
+            for table, _ in self._post:
+                table.clear()
+        if failed:
+            return None
+        got_m, got_u = set(after.missing_keys), set(after.unexpected_keys)
+        return (
+            set(missing) - got_m,
+            got_m - set(missing),
+            set(unexpected) - got_u,
+            got_u - set(unexpected),
+        )
 
     def display(self) -> dict[str, str]:
         """Walk name to ``state_dict`` name, where a state-dict hook renames (checkpoint_wrapper)."""
+        if self._display is None:
+            self._display = self._names()
+        return self._display
+
+    def _names(self) -> dict[str, str]:
         try:
             state = self.module.state_dict(keep_vars=True)
         except Exception:  # a state-dict hook that cannot run on meta tensors: keep walk names
@@ -166,7 +225,8 @@ def _standin(t: torch.Tensor) -> torch.Tensor:
 
 
 class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
-    """Records every ``dst.copy_(src)`` (and ``.data =``, ``set_``) as ``(dst, src)``.
+    """Records every ``dst.copy_(src)`` (and ``.data =``, ``set_``) as ``(dst, src, prefix)``,
+    ``prefix`` that of the module whose ``_load_from_state_dict`` runs it (``at[-1]``).
 
     It also counts how far each such call moved ``dst``'s version counter, so
     that a stand-in written by anything else (an in-place op on it or on a
@@ -176,7 +236,8 @@ class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__()
-        self.copies: list[tuple[Any, Any]] = []
+        self.at: list[str] = []
+        self.copies: list[tuple[Any, Any, str | None]] = []
         self.accounted: dict[int, int] = {}  # id(dst) -> version moves of its recorded copies
 
     def __torch_function__(
@@ -184,7 +245,7 @@ class _CopyRecorder(TorchFunctionMode):  # type: ignore[misc]
     ) -> Any:
         if func in _RECORDED and len(args) >= 2 and isinstance(args[0], torch.Tensor):
             dst = args[0]
-            self.copies.append((dst, args[1]))
+            self.copies.append((dst, args[1], self.at[-1] if self.at else None))
             before = _compat.version_of(dst)
             out = func(*args, **(kwargs or {}))
             moved = _compat.version_of(dst) - before
@@ -269,8 +330,9 @@ def trace_load(
     versions = {sid: _compat.version_of(t) for sid, t in skeleton.standins.items()}
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
-        with recorder:
-            skeleton.module.load_state_dict(state, strict=False)
+        with recorder, _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at):
+            keys = skeleton.module.load_state_dict(state, strict=False)
+        skeleton._traced = (state, list(keys.missing_keys), list(keys.unexpected_keys))
     except Exception as e:
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
@@ -294,7 +356,7 @@ def trace_load(
     edited = sorted(
         key
         for key, ph in placeholders.items()
-        if _compat.version_of(ph) != 0 or any(dst is ph for dst, _ in recorder.copies)
+        if _compat.version_of(ph) != 0 or any(dst is ph for dst, _, _ in recorder.copies)
     )
     # A stand-in written other than by a recorded copy into it (through a view:
     # weight[:] = w.t(), an in-place op): views share their base's version counter.
@@ -320,12 +382,12 @@ def trace_load(
         )
     sources: dict[str, str] = {}
     converted: dict[str, str] = {}
-    for dst, src in recorder.copies:
+    for dst, src, at in recorder.copies:
         paths = skeleton.paths.get(id(dst))
         if paths is None:
             continue  # not a tensor of the module (a temporary of the hook)
         source = key_of.get(id(src)) if isinstance(src, torch.Tensor) else None
-        for path in paths:
+        for path in _copied_at(paths, at, source, skeleton):
             if source is None:
                 converted[path] = type(src).__name__
                 sources.pop(path, None)
@@ -349,6 +411,26 @@ def trace_load(
             paths=bad,
         )
     return sources
+
+
+def _copied_at(
+    paths: list[str], at: str | None, source: str | None, skeleton: _Skeleton
+) -> list[str]:
+    """The names of a tensor that one copy into it loads, as ``load_state_dict`` sees it.
+
+    A tied tensor is copied once per name, each time from that name's key:
+    the copy belongs to the name(s) of the module whose
+    ``_load_from_state_dict`` ran it (``at``), and of two names in that
+    module to the one whose key it read. A copy made by other code (a
+    parent's override filling a child's tensor) belongs to every name.
+    """
+    if at is None:
+        return paths
+    here = [p for p in paths if p.startswith(at) and "." not in p[len(at) :]]
+    if len(here) > 1 and source is not None:
+        read = [p for p in here if source in (p, skeleton.display().get(p, p))]
+        here = read or here
+    return here or paths
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -394,8 +476,14 @@ def _post_order(module: nn.Module) -> Iterator[nn.Module]:
     yield module
 
 
-def run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+def run_post_hooks(
+    module: nn.Module, missing: list[str], unexpected: list[str]
+) -> tuple[list[str], list[str]]:
     """Run the module's own load post-hooks, children first, as ``load_state_dict`` does.
+
+    Returns:
+        The missing and unexpected keys, sorted, as the hooks left them (they
+        may edit the lists in place; ``load_state_dict`` returns them so).
 
     Raises:
         MetaTensorError: a hook raised; the tensors are loaded, the hook's
@@ -415,6 +503,7 @@ def run_post_hooks(module: nn.Module, missing: list[str], unexpected: list[str])
                     f"refreshes may be left as it was. Fix: {_FIX}.",
                     paths=[],
                 ) from e
+    return sorted(set(keys.missing_keys)), sorted(set(keys.unexpected_keys))
 
 
 def post_hooked(code: list[LoadCode]) -> list[LoadCode]:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from lightning_meta import _compat
+from lightning_meta._arguments import spelled
 from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._hooks import (
@@ -106,6 +108,11 @@ def plan_load(
     plan.display = display
     if sources is not None:
         plan.missing = sorted(display.get(n, n) for n in plan.missing)
+        if skeleton is not None and (plan.missing or plan.unexpected):
+            _apply_post_hook_edits(plan, skeleton.post_hook_edits())
+    if plan.missing:
+        _fill_batch_counters(module, source, plan)
+    if sources is not None:
         _refuse_post_hooks_on_meta(where, plan)
     if plan.unsupported:
         raise unsupported_error(where, plan)
@@ -113,6 +120,61 @@ def plan_load(
     if error is not None:
         raise error
     return plan
+
+
+def _apply_post_hook_edits(
+    plan: Plan, edits: tuple[set[str], set[str], set[str], set[str]] | None
+) -> None:
+    """Take off (or add to) the plan's missing and unexpected keys what the post-hooks do.
+
+    ``load_state_dict`` checks ``strict`` and returns the key lists after
+    the modules' load post-hooks edited them in place; the report and the
+    strict check here do the same.
+    """
+    if edits is None:
+        return
+    gone_m, new_m, gone_u, new_u = edits
+    shown = plan.display
+    gone_m = {shown.get(n, n) for n in gone_m}
+    plan.missing = sorted(
+        {n for n in plan.missing if n not in gone_m} | {shown.get(n, n) for n in new_m}
+    )
+    strip = len(plan.prefix)
+    plan.unexpected = sorted(
+        {u for u in plan.unexpected if u[strip:] not in gone_u} | {plan.prefix + u for u in new_u}
+    )
+
+
+def _fill_batch_counters(module: nn.Module, source: Source, plan: Plan) -> None:
+    """Fill a norm layer's missing ``num_batches_tracked`` as its ``_load_from_state_dict`` does.
+
+    ``nn.BatchNorm`` (any ``_NormBase`` tracking running stats) puts its own
+    counter in a state dict whose version for the module is below 2 or
+    unknown (old torchvision weights, safetensors, a dict built from a state
+    dict), or ``tensor(0)`` when the counter is on meta. Here a real counter
+    stays as it is, a deferred one is replayed (eager's own value), and a
+    plain meta one is given ``tensor(0)``; none of them is missing.
+    """
+    if source.own_versions:
+        return
+    groups = {id(g.tensor): g for g in plan.groups}
+    for path, mod in module.named_modules():
+        if not _compat.counts_batches(mod):
+            continue
+        name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        shown = plan.display.get(name, name)
+        if shown not in plan.missing:
+            continue
+        local = (source.versions or {}).get(plan.prefix + path if path else plan.prefix[:-1])
+        version = local.get("version") if isinstance(local, dict) else None
+        if isinstance(version, int) and version >= 2:
+            continue
+        plan.missing.remove(shown)
+        counter = mod.num_batches_tracked
+        group = groups.get(id(counter))
+        if counter.is_meta and handle_of(counter) is None and group is not None:
+            entry = source.supply(plan.prefix + shown, torch.tensor(0, dtype=torch.long))
+            plan.load.append((group, entry))
 
 
 def _refuse_post_hooks_on_meta(where: str, plan: Plan) -> None:
@@ -258,11 +320,15 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
         if given and not any(k.startswith(given) for k in keys):
             found = _prefixes(keys)
             # Keys without a dot (a bare nn.Linear's 'weight') have no prefix to offer.
-            choices = f"one of {found}, prefix='' (none)" if found else "prefix='' (none)"
+            fix = spelled(
+                (f"pass one of {found}, " if found else "pass ")
+                + "prefix='' (none) or prefix=None to detect it",
+                (f"pass --prefix with one of {found}, " if found else "pass ")
+                + "--prefix '' (none), or leave --prefix out to detect it",
+            )
             raise ArgumentValueError(
-                f"load_checkpoint: prefix={given!r} matches no checkpoint key "
-                f"(its first keys: {sorted(keys)[:3]}). "
-                f"Fix: pass {choices} or prefix=None to detect it."
+                f"{spelled(f'load_checkpoint: prefix={given!r}', f'--prefix {given!r}')} "
+                f"matches no checkpoint key (its first keys: {sorted(keys)[:3]}). Fix: {fix}."
             )
         return given
     counts: dict[str, int] = {}
@@ -284,7 +350,8 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     if len(winners) > 1:
         raise MetaTensorError(
             f"the checkpoint holds the module's keys under several prefixes {winners} "
-            f"({best} keys each). Fix: choose one with load_checkpoint(..., prefix=...).",
+            f"({best} keys each). Fix: choose one with "
+            f"{spelled('load_checkpoint(..., prefix=...)', '--prefix')}.",
             paths=[w[:-1] for w in winners],
         )
     return winners[0]
@@ -462,16 +529,17 @@ def mismatch_error(
         # Names here are as the module's own load code sees them; strict=False
         # is no fix for keys that code was meant to map.
         lines.append(
-            "Fix: load into the module the checkpoint was saved from, or pass prefix= if its "
-            "keys sit under another attribute. Names are as module.state_dict() shows them, "
+            "Fix: load into the module the checkpoint was saved from, or pass "
+            f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute. Names are as module.state_dict() shows them, "
             "after the load code of "
             + describe_all(plan.code)
             + " mapped the checkpoint's keys as load_state_dict does."
         )
     else:
         lines.append(
-            "Fix: load into the module the checkpoint was saved from, pass prefix= if its keys "
-            "sit under another attribute, or strict=False to load what matches and get the rest "
+            "Fix: load into the module the checkpoint was saved from, pass "
+            f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute, or "
+            f"{spelled('strict=False', '--no-strict')} to load what matches and get the rest "
             "listed in the report."
         )
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,7 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
     """
     weight_map = _weight_map(index)
     names = sorted(set(weight_map.values()))
-    root = index.parent.resolve()
-    outside = [n for n in names if not _inside(root, index.parent / n)]
+    outside = [n for n in names if not _inside(n)]
     if outside:
         raise MetaTensorError(
             f"the index {str(index)!r} names shard(s) {outside} outside its directory "
@@ -125,11 +125,13 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
     return source
 
 
-def _inside(root: Path, p: Path) -> bool:
-    try:
-        return p.resolve().is_relative_to(root) and p.resolve() != root
-    except (OSError, RuntimeError):
+def _inside(name: str) -> bool:
+    # Judged by the name alone, not by where a symlink points: the Hugging Face
+    # hub cache keeps every file as snapshots/<rev>/<name> -> ../../blobs/<hash>.
+    # A name that climbs out ('..'), is absolute or is the directory itself is refused.
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
         return False
+    return os.path.normpath(name) not in (".", "")
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -222,6 +224,8 @@ class _Chunk:
 
 class DcpSource(Source):
     """A ``torch.distributed.checkpoint`` directory, its items read like small torch files."""
+
+    own_versions = True
 
     def __init__(
         self,
@@ -456,11 +460,10 @@ def _interpret(metadata: Any) -> tuple[Tensors, Storage, list[str]]:
 def _check_storage(p: Path, storage: Storage) -> list[Path]:
     # Refuse a truncated checkpoint, or one naming files outside it, when it is
     # opened, naming its files.
-    root = p.resolve()
     sizes: dict[str, int] = {}
     for rel, start, length in storage.values():
         sizes[rel] = max(sizes.get(rel, 0), start + length)
-    outside = sorted(rel for rel in sizes if not _inside(root, p / rel))
+    outside = sorted(rel for rel in sizes if not _inside(rel))
     if outside:
         raise MetaTensorError(
             f"the torch.distributed.checkpoint {str(p)!r} names storage files {outside} outside "

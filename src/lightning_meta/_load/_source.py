@@ -49,6 +49,7 @@ __all__ = [
     "Entry",
     "SafetensorsSource",
     "Source",
+    "SuppliedEntry",
     "TorchSource",
     "castable",
     "head",
@@ -78,6 +79,19 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Dtypes newer torch versions have (as safetensors.torch guards them).
+for _name, _attr in (
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if isinstance(getattr(torch, _attr, None), torch.dtype):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+# Sub-byte dtypes: safetensors counts their shape in elements, torch in packed
+# bytes (two 4-bit values per element of the last dimension).
+_SAFETENSORS_PACKED: dict[str, tuple[torch.dtype, int]] = {}
+if isinstance(getattr(torch, "float4_e2m1fn_x2", None), torch.dtype):
+    _SAFETENSORS_PACKED["F4"] = (torch.float4_e2m1fn_x2, 2)
 # safetensors' own limit on the JSON header
 _MAX_HEADER = 100_000_000
 
@@ -108,6 +122,17 @@ class Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class SuppliedEntry(Entry):
+    """A value the module's own load code puts in place of a key the checkpoint lacks
+    (see :meth:`Source.supply`); no byte of it is read from the checkpoint."""
+
+    @property
+    def nbytes(self) -> int:
+        """None of its bytes come from the checkpoint."""
+        return 0
+
+
 class Source:
     """The tensors of one checkpoint: :attr:`entries` up front, data on :meth:`read`.
 
@@ -119,7 +144,16 @@ class Source:
             the plan lists them as unexpected.
         stamps: each file read, as it was when opened; a file that differs
             when it is read is refused.
+        versions: the saved state dict's ``_metadata`` (module path to
+            ``{"version": n}``), which ``load_state_dict`` hands each module's
+            ``_load_from_state_dict``; ``None`` where the file keeps none
+            (safetensors, a dict built from a state dict), as torch then sees it.
+        own_versions: whether loading the format eagerly gives the modules
+            their own versions (a distributed checkpoint is loaded into
+            ``model.state_dict()``), whatever :attr:`versions` says.
     """
+
+    own_versions = False
 
     def __init__(
         self,
@@ -133,6 +167,16 @@ class Source:
         self.path, self.format, self.entries = path, fmt, entries
         self.others = sorted(others)
         self.stamps: dict[Path, FileStamp] = dict(stamps or {})
+        self.versions: Mapping[str, Any] | None = None
+        self._supplied: dict[str, torch.Tensor] = {}
+
+    def supply(self, key: str, value: torch.Tensor) -> Entry:
+        """Add ``key`` with ``value``: what a module's own load code puts in the state dict
+        for a key the file lacks (``nn.BatchNorm``'s ``num_batches_tracked``)."""
+        entry = SuppliedEntry(key, tuple(value.shape), value.dtype, "(the module's load code)")
+        self.entries[key] = entry
+        self._supplied[key] = value
+        return entry
 
     def read(
         self,
@@ -161,8 +205,12 @@ class Source:
                 damaged (a CRC differs, with ``verify``), unreadable, or
                 changed since it was opened.
         """
+        cast = dict(cast or {})
+        for key in [k for k in keys if k in self._supplied]:
+            value = self._supplied[key]
+            yield key, value.to(cast.get(key, value.dtype), copy=True)
         with Reader(self.stamps, verify=verify, mapped=mapped) as reader:
-            yield from self.read_with(list(keys), reader, dict(cast or {}))
+            yield from self.read_with([k for k in keys if k not in self._supplied], reader, cast)
 
     def read_with(
         self, keys: list[str], reader: Reader, cast: dict[str, torch.dtype]
@@ -338,7 +386,7 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
             or a tensor reaches past its storage.
     """
     archive = torch_archive(p, safe_globals)
-    obj = archive.obj
+    obj = state = archive.obj
     fmt = "torch" if archive.layout == "zip" else "torch-legacy"
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         if LIGHTNING_VERSION_KEY in obj:
@@ -347,11 +395,15 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
         given = prefix if not prefix or prefix.endswith(".") else prefix + "."
         if not given or not any(k.startswith(given) for k in [*leaves, *others]):
             leaves, others = state_tensors(p, obj["state_dict"])
+            state = obj["state_dict"]
     else:
         leaves, others = state_tensors(p, obj)
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
-    return TorchSource(p, fmt, refs, others=others)
+    source = TorchSource(p, fmt, refs, others=others)
+    versions = getattr(state, "_metadata", None)
+    source.versions = versions if isinstance(versions, Mapping) else None
+    return source
 
 
 def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
@@ -484,12 +536,23 @@ class SafetensorsSource(Source):
         ):
             raise self._bad(where, f"the header entry of {key!r} has a bad shape or data_offsets")
         dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
+        packed = _SAFETENSORS_PACKED.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None and packed is None:
             raise MetaTensorError(
-                f"{path.name!r} stores {key!r} as {dtype_name}, which torch cannot hold. "
-                "Fix: convert the checkpoint to a torch dtype.",
+                f"{path.name!r} stores {key!r} as {dtype_name}, which torch "
+                f"{torch.__version__} cannot hold. Fix: convert the checkpoint to a torch dtype.",
                 paths=[key],
             )
+        if packed is not None:
+            dtype, per = packed
+            if not shape or shape[-1] % per:
+                raise self._bad(
+                    where,
+                    f"{key!r} is {dtype_name} of shape {shape}, whose last dimension is not a "
+                    f"multiple of {per} (the values it packs into one byte)",
+                )
+            shape = [*shape[:-1], shape[-1] // per]
+        assert dtype is not None
         entry = Entry(key, tuple(shape), dtype, path.name)
         begin, end = offsets
         if end - begin != entry.nbytes:
