@@ -22,9 +22,60 @@ from lightning_meta._deferred._replay import replay
 from lightning_meta._deferred._rng import default_generator
 from lightning_meta._deferred._session import close, recording
 from lightning_meta._errors import MaterializationError
-from lightning_meta._slots import Slot
+from lightning_meta._slots import Slot, own_slots
 
-__all__ = ["reset_parameters"]
+__all__ = ["overwritten", "reset_parameters", "resetting", "without_reset"]
+
+
+def resetting(plain: list[Slot]) -> dict[int, nn.Module]:
+    """Return (by ``id``) the modules whose ``reset_parameters()`` initialises ``plain``.
+
+    Those that hold one of them as a parameter or buffer and have the method.
+    """
+    return {
+        id(s.owner): s.owner
+        for s in plain
+        if s.kind != "attr" and callable(getattr(s.owner, "reset_parameters", None))
+    }
+
+
+def overwritten(plain: list[Slot]) -> dict[str, list[str]]:
+    """Return the other tensors each :func:`resetting` module's method would write, by its path.
+
+    ``reset_parameters()`` initialises every parameter and buffer of its
+    module; one that ``plain`` does not hold (deferred, so given eager's
+    values, or real already) would be drawn again, which eager construction
+    does not do.
+    """
+    filled = {id(s.tensor) for s in plain}
+    found: dict[str, list[str]] = {}
+    for slot in plain:
+        if slot.kind == "attr" or not callable(getattr(slot.owner, "reset_parameters", None)):
+            continue
+        prefix = slot.path[: -len(slot.name)].rstrip(".")
+        others = [
+            s.path
+            for s in own_slots(slot.owner, prefix)
+            if s.kind != "attr" and id(s.tensor) not in filled
+        ]
+        if others:
+            found[prefix or "the module itself"] = others
+    return found
+
+
+def without_reset(plain: list[Slot]) -> list[str]:
+    """Return the paths of ``plain`` whose tensor no :func:`resetting` module holds.
+
+    A slot of a module without the method is covered by another slot of the
+    same tensor that has it: transformers' ``set_output_embeddings`` ties an
+    MLM head's ``bias`` to its new ``decoder.bias``, which ``nn.Linear`` resets.
+    """
+    covered = {
+        id(s.tensor)
+        for s in plain
+        if s.kind != "attr" and callable(getattr(s.owner, "reset_parameters", None))
+    }
+    return sorted({s.path for s in plain if id(s.tensor) not in covered})
 
 
 def reset_parameters(
@@ -42,9 +93,7 @@ def reset_parameters(
         Exception: whatever ``reset_parameters()`` raised; every tensor is put
             back on meta.
     """
-    owners: dict[int, nn.Module] = {}
-    for slot in plain:
-        owners.setdefault(id(slot.owner), slot.owner)
+    owners = resetting(plain)
     generators = [
         g for g in {default_generator(torch.device("cpu")), default_generator(device)} if g
     ]

@@ -1,0 +1,101 @@
+"""Third review (zoo models): a deferred tensor's place given a new meta tensor after the block.
+
+``materialize(fallback="reset_parameters")`` refused the new meta tensors
+code puts where deferred ones were after the block (litgpt's
+``model.max_seq_length = n`` recomputing ``cos``/``sin``; transformers'
+``set_output_embeddings`` on an MLM head, whose ``bias`` it ties to the new
+layer's), blaming ``module.to(dtype)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_deferred import assert_same_as_eager
+from torch import nn
+
+from lightning_meta import MaterializationError, deferred_init, materialize
+from support import deferred_models as md
+
+
+def _shorter(model: nn.Module) -> nn.Module:
+    model.max_seq_length = 16  # what litgpt's generate/chat scripts do after building
+    return model
+
+
+def test_litgpt_max_seq_length_after_the_block_is_filled_by_the_fallback_as_eager() -> None:
+    pytest.importorskip("litgpt")
+    torch.manual_seed(0)
+    eager = _shorter(md.litgpt_pythia())
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    with deferred_init():
+        model = md.litgpt_pythia()
+    _shorter(model)
+    materialize(model, fallback="reset_parameters")
+    assert_same_as_eager(eager, model)
+    assert torch.equal(torch.rand(4), after)
+    idx = torch.randint(0, 128, (1, 8))
+    assert torch.equal(model(idx), eager(idx))
+
+
+def test_a_new_meta_tensor_in_a_deferred_place_is_refused_naming_the_assignment() -> None:
+    pytest.importorskip("litgpt")
+    with deferred_init():
+        model = md.litgpt_pythia()
+    _shorter(model)
+    with pytest.raises(MaterializationError) as info:
+        materialize(model)
+    message = str(info.value)
+    assert "replaced after the deferred_init block by new meta tensors" in message
+    assert "cos (Tensor of shape (16, 2), deferred as (64, 2))" in message
+    assert "pass fallback='reset_parameters'" in message
+    assert "module.to(dtype)" not in message
+    assert list(info.value.paths) == ["cos", "sin"]
+    assert model.transformer.wte.weight.is_meta  # refused before anything was replayed
+
+
+def _bert_head(model: nn.Module, device: str | None = None) -> nn.Module:
+    # transformers' set_output_embeddings: decoder replaced, predictions.bias tied to its bias
+    model.set_output_embeddings(nn.Linear(32, 128, device=device))
+    return model
+
+
+def test_a_new_mlm_head_on_meta_with_its_tied_bias_is_filled_by_the_fallback_as_eager() -> None:
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    eager = _bert_head(md.bert())
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    with deferred_init():
+        model = md.bert()
+    _bert_head(model, "meta")
+    materialize(model, fallback="reset_parameters")
+    assert_same_as_eager(eager, model)
+    assert model.cls.predictions.bias is model.cls.predictions.decoder.bias
+    assert torch.equal(torch.rand(4), after)
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.equal(model.eval()(ids).logits, eager.eval()(ids).logits)
+
+
+def test_module_to_dtype_replacing_buffers_is_still_refused_with_the_fallback() -> None:
+    # Its buffers' values are the cast recorded ones, which reset_parameters() would not give.
+    with deferred_init():
+        module = nn.BatchNorm1d(4)
+    module.to(torch.bfloat16)
+    with pytest.raises(MaterializationError, match=r"running_mean.*pass dtype= to materialize"):
+        materialize(module, fallback="reset_parameters")
+    assert module.weight.is_meta
+
+
+def test_the_fallback_refuses_a_module_holding_other_tensors_before_replaying() -> None:
+    # Linear.reset_parameters() would draw the deferred weight again, which eager does not.
+    with deferred_init():
+        net = nn.Sequential(nn.Linear(4, 4))
+    net[0].bias = nn.Parameter(torch.empty(4, device="meta"))
+    with pytest.raises(MaterializationError) as info:
+        materialize(net)
+    assert "fallback='reset_parameters'" not in str(info.value)  # it would not work here
+    with pytest.raises(MaterializationError, match=r"'0': \['0.weight'\].*draw those again"):
+        materialize(net, fallback="reset_parameters")
+    assert net[0].weight.is_meta and net[0].bias.is_meta  # nothing replayed
