@@ -4,17 +4,20 @@
 code puts where deferred ones were after the block (litgpt's
 ``model.max_seq_length = n`` recomputing ``cos``/``sin``; transformers'
 ``set_output_embeddings`` on an MLM head, whose ``bias`` it ties to the new
-layer's), blaming ``module.to(dtype)``.
+layer's), blaming ``module.to(dtype)``; ``load_checkpoint`` then left them
+on meta, and its report gave no fix that worked.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from test_deferred import assert_same_as_eager
 from torch import nn
 
-from lightning_meta import MaterializationError, deferred_init, materialize
+from lightning_meta import MaterializationError, deferred_init, load_checkpoint, materialize
 from support import deferred_models as md
 
 
@@ -76,6 +79,26 @@ def test_a_new_mlm_head_on_meta_with_its_tied_bias_is_filled_by_the_fallback_as_
     assert torch.equal(torch.rand(4), after)
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(model.eval()(ids).logits, eager.eval()(ids).logits)
+
+
+def test_litgpt_max_seq_length_then_load_checkpoint_is_completed_by_the_reported_fix(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("litgpt")
+    torch.manual_seed(0)
+    eager = _shorter(md.litgpt_pythia())
+    path = tmp_path / "lit_model.pth"
+    torch.save(eager.state_dict(), path)
+    with deferred_init():
+        model = md.litgpt_pythia()
+    _shorter(model)
+    report = load_checkpoint(model, path)
+    assert report.left_on_meta == ["cos", "sin"]
+    assert "lm.materialize(module, fallback='reset_parameters')" in str(report)
+    materialize(model, fallback="reset_parameters")  # the fix the report gives
+    assert_same_as_eager(eager, model)
+    idx = torch.randint(0, 128, (1, 8))
+    assert torch.equal(model(idx), eager(idx))
 
 
 def test_module_to_dtype_replacing_buffers_is_still_refused_with_the_fallback() -> None:
