@@ -1,11 +1,14 @@
-"""Third review (zoo models): a deferred tensor's place given a new meta tensor after the block.
+"""Third review (zoo models): a deferred tensor's place given a new meta tensor; Parameter buffers.
 
-``materialize(fallback="reset_parameters")`` refused the new meta tensors
-code puts where deferred ones were after the block (litgpt's
-``model.max_seq_length = n`` recomputing ``cos``/``sin``; transformers'
-``set_output_embeddings`` on an MLM head, whose ``bias`` it ties to the new
-layer's), blaming ``module.to(dtype)``; ``load_checkpoint`` then left them
-on meta, and its report gave no fix that worked.
+- ``materialize(fallback="reset_parameters")`` refused the new meta tensors
+  code puts where deferred ones were after the block (litgpt's
+  ``model.max_seq_length = n`` recomputing ``cos``/``sin``; transformers'
+  ``set_output_embeddings`` on an MLM head, whose ``bias`` it ties to the new
+  layer's), blaming ``module.to(dtype)``; ``load_checkpoint`` then left them
+  on meta, and its report gave no fix that worked;
+- ``materialize(dtype=)`` and ``load_checkpoint(dtype=)`` kept an
+  ``nn.Parameter`` registered as a buffer a ``Parameter``, where eager's
+  ``module.to(dtype)`` makes it a plain tensor (transformers' FalconMamba).
 """
 
 from __future__ import annotations
@@ -109,6 +112,92 @@ def test_module_to_dtype_replacing_buffers_is_still_refused_with_the_fallback() 
     with pytest.raises(MaterializationError, match=r"running_mean.*pass dtype= to materialize"):
         materialize(module, fallback="reset_parameters")
     assert module.weight.is_meta
+
+
+class _Mixer(nn.Module):
+    """transformers' FalconMamba mixer registers Parameters as buffers (b_c_rms, dt_rms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        rms = nn.Parameter(torch.ones(4), requires_grad=False)
+        self.register_buffer("rms", rms, persistent=False)
+        self.register_buffer("gain", nn.Parameter(torch.rand(4)))  # persistent, requires grad
+
+
+def _classes(m: nn.Module) -> dict[str, tuple[type, bool, torch.dtype]]:
+    return {n: (type(b), b.grad_fn is not None, b.dtype) for n, b in m.named_buffers()}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_parameter_buffer_is_what_module_to_makes_of_it(dtype: torch.dtype | None) -> None:
+    torch.manual_seed(0)
+    eager = _Mixer()
+    if dtype is not None:
+        eager.to(dtype)
+    torch.manual_seed(0)
+    with deferred_init():
+        model = _Mixer()
+    materialize(model, dtype=dtype)
+    assert _classes(model) == _classes(eager)
+    assert_same_as_eager(eager, model)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_parameter_buffer_loaded_or_replayed_with_dtype_is_what_module_to_makes_of_it(
+    tmp_path: Path, dtype: torch.dtype | None
+) -> None:
+    torch.manual_seed(1)
+    path = tmp_path / "mixer.pt"
+    torch.save(_Mixer().state_dict(), path)
+    torch.manual_seed(0)
+    eager = _Mixer()
+    eager.load_state_dict(torch.load(path))
+    if dtype is not None:
+        eager.to(dtype)
+    torch.manual_seed(0)
+    with deferred_init():
+        model = _Mixer()
+    report = load_checkpoint(model, path, dtype=dtype)
+    assert report.replayed == ["rms"]
+    assert _classes(model) == _classes(eager)
+    assert_same_as_eager(eager, model)
+
+
+def test_falcon_mamba_materialized_in_bf16_is_eager_cast() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.FalconMambaConfig(
+        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4
+    )
+    torch.manual_seed(0)
+    eager = transformers.FalconMambaForCausalLM(cfg).to(torch.bfloat16)
+    torch.manual_seed(0)
+    with deferred_init():
+        model = transformers.FalconMambaForCausalLM(cfg)
+    materialize(model, dtype=torch.bfloat16)
+    assert type(model.backbone.layers[0].mixer.b_c_rms) is torch.Tensor
+    assert_same_as_eager(eager, model)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", nn.Parameter(torch.empty(4), requires_grad=False))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.scale)
+
+
+def test_a_parameter_buffer_the_fallback_fills_and_casts_is_what_module_to_makes_of_it() -> None:
+    torch.manual_seed(0)
+    eager = _Scaled().to(torch.bfloat16)
+    with torch.device("meta"):
+        model = _Scaled()
+    torch.manual_seed(0)
+    materialize(model, dtype=torch.bfloat16, fallback="reset_parameters")
+    assert _classes(model) == _classes(eager)
+    assert_same_as_eager(eager, model)
 
 
 def test_the_fallback_refuses_a_module_holding_other_tensors_before_replaying() -> None:

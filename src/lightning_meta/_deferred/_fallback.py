@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_meta._deferred._handles import dress_like, tensor_attrs
+from lightning_meta._deferred._handles import dress_like, replaced_by_to, tensor_attrs
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._replay import replay
@@ -119,6 +119,7 @@ def reset_parameters(
                     owner.reset_parameters()  # type: ignore[operator]
             made = {slot.path: slot.current() for slot in plain}
             vids = {path: recorder.vid_at_exit(t) for path, t in made.items() if t is not None}
+            dtypes = {path: t.dtype for path, t in made.items() if t is not None}
             converted.update(id(t) for t in made.values())
         untouched = sorted(p for p, v in vids.items() if recorder.garbage_site(v) is not None)
         if untouched:
@@ -142,10 +143,14 @@ def reset_parameters(
     values = replay(record, wanted, device=device, dtype=dtype)
     record.release()
     real: dict[int, torch.Tensor] = {}  # tied slots get one object
+    params = {id(slot.tensor) for slot in plain if slot.kind == "param"}
     for slot in plain:
         new = real.get(id(slot.tensor))
         if new is None:
-            new = real[id(slot.tensor)] = dress_like(
-                slot.tensor, values[vids[slot.path]], tensor_attrs(slot.tensor)
-            )
+            value = values[vids[slot.path]]
+            if id(slot.tensor) not in params and value.dtype != dtypes[slot.path]:
+                new = replaced_by_to(slot.tensor, value)  # a buffer module.to(dtype) casts
+            else:
+                new = dress_like(slot.tensor, value, tensor_attrs(slot.tensor))
+            real[id(slot.tensor)] = new
         slot.put(new)

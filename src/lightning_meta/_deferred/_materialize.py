@@ -36,6 +36,7 @@ from lightning_meta._deferred._handles import (
     refuse_apart,
     refuse_graded,
     released_without_result,
+    replaced_by_to,
     settle,
     unhook,
     unregister,
@@ -84,7 +85,9 @@ def materialize(
     bits of eager construction followed by ``.to(dtype)``), in the dtype eager
     construction gives it (the default dtype in force when it was built);
     tied tensors stay one object; parameter class (subclasses too), their
-    attributes, ``requires_grad`` and buffer persistence are kept. Tensors
+    attributes, ``requires_grad`` and buffer persistence are kept (a buffer
+    that ``device`` or ``dtype`` moves or casts is what eager's
+    ``module.to()`` makes of it: ``buf.to(...)``). Tensors
     held in list, tuple and dict attributes are materialized too (where eager
     construction leaves them: on the CPU unless ``draw_on="device"``, in their
     own dtype, as ``Module.to`` does not move them; an entry that is a
@@ -522,7 +525,10 @@ def _replay_records(
             recast_to = recast.get(id(slot.tensor)) if slot.kind != "attr" else None
             if recast_to is not None:
                 value = value.to(recast_to)
-            by_place[key] = dress_like(slot.tensor, value, handle.attrs)
+            if slot.kind == "buffer" and id(slot.tensor) not in kept_by_to:
+                by_place[key] = replaced_by_to(slot.tensor, value)
+            else:
+                by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
     return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
 
