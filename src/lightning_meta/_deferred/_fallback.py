@@ -15,16 +15,67 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_meta._deferred._handles import dress_like, tensor_attrs
+from lightning_meta._deferred._handles import dress_like, replaced_by_to, tensor_attrs
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._replay import replay
 from lightning_meta._deferred._rng import default_generator
 from lightning_meta._deferred._session import close, recording
 from lightning_meta._errors import MaterializationError
-from lightning_meta._slots import Slot
+from lightning_meta._slots import Slot, own_slots
 
-__all__ = ["reset_parameters"]
+__all__ = ["overwritten", "reset_parameters", "resetting", "without_reset"]
+
+
+def resetting(plain: list[Slot]) -> dict[int, nn.Module]:
+    """Return (by ``id``) the modules whose ``reset_parameters()`` initialises ``plain``.
+
+    Those that hold one of them as a parameter or buffer and have the method.
+    """
+    return {
+        id(s.owner): s.owner
+        for s in plain
+        if s.kind != "attr" and callable(getattr(s.owner, "reset_parameters", None))
+    }
+
+
+def overwritten(plain: list[Slot]) -> dict[str, list[str]]:
+    """Return the other tensors each :func:`resetting` module's method would write, by its path.
+
+    ``reset_parameters()`` initialises every parameter and buffer of its
+    module; one that ``plain`` does not hold (deferred, so given eager's
+    values, or real already) would be drawn again, which eager construction
+    does not do.
+    """
+    filled = {id(s.tensor) for s in plain}
+    found: dict[str, list[str]] = {}
+    for slot in plain:
+        if slot.kind == "attr" or not callable(getattr(slot.owner, "reset_parameters", None)):
+            continue
+        prefix = slot.path[: -len(slot.name)].rstrip(".")
+        others = [
+            s.path
+            for s in own_slots(slot.owner, prefix)
+            if s.kind != "attr" and id(s.tensor) not in filled
+        ]
+        if others:
+            found[prefix or "the module itself"] = others
+    return found
+
+
+def without_reset(plain: list[Slot]) -> list[str]:
+    """Return the paths of ``plain`` whose tensor no :func:`resetting` module holds.
+
+    A slot of a module without the method is covered by another slot of the
+    same tensor that has it: transformers' ``set_output_embeddings`` ties an
+    MLM head's ``bias`` to its new ``decoder.bias``, which ``nn.Linear`` resets.
+    """
+    covered = {
+        id(s.tensor)
+        for s in plain
+        if s.kind != "attr" and callable(getattr(s.owner, "reset_parameters", None))
+    }
+    return sorted({s.path for s in plain if id(s.tensor) not in covered})
 
 
 def reset_parameters(
@@ -42,9 +93,7 @@ def reset_parameters(
         Exception: whatever ``reset_parameters()`` raised; every tensor is put
             back on meta.
     """
-    owners: dict[int, nn.Module] = {}
-    for slot in plain:
-        owners.setdefault(id(slot.owner), slot.owner)
+    owners = resetting(plain)
     generators = [
         g for g in {default_generator(torch.device("cpu")), default_generator(device)} if g
     ]
@@ -70,6 +119,7 @@ def reset_parameters(
                     owner.reset_parameters()  # type: ignore[operator]
             made = {slot.path: slot.current() for slot in plain}
             vids = {path: recorder.vid_at_exit(t) for path, t in made.items() if t is not None}
+            dtypes = {path: t.dtype for path, t in made.items() if t is not None}
             converted.update(id(t) for t in made.values())
         untouched = sorted(p for p, v in vids.items() if recorder.garbage_site(v) is not None)
         if untouched:
@@ -93,10 +143,14 @@ def reset_parameters(
     values = replay(record, wanted, device=device, dtype=dtype)
     record.release()
     real: dict[int, torch.Tensor] = {}  # tied slots get one object
+    params = {id(slot.tensor) for slot in plain if slot.kind == "param"}
     for slot in plain:
         new = real.get(id(slot.tensor))
         if new is None:
-            new = real[id(slot.tensor)] = dress_like(
-                slot.tensor, values[vids[slot.path]], tensor_attrs(slot.tensor)
-            )
+            value = values[vids[slot.path]]
+            if id(slot.tensor) not in params and value.dtype != dtypes[slot.path]:
+                new = replaced_by_to(slot.tensor, value)  # a buffer module.to(dtype) casts
+            else:
+                new = dress_like(slot.tensor, value, tensor_attrs(slot.tensor))
+            real[id(slot.tensor)] = new
         slot.put(new)

@@ -62,6 +62,7 @@ __all__ = [
     "pending_base",
     "rebuilt",
     "released_without_result",
+    "replaced_by_to",
     "settle",
     "settle_waiting",
     "tensor_attrs",
@@ -851,6 +852,19 @@ def dress_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> 
         if not isinstance(value, torch.Tensor):
             setattr(new, key, value)
     return new
+
+
+def replaced_by_to(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Return what eager's ``module.to()`` stores for buffer ``old`` it moves or casts to ``data``.
+
+    It stores ``old.to(...)``, a new tensor: no attribute set on ``old``,
+    autograd history where ``old`` requires grad, and the class ``.to()``
+    gives, a plain ``Tensor`` for an ``nn.Parameter`` registered as a buffer
+    (transformers' FalconMamba ``b_c_rms``), whose torch function is disabled.
+    """
+    if type(old) is torch.Tensor and not old.requires_grad:
+        return data  # what .to() gives already; no copy
+    return dress_like(old, data, {}).to(data.dtype, copy=True)
 
 
 def lone_module(name: str, handle: Handle) -> nn.Module:

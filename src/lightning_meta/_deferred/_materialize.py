@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag, check_module_argument, float_dtype, real_device
-from lightning_meta._deferred._fallback import reset_parameters
+from lightning_meta._deferred._fallback import overwritten, reset_parameters, without_reset
 from lightning_meta._deferred._handles import (
     Handle,
     ItemSlot,
@@ -36,6 +36,7 @@ from lightning_meta._deferred._handles import (
     refuse_apart,
     refuse_graded,
     released_without_result,
+    replaced_by_to,
     settle,
     unhook,
     unregister,
@@ -84,7 +85,9 @@ def materialize(
     bits of eager construction followed by ``.to(dtype)``), in the dtype eager
     construction gives it (the default dtype in force when it was built);
     tied tensors stay one object; parameter class (subclasses too), their
-    attributes, ``requires_grad`` and buffer persistence are kept. Tensors
+    attributes, ``requires_grad`` and buffer persistence are kept (a buffer
+    that ``device`` or ``dtype`` moves or casts is what eager's
+    ``module.to()`` makes of it: ``buf.to(...)``). Tensors
     held in list, tuple and dict attributes are materialized too (where eager
     construction leaves them: on the CPU unless ``draw_on="device"``, in their
     own dtype, as ``Module.to`` does not move them; an entry that is a
@@ -136,7 +139,10 @@ def materialize(
         fallback: ``"reset_parameters"`` lets meta tensors that were never
             deferred be initialised by their module's ``reset_parameters()``
             (recorded first, so a tensor it leaves wholly or partly unwritten,
-            or a method that raises, changes nothing and raises).
+            or a method that raises, changes nothing and raises). A new meta
+            tensor put in a deferred one's place after the block (litgpt's
+            ``model.max_seq_length = n``) is one; a module that also holds
+            other tensors, which the method would draw again, is refused.
         allow_uninitialized: keep eager construction's behaviour for tensors
             it leaves uninitialised (``torch.empty`` never filled): replay
             them as uninitialised memory instead of raising.
@@ -519,7 +525,10 @@ def _replay_records(
             recast_to = recast.get(id(slot.tensor)) if slot.kind != "attr" else None
             if recast_to is not None:
                 value = value.to(recast_to)
-            by_place[key] = dress_like(slot.tensor, value, handle.attrs)
+            if slot.kind == "buffer" and id(slot.tensor) not in kept_by_to:
+                by_place[key] = replaced_by_to(slot.tensor, value)
+            else:
+                by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
     return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
 
@@ -873,22 +882,44 @@ def check_deferred(
 
 def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
     """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
-    replaced = sorted(
-        f"{s.path} ({type(s.tensor).__name__} of shape {tuple(s.tensor.shape)}, deferred as "
-        f"{tuple(handles_of(s.owner)[s.name].tensor.shape)})"
-        for s in plain
-        if s.kind != "attr" and s.name in handles_of(s.owner)
-    )
-    if replaced:
+    # A parameter or buffer whose name still has a handle took the place of a
+    # deferred tensor after the block. One of the deferred shape in another
+    # dtype is what module.to(dtype) makes of a buffer: its value is the cast
+    # of the recorded one, which reset_parameters() would not give. Any other
+    # is a new tensor (litgpt's `model.max_seq_length = n`, a head built on
+    # meta and assigned), never deferred, which the fallback initialises.
+    replaced = [s for s in plain if s.kind != "attr" and s.name in handles_of(s.owner)]
+    recast = sorted((s for s in replaced if _cast_of_deferred(s)), key=lambda s: s.path)
+    if recast:
         raise MaterializationError(
-            f"materialize cannot fill {replaced}: these deferred tensors were replaced after "
-            "the deferred_init block by other meta tensors, whose values the record does not "
-            "give (module.to(dtype) replaces floating-point buffers so). Fix: pass dtype= to "
-            "materialize instead of module.to(dtype), assign real tensors, shard with "
-            "fully_shard (FSDP2) or "
+            f"materialize cannot fill {[_replaced_by(s) for s in recast]}: these deferred tensors were replaced after "
+            "the deferred_init block by meta tensors of their shape in another dtype, what "
+            "module.to(dtype) (or .half(), .bfloat16()) makes of floating-point buffers, whose "
+            "cast values the record does not give. Fix: pass dtype= to materialize instead "
+            "of module.to(dtype), or assign real tensors there.",
+            paths=[s.path for s in recast],
+        )
+    if replaced and fallback is None:
+        named = sorted(_replaced_by(s) for s in replaced)
+        resettable = not without_reset(plain) and not overwritten(plain)
+        raise MaterializationError(
+            f"materialize cannot fill {named}: these deferred tensors were replaced after the "
+            "deferred_init block by new meta tensors, which were never deferred, so the "
+            "record gives no values for them (an assignment such as litgpt's "
+            "`model.max_seq_length = n`, a module built on meta and set in, such as "
+            "set_output_embeddings(nn.Linear(..., device='meta')), or a wrapper that "
+            "reshapes or flattens parameters). Fix: "
+            + (
+                "pass fallback='reset_parameters' to initialise them with their modules' "
+                "reset_parameters(), as eager construction of the new tensors does, or "
+                if resettable
+                else ""
+            )
+            + "assign real tensors there (or make the change inside the deferred_init block, "
+            "or after materialize); for sharding, use fully_shard (FSDP2) or "
             "parallelize_module (tensor parallel), which keep the global shape, or "
             "materialize before wrapping (FSDP1: let the strategy wrap and materialize).",
-            paths=replaced,
+            paths=sorted(s.path for s in replaced),
         )
     sharded = sorted(s.path for s in plain if type(s.tensor).__name__ == "DTensor")
     if sharded and fallback is not None:
@@ -909,21 +940,43 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "fallback='reset_parameters' to initialise them with reset_parameters().",
             paths=paths,
         )
-    if plain:
-        missing = sorted(
-            {
-                s.path
-                for s in plain
-                if s.kind == "attr" or not callable(getattr(s.owner, "reset_parameters", None))
-            }
+    drawn_again = overwritten(plain)
+    if drawn_again:
+        where = "; ".join(f"{m!r}: {others}" for m, others in sorted(drawn_again.items()))
+        raise MaterializationError(
+            f"materialize(fallback='reset_parameters') cannot run reset_parameters() of modules "
+            f"that hold other tensors than the meta ones it fills ({where}): it would draw "
+            "those again, which eager construction does not. Fix: assign real tensors in "
+            f"place of {sorted(s.path for s in plain)}, or build them under deferred_init.",
+            paths=sorted({p for others in drawn_again.values() for p in others}),
         )
-        if missing:
-            raise MaterializationError(
-                f"materialize(fallback='reset_parameters') cannot initialise {missing}: their "
-                "modules have no reset_parameters(). Fix: build the module under deferred_init "
-                "or load these tensors from a checkpoint.",
-                paths=missing,
-            )
+    missing = without_reset(plain)
+    if missing:
+        raise MaterializationError(
+            f"materialize(fallback='reset_parameters') cannot initialise {missing}: their "
+            "modules have no reset_parameters(). Fix: build the module under deferred_init "
+            "or load these tensors from a checkpoint.",
+            paths=missing,
+        )
+
+
+def _cast_of_deferred(slot: Slot) -> bool:
+    """Whether ``slot``'s tensor has the shape of the deferred one it replaced, in another dtype."""
+    deferred = handles_of(slot.owner)[slot.name].tensor
+    return tuple(slot.tensor.shape) == tuple(deferred.shape) and slot.tensor.dtype != deferred.dtype
+
+
+def _replaced_by(slot: Slot) -> str:
+    deferred = handles_of(slot.owner)[slot.name].tensor
+    if tuple(slot.tensor.shape) == tuple(deferred.shape):
+        return (
+            f"{slot.path} ({type(slot.tensor).__name__} in {slot.tensor.dtype}, deferred in "
+            f"{deferred.dtype})"
+        )
+    return (
+        f"{slot.path} ({type(slot.tensor).__name__} of shape {tuple(slot.tensor.shape)}, "
+        f"deferred as {tuple(deferred.shape)})"
+    )
 
 
 # -- sharded parameters (FSDP2 fully_shard, tensor parallel parallelize_module)

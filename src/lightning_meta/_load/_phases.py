@@ -41,6 +41,7 @@ from lightning_meta._deferred._handles import (
     pending_base,
     refuse_apart,
     refuse_graded,
+    replaced_by_to,
     unhook,
     unregister,
     view_of,
@@ -308,6 +309,8 @@ def _convert_one(
             )
         return Converted(group, tensor, False, _grad_like(group, device, dtype))
     handle = handle_of(old)
+    if handle is not None and not _keeps(group, tensor, handle):
+        return Converted(group, replaced_by_to(old, tensor), False)  # as module.to() after
     try:
         new = wrap_like(old, tensor, handle.attrs if handle is not None else vars(old))
     except Exception as e:  # a Parameter subclass's constructor, user code
@@ -526,7 +529,8 @@ def replay_missing(
             out.tensors.append((group, view))
             continue
         owner, name = _scratch_place(scratch, group.names[0])
-        if isinstance(group.tensor, nn.Parameter):
+        # A Parameter registered as a buffer is cast or moved as a buffer (module.to()).
+        if isinstance(group.tensor, nn.Parameter) and any(s.kind == "param" for s in group.slots):
             owner.register_parameter(name, group.tensor)
         else:
             owner.register_buffer(name, group.tensor, persistent=group.persistent)

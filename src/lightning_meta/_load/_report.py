@@ -29,7 +29,8 @@ class LoadReport:
         left_on_meta: names still on meta afterwards: never deferred and not in the
             checkpoint, or deferred and skipped for their shape (``strict=False``, without
             ``dtype=`` or ``device=``), which stay deferred (``materialize`` gives them eager's
-            values).
+            values; ``fallback="reset_parameters"`` initialises the others, such as litgpt's
+            ``cos``/``sin`` after ``model.max_seq_length = n``).
         tied: groups of names that share one tensor and were tied again.
         bytes_read: bytes of tensor data taken from the checkpoint.
 
@@ -89,6 +90,13 @@ class LoadReport:
             if items:
                 lines.append(f"{label} ({len(items)}):")
                 lines += [f"  {x}" for x in items]
+            if items and label == "left on meta":
+                lines.append(
+                    "  (a forward on meta tensors fails. Fix: lm.materialize(module, "
+                    "fallback='reset_parameters') gives deferred ones eager's values and "
+                    "initialises the others with their modules' reset_parameters(); or "
+                    "assign real tensors)"
+                )
         return "\n".join(lines)
 
 
