@@ -47,9 +47,10 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
-from lightning_meta._deferred._handles import deferred_slots
+from lightning_meta._deferred._handles import deferred_slots, records_of
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import held_modules
+from lightning_meta._deferred._record import Record
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -57,6 +58,9 @@ from lightning_meta._guard._materialize import (
     deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
+    model_records,
+    refuse_left,
+    refuse_pending,
     refuse_strays,
 )
 
@@ -150,6 +154,7 @@ class MetaGuard(Callback):
         self._prepared = False
         self._running = False
         self._refusal: tuple[MetaTensorError, BaseException] | None = None
+        self._records: list[Record] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -162,6 +167,7 @@ class MetaGuard(Callback):
             "_prepared": False,
             "_running": False,
             "_refusal": None,
+            "_records": [],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -183,7 +189,12 @@ class MetaGuard(Callback):
         # the CPU): what is deferred from then on was built under Lightning's
         # device context.
         self._wrap(strategy, "model_sharded_context", lambda: self._note_before(pl_module))
-        self._wrap(strategy, "setup", lambda: self._prepare(trainer))
+        self._wrap(
+            strategy,
+            "setup",
+            lambda: self._prepare(trainer),
+            after=lambda: self._refuse_left(trainer),
+        )
         self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
         self._wrap_teardown(strategy)
         if stage == "fit" and self._before and _averages_in_setup(trainer, self):
@@ -292,6 +303,9 @@ class MetaGuard(Callback):
         strategy = trainer.strategy
         device = strategy.root_device
         name = type(module).__name__
+        # Noted before anything is materialized: what the model's blocks made
+        # and is still without data once all is done is refused, held wherever.
+        records = model_records(module)
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -317,12 +331,17 @@ class MetaGuard(Callback):
                     len(on_device),
                 )
         tree = {id(m) for m in module.modules()}
-        self._copies(trainer, tree)
+        records += self._copies(trainer, tree)
         if trainer.datamodule is not None:  # type: ignore[attr-defined]
-            self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
+            records += self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
         self._prepared = True
+        if _is_fsdp1(strategy):
+            # torch's FSDP materializes unit by unit inside the strategy's setup.
+            self._records = records
+        else:
+            refuse_left(module, name, records)
 
-    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> None:
+    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> list[Record]:
         """Materialize the copies of the model other callbacks made in their ``setup``.
 
         ``StochasticWeightAveraging`` and ``ModelPruning`` (lottery ticket)
@@ -330,11 +349,13 @@ class MetaGuard(Callback):
         construction a real copy on the CPU; here a deferred copy, which
         ``.to(device)`` later failed on. They get eager's values, on the CPU.
         """
+        records: list[Record] = []
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is not self:
-                self._held(vars(callback), tree)
+                records += self._held(vars(callback), tree)
+        return records
 
-    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> None:
+    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> list[Record]:
         """Materialize the deferred modules ``datamodule`` holds, on the CPU, as its callbacks'.
 
         Lightning moves neither a datamodule nor what it holds: eager
@@ -345,9 +366,9 @@ class MetaGuard(Callback):
         now, so such a reference cannot be filled any more).
         """
         attributes = {k: v for k, v in vars(datamodule).items() if k not in HYPERPARAMETERS}
-        self._held(attributes, tree)
+        records = self._held(attributes, tree)
         if not check:
-            return
+            return records
         left = [
             dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
             for name, value in attributes.items()
@@ -362,17 +383,32 @@ class MetaGuard(Callback):
                 f"The LightningDataModule {type(datamodule).__name__}",
                 "MetaGuard materialized the deferred modules the datamodule holds on the CPU; "
                 "these were left without data (held where materialize does not reach, or a "
-                "reference taken before materializing), and batches would be computed with them.",
+                "reference taken before materializing), and batches would be computed with them. "
+                "Fix: call lightning_meta.materialize(module) on each before the run, or hold "
+                "them in attributes, lists, tuples or dicts of the datamodule (which MetaGuard "
+                "materializes).",
+                left=True,
             )
+        return records
 
-    def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
-        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
+    def _held(self, attributes: dict[str, Any], tree: set[int]) -> list[Record]:
+        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold;
+        return their records."""
+        records: list[Record] = []
         for name, value in list(attributes.items()):
             for _, held in held_modules(value, name):
                 # The model's own modules (a reference to the LightningModule)
                 # are materialized where the strategy needs them, not here.
                 if id(held) not in tree and deferred_slots(held):
+                    records += records_of(held)
                     materialize(held, allow_uninitialized=self.allow_uninitialized)
+        return records
+
+    def _refuse_left(self, trainer: pl.Trainer) -> None:
+        """Under FSDP1, once torch's FSDP has materialized every unit: refuse what the
+        model's blocks made and left without data."""
+        records, self._records = self._records, []
+        refuse_pending(records, type(trainer.lightning_module).__name__)
 
     def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
         kwargs: dict[str, Any] = strategy.kwargs
@@ -399,13 +435,22 @@ class MetaGuard(Callback):
 
     # -- patching the strategy instance ------------------------------------
 
-    def _wrap(self, strategy: Any, name: str, before: Callable[[], None]) -> None:
+    def _wrap(
+        self,
+        strategy: Any,
+        name: str,
+        before: Callable[[], None],
+        after: Callable[[], None] | None = None,
+    ) -> None:
         original = getattr(strategy, name)
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             before()
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
+            if after is not None:
+                after()
+            return result
 
         self._set(strategy, name, wrapper)
 
