@@ -279,3 +279,71 @@ def test_too_deep_or_too_long_names_the_limit_and_a_fix_that_works(
     lm.materialize(model.aux())
     _fit(model)
     assert torch.equal(eager.lin.weight, model.lin.weight)
+
+
+_PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
+
+
+class Early(L.LightningModule):
+    def __init__(self, deferred: bool) -> None:
+        super().__init__()
+        with lm.deferred_init() if deferred else _nothing():
+            self.lin = nn.Linear(IN, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.lin(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Failing(L.LightningDataModule):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def prepare_data(self) -> None:
+        if self.where == "prepare_data":
+            raise FileNotFoundError("/data/train.csv")
+
+    def setup(self, stage: str) -> None:
+        if self.where == "setup":
+            raise FileNotFoundError("/data/train.csv")
+
+    def train_dataloader(self) -> Any:
+        return loader()
+
+
+class LoginFails(L.Callback):
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        raise RuntimeError("logger login failed")
+
+
+def _early_run(case: str, t: L.Trainer, model: L.LightningModule) -> None:
+    if case in ("prepare_data", "setup"):
+        t.fit(model, datamodule=Failing(case))
+    elif case == "validate":
+        t.validate(model, loader())
+    elif case == "test":
+        t.test(model, loader())
+    else:
+        t.fit(model, loader())
+
+
+@pytest.mark.parametrize(
+    "case", ["prepare_data", "setup", "validate", "test", "callback before the guard"]
+)
+def test_an_error_before_the_guard_acts_surfaces_as_in_eager(case: str) -> None:
+    seen = []
+    for deferred in (False, True):
+        callbacks: list[L.Callback] = [lm.MetaGuard()]
+        if case == "callback before the guard":
+            callbacks.insert(0, LoginFails())
+        t = trainer(max_steps=1, callbacks=callbacks)
+        model = Early(deferred)
+        with pytest.raises(Exception) as e:  # (the eager one, whatever it is)
+            _early_run(case, t, model)
+        seen.append((type(e.value), str(e.value)))
+        assert not [k for k in vars(t.strategy) if k in _PATCHED]
+        assert "cpu" not in vars(model)
+    assert seen[0] == seen[1]

@@ -248,6 +248,12 @@ class MetaGuard(Callback):
     ) -> None:
         if not self._running:
             self._explain_early_failure(trainer, pl_module, exception)
+            if self._refusal is None and pl_module is not None and _has_meta(pl_module):
+                # Lightning failed before this callback's setup (prepare_data, a
+                # datamodule, an earlier callback): keep the strategy's teardown
+                # `.cpu()` off the deferred model, so the original error surfaces
+                # and not torch's "Cannot copy out of meta tensor" on top of it.
+                self._wrap_teardown(trainer.strategy)
         self._running = False
         # The strategy's teardown still runs after this hook; its wrapper keeps
         # Lightning's `.cpu()` off refused meta tensors and then removes itself.
@@ -472,7 +478,10 @@ class MetaGuard(Callback):
                 tensors = [*module.parameters(), *module.buffers()]
                 if not any(isinstance(t, _compat.FakeTensor) for t in tensors):
                     _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
-                object.__setattr__(module, "cpu", lambda: module)
+                # (not twice: another MetaGuard's teardown may shadow it already)
+                shadowed = "cpu" not in vars(module)
+                if shadowed:
+                    object.__setattr__(module, "cpu", lambda: module)
             try:
                 result = original(*args, **kwargs)
             finally:
