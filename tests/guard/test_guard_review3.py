@@ -347,3 +347,24 @@ def test_an_error_before_the_guard_acts_surfaces_as_in_eager(case: str) -> None:
         assert not [k for k in vars(t.strategy) if k in _PATCHED]
         assert "cpu" not in vars(model)
     assert seen[0] == seen[1]
+
+
+def test_a_second_metaguard_is_refused_and_nothing_stays_on_the_strategy() -> None:
+    t = trainer(max_steps=1, callbacks=[lm.MetaGuard(), lm.MetaGuard()])
+    with pytest.raises(lm.MetaTensorError, match="holds 2 MetaGuard callbacks"):
+        t.fit(Early(True), loader())
+    assert not [k for k in vars(t.strategy) if k in _PATCHED]
+    for _ in range(2):
+        with pytest.raises(lm.MetaTensorError, match="holds 2 MetaGuard callbacks"):
+            t.fit(Early(True), loader())
+        assert not [k for k in vars(t.strategy) if k in _PATCHED]
+    # One guard: the run works and leaves nothing either.
+    torch.manual_seed(0)
+    eager = Early(False)
+    trainer(max_steps=2, callbacks=[]).fit(eager, loader())
+    torch.manual_seed(0)
+    model = Early(True)
+    t = trainer(max_steps=2)
+    t.fit(model, loader())
+    assert not [k for k in vars(t.strategy) if k in _PATCHED]
+    assert torch.equal(eager.lin.weight, model.lin.weight)

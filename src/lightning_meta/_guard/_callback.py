@@ -72,6 +72,10 @@ logger = logging.getLogger(__name__)
 _MAX_ITEMS = 1_000
 # The strategy instance's methods a run wraps (and restores when it ends).
 _PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
+# Wrappers whose run ended while another wrapper sat on top of them, by id: (the
+# wrapper, whether the instance had the attribute before, what it held). Held
+# only until the wrapper on top is undone.
+_RESTORED: dict[int, tuple[Any, bool, Any]] = {}
 
 
 class MetaGuard(Callback):
@@ -177,6 +181,15 @@ class MetaGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()  # a run that ended without reaching teardown
+        guards = [cb for cb in trainer.callbacks if isinstance(cb, MetaGuard)]  # type: ignore[attr-defined]
+        if len(guards) > 1:
+            # Each would wrap the strategy's methods around the other's, and
+            # materialize and refuse twice: one does all of it.
+            raise MetaTensorError(
+                f"Trainer(callbacks=...) holds {len(guards)} MetaGuard callbacks; one guards the "
+                "whole run. Fix: keep a single lightning_meta.MetaGuard() in the callbacks (check "
+                "what adds one: a callbacks list built in two places, configure_callbacks)."
+            )
         self._running = True
         self._refusal = None
         _refuse_deepspeed(trainer.strategy, type(pl_module).__name__)
@@ -502,9 +515,16 @@ class MetaGuard(Callback):
 
         def undo() -> None:
             if vars(obj).get(name) is not value:
-                return  # replaced by someone else since; theirs stays
-            if had:
-                setattr(obj, name, old)
+                # Wrapped by someone else since; theirs stays, and whoever
+                # restores past this wrapper (another MetaGuard's teardown,
+                # wrapped around this one) skips it to what it replaced.
+                _RESTORED[id(value)] = (value, had, old)
+                return
+            back, restored = had, old
+            while id(restored) in _RESTORED and _RESTORED[id(restored)][0] is restored:
+                _, back, restored = _RESTORED.pop(id(restored))
+            if back:
+                setattr(obj, name, restored)
             else:
                 delattr(obj, name)
 
