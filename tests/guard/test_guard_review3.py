@@ -368,3 +368,42 @@ def test_a_second_metaguard_is_refused_and_nothing_stays_on_the_strategy() -> No
     t.fit(model, loader())
     assert not [k for k in vars(t.strategy) if k in _PATCHED]
     assert torch.equal(eager.lin.weight, model.lin.weight)
+
+
+class BuiltInConfigure(L.LightningModule):
+    def __init__(self, deferred: bool) -> None:
+        super().__init__()
+        self.deferred = deferred
+        self.lin: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.lin is None:
+            with lm.deferred_init() if self.deferred else _nothing():
+                self.lin = nn.Linear(IN, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.lin is not None
+        return self.lin(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_weight_averaging_after_the_guard_with_the_model_built_in_configure_model() -> None:
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    out = {}
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        model = BuiltInConfigure(deferred)
+        averaging = WeightAveraging()
+        callbacks = [lm.MetaGuard(), averaging] if deferred else [averaging]
+        t = trainer(max_steps=3, callbacks=callbacks)
+        t.fit(model, loader())
+        assert not [k for k in vars(t.strategy) if k in _PATCHED]
+        assert model.lin is not None
+        out[deferred] = (model.lin.weight.detach().clone(), averaging._average_model)
+    assert torch.equal(out[False][0], out[True][0])
+    averaged = [dict(m.module.named_parameters()) for _, m in (out[False], out[True])]
+    for name, value in averaged[0].items():
+        assert torch.equal(value, averaged[1][name]), name

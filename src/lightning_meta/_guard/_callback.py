@@ -43,6 +43,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_meta import _compat
@@ -210,8 +211,15 @@ class MetaGuard(Callback):
         )
         self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
         self._wrap_teardown(strategy)
-        if stage == "fit" and self._before and _averages_in_setup(trainer, self):
-            self._materialize_for_averaging(trainer, pl_module)
+        if stage == "fit" and _averages_in_setup(trainer, self):
+            if is_overridden("configure_model", pl_module):
+                # WeightAveraging.setup calls configure_model itself (on the CPU,
+                # outside Lightning's device context) and copies the result:
+                # build it here, as it would, so there is a model to materialize.
+                pl_module.configure_model()
+                self._before = frozenset(_deferred_ids(pl_module))
+            if self._before:
+                self._materialize_for_averaging(trainer, pl_module)
 
     def _materialize_for_averaging(self, trainer: pl.Trainer, module: nn.Module) -> None:
         """Materialize the model now, on the CPU, for a ``WeightAveraging`` callback after this one.
