@@ -407,3 +407,53 @@ def test_weight_averaging_after_the_guard_with_the_model_built_in_configure_mode
     averaged = [dict(m.module.named_parameters()) for _, m in (out[False], out[True])]
     for name, value in averaged[0].items():
         assert torch.equal(value, averaged[1][name]), name
+
+
+class Restored(L.LightningModule):
+    def __init__(self, deferred: bool) -> None:
+        super().__init__()
+        with lm.deferred_init() if deferred else _nothing():
+            self.lin = nn.Linear(IN, IN)
+            self.norm = nn.LayerNorm(IN)
+            self.head = nn.Linear(IN, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.lin(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self(batch[0]) - batch[1]).pow(2).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("loss", (self(batch[0]) - batch[1]).pow(2).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("stage", ["validate", "fit"])
+def test_empty_init_model_restored_with_ckpt_path_equals_eager(stage: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = Restored(False)
+    t = trainer(max_steps=2, callbacks=[])
+    t.fit(source, loader())
+    ckpt = tmp_path / "source.ckpt"
+    t.save_checkpoint(ckpt)
+    out = {}
+    for deferred in (False, True):
+        t = trainer(max_steps=4, callbacks=[lm.MetaGuard()] if deferred else [])
+        with t.init_module(empty_init=True):
+            model = Restored(deferred)
+        if stage == "validate":
+            t.validate(model, loader(), ckpt_path=ckpt, verbose=False)
+        else:
+            torch.manual_seed(2)
+            t.fit(model, loader(), ckpt_path=ckpt)
+        out[deferred] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out[deferred]["output"] = model(torch.linspace(-1, 1, 2 * IN).view(2, IN)).detach()
+        assert not [k for k in vars(t.strategy) if k in _PATCHED]
+    assert out[False].keys() == out[True].keys()
+    for name, value in out[False].items():
+        assert torch.equal(value, out[True][name]), name
+    if stage == "validate":
+        for name, value in source.state_dict().items():
+            assert torch.equal(value, out[True][name]), name

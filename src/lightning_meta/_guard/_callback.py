@@ -160,6 +160,7 @@ class MetaGuard(Callback):
         self._running = False
         self._refusal: tuple[MetaTensorError, BaseException] | None = None
         self._records: list[Record] = []
+        self._loaded: list[Record] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -173,6 +174,7 @@ class MetaGuard(Callback):
             "_running": False,
             "_refusal": None,
             "_records": [],
+            "_loaded": [],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -209,7 +211,7 @@ class MetaGuard(Callback):
             lambda: self._prepare(trainer),
             after=lambda: self._refuse_left(trainer),
         )
-        self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
+        self._wrap_load(strategy, trainer)
         self._wrap_teardown(strategy)
         if stage == "fit" and _averages_in_setup(trainer, self):
             if is_overridden("configure_model", pl_module):
@@ -332,7 +334,8 @@ class MetaGuard(Callback):
         name = type(module).__name__
         # Noted before anything is materialized: what the model's blocks made
         # and is still without data once all is done is refused, held wherever.
-        records = model_records(module)
+        records = model_records(module) + self._loaded
+        self._loaded = []
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -480,6 +483,32 @@ class MetaGuard(Callback):
             return result
 
         self._set(strategy, name, wrapper)
+
+    def _wrap_load(self, strategy: Any, trainer: pl.Trainer) -> None:
+        """Have a ``ckpt_path`` restore that comes before the strategy's setup fill the
+        deferred tensors first, then materialize what the checkpoint left.
+
+        The deferred load hooks fill them exactly without replaying: a model
+        built under ``trainer.init_module(empty_init=True)`` cannot be
+        replayed at all, and any other would replay its whole initialisation
+        only to overwrite it.
+        """
+        original = strategy.load_model_state_dict
+
+        @functools.wraps(original)
+        def load(*args: Any, **kwargs: Any) -> Any:
+            if self._prepared:
+                return original(*args, **kwargs)
+            module = trainer.lightning_module
+            # A meta tensor no load fills is refused before anything is copied.
+            refuse_strays(module, type(module).__name__)
+            # The records of what the load fills, which then leaves the tree.
+            self._loaded = model_records(module)
+            result = original(*args, **kwargs)
+            self._prepare(trainer)
+            return result
+
+        self._set(strategy, "load_model_state_dict", load)
 
     def _wrap_teardown(self, strategy: Any) -> None:
         original = strategy.teardown
