@@ -457,3 +457,18 @@ def test_empty_init_model_restored_with_ckpt_path_equals_eager(stage: str, tmp_p
     if stage == "validate":
         for name, value in source.state_dict().items():
             assert torch.equal(value, out[True][name]), name
+
+
+def test_fabric_setup_sets_up_two_models_of_one_block_one_after_the_other() -> None:
+    # Fabric sets models up one by one (a GAN's generator and discriminator,
+    # built in one block): the second, still deferred, is no leftover of the first.
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    eager = (nn.Linear(IN, IN), nn.Linear(IN, 1))
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        a, b = nn.Linear(IN, IN), nn.Linear(IN, 1)
+    a = lm.fabric_setup(fabric, a)
+    b = lm.fabric_setup(fabric, b)
+    assert torch.equal(a.weight, eager[0].weight)
+    assert torch.equal(b.weight, eager[1].weight)

@@ -844,6 +844,9 @@ def left_pending(records: Iterable[Record]) -> list[Handle]:
     since (a prototype deep-copied into a ``ModuleList``) may wait in a
     reference cycle, and is no tensor anything computes with.
     """
+    records = list(records)
+    if not records:
+        return []
     gc.collect()
     left: list[Handle] = []
     for record in records:
