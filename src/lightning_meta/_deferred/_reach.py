@@ -22,6 +22,7 @@ from lightning_meta._deferred._handles import made_for, rebuilt
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_ITEMS",
     "MODULE_TABLES",
     "Reach",
     "held_modules",
@@ -34,7 +35,7 @@ MAX_DEPTH = 4
 # Containers longer than this (a vocabulary, a table of data) are not walked:
 # a module or a tensor reference is not kept among thousands of items, and the
 # walk runs on every materialize and load.
-_MAX_ITEMS = 1_000
+MAX_ITEMS = 1_000
 # nn.Module's own tables (parameters, buffers, hooks), walked elsewhere or holding no tensor.
 MODULE_TABLES = frozenset(vars(nn.Module()))
 
@@ -73,11 +74,11 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
 
 def _walkable(value: Any, depth: int, seen: set[int]) -> bool:
     """Whether to look inside ``value``: a list, tuple or dict not seen yet in this walk (they
-    can refer to one another), a few levels down, of at most ``_MAX_ITEMS`` items."""
+    can refer to one another), a few levels down, of at most ``MAX_ITEMS`` items."""
     if depth >= MAX_DEPTH or not issubclass(type(value), _CONTAINERS) or id(value) in seen:
         return False
     seen.add(id(value))
-    return len(value) <= _MAX_ITEMS
+    return len(value) <= MAX_ITEMS
 
 
 def held_modules(value: Any, path: str) -> list[tuple[str, nn.Module]]:

@@ -43,13 +43,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
-from lightning_meta._deferred._handles import deferred_slots
+from lightning_meta._deferred._handles import deferred_slots, records_of
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import held_modules
+from lightning_meta._deferred._record import Record
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -57,6 +59,9 @@ from lightning_meta._guard._materialize import (
     deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
+    model_records,
+    refuse_left,
+    refuse_pending,
     refuse_strays,
 )
 
@@ -68,6 +73,10 @@ logger = logging.getLogger(__name__)
 _MAX_ITEMS = 1_000
 # The strategy instance's methods a run wraps (and restores when it ends).
 _PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
+# Wrappers whose run ended while another wrapper sat on top of them, by id: (the
+# wrapper, whether the instance had the attribute before, what it held). Held
+# only until the wrapper on top is undone.
+_RESTORED: dict[int, tuple[Any, bool, Any]] = {}
 
 
 class MetaGuard(Callback):
@@ -150,6 +159,8 @@ class MetaGuard(Callback):
         self._prepared = False
         self._running = False
         self._refusal: tuple[MetaTensorError, BaseException] | None = None
+        self._records: list[Record] = []
+        self._loaded: list[Record] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -162,6 +173,8 @@ class MetaGuard(Callback):
             "_prepared": False,
             "_running": False,
             "_refusal": None,
+            "_records": [],
+            "_loaded": [],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -171,6 +184,15 @@ class MetaGuard(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()  # a run that ended without reaching teardown
+        guards = [cb for cb in trainer.callbacks if isinstance(cb, MetaGuard)]  # type: ignore[attr-defined]
+        if len(guards) > 1:
+            # Each would wrap the strategy's methods around the other's, and
+            # materialize and refuse twice: one does all of it.
+            raise MetaTensorError(
+                f"Trainer(callbacks=...) holds {len(guards)} MetaGuard callbacks; one guards the "
+                "whole run. Fix: keep a single lightning_meta.MetaGuard() in the callbacks (check "
+                "what adds one: a callbacks list built in two places, configure_callbacks)."
+            )
         self._running = True
         self._refusal = None
         _refuse_deepspeed(trainer.strategy, type(pl_module).__name__)
@@ -183,11 +205,23 @@ class MetaGuard(Callback):
         # the CPU): what is deferred from then on was built under Lightning's
         # device context.
         self._wrap(strategy, "model_sharded_context", lambda: self._note_before(pl_module))
-        self._wrap(strategy, "setup", lambda: self._prepare(trainer))
-        self._wrap(strategy, "load_model_state_dict", lambda: self._prepare(trainer))
+        self._wrap(
+            strategy,
+            "setup",
+            lambda: self._prepare(trainer),
+            after=lambda: self._refuse_left(trainer),
+        )
+        self._wrap_load(strategy, trainer)
         self._wrap_teardown(strategy)
-        if stage == "fit" and self._before and _averages_in_setup(trainer, self):
-            self._materialize_for_averaging(trainer, pl_module)
+        if stage == "fit" and _averages_in_setup(trainer, self):
+            if is_overridden("configure_model", pl_module):
+                # WeightAveraging.setup calls configure_model itself (on the CPU,
+                # outside Lightning's device context) and copies the result:
+                # build it here, as it would, so there is a model to materialize.
+                pl_module.configure_model()
+                self._before = frozenset(_deferred_ids(pl_module))
+            if self._before:
+                self._materialize_for_averaging(trainer, pl_module)
 
     def _materialize_for_averaging(self, trainer: pl.Trainer, module: nn.Module) -> None:
         """Materialize the model now, on the CPU, for a ``WeightAveraging`` callback after this one.
@@ -237,6 +271,12 @@ class MetaGuard(Callback):
     ) -> None:
         if not self._running:
             self._explain_early_failure(trainer, pl_module, exception)
+            if self._refusal is None and pl_module is not None and _has_meta(pl_module):
+                # Lightning failed before this callback's setup (prepare_data, a
+                # datamodule, an earlier callback): keep the strategy's teardown
+                # `.cpu()` off the deferred model, so the original error surfaces
+                # and not torch's "Cannot copy out of meta tensor" on top of it.
+                self._wrap_teardown(trainer.strategy)
         self._running = False
         # The strategy's teardown still runs after this hook; its wrapper keeps
         # Lightning's `.cpu()` off refused meta tensors and then removes itself.
@@ -292,6 +332,10 @@ class MetaGuard(Callback):
         strategy = trainer.strategy
         device = strategy.root_device
         name = type(module).__name__
+        # Noted before anything is materialized: what the model's blocks made
+        # and is still without data once all is done is refused, held wherever.
+        records = model_records(module) + self._loaded
+        self._loaded = []
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -317,12 +361,17 @@ class MetaGuard(Callback):
                     len(on_device),
                 )
         tree = {id(m) for m in module.modules()}
-        self._copies(trainer, tree)
+        records += self._copies(trainer, tree)
         if trainer.datamodule is not None:  # type: ignore[attr-defined]
-            self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
+            records += self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
         self._prepared = True
+        if _is_fsdp1(strategy):
+            # torch's FSDP materializes unit by unit inside the strategy's setup.
+            self._records = records
+        else:
+            refuse_left(module, name, records)
 
-    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> None:
+    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> list[Record]:
         """Materialize the copies of the model other callbacks made in their ``setup``.
 
         ``StochasticWeightAveraging`` and ``ModelPruning`` (lottery ticket)
@@ -330,11 +379,13 @@ class MetaGuard(Callback):
         construction a real copy on the CPU; here a deferred copy, which
         ``.to(device)`` later failed on. They get eager's values, on the CPU.
         """
+        records: list[Record] = []
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is not self:
-                self._held(vars(callback), tree)
+                records += self._held(vars(callback), tree)
+        return records
 
-    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> None:
+    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> list[Record]:
         """Materialize the deferred modules ``datamodule`` holds, on the CPU, as its callbacks'.
 
         Lightning moves neither a datamodule nor what it holds: eager
@@ -345,9 +396,9 @@ class MetaGuard(Callback):
         now, so such a reference cannot be filled any more).
         """
         attributes = {k: v for k, v in vars(datamodule).items() if k not in HYPERPARAMETERS}
-        self._held(attributes, tree)
+        records = self._held(attributes, tree)
         if not check:
-            return
+            return records
         left = [
             dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
             for name, value in attributes.items()
@@ -362,17 +413,32 @@ class MetaGuard(Callback):
                 f"The LightningDataModule {type(datamodule).__name__}",
                 "MetaGuard materialized the deferred modules the datamodule holds on the CPU; "
                 "these were left without data (held where materialize does not reach, or a "
-                "reference taken before materializing), and batches would be computed with them.",
+                "reference taken before materializing), and batches would be computed with them. "
+                "Fix: call lightning_meta.materialize(module) on each before the run, or hold "
+                "them in attributes, lists, tuples or dicts of the datamodule (which MetaGuard "
+                "materializes).",
+                left=True,
             )
+        return records
 
-    def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
-        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
+    def _held(self, attributes: dict[str, Any], tree: set[int]) -> list[Record]:
+        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold;
+        return their records."""
+        records: list[Record] = []
         for name, value in list(attributes.items()):
             for _, held in held_modules(value, name):
                 # The model's own modules (a reference to the LightningModule)
                 # are materialized where the strategy needs them, not here.
                 if id(held) not in tree and deferred_slots(held):
+                    records += records_of(held)
                     materialize(held, allow_uninitialized=self.allow_uninitialized)
+        return records
+
+    def _refuse_left(self, trainer: pl.Trainer) -> None:
+        """Under FSDP1, once torch's FSDP has materialized every unit: refuse what the
+        model's blocks made and left without data."""
+        records, self._records = self._records, []
+        refuse_pending(records, type(trainer.lightning_module).__name__)
 
     def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
         kwargs: dict[str, Any] = strategy.kwargs
@@ -399,15 +465,50 @@ class MetaGuard(Callback):
 
     # -- patching the strategy instance ------------------------------------
 
-    def _wrap(self, strategy: Any, name: str, before: Callable[[], None]) -> None:
+    def _wrap(
+        self,
+        strategy: Any,
+        name: str,
+        before: Callable[[], None],
+        after: Callable[[], None] | None = None,
+    ) -> None:
         original = getattr(strategy, name)
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             before()
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
+            if after is not None:
+                after()
+            return result
 
         self._set(strategy, name, wrapper)
+
+    def _wrap_load(self, strategy: Any, trainer: pl.Trainer) -> None:
+        """Have a ``ckpt_path`` restore that comes before the strategy's setup fill the
+        deferred tensors first, then materialize what the checkpoint left.
+
+        The deferred load hooks fill them exactly without replaying: a model
+        built under ``trainer.init_module(empty_init=True)`` cannot be
+        replayed at all, and any other would replay its whole initialisation
+        only to overwrite it.
+        """
+        original = strategy.load_model_state_dict
+
+        @functools.wraps(original)
+        def load(*args: Any, **kwargs: Any) -> Any:
+            if self._prepared:
+                return original(*args, **kwargs)
+            module = trainer.lightning_module
+            # A meta tensor no load fills is refused before anything is copied.
+            refuse_strays(module, type(module).__name__)
+            # The records of what the load fills, which then leaves the tree.
+            self._loaded = model_records(module)
+            result = original(*args, **kwargs)
+            self._prepare(trainer)
+            return result
+
+        self._set(strategy, "load_model_state_dict", load)
 
     def _wrap_teardown(self, strategy: Any) -> None:
         original = strategy.teardown
@@ -427,7 +528,10 @@ class MetaGuard(Callback):
                 tensors = [*module.parameters(), *module.buffers()]
                 if not any(isinstance(t, _compat.FakeTensor) for t in tensors):
                     _compat.apply_to_tensors(module, lambda t: t if t.is_meta else t.cpu())
-                object.__setattr__(module, "cpu", lambda: module)
+                # (not twice: another MetaGuard's teardown may shadow it already)
+                shadowed = "cpu" not in vars(module)
+                if shadowed:
+                    object.__setattr__(module, "cpu", lambda: module)
             try:
                 result = original(*args, **kwargs)
             finally:
@@ -448,9 +552,16 @@ class MetaGuard(Callback):
 
         def undo() -> None:
             if vars(obj).get(name) is not value:
-                return  # replaced by someone else since; theirs stays
-            if had:
-                setattr(obj, name, old)
+                # Wrapped by someone else since; theirs stays, and whoever
+                # restores past this wrapper (another MetaGuard's teardown,
+                # wrapped around this one) skips it to what it replaced.
+                _RESTORED[id(value)] = (value, had, old)
+                return
+            back, restored = had, old
+            while id(restored) in _RESTORED and _RESTORED[id(restored)][0] is restored:
+                _, back, restored = _RESTORED.pop(id(restored))
+            if back:
+                setattr(obj, name, restored)
             else:
                 delattr(obj, name)
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from lightning_meta._compat import is_torch_meta_error
 from lightning_meta._deferred._handles import deferred_paths
-from lightning_meta._deferred._materialize import materialize_paths
+from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import ESCAPED_FIX, STALE_FIX, explain, find_meta_tensors
-from lightning_meta._guard._materialize import HYPERPARAMETERS
+from lightning_meta._guard._materialize import HYPERPARAMETERS, model_records, refuse_left
 
 __all__ = ["Row", "check_module"]
 
@@ -142,10 +142,20 @@ def check_module(module: nn.Module, *, stage: str = "fit") -> list[Row]:
                 )
             )
     materialized = True
-    if any(f.deferred for f in find_meta_tensors(module)):
+    # What the module's blocks made, noted before materializing: a tensor of
+    # theirs still deferred afterwards is held where materialize does not reach.
+    records = model_records(module)
+    if any(f.deferred for f in find_meta_tensors(module)) or records:
         row = _step("materialize deferred", lambda: _materialize(module))
         rows.append(row)
         materialized = row.status == "ok"
+        if materialized:
+            row = _step(
+                "nothing deferred left",
+                lambda: refuse_left(module, records=records, only_deferred=True),
+            )
+            rows.append(row)
+            materialized = row.status == "ok"
     strays = ", ".join(
         f.path
         for f in find_meta_tensors(module)
@@ -198,6 +208,8 @@ def _path_of(e: BaseException) -> str:
 
 def _materialize(module: nn.Module) -> None:
     materialize_paths(module, deferred_paths(module), device="cpu")
+    # As MetaGuard: modules the tree holds in lists, tuples and dicts too.
+    materialize_beyond(module, device="cpu")
 
 
 def _round_trip(module: nn.Module) -> None:

@@ -9,6 +9,7 @@ on them.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -21,12 +22,19 @@ from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
 from lightning_meta._template._template import MetaTemplate
 
-__all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors"]
+__all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors", "find_meta_tensors_and_ids"]
 
 Kind = Literal["parameter", "buffer", "attribute", "optimizer", "tensor", "template"]
 
 # Module internals walked explicitly (or holding only bookkeeping).
 _SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR})
+# Objects of these packages hold no model of the user's that a walk should find
+# (a Trainer, a strategy, a DataLoader would lead it through the whole run).
+_FOREIGN = frozenset(
+    {"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_meta", "numpy"}
+)
+# Containers longer than this inside a plain object (a dataset's samples) are not searched.
+_MAX_ITEMS = 1_000
 
 FIX = (
     "Fix: keep a stateless copy as lightning_meta.MetaTemplate(module) (Lightning never "
@@ -130,8 +138,10 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     """Return every meta tensor reachable from ``obj``, with its dotted path.
 
     Searches parameters, buffers, plain tensor attributes of every submodule
-    and tensors inside lists, tuples, dicts, sets and dataclasses held as
-    attributes (modules hidden there are searched too); the parameter groups
+    and tensors inside lists, tuples, dicts, sets, dataclasses, other plain
+    objects (their attributes) and closures (their variables) held as
+    attributes (modules hidden there are searched too; not objects of torch
+    or Lightning, such as the trainer); the parameter groups
     and state of an optimizer; or the items of a plain container. A tensor
     created inside a :func:`~lightning_meta.deferred_init` block but kept
     outside the modules built there holds no data either: it is listed too,
@@ -162,6 +172,12 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     return list(_Walker().walk(obj, ""))
 
 
+def find_meta_tensors_and_ids(obj: Any) -> tuple[list[MetaFinding], set[int]]:
+    """:func:`find_meta_tensors`, and the ids of the tensors found."""
+    walker = _Walker()
+    return list(walker.walk(obj, "")), walker.ids
+
+
 def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
     """Raise if any meta tensor (other than a template) is reachable from ``obj``.
 
@@ -188,8 +204,13 @@ def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
         raise explain(problems, name or type(obj).__name__)
 
 
-def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> MetaTensorError:
-    """Return the error for ``problems``: every path, why it matters, then the fix."""
+def explain(
+    problems: list[MetaFinding], owner: str, consequence: str = "", *, left: bool = False
+) -> MetaTensorError:
+    """Return the error for ``problems``: every path, why it matters, then the fix.
+
+    ``left``: materialize already ran and left them (its advice would not help).
+    """
     n = len(problems)
     # Escaped tensors are not on the meta device (their fake data raises on use).
     if any(f.escaped is not None for f in problems):
@@ -201,7 +222,7 @@ def explain(problems: list[MetaFinding], owner: str, consequence: str = "") -> M
     if consequence:
         lines.append(consequence)
     deferred = [f.path for f in problems if f.deferred]
-    if deferred:
+    if deferred and not left:
         lines.append(
             "Deferred tensors are filled exactly by lightning_meta.materialize(module) "
             "(MetaGuard does it for you inside Trainer.fit)."
@@ -221,18 +242,34 @@ class _Walker:
         # Every module of the tree searched: one reached through a container
         # but not in here is outside the tree (hidden from Lightning).
         self.tree: set[int] | None = None
+        # The ids of the tensors found.
+        self.ids: set[int] = set()
+
+    def _found(
+        self, path: str, kind: Kind, t: torch.Tensor, deferred: bool, hidden: bool = False
+    ) -> MetaFinding:
+        self.ids.add(id(t))
+        return _finding(path, kind, t, deferred, hidden)
 
     def walk(
         self, obj: Any, path: str, kind: Kind = "tensor", hidden: bool = False
     ) -> Iterator[MetaFinding]:
         if isinstance(obj, torch.Tensor):
             if _holds_no_data(obj):
-                yield _finding(path, kind, obj, handle_of(obj) is not None, hidden)
+                yield self._found(path, kind, obj, handle_of(obj) is not None, hidden)
             return
         if isinstance(obj, MetaTemplate):
             yield MetaFinding(path or "<template>", "template", (), None, False)
             return
-        if not _container(obj) or id(obj) in self.seen:
+        if id(obj) in self.seen:
+            return
+        if not _container(obj):
+            attributes = _plain_attributes(obj)
+            if attributes is None:
+                return
+            self.seen.add(id(obj))
+            for key, value in attributes:
+                yield from self._contained(value, _join(path, key), hidden)
             return
         self.seen.add(id(obj))
         if isinstance(obj, nn.Module):
@@ -256,14 +293,14 @@ class _Walker:
                 t = tensor_at(module, name)
                 if t is not None and _holds_no_data(t):
                     deferred = _deferred(t, handles.get(name))
-                    yield _finding(_join(prefix, name), kind, t, deferred, hidden)
+                    yield self._found(_join(prefix, name), kind, t, deferred, hidden)
         for name, value in vars(module).items():
             if name in _SKIP:
                 continue
             if isinstance(value, torch.Tensor):
                 if _holds_no_data(value):
                     deferred = _deferred(value, handles.get(name))
-                    yield _finding(_join(prefix, name), "attribute", value, deferred, hidden)
+                    yield self._found(_join(prefix, name), "attribute", value, deferred, hidden)
             else:
                 yield from self._contained(value, _join(prefix, name), hidden)
         for name, child in module.named_children():
@@ -288,7 +325,7 @@ class _Walker:
                 index.setdefault(id(p), len(index))
                 if isinstance(p, torch.Tensor) and _holds_no_data(p):
                     path = _join(prefix, f"param_groups.{g}.params.{i}")
-                    yield _finding(path, "optimizer", p, handle_of(p) is not None)
+                    yield self._found(path, "optimizer", p, handle_of(p) is not None)
         for p, state in opt.state.items():
             where = _join(prefix, f"state.{index.get(id(p), '?')}")
             for key, value in state.items() if isinstance(state, Mapping) else ():
@@ -299,6 +336,43 @@ def _container(obj: Any) -> bool:
     return isinstance(
         obj, (nn.Module, torch.optim.Optimizer, Mapping, list, tuple, set, frozenset)
     ) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
+
+
+def _plain_attributes(obj: Any) -> list[tuple[str, Any]] | None:
+    """The attributes of a plain object (an instance of the user's class, a
+    ``SimpleNamespace``) or the variables a function closes over, or ``None``.
+
+    A helper object holding a deferred module (``self.helper = Helper(proj)``)
+    or a closure using one hides it as well as a list does; the search
+    reports it. Long containers there (a dataset's samples) are skipped.
+    """
+    if isinstance(obj, types.FunctionType):
+        cells = obj.__closure__ or ()
+        found = []
+        for name, cell in zip(obj.__code__.co_freevars, cells, strict=False):
+            try:
+                found.append((f"<closure {obj.__name__}: {name}>", cell.cell_contents))
+            except ValueError:  # a cell not filled yet
+                continue
+        return found
+    kind = type(obj)
+    if (
+        issubclass(kind, (type, types.ModuleType, types.MethodType, str, bytes))
+        or kind.__module__.split(".", 1)[0] in _FOREIGN
+    ):
+        return None
+    try:
+        attributes = object.__getattribute__(obj, "__dict__")
+    except (AttributeError, TypeError):
+        return None
+    if not isinstance(attributes, dict):
+        return None
+    return [
+        (str(name), value)
+        for name, value in attributes.items()
+        if not str(name).startswith("__")
+        and not (isinstance(value, (list, tuple, dict, set)) and len(value) > _MAX_ITEMS)
+    ]
 
 
 def _items(obj: Any) -> Iterator[tuple[str, Any]]:

@@ -20,26 +20,44 @@ tensors of each module it is given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_meta._deferred._handles import deferred_slots, handle_of, handles_of
+from lightning_meta._deferred._handles import (
+    Handle,
+    deferred_slots,
+    handle_of,
+    handles_of,
+    left_pending,
+    records_of,
+)
 from lightning_meta._deferred._materialize import (
     DrawOn,
     materialize_beyond,
     materialize_paths,
     sharded_slots,
 )
-from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
+from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS, reach
+from lightning_meta._deferred._record import Record
+from lightning_meta._errors import MetaTensorError
+from lightning_meta._guard._find import (
+    MetaFinding,
+    explain,
+    find_meta_tensors,
+    find_meta_tensors_and_ids,
+)
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
 __all__ = [
     "deepspeed_refusal",
     "fsdp_param_init_fn",
     "materialize_model",
+    "model_records",
     "refuse_left",
+    "refuse_pending",
     "refuse_strays",
 ]
 
@@ -91,7 +109,13 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
         raise explain(found, owner or type(module).__name__, REACHES)
 
 
-def refuse_left(module: nn.Module, owner: str | None = None) -> None:
+def refuse_left(
+    module: nn.Module,
+    owner: str | None = None,
+    records: Iterable[Record] = (),
+    *,
+    only_deferred: bool = False,
+) -> None:
     """Raise :class:`MetaTensorError` naming every tensor materializing left without data.
 
     After :func:`materialize_model` (or ``fabric_setup``'s materialize),
@@ -99,22 +123,154 @@ def refuse_left(module: nn.Module, owner: str | None = None) -> None:
     tensor in its tree: a CPU matmul with a meta weight returns uninitialised
     memory instead of raising. Meta tensors of modules kept outside the tree
     that were never deferred (a template in a list, on purpose) stay.
+    ``records``: the records of the model's deferred tensors, noted before
+    materializing; a tensor of theirs still deferred is refused too, held
+    wherever (a closure, a global), since no search finds every holder.
+    ``only_deferred``: refuse only deferred tensors (the ``check`` command
+    reports the rest itself).
     """
+    found, ids = find_meta_tensors_and_ids(module)
     left = [
         f
-        for f in find_meta_tensors(module)
+        for f in found
         if f.problem
-        and (f.deferred or f.escaped is not None or not f.hidden)
+        and (f.deferred or (not only_deferred and (f.escaped is not None or not f.hidden)))
         and f.path.split(".", 1)[0] not in HYPERPARAMETERS
     ]
-    if left:
-        raise explain(
-            left,
-            owner or type(module).__name__,
-            "They were left without data after materializing (held where materialize does "
-            "not reach, such as an object other than a list, tuple or dict, or by a reference "
-            "taken before materializing); training would compute with them.",
+    unseen = [h for h in left_pending(records) if id(h.tensor) not in ids]
+    if not left and not unseen:
+        return
+    name = owner or type(module).__name__
+    if not left:
+        raise _unseen_error(unseen, name)
+    lines = ["They were left without data after materializing; training would compute with them."]
+    reasons = [r for f in left if f.deferred for r in [_why_left(module, f.path)] if r]
+    lines += [f"  {why}" for why in dict.fromkeys(why for why, _ in reasons)]
+    fixes = [fix for _, fix in reasons]
+    if fixes:
+        lines.append(
+            "Fix: " + "; ".join(dict.fromkeys(fixes)) + " before the run (or hold the module as "
+            f"a submodule, or in a list, tuple or dict attribute at most {MAX_DEPTH} containers "
+            f"deep with at most {MAX_ITEMS} items, where materialize reaches it)."
         )
+    error = explain(left, name, "\n".join(lines), left=True)
+    if unseen:
+        error = MetaTensorError(
+            f"{error}\n{_unseen_error(unseen, name)}", paths=[*error.paths, *_unseen_paths(unseen)]
+        )
+    raise error
+
+
+def refuse_pending(records: Iterable[Record], owner: str) -> None:
+    """Raise :class:`MetaTensorError` naming every tensor of ``records`` still without data."""
+    left = left_pending(records)
+    if left:
+        raise _unseen_error(left, owner)
+
+
+def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
+    """Why materialize did not reach the deferred tensor at ``path``, and the call that fills it.
+
+    Follows ``path`` from ``root`` (``None`` where it cannot: a key with a dot).
+    """
+    node: Any = root
+    expr = "model"
+    module_expr = None
+    containers = 0
+    reason = None
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, nn.Module):
+            module_expr, containers = expr, 0
+            children = dict(node.named_children())
+            child = children[part] if part in children else vars(node).get(part)
+            expr = f"{expr}.{part}"
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            containers += 1
+            if len(node) > MAX_ITEMS and reason is None:
+                reason = (
+                    f"{expr} holds {len(node)} items, and materialize does not search "
+                    f"containers of more than {MAX_ITEMS} items"
+                )
+            child, expr = node[int(part)], f"{expr}[{part}]"
+        elif isinstance(node, dict):
+            keys = [k for k in node if str(k) == part]
+            if not keys:
+                return None
+            containers += 1
+            if len(node) > MAX_ITEMS and reason is None:
+                reason = (
+                    f"{expr} holds {len(node)} items, and materialize does not search "
+                    f"containers of more than {MAX_ITEMS} items"
+                )
+            child, expr = node[keys[0]], f"{expr}[{keys[0]!r}]"
+        else:
+            if reason is None:
+                reason = (
+                    f"{expr} is a {type(node).__name__} object, and materialize searches only "
+                    "modules, lists, tuples and dicts"
+                )
+            if part.startswith("<"):  # a closure's variable, a set's item: no expression
+                return (f"{path!r}: {reason}", "lightning_meta.materialize(<that module>)")
+            child = vars(node).get(part) if hasattr(node, "__dict__") else getattr(node, part)
+            expr = f"{expr}.{part}"
+        if containers > MAX_DEPTH and reason is None:
+            reason = (
+                f"it is held {containers} lists, tuples or dicts deep below {module_expr}, and "
+                f"materialize looks at most {MAX_DEPTH} deep"
+            )
+        node = child
+    if reason is None or not isinstance(node, nn.Module):
+        return None
+    return (f"{expr}: {reason}", f"lightning_meta.materialize({expr})")
+
+
+def _made_by(handle: Handle) -> str:
+    """The op and ``file:line`` that made ``handle``'s value, from its record's log."""
+    values = handle.record.values
+    if handle.vid < len(values):
+        # The op that made its memory (torch.empty), not the view a Parameter wraps.
+        storage = values[handle.vid].storage
+        for op in handle.record.ops:
+            if any(v is not None and values[v].storage == storage for v in op.outs):
+                return f"{op.name} at {op.site}"
+    return "an op of its deferred_init block"
+
+
+def _unseen_paths(handles: list[Handle]) -> list[str]:
+    return [f"<{h.where or 'tensor'} made by {_made_by(h)}>" for h in handles]
+
+
+def _unseen_error(handles: list[Handle], owner: str) -> MetaTensorError:
+    n = len(handles)
+    lines = [
+        f"{owner} was built in deferred_init blocks that also made {n} tensor"
+        f"{'s' if n != 1 else ''} still without data, held where no search of {owner} reaches "
+        "(a closure, a global, another object's attribute):"
+    ]
+    lines += [
+        f"  {h.where or 'a tensor'} (shape {tuple(h.tensor.shape)}, {h.tensor.dtype}, made by "
+        f"{_made_by(h)})"
+        for h in handles
+    ]
+    lines.append(
+        "If the model uses them, it would compute with uninitialised memory (a CPU matmul with a "
+        "meta weight does not raise). Fix: register the module on the model (a submodule, or a "
+        "list, tuple or dict attribute), or call lightning_meta.materialize(module) on it before "
+        "the run; if it is not part of this model, build it in its own `with "
+        "lightning_meta.deferred_init():` block, or drop it; to keep a module without data on "
+        "purpose, keep lightning_meta.MetaTemplate(module) instead of the module."
+    )
+    return MetaTensorError("\n".join(lines), paths=_unseen_paths(handles))
+
+
+def model_records(module: nn.Module) -> list[Record]:
+    """The records of the deferred tensors of ``module``'s tree and of the modules it holds
+    outside it (lists, tuples, dicts): note them before materializing, for :func:`refuse_left`."""
+    found = {id(r): r for r in records_of(module)}
+    for _, held in reach(module).hidden:
+        found.update((id(r), r) for r in records_of(held))
+    return list(found.values())
 
 
 def materialize_model(
