@@ -32,6 +32,7 @@ from lightning_meta._errors import (
     MetaTensorWarning,
 )
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
+from lightning_meta._estimate._kept import built_by_estimate, module_kept
 from lightning_meta._estimate._kernels import FakeKernelStricter, KernelRefusal
 from lightning_meta._estimate._layout import Layout, layout_of
 from lightning_meta._estimate._options import OptimizerLike, Options, resolve_options
@@ -62,7 +63,7 @@ def _build(module_or_factory: Any) -> nn.Module:
             f"{type(module_or_factory).__name__}. Fix: pass the module, its class, or a "
             "function that builds it."
         )
-    return build_on_meta(module_or_factory, "estimate: factory")
+    return built_by_estimate(build_on_meta(module_or_factory, "estimate: factory"))
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,19 @@ def run_step(
         MetaTensorError: if the model, the loss or the optimizer fails,
             naming the stage, the module and the inputs.
     """
+    with module_kept(module):
+        return _run_step(module, args, kwargs, options, block_prefix, layout)
+
+
+def _run_step(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    block_prefix: str | None,
+    layout: Layout | None,
+) -> tuple[dict[str, torch.Tensor], StepRecord]:
+    """:func:`run_step` on a module whose own state the caller puts back."""
     fake = fake_step(module, args, kwargs, options, layout)
     record = StepRecord()
     root = type(module).__name__
@@ -319,19 +333,20 @@ def _trace(
     into: list[Any],
 ) -> None:
     """List the operators of the forward and loss of ``module`` into ``into`` (one process)."""
-    fake = fake_step(module, args, kwargs, options)
-    trace_forward(
-        module,
-        fake.state,
-        fake.args,
-        fake.kwargs,
-        mode=fake.mode,
-        device=options.device,
-        loss_fn=options.loss_fn or default_loss,
-        precision=options.precision,
-        values=fake.values,
-        into=into,
-    )
+    with module_kept(module):
+        fake = fake_step(module, args, kwargs, options)
+        trace_forward(
+            module,
+            fake.state,
+            fake.args,
+            fake.kwargs,
+            mode=fake.mode,
+            device=options.device,
+            loss_fn=options.loss_fn or default_loss,
+            precision=options.precision,
+            values=fake.values,
+            into=into,
+        )
 
 
 def simulate(
@@ -496,8 +511,10 @@ def estimate(
 
     Args:
         module_or_factory: an ``nn.Module`` (on meta, deferred, or even real:
-            its tensor values are never read), a ``LightningModule``, or a
-            callable returning a module, called under ``torch.device("meta")``.
+            its tensor values are never read, and what its forward sets on
+            it, a cache or a buffer, is put back afterwards), a
+            ``LightningModule``, or a callable returning a module, called
+            under ``torch.device("meta")``.
         example_inputs: the forward's inputs: one tensor, a tuple of positional
             inputs or a dict of keyword inputs, where each tensor may be real,
             meta, an :class:`InputSpec` or a ``"SHAPE:DTYPE"`` string such as

@@ -1,0 +1,139 @@
+"""Third review of estimate: what a call leaves on the module, inputs' autograd, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta import MetaTensorError, estimate
+from lightning_meta._compat import FakeTensor
+
+
+class Cache(nn.Module):
+    """Builds a cache, sets a buffer, keeps its hidden state and counts its calls in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+        self.cache: torch.Tensor | None = None
+        self.register_buffer("pos", None, persistent=False)
+        self.history: list[torch.Tensor] = []
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = torch.ones(16)
+        if self.pos is None:
+            self.pos = torch.arange(16.0)
+        if "seen" not in self._buffers:
+            self.register_buffer("seen", torch.zeros(1))
+        self.steps += 1
+        self.last_hidden = self.l(x)
+        self.history.append(self.last_hidden)
+        return self.last_hidden * self.cache + self.pos
+
+
+def _train(model: nn.Module, x: torch.Tensor, steps: int = 2) -> dict[str, torch.Tensor]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
+
+
+def _no_fakes(model: nn.Module) -> None:
+    for m in model.modules():
+        for k, v in vars(m).items():
+            assert not isinstance(v, FakeTensor), k
+    for t in model.state_dict().values():
+        assert not isinstance(t, FakeTensor)
+
+
+@pytest.mark.parametrize("extrapolate", [True, False])
+def test_estimate_leaves_a_real_module_as_it_was(extrapolate: bool) -> None:
+    torch.manual_seed(0)
+    model = Cache()
+    before = dict(vars(model))
+    estimate(model, "8,16", extrapolate=extrapolate)
+    assert model.cache is None and model.pos is None and model.steps == 0
+    assert model.history == [] and "seen" not in model._buffers
+    assert not hasattr(model, "last_hidden")
+    assert vars(model).keys() == before.keys()
+    _no_fakes(model)
+
+    x = torch.randn(8, 16)
+    torch.manual_seed(0)
+    eager = _train(Cache(), x)
+    after = _train(model, x)
+    assert eager.keys() == after.keys()
+    assert all(torch.equal(eager[k], after[k]) for k in eager)
+
+
+def test_estimate_that_raises_leaves_the_module_as_it_was() -> None:
+    model = Cache()
+    with pytest.raises(MetaTensorError):
+        estimate(model, "8,17")
+    assert model.cache is None and model.pos is None and model.steps == 0
+    assert not hasattr(model, "last_hidden") and model.history == []
+    _no_fakes(model)
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.memory: dict[str, list[torch.Tensor]] = {"h": []}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l(x)
+        self.memory["h"].append(h)
+        return h
+
+
+def test_a_fake_tensor_left_where_it_cannot_be_put_back_is_refused() -> None:
+    model = Nested()
+    with pytest.raises(
+        MetaTensorError, match=r"'memory'.*Fix: estimate a module built by a factory"
+    ):
+        estimate(model, "2,4")
+    assert estimate(Nested, "2,4").parameters == 20  # a factory's module is the estimate's own
+
+
+def test_esm_trains_as_eager_after_an_estimate_of_it() -> None:
+    # EsmRotaryEmbedding caches cos/sin tables, and the length they were made for,
+    # on its first forward
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    config = EsmConfig(
+        vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        position_embedding_type="rotary",
+        pad_token_id=1,
+        mask_token_id=32,
+        max_position_embeddings=64,
+    )
+
+    def train(call_estimate: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = EsmForMaskedLM(config)
+        if call_estimate:
+            estimate(model, "4,24:int64")
+            _no_fakes(model)
+        torch.manual_seed(1)
+        ids = torch.randint(4, 30, (4, 24))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            assert type(loss) is torch.Tensor
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+
+    eager, after = train(False), train(True)
+    assert all(torch.equal(eager[k], after[k]) for k in eager)
