@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_meta import MetaTensorError, estimate
 from lightning_meta._compat import FakeTensor
+from support.measure import measure_training_step
 
 
 class Cache(nn.Module):
@@ -137,3 +141,45 @@ def test_esm_trains_as_eager_after_an_estimate_of_it() -> None:
 
     eager, after = train(False), train(True)
     assert all(torch.equal(eager[k], after[k]) for k in eager)
+
+
+def test_an_input_that_requires_grad_is_simulated_with_its_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    est = estimate(lambda: nn.Linear(16, 16), x, optimizer="sgd")
+    model = nn.Linear(16, 16)
+    with FlopCounterMode(display=False) as fwd:
+        loss = model(x).sum()
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    assert (est.forward_flops, est.backward_flops) == (
+        fwd.get_total_flops(),
+        bwd.get_total_flops(),
+    )
+    assert est.backward_flops == 2 * est.forward_flops  # grad of the weight and of the input
+
+    def fresh_batch(out: torch.Tensor) -> torch.Tensor:
+        # the helper feeds the same x every step: drop its last gradient as a new batch would
+        x.grad = None
+        return out.sum()
+
+    real = measure_training_step(nn.Linear(16, 16), (x,), optimizer="sgd", loss_fn=fresh_batch)
+    assert est.peak_bytes == real.peak_bytes
+    plain = estimate(lambda: nn.Linear(16, 16), x.detach(), optimizer="sgd")
+    assert est.peak_bytes > plain.peak_bytes
+
+
+@pytest.mark.parametrize(
+    ("x", "factory"),
+    [
+        (torch.randn(1, 16).expand(8, 16), lambda: nn.Linear(16, 16)),  # one row's bytes
+        # the convolution keeps channels_last in its output and gradients
+        (torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last), lambda: nn.Conv2d(3, 4, 3)),
+    ],
+    ids=["expanded", "channels_last"],
+)
+def test_an_input_keeps_its_strides(x: torch.Tensor, factory: Any) -> None:
+    est = estimate(factory, x, optimizer="sgd")
+    real = measure_training_step(factory(), (x,), optimizer="sgd")
+    assert (est.forward_flops, est.backward_flops) == (real.forward_flops, real.backward_flops)
+    assert est.peak_bytes == real.peak_bytes
