@@ -183,3 +183,33 @@ def test_an_input_keeps_its_strides(x: torch.Tensor, factory: Any) -> None:
     real = measure_training_step(factory(), (x,), optimizer="sgd")
     assert (est.forward_flops, est.backward_flops) == (real.forward_flops, real.backward_flops)
     assert est.peak_bytes == real.peak_bytes
+
+
+def _lazy() -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.LazyLinear(4))
+
+
+@pytest.mark.parametrize("given", ["factory", "real module"])
+def test_a_lazy_module_is_refused_with_a_fix_that_works(given: str) -> None:
+    with pytest.raises(MetaTensorError) as info:
+        estimate(_lazy if given == "factory" else _lazy(), "8,16")
+    assert set(info.value.paths) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert "('0.weight', '0.bias', '2.weight', ...)" in str(info.value)
+    assert "model(torch.empty(8, 16))" in str(info.value)
+
+    def initialised() -> nn.Module:  # the fix the message gives
+        model = _lazy()
+        model(torch.empty(8, 16))
+        return model
+
+    est = estimate(initialised, "8,16")
+    torch.manual_seed(0)
+    real = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(8, 16)
+    measured = measure_training_step(real, (x,))
+    assert est.parameters == sum(p.numel() for p in real.parameters())
+    assert (est.forward_flops, est.backward_flops, est.peak_bytes) == (
+        measured.forward_flops,
+        measured.backward_flops,
+        measured.peak_bytes,
+    )

@@ -66,6 +66,34 @@ def _build(module_or_factory: Any) -> nn.Module:
     return built_by_estimate(build_on_meta(module_or_factory, "estimate: factory"))
 
 
+def _refuse_lazy(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise if ``module`` has lazy (uninitialised) parameters or buffers: no shape to simulate."""
+    lazy = [
+        name
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named(remove_duplicate=False)
+        if isinstance(t, (nn.UninitializedParameter, nn.UninitializedBuffer))
+    ]
+    if not lazy:
+        return
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    call = "model(...)"
+    if first is not None:
+        dtype = "" if first.dtype == torch.float32 else f", dtype={first.dtype}"
+        call = f"model(torch.empty({', '.join(map(str, first.shape))}{dtype}))"
+    shown = ", ".join(repr(n) for n in lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+    raise MetaTensorError(
+        f"estimate: {type(module).__name__} has lazy parameters or buffers without a shape "
+        f"yet ({shown}): a lazy module (nn.LazyLinear, nn.LazyConv2d, ...) infers them on its "
+        "first forward, and estimate simulates a step of a model whose shapes are known. "
+        "Fix: initialise them before estimate: in the factory, call the model once on an "
+        f"input of the example's shape before returning it ({call}; under the factory's "
+        "torch.device('meta') this allocates nothing); for a real module, call it on one batch "
+        "first.",
+        paths=lazy,
+    )
+
+
 @dataclass(frozen=True)
 class FakeStep:
     """The fake tensors of one simulated step, all made under ``mode``.
@@ -656,8 +684,9 @@ def estimate(
         backend=backend,
     )
     module = _build(module_or_factory)
-    layout = layout_of(module, parallel) if parallel is not None else None
     args, kwargs = inputs_of(module, example_inputs)
+    _refuse_lazy(module, args, kwargs)
+    layout = layout_of(module, parallel) if parallel is not None else None
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
     _warn_scratch(module, record)
