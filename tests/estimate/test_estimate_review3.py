@@ -213,3 +213,28 @@ def test_a_lazy_module_is_refused_with_a_fix_that_works(given: str) -> None:
         measured.backward_flops,
         measured.peak_bytes,
     )
+
+
+class Misconfigured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+        self.cfg: dict[str, int] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x) * self.cfg["scale"]
+
+
+def test_a_model_bug_is_not_blamed_on_the_inputs() -> None:
+    with pytest.raises(KeyError):
+        Misconfigured()(torch.zeros(8, 16))  # eager fails the same way
+    with pytest.raises(MetaTensorError) as info:
+        estimate(Misconfigured, "8,16")
+    message = str(info.value)
+    assert "KeyError: 'scale'" in message
+    assert "Fix: this comes from the code of Misconfigured, not from the inputs'" in message
+    assert "pass example_inputs" not in message
+    assert isinstance(info.value.__cause__, KeyError)
+    # an input of the wrong width still gets the fix about the inputs
+    with pytest.raises(MetaTensorError, match="Fix: pass example_inputs of the shapes"):
+        estimate(Misconfigured, "8,15")

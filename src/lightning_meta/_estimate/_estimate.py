@@ -11,6 +11,7 @@ assemble the result (:func:`~lightning_meta._estimate._result.assemble`).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,28 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
     )
 
 
+# what torch and models say when an input has the wrong shape or dtype
+_INPUT_WORDS = re.compile(
+    r"shape|size|dim|dtype|scalar type|type|expected|match|broadcast|unpack|ind(ex|ices)|channel",
+    re.IGNORECASE,
+)
+
+
+def _about_inputs(e: Exception) -> bool:
+    """Whether ``e`` may come from inputs of the wrong shape or dtype (else: the model's code).
+
+    A wrong call (``TypeError``) or a failed ``assert`` (models assert their
+    input shapes) counts; an error of torch's or of a model's checks counts
+    when it speaks of shapes, sizes, dimensions or dtypes. A ``KeyError`` or an
+    ``AttributeError`` is the model's own.
+    """
+    if isinstance(e, (TypeError, AssertionError)):
+        return True
+    return isinstance(e, (RuntimeError, ValueError, IndexError)) and bool(
+        _INPUT_WORDS.search(str(e))
+    )
+
+
 def _fail(
     e: Exception,
     module: nn.Module,
@@ -266,6 +289,12 @@ def _fail(
             f"({len(layout.tp_modules)} of them), so the model must reshape with -1 (its local "
             "head count), not with the whole model's sizes, and the plan must pair column-wise "
             "layers with the row-wise ones that consume them"
+        )
+    elif record.stage == "forward" and not _about_inputs(e):
+        fix = (
+            f"Fix: this comes from the code of {root}{place}, not from the inputs' shapes or "
+            "dtypes: fix that code (the exception and its traceback are chained as the "
+            "cause) and check that one eager step runs"
         )
     elif record.stage == "forward":
         fix = f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects"
