@@ -238,3 +238,52 @@ def test_a_model_bug_is_not_blamed_on_the_inputs() -> None:
     # an input of the wrong width still gets the fix about the inputs
     with pytest.raises(MetaTensorError, match="Fix: pass example_inputs of the shapes"):
         estimate(Misconfigured, "8,15")
+
+
+class MaskedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(100, 32)
+        self.head = nn.Linear(32, 100)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.e(ids))
+        mask = labels != -100  # from an input only: its values are known
+        return nn.functional.cross_entropy(logits[mask], labels[mask])
+
+
+def test_an_activation_indexed_by_a_mask_of_an_input_is_estimated_exactly() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (4, 16))
+    labels = ids.clone()
+    labels[:, ::2] = -100
+    labels[0] = -100  # 24 of 64 positions count
+    est = estimate(MaskedLM, (ids, labels), loss_fn=lambda out: out)
+    torch.manual_seed(0)
+    real = measure_training_step(MaskedLM(), (ids, labels), loss_fn=lambda out: out)
+    assert (est.forward_flops, est.backward_flops, est.peak_bytes) == (
+        real.forward_flops,
+        real.backward_flops,
+        real.peak_bytes,
+    )
+    # labels given by shape read as zeros: every position counts, and the read is listed
+    by_shape = estimate(MaskedLM, ("4,16:int64", "4,16:int64"), loss_fn=lambda out: out)
+    zeros = torch.zeros(4, 16, dtype=torch.int64)
+    full = measure_training_step(MaskedLM(), (zeros, zeros.clone()), loss_fn=lambda out: out)
+    assert (by_shape.forward_flops, by_shape.peak_bytes) == (full.forward_flops, full.peak_bytes)
+    assert any("aten.index" in r for r in by_shape.inputs_read_as_zeros)
+
+
+class WeightMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l(x)
+        return h[h > 0]  # a mask computed from the weights: its values are not known
+
+
+def test_a_mask_computed_from_weights_is_still_refused_as_such() -> None:
+    with pytest.raises(MetaTensorError, match="values computed from its weights"):
+        estimate(WeightMask, torch.randn(8, 16))
