@@ -687,7 +687,10 @@ def estimate(
         columns of slow convolutions, the CPU flash attention's blocks) is
         not seen either: where it could raise the peak, a
         :class:`MetaTensorWarning` names the kernel and module and bounds
-        by how much ``peak_bytes`` may be too low.
+        by how much ``peak_bytes`` may be too low. oneDNN's bfloat16
+        matmuls on the CPU hold up to a few hundred KB of scratch per call,
+        without a warning: a tiny bf16 model's real peak can be tens of
+        percent higher, a large one's is not moved.
         Tensor values are never read, so models whose control flow depends
         on values computed from their weights cannot be estimated.
     """
