@@ -1423,3 +1423,21 @@ def functional_call_restoring_in_reverse(
         module, tensors, tie_weights=tie_weights, strict=False, stack_weights=True
     ):
         return module(*args, **kwargs)
+
+
+def masked_index_ops() -> frozenset[Any]:
+    """The ATen indexing overloads that take boolean masks among their indices, the private
+    ``aten._index_put_impl_`` (what autograd's backward of ``t[mask]`` calls) among them.
+
+    estimate turns masks of known values into integer indices for them. Checked on torch
+    2.6 and 2.13.
+    """
+    aten = torch.ops.aten
+    ops = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+    impl = getattr(aten, "_index_put_impl_", None)
+    if impl is not None:
+        ops.add(impl.default)
+    return frozenset(ops)
+
+
+__all__ += ["masked_index_ops"]

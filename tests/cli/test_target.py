@@ -30,6 +30,7 @@ def make(hidden=8):
 
 
 instance = Net(3)
+not_module = 3
 """
 
 
@@ -95,6 +96,27 @@ def test_bad_targets(model_file: Path) -> None:
         target_factory(f"{model_file}:Net", "{hidden: 3}")
     with pytest.raises(MetaTensorError, match=r"instance, which takes no arguments"):
         target_factory(f"{model_file}:instance", "[1]")
+
+
+def test_a_target_that_is_no_model_is_named_with_a_fix_that_applies(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_meta._cli import main
+
+    spec = f"{model_file}:not_module"
+    with pytest.raises(MetaTensorError) as info:
+        target_factory(spec)
+    assert str(info.value) == (
+        f"target {spec!r}: it is 3, of type int, not a model. Fix: point TARGET at an "
+        "nn.Module (or LightningModule) class, a function that returns one, or a module "
+        "instance."
+    )
+    for command in (["estimate", spec, "--input", "8,4"], ["check", spec]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"target {spec!r}: it is 3" in err and "<lambda>" not in err
+    # a module instance is named as the target too
+    assert target_factory(f"{model_file}:instance").__qualname__ == f"{model_file}:instance"
 
 
 def test_file_that_fails_to_import(tmp_path: Path) -> None:

@@ -272,3 +272,21 @@ def test_hf_config_path_that_does_not_exist_says_so(
     err = " ".join(capsys.readouterr().err.split())
     assert "no such file" in err
     assert "Expecting value" not in err
+
+
+def test_a_lazy_module_target_is_a_problem_of_the_model_with_a_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"lm_cli_lazy_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.LazyLinear(4))\n"
+    )
+    try:
+        assert main(["estimate", f"{path}:net", "--input", "8,16"]) == 1
+    finally:
+        sys.modules.pop(path.stem, None)
+    err = capsys.readouterr().err
+    assert "unexpected" not in err
+    assert "'0.weight'" in err and "Fix:" in err and "model(torch.empty(8, 16))" in err

@@ -279,3 +279,40 @@ def test_kernel_scratch_the_fake_run_cannot_see_is_warned_of_and_bounds_the_real
 def test_onednn_float32_convolutions_have_no_scratch_warning() -> None:
     # filterwarnings=error: a MetaTensorWarning would fail this test
     estimate(_convs, "4,8,16,16:float32", optimizer="sgd")
+
+
+def _mm_scratch(dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes one CPU ``mm`` allocates beyond its output (allocator events), and what
+    :class:`LiveBytes` (a dispatch mode, as estimate and ``measure_training_step``)
+    sees of the same call beyond its output."""
+    a, b = torch.randn(64, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
+    torch.mm(a, b)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        out = torch.mm(a, b)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    tracker = LiveBytes()
+    with tracker:
+        seen = torch.mm(a, b)
+    size = out.numel() * out.element_size()
+    del seen
+    return peak - size, tracker.peak - size
+
+
+def test_bfloat16_cpu_matmul_scratch_is_outside_the_claim_and_small() -> None:
+    # oneDNN's bfloat16 mm holds scratch while it runs (guarantees.md: 100 KB for
+    # 64x256x256); a dispatch-level measurement, estimate's or measure_training_step's,
+    # cannot see it, which is why the ±10 % claim is against that measurement
+    scratch, seen = _mm_scratch(torch.bfloat16)
+    assert 0 < scratch < 400 * 1024
+    assert seen == 0
+    assert _mm_scratch(torch.float32) == (0, 0)

@@ -4,6 +4,13 @@ This is deliberately a plain, separate loop on real tensors (not the
 simulation with real tensors swapped in): a test that compares the two would
 otherwise only compare the simulation with itself. Only the storage tracker
 is shared, and it is checked on its own against known allocations.
+
+That tracker sees the tensors operators return, at the dispatcher: scratch a
+kernel allocates and frees inside itself (oneDNN's bfloat16 matmuls on the
+CPU, the im2col columns of slow convolutions, CPU flash attention's blocks)
+never reaches it, as it never reaches estimate. A claim about such scratch is
+checked with torch.profiler's allocator events instead
+(``test_estimate_memory.py``'s scratch tests).
 """
 
 from __future__ import annotations

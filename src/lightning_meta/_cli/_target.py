@@ -288,18 +288,31 @@ def target_factory(
 ) -> Callable[[], Any]:
     """Return a zero-argument callable that builds the target with its JSON arguments.
 
-    A target that is not callable (a module instance defined at module level)
-    is returned as is by the callable, and takes no arguments.
+    A module instance defined at module level is returned as is by the
+    callable, and takes no arguments; any other object that is not callable
+    (a constant) is refused.
     ``given_by`` names the command's option (or positional) that carries
     ``arguments``, for messages.
 
     Raises:
-        TargetError: as :func:`load_target` and :func:`parse_arguments`, or
-            if arguments are given for a target that is not callable. The
+        TargetError: as :func:`load_target` and :func:`parse_arguments`, if
+            the target is neither callable nor a module, or if arguments are
+            given for a target that is not callable. The
             callable raises it too if building fails (see :func:`guarded_build`).
     """
+    from torch import nn
+
     obj = load_target(spec)
     args, kwargs = parse_arguments(arguments)
+    if not callable(obj) and not isinstance(obj, nn.Module):
+        shown = repr(obj)
+        raise _fail(
+            spec,
+            f"it is {shown if len(shown) <= 40 else shown[:37] + '...'}, of type "
+            f"{type(obj).__name__}, not a model",
+            "point TARGET at an nn.Module (or LightningModule) class, a function that "
+            "returns one, or a module instance",
+        )
     if not callable(obj) or (hasattr(obj, "forward") and not isinstance(obj, type)):
         if args or kwargs:
             raise _fail(
@@ -307,5 +320,10 @@ def target_factory(
                 f"it is a {type(obj).__name__} instance, which takes no arguments",
                 "drop the arguments",
             )
-        return lambda: obj
+
+        def instance() -> Any:
+            return obj
+
+        instance.__qualname__ = spec  # messages name the target, not this function
+        return instance
     return guarded_build(spec, lambda: obj(*args, **kwargs), arguments=given_by)

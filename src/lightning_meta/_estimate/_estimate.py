@@ -11,6 +11,7 @@ assemble the result (:func:`~lightning_meta._estimate._result.assemble`).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from lightning_meta._errors import (
     MetaTensorWarning,
 )
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
+from lightning_meta._estimate._kept import built_by_estimate, module_kept
 from lightning_meta._estimate._kernels import FakeKernelStricter, KernelRefusal
 from lightning_meta._estimate._layout import Layout, layout_of
 from lightning_meta._estimate._options import OptimizerLike, Options, resolve_options
@@ -62,7 +64,35 @@ def _build(module_or_factory: Any) -> nn.Module:
             f"{type(module_or_factory).__name__}. Fix: pass the module, its class, or a "
             "function that builds it."
         )
-    return build_on_meta(module_or_factory, "estimate: factory")
+    return built_by_estimate(build_on_meta(module_or_factory, "estimate: factory"))
+
+
+def _refuse_lazy(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise if ``module`` has lazy (uninitialised) parameters or buffers: no shape to simulate."""
+    lazy = [
+        name
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named(remove_duplicate=False)
+        if isinstance(t, (nn.UninitializedParameter, nn.UninitializedBuffer))
+    ]
+    if not lazy:
+        return
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    call = "model(...)"
+    if first is not None:
+        dtype = "" if first.dtype == torch.float32 else f", dtype={first.dtype}"
+        call = f"model(torch.empty({', '.join(map(str, first.shape))}{dtype}))"
+    shown = ", ".join(repr(n) for n in lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+    raise MetaTensorError(
+        f"estimate: {type(module).__name__} has lazy parameters or buffers without a shape "
+        f"yet ({shown}): a lazy module (nn.LazyLinear, nn.LazyConv2d, ...) infers them on its "
+        "first forward, and estimate simulates a step of a model whose shapes are known. "
+        "Fix: initialise them before estimate: in the factory, call the model once on an "
+        f"input of the example's shape before returning it ({call}; under the factory's "
+        "torch.device('meta') this allocates nothing); for a real module, call it on one batch "
+        "first.",
+        paths=lazy,
+    )
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,28 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
     )
 
 
+# what torch and models say when an input has the wrong shape or dtype
+_INPUT_WORDS = re.compile(
+    r"shape|size|dim|dtype|scalar type|type|expected|match|broadcast|unpack|ind(ex|ices)|channel",
+    re.IGNORECASE,
+)
+
+
+def _about_inputs(e: Exception) -> bool:
+    """Whether ``e`` may come from inputs of the wrong shape or dtype (else: the model's code).
+
+    A wrong call (``TypeError``) or a failed ``assert`` (models assert their
+    input shapes) counts; an error of torch's or of a model's checks counts
+    when it speaks of shapes, sizes, dimensions or dtypes. A ``KeyError`` or an
+    ``AttributeError`` is the model's own.
+    """
+    if isinstance(e, (TypeError, AssertionError)):
+        return True
+    return isinstance(e, (RuntimeError, ValueError, IndexError)) and bool(
+        _INPUT_WORDS.search(str(e))
+    )
+
+
 def _fail(
     e: Exception,
     module: nn.Module,
@@ -238,6 +290,12 @@ def _fail(
             "head count), not with the whole model's sizes, and the plan must pair column-wise "
             "layers with the row-wise ones that consume them"
         )
+    elif record.stage == "forward" and not _about_inputs(e):
+        fix = (
+            f"Fix: this comes from the code of {root}{place}, not from the inputs' shapes or "
+            "dtypes: fix that code (the exception and its traceback are chained as the "
+            "cause) and check that one eager step runs"
+        )
     elif record.stage == "forward":
         fix = f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects"
     elif record.stage == "loss":
@@ -275,6 +333,19 @@ def run_step(
         MetaTensorError: if the model, the loss or the optimizer fails,
             naming the stage, the module and the inputs.
     """
+    with module_kept(module):
+        return _run_step(module, args, kwargs, options, block_prefix, layout)
+
+
+def _run_step(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Options,
+    block_prefix: str | None,
+    layout: Layout | None,
+) -> tuple[dict[str, torch.Tensor], StepRecord]:
+    """:func:`run_step` on a module whose own state the caller puts back."""
     fake = fake_step(module, args, kwargs, options, layout)
     record = StepRecord()
     root = type(module).__name__
@@ -319,19 +390,20 @@ def _trace(
     into: list[Any],
 ) -> None:
     """List the operators of the forward and loss of ``module`` into ``into`` (one process)."""
-    fake = fake_step(module, args, kwargs, options)
-    trace_forward(
-        module,
-        fake.state,
-        fake.args,
-        fake.kwargs,
-        mode=fake.mode,
-        device=options.device,
-        loss_fn=options.loss_fn or default_loss,
-        precision=options.precision,
-        values=fake.values,
-        into=into,
-    )
+    with module_kept(module):
+        fake = fake_step(module, args, kwargs, options)
+        trace_forward(
+            module,
+            fake.state,
+            fake.args,
+            fake.kwargs,
+            mode=fake.mode,
+            device=options.device,
+            loss_fn=options.loss_fn or default_loss,
+            precision=options.precision,
+            values=fake.values,
+            into=into,
+        )
 
 
 def simulate(
@@ -496,8 +568,10 @@ def estimate(
 
     Args:
         module_or_factory: an ``nn.Module`` (on meta, deferred, or even real:
-            its tensor values are never read), a ``LightningModule``, or a
-            callable returning a module, called under ``torch.device("meta")``.
+            its tensor values are never read, and what its forward sets on
+            it, a cache or a buffer, is put back afterwards), a
+            ``LightningModule``, or a callable returning a module, called
+            under ``torch.device("meta")``.
         example_inputs: the forward's inputs: one tensor, a tuple of positional
             inputs or a dict of keyword inputs, where each tensor may be real,
             meta, an :class:`InputSpec` or a ``"SHAPE:DTYPE"`` string such as
@@ -613,7 +687,10 @@ def estimate(
         columns of slow convolutions, the CPU flash attention's blocks) is
         not seen either: where it could raise the peak, a
         :class:`MetaTensorWarning` names the kernel and module and bounds
-        by how much ``peak_bytes`` may be too low.
+        by how much ``peak_bytes`` may be too low. oneDNN's bfloat16
+        matmuls on the CPU hold up to a few hundred KB of scratch per call,
+        without a warning: a tiny bf16 model's real peak can be tens of
+        percent higher, a large one's is not moved.
         Tensor values are never read, so models whose control flow depends
         on values computed from their weights cannot be estimated.
     """
@@ -639,8 +716,9 @@ def estimate(
         backend=backend,
     )
     module = _build(module_or_factory)
-    layout = layout_of(module, parallel) if parallel is not None else None
     args, kwargs = inputs_of(module, example_inputs)
+    _refuse_lazy(module, args, kwargs)
+    layout = layout_of(module, parallel) if parallel is not None else None
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
     _warn_scratch(module, record)

@@ -186,7 +186,19 @@ def fake_inputs(
             return leaf
         dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
         with mode:
-            made = torch.empty(leaf.shape, dtype=dtype, device=device)
+            if leaf.layout is not torch.strided or leaf.is_nested:
+                made = torch.empty(leaf.shape, dtype=dtype, device=device)
+            else:
+                # the real input's strides (a transposed or expanded batch takes other
+                # kernels and holds other bytes) and its requires_grad (the step then
+                # also computes, and holds, the input's gradient); a cast, as
+                # Lightning's precision makes it, keeps both as ``.to`` does
+                made = torch.empty_strided(
+                    leaf.shape, leaf.stride(), dtype=leaf.dtype, device=device
+                )
+                made.requires_grad_(leaf.requires_grad)
+                if dtype != leaf.dtype:
+                    made = made.to(dtype)
         if values is not None:
             values.give(made, leaf)
         return made

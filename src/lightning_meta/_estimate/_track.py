@@ -205,9 +205,13 @@ class LiveBytes(TorchDispatchMode):
         except DynamicOutputShapeException:
             # an output shape that depends on values (nonzero): known for known values
             real = values.shape_of(func, args, kwargs) if values is not None else None
-            if real is None:
-                raise
-            out = _fakes_like(real, args)
+            if real is not None:
+                out = _fakes_like(real, args)
+            else:
+                indexed = values.masks_as_indices(func, args) if values is not None else None
+                if indexed is None:
+                    raise
+                out = func(*indexed, **kwargs)
         except RuntimeError as e:
             # a fake kernel may be stricter than the real one (aten._grouped_mm
             # in float32): then say so rather than blame the inputs

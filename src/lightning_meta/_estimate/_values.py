@@ -22,7 +22,9 @@ CPU:
   from weights, so those are not checked;
 * reading a value (``aten._local_scalar_dense``, which ``.item()``,
   ``bool()``, ``tolist()`` and ``in`` all reach) is answered from the
-  shadow; a data-dependent output shape (``nonzero``) is taken from it.
+  shadow; a data-dependent output shape (``nonzero``) is taken from it, and
+  a boolean mask of known values indexes any tensor (``logits[labels !=
+  -100]``): it becomes the integer indices of its true elements.
 
 Parameters and buffers never have values (they are never read), nor has
 anything computed from them: reading those still fails with the named
@@ -235,6 +237,35 @@ class Values:
         self._note_zeros(func, args, kwargs)
         return self._run(func, args, kwargs)
 
+    def masks_as_indices(self, func: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Return ``args`` of an indexing call with its boolean masks as integer indices, or ``None``.
+
+        ``activation[mask]`` (a masked-LM loss's ``logits[labels != -100]``)
+        has an output shape that depends only on the mask's values: where they
+        are known, each mask becomes the integer indices of its true elements
+        (as the real kernel expands it) and the fake kernel knows the shape. The
+        indexed tensor's values are not needed. ``None`` if ``func`` is no
+        indexing call or a mask's values are not known.
+        """
+        if func not in _MASKED_INDEX_OPS or len(args) < 2:
+            return None
+        indices: list[Any] = []
+        for index in args[1]:
+            if index is None or index.dtype not in (torch.bool, torch.uint8):
+                indices.append(index)
+                continue
+            value = self.of(index)
+            if value is None or value.dim() == 0:
+                return None
+            self._note_zeros(func, (index,), {})
+            with no_dispatch_modes():
+                columns = value.nonzero().unbind(1)
+            # made by the modes below (fake, on the indexed tensor's device)
+            indices += [
+                torch.empty(c.shape, dtype=torch.int64, device=args[0].device) for c in columns
+            ]
+        return (args[0], indices, *args[2:])
+
     def _note_zeros(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Record a read of a value that stands for an input given by shape (zeros)."""
         if any(getattr(t, _ZEROS, False) for t in _tensors(args, kwargs)):
@@ -275,6 +306,11 @@ _INDEX_OPS = frozenset(
         torch.ops.aten.nll_loss2d_forward.default,
     }
 )
+
+
+# indexing with boolean masks: the output's shape (or the scatter's) depends on
+# the masks' values only
+_MASKED_INDEX_OPS = _compat.masked_index_ops()
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
