@@ -22,8 +22,6 @@ from support.guard_models import IN, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
-_HELD: list[nn.Module] = []  # a global holder, which no search of the model reaches
-
 
 class Helper:
     """A frozen projector's wrapper: a plain object, not a module."""
@@ -48,9 +46,6 @@ class Projected(L.LightningModule):
             self.project = lambda x: self.ns.proj(x)
         elif holder == "closure":
             self.project = lambda x: proj(x)
-        elif holder == "global":
-            _HELD[:] = [proj]
-            self.project = lambda x: _HELD[0](x)
         self.targets: list[torch.Tensor] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -111,13 +106,71 @@ def test_module_in_a_plain_object_is_refused_with_its_path_and_a_working_fix(
         assert torch.equal(eager.lin.weight, model.lin.weight)
 
 
-def test_module_only_a_global_holds_is_refused_from_the_record() -> None:
-    model = Projected("global")
-    with pytest.raises(lm.MetaTensorError, match="no search of Projected reaches") as e:
-        _fit(model)
-    assert "Linear.weight" in str(e.value)
-    assert "test_guard_review3.py:" in str(e.value)  # the line that built it
-    assert model.targets == []
+class Encoded(L.LightningModule):
+    """nn.TransformerEncoder(layer, 2) as its docs write it: the prototype ``layer`` is
+    built in the block too and deep-copied; ``elsewhere`` keeps it, and a second model of
+    the same block, where no search of this model reaches."""
+
+    def __init__(self, elsewhere: list[nn.Module], deferred: bool = True) -> None:
+        super().__init__()
+        with lm.deferred_init() if deferred else _nothing():
+            prototype = nn.TransformerEncoderLayer(IN, 2, 16, dropout=0.0)
+            self.encoder = nn.TransformerEncoder(prototype, 2, enable_nested_tensor=False)
+            other = nn.Linear(IN, IN)
+        elsewhere += [prototype, other]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.encoder(batch[0].unsqueeze(1)).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_prototype_or_another_model_of_the_block_held_elsewhere_is_not_refused() -> None:
+    # A check of every tensor of the model's blocks refused the prototype the
+    # script still held (and a second model of the block, trained later): what
+    # the search of the model reaches decides, as for the rest.
+    torch.manual_seed(0)
+    kept_eager: list[nn.Module] = []
+    eager = Encoded(kept_eager, deferred=False)
+    _fit(eager)
+    torch.manual_seed(0)
+    kept: list[nn.Module] = []
+    model = Encoded(kept)
+    _fit(model)
+    for (name, a), b in zip(eager.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    prototype, other = kept
+    assert prototype.linear1.weight.is_meta and other.weight.is_meta
+    lm.materialize(other)  # still exact after the first model's fit
+    assert torch.equal(other.weight, kept_eager[1].weight)
+
+
+class Link:
+    """A plain object of a long chain, each holding some data."""
+
+    def __init__(self, after: Link | None) -> None:
+        self.after = after
+        self.data = [[0.5] * 999 for _ in range(30)]
+
+
+def test_the_search_of_plain_objects_is_bounded() -> None:
+    # A chain of plain objects ran the search into a RecursionError, and a
+    # large object graph cost seconds on every fit.
+    chain = None
+    for _ in range(5_000):
+        chain = Link(chain)
+    module = nn.Module()
+    module.chain = chain
+    module.graph = [Link(chain) for _ in range(20)]
+    assert lm.find_meta_tensors(module) == []
+    with lm.deferred_init():
+        hidden = nn.Linear(2, 2)
+    module.helper = Helper(hidden)
+    assert {f.path for f in lm.find_meta_tensors(module)} == {
+        "helper.proj.weight",
+        "helper.proj.bias",
+    }
 
 
 def test_other_model_of_another_block_and_a_template_kept_on_purpose_are_not_refused() -> None:

@@ -15,7 +15,6 @@ checkpoint loader and MetaGuard call them.
 from __future__ import annotations
 
 import functools
-import gc
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ __all__ = [
     "forget",
     "handle_of",
     "handles_of",
-    "left_pending",
     "lone_module",
     "made_for",
     "mark_done",
@@ -63,7 +61,6 @@ __all__ = [
     "own_deferred",
     "pending_base",
     "rebuilt",
-    "records_of",
     "released_without_result",
     "replaced_by_to",
     "settle",
@@ -83,13 +80,10 @@ class Handle:
     (copied) tensor so :func:`handle_of` finds it again.
     """
 
-    __slots__ = ("__weakref__", "record", "storage", "tensor", "version", "vid", "where")
+    __slots__ = ("__weakref__", "record", "storage", "tensor", "version", "vid")
 
-    def __init__(self, tensor: torch.Tensor, record: Record, vid: int, where: str = "") -> None:
+    def __init__(self, tensor: torch.Tensor, record: Record, vid: int) -> None:
         self.tensor, self.record, self.vid = tensor, record, vid
-        # The owning module's class and the name when the block ended
-        # ("Linear.weight"): what a refusal can say of a tensor no walk reaches.
-        self.where = where
         self.version = _compat.version_of(tensor)
         # What the tensor's .data is: `p.data = x` and `module.to(dtype)` after
         # the block give the same tensor object another storage.
@@ -123,7 +117,6 @@ class Handle:
     def __setstate__(self, state: dict[str, Any]) -> None:
         writes = state.pop("version")
         replaced = state.pop("storage")
-        state.setdefault("where", "")  # pickled before it was noted
         for k, v in state.items():
             object.__setattr__(self, k, v)
         object.__setattr__(self, "version", _compat.version_of(self.tensor) - writes)
@@ -248,7 +241,7 @@ def attach(
     tie). Returns the handle.
     """
     if handle is None:
-        handle = Handle(meta, record, vid, f"{type(module).__name__}.{name}")
+        handle = Handle(meta, record, vid)
         record.pending.add(handle)
     module.__dict__.setdefault(HANDLES_ATTR, {})[name] = handle
     return handle
@@ -326,7 +319,7 @@ def attach_item(
 ) -> Handle:
     """Make ``module.attr[keys...]`` (holding ``meta``) a deferred tensor of ``record``'s value ``vid``."""
     if handle is None:
-        handle = Handle(meta, record, vid, f"{type(module).__name__}.{_item_path(attr, keys)}")
+        handle = Handle(meta, record, vid)
         record.pending.add(handle)
     table = module.__dict__.setdefault(ITEMS_ATTR, {})
     table[_item_path(attr, keys)] = Item(attr, keys, handle)
@@ -826,35 +819,6 @@ def _settle_orphan(old: torch.Tensor, path: str, by: str) -> None:
         "which keeps the module's tensor objects"
     )
     mark_stale(old, path, what, by, fix=fix)
-
-
-def records_of(module: nn.Module) -> list[Record]:
-    """The records of the deferred tensors ``module``'s tree holds (materialized or not), once each."""
-    found: dict[int, Record] = {}
-    for mod in module.modules():
-        handles = [*handles_of(mod).values(), *(item.handle for item in items_of(mod).values())]
-        for handle in handles:
-            found.setdefault(id(handle.record), handle.record)
-    return list(found.values())
-
-
-def left_pending(records: Iterable[Record]) -> list[Handle]:
-    """The handles of ``records`` whose deferred tensor is alive and still without data.
-
-    Garbage is collected first: a module built in the block and dropped
-    since (a prototype deep-copied into a ``ModuleList``) may wait in a
-    reference cycle, and is no tensor anything computes with.
-    """
-    records = list(records)
-    if not records:
-        return []
-    gc.collect()
-    left: list[Handle] = []
-    for record in records:
-        for handle in list(record.pending):
-            if isinstance(handle, Handle) and handle_of(handle.tensor) is handle:
-                left.append(handle)
-    return left
 
 
 def without_pending(records: Iterable[Record]) -> list[Record]:

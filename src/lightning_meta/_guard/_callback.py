@@ -48,10 +48,9 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
-from lightning_meta._deferred._handles import deferred_slots, records_of
+from lightning_meta._deferred._handles import deferred_slots
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import held_modules
-from lightning_meta._deferred._record import Record
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -59,9 +58,7 @@ from lightning_meta._guard._materialize import (
     deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
-    model_records,
     refuse_left,
-    refuse_pending,
     refuse_strays,
 )
 
@@ -159,8 +156,6 @@ class MetaGuard(Callback):
         self._prepared = False
         self._running = False
         self._refusal: tuple[MetaTensorError, BaseException] | None = None
-        self._records: list[Record] = []
-        self._loaded: list[Record] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -173,8 +168,6 @@ class MetaGuard(Callback):
             "_prepared": False,
             "_running": False,
             "_refusal": None,
-            "_records": [],
-            "_loaded": [],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -209,7 +202,6 @@ class MetaGuard(Callback):
             strategy,
             "setup",
             lambda: self._prepare(trainer),
-            after=lambda: self._refuse_left(trainer),
         )
         self._wrap_load(strategy, trainer)
         self._wrap_teardown(strategy)
@@ -332,10 +324,6 @@ class MetaGuard(Callback):
         strategy = trainer.strategy
         device = strategy.root_device
         name = type(module).__name__
-        # Noted before anything is materialized: what the model's blocks made
-        # and is still without data once all is done is refused, held wherever.
-        records = model_records(module) + self._loaded
-        self._loaded = []
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -361,17 +349,14 @@ class MetaGuard(Callback):
                     len(on_device),
                 )
         tree = {id(m) for m in module.modules()}
-        records += self._copies(trainer, tree)
+        self._copies(trainer, tree)
         if trainer.datamodule is not None:  # type: ignore[attr-defined]
-            records += self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
+            self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
         self._prepared = True
-        if _is_fsdp1(strategy):
-            # torch's FSDP materializes unit by unit inside the strategy's setup.
-            self._records = records
-        else:
-            refuse_left(module, name, records)
+        if not _is_fsdp1(strategy):  # torch's FSDP materializes inside the strategy's setup
+            refuse_left(module, name)
 
-    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> list[Record]:
+    def _copies(self, trainer: pl.Trainer, tree: set[int]) -> None:
         """Materialize the copies of the model other callbacks made in their ``setup``.
 
         ``StochasticWeightAveraging`` and ``ModelPruning`` (lottery ticket)
@@ -379,13 +364,11 @@ class MetaGuard(Callback):
         construction a real copy on the CPU; here a deferred copy, which
         ``.to(device)`` later failed on. They get eager's values, on the CPU.
         """
-        records: list[Record] = []
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is not self:
-                records += self._held(vars(callback), tree)
-        return records
+                self._held(vars(callback), tree)
 
-    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> list[Record]:
+    def _datamodule(self, datamodule: Any, tree: set[int], *, check: bool) -> None:
         """Materialize the deferred modules ``datamodule`` holds, on the CPU, as its callbacks'.
 
         Lightning moves neither a datamodule nor what it holds: eager
@@ -396,9 +379,9 @@ class MetaGuard(Callback):
         now, so such a reference cannot be filled any more).
         """
         attributes = {k: v for k, v in vars(datamodule).items() if k not in HYPERPARAMETERS}
-        records = self._held(attributes, tree)
+        self._held(attributes, tree)
         if not check:
-            return records
+            return
         left = [
             dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
             for name, value in attributes.items()
@@ -419,26 +402,15 @@ class MetaGuard(Callback):
                 "materializes).",
                 left=True,
             )
-        return records
 
-    def _held(self, attributes: dict[str, Any], tree: set[int]) -> list[Record]:
-        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold;
-        return their records."""
-        records: list[Record] = []
+    def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
+        """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
         for name, value in list(attributes.items()):
             for _, held in held_modules(value, name):
                 # The model's own modules (a reference to the LightningModule)
                 # are materialized where the strategy needs them, not here.
                 if id(held) not in tree and deferred_slots(held):
-                    records += records_of(held)
                     materialize(held, allow_uninitialized=self.allow_uninitialized)
-        return records
-
-    def _refuse_left(self, trainer: pl.Trainer) -> None:
-        """Under FSDP1, once torch's FSDP has materialized every unit: refuse what the
-        model's blocks made and left without data."""
-        records, self._records = self._records, []
-        refuse_pending(records, type(trainer.lightning_module).__name__)
 
     def _install_param_init_fn(self, strategy: Any, device: torch.device) -> None:
         kwargs: dict[str, Any] = strategy.kwargs
@@ -465,22 +437,13 @@ class MetaGuard(Callback):
 
     # -- patching the strategy instance ------------------------------------
 
-    def _wrap(
-        self,
-        strategy: Any,
-        name: str,
-        before: Callable[[], None],
-        after: Callable[[], None] | None = None,
-    ) -> None:
+    def _wrap(self, strategy: Any, name: str, before: Callable[[], None]) -> None:
         original = getattr(strategy, name)
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             before()
-            result = original(*args, **kwargs)
-            if after is not None:
-                after()
-            return result
+            return original(*args, **kwargs)
 
         self._set(strategy, name, wrapper)
 
@@ -502,8 +465,6 @@ class MetaGuard(Callback):
             module = trainer.lightning_module
             # A meta tensor no load fills is refused before anything is copied.
             refuse_strays(module, type(module).__name__)
-            # The records of what the load fills, which then leaves the tree.
-            self._loaded = model_records(module)
             result = original(*args, **kwargs)
             self._prepare(trainer)
             return result

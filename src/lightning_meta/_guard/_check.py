@@ -23,7 +23,7 @@ from lightning_meta._deferred._handles import deferred_paths
 from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import ESCAPED_FIX, STALE_FIX, explain, find_meta_tensors
-from lightning_meta._guard._materialize import HYPERPARAMETERS, model_records, refuse_left
+from lightning_meta._guard._materialize import HYPERPARAMETERS, refuse_left
 
 __all__ = ["Row", "check_module"]
 
@@ -142,17 +142,14 @@ def check_module(module: nn.Module, *, stage: str = "fit") -> list[Row]:
                 )
             )
     materialized = True
-    # What the module's blocks made, noted before materializing: a tensor of
-    # theirs still deferred afterwards is held where materialize does not reach.
-    records = model_records(module)
-    if any(f.deferred for f in find_meta_tensors(module)) or records:
+    if any(f.deferred for f in find_meta_tensors(module)):
         row = _step("materialize deferred", lambda: _materialize(module))
         rows.append(row)
         materialized = row.status == "ok"
         if materialized:
             row = _step(
                 "nothing deferred left",
-                lambda: refuse_left(module, records=records, only_deferred=True),
+                lambda: refuse_left(module, only_deferred=True),
             )
             rows.append(row)
             materialized = row.status == "ok"

@@ -18,11 +18,12 @@ from torch import nn
 
 from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import handle_of, handles_of, made_for
+from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
 from lightning_meta._template._template import MetaTemplate
 
-__all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors", "find_meta_tensors_and_ids"]
+__all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors"]
 
 Kind = Literal["parameter", "buffer", "attribute", "optimizer", "tensor", "template"]
 
@@ -33,8 +34,10 @@ _SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR})
 _FOREIGN = frozenset(
     {"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_meta", "numpy"}
 )
-# Containers longer than this inside a plain object (a dataset's samples) are not searched.
-_MAX_ITEMS = 1_000
+# Objects searched below each plain object a module or container holds, at most.
+MAX_PLAIN_VISITS = 10_000
+# What holds no tensor (the items of a table of data): passed over at once.
+_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
 
 FIX = (
     "Fix: keep a stateless copy as lightning_meta.MetaTemplate(module) (Lightning never "
@@ -172,12 +175,6 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     return list(_Walker().walk(obj, ""))
 
 
-def find_meta_tensors_and_ids(obj: Any) -> tuple[list[MetaFinding], set[int]]:
-    """:func:`find_meta_tensors`, and the ids of the tensors found."""
-    walker = _Walker()
-    return list(walker.walk(obj, "")), walker.ids
-
-
 def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
     """Raise if any meta tensor (other than a template) is reachable from ``obj``.
 
@@ -242,34 +239,47 @@ class _Walker:
         # Every module of the tree searched: one reached through a container
         # but not in here is outside the tree (hidden from Lightning).
         self.tree: set[int] | None = None
-        # The ids of the tensors found.
-        self.ids: set[int] = set()
-
-    def _found(
-        self, path: str, kind: Kind, t: torch.Tensor, deferred: bool, hidden: bool = False
-    ) -> MetaFinding:
-        self.ids.add(id(t))
-        return _finding(path, kind, t, deferred, hidden)
+        # Plain objects entered on the way here (see _plain_attributes), and
+        # how many objects the search visited below one.
+        self.plain_depth = 0
+        self.plain_visits = 0
 
     def walk(
         self, obj: Any, path: str, kind: Kind = "tensor", hidden: bool = False
     ) -> Iterator[MetaFinding]:
         if isinstance(obj, torch.Tensor):
             if _holds_no_data(obj):
-                yield self._found(path, kind, obj, handle_of(obj) is not None, hidden)
+                yield _finding(path, kind, obj, handle_of(obj) is not None, hidden)
             return
         if isinstance(obj, MetaTemplate):
             yield MetaFinding(path or "<template>", "template", (), None, False)
             return
         if id(obj) in self.seen:
             return
+        if type(obj) in _SCALARS:
+            return
+        if self.plain_depth:
+            # A plain object can lead anywhere (a linked list, a graph of
+            # thousands of objects): each one the module holds is searched
+            # MAX_DEPTH plain objects deep and MAX_PLAIN_VISITS objects far.
+            self.plain_visits += 1
+            if self.plain_visits > MAX_PLAIN_VISITS:
+                return
         if not _container(obj):
+            if self.plain_depth >= MAX_DEPTH:
+                return
             attributes = _plain_attributes(obj)
             if attributes is None:
                 return
             self.seen.add(id(obj))
-            for key, value in attributes:
-                yield from self._contained(value, _join(path, key), hidden)
+            if not self.plain_depth:
+                self.plain_visits = 0
+            self.plain_depth += 1
+            try:
+                for key, value in attributes:
+                    yield from self._contained(value, _join(path, key), hidden)
+            finally:
+                self.plain_depth -= 1
             return
         self.seen.add(id(obj))
         if isinstance(obj, nn.Module):
@@ -293,14 +303,14 @@ class _Walker:
                 t = tensor_at(module, name)
                 if t is not None and _holds_no_data(t):
                     deferred = _deferred(t, handles.get(name))
-                    yield self._found(_join(prefix, name), kind, t, deferred, hidden)
+                    yield _finding(_join(prefix, name), kind, t, deferred, hidden)
         for name, value in vars(module).items():
             if name in _SKIP:
                 continue
             if isinstance(value, torch.Tensor):
                 if _holds_no_data(value):
                     deferred = _deferred(value, handles.get(name))
-                    yield self._found(_join(prefix, name), "attribute", value, deferred, hidden)
+                    yield _finding(_join(prefix, name), "attribute", value, deferred, hidden)
             else:
                 yield from self._contained(value, _join(prefix, name), hidden)
         for name, child in module.named_children():
@@ -325,7 +335,7 @@ class _Walker:
                 index.setdefault(id(p), len(index))
                 if isinstance(p, torch.Tensor) and _holds_no_data(p):
                     path = _join(prefix, f"param_groups.{g}.params.{i}")
-                    yield self._found(path, "optimizer", p, handle_of(p) is not None)
+                    yield _finding(path, "optimizer", p, handle_of(p) is not None)
         for p, state in opt.state.items():
             where = _join(prefix, f"state.{index.get(id(p), '?')}")
             for key, value in state.items() if isinstance(state, Mapping) else ():
@@ -371,7 +381,7 @@ def _plain_attributes(obj: Any) -> list[tuple[str, Any]] | None:
         (str(name), value)
         for name, value in attributes.items()
         if not str(name).startswith("__")
-        and not (isinstance(value, (list, tuple, dict, set)) and len(value) > _MAX_ITEMS)
+        and not (isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS)
     ]
 
 

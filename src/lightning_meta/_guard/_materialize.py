@@ -20,7 +20,7 @@ tensors of each module it is given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,8 +31,6 @@ from lightning_meta._deferred._handles import (
     deferred_slots,
     handle_of,
     handles_of,
-    left_pending,
-    records_of,
 )
 from lightning_meta._deferred._materialize import (
     DrawOn,
@@ -40,14 +38,11 @@ from lightning_meta._deferred._materialize import (
     materialize_paths,
     sharded_slots,
 )
-from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS, reach
-from lightning_meta._deferred._record import Record
-from lightning_meta._errors import MetaTensorError
+from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
 from lightning_meta._guard._find import (
     MetaFinding,
     explain,
     find_meta_tensors,
-    find_meta_tensors_and_ids,
 )
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
@@ -55,9 +50,7 @@ __all__ = [
     "deepspeed_refusal",
     "fsdp_param_init_fn",
     "materialize_model",
-    "model_records",
     "refuse_left",
-    "refuse_pending",
     "refuse_strays",
 ]
 
@@ -112,7 +105,6 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
 def refuse_left(
     module: nn.Module,
     owner: str | None = None,
-    records: Iterable[Record] = (),
     *,
     only_deferred: bool = False,
 ) -> None:
@@ -123,13 +115,10 @@ def refuse_left(
     tensor in its tree: a CPU matmul with a meta weight returns uninitialised
     memory instead of raising. Meta tensors of modules kept outside the tree
     that were never deferred (a template in a list, on purpose) stay.
-    ``records``: the records of the model's deferred tensors, noted before
-    materializing; a tensor of theirs still deferred is refused too, held
-    wherever (a closure, a global), since no search finds every holder.
     ``only_deferred``: refuse only deferred tensors (the ``check`` command
     reports the rest itself).
     """
-    found, ids = find_meta_tensors_and_ids(module)
+    found = find_meta_tensors(module)
     left = [
         f
         for f in found
@@ -137,12 +126,9 @@ def refuse_left(
         and (f.deferred or (not only_deferred and (f.escaped is not None or not f.hidden)))
         and f.path.split(".", 1)[0] not in HYPERPARAMETERS
     ]
-    unseen = [h for h in left_pending(records) if id(h.tensor) not in ids]
-    if not left and not unseen:
+    if not left:
         return
     name = owner or type(module).__name__
-    if not left:
-        raise _unseen_error(unseen, name)
     lines = ["They were left without data after materializing; training would compute with them."]
     reasons = [r for f in left if f.deferred for r in [_why_left(module, f.path)] if r]
     lines += [f"  {why}" for why in dict.fromkeys(why for why, _ in reasons)]
@@ -153,19 +139,7 @@ def refuse_left(
             f"a submodule, or in a list, tuple or dict attribute at most {MAX_DEPTH} containers "
             f"deep with at most {MAX_ITEMS} items, where materialize reaches it)."
         )
-    error = explain(left, name, "\n".join(lines), left=True)
-    if unseen:
-        error = MetaTensorError(
-            f"{error}\n{_unseen_error(unseen, name)}", paths=[*error.paths, *_unseen_paths(unseen)]
-        )
-    raise error
-
-
-def refuse_pending(records: Iterable[Record], owner: str) -> None:
-    """Raise :class:`MetaTensorError` naming every tensor of ``records`` still without data."""
-    left = left_pending(records)
-    if left:
-        raise _unseen_error(left, owner)
+    raise explain(left, name, "\n".join(lines), left=True)
 
 
 def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
@@ -235,42 +209,6 @@ def _made_by(handle: Handle) -> str:
             if any(v is not None and values[v].storage == storage for v in op.outs):
                 return f"{op.name} at {op.site}"
     return "an op of its deferred_init block"
-
-
-def _unseen_paths(handles: list[Handle]) -> list[str]:
-    return [f"<{h.where or 'tensor'} made by {_made_by(h)}>" for h in handles]
-
-
-def _unseen_error(handles: list[Handle], owner: str) -> MetaTensorError:
-    n = len(handles)
-    lines = [
-        f"{owner} was built in deferred_init blocks that also made {n} tensor"
-        f"{'s' if n != 1 else ''} still without data, held where no search of {owner} reaches "
-        "(a closure, a global, another object's attribute):"
-    ]
-    lines += [
-        f"  {h.where or 'a tensor'} (shape {tuple(h.tensor.shape)}, {h.tensor.dtype}, made by "
-        f"{_made_by(h)})"
-        for h in handles
-    ]
-    lines.append(
-        "If the model uses them, it would compute with uninitialised memory (a CPU matmul with a "
-        "meta weight does not raise). Fix: register the module on the model (a submodule, or a "
-        "list, tuple or dict attribute), or call lightning_meta.materialize(module) on it before "
-        "the run; if it is not part of this model, build it in its own `with "
-        "lightning_meta.deferred_init():` block, or drop it; to keep a module without data on "
-        "purpose, keep lightning_meta.MetaTemplate(module) instead of the module."
-    )
-    return MetaTensorError("\n".join(lines), paths=_unseen_paths(handles))
-
-
-def model_records(module: nn.Module) -> list[Record]:
-    """The records of the deferred tensors of ``module``'s tree and of the modules it holds
-    outside it (lists, tuples, dicts): note them before materializing, for :func:`refuse_left`."""
-    found = {id(r): r for r in records_of(module)}
-    for _, held in reach(module).hidden:
-        found.update((id(r), r) for r in records_of(held))
-    return list(found.values())
 
 
 def materialize_model(
