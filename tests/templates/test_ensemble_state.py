@@ -638,8 +638,6 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
     """vmap (chosen when nothing changed) keeps the state in the template; a later call that
     changes it runs again on the loop when nothing else changed yet (before: a refusal), and
     untimed calls in between keep to the template."""
-    members, twins = _pair(_LongestSeen, 64)
-    ens = lm.Ensemble(twins)
 
     def check(length: int, untimed: bool = False) -> None:
         x = torch.randn(length, 16)
@@ -648,7 +646,13 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
             expected = torch.stack([m(x) for m in members])
         torch.testing.assert_close(got, expected)
 
-    check(17)
+    # The first call's timing must pick vmap, which a loaded machine can undo once.
+    for _ in range(3):
+        members, twins = _pair(_LongestSeen, 64)
+        ens = lm.Ensemble(twins)
+        check(17)
+        if ens.plan == "vmap":
+            break
     assert ens.plan == "vmap"
     check(17)
     check(25, untimed=True)  # untimed after vmap calls: vmap, where the state is

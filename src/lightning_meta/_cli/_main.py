@@ -189,10 +189,13 @@ def _version() -> str:
     """This package's version with those of torch and Lightning it runs with."""
     from importlib.metadata import version
 
+    import torch
+
     import lightning_meta
 
+    # torch's own version string names its build (+cpu, +cu124); the metadata may not.
     return (
-        f"lightning-meta {lightning_meta.__version__} (torch {version('torch')}, "
+        f"lightning-meta {lightning_meta.__version__} (torch {torch.__version__}, "
         f"lightning {version('lightning')}, Python {sys.version.split()[0]})"
     )
 
