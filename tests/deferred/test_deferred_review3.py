@@ -175,7 +175,9 @@ def test_falcon_mamba_materialized_in_bf16_is_eager_cast() -> None:
     with deferred_init():
         model = transformers.FalconMambaForCausalLM(cfg)
     materialize(model, dtype=torch.bfloat16)
-    assert type(model.backbone.layers[0].mixer.b_c_rms) is torch.Tensor
+    if "b_c_rms" in dict(eager.backbone.layers[0].mixer.named_buffers()):
+        # (transformers 5.3; later versions compute it without a Parameter buffer)
+        assert type(model.backbone.layers[0].mixer.b_c_rms) is torch.Tensor
     assert_same_as_eager(eager, model)
 
 
