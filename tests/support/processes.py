@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,21 @@ def _destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_ranks(module: str, world: int, *args: str) -> int:
+    """Run ``python -m module world *args`` in ``world`` processes; the worst exit status."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+        }
+        procs.append(subprocess.Popen([sys.executable, "-m", module, str(world), *args], env=env))
+    return max(p.wait() for p in procs)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from torch import nn
 
 import lightning_meta as lm
 from support.mesh_models import Llama, batches, full, loss_of, unequal
-from support.processes import destroy_process_group_at_exit
+from support.processes import destroy_process_group_at_exit, launch_ranks
 
 destroy_process_group_at_exit()
 
@@ -98,38 +96,10 @@ def worker(workdir: Path) -> None:
     dist.destroy_process_group()
 
 
-def launch(world: int, workdir: Path) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-        }
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "support.run_fsdp_load_after_forward",
-                    str(world),
-                    str(workdir),
-                ],
-                env=env,
-            )
-        )
-    return max(p.wait() for p in procs)
-
-
 def main() -> None:
     world, workdir = int(sys.argv[1]), Path(sys.argv[2])
     if "RANK" not in os.environ:
-        sys.exit(launch(world, workdir))
+        sys.exit(launch_ranks("support.run_fsdp_load_after_forward", world, str(workdir)))
     worker(workdir)
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import nn
 
 import lightning_meta as lm
 from support.mesh_models import full, unequal
+from support.processes import launch_ranks
 
 DIM, HIDDEN, VOCAB, LAYERS = 128, 512, 512, 2
 #: Bytes a rank may read per DCP item it opens beyond its box: the zip directory,
@@ -366,32 +365,10 @@ def worker(world: int, workdir: Path) -> None:
     dist.destroy_process_group()
 
 
-def launch(world: int, workdir: Path) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "support.run_sharded_load", str(world), str(workdir)],
-                env=env,
-            )
-        )
-    return max(p.wait() for p in procs)
-
-
 def main() -> None:
     world, workdir = int(sys.argv[1]), Path(sys.argv[2])
     if "RANK" not in os.environ:
-        sys.exit(launch(world, workdir))
+        sys.exit(launch_ranks("support.run_sharded_load", world, str(workdir)))
     worker(world, workdir)
 
 
