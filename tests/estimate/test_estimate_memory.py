@@ -183,10 +183,16 @@ def _profiled_peak(
         for t in [x, *model.parameters(), *(p.grad for p in model.parameters())]
         if t is not None
     )
+    return before + _allocator_peak(step)[0]
+
+
+def _allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
+    """The peak of what ``call`` allocates, from torch.profiler's allocator events (which
+    see inside kernels), and what it returns."""
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        step()
+        out = call()
     events = sorted(
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
@@ -196,7 +202,7 @@ def _profiled_peak(
     for _, nbytes in events:
         current += nbytes
         peak = max(peak, current)
-    return before + peak
+    return peak, out
 
 
 class _Attention(nn.Module):
@@ -287,19 +293,7 @@ def _mm_scratch(dtype: torch.dtype) -> tuple[int, int]:
     sees of the same call beyond its output."""
     a, b = torch.randn(64, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
     torch.mm(a, b)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        out = torch.mm(a, b)
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        if e.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
+    peak, out = _allocator_peak(lambda: torch.mm(a, b))
     tracker = LiveBytes()
     with tracker:
         seen = torch.mm(a, b)
