@@ -50,7 +50,7 @@ from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._handles import deferred_slots
 from lightning_meta._deferred._materialize import materialize
-from lightning_meta._deferred._reach import held_modules
+from lightning_meta._deferred._reach import MAX_ITEMS, held_modules
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -66,8 +66,6 @@ __all__ = ["MetaGuard"]
 
 logger = logging.getLogger(__name__)
 
-# Longer containers a datamodule holds (its samples) are not searched for meta tensors.
-_MAX_ITEMS = 1_000
 # The strategy instance's methods a run wraps (and restores when it ends).
 _PATCHED = ("model_sharded_context", "setup", "load_model_state_dict", "teardown")
 # Wrappers whose run ended while another wrapper sat on top of them, by id: (the
@@ -386,7 +384,7 @@ class MetaGuard(Callback):
             dataclasses.replace(f, path=f"datamodule.{name}.{f.path}".replace(".<tensor>", ""))
             for name, value in attributes.items()
             # (not a table of data: a list of samples holds no module)
-            if not isinstance(value, (list, tuple, dict, set)) or len(value) <= _MAX_ITEMS
+            if not isinstance(value, (list, tuple, dict, set)) or len(value) <= MAX_ITEMS
             for f in find_meta_tensors(value)
             if f.problem and (f.deferred or f.escaped is not None or f.stale)
         ]

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from lightning_meta._deferred._handles import (
-    Handle,
     deferred_slots,
     handle_of,
     handles_of,
@@ -197,18 +196,6 @@ def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
     if reason is None or not isinstance(node, nn.Module):
         return None
     return (f"{expr}: {reason}", f"lightning_meta.materialize({expr})")
-
-
-def _made_by(handle: Handle) -> str:
-    """The op and ``file:line`` that made ``handle``'s value, from its record's log."""
-    values = handle.record.values
-    if handle.vid < len(values):
-        # The op that made its memory (torch.empty), not the view a Parameter wraps.
-        storage = values[handle.vid].storage
-        for op in handle.record.ops:
-            if any(v is not None and values[v].storage == storage for v in op.outs):
-                return f"{op.name} at {op.site}"
-    return "an op of its deferred_init block"
 
 
 def materialize_model(
