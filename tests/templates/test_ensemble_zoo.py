@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -424,6 +425,42 @@ def test_the_choice_is_timed_again_at_a_later_call(monkeypatch: pytest.MonkeyPat
     for _ in range(2 * RETIME_CALL):  # kept for good
         ens(x, scale=2.0)
     assert ens.plans == (again,) and ens.plan == "vmap"
+
+
+class _SeesCollector(nn.Module):
+    """A member that records whether Python's cycle collector may run during its forward."""
+
+    seen: ClassVar[list[bool]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        _SeesCollector.seen.append(gc.isenabled())
+        return self.lin(x) * scale
+
+
+def test_plans_are_timed_with_the_cycle_collector_paused() -> None:
+    """A collection of the test run's (or the user's) garbage inside one timed run took
+    90 ms of the thread's CPU time on CI and made the loop look 20 times slower than it
+    is; ``timeit`` pauses the collector for the same reason. It runs again afterwards."""
+    _SeesCollector.seen = []
+    ens = lm.Ensemble([_SeesCollector() for _ in range(3)])
+    assert gc.isenabled()
+    ens(torch.randn(5, 4), scale=2.0)  # a keyword: vmap and loop only
+    assert ens.plans[0].how == "timed" and ens.plan in ("loop", "vmap")
+    # The call itself runs after the timing: each member's forward or one under vmap.
+    timed = _SeesCollector.seen[: -3 if ens.plan == "loop" else -1]
+    assert timed and not any(timed), _SeesCollector.seen
+    assert gc.isenabled()
+    gc.disable()  # a caller that paused it keeps it paused
+    try:
+        ens.clear_plans()
+        ens(torch.randn(5, 4), scale=2.0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_exact_calls_follow_the_choice_timed_again() -> None:

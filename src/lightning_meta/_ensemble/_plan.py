@@ -36,6 +36,7 @@ reassociation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import statistics
@@ -352,6 +353,21 @@ def _warnings_ignored() -> Iterator[None]:
                 break
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off, as ``timeit`` has it: a collection of the
+    process's garbage inside one timed run (90 ms of the thread's CPU time
+    in a long test run) made a plan look 20 times slower than it is. A
+    caller that had paused it finds it paused afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def measure(
     candidates: Sequence[str],
     run: Runner,
@@ -427,6 +443,7 @@ def measure(
     with (
         torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]),
         _warnings_ignored(),
+        _collector_paused(),
         # Saved tensors stay plain tensors, whatever hooks the caller runs under
         # (activation checkpointing packs them for recomputation).
         torch.autograd.graph.saved_tensors_hooks(_pack, _unpack),
