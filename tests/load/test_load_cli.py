@@ -170,3 +170,37 @@ def test_load_check_process_exit_status_and_streams(checkpoint: Path, tmp_path: 
     )  # fmt: skip
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["format"] == "safetensors"
+
+
+HOLES = """
+import torch
+from torch import nn
+
+class Holes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("scratch", torch.empty(3), persistent=False)
+"""
+
+
+def test_load_check_fixes_name_the_options_to_type(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal read on the command line names the option that fixes it, not the keyword."""
+    import fractions
+
+    state = {**ml.eager().state_dict(), "ratio": fractions.Fraction(1, 3)}
+    torch.save(state, tmp_path / "untrusted.pt")
+    assert main(["load-check", TARGET, str(tmp_path / "untrusted.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "--trust module:Name" in err and "safe_globals" not in err, err
+    (tmp_path / "holes.py").write_text(HOLES)
+    torch.save(
+        {f"lin.{k}": v for k, v in torch.nn.Linear(2, 2).state_dict().items()}, tmp_path / "lin.pt"
+    )
+    assert main(["load-check", f"{tmp_path / 'holes.py'}:Holes", str(tmp_path / "lin.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "--allow-uninitialized" in err and "allow_uninitialized=True" not in err, err
+    args = [f"{tmp_path / 'holes.py'}:Holes", str(tmp_path / "lin.pt"), "--allow-uninitialized"]
+    assert main(["load-check", *args]) == 0

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
-from lightning_meta._arguments import check_flag, check_module_argument, float_dtype, real_device
+from lightning_meta._arguments import (
+    check_flag,
+    check_module_argument,
+    float_dtype,
+    real_device,
+    spelled,
+)
 from lightning_meta._deferred._fallback import overwritten, reset_parameters, without_reset
 from lightning_meta._deferred._handles import (
     Handle,
@@ -871,10 +877,13 @@ def check_deferred(
             "would be whatever memory holds (writes at computed places, such as scatter_, "
             "index_copy_ or t[mask] = ..., count as covering part of a tensor, even where they "
             f"cover all of it). Fix: {fill}initialise them in the model, or keep "
-            "eager construction's uninitialised memory with allow_uninitialized=True "
-            "(lm.materialize, lm.load_checkpoint, lm.MetaGuard and lm.fabric_setup take it; "
-            "before a plain load_state_dict, call lm.materialize(module, "
-            "allow_uninitialized=True) first).",
+            "eager construction's uninitialised memory with "
+            + spelled(
+                "allow_uninitialized=True (lm.materialize, lm.load_checkpoint, lm.MetaGuard and "
+                "lm.fabric_setup take it; before a plain load_state_dict, call "
+                "lm.materialize(module, allow_uninitialized=True) first).",
+                "--allow-uninitialized.",
+            ),
             paths=garbage,
         )
     return recast

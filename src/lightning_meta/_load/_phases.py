@@ -27,6 +27,7 @@ from lightning_meta._arguments import (
     check_module_argument,
     float_dtype,
     real_device,
+    spelled,
 )
 from lightning_meta._deferred._handles import (
     Handle,
@@ -292,7 +293,7 @@ def _convert_one(
     except (RuntimeError, ValueError, TypeError) as e:  # out of memory on the device, mostly
         raise _refuse(
             group, f"converting it to {dtype} on {device} failed ({type(e).__name__}: {e})",
-            "free memory on the device, or load with device='cpu'",
+            "free memory on the device, or load with " + spelled("device='cpu'", "--device cpu"),
         ) from e  # fmt: skip
     ptr = tensor.untyped_storage().data_ptr()
     # Empty tensors all report storage pointer 0 and share nothing.
@@ -432,7 +433,10 @@ def convert_rest(
                         group,
                         f"rebuilding it as {type(old).__qualname__} in {want} raised "
                         f"{type(e).__name__}: {e}",
-                        "load without dtype= and cast the module afterwards",
+                        spelled(
+                            "load without dtype= and cast the module afterwards",
+                            "load without --dtype",
+                        ),
                     ) from e
                 out.append(Converted(group, new, False))
         elif (dev, want) != (old.device, old.dtype):

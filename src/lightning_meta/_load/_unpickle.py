@@ -20,6 +20,7 @@ import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from lightning_meta._arguments import spelled
 from lightning_meta._errors import MetaTensorError
 
 __all__ = ["Policy", "Record", "SafeUnpickler", "safe_load", "trusted_names", "unsafe_error"]
@@ -191,12 +192,16 @@ class SafeUnpickler(pickle.Unpickler):
 
 def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError:
     """Return the refusal of a pickle that names globals beyond the policy."""
+    _allow = spelled(
+        "with load_checkpoint(..., safe_globals=[TheClass, ...]) (the objects themselves, not "
+        "their names)",
+        "with --trust module:Name (once per name)",
+    )
     return MetaTensorError(
         f"{where!r} cannot be loaded with weights_only=True: unpickling {what} would construct "
         "objects other than tensors and plain containers, which can run arbitrary code. It "
         f"needs: {sorted(set(names))}. lightning_meta never unpickles arbitrary objects. Fix: if you trust this file, allow exactly those "
-        "with load_checkpoint(..., safe_globals=[TheClass, ...]) (the objects themselves, not "
-        "their names; `--trust module:Name` on the command line), or re-save only the state_dict.",
+        f"{_allow}, or re-save only the state_dict.",
         paths=[where],
     )
 
