@@ -12,7 +12,12 @@ raise a :class:`~lightning_meta.MaterializationError` naming the call, the
 tensor's path and the ``file:line`` otherwise; on any other fake tensor they
 are torch's own methods. ``torch.Tensor.__deepcopy__`` is wrapped alike: a
 real tensor deep-copied inside a block (``save_hyperparameters`` copies the
-arguments of ``__init__``) gets a real copy, as in eager construction. (A
+arguments of ``__init__``) gets a real copy, as in eager construction, and
+so is ``torch.Tensor.numpy`` (and ``np.asarray``, which calls it): torch's
+``.numpy()`` detaches through the dispatcher, which inside a block would
+hand a real tensor to the fake mode and build the array on a fake tensor's
+memory; a real tensor gets eager's array over its own memory instead (see
+:meth:`~lightning_meta._deferred._recorder.Recorder.shares_with_numpy`). (A
 ``TorchFunctionMode`` would see them too, but it costs every tensor call of
 the model a trip through Python.)
 
@@ -25,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -36,13 +41,20 @@ from lightning_meta._errors import MaterializationError
 
 __all__ = ["conversion_refused", "value_reads"]
 
-Reader = Callable[[torch.Tensor, str], torch.Tensor]
+
+class Reads(Protocol):
+    """What a block answers value reads with (its recorder)."""
+
+    def read_values(self, t: torch.Tensor, op: str) -> torch.Tensor: ...
+
+    def shares_with_numpy(self, t: torch.Tensor, array: object) -> None: ...
+
 
 # ``__dlpack__`` (torch.from_dlpack) would hand out a bogus data pointer, and
 # ``__reduce_ex__`` (torch.save, pickle) fails on the fake mode it refers to:
 # both get the real value, as ``.numpy()`` does.
 _METHODS = ("numpy", "tolist", "__dlpack__", "__reduce_ex__")
-_READERS: dict[int, Reader] = {}  # id of an open block's fake mode -> its reader
+_READERS: dict[int, Reads] = {}  # id of an open block's fake mode -> its reader
 _SAVED: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
@@ -73,12 +85,32 @@ def _real_deepcopy(original: Any) -> Any:
     return __deepcopy__
 
 
+def _real_numpy(original: Any) -> Any:
+    """``torch.Tensor.numpy`` giving a real tensor eager's array over its memory inside a block."""
+
+    def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        reads = _READERS.get(id(_compat.active_fake_mode()))
+        if reads is None or isinstance(self, FakeTensor):
+            return original(self, *args, **kwargs)
+        # torch's .numpy() detaches through the dispatcher: under the block's
+        # modes the detach of a real tensor comes back fake, and the array
+        # would be built on its (uninitialised) memory.
+        with _compat.no_python_dispatch():
+            array = original(self, *args, **kwargs)
+        reads.shares_with_numpy(self, array)
+        return array
+
+    numpy.__name__ = "numpy"
+    numpy.__doc__ = getattr(original, "__doc__", None)
+    return numpy
+
+
 def _wrapper(name: str, original: Any) -> Any:
     def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         reader = _READERS.get(id(getattr(self, "fake_mode", None)))
         if reader is None:
             return original(self, *args, **kwargs)
-        real = reader(self, f"Tensor.{name}")
+        real = reader.read_values(self, f"Tensor.{name}")
         with _compat.no_python_dispatch():
             return original(real, *args, **kwargs)
 
@@ -88,7 +120,7 @@ def _wrapper(name: str, original: Any) -> Any:
 
 
 @contextlib.contextmanager
-def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
+def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
     """Answer ``.numpy()`` and ``.tolist()`` of ``fake_mode``'s tensors with ``reader`` for the body."""
     with _LOCK:
         if not _READERS:
@@ -97,6 +129,9 @@ def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
                 setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
             _SAVED["__deepcopy__"] = vars(torch.Tensor)["__deepcopy__"]
             torch.Tensor.__deepcopy__ = _real_deepcopy(_SAVED["__deepcopy__"])  # type: ignore[method-assign]
+            # Defined on torch._C.TensorBase: torch.Tensor gets its own for the body.
+            _SAVED["Tensor.numpy"] = vars(torch.Tensor).get("numpy")
+            torch.Tensor.numpy = _real_numpy(torch.Tensor.numpy)  # type: ignore[method-assign]
         _READERS[id(fake_mode)] = reader
     try:
         yield
@@ -111,3 +146,8 @@ def value_reads(fake_mode: object, reader: Reader) -> Iterator[None]:
                     else:
                         setattr(FakeTensor, name, own)
                 torch.Tensor.__deepcopy__ = _SAVED.pop("__deepcopy__")  # type: ignore[method-assign]
+                numpy = _SAVED.pop("Tensor.numpy")
+                if numpy is None:
+                    del torch.Tensor.numpy
+                else:
+                    torch.Tensor.numpy = numpy  # type: ignore[method-assign]

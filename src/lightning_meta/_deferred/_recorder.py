@@ -303,6 +303,10 @@ class Recorder(RecordingDispatchMode):
             )
         return self.real_value(t)
 
+    def shares_with_numpy(self, t: torch.Tensor, array: object) -> None:
+        """Note ``array``, made by ``.numpy()`` over the memory of ``t``, a real tensor."""
+        self.values.share_with_numpy(t, array)
+
     def _sources(self, vid: int) -> frozenset[int]:
         """Return the storages value ``vid`` was computed from (to name a weight in errors)."""
         values = self.record.values

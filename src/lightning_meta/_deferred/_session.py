@@ -59,7 +59,7 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             with (
                 _compat.parameter_calls(_parameter_hook(recorder, fake)),
-                value_reads(fake, recorder.read_values),
+                value_reads(fake, recorder),
                 fake,
                 recorder,
             ):

@@ -62,6 +62,8 @@ class ValueIds:
         self._storage_vid: dict[int, int] = {}
         self._refs: dict[int, Ref] = {}
         self._fsets: dict[int | None, frozenset[int]] = {}
+        # Storage address of a real tensor -> the numpy arrays made over it in the block.
+        self._numpy_arrays: dict[int, list[weakref.ref[Any]]] = {}
 
     def vid(self, t: torch.Tensor, op: str) -> int:
         """Return the value id of ``t``, capturing real tensors as constants.
@@ -91,16 +93,48 @@ class ValueIds:
             if (
                 t.layout == torch.strided
                 and not t.is_meta  # no data to compare
-                and t.numel() * t.element_size() <= _SNAPSHOT_BYTES
+                and (t.numel() * t.element_size() <= _SNAPSHOT_BYTES or self._numpy_shares(t))
             ):
-                with _compat.no_python_dispatch():
-                    self.record.snapshots[vid] = t.detach().clone()
+                self._snapshot(vid, t)
             return vid
         owner = t.untyped_storage()
         cdata = _compat.storage_id(owner)
         if seen is not None and seen[0]() is t and self._vid_cdata[seen[1]] == cdata:
             return seen[1]
         return self._rebuild_view(t, op, cdata, owner)
+
+    def share_with_numpy(self, t: torch.Tensor, array: object) -> None:
+        """Note that ``array`` shares the memory of ``t``, a real tensor, while it lives.
+
+        A write through it does not count in the version counter: every
+        capture of that memory gets a copy to compare with at materialize,
+        whatever its size, also one made before.
+        """
+        with _compat.no_python_dispatch():
+            if t.layout != torch.strided or t.is_meta:
+                return
+            ptr = t.untyped_storage().data_ptr()
+            self._numpy_arrays.setdefault(ptr, []).append(weakref.ref(array))
+            for vid, (c, _) in self.record.constants.items():
+                if (
+                    vid not in self.record.snapshots
+                    and c.layout == torch.strided
+                    and not c.is_meta
+                    and c.untyped_storage().data_ptr() == ptr
+                ):
+                    self._snapshot(vid, c)
+
+    def _numpy_shares(self, t: torch.Tensor) -> bool:
+        """Whether a live numpy array made in the block shares the memory of real tensor ``t``."""
+        if not self._numpy_arrays:
+            return False
+        with _compat.no_python_dispatch():
+            refs = self._numpy_arrays.get(t.untyped_storage().data_ptr(), ())
+        return any(r() is not None for r in refs)
+
+    def _snapshot(self, vid: int, t: torch.Tensor) -> None:
+        with _compat.no_python_dispatch():
+            self.record.snapshots[vid] = t.detach().clone()
 
     def out(self, leaf: Any) -> int | None:
         """Return the value id of an op's output item (``None`` if it is not a tensor)."""
@@ -182,6 +216,7 @@ class ValueIds:
         self._refs.clear()
         self._fsets.clear()
         self._storage_vid.clear()
+        self._numpy_arrays.clear()
 
     def _rebuild_view(
         self, t: torch.Tensor, op: str, cdata: int, owner: torch.UntypedStorage
