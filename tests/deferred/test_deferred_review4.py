@@ -6,6 +6,8 @@ eager works before:
 - ``.numpy()`` / ``np.asarray`` of a real tensor captured from outside the
   block returned an array over a fake tensor's uninitialised memory, and a
   write through it was lost;
+- a write through ``.numpy()`` of a tensor made in the block (a positional
+  table filled through its array) was lost;
 """
 
 from __future__ import annotations
@@ -94,4 +96,79 @@ def test_a_large_captured_tensor_written_through_numpy_in_the_block_is_refused(
         del array
     with pytest.raises(MaterializationError, match="memory shared with numpy") as info:
         materialize(module)
+    assert list(info.value.paths) == ["b"]
+
+
+class _SinusoidalTable(nn.Module):
+    """A positional table filled through the numpy array of its tensor."""
+
+    def __init__(self, n: int = 6, d: int = 4, then: str = "") -> None:
+        super().__init__()
+        pe = torch.zeros(n, d)
+        arr = pe.numpy()
+        pos = np.arange(n)[:, None]
+        freq = 10000 ** (np.arange(0, d, 2) / d)
+        arr[:, 0::2] = np.sin(pos / freq)
+        if then == "torch":
+            pe[0] += 1.0  # eager: the array sees this write
+        arr[:, 1::2] = np.cos(pos / freq)
+        if then == "view":
+            del arr
+            np.asarray(pe[1:3])[:] *= 2.0
+        elif then == "two arrays":
+            np.asarray(pe[1:3])[:] *= 2.0  # eager: arr sees this write
+        self.register_buffer("pe", pe)
+        self.proj = nn.Linear(d, d)
+        self.register_buffer("scaled", pe * 3.0)
+
+
+@pytest.mark.parametrize("then", ["", "view"], ids=["table", "then-a-view"])
+def test_a_table_filled_through_its_numpy_array_is_eagers(then: str) -> None:
+    torch.manual_seed(0)
+    eager = _SinusoidalTable(then=then)
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    with deferred_init():
+        module = _SinusoidalTable(then=then)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(2), after)
+
+
+def test_a_write_through_numpy_just_before_the_block_ends_is_kept() -> None:
+    with deferred_init():
+        module = nn.Module()
+        module.register_buffer("b", torch.zeros(3))
+        module.b.numpy()[1] = 7.0
+    materialize(module)
+    assert module.b.tolist() == [0.0, 7.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("then", "refused"),
+    [
+        ("torch", r"aten\.add_.*still alive.*Fix: make the torch writes before"),
+        ("two arrays", r"Tensor\.numpy.*still alive.*Fix: index the first array"),
+    ],
+    ids=["torch-write", "two-arrays"],
+)
+def test_a_write_the_numpy_array_would_see_eagerly_is_refused_naming_the_array(
+    then: str, refused: str
+) -> None:
+    _SinusoidalTable(then=then)  # eager works
+    with pytest.raises(MaterializationError, match=refused):
+        with deferred_init():
+            _SinusoidalTable(then=then)
+
+
+class _KeepsItsArray(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("b", torch.zeros(3))
+        self.table = self.b.numpy()  # eager: shares b's memory for the module's life
+
+
+def test_a_numpy_array_alive_when_the_block_ends_is_refused() -> None:
+    with pytest.raises(MaterializationError, match=r"still alive when the block ends") as info:
+        deferred_init(_KeepsItsArray)
     assert list(info.value.paths) == ["b"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,8 @@ class Reads(Protocol):
     def read_values(self, t: torch.Tensor, op: str) -> torch.Tensor: ...
 
     def shares_with_numpy(self, t: torch.Tensor, array: object) -> None: ...
+
+    def numpy_of(self, t: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any: ...
 
 
 # ``__dlpack__`` (torch.from_dlpack) would hand out a bogus data pointer, and
@@ -110,6 +112,8 @@ def _wrapper(name: str, original: Any) -> Any:
         reader = _READERS.get(id(getattr(self, "fake_mode", None)))
         if reader is None:
             return original(self, *args, **kwargs)
+        if name == "numpy":
+            return reader.numpy_of(self, lambda real: original(real, *args, **kwargs))
         real = reader.read_values(self, f"Tensor.{name}")
         with _compat.no_python_dispatch():
             return original(real, *args, **kwargs)

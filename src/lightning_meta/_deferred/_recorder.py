@@ -28,6 +28,8 @@ import functools
 import os
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +51,7 @@ from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
 from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Stream
 from lightning_meta._deferred._record_errors import path_of, user_site
-from lightning_meta._deferred._replay import replay, slice_ops
+from lightning_meta._deferred._replay import replay, same_bits, slice_ops
 from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
 from lightning_meta._deferred._values import ValueIds
 from lightning_meta._errors import MaterializationError
@@ -135,6 +137,27 @@ def _plain_fill(args: tuple[Any, ...]) -> bool:
     return True
 
 
+class _NumpyArray:
+    """A block tensor's values handed out by ``.numpy()``: the array's memory, and what was logged.
+
+    Eager's array shares the tensor's memory; the block's is over ``real``, a
+    copy of the recorded value. A write through it is logged as a ``copy_``
+    of ``real`` into the tensor before the next op (see
+    :meth:`Recorder._numpy_writes`).
+    """
+
+    __slots__ = ("array", "fake", "logged", "real", "site", "storage")
+
+    def __init__(self, fake: torch.Tensor, storage: int, real: torch.Tensor, array: object) -> None:
+        self.fake = fake
+        self.storage = storage
+        self.real = real
+        with _compat.no_python_dispatch():
+            self.logged = real.clone()
+        self.array = weakref.ref(array)
+        self.site = user_site(1)
+
+
 class _Call:
     """One ATen call's arguments as logged, and the value ids it reads and writes."""
 
@@ -217,6 +240,8 @@ class Recorder(RecordingDispatchMode):
         self._kept: tuple[int, torch.Tensor] | None = None
         self._pending: torch.Tensor | None = None
         self.fake: Any = None  # the FakeTensorMode below, set by ``_session``
+        self._arrays: list[_NumpyArray] = []  # .numpy() of the block's tensors, until they die
+        self._logging_array = False
 
     # -- the block's lifetime (deferred_init calls these)
     def track(self, module: nn.Module, name: str, value: object) -> None:
@@ -255,6 +280,7 @@ class Recorder(RecordingDispatchMode):
         """Drop every fake tensor, storage and scratch buffer held (the record keeps its log)."""
         self.draws.close()
         self._kept = self._pending = None
+        self._arrays = []
         self.modules.clear()
         self.values.clear()
         self._generators.clear()
@@ -303,6 +329,111 @@ class Recorder(RecordingDispatchMode):
             )
         return self.real_value(t)
 
+    def numpy_of(self, t: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
+        """Return ``make(real)`` (``Tensor.numpy``) for fake tensor ``t``, ``real`` its value.
+
+        Writes through the array are logged before the next op reads the
+        tensor; a later op writing the tensor while the array lives is
+        refused (eager's array would see it, this one cannot), and so is an
+        array still alive when the block ends (see :meth:`finish_arrays`).
+
+        Raises:
+            MaterializationError: ``t``'s value cannot be read while recording
+                (see :meth:`read_values`), or an array of another tensor on its
+                memory is still alive.
+        """
+        self._log_array_writes()
+        vid = self.values.vid(t, "Tensor.numpy")
+        storage = self.record.values[vid].storage
+        for held in self._arrays:
+            if held.storage != storage or held.array() is None:
+                continue
+            if held.fake is t:
+                # A second array over the same memory, as eager's two share the tensor's.
+                with _compat.no_python_dispatch():
+                    return make(held.real)
+            raise self.values.error(
+                "Tensor.numpy",
+                t,
+                f"shares memory with the numpy array Tensor.numpy returned at {held.site}, "
+                "which is still alive: eager's two arrays share the tensor's memory, the "
+                "block's are copies of its values",
+                "index the first array instead, or let it go (del it) before calling .numpy() "
+                "again",
+            )
+        real = self.read_values(t, "Tensor.numpy")
+        with _compat.no_python_dispatch():
+            real = real.clone()  # the array's own memory, never a captured tensor's
+            array = make(real)
+        self._arrays.append(_NumpyArray(t, storage, real, array))
+        return array
+
+    def finish_arrays(self) -> None:
+        """At the end of the block: log what was written through arrays; refuse one still alive.
+
+        Runs with the block's modes active: the ``copy_`` is recorded like
+        any other op.
+        """
+        for fake, new in self._numpy_writes():
+            self._logging_array = True
+            try:
+                with torch.no_grad():
+                    fake.copy_(new)
+            finally:
+                self._logging_array = False
+        for held in self._arrays:
+            if held.array() is not None:
+                self._arrays = []
+                raise self.values.error(
+                    "Tensor.numpy",
+                    held.fake,
+                    f"returned a numpy array at {held.site} that is still alive when the block "
+                    "ends: eager's array shares the tensor's memory for as long as it lives "
+                    "(a later write to either reaches the other), the block's holds a copy of "
+                    "its values",
+                    "keep a copy (array.copy()) or let the array go (del it) before the block "
+                    "ends, or call .numpy() after materialize",
+                )
+        self._arrays = []
+
+    def _numpy_writes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return (tensor, new values) for each array written since last looked at; forget dead ones."""
+        found: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with _compat.no_python_dispatch():
+            for held in self._arrays:
+                if not same_bits(held.real, held.logged):
+                    held.logged = held.real.clone()
+                    found.append((held.fake, held.real.clone()))
+        self._arrays = [held for held in self._arrays if held.array() is not None]
+        return found
+
+    def _log_array_writes(self) -> None:
+        """Log writes through ``.numpy()`` arrays, as ``copy_`` ops, before the op about to run."""
+        if self._logging_array:
+            return
+        copy = torch.ops.aten.copy_.default
+        for fake, new in self._numpy_writes():
+            self._logging_array = True
+            try:
+                self.__torch_dispatch__(copy, (), (fake, new), {})
+            finally:
+                self._logging_array = False
+
+    def _refuse_write_under_array(self, info: _OpInfo, call: _Call) -> None:
+        """Refuse an op writing a tensor whose ``.numpy()`` array is alive (it would not see it)."""
+        written = self.values.storages_of(list(call.writes))
+        for held in self._arrays:
+            if held.storage in written and held.array() is not None:
+                raise self.values.error(
+                    info.name,
+                    held.fake,
+                    f"writes a tensor whose values Tensor.numpy returned at {held.site}, and that "
+                    "array is still alive: eager's array shares the tensor's memory and sees "
+                    "this write, the block's holds a copy and cannot",
+                    "make the torch writes before calling .numpy(), or let the array go (del "
+                    "it) before them",
+                )
+
     def shares_with_numpy(self, t: torch.Tensor, array: object) -> None:
         """Note ``array``, made by ``.numpy()`` over the memory of ``t``, a real tensor."""
         self.values.share_with_numpy(t, array)
@@ -335,6 +466,8 @@ class Recorder(RecordingDispatchMode):
         # The hot path of recording: one call per ATen op issued by the model,
         # so the phases avoid generator expressions and share what they can.
         kwargs = kwargs or {}
+        if self._arrays:
+            self._log_array_writes()
         info = _info(func)
         if info.converts and _in_module_apply():
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -597,6 +730,8 @@ class Recorder(RecordingDispatchMode):
                 "writes into a real tensor captured from outside the block",
                 "clone the tensor before writing into it inside deferred_init",
             )
+        if self._arrays and call.writes and not self._logging_array:
+            self._refuse_write_under_array(info, call)
         reads = tuple(call.reads)
         site = user_site()
         kills = self.lineage.op(info.name, info.random, reads, call.writes, outs, site)

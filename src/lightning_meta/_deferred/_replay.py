@@ -31,7 +31,7 @@ from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, R
 from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
-__all__ = ["complete", "replay", "slice_ops"]
+__all__ = ["complete", "replay", "same_bits", "slice_ops"]
 
 # Random ops whose generator consumption depends only on the metadata of their
 # tensor arguments, so skipped draws can run on scratch tensors.
@@ -217,7 +217,7 @@ def _check_constants(
             now = _compat.version_of(const[0])
             if now != const[1]:
                 how = f"modified in place since (version {const[1]} -> {now})"
-            elif v in record.snapshots and not _same_bits(record.snapshots[v], const[0]):
+            elif v in record.snapshots and not same_bits(record.snapshots[v], const[0]):
                 how = "changed since (through .data or memory shared with numpy)"
             else:
                 continue
@@ -233,7 +233,7 @@ def _check_constants(
             )
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` hold the same bits (NaN included), shape and dtype alike."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False

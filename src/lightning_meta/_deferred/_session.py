@@ -72,6 +72,8 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
                     if not is_swap_refusal(e):
                         raise
                     raise conversion_refused(str(e)) from e
+                else:
+                    recorder.finish_arrays()
     finally:
         for hook in hooks:
             hook.remove()
