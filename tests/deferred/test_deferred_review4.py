@@ -8,6 +8,8 @@ eager works before:
   write through it was lost;
 - a write through ``.numpy()`` of a tensor made in the block (a positional
   table filled through its array) was lost;
+- a block under ``torch.inference_mode()`` (or one entered in ``__init__``)
+  raised torch's "Inference tensors do not track version counter";
 """
 
 from __future__ import annotations
@@ -172,3 +174,39 @@ def test_a_numpy_array_alive_when_the_block_ends_is_refused() -> None:
     with pytest.raises(MaterializationError, match=r"still alive when the block ends") as info:
         deferred_init(_KeepsItsArray)
     assert list(info.value.paths) == ["b"]
+
+
+def _built_in_inference_mode() -> nn.Module:
+    with torch.inference_mode():
+        return nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+
+
+def test_a_block_under_inference_mode_is_refused_at_entry_leaving_nothing_behind() -> None:
+    with torch.inference_mode():
+        nn.Linear(3, 3)  # eager works
+        with pytest.raises(MaterializationError, match=r"under torch\.inference_mode\(\).*Fix"):
+            deferred_init(nn.Linear, 3, 3)
+    torch.manual_seed(1)
+    eager = nn.Linear(3, 3)
+    torch.manual_seed(1)
+    module = deferred_init(nn.Linear, 3, 3)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+
+
+def test_inference_mode_entered_inside_the_block_is_refused_naming_the_op() -> None:
+    _built_in_inference_mode()  # eager works
+    with pytest.raises(
+        MaterializationError, match=r"aten\.empty.*inference_mode\(\) entered inside the block"
+    ):
+        deferred_init(_built_in_inference_mode)
+
+
+def test_a_block_inside_inference_mode_false_is_exact() -> None:
+    torch.manual_seed(0)
+    eager = nn.BatchNorm1d(3)
+    torch.manual_seed(0)
+    with torch.inference_mode(), torch.inference_mode(False):
+        module = deferred_init(nn.BatchNorm1d, 3)
+    materialize(module)
+    assert_same_as_eager(eager, module)

@@ -95,9 +95,11 @@ def deferred_init(fn: Callable[..., Any] | None = None, /, *args: Any, **kwargs:
             (``.item()`` on a random tensor outside a ``torch.nn.init``
             initialiser) or of uninitialised memory, uses an op with no fake
             kernel, converts a whole module (``.to()``; on recent torch even
-            one that changes nothing: torch cannot swap fake parameters), or writes into a
-            real tensor captured from outside; the message names the op, the
-            ``file:line`` that issued it and the tensor's path.
+            one that changes nothing: torch cannot swap fake parameters), writes into a
+            real tensor captured from outside, or runs under
+            ``torch.inference_mode()`` (also raised on entering the block
+            under it); the message names the op, the ``file:line`` that
+            issued it and the tensor's path.
 
     Example::
 
@@ -140,6 +142,13 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
     if _ACTIVE.recorder is not None:
         yield  # nested: the outer block records everything
         return
+    if torch.is_inference_mode_enabled():
+        raise MaterializationError(
+            "deferred_init cannot record under torch.inference_mode(): the tensors made there "
+            "keep no version counter, which deferred tensors need to see a write after the "
+            "block. Fix: enter the block outside torch.inference_mode() (materialize, then "
+            "enter it), or wrap the block in torch.inference_mode(False)."
+        )
     record = Record()
     # Entered inside torch.device("meta") (fabric.init_module(empty_init=True)):
     # every tensor is on meta, which materialize refuses (see check_deferred).

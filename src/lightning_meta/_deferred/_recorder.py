@@ -469,6 +469,16 @@ class Recorder(RecordingDispatchMode):
         if self._arrays:
             self._log_array_writes()
         info = _info(func)
+        if torch.is_inference_mode_enabled() and not self.record.inference:
+            raise self.values.error(
+                info.name,
+                None,
+                "runs under torch.inference_mode() entered inside the block: the tensors made "
+                "there keep no version counter, which deferred tensors need to see a write "
+                "after the block",
+                "use torch.no_grad() inside the block instead (the values are the same), or "
+                "build this part of the model outside deferred_init and assign it afterwards",
+            )
         if info.converts and _in_module_apply():
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             path = path_of(first, self.modules.values()) if first is not None else None
