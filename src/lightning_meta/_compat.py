@@ -41,6 +41,7 @@ __all__ = [
     "FakeTensorMode",
     "KeywordModuleTracker",
     "TorchDispatchMode",
+    "UnsupportedFakeTensorException",
     "UnsupportedOperatorException",
     "active_fake_mode",
     "apply_to_tensors",
@@ -103,6 +104,7 @@ try:
         DynamicOutputShapeException,
         FakeTensor,
         FakeTensorMode,
+        UnsupportedFakeTensorException,
         UnsupportedOperatorException,
     )
 except ImportError:  # pragma: no cover - only on a torch without fake tensors
@@ -117,6 +119,9 @@ except ImportError:  # pragma: no cover - only on a torch without fake tensors
     )
     UnsupportedOperatorException = _placeholder(  # type: ignore[misc]
         f"{_WHERE}.UnsupportedOperatorException", "deferred_init", Exception
+    )
+    UnsupportedFakeTensorException = _placeholder(  # type: ignore[misc]
+        f"{_WHERE}.UnsupportedFakeTensorException", "deferred_init", Exception
     )
 
 # -- dispatch modes: the recorder of deferred_init and estimate's memory tracker.

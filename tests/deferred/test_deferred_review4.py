@@ -10,6 +10,8 @@ eager works before:
   table filled through its array) was lost;
 - a block under ``torch.inference_mode()`` (or one entered in ``__init__``)
   raised torch's "Inference tensors do not track version counter";
+- sparse, nested and per-channel quantized tensors made in a block raised
+  raw torch errors (``NotImplementedError``, ``UnsupportedOperatorException``);
 """
 
 from __future__ import annotations
@@ -210,3 +212,46 @@ def test_a_block_inside_inference_mode_false_is_exact() -> None:
         module = deferred_init(nn.BatchNorm1d, 3)
     materialize(module)
     assert_same_as_eager(eager, module)
+
+
+_LAYOUTS = {
+    "sparse_coo": (
+        lambda: torch.sparse_coo_tensor(torch.tensor([[0, 1], [2, 0]]), torch.randn(2), (2, 3)),
+        r"aten\._sparse_coo_tensor_with_dims_and_tensors\.default.*torch\.sparse_coo tensor",
+    ),
+    "sparse_csr": (
+        lambda: torch.randn(3, 3).to_sparse_csr(),
+        r"aten\._to_sparse_csr\.default.*torch\.sparse_csr tensor",
+    ),
+    "nested": (
+        lambda: torch.nested.nested_tensor([torch.ones(2), torch.randn(3)]),
+        r"aten\._nested_tensor_from_tensor_list\.default.*cannot run on a fake tensor",
+    ),
+    "quantized_per_channel": (
+        lambda: torch.quantize_per_channel(
+            torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), 0, torch.qint8
+        ),
+        r"aten\.quantize_per_channel\.default.*cannot run on a fake tensor",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", list(_LAYOUTS))
+def test_a_tensor_the_record_cannot_hold_is_refused_naming_the_op_and_the_fix(kind: str) -> None:
+    make, op = _LAYOUTS[kind]
+
+    class _Holds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("x", make())
+
+    torch.manual_seed(0)
+    _Holds()  # eager works
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    with pytest.raises(MaterializationError, match=r"cannot record " + op + r".*Fix: build this"):
+        deferred_init(_Holds)
+    if kind != "quantized_per_channel":  # its draw comes after the op refused
+        assert torch.equal(torch.get_rng_state(), after)

@@ -43,6 +43,7 @@ from lightning_meta._compat import (
     DynamicOutputShapeException,
     FakeTensor,
     RecordingDispatchMode,
+    UnsupportedFakeTensorException,
     UnsupportedOperatorException,
 )
 from lightning_meta._deferred import _ambient
@@ -538,7 +539,7 @@ class Recorder(RecordingDispatchMode):
                 stream, state = self._draw(func, info, call, args, kwargs, out)
         else:
             out = self._run_fake(func, info, call, args, kwargs)
-        outs = self._output_vids(out)
+        outs = self._output_vids(out, info.name)
         # A call without tensor outputs or writes (a query such as prim.device)
         # has nothing to replay.
         if call.writes or outs.count(None) != len(outs):
@@ -612,7 +613,14 @@ class Recorder(RecordingDispatchMode):
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
             return self._run_real(func, info, call, args, kwargs, e)
         except (UnsupportedOperatorException, NotImplementedError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _compat.lacks_fake_kernel(e):
+            # Both are RuntimeErrors: an op without a fake kernel (nested tensors), a
+            # tensor kind fake tensors cannot stand for (per-channel quantized).
+            unsupported = (UnsupportedOperatorException, UnsupportedFakeTensorException)
+            if (
+                isinstance(e, RuntimeError)
+                and not isinstance(e, unsupported)
+                and not _compat.lacks_fake_kernel(e)
+            ):
                 raise
             raise self.values.error(
                 info.name,
@@ -716,11 +724,11 @@ class Recorder(RecordingDispatchMode):
             ) from e
         return stream, state
 
-    def _output_vids(self, out: Any) -> tuple[int | None, ...]:
+    def _output_vids(self, out: Any, name: str) -> tuple[int | None, ...]:
         """Return the value ids of the outputs (``None`` for non-tensor items)."""
         if isinstance(out, (list, tuple)):
-            return tuple([self.values.out(leaf) for leaf in out])
-        return (self.values.out(out),)
+            return tuple([self.values.out(leaf, name) for leaf in out])
+        return (self.values.out(out, name),)
 
     def _log(
         self,

@@ -136,8 +136,13 @@ class ValueIds:
         with _compat.no_python_dispatch():
             self.record.snapshots[vid] = t.detach().clone()
 
-    def out(self, leaf: Any) -> int | None:
-        """Return the value id of an op's output item (``None`` if it is not a tensor)."""
+    def out(self, leaf: Any, op: str) -> int | None:
+        """Return the value id of an op's output item (``None`` if it is not a tensor).
+
+        Raises:
+            MaterializationError: ``op`` made a tensor without strided memory
+                (sparse), which the record cannot hold.
+        """
         if not isinstance(leaf, torch.Tensor):
             return None
         seen = self._seen.get(id(leaf))
@@ -154,7 +159,16 @@ class ValueIds:
             # the new layout, on the same storage. Under the old id replay
             # would make a stand-in of the old shape for it.
         if isinstance(leaf, FakeTensor):
-            owner = leaf.untyped_storage()
+            try:
+                owner = leaf.untyped_storage()
+            except NotImplementedError as e:  # "Cannot access storage of SparseTensorImpl"
+                raise self.error(
+                    op,
+                    None,
+                    f"makes a {leaf.layout} tensor, which the record cannot hold (it keeps "
+                    "tensors with strided memory only)",
+                    "build this part of the model outside deferred_init and assign it afterwards",
+                ) from e
             vid = self._new_value(leaf, _compat.storage_id(owner), owner)
             if seen is not None:  # resize_ may have grown the storage
                 self.lineage.grow(self.record.values[vid].storage, int(owner.nbytes()), user_site())
