@@ -12,6 +12,8 @@ eager works before:
   raised torch's "Inference tensors do not track version counter";
 - sparse, nested and per-channel quantized tensors made in a block raised
   raw torch errors (``NotImplementedError``, ``UnsupportedOperatorException``);
+- a buffer computed with ``F.rrelu(..., training=True)`` was refused as
+  uninitialised memory (its noise buffer, which rrelu draws over).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_deferred import assert_same_as_eager
 from torch import nn
 
@@ -255,3 +258,27 @@ def test_a_tensor_the_record_cannot_hold_is_refused_naming_the_op_and_the_fix(ki
         deferred_init(_Holds)
     if kind != "quantized_per_channel":  # its draw comes after the op refused
         assert torch.equal(torch.get_rng_state(), after)
+
+
+class _RReLUNoise(nn.Module):
+    def __init__(self, training: bool, inplace: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        x = torch.linspace(-2.0, 2.0, 10)
+        self.register_buffer("r", F.rrelu(x, training=training, inplace=inplace))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["rrelu", "rrelu_"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_buffer_made_by_rrelu_is_eagers_not_refused_as_uninitialised(
+    training: bool, inplace: bool
+) -> None:
+    torch.manual_seed(0)
+    eager = _RReLUNoise(training, inplace)
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    with deferred_init():
+        module = _RReLUNoise(training, inplace)
+    materialize(module)
+    assert_same_as_eager(eager, module)
+    assert torch.equal(torch.rand(2), after)

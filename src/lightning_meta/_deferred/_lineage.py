@@ -49,6 +49,10 @@ _UNINIT = frozenset(
 # In-place ops whose first argument is written whole, its old values unread.
 _OVERWRITE = RANDOM_FILLS | {"aten.fill_", "aten.zero_", "aten.copy_", "aten.bernoulli_"}
 _METADATA = frozenset({"aten.detach", "aten.alias", "aten.lift_fresh"})
+# Ops that never read the old values of one tensor argument they may write (by
+# its index among the op's tensor arguments): rrelu's noise, which it draws
+# over in training (torch.empty_like in F.rrelu) and leaves alone otherwise.
+_UNREAD_ARGUMENT = {"aten.rrelu_with_noise.default": 1, "aten.rrelu_with_noise_.default": 1}
 
 
 @functools.cache
@@ -155,6 +159,9 @@ class Lineage:
         """Follow one op; return the storages it overwrites whole without reading them."""
         kind = op_kind(name)
         values = self.values
+        unread = _UNREAD_ARGUMENT.get(name)
+        if unread is not None and unread < len(reads):
+            reads = reads[:unread] + reads[unread + 1 :]
         target = writes[0] if kind == OVERWRITES and writes else None
         if target is not None and reads.count(target) > 1:
             target = None  # also an input (torch.add(c, 1, out=c), c.copy_(c)): it reads c
