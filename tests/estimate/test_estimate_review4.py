@@ -72,3 +72,10 @@ def test_cli_fit_batch_answers_for_batchnorm(
     assert main([*argv, "--memory", "1MiB", "--json"]) == 0
     captured = capsys.readouterr()
     assert '"value": ' in captured.out and captured.err == ""
+
+
+def test_a_failed_forward_carries_the_module_path() -> None:
+    m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(lm.MetaTensorError, match="in module '1.0' failed on inputs") as e:
+        lm.estimate(m, "4,2")
+    assert list(e.value.paths) == ["1.0"]
