@@ -79,3 +79,26 @@ def test_a_failed_forward_carries_the_module_path() -> None:
     with pytest.raises(lm.MetaTensorError, match="in module '1.0' failed on inputs") as e:
         lm.estimate(m, "4,2")
     assert list(e.value.paths) == ["1.0"]
+
+
+def test_cli_estimate_fixes_name_command_line_options(
+    bn_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = f"{bn_file}:Net"
+    if not torch.cuda.is_available():
+        assert main(["estimate", target, "--input", "8,16", "--device", "cuda"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "Fix: pass --device cpu," in err and "device='cpu'" not in err
+    assert main(["estimate", target, "--input", "8,16", "--optimizer", "torch.nn:Linear"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Fix: pass --optimizer adamw or --optimizer torch.optim:AdamW." in err
+    assert "function of the parameters" not in err
+    # Python callers keep the Python spelling.
+    with pytest.raises(lm.MetaTensorError, match="a function of the parameters"):
+        lm.estimate(_batchnorm(), "8,16", optimizer=nn.Linear)
+
+
+def test_version_help_names_python(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "versions of lightning-meta, torch, Lightning and Python" in out
