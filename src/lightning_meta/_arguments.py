@@ -118,8 +118,9 @@ def real_device(
     if not callable(available) or not available():
         raise ArgumentValueError(
             f"{function} got device={str(d)!r} but torch {torch.__version__} has no usable "
-            f"{d.type} device here. Fix: pass device='cpu', or run where a {d.type} device "
-            "is available."
+            f"{d.type} device here. Fix: pass "
+            + spelled("device='cpu'", "--device cpu")
+            + f", or run where a {d.type} device is available."
         )
     if d.index is None:
         d = torch.device(d.type, torch.get_device_module(d.type).current_device())

@@ -335,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from rich.console import Console
 
+    from lightning_meta._arguments import command_line_spelling
     from lightning_meta._cli._target import user_code
     from lightning_meta._estimate._estimate import estimate
     from lightning_meta._estimate._specs import parse_input_spec
@@ -359,7 +360,11 @@ def run(args: argparse.Namespace) -> int:
         from lightning_meta._estimate._fit import find_fit
 
         vary = args.fit.replace("-", "_")
-        with user_code(), err.status(f"searching the {vary.replace('_', ' ')} that fits..."):
+        with (
+            user_code(),
+            command_line_spelling(),  # its fixes name --device, --optimizer
+            err.status(f"searching the {vary.replace('_', ' ')} that fits..."),
+        ):
             answer = find_fit(
                 factory,
                 inputs,
@@ -379,7 +384,11 @@ def run(args: argparse.Namespace) -> int:
         if answer.fits is not None:
             render(answer.fits, Console(), title=title)
         return status
-    with user_code(), err.status("building the model on meta and simulating one training step..."):
+    with (
+        user_code(),
+        command_line_spelling(),
+        err.status("building the model on meta and simulating one training step..."),
+    ):
         result = estimate(factory, inputs, **common)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")

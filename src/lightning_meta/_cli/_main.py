@@ -214,7 +214,7 @@ def build_parser() -> Parser:
         "--version",
         action="version",
         version=_version(),
-        help="print the versions of lightning-meta, torch and Lightning (for a bug report)",
+        help="print the versions of lightning-meta, torch, Lightning and Python (for a bug report)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMANDS.values():

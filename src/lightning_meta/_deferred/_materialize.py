@@ -258,6 +258,7 @@ def materialize_paths(
     allow_uninitialized: bool = False,
     at: str = "",
     identity: bool = True,
+    attrs_on: torch.device | None = None,
 ) -> nn.Module:
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
@@ -280,6 +281,9 @@ def materialize_paths(
             (see ``_identity``); ``False`` for a scratch module holding the
             deferred tensors of another (a loader's, a shard's replay),
             whose results the caller puts in place itself.
+        attrs_on: the device for plain tensor attributes (``None``: ``device``);
+            the checkpoint loader's are where eager construction put them, as
+            its ``module.to()`` leaves them there.
 
     Returns:
         ``module`` itself.
@@ -313,7 +317,7 @@ def materialize_paths(
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
-    ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast)
+    ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast, attrs_on)
     graded = _graded_plan(deferred, ready)
     _swap_in(deferred, ready, kept, graded, remap if identity else None, identity=identity)
     for slot, tensor in made:
@@ -432,6 +436,7 @@ def _replay_records(
     dtype: torch.dtype | None,
     remap: torch.device | None,
     recast: dict[int, torch.dtype],
+    attrs_on: torch.device | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, Record], tuple[set[int], set[int]]]:
     """Return the real tensor for each deferred slot (by ``id`` of the slot), the records
     replayed, the ``id``\\ s of those real tensors already in place elsewhere (a tie's
@@ -480,7 +485,7 @@ def _replay_records(
             kept = kept_by_to.get(id(slot.tensor))
             if kept is not None:
                 return kept
-        return (item_device if isinstance(slot, ItemSlot) else device), None
+        return (item_device if isinstance(slot, ItemSlot) else attrs_on or device), None
 
     in_call = {(id(h.record), h.vid) for _, h in deferred}
     held: set[int] = set()

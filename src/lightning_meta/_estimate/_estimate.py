@@ -304,7 +304,8 @@ def _fail(
         fix = "Fix: check the model's backward pass"
     return MetaTensorError(
         f"estimate: the {record.stage} of {root}{place} failed on inputs {inputs}: "
-        f"{type(e).__name__}: {str(e).rstrip('. ')}. {fix}."
+        f"{type(e).__name__}: {str(e).rstrip('. ')}. {fix}.",
+        paths=where[-1:],
     )
 
 

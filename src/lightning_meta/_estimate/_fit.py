@@ -210,7 +210,10 @@ def _search(
     that fits (the peak shrinks with ``n``), by doubling and bisection.
 
     ``peak`` returns ``None`` for an ``n`` the model refuses (with ``grows``,
-    every larger one is taken to be refused too): it does not fit.
+    above ``start`` every larger one is taken to be refused too, and below it
+    every smaller one: BatchNorm refuses a batch of 1 in training): it does
+    not fit. With ``grows``, the search then starts from the smallest ``n``
+    that runs, found by bisection between ``1`` and ``start``.
 
     Returns:
         ``(n or None, estimate at n, estimate beyond n, estimates run)``.
@@ -246,12 +249,22 @@ def _search(
         pa, pb = ea.peak_bytes, eb.peak_bytes
         return a + (memory - pa) * (b - a) // (pb - pa) if pb > pa else None
 
-    if not fits(1):
-        return None, None, at(1), len(seen)
-    lo, hi, below = 1, 0, 0  # lo fits; hi (when not 0) does not; below (when not 0): a smaller fit
     first = min(max(start, 1), limit)
-    if first > 1:
-        lo, hi, below = (first, 0, 1) if fits(first) else (1, first, 0)
+    least = 1  # the smallest n the model runs
+    if first > 1 and at(1) is None:
+        refused, least = 1, first  # the given size runs (refusing it raises)
+        while least - refused > 1:
+            mid = (refused + least) // 2
+            refused, least = (mid, least) if at(mid) is None else (refused, mid)
+    if not fits(least):
+        return None, None, at(least), len(seen)
+    lo, hi, below = (
+        least,
+        0,
+        0,
+    )  # lo fits; hi (when not 0) does not; below (when not 0): a smaller fit
+    if first > least:
+        lo, hi, below = (first, 0, least) if fits(first) else (least, first, 0)
     safe = False  # the last predicted step made too little progress: this one doubles or bisects
     while lo < limit and (hi == 0 or hi - lo > 1):
         was_safe, before, old = safe, hi - lo, lo
@@ -290,7 +303,9 @@ def find_fit(
     (``optimizer``, ``precision``, ``strategy``, ``world_size``,
     ``tensor_parallel``, ``activation_checkpointing``...), whose
     ``peak_bytes`` is compared with ``memory``. A batch or sequence search
-    tries 1, then the size of ``example_inputs``, then sizes predicted by a
+    tries 1 (if the model refuses it, as BatchNorm refuses a batch of 1 in
+    training, the smallest size that runs, found by bisection below the
+    given one), then the size of ``example_inputs``, then sizes predicted by a
     straight line through two estimates, guarded by doubling and bisection:
     at most about ``4 * log2(limit)`` estimates, a few when the peak is
     linear in the size. A world-size search doubles, then bisects.
@@ -375,11 +390,15 @@ def find_fit(
             try:
                 return run(inputs_at(n))
             except MetaTensorError as e:
+                if n == start or isinstance(e, (ArgumentTypeError, ArgumentValueError)):
+                    raise  # the inputs as given, or an option: not the search's doing
+                if n < start:
+                    # a size below the one given that the model refuses (BatchNorm
+                    # refuses a batch of 1 in training): smaller ones are refused too
+                    return None
                 # a size the forward refuses by index (positions beyond the
                 # model's): larger ones are refused too; at 1 it is the model's
                 if n == 1 or not isinstance(e.__cause__, IndexRefusal):
-                    if n == start or isinstance(e, (ArgumentTypeError, ArgumentValueError)):
-                        raise  # the inputs as given, or an option: not the search's doing
                     raise _varied(e, vary, start, n) from e
                 refusals[n] = e
                 return None

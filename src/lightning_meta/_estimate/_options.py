@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import torch
 
-from lightning_meta._arguments import describe, real_device
+from lightning_meta._arguments import describe, real_device, spelled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._parallel import Parallel
 
@@ -67,6 +67,10 @@ PRECISIONS: dict[str, Precision] = {
 _PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 # name -> (torch class, keyword arguments); lr values do not change memory or FLOPs.
+# How a fix names an optimizer: in Python, and on the command line, which takes no function.
+_OPTIMIZER_FIX = "optimizer='adamw', optimizer=torch.optim.AdamW or a function of the parameters"
+_OPTIMIZER_FIX_CLI = "--optimizer adamw or --optimizer torch.optim:AdamW"
+
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 1e-3}),
     "sgd-momentum": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
@@ -129,8 +133,12 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
         if key not in OPTIMIZERS:
             raise ArgumentValueError(
                 f"estimate: unknown optimizer {optimizer!r}. Fix: use one of "
-                f"{', '.join(OPTIMIZERS)}, a torch.optim.Optimizer subclass, or a callable "
-                "that takes the parameters and returns an optimizer."
+                f"{', '.join(OPTIMIZERS)}, "
+                + spelled(
+                    "a torch.optim.Optimizer subclass, or a callable that takes the "
+                    "parameters and returns an optimizer.",
+                    "or an Optimizer class as MODULE:CLASS (torch.optim:AdamW).",
+                )
             )
         cls, kwargs = OPTIMIZERS[key]
         return key, functools.partial(cls, **kwargs)
@@ -139,8 +147,9 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
     if isinstance(optimizer, type):
         raise ArgumentTypeError(
             f"estimate: optimizer {optimizer.__module__}.{optimizer.__qualname__} is a class "
-            "that is not a torch.optim.Optimizer subclass. Fix: pass optimizer='adamw', "
-            "optimizer=torch.optim.AdamW or a function of the parameters."
+            "that is not a torch.optim.Optimizer subclass. Fix: pass "
+            + spelled(_OPTIMIZER_FIX, _OPTIMIZER_FIX_CLI)
+            + "."
         )
     if callable(optimizer):
         return describe(optimizer), optimizer
@@ -151,8 +160,7 @@ def make_optimizer_factory(optimizer: OptimizerLike) -> tuple[str | None, Optimi
         got = f"{type(optimizer).__name__} {optimizer!r}"
     raise ArgumentTypeError(
         f"estimate: optimizer must be a name ({', '.join(OPTIMIZERS)}), an Optimizer class "
-        f"or a callable, got {got}. Fix: pass "
-        "optimizer='adamw', optimizer=torch.optim.AdamW or a function of the parameters."
+        f"or a callable, got {got}. Fix: pass " + spelled(_OPTIMIZER_FIX, _OPTIMIZER_FIX_CLI) + "."
     )
 
 

@@ -9,6 +9,7 @@ on them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -16,8 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_meta._deferred import _handles
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import handle_of, handles_of, made_for
+from lightning_meta._deferred._handles import Handle, handle_of, handles_of, made_for
 from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
@@ -152,7 +154,10 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     :class:`~lightning_meta.MetaTemplate` objects (also ``Ensemble.template``)
     are listed with kind ``"template"`` and not searched: they are meta by
     design. Each object is visited once, so a shared submodule is reported
-    under its first path.
+    under its first path. Plain objects are searched a few objects deep and
+    far; where the search stops there, the deferred tensors still alive that
+    it did not find are traced back to their holders, and those ``obj``
+    reaches are listed too.
 
     Args:
         obj: an ``nn.Module``, a ``torch.optim.Optimizer``, a tensor, a
@@ -172,7 +177,11 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
         >>> [f.describe() for f in lm.find_meta_tensors(net)]
         ["'stray.weight' (parameter, shape (2, 2), torch.float32, not deferred)", "'stray.bias' (parameter, shape (2,), torch.float32, not deferred)"]
     """
-    return list(_Walker().walk(obj, ""))
+    walker = _Walker()
+    found = list(walker.walk(obj, ""))
+    if walker.truncated:
+        found += _beyond_bounds(obj, walker.tensors)
+    return found
 
 
 def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
@@ -243,13 +252,28 @@ class _Walker:
         # how many objects the search visited below one.
         self.plain_depth = 0
         self.plain_visits = 0
+        # Whether a bound above left something unsearched, and the tensors found.
+        self.truncated = False
+        self.tensors: set[int] = set()
+        # For the search past the bounds (see _beyond_bounds): no bounds, only
+        # the objects in ``only``, and only the tensors in ``targets``.
+        self.only: set[int] | None = None
+        self.targets: set[int] | None = None
+
+    def _report(self, t: torch.Tensor) -> bool:
+        if self.targets is not None and id(t) not in self.targets:
+            return False
+        self.tensors.add(id(t))
+        return True
 
     def walk(
         self, obj: Any, path: str, kind: Kind = "tensor", hidden: bool = False
     ) -> Iterator[MetaFinding]:
         if isinstance(obj, torch.Tensor):
-            if _holds_no_data(obj):
+            if _holds_no_data(obj) and self._report(obj):
                 yield _finding(path, kind, obj, handle_of(obj) is not None, hidden)
+            return
+        if self.only is not None and id(obj) not in self.only:
             return
         if isinstance(obj, MetaTemplate):
             yield MetaFinding(path or "<template>", "template", (), None, False)
@@ -258,17 +282,26 @@ class _Walker:
             return
         if type(obj) in _SCALARS:
             return
-        if self.plain_depth:
+        bounded = self.only is None
+        if self.plain_depth and bounded:
             # A plain object can lead anywhere (a linked list, a graph of
             # thousands of objects): each one the module holds is searched
             # MAX_DEPTH plain objects deep and MAX_PLAIN_VISITS objects far.
             self.plain_visits += 1
             if self.plain_visits > MAX_PLAIN_VISITS:
+                self.truncated = True
                 return
         if not _container(obj):
-            if self.plain_depth >= MAX_DEPTH:
+            if self.plain_depth >= MAX_DEPTH and bounded:
+                self.truncated = self.truncated or bool(_plain_attributes(obj))
                 return
-            attributes = _plain_attributes(obj)
+            attributes = _plain_attributes(obj, bounded)
+            if (
+                bounded
+                and attributes is not None
+                and len(attributes) < len(_plain_attributes(obj, False) or ())
+            ):
+                self.truncated = True
             if attributes is None:
                 return
             self.seen.add(id(obj))
@@ -301,14 +334,14 @@ class _Walker:
         for kind, names in tables:
             for name in names:
                 t = tensor_at(module, name)
-                if t is not None and _holds_no_data(t):
+                if t is not None and _holds_no_data(t) and self._report(t):
                     deferred = _deferred(t, handles.get(name))
                     yield _finding(_join(prefix, name), kind, t, deferred, hidden)
         for name, value in vars(module).items():
             if name in _SKIP:
                 continue
             if isinstance(value, torch.Tensor):
-                if _holds_no_data(value):
+                if _holds_no_data(value) and self._report(value):
                     deferred = _deferred(value, handles.get(name))
                     yield _finding(_join(prefix, name), "attribute", value, deferred, hidden)
             else:
@@ -322,7 +355,7 @@ class _Walker:
             yield from self.walk(obj, path, hidden=outside)
         elif isinstance(obj, torch.optim.Optimizer) or not _container(obj):
             yield from self.walk(obj, path, "attribute")
-        elif id(obj) not in self.seen:
+        elif id(obj) not in self.seen and (self.only is None or id(obj) in self.only):
             self.seen.add(id(obj))
             for key, value in _items(obj):
                 yield from self._contained(value, _join(path, key), hidden)
@@ -333,7 +366,7 @@ class _Walker:
         for g, group in enumerate(opt.param_groups):
             for i, p in enumerate(group["params"]):
                 index.setdefault(id(p), len(index))
-                if isinstance(p, torch.Tensor) and _holds_no_data(p):
+                if isinstance(p, torch.Tensor) and _holds_no_data(p) and self._report(p):
                     path = _join(prefix, f"param_groups.{g}.params.{i}")
                     yield _finding(path, "optimizer", p, handle_of(p) is not None)
         for p, state in opt.state.items():
@@ -342,13 +375,90 @@ class _Walker:
                 yield from self.walk(value, _join(where, str(key)), "optimizer")
 
 
+def _beyond_bounds(root: Any, found: set[int]) -> list[MetaFinding]:
+    """The deferred tensors ``root`` reaches that the bounded search above left unsearched.
+
+    The bounds keep the search cheap on large object graphs, but a deferred
+    module past them would train on uninitialised memory. The package knows
+    every deferred tensor still alive: the objects from which one the search
+    did not find is reachable, over the edges the search follows (attributes,
+    items, closures; not a class, a module's globals or a frame), are found
+    backwards with :func:`gc.get_referrers`, one scan of the heap per step. If
+    ``root`` is among them, it is searched again without bounds, through those
+    objects only, for those tensors. A deferred model only held elsewhere (a
+    teacher built for later) is not reachable, so not reported.
+    """
+    pending: dict[int, torch.Tensor] = {}
+    for ref in list(_handles._REGISTRY.values()):
+        handle = ref()
+        if handle is not None and id(handle.tensor) not in found:
+            t = handle.tensor
+            if t.is_meta and handle_of(t) is handle:
+                pending[id(t)] = t
+    if not pending:
+        return []
+    ancestors = _ancestors(list(pending.values()))
+    if id(root) not in ancestors:
+        return []
+    walker = _Walker()
+    walker.only, walker.targets = ancestors, set(pending)
+    return list(walker.walk(root, ""))
+
+
+def _ancestors(tensors: list[torch.Tensor]) -> set[int]:
+    """The ids of the objects from which any of ``tensors`` is reachable over the search's edges."""
+    out: set[int] = set()
+    frontier: list[Any] = list(tensors)
+    mine = {id(frontier), id(tensors), id(out)}
+    gc.collect()  # so that dead cycles lead nowhere
+    while frontier:
+        here = {id(o) for o in frontier}
+        mine.add(id(here))
+        step: list[Any] = []
+        mine.add(id(step))
+        refs = gc.get_referrers(*frontier)
+        mine.add(id(refs))
+        for r in refs:
+            if id(r) in mine or id(r) in out or not _edge(r, here):
+                continue
+            if (
+                type(r) is tuple
+                and len(r) == len(frontier)
+                and all(a is b for a, b in zip(r, frontier, strict=True))
+            ):
+                continue  # the arguments of the call above
+            out.add(id(r))
+            step.append(r)
+        del refs
+        frontier = step
+        mine.add(id(frontier))
+    return out
+
+
+def _edge(r: Any, children: set[int]) -> bool:
+    """Whether the search follows ``r`` to what it holds (of ``children``)."""
+    kind = type(r)
+    if issubclass(kind, (list, tuple, dict, set, frozenset, types.CellType)):
+        return True
+    if issubclass(kind, types.FunctionType):
+        return r.__closure__ is not None and id(r.__closure__) in children
+    if issubclass(kind, (nn.Module, torch.optim.Optimizer)):
+        return True
+    if issubclass(
+        kind,
+        (type, types.ModuleType, types.FrameType, types.MethodType, types.CodeType, Handle),
+    ):
+        return False
+    return kind.__module__.split(".", 1)[0] not in _FOREIGN
+
+
 def _container(obj: Any) -> bool:
     return isinstance(
         obj, (nn.Module, torch.optim.Optimizer, Mapping, list, tuple, set, frozenset)
     ) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
 
 
-def _plain_attributes(obj: Any) -> list[tuple[str, Any]] | None:
+def _plain_attributes(obj: Any, bounded: bool = True) -> list[tuple[str, Any]] | None:
     """The attributes of a plain object (an instance of the user's class, a
     ``SimpleNamespace``) or the variables a function closes over, or ``None``.
 
@@ -381,7 +491,7 @@ def _plain_attributes(obj: Any) -> list[tuple[str, Any]] | None:
         (str(name), value)
         for name, value in attributes.items()
         if not str(name).startswith("__")
-        and not (isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS)
+        and not (bounded and isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS)
     ]
 
 

@@ -54,7 +54,7 @@ from lightning_meta._deferred._identity import (
     take_over_memory,
 )
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths
-from lightning_meta._errors import ArgumentTypeError, MetaTensorError
+from lightning_meta._errors import ArgumentTypeError, MaterializationError, MetaTensorError
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport, progress_bar
 from lightning_meta._load._source import Source
@@ -224,8 +224,19 @@ def convert(
     # silently tie untied tensors of this module.
     seen_storage: set[int] = set()
     wanted = {e.key: _placement(g.tensor, device, dtype) for g, e in plan.load}
+    # A deferred buffer a plain attribute also holds: eager's load copies into
+    # the one object, then module.to() gives the buffer a new one and leaves
+    # the attribute's, so it is read as eager's tensor holds it and cast after.
+    parts = {
+        e.key: split
+        for g, e in plan.load
+        if handle_of(g.tensor) is not None and len(split := _parts_for_to(g, device, dtype)) > 1
+    }
+    read_as = {k: (torch.device("cpu"), by_key[k][0].tensor.dtype) for k in parts}
     # Casting while reading needs no full-size temporary of the checkpoint's dtype.
-    cast = {k: want for k, (_, want) in wanted.items() if want != source.entries[k].dtype}
+    cast = {
+        k: want for k, (_, want) in (wanted | read_as).items() if want != source.entries[k].dtype
+    }
     reading = source.read(list(by_key), verify=verify, mapped=mapped, cast=cast)
     with (
         closing(reading),
@@ -234,9 +245,16 @@ def convert(
         for key, tensor in reading:
             group, entry = by_key[key]
             dev, want = wanted[key]
-            if entry.dtype != want:
-                out.cast.extend(group.names)
-            out.tensors.append(_convert_one(group, tensor, dev, want, seen_storage))
+            if key in parts:
+                for part, as_attr in parts[key]:
+                    to, cast_to = read_as[key] if as_attr else (dev, want)
+                    if entry.dtype != cast_to:
+                        out.cast.extend(part.names)
+                    out.tensors.append(_convert_one(part, tensor, to, cast_to, seen_storage))
+            else:
+                if entry.dtype != want:
+                    out.cast.extend(group.names)
+                out.tensors.append(_convert_one(group, tensor, dev, want, seen_storage))
             out.bytes_read += entry.nbytes
             advance(entry.nbytes)
             del tensor  # a cast's source is a temporary: free it before the next read
@@ -244,6 +262,7 @@ def convert(
     # share memory (b = nn.Parameter(a.data)), the copies leave the last
     # name's values, as load_state_dict does.
     order = {id(group): i for i, group in enumerate(plan.groups)}
+    order |= {id(part): order[id(by_key[k][0])] for k, split in parts.items() for part, _ in split}
     out.tensors.sort(key=lambda item: order.get(id(item.group), len(order)))
     return out
 
@@ -532,14 +551,19 @@ def replay_missing(
         if view is not None:
             out.tensors.append((group, view))
             continue
-        owner, name = _scratch_place(scratch, group.names[0])
-        # A Parameter registered as a buffer is cast or moved as a buffer (module.to()).
-        if isinstance(group.tensor, nn.Parameter) and any(s.kind == "param" for s in group.slots):
-            owner.register_parameter(name, group.tensor)
-        else:
-            owner.register_buffer(name, group.tensor, persistent=group.persistent)
-        attach(handle.record, owner, name, group.tensor, handle.vid, handle=handle)
-        groups.append((group.names[0], group))
+        for part, as_attr in _parts_for_to(group, device, dtype):
+            owner, name = _scratch_place(scratch, part.names[0])
+            # A Parameter registered as a buffer is cast or moved as a buffer (module.to()).
+            if as_attr:
+                setattr(owner, name, part.tensor)
+            elif isinstance(part.tensor, nn.Parameter) and any(
+                s.kind == "param" for s in part.slots
+            ):
+                owner.register_parameter(name, part.tensor)
+            else:
+                owner.register_buffer(name, part.tensor, persistent=part.persistent)
+            attach(handle.record, owner, name, part.tensor, handle.vid, handle=handle)
+            groups.append((part.names[0], part))
     graded: dict[str, str] = {}
     apart: list[str] = []
     items: list[tuple[Slot, Handle]] = []
@@ -547,6 +571,16 @@ def replay_missing(
     here = replayed | {
         (id(h.record), h.vid) for item in loaded if (h := handle_of(item.group.tensor)) is not None
     }
+    # Loaded tensors dtype= or device= changes: eager's load copies into them
+    # first, and module.to() then leaves a plain attribute viewing one with
+    # those loaded values in the old dtype, on the CPU, which this load has not read.
+    changed = {
+        (id(h.record), h.vid)
+        for item in loaded
+        if (h := handle_of(item.group.tensor)) is not None
+        and not _copied_in_eager(item.group.tensor, item.tensor)
+    }
+    uncopied: list[str] = []
     for slot in slots:
         handle = handle_of(slot.tensor)
         if slot.kind != "attr" or slot.path not in wanted or handle is None:
@@ -563,7 +597,9 @@ def replay_missing(
         if isinstance(slot, ItemSlot) and (id(record), handle.vid) not in here:
             items.append((slot, handle))  # replayed by forget(): checked like the groups
         base = pending_base(handle)
-        if base is not None and (id(record), base.vid) not in here:
+        if base is not None and (id(record), base.vid) in changed:
+            uncopied.append(slot.path)
+        elif base is not None and (id(record), base.vid) not in here:
             apart.append(slot.path)  # its weight is neither loaded nor replayed here
         elif (g := record.graded.get(handle.vid)) is not None:
             # It carries autograd history from its weight in eager construction:
@@ -573,6 +609,19 @@ def replay_missing(
             with_base = (id(record), g.origin) in replayed
             if not with_base or dtype is not None or (device is not None and device.type != "cpu"):
                 graded[slot.path] = g.made
+    if uncopied:
+        raise MaterializationError(
+            f"load_checkpoint cannot reproduce {sorted(uncopied)} with "
+            f"{spelled('dtype= or device=', '--dtype or --device')}: in eager construction "
+            "each is a plain attribute viewing a tensor this checkpoint fills, so it holds the "
+            "loaded values in the dtype and on the device it was built with, which module.to() "
+            "leaves alone. Fix: "
+            + spelled(
+                "load without dtype= and device=, then call module.to(...).",
+                "load without --dtype and --device.",
+            ),
+            paths=sorted(uncopied),
+        )
     if apart:
         refuse_apart(sorted(apart), "load_checkpoint")
     if graded:
@@ -590,6 +639,7 @@ def replay_missing(
             dtype=dtype,
             allow_uninitialized=allow_uninitialized,
             identity=False,
+            attrs_on=torch.device("cpu"),
         )
     for path, group in groups:
         parent, _, name = path.rpartition(".")
@@ -597,6 +647,34 @@ def replay_missing(
         assert new is not None
         out.tensors.append((group, new))
     return out
+
+
+def _parts_for_to(
+    group: Group, device: torch.device | None, dtype: torch.dtype | None
+) -> list[tuple[Group, bool]]:
+    """Split ``group`` by the object each slot holds after eager's ``module.to(device, dtype)``.
+
+    Returns each part with whether it is the plain attributes' (replayed where
+    eager construction leaves them: ``module.to()`` casts and moves parameters
+    and buffers only). An attribute holding a parameter's object, or a
+    buffer's that ``module.to()`` leaves alone, is that tensor, cast and moved
+    with it; one holding a buffer that ``module.to()`` replaces keeps the old
+    object, so it gets a part of its own, after the buffer's (the deferred
+    object takes over its contents, as it stays eager's object there).
+    """
+    attrs = [s for s in group.slots if s.kind == "attr"]
+    others = [s for s in group.slots if s.kind != "attr"]
+    if not attrs:
+        return [(group, False)]
+    if not others:
+        return [(group, True)]
+    old = group.tensor
+    if any(s.kind == "param" for s in others) or _placement(old, device, dtype) == (
+        torch.device("cpu"),
+        old.dtype,
+    ):
+        return [(group, False)]
+    return [(Group(old, others), False), (Group(old, attrs), True)]
 
 
 def _view_again(

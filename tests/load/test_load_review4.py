@@ -1,0 +1,108 @@
+"""Fourth review of load_checkpoint: ``dtype=`` on a deferred model is eager's ``module.to``.
+
+The reference is eager construction, ``load_state_dict``, then ``module.to(dtype)``,
+which casts parameters and buffers and leaves plain tensor attributes alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class _Masked(nn.Module):
+    """Plain tensor attributes: one of its own, and one holding each kind of buffer's object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.mask = torch.tril(torch.randn(4, 4))  # a causal mask kept as an attribute
+        self.register_buffer("inv_freq", torch.rand(3), persistent=False)
+        self.original_inv_freq = self.inv_freq  # as transformers' rotary embeddings keep it
+        self.register_buffer("running", torch.randn(3))
+        self.running_alias = self.running
+        self.weight_alias = self.lin.weight  # a parameter's object: cast with it
+        self.index = torch.arange(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) @ self.mask.to(x.dtype)
+
+
+def _tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    attrs = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+    return attrs | dict(m.named_parameters()) | dict(m.named_buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_leaves_plain_tensor_attributes_of_a_deferred_model_as_module_to_does(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    sd = _Masked().state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    torch.manual_seed(1)
+    eager = _Masked()
+    eager.load_state_dict(sd)
+    eager.to(dtype)
+    torch.manual_seed(1)
+    with lm.deferred_init():
+        model = _Masked()
+    before = {k: model.__dict__[k] for k in ("mask", "original_inv_freq", "running_alias")}
+    lm.load_checkpoint(model, tmp_path / "m.pt", dtype=dtype)
+    want, got = _tensors(eager), _tensors(model)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert (got[name].dtype, got[name].device) == (t.dtype, t.device), name
+        assert torch.equal(got[name], t), name
+    assert model.mask.dtype == torch.float32
+    # The attributes keep eager's objects (module.to() gave the buffers new ones).
+    for name, old in before.items():
+        assert model.__dict__[name] is old, name
+        assert torch.equal(old, want[name]), name
+    assert model.original_inv_freq is not model.inv_freq
+    assert model.running_alias is not model.running
+    assert model.weight_alias is model.lin.weight
+    x = torch.randn(2, 4, dtype=dtype)
+    assert torch.equal(model(x), eager(x))
+
+
+def test_without_dtype_an_attribute_holding_a_buffer_stays_that_buffer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(_Masked().state_dict(), tmp_path / "m.pt")
+    with lm.deferred_init():
+        model = _Masked()
+    lm.load_checkpoint(model, tmp_path / "m.pt")
+    assert model.original_inv_freq is model.inv_freq
+    assert model.running_alias is model.running
+    assert model.mask.dtype == torch.float32
+
+
+class _Row(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.row = self.lin.weight[0]  # a plain attribute viewing a loaded weight
+
+
+def test_dtype_refuses_an_attribute_viewing_a_loaded_tensor(tmp_path: Path) -> None:
+    # Eager's view sees the loaded values in float32, which module.to() leaves;
+    # this load does not read them in float32, so it refuses instead of replaying.
+    torch.save(_Row().state_dict(), tmp_path / "m.pt")
+    with lm.deferred_init():
+        model = _Row()
+    with pytest.raises(lm.MaterializationError, match=r"\['row'\].*Fix: load without dtype=") as e:
+        lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.bfloat16)
+    assert list(e.value.paths) == ["row"]
+    assert model.lin.weight.is_meta  # nothing changed
+    lm.load_checkpoint(model, tmp_path / "m.pt")
+    model.to(torch.bfloat16)
+    eager = _Row()
+    eager.load_state_dict(torch.load(tmp_path / "m.pt"))
+    eager.to(torch.bfloat16)
+    assert torch.equal(model.row, eager.row) and model.row.dtype == torch.float32
