@@ -128,9 +128,13 @@ def materialize(
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
     ``DTensor`` gets only its local shard allocated, filled with this rank's
     slice of the exact full tensor (each full tensor is replayed in turn, so
-    peak memory is the shards plus one full tensor; no communication on
-    torch >= 2.7). Every rank must call it, with the same seed history, as
-    eager construction would.
+    peak memory is the shards plus one full tensor). As in eager sharding,
+    ``fully_shard`` slices each rank's own replay (no communication on
+    torch >= 2.7), and a parameter ``parallelize_module`` made slices the
+    replay of the first rank of its mesh, which is broadcast (eager
+    ``distribute_tensor``'s default ``src_data_rank=0``): a seed per rank
+    gives eager's shards. Every rank must call it, as eager construction
+    would.
 
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
@@ -1093,8 +1097,9 @@ def fill_shards(
 ) -> None:
     """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
     _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
+    sources = _compat.fsdp_value_meshes()
     for s in sharded:
-        _fill_shard(s, device, draw_on)
+        _fill_shard(s, device, draw_on, sources)
 
 
 def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) -> None:
@@ -1111,7 +1116,19 @@ def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) 
     _compat.apply_to_tensors(module, empty_if_wanted)
 
 
-def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
+def _fill_shard(
+    s: ShardedSlot, device: torch.device, draw_on: DrawOn, sources: dict[tuple[int, str], Any]
+) -> None:
+    """Copy this rank's piece of the eager full tensor into ``s``'s allocated local shard.
+
+    ``sources``: :func:`_compat.fsdp_value_meshes`. Eager ``fully_shard``
+    chunks each rank's own tensor, so a plain parameter it sharded is sliced
+    from this rank's replay. ``distribute_tensor`` (``parallelize_module``,
+    with its default ``src_data_rank=0``) slices the first rank's tensor
+    of its mesh, so a parameter it made (before ``fully_shard`` or alone)
+    gets that rank's replay first: with a seed per rank, the ranks' replays
+    differ, as their eager constructions do.
+    """
     from torch.distributed.tensor import DTensor
 
     full = _replay_one(s.name, s.handle, device, draw_on)
@@ -1124,7 +1141,12 @@ def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
             "its parameters in between.",
             paths=[s.path],
         )
-    # Every rank replayed the same full tensor: each slices its own shard.
+    key = (id(s.owner), s.name)
+    mesh = sources.get(key, target.device_mesh)
+    if mesh is not None:
+        # A copy: the replay can be a real tensor the record already made (a tie).
+        full = full.clone(memory_format=torch.contiguous_format)
+        _compat.from_first_rank(full, mesh)
     local = _compat.local_shard(full, target.device_mesh, target.placements)
     with torch.no_grad():
         target.to_local().copy_(local)

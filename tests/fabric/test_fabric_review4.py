@@ -1,0 +1,51 @@
+"""Fourth review of Fabric support: per-rank seeds under tensor parallel, and more.
+
+- Tensor parallel with a seed per rank (`fabric.seed_everything(42 + rank)`):
+  every local shard equals eager's, whose ``distribute_tensor`` scatters rank
+  0's values, and a ``Replicate`` parameter holds the same values on every
+  rank; FSDP2 keeps each rank's own chunk, as eager ``fully_shard`` does
+  (2 gloo ranks); on a 2x2 data x tensor parallel mesh, each rank's chunk
+  of the piece its tensor parallel group's first rank sent (4 gloo ranks;
+  `tests/support/run_fabric_review4.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
+from support.processes import run_module
+
+
+def _ranks(tmp_path: Path, *args: str) -> dict[str, dict[str, Any]]:
+    proc = run_module("run_fabric_review4", *args, str(tmp_path), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {p.stem[7:]: json.loads(p.read_text()) for p in tmp_path.glob("result-*.json")}
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_a_seed_per_rank_gives_eager_shards_under_tensor_parallel_and_fsdp2(
+    tmp_path: Path,
+) -> None:
+    results = _ranks(tmp_path)
+    assert sorted(results) == ["0", "1"]
+    for rank, cases in results.items():
+        assert sorted(cases) == ["fsdp2", "tensor_parallel"]
+        for name, r in cases.items():
+            assert r["shards_vs_eager"] == [], (rank, name)
+            assert r["output_equal"], (rank, name)
+            assert r["replicate_apart"] == r["eager_replicate_apart"] == [], (rank, name)
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_a_seed_per_rank_gives_eager_shards_on_a_data_by_tensor_parallel_mesh(
+    tmp_path: Path,
+) -> None:
+    results = _ranks(tmp_path, "4")
+    assert sorted(results) == ["0", "1", "2", "3"]
+    for rank, cases in results.items():
+        assert cases["mesh_2d"] == {"shards_vs_eager": [], "output_equal": True}, rank
