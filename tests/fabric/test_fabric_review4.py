@@ -7,6 +7,10 @@
   (2 gloo ranks); on a 2x2 data x tensor parallel mesh, each rank's chunk
   of the piece its tensor parallel group's first rank sent (4 gloo ranks;
   `tests/support/run_fabric_review4.py`).
+- ``ModelParallelStrategy`` with ``precision="bf16-true"`` and a float32
+  buffer (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
+  outside: Fabric casts the model before ``parallelize_fn``, and the buffer
+  is bf16 with eager's values (it was refused as replaced by a cast).
 """
 
 from __future__ import annotations
@@ -27,18 +31,35 @@ def _ranks(tmp_path: Path, *args: str) -> dict[str, dict[str, Any]]:
     return {p.stem[7:]: json.loads(p.read_text()) for p in tmp_path.glob("result-*.json")}
 
 
-@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
-def test_a_seed_per_rank_gives_eager_shards_under_tensor_parallel_and_fsdp2(
-    tmp_path: Path,
-) -> None:
-    results = _ranks(tmp_path)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    if not FSDP2_ON_CPU:
+        pytest.skip(FSDP2_ON_CPU_REASON)
+    results = _ranks(tmp_path_factory.mktemp("two_ranks"))
     assert sorted(results) == ["0", "1"]
-    for rank, cases in results.items():
-        assert sorted(cases) == ["fsdp2", "tensor_parallel"]
-        for name, r in cases.items():
+    for cases in results.values():
+        assert sorted(cases) == ["bf16_true", "fsdp2", "tensor_parallel"]
+    return results
+
+
+def test_a_seed_per_rank_gives_eager_shards_under_tensor_parallel_and_fsdp2(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    for rank, cases in two_ranks.items():
+        for name in ("fsdp2", "tensor_parallel"):
+            r = cases[name]
             assert r["shards_vs_eager"] == [], (rank, name)
             assert r["output_equal"], (rank, name)
             assert r["replicate_apart"] == r["eager_replicate_apart"] == [], (rank, name)
+
+
+def test_bf16_true_under_model_parallel_casts_a_float32_buffer_as_eager(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    expected = {"unequal": [], "inv_freq": "torch.bfloat16", "output_equal": True}
+    for rank, cases in two_ranks.items():
+        for where, r in cases["bf16_true"].items():
+            assert r == expected, (rank, where)
 
 
 @pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)

@@ -17,7 +17,10 @@ eagerly, and compares the shards:
   keeps each rank's own chunk of its own values;
 - 2x2: tensor parallel, then ``fully_shard`` on the data parallel dimension
   (one layer plain FSDP2): eager chunks each rank's tensor parallel piece,
-  which came from the first rank of its tensor parallel group.
+  which came from the first rank of its tensor parallel group;
+- ``precision="bf16-true"`` under FSDP2 with a float32 buffer built
+  explicitly (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
+  outside: every parameter and buffer, dtype and values, equals eager's.
 
 Every rank writes WORKDIR/result-RANK.json: per case, the parameter names
 whose local shard differs from eager's, whether the outputs are equal, and
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +116,65 @@ def compare(fabric: L.Fabric, setup: Any) -> dict[str, Any]:
     }
 
 
+class Rotary(nn.Module):
+    """A model with a float32 buffer built explicitly (transformers' rotary ``inv_freq``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        steps = torch.arange(0, 4, 2, dtype=torch.int64).float() / 4
+        self.register_buffer("inv_freq", 1.0 / (10000.0**steps), persistent=False)
+        self.register_buffer("noise", torch.randn(4))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.inv_freq.repeat(2) + self.noise
+
+
+def true_precision() -> dict[str, Any]:
+    """``bf16-true`` under FSDP2: Fabric casts the model before ``parallelize_fn``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def parallelize(module: nn.Module, mesh: Any) -> nn.Module:
+        fully_shard(module, mesh=mesh["data_parallel"])
+        return module
+
+    strategy = ModelParallelStrategy(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy, precision="bf16-true")
+    fabric.launch()
+
+    def state(module: nn.Module) -> dict[str, torch.Tensor]:
+        named = [*module.named_parameters(), *module.named_buffers()]
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in named}
+
+    out: dict[str, Any] = {}
+    for where in ("init_module", "outside"):
+        torch.manual_seed(0)
+        with fabric.init_module() if where == "init_module" else nullcontext():
+            with lm.deferred_init():
+                model = Rotary()
+            try:
+                model = lm.fabric_setup(fabric, model)
+            except lm.MetaTensorError as e:  # both ranks, before any collective
+                out[where] = {"error": str(e)}
+                continue
+            torch.manual_seed(0)
+            reference = fabric.setup(Rotary())
+        got, expected = state(model), state(reference)
+        x = torch.ones(2, 4, dtype=torch.bfloat16)
+        out[where] = {
+            "unequal": sorted(
+                k
+                for k in expected
+                if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])
+            ),
+            "inv_freq": str(got["_forward_module.inv_freq"].dtype),
+            "output_equal": bool(torch.equal(model(x), reference(x))),
+        }
+    return out
+
+
 def mesh_2d(workdir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -166,6 +229,7 @@ def main() -> None:
         return lm.materialize(model, device=fsdp.device) if deferred else model
 
     result["fsdp2"] = compare(fsdp, by_hand)
+    result["bf16_true"] = true_precision()
     (workdir / f"result-{fabric.global_rank}.json").write_text(json.dumps(result))
 
 

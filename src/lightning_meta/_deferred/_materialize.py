@@ -909,7 +909,10 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "the deferred_init block by meta tensors of their shape in another dtype, what "
             "module.to(dtype) (or .half(), .bfloat16()) makes of floating-point buffers, whose "
             "cast values the record does not give. Fix: pass dtype= to materialize instead "
-            "of module.to(dtype), or assign real tensors there.",
+            "of module.to(dtype), or assign real tensors there; under Fabric, whose "
+            "bf16-true/16-true precision casts the model in fabric.setup before "
+            "parallelize_fn, use lm.fabric_setup(fabric, model), which makes buffers real "
+            "before that cast.",
             paths=[s.path for s in recast],
         )
     if replaced and fallback is None:

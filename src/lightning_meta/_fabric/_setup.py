@@ -8,10 +8,11 @@ replays the deferred record at the point each strategy needs real tensors:
 - single device, DDP (any strategy that moves a whole model): on
   ``fabric.device`` before ``fabric.setup``; optimizers built on the deferred
   parameters are pointed at the real ones;
-- ``ModelParallelStrategy`` (FSDP2 / tensor parallel): right after the user's
-  ``parallelize_fn``, shard by shard (the strategy instance's function is
-  wrapped for the length of the call only); Fabric's own materializer then
-  finds no meta tensor and does nothing;
+- ``ModelParallelStrategy`` (FSDP2 / tensor parallel): buffers before
+  ``fabric.setup`` (its precision casts them before ``parallelize_fn``), the
+  rest right after the user's ``parallelize_fn``, shard by shard (the
+  strategy instance's function is wrapped for the length of the call only);
+  Fabric's own materializer then finds no meta tensor and does nothing;
 - ``FSDPStrategy`` (FSDP1): through torch's ``param_init_fn``, unit by unit.
 
 Fabric is never imported: the strategy is recognised by its class names (from
@@ -30,8 +31,12 @@ from torch import nn
 
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import handle_of, made_for
-from lightning_meta._deferred._materialize import DrawOn, materialize
+from lightning_meta._deferred._handles import deferred_slots, handle_of, made_for
+from lightning_meta._deferred._materialize import (
+    DrawOn,
+    materialize,
+    materialize_paths,
+)
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -136,6 +141,7 @@ def fabric_setup(
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)
+        _materialize_buffers(module, strategy.root_device, draw_on, allow_uninitialized)
         with _materialize_after_parallelize(strategy, draw_on, allow_uninitialized):
             return fabric.setup(module, *optimizers, **setup_kwargs)
     if "FSDPStrategy" in names:
@@ -151,6 +157,27 @@ def fabric_setup(
     refuse_left(module, owner)
     _repoint(optimizers, old, dict(_parameters(module)))
     return fabric.setup(module, *optimizers, **setup_kwargs)
+
+
+def _materialize_buffers(
+    module: nn.Module, device: torch.device, draw_on: DrawOn, allow_uninitialized: bool
+) -> None:
+    """Make the deferred buffers real before ``fabric.setup`` (``ModelParallelStrategy``).
+
+    Fabric casts the model with its precision (``bf16-true``: ``module.to(
+    torch.bfloat16)``) before ``parallelize_fn``. On meta, that replaces each
+    floating-point buffer by a new meta tensor, which no record gives values
+    for; a real buffer is cast as eager's is (a float32 ``inv_freq`` of a
+    rotary embedding becomes bf16). Parameters keep their objects through the
+    cast, and ``fully_shard`` and the tensor parallel styles shard parameters,
+    not buffers, so only these are made real early; ``fully_shard`` moves
+    buffers to the device, where they are made.
+    """
+    names = [s.path for s in deferred_slots(module) if s.kind == "buffer"]
+    if names:
+        materialize_paths(
+            module, names, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized
+        )
 
 
 def _check(fabric: Any, module: nn.Module) -> Any:
