@@ -11,6 +11,9 @@
   buffer (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
   outside: Fabric casts the model before ``parallelize_fn``, and the buffer
   is bf16 with eager's values (it was refused as replaced by a cast).
+- ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the ``deferred_init``
+  block is refused naming it (the record stays with the replaced
+  BatchNorm), and both fixes the message names equal eager.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
+import torch
+from torch import nn
 
+import lightning_meta as lm
 from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 from support.processes import run_module
 
@@ -70,3 +77,43 @@ def test_a_seed_per_rank_gives_eager_shards_on_a_data_by_tensor_parallel_mesh(
     assert sorted(results) == ["0", "1", "2", "3"]
     for rank, cases in results.items():
         assert cases["mesh_2d"] == {"shards_vs_eager": [], "output_equal": True}, rank
+
+
+def _batchnorm_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def _eager_sync_batchnorm(fabric: L.Fabric) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return fabric.setup(nn.SyncBatchNorm.convert_sync_batchnorm(_batchnorm_net())).state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_sync_batchnorm_after_the_block_is_refused_with_fixes_that_work() -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    expected = _eager_sync_batchnorm(fabric)
+    paths = ["1.bias", "1.num_batches_tracked", "1.running_mean", "1.running_var", "1.weight"]
+    for call in (lambda m: lm.fabric_setup(fabric, m), lm.materialize):
+        with lm.deferred_init():
+            model = _batchnorm_net()
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        with pytest.raises(lm.MetaTensorError, match="convert_sync_batchnorm, called after") as e:
+            call(model)
+        assert list(e.value.paths) == paths
+        assert "convert inside the block" in str(e.value)
+        assert model[1].weight.is_meta  # nothing was changed
+
+    # The fixes the message names: convert inside the block, or materialize first.
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_batchnorm_net())
+    assert _same(lm.fabric_setup(fabric, model).state_dict(), expected)
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _batchnorm_net()
+    lm.materialize(model, device=fabric.device)
+    model = fabric.setup(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    assert _same(model.state_dict(), expected)

@@ -63,6 +63,8 @@ from lightning_meta._slots import Slot, own_slots, tensor_at
 __all__ = [
     "ShardedSlot",
     "check_deferred",
+    "converted_batchnorm",
+    "converted_batchnorm_message",
     "materialize",
     "materialize_beyond",
     "materialize_paths",
@@ -947,6 +949,11 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "tensors from a checkpoint.",
             paths=sharded,
         )
+    converted = converted_batchnorm(plain)
+    if converted and fallback is None:
+        raise MaterializationError(
+            converted_batchnorm_message("materialize", converted), paths=converted
+        )
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
         raise MaterializationError(
@@ -974,6 +981,33 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "or load these tensors from a checkpoint.",
             paths=missing,
         )
+
+
+def converted_batchnorm(plain: Iterable[Slot]) -> list[str]:
+    """The never-deferred meta tensors held by ``SyncBatchNorm`` modules with no deferred tensor.
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the block moves each
+    BatchNorm's tensor objects into a new module; what replays them (their
+    handles) was the replaced BatchNorm's, and went with it.
+    """
+    return sorted(
+        s.path
+        for s in plain
+        if s.kind != "attr" and isinstance(s.owner, nn.SyncBatchNorm) and not handles_of(s.owner)
+    )
+
+
+def converted_batchnorm_message(who: str, paths: list[str]) -> str:
+    """Why ``who`` cannot fill ``paths`` (see :func:`converted_batchnorm`), and what works."""
+    return (
+        f"{who} cannot fill {paths}: they are held by SyncBatchNorm modules that were not "
+        "built under deferred_init. nn.SyncBatchNorm.convert_sync_batchnorm, called after "
+        "the deferred_init block, moves each BatchNorm's meta tensors into a new module, "
+        "and what replays them stayed with the BatchNorm it replaced. Fix: convert inside "
+        "the block (`with lm.deferred_init(): model = "
+        "nn.SyncBatchNorm.convert_sync_batchnorm(build())`), or materialize first "
+        "(lm.materialize(model, device=fabric.device)), then convert, then fabric.setup."
+    )
 
 
 def _cast_of_deferred(slot: Slot) -> bool:

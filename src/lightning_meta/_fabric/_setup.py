@@ -34,6 +34,8 @@ from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import deferred_slots, handle_of, made_for
 from lightning_meta._deferred._materialize import (
     DrawOn,
+    converted_batchnorm,
+    converted_batchnorm_message,
     materialize,
     materialize_paths,
 )
@@ -138,6 +140,7 @@ def fabric_setup(
     if not _has_meta(module) and not any(f.deferred for f in find_meta_tensors(module)):
         # (deferred tensors can be held outside the tree too: a module in a list)
         return fabric.setup(module, *optimizers, **setup_kwargs)
+    _refuse_converted_batchnorm(module)
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)
@@ -157,6 +160,16 @@ def fabric_setup(
     refuse_left(module, owner)
     _repoint(optimizers, old, dict(_parameters(module)))
     return fabric.setup(module, *optimizers, **setup_kwargs)
+
+
+def _refuse_converted_batchnorm(module: nn.Module) -> None:
+    """Refuse a model converted to SyncBatchNorm after its block, naming the two orders that work."""
+    plain = [s for s in iter_slots(module) if s.tensor.is_meta and handle_of(s.tensor) is None]
+    converted = converted_batchnorm(plain)
+    if converted:
+        raise MaterializationError(
+            converted_batchnorm_message("fabric_setup", converted), paths=converted
+        )
 
 
 def _materialize_buffers(
