@@ -14,6 +14,9 @@
 - ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the ``deferred_init``
   block is refused naming it (the record stays with the replaced
   BatchNorm), and both fixes the message names equal eager.
+- An optimizer built on the deferred model before ``fabric.load_raw`` holds
+  the tensors the load replaced: ``fabric_setup`` refuses it before any
+  step, and both fixes it names train as eager's.
 """
 
 from __future__ import annotations
@@ -117,3 +120,55 @@ def test_convert_sync_batchnorm_after_the_block_is_refused_with_fixes_that_work(
     lm.materialize(model, device=fabric.device)
     model = fabric.setup(nn.SyncBatchNorm.convert_sync_batchnorm(model))
     assert _same(model.state_dict(), expected)
+
+
+def _backbone() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    model.register_buffer("rb", torch.randn(3))
+    return model
+
+
+def _step(fabric: L.Fabric, model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
+    loss = model(torch.ones(2, 4)).sum()
+    fabric.backward(loss)
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_an_optimizer_built_before_load_raw_is_refused_with_fixes_that_work(
+    tmp_path: Path,
+) -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    path = tmp_path / "backbone.pt"
+    torch.manual_seed(99)
+    torch.save({k: v for k, v in _backbone().state_dict().items() if k[0] != "2"}, path)
+
+    torch.manual_seed(0)
+    eager = _backbone()
+    optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
+    fabric.load_raw(path, eager, strict=False)
+    expected = _step(fabric, *fabric.setup(eager, optimizer))
+
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _backbone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fabric.load_raw(path, model, strict=False)
+    with pytest.raises(lm.MetaTensorError, match="before load_state_dict") as e:
+        lm.fabric_setup(fabric, model, optimizer)
+    assert list(e.value.paths) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert "create the optimizer after load_state_dict (or fabric.load_raw" in str(e.value)
+
+    # The fixes it names: the optimizer after the load, or lm.load_checkpoint.
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _backbone()
+    fabric.load_raw(path, model, strict=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert _same(_step(fabric, *lm.fabric_setup(fabric, model, optimizer)), expected)
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _backbone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lm.load_checkpoint(model, path, strict=False)
+    assert _same(_step(fabric, *lm.fabric_setup(fabric, model, optimizer)), expected)

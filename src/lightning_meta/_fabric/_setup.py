@@ -32,6 +32,7 @@ from torch import nn
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import deferred_slots, handle_of, made_for
+from lightning_meta._deferred._identity import stale_reason
 from lightning_meta._deferred._materialize import (
     DrawOn,
     converted_batchnorm,
@@ -113,8 +114,9 @@ def fabric_setup(
         MetaTensorError: a meta parameter or buffer of ``module`` was not
             built under ``deferred_init`` (before anything is allocated).
         MaterializationError: the strategy is DeepSpeed, an optimizer holds
-            deferred parameters that cannot be carried over, or
-            :func:`materialize` refuses a tensor.
+            deferred parameters that cannot be carried over (or tensors a
+            ``load_state_dict``, such as ``fabric.load_raw``'s, replaced),
+            or :func:`materialize` refuses a tensor.
 
     Example::
 
@@ -133,6 +135,7 @@ def fabric_setup(
     """
     strategy = _check(fabric, module)
     check_flag(allow_uninitialized, "allow_uninitialized", "fabric_setup")
+    _refuse_stale_optimizers(optimizers)
     names = _class_names(strategy)
     owner = type(module).__name__
     if "DeepSpeedStrategy" in names:
@@ -242,6 +245,34 @@ def _refuse_deepspeed(module: nn.Module) -> None:
                 "or 2, call lm.materialize(model) before fabric.setup.",
             )
         )
+
+
+def _refuse_stale_optimizers(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Refuse optimizers holding tensors a load or materialize left behind, before any step.
+
+    An optimizer built on the deferred model before ``fabric.load_raw`` (or
+    ``load_state_dict``) holds the meta tensors it replaced by new objects,
+    where eager's load copies into the old ones; its first step would raise.
+    """
+    for i, opt in enumerate(optimizers):
+        stale = [r for g in opt.param_groups for p in g["params"] if (r := stale_reason(p))]
+        if stale:
+            paths = sorted(path for path, _, _ in stale)
+            _, why, by = stale[0]
+            after, other = by, ""
+            if by == "load_state_dict":
+                after = "load_state_dict (or fabric.load_raw, which calls it)"
+                other = (
+                    ", or load with lm.load_checkpoint(model, path) (strict=False for a "
+                    "partial checkpoint), which keeps the module's tensor objects"
+                )
+            raise MaterializationError(
+                f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding {len(stale)} "
+                f"tensors that stood for {paths} before {by}, which it was created before: "
+                f"{why}, so they hold no values and its first step would fail. Fix: create "
+                f"the optimizer after {after}, from model.parameters(){other}.",
+                paths=paths,
+            )
 
 
 def _refuse_meta_optimizers(optimizers: tuple[torch.optim.Optimizer, ...], strategy: str) -> None:
