@@ -667,11 +667,11 @@ __all__ += ["can_set_data", "has_internal_overlap"]
 def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
     """Return this rank's local piece of ``full`` under ``placements`` on ``mesh``.
 
-    Every rank replayed the same full tensor, so torch >= 2.7 slices it locally
-    (``distribute_tensor(..., src_data_rank=None)``: no communication). torch
-    2.6 has no ``src_data_rank``: there rank 0's identical copy is scattered,
-    which gives the same values at the cost of one collective. Checked on
-    torch 2.6, 2.13, 2.14.
+    Each rank slices the full tensor it holds, so torch >= 2.7 slices it
+    locally (``distribute_tensor(..., src_data_rank=None)``: no
+    communication). torch 2.6 has no ``src_data_rank``: there rank 0's copy
+    is scattered, the same values where every rank holds the same full
+    tensor. Checked on torch 2.6, 2.13, 2.14.
     """
     import inspect
 
@@ -682,7 +682,63 @@ def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
     return distribute_tensor(full, mesh, placements).to_local()  # pragma: no cover (torch 2.6)
 
 
-__all__ += ["local_shard"]
+def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
+    """Where each parameter ``fully_shard`` manages got its values, eagerly.
+
+    Maps (``id`` of a module holding it, its name there) to ``None`` for a
+    parameter that was a plain tensor when ``fully_shard`` took it (eager
+    keeps each rank's own chunk of its own tensor: no communication), or to
+    the device mesh of the ``DTensor`` it was (tensor parallel, FSDP2's SPMD
+    meshes), whose values ``distribute_tensor`` took from the first rank of
+    that mesh. A parameter missing here was never ``fully_shard``-ed.
+
+    Reads ``torch.distributed._composable_state._module_state_mapping`` (every
+    module's composable state; an ancestor's ``fully_shard`` manages the
+    parameters of submodules too) and each FSDP state's ``_fsdp_param_groups``,
+    ``FSDPParam._module_info`` and ``_unsharded_dtensor_spec`` (``_tp_spec``
+    before torch 2.9). Checked on torch 2.13.
+    """
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:  # pragma: no cover
+        raise missing(
+            "torch.distributed._composable_state._module_state_mapping",
+            "materializing sharded parameters",
+        ) from None
+    found: dict[tuple[int, str], Any] = {}
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        for group in getattr(state, "_fsdp_param_groups", None) or ():
+            for param in group.fsdp_params:
+                info = param._module_info
+                spec = None
+                if getattr(param, "is_dtensor", False):
+                    spec = getattr(param, "_unsharded_dtensor_spec", None)
+                    spec = getattr(param, "_tp_spec", None) if spec is None else spec
+                    if spec is None:  # pragma: no cover
+                        raise missing("FSDPParam._unsharded_dtensor_spec", "materializing")
+                mesh = None if spec is None else spec.mesh
+                found[(id(info.module), info.param_name)] = mesh
+                for module, name in zip(info.shared_modules, info.shared_param_names, strict=True):
+                    found[(id(module), name)] = mesh
+    return found
+
+
+def from_first_rank(tensor: torch.Tensor, mesh: Any) -> None:
+    """Give ``tensor`` on every rank of ``mesh`` the values it has on the mesh's first rank, in place.
+
+    What ``distribute_tensor(..., src_data_rank=0)`` (``parallelize_module``'s
+    default) sends along each mesh dimension before slicing: every rank's
+    piece comes from the full tensor of the rank at coordinate 0.
+    """
+    import torch.distributed as dist
+
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
+__all__ += ["from_first_rank", "fsdp_value_meshes", "local_shard"]
 
 
 # -- ensembles: gradient buffers reused across steps, and the hooks that keep a

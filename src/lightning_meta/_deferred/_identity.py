@@ -32,6 +32,7 @@ __all__ = [
     "carry_grad_hooks",
     "keeps_identity",
     "mark_stale",
+    "stale_reason",
     "take_over",
     "take_over_memory",
 ]
@@ -208,3 +209,11 @@ def mark_stale(
         _STALE_CLASSES[cls] = stale
     old.__class__ = stale
     vars(old)[_STALE_ATTR] = (path, why, by) if fix is None else (path, why, by, fix)
+
+
+def stale_reason(tensor: torch.Tensor) -> tuple[str, str, str] | None:
+    """``(path, why, by)`` of a tensor :func:`mark_stale` marked; ``None`` for any other."""
+    if not isinstance(tensor, _Stale):
+        return None
+    path, why, by, *_ = vars(tensor).get(_STALE_ATTR, ("<unknown>", "", "materialize"))
+    return path, why, by

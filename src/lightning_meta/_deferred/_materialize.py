@@ -63,6 +63,8 @@ from lightning_meta._slots import Slot, own_slots, tensor_at
 __all__ = [
     "ShardedSlot",
     "check_deferred",
+    "converted_batchnorm",
+    "converted_batchnorm_message",
     "materialize",
     "materialize_beyond",
     "materialize_paths",
@@ -128,9 +130,13 @@ def materialize(
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
     ``DTensor`` gets only its local shard allocated, filled with this rank's
     slice of the exact full tensor (each full tensor is replayed in turn, so
-    peak memory is the shards plus one full tensor; no communication on
-    torch >= 2.7). Every rank must call it, with the same seed history, as
-    eager construction would.
+    peak memory is the shards plus one full tensor). As in eager sharding,
+    ``fully_shard`` slices each rank's own replay (no communication on
+    torch >= 2.7), and a parameter ``parallelize_module`` made slices the
+    replay of the first rank of its mesh, which is broadcast (eager
+    ``distribute_tensor``'s default ``src_data_rank=0``): a seed per rank
+    gives eager's shards. Every rank must call it, as eager construction
+    would.
 
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
@@ -910,7 +916,10 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "the deferred_init block by meta tensors of their shape in another dtype, what "
             "module.to(dtype) (or .half(), .bfloat16()) makes of floating-point buffers, whose "
             "cast values the record does not give. Fix: pass dtype= to materialize instead "
-            "of module.to(dtype), or assign real tensors there.",
+            "of module.to(dtype), or assign real tensors there; under Fabric, whose "
+            "bf16-true/16-true precision casts the model in fabric.setup before "
+            "parallelize_fn, use lm.fabric_setup(fabric, model), which makes buffers real "
+            "before that cast.",
             paths=[s.path for s in recast],
         )
     if replaced and fallback is None:
@@ -945,6 +954,11 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "tensors from a checkpoint.",
             paths=sharded,
         )
+    converted = converted_batchnorm(plain)
+    if converted and fallback is None:
+        raise MaterializationError(
+            converted_batchnorm_message("materialize", converted), paths=converted
+        )
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
         raise MaterializationError(
@@ -972,6 +986,33 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "or load these tensors from a checkpoint.",
             paths=missing,
         )
+
+
+def converted_batchnorm(plain: Iterable[Slot]) -> list[str]:
+    """The never-deferred meta tensors held by ``SyncBatchNorm`` modules with no deferred tensor.
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the block moves each
+    BatchNorm's tensor objects into a new module; what replays them (their
+    handles) was the replaced BatchNorm's, and went with it.
+    """
+    return sorted(
+        s.path
+        for s in plain
+        if s.kind != "attr" and isinstance(s.owner, nn.SyncBatchNorm) and not handles_of(s.owner)
+    )
+
+
+def converted_batchnorm_message(who: str, paths: list[str]) -> str:
+    """Why ``who`` cannot fill ``paths`` (see :func:`converted_batchnorm`), and what works."""
+    return (
+        f"{who} cannot fill {paths}: they are held by SyncBatchNorm modules that were not "
+        "built under deferred_init. nn.SyncBatchNorm.convert_sync_batchnorm, called after "
+        "the deferred_init block, moves each BatchNorm's meta tensors into a new module, "
+        "and what replays them stayed with the BatchNorm it replaced. Fix: convert inside "
+        "the block (`with lm.deferred_init(): model = "
+        "nn.SyncBatchNorm.convert_sync_batchnorm(build())`), or materialize first "
+        "(lm.materialize(model, device=fabric.device)), then convert, then fabric.setup."
+    )
 
 
 def _cast_of_deferred(slot: Slot) -> bool:
@@ -1098,8 +1139,9 @@ def fill_shards(
 ) -> None:
     """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
     _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
+    sources = _compat.fsdp_value_meshes()
     for s in sharded:
-        _fill_shard(s, device, draw_on)
+        _fill_shard(s, device, draw_on, sources)
 
 
 def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) -> None:
@@ -1116,7 +1158,19 @@ def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) 
     _compat.apply_to_tensors(module, empty_if_wanted)
 
 
-def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
+def _fill_shard(
+    s: ShardedSlot, device: torch.device, draw_on: DrawOn, sources: dict[tuple[int, str], Any]
+) -> None:
+    """Copy this rank's piece of the eager full tensor into ``s``'s allocated local shard.
+
+    ``sources``: :func:`_compat.fsdp_value_meshes`. Eager ``fully_shard``
+    chunks each rank's own tensor, so a plain parameter it sharded is sliced
+    from this rank's replay. ``distribute_tensor`` (``parallelize_module``,
+    with its default ``src_data_rank=0``) slices the first rank's tensor
+    of its mesh, so a parameter it made (before ``fully_shard`` or alone)
+    gets that rank's replay first: with a seed per rank, the ranks' replays
+    differ, as their eager constructions do.
+    """
     from torch.distributed.tensor import DTensor
 
     full = _replay_one(s.name, s.handle, device, draw_on)
@@ -1129,7 +1183,12 @@ def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
             "its parameters in between.",
             paths=[s.path],
         )
-    # Every rank replayed the same full tensor: each slices its own shard.
+    key = (id(s.owner), s.name)
+    mesh = sources.get(key, target.device_mesh)
+    if mesh is not None:
+        # A copy: the replay can be a real tensor the record already made (a tie).
+        full = full.clone(memory_format=torch.contiguous_format)
+        _compat.from_first_rank(full, mesh)
     local = _compat.local_shard(full, target.device_mesh, target.placements)
     with torch.no_grad():
         target.to_local().copy_(local)

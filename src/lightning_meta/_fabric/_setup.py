@@ -8,10 +8,11 @@ replays the deferred record at the point each strategy needs real tensors:
 - single device, DDP (any strategy that moves a whole model): on
   ``fabric.device`` before ``fabric.setup``; optimizers built on the deferred
   parameters are pointed at the real ones;
-- ``ModelParallelStrategy`` (FSDP2 / tensor parallel): right after the user's
-  ``parallelize_fn``, shard by shard (the strategy instance's function is
-  wrapped for the length of the call only); Fabric's own materializer then
-  finds no meta tensor and does nothing;
+- ``ModelParallelStrategy`` (FSDP2 / tensor parallel): buffers before
+  ``fabric.setup`` (its precision casts them before ``parallelize_fn``), the
+  rest right after the user's ``parallelize_fn``, shard by shard (the
+  strategy instance's function is wrapped for the length of the call only);
+  Fabric's own materializer then finds no meta tensor and does nothing;
 - ``FSDPStrategy`` (FSDP1): through torch's ``param_init_fn``, unit by unit.
 
 Fabric is never imported: the strategy is recognised by its class names (from
@@ -30,8 +31,15 @@ from torch import nn
 
 from lightning_meta._arguments import check_flag
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import handle_of, made_for
-from lightning_meta._deferred._materialize import DrawOn, materialize
+from lightning_meta._deferred._handles import deferred_slots, handle_of, made_for
+from lightning_meta._deferred._identity import stale_reason
+from lightning_meta._deferred._materialize import (
+    DrawOn,
+    converted_batchnorm,
+    converted_batchnorm_message,
+    materialize,
+    materialize_paths,
+)
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._guard._materialize import (
@@ -106,8 +114,9 @@ def fabric_setup(
         MetaTensorError: a meta parameter or buffer of ``module`` was not
             built under ``deferred_init`` (before anything is allocated).
         MaterializationError: the strategy is DeepSpeed, an optimizer holds
-            deferred parameters that cannot be carried over, or
-            :func:`materialize` refuses a tensor.
+            deferred parameters that cannot be carried over (or tensors a
+            ``load_state_dict``, such as ``fabric.load_raw``'s, replaced),
+            or :func:`materialize` refuses a tensor.
 
     Example::
 
@@ -126,6 +135,7 @@ def fabric_setup(
     """
     strategy = _check(fabric, module)
     check_flag(allow_uninitialized, "allow_uninitialized", "fabric_setup")
+    _refuse_stale_optimizers(optimizers)
     names = _class_names(strategy)
     owner = type(module).__name__
     if "DeepSpeedStrategy" in names:
@@ -133,9 +143,11 @@ def fabric_setup(
     if not _has_meta(module) and not any(f.deferred for f in find_meta_tensors(module)):
         # (deferred tensors can be held outside the tree too: a module in a list)
         return fabric.setup(module, *optimizers, **setup_kwargs)
+    _refuse_converted_batchnorm(module)
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)
+        _materialize_buffers(module, strategy.root_device, draw_on, allow_uninitialized)
         with _materialize_after_parallelize(strategy, draw_on, allow_uninitialized):
             return fabric.setup(module, *optimizers, **setup_kwargs)
     if "FSDPStrategy" in names:
@@ -151,6 +163,37 @@ def fabric_setup(
     refuse_left(module, owner)
     _repoint(optimizers, old, dict(_parameters(module)))
     return fabric.setup(module, *optimizers, **setup_kwargs)
+
+
+def _refuse_converted_batchnorm(module: nn.Module) -> None:
+    """Refuse a model converted to SyncBatchNorm after its block, naming the two orders that work."""
+    plain = [s for s in iter_slots(module) if s.tensor.is_meta and handle_of(s.tensor) is None]
+    converted = converted_batchnorm(plain)
+    if converted:
+        raise MaterializationError(
+            converted_batchnorm_message("fabric_setup", converted), paths=converted
+        )
+
+
+def _materialize_buffers(
+    module: nn.Module, device: torch.device, draw_on: DrawOn, allow_uninitialized: bool
+) -> None:
+    """Make the deferred buffers real before ``fabric.setup`` (``ModelParallelStrategy``).
+
+    Fabric casts the model with its precision (``bf16-true``: ``module.to(
+    torch.bfloat16)``) before ``parallelize_fn``. On meta, that replaces each
+    floating-point buffer by a new meta tensor, which no record gives values
+    for; a real buffer is cast as eager's is (a float32 ``inv_freq`` of a
+    rotary embedding becomes bf16). Parameters keep their objects through the
+    cast, and ``fully_shard`` and the tensor parallel styles shard parameters,
+    not buffers, so only these are made real early; ``fully_shard`` moves
+    buffers to the device, where they are made.
+    """
+    names = [s.path for s in deferred_slots(module) if s.kind == "buffer"]
+    if names:
+        materialize_paths(
+            module, names, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized
+        )
 
 
 def _check(fabric: Any, module: nn.Module) -> Any:
@@ -202,6 +245,34 @@ def _refuse_deepspeed(module: nn.Module) -> None:
                 "or 2, call lm.materialize(model) before fabric.setup.",
             )
         )
+
+
+def _refuse_stale_optimizers(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Refuse optimizers holding tensors a load or materialize left behind, before any step.
+
+    An optimizer built on the deferred model before ``fabric.load_raw`` (or
+    ``load_state_dict``) holds the meta tensors it replaced by new objects,
+    where eager's load copies into the old ones; its first step would raise.
+    """
+    for i, opt in enumerate(optimizers):
+        stale = [r for g in opt.param_groups for p in g["params"] if (r := stale_reason(p))]
+        if stale:
+            paths = sorted(path for path, _, _ in stale)
+            _, why, by = stale[0]
+            after, other = by, ""
+            if by == "load_state_dict":
+                after = "load_state_dict (or fabric.load_raw, which calls it)"
+                other = (
+                    ", or load with lm.load_checkpoint(model, path) (strict=False for a "
+                    "partial checkpoint), which keeps the module's tensor objects"
+                )
+            raise MaterializationError(
+                f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding {len(stale)} "
+                f"tensors that stood for {paths} before {by}, which it was created before: "
+                f"{why}, so they hold no values and its first step would fail. Fix: create "
+                f"the optimizer after {after}, from model.parameters(){other}.",
+                paths=paths,
+            )
 
 
 def _refuse_meta_optimizers(optimizers: tuple[torch.optim.Optimizer, ...], strategy: str) -> None:

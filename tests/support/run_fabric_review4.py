@@ -1,0 +1,237 @@
+"""Sharded deferred models with a seed per rank, in real processes (gloo, CPU).
+
+    python -m support.run_fabric_review4 WORKDIR     (with tests/ on PYTHONPATH)
+    python -m support.run_fabric_review4 4 WORKDIR
+
+The first runs 2 ranks under Fabric, which launches the second by re-running
+this module; the second starts 4 copies of itself, a 2x2 (data x tensor
+parallel) mesh of plain torch.distributed. Every rank seeds
+its generator with ``42 + rank`` (``fabric.seed_everything(42 + rank)``,
+for data-augmentation diversity) before building the model, deferred and
+eagerly, and compares the shards:
+
+- tensor parallel (``parallelize_module``: colwise, rowwise with a
+  ``Replicate`` bias) through ``fabric_setup``: eager ``distribute_tensor``
+  scatters rank 0's values (its default ``src_data_rank=0``);
+- FSDP2 (``fully_shard`` on both ranks) through ``lm.materialize``: eager
+  keeps each rank's own chunk of its own values;
+- 2x2: tensor parallel, then ``fully_shard`` on the data parallel dimension
+  (one layer plain FSDP2): eager chunks each rank's tensor parallel piece,
+  which came from the first rank of its tensor parallel group;
+- ``precision="bf16-true"`` under FSDP2 with a float32 buffer built
+  explicitly (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
+  outside: every parameter and buffer, dtype and values, equals eager's.
+
+Every rank writes WORKDIR/result-RANK.json: per case, the parameter names
+whose local shard differs from eager's, whether the outputs are equal, and
+the ``Replicate`` parameters whose local values differ between the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch import nn
+
+import lightning_meta as lm
+from support.processes import destroy_process_group_at_exit, launch_ranks
+
+destroy_process_group_at_exit()
+
+
+def build() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4), nn.Linear(4, 3))
+
+
+def tensor_parallel(module: nn.Module, mesh: Any) -> nn.Module:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "3": ColwiseParallel()}
+    return parallelize_module(module, mesh["tensor_parallel"], plan)
+
+
+def data_parallel(module: nn.Module, mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module[0], mesh=mesh["data_parallel"])
+    fully_shard(module, mesh=mesh["data_parallel"])
+    return module
+
+
+def local(module: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    module = getattr(module, "_original_module", None) or module
+    return {
+        k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in module.named_parameters()
+    }
+
+
+def replicated_apart(module: nn.Module) -> list[str]:
+    """The ``Replicate`` parameters whose values differ between the ranks (an invalid DTensor)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    module = getattr(module, "_original_module", None) or module
+    apart = []
+    for name, p in module.named_parameters():
+        if isinstance(p, DTensor) and all(isinstance(q, Replicate) for q in p.placements):
+            mine = p.to_local().detach().contiguous()
+            theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(theirs, mine)
+            if not all(torch.equal(mine, t) for t in theirs):
+                apart.append(name)
+    return apart
+
+
+def compare(fabric: L.Fabric, setup: Any) -> dict[str, Any]:
+    """``setup`` on a deferred and an eager model, both built with this rank's seed."""
+    seed = 42 + fabric.global_rank
+    fabric.seed_everything(seed, verbose=False)
+    with lm.deferred_init():
+        model = build()
+    model = setup(model, deferred=True)
+    fabric.seed_everything(seed, verbose=False)
+    reference = setup(build(), deferred=False)
+    got, expected = local(model), local(reference)
+    x = torch.ones(2, 4)
+    return {
+        "shards_vs_eager": sorted(k for k in expected if not torch.equal(got[k], expected[k])),
+        "output_equal": bool(torch.equal(model(x), reference(x))),
+        "replicate_apart": replicated_apart(model),
+        "eager_replicate_apart": replicated_apart(reference),
+    }
+
+
+class Rotary(nn.Module):
+    """A model with a float32 buffer built explicitly (transformers' rotary ``inv_freq``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        steps = torch.arange(0, 4, 2, dtype=torch.int64).float() / 4
+        self.register_buffer("inv_freq", 1.0 / (10000.0**steps), persistent=False)
+        self.register_buffer("noise", torch.randn(4))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.inv_freq.repeat(2) + self.noise
+
+
+def true_precision() -> dict[str, Any]:
+    """``bf16-true`` under FSDP2: Fabric casts the model before ``parallelize_fn``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def parallelize(module: nn.Module, mesh: Any) -> nn.Module:
+        fully_shard(module, mesh=mesh["data_parallel"])
+        return module
+
+    strategy = ModelParallelStrategy(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy, precision="bf16-true")
+    fabric.launch()
+
+    def state(module: nn.Module) -> dict[str, torch.Tensor]:
+        named = [*module.named_parameters(), *module.named_buffers()]
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in named}
+
+    out: dict[str, Any] = {}
+    for where in ("init_module", "outside"):
+        torch.manual_seed(0)
+        with fabric.init_module() if where == "init_module" else nullcontext():
+            with lm.deferred_init():
+                model = Rotary()
+            try:
+                model = lm.fabric_setup(fabric, model)
+            except lm.MetaTensorError as e:  # both ranks, before any collective
+                out[where] = {"error": str(e)}
+                continue
+            torch.manual_seed(0)
+            reference = fabric.setup(Rotary())
+        got, expected = state(model), state(reference)
+        x = torch.ones(2, 4, dtype=torch.bfloat16)
+        out[where] = {
+            "unequal": sorted(
+                k
+                for k in expected
+                if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])
+            ),
+            "inv_freq": str(got["_forward_module.inv_freq"].dtype),
+            "output_equal": bool(torch.equal(model(x), reference(x))),
+        }
+    return out
+
+
+def mesh_2d(workdir: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    names = ("data_parallel", "tensor_parallel")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    seed = 42 + dist.get_rank()
+    torch.manual_seed(seed)
+    with lm.deferred_init():
+        model = build()
+    model = lm.materialize(data_parallel(tensor_parallel(model, mesh), mesh))
+    torch.manual_seed(seed)
+    reference = data_parallel(tensor_parallel(build(), mesh), mesh)
+    got, expected = local(model), local(reference)
+    x = torch.ones(2, 4)
+    result = {
+        "mesh_2d": {
+            "shards_vs_eager": sorted(k for k in expected if not torch.equal(got[k], expected[k])),
+            "output_equal": bool(torch.equal(model(x), reference(x))),
+        }
+    }
+    (workdir / f"result-{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
+def main() -> None:
+    if sys.argv[1].isdigit():
+        workdir = Path(sys.argv[2])
+        if "RANK" not in os.environ:
+            sys.exit(launch_ranks("support.run_fabric_review4", int(sys.argv[1]), str(workdir)))
+        mesh_2d(workdir)
+        return
+    workdir = Path(sys.argv[1])
+    result: dict[str, Any] = {}
+
+    strategy = ModelParallelStrategy(tensor_parallel, data_parallel_size=1, tensor_parallel_size=2)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+
+    def through_fabric(model: nn.Module, deferred: bool) -> Any:
+        return lm.fabric_setup(fabric, model) if deferred else fabric.setup(model)
+
+    result["tensor_parallel"] = compare(fabric, through_fabric)
+
+    strategy = ModelParallelStrategy(data_parallel, data_parallel_size=2, tensor_parallel_size=1)
+    fsdp = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fsdp.launch()
+    mesh = fsdp.strategy.device_mesh
+
+    def by_hand(model: nn.Module, deferred: bool) -> nn.Module:
+        model = data_parallel(model, mesh)
+        return lm.materialize(model, device=fsdp.device) if deferred else model
+
+    result["fsdp2"] = compare(fsdp, by_hand)
+    result["bf16_true"] = true_precision()
+    (workdir / f"result-{fabric.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
