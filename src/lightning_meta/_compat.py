@@ -667,19 +667,26 @@ __all__ += ["can_set_data", "has_internal_overlap"]
 def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
     """Return this rank's local piece of ``full`` under ``placements`` on ``mesh``.
 
-    Each rank slices the full tensor it holds, so torch >= 2.7 slices it
-    locally (``distribute_tensor(..., src_data_rank=None)``: no
-    communication). torch 2.6 has no ``src_data_rank``: there rank 0's copy
-    is scattered, the same values where every rank holds the same full
-    tensor. Checked on torch 2.6, 2.13, 2.14.
+    Each rank slices the full tensor it holds, with no communication, as
+    eager ``fully_shard`` keeps each rank's own chunk of its own tensor (with
+    a seed per rank, rank 0's would be another number): torch >= 2.7 by
+    ``distribute_tensor(..., src_data_rank=None)``. torch 2.6 has no
+    ``src_data_rank`` (its ``distribute_tensor`` scatters rank 0's copy):
+    there the full tensor is declared replicated and redistributed, which
+    slices locally, the same pieces (checked against ``src_data_rank=None``
+    on torch 2.13 and against ``torch.chunk`` on torch 2.6, uneven and
+    empty pieces included). Checked on torch 2.6, 2.13, 2.14.
     """
     import inspect
 
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
         return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
-    return distribute_tensor(full, mesh, placements).to_local()  # pragma: no cover (torch 2.6)
+    replicated = DTensor.from_local(  # pragma: no cover (torch 2.6)
+        full, mesh, [Replicate()] * mesh.ndim, run_check=False
+    )
+    return replicated.redistribute(mesh, placements).to_local()  # pragma: no cover (torch 2.6)
 
 
 def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
