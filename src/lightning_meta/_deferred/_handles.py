@@ -35,6 +35,7 @@ __all__ = [
     "ItemSlot",
     "attach",
     "attach_item",
+    "deferred_tensors",
     "earlier_view",
     "graph_view",
     "refuse_apart",
@@ -182,6 +183,16 @@ def handle_of(tensor: torch.Tensor) -> Handle | None:
     if handle is None or handle.tensor is not tensor:
         return None
     return handle
+
+
+def deferred_tensors() -> list[torch.Tensor]:
+    """Every deferred tensor still alive and still meta (what no materialize or load filled)."""
+    out = []
+    for ref in list(_REGISTRY.values()):
+        handle = ref()
+        if handle is not None and handle_of(handle.tensor) is handle:
+            out.append(handle.tensor)
+    return out
 
 
 def unhook(handle: Handle, tensor: torch.Tensor) -> None:

@@ -388,13 +388,7 @@ def _beyond_bounds(root: Any, found: set[int]) -> list[MetaFinding]:
     objects only, for those tensors. A deferred model only held elsewhere (a
     teacher built for later) is not reachable, so not reported.
     """
-    pending: dict[int, torch.Tensor] = {}
-    for ref in list(_handles._REGISTRY.values()):
-        handle = ref()
-        if handle is not None and id(handle.tensor) not in found:
-            t = handle.tensor
-            if t.is_meta and handle_of(t) is handle:
-                pending[id(t)] = t
+    pending = {id(t): t for t in _handles.deferred_tensors() if id(t) not in found}
     if not pending:
         return []
     ancestors = _ancestors(list(pending.values()))
