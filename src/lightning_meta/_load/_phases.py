@@ -158,17 +158,22 @@ def _safe_globals(value: Any) -> list[Any]:
 class Converted:
     """One group's new tensor, ready to go in.
 
-    ``in_place``: copy ``tensor`` into the group's (real) tensor. Otherwise a
-    real tensor takes ``tensor`` as its ``.data`` (a new dtype or device),
-    and its ``.grad`` takes ``grad`` as its ``.data`` where given, and a
-    meta tensor's slots take ``tensor`` itself, already dressed as the old
-    one (Parameter class, ``requires_grad``, attributes).
+    ``in_place``: copy ``tensor`` into the group's (real) tensor; then, where
+    ``then_to`` is given (a real buffer loaded under ``dtype=``/``device=``),
+    its buffer slots take a new tensor converted from it, as ``module.to()``
+    gives a buffer a new object after ``load_state_dict`` copied into the old
+    one. Otherwise a real parameter takes ``tensor`` as its ``.data`` (a new
+    dtype or device) and its ``.grad`` takes ``grad`` as its ``.data`` where
+    given, a real buffer's slots take ``tensor``, and a meta tensor's slots
+    take ``tensor`` itself, already dressed as the old one (Parameter class,
+    ``requires_grad``, attributes).
     """
 
     group: Group
     tensor: torch.Tensor
     in_place: bool
     grad: torch.Tensor | None = None
+    then_to: tuple[torch.device, torch.dtype] | None = None
 
 
 @dataclass
@@ -233,6 +238,15 @@ def convert(
         if handle_of(g.tensor) is not None and len(split := _parts_for_to(g, device, dtype)) > 1
     }
     read_as = {k: (torch.device("cpu"), by_key[k][0].tensor.dtype) for k in parts}
+    # A real buffer to cast or move: eager copies into it, then module.to()
+    # gives the buffer a new object (a reference to the old one keeps the
+    # loaded values in the old dtype), so it is read as it is held.
+    moved = {
+        e.key: wanted[e.key]
+        for g, e in plan.load
+        if _buffer_only(g) and wanted[e.key] != (g.tensor.device, g.tensor.dtype)
+    }
+    read_as |= {k: (by_key[k][0].tensor.device, by_key[k][0].tensor.dtype) for k in moved}
     # Casting while reading needs no full-size temporary of the checkpoint's dtype.
     cast = {
         k: want for k, (_, want) in (wanted | read_as).items() if want != source.entries[k].dtype
@@ -251,6 +265,13 @@ def convert(
                     if entry.dtype != cast_to:
                         out.cast.extend(part.names)
                     out.tensors.append(_convert_one(part, tensor, to, cast_to, seen_storage))
+            elif key in moved:
+                if entry.dtype != want:
+                    out.cast.extend(group.names)
+                to, cast_to = read_as[key]
+                item = _convert_one(group, tensor, to, cast_to, seen_storage)
+                item.then_to = moved[key]
+                out.tensors.append(item)
             else:
                 if entry.dtype != want:
                     out.cast.extend(group.names)
@@ -265,6 +286,11 @@ def convert(
     order |= {id(part): order[id(by_key[k][0])] for k, split in parts.items() for part, _ in split}
     out.tensors.sort(key=lambda item: order.get(id(item.group), len(order)))
     return out
+
+
+def _buffer_only(group: Group) -> bool:
+    """Whether ``group`` is a real tensor the module holds as a buffer, never as a parameter."""
+    return not group.tensor.is_meta and not any(s.kind == "param" for s in group.slots)
 
 
 def _placement(
@@ -805,9 +831,18 @@ def swap_in(
                         continue
                     current = item.group
                     old = item.group.tensor
+                    if _buffer_only(current):
+                        # A real buffer changing dtype or device gets a new object, as
+                        # module.to() gives it: an attribute holding the old one (a
+                        # transformers original_inv_freq) keeps the old values.
+                        for slot in current.slots:
+                            if slot.kind == "buffer":
+                                undo.append(_undo_put(slot, old))
+                                _put(slot, item.tensor)
+                        continue
                     if not old.is_meta:
-                        # A real tensor changing dtype or device: keep the object so
-                        # optimizers and ties that refer to it stay valid.
+                        # A real parameter changing dtype or device: keep the object so
+                        # optimizers and ties that refer to it stay valid, as module.to().
                         undo.append(_undo_data(old, old.data))
                         _set_data(old, item.tensor)
                         if item.grad is not None and old.grad is not None:
@@ -846,6 +881,12 @@ def swap_in(
                         raise
                     undo.append(_undo_copy(old, backup))
                     item.tensor = backup
+                    if item.then_to is not None:
+                        new = old.to(*item.then_to)
+                        for slot in current.slots:
+                            if slot.kind == "buffer":
+                                undo.append(_undo_put(slot, old))
+                                _put(slot, new)
                 for group, new in replayed:
                     if new is not None:
                         continue
