@@ -1,0 +1,170 @@
+"""Ensemble, fourth hostile review: random draws under execution="auto" (the loop's masks,
+a seeded Trainer run reproducible), FLOP counters and ModelSummary, and from_factory's
+peak memory."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_meta as lm
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+
+def _dropout_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 8))
+
+
+class _Noisy(nn.Module):
+    """Gaussian noise on the activations: torch.vmap's batched normal_ fills the stacked
+    tensor in another order than a loop over the members (sizes not a multiple of 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + torch.randn_like(h) if self.training else h
+
+
+def _loop_of(members: list[nn.Module], x: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.stack([m(x) for m in members])
+
+
+# ------------------------------------------------------------------- random draws under auto
+@pytest.mark.parametrize("factory", [_dropout_mlp, _Noisy], ids=["dropout-mlp", "randn-noise"])
+def test_auto_draws_the_loops_random_numbers_on_every_call(factory: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    members = [factory() for _ in range(4)]
+    x = torch.randn(33, 64 if factory is _dropout_mlp else 5)
+    ens = lm.Ensemble(members)
+    # Past the 16th call of the kind, where the plans are timed again.
+    for seed in range(18):
+        torch.manual_seed(seed)
+        out = ens(x)
+        after = torch.get_rng_state()
+        ref = _loop_of(members, x, seed)
+        assert torch.equal(after, torch.get_rng_state())
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        assert ens.plan == "loop"
+    assert [r.how for r in ens.plans] == ["random draws"]
+    # In eval nothing is drawn: the plans are timed as usual.
+    ens.eval()
+    with torch.no_grad():
+        ens(x)
+    assert ens.plans[-1].how != "random draws"
+
+
+def test_forced_plans_keep_their_own_masks_and_vmap_matches_the_loops_dropout_on_cpu() -> None:
+    torch.manual_seed(0)
+    members = [_dropout_mlp() for _ in range(3)]
+    x = torch.randn(6, 64)
+    ref = _loop_of(members, x, 7)
+    outs = {}
+    for plan in ("fused", "grouped", "vmap", "loop"):
+        ens = lm.Ensemble(members, execution=plan)  # type: ignore[arg-type]
+        torch.manual_seed(7)
+        outs[plan] = ens(x)
+        torch.manual_seed(7)
+        assert torch.equal(ens(x), outs[plan])  # reproducible
+    # The same draws, mapped onto other elements by fused and grouped: other masks.
+    assert (outs["fused"] - ref).abs().max() > 0.1
+    assert (outs["grouped"] - ref).abs().max() > 0.1
+    # vmap's dropout masks are the loop's on the CPU (only the matmuls round otherwise).
+    torch.testing.assert_close(outs["vmap"], ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs["loop"], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["apply", "template"])
+def test_mc_dropout_turned_on_after_timing_runs_the_loops_masks(how: str) -> None:
+    torch.manual_seed(0)
+    members = [_dropout_mlp() for _ in range(3)]
+    x = torch.randn(6, 64)
+    ens = lm.Ensemble(members).eval()
+    with torch.no_grad():
+        ens(x)  # timed without random draws: any plan
+        # MC dropout: dropout back in train mode, the rest in eval.
+        if how == "apply":
+            ens.apply(lambda m: m.train() if isinstance(m, nn.Dropout) else None)
+        else:
+            for m in ens.template.module.modules():
+                if isinstance(m, nn.Dropout):
+                    m.train()
+        for m in members:
+            m.eval()
+            m[2].train()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = ens(x)
+            ref = _loop_of(members, x, seed)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+            assert ens.plan in ("loop", "vmap")
+
+
+def test_auto_under_deterministic_algorithms_draws_the_loops_masks() -> None:
+    # Trainer(deterministic=True): nothing is timed, the static plan would be fused.
+    torch.manual_seed(0)
+    members = [_dropout_mlp() for _ in range(3)]
+    x = torch.randn(6, 64)
+    ens = lm.Ensemble(members)
+    assert ens.execution == "fused"
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(3)
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ens.plan == "loop"
+    torch.testing.assert_close(out, _loop_of(members, x, 3), rtol=0, atol=1e-6)
+
+
+class _DropoutEnsemble(L.LightningModule):
+    def __init__(self, execution: str) -> None:
+        super().__init__()
+        self.ens = lm.Ensemble.from_factory(
+            lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1)),
+            4,
+            execution=execution,
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.ens(x), y.expand(4, *y.shape))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _seeded_fit(execution: str) -> dict[str, torch.Tensor]:
+    L.seed_everything(0, verbose=False)
+    model = _DropoutEnsemble(execution)
+    data = TensorDataset(torch.randn(64, 16), torch.randn(64, 1))
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_seeded_trainer_run_under_auto_trains_the_loops_weights() -> None:
+    loop = _seeded_fit("loop")
+    auto = _seeded_fit("auto")
+    assert loop.keys() == auto.keys()
+    for name in loop:
+        torch.testing.assert_close(auto[name], loop[name], rtol=0, atol=0)
