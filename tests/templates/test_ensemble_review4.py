@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_meta as lm
 
@@ -168,3 +169,80 @@ def test_a_seeded_trainer_run_under_auto_trains_the_loops_weights() -> None:
     assert loop.keys() == auto.keys()
     for name in loop:
         torch.testing.assert_close(auto[name], loop[name], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ FLOP counters and ModelSummary
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def test_a_flop_counter_around_auto_counts_one_loop_over_the_members() -> None:
+    torch.manual_seed(0)
+    members = [_mlp() for _ in range(3)]
+    x = torch.randn(4, 6)
+    with FlopCounterMode(display=False) as plain:
+        torch.stack([m(x) for m in members])
+    ens = lm.Ensemble(members)
+    with FlopCounterMode(display=False) as counted:
+        out = ens(x)
+    assert counted.get_total_flops() == plain.get_total_flops() == 3072
+    assert ens.plan == "loop" and ens.plans == ()  # no timing, nothing kept
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    ens(x)  # outside the counter: timed as usual
+    assert len(ens.plans) == 1
+
+
+@pytest.mark.parametrize("execution", ["fused", "grouped", "vmap", "loop"])
+def test_a_flop_counter_around_a_forced_plan_runs_it(execution: str) -> None:
+    torch.manual_seed(0)
+    members = [_mlp() for _ in range(3)]
+    x = torch.randn(4, 6)
+    ens = lm.Ensemble(members, execution=execution)  # type: ignore[arg-type]
+    with FlopCounterMode(display=False) as counted:
+        out = ens(x)
+    assert ens.plan == execution
+    assert counted.get_total_flops() == 3072  # the same matmuls, batched or not
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+
+
+class _Summarised(L.LightningModule):
+    def __init__(self, execution: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        members = [_mlp() for _ in range(3)]
+        self.net: nn.Module = (
+            nn.ModuleList(members)
+            if execution is None
+            else lm.Ensemble(members, execution=execution)  # type: ignore[arg-type]
+        )
+        self.example_input_array = torch.randn(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.net, nn.ModuleList):
+            return torch.stack([m(x) for m in self.net])
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def training_step(self, batch: tuple[torch.Tensor], _: int) -> torch.Tensor:
+        return self(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("execution", ["auto", "fused", "grouped", "vmap", "loop"])
+def test_trainer_fit_with_example_input_array_summarises_one_call(execution: str) -> None:
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    plain = ModelSummary(_Summarised(None)).total_flops
+    model = _Summarised(execution)
+    assert ModelSummary(model).total_flops == plain == 3072
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )  # the default ModelSummary, which counts FLOPs under FlopCounterMode
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 6)), batch_size=4))
+    assert ModelSummary(model).total_flops == plain

@@ -19,6 +19,7 @@ from lightning_meta._compat import (
     apply_to_tensors,
     backward_hooked,
     default_device,
+    dispatch_mode_active,
     functorch_transform_active,
     global_module_hooks,
     has_backward_hooks,
@@ -1064,6 +1065,12 @@ class Ensemble(nn.Module):
             ):
                 static = "loop"
             return self._unhooked(static)
+        if dispatch_mode_active():
+            # A FLOP counter or another TorchDispatchMode of the caller's would
+            # see every timed run (Lightning's ModelSummary counted 30 calls),
+            # and time its own overhead: this call runs the loop, the FLOPs of
+            # a loop over the members, and nothing is recorded.
+            return self._unhooked("loop")
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
         if record is None:
