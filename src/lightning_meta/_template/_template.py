@@ -621,6 +621,13 @@ class MetaTemplate:
     def shapes(self, *, buffers: bool = True) -> dict[str, tuple[int, ...]]:
         """Return the shape of every parameter and buffer the template expects, by dotted name.
 
+        Each group of tied tensors (a tied embedding and output head) is
+        listed once, under its first name: a call gives one tensor for the
+        group (the default ``tie_weights=True``) and the template uses it
+        under every name of the group. A call with ``tie_weights=False``
+        takes a tensor for every name:
+        ``template.module.named_parameters(remove_duplicate=False)``.
+
         Args:
             buffers: include the buffers (``True``, the default). With
                 ``False``, only the parameters: what a hypernetwork generates,
@@ -639,9 +646,10 @@ class MetaTemplate:
             ['1.num_batches_tracked', '1.running_mean', '1.running_var']
         """
         module = self.module
-        if not buffers:
-            return {n: _shape(t) for n, t in module.named_parameters(remove_duplicate=False)}
-        return {n: _shape(t) for n, t in named_tensors(module).items()}
+        shapes = {n: _shape(t) for n, t in module.named_parameters()}
+        if buffers:
+            shapes.update((n, _shape(t)) for n, t in module.named_buffers())
+        return shapes
 
     def state_from(self, module: nn.Module) -> TemplateState:
         """Collect the tensors of a real ``module`` that has this template's structure.
@@ -937,7 +945,9 @@ class MetaTemplate:
             elif tie_weights and len({id(given[n]) for n in present}) > 1:
                 problems[present[0]] = (
                     f"{', '.join(map(repr, present))} are tied in the template but were given "
-                    "different tensors (pass one of them, or tie_weights=False to untie them)"
+                    f"different tensors (pass {names[0]!r} only, as `template.shapes()` lists "
+                    f"it, and omit {', '.join(map(repr, names[1:]))}; or untie them: "
+                    "`template.functional_call(params, args, tie_weights=False)`)"
                 )
         for name, value in given.items():
             if name not in expected:
