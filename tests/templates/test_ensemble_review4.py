@@ -5,6 +5,8 @@ peak memory."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -246,3 +248,63 @@ def test_trainer_fit_with_example_input_array_summarises_one_call(execution: str
     )  # the default ModelSummary, which counts FLOPs under FlopCounterMode
     trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 6)), batch_size=4))
     assert ModelSummary(model).total_flops == plain
+
+
+# ------------------------------------------------------------------ from_factory's peak memory
+def _allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
+    """The peak of what ``call`` allocates, from torch.profiler's allocator events, and what
+    it returns (as tests/estimate/test_estimate_memory.py measures kernels)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        out = call()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak, out
+
+
+def test_from_factory_holds_the_stack_and_one_member_at_most() -> None:
+    member = 1024 * 1024 * 4  # bytes of one member's weight
+    n = 4
+    peak, ens = _allocator_peak(
+        lambda: lm.Ensemble.from_factory(lambda: nn.Linear(1024, 1024, bias=False), n)
+    )
+    assert ens.stacked.weight.shape == (n, 1024, 1024)
+    # The stack, one member, and a little bookkeeping; member 0 kept alive was one more.
+    assert n * member <= peak < (n + 1) * member + member // 4
+
+
+class _Hooked(nn.Module):
+    """A member whose forward hook is a method of its own: compared by where it points."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = scale
+        self.fc.register_forward_hook(self.rescale)
+
+    def rescale(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x)
+        return out
+
+
+def test_from_factory_compares_later_members_with_member_0_after_dropping_it() -> None:
+    torch.manual_seed(0)
+    ens = lm.Ensemble.from_factory(lambda: _Hooked(2.0), 3, execution="loop")
+    torch.manual_seed(0)
+    members = [_Hooked(2.0) for _ in range(3)]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    scales = iter([2.0, 2.0, 0.5])
+    with pytest.raises(lm.MetaTensorError, match=r"member 2 has scale = 0.5, member 0 has 2.0"):
+        lm.Ensemble.from_factory(lambda: _Hooked(next(scales)), 3)

@@ -505,8 +505,9 @@ class Ensemble(nn.Module):
     ) -> Ensemble:
         """Build an ensemble of ``num_members`` modules made by ``factory``, one at a time.
 
-        Only one member exists besides the stacked tensors at any moment, so
-        peak memory is the ensemble plus one member (a list would need N).
+        Only one member exists besides the stacked tensors at any moment (each
+        is dropped once copied into them, member 0 too), so peak memory is the
+        ensemble plus one member (a list would need N).
         ``options`` are those of :class:`Ensemble`.
 
         Example::
@@ -534,6 +535,10 @@ class Ensemble(nn.Module):
         self._setup(num_members, first, **options)
         shared, reference = SharedTensors(), Profile(first)
         self._store(0, first, reference=reference, shared=shared)
+        # Later members are compared with what was read of member 0 and its
+        # meta copy, the template: member 0's memory is free for the next.
+        reference.stand_in(self.template.module)
+        del first
         for i in range(1, num_members):
             self._store(i, factory(), reference=reference, shared=shared)
         self._aliased = sorted(shared.aliased)
