@@ -55,3 +55,24 @@ def test_tied_names_given_different_tensors_name_fixes_that_work() -> None:
     untied = template.functional_call(given, (x,), tie_weights=False)
     expected = given["emb.weight"][x] @ given["head.weight"].t()
     torch.testing.assert_close(untied, expected)
+
+
+# ------------------------------------------------------------------- arguments of the wrong kind
+@pytest.mark.parametrize(
+    "given",
+    [torch.zeros(6), torch.zeros(3, 2), None, [("weight", torch.zeros(2, 2))]],
+    ids=["flat-tensor", "2d-tensor", "None", "list"],
+)
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_tensor_or_none_for_the_mapping_is_the_packages_type_error(
+    given: object, strict: bool
+) -> None:
+    template = lm.MetaTemplate(nn.Linear(2, 2))
+    got = type(given).__name__
+    with pytest.raises(
+        lm.MetaTensorError, match=rf"expects a mapping of dotted names .* got {got}\. Fix: "
+    ) as info:
+        template.functional_call(given, (torch.zeros(2),), strict=strict)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(TypeError, match=rf"got {got}\. Fix: "):
+        template(given, torch.zeros(2))  # type: ignore[arg-type]

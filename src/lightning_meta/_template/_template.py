@@ -787,6 +787,8 @@ class MetaTemplate:
             Whatever the template's ``forward`` returns.
 
         Raises:
+            ArgumentTypeError: ``params_and_buffers`` is not a mapping (a
+                tensor, ``None``, a list), whatever ``strict``.
             MetaTensorError: ``strict`` and an entry is missing, unexpected,
                 of the wrong shape (or a float for an integer buffer), or a
                 tied name given a different tensor than its twin; every
@@ -797,6 +799,15 @@ class MetaTemplate:
                 :class:`TemplateState`, stored anything in plain attributes.
         """
         module = self.module
+        if not isinstance(params_and_buffers, Mapping):
+            # Before dict() reads it: a 1-D tensor or None would raise Python's own error.
+            raise ArgumentTypeError(
+                f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
+                f"tensors as its first argument, got {type(params_and_buffers).__name__}. Fix: "
+                "pass `dict(module.named_parameters())` or the output of a hypernetwork keyed "
+                "by name (`template.shapes(buffers=False)` lists the names and shapes; split a "
+                "flat vector into them)."
+            )
         if self._spoiled:
             raise MetaTensorError(
                 f"MetaTemplate({type(module).__name__}): an earlier call's forward changed "
@@ -929,12 +940,6 @@ class MetaTemplate:
         self, layout: _Layout, given: Mapping[str, torch.Tensor], *, tie_weights: bool
     ) -> None:
         module = layout.modules[0]
-        if not isinstance(given, Mapping):
-            raise ArgumentTypeError(
-                f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
-                f"tensors as its first argument, got {type(given).__name__}. Fix: pass "
-                "`dict(module.named_parameters())` or the output of a hypernetwork keyed by name."
-            )
         groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
         for names in groups:
