@@ -76,3 +76,18 @@ def test_a_tensor_or_none_for_the_mapping_is_the_packages_type_error(
     assert isinstance(info.value, TypeError)
     with pytest.raises(TypeError, match=rf"got {got}\. Fix: "):
         template(given, torch.zeros(2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("given", [torch.zeros(2), None, {"weight": torch.zeros(2, 2)}])
+def test_state_from_something_other_than_a_module_is_the_packages_type_error(
+    given: object,
+) -> None:
+    template = lm.MetaTemplate(nn.Linear(2, 2))
+    with pytest.raises(
+        lm.MetaTensorError,
+        match=rf"MetaTemplate\(Linear\)\.state_from expects the real nn.Module .* got "
+        rf"{type(given).__name__}\. Fix: pass the module",
+    ) as info:
+        template.state_from(given)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    assert "(a submodule)" not in str(info.value)

@@ -679,6 +679,7 @@ class MetaTemplate:
             ``training``.
 
         Raises:
+            ArgumentTypeError: ``module`` is not an ``nn.Module`` (a tensor).
             MetaTensorError: ``module`` lacks one of the template's tensors or
                 submodules.
 
@@ -694,6 +695,13 @@ class MetaTemplate:
             True
         """
         template = self.module
+        if not isinstance(module, nn.Module):
+            raise ArgumentTypeError(
+                f"MetaTemplate({type(template).__name__}).state_from expects the real "
+                f"nn.Module the tensors come from, got {type(module).__name__}. Fix: pass the "
+                "module (`template.state_from(net)`); tensors you hold already go straight to "
+                "the call as a mapping: `template({name: tensor, ...}, x)`."
+            )
         out = TemplateState()
         out._source = weakref.ref(module)
         missing = []
