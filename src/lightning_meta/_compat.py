@@ -804,11 +804,22 @@ def global_module_hooks() -> tuple[bool, bool]:
     ``torch.nn.modules.module.register_module_forward_hook`` and its kin.
     Ensemble's fused and grouped plans compute layers without calling them,
     and ``torch.vmap`` runs no backward hooks, so they cannot honour them.
+    The hooks of ``torch.utils.module_tracker.ModuleTracker`` are not counted.
     """
     from torch.nn.modules import module as m
+    from torch.utils.module_tracker import ModuleTracker
 
-    forward = bool(m._global_forward_hooks or m._global_forward_pre_hooks)
-    backward = bool(m._global_backward_hooks or m._global_backward_pre_hooks)
+    def others(*tables: Mapping[int, Any]) -> bool:
+        # torch's ModuleTracker (FlopCounterMode, so Lightning's ModelSummary)
+        # only notes which module runs: bookkeeping, which changes no result.
+        return any(
+            not isinstance(getattr(hook, "__self__", None), ModuleTracker)
+            for table in tables
+            for hook in table.values()
+        )
+
+    forward = others(m._global_forward_hooks, m._global_forward_pre_hooks)
+    backward = others(m._global_backward_hooks, m._global_backward_pre_hooks)
     return forward, backward
 
 

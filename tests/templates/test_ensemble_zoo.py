@@ -341,8 +341,10 @@ def test_timing_changes_no_state_the_user_sees() -> None:
     torch.manual_seed(5)
     out = auto(x)
     after_auto = torch.get_rng_state()
-    assert auto.plans and auto.plans[0].how == "timed"
-    assert set(auto.plans[0].timings_ms) == {"grouped", "vmap", "loop"}  # BatchNorm: not fused
+    # Dropout draws: grouped is left out before timing, vmap after its first run
+    # moved the generator (BatchNorm: not fused); the runs still happened.
+    assert auto.plans and auto.plans[0].how == "random draws"
+    assert set(auto.plans[0].timings_ms) == {"loop"}
     assert x.grad is None and all(p.grad is None for p in auto.parameters())
     forced = lm.Ensemble(copy.deepcopy(mods), execution=auto.plan)  # type: ignore[arg-type]
     torch.manual_seed(5)

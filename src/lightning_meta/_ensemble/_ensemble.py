@@ -19,6 +19,7 @@ from lightning_meta._compat import (
     apply_to_tensors,
     backward_hooked,
     default_device,
+    dispatch_mode_active,
     functorch_transform_active,
     global_module_hooks,
     has_backward_hooks,
@@ -385,7 +386,11 @@ class Ensemble(nn.Module):
             a Python loop over the members on views of the stacked tensors.
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
-            running statistics, a dropout mask per member.
+            running statistics, a dropout mask per member; but only the
+            loop draws the masks the members would: for the same seed the
+            fused and grouped plans give other dropout masks (and vmap
+            other ``randn`` noise), so ``"auto"`` runs the loop for a call
+            that draws random numbers.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -434,7 +439,11 @@ class Ensemble(nn.Module):
         statistics, gradients and later random draws are exactly those of an
         untimed call; only Python-level side effects of ``forward`` repeat.
         Plans differ in floating-point summation order, so two processes may
-        differ in the last bits; pass ``execution=`` to fix the plan.
+        differ in the last bits; pass ``execution=`` to fix the plan. A call
+        that draws random numbers (dropout in training mode) runs the loop,
+        whose masks are the members' own; a forced ``"fused"`` or
+        ``"grouped"`` plan gives other dropout masks than the loop for the
+        same seed (reproducible, but not the loop's numbers).
 
     .. warning::
         Tools that find modules by class in ``model.modules()`` or treat a
@@ -496,8 +505,9 @@ class Ensemble(nn.Module):
     ) -> Ensemble:
         """Build an ensemble of ``num_members`` modules made by ``factory``, one at a time.
 
-        Only one member exists besides the stacked tensors at any moment, so
-        peak memory is the ensemble plus one member (a list would need N).
+        Only one member exists besides the stacked tensors at any moment (each
+        is dropped once copied into them, member 0 too), so peak memory is the
+        ensemble plus one member (a list would need N).
         ``options`` are those of :class:`Ensemble`.
 
         Example::
@@ -525,6 +535,10 @@ class Ensemble(nn.Module):
         self._setup(num_members, first, **options)
         shared, reference = SharedTensors(), Profile(first)
         self._store(0, first, reference=reference, shared=shared)
+        # Later members are compared with what was read of member 0 and its
+        # meta copy, the template: member 0's memory is free for the next.
+        reference.stand_in(self.template.module)
+        del first
         for i in range(1, num_members):
             self._store(i, factory(), reference=reference, shared=shared)
         self._aliased = sorted(shared.aliased)
@@ -944,7 +958,12 @@ class Ensemble(nn.Module):
             if tensors[name].requires_grad != flag:
                 tensors[name].requires_grad_(flag)
         if modes is not None:
-            for module, flag in zip(self.template.module.modules(), modes, strict=True):
+            template_modules = list(self.template.module.modules())
+            if [m.training for m in template_modules] != modes:
+                # Dropout turned on in eval (MC dropout): the plans timed without
+                # random draws are timed again (see _time).
+                self._plans.clear()
+            for module, flag in zip(template_modules, modes, strict=True):
                 module.training = flag
         fn(self)
         return self
@@ -1051,6 +1070,12 @@ class Ensemble(nn.Module):
             ):
                 static = "loop"
             return self._unhooked(static)
+        if dispatch_mode_active():
+            # A FLOP counter or another TorchDispatchMode of the caller's would
+            # see every timed run (Lightning's ModelSummary counted 30 calls),
+            # and time its own overhead: this call runs the loop, the FLOPs of
+            # a loop over the members, and nothing is recorded.
+            return self._unhooked("loop")
         fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
         record = self._plans.seen(fast)
         if record is None:
@@ -1067,13 +1092,27 @@ class Ensemble(nn.Module):
         return self._unhooked(record.plan)
 
     def _unhooked(self, plan: str) -> str:
-        """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`).
+        """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`)
+        or draw random numbers onto other elements than the loop (see :meth:`_draws_elsewhere`).
 
-        Hooks can be registered at any time, after the plan was timed too,
-        so they are checked on every call.
+        Hooks can be registered, and dropout turned on (MC dropout in eval),
+        at any time, after the plan was timed too, so they are checked on
+        every call.
         """
         hooked = self._backward_hooked(self.template.module)
-        return "loop" if _skipped_hooks(plan, hooked) is not None else plan
+        if _skipped_hooks(plan, hooked) is not None or self._draws_elsewhere(plan):
+            return "loop"
+        return plan
+
+    def _draws_elsewhere(self, plan: str) -> bool:
+        """Whether ``plan`` would draw this call's random numbers onto other elements than
+        the loop (a dropout in training mode on the fused or grouped plan), giving other
+        dropout masks for the same seed: ``execution="auto"`` then runs the loop."""
+        if plan == "fused":
+            return self._fused is not None and self._fused.draws(self.template.module)
+        if plan == "grouped":
+            return self._grouped.draws(self.template.module)
+        return False
 
     def _time(
         self,
@@ -1102,11 +1141,12 @@ class Ensemble(nn.Module):
             # weights round differently from each member's own (bfloat16
             # gives the members' bits): it is not chosen there.
             candidates.remove("fused")
+        candidates = [p for p in candidates if not self._draws_elsewhere(p)]
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:
             self._lost = []
-            seconds, finalists = measure(
+            seconds, finalists, drew = measure(
                 candidates,
                 functools.partial(self._run, strict=True),
                 tensors,
@@ -1114,6 +1154,12 @@ class Ensemble(nn.Module):
                 inputs,
                 kwargs,
                 around=self._timed_state,
+                # Only the loop draws random numbers as the members would: the
+                # fused and grouped plans apply dropout to the stacked or folded
+                # activations, and torch.vmap's batched normal_ maps the stream
+                # onto other elements (its bernoulli does not, but a template
+                # may draw either). Timing noise would pick the masks otherwise.
+                same_draws=("loop",),
             )
             if self._lost:
                 raise ArgumentValueError(
@@ -1132,6 +1178,8 @@ class Ensemble(nn.Module):
             # Every plan raised: run the static one, which raises its own error.
             chosen = finalists[0] if finalists else self.execution
             how = "timed" if previous is None else "timed again"
+            if drew and finalists:
+                how = "random draws"
             if self._writes_state:  # see _timed_state
                 chosen, how = "loop", "forward keeps state"
             record = PlanRecord(key, chosen, how, {p: t * 1e3 for p, t in seconds.items()})

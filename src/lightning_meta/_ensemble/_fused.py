@@ -78,6 +78,16 @@ class FusedPlan:
     steps: tuple[Step, ...]
     in_features: int
 
+    def draws(self, template: nn.Module) -> bool:
+        """Whether a call in the template's current modes draws random numbers (a dropout in
+        training mode with ``p > 0``): this plan maps them onto other elements than the loop."""
+        for step in self.steps:
+            if step.kind == "apply":
+                mod = template.get_submodule(step.path)
+                if isinstance(mod, _DROPOUT) and mod.training and getattr(mod, "p", 1.0) > 0:
+                    return True
+        return False
+
     def fits(self, x: torch.Tensor, per_member: bool) -> bool:
         """Whether ``x`` is an input this plan computes (else the member-level path reports it)."""
         return x.ndim >= (2 if per_member else 1) and x.shape[-1] == self.in_features

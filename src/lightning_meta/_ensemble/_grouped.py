@@ -634,6 +634,26 @@ class GroupedPlan:
             graph = self._graphs[key] = _trace(template, self.randomness)
         return graph
 
+    def draws(self, template: nn.Module) -> bool:
+        """Whether a call in the template's current modes draws random numbers: a dropout
+        layer in training mode with ``p > 0``, or a dropout function not given
+        ``training=False`` or ``p=0`` in the traced graph. This plan draws them on the folded
+        ``(B, N*C, ...)`` layout, so onto other elements than the loop."""
+        graph = self.graph(template)
+        if isinstance(graph, Refusal):
+            return False
+        for node in graph.nodes:
+            if node.op == "call_module":
+                mod = template.get_submodule(str(node.target))
+                if isinstance(mod, _DROPOUTS) and mod.training and getattr(mod, "p", 1.0) > 0:
+                    return True
+            elif node.op == "call_function" and node.target in _RANDOM_FUNCTIONS:
+                p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+                training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+                if not (training is False or p == 0):
+                    return True
+        return False
+
     def placeholders(self, template: nn.Module) -> int:
         graph = self.graph(template)
         if isinstance(graph, Refusal):

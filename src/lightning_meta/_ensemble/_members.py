@@ -113,6 +113,15 @@ class Profile:
             if not _is_dynamo(mod)
         }
 
+    def stand_in(self, copy: nn.Module) -> None:
+        """Read all :func:`compare` needs of the module, then hold ``copy`` (a meta copy of it,
+        the ensemble's template: the same classes, paths and hooks) in its place, so that
+        the module and its tensors can be freed while later members are compared with it."""
+        _ = self.signature, self.ties, self.reprs, self.repr_lines, self.settings, self.hooks
+        self.module = copy
+        self.__dict__["modules"] = dict(copy.named_modules(remove_duplicate=False))
+        self.__dict__.pop("member", None)
+
 
 def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str, str]]:
     """Every way ``other`` (member ``index``) differs from member 0 (``reference``): (a line

@@ -43,7 +43,7 @@ import statistics
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,9 @@ class PlanRecord:
         how: ``"timed"`` (at the first call of its kind), ``"timed again"``
             (at call ``RETIME_CALL``, whose choice replaces the first one
             and is kept; a call on which every plan raises keeps the first
-            one instead), ``"only plan"``, or ``"forward keeps state"`` (the loop:
+            one instead), ``"only plan"``, ``"random draws"`` (the loop: a
+            timed run drew random numbers, which only the loop maps onto
+            the elements the members would), or ``"forward keeps state"`` (the loop:
             a timed run's forward stored something in a module's plain
             attributes, which only the loop keeps for each member).
         timings_ms: the median time of each timed candidate in milliseconds
@@ -376,15 +378,20 @@ def measure(
     inputs: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-) -> tuple[dict[str, float], list[str]]:
+    same_draws: Collection[str] = (),
+) -> tuple[dict[str, float], list[str], bool]:
     """Time ``run(plan, ...)`` for every candidate on copies.
 
     ``around``: a context entered before each run and left after it,
     outside the time measured (what it does there is not the plan's).
+    ``same_draws``: the candidates whose random draws land on the elements
+    the loop's do. When a first (untimed) run draws from the CPU or
+    accelerator generator, only these are timed further: the others would
+    give other dropout masks for the same seed.
 
-    Returns each candidate's median seconds (``inf`` for one that raised) and
+    Returns each candidate's median seconds (``inf`` for one that raised),
     the finalists, the candidates still timed when timing ended, fastest
-    first: the plan is the first.
+    first (the plan is the first), and whether a run drew random numbers.
 
     A forward (and, when gradients are enabled, the gradients of the
     copies from the outputs, accumulated nowhere) per run. Parameters are
@@ -439,6 +446,7 @@ def measure(
 
     alive = list(candidates)
     rounds: dict[str, list[float]] = {plan: [] for plan in candidates}
+    drew = False
     began = time.perf_counter()
     with (
         torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]),
@@ -450,9 +458,19 @@ def measure(
     ):
         for round_ in range(_MAX_CLOSE_ROUNDS + 1):
             for plan in alive[::-1] if round_ % 2 else list(alive):
+                if plan not in alive:  # left out after another's run drew random numbers
+                    continue
                 try:
                     if round_ == 0:
+                        before = _generator_states(devices)
                         seconds = once(plan)
+                        if not drew and _moved(before, _generator_states(devices)):
+                            drew = True
+                            for other in [p for p in alive if p not in same_draws]:
+                                alive.remove(other)
+                                del rounds[other]
+                            if plan not in alive:
+                                continue
                         repeats[plan] = max(
                             1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND_SECONDS / max(seconds, 1e-9)))
                         )
@@ -481,7 +499,18 @@ def measure(
             if time.perf_counter() - began > budget or (round_ >= _MAX_ROUNDS and not close):
                 break
     medians = {plan: statistics.median(ts) if ts else math.inf for plan, ts in rounds.items()}
-    return medians, _ranked(alive, rounds, medians)
+    return medians, _ranked(alive, rounds, medians), drew
+
+
+def _generator_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """The states of the generators a random op of the members draws from."""
+    states = [torch.get_rng_state()]
+    states += [torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"]
+    return states
+
+
+def _moved(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def _ranked(

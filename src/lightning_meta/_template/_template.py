@@ -621,6 +621,13 @@ class MetaTemplate:
     def shapes(self, *, buffers: bool = True) -> dict[str, tuple[int, ...]]:
         """Return the shape of every parameter and buffer the template expects, by dotted name.
 
+        Each group of tied tensors (a tied embedding and output head) is
+        listed once, under its first name: a call gives one tensor for the
+        group (the default ``tie_weights=True``) and the template uses it
+        under every name of the group. A call with ``tie_weights=False``
+        takes a tensor for every name:
+        ``template.module.named_parameters(remove_duplicate=False)``.
+
         Args:
             buffers: include the buffers (``True``, the default). With
                 ``False``, only the parameters: what a hypernetwork generates,
@@ -639,9 +646,10 @@ class MetaTemplate:
             ['1.num_batches_tracked', '1.running_mean', '1.running_var']
         """
         module = self.module
-        if not buffers:
-            return {n: _shape(t) for n, t in module.named_parameters(remove_duplicate=False)}
-        return {n: _shape(t) for n, t in named_tensors(module).items()}
+        shapes = {n: _shape(t) for n, t in module.named_parameters()}
+        if buffers:
+            shapes.update((n, _shape(t)) for n, t in module.named_buffers())
+        return shapes
 
     def state_from(self, module: nn.Module) -> TemplateState:
         """Collect the tensors of a real ``module`` that has this template's structure.
@@ -671,6 +679,7 @@ class MetaTemplate:
             ``training``.
 
         Raises:
+            ArgumentTypeError: ``module`` is not an ``nn.Module`` (a tensor).
             MetaTensorError: ``module`` lacks one of the template's tensors or
                 submodules.
 
@@ -686,6 +695,13 @@ class MetaTemplate:
             True
         """
         template = self.module
+        if not isinstance(module, nn.Module):
+            raise ArgumentTypeError(
+                f"MetaTemplate({type(template).__name__}).state_from expects the real "
+                f"nn.Module the tensors come from, got {type(module).__name__}. Fix: pass the "
+                "module (`template.state_from(net)`); tensors you hold already go straight to "
+                "the call as a mapping: `template({name: tensor, ...}, x)`."
+            )
         out = TemplateState()
         out._source = weakref.ref(module)
         missing = []
@@ -779,6 +795,8 @@ class MetaTemplate:
             Whatever the template's ``forward`` returns.
 
         Raises:
+            ArgumentTypeError: ``params_and_buffers`` is not a mapping (a
+                tensor, ``None``, a list), whatever ``strict``.
             MetaTensorError: ``strict`` and an entry is missing, unexpected,
                 of the wrong shape (or a float for an integer buffer), or a
                 tied name given a different tensor than its twin; every
@@ -789,6 +807,15 @@ class MetaTemplate:
                 :class:`TemplateState`, stored anything in plain attributes.
         """
         module = self.module
+        if not isinstance(params_and_buffers, Mapping):
+            # Before dict() reads it: a 1-D tensor or None would raise Python's own error.
+            raise ArgumentTypeError(
+                f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
+                f"tensors as its first argument, got {type(params_and_buffers).__name__}. Fix: "
+                "pass `dict(module.named_parameters())` or the output of a hypernetwork keyed "
+                "by name (`template.shapes(buffers=False)` lists the names and shapes; split a "
+                "flat vector into them)."
+            )
         if self._spoiled:
             raise MetaTensorError(
                 f"MetaTemplate({type(module).__name__}): an earlier call's forward changed "
@@ -921,12 +948,6 @@ class MetaTemplate:
         self, layout: _Layout, given: Mapping[str, torch.Tensor], *, tie_weights: bool
     ) -> None:
         module = layout.modules[0]
-        if not isinstance(given, Mapping):
-            raise ArgumentTypeError(
-                f"MetaTemplate({type(module).__name__}) expects a mapping of dotted names to "
-                f"tensors as its first argument, got {type(given).__name__}. Fix: pass "
-                "`dict(module.named_parameters())` or the output of a hypernetwork keyed by name."
-            )
         groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
         for names in groups:
@@ -937,7 +958,9 @@ class MetaTemplate:
             elif tie_weights and len({id(given[n]) for n in present}) > 1:
                 problems[present[0]] = (
                     f"{', '.join(map(repr, present))} are tied in the template but were given "
-                    "different tensors (pass one of them, or tie_weights=False to untie them)"
+                    f"different tensors (pass {names[0]!r} only, as `template.shapes()` lists "
+                    f"it, and omit {', '.join(map(repr, names[1:]))}; or untie them: "
+                    "`template.functional_call(params, args, tie_weights=False)`)"
                 )
         for name, value in given.items():
             if name not in expected:
