@@ -246,7 +246,8 @@ def test_help_and_usage_errors_return_instead_of_exiting(
         (
             ["--input", "8,16", "--optimizer", "torch.nn:Linear"],
             "optimizer torch.nn.modules.linear.Linear is a class that is not a "
-            "torch.optim.Optimizer subclass. Fix: pass optimizer='adamw'",
+            "torch.optim.Optimizer subclass. Fix: pass --optimizer adamw or --optimizer "
+            "torch.optim:AdamW",
         ),
     ],
 )
