@@ -7,6 +7,7 @@ which casts parameters and buffers and leaves plain tensor attributes alone.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,3 +139,56 @@ def test_dtype_on_a_real_model_gives_buffers_new_objects_as_module_to_does(
     assert model.original_inv_freq is not model.inv_freq
     assert model.running_alias is not model.running
     assert model.lin.weight is weight and model.weight_alias is weight
+
+
+def test_a_real_buffer_loaded_into_a_wider_dtype_is_the_files_value_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    # A bf16 model loaded from a float32 checkpoint with dtype=float32: every
+    # tensor is the file's value, buffers as parameters; the buffer's old
+    # object takes the values as load_state_dict copies them (bf16).
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    src(torch.randn(16, 4) * 3)  # running statistics no bf16 value holds
+    torch.save(src.state_dict(), tmp_path / "m.pt")
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(torch.bfloat16)
+    old_mean = model[1].running_mean
+    lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.float32)
+    sd = src.state_dict()
+    for name, t in model.state_dict().items():
+        assert t.dtype == sd[name].dtype and torch.equal(t, sd[name]), name
+    assert old_mean.dtype == torch.bfloat16
+    assert torch.equal(old_mean, sd["1.running_mean"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # each of the two buffers
+def test_a_failure_after_a_buffer_got_its_new_object_puts_everything_back(
+    fail_at: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_meta._load import _phases
+
+    torch.manual_seed(0)
+    sd = _Masked().state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    model = _Masked()
+    objects = dict(_tensors(model))
+    values = {k: v.clone() for k, v in objects.items()}
+    real = _phases._put
+    calls: list[int] = []
+
+    def failing(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected failure")
+        real(*args)
+
+    monkeypatch.setattr(_phases, "_put", failing)
+    with pytest.raises(lm.MetaTensorError, match=r"injected failure"):
+        lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.bfloat16)
+    for name, t in _tensors(model).items():
+        assert t is objects[name], name
+        assert t.dtype == values[name].dtype and torch.equal(t, values[name]), name
+    monkeypatch.setattr(_phases, "_put", real)
+    lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.bfloat16)
+    assert model.running.dtype == torch.bfloat16
+    assert torch.equal(model.running_alias, sd["running"])

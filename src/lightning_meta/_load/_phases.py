@@ -159,10 +159,10 @@ class Converted:
     """One group's new tensor, ready to go in.
 
     ``in_place``: copy ``tensor`` into the group's (real) tensor; then, where
-    ``then_to`` is given (a real buffer loaded under ``dtype=``/``device=``),
-    its buffer slots take a new tensor converted from it, as ``module.to()``
-    gives a buffer a new object after ``load_state_dict`` copied into the old
-    one. Otherwise a real parameter takes ``tensor`` as its ``.data`` (a new
+    ``then`` is given (a real buffer loaded under ``dtype=``/``device=``),
+    its buffer slots take ``then``, as ``module.to()`` gives a buffer a new
+    object after ``load_state_dict`` copied into the old one (``then`` is
+    the file's value converted once, bit for bit as a parameter's). Otherwise a real parameter takes ``tensor`` as its ``.data`` (a new
     dtype or device) and its ``.grad`` takes ``grad`` as its ``.data`` where
     given, a real buffer's slots take ``tensor``, and a meta tensor's slots
     take ``tensor`` itself, already dressed as the old one (Parameter class,
@@ -173,7 +173,7 @@ class Converted:
     tensor: torch.Tensor
     in_place: bool
     grad: torch.Tensor | None = None
-    then_to: tuple[torch.device, torch.dtype] | None = None
+    then: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,13 +240,15 @@ def convert(
     read_as = {k: (torch.device("cpu"), by_key[k][0].tensor.dtype) for k in parts}
     # A real buffer to cast or move: eager copies into it, then module.to()
     # gives the buffer a new object (a reference to the old one keeps the
-    # loaded values in the old dtype), so it is read as it is held.
+    # loaded values in the old dtype). Read as the file holds it, then
+    # converted twice: into the old object, and once to the new object (not
+    # through the old dtype, which could round a value the file holds).
     moved = {
-        e.key: wanted[e.key]
+        e.key
         for g, e in plan.load
         if _buffer_only(g) and wanted[e.key] != (g.tensor.device, g.tensor.dtype)
     }
-    read_as |= {k: (by_key[k][0].tensor.device, by_key[k][0].tensor.dtype) for k in moved}
+    read_as |= {k: (torch.device("cpu"), source.entries[k].dtype) for k in moved}
     # Casting while reading needs no full-size temporary of the checkpoint's dtype.
     cast = {
         k: want for k, (_, want) in (wanted | read_as).items() if want != source.entries[k].dtype
@@ -268,9 +270,10 @@ def convert(
             elif key in moved:
                 if entry.dtype != want:
                     out.cast.extend(group.names)
-                to, cast_to = read_as[key]
-                item = _convert_one(group, tensor, to, cast_to, seen_storage)
-                item.then_to = moved[key]
+                old = group.tensor
+                then = _convert_one(group, tensor, dev, want, seen_storage).tensor
+                item = _convert_one(group, tensor, old.device, old.dtype, seen_storage)
+                item.then = then
                 out.tensors.append(item)
             else:
                 if entry.dtype != want:
@@ -881,8 +884,8 @@ def swap_in(
                         raise
                     undo.append(_undo_copy(old, backup))
                     item.tensor = backup
-                    if item.then_to is not None:
-                        new = old.to(*item.then_to)
+                    if item.then is not None:
+                        new = item.then
                         for slot in current.slots:
                             if slot.kind == "buffer":
                                 undo.append(_undo_put(slot, old))
