@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from lightning_meta._guard import _find
 from support.guard_models import IN, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -141,3 +142,46 @@ def test_a_deferred_model_only_held_elsewhere_is_not_found_past_the_bounds() -> 
     assert later.weight.is_meta
     assert lm.find_meta_tensors(model) == []
     lm.assert_no_meta(model)
+
+
+class Tokenizer:
+    """A plain object with a large vocabulary: the search stops at its bounds."""
+
+    def __init__(self) -> None:
+        self.vocab = {f"w{i}": i for i in range(50_000)}
+        self.merges = [("a", "b")] * 5000
+
+
+@pytest.mark.parametrize("first", ["forward", "backward"])
+@pytest.mark.parametrize(
+    ("holder", "path"),
+    [
+        (lambda m: _boxed(m, 6), "holder.inner.inner.inner.inner.inner.inner.weight"),
+        (Table, "holder.rows.2000.weight"),
+        (lambda m: Box([Box(i) for i in range(11_000)] + [m]), "holder.inner.11000.weight"),
+        (lambda m: Box([Tokenizer(), m]), "holder.inner.1.weight"),
+    ],
+)
+def test_the_search_from_the_model_and_the_trace_back_find_the_same(
+    monkeypatch: pytest.MonkeyPatch, first: str, holder: Any, path: str
+) -> None:
+    # Past the bounds, the search from the model and the trace back from the
+    # deferred tensors take turns by time: whichever finishes first decides.
+    # Each one alone (the other given no time) finds the same, and neither
+    # reports the teacher held elsewhere.
+    monkeypatch.setattr(_find, "_FORWARD_HEAD_START", 1e9 if first == "forward" else -1e9)
+    with lm.deferred_init():
+        model = nn.Sequential(nn.Linear(2, 2))
+        hidden = nn.Linear(2, 2, bias=False)
+        later = nn.Linear(2, 2)
+    model.holder = holder(hidden)
+    model.also = _boxed(hidden, 7)  # found under its first path only
+    lm.materialize(model)
+    found = lm.find_meta_tensors(model)
+    assert [(f.path, f.deferred, f.hidden) for f in found] == [(path, True, True)]
+    with pytest.raises(lm.MetaTensorError, match="holds 1 meta tensor") as e:
+        lm.assert_no_meta(model)
+    assert list(e.value.paths) == [path]
+    lm.materialize(hidden)
+    assert lm.find_meta_tensors(model) == []
+    assert later.weight.is_meta

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -40,6 +41,13 @@ _FOREIGN = frozenset(
 MAX_PLAIN_VISITS = 10_000
 # What holds no tensor (the items of a table of data): passed over at once.
 _SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
+# Past the bounds, the search from the root (forwards) and the trace back from
+# the deferred tensors (backwards) take turns, each while it has used less time
+# than the other; the forward one starts with this much (seconds) before the
+# first heap scan of the backward one (a tenth of a second on a heap of 2M objects).
+_FORWARD_HEAD_START = 0.05
+# Objects the forward search visits between two looks at the clock.
+_TICK_VISITS = 512
 
 FIX = (
     "Fix: keep a stateless copy as lightning_meta.MetaTemplate(module) (Lightning never "
@@ -256,9 +264,13 @@ class _Walker:
         self.truncated = False
         self.tensors: set[int] = set()
         # For the search past the bounds (see _beyond_bounds): no bounds, only
-        # the objects in ``only``, and only the tensors in ``targets``.
+        # the objects in ``only`` (if given), only the tensors in ``targets``,
+        # and every ``tick`` objects visited, ``_TICK`` yielded (if not 0).
+        self.bounded = True
         self.only: set[int] | None = None
         self.targets: set[int] | None = None
+        self.tick = 0
+        self.visits = 0
 
     def _report(self, t: torch.Tensor) -> bool:
         if self.targets is not None and id(t) not in self.targets:
@@ -282,7 +294,11 @@ class _Walker:
             return
         if type(obj) in _SCALARS:
             return
-        bounded = self.only is None
+        bounded = self.bounded
+        if self.tick:
+            self.visits += 1
+            if self.visits % self.tick == 0:
+                yield _TICK
         if self.plain_depth and bounded:
             # A plain object can lead anywhere (a linked list, a graph of
             # thousands of objects): each one the module holds is searched
@@ -323,7 +339,8 @@ class _Walker:
             yield from self._optimizer(obj, path)
         else:
             for key, value in _items(obj):
-                yield from self.walk(value, _join(path, key), kind, hidden)
+                if type(value) not in _SCALARS:
+                    yield from self.walk(value, _join(path, key), kind, hidden)
 
     def _module(self, module: nn.Module, prefix: str, hidden: bool) -> Iterator[MetaFinding]:
         handles = handles_of(module)
@@ -358,7 +375,8 @@ class _Walker:
         elif id(obj) not in self.seen and (self.only is None or id(obj) in self.only):
             self.seen.add(id(obj))
             for key, value in _items(obj):
-                yield from self._contained(value, _join(path, key), hidden)
+                if type(value) not in _SCALARS:
+                    yield from self._contained(value, _join(path, key), hidden)
 
     def _optimizer(self, opt: torch.optim.Optimizer, prefix: str) -> Iterator[MetaFinding]:
         # Parameters are numbered across groups, as in optimizer.state_dict().
@@ -380,31 +398,65 @@ def _beyond_bounds(root: Any, found: set[int]) -> list[MetaFinding]:
 
     The bounds keep the search cheap on large object graphs, but a deferred
     module past them would train on uninitialised memory. The package knows
-    every deferred tensor still alive: the objects from which one the search
-    did not find is reachable, over the edges the search follows (attributes,
-    items, closures; not a class, a module's globals or a frame), are found
-    backwards with :func:`gc.get_referrers`, one scan of the heap per step. If
-    ``root`` is among them, it is searched again without bounds, through those
-    objects only, for those tensors. A deferred model only held elsewhere (a
-    teacher built for later) is not reachable, so not reported.
+    every deferred tensor still alive; those the search did not find are
+    looked for in two ways at once, taking turns by the time each has used:
+    the search from ``root`` again without bounds (cheap where ``root``
+    reaches little, such as a tokenizer's vocabulary), and the trace back
+    from those tensors (cheap where a large heap holds little that reaches
+    them: one scan of the heap per step). The first to finish decides; both
+    give the same findings. Traced back, the objects from which a tensor is
+    reachable over the edges the search follows (attributes, items,
+    closures; not a class, a module's globals or a frame) are found with
+    :func:`gc.get_referrers`; if ``root`` is among them, it is searched again
+    without bounds, through those objects only, for those tensors. A deferred
+    model only held elsewhere (a teacher built for later) is not reachable,
+    so not reported.
     """
     pending = {id(t): t for t in _handles.deferred_tensors() if id(t) not in found}
     if not pending:
         return []
-    ancestors = _ancestors(list(pending.values()))
+    targets = set(pending)
+    forward = _Walker()
+    forward.bounded, forward.targets, forward.tick = False, targets, _TICK_VISITS
+    searching: Iterator[MetaFinding] | None = forward.walk(root, "")
+    findings: list[MetaFinding] = []
+    ancestors: set[int] = set()
+    tracing = _ancestors(list(pending.values()), ancestors)
+    del pending
+    spent = {"forward": -_FORWARD_HEAD_START, "backward": 0.0}
+    while True:
+        start = time.perf_counter()
+        if searching is not None and spent["forward"] <= spent["backward"]:
+            try:
+                # Until the next tick: a bounded share of the forward search.
+                while (f := next(searching)) is not _TICK:
+                    findings.append(f)
+            except StopIteration:
+                return findings
+            except RecursionError:
+                # A chain of objects deeper than Python's stack: the trace back decides.
+                searching = None
+            spent["forward"] += time.perf_counter() - start
+            continue
+        if next(tracing, True) is True:
+            break
+        spent["backward"] += time.perf_counter() - start
+    del searching, forward, findings
     if id(root) not in ancestors:
         return []
     walker = _Walker()
-    walker.only, walker.targets = ancestors, set(pending)
+    walker.bounded, walker.only, walker.targets = False, ancestors, targets
     return list(walker.walk(root, ""))
 
 
-def _ancestors(tensors: list[torch.Tensor]) -> set[int]:
-    """The ids of the objects from which any of ``tensors`` is reachable over the search's edges."""
-    out: set[int] = set()
+def _ancestors(tensors: list[torch.Tensor], out: set[int]) -> Iterator[None]:
+    """Add to ``out`` the ids of the objects from which any of ``tensors`` is reachable
+    over the search's edges; one step back (one scan of the heap) per item yielded."""
     frontier: list[Any] = list(tensors)
-    mine = {id(frontier), id(tensors), id(out)}
-    gc.collect()  # so that dead cycles lead nowhere
+    del tensors
+    mine = {id(frontier), id(out)}
+    # No gc.collect() first: a dead cycle that reaches a tensor is no referrer
+    # of anything alive, so it never leads back to the root (it costs a scan).
     while frontier:
         here = {id(o) for o in frontier}
         mine.add(id(here))
@@ -426,7 +478,7 @@ def _ancestors(tensors: list[torch.Tensor]) -> set[int]:
         del refs
         frontier = step
         mine.add(id(frontier))
-    return out
+        yield None
 
 
 def _edge(r: Any, children: set[int]) -> bool:
@@ -440,10 +492,22 @@ def _edge(r: Any, children: set[int]) -> bool:
         return True
     if issubclass(
         kind,
-        (type, types.ModuleType, types.FrameType, types.MethodType, types.CodeType, Handle),
+        (
+            type,
+            types.ModuleType,
+            types.FrameType,
+            types.MethodType,
+            types.CodeType,
+            types.GeneratorType,  # the forward search's own, suspended
+            Handle,
+        ),
     ):
         return False
     return kind.__module__.split(".", 1)[0] not in _FOREIGN
+
+
+# Yielded by a forward search past the bounds every ``tick`` objects: time to look at the clock.
+_TICK = MetaFinding("<tick>", "tensor", (), None, False)
 
 
 def _container(obj: Any) -> bool:
