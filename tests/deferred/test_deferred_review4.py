@@ -20,7 +20,6 @@ eager works before:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -243,17 +242,9 @@ class _TableThenLayers(nn.Module):
         self.register_buffer("pe", pe)
 
 
-def _block_seconds(keep: bool) -> float:
-    best = float("inf")
-    for _ in range(2):
-        start = time.thread_time()
-        with deferred_init():
-            _TableThenLayers(keep)
-        best = min(best, time.thread_time() - start)
-    return best
-
-
-def test_an_array_alive_while_the_block_runs_costs_no_pass_over_it_per_op() -> None:
+def test_an_array_alive_while_layers_are_built_gives_eagers_model() -> None:
+    # Its cost (a pass over the array per op before) is measured outside the suite:
+    # speed is never a timed assertion here.
     torch.manual_seed(0)
     eager = _TableThenLayers(keep=True)
     torch.manual_seed(0)
@@ -261,9 +252,6 @@ def test_an_array_alive_while_the_block_runs_costs_no_pass_over_it_per_op() -> N
         module = _TableThenLayers(keep=True)
     materialize(module)
     assert_same_as_eager(eager, module)
-    # Before: every op of the 48 layers compared the whole 16 MiB array with a copy.
-    dropped, kept = _block_seconds(keep=False), _block_seconds(keep=True)
-    assert kept < 2 * dropped + 0.1, (kept, dropped)
 
 
 def _built_in_inference_mode() -> nn.Module:
