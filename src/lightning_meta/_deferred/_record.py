@@ -133,6 +133,42 @@ class Graded(NamedTuple):
     origin: int | None
 
 
+class NumpyHome:
+    """The memory of a storage whose ``.numpy()`` array was still alive when the block ended.
+
+    Eager's array shares the tensor's memory: ``real`` is the array's memory
+    (written through it, also after the block). ``whole``: the array covers
+    the storage in its own layout, so materialize gives the storage's tensors
+    ``real``'s memory; otherwise (an array of a part, a view) that cannot be
+    shared, and ``logged`` (the values the record last logged) tells whether
+    the array was written after the block.
+    """
+
+    __slots__ = ("arrays", "logged", "real", "site", "whole")
+
+    def __init__(
+        self,
+        real: torch.Tensor,
+        whole: bool,
+        logged: torch.Tensor | None,
+        arrays: list[weakref.ref[Any]],
+        site: str,
+    ) -> None:
+        self.real = real
+        self.whole = whole
+        self.logged = logged
+        self.arrays = arrays
+        self.site = site
+
+    def alive(self) -> bool:
+        """Whether one of the arrays over ``real`` is still alive."""
+        return any(a() is not None for a in self.arrays)
+
+    def copy(self) -> NumpyHome:
+        """A copy for a copied record: the values now, shared with no array (as eager's deepcopy)."""
+        return NumpyHome(self.real.clone(), self.whole, self.logged, [], self.site)
+
+
 class Record:
     """The op log of one ``deferred_init`` block plus the replay bookkeeping.
 
@@ -197,6 +233,8 @@ class Record:
         # Tensors kept on a module that view a tensor a load_state_dict in
         # progress has not reached yet (slot, handle): made views once it has.
         self.waiting: list[tuple[Any, Any]] = []
+        # Storage index -> the memory of a numpy array alive when the block ended.
+        self.numpy_homes: dict[int, NumpyHome] = {}
         self.released = False
         self.lock = threading.RLock()
 
@@ -230,6 +268,7 @@ class Record:
         self.snapshots = {}
         self.random_index = {}
         self.ahead = {}
+        self.numpy_homes = {}
         self.released = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -240,6 +279,8 @@ class Record:
         state["waiting"] = []
         state["pending"] = list(self.pending)
         state.pop("lock")
+        # Weak references do not pickle; the copy's tensors share no array's memory.
+        state["numpy_homes"] = {s: h.copy() for s, h in self.numpy_homes.items()}
         # Only in-place writes since capture matter, and rebuilding a tensor
         # may bump its counter (torch 2.6 does when unpickling): keep the
         # difference, not the absolute count (as ``_handles.Handle`` does).
@@ -252,6 +293,7 @@ class Record:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("ambient", [])  # pickled before settings were noted
         state.setdefault("ahead", {})
+        state.setdefault("numpy_homes", {})
         state.setdefault("outer_meta", any(s.device.type == "meta" for s in state["streams"]))
         state.setdefault("inference", False)
         state["constants"] = {
@@ -275,6 +317,7 @@ class Record:
         new.pending = weakref.WeakSet(copy.deepcopy(h, memo) for h in list(self.pending))
         new.materialized = {}
         new.ahead = copy.deepcopy(self.ahead, memo)
+        new.numpy_homes = {s: h.copy() for s, h in self.numpy_homes.items()}
         new.made_in = {}
         new.copied = set()
         new.waiting = []

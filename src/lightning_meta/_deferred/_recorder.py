@@ -50,7 +50,14 @@ from lightning_meta._deferred import _ambient
 from lightning_meta._deferred._ambient import Ambient
 from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
-from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Stream
+from lightning_meta._deferred._record import (
+    RANDOM_FILLS,
+    GenRef,
+    NumpyHome,
+    Op,
+    Record,
+    Stream,
+)
 from lightning_meta._deferred._record_errors import path_of, user_site
 from lightning_meta._deferred._replay import replay, same_bits, slice_ops
 from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
@@ -142,21 +149,32 @@ class _NumpyArray:
     """A block tensor's values handed out by ``.numpy()``: the array's memory, and what was logged.
 
     Eager's array shares the tensor's memory; the block's is over ``real``, a
-    copy of the recorded value. A write through it is logged as a ``copy_``
-    of ``real`` into the tensor before the next op (see
-    :meth:`Recorder._numpy_writes`).
+    copy of the recorded value (in the tensor's layout: with ``whole``, the
+    tensor covers its storage, and materialize can give it this memory). A
+    write through it is logged as a ``copy_`` of ``real`` into the tensor
+    before the next op that uses the tensor's memory (see
+    :meth:`Recorder._numpy_writes`); ``logged`` is what was logged last (the
+    only copy kept: the record holds it as the ``copy_``'s source).
     """
 
-    __slots__ = ("array", "fake", "logged", "real", "site", "storage")
+    __slots__ = ("arrays", "cdata", "fake", "logged", "real", "site", "storage", "whole")
 
-    def __init__(self, fake: torch.Tensor, storage: int, real: torch.Tensor, array: object) -> None:
+    def __init__(
+        self, fake: torch.Tensor, storage: int, real: torch.Tensor, array: object, whole: bool
+    ) -> None:
         self.fake = fake
         self.storage = storage
+        self.cdata = _compat.storage_id(fake.untyped_storage())
         self.real = real
+        self.whole = whole
         with _compat.no_python_dispatch():
             self.logged = real.clone()
-        self.array = weakref.ref(array)
+        self.arrays = [weakref.ref(array)]
         self.site = user_site(1)
+
+    def alive(self) -> bool:
+        """Whether one of the arrays over ``real`` is still alive."""
+        return any(a() is not None for a in self.arrays)
 
 
 class _Call:
@@ -295,6 +313,8 @@ class Recorder(RecordingDispatchMode):
                 random draws outside a ``torch.nn.init`` initialiser (the
                 values of weights, which are only drawn at materialize).
         """
+        if self._arrays:
+            self._log_array_writes((t,), {})
         vid = self.values.vid(t, op)
         flags = self.lineage.depends(vid)
         if flags & GARBAGE:
@@ -333,26 +353,28 @@ class Recorder(RecordingDispatchMode):
     def numpy_of(self, t: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
         """Return ``make(real)`` (``Tensor.numpy``) for fake tensor ``t``, ``real`` its value.
 
-        Writes through the array are logged before the next op reads the
-        tensor; a later op writing the tensor while the array lives is
-        refused (eager's array would see it, this one cannot), and so is an
-        array still alive when the block ends (see :meth:`finish_arrays`).
+        Writes through the array are logged before the next op using the
+        tensor's memory; a later op writing the tensor while the array lives
+        is refused (eager's array would see it, this one cannot). An array
+        still alive when the block ends becomes the tensor's memory at
+        materialize (see :meth:`finish_arrays`).
 
         Raises:
             MaterializationError: ``t``'s value cannot be read while recording
                 (see :meth:`read_values`), or an array of another tensor on its
                 memory is still alive.
         """
-        self._log_array_writes()
         vid = self.values.vid(t, "Tensor.numpy")
         storage = self.record.values[vid].storage
         for held in self._arrays:
-            if held.storage != storage or held.array() is None:
+            if held.storage != storage or not held.alive():
                 continue
             if held.fake is t:
                 # A second array over the same memory, as eager's two share the tensor's.
                 with _compat.no_python_dispatch():
-                    return make(held.real)
+                    array = make(held.real)
+                held.arrays.append(weakref.ref(array))
+                return array
             raise self.values.error(
                 "Tensor.numpy",
                 t,
@@ -363,57 +385,85 @@ class Recorder(RecordingDispatchMode):
                 "again",
             )
         real = self.read_values(t, "Tensor.numpy")
+        held_bytes = t.untyped_storage().nbytes()
         with _compat.no_python_dispatch():
             real = real.clone()  # the array's own memory, never a captured tensor's
             array = make(real)
-        self._arrays.append(_NumpyArray(t, storage, real, array))
+            # A tensor covering its storage in this layout: materialize can
+            # give the storage the array's memory, as eager's array shares it.
+            whole = (
+                t.storage_offset() == 0
+                and real.stride() == t.stride()
+                and real.untyped_storage().nbytes() == held_bytes
+            )
+        self._arrays.append(_NumpyArray(t, storage, real, array, whole))
         return array
 
     def finish_arrays(self) -> None:
-        """At the end of the block: log what was written through arrays; refuse one still alive.
+        """At the end of the block: log what was written through arrays; keep the live ones' memory.
 
         Runs with the block's modes active: the ``copy_`` is recorded like
-        any other op.
+        any other op. An array still alive shares its tensor's memory in
+        eager construction for as long as it lives; materialize gives the
+        tensor the array's memory (see ``_replay._numpy_memory``).
         """
-        for fake, new in self._numpy_writes():
+        alive = [held for held in self._arrays if held.alive()]
+        for fake, new in self._numpy_writes(self._arrays):
             self._logging_array = True
             try:
                 with torch.no_grad():
                     fake.copy_(new)
             finally:
                 self._logging_array = False
-        for held in self._arrays:
-            if held.array() is not None:
-                self._arrays = []
-                raise self.values.error(
-                    "Tensor.numpy",
-                    held.fake,
-                    f"returned a numpy array at {held.site} that is still alive when the block "
-                    "ends: eager's array shares the tensor's memory for as long as it lives "
-                    "(a later write to either reaches the other), the block's holds a copy of "
-                    "its values",
-                    "keep a copy (array.copy()) or let the array go (del it) before the block "
-                    "ends, or call .numpy() after materialize",
-                )
+        for held in alive:
+            logged = None if held.whole else held.logged
+            home = NumpyHome(held.real, held.whole, logged, held.arrays, held.site)
+            self.record.numpy_homes[held.storage] = home
         self._arrays = []
 
-    def _numpy_writes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Return (tensor, new values) for each array written since last looked at; forget dead ones."""
+    def _numpy_writes(self, due: list[_NumpyArray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return (tensor, new values) for each of ``due`` written since last looked at.
+
+        Forgets the dead ones among ``due``.
+        """
         found: list[tuple[torch.Tensor, torch.Tensor]] = []
         with _compat.no_python_dispatch():
-            for held in self._arrays:
+            for held in due:
                 if not same_bits(held.real, held.logged):
-                    held.logged = held.real.clone()
-                    found.append((held.fake, held.real.clone()))
-        self._arrays = [held for held in self._arrays if held.array() is not None]
+                    held.logged = held.real.clone()  # also the copy_'s source the record keeps
+                    found.append((held.fake, held.logged))
+        dead = {id(held) for held in due if not held.alive()}
+        if dead:
+            self._arrays = [held for held in self._arrays if id(held) not in dead]
         return found
 
-    def _log_array_writes(self) -> None:
-        """Log writes through ``.numpy()`` arrays, as ``copy_`` ops, before the op about to run."""
+    def _due(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_NumpyArray]:
+        """Return the arrays whose writes must be logged before an op taking ``args`` and ``kwargs``.
+
+        Those over the memory of a tensor argument (comparing every array on
+        every op cost a whole pass over each array per op), and dead ones,
+        whose last writes are logged once and which are then forgotten.
+        """
+        cdatas: set[int] = set()
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, torch.Tensor):
+                if isinstance(arg, FakeTensor):
+                    cdatas.add(_compat.storage_id(arg.untyped_storage()))
+            elif isinstance(arg, (list, tuple)):
+                for item in arg:
+                    if isinstance(item, FakeTensor):
+                        cdatas.add(_compat.storage_id(item.untyped_storage()))
+        return [held for held in self._arrays if held.cdata in cdatas or not held.alive()]
+
+    def _log_array_writes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Log writes through ``.numpy()`` arrays, as ``copy_`` ops, before an op using their memory."""
         if self._logging_array:
             return
+        due = self._due(args, kwargs)
+        if not due:
+            return
         copy = torch.ops.aten.copy_.default
-        for fake, new in self._numpy_writes():
+        for fake, new in self._numpy_writes(due):
             self._logging_array = True
             try:
                 self.__torch_dispatch__(copy, (), (fake, new), {})
@@ -424,7 +474,7 @@ class Recorder(RecordingDispatchMode):
         """Refuse an op writing a tensor whose ``.numpy()`` array is alive (it would not see it)."""
         written = self.values.storages_of(list(call.writes))
         for held in self._arrays:
-            if held.storage in written and held.array() is not None:
+            if held.storage in written and held.alive():
                 raise self.values.error(
                     info.name,
                     held.fake,
@@ -468,7 +518,7 @@ class Recorder(RecordingDispatchMode):
         # so the phases avoid generator expressions and share what they can.
         kwargs = kwargs or {}
         if self._arrays:
-            self._log_array_writes()
+            self._log_array_writes(args, kwargs)
         info = _info(func)
         if torch.is_inference_mode_enabled() and not self.record.inference:
             raise self.values.error(

@@ -183,7 +183,7 @@ def replay(
             # block ran under it, are in the log already) and inference mode
             # of the caller stay out, the settings of the block come back.
             with _ambient.outside(record.inference):
-                return _execute(
+                results = _execute(
                     record,
                     order,
                     scratch,
@@ -196,10 +196,63 @@ def replay(
                     preset,
                     ambient,
                 )
+            if record.numpy_homes:
+                _numpy_memory(record, results, targets, device, dtype)
+            return results
         finally:
             torch.set_default_dtype(default_dtype)
             if ambient[1] != ambient[0]:
                 _ambient.put(ambient[0])
+
+
+def _numpy_memory(
+    record: Record,
+    results: dict[int, torch.Tensor],
+    targets: dict[int, str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
+    """Give the results on a storage a numpy array of the block shares that array's memory.
+
+    Eager's array and tensor share memory: a write through the array, also
+    after the block, is the tensor's. The array's memory holds the replayed
+    values plus those writes (torch writes were refused while it lived), so it
+    becomes the tensors' memory; moved or cast, they are ``module.to()``'s
+    copies of it. An array of a part of the storage cannot be its memory.
+
+    Raises:
+        MaterializationError: such an array is still alive, or was written
+            after the block.
+    """
+    values = record.values
+    for vid in list(results):
+        meta = values[vid]
+        home = record.numpy_homes.get(meta.storage)
+        if home is None:
+            continue
+        if home.whole:
+            with torch.no_grad():
+                shared = torch.empty(0, dtype=meta.dtype).set_(
+                    home.real.untyped_storage(), meta.offset, meta.size, meta.stride
+                )
+            results[vid] = _finish(shared, device, dtype)
+            continue
+        assert home.logged is not None
+        if home.alive():
+            how = "is still alive, and eager's shares the tensor's memory"
+        elif not same_bits(home.real, home.logged):
+            how = "was written after the block, which eager's tensor would hold"
+        else:
+            continue
+        path = targets[vid]
+        raise MaterializationError(
+            f"materialize cannot give {path!r} the memory of the numpy array Tensor.numpy "
+            f"returned at {home.site} for a part of it (a view of its memory): that array "
+            f"{how}; the block's array holds a copy of that part only. Fix: call .numpy() on "
+            "the whole tensor and index the array, or let the array go (del it) before the "
+            "block ends, or call .numpy() after materialize.",
+            paths=[path],
+        )
 
 
 def _check_constants(
