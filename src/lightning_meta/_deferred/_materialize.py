@@ -56,7 +56,7 @@ from lightning_meta._deferred._identity import (
 )
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
-from lightning_meta._deferred._replay import complete, replay
+from lightning_meta._deferred._replay import complete, replay, replay_inputs
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
 
@@ -130,13 +130,15 @@ def materialize(
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
     ``DTensor`` gets only its local shard allocated, filled with this rank's
     slice of the exact full tensor (each full tensor is replayed in turn, so
-    peak memory is the shards plus one full tensor). As in eager sharding,
-    ``fully_shard`` slices each rank's own replay (no communication on
-    torch >= 2.7), and a parameter ``parallelize_module`` made slices the
-    replay of the first rank of its mesh, which is broadcast (eager
-    ``distribute_tensor``'s default ``src_data_rank=0``): a seed per rank
-    gives eager's shards. Every rank must call it, as eager construction
-    would.
+    peak memory is the shards plus one full tensor); each rank slices its
+    own replay. ``fully_shard`` keeps each rank's own chunk eagerly (no
+    communication on torch >= 2.7; a seed per rank gives eager's shards).
+    For parameters ``parallelize_module`` made, whose eager shards come from
+    the rank its ``src_data_rank`` names (not recorded on the DTensor), one
+    small all-reduce per mesh checks that every rank's replay starts from
+    the same generator states; a seed per rank is refused (seed every rank
+    the same before the block, reseed after). Every rank must call it, as
+    eager construction would.
 
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
@@ -1138,10 +1140,53 @@ def fill_shards(
     module: nn.Module, sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn = "cpu"
 ) -> None:
     """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
+    _check_same_replays(sharded, device, draw_on)
     _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
-    sources = _compat.fsdp_value_meshes()
     for s in sharded:
-        _fill_shard(s, device, draw_on, sources)
+        _fill_shard(s, device, draw_on)
+
+
+def _check_same_replays(sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn) -> None:
+    """Refuse tensor parallel parameters whose replays differ between the ranks of their mesh.
+
+    Eager ``distribute_tensor`` (``parallelize_module``) slices the full
+    tensor of the rank its ``src_data_rank`` names (0 by default; ``None``:
+    each rank its own), which the DTensor does not record. Where every rank
+    of the mesh replays the same full tensor, each rank's own slice is
+    eager's whatever that setting was; otherwise no choice is exact for every
+    setting. One small all-reduce per mesh compares a digest of what each
+    replay starts from (:func:`replay_inputs`); ranks agree on whether to
+    run it, as they hold the same parameters. ``fully_shard`` of a plain
+    tensor keeps each rank's own chunk eagerly, so it needs no check.
+    """
+    sources = _compat.fsdp_value_meshes()
+    remap = device if draw_on == "device" and device.type != "cpu" else None
+    meshes: dict[tuple[Any, ...], tuple[Any, list[ShardedSlot]]] = {}
+    for s in sharded:
+        mesh = sources.get((id(s.owner), s.name), s.dtensor.device_mesh)  # type: ignore[attr-defined]
+        if mesh is not None:
+            key = (tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()))
+            meshes.setdefault(key, (mesh, []))[1].append(s)
+    for mesh, slots in meshes.values():
+        digests = [replay_inputs(s.handle.record, {s.handle.vid}, remap) for s in slots]
+        # 62 bits of each digest: both signs fit int64, so one MAX gives max and min.
+        mine = torch.tensor([int.from_bytes(d[:8], "big") >> 2 for d in digests], dtype=torch.int64)
+        both = torch.cat([mine, -mine]).to(device)
+        _compat.all_reduce_max_over_mesh(both, mesh)
+        high, low = both[: len(slots)].cpu(), -both[len(slots) :].cpu()
+        apart = sorted(s.path for s, hi, lo in zip(slots, high, low, strict=True) if hi != lo)
+        if apart:
+            raise MaterializationError(
+                f"materialize cannot give the tensor parallel parameters {apart} eager's "
+                "shards: the ranks of their device mesh replay different values (a seed per "
+                "rank, such as fabric.seed_everything(42 + rank), before the deferred_init "
+                "block). Eager parallelize_module's shards then depend on its src_data_rank "
+                "(rank 0's values by default, each rank's own with None), which the DTensor "
+                "does not record. Fix: seed every rank the same before the deferred_init block "
+                "(L.seed_everything(42) or torch.manual_seed(42)), and reseed per rank after "
+                "materialize or lm.fabric_setup if you want per-rank randomness for training.",
+                paths=apart,
+            )
 
 
 def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) -> None:
@@ -1158,18 +1203,12 @@ def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) 
     _compat.apply_to_tensors(module, empty_if_wanted)
 
 
-def _fill_shard(
-    s: ShardedSlot, device: torch.device, draw_on: DrawOn, sources: dict[tuple[int, str], Any]
-) -> None:
+def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
     """Copy this rank's piece of the eager full tensor into ``s``'s allocated local shard.
 
-    ``sources``: :func:`_compat.fsdp_value_meshes`. Eager ``fully_shard``
-    chunks each rank's own tensor, so a plain parameter it sharded is sliced
-    from this rank's replay. ``distribute_tensor`` (``parallelize_module``,
-    with its default ``src_data_rank=0``) slices the first rank's tensor
-    of its mesh, so a parameter it made (before ``fully_shard`` or alone)
-    gets that rank's replay first: with a seed per rank, the ranks' replays
-    differ, as their eager constructions do.
+    Eager ``fully_shard`` chunks each rank's own tensor, and for a parameter
+    ``parallelize_module`` made, every rank of its mesh replays the same full
+    tensor (:func:`_check_same_replays`): each rank slices its own replay.
     """
     from torch.distributed.tensor import DTensor
 
@@ -1183,12 +1222,6 @@ def _fill_shard(
             "its parameters in between.",
             paths=[s.path],
         )
-    key = (id(s.owner), s.name)
-    mesh = sources.get(key, target.device_mesh)
-    if mesh is not None:
-        # A copy: the replay can be a real tensor the record already made (a tie).
-        full = full.clone(memory_format=torch.contiguous_format)
-        _compat.from_first_rank(full, mesh)
     local = _compat.local_shard(full, target.device_mesh, target.placements)
     with torch.no_grad():
         target.to_local().copy_(local)
