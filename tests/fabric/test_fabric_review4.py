@@ -152,6 +152,34 @@ def test_convert_sync_batchnorm_after_the_block_is_refused_with_fixes_that_work(
     assert _same(model.state_dict(), expected)
 
 
+def test_a_sync_batchnorm_built_on_meta_is_not_blamed_on_convert_sync_batchnorm() -> None:
+    # Built on meta directly (no block, no conversion), alone or set into a
+    # deferred model: the plain message, naming every meta tensor and the fallback.
+    with torch.device("meta"):
+        alone = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2))
+    with lm.deferred_init():
+        mixed = _batchnorm_net()
+    mixed.append(nn.SyncBatchNorm(2, device="meta"))
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    names = ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    for model, paths in ((alone, ["0.bias", "0.weight"]), (mixed, [])):
+        at = "1" if model is alone else "4"
+        bn = [f"{at}.{n}" for n in names]
+        for call in (lm.materialize, lambda m: lm.fabric_setup(fabric, m)):
+            with pytest.raises(lm.MetaTensorError) as e:
+                call(model)
+            assert "convert_sync_batchnorm" not in str(e.value)
+        with pytest.raises(lm.MetaTensorError, match="fallback='reset_parameters'") as e:
+            lm.materialize(model)
+        assert list(e.value.paths) == sorted(paths + bn)
+    torch.manual_seed(0)
+    expected = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2)).state_dict()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        alone = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2))
+    assert _same(lm.materialize(alone, fallback="reset_parameters").state_dict(), expected)
+
+
 def _backbone() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
     model.register_buffer("rb", torch.randn(3))

@@ -321,7 +321,7 @@ def materialize_paths(
     recast = check_deferred(
         [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
     )
-    _check_plain(plain, fallback)
+    _check_plain(plain, fallback, (m for _, m in walk))
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
@@ -902,7 +902,9 @@ def check_deferred(
     return recast
 
 
-def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
+def _check_plain(
+    plain: list[Slot], fallback: Fallback | None, modules: Iterable[nn.Module] = ()
+) -> None:
     """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
     # A parameter or buffer whose name still has a handle took the place of a
     # deferred tensor after the block. One of the deferred shape in another
@@ -956,7 +958,7 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "tensors from a checkpoint.",
             paths=sharded,
         )
-    converted = converted_batchnorm(plain)
+    converted = converted_batchnorm(plain, modules)
     if converted and fallback is None:
         raise MaterializationError(
             converted_batchnorm_message("materialize", converted), paths=converted
@@ -990,18 +992,37 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
         )
 
 
-def converted_batchnorm(plain: Iterable[Slot]) -> list[str]:
-    """The never-deferred meta tensors held by ``SyncBatchNorm`` modules with no deferred tensor.
+def converted_batchnorm(plain: Iterable[Slot], modules: Iterable[nn.Module]) -> list[str]:
+    """The never-deferred meta tensors that ``convert_sync_batchnorm`` moved out of a block's BatchNorm.
 
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the block moves each
     BatchNorm's tensor objects into a new module; what replays them (their
-    handles) was the replaced BatchNorm's, and went with it.
+    handles) was the replaced BatchNorm's, and went with it. Named only
+    when every such tensor of a handle-less ``SyncBatchNorm`` matches (shape,
+    dtype) a parameter or buffer of a record of ``modules`` that no live
+    handle holds any more, and nothing else in ``plain`` is left: a
+    ``SyncBatchNorm`` built on meta directly gets the plain message.
     """
-    return sorted(
-        s.path
+    plain = list(plain)
+    orphans: set[tuple[tuple[int, ...], torch.dtype]] = set()
+    records = {id(h.record): h.record for m in modules for h in handles_of(m).values()}
+    for record in records.values():
+        held = {h.vid for h in record.pending} | set(record.materialized)
+        for vids in record.owned.values():
+            for vid in vids:
+                if vid not in held:
+                    value = record.values[vid]
+                    orphans.add((tuple(value.size), value.dtype))
+    found = [
+        s
         for s in plain
         if s.kind != "attr" and isinstance(s.owner, nn.SyncBatchNorm) and not handles_of(s.owner)
-    )
+    ]
+    if not found or len(found) != len(plain):
+        return []
+    if any((tuple(s.tensor.shape), s.tensor.dtype) not in orphans for s in found):
+        return []
+    return sorted(s.path for s in found)
 
 
 def converted_batchnorm_message(who: str, paths: list[str]) -> str:
