@@ -54,6 +54,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
         assert sorted(cases) == [
             "bf16_true",
             "fsdp2",
+            "load",
             "refused",
             "src_data_rank=0",
             "src_data_rank=1",
@@ -79,6 +80,18 @@ def test_a_seed_per_rank_under_tensor_parallel_is_refused_naming_one_seed(
         ]
         assert "src_data_rank" in refused["message"], rank
         assert "seed every rank the same before the deferred_init block" in refused["message"]
+
+
+def test_load_checkpoint_replaying_tensor_parallel_parameters_checks_the_seed_too(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    # The load replayed the parameters the file lacks from each rank's own
+    # generator and kept each rank's slice, without the check materialize makes.
+    for rank, cases in two_ranks.items():
+        refused = cases["load"]["seed per rank"]
+        assert refused["refused"] == ["2.bias", "2.weight"], (rank, refused)
+        assert "seed every rank the same before the deferred_init block" in refused["message"]
+        assert cases["load"]["one seed"] == {"refused": None, "replayed_vs_eager": []}, rank
 
 
 def test_one_seed_gives_eager_shards_under_tensor_parallel_and_a_seed_per_rank_under_fsdp2(

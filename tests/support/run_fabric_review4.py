@@ -177,6 +177,43 @@ def true_precision() -> dict[str, Any]:
     return out
 
 
+def load_replaying(fabric: L.Fabric, tp_mesh: Any, workdir: Path) -> dict[str, Any]:
+    """``load_checkpoint`` into a tensor parallel deferred model, replaying what the file lacks.
+
+    The file holds layers 0 and 3; layer 2 is replayed. With a seed per rank
+    that replay is refused as ``materialize`` refuses it; with one seed its
+    shards are eager's.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import parallelize_module as tp
+
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "3": ColwiseParallel()}
+    path = workdir / f"partial-{fabric.global_rank}.pt"
+    torch.manual_seed(0)
+    torch.save({k: v for k, v in build().state_dict().items() if not k.startswith("2.")}, path)
+    out: dict[str, Any] = {}
+    for case, seed in (("seed per rank", 42 + fabric.global_rank), ("one seed", 42)):
+        torch.manual_seed(seed)
+        with lm.deferred_init():
+            model = build()
+        model = tp(model, tp_mesh, plan)
+        try:
+            lm.load_checkpoint(model, path, strict=False)
+        except lm.MetaTensorError as e:
+            out[case] = {"refused": list(e.paths), "message": str(e)}
+            continue
+        torch.manual_seed(seed)
+        reference = tp(build(), tp_mesh, plan)
+        got, expected = local(model), local(reference)
+        out[case] = {
+            "refused": None,
+            "replayed_vs_eager": sorted(
+                k for k in ("2.weight", "2.bias") if not torch.equal(got[k], expected[k])
+            ),
+        }
+    return out
+
+
 def mesh_2d(workdir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -237,6 +274,7 @@ def main() -> None:
             return lm.materialize(model, device=fabric.device) if deferred else model
 
         result[f"src_data_rank={src}"] = compare(fabric, by_src, seed=7)
+    result["load"] = load_replaying(fabric, tp_mesh, workdir)
 
     strategy = ModelParallelStrategy(data_parallel, data_parallel_size=2, tensor_parallel_size=1)
     fsdp = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)

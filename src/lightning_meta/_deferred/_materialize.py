@@ -1161,13 +1161,18 @@ def fill_shards(
     module: nn.Module, sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn = "cpu"
 ) -> None:
     """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
-    _check_same_replays(sharded, device, draw_on)
+    check_same_replays(sharded, device, draw_on)
     _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
     for s in sharded:
         _fill_shard(s, device, draw_on)
 
 
-def _check_same_replays(sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn) -> None:
+def check_same_replays(
+    sharded: list[ShardedSlot],
+    device: torch.device,
+    draw_on: DrawOn,
+    doing: str = "materialize",
+) -> None:
     """Refuse tensor parallel parameters whose replays differ between the ranks of their mesh.
 
     Eager ``distribute_tensor`` (``parallelize_module``) slices the full
@@ -1198,7 +1203,7 @@ def _check_same_replays(sharded: list[ShardedSlot], device: torch.device, draw_o
         apart = sorted(s.path for s, hi, lo in zip(slots, high, low, strict=True) if hi != lo)
         if apart:
             raise MaterializationError(
-                f"materialize cannot give the tensor parallel parameters {apart} eager's "
+                f"{doing} cannot give the tensor parallel parameters {apart} eager's "
                 "shards: the ranks of their device mesh replay different values (a seed per "
                 "rank, such as fabric.seed_everything(42 + rank), before the deferred_init "
                 "block). Eager parallelize_module's shards then depend on its src_data_rank "
@@ -1229,7 +1234,7 @@ def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
 
     Eager ``fully_shard`` chunks each rank's own tensor, and for a parameter
     ``parallelize_module`` made, every rank of its mesh replays the same full
-    tensor (:func:`_check_same_replays`): each rank slices its own replay.
+    tensor (:func:`check_same_replays`): each rank slices its own replay.
     """
     from torch.distributed.tensor import DTensor
 
