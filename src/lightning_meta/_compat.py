@@ -696,8 +696,8 @@ def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
     parameter that was a plain tensor when ``fully_shard`` took it (eager
     keeps each rank's own chunk of its own tensor: no communication), or to
     the device mesh of the ``DTensor`` it was (tensor parallel, FSDP2's SPMD
-    meshes), whose values ``distribute_tensor`` took from the first rank of
-    that mesh. A parameter missing here was never ``fully_shard``-ed.
+    meshes), whose values ``distribute_tensor`` took as its ``src_data_rank``
+    said. A parameter missing here was never ``fully_shard``-ed.
 
     Reads ``torch.distributed._composable_state._module_state_mapping`` (every
     module's composable state; an ancestor's ``fully_shard`` manages the
@@ -731,21 +731,19 @@ def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
     return found
 
 
-def from_first_rank(tensor: torch.Tensor, mesh: Any) -> None:
-    """Give ``tensor`` on every rank of ``mesh`` the values it has on the mesh's first rank, in place.
+def all_reduce_max_over_mesh(tensor: torch.Tensor, mesh: Any) -> None:
+    """Set ``tensor``, in place, to its element-wise maximum over every rank of ``mesh``.
 
-    What ``distribute_tensor(..., src_data_rank=0)`` (``parallelize_module``'s
-    default) sends along each mesh dimension before slicing: every rank's
-    piece comes from the full tensor of the rank at coordinate 0.
+    One all-reduce per mesh dimension: the maximum along the first, then of
+    those along the next, is the maximum over the whole mesh.
     """
     import torch.distributed as dist
 
     for dim in range(mesh.ndim):
-        group = mesh.get_group(dim)
-        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
 
 
-__all__ += ["from_first_rank", "fsdp_value_meshes", "local_shard"]
+__all__ += ["all_reduce_max_over_mesh", "fsdp_value_meshes", "local_shard"]
 
 
 # -- ensembles: gradient buffers reused across steps, and the hooks that keep a

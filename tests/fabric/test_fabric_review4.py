@@ -1,12 +1,15 @@
 """Fourth review of Fabric support: per-rank seeds under tensor parallel, and more.
 
-- Tensor parallel with a seed per rank (`fabric.seed_everything(42 + rank)`):
-  every local shard equals eager's, whose ``distribute_tensor`` scatters rank
-  0's values, and a ``Replicate`` parameter holds the same values on every
-  rank; FSDP2 keeps each rank's own chunk, as eager ``fully_shard`` does
-  (2 gloo ranks); on a 2x2 data x tensor parallel mesh, each rank's chunk
-  of the piece its tensor parallel group's first rank sent (4 gloo ranks;
-  `tests/support/run_fabric_review4.py`).
+- Tensor parallel with a seed per rank (`fabric.seed_everything(42 + rank)`)
+  is refused naming the parameters: eager's shards then depend on
+  ``parallelize_module``'s ``src_data_rank``, which the DTensor does not
+  record. The fix it names (one seed for construction) gives eager's shards
+  and a ``Replicate`` parameter equal on every rank, with ``src_data_rank``
+  0, ``None`` and 1 alike (each rank slices its own replay, no broadcast);
+  FSDP2 keeps each rank's own chunk with a seed per rank, as eager
+  ``fully_shard`` does (2 gloo ranks); on a 2x2 data x tensor parallel mesh
+  seeded per data parallel rank, each rank's chunk of its own piece (4 gloo
+  ranks; `tests/support/run_fabric_review4.py`).
 - ``ModelParallelStrategy`` with ``precision="bf16-true"`` and a float32
   buffer (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
   outside: Fabric casts the model before ``parallelize_fn``, and the buffer
@@ -48,15 +51,55 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
     results = _ranks(tmp_path_factory.mktemp("two_ranks"))
     assert sorted(results) == ["0", "1"]
     for cases in results.values():
-        assert sorted(cases) == ["bf16_true", "fsdp2", "tensor_parallel"]
+        assert sorted(cases) == [
+            "bf16_true",
+            "fsdp2",
+            "load",
+            "refused",
+            "src_data_rank=0",
+            "src_data_rank=1",
+            "src_data_rank=None",
+            "tensor_parallel",
+        ]
     return results
 
 
-def test_a_seed_per_rank_gives_eager_shards_under_tensor_parallel_and_fsdp2(
+def test_a_seed_per_rank_under_tensor_parallel_is_refused_naming_one_seed(
     two_ranks: dict[str, dict[str, Any]],
 ) -> None:
     for rank, cases in two_ranks.items():
-        for name in ("fsdp2", "tensor_parallel"):
+        refused = cases["refused"]
+        assert refused is not None, rank
+        assert refused["paths"] == [
+            "0.bias",
+            "0.weight",
+            "2.bias",
+            "2.weight",
+            "3.bias",
+            "3.weight",
+        ]
+        assert "src_data_rank" in refused["message"], rank
+        assert "seed every rank the same before the deferred_init block" in refused["message"]
+
+
+def test_load_checkpoint_replaying_tensor_parallel_parameters_checks_the_seed_too(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    # The load replayed the parameters the file lacks from each rank's own
+    # generator and kept each rank's slice, without the check materialize makes.
+    for rank, cases in two_ranks.items():
+        refused = cases["load"]["seed per rank"]
+        assert refused["refused"] == ["2.bias", "2.weight"], (rank, refused)
+        assert "seed every rank the same before the deferred_init block" in refused["message"]
+        assert cases["load"]["one seed"] == {"refused": None, "replayed_vs_eager": []}, rank
+
+
+def test_one_seed_gives_eager_shards_under_tensor_parallel_and_a_seed_per_rank_under_fsdp2(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    names = ("fsdp2", "tensor_parallel", "src_data_rank=0", "src_data_rank=None", "src_data_rank=1")
+    for rank, cases in two_ranks.items():
+        for name in names:
             r = cases[name]
             assert r["shards_vs_eager"] == [], (rank, name)
             assert r["output_equal"], (rank, name)
@@ -120,6 +163,34 @@ def test_convert_sync_batchnorm_after_the_block_is_refused_with_fixes_that_work(
     lm.materialize(model, device=fabric.device)
     model = fabric.setup(nn.SyncBatchNorm.convert_sync_batchnorm(model))
     assert _same(model.state_dict(), expected)
+
+
+def test_a_sync_batchnorm_built_on_meta_is_not_blamed_on_convert_sync_batchnorm() -> None:
+    # Built on meta directly (no block, no conversion), alone or set into a
+    # deferred model: the plain message, naming every meta tensor and the fallback.
+    with torch.device("meta"):
+        alone = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2))
+    with lm.deferred_init():
+        mixed = _batchnorm_net()
+    mixed.append(nn.SyncBatchNorm(2, device="meta"))
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    names = ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    for model, paths in ((alone, ["0.bias", "0.weight"]), (mixed, [])):
+        at = "1" if model is alone else "4"
+        bn = [f"{at}.{n}" for n in names]
+        for call in (lm.materialize, lambda m: lm.fabric_setup(fabric, m)):
+            with pytest.raises(lm.MetaTensorError) as e:
+                call(model)
+            assert "convert_sync_batchnorm" not in str(e.value)
+        with pytest.raises(lm.MetaTensorError, match="fallback='reset_parameters'") as e:
+            lm.materialize(model)
+        assert list(e.value.paths) == sorted(paths + bn)
+    torch.manual_seed(0)
+    expected = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2)).state_dict()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        alone = nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2))
+    assert _same(lm.materialize(alone, fallback="reset_parameters").state_dict(), expected)
 
 
 def _backbone() -> nn.Module:

@@ -11,13 +11,15 @@ for data-augmentation diversity) before building the model, deferred and
 eagerly, and compares the shards:
 
 - tensor parallel (``parallelize_module``: colwise, rowwise with a
-  ``Replicate`` bias) through ``fabric_setup``: eager ``distribute_tensor``
-  scatters rank 0's values (its default ``src_data_rank=0``);
+  ``Replicate`` bias) through ``fabric_setup``: refused, since eager's
+  shards then depend on ``src_data_rank``, which the DTensor does not
+  record; with one seed for construction (the fix the refusal names), and
+  by hand with ``src_data_rank`` 0, ``None`` and 1, every shard is eager's;
 - FSDP2 (``fully_shard`` on both ranks) through ``lm.materialize``: eager
   keeps each rank's own chunk of its own values;
 - 2x2: tensor parallel, then ``fully_shard`` on the data parallel dimension
-  (one layer plain FSDP2): eager chunks each rank's tensor parallel piece,
-  which came from the first rank of its tensor parallel group;
+  (one layer plain FSDP2), seeded ``42 + data parallel rank`` (one seed per
+  tensor parallel group): eager chunks each rank's own tensor parallel piece;
 - ``precision="bf16-true"`` under FSDP2 with a float32 buffer built
   explicitly (a rotary ``inv_freq``), inside ``fabric.init_module()`` and
   outside: every parameter and buffer, dtype and values, equals eager's.
@@ -97,9 +99,9 @@ def replicated_apart(module: nn.Module) -> list[str]:
     return apart
 
 
-def compare(fabric: L.Fabric, setup: Any) -> dict[str, Any]:
-    """``setup`` on a deferred and an eager model, both built with this rank's seed."""
-    seed = 42 + fabric.global_rank
+def compare(fabric: L.Fabric, setup: Any, seed: int | None = None) -> dict[str, Any]:
+    """``setup`` on a deferred and an eager model, both built with ``seed`` (default: this rank's)."""
+    seed = 42 + fabric.global_rank if seed is None else seed
     fabric.seed_everything(seed, verbose=False)
     with lm.deferred_init():
         model = build()
@@ -175,13 +177,50 @@ def true_precision() -> dict[str, Any]:
     return out
 
 
+def load_replaying(fabric: L.Fabric, tp_mesh: Any, workdir: Path) -> dict[str, Any]:
+    """``load_checkpoint`` into a tensor parallel deferred model, replaying what the file lacks.
+
+    The file holds layers 0 and 3; layer 2 is replayed. With a seed per rank
+    that replay is refused as ``materialize`` refuses it; with one seed its
+    shards are eager's.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import parallelize_module as tp
+
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "3": ColwiseParallel()}
+    path = workdir / f"partial-{fabric.global_rank}.pt"
+    torch.manual_seed(0)
+    torch.save({k: v for k, v in build().state_dict().items() if not k.startswith("2.")}, path)
+    out: dict[str, Any] = {}
+    for case, seed in (("seed per rank", 42 + fabric.global_rank), ("one seed", 42)):
+        torch.manual_seed(seed)
+        with lm.deferred_init():
+            model = build()
+        model = tp(model, tp_mesh, plan)
+        try:
+            lm.load_checkpoint(model, path, strict=False)
+        except lm.MetaTensorError as e:
+            out[case] = {"refused": list(e.paths), "message": str(e)}
+            continue
+        torch.manual_seed(seed)
+        reference = tp(build(), tp_mesh, plan)
+        got, expected = local(model), local(reference)
+        out[case] = {
+            "refused": None,
+            "replayed_vs_eager": sorted(
+                k for k in ("2.weight", "2.bias") if not torch.equal(got[k], expected[k])
+            ),
+        }
+    return out
+
+
 def mesh_2d(workdir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo")
     names = ("data_parallel", "tensor_parallel")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
-    seed = 42 + dist.get_rank()
+    seed = 42 + mesh["data_parallel"].get_local_rank()
     torch.manual_seed(seed)
     with lm.deferred_init():
         model = build()
@@ -217,7 +256,25 @@ def main() -> None:
     def through_fabric(model: nn.Module, deferred: bool) -> Any:
         return lm.fabric_setup(fabric, model) if deferred else fabric.setup(model)
 
-    result["tensor_parallel"] = compare(fabric, through_fabric)
+    try:
+        compare(fabric, through_fabric)
+        result["refused"] = None
+    except lm.MetaTensorError as e:
+        result["refused"] = {"paths": list(e.paths), "message": str(e)}
+    result["tensor_parallel"] = compare(fabric, through_fabric, seed=42)
+    tp_mesh = fabric.strategy.device_mesh["tensor_parallel"]
+    for src in (0, None, 1):
+
+        def by_src(model: nn.Module, deferred: bool, src: int | None = src) -> nn.Module:
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+            from torch.distributed.tensor.parallel import parallelize_module as tp
+
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "3": ColwiseParallel()}
+            model = tp(model, tp_mesh, plan, src_data_rank=src)
+            return lm.materialize(model, device=fabric.device) if deferred else model
+
+        result[f"src_data_rank={src}"] = compare(fabric, by_src, seed=7)
+    result["load"] = load_replaying(fabric, tp_mesh, workdir)
 
     strategy = ModelParallelStrategy(data_parallel, data_parallel_size=2, tensor_parallel_size=1)
     fsdp = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)

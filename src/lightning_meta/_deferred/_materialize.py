@@ -56,7 +56,7 @@ from lightning_meta._deferred._identity import (
 )
 from lightning_meta._deferred._reach import reach, settle_references
 from lightning_meta._deferred._record import Record
-from lightning_meta._deferred._replay import complete, replay
+from lightning_meta._deferred._replay import complete, replay, replay_inputs
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
 
@@ -130,13 +130,15 @@ def materialize(
     (FSDP2) or ``parallelize_module`` (tensor parallel) replaced by a meta
     ``DTensor`` gets only its local shard allocated, filled with this rank's
     slice of the exact full tensor (each full tensor is replayed in turn, so
-    peak memory is the shards plus one full tensor). As in eager sharding,
-    ``fully_shard`` slices each rank's own replay (no communication on
-    torch >= 2.7), and a parameter ``parallelize_module`` made slices the
-    replay of the first rank of its mesh, which is broadcast (eager
-    ``distribute_tensor``'s default ``src_data_rank=0``): a seed per rank
-    gives eager's shards. Every rank must call it, as eager construction
-    would.
+    peak memory is the shards plus one full tensor); each rank slices its
+    own replay. ``fully_shard`` keeps each rank's own chunk eagerly (no
+    communication on torch >= 2.7; a seed per rank gives eager's shards).
+    For parameters ``parallelize_module`` made, whose eager shards come from
+    the rank its ``src_data_rank`` names (not recorded on the DTensor), one
+    small all-reduce per mesh checks that every rank's replay starts from
+    the same generator states; a seed per rank is refused (seed every rank
+    the same before the block, reseed after). Every rank must call it, as
+    eager construction would.
 
     Args:
         module: the module whose meta tensors to materialize (the whole tree).
@@ -319,7 +321,7 @@ def materialize_paths(
     recast = check_deferred(
         [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
     )
-    _check_plain(plain, fallback)
+    _check_plain(plain, fallback, (m for _, m in walk))
     _check_sharded(sharded, target, dtype)
     if sharded:
         fill_shards(module, sharded, target, draw_on)
@@ -900,7 +902,9 @@ def check_deferred(
     return recast
 
 
-def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
+def _check_plain(
+    plain: list[Slot], fallback: Fallback | None, modules: Iterable[nn.Module] = ()
+) -> None:
     """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
     # A parameter or buffer whose name still has a handle took the place of a
     # deferred tensor after the block. One of the deferred shape in another
@@ -954,7 +958,7 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
             "tensors from a checkpoint.",
             paths=sharded,
         )
-    converted = converted_batchnorm(plain)
+    converted = converted_batchnorm(plain, modules)
     if converted and fallback is None:
         raise MaterializationError(
             converted_batchnorm_message("materialize", converted), paths=converted
@@ -988,18 +992,37 @@ def _check_plain(plain: list[Slot], fallback: Fallback | None) -> None:
         )
 
 
-def converted_batchnorm(plain: Iterable[Slot]) -> list[str]:
-    """The never-deferred meta tensors held by ``SyncBatchNorm`` modules with no deferred tensor.
+def converted_batchnorm(plain: Iterable[Slot], modules: Iterable[nn.Module]) -> list[str]:
+    """The never-deferred meta tensors that ``convert_sync_batchnorm`` moved out of a block's BatchNorm.
 
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` after the block moves each
     BatchNorm's tensor objects into a new module; what replays them (their
-    handles) was the replaced BatchNorm's, and went with it.
+    handles) was the replaced BatchNorm's, and went with it. Named only
+    when every such tensor of a handle-less ``SyncBatchNorm`` matches (shape,
+    dtype) a parameter or buffer of a record of ``modules`` that no live
+    handle holds any more, and nothing else in ``plain`` is left: a
+    ``SyncBatchNorm`` built on meta directly gets the plain message.
     """
-    return sorted(
-        s.path
+    plain = list(plain)
+    orphans: set[tuple[tuple[int, ...], torch.dtype]] = set()
+    records = {id(h.record): h.record for m in modules for h in handles_of(m).values()}
+    for record in records.values():
+        held = {h.vid for h in record.pending} | set(record.materialized)
+        for vids in record.owned.values():
+            for vid in vids:
+                if vid not in held:
+                    value = record.values[vid]
+                    orphans.add((tuple(value.size), value.dtype))
+    found = [
+        s
         for s in plain
         if s.kind != "attr" and isinstance(s.owner, nn.SyncBatchNorm) and not handles_of(s.owner)
-    )
+    ]
+    if not found or len(found) != len(plain):
+        return []
+    if any((tuple(s.tensor.shape), s.tensor.dtype) not in orphans for s in found):
+        return []
+    return sorted(s.path for s in found)
 
 
 def converted_batchnorm_message(who: str, paths: list[str]) -> str:
@@ -1138,10 +1161,58 @@ def fill_shards(
     module: nn.Module, sharded: list[ShardedSlot], device: torch.device, draw_on: DrawOn = "cpu"
 ) -> None:
     """Allocate the local shards of ``sharded`` on ``device`` and fill each exactly."""
+    check_same_replays(sharded, device, draw_on)
     _allocate_shards(module, {id(s.dtensor) for s in sharded}, device)
-    sources = _compat.fsdp_value_meshes()
     for s in sharded:
-        _fill_shard(s, device, draw_on, sources)
+        _fill_shard(s, device, draw_on)
+
+
+def check_same_replays(
+    sharded: list[ShardedSlot],
+    device: torch.device,
+    draw_on: DrawOn,
+    doing: str = "materialize",
+) -> None:
+    """Refuse tensor parallel parameters whose replays differ between the ranks of their mesh.
+
+    Eager ``distribute_tensor`` (``parallelize_module``) slices the full
+    tensor of the rank its ``src_data_rank`` names (0 by default; ``None``:
+    each rank its own), which the DTensor does not record. Where every rank
+    of the mesh replays the same full tensor, each rank's own slice is
+    eager's whatever that setting was; otherwise no choice is exact for every
+    setting. One small all-reduce per mesh compares a digest of what each
+    replay starts from (:func:`replay_inputs`); ranks agree on whether to
+    run it, as they hold the same parameters. ``fully_shard`` of a plain
+    tensor keeps each rank's own chunk eagerly, so it needs no check.
+    """
+    sources = _compat.fsdp_value_meshes()
+    remap = device if draw_on == "device" and device.type != "cpu" else None
+    meshes: dict[tuple[Any, ...], tuple[Any, list[ShardedSlot]]] = {}
+    for s in sharded:
+        mesh = sources.get((id(s.owner), s.name), s.dtensor.device_mesh)  # type: ignore[attr-defined]
+        if mesh is not None:
+            key = (tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()))
+            meshes.setdefault(key, (mesh, []))[1].append(s)
+    for mesh, slots in meshes.values():
+        digests = [replay_inputs(s.handle.record, {s.handle.vid}, remap) for s in slots]
+        # 62 bits of each digest: both signs fit int64, so one MAX gives max and min.
+        mine = torch.tensor([int.from_bytes(d[:8], "big") >> 2 for d in digests], dtype=torch.int64)
+        both = torch.cat([mine, -mine]).to(device)
+        _compat.all_reduce_max_over_mesh(both, mesh)
+        high, low = both[: len(slots)].cpu(), -both[len(slots) :].cpu()
+        apart = sorted(s.path for s, hi, lo in zip(slots, high, low, strict=True) if hi != lo)
+        if apart:
+            raise MaterializationError(
+                f"{doing} cannot give the tensor parallel parameters {apart} eager's "
+                "shards: the ranks of their device mesh replay different values (a seed per "
+                "rank, such as fabric.seed_everything(42 + rank), before the deferred_init "
+                "block). Eager parallelize_module's shards then depend on its src_data_rank "
+                "(rank 0's values by default, each rank's own with None), which the DTensor "
+                "does not record. Fix: seed every rank the same before the deferred_init block "
+                "(L.seed_everything(42) or torch.manual_seed(42)), and reseed per rank after "
+                "materialize or lm.fabric_setup if you want per-rank randomness for training.",
+                paths=apart,
+            )
 
 
 def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) -> None:
@@ -1158,18 +1229,12 @@ def _allocate_shards(module: nn.Module, wanted: set[int], device: torch.device) 
     _compat.apply_to_tensors(module, empty_if_wanted)
 
 
-def _fill_shard(
-    s: ShardedSlot, device: torch.device, draw_on: DrawOn, sources: dict[tuple[int, str], Any]
-) -> None:
+def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
     """Copy this rank's piece of the eager full tensor into ``s``'s allocated local shard.
 
-    ``sources``: :func:`_compat.fsdp_value_meshes`. Eager ``fully_shard``
-    chunks each rank's own tensor, so a plain parameter it sharded is sliced
-    from this rank's replay. ``distribute_tensor`` (``parallelize_module``,
-    with its default ``src_data_rank=0``) slices the first rank's tensor
-    of its mesh, so a parameter it made (before ``fully_shard`` or alone)
-    gets that rank's replay first: with a seed per rank, the ranks' replays
-    differ, as their eager constructions do.
+    Eager ``fully_shard`` chunks each rank's own tensor, and for a parameter
+    ``parallelize_module`` made, every rank of its mesh replays the same full
+    tensor (:func:`check_same_replays`): each rank slices its own replay.
     """
     from torch.distributed.tensor import DTensor
 
@@ -1183,12 +1248,6 @@ def _fill_shard(
             "its parameters in between.",
             paths=[s.path],
         )
-    key = (id(s.owner), s.name)
-    mesh = sources.get(key, target.device_mesh)
-    if mesh is not None:
-        # A copy: the replay can be a real tensor the record already made (a tie).
-        full = full.clone(memory_format=torch.contiguous_format)
-        _compat.from_first_rank(full, mesh)
     local = _compat.local_shard(full, target.device_mesh, target.placements)
     with torch.no_grad():
         target.to_local().copy_(local)

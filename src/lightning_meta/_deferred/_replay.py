@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, R
 from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
-__all__ = ["complete", "replay", "same_bits", "slice_ops"]
+__all__ = ["complete", "replay", "replay_inputs", "same_bits", "slice_ops"]
 
 # Random ops whose generator consumption depends only on the metadata of their
 # tensor arguments, so skipped draws can run on scratch tensors.
@@ -147,6 +148,35 @@ def _start_index(record: Record, rng: ReplayRng, stream: int, first: int) -> int
     # continue from where it is now (nothing in the block advanced it).
     known[head] = rng.current(stream)
     return head
+
+
+def replay_inputs(record: Record, targets: set[int], remap: torch.device | None) -> bytes:
+    """A digest of what a replay of ``targets`` takes from outside the op log.
+
+    The generator state set before each of its draws (the first state only,
+    for a stream whose states were not noted: see ``_start_index``) and the
+    captured real tensors it reads. Processes that ran the same block (SPMD)
+    replay the same ops, so equal digests mean equal results: tensor parallel
+    materialize compares them between ranks.
+    """
+    digest = hashlib.sha256()
+    with record.lock:
+        rng = ReplayRng(record, remap)
+        order, _, blanks = _plan(record, targets, rng, False)
+        for i in order:
+            if i in blanks:
+                continue
+            op = record.ops[i]
+            if op.stream is not None and not rng.on_meta(op.stream):
+                state = record.states.get(rng.key(op.stream), {}).get(i)
+                if state is not None:
+                    digest.update(b"s%d:" % i + state.numpy().tobytes())
+            for v in op.reads:
+                const = record.constants.get(v)
+                if const is not None:
+                    data = const[0].detach().reshape(-1).cpu().contiguous()
+                    digest.update(b"c%d:" % v + data.view(torch.uint8).numpy().tobytes())
+    return digest.digest()
 
 
 def replay(

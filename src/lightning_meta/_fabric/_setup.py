@@ -168,7 +168,7 @@ def fabric_setup(
 def _refuse_converted_batchnorm(module: nn.Module) -> None:
     """Refuse a model converted to SyncBatchNorm after its block, naming the two orders that work."""
     plain = [s for s in iter_slots(module) if s.tensor.is_meta and handle_of(s.tensor) is None]
-    converted = converted_batchnorm(plain)
+    converted = converted_batchnorm(plain, module.modules())
     if converted:
         raise MaterializationError(
             converted_batchnorm_message("fabric_setup", converted), paths=converted

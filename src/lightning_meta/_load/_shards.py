@@ -35,6 +35,7 @@ from lightning_meta import _compat
 from lightning_meta._deferred._handles import forget, lone_module
 from lightning_meta._deferred._materialize import (
     ShardedSlot,
+    check_same_replays,
     materialize,
     materialize_beyond,
     sharded_slots,
@@ -181,9 +182,18 @@ def load_into_shards(
         verify=verify,
         mapped=mapped,
     )
-    for t in targets:
-        if t.deferred is not None:
-            t.local = _replay_box(t, allow_uninitialized)
+    replaying = [t for t in targets if t.deferred is not None]
+    if replaying:  # the same on every rank: the same model and checkpoint
+        # Replays of tensor parallel parameters must agree across the mesh,
+        # as materialize checks (eager slices the src_data_rank's tensor).
+        check_same_replays(
+            [t.deferred for t in replaying if t.deferred is not None],
+            replaying[0].device,
+            "cpu",
+            doing="load_checkpoint (replaying what the checkpoint lacks)",
+        )
+    for t in replaying:
+        t.local = _replay_box(t, allow_uninitialized)
     replay = _phases.replay_missing(
         module,
         rest,
