@@ -41,7 +41,12 @@ from lightning_meta._compat import (
 )
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
-from lightning_meta._ensemble._grouped import GroupedPlan, LayoutLog, NotGroupableError
+from lightning_meta._ensemble._grouped import (
+    _DROPOUTS,
+    GroupedPlan,
+    LayoutLog,
+    NotGroupableError,
+)
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
@@ -336,6 +341,37 @@ class _TemplateWalk:
             (p, m) for p, m in self.paths if isinstance(m, nn.TransformerEncoder)
         ]
         self._watched: tuple[int, list[tuple[str, nn.Module]]] | None = None
+        self.modules = [m for _, m in self.paths]
+        self._described: dict[tuple[bool, ...], str] = {}
+        self._draws: dict[tuple[str, tuple[bool, ...]], bool] = {}
+
+    def modes(self) -> tuple[bool, ...]:
+        """Every module's ``training``, in the plan cache's keys: a change of any module's
+        mode (dropout turned on on the template) is a new kind of call, timed again, and
+        the timing sees whether it draws random numbers."""
+        return tuple([m.training for m in self.modules])
+
+    def describe(self, modes: tuple[bool, ...], training: bool) -> str:
+        """``modes`` in words for a signature: the modules in another mode than the
+        ensemble's ("" when there are none)."""
+        text = self._described.get(modes)
+        if text is None:
+            other = [
+                p or "<root>"
+                for (p, _), flag in zip(self.paths, modes, strict=True)
+                if flag != training
+            ]
+            text = f"{'eval' if training else 'train'}={','.join(other)}" if other else ""
+            self._described[modes] = text
+        return text
+
+    def draws(self, plan: str, modes: tuple[bool, ...], find: Callable[[], bool]) -> bool:
+        """``find()`` (whether ``plan`` draws random numbers onto other elements than the
+        loop), once per plan and ``modes``."""
+        found = self._draws.get((plan, modes))
+        if found is None:
+            found = self._draws[(plan, modes)] = find()
+        return found
 
     def watched(self) -> list[tuple[str, nn.Module]]:
         stamp = hook_registrations()
@@ -370,7 +406,8 @@ class Ensemble(nn.Module):
             activation memory (default: all at once).
         execution: how the members run. ``"auto"`` (default) times the plans
             that apply the first time it sees a kind of call (input shapes
-            rounded up to powers of two, dtypes, devices, train/eval,
+            rounded up to powers of two, dtypes, devices, the train/eval
+            mode of every module,
             gradients on/off, autocast, threads) and keeps the fastest for
             every later call of that kind (see :attr:`plan` and
             :attr:`plans`). The others force a plan: ``"fused"``, one
@@ -389,8 +426,9 @@ class Ensemble(nn.Module):
             running statistics, a dropout mask per member; but only the
             loop draws the masks the members would: for the same seed the
             fused and grouped plans give other dropout masks (and vmap
-            other ``randn`` noise), so ``"auto"`` runs the loop for a call
-            that draws random numbers.
+            other ``randn`` noise, and other masks with two dropout layers
+            or more), so ``"auto"`` runs the loop for a call that draws
+            random numbers.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -1069,6 +1107,8 @@ class Ensemble(nn.Module):
                 )
             ):
                 static = "loop"
+            if self._draws_elsewhere(static):
+                static = "loop"
             return self._unhooked(static)
         if dispatch_mode_active():
             # A FLOP counter or another TorchDispatchMode of the caller's would
@@ -1076,10 +1116,21 @@ class Ensemble(nn.Module):
             # and time its own overhead: this call runs the loop, the FLOPs of
             # a loop over the members, and nothing is recorded.
             return self._unhooked("loop")
-        fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked)
+        # A change of any module's mode (MC dropout turned on on the template
+        # after timing) is a new kind of call, timed again: the timing sees
+        # whether it draws random numbers, and runs the loop if so.
+        walk = self._template_walk()
+        modes = walk.modes()
+        fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked, modes=modes)
         record = self._plans.seen(fast)
         if record is None:
-            key = signature(inputs, kwargs, training=self.training, stacked=stacked)
+            key = signature(
+                inputs,
+                kwargs,
+                training=self.training,
+                stacked=stacked,
+                modes=walk.describe(modes, self.training),
+            )
             record = self._plans.get(key)
             if record is None:
                 record = self._time(key, tensors, inputs, kwargs, previous=None)
@@ -1092,27 +1143,40 @@ class Ensemble(nn.Module):
         return self._unhooked(record.plan)
 
     def _unhooked(self, plan: str) -> str:
-        """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`)
-        or draw random numbers onto other elements than the loop (see :meth:`_draws_elsewhere`).
+        """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`).
 
-        Hooks can be registered, and dropout turned on (MC dropout in eval),
-        at any time, after the plan was timed too, so they are checked on
-        every call.
+        Hooks can be registered at any time, after the plan was timed too, so
+        they are checked on every call.
         """
         hooked = self._backward_hooked(self.template.module)
-        if _skipped_hooks(plan, hooked) is not None or self._draws_elsewhere(plan):
+        if _skipped_hooks(plan, hooked) is not None:
             return "loop"
         return plan
 
     def _draws_elsewhere(self, plan: str) -> bool:
         """Whether ``plan`` would draw this call's random numbers onto other elements than
-        the loop (a dropout in training mode on the fused or grouped plan), giving other
-        dropout masks for the same seed: ``execution="auto"`` then runs the loop."""
-        if plan == "fused":
-            return self._fused is not None and self._fused.draws(self.template.module)
-        if plan == "grouped":
-            return self._grouped.draws(self.template.module)
-        return False
+        the loop, by the template's modules (once per plan and modes): a dropout in
+        training mode on the fused or grouped plan, or a dropout (or ``nn.RReLU``) in
+        training mode on vmap, which draws a layer for all members before the next layer.
+        Timed calls see the draws themselves (a timed run moves the generator); an untimed
+        one has only this, which sees no random op in a forward's own code."""
+        template = self.template.module
+        walk = self._template_walk()
+
+        def find() -> bool:
+            if plan == "fused":
+                return self._fused is not None and self._fused.draws(template)
+            if plan == "grouped":
+                return self._grouped.draws(template)
+            if plan == "vmap":
+                return any(
+                    m.training and getattr(m, "p", 1.0) > 0
+                    for m in walk.modules
+                    if isinstance(m, (*_DROPOUTS, nn.RReLU))
+                )
+            return False
+
+        return plan != "loop" and walk.draws(plan, walk.modes(), find)
 
     def _time(
         self,
@@ -1141,7 +1205,9 @@ class Ensemble(nn.Module):
             # weights round differently from each member's own (bfloat16
             # gives the members' bits): it is not chosen there.
             candidates.remove("fused")
-        candidates = [p for p in candidates if not self._draws_elsewhere(p)]
+        # vmap is left to the timing, which sees its draws (the reason
+        # ``plans`` gives then is "random draws").
+        candidates = [p for p in candidates if p == "vmap" or not self._draws_elsewhere(p)]
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:

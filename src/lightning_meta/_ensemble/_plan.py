@@ -108,7 +108,8 @@ class PlanRecord:
 
     Attributes:
         signature: the kind of call (inputs' shapes rounded up to powers of
-            two, dtypes, devices; train/eval; gradients on/off; autocast;
+            two, dtypes, devices; train/eval, and the template's modules in
+            another mode; gradients on/off; autocast;
             threads).
         plan: ``"fused"``, ``"grouped"``, ``"vmap"`` or ``"loop"``.
         how: ``"timed"`` (at the first call of its kind), ``"timed again"``
@@ -230,6 +231,7 @@ def signature(
     *,
     training: bool,
     stacked: torch.Tensor | None,
+    modes: str = "",
 ) -> str:
     """Describe a call for the plan cache: calls with the same description share a plan.
 
@@ -239,6 +241,8 @@ def signature(
     structure = tree_map(_describe, (list(inputs), dict(kwargs)))
     device = stacked.device if stacked is not None else torch.device("cpu")
     mode = ["train" if training else "eval"]
+    if modes:  # modules in other modes than the ensemble's (see _TemplateWalk.describe)
+        mode.append(modes)
     if torch.is_inference_mode_enabled():
         mode.append("inference")
     elif not torch.is_grad_enabled():
@@ -258,6 +262,7 @@ def fast_key(
     *,
     training: bool,
     stacked: torch.Tensor | None,
+    modes: tuple[bool, ...] = (),
 ) -> tuple[Any, ...] | None:
     """An exact, cheap key for calls with tensor inputs only (``None`` for any other call).
 
@@ -284,6 +289,7 @@ def fast_key(
         autocast,
         torch.get_num_threads(),
         params,
+        modes,
     )
 
 
