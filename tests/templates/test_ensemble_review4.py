@@ -69,7 +69,7 @@ def test_auto_draws_the_loops_random_numbers_on_every_call(factory: type[nn.Modu
     assert ens.plans[-1].how != "random draws"
 
 
-def test_forced_plans_keep_their_own_masks_and_vmap_matches_the_loops_dropout_on_cpu() -> None:
+def test_forced_plans_keep_their_own_masks() -> None:
     torch.manual_seed(0)
     members = [_dropout_mlp() for _ in range(3)]
     x = torch.randn(6, 64)
@@ -84,8 +84,8 @@ def test_forced_plans_keep_their_own_masks_and_vmap_matches_the_loops_dropout_on
     # The same draws, mapped onto other elements by fused and grouped: other masks.
     assert (outs["fused"] - ref).abs().max() > 0.1
     assert (outs["grouped"] - ref).abs().max() > 0.1
-    # vmap's dropout masks are the loop's on the CPU (only the matmuls round otherwise).
-    torch.testing.assert_close(outs["vmap"], ref, rtol=0, atol=1e-6)
+    # vmap's masks: the loop's on torch 2.13's CPU build with one dropout layer, not on
+    # torch 2.6's; not promised, so not checked.
     torch.testing.assert_close(outs["loop"], ref, rtol=0, atol=0)
 
 
@@ -236,6 +236,8 @@ class _Summarised(L.LightningModule):
 def test_trainer_fit_with_example_input_array_summarises_one_call(execution: str) -> None:
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
+    if not hasattr(ModelSummary(_Summarised(None)), "total_flops"):
+        pytest.skip("Lightning < 2.6 counts no FLOPs in ModelSummary (nothing to crash)")
     plain = ModelSummary(_Summarised(None)).total_flops
     model = _Summarised(execution)
     assert ModelSummary(model).total_flops == plain == 3072
