@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_meta import estimate
 from lightning_meta._estimate._track import LiveBytes
-from support.measure import measure_training_step
+from support.measure import allocator_peak, measure_training_step
 from support.zoo_models import TINY_DECODER
 
 MODELS = {
@@ -183,26 +183,7 @@ def _profiled_peak(
         for t in [x, *model.parameters(), *(p.grad for p in model.parameters())]
         if t is not None
     )
-    return before + _allocator_peak(step)[0]
-
-
-def _allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
-    """The peak of what ``call`` allocates, from torch.profiler's allocator events (which
-    see inside kernels), and what it returns."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        out = call()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        if e.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak, out
+    return before + allocator_peak(step)[0]
 
 
 class _Attention(nn.Module):
@@ -293,7 +274,7 @@ def _mm_scratch(dtype: torch.dtype) -> tuple[int, int]:
     sees of the same call beyond its output."""
     a, b = torch.randn(64, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
     torch.mm(a, b)
-    peak, out = _allocator_peak(lambda: torch.mm(a, b))
+    peak, out = allocator_peak(lambda: torch.mm(a, b))
     tracker = LiveBytes()
     with tracker:
         seen = torch.mm(a, b)

@@ -143,3 +143,22 @@ def measure_training_step(
     # FLOPs in a third step, so that the FLOP counter cannot disturb the memory measurement
     fwd, bwd = step(None, FlopCounterMode(display=False))
     return Measurement(peak_bytes=tracker.peak, forward_flops=fwd, backward_flops=bwd)
+
+
+def allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
+    """The peak of what ``call`` allocates, from torch.profiler's allocator events (which
+    see inside kernels, where the storage tracker does not), and what it returns."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        out = call()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak, out

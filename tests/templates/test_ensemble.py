@@ -9,7 +9,7 @@ import gc
 import pickle
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -1094,14 +1094,6 @@ class _Scaled(nn.Module):
 
     def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
         return self.b(torch.tanh(self.a(x))) * scale
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _auto_choosing(

@@ -5,7 +5,6 @@ peak memory."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_meta as lm
+from support.measure import allocator_peak
 
 
 @pytest.fixture(autouse=True)
@@ -253,29 +253,10 @@ def test_trainer_fit_with_example_input_array_summarises_one_call(execution: str
 
 
 # ------------------------------------------------------------------ from_factory's peak memory
-def _allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
-    """The peak of what ``call`` allocates, from torch.profiler's allocator events, and what
-    it returns (as tests/estimate/test_estimate_memory.py measures kernels)."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        out = call()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        if e.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak, out
-
-
 def test_from_factory_holds_the_stack_and_one_member_at_most() -> None:
     member = 1024 * 1024 * 4  # bytes of one member's weight
     n = 4
-    peak, ens = _allocator_peak(
+    peak, ens = allocator_peak(
         lambda: lm.Ensemble.from_factory(lambda: nn.Linear(1024, 1024, bias=False), n)
     )
     assert ens.stacked.weight.shape == (n, 1024, 1024)

@@ -5,7 +5,7 @@ execution="auto" timed vmap (MC dropout with two dropout layers, randn noise tur
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,15 +17,6 @@ import lightning_meta as lm
 @pytest.fixture(autouse=True)
 def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*batching rule.*")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # The timing then reads the thread's CPU time, which other processes do not move.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _TwoDropouts(nn.Module):

@@ -111,12 +111,8 @@ ZOO_SHAPE: dict[int, tuple[int, ...]] = {}
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> object:
+def _every_test_on_one_thread(one_thread: None) -> None:
     """Tiny ops on several threads mostly wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(arch: str, plan: str, mods: list[nn.Module], **options: object) -> lm.Ensemble:
