@@ -40,9 +40,15 @@ def _tensors(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_dtype_leaves_plain_tensor_attributes_of_a_deferred_model_as_module_to_does(
-    dtype: torch.dtype, tmp_path: Path
+@pytest.mark.parametrize("target", ["deferred", "real"])
+def test_dtype_leaves_plain_tensor_attributes_as_module_to_does(
+    target: str, dtype: torch.dtype, tmp_path: Path
 ) -> None:
+    # module.to() keeps each parameter's object (param.data = ...) and gives
+    # each buffer a new one: an attribute holding the buffer's object
+    # (transformers' original_inv_freq) keeps the old float32 values. The load
+    # cast such attributes of a deferred model, and on a real model cast the
+    # buffer in place (.data =), casting the attribute with it.
     torch.manual_seed(0)
     sd = _Masked().state_dict()
     torch.save(sd, tmp_path / "m.pt")
@@ -51,9 +57,13 @@ def test_dtype_leaves_plain_tensor_attributes_of_a_deferred_model_as_module_to_d
     eager.load_state_dict(sd)
     eager.to(dtype)
     torch.manual_seed(1)
-    with lm.deferred_init():
+    if target == "deferred":
+        with lm.deferred_init():
+            model = _Masked()
+    else:
         model = _Masked()
     before = {k: model.__dict__[k] for k in ("mask", "original_inv_freq", "running_alias")}
+    weight = model.lin.weight
     lm.load_checkpoint(model, tmp_path / "m.pt", dtype=dtype)
     want, got = _tensors(eager), _tensors(model)
     assert sorted(got) == sorted(want)
@@ -67,7 +77,7 @@ def test_dtype_leaves_plain_tensor_attributes_of_a_deferred_model_as_module_to_d
         assert torch.equal(old, want[name]), name
     assert model.original_inv_freq is not model.inv_freq
     assert model.running_alias is not model.running
-    assert model.weight_alias is model.lin.weight
+    assert model.lin.weight is weight and model.weight_alias is weight
     x = torch.randn(2, 4, dtype=dtype)
     assert torch.equal(model(x), eager(x))
 
@@ -107,38 +117,6 @@ def test_dtype_refuses_an_attribute_viewing_a_loaded_tensor(tmp_path: Path) -> N
     eager.load_state_dict(torch.load(tmp_path / "m.pt"))
     eager.to(torch.bfloat16)
     assert torch.equal(model.row, eager.row) and model.row.dtype == torch.float32
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_dtype_on_a_real_model_gives_buffers_new_objects_as_module_to_does(
-    dtype: torch.dtype, tmp_path: Path
-) -> None:
-    # module.to() keeps each parameter's object (param.data = ...) and gives
-    # each buffer a new one: an attribute holding the buffer's object
-    # (transformers' original_inv_freq) keeps the old float32 values. The load
-    # cast the buffer in place (.data =), casting the attribute with it.
-    torch.manual_seed(0)
-    sd = _Masked().state_dict()
-    torch.save(sd, tmp_path / "m.pt")
-    torch.manual_seed(1)
-    eager = _Masked()
-    eager.load_state_dict(sd)
-    eager.to(dtype)
-    torch.manual_seed(1)
-    model = _Masked()
-    before = {k: model.__dict__[k] for k in ("mask", "original_inv_freq", "running_alias")}
-    weight = model.lin.weight
-    lm.load_checkpoint(model, tmp_path / "m.pt", dtype=dtype)
-    want, got = _tensors(eager), _tensors(model)
-    assert sorted(got) == sorted(want)
-    for name, t in want.items():
-        assert (got[name].dtype, got[name].device) == (t.dtype, t.device), name
-        assert torch.equal(got[name], t), name
-    for name, old in before.items():
-        assert model.__dict__[name] is old, name
-    assert model.original_inv_freq is not model.inv_freq
-    assert model.running_alias is not model.running
-    assert model.lin.weight is weight and model.weight_alias is weight
 
 
 def test_a_real_buffer_loaded_into_a_wider_dtype_is_the_files_value_bit_for_bit(
