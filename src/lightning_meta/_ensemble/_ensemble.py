@@ -39,14 +39,9 @@ from lightning_meta._compat import (
     tree_unflatten,
     version_of,
 )
-from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, plan_fused
+from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, draws, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
-from lightning_meta._ensemble._grouped import (
-    _DROPOUTS,
-    GroupedPlan,
-    LayoutLog,
-    NotGroupableError,
-)
+from lightning_meta._ensemble._grouped import DROPOUTS, GroupedPlan, LayoutLog, NotGroupableError
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
@@ -1169,11 +1164,7 @@ class Ensemble(nn.Module):
             if plan == "grouped":
                 return self._grouped.draws(template)
             if plan == "vmap":
-                return any(
-                    m.training and getattr(m, "p", 1.0) > 0
-                    for m in walk.modules
-                    if isinstance(m, (*_DROPOUTS, nn.RReLU))
-                )
+                return any(draws(m, (*DROPOUTS, nn.RReLU)) for m in walk.modules)
             return False
 
         return plan != "loop" and walk.draws(plan, walk.modes(), find)

@@ -54,6 +54,14 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (*ELEMENTWISE_ACTIVATIONS, nn.Identi
 # gradient member by member (see _StackedLinear).
 _PER_MEMBER_GRAD_MACS = 1 << 21
 _DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
+
+
+def draws(mod: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``mod`` is one of ``kinds`` (dropout layers) drawing random numbers in
+    this call: in training mode, with ``p > 0`` (a kind without ``p`` always draws)."""
+    return isinstance(mod, kinds) and mod.training and getattr(mod, "p", 1.0) > 0
+
+
 # From this weight size on (bytes), the first (shared-input) layer computes its
 # weight gradient into a reused buffer too (see _grads).
 _REUSE_WEIGHT_BYTES = 1 << 22
@@ -84,7 +92,7 @@ class FusedPlan:
         for step in self.steps:
             if step.kind == "apply":
                 mod = template.get_submodule(step.path)
-                if isinstance(mod, _DROPOUT) and mod.training and getattr(mod, "p", 1.0) > 0:
+                if draws(mod, _DROPOUT):
                     return True
         return False
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_meta._compat import has_module_hooks, tree_map
-from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal
+from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal, draws
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
@@ -297,7 +297,7 @@ _POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
-_DROPOUTS: tuple[type[nn.Module], ...] = (
+DROPOUTS: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
@@ -317,7 +317,7 @@ _MODULES: dict[type[nn.Module], _ModuleRule] = {
     nn.Identity: _identity,
     **dict.fromkeys(_ELEMENTWISE, _per_channel),
     **dict.fromkeys(_POOLS, _pool),
-    **dict.fromkeys(_DROPOUTS, _random),
+    **dict.fromkeys(DROPOUTS, _random),
 }
 
 
@@ -340,7 +340,7 @@ def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
         return "momentum=None (a cumulative average) is not supported"
     if isinstance(mod, _POOLS) and getattr(mod, "return_indices", False):
         return "return_indices=True is not supported"
-    if isinstance(mod, _DROPOUTS) and randomness != "different":
+    if isinstance(mod, DROPOUTS) and randomness != "different":
         return f"it draws random numbers, which this plan draws per member only (randomness='different'), not with randomness={randomness!r}"
     return None
 
@@ -645,7 +645,7 @@ class GroupedPlan:
         for node in graph.nodes:
             if node.op == "call_module":
                 mod = template.get_submodule(str(node.target))
-                if isinstance(mod, _DROPOUTS) and mod.training and getattr(mod, "p", 1.0) > 0:
+                if draws(mod, DROPOUTS):
                     return True
             elif node.op == "call_function" and node.target in _RANDOM_FUNCTIONS:
                 p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
