@@ -823,6 +823,14 @@ def swap_in(
             _put(slot, real)
         return real
 
+    def put_buffer(group: Group, new: torch.Tensor) -> None:
+        """Give ``group``'s buffer slots ``new`` (a new object, as ``module.to()``
+        gives a buffer); its other slots (plain attributes) keep the old one."""
+        for slot in group.slots:
+            if slot.kind == "buffer":
+                undo.append(_undo_put(slot, group.tensor))
+                _put(slot, new)
+
     with _compat.rnn_weak_refs_dropped(owners):
         try:
             with torch.no_grad():
@@ -838,10 +846,7 @@ def swap_in(
                         # A real buffer changing dtype or device gets a new object, as
                         # module.to() gives it: an attribute holding the old one (a
                         # transformers original_inv_freq) keeps the old values.
-                        for slot in current.slots:
-                            if slot.kind == "buffer":
-                                undo.append(_undo_put(slot, old))
-                                _put(slot, item.tensor)
+                        put_buffer(current, item.tensor)
                         continue
                     if not old.is_meta:
                         # A real parameter changing dtype or device: keep the object so
@@ -885,11 +890,7 @@ def swap_in(
                     undo.append(_undo_copy(old, backup))
                     item.tensor = backup
                     if item.then is not None:
-                        new = item.then
-                        for slot in current.slots:
-                            if slot.kind == "buffer":
-                                undo.append(_undo_put(slot, old))
-                                _put(slot, new)
+                        put_buffer(current, item.then)
                 for group, new in replayed:
                     if new is not None:
                         continue
