@@ -23,6 +23,7 @@ loop plan, then ran 5-10 % slower in the measured rounds).
 
     python benchmarks/ensemble.py [--json out.json] [--repeats 5]   # MLPs, 1 thread
     python benchmarks/ensemble.py --zoo [--json zoo.json]           # every architecture
+    python benchmarks/ensemble.py --zoo --device cuda --threads 1   # the same table on a GPU
 
 ``--zoo`` covers an MLP (small, large), a CNN with BatchNorm (ResNet basic
 blocks), a transformer encoder layer and an LSTM, at N in {4, 16, 32}, on 1
@@ -134,8 +135,18 @@ SHORT = {name: name.split(" (")[0].split(" 2x")[0].split(",")[0] for name in ZOO
 
 
 # ----------------------------------------------------------------- timing
+DEVICE = torch.device("cpu")  # --device
+
+
 def clock() -> float:
-    """The calling thread's CPU time on one thread (immune to other processes), else wall time."""
+    """The calling thread's CPU time on one CPU thread (immune to other processes), else wall time.
+
+    On an accelerator the clock waits for the queued kernels first: CPU time
+    would count only their launches.
+    """
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        return time.perf_counter()
     return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
@@ -164,8 +175,8 @@ def cell(
     faster baseline (the larger of the two ratios).
     """
     torch.manual_seed(0)
-    members = [model.make().to(dtype).train(train) for _ in range(n)]
-    x = torch.randn(model.input_shape, dtype=dtype)
+    members = [model.make().to(DEVICE, dtype).train(train) for _ in range(n)]
+    x = torch.randn(model.input_shape, dtype=dtype).to(DEVICE)
 
     def loss_of(out: torch.Tensor) -> torch.Tensor:  # per member: mean of squares, summed
         return out.float().square().flatten(1).mean(1).sum()
@@ -212,9 +223,9 @@ def cell(
     baselines = {"loop": loop_step, "vmap": vmap_step}
     if not runs(vmap_step):
         del baselines["vmap"]
-    start = time.perf_counter()
+    start = clock()
     ensemble_step()  # the first call of this kind: auto times its plans here
-    first_call = time.perf_counter() - start
+    first_call = clock() - start
     first_plan = ensemble.plan
     for _ in range(RETIME_CALL - 2):
         # The baselines run between the ensemble's calls, as in the measured
@@ -222,9 +233,9 @@ def cell(
         ensemble_step()
         for fn in baselines.values():
             fn()
-    start = time.perf_counter()
+    start = clock()
     ensemble_step()  # auto times the plans again and keeps this choice
-    retime_call = time.perf_counter() - start
+    retime_call = clock() - start
     steps = {**baselines, "ensemble": ensemble_step}
     for fn in steps.values():
         fn()
@@ -334,6 +345,7 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 break
                         row = {
                             "model": label,
+                            "device": str(DEVICE),
                             "threads": threads,
                             "dtype": dtype_name,
                             "mode": mode,
@@ -349,7 +361,7 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
                             flush=True,
                         )
     print(
-        f"\ntorch {torch.__version__}, >= {args.repeats} rounds and {args.seconds} s per cell; "
+        f"\ntorch {torch.__version__} on {device_name()}, >= {args.repeats} rounds and {args.seconds} s per cell; "
         "ratio = median over rounds of Ensemble / the faster of (loop, hand vmap); "
         "plan = what execution='auto' chose; (again: ...) = the cell measured anew "
         f"because it was over 1.05x; gradient buffer reuse "
@@ -357,6 +369,12 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     print_table(rows)
     return rows
+
+
+def device_name() -> str:
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return "the CPU"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -401,7 +419,15 @@ def main() -> None:
         "allocator gap)",
     )
     parser.add_argument("--table", help="print the table of a --zoo JSON file and exit")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where members, inputs and the stacked weights live (cuda: timings wait for "
+        "the kernels; --threads 1 then sets only the host's threads)",
+    )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     # The hand-written vmap baseline runs TransformerEncoderLayer's fast path
     # per member in eval, and torch says so once; the table counts that cost.
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
