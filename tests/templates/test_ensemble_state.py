@@ -392,9 +392,14 @@ def test_each_members_state_survives_copies_moves_and_new_hooks() -> None:
 
 def test_lstm_is_not_taken_for_a_stateful_forward() -> None:
     """nn.LSTM keeps lists of its weights, which follow its parameter table."""
-    ens = lm.Ensemble([nn.LSTM(4, 8, batch_first=True) for _ in range(3)])
-    ens(torch.randn(2, 5, 4))
-    assert ens.plans[0].how == "timed"
+    mods = [nn.LSTM(4, 8, batch_first=True) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(mods))
+    x = torch.randn(2, 5, 4)
+    out, _ = ens(x)
+    # The loop is its only plan (torch.vmap cannot run recurrent layers), not
+    # one forced by a forward taken to keep state.
+    assert ens.plans[0].how == "only plan"
+    assert torch.equal(out, torch.stack([m(x)[0] for m in mods]))
 
 
 def test_a_forward_adding_a_submodule_then_a_mode_switch() -> None:
@@ -663,7 +668,7 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
 
 
 def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> None:
-    # Where dynamo traces into the ensemble's loop (torch 2.13) the ensemble
+    # Where dynamo traces into the ensemble's loop (torch 2.11, 2.13) the ensemble
     # refuses; torch 2.15 breaks the graph before it and runs the loop eagerly,
     # member after member. Either way, never the template's one state for all.
     members, twins = _pair(_Counter, 3)

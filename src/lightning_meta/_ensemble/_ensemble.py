@@ -298,6 +298,27 @@ def _sparse_gradients(template: nn.Module) -> list[str]:
     ]
 
 
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _refuse_compiled_state() -> None:
+    # Run eagerly: dynamo tracing a raise of this exception class failed with
+    # an AssertionError of its own (torch 2.11), which hid the message.
+    raise ArgumentValueError(
+        "Ensemble cannot run under torch.compile a forward that keeps state in its "
+        "modules' plain attributes (seen when its plans were timed): torch.compile "
+        "runs every member through the one template, while each member keeps its "
+        "own state. Fix: call the ensemble without torch.compile (compile the "
+        "members' layers instead)."
+    )
+
+
+def _recurrent_layers(template: nn.Module) -> list[str]:
+    """Paths of the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), which ``torch.vmap``
+    never runs: their kernels have no batching rule and no fallback ("We could not generate
+    a fallback"), and on CUDA ``flatten_parameters`` reads the data pointer of vmap's
+    weights, which have none (a raw ``RuntimeError`` where the CPU's names the rule)."""
+    return [path for path, mod in template.named_modules() if isinstance(mod, nn.RNNBase)]
+
+
 def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
     """Every holder of stacked tensors under ``root`` (itself included), with its path.
 
@@ -673,6 +694,15 @@ class Ensemble(nn.Module):
                 "'auto', which runs the loop for them), or sparse=False.",
                 paths=self._sparse,
             )
+        self._recurrent = _recurrent_layers(template)
+        if execution == "vmap" and self._recurrent:
+            raise ArgumentValueError(
+                f"Ensemble(execution='vmap') cannot run the recurrent layers {self._recurrent} "
+                "(nn.RNN, nn.LSTM, nn.GRU): torch.vmap has no batching rule for their kernels "
+                "(aten::lstm, aten::gru, aten::rnn_tanh...). Fix: use execution='loop' (or "
+                "'auto', which runs the loop for them).",
+                paths=self._recurrent,
+            )
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -691,7 +721,7 @@ class Ensemble(nn.Module):
                 "fused"
                 if self._fused is not None
                 else "vmap"
-                if self._names and not self._sparse
+                if self._names and not self._sparse and not self._recurrent
                 else "loop"
             )
             if execution == "auto"
@@ -1055,7 +1085,7 @@ class Ensemble(nn.Module):
     def _candidates(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
         if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
             return ["loop"]
-        plans = ["loop"] if self._sparse else ["vmap", "loop"]
+        plans = ["loop"] if self._sparse or self._recurrent else ["vmap", "loop"]
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -1519,13 +1549,7 @@ class Ensemble(nn.Module):
                 return out
         if plan == "loop" and torch.compiler.is_compiling():
             if self._writes_state:
-                raise ArgumentValueError(
-                    "Ensemble cannot run under torch.compile a forward that keeps state in its "
-                    "modules' plain attributes (seen when its plans were timed): torch.compile "
-                    "runs every member through the one template, while each member keeps its "
-                    "own state. Fix: call the ensemble without torch.compile (compile the "
-                    "members' layers instead)."
-                )
+                _refuse_compiled_state()
             return self._functional_loop(tensors, inputs, kwargs, changes)
         if plan == "loop":
             return self._loop(tensors, inputs, kwargs, changes)
@@ -2010,6 +2034,8 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_lost", [])
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
             self._sparse = _sparse_gradients(self.template.module)
+        if "_recurrent" not in self.__dict__:  # likewise
+            self._recurrent = _recurrent_layers(self.template.module)
         if isinstance(self.__dict__.get("_fused"), FusedPlan):
             # Planned again from the template: an earlier pickle's steps read a
             # tied tensor by the layer's own name (and have another form).
