@@ -546,3 +546,20 @@ def test_deferred_zoo_parameter_counts(name: str) -> None:
     unique = list(real.parameters())
     assert est.parameters == sum(p.numel() for p in unique)
     assert est.parameter_bytes == sum(p.numel() * p.element_size() for p in unique)
+
+
+def test_grouped_query_attention_is_counted_on_every_torch() -> None:
+    # torch's own formulas count grouped-query attention (fewer key/value
+    # heads, enable_gqa=True) from torch 2.13 on; before, they asserted equal
+    # head counts, and on torch 2.7-2.12, whose CPU flash kernel runs GQA, the
+    # estimate of every Llama/Qwen/Mistral failed blaming the inputs.
+    from lightning_meta._estimate._track import _sdpa_backward, _sdpa_forward
+
+    b, h, kv, s, d = 2, 4, 2, 12, 16
+    query, grad = torch.empty(b, h, s, d, device="meta"), torch.empty(b, h, s, d, device="meta")
+    grouped = torch.empty(b, kv, s, d, device="meta")
+    repeated = torch.empty(b, h, s, d, device="meta")
+    assert _sdpa_forward((query, grouped, grouped), {}) == 2 * (2 * b * h * s * s * d)
+    assert _sdpa_backward((grad, query, grouped, grouped), {}) == _sdpa_backward(
+        (grad, query, repeated, repeated), {}
+    )

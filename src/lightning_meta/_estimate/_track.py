@@ -255,15 +255,31 @@ def _shape(t: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
+def _query_heads(
+    query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``key`` and ``value`` with the query's head count, as the kernel broadcasts them for
+    grouped-query attention (``enable_gqa=True``, fewer key/value heads). torch's formulas
+    count that broadcast from torch 2.13 on; before, they assert equal head counts, which
+    failed the estimate of every GQA model (Llama, Qwen, Mistral) on torch 2.6-2.12."""
+    if len(query) != 4 or len(key) != 4 or len(value) != 4:
+        return key, value
+    heads, kv_heads = query[1], key[1]
+    if kv_heads == heads or kv_heads == 0 or heads % kv_heads or value[1] != kv_heads:
+        return key, value  # not grouped: torch's formula judges the shapes
+    return (key[0], heads, *key[2:]), (value[0], heads, *value[2:])
+
+
 def _sdpa_forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    return int(sdpa_flop_count(_shape(args[0]), _shape(args[1]), _shape(args[2])))
+    query = _shape(args[0])
+    key, value = _query_heads(query, _shape(args[1]), _shape(args[2]))
+    return int(sdpa_flop_count(query, key, value))
 
 
 def _sdpa_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     grad_out, query, key, value = args[:4]
-    return int(
-        sdpa_backward_flop_count(_shape(grad_out), _shape(query), _shape(key), _shape(value))
-    )
+    key_shape, value_shape = _query_heads(_shape(query), _shape(key), _shape(value))
+    return int(sdpa_backward_flop_count(_shape(grad_out), _shape(query), key_shape, value_shape))
 
 
 def _rnn_forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
