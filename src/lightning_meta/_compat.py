@@ -703,7 +703,8 @@ def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
     module's composable state; an ancestor's ``fully_shard`` manages the
     parameters of submodules too) and each FSDP state's ``_fsdp_param_groups``,
     ``FSDPParam._module_info`` and ``_unsharded_dtensor_spec`` (``_tp_spec``
-    before torch 2.9). Checked on torch 2.13.
+    before torch 2.9), ``_fsdp_param_group`` (one group) before ``_fsdp_param_groups``.
+    Checked on torch 2.11, 2.13 and 2.15.
     """
     try:
         from torch.distributed._composable_state import _module_state_mapping
@@ -714,8 +715,16 @@ def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
         ) from None
     found: dict[tuple[int, str], Any] = {}
     for ref in list(_module_state_mapping.values()):
-        state = ref()
-        for group in getattr(state, "_fsdp_param_groups", None) or ():
+        state: Any = ref()
+        if hasattr(state, "_fsdp_param_groups"):  # torch 2.13, 2.15: a list
+            groups = list(state._fsdp_param_groups)
+        elif hasattr(state, "_fsdp_param_group"):  # torch 2.6, 2.11: one group or None
+            groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
+        elif type(state).__name__ == "FSDPState":  # pragma: no cover
+            raise missing("FSDPState._fsdp_param_groups", "materializing sharded parameters")
+        else:
+            continue  # another composable API's state (checkpoint, replicate)
+        for group in groups:
             for param in group.fsdp_params:
                 info = param._module_info
                 spec = None

@@ -200,7 +200,12 @@ def full(module: nn.Module) -> dict[str, torch.Tensor]:
     module = getattr(module, "_original_module", None) or module
     named = [*module.named_parameters(), *module.named_buffers()]
     return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+        # FSDP1's auto wrapping puts its wrappers inside the model: their
+        # names say where the wrapper is, not which tensor (eager has none).
+        k.replace("_fsdp_wrapped_module.", ""): (v.full_tensor() if isinstance(v, DTensor) else v)
+        .detach()
+        .cpu()
+        .clone()
         for k, v in named
     }
 
