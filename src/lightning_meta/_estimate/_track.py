@@ -261,7 +261,8 @@ def _query_heads(
     """``key`` and ``value`` with the query's head count, as the kernel broadcasts them for
     grouped-query attention (``enable_gqa=True``, fewer key/value heads). torch's formulas
     count that broadcast from torch 2.13 on; before, they assert equal head counts, which
-    failed the estimate of every GQA model (Llama, Qwen, Mistral) on torch 2.6-2.12."""
+    failed the estimate of every GQA model (Llama, Qwen, Mistral) on torch 2.7-2.12, whose
+    CPU flash kernel runs GQA (torch 2.6 takes the math path, counted as matmuls)."""
     if len(query) != 4 or len(key) != 4 or len(value) != 4:
         return key, value
     heads, kv_heads = query[1], key[1]
