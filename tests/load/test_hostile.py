@@ -731,15 +731,25 @@ def test_default_load_reads_one_copy(tmp_path: Path) -> None:
     assert report.bytes_read == 24
 
 
+def _save_nested_dicts(path: Path, depth: int) -> None:
+    """A torch.save file of {"a": {"a": ...}} ``depth`` deep, its pickle written op by op:
+    torch.save (the pickler) recurses per level, past Python 3.12's C stack limit."""
+    torch.save({}, path)
+    ops = (b"}" + b"\x8c\x01a") * depth + b"}" + b"s" * depth  # EMPTY_DICT, 'a', ..., SETITEMs
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    pkl = next(name for name in entries if name.endswith("/data.pkl"))
+    entries[pkl] = b"\x80\x02" + ops + b"."  # PROTO 2 ... STOP
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+
+
 def test_mappings_nested_past_any_state_dict_are_refused(tmp_path: Path) -> None:
     # A pickle nesting dicts 5,000 deep (no globals) exhausted the recursion
     # limit: RecursionError, which the CLI reported as a bug of the model.
-    deep: dict[str, Any] = {}
-    for _ in range(5000):
-        deep = {"a": deep}
     path = tmp_path / "deep.pt"
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # for torch.save itself
-    torch.save(deep, path)
+    _save_nested_dicts(path, 5000)
     module = nn.Linear(2, 2, device="meta")
     with pytest.raises(lm.MetaTensorError, match="nests mappings more than 256 levels"):
         load_checkpoint(module, path)
