@@ -3,9 +3,11 @@
 # lends one to some tasks): every test marked `cuda` (CUDA RNG replay with
 # draw_on="device", FSDP1 strategy="fsdp" under MetaGuard, bf16-mixed,
 # lm.fabric_setup under Fabric's FSDPStrategy and ModelParallelStrategy, ...),
-# then a Markdown table of the results. Needs a Python with a CUDA torch and
-# Lightning already installed (PYTHON=..., default python3); nothing is
-# downloaded. The log and the table go to $OUT (default /tmp).
+# then a Markdown table of the results, then the ensemble zoo on the GPU
+# (`benchmarks/ensemble.py --zoo --device cuda`, under 2 minutes on an H200;
+# BENCH=0 skips it). Needs a Python with a CUDA torch and Lightning already
+# installed (PYTHON=..., default python3); nothing is downloaded. The logs,
+# the tables and zoo-cuda.json go to $OUT (default /tmp).
 #
 #   PYTHON=/path/to/python bash scripts/gpu-check.sh
 set -uo pipefail
@@ -33,4 +35,9 @@ for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
             outcome = f"{tag}: {(node.get('message') or '').splitlines()[0][:80]}"
     print(f"| {case.get('classname')}.{case.get('name')} | {outcome} |")
 PYEOF
+if [ "${BENCH:-1}" != 0 ]; then
+    PYTHONPATH=src PYTHONUNBUFFERED=1 "$PY" benchmarks/ensemble.py --zoo --device cuda \
+        --threads 1 --repeats 5 --seconds 0.4 --json "$OUT/zoo-cuda.json" 2>&1 \
+        | tee "$OUT/zoo-cuda.log" | tail -25
+fi
 exit "$status"
