@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks in one short run, for a machine with a GPU (the device tool
 # lends one to some tasks): every test marked `cuda` (CUDA RNG replay with
-# draw_on="device", FSDP1 strategy="fsdp" under MetaGuard, bf16-mixed,
-# lm.fabric_setup under Fabric's FSDPStrategy and ModelParallelStrategy, ...),
+# draw_on="device", lm.fabric_setup under Fabric's FSDPStrategy (FSDP1) and
+# ModelParallelStrategy, every Ensemble plan against a loop, ...),
 # then a Markdown table of the results, then the ensemble zoo on the GPU
 # (`benchmarks/ensemble.py --zoo --device cuda`, under 2 minutes on an H200;
 # BENCH=0 skips it). Needs a Python with a CUDA torch and Lightning already
