@@ -675,18 +675,53 @@ def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
     there the full tensor is declared replicated and redistributed, which
     slices locally, the same pieces (checked against ``src_data_rank=None``
     on torch 2.13 and against ``torch.chunk`` on torch 2.6, uneven and
-    empty pieces included). Checked on torch 2.6, 2.13, 2.14.
+    empty pieces included). Checked on torch 2.6, 2.13, 2.14. ``_StridedShard``
+    placements (FSDP2 over tensor parallel) are chunked here instead (see
+    :func:`_fsdp_over_tp_piece`).
     """
     import inspect
 
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+    strided = [i for i, p in enumerate(placements) if type(p).__name__ == "_StridedShard"]
+    if strided:
+        return _fsdp_over_tp_piece(full, mesh, placements, strided, Shard)
     if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
         return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
     replicated = DTensor.from_local(  # pragma: no cover (torch 2.6)
         full, mesh, [Replicate()] * mesh.ndim, run_check=False
     )
     return replicated.redistribute(mesh, placements).to_local()  # pragma: no cover (torch 2.6)
+
+
+def _fsdp_over_tp_piece(
+    full: torch.Tensor, mesh: Any, placements: Any, strided: list[int], shard: type
+) -> torch.Tensor:
+    """This rank's piece under ``_StridedShard`` placements (``fully_shard`` over a tensor
+    parallel mesh): chunked as eager builds it, the tensor parallel mesh dimensions first,
+    then FSDP's (``torch.chunk``, empty past the last chunk, as ``Shard`` splits).
+    torch 2.8's ``distribute_tensor`` gave other pieces for an uneven split (6 rows over 2x2
+    ranks), so the shards differed from eager's without an error."""
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # pragma: no cover (a rank outside the mesh holds nothing)
+        return full.new_empty((0,))
+    piece = full
+    for i in [i for i in range(mesh.ndim) if i not in strided] + strided:
+        placement = placements[i]
+        # _StridedShard subclasses Shard on torch 2.8, not on 2.11 and later.
+        if not (isinstance(placement, shard) or i in strided):
+            if placement.is_replicate():
+                continue
+            raise MetaTensorError(
+                f"materialize cannot place a parameter as {list(placements)}: a {placement} "
+                "placement holds no piece of the full tensor. Fix: shard or replicate "
+                "parameters (fully_shard, parallelize_module) before materialize."
+            )
+        dim = placement.dim
+        chunks = torch.chunk(piece, mesh.size(i), dim)
+        rank = coordinate[i]
+        piece = chunks[rank] if rank < len(chunks) else piece.narrow(dim, 0, 0)
+    return piece
 
 
 def fsdp_value_meshes() -> dict[tuple[int, str], Any]:
