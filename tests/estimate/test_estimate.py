@@ -513,6 +513,15 @@ def test_a_fake_kernel_stricter_than_the_real_one_is_not_blamed_on_the_inputs() 
             MixtralForCausalLM(cfg), (ids,), optimizer="sgd", loss_fn=first
         )
         assert (fp32.peak_bytes, fp32.forward_flops) == (real32.peak_bytes, real32.forward_flops)
+    elif "DataDependentOutputException" in str(refusal):
+        # torch 2.8: the forward simulates, and _grouped_mm's backward reads its
+        # offsets' values, which a shape-only run does not know: refused as such.
+        assert re.search(
+            r"the backward of MixtralForCausalLM failed .*reads tensor values a shape-only run "
+            r"does not know.*Fix: ",
+            str(refusal),
+            re.DOTALL,
+        )
     else:
         assert re.search(
             r"forward of MixtralForCausalLM in module 'model\.layers\.0\.mlp\.experts' cannot "
@@ -523,8 +532,9 @@ def test_a_fake_kernel_stricter_than_the_real_one_is_not_blamed_on_the_inputs() 
             str(refusal),
             re.DOTALL,
         )
-    # both fixes work, and the second is exact against the real step
-    assert estimate(lambda: MixtralForCausalLM(cfg), ids, precision="bf16-true").peak_bytes > 0
+        # the first fix the refusal names works (torch 2.8's backward refuses bf16 too)
+        assert estimate(lambda: MixtralForCausalLM(cfg), ids, precision="bf16-true").peak_bytes > 0
+    # the second (batched_mm experts) works on every torch, exact against the real step
 
     def batched() -> nn.Module:
         model = MixtralForCausalLM(cfg)

@@ -396,7 +396,10 @@ def _laid_out_like(
         if whole and tensor.stride() == stride:
             return tensor.to(device=device, dtype=dtype)  # a dense tensor keeps its strides
         out = torch.empty_strided(tuple(old.shape), stride, dtype=dtype, device=device)
-        out.copy_(tensor)
+        if out.dtype == tensor.dtype:
+            _bytes(out).copy_(_bytes(tensor))
+        else:
+            out.copy_(tensor)
         return out
     tensor = tensor.to(device=device, dtype=dtype)
     if tensor.layout == torch.strided and not _compact(tensor):
@@ -751,12 +754,31 @@ def _put(slot: Slot, tensor: torch.Tensor) -> None:
     slot.put(tensor)
 
 
+# Packed dtypes some torch versions can store and view but not copy (torch
+# 2.8: "copy_kernel" not implemented for 'Float4_e2m1fn_x2'): their bytes are
+# copied instead, which is the same copy.
+_PACKED = frozenset(getattr(torch, n) for n in ("float4_e2m1fn_x2",) if hasattr(torch, n))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a ``uint8`` view of it for a packed dtype (see ``_PACKED``)."""
+    return t.view(torch.uint8) if t.dtype in _PACKED else t
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return _bytes(t.detach()).clone().view(t.dtype)
+
+
 def _copy(old: torch.Tensor, new: torch.Tensor) -> None:
+    if old.dtype != new.dtype:
+        dst, src = old, new
+    else:
+        dst, src = _bytes(old), _bytes(new)
     if old.is_inference():
         with torch.inference_mode():
-            old.copy_(new)
+            dst.copy_(src)
     else:
-        old.copy_(new)
+        dst.copy_(src)
 
 
 def _set_data(old: torch.Tensor, new: torch.Tensor) -> None:
@@ -879,7 +901,7 @@ def swap_in(
                     old = item.group.tensor
                     # The backup takes the place of the new values once they are in
                     # the module, so memory stays at one extra tensor.
-                    backup = old.detach().clone()
+                    backup = _clone(old)
                     try:
                         _copy(old, item.tensor)
                     except BaseException:
