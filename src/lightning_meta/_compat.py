@@ -24,6 +24,7 @@ import contextlib
 import copy
 import ctypes
 import functools
+import math
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -684,7 +685,7 @@ def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     strided = [i for i, p in enumerate(placements) if type(p).__name__ == "_StridedShard"]
-    if strided:
+    if strided and _fully_shard_layout(mesh, placements, strided, Shard):
         return _fsdp_over_tp_piece(full, mesh, placements, strided, Shard)
     if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
         return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
@@ -692,6 +693,23 @@ def local_shard(full: torch.Tensor, mesh: Any, placements: Any) -> torch.Tensor:
         full, mesh, [Replicate()] * mesh.ndim, run_check=False
     )
     return replicated.redistribute(mesh, placements).to_local()  # pragma: no cover (torch 2.6)
+
+
+def _fully_shard_layout(mesh: Any, placements: Any, strided: list[int], shard: type) -> bool:
+    """Whether the ``_StridedShard`` placements are the ones ``fully_shard`` makes over tensor
+    parallel: each one's ``split_factor`` is the product of the sizes of the later mesh
+    dimensions that ``Shard`` the same tensor dimension (FSDP2's rule). Other layouts
+    (a custom ``ParallelStyle``, ``distribute_tensor`` by hand) keep torch's own slicing."""
+    for i in strided:
+        dim = placements[i].dim
+        later = [
+            mesh.size(j)
+            for j in range(i + 1, mesh.ndim)
+            if j not in strided and isinstance(placements[j], shard) and placements[j].dim == dim
+        ]
+        if getattr(placements[i], "split_factor", None) != math.prod(later):
+            return False
+    return True
 
 
 def _fsdp_over_tp_piece(
@@ -713,9 +731,10 @@ def _fsdp_over_tp_piece(
             if placement.is_replicate():
                 continue
             raise MetaTensorError(
-                f"materialize cannot place a parameter as {list(placements)}: a {placement} "
-                "placement holds no piece of the full tensor. Fix: shard or replicate "
-                "parameters (fully_shard, parallelize_module) before materialize."
+                f"a parameter placed as {list(placements)} cannot be filled from its full "
+                f"tensor: a {placement} placement holds no piece of it. Fix: shard or "
+                "replicate parameters (fully_shard, parallelize_module) before materialize "
+                "or load_checkpoint."
             )
         dim = placement.dim
         chunks = torch.chunk(piece, mesh.size(i), dim)

@@ -390,8 +390,10 @@ def test_each_members_state_survives_copies_moves_and_new_hooks() -> None:
     assert torch.equal(one(x), members[1](x))
 
 
-def test_lstm_is_not_taken_for_a_stateful_forward() -> None:
-    """nn.LSTM keeps lists of its weights, which follow its parameter table."""
+def test_lstm_runs_the_loop_as_its_only_plan_not_as_a_stateful_forward() -> None:
+    """nn.LSTM keeps lists of its weights, which follow its parameter table; since vmap never
+    runs recurrent layers, no timing runs to take them for state (what this test first
+    checked), and the plan record says why the loop runs."""
     mods = [nn.LSTM(4, 8, batch_first=True) for _ in range(3)]
     ens = lm.Ensemble(copy.deepcopy(mods))
     x = torch.randn(2, 5, 4)

@@ -1322,13 +1322,29 @@ def test_recurrent_layers_never_run_under_vmap(arch: str) -> None:
     # torch.vmap has no batching rule (and no fallback) for the recurrent
     # kernels; on CUDA flatten_parameters read the data pointer of vmap's
     # weights first, a raw RuntimeError in a call "auto" had timed vmap for.
-    with pytest.raises(ArgumentValueError, match=r"recurrent layers \['rnn'\].*'loop'") as info:
+    with pytest.raises(ArgumentValueError, match=r"recurrent layers \('rnn': .*'loop'") as info:
         lm.Ensemble(members(arch), execution="vmap")
     assert list(info.value.paths) == ["rnn"]
     ens = lm.Ensemble(members(arch))
     assert ens.execution == "loop"  # the plan where nothing is timed
     ens(example(arch))
     assert ens.plan == "loop" and "vmap" not in ens.plans[0].timings_ms
+
+
+def test_a_bare_lstm_cell_is_a_recurrent_layer_named_as_the_template() -> None:
+    # aten::lstm_cell has no batching rule either; the template itself is the
+    # empty path, named in words.
+    torch.manual_seed(0)
+    cells = [nn.LSTMCell(3, 4) for _ in range(2)]
+    with pytest.raises(ArgumentValueError, match=r"recurrent layers \(the template itself: "):
+        lm.Ensemble(copy.deepcopy(cells), execution="vmap")
+    ens = lm.Ensemble(copy.deepcopy(cells))
+    assert ens.execution == "loop"
+    x = torch.randn(2, 3)
+    h, c = ens(x)
+    assert ens.plan == "loop"
+    assert torch.equal(h, torch.stack([m(x)[0] for m in cells]))
+    assert torch.equal(c, torch.stack([m(x)[1] for m in cells]))
 
 
 class WithCache(nn.Module):

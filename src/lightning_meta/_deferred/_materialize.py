@@ -1249,8 +1249,17 @@ def _fill_shard(s: ShardedSlot, device: torch.device, draw_on: DrawOn) -> None:
             paths=[s.path],
         )
     local = _compat.local_shard(full, target.device_mesh, target.placements)
+    own = target.to_local()
+    if local.shape != own.shape:  # copy_ would broadcast a wrong piece without a word
+        raise MaterializationError(
+            f"materialize computed a piece of shape {tuple(local.shape)} for {s.path!r}, whose "
+            f"local shard on this rank is {tuple(own.shape)} (placements "
+            f"{list(target.placements)}). Fix: materialize before sharding (lm.materialize, "
+            "then fully_shard / parallelize_module), and report the placements as a bug.",
+            paths=[s.path],
+        )
     with torch.no_grad():
-        target.to_local().copy_(local)
+        own.copy_(local)
     drop(s.owner, s.name, s.handle)
 
 

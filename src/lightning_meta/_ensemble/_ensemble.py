@@ -312,11 +312,20 @@ def _refuse_compiled_state() -> None:
 
 
 def _recurrent_layers(template: nn.Module) -> list[str]:
-    """Paths of the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), which ``torch.vmap``
-    never runs: their kernels have no batching rule and no fallback ("We could not generate
-    a fallback"), and on CUDA ``flatten_parameters`` reads the data pointer of vmap's
-    weights, which have none (a raw ``RuntimeError`` where the CPU's names the rule)."""
-    return [path for path, mod in template.named_modules() if isinstance(mod, nn.RNNBase)]
+    """Paths of the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, ``nn.LSTMCell``),
+    which ``torch.vmap`` never runs: their kernels have no batching rule and no fallback
+    ("We could not generate a fallback"), and on CUDA ``flatten_parameters`` reads the data
+    pointer of vmap's weights, which have none (a raw ``RuntimeError`` where the CPU's names
+    the rule). ``nn.GRUCell`` and ``nn.RNNCell`` run under vmap through torch's slow
+    fallback: "auto" times them."""
+    return [
+        path for path, mod in template.named_modules() if isinstance(mod, (nn.RNNBase, nn.LSTMCell))
+    ]
+
+
+def _named(paths: list[str]) -> str:
+    """``paths`` for a message: the template itself is the empty path."""
+    return ", ".join(repr(p) if p else "the template itself" for p in paths)
 
 
 def _holders(root: nn.Module, path: str = "") -> Iterator[tuple[str, _Stacked]]:
@@ -697,9 +706,10 @@ class Ensemble(nn.Module):
         self._recurrent = _recurrent_layers(template)
         if execution == "vmap" and self._recurrent:
             raise ArgumentValueError(
-                f"Ensemble(execution='vmap') cannot run the recurrent layers {self._recurrent} "
-                "(nn.RNN, nn.LSTM, nn.GRU): torch.vmap has no batching rule for their kernels "
-                "(aten::lstm, aten::gru, aten::rnn_tanh...). Fix: use execution='loop' (or "
+                f"Ensemble(execution='vmap') cannot run the recurrent layers "
+                f"({_named(self._recurrent)}: nn.RNN, nn.LSTM, nn.GRU, nn.LSTMCell): torch.vmap "
+                "has no batching rule for their kernels (aten::lstm, aten::gru, aten::rnn_tanh, "
+                "aten::lstm_cell). Fix: use execution='loop' (or "
                 "'auto', which runs the loop for them).",
                 paths=self._recurrent,
             )
@@ -2036,6 +2046,12 @@ class Ensemble(nn.Module):
             self._sparse = _sparse_gradients(self.template.module)
         if "_recurrent" not in self.__dict__:  # likewise
             self._recurrent = _recurrent_layers(self.template.module)
+            if (
+                self._recurrent
+                and self.__dict__.get("execution") == "vmap"
+                and self.__dict__.get("_requested", "auto") == "auto"
+            ):
+                self.execution = "loop"  # auto's plan where nothing is timed, as __init__'s
         if isinstance(self.__dict__.get("_fused"), FusedPlan):
             # Planned again from the template: an earlier pickle's steps read a
             # tied tensor by the layer's own name (and have another form).

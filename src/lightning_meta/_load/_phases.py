@@ -766,7 +766,9 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _clone(t: torch.Tensor) -> torch.Tensor:
-    return _bytes(t.detach()).clone().view(t.dtype)
+    if t.dtype in _PACKED:
+        return _bytes(t.detach()).clone().view(t.dtype)
+    return t.detach().clone()  # a tensor subclass keeps its own clone
 
 
 def _copy(old: torch.Tensor, new: torch.Tensor) -> None:

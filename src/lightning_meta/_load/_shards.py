@@ -521,6 +521,14 @@ def _put_boxes(module: nn.Module, targets: list[ShardTarget]) -> Callable[[], No
                 if id(t.dtensor) not in devices:
                     backups.append((local, local.detach().clone()))
                 assert t.local is not None
+                if t.local.shape != local.shape:  # copy_ would broadcast a wrong piece
+                    raise _refuse(
+                        t.group,
+                        f"its replayed piece has shape {tuple(t.local.shape)} and the local "
+                        f"shard {tuple(local.shape)} (placements {list(current.placements)})",
+                        "materialize the model before sharding it, and report the placements "
+                        "as a bug",
+                    )
                 local.copy_(t.local)
                 t.local = None
     except BaseException:
