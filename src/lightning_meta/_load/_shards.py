@@ -522,10 +522,11 @@ def _put_boxes(module: nn.Module, targets: list[ShardTarget]) -> Callable[[], No
                     backups.append((local, local.detach().clone()))
                 assert t.local is not None
                 if t.local.shape != local.shape:  # copy_ would broadcast a wrong piece
+                    placements = list(current.placements)  # type: ignore[attr-defined]
                     raise _refuse(
                         t.group,
                         f"its replayed piece has shape {tuple(t.local.shape)} and the local "
-                        f"shard {tuple(local.shape)} (placements {list(current.placements)})",
+                        f"shard {tuple(local.shape)} (placements {placements})",
                         "materialize the model before sharding it, and report the placements "
                         "as a bug",
                     )
