@@ -155,8 +155,17 @@ def test_a_model_that_checkpoints_its_own_activations_matches_the_measured_step(
     est = estimate(factory, x, loss_fn=first, optimizer="adamw")
     real = measure_training_step(factory(), (x,), loss_fn=first, optimizer="adamw")
     assert est.peak_bytes == real.peak_bytes
-    assert est.forward_flops == real.forward_flops
-    assert est.backward_flops == real.backward_flops
+    if torch.__version__.startswith("2.8.") and est.uncounted_forward_flops:
+        # torch 2.8 only (guarantees.md, "Estimate"): the shape-only run takes
+        # the CPU flash kernel (uncounted) where the real one takes the math
+        # path (counted); together they are the real count.
+        assert est.forward_flops + est.uncounted_forward_flops == real.forward_flops
+        # flash's backward recomputes the scores, the math path's does not
+        backward = est.backward_flops + est.uncounted_backward_flops
+        assert est.backward_flops < real.backward_flops < backward
+    else:
+        assert est.forward_flops == real.forward_flops
+        assert est.backward_flops == real.backward_flops
 
 
 def _profiled_peak(
