@@ -359,3 +359,47 @@ def test_load_check_messages_name_the_command_line_options(
         load_checkpoint(lm.deferred_init(md.NanoGPT, n_embd=8), path)
     with pytest.raises(ValueError, match=r"pass one of .*, prefix='' \(none\) or prefix=None"):
         load_checkpoint(ml.build("meta"), path, prefix="nope")
+
+
+class _Wrapped(torch.Tensor):
+    """A dispatch subclass with only what loading in place needs (no dtype views)."""
+
+    ALLOWED = frozenset({"detach", "clone", "copy_", "alias", "lift_fresh", "_to_copy"})
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> _Wrapped:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
+            cls, inner.shape, dtype=inner.dtype, device=inner.device, strides=inner.stride()
+        )
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        from torch.utils._pytree import tree_map
+
+        name = func._schema.name.split("::")[1]
+        if name not in cls.ALLOWED:
+            raise NotImplementedError(f"_Wrapped does not support {func}")
+        out = func(
+            *tree_map(lambda t: t.inner if isinstance(t, _Wrapped) else t, args),
+            **tree_map(lambda t: t.inner if isinstance(t, _Wrapped) else t, kwargs or {}),
+        )
+        if name == "copy_":
+            return args[0]
+        return tree_map(lambda t: _Wrapped(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def test_a_tensor_subclass_buffer_loads_in_place_through_its_own_clone(tmp_path: Path) -> None:
+    # The float4 byte copies first viewed every backup as its dtype, which a
+    # subclass without dtype views refused; only packed dtypes take that path.
+    module = nn.Module()
+    module.register_buffer("w", _Wrapped(torch.zeros(3)))
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.arange(3.0)}, path)
+    load_checkpoint(module, path)
+    assert isinstance(module.w, _Wrapped)
+    assert module.w.inner.tolist() == [0.0, 1.0, 2.0]

@@ -1396,3 +1396,22 @@ def test_vmap_runs_under_inference_mode() -> None:
         out = ens(x)
         expected = torch.stack([m(x) for m in members])
     torch.testing.assert_close(out, expected)
+
+
+def test_an_ensemble_pickled_before_recurrent_layers_were_excluded_runs_the_loop_untimed() -> None:
+    # Pickled by a version without _recurrent, an LSTM ensemble's plan where
+    # nothing is timed was vmap, which cannot run it.
+    import pickle
+
+    ens = lm.Ensemble(members("lstm"))
+    del ens.__dict__["_recurrent"]
+    ens.execution = "vmap"  # what that version's auto set
+    old = pickle.loads(pickle.dumps(ens))
+    assert old.execution == "loop"
+    torch.use_deterministic_algorithms(True)  # auto runs untimed
+    try:
+        out = old(example("lstm"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert old.plan == "loop"
+    assert torch.equal(out, torch.stack([m(example("lstm")) for m in members("lstm")]))
