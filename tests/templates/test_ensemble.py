@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from support.torch_modes import deterministic_algorithms
 
 EXECUTIONS = ["auto", "vmap", "loop"]
 
@@ -1070,12 +1071,8 @@ def test_backward_hooks_keep_auto_off_vmap(deterministic: bool) -> None:
     for m in members:
         m(x).sum().backward()
     ensemble = lm.Ensemble(members, execution="auto")
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)  # no timing: the static choice
-    try:
+    with deterministic_algorithms(deterministic):  # no timing: the static choice
         ensemble(x).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(before)
     assert ensemble.plan == "loop"
     for name in ("a.weight", "b.weight"):
         expected = torch.stack([m.get_parameter(name).grad for m in members])

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_meta as lm
 from support.measure import allocator_peak
+from support.torch_modes import deterministic_algorithms
 
 
 @pytest.fixture(autouse=True)
@@ -122,12 +123,9 @@ def test_auto_under_deterministic_algorithms_draws_the_loops_masks() -> None:
     x = torch.randn(6, 64)
     ens = lm.Ensemble(members)
     assert ens.execution == "fused"
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         torch.manual_seed(3)
         out = ens(x)
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert ens.plan == "loop"
     torch.testing.assert_close(out, _loop_of(members, x, 3), rtol=0, atol=1e-6)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from support.torch_modes import deterministic_algorithms
 
 
 @pytest.fixture(autouse=True)
@@ -138,11 +139,8 @@ def test_untimed_vmap_with_two_dropout_layers_runs_the_loop() -> None:
     x = torch.randn(5, 16)
     ensemble = lm.Ensemble(members)
     assert ensemble.execution == "vmap"
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         torch.manual_seed(3)
         out = ensemble(x)
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert ensemble.plan == "loop"
     torch.testing.assert_close(out, _loop_of(members, x, 3), rtol=0, atol=0)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from support.torch_modes import deterministic_algorithms
 
 
 class Scaler(nn.Module):
@@ -158,13 +159,9 @@ def test_auto_runs_sparse_gradients_on_the_loop(deterministic: bool) -> None:
     mods = sparse_members()
     ens = lm.Ensemble(copy.deepcopy(mods))
     idx = torch.tensor([[1, 2, 2], [5, 1, 7]])
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         out = ens(idx)
         out.sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(before)
     assert ens.plan == "loop" and ens.execution == "loop"
     ref = torch.stack([m(idx) for m in mods])
     ref.sum().backward()

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 import lightning_meta as lm
 from lightning_meta._errors import ArgumentValueError
+from support.torch_modes import deterministic_algorithms
 
 
 class BasicBlock(nn.Module):
@@ -329,12 +330,8 @@ def test_auto_gives_the_members_bits_in_16_bit_floats(
             out = ens(x)
         assert "vmap" not in ens.plans[0].timings_ms
         assert torch.equal(out, torch.stack([m.eval()(x) for m in mods]))
-    torch.use_deterministic_algorithms(True)  # auto runs untimed
-    try:
-        with torch.no_grad():
-            assert torch.equal(lm.Ensemble(copy.deepcopy(mods)).eval()(x), out)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms(), torch.no_grad():  # auto runs untimed
+        assert torch.equal(lm.Ensemble(copy.deepcopy(mods)).eval()(x), out)
 
 
 EXACT_16_BIT = [
@@ -376,12 +373,8 @@ def test_auto_does_not_pick_the_fused_plan_in_float16(how: str, timed: bool) -> 
     autocast = torch.autocast("cpu", dtype=torch.float16, enabled=how == "autocast")
     ens = lm.Ensemble(copy.deepcopy(mods))
     assert ens.execution == "fused"  # where nothing is timed, without float16
-    torch.use_deterministic_algorithms(not timed)
-    try:
-        with torch.no_grad(), autocast:
-            out, ref = ens(x), torch.stack([m(x) for m in mods])
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms(not timed), torch.no_grad(), autocast:
+        out, ref = ens(x), torch.stack([m(x) for m in mods])
     assert ens.plan != "fused"
     assert torch.equal(out, ref)
     if timed:
@@ -594,12 +587,8 @@ def test_a_bad_call_at_the_second_timing_keeps_the_first_choice() -> None:
 
 def test_no_timing_under_deterministic_algorithms() -> None:
     ens = lm.Ensemble(members("cnn"))
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         ens(example("cnn"))
-    finally:
-        torch.use_deterministic_algorithms(previous)
     # The members' own class (not torch's) may keep state, which no timing shows: the loop.
     assert ens.plan == "loop" and ens.execution == "vmap" and ens.plans == ()
 
@@ -1408,10 +1397,7 @@ def test_an_ensemble_pickled_before_recurrent_layers_were_excluded_runs_the_loop
     ens.execution = "vmap"  # what that version's auto set
     old = pickle.loads(pickle.dumps(ens))
     assert old.execution == "loop"
-    torch.use_deterministic_algorithms(True)  # auto runs untimed
-    try:
+    with deterministic_algorithms():  # auto runs untimed
         out = old(example("lstm"))
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert old.plan == "loop"
     assert torch.equal(out, torch.stack([m(example("lstm")) for m in members("lstm")]))
