@@ -106,6 +106,15 @@ def test_a_module_held_deeper_than_the_search_goes_is_refused_with_a_fix_that_wo
     assert torch.equal(eager.student.weight, model.student.weight)
 
 
+def _reported_once(model: nn.Module, path: str) -> None:
+    """``find_meta_tensors`` and ``assert_no_meta`` both name the one hidden deferred tensor."""
+    found = lm.find_meta_tensors(model)
+    assert [(f.path, f.deferred, f.hidden) for f in found] == [(path, True, True)]
+    with pytest.raises(lm.MetaTensorError, match="holds 1 meta tensor") as e:
+        lm.assert_no_meta(model)
+    assert list(e.value.paths) == [path]
+
+
 @pytest.mark.parametrize(
     ("holder", "path"),
     [
@@ -122,11 +131,7 @@ def test_find_meta_tensors_and_assert_no_meta_see_past_their_bounds(holder: Any,
     model.holder = holder(hidden)
     lm.materialize(model)  # reaches modules in containers only: the hidden one stays
     assert hidden.weight.is_meta
-    found = lm.find_meta_tensors(model)
-    assert [(f.path, f.deferred, f.hidden) for f in found] == [(path, True, True)]
-    with pytest.raises(lm.MetaTensorError, match="holds 1 meta tensor") as e:
-        lm.assert_no_meta(model)
-    assert list(e.value.paths) == [path]
+    _reported_once(model, path)
     lm.materialize(hidden)
     lm.assert_no_meta(model)
 
@@ -177,11 +182,7 @@ def test_the_search_from_the_model_and_the_trace_back_find_the_same(
     model.holder = holder(hidden)
     model.also = _boxed(hidden, 7)  # found under its first path only
     lm.materialize(model)
-    found = lm.find_meta_tensors(model)
-    assert [(f.path, f.deferred, f.hidden) for f in found] == [(path, True, True)]
-    with pytest.raises(lm.MetaTensorError, match="holds 1 meta tensor") as e:
-        lm.assert_no_meta(model)
-    assert list(e.value.paths) == [path]
+    _reported_once(model, path)
     lm.materialize(hidden)
     assert lm.find_meta_tensors(model) == []
     assert later.weight.is_meta
