@@ -396,10 +396,7 @@ def _laid_out_like(
         if whole and tensor.stride() == stride:
             return tensor.to(device=device, dtype=dtype)  # a dense tensor keeps its strides
         out = torch.empty_strided(tuple(old.shape), stride, dtype=dtype, device=device)
-        if out.dtype == tensor.dtype:
-            _bytes(out).copy_(_bytes(tensor))
-        else:
-            out.copy_(tensor)
+        _copy_into(out, tensor)
         return out
     tensor = tensor.to(device=device, dtype=dtype)
     if tensor.layout == torch.strided and not _compact(tensor):
@@ -771,16 +768,19 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()  # a tensor subclass keeps its own clone
 
 
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; bytes for bytes where both hold the same packed dtype."""
+    if dst.dtype == src.dtype:
+        dst, src = _bytes(dst), _bytes(src)
+    dst.copy_(src)
+
+
 def _copy(old: torch.Tensor, new: torch.Tensor) -> None:
-    if old.dtype != new.dtype:
-        dst, src = old, new
-    else:
-        dst, src = _bytes(old), _bytes(new)
     if old.is_inference():
         with torch.inference_mode():
-            dst.copy_(src)
+            _copy_into(old, new)
     else:
-        dst.copy_(src)
+        _copy_into(old, new)
 
 
 def _set_data(old: torch.Tensor, new: torch.Tensor) -> None:
