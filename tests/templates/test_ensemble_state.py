@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import inspect
 import itertools
 import pickle
 import random
@@ -688,6 +689,35 @@ def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> No
         refusal = e
     if refusal is not None:
         assert "cannot run under torch.compile a forward that keeps" in str(refusal)
+        return
+    assert torch.equal(got, torch.stack([m(x) for m in members]))
+    assert torch.equal(compiled(x), torch.stack([m(x) for m in members]))
+
+
+def test_torch_compile_fullgraph_shows_the_refusal_or_is_exact() -> None:
+    # fullgraph=True: dynamo refuses to call the eager function that raises the
+    # refusal; its error shows the refusal as the reason (torch 2.8 and later),
+    # or, on torch 2.6 and 2.7, which take no reason, the function's name. Where
+    # this process compiled the ensemble's code before without fullgraph (the
+    # test above), dynamo reuses that compile, whose graph breaks before the
+    # loop: the loop then runs eagerly, member after member.
+    members, twins = _pair(_Counter, 3)
+    ens = lm.Ensemble(twins)
+    x = torch.randn(2, 8)
+    ens(x)
+    for m in members:
+        m(x)
+    assert ens.plans[0].how == "forward keeps state"
+    compiled = torch.compile(ens, backend="eager", fullgraph=True)
+    try:
+        got = compiled(x)
+    except Exception as refusal:
+        text = str(refusal)
+        if "cannot run under torch.compile a forward that keeps state" in text:
+            assert "Fix: call the ensemble without torch.compile" in text
+        else:
+            assert "reason" not in inspect.signature(torch.compiler.disable).parameters, text
+            assert "ensemble_refuses_torch_compile_of_a_forward_keeping_state" in text
         return
     assert torch.equal(got, torch.stack([m(x) for m in members]))
     assert torch.equal(compiled(x), torch.stack([m(x) for m in members]))

@@ -18,6 +18,7 @@ from lightning_meta._compat import (
     active_fake_mode,
     apply_to_tensors,
     backward_hooked,
+    compiler_disabled,
     default_device,
     dispatch_mode_active,
     functorch_transform_active,
@@ -298,17 +299,25 @@ def _sparse_gradients(template: nn.Module) -> list[str]:
     ]
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]
-def _refuse_compiled_state() -> None:
-    # Run eagerly: dynamo tracing a raise of this exception class failed with
-    # an AssertionError of its own (torch 2.11), which hid the message.
-    raise ArgumentValueError(
-        "Ensemble cannot run under torch.compile a forward that keeps state in its "
-        "modules' plain attributes (seen when its plans were timed): torch.compile "
-        "runs every member through the one template, while each member keeps its "
-        "own state. Fix: call the ensemble without torch.compile (compile the "
-        "members' layers instead)."
-    )
+_COMPILED_STATE = (
+    "Ensemble cannot run under torch.compile a forward that keeps state in its "
+    "modules' plain attributes (seen when its plans were timed): torch.compile "
+    "runs every member through the one template, while each member keeps its "
+    "own state. Fix: call the ensemble without torch.compile (compile the "
+    "members' layers instead)."
+)
+
+
+def _ensemble_refuses_torch_compile_of_a_forward_keeping_state() -> None:
+    raise ArgumentValueError(_COMPILED_STATE)
+
+
+# Run eagerly: dynamo tracing a raise of this exception class failed with an
+# AssertionError of its own (torch 2.11), which hid the message; under
+# fullgraph=True dynamo refuses the call and shows the reason instead.
+_refuse_compiled_state = compiler_disabled(
+    _ensemble_refuses_torch_compile_of_a_forward_keeping_state, _COMPILED_STATE
+)
 
 
 def _recurrent_layers(template: nn.Module) -> list[str]:
