@@ -5,15 +5,16 @@
 #   bash scripts/compat.sh TORCH LIGHTNING [TRANSFORMERS] [-- PYTEST ARGS...]
 #   bash scripts/compat.sh 2.6.0 2.5.0 4.57.6          # the declared floor
 #   bash scripts/compat.sh 2.15.0 2.6.6 -- -m "not slow"
+#   PYTHON=python3.10 bash scripts/compat.sh 2.10.0 2.6.6 5.17.0   # another Python
 #
-# Each pair gets .venv-compat/torch-T-lightning-L (pip's cache is shared, so a
+# Each pair gets .venv-compat/[pyXY-]torch-T-lightning-L (pip's cache is shared, so a
 # rebuild downloads nothing). A constraint file pins the pair, replacing the
 # machine's own pip constraint for this venv only (PIP_CONSTRAINT), so that no
 # later install can move torch or Lightning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,13p' "$0" >&2
     exit 2
 fi
 TORCH=$1
@@ -26,7 +27,10 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then
 fi
 [ "${1:-}" = "--" ] && shift
 PY=${PYTHON:-python3}
-VENV=.venv-compat/torch-$TORCH-lightning-$LIGHTNING
+# Another interpreter (PYTHON=/path/to/python3.10) gets a venv of its own.
+PREFIX=""
+[ -n "${PYTHON:-}" ] && PREFIX=$("$PY" -c 'import sys; print("py%d%d-" % sys.version_info[:2])')
+VENV=.venv-compat/${PREFIX}torch-$TORCH-lightning-$LIGHTNING
 mkdir -p "$VENV"
 CONSTRAINTS=$VENV/constraints.txt
 {
