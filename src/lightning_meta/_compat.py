@@ -1599,3 +1599,122 @@ def compiler_disabled(fn: Callable[[], None], reason: str) -> Callable[[], None]
 
 
 __all__ += ["compiler_disabled"]
+
+
+# A module's own hook tables and the tables of flags beside them (handle id ->
+# hook, or -> True), which every hook registration writes with one handle id.
+_HOOK_TABLE_NAMES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+# Table name -> handle id -> hook (or flag), as noted.
+HookTables = dict[str, dict[int, Any]]
+
+
+def hook_tables(module: nn.Module) -> HookTables:
+    """A copy of ``module``'s own hook tables (forward, forward-pre, backward,
+    backward-pre, and the flags beside them), those present and not empty.
+
+    What a forward that registers hooks on its modules (transformers 5 installs
+    its output-capturing hooks on the first call asking for hidden states)
+    changed is put back from this (:func:`restore_hook_tables`).
+    """
+    found: HookTables = {}
+    for name in _HOOK_TABLE_NAMES:
+        table = getattr(module, name, None)
+        if table:
+            found[name] = dict(table)
+    return found
+
+
+def hooks_since(module: nn.Module, count: int) -> HookTables:
+    """The entries of ``module``'s own hook tables registered since :func:`hook_registrations`
+    was ``count`` (handle ids only grow), by table."""
+    found: HookTables = {}
+    for name in _HOOK_TABLE_NAMES:
+        table = getattr(module, name, None)
+        if table:
+            new = {key: value for key, value in table.items() if key >= count}
+            if new:
+                found[name] = new
+    return found
+
+
+def hook_ids(modules: Iterable[nn.Module]) -> frozenset[int]:
+    """The handle ids of every hook in ``modules``' own tables."""
+    return frozenset(
+        key for mod in modules for name in _HOOK_TABLE_NAMES for key in getattr(mod, name, ())
+    )
+
+
+def hooks_except(module: nn.Module, ids: frozenset[int]) -> HookTables:
+    """The entries of ``module``'s own hook tables whose handle ids are not in ``ids``."""
+    found: HookTables = {}
+    for name in _HOOK_TABLE_NAMES:
+        table = getattr(module, name, None)
+        if table:
+            new = {key: value for key, value in table.items() if key not in ids}
+            if new:
+                found[name] = new
+    return found
+
+
+def restore_hook_tables(module: nn.Module, noted: HookTables | None, count: int) -> bool:
+    """Drop the entries of ``module``'s hook tables registered since
+    :func:`hook_registrations` was ``count`` and, given ``noted`` (from :func:`hook_tables`
+    then), give them back the entries removed since; whether anything changed."""
+    changed = False
+    for name in _HOOK_TABLE_NAMES:
+        table = getattr(module, name, None)
+        if table is None or (not table and not (noted and noted.get(name))):
+            continue
+        for key in [key for key in table if key >= count]:
+            del table[key]
+            changed = True
+        before = None if noted is None else noted.get(name, {})
+        if before is not None and table.keys() != before.keys():  # one removed: put back
+            table.clear()
+            table.update(before)
+            changed = True
+    return changed
+
+
+def add_hooks(module: nn.Module, entries: HookTables, bind: Callable[[Any], Any]) -> None:
+    """Put ``entries`` (from :func:`hooks_since`, of another copy of ``module``) in
+    ``module``'s hook tables, each hook as ``bind(hook)`` gives it (pointed at ``module``'s
+    modules where it referred to the other copy's)."""
+    for name, new in entries.items():
+        table = getattr(module, name, None)
+        if table is None:  # pragma: no cover - a torch without the flag table
+            raise missing(f"nn.Module.{name}", "carrying the hooks a forward registered")
+        flags = name.endswith(("_with_kwargs", "_always_called"))
+        for key, value in new.items():
+            table[key] = value if flags else bind(value)
+
+
+def rebound_hook(hook: Any, pairs: dict[int, nn.Module], cells: dict[int, Any]) -> Any:
+    """``hook`` pointed at the modules ``pairs`` maps the ones it refers to (a bound method
+    of one, or a function closing over one) to; ``hook`` itself where it refers to none."""
+    owner = getattr(hook, "__self__", None)
+    if isinstance(hook, types.MethodType) and id(owner) in pairs:
+        return types.MethodType(hook.__func__, pairs[id(owner)])
+    rebound = _rebound(hook, pairs, cells)
+    return hook if rebound is None else rebound
+
+
+__all__ += [
+    "HookTables",
+    "add_hooks",
+    "hook_ids",
+    "hook_tables",
+    "hooks_except",
+    "hooks_since",
+    "rebound_hook",
+    "restore_hook_tables",
+]

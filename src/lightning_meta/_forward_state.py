@@ -50,6 +50,7 @@ import numbers
 import pickle
 import random
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -58,9 +59,17 @@ import torch
 from torch import fx, nn
 
 from lightning_meta._compat import (
+    HookTables,
+    add_hooks,
     children_of,
     has_module_hooks,
+    hook_registrations,
+    hook_tables,
+    hooks_except,
+    hooks_since,
     non_persistent_of,
+    rebound_hook,
+    restore_hook_tables,
     tensor_tables,
     version_of,
 )
@@ -388,6 +397,17 @@ class AttributeState:
             self._tables.append(
                 (dot, mod, dict(params), dict(buffers), set(non_persistent_of(mod)))
             )
+        # The hook tables: a forward that registers hooks on its modules on its
+        # first call (transformers' output capturing, marked by a plain flag put
+        # back with the attributes) changes torch's own tables too. Hooks
+        # registered since are found by their handle ids (which only grow) on
+        # every module under the noted ones; those removed, among the modules
+        # that had hooks (every one is noted: see ``watched``).
+        self._roots = [] if torch.compiler.is_compiling() else pairs
+        self._hook_count = hook_registrations()
+        self._hooked: list[tuple[str, nn.Module, HookTables]] = [
+            (path, mod, hook_tables(mod)) for path, mod in self._roots if has_module_hooks(mod)
+        ]
         self._noted = [
             (
                 path,
@@ -427,7 +447,30 @@ class AttributeState:
         for path, mod, _, children, _ in self._noted:
             if list(children_of(mod)) != children:
                 found.append(f"{path}.<children>" if path else "<children>")
-        return found + self.registered()
+        return found + self.registered() + self.hooks_changed()
+
+    def _hook_changes(self) -> list[tuple[str, nn.Module, HookTables | None]]:
+        """The modules whose hook tables changed since, with their tables as noted (``None``:
+        none noted, so empty then)."""
+        found: list[tuple[str, nn.Module, HookTables | None]] = []
+        seen: set[int] = set()
+        for path, mod, noted in self._hooked:
+            seen.add(id(mod))
+            if hook_tables(mod) != noted:
+                found.append((path, mod, noted))
+        if hook_registrations() != self._hook_count:
+            for root, top in self._roots:
+                for path, mod in top.named_modules(prefix=root):
+                    if id(mod) not in seen:
+                        seen.add(id(mod))
+                        if hooks_since(mod, self._hook_count):
+                            found.append((path, mod, None))
+        return found
+
+    def hooks_changed(self) -> list[str]:
+        """Dotted paths (``<path>.<hooks>``) of the modules whose hooks were registered or
+        removed since."""
+        return [f"{path}.<hooks>" if path else "<hooks>" for path, _, _ in self._hook_changes()]
 
     def _look(self) -> None:
         for noted in self._objects.values():
@@ -470,6 +513,8 @@ class AttributeState:
             if kept != non_persistent:
                 kept.clear()
                 kept.update(non_persistent)
+        for _, hooked, tables in self._hook_changes():
+            restore_hook_tables(hooked, tables, self._hook_count)
         return lost
 
 
@@ -589,57 +634,138 @@ def owned_by(module: nn.Module) -> Shared:
 
 
 # What a copy holds in its plain attributes: module path -> (its class, its
-# attributes carried).
-CopyState = dict[str, tuple[type, dict[str, Any]]]
+# attributes carried, the hooks its forward registered there or None). An
+# ensemble pickled before hooks were carried holds pairs.
+CopyState = dict[str, tuple[Any, ...]]
 
 
-def state_of(module: nn.Module, *, copy: bool = False) -> CopyState:
+class _BoundTo:
+    """A hook that is a method of a module of the copy, by the module's path: carried into
+    another copy (or a pickle), it is that copy's module's method."""
+
+    __slots__ = ("function", "path")
+
+    def __init__(self, path: str, function: Any) -> None:
+        self.path, self.function = path, function
+
+    def __reduce__(self) -> tuple[type[_BoundTo], tuple[str, Any]]:
+        return (_BoundTo, (self.path, self.function))
+
+
+class _Hooks:
+    """The hooks a copy's forward registered on one of its modules, and the ids of the copy's
+    modules with their paths (for hooks that are functions closing over them)."""
+
+    __slots__ = ("paths", "tables")
+
+    def __init__(self, tables: HookTables, paths: dict[int, str]) -> None:
+        self.tables, self.paths = tables, paths
+
+    def __reduce__(self) -> tuple[type[_Hooks], tuple[HookTables, dict[int, str]]]:
+        # The ids mean nothing in another process: a function closing over a
+        # module of the copy does not pickle anyway (a local function).
+        return (_Hooks, (self.tables, {}))
+
+
+def state_of(
+    module: nn.Module, *, copy: bool = False, template_hooks: frozenset[int] | None = None
+) -> CopyState:
     """What ``module`` (a member's copy of the template) holds in its plain attributes,
     module by module: data only (numbers, strings, enums, numpy values, tensors, and
     containers of those), not what follows its parameter tables (an ``nn.LSTM``'s list of
     its weights), nor functions, methods and other objects (which may refer to the
     copy itself: a bound method kept as an attribute, ``torch.compile``'s wrapper), which a
     new copy has from the template. With ``copy``, copies of it (tensors detached; values
-    that were one object stay one object)."""
+    that were one object stay one object).
+
+    ``template_hooks``: the handle ids of the template's hooks when the copy was made; the
+    copy's other hooks (registered by its forward: transformers installs its output-capturing
+    hooks on the first call asking for hidden states, and marks the model with a plain flag)
+    are carried too, with the attributes that go with them.
+    """
     memo: dict[int, Any] = {}
     objects: dict[int, bool] = {}
     own = owned_by(module)
-    return {
-        path: (
+    named = list(module.named_modules())
+    paths: dict[int, str] | None = None
+    state: CopyState = {}
+    for path, mod in named:
+        hooks: _Hooks | None = None
+        tables = hooks_except(mod, template_hooks) if template_hooks is not None else None
+        if tables:
+            if paths is None:
+                paths = {id(m): p for p, m in named}
+            hooks = _Hooks({k: _named_hooks(v, paths) for k, v in tables.items()}, paths)
+        state[path] = (
             type(mod),
             {
                 key: _detached_copy(value, memo) if copy else value
                 for key, value in vars(mod).items()
                 if key not in MODULE_INTERNALS and _data(value, objects) and not _only(value, own)
             },
+            hooks,
         )
-        for path, mod in module.named_modules()
-    }
+    return state
+
+
+def _named_hooks(table: dict[int, Any], paths: dict[int, str]) -> dict[int, Any]:
+    """``table`` with the hooks that are methods of the copy's modules named by path."""
+    out: dict[int, Any] = {}
+    for key, hook in table.items():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(hook, types.MethodType) and id(owner) in paths:
+            hook = _BoundTo(paths[id(owner)], hook.__func__)
+        out[key] = hook
+    return out
 
 
 def copy_state(state: CopyState) -> CopyState:
-    """A copy of ``state`` (tensors detached, one object staying one object)."""
+    """A copy of ``state`` (tensors detached, one object staying one object; hooks as
+    they are)."""
     memo: dict[int, Any] = {}
     return {
-        path: (cls, {k: _detached_copy(v, memo) for k, v in values.items()})
-        for path, (cls, values) in state.items()
+        path: (held[0], {k: _detached_copy(v, memo) for k, v in held[1].items()}, *held[2:])
+        for path, held in state.items()
     }
 
 
 def apply_state(module: nn.Module, state: CopyState) -> None:
-    """Put ``state`` (from :func:`state_of`) into ``module``'s plain attributes, module by
-    module where the path holds a module of the same class (a submodule a forward adds on
-    its first call is added again by that forward)."""
-    for path, mod in module.named_modules():
+    """Put ``state`` (from :func:`state_of`) into ``module``'s plain attributes and hook
+    tables, module by module where the path holds a module of the same class (a submodule a
+    forward adds on its first call is added again by that forward)."""
+    named = list(module.named_modules())
+    pairs: dict[int, nn.Module] | None = None
+    cells: dict[int, Any] = {}
+    for path, mod in named:
         held = state.get(path)
-        if held is not None and held[0] is type(mod):
-            vars(mod).update(held[1])
+        if held is None or held[0] is not type(mod):
+            continue
+        vars(mod).update(held[1])
+        hooks = held[2] if len(held) > 2 else None
+        if hooks is None:
+            continue
+        if pairs is None:
+            mine = dict(named)
+            pairs = {key: mine[p] for key, p in hooks.paths.items() if p in mine}
+
+        def bind(hook: Any, pairs: dict[int, nn.Module] = pairs) -> Any:
+            if isinstance(hook, _BoundTo):
+                return types.MethodType(hook.function, module.get_submodule(hook.path))
+            return rebound_hook(hook, pairs, cells)
+
+        add_hooks(mod, hooks.tables, bind)
 
 
-def carry_state(old: nn.Module, new: nn.Module, *, copy: bool = False) -> None:
+def carry_state(
+    old: nn.Module,
+    new: nn.Module,
+    *,
+    copy: bool = False,
+    template_hooks: frozenset[int] | None = None,
+) -> None:
     """Give ``new`` (a fresh copy of the template) what ``old`` (the copy it replaces) holds
-    in its plain attributes (see :func:`state_of`)."""
-    apply_state(new, state_of(old, copy=copy))
+    in its plain attributes, and its hooks but ``template_hooks`` (see :func:`state_of`)."""
+    apply_state(new, state_of(old, copy=copy, template_hooks=template_hooks))
 
 
 _PLAIN = (

@@ -34,7 +34,12 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
+from support.capabilities import (
+    FSDP2_ON_CPU,
+    FSDP2_ON_CPU_REASON,
+    UNEVEN_FSDP_OVER_TP,
+    UNEVEN_FSDP_OVER_TP_REASON,
+)
 from support.processes import run_module
 
 
@@ -116,6 +121,7 @@ def test_bf16_true_under_model_parallel_casts_a_float32_buffer_as_eager(
 
 
 @pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+@pytest.mark.skipif(not UNEVEN_FSDP_OVER_TP, reason=UNEVEN_FSDP_OVER_TP_REASON)
 def test_a_seed_per_rank_gives_eager_shards_on_a_data_by_tensor_parallel_mesh(
     tmp_path: Path,
 ) -> None:

@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
+from support.capabilities import (
+    FSDP2_ON_CPU,
+    FSDP2_ON_CPU_REASON,
+    UNEVEN_FSDP_OVER_TP,
+    UNEVEN_FSDP_OVER_TP_REASON,
+)
 from support.processes import run_module
 
-pytestmark = pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+pytestmark = [
+    pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON),
+    pytest.mark.skipif(not UNEVEN_FSDP_OVER_TP, reason=UNEVEN_FSDP_OVER_TP_REASON),
+]
 
 
 def test_strided_pieces_are_eager_fully_shard_over_tp_and_torch_otherwise(tmp_path: Path) -> None:

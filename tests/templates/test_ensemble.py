@@ -127,8 +127,11 @@ def test_randomness_same_and_error() -> None:
     assert same.execution == "vmap"
     out = same(torch.ones(1, 3))
     assert torch.equal(out[0] == 0, out[1] == 0)
-    with pytest.raises(RuntimeError, match="randomness"):
+    # Every plan refuses the draw: the fix is another randomness or eval(), not the loop.
+    with pytest.raises(lm.MetaTensorError, match="randomness='error'") as info:
         lm.Ensemble(mods, randomness="error")(torch.ones(1, 3))
+    assert "execution='loop'" not in str(info.value)
+    assert "randomness='different'" in str(info.value) and "eval()" in str(info.value)
 
 
 def test_tied_weights_in_members() -> None:

@@ -9,6 +9,7 @@ all members cannot, and must neither give other numbers nor leave a dead
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import enum
 import inspect
@@ -721,6 +722,141 @@ def test_torch_compile_fullgraph_shows_the_refusal_or_is_exact() -> None:
         return
     assert torch.equal(got, torch.stack([m(x) for m in members]))
     assert torch.equal(compiled(x), torch.stack([m(x) for m in members]))
+
+
+# What the hooks of _LazyHooks collect during a call (transformers 5 keeps its
+# output collector in a context variable the same way).
+_COLLECTED: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "collected", default=None
+)
+
+
+def _collect(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    found = _COLLECTED.get()
+    if found is not None:
+        found.append(output)
+
+
+class _LazyHooks(nn.Module):
+    """Registers forward hooks on its layers on the first call asking for their outputs and
+    marks itself with a plain flag, as transformers 5 does for ``output_hidden_states``; with
+    ``bound``, each hook is a method of this module counting the layers it saw."""
+
+    def __init__(self, bound: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.bound = bound
+        self.seen = 0
+
+    def _seen(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.seen += 1
+        _collect(module, args, output)
+
+    def forward(self, x: torch.Tensor, collect: bool = False) -> Any:
+        if collect and not getattr(self, "hooks_installed", False):
+            for layer in self.layers:
+                layer.register_forward_hook(self._seen if self.bound else _collect)
+            self.hooks_installed = True
+        found: list[torch.Tensor] | None = [] if collect else None
+        token = _COLLECTED.set(found)
+        try:
+            for layer in self.layers:
+                x = layer(x)
+        finally:
+            _COLLECTED.reset(token)
+        return (x, tuple(found)) if found is not None else x
+
+
+def _same_as_members(ens: Any, members: list[nn.Module], x: torch.Tensor) -> None:
+    got, found = ens(x, collect=True)
+    outs = [m(x, collect=True) for m in members]
+    # Close, not equal: vmap's batched matmul rounds otherwise.
+    torch.testing.assert_close(got, torch.stack([out for out, _ in outs]))
+    assert len(found) == len(outs[0][1]) == 2  # one output per layer, none twice
+    for k, layer_out in enumerate(found):
+        torch.testing.assert_close(layer_out, torch.stack([kept[k] for _, kept in outs]))
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["function", "method"])
+@pytest.mark.parametrize("execution", ["auto", "loop", "vmap"])
+def test_a_forward_registering_hooks_on_its_first_call_gives_the_members_numbers(
+    execution: str, bound: bool
+) -> None:
+    # Before: the timed runs of "auto" put the flag back but left their hooks, so
+    # the loop's copies collected every layer ten times over; member(i), copies
+    # of the ensemble and copies made again carried the flag without the hooks
+    # and collected nothing.
+    members, twins = _pair(lambda: _LazyHooks(bound), 3)
+    ens = lm.Ensemble(twins, execution=execution)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            _same_as_members(ens, members, x)
+        for i, member in enumerate(members):
+            one = ens.member(i)
+            got, found = one(x, collect=True)
+            expected, kept = member(x, collect=True)
+            torch.testing.assert_close(got, expected)
+            assert len(found) == len(kept) == 2 and one.seen == member.seen
+            torch.testing.assert_close(found, kept)
+            torch.testing.assert_close(one(x), member(x))
+        for other in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+            _same_as_members(other, [copy.deepcopy(m) for m in members], x)
+        ens.template.module.register_forward_pre_hook(lambda mod, args: None)  # copies made again
+        _same_as_members(ens, members, x)
+        _same_as_members(ens, members, x)
+    if bound:
+        assert [m.seen for m in members] == [2 * 7] * 3
+
+
+def test_a_template_call_registering_hooks_starts_from_the_template_each_time() -> None:
+    # Before: every strict call left its hooks on the template (the flag was put
+    # back), so each call collected two more outputs than the last.
+    torch.manual_seed(0)
+    net = _LazyHooks()
+    template = lm.MetaTemplate(net)
+    x = torch.randn(5, 8)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for _ in range(3):
+            got, found = template(params, x, collect=True)
+            expected, kept = copy.deepcopy(net)(x, collect=True)
+            assert torch.equal(got, expected)
+            assert len(found) == 2 and all(map(torch.equal, found, kept))
+    assert not any(m._forward_hooks for m in template.module.modules())
+
+
+def test_transformers_hidden_states_of_an_ensemble_are_the_members() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(transformers.LlamaForCausalLM(config).eval())
+    ens = lm.Ensemble([copy.deepcopy(m) for m in members])
+    ids = torch.tensor([[1, 5, 7, 2, 9, 4]])
+    kwargs = dict(output_hidden_states=True, output_attentions=True, use_cache=False)
+    with torch.no_grad():
+        expected = [m(input_ids=ids, **kwargs) for m in members]
+        for _ in range(2):
+            out = ens(input_ids=ids, **kwargs)
+            assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+            for got, key in ((out.hidden_states, "hidden_states"), (out.attentions, "attentions")):
+                for k, value in enumerate(got):
+                    stacked = torch.stack([getattr(e, key)[k] for e in expected])
+                    torch.testing.assert_close(value, stacked)
+        one = ens.member(1)(input_ids=ids, **kwargs)
+    assert len(one.hidden_states) == 3
+    torch.testing.assert_close(one.logits, expected[1].logits)
 
 
 class _Phase(enum.Enum):

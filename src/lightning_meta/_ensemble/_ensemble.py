@@ -955,7 +955,7 @@ class Ensemble(nn.Module):
         if len(copies) == self.num_members:
             # What the member's forward kept in its plain attributes, under the loop plan.
             shell = copies[index].module
-            carry_state(shell, member, copy=True)
+            carry_state(shell, member, copy=True, template_hooks=self._shells.template_hooks)
         return member
 
     def apply(self, fn: Callable[[nn.Module], None]) -> Ensemble:
@@ -1929,6 +1929,14 @@ class Ensemble(nn.Module):
             # (a shape mismatch) pass through as they are.
             if "Batching rule" not in str(e) and "vmap" not in str(e):
                 raise
+            if self.randomness == "error" and "randomness" in str(e):
+                # Every plan refuses the draw: the loop is no fix.
+                raise ArgumentValueError(
+                    "Ensemble(randomness='error'): the members drew random numbers (dropout "
+                    "or another random op) under torch.vmap. Fix: pass "
+                    "randomness='different' (one draw per member) or 'same' (one draw "
+                    "shared), or call ensemble.eval()."
+                ) from e
             how = "forced" if self._requested == "vmap" else "used where no plan is timed"
             raise ArgumentValueError(
                 f"Ensemble(execution={self._requested!r}) ran torch.vmap ({how}), which cannot "

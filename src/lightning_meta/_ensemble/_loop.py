@@ -30,6 +30,7 @@ from lightning_meta._compat import (
     buffers_of,
     deepcopy_module,
     functorch_transform_active,
+    hook_ids,
     modes_and_hooks,
     tensor_tables,
     tree_flatten,
@@ -272,6 +273,9 @@ class MemberShells:
         self._tables: list[tuple[Mapping[str, Any], int, Mapping[str, Any], int]] = []
         # The template gained tensors: the copies are made again on the next call.
         self._stale = False
+        # The handle ids of the template's hooks when the copies were made: a
+        # copy's other hooks are its forward's (carried like its attributes).
+        self.template_hooks: frozenset[int] = frozenset()
 
     def __reduce__(self) -> tuple[Callable[..., MemberShells], tuple[Any, ...]]:
         return (_with_states, (self._states(),))
@@ -285,7 +289,9 @@ class MemberShells:
         if not self._members:
             # Not run since it was copied: a copy of what it was given.
             return None if self._pending is None else [copy_state(s) for s in self._pending]
-        return [state_of(m.module, copy=True) for m in self._members]
+        return [
+            state_of(m.module, copy=True, template_hooks=self.template_hooks) for m in self._members
+        ]
 
     def clear(self) -> None:
         """Drop the copies (and the views they hold)."""
@@ -351,8 +357,10 @@ class MemberShells:
             MemberSlots.of(deepcopy_module(template), names) for _ in range(num_members)
         ]
         for before, after in zip(old, self._members, strict=False):
-            # A hook added or removed: the new copies keep what the old ones stored.
-            carry_state(before.module, after.module)
+            # A hook added or removed: the new copies keep what the old ones stored
+            # (and the hooks their forwards registered).
+            carry_state(before.module, after.module, template_hooks=self.template_hooks)
+        self.template_hooks = hook_ids(self._module_list)
         if not old and self._pending is not None and len(self._pending) == num_members:
             for held, after in zip(self._pending, self._members, strict=True):
                 apply_state(after.module, held)
@@ -548,7 +556,7 @@ def check_output_leaves(leaves: Sequence[Any]) -> None:
             raise ArgumentValueError(
                 f"Ensemble members return a {type(leaf).__name__} in output leaf {j}, which is "
                 "neither a tensor nor a plain value and cannot be stacked. Fix: return tensors "
-                "(for transformers models, pass use_cache=False or return_dict=False)."
+                "(for a transformers model's cache, pass use_cache=False)."
             )
 
 
