@@ -29,6 +29,7 @@ version (see ``Recorder``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
 from lightning_meta._errors import MaterializationError
 
-__all__ = ["conversion_refused", "value_reads"]
+__all__ = ["PARAMETER_CLASS", "conversion_refused", "value_reads"]
 
 
 class Reads(Protocol):
@@ -72,10 +73,53 @@ def conversion_refused(detail: str, paths: tuple[str, ...] = ()) -> Materializat
     )
 
 
+# Where a fake Parameter keeps the Parameter subclass the model asked for.
+PARAMETER_CLASS = "_lightning_meta_parameter_class"
+
+
+def _fake_deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """What eager's deep copy of ``t`` does, for a fake tensor of an open block.
+
+    torch's own copies the fake tensor's ``__dict__``, its fake mode with it:
+    a second mode holding copies of the first's weak storage references,
+    each freed twice when both are collected (the heap corrupted, a
+    segmentation fault later: a constant such as ``torch.tensor(1.0)`` made
+    in the block, then ``nn.TransformerEncoder`` cloning its layer).
+    """
+    known = memo.get(id(t))
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    with torch.no_grad():
+        if t.__dict__.get("_is_param"):
+            # nn.Parameter.__deepcopy__: the class again, around a clone of the
+            # data (through the block's Parameter hook, as eager's call).
+            cls = t.__dict__.get(PARAMETER_CLASS, torch.nn.Parameter)
+            new = cls(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
+        else:
+            # torch.Tensor.__deepcopy__ of a subclass without data: a clone,
+            # and the attributes the model set on it (not the fake tensor's own).
+            new = t.clone()
+            if t.requires_grad:
+                new.requires_grad_()
+            if t.grad is not None:
+                new.grad = copy.deepcopy(t.grad, memo)
+            own = {k: v for k, v in vars(t).items() if k not in vars(new)}
+            vars(new).update(copy.deepcopy(own, memo))
+    memo[id(t)] = new
+    return new  # type: ignore[no-any-return]
+
+
 def _real_deepcopy(original: Any) -> Any:
-    """``torch.Tensor.__deepcopy__`` giving a real tensor a real copy inside a block."""
+    """``torch.Tensor.__deepcopy__`` giving a real tensor a real copy inside a block, and a
+    fake tensor of a block a fake copy in that block (see :func:`_fake_deepcopy`)."""
 
     def __deepcopy__(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if (
+            isinstance(self, FakeTensor)
+            and self.is_leaf
+            and id(getattr(self, "fake_mode", None)) in _READERS
+        ):
+            return _fake_deepcopy(self, memo)
         if type(self) is torch.Tensor and id(_compat.active_fake_mode()) in _READERS:
             # Eager construction copies a real tensor (save_hyperparameters copies
             # the arguments of __init__): a real copy. Recorded, torch's copy

@@ -24,15 +24,12 @@ from torch.nn.modules.module import (
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor, FakeTensorMode, is_swap_refusal
 from lightning_meta._deferred._escaped import close_fake_mode
-from lightning_meta._deferred._functions import conversion_refused, value_reads
+from lightning_meta._deferred._functions import PARAMETER_CLASS, conversion_refused, value_reads
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._record_errors import recording_error, torch_refusal
 from lightning_meta._deferred._recorder import Recorder
 
 __all__ = ["PARAMETER_CLASS", "close", "recording"]
-
-# Where a fake Parameter keeps the Parameter subclass the model asked for.
-PARAMETER_CLASS = "_lightning_meta_parameter_class"
 
 
 @contextlib.contextmanager
