@@ -671,10 +671,9 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
     check(24)
 
 
-def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> None:
-    # Where dynamo traces into the ensemble's loop (torch 2.11, 2.13) the ensemble
-    # refuses; torch 2.15 breaks the graph before it and runs the loop eagerly,
-    # member after member. Either way, never the template's one state for all.
+def _counting_ensemble() -> tuple[list[nn.Module], lm.Ensemble, torch.Tensor]:
+    """Members counting their calls, and an ensemble of their copies that "auto" saw keep
+    state, each called once on the input returned."""
     members, twins = _pair(_Counter, 3)
     ens = lm.Ensemble(twins)
     x = torch.randn(2, 8)
@@ -682,6 +681,14 @@ def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> No
     for m in members:
         m(x)
     assert ens.plans[0].how == "forward keeps state"
+    return members, ens, x
+
+
+def test_torch_compile_of_a_forward_that_keeps_state_is_refused_or_exact() -> None:
+    # Where dynamo traces into the ensemble's loop (torch 2.11, 2.13) the ensemble
+    # refuses; torch 2.15 breaks the graph before it and runs the loop eagerly,
+    # member after member. Either way, never the template's one state for all.
+    members, ens, x = _counting_ensemble()
     compiled = torch.compile(ens, backend="eager")
     refusal: Exception | None = None
     try:
@@ -702,13 +709,7 @@ def test_torch_compile_fullgraph_shows_the_refusal_or_is_exact() -> None:
     # this process compiled the ensemble's code before without fullgraph (the
     # test above), dynamo reuses that compile, whose graph breaks before the
     # loop: the loop then runs eagerly, member after member.
-    members, twins = _pair(_Counter, 3)
-    ens = lm.Ensemble(twins)
-    x = torch.randn(2, 8)
-    ens(x)
-    for m in members:
-        m(x)
-    assert ens.plans[0].how == "forward keeps state"
+    members, ens, x = _counting_ensemble()
     compiled = torch.compile(ens, backend="eager", fullgraph=True)
     try:
         got = compiled(x)
