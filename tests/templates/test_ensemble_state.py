@@ -655,8 +655,9 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
             expected = torch.stack([m(x) for m in members])
         torch.testing.assert_close(got, expected)
 
-    # The first call's timing must pick vmap, which a loaded machine can undo once.
-    for _ in range(3):
+    # The first call's timing must pick vmap, which a loaded machine can undo
+    # (torch 2.15 on a machine running a second test process: 3 tries lost).
+    for _ in range(10):
         members, twins = _pair(_LongestSeen, 64)
         ens = lm.Ensemble(twins)
         check(17)
