@@ -1636,11 +1636,15 @@ def hook_tables(module: nn.Module) -> HookTables:
 def hooks_since(module: nn.Module, count: int) -> HookTables:
     """The entries of ``module``'s own hook tables registered since :func:`hook_registrations`
     was ``count`` (handle ids only grow), by table."""
+    return _hook_entries(module, lambda key: key >= count)
+
+
+def _hook_entries(module: nn.Module, keep: Callable[[int], bool]) -> HookTables:
     found: HookTables = {}
     for name in _HOOK_TABLE_NAMES:
         table = getattr(module, name, None)
         if table:
-            new = {key: value for key, value in table.items() if key >= count}
+            new = {key: value for key, value in table.items() if keep(key)}
             if new:
                 found[name] = new
     return found
@@ -1655,14 +1659,7 @@ def hook_ids(modules: Iterable[nn.Module]) -> frozenset[int]:
 
 def hooks_except(module: nn.Module, ids: frozenset[int]) -> HookTables:
     """The entries of ``module``'s own hook tables whose handle ids are not in ``ids``."""
-    found: HookTables = {}
-    for name in _HOOK_TABLE_NAMES:
-        table = getattr(module, name, None)
-        if table:
-            new = {key: value for key, value in table.items() if key not in ids}
-            if new:
-                found[name] = new
-    return found
+    return _hook_entries(module, lambda key: key not in ids)
 
 
 def restore_hook_tables(module: nn.Module, noted: HookTables | None, count: int) -> bool:
@@ -1686,7 +1683,7 @@ def restore_hook_tables(module: nn.Module, noted: HookTables | None, count: int)
 
 
 def add_hooks(module: nn.Module, entries: HookTables, bind: Callable[[Any], Any]) -> None:
-    """Put ``entries`` (from :func:`hooks_since`, of another copy of ``module``) in
+    """Put ``entries`` (from :func:`hooks_except`, of another copy of ``module``) in
     ``module``'s hook tables, each hook as ``bind(hook)`` gives it (pointed at ``module``'s
     modules where it referred to the other copy's)."""
     for name, new in entries.items():
