@@ -390,8 +390,10 @@ class AttributeState:
         # torch's own tables, which the attributes below leave out.
         self._tables: list[tuple[str, nn.Module, _Table, _Table, set[str]]] = []
         # Under torch.compile (which cannot trace a copy of a module's set of
-        # non-persistent names on torch 2.6) a registration is not watched.
-        for path, mod in [] if torch.compiler.is_compiling() else pairs:
+        # non-persistent names on torch 2.6) a registration is not watched,
+        # nor a hook registered.
+        self._roots = [] if torch.compiler.is_compiling() else pairs
+        for path, mod in self._roots:
             params, buffers = tensor_tables(mod)
             dot = f"{path}." if path else ""
             self._tables.append(
@@ -403,7 +405,6 @@ class AttributeState:
         # registered since are found by their handle ids (which only grow) on
         # every module under the noted ones; those removed, among the modules
         # that had hooks (every one is noted: see ``watched``).
-        self._roots = [] if torch.compiler.is_compiling() else pairs
         self._hook_count = hook_registrations()
         self._hooked: list[tuple[str, nn.Module, HookTables]] = [
             (path, mod, hook_tables(mod)) for path, mod in self._roots if has_module_hooks(mod)
@@ -734,26 +735,24 @@ def apply_state(module: nn.Module, state: CopyState) -> None:
     tables, module by module where the path holds a module of the same class (a submodule a
     forward adds on its first call is added again by that forward)."""
     named = list(module.named_modules())
-    pairs: dict[int, nn.Module] | None = None
+    carried = [held[2] for held in state.values() if len(held) > 2 and held[2] is not None]
+    # Every module's hooks share one map of the old copy's modules: by path, to this one's.
+    mine = dict(named) if carried else {}
+    pairs = {key: mine[p] for key, p in carried[0].paths.items() if p in mine} if carried else {}
     cells: dict[int, Any] = {}
+
+    def bind(hook: Any) -> Any:
+        if isinstance(hook, _BoundTo):
+            return types.MethodType(hook.function, module.get_submodule(hook.path))
+        return rebound_hook(hook, pairs, cells)
+
     for path, mod in named:
         held = state.get(path)
         if held is None or held[0] is not type(mod):
             continue
         vars(mod).update(held[1])
-        hooks = held[2] if len(held) > 2 else None
-        if hooks is None:
-            continue
-        if pairs is None:
-            mine = dict(named)
-            pairs = {key: mine[p] for key, p in hooks.paths.items() if p in mine}
-
-        def bind(hook: Any, pairs: dict[int, nn.Module] = pairs) -> Any:
-            if isinstance(hook, _BoundTo):
-                return types.MethodType(hook.function, module.get_submodule(hook.path))
-            return rebound_hook(hook, pairs, cells)
-
-        add_hooks(mod, hooks.tables, bind)
+        if len(held) > 2 and held[2] is not None:
+            add_hooks(mod, held[2].tables, bind)
 
 
 def carry_state(

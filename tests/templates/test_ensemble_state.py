@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from support.zoo_models import TINY_DECODER
 
 
 class _CachedBias(nn.Module):
@@ -831,14 +832,7 @@ def test_a_template_call_registering_hooks_starts_from_the_template_each_time() 
 def test_transformers_hidden_states_of_an_ensemble_are_the_members() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        attn_implementation="eager",
+        **TINY_DECODER, max_position_embeddings=32, attn_implementation="eager"
     )
     members = []
     for seed in range(3):

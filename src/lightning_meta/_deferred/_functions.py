@@ -17,7 +17,10 @@ so is ``torch.Tensor.numpy`` (and ``np.asarray``, which calls it): torch's
 ``.numpy()`` detaches through the dispatcher, which inside a block would
 hand a real tensor to the fake mode and build the array on a fake tensor's
 memory; a real tensor gets eager's array over its own memory instead (see
-:meth:`~lightning_meta._deferred._recorder.Recorder.shares_with_numpy`). (A
+:meth:`~lightning_meta._deferred._recorder.Recorder.shares_with_numpy`).
+A fake tensor of the block deep-copied there (``nn.TransformerEncoder``
+cloning its layer) gets eager's copy in the block's mode, not torch's,
+which copies the fake mode with it (see :func:`_fake_deepcopy`). (A
 ``TorchFunctionMode`` would see them too, but it costs every tensor call of
 the model a trip through Python.)
 
