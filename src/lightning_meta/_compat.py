@@ -1682,10 +1682,27 @@ def restore_hook_tables(module: nn.Module, noted: HookTables | None, count: int)
     return changed
 
 
-def add_hooks(module: nn.Module, entries: HookTables, bind: Callable[[Any], Any]) -> None:
+def hook_order(module: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """The handle ids of ``module``'s hook tables ``names``, in the order the hooks run."""
+    return {name: tuple(getattr(module, name, ())) for name in names}
+
+
+def add_hooks(
+    module: nn.Module,
+    entries: HookTables,
+    bind: Callable[[Any], Any],
+    order: Mapping[str, Sequence[int]] | None = None,
+) -> None:
     """Put ``entries`` (from :func:`hooks_except`, of another copy of ``module``) in
     ``module``'s hook tables, each hook as ``bind(hook)`` gives it (pointed at ``module``'s
-    modules where it referred to the other copy's)."""
+    modules where it referred to the other copy's).
+
+    ``order`` (from :func:`hook_order` on the other copy) places each entry where it ran
+    there: just after the hook it followed that ``module`` has too, or first (a hook
+    registered with ``prepend=True``); the hooks run in table order, so a template hook
+    added after the entries were registered runs after them, as on the other copy.
+    Without it (an ensemble pickled before the order was kept) they run last.
+    """
     for name, new in entries.items():
         table = getattr(module, name, None)
         if table is None:  # pragma: no cover - a torch without the flag table
@@ -1693,6 +1710,26 @@ def add_hooks(module: nn.Module, entries: HookTables, bind: Callable[[Any], Any]
         flags = name.endswith(("_with_kwargs", "_always_called"))
         for key, value in new.items():
             table[key] = value if flags else bind(value)
+        before = None if order is None or flags else order.get(name)
+        if before:
+            _place(table, new.keys(), before)
+
+
+def _place(table: dict[int, Any], carried: Iterable[int], before: Sequence[int]) -> None:
+    """Reorder ``table`` so that each key of ``carried`` follows the key it followed in
+    ``before`` that ``table`` holds (or comes first), the other keys keeping their order."""
+    moved = set(carried)
+    keys = [key for key in table if key not in moved]
+    last: int | None = None
+    for key in before:
+        if key in moved:
+            keys.insert(0 if last is None else keys.index(last) + 1, key)
+            last = key
+        elif key in table:
+            last = key
+    placed = {key: table[key] for key in keys}
+    table.clear()
+    table.update(placed)
 
 
 def rebound_hook(hook: Any, pairs: dict[int, nn.Module], cells: dict[int, Any]) -> Any:
@@ -1709,6 +1746,7 @@ __all__ += [
     "HookTables",
     "add_hooks",
     "hook_ids",
+    "hook_order",
     "hook_tables",
     "hooks_except",
     "hooks_since",

@@ -63,6 +63,7 @@ from lightning_meta._compat import (
     add_hooks,
     children_of,
     has_module_hooks,
+    hook_order,
     hook_registrations,
     hook_tables,
     hooks_except,
@@ -654,18 +655,26 @@ class _BoundTo:
 
 
 class _Hooks:
-    """The hooks a copy's forward registered on one of its modules, and the ids of the copy's
-    modules with their paths (for hooks that are functions closing over them)."""
+    """The hooks a copy's forward registered on one of its modules, the order of the
+    module's tables they are in, and the ids of the copy's modules with their paths (for
+    hooks that are functions closing over them)."""
 
-    __slots__ = ("paths", "tables")
+    __slots__ = ("order", "paths", "tables")
 
-    def __init__(self, tables: HookTables, paths: dict[int, str]) -> None:
-        self.tables, self.paths = tables, paths
+    def __init__(
+        self,
+        tables: HookTables,
+        paths: dict[int, str],
+        order: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.tables, self.paths, self.order = tables, paths, order
 
-    def __reduce__(self) -> tuple[type[_Hooks], tuple[HookTables, dict[int, str]]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[_Hooks], tuple[HookTables, dict[int, str], dict[str, tuple[int, ...]] | None]]:
         # The ids mean nothing in another process: a function closing over a
         # module of the copy does not pickle anyway (a local function).
-        return (_Hooks, (self.tables, {}))
+        return (_Hooks, (self.tables, {}, self.order))
 
 
 def state_of(
@@ -696,7 +705,11 @@ def state_of(
         if tables:
             if paths is None:
                 paths = {id(m): p for p, m in named}
-            hooks = _Hooks({k: _named_hooks(v, paths) for k, v in tables.items()}, paths)
+            hooks = _Hooks(
+                {k: _named_hooks(v, paths) for k, v in tables.items()},
+                paths,
+                hook_order(mod, tables),
+            )
         state[path] = (
             type(mod),
             {
@@ -752,7 +765,7 @@ def apply_state(module: nn.Module, state: CopyState) -> None:
             continue
         vars(mod).update(held[1])
         if len(held) > 2 and held[2] is not None:
-            add_hooks(mod, held[2].tables, bind)
+            add_hooks(mod, held[2].tables, bind, held[2].order)
 
 
 def carry_state(

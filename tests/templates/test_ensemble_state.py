@@ -855,6 +855,63 @@ def test_transformers_hidden_states_of_an_ensemble_are_the_members() -> None:
     torch.testing.assert_close(one.logits, expected[1].logits)
 
 
+def _affine(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * 2 + 1
+
+
+def _shift(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output + 3
+
+
+class _LazyAffine(nn.Module):
+    """Registers ``_affine`` on its layer on its first call, first of the layer's hooks with
+    ``prepend``; ``shifted`` builds the layer with ``_shift`` on it."""
+
+    def __init__(self, prepend: bool = False, shifted: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.prepend = prepend
+        if shifted:
+            self.layer.register_forward_hook(_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "hooked", False):
+            self.layer.register_forward_hook(_affine, prepend=self.prepend)
+            self.hooked = True
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("execution", ["auto", "loop", "vmap"])
+def test_hooks_a_forward_registered_keep_their_place_among_the_others(execution: str) -> None:
+    # Before: the hooks a copy's forward registered were put last in the tables of
+    # member(i), of copies of the ensemble and of copies made again, so a template
+    # hook added after the first call (or one registered with prepend=True) ran
+    # in the other order: 2 * (y + 3) + 1 instead of (2 * y + 1) + 3.
+    x = torch.randn(5, 4)
+
+    def same(ens: Any, members: list[nn.Module]) -> None:
+        # Close, not equal: vmap's batched matmul rounds otherwise.
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        for i, member in enumerate(members):
+            assert torch.equal(ens.member(i)(x), member(x))
+        for other in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+            torch.testing.assert_close(other(x), torch.stack([m(x) for m in members]))
+
+    with torch.no_grad():
+        # A template hook added after the forward registered its own.
+        members, twins = _pair(_LazyAffine, 3)
+        ens = lm.Ensemble(twins, execution=execution)
+        same(ens, members)
+        for module in [ens.template.module, *members]:
+            module.layer.register_forward_hook(_shift)  # the copies are made again
+        same(ens, members)
+        # A forward registering its hook ahead of the template's.
+        members, twins = _pair(lambda: _LazyAffine(prepend=True, shifted=True), 3)
+        ens = lm.Ensemble(twins, execution=execution)
+        same(ens, members)
+        same(ens, members)
+
+
 class _Phase(enum.Enum):
     A = 1
     B = 2
