@@ -53,6 +53,37 @@ def test_round_trip(fmt: str, kind: str, files: dict[str, Path], ref: torch.nn.M
         assert not lm.is_deferred(m)
 
 
+class _Attributes(nn.Module):
+    """Tensor attributes no state dict holds: the old spectral_norm's ``weight``, an alias,
+    a list; a MetaTemplate, meta by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.utils.spectral_norm(nn.Linear(4, 4))
+        self.alias = self.lin.weight_orig.detach()
+        self.kept = [torch.zeros(2)]
+        self.template = lm.MetaTemplate(nn.Linear(2, 2))
+
+
+def test_the_report_lists_a_plain_meta_models_tensor_attributes(tmp_path: Path) -> None:
+    # Before, the report said only "loaded 4 tensors", and find_meta_tensors
+    # listed three tensors left without data.
+    torch.save(_Attributes().state_dict(), tmp_path / "m.pt")
+    with torch.device("meta"):
+        m = _Attributes()
+    report = load_checkpoint(m, tmp_path / "m.pt")
+    assert report.left_on_meta == ["alias", "kept.0", "lin.weight"]
+    assert "left on meta (3)" in str(report)
+    assert sorted(f.path for f in lm.find_meta_tensors(m) if f.kind != "template") == [
+        "alias",
+        "kept.0",
+        "lin.weight",
+    ]
+    with lm.deferred_init():
+        m = _Attributes()
+    assert load_checkpoint(m, tmp_path / "m.pt").left_on_meta == []  # replayed
+
+
 def test_real_module_copied_in_place(files: dict[str, Path], ref: torch.nn.Module) -> None:
     m = ml.build("real")
     params = list(m.parameters())
@@ -388,6 +419,40 @@ def test_transformers_gpt2_sharded_keeps_ties(tmp_path: Path) -> None:
         assert m.lm_head.weight is m.transformer.wte.weight
         assert report.tied == [("lm_head.weight", "transformer.wte.weight")]
         ml.assert_equal(m, ref)
+
+
+def test_a_directory_holding_both_single_files_reads_the_one_transformers_reads(
+    tmp_path: Path,
+) -> None:
+    # The Hugging Face hub holds gpt2 and bert-base-uncased with both
+    # model.safetensors and pytorch_model.bin; the load refused such a
+    # directory, saying it held "no single" file. The .bin here holds other
+    # weights, so reading the wrong one shows.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    other = transformers.GPT2LMHeadModel(cfg).state_dict()
+    ref = transformers.GPT2LMHeadModel(cfg)
+    ref.save_pretrained(tmp_path / "gpt2")  # transformers 5 writes safetensors only
+    torch.save(other, tmp_path / "gpt2" / "pytorch_model.bin")
+    assert {"model.safetensors", "pytorch_model.bin"} <= {
+        p.name for p in (tmp_path / "gpt2").iterdir()
+    }
+    expected = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    ml.assert_equal(expected, ref)
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    report = load_checkpoint(m, tmp_path / "gpt2")
+    assert report.format == "safetensors"
+    ml.assert_equal(m, ref)
+    (tmp_path / "gpt2" / "model.safetensors").unlink()
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    assert load_checkpoint(m, tmp_path / "gpt2").format == "torch"
+    # Two indexes of other names: which one is the user's to say, and the error names both.
+    (tmp_path / "two").mkdir()
+    for name in ("a.index.json", "b.index.json"):
+        (tmp_path / "two" / name).write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(lm.MetaTensorError, match=r"2 '\*.index.json' files \(a.index.json, b"):
+        load_checkpoint(m, tmp_path / "two")
 
 
 def test_transformers_llama_inv_freq_replayed(tmp_path: Path) -> None:

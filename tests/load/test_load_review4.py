@@ -170,3 +170,75 @@ def test_a_failure_after_a_buffer_got_its_new_object_puts_everything_back(
     lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.bfloat16)
     assert model.running.dtype == torch.bfloat16
     assert torch.equal(model.running_alias, sd["running"])
+
+
+class _Aliased(nn.Module):
+    """Plain attributes sharing a parameter's memory: an alias and a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.alias = self.lin.weight.detach()
+        self.row = self.lin.bias.detach()[:2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_leaves_the_loaded_values_in_a_real_parameters_old_memory(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    # module.to() keeps a parameter's object but gives it new memory; after
+    # load_state_dict copied into the old memory, an alias of it holds the
+    # loaded values. Before, the load put the new memory in without copying,
+    # so the alias kept the values of construction, without an error.
+    torch.manual_seed(0)
+    sd = _Aliased().state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+
+    def build() -> _Aliased:
+        torch.manual_seed(1)
+        m = _Aliased()
+        m.lin(torch.randn(3, 4)).sum().backward()  # a gradient, cast with the parameter
+        return m
+
+    eager = build()
+    eager.load_state_dict(sd)
+    eager.to(dtype)
+    model = build()
+    weight = model.lin.weight
+    lm.load_checkpoint(model, tmp_path / "m.pt", dtype=dtype)
+    assert model.lin.weight is weight and weight.dtype == dtype
+    for got, want in [
+        (model.alias, eager.alias),
+        (model.row, eager.row),
+        *zip(model.parameters(), eager.parameters(), strict=True),
+        *((g.grad, w.grad) for g, w in zip(model.parameters(), eager.parameters(), strict=True)),
+    ]:
+        assert got is not None and want is not None
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert model.alias.dtype == torch.float32 and torch.equal(model.alias, sd["lin.weight"])
+
+
+def test_a_failure_after_a_parameters_old_memory_took_the_values_puts_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_meta._load import _phases
+
+    torch.manual_seed(0)
+    torch.save(_Aliased().state_dict(), tmp_path / "m.pt")
+    model = _Aliased()
+    weight, alias = model.lin.weight, model.alias.clone()
+    real = _phases._set_data
+    calls: list[int] = []
+
+    def failing(old: torch.Tensor, new: torch.Tensor) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the bias, after the weight's memory took its values
+            raise RuntimeError("injected failure")
+        real(old, new)
+
+    monkeypatch.setattr(_phases, "_set_data", failing)
+    with pytest.raises(lm.MetaTensorError, match=r"injected failure"):
+        lm.load_checkpoint(model, tmp_path / "m.pt", dtype=torch.float64)
+    assert model.lin.weight is weight and weight.dtype == torch.float32
+    assert torch.equal(model.alias, alias) and torch.equal(weight, alias)
+    assert model.alias.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()

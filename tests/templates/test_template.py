@@ -460,6 +460,68 @@ def test_templates_built_inside_deferred_init_leave_the_block_exact() -> None:
     assert deferred.t.module[0].weight.is_meta and not lm.is_deferred(deferred.t.module)
 
 
+class _Scaled(nn.Module):
+    """A buffer, and a constant kept as a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("shift", torch.randn(4))
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale + self.shift
+
+
+def test_an_ensemble_and_a_template_copied_inside_deferred_init_hold_no_fake_tensor() -> None:
+    # Before: copying modules built in the block gave the template the block's
+    # fake tensors, which refuse every use once it has ended: the ensemble's
+    # call (its template's `scale`), deepcopy, pickle and torch.save raised.
+    def build() -> tuple[lm.Ensemble, lm.MetaTemplate]:
+        torch.manual_seed(0)
+        members = [_Scaled() for _ in range(3)]
+        return lm.Ensemble(members, execution="loop"), lm.MetaTemplate(_Scaled())
+
+    eager, eager_template = build()
+    after_eager = torch.rand(1)
+    with lm.deferred_init():
+        ens, template = build()
+    after = torch.rand(1)
+    lm.materialize(ens)
+    assert torch.equal(after, after_eager)
+    for t in [*template.module.parameters(), *template.module.buffers()]:
+        assert type(t.data) is torch.Tensor and t.is_meta
+    assert type(template.module.scale) is torch.Tensor and torch.equal(
+        template.module.scale, eager_template.module.scale
+    )
+    x = torch.randn(5, 4)
+    params = {k: v.detach() for k, v in eager.member(0).named_parameters()}
+    params["shift"] = torch.zeros(4)
+    expected = eager(x)
+    for other in (ens, copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+        assert torch.equal(other(x), expected)
+    for i in range(3):
+        assert torch.equal(ens.member(i)(x), eager.member(i)(x))
+    for t in (template, copy.deepcopy(template), pickle.loads(pickle.dumps(template))):
+        assert torch.equal(t(params, x), eager_template(params, x))
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.noise = torch.randn(4)
+
+
+def test_a_template_copied_inside_deferred_init_refuses_an_attribute_drawn_there() -> None:
+    with lm.deferred_init():
+        net = _Noisy()
+        with pytest.raises(
+            lm.MaterializationError, match=r"MetaTemplate\(_Noisy\) copying 'noise'"
+        ):
+            lm.MetaTemplate(net)
+
+
 def test_a_failing_factory_gets_the_meta_fix_only_for_reading_values() -> None:
     def missing_key() -> nn.Module:
         raise KeyError("boom")

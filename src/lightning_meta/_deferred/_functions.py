@@ -43,7 +43,7 @@ from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
 from lightning_meta._errors import MaterializationError
 
-__all__ = ["PARAMETER_CLASS", "conversion_refused", "value_reads"]
+__all__ = ["PARAMETER_CLASS", "conversion_refused", "value_in_block", "value_reads"]
 
 
 class Reads(Protocol):
@@ -168,6 +168,18 @@ def _wrapper(name: str, original: Any) -> Any:
     method.__name__ = name
     method.__doc__ = getattr(original, "__doc__", None)
     return method
+
+
+def value_in_block(t: torch.Tensor, op: str) -> torch.Tensor | None:
+    """The real value of ``t``, a tensor of an open block, as ``.tolist()`` reads it there;
+    ``None`` for any other tensor.
+
+    Raises:
+        MaterializationError: the value is not known while recording (random
+            draws, uninitialised memory), naming ``op``.
+    """
+    reader = _READERS.get(id(getattr(t, "fake_mode", None))) if isinstance(t, FakeTensor) else None
+    return None if reader is None else reader.read_values(t, op)
 
 
 @contextlib.contextmanager

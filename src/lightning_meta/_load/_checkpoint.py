@@ -100,7 +100,9 @@ def load_checkpoint(
         path: a Lightning ``.ckpt``, torch ``.pt``/``.pth``/``.bin`` (zip or
             legacy), ``.safetensors``, a sharded Hugging Face ``*.index.json``
             or its directory, or a ``torch.distributed.checkpoint`` directory.
-            The format is read from the content.
+            The format is read from the content. A directory is read as
+            transformers reads it: its index, else ``model.safetensors``,
+            else ``pytorch_model.bin`` (the report's ``format`` says which).
         device: where meta and deferred tensors end up (default CPU); real
             tensors move there too if given, loaded or not (like
             ``module.to(device)``).
@@ -253,7 +255,7 @@ def load_checkpoint(
         # state dict: replayed, after the load, so that one tied to a loaded
         # tensor gets it; references taken after the block get what was loaded.
         beyond = materialize_beyond(module, allow_uninitialized=allow_uninitialized)
-        report = make_report(where, source, plan, conversion, [*replay.names, *beyond])
+        report = make_report(module, where, source, plan, conversion, [*replay.names, *beyond])
     if plan.code:  # as load_state_dict ends: the modules' own post-hooks, for real
         report.missing, report.unexpected = run_post_hooks(
             module, report.missing, report.unexpected

@@ -104,12 +104,20 @@ def _open_directory(p: Path, safe_globals: Sequence[Any], prefix: str | None) ->
     indexes = sorted(p.glob("*.index.json"))
     if len(indexes) == 1:
         return open_index(indexes[0], safe_globals)
-    singles = [p / n for n in _SINGLE_NAMES if (p / n).is_file()]
-    if len(singles) == 1:
-        return open_source(singles[0], safe_globals=safe_globals, prefix=prefix)
+    # Both single files (as the Hugging Face hub holds gpt2 and bert-base-uncased):
+    # the safetensors one, as transformers reads the directory; the report's
+    # format says which.
+    for name in _SINGLE_NAMES:
+        if (p / name).is_file():
+            return open_source(p / name, safe_globals=safe_globals, prefix=prefix)
+    found = (
+        f"{len(indexes)} '*.index.json' files ({', '.join(i.name for i in indexes)})"
+        if indexes
+        else "no '*.index.json'"
+    )
     raise MetaTensorError(
         f"{str(p)!r} is a directory but holds no torch.distributed.checkpoint '.metadata', "
-        f"no single '*.index.json' (found {[i.name for i in indexes]}) and no single "
-        f"{' or '.join(_SINGLE_NAMES)}. Fix: pass the checkpoint file or index itself.",
+        f"{found} and no {' or '.join(_SINGLE_NAMES)}. Fix: pass the checkpoint file or "
+        "index itself.",
         paths=[str(p)],
     )

@@ -55,6 +55,7 @@ from lightning_meta._deferred._identity import (
 )
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths
 from lightning_meta._errors import ArgumentTypeError, MaterializationError, MetaTensorError
+from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport, progress_bar
 from lightning_meta._load._source import Source
@@ -159,10 +160,12 @@ class Converted:
     """One group's new tensor, ready to go in.
 
     ``in_place``: copy ``tensor`` into the group's (real) tensor; then, where
-    ``then`` is given (a real buffer loaded under ``dtype=``/``device=``),
-    its buffer slots take ``then``, as ``module.to()`` gives a buffer a new
-    object after ``load_state_dict`` copied into the old one (``then`` is
-    the file's value converted once, bit for bit as a parameter's). Otherwise a real parameter takes ``tensor`` as its ``.data`` (a new
+    ``then`` is given (a real buffer loaded under ``dtype=``/``device=``, or
+    a real parameter whose memory another tensor shares), its buffer slots
+    take ``then``, as ``module.to()`` gives a buffer a new object after
+    ``load_state_dict`` copied into the old one, or the parameter takes it as
+    its ``.data`` and ``grad`` as its gradient's (``then`` is the file's value
+    converted once, bit for bit as any other parameter's). Otherwise a real parameter takes ``tensor`` as its ``.data`` (a new
     dtype or device) and its ``.grad`` takes ``grad`` as its ``.data`` where
     given, a real buffer's slots take ``tensor``, and a meta tensor's slots
     take ``tensor`` itself, already dressed as the old one (Parameter class,
@@ -240,13 +243,17 @@ def convert(
     read_as = {k: (torch.device("cpu"), by_key[k][0].tensor.dtype) for k in parts}
     # A real buffer to cast or move: eager copies into it, then module.to()
     # gives the buffer a new object (a reference to the old one keeps the
-    # loaded values in the old dtype). Read as the file holds it, then
-    # converted twice: into the old object, and once to the new object (not
-    # through the old dtype, which could round a value the file holds).
+    # loaded values in the old dtype). So does a real parameter whose memory
+    # something else holds (an alias p.detach(), a view): module.to() keeps
+    # the parameter's object but gives it new memory, and the old memory holds
+    # the loaded values. Read as the file holds it, then converted twice: into
+    # the old memory, and once to the new tensor (not through the old dtype,
+    # which could round a value the file holds).
     moved = {
         e.key
         for g, e in plan.load
-        if _buffer_only(g) and wanted[e.key] != (g.tensor.device, g.tensor.dtype)
+        if wanted[e.key] != (g.tensor.device, g.tensor.dtype)
+        and (_buffer_only(g) or _real_with_aliases(g))
     }
     read_as |= {k: (torch.device("cpu"), source.entries[k].dtype) for k in moved}
     # Casting while reading needs no full-size temporary of the checkpoint's dtype.
@@ -271,9 +278,9 @@ def convert(
                 if entry.dtype != want:
                     out.cast.extend(group.names)
                 old = group.tensor
-                then = _convert_one(group, tensor, dev, want, seen_storage).tensor
+                then = _convert_one(group, tensor, dev, want, seen_storage)
                 item = _convert_one(group, tensor, old.device, old.dtype, seen_storage)
-                item.then = then
+                item.then, item.grad = then.tensor, then.grad
                 out.tensors.append(item)
             else:
                 if entry.dtype != want:
@@ -294,6 +301,13 @@ def convert(
 def _buffer_only(group: Group) -> bool:
     """Whether ``group`` is a real tensor the module holds as a buffer, never as a parameter."""
     return not group.tensor.is_meta and not any(s.kind == "param" for s in group.slots)
+
+
+def _real_with_aliases(group: Group) -> bool:
+    """Whether ``group`` is a real tensor whose memory another tensor shares (a view, an
+    alias ``p.detach()``, a graph's saved tensor): where nothing does, the old values are
+    never seen, and copying into them would only cost time."""
+    return not group.tensor.is_meta and _compat.storage_users(group.tensor) > 1
 
 
 def _placement(
@@ -847,6 +861,15 @@ def swap_in(
             _put(slot, real)
         return real
 
+    def set_param(old: torch.Tensor, new: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """A real parameter changing dtype or device: keep the object, so optimizers and
+        ties that refer to it stay valid, as ``module.to()`` does."""
+        undo.append(_undo_data(old, old.data))
+        _set_data(old, new)
+        if grad is not None and old.grad is not None:
+            undo.append(_undo_data(old.grad, old.grad.data))
+            _set_data(old.grad, grad)
+
     def put_buffer(group: Group, new: torch.Tensor) -> None:
         """Give ``group``'s buffer slots ``new`` (a new object, as ``module.to()``
         gives a buffer); its other slots (plain attributes) keep the old one."""
@@ -873,13 +896,7 @@ def swap_in(
                         put_buffer(current, item.tensor)
                         continue
                     if not old.is_meta:
-                        # A real parameter changing dtype or device: keep the object so
-                        # optimizers and ties that refer to it stay valid, as module.to().
-                        undo.append(_undo_data(old, old.data))
-                        _set_data(old, item.tensor)
-                        if item.grad is not None and old.grad is not None:
-                            undo.append(_undo_data(old.grad, old.grad.data))
-                            _set_data(old.grad, item.grad)
+                        set_param(old, item.tensor, item.grad)
                         continue
                     handle = handle_of(old)
                     copied = _copied_in_eager(old, item.tensor)
@@ -913,8 +930,10 @@ def swap_in(
                         raise
                     undo.append(_undo_copy(old, backup))
                     item.tensor = backup
-                    if item.then is not None:
+                    if item.then is not None and _buffer_only(current):
                         put_buffer(current, item.then)
+                    elif item.then is not None:
+                        set_param(old, item.then, item.grad)
                 for group, new in replayed:
                     if new is not None:
                         continue
@@ -1040,11 +1059,17 @@ def _undo_copy(old: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
 
 
 def make_report(
-    where: str, source: Source, plan: Plan, conversion: Conversion, replayed: list[str]
+    module: nn.Module,
+    where: str,
+    source: Source,
+    plan: Plan,
+    conversion: Conversion,
+    replayed: list[str],
 ) -> LoadReport:
     """Return the :class:`LoadReport` of a finished load (after :func:`swap_in`).
 
     Args:
+        module: the module loaded.
         where: the checkpoint as the caller named it.
         source: the opened checkpoint.
         plan: what was loaded and what did not fit.
@@ -1070,10 +1095,21 @@ def make_report(
         mismatched=sorted((shown.get(n, n), m, c) for n, m, c in plan.mismatched),
         ignored=plan.ignored,
         left_on_meta=names(
-            s.path
-            for g in plan.groups
-            for s in g.slots
-            if (t := s.current()) is not None and t.is_meta
+            {
+                *(
+                    s.path
+                    for g in plan.groups
+                    for s in g.slots
+                    if (t := s.current()) is not None and t.is_meta
+                ),
+                # A plain meta model's tensor attributes (an alias p.detach(), the old
+                # spectral_norm's weight) are in no state dict: nothing filled them.
+                *(
+                    f.path
+                    for f in find_meta_tensors(module)
+                    if f.kind == "attribute" and not f.hidden and not f.stale
+                ),
+            }
         ),
         tied=sorted(tuple(names(g.names)) for g, _ in plan.load if len(g.slots) > 1),
         bytes_read=conversion.bytes_read,

@@ -30,7 +30,9 @@ class LoadReport:
             checkpoint, or deferred and skipped for their shape (``strict=False``, without
             ``dtype=`` or ``device=``), which stay deferred (``materialize`` gives them eager's
             values; ``fallback="reset_parameters"`` initialises the others, such as litgpt's
-            ``cos``/``sin`` after ``model.max_seq_length = n``).
+            ``cos``/``sin`` after ``model.max_seq_length = n``); and a plain meta model's
+            tensor attributes, which no state dict holds (an alias ``p.detach()``, the
+            old ``spectral_norm``'s ``weight``).
         tied: groups of names that share one tensor and were tied again.
         bytes_read: bytes of tensor data taken from the checkpoint.
 

@@ -222,7 +222,7 @@ def load_into_shards(
     replayed = sorted(
         {*replay.names, *beyond, *(n for t in targets if t.deferred for n in t.group.names)}
     )
-    return _phases.make_report(where, source, plan, conversion, replayed)
+    return _phases.make_report(module, where, source, plan, conversion, replayed)
 
 
 def _refuse(group: Group, problem: str, fix: str) -> MetaTensorError:

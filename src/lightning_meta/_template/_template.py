@@ -36,6 +36,7 @@ from lightning_meta._compat import (
     register_pytree_node,
     tensor_tables,
 )
+from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
@@ -189,6 +190,21 @@ def _foreign_forwards(copied: nn.Module) -> list[str]:
     return found
 
 
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain meta tensor laid out as ``torch.empty_like(tensor)`` lays it out.
+
+    Made from ``tensor``'s sizes and strides only, with every dispatch mode off: a
+    template copied inside a ``deferred_init`` block (an ``Ensemble`` of modules built
+    there, whose tensors are the block's fake tensors) must hold plain meta tensors, not
+    the block's, which refuse every use once it has ended.
+    """
+    with no_dispatch_modes():
+        laid_out = torch.empty_strided(
+            tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device="meta"
+        )
+        return torch.empty_like(laid_out)
+
+
 def to_meta(module: nn.Module) -> nn.Module:
     """Return a meta-device copy of ``module`` without allocating real memory.
 
@@ -210,7 +226,7 @@ def to_meta(module: nn.Module) -> nn.Module:
         )
 
     def make(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        meta = torch.empty_like(tensor, device="meta")
+        meta = _meta_like(tensor)
         if isinstance(tensor, nn.Parameter):
             return nn.Parameter(meta, requires_grad=tensor.requires_grad)
         return meta
@@ -222,15 +238,27 @@ def to_meta(module: nn.Module) -> nn.Module:
         for _, attr in recomputing_hooks(sub):
             value = vars(sub).get(attr)
             if isinstance(value, torch.Tensor):
-                memo[id(value)] = torch.empty_like(value, device="meta")
+                memo[id(value)] = _meta_like(value)
     own = {id(t) for t in _tensors(module)} | set(memo)
     derived: list[str] = []
     trained: list[str] = []
     for path, where, value in _reachable(module, set()):
-        if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in own:
+        if not isinstance(value, torch.Tensor) or id(value) in own:
+            continue
+        if value.requires_grad:
             (derived if value.grad_fn is not None else trained).append(
                 f"{path}.{where}" if path else where
             )
+            continue
+        # A module built in an open deferred_init block (an Ensemble's members)
+        # holds the block's fake tensors in its plain attributes (a constant
+        # scale): the template keeps real values, as eagerly, which the block
+        # knows for constants and refuses to give for random draws.
+        at = f"{path}.{where}" if path else where
+        real = value_in_block(value, f"MetaTemplate({type(module).__name__}) copying {at!r}")
+        if real is not None:
+            with no_dispatch_modes():
+                memo[id(value)] = real.clone(memory_format=torch.preserve_format)
     if derived:
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, derived))} is a "
