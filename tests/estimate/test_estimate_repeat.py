@@ -179,6 +179,20 @@ def test_layer_index_attribute_is_allowed() -> None:
     assert rep is not None and rep.name == "blocks" and rep.count == 12, why
 
 
+def test_modules_held_in_plain_attributes_are_compared_by_structure() -> None:
+    # transformers 5.25 gives every attention layer a kernel function module of
+    # its own in a plain dict (`self._kernel_funcs = {"rotary_pos_emb": Func()}`):
+    # compared by identity, every stack of its models ran in full.
+    blocks = [Block() for _ in range(12)]
+    for b in blocks:
+        b._kernel_funcs = {"rotary": nn.Identity()}  # type: ignore[assignment]
+    rep, why = find_repeat(Stack(blocks))
+    assert rep is not None and rep.count == 12, why
+    blocks[5]._kernel_funcs = {"rotary": nn.ReLU()}  # type: ignore[assignment]
+    rep, why = find_repeat(Stack(blocks))
+    assert rep is None and "differ in '_kernel_funcs'" in why
+
+
 def test_per_block_config_settings_refuse_extrapolation() -> None:
     """Blocks that read `config.layer_types[self.layer_idx]` look alike but differ."""
     from types import SimpleNamespace

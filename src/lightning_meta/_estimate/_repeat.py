@@ -90,8 +90,9 @@ class Repeat:
         return f"{self.name}.{index}" if self.name else str(index)
 
 
-def _attributes(block: nn.Module) -> list[tuple[str, Any]]:
-    """Return the plain attributes of ``block`` and its submodules, tensors by shape and dtype."""
+def _attributes(block: nn.Module, depth: int = 0) -> list[tuple[str, Any]]:
+    """Return the plain attributes of ``block`` and its submodules, tensors by shape and dtype
+    (see :func:`_compared`)."""
     out: list[tuple[str, Any]] = []
     for path, mod in block.named_modules(remove_duplicate=False):
         out.append((f"{path}:type", type(mod)))
@@ -100,9 +101,7 @@ def _attributes(block: nn.Module) -> list[tuple[str, Any]]:
                 if key.endswith("_hooks"):
                     out.append((f"{path}.{key}", len(value)))
                 continue
-            if isinstance(value, torch.Tensor):
-                value = (tuple(value.shape), value.dtype, value.device.type)
-            out.append((f"{path}.{key}", value))
+            out.append((f"{path}.{key}", _compared(value, depth)))
         for named in (mod.named_parameters, mod.named_buffers):
             for name, t in named(recurse=False):
                 out.append(
@@ -119,6 +118,22 @@ def _attributes(block: nn.Module) -> list[tuple[str, Any]]:
                     )
                 )
     return out
+
+
+def _compared(value: Any, depth: int) -> Any:
+    """``value`` as blocks are compared by: a tensor by shape, dtype and device; a module
+    held in a plain attribute by its class and attributes, not by its identity (transformers
+    5.25 gives every attention layer a kernel function module of its own in the dict
+    ``_kernel_funcs``), two modules deep; lists, tuples and dicts item by item."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, nn.Module):
+        return (type(value), _attributes(value, depth + 1) if depth < 2 else None)
+    if type(value) in (list, tuple):
+        return type(value)(_compared(v, depth) for v in value)
+    if type(value) is dict:
+        return {k: _compared(v, depth) for k, v in value.items()}
+    return value
 
 
 def _same(values: list[Any]) -> bool:
