@@ -829,6 +829,63 @@ def storage_users(tensor: torch.Tensor) -> int:
     return int(count(storage._cdata)) - 1
 
 
+@contextlib.contextmanager
+def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
+    """Yield a function returning what decides how the ops run now would be differentiated
+    and cast: grad mode, inference mode, autocast (CPU and CUDA, with their dtypes), and
+    the saved-tensor hooks (``torch.utils.checkpoint`` without reentrant, ``save_on_cpu``).
+
+    A graph traced with ``torch.fx`` keeps none of these: the grouped plan of an
+    ``Ensemble`` compares the value at each traced op with the value at the start.
+    ``torch._C._autograd._top_saved_tensors_default_hooks`` (torch 2.8+) says which
+    hooks are on top; before it, the pushes and pops of the body are counted (patched for
+    the body only).
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+    def autocast() -> tuple[Any, ...]:
+        return tuple(
+            (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+        )
+
+    if top is not None:
+        yield lambda: (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            autocast(),
+            id(top(False)),
+        )
+        return
+    # torch 2.6 / 2.7 (the floor's run covers this)
+    depth = [0]
+    autograd: Any = torch._C._autograd
+    push, pop = (
+        autograd._push_saved_tensors_default_hooks,
+        autograd._pop_saved_tensors_default_hooks,
+    )
+
+    def pushing(*args: Any) -> Any:
+        depth[0] += 1
+        return push(*args)
+
+    def popping() -> Any:
+        depth[0] -= 1
+        return pop()
+
+    autograd._push_saved_tensors_default_hooks = pushing
+    autograd._pop_saved_tensors_default_hooks = popping
+    try:
+        yield lambda: (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            autocast(),
+            depth[0],
+        )
+    finally:
+        autograd._push_saved_tensors_default_hooks = push
+        autograd._pop_saved_tensors_default_hooks = pop
+
+
 def has_module_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, forward-pre or backward hooks of its own.
 
@@ -1116,6 +1173,7 @@ __all__ += [
     "made_at_level",
     "module_apply",
     "storage_users",
+    "autograd_context_watch",
     "transform_level",
     "tensor_tables",
 ]

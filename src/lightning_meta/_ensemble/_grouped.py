@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lightning_meta._compat import has_module_hooks, tree_map
+from lightning_meta._compat import autograd_context_watch, has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal, draws
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
@@ -796,8 +796,50 @@ for _target in _AUGMENTED:
 
 
 class _Tracer(fx.Tracer):
+    """Notes the first op traced under another grad mode, autocast or saved-tensor hooks
+    than the trace started with (``torch.no_grad()``, ``torch.autocast``, a custom
+    autograd Function, ``torch.utils.checkpoint`` in the forward): the graph keeps none
+    of them, so it would compute, differentiate or save what the members do not."""
+
+    def __init__(self, context: Callable[[], tuple[Any, ...]]) -> None:
+        super().__init__()
+        self._context = context
+        self._start = context()
+        self.changed: tuple[str, tuple[Any, ...]] | None = None
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AugmentedProxy(node, self)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self.changed is None and node.op not in ("placeholder", "output"):
+            now = self._context()
+            if now != self._start:
+                self.changed = (node.name, now)
+        return node
+
+    def why_changed(self) -> str | None:
+        """What changed at the first op traced in another context, or ``None``."""
+        if self.changed is None:
+            return None
+        name, now = self.changed
+        grad, inference, autocast, hooks = now
+        start_grad, start_inference, start_autocast, start_hooks = self._start
+        what = []
+        if (grad, inference) != (start_grad, start_inference):
+            what.append(
+                "with gradients switched off or on (torch.no_grad(), torch.enable_grad(), "
+                "inference_mode, a custom autograd Function, or a reentrant "
+                "torch.utils.checkpoint)"
+            )
+        if autocast != start_autocast:
+            what.append("under another torch.autocast setting")
+        if hooks != start_hooks:
+            what.append(
+                "under saved-tensor hooks (torch.utils.checkpoint without reentrant, "
+                "torch.autograd.graph.save_on_cpu)"
+            )
+        return f"the forward computes {name!r} {' and '.join(what)}"
 
 
 # Layers whose output is always a new tensor (never their input or a view of it).
@@ -845,9 +887,10 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     # torch.rand(()) < p`. It is put back too (the trace is not a call).
     generators = GlobalRandom(torch_too=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), autograd_context_watch() as context:
             warnings.simplefilter("ignore")
-            graph = _Tracer().trace(template)
+            tracer = _Tracer(context)
+            graph = tracer.trace(template)
     except Exception as e:  # any failure to trace keeps the template off the plan
         return Refusal(
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
@@ -859,6 +902,13 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
         drawn = generators.moved()
         if drawn:
             generators.restore()
+    changed = tracer.why_changed()
+    if changed is not None:
+        return Refusal(
+            "",
+            f"{changed}, which the traced graph would not keep: it would compute, "
+            "differentiate or save that part as the rest",
+        )
     if drawn:
         return Refusal(
             "",
