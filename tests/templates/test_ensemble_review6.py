@@ -110,3 +110,48 @@ def test_auto_trains_a_forward_switching_autograd_context_as_the_members(context
             torch.testing.assert_close(got[name], p)
         for name, b in member.named_buffers():
             torch.testing.assert_close(dict(ens.member(i).named_buffers())[name], b)
+
+
+class _Constant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.ones(1, 4, 1, 1)
+
+
+def test_a_constant_made_in_the_forward_is_named_as_such() -> None:
+    # Before: "the forward changes '_tensor_constant0' ... state each member keeps",
+    # an attribute torch.fx sets on the root itself while tracing.
+    members = [_Constant() for _ in range(2)]
+    with pytest.raises(lm.ArgumentValueError, match=r"makes a tensor from constants") as e:
+        lm.Ensemble(copy.deepcopy(members), execution="grouped")
+    assert "_tensor_constant" not in str(e.value)
+    ens = lm.Ensemble(copy.deepcopy(members))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    assert not hasattr(ens.template.module, "_tensor_constant0")
+
+
+class _MaybeDropout(nn.Module):
+    """timm's blocks add a DropPath only where drop_path_rate > 0."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        if p > 0:
+            self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return self.drop(x) if hasattr(self, "drop") else x
+
+
+def test_members_differing_by_a_submodule_without_tensors_name_it() -> None:
+    # Before: "member 1 has '(drop): Dropout(...)' where member 0 has ')'", no path.
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has an extra submodule 'drop'") as e:
+        lm.Ensemble([_MaybeDropout(0.0), _MaybeDropout(0.1)])
+    assert e.value.paths == ("drop",)
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 lacks the submodule 'drop'"):
+        lm.Ensemble([_MaybeDropout(0.1), _MaybeDropout(0.0)])

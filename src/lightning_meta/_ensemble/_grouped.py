@@ -896,7 +896,11 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
             "", f"torch.fx cannot trace the template's forward ({type(e).__name__}: {e})"
         )
     finally:
-        written = state.changed(owned_by(template))
+        # torch.fx keeps a tensor the forward makes from constants (torch.ones(...))
+        # as an attribute of the root it sets itself: not the forward's state.
+        written = [
+            p for p in state.changed(owned_by(template)) if not p.startswith("_tensor_constant")
+        ]
         registered = state.registered()
         state.restore()  # a proxy the forward stored must not stay in the template
         drawn = generators.moved()
@@ -958,6 +962,12 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
                     "", f"the forward calls Tensor.{node.target}, which has no grouped form"
                 )
         elif node.op == "get_attr":
+            if where.startswith("_tensor_constant"):
+                return Refusal(
+                    "",
+                    "the forward makes a tensor from constants (torch.ones, torch.tensor, "
+                    "...), which has no grouped form",
+                )
             return Refusal(where, f"the forward reads {where!r} directly, not through a layer")
     return graph
 

@@ -214,8 +214,19 @@ def changed_since(before: Profile) -> list[str]:
 
 
 def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:
-    """Submodules of another class (by definition, see :func:`same_class`) or ``extra_repr``."""
-    problems = []
+    """Submodules of another class (by definition, see :func:`same_class`) or ``extra_repr``,
+    and submodules without tensors one member has and the other lacks (timm adds a
+    ``DropPath`` only where ``drop_path_rate > 0``)."""
+    problems = [
+        (f"member {index} lacks the submodule {path!r} ({type(mod).__name__})", path)
+        for path, mod in reference.modules.items()
+        if path not in other.modules
+    ]
+    problems += [
+        (f"member {index} has an extra submodule {path!r} ({type(mod).__name__})", path)
+        for path, mod in other.modules.items()
+        if path not in reference.modules
+    ]
     for path, mod in reference.modules.items():
         theirs = other.modules.get(path)
         if theirs is None:
