@@ -853,6 +853,25 @@ def _fresh(node: fx.Node, template: nn.Module) -> bool:
     return node.op == "call_function" and node.target in _AUGMENTED.values()
 
 
+def _value_of(node: fx.Node) -> str:
+    """What ``node`` computes, in the user's terms (not torch.fx's node name)."""
+    if node.op == "call_module":
+        return f"the output of {str(node.target)!r}"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return (
+            f"an item of {_value_of(node.args[0])}"
+            if isinstance(node.args[0], fx.Node)
+            else "an item"
+        )
+    if node.op == "call_function":
+        return f"the result of {_name(node.target)}"
+    if node.op == "call_method":
+        return f"the result of Tensor.{node.target}"
+    if node.op == "placeholder":
+        return f"the input {str(node.target)!r}"
+    return repr(node.name)
+
+
 def _out_of_place(graph: fx.Graph, template: nn.Module) -> Refusal | None:
     """Turn each ``x += y`` node into ``x + y`` where eager could not show the difference.
 
@@ -868,8 +887,8 @@ def _out_of_place(graph: fx.Graph, template: nn.Module) -> Refusal | None:
         if isinstance(old, fx.Node) and (set(old.users) != {node} or not _fresh(old, template)):
             return Refusal(
                 "",
-                f"the forward updates {old.name!r} in place ({node.target.__name__}) where "
-                "another name or a view may see it, which this plan cannot keep",
+                f"the forward updates {_value_of(old)} in place ({node.target.__name__}) "
+                "where another name or a view may see it, which this plan cannot keep",
             )
         node.target = _AUGMENTED[node.target]
     return None
