@@ -115,6 +115,8 @@ _DEPTH = 2
 # Tensors up to this size are copied to undo a change in place (a count, a
 # small cache); a larger one (a constant table) changed in place is refused.
 _KEEP_NUMEL = 1 << 20
+# _Noted.version of an inference tensor, which has no version counter.
+_INFERENCE = -2
 
 # Whether a stored tensor is one every member would store alike (or the module's own).
 Shared = Callable[[torch.Tensor], bool]
@@ -322,9 +324,16 @@ class _Noted:
         elif _kind(value) == _OTHER:
             self.pickled = _pickled(value)
         elif isinstance(value, torch.Tensor):
-            self.version = version_of(value)
-            if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
-                self.saved = value.detach().clone()
+            if value.is_inference():
+                # No version counter (made under torch.inference_mode): noted by a copy
+                # of its values, compared and put back.
+                self.version = _INFERENCE
+                if not value.is_meta and value.numel() <= _KEEP_NUMEL:
+                    self.saved = value.detach().clone()
+            else:
+                self.version = version_of(value)
+                if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
+                    self.saved = value.detach().clone()
         elif depth <= _DEPTH:
             pairs = _items(value)
             if pairs is not None:
@@ -341,11 +350,11 @@ class _Noted:
                 self.changed = False  # put back once, however many modules hold it
             else:
                 lost.append(where)
-        if self.version >= 0 and version_of(value) != self.version:
+        if self.written():
             if self.saved is None:
                 lost.append(where)
             else:
-                with torch.no_grad():
+                with torch.inference_mode() if value.is_inference() else torch.no_grad():
                     value.copy_(self.saved)
         if items is None:
             return
@@ -354,6 +363,16 @@ class _Noted:
         for key, noted in items.items():
             if type(noted) is _Noted:
                 noted.restore(f"{where}[{key!r}]", lost)
+
+    def written(self) -> bool:
+        """Whether the value is a tensor changed in place since: its version moved, or, for
+        an inference tensor, its values differ from the copy (one too large to copy counts
+        as changed: nothing shows it was not)."""
+        if self.version >= 0:
+            return version_of(self.value) != self.version
+        if self.version == _INFERENCE:
+            return self.saved is None or not torch.equal(self.value, self.saved)
+        return False
 
     def moved(self) -> bool:
         """Whether the value is a generator drawn from since, or an object (noted by its
@@ -545,9 +564,7 @@ def _diff_items(
         elif type(old) is _Noted:
             # A draw from a generator is a change in place, whatever ``in_place``
             # asks: the draw itself is state each member keeps for itself.
-            changed = old.moved() or (
-                in_place and old.version >= 0 and version_of(value) != old.version
-            )
+            changed = old.moved() or (in_place and old.written())
         else:
             changed = False
         if changed:

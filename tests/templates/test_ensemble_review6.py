@@ -155,3 +155,66 @@ def test_members_differing_by_a_submodule_without_tensors_name_it() -> None:
     assert e.value.paths == ("drop",)
     with pytest.raises(lm.MetaTensorError, match=r"member 1 lacks the submodule 'drop'"):
         lm.Ensemble([_MaybeDropout(0.1), _MaybeDropout(0.0)])
+
+
+class _McDropout(nn.Module):
+    """Two dropout layers and a plain tensor attribute (litgpt's GPT keeps `mask_cache`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.lin2 = nn.Linear(8, 8)
+        self.drop2 = nn.Dropout(0.5)
+        self.scale = torch.ones(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.lin2(self.drop(self.lin(x)))) * self.scale
+
+
+def test_auto_under_inference_mode_draws_the_loops_masks() -> None:
+    # Before: the copies made in the call were inference tensors, whose version
+    # counter the timing reads, so every timed plan failed and "auto" ran vmap,
+    # whose dropout masks are not the members' (4.4 apart), without an error.
+    torch.manual_seed(0)
+    members = [_McDropout() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members))  # train mode: MC dropout
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            expected = torch.stack([m(x) for m in members])
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            got = ens(x)
+        assert torch.equal(got, expected)
+    assert ens.plan == "loop"
+    assert all(t != float("inf") for t in ens.plans[-1].timings_ms.values())
+
+
+class _Counts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add_(1)  # an inference tensor: no version counter
+        return self.lin(x) + self.seen
+
+
+def test_an_inference_tensor_changed_in_place_is_put_back_after_the_timed_runs() -> None:
+    torch.manual_seed(0)
+    members = [_Counts() for _ in range(3)]
+    twins = copy.deepcopy(members)
+    with torch.inference_mode():
+        for m in (*members, *twins):
+            m.seen = torch.zeros(4)  # set where litgpt's generate sets its caches
+    ens = lm.Ensemble(twins)
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        for _ in range(3):
+            expected = torch.stack([m(x) for m in members])
+            assert torch.equal(ens(x), expected)
+    assert ens.plan == "loop"
+    for i, m in enumerate(members):
+        assert torch.equal(ens.member(i).seen, m.seen) and m.seen[0] == 3

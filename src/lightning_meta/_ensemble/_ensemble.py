@@ -1281,8 +1281,11 @@ class Ensemble(nn.Module):
                 # Every plan raised on this call (a bad input): keep the first
                 # choice, and let the call raise under it.
                 return previous
-            # Every plan raised: run the static one, which raises its own error.
-            chosen = finalists[0] if finalists else self.execution
+            # Every plan raised: run the loop, which raises the members' own error
+            # (or, where only the timing failed, runs as a loop over the members).
+            chosen = (
+                finalists[0] if finalists else "loop" if "loop" in candidates else self.execution
+            )
             how = "timed" if previous is None else "timed again"
             if drew and finalists:
                 how = "random draws"

@@ -353,9 +353,13 @@ class MemberShells:
             self._state = state
             return
         old = self._members if same else []
-        self._members = [
-            MemberSlots.of(deepcopy_module(template), names) for _ in range(num_members)
-        ]
+        # Made outside inference mode even in a call under it: the copies' tensor
+        # attributes are then plain tensors, as the members' are (an inference
+        # tensor has no version counter and refuses later in-place updates).
+        with torch.inference_mode(False):
+            self._members = [
+                MemberSlots.of(deepcopy_module(template), names) for _ in range(num_members)
+            ]
         for before, after in zip(old, self._members, strict=False):
             # A hook added or removed: the new copies keep what the old ones stored
             # (and the hooks their forwards registered).
