@@ -68,6 +68,7 @@ __all__ = [
     "materialize",
     "materialize_beyond",
     "materialize_paths",
+    "refuse_replaced",
     "sharded_slots",
 ]
 
@@ -900,6 +901,15 @@ def check_deferred(
             paths=garbage,
         )
     return recast
+
+
+def refuse_replaced(slots: Iterable[Slot]) -> None:
+    """Refuse the meta tensors among ``slots`` that took a deferred tensor's place after the
+    block (what ``module.to(dtype)`` makes of a buffer, litgpt's ``max_seq_length``), with
+    the message :func:`materialize` gives: what replaced them and the fix."""
+    replaced = [s for s in slots if s.kind != "attr" and s.name in handles_of(s.owner)]
+    if replaced:
+        _check_plain(replaced, None)
 
 
 def _check_plain(

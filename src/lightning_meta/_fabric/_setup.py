@@ -136,6 +136,7 @@ def fabric_setup(
     strategy = _check(fabric, module)
     check_flag(allow_uninitialized, "allow_uninitialized", "fabric_setup")
     _refuse_stale_optimizers(optimizers)
+    _refuse_meta_optimizer_state(optimizers)
     names = _class_names(strategy)
     owner = type(module).__name__
     if "DeepSpeedStrategy" in names:
@@ -318,8 +319,37 @@ def _check_optimizers(module: nn.Module, optimizers: tuple[torch.optim.Optimizer
         if stateful:
             raise MaterializationError(
                 f"fabric_setup got optimizer {i} ({type(opt).__name__}) with state for "
-                f"{len(stateful)} deferred parameters (it has stepped on meta tensors). "
-                "Fix: create the optimizer fresh, before any step."
+                f"{len(stateful)} deferred parameters (it has stepped on meta tensors, or "
+                "its state was loaded while they were meta). Fix: create the optimizer fresh, "
+                "before any step; to resume, load its state after fabric_setup."
+            )
+
+
+def _refuse_meta_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Refuse optimizers whose state is on meta for parameters that are real now.
+
+    ``Optimizer.load_state_dict`` moves the state to each parameter's device:
+    loaded while the parameters were meta (``fabric.load`` before the model was
+    filled), it stays meta once they are real, and the first step fails with
+    torch's device error.
+    """
+    for i, opt in enumerate(optimizers):
+        meta = [
+            p
+            for p, state in opt.state.items()
+            if not (isinstance(p, torch.Tensor) and p.is_meta)
+            and isinstance(state, dict)
+            and any(isinstance(v, torch.Tensor) and v.is_meta for v in state.values())
+        ]
+        if meta:
+            raise MaterializationError(
+                f"fabric_setup got optimizer {i} ({type(opt).__name__}) whose state is on meta "
+                f"for {len(meta)} parameters that have data: it was loaded "
+                "(Optimizer.load_state_dict, fabric.load) while they were meta, which moves "
+                "the state there, and the first step would fail. Fix: load the optimizer's "
+                "state after the model has data (lm.load_checkpoint(model, path) or "
+                "lm.fabric_setup(fabric, model) first, then "
+                "fabric.load(path, {'optimizer': optimizer}))."
             )
 
 

@@ -35,6 +35,7 @@ from lightning_meta._deferred._materialize import (
     DrawOn,
     materialize_beyond,
     materialize_paths,
+    refuse_replaced,
     sharded_slots,
 )
 from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
@@ -43,7 +44,7 @@ from lightning_meta._guard._find import (
     explain,
     find_meta_tensors,
 )
-from lightning_meta._slots import buffer_names, parameter_names, tensor_at
+from lightning_meta._slots import buffer_names, iter_slots, parameter_names, tensor_at
 
 __all__ = [
     "deepspeed_refusal",
@@ -95,9 +96,16 @@ def strays(module: nn.Module) -> list[MetaFinding]:
 
 
 def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
-    """Raise :class:`MetaTensorError` naming every meta parameter or buffer that was not deferred."""
+    """Raise :class:`MetaTensorError` naming every meta parameter or buffer that was not deferred.
+
+    One that took a deferred tensor's place after the block (``module.to(torch.bfloat16)``
+    casting a buffer) gets :func:`materialize`'s message, which names the cause, rather
+    than the advice to build the module inside ``deferred_init``, which it was.
+    """
     found = strays(module)
     if found:
+        paths = {f.path for f in found}
+        refuse_replaced(s for s in iter_slots(module) if s.path in paths)
         raise explain(found, owner or type(module).__name__, REACHES)
 
 
