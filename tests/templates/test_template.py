@@ -528,3 +528,64 @@ def test_a_failing_factory_gets_the_meta_fix_only_for_reading_values() -> None:
 
     with pytest.raises(lm.MetaTensorError, match="KeyError: 'boom'. Fix: correct the factory"):
         lm.MetaTemplate(missing_key)
+
+
+def _eval_dropout() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_factorys_modes_are_the_templates_until_set(cache: bool) -> None:
+    # Before: the template started in train mode whatever the factory built, and
+    # cache=False put every module it built back in train mode: dropout on, no error.
+    template = lm.MetaTemplate(_eval_dropout, cache=cache)
+    real = _eval_dropout()
+    params = dict(real.named_parameters())
+    x = torch.randn(8, 4)
+    assert not template.training
+    for _ in range(2):
+        assert torch.equal(template(params, x), torch.func.functional_call(real, params, (x,)))
+    template.train()
+    assert template.training and template.module.training
+
+
+_GLOBAL_NET: nn.Module | None = None
+
+
+class _HookScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("reach", ["container", "global"])
+def test_a_hook_reaching_the_model_indirectly_is_refused(reach: str) -> None:
+    # Before: the hook read the original's `scale` (2.0), not the one passed (3.0),
+    # and no gradient reached the passed tensor, without an error.
+    global _GLOBAL_NET
+    net = _HookScaled()
+    holder = {"m": net}
+    _GLOBAL_NET = net
+    if reach == "container":
+        net.lin.register_forward_hook(lambda m, i, o: o * holder["m"].scale)
+    else:
+        net.lin.register_forward_hook(lambda m, i, o: o * _GLOBAL_NET.scale)  # type: ignore[union-attr]
+    with pytest.raises(
+        lm.ArgumentValueError, match=r"a hook of lin \(forward_hooks\) reaches"
+    ) as e:
+        lm.MetaTemplate(net)
+    assert e.value.paths == ("lin",)
+    _GLOBAL_NET = None
+    # A closure over the module itself is pointed at the template's copy.
+    net = _HookScaled()
+    net.lin.register_forward_hook(lambda m, i, o: o * net.scale)
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    params["scale"] = torch.tensor(3.0)
+    x = torch.ones(2, 4)
+    assert torch.equal(
+        lm.MetaTemplate(net)(params, x), torch.func.functional_call(net, params, (x,))
+    )

@@ -29,6 +29,7 @@ from lightning_meta._compat import (
     deepcopy_module,
     functional_call_restoring_in_reverse,
     hook_registrations,
+    hook_tables,
     is_checkpoint_wrapper,
     no_dispatch_modes,
     rebind_hook_closures,
@@ -190,6 +191,41 @@ def _foreign_forwards(copied: nn.Module) -> list[str]:
     return found
 
 
+def _reached(start: Any, seen: set[int]) -> list[Any]:
+    """What ``start`` (a function, method or partial) can reach: its closures, as deep as
+    they go (wrappers nest functions), and the globals its code names."""
+    reached = [v for _, v in _visit(start, "", 0, seen)]
+    functions = [v for v in reached if isinstance(v, types.FunctionType)]
+    while functions:
+        function = functions.pop()
+        held = [_contents(c) for c in function.__closure__ or ()]
+        named = function.__globals__
+        held += [named[n] for n in function.__code__.co_names if n in named]
+        for value in [*held, vars(function).get("__wrapped__")]:
+            new = [v for _, v in _visit(value, "", 1, seen)]
+            reached += new
+            functions += [v for v in new if isinstance(v, types.FunctionType)]
+    return reached
+
+
+def _foreign_hooks(original: nn.Module, copied: nn.Module) -> list[str]:
+    """Paths of ``copied``'s submodules with a hook that reaches a module of ``original``
+    through a global or a container in its closure (a closure over the module itself is
+    repointed at the copy, see ``rebind_hook_closures``): the template would run it with
+    the original's tensors, not those it is called with."""
+    originals = {id(m) for m in original.modules()}
+    found = []
+    for path, sub in copied.named_modules():
+        for name, table in hook_tables(sub).items():
+            if name.endswith(("_with_kwargs", "_always_called")):
+                continue  # flags, not hooks
+            seen: set[int] = set()
+            hooks = list(table.values())
+            if any(id(v) in originals for h in hooks for v in _reached(h, seen)):
+                found.append(f"{path or 'the module'} ({name.strip('_')})")
+    return found
+
+
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
     """A plain meta tensor laid out as ``torch.empty_like(tensor)`` lays it out.
 
@@ -291,6 +327,17 @@ def to_meta(module: nn.Module) -> nn.Module:
             "a factory (`lambda: MyNet(...)`) that builds the template from scratch.",
             paths=paths,
         ) from e
+    hooked = _foreign_hooks(module, copied)
+    if hooked:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): a hook of {', '.join(hooked)} reaches "
+            "the original model through a global or a container it closes over: the template "
+            "would run it with the original's tensors, not the ones it is called with (no "
+            "gradient reaches those). Fix: use the module the hook is given "
+            "(hook(module, args, output)), or close over the module itself, which the "
+            "template points at its copy.",
+            paths=[h.split(" (", 1)[0] for h in hooked],
+        )
     foreign = _foreign_forwards(copied)
     if foreign:
         raise ArgumentValueError(
@@ -577,7 +624,8 @@ class MetaTemplate:
     def __init__(self, module_or_factory: nn.Module | Factory, *, cache: bool = True) -> None:
         self._factory: Factory | None
         self._module: nn.Module | None
-        self._training = True
+        # None: the modes the factory builds (an uncached template not set since).
+        self._training: bool | None = None
         # functional_call swaps tensors into the one cached module: calls from
         # several threads take turns.
         self._lock = threading.RLock()
@@ -599,6 +647,8 @@ class MetaTemplate:
             self._factory = module_or_factory
             # Built eagerly when cached so a broken factory fails where it is named.
             self._module = _build_on_meta(module_or_factory) if cache else None
+            if self._module is not None:
+                self._training = self._module.training
         else:
             raise ArgumentTypeError(
                 f"MetaTemplate expects an nn.Module or a zero-argument factory returning one, "
@@ -619,12 +669,16 @@ class MetaTemplate:
         if self._module is not None or self._factory is None:  # a module was given: cached
             return typing.cast(nn.Module, self._module)
         module = _build_on_meta(self._factory)
-        module.train(self._training)
+        if self._training is not None:  # else the modes the factory gave, as a cached one
+            module.train(self._training)
         return module
 
     @property
     def training(self) -> bool:
-        """The mode the template's forward runs in."""
+        """The mode the template's forward runs in (its root's, where a factory built the
+        submodules in modes of their own)."""
+        if self._training is None:
+            return self.module.training
         return self._training
 
     def train(self, mode: bool = True) -> MetaTemplate:
