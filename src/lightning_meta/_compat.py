@@ -829,6 +829,14 @@ def storage_users(tensor: torch.Tensor) -> int:
     return int(count(storage._cdata)) - 1
 
 
+def saved_tensor_hooks_on() -> bool | None:
+    """Whether saved-tensor hooks (``torch.utils.checkpoint`` without reentrant,
+    ``save_on_cpu``) are on now; ``None`` where torch cannot say (before 2.8, which lacks
+    ``torch._C._autograd._top_saved_tensors_default_hooks``)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return None if top is None else top(False) is not None
+
+
 @contextlib.contextmanager
 def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
     """Yield a function returning what decides how the ops run now would be differentiated
@@ -1174,6 +1182,7 @@ __all__ += [
     "module_apply",
     "storage_users",
     "autograd_context_watch",
+    "saved_tensor_hooks_on",
     "transform_level",
     "tensor_tables",
 ]

@@ -465,6 +465,20 @@ def _warn_untracked(module: nn.Module, record: StepRecord) -> None:
         )
 
 
+def _warn_rnn_workspace(module: nn.Module, record: StepRecord) -> None:
+    """Warn, for the caller of ``estimate``, that nn.LSTM's oneDNN workspace is not counted."""
+    if record.rnn_workspace_bytes > 0:
+        warnings.warn(
+            f"estimate: peak_bytes of {type(module).__name__} may be too low by about "
+            f"{record.rnn_workspace_bytes} bytes: nn.LSTM's oneDNN kernel on the CPU keeps a "
+            "workspace for backward (about 64 bytes per time step, batch row and hidden unit, "
+            "per layer and direction) that its shape-only kernel reports as empty, so it is "
+            "not in peak_bytes. Leave that much headroom, or measure one real step.",
+            MetaTensorWarning,
+            stacklevel=3,  # the caller of estimate
+        )
+
+
 def _warn_scratch(module: nn.Module, record: StepRecord) -> None:
     """Warn, for the caller of ``estimate``, that kernel scratch may exceed the peak."""
     over = record.scratch_bound_bytes - record.peak_bytes
@@ -723,6 +737,7 @@ def estimate(
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)
     _warn_scratch(module, record)
+    _warn_rnn_workspace(module, record)
     cast_to = options.precision.cast_to
     rank = None
     if layout is not None:  # the model's own counts, not the rank's stand-ins

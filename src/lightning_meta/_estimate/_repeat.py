@@ -61,6 +61,7 @@ _SCALARS = (
     "input_bytes",
     "untracked_tensors",
     "scratch_bound_bytes",
+    "rnn_workspace_bytes",
     "rank_forward_flops",
     "rank_backward_flops",
 )
@@ -308,7 +309,10 @@ def _same_schedule(cut: list[Any], full: list[Any], k: int, n: int) -> None:
     cut_before, cut_inside, cut_between, cut_after = _segments(cut, k)
     if any(ops != cut_inside[0] for ops in [*cut_inside, *inside]):
         first = next(i for i, ops in enumerate(inside) if ops != cut_inside[0])
-        raise Refused(f"block {first} runs other operators than block 0")
+        raise Refused(
+            f"block {first} runs other operators than block 0, or the same with gradients "
+            "off or under activation checkpointing"
+        )
     if any(ops != cut_between[0] for ops in [*cut_between, *between]):
         first = next(i for i, ops in enumerate(between) if ops != cut_between[0])
         raise Refused(f"the forward runs other operators after block {first} than after block 0")

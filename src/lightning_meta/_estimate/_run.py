@@ -76,6 +76,7 @@ class StepRecord:
     # call, and the kernels ("kernel in module 'name'") whose bound exceeds the peak
     scratch_bound_bytes: int = 0
     scratch_kernels: list[str] = field(default_factory=list)
+    rnn_workspace_bytes: int = 0
     # where the step is, for error messages: stage and the modules entered
     stage: str = "setup"
     module_path: list[str] = field(default_factory=list)
@@ -332,6 +333,7 @@ def _record(record: StepRecord, watch: Watch, root: str) -> None:
     record.peak_phase = tracker.peak_phase
     record.window_peaks = tracker.window_peaks
     record.untracked_tensors = tracker.untracked
+    record.rnn_workspace_bytes = tracker.rnn_workspace
     if tracker.scratch is not None:
         record.scratch_bound_bytes = tracker.scratch.worst
         record.scratch_kernels = [

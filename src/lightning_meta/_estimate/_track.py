@@ -20,6 +20,7 @@ from lightning_meta._compat import (
     DynamicOutputShapeException,
     TorchDispatchMode,
     cpu_conv_uses_onednn,
+    saved_tensor_hooks_on,
     scratch_kernel_ops,
     tree_leaves,
     tree_map,
@@ -101,6 +102,8 @@ class LiveBytes(TorchDispatchMode):
         self.trace: list[Any] | None = None
         #: optional: bounds the scratch memory of kernels that allocate it internally
         self.scratch: KernelScratch | None = None
+        #: about how many bytes of oneDNN LSTM workspace the fake kernel reported as empty
+        self.rnn_workspace = 0
 
     def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
         if t.layout != torch.strided:
@@ -223,10 +226,15 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t)
         if self.scratch is not None:
             self.scratch.observe(func, args, self.total)
+        if func is _RNN_LAYER:
+            self.rnn_workspace += _rnn_workspace(args, out)
         if values is not None:
             values.follow(func, args, kwargs, out)
         if self.trace is not None:
-            self.trace.append((func, _signature(out)))
+            # With what backward will do about it: blocks alike in their forward
+            # but one under no_grad or activation checkpointing are not alike.
+            context = (torch.is_grad_enabled(), saved_tensor_hooks_on())
+            self.trace.append((func, _signature(out), context))
         return out
 
 
@@ -426,6 +434,26 @@ def _flash_scratch(args: tuple[Any, ...], backward: bool) -> tuple[int, str] | N
         buf *= 2  # a copy in the reduced dtype
     copies = sum(_nbytes(t) for t in tensors) + (int(q.numel()) * 4 if backward else 0)
     return buf + copies, f"flash attention for CPU, {str(q.dtype).removeprefix('torch.')}"
+
+
+_RNN_LAYER = getattr(getattr(torch.ops.aten, "mkldnn_rnn_layer", None), "default", None)
+
+
+def _rnn_workspace(args: tuple[Any, ...], out: Any) -> int:
+    """About how many bytes the workspace of a training call of ``aten.mkldnn_rnn_layer``
+    (``nn.LSTM`` on the CPU, one call per layer and direction) holds until backward, where
+    its fake kernel returned an empty one: 64 bytes per time step, batch row and hidden
+    unit, plus 32 KiB (measured on torch 2.13: 62 bytes and 20 KiB, 2,019,328 bytes for 64
+    steps of 8 rows and 64 units; an upper bound on the shapes tried)."""
+    # mkldnn_rnn_layer(input, w0, w1, w2, w3, hx, cx, reverse, batch_sizes, mode,
+    # hidden_size, num_layers, has_biases, bidirectional, batch_first, train)
+    workspace = out[-1] if isinstance(out, (tuple, list)) and out else None
+    if len(args) < 16 or not args[15] or not isinstance(workspace, torch.Tensor):
+        return 0
+    if workspace.numel() > 0:
+        return 0  # the fake kernel knew it
+    steps_and_rows = int(args[0].shape[0]) * int(args[0].shape[1])
+    return 64 * steps_and_rows * int(args[10]) + 32768
 
 
 class KernelScratch:
