@@ -275,12 +275,14 @@ def _fail(
         )
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
         fix = (
-            "the model reads tensor values a shape-only run does not know: values computed "
+            "The model reads tensor values a shape-only run does not know: values computed "
             "from its weights or drawn at random (a data-dependent branch, .item() or an "
-            "output whose shape depends on data); only the values of the inputs (zeros for "
-            "inputs given by shape) and of what is computed from them and constants alone "
-            "are known. Fix: make that code depend on shapes or inputs only, or estimate the "
-            "submodules around it"
+            "output whose shape depends on data; transformers' LayerDrop, in BART, Whisper "
+            "and others, draws torch.rand([]) at every layer in training, even with "
+            "layerdrop=0.0); only the values of the inputs (zeros for inputs given by shape) "
+            "and of what is computed from them and constants alone are known. Fix: make that "
+            "code depend on shapes or inputs only, or estimate the submodules around it (the "
+            "layers themselves, for LayerDrop)"
         )
     elif record.stage == "forward" and layout is not None and layout.tp_modules:
         fix = (
