@@ -127,6 +127,9 @@ def _real_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
+@pytest.mark.filterwarnings(
+    "ignore:estimate. peak_bytes of .* may be too low by about:lightning_meta.MetaTensorWarning"
+)
 @pytest.mark.parametrize("name", list(ZOO))
 def test_parameters_and_flops_match_the_real_model(name: str) -> None:
     factory, make_input = ZOO[name]
@@ -208,6 +211,9 @@ def test_flops_attention_uncounted_kept_apart() -> None:
     assert model.uncounted_flops == est.uncounted_forward_flops + est.uncounted_backward_flops
 
 
+@pytest.mark.filterwarnings(
+    "ignore:estimate. peak_bytes of .* may be too low by about:lightning_meta.MetaTensorWarning"
+)
 @pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True}])
 def test_flops_of_a_fused_lstm_kernel_kept_apart(kwargs: dict[str, Any]) -> None:
     # nn.LSTM on the CPU runs one fused kernel per layer (mkldnn_rnn_layer),
