@@ -137,8 +137,8 @@ def test_the_lstm_workspace_a_shape_only_run_cannot_see_is_warned_about() -> Non
     if not real or not all(real):
         pytest.skip("this torch's LSTM does not run oneDNN's kernel with a workspace")
     with pytest.warns(
-        lm.MetaTensorWarning, match=r"may be too low by about (\d+) bytes: nn.LSTM"
+        lm.MetaTensorWarning, match=r"may be too low by up to (\d+) bytes: nn.LSTM"
     ) as record:
         lm.estimate(_Recurrent, "48,4,16:float32")
-    said = int(re.search(r"about (\d+) bytes", str(record[0].message)).group(1))  # type: ignore[union-attr]
-    assert sum(real) <= said <= 1.3 * sum(real), (said, real)
+    said = int(re.search(r"up to (\d+) bytes", str(record[0].message)).group(1))  # type: ignore[union-attr]
+    assert sum(real) <= said <= 1.6 * sum(real), (said, real)

@@ -471,11 +471,12 @@ def _warn_rnn_workspace(module: nn.Module, record: StepRecord) -> None:
     """Warn, for the caller of ``estimate``, that nn.LSTM's oneDNN workspace is not counted."""
     if record.rnn_workspace_bytes > 0:
         warnings.warn(
-            f"estimate: peak_bytes of {type(module).__name__} may be too low by about "
+            f"estimate: peak_bytes of {type(module).__name__} may be too low by up to "
             f"{record.rnn_workspace_bytes} bytes: nn.LSTM's oneDNN kernel on the CPU keeps a "
-            "workspace for backward (about 64 bytes per time step, batch row and hidden unit, "
-            "per layer and direction) that its shape-only kernel reports as empty, so it is "
-            "not in peak_bytes. Leave that much headroom, or measure one real step.",
+            "workspace for backward (62-86 bytes per time step, batch row and hidden unit, "
+            "per layer and direction, by torch version) that its shape-only kernel reports "
+            "as empty, so it is not in peak_bytes. Leave that much headroom (the bound is "
+            "generous), or measure one real step.",
             MetaTensorWarning,
             stacklevel=3,  # the caller of estimate
         )

@@ -102,7 +102,7 @@ class LiveBytes(TorchDispatchMode):
         self.trace: list[Any] | None = None
         #: optional: bounds the scratch memory of kernels that allocate it internally
         self.scratch: KernelScratch | None = None
-        #: about how many bytes of oneDNN LSTM workspace the fake kernel reported as empty
+        #: a bound of the oneDNN LSTM workspace the fake kernel reported as empty, in bytes
         self.rnn_workspace = 0
 
     def _entry(self, t: torch.Tensor) -> tuple[int, torch.UntypedStorage] | None:
@@ -440,11 +440,10 @@ _RNN_LAYER = getattr(getattr(torch.ops.aten, "mkldnn_rnn_layer", None), "default
 
 
 def _rnn_workspace(args: tuple[Any, ...], out: Any) -> int:
-    """About how many bytes the workspace of a training call of ``aten.mkldnn_rnn_layer``
-    (``nn.LSTM`` on the CPU, one call per layer and direction) holds until backward, where
-    its fake kernel returned an empty one: 64 bytes per time step, batch row and hidden
-    unit, plus 32 KiB (measured on torch 2.13: 62 bytes and 20 KiB, 2,019,328 bytes for 64
-    steps of 8 rows and 64 units; an upper bound on the shapes tried)."""
+    """A bound of the workspace a training call of ``aten.mkldnn_rnn_layer`` (``nn.LSTM`` on
+    the CPU, one call per layer and direction) holds until backward, where its fake kernel
+    returned an empty one: 88 bytes per time step, batch row and hidden unit, plus 64 KiB
+    (measured: 78-86 bytes and about 20 KiB on torch 2.6-2.9, 62-67 on 2.13-2.15)."""
     # mkldnn_rnn_layer(input, w0, w1, w2, w3, hx, cx, reverse, batch_sizes, mode,
     # hidden_size, num_layers, has_biases, bidirectional, batch_first, train)
     workspace = out[-1] if isinstance(out, (tuple, list)) and out else None
@@ -453,7 +452,7 @@ def _rnn_workspace(args: tuple[Any, ...], out: Any) -> int:
     if workspace.numel() > 0:
         return 0  # the fake kernel knew it
     steps_and_rows = int(args[0].shape[0]) * int(args[0].shape[1])
-    return 64 * steps_and_rows * int(args[10]) + 32768
+    return 88 * steps_and_rows * int(args[10]) + 65536
 
 
 class KernelScratch:
