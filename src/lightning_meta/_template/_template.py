@@ -171,20 +171,9 @@ def _foreign_forwards(copied: nn.Module) -> list[str]:
         forward = vars(sub).get("forward")
         if forward is None:
             continue
-        seen: set[int] = set()
-        reached = [v for _, v in _visit(forward, "forward", 0, seen)]
         # Through closures, as deep as they go (torch.compile's wrapper nests
-        # several functions around the module's own __call__).
-        functions = [v for v in reached if isinstance(v, types.FunctionType)]
-        while functions:
-            function = functions.pop()
-            held = function.__closure__ or ()
-            wrapped = vars(function).get("__wrapped__")
-            for value in [*(_contents(c) for c in held), wrapped]:
-                new = [v for _, v in _visit(value, "", 1, seen)]
-                reached += new
-                functions += [v for v in new if isinstance(v, types.FunctionType)]
-        modules = [v for v in reached if isinstance(v, nn.Module)]
+        # several functions around the module's own __call__), and globals.
+        modules = [v for v in _reached(forward, set()) if isinstance(v, nn.Module)]
         plain = isinstance(forward, types.FunctionType)
         if any(id(m) not in inside for m in modules) or (plain and not modules):
             found.append(f"{path}.forward" if path else "forward")
@@ -208,11 +197,11 @@ def _reached(start: Any, seen: set[int]) -> list[Any]:
     return reached
 
 
-def _foreign_hooks(original: nn.Module, copied: nn.Module) -> list[str]:
-    """Paths of ``copied``'s submodules with a hook that reaches a module of ``original``
-    through a global or a container in its closure (a closure over the module itself is
-    repointed at the copy, see ``rebind_hook_closures``): the template would run it with
-    the original's tensors, not those it is called with."""
+def _foreign_hooks(original: nn.Module, copied: nn.Module) -> list[tuple[str, str]]:
+    """``(path, hook table)`` of ``copied``'s submodules with a hook that reaches a module of
+    ``original`` through a global or a container in its closure (a closure over the module
+    itself is repointed at the copy, see ``rebind_hook_closures``): the template would run
+    it with the original's tensors, not those it is called with."""
     originals = {id(m) for m in original.modules()}
     found = []
     for path, sub in copied.named_modules():
@@ -220,9 +209,8 @@ def _foreign_hooks(original: nn.Module, copied: nn.Module) -> list[str]:
             if name.endswith(("_with_kwargs", "_always_called")):
                 continue  # flags, not hooks
             seen: set[int] = set()
-            hooks = list(table.values())
-            if any(id(v) in originals for h in hooks for v in _reached(h, seen)):
-                found.append(f"{path or 'the module'} ({name.strip('_')})")
+            if any(id(v) in originals for h in table.values() for v in _reached(h, seen)):
+                found.append((path, name.strip("_")))
     return found
 
 
@@ -329,14 +317,15 @@ def to_meta(module: nn.Module) -> nn.Module:
         ) from e
     hooked = _foreign_hooks(module, copied)
     if hooked:
+        where = ", ".join(f"{path or 'the module'} ({table})" for path, table in hooked)
         raise ArgumentValueError(
-            f"MetaTemplate({type(module).__name__}): a hook of {', '.join(hooked)} reaches "
+            f"MetaTemplate({type(module).__name__}): a hook of {where} reaches "
             "the original model through a global or a container it closes over: the template "
             "would run it with the original's tensors, not the ones it is called with (no "
             "gradient reaches those). Fix: use the module the hook is given "
             "(hook(module, args, output)), or close over the module itself, which the "
             "template points at its copy.",
-            paths=[h.split(" (", 1)[0] for h in hooked],
+            paths=[path for path, _ in hooked],
         )
     foreign = _foreign_forwards(copied)
     if foreign:
