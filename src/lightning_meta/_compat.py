@@ -829,12 +829,15 @@ def storage_users(tensor: torch.Tensor) -> int:
     return int(count(storage._cdata)) - 1
 
 
+# Which saved-tensor hooks are on top (torch 2.8+; None before).
+_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def saved_tensor_hooks_on() -> bool | None:
     """Whether saved-tensor hooks (``torch.utils.checkpoint`` without reentrant,
     ``save_on_cpu``) are on now; ``None`` where torch cannot say (before 2.8, which lacks
     ``torch._C._autograd._top_saved_tensors_default_hooks``)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False) is not None
+    return None if _TOP_SAVED_HOOKS is None else _TOP_SAVED_HOOKS(False) is not None
 
 
 @contextlib.contextmanager
@@ -849,20 +852,20 @@ def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
     hooks are on top; before it, the pushes and pops of the body are counted (patched for
     the body only).
     """
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
-    def autocast() -> tuple[Any, ...]:
-        return tuple(
-            (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
-        )
-
-    if top is not None:
-        yield lambda: (
+    def context(hooks: Callable[[], Any]) -> Callable[[], tuple[Any, ...]]:
+        return lambda: (
             torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(),
-            autocast(),
-            id(top(False)),
+            tuple(
+                (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+            ),
+            hooks(),
         )
+
+    top = _TOP_SAVED_HOOKS
+    if top is not None:
+        yield context(lambda: id(top(False)))
         return
     # torch 2.6 / 2.7 (the floor's run covers this)
     depth = [0]
@@ -883,12 +886,7 @@ def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
     autograd._push_saved_tensors_default_hooks = pushing
     autograd._pop_saved_tensors_default_hooks = popping
     try:
-        yield lambda: (
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            autocast(),
-            depth[0],
-        )
+        yield context(lambda: depth[0])
     finally:
         autograd._push_saved_tensors_default_hooks = push
         autograd._pop_saved_tensors_default_hooks = pop

@@ -324,16 +324,12 @@ class _Noted:
         elif _kind(value) == _OTHER:
             self.pickled = _pickled(value)
         elif isinstance(value, torch.Tensor):
-            if value.is_inference():
-                # No version counter (made under torch.inference_mode): noted by a copy
-                # of its values, compared and put back.
-                self.version = _INFERENCE
-                if not value.is_meta and value.numel() <= _KEEP_NUMEL:
-                    self.saved = value.detach().clone()
-            else:
-                self.version = version_of(value)
-                if keep and not value.is_meta and value.numel() <= _KEEP_NUMEL:
-                    self.saved = value.detach().clone()
+            # An inference tensor (made under torch.inference_mode) has no version
+            # counter: it is noted by a copy of its values, compared and put back.
+            inference = value.is_inference()
+            self.version = _INFERENCE if inference else version_of(value)
+            if (keep or inference) and not value.is_meta and value.numel() <= _KEEP_NUMEL:
+                self.saved = value.detach().clone()
         elif depth <= _DEPTH:
             pairs = _items(value)
             if pairs is not None:
