@@ -455,6 +455,57 @@ def test_a_directory_holding_both_single_files_reads_the_one_transformers_reads(
         load_checkpoint(m, tmp_path / "two")
 
 
+def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
+    # transformers reads model.safetensors before any index: a stale index
+    # that save_pretrained leaves when it stops sharding, and sharded .bin
+    # files beside the model.safetensors the hub's conversion bot adds. The
+    # load read the index: other weights without an error, or a refusal
+    # naming shards that were deleted on purpose.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    old = transformers.GPT2LMHeadModel(cfg)
+    ref = transformers.GPT2LMHeadModel(cfg)
+    old.save_pretrained(tmp_path / "gpt2", max_shard_size="20KB")
+    index = tmp_path / "gpt2" / "model.safetensors.index.json"
+    assert index.is_file()
+    ref.save_pretrained(tmp_path / "gpt2")  # one file now; the index stays
+    assert index.is_file() and (tmp_path / "gpt2" / "model.safetensors").is_file()
+    ml.assert_equal(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), ref)
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    assert load_checkpoint(m, tmp_path / "gpt2").format == "safetensors"
+    ml.assert_equal(m, ref)
+    # Sharded .bin files and their index beside model.safetensors.
+    (tmp_path / "bins").mkdir()
+    torch.save(old.state_dict(), tmp_path / "bins" / "pytorch_model-00001-of-00001.bin")
+    weight_map = {k: "pytorch_model-00001-of-00001.bin" for k in old.state_dict()}
+    (tmp_path / "bins" / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    ref.save_pretrained(tmp_path / "bins")
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    assert load_checkpoint(m, tmp_path / "bins").format == "safetensors"
+    ml.assert_equal(m, ref)
+    (tmp_path / "bins" / "model.safetensors").unlink()
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    assert load_checkpoint(m, tmp_path / "bins").format == "sharded"
+    ml.assert_equal(m, old)
+
+
+def test_a_base_model_checkpoint_names_the_submodule_to_load_into(tmp_path: Path) -> None:
+    # prefix= only strips checkpoint keys; the message offered it for keys
+    # that lack the head model's 'transformer.' and said nothing of loading
+    # into that submodule, which works.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    transformers.GPT2Model(cfg).save_pretrained(tmp_path / "base")
+    m = lm.deferred_init(transformers.GPT2LMHeadModel, cfg)
+    with pytest.raises(lm.MetaTensorError, match=r"submodule 'transformer': load into it"):
+        load_checkpoint(m, tmp_path / "base")
+    load_checkpoint(m.transformer, tmp_path / "base")
+    ml.assert_equal(m.transformer, transformers.GPT2Model.from_pretrained(tmp_path / "base"))
+
+
 def test_transformers_llama_inv_freq_replayed(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(

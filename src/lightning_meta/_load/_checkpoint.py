@@ -101,8 +101,9 @@ def load_checkpoint(
             legacy), ``.safetensors``, a sharded Hugging Face ``*.index.json``
             or its directory, or a ``torch.distributed.checkpoint`` directory.
             The format is read from the content. A directory is read as
-            transformers reads it: its index, else ``model.safetensors``,
-            else ``pytorch_model.bin`` (the report's ``format`` says which).
+            transformers reads it: ``model.safetensors``, else its index,
+            else ``pytorch_model.bin``, else its index (the report's
+            ``format`` says which).
         device: where meta and deferred tensors end up (default CPU); real
             tensors move there too if given, loaded or not (like
             ``module.to(device)``).

@@ -37,8 +37,16 @@ from lightning_meta._load._source import (
 
 __all__ = ["open_source"]
 
-_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+# In the order transformers' from_pretrained looks for them in a directory
+# (modeling_utils, 4.x and 5.x): a single safetensors file wins over an index
+# beside it (the hub's conversion bot adds model.safetensors next to sharded
+# .bin files; save_pretrained leaves a stale index when it stops sharding).
+_HF_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def open_source(
@@ -94,22 +102,20 @@ def open_source(
 
 
 def _open_directory(p: Path, safe_globals: Sequence[Any], prefix: str | None) -> Source:
-    # Most specific first, so a directory holding several candidates (an index
-    # and a stray single file) resolves as the tool that wrote it reads it.
+    # A directory holding several candidates resolves as the tool that wrote
+    # it reads it: torch.distributed.checkpoint's metadata, then transformers'
+    # names in its order (the report's format says which was read), then the
+    # one other index.
     if (p / ".metadata").is_file():
         return open_dcp(p, safe_globals)
-    for name in _INDEX_NAMES:
+    for name in _HF_NAMES:
         if (p / name).is_file():
-            return open_index(p / name, safe_globals)
+            if name.endswith(".index.json"):
+                return open_index(p / name, safe_globals)
+            return open_source(p / name, safe_globals=safe_globals, prefix=prefix)
     indexes = sorted(p.glob("*.index.json"))
     if len(indexes) == 1:
         return open_index(indexes[0], safe_globals)
-    # Both single files (as the Hugging Face hub holds gpt2 and bert-base-uncased):
-    # the safetensors one, as transformers reads the directory; the report's
-    # format says which.
-    for name in _SINGLE_NAMES:
-        if (p / name).is_file():
-            return open_source(p / name, safe_globals=safe_globals, prefix=prefix)
     found = (
         f"{len(indexes)} '*.index.json' files ({', '.join(i.name for i in indexes)})"
         if indexes
@@ -117,7 +123,7 @@ def _open_directory(p: Path, safe_globals: Sequence[Any], prefix: str | None) ->
     )
     raise MetaTensorError(
         f"{str(p)!r} is a directory but holds no torch.distributed.checkpoint '.metadata', "
-        f"{found} and no {' or '.join(_SINGLE_NAMES)}. Fix: pass the checkpoint file or "
+        f"{found} and no {' or '.join(_HF_NAMES)}. Fix: pass the checkpoint file or "
         "index itself.",
         paths=[str(p)],
     )

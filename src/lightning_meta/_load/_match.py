@@ -536,14 +536,40 @@ def mismatch_error(
             + " mapped the checkpoint's keys as load_state_dict does."
         )
     else:
+        inner = _saved_from(plan.missing, unexpected_local)
         lines.append(
-            "Fix: load into the module the checkpoint was saved from, pass "
+            (
+                f"Fix: the checkpoint holds the keys of submodule {inner!r}: load into it ("
+                + spelled(f"lm.load_checkpoint(module.{inner}, ...)", "a target that builds it")
+                + f"; {spelled('prefix=', '--prefix')} only strips a prefix from checkpoint "
+                f"keys), or {spelled('strict=False', '--no-strict')} to load what matches and "
+                "get the rest listed in the report."
+            )
+            if inner is not None
+            else "Fix: load into the module the checkpoint was saved from, pass "
             f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute, or "
             f"{spelled('strict=False', '--no-strict')} to load what matches and get the rest "
             "listed in the report."
         )
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
     return MetaTensorError("\n".join(lines), paths=paths)
+
+
+def _saved_from(missing: list[str], unexpected: list[str]) -> str | None:
+    """The submodule whose ``state_dict`` names every unexpected key, shortest first (a base
+    model's checkpoint loaded into a model with a head: ``transformer`` of GPT2LMHeadModel)."""
+    if not unexpected:
+        return None
+    wanted = set(unexpected)
+    owners = sorted(
+        {m.rsplit(".", i)[0] for m in missing for i in range(1, m.count(".") + 1)},
+        key=lambda o: (o.count("."), o),
+    )
+    for owner in owners:
+        names = {m[len(owner) + 1 :] for m in missing if m.startswith(owner + ".")}
+        if wanted <= names:
+            return owner
+    return None
 
 
 def unsupported_error(where: str, plan: Plan) -> MetaTensorError:
