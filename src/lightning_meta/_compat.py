@@ -25,6 +25,7 @@ import copy
 import ctypes
 import functools
 import math
+import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -1183,7 +1184,32 @@ __all__ += [
     "saved_tensor_hooks_on",
     "transform_level",
     "tensor_tables",
+    "disabled_torch_function",
+    "parameter_being_made",
 ]
+
+# ``__torch_function__`` of a tensor subclass whose ops give plain tensors, as
+# ``nn.Parameter``'s do (deferred tensors' watch class, see ``_watched``).
+# Checked on torch 2.6 and 2.13.
+disabled_torch_function = torch._C._disabled_torch_function_impl
+
+_PARAMETER_NEW = nn.Parameter.__new__.__code__
+
+
+def parameter_being_made(depth: int) -> type | None:
+    """The class ``nn.Parameter.__new__`` builds, when it is the caller ``depth`` frames up.
+
+    ``nn.Parameter(t)`` of a tensor whose type is neither ``Tensor`` nor
+    ``Parameter`` takes torch's path for tensor subclasses: ``t.detach()``
+    must return ``type(t)``, then ``_is_param = True`` is set on the result.
+    A deferred tensor's watch class (see ``_watched``) uses this to give what
+    the path for plain tensors gives. Same code on torch 2.6, 2.13 and 2.15.
+    """
+    frame = sys._getframe(depth + 1)
+    if frame.f_code is not _PARAMETER_NEW:
+        return None
+    cls = frame.f_locals.get("cls")
+    return cls if isinstance(cls, type) else None
 
 
 # -- deferred_init: running real kernels while recording, Parameter subclasses,

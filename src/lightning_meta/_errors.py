@@ -109,12 +109,16 @@ class ArgumentValueError(MetaTensorError, ValueError):
 class MetaTensorWarning(UserWarning):
     """The result is still correct, but something deserves attention.
 
-    Issued only by :func:`~lightning_meta.estimate` (so also by
+    Issued by :func:`~lightning_meta.estimate` (so also by
     :func:`~lightning_meta.find_fit`, which runs it), pointing at its caller:
     when CPU kernels of the model allocate scratch memory inside themselves
     that a shape-only run cannot see, the warning names the kernel and module
     and bounds by how much ``peak_bytes`` may be too low; and when sparse or
-    nested tensors are left out of ``peak_bytes``. Filter it like any warning
+    nested tensors are left out of ``peak_bytes``. Issued by a load
+    (:func:`~lightning_meta.load_checkpoint`, ``load_state_dict``, a
+    ``ckpt_path=`` resume) that fills deferred tensors changed after their
+    block: the values are the checkpoint's, but random numbers the change
+    draws eagerly were not drawn. Filter it like any warning
     category: ``warnings.filterwarnings("ignore", category=lm.MetaTensorWarning)``,
     or ``-W error::lightning_meta.MetaTensorWarning`` to make it an error.
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._watched import tensor_class
 
 __all__ = [
     "HANDLES_ATTR",
@@ -182,7 +183,7 @@ def wrap_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> t
     example ``_is_hf_initialized``); tensor-valued ones are not copied.
     """
     if isinstance(old, nn.Parameter):
-        new: torch.Tensor = type(old)(data, requires_grad=old.requires_grad)
+        new: torch.Tensor = tensor_class(old)(data, requires_grad=old.requires_grad)
     else:
         new = data.requires_grad_(old.requires_grad) if old.requires_grad else data
     for key, value in attrs.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,49 @@ def test_fit_resumes_from_ckpt_path_into_deferred_model(tmp_path: Path) -> None:
     for name, value in trained.state_dict().items():
         assert torch.equal(restored[name], value), name
     assert not lm.is_deferred(model)
+
+
+class _TiedAfter(torch.nn.Module):
+    def __init__(self, emb_first: bool) -> None:
+        super().__init__()
+        if emb_first:
+            self.emb = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+        if not emb_first:
+            self.emb = torch.nn.Embedding(5, 4)
+
+
+@pytest.mark.parametrize("emb_first", [True, False], ids=["emb-first", "head-first"])
+def test_load_state_dict_fills_a_tie_made_after_the_block(emb_first: bool) -> None:
+    # The first end filled got a new tensor and left the other end holding the
+    # old meta object, made stale: torch's copy into it raised "through a
+    # reference taken before it", a reference the user never took.
+    torch.manual_seed(1)
+    src = _TiedAfter(emb_first)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    eager = _TiedAfter(emb_first)
+    eager.head.weight = eager.emb.weight
+    eager.load_state_dict(state)
+    with lm.deferred_init():
+        model = _TiedAfter(emb_first)
+    model.head.weight = model.emb.weight
+    with warnings.catch_warnings():
+        # head first: torch's own "copying into a meta parameter is a no-op"
+        warnings.filterwarnings("ignore", "for head.weight: copying from a non-meta")
+        model.load_state_dict(state)
+    lm.materialize(model)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, eager.emb.weight)
+
+
+def test_load_state_dict_of_a_deferred_model_into_another_is_refused() -> None:
+    # An EMA copy made before either is real: torch copied meta into meta,
+    # which counted as a change after the block, and materialize blamed an
+    # initialisation ("modified in place ... move the initialisation").
+    with lm.deferred_init():
+        model, ema = _TiedAfter(True), _TiedAfter(True)
+    with pytest.raises(lm.MaterializationError, match=r"materialize or load the source model"):
+        ema.load_state_dict(model.state_dict())
+    lm.materialize(model)
+    ema.load_state_dict(model.state_dict())
+    assert torch.equal(ema.emb.weight, model.emb.weight)

@@ -15,9 +15,13 @@ checkpoint loader and MetaGuard call them.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -26,8 +30,9 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._deferred._identity import mark_stale
 from lightning_meta._deferred._record import Record, Value, span
-from lightning_meta._errors import MaterializationError
+from lightning_meta._errors import MaterializationError, MetaTensorWarning
 from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at, tensor_at
+from lightning_meta._watched import casts, note_casts, tensor_class, unwatch, watch
 
 __all__ = [
     "ITEMS_ATTR",
@@ -58,6 +63,7 @@ __all__ = [
     "lone_module",
     "made_for",
     "mark_done",
+    "warn_overwritten",
     "note_made",
     "own_deferred",
     "pending_base",
@@ -87,13 +93,21 @@ class Handle:
         self.tensor, self.record, self.vid = tensor, record, vid
         self.version = _compat.version_of(tensor)
         # What the tensor's .data is: `p.data = x` and `module.to(dtype)` after
-        # the block give the same tensor object another storage.
-        self.storage = _compat.storage_id(tensor.untyped_storage())
+        # the block give the same tensor object another storage. Held, not
+        # its id: two conversions (`.to(memory_format=...).double()`) free the
+        # storage between, and the last one's could get its address back.
+        self.storage: torch.UntypedStorage | None = tensor.untyped_storage()
         _register(self)
+
+    def changed(self) -> bool:
+        """Whether the tensor was written in place (``nn.init``, through ``.data``) since the block."""
+        return _compat.version_of(self.tensor) != self.version
 
     def replaced(self) -> bool:
         """Whether the tensor was given other data (``.data =``, ``module.to(dtype)``) since."""
-        return _compat.storage_id(self.tensor.untyped_storage()) != self.storage
+        return self.storage is None or _compat.storage_id(
+            self.tensor.untyped_storage()
+        ) != _compat.storage_id(self.storage)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -113,17 +127,20 @@ class Handle:
         # difference, not the absolute count.
         state["version"] = _compat.version_of(self.tensor) - self.version
         state["storage"] = self.replaced()  # storage ids mean nothing in another copy
+        state["casts"] = casts(self.tensor)  # noted by the tensor's id, which copies lack
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         writes = state.pop("version")
         replaced = state.pop("storage")
+        chain = state.pop("casts", [])
         for k, v in state.items():
             object.__setattr__(self, k, v)
         object.__setattr__(self, "version", _compat.version_of(self.tensor) - writes)
-        storage = -1 if replaced else _compat.storage_id(self.tensor.untyped_storage())
+        storage = None if replaced else self.tensor.untyped_storage()
         object.__setattr__(self, "storage", storage)
         _register(self)
+        note_casts(self.tensor, chain)
 
 
 # id of a deferred meta tensor -> a weak ref to its handle. Weak: the module
@@ -165,6 +182,7 @@ def _unregister(
 def _register(handle: Handle) -> None:
     """Let :func:`handle_of` find ``handle`` from its tensor (a live handle already there wins)."""
     tensor = handle.tensor
+    watch(tensor)
     key = id(tensor)
     entry = _REGISTRY.get(key)
     if entry is not None:
@@ -217,6 +235,44 @@ def unregister(handle: Handle) -> None:
     entry = _REGISTRY.get(id(handle.tensor))
     if entry is not None and entry() is handle:
         del _REGISTRY[id(handle.tensor)]
+        unwatch(handle.tensor)
+
+
+def warn_overwritten(paths: list[str], by: str) -> None:
+    """Warn that ``by`` filled deferred tensors that were changed after their block.
+
+    The values are the checkpoint's, as eagerly; but a change after the
+    block ran on meta, so random numbers eager's change draws
+    (``nn.init.normal_``) were not drawn, and the global generator may not
+    stand where eager's does.
+    """
+    if paths:
+        warnings.warn(
+            f"{by} filled {sorted(paths)}, which were changed in place after their "
+            "deferred_init block (an initialisation such as nn.init.normal_ or "
+            "weight.data.normal_): the values are the checkpoint's, as eagerly, but random "
+            "numbers that change draws eagerly were not drawn on meta, so the global generator "
+            "may not stand where eager's does (dropout and data shuffling afterwards differ). "
+            "Fix: initialise inside the deferred_init block, or skip the initialisation when "
+            "a checkpoint follows.",
+            MetaTensorWarning,
+            stacklevel=_outside(),
+        )
+
+
+def _outside() -> int:
+    """The ``stacklevel`` of the first frame (from the caller of ``warnings.warn``) outside
+    this package, torch and Lightning: the user's line that loaded (``trainer.fit`` on a
+    ``ckpt_path=`` resume)."""
+    own = tuple(
+        str(Path(module.__file__).resolve().parent) + os.sep
+        for name in ("lightning_meta", "torch", "lightning", "pytorch_lightning")
+        if (module := sys.modules.get(name)) is not None and module.__file__
+    )
+    frame, level = sys._getframe(2), 2
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(own):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 def made_for(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -856,7 +912,7 @@ def dress_like(old: torch.Tensor, data: torch.Tensor, attrs: dict[str, Any]) -> 
     tensor (``_is_hf_initialized``, or what a subclass's ``__init__`` set).
     """
     if isinstance(old, nn.Parameter):
-        new = _compat.make_subclass(type(old), data, old.requires_grad)
+        new = _compat.make_subclass(tensor_class(old), data, old.requires_grad)
     else:
         new = data.requires_grad_(old.requires_grad) if old.requires_grad else data
     for key, value in attrs.items():
@@ -873,7 +929,7 @@ def replaced_by_to(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     gives, a plain ``Tensor`` for an ``nn.Parameter`` registered as a buffer
     (transformers' FalconMamba ``b_c_rms``), whose torch function is disabled.
     """
-    if type(old) is torch.Tensor and not old.requires_grad:
+    if tensor_class(old) is torch.Tensor and not old.requires_grad:
         return data  # what .to() gives already; no copy
     return dress_like(old, data, {}).to(data.dtype, copy=True)
 

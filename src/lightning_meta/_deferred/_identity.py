@@ -27,6 +27,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._errors import MetaTensorError
+from lightning_meta._watched import tensor_class
 
 __all__ = [
     "carry_grad_hooks",
@@ -198,7 +199,7 @@ def mark_stale(
     ``by``: what made ``path`` real without ``old`` (``"materialize"``, ``"load_checkpoint"``).
     ``fix``: what to do instead (default: read ``path`` from the module after ``by``).
     """
-    cls = type(old)
+    cls = tensor_class(old)
     if issubclass(cls, _Stale):
         return
     stale = _STALE_CLASSES.get(cls)

@@ -44,17 +44,20 @@ from lightning_meta._deferred._handles import (
     handles_of,
     item_slots,
     items_of,
+    made_for,
     mark_done,
     own_deferred,
     settle,
     settle_waiting,
     wait_for_base,
+    warn_overwritten,
 )
 from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._deferred._reach import reach
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete
-from lightning_meta._slots import Slot, buffer_names, parameter_names, tensor_at
+from lightning_meta._errors import MaterializationError
+from lightning_meta._slots import Slot, buffer_names, own_slots, parameter_names, tensor_at
 
 __all__ = ["OWN_HOOKS", "install_load_hooks"]
 
@@ -64,6 +67,10 @@ _BEYOND_ATTR = "_lightning_meta_load_beyond"
 # Each module's prefix in the load running now, from its pre-hook to its
 # post-hook (which torch calls without it), so refusals name full paths.
 _PREFIXES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# id of a record -> the deferred tensors of it a load filled that were changed
+# after the block; one warning for them all once the record is complete
+# (torch calls the hooks module by module).
+_CHANGED: dict[int, list[str]] = {}
 
 
 def install_load_hooks(modules: Iterable[nn.Module], tops: Iterable[nn.Module] = ()) -> None:
@@ -114,9 +121,34 @@ def _fill_before_copy(
         return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
     _PREFIXES[module] = prefix
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
+    for slot in own_slots(module):
+        # A tie made after the block whose other end this load filled first
+        # (head.weight = emb.weight): torch copies into the tensor it became.
+        made = made_for(slot.tensor) if slot.tensor.is_meta else None
+        if made is not None and handle_of(slot.tensor) is None:
+            slot.put(made)
     filled: list[str] = []
     records: dict[int, Record] = {}
-    for slot, handle in own_deferred(module):
+    owned = own_deferred(module)
+    empty = [
+        prefix + s.name
+        for s, _ in owned
+        if s.persistent
+        and isinstance(value := state_dict.get(prefix + s.name), torch.Tensor)
+        and value.is_meta
+        and value.shape == s.tensor.shape
+    ]
+    if empty and not assign:
+        # torch would copy meta into meta, which does nothing but count as a
+        # change after the block: materialize then blamed an initialisation.
+        raise MaterializationError(
+            f"load_state_dict got meta tensors for deferred tensors, first for {sorted(empty)}: a "
+            "state_dict of a deferred or meta model (ema.load_state_dict(model.state_dict()), "
+            "a teacher copied into a student) holds no values to copy. Fix: materialize or "
+            "load the source model first (lm.materialize(model)), then copy its state_dict.",
+            paths=sorted(empty),
+        )
+    for slot, handle in owned:
         old = slot.tensor
         key = prefix + slot.name
         value = state_dict.get(key)
@@ -129,6 +161,8 @@ def _fill_before_copy(
             # (see _materialize._sharing): eager's assign=True puts the loaded
             # tensor in its place, and the other keeps the old memory.
             handle.record.ahead.pop(handle.vid, None)
+        if handle.changed():
+            _CHANGED.setdefault(id(handle.record), []).append(key)
         new = done(handle)
         if new is None:
             if assign:
@@ -224,9 +258,12 @@ def _finish(records: Iterable[Record]) -> None:
     """
     records = list(records)
     _settle_waiting(records)
+    changed: list[str] = []
     for record in records:
         if not record.pending:
             complete(record, None)
+            changed += _CHANGED.pop(id(record), [])
+    warn_overwritten(changed, "load_state_dict")
 
 
 def _settle_waiting(records: Iterable[Record]) -> None:

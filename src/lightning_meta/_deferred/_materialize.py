@@ -59,6 +59,7 @@ from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay, replay_inputs
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
+from lightning_meta._watched import casts
 
 __all__ = [
     "ShardedSlot",
@@ -544,13 +545,24 @@ def _replay_records(
             value = produced[(id(handle.record), handle.vid, where)]
             recast_to = recast.get(id(slot.tensor)) if slot.kind != "attr" else None
             if recast_to is not None:
-                value = value.to(recast_to)
+                for cast in casts(slot.tensor):  # each rounds, as eager's casts
+                    value = value.to(cast)
+            if slot.kind != "attr" and handle.replaced():
+                value = _laid_out_as(value, slot.tensor)
             if slot.kind == "buffer" and id(slot.tensor) not in kept_by_to:
                 by_place[key] = replaced_by_to(slot.tensor, value)
             else:
                 by_place[key] = dress_like(slot.tensor, value, handle.attrs)
         ready[id(slot)] = by_place[key]
     return ready, {id(record): record for record, _ in targets.values()}, (held, earlier)
+
+
+def _laid_out_as(value: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``value`` in the strides of ``meta``, the deferred tensor a conversion after the block
+    gave new data (``module.to(memory_format=torch.channels_last)``), as eager's conversion."""
+    if value.shape != meta.shape or value.stride() == meta.stride():
+        return value
+    return torch.empty_like(meta, dtype=value.dtype, device=value.device).copy_(value)
 
 
 def _cast_keeps(recorded: torch.dtype, dtype: torch.dtype | None) -> bool:
@@ -815,11 +827,11 @@ def check_deferred(
             # module.to(dtype) casts the same values; a conversion that changes
             # nothing swaps the storage too (torch 2.13's swap_tensors), and so
             # does `tensor.data = other` of the same shape and dtype, which
-            # cannot be told apart from it.
+            # cannot be told apart from it (see _watched).
             value, t = record.values[h.vid], s.tensor
             if tuple(t.shape) != value.size:
                 replaced.append(s.path)
-            elif t.dtype != value.dtype:
+            elif t.dtype != value.dtype or len(casts(t)) > 1:  # .half().float() rounds
                 recast[id(t)] = t.dtype
         if record.outer_meta:
             on_meta.append(s.path)
@@ -863,7 +875,8 @@ def check_deferred(
         modified.sort()
         raise MaterializationError(
             f"materialize cannot reproduce {modified}: these deferred tensors were modified "
-            "in place after the deferred_init block ended, and that change was not recorded. "
+            "in place after the deferred_init block ended (an in-place op, nn.init, or a write "
+            "through .data such as `weight.data.normal_()`), and that change was not recorded. "
             "Fix: move the initialisation into the deferred_init block (or run it after "
             "materialize).",
             paths=modified,

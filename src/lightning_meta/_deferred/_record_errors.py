@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lightning_meta import _compat
+from lightning_meta import _compat, _watched
 from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
@@ -29,13 +29,15 @@ __all__ = ["TensorPath", "path_of", "recording_error", "torch_refusal", "user_si
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Wrappers between the user's line and the op: the stdlib's, typing_extensions'
-# @deprecated (torch.nn.utils.weight_norm), and this package's patched
-# Parameter constructor (nn.Parameter() itself calls torch.empty).
+# @deprecated (torch.nn.utils.weight_norm), this package's patched Parameter
+# constructor (nn.Parameter() itself calls torch.empty), and a deferred
+# tensor's .data and detach() (see _watched).
 _STDLIB_WRAPPERS = (
     os.sep + "contextlib.py",
     os.sep + "functools.py",
     os.sep + "typing_extensions.py",
     os.path.abspath(_compat.__file__),
+    os.path.abspath(_watched.__file__),
 )
 # The methods through which torch hands a call to a mode or tensor subclass.
 _INTERCEPTORS = frozenset({"__torch_function__", "__torch_dispatch__"})

@@ -36,6 +36,7 @@ from lightning_meta._deferred._load_hooks import OWN_HOOKS
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._load._source import Entry
 from lightning_meta._slots import HANDLES_ATTR, children, iter_slots
+from lightning_meta._watched import tensor_class
 
 __all__ = [
     "LoadCode",
@@ -218,7 +219,7 @@ def _standin(t: torch.Tensor) -> torch.Tensor:
     data = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
     if isinstance(t, nn.Parameter):
         try:
-            return _compat.make_subclass(type(t), data, t.requires_grad)
+            return _compat.make_subclass(tensor_class(t), data, t.requires_grad)
         except Exception:
             return nn.Parameter(data, requires_grad=t.requires_grad)
     return data.requires_grad_(t.requires_grad) if t.requires_grad else data

@@ -46,6 +46,7 @@ from lightning_meta._deferred._handles import (
     unhook,
     unregister,
     view_of,
+    warn_overwritten,
 )
 from lightning_meta._deferred._identity import (
     carry_grad_hooks,
@@ -833,6 +834,7 @@ def swap_in(
     undo: list[Callable[[], None]] = []
     filled: list[str] = []
     done: list[tuple[Any, torch.Tensor, bool]] = []
+    changed: list[str] = []  # deferred tensors changed after their block, now filled
     plain: list[tuple[torch.Tensor, torch.Tensor]] = []  # (plain meta tensor, what it became)
     stale: list[tuple[torch.Tensor, Handle | None, str, str]] = []  # old object, path, why
     current: Group | None = None
@@ -899,6 +901,8 @@ def swap_in(
                         set_param(old, item.tensor, item.grad)
                         continue
                     handle = handle_of(old)
+                    if handle is not None and handle.changed():
+                        changed += item.group.names
                     copied = _copied_in_eager(old, item.tensor)
                     item.tensor = put(item.group, item.tensor, handle)  # views are taken of it
                     if handle is not None:
@@ -983,6 +987,7 @@ def swap_in(
             if handle is not None:
                 unregister(handle)
             mark_stale(old, path, why, "load_checkpoint")
+    warn_overwritten(changed, "load_checkpoint")
     return filled
 
 

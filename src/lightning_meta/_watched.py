@@ -1,0 +1,177 @@
+"""The class a deferred tensor wears between its block and ``materialize``: ``.data`` is seen.
+
+A write through ``p.data`` (``m.weight.data.normal_(0, 0.02)``, the classic
+initialisation idiom, run after the block) goes to a tensor with a version
+counter of its own, so nothing on ``p`` shows it, and ``materialize`` would
+replay construction's values without a word. While the tensor is deferred
+its class is a subclass of its own (:func:`watch`) whose ``.data`` is
+``p.detach()``: the same meta tensor, but sharing ``p``'s version counter, so
+the write counts as one on ``p`` and ``materialize`` refuses it as any other
+in-place change after the block. On a meta tensor nothing else tells the
+two apart (neither holds values; both refuse ``set_`` and metadata changes).
+
+``p.data = other`` of another dtype is what ``module.to(dtype)`` does:
+:func:`casts` keeps each dtype given, so two casts round as eagerly. One of
+the same dtype is not noted: it cannot be told from a copy of the same
+values (Lightning's ``ddp_spawn`` launcher does ``t.data = t.data.clone()``).
+
+``nn.Parameter(p)`` gives a plain ``Parameter`` over ``p``'s memory, as for
+any ``Parameter`` or ``Tensor`` (``weight_norm`` and ``register_parametrization``
+applied after the block do this): torch would take its path for tensor
+subclasses, which wants ``detach()`` of the subclass and then marks that
+result as a parameter; the class turns it into the ``Parameter`` there.
+
+The class keeps its base's name, pickles and deep-copies as its base (the
+copy is watched again when its handle is restored, see ``_deferred._handles``),
+and goes when the tensor gets real contents: ``torch.utils.swap_tensors``
+swaps classes too, and :func:`unwatch` puts the base back on any tensor that
+stops being deferred another way. :func:`tensor_class` is what code building
+a tensor "of the same class" must ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_meta import _compat
+
+__all__ = ["casts", "note_casts", "tensor_class", "unwatch", "watch"]
+
+# id of a watched tensor -> the dtypes ``.data =`` gave it, in order.
+_CASTS: dict[int, list[torch.dtype]] = {}
+# id of what ``detach()`` gave ``nn.Parameter.__new__`` -> the class it builds.
+_MAKING: dict[int, type] = {}
+
+
+class _Watched:
+    """Mixed into a deferred tensor's class: ``.data`` shares the tensor's version counter."""
+
+    __slots__ = ()
+    _watched_base: ClassVar[type]
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.detach(self)  # type: ignore[arg-type]
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        t: torch.Tensor = self  # type: ignore[assignment]
+        if not isinstance(value, torch.Tensor):
+            torch.Tensor.data.__set__(t, value)  # type: ignore[attr-defined]
+            return  # torch's TypeError
+        was = t.dtype
+        torch.Tensor.data.__set__(t, value)  # type: ignore[attr-defined]
+        if value.dtype != was:
+            _CASTS.setdefault(id(t), []).append(value.dtype)
+
+    def detach(self) -> torch.Tensor:
+        out = torch.Tensor.detach(self)  # type: ignore[arg-type]
+        made = _compat.parameter_being_made(1)
+        if made is not None and self._watched_base in (torch.Tensor, nn.Parameter):
+            out.__class__ = type(self)  # type: ignore[assignment]  # torch's subclass path wants it
+            _MAKING[id(out)] = made
+        return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        made = _MAKING.pop(id(self), None) if name == "_is_param" else None
+        if made is not None:
+            try:
+                # What nn.Parameter(t) of a plain tensor gives:
+                # torch.Tensor._make_subclass(cls, t.detach(), requires_grad).
+                self.__class__ = made
+                return
+            except TypeError:
+                pass  # a Parameter subclass with slots: torch's subclass path's result
+        super().__setattr__(name, value)
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        with _as_base(self):  # a pickle names the class: the base's, importable anywhere
+            return self.__reduce_ex__(proto)  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        with _as_base(self):
+            return self.__deepcopy__(memo)  # type: ignore[operator]
+
+    def __repr__(self, **kwargs: Any) -> str:
+        with _as_base(self):  # torch prints a subclass's name around the tensor
+            return self.__repr__(**kwargs)  # type: ignore[no-any-return]
+
+
+class _as_base:
+    """Give a watched tensor its base class for the duration of a ``with`` block."""
+
+    def __init__(self, t: Any) -> None:
+        self.t, self.cls = t, type(t)
+
+    def __enter__(self) -> None:
+        self.t.__class__ = self.cls._watched_base
+
+    def __exit__(self, *exc: object) -> None:
+        self.t.__class__ = self.cls
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def watch(t: torch.Tensor) -> None:
+    """Give the deferred meta tensor ``t`` a class whose ``.data`` shares its version counter.
+
+    Only ``torch.Tensor`` and ``nn.Parameter`` classes: another subclass has
+    its own ``__torch_function__`` and ``.data`` (left as it is; the gap is in
+    ``docs/guarantees.md``).
+    """
+    cls = type(t)
+    if issubclass(cls, _Watched) or not (cls is torch.Tensor or issubclass(cls, nn.Parameter)):
+        return
+    watched = _CLASSES.get(cls)
+    if watched is None:
+        body: dict[str, Any] = {
+            "__slots__": (),
+            "_watched_base": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        if cls is torch.Tensor:
+            # Results of ops on it stay plain tensors, as torch.Tensor's are.
+            body["__torch_function__"] = _compat.disabled_torch_function
+        watched = type(cls.__name__, (_Watched, cls), body)
+        _CLASSES[cls] = watched
+    try:
+        t.__class__ = watched
+    except TypeError:
+        return  # a Parameter subclass with slots of its own: its layout differs
+    _CASTS.pop(id(t), None)  # of a tensor that had this id before
+
+
+def unwatch(t: torch.Tensor) -> None:
+    """Give ``t`` its own class back (it is no longer deferred)."""
+    cls = type(t)
+    if issubclass(cls, _Watched):
+        t.__class__ = cls._watched_base
+        _CASTS.pop(id(t), None)
+
+
+def casts(t: torch.Tensor) -> list[torch.dtype]:
+    """The dtypes ``t`` was cast to since it was watched, in order, ending in ``t.dtype``.
+
+    Just ``[t.dtype]`` where no cast went through ``.data =`` (torch's
+    ``swap_tensors`` conversions, with ``torch.__future__``'s swap flag on).
+    """
+    chain = _CASTS.get(id(t))
+    return list(chain) if chain and chain[-1] == t.dtype else [t.dtype]
+
+
+def note_casts(t: torch.Tensor, chain: list[torch.dtype]) -> None:
+    """Give the watched ``t`` the casts :func:`casts` gave for the tensor it is a copy of."""
+    if len(chain) > 1 and isinstance(t, _Watched):
+        _CASTS[id(t)] = list(chain)
+
+
+def tensor_class(t: torch.Tensor) -> type:
+    """The class of ``t`` as model code made it (a deferred tensor's watch class left out)."""
+    cls = type(t)
+    base: type = cls._watched_base if issubclass(cls, _Watched) else cls
+    return base
