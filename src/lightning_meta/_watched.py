@@ -17,9 +17,12 @@ values (Lightning's ``ddp_spawn`` launcher does ``t.data = t.data.clone()``).
 
 ``nn.Parameter(p)`` gives a plain ``Parameter`` over ``p``'s memory, as for
 any ``Parameter`` or ``Tensor`` (``weight_norm`` and ``register_parametrization``
-applied after the block do this): torch would take its path for tensor
-subclasses, which wants ``detach()`` of the subclass and then marks that
-result as a parameter; the class turns it into the ``Parameter`` there.
+applied after the block call it; their new meta tensors are for a load to
+fill): torch would take its path for tensor subclasses, which wants
+``detach()`` of the subclass and then marks that result as a parameter; the
+class turns it into the ``Parameter`` there. A tensor made by calling the
+class (``type(p)(data)``, as accelerate's ``set_module_tensor_to_device``
+does) is of the base class.
 
 The class keeps its base's name, pickles and deep-copies as its base (the
 copy is watched again when its handle is restored, see ``_deferred._handles``),
@@ -116,6 +119,13 @@ class _as_base:
 _CLASSES: dict[type, type] = {}
 
 
+def _new_as_base(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    # A tensor made "of the same class" as a deferred one (type(p)(data,
+    # requires_grad), accelerate's set_module_tensor_to_device) is of its base:
+    # the watch class belongs to the deferred tensor, not to what replaces it.
+    return cls._watched_base(*args, **kwargs)
+
+
 def watch(t: torch.Tensor) -> None:
     """Give the deferred meta tensor ``t`` a class whose ``.data`` shares its version counter.
 
@@ -133,6 +143,7 @@ def watch(t: torch.Tensor) -> None:
             "_watched_base": cls,
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
+            "__new__": _new_as_base,
         }
         if cls is torch.Tensor:
             # Results of ops on it stay plain tensors, as torch.Tensor's are.

@@ -274,3 +274,34 @@ def test_a_resume_over_changes_made_after_the_block_warns_once(tmp_path: Path) -
     ours = [w for w in caught if issubclass(w.category, lm.MetaTensorWarning)]
     assert len(ours) == 1 and "net.fc.weight" in str(ours[0].message)
     assert ours[0].filename == __file__  # the line that resumed, not Lightning's
+
+
+def test_tensors_made_like_a_deferred_one_are_of_its_base_class() -> None:
+    # accelerate's set_module_tensor_to_device fills a meta model with
+    # type(old)(value, requires_grad=...): that made real parameters of the
+    # watch class, whose .data then shared the version counter for good
+    # (a .data write between forward and backward broke backward).
+    model = _deferred(tagged=False)
+    for name, value in _eager(tagged=False).named_parameters():
+        owner, _, attr = name.rpartition(".")
+        old = model.get_submodule(owner)._parameters[attr]
+        assert old is not None
+        made = type(old)(value.detach().clone(), requires_grad=old.requires_grad)
+        assert type(made) is nn.Parameter
+        setattr(model.get_submodule(owner), attr, made)
+    x = torch.randn(3, 4)
+    loss = model.lin(x).pow(2).sum()
+    model.lin.weight.data.clamp_(-0.1, 0.1)
+    loss.backward()  # eager's .data: the write is invisible to autograd
+
+
+def test_an_ensemble_of_a_deferred_and_a_meta_member_is_built() -> None:
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    with deferred_init():
+        deferred = build()
+    with torch.device("meta"):
+        plain = build()
+        ensemble = lm.Ensemble([deferred, plain])
+    assert dict(ensemble.named_parameters())["stacked.0.weight"].shape == (2, 8, 4)

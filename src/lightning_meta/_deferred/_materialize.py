@@ -961,7 +961,9 @@ def _check_plain(
             "reshapes or flattens parameters). Fix: "
             + (
                 "pass fallback='reset_parameters' to initialise them with their modules' "
-                "reset_parameters(), as eager construction of the new tensors does, or "
+                "reset_parameters(), as eager construction of new modules does (no fallback "
+                "gives a tensor computed from deferred ones, such as "
+                "nn.Parameter(model.emb.weight * 2): make it after materialize), or "
                 if resettable
                 else ""
             )

@@ -38,6 +38,7 @@ from lightning_meta._compat import (
 from lightning_meta._ensemble._loop import differs, plain_value
 from lightning_meta._forward_state import MODULE_INTERNALS
 from lightning_meta._slots import tie_groups
+from lightning_meta._watched import tensor_class
 
 __all__ = [
     "Profile",
@@ -58,7 +59,8 @@ _LIGHTNING_ROOTS = ("lightning", "pytorch_lightning", "lightning_fabric")
 def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]:
     sig: dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        kind = "parameter" if type(p) is nn.Parameter else f"parameter ({type(p).__qualname__})"
+        cls = tensor_class(p)  # a deferred member's watch class is its base's
+        kind = "parameter" if cls is nn.Parameter else f"parameter ({cls.__qualname__})"
         sig[name] = (kind, tuple(p.shape), p.dtype, p.requires_grad)
     for name, b in module.named_buffers(remove_duplicate=False):
         sig[name] = ("buffer", tuple(b.shape), b.dtype, False)
