@@ -121,12 +121,7 @@ def _fill_before_copy(
         return  # inside FakeTensorMode or a deferred_init block: nothing real to fill
     _PREFIXES[module] = prefix
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
-    for slot in own_slots(module):
-        # A tie made after the block whose other end this load filled first
-        # (head.weight = emb.weight): torch copies into the tensor it became.
-        made = made_for(slot.tensor) if slot.tensor.is_meta else None
-        if made is not None and handle_of(slot.tensor) is None:
-            slot.put(made)
+    _take_filled_ties(module)
     filled: list[str] = []
     records: dict[int, Record] = {}
     owned = own_deferred(module)
@@ -189,6 +184,21 @@ def _fill_before_copy(
     if filled:
         forget(module, filled, at=prefix.rstrip("."), by="load_state_dict")
     _finish(records.values())
+
+
+def _take_filled_ties(module: nn.Module) -> None:
+    """Give ``module``'s places still holding a tie's old meta tensor the tensor the tie's
+    other end became in this load (``head.weight = emb.weight`` made after the block, emb
+    filled first): torch copies into it then, as into eager's one tensor.
+
+    A function of its own: a real tensor made ahead (see ``_materialize._sharing``) is
+    held only weakly once ``assign=True`` drops it, and no local here may keep it alive.
+    """
+    for slot in own_slots(module):
+        if slot.tensor.is_meta and handle_of(slot.tensor) is None:
+            made = made_for(slot.tensor)
+            if made is not None:
+                slot.put(made)
 
 
 def _replay_rest(module: nn.Module, incompatible_keys: Any) -> None:
