@@ -305,3 +305,18 @@ def test_an_ensemble_of_a_deferred_and_a_meta_member_is_built() -> None:
         plain = build()
         ensemble = lm.Ensemble([deferred, plain])
     assert dict(ensemble.named_parameters())["stacked.0.weight"].shape == (2, 8, 4)
+
+
+def test_refusals_of_changes_after_the_block_name_what_to_move() -> None:
+    # Both told the user to move "the initialisation", or named only litgpt's
+    # assignment, for a conversion there and back and a parametrization.
+    with deferred_init():
+        model = nn.BatchNorm1d(4)
+    model.half().float()
+    with pytest.raises(MaterializationError, match=r"\.half\(\)\.float\(\)"):
+        materialize(model)
+    with deferred_init():
+        lin = nn.Linear(4, 4)
+    torch.nn.utils.parametrize.register_parametrization(lin, "weight", nn.Identity())
+    with pytest.raises(MaterializationError, match="parametrization"):
+        materialize(lin)

@@ -877,8 +877,9 @@ def check_deferred(
             f"materialize cannot reproduce {modified}: these deferred tensors were modified "
             "in place after the deferred_init block ended (an in-place op, nn.init, or a write "
             "through .data such as `weight.data.normal_()`), and that change was not recorded. "
-            "Fix: move the initialisation into the deferred_init block (or run it after "
-            "materialize).",
+            "Fix: move the initialisation into the deferred_init block, or run it after "
+            "materialize (so too a parametrization, such as register_parametrization or "
+            "weight_norm, or pruning, applied to the deferred model).",
             paths=modified,
         )
     if released:
@@ -956,7 +957,9 @@ def _check_plain(
             f"materialize cannot fill {named}: these deferred tensors were replaced after the "
             "deferred_init block by new meta tensors, which were never deferred, so the "
             "record gives no values for them (an assignment such as litgpt's "
-            "`model.max_seq_length = n`, a module built on meta and set in, such as "
+            "`model.max_seq_length = n`, module.to() there and back such as `.half().float()`, "
+            "which gives floating-point buffers new tensors, a module built on meta and set "
+            "in, such as "
             "set_output_embeddings(nn.Linear(..., device='meta')), or a wrapper that "
             "reshapes or flattens parameters). Fix: "
             + (
