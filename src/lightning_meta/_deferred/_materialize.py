@@ -835,7 +835,7 @@ def check_deferred(
                 recast[id(t)] = t.dtype
         if record.outer_meta:
             on_meta.append(s.path)
-        if _compat.version_of(s.tensor) != h.version:
+        if h.changed():  # s.tensor is h.tensor: a deferred slot holds its handle's
             modified.append(s.path)
         if released_without_result(h):
             released.append(s.path)
