@@ -1194,6 +1194,32 @@ __all__ += [
 disabled_torch_function = torch._C._disabled_torch_function_impl
 
 _PARAMETER_NEW = nn.Parameter.__new__.__code__
+_MODULE_APPLY = nn.Module._apply.__code__
+
+
+def module_applying() -> nn.Module | None:
+    """The module whose ``_apply`` runs outermost in the caller's stack, if any.
+
+    ``module.to()``, ``.cpu()``, ``.cuda()`` and ``.share_memory()`` all call
+    each tensor through ``Module._apply``, which recurses into the children:
+    the outermost frame's ``self`` is the module the user called, from which
+    a refusal can name the tensor's dotted path. Read only to word an error.
+    """
+    found: nn.Module | None = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _MODULE_APPLY:
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module):
+                found = module
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
+
+
+def target_device(*args: Any, **kwargs: Any) -> torch.device | None:
+    """The device ``Tensor.to(*args, **kwargs)`` would move to (``None``: it keeps the tensor's)."""
+    device: torch.device | None = torch._C._nn._parse_to(*args, **kwargs)[0]
+    return device
 
 
 def parameter_being_made(depth: int) -> type | None:

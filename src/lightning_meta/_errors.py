@@ -72,6 +72,17 @@ class MaterializationError(MetaTensorError):
     """
 
 
+class DeferredCopyError(MetaTensorError, NotImplementedError):
+    """A deferred tensor was moved off the meta device (``.to(device)``, ``.cpu()``).
+
+    A :class:`MetaTensorError` that is also the ``NotImplementedError`` torch
+    raises for any meta tensor ("Cannot copy out of meta tensor"), so code
+    that catches torch's error catches this one; the message names the tensor
+    and the fix (:func:`~lightning_meta.materialize`, ``MetaGuard``). Not
+    exported: catch ``MetaTensorError`` or ``NotImplementedError``.
+    """
+
+
 class ArgumentTypeError(MetaTensorError, TypeError):
     """An argument of a public function has the wrong type.
 

@@ -34,12 +34,13 @@ a tensor "of the same class" must ask for.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._errors import DeferredCopyError
 
 __all__ = ["casts", "note_casts", "tensor_class", "unwatch", "watch"]
 
@@ -90,6 +91,25 @@ class _Watched:
                 pass  # a Parameter subclass with slots: torch's subclass path's result
         super().__setattr__(name, value)
 
+    # Moving it off meta cannot work (torch: "Cannot copy out of meta tensor",
+    # with advice to use to_empty(), which gives uninitialised memory): say
+    # what can. Each is what Module.to() / .cpu() / .cuda() / .share_memory()
+    # call on every tensor.
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = _compat.target_device(*args, **kwargs)
+        if device is not None and device.type != "meta":
+            _refuse_copy(self, f".to({str(device)!r})")
+        return torch.Tensor.to(self, *args, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    def cpu(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _refuse_copy(self, ".cpu()")
+
+    def cuda(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _refuse_copy(self, ".cuda()")
+
+    def share_memory_(self) -> torch.Tensor:
+        _refuse_copy(self, ".share_memory_()")
+
     def __reduce_ex__(self, proto: Any) -> Any:
         with _as_base(self):  # a pickle names the class: the base's, importable anywhere
             return self.__reduce_ex__(proto)  # type: ignore[misc]
@@ -101,6 +121,28 @@ class _Watched:
     def __repr__(self, **kwargs: Any) -> str:
         with _as_base(self):  # torch prints a subclass's name around the tensor
             return self.__repr__(**kwargs)  # type: ignore[no-any-return]
+
+
+def _refuse_copy(t: Any, call: str) -> NoReturn:
+    root = _compat.module_applying()
+    path = None
+    if root is not None:
+        named = [
+            *root.named_parameters(remove_duplicate=False),
+            *root.named_buffers(remove_duplicate=False),
+        ]
+        path = next((name for name, other in named if other is t), None)
+    what = f"{type(root).__name__}'s {path!r}" if path is not None else "a deferred tensor"
+    raise DeferredCopyError(
+        f"Cannot copy out of meta tensor: {call} of {what} ({t._watched_base.__name__} of shape "
+        f"{tuple(t.shape)}, {t.dtype}), built under lightning_meta.deferred_init, which "
+        "holds no values until lightning_meta.materialize gives it eager construction's. "
+        "Fix: call lightning_meta.materialize(model, device=...) instead; in a Trainer, add "
+        "lightning_meta.MetaGuard() to its callbacks; under Fabric, use "
+        "lightning_meta.fabric_setup(fabric, model). Not to_empty(): it gives "
+        "uninitialised memory.",
+        paths=[path] if path is not None else [],
+    )
 
 
 class _as_base:

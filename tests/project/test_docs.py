@@ -297,6 +297,7 @@ _FOREIGN = (
     "Please use torch.nn.Module.to_empty()",
     "ValueError: DistributedDataParallel's input module",
     'if __name__ == "__main__":',
+    "Tensor.item() cannot be called on meta tensors",
 )
 # Quotes whose words the code assembles from several strings at run time (a
 # plan's repr, a helper's phrase, a "+" chain), which no single literal holds;

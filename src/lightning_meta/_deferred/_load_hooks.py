@@ -151,6 +151,8 @@ def _fill_before_copy(
             continue
         if value.shape != old.shape:
             continue  # torch reports the mismatch; the tensor stays deferred
+        if torch.__future__.get_swap_module_params_on_conversion():
+            _refuse_swapping_load(module, prefix, owned)
         if assign:
             # Made ahead for sharing memory with a tensor materialized before
             # (see _materialize._sharing): eager's assign=True puts the loaded
@@ -184,6 +186,22 @@ def _fill_before_copy(
     if filled:
         forget(module, filled, at=prefix.rstrip("."), by="load_state_dict")
     _finish(records.values())
+
+
+def _refuse_swapping_load(module: nn.Module, prefix: str, owned: list[tuple[Slot, Handle]]) -> None:
+    # torch.utils.swap_tensors refuses a tensor with weak references, and the
+    # tensors this hook makes have them (their record notes them by value id
+    # for ties) until the whole record is real.
+    paths = sorted(prefix + s.name for s, _ in owned)
+    raise MaterializationError(
+        f"load_state_dict cannot fill the deferred tensors {paths} of {type(module).__name__} "
+        "with torch.__future__.set_swap_module_params_on_conversion(True): torch swaps the "
+        "loaded tensors into the ones this package makes for them, which hold weak references "
+        "until their whole deferred_init block is real. Fix: load with "
+        "lightning_meta.load_checkpoint(model, path), or call lightning_meta.materialize(model) "
+        "first, or turn the flag off for the load.",
+        paths=paths,
+    )
 
 
 def _take_filled_ties(module: nn.Module) -> None:

@@ -950,6 +950,18 @@ def _check_plain(
             "before that cast.",
             paths=[s.path for s in recast],
         )
+    derived = _derived_by_utility(plain)
+    if derived:
+        what = "; ".join(f"{paths} by {utility}" for utility, paths in sorted(derived.items()))
+        raise MaterializationError(
+            f"materialize cannot fill these meta tensors, made from a meta module's tensors "
+            f"after it was built: {what}. They are computed from the module's tensors, which "
+            "hold no values on meta (a deferred_init block's get theirs only at materialize), "
+            "so no record gives their values, and reset_parameters() would not give them "
+            "either. Fix: apply it after lightning_meta.materialize (under MetaGuard, in "
+            "on_fit_start, which runs after it; Lightning's ModelPruning prunes after it).",
+            paths=sorted(p for paths in derived.values() for p in paths),
+        )
     if replaced and fallback is None:
         named = sorted(_replaced_by(s) for s in replaced)
         resettable = not without_reset(plain) and not overwritten(plain)
@@ -1018,6 +1030,30 @@ def _check_plain(
             "or load these tensors from a checkpoint.",
             paths=missing,
         )
+
+
+def _derived_by_utility(plain: list[Slot]) -> dict[str, list[str]]:
+    """The never-deferred meta tensors that torch's weight utilities computed on meta, by utility.
+
+    A parametrization registered on a meta module (``parametrizations.weight_norm``
+    after the block) makes its ``original0``/``original1`` from the module's
+    meta weight; the hook-based ``prune``, ``weight_norm`` and ``spectral_norm``
+    make ``<name>_mask``, ``<name>_g``/``<name>_v``, ``<name>_u`` and the
+    recomputed ``<name>`` the same way. Neither a record nor ``reset_parameters``
+    gives their values: only applying the utility to real tensors does.
+    """
+    found: dict[str, list[str]] = {}
+    for s in plain:
+        utility = None
+        if isinstance(s.owner, nn.utils.parametrize.ParametrizationList):
+            utility = "a parametrization (register_parametrization, parametrizations.weight_norm)"
+        else:
+            for hook, name in _compat.recomputing_hooks(s.owner):
+                if s.name == name or s.name.startswith(name + "_"):
+                    utility = type(hook).__module__  # torch.nn.utils.prune, .weight_norm, ...
+        if utility is not None:
+            found.setdefault(utility, []).append(s.path)
+    return {utility: sorted(paths) for utility, paths in found.items()}
 
 
 def converted_batchnorm(plain: Iterable[Slot], modules: Iterable[nn.Module]) -> list[str]:

@@ -540,26 +540,35 @@ def _bind(
     move_to: torch.device | None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Return ``op``'s arguments with real tensors, generators and devices in place of the log's."""
-
-    def leaf(x: Any) -> Any:
-        cls = type(x)
-        if cls in _LITERAL:  # most arguments: sizes, scalars, dtypes
-            return x
-        if cls is Ref:
-            return tensor(x.vid)
-        if isinstance(x, (list, tuple)):
-            return cls([leaf(y) for y in x])
-        if isinstance(x, GenRef):
-            return rng.generator(x.stream)
-        if move_to is not None and isinstance(x, torch.device) and x.type == "cpu":
-            return move_to
-        return x
-
-    args = tuple(leaf(a) for a in op.args)
-    kwargs = {k: leaf(v) for k, v in op.kwargs.items()}
+    args = tuple(_leaf(a, tensor, rng, move_to) for a in op.args)
+    kwargs = {k: _leaf(v, tensor, rng, move_to) for k, v in op.kwargs.items()}
     if move_to is not None and "device" in kwargs and kwargs["device"] is None:
         kwargs["device"] = move_to
     return args, kwargs
+
+
+def _leaf(
+    x: Any,
+    tensor: Callable[[int], torch.Tensor],
+    rng: ReplayRng,
+    move_to: torch.device | None,
+) -> Any:
+    # A module-level function, not a closure in _bind: a closure calling itself
+    # for nested lists is a reference cycle, which kept the replay's values and
+    # its record (and so weak references to the materialized tensors, which
+    # torch.utils.swap_tensors refuses) alive until the garbage collector ran.
+    cls = type(x)
+    if cls in _LITERAL:  # most arguments: sizes, scalars, dtypes
+        return x
+    if cls is Ref:
+        return tensor(x.vid)
+    if isinstance(x, (list, tuple)):
+        return cls([_leaf(y, tensor, rng, move_to) for y in x])
+    if isinstance(x, GenRef):
+        return rng.generator(x.stream)
+    if move_to is not None and isinstance(x, torch.device) and x.type == "cpu":
+        return move_to
+    return x
 
 
 def end_state(record: Record, rng: ReplayRng, stream: int) -> torch.Tensor:
