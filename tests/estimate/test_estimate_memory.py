@@ -300,3 +300,132 @@ def test_bfloat16_cpu_matmul_scratch_is_outside_the_claim_and_small() -> None:
     assert 0 < scratch < 400 * 1024
     assert seen == 0
     assert _mm_scratch(torch.float32) == (0, 0)
+
+
+def _layouts(rows: int, cols: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        "contiguous": torch.randn(rows, cols, dtype=dtype),
+        "transposed": torch.randn(cols, rows, dtype=dtype).t(),
+        "expanded rows": torch.randn(1, cols, dtype=dtype).expand(rows, cols),
+        "expanded columns": torch.randn(rows, 1, dtype=dtype).expand(rows, cols),
+        "sliced columns": torch.randn(rows, cols + 3, dtype=dtype)[:, :cols],
+        "stepped": torch.randn(rows, 2 * cols, dtype=dtype)[:, ::2],
+        "stepped transposed": torch.randn(cols, 2 * rows, dtype=dtype)[:, ::2].t(),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(8, 16, 4), (1, 16, 4), (8, 16, 1)], ids=str)
+def test_matmul_operand_copies_are_the_clones_the_cpu_kernel_makes(
+    shape: tuple[int, int, int], dtype: torch.dtype
+) -> None:
+    # Against what the real kernel does, seen by torch.profiler inside aten::mm:
+    # an operand BLAS cannot take is cloned, and its bytes are counted.
+    from lightning_meta._estimate._track import _matmul_copies
+
+    m, k, n = shape
+    for name_a, a in _layouts(m, k, dtype).items():
+        for name_b, b in _layouts(k, n, dtype).items():
+            for call in (
+                lambda a=a, b=b: torch.mm(a, b),
+                lambda a=a, b=b: torch.addmm(torch.zeros(n, dtype=dtype), a, b),
+            ):
+                with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+                ) as prof:
+                    call()
+                clones = [e for e in prof.events() if e.name == "aten::clone"]
+                cloned = sum(e.input_shapes[0][0] * e.input_shapes[0][1] for e in clones)
+                assert _matmul_copies((a, b)) == cloned * a.element_size(), (name_a, name_b)
+
+
+def _exact_peak(
+    model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> int:
+    """The peak of a real SGD step as estimate's step runs it, from allocator events.
+
+    The output stays alive until backward ends (Lightning returns it from
+    training_step). Both steps run inside one profile, the second measured:
+    the profiler cannot see the frees of what was allocated before it started
+    (the first step's gradients), which would leave them counted.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        out = model(x)
+        loss = loss_fn(out)
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+        del out, loss
+        opt.step()
+
+    step()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step()
+        alive = [x, *model.parameters(), *(p.grad for p in model.parameters())]
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in alive
+            if t is not None
+        }
+        del alive  # the measured step frees these gradients
+        with torch.profiler.record_function("measured"):
+            step()
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    start = min(e.start_ns() for e in events if e.name() == "measured")
+    current = peak = 0
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.start_ns() >= start
+    ):
+        current += nbytes
+        peak = max(peak, current)
+    return sum(storages.values()) + peak
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.relu(self.body(x)))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("factory", "x", "loss"),
+    [
+        # an expanded batch: the forward's addmm clones it (14.8x too low before)
+        (lambda: nn.Linear(4096, 16), torch.randn(1, 4096).expand(512, 4096), "mean_square"),
+        # estimate's default loss and the CLI's, output.sum(): its gradient is
+        # expanded, and the head's backward mm clones it (1.63x too low before)
+        (_Head, torch.randn(256, 64), "sum"),
+        (_Head, torch.randn(256, 64), "mean"),
+    ],
+    ids=["expanded-batch", "sum-loss", "mean-loss"],
+)
+def test_peak_counts_the_copies_cpu_matmuls_make_of_their_operands(
+    factory: Callable[[], nn.Module], x: torch.Tensor, loss: str
+) -> None:
+    losses: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "mean_square": lambda o: o.pow(2).mean(),
+        "sum": lambda o: o.sum(),
+        "mean": lambda o: o.mean(),
+    }
+    loss_fn = losses[loss]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        est = estimate(factory, x, optimizer="sgd", loss_fn=loss_fn)
+        torch.manual_seed(0)
+        real = _exact_peak(factory(), x, loss_fn)
+    finally:
+        torch.set_num_threads(before)
+    # exact up to the profiler's own small allocations
+    assert abs(real - est.peak_bytes) <= 64, (real, est.peak_bytes)

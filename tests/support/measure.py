@@ -10,7 +10,10 @@ kernel allocates and frees inside itself (oneDNN's bfloat16 matmuls on the
 CPU, the im2col columns of slow convolutions, CPU flash attention's blocks)
 never reaches it, as it never reaches estimate. A claim about such scratch is
 checked with torch.profiler's allocator events instead
-(``test_estimate_memory.py``'s scratch tests).
+(``test_estimate_memory.py``'s scratch tests). The one such allocation the
+tracker counts, by rule, is the contiguous copy a CPU ``mm`` / ``addmm``
+makes of an operand BLAS cannot take (``_track._matmul_copies``), checked
+there against the profiler too.
 """
 
 from __future__ import annotations
