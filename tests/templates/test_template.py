@@ -296,6 +296,33 @@ def test_state_from_carries_the_source_modes_submodule_by_submodule() -> None:
         template.functional_call(dict(state), (x,), modes={"": False, "0": False, "3": False})
 
 
+def test_modes_of_a_compiled_net_are_its_modules_modes() -> None:
+    # `self.net = torch.compile(self.net)`: state_from(compiled) worked, but
+    # modes=compiled was refused as lacking every submodule (its own names
+    # start with `_orig_mod.`).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    template = lm.MetaTemplate(net)
+    compiled = torch.compile(net, backend="eager")
+    net.eval()
+    x = torch.randn(6, 4)
+    params = dict(net.state_dict())
+    torch.testing.assert_close(
+        template.functional_call(params, (x,), modes=compiled), net(x), rtol=0, atol=0
+    )
+    net.train()
+    net[1].eval()
+    torch.manual_seed(1)
+    want = net(x)
+    torch.manual_seed(1)
+    got = template.functional_call(params, (x,), modes=compiled)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(
+        lm.MetaTensorError, match=r"modes that lack the submodule\(s\) '1', '2', '3'"
+    ):
+        template.functional_call(params, (x,), modes=nn.Sequential(nn.Linear(4, 8)))
+
+
 def test_a_plain_mapping_runs_in_the_template_own_modes() -> None:
     template = lm.MetaTemplate(nn.Dropout(0.5))
     x = torch.ones(1000)

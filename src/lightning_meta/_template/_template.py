@@ -899,7 +899,7 @@ class MetaTemplate:
         if modes is None:
             modes = getattr(params_and_buffers, "modes", None)
         if isinstance(modes, nn.Module):
-            modes = {path: m.training for path, m in modes.named_modules()}
+            modes = _modes_of(modes, module)
         if not isinstance(args, tuple):
             args = (args,)
         source = (
@@ -1202,6 +1202,21 @@ def _refuse_checkpointing(layout: _Layout) -> None:
             "`torch.utils.checkpoint.checkpoint(template, params, x, use_reentrant=False)`.",
             paths=found,
         )
+
+
+def _modes_of(source: nn.Module, module: nn.Module) -> dict[str, bool]:
+    """The mode of each submodule of ``source`` at a path of the template's ``module``.
+
+    Found by path as :meth:`MetaTemplate.state_from` finds tensors, so a
+    wrapper that reaches the same submodules by those paths (``torch.compile``'s
+    ``OptimizedModule``, whose own names start with ``_orig_mod.``) gives them;
+    a path it lacks is left out, for :func:`_modes_set` to name.
+    """
+    out: dict[str, bool] = {}
+    for path, _ in module.named_modules():
+        with contextlib.suppress(AttributeError):
+            out[path] = source.get_submodule(path).training
+    return out
 
 
 @contextlib.contextmanager
