@@ -1442,3 +1442,34 @@ def test_timing_the_plans_leaves_gradients_outside_the_ensemble_alone() -> None:
     ens(_Batch(x + upstream)).sum().backward()
     assert ens.plan in {"loop", "vmap"}
     torch.testing.assert_close(upstream.grad, want)
+
+
+def test_two_ensembles_of_different_structure_compiled_in_one_process_are_exact() -> None:
+    # dynamo traced the loop plan's bookkeeping (which copy holds which views):
+    # after one ensemble was compiled and run, the first compiled call of
+    # another of another structure ran its copies on their meta tensors
+    # ("Tensor device mismatch ... cpu and meta"), with every backend.
+    torch.compiler.reset()
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
+
+    torch.manual_seed(0)
+    for make, x in ((mlp, torch.randn(6, 5)), (cnn, torch.randn(4, 2, 6, 6))):
+        members = [make() for _ in range(3)]
+        twins = copy.deepcopy(members)
+        compiled = torch.compile(lm.Ensemble(members, execution="loop"), backend="eager")
+        for _ in range(2):
+            out = compiled(x)
+            want = torch.stack([m(x) for m in twins])
+            torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -309,6 +309,12 @@ class MemberShells:
         it was made (one of the modules whose forward may: see ``watched``)."""
         return any(len(p) != n_p or len(b) != n_b for p, n_p, b, n_b in self._tables)
 
+    # Eagerly, also inside torch.compile: dynamo tracing this bookkeeping
+    # (identity checks of the cached views, the deep copies, the puts as side
+    # effects) ran a second ensemble, compiled after one of another structure,
+    # on its copies' meta tensors ("found at least two devices, cpu and meta").
+    # The member calls after it are compiled as before.
+    @torch.compiler.disable
     def ready(
         self,
         template: nn.Module,
