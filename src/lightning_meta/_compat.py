@@ -1216,10 +1216,20 @@ def module_applying() -> nn.Module | None:
     return found
 
 
-def target_device(*args: Any, **kwargs: Any) -> torch.device | None:
-    """The device ``Tensor.to(*args, **kwargs)`` would move to (``None``: it keeps the tensor's)."""
-    device: torch.device | None = torch._C._nn._parse_to(*args, **kwargs)[0]
-    return device
+def target_device(*args: Any, **kwargs: Any) -> Any:
+    """The device ``Tensor.to(*args, **kwargs)`` would move to, where it can tell.
+
+    ``None`` where the call keeps the tensor's device or cannot be read here:
+    ``_parse_to`` takes no ``copy`` (given by keyword it is left out; given
+    by position, after ``non_blocking``, the call is not read), and
+    ``torch.fx`` tracing passes proxies, for which it returns what is not a
+    ``torch.device`` (the caller lets ``Tensor.to`` answer those).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
+    try:
+        return torch._C._nn._parse_to(*args, **kwargs)[0]
+    except (TypeError, RuntimeError):
+        return None
 
 
 def parameter_being_made(depth: int) -> type | None:

@@ -97,7 +97,7 @@ class _Watched:
     # call on every tensor.
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         device = _compat.target_device(*args, **kwargs)
-        if device is not None and device.type != "meta":
+        if isinstance(device, torch.device) and device.type != "meta":
             _refuse_copy(self, f".to({str(device)!r})")
         return torch.Tensor.to(self, *args, **kwargs)  # type: ignore[call-overload, no-any-return]
 

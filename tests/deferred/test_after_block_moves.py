@@ -83,6 +83,37 @@ def test_moves_that_stay_on_meta_still_work() -> None:
     assert_same_as_eager(_eager(), model)
 
 
+def test_to_with_copy_and_under_fx_tracing_answers_as_torch() -> None:
+    # Tensor.to's own argument parser takes `copy`; torch.fx passes proxies:
+    # both went through before the refusal of moves off meta, and still do.
+    model = _deferred()
+    assert model[1].running_mean.to(dtype=torch.float64, copy=True).dtype == torch.float64
+    assert model[0].weight.to("meta", copy=True).is_meta
+    assert model[0].weight.to(torch.half, False, False).dtype == torch.half
+    with pytest.raises(NotImplementedError, match="deferred tensor"):
+        model[0].weight.to("cpu", copy=True)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x) * self.scale.to(x.device)
+            return out
+
+    torch.manual_seed(0)
+    with deferred_init():
+        scaled = Scaled()
+    traced = torch.fx.symbolic_trace(scaled)
+    materialize(traced)
+    torch.manual_seed(0)
+    eager = Scaled()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(traced(x), eager(x), rtol=0, atol=0)
+
+
 def test_a_lone_deferred_tensor_moved_off_meta_is_named_by_what_it_is() -> None:
     model = _deferred()
     with pytest.raises(
@@ -216,6 +247,24 @@ def test_load_state_dict_after_materialize_with_torchs_swap_flag() -> None:
 
 @pytest.mark.usefixtures("swapping")
 @pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_completing_each_block_loads_with_torchs_swap_flag(assign: bool) -> None:
+    # Each block's tensors all filled by its module's load: the block is
+    # released before torch swaps, so nothing holds a weak reference.
+    torch.manual_seed(1)
+    source = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 4))
+    layers = []
+    for make in (lambda: nn.Embedding(10, 4), lambda: nn.LayerNorm(4), lambda: nn.Linear(4, 4)):
+        with deferred_init():
+            layers.append(make())
+    model = nn.Sequential(*layers)
+    model.load_state_dict(source.state_dict(), assign=assign)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert type(model[2].weight) is nn.Parameter
+
+
+@pytest.mark.usefixtures("swapping")
+@pytest.mark.parametrize("assign", [False, True])
 def test_load_state_dict_into_a_deferred_model_with_torchs_swap_flag_is_refused(
     assign: bool, tmp_path: Path
 ) -> None:
@@ -230,3 +279,62 @@ def test_load_state_dict_into_a_deferred_model_with_torchs_swap_flag_is_refused(
     torch.save(state, tmp_path / "state.pt")
     lm.load_checkpoint(model, tmp_path / "state.pt")
     assert_same_as_eager(_eager(), model)
+
+
+class _Rotary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("inv_freq", torch.rand(2), persistent=False)
+
+
+def test_buffer_casts_after_the_block_are_named_with_the_trainer_route() -> None:
+    # A floating-point buffer module.to() replaces is refused (guarantees.md); the
+    # message named it "(Tensor in torch.float32, deferred in torch.float32)"
+    # after .half().float() and gave Fabric's route but not the Trainer's.
+    with deferred_init():
+        model = _Rotary()
+    model.half().float()
+    with pytest.raises(
+        MaterializationError, match=r"inv_freq \(a new Tensor of its shape and dtype\)"
+    ):
+        materialize(model)
+    with deferred_init():
+        model = _Rotary()
+    model.half()
+    with pytest.raises(MaterializationError, match=r"in a Trainer \(MetaGuard\), drop the cast"):
+        materialize(model)
+
+
+class _Derived(L.LightningModule):
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        with deferred_init():
+            self.net = _build()
+        if variant == "weight_norm":
+            parametrizations.weight_norm(self.net[0])
+        else:
+            self.delta = nn.Parameter(self.net[0].weight.detach().clone())
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("variant", "says"),
+    [
+        ("weight_norm", r"by a parametrization .* apply it after lightning_meta.materialize"),
+        ("derived", r"(?s)'delta' .*Next to deferred tensors, a meta tensor that is not deferred"),
+    ],
+)
+def test_metaguard_names_tensors_made_from_deferred_ones_after_the_block(
+    variant: str, says: str
+) -> None:
+    # Before: "not deferred ... Fix: keep a stateless copy as MetaTemplate(module),
+    # or build the module inside deferred_init", which it was.
+    with pytest.raises(MetaTensorError, match=says) as caught:
+        _trainer([lm.MetaGuard()]).fit(_Derived(variant), _data())
+    assert "keep a stateless copy" not in str(caught.value)

@@ -143,16 +143,14 @@ def _fill_before_copy(
             "load the source model first (lm.materialize(model)), then copy its state_dict.",
             paths=sorted(empty),
         )
+    if torch.__future__.get_swap_module_params_on_conversion():
+        _refuse_swap_left_weakly_held(module, prefix, state_dict, owned)
     for slot, handle in owned:
         old = slot.tensor
         key = prefix + slot.name
         value = state_dict.get(key)
-        if not slot.persistent or not isinstance(value, torch.Tensor) or value.is_meta:
-            continue
-        if value.shape != old.shape:
-            continue  # torch reports the mismatch; the tensor stays deferred
-        if torch.__future__.get_swap_module_params_on_conversion():
-            _refuse_swapping_load(module, prefix, owned)
+        if not _loads_into(slot, value):
+            continue  # not loaded here (torch reports another shape): it stays deferred
         if assign:
             # Made ahead for sharing memory with a tensor materialized before
             # (see _materialize._sharing): eager's assign=True puts the loaded
@@ -188,18 +186,44 @@ def _fill_before_copy(
     _finish(records.values())
 
 
-def _refuse_swapping_load(module: nn.Module, prefix: str, owned: list[tuple[Slot, Handle]]) -> None:
-    # torch.utils.swap_tensors refuses a tensor with weak references, and the
-    # tensors this hook makes have them (their record notes them by value id
-    # for ties) until the whole record is real.
-    paths = sorted(prefix + s.name for s, _ in owned)
+def _loads_into(slot: Slot, value: Any) -> bool:
+    """Whether torch's load copies ``value`` into the deferred tensor of ``slot``."""
+    return (
+        slot.persistent
+        and isinstance(value, torch.Tensor)
+        and not value.is_meta
+        and value.shape == slot.tensor.shape
+    )
+
+
+def _refuse_swap_left_weakly_held(
+    module: nn.Module, prefix: str, state_dict: dict[str, Any], owned: list[tuple[Slot, Handle]]
+) -> None:
+    """Refuse a load torch would swap into tensors this hook leaves weakly referenced.
+
+    With torch's swap-on-conversion flag, torch swaps each loaded tensor into
+    the one this hook puts in place, and ``torch.utils.swap_tensors`` refuses a
+    tensor with weak references: their record keeps one to each (by value id,
+    for ties) until every tensor of its block is real. A block this module's
+    load completes (a lone ``nn.Linear``, one block per module) is released
+    before torch swaps, and loads; one with tensors left elsewhere (in another
+    module, a non-persistent buffer replayed after the load) is refused here,
+    before anything is filled, rather than by torch's weakref error.
+    """
+    filling = [(s, h) for s, h in owned if _loads_into(s, state_dict.get(prefix + s.name))]
+    ids = {id(h) for _, h in filling}
+    records = {id(h.record): h.record for _, h in filling}
+    if not any(id(p) not in ids for r in records.values() for p in list(r.pending)):
+        return
+    paths = sorted(prefix + s.name for s, _ in filling)
     raise MaterializationError(
         f"load_state_dict cannot fill the deferred tensors {paths} of {type(module).__name__} "
         "with torch.__future__.set_swap_module_params_on_conversion(True): torch swaps the "
         "loaded tensors into the ones this package makes for them, which hold weak references "
-        "until their whole deferred_init block is real. Fix: load with "
-        "lightning_meta.load_checkpoint(model, path), or call lightning_meta.materialize(model) "
-        "first, or turn the flag off for the load.",
+        "until every tensor of their deferred_init block is real, and their block has tensors "
+        "this load does not fill first (in other modules, or non-persistent buffers). Fix: "
+        "load with lightning_meta.load_checkpoint(model, path), or call "
+        "lightning_meta.materialize(model) first, or turn the flag off for the load.",
         paths=paths,
     )
 

@@ -919,11 +919,14 @@ def check_deferred(
 
 def refuse_replaced(slots: Iterable[Slot]) -> None:
     """Refuse the meta tensors among ``slots`` that took a deferred tensor's place after the
-    block (what ``module.to(dtype)`` makes of a buffer, litgpt's ``max_seq_length``), with
-    the message :func:`materialize` gives: what replaced them and the fix."""
+    block (what ``module.to(dtype)`` makes of a buffer, litgpt's ``max_seq_length``) or
+    that a weight utility made from deferred ones there (``prune``, a parametrization),
+    with the message :func:`materialize` gives: what made them and the fix."""
+    slots = list(slots)
     replaced = [s for s in slots if s.kind != "attr" and s.name in handles_of(s.owner)]
-    if replaced:
-        _check_plain(replaced, None)
+    derived = {p for paths in _derived_by_utility(slots).values() for p in paths}
+    if replaced or derived:
+        _check_plain([*replaced, *(s for s in slots if s.path in derived)], None)
 
 
 def _check_plain(
@@ -944,7 +947,8 @@ def _check_plain(
             "the deferred_init block by meta tensors of their shape in another dtype, what "
             "module.to(dtype) (or .half(), .bfloat16()) makes of floating-point buffers, whose "
             "cast values the record does not give. Fix: pass dtype= to materialize instead "
-            "of module.to(dtype), or assign real tensors there; under Fabric, whose "
+            "of module.to(dtype), or assign real tensors there; in a Trainer (MetaGuard), "
+            "drop the cast and pass precision='bf16-true' or '16-true'; under Fabric, whose "
             "bf16-true/16-true precision casts the model in fabric.setup before "
             "parallelize_fn, use lm.fabric_setup(fabric, model), which makes buffers real "
             "before that cast.",
@@ -975,8 +979,10 @@ def _check_plain(
             "set_output_embeddings(nn.Linear(..., device='meta')), or a wrapper that "
             "reshapes or flattens parameters). Fix: "
             + (
-                "pass fallback='reset_parameters' to initialise them with their modules' "
-                "reset_parameters(), as eager construction of new modules does (no fallback "
+                "pass fallback='reset_parameters' to lightning_meta.materialize to initialise "
+                "them with their modules' reset_parameters(), as eager construction of new "
+                "modules does (MetaGuard passes none: in a Trainer, make the change inside "
+                "the block or after materialize; no fallback "
                 "gives a tensor computed from deferred ones, such as "
                 "nn.Parameter(model.emb.weight * 2): make it after materialize), or "
                 if resettable
@@ -1110,6 +1116,8 @@ def _cast_of_deferred(slot: Slot) -> bool:
 
 def _replaced_by(slot: Slot) -> str:
     deferred = handles_of(slot.owner)[slot.name].tensor
+    if tuple(slot.tensor.shape) == tuple(deferred.shape) and slot.tensor.dtype == deferred.dtype:
+        return f"{slot.path} (a new {type(slot.tensor).__name__} of its shape and dtype)"
     if tuple(slot.tensor.shape) == tuple(deferred.shape):
         return (
             f"{slot.path} ({type(slot.tensor).__name__} in {slot.tensor.dtype}, deferred in "

@@ -56,6 +56,15 @@ FIX = (
     "or load real weights into it first."
 )
 
+BESIDE_DEFERRED_FIX = (
+    "Next to deferred tensors, a meta tensor that is not deferred was made after the "
+    "deferred_init block: from deferred ones (nn.Parameter(w.detach().clone()), a "
+    "parametrization or pruning applied to the deferred model), or built on meta and "
+    "assigned. It holds no values and no record gives them. Fix: make it inside the "
+    "deferred_init block, or after materialize (under MetaGuard, in on_fit_start, which "
+    "runs after it), or load real weights into it first."
+)
+
 ESCAPED_FIX = (
     "A tensor created inside a deferred_init block but kept outside the modules built "
     "there (a local variable assigned after the block, a closure, a global list) holds no "
@@ -219,11 +228,18 @@ def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
 
 
 def explain(
-    problems: list[MetaFinding], owner: str, consequence: str = "", *, left: bool = False
+    problems: list[MetaFinding],
+    owner: str,
+    consequence: str = "",
+    *,
+    left: bool = False,
+    beside_deferred: bool = False,
 ) -> MetaTensorError:
     """Return the error for ``problems``: every path, why it matters, then the fix.
 
     ``left``: materialize already ran and left them (its advice would not help).
+    ``beside_deferred``: the module also holds deferred tensors, so the others
+    were made after its block (building it under ``deferred_init`` is done).
     """
     n = len(problems)
     # Escaped tensors are not on the meta device (their fake data raises on use).
@@ -246,7 +262,7 @@ def explain(
     if any(f.stale for f in problems):
         lines.append(STALE_FIX)
     if any(not f.deferred and f.escaped is None and not f.stale for f in problems):
-        lines.append(FIX)
+        lines.append(BESIDE_DEFERRED_FIX if beside_deferred else FIX)
     return MetaTensorError("\n".join(lines), paths=[f.path for f in problems])
 
 

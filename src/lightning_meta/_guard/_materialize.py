@@ -105,8 +105,10 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
     found = strays(module)
     if found:
         paths = {f.path for f in found}
-        refuse_replaced(s for s in iter_slots(module) if s.path in paths)
-        raise explain(found, owner or type(module).__name__, REACHES)
+        slots = list(iter_slots(module))
+        refuse_replaced(s for s in slots if s.path in paths)
+        beside = any(s.path not in paths and handle_of(s.tensor) is not None for s in slots)
+        raise explain(found, owner or type(module).__name__, REACHES, beside_deferred=beside)
 
 
 def refuse_left(
