@@ -28,7 +28,7 @@ import math
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -1708,6 +1708,17 @@ def masked_index_ops() -> frozenset[Any]:
 
 
 __all__ += ["masked_index_ops"]
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def eager_under_compile(fn: _Fn) -> _Fn:
+    """``fn`` wrapped in ``torch.compiler.disable`` (dynamo runs it eagerly), typed as ``fn``."""
+    return cast(_Fn, torch.compiler.disable(fn))
+
+
+__all__ += ["eager_under_compile"]
 
 
 def compiler_disabled(fn: Callable[[], None], reason: str) -> Callable[[], None]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ def _fill_before_copy(
         old = slot.tensor
         key = prefix + slot.name
         value = state_dict.get(key)
-        if not _loads_into(slot, value):
+        if not _loads_into(value, slot):
             continue  # not loaded here (torch reports another shape): it stays deferred
         if assign:
             # Made ahead for sharing memory with a tensor materialized before
@@ -186,7 +186,7 @@ def _fill_before_copy(
     _finish(records.values())
 
 
-def _loads_into(slot: Slot, value: Any) -> bool:
+def _loads_into(value: Any, slot: Slot) -> TypeGuard[torch.Tensor]:
     """Whether torch's load copies ``value`` into the deferred tensor of ``slot``."""
     return (
         slot.persistent
@@ -210,7 +210,7 @@ def _refuse_swap_left_weakly_held(
     module, a non-persistent buffer replayed after the load) is refused here,
     before anything is filled, rather than by torch's weakref error.
     """
-    filling = [(s, h) for s, h in owned if _loads_into(s, state_dict.get(prefix + s.name))]
+    filling = [(s, h) for s, h in owned if _loads_into(state_dict.get(prefix + s.name), s)]
     ids = {id(h) for _, h in filling}
     records = {id(h.record): h.record for _, h in filling}
     if not any(id(p) not in ids for r in records.values() for p in list(r.pending)):

@@ -29,6 +29,7 @@ from torch import nn
 from lightning_meta._compat import (
     buffers_of,
     deepcopy_module,
+    eager_under_compile,
     functorch_transform_active,
     hook_ids,
     modes_and_hooks,
@@ -314,7 +315,7 @@ class MemberShells:
     # effects) ran a second ensemble, compiled after one of another structure,
     # on its copies' meta tensors ("found at least two devices, cpu and meta").
     # The member calls after it are compiled as before.
-    @torch.compiler.disable
+    @eager_under_compile
     def ready(
         self,
         template: nn.Module,
