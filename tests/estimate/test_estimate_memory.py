@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -168,31 +167,52 @@ def test_a_model_that_checkpoints_its_own_activations_matches_the_measured_step(
         assert est.backward_flops == real.backward_flops
 
 
-def _profiled_peak(
-    model: nn.Module, x: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor]
+def _exact_peak(
+    model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> int:
-    """The peak of a real steady-state SGD step from torch.profiler's allocator events.
+    """The peak of a real SGD step as estimate's step runs it, from allocator events.
 
-    Unlike :func:`measure_training_step` (a dispatch mode), the profiler sees
-    what kernels allocate inside themselves. The model, its gradients and
-    the input are alive before the measured step; their bytes are added.
+    The output stays alive until backward ends (Lightning returns it from
+    training_step). Both steps run inside one profile, the second measured:
+    the profiler cannot see the frees of what was allocated before it started
+    (the first step's gradients), which would leave them counted.
     """
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss = loss_fn(model(x))
-        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = loss_fn(out)
+        for p in model.parameters():
+            p.grad = None
         loss.backward()
-        del loss
+        del out, loss
         opt.step()
 
     step()
-    before = sum(
-        t.numel() * t.element_size()
-        for t in [x, *model.parameters(), *(p.grad for p in model.parameters())]
-        if t is not None
-    )
-    return before + allocator_peak(step)[0]
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step()
+        alive = [x, *model.parameters(), *(p.grad for p in model.parameters())]
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in alive
+            if t is not None
+        }
+        del alive  # the measured step frees these gradients
+        with torch.profiler.record_function("measured"):
+            step()
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    start = min(e.start_ns() for e in events if e.name() == "measured")
+    current = peak = 0
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.start_ns() >= start
+    ):
+        current += nbytes
+        peak = max(peak, current)
+    return sum(storages.values()) + peak
 
 
 class _Attention(nn.Module):
@@ -265,7 +285,7 @@ def test_kernel_scratch_the_fake_run_cannot_see_is_warned_of_and_bounds_the_real
         with pytest.warns(MetaTensorWarning, match=f"may be too low by up to .*{kernel}") as got:
             est = estimate(factory, x, optimizer="sgd", loss_fn=loss, precision=precision)
         torch.manual_seed(0)
-        real = _profiled_peak(factory().to(dtype), x, loss)
+        real = _exact_peak(factory().to(dtype), x, loss)
     finally:
         torch.set_num_threads(before)
     up_to = int(re.search(r"by up to (\d+) bytes", str(got[0].message)).group(1))  # type: ignore[union-attr]
@@ -337,54 +357,6 @@ def test_matmul_operand_copies_are_the_clones_the_cpu_kernel_makes(
                 clones = [e for e in prof.events() if e.name == "aten::clone"]
                 cloned = sum(e.input_shapes[0][0] * e.input_shapes[0][1] for e in clones)
                 assert _matmul_copies((a, b)) == cloned * a.element_size(), (name_a, name_b)
-
-
-def _exact_peak(
-    model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
-) -> int:
-    """The peak of a real SGD step as estimate's step runs it, from allocator events.
-
-    The output stays alive until backward ends (Lightning returns it from
-    training_step). Both steps run inside one profile, the second measured:
-    the profiler cannot see the frees of what was allocated before it started
-    (the first step's gradients), which would leave them counted.
-    """
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        out = model(x)
-        loss = loss_fn(out)
-        for p in model.parameters():
-            p.grad = None
-        loss.backward()
-        del out, loss
-        opt.step()
-
-    step()
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-        alive = [x, *model.parameters(), *(p.grad for p in model.parameters())]
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in alive
-            if t is not None
-        }
-        del alive  # the measured step frees these gradients
-        with torch.profiler.record_function("measured"):
-            step()
-    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
-    start = min(e.start_ns() for e in events if e.name() == "measured")
-    current = peak = 0
-    for _, nbytes in sorted(
-        (e.start_ns(), e.nbytes())
-        for e in events
-        if e.name() == "[memory]" and e.start_ns() >= start
-    ):
-        current += nbytes
-        peak = max(peak, current)
-    return sum(storages.values()) + peak
 
 
 class _Head(nn.Module):
