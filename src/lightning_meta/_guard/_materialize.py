@@ -99,8 +99,11 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
     """Raise :class:`MetaTensorError` naming every meta parameter or buffer that was not deferred.
 
     One that took a deferred tensor's place after the block (``module.to(torch.bfloat16)``
-    casting a buffer) gets :func:`materialize`'s message, which names the cause, rather
-    than the advice to build the module inside ``deferred_init``, which it was.
+    casting a buffer), or that a weight utility made from deferred ones there
+    (``prune``, a parametrization), gets :func:`materialize`'s message, which names the
+    cause; any other next to deferred tensors is told to be made inside the block or
+    after materialize, rather than to build the module inside ``deferred_init``, which
+    it was.
     """
     found = strays(module)
     if found:
