@@ -1713,27 +1713,21 @@ __all__ += ["masked_index_ops"]
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-def eager_under_compile(fn: _Fn) -> _Fn:
-    """``fn`` wrapped in ``torch.compiler.disable`` (dynamo runs it eagerly), typed as ``fn``."""
-    return cast(_Fn, torch.compiler.disable(fn))
+def compiler_disabled(fn: _Fn, reason: str | None = None) -> _Fn:
+    """``fn`` wrapped in ``torch.compiler.disable`` (dynamo runs it eagerly), typed as ``fn``.
 
-
-__all__ += ["eager_under_compile"]
-
-
-def compiler_disabled(fn: Callable[[], None], reason: str) -> Callable[[], None]:
-    """``fn`` wrapped in ``torch.compiler.disable``, with ``reason`` where torch takes one.
-
-    Under ``torch.compile(fullgraph=True)`` dynamo refuses to call a disabled
-    function and shows only its ``reason`` (torch 2.8 and later; checked on 2.8,
-    2.11, 2.13, 2.15): without it the user reads "reason: None" and never the
-    refusal ``fn`` raises. Torch 2.6 and 2.7 take no ``reason``: there the user sees
-    the function's name only.
+    ``reason``: under ``torch.compile(fullgraph=True)`` dynamo refuses to call a
+    disabled function and shows only its ``reason`` (torch 2.8 and later; checked
+    on 2.8, 2.11, 2.13, 2.15): without it the user reads "reason: None" and never
+    the refusal ``fn`` raises. Torch 2.6 and 2.7 take no ``reason``: there the
+    user sees the function's name only.
     """
-    try:
-        return torch.compiler.disable(fn, reason=reason)  # type: ignore[call-arg,no-any-return]
-    except TypeError:  # torch 2.6, 2.7: no reason keyword
-        return torch.compiler.disable(fn)  # type: ignore[no-any-return]
+    if reason is not None:
+        try:
+            return cast(_Fn, torch.compiler.disable(fn, reason=reason))  # type: ignore[call-arg]
+        except TypeError:  # torch 2.6, 2.7: no reason keyword
+            pass
+    return cast(_Fn, torch.compiler.disable(fn))
 
 
 __all__ += ["compiler_disabled"]

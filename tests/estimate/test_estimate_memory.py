@@ -173,9 +173,8 @@ def _exact_peak(
     """The peak of a real SGD step as estimate's step runs it, from allocator events.
 
     The output stays alive until backward ends (Lightning returns it from
-    training_step). Both steps run inside one profile, the second measured:
-    the profiler cannot see the frees of what was allocated before it started
-    (the first step's gradients), which would leave them counted.
+    training_step). Measured on a step after two others, the second of them
+    profiled (``warm_up``), so the frees of a step's gradients are seen.
     """
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -189,30 +188,13 @@ def _exact_peak(
         opt.step()
 
     step()
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-        alive = [x, *model.parameters(), *(p.grad for p in model.parameters())]
-        storages = {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in alive
-            if t is not None
-        }
-        del alive  # the measured step frees these gradients
-        with torch.profiler.record_function("measured"):
-            step()
-    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
-    start = min(e.start_ns() for e in events if e.name() == "measured")
-    current = peak = 0
-    for _, nbytes in sorted(
-        (e.start_ns(), e.nbytes())
-        for e in events
-        if e.name() == "[memory]" and e.start_ns() >= start
-    ):
-        current += nbytes
-        peak = max(peak, current)
-    return sum(storages.values()) + peak
+    # What is alive before a step: the model, the input, the last step's gradients.
+    alive = [x, *model.parameters(), *(p.grad for p in model.parameters())]
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive if t is not None
+    }
+    del alive  # the measured step frees these gradients
+    return sum(storages.values()) + allocator_peak(step, warm_up=True)[0]
 
 
 class _Attention(nn.Module):

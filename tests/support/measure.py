@@ -148,20 +148,30 @@ def measure_training_step(
     return Measurement(peak_bytes=tracker.peak, forward_flops=fwd, backward_flops=bwd)
 
 
-def allocator_peak(call: Callable[[], Any]) -> tuple[int, Any]:
+def allocator_peak(call: Callable[[], Any], *, warm_up: bool = False) -> tuple[int, Any]:
     """The peak of what ``call`` allocates, from torch.profiler's allocator events (which
-    see inside kernels, where the storage tracker does not), and what it returns."""
+    see inside kernels, where the storage tracker does not), and what it returns.
+
+    ``warm_up``: run ``call`` once inside the profile first and measure the
+    second run. The profiler sees no free of a block allocated before it
+    started, so a call that frees such blocks (a training step freeing the
+    previous step's gradients) would have them counted.
+    """
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        out = call()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        if e.name() == "[memory]"
-    )
+        if warm_up:
+            call()
+        with torch.profiler.record_function("measured"):
+            out = call()
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    start = min(e.start_ns() for e in events if e.name() == "measured")
     current = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.start_ns() >= start
+    ):
         current += nbytes
         peak = max(peak, current)
     return peak, out

@@ -28,8 +28,8 @@ from torch import nn
 
 from lightning_meta._compat import (
     buffers_of,
+    compiler_disabled,
     deepcopy_module,
-    eager_under_compile,
     functorch_transform_active,
     hook_ids,
     modes_and_hooks,
@@ -315,7 +315,7 @@ class MemberShells:
     # effects) ran a second ensemble, compiled after one of another structure,
     # on its copies' meta tensors ("found at least two devices, cpu and meta").
     # The member calls after it are compiled as before.
-    @eager_under_compile
+    @compiler_disabled
     def ready(
         self,
         template: nn.Module,

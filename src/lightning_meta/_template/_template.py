@@ -789,13 +789,8 @@ class MetaTemplate:
                 out[name] = getattr(sub, leaf)
             except AttributeError:
                 missing.append(name)
-        template_paths = [p for p, _ in template.named_modules()]
-        lacking = []
-        for path in template_paths:
-            try:
-                out.modes[path] = module.get_submodule(path).training
-            except AttributeError:
-                lacking.append(path)
+        out.modes.update(_modes_of(module, template))
+        lacking = [p for p, _ in template.named_modules() if p not in out.modes]
         if missing or lacking:
             listed = [*missing, *(f"{p} (a submodule)" for p in lacking)]
             raise MetaTensorError(
