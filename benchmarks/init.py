@@ -13,6 +13,7 @@ tables; ``--json`` also writes the raw numbers.
     python benchmarks/init.py              # full size
     python benchmarks/init.py --small      # quick check
     python benchmarks/init.py --zoo        # every model of the deferred-init zoo
+    python benchmarks/init.py --zoo --litgpt pythia-14m pythia-70m   # full-size litgpt
 
 ``--zoo`` builds every model of ``tests/support/zoo_models.py`` (tiny configs
 of Hugging Face, torchvision, timm and litgpt architectures; those whose
@@ -25,13 +26,16 @@ targets are about: deferred_init <= 1.5x FakeTensorMode (and <= eager from
 deferred_init spends in its real random draws (``LiveDraws.draw``, the draws
 that leave every generator where eager construction leaves it, which the
 issue accepts at eager's cost and FakeTensorMode does not make), and the
-ratio of the rest to FakeTensorMode.
+ratio of the rest to FakeTensorMode. ``--zoo --litgpt CONFIG...`` times
+full-size litgpt models instead: the zoo's configs are tiny (tens of
+thousands of parameters), so their ratios are mostly fixed costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -229,11 +233,25 @@ def _draw_time(clock: Callable[[], float]) -> Iterator[list[float]]:
         _rng.LiveDraws.draw = draw  # type: ignore[method-assign]
 
 
-def run_zoo(reps: int, only: list[str] | None, cpu: bool = False) -> list[dict[str, Any]]:
+def _litgpt_builds(names: list[str]) -> dict[str, Callable[[], Any]]:
+    """Full-size litgpt models by config name (``pythia-70m``): what the tiny zoo cannot show,
+    where the fixed costs of deferred_init and materialize stop mattering."""
+    from litgpt import GPT, Config
+
+    return {f"litgpt {n}": functools.partial(GPT, Config.from_name(n)) for n in names}
+
+
+def run_zoo(
+    reps: int,
+    only: list[str] | None,
+    cpu: bool = False,
+    builds: dict[str, Callable[[], Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Time every zoo model: eager, FakeTensorMode, deferred_init, materialize (min of ``reps``).
 
     ``cpu``: measure this process's CPU time instead of wall time (steadier on
     a machine other processes share; with one torch thread it is the same work).
+    ``builds``: time these models instead of the zoo's.
     """
     import gc
     import warnings
@@ -249,11 +267,14 @@ def run_zoo(reps: int, only: list[str] | None, cpu: bool = False) -> list[dict[s
     warnings.filterwarnings("ignore")
     clock = time.process_time if cpu else time.perf_counter
     rows: list[dict[str, Any]] = []
+    if builds is None:
+        builds = {
+            name: entry.build
+            for name, entry in ZOO.items()
+            if (not only or name in only) and available(entry)
+        }
     with _draw_time(clock) as drawing:
-        for name, entry in ZOO.items():
-            if (only and name not in only) or not available(entry):
-                continue
-            build = entry.build
+        for name, build in builds.items():
 
             def fake(build: Callable[[], Any] = build) -> Any:
                 with FakeTensorMode(allow_non_fake_inputs=True):
@@ -343,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--zoo", action="store_true", help="time every deferred-init zoo model")
     parser.add_argument("--only", nargs="*", help="with --zoo: only these models")
+    parser.add_argument(
+        "--litgpt",
+        nargs="+",
+        metavar="CONFIG",
+        help="with --zoo: full-size litgpt models by config name (pythia-70m) instead of the zoo",
+    )
     parser.add_argument("--threads", type=int, default=1, help="with --zoo: torch threads")
     parser.add_argument(
         "--cpu-time", action="store_true", help="with --zoo: CPU time of the process, not wall"
@@ -354,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        rows = run_zoo(args.warm, args.only, args.cpu_time)
+        builds = _litgpt_builds(args.litgpt) if args.litgpt else None
+        rows = run_zoo(args.warm, args.only, args.cpu_time, builds)
         print(_zoo_table(rows, args.warm, args.threads, args.cpu_time))
         if args.json:
             with open(args.json, "w") as f:

@@ -704,6 +704,31 @@ def test_shard_outside_the_index_directory_is_refused(tmp_path: Path, ref: nn.Mo
         load_checkpoint(ml.build("meta"), path)
 
 
+@pytest.mark.parametrize("fmt", ["sharded", "sharded-bin"])
+@pytest.mark.parametrize("spelling", ["./{}", "parts/{}", "parts/./{}"])
+def test_shards_named_inside_the_directory_load(
+    fmt: str, spelling: str, tmp_path: Path, ref: nn.Module
+) -> None:
+    # transformers joins the index's names to its directory: './shard' and
+    # 'parts/shard' load there; they were refused as a damaged checkpoint.
+    path = ml.write(fmt, ref, tmp_path)
+    index = next(path.glob("*.index.json"))
+    data = json.loads(index.read_text())
+    if spelling.startswith("parts/"):
+        (path / "parts").mkdir()
+        for shard in set(data["weight_map"].values()):
+            shutil.move(path / shard, path / "parts" / shard)
+    data["weight_map"] = {k: spelling.format(v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    for kind in KINDS:
+        m = ml.build(kind)
+        load_checkpoint(m, path)
+        state = ref.state_dict()
+        assert sorted(m.state_dict()) == sorted(state)
+        for name, t in m.state_dict().items():
+            assert torch.equal(t, state[name]), name
+
+
 # -- the zero-copy option still works, and keeps its documented coupling ----------------------
 
 

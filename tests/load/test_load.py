@@ -53,6 +53,20 @@ def test_round_trip(fmt: str, kind: str, files: dict[str, Path], ref: torch.nn.M
         assert not lm.is_deferred(m)
 
 
+@pytest.mark.parametrize("fmt", ["dcp", "dcp-lightning"])
+def test_dcp_metadata_file_reads_its_directory(
+    fmt: str, files: dict[str, Path], ref: torch.nn.Module
+) -> None:
+    # The '.metadata' file was read as a torch pickle and refused with a
+    # safe_globals fix (the metadata's classes), which would not have helped.
+    m = ml.build("meta")
+    report = load_checkpoint(m, files[fmt] / ".metadata")
+    assert report.format == "dcp"
+    state = ref.state_dict()
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
 class _Attributes(nn.Module):
     """Tensor attributes no state dict holds: the old spectral_norm's ``weight``, an alias,
     a list; a MetaTemplate, meta by design."""
@@ -228,6 +242,51 @@ def test_ambiguous_prefix_refused(tmp_path: Path, ref: torch.nn.Module) -> None:
     ml.assert_unchanged(m, before)
     report = load_checkpoint(m, tmp_path / "two.pt", prefix="teacher.")
     assert report.ignored == sorted(k for k in state if k.startswith("student."))
+
+
+class _OwnAndChild(nn.Module):
+    """Names that are also suffixes of its other names: 'weight' and 'sub.weight'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3))
+        self.sub = nn.Linear(3, 3, bias=False)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("where", ["meta", "cpu"])
+def test_own_names_beside_a_prefixed_copy_refused(tmp_path: Path, strict: bool, where: str) -> None:
+    # The module's own keys (a fine-tuned 'sub.weight') beside a whole
+    # reference copy under 'ref.': the prefix matching more keys used to win,
+    # loading the copy's values into 'sub' without an error even with strict.
+    torch.manual_seed(0)
+    state = {"sub.weight": torch.full((3, 3), 7.0)}
+    state.update({f"ref.{k}": v for k, v in _OwnAndChild().state_dict().items()})
+    torch.save(state, tmp_path / "both.pt")
+    with torch.device(where):
+        m = _OwnAndChild()
+    before = ml.snapshot(m)
+    with pytest.raises(lm.MetaTensorError, match=r"several prefixes \['', 'ref\.'\]") as info:
+        load_checkpoint(m, tmp_path / "both.pt", strict=strict)
+    assert "'': 1, 'ref.': 2" in str(info.value)
+    assert info.value.paths == ("", "ref")
+    ml.assert_unchanged(m, before)
+    report = load_checkpoint(m, tmp_path / "both.pt", prefix="", strict=False)
+    assert torch.equal(m.sub.weight, state["sub.weight"]) and report.missing == ["weight"]
+    report = load_checkpoint(m, tmp_path / "both.pt", prefix="ref.")
+    assert torch.equal(m.sub.weight, state["ref.sub.weight"]) and report.ignored == ["sub.weight"]
+
+
+def test_own_names_that_end_in_other_names_load(tmp_path: Path) -> None:
+    # 'sub.weight' ends in 'weight', another name of the module: it counts for
+    # no prefix, not also for 'sub.'.
+    torch.manual_seed(0)
+    eager = _OwnAndChild()
+    torch.save(eager.state_dict(), tmp_path / "own.pt")
+    with torch.device("meta"):
+        m = _OwnAndChild()
+    assert load_checkpoint(m, tmp_path / "own.pt").prefix == ""
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), eager.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -115,7 +115,9 @@ def load_checkpoint(
             With ``False``, load what matches and list the rest in the report.
         prefix: checkpoint key prefix to strip (``"model."`` to load a
             LightningModule's checkpoint into its ``self.model``); detected
-            when ``None``. In a torch file holding a ``"state_dict"``, it
+            when ``None``, and refused when keys name the module under two
+            prefixes (its own names beside a copy under ``ref.``: pass the
+            one to load, ``""`` for none). In a torch file holding a ``"state_dict"``, it
             is matched against the whole file first (``"state_dict_ema."``
             reaches timm's EMA weights), else against that state dict.
         safe_globals: classes or functions a trusted checkpoint's pickle may

@@ -55,7 +55,8 @@ def open_source(
     """Detect the format of ``path`` from its content and open it without reading tensor data.
 
     Args:
-        path: a checkpoint file, an index, or a directory holding one checkpoint.
+        path: a checkpoint file, an index (a distributed checkpoint's
+            ``.metadata`` included), or a directory holding one checkpoint.
         safe_globals: what unpickling may construct beyond tensors and plain containers.
         prefix: the caller's key prefix (see :func:`~lightning_meta._load._source.open_torch`).
 
@@ -86,6 +87,11 @@ def open_source(
         return _open_directory(p, safe_globals, prefix)
     if not is_file:
         raise MetaTensorError(f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)])
+    if p.name == ".metadata":
+        # torch.distributed.checkpoint's metadata file, named like an index: its
+        # directory is the checkpoint (read as a torch pickle, it would need the
+        # metadata's classes, and the storage files beside it would be unread).
+        return open_dcp(p.parent, safe_globals)
     first = head(p)
     if is_torch(first):
         return open_torch(p, safe_globals, prefix)

@@ -296,8 +296,12 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
 
     A Lightning checkpoint of a ``LightningModule`` whose network is
     ``self.model`` has keys ``model.*``; loading it into that inner network
-    strips ``model.``. The prefix matching the most keys wins; two different
-    prefixes matching equally many (two copies of one network) are refused.
+    strips ``model.``. Each key counts for the shortest prefix that makes it
+    a module name (a key that already is one counts for no prefix). Keys
+    counted for two or more prefixes are refused, whatever the counts: the
+    checkpoint then holds values for the module under several names (the
+    module's own keys beside a reference copy under ``ref.``, two copies of
+    one network), and guessing would load some of them without an error.
 
     Args:
         keys: the checkpoint's keys.
@@ -310,8 +314,9 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
 
     Raises:
         ArgumentValueError: ``given`` matches no key.
-        MetaTensorError: several prefixes match equally many keys; ``paths``
-            holds them, without their trailing dot.
+        MetaTensorError: keys count for several prefixes; ``paths`` holds
+            them, without their trailing dot (``''``: keys that are module
+            names as they are).
     """
     keys = list(keys)
     if given is not None:
@@ -336,25 +341,28 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
         start = 0
         while True:
             if key[start:] in expected:
+                # The shortest prefix only: 'sub.weight' is the module's own
+                # name even where 'weight' is one too.
                 counts[key[:start]] = counts.get(key[:start], 0) + 1
+                break
             dot = key.find(".", start)
             if dot < 0:
                 break
             start = dot + 1
     if not counts:
         return ""
-    best = max(counts.values())
-    winners = sorted(p for p, c in counts.items() if c == best)
-    if "" in winners:
-        return ""
-    if len(winners) > 1:
+    if len(counts) > 1:
+        found = sorted(counts)
+        each = ", ".join(f"{p!r}: {counts[p]}" for p in found)
+        own = "; '' is none: the module's own names" if "" in found else ""
         raise MetaTensorError(
-            f"the checkpoint holds the module's keys under several prefixes {winners} "
-            f"({best} keys each). Fix: choose one with "
+            f"the checkpoint holds the module's keys under several prefixes {found} "
+            f"(keys each: {each}{own}), so which values to load would be a guess. "
+            f"Fix: choose one with "
             f"{spelled('load_checkpoint(..., prefix=...)', '--prefix')}.",
-            paths=[w[:-1] for w in winners],
+            paths=[p[:-1] for p in found],
         )
-    return winners[0]
+    return next(iter(counts))
 
 
 def _prefixes(keys: list[str]) -> list[str]:

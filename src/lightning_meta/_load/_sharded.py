@@ -75,8 +75,7 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
             files), or the index and its shards disagree (``paths``: the keys).
     """
     weight_map = _weight_map(index)
-    names = sorted(set(weight_map.values()))
-    outside = [n for n in names if not _inside(n)]
+    outside = sorted({n for n in weight_map.values() if not _inside(n)})
     if outside:
         raise MetaTensorError(
             f"the index {str(index)!r} names shard(s) {outside} outside its directory "
@@ -84,6 +83,10 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
             "Fix: use plain file names in the index's weight_map.",
             paths=[str(index), *outside],
         )
+    # './shard' and 'dir/shard' name files inside the directory, as
+    # transformers joins them: one spelling per file from here on.
+    weight_map = {k: os.path.normpath(v) for k, v in weight_map.items()}
+    names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise MetaTensorError(
@@ -95,7 +98,8 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
     # Non-tensor values of torch shards (a module's extra state) are kept as
     # the source's others: refused as extra state, or listed as unexpected.
     other_files: dict[str, str] = {}
-    for shard in (index.parent / n for n in names):
+    for name in names:
+        shard = index.parent / name
         first = head(shard)
         if is_safetensors(first):
             parts.append(SafetensorsSource(shard, "sharded"))
@@ -110,15 +114,15 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
                     shard, "sharded", {k: (archive, v) for k, v in leaves.items()}, others=others
                 )
             )
-            other_files.update(dict.fromkeys(others, shard.name))
+            other_files.update(dict.fromkeys(others, name))
         else:
             raise MetaTensorError(
                 f"shard {str(shard)!r} of {str(index)!r} is neither safetensors nor a torch file. "
                 f"{CORRUPT_FIX}",
                 paths=[str(shard)],
             )
-    source = CompositeSource(index, "sharded", parts)
-    found = {k: e.file for k, e in source.entries.items()}
+    source = CompositeSource(index, "sharded", parts)  # refuses a key in two shards
+    found = {k: name for name, part in zip(names, parts, strict=True) for k in part.entries}
     # An index may name a non-tensor value's shard too; one it leaves out is no damage.
     found.update({k: f for k, f in other_files.items() if k in weight_map})
     check_index(index, weight_map, found)
