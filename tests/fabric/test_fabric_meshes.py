@@ -43,7 +43,16 @@ REFUSED = {
     "optimizer_first": "create the optimizer from model.parameters()",
     "partial": "placements include Partial",
     "standalone_package": "ModelParallelStrategy replaces every parameter",
+    "written_after_fully_shard": "['layers.0.attention.wq.weight']: these deferred tensors "
+    "were modified in place after fully_shard",
+    "written_in_parallelize_fn": "['output.weight']: these deferred tensors were modified "
+    "in place after fully_shard / parallelize_module",
 }
+
+
+# Refused in parallelize_fn: fabric_setup made the buffers real before
+# fabric.setup (Fabric casts the model first, see its docstring).
+BUFFERS_MADE = {"written_in_parallelize_fn"}
 
 
 def run(world: int, workdir: Path) -> dict[str, dict[str, Any]]:
@@ -84,7 +93,10 @@ def check_refusals(refusals: dict[str, dict[str, Any]]) -> None:
         assert r["error"] in ("MaterializationError", "MetaTensorError"), case
         assert words in r["message"], (case, r["message"])
         assert "Fix:" in r["message"], case
-        assert r["unchanged"], case
+        if case in BUFFERS_MADE:
+            assert r["parameters_meta"], case
+        else:
+            assert r["unchanged"], case
 
 
 def free_port() -> int:

@@ -60,6 +60,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
             "bf16_true",
             "fsdp2",
             "load",
+            "rank_generator",
+            "rank_scalar",
             "refused",
             "src_data_rank=0",
             "src_data_rank=1",
@@ -85,6 +87,18 @@ def test_a_seed_per_rank_under_tensor_parallel_is_refused_naming_one_seed(
         ]
         assert "src_data_rank" in refused["message"], rank
         assert "seed every rank the same before the deferred_init block" in refused["message"]
+
+
+def test_a_number_or_generator_that_depends_on_the_rank_is_refused_under_tensor_parallel(
+    two_ranks: dict[str, dict[str, Any]],
+) -> None:
+    # One global seed: the rank-dependent scale gave rank 1 its own slice of
+    # another tensor than eager's (rank 0's), without an error.
+    for rank, cases in two_ranks.items():
+        assert cases["rank_scalar"]["paths"] == ["2.weight"], rank
+        assert "a number that depends on the rank" in cases["rank_scalar"]["message"]
+        assert cases["rank_generator"]["paths"] == ["3.weight"], rank
+        assert "the same for generators passed to it" in cases["rank_generator"]["message"]
 
 
 def test_load_checkpoint_replaying_tensor_parallel_parameters_checks_the_seed_too(

@@ -87,6 +87,13 @@ def test_each_rank_loads_exactly_and_reads_only_its_shards(world: int, tmp_path:
         assert refused["error"] == "MetaTensorError", rank
         assert "cannot cast it" in refused["message"] and "Fix:" in refused["message"]
         assert refused["unchanged"], rank
+        refused = cases["refused_written"]
+        assert refused["error"] == "MaterializationError", rank
+        assert (
+            "['head.weight']: these deferred tensors were modified in place after "
+            in (refused["message"])
+        )
+        assert refused["unchanged"], rank
         undo = cases["undo"]
         assert undo["raised"] and undo["all_meta"] and undo["unequal"] == [], (rank, undo)
 

@@ -262,6 +262,23 @@ def main() -> None:
     except lm.MetaTensorError as e:
         result["refused"] = {"paths": list(e.paths), "message": str(e)}
     result["tensor_parallel"] = compare(fabric, through_fabric, seed=42)
+    # One global seed, but a number or a generator that depends on the rank.
+    rank = fabric.global_rank
+    for case in ("rank_scalar", "rank_generator"):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(100 + rank)
+        with lm.deferred_init():
+            model = build()
+            with torch.no_grad():
+                if case == "rank_scalar":
+                    model[2].weight.mul_(1.0 + rank)  # type: ignore[operator]
+                else:
+                    nn.init.normal_(model[3].weight, generator=gen)  # type: ignore[arg-type]
+        try:
+            lm.fabric_setup(fabric, model)
+            result[case] = None
+        except lm.MetaTensorError as e:
+            result[case] = {"paths": list(e.paths), "message": str(e)}
     tp_mesh = fabric.strategy.device_mesh["tensor_parallel"]
     for src in (0, None, 1):
 

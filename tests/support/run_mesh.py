@@ -49,6 +49,7 @@ from support.mesh_models import (
     full,
     parallelize,
     shard_tied,
+    tensor_parallel,
     train,
     trainer_module,
     unequal,
@@ -158,7 +159,12 @@ def refusals() -> dict[str, Any]:
             call()
         except lm.MetaTensorError as e:
             still_meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
-            out[name] = {"error": type(e).__name__, "message": str(e), "unchanged": still_meta}
+            out[name] = {
+                "error": type(e).__name__,
+                "message": str(e),
+                "unchanged": still_meta,
+                "parameters_meta": all(p.is_meta for p in model.parameters()),
+            }
         else:
             out[name] = {"error": None}
 
@@ -195,6 +201,24 @@ def refusals() -> dict[str, Any]:
     model = deferred()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     attempt("standalone_package", model, lambda: lm.fabric_setup(standalone, model, opt))
+    # An initialisation after sharding writes the meta DTensors, which a
+    # replay would lose (it was lost without an error): FSDP2 and materialize,
+    model = deferred()
+    data_parallel(model, mesh)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.mul_(0.5)  # type: ignore[index, union-attr]
+    attempt("written_after_fully_shard", model, lambda: lm.materialize(model))
+
+    # and tensor parallel in a parallelize_fn, then fabric_setup.
+    def parallelize_then_init(module: nn.Module, mesh: Any) -> nn.Module:
+        tensor_parallel(module, mesh["tensor_parallel"])
+        with torch.no_grad():
+            nn.init.zeros_(module.output.weight)  # type: ignore[arg-type, union-attr]
+        return module
+
+    tp_fabric, _ = model_parallel(1, 1, parallelize_fn=parallelize_then_init)
+    model = deferred()
+    attempt("written_in_parallelize_fn", model, lambda: lm.fabric_setup(tp_fabric, model))
     return out
 
 

@@ -23,8 +23,8 @@ read during the call (``rchar`` of ``/proc/self/io``: every ``read``/``pread``
 of the process), the bytes its shards need, and the bound it must stay under:
 need + the structure of the files (index, headers, DCP metadata, a torch
 file's bytes other than its storages' data, a fixed allowance per zip opened)
-+ a fixed slack. It also records the refusal
-of ``dtype=`` on sharded parameters. Every rank writes WORKDIR/result-RANK.json.
++ a fixed slack. It also records the refusals
+of ``dtype=`` on sharded parameters and of a replay over a write made after sharding. Every rank writes WORKDIR/result-RANK.json.
 """
 
 from __future__ import annotations
@@ -226,10 +226,17 @@ def load_case(
     }
 
 
-def refusal(path: Path) -> dict[str, Any]:
+def refusal(path: Path, write: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``dtype=float64`` on the shards, or, with ``write``, a load after that parameter was
+    written in place after sharding (``kwargs``: the load's)."""
     model = deferred(0)
+    if write is not None:
+        with torch.no_grad():
+            model.get_parameter(write).mul_(0.5)
     try:
-        lm.load_checkpoint(model, path, dtype=torch.float64)
+        lm.load_checkpoint(
+            model, path, **(kwargs if write is not None else {"dtype": torch.float64})
+        )
     except lm.MetaTensorError as e:
         unchanged = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
         return {"error": type(e).__name__, "message": str(e), "unchanged": unchanged}
@@ -338,6 +345,8 @@ def worker(world: int, workdir: Path) -> None:
         f64, 0, expected, 8 + int.from_bytes(f64.read_bytes()[:8], "little") + 16, strict=False
     )
     result["refused_dtype"] = refusal(paths["safetensors"])
+    # A write after sharding to a tensor the file lacks would be lost by its replay.
+    result["refused_written"] = refusal(f64, write="head.weight", strict=False)
     result["undo"] = undo_after_failure(paths["safetensors"], expected)
     # Torch files: the box's bytes of each tensor (row-major in its own storage).
     ts = torch_structure(paths["torch"])

@@ -1183,12 +1183,35 @@ def sharded_slots(
     return found
 
 
+def refuse_written_shards(sharded: Iterable[ShardedSlot], doing: str = "materialize") -> None:
+    """Raise for sharded deferred tensors written in place since sharding: a replay loses it.
+
+    ``fully_shard`` and ``parallelize_module`` make each DTensor new, at
+    version 0; an in-place op on it (``nn.init.zeros_``, ``mul_`` under
+    ``no_grad``) only bumps that version, as its meta shard holds no values.
+    A write through ``.data`` bumps none (it has a counter of its own).
+    """
+    written = sorted(s.path for s in sharded if _compat.version_of(s.dtensor) != 0)
+    if written:
+        raise MaterializationError(
+            f"{doing} cannot reproduce {written}: these deferred tensors were modified in "
+            "place after fully_shard / parallelize_module sharded them (nn.init, or an "
+            "in-place op under no_grad), which was not recorded: on meta a write changes "
+            "nothing, so eager's shards would differ from the replayed ones. Fix: move the "
+            "initialisation into the deferred_init block, or run it once the shards hold "
+            "values: after lm.materialize or lm.fabric_setup, or, under MetaGuard, in "
+            "on_fit_start.",
+            paths=written,
+        )
+
+
 def _check_sharded(
     sharded: list[ShardedSlot], target: torch.device, dtype: torch.dtype | None
 ) -> None:
     """Refuse, before anything is allocated, sharded tensors no exact shard can be made for."""
     if not sharded:
         return
+    refuse_written_shards(sharded)
     from torch.distributed.tensor import Partial
 
     partial = sorted(s.path for s in sharded if any(isinstance(p, Partial) for p in _placements(s)))
@@ -1278,11 +1301,14 @@ def check_same_replays(
                 f"{doing} cannot give the tensor parallel parameters {apart} eager's "
                 "shards: the ranks of their device mesh replay different values (a seed per "
                 "rank, such as fabric.seed_everything(42 + rank), before the deferred_init "
-                "block). Eager parallelize_module's shards then depend on its src_data_rank "
-                "(rank 0's values by default, each rank's own with None), which the DTensor "
-                "does not record. Fix: seed every rank the same before the deferred_init block "
-                "(L.seed_everything(42) or torch.manual_seed(42)), and reseed per rank after "
-                "materialize or lm.fabric_setup if you want per-rank randomness for training.",
+                "block, a torch.Generator seeded per rank, or a number that depends on the "
+                "rank in the construction code). Eager parallelize_module's shards then depend "
+                "on its src_data_rank (rank 0's values by default, each rank's own with None), "
+                "which the DTensor does not record. Fix: build the same model on every rank: "
+                "seed every rank the same before the deferred_init block (L.seed_everything(42) "
+                "or torch.manual_seed(42)), the same for generators passed to it, and reseed per "
+                "rank after materialize or lm.fabric_setup if you want per-rank randomness for "
+                "training.",
                 paths=apart,
             )
 

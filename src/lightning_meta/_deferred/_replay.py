@@ -154,10 +154,11 @@ def replay_inputs(record: Record, targets: set[int], remap: torch.device | None)
     """A digest of what a replay of ``targets`` takes from outside the op log.
 
     The generator state set before each of its draws (the first state only,
-    for a stream whose states were not noted: see ``_start_index``) and the
-    captured real tensors it reads. Processes that ran the same block (SPMD)
-    replay the same ops, so equal digests mean equal results: tensor parallel
-    materialize compares them between ranks.
+    for a stream whose states were not noted: see ``_start_index``), the
+    captured real tensors it reads, and each op with its arguments other
+    than tensors and devices (a scale of ``1.0 + rank``, ``arange(rank, ...)``).
+    Equal digests mean equal results: tensor parallel materialize compares
+    them between ranks.
     """
     digest = hashlib.sha256()
     with record.lock:
@@ -167,6 +168,7 @@ def replay_inputs(record: Record, targets: set[int], remap: torch.device | None)
             if i in blanks:
                 continue
             op = record.ops[i]
+            digest.update(f"o{i}:{op.name}:{_stable(op.args)}:{_stable(op.kwargs)};".encode())
             if op.stream is not None and not rng.on_meta(op.stream):
                 state = record.states.get(rng.key(op.stream), {}).get(i)
                 if state is not None:
@@ -177,6 +179,22 @@ def replay_inputs(record: Record, targets: set[int], remap: torch.device | None)
                     data = const[0].detach().reshape(-1).cpu().contiguous()
                     digest.update(b"c%d:" % v + data.view(torch.uint8).numpy().tobytes())
     return digest.digest()
+
+
+def _stable(x: Any) -> str:
+    """``x`` spelled the same in every process: tensors and generators by their ids in
+    the record, devices left out (each rank replays on its own)."""
+    if isinstance(x, Ref):
+        return f"R{x.vid}"
+    if isinstance(x, GenRef):
+        return f"G{x.stream}"
+    if isinstance(x, torch.device):
+        return "D"
+    if isinstance(x, (list, tuple)):
+        return "(" + ",".join(_stable(y) for y in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ",".join(f"{k}={_stable(v)}" for k, v in sorted(x.items())) + "}"
+    return repr(x)
 
 
 def replay(

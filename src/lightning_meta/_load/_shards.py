@@ -38,6 +38,7 @@ from lightning_meta._deferred._materialize import (
     check_same_replays,
     materialize,
     materialize_beyond,
+    refuse_written_shards,
     sharded_slots,
 )
 from lightning_meta._errors import MaterializationError, MetaTensorError
@@ -169,6 +170,9 @@ def load_into_shards(
     missing = [
         s for s in sharded_slots(module) if s.path not in covered and id(s.dtensor) in groups
     ]
+    # What the checkpoint fills overwrites a write after sharding, as eager's
+    # load does; what it lacks is replayed, which would lose one.
+    refuse_written_shards(missing, doing="load_checkpoint (replaying what the checkpoint lacks)")
     targets = [_target(g, args, entry=e) for g, e in loaded]
     targets += [_target(groups[id(s.dtensor)], args, deferred=s) for s in missing]
     bytes_read = _read_boxes(source, [t for t in targets if t.entry is not None], verify)
