@@ -107,6 +107,37 @@ def test_what_torch_does_on_fake_data_in_cpp_is_a_materialization_error(
         cls()
 
 
+def _dynamic_fp16() -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(
+        nn.Sequential(nn.Linear(8, 8)), {nn.Linear}, dtype=torch.float16
+    )
+
+
+def _quantized_linear() -> nn.Module:
+    return torch.ao.nn.quantized.Linear(4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization's own
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        # Packed its fake weights into a TorchScript object: materialize
+        # gave zeros everywhere in it, and zeros out of forward, silently.
+        (_dynamic_fp16, r"quantized\.linear_prepack_fp16.*: it packs tensors of the block into a "),
+        # A quantized tensor on meta: torch's dispatcher error came through.
+        (_quantized_linear, r"aten\._empty_affine_quantized.*: it cannot run on a fake tensor"),
+    ],
+    ids=["quantize_dynamic_fp16", "quantized_linear"],
+)
+def test_quantized_modules_are_refused_at_record_time(build: object, match: str) -> None:
+    build()  # type: ignore[operator]  # eager construction works
+    with pytest.raises(MaterializationError, match=match + r".*Fix:") as info:
+        with deferred_init():
+            build()  # type: ignore[operator]
+    assert "issued at " + __file__ in str(info.value)
+    assert "RegisterCPU" not in str(info.value)  # not the dispatcher's list of backends
+
+
 class _Decoder(nn.Module):
     def __init__(self, enc: nn.Embedding) -> None:
         super().__init__()

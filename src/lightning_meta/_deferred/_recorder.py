@@ -192,6 +192,13 @@ class _Call:
         self.first: torch.Tensor | None = None  # the first tensor argument, named in errors
 
 
+def _script_objects(out: Any) -> bool:
+    """Whether an op's result is, or holds, a TorchScript object (a custom class instance)."""
+    if isinstance(out, (list, tuple)):
+        return any(isinstance(o, torch.ScriptObject) for o in out)
+    return isinstance(out, torch.ScriptObject)
+
+
 def _in_module_apply() -> bool:
     """Whether ``nn.Module._apply`` (``.to()``, ``.half()``, ``.float()``) is a near caller."""
     frame = sys._getframe(2)
@@ -589,6 +596,19 @@ class Recorder(RecordingDispatchMode):
                 stream, state = self._draw(func, info, call, args, kwargs, out)
         else:
             out = self._run_fake(func, info, call, args, kwargs)
+        if call.reads and _script_objects(out):
+            # quantized::linear_prepack_fp16 and the like pack their tensors
+            # into a TorchScript object: no value id reaches inside it, so a
+            # replay could not fill it and it would keep the fake's zeros.
+            raise self.values.error(
+                info.name,
+                call.first,
+                "packs tensors of the block into a TorchScript object (such as "
+                "torch.ao.quantization.quantize_dynamic's packed weights), which no replay "
+                "can fill: it would keep placeholder values",
+                "quantize (or pack) after materialize, or build this part of the model outside "
+                "deferred_init and assign it afterwards",
+            )
         outs = self._output_vids(out, info.name)
         # A call without tensor outputs or writes (a query such as prim.device)
         # has nothing to replay.
@@ -675,7 +695,8 @@ class Recorder(RecordingDispatchMode):
             raise self.values.error(
                 info.name,
                 call.first,
-                f"cannot run on a fake tensor ({type(e).__name__}: {e})",
+                # The first line: the dispatcher's errors go on to list every backend.
+                f"cannot run on a fake tensor ({type(e).__name__}: {str(e).splitlines()[0]})",
                 "build this part of the model outside deferred_init and assign it afterwards",
             ) from e
 
