@@ -198,3 +198,63 @@ def test_refusals_name_the_users_line_past_wrappers() -> None:
         line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
         with pytest.raises(MaterializationError, match=rf"test_uninitialized\.py:{line}\)"):
             materialize(net)
+
+
+def _garbage_then_filled() -> torch.Tensor:
+    t = torch.zeros(4)
+    t[:2] = torch.empty(2) * 2  # garbage lands in two elements ...
+    t[:2] = 3.0  # ... and is written over
+    return t
+
+
+def _garbage_copied_and_kept() -> torch.Tensor:
+    e = torch.empty(4)
+    e[:2] = 1.0
+    t = torch.zeros(4)
+    t.copy_(e)  # elements 2 and 3 copy uninitialised memory, and stay so
+    t[3] = 5.0
+    return t
+
+
+def _circular_pad(source: torch.Tensor) -> torch.Tensor:
+    # Copies a corner of its new_empty output before it fills it.
+    return torch.nn.functional.pad(source.reshape(1, 1, 3, 3), (1, 1, 2, 1), mode="circular")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _garbage_then_filled,
+        lambda: _circular_pad(torch.arange(9.0)),
+        lambda: _circular_pad(torch.randn(9)),
+    ],
+    ids=["written-over", "circular-pad-arange", "circular-pad-randn"],
+)
+def test_garbage_written_over_before_the_block_ends_is_no_garbage(make: object) -> None:
+    # The storage kept a garbage flag once garbage landed anywhere in it: a
+    # 2-D circular F.pad, fully defined eagerly, was refused as uninitialised.
+    class Holds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("b", make())  # type: ignore[operator]
+
+    torch.manual_seed(0)
+    eager = Holds()
+    torch.manual_seed(0)
+    module = deferred_init(Holds)
+    materialize(module)
+    assert torch.equal(module.b, eager.b) and torch.equal(module.lin.weight, eager.lin.weight)
+
+
+def test_garbage_copied_and_not_written_over_is_refused() -> None:
+    class Holds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("b", _garbage_copied_and_kept())
+
+    module = deferred_init(Holds)
+    with pytest.raises(MaterializationError, match=r"uninitialised .*'b' \(aten\.empty at "):
+        materialize(module)
+    materialize(module, allow_uninitialized=True)
+    assert module.b[:2].tolist() == [1.0, 1.0] and module.b[3] == 5.0

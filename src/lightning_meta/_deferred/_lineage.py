@@ -9,7 +9,10 @@ over storages (by the recorder's storage indices):
   bytes it covers (tracked with a byte map, made only for that case);
 - a value computed from uninitialised bytes is *garbage*, one computed
   from random draws is *random*; both spread to every op's outputs and to
-  what it writes.
+  what it writes. Garbage is kept as bytes not written (what an op
+  computes from garbage stays uninitialised where it lands), so a later
+  write over them cleans them: circular padding copies a corner before it
+  is filled, then fills it.
 
 The recorder asks it whether a value can be read while recording (it can if
 neither random nor garbage: it depends on Python numbers and captured real
@@ -186,6 +189,8 @@ class Lineage:
         if not writes and not flags and kind != MAKES_UNINIT:
             return _NOTHING  # new values are clean: nothing to note
         touched = {values[v].storage for v in reads} | {values[v].storage for v in writes}
+        garbage = bool(flags & GARBAGE)
+        flags &= ~GARBAGE  # kept as unwritten bytes instead (see the module docstring)
         for out in outs:
             if out is None:
                 continue
@@ -197,6 +202,8 @@ class Lineage:
                 self.flags[storage] = flags
             if origin:
                 self.sites[storage] = origin
+            if garbage:
+                self.uninit[storage] = None
             if kind == MAKES_UNINIT and not self.fills_empty:
                 self.uninit[storage] = None
                 self.sites[storage] = f"{name.rsplit('.', 1)[0]} at {site}"
@@ -204,10 +211,18 @@ class Lineage:
         for v in writes:
             storage = values[v].storage
             if v != target:
+                if garbage:
+                    self._mark_unwritten(values[v], origin)
                 self._taint(storage, flags, origin)
                 continue
+            copied = garbage and self._copy_bytes(name, reads, values[v], origin)
             if covers(values[v], self.nbytes.get(storage, -1)):
-                self.uninit.pop(storage, None)
+                if copied:
+                    pass
+                elif garbage:
+                    self.uninit[storage] = None
+                else:
+                    self.uninit.pop(storage, None)
                 if flags:
                     self.flags[storage] = flags
                 else:
@@ -218,9 +233,61 @@ class Lineage:
                 if storage not in others:
                     kills = frozenset({storage})
             else:
-                self._mark_written(values[v])
+                if garbage and not copied:
+                    self._mark_unwritten(values[v], origin)
+                elif not garbage:
+                    self._mark_written(values[v])
                 self._taint(storage, flags, origin)
         return kills
+
+    def _copy_bytes(self, name: str, reads: tuple[int, ...], target: Value, origin: str) -> bool:
+        """For ``copy_`` from a partly uninitialised source: each element of ``target``
+        is written where its source element was (elementwise, broadcast as copy_ does).
+
+        Returns whether it did; ``False`` leaves the conservative rule (all of
+        the target region garbage) to the caller.
+        """
+        if not name.startswith("aten.copy_.") or len(reads) != 2:
+            return False
+        source = self.values[reads[1]]
+        nbytes = self.nbytes.get(target.storage)
+        if (
+            nbytes is None
+            or self.flags.get(source.storage, 0) & GARBAGE
+            or (source.storage == target.storage and self._overlap(source, target))
+        ):
+            return False
+        with _compat.no_python_dispatch():
+            if source.storage not in self.uninit:  # an initialised storage
+                return False
+            bytemap = self.uninit[source.storage]
+            if bytemap is None:
+                written = torch.zeros(source.size, dtype=torch.bool)
+            else:
+                written = self._region(bytemap, source).all(-1)
+            try:
+                written = torch.broadcast_to(written, target.size)
+            except RuntimeError:
+                return False
+            if origin:
+                self.sites.setdefault(target.storage, origin)
+            if target.storage not in self.uninit:
+                self.uninit[target.storage] = torch.ones(nbytes, dtype=torch.bool)
+            mine = self.uninit[target.storage]
+            if mine is None:
+                mine = self.uninit[target.storage] = torch.zeros(nbytes, dtype=torch.bool)
+            self._region(mine, target).copy_(written.unsqueeze(-1))
+            if bool(mine.all()):
+                del self.uninit[target.storage]
+        return True
+
+    def _overlap(self, a: Value, b: Value) -> bool:
+        """Whether views ``a`` and ``b`` of one storage share a byte."""
+        with _compat.no_python_dispatch():
+            nbytes = self.nbytes[a.storage]
+            marks = torch.zeros(nbytes, dtype=torch.bool)
+            self._region(marks, a).fill_(True)
+            return bool(self._region(marks, b).any())
 
     def _taint(self, storage: int, flags: int, origin: str) -> None:
         """Add ``flags`` to what ``storage`` depends on."""
@@ -244,6 +311,22 @@ class Lineage:
             return False
         with _compat.no_python_dispatch():
             return bool(self._region(bytemap, value).all())
+
+    def _mark_unwritten(self, value: Value, origin: str) -> None:
+        """Note that ``value``'s bytes now hold garbage (computed from uninitialised bytes)."""
+        storage = value.storage
+        nbytes = self.nbytes.get(storage)
+        if nbytes is None:  # a storage never met: only the flag can say it
+            self.flags[storage] = self.flags.get(storage, 0) | GARBAGE
+            return
+        if origin:
+            self.sites.setdefault(storage, origin)
+        with _compat.no_python_dispatch():
+            if storage not in self.uninit:
+                self.uninit[storage] = torch.ones(nbytes, dtype=torch.bool)
+            bytemap = self.uninit[storage]
+            if bytemap is not None:
+                self._region(bytemap, value).fill_(False)
 
     def _mark_written(self, value: Value) -> None:
         storage = value.storage
