@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
-from lightning_meta._errors import DeferredCopyError
+from lightning_meta._errors import DeferredCopyError, MetaTensorError
 
 __all__ = ["casts", "note_casts", "tensor_class", "unwatch", "watch"]
 
@@ -66,6 +66,16 @@ class _Watched:
         if not isinstance(value, torch.Tensor):
             torch.Tensor.data.__set__(t, value)  # type: ignore[attr-defined]
             return  # torch's TypeError
+        if value.device.type != "meta":
+            # torch's own error ("incompatible tensor type") names neither side.
+            raise MetaTensorError(
+                f"`.data = ` a {value.device.type} tensor on a deferred {self._watched_base.__name__} "
+                f"of shape {tuple(t.shape)} ({t.dtype}), built under "
+                "lightning_meta.deferred_init: it is a meta tensor until materialize, which "
+                "cannot take real memory this way. Fix: assign inside the deferred_init block, "
+                "or after lightning_meta.materialize; or replace the parameter itself "
+                "(module.weight = nn.Parameter(tensor)), which materialize keeps."
+            )
         was = t.dtype
         torch.Tensor.data.__set__(t, value)  # type: ignore[attr-defined]
         if value.dtype != was:

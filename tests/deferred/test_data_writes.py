@@ -79,6 +79,22 @@ def test_a_write_through_data_after_the_block_is_refused(write: str) -> None:
     assert sorted(info.value.paths) == paths
 
 
+def test_real_data_assigned_after_the_block_is_refused_naming_the_fix() -> None:
+    # torch's "incompatible tensor type" named neither tensor nor a way out.
+    torch.manual_seed(0)
+    with deferred_init():
+        module = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with pytest.raises(lm.MetaTensorError, match=r"`\.data = ` a cpu tensor on a deferred "):
+        module[0].weight.data = torch.zeros(3, 3)
+    module[0].weight = nn.Parameter(torch.zeros(3, 3))  # the fix it names
+    materialize(module)
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    eager[0].weight.data = torch.zeros(3, 3)
+    for a, b in zip(module.state_dict().values(), eager.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_write_through_data_stops_a_trainer_before_a_step_is_taken() -> None:
     class _LM(pm.ContainerLM):
         def __init__(self) -> None:

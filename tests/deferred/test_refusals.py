@@ -222,6 +222,37 @@ def test_old_weight_norm_is_refused_naming_its_replacement() -> None:
         materialize(module)
 
 
+class _Pruned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+        self.keep = nn.Linear(4, 2)
+        nn.utils.prune.l1_unstructured(self.lin, "weight", amount=0.5)
+
+
+def test_prune_in_the_block_is_refused_naming_the_way_out() -> None:
+    # The fix named was for tensors computed in construction code ("compute
+    # it in forward"), which prune's hook is not.
+    with deferred_init():
+        module = _Pruned()
+    with pytest.raises(
+        MaterializationError,
+        match=r"Fix for \['lin.weight'\]: made by the forward pre-hook of "
+        r"torch.nn.utils.prune.*apply it after materialize",
+    ):
+        materialize(module)
+    # What the message says works, and gives eager's values.
+    torch.manual_seed(0)
+    eager = _Pruned()
+    torch.manual_seed(0)
+    with deferred_init():
+        lin, keep = nn.Linear(6, 4), nn.Linear(4, 2)
+    materialize(lin)
+    materialize(keep)
+    nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    assert torch.equal(lin.weight, eager.lin.weight) and torch.equal(keep.weight, eager.keep.weight)
+
+
 class _Orthogonal(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -687,11 +687,12 @@ def refuse_apart(paths: list[str], what: str) -> None:
     )
 
 
-def refuse_graded(made: dict[str, str], what: str) -> None:
+def refuse_graded(made: dict[str, str], what: str, hooked: dict[str, str] | None = None) -> None:
     """Raise for tensors that carry autograd history in eager construction but would not here.
 
     ``made``: dotted path -> the op and ``file:line`` that made it. ``what``:
-    the call refusing (``"materialize"``).
+    the call refusing (``"materialize"``). ``hooked``: dotted path -> the
+    module of the forward pre-hook that recomputes it (``torch.nn.utils.prune``).
 
     Raises:
         MaterializationError: always, naming the paths, the ops and the fix.
@@ -701,10 +702,21 @@ def refuse_graded(made: dict[str, str], what: str) -> None:
     hint = (
         f"Fix for {old_hooks}: made by the hook of torch.nn.utils.weight_norm, which "
         "recomputes them in every forward; use torch.nn.utils.parametrizations.weight_norm "
-        "instead, or apply weight_norm after materialize. Otherwise: "
+        "instead, or apply weight_norm after materialize. "
         if old_hooks
-        else "Fix: "
+        else ""
     )
+    by_hook: dict[str, list[str]] = {}
+    for path, utility in (hooked or {}).items():
+        if path not in old_hooks:
+            by_hook.setdefault(utility, []).append(path)
+    for utility, paths in sorted(by_hook.items()):
+        hint += (
+            f"Fix for {sorted(paths)}: made by the forward pre-hook of {utility}, which "
+            "recomputes them in every forward; apply it after materialize (under MetaGuard, "
+            "in on_fit_start). "
+        )
+    hint = f"{hint}Otherwise: " if hint else "Fix: "
     raise MaterializationError(
         f"{what} cannot reproduce {where}: in eager construction each is computed from a "
         "parameter with autograd recording, so gradients flow through it into the "

@@ -676,7 +676,14 @@ def _graded_plan(
             continue
         plan.append((slot, handle, base))
     if refused:
-        refuse_graded(refused, "materialize")
+        hooked = {
+            slot.path: type(hook).__module__
+            for slot, _, _ in graded
+            if slot.path in refused
+            for hook, name in _compat.recomputing_hooks(slot.owner)
+            if name == slot.name
+        }
+        refuse_graded(refused, "materialize", hooked)
     return plan
 
 

@@ -350,8 +350,9 @@ class Recorder(RecordingDispatchMode):
             raise self.values.error(
                 op,
                 t,
-                f"needs the values of a tensor{call} computed from random draws (the model's "
-                "weights), which a deferred tensor does not have yet",
+                f"needs the values of a tensor{call} computed from random draws (a weight, "
+                "or draws the code reads back), which a deferred tensor does not have yet "
+                "(only torch.nn.init's initialisers may read their own draws)",
                 fix,
                 self._sources(vid),
             )
