@@ -62,6 +62,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
             "load",
             "rank_generator",
             "rank_scalar",
+            "rank_zero_op",
             "refused",
             "src_data_rank=0",
             "src_data_rank=1",
@@ -99,6 +100,9 @@ def test_a_number_or_generator_that_depends_on_the_rank_is_refused_under_tensor_
         assert "a number that depends on the rank" in cases["rank_scalar"]["message"]
         assert cases["rank_generator"]["paths"] == ["3.weight"], rank
         assert "the same for generators passed to it" in cases["rank_generator"]["message"]
+        # An op one rank alone ran, which no parameter depends on, changes
+        # nothing (the digest numbered ops and values in the whole record).
+        assert cases["rank_zero_op"] == [], rank
 
 
 def test_load_checkpoint_replaying_tensor_parallel_parameters_checks_the_seed_too(

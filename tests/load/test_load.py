@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +63,16 @@ def test_dcp_metadata_file_reads_its_directory(
     m = ml.build("meta")
     report = load_checkpoint(m, files[fmt] / ".metadata")
     assert report.format == "dcp"
+    state = ref.state_dict()
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+def test_a_torch_file_named_metadata_is_a_torch_file(tmp_path: Path, ref: torch.nn.Module) -> None:
+    # Only a distributed checkpoint's metadata (by its content) reads its directory.
+    torch.save(ref.state_dict(), tmp_path / ".metadata", _use_new_zipfile_serialization=False)
+    m = ml.build("meta")
+    assert load_checkpoint(m, tmp_path / ".metadata").format == "torch-legacy"
     state = ref.state_dict()
     for name, t in m.state_dict().items():
         assert torch.equal(t, state[name]), name
@@ -253,12 +264,12 @@ class _OwnAndChild(nn.Module):
         self.sub = nn.Linear(3, 3, bias=False)
 
 
-@pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("where", ["meta", "cpu"])
-def test_own_names_beside_a_prefixed_copy_refused(tmp_path: Path, strict: bool, where: str) -> None:
+def test_own_names_beside_a_prefixed_copy_load_the_own_ones(tmp_path: Path, where: str) -> None:
     # The module's own keys (a fine-tuned 'sub.weight') beside a whole
     # reference copy under 'ref.': the prefix matching more keys used to win,
     # loading the copy's values into 'sub' without an error even with strict.
+    # The own names win, as load_state_dict reads them.
     torch.manual_seed(0)
     state = {"sub.weight": torch.full((3, 3), 7.0)}
     state.update({f"ref.{k}": v for k, v in _OwnAndChild().state_dict().items()})
@@ -266,15 +277,78 @@ def test_own_names_beside_a_prefixed_copy_refused(tmp_path: Path, strict: bool, 
     with torch.device(where):
         m = _OwnAndChild()
     before = ml.snapshot(m)
-    with pytest.raises(lm.MetaTensorError, match=r"several prefixes \['', 'ref\.'\]") as info:
-        load_checkpoint(m, tmp_path / "both.pt", strict=strict)
-    assert "'': 1, 'ref.': 2" in str(info.value)
-    assert info.value.paths == ("", "ref")
+    with pytest.raises(
+        lm.MetaTensorError, match=r"missing from the checkpoint \(1\):\n    'weight'"
+    ) as info:
+        load_checkpoint(m, tmp_path / "both.pt")
+    assert "ref.sub.weight" in str(info.value)  # unexpected, as load_state_dict says
     ml.assert_unchanged(m, before)
-    report = load_checkpoint(m, tmp_path / "both.pt", prefix="", strict=False)
-    assert torch.equal(m.sub.weight, state["sub.weight"]) and report.missing == ["weight"]
+    report = load_checkpoint(m, tmp_path / "both.pt", strict=False)
+    assert report.prefix == "" and torch.equal(m.sub.weight, state["sub.weight"])
+    assert report.missing == ["weight"] and report.unexpected == ["ref.sub.weight", "ref.weight"]
     report = load_checkpoint(m, tmp_path / "both.pt", prefix="ref.")
     assert torch.equal(m.sub.weight, state["ref.sub.weight"]) and report.ignored == ["sub.weight"]
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Linear(4, 4)
+
+
+class _Net(nn.Module):
+    """ResNet-like names: 'layer1.2.conv1.weight' of a deeper net ends in 'conv1.weight'."""
+
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Linear(4, 4)
+        self.layer1 = nn.Sequential(*(_Block() for _ in range(blocks)))
+
+
+class _Lit(nn.Module):
+    """A LightningModule's tensors: the network and a loss module's weight buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Linear(4, 3)
+        self.loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3))
+
+
+class _EncDec(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(*(nn.Linear(4, 4) for _ in range(3)))
+        self.decoder = nn.Sequential(*(nn.Linear(4, 4) for _ in range(2)))
+
+
+@pytest.mark.parametrize(
+    ("saved", "target", "strict", "prefix"),
+    [
+        (_Lit, lambda: nn.Linear(4, 3), True, "model."),  # 'loss_fn.weight' ends in 'weight'
+        (  # 'decoder.0.weight' names an encoder layer too
+            _EncDec,
+            lambda: nn.Sequential(*(nn.Linear(4, 4) for _ in range(3))),
+            True,
+            "encoder.",
+        ),
+        (lambda: _Net(3), _Net, False, ""),  # 'layer1.2.conv1.weight' ends in 'conv1.weight'
+    ],
+    ids=["loss-module", "encoder-decoder", "deeper-net"],
+)
+def test_the_prefix_counted_most_wins_over_partial_matches(
+    tmp_path: Path, saved: Any, target: Any, strict: bool, prefix: str
+) -> None:
+    # These loaded right, then were refused by a first version of the rule
+    # that refuses a module's own keys beside a copy (a regression sweep).
+    torch.manual_seed(0)
+    state = saved().state_dict()
+    torch.save(state, tmp_path / "saved.pt")
+    with torch.device("meta"):
+        m = target()
+    report = load_checkpoint(m, tmp_path / "saved.pt", strict=strict)
+    assert report.prefix == prefix
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[prefix + name]), name
 
 
 def test_own_names_that_end_in_other_names_load(tmp_path: Path) -> None:

@@ -262,6 +262,24 @@ def main() -> None:
     except lm.MetaTensorError as e:
         result["refused"] = {"paths": list(e.paths), "message": str(e)}
     result["tensor_parallel"] = compare(fabric, through_fabric, seed=42)
+
+    # One seed; rank 0 alone runs an op no parameter depends on (a log line).
+    def rank_zero_logs() -> nn.Module:
+        model = build()
+        if fabric.global_rank == 0:
+            torch.arange(3).sum()
+        with torch.no_grad():
+            model[3].bias.zero_()  # type: ignore[union-attr]  # recorded after it
+        return model
+
+    fabric.seed_everything(7, verbose=False)
+    with lm.deferred_init():
+        model = rank_zero_logs()
+    model = lm.fabric_setup(fabric, model)
+    fabric.seed_everything(7, verbose=False)
+    reference = fabric.setup(rank_zero_logs())
+    got, expected = local(model), local(reference)
+    result["rank_zero_op"] = sorted(k for k in expected if not torch.equal(got[k], expected[k]))
     # One global seed, but a number or a generator that depends on the rank.
     rank = fabric.global_rank
     for case in ("rank_scalar", "rank_generator"):

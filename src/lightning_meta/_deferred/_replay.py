@@ -157,43 +157,52 @@ def replay_inputs(record: Record, targets: set[int], remap: torch.device | None)
     for a stream whose states were not noted: see ``_start_index``), the
     captured real tensors it reads, and each op with its arguments other
     than tensors and devices (a scale of ``1.0 + rank``, ``arange(rank, ...)``).
-    Equal digests mean equal results: tensor parallel materialize compares
-    them between ranks.
+    Ops and values are numbered within the replay, not the record: an op one
+    rank alone ran that the replay does not need changes nothing. Equal
+    digests mean equal results: tensor parallel materialize compares them
+    between ranks.
     """
     digest = hashlib.sha256()
+    local: dict[int, int] = {}  # value id -> its number in this replay
     with record.lock:
         rng = ReplayRng(record, remap)
         order, _, blanks = _plan(record, targets, rng, False)
-        for i in order:
+        for k, i in enumerate(order):
             if i in blanks:
                 continue
             op = record.ops[i]
-            digest.update(f"o{i}:{op.name}:{_stable(op.args)}:{_stable(op.kwargs)};".encode())
+            args = _stable((op.args, op.kwargs), local)
+            outs = [local.setdefault(o, len(local)) if o is not None else -1 for o in op.outs]
+            digest.update(f"o{k}:{op.name}:{args}:{outs};".encode())
             if op.stream is not None and not rng.on_meta(op.stream):
                 state = record.states.get(rng.key(op.stream), {}).get(i)
                 if state is not None:
-                    digest.update(b"s%d:" % i + state.numpy().tobytes())
+                    digest.update(b"s%d:" % k + state.numpy().tobytes())
             for v in op.reads:
                 const = record.constants.get(v)
                 if const is not None:
                     data = const[0].detach().reshape(-1).cpu().contiguous()
-                    digest.update(b"c%d:" % v + data.view(torch.uint8).numpy().tobytes())
+                    digest.update(
+                        b"c%d:" % local.setdefault(v, len(local))
+                        + data.view(torch.uint8).numpy().tobytes()
+                    )
     return digest.digest()
 
 
-def _stable(x: Any) -> str:
-    """``x`` spelled the same in every process: tensors and generators by their ids in
-    the record, devices left out (each rank replays on its own)."""
+def _stable(x: Any, local: dict[int, int]) -> str:
+    """``x`` spelled the same in every process: tensors by their number in ``local``
+    (given in order of first use), generators by stream, devices left out (each rank
+    replays on its own)."""
     if isinstance(x, Ref):
-        return f"R{x.vid}"
+        return f"R{local.setdefault(x.vid, len(local))}"
     if isinstance(x, GenRef):
         return f"G{x.stream}"
     if isinstance(x, torch.device):
         return "D"
     if isinstance(x, (list, tuple)):
-        return "(" + ",".join(_stable(y) for y in x) + ")"
+        return "(" + ",".join(_stable(y, local) for y in x) + ")"
     if isinstance(x, dict):
-        return "{" + ",".join(f"{k}={_stable(v)}" for k, v in sorted(x.items())) + "}"
+        return "{" + ",".join(f"{k}={_stable(v, local)}" for k, v in sorted(x.items())) + "}"
     return repr(x)
 
 

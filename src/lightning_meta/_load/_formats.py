@@ -49,6 +49,10 @@ _HF_NAMES = (
 )
 
 
+# What the pickle of a distributed checkpoint's metadata names first (its class).
+_DCP_METADATA = b"torch.distributed.checkpoint.metadata"
+
+
 def open_source(
     path: str | Path, *, safe_globals: Sequence[Any] = (), prefix: str | None = None
 ) -> Source:
@@ -87,7 +91,7 @@ def open_source(
         return _open_directory(p, safe_globals, prefix)
     if not is_file:
         raise MetaTensorError(f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)])
-    if p.name == ".metadata":
+    if p.name == ".metadata" and _DCP_METADATA in head(p, 64):
         # torch.distributed.checkpoint's metadata file, named like an index: its
         # directory is the checkpoint (read as a torch pickle, it would need the
         # metadata's classes, and the storage files beside it would be unread).

@@ -297,11 +297,13 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     A Lightning checkpoint of a ``LightningModule`` whose network is
     ``self.model`` has keys ``model.*``; loading it into that inner network
     strips ``model.``. Each key counts for the shortest prefix that makes it
-    a module name (a key that already is one counts for no prefix). Keys
-    counted for two or more prefixes are refused, whatever the counts: the
-    checkpoint then holds values for the module under several names (the
-    module's own keys beside a reference copy under ``ref.``, two copies of
-    one network), and guessing would load some of them without an error.
+    a module name. Keys that are module names as they are win, whatever
+    the counts (``load_state_dict`` reads them; the rest is then unexpected,
+    which ``strict`` refuses): the module's own keys beside a reference copy
+    under ``ref.`` load the own ones, never the copy. Otherwise the prefix
+    counted most wins (a Lightning checkpoint's ``model.`` over a loss
+    module's ``loss_fn.weight``, a T5 encoder's ``encoder.`` over its
+    decoder's); two counted equally (two copies of one network) are refused.
 
     Args:
         keys: the checkpoint's keys.
@@ -314,9 +316,8 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
 
     Raises:
         ArgumentValueError: ``given`` matches no key.
-        MetaTensorError: keys count for several prefixes; ``paths`` holds
-            them, without their trailing dot (``''``: keys that are module
-            names as they are).
+        MetaTensorError: several prefixes are counted most, equally;
+            ``paths`` holds them, without their trailing dot.
     """
     keys = list(keys)
     if given is not None:
@@ -349,20 +350,18 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
             if dot < 0:
                 break
             start = dot + 1
-    if not counts:
+    if not counts or "" in counts:
         return ""
-    if len(counts) > 1:
-        found = sorted(counts)
-        each = ", ".join(f"{p!r}: {counts[p]}" for p in found)
-        own = "; '' is none: the module's own names" if "" in found else ""
+    best = max(counts.values())
+    winners = sorted(p for p, c in counts.items() if c == best)
+    if len(winners) > 1:
         raise MetaTensorError(
-            f"the checkpoint holds the module's keys under several prefixes {found} "
-            f"(keys each: {each}{own}), so which values to load would be a guess. "
-            f"Fix: choose one with "
+            f"the checkpoint holds the module's keys under several prefixes {winners} "
+            f"({best} keys each). Fix: choose one with "
             f"{spelled('load_checkpoint(..., prefix=...)', '--prefix')}.",
-            paths=[p[:-1] for p in found],
+            paths=[w[:-1] for w in winners],
         )
-    return next(iter(counts))
+    return winners[0]
 
 
 def _prefixes(keys: list[str]) -> list[str]:
