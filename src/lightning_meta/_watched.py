@@ -120,6 +120,20 @@ class _Watched:
     def share_memory_(self) -> torch.Tensor:
         _refuse_copy(self, ".share_memory_()")
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # Results stay plain tensors (as a Parameter's do). An op mixing a
+        # deferred tensor with a real one is refused: torch's CPU matmul with a
+        # meta operand returns uninitialised memory without an error (x @ W
+        # in a forward run before materialize, LightningModule.setup()).
+        if not all(issubclass(t, torch.Tensor) for t in types):
+            # Another kind of argument takes part (torch.fx's proxies): it
+            # answers, as it did when this class had torch's disabled impl.
+            return NotImplemented
+        if func not in _WRITES_INTO and _real_tensor_in(args, kwargs):
+            _refuse_mixed(func, args, kwargs)
+        return _compat.disabled_torch_function(func, types, args, kwargs or {})
+
     def __reduce_ex__(self, proto: Any) -> Any:
         with _as_base(self):  # a pickle names the class: the base's, importable anywhere
             return self.__reduce_ex__(proto)  # type: ignore[misc]
@@ -131,6 +145,62 @@ class _Watched:
     def __repr__(self, **kwargs: Any) -> str:
         with _as_base(self):  # torch prints a subclass's name around the tensor
             return self.__repr__(**kwargs)  # type: ignore[no-any-return]
+
+
+# What writes a real tensor's values into a deferred one (load_state_dict's
+# copy_, t[i] = x, .data = ...): left to torch, and to the checks made when the
+# tensor is materialized or loaded.
+_WRITES_INTO = frozenset(
+    {
+        torch.Tensor.copy_,
+        torch.Tensor.__setitem__,
+        torch.Tensor.set_,
+        torch.Tensor.data.__set__,  # type: ignore[attr-defined]
+        torch.Tensor.grad.__set__,  # type: ignore[attr-defined, union-attr]
+    }
+)
+
+
+def _real_tensor_in(args: Any, kwargs: Any) -> bool:
+    """Whether any tensor among ``args`` / ``kwargs`` (in lists and tuples too) is not meta."""
+    stack = [*args, *(kwargs.values() if kwargs else ())]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, _Watched):
+            continue  # deferred, so meta (and asking would come back here)
+        if isinstance(x, torch.Tensor):
+            if not x.is_meta:
+                return True
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return False
+
+
+def _refuse_mixed(func: Any, args: Any, kwargs: Any) -> NoReturn:
+    flat, stack = [], [*args, *(kwargs.values() if kwargs else ())]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        else:
+            flat.append(x)
+    deferred: Any = next(t for t in flat if isinstance(t, _Watched))
+    real = next(
+        t
+        for t in flat
+        if isinstance(t, torch.Tensor) and not isinstance(t, _Watched) and not t.is_meta
+    )
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
+    raise MetaTensorError(
+        f"{name} got a deferred {deferred._watched_base.__name__} of shape "
+        f"{tuple(deferred.shape)} ({deferred.dtype}), built under lightning_meta.deferred_init, "
+        f"and a real {real.device.type} tensor: the deferred one holds no values until "
+        "lightning_meta.materialize (torch's CPU matmul would return uninitialised memory "
+        "for it without an error). Fix: materialize first; under MetaGuard, which "
+        "materializes when the strategy is set up (after LightningModule.setup() and "
+        "configure_model), compute with the model from on_fit_start on, or call "
+        "lightning_meta.materialize(module) where you need it earlier."
+    )
 
 
 def _refuse_copy(t: Any, call: str) -> NoReturn:
@@ -197,9 +267,6 @@ def watch(t: torch.Tensor) -> None:
             "__qualname__": cls.__qualname__,
             "__new__": _new_as_base,
         }
-        if cls is torch.Tensor:
-            # Results of ops on it stay plain tensors, as torch.Tensor's are.
-            body["__torch_function__"] = _compat.disabled_torch_function
         watched = type(cls.__name__, (_Watched, cls), body)
         _CLASSES[cls] = watched
     try:

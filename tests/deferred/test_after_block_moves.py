@@ -17,6 +17,7 @@ import gc
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -338,3 +339,91 @@ def test_metaguard_names_tensors_made_from_deferred_ones_after_the_block(
     with pytest.raises(MetaTensorError, match=says) as caught:
         _trainer([lm.MetaGuard()]).fit(_Derived(variant), _data())
     assert "keep a stateless copy" not in str(caught.value)
+
+
+# -- computing with a deferred model before materialize -------------------------------------
+
+
+class _MatmulNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+        self.register_buffer("shift", torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w) + self.shift
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda m, x: m(x),  # x @ w: torch's CPU matmul returned uninitialised memory
+        lambda m, x: x @ m.w,
+        lambda m, x: torch.matmul(x, m.w),
+        lambda m, x: torch.nn.functional.linear(x, m.w),
+        lambda m, x: m.shift + x[0, :1],
+        lambda m, x: torch.cat([m.shift, x[0]]),
+    ],
+    ids=["forward", "at", "matmul", "linear", "add", "cat-list"],
+)
+def test_an_op_mixing_a_deferred_tensor_with_a_real_one_is_refused(use: Callable[..., Any]) -> None:
+    with deferred_init():
+        m = _MatmulNet()
+    x = torch.ones(3, 4)
+    with pytest.raises(
+        MetaTensorError,
+        match=r"got a deferred (Parameter|Tensor) of shape .* and a "
+        r"real cpu tensor.*Fix: materialize first",
+    ):
+        use(m, x)
+    materialize(m)  # nothing was changed: the model still materializes, and computes
+    torch.manual_seed(0)
+    assert torch.equal(m(x), m(x))
+
+
+def test_a_deferred_model_computed_with_in_setup_is_refused_and_on_fit_start_works() -> None:
+    # Lightning runs LightningModule.setup() before the strategy's setup,
+    # where MetaGuard materializes: the forward there computed with meta
+    # weights, and fit trained on the uninitialised memory it returned.
+    class Centered(L.LightningModule):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            with deferred_init():
+                self.net = _MatmulNet()
+            self.where = where
+
+        def _center(self) -> None:
+            with torch.no_grad():
+                self.center = self.net(torch.ones(3, 4)).mean(0)
+
+        def setup(self, stage: str) -> None:
+            if self.where == "setup":
+                self._center()
+
+        def on_fit_start(self) -> None:
+            if self.where == "on_fit_start":
+                self._center()
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            return (self.net(batch[0]) - self.center).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(where: str) -> Centered:
+        torch.manual_seed(0)
+        model = Centered(where)
+        data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False, callbacks=[lm.MetaGuard()],
+        )  # fmt: skip
+        trainer.fit(model, data)
+        return model
+
+    with pytest.raises(MetaTensorError, match=r"under MetaGuard, .* from on_fit_start on"):
+        fit("setup")
+    model = fit("on_fit_start")
+    torch.manual_seed(0)
+    eager = _MatmulNet()
+    assert torch.equal(model.center, eager(torch.ones(3, 4)).mean(0).detach())
