@@ -14,6 +14,7 @@ import copy
 import enum
 import inspect
 import itertools
+import math
 import pickle
 import random
 import types
@@ -644,10 +645,27 @@ class _LongestSeen(nn.Module):
         return self.lin(x) / self.longest + self.cache
 
 
-def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
+def test_state_first_changed_on_a_later_call_keeps_one_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """vmap (chosen when nothing changed) keeps the state in the template; a later call that
     changes it runs again on the loop when nothing else changed yet (before: a refusal), and
     untimed calls in between keep to the template."""
+    from lightning_meta._ensemble import _ensemble
+
+    # The first call's timing must pick vmap, which a loaded machine undid
+    # (torch 2.15 beside a second test process; torch 2.6 beside two more:
+    # 10 tries lost): every plan is timed as usual, and vmap ranked first.
+    timed = _ensemble.measure
+
+    def vmap_first(candidates: Any, *args: Any, **kwargs: Any) -> Any:
+        seconds, finalists, drew = timed(candidates, *args, **kwargs)
+        if seconds.get("vmap", math.inf) < math.inf:  # it ran (it may be out of the finals)
+            finalists = ["vmap", *(p for p in finalists if p != "vmap")]
+            seconds = {**seconds, "vmap": 0.0}
+        return seconds, finalists, drew
+
+    monkeypatch.setattr(_ensemble, "measure", vmap_first)
 
     def check(length: int, untimed: bool = False) -> None:
         x = torch.randn(length, 16)
@@ -656,14 +674,9 @@ def test_state_first_changed_on_a_later_call_keeps_one_home() -> None:
             expected = torch.stack([m(x) for m in members])
         torch.testing.assert_close(got, expected)
 
-    # The first call's timing must pick vmap, which a loaded machine can undo
-    # (torch 2.15 on a machine running a second test process: 3 tries lost).
-    for _ in range(10):
-        members, twins = _pair(_LongestSeen, 64)
-        ens = lm.Ensemble(twins)
-        check(17)
-        if ens.plan == "vmap":
-            break
+    members, twins = _pair(_LongestSeen, 64)
+    ens = lm.Ensemble(twins)
+    check(17)
     assert ens.plan == "vmap"
     check(17)
     check(25, untimed=True)  # untimed after vmap calls: vmap, where the state is
