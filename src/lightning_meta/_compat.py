@@ -1259,6 +1259,16 @@ def parameter_being_made(depth: int) -> type | None:
 # and Module._apply inside a block. Checked on torch 2.6 and 2.13.
 
 
+def no_subclass_torch_function() -> Any:
+    """A context in which tensor subclasses' ``__torch_function__`` is not called.
+
+    ``torch._C.DisableTorchFunctionSubclass`` (torch 2.6 to 2.15): what
+    ``materialize`` runs its own bookkeeping under, on deferred tensors whose
+    watch class would answer each call in Python.
+    """
+    return torch._C.DisableTorchFunctionSubclass()
+
+
 class no_python_dispatch:  # used like a function: `with no_python_dispatch():`
     """Run the body with Python dispatch and ``__torch_function__`` off: real kernels only.
 
@@ -1380,6 +1390,7 @@ __all__ += [
     "is_module_apply",
     "make_subclass",
     "no_python_dispatch",
+    "no_subclass_torch_function",
     "parameter_calls",
 ]
 

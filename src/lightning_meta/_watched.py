@@ -122,17 +122,35 @@ class _Watched:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # Results stay plain tensors (as a Parameter's do). An op mixing a
-        # deferred tensor with a real one is refused: torch's CPU matmul with a
-        # meta operand returns uninitialised memory without an error (x @ W
-        # in a forward run before materialize, LightningModule.setup()).
+        # Results stay plain tensors (as a Parameter's do). An op that makes a
+        # real tensor from a deferred one and a real one is refused: torch's
+        # CPU matmul kernels (mm, addmm, baddbmm, linear, ...) take a meta
+        # operand and return uninitialised memory without an error (x @ W in
+        # a forward run before materialize, LightningModule.setup()). Ops
+        # whose result stays meta (an embedding with CPU ids, a 0-dim CPU
+        # factor) are answered as before: no value is made from nothing.
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            # Getters and methods of the tensor alone (.shape, .detach()):
+            # most calls, and nothing real to mix in.
+            return _compat.disabled_torch_function(func, types, args, {})
         if not all(issubclass(t, torch.Tensor) for t in types):
             # Another kind of argument takes part (torch.fx's proxies): it
             # answers, as it did when this class had torch's disabled impl.
             return NotImplemented
-        if func not in _WRITES_INTO and _real_tensor_in(args, kwargs):
+        mixed = func not in _FROM_REAL_ONLY and _real_tensor_in(args, kwargs)
+        if mixed and kwargs and _real_tensor_in((kwargs.get("out"),), None):
+            _refuse_mixed(func, args, kwargs)  # before it writes into the real out=
+        try:
+            out = _compat.disabled_torch_function(func, types, args, kwargs or {})
+        except RuntimeError as e:
+            if mixed and not isinstance(e, MetaTensorError) and "device" in str(e):
+                # torch's "Tensor on device meta is not on the expected device
+                # cpu!" (nn.Linear with its meta bias): the same cause.
+                _refuse_mixed(func, args, kwargs, e)
+            raise
+        if mixed and _real_tensor_in((out,), None):
             _refuse_mixed(func, args, kwargs)
-        return _compat.disabled_torch_function(func, types, args, kwargs or {})
+        return out
 
     def __reduce_ex__(self, proto: Any) -> Any:
         with _as_base(self):  # a pickle names the class: the base's, importable anywhere
@@ -147,11 +165,17 @@ class _Watched:
             return self.__repr__(**kwargs)  # type: ignore[no-any-return]
 
 
-# What writes a real tensor's values into a deferred one (load_state_dict's
-# copy_, t[i] = x, .data = ...): left to torch, and to the checks made when the
-# tensor is materialized or loaded.
-_WRITES_INTO = frozenset(
+# Ops whose real result comes from the real argument alone, the deferred one
+# giving only its shape or dtype (cpu_x.view_as(W) in a load hook), or that
+# write a real tensor's values into a deferred one (load_state_dict's copy_;
+# materialize refuses the write later).
+_FROM_REAL_ONLY = frozenset(
     {
+        torch.Tensor.view_as,
+        torch.Tensor.expand_as,
+        torch.Tensor.reshape_as,
+        torch.Tensor.type_as,
+        torch.broadcast_tensors,
         torch.Tensor.copy_,
         torch.Tensor.__setitem__,
         torch.Tensor.set_,
@@ -176,7 +200,9 @@ def _real_tensor_in(args: Any, kwargs: Any) -> bool:
     return False
 
 
-def _refuse_mixed(func: Any, args: Any, kwargs: Any) -> NoReturn:
+def _refuse_mixed(
+    func: Any, args: Any, kwargs: Any, failed: RuntimeError | None = None
+) -> NoReturn:
     flat, stack = [], [*args, *(kwargs.values() if kwargs else ())]
     while stack:
         x = stack.pop()
@@ -190,17 +216,27 @@ def _refuse_mixed(func: Any, args: Any, kwargs: Any) -> NoReturn:
         for t in flat
         if isinstance(t, torch.Tensor) and not isinstance(t, _Watched) and not t.is_meta
     )
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
+    name = getattr(func, "__name__", None) or str(func)
+    what = (
+        f"got a real {real.device.type} tensor and a deferred"
+        if failed is not None
+        else f"computed a real {real.device.type} tensor from a deferred"
+    )
+    why = (
+        f"torch refused the devices ({str(failed).splitlines()[0]})"
+        if failed is not None
+        else "torch's kernel read memory the meta tensor does not have (uninitialised values, "
+        "no error)"
+    )
     raise MetaTensorError(
-        f"{name} got a deferred {deferred._watched_base.__name__} of shape "
-        f"{tuple(deferred.shape)} ({deferred.dtype}), built under lightning_meta.deferred_init, "
-        f"and a real {real.device.type} tensor: the deferred one holds no values until "
-        "lightning_meta.materialize (torch's CPU matmul would return uninitialised memory "
-        "for it without an error). Fix: materialize first; under MetaGuard, which "
+        f"{name} {what} {deferred._watched_base.__name__} of shape {tuple(deferred.shape)} "
+        f"({deferred.dtype}), built under lightning_meta.deferred_init, which holds no values "
+        f"until lightning_meta.materialize: {why}. Fix: materialize first; under MetaGuard, which "
         "materializes when the strategy is set up (after LightningModule.setup() and "
         "configure_model), compute with the model from on_fit_start on, or call "
-        "lightning_meta.materialize(module) where you need it earlier."
-    )
+        "lightning_meta.materialize(module) where you need it earlier. To count FLOPs or "
+        "follow shapes without values, pass meta inputs."
+    ) from failed
 
 
 def _refuse_copy(t: Any, call: str) -> NoReturn:

@@ -360,25 +360,62 @@ class _MatmulNet(nn.Module):
         lambda m, x: m(x),  # x @ w: torch's CPU matmul returned uninitialised memory
         lambda m, x: x @ m.w,
         lambda m, x: torch.matmul(x, m.w),
-        lambda m, x: torch.nn.functional.linear(x, m.w),
-        lambda m, x: m.shift + x[0, :1],
-        lambda m, x: torch.cat([m.shift, x[0]]),
+        lambda m, x: torch.nn.functional.linear(torch.ones(3, 8), m.w),
+        lambda m, x: torch.addmm(torch.zeros(8), x, m.w),
+        lambda m, x: torch.mm(x, m.w, out=torch.empty(3, 8)),
     ],
-    ids=["forward", "at", "matmul", "linear", "add", "cat-list"],
+    ids=["forward", "at", "matmul", "linear", "addmm", "mm-out"],
 )
-def test_an_op_mixing_a_deferred_tensor_with_a_real_one_is_refused(use: Callable[..., Any]) -> None:
+def test_a_real_result_computed_from_a_deferred_tensor_is_refused(
+    use: Callable[..., Any],
+) -> None:
+    torch.manual_seed(0)
     with deferred_init():
         m = _MatmulNet()
     x = torch.ones(3, 4)
     with pytest.raises(
         MetaTensorError,
-        match=r"got a deferred (Parameter|Tensor) of shape .* and a "
-        r"real cpu tensor.*Fix: materialize first",
+        match=r"computed a real cpu tensor from a deferred (Parameter|Tensor) of shape .*"
+        r"Fix: materialize first.*pass meta inputs",
     ):
         use(m, x)
     materialize(m)  # nothing was changed: the model still materializes, and computes
     torch.manual_seed(0)
-    assert torch.equal(m(x), m(x))
+    eager = _MatmulNet()
+    assert torch.equal(m(x), eager(x))
+
+
+def test_torchs_device_error_on_a_deferred_tensor_is_the_packages() -> None:
+    # nn.Linear with its meta bias: torch's "Tensor on device meta is not on
+    # the expected device cpu!" named neither the tensor nor a way out.
+    with deferred_init():
+        lin = nn.Linear(4, 8)
+    with pytest.raises(
+        MetaTensorError, match=r"linear got a real cpu tensor and a deferred Parameter .*Fix:"
+    ) as info:
+        lin(torch.ones(3, 4))
+    assert "expected device" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("use", "on_meta"),
+    [
+        (lambda m: torch.nn.functional.embedding(torch.tensor([0, 2]), m.w), True),
+        (lambda m: m.w * torch.tensor(2.0), True),  # a 0-dim CPU tensor goes with any device
+        (lambda m: torch.clamp(m.shift, max=torch.tensor(4.6)), True),
+        (lambda m: torch.arange(32.0).view_as(m.w), False),  # a load hook's reshape
+        (lambda m: torch.ones(8).type_as(m.shift), True),
+    ],
+    ids=["embedding-cpu-ids", "0-dim-factor", "0-dim-clamp", "view_as", "type_as"],
+)
+def test_ops_that_make_no_value_from_a_deferred_tensor_answer_as_torch(
+    use: Callable[..., torch.Tensor], on_meta: bool
+) -> None:
+    # A first version refused every op with a real tensor beside a deferred
+    # one: FLOP counts with CPU ids, 0-dim factors, and load hooks broke.
+    with deferred_init():
+        m = _MatmulNet()
+    assert use(m).is_meta == on_meta
 
 
 def test_a_deferred_model_computed_with_in_setup_is_refused_and_on_fit_start_works() -> None:

@@ -307,32 +307,37 @@ def materialize_paths(
     """
     target, remap = _check_arguments(module, names, device, dtype, draw_on, fallback)
     check_flag(allow_uninitialized, "allow_uninitialized", "materialize")
-    # One walk of the tree for every step below: on a small model the walks
-    # cost as much as replaying its ops.
-    walk = [(_join(at, path), mod) for path, mod in module.named_modules()]
-    sharded = sharded_slots(module, walk)
-    slots = _select(module, names, walk)
-    wanted = {s.path for s in slots}
-    sharded = [s for s in sharded if s.path in wanted]
-    # By identity: a tied DTensor is listed once in ``sharded`` but at every path in ``slots``.
-    on_shards = {id(s.dtensor) for s in sharded}
-    slots = [s for s in slots if id(s.tensor) not in on_shards]
-    if not slots and not sharded:
-        return module
-    deferred, plain, made = _split(slots)
-    recast = check_deferred(
-        [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
-    )
-    _check_plain(plain, fallback, (m for _, m in walk))
-    _check_sharded(sharded, target, dtype)
-    if sharded:
-        fill_shards(module, sharded, target, draw_on)
-    ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast, attrs_on)
-    graded = _graded_plan(deferred, ready)
-    _swap_in(deferred, ready, kept, graded, remap if identity else None, identity=identity)
-    for slot, tensor in made:
-        slot.put(tensor)
-    _complete_records(walk, replayed, remap)
+    # The deferred tensors' watch class answers every tensor call in Python
+    # (see _watched); this code makes a few hundred on a small model, all on
+    # meta, so it runs without subclasses' __torch_function__ (the user's
+    # reset_parameters below runs with it).
+    with _compat.no_subclass_torch_function():
+        # One walk of the tree for every step below: on a small model the walks
+        # cost as much as replaying its ops.
+        walk = [(_join(at, path), mod) for path, mod in module.named_modules()]
+        sharded = sharded_slots(module, walk)
+        slots = _select(module, names, walk)
+        wanted = {s.path for s in slots}
+        sharded = [s for s in sharded if s.path in wanted]
+        # By identity: a tied DTensor is listed once in ``sharded`` but at every path in ``slots``.
+        on_shards = {id(s.dtensor) for s in sharded}
+        slots = [s for s in slots if id(s.tensor) not in on_shards]
+        if not slots and not sharded:
+            return module
+        deferred, plain, made = _split(slots)
+        recast = check_deferred(
+            [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
+        )
+        _check_plain(plain, fallback, (m for _, m in walk))
+        _check_sharded(sharded, target, dtype)
+        if sharded:
+            fill_shards(module, sharded, target, draw_on)
+        ready, replayed, kept = _replay_records(deferred, target, dtype, remap, recast, attrs_on)
+        graded = _graded_plan(deferred, ready)
+        _swap_in(deferred, ready, kept, graded, remap if identity else None, identity=identity)
+        for slot, tensor in made:
+            slot.put(tensor)
+        _complete_records(walk, replayed, remap)
     if plain:
         reset_parameters(plain, target, dtype)
     logger.debug(
