@@ -190,8 +190,10 @@ def _real_tensor_in(args: Any, kwargs: Any) -> bool:
     stack = [*args, *(kwargs.values() if kwargs else ())]
     while stack:
         x = stack.pop()
-        if isinstance(x, _Watched):
-            continue  # deferred, so meta (and asking would come back here)
+        if isinstance(x, (_Watched, _compat.FakeTensor)):
+            # Deferred, so meta (and asking would come back here); a fake
+            # tensor (a FakeTensorMode tracing the model) holds no values either.
+            continue
         if isinstance(x, torch.Tensor):
             if not x.is_meta:
                 return True
@@ -211,11 +213,7 @@ def _refuse_mixed(
         else:
             flat.append(x)
     deferred: Any = next(t for t in flat if isinstance(t, _Watched))
-    real = next(
-        t
-        for t in flat
-        if isinstance(t, torch.Tensor) and not isinstance(t, _Watched) and not t.is_meta
-    )
+    real = next(t for t in flat if _real_tensor_in((t,), None))
     name = getattr(func, "__name__", None) or str(func)
     what = (
         f"got a real {real.device.type} tensor and a deferred"

@@ -1201,7 +1201,9 @@ def refuse_written_shards(sharded: Iterable[ShardedSlot], doing: str = "material
     ``fully_shard`` and ``parallelize_module`` make each DTensor new, at
     version 0; an in-place op on it (``nn.init.zeros_``, ``mul_`` under
     ``no_grad``) only bumps that version, as its meta shard holds no values.
-    A write through ``.data`` bumps none (it has a counter of its own).
+    A write through ``.data`` bumps none (it has a counter of its own), nor
+    does a ``torch._foreach_*_`` op (the DTensor runs it on its local shards,
+    below autograd): both are documented gaps.
     """
     written = sorted(s.path for s in sharded if _compat.version_of(s.dtensor) != 0)
     if written:
