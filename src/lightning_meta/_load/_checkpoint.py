@@ -115,11 +115,12 @@ def load_checkpoint(
             With ``False``, load what matches and list the rest in the report.
         prefix: checkpoint key prefix to strip (``"model."`` to load a
             LightningModule's checkpoint into its ``self.model``); detected
-            when ``None``, and refused when keys name the module under two
-            prefixes (its own names beside a copy under ``ref.``: pass the
-            one to load, ``""`` for none). In a torch file holding a ``"state_dict"``, it
-            is matched against the whole file first (``"state_dict_ema."``
-            reaches timm's EMA weights), else against that state dict.
+            when ``None``: keys that are the module's names as they are win
+            (as ``load_state_dict`` reads them), else the prefix matching most
+            keys, and a tie is refused. In a torch file holding a
+            ``"state_dict"``, it is matched against the whole file first
+            (``"state_dict_ema."`` reaches timm's EMA weights), else against
+            that state dict.
         safe_globals: classes or functions a trusted checkpoint's pickle may
             construct beyond tensors and plain containers (the objects
             themselves, or ``(object, "module.Name")`` pairs as torch takes them).
