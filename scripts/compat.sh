@@ -42,13 +42,19 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 export PIP_CONSTRAINT=$CONSTRAINTS
+pip_install() {
+    # As in setup.sh: pip's "Location '...' is ignored" lines are about this
+    # machine's pip configuration (an extra index that lacks the package).
+    "$VENV/bin/python" -m pip install --quiet "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$" || true; }
+}
 # Reinstall when the venv cannot import the pair, pyproject.toml changed, or
 # the pins changed (another transformers for the same torch / Lightning).
 if ! "$VENV/bin/python" -c "import torch, lightning" >/dev/null 2>&1 \
     || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ] \
     || ! cmp -s "$CONSTRAINTS" "$VENV/installed"; then
-    "$VENV/bin/python" -m pip install --quiet "torch==$TORCH" "lightning==$LIGHTNING"
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    pip_install "torch==$TORCH" "lightning==$LIGHTNING"
+    pip_install -e ".[test]"
     cp "$CONSTRAINTS" "$VENV/installed"
 fi
 "$VENV/bin/python" -c "import torch, lightning, transformers; print(f'torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"
