@@ -137,19 +137,24 @@ class _Watched:
             # Another kind of argument takes part (torch.fx's proxies): it
             # answers, as it did when this class had torch's disabled impl.
             return NotImplemented
-        mixed = func not in _FROM_REAL_ONLY and _real_tensor_in(args, kwargs)
-        if mixed and kwargs and _real_tensor_in((kwargs.get("out"),), None):
-            _refuse_mixed(func, args, kwargs)  # before it writes into the real out=
+        leaves = _compat.tree_leaves((args, kwargs))
+        real = None if func in _FROM_REAL_ONLY else next(filter(_is_real, leaves), None)
+        if (
+            real is not None
+            and kwargs
+            and any(map(_is_real, _compat.tree_leaves(kwargs.get("out"))))
+        ):
+            _refuse_mixed(func, leaves, real)  # before it writes into the real out=
         try:
             out = _compat.disabled_torch_function(func, types, args, kwargs or {})
         except RuntimeError as e:
-            if mixed and not isinstance(e, MetaTensorError) and "device" in str(e):
+            if real is not None and not isinstance(e, MetaTensorError) and "device" in str(e):
                 # torch's "Tensor on device meta is not on the expected device
                 # cpu!" (nn.Linear with its meta bias): the same cause.
-                _refuse_mixed(func, args, kwargs, e)
+                _refuse_mixed(func, leaves, real, e)
             raise
-        if mixed and _real_tensor_in((out,), None):
-            _refuse_mixed(func, args, kwargs)
+        if real is not None and any(map(_is_real, _compat.tree_leaves(out))):
+            _refuse_mixed(func, leaves, real)
         return out
 
     def __reduce_ex__(self, proto: Any) -> Any:
@@ -185,35 +190,25 @@ _FROM_REAL_ONLY = frozenset(
 )
 
 
-def _real_tensor_in(args: Any, kwargs: Any) -> bool:
-    """Whether any tensor among ``args`` / ``kwargs`` (in lists and tuples too) is not meta."""
-    stack = [*args, *(kwargs.values() if kwargs else ())]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, (_Watched, _compat.FakeTensor)):
-            # Deferred, so meta (and asking would come back here); a fake
-            # tensor (a FakeTensorMode tracing the model) holds no values either.
-            continue
-        if isinstance(x, torch.Tensor):
-            if not x.is_meta:
-                return True
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    return False
+def _is_real(x: Any) -> bool:
+    """Whether ``x`` is a tensor that holds values: not meta, not deferred (meta, and
+    asking would come back to ``__torch_function__``), not fake (a FakeTensorMode
+    tracing the model)."""
+    return (
+        isinstance(x, torch.Tensor)
+        and not isinstance(x, (_Watched, _compat.FakeTensor))
+        and not x.is_meta
+    )
 
 
 def _refuse_mixed(
-    func: Any, args: Any, kwargs: Any, failed: RuntimeError | None = None
+    func: Any, leaves: list[Any], real: torch.Tensor, failed: RuntimeError | None = None
 ) -> NoReturn:
-    flat, stack = [], [*args, *(kwargs.values() if kwargs else ())]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, (list, tuple)):
-            stack.extend(x)
-        else:
-            flat.append(x)
-    deferred: Any = next(t for t in flat if isinstance(t, _Watched))
-    real = next(t for t in flat if _real_tensor_in((t,), None))
+    """Raise for ``func`` making (or refusing to make) a real tensor from a deferred one.
+
+    ``leaves``: the call's arguments, flattened; ``real``: the real tensor among them.
+    """
+    deferred: Any = next(t for t in leaves if isinstance(t, _Watched))
     name = getattr(func, "__name__", None) or str(func)
     what = (
         f"got a real {real.device.type} tensor and a deferred"
