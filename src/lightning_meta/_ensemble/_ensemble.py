@@ -8,7 +8,7 @@ import logging
 import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ from lightning_meta._ensemble._loop import (
     restack,
     rng_states,
     run_loop,
+    separate_views,
 )
 from lightning_meta._ensemble._members import (
     Profile,
@@ -205,6 +206,17 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "cannot be copied to meta or called with stacked tensors. Fix: pass the modules "
             "before torch.jit.script (or compile the ensemble with torch.compile instead)."
         )
+    inner = [path for path, sub in member.named_modules() if isinstance(sub, Ensemble)]
+    if inner:
+        where = ", ".join(repr(p) if p else "the member itself" for p in inner)
+        raise ArgumentTypeError(
+            f"Ensemble member {index} is or holds an Ensemble ({where}): an ensemble of "
+            "ensembles is not supported, since the inner one runs its own members through "
+            "stacked tensors that the outer one's stacked call cannot reach. Fix: make one "
+            "Ensemble of all the inner members (Ensemble.from_factory(make, N * M)), or hold "
+            "the inner modules as plain modules (nn.ModuleList) in each member.",
+            paths=inner,
+        )
     lazy = sorted(name for name, t in named_tensors(member).items() if nn.parameter.is_lazy(t))
     if lazy:
         raise ArgumentValueError(
@@ -225,6 +237,17 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "ensemble's stacked tensors instead, ensemble.stacked).",
             paths=found,
         )
+
+
+def _refuse_padded_vmap(padded: list[str]) -> None:
+    raise ArgumentValueError(
+        f"Ensemble(execution='vmap', per_member_inputs=True) cannot run the nn.Embedding "
+        f"layers with a padding_idx ({_named(padded)}): torch.vmap looks every member's own "
+        "indices up in one flattened table, whose backward keeps only member 0's padding "
+        "row out of the gradient, so the other members' padding rows would train. Fix: use "
+        "execution='loop' (or 'auto', which does not pick vmap for them).",
+        paths=padded,
+    )
 
 
 def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
@@ -329,6 +352,19 @@ def _recurrent_layers(template: nn.Module) -> list[str]:
     fallback: "auto" times them."""
     return [
         path for path, mod in template.named_modules() if isinstance(mod, (nn.RNNBase, nn.LSTMCell))
+    ]
+
+
+def _padded_embeddings(template: nn.Module) -> list[str]:
+    """Paths of the ``nn.Embedding`` layers with a ``padding_idx``, whose padding row
+    ``torch.vmap`` trains when each member looks up its own indices: its batching rule
+    looks the members' rows up in one flattened table, whose backward keeps only member
+    0's padding row out of the gradient (per-member inputs only; shared indices are
+    looked up unbatched, with the padding row kept out for every member)."""
+    return [
+        path
+        for path, mod in template.named_modules()
+        if isinstance(mod, nn.Embedding) and mod.padding_idx is not None
     ]
 
 
@@ -540,6 +576,9 @@ class Ensemble(nn.Module):
         members".
     """
 
+    # No template holds an Ensemble (see _template.to_meta).
+    _lightning_meta_stacks_members: ClassVar[bool] = True
+
     def __init__(
         self,
         modules: Iterable[nn.Module],
@@ -722,6 +761,9 @@ class Ensemble(nn.Module):
                 "'auto', which runs the loop for them).",
                 paths=self._recurrent,
             )
+        self._padded = _padded_embeddings(template)
+        if execution == "vmap" and per_member_inputs and self._padded:
+            _refuse_padded_vmap(self._padded)
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -740,7 +782,10 @@ class Ensemble(nn.Module):
                 "fused"
                 if self._fused is not None
                 else "vmap"
-                if self._names and not self._sparse and not self._recurrent
+                if self._names
+                and not self._sparse
+                and not self._recurrent
+                and not (per_member_inputs and self._padded)
                 else "loop"
             )
             if execution == "auto"
@@ -765,6 +810,8 @@ class Ensemble(nn.Module):
         self._views = ViewCache()
         self._shells = MemberShells()
         self._member_slots: MemberSlots | None = None
+        self._renormed_for: MemberSlots | None = None  # see _renormed
+        self._renormed_names: frozenset[str] = frozenset()
         self._backward_hooked = _HookCheck()
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
@@ -1105,6 +1152,8 @@ class Ensemble(nn.Module):
         if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
             return ["loop"]
         plans = ["loop"] if self._sparse or self._recurrent else ["vmap", "loop"]
+        if self.per_member_inputs and self._padded and "vmap" in plans:
+            plans.remove("vmap")  # see _padded_embeddings
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -1495,6 +1544,22 @@ class Ensemble(nn.Module):
             plan, forced = self._requested, self._requested != "auto"
             raise state_written_error(plan, runner, written, forced=forced, registered=registered)
 
+    def _renormed(self) -> frozenset[str]:
+        """The stacked names of the ``nn.Embedding(max_norm=...)`` weights, which the
+        forward renormalises in place: the loop gives each member a view of its own
+        (:func:`separate_views`)."""
+        slots = self._slots()
+        if self._renormed_for is not slots:
+            paths = [
+                f"{path}.weight" if path else "weight"
+                for path, mod in self.template.module.named_modules()
+                if isinstance(mod, nn.Embedding) and mod.max_norm is not None
+            ]
+            aliases = slots.aliases()
+            self._renormed_names = frozenset(aliases.get(p, p) for p in paths)
+            self._renormed_for = slots
+        return self._renormed_names
+
     def _slots(self) -> MemberSlots:
         module = self.template.module
         if self._member_slots is None or self._member_slots.module is not module:
@@ -1619,6 +1684,7 @@ class Ensemble(nn.Module):
             grad_buffers=self._grads,
             view_cache=self._views,
             changes=changes,
+            renormed=self._renormed(),
         )
 
     def _vmap_or_loop(
@@ -1761,7 +1827,11 @@ class Ensemble(nn.Module):
         """The loop through ``functional_call``, which torch.compile traces (it cannot trace
         the per-member template copies of :func:`run_loop`). ``tensors`` are members
         ``start``, ``start + 1``, ... of the ensemble."""
-        views = {k: v.unbind(0) for k, v in tensors.items()}
+        renormed = self._renormed() if torch.is_grad_enabled() else ()
+        views = {
+            k: separate_views(v) if k in renormed and v.requires_grad else v.unbind(0)
+            for k, v in tensors.items()
+        }
         compiling = torch.compiler.is_compiling()
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         # randomness="same": every member draws from the generators' states
@@ -1817,6 +1887,12 @@ class Ensemble(nn.Module):
                     "result would differ from the members' own. Fix: use execution='auto' or "
                     "'loop'."
                 )
+            if self._last_plan != "loop":
+                self._last_plan = "loop"  # what ran, for ensemble.plan
+            return self._functional_loop(tensors, inputs, kwargs, changes, start)
+        if self.per_member_inputs and self._padded:  # per_member_inputs set since __init__
+            if self._requested == "vmap":
+                _refuse_padded_vmap(self._padded)
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
@@ -1883,12 +1959,13 @@ class Ensemble(nn.Module):
 
         kw = dict(kwargs)
         if self.per_member_inputs:
-            # Keyword inputs are split like positional ones (vmap batches none by itself).
-            dims: Any = tuple(0 for _ in inputs)
-            kw_dims: Any = {
-                k: tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, v)
-                for k, v in kw.items()
-            }
+            # Keyword inputs are split like positional ones (vmap batches none by
+            # itself); what is not a tensor (None, a number) is given to every member.
+            def split(v: Any) -> Any:
+                return 0 if isinstance(v, torch.Tensor) else None
+
+            dims: Any = tuple(tree_map(split, x) for x in inputs)
+            kw_dims: Any = {k: tree_map(split, v) for k, v in kw.items()}
         else:
             dims, kw_dims = None, None
         batched = torch.vmap(one, in_dims=(0, dims, kw_dims), randomness=self.randomness)
@@ -2045,6 +2122,7 @@ class Ensemble(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_member_slots"] = None  # refers to the template's modules; rebuilt on use
+        state["_renormed_for"] = None
         state["_aliases"] = {}
         state["_holders"] = None
         state["_last_plan"] = None
@@ -2062,8 +2140,12 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_walk", None)
         self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
+        self.__dict__.setdefault("_renormed_for", None)
+        self.__dict__.setdefault("_renormed_names", frozenset())
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
             self._sparse = _sparse_gradients(self.template.module)
+        if "_padded" not in self.__dict__:  # likewise
+            self._padded = _padded_embeddings(self.template.module)
         if "_recurrent" not in self.__dict__:  # likewise
             self._recurrent = _recurrent_layers(self.template.module)
             if (

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from lightning_meta._compat import autograd_context_watch, has_module_hooks, tree_map
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal, draws
@@ -743,8 +744,21 @@ class GroupedPlan:
             elif node.op == "call_method":
                 env[node] = _METHODS[str(node.target)](ctx, *args, **kwargs)
             elif node.op == "output":
-                return tree_map(lambda v: _unfold(v, n), args[0], is_leaf=_is_value)
+                out = tree_map(lambda v: _unfold(v, n), args[0], is_leaf=_is_value)
+                return _mutable(out)
         raise AssertionError("a graph without output")  # pragma: no cover
+
+
+def _mutable(x: Any) -> Any:
+    """``x`` with torch.fx's immutable lists and dicts (what a traced graph's output
+    holds) made the plain ones a member's forward returned, as the other plans give."""
+    if isinstance(x, immutable_list):
+        return [_mutable(v) for v in x]
+    if isinstance(x, immutable_dict):
+        return {k: _mutable(v) for k, v in x.items()}
+    if type(x) is tuple:
+        return tuple(_mutable(v) for v in x)
+    return x
 
 
 def _is_value(x: Any) -> bool:

@@ -20,7 +20,7 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ __all__ = [
     "restack",
     "rng_states",
     "run_loop",
+    "separate_views",
 ]
 
 
@@ -160,7 +161,10 @@ class ViewCache:
         self._last = None
 
     def views_of(
-        self, tensors: Mapping[str, torch.Tensor], grads: GradBuffers
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        grads: GradBuffers,
+        renormed: Collection[str] = (),
     ) -> dict[str, Sequence[torch.Tensor]]:
         """Every stacked tensor's member views (``stacked[0], stacked[1], ...``), by name.
 
@@ -176,7 +180,10 @@ class ViewCache:
         last = self._last
         out = {}
         for name, stacked in tensors.items():
-            views = self._views(name, stacked, grads, grad, keep, inference)
+            if grad and name in renormed and stacked.requires_grad:
+                views = separate_views(stacked)
+            else:
+                views = self._views(name, stacked, grads, grad, keep, inference)
             if last is not None and last.get(name) is not views:
                 last = None
             out[name] = views
@@ -217,6 +224,16 @@ class ViewCache:
         views = _member_views(stacked)
         self._entries[name] = (stacked, key, views)
         return views
+
+
+def separate_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
+    """``stacked[0], stacked[1], ...`` as one view op each, for a tensor the forward changes in
+    place (``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, under
+    ``no_grad``). ``unbind``'s views cannot be used by autograd once their base was changed
+    (torch: "Output 0 of Unbind is a view and its base ... has been modified inplace"); a
+    ``select`` view can. The price is in backward: each member's gradient is a zero tensor
+    of the stacked size with its slice filled, summed into the stacked gradient."""
+    return tuple(stacked.select(0, i) for i in range(stacked.shape[0]))
 
 
 def _member_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
@@ -494,14 +511,16 @@ def run_loop(
     grad_buffers: GradBuffers,
     view_cache: ViewCache,
     changes: Reassigned,
+    renormed: Collection[str] = (),
 ) -> Any:
     """Run every member in turn on views of ``tensors``; stack the outputs on a new dim 0.
 
     ``randomness="same"`` replays the generators' state for every member (one
     mask for all, as ``vmap`` draws it); ``"error"`` refuses a member that
-    drew from them. Buffers a member's forward replaced go in ``changes``.
+    drew from them. Buffers a member's forward replaced go in ``changes``; ``renormed``
+    names the stacked tensors the forward changes in place (:func:`separate_views`).
     """
-    views = view_cache.views_of(tensors, grad_buffers)
+    views = view_cache.views_of(tensors, grad_buffers, renormed)
     members = shells.ready(template, views, num_members)
     member_inputs: list[tuple[Any, ...]] = [inputs] * num_members
     member_kwargs: list[Mapping[str, Any]] = [kwargs] * num_members

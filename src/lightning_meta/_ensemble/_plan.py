@@ -215,7 +215,19 @@ def _bucket(size: int) -> int:
     return size if size <= 1 else 1 << (size - 1).bit_length()
 
 
+def _named_tuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _describe_tree(tree: Any) -> Any:
+    return tree_map(_describe, tree, is_leaf=_named_tuple)
+
+
 def _describe(x: Any) -> str:
+    if _named_tuple(x):
+        # Field by field: a named tuple rebuilt with descriptions would meet
+        # its own checks (PackedSequence reads its data's device).
+        return f"{type(x).__name__}{[_describe_tree(v) for v in x]}"
     if isinstance(x, torch.Tensor):
         shape = ",".join(str(_bucket(s)) for s in x.shape)
         grad = "+grad" if x.requires_grad else ""
@@ -238,7 +250,7 @@ def signature(
     Dimensions are rounded up to a power of two, so inputs of varying length
     (sequences) are timed once per octave, not once per length.
     """
-    structure = tree_map(_describe, (list(inputs), dict(kwargs)))
+    structure = _describe_tree((list(inputs), dict(kwargs)))
     device = stacked.device if stacked is not None else torch.device("cpu")
     mode = ["train" if training else "eval"]
     if modes:  # modules in other modes than the ensemble's (see _TemplateWalk.describe)

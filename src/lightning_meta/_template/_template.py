@@ -42,7 +42,7 @@ from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTe
 from lightning_meta._forward_state import AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
 
-__all__ = ["MetaTemplate", "TemplateState", "meta_template"]
+__all__ = ["STACKS_MEMBERS", "MetaTemplate", "TemplateState", "meta_template"]
 
 Factory = Callable[[], nn.Module]
 _T = TypeVar("_T")
@@ -229,6 +229,10 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(laid_out)
 
 
+#: The name of a class attribute, true on ``lm.Ensemble``: no template holds such a module.
+STACKS_MEMBERS = "_lightning_meta_stacks_members"
+
+
 def to_meta(module: nn.Module) -> nn.Module:
     """Return a meta-device copy of ``module`` without allocating real memory.
 
@@ -247,6 +251,20 @@ def to_meta(module: nn.Module) -> nn.Module:
             "copy. Fix: run one forward on an example batch before building the template, or "
             "pass a factory that builds the module with explicit sizes.",
             paths=lazy,
+        )
+
+    ensembles = [
+        path for path, sub in module.named_modules() if getattr(type(sub), STACKS_MEMBERS, False)
+    ]
+    if ensembles:
+        where = ", ".join(repr(p) if p else "the module itself" for p in ensembles)
+        raise ArgumentTypeError(
+            f"MetaTemplate({type(module).__name__}): {where} is an lm.Ensemble, which a "
+            "template cannot hold: an Ensemble runs its members through stacked tensors and "
+            "a template of its own, which a template's meta copy (or an outer Ensemble's "
+            "stacked call) cannot reach. Fix: hold the inner modules as plain modules "
+            "(nn.ModuleList) in the model, or make one Ensemble of the whole models.",
+            paths=ensembles,
         )
 
     def make(name: str, tensor: torch.Tensor) -> torch.Tensor:
