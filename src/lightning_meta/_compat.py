@@ -1903,3 +1903,24 @@ __all__ += [
     "rebound_hook",
     "restore_hook_tables",
 ]
+
+
+# --------------------------------------------------------------- Lightning Fabric
+
+
+def fabric_wrapped(module: nn.Module) -> nn.Module | None:
+    """The module a Fabric ``setup`` wrapper (Lightning's private ``_FabricModule``) wraps:
+    the one its ``state_dict`` shows and its ``load_state_dict`` fills (its ``forward``
+    runs the strategy's wrapper, ``DistributedDataParallel`` under DDP); ``None`` for any
+    other module."""
+    try:
+        from lightning.fabric.wrappers import _FabricModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return None
+    if isinstance(module, _FabricModule):
+        wrapped: nn.Module = module._original_module
+        return wrapped
+    return None
+
+
+__all__ += ["fabric_wrapped"]

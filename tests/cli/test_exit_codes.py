@@ -344,7 +344,7 @@ def test_check_of_something_that_is_not_a_module_exits_2(
     models: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["check", f"{models}:not_a_module"]) == 2
-    assert "built a int, not a LightningModule" in capsys.readouterr().err
+    assert "built a int, not an nn.Module" in capsys.readouterr().err
 
 
 def test_keyboard_interrupt_is_not_swallowed_into_a_target_error(

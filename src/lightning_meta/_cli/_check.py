@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
     module = target_factory(args.target, args.arguments, given_by="ARGS_JSON")()
     if not isinstance(module, nn.Module):
         raise TargetError(
-            f"target {args.target!r} built a {type(module).__name__}, not a LightningModule. "
-            "Fix: point TARGET at a LightningModule class or factory."
+            f"target {args.target!r} built a {type(module).__name__}, not an nn.Module. "
+            "Fix: point TARGET at a LightningModule (or any nn.Module) class or factory."
         )
     with user_code():  # configure_model, configure_optimizers... may print
         rows = check_module(module)

@@ -3,7 +3,7 @@
 Examples::
 
     lightning-meta load-check models.py:Net checkpoints/last.ckpt
-    lightning-meta load-check transformers:LlamaForCausalLM ./llama --args @config_args.json
+    lightning-meta load-check hf_models.py:llama ./llama  # def llama(): return LlamaForCausalLM(LlamaConfig(...))
     lightning-meta load-check models.py:Net model.safetensors --dtype bfloat16 --json
     lightning-meta load-check models.py:Net model.pt --verify
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,15 +134,16 @@ def run(args: argparse.Namespace) -> int:
             status 1).
     """
     from lightning_meta._arguments import command_line_spelling, real_device
-    from lightning_meta._cli._target import load_target, target_factory
+    from lightning_meta._cli._target import load_target, target_factory, user_code
     from lightning_meta._load._checkpoint import load_checkpoint
 
     dtype = _dtype(args.dtype)
     device = real_device(args.device, "load-check")
     factory = target_factory(args.model, args.args)
-    trusted = [load_target(t) for t in args.trust]
+    trusted = [_trusted(t, load_target) for t in args.trust]
     model = _build(args, factory)
-    with command_line_spelling():  # its messages name --no-strict, --prefix
+    # user_code: the model's load hooks run, and may print.
+    with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
         report = load_checkpoint(
             model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
             prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
@@ -155,6 +157,17 @@ def run(args: argparse.Namespace) -> int:
 
         Console().print(str(report), markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _trusted(name: str, load: Callable[[str], Any]) -> Any:
+    """The object ``--trust name`` names; its errors say ``--trust``, not "target"."""
+    from lightning_meta._cli._target import TargetError
+
+    try:
+        return load(name)
+    except TargetError as e:
+        text = str(e).removeprefix(f"target {name!r}")
+        raise TargetError(f"--trust {name!r}{text}") from e
 
 
 def _build(args: argparse.Namespace, factory: Any) -> torch.nn.Module:

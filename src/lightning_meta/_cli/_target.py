@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -86,6 +87,22 @@ def _module_name(path: Path) -> tuple[str, Path]:
     return ".".join(parts), root
 
 
+def _shadowed(name: str, root: Path) -> str | None:
+    """Where the module that ``name``'s top-level package would hide lives, if one does: a
+    module found on ``sys.path`` (installed, or in the working directory) that is not the
+    one under ``root``."""
+    top = name.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None or found.origin is None or not found.has_location:
+        return None  # nothing installed there, or a namespace package
+    ours = {(root / f"{top}.py").resolve(), (root / top / "__init__.py").resolve()}
+    origin = Path(found.origin).resolve()
+    return None if origin in ours else str(origin)
+
+
 def import_file(path: str | Path, *, spec: str | None = None) -> Any:
     """Import the Python file at ``path`` as a regular module and return it.
 
@@ -115,6 +132,17 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
             label,
             f"its module name {name!r} is already taken by {loaded_file or loaded!r}",
             f"rename {file.name} or import it as 'package.module:Name'",
+        )
+    shadowed = _shadowed(name, root)
+    if shadowed is not None:
+        # Imported first, the file would stand for that module everywhere in
+        # this process (rich, which the report is printed with; yaml).
+        raise _fail(
+            label,
+            f"its module name {name.partition('.')[0]!r} is the name of another module on "
+            f"the import path, at {shadowed}, which it would hide",
+            f"rename {file.name if '.' not in name else root.name} or import it as "
+            "'package.module:Name'",
         )
     added = str(root) not in sys.path
     if added:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._compat import fabric_wrapped
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import materialize_beyond
 from lightning_meta._load._formats import open_source
@@ -195,6 +196,11 @@ def load_checkpoint(
         (read-only storage). The default reads every tensor into memory the
         process owns.
     """
+    # The module fabric_setup (Fabric.setup) returns: its state_dict and
+    # load_state_dict are the wrapped module's, whose names a checkpoint holds.
+    wrapped = fabric_wrapped(module)
+    if wrapped is not None:
+        module = wrapped
     args = check_arguments(
         module,
         path,

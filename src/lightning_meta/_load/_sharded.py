@@ -174,7 +174,11 @@ def check_index(index: Path, owner: dict[str, str], found: dict[str, str]) -> No
     wrong = sorted(k for k, f in owner.items() if found.get(k) != f)
     extra = sorted(set(found) - set(owner))
     if wrong or extra:
-        lines = [f"  {k!r}: index says {owner[k]!r}, found in {found.get(k)!r}" for k in wrong]
+        lines = [
+            f"  {k!r}: index says {owner[k]!r}, "
+            + (f"found in {found[k]!r}" if k in found else "in no shard the index lists")
+            for k in wrong
+        ]
         lines += [f"  {k!r}: in {found[k]!r} but not in the index" for k in extra]
         raise MetaTensorError(
             f"the index {str(index)!r} and its shards disagree:\n"

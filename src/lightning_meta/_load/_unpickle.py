@@ -197,11 +197,24 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
         "their names)",
         "with --trust module:Name (once per name)",
     )
+    needed = sorted(set(names))
+    if any(n.startswith("torch.nn.modules.") for n in needed):
+        # A whole model (torch.save(model)): trusting its classes would
+        # unpickle a module, which no state dict reader takes.
+        return MetaTensorError(
+            f"{where!r} holds a whole module saved with torch.save(model) (unpickling {what} "
+            f"needs the classes {needed}), not a state dict: lightning_meta loads state "
+            "dicts only. Fix: where you trust the file, load it in Python "
+            "(torch.load(path, weights_only=False)) and save its state_dict() "
+            "(torch.save(model.state_dict(), path)), then load that.",
+            paths=[where],
+        )
+    listed = spelled(repr(needed), repr([":".join(n.rsplit(".", 1)) for n in needed]))
     return MetaTensorError(
         f"{where!r} cannot be loaded with weights_only=True: unpickling {what} would construct "
         "objects other than tensors and plain containers, which can run arbitrary code. It "
-        f"needs: {sorted(set(names))}. lightning_meta never unpickles arbitrary objects. Fix: if you trust this file, allow exactly those "
-        f"{_allow}, or re-save only the state_dict.",
+        f"needs: {listed}. lightning_meta never unpickles arbitrary objects. Fix: if you "
+        f"trust this file, allow exactly those {_allow}, or re-save only the state_dict.",
         paths=[where],
     )
 

@@ -1,0 +1,147 @@
+"""The command line, hostile review of 2026-12-05.
+
+- A TARGET file named after a module not yet imported (``rich.py``, ``yaml.py``)
+  hid it: ``load-check`` loaded, then exited 1 with nothing on stderr (the report
+  printer imports rich); it is now refused, exit 2, naming the module it hides.
+- ``load-check --json``: a load post-hook that prints wrote before the JSON.
+- A whole module saved with ``torch.save(model)``: the fix was ``--trust`` of
+  names printed in a form ``--trust`` refused, after which the file was refused
+  anyway; the refusal now says to re-save its state_dict. A bad ``--trust`` is
+  named as ``--trust``, not as a target.
+- An index that puts a key in a shard it does not list said "found in None".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lightning_meta
+from lightning_meta._cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+
+class Printy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_load_state_dict_post_hook(lambda module, keys: print("POST HOOK PRINT"))
+"""
+
+
+def _python_m(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    src = str(Path(lightning_meta.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    env.pop("LIGHTNING_META_TRACEBACK", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_meta", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("name", ["rich", "yaml"])
+def test_a_target_file_named_after_an_installed_module_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / f"{name}.py").write_text(NET)
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "lin.pt")
+    for argv in (
+        ["load-check", f"shadow/{name}.py:Net", "lin.pt"],
+        ["check", f"shadow/{name}.py:Net"],
+    ):
+        proc = _python_m(*argv, cwd=tmp_path)  # a fresh process: the module not yet imported
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        assert f"its module name {name!r} is the name of another module" in proc.stderr
+        assert f"Fix: rename {name}.py" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_target_file_in_the_working_directory_is_not_its_own_shadow(tmp_path: Path) -> None:
+    (tmp_path / "lm_review7_net.py").write_text(NET)
+    torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "n.pt")
+    proc = _python_m("load-check", "lm_review7_net.py:Net", "n.pt", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loaded"] == ["lin.bias", "lin.weight"]
+
+
+def test_load_check_json_keeps_a_load_hooks_print_off_stdout(tmp_path: Path) -> None:
+    (tmp_path / "lm_review7_printy.py").write_text(NET)
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "lin.pt")
+    torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "p.pt")
+    for init in ("deferred", "meta"):
+        proc = _python_m(
+            "load-check", "lm_review7_printy.py:Printy", "p.pt", "--json", "--init", init,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        json.loads(proc.stdout)
+        assert "POST HOOK PRINT" in proc.stderr
+
+
+def test_a_whole_module_file_says_to_resave_its_state_dict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "lm_review7_whole.py").write_text(NET)
+    torch.save(nn.Sequential(nn.Linear(3, 2)), tmp_path / "whole.pt")
+    target = f"{tmp_path / 'lm_review7_whole.py'}:Net"
+    assert main(["load-check", target, str(tmp_path / "whole.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "holds a whole module saved with torch.save(model)" in err
+    assert "torch.nn.modules.linear.Linear" in err and "--trust" not in err
+    assert "save its state_dict()" in err
+
+
+def test_unsafe_globals_are_listed_as_trust_takes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "lm_review7_unsafe.py").write_text(NET)
+    torch.save({"lin.weight": torch.zeros(2, 3), "step": Path("x")}, tmp_path / "odd.pt")
+    target = f"{tmp_path / 'lm_review7_unsafe.py'}:Net"
+    assert main(["load-check", target, str(tmp_path / "odd.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "'pathlib:PosixPath'" in err and "--trust module:Name" in err
+    assert main(["load-check", target, str(tmp_path / "odd.pt"), "--trust", "pathlib.Path"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-meta load-check: error: --trust 'pathlib.Path': expected")
+
+
+def test_an_index_naming_a_shard_without_the_key_says_where_it_is_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "lm_review7_index.py").write_text(NET)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({"lin.bias": torch.zeros(2)}, ckpt / "s1.safetensors")
+    save_file({"lin.weight": torch.zeros(2, 3)}, ckpt / "s2.safetensors")
+    index = {"weight_map": {"lin.bias": "s1.safetensors", "lin.weight": "s1.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    target = f"{tmp_path / 'lm_review7_index.py'}:Net"
+    assert main(["load-check", target, str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert "'lin.weight': index says 's1.safetensors', in no shard the index lists" in err
