@@ -1440,7 +1440,16 @@ def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Itera
     swap = getattr(stateless, "_reparametrize_module", None)
     if swap is None:  # pragma: no cover
         raise missing("torch.nn.utils.stateless._reparametrize_module", "estimate with a strategy")
-    with swap(module, tensors, tie_weights=True):
+    # One name per slot: a module registered under two names (self.alias =
+    # self.l, nn.ModuleList([block] * 12)) has one slot that both name, and
+    # torch swaps it once per name, restoring the stand-in the second time
+    # and writing the original into the given dict (its write-back of
+    # changed tensors). Given a copy, the caller's dict stays as it was.
+    slots: dict[tuple[int, str], str] = {}
+    for name in tensors:
+        path, _, leaf = name.rpartition(".")
+        slots.setdefault((id(module.get_submodule(path)), leaf), name)
+    with swap(module, {name: tensors[name] for name in slots.values()}, tie_weights=True):
         yield
 
 

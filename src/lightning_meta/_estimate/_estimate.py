@@ -67,6 +67,30 @@ def _build(module_or_factory: Any) -> nn.Module:
     return built_by_estimate(build_on_meta(module_or_factory, "estimate: factory"))
 
 
+def _refuse_sparse(module: nn.Module) -> None:
+    """Raise if ``module`` has layers whose weights get sparse gradients: the step's
+    gradient of such a weight would be simulated dense (twice a real SGD step's peak on a
+    large embedding, and ``torch.optim.SparseAdam`` refused)."""
+    sparse = [
+        path
+        for path, mod in module.named_modules()
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
+        and mod.sparse
+        and mod.weight.requires_grad
+    ]
+    if sparse:
+        raise MetaTensorError(
+            f"estimate: {type(module).__name__} has layers with sparse gradients "
+            f"({', '.join(repr(p) if p else 'the model itself' for p in sparse)}: nn.Embedding "
+            "or nn.EmbeddingBag with "
+            "sparse=True), which estimate does not simulate: their gradients would be counted "
+            "as dense tensors of the weight's size, not the rows a step looks up. Fix: "
+            "estimate a model built with sparse=False, whose step holds dense gradients "
+            "instead, and read its gradient and optimizer terms as that.",
+            paths=sparse,
+        )
+
+
 def _refuse_lazy(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise if ``module`` has lazy (uninitialised) parameters or buffers: no shape to simulate."""
     lazy = [
@@ -134,11 +158,13 @@ def fake_step(
     cast_to = options.precision.cast_to
     values = Values()
     rank = RankStep(module, layout, mode, options.device, cast_to) if layout is not None else None
+    # Together: a tensor given positionally and by keyword is one tensor.
+    fake_args, fake_kwargs = fake_inputs((args, kwargs), mode, options.device, cast_to, values)
     return FakeStep(
         mode=mode,
         state=rank.state if rank is not None else fake_state(module, mode, options.device, cast_to),
-        args=fake_inputs(args, mode, options.device, cast_to, values),
-        kwargs=fake_inputs(kwargs, mode, options.device, cast_to, values),
+        args=fake_args,
+        kwargs=fake_kwargs,
         values=values,
         rank=rank,
     )
@@ -736,6 +762,7 @@ def estimate(
     module = _build(module_or_factory)
     args, kwargs = inputs_of(module, example_inputs)
     _refuse_lazy(module, args, kwargs)
+    _refuse_sparse(module)
     layout = layout_of(module, parallel) if parallel is not None else None
     state, record, method = simulate(module, args, kwargs, options, layout)
     _warn_untracked(module, record)

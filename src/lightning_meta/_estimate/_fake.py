@@ -178,12 +178,20 @@ def fake_inputs(
             an input given by shape (a spec or a meta tensor).
 
     Returns:
-        ``value`` with every tensor replaced by a fake of its shape.
+        ``value`` with every tensor replaced by a fake of its shape; a tensor given
+        several times gets one fake (``mha(x, x, x)`` takes self-attention's path
+        on ``query is key is value``, and the input's bytes are held once).
     """
+    made_for: dict[int, torch.Tensor] = {}
 
     def fake(leaf: Any) -> Any:
         if not isinstance(leaf, torch.Tensor):
             return leaf
+        if id(leaf) not in made_for:
+            made_for[id(leaf)] = one(leaf)
+        return made_for[id(leaf)]
+
+    def one(leaf: torch.Tensor) -> torch.Tensor:
         dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
         with mode:
             if leaf.layout is not torch.strided or leaf.is_nested:

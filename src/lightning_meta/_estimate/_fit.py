@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._estimate._fake import inputs_of, map_leaves
 from lightning_meta._estimate._result import Estimate
@@ -41,6 +42,8 @@ _UNITS = {
     "tib": 2**40,
 }
 
+_FSDP = "strategy='fsdp'"
+
 
 def parse_bytes(value: Any) -> int:
     """Return a memory size in bytes: an ``int``, or text such as ``"80GiB"`` or ``"79.6 GB"``.
@@ -56,7 +59,10 @@ def parse_bytes(value: Any) -> int:
         >>> parse_bytes("80GiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
         (85899345920, 1500000000, 4096)
     """
-    fix = "pass bytes as an int, or text such as '80GiB' or '79GB'"
+    fix = spelled(
+        "pass bytes as an int, or text such as '80GiB' or '79GB'",
+        "pass bytes, or a size such as 80GiB or 79GB",
+    )
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ArgumentTypeError(f"find_fit: memory={value!r} is not a size. Fix: {fix}.")
     if isinstance(value, str):
@@ -87,6 +93,9 @@ class Fit:
     ``refused`` is the message of the model's refusal of the next candidate
     (a sequence longer than its positions, which a real forward refuses by
     index) when that, not memory, bounds the answer; ``""`` otherwise.
+    ``smallest`` is the smallest batch or sequence the model runs (``1``
+    unless it refuses smaller ones, as BatchNorm refuses a batch of 1 in
+    training): with ``value`` ``None``, ``beyond`` is the estimate there.
 
     Example::
 
@@ -111,6 +120,7 @@ class Fit:
     limit: int
     at_limit: bool = False
     refused: str = ""
+    smallest: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Return the answer as plain JSON-serialisable values."""
@@ -124,6 +134,7 @@ class Fit:
             "limit": self.limit,
             "at_limit": self.at_limit,
             "refused": self.refused,
+            "smallest": self.smallest,
             "fits": self.fits.to_dict() if self.fits is not None else None,
         }
 
@@ -196,7 +207,7 @@ def _varied(e: MetaTensorError, vary: str, given: int, n: int) -> MetaTensorErro
 
 def _search(
     peak: Callable[[int], Estimate | None], memory: int, start: int, limit: int, grows: bool
-) -> tuple[int | None, Estimate | None, Estimate | None, int]:
+) -> tuple[int | None, Estimate | None, Estimate | None, int, int]:
     """Find the boundary of ``peak(n).peak_bytes <= memory`` over ``1..limit``.
 
     With ``grows``, the largest ``n`` that fits (the peak grows with ``n``):
@@ -216,7 +227,8 @@ def _search(
     that runs, found by bisection between ``1`` and ``start``.
 
     Returns:
-        ``(n or None, estimate at n, estimate beyond n, estimates run)``.
+        ``(n or None, estimate at n, estimate beyond n, estimates run, the smallest n
+        the model runs)``.
     """
     seen: dict[int, Estimate | None] = {}
 
@@ -233,13 +245,13 @@ def _search(
         lo, n = 0, 1  # lo does not fit (0: nothing tried)
         while not fits(n):
             if n >= limit:
-                return None, None, at(n), len(seen)
+                return None, None, at(n), len(seen), 1
             lo, n = n, min(limit, n * 2)
         hi = n
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        return hi, at(hi), at(lo) if lo >= 1 else None, len(seen)
+        return hi, at(hi), at(lo) if lo >= 1 else None, len(seen), 1
 
     def line(a: int, b: int) -> int | None:
         """Where the line through the peaks at ``a < b`` reaches ``memory``; None if flat."""
@@ -257,7 +269,7 @@ def _search(
             mid = (refused + least) // 2
             refused, least = (mid, least) if at(mid) is None else (refused, mid)
     if not fits(least):
-        return None, None, at(least), len(seen)
+        return None, None, at(least), len(seen), least
     lo, hi, below = (
         least,
         0,
@@ -284,7 +296,7 @@ def _search(
             safe = hi == 0 and lo < 2 * old
         else:
             safe = (hi - lo) * 2 > before
-    return lo, at(lo), at(hi) if hi else None, len(seen)
+    return lo, at(lo), at(hi) if hi else None, len(seen), least
 
 
 def find_fit(
@@ -364,7 +376,7 @@ def find_fit(
         raise ArgumentValueError(
             "find_fit: vary='world_size' needs strategy='fsdp': only sharding lowers the memory of "
             "a rank as ranks are added (DDP replicates the model on every rank). Fix: pass "
-            "strategy='fsdp'."
+            f"{spelled(_FSDP, '--strategy fsdp')}."
         )
     for key in ("world_size",) if vary == "world_size" else ():
         if key in options:
@@ -403,7 +415,7 @@ def find_fit(
                 refusals[n] = e
                 return None
 
-        value, at, beyond, runs = _search(probe, budget, start, top, True)
+        value, at, beyond, runs, smallest = _search(probe, budget, start, top, True)
         refused = refusals.get(value + 1) if value is not None else None
         return Fit(
             vary,
@@ -415,6 +427,7 @@ def find_fit(
             top,
             at_limit=value == top,
             refused=str(refused) if refused is not None else "",
+            smallest=smallest,
         )
     if global_batch is not None and (
         isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
@@ -437,6 +450,6 @@ def find_fit(
         batch = global_batch // d if global_batch is not None else start
         return run(inputs_at(batch), world_size=d * tp)
 
-    index, at, beyond, runs = _search(per_rank, budget, 1, len(sizes), False)
+    index, at, beyond, runs, _ = _search(per_rank, budget, 1, len(sizes), False)
     value = sizes[index - 1] * tp if index is not None else None
     return Fit(vary, value, budget, at, beyond, runs, top)

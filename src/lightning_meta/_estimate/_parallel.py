@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import parse_dtype
 
@@ -38,6 +39,9 @@ TP_STYLES = {
     "embedding_rowwise": "rowwise",
     "replicate": "replicate",
 }
+
+_FSDP = "strategy='fsdp'"
+_DDP = "strategy='ddp'"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,10 @@ def _mixed_precision(value: Any) -> tuple[torch.dtype | None, torch.dtype | None
         if v is None or isinstance(v, torch.dtype):
             dtype = v
         elif isinstance(v, str):
-            dtype = parse_dtype(v.removesuffix("-mixed"))
+            try:
+                dtype = parse_dtype(v.removesuffix("-mixed"))
+            except ArgumentValueError as e:
+                raise ArgumentValueError(f"estimate: mixed_precision: {e}") from e
         else:
             raise ArgumentTypeError(
                 f"estimate: mixed_precision holds {type(v).__name__} {v!r}, not a dtype. Fix: {fix}."
@@ -270,13 +277,13 @@ def resolve_parallel(
             raise ArgumentValueError(
                 f"estimate: {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply "
                 "to DDP, which replicates the model. "
-                "Fix: pass strategy='fsdp' (FSDP2 and tensor parallel, Lightning's "
-                "ModelParallelStrategy), or leave them out."
+                f"Fix: pass {spelled(_FSDP, '--strategy fsdp')} (FSDP2 and "
+                "tensor parallel, Lightning's ModelParallelStrategy), or leave them out."
             )
     elif given["gradient_as_bucket_view"]:
         raise ArgumentValueError(
-            "estimate: gradient_as_bucket_view is a DDP option. Fix: pass strategy='ddp', or "
-            "leave it out."
+            "estimate: gradient_as_bucket_view is a DDP option. Fix: pass "
+            f"{spelled(_DDP, '--strategy ddp')}, or leave it out."
         )
     if world % tp:
         # the nearest multiples of tp around world (only the one above when world < tp)

@@ -147,7 +147,8 @@ def render_fit(answer: Fit, console: Console) -> None:
         none = (
             f"none up to {answer.limit} ranks"
             if answer.vary == "world_size"
-            else f"none: even 1 does not fit in {budget}"
+            else f"none: even {answer.smallest} does not fit in {budget}"
+            + (" (the model refuses smaller sizes)" if answer.smallest > 1 else "")
         )
         peak = (
             f"peak {human_bytes(answer.beyond.peak_bytes)}; " if answer.beyond is not None else ""
