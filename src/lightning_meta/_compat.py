@@ -1922,14 +1922,15 @@ def fabric_wrapped(module: nn.Module) -> nn.Module | None:
     the one its ``state_dict`` shows and its ``load_state_dict`` fills (its ``forward``
     runs the strategy's wrapper, ``DistributedDataParallel`` under DDP); ``None`` for any
     other module."""
-    try:
-        from lightning.fabric.wrappers import _FabricModule
-    except ImportError:  # pragma: no cover - lightning is a dependency
+    # By name, not isinstance: the torch-only core does not import Lightning
+    # (lightning.fabric.wrappers or the standalone lightning_fabric package).
+    kind = type(module)
+    if kind.__name__ != "_FabricModule" or not kind.__module__.startswith(
+        ("lightning.fabric.", "lightning_fabric.")
+    ):
         return None
-    if isinstance(module, _FabricModule):
-        wrapped: nn.Module = module._original_module
-        return wrapped
-    return None
+    wrapped = getattr(module, "_original_module", None)
+    return wrapped if isinstance(wrapped, nn.Module) else None
 
 
 __all__ += ["fabric_wrapped"]

@@ -1684,7 +1684,7 @@ class Ensemble(nn.Module):
             grad_buffers=self._grads,
             view_cache=self._views,
             changes=changes,
-            renormed=self._renormed(),
+            renormed=self._renormed() if torch.is_grad_enabled() else (),
         )
 
     def _vmap_or_loop(
