@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lightning_meta as lm
+from lightning_meta import _compat
 
 
 class _Padded(nn.Module):
@@ -95,7 +96,9 @@ class _MaxNorm(nn.Module):
 
 
 @pytest.mark.parametrize("execution", ["loop", "auto"])
-def test_max_norm_embedding_runs_on_the_loop_with_gradients(execution: str) -> None:
+def test_max_norm_embedding_runs_with_gradients(execution: str) -> None:
+    # auto may time vmap fastest, whose batched matmuls sum in another order.
+    tol = {"rtol": 0, "atol": 0} if execution == "loop" else {"rtol": 1e-5, "atol": 1e-6}
     members = _members(_MaxNorm)
     for m in members:
         with torch.no_grad():
@@ -105,14 +108,14 @@ def test_max_norm_embedding_runs_on_the_loop_with_gradients(execution: str) -> N
     ens = lm.Ensemble(copy.deepcopy(members), execution=execution)
     out = ens(ids)
     expected = torch.stack([m(ids) for m in ref])
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, **tol)
     out.square().sum().backward()
     expected.square().sum().backward()
     for name in ("e.weight", "head.weight", "head.bias"):
         stacked = torch.stack([m.get_parameter(name) for m in ref])
-        torch.testing.assert_close(ens.tensors()[name], stacked, rtol=0, atol=0)
+        torch.testing.assert_close(ens.tensors()[name], stacked, **tol)
         grads = torch.stack([m.get_parameter(name).grad for m in ref])  # type: ignore[misc]
-        torch.testing.assert_close(ens.tensors()[name].grad, grads, rtol=0, atol=0)
+        torch.testing.assert_close(ens.tensors()[name].grad, grads, **tol)
 
 
 def test_max_norm_embedding_runs_on_the_functional_loop_under_autocast() -> None:
@@ -135,8 +138,14 @@ def test_packed_sequence_input_runs_under_auto_as_on_the_loop() -> None:
     members = _members(lambda: nn.LSTM(4, 5, batch_first=True), 2)  # type: ignore[arg-type, return-value]
     x = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1))
     packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), batch_first=True)
-    auto = lm.Ensemble(copy.deepcopy(members))(packed)
+    if len(_compat.tree_leaves(packed)) == 1:
+        # torch 2.6's pytree has no PackedSequence node: a leaf neither plan stacks.
+        for execution in ("loop", "auto"):
+            with pytest.raises(lm.ArgumentValueError, match="PackedSequence in output leaf"):
+                lm.Ensemble(copy.deepcopy(members), execution=execution)(packed)
+        return
     loop = lm.Ensemble(copy.deepcopy(members), execution="loop")(packed)
+    auto = lm.Ensemble(copy.deepcopy(members))(packed)
     out, (h, _) = auto
     expected = [m(packed) for m in members]
     torch.testing.assert_close(out.data, loop[0].data, rtol=0, atol=0)
