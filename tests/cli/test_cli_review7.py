@@ -77,9 +77,32 @@ def test_a_target_file_named_after_an_installed_module_is_refused(
         proc = _python_m(*argv, cwd=tmp_path)  # a fresh process: the module not yet imported
         assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
         assert proc.stdout == ""
-        assert f"its module name {name!r} is the name of another module" in proc.stderr
-        assert f"Fix: rename {name}.py" in proc.stderr
+        assert f"its module name {name!r} is also the name of the installed module" in proc.stderr
+        assert f"Fix: rename {name}.py." in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_what_a_target_file_name_hides_or_does_not(tmp_path: Path) -> None:
+    torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "n.pt")
+    # a standard library module nothing imports, and a module of the working
+    # directory beside a file of that name elsewhere: imported as before
+    (tmp_path / "std").mkdir()
+    (tmp_path / "std" / "test.py").write_text(NET)
+    (tmp_path / "models.py").write_text(NET)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "models.py").write_text(NET.replace("nn.Linear(3, 2)", "nn.Linear(3, 5)"))
+    for target in ("std/test.py:Net", "sub/models.py:Net"):
+        proc = _python_m("load-check", target, "n.pt", "--no-strict", "--json", cwd=tmp_path)
+        assert proc.returncode == 0, (target, proc.stderr)
+    proc = _python_m("load-check", "sub/models.py:Net", "n.pt", "--json", cwd=tmp_path)
+    assert proc.returncode == 1 and "shape mismatch" in proc.stderr  # sub/models.py's own Net
+    # a package of the same name beside the file: Python would import the package
+    (tmp_path / "pk" / "net").mkdir(parents=True)
+    (tmp_path / "pk" / "net.py").write_text(NET)
+    (tmp_path / "pk" / "net" / "__init__.py").write_text(NET.replace("self.lin", "self.other"))
+    proc = _python_m("load-check", "pk/net.py:Net", "n.pt", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "its module name 'net' is also the name of the package" in proc.stderr
 
 
 def test_a_target_file_in_the_working_directory_is_not_its_own_shadow(tmp_path: Path) -> None:
@@ -104,17 +127,25 @@ def test_load_check_json_keeps_a_load_hooks_print_off_stdout(tmp_path: Path) -> 
         assert "POST HOOK PRINT" in proc.stderr
 
 
-def test_a_whole_module_file_says_to_resave_its_state_dict(
+def test_torch_nn_classes_in_a_pickle_name_both_causes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A whole model (re-save its state_dict), or a loss kept beside the weights
+    # (a Lightning checkpoint's hyperparameters), which --trust loads.
     (tmp_path / "lm_review7_whole.py").write_text(NET)
     torch.save(nn.Sequential(nn.Linear(3, 2)), tmp_path / "whole.pt")
+    weights = {f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}
+    torch.save({"state_dict": weights, "loss": nn.CrossEntropyLoss()}, tmp_path / "hp.pt")
     target = f"{tmp_path / 'lm_review7_whole.py'}:Net"
-    assert main(["load-check", target, str(tmp_path / "whole.pt")]) == 1
-    err = capsys.readouterr().err
-    assert "holds a whole module saved with torch.save(model)" in err
-    assert "torch.nn.modules.linear.Linear" in err and "--trust" not in err
-    assert "save its state_dict()" in err
+    for name in ("whole.pt", "hp.pt"):
+        assert main(["load-check", target, str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert "Among them are torch.nn modules: the file holds a whole model" in err
+        assert "model.state_dict()" in err and "--trust module:Name" in err
+    assert "'torch.nn.modules.linear:Linear'" in err or "'torch.nn.modules.loss:" in err
+    trust = ["--trust", "torch.nn.modules.loss:CrossEntropyLoss"]
+    assert main(["load-check", target, str(tmp_path / "hp.pt"), *trust]) == 0
+    assert "loaded 2 tensors" in capsys.readouterr().out
 
 
 def test_unsafe_globals_are_listed_as_trust_takes_them(

@@ -28,6 +28,7 @@ from lightning_meta._cli._main import main
 from support.measure import measure_training_step
 
 
+@pytest.mark.filterwarnings("ignore:estimate. peak_bytes of .* may be too low by up to")
 def test_one_tensor_given_three_times_takes_self_attentions_path() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 16, 32)
@@ -188,3 +189,41 @@ def test_command_line_fixes_name_the_options(
     with pytest.raises(lm.ArgumentValueError, match=r"^estimate: mixed_precision: unknown dtype"):
         lm.estimate(lambda: nn.Linear(16, 4), "8,16", strategy="fsdp", world_size=2,
                     mixed_precision="fp8")  # fmt: skip
+
+
+class _Attend(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.mha(q, k, v, need_weights=False)[0]
+        return out
+
+
+@pytest.mark.filterwarnings("ignore:estimate. peak_bytes of .* may be too low by up to")
+def test_find_fit_keeps_a_tensor_given_several_times_one_tensor() -> None:
+    x = torch.randn(8, 32, 64)
+    fit = lm.find_fit(_Attend, (x, x, x), memory="2MiB")
+    assert fit.value is not None and fit.fits is not None and fit.beyond is not None
+    at = torch.empty(fit.value, 32, 64, device="meta")
+    after = torch.empty(fit.value + 1, 32, 64, device="meta")
+    assert fit.fits.peak_bytes == lm.estimate(_Attend, (at, at, at)).peak_bytes
+    assert fit.beyond.peak_bytes == lm.estimate(_Attend, (after, after, after)).peak_bytes
+
+
+class _OwnSparse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1000, 16))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(nn.functional.embedding(ids, self.w, sparse=True))
+        return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_forwards_own_sparse_lookup_is_refused_by_parameter(optimizer: str) -> None:
+    with pytest.raises(lm.MetaTensorError, match=r"backward gave \['w'\] sparse gradients"):
+        lm.estimate(_OwnSparse, "8,4:int64", optimizer=optimizer)

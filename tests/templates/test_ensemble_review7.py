@@ -224,3 +224,87 @@ def test_an_ensemble_inside_a_member_or_template_is_refused_by_name() -> None:
         lm.MetaTemplate(members[1])
     with pytest.raises(lm.ArgumentTypeError, match=r"the module itself is an lm.Ensemble"):
         lm.MetaTemplate(members[1].heads)
+
+
+class _TiedMaxNorm(nn.Module):
+    """A max_norm embedding whose weight a head reuses (saved for backward), or a bag."""
+
+    def __init__(self, bag: bool = False) -> None:
+        super().__init__()
+        self.bag = bag
+        self.e = (nn.EmbeddingBag if bag else nn.Embedding)(10, 4, max_norm=1.0)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.e.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.e(ids)))
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_max_norm_weight_saved_for_backward_trains_on_the_loop_as_the_members(bag: bool) -> None:
+    torch.manual_seed(0)
+    members = [_TiedMaxNorm(bag) for _ in range(3)]
+    for m in members:
+        with torch.no_grad():
+            m.e.weight.mul_(3)
+    ids = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(members)
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    opt = torch.optim.SGD(ens.parameters(), lr=0.1)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in ref]
+    for _ in range(3):
+        ens(ids).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for m, o in zip(ref, opts, strict=True):
+            m(ids).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    stacked = torch.stack([m.e.weight for m in ref])
+    torch.testing.assert_close(ens.tensors()["e.weight"], stacked, rtol=0, atol=0)
+    member = ens.member(1)
+    assert member.head.weight is member.e.weight
+
+
+class _OwnMaxNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, 4) * 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.w, max_norm=1.0)
+
+
+def test_a_forwards_own_max_norm_lookup_is_refused_on_the_loop_by_name() -> None:
+    ens = lm.Ensemble(_members(_OwnMaxNorm), execution="loop")
+    with pytest.raises(lm.ArgumentValueError, match=r"member 0's forward changed a parameter in"):
+        ens(torch.randint(0, 10, (4, 5)))
+
+
+def test_a_factory_template_holding_an_ensemble_is_refused_by_name() -> None:
+    with pytest.raises(lm.ArgumentTypeError, match=r"MetaTemplate\(_WithHeads\): 'heads' is an"):
+        lm.MetaTemplate(_WithHeads)
+    template = lm.MetaTemplate(_WithHeads, cache=False)  # built on use
+    with pytest.raises(lm.ArgumentTypeError, match=r"'heads' is an lm.Ensemble"):
+        template.module  # noqa: B018
+
+
+def test_named_tuple_inputs_of_other_fields_are_other_kinds_of_call() -> None:
+    from collections import namedtuple
+
+    first = namedtuple("NT", ["a", "b"])
+    second = namedtuple("NT", ["a", "c"])
+
+    class Take(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.l(pair[0]) + pair[1]
+
+    ens = lm.Ensemble([Take() for _ in range(2)])
+    x = torch.randn(3, 4)
+    ens(first(x, x))
+    ens(second(x, x))
+    assert len({record.signature for record in ens.plans}) == 2

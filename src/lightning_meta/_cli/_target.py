@@ -88,19 +88,29 @@ def _module_name(path: Path) -> tuple[str, Path]:
 
 
 def _shadowed(name: str, root: Path) -> str | None:
-    """Where the module that ``name``'s top-level package would hide lives, if one does: a
-    module found on ``sys.path`` (installed, or in the working directory) that is not the
-    one under ``root``."""
+    """What importing the file at ``root`` as ``name`` would get wrong, if anything: a
+    package of the same name beside it (imported instead of the file), or an installed
+    package of the same top-level name (hidden from everything imported later: rich,
+    which the report is printed with; yaml).
+
+    Only installed packages (``site-packages``) count: a file named after a standard
+    library module nothing imports (``test.py``) or a module in the working directory
+    imports as before.
+    """
     top = name.partition(".")[0]
+    if "." not in name and (root / top / "__init__.py").is_file():
+        return f"the package {str(root / top)!r} beside it, which Python imports instead"
     try:
         found = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
     if found is None or found.origin is None or not found.has_location:
         return None  # nothing installed there, or a namespace package
-    ours = {(root / f"{top}.py").resolve(), (root / top / "__init__.py").resolve()}
     origin = Path(found.origin).resolve()
-    return None if origin in ours else str(origin)
+    if not {"site-packages", "dist-packages"} & set(origin.parts):
+        return None
+    ours = {(root / f"{top}.py").resolve(), (root / top / "__init__.py").resolve()}
+    return None if origin in ours else f"the installed module at {str(origin)!r}, which it hides"
 
 
 def import_file(path: str | Path, *, spec: str | None = None) -> Any:
@@ -135,14 +145,10 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
         )
     shadowed = _shadowed(name, root)
     if shadowed is not None:
-        # Imported first, the file would stand for that module everywhere in
-        # this process (rich, which the report is printed with; yaml).
         raise _fail(
             label,
-            f"its module name {name.partition('.')[0]!r} is the name of another module on "
-            f"the import path, at {shadowed}, which it would hide",
-            f"rename {file.name if '.' not in name else root.name} or import it as "
-            "'package.module:Name'",
+            f"its module name {name.partition('.')[0]!r} is also the name of {shadowed}",
+            f"rename {file.name if '.' not in name else root.name}",
         )
     added = str(root) not in sys.path
     if added:

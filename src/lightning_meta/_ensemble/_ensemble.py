@@ -48,6 +48,7 @@ from lightning_meta._ensemble._loop import (
     MemberSlots,
     Reassigned,
     ViewCache,
+    changed_in_place,
     check_no_draw,
     check_output_leaves,
     join_outputs,
@@ -56,6 +57,7 @@ from lightning_meta._ensemble._loop import (
     rng_states,
     run_loop,
     separate_views,
+    write_back,
 )
 from lightning_meta._ensemble._members import (
     Profile,
@@ -1545,15 +1547,15 @@ class Ensemble(nn.Module):
             raise state_written_error(plan, runner, written, forced=forced, registered=registered)
 
     def _renormed(self) -> frozenset[str]:
-        """The stacked names of the ``nn.Embedding(max_norm=...)`` weights, which the
-        forward renormalises in place: the loop gives each member a view of its own
-        (:func:`separate_views`)."""
+        """The stacked names of the ``nn.Embedding`` / ``nn.EmbeddingBag(max_norm=...)``
+        weights, which the forward renormalises in place: with gradients, the loop gives
+        each member a copy of its own (:func:`separate_views`)."""
         slots = self._slots()
         if self._renormed_for is not slots:
             paths = [
                 f"{path}.weight" if path else "weight"
                 for path, mod in self.template.module.named_modules()
-                if isinstance(mod, nn.Embedding) and mod.max_norm is not None
+                if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None
             ]
             aliases = slots.aliases()
             self._renormed_names = frozenset(aliases.get(p, p) for p in paths)
@@ -1849,7 +1851,12 @@ class Ensemble(nn.Module):
             params = {k: v[i] for k, v in views.items()}
             seen: dict[str, Any] | None = {} if changes is not None else None
             state = None if compiling else AttributeState(self._watched_template())
-            outs.append(self._call_template(params, xs, kw, seen))
+            try:
+                outs.append(self._call_template(params, xs, kw, seen))
+            except RuntimeError as e:
+                raise changed_in_place(e, start + i) from e
+            if renormed:
+                write_back(tensors, views, renormed, i)
             if state is not None:
                 # The next member would read this one's value there (a count
                 # would count every member); the member's inputs are the same

@@ -57,6 +57,7 @@ __all__ = [
     "Reassigned",
     "ViewCache",
     "check_no_draw",
+    "changed_in_place",
     "check_output_leaves",
     "differs",
     "join_outputs",
@@ -66,6 +67,7 @@ __all__ = [
     "rng_states",
     "run_loop",
     "separate_views",
+    "write_back",
 ]
 
 
@@ -227,13 +229,50 @@ class ViewCache:
 
 
 def separate_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
-    """``stacked[0], stacked[1], ...`` as one view op each, for a tensor the forward changes in
-    place (``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, under
-    ``no_grad``). ``unbind``'s views cannot be used by autograd once their base was changed
-    (torch: "Output 0 of Unbind is a view and its base ... has been modified inplace"); a
-    ``select`` view can. The price is in backward: each member's gradient is a zero tensor
-    of the stacked size with its slice filled, summed into the stacked gradient."""
-    return tuple(stacked.select(0, i) for i in range(stacked.shape[0]))
+    """Each member's slice of ``stacked`` as a copy of its own, for a tensor the forward
+    changes in place (``nn.Embedding(max_norm=...)`` renormalises the rows it looks up,
+    under ``no_grad``); :func:`write_back` puts each copy's values back after the
+    member's forward.
+
+    Views would not do: ``unbind``'s cannot be used by autograd once their base changed
+    (torch: "Output 0 of Unbind is a view and its base ... has been modified inplace"),
+    and any view shares the stacked tensor's version counter, so member ``i + 1``'s
+    renormalisation would void what member ``i`` saved for backward (a head tied to the
+    embedding). A copy changes alone, as each member's own weight does; its gradient
+    flows to the stacked tensor through one ``unbind``.
+    """
+    return tuple(v.clone() for v in stacked.unbind(0))
+
+
+def changed_in_place(e: RuntimeError, member: int) -> Exception:
+    """The package's error for torch's refusal of a change in place to a member's view of a
+    stacked parameter (a forward's own ``F.embedding(..., max_norm=...)``), else ``e``."""
+    if "is a view and its base or another view of its base has been modified inplace" not in str(e):
+        return e
+    return ArgumentValueError(
+        f"Ensemble's loop plan: member {member}'s forward changed a parameter in place with "
+        "gradients on (F.embedding(..., max_norm=...) or another in-place op on a weight in "
+        "the forward's own code), which torch refuses on the member's view of the stacked "
+        "tensor. Fix: use nn.Embedding(max_norm=...) or nn.EmbeddingBag(max_norm=...), whose "
+        "weights the loop gives each member a copy of, or execution='vmap'."
+    )
+
+
+def write_back(
+    tensors: Mapping[str, torch.Tensor],
+    views: Mapping[str, Sequence[torch.Tensor]],
+    renormed: Collection[str],
+    index: int,
+) -> None:
+    """Put member ``index``'s copies (:func:`separate_views`) of the ``renormed`` tensors
+    back into the stacked tensors: what its forward changed in place, as on its own."""
+    with torch.no_grad():
+        for name in renormed:
+            copies, stacked = views.get(name), tensors.get(name)
+            if copies is None or stacked is None:
+                continue
+            if copies[index].data_ptr() != stacked[index].data_ptr():  # a copy, not a view
+                stacked[index].copy_(copies[index])
 
 
 def _member_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
@@ -545,7 +584,12 @@ def run_loop(
         for i in range(num_members):
             if randomness == "same" and i > 0:
                 replay_rng(replay)
-            outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
+            try:
+                outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
+            except RuntimeError as e:
+                raise changed_in_place(e, i) from e
+            if renormed and torch.is_grad_enabled():
+                write_back(tensors, views, renormed, i)
             for name, new in members[i].reassigned(views, i):
                 changes.setdefault(name, {})[i] = new
             if randomness == "error":

@@ -227,7 +227,8 @@ def _describe(x: Any) -> str:
     if _named_tuple(x):
         # Field by field: a named tuple rebuilt with descriptions would meet
         # its own checks (PackedSequence reads its data's device).
-        return f"{type(x).__name__}{[_describe_tree(v) for v in x]}"
+        fields = ", ".join(f"{f}={_describe_tree(v)}" for f, v in zip(x._fields, x, strict=True))
+        return f"{type(x).__module__}.{type(x).__qualname__}({fields})"
     if isinstance(x, torch.Tensor):
         shape = ",".join(str(_bucket(s)) for s in x.shape)
         grad = "+grad" if x.requires_grad else ""

@@ -173,9 +173,13 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
     size = int(tensors[0].shape[dim])
 
     def leaf(n: int) -> Callable[[Any], Any]:
+        made: dict[int, torch.Tensor] = {}  # a tensor given several times stays one
+
         def resize(t: Any) -> Any:
             if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == size:
-                return _meta_like(t, dim, n)
+                if id(t) not in made:
+                    made[id(t)] = _meta_like(t, dim, n)
+                return made[id(t)]
             return t
 
         return resize

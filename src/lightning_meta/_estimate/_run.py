@@ -430,6 +430,7 @@ def simulate_step(
         if params and not loss.requires_grad:
             raise _loss_without_grad(module, state, params)
         _backward(loss, params, optimizer, watch, record, rank)
+        _refuse_sparse_gradients(state, params)
         # Lightning drops the outputs of training_step before stepping
         del output, loss
         record.gradient_bytes = watch.tracker.current["gradients"]
@@ -437,6 +438,23 @@ def simulate_step(
     _record(record, watch, type(module).__name__)
     if rank is not None:
         rank.count_as_dtensor(record)
+
+
+def _refuse_sparse_gradients(state: dict[str, torch.Tensor], params: list[nn.Parameter]) -> None:
+    """Raise if backward gave a parameter a sparse gradient (``F.embedding(...,
+    sparse=True)`` in a forward's own code; the layers are refused before the step): the
+    optimizer's warm-up held it dense, so the step's gradient terms would be a dense one's."""
+    ids = {id(p) for p in params if p.grad is not None and p.grad.layout != torch.strided}
+    if not ids:
+        return
+    names = [n for n, t in state.items() if id(t) in ids]
+    raise MetaTensorError(
+        f"estimate: backward gave {names} sparse gradients (an embedding lookup with "
+        "sparse=True), which estimate does not simulate: they would be counted as dense "
+        "tensors of the weights' size. Fix: estimate the model with sparse=False, whose step "
+        "holds dense gradients instead.",
+        paths=names,
+    )
 
 
 def _loss_without_grad(

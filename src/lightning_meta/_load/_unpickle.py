@@ -198,23 +198,24 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
         "with --trust module:Name (once per name)",
     )
     needed = sorted(set(names))
-    if any(n.startswith("torch.nn.modules.") for n in needed):
-        # A whole model (torch.save(model)): trusting its classes would
-        # unpickle a module, which no state dict reader takes.
-        return MetaTensorError(
-            f"{where!r} holds a whole module saved with torch.save(model) (unpickling {what} "
-            f"needs the classes {needed}), not a state dict: lightning_meta loads state "
-            "dicts only. Fix: where you trust the file, load it in Python "
-            "(torch.load(path, weights_only=False)) and save its state_dict() "
-            "(torch.save(model.state_dict(), path)), then load that.",
-            paths=[where],
-        )
+    # On the command line, in the form --trust takes (module:Name).
     listed = spelled(repr(needed), repr([":".join(n.rsplit(".", 1)) for n in needed]))
+    modules = ""
+    if any(n.startswith("torch.nn.modules.") for n in needed):
+        # Not always a whole model: a Lightning checkpoint keeps a loss module
+        # in its hyperparameters beside the weights, which trusting loads.
+        modules = (
+            " Among them are torch.nn modules: the file holds a whole model saved with "
+            "torch.save(model), which no state dict reader loads (where you trust the file, "
+            "load it in Python with torch.load(path, weights_only=False) and save "
+            "model.state_dict()), or modules kept beside the weights (a loss in a "
+            "checkpoint's hyperparameters), which trusting them loads."
+        )
     return MetaTensorError(
         f"{where!r} cannot be loaded with weights_only=True: unpickling {what} would construct "
         "objects other than tensors and plain containers, which can run arbitrary code. It "
-        f"needs: {listed}. lightning_meta never unpickles arbitrary objects. Fix: if you "
-        f"trust this file, allow exactly those {_allow}, or re-save only the state_dict.",
+        f"needs: {listed}. lightning_meta never unpickles arbitrary objects.{modules} Fix: if "
+        f"you trust this file, allow exactly those {_allow}, or re-save only the state_dict.",
         paths=[where],
     )
 

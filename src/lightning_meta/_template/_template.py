@@ -233,6 +233,23 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
 STACKS_MEMBERS = "_lightning_meta_stacks_members"
 
 
+def _refuse_ensembles(module: nn.Module) -> None:
+    """Raise if ``module`` is or holds an ``lm.Ensemble`` (see :data:`STACKS_MEMBERS`)."""
+    ensembles = [
+        path for path, sub in module.named_modules() if getattr(type(sub), STACKS_MEMBERS, False)
+    ]
+    if ensembles:
+        where = ", ".join(repr(p) if p else "the module itself" for p in ensembles)
+        raise ArgumentTypeError(
+            f"MetaTemplate({type(module).__name__}): {where} is an lm.Ensemble, which a "
+            "template cannot hold: an Ensemble runs its members through stacked tensors and "
+            "a template of its own, which a template's meta copy (or an outer Ensemble's "
+            "stacked call) cannot reach. Fix: hold the inner modules as plain modules "
+            "(nn.ModuleList) in the model, or make one Ensemble of the whole models.",
+            paths=ensembles,
+        )
+
+
 def to_meta(module: nn.Module) -> nn.Module:
     """Return a meta-device copy of ``module`` without allocating real memory.
 
@@ -253,19 +270,7 @@ def to_meta(module: nn.Module) -> nn.Module:
             paths=lazy,
         )
 
-    ensembles = [
-        path for path, sub in module.named_modules() if getattr(type(sub), STACKS_MEMBERS, False)
-    ]
-    if ensembles:
-        where = ", ".join(repr(p) if p else "the module itself" for p in ensembles)
-        raise ArgumentTypeError(
-            f"MetaTemplate({type(module).__name__}): {where} is an lm.Ensemble, which a "
-            "template cannot hold: an Ensemble runs its members through stacked tensors and "
-            "a template of its own, which a template's meta copy (or an outer Ensemble's "
-            "stacked call) cannot reach. Fix: hold the inner modules as plain modules "
-            "(nn.ModuleList) in the model, or make one Ensemble of the whole models.",
-            paths=ensembles,
-        )
+    _refuse_ensembles(module)
 
     def make(name: str, tensor: torch.Tensor) -> torch.Tensor:
         meta = _meta_like(tensor)
@@ -378,6 +383,7 @@ def _build_on_meta(factory: Factory) -> nn.Module:
     # mode) around it must neither record its construction nor make it fake.
     with no_dispatch_modes():
         module = build_on_meta(factory, "MetaTemplate factory")
+    _refuse_ensembles(module)
     # A factory may capture modules or tensors built elsewhere; copy what is
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
