@@ -12,6 +12,7 @@ import collections
 import contextlib
 import copy
 import functools
+import inspect
 import pickle
 import threading
 import types
@@ -36,6 +37,7 @@ from lightning_meta._compat import (
     recomputing_hooks,
     register_pytree_node,
     tensor_tables,
+    tree_leaves,
 )
 from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
@@ -233,6 +235,14 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
 STACKS_MEMBERS = "_lightning_meta_stacks_members"
 
 
+def _storage_address(t: torch.Tensor) -> int:
+    """Where ``t``'s memory is; 0 for a tensor without any (meta, fake, empty)."""
+    if t.is_meta or (type(t) is not torch.Tensor and not isinstance(t, nn.Parameter)):
+        return 0
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() > 0 else 0
+
+
 def _refuse_ensembles(module: nn.Module) -> None:
     """Raise if ``module`` is or holds an ``lm.Ensemble`` (see :data:`STACKS_MEMBERS`)."""
     ensembles = [
@@ -287,8 +297,15 @@ def to_meta(module: nn.Module) -> nn.Module:
             if isinstance(value, torch.Tensor):
                 memo[id(value)] = _meta_like(value)
     own = {id(t) for t in _tensors(module)} | set(memo)
+    # Storage of the module's own tensors, by name: a plain attribute sharing
+    # it (self.readout = self.emb.weight.data) would become a copy frozen at
+    # build time, which no call's tensors (and no training step) reach.
+    storages = {
+        ptr: name for name, t in named_tensors(module).items() if (ptr := _storage_address(t))
+    }
     derived: list[str] = []
     trained: list[str] = []
+    shared: dict[str, str] = {}
     for path, where, value in _reachable(module, set()):
         if not isinstance(value, torch.Tensor) or id(value) in own:
             continue
@@ -296,6 +313,10 @@ def to_meta(module: nn.Module) -> nn.Module:
             (derived if value.grad_fn is not None else trained).append(
                 f"{path}.{where}" if path else where
             )
+            continue
+        twin = storages.get(_storage_address(value))
+        if twin is not None:
+            shared[f"{path}.{where}" if path else where] = twin
             continue
         # A module built in an open deferred_init block (an Ensemble's members)
         # holds the block's fake tensors in its plain attributes (a constant
@@ -310,10 +331,20 @@ def to_meta(module: nn.Module) -> nn.Module:
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, derived))} is a "
             "tensor attribute computed from parameters (it has a grad_fn), which cannot be "
-            "copied without its graph. Fix: compute it in forward, keep a detached copy "
-            "(`t.detach()`), or register it as a buffer (`self.register_buffer(name, "
-            "t.detach(), persistent=False)`).",
+            "copied without its graph. Fix: compute it in forward, or register it as a buffer "
+            "(`self.register_buffer(name, t.detach(), persistent=False)`).",
             paths=derived,
+        )
+    if shared:
+        pairs = ", ".join(f"{a!r} (with {b!r})" for a, b in shared.items())
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): {pairs} share memory with the module's "
+            "parameters or buffers outside its tables (`self.readout = self.emb.weight.data`): "
+            "the template would keep a copy as it is now, which neither the tensors a call "
+            "passes in nor a training step reach. Fix: use the tensor itself (a tie: "
+            "`self.readout = self.emb.weight`), or register it as a buffer "
+            "(`self.register_buffer(name, t, persistent=False)`), passed in the mapping.",
+            paths=list(shared),
         )
     if trained:
         raise ArgumentValueError(
@@ -388,6 +419,21 @@ def _build_on_meta(factory: Factory) -> nn.Module:
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
         module = to_meta(module)
+    own = {id(t) for t in _tensors(module)}
+    stray = [path for path, t in _meta_plain(module) if id(t) not in own]
+    if stray:
+        # Built under torch.device("meta"), they hold no value, and no call's
+        # mapping replaces them: torch's CPU matmuls would compute with
+        # uninitialised memory (a real tensor @ a meta one), others refuse.
+        raise ArgumentValueError(
+            f"MetaTemplate factory {describe(factory)!r} built {', '.join(map(repr, stray))}: "
+            "plain tensor attributes, which the factory makes on the meta device (no values) "
+            "and no call's mapping replaces. Fix: register them as buffers "
+            "(`self.register_buffer(name, t, persistent=False)`), passed in the mapping like "
+            "the others; or pass a module instead of the factory (MetaTemplate(module) keeps "
+            "their values).",
+            paths=stray,
+        )
     return module
 
 
@@ -829,7 +875,23 @@ class MetaTemplate:
         self, params_and_buffers: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any
     ) -> Any:
         """Run the template's forward with ``params_and_buffers`` (see :meth:`functional_call`)."""
+        if "modes" in kwargs and isinstance(kwargs["modes"], (nn.Module, Mapping)):
+            self._refuse_modes_keyword()
         return self.functional_call(params_and_buffers, args, kwargs)
+
+    def _refuse_modes_keyword(self) -> None:
+        """Raise unless the forward itself takes ``modes``: written as a keyword of the call,
+        it goes to the forward (a transformers model's ``**kwargs`` drops it silently)."""
+        module = self.module
+        if "modes" in inspect.signature(module.forward).parameters:
+            return
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__})(params, ..., modes=...) passes modes= to "
+            "the forward, which does not take it (a forward with **kwargs would drop it, "
+            "running every submodule in the template's own mode). Fix: "
+            "template.functional_call(params, args, kwargs, modes=net), or call with "
+            "template.state_from(net), which carries net's modes."
+        )
 
     def functional_call(
         self,
@@ -930,13 +992,16 @@ class MetaTemplate:
         # a submodule registered twice (its swaps run name by name). So it gets a
         # copy, and _reassigned picks what the forward assigned.
         given = dict(params_and_buffers)
+        # What each name held before the call, read once: a mapping may make a new
+        # tensor on every lookup (a hypernetwork's view of a flat vector).
+        before = dict(given)
         # The check inside the lock: the tables it compares are the module's,
         # which another thread's call fills with its tensors meanwhile.
         with self._serialized():
             layout = self._layout_of(module)
             with _computed_kept(layout):
                 if strict:
-                    self._check(layout, params_and_buffers, tie_weights=tie_weights)
+                    self._check(layout, before, (args, kwargs), tie_weights=tie_weights)
                 with _modes_set(module, modes) if modes else contextlib.nullcontext():
                     if torch.is_grad_enabled():
                         _refuse_checkpointing(layout)
@@ -956,13 +1021,17 @@ class MetaTemplate:
                             out = torch.func.functional_call(
                                 module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                             )
-                    except BaseException:
+                    except BaseException as e:
                         if state is not None:
                             lost = state.restore()
                             if lost:  # changed in place, then raised: later calls would see it
                                 self._spoiled = lost
+                        if isinstance(e, RuntimeError) and "device meta" in str(e):
+                            stray = _meta_outside(module)
+                            if stray:
+                                raise _meta_outside_error(module, stray, e) from e
                         raise
-                    replaced = _reassigned(module, params_and_buffers, given)
+                    replaced = _reassigned(module, before, given)
                     if state is not None:
                         self._put_back(layout, state, source is not None, replaced)
         if replaced:
@@ -1035,11 +1104,17 @@ class MetaTemplate:
             )
 
     def _check(
-        self, layout: _Layout, given: Mapping[str, torch.Tensor], *, tie_weights: bool
+        self,
+        layout: _Layout,
+        given: Mapping[str, torch.Tensor],
+        inputs: Any,
+        *,
+        tie_weights: bool,
     ) -> None:
         module = layout.modules[0]
         groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
+        real = None  # whether a tensor with values is given: asked once, where a meta one is
         for names in groups:
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
@@ -1068,6 +1143,20 @@ class MetaTemplate:
                     f"{name!r} has dtype {value.dtype}, expected {integral[name]} (a buffer: "
                     "pass the module's own, e.g. from template.state_from(net))"
                 )
+            elif value.is_meta and type(value) in (torch.Tensor, nn.Parameter):
+                # A plain meta tensor (a deferred one has errors of its own):
+                # beside real ones, torch's CPU matmuls return uninitialised memory.
+                if real is None:
+                    real = any(
+                        isinstance(t, torch.Tensor) and not t.is_meta
+                        for t in (*given.values(), *tree_leaves(inputs))
+                    )
+                if real:
+                    problems[name] = (
+                        f"{name!r} is a meta tensor (no values) among real tensors, on which "
+                        "the call would compute from uninitialised memory (materialize or "
+                        "load it first)"
+                    )
         if problems:
             lines = "\n  ".join(sorted(problems.values()))
             raise MetaTensorError(
@@ -1116,7 +1205,7 @@ class MetaTemplate:
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         factory = self.__dict__.get("_factory")
-        if self.__dict__.get("_module") is None and isinstance(factory, types.FunctionType):
+        if self.__dict__.get("_module") is None and factory is not None:
             # pickle names a function by its qualified name; a lambda or a
             # local function has none it can import, and the raw error would
             # not say that a template is the cause (ddp_spawn pickles the model).
@@ -1155,6 +1244,38 @@ def _computed_kept(layout: _Layout) -> Iterator[None]:
     finally:
         for sub, attr, value in saved:
             setattr(sub, attr, value)
+
+
+def _meta_plain(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every meta tensor reachable from ``module``'s plain attributes."""
+    return [
+        (f"{path}.{where}" if path else where, value)
+        for path, where, value in _reachable(module, set())
+        if isinstance(value, torch.Tensor) and value.is_meta
+    ]
+
+
+def _meta_outside(module: nn.Module) -> list[str]:
+    """Paths of the meta tensors ``module`` holds outside its parameters and buffers (a
+    factory's plain tensor attribute, built under ``torch.device("meta")``; a list or a
+    hook's argument referring to its own buffer, copied to meta with it), which no call's
+    mapping replaces."""
+    # The module's own tensors count too: the call swaps them in its tables,
+    # not in a list or a hook's arguments that refer to them.
+    return [path for path, _ in _meta_plain(module)]
+
+
+def _meta_outside_error(module: nn.Module, paths: list[str], e: Exception) -> MetaTensorError:
+    return MetaTensorError(
+        f"MetaTemplate({type(module).__name__}): the forward computed with "
+        f"{', '.join(map(repr, paths))}, meta tensors the template holds outside its "
+        "parameters and buffers (a factory builds them on meta; a reference to a buffer is "
+        "copied to meta with it), which no call's mapping replaces (torch: "
+        f"{str(e).splitlines()[0]}). Fix: register them as buffers "
+        "(`self.register_buffer(name, t, persistent=False)`), passed in the mapping like the "
+        "others, or compute them in forward from the tensors passed in.",
+        paths=paths,
+    )
 
 
 def _reassigned(
