@@ -993,8 +993,9 @@ class MetaTemplate:
         # copy, and _reassigned picks what the forward assigned.
         given = dict(params_and_buffers)
         # What each name held before the call, read once: a mapping may make a new
-        # tensor on every lookup (a hypernetwork's view of a flat vector).
-        before = dict(given)
+        # tensor on every lookup (a hypernetwork's view of a flat vector). A dict
+        # (TemplateState is one) gives the same tensor every time: no copy.
+        before = params_and_buffers if isinstance(params_and_buffers, dict) else dict(given)
         # The check inside the lock: the tables it compares are the module's,
         # which another thread's call fills with its tensors meanwhile.
         with self._serialized():
