@@ -14,9 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import lightning_meta
 from lightning_meta._cli import main
+from support.processes import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -48,21 +45,6 @@ class Printy(nn.Module):
 """
 
 
-def _python_m(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    src = str(Path(lightning_meta.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    env.pop("LIGHTNING_META_TRACEBACK", None)
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_meta", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize("name", ["rich", "yaml"])
 def test_a_target_file_named_after_an_installed_module_is_refused(
     tmp_path: Path, name: str
@@ -74,7 +56,7 @@ def test_a_target_file_named_after_an_installed_module_is_refused(
         ["load-check", f"shadow/{name}.py:Net", "lin.pt"],
         ["check", f"shadow/{name}.py:Net"],
     ):
-        proc = _python_m(*argv, cwd=tmp_path)  # a fresh process: the module not yet imported
+        proc = run_cli(*argv, cwd=tmp_path)  # a fresh process: the module not yet imported
         assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
         assert proc.stdout == ""
         assert f"its module name {name!r} is also the name of the installed module" in proc.stderr
@@ -92,15 +74,15 @@ def test_what_a_target_file_name_hides_or_does_not(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "models.py").write_text(NET.replace("nn.Linear(3, 2)", "nn.Linear(3, 5)"))
     for target in ("std/test.py:Net", "sub/models.py:Net"):
-        proc = _python_m("load-check", target, "n.pt", "--no-strict", "--json", cwd=tmp_path)
+        proc = run_cli("load-check", target, "n.pt", "--no-strict", "--json", cwd=tmp_path)
         assert proc.returncode == 0, (target, proc.stderr)
-    proc = _python_m("load-check", "sub/models.py:Net", "n.pt", "--json", cwd=tmp_path)
+    proc = run_cli("load-check", "sub/models.py:Net", "n.pt", "--json", cwd=tmp_path)
     assert proc.returncode == 1 and "shape mismatch" in proc.stderr  # sub/models.py's own Net
     # a package of the same name beside the file: Python would import the package
     (tmp_path / "pk" / "net").mkdir(parents=True)
     (tmp_path / "pk" / "net.py").write_text(NET)
     (tmp_path / "pk" / "net" / "__init__.py").write_text(NET.replace("self.lin", "self.other"))
-    proc = _python_m("load-check", "pk/net.py:Net", "n.pt", cwd=tmp_path)
+    proc = run_cli("load-check", "pk/net.py:Net", "n.pt", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "its module name 'net' is also the name of the package" in proc.stderr
 
@@ -108,7 +90,7 @@ def test_what_a_target_file_name_hides_or_does_not(tmp_path: Path) -> None:
 def test_a_target_file_in_the_working_directory_is_not_its_own_shadow(tmp_path: Path) -> None:
     (tmp_path / "lm_review7_net.py").write_text(NET)
     torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "n.pt")
-    proc = _python_m("load-check", "lm_review7_net.py:Net", "n.pt", "--json", cwd=tmp_path)
+    proc = run_cli("load-check", "lm_review7_net.py:Net", "n.pt", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["loaded"] == ["lin.bias", "lin.weight"]
 
@@ -118,7 +100,7 @@ def test_load_check_json_keeps_a_load_hooks_print_off_stdout(tmp_path: Path) -> 
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "lin.pt")
     torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "p.pt")
     for init in ("deferred", "meta"):
-        proc = _python_m(
+        proc = run_cli(
             "load-check", "lm_review7_printy.py:Printy", "p.pt", "--json", "--init", init,
             cwd=tmp_path,
         )  # fmt: skip

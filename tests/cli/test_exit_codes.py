@@ -6,8 +6,6 @@ never a traceback; with ``--json``, standard output is empty or one JSON documen
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from lightning_meta._cli._main import (
 )
 from lightning_meta._cli._target import TargetError, guarded_build, load_target, target_factory
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
+from support.processes import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -420,21 +419,6 @@ def test_prints_of_the_model_go_to_stderr(
     assert ("forward:" if command == "estimate" else "configure_optimizers:") in captured.err
 
 
-def _python_m(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    src = str(Path(lightning_meta.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    env.pop("LIGHTNING_META_TRACEBACK", None)
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_meta", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def test_subprocess_sys_exit_targets_exit_2_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "lm_exit_sub.py").write_text(MODELS)
     (tmp_path / "lm_exit_sub_import.py").write_text("import sys\nsys.exit(0)\n")
@@ -443,7 +427,7 @@ def test_subprocess_sys_exit_targets_exit_2_with_one_line(tmp_path: Path) -> Non
         ["estimate", "lm_exit_sub.py:ExitsZero", "--input", "8,16", "--json"],
         ["check", "lm_exit_sub_import.py:Net", "--json"],
     ):
-        proc = _python_m(*argv, cwd=tmp_path)
+        proc = run_cli(*argv, cwd=tmp_path)
         assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
         assert proc.stdout == ""
         assert "Traceback" not in proc.stderr
@@ -470,7 +454,7 @@ def test_subprocess_usage_errors_are_one_line_naming_the_command(
     argv: list[str], message: str, tmp_path: Path
 ) -> None:
     # an unknown option used to print the top-level usage and "lightning-meta: error: ..."
-    proc = _python_m(*argv, cwd=tmp_path)
+    proc = run_cli(*argv, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -484,7 +468,7 @@ def test_subprocess_help_of_every_command_lists_the_exit_statuses(
     command: str, tmp_path: Path
 ) -> None:
     # estimate --help and load-check --help used to say nothing of them
-    proc = _python_m(command, "--help", cwd=tmp_path)
+    proc = run_cli(command, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
     assert "Exit status: 0 " in text, text
@@ -503,11 +487,11 @@ def test_subprocess_stdout_is_only_json(tmp_path: Path) -> None:
         ["estimate", "lm_exit_sub_json.py:Net", "--input", "8,16", "--json"],
         ["check", "lm_exit_sub_json.py:Net", "--json"],
     ):
-        proc = _python_m(*argv, cwd=tmp_path)
+        proc = run_cli(*argv, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         json.loads(proc.stdout)  # the model's prints went to stderr
         assert "imported:" in proc.stderr
-    bad = _python_m(
+    bad = run_cli(
         "estimate",
         "lm_exit_sub_json.py:Net",
         "--input",

@@ -34,6 +34,26 @@ def run_module(
     )
 
 
+def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m lightning_meta ARGV`` in ``cwd``, a fresh process as a user's shell
+    starts it (nothing imported before the target; no traceback requested)."""
+    import lightning_meta
+
+    env = dict(os.environ)
+    src = str(Path(lightning_meta.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    env.pop("LIGHTNING_META_TRACEBACK", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_meta", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
 def destroy_process_group_at_exit() -> None:
     """Destroy this process' default process group, if any, before the interpreter finalizes.
 
