@@ -308,3 +308,21 @@ def test_named_tuple_inputs_of_other_fields_are_other_kinds_of_call() -> None:
     ens(first(x, x))
     ens(second(x, x))
     assert len({record.signature for record in ens.plans}) == 2
+
+
+class _Raises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the member's own error")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_members_own_runtime_error_passes_through_the_loop_unchanged(grad: bool) -> None:
+    ens = lm.Ensemble(_members(_Raises), execution="loop")
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError) as raised:
+        ens(torch.randn(3, 4))
+    assert type(raised.value) is RuntimeError and str(raised.value) == "the member's own error"
+    assert raised.value.__cause__ is None

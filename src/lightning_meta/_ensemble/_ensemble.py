@@ -1854,7 +1854,10 @@ class Ensemble(nn.Module):
             try:
                 outs.append(self._call_template(params, xs, kw, seen))
             except RuntimeError as e:
-                raise changed_in_place(e, start + i) from e
+                refusal = changed_in_place(e, start + i)
+                if refusal is None:
+                    raise
+                raise refusal from e
             if renormed:
                 write_back(tensors, views, renormed, i)
             if state is not None:

@@ -56,8 +56,8 @@ __all__ = [
     "MemberSlots",
     "Reassigned",
     "ViewCache",
-    "check_no_draw",
     "changed_in_place",
+    "check_no_draw",
     "check_output_leaves",
     "differs",
     "join_outputs",
@@ -244,11 +244,12 @@ def separate_views(stacked: torch.Tensor) -> Sequence[torch.Tensor]:
     return tuple(v.clone() for v in stacked.unbind(0))
 
 
-def changed_in_place(e: RuntimeError, member: int) -> Exception:
+def changed_in_place(e: RuntimeError, member: int) -> ArgumentValueError | None:
     """The package's error for torch's refusal of a change in place to a member's view of a
-    stacked parameter (a forward's own ``F.embedding(..., max_norm=...)``), else ``e``."""
+    stacked parameter (a forward's own ``F.embedding(..., max_norm=...)``); ``None`` for
+    any other error, which stays as it is."""
     if "is a view and its base or another view of its base has been modified inplace" not in str(e):
-        return e
+        return None
     return ArgumentValueError(
         f"Ensemble's loop plan: member {member}'s forward changed a parameter in place with "
         "gradients on (F.embedding(..., max_norm=...) or another in-place op on a weight in "
@@ -587,7 +588,10 @@ def run_loop(
             try:
                 outs.append(members[i].module(*member_inputs[i], **member_kwargs[i]))
             except RuntimeError as e:
-                raise changed_in_place(e, i) from e
+                refusal = changed_in_place(e, i)
+                if refusal is None:
+                    raise
+                raise refusal from e
             if renormed and torch.is_grad_enabled():
                 write_back(tensors, views, renormed, i)
             for name, new in members[i].reassigned(views, i):
