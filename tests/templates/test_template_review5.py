@@ -138,7 +138,7 @@ def test_meta_tensors_outside_the_tables_are_refused_by_name() -> None:
     )
     listed = _Listed()
     template = lm.MetaTemplate(listed)
-    with pytest.raises(lm.MetaTensorError, match=r"computed with 'cache\[0\]'"):
+    with pytest.raises(lm.MetaTensorError, match=r"the template holds 'cache\[0\]' outside"):
         template(template.state_from(listed), x)
 
 

@@ -1268,11 +1268,11 @@ def _meta_outside(module: nn.Module) -> list[str]:
 
 def _meta_outside_error(module: nn.Module, paths: list[str], e: Exception) -> MetaTensorError:
     return MetaTensorError(
-        f"MetaTemplate({type(module).__name__}): the forward computed with "
-        f"{', '.join(map(repr, paths))}, meta tensors the template holds outside its "
-        "parameters and buffers (a factory builds them on meta; a reference to a buffer is "
-        "copied to meta with it), which no call's mapping replaces (torch: "
-        f"{str(e).splitlines()[0]}). Fix: register them as buffers "
+        f"MetaTemplate({type(module).__name__}): the call met a meta tensor (torch: "
+        f"{str(e).splitlines()[0]}), and the template holds {', '.join(map(repr, paths))} "
+        "outside its parameters and buffers: meta tensors no call's mapping replaces (a "
+        "list or a hook's argument referring to one of the module's own tensors is copied "
+        "to meta with it). Fix: if the forward uses them, register them as buffers "
         "(`self.register_buffer(name, t, persistent=False)`), passed in the mapping like the "
         "others, or compute them in forward from the tensors passed in.",
         paths=paths,
