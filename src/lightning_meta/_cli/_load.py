@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -134,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
             status 1).
     """
     from lightning_meta._arguments import command_line_spelling, real_device
-    from lightning_meta._cli._target import load_target, target_factory, user_code
+    from lightning_meta._cli._target import target_factory, user_code
     from lightning_meta._load._checkpoint import load_checkpoint
 
     dtype = _dtype(args.dtype)
     device = real_device(args.device, "load-check")
     factory = target_factory(args.model, args.args)
-    trusted = [_trusted(t, load_target) for t in args.trust]
+    trusted = [_trusted(t) for t in args.trust]
     model = _build(args, factory)
     # user_code: the model's load hooks run, and may print.
     with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
@@ -159,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trusted(name: str, load: Callable[[str], Any]) -> Any:
+def _trusted(name: str) -> Any:
     """The object ``--trust name`` names; its errors say ``--trust``, not "target"."""
-    from lightning_meta._cli._target import TargetError
+    from lightning_meta._cli._target import TargetError, load_target
 
     try:
-        return load(name)
+        return load_target(name)
     except TargetError as e:
         text = str(e).removeprefix(f"target {name!r}")
         raise TargetError(f"--trust {name!r}{text}") from e
