@@ -42,7 +42,7 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._errors import DeferredCopyError, MetaTensorError
 
-__all__ = ["casts", "note_casts", "tensor_class", "unwatch", "watch"]
+__all__ = ["FROM_REAL_ONLY", "casts", "note_casts", "tensor_class", "unwatch", "watch"]
 
 # id of a watched tensor -> the dtypes ``.data =`` gave it, in order.
 _CASTS: dict[int, list[torch.dtype]] = {}
@@ -188,6 +188,10 @@ _FROM_REAL_ONLY = frozenset(
         torch.Tensor.grad.__set__,  # type: ignore[attr-defined, union-attr]
     }
 )
+
+
+#: For other watchers of meta tensors (a template's call): the same ops.
+FROM_REAL_ONLY = _FROM_REAL_ONLY
 
 
 def _is_real(x: Any) -> bool:

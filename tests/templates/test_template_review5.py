@@ -32,16 +32,36 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
 
 
-def test_a_meta_tensor_among_real_ones_is_refused_by_name() -> None:
+def test_a_real_tensor_made_from_a_meta_one_in_the_mapping_is_refused_by_name() -> None:
     net = _mlp()
     template = lm.MetaTemplate(net)
     params = dict(net.named_parameters())
     params["2.weight"] = torch.empty(2, 8, device="meta")
-    with pytest.raises(lm.MetaTensorError, match=r"'2.weight' is a meta tensor \(no values\)"):
+    with pytest.raises(lm.MetaTensorError, match=r"made a real tensor from the mapping's '2.w"):
         template(params, torch.randn(3, 4))
     # all meta, inputs too: shapes only, as before
     meta = {k: torch.empty_like(v, device="meta") for k, v in net.named_parameters()}
     assert template(meta, torch.empty(3, 4, device="meta")).shape == (3, 2)
+
+
+class _Probe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, ids: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bn(self.emb(ids).mean(1)) / temperature
+        return out
+
+
+def test_shape_probes_with_real_ids_and_real_scalars_still_run_on_meta() -> None:
+    net = _Probe()
+    template = lm.MetaTemplate(net)
+    state = {k: torch.empty_like(v, device="meta") for k, v in net.state_dict().items()}
+    state["bn.num_batches_tracked"] = torch.tensor(0)  # a real step count among meta ones
+    out = template(state, torch.randint(0, 10, (3, 5)), torch.tensor(2.0))
+    assert out.is_meta and out.shape == (3, 4)
 
 
 class _Readout(nn.Module):
@@ -54,13 +74,66 @@ class _Readout(nn.Module):
         return self.emb(ids) @ self.readout.T
 
 
+class _Grown(nn.Module):
+    """A mask cache its forward grows on the input's device (a factory builds it on meta)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.mask = torch.ones(0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask.shape[0] < x.shape[0] or self.mask.device != x.device:
+            self.mask = torch.ones(x.shape[0], 4, device=x.device)
+        out: torch.Tensor = self.l(x) * self.mask[: x.shape[0]]
+        return out
+
+
+class _Frozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        vectors = torch.randn(10, 4)
+        self.emb = nn.Embedding.from_pretrained(vectors, freeze=True)
+        self.vectors = vectors  # the frozen weight's memory
+        self.register_buffer("full", torch.ones(8, 8))
+        self.corner = self.full[:4, :4]  # a buffer's memory
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.l(self.emb(ids)) @ self.corner + self.vectors[ids]
+        return out
+
+
+def test_factories_and_aliases_that_run_as_the_module_are_not_refused() -> None:
+    grown = _Grown()
+    x = torch.randn(3, 4)
+    template = lm.MetaTemplate(_Grown)  # its meta mask is replaced before any use
+    torch.testing.assert_close(template(dict(grown.named_parameters()), x), grown(x))
+    pruned = nn.Sequential(nn.Linear(4, 4))
+    torch.nn.utils.prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+
+    def build() -> nn.Module:
+        module = nn.Sequential(nn.Linear(4, 4))
+        torch.nn.utils.prune.l1_unstructured(module[0], "weight", amount=0.5)
+        return module
+
+    template = lm.MetaTemplate(build)  # prune's recomputed weight: replaced by its hook
+    torch.testing.assert_close(template(template.state_from(pruned), x), pruned(x))
+    frozen = _Frozen()
+    ids = torch.tensor([1, 2, 3])
+    template = lm.MetaTemplate(frozen)
+    torch.testing.assert_close(template(template.state_from(frozen), ids), frozen(ids))
+
+
 def test_a_plain_attribute_sharing_a_parameters_memory_is_refused_when_built() -> None:
     with pytest.raises(lm.ArgumentValueError, match=r"'readout' \(with 'emb.weight'\) share"):
         lm.MetaTemplate(_Readout())
-    # A factory builds it on meta, where it holds no value: refused when built
-    # (the call computed with uninitialised memory: a real tensor @ a meta one).
-    with pytest.raises(lm.ArgumentValueError, match=r"built 'readout': plain tensor"):
-        lm.MetaTemplate(_Readout)
+    # A factory builds it on meta, where it holds no value: a real tensor @ it
+    # gave uninitialised memory; refused when the call makes that real tensor.
+    factory = lm.MetaTemplate(_Readout)
+    net = _Readout()
+    with pytest.raises(lm.MetaTensorError, match=r"made a real tensor from 'readout' \(meta"):
+        factory(dict(net.named_parameters()), torch.tensor([1, 2]))
     # a copy of its own is no alias: kept as before
     net = _Readout()
     net.readout = net.readout.clone()
@@ -128,11 +201,9 @@ class _Listed(nn.Module):
 def test_meta_tensors_outside_the_tables_are_refused_by_name() -> None:
     x = torch.randn(3, 4)
     scaled = _Scaled()
-    with pytest.raises(lm.ArgumentValueError, match=r"built 'temperature': plain tensor"):
-        lm.MetaTemplate(_Scaled)
-    uncached = lm.MetaTemplate(_Scaled, cache=False)  # built on use
-    with pytest.raises(lm.ArgumentValueError, match=r"built 'temperature': plain tensor"):
-        uncached(dict(scaled.named_parameters()), x)
+    for template in (lm.MetaTemplate(_Scaled), lm.MetaTemplate(_Scaled, cache=False)):
+        with pytest.raises(lm.MetaTensorError, match=r"'temperature'"):
+            template(dict(scaled.named_parameters()), x)
     torch.testing.assert_close(
         lm.MetaTemplate(scaled)(dict(scaled.named_parameters()), x), scaled(x), rtol=0, atol=0
     )

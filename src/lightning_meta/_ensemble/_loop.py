@@ -251,11 +251,13 @@ def changed_in_place(e: RuntimeError, member: int) -> ArgumentValueError | None:
     if "is a view and its base or another view of its base has been modified inplace" not in str(e):
         return None
     return ArgumentValueError(
-        f"Ensemble's loop plan: member {member}'s forward changed a parameter in place with "
-        "gradients on (F.embedding(..., max_norm=...) or another in-place op on a weight in "
-        "the forward's own code), which torch refuses on the member's view of the stacked "
-        "tensor. Fix: use nn.Embedding(max_norm=...) or nn.EmbeddingBag(max_norm=...), whose "
-        "weights the loop gives each member a copy of, or execution='vmap'."
+        f"Ensemble's loop plan: member {member}'s forward changed in place a view that the "
+        "loop shares between the members with gradients on (a parameter, changed by "
+        "F.embedding(..., max_norm=...) or another in-place op in the forward's own code), "
+        f"which torch refuses (torch: {str(e).splitlines()[0]}) Fix: if it is a parameter, "
+        "use nn.Embedding(max_norm=...) or nn.EmbeddingBag(max_norm=...), whose weights the "
+        "loop gives each member a copy of, or execution='vmap'; otherwise the member's own "
+        "forward fails the same way."
     )
 
 

@@ -23,9 +23,11 @@ from typing import Any, Generic, SupportsIndex, TypeVar, overload
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
+    FakeTensor,
     child_table,
     deepcopy_module,
     functional_call_restoring_in_reverse,
@@ -43,6 +45,7 @@ from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
+from lightning_meta._watched import FROM_REAL_ONLY
 
 __all__ = ["STACKS_MEMBERS", "MetaTemplate", "TemplateState", "meta_template"]
 
@@ -236,10 +239,19 @@ STACKS_MEMBERS = "_lightning_meta_stacks_members"
 
 
 def _storage_address(t: torch.Tensor) -> int:
-    """Where ``t``'s memory is; 0 for a tensor without any (meta, fake, empty)."""
-    if t.is_meta or (type(t) is not torch.Tensor and not isinstance(t, nn.Parameter)):
+    """Where ``t``'s memory is; 0 for a tensor without any (meta, fake, empty) or without
+    one storage (sparse, nested)."""
+    if (
+        t.is_meta
+        or t.layout != torch.strided
+        or t.is_nested
+        or (type(t) is not torch.Tensor and not isinstance(t, nn.Parameter))
+    ):
         return 0
-    storage = t.untyped_storage()
+    try:
+        storage = t.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return 0
     return storage.data_ptr() if storage.nbytes() > 0 else 0
 
 
@@ -300,8 +312,11 @@ def to_meta(module: nn.Module) -> nn.Module:
     # Storage of the module's own tensors, by name: a plain attribute sharing
     # it (self.readout = self.emb.weight.data) would become a copy frozen at
     # build time, which no call's tensors (and no training step) reach.
+    # Only parameters that train: a frozen one or a buffer a copy can stand for.
     storages = {
-        ptr: name for name, t in named_tensors(module).items() if (ptr := _storage_address(t))
+        ptr: name
+        for name, t in named_tensors(module).items()
+        if isinstance(t, nn.Parameter) and t.requires_grad and (ptr := _storage_address(t))
     }
     derived: list[str] = []
     trained: list[str] = []
@@ -339,7 +354,7 @@ def to_meta(module: nn.Module) -> nn.Module:
         pairs = ", ".join(f"{a!r} (with {b!r})" for a, b in shared.items())
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {pairs} share memory with the module's "
-            "parameters or buffers outside its tables (`self.readout = self.emb.weight.data`): "
+            "trainable parameters outside its tables (`self.readout = self.emb.weight.data`): "
             "the template would keep a copy as it is now, which neither the tensors a call "
             "passes in nor a training step reach. Fix: use the tensor itself (a tie: "
             "`self.readout = self.emb.weight`), or register it as a buffer "
@@ -419,21 +434,6 @@ def _build_on_meta(factory: Factory) -> nn.Module:
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
         module = to_meta(module)
-    own = {id(t) for t in _tensors(module)}
-    stray = [path for path, t in _meta_plain(module) if id(t) not in own]
-    if stray:
-        # Built under torch.device("meta"), they hold no value, and no call's
-        # mapping replaces them: torch's CPU matmuls would compute with
-        # uninitialised memory (a real tensor @ a meta one), others refuse.
-        raise ArgumentValueError(
-            f"MetaTemplate factory {describe(factory)!r} built {', '.join(map(repr, stray))}: "
-            "plain tensor attributes, which the factory makes on the meta device (no values) "
-            "and no call's mapping replaces. Fix: register them as buffers "
-            "(`self.register_buffer(name, t, persistent=False)`), passed in the mapping like "
-            "the others; or pass a module instead of the factory (MetaTemplate(module) keeps "
-            "their values).",
-            paths=stray,
-        )
     return module
 
 
@@ -497,6 +497,10 @@ class _Layout:
         ]
         self._names: _Names | None = None
         self._hooked: tuple[int, _Watched, _Recomputed] | None = None
+        # Meta tensors in plain attributes that are not the module's own (a
+        # factory's plain tensors, built on meta): no call's mapping replaces them.
+        own = {id(t) for t in _tensors(module)}
+        self.strays = {id(t): repr(path) for path, t in _meta_plain(module) if id(t) not in own}
 
     def fits(self, module: nn.Module) -> bool:
         """Whether this is still ``module``'s layout."""
@@ -1001,8 +1005,8 @@ class MetaTemplate:
         with self._serialized():
             layout = self._layout_of(module)
             with _computed_kept(layout):
-                if strict:
-                    self._check(layout, before, (args, kwargs), tie_weights=tie_weights)
+                metas = self._check(layout, before, tie_weights=tie_weights) if strict else {}
+                watch = _meta_watch(layout, metas, before, (args, kwargs)) if strict else None
                 with _modes_set(module, modes) if modes else contextlib.nullcontext():
                     if torch.is_grad_enabled():
                         _refuse_checkpointing(layout)
@@ -1014,14 +1018,15 @@ class MetaTemplate:
                         else None
                     )
                     try:
-                        if layout.twice and not torch.compiler.is_compiling():
-                            out = functional_call_restoring_in_reverse(
-                                module, given, args, dict(kwargs or {}), tie_weights=tie_weights
-                            )
-                        else:
-                            out = torch.func.functional_call(
-                                module, given, args, dict(kwargs or {}), tie_weights=tie_weights
-                            )
+                        with watch if watch is not None else contextlib.nullcontext():
+                            if layout.twice and not torch.compiler.is_compiling():
+                                out = functional_call_restoring_in_reverse(
+                                    module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                                )
+                            else:
+                                out = torch.func.functional_call(
+                                    module, given, args, dict(kwargs or {}), tie_weights=tie_weights
+                                )
                     except BaseException as e:
                         if state is not None:
                             lost = state.restore()
@@ -1105,17 +1110,14 @@ class MetaTemplate:
             )
 
     def _check(
-        self,
-        layout: _Layout,
-        given: Mapping[str, torch.Tensor],
-        inputs: Any,
-        *,
-        tie_weights: bool,
-    ) -> None:
+        self, layout: _Layout, given: Mapping[str, torch.Tensor], *, tie_weights: bool
+    ) -> dict[int, str]:
+        """Raise on entries that do not match the template; return the plain meta tensors
+        among them, by id, named (see :class:`_MetaWatch`)."""
         module = layout.modules[0]
         groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
-        real = None  # whether a tensor with values is given: asked once, where a meta one is
+        metas: dict[int, str] = {}
         for names in groups:
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
@@ -1145,19 +1147,9 @@ class MetaTemplate:
                     "pass the module's own, e.g. from template.state_from(net))"
                 )
             elif value.is_meta and type(value) in (torch.Tensor, nn.Parameter):
-                # A plain meta tensor (a deferred one has errors of its own):
-                # beside real ones, torch's CPU matmuls return uninitialised memory.
-                if real is None:
-                    real = any(
-                        isinstance(t, torch.Tensor) and not t.is_meta
-                        for t in (*given.values(), *tree_leaves(inputs))
-                    )
-                if real:
-                    problems[name] = (
-                        f"{name!r} is a meta tensor (no values) among real tensors, on which "
-                        "the call would compute from uninitialised memory (materialize or "
-                        "load it first)"
-                    )
+                # A plain meta tensor (a deferred one has errors of its own): a
+                # shape probe, or one left unloaded among real ones.
+                metas[id(value)] = f"the mapping's {name!r}"
         if problems:
             lines = "\n  ".join(sorted(problems.values()))
             raise MetaTensorError(
@@ -1167,6 +1159,7 @@ class MetaTemplate:
                 "shape of one member), or call `template.functional_call(..., strict=False)`.",
                 paths=problems,
             )
+        return metas
 
     # -------------------------------------------------------- copy and pickle
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaTemplate:
@@ -1245,6 +1238,88 @@ def _computed_kept(layout: _Layout) -> Iterator[None]:
     finally:
         for sub, attr, value in saved:
             setattr(sub, attr, value)
+
+
+class _MetaWatch(TorchFunctionMode):
+    """Refuses an op that makes a real tensor from a meta one, for the length of a call.
+
+    torch's CPU matmuls (``mm``, ``addmm``, ``linear``...) take a meta operand beside a
+    real one and return uninitialised memory without an error: a real input ``@`` a
+    factory's plain tensor attribute (built on meta), or a meta tensor left in the
+    mapping among real ones. Ops whose result stays meta (a shape probe, an embedding
+    looked up with real ids) and ops whose result takes only a meta tensor's shape
+    (``zeros_like``, ``view_as``) are answered as they are. Entered only for calls
+    where such tensors exist, as :func:`_meta_watch` decides.
+    """
+
+    def __init__(self, module: nn.Module, names: dict[int, str]) -> None:
+        super().__init__()
+        self.module, self.names = module, names
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in FROM_REAL_ONLY or func in _SHAPE_ONLY:
+            return out
+        metas = [
+            t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_meta
+        ]
+        if not metas:
+            return out
+        named = sorted({self.names[id(t)] for t in metas if id(t) in self.names})
+        results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not any(_holds_values(t) for t in results):
+            # What is made from a named one (readout.T) is named after it.
+            if named:
+                self.names.update((id(t), named[0]) for t in results if t.is_meta)
+            return out
+        what = ", ".join(named) if named else "a meta tensor"
+        raise MetaTensorError(
+            f"MetaTemplate({type(self.module).__name__}): {_op_name(func)} made a real "
+            f"tensor from {what} (meta: no values), which torch computes from "
+            "uninitialised memory. Fix: pass real tensors for every name of the mapping "
+            "(materialize or load them first); a plain tensor attribute a factory builds "
+            "is on meta: register it as a buffer (`self.register_buffer(name, t, "
+            "persistent=False)`), passed in the mapping, or pass a module instead of "
+            "the factory (MetaTemplate(module) keeps its values).",
+            paths=named,
+        )
+
+
+# Results that take only a tensor's shape, dtype and device from it.
+_SHAPE_ONLY = frozenset(
+    {
+        torch.empty_like,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+    }
+)
+
+
+def _holds_values(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_meta and not isinstance(t, FakeTensor)
+
+
+def _op_name(func: Any) -> str:
+    return str(getattr(func, "__name__", func))
+
+
+def _meta_watch(
+    layout: _Layout, metas: dict[int, str], given: Mapping[str, Any], inputs: Any
+) -> _MetaWatch | None:
+    """The watch for a call where meta tensors could meet real ones: plain meta tensors in
+    the mapping (``metas``) or in the template's plain attributes, and a real tensor in
+    the mapping or the inputs; ``None`` otherwise (most calls: no cost)."""
+    names = {**layout.strays, **metas}
+    if not names:
+        return None
+    if not any(_holds_values(t) for t in (*given.values(), *tree_leaves(inputs))):
+        return None
+    return _MetaWatch(layout.modules[0], names)
 
 
 def _meta_plain(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
