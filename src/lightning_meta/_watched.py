@@ -42,7 +42,15 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._errors import DeferredCopyError, MetaTensorError
 
-__all__ = ["FROM_REAL_ONLY", "casts", "note_casts", "tensor_class", "unwatch", "watch"]
+__all__ = [
+    "FROM_REAL_ONLY",
+    "casts",
+    "holds_values",
+    "note_casts",
+    "tensor_class",
+    "unwatch",
+    "watch",
+]
 
 # id of a watched tensor -> the dtypes ``.data =`` gave it, in order.
 _CASTS: dict[int, list[torch.dtype]] = {}
@@ -138,11 +146,11 @@ class _Watched:
             # answers, as it did when this class had torch's disabled impl.
             return NotImplemented
         leaves = _compat.tree_leaves((args, kwargs))
-        real = None if func in _FROM_REAL_ONLY else next(filter(_is_real, leaves), None)
+        real = None if func in FROM_REAL_ONLY else next(filter(holds_values, leaves), None)
         if (
             real is not None
             and kwargs
-            and any(map(_is_real, _compat.tree_leaves(kwargs.get("out"))))
+            and any(map(holds_values, _compat.tree_leaves(kwargs.get("out"))))
         ):
             _refuse_mixed(func, leaves, real)  # before it writes into the real out=
         try:
@@ -153,7 +161,7 @@ class _Watched:
                 # cpu!" (nn.Linear with its meta bias): the same cause.
                 _refuse_mixed(func, leaves, real, e)
             raise
-        if real is not None and any(map(_is_real, _compat.tree_leaves(out))):
+        if real is not None and any(map(holds_values, _compat.tree_leaves(out))):
             _refuse_mixed(func, leaves, real)
         return out
 
@@ -173,8 +181,8 @@ class _Watched:
 # Ops whose real result comes from the real argument alone, the deferred one
 # giving only its shape or dtype (cpu_x.view_as(W) in a load hook), or that
 # write a real tensor's values into a deferred one (load_state_dict's copy_;
-# materialize refuses the write later).
-_FROM_REAL_ONLY = frozenset(
+# materialize refuses the write later). A template's call watches the same.
+FROM_REAL_ONLY = frozenset(
     {
         torch.Tensor.view_as,
         torch.Tensor.expand_as,
@@ -190,11 +198,7 @@ _FROM_REAL_ONLY = frozenset(
 )
 
 
-#: For other watchers of meta tensors (a template's call): the same ops.
-FROM_REAL_ONLY = _FROM_REAL_ONLY
-
-
-def _is_real(x: Any) -> bool:
+def holds_values(x: Any) -> bool:
     """Whether ``x`` is a tensor that holds values: not meta, not deferred (meta, and
     asking would come back to ``__torch_function__``), not fake (a FakeTensorMode
     tracing the model)."""

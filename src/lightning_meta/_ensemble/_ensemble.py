@@ -87,7 +87,7 @@ from lightning_meta._forward_state import (
     watched,
 )
 from lightning_meta._slots import named_tensors, slot_at
-from lightning_meta._template._template import MetaTemplate, copy_module
+from lightning_meta._template._template import MetaTemplate, copy_module, ensembles_in
 
 __all__ = ["Ensemble"]
 
@@ -208,7 +208,7 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "cannot be copied to meta or called with stacked tensors. Fix: pass the modules "
             "before torch.jit.script (or compile the ensemble with torch.compile instead)."
         )
-    inner = [path for path, sub in member.named_modules() if isinstance(sub, Ensemble)]
+    inner = ensembles_in(member)
     if inner:
         where = ", ".join(repr(p) if p else "the member itself" for p in inner)
         raise ArgumentTypeError(

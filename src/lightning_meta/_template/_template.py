@@ -27,7 +27,6 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
-    FakeTensor,
     child_table,
     deepcopy_module,
     functional_call_restoring_in_reverse,
@@ -45,9 +44,9 @@ from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
-from lightning_meta._watched import FROM_REAL_ONLY
+from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
-__all__ = ["STACKS_MEMBERS", "MetaTemplate", "TemplateState", "meta_template"]
+__all__ = ["STACKS_MEMBERS", "MetaTemplate", "TemplateState", "ensembles_in", "meta_template"]
 
 Factory = Callable[[], nn.Module]
 _T = TypeVar("_T")
@@ -255,11 +254,16 @@ def _storage_address(t: torch.Tensor) -> int:
     return storage.data_ptr() if storage.nbytes() > 0 else 0
 
 
-def _refuse_ensembles(module: nn.Module) -> None:
-    """Raise if ``module`` is or holds an ``lm.Ensemble`` (see :data:`STACKS_MEMBERS`)."""
-    ensembles = [
+def ensembles_in(module: nn.Module) -> list[str]:
+    """Paths of the ``lm.Ensemble`` s ``module`` is or holds (see :data:`STACKS_MEMBERS`)."""
+    return [
         path for path, sub in module.named_modules() if getattr(type(sub), STACKS_MEMBERS, False)
     ]
+
+
+def _refuse_ensembles(module: nn.Module) -> None:
+    """Raise if ``module`` is or holds an ``lm.Ensemble``."""
+    ensembles = ensembles_in(module)
     if ensembles:
         where = ", ".join(repr(p) if p else "the module itself" for p in ensembles)
         raise ArgumentTypeError(
@@ -429,11 +433,11 @@ def _build_on_meta(factory: Factory) -> nn.Module:
     # mode) around it must neither record its construction nor make it fake.
     with no_dispatch_modes():
         module = build_on_meta(factory, "MetaTemplate factory")
-    _refuse_ensembles(module)
     # A factory may capture modules or tensors built elsewhere; copy what is
     # not on meta so the template never aliases or holds real storage.
     if any(not t.is_meta for t in _tensors(module)):
-        module = to_meta(module)
+        return to_meta(module)  # which refuses an Ensemble inside
+    _refuse_ensembles(module)
     return module
 
 
@@ -1033,7 +1037,10 @@ class MetaTemplate:
                             if lost:  # changed in place, then raised: later calls would see it
                                 self._spoiled = lost
                         if isinstance(e, RuntimeError) and "device meta" in str(e):
-                            stray = _meta_outside(module)
+                            # Meta tensors held outside the tables (a list or a
+                            # hook's argument referring to the module's own
+                            # tensor): the swap does not reach them.
+                            stray = [path for path, _ in _meta_plain(module)]
                             if stray:
                                 raise _meta_outside_error(module, stray, e) from e
                         raise
@@ -1268,7 +1275,7 @@ class _MetaWatch(TorchFunctionMode):
             return out
         named = sorted({self.names[id(t)] for t in metas if id(t) in self.names})
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not any(_holds_values(t) for t in results):
+        if not any(holds_values(t) for t in results):
             # What is made from a named one (readout.T) is named after it.
             if named:
                 self.names.update((id(t), named[0]) for t in results if t.is_meta)
@@ -1300,10 +1307,6 @@ _SHAPE_ONLY = frozenset(
 )
 
 
-def _holds_values(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and not t.is_meta and not isinstance(t, FakeTensor)
-
-
 def _op_name(func: Any) -> str:
     return str(getattr(func, "__name__", func))
 
@@ -1317,7 +1320,7 @@ def _meta_watch(
     names = {**layout.strays, **metas}
     if not names:
         return None
-    if not any(_holds_values(t) for t in (*given.values(), *tree_leaves(inputs))):
+    if not any(holds_values(t) for t in (*given.values(), *tree_leaves(inputs))):
         return None
     return _MetaWatch(layout.modules[0], names)
 
@@ -1329,16 +1332,6 @@ def _meta_plain(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
         for path, where, value in _reachable(module, set())
         if isinstance(value, torch.Tensor) and value.is_meta
     ]
-
-
-def _meta_outside(module: nn.Module) -> list[str]:
-    """Paths of the meta tensors ``module`` holds outside its parameters and buffers (a
-    factory's plain tensor attribute, built under ``torch.device("meta")``; a list or a
-    hook's argument referring to its own buffer, copied to meta with it), which no call's
-    mapping replaces."""
-    # The module's own tensors count too: the call swaps them in its tables,
-    # not in a list or a hook's arguments that refer to them.
-    return [path for path, _ in _meta_plain(module)]
 
 
 def _meta_outside_error(module: nn.Module, paths: list[str], e: Exception) -> MetaTensorError:
