@@ -43,6 +43,7 @@ from lightning_meta._compat import (
 from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, draws, plan_fused
 from lightning_meta._ensemble._grads import GradBuffers
 from lightning_meta._ensemble._grouped import DROPOUTS, GroupedPlan, LayoutLog, NotGroupableError
+from lightning_meta._ensemble._lookups import PaddedLookupError, PaddedLookupWatch
 from lightning_meta._ensemble._loop import (
     MemberShells,
     MemberSlots,
@@ -764,6 +765,9 @@ class Ensemble(nn.Module):
                 paths=self._recurrent,
             )
         self._padded = _padded_embeddings(template)
+        # A forward's own F.embedding(..., padding_idx=p) seen under vmap (see _lookups):
+        # the refusal's message, kept for the calls after it.
+        self._padded_lookup: str | None = None
         if execution == "vmap" and per_member_inputs and self._padded:
             _refuse_padded_vmap(self._padded)
         fused = plan_fused(template, randomness)
@@ -1154,8 +1158,8 @@ class Ensemble(nn.Module):
         if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
             return ["loop"]
         plans = ["loop"] if self._sparse or self._recurrent else ["vmap", "loop"]
-        if self.per_member_inputs and self._padded and "vmap" in plans:
-            plans.remove("vmap")  # see _padded_embeddings
+        if self.per_member_inputs and (self._padded or self._padded_lookup) and "vmap" in plans:
+            plans.remove("vmap")  # see _padded_embeddings and _lookups
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -1699,15 +1703,19 @@ class Ensemble(nn.Module):
         """``execution="auto"``'s vmap call; the loop instead when the forward turns out to keep
         state (first seen on this call) and nothing else changed yet (no buffer, no random
         generator): the call is then run again, as the members would have run it."""
+        if self.per_member_inputs and self._padded_lookup:
+            self._last_plan = "loop"  # a timed choice of vmap made before the lookup was seen
+            return self._loop(tensors, inputs, kwargs, changes)
         if not self._watched_template():
-            # No module whose forward may store state: nothing to note before the call.
+            # No module whose forward may store state, or call F.embedding itself
+            # (torch's own modules only): nothing to note before the call.
             return self._vmapped(tensors, inputs, kwargs, changes)
         device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
         buffers = [(t, version_of(t)) for n, t in tensors.items() if n in self._buffer_names]
         generators = rng_states(device)
         try:
             return self._vmapped(tensors, inputs, kwargs, changes)
-        except StateWrittenError:
+        except (StateWrittenError, PaddedLookupError):
             untouched = all(version_of(t) == v for t, v in buffers) and all(
                 torch.equal(state, getter)
                 for (_, state), (_, getter) in zip(generators, rng_states(device), strict=True)
@@ -1900,8 +1908,9 @@ class Ensemble(nn.Module):
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
-        if self.per_member_inputs and self._padded:  # per_member_inputs set since __init__
-            if self._requested == "vmap":
+        padded = self._padded or (self._requested != "vmap" and self._padded_lookup)
+        if self.per_member_inputs and padded:
+            if self._requested == "vmap":  # per_member_inputs is set since __init__
                 _refuse_padded_vmap(self._padded)
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
@@ -2007,9 +2016,21 @@ class Ensemble(nn.Module):
         # standard path then. Without gradients the members take the fast path
         # too (the nested-tensor one excepted, see _nested_encoder).
         standard = not compiling and torch.is_grad_enabled() and self._has_attention()
+        lookups = (
+            not compiling
+            and self.per_member_inputs
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors.values())
+        )
         try:
-            with _standard_attention() if standard else contextlib.nullcontext():
+            with (
+                _standard_attention() if standard else contextlib.nullcontext(),
+                PaddedLookupWatch(self._requested) if lookups else contextlib.nullcontext(),
+            ):
                 result = batched(tensors, inputs, kw)
+        except PaddedLookupError as e:
+            self._padded_lookup = str(e)  # the calls after this one do not try vmap
+            raise
         except MetaTensorError:
             raise  # the package's own refusals (_refuse_written) say what ran
         except RuntimeError as e:
@@ -2156,6 +2177,7 @@ class Ensemble(nn.Module):
             self._sparse = _sparse_gradients(self.template.module)
         if "_padded" not in self.__dict__:  # likewise
             self._padded = _padded_embeddings(self.template.module)
+        self.__dict__.setdefault("_padded_lookup", None)
         if "_recurrent" not in self.__dict__:  # likewise
             self._recurrent = _recurrent_layers(self.template.module)
             if (

@@ -1,0 +1,124 @@
+"""Ensemble with per-member indices and a forward's own ``F.embedding(..., padding_idx=p)``.
+
+``torch.vmap`` looks every member's indices up in one flattened table, whose backward keeps
+only member 0's padding row out of the gradient: the other members' padding rows trained
+(``execution="vmap"``, or ``"auto"`` where vmap won the timing). ``nn.Embedding`` layers are
+found by a module scan; a forward's own call only by watching it (``_ensemble/_lookups.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_meta as lm
+
+
+class _OwnLookup(nn.Module):
+    """A forward that looks its indices up itself (no nn.Embedding for a scan to find)."""
+
+    def __init__(self, through_torch: bool = False) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 8))
+        self.head = nn.Linear(8, 3)
+        self.through_torch = through_torch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.through_torch:
+            looked_up = torch.embedding(self.table, ids, 0)
+        else:
+            looked_up = F.embedding(ids, self.table, padding_idx=0)
+        return self.head(looked_up).sum(1)
+
+
+def _setup(n: int, through_torch: bool = False) -> tuple[list[nn.Module], torch.Tensor]:
+    torch.manual_seed(0)
+    members: list[nn.Module] = [_OwnLookup(through_torch) for _ in range(n)]
+    ids = torch.randint(1, 10, (n, 2, 3))
+    ids[:, :, 0] = 0  # every member looks its padding row up
+    return members, ids
+
+
+def _members_grads(members: list[nn.Module], ids: torch.Tensor) -> torch.Tensor:
+    grads = []
+    for i, member in enumerate(members):
+        member.zero_grad(set_to_none=True)
+        member(ids[i]).sum().backward()
+        grads.append(member.table.grad.clone())
+    return torch.stack(grads)
+
+
+@pytest.mark.parametrize("through_torch", [False, True])
+def test_forced_vmap_refuses_a_forwards_own_padded_lookup_of_per_member_indices(
+    through_torch: bool,
+) -> None:
+    members, ids = _setup(3, through_torch)
+    ensemble = lm.Ensemble(members, execution="vmap", per_member_inputs=True)
+    name = "torch.embedding" if through_torch else "F.embedding"
+    for _ in range(2):
+        with pytest.raises(lm.ArgumentValueError, match=rf"{name}\(\.\.\., padding_idx=0\)"):
+            ensemble(ids).sum().backward()
+    assert ensemble.stacked.table.grad is None
+    with torch.no_grad():  # without gradients the lookup is exact, and runs
+        ensemble(ids)
+    assert ensemble.plan == "vmap"
+
+
+def test_forced_vmap_runs_the_padded_lookup_where_vmap_is_exact() -> None:
+    members, ids = _setup(3)
+    with torch.no_grad():  # the lookup's values are right: only its gradient is not
+        ensemble = lm.Ensemble(members, execution="vmap", per_member_inputs=True)
+        expected = torch.stack([m(ids[i]) for i, m in enumerate(members)])
+        # (vmap's batched head rounds otherwise than each member's addmm)
+        torch.testing.assert_close(ensemble(ids), expected)
+        assert ensemble.plan == "vmap"
+    # Shared indices: looked up unbatched, every member's padding row kept out.
+    shared = lm.Ensemble(members, execution="vmap")
+    shared(ids[0]).sum().backward()
+    assert shared.plan == "vmap"
+    assert shared.stacked.table.grad[:, 0].abs().max() == 0
+    # Nothing to train: the watch is not entered.
+    frozen = lm.Ensemble(members, execution="vmap", per_member_inputs=True)
+    frozen.requires_grad_(False)
+    frozen(ids)
+    assert frozen.plan == "vmap"
+
+
+def test_auto_runs_the_loop_after_vmap_won_the_timing_without_gradients() -> None:
+    # 64 tiny members: vmap is several times faster than the loop without gradients.
+    members, ids = _setup(64)
+    expected = _members_grads(members, ids)
+    assert expected[1:, 0].abs().max() == 0
+    ensemble = lm.Ensemble(members, per_member_inputs=True)
+    with torch.no_grad():
+        ensemble(ids)
+    assert ensemble.plan == "vmap", ensemble.plans  # the case this test is about
+    ensemble(ids).sum().backward()
+    assert ensemble.plan == "loop"
+    assert torch.equal(ensemble.stacked.table.grad, expected)
+    ensemble.zero_grad(set_to_none=True)
+    ensemble(ids).sum().backward()  # and on the calls after it
+    assert ensemble.plan == "loop"
+    assert torch.equal(ensemble.stacked.table.grad, expected)
+    # The finding survives a copy and a pickle (it is a message, not an exception object).
+    for again in (copy.deepcopy(ensemble), pickle.loads(pickle.dumps(ensemble))):
+        again.zero_grad(set_to_none=True)
+        again(ids).sum().backward()
+        assert again.plan == "loop"
+        assert torch.equal(again.stacked.table.grad, expected)
+
+
+def test_auto_times_the_padded_lookup_out_of_vmap_with_gradients() -> None:
+    members, ids = _setup(64)
+    expected = _members_grads(members, ids)
+    ensemble = lm.Ensemble(members, per_member_inputs=True)
+    ensemble(ids).sum().backward()
+    assert ensemble.plan == "loop"
+    assert torch.equal(ensemble.stacked.table.grad, expected)
+    record = ensemble.plans[0]
+    assert record.timings_ms["vmap"] == float("inf"), record  # it ran, and refused
