@@ -69,6 +69,8 @@ __all__ = [
     "generator_overload",
     "non_persistent_of",
     "op_schema",
+    "is_weakref_swap_refusal",
+    "call_writes",
     "parameters_of",
     "set_flop_module_tracker",
     "storage_id",
@@ -196,12 +198,32 @@ def version_of(tensor: torch.Tensor) -> int:
     return int(tensor._version)
 
 
+# ATen ops whose kernels write arguments their schema does not mark as written:
+# the batch-norm kernels update the running statistics in place when
+# ``training`` is true (``native_batch_norm(..., Tensor? running_mean, ...)``;
+# its successors ``_native_batch_norm_legit`` and ``_batch_norm_with_update``
+# say ``Tensor(a!)``). ``nn.BatchNorm*`` and ``InstanceNorm*(track_running_stats
+# =True)`` reach ``native_batch_norm`` on the CPU on torch 2.6 to 2.15.
+_RUNNING_STATS = ((3, "running_mean"), (4, "running_var"))
+_UNDECLARED_WRITES: dict[str, tuple[tuple[int, str], tuple[tuple[int, str], ...]]] = {
+    name: ((5, "training"), _RUNNING_STATS)
+    for name in (
+        "aten::native_batch_norm",
+        "aten::_batch_norm_impl_index",
+        "aten::cudnn_batch_norm",
+        "aten::miopen_batch_norm",
+    )
+}
+
+
 @functools.cache
 def op_schema(func: Any) -> tuple[tuple[tuple[int, str], ...], bool]:
     """Return ``(written arguments as (index, name), returns a tensor)`` of an ATen overload.
 
-    The recorder needs the mutated arguments of each op. Checked on torch
-    2.6, 2.13, 2.14.
+    The recorder needs the mutated arguments of each op: those the schema
+    marks (``Tensor(a!)``), and those a kernel writes without saying so
+    (:func:`call_writes` says which a call writes). Checked on torch 2.6,
+    2.13, 2.14, 2.15.
     """
     schema = func._schema
     writes = tuple(
@@ -209,7 +231,24 @@ def op_schema(func: Any) -> tuple[tuple[tuple[int, str], ...], bool]:
         for i, a in enumerate(schema.arguments)
         if a.alias_info is not None and a.alias_info.is_write
     )
+    undeclared = _UNDECLARED_WRITES.get(schema.name)
+    if undeclared is not None:
+        writes += tuple(w for w in undeclared[1] if w not in writes)
     return writes, any("Tensor" in str(r.type) for r in schema.returns)
+
+
+def call_writes(
+    func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[tuple[int, str], ...]:
+    """The arguments of :func:`op_schema`'s that this call of ``func`` writes: a batch
+    norm's running statistics only when it runs with ``training=True``."""
+    writes = op_schema(func)[0]
+    undeclared = _UNDECLARED_WRITES.get(func._schema.name)
+    if undeclared is None:
+        return writes
+    (index, name), conditional = undeclared
+    flag = args[index] if index < len(args) else kwargs.get(name)
+    return writes if flag else tuple(w for w in writes if w not in conditional)
 
 
 @functools.cache
@@ -541,6 +580,13 @@ def lacks_fake_kernel(e: BaseException) -> bool:
 def is_swap_refusal(e: BaseException) -> bool:
     """Whether ``e`` is ``Module._apply`` refusing to swap tensors (``.to()`` of fake tensors)."""
     return "Couldn't swap" in str(e)
+
+
+def is_weakref_swap_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is ``torch.utils.swap_tensors`` refusing a tensor something holds a weak
+    reference to ("Cannot swap t1 because it has weakref associated with it")."""
+    text = str(e)
+    return text.startswith("Cannot swap t") and "weakref" in text
 
 
 def is_unallocated_read(e: BaseException) -> bool:

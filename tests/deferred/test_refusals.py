@@ -92,12 +92,36 @@ class _Subclass(nn.Module):
         self.register_buffer("mask", torch.zeros(3).as_subclass(_MyTensor))
 
 
+class _Sobol(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.points = nn.Parameter(torch.quasirandom.SobolEngine(3, scramble=True).draw(4))
+
+
+class _Swapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        torch.utils.swap_tensors(self.a.weight, self.b.weight)
+
+
 @pytest.mark.parametrize(
     ("cls", "match"),
     [
         (_FromTensors, r"read of tensor values by torch's C\+\+ code .* issued at .*test_refusals"),
         (_Subclass, r"making a tensor subclass .* issued at .*test_refusals.*Fix:"),
+        # An op without a fake kernel, called by torch's own Python: named, with a fix
+        # that applies (the message named torch.tensor() and torch.stack).
+        (
+            _Sobol,
+            r"torch's own code at torch/quasirandom\.py:\d+: "
+            r"torch\._sobol_engine_initialize_state_.* issued at .*test_refusals.*"
+            r"Fix: build this part of the model outside deferred_init",
+        ),
+        # torch's "Cannot swap t1 because it has weakref associated with it" came through.
+        (_Swapped, r"torch\.utils\.swap_tensors issued at .*test_refusals.*Fix: swap what"),
     ],
+    ids=["torch.tensor", "as_subclass", "sobol", "swap_tensors"],
 )
 def test_what_torch_does_on_fake_data_in_cpp_is_a_materialization_error(
     cls: type[nn.Module], match: str

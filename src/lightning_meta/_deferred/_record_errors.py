@@ -165,20 +165,56 @@ def _raised_at(e: BaseException) -> str:
     return "<unknown>"
 
 
+def _torch_call(e: BaseException) -> str | None:
+    """The innermost line of torch's own Python in ``e``'s traceback (``file:line: code``),
+    where torch called the C++ that failed; ``None`` when the user's code called it."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames or not frames[-1].filename.startswith(_TORCH_DIR):
+        return None
+    last = frames[-1]
+    where = os.path.relpath(last.filename, os.path.dirname(_TORCH_DIR.rstrip(os.sep)))
+    return f"{where}:{last.lineno}: {(last.line or '').strip()}"
+
+
 def torch_refusal(e: BaseException) -> MaterializationError | None:
     """Return the package's error for torch failing on the block's fake tensors outside dispatch.
 
     What torch's C++ does without an ATen call the recorder sees: reading a
-    tensor's memory (``torch.tensor([t0, t1])``), making a tensor subclass
-    (``t.as_subclass(MyTensor)``). ``None`` when ``e`` is neither.
+    tensor's memory (``torch.tensor([t0, t1])``, an op without a fake kernel
+    such as ``torch.quasirandom.SobolEngine``'s), making a tensor subclass
+    (``t.as_subclass(MyTensor)``), swapping tensors the block holds weak
+    references to (``torch.utils.swap_tensors``). ``None`` when ``e`` is none of these.
     """
     if _compat.is_unallocated_read(e):
+        inner = _torch_call(e)
+        if inner is not None:
+            how = (
+                f"torch's own code at {inner}, which reads the memory of tensors it made (an "
+                "op without a FakeTensor kernel)"
+            )
+            fix = (
+                "build this part of the model outside deferred_init and assign it afterwards "
+                "(or after materialize)"
+            )
+        else:
+            how = "torch.tensor() or torch.as_tensor() of tensors, or a list of them"
+            fix = (
+                "combine tensors with torch.stack or torch.cat, compute the values from "
+                "Python numbers, or build this part of the model outside deferred_init and "
+                "assign it afterwards"
+            )
         return MaterializationError(
             f"deferred_init cannot record a read of tensor values by torch's C++ code "
-            f"(torch.tensor() or torch.as_tensor() of tensors, or a list of them) issued at "
-            f"{_raised_at(e)}: the tensors of a deferred_init block hold no data. Fix: combine "
-            "tensors with torch.stack or torch.cat, compute the values from Python numbers, "
-            "or build this part of the model outside deferred_init and assign it afterwards."
+            f"({how}) issued at {_raised_at(e)}: the tensors of a deferred_init block hold no "
+            f"data. Fix: {fix}."
+        )
+    if _compat.is_weakref_swap_refusal(e):
+        return MaterializationError(
+            f"deferred_init cannot record torch.utils.swap_tensors issued at {_raised_at(e)}: "
+            "the block keeps a weak reference to every tensor it makes (to find it again at "
+            "materialize), and swap_tensors refuses a tensor with one. Fix: swap what the "
+            "modules hold instead (self.a.weight, self.b.weight = self.b.weight, "
+            "self.a.weight), or call torch.utils.swap_tensors after materialize."
         )
     if _compat.is_subclass_refusal(e) and "Uninitialized" not in str(e):  # lazy modules: _block
         return MaterializationError(

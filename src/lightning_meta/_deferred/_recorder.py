@@ -88,6 +88,7 @@ class _OpInfo:
     keepable: bool  # an in-place draw of ``_KEEPABLE``: fills ``self`` and returns it
     fill: bool  # ``zero_`` or ``fill_`` with a number: fills ``self`` and returns it
     sets_storage: bool  # ``set_`` onto a storage: how torch.load rebuilds a tensor
+    func: Any
 
 
 @functools.cache
@@ -101,7 +102,9 @@ def _info(func: Any) -> _OpInfo:
     fill = name in _FILLS and writes == ((0, "self"),)
     converts = name == "aten._to_copy.default"
     sets_storage = base == "aten.set_" and "Storage" in name
-    return _OpInfo(name, writes, random, returns_tensor, converts, keepable, fill, sets_storage)
+    return _OpInfo(
+        name, writes, random, returns_tensor, converts, keepable, fill, sets_storage, func
+    )
 
 
 @functools.cache
@@ -665,9 +668,10 @@ class Recorder(RecordingDispatchMode):
     def _writes(
         self, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[int, ...]:
-        """Return the value ids of the tensors the op writes in place, per its schema."""
+        """Return the value ids of the tensors the op writes in place, per its schema (and
+        per its kernel, where the schema does not say: a batch norm's running statistics)."""
         found: list[int] = []
-        for index, name in info.writes:
+        for index, name in _compat.call_writes(info.func, args, kwargs):
             value = args[index] if index < len(args) else kwargs.get(name)
             items = value if isinstance(value, (list, tuple)) else (value,)
             found.extend(

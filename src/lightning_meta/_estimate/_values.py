@@ -325,10 +325,10 @@ def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Te
 
 
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """Return the tensors ``func`` writes to (in-place and ``out=`` arguments)."""
-    writes, _ = _compat.op_schema(func)
+    """Return the tensors ``func`` writes to (in-place and ``out=`` arguments, and a batch
+    norm's running statistics in training)."""
     out: list[torch.Tensor] = []
-    for index, name in writes:
+    for index, name in _compat.call_writes(func, args, kwargs):
         value = args[index] if index < len(args) else kwargs.get(name)
         out += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
     return out
