@@ -69,6 +69,7 @@ __all__ = [
     "generator_overload",
     "non_persistent_of",
     "op_schema",
+    "unwrapped_requires_grad",
     "is_weakref_swap_refusal",
     "call_writes",
     "parameters_of",
@@ -1197,6 +1198,19 @@ def transform_level() -> int | None:
     Uses ``torch._C._functorch.maybe_current_level``.
     """
     return torch._C._functorch.maybe_current_level()  # type: ignore[no-any-return]
+
+
+def unwrapped_requires_grad(tensor: torch.Tensor) -> bool:
+    """Whether the tensor under ``torch.func`` transforms' wrappers requires grad (a
+    vmapped stacked parameter reads ``requires_grad=False`` through its wrapper).
+
+    Uses ``torch._C._functorch.is_functorch_wrapped_tensor`` and ``get_unwrapped``;
+    checked on torch 2.6, 2.13, 2.15.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return bool(tensor.requires_grad)
 
 
 def made_at_level(tensor: torch.Tensor, level: int) -> bool:

@@ -122,3 +122,38 @@ def test_auto_times_the_padded_lookup_out_of_vmap_with_gradients() -> None:
     assert torch.equal(ensemble.stacked.table.grad, expected)
     record = ensemble.plans[0]
     assert record.timings_ms["vmap"] == float("inf"), record  # it ran, and refused
+
+
+class _Remapped(nn.Module):
+    """Shared ids, made per-member by each member's own remap buffer (a hashed vocabulary)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        order = torch.randperm(9, generator=torch.Generator().manual_seed(seed)) + 1
+        self.register_buffer("remap", torch.cat([torch.zeros(1, dtype=torch.long), order]))
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(self.remap[ids]).sum()
+
+
+def test_shared_ids_a_forward_makes_per_member_keep_every_padding_row_out() -> None:
+    # Found by the regression sweep of 2026-12-05: only per_member_inputs=True was
+    # checked, so vmap ("auto" under torch.compile, or forced) trained the padding rows.
+    torch.manual_seed(1)
+    members: list[nn.Module] = [_Remapped(seed) for seed in range(3)]
+    ids = torch.tensor([[0, 5, 0, 3]])
+    for member in members:
+        member(ids).backward()
+    expected = torch.stack([m.emb.weight.grad for m in members])
+    assert expected[:, 0].abs().max() == 0
+    with pytest.raises(lm.ArgumentValueError, match=r"differ per member .*padding_idx=0"):
+        lm.Ensemble(members, execution="vmap")(ids).sum().backward()
+    for compiled in (False, True):
+        ensemble = lm.Ensemble(members)
+        call = torch.compile(ensemble, backend="eager") if compiled else ensemble
+        call(ids).sum().backward()
+        assert ensemble.plan == "loop", compiled
+        torch.testing.assert_close(
+            ensemble.tensors()["emb.weight"].grad, expected, rtol=0, atol=1e-6
+        )

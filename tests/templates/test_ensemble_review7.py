@@ -68,13 +68,24 @@ def test_padding_idx_with_per_member_indices_keeps_every_members_padding_row_out
 
 def test_padding_idx_refuses_forced_vmap_with_per_member_indices_only() -> None:
     members = _members(_Padded)
+    per_member = torch.zeros(3, 4, 5, dtype=torch.long)
+    ens = lm.Ensemble(copy.deepcopy(members), execution="vmap", per_member_inputs=True)
     with pytest.raises(lm.ArgumentValueError, match=r"padding_idx \('e'\).*member 0's padding"):
-        lm.Ensemble(copy.deepcopy(members), execution="vmap", per_member_inputs=True)
-    # Set after construction: refused at the call.
+        ens(per_member)
+    # Set after construction: refused at the call too.
     ens = lm.Ensemble(copy.deepcopy(members), execution="vmap")
     ens.per_member_inputs = True
     with pytest.raises(lm.ArgumentValueError, match=r"padding_idx"):
-        ens(torch.zeros(3, 4, 5, dtype=torch.long))
+        ens(per_member)
+    # Where no padding row can train, vmap runs (it was refused when the ensemble was
+    # built, found by the regression sweep of 2026-12-05): without gradients, and with
+    # the embedding frozen (the head still training).
+    with torch.no_grad():
+        ens(per_member)
+    assert ens.plan == "vmap"
+    ens.stacked.e.weight.requires_grad_(False)
+    ens(per_member).sum().backward()
+    assert ens.plan == "vmap"
     # Shared indices: vmap looks them up unbatched, each member's padding row kept out.
     ids = torch.randint(0, 3, (4, 5), generator=torch.Generator().manual_seed(1))
     expected = _grads_of_loop(copy.deepcopy(members), [ids] * 3)

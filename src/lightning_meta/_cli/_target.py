@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,7 +98,10 @@ def _shadowed(name: str, root: Path) -> str | None:
 
     Only installed packages (``site-packages``) count: a file named after a standard
     library module nothing imports (``test.py``) or a module in the working directory
-    imports as before.
+    imports as before. Nor does an installed package that neither torch, Lightning nor
+    this package's own requirements need (:func:`_needed_by_the_stack`): the user's own
+    package, also ``pip install``-ed, imports the local one, as ``python -m`` from the
+    project's root would.
     """
     top = name.partition(".")[0]
     if "." not in name and (root / top / "__init__.py").is_file():
@@ -110,7 +116,49 @@ def _shadowed(name: str, root: Path) -> str | None:
     if not {"site-packages", "dist-packages"} & set(origin.parts):
         return None
     ours = {(root / f"{top}.py").resolve(), (root / top / "__init__.py").resolve()}
-    return None if origin in ours else f"the installed module at {str(origin)!r}, which it hides"
+    if origin in ours or not _needed_by_the_stack(top):
+        return None
+    return f"the installed module at {str(origin)!r}, which it hides"
+
+
+_STACK = ("lightning-meta", "torch", "lightning", "rich", "safetensors")
+
+
+def _needed_by_the_stack(top: str) -> bool:
+    """Whether the installed top-level module ``top`` belongs to a distribution that torch,
+    Lightning, rich, safetensors or this package require, directly or not: what this
+    process may import after the target (``True`` when no distribution claims it)."""
+    owners = importlib.metadata.packages_distributions().get(top)
+    if not owners:
+        return True
+    needed = _requirement_closure()
+    return any(_normalized(owner) in needed for owner in owners)
+
+
+@functools.cache
+def _requirement_closure() -> frozenset[str]:
+    seen: set[str] = set()
+    todo = list(_STACK)
+    while todo:
+        name = _normalized(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in requirements:
+            if "extra ==" in requirement:
+                continue  # an optional dependency, not installed with the package
+            match = re.match(r"[A-Za-z0-9_.\-]+", requirement)
+            if match:
+                todo.append(match.group(0))
+    return frozenset(seen)
+
+
+def _normalized(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def import_file(path: str | Path, *, spec: str | None = None) -> Any:
@@ -148,7 +196,9 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
         raise _fail(
             label,
             f"its module name {name.partition('.')[0]!r} is also the name of {shadowed}",
-            f"rename {file.name if '.' not in name else root.name}",
+            f"rename {file.name}"
+            if "." not in name
+            else f"rename the package {str(root / name.partition('.')[0])!r}",
         )
     added = str(root) not in sys.path
     if added:

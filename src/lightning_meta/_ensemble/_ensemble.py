@@ -362,8 +362,10 @@ def _padded_embeddings(template: nn.Module) -> list[str]:
     """Paths of the ``nn.Embedding`` layers with a ``padding_idx``, whose padding row
     ``torch.vmap`` trains when each member looks up its own indices: its batching rule
     looks the members' rows up in one flattened table, whose backward keeps only member
-    0's padding row out of the gradient (per-member inputs only; shared indices are
-    looked up unbatched, with the padding row kept out for every member)."""
+    0's padding row out of the gradient (batched indices only: shared indices are
+    looked up unbatched, with the padding row kept out for every member, unless the
+    forward makes them per-member itself, which :mod:`._lookups` sees). Forward values
+    are exact: only a call with gradients on the weight is concerned."""
     return [
         path
         for path, mod in template.named_modules()
@@ -768,8 +770,6 @@ class Ensemble(nn.Module):
         # A forward's own F.embedding(..., padding_idx=p) seen under vmap (see _lookups):
         # the refusal's message, kept for the calls after it.
         self._padded_lookup: str | None = None
-        if execution == "vmap" and per_member_inputs and self._padded:
-            _refuse_padded_vmap(self._padded)
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -1158,7 +1158,7 @@ class Ensemble(nn.Module):
         if not self._names:  # nothing stacked: nothing for vmap or grouped to batch
             return ["loop"]
         plans = ["loop"] if self._sparse or self._recurrent else ["vmap", "loop"]
-        if self.per_member_inputs and (self._padded or self._padded_lookup) and "vmap" in plans:
+        if "vmap" in plans and self._padded_gradients(None):
             plans.remove("vmap")  # see _padded_embeddings and _lookups
         if (
             not kwargs
@@ -1550,6 +1550,37 @@ class Ensemble(nn.Module):
             plan, forced = self._requested, self._requested != "auto"
             raise state_written_error(plan, runner, written, forced=forced, registered=registered)
 
+    def _padded_gradients(
+        self, tensors: Mapping[str, torch.Tensor] | None, *, compiling: bool = False
+    ) -> bool:
+        """Whether vmap would train padding rows on this call (:func:`_padded_embeddings`,
+        :mod:`._lookups`): gradients on, and a padded ``nn.Embedding``'s stacked weight
+        requiring one with per-member inputs (or any input under ``torch.compile``, where
+        no lookup is watched and ``"auto"`` takes the loop), or a forward whose own
+        batched lookup with a padding index was seen. ``tensors``: the stacked tensors
+        (``None``: the ensemble's own)."""
+        if not torch.is_grad_enabled():
+            return False
+        table = self.tensors() if tensors is None else tensors
+        # Seen under vmap with a trainable table: any trainable tensor keeps vmap off.
+        if (
+            self._padded_lookup is not None
+            and self._requested != "vmap"
+            and any(t.requires_grad for t in table.values())
+        ):
+            return True
+        if not self._padded or not (self.per_member_inputs or compiling):
+            return False
+        if compiling and not self.per_member_inputs and self._requested == "vmap":
+            return False  # forced, with shared indices: not checked (docs/guarantees.md)
+        aliases = self._slots().aliases()
+        for path in self._padded:
+            name = f"{path}.weight" if path else "weight"
+            weight = table.get(aliases.get(name, name))
+            if weight is None or weight.requires_grad:
+                return True
+        return False
+
     def _renormed(self) -> frozenset[str]:
         """The stacked names of the ``nn.Embedding`` / ``nn.EmbeddingBag(max_norm=...)``
         weights, which the forward renormalises in place: with gradients, the loop gives
@@ -1703,7 +1734,7 @@ class Ensemble(nn.Module):
         """``execution="auto"``'s vmap call; the loop instead when the forward turns out to keep
         state (first seen on this call) and nothing else changed yet (no buffer, no random
         generator): the call is then run again, as the members would have run it."""
-        if self.per_member_inputs and self._padded_lookup:
+        if self._padded_gradients(tensors):
             self._last_plan = "loop"  # a timed choice of vmap made before the lookup was seen
             return self._loop(tensors, inputs, kwargs, changes)
         if not self._watched_template():
@@ -1908,9 +1939,8 @@ class Ensemble(nn.Module):
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
-        padded = self._padded or (self._requested != "vmap" and self._padded_lookup)
-        if self.per_member_inputs and padded:
-            if self._requested == "vmap":  # per_member_inputs is set since __init__
+        if self._padded_gradients(tensors, compiling=torch.compiler.is_compiling()):
+            if self._requested == "vmap":
                 _refuse_padded_vmap(self._padded)
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
@@ -2016,9 +2046,10 @@ class Ensemble(nn.Module):
         # standard path then. Without gradients the members take the fast path
         # too (the nested-tensor one excepted, see _nested_encoder).
         standard = not compiling and torch.is_grad_enabled() and self._has_attention()
+        # Under torch.compile the watch is not entered (see _padded_gradients).
         lookups = (
             not compiling
-            and self.per_member_inputs
+            and (bool(self._padded) or bool(self._watched_template()))
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors.values())
         )

@@ -1,16 +1,18 @@
-"""Watch a vmapped forward for its own embedding lookups with a padding index.
+"""Watch a vmapped forward for embedding lookups with a padding index.
 
-With per-member inputs, ``torch.vmap`` looks every member's indices up in one
-flattened table (its batching rule for ``embedding`` folds the member
+Where the indices differ per member (per-member inputs, or indices a forward
+derives from a stacked buffer), ``torch.vmap`` looks every member's indices up
+in one flattened table (its batching rule for ``embedding`` folds the member
 dimension into the table's rows), and the backward of that lookup keeps only
 member 0's padding row out of the gradient: members 1..N-1 train their
 padding rows, which their own ``F.embedding(..., padding_idx=p)`` never does.
-``nn.Embedding`` layers are found by a module scan (``_padded_embeddings``);
-a forward's own ``F.embedding`` call is found only by watching the call, which
-this mode does while vmap runs with gradients on (a no-op
-``TorchFunctionMode`` cost nothing measurable on a 14 ms vmapped transformer
-step). ``F.embedding_bag``'s batching rule keeps every member's padding row
-out, so it is not watched.
+``nn.Embedding`` layers with per-member inputs are found by a module scan
+(``_padded_embeddings``); a forward's own ``F.embedding`` call, and indices
+made per-member inside the forward, only by watching the call, which this mode
+does while vmap runs with gradients on (a no-op ``TorchFunctionMode`` cost
+nothing measurable on a 14 ms vmapped transformer step).
+``F.embedding_bag``'s batching rule keeps every member's padding row out, so
+it is not watched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_meta._compat import made_at_level, transform_level
+from lightning_meta._compat import made_at_level, transform_level, unwrapped_requires_grad
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = ["PaddedLookupError", "PaddedLookupWatch"]
@@ -71,17 +73,20 @@ class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
             isinstance(t, torch.Tensor) and made_at_level(t, level) for t in (indices, weight)
         ):
             return  # shared indices (or weights): looked up unbatched, exact
+        if not isinstance(weight, torch.Tensor) or not unwrapped_requires_grad(weight):
+            return  # a frozen table: no padding row to train
         forced = self.plan == "vmap"
         fix = (
             "Fix: use execution='loop' (or 'auto', which runs the loop for such a forward)."
             if forced
             else "Fix: use execution='loop'."
         )
+        call = "F.embedding" if func is F.embedding else "torch.embedding"
         raise PaddedLookupError(
-            f"Ensemble(execution={self.plan!r}, per_member_inputs=True) ran the template's "
-            f"forward under torch.vmap with gradients on, and the forward called "
-            f"{'F.embedding' if func is F.embedding else 'torch.embedding'}(..., "
-            f"padding_idx={padding_idx}) itself: torch.vmap looks every member's own indices "
+            f"Ensemble(execution={self.plan!r}) ran the template's forward under torch.vmap "
+            f"with gradients on, and it looked indices that differ per member up in a "
+            f"trainable table with {call}(..., padding_idx={padding_idx}) (an nn.Embedding "
+            "layer's, or the forward's own call): torch.vmap looks every member's own indices "
             "up in one flattened table, whose backward keeps only member 0's padding row out "
             "of the gradient, so the other members' padding rows would train. " + fix
         )
