@@ -1268,9 +1268,7 @@ class _MetaWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in FROM_REAL_ONLY or func in _SHAPE_ONLY:
             return out
-        metas = [
-            t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_meta
-        ]
+        metas = _metas_among(args, kwargs)
         if not metas:
             return out
         named = sorted({self.names[id(t)] for t in metas if id(t) in self.names})
@@ -1291,6 +1289,29 @@ class _MetaWatch(TorchFunctionMode):
             "the factory (MetaTemplate(module) keeps its values).",
             paths=named,
         )
+
+
+def _metas_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The meta tensors among an op's arguments. Runs on every op of a watched call: the
+    arguments' own tensors and lists of them (``cat``) are looked at directly, anything
+    deeper through a tree walk (which costs several microseconds per op)."""
+    found: list[torch.Tensor] = []
+    for arg in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(arg, torch.Tensor):
+            if arg.is_meta:
+                found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            for item in arg:
+                if isinstance(item, torch.Tensor):
+                    if item.is_meta:
+                        found.append(item)
+                elif isinstance(item, (list, tuple, dict)):
+                    found += [
+                        t for t in tree_leaves(item) if isinstance(t, torch.Tensor) and t.is_meta
+                    ]
+        elif isinstance(arg, dict):
+            found += [t for t in tree_leaves(arg) if isinstance(t, torch.Tensor) and t.is_meta]
+    return found
 
 
 # Results that take only a tensor's shape, dtype and device from it.
