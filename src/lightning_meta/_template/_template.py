@@ -893,12 +893,23 @@ class MetaTemplate:
         module = self.module
         if "modes" in inspect.signature(module.forward).parameters:
             return
+        takes_any = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in inspect.signature(module.forward).parameters.values()
+        )
+        how = (
+            "whose signature does not name it: its **kwargs may drop it (a transformers "
+            "model's does), running every submodule in the template's own mode"
+            if takes_any
+            else "which does not take it"
+        )
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__})(params, ..., modes=...) passes modes= to "
-            "the forward, which does not take it (a forward with **kwargs would drop it, "
-            "running every submodule in the template's own mode). Fix: "
+            f"the forward, {how}; the template does not apply it. Fix: "
             "template.functional_call(params, args, kwargs, modes=net), or call with "
-            "template.state_from(net), which carries net's modes."
+            "template.state_from(net), which carries net's modes; for a forward that reads "
+            "modes= from its **kwargs, template.functional_call(params, args, "
+            "{'modes': ...}) passes it on."
         )
 
     def functional_call(
@@ -1283,11 +1294,12 @@ class _MetaWatch(TorchFunctionMode):
             f"MetaTemplate({type(self.module).__name__}): {_op_name(func)} made a real "
             f"tensor from {what} (meta: no values), which torch computes from "
             "uninitialised memory. Fix: pass real tensors for every name of the mapping "
-            "(materialize or load them first); a plain tensor attribute a factory builds "
+            "and every input (materialize or load them first), or meta ones only, for a "
+            "shape probe; a plain tensor attribute a factory builds "
             "is on meta: register it as a buffer (`self.register_buffer(name, t, "
             "persistent=False)`), passed in the mapping, or pass a module instead of "
             "the factory (MetaTemplate(module) keeps its values).",
-            paths=named,
+            paths=[n for n in named if n != "an input"],
         )
 
 
@@ -1336,12 +1348,15 @@ def _meta_watch(
     layout: _Layout, metas: dict[int, str], given: Mapping[str, Any], inputs: Any
 ) -> _MetaWatch | None:
     """The watch for a call where meta tensors could meet real ones: plain meta tensors in
-    the mapping (``metas``) or in the template's plain attributes, and a real tensor in
-    the mapping or the inputs; ``None`` otherwise (most calls: no cost)."""
+    the mapping (``metas``), in the template's plain attributes or among the inputs (a
+    shape probe), and a real tensor in the mapping or the inputs; ``None`` otherwise (most
+    calls: no cost)."""
+    leaves = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     names = {**layout.strays, **metas}
+    names.update((id(t), "an input") for t in leaves if t.is_meta)
     if not names:
         return None
-    if not any(holds_values(t) for t in (*given.values(), *tree_leaves(inputs))):
+    if not any(holds_values(t) for t in (*given.values(), *leaves)):
         return None
     return _MetaWatch(layout.modules[0], names)
 
