@@ -767,8 +767,9 @@ class Ensemble(nn.Module):
                 paths=self._recurrent,
             )
         self._padded = _padded_embeddings(template)
-        # A forward's own F.embedding(..., padding_idx=p) seen under vmap (see _lookups):
-        # the refusal's message, kept for the calls after it.
+        # A lookup with a padding index of indices that differ per member, seen under
+        # vmap with gradients (see _lookups): the refusal's message, kept for the calls
+        # after it, which run the loop where they have gradients.
         self._padded_lookup: str | None = None
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
