@@ -1246,8 +1246,10 @@ class Ensemble(nn.Module):
         """``plan``, or the loop when ``plan`` would skip hooks (see :func:`_skipped_hooks`).
 
         Hooks can be registered at any time, after the plan was timed too, so
-        they are checked on every call.
+        they are checked on every call (but the loop's, which runs every hook).
         """
+        if plan == "loop":
+            return plan
         hooked = self._backward_hooked(self.template.module)
         if _skipped_hooks(plan, hooked) is not None:
             return "loop"
@@ -1638,7 +1640,7 @@ class Ensemble(nn.Module):
         strict: bool,
         changes: Reassigned,
     ) -> Any:
-        if self._requested == plan:
+        if self._requested == plan and plan != "loop":  # the loop runs every hook
             skipped = _skipped_hooks(plan, self._backward_hooked(self.template.module))
             if skipped is not None:
                 runner = "torch.vmap" if plan == "vmap" else f"the {plan} plan"
