@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     device = real_device(args.device, "load-check")
     factory = target_factory(args.model, args.args)
-    trusted = [_trusted(t) for t in args.trust]
+    trusted = [obj for name in args.trust for obj in _trusted(name, args.model)]
     model = _build(args, factory)
     # user_code: the model's load hooks run, and may print.
     with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
@@ -158,15 +158,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trusted(name: str) -> Any:
-    """The object ``--trust name`` names; its errors say ``--trust``, not "target"."""
+def _trusted(name: str, target: str) -> list[Any]:
+    """What ``--trust name`` allows the unpickler; its errors say ``--trust``, not "target".
+
+    A class of the script that saved the checkpoint is pickled as ``__main__.Name``,
+    which no import finds here: ``--trust script.py:Name`` allows it under that name
+    too, and ``--trust __main__:Name`` looks ``Name`` up in TARGET's file.
+    """
     from lightning_meta._cli._target import TargetError, load_target
 
+    where, _, attr = name.rpartition(":")
+    spec, script = name, where.endswith(".py") or "/" in where or "\\" in where
+    if where == "__main__":
+        file = target.rpartition(":")[0]
+        spec, script = f"{file}:{attr}", True
     try:
-        return load_target(name)
+        if not spec.partition(":")[0].endswith(".py") and where == "__main__":
+            raise TargetError(f"TARGET {target!r} is not a file")
+        obj = load_target(spec)
     except TargetError as e:
+        if where == "__main__":
+            raise TargetError(
+                f"--trust {name!r}: {attr!r} is a class of the script that saved the file "
+                f"(run as __main__), which TARGET's file does not define. Fix: --trust "
+                f"path/to/that_script.py:{attr}."
+            ) from e
         text = str(e).removeprefix(f"target {name!r}")
         raise TargetError(f"--trust {name!r}{text}") from e
+    if not script:
+        return [obj]
+    # Also under the name the saving script's own classes are pickled with.
+    return [obj, (obj, f"__main__.{getattr(obj, '__qualname__', attr)}")]
 
 
 def _build(args: argparse.Namespace, factory: Any) -> torch.nn.Module:

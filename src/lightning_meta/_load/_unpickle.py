@@ -211,11 +211,21 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
             "model.state_dict()), or modules kept beside the weights (a loss in a "
             "checkpoint's hyperparameters), which trusting them loads."
         )
+    scripts = ""
+    if any(n.startswith("__main__.") for n in needed):
+        scripts = spelled(
+            " Names in __main__ are classes of the script that saved the file: pass "
+            "(TheClass, '__main__.TheClass') where TheClass is not defined in your own "
+            "__main__.",
+            " Names in __main__ are classes of the script that saved the file: trust them "
+            "by that script's path (--trust path/to/script.py:TheClass).",
+        )
     return MetaTensorError(
         f"{where!r} cannot be loaded with weights_only=True: unpickling {what} would construct "
         "objects other than tensors and plain containers, which can run arbitrary code. It "
-        f"needs: {listed}. lightning_meta never unpickles arbitrary objects.{modules} Fix: if "
-        f"you trust this file, allow exactly those {_allow}, or re-save only the state_dict.",
+        f"needs: {listed}. lightning_meta never unpickles arbitrary objects.{modules}{scripts} "
+        f"Fix: if you trust this file, allow exactly those {_allow}, or re-save only the "
+        "state_dict.",
         paths=[where],
     )
 
