@@ -24,7 +24,9 @@ import contextlib
 import copy
 import ctypes
 import functools
+import importlib
 import math
+import re
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -69,6 +71,7 @@ __all__ = [
     "generator_overload",
     "non_persistent_of",
     "op_schema",
+    "transformers_conversions",
     "unwrapped_requires_grad",
     "is_weakref_swap_refusal",
     "call_writes",
@@ -1198,6 +1201,39 @@ def transform_level() -> int | None:
     Uses ``torch._C._functorch.maybe_current_level``.
     """
     return torch._C._functorch.maybe_current_level()  # type: ignore[no-any-return]
+
+
+def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str]:
+    """The weight conversions transformers applies when it loads a checkpoint into
+    ``module`` (a transformers model) whose source patterns match one of ``keys``, each
+    as ``"'source' + 'source' -> 'target'"``; ``[]`` for any other module, or where
+    transformers has no such mapping (before 5.0).
+
+    transformers 5 keeps some layers fused (a mixture of experts' ``gate_up_proj``) while
+    its ``save_pretrained`` writes the hub's per-expert layout, which its loader converts.
+    Uses ``transformers.conversion_mapping.get_model_conversion_mapping`` and each
+    entry's ``source_patterns`` / ``target_patterns``; checked on transformers 5.3.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return []
+    try:  # not a dependency: imported where the module is one of its models
+        mapping = importlib.import_module("transformers.conversion_mapping")
+        get_model_conversion_mapping = mapping.get_model_conversion_mapping
+    except (ImportError, AttributeError):
+        return []
+    try:
+        conversions = get_model_conversion_mapping(module)
+    except Exception:  # a model the mapping cannot describe: nothing to add
+        return []
+    keys = list(keys)
+    found = []
+    for conversion in conversions:
+        sources = list(getattr(conversion, "source_patterns", ()))
+        targets = list(getattr(conversion, "target_patterns", ()))
+        patterns = [re.compile(re.escape(p).replace(r"\*", r"[^.]+")) for p in sources]
+        if any(p.search(k) for p in patterns for k in keys):
+            found.append(" + ".join(map(repr, sources)) + " -> " + " + ".join(map(repr, targets)))
+    return found
 
 
 def unwrapped_requires_grad(tensor: torch.Tensor) -> bool:

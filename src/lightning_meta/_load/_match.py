@@ -532,7 +532,25 @@ def mismatch_error(
             f"    {u!r}{_close(ul, plan.missing)}"
             for u, ul in zip(plan.unexpected, unexpected_local, strict=True)
         ]
-    if plan.code:
+    conversions = _compat.transformers_conversions(module, unexpected_local)
+    if conversions and not plan.code:
+        # transformers 5 saves some layers in another layout than the module holds
+        # (a mixture of experts' per-expert weights) and converts them when it loads;
+        # strict=False would leave the converted tensors as initialised.
+        name = type(module).__name__
+        lines.append(
+            f"transformers converts this layout when it loads into {name} ("
+            + "; ".join(conversions)
+            + "); load_checkpoint reads the tensors as stored and applies none of them."
+        )
+        lines.append(
+            f"Fix: load it with transformers ({name}.from_pretrained(...)), save that "
+            "model's state_dict once (safetensors.torch.save_model, or torch.save), and "
+            "load the saved file; "
+            f"{spelled('strict=False', '--no-strict')} would leave the "
+            f"{len(plan.missing)} missing tensors as initialised."
+        )
+    elif plan.code:
         # Names here are as the module's own load code sees them; strict=False
         # is no fix for keys that code was meant to map.
         lines.append(
