@@ -160,33 +160,39 @@ def test_an_index_naming_a_shard_without_the_key_says_where_it_is_not(
     assert "'lin.weight': index says 's1.safetensors', in no shard the index lists" in err
 
 
-def test_a_target_in_the_users_own_installed_package_imports_the_local_copy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_target_in_the_users_own_installed_package_imports_the_local_copy(tmp_path: Path) -> None:
     # Found by the regression sweep of 2026-12-05: the user's own package, also
     # pip-installed (not editable), was refused as hiding "the installed module", and the
-    # fix named the folder above the package. Only what torch, Lightning and this
-    # package's requirements may import later is worth a refusal.
+    # fix named the folder above the package.
     site = tmp_path / "env" / "site-packages"
     (site / "mypkg").mkdir(parents=True)
     (site / "mypkg" / "__init__.py").write_text("")
-    (site / "mypkg" / "model.py").write_text(NET.replace("nn.Linear(3, 2)", "nn.Linear(3, 7)"))
     (tmp_path / "proj" / "mypkg").mkdir(parents=True)
     (tmp_path / "proj" / "mypkg" / "__init__.py").write_text("")
     (tmp_path / "proj" / "mypkg" / "model.py").write_text(NET)
     torch.save({f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}, tmp_path / "n.pt")
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    # Installed without metadata, no distribution says whose it is: refused, the fix
+    env = {"PYTHONPATH": str(site)}
+    # Another installed package of that name (no model.py in it): refused, the fix
     # naming the package.
-    proc = run_cli("load-check", "proj/mypkg/model.py:Net", "n.pt", cwd=tmp_path)
+    proc = run_cli("load-check", "proj/mypkg/model.py:Net", "n.pt", cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "is also the name of the installed module" in proc.stderr
     assert f"Fix: rename the package {str(tmp_path / 'proj' / 'mypkg')!r}." in proc.stderr
-    # Installed by pip (a distribution's metadata claims it): the local copy is imported.
-    info = site / "mypkg-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg\nVersion: 1.0\n")
-    (info / "top_level.txt").write_text("mypkg\n")
-    proc = run_cli("load-check", "proj/mypkg/model.py:Net", "n.pt", "--json", cwd=tmp_path)
+    # An installed copy of the same package (it holds model.py too): the local file.
+    (site / "mypkg" / "model.py").write_text(NET.replace("nn.Linear(3, 2)", "nn.Linear(3, 7)"))
+    proc = run_cli("load-check", "proj/mypkg/model.py:Net", "n.pt", "--json", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr  # the local Linear(3, 2), not the installed (3, 7)
     assert json.loads(proc.stdout)["loaded"] == ["lin.bias", "lin.weight"]
+
+
+@pytest.mark.parametrize("name", ["click", "regex"])
+def test_a_file_named_after_what_transformers_imports_is_refused(tmp_path: Path, name: str) -> None:
+    # The regression sweep of 2026-12-05: refusing only what torch, Lightning and this
+    # package declare as requirements let click.py through, which transformers (imported by
+    # torchmetrics when installed) then failed to import.
+    pytest.importorskip(name)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / f"{name}.py").write_text(NET)
+    proc = run_cli("check", f"t/{name}.py:Net", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"its module name {name!r} is also the name of the installed module" in proc.stderr

@@ -34,12 +34,15 @@ def run_module(
     )
 
 
-def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *argv: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m lightning_meta ARGV`` in ``cwd``, a fresh process as a user's shell
-    starts it (nothing imported before the target; no traceback requested)."""
+    starts it (nothing imported before the target; no traceback requested); ``env``: set
+    on top of this process's environment (a ``PYTHONPATH`` goes after the package's)."""
     import lightning_meta
 
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     src = str(Path(lightning_meta.__file__).parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     env.pop("LIGHTNING_META_TRACEBACK", None)

@@ -157,3 +157,41 @@ def test_shared_ids_a_forward_makes_per_member_keep_every_padding_row_out() -> N
         torch.testing.assert_close(
             ensemble.tensors()["emb.weight"].grad, expected, rtol=0, atol=1e-6
         )
+
+
+class _Switched(nn.Module):
+    """A padded lookup only in some calls: under no_grad, or when asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(
+        self, ids: torch.Tensor, padded: bool = False, frozen: bool = False
+    ) -> torch.Tensor:
+        if frozen:
+            with torch.no_grad():  # no gradient reaches the table here
+                looked_up = F.embedding(ids, self.table, padding_idx=0)
+        else:
+            looked_up = F.embedding(ids, self.table, padding_idx=0 if padded else None)
+        return self.head(looked_up).sum(1)
+
+
+def test_the_watch_follows_the_kind_of_call_and_the_lookups_gradient() -> None:
+    # Found by the regression sweep of 2026-12-05: a lookup under no_grad in the forward was
+    # refused; and the watch, entered on every call, cost 15-20 % of a vmapped step of small
+    # layers. It is now entered once per kind of call (mode, inputs' structure, dtypes,
+    # dimensions and plain values): a call of another kind is watched again.
+    torch.manual_seed(0)
+    members: list[nn.Module] = [_Switched() for _ in range(3)]
+    ids = torch.randint(0, 10, (3, 2, 3))
+    ensemble = lm.Ensemble(members, execution="vmap", per_member_inputs=True)
+    for _ in range(2):
+        ensemble(ids, frozen=True).sum().backward()  # padding index, but no gradient
+        ensemble(ids).sum().backward()  # no padding index
+    assert ensemble.plan == "vmap"
+    with pytest.raises(lm.ArgumentValueError, match=r"padding_idx=0"):
+        ensemble(ids, padded=True).sum().backward()
+    with pytest.raises(lm.ArgumentValueError, match=r"padding_idx=0"):
+        ensemble(ids.unsqueeze(-1), padded=True).sum().backward()  # another dimension

@@ -63,3 +63,27 @@ def test_modes_through_kwargs_is_refused_with_a_true_reason_and_a_working_fix() 
     # The fix the message gives: functional_call's kwargs reach the forward.
     out = template.functional_call(params, (x,), {"modes": {"scale": 2.0}})
     torch.testing.assert_close(out, net(x, modes={"scale": 2.0}), rtol=0, atol=0)
+
+
+class _KeptProjection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+        self.proj = torch.randn(4, 8)  # a plain attribute, which MetaTemplate(module) keeps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.proj @ self.l(x).T
+        return out
+
+
+def test_a_shape_probe_meeting_the_templates_real_plain_attribute_is_refused() -> None:
+    # Found by the regression sweep of 2026-12-05: a meta mapping and meta inputs never
+    # entered the watch, and proj @ meta returned uninitialised memory.
+    net = _KeptProjection()
+    template = lm.MetaTemplate(net)
+    real = template.state_from(net)
+    meta_state = {k: torch.empty_like(v, device="meta") for k, v in real.items()}
+    with pytest.raises(lm.MetaTensorError, match=r"real where MetaTemplate\(module\) kept"):
+        template(meta_state, torch.randn(3, 8, device="meta"))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(template(real, x), net(x), rtol=0, atol=0)

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,10 +95,11 @@ def _shadowed(name: str, root: Path) -> str | None:
 
     Only installed packages (``site-packages``) count: a file named after a standard
     library module nothing imports (``test.py``) or a module in the working directory
-    imports as before. Nor does an installed package that neither torch, Lightning nor
-    this package's own requirements need (:func:`_needed_by_the_stack`): the user's own
-    package, also ``pip install``-ed, imports the local one, as ``python -m`` from the
-    project's root would.
+    imports as before. A file inside a package whose installed copy holds the same file
+    (the user's own package, also ``pip install``-ed) imports the local one, as
+    ``python -m`` from the project's root would; any other installed module of that name
+    is refused, since what the process imports later is not known beforehand (torchmetrics
+    imports transformers, which imports click, when they are installed).
     """
     top = name.partition(".")[0]
     if "." not in name and (root / top / "__init__.py").is_file():
@@ -116,49 +114,13 @@ def _shadowed(name: str, root: Path) -> str | None:
     if not {"site-packages", "dist-packages"} & set(origin.parts):
         return None
     ours = {(root / f"{top}.py").resolve(), (root / top / "__init__.py").resolve()}
-    if origin in ours or not _needed_by_the_stack(top):
+    if origin in ours:
         return None
+    if "." in name and origin.name == "__init__.py":
+        *inner, leaf = name.split(".")[1:]
+        if origin.parent.joinpath(*inner, f"{leaf}.py").is_file():
+            return None  # an installed copy of the same package
     return f"the installed module at {str(origin)!r}, which it hides"
-
-
-_STACK = ("lightning-meta", "torch", "lightning", "rich", "safetensors")
-
-
-def _needed_by_the_stack(top: str) -> bool:
-    """Whether the installed top-level module ``top`` belongs to a distribution that torch,
-    Lightning, rich, safetensors or this package require, directly or not: what this
-    process may import after the target (``True`` when no distribution claims it)."""
-    owners = importlib.metadata.packages_distributions().get(top)
-    if not owners:
-        return True
-    needed = _requirement_closure()
-    return any(_normalized(owner) in needed for owner in owners)
-
-
-@functools.cache
-def _requirement_closure() -> frozenset[str]:
-    seen: set[str] = set()
-    todo = list(_STACK)
-    while todo:
-        name = _normalized(todo.pop())
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requirements = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for requirement in requirements:
-            if "extra ==" in requirement:
-                continue  # an optional dependency, not installed with the package
-            match = re.match(r"[A-Za-z0-9_.\-]+", requirement)
-            if match:
-                todo.append(match.group(0))
-    return frozenset(seen)
-
-
-def _normalized(distribution: str) -> str:
-    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def import_file(path: str | Path, *, spec: str | None = None) -> Any:

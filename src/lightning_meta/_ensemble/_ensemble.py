@@ -253,6 +253,26 @@ def _refuse_padded_vmap(padded: list[str]) -> None:
     )
 
 
+def _call_kind(
+    training: bool, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """What a forward's control flow may depend on, without sizes (a new sequence length
+    is the same kind of call): the mode, the inputs' structure, dtypes and dimensions, and
+    their plain values."""
+    leaves, spec = tree_flatten((inputs, dict(kwargs)))
+    return (
+        training,
+        str(spec),
+        tuple(
+            (x.dtype, x.dim()) if isinstance(x, torch.Tensor) else _plain_kind(x) for x in leaves
+        ),
+    )
+
+
+def _plain_kind(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str, type(None))) else type(value)
+
+
 def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
     """Which hooks ``plan`` would not run (``None``: none), to name in an error.
 
@@ -771,6 +791,7 @@ class Ensemble(nn.Module):
         # vmap with gradients (see _lookups): the refusal's message, kept for the calls
         # after it, which run the loop where they have gradients.
         self._padded_lookup: str | None = None
+        self._lookups_watched: set[tuple[Any, ...]] = set()  # call kinds seen without one
         fused = plan_fused(template, randomness)
         if execution == "fused" and isinstance(fused, Refusal):
             where = f"layer {fused.path!r}" if fused.path else "the template"
@@ -2049,19 +2070,27 @@ class Ensemble(nn.Module):
         # standard path then. Without gradients the members take the fast path
         # too (the nested-tensor one excepted, see _nested_encoder).
         standard = not compiling and torch.is_grad_enabled() and self._has_attention()
-        # Under torch.compile the watch is not entered (see _padded_gradients).
-        lookups = (
+        # The lookups' watch costs every torch call of the forward (about 15 % of a
+        # vmapped step of small layers): it is entered on the first call of each kind
+        # with gradients, and not under torch.compile (see _padded_gradients).
+        lookups = None
+        if (
             not compiling
-            and (bool(self._padded) or bool(self._watched_template()))
             and torch.is_grad_enabled()
+            and (bool(self._padded) or bool(self._watched_template()))
             and any(t.requires_grad for t in tensors.values())
-        )
+        ):
+            lookups = _call_kind(self.training, inputs, kw)
+            if lookups in self._lookups_watched:
+                lookups = None
         try:
             with (
                 _standard_attention() if standard else contextlib.nullcontext(),
                 PaddedLookupWatch(self._requested) if lookups else contextlib.nullcontext(),
             ):
                 result = batched(tensors, inputs, kw)
+            if lookups is not None:
+                self._lookups_watched.add(lookups)
         except PaddedLookupError as e:
             self._padded_lookup = str(e)  # the calls after this one do not try vmap
             raise
@@ -2212,6 +2241,7 @@ class Ensemble(nn.Module):
         if "_padded" not in self.__dict__:  # likewise
             self._padded = _padded_embeddings(self.template.module)
         self.__dict__.setdefault("_padded_lookup", None)
+        self.__dict__.setdefault("_lookups_watched", set())
         if "_recurrent" not in self.__dict__:  # likewise
             self._recurrent = _recurrent_layers(self.template.module)
             if (

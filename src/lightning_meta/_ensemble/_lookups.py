@@ -66,8 +66,8 @@ class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
             given["input"] = given.pop("indices")
         padding_idx = given.get("padding_idx", unset)
         indices, weight = given.get("input"), given.get("weight")
-        if padding_idx is None or padding_idx == unset:
-            return
+        if padding_idx is None or padding_idx == unset or not torch.is_grad_enabled():
+            return  # no padding row, or no gradient (a lookup under no_grad in the forward)
         level = transform_level()
         if level is None or not all(
             isinstance(t, torch.Tensor) and made_at_level(t, level) for t in (indices, weight)

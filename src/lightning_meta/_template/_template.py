@@ -505,6 +505,12 @@ class _Layout:
         # factory's plain tensors, built on meta): no call's mapping replaces them.
         own = {id(t) for t in _tensors(module)}
         self.strays = {id(t): repr(path) for path, t in _meta_plain(module) if id(t) not in own}
+        # Real tensors in plain attributes (a module template keeps their values): a
+        # shape probe's meta tensors can meet them.
+        self.real_plain = any(
+            isinstance(v, torch.Tensor) and id(v) not in own and holds_values(v)
+            for _, _, v in _reachable(module, set())
+        )
 
     def fits(self, module: nn.Module) -> bool:
         """Whether this is still ``module``'s layout."""
@@ -1295,10 +1301,11 @@ class _MetaWatch(TorchFunctionMode):
             f"tensor from {what} (meta: no values), which torch computes from "
             "uninitialised memory. Fix: pass real tensors for every name of the mapping "
             "and every input (materialize or load them first), or meta ones only, for a "
-            "shape probe; a plain tensor attribute a factory builds "
-            "is on meta: register it as a buffer (`self.register_buffer(name, t, "
-            "persistent=False)`), passed in the mapping, or pass a module instead of "
-            "the factory (MetaTemplate(module) keeps its values).",
+            "shape probe. A plain tensor attribute of the template is neither: meta where "
+            "a factory built it, real where MetaTemplate(module) kept its values (which a "
+            "shape probe then meets); register it as a buffer (`self.register_buffer(name, "
+            "t, persistent=False)`), so that the mapping gives it, or, for a factory's, "
+            "pass a module instead.",
             paths=[n for n in named if n != "an input"],
         )
 
@@ -1349,14 +1356,14 @@ def _meta_watch(
 ) -> _MetaWatch | None:
     """The watch for a call where meta tensors could meet real ones: plain meta tensors in
     the mapping (``metas``), in the template's plain attributes or among the inputs (a
-    shape probe), and a real tensor in the mapping or the inputs; ``None`` otherwise (most
-    calls: no cost)."""
+    shape probe), and a real tensor in the mapping, the inputs or the template's plain
+    attributes; ``None`` otherwise (most calls: no cost)."""
     leaves = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     names = {**layout.strays, **metas}
     names.update((id(t), "an input") for t in leaves if t.is_meta)
     if not names:
         return None
-    if not any(holds_values(t) for t in (*given.values(), *leaves)):
+    if not layout.real_plain and not any(holds_values(t) for t in (*given.values(), *leaves)):
         return None
     return _MetaWatch(layout.modules[0], names)
 
