@@ -1358,7 +1358,7 @@ def _meta_watch(
     the mapping (``metas``), in the template's plain attributes or among the inputs (a
     shape probe), and a real tensor in the mapping, the inputs or the template's plain
     attributes; ``None`` otherwise (most calls: no cost)."""
-    leaves = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    leaves = _input_tensors(*inputs)
     names = {**layout.strays, **metas}
     names.update((id(t), "an input") for t in leaves if t.is_meta)
     if not names:
@@ -1366,6 +1366,18 @@ def _meta_watch(
     if not layout.real_plain and not any(holds_values(t) for t in (*given.values(), *leaves)):
         return None
     return _MetaWatch(layout.modules[0], names)
+
+
+def _input_tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The tensors among a call's inputs; runs on every strict call, so tensors given as
+    they are (the common case) are taken without a tree walk."""
+    found: list[torch.Tensor] = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            found += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return found
 
 
 def _meta_plain(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
