@@ -168,26 +168,29 @@ def _trusted(name: str, target: str) -> list[Any]:
     from lightning_meta._cli._target import TargetError, load_target
 
     where, _, attr = name.rpartition(":")
-    spec, script = name, where.endswith(".py") or "/" in where or "\\" in where
     if where == "__main__":
         file = target.rpartition(":")[0]
-        spec, script = f"{file}:{attr}", True
-    try:
-        if not spec.partition(":")[0].endswith(".py") and where == "__main__":
-            raise TargetError(f"TARGET {target!r} is not a file")
-        obj = load_target(spec)
-    except TargetError as e:
-        if where == "__main__":
+        try:
+            if not file.endswith(".py"):
+                raise TargetError(f"TARGET {target!r} is not a file")
+            return _as_main(load_target(f"{file}:{attr}"), attr)
+        except TargetError as e:
             raise TargetError(
                 f"--trust {name!r}: {attr!r} is a class of the script that saved the file "
                 f"(run as __main__), which TARGET's file does not define. Fix: --trust "
                 f"path/to/that_script.py:{attr}."
             ) from e
+    try:
+        obj = load_target(name)
+    except TargetError as e:
         text = str(e).removeprefix(f"target {name!r}")
         raise TargetError(f"--trust {name!r}{text}") from e
-    if not script:
-        return [obj]
-    # Also under the name the saving script's own classes are pickled with.
+    script = where.endswith(".py") or "/" in where or "\\" in where
+    return _as_main(obj, attr) if script else [obj]
+
+
+def _as_main(obj: Any, attr: str) -> list[Any]:
+    """``obj``, and ``obj`` under the name a saving script's own class is pickled with."""
     return [obj, (obj, f"__main__.{getattr(obj, '__qualname__', attr)}")]
 
 

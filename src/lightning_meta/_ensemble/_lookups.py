@@ -30,7 +30,7 @@ __all__ = ["PaddedLookupError", "PaddedLookupWatch"]
 
 
 class PaddedLookupError(ArgumentValueError):
-    """A vmapped forward with per-member inputs looked indices up with a padding index."""
+    """A vmapped forward looked indices that differ per member up with a padding index."""
 
 
 class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
