@@ -47,6 +47,10 @@ REFUSED = {
     "were modified in place after fully_shard",
     "written_in_parallelize_fn": "['output.weight']: these deferred tensors were modified "
     "in place after fully_shard / parallelize_module",
+    "written_to_local": "['layers.0.attention.wq.weight']: these deferred tensors were "
+    "modified in place after fully_shard",
+    "written_by_foreach": "['output.weight']: these deferred tensors were modified in place "
+    "after fully_shard",
 }
 
 

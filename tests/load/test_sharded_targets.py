@@ -47,7 +47,7 @@ MEASURED = [
     "torch_dim0",
     "torch_dim1",
 ]
-EXACT = [*MEASURED, "real_shards"]
+EXACT = [*MEASURED, "real_shards", "dcp_ranks_wrapped"]
 
 
 def run(world: int, workdir: Path) -> dict[str, dict[str, Any]]:

@@ -208,6 +208,18 @@ def refusals() -> dict[str, Any]:
     with torch.no_grad():
         model.layers[0].attention.wq.weight.mul_(0.5)  # type: ignore[index, union-attr]
     attempt("written_after_fully_shard", model, lambda: lm.materialize(model))
+    # Through the local shard, by an op or a foreach op: lost without an error before the
+    # hostile review of 2026-12-05.
+    model = deferred()
+    data_parallel(model, mesh)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.to_local().zero_()  # type: ignore[index, union-attr]
+    attempt("written_to_local", model, lambda: lm.materialize(model))
+    model = deferred()
+    data_parallel(model, mesh)
+    with torch.no_grad():
+        torch._foreach_mul_([model.output.weight.to_local()], 0.0)  # type: ignore[union-attr]
+    attempt("written_by_foreach", model, lambda: lm.materialize(model))
 
     # and tensor parallel in a parallelize_fn, then fabric_setup.
     def parallelize_then_init(module: nn.Module, mesh: Any) -> nn.Module:

@@ -226,6 +226,22 @@ def load_case(
     }
 
 
+def wrapped_case(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = Wide()
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+    lm.load_checkpoint(shard(model, 0), path)
+    loaded = {k.replace("_checkpoint_wrapped_module.", ""): t for k, t in full(model).items()}
+    return {
+        "unequal": unequal(loaded, expected),
+        "meta_left": [n for n, t in loaded.items() if t.is_meta],
+    }
+
+
 def refusal(path: Path, write: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """``dtype=float64`` on the shards, or, with ``write``, a load after that parameter was
     written in place after sharding (``kwargs``: the load's)."""
@@ -352,6 +368,9 @@ def worker(world: int, workdir: Path) -> None:
     ts = torch_structure(paths["torch"])
     result["torch_dim0"] = load_case(paths["torch"], 0, expected, ts)
     result["torch_dim1"] = load_case(paths["torch"], 1, expected, ts)
+    # Activation checkpointing under FSDP2 (torchtitan's layout): checkpoint_wrapper's load
+    # pre-hook made the loader deep-copy the model, which FSDP2 refuses.
+    result["dcp_ranks_wrapped"] = wrapped_case(paths["dcp_ranks"], expected)
     # Real (already materialized) shards are copied into in place.
     torch.manual_seed(1)
     real = shard(Wide(), 0)

@@ -1199,18 +1199,25 @@ def refuse_written_shards(sharded: Iterable[ShardedSlot], doing: str = "material
     """Raise for sharded deferred tensors written in place since sharding: a replay loses it.
 
     ``fully_shard`` and ``parallelize_module`` make each DTensor new, at
-    version 0; an in-place op on it (``nn.init.zeros_``, ``mul_`` under
-    ``no_grad``) only bumps that version, as its meta shard holds no values.
-    A write through ``.data`` bumps none (it has a counter of its own), nor
-    does a ``torch._foreach_*_`` op (the DTensor runs it on its local shards,
-    below autograd): both are documented gaps.
+    version 0, over a local shard at version 0 too; an in-place op on the
+    DTensor (``nn.init.zeros_``, ``mul_`` under ``no_grad``) bumps the first,
+    one on its local shard (``p.to_local().zero_()``) the second; on meta
+    neither write holds values. A write through ``.data`` bumps neither (it
+    has a counter of its own), nor does a ``torch._foreach_*_`` op on the
+    DTensors (which run it on their local shards below autograd): both are
+    documented gaps.
     """
-    written = sorted(s.path for s in sharded if _compat.version_of(s.dtensor) != 0)
+    written = sorted(
+        s.path
+        for s in sharded
+        if _compat.version_of(s.dtensor) != 0 or _compat.version_of(s.dtensor.to_local()) != 0  # type: ignore[attr-defined]
+    )
     if written:
         raise MaterializationError(
             f"{doing} cannot reproduce {written}: these deferred tensors were modified in "
-            "place after fully_shard / parallelize_module sharded them (nn.init, or an "
-            "in-place op under no_grad), which was not recorded: on meta a write changes "
+            "place after fully_shard / parallelize_module sharded them (nn.init, an "
+            "in-place op under no_grad, on the parameter or its local shard "
+            "p.to_local()), which was not recorded: on meta a write changes "
             "nothing, so eager's shards would differ from the replayed ones. Fix: move the "
             "initialisation into the deferred_init block, or run it once the shards hold "
             "values: after lm.materialize or lm.fabric_setup, or, under MetaGuard, in "

@@ -39,13 +39,16 @@ from lightning_meta._slots import HANDLES_ATTR, children, iter_slots
 from lightning_meta._watched import tensor_class
 
 __all__ = [
+    "WRAPPER_RENAMING",
     "LoadCode",
     "describe_all",
     "load_code",
     "post_hooked",
+    "renamings_only",
     "run_post_hooks",
     "skeleton_of",
     "trace_load",
+    "unwrapped_name",
 ]
 
 _FIX = (
@@ -94,13 +97,44 @@ def load_code(module: nn.Module) -> list[LoadCode]:
         if owner is not nn.Module and not owner.__module__.startswith("torch.nn.modules."):
             what.append(f"{owner.__qualname__}._load_from_state_dict")
         pre, post = _compat.load_hook_tables(mod)
-        if any(not _own(h) for h in pre.values()):
+        theirs = [h for h in pre.values() if not _own(h)]
+        if theirs and all(_wrapper_renaming(h) for h in theirs):
+            what.append(WRAPPER_RENAMING)
+        elif theirs:
             what.append("a load_state_dict pre-hook")
         if any(not _own(h) for h in post.values()):
             what.append("a load_state_dict post-hook")
         if what:
             found.append(LoadCode(path, mod, tuple(what)))
     return found
+
+
+# What checkpoint_wrapper's load pre-hook does, and all it does: put back the
+# "_checkpoint_wrapped_module." its state-dict hook takes out of every name.
+WRAPPER_RENAMING = "checkpoint_wrapper's renaming"
+_WRAPPED = "_checkpoint_wrapped_module."
+
+
+def _wrapper_renaming(hook: Any) -> bool:
+    fn = _compat.hook_function(hook)
+    return (
+        str(getattr(fn, "__module__", ""))
+        == "torch.distributed.algorithms._checkpoint.checkpoint_wrapper"
+        and getattr(fn, "__name__", "") == "_pre_load_state_dict_hook"
+    )
+
+
+def renamings_only(code: list[LoadCode]) -> bool:
+    """Whether the only load code is ``checkpoint_wrapper``'s renaming, which needs no trace
+    on a deep copy of the model (which FSDP2 refuses: torchtitan's activation checkpointing
+    under ``fully_shard``): :func:`unwrapped_name` is all it does."""
+    return bool(code) and all(c.what == (WRAPPER_RENAMING,) for c in code)
+
+
+def unwrapped_name(path: str) -> str:
+    """``path`` as ``state_dict`` shows it and a checkpoint holds it: without the
+    ``_checkpoint_wrapped_module.`` of every ``checkpoint_wrapper`` on the way."""
+    return path.replace(_WRAPPED, "")
 
 
 class _Skeleton:

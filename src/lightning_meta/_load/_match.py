@@ -24,8 +24,10 @@ from lightning_meta._load._hooks import (
     describe_all,
     load_code,
     post_hooked,
+    renamings_only,
     skeleton_of,
     trace_load,
+    unwrapped_name,
 )
 from lightning_meta._load._source import DENSE, Entry, Source
 from lightning_meta._slots import Slot, iter_slots, tie_groups
@@ -93,13 +95,19 @@ def plan_load(
     # Modules with load code of their own (hooks, a _load_from_state_dict
     # override): what load_state_dict would do is traced on a meta skeleton.
     code = load_code(module)
-    skeleton = skeleton_of(module, where, code) if code else None
+    renames = renamings_only(code)
+    skeleton = skeleton_of(module, where, code) if code and not renames else None
     display = skeleton.display() if skeleton is not None else {}
-    expected = {display.get(s.path, s.path) for g in groups for s in g.slots if s.persistent}
+    persistent = [s.path for g in groups for s in g.slots if s.persistent]
+    if renames:
+        display = {p: unwrapped_name(p) for p in persistent if unwrapped_name(p) != p}
+    expected = {display.get(p, p) for p in persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
     _refuse_extra_state(module, source, where, chosen)
     sources = None
-    if skeleton is not None:
+    if renames:
+        sources = {p: unwrapped_name(p) for p in persistent}
+    elif skeleton is not None:
         local = {k[len(chosen) :]: e for k, e in source.entries.items() if k.startswith(chosen)}
         sources = trace_load(module, code, local, where, skeleton)
     plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
