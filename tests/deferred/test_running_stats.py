@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_meta as lm
+from support.program_models import trainer
 
 _X = torch.tensor([[0.0, 0.0, 1.0, 3.0], [2.0, 4.0, -1.0, 0.5], [1.0, -2.0, 0.0, 2.0]])
 
@@ -112,16 +113,7 @@ class _SizedByAForward(L.LightningModule):
 def _fit(model: L.LightningModule) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
     data = TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,)))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[lm.MetaGuard()],
-    )
-    trainer.fit(model, DataLoader(data, batch_size=4))
+    trainer(steps=2).fit(model, DataLoader(data, batch_size=4))  # MetaGuard among its callbacks
     return model.state_dict()
 
 

@@ -165,13 +165,13 @@ def _trusted(name: str, target: str) -> list[Any]:
     which no import finds here: ``--trust script.py:Name`` allows it under that name
     too, and ``--trust __main__:Name`` looks ``Name`` up in TARGET's file.
     """
-    from lightning_meta._cli._target import TargetError, load_target
+    from lightning_meta._cli._target import TargetError, load_target, names_a_file
 
     where, _, attr = name.rpartition(":")
     if where == "__main__":
         file = target.rpartition(":")[0]
         try:
-            if not file.endswith(".py"):
+            if not names_a_file(file):
                 raise TargetError(f"TARGET {target!r} is not a file")
             return _as_main(load_target(f"{file}:{attr}"), attr)
         except TargetError as e:
@@ -185,8 +185,7 @@ def _trusted(name: str, target: str) -> list[Any]:
     except TargetError as e:
         text = str(e).removeprefix(f"target {name!r}")
         raise TargetError(f"--trust {name!r}{text}") from e
-    script = where.endswith(".py") or "/" in where or "\\" in where
-    return _as_main(obj, attr) if script else [obj]
+    return _as_main(obj, attr) if names_a_file(where) else [obj]
 
 
 def _as_main(obj: Any, attr: str) -> list[Any]:

@@ -33,6 +33,7 @@ __all__ = [
     "guarded_build",
     "import_file",
     "load_target",
+    "names_a_file",
     "parse_arguments",
     "target_factory",
     "user_code",
@@ -179,6 +180,12 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
             sys.path.remove(str(root))
 
 
+def names_a_file(where: str) -> bool:
+    """Whether the part of a ``MODULE:NAME`` spec before the colon is a file's path
+    (``model.py``, ``src/model``), not a module's dotted name."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
 def load_target(spec: str) -> Any:
     """Return the object named by ``spec`` (a class, a function, a module instance).
 
@@ -200,7 +207,7 @@ def load_target(spec: str) -> Any:
     # a Windows drive letter ("C:\\model.py") is not a separator
     if not sep or not where or not attr or (len(where) == 1 and attr.startswith(("\\", "/"))):
         raise _fail(spec, "expected MODULE:NAME", f"write the target as {_SYNTAX}")
-    if where.endswith(".py") or "/" in where or "\\" in where:
+    if names_a_file(where):
         module = import_file(where, spec=spec)
     else:
         try:

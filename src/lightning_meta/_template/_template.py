@@ -503,14 +503,18 @@ class _Layout:
         self._hooked: tuple[int, _Watched, _Recomputed] | None = None
         # Meta tensors in plain attributes that are not the module's own (a
         # factory's plain tensors, built on meta): no call's mapping replaces them.
+        # And whether a real tensor is there (a module template keeps their values):
+        # a shape probe's meta tensors can meet it. One walk for both.
         own = {id(t) for t in _tensors(module)}
-        self.strays = {id(t): repr(path) for path, t in _meta_plain(module) if id(t) not in own}
-        # Real tensors in plain attributes (a module template keeps their values): a
-        # shape probe's meta tensors can meet them.
-        self.real_plain = any(
-            isinstance(v, torch.Tensor) and id(v) not in own and holds_values(v)
-            for _, _, v in _reachable(module, set())
-        )
+        self.strays: dict[int, str] = {}
+        self.real_plain = False
+        for path, where, value in _reachable(module, set()):
+            if not isinstance(value, torch.Tensor) or id(value) in own:
+                continue
+            if value.is_meta:
+                self.strays[id(value)] = repr(f"{path}.{where}" if path else where)
+            elif holds_values(value):
+                self.real_plain = True
 
     def fits(self, module: nn.Module) -> bool:
         """Whether this is still ``module``'s layout."""
@@ -897,12 +901,10 @@ class MetaTemplate:
         """Raise unless the forward itself takes ``modes``: written as a keyword of the call,
         it goes to the forward (a transformers model's ``**kwargs`` drops it silently)."""
         module = self.module
-        if "modes" in inspect.signature(module.forward).parameters:
+        parameters = inspect.signature(module.forward).parameters
+        if "modes" in parameters:
             return
-        takes_any = any(
-            p.kind is inspect.Parameter.VAR_KEYWORD
-            for p in inspect.signature(module.forward).parameters.values()
-        )
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         how = (
             "whose signature does not name it: its **kwargs may drop it (a transformers "
             "model's does), running every submodule in the template's own mode"
