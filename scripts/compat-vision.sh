@@ -36,7 +36,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export PIP_CONSTRAINT=$CONSTRAINTS
 if ! "$VENV/bin/python" -c "import torch, torchvision, timm, lightning" >/dev/null 2>&1 \
-    || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ]; then
+    || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ] \
+    || ! "$VENV/bin/python" -c "import lightning_meta, os, sys; \
+sys.exit(not os.path.samefile(os.path.dirname(lightning_meta.__file__), 'src/lightning_meta'))" \
+        >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH" "torchvision==$TORCHVISION" \
         timm "lightning==$LIGHTNING"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"

@@ -48,10 +48,14 @@ pip_install() {
     "$VENV/bin/python" -m pip install --quiet "$@" 2>&1 \
         | { grep -v "^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$" || true; }
 }
-# Reinstall when the venv cannot import the pair, pyproject.toml changed, or
-# the pins changed (another transformers for the same torch / Lightning).
+# Reinstall when the venv cannot import the pair, pyproject.toml changed, the
+# venv's package is another checkout's (a venv shared between clones), or the
+# pins changed (another transformers for the same torch / Lightning).
 if ! "$VENV/bin/python" -c "import torch, lightning" >/dev/null 2>&1 \
     || [ -n "$(find pyproject.toml -newer "$VENV/installed" 2>/dev/null || echo stale)" ] \
+    || ! "$VENV/bin/python" -c "import lightning_meta, os, sys; \
+sys.exit(not os.path.samefile(os.path.dirname(lightning_meta.__file__), 'src/lightning_meta'))" \
+        >/dev/null 2>&1 \
     || ! cmp -s "$CONSTRAINTS" "$VENV/installed"; then
     pip_install "torch==$TORCH" "lightning==$LIGHTNING"
     pip_install -e ".[test]"
