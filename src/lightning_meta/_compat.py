@@ -25,6 +25,7 @@ import copy
 import ctypes
 import functools
 import importlib
+import inspect
 import math
 import re
 import sys
@@ -72,7 +73,7 @@ __all__ = [
     "non_persistent_of",
     "op_schema",
     "transformers_conversions",
-    "unwrapped_requires_grad",
+    "unwrapped",
     "is_weakref_swap_refusal",
     "call_writes",
     "parameters_of",
@@ -867,6 +868,32 @@ def all_reduce_max_over_mesh(tensor: torch.Tensor, mesh: Any) -> None:
 __all__ += ["all_reduce_max_over_mesh", "fsdp_value_meshes", "local_shard"]
 
 
+@functools.cache
+def fsdp2_reduce_holds_last_grad() -> bool:
+    """Whether FSDP2's ``foreach_reduce`` keeps the last unsharded gradient alive through its
+    reduce-scatter, after it freed the others.
+
+    Its loop reordering the gradients of non-dim-0 shards leaves the last one bound to the
+    loop variable ``unsharded_grad`` until the function returns (torch 2.6 to 2.13, seen
+    in the allocator's events: a 1024x64 head's gradient at the root's reduce-scatter);
+    torch 2.15 moved the loop into a function of its own. Read from ``foreach_reduce``'s
+    local variable names, under its ``torch.no_grad()`` wrapper
+    (``torch.distributed.fsdp._fully_shard._fsdp_collectives``).
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+    except ImportError:  # pragma: no cover
+        raise missing("torch.distributed.fsdp._fully_shard._fsdp_collectives", "estimate") from None
+    fn = getattr(_fsdp_collectives, "foreach_reduce", None)
+    code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    if code is None:  # pragma: no cover
+        raise missing("_fsdp_collectives.foreach_reduce", "estimate with strategy='fsdp'")
+    return "unsharded_grad" in code.co_varnames
+
+
+__all__ += ["fsdp2_reduce_holds_last_grad"]
+
+
 # -- ensembles: gradient buffers reused across steps, and the hooks that keep a
 # module off the batched paths. Checked on torch 2.13.
 
@@ -1236,9 +1263,9 @@ def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str
     return found
 
 
-def unwrapped_requires_grad(tensor: torch.Tensor) -> bool:
-    """Whether the tensor under ``torch.func`` transforms' wrappers requires grad (a
-    vmapped stacked parameter reads ``requires_grad=False`` through its wrapper).
+def unwrapped(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor under every ``torch.func`` transform's wrapper of ``tensor`` (a vmapped
+    stacked parameter: the stacked parameter itself).
 
     Uses ``torch._C._functorch.is_functorch_wrapped_tensor`` and ``get_unwrapped``;
     checked on torch 2.6, 2.13, 2.15.
@@ -1246,7 +1273,7 @@ def unwrapped_requires_grad(tensor: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
         tensor = functorch.get_unwrapped(tensor)
-    return bool(tensor.requires_grad)
+    return tensor
 
 
 def made_at_level(tensor: torch.Tensor, level: int) -> bool:
@@ -1499,8 +1526,10 @@ __all__ += [
 
 @functools.cache
 def value_read_ops() -> frozenset[Any]:
-    """Return the ATen overloads that read a tensor's value into a Python scalar."""
-    return frozenset({torch.ops.aten._local_scalar_dense.default})
+    """Return the ATen overloads that read tensors' values into a Python scalar: the one
+    ``.item()``, ``bool()`` and ``tolist()`` reach, and ``torch.equal``, which has a kernel
+    of its own."""
+    return frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default})
 
 
 __all__ += ["value_read_ops"]

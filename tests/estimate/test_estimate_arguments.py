@@ -157,6 +157,14 @@ def test_loop_depth_and_loss() -> None:
     _refused(
         ArgumentTypeError, r"loss_fn must be callable, got int. Fix", mlp, "8,32:float32", loss_fn=3
     )
+    for text in ("False", "no", 0, None):  # a string from a config file was read as True
+        _refused(
+            ArgumentTypeError,
+            r"extrapolate must be True or False, got .*Fix: pass extrapolate=False",
+            mlp,
+            "8,32:float32",
+            extrapolate=text,
+        )
 
 
 # ---------------------------------------------------------------- the model and its inputs
@@ -235,7 +243,12 @@ def test_input_specs_larger_than_a_tensor(spec: object, match: str) -> None:
     assert len(str(e)) < 400  # a long spec is cut, not repeated in full
 
 
-@pytest.mark.parametrize("spec", ["8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)", "8,32,"])
+_SHAPE_LIKE = ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)", "8,32,")
+# these used to reach the forward as text (review of 2026-12-05, fifth session)
+_SHAPE_LIKE_TOO = ("8;32", "1e3,32", "8_0,32", "\u0668,32")  # the last: an Arabic-Indic 8
+
+
+@pytest.mark.parametrize("spec", _SHAPE_LIKE + _SHAPE_LIKE_TOO)
 def test_a_string_that_looks_like_a_shape_is_refused_as_the_cli_refuses_it(spec: str) -> None:
     # it used to reach the forward as text: "the forward of Sequential failed ... not str"
     e = _refused(

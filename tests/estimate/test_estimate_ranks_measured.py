@@ -29,6 +29,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 TOLERANCE = 0.05
+#: found by the review of 2026-12-05 (fifth session)
+_WIDE_HEAD = {"dim": 64, "heads": 4, "hidden": 96, "vocab": 1024, "layers": 2}
 
 
 def _estimate(config: dict[str, Any], world: int) -> Any:
@@ -44,7 +46,15 @@ def _estimate(config: dict[str, Any], world: int) -> Any:
     if config.get("bucket_view"):
         options["gradient_as_bucket_view"] = True
     batch, seq = config.get("batch", 4), config.get("seq", 64)
-    return estimate(TinyLM, f"{batch},{seq}:int64", loss_fn=first_loss, backend="gloo", **options)
+    sizes = config.get("model", {})
+    return estimate(
+        lambda: TinyLM(**sizes),
+        f"{batch},{seq}:int64",
+        loss_fn=first_loss,
+        optimizer=config.get("opt", "adamw"),
+        backend="gloo",
+        **options,
+    )
 
 
 def _check(world: int, configs: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -91,6 +101,9 @@ def test_fsdp2_per_rank_peak_matches_two_real_ranks(tmp_path: Path) -> None:
         {"strategy": "fsdp", "ac": True},
         {"strategy": "fsdp", "mp": "bf16"},
         {"strategy": "fsdp", "reshard": False},
+        # a head large against the blocks, peaking at the root's reduce-scatter, where
+        # torch (2.6 to 2.13) still holds the head's unsharded gradient: 5.9 % under before
+        {"strategy": "fsdp", "model": _WIDE_HEAD, "batch": 2, "seq": 20, "opt": "sgd"},
     ]
     _check(2, configs, tmp_path)
 

@@ -36,6 +36,38 @@ def _real_forward_flops(model: nn.Module, *args: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+class Compared(nn.Module):
+    """Branches on ``torch.equal`` of its input, which has a kernel of its own (no ``.item()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.fc(x)
+        if torch.equal(x, torch.zeros_like(x)):
+            return h
+        return h * 2
+
+
+def test_torch_equal_of_inputs_is_answered_like_item() -> None:
+    # it was refused, blaming "values computed from its weights or drawn at random"
+    x = torch.randn(2, 4)
+    by_spec = estimate(Compared, "2,4", optimizer=None)
+    assert by_spec.forward_flops == _real_forward_flops(Compared(), torch.zeros(2, 4))
+    assert by_spec.inputs_read_as_zeros == ("aten.equal in Compared",)
+    by_value = estimate(Compared, x, optimizer=None)
+    assert by_value.inputs_read_as_zeros == ()
+    assert by_value.peak_bytes > by_spec.peak_bytes  # the real input takes the other branch
+
+    class OfWeights(Compared):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if torch.equal(self.fc.weight, torch.zeros_like(self.fc.weight)) else x * 2
+
+    with pytest.raises(MetaTensorError, match="aten.equal"):
+        estimate(OfWeights, "2,4", optimizer=None)
+
+
 def test_a_spec_input_reads_as_zeros_and_a_real_input_as_itself() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4)

@@ -3,13 +3,14 @@
     python -m support.run_estimate_ranks WORLD WORKDIR CONFIG [CONFIG ...]   (tests/ on PYTHONPATH)
 
 Each CONFIG is a JSON object: ``{"strategy": "ddp" | "fsdp", "tp": 1, "ac": false,
-"reshard": true, "mp": null | "bf16", "bucket_view": false, "batch": 4, "seq": 64}``. WORLD ranks are
+"reshard": true, "mp": null | "bf16", "bucket_view": false, "batch": 4, "seq": 64,
+"model": {TinyLM's keyword arguments}, "opt": "adamw" | "sgd"}``. WORLD ranks are
 spawned (gloo, CPU); for every config each rank builds the model, wraps it
 the way Lightning's ``DDPStrategy`` or a ``ModelParallelStrategy``'s
 ``configure_model`` does (``parallelize_module`` on the tensor-parallel mesh,
 ``fully_shard`` on every block and then the root, optionally
 ``checkpoint_wrapper`` first), runs five steps of Lightning's loop (forward,
-loss, ``zero_grad``, backward, ``AdamW.step``), measures the third and the
+loss, ``zero_grad``, backward, the optimizer's step), measures the third and the
 fourth (the lower peak) with the allocator's own events
 (:func:`support.measure_estimate_ranks.allocator_peak`) and the fifth with ``FlopCounterMode``. Rank R writes WORKDIR/result-R.json:
 one entry per config with ``peak_bytes`` and ``forward_flops`` /
@@ -86,10 +87,12 @@ def _steps(config: dict[str, Any], rank: int, world: int, window: Any) -> tuple[
     tp = config.get("tp", 1)
     batch, seq = config.get("batch", 4), config.get("seq", 64)
     torch.manual_seed(0)
-    wrapped = _wrap(TinyLM(), config, world)
-    optimizer = torch.optim.AdamW(wrapped.parameters())
+    sizes = config.get("model", {})
+    wrapped = _wrap(TinyLM(**sizes), config, world)
+    optimizers = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    optimizer = optimizers[config.get("opt", "adamw")](wrapped.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(rank // tp)  # one batch per tensor-parallel group
-    ids = torch.randint(0, 1024, (batch, seq), generator=generator)
+    ids = torch.randint(0, sizes.get("vocab", 1024), (batch, seq), generator=generator)
 
     def step(counter: FlopCounterMode | None = None) -> tuple[int, int]:
         with counter if counter is not None else contextlib.nullcontext():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -61,12 +62,35 @@ def test_forced_vmap_refuses_a_forwards_own_padded_lookup_of_per_member_indices(
     ensemble = lm.Ensemble(members, execution="vmap", per_member_inputs=True)
     name = "torch.embedding" if through_torch else "F.embedding"
     for _ in range(2):
-        with pytest.raises(lm.ArgumentValueError, match=rf"{name}\(\.\.\., padding_idx=0\)"):
+        with pytest.raises(
+            lm.ArgumentValueError,
+            match=rf"stacked parameter 'table' with {name}\(\.\.\., padding_idx=0\)",
+        ):
             ensemble(ids).sum().backward()
     assert ensemble.stacked.table.grad is None
     with torch.no_grad():  # without gradients the lookup is exact, and runs
         ensemble(ids)
     assert ensemble.plan == "vmap"
+
+
+class _ComputedTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table * 2, padding_idx=0).sum(1)
+
+
+def test_the_refusal_says_a_table_the_forward_computed_is_not_a_parameter() -> None:
+    ensemble = lm.Ensemble(
+        [_ComputedTable() for _ in range(3)], execution="vmap", per_member_inputs=True
+    )
+    ids = torch.randint(0, 10, (3, 2, 3))
+    with pytest.raises(
+        lm.ArgumentValueError, match=r"a trainable table of shape \(10, 8\) the forward computed"
+    ):
+        ensemble(ids).sum().backward()
 
 
 def test_forced_vmap_runs_the_padded_lookup_where_vmap_is_exact() -> None:
@@ -152,7 +176,11 @@ def test_shared_ids_a_forward_makes_per_member_keep_every_padding_row_out() -> N
     for compiled in (False, True):
         ensemble = lm.Ensemble(members)
         call = torch.compile(ensemble, backend="eager") if compiled else ensemble
-        call(ids).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(ids).sum().backward()
+        # The watch's functorch queries run eagerly: dynamo warned it could not trace them.
+        assert not [w for w in caught if "Dynamo does not know" in str(w.message)]
         assert ensemble.plan == "loop", compiled
         torch.testing.assert_close(
             ensemble.tensors()["emb.weight"].grad, expected, rtol=0, atol=1e-6

@@ -2086,7 +2086,9 @@ class Ensemble(nn.Module):
         try:
             with (
                 _standard_attention() if standard else contextlib.nullcontext(),
-                PaddedLookupWatch(self._requested) if lookups else contextlib.nullcontext(),
+                PaddedLookupWatch(self._requested, tensors)
+                if lookups
+                else contextlib.nullcontext(),
             ):
                 result = batched(tensors, inputs, kw)
             if lookups is not None:

@@ -17,13 +17,14 @@ it is not watched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_meta._compat import made_at_level, transform_level, unwrapped_requires_grad
+from lightning_meta._compat import compiler_disabled, made_at_level, transform_level, unwrapped
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = ["PaddedLookupError", "PaddedLookupWatch"]
@@ -35,11 +36,16 @@ class PaddedLookupError(ArgumentValueError):
 
 class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
     """Raise :class:`PaddedLookupError` on ``F.embedding`` / ``torch.embedding`` with a
-    padding index whose indices and weight are both batched by the innermost vmap."""
+    padding index whose indices and weight are both batched by the innermost vmap.
 
-    def __init__(self, plan: str) -> None:
+    ``names``: the stacked tensors vmap runs over, by name (the template's dotted paths),
+    so that the error names the table.
+    """
+
+    def __init__(self, plan: str, names: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.plan = plan
+        self._names = {id(t): name for name, t in names.items()}
 
     def __torch_function__(
         self,
@@ -53,6 +59,11 @@ class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
             self._check(func, args, kwargs)
         return func(*args, **kwargs)
 
+    # Eagerly, also under torch.compile: after a graph break in the ensemble's call,
+    # dynamo traces the frames the eager rest of it runs, and the functorch queries
+    # here are builtins it cannot trace (three "Dynamo does not know how to trace
+    # the builtin" warnings for the user).
+    @compiler_disabled
     def _check(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if func is F.embedding:
             names = ("input", "weight", "padding_idx")
@@ -73,8 +84,16 @@ class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
             isinstance(t, torch.Tensor) and made_at_level(t, level) for t in (indices, weight)
         ):
             return  # shared indices (or weights): looked up unbatched, exact
-        if not isinstance(weight, torch.Tensor) or not unwrapped_requires_grad(weight):
+        assert isinstance(weight, torch.Tensor)  # made at the level, just above
+        table = unwrapped(weight)
+        if not table.requires_grad:
             return  # a frozen table: no padding row to train
+        name = self._names.get(id(table))
+        where = (
+            f"the stacked parameter {name!r}"
+            if name is not None
+            else f"a trainable table of shape {tuple(weight.shape)} the forward computed"
+        )
         forced = self.plan == "vmap"
         fix = (
             "Fix: use execution='loop' (or 'auto', which runs the loop for such a forward)."
@@ -84,9 +103,9 @@ class PaddedLookupWatch(TorchFunctionMode):  # type: ignore[misc]
         call = "F.embedding" if func is F.embedding else "torch.embedding"
         raise PaddedLookupError(
             f"Ensemble(execution={self.plan!r}) ran the template's forward under torch.vmap "
-            f"with gradients on, and it looked indices that differ per member up in a "
-            f"trainable table with {call}(..., padding_idx={padding_idx}) (an nn.Embedding "
-            "layer's, or the forward's own call): torch.vmap looks every member's own indices "
+            f"with gradients on, and it looked indices that differ per member up in {where} "
+            f"with {call}(..., padding_idx={padding_idx}) (an nn.Embedding layer's, or the "
+            "forward's own call): torch.vmap looks every member's own indices "
             "up in one flattened table, whose backward keeps only member 0's padding row out "
             "of the gradient, so the other members' padding rows would train. " + fix
         )

@@ -17,7 +17,9 @@ counts it:
 * after the unit's backward (``post_backward``, once its inputs' gradients
   exist; the rest at the end of backward): reshard, the reduce-scatter input
   (kept until the next unit's reduce-scatter), the unsharded gradients
-  freed, the new sharded gradients.
+  freed (the last one once the reduce-scatter returned, on the torch versions
+  whose ``foreach_reduce`` holds it: :func:`~lightning_meta._compat.fsdp2_reduce_holds_last_grad`),
+  the new sharded gradients.
 
 Checked against torch 2.13's ``_fsdp_param_group.py`` and
 ``_fsdp_collectives.py`` (torch 2.6 orders these the same way).
@@ -34,7 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import tree_flatten, tree_leaves, tree_unflatten
+from lightning_meta._compat import (
+    fsdp2_reduce_holds_last_grad,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
 from lightning_meta._estimate._layout import Unit
 from lightning_meta._estimate._track import LiveBytes
 
@@ -173,12 +180,16 @@ class FSDP2:
         self.reduce_scatter_state = None
         reduce_dtype = self.reduce_dtype or grads[0].dtype
         rs_input = self._empty(u.grad_numel * self.ranks, reduce_dtype, "communication")
-        grads.clear()  # copied in: the unsharded gradients are freed
+        # copied in: the unsharded gradients are freed, but for the last one where
+        # torch's loop variable holds it until the reduce returns
+        held = grads[-1] if self.ranks > 1 and fsdp2_reduce_holds_last_grad() else None
+        grads.clear()
         output = self._empty(u.grad_numel, reduce_dtype, "gradients")
         self._collective(rs_input)
         orig = u.shards[0].dtype if u.shards else reduce_dtype
         if orig != reduce_dtype:
             output = self._empty(u.grad_numel, orig, "gradients")
+        del held
         offset = 0
         for p in u.shards:
             if p.requires_grad:

@@ -265,6 +265,11 @@ def resolve_options(
         raise ArgumentTypeError(
             f"estimate: depth must be an int, got {type(depth).__name__}. Fix: pass depth=2."
         )
+    if not isinstance(extrapolate, bool):
+        raise ArgumentTypeError(
+            f"estimate: extrapolate must be True or False, got {extrapolate!r}. Fix: pass "
+            "extrapolate=False to run every block, or True."
+        )
     if depth < 0:
         raise ArgumentValueError(
             f"estimate: depth must be >= 0, got {depth}. Fix: pass 0 for the root only."
@@ -277,5 +282,5 @@ def resolve_options(
         loss_fn=loss_fn,
         zero_grad_before_forward=loop == "plain",
         depth=depth,
-        extrapolate=bool(extrapolate),
+        extrapolate=extrapolate,
     )

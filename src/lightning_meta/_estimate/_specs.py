@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from typing import Any, NamedTuple
 
 import torch
@@ -222,8 +221,11 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
     return InputSpec(shape, spec.dtype)
 
 
-#: what a mistyped shape is made of ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 16)")
-_SHAPE_LIKE = re.compile(r"[0-9\s,xX*.+\-()\[\]]*[0-9][0-9\s,xX*.+\-()\[\]]*")
+def _shape_like(text: str) -> bool:
+    """Whether ``text`` reads as a mistyped shape: a digit (any script's), and no letter but
+    a separator or an exponent (``"8x16"``, ``"8;16"``, ``"2.5,4"``, ``"1e3,16"``,
+    ``"8_0,16"``, ``"-1,16"``, ``"(8, 16)"``); a word (``"layer3"``) is text."""
+    return any(c.isdigit() for c in text) and all(not c.isalpha() or c in "xXeE" for c in text)
 
 
 def spec_of(value: Any) -> InputSpec | None:
@@ -231,9 +233,9 @@ def spec_of(value: Any) -> InputSpec | None:
 
     A string of comma-separated integers alone (``"8,16"``) is a spec too,
     of ``float32``, as ``--input 8,16`` is on the command line. A string made
-    only of digits and shape punctuation that does not parse (``"8x16"``,
-    ``"2.5,4"``, ``"-1,16"``) is refused as ``--input`` refuses it, rather
-    than handed to the forward as text.
+    of digits and separators that does not parse (``"8x16"``, ``"8;16"``,
+    ``"2.5,4"``, ``"1e3,16"``, ``"-1,16"``; no letter but ``x`` or ``e``) is
+    refused as ``--input`` refuses it, rather than handed to the forward as text.
 
     Args:
         value: one leaf of ``example_inputs``.
@@ -259,7 +261,7 @@ def spec_of(value: Any) -> InputSpec | None:
     """
     if isinstance(value, InputSpec):
         return _checked_spec(value)
-    if isinstance(value, str) and (":" in value or _SHAPE_LIKE.fullmatch(value) is not None):
+    if isinstance(value, str) and (":" in value or _shape_like(value)):
         return parse_input_spec(value)
     return None
 

@@ -21,8 +21,8 @@ CPU:
   given by shape read as zeros, and nothing is known of indices computed
   from weights, so those are not checked;
 * reading a value (``aten._local_scalar_dense``, which ``.item()``,
-  ``bool()``, ``tolist()`` and ``in`` all reach) is answered from the
-  shadow; a data-dependent output shape (``nonzero``) is taken from it, and
+  ``bool()``, ``tolist()`` and ``in`` all reach, and ``torch.equal``) is
+  answered from the shadows; a data-dependent output shape (``nonzero``) is taken from it, and
   a boolean mask of known values indexes any tensor (``logits[labels !=
   -100]``): it becomes the integer indices of its true elements.
 
@@ -168,12 +168,11 @@ class Values:
         """
         if func not in _compat.value_read_ops() or not args:
             return False, None
-        value = self.of(args[0])
-        if value is None:
+        if any(self.of(t) is None for t in _tensors(args, {})):
             return False, None
         self._note_zeros(func, args, {})
-        with no_dispatch_modes():
-            return True, value.item()
+        real = self._run(func, args, {})
+        return real is not None, real
 
     def check_indices(self, func: Any, args: tuple[Any, ...]) -> None:
         """Raise :class:`IndexRefusal` if a known index of ``func`` is out of range, as torch does."""
