@@ -674,6 +674,36 @@ def test_fused_refusal_names_the_layer() -> None:
         lm.Ensemble([nested, copy.deepcopy(nested)], execution="fused")
 
 
+class _MLP(nn.Sequential):
+    """An nn.Sequential subclass that only builds its layers, as torchvision.ops.MLP does."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 2))
+
+
+class _Doubled(_MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_fused_runs_a_sequential_subclass_that_keeps_sequentials_forward() -> None:
+    # It was refused as "a _MLP, not an nn.Sequential" (review of 2026-12-05, fifth session).
+    torch.manual_seed(0)
+    mlps = [_MLP(), _MLP()]
+    x = torch.randn(5, 3)
+    ens = lm.Ensemble(mlps, execution="fused")
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mlps]))
+    assert ens.plan == "fused"
+    with pytest.raises(
+        ArgumentValueError, match=r"a _Doubled, a subclass of nn.Sequential with a forward of its"
+    ):
+        lm.Ensemble([_Doubled(), _Doubled()], execution="fused")
+    doubled = [_Doubled(), _Doubled()]
+    torch.testing.assert_close(
+        lm.Ensemble(doubled)(x), torch.stack([m(x) for m in doubled])
+    )  # auto runs it on another plan
+
+
 def test_grouped_refusal_names_the_layer() -> None:
     with pytest.raises(
         ArgumentValueError, match=r"execution='grouped'.*layer 'rnn' \(LSTM\) has no grouped form"

@@ -507,7 +507,8 @@ class Ensemble(nn.Module):
             every later call of that kind (see :attr:`plan` and
             :attr:`plans`). The others force a plan: ``"fused"``, one
             batched matmul per layer (an ``nn.Sequential`` of ``nn.Linear``,
-            element-wise activations and dropout only); ``"grouped"``, the
+            element-wise activations and dropout only, or a subclass that keeps
+            its ``forward``, such as ``torchvision.ops.MLP``); ``"grouped"``, the
             members' channels side by side, so that a convolution is one
             grouped convolution and BatchNorm one BatchNorm (convolutions,
             BatchNorm, pooling, ``Linear``, element-wise ops, residual
@@ -798,7 +799,8 @@ class Ensemble(nn.Module):
             raise ArgumentValueError(
                 f"Ensemble(execution='fused') runs an nn.Sequential of nn.Linear and element-wise "
                 f"activations or dropout only, and {where} cannot be fused: {fused.reason}. "
-                "Fix: use execution='auto' (or 'loop' / 'vmap').",
+                "Fix: use execution='auto', which picks among the plans that run it, or "
+                "'loop'.",
                 paths=[fused.path] if fused.path else [],
             )
         self._fused: FusedPlan | None = (

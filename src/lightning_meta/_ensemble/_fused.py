@@ -295,8 +295,18 @@ def _layer(name: str, module: nn.Module) -> str:
 
 def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
     """Return a plan when ``template`` can run on the batched-matmul path, else why not."""
-    if type(template) is not nn.Sequential:
-        return Refusal("", f"the template is a {type(template).__name__}, not an nn.Sequential")
+    cls = type(template)
+    if not isinstance(template, nn.Sequential):
+        return Refusal("", f"the template is a {cls.__name__}, not an nn.Sequential")
+    # A subclass that runs its layers as nn.Sequential does (torchvision.ops.MLP) is one;
+    # one with a forward or iteration of its own is not.
+    own = [n for n in ("forward", "__iter__") if getattr(cls, n) is not getattr(nn.Sequential, n)]
+    if own:
+        return Refusal(
+            "",
+            f"the template is a {cls.__name__}, a subclass of nn.Sequential with a "
+            f"{' and '.join(own)} of its own, which the fused path would not run",
+        )
     if len(template) == 0:
         return Refusal("", "the template is an empty nn.Sequential")
     if has_module_hooks(template):
