@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
     child_table,
+    compiler_disabled,
     deepcopy_module,
     functional_call_restoring_in_reverse,
     hook_registrations,
@@ -428,6 +429,11 @@ def _uncopyable(module: nn.Module, memo: dict[int, Any]) -> list[str]:
     return found
 
 
+# Eagerly, also inside torch.compile (a cache=False template is built on every call):
+# dynamo cannot trace functorch's interpreter objects or a factory's module
+# construction, and warned "does not know how to trace the builtin
+# pybind11_object.__new__" for the user.
+@compiler_disabled
 def _build_on_meta(factory: Factory) -> nn.Module:
     # The template is meta on purpose: a deferred_init block (or any dispatch
     # mode) around it must neither record its construction nor make it fake.
