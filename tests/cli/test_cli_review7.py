@@ -196,3 +196,74 @@ def test_a_file_named_after_what_transformers_imports_is_refused(tmp_path: Path,
     proc = run_cli("check", f"t/{name}.py:Net", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"its module name {name!r} is also the name of the installed module" in proc.stderr
+
+
+CONFIGURED = """
+import lightning as L
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class Configured(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            with lm.deferred_init():
+                self.net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NeedsMesh(Configured):
+    def configure_model(self) -> None:
+        self.device_mesh["data_parallel"]  # None outside a Trainer's ModelParallelStrategy
+
+
+def inner() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+"""
+
+
+def test_load_check_calls_configure_model_as_load_from_checkpoint_does(tmp_path: Path) -> None:
+    # A module building its layers in configure_model was refused as not matching its own
+    # checkpoint, with fixes that could not apply (review of 2026-12-05, fifth session).
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_meta as lm
+
+    (tmp_path / "lm_review7_configured.py").write_text(CONFIGURED)
+    space: dict[str, object] = {}
+    exec(compile(CONFIGURED, "lm_review7_configured.py", "exec"), space)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[lm.MetaGuard()],
+    )  # fmt: skip
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer.fit(space["Configured"](), data)  # type: ignore[operator]
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    for init in ("deferred", "meta"):
+        proc = run_cli(
+            "load-check", "lm_review7_configured.py:Configured", "c.ckpt", "--json",
+            "--init", init, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)["loaded"]) == 4
+    proc = run_cli("load-check", "lm_review7_configured.py:NeedsMesh", "c.ckpt", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "its configure_model, which load-check calls as Lightning's" in proc.stderr
+    assert "raised TypeError" in proc.stderr and "point TARGET at a function" in proc.stderr
+    # The fix applies: a factory of the inner model, the checkpoint's prefix found.
+    proc = run_cli("load-check", "lm_review7_configured.py:inner", "c.ckpt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "prefix 'net.' stripped" in proc.stdout

@@ -8,8 +8,9 @@ Examples::
     lightning-meta load-check models.py:Net model.pt --verify
 
 The model is built under ``deferred_init`` (``--init meta`` builds it on the
-meta device instead), so checking a checkpoint needs no memory beyond one copy
-of its weights. Reading the checkpoint runs no code from it.
+meta device instead), its ``configure_model`` called as Lightning's
+``load_from_checkpoint`` calls it, so checking a checkpoint needs no memory
+beyond one copy of its weights. Reading the checkpoint runs no code from it.
 
 Exit status (see :mod:`~lightning_meta._cli._main`, which turns what
 :func:`run` raises into one message on standard error):
@@ -197,12 +198,33 @@ def _build(args: argparse.Namespace, factory: Any) -> torch.nn.Module:
     from lightning_meta._cli._target import TargetError
     from lightning_meta._deferred._block import deferred_init
 
+    def build() -> Any:
+        made = factory()
+        # As Lightning's load_from_checkpoint does: layers a LightningModule builds in
+        # configure_model (the pattern for sharded models) are in its checkpoint.
+        configure = getattr(made, "configure_model", None)
+        if isinstance(made, torch.nn.Module) and callable(configure):
+            try:
+                configure()
+            except (TargetError, MetaTensorError):
+                raise
+            except Exception as e:
+                raise TargetError(
+                    f"target {args.model!r}: its configure_model, which load-check calls as "
+                    f"Lightning's load_from_checkpoint does, raised {type(e).__name__}: {e}. "
+                    "Fix: if it needs a Trainer (self.device_mesh, self.trainer), point TARGET "
+                    "at a function returning the model configure_model builds, unsharded "
+                    "(def build(): return Net()); load-check finds the checkpoint's prefix "
+                    "(or pass --prefix)."
+                ) from e
+        return made
+
     try:
         if args.init == "meta":
             with torch.device("meta"):
-                model = factory()
+                model = build()
         else:
-            model = deferred_init(factory)
+            model = deferred_init(build)
     except TargetError:
         raise
     except MetaTensorError as e:  # the recorder refusing the model's code
