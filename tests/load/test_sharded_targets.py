@@ -94,6 +94,13 @@ def test_each_rank_loads_exactly_and_reads_only_its_shards(world: int, tmp_path:
             in (refused["message"])
         )
         assert refused["unchanged"], rank
+        # module.to(dtype) before sharding replaced the deferred jitter: it was left on
+        # meta without an error (review of 2026-12-05, fifth session)
+        refused = cases["cast_before_sharding"]
+        assert refused["error"] == "MaterializationError", (rank, refused)
+        assert "load_checkpoint cannot fill ['jitter (Tensor in torch.float64" in refused["message"]
+        assert "build the model in that dtype inside the block" in refused["message"]
+        assert refused["unchanged"], rank
         undo = cases["undo"]
         assert undo["raised"] and undo["all_meta"] and undo["unequal"] == [], (rank, undo)
 

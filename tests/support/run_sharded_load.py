@@ -259,6 +259,22 @@ def refusal(path: Path, write: str | None = None, **kwargs: Any) -> dict[str, An
     return {"error": None}
 
 
+def cast_before_sharding(path: Path) -> dict[str, Any]:
+    """The deferred model cast to float64 before sharding, as the dtype= refusal says: the
+    replaced ``jitter`` (in no checkpoint) is refused, not left on meta."""
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = Wide()
+    model.to(torch.float64)
+    shard(model, 0)
+    try:
+        lm.load_checkpoint(model, path)
+    except lm.MetaTensorError as e:
+        unchanged = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        return {"error": type(e).__name__, "message": str(e), "unchanged": unchanged}
+    return {"error": None, "meta_left": [n for n, b in model.named_buffers() if b.is_meta]}
+
+
 def undo_after_failure(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A failure after the shards went in (putting the replayed buffer, through the loader's
     test hook) puts every shard back on meta; loading again then gives the exact values."""
@@ -364,6 +380,7 @@ def worker(world: int, workdir: Path) -> None:
     # A write after sharding to a tensor the file lacks would be lost by its replay.
     result["refused_written"] = refusal(f64, write="head.weight", strict=False)
     result["undo"] = undo_after_failure(paths["safetensors"], expected)
+    result["cast_before_sharding"] = cast_before_sharding(paths["safetensors"])
     # Torch files: the box's bytes of each tensor (row-major in its own storage).
     ts = torch_structure(paths["torch"])
     result["torch_dim0"] = load_case(paths["torch"], 0, expected, ts)

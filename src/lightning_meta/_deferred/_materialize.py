@@ -62,6 +62,7 @@ from lightning_meta._slots import Slot, own_slots, tensor_at
 from lightning_meta._watched import casts
 
 __all__ = [
+    "SHARDED_CAST_FIX",
     "ShardedSlot",
     "check_deferred",
     "converted_batchnorm",
@@ -69,6 +70,7 @@ __all__ = [
     "materialize",
     "materialize_beyond",
     "materialize_paths",
+    "refuse_recast",
     "refuse_replaced",
     "sharded_slots",
 ]
@@ -941,6 +943,22 @@ def refuse_replaced(slots: Iterable[Slot]) -> None:
         _check_plain([*replaced, *(s for s in slots if s.path in derived)], None)
 
 
+def refuse_recast(slots: Iterable[Slot], who: str) -> None:
+    """Refuse the plain meta tensors among ``slots`` that ``module.to(dtype)`` made of deferred
+    buffers after the block, with :func:`materialize`'s message naming ``who``
+    (``"load_checkpoint"``, which leaves other never-deferred meta tensors on meta)."""
+    recast = [
+        s
+        for s in slots
+        if s.kind != "attr"
+        and type(s.tensor).__name__ != "DTensor"  # sharded: matched to its handle apart
+        and s.name in handles_of(s.owner)
+        and _cast_of_deferred(s)
+    ]
+    if recast:
+        raise _recast_error(sorted(recast, key=lambda s: s.path), who)
+
+
 def _check_plain(
     plain: list[Slot], fallback: Fallback | None, modules: Iterable[nn.Module] = ()
 ) -> None:
@@ -954,18 +972,7 @@ def _check_plain(
     replaced = [s for s in plain if s.kind != "attr" and s.name in handles_of(s.owner)]
     recast = sorted((s for s in replaced if _cast_of_deferred(s)), key=lambda s: s.path)
     if recast:
-        raise MaterializationError(
-            f"materialize cannot fill {[_replaced_by(s) for s in recast]}: these deferred tensors were replaced after "
-            "the deferred_init block by meta tensors of their shape in another dtype, what "
-            "module.to(dtype) (or .half(), .bfloat16()) makes of floating-point buffers, whose "
-            "cast values the record does not give. Fix: pass dtype= to materialize instead "
-            "of module.to(dtype), or assign real tensors there; in a Trainer (MetaGuard), "
-            "drop the cast and pass precision='bf16-true' or '16-true'; under Fabric, whose "
-            "bf16-true/16-true precision casts the model in fabric.setup before "
-            "parallelize_fn, use lm.fabric_setup(fabric, model), which makes buffers real "
-            "before that cast.",
-            paths=[s.path for s in recast],
-        )
+        raise _recast_error(recast, "materialize")
     derived = _derived_by_utility(plain)
     if derived:
         what = "; ".join(f"{paths} by {utility}" for utility, paths in sorted(derived.items()))
@@ -1120,6 +1127,34 @@ def converted_batchnorm_message(who: str, paths: list[str]) -> str:
     )
 
 
+def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
+    """The refusal of buffers ``module.to(dtype)`` replaced after the block, naming ``who``."""
+    owners = sorted({s.path.rpartition(".")[0] for s in recast})
+    # Materializing the root would be the whole model: that fix only for submodules.
+    real_first = (
+        "make these buffers real before it (for p in "
+        f"{owners}: lm.materialize(model.get_submodule(p)); then module.to(dtype), then "
+        "shard), or "
+        if all(owners)
+        else ""
+    )
+    return MaterializationError(
+        f"{who} cannot fill {[_replaced_by(s) for s in recast]}: these deferred tensors were "
+        "replaced after the deferred_init block by meta tensors of their shape in another "
+        "dtype, what module.to(dtype) (or .half(), .bfloat16()) makes of floating-point "
+        "buffers, whose values the record cannot give (it cannot tell one cast from "
+        f"several, which round more). Fix: pass {spelled('dtype=', '--dtype')} to {who} "
+        "instead of module.to(dtype), or assign real tensors there; where the model is "
+        f"sharded after the cast (which fixes the dtype of the shards), {real_first}build "
+        "the model in that dtype inside the block (torch.set_default_dtype, transformers' "
+        "from_config(config, dtype=...)); in a Trainer (MetaGuard), drop the cast and pass "
+        "precision='bf16-true' or '16-true'; under Fabric, whose bf16-true/16-true "
+        "precision casts the model in fabric.setup before parallelize_fn, use "
+        "lm.fabric_setup(fabric, model), which makes buffers real before that cast.",
+        paths=[s.path for s in recast],
+    )
+
+
 def _cast_of_deferred(slot: Slot) -> bool:
     """Whether ``slot``'s tensor has the shape of the deferred one it replaced, in another dtype."""
     deferred = handles_of(slot.owner)[slot.name].tensor
@@ -1195,6 +1230,16 @@ def sharded_slots(
     return found
 
 
+#: how to get a sharded model of another dtype than deferred_init built it in
+SHARDED_CAST_FIX = (
+    "build the model in that dtype inside the deferred_init block (torch.set_default_dtype, "
+    "or transformers' from_config(config, dtype=...)); or cast before sharding: "
+    "lm.materialize the modules holding floating-point buffers (rotary inv_freq), whose "
+    "meta tensors module.to(dtype) replaces, then model.to(dtype), then fully_shard / "
+    "parallelize_module; or keep the dtype and use FSDP2's MixedPrecisionPolicy"
+)
+
+
 def refuse_written_shards(sharded: Iterable[ShardedSlot], doing: str = "materialize") -> None:
     """Raise for sharded deferred tensors written in place since sharding: a replay loses it.
 
@@ -1259,8 +1304,7 @@ def _check_sharded(
             raise MaterializationError(
                 f"materialize(dtype={dtype}) cannot cast the sharded parameters {cast}: "
                 "fully_shard and parallelize_module fixed their dtype when they sharded them. "
-                "Fix: cast before sharding (model.to(dtype) on the deferred model, then "
-                "fully_shard), or use FSDP2's MixedPrecisionPolicy.",
+                f"Fix: {SHARDED_CAST_FIX}.",
                 paths=cast,
             )
 

@@ -54,13 +54,13 @@ from lightning_meta._deferred._identity import (
     mark_stale,
     take_over_memory,
 )
-from lightning_meta._deferred._materialize import check_deferred, materialize_paths
+from lightning_meta._deferred._materialize import check_deferred, materialize_paths, refuse_recast
 from lightning_meta._errors import ArgumentTypeError, MaterializationError, MetaTensorError
 from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._load._match import Group, Plan
 from lightning_meta._load._report import LoadReport, progress_bar
 from lightning_meta._load._source import Source
-from lightning_meta._slots import Slot, tensor_at, wrap_like
+from lightning_meta._slots import Slot, iter_slots, tensor_at, wrap_like
 
 __all__ = [
     "Arguments",
@@ -560,6 +560,17 @@ def replay_missing(
     # as eager construction's tensor would be.
     skipped = plan.skipped_names if dtype is None and device is None else ()
     covered = {*plan.loaded_names, *skipped}
+    # What module.to(dtype) after the block made of a deferred buffer the checkpoint does
+    # not fill (a rotary inv_freq) is a new meta tensor no record gives: refused as
+    # materialize refuses it (before, it was left on meta, and the forward raised).
+    refuse_recast(
+        (
+            s
+            for s in iter_slots(module)
+            if s.path not in covered and s.tensor.is_meta and handle_of(s.tensor) is None
+        ),
+        "load_checkpoint",
+    )
     slots = deferred_slots(module)
     wanted = {s.path for s in slots if s.path not in covered}
     if not wanted:

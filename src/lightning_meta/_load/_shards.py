@@ -34,6 +34,7 @@ from torch import nn
 from lightning_meta import _compat
 from lightning_meta._deferred._handles import forget, lone_module
 from lightning_meta._deferred._materialize import (
+    SHARDED_CAST_FIX,
     ShardedSlot,
     check_same_replays,
     materialize,
@@ -270,8 +271,7 @@ def _target(
             group,
             f"load_checkpoint(dtype={args.dtype}) cannot cast it: its dtype {dt.dtype} was "
             "fixed when it was sharded",
-            "cast before sharding (model.to(dtype), then fully_shard / parallelize_module), "
-            "or use FSDP2's MixedPrecisionPolicy",
+            SHARDED_CAST_FIX,
         )
     box = _compat.local_box(dt)
     local_shape = tuple(dt.to_local().shape)
