@@ -1527,9 +1527,10 @@ __all__ += [
 @functools.cache
 def value_read_ops() -> frozenset[Any]:
     """Return the ATen overloads that read tensors' values into a Python scalar: the one
-    ``.item()``, ``bool()`` and ``tolist()`` reach, and ``torch.equal``, which has a kernel
-    of its own."""
-    return frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default})
+    ``.item()``, ``bool()`` and ``tolist()`` reach, and ``torch.equal`` and
+    ``torch.allclose``, which have kernels of their own."""
+    aten = torch.ops.aten
+    return frozenset({aten._local_scalar_dense.default, aten.equal.default, aten.allclose.default})
 
 
 __all__ += ["value_read_ops"]

@@ -230,6 +230,44 @@ class NeedsMesh(Configured):
 
 def inner() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+
+
+# Layers in __init__; configure_model only shards them (Lightning's tensor-parallel pattern).
+class Parallelized(L.LightningModule):
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = inner()
+
+    def configure_model(self) -> None:
+        print("CONFIGURE PRINT")
+        self.device_mesh["tensor_parallel"]
+
+
+class Rotary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, 4, 2).float() / 4))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+class Cast(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Rotary()
+
+    def configure_model(self) -> None:
+        self.net.to(torch.bfloat16)
+
+
+class NotLightning(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = inner()
+
+    def configure_model(self, config: dict) -> None:  # not Lightning's hook
+        raise AssertionError("called")
 """
 
 
@@ -267,3 +305,28 @@ def test_load_check_calls_configure_model_as_load_from_checkpoint_does(tmp_path:
     proc = run_cli("load-check", "lm_review7_configured.py:inner", "c.ckpt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "prefix 'net.' stripped" in proc.stdout
+    # Found by the regression sweep of the first version: layers __init__ built and a
+    # configure_model that needs a Trainer load as built, which a note says; a cast there
+    # casts real values, as load_from_checkpoint's eager build does; a plain module's own
+    # configure_model is not Lightning's hook.
+    torch.save(
+        {f"net.{k}": v for k, v in space["inner"]().state_dict().items()},  # type: ignore[operator]
+        tmp_path / "net.pt",
+    )
+    torch.save(space["Cast"]().state_dict(), tmp_path / "cast.pt")  # type: ignore[operator]
+    for target, checkpoint in [
+        ("Parallelized", "net.pt"),
+        ("NotLightning", "net.pt"),
+        ("Cast", "cast.pt"),
+    ]:
+        for init in ("deferred", "meta"):
+            proc = run_cli(
+                "load-check", f"lm_review7_configured.py:{target}", checkpoint, "--json",
+                "--init", init, cwd=tmp_path,
+            )  # fmt: skip
+            assert proc.returncode == 0, (target, init, proc.stderr)
+            assert len(json.loads(proc.stdout)["loaded"]) == (2 if target == "Cast" else 4)
+            if target == "Parallelized":
+                assert "CONFIGURE PRINT" in proc.stderr  # not in the JSON document
+                assert "note: the configure_model of" in proc.stderr
+                assert "raised TypeError" in proc.stderr

@@ -157,6 +157,15 @@ def test_loop_depth_and_loss() -> None:
     _refused(
         ArgumentTypeError, r"loss_fn must be callable, got int. Fix", mlp, "8,32:float32", loss_fn=3
     )
+    _refused(
+        ArgumentTypeError,
+        r"gradient_as_bucket_view must be True or False, got 'no'",
+        mlp,
+        "8,32:float32",
+        strategy="ddp",
+        world_size=2,
+        gradient_as_bucket_view="no",
+    )
     for text in ("False", "no", 0, None):  # a string from a config file was read as True
         _refused(
             ArgumentTypeError,
@@ -246,6 +255,8 @@ def test_input_specs_larger_than_a_tensor(spec: object, match: str) -> None:
 _SHAPE_LIKE = ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)", "8,32,")
 # these used to reach the forward as text (review of 2026-12-05, fifth session)
 _SHAPE_LIKE_TOO = ("8;32", "1e3,32", "8_0,32", "\u0668,32")  # the last: an Arabic-Indic 8
+#: text a forward may take (the regression sweep found the first version refusing these)
+_TEXT = ("e4", "E1", "1/2", "50%", "#1", "1_000", "1e-4", "\u00b2", "\u0663", "v2", "", "a,b")
 
 
 @pytest.mark.parametrize("spec", _SHAPE_LIKE + _SHAPE_LIKE_TOO)
@@ -440,3 +451,19 @@ def test_the_phases_compose_to_estimate() -> None:
     )
     assert result == estimate(mlp, "8,32:float32", optimizer="sgd")
     assert simulate(module, args, kwargs, options)[2] == "full step"
+
+
+class _Modal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        assert isinstance(mode, str)
+        out: torch.Tensor = self.fc(x)
+        return out
+
+
+@pytest.mark.parametrize("text", _TEXT)
+def test_a_string_that_is_not_a_shape_reaches_the_forward_as_text(text: str) -> None:
+    assert estimate(_Modal, ("2,4", text), optimizer=None).forward_flops > 0

@@ -68,6 +68,27 @@ def test_torch_equal_of_inputs_is_answered_like_item() -> None:
         estimate(OfWeights, "2,4", optimizer=None)
 
 
+class Close(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.fc(x)
+        # a tolerance as a keyword: dropped, the answer would be False for x = 0.5
+        return h if torch.allclose(x, torch.ones_like(x), atol=0.6) else h * 2
+
+
+def test_torch_allclose_of_inputs_is_answered_with_its_keywords() -> None:
+    half = torch.full((2, 4), 0.5)
+    assert estimate(Close, half, optimizer=None).peak_bytes < (
+        estimate(Close, torch.zeros(2, 4), optimizer=None).peak_bytes
+    )  # allclose true for 0.5 (within 0.6 of 1), false for 0: the * 2 costs a tensor
+    assert estimate(Close, "2,4", optimizer=None).inputs_read_as_zeros == (
+        "aten.allclose in Close",
+    )
+
+
 def test_a_spec_input_reads_as_zeros_and_a_real_input_as_itself() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4)

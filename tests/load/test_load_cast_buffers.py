@@ -80,3 +80,27 @@ def test_buffers_cast_after_the_block_are_refused_with_fixes_that_load(tmp_path:
     model.to(torch.bfloat16)
     lm.load_checkpoint(model, directory)
     assert torch.equal(model(ids).logits, expected)
+
+
+class _Rope(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, 4, 2).float() / 4))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+@pytest.mark.parametrize("there_and_back", [False, True])
+def test_a_cast_there_and_back_is_refused_too(tmp_path: Path, there_and_back: bool) -> None:
+    # The regression sweep found .half().float() still left inv_freq on meta silently.
+    torch.save(_Rope().state_dict(), tmp_path / "rope.pt")
+    model = lm.deferred_init(_Rope).half()
+    if there_and_back:
+        model.float()
+    described = (
+        "a new Tensor of its shape and dtype" if there_and_back else "Tensor in torch.float16"
+    )
+    with pytest.raises(
+        lm.MaterializationError, match=rf"load_checkpoint cannot fill \['inv_freq \({described}"
+    ):
+        lm.load_checkpoint(model, tmp_path / "rope.pt")

@@ -695,13 +695,43 @@ def test_fused_runs_a_sequential_subclass_that_keeps_sequentials_forward() -> No
     torch.testing.assert_close(ens(x), torch.stack([m(x) for m in mlps]))
     assert ens.plan == "fused"
     with pytest.raises(
-        ArgumentValueError, match=r"a _Doubled, a subclass of nn.Sequential with a forward of its"
+        ArgumentValueError,
+        match=r"a _Doubled, a subclass of nn.Sequential with methods of its own \(forward\)",
     ):
         lm.Ensemble([_Doubled(), _Doubled()], execution="fused")
     doubled = [_Doubled(), _Doubled()]
     torch.testing.assert_close(
         lm.Ensemble(doubled)(x), torch.stack([m(x) for m in doubled])
     )  # auto runs it on another plan
+
+
+class _Counted(nn.Sequential):
+    def __len__(self) -> int:  # "layers" meaning the Linear ones
+        return sum(isinstance(m, nn.Linear) for m in self._modules.values())
+
+
+class _Called(nn.Sequential):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().__call__(x)
+
+
+@pytest.mark.parametrize("cls", [_Counted, _Called])
+def test_a_sequential_subclass_with_methods_of_its_own_runs_on_a_plan_that_calls_them(
+    cls: type[nn.Sequential],
+) -> None:
+    # The regression sweep of 2026-12-05: _Counted raised a bare StopIteration in fused's
+    # check (auto too); _Called ran grouped (traced through forward) 0.87 off the members.
+    torch.manual_seed(0)
+    models = [cls(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)]
+    x = torch.randn(5, 3)
+    ens = lm.Ensemble(models)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in models]))
+    own = "__len__" if cls is _Counted else "__call__"
+    with pytest.raises(ArgumentValueError, match=rf"methods of its own \({own}"):
+        lm.Ensemble(models, execution="fused")
+    if cls is _Called:
+        with pytest.raises(ArgumentValueError, match=r"defines __call__ of its own"):
+            lm.Ensemble(models, execution="grouped")
 
 
 def test_grouped_refusal_names_the_layer() -> None:

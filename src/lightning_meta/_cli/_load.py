@@ -8,9 +8,9 @@ Examples::
     lightning-meta load-check models.py:Net model.pt --verify
 
 The model is built under ``deferred_init`` (``--init meta`` builds it on the
-meta device instead), its ``configure_model`` called as Lightning's
-``load_from_checkpoint`` calls it, so checking a checkpoint needs no memory
-beyond one copy of its weights. Reading the checkpoint runs no code from it.
+meta device instead), so checking a checkpoint needs no memory beyond one copy
+of its weights; a LightningModule's own ``configure_model`` is then called, as
+Lightning's ``load_from_checkpoint`` calls it (see :func:`_configure`). Reading the checkpoint runs no code from it.
 
 Exit status (see :mod:`~lightning_meta._cli._main`, which turns what
 :func:`run` raises into one message on standard error):
@@ -32,6 +32,7 @@ only when it is a terminal and ``--json`` is not given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -198,42 +199,91 @@ def _build(args: argparse.Namespace, factory: Any) -> torch.nn.Module:
     from lightning_meta._cli._target import TargetError
     from lightning_meta._deferred._block import deferred_init
 
-    def build() -> Any:
-        made = factory()
-        # As Lightning's load_from_checkpoint does: layers a LightningModule builds in
-        # configure_model (the pattern for sharded models) are in its checkpoint.
-        configure = getattr(made, "configure_model", None)
-        if isinstance(made, torch.nn.Module) and callable(configure):
-            try:
-                configure()
-            except (TargetError, MetaTensorError):
-                raise
-            except Exception as e:
-                raise TargetError(
-                    f"target {args.model!r}: its configure_model, which load-check calls as "
-                    f"Lightning's load_from_checkpoint does, raised {type(e).__name__}: {e}. "
-                    "Fix: if it needs a Trainer (self.device_mesh, self.trainer), point TARGET "
-                    "at a function returning the model configure_model builds, unsharded "
-                    "(def build(): return Net()); load-check finds the checkpoint's prefix "
-                    "(or pass --prefix)."
-                ) from e
-        return made
-
+    how = "on meta" if args.init == "meta" else "under deferred_init"
     try:
         if args.init == "meta":
             with torch.device("meta"):
-                model = build()
+                model = factory()
         else:
-            model = deferred_init(build)
+            model = deferred_init(factory)
     except TargetError:
         raise
     except MetaTensorError as e:  # the recorder refusing the model's code
-        raise TargetError(
-            f"target {args.model!r}: building it under deferred_init failed: {e}"
-        ) from e
+        raise TargetError(f"target {args.model!r}: building it {how} failed: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise TargetError(
             f"target {args.model!r} built a {type(model).__name__}, not an nn.Module. Fix: name "
             "the model class or a function returning the model."
         )
+    _configure(args, model, how)
     return model
+
+
+def _configure(args: argparse.Namespace, model: torch.nn.Module, how: str) -> None:
+    """Call a LightningModule's own ``configure_model``, as Lightning's ``load_from_checkpoint``
+    does: the layers it builds (the pattern for sharded models) are in the checkpoint.
+
+    ``load_from_checkpoint`` builds the module eagerly: what ``__init__`` deferred is
+    materialized first (one copy of those weights, which the load then fills), so that
+    ``configure_model`` sees real tensors, as there (a cast of a rotary buffer there
+    casts its values); it runs outside any ``deferred_init`` block, as a Trainer calls
+    it, and its own block inside (the recipes' pattern) keeps what it builds deferred.
+    With ``--init meta`` it runs on meta. One that needs a Trainer (``self.device_mesh``
+    to shard layers ``__init__`` built) leaves the module as ``__init__`` built it, which
+    a note on standard error says; where that holds no tensor, the target is refused.
+    """
+    from lightning_meta._cli._target import TargetError, user_code
+    from lightning_meta._deferred._materialize import materialize
+    from lightning_meta._guard._find import find_meta_tensors
+
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover (Lightning is a dependency)
+        return
+    if not isinstance(model, LightningModule) or (
+        type(model).configure_model is LightningModule.configure_model
+    ):
+        return
+    if args.init != "meta" and any(f.deferred for f in find_meta_tensors(model)):
+        try:
+            materialize(model)
+        except MetaTensorError as e:
+            raise TargetError(
+                f"target {args.model!r}: what its __init__ built could not be made real "
+                f"before its configure_model, as load_from_checkpoint builds it: {e}"
+            ) from e
+    try:
+        with (
+            user_code(),  # what it prints goes to standard error
+            torch.device("meta") if args.init == "meta" else contextlib.nullcontext(),
+        ):
+            model.configure_model()
+    except KeyboardInterrupt:
+        raise
+    except MetaTensorError as e:
+        raise TargetError(
+            f"target {args.model!r}: its configure_model (the model built {how}) failed: {e}"
+        ) from e
+    except Exception as e:
+        cause = f"{type(e).__name__}: {e}"
+        if any(True for _ in model.parameters()) or any(True for _ in model.buffers()):
+            sys.stderr.write(
+                f"lightning-meta load-check: note: the configure_model of {args.model!r}, "
+                f"which Lightning's load_from_checkpoint calls, raised {cause} (it may need a "
+                "Trainer); the checkpoint is loaded into the module as its __init__ built "
+                "it.\n"
+            )
+            return
+        raise TargetError(
+            f"target {args.model!r}: its configure_model, which load-check calls as "
+            f"Lightning's load_from_checkpoint does, raised {cause}, and its __init__ builds "
+            "no layer. Fix: if it needs a Trainer (self.device_mesh, self.trainer), point "
+            "TARGET at a function returning the nn.Module configure_model assigns (such as "
+            "self.model), built unsharded: def build(): return Net(); load-check finds the "
+            "checkpoint's prefix (or pass --prefix)."
+        ) from e
+    except BaseException as e:  # sys.exit(...), the user's own BaseException subclasses
+        raise TargetError(
+            f"target {args.model!r}: its configure_model raised {type(e).__name__}"
+            f"{f': {e}' if str(e) else ''}."
+        ) from e

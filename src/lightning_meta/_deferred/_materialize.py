@@ -945,15 +945,17 @@ def refuse_replaced(slots: Iterable[Slot]) -> None:
 
 def refuse_recast(slots: Iterable[Slot], who: str) -> None:
     """Refuse the plain meta tensors among ``slots`` that ``module.to(dtype)`` made of deferred
-    buffers after the block, with :func:`materialize`'s message naming ``who``
-    (``"load_checkpoint"``, which leaves other never-deferred meta tensors on meta)."""
+    buffers after the block (meta tensors of their shape in their place: in another dtype,
+    or in theirs after a cast there and back), with :func:`materialize`'s message naming
+    ``who`` (``"load_checkpoint"``, which leaves other never-deferred meta tensors, such as
+    litgpt's longer ``cos`` after ``max_seq_length = n``, on meta)."""
     recast = [
         s
         for s in slots
         if s.kind != "attr"
         and type(s.tensor).__name__ != "DTensor"  # sharded: matched to its handle apart
         and s.name in handles_of(s.owner)
-        and _cast_of_deferred(s)
+        and tuple(s.tensor.shape) == tuple(handles_of(s.owner)[s.name].tensor.shape)
     ]
     if recast:
         raise _recast_error(sorted(recast, key=lambda s: s.path), who)
@@ -1140,10 +1142,10 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
     )
     return MaterializationError(
         f"{who} cannot fill {[_replaced_by(s) for s in recast]}: these deferred tensors were "
-        "replaced after the deferred_init block by meta tensors of their shape in another "
-        "dtype, what module.to(dtype) (or .half(), .bfloat16()) makes of floating-point "
-        "buffers, whose values the record cannot give (it cannot tell one cast from "
-        f"several, which round more). Fix: pass {spelled('dtype=', '--dtype')} to {who} "
+        "replaced after the deferred_init block by new meta tensors of their shape, what "
+        "module.to(dtype) (or .half(), .bfloat16(), or a cast there and back) makes of "
+        "floating-point buffers, whose values the record cannot give (it cannot tell one "
+        f"cast from several, which round more). Fix: pass {spelled('dtype=', '--dtype')} to {who} "
         "instead of module.to(dtype), or assign real tensors there; where the model is "
         f"sharded after the cast (which fixes the dtype of the shards), {real_first}build "
         "the model in that dtype inside the block (torch.set_default_dtype, transformers' "

@@ -293,27 +293,49 @@ def _layer(name: str, module: nn.Module) -> str:
     return f"layer {name!r} ({type(module).__name__})"
 
 
+#: what a subclass of nn.Sequential may define and still run its layers as nn.Sequential does
+_BUILDS_ONLY = frozenset({"__init__", "extra_repr"})
+
+
+def _own_methods(cls: type) -> list[str]:
+    """The methods (and properties) ``cls`` and its bases below ``nn.Sequential`` define,
+    beyond those that only build it."""
+    own: list[str] = []
+    for base in cls.__mro__:
+        if base is nn.Sequential:
+            break
+        for name, value in vars(base).items():
+            if name in _BUILDS_ONLY or name in own:
+                continue
+            if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+                own.append(name)
+    return own
+
+
 def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
     """Return a plan when ``template`` can run on the batched-matmul path, else why not."""
     cls = type(template)
     if not isinstance(template, nn.Sequential):
         return Refusal("", f"the template is a {cls.__name__}, not an nn.Sequential")
-    # A subclass that runs its layers as nn.Sequential does (torchvision.ops.MLP) is one;
-    # one with a forward or iteration of its own is not.
-    own = [n for n in ("forward", "__iter__") if getattr(cls, n) is not getattr(nn.Sequential, n)]
+    # A subclass that only builds its layers (torchvision.ops.MLP) runs them as
+    # nn.Sequential does; any method of its own (forward, __call__, __len__...) may not.
+    own = _own_methods(cls)
     if own:
         return Refusal(
             "",
-            f"the template is a {cls.__name__}, a subclass of nn.Sequential with a "
-            f"{' and '.join(own)} of its own, which the fused path would not run",
+            f"the template is a {cls.__name__}, a subclass of nn.Sequential with methods of "
+            f"its own ({', '.join(own)}), which the fused path would not run",
         )
     if len(template) == 0:
         return Refusal("", "the template is an empty nn.Sequential")
     if has_module_hooks(template):
         return Refusal("", "the template has hooks, which the fused path would not run")
     children = list(template.named_children())  # each module once, under its first name
-    if len(children) != len(template):
-        name, child = next((n, c) for n, c in children if sum(m is c for m in template) > 1)
+    if len(template._modules) != len(children):
+        repeated = next((n for n, c in children if sum(m is c for m in template) > 1), None)
+        if repeated is None:  # an entry that is None (add_module(name, None))
+            return Refusal("", "the nn.Sequential holds an entry that is not a module")
+        name, child = repeated, template.get_submodule(repeated)
         return Refusal(
             name,
             f"{_layer(name, child)} is used more than once in the nn.Sequential, and the "

@@ -913,6 +913,19 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     for path, mod in template.named_modules():
         if has_module_hooks(mod):
             return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
+        # torch.fx traces forward: a __call__ of the module's own would not run (a
+        # subclass of nn.Sequential doubling its output ran grouped 0.87 off the members).
+        called = [
+            n
+            for n in ("__call__", "_call_impl")
+            if getattr(type(mod), n) is not getattr(nn.Module, n)
+        ]
+        if called:
+            return Refusal(
+                path,
+                f"{_describe(path, mod)} defines {' and '.join(called)} of its own, which "
+                "this plan (traced through forward) would not run",
+            )
     state = AttributeState(watched(template.named_modules()), keep=True)
     # A draw the trace makes (torch.rand(()) takes no traced tensor; Python's
     # random, numpy) is made once, and the graph keeps the branch it took for

@@ -224,6 +224,12 @@ def resolve_parallel(
         >>> p.data_parallel, p.param_dtype, p.describe()
         (8, torch.bfloat16, 'fsdp, 64 ranks (data 8 x tensor 8), activation checkpointing')
     """
+    if not isinstance(gradient_as_bucket_view, bool):  # "no" was read as True
+        raise ArgumentTypeError(
+            f"estimate: gradient_as_bucket_view must be True or False, got "
+            f"{gradient_as_bucket_view!r}. Fix: pass True (gradients as views into DDP's "
+            "buckets) or False (DDP's default)."
+        )
     given = {
         "world_size": world_size is not None,
         "tensor_parallel": tensor_parallel != 1,

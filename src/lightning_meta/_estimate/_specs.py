@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from typing import Any, NamedTuple
 
 import torch
@@ -221,11 +222,21 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
     return InputSpec(shape, spec.dtype)
 
 
+#: what a mistyped shape is made of ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)")
+_SHAPE_LIKE = re.compile(r"[0-9\s,xX*.+\-()\[\]]*[0-9][0-9\s,xX*.+\-()\[\]]*")
+#: one size as typed between commas or semicolons: "16", "1e3", "8_0", an Arabic-Indic "٨"
+_SIZE_LIKE = re.compile(r"[\s(\[]*[-+]?\d[\d_.eE+\-]*[\s)\]]*")
+
+
 def _shape_like(text: str) -> bool:
-    """Whether ``text`` reads as a mistyped shape: a digit (any script's), and no letter but
-    a separator or an exponent (``"8x16"``, ``"8;16"``, ``"2.5,4"``, ``"1e3,16"``,
-    ``"8_0,16"``, ``"-1,16"``, ``"(8, 16)"``); a word (``"layer3"``) is text."""
-    return any(c.isdigit() for c in text) and all(not c.isalpha() or c in "xXeE" for c in text)
+    """Whether ``text`` reads as a mistyped shape, not as text a forward takes: digits and
+    shape punctuation alone (``"8x16"``, ``"2.5,4"``, ``"-1,16"``), or sizes written
+    otherwise between commas or semicolons (``"8;16"``, ``"1e3,16"``, ``"8_0,16"``).
+    A lone ``"1e-4"``, ``"e4"``, ``"50%"`` or ``"v2"`` is text."""
+    if _SHAPE_LIKE.fullmatch(text) is not None:
+        return True
+    parts = re.split(r"[,;]", text)
+    return len(parts) > 1 and all(_SIZE_LIKE.fullmatch(p) is not None for p in parts)
 
 
 def spec_of(value: Any) -> InputSpec | None:
@@ -233,9 +244,10 @@ def spec_of(value: Any) -> InputSpec | None:
 
     A string of comma-separated integers alone (``"8,16"``) is a spec too,
     of ``float32``, as ``--input 8,16`` is on the command line. A string made
-    of digits and separators that does not parse (``"8x16"``, ``"8;16"``,
-    ``"2.5,4"``, ``"1e3,16"``, ``"-1,16"``; no letter but ``x`` or ``e``) is
-    refused as ``--input`` refuses it, rather than handed to the forward as text.
+    of digits and shape punctuation that does not parse (``"8x16"``,
+    ``"2.5,4"``, ``"-1,16"``), or of sizes written otherwise between commas or
+    semicolons (``"8;16"``, ``"1e3,16"``), is refused as ``--input`` refuses it,
+    rather than handed to the forward as text.
 
     Args:
         value: one leaf of ``example_inputs``.

@@ -210,7 +210,7 @@ class LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         values = self._values
         if values is not None:
-            known, scalar = values.read(func, args)
+            known, scalar = values.read(func, args, kwargs)
             if known:
                 return scalar
         if self.phase == "forward":

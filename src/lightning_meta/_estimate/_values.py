@@ -21,8 +21,8 @@ CPU:
   given by shape read as zeros, and nothing is known of indices computed
   from weights, so those are not checked;
 * reading a value (``aten._local_scalar_dense``, which ``.item()``,
-  ``bool()``, ``tolist()`` and ``in`` all reach, and ``torch.equal``) is
-  answered from the shadows; a data-dependent output shape (``nonzero``) is taken from it, and
+  ``bool()``, ``tolist()`` and ``in`` all reach, ``torch.equal`` and
+  ``torch.allclose``) is answered from the shadows; a data-dependent output shape (``nonzero``) is taken from it, and
   a boolean mask of known values indexes any tensor (``logits[labels !=
   -100]``): it becomes the integer indices of its true elements.
 
@@ -159,7 +159,9 @@ class Values:
             return None
         return t  # a real constant the model holds or made outside the step
 
-    def read(self, func: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    def read(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> tuple[bool, Any]:
         """Answer a value read (``.item()`` and all that reach it) from a known value.
 
         Returns:
@@ -168,10 +170,11 @@ class Values:
         """
         if func not in _compat.value_read_ops() or not args:
             return False, None
-        if any(self.of(t) is None for t in _tensors(args, {})):
+        kwargs = kwargs or {}  # torch.allclose(x, y, rtol=...)
+        if any(self.of(t) is None for t in _tensors(args, kwargs)):
             return False, None
-        self._note_zeros(func, args, {})
-        real = self._run(func, args, {})
+        self._note_zeros(func, args, kwargs)
+        real = self._run(func, args, kwargs)
         return real is not None, real
 
     def check_indices(self, func: Any, args: tuple[Any, ...]) -> None:
