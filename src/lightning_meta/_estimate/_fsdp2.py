@@ -122,8 +122,9 @@ class FSDP2:
         return out
 
     def _collective(self, like: torch.Tensor) -> None:
-        """What the backend allocates while a collective runs: gloo stages a copy of it, NCCL nothing."""
-        if self.gloo:
+        """What the backend allocates while a collective runs: gloo stages a copy of it, NCCL
+        nothing; on one rank there is no collective (FSDP2 copies the input to the output)."""
+        if self.gloo and self.ranks > 1:
             staged = self._empty(like.numel(), like.dtype, "communication")
             del staged
 
