@@ -254,9 +254,13 @@ def test_input_specs_larger_than_a_tensor(spec: object, match: str) -> None:
 
 _SHAPE_LIKE = ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)", "8,32,")
 # these used to reach the forward as text (review of 2026-12-05, fifth session)
-_SHAPE_LIKE_TOO = ("8;32", "1e3,32", "8_0,32", "\u0668,32")  # the last: an Arabic-Indic 8
-#: text a forward may take (the regression sweep found the first version refusing these)
-_TEXT = ("e4", "E1", "1/2", "50%", "#1", "1_000", "1e-4", "\u00b2", "\u0663", "v2", "", "a,b")
+_SHAPE_LIKE_TOO = ("8;32", "1e3,32", "8_0,32")
+#: text a forward may take (the regression sweeps found the first versions refusing these)
+_TEXT = (
+    *("e4", "E1", "1/2", "50%", "#1", "1_000", "1e-4", "\u00b2", "\u0663", "v2", "", "a,b"),
+    *("0.5;0.25", "1e-4,1e-5", "3.14; 2.71", "-1; -2", "1e,2", "1__0,2"),
+    *("\u0668,\u0661\u0666", "\u0668,32"),  # Arabic-Indic digits: sizes are ASCII
+)
 
 
 @pytest.mark.parametrize("spec", _SHAPE_LIKE + _SHAPE_LIKE_TOO)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import pickle
@@ -715,7 +716,15 @@ class _Called(nn.Sequential):
         return 2 * super().__call__(x)
 
 
-@pytest.mark.parametrize("cls", [_Counted, _Called])
+def _scaled_forward(self: nn.Sequential, x: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * nn.Sequential.forward(self, x)
+
+
+class _PartialForward(nn.Sequential):
+    forward = functools.partialmethod(_scaled_forward, scale=2.0)  # a descriptor, not callable
+
+
+@pytest.mark.parametrize("cls", [_Counted, _Called, _PartialForward])
 def test_a_sequential_subclass_with_methods_of_its_own_runs_on_a_plan_that_calls_them(
     cls: type[nn.Sequential],
 ) -> None:
@@ -726,7 +735,7 @@ def test_a_sequential_subclass_with_methods_of_its_own_runs_on_a_plan_that_calls
     x = torch.randn(5, 3)
     ens = lm.Ensemble(models)
     torch.testing.assert_close(ens(x), torch.stack([m(x) for m in models]))
-    own = "__len__" if cls is _Counted else "__call__"
+    own = {_Counted: "__len__", _Called: "__call__", _PartialForward: "forward"}[cls]
     with pytest.raises(ArgumentValueError, match=rf"methods of its own \({own}"):
         lm.Ensemble(models, execution="fused")
     if cls is _Called:

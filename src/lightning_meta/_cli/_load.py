@@ -223,41 +223,41 @@ def _configure(args: argparse.Namespace, model: torch.nn.Module, how: str) -> No
     """Call a LightningModule's own ``configure_model``, as Lightning's ``load_from_checkpoint``
     does: the layers it builds (the pattern for sharded models) are in the checkpoint.
 
-    ``load_from_checkpoint`` builds the module eagerly: what ``__init__`` deferred is
-    materialized first (one copy of those weights, which the load then fills), so that
-    ``configure_model`` sees real tensors, as there (a cast of a rotary buffer there
-    casts its values); it runs outside any ``deferred_init`` block, as a Trainer calls
-    it, and its own block inside (the recipes' pattern) keeps what it builds deferred.
-    With ``--init meta`` it runs on meta. One that needs a Trainer (``self.device_mesh``
-    to shard layers ``__init__`` built) leaves the module as ``__init__`` built it, which
-    a note on standard error says; where that holds no tensor, the target is refused.
+    The deferred floating-point buffers no checkpoint holds (non-persistent: a rotary
+    ``inv_freq``) are materialized first, so that a cast in ``configure_model`` casts
+    their values, as ``load_from_checkpoint``'s eager build does; it runs outside any
+    ``deferred_init`` block, as a Trainer calls it, and its own block inside (the
+    recipes' pattern) keeps what it builds deferred. With ``--init meta`` it runs on
+    meta. One that needs a Trainer (``self.device_mesh`` to shard layers ``__init__``
+    built) leaves the module as it stands, which a note on standard error says; where
+    that holds no tensor, the target is refused.
     """
     from lightning_meta._cli._target import TargetError, user_code
-    from lightning_meta._deferred._materialize import materialize
-    from lightning_meta._guard._find import find_meta_tensors
+    from lightning_meta._deferred._handles import deferred_slots
+    from lightning_meta._deferred._materialize import materialize_paths
+    from lightning_meta._guard._check import own_configure_model
 
-    try:
-        from lightning.pytorch import LightningModule
-    except ImportError:  # pragma: no cover (Lightning is a dependency)
+    configure = own_configure_model(model)
+    if configure is None:
         return
-    if not isinstance(model, LightningModule) or (
-        type(model).configure_model is LightningModule.configure_model
-    ):
-        return
-    if args.init != "meta" and any(f.deferred for f in find_meta_tensors(model)):
-        try:
-            materialize(model)
-        except MetaTensorError as e:
-            raise TargetError(
-                f"target {args.model!r}: what its __init__ built could not be made real "
-                f"before its configure_model, as load_from_checkpoint builds it: {e}"
-            ) from e
+    if args.init != "meta":
+        # The buffers no checkpoint holds, made real first: a cast in configure_model
+        # then casts their values, as eagerly (module.to gives a deferred buffer a new
+        # meta tensor, which no record fills); parameters and persistent buffers stay
+        # deferred for the load to fill (a cast of those is recorded, or filled).
+        unsaved = [
+            s.path
+            for s in deferred_slots(model)
+            if s.kind == "buffer" and not s.persistent and s.tensor.is_floating_point()
+        ]
+        if unsaved:
+            materialize_paths(model, unsaved, allow_uninitialized=args.allow_uninitialized)
     try:
         with (
             user_code(),  # what it prints goes to standard error
             torch.device("meta") if args.init == "meta" else contextlib.nullcontext(),
         ):
-            model.configure_model()
+            configure()
     except KeyboardInterrupt:
         raise
     except MetaTensorError as e:
@@ -270,8 +270,9 @@ def _configure(args: argparse.Namespace, model: torch.nn.Module, how: str) -> No
             sys.stderr.write(
                 f"lightning-meta load-check: note: the configure_model of {args.model!r}, "
                 f"which Lightning's load_from_checkpoint calls, raised {cause} (it may need a "
-                "Trainer); the checkpoint is loaded into the module as its __init__ built "
-                "it.\n"
+                "Trainer, where load_from_checkpoint fails); the checkpoint is loaded into the "
+                "module as it stands: its __init__'s layers, and what configure_model changed "
+                "before it raised.\n"
             )
             return
         raise TargetError(

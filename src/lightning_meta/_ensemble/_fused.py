@@ -295,19 +295,35 @@ def _layer(name: str, module: nn.Module) -> str:
 
 #: what a subclass of nn.Sequential may define and still run its layers as nn.Sequential does
 _BUILDS_ONLY = frozenset({"__init__", "extra_repr"})
+#: what every class body defines
+_CLASS_DATA = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__orig_bases__",
+        "__parameters__",
+        "__firstlineno__",
+        "__static_attributes__",
+    }
+)
 
 
 def _own_methods(cls: type) -> list[str]:
-    """The methods (and properties) ``cls`` and its bases below ``nn.Sequential`` define,
-    beyond those that only build it."""
+    """What ``cls`` and its bases below ``nn.Sequential`` define that may change how it runs:
+    methods, any descriptor (``functools.partialmethod``, a property), and any name of
+    ``nn.Sequential``'s own; not ``__init__`` or plain class data."""
     own: list[str] = []
     for base in cls.__mro__:
         if base is nn.Sequential:
             break
         for name, value in vars(base).items():
-            if name in _BUILDS_ONLY or name in own:
+            if name in _BUILDS_ONLY or name in _CLASS_DATA or name in own:
                 continue
-            if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+            if callable(value) or hasattr(value, "__get__") or hasattr(nn.Sequential, name):
                 own.append(name)
     return own
 
@@ -331,7 +347,7 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
     if has_module_hooks(template):
         return Refusal("", "the template has hooks, which the fused path would not run")
     children = list(template.named_children())  # each module once, under its first name
-    if len(template._modules) != len(children):
+    if len(template) != len(children):  # Sequential's own __len__: _own_methods above
         repeated = next((n for n, c in children if sum(m is c for m in template) > 1), None)
         if repeated is None:  # an entry that is None (add_module(name, None))
             return Refusal("", "the nn.Sequential holds an entry that is not a module")

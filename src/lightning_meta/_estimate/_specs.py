@@ -224,15 +224,17 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
 
 #: what a mistyped shape is made of ("8x16", "2,,4", "2.5,4", "8 16", "-1,16", "(8, 32)")
 _SHAPE_LIKE = re.compile(r"[0-9\s,xX*.+\-()\[\]]*[0-9][0-9\s,xX*.+\-()\[\]]*")
-#: one size as typed between commas or semicolons: "16", "1e3", "8_0", an Arabic-Indic "٨"
-_SIZE_LIKE = re.compile(r"[\s(\[]*[-+]?\d[\d_.eE+\-]*[\s)\]]*")
+#: one size as typed between commas or semicolons: "16", "8_0", "1e3" (not a float: "0.5",
+#: "1e-4", a list of which is text)
+_SIZE_LIKE = re.compile(r"[ \t(\[]*[0-9]+(?:_[0-9]+)*(?:[eE][0-9]+)?[ \t)\]]*")
 
 
 def _shape_like(text: str) -> bool:
     """Whether ``text`` reads as a mistyped shape, not as text a forward takes: digits and
     shape punctuation alone (``"8x16"``, ``"2.5,4"``, ``"-1,16"``), or sizes written
     otherwise between commas or semicolons (``"8;16"``, ``"1e3,16"``, ``"8_0,16"``).
-    A lone ``"1e-4"``, ``"e4"``, ``"50%"`` or ``"v2"`` is text."""
+    A lone ``"1e-4"``, ``"e4"``, ``"50%"`` or ``"v2"`` is text, and so are floats between
+    semicolons (``"0.5;0.25"``)."""
     if _SHAPE_LIKE.fullmatch(text) is not None:
         return True
     parts = re.split(r"[,;]", text)

@@ -25,7 +25,7 @@ from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import ESCAPED_FIX, STALE_FIX, explain, find_meta_tensors
 from lightning_meta._guard._materialize import HYPERPARAMETERS, refuse_left
 
-__all__ = ["Row", "check_module"]
+__all__ = ["Row", "check_module", "own_configure_model"]
 
 Status = Literal["ok", "info", "note", "problem"]
 
@@ -242,6 +242,20 @@ def _flatten(obj: Any) -> list[Any]:
     if isinstance(obj, dict):
         return [x for item in obj.values() for x in _flatten(item)]
     return [obj]
+
+
+def own_configure_model(module: nn.Module) -> Callable[[], None] | None:
+    """``module.configure_model`` where ``module`` is a ``LightningModule`` that overrides it
+    (what Lightning's ``load_from_checkpoint`` calls), else ``None``."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+        return None
+    if not isinstance(module, LightningModule) or (
+        type(module).configure_model is LightningModule.configure_model
+    ):
+        return None
+    return module.configure_model
 
 
 def _is_lightning_module(module: nn.Module) -> bool:
