@@ -17,33 +17,21 @@ import pytest
 import torch
 
 import lightning_meta as lm
+from support import deferred_models
 
 transformers = pytest.importorskip("transformers")
 
 
 def _llama(directory: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        LlamaForCausalLM(config).save_pretrained(directory)
+        deferred_models.llama().save_pretrained(directory)
     return directory
 
 
 def _deferred(directory: Path) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with lm.deferred_init():
-        return LlamaForCausalLM(LlamaConfig.from_pretrained(directory))
+    return lm.deferred_init(deferred_models.llama)  # the saved model's config
 
 
 def test_buffers_cast_after_the_block_are_refused_with_fixes_that_load(tmp_path: Path) -> None:
@@ -53,7 +41,7 @@ def test_buffers_cast_after_the_block_are_refused_with_fixes_that_load(tmp_path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eager = LlamaForCausalLM.from_pretrained(directory).to(torch.bfloat16)
-    ids = torch.randint(0, 64, (1, 6))
+    ids = torch.randint(0, 128, (1, 6))
     expected = eager(ids).logits
 
     model = _deferred(directory).to(torch.bfloat16)

@@ -10,7 +10,8 @@ Examples::
 The model is built under ``deferred_init`` (``--init meta`` builds it on the
 meta device instead), so checking a checkpoint needs no memory beyond one copy
 of its weights; a LightningModule's own ``configure_model`` is then called, as
-Lightning's ``load_from_checkpoint`` calls it (see :func:`_configure`). Reading the checkpoint runs no code from it.
+Lightning's ``load_from_checkpoint`` calls it (see :func:`_configure`). Reading
+the checkpoint runs no code from it.
 
 Exit status (see :mod:`~lightning_meta._cli._main`, which turns what
 :func:`run` raises into one message on standard error):

@@ -507,8 +507,9 @@ class Ensemble(nn.Module):
             every later call of that kind (see :attr:`plan` and
             :attr:`plans`). The others force a plan: ``"fused"``, one
             batched matmul per layer (an ``nn.Sequential`` of ``nn.Linear``,
-            element-wise activations and dropout only, or a subclass that keeps
-            its ``forward``, such as ``torchvision.ops.MLP``); ``"grouped"``, the
+            element-wise activations and dropout only, or a subclass that only
+            builds them in ``__init__``, such as ``torchvision.ops.MLP``);
+            ``"grouped"``, the
             members' channels side by side, so that a convolution is one
             grouped convolution and BatchNorm one BatchNorm (convolutions,
             BatchNorm, pooling, ``Linear``, element-wise ops, residual
