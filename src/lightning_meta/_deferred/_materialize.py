@@ -955,7 +955,7 @@ def refuse_recast(slots: Iterable[Slot], who: str) -> None:
         if s.kind != "attr"
         and type(s.tensor).__name__ != "DTensor"  # sharded: matched to its handle apart
         and s.name in handles_of(s.owner)
-        and tuple(s.tensor.shape) == tuple(handles_of(s.owner)[s.name].tensor.shape)
+        and _in_deferred_shape(s)
     ]
     if recast:
         raise _recast_error(sorted(recast, key=lambda s: s.path), who)
@@ -1157,10 +1157,15 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
     )
 
 
+def _in_deferred_shape(slot: Slot) -> bool:
+    """Whether ``slot``'s tensor has the shape of the deferred one it replaced."""
+    return tuple(slot.tensor.shape) == tuple(handles_of(slot.owner)[slot.name].tensor.shape)
+
+
 def _cast_of_deferred(slot: Slot) -> bool:
     """Whether ``slot``'s tensor has the shape of the deferred one it replaced, in another dtype."""
     deferred = handles_of(slot.owner)[slot.name].tensor
-    return tuple(slot.tensor.shape) == tuple(deferred.shape) and slot.tensor.dtype != deferred.dtype
+    return _in_deferred_shape(slot) and slot.tensor.dtype != deferred.dtype
 
 
 def _replaced_by(slot: Slot) -> str:
