@@ -16,10 +16,12 @@ holds only the command's own output.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,11 +54,34 @@ def user_code() -> Iterator[None]:
     """Send what the user's code prints to standard error while the body runs.
 
     Standard output then holds only what the command itself writes (the JSON
-    document with ``--json``). Output written below Python (by C code, or a
-    subprocess) is not redirected.
+    document with ``--json``): ``print`` is redirected, and so is file
+    descriptor 1 itself, for what is written below Python (a subprocess the
+    model starts, C code's ``printf``; C's buffers are flushed before it is
+    put back).
     """
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (closed): nothing below Python can reach it either
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            _flush_c_streams()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush_c_streams() -> None:
+    # C's stdout buffer, filled while descriptor 1 was standard error, would
+    # otherwise be written to standard output at exit, inside the JSON.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
 
 
 def _raised(e: BaseException) -> str:
@@ -142,6 +167,13 @@ def import_file(path: str | Path, *, spec: str | None = None) -> Any:
     if not file.is_file() or file.suffix != ".py":
         raise _fail(
             label, f"no Python file at {str(path)!r}", "give the path of an existing .py file"
+        )
+    if "." in file.stem:
+        raise _fail(
+            label,
+            f"the file name {file.name!r} has a dot before '.py', which Python's import "
+            "reads as a package",
+            f"rename it (e.g. {file.stem.replace('.', '_')}.py)",
         )
     name, root = _module_name(file)
     loaded = sys.modules.get(name)

@@ -8,7 +8,9 @@ on them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import gc
 import time
 import types
@@ -41,6 +43,8 @@ _FOREIGN = frozenset(
 MAX_PLAIN_VISITS = 10_000
 # What holds no tensor (the items of a table of data): passed over at once.
 _SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
+# Searched item by item, as a list.
+_SEQUENCES: tuple[type, ...] = (list, tuple, collections.deque)
 # Past the bounds, the search from the root (forwards) and the trace back from
 # the deferred tensors (backwards) take turns, each while it has used less time
 # than the other; the forward one starts with this much (seconds) before the
@@ -500,10 +504,14 @@ def _ancestors(tensors: list[torch.Tensor], out: set[int]) -> Iterator[None]:
 def _edge(r: Any, children: set[int]) -> bool:
     """Whether the search follows ``r`` to what it holds (of ``children``)."""
     kind = type(r)
-    if issubclass(kind, (list, tuple, dict, set, frozenset, types.CellType)):
+    if issubclass(
+        kind,
+        (*_SEQUENCES, dict, set, frozenset, types.CellType, types.MethodType, functools.partial),
+    ):
         return True
     if issubclass(kind, types.FunctionType):
-        return r.__closure__ is not None and id(r.__closure__) in children
+        held = (r.__closure__, r.__defaults__, r.__kwdefaults__)
+        return any(h is not None and id(h) in children for h in held)
     if issubclass(kind, (nn.Module, torch.optim.Optimizer)):
         return True
     if issubclass(
@@ -512,7 +520,6 @@ def _edge(r: Any, children: set[int]) -> bool:
             type,
             types.ModuleType,
             types.FrameType,
-            types.MethodType,
             types.CodeType,
             types.GeneratorType,  # the forward search's own, suspended
             Handle,
@@ -528,7 +535,7 @@ _TICK = MetaFinding("<tick>", "tensor", (), None, False)
 
 def _container(obj: Any) -> bool:
     return isinstance(
-        obj, (nn.Module, torch.optim.Optimizer, Mapping, list, tuple, set, frozenset)
+        obj, (nn.Module, torch.optim.Optimizer, Mapping, *_SEQUENCES, set, frozenset)
     ) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
 
 
@@ -541,39 +548,84 @@ def _plain_attributes(obj: Any, bounded: bool = True) -> list[tuple[str, Any]] |
     reports it. Long containers there (a dataset's samples) are skipped.
     """
     if isinstance(obj, types.FunctionType):
-        cells = obj.__closure__ or ()
-        found = []
-        for name, cell in zip(obj.__code__.co_freevars, cells, strict=False):
-            try:
-                found.append((f"<closure {obj.__name__}: {name}>", cell.cell_contents))
-            except ValueError:  # a cell not filled yet
-                continue
+        return _function_values(obj)
+    if isinstance(obj, types.MethodType):
+        # A bound method (``self.fn = helper.apply``) holds its object as a closure does.
+        return [("__self__", obj.__self__), ("__func__", obj.__func__)]
+    if isinstance(obj, functools.partial):
+        found = [("func", obj.func)]
+        found += [(f"args.{i}", value) for i, value in enumerate(obj.args)]
+        found += [(f"keywords.{key}", value) for key, value in obj.keywords.items()]
         return found
     kind = type(obj)
     if (
-        issubclass(kind, (type, types.ModuleType, types.MethodType, str, bytes))
+        issubclass(kind, (type, types.ModuleType, str, bytes))
         or kind.__module__.split(".", 1)[0] in _FOREIGN
     ):
         return None
+    # A class with __slots__ keeps those attributes outside __dict__ (or has none).
+    values: list[tuple[str, Any]] = list(_slot_values(obj))
     try:
         attributes = object.__getattribute__(obj, "__dict__")
     except (AttributeError, TypeError):
-        return None
-    if not isinstance(attributes, dict):
+        attributes = None
+    if isinstance(attributes, dict):
+        values += [(str(name), value) for name, value in attributes.items()]
+    elif not values:
         return None
     return [
-        (str(name), value)
-        for name, value in attributes.items()
-        if not str(name).startswith("__")
-        and not (bounded and isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS)
+        (name, value)
+        for name, value in values
+        if not name.startswith("__")
+        and not (
+            bounded
+            and isinstance(value, (list, tuple, collections.deque, dict, set))
+            and len(value) > MAX_ITEMS
+        )
     ]
+
+
+def _function_values(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """What a function holds: the variables it closes over and its default arguments
+    (``lambda x, w=w: ...`` keeps ``w`` as a closure would)."""
+    found = []
+    cells = fn.__closure__ or ()
+    for name, cell in zip(fn.__code__.co_freevars, cells, strict=False):
+        try:
+            found.append((f"<closure {fn.__name__}: {name}>", cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            continue
+    code = fn.__code__
+    defaults = fn.__defaults__ or ()
+    positional = code.co_varnames[: code.co_argcount]
+    for name, value in zip(positional[len(positional) - len(defaults) :], defaults, strict=True):
+        found.append((f"<default {fn.__name__}: {name}>", value))
+    for name, value in (fn.__kwdefaults__ or {}).items():
+        found.append((f"<default {fn.__name__}: {name}>", value))
+    return found
+
+
+def _slot_values(obj: Any) -> Iterator[tuple[str, Any]]:
+    seen: set[str] = set()
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in seen or name in ("__dict__", "__weakref__"):
+                continue
+            seen.add(name)
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"  # stored under its mangled name
+            try:
+                yield name, object.__getattribute__(obj, name)
+            except AttributeError:  # a slot not set
+                continue
 
 
 def _items(obj: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(obj, Mapping):
         for key, value in obj.items():
             yield str(key), value
-    elif isinstance(obj, (list, tuple)):
+    elif isinstance(obj, (list, tuple, collections.deque)):  # _SEQUENCES
         for i, value in enumerate(obj):
             yield str(i), value
     elif isinstance(obj, (set, frozenset)):

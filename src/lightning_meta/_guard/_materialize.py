@@ -19,7 +19,9 @@ tensors of each module it is given.
 
 from __future__ import annotations
 
+import collections
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -157,7 +159,10 @@ def refuse_left(
 def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
     """Why materialize did not reach the deferred tensor at ``path``, and the call that fills it.
 
-    Follows ``path`` from ``root`` (``None`` where it cannot: a key with a dot).
+    Follows ``path`` (as :func:`find_meta_tensors` writes it) from ``root``; a dict key
+    with a dot in it is matched whole. Where the path goes through what no
+    expression reaches (a closure's variable, a set's item, a partial's argument),
+    the call names ``<that module>``.
     """
     node: Any = root
     expr = "model"
@@ -165,7 +170,10 @@ def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
     containers = 0
     reason = None
     parts = path.split(".")
-    for part in parts[:-1]:
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
+        step = 1
         if isinstance(node, nn.Module):
             module_expr, containers = expr, 0
             children = dict(node.named_children())
@@ -173,32 +181,35 @@ def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
             expr = f"{expr}.{part}"
         elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
             containers += 1
-            if len(node) > MAX_ITEMS and reason is None:
-                reason = (
-                    f"{expr} holds {len(node)} items, and materialize does not search "
-                    f"containers of more than {MAX_ITEMS} items"
-                )
+            reason = reason or _too_long(node, expr)
+            child, expr = node[int(part)], f"{expr}[{part}]"
+        elif isinstance(node, collections.deque) and part.isdigit() and int(part) < len(node):
+            reason = reason or _not_searched(node, expr)
             child, expr = node[int(part)], f"{expr}[{part}]"
         elif isinstance(node, dict):
-            keys = [k for k in node if str(k) == part]
-            if not keys:
+            # The longest run of the remaining parts that is a key ("enc.0" is one key).
+            named = {str(k): k for k in node}
+            step = next(
+                (
+                    n
+                    for n in range(len(parts) - 1 - i, 0, -1)
+                    if ".".join(parts[i : i + n]) in named
+                ),
+                0,
+            )
+            if not step:
                 return None
+            key = named[".".join(parts[i : i + step])]
             containers += 1
-            if len(node) > MAX_ITEMS and reason is None:
-                reason = (
-                    f"{expr} holds {len(node)} items, and materialize does not search "
-                    f"containers of more than {MAX_ITEMS} items"
-                )
-            child, expr = node[keys[0]], f"{expr}[{keys[0]!r}]"
+            reason = reason or _too_long(node, expr)
+            child, expr = node[key], f"{expr}[{key!r}]"
         else:
-            if reason is None:
-                reason = (
-                    f"{expr} is a {type(node).__name__} object, and materialize searches only "
-                    "modules, lists, tuples and dicts"
-                )
-            if part.startswith("<"):  # a closure's variable, a set's item: no expression
+            reason = reason or _not_searched(node, expr)
+            child = _attribute(node, part)
+            if part.startswith("<") or child is _UNREACHED:
+                # A closure's variable, a default argument, a set's item, a partial's
+                # argument: no expression reaches it.
                 return (f"{path!r}: {reason}", "lightning_meta.materialize(<that module>)")
-            child = vars(node).get(part) if hasattr(node, "__dict__") else getattr(node, part)
             expr = f"{expr}.{part}"
         if containers > MAX_DEPTH and reason is None:
             reason = (
@@ -206,9 +217,47 @@ def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
                 f"materialize looks at most {MAX_DEPTH} deep"
             )
         node = child
+        i += step
     if reason is None or not isinstance(node, nn.Module):
         return None
     return (f"{expr}: {reason}", f"lightning_meta.materialize({expr})")
+
+
+_UNREACHED = object()
+
+
+def _attribute(node: Any, name: str) -> Any:
+    """``node``'s attribute ``name`` as ``find_meta_tensors`` read it, without running a
+    property; ``_UNREACHED`` where an expression ``node.name`` would not give it."""
+    try:
+        value = vars(node).get(name, _UNREACHED)
+    except TypeError:  # no __dict__: a __slots__ object, a bound method
+        value = _UNREACHED
+    if value is _UNREACHED and isinstance(node, types.MethodType) and name == "__self__":
+        value = node.__self__
+    if value is _UNREACHED:
+        for klass in type(node).__mro__:
+            slot = klass.__dict__.get(name)
+            if isinstance(slot, types.MemberDescriptorType):
+                value = getattr(node, name, _UNREACHED)
+                break
+    return value
+
+
+def _not_searched(node: Any, expr: str) -> str:
+    return (
+        f"{expr} is a {type(node).__name__} object, and materialize searches only "
+        "modules, lists, tuples and dicts"
+    )
+
+
+def _too_long(node: Any, expr: str) -> str | None:
+    if len(node) <= MAX_ITEMS:
+        return None
+    return (
+        f"{expr} holds {len(node)} items, and materialize does not search "
+        f"containers of more than {MAX_ITEMS} items"
+    )
 
 
 def materialize_model(

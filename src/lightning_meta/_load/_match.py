@@ -391,6 +391,9 @@ class Plan:
         skipped: groups left as they are because a shape differs.
         unsupported: ``(key, kind)`` of checkpoint tensors a module name asks
             for but a module cannot hold (meta, sparse, quantized, ...).
+        not_tensors: persistent names whose checkpoint key holds a value that is
+            not a tensor (a list): a malformed file, which ``load_state_dict``
+            refuses with ``strict=False`` too.
         made: slots holding a meta tensor made real at another place, with
             that real tensor (see :func:`_join_made`).
         code: the modules with load code of their own (their post-hooks run
@@ -408,6 +411,7 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
     skipped: list[Group] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    not_tensors: list[str] = field(default_factory=list)
     made: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
     code: list[LoadCode] = field(default_factory=list)
     display: dict[str, str] = field(default_factory=dict)
@@ -456,6 +460,7 @@ def make_plan(
         else:
             plan.ignored.append(key)
     used: set[str] = set()
+    other_local = {o[len(prefix) :] for o in others if o.startswith(prefix)}
     for group in groups:
         if not group.persistent:
             continue
@@ -463,7 +468,12 @@ def make_plan(
         keys = {n: n for n in names} if sources is None else sources
         present = [keys[n] for n in names if n in keys and keys[n] in local]
         if not present:
-            plan.missing.extend(names)
+            held = [n for n in names if n in keys and keys[n] in other_local]
+            if held:
+                plan.not_tensors.extend(held)
+                used.update(keys[n] for n in held)
+            else:
+                plan.missing.extend(names)
             continue
         used.update(present)
         odd = [(prefix + n, local[n].kind) for n in present if local[n].kind != DENSE]
@@ -480,9 +490,11 @@ def make_plan(
         # the last, in state_dict order, as load_state_dict leaves it.
         plan.load.append((group, local[present[-1]]))
     plan.unexpected = sorted(
-        [prefix + k for k in local if k not in used] + [o for o in others if o.startswith(prefix)]
+        [prefix + k for k in local if k not in used]
+        + [o for o in others if o.startswith(prefix) and o[len(prefix) :] not in used]
     )
     plan.missing.sort()
+    plan.not_tensors.sort()
     plan.unsupported.sort()
     plan.mismatched.sort()
     plan.ignored.sort()
@@ -517,13 +529,23 @@ def mismatch_error(
         key it lists (missing and mis-shaped module names, unexpected
         checkpoint keys), or ``None``.
     """
-    if not strict or not (plan.missing or plan.unexpected or plan.mismatched):
-        return None
     lines = [
         f"cannot load {where!r} into {type(module).__name__}"
         + (f" (checkpoint prefix {plan.prefix!r} stripped)" if plan.prefix else "")
         + "; the module was left unchanged:"
     ]
+    if plan.not_tensors:
+        # torch's load_state_dict refuses these whatever strict says.
+        lines.append(f"  not a tensor in the checkpoint ({len(plan.not_tensors)}):")
+        lines += [f"    {plan.prefix + n!r}" for n in plan.not_tensors]
+        lines.append(
+            "Fix: the file is malformed at these keys (load_state_dict refuses them too, "
+            "whatever strict says): save it again from the model's state_dict(), whose "
+            "values are tensors."
+        )
+        return MetaTensorError("\n".join(lines), paths=list(plan.not_tensors))
+    if not strict or not (plan.missing or plan.unexpected or plan.mismatched):
+        return None
     if plan.mismatched:
         lines.append(f"  shape mismatch ({len(plan.mismatched)}):")
         lines += [

@@ -1056,6 +1056,8 @@ class MetaTemplate:
                                 out = torch.func.functional_call(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                                 )
+                            if watch is not None and any(holds_values(t) for t in before.values()):
+                                watch.refuse_meta_output(out)
                     except BaseException as e:
                         if state is not None:
                             lost = state.restore()
@@ -1225,9 +1227,12 @@ class MetaTemplate:
         self._lock = threading.RLock()
 
     def __copy__(self) -> MetaTemplate:
-        new = MetaTemplate.__new__(MetaTemplate)
-        new.__setstate__(self.__getstate__())
-        return new
+        # A template sharing its module with another would share its modes and the
+        # tensors each call swaps in, but not the lock or the mode it reports: eval()
+        # on one switched the other's dropout off, and two threads (one copy each)
+        # read each other's tensors. The module holds no data, so a copy is an
+        # independent template, as copy.deepcopy gives.
+        return copy.deepcopy(self)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         factory = self.__dict__.get("_factory")
@@ -1287,6 +1292,9 @@ class _MetaWatch(TorchFunctionMode):
     def __init__(self, module: nn.Module, names: dict[int, str]) -> None:
         super().__init__()
         self.module, self.names = module, names
+        # The names of meta tensors that met tensors with values in an op whose
+        # result stayed meta (einsum, an embedding): see refuse_meta_output.
+        self.mixed: set[str] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -1302,20 +1310,44 @@ class _MetaWatch(TorchFunctionMode):
             # What is made from a named one (readout.T) is named after it.
             if named:
                 self.names.update((id(t), named[0]) for t in results if t.is_meta)
+            if any(holds_values(t) for t in _tensors_among(args, kwargs)):
+                self.mixed.update(named or ["a meta tensor"])
             return out
         what = ", ".join(named) if named else "a meta tensor"
-        raise MetaTensorError(
-            f"MetaTemplate({type(self.module).__name__}): {_op_name(func)} made a real "
-            f"tensor from {what} (meta: no values), which torch computes from "
-            "uninitialised memory. Fix: pass real tensors for every name of the mapping "
-            "and every input (materialize or load them first), or meta ones only, for a "
-            "shape probe. A plain tensor attribute of the template is neither: meta where "
-            "a factory built it, real where MetaTemplate(module) kept its values (which a "
-            "shape probe then meets); register it as a buffer (`self.register_buffer(name, "
-            "t, persistent=False)`), so that the mapping gives it, or, for a factory's, "
-            "pass a module instead.",
-            paths=[n for n in named if n != "an input"],
+        raise self._error(
+            f"{_op_name(func)} made a real tensor from {what} (meta: no values), which torch "
+            "computes from uninitialised memory",
+            named,
         )
+
+    def refuse_meta_output(self, out: Any) -> None:
+        """Refuse a call given real tensors whose output is meta (no values) because an op
+        met a meta tensor beside them (``torch.einsum`` with a factory's meta attribute):
+        the output would fail later, in the loss, with torch's device error alone."""
+        if self.mixed and any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves(out)):
+            named = sorted(self.mixed)
+            what = ", ".join(named)
+            raise self._error(
+                f"the forward returned a meta tensor (no values), computed from {what} (meta) "
+                "and tensors with values; the loss would fail on it with torch's device error",
+                named,
+            )
+
+    def _error(self, what: str, named: list[str]) -> MetaTensorError:
+        return MetaTensorError(
+            f"MetaTemplate({type(self.module).__name__}): {what}. Fix: pass real tensors for "
+            "every name of the mapping and every input (materialize or load them first), or "
+            "meta ones only, for a shape probe. A plain tensor attribute of the template is "
+            "neither: meta where a factory built it, real where MetaTemplate(module) kept its "
+            "values (which a shape probe then meets); register it as a buffer "
+            "(`self.register_buffer(name, t, persistent=False)`), so that the mapping gives "
+            "it, or, for a factory's, pass a module instead.",
+            paths=[n for n in named if n not in ("an input", "a meta tensor")],
+        )
+
+
+def _tensors_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def _metas_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
