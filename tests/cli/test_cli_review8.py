@@ -5,10 +5,14 @@ output ahead of the JSON document."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import lightning_meta as lm
 from support.processes import run_cli
 
 NOISY = """
@@ -54,4 +58,25 @@ def test_a_file_name_with_a_dot_is_refused_with_a_rename(tmp_path: Path) -> None
     assert "rename it (e.g. model_v2.py)" in proc.stderr
     (tmp_path / "model.v2.py").rename(tmp_path / "model_v2.py")
     proc = run_cli("check", "model_v2.py:Net", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_standard_output_stream_is_no_error(tmp_path: Path) -> None:
+    # sys.stdout is None under pythonw or with descriptor 1 closed (`>&-`): the
+    # redirection's flush raised, blamed on the target ("fix the error in that module").
+    (tmp_path / "clean.py").write_text(NOISY.replace("ctypes.CDLL", "# "))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.stdout = None; from lightning_meta._cli import "
+            "main; sys.exit(main(['check', 'clean.py:Net']))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(lm.__file__).parent.parent)},
+    )
     assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,54 @@ def test_check_reports_a_meta_tensor_in_a_slots_object(tmp_path: Path) -> None:
     proc = run_cli("check", "slotted.py:Net", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "helper.w" in proc.stdout + proc.stderr
+
+
+def test_a_module_of_the_tree_held_again_is_named_by_its_own_path() -> None:
+    # Reached first through a list attribute (and now a bound method or a partial),
+    # the module's tensors were named 'holder.0.weight' instead of 'enc.weight'.
+    module = nn.Module()
+    module.enc = nn.Linear(2, 2, device="meta")
+    module.forward_of_enc = module.enc.forward
+    module.partial = functools.partial(module.enc)
+    module.holder = [module.enc]
+    assert [f.path for f in lm.find_meta_tensors(module)] == ["enc.weight", "enc.bias"]
+
+
+def test_a_deque_another_thread_fills_is_searched_without_an_error() -> None:
+    # A replay buffer an actor thread appends to: iterating the deque itself raised
+    # "deque mutated during iteration" in every search (MetaGuard's setup crashed).
+    module = nn.Module()
+    module.replay = collections.deque([(torch.zeros(2), 0.0)] * 5000, maxlen=5000)
+    stop = threading.Event()
+
+    def actor() -> None:
+        while not stop.is_set():
+            module.replay.append((torch.zeros(2), 0.0))
+
+    thread = threading.Thread(target=actor)
+    thread.start()
+    try:
+        for _ in range(10):
+            assert lm.find_meta_tensors(module) == []
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Base:
+    __slots__ = ("_v",)
+
+
+class _Shadowed(_Base):
+    __slots__ = ()
+
+    @property  # type: ignore[misc]
+    def _v(self) -> Any:
+        raise RuntimeError("the property ran")
+
+
+def test_a_slot_is_read_without_running_a_property_of_the_same_name() -> None:
+    module = nn.Module()
+    module.helper = _Shadowed()
+    _Base._v.__set__(module.helper, torch.empty(2, device="meta"))  # type: ignore[attr-defined]
+    assert [f.path for f in lm.find_meta_tensors(module)] == ["helper._v"]

@@ -40,3 +40,28 @@ def test_load_check_names_the_malformed_key(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "not a tensor in the checkpoint (1):\n    'lin.weight'" in proc.stderr
     assert "closest" not in proc.stderr
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        self.b = nn.Linear(2, 2, bias=False)
+        self.b.weight = self.a.weight
+
+
+def test_a_tied_name_holding_a_value_that_is_not_a_tensor_is_refused(tmp_path: Path) -> None:
+    # Another name of the group held a tensor: the list was only "unexpected", and
+    # strict=False loaded without an error.
+    state = _Tied().state_dict()
+    state["b.weight"] = [[0.0, 0.0], [0.0, 0.0]]
+    path = tmp_path / "tied.pt"
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match="expected torch.Tensor"):
+        _Tied().load_state_dict(torch.load(path), strict=False)
+    for strict in (True, False):
+        with lm.deferred_init():
+            model = _Tied()
+        with pytest.raises(lm.MetaTensorError, match=r"not a tensor in the checkpoint") as e:
+            lm.load_checkpoint(model, path, strict=strict)
+        assert e.value.paths == ("b.weight",)

@@ -59,7 +59,9 @@ def user_code() -> Iterator[None]:
     model starts, C code's ``printf``; C's buffers are flushed before it is
     put back).
     """
-    sys.stdout.flush()
+    if sys.stdout is not None:  # None under pythonw, or with descriptor 1 closed
+        with contextlib.suppress(ValueError):  # a closed stream: nothing to flush
+            sys.stdout.flush()
     try:
         saved = os.dup(1)
     except OSError:  # no descriptor 1 (closed): nothing below Python can reach it either

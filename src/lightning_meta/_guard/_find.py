@@ -37,7 +37,16 @@ _SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR})
 # Objects of these packages hold no model of the user's that a walk should find
 # (a Trainer, a strategy, a DataLoader would lead it through the whole run).
 _FOREIGN = frozenset(
-    {"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_meta", "numpy"}
+    {
+        "torch",
+        "lightning",
+        "pytorch_lightning",
+        "lightning_fabric",
+        "lightning_meta",
+        "numpy",
+        # A logger's attributes lead to every logger of the process (its manager).
+        "logging",
+    }
 )
 # Objects searched below each plain object a module or container holds, at most.
 MAX_PLAIN_VISITS = 10_000
@@ -388,8 +397,11 @@ class _Walker:
 
     def _contained(self, obj: Any, path: str, hidden: bool) -> Iterator[MetaFinding]:
         if isinstance(obj, nn.Module):
-            outside = hidden or self.tree is None or id(obj) not in self.tree
-            yield from self.walk(obj, path, hidden=outside)
+            if self.tree is not None and id(obj) in self.tree:
+                # A module of the tree held again (``self.encode = self.encoder.forward``,
+                # a closure over it) is searched as a child, under its own path.
+                return
+            yield from self.walk(obj, path, hidden=True)
         elif isinstance(obj, torch.optim.Optimizer) or not _container(obj):
             yield from self.walk(obj, path, "attribute")
         elif id(obj) not in self.seen and (self.only is None or id(obj) in self.only):
@@ -606,17 +618,20 @@ def _function_values(fn: types.FunctionType) -> list[tuple[str, Any]]:
 
 
 def _slot_values(obj: Any) -> Iterator[tuple[str, Any]]:
+    # Read through each slot's own descriptor: a property of a subclass of the same
+    # name is not run (getattr would run it).
     seen: set[str] = set()
     for klass in type(obj).__mro__:
         slots = klass.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
-            if name in seen or name in ("__dict__", "__weakref__"):
-                continue
-            seen.add(name)
             if name.startswith("__") and not name.endswith("__"):
                 name = f"_{klass.__name__.lstrip('_')}{name}"  # stored under its mangled name
+            slot = klass.__dict__.get(name)
+            if name in seen or not isinstance(slot, types.MemberDescriptorType):
+                continue
+            seen.add(name)
             try:
-                yield name, object.__getattribute__(obj, name)
+                yield name, slot.__get__(obj, type(obj))
             except AttributeError:  # a slot not set
                 continue
 
@@ -626,7 +641,9 @@ def _items(obj: Any) -> Iterator[tuple[str, Any]]:
         for key, value in obj.items():
             yield str(key), value
     elif isinstance(obj, (list, tuple, collections.deque)):  # _SEQUENCES
-        for i, value in enumerate(obj):
+        # A copy (made while holding the GIL): a deque another thread appends to (a
+        # replay buffer) raises if it changes while it is iterated.
+        for i, value in enumerate(tuple(obj)):
             yield str(i), value
     elif isinstance(obj, (set, frozenset)):
         for i, value in enumerate(obj):

@@ -466,14 +466,14 @@ def make_plan(
             continue
         names = [s.path for s in group.slots if s.persistent]
         keys = {n: n for n in names} if sources is None else sources
+        held = [n for n in names if n in keys and keys[n] in other_local]
+        if held:  # any name of the group, tied ones too: load_state_dict refuses it
+            plan.not_tensors.extend(held)
+            used.update(keys[n] for n in held)
+            continue
         present = [keys[n] for n in names if n in keys and keys[n] in local]
         if not present:
-            held = [n for n in names if n in keys and keys[n] in other_local]
-            if held:
-                plan.not_tensors.extend(held)
-                used.update(keys[n] for n in held)
-            else:
-                plan.missing.extend(names)
+            plan.missing.extend(names)
             continue
         used.update(present)
         odd = [(prefix + n, local[n].kind) for n in present if local[n].kind != DENSE]
