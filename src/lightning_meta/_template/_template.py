@@ -1056,7 +1056,7 @@ class MetaTemplate:
                                 out = torch.func.functional_call(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                                 )
-                            if watch is not None and any(holds_values(t) for t in before.values()):
+                            if watch is not None and _weights_with_values(before):
                                 watch.refuse_meta_output(out)
                     except BaseException as e:
                         if state is not None:
@@ -1344,6 +1344,17 @@ class _MetaWatch(TorchFunctionMode):
             "it, or, for a factory's, pass a module instead.",
             paths=[n for n in named if n not in ("an input", "a meta tensor")],
         )
+
+
+def _weights_with_values(mapping: Mapping[str, Any]) -> bool:
+    """Whether a call's mapping holds floating-point tensors with values: not a shape
+    probe, whose mapping may hold a real step count among meta weights."""
+    return any(
+        isinstance(t, torch.Tensor)
+        and (t.is_floating_point() or t.is_complex())
+        and holds_values(t)
+        for t in mapping.values()
+    )
 
 
 def _tensors_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
