@@ -374,12 +374,7 @@ def _check_arguments(
         )
     target = real_device(device, "materialize") or torch.device("cpu")
     float_dtype(dtype, "materialize")
-    if draw_on not in ("cpu", "device"):
-        raise ArgumentValueError(
-            f"materialize got draw_on={draw_on!r}; expected 'cpu' or 'device'. Fix: pass "
-            "draw_on='cpu' for the values of a model built on the CPU and moved, or "
-            "draw_on='device' for those of a model built on the target device."
-        )
+    check_draw_on(draw_on, "materialize")
     if fallback not in (None, "reset_parameters"):
         raise ArgumentValueError(
             f"materialize got fallback={fallback!r}; expected None or 'reset_parameters'. "
@@ -943,6 +938,16 @@ def refuse_replaced(slots: Iterable[Slot]) -> None:
         _check_plain([*replaced, *(s for s in slots if s.path in derived)], None)
 
 
+def check_draw_on(draw_on: Any, who: str) -> None:
+    """Refuse a ``draw_on`` other than ``"cpu"`` or ``"device"``, naming ``who`` was given it."""
+    if draw_on not in ("cpu", "device"):
+        raise ArgumentValueError(
+            f"{who} got draw_on={draw_on!r}; expected 'cpu' or 'device'. Fix: pass "
+            "draw_on='cpu' for the values of a model built on the CPU and moved, or "
+            "draw_on='device' for those of a model built on the target device."
+        )
+
+
 def refuse_recast(slots: Iterable[Slot], who: str) -> None:
     """Refuse the plain meta tensors among ``slots`` that ``module.to(dtype)`` made of deferred
     buffers after the block (meta tensors of their shape in their place: in another dtype,
@@ -953,6 +958,8 @@ def refuse_recast(slots: Iterable[Slot], who: str) -> None:
         s
         for s in slots
         if s.kind != "attr"
+        and s.tensor.is_meta
+        and handle_of(s.tensor) is None  # a plain meta tensor, not the deferred one
         and type(s.tensor).__name__ != "DTensor"  # sharded: matched to its handle apart
         and s.name in handles_of(s.owner)
         and _in_deferred_shape(s)
@@ -1140,12 +1147,24 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
         if all(owners)
         else ""
     )
-    return MaterializationError(
+    what = (
         f"{who} cannot fill {[_replaced_by(s) for s in recast]}: these deferred tensors were "
         "replaced after the deferred_init block by new meta tensors of their shape, what "
         "module.to(dtype) (or .half(), .bfloat16(), or a cast there and back) makes of "
         "floating-point buffers, whose values the record cannot give (it cannot tell one "
-        f"cast from several, which round more). Fix: pass {spelled('dtype=', '--dtype')} to {who} "
+        "cast from several, which round more)."
+    )
+    if who == "fabric_setup":
+        return MaterializationError(
+            f"{what} Fix: drop the cast and give Fabric the precision "
+            "(L.Fabric(precision='bf16-true') or '16-true'): fabric_setup makes the buffers "
+            "real before Fabric's precision casts the model; or build the model in that "
+            "dtype inside the block (torch.set_default_dtype, transformers' "
+            "from_config(config, dtype=...)).",
+            paths=[s.path for s in recast],
+        )
+    return MaterializationError(
+        f"{what} Fix: pass {spelled('dtype=', '--dtype')} to {who} "
         "instead of module.to(dtype), or assign real tensors there; where the model is "
         f"sharded after the cast (which fixes the dtype of the shards), {real_first}build "
         "the model in that dtype inside the block (torch.set_default_dtype, transformers' "

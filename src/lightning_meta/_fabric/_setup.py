@@ -35,10 +35,12 @@ from lightning_meta._deferred._handles import deferred_slots, handle_of, made_fo
 from lightning_meta._deferred._identity import stale_reason
 from lightning_meta._deferred._materialize import (
     DrawOn,
+    check_draw_on,
     converted_batchnorm,
     converted_batchnorm_message,
     materialize,
     materialize_paths,
+    refuse_recast,
 )
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._guard._find import find_meta_tensors
@@ -135,6 +137,7 @@ def fabric_setup(
     """
     strategy = _check(fabric, module)
     check_flag(allow_uninitialized, "allow_uninitialized", "fabric_setup")
+    check_draw_on(draw_on, "fabric_setup")
     _refuse_stale_optimizers(optimizers)
     _refuse_meta_optimizer_state(optimizers)
     names = _class_names(strategy)
@@ -145,6 +148,7 @@ def fabric_setup(
         # (deferred tensors can be held outside the tree too: a module in a list)
         return fabric.setup(module, *optimizers, **setup_kwargs)
     _refuse_converted_batchnorm(module)
+    refuse_recast(iter_slots(module), "fabric_setup")
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)

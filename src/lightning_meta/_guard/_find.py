@@ -22,7 +22,13 @@ from torch import nn
 
 from lightning_meta._deferred import _handles
 from lightning_meta._deferred._escaped import escaped_site
-from lightning_meta._deferred._handles import Handle, handle_of, handles_of, made_for
+from lightning_meta._deferred._handles import (
+    ON_META_ATTR,
+    Handle,
+    handle_of,
+    handles_of,
+    made_for,
+)
 from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._slots import HANDLES_ATTR, buffer_names, parameter_names, tensor_at
@@ -33,7 +39,10 @@ __all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors"]
 Kind = Literal["parameter", "buffer", "attribute", "optimizer", "tensor", "template"]
 
 # Module internals walked explicitly (or holding only bookkeeping).
-_SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR})
+# The module's own tables, and the package's records (a deferred tensor's handle; the
+# tensors a block made on meta on purpose, which the tables hold when they are the
+# module's, and which are stale once it was filled with to_empty()).
+_SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR, ON_META_ATTR})
 # Objects of these packages hold no model of the user's that a walk should find
 # (a Trainer, a strategy, a DataLoader would lead it through the whole run).
 _FOREIGN = frozenset(
