@@ -112,6 +112,7 @@ def test_find_marks_modules_outside_the_tree_as_hidden() -> None:
     assert found == {
         "templates.0.weight": True,
         "templates.0.bias": True,
-        "aliases.0.weight": False,
-        "aliases.0.bias": False,
+        # named by its own path in the tree, not by the list's
+        "shared.weight": False,
+        "shared.bias": False,
     }
