@@ -38,10 +38,9 @@ __all__ = ["MetaFinding", "assert_no_meta", "find_meta_tensors"]
 
 Kind = Literal["parameter", "buffer", "attribute", "optimizer", "tensor", "template"]
 
-# Module internals walked explicitly (or holding only bookkeeping).
-# The module's own tables, and the package's records (a deferred tensor's handle; the
-# tensors a block made on meta on purpose, which the tables hold when they are the
-# module's, and which are stale once it was filled with to_empty()).
+# Module internals walked explicitly (the module's own tables), and the package's
+# bookkeeping: a deferred tensor's handles, and the tensors a block made on meta on
+# purpose (the tables hold them while they are the module's; stale after to_empty()).
 _SKIP = frozenset({"_parameters", "_buffers", "_modules", HANDLES_ATTR, ON_META_ATTR})
 # Objects of these packages hold no model of the user's that a walk should find
 # (a Trainer, a strategy, a DataLoader would lead it through the whole run).
