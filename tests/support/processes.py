@@ -102,12 +102,15 @@ def destroy_process_group_at_exit() -> None:
     (pytorch/pytorch#179291). Called at import by every runner module, so the
     worker processes Lightning starts (re-running or importing it) do it too.
 
-    A spawned process goes through the interpreter's whole teardown, where the C++
-    threads of gloo and autograd can hang it for good after its work is done (CI,
-    torch 2.6: rank 1 of a finished ``ddp_spawn`` fit never exited; its Python stack
-    was gone). multiprocessing ends a forked process with ``os._exit`` after its
-    target, with the target's exit status; a runner's spawned processes now end the
-    same way. Only in runner processes (``sys.argv[0]`` is a runner here, as in the
+    A spawned process (``ddp_spawn``'s ranks) must not destroy its group at all: on
+    torch 2.6 (before pytorch/pytorch#154976) ``~ProcessGroupGloo`` joins its worker
+    threads holding the GIL while a worker, freeing its last broadcast's tensors, waits
+    for the GIL: a deadlock, now and then, after all the rank's work (in CI rank 1 of
+    a finished ``ddp_spawn`` fit never exited; locally gdb showed these two threads,
+    the main one in ``destroy_process_group``'s frame). So a
+    runner's spawned processes end as multiprocessing's forked ones always do, with
+    ``os._exit`` and the target's exit status right after the target, running no
+    destructor. Only in runner processes (``sys.argv[0]`` is a runner here, as in the
     processes they spawn): a test importing a runner's models is left as it is.
     """
     atexit.register(_destroy_process_group)
@@ -124,7 +127,6 @@ def _end_spawned_processes_as_forked_ones() -> None:
 
     def _bootstrap(self: Any, parent_sentinel: Any = None) -> int:
         code: int = bootstrap(self, parent_sentinel)  # runs the target, flushes stdio
-        _destroy_process_group()
         os._exit(code)
 
     _bootstrap.ends_with_os_exit = True  # type: ignore[attr-defined]
