@@ -107,7 +107,7 @@ def destroy_process_group_at_exit() -> None:
     threads holding the GIL while a worker, freeing its last broadcast's tensors, waits
     for the GIL: a deadlock, now and then, after all the rank's work (in CI rank 1 of
     a finished ``ddp_spawn`` fit never exited; locally gdb showed these two threads,
-    the main one in ``destroy_process_group``'s frame). So a
+    the main one releasing the group from a Python frame). So a
     runner's spawned processes end as multiprocessing's forked ones always do, with
     ``os._exit`` and the target's exit status right after the target, running no
     destructor. Only in runner processes (``sys.argv[0]`` is a runner here, as in the
