@@ -61,7 +61,7 @@ MAX_PLAIN_VISITS = 10_000
 # What holds no tensor (the items of a table of data): passed over at once.
 _SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
 # Searched item by item, as a list.
-_SEQUENCES: tuple[type, ...] = (list, tuple, collections.deque)
+_SEQUENCES = (list, tuple, collections.deque)
 # Past the bounds, the search from the root (forwards) and the trace back from
 # the deferred tensors (backwards) take turns, each while it has used less time
 # than the other; the forward one starts with this much (seconds) before the
@@ -597,11 +597,7 @@ def _plain_attributes(obj: Any, bounded: bool = True) -> list[tuple[str, Any]] |
         (name, value)
         for name, value in values
         if not name.startswith("__")
-        and not (
-            bounded
-            and isinstance(value, (list, tuple, collections.deque, dict, set))
-            and len(value) > MAX_ITEMS
-        )
+        and not (bounded and isinstance(value, (*_SEQUENCES, dict, set)) and len(value) > MAX_ITEMS)
     ]
 
 
@@ -648,7 +644,7 @@ def _items(obj: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(obj, Mapping):
         for key, value in obj.items():
             yield str(key), value
-    elif isinstance(obj, (list, tuple, collections.deque)):  # _SEQUENCES
+    elif isinstance(obj, _SEQUENCES):
         # A copy (made while holding the GIL): a deque another thread appends to (a
         # replay buffer) raises if it changes while it is iterated.
         for i, value in enumerate(tuple(obj)):

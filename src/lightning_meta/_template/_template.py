@@ -1310,7 +1310,7 @@ class _MetaWatch(TorchFunctionMode):
             # What is made from a named one (readout.T) is named after it.
             if named:
                 self.names.update((id(t), named[0]) for t in results if t.is_meta)
-            if any(holds_values(t) for t in _tensors_among(args, kwargs)):
+            if any(holds_values(t) for t in _input_tensors(args, kwargs)):
                 self.mixed.update(named or ["a meta tensor"])
             return out
         what = ", ".join(named) if named else "a meta tensor"
@@ -1355,10 +1355,6 @@ def _weights_with_values(mapping: Mapping[str, Any]) -> bool:
         and holds_values(t)
         for t in mapping.values()
     )
-
-
-def _tensors_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
-    return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def _metas_among(args: Any, kwargs: Any) -> list[torch.Tensor]:
