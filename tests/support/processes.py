@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from support import STACKS_ON_SIGUSR1, SUPPORT
 
@@ -92,30 +93,57 @@ def run_cli(
     )
 
 
-def destroy_process_group_at_exit() -> None:
-    """Destroy this process' default process group, if any, before the interpreter finalizes;
-    and, in a runner, end the processes ``ddp_spawn`` starts as forked ones end.
+def end_without_finalizing() -> None:
+    """In a runner, end the processes ``multiprocessing`` spawns (``ddp_spawn``'s ranks,
+    ``torch.multiprocessing.spawn``'s) as forked ones end: ``os._exit`` with the target's
+    exit status right after the target. Called at import by every runner module, so the
+    processes that import it again (spawned ones) do it too; the runner's own process
+    ends the same way through :func:`run_main`.
 
-    Lightning's launchers leave the group alive at exit; gloo's worker threads then
-    sometimes outlive the interpreter and abort the rank at exit ("terminate called
-    without an active exception", SIGABRT) after it did all its work
-    (pytorch/pytorch#179291). Called at import by every runner module, so the
-    worker processes Lightning starts (re-running or importing it) do it too.
-
-    A spawned process (``ddp_spawn``'s ranks) must not destroy its group at all: on
-    torch 2.6 (before pytorch/pytorch#154976) ``~ProcessGroupGloo`` joins its worker
-    threads holding the GIL while a worker, freeing its last broadcast's tensors, waits
-    for the GIL: a deadlock, now and then, after all the rank's work (in CI rank 1 of
-    a finished ``ddp_spawn`` fit never exited; locally gdb showed these two threads,
-    the main one releasing the group from a Python frame). So a
-    runner's spawned processes end as multiprocessing's forked ones always do, with
-    ``os._exit`` and the target's exit status right after the target, running no
-    destructor. Only in runner processes (``sys.argv[0]`` is a runner here, as in the
-    processes they spawn): a test importing a runner's models is left as it is.
+    No rank may destroy its process group, nor let the interpreter release it at exit:
+    - on torch 2.6 (before pytorch/pytorch#154976) ``~ProcessGroupGloo`` joins its worker
+      threads holding the GIL while a worker, freeing its last collective's tensors, waits
+      for the GIL: a deadlock, now and then, after all the rank's work (in CI rank 1 of a
+      finished ``ddp_spawn`` fit never exited; locally gdb showed these two threads, the
+      main one releasing the group from a Python frame);
+    - left alive at exit, gloo's worker threads sometimes outlive the interpreter and
+      abort the rank (SIGABRT, "terminate called without an active exception") after it
+      did all its work (pytorch/pytorch#179291).
+    ``os._exit`` runs no destructor and ends every thread. Only in runner processes
+    (``sys.argv[0]`` is a runner here, as in the processes they spawn): a test importing
+    a runner's models is left as it is.
     """
-    atexit.register(_destroy_process_group)
     if sys.argv and Path(sys.argv[0]).resolve().parent == SUPPORT:
         _end_spawned_processes_as_forked_ones()
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """Run a runner's ``main`` and end the process with ``os._exit`` and the status the
+    interpreter would give (see :func:`end_without_finalizing`): 0, ``sys.exit``'s code,
+    or 1 after printing the traceback of an exception."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = _exit_status(e.code)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or None
+            stream.flush()
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    # As the interpreter reads SystemExit: None is 0, an int is itself, anything else is
+    # printed and is 1.
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def _end_spawned_processes_as_forked_ones() -> None:
@@ -131,12 +159,6 @@ def _end_spawned_processes_as_forked_ones() -> None:
 
     _bootstrap.ends_with_os_exit = True  # type: ignore[attr-defined]
     process.BaseProcess._bootstrap = _bootstrap  # type: ignore[method-assign]
-
-
-def _destroy_process_group() -> None:
-    dist = sys.modules.get("torch.distributed")  # not imported: no group to destroy
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def launch_ranks(module: str, world: int, *args: str) -> int:

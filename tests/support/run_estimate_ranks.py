@@ -39,6 +39,9 @@ from support.measure_estimate_ranks import (
     first_loss,
     settled_collectives,
 )
+from support.processes import end_without_finalizing, run_main
+
+end_without_finalizing()
 
 
 def _wrap(model: TinyLM, config: dict[str, Any], world: int) -> nn.Module:
@@ -132,12 +135,9 @@ def _worker(rank: int, world: int, workdir: str, configs: list[dict[str, Any]]) 
     dist.init_process_group(
         "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world
     )
-    try:
-        with settled_collectives():
-            results = [_one(config, rank, world) for config in configs]
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with settled_collectives():
+        results = [_one(config, rank, world) for config in configs]
+    dist.barrier()
     Path(workdir, f"result-{rank}.json").write_text(json.dumps(results))
 
 
@@ -149,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,9 +21,9 @@ from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
 import lightning_meta as lm
 from support.mesh_models import Block, Llama, full, parallelize, unequal
-from support.processes import destroy_process_group_at_exit
+from support.processes import end_without_finalizing, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def deferred() -> Llama:
@@ -56,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-from support.processes import destroy_process_group_at_exit
+from support.processes import end_without_finalizing, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 class Tied(nn.Module):
@@ -68,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -45,9 +45,9 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 
 import lightning_meta as lm
-from support.processes import destroy_process_group_at_exit, launch_ranks
+from support.processes import end_without_finalizing, launch_ranks, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def build() -> nn.Module:
@@ -326,4 +326,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

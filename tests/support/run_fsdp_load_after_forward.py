@@ -28,9 +28,9 @@ from torch import nn
 
 import lightning_meta as lm
 from support.mesh_models import Llama, batches, full, loss_of, unequal
-from support.processes import destroy_process_group_at_exit, launch_ranks
+from support.processes import end_without_finalizing, launch_ranks, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def sharded(model: nn.Module, reshard_after_forward: bool | None) -> nn.Module:
@@ -93,7 +93,6 @@ def worker(workdir: Path) -> None:
     }
     (workdir / f"result-{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -104,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,9 +22,9 @@ from torch import nn
 
 from lightning_meta import MetaGuard
 from support.guard_models import Seeded, Sharded, loader, net, trainer
-from support.processes import destroy_process_group_at_exit
+from support.processes import end_without_finalizing, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def full(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -154,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -54,9 +54,9 @@ from support.mesh_models import (
     trainer_module,
     unequal,
 )
-from support.processes import destroy_process_group_at_exit
+from support.processes import end_without_finalizing, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 MESHES = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2)]}
 
@@ -288,4 +288,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -42,7 +42,9 @@ from torch import nn
 
 import lightning_meta as lm
 from support.mesh_models import full, unequal
-from support.processes import launch_ranks
+from support.processes import end_without_finalizing, launch_ranks, run_main
+
+end_without_finalizing()
 
 DIM, HIDDEN, VOCAB, LAYERS = 128, 512, 512, 2
 #: Bytes a rank may read per DCP item it opens beyond its box: the zip directory,
@@ -407,7 +409,6 @@ def worker(world: int, workdir: Path) -> None:
     result["total_bytes"] = sum(t.numel() * 4 for k, t in expected.items() if k != "jitter")
     (workdir / f"result-{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -418,4 +419,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from support.lightning_models import AllTemplates, ShardedTemplates, loader, templates_are_meta
-from support.processes import destroy_process_group_at_exit
+from support.processes import end_without_finalizing, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -100,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_meta import _compat
-from support.processes import destroy_process_group_at_exit, launch_ranks
+from support.processes import end_without_finalizing, launch_ranks, run_main
 
-destroy_process_group_at_exit()
+end_without_finalizing()
 
 
 def main() -> None:
@@ -65,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
