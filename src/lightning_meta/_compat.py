@@ -185,6 +185,18 @@ def functorch_disabled() -> Iterator[None]:
         yield
 
 
+def wrapper_subclass(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a traceable wrapper subclass (``DTensor``): a tensor without storage
+    of its own, around others. Through ``torch.utils._python_dispatch`` (private; checked
+    on torch 2.6, 2.13)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return bool(is_traceable_wrapper_subclass(t))
+
+
+__all__ += ["wrapper_subclass"]
+
+
 def storage_id(storage: torch.UntypedStorage) -> int:
     """Return the identity of a storage (its C pointer), shared by all its views.
 

@@ -155,6 +155,7 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
     record.outer_meta = _compat.default_device().type == "meta"
     converted: set[int] = set()
     recorder: Recorder | None = None
+    failed: str | None = None
     try:
         with recording(record) as recorder:
             _ACTIVE.recorder = recorder
@@ -179,9 +180,13 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
         # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
         below = {id(m) for root in roots for m in root.modules() if m is not root}
         install_load_hooks(owners, tops=[m for m in roots if id(m) not in below])
+    except BaseException as e:
+        said = str(e).strip().splitlines()
+        failed = type(e).__name__ + (f": {said[0][:200]}" if said else "")
+        raise
     finally:
         if recorder is not None:
-            close(recorder, converted)
+            close(recorder, converted, failed)
     logger.debug("deferred_init recorded %d ops", len(record.ops))
 
 

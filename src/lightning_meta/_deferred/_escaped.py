@@ -21,10 +21,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightning_meta._compat import FakeTensor, FakeTensorMode
 from lightning_meta._errors import MetaTensorError
 
-__all__ = ["close_fake_mode", "escaped_site"]
+__all__ = ["block_failure", "close_fake_mode", "escaped_site"]
 
 
-def _refusal(call: str, site: str) -> MetaTensorError:
+def _refusal(call: str, site: str, failed: str | None) -> MetaTensorError:
+    if failed is not None:
+        return MetaTensorError(
+            f"{call} was called on a tensor created inside a deferred_init block at {site}, "
+            f"after the block ended: the block raised ({failed}), so nothing built in it was "
+            "made deferred and materialize cannot give it values: it holds none. Fix: fix "
+            "what the block raised and build the model again."
+        )
     return MetaTensorError(
         f"{call} was called on a tensor created inside a deferred_init block at {site}, "
         "after the block ended. It is not a parameter, buffer or attribute (or an item of "
@@ -39,6 +46,8 @@ class _ClosedFakeMode(FakeTensorMode):
     """The fake mode of a finished block: every op on its tensors raises."""
 
     escaped: WeakIdKeyDictionary
+    # What the block raised (``"ValueError: boom"``), or None: it ended normally.
+    failed: str | None
 
     def __torch_dispatch__(  # type: ignore[override]
         self,
@@ -52,7 +61,7 @@ class _ClosedFakeMode(FakeTensorMode):
             if isinstance(x, FakeTensor):
                 site = self.escaped.get(x, site)
                 break
-        raise _refusal(str(func), site)
+        raise _refusal(str(func), site, self.failed)
 
 
 # Tensor methods that return the tensor itself, or read its memory, without an
@@ -92,7 +101,7 @@ def _refused(name: str) -> Any:
         mode = getattr(self, "fake_mode", None)
         escaped = getattr(mode, "escaped", None)
         site = escaped.get(self, "<unknown>") if escaped is not None else "<unknown>"
-        raise _refusal(f"Tensor.{name}", site)
+        raise _refusal(f"Tensor.{name}", site, getattr(mode, "failed", None))
 
     method.__name__ = name
     return method
@@ -106,8 +115,11 @@ for _name in _SILENT:
     setattr(_EscapedTensor, _name, _refused(_name))
 
 
-def close_fake_mode(mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor, str]]) -> None:
-    """Make every later op on a fake tensor of ``mode`` raise; remember where ``leftovers`` were made."""
+def close_fake_mode(
+    mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor, str]], failed: str | None = None
+) -> None:
+    """Make every later op on a fake tensor of ``mode`` raise; remember where ``leftovers`` were
+    made, and what the block raised (``failed``: ``"ValueError: boom"``; ``None`` if nothing)."""
     escaped = WeakIdKeyDictionary()
     for t, site in leftovers:
         escaped[t] = site
@@ -115,6 +127,14 @@ def close_fake_mode(mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor
             t.__class__ = _EscapedTensor
     mode.__class__ = _ClosedFakeMode
     mode.escaped = escaped  # type: ignore[attr-defined]
+    mode.failed = failed  # type: ignore[attr-defined]
+
+
+def block_failure(t: object) -> str | None:
+    """What the ``deferred_init`` block that made ``t`` raised (``"ValueError: boom"``), if
+    ``t`` is a fake tensor of a block that ended so; ``None`` otherwise."""
+    mode = getattr(t, "fake_mode", None) if isinstance(t, FakeTensor) else None
+    return getattr(mode, "failed", None) if isinstance(mode, _ClosedFakeMode) else None
 
 
 def escaped_site(t: object) -> str | None:

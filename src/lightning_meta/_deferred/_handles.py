@@ -31,7 +31,7 @@ from lightning_meta import _compat
 from lightning_meta._deferred._identity import mark_stale
 from lightning_meta._deferred._record import Record, Value, span
 from lightning_meta._errors import MaterializationError, MetaTensorWarning
-from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, slot_at, tensor_at
+from lightning_meta._slots import HANDLES_ATTR, Slot, iter_slots, own_slots, slot_at, tensor_at
 from lightning_meta._watched import casts, note_casts, tensor_class, unwatch, watch
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "forget",
     "handle_of",
     "handles_of",
+    "held_deferred",
     "lone_module",
     "made_for",
     "mark_done",
@@ -434,6 +435,22 @@ def own_deferred(module: nn.Module) -> list[tuple[Slot, Handle]]:
         slot = slot_at(module, name)
         if slot is not None and slot.tensor is handle.tensor and slot.tensor.is_meta:
             out.append((slot, handle))
+    return out
+
+
+def held_deferred(module: nn.Module) -> list[tuple[Slot, Handle]]:
+    """:func:`own_deferred`, and ``module``'s parameters and buffers holding another module's
+    deferred tensor: a tie made after the block (``head.weight = emb.weight``), which a load
+    of ``module`` alone fills as eager's copies into the one tensor."""
+    out = own_deferred(module)
+    held = {id(slot.tensor) for slot, _ in out}
+    for slot in own_slots(module):
+        if slot.kind == "attr" or id(slot.tensor) in held or not slot.tensor.is_meta:
+            continue
+        handle = handle_of(slot.tensor)
+        if handle is not None:
+            out.append((slot, handle))
+            held.add(id(slot.tensor))
     return out
 
 

@@ -42,6 +42,7 @@ from lightning_meta._deferred._handles import (
     forget,
     handle_of,
     handles_of,
+    held_deferred,
     item_slots,
     items_of,
     made_for,
@@ -124,7 +125,7 @@ def _fill_before_copy(
     _take_filled_ties(module)
     filled: list[str] = []
     records: dict[int, Record] = {}
-    owned = own_deferred(module)
+    owned = held_deferred(module)
     empty = [
         prefix + s.name
         for s, _ in owned

@@ -19,6 +19,7 @@ from lightning_meta._arguments import (
     real_device,
     spelled,
 )
+from lightning_meta._deferred._escaped import block_failure, escaped_site
 from lightning_meta._deferred._fallback import overwritten, reset_parameters, without_reset
 from lightning_meta._deferred._handles import (
     Handle,
@@ -325,6 +326,8 @@ def materialize_paths(
         on_shards = {id(s.dtensor) for s in sharded}
         slots = [s for s in slots if id(s.tensor) not in on_shards]
         if not slots and not sharded:
+            if names is None:
+                _refuse_escaped(walk)
             return module
         deferred, plain, made = _split(slots)
         recast = check_deferred(
@@ -565,6 +568,45 @@ def _laid_out_as(value: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     if value.shape != meta.shape or value.stride() == meta.stride():
         return value
     return torch.empty_like(meta, dtype=value.dtype, device=value.device).copy_(value)
+
+
+def _refuse_escaped(walk: list[tuple[str, nn.Module]]) -> None:
+    """Refuse parameters and buffers that are fake tensors of a finished block: a module built
+    in a block that raised (nothing it built was made deferred), or given such a tensor.
+    Left alone, materialize returned as if the module were real, and its first use raised."""
+    found: dict[str, str] = {}
+    failed = None
+    for path, mod in walk:
+        for name, t in (*_compat.parameters_of(mod).items(), *_compat.buffers_of(mod).items()):
+            site = escaped_site(t)
+            if site is not None:
+                found[_join(path, name)] = site
+                failed = failed or block_failure(t)
+    if not found:
+        return
+    paths = sorted(found)
+    site = found[paths[0]]
+    if failed is not None:
+        why = (
+            f"the deferred_init block that built them (at {site}) raised ({failed}), so "
+            "nothing built in it was made deferred"
+        )
+        fix = "fix what the block raised and build the model again"
+    else:
+        why = (
+            f"they were made inside a deferred_init block (at {site}) and put in the module "
+            "where the block did not see them (written into its _parameters or _buffers "
+            "table), so they were not made deferred"
+        )
+        fix = (
+            "register them in the block (self.w = nn.Parameter(...), "
+            "self.register_buffer(...)), or create them after materialize"
+        )
+    raise MaterializationError(
+        f"materialize cannot give values to {paths}: they are tensors of a finished "
+        f"deferred_init block that hold no values: {why}. Fix: {fix}.",
+        paths=paths,
+    )
 
 
 def _cast_keeps(recorded: torch.dtype, dtype: torch.dtype | None) -> bool:

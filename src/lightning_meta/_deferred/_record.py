@@ -77,6 +77,30 @@ class Value(NamedTuple):
     dtype: torch.dtype
 
 
+#: Where a tensor's values are read from: device, dtype, layout and, for strided
+#: memory, shape, strides, offset, conjugate and negative bits, and the address.
+Place = tuple[Any, ...]
+
+
+def place_of(t: torch.Tensor) -> Place:
+    """Where ``t``'s values are read from (see :data:`Place`); a real or meta tensor."""
+    if t.layout != torch.strided:
+        return (t.device, t.dtype, t.layout, tuple(t.shape))
+    with _compat.no_python_dispatch():
+        address = t.untyped_storage().data_ptr()
+    return (
+        t.device,
+        t.dtype,
+        t.layout,
+        tuple(t.shape),
+        t.stride(),
+        t.storage_offset(),
+        t.is_conj(),
+        t.is_neg(),
+        address,
+    )
+
+
 def span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """How many elements of its storage a tensor of ``size`` and ``stride`` reaches, from its offset on."""
     return 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else 0
@@ -200,6 +224,10 @@ class Record:
         # Copies of the small constants, to see writes their version counter
         # misses (through .data, or numpy memory shared with torch.from_numpy).
         self.snapshots: dict[int, torch.Tensor] = {}
+        # Where each constant's values were when captured (place_of), to see it
+        # given other memory since: a cast of its module (teacher.double() sets
+        # param.data), or .data assigned; its version counter counts neither.
+        self.places: dict[int, Place] = {}
         self.streams: list[Stream] = []
         self.states: dict[str, dict[int, torch.Tensor]] = {}
         self.ends: dict[str, torch.Tensor] = {}
@@ -300,6 +328,9 @@ class Record:
             vid: (t, _compat.version_of(t) - writes)
             for vid, (t, writes) in state["constants"].items()
         }
+        # Unpickled, the constants have new memory: where they are now is where they
+        # were captured (as for the version counters, only what changes after counts).
+        state["places"] = {vid: place_of(t) for vid, (t, _) in state["constants"].items()}
         self.__dict__.update(state)
         self.pending = weakref.WeakSet(state["pending"])
         self.lock = threading.RLock()

@@ -28,7 +28,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._deferred import _ambient
-from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref
+from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref, place_of
 from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
@@ -325,7 +325,13 @@ def _check_constants(
             if const is None:
                 continue
             now = _compat.version_of(const[0])
-            if now != const[1]:
+            place = record.places.get(v)
+            if place is not None and place_of(const[0]) != place:
+                how = (
+                    "given other memory since (its module cast or moved: .to(), .double(); "
+                    "or its .data assigned)"
+                )
+            elif now != const[1]:
                 how = f"modified in place since (version {const[1]} -> {now})"
             elif v in record.snapshots and not same_bits(record.snapshots[v], const[0]):
                 how = "changed since (through .data or memory shared with numpy)"

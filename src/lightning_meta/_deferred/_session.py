@@ -76,16 +76,18 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
             hook.remove()
 
 
-def close(recorder: Recorder, converted: set[int]) -> None:
+def close(recorder: Recorder, converted: set[int], failed: str | None = None) -> None:
     """End a recording: close its fake mode on every tensor left out, free what it holds.
 
     Args:
         recorder: the recording's recorder.
         converted: ``id``\\ s of the fake tensors swapped for deferred meta tensors.
+        failed: what the block raised (``"ValueError: boom"``), named by the
+            refusals of its tensors; ``None`` if it ended normally.
     """
     try:
         leftovers = [(t, recorder.site_of(vid)) for t, vid in recorder.values.alive()]
-        close_fake_mode(recorder.fake, leftovers)
+        close_fake_mode(recorder.fake, leftovers, failed)
     finally:
         recorder.close()
 

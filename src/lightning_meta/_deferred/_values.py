@@ -20,7 +20,7 @@ from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._deferred._lineage import Lineage
-from lightning_meta._deferred._record import Op, Record, Ref, Value
+from lightning_meta._deferred._record import Op, Record, Ref, Value, place_of
 from lightning_meta._deferred._record_errors import path_of, recording_error, user_site
 from lightning_meta._errors import MaterializationError
 
@@ -87,9 +87,20 @@ class ValueIds:
                     "build both modules in one deferred_init block, or materialize the first "
                     "module before entering this block",
                 )
+            if _compat.wrapper_subclass(t):
+                # Its data is in the tensors it wraps: copying or comparing it
+                # without its own dispatch crashed the interpreter (SIGSEGV).
+                raise recording_error(
+                    op,
+                    f"reads a {type(t).__name__} captured from outside the block (a tensor "
+                    "around others, such as a sharded one), which the record cannot hold",
+                    "pass a plain tensor into the deferred_init block (for a DTensor: "
+                    "t.full_tensor(), or t.to_local() for this rank's shard)",
+                )
             vid = self._new_value(t, -1 - len(self.record.constants), None)
             # Holding ``t`` keeps its id unique.
             self.record.constants[vid] = (t, _compat.version_of(t))
+            self.record.places[vid] = place_of(t)
             if (
                 t.layout == torch.strided
                 and not t.is_meta  # no data to compare

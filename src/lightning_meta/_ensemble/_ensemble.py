@@ -40,7 +40,14 @@ from lightning_meta._compat import (
     tree_unflatten,
     version_of,
 )
-from lightning_meta._ensemble._fused import FusedPlan, NotFusableError, Refusal, draws, plan_fused
+from lightning_meta._ensemble._fused import (
+    FusedPlan,
+    NotFusableError,
+    Refusal,
+    draws,
+    draws_in_forward,
+    plan_fused,
+)
 from lightning_meta._ensemble._grads import GradBuffers
 from lightning_meta._ensemble._grouped import DROPOUTS, GroupedPlan, LayoutLog, NotGroupableError
 from lightning_meta._ensemble._lookups import PaddedLookupError, PaddedLookupWatch
@@ -1283,7 +1290,9 @@ class Ensemble(nn.Module):
         """Whether ``plan`` would draw this call's random numbers onto other elements than
         the loop, by the template's modules (once per plan and modes): a dropout in
         training mode on the fused or grouped plan, or a dropout (or ``nn.RReLU``) in
-        training mode on vmap, which draws a layer for all members before the next layer.
+        training mode on vmap, which draws a layer for all members before the next layer
+        (so too torch's layers that draw in their own forward: ``nn.MultiheadAttention``'s
+        ``dropout=``, see :func:`draws_in_forward`).
         Timed calls see the draws themselves (a timed run moves the generator); an untimed
         one has only this, which sees no random op in a forward's own code."""
         template = self.template.module
@@ -1295,7 +1304,9 @@ class Ensemble(nn.Module):
             if plan == "grouped":
                 return self._grouped.draws(template)
             if plan == "vmap":
-                return any(draws(m, (*DROPOUTS, nn.RReLU)) for m in walk.modules)
+                return any(
+                    draws(m, (*DROPOUTS, nn.RReLU)) or draws_in_forward(m) for m in walk.modules
+                )
             return False
 
         return plan != "loop" and walk.draws(plan, walk.modes(), find)

@@ -24,6 +24,8 @@ __all__ = [
     "NotFusableError",
     "Refusal",
     "Step",
+    "draws",
+    "draws_in_forward",
     "plan_fused",
 ]
 
@@ -60,6 +62,20 @@ def draws(mod: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
     """Whether ``mod`` is one of ``kinds`` (dropout layers) drawing random numbers in
     this call: in training mode, with ``p > 0`` (a kind without ``p`` always draws)."""
     return isinstance(mod, kinds) and mod.training and getattr(mod, "p", 1.0) > 0
+
+
+def draws_in_forward(mod: nn.Module) -> bool:
+    """Whether ``mod`` is one of torch's modules that draw random numbers in their own
+    forward, not through a dropout layer, and draws in this call: ``nn.MultiheadAttention``
+    and a multi-layer RNN with ``dropout > 0`` in training mode, a fractional max pool
+    without fixed samples (in either mode)."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return mod.training and mod.dropout > 0
+    if isinstance(mod, nn.RNNBase):
+        return mod.training and mod.dropout > 0 and mod.num_layers > 1
+    if isinstance(mod, (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)):
+        return mod._random_samples is None
+    return False
 
 
 # From this weight size on (bytes), the first (shared-input) layer computes its

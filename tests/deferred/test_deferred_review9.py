@@ -1,0 +1,163 @@
+"""Deferred init under a hostile review (ninth round): tensors captured from outside the block
+given other memory after it, a tie made after the block loaded through its new end, the
+modules of a block that raised."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class _FromTeacher(nn.Module):
+    """Parameters computed from a real tensor of another model, read inside the block."""
+
+    def __init__(self, src: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(src * 1.1 + 0.3)
+
+
+@pytest.mark.parametrize("size", [8, 600], ids=["small", "over-1MiB"])
+@pytest.mark.parametrize("read", ["data", "detach"])
+def test_a_captured_tensor_whose_module_is_cast_after_the_block_is_refused(
+    size: int, read: str
+) -> None:
+    # teacher.double() sets teacher.weight.data: the version counter does not move. Before,
+    # a tensor over 1 MiB (no snapshot kept) was replayed from the float64 memory: the
+    # parameter came out float64, with other values than eager's, without an error.
+    teacher = nn.Linear(size, size)
+    with lm.deferred_init():
+        model = _FromTeacher(teacher.weight.data if read == "data" else teacher.weight.detach())
+    teacher.double()
+    with pytest.raises(lm.MaterializationError, match=r"given other memory since") as info:
+        lm.materialize(model)
+    assert info.value.paths == ("w",)
+    assert "'w'" in str(info.value) and "pass a clone of the tensor" in str(info.value)
+
+
+def test_a_captured_tensor_given_new_data_of_the_same_kind_is_refused() -> None:
+    # Same dtype, shape and strides: only the memory differs (p.data = new).
+    teacher = nn.Linear(600, 600)
+    with lm.deferred_init():
+        model = _FromTeacher(teacher.weight.detach())
+    teacher.weight.data = torch.zeros(600, 600)
+    with pytest.raises(lm.MaterializationError, match=r"given other memory since"):
+        lm.materialize(model)
+
+
+def test_a_captured_tensor_left_where_it_was_replays_exactly() -> None:
+    # A cast to the dtype it has, a move to where it is: the same memory, nothing refused.
+    torch.manual_seed(0)
+    teacher = nn.Linear(600, 600)
+    eager = _FromTeacher(teacher.weight.detach())
+    with lm.deferred_init():
+        model = _FromTeacher(teacher.weight.detach())
+    teacher.float().to("cpu")
+    lm.materialize(model)
+    assert model.w.dtype == torch.float32
+    assert torch.equal(model.w, eager.w)
+
+
+def test_a_dtensor_read_in_the_block_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # Before, recording copied the DTensor without its dispatch: the interpreter died
+    # with SIGSEGV. A real one-rank gloo group, in a process of its own.
+    code = textwrap.dedent(
+        f"""
+        import torch, torch.distributed as dist
+        from torch import nn
+        import lightning_meta as lm
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0,
+                                world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        src = distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])
+        try:
+            with lm.deferred_init():
+                w = nn.Parameter(src * 2)
+        except lm.MaterializationError as e:
+            print("REFUSED", e)
+        """
+    )
+    src = str(Path(lm.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED" in proc.stdout, proc.stdout
+    assert "reads a DTensor captured from outside the block" in proc.stdout
+    assert "t.full_tensor()" in proc.stdout
+
+
+class _Top(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+
+
+@pytest.mark.parametrize("end", ["head", "emb"])
+def test_a_tie_made_after_the_block_is_loaded_through_either_end(end: str) -> None:
+    # Before, loading the new end (head, which holds emb's deferred tensor) alone copied
+    # into meta, and materialize blamed an in-place initialisation nobody ran.
+    loaded = torch.arange(20.0).reshape(5, 4)
+
+    def build(defer: bool) -> tuple[_Top, torch.Tensor]:
+        torch.manual_seed(0)
+        if defer:
+            with lm.deferred_init():
+                model = _Top()
+        else:
+            model = _Top()
+        model.head.weight = model.emb.weight
+        getattr(model, end).load_state_dict({"weight": loaded})
+        if defer:
+            lm.materialize(model)
+        return model, torch.get_rng_state()
+
+    (eager, eager_rng), (model, rng) = build(False), build(True)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, eager.emb.weight)
+    assert torch.equal(model.emb.weight, loaded)
+    assert torch.equal(rng, eager_rng)
+
+
+def test_a_module_of_a_block_that_raised_is_refused_naming_what_it_raised() -> None:
+    # Before, materialize returned as if the Linear were real (its tensors are neither
+    # meta nor deferred), and its first forward said to register the tensor on a module.
+    kept: list[nn.Module] = []
+
+    def build() -> None:
+        with lm.deferred_init():
+            kept.append(nn.Linear(2, 2))
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        build()
+    linear = kept[0]
+    with pytest.raises(lm.MaterializationError, match=r"raised \(ValueError: boom\)") as info:
+        lm.materialize(linear)
+    assert info.value.paths == ("bias", "weight")
+    assert "build the model again" in str(info.value)
+    with pytest.raises(lm.MetaTensorError, match=r"the block raised \(ValueError: boom\)"):
+        linear(torch.ones(2))
+
+
+def test_a_tensor_of_the_block_put_past_registration_is_refused_by_materialize() -> None:
+    # A block that ended normally, a parameter written into the table directly: the block
+    # never saw it registered, so it stayed one of the block's (fake) tensors.
+    outside = nn.Module()
+    with lm.deferred_init():
+        outside._parameters["w"] = nn.Parameter(torch.randn(3))
+    with pytest.raises(lm.MaterializationError, match=r"where the block did not see them"):
+        lm.materialize(outside)
