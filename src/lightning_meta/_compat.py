@@ -1680,12 +1680,17 @@ def hook_function(hook: Any) -> Any:
     return getattr(hook, "hook", hook)
 
 
-def load_code_owner(module: nn.Module) -> type:
-    """The class whose ``_load_from_state_dict`` ``module`` runs (``nn.Module`` when none overrides it)."""
+def method_owner(module: nn.Module, name: str) -> type:
+    """The class whose method ``name`` ``module`` runs (``nn.Module`` when none overrides it)."""
     for cls in type(module).__mro__:
-        if "_load_from_state_dict" in vars(cls):
+        if name in vars(cls):
             return cls
     return nn.Module  # pragma: no cover - nn.Module defines it
+
+
+def load_code_owner(module: nn.Module) -> type:
+    """The class whose ``_load_from_state_dict`` ``module`` runs (``nn.Module`` when none overrides it)."""
+    return method_owner(module, "_load_from_state_dict")
 
 
 @contextlib.contextmanager

@@ -161,3 +161,114 @@ def test_a_tensor_of_the_block_put_past_registration_is_refused_by_materialize()
         outside._parameters["w"] = nn.Parameter(torch.randn(3))
     with pytest.raises(lm.MaterializationError, match=r"where the block did not see them"):
         lm.materialize(outside)
+
+
+@pytest.mark.parametrize("how", ["share_memory", "forking_pickle"])
+def test_a_captured_tensor_moved_to_shared_memory_still_replays_exactly(how: str) -> None:
+    # share_memory_() moves a storage's memory in place, and torch.multiprocessing's pickle
+    # of the model (ddp_spawn, mp.spawn) does it to the tensors it reaches: the same
+    # storage, the same values. The first version of the check above refused it.
+    from multiprocessing.reduction import ForkingPickler
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(600, 600)
+    torch.manual_seed(1)
+    eager = _FromTeacher(teacher.weight.detach())
+    torch.manual_seed(1)
+    with lm.deferred_init():
+        model = _FromTeacher(teacher.weight.detach())
+    address = teacher.weight.data_ptr()
+    if how == "share_memory":
+        teacher.share_memory()
+    else:
+        ForkingPickler.dumps(model)
+    assert teacher.weight.data_ptr() != address  # the memory did move
+    lm.materialize(model)
+    assert torch.equal(model.w, eager.w)
+
+
+@pytest.mark.parametrize("load", ["model", "head"])
+def test_assign_breaks_a_tie_made_after_the_block_as_eagerly(load: str) -> None:
+    # torch's assign=True puts each loaded tensor in its place: eager's tie made after
+    # construction comes apart, each end with its own key's tensor (or its old one).
+    # The first version of the load through the new end kept the tie here, giving emb
+    # head's values without an error.
+    class Top(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 5)
+            self.emb = nn.Embedding(5, 4)
+
+    a = torch.arange(20.0).reshape(5, 4)
+
+    def build(defer: bool) -> Top:
+        torch.manual_seed(0)
+        if defer:
+            with lm.deferred_init():
+                model = Top()
+        else:
+            model = Top()
+        model.head.weight = model.emb.weight
+        if load == "model":
+            model.load_state_dict(
+                {"emb.weight": a, "head.weight": -a, "head.bias": torch.ones(5)}, assign=True
+            )
+        else:
+            model.head.load_state_dict({"weight": -a, "bias": torch.ones(5)}, assign=True)
+        if defer:
+            lm.materialize(model)
+        return model
+
+    eager, model = build(False), build(True)
+    assert (model.head.weight is model.emb.weight) is (eager.head.weight is eager.emb.weight)
+    assert torch.equal(model.emb.weight, eager.emb.weight)
+    assert torch.equal(model.head.weight, eager.head.weight)
+
+
+def test_a_block_raising_an_exception_whose_message_fails_raises_that_exception() -> None:
+    class ConfigError(Exception):
+        def __str__(self) -> str:
+            raise AttributeError("no name")  # a __str__ reading a config that is None
+
+    def build() -> None:
+        with lm.deferred_init():
+            nn.Linear(2, 2)
+            raise ConfigError
+
+    with pytest.raises(ConfigError):
+        build()
+
+
+@pytest.mark.parametrize("view", ["strided", "conj"])
+def test_a_captured_view_replays_exactly(view: str) -> None:
+    # Before, comparing it with its copy taken at capture viewed it as bytes as it was:
+    # "self.stride(-1) must be 1 to view Float as Byte", or a refusal of a conjugate view.
+    torch.manual_seed(0)
+    base = torch.randn(8, 8, dtype=torch.float32 if view == "strided" else torch.complex64)
+    src = base[:, ::2] if view == "strided" else base.conj()
+
+    class Scaled(nn.Module):
+        def __init__(self, src: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("w", src * 2)
+
+    eager = Scaled(src)
+    with lm.deferred_init():
+        model = Scaled(src)
+    lm.materialize(model)
+    assert torch.equal(model.w, eager.w)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "inference"])
+def test_a_captured_tensor_the_record_cannot_hold_is_refused_naming_the_fix(kind: str) -> None:
+    # Before: torch's "Cannot access storage of SparseTensorImpl" or "Inference tensors do
+    # not track version counter", naming neither the tensor nor the fix.
+    if kind == "sparse":
+        src = torch.eye(3).to_sparse()
+        fix = r"t\.to_dense\(\)"
+    else:
+        with torch.inference_mode():
+            src = torch.randn(3, 3)
+        fix = r"t\.clone\(\)"
+    with pytest.raises(lm.MaterializationError, match=fix), lm.deferred_init():
+        nn.Parameter(src.to_dense() * 2)

@@ -181,7 +181,10 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
         below = {id(m) for root in roots for m in root.modules() if m is not root}
         install_load_hooks(owners, tops=[m for m in roots if id(m) not in below])
     except BaseException as e:
-        said = str(e).strip().splitlines()
+        try:
+            said = str(e).strip().splitlines()
+        except Exception:  # an exception whose __str__ raises stays the one raised
+            said = []
         failed = type(e).__name__ + (f": {said[0][:200]}" if said else "")
         raise
     finally:

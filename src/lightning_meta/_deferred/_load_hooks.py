@@ -125,7 +125,10 @@ def _fill_before_copy(
     _take_filled_ties(module)
     filled: list[str] = []
     records: dict[int, Record] = {}
-    owned = held_deferred(module)
+    # A tie made after the block is filled through either end, as eager's copy_ into its
+    # one tensor; with assign=True torch puts the loaded tensor in each place instead,
+    # which breaks such a tie in eager: the place is left to torch.
+    owned = own_deferred(module) if assign else held_deferred(module)
     empty = [
         prefix + s.name
         for s, _ in owned

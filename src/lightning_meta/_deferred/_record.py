@@ -77,18 +77,35 @@ class Value(NamedTuple):
     dtype: torch.dtype
 
 
-#: Where a tensor's values are read from: device, dtype, layout and, for strided
-#: memory, shape, strides, offset, conjugate and negative bits, and the address.
-Place = tuple[Any, ...]
+class Place(NamedTuple):
+    """Where a captured tensor's values are read from: ``layout`` (device, dtype, layout and,
+    for strided memory, shape, strides, offset, conjugate and negative bits) and ``storage``,
+    held so its identity cannot pass to another storage while the record lives.
+
+    A storage moved in place (``share_memory_()``, which a ``torch.multiprocessing``
+    pickle of the model does to the tensors it reaches) is the same storage; ``.data``
+    assigned or a cast of the tensor's module gives it another."""
+
+    layout: tuple[Any, ...]
+    storage: torch.UntypedStorage | None
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` still reads its values from this place."""
+        now = place_of(t)
+        if now.layout != self.layout:
+            return False
+        if self.storage is None or now.storage is None:
+            return self.storage is now.storage
+        return _compat.storage_id(now.storage) == _compat.storage_id(self.storage)
 
 
 def place_of(t: torch.Tensor) -> Place:
-    """Where ``t``'s values are read from (see :data:`Place`); a real or meta tensor."""
+    """Where ``t``'s values are read from (see :class:`Place`); a real or meta tensor."""
     if t.layout != torch.strided:
-        return (t.device, t.dtype, t.layout, tuple(t.shape))
+        return Place((t.device, t.dtype, t.layout, tuple(t.shape)), None)
     with _compat.no_python_dispatch():
-        address = t.untyped_storage().data_ptr()
-    return (
+        storage = t.untyped_storage()
+    layout = (
         t.device,
         t.dtype,
         t.layout,
@@ -97,8 +114,8 @@ def place_of(t: torch.Tensor) -> Place:
         t.storage_offset(),
         t.is_conj(),
         t.is_neg(),
-        address,
     )
+    return Place(layout, storage)
 
 
 def span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -309,6 +326,9 @@ class Record:
         state.pop("lock")
         # Weak references do not pickle; the copy's tensors share no array's memory.
         state["numpy_homes"] = {s: h.copy() for s, h in self.numpy_homes.items()}
+        # Storages held by their places would pickle their memory once more: the
+        # unpickled record notes the places anew (see __setstate__).
+        state.pop("places", None)
         # Only in-place writes since capture matter, and rebuilding a tensor
         # may bump its counter (torch 2.6 does when unpickling): keep the
         # difference, not the absolute count (as ``_handles.Handle`` does).

@@ -28,7 +28,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._deferred import _ambient
-from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref, place_of
+from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref
 from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
@@ -326,7 +326,7 @@ def _check_constants(
                 continue
             now = _compat.version_of(const[0])
             place = record.places.get(v)
-            if place is not None and place_of(const[0]) != place:
+            if place is not None and not place.holds(const[0]):
                 how = (
                     "given other memory since (its module cast or moved: .to(), .double(); "
                     "or its .data assigned)"
@@ -353,7 +353,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` hold the same bits (NaN included), shape and dtype alike."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return torch.equal(_bits(a), _bits(b))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    # Dense, in order, with conjugate and negative bits applied: a captured view
+    # (w[:, ::2], w.conj()) cannot be viewed as bytes as it is.
+    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _paths_needing(record: Record, i: int, targets: dict[int, str]) -> list[str]:

@@ -97,6 +97,24 @@ class ValueIds:
                     "pass a plain tensor into the deferred_init block (for a DTensor: "
                     "t.full_tensor(), or t.to_local() for this rank's shard)",
                 )
+            if t.layout != torch.strided or t.is_inference():
+                # No storage to note (sparse), or no version counter to see a write
+                # after the block by (an inference tensor): torch's own error named
+                # neither the tensor nor the fix.
+                what, fix = (
+                    (f"a {t.layout} tensor", "pass t.to_dense() into the block")
+                    if t.layout != torch.strided
+                    else (
+                        "an inference tensor (made under torch.inference_mode(), with no "
+                        "version counter to see a later write by)",
+                        "pass a clone made outside inference mode (t.clone()) into the block",
+                    )
+                )
+                raise recording_error(
+                    op,
+                    f"reads {what} captured from outside the block, which the record cannot hold",
+                    fix,
+                )
             vid = self._new_value(t, -1 - len(self.record.constants), None)
             # Holding ``t`` keeps its id unique.
             self.record.constants[vid] = (t, _compat.version_of(t))

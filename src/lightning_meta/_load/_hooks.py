@@ -85,14 +85,20 @@ def _own(hook: Any) -> bool:
 def load_code(module: nn.Module) -> list[LoadCode]:
     """Every submodule (shared ones once) that has load code ``load_state_dict`` would run.
 
-    That is an override of ``_load_from_state_dict`` (torch's own layers
-    excepted: ``nn.BatchNorm``'s only fills the ``num_batches_tracked`` that
+    That is an override of ``load_state_dict`` on ``module`` itself, of
+    ``_load_from_state_dict`` (torch's own layers excepted: ``nn.BatchNorm``'s only fills the ``num_batches_tracked`` that
     checkpoints of older torch versions lack, which the plan does itself), a load pre-hook, or a load post-hook, lightning_meta's own hooks
     (on deferred modules) excepted.
     """
     found = []
     for path, mod in module.named_modules():
         what = []
+        if not path:
+            # Only the module loaded runs its own load_state_dict (a parent runs its
+            # children's _load_from_state_dict): an override converting a legacy layout.
+            entry = _compat.method_owner(mod, "load_state_dict")
+            if entry is not nn.Module:
+                what.append(f"{entry.__qualname__}.load_state_dict")
         owner = _compat.load_code_owner(mod)
         if owner is not nn.Module and not owner.__module__.startswith("torch.nn.modules."):
             what.append(f"{owner.__qualname__}._load_from_state_dict")

@@ -1,0 +1,77 @@
+"""Checkpoint loading under a hostile review (ninth round): a module that overrides
+``load_state_dict`` itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+class _Transposing(nn.Module):
+    """Converts a legacy layout in its own load_state_dict: ``w`` stored transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, 3))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        state_dict = {k: (v.t() if k == "w" else v) for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class _Renaming(nn.Module):
+    """Reads checkpoints of an older version, whose ``proj`` was called ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        state_dict = {k.replace("fc.", "proj."): v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+@pytest.mark.parametrize("target", ["real", "meta", "deferred"])
+def test_a_load_state_dict_override_computing_values_is_refused(
+    target: str, tmp_path: Path
+) -> None:
+    # Before, load_checkpoint ran neither the override nor a refusal: the raw (transposed)
+    # file values, strict=True, no error.
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.randn(3, 3)}, path)
+    if target == "meta":
+        with torch.device("meta"):
+            model = _Transposing()
+    elif target == "deferred":
+        with lm.deferred_init():
+            model = _Transposing()
+    else:
+        model = _Transposing()
+    with pytest.raises(lm.MetaTensorError, match=r"_Transposing\.load_state_dict") as info:
+        lm.load_checkpoint(model, path)
+    assert "fills ['w'] with values it computes" in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["real", "deferred"])
+def test_a_load_state_dict_override_renaming_keys_is_followed(target: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = nn.Module()
+    old.fc = nn.Linear(3, 2)
+    path = tmp_path / "old.pt"
+    torch.save(old.state_dict(), path)
+    eager = _Renaming()
+    eager.load_state_dict(torch.load(path))
+    if target == "deferred":
+        with lm.deferred_init():
+            model = _Renaming()
+    else:
+        model = _Renaming()
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.proj.weight, eager.proj.weight)
+    assert torch.equal(model.proj.bias, eager.proj.bias)
