@@ -311,6 +311,7 @@ class Record:
         """
         self.ops, self.values, self.constants, self.states = [], [], {}, {}
         self.snapshots = {}
+        self.places = {}  # their storages, held: a cast teacher's old memory
         self.random_index = {}
         self.ahead = {}
         self.numpy_homes = {}
