@@ -1,8 +1,10 @@
 """Checkpoint loading under a hostile review (ninth round): a module that overrides
-``load_state_dict`` itself."""
+``load_state_dict`` itself; safetensors headers that safetensors refuses."""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,31 @@ def test_a_load_state_dict_override_renaming_keys_is_followed(target: str, tmp_p
     lm.load_checkpoint(model, path)
     assert torch.equal(model.proj.weight, eager.proj.weight)
     assert torch.equal(model.proj.bias, eager.proj.bias)
+
+
+_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ({"w": {**_ENTRY, "dtype": "f32"}}, r"has the dtype 'f32', which is not a safetensors"),
+        ('{"__metadata__": {"x": NaN}, "w": ' + json.dumps(_ENTRY) + "}", r"NaN is not JSON"),
+        ({"w": {**_ENTRY, "shape": [2**64 + 2, 0], "data_offsets": [0, 0]}}, r"bad shape"),
+    ],
+    ids=["lowercase-dtype", "nan-in-metadata", "dimension-past-int64"],
+)
+def test_a_header_safetensors_refuses_is_refused_as_damaged(
+    header: Any, said: str, tmp_path: Path
+) -> None:
+    # Before: 'f32' was "a dtype torch cannot hold", and the other two loaded.
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + torch.ones(2).numpy().tobytes())
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(2))
+    with pytest.raises(lm.MetaTensorError, match=said) as info:
+        lm.load_checkpoint(model, path, strict=False)
+    assert "is not a valid safetensors file" in str(info.value)
+    assert torch.equal(model.w, torch.zeros(2))

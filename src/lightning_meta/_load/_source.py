@@ -92,6 +92,19 @@ for _name, _attr in (
 _SAFETENSORS_PACKED: dict[str, tuple[torch.dtype, int]] = {}
 if isinstance(getattr(torch, "float4_e2m1fn_x2", None), torch.dtype):
     _SAFETENSORS_PACKED["F4"] = (torch.float4_e2m1fn_x2, 2)
+# Every dtype name the safetensors format defines (safetensors 0.6): a name among
+# them that this torch lacks is refused as such; any other marks a damaged header.
+_SAFETENSORS_NAMES = frozenset(
+    {
+        *_SAFETENSORS_DTYPES,
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "F8_E8M0",
+        "F4",
+        "F6_E2M3",
+        "F6_E3M2",
+    }
+)
 # safetensors' own limit on the JSON header
 _MAX_HEADER = 100_000_000
 
@@ -514,8 +527,14 @@ class SafetensorsSource(Source):
                 raise ValueError(f"keys {dup} appear twice")
             return dict(pairs)
 
+        def no_constant(name: str) -> Any:
+            # Python's json reads NaN and Infinity; JSON, and safetensors, refuse them.
+            raise ValueError(f"{name} is not JSON")
+
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+            header = json.loads(
+                raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constant
+            )
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise self._bad(where, f"its JSON header cannot be read ({e})") from e
         if not isinstance(header, dict):
@@ -528,7 +547,9 @@ class SafetensorsSource(Source):
         dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not (
             isinstance(shape, list)
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            and all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in shape
+            )
             and isinstance(offsets, list)
             and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
@@ -537,6 +558,12 @@ class SafetensorsSource(Source):
             raise self._bad(where, f"the header entry of {key!r} has a bad shape or data_offsets")
         dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         packed = _SAFETENSORS_PACKED.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None and packed is None and dtype_name not in _SAFETENSORS_NAMES:
+            raise self._bad(
+                where,
+                f"the header entry of {key!r} has the dtype {dtype_name!r}, which is not a "
+                "safetensors dtype",
+            )
         if dtype is None and packed is None:
             raise MetaTensorError(
                 f"{path.name!r} stores {key!r} as {dtype_name}, which torch "
