@@ -1583,11 +1583,15 @@ def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Itera
     # torch swaps it once per name, restoring the stand-in the second time
     # and writing the original into the given dict (its write-back of
     # changed tensors). Given a copy, the caller's dict stays as it was.
+    # Every slot is given its stand-in (tied slots the same one), so torch need not
+    # tie names itself: its tie_weights=True reads every name of a tied tensor from
+    # the dict, and raised KeyError for the alias's name left out here (a module
+    # under two names whose weight is tied to a third: transformers 4's T5).
     slots: dict[tuple[int, str], str] = {}
     for name in tensors:
         path, _, leaf = name.rpartition(".")
         slots.setdefault((id(module.get_submodule(path)), leaf), name)
-    with swap(module, {name: tensors[name] for name in slots.values()}, tie_weights=True):
+    with swap(module, {name: tensors[name] for name in slots.values()}, tie_weights=False):
         yield
 
 

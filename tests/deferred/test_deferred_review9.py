@@ -272,3 +272,82 @@ def test_a_captured_tensor_the_record_cannot_hold_is_refused_naming_the_fix(kind
         fix = r"t\.clone\(\)"
     with pytest.raises(lm.MaterializationError, match=fix), lm.deferred_init():
         nn.Parameter(src.to_dense() * 2)
+
+
+class _Sharing(nn.Module):
+    """Tensors that share memory in eager construction, Parameters and others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.p2 = nn.Parameter(self.emb.weight[:2])
+        self.register_buffer("b", torch.zeros(4))
+        self.bv = [self.b[1:]]
+        self.register_buffer("b2", self.emb.weight.detach()[3])
+        with torch.no_grad():
+            self.row0 = self.emb.weight[0]
+
+
+def _sharing_of(model: _Sharing) -> dict[str, bool]:
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    weight = model.emb.weight
+    return {
+        "row0": same(weight, model.row0),
+        "p2": same(weight, model.p2),
+        "b2": same(weight, model.b2),
+        "b2 and row0": same(model.b2, model.row0),
+        "bv": same(model.b, model.bv[0]),
+    }
+
+
+@pytest.mark.parametrize("first", [None, "emb"])
+def test_a_deep_copy_of_a_deferred_model_shares_memory_as_eagers_copy(first: str | None) -> None:
+    # Eager's deep copy gives every Parameter memory of its own and lets the other tensors
+    # of one storage share a copy of it. Before, the deferred copy kept the block's
+    # sharing: an in-place update of the copy's weight (an EMA step) reached its kept
+    # slice, row0, without an error.
+    import copy
+
+    torch.manual_seed(0)
+    eager = copy.deepcopy(_Sharing())
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _Sharing()
+    ema = copy.deepcopy(model)
+    if first is not None:
+        lm.materialize(getattr(ema, first))
+    lm.materialize(ema)
+    assert (
+        _sharing_of(ema)
+        == _sharing_of(eager)
+        == {
+            "row0": False,
+            "p2": False,
+            "b2": False,
+            "b2 and row0": True,
+            "bv": True,
+        }
+    )
+    for name, value in eager.state_dict().items():
+        assert torch.equal(ema.state_dict()[name], value), name
+    with torch.no_grad():
+        ema.emb.weight.mul_(0.0)
+        eager.emb.weight.mul_(0.0)
+    assert torch.equal(ema.row0, eager.row0)
+    assert torch.equal(ema.p2, eager.p2)
+    lm.materialize(model)  # the original keeps the block's sharing, as eager's
+    assert all(_sharing_of(model).values())
+
+
+def test_a_captured_tensor_whose_storage_was_freed_in_place_is_refused() -> None:
+    # FSDP frees unsharded parameters with untyped_storage().resize_(0): the same storage
+    # object, no memory. A first version of the check (storage identity alone) replayed
+    # from the freed storage: SIGSEGV.
+    teacher = nn.Linear(600, 600)
+    with lm.deferred_init():
+        model = _FromTeacher(teacher.weight.detach())
+    teacher.weight.untyped_storage().resize_(0)
+    with pytest.raises(lm.MaterializationError, match=r"resize_\(0\)"):
+        lm.materialize(model)

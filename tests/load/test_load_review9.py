@@ -105,3 +105,29 @@ def test_a_header_safetensors_refuses_is_refused_as_damaged(
         lm.load_checkpoint(model, path, strict=False)
     assert "is not a valid safetensors file" in str(info.value)
     assert torch.equal(model.w, torch.zeros(2))
+
+
+class _OnlyStateDict(nn.Module):
+    """An override without ``strict`` that returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def load_state_dict(self, state_dict: Any) -> None:  # type: ignore[override]
+        super().load_state_dict(state_dict)
+
+
+def test_a_load_state_dict_override_of_another_signature_is_followed(tmp_path: Path) -> None:
+    # A first version of the trace called it with strict=False and read .missing_keys from
+    # what it returned: refused with TypeError or AttributeError, though it only loads.
+    torch.manual_seed(0)
+    path = tmp_path / "plain.pt"
+    torch.save(_OnlyStateDict().state_dict(), path)
+    eager = _OnlyStateDict()
+    eager.load_state_dict(torch.load(path))
+    with lm.deferred_init():
+        model = _OnlyStateDict()
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.proj.weight, eager.proj.weight)
+    assert torch.equal(model.proj.bias, eager.proj.bias)

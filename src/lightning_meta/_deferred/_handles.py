@@ -38,6 +38,7 @@ __all__ = [
     "ITEMS_ATTR",
     "Handle",
     "ItemSlot",
+    "apart_by_copy",
     "attach",
     "attach_item",
     "deferred_tensors",
@@ -519,6 +520,13 @@ def note_made(meta: torch.Tensor, tensor: torch.Tensor) -> None:
     )
 
 
+def apart_by_copy(record: Record, *tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` share no memory in ``record``'s copy though the block's values
+    do: after ``copy.deepcopy`` a Parameter's memory is its own (see
+    :attr:`Record.deep_copied`)."""
+    return record.deep_copied and any(isinstance(t, nn.Parameter) for t in tensors)
+
+
 def earlier_view(handle: Handle, path: str) -> torch.Tensor | None:
     """The view eager construction has for ``handle``'s value, of a tensor its block made real before.
 
@@ -545,6 +553,8 @@ def earlier_view(handle: Handle, path: str) -> torch.Tensor | None:
             or _compat.storage_id(base.untyped_storage()) != record.made_in.get(vid)
         ):
             continue  # given other data since (`.data = ...`): eager's views keep the old
+        if apart_by_copy(record, base, handle.tensor):
+            continue
         if vid in record.copied or (
             base.device.type == "cpu" and base.dtype == record.values[vid].dtype
         ):
@@ -586,7 +596,13 @@ def pending_base(handle: Handle) -> Handle | None:
     if not todo:
         return None
     return next(
-        (other for other in list(record.pending) if other.vid in todo and not other.replaced()),
+        (
+            other
+            for other in list(record.pending)
+            if other.vid in todo
+            and not other.replaced()
+            and not apart_by_copy(record, other.tensor, handle.tensor)
+        ),
         None,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from lightning_meta._deferred._fallback import overwritten, reset_parameters, wi
 from lightning_meta._deferred._handles import (
     Handle,
     ItemSlot,
+    apart_by_copy,
     deferred_slots,
     done,
     dress_like,
@@ -542,12 +544,24 @@ def _replay_records(
         for vid, t in replay(record, wanted, device=to, dtype=cast, remap=remap).items():
             produced[(id(record), vid, (to, cast))] = t
     _keep_ahead(sharing, targets, produced)
+    # A deep copy's Parameters get memory of their own (see Record.deep_copied); the
+    # other tensors keep the storage they share.
+    copied = {id(record) for record, _ in targets.values() if record.deep_copied}
+    uses = Counter(
+        t.untyped_storage().data_ptr() for (rid, _, _), t in produced.items() if rid in copied
+    )
     ready: dict[int, torch.Tensor] = {}
     for slot, handle in deferred:
         where = place(slot)
         key = (id(slot.tensor), where)
         if key not in by_place:
             value = produced[(id(handle.record), handle.vid, where)]
+            if (
+                id(handle.record) in copied
+                and isinstance(slot.tensor, nn.Parameter)
+                and uses[value.untyped_storage().data_ptr()] > 1
+            ):
+                value = value.clone(memory_format=torch.preserve_format)
             recast_to = recast.get(id(slot.tensor)) if slot.kind != "attr" else None
             if recast_to is not None:
                 for cast in casts(slot.tensor):  # each rounds, as eager's casts
@@ -635,7 +649,13 @@ def _sharing(
     found: dict[tuple[int, _Place], dict[int, tuple[Handle, str]]] = {}
     for slot, handle in deferred:
         record = handle.record
-        if slot.kind == "attr" or record.released or not record.values or handle.replaced():
+        if (
+            slot.kind == "attr"
+            or record.released
+            or not record.values
+            or handle.replaced()
+            or apart_by_copy(record, slot.tensor)
+        ):
             continue
         owned = record.owned.get(record.values[handle.vid].storage, ())
         others = {v for v in owned if (id(record), v) not in in_call}
@@ -648,6 +668,7 @@ def _sharing(
                 and other.vid not in group
                 and done(other) is None
                 and not other.replaced()
+                and not apart_by_copy(record, other.tensor)
             ):
                 group[other.vid] = (other, slot.path)
     return {key: group for key, group in found.items() if group}

@@ -79,15 +79,19 @@ class Value(NamedTuple):
 
 class Place(NamedTuple):
     """Where a captured tensor's values are read from: ``layout`` (device, dtype, layout and,
-    for strided memory, shape, strides, offset, conjugate and negative bits) and ``storage``,
-    held so its identity cannot pass to another storage while the record lives.
+    for strided memory, shape, strides, offset, conjugate and negative bits), ``storage``,
+    held so its identity cannot pass to another storage while the record lives, and that
+    storage's ``memory`` (address, size in bytes, whether shared).
 
-    A storage moved in place (``share_memory_()``, which a ``torch.multiprocessing``
-    pickle of the model does to the tensors it reaches) is the same storage; ``.data``
-    assigned or a cast of the tensor's module gives it another."""
+    Only ``share_memory_()`` (which a ``torch.multiprocessing`` pickle of the model does to
+    the tensors it reaches) moves a storage's memory and keeps its values; ``.data``
+    assigned or a cast of the tensor's module gives the tensor another storage, and a
+    storage freed and allocated again in place (``untyped_storage().resize_(0)``, as FSDP
+    frees unsharded parameters) holds other values or none."""
 
     layout: tuple[Any, ...]
     storage: torch.UntypedStorage | None
+    memory: tuple[int, int, bool]
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` still reads its values from this place."""
@@ -96,15 +100,20 @@ class Place(NamedTuple):
             return False
         if self.storage is None or now.storage is None:
             return self.storage is now.storage
-        return _compat.storage_id(now.storage) == _compat.storage_id(self.storage)
+        if _compat.storage_id(now.storage) != _compat.storage_id(self.storage):
+            return False
+        (address, size, shared), (address_now, size_now, shared_now) = self.memory, now.memory
+        moved_to_share = shared_now and not shared
+        return size_now == size and (address_now == address or moved_to_share)
 
 
 def place_of(t: torch.Tensor) -> Place:
     """Where ``t``'s values are read from (see :class:`Place`); a real or meta tensor."""
     if t.layout != torch.strided:
-        return Place((t.device, t.dtype, t.layout, tuple(t.shape)), None)
+        return Place((t.device, t.dtype, t.layout, tuple(t.shape)), None, (0, 0, False))
     with _compat.no_python_dispatch():
         storage = t.untyped_storage()
+        memory = (storage.data_ptr(), storage.nbytes(), storage.is_shared())
     layout = (
         t.device,
         t.dtype,
@@ -115,7 +124,7 @@ def place_of(t: torch.Tensor) -> Place:
         t.is_conj(),
         t.is_neg(),
     )
-    return Place(layout, storage)
+    return Place(layout, storage, memory)
 
 
 def span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -281,6 +290,10 @@ class Record:
         # Storage index -> the memory of a numpy array alive when the block ended.
         self.numpy_homes: dict[int, NumpyHome] = {}
         self.released = False
+        # A copy by copy.deepcopy, made before its tensors were real: eager's deep copy
+        # gives every Parameter memory of its own (Parameter.__deepcopy__ clones), and
+        # the other tensors sharing a storage share a copy of it, apart from them.
+        self.deep_copied = False
         self.lock = threading.RLock()
 
     def random_ops(self, stream: int) -> list[int]:
@@ -345,6 +358,7 @@ class Record:
         state.setdefault("numpy_homes", {})
         state.setdefault("outer_meta", any(s.device.type == "meta" for s in state["streams"]))
         state.setdefault("inference", False)
+        state.setdefault("deep_copied", False)
         state["constants"] = {
             vid: (t, _compat.version_of(t) - writes)
             for vid, (t, writes) in state["constants"].items()
@@ -373,5 +387,6 @@ class Record:
         new.made_in = {}
         new.copied = set()
         new.waiting = []
+        new.deep_copied = True
         new.lock = threading.RLock()
         return new

@@ -205,7 +205,7 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
     line), so this is an :class:`ArgumentValueError`, whatever the optimizer's
     own code raised.
     """
-    which = f"optimizer {name}" if name else "the optimizer"
+    which = f"optimizer {name}" if name else "optimizer"
     raised = f"{type(e).__name__}: {str(e).rstrip('. ')}"
     if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
         why = (

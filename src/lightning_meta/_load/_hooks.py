@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -372,8 +373,9 @@ def trace_load(
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
         with recorder, _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at):
-            keys = skeleton.module.load_state_dict(state, strict=False)
-        skeleton._traced = (state, list(keys.missing_keys), list(keys.unexpected_keys))
+            keys = _load_without_strict(skeleton.module, state)
+        if hasattr(keys, "missing_keys") and hasattr(keys, "unexpected_keys"):
+            skeleton._traced = (state, list(keys.missing_keys), list(keys.unexpected_keys))
     except Exception as e:
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
@@ -452,6 +454,23 @@ def trace_load(
             paths=bad,
         )
     return sources
+
+
+def _load_without_strict(module: nn.Module, state: Any) -> Any:
+    """``module.load_state_dict(state, strict=False)``; a root's own ``load_state_dict`` that
+    takes no ``strict`` (``def load_state_dict(self, sd)``) is called with ``state`` alone,
+    and what it returns is passed on as it is (``None`` from an override returning nothing)."""
+    load = module.load_state_dict
+    if _compat.method_owner(module, "load_state_dict") is not nn.Module:
+        try:
+            params = inspect.signature(load).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: call it as torch's
+            params = None
+        if params is not None and not any(
+            p.name == "strict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params
+        ):
+            return load(state)
+    return load(state, strict=False)
 
 
 def _copied_at(
