@@ -349,5 +349,5 @@ def test_a_captured_tensor_whose_storage_was_freed_in_place_is_refused() -> None
     with lm.deferred_init():
         model = _FromTeacher(teacher.weight.detach())
     teacher.weight.untyped_storage().resize_(0)
-    with pytest.raises(lm.MaterializationError, match=r"resize_\(0\)"):
+    with pytest.raises(lm.MaterializationError, match=r"storage resized or freed"):
         lm.materialize(model)

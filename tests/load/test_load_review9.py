@@ -131,3 +131,21 @@ def test_a_load_state_dict_override_of_another_signature_is_followed(tmp_path: P
     lm.load_checkpoint(model, path)
     assert torch.equal(model.proj.weight, eager.proj.weight)
     assert torch.equal(model.proj.bias, eager.proj.bias)
+
+
+class _LoadsNothing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    load_state_dict = staticmethod(lambda state_dict, strict=True: None)  # type: ignore[assignment]
+
+
+def test_an_override_that_loads_nothing_is_refused_saying_so(tmp_path: Path) -> None:
+    # Eager's load_state_dict on it loads nothing. Before, the refusal listed each name as
+    # missing and as unexpected, "closest" to itself.
+    path = tmp_path / "plain.pt"
+    torch.save(_LoadsNothing().state_dict(), path)
+    with pytest.raises(lm.MetaTensorError, match=r"did not copy 2 of the checkpoint") as info:
+        lm.load_checkpoint(_LoadsNothing(), path)
+    assert "(closest: 'proj.bias')" not in str(info.value)

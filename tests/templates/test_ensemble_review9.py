@@ -76,3 +76,22 @@ def test_fractional_max_pool_untimed_runs_the_loop() -> None:
     expected = torch.stack([m.eval()(x) for m in members])
     assert ens.plan == "loop"
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("execution", ["loop", "auto"])
+def test_a_call_under_fake_tensor_mode_leaves_no_fake_view_behind(execution: str) -> None:
+    # Before, the loop plan kept the member views it made under FakeTensorMode (a shape
+    # probe, an estimate): the next real call computed on them and returned a FakeTensor.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution)
+    x = torch.randn(4, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        ens(mode.from_tensor(x))
+    out = ens(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    for name, buffer in ens.named_buffers():
+        assert type(buffer) is torch.Tensor, name

@@ -329,7 +329,7 @@ def _check_constants(
             if place is not None and not place.holds(const[0]):
                 how = (
                     "given other memory since (its module cast or moved: .to(), .double(); "
-                    "its .data assigned; or its storage freed: resize_(0))"
+                    "its .data assigned; or its storage resized or freed: resize_())"
                 )
             elif now != const[1]:
                 how = f"modified in place since (version {const[1]} -> {now})"

@@ -30,6 +30,7 @@ from lightning_meta._compat import (
     buffers_of,
     compiler_disabled,
     deepcopy_module,
+    dispatch_mode_active,
     functorch_transform_active,
     hook_ids,
     modes_and_hooks,
@@ -177,8 +178,10 @@ class ViewCache:
         """
         grad = torch.is_grad_enabled()
         # Inside torch.func the stacked tensors may be wrappers without
-        # storage (a vmap over them): nothing is kept.
-        keep = not functorch_transform_active()
+        # storage (a vmap over them), and under a dispatch mode (FakeTensorMode,
+        # an estimate) the views are that mode's: nothing is kept. A fake view kept
+        # made the next real call compute on it and return a fake tensor.
+        keep = not functorch_transform_active() and not dispatch_mode_active()
         inference = torch.is_inference_mode_enabled()
         last = self._last
         out = {}
@@ -609,9 +612,10 @@ def run_loop(
             # the slices of the new stacked buffers back in.
             shells.release()
     finally:
-        # Off the CPU, and inside a torch.func transform, the copies let go
-        # of the views (device memory; the transform's wrappers).
-        if device.type != "cpu" or functorch_transform_active():
+        # Off the CPU, inside a torch.func transform and under a dispatch mode,
+        # the copies let go of the views (device memory; the transform's
+        # wrappers; the mode's fake tensors).
+        if device.type != "cpu" or functorch_transform_active() or dispatch_mode_active():
             shells.release()
     if isinstance(outs[0], torch.Tensor):
         return torch.stack(outs)

@@ -502,7 +502,8 @@ def make_plan(
 
 
 def _close(name: str, pool: list[str]) -> str:
-    match = difflib.get_close_matches(name, pool, n=1, cutoff=0.85)
+    # Not the name itself: listed on both sides, it is explained apart (see mismatch_error).
+    match = difflib.get_close_matches(name, [p for p in pool if p != name], n=1, cutoff=0.85)
     return f" (closest: {match[0]!r})" if match else ""
 
 
@@ -583,6 +584,15 @@ def mismatch_error(
     elif plan.code:
         # Names here are as the module's own load code sees them; strict=False
         # is no fix for keys that code was meant to map.
+        skipped = sorted(set(plan.missing) & set(unexpected_local))
+        if skipped:
+            # Listed as missing and unexpected under one name: the code saw the key
+            # and did not copy it (a load_state_dict override that loads nothing).
+            lines.append(
+                f"The load code of {describe_all(plan.code)} did not copy {len(skipped)} "
+                f"of the checkpoint's tensors into the names they match (first "
+                f"{skipped[0]!r}): load_state_dict on this module leaves them as they are."
+            )
         lines.append(
             "Fix: load into the module the checkpoint was saved from, or pass "
             f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute. Names are as module.state_dict() shows them, "
