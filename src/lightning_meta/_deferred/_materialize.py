@@ -1217,26 +1217,27 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
         "floating-point buffers, whose values the record cannot give (it cannot tell one "
         "cast from several, which round more)."
     )
-    if who == "fabric_setup":
-        return MaterializationError(
-            f"{what} Fix: drop the cast and give Fabric the precision "
-            "(L.Fabric(precision='bf16-true') or '16-true'): fabric_setup makes the buffers "
-            "real before Fabric's precision casts the model; or build the model in that "
-            "dtype inside the block (torch.set_default_dtype, transformers' "
-            "from_config(config, dtype=...)).",
-            paths=[s.path for s in recast],
-        )
-    return MaterializationError(
-        f"{what} Fix: pass {spelled('dtype=', '--dtype')} to {who} "
-        "instead of module.to(dtype), or assign real tensors there; where the model is "
-        f"sharded after the cast (which fixes the dtype of the shards), {real_first}build "
-        "the model in that dtype inside the block (torch.set_default_dtype, transformers' "
-        "from_config(config, dtype=...)); in a Trainer (MetaGuard), drop the cast and pass "
-        "precision='bf16-true' or '16-true'; under Fabric, whose bf16-true/16-true "
-        "precision casts the model in fabric.setup before parallelize_fn, use "
-        "lm.fabric_setup(fabric, model), which makes buffers real before that cast.",
-        paths=[s.path for s in recast],
+    in_dtype = (
+        "build the model in that dtype inside the block (torch.set_default_dtype, "
+        "transformers' from_config(config, dtype=...))"
     )
+    if who == "fabric_setup":
+        fix = (
+            "drop the cast and give Fabric the precision (L.Fabric(precision='bf16-true') or "
+            "'16-true'): fabric_setup makes the buffers real before Fabric's precision casts "
+            f"the model; or {in_dtype}."
+        )
+    else:
+        fix = (
+            f"pass {spelled('dtype=', '--dtype')} to {who} instead of module.to(dtype), or "
+            "assign real tensors there; where the model is sharded after the cast (which "
+            f"fixes the dtype of the shards), {real_first}{in_dtype}; in a Trainer "
+            "(MetaGuard), drop the cast and pass precision='bf16-true' or '16-true'; under "
+            "Fabric, whose bf16-true/16-true precision casts the model in fabric.setup before "
+            "parallelize_fn, use lm.fabric_setup(fabric, model), which makes buffers real "
+            "before that cast."
+        )
+    return MaterializationError(f"{what} Fix: {fix}", paths=[s.path for s in recast])
 
 
 def _in_deferred_shape(slot: Slot) -> bool:

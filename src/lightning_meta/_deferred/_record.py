@@ -78,8 +78,8 @@ class Value(NamedTuple):
 
 
 class Place(NamedTuple):
-    """Where a captured tensor's values are read from: ``layout`` (device, dtype, layout and,
-    for strided memory, shape, strides, offset, conjugate and negative bits), ``storage``,
+    """Where a captured tensor's values are read from: ``layout`` (device, dtype, layout,
+    shape, strides, offset, conjugate and negative bits), ``storage``,
     held so its identity cannot pass to another storage while the record lives, and that
     storage's ``memory`` (address, size in bytes, whether shared).
 
@@ -90,17 +90,15 @@ class Place(NamedTuple):
     frees unsharded parameters) holds other values or none."""
 
     layout: tuple[Any, ...]
-    storage: torch.UntypedStorage | None
+    storage: torch.UntypedStorage
     memory: tuple[int, int, bool]
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` still reads its values from this place."""
         now = place_of(t)
-        if now.layout != self.layout:
-            return False
-        if self.storage is None or now.storage is None:
-            return self.storage is now.storage
-        if _compat.storage_id(now.storage) != _compat.storage_id(self.storage):
+        if now.layout != self.layout or _compat.storage_id(now.storage) != _compat.storage_id(
+            self.storage
+        ):
             return False
         (address, size, shared), (address_now, size_now, shared_now) = self.memory, now.memory
         moved_to_share = shared_now and not shared
@@ -108,9 +106,8 @@ class Place(NamedTuple):
 
 
 def place_of(t: torch.Tensor) -> Place:
-    """Where ``t``'s values are read from (see :class:`Place`); a real or meta tensor."""
-    if t.layout != torch.strided:
-        return Place((t.device, t.dtype, t.layout, tuple(t.shape)), None, (0, 0, False))
+    """Where ``t``'s values are read from (see :class:`Place`); a real or meta tensor of
+    strided memory (the only kind a record captures)."""
     with _compat.no_python_dispatch():
         storage = t.untyped_storage()
         memory = (storage.data_ptr(), storage.nbytes(), storage.is_shared())

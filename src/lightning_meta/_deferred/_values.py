@@ -31,6 +31,30 @@ __all__ = ["ValueIds"]
 _SNAPSHOT_BYTES = 1 << 20
 
 
+def _uncapturable(t: torch.Tensor) -> tuple[str, str] | None:
+    """Why the record cannot hold ``t``, a real tensor read in a block, as a constant (it
+    holds strided memory of its own, with a version counter), and the fix; ``None`` if it
+    can. torch's own errors for these named neither the tensor nor the fix, and copying a
+    wrapper without its dispatch crashed the interpreter (SIGSEGV)."""
+    outside, cannot = "captured from outside the block", "which the record cannot hold"
+    if _compat.wrapper_subclass(t):
+        return (
+            f"reads a {type(t).__name__} {outside} (a tensor around others, such as a "
+            f"sharded one), {cannot}",
+            "pass a plain tensor into the deferred_init block (for a DTensor: "
+            "t.full_tensor(), or t.to_local() for this rank's shard)",
+        )
+    if t.layout != torch.strided:
+        return f"reads a {t.layout} tensor {outside}, {cannot}", "pass t.to_dense() into the block"
+    if t.is_inference():
+        return (
+            "reads an inference tensor (made under torch.inference_mode(), with no version "
+            f"counter to see a later write by) {outside}, {cannot}",
+            "pass a clone made outside inference mode (t.clone()) into the block",
+        )
+    return None
+
+
 class ValueIds:
     """The value ids and storage indices of one recording.
 
@@ -87,42 +111,15 @@ class ValueIds:
                     "build both modules in one deferred_init block, or materialize the first "
                     "module before entering this block",
                 )
-            if _compat.wrapper_subclass(t):
-                # Its data is in the tensors it wraps: copying or comparing it
-                # without its own dispatch crashed the interpreter (SIGSEGV).
-                raise recording_error(
-                    op,
-                    f"reads a {type(t).__name__} captured from outside the block (a tensor "
-                    "around others, such as a sharded one), which the record cannot hold",
-                    "pass a plain tensor into the deferred_init block (for a DTensor: "
-                    "t.full_tensor(), or t.to_local() for this rank's shard)",
-                )
-            if t.layout != torch.strided or t.is_inference():
-                # No storage to note (sparse), or no version counter to see a write
-                # after the block by (an inference tensor): torch's own error named
-                # neither the tensor nor the fix.
-                what, fix = (
-                    (f"a {t.layout} tensor", "pass t.to_dense() into the block")
-                    if t.layout != torch.strided
-                    else (
-                        "an inference tensor (made under torch.inference_mode(), with no "
-                        "version counter to see a later write by)",
-                        "pass a clone made outside inference mode (t.clone()) into the block",
-                    )
-                )
-                raise recording_error(
-                    op,
-                    f"reads {what} captured from outside the block, which the record cannot hold",
-                    fix,
-                )
+            refused = _uncapturable(t)
+            if refused is not None:
+                raise recording_error(op, *refused)
             vid = self._new_value(t, -1 - len(self.record.constants), None)
             # Holding ``t`` keeps its id unique.
             self.record.constants[vid] = (t, _compat.version_of(t))
             self.record.places[vid] = place_of(t)
-            if (
-                t.layout == torch.strided
-                and not t.is_meta  # no data to compare
-                and (t.numel() * t.element_size() <= _SNAPSHOT_BYTES or self._numpy_shares(t))
+            if not t.is_meta and (  # a meta tensor has no data to compare
+                t.numel() * t.element_size() <= _SNAPSHOT_BYTES or self._numpy_shares(t)
             ):
                 self._snapshot(vid, t)
             return vid
@@ -147,7 +144,6 @@ class ValueIds:
             for vid, (c, _) in self.record.constants.items():
                 if (
                     vid not in self.record.snapshots
-                    and c.layout == torch.strided
                     and not c.is_meta
                     and c.untyped_storage().data_ptr() == ptr
                 ):

@@ -461,16 +461,13 @@ def _load_without_strict(module: nn.Module, state: Any) -> Any:
     takes no ``strict`` (``def load_state_dict(self, sd)``) is called with ``state`` alone,
     and what it returns is passed on as it is (``None`` from an override returning nothing)."""
     load = module.load_state_dict
-    if _compat.method_owner(module, "load_state_dict") is not nn.Module:
-        try:
-            params = inspect.signature(load).parameters.values()
-        except (TypeError, ValueError):  # no signature to read: call it as torch's
-            params = None
-        if params is not None and not any(
-            p.name == "strict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params
-        ):
-            return load(state)
-    return load(state, strict=False)
+    try:
+        params = inspect.signature(load).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: call it as torch's
+        return load(state, strict=False)
+    if any(p.name == "strict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return load(state, strict=False)
+    return load(state)
 
 
 def _copied_at(
