@@ -37,6 +37,13 @@ def _uncapturable(t: torch.Tensor) -> tuple[str, str] | None:
     can. torch's own errors for these named neither the tensor nor the fix, and copying a
     wrapper without its dispatch crashed the interpreter (SIGSEGV)."""
     outside, cannot = "captured from outside the block", "which the record cannot hold"
+    if t.is_nested:  # both layouts: a strided one has no sizes, a jagged one is a wrapper
+        return (
+            f"reads a nested tensor (torch.nested), {cannot}",
+            "make nested tensors outside deferred_init (after materialize), and pass a "
+            "nested tensor's components (t.unbind()) or a padded tensor "
+            "(t.to_padded_tensor(0.0)) into the block",
+        )
     if _compat.wrapper_subclass(t):
         return (
             f"reads a {type(t).__name__} {outside} (a tensor around others, such as a "
