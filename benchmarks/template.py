@@ -9,7 +9,10 @@ modules whose forward may store something and puts them back after the call.
 Measured for a plain dict (``template(params, x)``) and for a
 ``template.state_from(net)`` mapping, each against the hand-written call with
 the same tensors, interleaved in one process (median of per-round ratios), in
-eval mode under ``torch.no_grad()`` (the call overhead, not autograd).
+eval mode under ``torch.no_grad()`` (the call overhead, not autograd). Since
+2026-12-06 also the pattern of a training step, ``template(template.state_from(net), x)``
+(the mapping made on every call), against the hand-written call that gathers
+``net``'s parameters and buffers on every call.
 
 Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 
@@ -98,18 +101,31 @@ def measure(model: Model, rounds: int) -> dict[str, Any]:
     def from_net() -> Any:
         return template(state, *args, **kwargs)
 
+    def hand_gather() -> Any:
+        tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+        return torch.func.functional_call(meta, tensors, args, kwargs)
+
+    def per_step() -> Any:
+        return template(template.state_from(net), *args, **kwargs)
+
     with torch.no_grad():
-        for fn in (hand, plain, from_net):
+        variants = {
+            "hand": hand,
+            "plain": plain,
+            "state_from": from_net,
+            "hand_gather": hand_gather,
+            "per_step": per_step,
+        }
+        for fn in variants.values():
             _call(fn, 5)
         n = max(3, int(0.02 / max(_call(hand, 3), 1e-6)))
-        times: dict[str, list[float]] = {"hand": [], "plain": [], "state_from": []}
+        times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(rounds):
-            times["hand"].append(_call(hand, n))
-            times["plain"].append(_call(plain, n))
-            times["state_from"].append(_call(from_net, n))
+            for k, fn in variants.items():
+                times[k].append(_call(fn, n))
     ratio = {
-        k: statistics.median(t / h for t, h in zip(times[k], times["hand"], strict=True))
-        for k in ("plain", "state_from")
+        k: statistics.median(t / h for t, h in zip(times[k], times[base], strict=True))
+        for k, base in (("plain", "hand"), ("state_from", "hand"), ("per_step", "hand_gather"))
     }
     return {
         "model": name,
@@ -118,6 +134,9 @@ def measure(model: Model, rounds: int) -> dict[str, Any]:
         "state_from_us": statistics.median(times["state_from"]) * 1e6,
         "plain_ratio": ratio["plain"],
         "state_from_ratio": ratio["state_from"],
+        "hand_gather_us": statistics.median(times["hand_gather"]) * 1e6,
+        "per_step_us": statistics.median(times["per_step"]) * 1e6,
+        "per_step_ratio": ratio["per_step"],
     }
 
 
@@ -132,13 +151,15 @@ def main() -> None:
     rows = [measure(m, args.rounds) for m in _models()]
     print(
         "| model | hand functional_call (us) | template(dict) (us) | x hand | "
-        "template(state_from) (us) | x hand |"
+        "template(state_from) (us) | x hand | hand, gathering per call (us) | "
+        "template(template.state_from(net)) (us) | x hand gathering |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['model']} | {r['hand_us']:.0f} | {r['plain_us']:.0f} | "
-            f"{r['plain_ratio']:.2f} | {r['state_from_us']:.0f} | {r['state_from_ratio']:.2f} |"
+            f"{r['plain_ratio']:.2f} | {r['state_from_us']:.0f} | {r['state_from_ratio']:.2f} | "
+            f"{r['hand_gather_us']:.0f} | {r['per_step_us']:.0f} | {r['per_step_ratio']:.2f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

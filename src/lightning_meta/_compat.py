@@ -1113,6 +1113,8 @@ def recomputing_hooks(module: nn.Module) -> list[tuple[Any, str]]:
     MetaTemplate re-runs them (as a forward would) and copies their stale
     result to meta; prune names it only in the private ``_tensor_name``.
     """
+    if not module._forward_pre_hooks:  # most modules: called per tensor by state_from
+        return []
     from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -1220,6 +1222,13 @@ def _rebound(hook: Any, pairs: dict[int, nn.Module], cells: dict[int, Any]) -> A
     return rebound
 
 
+def dynamo_wrapper(mod: nn.Module) -> bool:
+    """Whether ``mod`` is ``torch.compile``'s wrapper (``OptimizedModule``, holding the module
+    as ``_orig_mod``), whose attributes are the compiler's bookkeeping (ids, the original
+    callable, a config getter). By module name: the class is private to ``torch._dynamo``."""
+    return type(mod).__module__.startswith("torch._dynamo")
+
+
 def functorch_transform_active() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ...).
 
@@ -1311,6 +1320,7 @@ def module_apply(
 __all__ += [
     "deepcopy_module",
     "recomputing_hooks",
+    "dynamo_wrapper",
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",

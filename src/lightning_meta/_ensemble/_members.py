@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_meta._compat import (
     buffers_of,
+    dynamo_wrapper,
     forward_hook_flags,
     module_hooks,
 )
@@ -112,7 +113,7 @@ class Profile:
         return {
             path: _hook_tables(mod, self.member)
             for path, mod in self.modules.items()
-            if not _is_dynamo(mod)
+            if not dynamo_wrapper(mod)
         }
 
     def stand_in(self, copy: nn.Module) -> None:
@@ -402,7 +403,7 @@ def settings(module: nn.Module, depth: int = 0, *, member: _Member | None = None
     member = member or _Member(module)
     out: dict[str, Any] = {}
     for path, mod in module.named_modules(remove_duplicate=False):
-        if _is_dynamo(mod):
+        if dynamo_wrapper(mod):
             continue
         dot = f"{path}." if path else ""
         lightning = _is_lightning(mod)
@@ -418,12 +419,6 @@ def settings(module: nn.Module, depth: int = 0, *, member: _Member | None = None
 
 def _is_lightning(mod: nn.Module) -> bool:
     return any(c.__module__.split(".")[0] in _LIGHTNING_ROOTS for c in type(mod).__mro__)
-
-
-def _is_dynamo(mod: nn.Module) -> bool:
-    """Whether ``mod`` is ``torch.compile``'s wrapper (``OptimizedModule``), whose attributes
-    are the compiler's bookkeeping (ids, the original callable, a config getter)."""
-    return type(mod).__module__.startswith("torch._dynamo")
 
 
 _UNCOMPARED = object()

@@ -30,6 +30,7 @@ from lightning_meta._compat import (
     child_table,
     compiler_disabled,
     deepcopy_module,
+    dynamo_wrapper,
     functional_call_restoring_in_reverse,
     hook_registrations,
     hook_tables,
@@ -43,7 +44,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._forward_state import AttributeState, owned_by, watched
+from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
@@ -505,8 +506,15 @@ class _Layout:
             for path, sub in module.named_modules()
             if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
         ]
+        self.named = list(module.named_modules())
         self._names: _Names | None = None
+        self._tensor_names: list[str] | None = None
         self._hooked: tuple[int, _Watched, _Recomputed] | None = None
+        # The plain settings each submodule's forward reads (momentum, eps, p,
+        # track_running_stats), by name: a call standing for net(x) runs with net's.
+        self.settings = [
+            (path, sub, names) for path, sub in self.named if (names := _setting_names(sub))
+        ]
         # Meta tensors in plain attributes that are not the module's own (a
         # factory's plain tensors, built on meta): no call's mapping replaces them.
         # And whether a real tensor is there (a module template keeps their values):
@@ -525,6 +533,12 @@ class _Layout:
     def fits(self, module: nn.Module) -> bool:
         """Whether this is still ``module``'s layout."""
         return self.modules[0] is module and self.key == _layout_key(self.modules)
+
+    def tensor_names(self) -> list[str]:
+        """Every parameter and buffer name, tied names included (:func:`named_tensors`)."""
+        if self._tensor_names is None:
+            self._tensor_names = list(named_tensors(self.modules[0]))
+        return self._tensor_names
 
     def names(self) -> _Names:
         """Every name of each group of tied tensors (one of them satisfies the group), the
@@ -568,22 +582,26 @@ class _Layout:
 
 class TemplateState(dict[str, torch.Tensor]):
     """What :meth:`MetaTemplate.state_from` returns: a ``dict`` of tensors by dotted name
-    that also carries the source module's modes.
+    that also carries the source module's modes and settings.
 
     ``modes`` maps each submodule path of the template to the ``training``
     flag of the matching submodule of the source; calling the template with
     this mapping runs every submodule in that mode, as the source's own
-    forward would. The state also refers (weakly) to the source module: a
+    forward would. ``settings`` maps a submodule path to the plain settings
+    (numbers, strings, ``None``, dtypes, tuples of them) of the source's
+    submodule that differ from the template's (a BatchNorm's ``momentum`` set
+    to ``None`` by ``StochasticWeightAveraging`` after the template was
+    made): the call runs with those too. The state also refers (weakly) to the source module: a
     buffer the template's forward assigns a new tensor to (an EMA, dynamic
     RoPE's ``inv_freq``) is set on the source too, as ``net(x)`` would.
 
     A plain ``dict(...)`` or ``{**state}`` of it drops the modes and the
     source; :meth:`copy` keeps them, and so does passing ``modes=`` to
     :meth:`MetaTemplate.functional_call`. ``copy.deepcopy`` and ``pickle``
-    keep the modes and drop the source (the copied tensors are not its).
-    It is a pytree node (``torch.func.grad``, ``torch.vmap`` and
+    keep the modes and settings and drop the source (the copied tensors are
+    not its). It is a pytree node (``torch.func.grad``, ``torch.vmap`` and
     ``torch.utils._pytree.tree_map`` see its tensors); the states a transform
-    builds keep the modes, not the source (as a ``dict`` given to
+    builds keep the modes and settings, not the source (as a ``dict`` given to
     ``torch.func.functional_call`` inside a transform, whose new buffers stay
     in that dict).
 
@@ -606,10 +624,12 @@ class TemplateState(dict[str, torch.Tensor]):
     """
 
     modes: dict[str, bool]
+    settings: dict[str, dict[str, Any]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modes = {}
+        self.settings = {}
         self._source: weakref.ref[nn.Module] | None = None
 
     @property
@@ -620,26 +640,30 @@ class TemplateState(dict[str, torch.Tensor]):
     def copy(self) -> TemplateState:
         new = TemplateState(self)
         new.modes = dict(self.modes)
+        new.settings = {p: dict(v) for p, v in self.settings.items()}
         new._source = self._source
         return new
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"modes": self.modes}
+        return {"modes": self.modes, "settings": self.settings}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.modes = dict(state.get("modes", {}))
+        self.settings = {p: dict(v) for p, v in state.get("settings", {}).items()}
         self._source = None
 
 
 def _flatten_state(state: TemplateState) -> tuple[list[torch.Tensor], Any]:
     keys = tuple(state)
-    return [state[k] for k in keys], (keys, tuple(state.modes.items()))
+    settings = tuple((p, tuple(v.items())) for p, v in state.settings.items())
+    return [state[k] for k in keys], (keys, tuple(state.modes.items()), settings)
 
 
 def _unflatten_state(values: Any, context: Any) -> TemplateState:
-    keys, modes = context
+    keys, modes, settings = context
     new = TemplateState(zip(keys, values, strict=True))
     new.modes = dict(modes)
+    new.settings = {p: dict(v) for p, v in settings}
     return new
 
 
@@ -870,10 +894,15 @@ class MetaTemplate:
         out = TemplateState()
         out._source = weakref.ref(module)
         missing = []
-        for name in named_tensors(template):
+        subs = _by_path(module)
+        with self._serialized():  # the layout, and the template's own settings, not a call's
+            layout = self._layout_of(template)
+            names = layout.tensor_names()
+            out.settings = _settings_of(module, layout, subs)
+        for name in names:
             prefix, _, leaf = name.rpartition(".")
             try:
-                sub = module.get_submodule(prefix)
+                sub = _at(subs, module, prefix)
                 # A tensor recomputed by a forward pre-hook holds the value of
                 # the last forward: run the hook as the forward would, so the
                 # tensor is current and its gradient reaches what it is made of.
@@ -883,8 +912,8 @@ class MetaTemplate:
                 out[name] = getattr(sub, leaf)
             except AttributeError:
                 missing.append(name)
-        out.modes.update(_modes_of(module, template))
-        lacking = [p for p, _ in template.named_modules() if p not in out.modes]
+        out.modes.update(_modes_of(module, layout.named, subs))
+        lacking = [p for p, _ in layout.named if p not in out.modes]
         if missing or lacking:
             listed = [*missing, *(f"{p} (a submodule)" for p in lacking)]
             raise MetaTensorError(
@@ -1010,10 +1039,13 @@ class MetaTemplate:
                 ", passed in the mapping like the others) and build the template again.",
                 paths=self._spoiled,
             )
+        # Modes and settings: given as a module (modes=net) or carried by a state_from mapping.
+        settings: Mapping[str, Mapping[str, Any]] | None = None
         if modes is None:
             modes = getattr(params_and_buffers, "modes", None)
-        if isinstance(modes, nn.Module):
-            modes = _modes_of(modes, module)
+            settings = getattr(params_and_buffers, "settings", None)
+        modes_of = modes if isinstance(modes, nn.Module) else None
+        mode_map = None if modes_of is not None else typing.cast("Mapping[str, bool] | None", modes)
         if not isinstance(args, tuple):
             args = (args,)
         source = (
@@ -1033,10 +1065,18 @@ class MetaTemplate:
         # which another thread's call fills with its tensors meanwhile.
         with self._serialized():
             layout = self._layout_of(module)
+            if modes_of is not None:
+                subs = _by_path(modes_of)
+                mode_map = _modes_of(modes_of, layout.named, subs)
+                settings = _settings_of(modes_of, layout, subs)
             with _computed_kept(layout):
                 metas = self._check(layout, before, tie_weights=tie_weights) if strict else {}
                 watch = _meta_watch(layout, metas, before, (args, kwargs)) if strict else None
-                with _modes_set(module, modes) if modes else contextlib.nullcontext():
+                with (
+                    _modes_set(module, mode_map or {}, settings or {})
+                    if mode_map or settings
+                    else contextlib.nullcontext()
+                ):
                     if torch.is_grad_enabled():
                         _refuse_checkpointing(layout)
                     # strict=False is torch.func.functional_call as is (Ensemble
@@ -1515,26 +1555,138 @@ def _refuse_checkpointing(layout: _Layout) -> None:
         )
 
 
-def _modes_of(source: nn.Module, module: nn.Module) -> dict[str, bool]:
-    """The mode of each submodule of ``source`` at a path of the template's ``module``.
+def _by_path(source: nn.Module) -> dict[str, nn.Module]:
+    """``source``'s submodules by dotted path, found in one walk (``get_submodule`` per path
+    cost most of ``state_from``): through ``torch.compile``'s wrapper, whose own paths
+    start with ``_orig_mod.``; the root is ``source`` itself."""
+    inner = source
+    while dynamo_wrapper(inner):
+        inner = typing.cast(nn.Module, inner._orig_mod)
+    out = dict(inner.named_modules())
+    out[""] = source
+    return out
+
+
+def _at(subs: Mapping[str, nn.Module], source: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``source`` at ``path``: from ``subs`` (:func:`_by_path`), else found
+    as ``get_submodule`` finds it (a second name of a module registered twice, a path
+    through a compiled submodule); raises ``AttributeError`` where there is none."""
+    found = subs.get(path)
+    return found if found is not None else source.get_submodule(path)
+
+
+def _modes_of(
+    source: nn.Module, named: list[tuple[str, nn.Module]], subs: Mapping[str, nn.Module]
+) -> dict[str, bool]:
+    """The mode of each submodule of ``source`` at a path of the template's submodules
+    ``named`` (``named_modules()``; ``subs``: ``source``'s, :func:`_by_path`).
 
     Found by path as :meth:`MetaTemplate.state_from` finds tensors, so a
     wrapper that reaches the same submodules by those paths (``torch.compile``'s
     ``OptimizedModule``, whose own names start with ``_orig_mod.``) gives them;
     a path it lacks is left out, for :func:`_modes_set` to name.
+
+    Raises:
+        MetaTensorError: a submodule of ``source`` runs other code than the template's
+            (its class replaced after the template was made).
     """
     out: dict[str, bool] = {}
-    for path, _ in module.named_modules():
-        with contextlib.suppress(AttributeError):
-            out[path] = source.get_submodule(path).training
+    replaced = []
+    lacking = False
+    for path, sub in named:
+        try:
+            theirs = _at(subs, source, path)
+        except AttributeError:
+            lacking = True
+            continue
+        out[path] = theirs.training
+        while dynamo_wrapper(theirs):
+            theirs = typing.cast(nn.Module, theirs._orig_mod)
+        # A subclass running the same forward (FSDP2's, a parametrization's) runs
+        # the same code; another class (SyncBatchNorm for BatchNorm) does not.
+        if type(theirs) is not type(sub) and not (
+            isinstance(theirs, type(sub)) and type(theirs).forward is type(sub).forward
+        ):
+            replaced.append((path, theirs, sub))
+    if replaced and not lacking:  # a module built otherwise: the caller names what it lacks
+        listed = ", ".join(
+            f"{p or '<root>'!r} is a {type(t).__name__} where the template has a {type(m).__name__}"
+            for p, t, m in replaced
+        )
+        raise MetaTensorError(
+            f"MetaTemplate({type(named[0][1]).__name__}): the {type(source).__name__} given as "
+            f"net (state_from(net), modes=net) runs other code than the template: {listed} (a "
+            "submodule replaced after the template was made, as "
+            "SyncBatchNorm.convert_sync_batchnorm, so Trainer(sync_batchnorm=True), does), "
+            "so the call would not stand for net(x). Fix: make the template again from the "
+            "module as it is now (lm.MetaTemplate(net)), or pass a module built like the "
+            "template.",
+            paths=[p for p, _, _ in replaced],
+        )
     return out
 
 
+_SETTING_TYPES = frozenset({bool, int, float, complex, str, type(None), torch.dtype})
+
+
+def _is_setting(value: Any) -> bool:
+    """Whether ``value`` is a plain setting (a number, a string, ``None``, a dtype, or a
+    tuple of them), which :func:`_settings_of` carries from the source module."""
+    cls = type(value)
+    return cls in _SETTING_TYPES or (cls is tuple and all(type(v) in _SETTING_TYPES for v in value))
+
+
+def _setting_names(sub: nn.Module) -> tuple[str, ...]:
+    """The names of the plain settings in ``sub``'s own attributes (not torch's bookkeeping)."""
+    return tuple(
+        k
+        for k, v in vars(sub).items()
+        if k not in MODULE_INTERNALS and not k.startswith("_lightning_meta") and _is_setting(v)
+    )
+
+
+def _settings_of(
+    source: nn.Module, layout: _Layout, subs: Mapping[str, nn.Module]
+) -> dict[str, dict[str, Any]]:
+    """The plain settings of ``source``'s submodules that differ from the template's, by path.
+
+    A callback changes them after the template was made (``StochasticWeightAveraging``
+    sets BatchNorm's ``momentum`` to ``None``, ``BaseFinetuning.freeze`` its
+    ``track_running_stats`` to ``False``): a call standing for ``source(x)`` runs with
+    them, as it runs in ``source``'s modes (:func:`_modes_of`).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path, sub, names in layout.settings:
+        try:
+            theirs = _at(subs, source, path)
+        except AttributeError:
+            continue
+        while dynamo_wrapper(theirs):
+            theirs = typing.cast(nn.Module, theirs._orig_mod)
+        mine, given = vars(sub), vars(theirs)
+        for name in names:
+            value = given.get(name, _MISSING)
+            if value is _MISSING or not _is_setting(value):
+                continue
+            held = mine.get(name, _MISSING)
+            if held is _MISSING or (
+                value is not held and (type(value) is not type(held) or value != held)
+            ):
+                out.setdefault(path, {})[name] = value
+    return out
+
+
+_MISSING = object()
+
+
 @contextlib.contextmanager
-def _modes_set(module: nn.Module, modes: Mapping[str, bool]) -> Iterator[None]:
-    """Run the body with each submodule of ``module`` in ``modes[path]``, then put back its own."""
+def _modes_set(
+    module: nn.Module, modes: Mapping[str, bool], settings: Mapping[str, Mapping[str, Any]]
+) -> Iterator[None]:
+    """Run the body with each submodule of ``module`` in ``modes[path]`` and with the
+    plain ``settings[path]`` (:func:`_settings_of`), then put back its own."""
     subs = dict(module.named_modules())
-    lacking = sorted(set(subs) - set(modes))
+    lacking = sorted(set(subs) - set(modes)) if modes else []
     if lacking:
         raise MetaTensorError(
             f"MetaTemplate({type(module).__name__}) was given modes that lack the submodule(s) "
@@ -1545,12 +1697,22 @@ def _modes_set(module: nn.Module, modes: Mapping[str, bool]) -> Iterator[None]:
     # Set directly, as Lightning restores modes: train() recurses and may be overridden.
     # Only where it differs: nn.Module.__setattr__ costs a microsecond a module.
     saved = [(sub, sub.training) for sub in subs.values()]
+    own: list[tuple[nn.Module, str, Any]] = []
     try:
-        for path, sub in subs.items():
+        for path, sub in subs.items() if modes else ():
             if sub.training is not bool(modes[path]):
                 sub.training = bool(modes[path])
+        for path, values in settings.items():
+            sub = subs.get(path)
+            if sub is None:
+                continue
+            for name, value in values.items():
+                own.append((sub, name, vars(sub)[name]))
+                setattr(sub, name, value)
         yield
     finally:
+        for sub, name, value in reversed(own):
+            setattr(sub, name, value)
         for sub, training in saved:
             if sub.training is not training:
                 sub.training = training

@@ -1,0 +1,163 @@
+"""MetaTemplate under a hostile review (tenth round): a call with ``state_from(net)`` runs
+with the settings Lightning's callbacks change on ``net`` after the template was made, and
+refuses a ``net`` whose submodules were replaced since."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning, StochasticWeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_meta as lm
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+class _Plain(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class _Templated(_Plain):
+    def __init__(self) -> None:
+        super().__init__()
+        self.template = lm.MetaTemplate(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.template(self.template.state_from(self.net), x)
+
+
+class _FreezeStem(BaseFinetuning):
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(pl_module.net[:2], train_bn=False)
+
+    def finetune_function(self, *_: object) -> None:
+        pass
+
+
+def _fit(cls: type[_Plain], callback: L.Callback, epochs: int) -> _Plain:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
+    L.seed_everything(0, verbose=False)
+    model = cls()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return model
+
+
+@pytest.mark.parametrize("callback", ["swa", "freeze"])
+def test_a_state_from_call_runs_with_the_settings_a_callback_changed_on_net(
+    callback: str,
+) -> None:
+    # Before: the template's BatchNorm kept the momentum (0.1) and track_running_stats
+    # (True) it was copied with, where StochasticWeightAveraging's BatchNorm epoch sets
+    # momentum=None and BaseFinetuning.freeze(train_bn=False) track_running_stats=False on
+    # net's: the running statistics came out 0.2-3.6 off (num_batches_tracked 16 off),
+    # without an error.
+    def make() -> L.Callback:
+        if callback == "swa":
+            return StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+        return _FreezeStem()
+
+    epochs = 4 if callback == "swa" else 2
+    plain, templated = _fit(_Plain, make(), epochs), _fit(_Templated, make(), epochs)
+    ours, theirs = templated.net.state_dict(), plain.net.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
+    # The template's own settings are as it was made.
+    assert templated.template.module[1].momentum == 0.1
+    assert templated.template.module[1].track_running_stats is True
+
+
+def test_the_settings_travel_with_the_state_and_are_put_back_after_the_call() -> None:
+    torch.manual_seed(0)
+    net = _net()
+    template = lm.MetaTemplate(net)
+    net[1].momentum = None
+    state = template.state_from(net)
+    assert state.settings == {"1": {"momentum": None}}
+    x = torch.randn(6, 8)
+    want = copy.deepcopy(net)
+    want(x)
+    template(state, x)
+    assert torch.equal(net[1].running_mean, want[1].running_mean)
+    assert template.module[1].momentum == 0.1
+    # Through copy, deepcopy, pickle and a torch.func transform.
+    for carried in (state.copy(), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert carried.settings == {"1": {"momentum": None}}
+    from torch.utils._pytree import tree_map
+
+    assert tree_map(lambda t: t * 1, state).settings == {"1": {"momentum": None}}
+    # modes=net carries them as well: the call stands for want(x) again.
+    want(x)
+    template.functional_call(dict(state), (x,), modes=net)
+    assert torch.equal(net[1].running_mean, want[1].running_mean)
+    assert template.module[1].momentum == 0.1
+
+
+@pytest.mark.parametrize("swap", ["sync_batchnorm", "activation"])
+def test_a_net_whose_submodule_was_replaced_after_the_template_is_refused(swap: str) -> None:
+    # Before: the template ran its BatchNorm1d (or ReLU) where net now runs a
+    # SyncBatchNorm (Trainer(sync_batchnorm=True) converts it) or a GELU: other numbers
+    # than net(x), without an error.
+    net = _net()
+    template = lm.MetaTemplate(net)
+    if swap == "sync_batchnorm":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        match = r"'1' is a SyncBatchNorm where the template has a BatchNorm1d.*lm\.MetaTemplate"
+    else:
+        net[2] = nn.GELU()
+        match = r"'2' is a GELU where the template has a ReLU"
+    with pytest.raises(lm.MetaTensorError, match=match) as e:
+        template.state_from(net)
+    assert e.value.paths == ("1" if swap == "sync_batchnorm" else "2",)
+    with pytest.raises(lm.MetaTensorError, match=match):
+        template.functional_call(dict(template.state_from(_net())), (torch.ones(2, 8),), modes=net)
+
+
+def test_a_subclass_running_the_same_forward_is_not_refused() -> None:
+    # A parametrization makes the submodule a ParametrizedLinear (fully_shard an
+    # FSDPLinear): the same forward, so the same code.
+    torch.manual_seed(0)
+    net = _net().eval()
+    template = lm.MetaTemplate(net)
+    nn.utils.parametrize.register_parametrization(net[0], "weight", _Double())
+    assert type(net[0]) is not nn.Linear
+    x = torch.randn(3, 8)
+    assert torch.equal(template(template.state_from(net), x), net(x))
+    compiled = torch.compile(net)  # a wrapper: the module it wraps is compared
+    assert torch.equal(template(template.state_from(compiled), x), net(x))
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 2
