@@ -36,3 +36,57 @@ def test_a_captured_nested_tensor_is_refused_naming_the_fix(layout: torch.layout
         lm.deferred_init(),
     ):
         Holder()
+
+
+class _WithCount(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("count", torch.tensor(5))
+
+
+def test_a_scalar_made_on_meta_inside_a_block_stays_meta_as_the_rest() -> None:
+    # torch.tensor(5) under a torch.device("meta") inside the block is made without an op
+    # the recorder sees. Before: materialize refused it as "not built under deferred_init",
+    # where the block's other tensors made there stayed meta, as eagerly.
+    with lm.deferred_init(), torch.device("meta"):
+        model = _WithCount()
+    lm.materialize(model)
+    assert all(t.is_meta for t in model.state_dict().values())
+
+
+def test_fabric_setup_names_the_meta_context_a_block_was_entered_in() -> None:
+    # Before: the scalar buffer was named as "not deferred ... make it inside the
+    # deferred_init block", which it was; the cause (the context, as
+    # fabric.init_module(empty_init=True) enters under FSDP) went unnamed.
+    import lightning as L
+
+    with torch.device("meta"), lm.deferred_init():
+        model = _WithCount()
+    with pytest.raises(lm.MaterializationError, match=r"torch\.device\('meta'\) context") as e:
+        lm.fabric_setup(L.Fabric(accelerator="cpu", devices=1), model)
+    assert set(e.value.paths) == {"count", "lin.bias", "lin.weight"}
+    # Made on meta inside the block on purpose: named as such, not as "not deferred".
+    with lm.deferred_init(), torch.device("meta"):
+        model = _WithCount()
+    with pytest.raises(lm.MetaTensorError, match=r"made on the meta device inside its deferred"):
+        lm.fabric_setup(L.Fabric(accelerator="cpu", devices=1), model)
+
+
+def test_an_op_eager_construction_fails_on_too_is_said_so_at_replay() -> None:
+    # transformers' RWKV built in bfloat16: eager construction raises at once, deferred
+    # at materialize. Before, the fix was "materialize with draw_on='cpu'", the default,
+    # or "build this part outside deferred_init", which fails the same way.
+    class Orthogonal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 4, dtype=torch.bfloat16))
+            nn.init.orthogonal_(self.w)
+
+    with pytest.raises(RuntimeError, match="not implemented for 'BFloat16'"):
+        Orthogonal()  # NotImplementedError on torch 2.13, RuntimeError on 2.6
+    with lm.deferred_init():
+        model = Orthogonal()
+    with pytest.raises(lm.MaterializationError, match=r"\(for w\).*fails the same way") as e:
+        lm.materialize(model)
+    assert "draw_on" not in str(e.value)

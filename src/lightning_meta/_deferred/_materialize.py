@@ -876,6 +876,20 @@ def _complete_records(
         complete(record, remap)
 
 
+def outer_meta_refusal(paths: list[str]) -> MaterializationError:
+    """The error for tensors of a block entered inside a ``torch.device("meta")`` context."""
+    paths = sorted(paths)
+    return MaterializationError(
+        f"materialize cannot reproduce {paths}: their deferred_init block was entered "
+        "inside a torch.device('meta') context (such as fabric.init_module(empty_init=True) "
+        "or trainer.init_module(empty_init=True) under ModelParallelStrategy or "
+        "FSDPStrategy), so every tensor was built on meta, where eager construction gives "
+        "no values at all. Fix: leave empty_init unset (deferred_init already keeps the "
+        "model on meta), or enter deferred_init outside the meta device context.",
+        paths=paths,
+    )
+
+
 def check_deferred(
     deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool, dtype: torch.dtype | None
 ) -> dict[int, torch.dtype]:
@@ -916,16 +930,7 @@ def check_deferred(
             if not s.persistent:
                 unsaved.append(s.path)
     if on_meta:
-        on_meta.sort()
-        raise MaterializationError(
-            f"materialize cannot reproduce {on_meta}: their deferred_init block was entered "
-            "inside a torch.device('meta') context (such as fabric.init_module(empty_init=True) "
-            "or trainer.init_module(empty_init=True) under ModelParallelStrategy or "
-            "FSDPStrategy), so every tensor was built on meta, where eager construction gives "
-            "no values at all. Fix: leave empty_init unset (deferred_init already keeps the "
-            "model on meta), or enter deferred_init outside the meta device context.",
-            paths=on_meta,
-        )
+        raise outer_meta_refusal(on_meta)
     if replaced:
         replaced.sort()
         raise MaterializationError(

@@ -474,7 +474,7 @@ def _execute(
                     with lent:
                         out = run(*args, **kwargs)
             except Exception as e:
-                raise _replay_error(record, i, targets, e) from e
+                raise _replay_error(record, i, targets, e, on_cpu=remap is None) from e
             if op.stream is not None:
                 rng.leave(i, op.stream)
         if i in scratch and i not in defines:
@@ -539,17 +539,32 @@ def _out_device(op: Op, remap: torch.device | None) -> torch.device:
 
 
 def _replay_error(
-    record: Record, i: int, targets: dict[int, str], e: Exception
+    record: Record, i: int, targets: dict[int, str], e: Exception, *, on_cpu: bool
 ) -> MaterializationError:
-    """Return the error for op ``i`` failing on real tensors, naming the tensors it blocks."""
+    """Return the error for op ``i`` failing on real tensors, naming the tensors it blocks.
+
+    ``on_cpu``: replayed where eager construction ran it, on the same tensors, so eager
+    construction fails the same way (a dtype the CPU kernel lacks: ``linalg_qr`` in bfloat16).
+    """
     op = record.ops[i]
     site = f" issued at {op.site}" if op.site else ""
     # A draw on scratch tensors feeds no target but blocks every one after it.
     paths = _paths_needing(record, i, targets) or sorted(set(targets.values()))
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    if on_cpu:
+        fix = (
+            "Eager construction runs this op on the same tensors on the CPU and fails the "
+            "same way. Fix: build the model in a dtype the op supports (float32, then "
+            "materialize(model, dtype=...) casts the result), or change that initialisation."
+        )
+    else:
+        fix = (
+            "Fix: materialize with draw_on='cpu', or build this part of the model outside "
+            "deferred_init."
+        )
     return MaterializationError(
-        f"materialize could not replay {op.name}{site}: "
-        f"{type(e).__name__}: {e}. Fix: materialize with draw_on='cpu', or build this "
-        "part of the model outside deferred_init.",
+        f"materialize could not replay {op.name}{site} (for {shown}): "
+        f"{type(e).__name__}: {e}. {fix}",
         paths=paths,
     )
 

@@ -32,15 +32,18 @@ from lightning_meta._deferred._handles import (
     deferred_slots,
     handle_of,
     handles_of,
+    on_meta_on_purpose,
 )
 from lightning_meta._deferred._materialize import (
     DrawOn,
     materialize_beyond,
     materialize_paths,
+    outer_meta_refusal,
     refuse_replaced,
     sharded_slots,
 )
 from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
+from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import (
     MetaFinding,
     explain,
@@ -111,6 +114,25 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
     if found:
         paths = {f.path for f in found}
         slots = list(iter_slots(module))
+        # A block entered inside torch.device("meta") made these (torch.tensor(5) there is a
+        # plain meta tensor): the context is the cause to name, not the strays.
+        outer = [
+            s.path for s in slots if (h := handle_of(s.tensor)) is not None and h.record.outer_meta
+        ]
+        if outer:
+            raise outer_meta_refusal([*outer, *paths])
+        purposed = sorted(s.path for s in slots if s.path in paths and on_meta_on_purpose(s))
+        if purposed:
+            raise MetaTensorError(
+                f"{owner or type(module).__name__} holds {purposed}, made on the meta device "
+                "inside its deferred_init block (device='meta', or a torch.device('meta') "
+                "context inside the block), which eager construction leaves without values "
+                "too; Lightning would fail on them. Fix: build them without the meta device "
+                "(deferred_init already keeps the model on meta until it is materialized), or "
+                "keep such a module as lightning_meta.MetaTemplate(module), which Lightning "
+                "never sees.",
+                paths=purposed,
+            )
         refuse_replaced(s for s in slots if s.path in paths)
         beside = any(s.path not in paths and handle_of(s.tensor) is not None for s in slots)
         raise explain(found, owner or type(module).__name__, REACHES, beside_deferred=beside)
