@@ -90,3 +90,16 @@ def test_an_op_eager_construction_fails_on_too_is_said_so_at_replay() -> None:
     with pytest.raises(lm.MaterializationError, match=r"\(for w\).*fails the same way") as e:
         lm.materialize(model)
     assert "draw_on" not in str(e.value)
+
+
+def test_a_meta_tensor_made_before_the_block_and_registered_in_it_is_still_refused() -> None:
+    # The first version of the test above marked every plain meta tensor registered in a
+    # block as made on meta on purpose: materialize left it on meta without an error.
+    outside = nn.Parameter(torch.empty(3, 3, device="meta"))
+    with lm.deferred_init():
+        model = nn.Linear(3, 3)
+        model.weight = outside
+    with pytest.raises(
+        lm.MaterializationError, match=r"not built under deferred_init: \['weight'\]"
+    ):
+        lm.materialize(model)

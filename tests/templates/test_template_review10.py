@@ -161,3 +161,92 @@ def test_a_subclass_running_the_same_forward_is_not_refused() -> None:
 class _Double(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * 2
+
+
+# What the regression sweep of the change above found (each worked before it).
+
+
+def test_a_net_wrapped_by_fabric_is_not_refused() -> None:
+    # Fabric's _FabricModule reaches the same submodules by the same paths; the first
+    # version of the class check refused it as "runs other code".
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    net = _net().eval()
+    template = lm.MetaTemplate(net)
+    wrapped = fabric.setup_module(net)
+    x = torch.randn(3, 8)
+    assert torch.equal(template(template.state_from(wrapped), x), net(x))
+
+
+def test_a_class_defined_again_with_the_same_forward_is_not_refused() -> None:
+    # A notebook cell run again: another class object of the same name and code.
+    source = (
+        "class Scaled(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(3, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x) * 2\n"
+    )
+    first: dict[str, object] = {"nn": nn}
+    again: dict[str, object] = {"nn": nn}
+    exec(source, first)
+    exec(source, again)
+    template = lm.MetaTemplate(nn.Sequential(first["Scaled"]()))  # type: ignore[operator]
+    net = nn.Sequential(again["Scaled"]())  # type: ignore[operator]
+    x = torch.randn(2, 3)
+    assert torch.equal(template(template.state_from(net), x), net(x))
+
+
+class _Cached(nn.Module):
+    """A private length kept beside a plain-tensor cache (transformers' ESM rotary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self._seq_len_cached: int | None = None
+        self._cos_cached: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._seq_len_cached != x.shape[0]:
+            self._seq_len_cached = x.shape[0]
+            self._cos_cached = torch.arange(x.shape[0], dtype=x.dtype).cos()[:, None]
+        assert self._cos_cached is not None
+        return self.lin(x) * self._cos_cached
+
+
+def test_private_state_beside_a_cache_is_not_taken_from_net() -> None:
+    # The first version took net's _seq_len_cached and not the cache it goes with: the
+    # template skipped building one ("'NoneType' object has no attribute 'device'").
+    torch.manual_seed(0)
+    net = _Cached()
+    template = lm.MetaTemplate(net)
+    x = torch.randn(5, 4)
+    want = net(x)
+    params = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    assert torch.equal(template.functional_call(params, (x,), modes=net), want)
+
+
+class _Checkpointable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_gradient_checkpointing_turned_on_in_net_is_not_followed() -> None:
+    # transformers' gradient_checkpointing_enable() on net after the template was made:
+    # the first version carried the flag over and refused the call as checkpointing.
+    torch.manual_seed(0)
+    net = _Checkpointable()
+    template = lm.MetaTemplate(net)
+    net.gradient_checkpointing = True
+    x = torch.randn(2, 4)
+    state = template.state_from(net)
+    assert state.settings == {}
+    out = template(state, x)
+    out.sum().backward()
+    assert torch.equal(out, net(x))

@@ -288,9 +288,12 @@ class Recorder(RecordingDispatchMode):
                 isinstance(value, torch.Tensor)
                 and value.is_meta
                 and not isinstance(value, FakeTensor)
+                and _compat.default_device().type == "meta"
             ):
-                # Made on meta without an op the recorder sees (torch.tensor(5) under
-                # torch.device("meta")): on meta on purpose, as the block ends knows.
+                # Made on meta without an op the recorder sees (torch.tensor(5) under a
+                # torch.device("meta") inside the block): on meta on purpose, as eagerly.
+                # Not one registered outside such a context (a meta tensor made before
+                # the block), which materialize refuses as holding no values.
                 self.registered_meta.append((module, name, value))
 
     def vid_at_exit(self, t: torch.Tensor) -> int:

@@ -506,15 +506,11 @@ class _Layout:
             for path, sub in module.named_modules()
             if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
         ]
-        self.named = list(module.named_modules())
         self._names: _Names | None = None
+        self._named: list[tuple[str, nn.Module]] | None = None
         self._tensor_names: list[str] | None = None
+        self._settings: list[tuple[str, nn.Module, tuple[str, ...]]] | None = None
         self._hooked: tuple[int, _Watched, _Recomputed] | None = None
-        # The plain settings each submodule's forward reads (momentum, eps, p,
-        # track_running_stats), by name: a call standing for net(x) runs with net's.
-        self.settings = [
-            (path, sub, names) for path, sub in self.named if (names := _setting_names(sub))
-        ]
         # Meta tensors in plain attributes that are not the module's own (a
         # factory's plain tensors, built on meta): no call's mapping replaces them.
         # And whether a real tensor is there (a module template keeps their values):
@@ -533,6 +529,24 @@ class _Layout:
     def fits(self, module: nn.Module) -> bool:
         """Whether this is still ``module``'s layout."""
         return self.modules[0] is module and self.key == _layout_key(self.modules)
+
+    # Found on first use, as names() is: a plain call (and torch.compile tracing one, where
+    # walking attributes broke the graph) needs none of these.
+    def named(self) -> list[tuple[str, nn.Module]]:
+        """The module's ``named_modules()``."""
+        if self._named is None:
+            self._named = list(self.modules[0].named_modules())
+        return self._named
+
+    def settings(self) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+        """(path, submodule, names) of the plain settings each submodule's forward may read
+        (momentum, eps, p, track_running_stats): a call standing for ``net(x)`` runs with
+        ``net``'s (:func:`_settings_of`)."""
+        if self._settings is None:
+            self._settings = [
+                (path, sub, names) for path, sub in self.named() if (names := _setting_names(sub))
+            ]
+        return self._settings
 
     def tensor_names(self) -> list[str]:
         """Every parameter and buffer name, tied names included (:func:`named_tensors`)."""
@@ -734,8 +748,11 @@ class MetaTemplate:
         # None: the modes the factory builds (an uncached template not set since).
         self._training: bool | None = None
         # functional_call swaps tensors into the one cached module: calls from
-        # several threads take turns.
-        self._lock = threading.RLock()
+        # several threads take turns. Made on first use (_serialized): an uncached
+        # @meta_template builds a template on every access, also inside a compiled
+        # forward, where dynamo cannot trace RLock (torch 2.12 warned "Dynamo does
+        # not know how to trace the builtin RLock.__new__").
+        self._lock: threading.RLock | None = None
         # Tensors in plain attributes a forward changed in place: see _put_back.
         self._spoiled: list[str] = []
         # What _check compares every call with, while the module's tables stay as they were.
@@ -801,6 +818,10 @@ class MetaTemplate:
         # dynamo could not trace the lock anyway.
         if self._module is None or torch.compiler.is_compiling():
             return contextlib.nullcontext()
+        if self._lock is None:
+            with _MAKING_LOCKS:
+                if self._lock is None:
+                    self._lock = threading.RLock()
         return self._lock
 
     def eval(self) -> MetaTemplate:
@@ -912,8 +933,8 @@ class MetaTemplate:
                 out[name] = getattr(sub, leaf)
             except AttributeError:
                 missing.append(name)
-        out.modes.update(_modes_of(module, layout.named, subs))
-        lacking = [p for p, _ in layout.named if p not in out.modes]
+        out.modes.update(_modes_of(module, layout.named(), subs))
+        lacking = [p for p, _ in layout.named() if p not in out.modes]
         if missing or lacking:
             listed = [*missing, *(f"{p} (a submodule)" for p in lacking)]
             raise MetaTensorError(
@@ -1067,7 +1088,7 @@ class MetaTemplate:
             layout = self._layout_of(module)
             if modes_of is not None:
                 subs = _by_path(modes_of)
-                mode_map = _modes_of(modes_of, layout.named, subs)
+                mode_map = _modes_of(modes_of, layout.named(), subs)
                 settings = _settings_of(modes_of, layout, subs)
             with _computed_kept(layout):
                 metas = self._check(layout, before, tie_weights=tie_weights) if strict else {}
@@ -1264,7 +1285,7 @@ class MetaTemplate:
         self.__dict__.update(state)
         self.__dict__.setdefault("_spoiled", [])
         self._layout = None
-        self._lock = threading.RLock()
+        self._lock = None
 
     def __copy__(self) -> MetaTemplate:
         # A template sharing its module with another would share its modes and the
@@ -1600,17 +1621,18 @@ def _modes_of(
             lacking = True
             continue
         out[path] = theirs.training
-        while dynamo_wrapper(theirs):
-            theirs = typing.cast(nn.Module, theirs._orig_mod)
-        # A subclass running the same forward (FSDP2's, a parametrization's) runs
-        # the same code; another class (SyncBatchNorm for BatchNorm) does not.
-        if type(theirs) is not type(sub) and not (
-            isinstance(theirs, type(sub)) and type(theirs).forward is type(sub).forward
-        ):
+        # The root may be a wrapper that reaches the same submodules by the same paths
+        # (Fabric's _FabricModule, torch.compile's OptimizedModule): not compared.
+        if path and not _same_code(theirs, sub):
             replaced.append((path, theirs, sub))
     if replaced and not lacking:  # a module built otherwise: the caller names what it lacks
         listed = ", ".join(
-            f"{p or '<root>'!r} is a {type(t).__name__} where the template has a {type(m).__name__}"
+            f"{p!r} is a {type(t).__name__} where the template has a {type(m).__name__}"
+            + (
+                " (another definition of that class, with another forward)"
+                if type(t).__qualname__ == type(m).__qualname__
+                else ""
+            )
             for p, t, m in replaced
         )
         raise MetaTensorError(
@@ -1626,7 +1648,28 @@ def _modes_of(
     return out
 
 
+def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
+    """Whether ``theirs`` runs the code of the template's ``sub``: the same class, a subclass
+    with the same ``forward`` (FSDP2's, a parametrization's), or the same class defined again
+    with the same ``forward`` (a notebook cell run again). Another class (SyncBatchNorm for
+    BatchNorm, GELU for ReLU) does not."""
+    while dynamo_wrapper(theirs):
+        theirs = typing.cast(nn.Module, theirs._orig_mod)
+    mine, given = type(sub), type(theirs)
+    if given is mine or (isinstance(theirs, mine) and given.forward is mine.forward):
+        return True
+    if (given.__module__, given.__qualname__) != (mine.__module__, mine.__qualname__):
+        return False
+    code = getattr(given.forward, "__code__", None)
+    return code is not None and code == getattr(mine.forward, "__code__", None)
+
+
+_MAKING_LOCKS = threading.Lock()  # one lock per template, made once (MetaTemplate._serialized)
+
 _SETTING_TYPES = frozenset({bool, int, float, complex, str, type(None), torch.dtype})
+# Followed from net by no call: activation checkpointing recomputes in backward, after the
+# call, which a template refuses; it changes what is kept, not the values.
+_NOT_FOLLOWED = frozenset({"gradient_checkpointing"})
 
 
 def _is_setting(value: Any) -> bool:
@@ -1637,11 +1680,20 @@ def _is_setting(value: Any) -> bool:
 
 
 def _setting_names(sub: nn.Module) -> tuple[str, ...]:
-    """The names of the plain settings in ``sub``'s own attributes (not torch's bookkeeping)."""
+    """The names of the public plain settings in ``sub``'s own attributes.
+
+    Private ones are left alone: torch's bookkeeping, and what a forward keeps with a
+    cache of its own (ESM's rotary ``_seq_len_cached`` beside a plain ``_cos_cached``
+    tensor, which the template does not take from ``net``: the length without the cache
+    made the template skip building one).
+    """
     return tuple(
         k
         for k, v in vars(sub).items()
-        if k not in MODULE_INTERNALS and not k.startswith("_lightning_meta") and _is_setting(v)
+        if not k.startswith("_")
+        and k not in MODULE_INTERNALS
+        and k not in _NOT_FOLLOWED
+        and _is_setting(v)
     )
 
 
@@ -1656,7 +1708,7 @@ def _settings_of(
     them, as it runs in ``source``'s modes (:func:`_modes_of`).
     """
     out: dict[str, dict[str, Any]] = {}
-    for path, sub, names in layout.settings:
+    for path, sub, names in layout.settings():
         try:
             theirs = _at(subs, source, path)
         except AttributeError:
@@ -1707,12 +1759,16 @@ def _modes_set(
             if sub is None:
                 continue
             for name, value in values.items():
-                own.append((sub, name, vars(sub)[name]))
+                # (a state of another template may name one this one lacks)
+                own.append((sub, name, vars(sub).get(name, _MISSING)))
                 setattr(sub, name, value)
         yield
     finally:
         for sub, name, value in reversed(own):
-            setattr(sub, name, value)
+            if value is _MISSING:
+                sub.__dict__.pop(name, None)
+            else:
+                setattr(sub, name, value)
         for sub, training in saved:
             if sub.training is not training:
                 sub.training = training
