@@ -45,14 +45,17 @@ class _WithCount(nn.Module):
         self.register_buffer("count", torch.tensor(5))
 
 
-def test_a_scalar_made_on_meta_inside_a_block_stays_meta_as_the_rest() -> None:
+def test_a_scalar_made_on_meta_inside_a_block_is_refused_naming_where_it_came_from() -> None:
     # torch.tensor(5) under a torch.device("meta") inside the block is made without an op
-    # the recorder sees. Before: materialize refused it as "not built under deferred_init",
-    # where the block's other tensors made there stayed meta, as eagerly.
+    # the recorder sees, so no record holds its value (nor can one tell it from a meta
+    # tensor made before the block). Before: "build the module inside deferred_init",
+    # which it was.
     with lm.deferred_init(), torch.device("meta"):
         model = _WithCount()
-    lm.materialize(model)
-    assert all(t.is_meta for t in model.state_dict().values())
+    with pytest.raises(lm.MaterializationError, match=r"no deferred_init block recorded") as e:
+        lm.materialize(model)
+    assert e.value.paths == ("count",)
+    assert "torch.device('meta') context inside the block" in str(e.value)
 
 
 def test_fabric_setup_names_the_meta_context_a_block_was_entered_in() -> None:
@@ -68,9 +71,9 @@ def test_fabric_setup_names_the_meta_context_a_block_was_entered_in() -> None:
     assert set(e.value.paths) == {"count", "lin.bias", "lin.weight"}
     # Made on meta inside the block on purpose: named as such, not as "not deferred".
     with lm.deferred_init(), torch.device("meta"):
-        model = _WithCount()
+        linear = nn.Linear(3, 3)
     with pytest.raises(lm.MetaTensorError, match=r"made on the meta device inside its deferred"):
-        lm.fabric_setup(L.Fabric(accelerator="cpu", devices=1), model)
+        lm.fabric_setup(L.Fabric(accelerator="cpu", devices=1), linear)
 
 
 def test_an_op_eager_construction_fails_on_too_is_said_so_at_replay() -> None:
@@ -92,14 +95,20 @@ def test_an_op_eager_construction_fails_on_too_is_said_so_at_replay() -> None:
     assert "draw_on" not in str(e.value)
 
 
-def test_a_meta_tensor_made_before_the_block_and_registered_in_it_is_still_refused() -> None:
-    # The first version of the test above marked every plain meta tensor registered in a
-    # block as made on meta on purpose: materialize left it on meta without an error.
+@pytest.mark.parametrize("context", ["none", "meta"])
+def test_a_meta_tensor_made_before_the_block_and_registered_in_it_is_refused(
+    context: str,
+) -> None:
+    # The first version of the fix above took every plain meta tensor registered in a
+    # block (then: while a meta device context was active) as made there on purpose:
+    # materialize left it on meta without an error.
     outside = nn.Parameter(torch.empty(3, 3, device="meta"))
     with lm.deferred_init():
         model = nn.Linear(3, 3)
-        model.weight = outside
-    with pytest.raises(
-        lm.MaterializationError, match=r"not built under deferred_init: \['weight'\]"
-    ):
+        if context == "meta":
+            with torch.device("meta"):
+                model.weight = outside
+        else:
+            model.weight = outside
+    with pytest.raises(lm.MaterializationError, match=r"no deferred_init block recorded"):
         lm.materialize(model)

@@ -250,3 +250,71 @@ def test_gradient_checkpointing_turned_on_in_net_is_not_followed() -> None:
     out = template(state, x)
     out.sum().backward()
     assert torch.equal(out, net(x))
+
+
+# What the second regression sweep found (each worked before the change).
+
+
+def test_a_submodule_compiled_before_the_template_was_made_is_not_refused() -> None:
+    torch.manual_seed(0)
+    net = _net().eval()
+    net[0] = torch.compile(net[0], backend="eager")  # type: ignore[assignment]
+    template = lm.MetaTemplate(net)
+    x = torch.randn(3, 8)
+    assert torch.equal(template(template.state_from(net), x), net(x))
+
+
+class _PublicCache(nn.Module):
+    """A cache and its length in public attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seq_len_cached: int | None = None
+        self.cos_cached: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.seq_len_cached is None or n > self.seq_len_cached:
+            assert self.cos_cached is None or self.cos_cached.shape[0] == self.seq_len_cached
+            self.seq_len_cached = n
+            self.cos_cached = torch.arange(n, dtype=x.dtype).cos()[:, None]
+        assert self.cos_cached is not None
+        return self.lin(x) * self.cos_cached[:n]
+
+
+def test_a_public_length_beside_a_cache_is_not_taken_from_net() -> None:
+    # Taking net's length (16) without its cache left the template's 8-row cache in
+    # use for 10 rows: "The size of tensor a (10) must match the size of tensor b (8)".
+    torch.manual_seed(0)
+    net = _PublicCache()
+    net(torch.randn(8, 4))
+    template = lm.MetaTemplate(net)
+    net(torch.randn(16, 4))
+    x = torch.randn(10, 4)
+    params = dict(net.named_parameters())
+    assert torch.equal(template.functional_call(params, (x,), modes=net), net(x))
+
+
+class _Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.template = lm.MetaTemplate(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.template(self.template.state_from(self.net), x)
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+    reason="torch 2.6 and 2.7 cannot trace a template call with fullgraph=True at all",
+)
+def test_a_state_from_call_compiles_as_one_graph_on_its_first_call() -> None:
+    # The layout's settings were found on first use inside the traced call, with a
+    # walrus in a comprehension: "Unsupported: Read uninitialized cell".
+    torch.manual_seed(0)
+    host = _Host().eval()
+    x = torch.randn(4, 8)
+    compiled = torch.compile(host, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), host.net(x))

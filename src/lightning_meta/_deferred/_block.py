@@ -295,13 +295,6 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         # template's module) gets no load hooks: nothing of it is deferred.
         if any(deferred) or items[0] > before:
             owners.append(module)
-    if not record.outer_meta:
-        for module, name, t in recorder.registered_meta:
-            # Registered on meta in the block, where no op made it (torch.tensor(5)
-            # under a torch.device("meta") inside the block): eager leaves it there.
-            slot = slot_at(module, name)
-            if slot is not None and slot.tensor is t:
-                mark_on_meta(module, name, t)
     for vid, t in with_history:
         reached = {held[i] for i in _leaves(t) if i in held}
         if reached:

@@ -23,6 +23,7 @@ from lightning_meta._arguments import (
 from lightning_meta._deferred._escaped import block_failure, escaped_site
 from lightning_meta._deferred._fallback import overwritten, reset_parameters, without_reset
 from lightning_meta._deferred._handles import (
+    ON_META_ATTR,
     Handle,
     ItemSlot,
     apart_by_copy,
@@ -1040,6 +1041,7 @@ def _check_plain(
     plain: list[Slot], fallback: Fallback | None, modules: Iterable[nn.Module] = ()
 ) -> None:
     """Refuse never-deferred meta tensors, unless ``fallback`` can initialise every one."""
+    modules = list(modules)
     # A parameter or buffer whose name still has a handle took the place of a
     # deferred tensor after the block. One of the deferred shape in another
     # dtype is what module.to(dtype) makes of a buffer: its value is the cast
@@ -1107,6 +1109,22 @@ def _check_plain(
         )
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
+        # In a model built in a block, "build it inside deferred_init" is no fix: a meta
+        # tensor made before the block and set in it, or after it, or made inside it where
+        # the block sees no op (torch.tensor(5) under a torch.device("meta") there).
+        if any(
+            handles_of(m) or ON_META_ATTR in vars(m) for m in [*modules, *(s.owner for s in plain)]
+        ):
+            raise MaterializationError(
+                f"materialize found meta tensors that no deferred_init block recorded: "
+                f"{paths}, in a model built in one: made on meta before the block and set in "
+                "it, or after it, or inside it where the block sees no op (torch.tensor(...) "
+                "under a torch.device('meta') context inside the block). Their values are "
+                "unknown. Fix: make them inside the block without the meta device (the block "
+                "keeps them on meta until materialize), load them from a checkpoint, or pass "
+                "fallback='reset_parameters' to initialise them with reset_parameters().",
+                paths=paths,
+            )
         raise MaterializationError(
             f"materialize found meta tensors that were not built under deferred_init: {paths}. "
             "Their values are unknown. Fix: build the module inside `with "

@@ -255,8 +255,6 @@ class Recorder(RecordingDispatchMode):
         self.record = record
         self.thread = threading.get_ident()
         self.modules: dict[int, nn.Module] = {}
-        # Plain meta tensors registered in the block: (module, name, tensor).
-        self.registered_meta: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.lineage = Lineage(record.values)
         self.values = ValueIds(record, self.modules, self.lineage)
         self.draws = LiveDraws()
@@ -284,17 +282,6 @@ class Recorder(RecordingDispatchMode):
             self.modules.setdefault(id(module), module)
             if isinstance(value, nn.Module):
                 self.modules.setdefault(id(value), value)
-            elif (
-                isinstance(value, torch.Tensor)
-                and value.is_meta
-                and not isinstance(value, FakeTensor)
-                and _compat.default_device().type == "meta"
-            ):
-                # Made on meta without an op the recorder sees (torch.tensor(5) under a
-                # torch.device("meta") inside the block): on meta on purpose, as eagerly.
-                # Not one registered outside such a context (a meta tensor made before
-                # the block), which materialize refuses as holding no values.
-                self.registered_meta.append((module, name, value))
 
     def vid_at_exit(self, t: torch.Tensor) -> int:
         """Return the value id of ``t``, a tensor found on a module when the block ends."""
@@ -324,7 +311,6 @@ class Recorder(RecordingDispatchMode):
         self._kept = self._pending = None
         self._arrays = []
         self.modules.clear()
-        self.registered_meta.clear()
         self.values.clear()
         self._generators.clear()
 

@@ -122,7 +122,7 @@ def refuse_strays(module: nn.Module, owner: str | None = None) -> None:
         if outer:
             raise outer_meta_refusal([*outer, *paths])
         purposed = sorted(s.path for s in slots if s.path in paths and on_meta_on_purpose(s))
-        if purposed:
+        if purposed and len(purposed) == len(paths):
             raise MetaTensorError(
                 f"{owner or type(module).__name__} holds {purposed}, made on the meta device "
                 "inside its deferred_init block (device='meta', or a torch.device('meta') "

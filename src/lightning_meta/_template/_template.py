@@ -543,9 +543,12 @@ class _Layout:
         (momentum, eps, p, track_running_stats): a call standing for ``net(x)`` runs with
         ``net``'s (:func:`_settings_of`)."""
         if self._settings is None:
-            self._settings = [
-                (path, sub, names) for path, sub in self.named() if (names := _setting_names(sub))
-            ]
+            found = []
+            for path, sub in self.named():  # a loop: dynamo cannot trace a walrus in one
+                names = _setting_names(sub)
+                if names:
+                    found.append((path, sub, names))
+            self._settings = found
         return self._settings
 
     def tensor_names(self) -> list[str]:
@@ -1655,6 +1658,8 @@ def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
     BatchNorm, GELU for ReLU) does not."""
     while dynamo_wrapper(theirs):
         theirs = typing.cast(nn.Module, theirs._orig_mod)
+    while dynamo_wrapper(sub):  # a submodule compiled before the template was made
+        sub = typing.cast(nn.Module, sub._orig_mod)
     mine, given = type(sub), type(theirs)
     if given is mine or (isinstance(theirs, mine) and given.forward is mine.forward):
         return True
@@ -1682,11 +1687,13 @@ def _is_setting(value: Any) -> bool:
 def _setting_names(sub: nn.Module) -> tuple[str, ...]:
     """The names of the public plain settings in ``sub``'s own attributes.
 
-    Private ones are left alone: torch's bookkeeping, and what a forward keeps with a
-    cache of its own (ESM's rotary ``_seq_len_cached`` beside a plain ``_cos_cached``
-    tensor, which the template does not take from ``net``: the length without the cache
-    made the template skip building one).
+    Private ones are left alone (torch's bookkeeping), and so are all of a module that
+    keeps tensors in plain attributes: a cache, whose length or key its numbers may be
+    (ESM's rotary ``seq_len_cached`` beside ``cos_cached``): the template keeps its own
+    cache, and ``net``'s length without it made the template skip building one.
     """
+    if _holds_tensors(sub):
+        return ()
     return tuple(
         k
         for k, v in vars(sub).items()
@@ -1695,6 +1702,18 @@ def _setting_names(sub: nn.Module) -> tuple[str, ...]:
         and k not in _NOT_FOLLOWED
         and _is_setting(v)
     )
+
+
+def _holds_tensors(sub: nn.Module) -> bool:
+    """Whether ``sub`` keeps a tensor in a plain attribute (or a list, tuple or dict there),
+    not as a parameter or buffer."""
+    for k, v in vars(sub).items():
+        if k in MODULE_INTERNALS:
+            continue
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+        if any(isinstance(item, torch.Tensor) for item in items):
+            return True
+    return False
 
 
 def _settings_of(
@@ -1715,6 +1734,8 @@ def _settings_of(
             continue
         while dynamo_wrapper(theirs):
             theirs = typing.cast(nn.Module, theirs._orig_mod)
+        if _holds_tensors(theirs):  # a cache net built since (see _setting_names)
+            continue
         mine, given = vars(sub), vars(theirs)
         for name in names:
             value = given.get(name, _MISSING)
