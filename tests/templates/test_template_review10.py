@@ -318,3 +318,66 @@ def test_a_state_from_call_compiles_as_one_graph_on_its_first_call() -> None:
     x = torch.randn(4, 8)
     compiled = torch.compile(host, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), host.net(x))
+
+
+# What the third regression sweep found.
+
+
+def test_a_numpy_cache_keeps_its_module_from_following_net() -> None:
+    # Like the public length above, with the cache a numpy array: net's length was taken
+    # without it ("shape '[6, 1]' is invalid for input of size 4"), where before the call
+    # was refused as storing state. numpy is optional here.
+    np = pytest.importorskip("numpy")
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.max_len = 4
+            self.table = np.arange(4, dtype=np.float32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            if n > self.max_len:
+                self.table = np.arange(n, dtype=np.float32) * 0.5
+                self.max_len = n
+            return self.lin(x) + torch.from_numpy(self.table[:n]).view(n, 1)
+
+    net = nn.Sequential(Table())
+    template = lm.MetaTemplate(net)
+    net(torch.randn(8, 4))
+    assert template.state_from(net).settings == {}
+
+
+def test_a_class_made_by_a_function_over_another_argument_is_refused() -> None:
+    # The same name and forward code, closing over torch.tanh instead of torch.relu: the
+    # template ran relu, 0.45 off net(x), without an error.
+    def activation(f: object) -> type[nn.Module]:
+        class Act(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return f(x)  # type: ignore[operator,no-any-return]
+
+        return Act
+
+    net = nn.Sequential(nn.Linear(3, 3), activation(torch.relu)())
+    template = lm.MetaTemplate(net)
+    net[1] = activation(torch.tanh)()
+    with pytest.raises(lm.MetaTensorError, match=r"'1' is a Act where the template has a Act"):
+        template.state_from(net)
+    # A class defined again whose forward calls super() closes over itself: not refused.
+    source = (
+        "class Scaled(nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        return super().forward(x) * 2\n"
+    )
+    first: dict[str, object] = {"nn": nn}
+    again: dict[str, object] = {"nn": nn}
+    exec(source, first)
+    exec(source, again)
+    torch.manual_seed(0)
+    held = nn.Sequential(first["Scaled"](3, 3))  # type: ignore[operator]
+    template = lm.MetaTemplate(held)
+    redefined = nn.Sequential(again["Scaled"](3, 3))  # type: ignore[operator]
+    redefined.load_state_dict(held.state_dict())
+    x = torch.randn(2, 3)
+    assert torch.equal(template(template.state_from(redefined), x), redefined(x))

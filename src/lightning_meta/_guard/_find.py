@@ -81,9 +81,11 @@ BESIDE_DEFERRED_FIX = (
     "Next to deferred tensors, a meta tensor that is not deferred was made after the "
     "deferred_init block: from deferred ones (nn.Parameter(w.detach().clone()), a "
     "parametrization or pruning applied to the deferred model), or built on meta and "
-    "assigned. It holds no values and no record gives them. Fix: make it inside the "
-    "deferred_init block, or after materialize (under MetaGuard, in on_fit_start, which "
-    "runs after it), or load real weights into it first."
+    "assigned; or made on meta before the block and set in it, or inside the block where "
+    "it sees no op (torch.tensor(...) under a torch.device('meta') context there). It holds "
+    "no values and no record gives them. Fix: make it inside the deferred_init block "
+    "without the meta device, or after materialize (under MetaGuard, in on_fit_start, "
+    "which runs after it), or load real weights into it first."
 )
 
 ESCAPED_FIX = (

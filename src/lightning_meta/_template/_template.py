@@ -1666,7 +1666,18 @@ def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
     if (given.__module__, given.__qualname__) != (mine.__module__, mine.__qualname__):
         return False
     code = getattr(given.forward, "__code__", None)
-    return code is not None and code == getattr(mine.forward, "__code__", None)
+    if code is None or code != getattr(mine.forward, "__code__", None):
+        return False
+    # A class made by a function closes over its arguments (an activation given to it);
+    # a forward calling super() closes over its own class (``__class__``).
+    cells = [getattr(f, "__closure__", None) or () for f in (given.forward, mine.forward)]
+    if len(cells[0]) != len(cells[1]):
+        return False
+    try:
+        contents = [(a.cell_contents, b.cell_contents) for a, b in zip(*cells, strict=True)]
+    except ValueError:  # an empty cell
+        return False
+    return all(a is b or (a is given and b is mine) for a, b in contents)
 
 
 _MAKING_LOCKS = threading.Lock()  # one lock per template, made once (MetaTemplate._serialized)
@@ -1688,7 +1699,7 @@ def _setting_names(sub: nn.Module) -> tuple[str, ...]:
     """The names of the public plain settings in ``sub``'s own attributes.
 
     Private ones are left alone (torch's bookkeeping), and so are all of a module that
-    keeps tensors in plain attributes: a cache, whose length or key its numbers may be
+    keeps arrays in plain attributes: a cache, whose length or key its numbers may be
     (ESM's rotary ``seq_len_cached`` beside ``cos_cached``): the template keeps its own
     cache, and ``net``'s length without it made the template skip building one.
     """
@@ -1705,15 +1716,23 @@ def _setting_names(sub: nn.Module) -> tuple[str, ...]:
 
 
 def _holds_tensors(sub: nn.Module) -> bool:
-    """Whether ``sub`` keeps a tensor in a plain attribute (or a list, tuple or dict there),
-    not as a parameter or buffer."""
+    """Whether ``sub`` keeps an array (a tensor, a numpy array: anything with
+    ``__array__`` or ``__dlpack__``) in a plain attribute, or in a list, tuple or dict
+    there, not as a parameter or buffer."""
     for k, v in vars(sub).items():
         if k in MODULE_INTERNALS:
             continue
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-        if any(isinstance(item, torch.Tensor) for item in items):
+        if any(_is_array(item) for item in items):
             return True
     return False
+
+
+def _is_array(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    cls = type(value)
+    return not isinstance(value, type) and (hasattr(cls, "__array__") or hasattr(cls, "__dlpack__"))
 
 
 def _settings_of(
