@@ -1229,6 +1229,13 @@ def dynamo_wrapper(mod: nn.Module) -> bool:
     return type(mod).__module__.startswith("torch._dynamo")
 
 
+def without_dynamo_wrappers(mod: nn.Module) -> nn.Module:
+    """``mod`` with ``torch.compile``'s wrappers taken off: the module they hold (``_orig_mod``)."""
+    while dynamo_wrapper(mod):
+        mod = cast(nn.Module, mod._orig_mod)
+    return mod
+
+
 def functorch_transform_active() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ...).
 
@@ -1321,6 +1328,7 @@ __all__ += [
     "deepcopy_module",
     "recomputing_hooks",
     "dynamo_wrapper",
+    "without_dynamo_wrappers",
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",

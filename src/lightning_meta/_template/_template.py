@@ -30,7 +30,6 @@ from lightning_meta._compat import (
     child_table,
     compiler_disabled,
     deepcopy_module,
-    dynamo_wrapper,
     functional_call_restoring_in_reverse,
     hook_registrations,
     hook_tables,
@@ -41,6 +40,7 @@ from lightning_meta._compat import (
     register_pytree_node,
     tensor_tables,
     tree_leaves,
+    without_dynamo_wrappers,
 )
 from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
@@ -1583,10 +1583,7 @@ def _by_path(source: nn.Module) -> dict[str, nn.Module]:
     """``source``'s submodules by dotted path, found in one walk (``get_submodule`` per path
     cost most of ``state_from``): through ``torch.compile``'s wrapper, whose own paths
     start with ``_orig_mod.``; the root is ``source`` itself."""
-    inner = source
-    while dynamo_wrapper(inner):
-        inner = typing.cast(nn.Module, inner._orig_mod)
-    out = dict(inner.named_modules())
+    out = dict(without_dynamo_wrappers(source).named_modules())
     out[""] = source
     return out
 
@@ -1656,10 +1653,8 @@ def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
     with the same ``forward`` (FSDP2's, a parametrization's), or the same class defined again
     with the same ``forward`` (a notebook cell run again). Another class (SyncBatchNorm for
     BatchNorm, GELU for ReLU) does not."""
-    while dynamo_wrapper(theirs):
-        theirs = typing.cast(nn.Module, theirs._orig_mod)
-    while dynamo_wrapper(sub):  # a submodule compiled before the template was made
-        sub = typing.cast(nn.Module, sub._orig_mod)
+    theirs = without_dynamo_wrappers(theirs)
+    sub = without_dynamo_wrappers(sub)  # a submodule compiled before the template was made
     mine, given = type(sub), type(theirs)
     if given is mine or (isinstance(theirs, mine) and given.forward is mine.forward):
         return True
@@ -1751,8 +1746,7 @@ def _settings_of(
             theirs = _at(subs, source, path)
         except AttributeError:
             continue
-        while dynamo_wrapper(theirs):
-            theirs = typing.cast(nn.Module, theirs._orig_mod)
+        theirs = without_dynamo_wrappers(theirs)
         if _holds_tensors(theirs):  # a cache net built since (see _setting_names)
             continue
         mine, given = vars(sub), vars(theirs)
