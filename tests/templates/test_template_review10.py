@@ -178,6 +178,16 @@ def test_a_net_wrapped_by_fabric_is_not_refused() -> None:
     assert torch.equal(template(template.state_from(wrapped), x), net(x))
 
 
+def _defined_twice(source: str, name: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The class ``name`` that ``source`` defines, defined twice (a notebook cell run again)."""
+    spaces: list[dict[str, object]] = [{"nn": nn}, {"nn": nn}]
+    for space in spaces:
+        exec(source, space)
+    first, again = (space[name] for space in spaces)
+    assert isinstance(first, type) and isinstance(again, type) and first is not again
+    return first, again
+
+
 def test_a_class_defined_again_with_the_same_forward_is_not_refused() -> None:
     # A notebook cell run again: another class object of the same name and code.
     source = (
@@ -188,12 +198,9 @@ def test_a_class_defined_again_with_the_same_forward_is_not_refused() -> None:
         "    def forward(self, x):\n"
         "        return self.fc(x) * 2\n"
     )
-    first: dict[str, object] = {"nn": nn}
-    again: dict[str, object] = {"nn": nn}
-    exec(source, first)
-    exec(source, again)
-    template = lm.MetaTemplate(nn.Sequential(first["Scaled"]()))  # type: ignore[operator]
-    net = nn.Sequential(again["Scaled"]())  # type: ignore[operator]
+    first, again = _defined_twice(source, "Scaled")
+    template = lm.MetaTemplate(nn.Sequential(first()))
+    net = nn.Sequential(again())
     x = torch.randn(2, 3)
     assert torch.equal(template(template.state_from(net), x), net(x))
 
@@ -370,14 +377,11 @@ def test_a_class_made_by_a_function_over_another_argument_is_refused() -> None:
         "    def forward(self, x):\n"
         "        return super().forward(x) * 2\n"
     )
-    first: dict[str, object] = {"nn": nn}
-    again: dict[str, object] = {"nn": nn}
-    exec(source, first)
-    exec(source, again)
+    first, again = _defined_twice(source, "Scaled")
     torch.manual_seed(0)
-    held = nn.Sequential(first["Scaled"](3, 3))  # type: ignore[operator]
+    held = nn.Sequential(first(3, 3))
     template = lm.MetaTemplate(held)
-    redefined = nn.Sequential(again["Scaled"](3, 3))  # type: ignore[operator]
+    redefined = nn.Sequential(again(3, 3))
     redefined.load_state_dict(held.state_dict())
     x = torch.randn(2, 3)
     assert torch.equal(template(template.state_from(redefined), x), redefined(x))
