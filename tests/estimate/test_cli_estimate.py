@@ -290,3 +290,17 @@ def test_a_lazy_module_target_is_a_problem_of_the_model_with_a_fix(
     err = capsys.readouterr().err
     assert "unexpected" not in err
     assert "'0.weight'" in err and "Fix:" in err and "model(torch.empty(8, 16))" in err
+
+
+def test_a_warning_is_one_line_of_the_command(tmp_path: Path) -> None:
+    # Before: Python's format, naming the CLI's own source line and repeating it
+    # (".../_cli/_estimate.py:392: MetaTensorWarning: estimate: ... result = estimate(...)").
+    path = tmp_path / f"lm_cli_conv_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text("from torch import nn\n\ndef net():\n    return nn.Conv2d(3, 32, 3)\n")
+    proc = _run(f"{path}:net", "--input", "4,3,16,16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    json.loads(proc.stdout)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lightning-meta estimate: warning: peak_bytes of Conv2d may be")
+    assert "oneDNN convolution" in lines[0] and "_cli" not in lines[0]

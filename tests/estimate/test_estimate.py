@@ -131,6 +131,10 @@ def _real_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     "ignore:estimate. peak_bytes of .* may be too low by up to .* bytes. nn.LSTM"
     ":lightning_meta.MetaTensorWarning"
 )
+@pytest.mark.filterwarnings(
+    "ignore:estimate. peak_bytes of .* may be too low by up to .*oneDNN convolution"
+    ":lightning_meta.MetaTensorWarning"
+)
 @pytest.mark.parametrize("name", list(ZOO))
 def test_parameters_and_flops_match_the_real_model(name: str) -> None:
     factory, make_input = ZOO[name]
@@ -331,6 +335,10 @@ def test_optimizer_state_by_optimizer() -> None:
     assert none.optimizer_state_bytes == 0
 
 
+@pytest.mark.filterwarnings(
+    "ignore:estimate. peak_bytes of .* may be too low by up to .*oneDNN convolution"
+    ":lightning_meta.MetaTensorWarning"
+)
 def test_to_dict_is_json() -> None:
     est = estimate(cnn, "4,3,16,16:float32")
     doc = json.loads(json.dumps(est.to_dict()))

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_meta as lm
 from support.lightning_models import AllTemplates, ShardedTemplates, loader, templates_are_meta
 from support.processes import end_without_finalizing, run_main
 
@@ -80,6 +81,24 @@ def main() -> None:
     result["resumed_global_step"] = saved["global_step"]
     result["templates_meta_after_resume"] = templates_are_meta(resumed)
     state = full_state(resumed)
+    if strategy == "model_parallel":
+        # FSDP2 made the stacked tensors DTensors: member() gathers them (every
+        # rank calls it) into a plain module that runs; apply() is refused.
+        from torch.distributed.tensor import DTensor
+
+        ens = resumed.ensemble
+        member = ens.member(1)
+        full = {k: v.full_tensor() for k, v in ens.tensors().items() if isinstance(v, DTensor)}
+        plain = not any(isinstance(t, DTensor) for t in member.parameters())
+        same = all(torch.equal(t, full[k][1]) for k, t in member.named_parameters())
+        x = torch.randn(3, 6)
+        runs = member(x).shape[0] == 3
+        result["fsdp2_member_plain_equal_and_runs"] = plain and same and runs
+        try:
+            ens.apply(lambda m: None)
+            result["fsdp2_apply"] = "ran"
+        except lm.MetaTensorError as e:
+            result["fsdp2_apply"] = type(e).__name__
 
     if t2.global_rank == 0:
         final = str(workdir / "ckpt" / "last.ckpt")

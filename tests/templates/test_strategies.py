@@ -43,3 +43,6 @@ def test_lifecycle_under_strategy(tmp_path: Path, strategy: str) -> None:
     assert "ensemble.stacked.0.weight" in result["loaded_keys"]
     assert result["loaded_equals_trained"]
     assert result["ensemble_matches_members"]
+    if strategy == "model_parallel":
+        assert result["fsdp2_member_plain_equal_and_runs"]
+        assert result["fsdp2_apply"] == "ArgumentValueError"

@@ -29,10 +29,16 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
-from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
+from lightning_meta._errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    MetaTensorError,
+    MetaTensorWarning,
+)
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -158,9 +164,36 @@ def run_command(command: str, body: Callable[[], int]) -> int:
         2
     """
     try:
-        return int(body())
+        with warnings.catch_warnings():
+            warnings.showwarning = _shown_for(command, warnings.showwarning)
+            return int(body())
     except BaseException as e:  # the one place a failure becomes a status
         return report_failure(command, e)
+
+
+def _shown_for(command: str, show: Callable[..., None]) -> Callable[..., None]:
+    """Show the package's own warnings as one line of the command's, others as Python does.
+
+    Python's format names the line of the CLI's code that called the API
+    (``.../_cli/_estimate.py:392: MetaTensorWarning: ...`` and that line
+    again), which says nothing to a user of the command.
+    """
+
+    def shown(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, MetaTensorWarning):
+            text = str(message).removeprefix(f"{command}: ")  # the API's name, the command's
+            print(f"lightning-meta {command}: warning: {text}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return shown
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ import logging
 import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from lightning_meta._compat import (
     made_at_level,
     module_apply,
     non_persistent_of,
+    pruned_by_amount,
     tensor_tables,
     transform_level,
     tree_flatten,
@@ -96,6 +97,9 @@ from lightning_meta._forward_state import (
 )
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module, ensembles_in
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Ensemble"]
 
@@ -247,6 +251,50 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
             "ensemble's stacked tensors instead, ensemble.stacked).",
             paths=found,
         )
+
+
+def _refuse_pruning_by_amount(holder: nn.Module, prefix: str, n: int) -> None:
+    found = pruned_by_amount(holder)
+    if found:
+        paths = [prefix + name for name, _ in found]
+        methods = sorted({method for _, method in found})
+        raise ArgumentValueError(
+            f"Ensemble: the stacked tensors {paths} are pruned by {', '.join(methods)} "
+            "(torch.nn.utils.prune, as Lightning's ModelPruning(use_global_unstructured=False) "
+            f"applies it), which takes its amount of all {n} members together, where a loop "
+            "over the members prunes each by that amount: members would keep unequal shares, "
+            "without an error. Fix: prune globally (ModelPruning(..., "
+            "use_global_unstructured=True), or prune.global_unstructured over "
+            "ensemble.stacked's tensors), which ranks every member's weights together as over "
+            "a list of the members, or give each stacked tensor a mask built member by member "
+            "with prune.custom_from_mask.",
+            paths=paths,
+        )
+
+
+def _distributed(t: torch.Tensor) -> TypeGuard[DTensor]:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _laid_out_as_stacked(out: Any) -> Any:
+    """Lay each output tensor out in memory as the loop's ``torch.stack`` of the members' would be.
+
+    The values are the same, the order in memory not always (the fused plan's
+    transposed product, vmap moving the member dimension inward): a
+    ``randn_like`` or dropout on the output then draws other numbers than on the
+    loop's, and ``.view`` fails where the loop's output allows it.
+    """
+    return tree_map_only(torch.Tensor, _stack_layout, out)
+
+
+def _stack_layout(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0 or t.is_contiguous():
+        return t  # what stacking contiguous slices gives
+    return torch.stack(t.unbind(0))
 
 
 def _refuse_padded_vmap(padded: list[str]) -> None:
@@ -990,6 +1038,8 @@ class Ensemble(nn.Module):
             # more than the read, on every forward. Hooks (pruning) and a
             # forward set on the instance (accelerate's offloading) run.
             hooked = has_module_hooks(holder)
+            if hooked and self.num_members > 1:
+                _refuse_pruning_by_amount(holder, prefix, self.num_members)
             if hooked or "forward" in holder.__dict__:
                 values = holder() if hooked else holder.forward()
                 for leaf, value in values.items():
@@ -1007,6 +1057,11 @@ class Ensemble(nn.Module):
 
     def member(self, index: int) -> nn.Module:
         """Return member ``index`` as a real, independent module (a copy, on the ensemble's device).
+
+        Its tensors are plain and whole: where FSDP2 (``fully_shard``,
+        Lightning's ``ModelParallelStrategy``) or tensor parallelism made the
+        stacked tensors ``DTensor`` s, they are gathered, which is a collective:
+        call ``member`` on every rank, as for ``DTensor.full_tensor()``.
 
         Raises:
             MetaTensorError: ``index`` is out of range.
@@ -1027,7 +1082,12 @@ class Ensemble(nn.Module):
         tensors = self.tensors()
 
         def make(name: str, t: torch.Tensor) -> torch.Tensor:
-            value = tensors[name][index].detach().clone()
+            stacked = tensors[name]
+            if _distributed(stacked):
+                # FSDP2 or tensor parallel sharded the stacked tensor: the member is
+                # whole and plain, as the docstring promises (a collective).
+                stacked = stacked.full_tensor()
+            value = stacked[index].detach().clone()
             if isinstance(t, nn.Parameter):
                 # requires_grad as the stacked tensor has it now (a layer
                 # frozen after the ensemble was built), not as the template.
@@ -1063,6 +1123,15 @@ class Ensemble(nn.Module):
                 shape or dtype, a submodule), or changed members differently
                 (``requires_grad``, modes); the ensemble is left as it was.
         """
+        sharded = sorted(n for n, t in self.tensors().items() if _distributed(t))
+        if sharded:
+            raise ArgumentValueError(
+                f"Ensemble.apply cannot write into the stacked tensors {_named(sharded)}, which "
+                "FSDP2 or tensor parallelism made DTensors: each rank holds a shard of the "
+                "members, not whole members to pass to fn. Fix: call ensemble.apply(fn) before "
+                "sharding (in configure_model, before fully_shard or parallelize_module).",
+                paths=sharded,
+            )
         names = self._names
         values: list[dict[str, torch.Tensor]] = []
         grads: dict[str, bool] = {}
@@ -1708,7 +1777,7 @@ class Ensemble(nn.Module):
                 plan = self._last_plan = "loop"
             else:
                 self._grouped.laid_out(log)
-                return out
+                return _laid_out_as_stacked(out)
         if plan == "loop" and torch.compiler.is_compiling():
             if self._writes_state:
                 _refuse_compiled_state()
@@ -1717,15 +1786,17 @@ class Ensemble(nn.Module):
             return self._loop(tensors, inputs, kwargs, changes)
         if plan == "fused":
             if self._fused is not None and not kwargs:
-                return self._chunked(
-                    tensors, inputs, kwargs, functools.partial(self._fused_call, strict=strict)
+                return _laid_out_as_stacked(
+                    self._chunked(
+                        tensors, inputs, kwargs, functools.partial(self._fused_call, strict=strict)
+                    )
                 )
             if strict:
                 raise NotFusableError
             plan = self._last_plan = "vmap"
         if self._requested == "auto" and not strict and not torch.compiler.is_compiling():
-            return self._vmap_or_loop(tensors, inputs, kwargs, changes)
-        return self._vmapped(tensors, inputs, kwargs, changes)
+            return _laid_out_as_stacked(self._vmap_or_loop(tensors, inputs, kwargs, changes))
+        return _laid_out_as_stacked(self._vmapped(tensors, inputs, kwargs, changes))
 
     def _vmapped(
         self,

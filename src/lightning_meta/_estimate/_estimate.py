@@ -509,18 +509,23 @@ def _warn_rnn_workspace(module: nn.Module, record: StepRecord) -> None:
 
 
 def _warn_scratch(module: nn.Module, record: StepRecord) -> None:
-    """Warn, for the caller of ``estimate``, that kernel scratch may exceed the peak."""
+    """Warn, for the caller of ``estimate``, that kernel scratch may exceed the peak.
+
+    Not for a possible excess of 5 % or less (within the peak's stated
+    tolerance): oneDNN's blocked copies in a ResNet at batch 32 may add 0.5 %,
+    and a warning on every such model would be one users learn to ignore.
+    """
     over = record.scratch_bound_bytes - record.peak_bytes
-    if over > 0:
+    if over > record.peak_bytes // 20:
         kernels = "; ".join(record.scratch_kernels) or "a CPU kernel"
         warnings.warn(
             f"estimate: peak_bytes of {type(module).__name__} may be too low by up to "
             f"{over} bytes: CPU kernels allocate scratch memory inside themselves that a "
             f"shape-only run does not see, and its size is only bounded here ({kernels}): "
-            "the slow convolutions (not oneDNN's: float64, float16, a float32 batch of 1) hold "
-            "im2col columns, the CPU flash attention per-thread blocks and copies of its "
-            "inputs. Leave that much headroom (the bound is generous), or measure one real "
-            "step; float32 convolutions on a batch above 1 allocate none.",
+            "oneDNN's convolutions copy their input, output and weight into blocked layouts, "
+            "the slow ones (float64, float16, a float32 batch of 1) hold im2col columns, the "
+            "CPU flash attention per-thread blocks and copies of its inputs. Leave that much "
+            "headroom (the bound is generous), or measure one real step.",
             MetaTensorWarning,
             stacklevel=3,  # the caller of estimate
         )
@@ -727,8 +732,9 @@ def estimate(
         The estimate counts tensor storage, as ``torch.cuda.memory_allocated``
         does, not allocator caching or fragmentation, CUDA context or library
         workspaces (NCCL's among them); leave headroom on a real device.
-        Scratch that a CPU kernel allocates inside itself (the im2col
-        columns of slow convolutions, the CPU flash attention's blocks) is
+        Scratch that a CPU kernel allocates inside itself (oneDNN's
+        convolutions' blocked copies of their operands, the im2col columns
+        of slow convolutions, the CPU flash attention's blocks) is
         not seen either: where it could raise the peak, a
         :class:`MetaTensorWarning` names the kernel and module and bounds
         by how much ``peak_bytes`` may be too low. oneDNN's bfloat16

@@ -271,11 +271,22 @@ def _refuse_stale_optimizers(optimizers: tuple[torch.optim.Optimizer, ...]) -> N
                     ", or load with lm.load_checkpoint(model, path) (strict=False for a "
                     "partial checkpoint), which keeps the module's tensor objects"
                 )
+            fix = f"create the optimizer after {after}, from model.parameters(){other}"
+            if opt.state:
+                # Its state came from the same load (fabric.load of model and optimizer):
+                # a new optimizer would silently drop it.
+                fix = (
+                    "to resume both, load after setting up: create the model (deferred is "
+                    "fine) and the optimizer from model.parameters(), call "
+                    "lm.fabric_setup(fabric, model, optimizer), then "
+                    "fabric.load(path, {'model': model, 'optimizer': optimizer}). A new "
+                    "optimizer created after this load would drop the optimizer state it "
+                    "loaded"
+                )
             raise MaterializationError(
                 f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding {len(stale)} "
                 f"tensors that stood for {paths} before {by}, which it was created before: "
-                f"{why}, so they hold no values and its first step would fail. Fix: create "
-                f"the optimizer after {after}, from model.parameters(){other}.",
+                f"{why}, so they hold no values and its first step would fail. Fix: {fix}.",
                 paths=paths,
             )
 

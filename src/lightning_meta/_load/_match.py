@@ -332,13 +332,16 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
         if given and not given.endswith("."):
             given += "."
         if given and not any(k.startswith(given) for k in keys):
-            found = _prefixes(keys)
-            # Keys without a dot (a bare nn.Linear's 'weight') have no prefix to offer.
+            # Only prefixes that make some key a name of the module: each is a fix.
+            found = _fitting_prefixes(keys, expected)
+            bare = any(k in expected for k in keys)
             fix = spelled(
                 (f"pass one of {found}, " if found else "pass ")
-                + "prefix='' (none) or prefix=None to detect it",
+                + ("prefix='' (none) or " if bare else "")
+                + "prefix=None to detect it",
                 (f"pass --prefix with one of {found}, " if found else "pass ")
-                + "--prefix '' (none), or leave --prefix out to detect it",
+                + ("--prefix '' (none), or " if bare else "")
+                + "leave --prefix out to detect it",
             )
             raise ArgumentValueError(
                 f"{spelled(f'load_checkpoint: prefix={given!r}', f'--prefix {given!r}')} "
@@ -372,8 +375,14 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
     return winners[0]
 
 
-def _prefixes(keys: list[str]) -> list[str]:
-    return sorted({k.split(".", 1)[0] + "." for k in keys if "." in k})[:20]
+def _fitting_prefixes(keys: list[str], expected: set[str]) -> list[str]:
+    """The prefixes whose removal makes some key one of ``expected``, most keys first."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        for i, c in enumerate(key):
+            if c == "." and key[i + 1 :] in expected:
+                counts[key[: i + 1]] = counts.get(key[: i + 1], 0) + 1
+    return sorted(counts, key=lambda p: (-counts[p], p))[:20]
 
 
 @dataclass

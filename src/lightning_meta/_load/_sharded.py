@@ -149,6 +149,15 @@ def _weight_map(index: Path) -> dict[str, str]:
             f"the index {where!r} is not valid JSON: {e}. {CORRUPT_FIX}", paths=[where]
         ) from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if weight_map is None and not index.name.endswith(".index.json"):
+        # Another JSON file (a model's config.json), passed where a checkpoint goes.
+        raise MetaTensorError(
+            f"{where!r} is a JSON file without a 'weight_map', so not a checkpoint index "
+            "(model.safetensors.index.json): it holds no tensors. Fix: pass the checkpoint "
+            "itself: the folder save_pretrained wrote, its .safetensors file, or its "
+            "*.index.json.",
+            paths=[where],
+        )
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):

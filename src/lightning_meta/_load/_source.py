@@ -440,7 +440,18 @@ def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
         )
     tensors: dict[str, Any] = {}
     others: list[str] = []
-    if not _flatten(obj, "", tensors, others):
+    try:
+        flat = _flatten(obj, "", tensors, others)
+    except _TwoNamed as e:
+        raise MetaTensorError(
+            f"{str(p)!r} holds two values under the key {e.key!r} (keys that are not "
+            "strings, such as the int 0 beside the string '0', or a nested key spelling a "
+            "dotted one); loading would keep one of them and drop the other without a word. "
+            "Fix: save a state dict whose keys are distinct strings "
+            "(module.state_dict() is one).",
+            paths=[str(p)],
+        ) from None
+    if not flat:
         raise MetaTensorError(
             f"{str(p)!r} nests mappings more than {_MAX_NESTING} levels deep, which no "
             "state dict does. Fix: load a file written by torch.save(module.state_dict()).",
@@ -454,10 +465,18 @@ def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
 _MAX_NESTING = 256
 
 
+class _TwoNamed(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 def _flatten(obj: Any, prefix: str, out: dict[str, Any], others: list[str], depth: int = 0) -> bool:
     """Put ``obj``'s tensors in ``out`` by dotted key, its other leaves in ``others``;
     ``False`` if it nests deeper than ``_MAX_NESTING``."""
     if isinstance(obj, (TensorRef, Unsupported, torch.Tensor)):
+        if prefix[:-1] in out:
+            raise _TwoNamed(prefix[:-1])
         out[prefix[:-1]] = obj
     elif isinstance(obj, Mapping):
         if depth >= _MAX_NESTING:
@@ -489,6 +508,13 @@ class SafetensorsSource(Source):
         spans: list[tuple[int, int, str]] = []
         for key, info in header.items():
             if key == "__metadata__":
+                # safetensors refuses any other kind of metadata; so do we
+                if info is not None and not (
+                    isinstance(info, dict) and all(isinstance(v, str) for v in info.values())
+                ):
+                    raise self._bad(
+                        where, f"its __metadata__ is not a map of strings to strings: {info!r:.200}"
+                    )
                 continue
             entry, begin, end = self._entry(where, path, key, info)
             entries[key] = entry

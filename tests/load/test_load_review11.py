@@ -1,0 +1,122 @@
+"""Checkpoint loading under a hostile review (eleventh round): safetensors metadata that
+safetensors refuses; two values under one key of a torch file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open
+from torch import nn
+
+import lightning_meta as lm
+
+_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def _write(path: Path, metadata: Any) -> None:
+    text = json.dumps({"w": _ENTRY, "__metadata__": metadata}).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + torch.ones(2).numpy().tobytes())
+
+
+def _module() -> nn.Module:
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(2))
+    return model
+
+
+@pytest.mark.parametrize(
+    "metadata", [{"format": 1}, ["x"], {"step": {"a": 1}}], ids=["int", "list", "nested"]
+)
+def test_metadata_that_safetensors_refuses_is_refused_as_damaged(
+    metadata: Any, tmp_path: Path
+) -> None:
+    # Before: these loaded, where safetensors' own reader refuses the header.
+    path = tmp_path / "m.safetensors"
+    _write(path, metadata)
+    with pytest.raises(Exception, match="invalid type"):
+        load_file(path)
+    model = _module()
+    with pytest.raises(lm.MetaTensorError, match=r"__metadata__ is not a map of strings"):
+        lm.load_checkpoint(model, path)
+    assert torch.equal(model.w, torch.zeros(2))
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}])
+def test_metadata_that_safetensors_reads_loads(metadata: Any, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    _write(path, metadata)
+    with safe_open(path, "pt") as f:
+        assert f.metadata() in (None, {}, metadata)
+    model = _module()
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.w, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {0: torch.ones(2), "0": torch.full((2,), 5.0), "1": torch.full((2,), 6.0)},
+        {"0": {"w": torch.ones(2)}, "0.w": torch.full((2,), 5.0)},
+    ],
+    ids=["int-and-str", "nested-and-dotted"],
+)
+def test_two_values_under_one_key_are_refused(state: dict[Any, Any], tmp_path: Path) -> None:
+    # Before: the int key 0 was dropped beside the string '0', even with strict=True,
+    # and listed nowhere.
+    path = tmp_path / "c.pt"
+    torch.save(state, path)
+    model = nn.ParameterList([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))])
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the key '0(\.w)?'"):
+        lm.load_checkpoint(model, path, strict=False)
+    assert all(torch.equal(p, torch.zeros(2)) for p in model)
+
+
+def test_int_keys_alone_load_by_their_string(tmp_path: Path) -> None:
+    # eager load_state_dict raises AttributeError on any int key; ours loads them
+    # by str(key) and says so in the report, as before
+    torch.save({0: torch.ones(2), 1: torch.full((2,), 2.0)}, tmp_path / "c.pt")
+    model = nn.ParameterList([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))])
+    report = lm.load_checkpoint(model, tmp_path / "c.pt")
+    assert report.loaded == ["0", "1"]
+    assert torch.equal(model[1], torch.full((2,), 2.0))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("saved_under", ["", "model.", "model.net."])
+def test_a_prefix_matching_no_key_is_told_only_the_prefixes_that_load(
+    saved_under: str, tmp_path: Path
+) -> None:
+    # Before: the keys' first dotted parts were offered ('lin.' for a file saved from
+    # the module itself), and loading with them failed.
+    path = tmp_path / "net.pt"
+    torch.save({saved_under + k: v for k, v in _Net().state_dict().items()}, path)
+    with torch.device("meta"):
+        model = _Net()
+    with pytest.raises(lm.ArgumentValueError, match="matches no checkpoint key") as info:
+        lm.load_checkpoint(model, path, prefix="nope.")
+    fix = str(info.value).split("Fix: ")[1]
+    offered = [saved_under] if saved_under else []
+    assert ("pass one of " + repr(offered)) in fix if offered else "pass prefix=''" in fix
+    assert "'lin.'" not in fix and "'model.'" not in fix.replace(repr(offered), "")
+    lm.load_checkpoint(model, path, prefix=saved_under)  # the fix it names loads
+    assert not model.lin.weight.is_meta
+
+
+def test_a_json_file_that_is_no_index_is_named_so_not_damaged(tmp_path: Path) -> None:
+    # Before: "the index 'config.json' has no 'weight_map' ... Fix: save it again or
+    # download it again; the file on disk is incomplete or damaged".
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(lm.MetaTensorError, match=r"not a checkpoint index") as info:
+        lm.load_checkpoint(_Net(), tmp_path / "config.json")
+    assert "damaged" not in str(info.value)
