@@ -235,8 +235,10 @@ def _refuse_mixed(
         f"until lightning_meta.materialize: {why}. Fix: materialize first; under MetaGuard, which "
         "materializes when the strategy is set up (after LightningModule.setup() and "
         "configure_model), compute with the model from on_fit_start on, or call "
-        "lightning_meta.materialize(module) where you need it earlier. To count FLOPs or "
-        "follow shapes without values, pass meta inputs."
+        "lightning_meta.materialize(module) where you need it earlier; a module MetaGuard "
+        "does not reach from the model (a class attribute, a global) stays deferred: hold it "
+        "on the LightningModule, or materialize it yourself. To count FLOPs or follow shapes "
+        "without values, pass meta inputs."
     ) from failed
 
 
