@@ -24,11 +24,18 @@ by real CPU processes (gloo) under DDP, FSDP2 and FSDP2 + tensor parallel,
 each rank measured with the CPU allocator's own events (no package code),
 next to the estimate of the same configuration (``backend="gloo"``).
 
+Kernel scratch (``--scratch``): convolution models whose oneDNN or slow
+kernels allocate inside the call, which no shape-only run sees: the
+estimate's ``peak_bytes``, the bound its warning gives, and the real step's
+peak from torch.profiler's allocator events (model, optimizer and a first
+step inside the profile, the second step measured).
+
 Run::
 
     python benchmarks/estimate.py [--json PATH] [--skip-large] [--no-full]
     python benchmarks/estimate.py --ranks [--json PATH]
     python benchmarks/estimate.py --measured [--json PATH]
+    python benchmarks/estimate.py --scratch [--json PATH]
 """
 
 from __future__ import annotations
@@ -439,6 +446,148 @@ def _accuracy() -> list[dict[str, Any]]:
     return rows
 
 
+def _allocator_peak(factory: Any, x: Any, loss_fn: Any, dtype: Any) -> int:
+    """The real SGD step's peak, from the CPU allocator's events (no package code)."""
+    import torch
+
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        torch.manual_seed(0)
+        model = factory().to(dtype)
+        xx = x.to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            out = model(xx)
+            loss = loss_fn(out)
+            for p in model.parameters():
+                p.grad = None
+            loss.backward()
+            del out, loss
+            opt.step()
+
+        step()
+        with torch.profiler.record_function("measured"):
+            step()
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    measured = next(e for e in events if e.name() == "measured")
+    begin, end = measured.start_ns(), measured.start_ns() + measured.duration_ns()
+    live = peak = 0
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        if begin <= t <= end:
+            peak = max(peak, live)
+    return peak
+
+
+def _scratch_models() -> list[tuple[str, Any, tuple[int, ...], Any]]:
+    from torch import nn
+
+    def total(o: Any) -> Any:
+        return o.sum()
+
+    def mse(o: Any) -> Any:
+        return o.float().pow(2).mean()
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 10),
+        )
+
+    def deep() -> nn.Module:
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+        for _ in range(4):
+            layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Conv2d(16, 3, 1))
+
+    return [
+        (
+            "Conv2d(3, 32, 3), sum",
+            lambda: nn.Sequential(nn.Conv2d(3, 32, 3)),
+            (16, 3, 64, 64),
+            total,
+        ),
+        ("Conv2d(3, 32, 3), mse", lambda: nn.Sequential(nn.Conv2d(3, 32, 3)), (16, 3, 64, 64), mse),
+        ("Conv-BN CNN", cnn, (16, 3, 64, 64), total),
+        ("10 convs, 16 channels", deep, (8, 3, 32, 32), total),
+        (
+            "ConvTranspose2d",
+            lambda: nn.Sequential(nn.ConvTranspose2d(16, 8, 3, stride=2), nn.ReLU()),
+            (8, 16, 16, 16),
+            total,
+        ),
+        (
+            "Conv3d x2",
+            lambda: nn.Sequential(nn.Conv3d(4, 16, 3), nn.ReLU(), nn.Conv3d(16, 8, 3)),
+            (4, 4, 12, 12, 12),
+            total,
+        ),
+        (
+            "Conv1d, grouped",
+            lambda: nn.Sequential(nn.Conv1d(8, 32, 5), nn.GELU(), nn.Conv1d(32, 32, 3, groups=4)),
+            (8, 8, 512),
+            total,
+        ),
+    ]
+
+
+def _scratch() -> list[dict[str, Any]]:
+    import re
+    import warnings
+
+    import torch
+
+    import lightning_meta as lm
+
+    rows = []
+    for dtype, precision in ((torch.float32, "32-true"), (torch.bfloat16, "bf16-true")):
+        for name, factory, shape, loss_fn in _scratch_models():
+            x = torch.randn(*shape)
+            with warnings.catch_warnings(record=True) as got:
+                warnings.simplefilter("always")
+                est = lm.estimate(
+                    factory, x.to(dtype), loss_fn=loss_fn, optimizer="sgd", precision=precision
+                )
+            found = [re.search(r"by up to (\d+) bytes", str(w.message)) for w in got]
+            bound = next((int(m.group(1)) for m in found if m), 0)
+            real = _allocator_peak(factory, x, loss_fn, dtype)
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "peak_bytes": est.peak_bytes,
+                    "warned_bound_bytes": bound,
+                    "real_bytes": real,
+                    "within": real <= est.peak_bytes + bound
+                    and (bound > 0 or real <= 1.05 * est.peak_bytes),
+                }
+            )
+    return rows
+
+
+def _print_scratch(rows: list[dict[str, Any]]) -> None:
+    print("## estimate: convolutions' kernel scratch against the real allocator peak\n")
+    print(
+        "| model | dtype | peak_bytes | warned: up to + | real peak | real / peak_bytes | "
+        "(peak_bytes + bound) / real | within |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        up = r["peak_bytes"] + r["warned_bound_bytes"]
+        print(
+            f"| {r['model']} | {r['dtype']} | {r['peak_bytes']:,} | {r['warned_bound_bytes']:,} | "
+            f"{r['real_bytes']:,} | {r['real_bytes'] / r['peak_bytes']:.2f} | "
+            f"{up / r['real_bytes']:.2f} | {r['within']} |"
+        )
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
@@ -456,6 +605,11 @@ def main() -> None:
     parser.add_argument(
         "--measured", action="store_true", help="only per-rank estimates vs real CPU runs"
     )
+    parser.add_argument(
+        "--scratch",
+        action="store_true",
+        help="only convolutions' kernel scratch: peak_bytes, the warned bound, the real peak",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-ranks", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -464,6 +618,13 @@ def main() -> None:
         return
     if args.child_ranks:
         _rank_child([tuple(c) for c in json.loads(args.child_ranks)])  # type: ignore[misc]
+        return
+    if args.scratch:
+        scratch = _scratch()
+        _print_scratch(scratch)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"scratch": scratch}, f, indent=2)
         return
     if args.measured:
         measured = _measured()
