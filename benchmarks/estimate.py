@@ -530,6 +530,12 @@ def _scratch_models() -> list[tuple[str, Any, tuple[int, ...], Any]]:
             total,
         ),
         (
+            "Conv2d(6, 10, 11, groups=2)",
+            lambda: nn.Sequential(nn.Conv2d(6, 10, 11, groups=2)),
+            (2, 6, 64, 64),
+            total,
+        ),
+        (
             "Conv1d, grouped",
             lambda: nn.Sequential(nn.Conv1d(8, 32, 5), nn.GELU(), nn.Conv1d(32, 32, 3, groups=4)),
             (8, 8, 512),

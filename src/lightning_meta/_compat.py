@@ -554,7 +554,7 @@ def cpu_conv_uses_onednn(dtype: torch.dtype, batch: int, pointwise: bool) -> boo
     return False
 
 
-__all__ += ["cpu_conv_uses_onednn", "pruned_by_amount", "scratch_kernel_ops"]
+__all__ += ["cpu_conv_uses_onednn", "scratch_kernel_ops"]
 
 
 def _uncounted(names: dict[str, str]) -> dict[Any, str]:
@@ -1126,28 +1126,6 @@ def recomputing_hooks(module: nn.Module) -> list[tuple[Any, str]]:
             found.append((hook, hook.name))
         elif isinstance(hook, BasePruningMethod):
             found.append((hook, hook._tensor_name))
-    return found
-
-
-def pruned_by_amount(module: nn.Module) -> list[tuple[str, str]]:
-    """``module``'s tensors pruned by a method of ``torch.nn.utils.prune`` that takes an amount
-    of the tensor (``L1Unstructured``, ``RandomStructured``, ...), with the method's name.
-
-    Masks given whole (``CustomFromMask``, which ``prune.global_unstructured``
-    also installs) are not listed; a ``PruningContainer`` (pruned more than
-    once) lists its methods, in the private ``_pruning_methods``.
-    """
-    from torch.nn.utils import prune
-
-    given = (prune.CustomFromMask, prune.Identity)
-    found: list[tuple[str, str]] = []
-    for hook in module._forward_pre_hooks.values():
-        if not isinstance(hook, prune.BasePruningMethod):
-            continue
-        methods = getattr(hook, "_pruning_methods", (hook,))
-        for method in methods:
-            if not isinstance(method, given):
-                found.append((hook._tensor_name, type(method).__name__))
     return found
 
 

@@ -304,3 +304,27 @@ def test_a_warning_is_one_line_of_the_command(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("lightning-meta estimate: warning: peak_bytes of Conv2d may be")
     assert "oneDNN convolution" in lines[0] and "_cli" not in lines[0]
+
+
+def test_a_warning_made_an_error_by_the_process_filters_says_so(tmp_path: Path) -> None:
+    path = tmp_path / f"lm_cli_conv_w_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text("from torch import nn\n\ndef net():\n    return nn.Conv2d(3, 32, 3)\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(lightning_meta.__file__).parent.parent), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *("-W", "error:estimate"),  # the package's warnings, whose text starts so
+            *("-m", "lightning_meta", "estimate", f"{path}:net", "--input", "4,3,16,16"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("lightning-meta estimate: error: peak_bytes of Conv2d")
+    assert "raised as an error by this process's warning filters" in proc.stderr
+    assert "unexpected" not in proc.stderr

@@ -72,9 +72,25 @@ def test_two_values_under_one_key_are_refused(state: dict[Any, Any], tmp_path: P
     path = tmp_path / "c.pt"
     torch.save(state, path)
     model = nn.ParameterList([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))])
-    with pytest.raises(lm.MetaTensorError, match=r"two values under the key '0(\.w)?'"):
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['0(\.w)?'\]"):
         lm.load_checkpoint(model, path, strict=False)
     assert all(torch.equal(p, torch.zeros(2)) for p in model)
+
+
+def test_two_values_under_a_key_outside_the_prefix_loaded_are_not_refused(
+    tmp_path: Path,
+) -> None:
+    # The clash is in a part of the file the load does not read.
+    path = tmp_path / "c.pt"
+    model = nn.Linear(2, 2)
+    extra = {0: {"step": torch.ones(1)}, "0": {"step": torch.zeros(1)}}
+    torch.save({"model": model.state_dict(), "extra": extra}, path)
+    target = nn.Linear(2, 2)
+    for prefix in ("model", None):
+        lm.load_checkpoint(target, path, prefix=prefix)
+        assert torch.equal(target.weight, model.weight)
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['extra.0.step'\]"):
+        lm.load_checkpoint(nn.Module(), path, prefix="extra", strict=False)
 
 
 def test_int_keys_alone_load_by_their_string(tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ from lightning_meta._compat import (
     made_at_level,
     module_apply,
     non_persistent_of,
-    pruned_by_amount,
     tensor_tables,
     transform_level,
     tree_flatten,
@@ -253,25 +252,6 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
         )
 
 
-def _refuse_pruning_by_amount(holder: nn.Module, prefix: str, n: int) -> None:
-    found = pruned_by_amount(holder)
-    if found:
-        paths = [prefix + name for name, _ in found]
-        methods = sorted({method for _, method in found})
-        raise ArgumentValueError(
-            f"Ensemble: the stacked tensors {paths} are pruned by {', '.join(methods)} "
-            "(torch.nn.utils.prune, as Lightning's ModelPruning(use_global_unstructured=False) "
-            f"applies it), which takes its amount of all {n} members together, where a loop "
-            "over the members prunes each by that amount: members would keep unequal shares, "
-            "without an error. Fix: prune globally (ModelPruning(..., "
-            "use_global_unstructured=True), or prune.global_unstructured over "
-            "ensemble.stacked's tensors), which ranks every member's weights together as over "
-            "a list of the members, or give each stacked tensor a mask built member by member "
-            "with prune.custom_from_mask.",
-            paths=paths,
-        )
-
-
 def _distributed(t: torch.Tensor) -> TypeGuard[DTensor]:
     if not torch.distributed.is_available():
         return False
@@ -294,7 +274,11 @@ def _laid_out_as_stacked(out: Any) -> Any:
 def _stack_layout(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 0 or t.is_contiguous():
         return t  # what stacking contiguous slices gives
-    return torch.stack(t.unbind(0))
+    if t.dim() > 3:
+        # torch.stack may give 3-D and larger slices a channels_last layout (a conv
+        # member's output): stack them as the loop does.
+        return torch.stack(t.unbind(0))
+    return t.contiguous()  # what stacking 2-D or smaller slices gives, in one copy
 
 
 def _refuse_padded_vmap(padded: list[str]) -> None:
@@ -1038,8 +1022,6 @@ class Ensemble(nn.Module):
             # more than the read, on every forward. Hooks (pruning) and a
             # forward set on the instance (accelerate's offloading) run.
             hooked = has_module_hooks(holder)
-            if hooked and self.num_members > 1:
-                _refuse_pruning_by_amount(holder, prefix, self.num_members)
             if hooked or "forward" in holder.__dict__:
                 values = holder() if hooked else holder.forward()
                 for leaf, value in values.items():

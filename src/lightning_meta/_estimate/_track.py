@@ -432,7 +432,7 @@ def _blocked(t: Any, dims: tuple[int, ...]) -> int:
 
 
 def _onednn_conv_scratch(
-    x: torch.Tensor, w: torch.Tensor, out: Any, grad_out: Any, transposed: bool
+    x: torch.Tensor, w: torch.Tensor, out: Any, grad_out: Any, transposed: bool, groups: int
 ) -> tuple[int, str]:
     """An upper bound of a oneDNN convolution's internal scratch (``mkldnn_convolution``).
 
@@ -445,10 +445,25 @@ def _onednn_conv_scratch(
     and ``channels_last`` calls in float32 and bfloat16: at most 0.98 of
     twice the padded input, output and weight (three times for transposed
     ones), plus the copy; bfloat16 also holds a scratchpad of up to about
-    350 KB, allowed for with 512 KiB.
+    350 KB, allowed for with 512 KiB. A grouped convolution (depthwise
+    ones too) may run oneDNN's gemm kernel, which holds the im2col columns
+    of an image and group per thread, or of them all (a Conv2d(6, 10, 11,
+    groups=2) measured 10.9x its peak_bytes, a ConvNext depthwise backward
+    the columns of the whole batch): those columns, for the larger of the
+    images times groups and the threads, twice in backward, as the slow
+    kernels' (found by the hostile review of 2026-12-06).
     """
     activations = _blocked(x, (1,)) + _blocked(out, (1,)) + _blocked(w, (0, 1))
     bound = (3 if transposed else 2) * activations
+    if groups > 1 and isinstance(out, torch.Tensor):
+        units = int(x.shape[0]) * groups
+        # a row per input channel of the group and kernel element, a column per
+        # position (the larger side's, for transposed convolutions)
+        rows = max(int(w.shape[1]), int(x.shape[1]) // groups) * math.prod(w.shape[2:])
+        positions = max(math.prod(x.shape[2:]), math.prod(out.shape[2:]))
+        per_unit = rows * positions * x.element_size()
+        backward = grad_out is not None
+        bound += (2 if backward else 1) * per_unit * max(units, torch.get_num_threads())
     if isinstance(grad_out, torch.Tensor) and not (
         grad_out.is_contiguous() or grad_out.is_contiguous(memory_format=_channels_last(grad_out))
     ):
@@ -485,8 +500,8 @@ def _conv_scratch(args: tuple[Any, ...], out: Any, backward: bool) -> tuple[int,
     pointwise = all(int(d) == 1 for d in (*w.shape[2:], *stride, *dilation))
     if cpu_conv_uses_onednn(x.dtype, int(x.shape[0]), pointwise):
         if backward:
-            return _onednn_conv_scratch(x, w, grad_out, grad_out, transposed)
-        return _onednn_conv_scratch(x, w, produced, None, transposed)
+            return _onednn_conv_scratch(x, w, grad_out, grad_out, transposed, groups)
+        return _onednn_conv_scratch(x, w, produced, None, transposed, groups)
     if out is None:  # the forward's output is the same size as its gradient
         out = x if transposed else _conv_out(x, w, args)
     columns = _columns(x, w, out, groups)

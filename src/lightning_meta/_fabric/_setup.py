@@ -273,15 +273,15 @@ def _refuse_stale_optimizers(optimizers: tuple[torch.optim.Optimizer, ...]) -> N
                 )
             fix = f"create the optimizer after {after}, from model.parameters(){other}"
             if opt.state:
-                # Its state came from the same load (fabric.load of model and optimizer):
-                # a new optimizer would silently drop it.
-                fix = (
-                    "to resume both, load after setting up: create the model (deferred is "
-                    "fine) and the optimizer from model.parameters(), call "
-                    "lm.fabric_setup(fabric, model, optimizer), then "
-                    "fabric.load(path, {'model': model, 'optimizer': optimizer}). A new "
-                    "optimizer created after this load would drop the optimizer state it "
-                    "loaded"
+                # Its state may have come from the same load (fabric.load of model and
+                # optimizer), which a new optimizer would drop silently; or from its
+                # own constructor (Adagrad's): the fix above then applies.
+                fix += (
+                    ". If its state came from that same load (fabric.load(path, {'model': "
+                    "model, 'optimizer': optimizer})), a new optimizer would drop it: to "
+                    "resume both, create the model (deferred is fine) and the optimizer from "
+                    "model.parameters(), call lm.fabric_setup(fabric, model, optimizer), "
+                    "then fabric.load"
                 )
             raise MaterializationError(
                 f"fabric_setup got optimizer {i} ({type(opt).__name__}) holding {len(stale)} "
@@ -361,10 +361,12 @@ def _refuse_meta_optimizer_state(optimizers: tuple[torch.optim.Optimizer, ...]) 
                 f"fabric_setup got optimizer {i} ({type(opt).__name__}) whose state is on meta "
                 f"for {len(meta)} parameters that have data: it was loaded "
                 "(Optimizer.load_state_dict, fabric.load) while they were meta, which moves "
-                "the state there, and the first step would fail. Fix: load the optimizer's "
+                "the state there, or made by its constructor on them (Adagrad's), and the "
+                "first step would fail. Fix: load the optimizer's "
                 "state after the model has data (lm.load_checkpoint(model, path) or "
                 "lm.fabric_setup(fabric, model) first, then "
-                "fabric.load(path, {'optimizer': optimizer}))."
+                "fabric.load(path, {'optimizer': optimizer})); an optimizer whose constructor "
+                "makes state: create it from model.parameters() once they have data."
             )
 
 

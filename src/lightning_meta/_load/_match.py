@@ -29,7 +29,7 @@ from lightning_meta._load._hooks import (
     trace_load,
     unwrapped_name,
 )
-from lightning_meta._load._source import DENSE, Entry, Source
+from lightning_meta._load._source import DENSE, Entry, Source, two_values_error
 from lightning_meta._slots import Slot, iter_slots, tie_groups
 
 __all__ = [
@@ -103,6 +103,9 @@ def plan_load(
         display = {p: unwrapped_name(p) for p in persistent if unwrapped_name(p) != p}
     expected = {display.get(p, p) for p in persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
+    clashed = [k for k in source.clashes if k.startswith(chosen)]
+    if clashed:
+        raise two_values_error(source.path, clashed)
     _refuse_extra_state(module, source, where, chosen)
     sources = None
     if renames:
@@ -335,12 +338,14 @@ def detect_prefix(keys: Iterable[str], expected: set[str], given: str | None) ->
             # Only prefixes that make some key a name of the module: each is a fix.
             found = _fitting_prefixes(keys, expected)
             bare = any(k in expected for k in keys)
+            api = [f"one of {found}"] if found else []
+            cli = [f"--prefix with one of {found}"] if found else []
+            if bare:
+                api.append("prefix='' (none)")
+                cli.append("--prefix '' (none)")
             fix = spelled(
-                (f"pass one of {found}, " if found else "pass ")
-                + ("prefix='' (none) or " if bare else "")
-                + "prefix=None to detect it",
-                (f"pass --prefix with one of {found}, " if found else "pass ")
-                + ("--prefix '' (none), or " if bare else "")
+                "pass " + ", ".join(api) + (" or " if api else "") + "prefix=None to detect it",
+                ("pass " + ", ".join(cli) + ", or " if cli else "")
                 + "leave --prefix out to detect it",
             )
             raise ArgumentValueError(

@@ -56,6 +56,7 @@ __all__ = [
     "is_safetensors",
     "is_torch",
     "open_safetensors",
+    "two_values_error",
     "open_torch",
     "state_tensors",
     "torch_archive",
@@ -179,6 +180,8 @@ class Source:
     ) -> None:
         self.path, self.format, self.entries = path, fmt, entries
         self.others = sorted(others)
+        # keys a torch file holds two values under (see state_tensors)
+        self.clashes: list[str] = []
         self.stamps: dict[Path, FileStamp] = dict(stamps or {})
         self.versions: Mapping[str, Any] | None = None
         self._supplied: dict[str, torch.Tensor] = {}
@@ -401,28 +404,36 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     archive = torch_archive(p, safe_globals)
     obj = state = archive.obj
     fmt = "torch" if archive.layout == "zip" else "torch-legacy"
+    clashes: list[str] = []
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         if LIGHTNING_VERSION_KEY in obj:
             fmt = "lightning"
-        leaves, others = state_tensors(p, obj)
+        leaves, others = state_tensors(p, obj, clashes)
         given = prefix if not prefix or prefix.endswith(".") else prefix + "."
         if not given or not any(k.startswith(given) for k in [*leaves, *others]):
-            leaves, others = state_tensors(p, obj["state_dict"])
+            clashes.clear()
+            leaves, others = state_tensors(p, obj["state_dict"], clashes)
             state = obj["state_dict"]
     else:
-        leaves, others = state_tensors(p, obj)
+        leaves, others = state_tensors(p, obj, clashes)
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
     source = TorchSource(p, fmt, refs, others=others)
+    source.clashes = clashes
     versions = getattr(state, "_metadata", None)
     source.versions = versions if isinstance(versions, Mapping) else None
     return source
 
 
-def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
+def state_tensors(
+    p: Path, obj: Any, clashes: list[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Flatten the state dict ``obj`` read from ``p`` into dotted keys.
 
     Nested dicts (a dict of state dicts) give dotted keys, as ``state_dict`` does.
+    Two values under one key (the int ``0`` beside the string ``'0'``) are
+    refused, or, given ``clashes``, listed there (the first value kept), for
+    the caller to refuse those under the prefix it loads.
 
     Returns:
         The tensors (:class:`TensorRef`, :class:`Unsupported`, or tensors a
@@ -440,17 +451,12 @@ def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
         )
     tensors: dict[str, Any] = {}
     others: list[str] = []
-    try:
-        flat = _flatten(obj, "", tensors, others)
-    except _TwoNamed as e:
-        raise MetaTensorError(
-            f"{str(p)!r} holds two values under the key {e.key!r} (keys that are not "
-            "strings, such as the int 0 beside the string '0', or a nested key spelling a "
-            "dotted one); loading would keep one of them and drop the other without a word. "
-            "Fix: save a state dict whose keys are distinct strings "
-            "(module.state_dict() is one).",
-            paths=[str(p)],
-        ) from None
+    found: list[str] = []
+    flat = _flatten(obj, "", tensors, others, found)
+    if found and clashes is None:
+        raise two_values_error(p, found)
+    if clashes is not None:
+        clashes.extend(found)
     if not flat:
         raise MetaTensorError(
             f"{str(p)!r} nests mappings more than {_MAX_NESTING} levels deep, which no "
@@ -465,24 +471,37 @@ def state_tensors(p: Path, obj: Any) -> tuple[dict[str, Any], list[str]]:
 _MAX_NESTING = 256
 
 
-class _TwoNamed(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
+def two_values_error(p: Path, keys: list[str]) -> MetaTensorError:
+    """The refusal of a torch file holding two values under each of ``keys``."""
+    return MetaTensorError(
+        f"{str(p)!r} holds two values under the keys {sorted(set(keys))[:5]} (keys that are "
+        "not strings, such as the int 0 beside the string '0', or a nested key spelling a "
+        "dotted one); loading would keep one of them and drop the other without a word. "
+        "Fix: save a state dict whose keys are distinct strings (module.state_dict() is one).",
+        paths=[str(p)],
+    )
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any], others: list[str], depth: int = 0) -> bool:
-    """Put ``obj``'s tensors in ``out`` by dotted key, its other leaves in ``others``;
-    ``False`` if it nests deeper than ``_MAX_NESTING``."""
+def _flatten(
+    obj: Any,
+    prefix: str,
+    out: dict[str, Any],
+    others: list[str],
+    clashes: list[str],
+    depth: int = 0,
+) -> bool:
+    """Put ``obj``'s tensors in ``out`` by dotted key, its other leaves in ``others``, keys
+    met twice in ``clashes``; ``False`` if it nests deeper than ``_MAX_NESTING``."""
     if isinstance(obj, (TensorRef, Unsupported, torch.Tensor)):
         if prefix[:-1] in out:
-            raise _TwoNamed(prefix[:-1])
-        out[prefix[:-1]] = obj
+            clashes.append(prefix[:-1])
+        else:
+            out[prefix[:-1]] = obj
     elif isinstance(obj, Mapping):
         if depth >= _MAX_NESTING:
             return False
         for k, v in obj.items():
-            if not _flatten(v, f"{prefix}{k}.", out, others, depth + 1):
+            if not _flatten(v, f"{prefix}{k}.", out, others, clashes, depth + 1):
                 return False
     elif prefix:
         others.append(prefix[:-1])
