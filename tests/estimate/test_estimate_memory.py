@@ -291,6 +291,11 @@ def _grouped() -> nn.Module:
     return nn.Sequential(nn.Conv2d(6, 10, 11, groups=2))
 
 
+def _grouped_wide() -> nn.Module:
+    # in bfloat16 each group's channels are padded: before, 1.8x past the bound
+    return nn.Sequential(nn.Conv2d(16, 32, 1, groups=16))
+
+
 def _conv1d() -> nn.Module:
     return nn.Sequential(nn.Conv1d(8, 32, 5), nn.GELU(), nn.Conv1d(32, 32, 3, groups=4))
 
@@ -304,8 +309,17 @@ def _conv1d() -> nn.Module:
         (_transposed, (8, 16, 16, 16), torch.float32),
         (_conv1d, (8, 8, 512), torch.bfloat16),
         (_grouped, (2, 6, 64, 64), torch.float32),
+        (_grouped_wide, (2, 16, 80, 80), torch.bfloat16),
     ],
-    ids=["head-f32", "head-bf16", "convs-f32", "transposed-f32", "conv1d-bf16", "grouped-f32"],
+    ids=[
+        "head-f32",
+        "head-bf16",
+        "convs-f32",
+        "transposed-f32",
+        "conv1d-bf16",
+        "grouped-f32",
+        "grouped-wide-bf16",
+    ],
 )
 def test_onednn_convolutions_copies_are_warned_of_and_bound_the_real_peak(
     factory: Callable[[], nn.Module], shape: tuple[int, ...], dtype: torch.dtype

@@ -62,7 +62,7 @@ def test_metadata_that_safetensors_reads_loads(metadata: Any, tmp_path: Path) ->
     "state",
     [
         {0: torch.ones(2), "0": torch.full((2,), 5.0), "1": torch.full((2,), 6.0)},
-        {"0": {"w": torch.ones(2)}, "0.w": torch.full((2,), 5.0)},
+        {"0": {"1": torch.ones(2)}, "0.1": torch.full((2,), 5.0), "0.0": torch.ones(2)},
     ],
     ids=["int-and-str", "nested-and-dotted"],
 )
@@ -71,10 +71,13 @@ def test_two_values_under_one_key_are_refused(state: dict[Any, Any], tmp_path: P
     # and listed nowhere.
     path = tmp_path / "c.pt"
     torch.save(state, path)
+    nested = "0.0" in state
     model = nn.ParameterList([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))])
-    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['0(\.w)?'\]"):
+    if nested:
+        model = nn.ModuleList([model])
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['0(\.1)?'\]"):
         lm.load_checkpoint(model, path, strict=False)
-    assert all(torch.equal(p, torch.zeros(2)) for p in model)
+    assert all(torch.equal(p, torch.zeros(2)) for p in model.parameters())
 
 
 def test_two_values_under_a_key_outside_the_prefix_loaded_are_not_refused(
@@ -89,8 +92,31 @@ def test_two_values_under_a_key_outside_the_prefix_loaded_are_not_refused(
     for prefix in ("model", None):
         lm.load_checkpoint(target, path, prefix=prefix)
         assert torch.equal(target.weight, model.weight)
-    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['extra.0.step'\]"):
-        lm.load_checkpoint(nn.Module(), path, prefix="extra", strict=False)
+    # nor one at keys the module does not have (both values would be unexpected)
+    torch.save({**model.state_dict(), "extra": extra}, path)
+    report = lm.load_checkpoint(target, path, strict=False)
+    assert report.unexpected == ["extra.0.step"]
+    # a clash at a key the module fills is refused under a prefix too
+    listed = {0: torch.ones(2), "0": torch.zeros(2), "1": torch.ones(2)}
+    torch.save({"model": listed}, path)
+    params = nn.ParameterList([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))])
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['model.0'\]"):
+        lm.load_checkpoint(params, path, prefix="model")
+
+
+def test_two_values_in_a_shard_of_an_index_are_judged_as_in_one_file(tmp_path: Path) -> None:
+    # Before: any clash in a torch shard was refused, where the same content in one
+    # file loaded when the clash lay outside what the load fills.
+    model = nn.Linear(2, 2)
+    shard = {"model." + k: v for k, v in model.state_dict().items()}
+    shard["aux"] = {0: torch.ones(1), "0": torch.zeros(1)}
+    torch.save(shard, tmp_path / "pytorch_model-00001-of-00001.bin")
+    keys = ["model.weight", "model.bias", "aux.0"]
+    weight_map = dict.fromkeys(keys, "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    target = nn.Linear(2, 2)
+    lm.load_checkpoint(target, tmp_path / "pytorch_model.bin.index.json", prefix="model")
+    assert torch.equal(target.weight, model.weight)
 
 
 def test_int_keys_alone_load_by_their_string(tmp_path: Path) -> None:

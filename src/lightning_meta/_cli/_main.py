@@ -108,8 +108,9 @@ def _message(e: BaseException) -> str:
     if isinstance(e, MetaTensorWarning):
         # a warning the process's filters turn into an error (python -W error, PYTHONWARNINGS)
         return (
-            f"{e} (a MetaTensorWarning, raised as an error by this process's warning filters, "
-            "such as python -W error or PYTHONWARNINGS=error; without them it is a warning)."
+            f"{str(e).rstrip('.')} (a MetaTensorWarning, raised as an error by this process's "
+            "warning filters, such as python -W error or PYTHONWARNINGS=error; without them it "
+            "is a warning)."
         )
     if isinstance(e, SystemExit):
         # the package never exits: the model's own code did, after it was built

@@ -103,7 +103,9 @@ def plan_load(
         display = {p: unwrapped_name(p) for p in persistent if unwrapped_name(p) != p}
     expected = {display.get(p, p) for p in persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
-    clashed = [k for k in source.clashes if k.startswith(chosen)]
+    # Only a clash at a name this load fills is refused: elsewhere both values
+    # would be unused (unexpected) anyway, as in a load of that key alone.
+    clashed = [k for k in source.clashes if k.startswith(chosen) and k[len(chosen) :] in expected]
     if clashed:
         raise two_values_error(source.path, clashed)
     _refuse_extra_state(module, source, where, chosen)

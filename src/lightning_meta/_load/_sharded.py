@@ -105,15 +105,16 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
             parts.append(SafetensorsSource(shard, "sharded"))
         elif is_torch(first):
             archive = torch_archive(shard, safe_globals)
-            leaves, others = state_tensors(shard, archive.obj)
+            clashes: list[str] = []
+            leaves, others = state_tensors(shard, archive.obj, clashes)
             check_storage_bounds(
                 [(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(shard)
             )
-            parts.append(
-                TorchSource(
-                    shard, "sharded", {k: (archive, v) for k, v in leaves.items()}, others=others
-                )
+            part = TorchSource(
+                shard, "sharded", {k: (archive, v) for k, v in leaves.items()}, others=others
             )
+            part.clashes = clashes
+            parts.append(part)
             other_files.update(dict.fromkeys(others, name))
         else:
             raise MetaTensorError(
@@ -122,6 +123,7 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
                 paths=[str(shard)],
             )
     source = CompositeSource(index, "sharded", parts)  # refuses a key in two shards
+    source.clashes = [k for part in parts for k in part.clashes]
     found = {k: name for name, part in zip(names, parts, strict=True) for k in part.entries}
     # An index may name a non-tensor value's shard too; one it leaves out is no damage.
     found.update({k: f for k, f in other_files.items() if k in weight_map})
