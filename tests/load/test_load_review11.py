@@ -162,3 +162,44 @@ def test_a_json_file_that_is_no_index_is_named_so_not_damaged(tmp_path: Path) ->
     with pytest.raises(lm.MetaTensorError, match=r"not a checkpoint index") as info:
         lm.load_checkpoint(_Net(), tmp_path / "config.json")
     assert "damaged" not in str(info.value)
+
+
+class _Renamed(nn.Module):
+    """Reads a legacy key through a load pre-hook, as libraries do for renamed weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.b = nn.Parameter(torch.zeros(1))
+        self.register_load_state_dict_pre_hook(self._rename)
+
+    @staticmethod
+    def _rename(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        if prefix + "old.w" in state:
+            state[prefix + "w"] = state.pop(prefix + "old.w")
+
+
+def test_a_clash_at_a_key_the_modules_load_code_reads_is_refused(tmp_path: Path) -> None:
+    # Judged by the module's names alone, the clash at 'old.w' passed and its first
+    # value was loaded.
+    path = tmp_path / "c.pt"
+    state = {"b": torch.ones(1), "old": {"w": torch.ones(1)}, "old.w": torch.full((1,), 2.0)}
+    torch.save(state, path)
+    model = _Renamed()
+    with pytest.raises(lm.MetaTensorError, match=r"two values under the keys \['old.w'\]"):
+        lm.load_checkpoint(model, path, strict=False)
+    assert torch.equal(model.w, torch.zeros(1))
+
+
+def test_a_clash_in_a_shard_names_the_shard(tmp_path: Path) -> None:
+    shard = "pytorch_model-00002-of-00002.bin"
+    torch.save({"weight": torch.ones(2, 2)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"bias": {0: torch.ones(2)}, "bias.0": torch.zeros(2)}, tmp_path / shard)
+    weight_map = {"weight": "pytorch_model-00001-of-00002.bin", "bias.0": shard}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = nn.Module()
+    model.register_parameter("weight", nn.Parameter(torch.zeros(2, 2)))
+    model.register_module("bias", nn.ParameterList([nn.Parameter(torch.zeros(2))]))
+    with pytest.raises(lm.MetaTensorError, match="holds two values") as info:
+        lm.load_checkpoint(model, tmp_path / "pytorch_model.bin.index.json")
+    assert info.value.paths == (str(tmp_path / shard),)

@@ -103,11 +103,6 @@ def plan_load(
         display = {p: unwrapped_name(p) for p in persistent if unwrapped_name(p) != p}
     expected = {display.get(p, p) for p in persistent}
     chosen = detect_prefix(source.entries, expected, prefix)
-    # Only a clash at a name this load fills is refused: elsewhere both values
-    # would be unused (unexpected) anyway, as in a load of that key alone.
-    clashed = [k for k in source.clashes if k.startswith(chosen) and k[len(chosen) :] in expected]
-    if clashed:
-        raise two_values_error(source.path, clashed)
     _refuse_extra_state(module, source, where, chosen)
     sources = None
     if renames:
@@ -115,6 +110,16 @@ def plan_load(
     elif skeleton is not None:
         local = {k[len(chosen) :]: e for k, e in source.entries.items() if k.startswith(chosen)}
         sources = trace_load(module, code, local, where, skeleton)
+    # Only a clash at a key this load reads is refused (the module's names, or what
+    # its own load code reads): elsewhere both values would be unexpected anyway.
+    reads = expected if sources is None else {*expected, *sources.values()}
+    clashed = {
+        k: f
+        for k, f in source.clashes.items()
+        if k.startswith(chosen) and k[len(chosen) :] in reads
+    }
+    if clashed:
+        raise two_values_error(next(iter(clashed.values())), list(clashed))
     plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
     plan.made = made
     plan.code = code

@@ -113,7 +113,7 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
             part = TorchSource(
                 shard, "sharded", {k: (archive, v) for k, v in leaves.items()}, others=others
             )
-            part.clashes = clashes
+            part.clashes = dict.fromkeys(clashes, shard)
             parts.append(part)
             other_files.update(dict.fromkeys(others, name))
         else:
@@ -123,7 +123,7 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
                 paths=[str(shard)],
             )
     source = CompositeSource(index, "sharded", parts)  # refuses a key in two shards
-    source.clashes = [k for part in parts for k in part.clashes]
+    source.clashes = {k: f for part in parts for k, f in part.clashes.items()}
     found = {k: name for name, part in zip(names, parts, strict=True) for k in part.entries}
     # An index may name a non-tensor value's shard too; one it leaves out is no damage.
     found.update({k: f for k, f in other_files.items() if k in weight_map})

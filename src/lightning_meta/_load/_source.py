@@ -180,8 +180,8 @@ class Source:
     ) -> None:
         self.path, self.format, self.entries = path, fmt, entries
         self.others = sorted(others)
-        # keys a torch file holds two values under (see state_tensors)
-        self.clashes: list[str] = []
+        # keys a torch file holds two values under (see state_tensors), with that file
+        self.clashes: dict[str, Path] = {}
         self.stamps: dict[Path, FileStamp] = dict(stamps or {})
         self.versions: Mapping[str, Any] | None = None
         self._supplied: dict[str, torch.Tensor] = {}
@@ -419,7 +419,7 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
     source = TorchSource(p, fmt, refs, others=others)
-    source.clashes = clashes
+    source.clashes = dict.fromkeys(clashes, p)
     versions = getattr(state, "_metadata", None)
     source.versions = versions if isinstance(versions, Mapping) else None
     return source
