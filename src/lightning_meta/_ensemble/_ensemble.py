@@ -268,6 +268,8 @@ def _laid_out_as_stacked(out: Any) -> Any:
     ``randn_like`` or dropout on the output then draws other numbers than on the
     loop's, and ``.view`` fails where the loop's output allows it.
     """
+    if isinstance(out, torch.Tensor):  # most outputs: no pytree walk on every call
+        return _stack_layout(out)
     return tree_map_only(torch.Tensor, _stack_layout, out)
 
 
