@@ -152,7 +152,9 @@ def main() -> None:
     ensemble = DeepEnsemble.load_from_checkpoint(ckpt).eval()
     with torch.no_grad():
         losses = ensemble.member_losses(next(iter(DataLoader(waves(256, seed=1), batch_size=256))))
-    table = Table(title=f"Deep ensemble reloaded from {ckpt}")
+    # soft_wrap: a checkpoint path split over two lines cannot be copied.
+    console.print(f"deep ensemble reloaded from {ckpt}", soft_wrap=True)
+    table = Table(title="Deep ensemble: each member on held-out data")
     table.add_column("member", justify="right")
     table.add_column("parameters", justify="right")
     table.add_column("validation MSE", justify="right")
@@ -174,7 +176,8 @@ def main() -> None:
     console.print(
         f"hypernetwork reloaded from {ckpt}: validation MSE {loss:.4f}, "
         f"real parameters {sum(p.numel() for p in hyper.parameters()):,}, "
-        f"state_dict keys {sorted(hyper.state_dict())}"
+        f"state_dict keys {sorted(hyper.state_dict())}",
+        soft_wrap=True,
     )
 
 

@@ -41,5 +41,12 @@ def test_demo_trains_saves_and_reloads(tmp_path: Path) -> None:
         assert not noise, noise
     assert "members: 3" in proc.stdout and "template on meta: True" in proc.stdout
     assert "hypernetwork reloaded from" in proc.stdout
-    assert list(tmp_path.glob("ensemble/checkpoints/*.ckpt"))
-    assert list(tmp_path.glob("hypernetwork/checkpoints/*.ckpt"))
+    ckpts = [*tmp_path.glob("ensemble/checkpoints/*.ckpt")]
+    ckpts += tmp_path.glob("hypernetwork/checkpoints/*.ckpt")
+    assert len(ckpts) == 2
+    # Each path is printed whole on one line (rich wrapped them at 80 columns
+    # inside a table title, which a reader could not copy), e.g. under pytest's
+    # long tmp_path.
+    lines = proc.stdout.splitlines()
+    for ckpt in ckpts:
+        assert any(str(ckpt) in line for line in lines), (ckpt, proc.stdout)
