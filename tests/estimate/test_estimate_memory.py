@@ -53,9 +53,10 @@ def test_live_bytes_categories() -> None:
     assert tracker.peak_breakdown["temporaries"] == 40  # what it was at the peak
 
 
+# The convolutions' scratch bound (tested below): which kernel it names depends on
+# the CPU (oneDNN's bfloat16 convolution with AVX-512, the slow im2col one with AVX2).
 @pytest.mark.filterwarnings(
-    "ignore:estimate. peak_bytes of .* may be too low by up to .*oneDNN convolution"
-    ":lightning_meta.MetaTensorWarning"
+    "ignore:estimate. peak_bytes of .* may be too low by up to :lightning_meta.MetaTensorWarning"
 )
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -373,8 +374,10 @@ def test_bfloat16_cpu_matmul_scratch_is_outside_the_claim_and_small() -> None:
     # oneDNN's bfloat16 mm holds scratch while it runs (guarantees.md: 100 KB for
     # 64x256x256); a dispatch-level measurement, estimate's or measure_training_step's,
     # cannot see it, which is why the ±10 % claim is against that measurement
+    # (on a CPU with AVX2 alone, an AMD EPYC here, the bfloat16 product runs a kernel
+    # that holds none: 0 bytes).
     scratch, seen = _mm_scratch(torch.bfloat16)
-    assert 0 < scratch < 400 * 1024
+    assert 0 <= scratch < 400 * 1024
     assert seen == 0
     assert _mm_scratch(torch.float32) == (0, 0)
 
