@@ -255,11 +255,15 @@ class _SharedLinear(_LinearFunction):
     ) -> torch.Tensor:
         n, out_f, in_f = weight.shape
         flat = weight.reshape(n * out_f, in_f)
+        # Written through a view into the (N, out, M) output, not returned as a
+        # view of a 2-D one: autograd refuses in-place ops on a view that a
+        # custom Function returns (a ReLU(inplace=True) after this layer).
+        out = h.new_empty(n, out_f, h.shape[0])
         if bias is None:
-            out = torch.mm(flat, h.t())
+            torch.mm(flat, h.t(), out=out.view(n * out_f, -1))
         else:
-            out = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
-        return out.view(n, out_f, -1)
+            torch.addmm(bias.reshape(n * out_f, 1), flat, h.t(), out=out.view(n * out_f, -1))
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
