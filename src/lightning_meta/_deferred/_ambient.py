@@ -3,7 +3,7 @@
 Eager construction runs every op under the settings in force at that
 moment; ``materialize`` runs later, maybe under others (a Trainer with
 ``deterministic=True``, ``torch.set_float32_matmul_precision("medium")``,
-``torch.autocast``). Settings that can change values on the CPU are noted
+``torch.autocast``, ``torch.no_grad``). Settings that can change values on the CPU are noted
 per op while recording (:class:`Ambient`) and put back around each replayed
 op; autocast and inference mode of the caller are kept out of the replay
 (the casts autocast made in the block are in the log already).
@@ -33,6 +33,10 @@ class Settings(NamedTuple):
     warn_only: bool
     fill_uninitialized: bool  # torch.empty is filled (NaN, the integer maximum) when deterministic
     matmul_precision: str
+    # The CPU LSTM kernel gives other bits with grad mode on than off, and a
+    # convolution others with oneDNN off (torch.backends.mkldnn.flags).
+    grad_enabled: bool
+    mkldnn: bool
 
 
 class Ambient(NamedTuple):
@@ -54,6 +58,8 @@ def settings() -> Settings:
         torch.is_deterministic_algorithms_warn_only_enabled(),
         bool(torch.utils.deterministic.fill_uninitialized_memory),  # type: ignore[attr-defined]
         torch.get_float32_matmul_precision(),
+        torch.is_grad_enabled(),
+        bool(torch.backends.mkldnn.enabled),
     )
 
 
@@ -87,6 +93,10 @@ def put(ambient: Ambient) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = s.fill_uninitialized  # type: ignore[attr-defined]
     if torch.get_float32_matmul_precision() != s.matmul_precision:
         torch.set_float32_matmul_precision(s.matmul_precision)
+    if torch.is_grad_enabled() != s.grad_enabled:
+        torch.set_grad_enabled(s.grad_enabled)
+    if bool(torch.backends.mkldnn.enabled) != s.mkldnn:
+        torch.backends.mkldnn.enabled = s.mkldnn  # type: ignore[assignment]
     if flush_denormal() != ambient.flush_denormal:
         torch.set_flush_denormal(ambient.flush_denormal)
 

@@ -217,7 +217,8 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
     record = recorder.record
     memo: dict[int, tuple[torch.Tensor, Handle | None]] = {}
     # Tensors kept with autograd history (value id, fake tensor); the fake
-    # parameters and buffers the modules hold, by id, to their value ids.
+    # parameters, buffers and tensor attributes the modules hold, by id, to
+    # their value ids.
     with_history: list[tuple[int, torch.Tensor]] = []
     held: dict[int, int] = {}
 
@@ -255,8 +256,10 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
             slot.put(meta)
             return False
         handle = attach(record, slot.owner, slot.name, meta, vid, handle)
+        # A plain tensor attribute counts too: ``self.log_t = torch.zeros(3,
+        # requires_grad=True)`` is a leaf eager's ``self.log_t.exp()`` reaches.
+        held[id(t)] = vid
         if slot.kind != "attr":
-            held[id(t)] = vid
             owned = record.owned.setdefault(record.values[vid].storage, [])
             if vid not in owned:
                 owned.append(vid)

@@ -752,8 +752,8 @@ def refuse_graded(made: dict[str, str], what: str, hooked: dict[str, str] | None
     hint = f"{hint}Otherwise: " if hint else "Fix: "
     raise MaterializationError(
         f"{what} cannot reproduce {where}: in eager construction each is computed from a "
-        "parameter with autograd recording, so gradients flow through it into the "
-        "parameter; here it would be a separate tensor (not a view of the parameter, or the "
+        "parameter (or another tensor that requires grad) with autograd recording, so "
+        "gradients flow through it into the parameter; here it would be a separate tensor (not a view of the parameter, or the "
         f"parameter is cast, moved, or filled in another call), which no gradient reaches. "
         f"{hint}compute it in forward, or make it under torch.no_grad() (or .detach() it) "
         "where no gradient should flow; or materialize or load the whole model in one call, "

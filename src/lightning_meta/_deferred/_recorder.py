@@ -270,6 +270,9 @@ class Recorder(RecordingDispatchMode):
         self._pending: torch.Tensor | None = None
         self.fake: Any = None  # the FakeTensorMode below, set by ``_session``
         self._arrays: list[_NumpyArray] = []  # .numpy() of the block's tensors, until they die
+        # Captured real tensor's value id -> the fake mode's copy of it.
+        self._constant_aliases: dict[int, torch.Tensor] = {}
+        self._constant_cdatas: set[int] = set()  # their storage ids
         self._logging_array = False
 
     # -- the block's lifetime (deferred_init calls these)
@@ -570,6 +573,10 @@ class Recorder(RecordingDispatchMode):
             self._settings = settings
             self.lineage.fills_empty = ambient.fills_empty
         call = self._log_arguments(info, args, kwargs)
+        if call.writes and self.record.constants:
+            # Before the fake mode runs it: on a real tensor, out= and set_
+            # raise torch's own AssertionError there.
+            self._refuse_constant_writes(info, call)
         stream: int | None = None
         state: torch.Tensor | None = None
         if info.keepable and self._fills_own_fake(call, args):
@@ -620,6 +627,29 @@ class Recorder(RecordingDispatchMode):
             self._log(info, call, outs, stream, state)
         self._pending = None
         return out
+
+    def _refuse_constant_writes(self, info: _OpInfo, call: _Call) -> None:
+        """Refuse a write into a real tensor captured from outside the block, or into a view
+        of one (``table[0] = 5.0``: the fake mode's view of it has a storage of its own)."""
+        constants = self.record.constants
+        aliases, cdatas = self._constant_aliases, self._constant_cdatas
+        if len(aliases) != len(constants):
+            for vid in constants:
+                if vid not in aliases:
+                    # The fake mode's memo: the copy its ops on the tensor use. Held,
+                    # so its storage id is not reused by another while recording.
+                    fake = aliases[vid] = self.fake.from_tensor(constants[vid][0])
+                    cdatas.add(_compat.storage_id(fake.untyped_storage()))
+        for vid in call.writes:
+            if vid in constants or self.values.cdata_of(vid) in cdatas:
+                raise self.values.error(
+                    info.name,
+                    None,
+                    "writes into a real tensor captured from outside the block (or a view of "
+                    "one), which eager construction changes and a deferred one cannot",
+                    "clone the tensor before writing into it inside deferred_init, or make the "
+                    "write before the block",
+                )
 
     def _log_arguments(self, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         """Return the call with its tensors as value ids and its generators as streams."""
@@ -814,16 +844,8 @@ class Recorder(RecordingDispatchMode):
         stream: int | None,
         state: torch.Tensor | None,
     ) -> None:
-        """Append the call to the record, after refusing writes into captured real tensors."""
+        """Append the call to the record."""
         record = self.record
-        constants = record.constants
-        if constants and not constants.keys().isdisjoint(call.writes):
-            raise self.values.error(
-                info.name,
-                None,
-                "writes into a real tensor captured from outside the block",
-                "clone the tensor before writing into it inside deferred_init",
-            )
         if self._arrays and call.writes and not self._logging_array:
             self._refuse_write_under_array(info, call)
         reads = tuple(call.reads)

@@ -214,6 +214,10 @@ class ValueIds:
             ref = self._refs[vid] = Ref(vid)
         return ref
 
+    def cdata_of(self, vid: int) -> int:
+        """Return the storage id (``_compat.storage_id``) value ``vid`` was seen on."""
+        return self._vid_cdata[vid]
+
     def storages_of(self, vids: list[int | None] | list[int]) -> frozenset[int]:
         """Return the storages of ``vids`` (``None`` skipped), sharing the common sets."""
         values = self.record.values
