@@ -183,3 +183,40 @@ def test_reading_a_view_of_a_captured_tensor_still_replays_exactly() -> None:
         deferred = Reads()
     lm.materialize(deferred)
     assert torch.equal(deferred.row, torch.tensor([6.0, 8.0, 10.0]))
+
+
+def test_data_assigned_to_a_tensor_from_outside_the_block_is_refused_at_the_line() -> None:
+    # Before, ``table.data = torch.randn(3, 3)`` gave the outside tensor the block's
+    # meta storage, silently: it stayed on meta after materialize (eager: random values).
+    table = torch.zeros(3, 3)
+    outside = nn.Linear(3, 3)  # a module built before the block
+    weight = outside.weight.detach().clone()
+
+    def assign(target: torch.Tensor) -> None:
+        with lm.deferred_init():
+            nn.Linear(3, 3)
+            target.data = torch.randn(3, 3)
+
+    for target in (table, outside.weight):
+        with pytest.raises(lm.MaterializationError, match=r"Tensor\.data = .*outside the block"):
+            assign(target)
+    assert torch.equal(table, torch.zeros(3, 3)) and torch.equal(outside.weight, weight)
+    assert "data" not in vars(torch.Tensor)  # the check lives only while a block is open
+
+
+class _Reassigned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.lin.weight.data = torch.randn(3, 3) * 0.1  # a tensor of the block: recorded
+
+
+def test_data_assigned_to_a_tensor_of_the_block_is_eagers() -> None:
+    torch.manual_seed(0)
+    eager = _Reassigned()
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        deferred = _Reassigned()
+    lm.materialize(deferred)
+    assert torch.equal(deferred.lin.weight, eager.lin.weight)
+    assert torch.equal(deferred.lin.bias, eager.lin.bias)

@@ -24,6 +24,10 @@ which copies the fake mode with it (see :func:`_fake_deepcopy`). (A
 ``TorchFunctionMode`` would see them too, but it costs every tensor call of
 the model a trip through Python.)
 
+``torch.Tensor.data`` is a property of this module's for the same time:
+``t.data = fake`` of a block's tensor onto any other tensor runs no
+dispatcher op, and would silently leave ``t`` on meta (see :func:`_set_data`).
+
 :func:`conversion_refused` is the error for ``Module.to()`` /
 ``.half()`` / ``.float()`` inside a block, raised the same way on every torch
 version (see ``Recorder``).
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -41,6 +46,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor
+from lightning_meta._deferred._record_errors import recording_error
 from lightning_meta._errors import MaterializationError
 
 __all__ = ["PARAMETER_CLASS", "conversion_refused", "value_in_block", "value_reads"]
@@ -170,6 +176,37 @@ def _wrapper(name: str, original: Any) -> Any:
     return method
 
 
+# torch.Tensor.data as torch defines it (on torch._C.TensorBase).
+_DATA = inspect.getattr_static(torch.Tensor, "data")
+
+
+def _get_data(self: torch.Tensor) -> torch.Tensor:
+    return _DATA.__get__(self)  # type: ignore[no-any-return]
+
+
+def _set_data(self: torch.Tensor, value: torch.Tensor) -> None:
+    """``t.data = value``, refusing a fake tensor of an open block given to any other tensor.
+
+    No dispatcher op runs there, so the recorder never sees it: the tensor
+    would silently take the fake's meta storage and stay on meta after
+    ``materialize``, where eager construction gives it the new values.
+    """
+    if (
+        isinstance(value, FakeTensor)
+        and not isinstance(self, FakeTensor)
+        and id(getattr(value, "fake_mode", None)) in _READERS
+    ):
+        raise recording_error(
+            "Tensor.data = ...",
+            f"gives a tensor from outside the block ({tuple(self.shape)}, {self.dtype}, on "
+            f"{self.device}) a tensor made in the block, which has no values until "
+            "materialize: it would stay on the meta device",
+            "assign .data after materialize, or make the tensor a parameter or buffer of a "
+            "module built in the block",
+        )
+    _DATA.__set__(self, value)
+
+
 def value_in_block(t: torch.Tensor, op: str) -> torch.Tensor | None:
     """The real value of ``t``, a tensor of an open block, as ``.tolist()`` reads it there;
     ``None`` for any other tensor.
@@ -184,7 +221,8 @@ def value_in_block(t: torch.Tensor, op: str) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
-    """Answer ``.numpy()`` and ``.tolist()`` of ``fake_mode``'s tensors with ``reader`` for the body."""
+    """Answer ``.numpy()`` and ``.tolist()`` of ``fake_mode``'s tensors with ``reader`` for the body
+    (and refuse ``t.data = fake`` on any other tensor, see :func:`_set_data`)."""
     with _LOCK:
         if not _READERS:
             for name in _METHODS:
@@ -195,6 +233,8 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
             # Defined on torch._C.TensorBase: torch.Tensor gets its own for the body.
             _SAVED["Tensor.numpy"] = vars(torch.Tensor).get("numpy")
             torch.Tensor.numpy = _real_numpy(torch.Tensor.numpy)  # type: ignore[method-assign]
+            _SAVED["Tensor.data"] = vars(torch.Tensor).get("data")
+            torch.Tensor.data = property(_get_data, _set_data)  # type: ignore[assignment]
         _READERS[id(fake_mode)] = reader
     try:
         yield
@@ -214,3 +254,8 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                     del torch.Tensor.numpy
                 else:
                     torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+                data = _SAVED.pop("Tensor.data")
+                if data is None:
+                    del torch.Tensor.data
+                else:
+                    torch.Tensor.data = data
