@@ -220,3 +220,41 @@ def test_data_assigned_to_a_tensor_of_the_block_is_eagers() -> None:
     lm.materialize(deferred)
     assert torch.equal(deferred.lin.weight, eager.lin.weight)
     assert torch.equal(deferred.lin.bias, eager.lin.bias)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_assign_true_with_two_values_for_a_tie_made_in_the_block_is_refused() -> None:
+    # Before, the deferred model kept the tie and the file's emb.weight under both
+    # names: head.weight's value was dropped, where eager's assign=True gives each
+    # name its own (and breaks the tie).
+    torch.manual_seed(1)
+    sd = {"emb.weight": torch.randn(6, 4), "head.weight": torch.randn(6, 4)}
+    with lm.deferred_init():
+        model = _Tied()
+    with pytest.raises(lm.MaterializationError, match="'head.weight' and 'emb.weight' are tied"):
+        model.load_state_dict(dict(sd), assign=True)
+    # Without assign=True: the last name's value under both, as eager's copy gives.
+    eager = _Tied()
+    eager.load_state_dict(dict(sd))
+    with lm.deferred_init():
+        model = _Tied()
+    model.load_state_dict(dict(sd))
+    lm.materialize(model)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, eager.emb.weight)
+    assert torch.equal(model.emb.weight, sd["head.weight"])
+    # Equal values (a checkpoint saved from a tied model) load with assign=True.
+    same = {"emb.weight": sd["emb.weight"], "head.weight": sd["emb.weight"].clone()}
+    with lm.deferred_init():
+        model = _Tied()
+    model.load_state_dict(same, assign=True)
+    lm.materialize(model)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.head.weight, sd["emb.weight"])

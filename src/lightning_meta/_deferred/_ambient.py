@@ -34,9 +34,10 @@ class Settings(NamedTuple):
     fill_uninitialized: bool  # torch.empty is filled (NaN, the integer maximum) when deterministic
     matmul_precision: str
     # The CPU LSTM kernel gives other bits with grad mode on than off, and a
-    # convolution others with oneDNN off (torch.backends.mkldnn.flags).
-    grad_enabled: bool
-    mkldnn: bool
+    # convolution others with oneDNN off (torch.backends.mkldnn.flags). The
+    # defaults: what a block pickled before these were noted ran under.
+    grad_enabled: bool = True
+    mkldnn: bool = True
 
 
 class Ambient(NamedTuple):

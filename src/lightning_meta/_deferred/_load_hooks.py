@@ -107,6 +107,34 @@ def install_load_hooks(modules: Iterable[nn.Module], tops: Iterable[nn.Module] =
             top.__dict__[_BEYOND_ATTR] = True
 
 
+def _refuse_dropped_tie_value(
+    key: str, value: torch.Tensor, filled: torch.Tensor, first: str | None
+) -> None:
+    """Refuse ``assign=True`` of a value under ``key`` that differs from the one its tie got.
+
+    A tie made in the block is kept (the tensor ``filled`` is put under every
+    name); eager's ``assign=True`` breaks it and gives each name its own value,
+    so a second, different value would be dropped without a word.
+    """
+    same = (
+        value.shape == filled.shape
+        and not value.is_meta
+        and torch.equal(value.detach().to(filled.dtype, copy=False).cpu(), filled.detach().cpu())
+    )
+    if same:
+        return
+    other = repr(first) if first is not None and first != key else "its other name"
+    raise MaterializationError(
+        f"load_state_dict(assign=True) got two values for one tied tensor: {key!r} and {other} "
+        "are tied in the deferred_init block, and the state_dict holds different values for "
+        "them. Eager assign=True would untie them; a deferred model keeps the tie, and one "
+        "value would be lost. Fix: load without assign=True (each tied name then gets the last "
+        "name's value, as eager's copy does), or untie them in the model (give the module its "
+        "own parameter) before loading.",
+        paths=(key,),
+    )
+
+
 def _fill_before_copy(
     module: nn.Module,
     state_dict: dict[str, Any],
@@ -163,6 +191,8 @@ def _fill_before_copy(
         if handle.changed():
             _CHANGED.setdefault(id(handle.record), []).append(key)
         new = done(handle)
+        if new is not None and assign:
+            _refuse_dropped_tie_value(key, value, new, handle.record.loaded_as.get(handle.vid))
         if new is None:
             if assign:
                 # torch assigns state_dict[key]; make it the wrapped tensor so a
@@ -183,6 +213,7 @@ def _fill_before_copy(
             records[id(handle.record)] = handle.record
         if assign:
             state_dict[key] = new
+            handle.record.loaded_as.setdefault(handle.vid, key)
         slot.put(new)
         filled.append(slot.name)
     if filled:

@@ -284,6 +284,9 @@ class Record:
         # Tensors kept on a module that view a tensor a load_state_dict in
         # progress has not reached yet (slot, handle): made views once it has.
         self.waiting: list[tuple[Any, Any]] = []
+        # The key a load_state_dict(assign=True) filled each value id from (see
+        # _load_hooks), to name a tie's first end when its second gets another value.
+        self.loaded_as: dict[int, str] = {}
         # Storage index -> the memory of a numpy array alive when the block ended.
         self.numpy_homes: dict[int, NumpyHome] = {}
         self.released = False
@@ -333,6 +336,7 @@ class Record:
         state["made_in"] = {}
         state["copied"] = set()
         state["waiting"] = []
+        state["loaded_as"] = {}
         state["pending"] = list(self.pending)
         state.pop("lock")
         # Weak references do not pickle; the copy's tensors share no array's memory.
@@ -356,6 +360,7 @@ class Record:
         state.setdefault("outer_meta", any(s.device.type == "meta" for s in state["streams"]))
         state.setdefault("inference", False)
         state.setdefault("deep_copied", False)
+        state.setdefault("loaded_as", {})
         state["constants"] = {
             vid: (t, _compat.version_of(t) - writes)
             for vid, (t, writes) in state["constants"].items()
