@@ -4,6 +4,7 @@ plan's large shared-input layer."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -50,3 +51,46 @@ def test_an_in_place_activation_after_a_large_shared_input_layer_runs_fused(
         want = torch.stack([g for g in grads if g is not None])
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, want)
+
+
+def _conv2d() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+
+def _conv1d() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"), [(_conv2d, (2, 3, 8, 8)), (_conv1d, (2, 3, 8))], ids=["conv2d", "conv1d"]
+)
+@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["same-dtype", "float64"])
+def test_a_parents_to_memory_format_lays_out_each_members_slice(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], dtype: torch.dtype | None
+) -> None:
+    # Before, model.to(memory_format=torch.channels_last) on a module holding an
+    # Ensemble of Conv2d members raised torch's "required rank 4 tensor to use
+    # channels_last format" (the stacked weights are 5-D), and over Conv1d members
+    # laid the 4-D stack out as channels_last where the members' 3-D weights stay
+    # contiguous. Ensemble.to(memory_format=...) itself was right.
+    torch.manual_seed(0)
+    members = [factory() for _ in range(3)]
+    loop = nn.ModuleList(copy.deepcopy(members))
+    parent = nn.Sequential(lm.Ensemble(copy.deepcopy(members)))
+    kwargs: dict[str, object] = {"memory_format": torch.channels_last}
+    args = () if dtype is None else (dtype,)
+    loop.to(*args, **kwargs)  # type: ignore[arg-type]
+    parent.to(*args, **kwargs)  # type: ignore[arg-type]
+    ensemble = parent[0]
+    assert isinstance(ensemble, lm.Ensemble)
+    for i, member in enumerate(loop):
+        mine = ensemble.member(i)
+        for (name, want), (_, got) in zip(
+            member.state_dict().items(), mine.state_dict().items(), strict=True
+        ):
+            assert got.dtype == want.dtype and got.stride() == want.stride(), name
+            assert torch.equal(got, want), name
+        stacked = ensemble.tensors()["0.weight"][i]
+        assert stacked.stride() == member[0].weight.stride()
+    x = torch.randn(*shape, dtype=dtype or torch.float32)
+    torch.testing.assert_close(ensemble(x), torch.stack([m(x) for m in loop]))

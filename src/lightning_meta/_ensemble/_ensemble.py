@@ -32,6 +32,7 @@ from lightning_meta._compat import (
     module_apply,
     non_persistent_of,
     tensor_tables,
+    to_memory_format,
     transform_level,
     tree_flatten,
     tree_leaves,
@@ -405,6 +406,20 @@ def _ensemble_refuses_torch_compile_of_a_forward_keeping_state() -> None:
 _refuse_compiled_state = compiler_disabled(
     _ensemble_refuses_torch_compile_of_a_forward_keeping_state, _COMPILED_STATE
 )
+
+
+def _convert_keeping_layout(
+    fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor
+) -> torch.Tensor:
+    """What ``nn.Module.to``'s conversion ``fn`` makes of ``t``'s dtype and device, in ``t``'s
+    own layout (the memory format it would apply is left to ``Ensemble._to_memory_format``)."""
+    if t.dim() not in (4, 5):
+        return fn(t)
+    target = fn(t.new_empty(0))  # 1-D: converted without a memory format
+    if (target.dtype, target.device) == (t.dtype, t.device):
+        return t
+    out = torch.empty_strided(t.shape, t.stride(), dtype=target.dtype, device=target.device)
+    return out.copy_(t)
 
 
 def _recurrent_layers(template: nn.Module) -> list[str]:
@@ -2281,7 +2296,16 @@ class Ensemble(nn.Module):
             # The copies keep what each member's forward stored (plain
             # attributes, which .to() leaves alone on the members too).
             self._shells.release()
-        return module_apply(self, fn, recurse)
+        memory_format = to_memory_format(fn)
+        if memory_format is None:
+            return module_apply(self, fn, recurse)
+        # A parent's .to(memory_format=...): its conversion would lay out the
+        # stacked tensors by their own dims (refusing a 5-D stack of Conv2d
+        # weights, converting a 4-D stack of Conv1d ones); convert dtype and
+        # device alone here, then lay out each member's slice as Ensemble.to does.
+        module_apply(self, functools.partial(_convert_keeping_layout, fn), recurse)
+        self._to_memory_format(memory_format)
+        return self
 
     # ------------------------------------------------------- copy and pickle
     def __getstate__(self) -> dict[str, Any]:
