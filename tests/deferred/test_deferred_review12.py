@@ -67,11 +67,15 @@ def _eager_and_deferred(
         (lambda: _LstmSummary(no_grad=True), contextlib.nullcontext, contextlib.nullcontext),
         # Run with grad on in the block, materialized under the caller's no_grad.
         (lambda: _LstmSummary(no_grad=False), contextlib.nullcontext, torch.no_grad),
+        # Recorded under no_grad, materialized under inference_mode, which replay
+        # leaves (turning grad mode on) after it had noted the caller's settings.
+        (lambda: _LstmSummary(no_grad=True), contextlib.nullcontext, torch.inference_mode),
         # A convolution recorded with oneDNN on, replayed with it off, and back.
         (_ConvStat, contextlib.nullcontext, lambda: _onednn(False)),
         (_ConvStat, lambda: _onednn(False), contextlib.nullcontext),
     ],
-    ids=["lstm-no-grad-block", "lstm-no-grad-materialize", "conv-onednn-off-at-materialize",
+    ids=["lstm-no-grad-block", "lstm-no-grad-materialize", "lstm-inference-materialize",
+         "conv-onednn-off-at-materialize",
          "conv-onednn-off-in-block"],
 )  # fmt: skip
 def test_replay_runs_each_op_under_the_grad_mode_and_onednn_flag_it_was_recorded_under(
@@ -258,3 +262,29 @@ def test_assign_true_with_two_values_for_a_tie_made_in_the_block_is_refused() ->
     lm.materialize(model)
     assert model.head.weight is model.emb.weight
     assert torch.equal(model.head.weight, sd["emb.weight"])
+
+
+def test_assign_true_compares_a_ties_two_values_bit_for_bit_dtype_included() -> None:
+    # The same tensor (NaN in it) under both names loads; equal values in another
+    # dtype are refused (eager's assign=True gives head.weight its float32 values,
+    # the kept tie would hold emb.weight's bfloat16 ones).
+    w = torch.randn(6, 4)
+    w[0, 0] = float("nan")
+    with lm.deferred_init():
+        model = _Tied()
+    model.load_state_dict({"emb.weight": w, "head.weight": w}, assign=True)
+    lm.materialize(model)
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight[1:], w[1:]) and model.emb.weight[0, 0].isnan()
+    with lm.deferred_init():
+        model = _Tied()
+    with pytest.raises(lm.MaterializationError, match="are tied"):
+        model.load_state_dict({"emb.weight": w.bfloat16(), "head.weight": w}, assign=True)
+
+
+def test_deleting_data_in_a_block_raises_torchs_error() -> None:
+    t = torch.zeros(2)
+    with lm.deferred_init():
+        nn.Linear(2, 2)
+        with pytest.raises(RuntimeError):
+            del t.data

@@ -207,6 +207,10 @@ def _set_data(self: torch.Tensor, value: torch.Tensor) -> None:
     _DATA.__set__(self, value)
 
 
+def _del_data(self: torch.Tensor) -> None:
+    _DATA.__delete__(self)  # torch's own error
+
+
 def value_in_block(t: torch.Tensor, op: str) -> torch.Tensor | None:
     """The real value of ``t``, a tensor of an open block, as ``.tolist()`` reads it there;
     ``None`` for any other tensor.
@@ -234,7 +238,7 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
             _SAVED["Tensor.numpy"] = vars(torch.Tensor).get("numpy")
             torch.Tensor.numpy = _real_numpy(torch.Tensor.numpy)  # type: ignore[method-assign]
             _SAVED["Tensor.data"] = vars(torch.Tensor).get("data")
-            torch.Tensor.data = property(_get_data, _set_data)  # type: ignore[assignment]
+            torch.Tensor.data = property(_get_data, _set_data, _del_data)  # type: ignore[assignment]
         _READERS[id(fake_mode)] = reader
     try:
         yield

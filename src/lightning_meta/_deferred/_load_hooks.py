@@ -56,7 +56,7 @@ from lightning_meta._deferred._handles import (
 from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._deferred._reach import reach
 from lightning_meta._deferred._record import Record
-from lightning_meta._deferred._replay import complete
+from lightning_meta._deferred._replay import complete, same_bits
 from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import Slot, buffer_names, own_slots, parameter_names, tensor_at
 
@@ -116,12 +116,11 @@ def _refuse_dropped_tie_value(
     name); eager's ``assign=True`` breaks it and gives each name its own value,
     so a second, different value would be dropped without a word.
     """
-    same = (
-        value.shape == filled.shape
-        and not value.is_meta
-        and torch.equal(value.detach().to(filled.dtype, copy=False).cpu(), filled.detach().cpu())
-    )
-    if same:
+    if value is filled or (
+        not value.is_meta
+        and value.device == filled.device
+        and same_bits(value.detach(), filled.detach())  # NaN included, dtype alike
+    ):
         return
     other = repr(first) if first is not None and first != key else "its other name"
     raise MaterializationError(

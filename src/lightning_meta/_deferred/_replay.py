@@ -240,6 +240,9 @@ def replay(
             # block ran under it, are in the log already) and inference mode
             # of the caller stay out, the settings of the block come back.
             with _ambient.outside(record.inference):
+                # What the ops start from: leaving the caller's inference mode
+                # turns grad mode back on.
+                ambient[1] = _ambient.now()
                 results = _execute(
                     record,
                     order,
