@@ -312,12 +312,15 @@ def _leaves(t: torch.Tensor, limit: int = 10_000) -> set[int]:
     """The ids of the leaf tensors ``t``'s autograd graph accumulates gradients into."""
     found: set[int] = set()
     todo: list[Any] = [t.grad_fn]
-    seen: set[int] = set()
+    # By id, with the node objects held: torch 2.6 makes a new Python object
+    # for a node on each next_functions, and one freed lends its id to the
+    # next (AccumulateGrad was skipped as seen).
+    seen: dict[int, Any] = {}
     while todo and len(seen) < limit:
         node = todo.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)  # AccumulateGrad
         if isinstance(variable, torch.Tensor):
             found.add(id(variable))
