@@ -1,6 +1,7 @@
 """deferred_init under a hostile review (twelfth round): the grad mode and oneDNN flag a
-recorded op ran under, gradients through a plain tensor attribute, and writes through a
-view of a real tensor captured from outside the block."""
+recorded op ran under, gradients through a plain tensor attribute, writes through a view
+of a real tensor captured from outside the block, ``.data =`` on such a tensor, and two
+values for a tie under ``load_state_dict(assign=True)``."""
 
 from __future__ import annotations
 

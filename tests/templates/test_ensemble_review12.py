@@ -1,5 +1,6 @@
 """Ensemble under a hostile review (twelfth round): an in-place layer after the fused
-plan's large shared-input layer."""
+plan's large shared-input layer, a parent's ``.to(memory_format=...)``, and the gradient
+layout copy ``"auto"``'s timing left out."""
 
 from __future__ import annotations
 
