@@ -625,27 +625,20 @@ def main() -> None:
     if args.child_ranks:
         _rank_child([tuple(c) for c in json.loads(args.child_ranks)])  # type: ignore[misc]
         return
-    if args.scratch:
-        scratch = _scratch()
-        _print_scratch(scratch)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"scratch": scratch}, f, indent=2)
-        return
-    if args.measured:
-        measured = _measured()
-        _print_measured(measured)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"measured": measured}, f, indent=2)
-        return
-    if args.ranks:
-        rows = _ranks()
-        _print_ranks(rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"ranks": rows}, f, indent=2)
-        return
+    # The single-table modes: run, print, and write the rows under the mode's name.
+    modes: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
+        "scratch": (_scratch, _print_scratch),
+        "measured": (_measured, _print_measured),
+        "ranks": (_ranks, _print_ranks),
+    }
+    for mode, (run, show) in modes.items():
+        if getattr(args, mode):
+            rows = run()
+            show(rows)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({mode: rows}, f, indent=2)
+            return
 
     large = [] if args.skip_large else [_large(name, not args.no_full) for name in CONFIGS]
     accuracy = _accuracy()

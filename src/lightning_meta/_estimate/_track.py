@@ -420,6 +420,11 @@ def _matmul_copies(operands: Any) -> int:
     return total
 
 
+def _pad16(n: int) -> int:
+    """``n`` rounded up to a multiple of 16, as oneDNN's blocked layouts pad channels."""
+    return -(-n // 16) * 16
+
+
 def _blocked(t: Any, dims: tuple[int, ...]) -> int:
     """The bytes of ``t`` with its ``dims`` rounded up to 16, as oneDNN's blocked layouts pad them."""
     if not isinstance(t, torch.Tensor):
@@ -427,7 +432,7 @@ def _blocked(t: Any, dims: tuple[int, ...]) -> int:
     size = _nbytes(t)
     for d in dims:
         n = int(t.shape[d]) if t.dim() > d else 1
-        size = size * (-(-n // 16) * 16) // max(n, 1)
+        size = size * _pad16(n) // max(n, 1)
     return size
 
 
@@ -437,7 +442,7 @@ def _blocked_groups(t: Any, dim: int, groups: int) -> int:
         return 0
     n = int(t.shape[dim])
     per = max(n // groups, 1)
-    return _nbytes(t) * (-(-per // 16) * 16) * groups // max(n, 1)
+    return _nbytes(t) * _pad16(per) * groups // max(n, 1)
 
 
 def _onednn_conv_scratch(
@@ -466,7 +471,7 @@ def _onednn_conv_scratch(
         # bfloat16 grouped ones pad each group's channels, and hold float32 copies: a
         # Conv2d(16, 32, 1, groups=16) measured 1.8x peak_bytes plus the bound without this
         per_group_in = max(int(w.shape[1]), 1)
-        weight = _blocked_groups(w, 0, groups) * (-(-per_group_in // 16) * 16) // per_group_in
+        weight = _blocked_groups(w, 0, groups) * _pad16(per_group_in) // per_group_in
         activations = 2 * (_blocked_groups(x, 1, groups) + _blocked_groups(out, 1, groups) + weight)
     else:
         activations = _blocked(x, (1,)) + _blocked(out, (1,)) + _blocked(w, (0, 1))
