@@ -203,3 +203,21 @@ def test_a_clash_in_a_shard_names_the_shard(tmp_path: Path) -> None:
     with pytest.raises(lm.MetaTensorError, match="holds two values") as info:
         lm.load_checkpoint(model, tmp_path / "pytorch_model.bin.index.json")
     assert info.value.paths == (str(tmp_path / shard),)
+
+
+def test_clashes_in_two_shards_name_one_shard_with_its_own_keys(tmp_path: Path) -> None:
+    # Before, every clashing key was listed under the first shard's name, those of
+    # the other shard included.
+    first, second = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
+    torch.save({"weight": {0: torch.ones(2)}, "weight.0": torch.zeros(2)}, tmp_path / first)
+    torch.save({"bias": {0: torch.ones(2)}, "bias.0": torch.zeros(2)}, tmp_path / second)
+    weight_map = {"weight.0": first, "bias.0": second}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = nn.Module()
+    model.register_module("weight", nn.ParameterList([nn.Parameter(torch.zeros(2))]))
+    model.register_module("bias", nn.ParameterList([nn.Parameter(torch.zeros(2))]))
+    with pytest.raises(lm.MetaTensorError, match="holds two values") as info:
+        lm.load_checkpoint(model, tmp_path / "pytorch_model.bin.index.json")
+    (named,) = info.value.paths
+    keys = {str(tmp_path / first): "weight.0", str(tmp_path / second): "bias.0"}
+    assert f"the keys [{keys[named]!r}]" in str(info.value)

@@ -119,7 +119,9 @@ def plan_load(
         if k.startswith(chosen) and k[len(chosen) :] in reads
     }
     if clashed:
-        raise two_values_error(next(iter(clashed.values())), list(clashed))
+        # One file's keys under its name (an index's clashes can be in several shards).
+        first = next(iter(clashed.values()))
+        raise two_values_error(first, [k for k, f in clashed.items() if f == first])
     plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
     plan.made = made
     plan.code = code
