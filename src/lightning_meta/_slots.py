@@ -111,12 +111,12 @@ def tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
 
 def parameter_names(module: nn.Module) -> list[str]:
     """Return the names of ``module``'s own parameters (not its children's), ``None`` ones too."""
-    return list(_compat.parameters_of(module))
+    return list(_compat.parameters_of(module).keys())
 
 
 def buffer_names(module: nn.Module) -> list[str]:
     """Return the names of ``module``'s own buffers (not its children's), ``None`` ones too."""
-    return list(_compat.buffers_of(module))
+    return list(_compat.buffers_of(module).keys())
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

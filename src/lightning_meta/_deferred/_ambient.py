@@ -3,8 +3,8 @@
 Eager construction runs every op under the settings in force at that
 moment; ``materialize`` runs later, maybe under others (a Trainer with
 ``deterministic=True``, ``torch.set_float32_matmul_precision("medium")``,
-``torch.autocast``, ``torch.no_grad``). Settings that can change values on the CPU are noted
-per op while recording (:class:`Ambient`) and put back around each replayed
+``torch.autocast``, ``torch.no_grad``). Settings that can change values on the CPU (the number of CPU threads
+included) are noted per op while recording (:class:`Ambient`) and put back around each replayed
 op; autocast and inference mode of the caller are kept out of the replay
 (the casts autocast made in the block are in the log already).
 """
@@ -38,6 +38,10 @@ class Settings(NamedTuple):
     # defaults: what a block pickled before these were noted ran under.
     grad_enabled: bool = True
     mkldnn: bool = True
+    # A reduction over a large tensor splits its sum per thread: other bits on
+    # another torch.set_num_threads (Lightning's DDP launchers set it at fit
+    # time, after the model was built). 0: not noted (a block pickled before).
+    threads: int = 0
 
 
 class Ambient(NamedTuple):
@@ -61,6 +65,7 @@ def settings() -> Settings:
         torch.get_float32_matmul_precision(),
         torch.is_grad_enabled(),
         bool(torch.backends.mkldnn.enabled),
+        torch.get_num_threads(),
     )
 
 
@@ -98,6 +103,8 @@ def put(ambient: Ambient) -> None:
         torch.set_grad_enabled(s.grad_enabled)
     if bool(torch.backends.mkldnn.enabled) != s.mkldnn:
         torch.backends.mkldnn.enabled = s.mkldnn  # type: ignore[assignment]
+    if s.threads and torch.get_num_threads() != s.threads:
+        torch.set_num_threads(s.threads)
     if flush_denormal() != ambient.flush_denormal:
         torch.set_flush_denormal(ambient.flush_denormal)
 

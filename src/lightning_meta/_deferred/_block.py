@@ -197,15 +197,19 @@ _FAKE_ATTRS: set[str] = set()
 _META = torch.device("meta")
 
 
-def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
-    """Return attributes model code set on ``t`` (e.g. ``_is_hf_initialized``)."""
+def _fake_attrs() -> set[str]:
+    """The attributes a fake tensor (parameter) has of its own, not set by model code."""
     if not _FAKE_ATTRS:
         with FakeTensorMode():
             _FAKE_ATTRS.update(vars(torch.empty(0)))
         _FAKE_ATTRS.update({"_is_param", PARAMETER_CLASS})
-    return {
-        k: v for k, v in vars(t).items() if k not in _FAKE_ATTRS and not isinstance(v, torch.Tensor)
-    }
+    return _FAKE_ATTRS
+
+
+def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
+    """Return attributes model code set on ``t`` (e.g. ``_is_hf_initialized``)."""
+    own = _fake_attrs()
+    return {k: v for k, v in vars(t).items() if k not in own and not isinstance(v, torch.Tensor)}
 
 
 def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) -> list[nn.Module]:
@@ -221,6 +225,12 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
     # their value ids.
     with_history: list[tuple[int, torch.Tensor]] = []
     held: dict[int, int] = {}
+    # Tensors set on the block's tensors (``.grad``, tensor attributes), by path: refused.
+    kept: list[str] = []
+
+    def kept_on(t: torch.Tensor, path: Callable[[], str]) -> None:
+        if id(t) not in memo:
+            kept.extend(_tensor_state(t, path))
 
     def meta_of(t: torch.Tensor) -> tuple[torch.Tensor, Handle | None, int]:
         meta, handle = memo.get(id(t), (None, None))
@@ -246,6 +256,7 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
 
     def convert(slot: Slot) -> bool:
         t = slot.tensor
+        kept_on(t, lambda: _path_in(roots, slot.owner, slot.name))
         meta, handle, vid = meta_of(t)
         if t.device.type == "meta" and not record.outer_meta:
             # Made on meta on purpose (device="meta", a torch.device("meta")
@@ -269,6 +280,7 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         return True
 
     def convert_item(module: nn.Module, attr: str, keys: tuple[Any, ...], t: torch.Tensor) -> Any:
+        kept_on(t, lambda: _path_in(roots, module, attr) + "".join(f"[{k!r}]" for k in keys))
         meta, handle, vid = meta_of(t)
         converted.add(id(t))
         if t.device.type == "meta" and not record.outer_meta:
@@ -284,6 +296,9 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
     owners: list[nn.Module] = []
     items = [0]  # container items made deferred, counted by convert_item
     for module in _walk(roots).values():
+        if isinstance(module, torch.jit.ScriptModule):
+            _refuse_scripted(module, roots)
+            continue  # a real one assigned in the block: eager keeps it as is
         before = items[0]
         deferred = [convert(slot) for slot in _fake_slots(module)]
         for attr, value in list(vars(module).items()):
@@ -298,6 +313,14 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
         # template's module) gets no load hooks: nothing of it is deferred.
         if any(deferred) or items[0] > before:
             owners.append(module)
+    if kept:
+        raise MaterializationError(
+            f"deferred_init cannot keep tensors set on tensors of the block: {', '.join(kept)} "
+            "(a .grad or a tensor-valued attribute set in the block); the materialized "
+            f"tensors would come out without them. Fix: set them after materialize "
+            f"(model.{kept[0]} = ...), or keep such tensors as buffers of the module.",
+            paths=tuple(kept),
+        )
     for vid, t in with_history:
         reached = {held[i] for i in _leaves(t) if i in held}
         if reached:
@@ -306,6 +329,48 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
             origin = views[0] if len(reached) == 1 and views else None
             record.graded[vid] = Graded(recorder.made_by(vid), origin)
     return owners
+
+
+def _tensor_state(t: torch.Tensor, path: Callable[[], str]) -> list[str]:
+    """The paths of a ``.grad`` and the tensor-valued attributes set in the block on ``t``.
+
+    Eager construction keeps them (``p.grad = torch.zeros_like(p)`` preallocated,
+    ``p.mask = ...`` read by a training loop); the deferred tensors carry
+    neither, and an optimizer skipping a parameter without ``.grad`` or code
+    reading ``getattr(p, "mask", None)`` would give other numbers.
+    """
+    own = _fake_attrs()
+    names = [k for k, v in vars(t).items() if k not in own and isinstance(v, torch.Tensor)]
+    if t.grad is not None:
+        names.insert(0, "grad")
+    if not names:
+        return []
+    where = path()
+    return [f"{where}.{k}" for k in names]
+
+
+def _refuse_scripted(module: torch.jit.ScriptModule, roots: Iterable[nn.Module]) -> None:
+    """Refuse a TorchScript module scripted in the block (``torch.jit.script(nn.Linear(...))``)."""
+    if any(isinstance(t, FakeTensor) for t in [*module.parameters(), *module.buffers()]):
+        where = _path_in(roots, module, "").rstrip(".") or type(module).__name__
+        raise MaterializationError(
+            f"deferred_init cannot defer a TorchScript module: {where} was scripted in the "
+            "block (torch.jit.script / torch.jit.trace), and its tensors live in TorchScript, "
+            "where the block cannot make them real later. Fix: script it after materialize "
+            f"(model.{where} = torch.jit.script(model.{where})), or build it outside the block "
+            "and assign it there.",
+            paths=(where,),
+        )
+
+
+def _path_in(roots: Iterable[nn.Module], owner: nn.Module, name: str) -> str:
+    """The dotted path of ``owner``'s ``name`` under the outermost of ``roots`` holding ``owner``."""
+    below = {id(m) for root in roots for m in root.modules() if m is not root}
+    for root in [m for m in roots if id(m) not in below]:
+        for prefix, module in root.named_modules(remove_duplicate=False):
+            if module is owner:
+                return f"{prefix}.{name}" if prefix else name
+    return f"{type(owner).__name__}.{name}"
 
 
 def _leaves(t: torch.Tensor, limit: int = 10_000) -> set[int]:

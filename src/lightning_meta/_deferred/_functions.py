@@ -27,6 +27,8 @@ the model a trip through Python.)
 ``torch.Tensor.data`` is a property of this module's for the same time:
 ``t.data = fake`` of a block's tensor onto any other tensor runs no
 dispatcher op, and would silently leave ``t`` on meta (see :func:`_set_data`).
+And ``isinstance(p, SubclassOfParameter)`` holds for a block's fake
+parameter made as that subclass (see :func:`_parameter_instancecheck`).
 
 :func:`conversion_refused` is the error for ``Module.to()`` /
 ``.half()`` / ``.float()`` inside a block, raised the same way on every torch
@@ -105,9 +107,12 @@ def _fake_deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             cls = t.__dict__.get(PARAMETER_CLASS, torch.nn.Parameter)
             new = cls(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
         else:
-            # torch.Tensor.__deepcopy__ of a subclass without data: a clone,
-            # and the attributes the model set on it (not the fake tensor's own).
-            new = t.clone()
+            # torch.Tensor.__deepcopy__ of a subclass without data: a copy of
+            # its storage, shared with every other tensor of that storage the
+            # same copy reaches (a buffer and its views stay views of one
+            # memory), and the attributes the model set on it (not the fake
+            # tensor's own).
+            new = _storage_copy(t, memo)
             if t.requires_grad:
                 new.requires_grad_()
             if t.grad is not None:
@@ -116,6 +121,22 @@ def _fake_deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             vars(new).update(copy.deepcopy(own, memo))
     memo[id(t)] = new
     return new  # type: ignore[no-any-return]
+
+
+def _storage_copy(t: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
+    """``t`` over a copy of its storage made once per deep copy (``memo``), as eager's
+    ``Tensor.__deepcopy__`` copies the storage through the memo."""
+    key = ("lightning_meta storage", _compat.storage_id(t.untyped_storage()), t.dtype)
+    whole: torch.Tensor | None = memo.get(key)
+    if whole is not None:
+        return whole.as_strided(t.shape, t.stride(), t.storage_offset())
+    size = t.untyped_storage().nbytes() // t.element_size()
+    if t.storage_offset() == 0 and t.is_contiguous() and t.numel() == size:
+        # The whole storage (the base buffer of later views): a tensor of its own, as eagerly.
+        memo[key] = new = t.clone()
+        return new
+    memo[key] = whole = t.as_strided((size,), (1,), 0).clone()
+    return whole.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def _real_deepcopy(original: Any) -> Any:
@@ -211,6 +232,34 @@ def _del_data(self: torch.Tensor) -> None:
     _DATA.__delete__(self)  # torch's own error
 
 
+# The metaclass of nn.Parameter and its subclasses (torch.nn.parameter._ParameterMeta).
+_PARAMETER_META = type(torch.nn.Parameter)
+
+
+def _parameter_instancecheck(original: Any) -> Any:
+    """``isinstance(p, cls)`` for ``nn.Parameter`` and its subclasses, also true for a fake
+    parameter of an open block that the model made as ``cls`` (or a subclass of it).
+
+    A fake tensor cannot be an instance of the subclass (the block notes the
+    class in :data:`PARAMETER_CLASS`), and ``__init__`` code choosing by class
+    (``if isinstance(p, NoDecay): nn.init.ones_(p)``) would take the other
+    branch than eager construction: other values without an error.
+    """
+
+    def __instancecheck__(cls: type, instance: Any) -> bool:
+        if original(cls, instance):
+            return True
+        if (
+            not isinstance(instance, FakeTensor)
+            or id(getattr(instance, "fake_mode", None)) not in _READERS
+        ):
+            return False
+        made = instance.__dict__.get(PARAMETER_CLASS)
+        return made is not None and issubclass(made, cls)
+
+    return __instancecheck__
+
+
 def value_in_block(t: torch.Tensor, op: str) -> torch.Tensor | None:
     """The real value of ``t``, a tensor of an open block, as ``.tolist()`` reads it there;
     ``None`` for any other tensor.
@@ -239,6 +288,10 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
             torch.Tensor.numpy = _real_numpy(torch.Tensor.numpy)  # type: ignore[method-assign]
             _SAVED["Tensor.data"] = vars(torch.Tensor).get("data")
             torch.Tensor.data = property(_get_data, _set_data, _del_data)  # type: ignore[assignment]
+            _SAVED["Parameter.__instancecheck__"] = vars(_PARAMETER_META)["__instancecheck__"]
+            _PARAMETER_META.__instancecheck__ = _parameter_instancecheck(  # type: ignore[method-assign]
+                _SAVED["Parameter.__instancecheck__"]
+            )
         _READERS[id(fake_mode)] = reader
     try:
         yield
@@ -258,6 +311,7 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                     del torch.Tensor.numpy
                 else:
                     torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+                _PARAMETER_META.__instancecheck__ = _SAVED.pop("Parameter.__instancecheck__")  # type: ignore[method-assign]
                 data = _SAVED.pop("Tensor.data")
                 if data is None:
                     del torch.Tensor.data

@@ -633,9 +633,12 @@ def settle_waiting(records: Iterable[Record]) -> list[Slot]:
 
 
 def view_of(
-    handle: Handle, bases: Iterable[tuple[int, torch.Tensor]], path: str
+    handle: Handle, bases: Iterable[tuple[int, torch.Tensor]], path: str, *, cast: bool = False
 ) -> torch.Tensor | None:
     """``handle``'s value as a view of one of ``bases`` (value id, real tensor), as eager has it.
+
+    ``cast``: the bases may be in another dtype than the block's values (cast
+    element for element, laid out alike), for a view to be copied from.
 
     ``bases`` are values of ``handle``'s record made real before it, whose
     memory eager construction shares with it. A value of the block that
@@ -666,7 +669,7 @@ def view_of(
         if not (
             base_lo <= lo
             and hi <= base_hi
-            and base.dtype == value.dtype
+            and (cast or base.dtype == value.dtype)
             and tuple(base.shape) == base_value.size
             and base.stride() == base_value.stride
         ):

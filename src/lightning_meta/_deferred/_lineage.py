@@ -52,10 +52,16 @@ _UNINIT = frozenset(
 # In-place ops whose first argument is written whole, its old values unread.
 _OVERWRITE = RANDOM_FILLS | {"aten.fill_", "aten.zero_", "aten.copy_", "aten.bernoulli_"}
 _METADATA = frozenset({"aten.detach", "aten.alias", "aten.lift_fresh"})
-# Ops that never read the old values of one tensor argument they may write (by
-# its index among the op's tensor arguments): rrelu's noise, which it draws
-# over in training (torch.empty_like in F.rrelu) and leaves alone otherwise.
-_UNREAD_ARGUMENT = {"aten.rrelu_with_noise.default": 1, "aten.rrelu_with_noise_.default": 1}
+# Ops that never read the values of one tensor argument (by its index among the
+# op's tensor arguments): rrelu's noise, which it draws over in training
+# (torch.empty_like in F.rrelu) and leaves alone otherwise, and bernoulli with a
+# number p, which takes only its input's shape (torch.bernoulli(torch.empty(n),
+# 0.8), and dropout's batching rule under torch.func.vmap, on an expanded empty).
+_UNREAD_ARGUMENT = {
+    "aten.rrelu_with_noise.default": 1,
+    "aten.rrelu_with_noise_.default": 1,
+    "aten.bernoulli.p": 0,
+}
 
 
 @functools.cache

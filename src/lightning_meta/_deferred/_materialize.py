@@ -111,8 +111,11 @@ def materialize(
     parameter, cast and moved with it). A submodule can be
     materialized alone, the rest later, in any order. No generator moves:
     they stand where eager construction left them since the block ended.
-    Tensors that are not on meta are left untouched, so calling this again is
-    a no-op.
+    Real tensors the module held already (a tensor passed into ``__init__``,
+    a submodule built outside the block, a part materialized by an earlier
+    call) are left as they are, or with ``device`` or ``dtype`` cast and moved
+    as ``module.to(device, dtype)`` would; so calling this again with the
+    same arguments is a no-op.
 
     Each deferred tensor object is made real in place (its real contents put
     into it with ``torch.utils.swap_tensors``), as eager's ``module.to()``
@@ -213,7 +216,37 @@ def materialize(
     materialize_beyond(
         module, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized
     )
+    if device is not None or dtype is not None:
+        _convert_real(module, real_device(device, "materialize"), dtype)
     return module
+
+
+def _convert_real(
+    module: nn.Module, device: torch.device | None, dtype: torch.dtype | None
+) -> None:
+    """Cast and move the real parameters and buffers ``module`` held before (a tensor passed
+    into ``__init__``, a submodule built outside the block, a part materialized earlier)
+    as eager's ``module.to(device, dtype)`` does: a parameter keeps its object (new
+    ``.data``), a buffer gets a new one. The tensors this call made real are there already."""
+
+    def wanted(t: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
+        if t.is_meta or type(t).__name__ == "DTensor":
+            return None
+        want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+        where = device if device is not None else t.device
+        return None if (t.device, t.dtype) == (where, want) else (where, want)
+
+    with torch.no_grad():
+        for sub in module.modules():
+            for p in _compat.parameters_of(sub).values():
+                if p is not None and (to := wanted(p)) is not None:
+                    p.data = p.data.to(*to)
+                    if p.grad is not None and (grad_to := wanted(p.grad)) is not None:
+                        p.grad = p.grad.to(*grad_to)
+            buffers = _compat.buffers_of(sub)
+            for name, b in list(buffers.items()):
+                if b is not None and (to := wanted(b)) is not None:
+                    buffers[name] = b.to(*to)
 
 
 def materialize_beyond(
