@@ -43,6 +43,7 @@ from lightning_meta._compat import (
     without_dynamo_wrappers,
 )
 from lightning_meta._deferred._functions import value_in_block
+from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
 from lightning_meta._slots import named_tensors, tie_groups
@@ -326,6 +327,7 @@ def to_meta(module: nn.Module) -> nn.Module:
     }
     derived: list[str] = []
     trained: list[str] = []
+    pending: list[str] = []  # deferred plain attributes: no values yet
     shared: dict[str, str] = {}
     for path, where, value in _reachable(module, set()):
         if not isinstance(value, torch.Tensor) or id(value) in own:
@@ -344,10 +346,23 @@ def to_meta(module: nn.Module) -> nn.Module:
         # scale): the template keeps real values, as eagerly, which the block
         # knows for constants and refuses to give for random draws.
         at = f"{path}.{where}" if path else where
+        if handle_of(value) is not None:
+            pending.append(at)
+            continue
         real = value_in_block(value, f"MetaTemplate({type(module).__name__}) copying {at!r}")
         if real is not None:
             with no_dispatch_modes():
                 memo[id(value)] = real.clone(memory_format=torch.preserve_format)
+    if pending:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, pending))} is a "
+            "tensor attribute built under deferred_init and not materialized yet: the "
+            "template copies plain tensor attributes with their values, which it does not "
+            "have before materialize (the copy would stay on meta). Fix: make the template "
+            "inside the deferred_init block, or after materialize (MetaGuard materializes "
+            "in setup: make it in on_fit_start or later).",
+            paths=pending,
+        )
     if derived:
         raise ArgumentValueError(
             f"MetaTemplate({type(module).__name__}): {', '.join(map(repr, derived))} is a "
@@ -441,8 +456,10 @@ def _build_on_meta(factory: Factory) -> nn.Module:
     with no_dispatch_modes():
         module = build_on_meta(factory, "MetaTemplate factory")
     # A factory may capture modules or tensors built elsewhere; copy what is
-    # not on meta so the template never aliases or holds real storage.
-    if any(not t.is_meta for t in _tensors(module)):
+    # not on meta so the template never aliases or holds real storage, and a
+    # deferred module (meta until materialize makes it real in place, its
+    # modes switched by every call's) so it never aliases the model's.
+    if any(not t.is_meta or handle_of(t) is not None for t in _tensors(module)):
         return to_meta(module)  # which refuses an Ensemble inside
     _refuse_ensembles(module)
     return module
