@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import operator
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard
@@ -176,6 +177,20 @@ _BATCHED = object()
 def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether a stacked floating point tensor is 16-bit (bfloat16, float16)."""
     return any(t.is_floating_point() and t.itemsize == 2 for t in tensors.values())
+
+
+def _generator_argument(inputs: Any, kwargs: Any) -> bool:
+    """Whether a call's arguments hold a random generator: ``torch.Generator``,
+    ``random.Random``, or numpy's ``Generator``, ``RandomState`` or bit generator."""
+    for leaf in tree_leaves((inputs, kwargs)):
+        if isinstance(leaf, (torch.Generator, random.Random)):
+            return True
+        kind = type(leaf)
+        if kind.__module__.startswith("numpy.random") and (
+            hasattr(leaf, "bit_generator") or hasattr(leaf, "get_state") or hasattr(leaf, "state")
+        ):
+            return True
+    return False
 
 
 def _float16(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -1309,6 +1324,11 @@ class Ensemble(nn.Module):
             if self._draws_elsewhere(static):
                 static = "loop"
             return self._unhooked(static)
+        if _generator_argument(inputs, kwargs):
+            # A generator passed in (generator=torch.Generator, a random.Random or
+            # numpy one): a loop draws from it member after member, vmap once for
+            # all, and a timed run would draw from the caller's generator.
+            return self._unhooked("loop")
         if dispatch_mode_active():
             # A FLOP counter or another TorchDispatchMode of the caller's would
             # see every timed run (Lightning's ModelSummary counted 30 calls),

@@ -235,6 +235,11 @@ def _describe(x: Any) -> str:
         return f"{str(x.dtype).removeprefix('torch.')}[{shape}]@{x.device}{grad}"
     if x is None or isinstance(x, (bool, str)):
         return repr(x)
+    if isinstance(x, (int, float)) and x == 0:
+        # Zero often switches part of a forward off (noise_std=0.0, a dropout p of 0):
+        # a kind of its own, timed apart, so one timed without draws is not reused
+        # for a call that draws (other numbers are one kind: a step counter).
+        return f"{type(x).__name__}=0"
     return type(x).__name__
 
 
