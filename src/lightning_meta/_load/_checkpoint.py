@@ -30,11 +30,13 @@ from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import run_post_hooks
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
+    add_shared,
     check_arguments,
     convert,
     convert_rest,
     make_report,
     replay_missing,
+    share_loaded,
     swap_in,
 )
 from lightning_meta._load._report import LoadReport
@@ -250,6 +252,7 @@ def load_checkpoint(
             verify=verify,
             mapped=mmap,
         )
+        shared = share_loaded(conversion, plan)
         replay = replay_missing(
             module,
             plan,
@@ -258,6 +261,7 @@ def load_checkpoint(
             loaded=conversion.tensors,
             allow_uninitialized=allow_uninitialized,
         )
+        add_shared(replay, shared)
         rest = convert_rest(plan, device=args.device, dtype=args.dtype)
         filled = swap_in([*conversion.tensors, *rest], replay, plan.made)
         forget(module, [*filled, *replay.names])

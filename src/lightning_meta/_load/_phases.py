@@ -55,6 +55,7 @@ from lightning_meta._deferred._identity import (
     take_over_memory,
 )
 from lightning_meta._deferred._materialize import check_deferred, materialize_paths, refuse_recast
+from lightning_meta._deferred._record import span
 from lightning_meta._errors import ArgumentTypeError, MaterializationError, MetaTensorError
 from lightning_meta._guard._find import find_meta_tensors
 from lightning_meta._load._match import Group, Plan
@@ -71,7 +72,9 @@ __all__ = [
     "convert",
     "convert_rest",
     "make_report",
+    "add_shared",
     "replay_missing",
+    "share_loaded",
     "swap_in",
 ]
 
@@ -178,6 +181,11 @@ class Converted:
     in_place: bool
     grad: torch.Tensor | None = None
     then: torch.Tensor | None = None
+    # A real tensor the checkpoint does not fill whose memory a loaded one shares
+    # (a non-persistent buffer ``weight.detach().t()``): its old memory, which
+    # ``tensor`` is converted from again once the loaded values are copied in, as
+    # ``load_state_dict`` then ``module.to`` casts it.
+    source: torch.Tensor | None = None
 
 
 @dataclass
@@ -503,7 +511,10 @@ def convert_rest(
                     ) from e
                 out.append(Converted(group, new, False))
         elif (dev, want) != (old.device, old.dtype):
-            out.append(_convert_one(group, old.detach(), dev, want, seen_storage))
+            item = _convert_one(group, old.detach(), dev, want, seen_storage)
+            if _real_with_aliases(group):
+                item.source = old.detach()
+            out.append(item)
     return out
 
 
@@ -521,6 +532,8 @@ class Replay:
 
     names: list[str] = field(default_factory=list)
     tensors: list[tuple[Group, torch.Tensor]] = field(default_factory=list)
+    # ids of groups in ``views`` the checkpoint filled (see share_loaded): reported loaded.
+    loaded: set[int] = field(default_factory=set)
     # id of a group in ``tensors`` that is a view of a loaded tensor -> how to
     # take that view again: the view holds the loaded tensor's C++ tensor,
     # which torch.utils.swap_tensors then refuses (see swap_in).
@@ -573,14 +586,16 @@ def replay_missing(
     # device it gives them other memory instead, and views keep the values
     # they had, which replay gives.
     bases: dict[int, list[tuple[int, Converted]]] = {}
+    # Loaded tensors dtype= or device= changes: eager's load copies into them
+    # first, so a parameter or buffer viewing one holds the loaded values, and
+    # module.to() then gives it a cast copy of them (of the file's values cast
+    # once, as the loaded tensor itself is).
+    recast: dict[int, list[tuple[int, Converted]]] = {}
     for item in loaded:
         base = handle_of(item.group.tensor)
-        if (
-            base is not None
-            and not base.replaced()
-            and _copied_in_eager(item.group.tensor, item.tensor)
-        ):
-            bases.setdefault(id(base.record), []).append((base.vid, item))
+        if base is not None and not base.replaced():
+            copied = _copied_in_eager(item.group.tensor, item.tensor)
+            (bases if copied else recast).setdefault(id(base.record), []).append((base.vid, item))
     out = Replay(sorted(wanted))
     scratch = nn.Module()
     groups: list[tuple[str, Group]] = []
@@ -589,9 +604,18 @@ def replay_missing(
         if handle is None or not wanted.intersection(group.names):
             continue
         mine = bases.get(id(handle.record), [])
-        view = _view_again(handle, group, mine)() if mine else None
+        again = _view_again(handle, group, mine) if mine else None
+        view = again() if again is not None else None
+        if (
+            view is None
+            and recast.get(id(handle.record))
+            and all(s.kind != "attr" for s in group.slots)
+        ):
+            again = _view_again(handle, group, recast[id(handle.record)], copy=True)
+            view = again()
         if view is not None:
-            out.views[id(group)] = _view_again(handle, group, mine)
+            assert again is not None
+            out.views[id(group)] = again
         else:  # of a tensor made real before (its module loaded on its own)
             view = earlier_view(handle, group.names[0])
             if view is not None:
@@ -697,6 +721,88 @@ def replay_missing(
     return out
 
 
+# A loaded tensor taken as a view of another's memory: its group, its tensor as read,
+# how to take the view (and copy its values in) once the other is in the module.
+Shared = tuple[Group, torch.Tensor, Callable[[], torch.Tensor | None]]
+
+
+def share_loaded(conversion: Conversion, plan: Plan) -> list[Shared]:
+    """Make loaded deferred tensors that share memory in eager construction share it again.
+
+    ``b = a[:2]`` kept as a buffer beside ``a``, or ``b = nn.Parameter(a.data)``:
+    eager's ``load_state_dict`` copies each name's values into the one memory,
+    in ``state_dict`` order (the last name's values win where they overlap), and
+    an in-place update of one later reaches the other. Each of them was read
+    into memory of its own; here every one that lies within another's memory
+    becomes that view of the other's new tensor (taken by :func:`swap_in` once
+    the other is in, like a replayed view of a loaded tensor, see
+    :func:`add_shared`), its own values copied in after the other's where it
+    comes later; it leaves ``conversion``. Only where the load keeps the dtype
+    and device (eager's ``module.to`` then gives each its own memory). Call it
+    before :func:`replay_missing`, whose views of loaded tensors then take the
+    memory that stays.
+    """
+    order = {id(group): i for i, group in enumerate(plan.groups)}
+    out: list[Shared] = []
+    shared: dict[tuple[int, int], list[tuple[Handle, Converted]]] = {}
+    for item in conversion.tensors:
+        handle = handle_of(item.group.tensor)
+        if (
+            item.in_place
+            or handle is None
+            or handle.replaced()
+            or handle.record.released
+            or not _copied_in_eager(item.group.tensor, item.tensor)
+        ):
+            continue
+        value = handle.record.values[handle.vid]
+        shared.setdefault((id(handle.record), value.storage), []).append((handle, item))
+    for members in shared.values():
+        if len(members) < 2:
+            continue
+
+        def reach(member: tuple[Handle, Converted]) -> tuple[int, int]:
+            value = member[0].record.values[member[0].vid]
+            return (-span(value.size, value.stride), order.get(id(member[1].group), 0))
+
+        base_handle, base = min(members, key=reach)
+        for handle, item in members:
+            if item is base:
+                continue
+            again = _view_again(handle, item.group, [(base_handle.vid, base)])
+            if again() is None:
+                continue  # another part of the storage: memory of its own is eager's too
+            conversion.tensors = [t for t in conversion.tensors if t is not item]
+            later = order.get(id(item.group), 0) > order.get(id(base.group), 0)
+            out.append(
+                (item.group, item.tensor, _filled_view(again, item.tensor if later else None))
+            )
+    return out
+
+
+def add_shared(replay: Replay, shared: list[Shared]) -> None:
+    """Have :func:`swap_in` put ``shared`` (see :func:`share_loaded`) in as views, loaded."""
+    for group, tensor, view in shared:
+        replay.tensors.append((group, tensor))  # taken again: in ``views``
+        replay.views[id(group)] = view
+        replay.loaded.add(id(group))
+
+
+def _filled_view(
+    again: Callable[[], torch.Tensor | None], values: torch.Tensor | None
+) -> Callable[[], torch.Tensor | None]:
+    """``again()``, with ``values`` (a later name's, read from the checkpoint) copied into it."""
+
+    def view() -> torch.Tensor | None:
+        found = again()
+        if found is not None and values is not None:
+            with torch.no_grad():
+                _copy_into(found, values.detach())
+        return found
+
+    return view
+
+
 def _parts_for_to(
     group: Group, device: torch.device | None, dtype: torch.dtype | None
 ) -> list[tuple[Group, bool]]:
@@ -726,13 +832,17 @@ def _parts_for_to(
 
 
 def _view_again(
-    handle: Handle, group: Group, bases: list[tuple[int, Converted]]
+    handle: Handle, group: Group, bases: list[tuple[int, Converted]], *, copy: bool = False
 ) -> Callable[[], torch.Tensor | None]:
-    """``handle``'s value as the view of a loaded tensor (``Converted.tensor``, read when called)."""
+    """``handle``'s value as the view of a loaded tensor (``Converted.tensor``, read when called);
+    ``copy``: a copy of that view (the loaded tensor was cast or moved, which gives a
+    parameter or buffer viewing it memory of its own, as ``module.to()`` does)."""
     meta = group.tensor  # the deferred tensor the view is dressed as, kept: swap_in may swap it
 
     def view() -> torch.Tensor | None:
-        found = view_of(handle, [(v, item.tensor) for v, item in bases], group.names[0])
+        found = view_of(handle, [(v, item.tensor) for v, item in bases], group.names[0], cast=copy)
+        if found is not None and copy:
+            found = found.clone()
         return None if found is None else dress_like(meta, found, handle.attrs)
 
     return view
@@ -942,6 +1052,10 @@ def swap_in(
                         put_buffer(current, item.then)
                     elif item.then is not None:
                         set_param(old, item.then, item.grad)
+                for item in converted:
+                    if item.source is not None:
+                        current = item.group
+                        item.tensor.copy_(item.source)  # the loaded values, where they landed
                 for group, new in replayed:
                     if new is not None:
                         continue
@@ -952,6 +1066,8 @@ def swap_in(
                     view = put(group, view, handle)
                     if handle is not None:
                         done.append((handle, view, False))
+                    if replay is not None and id(group) in replay.loaded:
+                        filled.extend(group.names)
                     view = None
         except BaseException as e:
             view = None  # a view of a swapped tensor blocks swapping it back
