@@ -182,6 +182,8 @@ def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
 def _generator_argument(inputs: Any, kwargs: Any) -> bool:
     """Whether a call's arguments hold a random generator: ``torch.Generator``,
     ``random.Random``, or numpy's ``Generator``, ``RandomState`` or bit generator."""
+    if not kwargs and all(isinstance(x, torch.Tensor) for x in inputs):
+        return False  # the common call, checked without flattening
     for leaf in tree_leaves((inputs, kwargs)):
         if isinstance(leaf, (torch.Generator, random.Random)):
             return True
