@@ -81,6 +81,45 @@ class _Clones(nn.Module):
         return x
 
 
+class _Reinterpreted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        freqs = torch.polar(torch.ones(4), torch.arange(4.0))
+        self.register_buffer("freqs_cis", freqs)
+        self.register_buffer("freqs_ri", torch.view_as_real(freqs))  # float32 view of it
+        raw = torch.zeros(4)
+        self.register_buffer("ema", raw)
+        self.register_buffer("ema_bits", raw.view(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.freqs_cis.mul_(torch.polar(torch.ones(4), torch.full((4,), 0.1)))
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        return x * self.freqs_ri[:, 0] + self.ema_bits.float()
+
+
+class _Copies(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(_Reinterpreted()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_deep_copy_in_the_block_keeps_views_in_another_dtype_on_one_memory() -> None:
+    eager, deferred = _eager(_Copies), _deferred(_Copies)
+    for layer in deferred.layers:
+        assert layer.freqs_ri.untyped_storage().data_ptr() == (
+            layer.freqs_cis.untyped_storage().data_ptr()
+        )
+        assert layer.ema_bits.untyped_storage().data_ptr() == layer.ema.untyped_storage().data_ptr()
+    x = torch.randn(3, 4)
+    assert torch.equal(eager(x), deferred(x))
+
+
 def test_a_deep_copy_in_the_block_keeps_memory_shared_as_eagerly() -> None:
     # Before, each tensor of the copy got memory of its own: mean no longer viewed
     # state, and after one forward the outputs differed by 0.15.

@@ -126,9 +126,11 @@ def _fake_deepcopy(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
 def _storage_copy(t: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
     """``t`` over a copy of its storage made once per deep copy (``memo``), as eager's
     ``Tensor.__deepcopy__`` copies the storage through the memo."""
-    key = ("lightning_meta storage", _compat.storage_id(t.untyped_storage()), t.dtype)
+    key = ("lightning_meta storage", _compat.storage_id(t.untyped_storage()))
     whole: torch.Tensor | None = memo.get(key)
     if whole is not None:
+        if whole.dtype != t.dtype:  # the storage read as another dtype (.view(dtype), view_as_real)
+            whole = whole.view(-1).view(t.dtype)
         return whole.as_strided(t.shape, t.stride(), t.storage_offset())
     size = t.untyped_storage().nbytes() // t.element_size()
     if t.storage_offset() == 0 and t.is_contiguous() and t.numel() == size:

@@ -553,14 +553,17 @@ def _replay_records(
             if handle.record.ahead.get(handle.vid) is not existing:
                 held.add(id(existing))
             continue
+        # A view of a tensor made real before (its module materialized or loaded
+        # on its own) is that view, as in eager construction: a plain attribute,
+        # and a parameter or buffer of another module on that memory
+        # (nn.Embedding(_weight=enc.weight.data), enc.weight.detach()[:2]) that
+        # the load did not make real with it (materialize keeps those ahead).
+        view = earlier_view(handle, slot.path)
+        if view is not None:
+            by_place[key] = dress_like(slot.tensor, view, handle.attrs)
+            earlier.add(id(slot))
+            continue
         if slot.kind == "attr":
-            # A view of a tensor made real before (its module materialized or
-            # loaded on its own) is that view, as in eager construction.
-            view = earlier_view(handle, slot.path)
-            if view is not None:
-                by_place[key] = dress_like(slot.tensor, view, handle.attrs)
-                earlier.add(id(slot))
-                continue
             base = pending_base(handle)
             if base is not None and (id(base.record), base.vid) not in in_call:
                 apart.append(slot.path)

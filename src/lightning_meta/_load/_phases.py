@@ -591,6 +591,7 @@ def replay_missing(
     # module.to() then gives it a cast copy of them (of the file's values cast
     # once, as the loaded tensor itself is).
     recast: dict[int, list[tuple[int, Converted]]] = {}
+    copies: set[tuple[int, int]] = set()  # made copies of a view of one of ``recast``
     for item in loaded:
         base = handle_of(item.group.tensor)
         if base is not None and not base.replaced():
@@ -613,6 +614,8 @@ def replay_missing(
         ):
             again = _view_again(handle, group, recast[id(handle.record)], copy=True)
             view = again()
+            if view is not None:
+                copies.add((id(handle.record), handle.vid))
         if view is not None:
             assert again is not None
             out.views[id(group)] = again
@@ -651,7 +654,7 @@ def replay_missing(
         for item in loaded
         if (h := handle_of(item.group.tensor)) is not None
         and not _copied_in_eager(item.group.tensor, item.tensor)
-    }
+    } | copies  # a copy of a view of one: in eager, a view of the same loaded memory
     uncopied: list[str] = []
     for slot in slots:
         handle = handle_of(slot.tensor)
@@ -770,8 +773,13 @@ def share_loaded(conversion: Conversion, plan: Plan) -> list[Shared]:
             if item is base:
                 continue
             again = _view_again(handle, item.group, [(base_handle.vid, base)])
-            if again() is None:
-                continue  # another part of the storage: memory of its own is eager's too
+            try:
+                if again() is None:
+                    continue  # another part of the storage: memory of its own is eager's too
+            except MaterializationError:
+                # Interleaved or overlapping (cos and sin of one view_as_real, s[::2] and
+                # s[1::2]): neither lies within the other, each keeps memory of its own.
+                continue
             conversion.tensors = [t for t in conversion.tensors if t is not item]
             later = order.get(id(item.group), 0) > order.get(id(base.group), 0)
             out.append(
