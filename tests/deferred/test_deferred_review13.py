@@ -182,6 +182,23 @@ def test_a_part_materialized_earlier_is_cast_by_a_later_dtype_call() -> None:
     assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
+class _ShapeOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.shape_only = nn.LayerNorm(4, device="meta")  # meta on purpose
+
+
+def test_materialize_dtype_casts_a_meta_tensor_made_on_purpose_as_module_to_does() -> None:
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = _ShapeOnly()
+    lm.materialize(model, dtype=torch.bfloat16)
+    eager = _ShapeOnly().to(torch.bfloat16)
+    assert model.shape_only.weight.is_meta
+    assert model.shape_only.weight.dtype == eager.shape_only.weight.dtype == torch.bfloat16
+
+
 class _Scripted(nn.Module):
     def __init__(self, outside: nn.Module | None = None) -> None:
         super().__init__()

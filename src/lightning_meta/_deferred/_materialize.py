@@ -114,8 +114,9 @@ def materialize(
     Real tensors the module held already (a tensor passed into ``__init__``,
     a submodule built outside the block, a part materialized by an earlier
     call) are left as they are, or with ``device`` or ``dtype`` cast and moved
-    as ``module.to(device, dtype)`` would; so calling this again with the
-    same arguments is a no-op.
+    as ``module.to(device, dtype)`` would (a meta tensor made on purpose is
+    cast and stays on meta); so calling this again with the same arguments
+    is a no-op.
 
     Each deferred tensor object is made real in place (its real contents put
     into it with ``torch.utils.swap_tensors``), as eager's ``module.to()``
@@ -230,10 +231,12 @@ def _convert_real(
     ``.data``), a buffer gets a new one. The tensors this call made real are there already."""
 
     def wanted(t: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
-        if t.is_meta or type(t).__name__ == "DTensor":
+        if type(t).__name__ == "DTensor" or handle_of(t) is not None:
             return None
         want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
-        where = device if device is not None else t.device
+        # A meta tensor made on purpose stays there (eager's .to() cannot move one
+        # off meta), cast as module.to(dtype) casts it.
+        where = device if device is not None and not t.is_meta else t.device
         return None if (t.device, t.dtype) == (where, want) else (where, want)
 
     with torch.no_grad():
