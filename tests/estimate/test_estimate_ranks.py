@@ -541,7 +541,7 @@ def test_cli_fit_exits_1_when_even_one_sample_does_not_fit(
         ),
         (
             ["--strategy", "ddp", "--world-size", "2", "--memory", "80GiB", "--fit", "world-size"],
-            "needs strategy='fsdp'",
+            "needs --strategy fsdp",
         ),
         (
             ["--strategy", "fsdp", "--world-size", "2", "--tensor-parallel-plan", "{nope"],

@@ -14,7 +14,9 @@ Exit status, for every sub-command:
 * ``2``: the command line is wrong (an unknown option or value, a bad
   ``--input`` spec, an unknown device), or the TARGET cannot be imported or
   built (whatever its code raises, ``sys.exit`` included);
-* ``130``: interrupted (Ctrl-C).
+* ``130``: interrupted (Ctrl-C);
+* ``141``: standard output was closed by its reader (``| head``), with no
+  message.
 
 Every failure is one message on standard error, without a traceback (set the
 environment variable ``LIGHTNING_META_TRACEBACK=1`` to add it); with
@@ -26,6 +28,7 @@ pointing at its ``--help``, instead of argparse's usage block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -59,6 +62,8 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 #: stopped by Ctrl-C (the shell's convention, 128 + SIGINT)
 EXIT_INTERRUPTED = 130
+#: standard output closed by its reader (`| head`): the shell's convention, 128 + SIGPIPE
+EXIT_BROKEN_PIPE = 141
 
 # sub-command name -> module implementing it
 _COMMANDS: dict[str, str] = {
@@ -95,9 +100,19 @@ def exit_status(e: BaseException) -> int:
     """
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if _broken_pipe(e):
+        return EXIT_BROKEN_PIPE
     if isinstance(e, (ArgumentTypeError, ArgumentValueError, TargetError)):
         return EXIT_USAGE
     return EXIT_PROBLEM
+
+
+def _broken_pipe(e: BaseException) -> bool:
+    """Whether ``e`` is standard output closed by its reader (``lightning-meta ... | head``):
+    a ``BrokenPipeError``, or the ``SystemExit(1)`` rich raises on one (its ``__context__``)."""
+    return isinstance(e, BrokenPipeError) or (
+        isinstance(e, SystemExit) and isinstance(e.__context__, BrokenPipeError)
+    )
 
 
 def _message(e: BaseException) -> str:
@@ -134,6 +149,13 @@ def report_failure(command: str, e: BaseException) -> int:
     same words and status as :func:`run_command` gives.
     """
     status = exit_status(e)
+    if status == EXIT_BROKEN_PIPE:
+        # Not a failure: the reader took what it wanted (`| head -1`). Nothing
+        # more is written to the closed pipe (Python's advice: point stdout at
+        # devnull, so its flush at exit does not raise again).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return status
     try:
         if os.environ.get(_TRACEBACK_ENV, "") not in ("", "0"):
             import traceback
@@ -247,7 +269,8 @@ def build_parser() -> Parser:
         description="Meta-device modules that just work in PyTorch Lightning.",
         epilog=(
             "Exit status: 0 ok; 1 a problem found in the model, its inputs or the file; "
-            "2 a bad command line, or a TARGET that cannot be imported or built; 130 interrupted."
+            "2 a bad command line, or a TARGET that cannot be imported or built; 130 interrupted; "
+            "141 standard output closed by its reader (| head)."
         ),
     )
     parser.add_argument(

@@ -11,9 +11,10 @@ assemble the result (:func:`~lightning_meta._estimate._result.assemble`).
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from lightning_meta._errors import (
     MetaTensorError,
     MetaTensorWarning,
 )
+from lightning_meta._estimate._closed import estimate_modes, new_mode
 from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
 from lightning_meta._estimate._kept import built_by_estimate, module_kept
 from lightning_meta._estimate._kernels import FakeKernelStricter, KernelRefusal
@@ -44,6 +46,7 @@ from lightning_meta._estimate._result import Estimate, ModuleEstimate, RankEstim
 from lightning_meta._estimate._run import StepRecord, default_loss, simulate_step, trace_forward
 from lightning_meta._estimate._specs import InputSpec
 from lightning_meta._estimate._values import IndexRefusal, Values
+from lightning_meta._guard._check import own_configure_model
 
 __all__ = ["Estimate", "InputSpec", "ModuleEstimate", "RankEstimate", "estimate"]
 
@@ -57,14 +60,36 @@ def _build(module_or_factory: Any) -> nn.Module:
         MetaTensorError: if the factory fails.
     """
     if isinstance(module_or_factory, nn.Module):
-        return module_or_factory
-    if not callable(module_or_factory):
+        module = module_or_factory
+        if own_configure_model(module) is None or any(_tensors_of(module)):
+            return module  # configured already: Lightning's configure_model is idempotent
+        # Layers built in configure_model (Lightning's pattern for large models),
+        # not built yet: configured on a copy (of no tensors: cheap), on meta, so
+        # the user's module is left as it was.
+        module = copy.deepcopy(module)
+    elif not callable(module_or_factory):
         raise ArgumentTypeError(
             f"estimate: expected an nn.Module or a factory returning one, got "
             f"{type(module_or_factory).__name__}. Fix: pass the module, its class, or a "
             "function that builds it."
         )
-    return built_by_estimate(build_on_meta(module_or_factory, "estimate: factory"))
+    else:
+        module = build_on_meta(module_or_factory, "estimate: factory")
+    configure = own_configure_model(module)
+    if configure is not None:
+        # What the Trainer does before the first step (before, the forward failed
+        # on the missing layers, blamed on the model's code).
+        def configured() -> nn.Module:
+            configure()
+            return module
+
+        build_on_meta(configured, "estimate: configure_model")
+    return built_by_estimate(module)
+
+
+def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
 
 
 def _refuse_sparse(module: nn.Module) -> None:
@@ -154,7 +179,7 @@ def fake_step(
     Returns:
         The :class:`FakeStep`.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = new_mode()
     cast_to = options.precision.cast_to
     values = Values()
     rank = RankStep(module, layout, mode, options.device, cast_to) if layout is not None else None
@@ -765,28 +790,32 @@ def estimate(
         gradient_as_bucket_view=gradient_as_bucket_view,
         backend=backend,
     )
-    module = _build(module_or_factory)
-    args, kwargs = inputs_of(module, example_inputs)
-    _refuse_lazy(module, args, kwargs)
-    _refuse_sparse(module)
-    layout = layout_of(module, parallel) if parallel is not None else None
-    state, record, method = simulate(module, args, kwargs, options, layout)
-    _warn_untracked(module, record)
-    _warn_scratch(module, record)
-    _warn_rnn_workspace(module, record)
-    cast_to = options.precision.cast_to
-    rank = None
-    if layout is not None:  # the model's own counts, not the rank's stand-ins
-        state = fake_state(module, None, torch.device("meta"), cast_to)
-        rank = _rank_of(module, layout, cast_to, record)
-    return assemble(
-        module,
-        state,
-        record,
-        depth=options.depth,
-        optimizer=options.optimizer_name,
-        precision=options.precision.name,
-        device=options.device,
-        method=method,
-        rank=rank,
-    )
+    # The step is the Trainer's, with gradients on, whatever the caller's grad
+    # mode (a validation hook, a notebook under torch.no_grad()): before, a
+    # no_grad caller's estimate blamed the loss for not requiring grad.
+    with torch.inference_mode(False), torch.enable_grad(), estimate_modes():
+        module = _build(module_or_factory)
+        args, kwargs = inputs_of(module, example_inputs)
+        _refuse_lazy(module, args, kwargs)
+        _refuse_sparse(module)
+        layout = layout_of(module, parallel) if parallel is not None else None
+        state, record, method = simulate(module, args, kwargs, options, layout)
+        _warn_untracked(module, record)
+        _warn_scratch(module, record)
+        _warn_rnn_workspace(module, record)
+        cast_to = options.precision.cast_to
+        rank = None
+        if layout is not None:  # the model's own counts, not the rank's stand-ins
+            state = fake_state(module, None, torch.device("meta"), cast_to)
+            rank = _rank_of(module, layout, cast_to, record)
+        return assemble(
+            module,
+            state,
+            record,
+            depth=options.depth,
+            optimizer=options.optimizer_name,
+            precision=options.precision.name,
+            device=options.device,
+            method=method,
+            rank=rank,
+        )

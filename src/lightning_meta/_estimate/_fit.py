@@ -43,6 +43,7 @@ _UNITS = {
 }
 
 _FSDP = "strategy='fsdp'"
+_VARY_WORLD = "vary='world_size'"
 
 
 def parse_bytes(value: Any) -> int:
@@ -72,9 +73,15 @@ def parse_bytes(value: Any) -> int:
             raise ArgumentValueError(f"find_fit: memory={value!r} does not parse. Fix: {fix}.")
         size = float(found.group(1)) * _UNITS[unit]
     else:
-        size = float(value)
-    if not math.isfinite(size) or size <= 0:
-        raise ArgumentValueError(f"find_fit: memory={value!r} is not a positive size. Fix: {fix}.")
+        try:
+            size = float(value)
+        except OverflowError:  # an int beyond what a float holds (10**400)
+            size = math.inf
+    if not math.isfinite(size) or size < 1:
+        raise ArgumentValueError(
+            f"find_fit: memory={value!r} is not a positive size in bytes (at least 1, "
+            f"finite). Fix: {fix}."
+        )
     return int(size)
 
 
@@ -378,14 +385,16 @@ def find_fit(
     strategy = str(options.get("strategy") or "")
     if vary == "world_size" and strategy.lower() not in ("fsdp", "fsdp2", "model_parallel"):
         raise ArgumentValueError(
-            "find_fit: vary='world_size' needs strategy='fsdp': only sharding lowers the memory of "
+            f"find_fit: {spelled(_VARY_WORLD, '--fit world-size')} needs "
+            f"{spelled(_FSDP, '--strategy fsdp')}: only sharding lowers the memory of "
             "a rank as ranks are added (DDP replicates the model on every rank). Fix: pass "
             f"{spelled(_FSDP, '--strategy fsdp')}."
         )
     for key in ("world_size",) if vary == "world_size" else ():
         if key in options:
             raise ArgumentValueError(
-                f"find_fit: vary='world_size' searches {key} itself. Fix: leave {key} out."
+                f"find_fit: {spelled(_VARY_WORLD, '--fit world-size')} searches "
+                f"{spelled(key, '--world-size')} itself. Fix: leave {spelled(key, '--world-size')} out."
             )
     if global_batch is not None and vary != "world_size":
         raise ArgumentValueError(

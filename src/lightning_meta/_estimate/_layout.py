@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._estimate._parallel import Parallel
 
@@ -73,8 +74,9 @@ def _container_blocks(module: nn.Module, name: str) -> list[str]:
         container = module.get_submodule(name)
     except AttributeError as e:
         raise ArgumentValueError(
-            f"estimate: blocks={name!r} is not a submodule of {type(module).__name__}. Fix: pass "
-            "the dotted name of the container of blocks, such as 'model.layers'."
+            f"estimate: {spelled(f'blocks={name!r}', f'--blocks {name}')} is not a submodule "
+            f"of {type(module).__name__}. Fix: pass the dotted name of the container of blocks, "
+            f"such as {spelled(repr('model.layers'), 'model.layers')}."
         ) from e
     prefix = f"{name}." if name else ""
     return [prefix + child for child, _ in container.named_children()]

@@ -93,6 +93,13 @@ def _positive(value: Any, name: str, fix: str) -> int:
     return value
 
 
+def option(name: str) -> str:
+    """Argument ``name`` of ``estimate`` as its reader types it: ``world_size`` in Python,
+    ``--world-size`` on the command line."""
+    flag = "--no-reshard-after-forward" if name == "reshard_after_forward" else None
+    return spelled(name, flag or "--" + name.replace("_", "-"))
+
+
 def _divisors(n: int) -> str:
     found = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
@@ -242,12 +249,17 @@ def resolve_parallel(
         "backend": backend is not None,
     }
     if strategy is None:
-        extra = [k for k, v in given.items() if v]
+        extra = [option(k) for k, v in given.items() if v]
         if extra:
             raise ArgumentValueError(
                 f"estimate: {', '.join(extra)} given without a strategy. Fix: pass "
-                f"strategy='ddp' or strategy='fsdp' (FSDP2, ModelParallelStrategy) with "
-                f"world_size=, or leave them out for one process."
+                + spelled(
+                    "strategy='ddp' or strategy='fsdp' (FSDP2, ModelParallelStrategy) with "
+                    "world_size=",
+                    "--strategy ddp or --strategy fsdp (FSDP2, ModelParallelStrategy) with "
+                    "--world-size",
+                )
+                + ", or leave them out for one process."
             )
         return None
     if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
@@ -263,8 +275,9 @@ def resolve_parallel(
         )
     if world_size is None:
         raise ArgumentValueError(
-            f"estimate: strategy={strategy!r} needs world_size, the number of ranks. Fix: pass "
-            "world_size=8 (say) for 8 GPUs."
+            f"estimate: {spelled(f'strategy={strategy!r}', f'--strategy {strategy}')} needs "
+            f"{option('world_size')}, the number of ranks. Fix: pass "
+            f"{spelled('world_size=8', '--world-size 8')} (say) for 8 GPUs."
         )
     world = _positive(world_size, "world_size", "pass the number of ranks, such as 8")
     tp = _positive(tensor_parallel, "tensor_parallel", "pass 1, or the tensor-parallel size")
@@ -279,6 +292,7 @@ def resolve_parallel(
             )
             if given[k]
         ]
+        wrong = [option(k) for k in wrong]
         if wrong:
             raise ArgumentValueError(
                 f"estimate: {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply "
@@ -295,10 +309,12 @@ def resolve_parallel(
         # the nearest multiples of tp around world (only the one above when world < tp)
         near = [m for m in (tp * (world // tp), tp * (world // tp + 1)) if m > 0]
         raise ArgumentValueError(
-            f"estimate: world_size={world} cannot be divided into a (data_parallel, "
+            f"estimate: {spelled(f'world_size={world}', f'--world-size {world}')} cannot be "
+            "divided into a (data_parallel, "
             f"tensor_parallel={tp}) mesh: {world} is not a multiple of {tp}. Fix: pass a "
-            f"world_size that is a multiple of {tp} (such as {' or '.join(map(str, near))}), "
-            f"or a tensor_parallel that divides {world} ({_divisors(world)})."
+            f"{option('world_size')} that is a multiple of {tp} (such as "
+            f"{' or '.join(map(str, near))}), or a {option('tensor_parallel')} that divides "
+            f"{world} ({_divisors(world)})."
         )
     if not isinstance(activation_checkpointing, bool):
         raise ArgumentTypeError(

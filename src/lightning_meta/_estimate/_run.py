@@ -144,11 +144,14 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
 
 @contextlib.contextmanager
 def _train_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` in training mode, restoring every submodule's flag afterwards."""
+    """Run a training step as Lightning's ``Trainer.fit`` does: every submodule in the mode it
+    is in (Lightning >= 2.2 calls no ``.train()``: a transformers model as ``from_pretrained``
+    returns it, in eval mode, trains with dropout off), gradients on, every flag the step
+    changes put back afterwards."""
     flags = [(m, m.training) for m in module.modules()]
-    module.train()
     try:
-        yield
+        with torch.enable_grad():
+            yield
     finally:
         for m, flag in flags:
             m.training = flag

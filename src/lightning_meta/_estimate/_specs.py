@@ -211,6 +211,8 @@ def _checked_spec(spec: InputSpec) -> InputSpec:
             f"{_label(spec)}: the dtype must be a torch.dtype, got {type(spec.dtype).__name__}. {fix}"
         )
     try:
+        if any(isinstance(s, bool) for s in spec.shape):  # operator.index(True) is 1
+            raise TypeError("a bool is not a size")
         shape = tuple(operator.index(s) for s in spec.shape)
     except TypeError as e:
         raise ArgumentTypeError(
