@@ -133,6 +133,32 @@ except ImportError:  # pragma: no cover - only on a torch without fake tensors
         f"{_WHERE}.UnsupportedFakeTensorException", "deferred_init", Exception
     )
 
+
+class ClosedFakeMode(FakeTensorMode):
+    """A fake mode whose work is done: every later op on one of its tensors raises.
+
+    A finished mode is closed by giving it a subclass's ``__class__`` (its
+    tensors keep pointing at it), which says why in :meth:`refusal`: a
+    finished ``deferred_init`` block's mode, a finished estimate's. A fake
+    tensor left outside them would otherwise make ``real + fake`` a fake tensor.
+    """
+
+    def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+        """The error for a call of ``func`` on one of this mode's tensors."""
+        raise NotImplementedError
+
+    def __torch_dispatch__(  # type: ignore[override]
+        self,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
+        raise self.refusal(func, tuple(args), dict(kwargs or {}))
+
+
+__all__ += ["ClosedFakeMode"]
+
 # -- dispatch modes: the recorder of deferred_init and estimate's memory tracker.
 # Checked on torch 2.6, 2.13, 2.14.
 try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_meta._compat import FakeTensor, FakeTensorMode
+from lightning_meta._compat import ClosedFakeMode, FakeTensor, FakeTensorMode
 from lightning_meta._errors import MetaTensorError
 
 __all__ = ["block_failure", "close_fake_mode", "escaped_site"]
@@ -42,26 +42,20 @@ def _refusal(call: str, site: str, failed: str | None) -> MetaTensorError:
     )
 
 
-class _ClosedFakeMode(FakeTensorMode):
+class _ClosedFakeMode(ClosedFakeMode):
     """The fake mode of a finished block: every op on its tensors raises."""
 
     escaped: WeakIdKeyDictionary
     # What the block raised (``"ValueError: boom"``), or None: it ended normally.
     failed: str | None
 
-    def __torch_dispatch__(  # type: ignore[override]
-        self,
-        func: Any,
-        types: Any,
-        args: Any = (),
-        kwargs: Any = None,
-    ) -> Any:
+    def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
         site = "<unknown>"
-        for x in (*args, *(kwargs or {}).values()):
+        for x in (*args, *kwargs.values()):
             if isinstance(x, FakeTensor):
                 site = self.escaped.get(x, site)
                 break
-        raise _refusal(str(func), site, self.failed)
+        return _refusal(str(func), site, self.failed)
 
 
 # Tensor methods that return the tensor itself, or read its memory, without an

@@ -17,7 +17,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-from lightning_meta._compat import FakeTensorMode
+from lightning_meta._compat import ClosedFakeMode, FakeTensorMode
 from lightning_meta._errors import MetaTensorError
 
 __all__ = ["estimate_modes", "new_mode"]
@@ -28,17 +28,11 @@ _MODES: contextvars.ContextVar[list[FakeTensorMode] | None] = contextvars.Contex
 )
 
 
-class _ClosedStepMode(FakeTensorMode):
+class _ClosedStepMode(ClosedFakeMode):
     """The fake mode of a finished estimate: every op on its tensors raises."""
 
-    def __torch_dispatch__(  # type: ignore[override]
-        self,
-        func: Any,
-        types: Any,
-        args: Any = (),
-        kwargs: Any = None,
-    ) -> Any:
-        raise MetaTensorError(
+    def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+        return MetaTensorError(
             f"{func} was called on a tensor of the training step lightning_meta.estimate "
             "simulated, after the estimate ended: code outside the model kept it (a cache such "
             "as a functools.lru_cache, a global, a helper object the model holds a reference "

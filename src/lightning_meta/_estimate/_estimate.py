@@ -790,10 +790,9 @@ def estimate(
         gradient_as_bucket_view=gradient_as_bucket_view,
         backend=backend,
     )
-    # The step is the Trainer's, with gradients on, whatever the caller's grad
-    # mode (a validation hook, a notebook under torch.no_grad()): before, a
-    # no_grad caller's estimate blamed the loss for not requiring grad.
-    with torch.inference_mode(False), torch.enable_grad(), estimate_modes():
+    # Out of the caller's inference mode: the fake state and the optimizer's are
+    # made before the step (which turns gradients on itself, see _run._trainer_modes).
+    with torch.inference_mode(False), estimate_modes():
         module = _build(module_or_factory)
         args, kwargs = inputs_of(module, example_inputs)
         _refuse_lazy(module, args, kwargs)

@@ -143,10 +143,11 @@ def _activation_hooks(module: nn.Module, tracker: LiveBytes, record: StepRecord)
 
 
 @contextlib.contextmanager
-def _train_mode(module: nn.Module) -> Iterator[None]:
+def _trainer_modes(module: nn.Module) -> Iterator[None]:
     """Run a training step as Lightning's ``Trainer.fit`` does: every submodule in the mode it
     is in (Lightning >= 2.2 calls no ``.train()``: a transformers model as ``from_pretrained``
-    returns it, in eval mode, trains with dropout off), gradients on, every flag the step
+    returns it, in eval mode, trains with dropout off), gradients on whatever the caller's
+    grad mode (a validation hook, a notebook under ``torch.no_grad()``), every flag the step
     changes put back afterwards."""
     flags = [(m, m.training) for m in module.modules()]
     try:
@@ -424,7 +425,7 @@ def simulate_step(
         _compat.reparametrized(module, state),
         rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
-        _train_mode(module),
+        _trainer_modes(module),
         mode,
         watch.counter,
         watch.tracker,
@@ -506,7 +507,7 @@ def trace_forward(
         if precision.autocast is not None
         else contextlib.nullcontext()
     )
-    with _compat.quiet_fake_tensor_log(), _train_mode(module), mode, tracker, autocast:
+    with _compat.quiet_fake_tensor_log(), _trainer_modes(module), mode, tracker, autocast:
         loss_fn(torch.func.functional_call(module, state, args, kwargs))
 
 
