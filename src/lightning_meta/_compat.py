@@ -989,7 +989,9 @@ def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
 
     top = _TOP_SAVED_HOOKS
     if top is not None:
-        yield context(lambda: id(top(False)))
+        # The hooks themselves, compared by equality: torch returns a new tuple of
+        # the same two functions on every call, whose id may differ.
+        yield context(lambda: top(False))
         return
     # torch 2.6 / 2.7 (the floor's run covers this)
     depth = [0]
@@ -1277,6 +1279,18 @@ def functorch_transform_active() -> bool:
     return peek() is not None
 
 
+def custom_functions_unsupported() -> bool:
+    """Whether an ``autograd.Function`` of this package (its reused gradient buffers) must
+    not run now: inside a ``torch.func`` transform (vmap, grad, jvp: they need a
+    ``setup_context`` and a vmap rule the Functions do not have) or under forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``: no ``jvp``). The plain ops then run instead.
+    Reads ``torch.autograd.forward_ad._current_level``.
+    """
+    if functorch_transform_active():
+        return True
+    return int(getattr(torch.autograd.forward_ad, "_current_level", -1)) >= 0
+
+
 def transform_level() -> int | None:
     """The innermost ``torch.func`` transform's level where the caller runs, else ``None``.
 
@@ -1379,6 +1393,7 @@ __all__ += [
     "recomputing_hooks",
     "dynamo_wrapper",
     "without_dynamo_wrappers",
+    "custom_functions_unsupported",
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -341,12 +342,22 @@ def _tensor_state(t: torch.Tensor, path: Callable[[], str]) -> list[str]:
     """
     own = _fake_attrs()
     names = [k for k, v in vars(t).items() if k not in own and isinstance(v, torch.Tensor)]
-    if t.grad is not None:
+    if _grad_of(t) is not None:
         names.insert(0, "grad")
     if not names:
         return []
     where = path()
     return [f"{where}.{k}" for k in names]
+
+
+def _grad_of(t: torch.Tensor) -> torch.Tensor | None:
+    """``t.grad`` without torch's warning for a non-leaf (``self.w_t = self.lin.weight.t()``),
+    which eager construction does not give, and which ``-W error`` makes an exception."""
+    if t.is_leaf:
+        return t.grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return t.grad
 
 
 def _refuse_scripted(module: torch.jit.ScriptModule, roots: Iterable[nn.Module]) -> None:

@@ -666,10 +666,34 @@ def view_of(
         base_lo, base_hi = _extent(base_value)
         if hi <= base_lo or base_hi <= lo:
             continue  # another part of the storage
+        # A view of another dtype (torch.view_as_real, .view(torch.int32)) reads the
+        # base's bytes: a cast base (cast=True) holds other bytes than eager's.
+        retyped = value.dtype != base_value.dtype
+        if cast and retyped and base.dtype != base_value.dtype:
+            raise MaterializationError(
+                f"{path!r} cannot be reproduced with dtype=: in eager construction it views "
+                f"the bytes of a tensor this call loads and casts ({base_value.dtype} to "
+                f"{base.dtype}) as {value.dtype}, so it holds the loaded values' bytes in "
+                f"{base_value.dtype}, which a cast copy no longer has. Fix: load without "
+                "dtype=, then call module.to(dtype).",
+                paths=[path],
+            )
+        if lo <= base_lo and base_hi <= hi and (lo, hi) != (base_lo, base_hi):
+            # The tensor made real before (loaded) lies within this one: eager's load
+            # copies its values into this one's memory, which a replay here cannot do.
+            raise MaterializationError(
+                f"{path!r} cannot be reproduced: in eager construction a tensor made real "
+                f"before it (loaded from the checkpoint, or materialized on its own) views "
+                f"part of the memory of {path!r}, which so holds those values there, and a "
+                f"replay of {path!r} on its own would not. Fix: put {path!r} in the checkpoint "
+                "too, or materialize the model first and then load (load_state_dict(..., "
+                "strict=False) copies into the shared memory as eager's does).",
+                paths=[path],
+            )
         if not (
             base_lo <= lo
             and hi <= base_hi
-            and (cast or base.dtype == value.dtype)
+            and (cast or base.dtype == base_value.dtype)
             and tuple(base.shape) == base_value.size
             and base.stride() == base_value.stride
         ):
@@ -681,9 +705,22 @@ def view_of(
                 "load the whole model in one call, or build the model eagerly.",
                 paths=[path],
             )
+        if retyped:
+            return _bytes_view(base, base_value, value)
         offset = int(base.storage_offset()) + value.offset - base_value.offset
         return graph_view(handle, base, value.size, value.stride, offset)
     return None
+
+
+def _bytes_view(base: torch.Tensor, base_value: Value, value: Value) -> torch.Tensor:
+    """``value`` as a view of ``base``'s memory in another dtype (``torch.view_as_real``),
+    at the bytes eager construction has it (no autograd history: none crosses dtypes)."""
+    start = base.storage_offset() * base.element_size()
+    start += value.offset * value.dtype.itemsize - base_value.offset * base_value.dtype.itemsize
+    view = torch.empty((0,), dtype=value.dtype, device=base.device)
+    return view.set_(
+        base.untyped_storage(), start // value.dtype.itemsize, value.size, value.stride
+    )
 
 
 def graph_view(
@@ -770,8 +807,10 @@ _OLD_HOOK_OPS = frozenset({"aten._weight_norm_interface.default", "aten._weight_
 
 
 def _extent(value: Value) -> tuple[int, int]:
-    """The element range ``[lo, hi)`` of its storage that a recorded value spans."""
-    return value.offset, value.offset + span(value.size, value.stride)
+    """The byte range ``[lo, hi)`` of its storage that a recorded value spans (bytes: values
+    sharing a storage may have other dtypes)."""
+    size = value.dtype.itemsize
+    return value.offset * size, (value.offset + span(value.size, value.stride)) * size
 
 
 def settle(slot: Slot, handle: Handle, tensor: torch.Tensor) -> None:

@@ -98,6 +98,7 @@ from lightning_meta._forward_state import (
 )
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module, ensembles_in
+from lightning_meta._watched import holds_values
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -177,6 +178,33 @@ _BATCHED = object()
 def _half_precision(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether a stacked floating point tensor is 16-bit (bfloat16, float16)."""
     return any(t.is_floating_point() and t.itemsize == 2 for t in tensors.values())
+
+
+def _refuse_meta_with_values(
+    tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Raise if the stacked tensors are meta (deferred, or built on meta) and an input holds
+    values: each plan computes on views of the stacked tensors, which deferred_init's watch
+    does not see, and a CPU kernel given a meta weight and a real input returns
+    uninitialised memory, without an error (meta inputs give a shape-only run)."""
+    stacked = next(iter(tensors.values()), None)
+    if stacked is None or not stacked.is_meta or active_fake_mode() is not None:
+        return
+    real = next((x for x in tree_leaves((inputs, kwargs)) if holds_values(x)), None)
+    if real is None:
+        return
+    name = next(n for n, t in tensors.items() if t.is_meta)
+    raise MetaTensorError(
+        f"Ensemble got a real {real.device.type} input while its stacked tensors are on the "
+        f"meta device ('stacked.{name}', {tuple(stacked.shape)}): built under "
+        "lightning_meta.deferred_init (or on meta), it holds no values until "
+        "lightning_meta.materialize, and computing would return uninitialised memory. Fix: "
+        "materialize first; under MetaGuard, which materializes when the strategy is set up "
+        "(after LightningModule.setup() and configure_model), call the ensemble from "
+        "on_fit_start on, or call lightning_meta.materialize(module) where you need it "
+        "earlier. To follow shapes without values, pass meta inputs.",
+        paths=(f"stacked.{name}",),
+    )
 
 
 def _generator_argument(inputs: Any, kwargs: Any) -> bool:
@@ -903,8 +931,10 @@ class Ensemble(nn.Module):
                 raise ArgumentValueError(
                     f"Ensemble(execution='grouped') runs convolutions, BatchNorm, pooling, Linear, "
                     f"element-wise ops and dropout with the members' channels side by side, and "
-                    f"{where} cannot: {grouped.reason}. Fix: use execution='auto' (or 'loop' / "
-                    "'vmap').",
+                    # 'vmap' is not named: it fails on some of these (a BatchNorm with
+                    # momentum=None reads its step count with .item() in training)
+                    f"{where} cannot: {grouped.reason}. Fix: use execution='auto' (it "
+                    "chooses among the plans that run this template) or 'loop'.",
                     paths=[grouped.path] if grouped.path else [],
                 )
 
@@ -1305,6 +1335,12 @@ class Ensemble(nn.Module):
         stacked = next(iter(tensors.values()), None)
         if stacked is not None and (stacked.is_meta or active_fake_mode() is not None):
             return self._unhooked("loop")
+        if _generator_argument(inputs, kwargs):
+            # A generator passed in (generator=torch.Generator, a random.Random or
+            # numpy one): a loop draws from it member after member, vmap once for
+            # all, and a timed run would draw from the caller's generator; untimed
+            # calls too (deterministic algorithms, torch.compile, a transform).
+            return self._unhooked("loop")
         if untimed_reason() is not None:
             static = self.execution
             if static == "fused" and _float16(tensors):
@@ -1326,11 +1362,6 @@ class Ensemble(nn.Module):
             if self._draws_elsewhere(static):
                 static = "loop"
             return self._unhooked(static)
-        if _generator_argument(inputs, kwargs):
-            # A generator passed in (generator=torch.Generator, a random.Random or
-            # numpy one): a loop draws from it member after member, vmap once for
-            # all, and a timed run would draw from the caller's generator.
-            return self._unhooked("loop")
         if dispatch_mode_active():
             # A FLOP counter or another TorchDispatchMode of the caller's would
             # see every timed run (Lightning's ModelSummary counted 30 calls),
@@ -1486,6 +1517,7 @@ class Ensemble(nn.Module):
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
         tensors = self.tensors()
+        _refuse_meta_with_values(tensors, inputs, kwargs)
         plan = self._choose(tensors, inputs, kwargs)
         if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
             self._last_plan = plan

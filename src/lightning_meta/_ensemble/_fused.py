@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import has_module_hooks
+from lightning_meta._compat import custom_functions_unsupported, has_module_hooks
 from lightning_meta._ensemble._grads import GradBuffers
 
 __all__ = [
@@ -146,6 +146,8 @@ class FusedPlan:
             else x.reshape(-1, x.shape[-1])
         )
         shared = not per_member
+        # The Functions that reuse gradient buffers, only where autograd can run them.
+        functions = not custom_functions_unsupported()
         for step in self.steps:
             if step.kind == "apply":
                 h = template.get_submodule(step.path)(h)
@@ -156,7 +158,8 @@ class FusedPlan:
             key = f"{chunk}:{step.path}.weight"
             macs = weight.shape[1] * weight.shape[2] * h.shape[-1]  # per member
             large = (
-                weight.device.type == "cpu"
+                functions
+                and weight.device.type == "cpu"
                 and weight.numel() * weight.element_size() >= _REUSE_WEIGHT_BYTES
             )
             if shared and large and not torch.is_autocast_enabled(h.device.type):
@@ -171,7 +174,11 @@ class FusedPlan:
                     h = torch.addmm(bias.reshape(n * out_f, 1), flat, h.t())
                 h = h.view(n, out_f, -1)
                 shared = False
-            elif macs >= _PER_MEMBER_GRAD_MACS and not torch.is_autocast_enabled(h.device.type):
+            elif (
+                functions
+                and macs >= _PER_MEMBER_GRAD_MACS
+                and not torch.is_autocast_enabled(h.device.type)
+            ):
                 h = _StackedLinear.apply(h, weight, bias, grads, key)
             elif bias is None:
                 h = torch.bmm(weight, h)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_meta._compat import storage_users
+from lightning_meta._compat import custom_functions_unsupported, storage_users
 
 __all__ = ["REUSE_BYTES", "GradBuffers", "unstack"]
 
@@ -110,6 +110,7 @@ def unstack(stacked: torch.Tensor, buffers: GradBuffers, key: str) -> tuple[torc
         or not torch.is_grad_enabled()
         or stacked.device.type != "cpu"
         or stacked.numel() * stacked.element_size() < REUSE_BYTES
+        or custom_functions_unsupported()
     ):
         return stacked.unbind(0)
     return _Unstack.apply(stacked, buffers, key)  # type: ignore[no-any-return]

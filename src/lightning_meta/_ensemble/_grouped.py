@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from lightning_meta._compat import autograd_context_watch, has_module_hooks, tree_map
+from lightning_meta._compat import (
+    autograd_context_watch,
+    has_module_hooks,
+    saved_tensor_hooks_on,
+    tree_map,
+)
 from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal, draws
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
@@ -616,7 +621,7 @@ class GroupedPlan:
 
     def __init__(self, randomness: str) -> None:
         self.randomness = randomness
-        self._graphs: dict[tuple[tuple[bool, bool], ...], fx.Graph | Refusal] = {}
+        self._graphs: dict[tuple[Any, ...], fx.Graph | Refusal] = {}
         # The kinds of call (graph, LayoutLog.key) that ran to the end.
         self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
 
@@ -627,9 +632,17 @@ class GroupedPlan:
         return GroupedPlan(self.randomness)
 
     def graph(self, template: nn.Module) -> fx.Graph | Refusal:
-        """The checked graph of ``template`` in its current train/eval state, or why there is none."""
-        # Tracing fixes self.training; hooks added since keep the template off.
-        key = tuple((m.training, has_module_hooks(m)) for m in template.modules())
+        """The checked graph of ``template`` in its current train/eval state and the call's
+        autograd context, or why there is none."""
+        # Tracing fixes self.training; hooks added since keep the template off. It
+        # also fixes the context: a torch.no_grad() or autocast(enabled=False)
+        # section of the forward is a no-op when the call's context is already that
+        # (nothing to see), and in any other context it is not, so each context is
+        # traced (and checked) on its own.
+        key = (
+            _call_context(),
+            tuple((m.training, has_module_hooks(m)) for m in template.modules()),
+        )
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _trace(template, self.randomness)
@@ -794,6 +807,17 @@ _AUGMENTED = {
 }
 
 
+def _call_context() -> tuple[Any, ...]:
+    """What of the call's context a traced graph fixes: grad and inference mode, autocast
+    on every device type with its dtype, and whether saved-tensor hooks are on."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+        saved_tensor_hooks_on(),
+    )
+
+
 class _AugmentedProxy(fx.Proxy):
     """A Proxy whose ``x += y`` (and ``-=``, ``*=``, ``/=``) is an in-place node."""
 
@@ -858,6 +882,26 @@ class _Tracer(fx.Tracer):
 
 # Layers whose output is always a new tensor (never their input or a view of it).
 _FRESH_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _called_in(node: fx.Node) -> str:
+    """The dotted path of the module whose forward made ``node``'s call ("" for the root's).
+
+    torch.fx notes the modules it traced through in ``node.meta["nn_module_stack"]``
+    (innermost last; its values are ``(path, class)``).
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    innermost = list(stack.values())[-1]
+    return str(innermost[0]) if isinstance(innermost, tuple) else str(list(stack)[-1])
+
+
+def _forward_of(path: str, template: nn.Module) -> str:
+    """``"its forward (Gate's)"`` for a layer the refusal names, ``"the forward"`` for the root."""
+    if not path:
+        return "the forward"
+    return f"its forward ({type(template.get_submodule(path)).__name__}'s)"
 
 
 def _fresh(node: fx.Node, template: nn.Module) -> bool:
@@ -995,17 +1039,26 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
                 return Refusal(where, f"{_describe(where, mod)}: {reason}")
         elif node.op == "call_function":
             if node.target not in _FUNCTIONS:
+                path = _called_in(node)
                 return Refusal(
-                    "", f"the forward calls {_name(node.target)}, which has no grouped form"
+                    path,
+                    f"{_forward_of(path, template)} calls {_name(node.target)}, which has no "
+                    "grouped form",
                 )
             if node.target in _RANDOM_FUNCTIONS and randomness != "different":
+                path = _called_in(node)
                 return Refusal(
-                    "", f"the forward calls {_name(node.target)} with randomness={randomness!r}"
+                    path,
+                    f"{_forward_of(path, template)} calls {_name(node.target)} with "
+                    f"randomness={randomness!r}",
                 )
         elif node.op == "call_method":
             if node.target not in _METHODS:
+                path = _called_in(node)
                 return Refusal(
-                    "", f"the forward calls Tensor.{node.target}, which has no grouped form"
+                    path,
+                    f"{_forward_of(path, template)} calls Tensor.{node.target}, which has no "
+                    "grouped form",
                 )
         elif node.op == "get_attr":
             if where.startswith("_tensor_constant"):

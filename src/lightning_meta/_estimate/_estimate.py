@@ -34,7 +34,13 @@ from lightning_meta._errors import (
     MetaTensorWarning,
 )
 from lightning_meta._estimate._closed import estimate_modes, new_mode
-from lightning_meta._estimate._fake import fake_inputs, fake_state, input_text, inputs_of
+from lightning_meta._estimate._fake import (
+    fake_inputs,
+    fake_state,
+    input_text,
+    inputs_of,
+    meta_in_containers,
+)
 from lightning_meta._estimate._kept import built_by_estimate, module_kept
 from lightning_meta._estimate._kernels import FakeKernelStricter, KernelRefusal
 from lightning_meta._estimate._layout import Layout, layout_of
@@ -66,7 +72,10 @@ def _build(module_or_factory: Any) -> nn.Module:
         # Layers built in configure_model (Lightning's pattern for large models),
         # not built yet: configured on a copy (of no tensors: cheap), on meta, so
         # the user's module is left as it was.
-        module = copy.deepcopy(module)
+        try:
+            module = copy.deepcopy(module)
+        except Exception as e:
+            raise _uncopyable(module, e) from e
     elif not callable(module_or_factory):
         raise ArgumentTypeError(
             f"estimate: expected an nn.Module or a factory returning one, got "
@@ -85,6 +94,33 @@ def _build(module_or_factory: Any) -> nn.Module:
 
         build_on_meta(configured, "estimate: configure_model")
     return built_by_estimate(module)
+
+
+def _uncopyable(module: nn.Module, e: Exception) -> MetaTensorError:
+    """Return the error for an unconfigured module that ``copy.deepcopy`` cannot copy,
+    naming the first attribute it fails on."""
+    culprit = None
+    for path, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:
+                culprit = f"{path}.{name}" if path else name
+                break
+        if culprit is not None:
+            break
+    what = f" (its attribute {culprit!r})" if culprit is not None else ""
+    root = type(module).__name__
+    return MetaTensorError(
+        f"estimate: {root} builds its layers in configure_model and holds none yet, so "
+        "estimate configures a deep copy of it (leaving the module for the Trainer to "
+        f"configure), but the copy failed{what}: {type(e).__name__}: {e}. Fix: pass a "
+        f"factory instead, estimate({root}) or estimate(lambda: {root}(...)), which "
+        "estimate builds and configures itself, or call configure_model() before estimate.",
+        paths=(culprit,) if culprit is not None else (),
+    )
 
 
 def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -283,6 +319,21 @@ def _about_inputs(e: Exception) -> bool:
     )
 
 
+# torch's words when a kernel reads the values of a fake tensor (no storage):
+# nn.LSTM's packed-sequence kernel reading its batch sizes.
+_UNALLOCATED = "its data is not allocated yet"
+
+
+def _device_mismatch(e: Exception) -> bool:
+    """Whether ``e`` is the fake mode's refusal of tensors on two devices, meta one of them
+    (torch 2.13's ``FakeTensorDeviceMismatchError``; torch 2.6's "Unhandled FakeTensor
+    Device Propagation", a :class:`FakeKernelStricter` here)."""
+    said = str(e) + str(getattr(e, "reason", ""))
+    return type(e).__name__ == "FakeTensorDeviceMismatchError" or (
+        isinstance(e, RuntimeError) and "meta" in said and "device" in said.lower()
+    )
+
+
 def _fail(
     e: Exception,
     module: nn.Module,
@@ -297,6 +348,22 @@ def _fail(
     place = f" in module {where[-1]!r}" if where else ""
     if record.stage in ("optimizer", "optimizer step"):
         return _optimizer_fail(e, root, record.stage, optimizer)
+    held = meta_in_containers(module) if _device_mismatch(e) else []
+    if held:
+        listed = ", ".join(repr(n) for n in held)
+        fix = (
+            f"The model keeps meta tensors in lists, tuples or dicts ({listed}): the factory "
+            "ran under torch.device('meta'), and estimate gives stand-ins on the device to "
+            "parameters, buffers and tensors held directly as attributes, not to tensors "
+            "inside containers. Fix: register each as a buffer (self.register_buffer(name, "
+            "t, persistent=False)) or hold it directly as an attribute, or pass a model "
+            "built on the device"
+        )
+        return MetaTensorError(
+            f"estimate: the {record.stage} of {root}{place} failed on inputs {inputs}: "
+            f"{type(e).__name__}: {str(e).rstrip('. ')}. {fix}.",
+            paths=tuple(held),
+        )
     if isinstance(e, FakeKernelStricter):
         return MetaTensorError(
             f"estimate: the {record.stage} of {root}{place} cannot be simulated: torch's "
@@ -324,16 +391,21 @@ def _fail(
             f"model's positions), or a larger {'table' if e.op == 'aten.embedding' else 'tensor'}.",
             paths=where[-1:],
         )
-    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+    if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)) or (
+        isinstance(e, RuntimeError) and _UNALLOCATED in str(e)
+    ):
         fix = (
             "The model reads tensor values a shape-only run does not know: values computed "
             "from its weights or drawn at random (a data-dependent branch, .item() or an "
             "output whose shape depends on data; transformers' LayerDrop, in BART, Whisper "
             "and others, draws torch.rand([]) at every layer in training, even with "
-            "layerdrop=0.0); only the values of the inputs (zeros for inputs given by shape) "
-            "and of what is computed from them and constants alone are known. Fix: make that "
-            "code depend on shapes or inputs only, or estimate the submodules around it (the "
-            "layers themselves, for LayerDrop)"
+            "layerdrop=0.0; an nn.LSTM, GRU or RNN fed a PackedSequence reads its batch "
+            "sizes; F.ctc_loss sizes its buffers by the target lengths); only the values of "
+            "the inputs (zeros for inputs given by shape) and of what is computed from them "
+            "and constants alone are known. Fix: make that code depend on shapes or inputs "
+            "only (padded sequences rather than packed ones), or estimate the submodules "
+            "around it (the layers themselves, for LayerDrop; the model without its loss, "
+            "for a CTC loss)"
         )
     elif record.stage == "forward" and layout is not None and layout.tp_modules:
         fix = (

@@ -21,7 +21,15 @@ from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
 from lightning_meta._estimate._values import Values
 
-__all__ = ["fake_inputs", "fake_state", "input_text", "inputs_of", "map_leaves"]
+__all__ = [
+    "fake_inputs",
+    "fake_state",
+    "input_text",
+    "inputs_of",
+    "map_leaves",
+    "meta_attributes",
+    "meta_in_containers",
+]
 
 _FORMS = (
     "tensors, meta tensors, InputSpec(shape, dtype) or 'SHAPE:DTYPE' strings: one, a tuple "
@@ -127,7 +135,9 @@ def fake_state(
     """Return stand-ins, on ``device``, for every parameter and buffer of ``module``.
 
     Tensors shared under several names (tied weights) get one shared stand-in,
-    so the step sees the same aliasing as the real model.
+    so the step sees the same aliasing as the real model. Plain attributes
+    holding meta tensors (:func:`meta_attributes`) get one too, of their own
+    dtype, as ``module.to`` leaves them.
 
     Args:
         module: the model.
@@ -149,7 +159,45 @@ def fake_state(
                     dtype = cast_to if cast_to is not None and t.is_floating_point() else t.dtype
                     made[id(t)] = _stand_in(t, dtype, device)
                 state[name] = made[id(t)]
+        for name, t in meta_attributes(module):
+            # A factory's torch.ones(8) kept as a plain attribute: built on meta here,
+            # on the device in a real run. module.to() neither moves nor casts it.
+            if id(t) not in made:
+                made[id(t)] = _stand_in(t, t.dtype, device)
+            state[name] = made[id(t)]
     return state
+
+
+# A module's own tables, which hold its registered tensors and submodules.
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def meta_attributes(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(dotted name, tensor)`` for every plain attribute of ``module`` and its
+    submodules that is a meta tensor (neither a parameter nor a buffer).
+
+    A factory runs under ``torch.device("meta")``, so a tensor it keeps as a plain
+    attribute (``self.scale = torch.ones(8)``) is on meta, where a real run built
+    it on the device; its values are unknown, as a buffer's are.
+    """
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for name, value in vars(sub).items():
+            if name not in _TABLES and isinstance(value, torch.Tensor) and value.is_meta:
+                yield (f"{path}.{name}" if path else name), value
+
+
+def meta_in_containers(module: nn.Module) -> list[str]:
+    """Return the dotted names of lists, tuples and dicts in plain attributes of ``module``
+    (and its submodules) that hold meta tensors: no stand-in reaches inside them."""
+    found: list[str] = []
+    for path, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if name in _TABLES or not isinstance(value, (list, tuple, dict)):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            if any(isinstance(v, torch.Tensor) and v.is_meta for v in items):
+                found.append(f"{path}.{name}" if path else name)
+    return found
 
 
 def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

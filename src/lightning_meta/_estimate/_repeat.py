@@ -91,6 +91,11 @@ class Repeat:
         return f"{self.name}.{index}" if self.name else str(index)
 
 
+# The prefix of the ``__dict__`` entries this package keeps on a module
+# (``_lightning_meta_deferred``, ``_lightning_meta_load_hooks``).
+_OWN_PREFIX = "_lightning_meta_"
+
+
 def _attributes(block: nn.Module, depth: int = 0) -> list[tuple[str, Any]]:
     """Return the plain attributes of ``block`` and its submodules, tensors by shape and dtype
     (see :func:`_compared`)."""
@@ -98,9 +103,14 @@ def _attributes(block: nn.Module, depth: int = 0) -> list[tuple[str, Any]]:
     for path, mod in block.named_modules(remove_duplicate=False):
         out.append((f"{path}:type", type(mod)))
         for key, value in vars(mod).items():
-            if key in ("_parameters", "_buffers", "_modules", "training") or key.endswith("_hooks"):
-                if key.endswith("_hooks"):
-                    out.append((f"{path}.{key}", len(value)))
+            if key in ("_parameters", "_buffers", "_modules", "training") or key.startswith(
+                _OWN_PREFIX
+            ):
+                # deferred_init's own entries (every block's tensors have handles of
+                # their own) say nothing of what a block computes
+                continue
+            if key.endswith("_hooks"):
+                out.append((f"{path}.{key}", len(value)))
                 continue
             out.append((f"{path}.{key}", _compared(value, depth)))
         for named in (mod.named_parameters, mod.named_buffers):

@@ -766,7 +766,8 @@ def share_loaded(conversion: Conversion, plan: Plan) -> list[Shared]:
 
         def reach(member: tuple[Handle, Converted]) -> tuple[int, int]:
             value = member[0].record.values[member[0].vid]
-            return (-span(value.size, value.stride), order.get(id(member[1].group), 0))
+            reached = span(value.size, value.stride) * value.dtype.itemsize  # bytes: dtypes differ
+            return (-reached, order.get(id(member[1].group), 0))
 
         base_handle, base = min(members, key=reach)
         for handle, item in members:
