@@ -1291,6 +1291,21 @@ def custom_functions_unsupported() -> bool:
     return int(getattr(torch.autograd.forward_ad, "_current_level", -1)) >= 0
 
 
+def plain_backward_needed() -> bool:
+    """Whether a backward of this package's autograd Functions must run plain ops now:
+    :func:`custom_functions_unsupported`, or torch's older vmap, which batches a backward
+    (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(vectorize=True)``) and has no batching rule for
+    ``out=``. That vmap is seen only in the dispatcher's thread-local include set
+    (``VmapMode``, which ``torch._C.DispatchKey`` does not name), read through
+    ``torch._C._dispatch_tls_local_include_set``.
+    """
+    if custom_functions_unsupported():
+        return True
+    include = getattr(torch._C, "_dispatch_tls_local_include_set", None)
+    return include is not None and "VmapMode" in repr(include())
+
+
 def transform_level() -> int | None:
     """The innermost ``torch.func`` transform's level where the caller runs, else ``None``.
 
@@ -1394,6 +1409,7 @@ __all__ += [
     "dynamo_wrapper",
     "without_dynamo_wrappers",
     "custom_functions_unsupported",
+    "plain_backward_needed",
     "functorch_transform_active",
     "global_module_hooks",
     "has_backward_hooks",

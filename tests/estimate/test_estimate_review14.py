@@ -180,3 +180,76 @@ def test_an_unconfigured_module_that_cannot_be_copied_is_named_with_a_fix_that_a
     said = str(info.value)
     assert info.value.paths == ("lock",) and "estimate(Configured)" in said
     assert lm.estimate(Configured).parameters == 8 * 16 + 16 + 16 + 1  # the fix
+
+
+class _Viewing(nn.Module):
+    """A model keeping views of its own weight and buffer as plain attributes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.graded = kind == "graded"
+        self.lin = nn.Linear(256, 256)
+        self.register_buffer("table", torch.ones(256, 256))
+        if kind == "graded":  # backward reaches lin.weight through it
+            self.w = self.lin.weight.t()
+        elif kind == "buffer":
+            self.w = self.table.t()
+        else:
+            self.w = self.lin.weight.detach().t()
+        self.out = nn.Linear(256, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.w if self.graded else self.lin(x) @ self.w)
+
+
+@pytest.mark.parametrize("kind", ["graded", "buffer", "detached"])
+@pytest.mark.parametrize("how", ["factory", "deferred", "real"])
+def test_a_plain_attribute_viewing_a_weight_or_buffer_is_that_view_of_its_stand_in(
+    kind: str, how: str
+) -> None:
+    # Before (the first fix of this round), each got a stand-in of its own: its bytes
+    # counted twice (peak 32 % high) and, for weight.t(), no gradient reached the weight
+    # (backward FLOPs 66x low, the weight's optimizer state missing).
+    from support.measure import measure_training_step
+
+    x = torch.randn(8, 256)
+    if how == "factory":
+        what: object = lambda: _Viewing(kind)  # noqa: E731
+    elif how == "deferred":
+        with lm.deferred_init():
+            what = _Viewing(kind)
+    else:
+        what = _Viewing(kind)
+    got = lm.estimate(what, x, optimizer="adamw")  # type: ignore[arg-type]
+    real = _Viewing(kind)
+    measured = measure_training_step(real, (x,), optimizer="adamw")
+    assert got.backward_flops == measured.backward_flops
+    assert got.buffer_bytes == sum(b.numel() * b.element_size() for b in real.buffers())
+    assert got.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+
+
+def test_meta_tensors_nested_in_containers_or_dataclasses_are_named() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Anchors:
+        boxes: torch.Tensor
+
+    class Head(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.anchors: object = (
+                {"p3": [torch.ones(8)]} if kind == "nested" else Anchors(torch.ones(8))
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            anchors = self.anchors
+            t = anchors["p3"][0] if isinstance(anchors, dict) else anchors.boxes  # type: ignore[attr-defined]
+            return self.lin(x) * t
+
+    for kind in ("nested", "dataclass"):
+        with pytest.raises(MetaTensorError) as info:
+            lm.estimate(lambda kind=kind: Head(kind), torch.randn(4, 8))
+        assert info.value.paths == ("anchors",)
+        assert "pass example_inputs" not in str(info.value)

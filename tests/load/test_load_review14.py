@@ -113,3 +113,28 @@ def test_a_checkpoint_filling_only_a_view_names_the_tensor_it_lacks_and_a_fix(
     lm.load_checkpoint(model, path, strict=False)
     assert torch.equal(model.a, eager.a) and torch.equal(model.b, eager.b)
     assert model.b.data_ptr() == model.a.data_ptr()
+
+
+class _Packed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        packed = torch.tensor([1.1, 2.3, 0.7, 5.9]).view(torch.int32)  # scales kept as raw bits
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", packed.view(torch.float32), persistent=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_floating_view_of_an_integer_buffer_is_cast_as_module_to_casts_it(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    # Before (the first fix of this round), 'scale' stayed float32 under dtype=, sharing
+    # the int32 buffer, where load_state_dict then module.to(dtype) casts it.
+    path = tmp_path / "packed.pt"
+    torch.save(_Packed().state_dict(), path)
+    eager = _Packed()
+    eager.load_state_dict(torch.load(path))
+    eager.to(dtype)
+    model = lm.deferred_init(_Packed)
+    lm.load_checkpoint(model, path, dtype=dtype)
+    assert model.scale.dtype == eager.scale.dtype == dtype
+    assert torch.equal(model.scale, eager.scale) and torch.equal(model.packed, eager.packed)

@@ -275,3 +275,27 @@ def test_a_generator_argument_runs_the_loop_when_nothing_is_timed() -> None:
         torch.use_deterministic_algorithms(before)
     assert ensemble.plan == "loop"
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("execution", ["auto", "loop", "fused"])
+def test_a_batched_backward_runs_over_large_layers(execution: str) -> None:
+    # Before: "Batching rule not implemented for aten::mm.out" (aten::stack.out for the
+    # loop): the Functions reusing gradient buffers wrote with out= under the vmap that
+    # torch.autograd.grad(is_grads_batched=True) and a vectorized jacobian run.
+    torch.manual_seed(0)
+    members = [_wide_mlp() for _ in range(2)]
+    ensemble = lm.Ensemble(copy.deepcopy(members), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(3, 1100)
+    out = ensemble(x)
+    w = ensemble.tensors()["0.weight"]
+    eye = torch.eye(out.numel()).reshape(out.numel(), *out.shape)
+    (got,) = torch.autograd.grad(out, w, eye, is_grads_batched=True)
+    for i, member in enumerate(members):
+        ref_out = member(x)
+        ref_eye = torch.eye(ref_out.numel()).reshape(ref_out.numel(), *ref_out.shape)
+        (ref,) = torch.autograd.grad(ref_out, member[0].weight, ref_eye, is_grads_batched=True)
+        rows = got.reshape(len(members), -1, *got.shape[1:])[i, :, i]  # member i's outputs
+        torch.testing.assert_close(rows, ref, rtol=1e-5, atol=1e-5)
+    ensemble(x).sum().backward()  # a plain step afterwards reuses its buffers as before
+    ref_grad = torch.stack([torch.autograd.grad(m(x).sum(), m[0].weight)[0] for m in members])
+    torch.testing.assert_close(w.grad, ref_grad, rtol=1e-5, atol=1e-5)

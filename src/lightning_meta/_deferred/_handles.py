@@ -579,6 +579,25 @@ def wait_for_base(slot: Slot, handle: Handle) -> bool:
     return True
 
 
+def deferred_view_base(tensor: torch.Tensor) -> tuple[torch.Tensor, int, bool] | None:
+    """For a deferred tensor that views a deferred parameter's or buffer's memory in eager
+    construction (``self.w_t = self.lin.weight.t()`` built in a block): that tensor, the
+    view's element offset from it, and whether the view carries autograd history from it.
+    ``None`` otherwise (other dtypes included). For shape-only runs (``estimate``), which
+    must see the aliasing the real model has.
+    """
+    handle = handle_of(tensor)
+    base = pending_base(handle) if handle is not None else None
+    if handle is None or base is None:
+        return None
+    value = handle.record.values[handle.vid]
+    base_value = handle.record.values[base.vid]
+    if value.dtype != base_value.dtype:
+        return None
+    graded = handle.record.graded.get(handle.vid)
+    return base.tensor, value.offset - base_value.offset, graded is not None
+
+
 def pending_base(handle: Handle) -> Handle | None:
     """The parameter or buffer ``handle``'s value views that is still deferred, with eager's memory.
 

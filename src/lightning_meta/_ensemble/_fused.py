@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_meta._compat import custom_functions_unsupported, has_module_hooks
+from lightning_meta._compat import (
+    custom_functions_unsupported,
+    has_module_hooks,
+    plain_backward_needed,
+)
 from lightning_meta._ensemble._grads import GradBuffers
 
 __all__ = [
@@ -228,7 +232,10 @@ class _StackedLinear(_LinearFunction):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a gradient penalty differentiates this
+        # create_graph=True (a gradient penalty differentiates this), or a batched
+        # backward (autograd.grad(is_grads_batched=True), a vectorized jacobian: vmap
+        # has no batching rule for out=): plain ops into fresh tensors
+        if torch.is_grad_enabled() or plain_backward_needed():
             return _differentiable_backward(ctx, grad, h, weight)
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -275,7 +282,7 @@ class _SharedLinear(_LinearFunction):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a gradient penalty differentiates this
+        if torch.is_grad_enabled() or plain_backward_needed():  # see _StackedLinear
             per_member = h.unsqueeze(0).expand(weight.shape[0], *h.shape).transpose(1, 2)
             grads = _differentiable_backward(ctx, grad, per_member, weight)
             # The shared input's gradient is the sum over members.

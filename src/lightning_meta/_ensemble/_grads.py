@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
-from lightning_meta._compat import custom_functions_unsupported, storage_users
+from lightning_meta._compat import (
+    custom_functions_unsupported,
+    plain_backward_needed,
+    storage_users,
+)
 
 __all__ = ["REUSE_BYTES", "GradBuffers", "unstack"]
 
@@ -90,9 +94,11 @@ class _Unstack(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or plain_backward_needed():
             # create_graph=True (a gradient penalty differentiates this): a fresh
-            # stack autograd can differentiate again (the reused buffer is not).
+            # stack autograd can differentiate again (the reused buffer is not);
+            # a batched backward (is_grads_batched=True) runs under vmap, which
+            # has no batching rule for stack's out=.
             return torch.stack(grads), None, None
         out = ctx.buffers.empty(ctx.key, *ctx.meta)
         torch.stack(grads, out=out)

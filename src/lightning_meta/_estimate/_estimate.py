@@ -352,8 +352,8 @@ def _fail(
     if held:
         listed = ", ".join(repr(n) for n in held)
         fix = (
-            f"The model keeps meta tensors in lists, tuples or dicts ({listed}): the factory "
-            "ran under torch.device('meta'), and estimate gives stand-ins on the device to "
+            f"The model keeps meta tensors in lists, tuples, dicts or dataclasses ({listed}): the "
+            "factory ran under torch.device('meta'), and estimate gives stand-ins on the device to "
             "parameters, buffers and tensors held directly as attributes, not to tensors "
             "inside containers. Fix: register each as a buffer (self.register_buffer(name, "
             "t, persistent=False)) or hold it directly as an attribute, or pass a model "

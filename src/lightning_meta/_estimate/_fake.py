@@ -10,13 +10,15 @@ simulated step (:func:`fake_state`, :func:`fake_inputs`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_meta._compat import FakeTensorMode
+from lightning_meta._compat import FakeTensorMode, storage_id
+from lightning_meta._deferred._handles import deferred_view_base
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
 from lightning_meta._estimate._values import Values
@@ -27,7 +29,6 @@ __all__ = [
     "input_text",
     "inputs_of",
     "map_leaves",
-    "meta_attributes",
     "meta_in_containers",
 ]
 
@@ -135,9 +136,12 @@ def fake_state(
     """Return stand-ins, on ``device``, for every parameter and buffer of ``module``.
 
     Tensors shared under several names (tied weights) get one shared stand-in,
-    so the step sees the same aliasing as the real model. Plain attributes
-    holding meta tensors (:func:`meta_attributes`) get one too, of their own
-    dtype, as ``module.to`` leaves them.
+    so the step sees the same aliasing as the real model. A plain tensor
+    attribute viewing a parameter's or buffer's memory (``self.w_t =
+    self.lin.weight.t()``) is that view of its stand-in, with its autograd link;
+    one holding a meta tensor of its own (a factory's ``self.scale =
+    torch.ones(8)``, built on meta) gets a stand-in of its own dtype, as
+    ``module.to`` leaves it; a real one of its own is read as it is.
 
     Args:
         module: the model.
@@ -159,45 +163,97 @@ def fake_state(
                     dtype = cast_to if cast_to is not None and t.is_floating_point() else t.dtype
                     made[id(t)] = _stand_in(t, dtype, device)
                 state[name] = made[id(t)]
-        for name, t in meta_attributes(module):
-            # A factory's torch.ones(8) kept as a plain attribute: built on meta here,
-            # on the device in a real run. module.to() neither moves nor casts it.
+        # The parameter or buffer owning each storage, for plain attributes viewing one.
+        owners: dict[int, torch.Tensor] = {}
+        for named in (module.named_parameters, module.named_buffers):
+            for _, t in named():
+                owners.setdefault(storage_id(t.untyped_storage()), t)
+        for name, t in _plain_tensors(module):
             if id(t) not in made:
-                made[id(t)] = _stand_in(t, t.dtype, device)
+                view = _viewed(t, owners)
+                if view is not None and id(view[0]) in made and made[id(view[0])].dtype == t.dtype:
+                    # self.w_t = self.lin.weight.t(): a view of the stand-in, so its bytes
+                    # are the weight's and backward reaches the weight, as in a real run
+                    made[id(t)] = _view_of_stand_in(t, *view, made[id(view[0])])
+                elif t.is_meta:
+                    # A factory's torch.ones(8) kept as a plain attribute: built on meta
+                    # here, on the device in a real run. module.to() neither moves nor
+                    # casts it (nor a view of a tensor it casts: memory of its own then).
+                    made[id(t)] = _stand_in(t, t.dtype, device)
+                else:
+                    continue  # a real tensor of its own: the step reads it as it is
             state[name] = made[id(t)]
     return state
+
+
+def _viewed(
+    t: torch.Tensor, owners: dict[int, torch.Tensor]
+) -> tuple[torch.Tensor, int, bool] | None:
+    """The parameter or buffer whose memory ``t`` views, ``t``'s element offset from it, and
+    whether ``t`` carries autograd history from it; ``None`` when it views none. A deferred
+    model's tensors each have a meta storage of their own: its record knows the views."""
+    deferred = deferred_view_base(t)
+    if deferred is not None:
+        return deferred
+    owner = owners.get(storage_id(t.untyped_storage()))
+    if owner is None or owner is t:
+        return None
+    return owner, int(t.storage_offset()) - int(owner.storage_offset()), t.grad_fn is not None
+
+
+def _view_of_stand_in(
+    t: torch.Tensor, owner: torch.Tensor, offset: int, graded: bool, stand_in: torch.Tensor
+) -> torch.Tensor:
+    """``t``, a view of ``owner``'s memory at element ``offset`` from it, as the same view of
+    ``owner``'s stand-in; with ``t``'s autograd link to it where ``graded`` (``weight.t()``,
+    not ``weight.detach().t()``)."""
+    offset += int(stand_in.storage_offset())
+    if graded and stand_in.requires_grad:
+        with torch.enable_grad():
+            return stand_in.as_strided(t.shape, t.stride(), offset)
+    return stand_in.detach().as_strided(t.shape, t.stride(), offset)
+
+
+def _plain_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(dotted name, tensor)`` for every plain tensor attribute of ``module`` and its
+    submodules (neither a parameter nor a buffer)."""
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for name, value in vars(sub).items():
+            if name not in _TABLES and isinstance(value, torch.Tensor):
+                yield (f"{path}.{name}" if path else name), value
 
 
 # A module's own tables, which hold its registered tensors and submodules.
 _TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
-def meta_attributes(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(dotted name, tensor)`` for every plain attribute of ``module`` and its
-    submodules that is a meta tensor (neither a parameter nor a buffer).
-
-    A factory runs under ``torch.device("meta")``, so a tensor it keeps as a plain
-    attribute (``self.scale = torch.ones(8)``) is on meta, where a real run built
-    it on the device; its values are unknown, as a buffer's are.
-    """
-    for path, sub in module.named_modules(remove_duplicate=False):
-        for name, value in vars(sub).items():
-            if name not in _TABLES and isinstance(value, torch.Tensor) and value.is_meta:
-                yield (f"{path}.{name}" if path else name), value
-
-
 def meta_in_containers(module: nn.Module) -> list[str]:
-    """Return the dotted names of lists, tuples and dicts in plain attributes of ``module``
-    (and its submodules) that hold meta tensors: no stand-in reaches inside them."""
+    """Return the dotted names of plain attributes of ``module`` (and its submodules) that
+    hold meta tensors inside lists, tuples, sets, dicts or dataclasses, at any depth: no
+    stand-in reaches inside them."""
     found: list[str] = []
     for path, sub in module.named_modules():
         for name, value in vars(sub).items():
-            if name in _TABLES or not isinstance(value, (list, tuple, dict)):
-                continue
-            items = value.values() if isinstance(value, dict) else value
-            if any(isinstance(v, torch.Tensor) and v.is_meta for v in items):
+            if name not in _TABLES and not isinstance(value, torch.Tensor) and _holds_meta(value):
                 found.append(f"{path}.{name}" if path else name)
     return found
+
+
+def _holds_meta(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is, or holds inside containers and dataclasses, a meta tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    if depth > 4 or isinstance(value, nn.Module):
+        return False  # a submodule's own attributes are its own entries
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = (getattr(value, f.name, None) for f in dataclasses.fields(value))
+    else:
+        return False
+    return any(_holds_meta(v, depth + 1) for v in items)
 
 
 def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

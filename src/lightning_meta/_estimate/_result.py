@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._compat import storage_id
 from lightning_meta._estimate._run import StepRecord
 
 __all__ = ["Estimate", "ModuleEstimate", "RankEstimate", "assemble"]
@@ -264,6 +265,15 @@ def assemble(
     """
     unique = {id(t): t for t in state.values()}.values()
     params = [t for t in unique if isinstance(t, nn.Parameter)]
+    # Buffers by memory: a plain attribute viewing a parameter or buffer (its stand-in
+    # is a view of that one's) holds no bytes of its own.
+    held = {storage_id(p.untyped_storage()) for p in params}
+    buffers: dict[int, int] = {}
+    for t in unique:
+        if not isinstance(t, nn.Parameter):
+            sid = storage_id(t.untyped_storage())
+            if sid not in held:
+                buffers[sid] = max(buffers.get(sid, 0), t.numel() * t.element_size())
     by_dtype: dict[str, int] = {}
     for p in params:
         key = str(p.dtype).removeprefix("torch.")
@@ -273,9 +283,7 @@ def assemble(
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
         parameters_by_dtype=by_dtype,
-        buffer_bytes=sum(
-            t.numel() * t.element_size() for t in unique if not isinstance(t, nn.Parameter)
-        ),
+        buffer_bytes=sum(buffers.values()),
         forward_flops=record.forward_flops.get("", 0),
         backward_flops=record.backward_flops.get("", 0),
         loss_flops=record.loss_flops,

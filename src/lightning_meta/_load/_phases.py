@@ -605,7 +605,10 @@ def replay_missing(
         if handle is None or not wanted.intersection(group.names):
             continue
         mine = bases.get(id(handle.record), [])
-        again = _view_again(handle, group, mine) if mine else None
+        # module.to(dtype) after eager's load casts a floating view of a tensor it left
+        # as it was (a float32 view of an int32 buffer's bytes): memory of its own then
+        to = dtype if all(s.kind != "attr" for s in group.slots) else None
+        again = _view_again(handle, group, mine, cast_to=to) if mine else None
         view = again() if again is not None else None
         if (
             view is None
@@ -841,17 +844,31 @@ def _parts_for_to(
 
 
 def _view_again(
-    handle: Handle, group: Group, bases: list[tuple[int, Converted]], *, copy: bool = False
+    handle: Handle,
+    group: Group,
+    bases: list[tuple[int, Converted]],
+    *,
+    copy: bool = False,
+    cast_to: torch.dtype | None = None,
 ) -> Callable[[], torch.Tensor | None]:
     """``handle``'s value as the view of a loaded tensor (``Converted.tensor``, read when called);
     ``copy``: a copy of that view (the loaded tensor was cast or moved, which gives a
-    parameter or buffer viewing it memory of its own, as ``module.to()`` does)."""
+    parameter or buffer viewing it memory of its own, as ``module.to()`` does); ``cast_to``:
+    a floating view of another dtype than that is cast to it, as ``module.to(dtype)``
+    casts it (memory of its own)."""
     meta = group.tensor  # the deferred tensor the view is dressed as, kept: swap_in may swap it
 
     def view() -> torch.Tensor | None:
         found = view_of(handle, [(v, item.tensor) for v, item in bases], group.names[0], cast=copy)
         if found is not None and copy:
             found = found.clone()
+        if (
+            found is not None
+            and cast_to is not None
+            and found.is_floating_point()
+            and found.dtype != cast_to
+        ):
+            found = found.to(cast_to)
         return None if found is None else dress_like(meta, found, handle.attrs)
 
     return view
