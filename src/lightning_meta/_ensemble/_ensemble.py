@@ -298,6 +298,42 @@ def _refuse_uncopyable(member: nn.Module, index: int) -> None:
         )
 
 
+def _refuse_sharded_holders(stacked: nn.Module) -> None:
+    """Raise if FSDP2 sharded ``ensemble.stacked`` or holders in it, not the ensemble.
+
+    The ensemble reads its stacked tensors from the holders, so FSDP2's units
+    there do not see the members' computation: a unit whose forward never runs
+    (``ensemble.stacked``, a holder of holders) leaves its shards ungathered
+    (torch's DTensor errors), and a holder's unit under another (the ensemble
+    sharded too) reshards right after the read, freeing the storage the
+    members then compute on (torch's out-of-bounds storage error). A holder
+    that is a root of its own ran, its tensors gathered from the first forward
+    on (FSDP2 keeps a root's gathered after forward): sharding in name only.
+    """
+    units = [
+        f"stacked.{name}" if name else "stacked"
+        for name, module in stacked.named_modules()
+        if _fsdp_unit(module)
+    ]
+    if units:
+        raise ArgumentValueError(
+            f"Ensemble cannot run: fully_shard was applied to {units}, inside the ensemble's "
+            "holders of stacked tensors, which FSDP2 cannot shard apart from the members' "
+            "computation (the ensemble reads the tensors there; the members compute "
+            "elsewhere). Fix: call fully_shard on the Ensemble as a whole (or on a module "
+            "holding it), not on ensemble.stacked or its submodules.",
+            paths=units,
+        )
+
+
+def _fsdp_unit(module: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def _distributed(t: torch.Tensor) -> TypeGuard[DTensor]:
     if not torch.distributed.is_available():
         return False
@@ -950,6 +986,9 @@ class Ensemble(nn.Module):
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
         self._holders: list[tuple[_Stacked, str, tuple[tuple[str, str], ...]]] | None = None
+        # The modules under stacked with their classes when last checked for FSDP2 units
+        # (fully_shard changes a module's class), see _refuse_sharded_holders.
+        self._checked_classes: list[tuple[nn.Module, type]] | None = None
         self._aliases: dict[str, str] = {}
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
@@ -1516,6 +1555,10 @@ class Ensemble(nn.Module):
         self._follow_mode()
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
+        checked = self._checked_classes
+        if checked is None or any(type(m) is not cls for m, cls in checked):
+            _refuse_sharded_holders(self.stacked)
+            self._checked_classes = [(m, type(m)) for m in self.stacked.modules()]
         tensors = self.tensors()
         _refuse_meta_with_values(tensors, inputs, kwargs)
         plan = self._choose(tensors, inputs, kwargs)
@@ -1604,6 +1647,7 @@ class Ensemble(nn.Module):
             self._names.append(name)
             self._buffer_names = (*self._buffer_names, name)
         self._holders = None
+        self._checked_classes = None
         self._member_slots = None
         self._views.clear()
         # The next call's copies have slots for the new buffers, holding the
@@ -2368,6 +2412,7 @@ class Ensemble(nn.Module):
         state["_renormed_for"] = None
         state["_aliases"] = {}
         state["_holders"] = None
+        state["_checked_classes"] = None
         state["_last_plan"] = None
         state["_walk"] = None  # refers to the template's modules; walked again on use
         return state
@@ -2381,6 +2426,7 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_writes_state", False)
         self.__dict__.setdefault("_ran_shared", False)
         self.__dict__.setdefault("_walk", None)
+        self.__dict__.setdefault("_checked_classes", None)
         self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
         self.__dict__.setdefault("_renormed_for", None)

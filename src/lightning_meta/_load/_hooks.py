@@ -57,6 +57,21 @@ _FIX = (
     "model.load_state_dict(torch.load(path, mmap=True, weights_only=True)), which runs that "
     "code"
 )
+# A sharded model's load_state_dict takes DTensors only; torch's set_model_state_dict
+# shards a full state dict on each rank and runs the modules' load code on the shards.
+_SHARDED_FIX = (
+    "materialize the model (lm.materialize(model)), then fill it on every rank with "
+    "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
+    "torch.load(path, mmap=True, weights_only=True), "
+    "options=StateDictOptions(full_state_dict=True)), which runs that code on the shards"
+)
+
+
+def _fix(module: nn.Module) -> str:
+    """The fix for a model whose load code load_checkpoint cannot follow: the one for a
+    sharded model (FSDP2, tensor parallel) when ``module`` holds DTensors."""
+    sharded = any(type(s.tensor).__name__ == "DTensor" for s in iter_slots(module))
+    return _SHARDED_FIX if sharded else _FIX
 
 
 @dataclass(frozen=True)
@@ -170,7 +185,7 @@ class _Skeleton:
                 f"cannot load {where!r}: modules of this model have load code of their own "
                 f"({describe_all(code)}), which load_checkpoint follows on a "
                 f"meta copy of the model, but copying it failed ({type(e).__name__}: {e}); "
-                f"nothing in the module was changed. Fix: {_FIX}.",
+                f"nothing in the module was changed. Fix: {_fix(module)}.",
                 paths=[c.path for c in code],
             ) from e
         # Post-hooks run for real after the load; here only to learn which keys they
@@ -380,7 +395,7 @@ def trace_load(
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
             raise _refusal(
-                where, code, f"running it on meta tensors raised {type(e).__name__}: {e}"
+                module, where, code, f"running it on meta tensors raised {type(e).__name__}: {e}"
             ) from e
     attrs = _state_changes(skeleton.module, held)
     if attrs:
@@ -388,6 +403,7 @@ def trace_load(
         owners = [c for c in code if any(_under(p, c.path) for p in changed)] or code
         shown = ", ".join(f"{(p + '.') if p else ''}{a}" for p, a in attrs[:6])
         raise _refusal(
+            module,
             where,
             owners,
             f"it changes the modules' own attributes ({shown}), which load_checkpoint "
@@ -418,6 +434,7 @@ def trace_load(
         if partly:
             what.append(f"it writes into {partly} other than by copying a checkpoint tensor whole")
         raise _refusal(
+            module,
             where,
             owners,
             " and ".join(what) + "; load_checkpoint copies only what the file holds",
@@ -446,6 +463,7 @@ def trace_load(
         bad = sorted({*converted, *replaced})
         owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
         raise _refusal(
+            module,
             where,
             owners,
             f"it fills {bad} with values it computes (or replaces those tensors), not with "
@@ -510,13 +528,17 @@ def describe_all(code: list[LoadCode], most: int = 4) -> str:
 
 
 def _refusal(
-    where: str, code: list[LoadCode], problem: str, paths: list[str] | None = None
+    module: nn.Module,
+    where: str,
+    code: list[LoadCode],
+    problem: str,
+    paths: list[str] | None = None,
 ) -> MetaTensorError:
     listed = describe_all(code)
     return MetaTensorError(
         f"cannot load {where!r}: modules of this model have load code of their own that "
         f"load_state_dict runs ({listed}), and {problem}; nothing in the module was changed. "
-        f"Fix: {_FIX}.",
+        f"Fix: {_fix(module)}.",
         paths=[*(paths or []), *(c.path for c in code)],
     )
 
@@ -557,7 +579,7 @@ def run_post_hooks(
                 raise MetaTensorError(
                     f"the tensors were loaded, but the load_state_dict post-hook {hook!r} of "
                     f"{type(mod).__qualname__} raised {type(e).__name__}: {e}; what it "
-                    f"refreshes may be left as it was. Fix: {_FIX}.",
+                    f"refreshes may be left as it was. Fix: {_fix(module)}.",
                     paths=[],
                 ) from e
     return sorted(set(keys.missing_keys)), sorted(set(keys.unexpected_keys))

@@ -1,0 +1,100 @@
+"""FSDP2 over what lightning_meta holds, in real processes: the fourteenth review (2026-12-06).
+
+Two defects a helper found with real processes:
+
+- ``lm.load_checkpoint`` into a deferred litgpt model sharded with ``fully_shard``
+  is refused (litgpt's attention has load code of its own, which the loader
+  follows on a copy of the model, and FSDP2 refuses copies); the fix the refusal
+  gave, ``model.load_state_dict(torch.load(...))``, fails on a sharded model
+  (its ``load_state_dict`` takes DTensors). The fix is now torch's
+  ``set_model_state_dict`` with a full state dict, which this test runs as
+  written.
+- ``fully_shard`` on the holders of an ensemble's stacked tensors (the children
+  of ``ensemble.stacked``, as a per-layer wrap policy does), then on the
+  ensemble, failed at the first forward with torch's "setStorage ... out of
+  bounds" (a holder resharded right after the ensemble read its tensors);
+  ``fully_shard(ensemble.stacked)`` with a DTensor error; the holders alone
+  ran gathered, sharding in name only. All three are refused, naming the units,
+  and the fix (the ensemble sharded as a whole) trains as the unsharded ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from support.capabilities import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
+from support.processes import run_module
+
+pytest.importorskip("litgpt")
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("review14_shards")
+    proc = run_module("run_review14_shards", str(WORLD), str(workdir), cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    found = {p.stem[7:]: json.loads(p.read_text()) for p in workdir.glob("result-*.json")}
+    assert sorted(found) == [str(r) for r in range(WORLD)]
+    return found
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_a_sharded_model_with_load_code_is_refused_with_a_fix_that_loads(
+    results: dict[str, dict[str, Any]],
+) -> None:
+    for rank, result in results.items():
+        load = result["load"]
+        assert load["error"] == "MetaTensorError", (rank, load)
+        message = load["message"]
+        assert "'transformer.h.0.attn' (CausalSelfAttention" in message
+        assert "FSDP does not support deepcopy" in message
+        assert (
+            "Fix: materialize the model (lm.materialize(model)), then fill it on every rank with "
+            "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
+            "torch.load(path, mmap=True, weights_only=True), "
+            "options=StateDictOptions(full_state_dict=True))" in message
+        )
+        assert "model.load_state_dict(" not in message  # the fix a sharded model refuses
+        assert load["unchanged"], rank
+        # The fix, as written: every tensor is the file's, through litgpt's own code.
+        assert load["keys_equal"] and load["unequal"] == [], (rank, load)
+        assert load["load_code_ran"] == ["transformer.h.0.attn.", "transformer.h.1.attn."]
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+@pytest.mark.parametrize(
+    ("how", "units"),
+    [
+        ("holders", ["stacked.0", "stacked.2"]),
+        ("stacked", ["stacked"]),
+        ("holders_then_ensemble", ["stacked.0", "stacked.2"]),
+    ],
+)
+def test_fsdp2_inside_an_ensembles_holders_is_refused(
+    results: dict[str, dict[str, Any]], how: str, units: list[str]
+) -> None:
+    for rank, result in results.items():
+        case = result[how]
+        assert case["error"] == "ArgumentValueError", (rank, case)
+        assert case["message"].startswith(
+            f"Ensemble cannot run: fully_shard was applied to {units}"
+        )
+        assert "Fix: call fully_shard on the Ensemble as a whole" in case["message"]
+        assert case["paths"] == units
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+def test_the_ensemble_sharded_as_a_whole_trains_as_unsharded(
+    results: dict[str, dict[str, Any]],
+) -> None:
+    for rank, result in results.items():
+        assert result["ensemble"] == {
+            "error": None,
+            "output_equal": True,
+            "grads_equal": True,
+        }, rank
