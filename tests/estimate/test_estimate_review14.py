@@ -4,6 +4,8 @@ a shape-only run cannot follow (packed sequences, CTC loss)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,21 +237,47 @@ def test_meta_tensors_nested_in_containers_or_dataclasses_are_named() -> None:
     class Anchors:
         boxes: torch.Tensor
 
+    class Plain:  # neither a container nor a dataclass
+        def __init__(self) -> None:
+            self.boxes = torch.ones(8)
+
+    def deep(t: torch.Tensor) -> Any:
+        for _ in range(8):  # deeper than the first fix looked (5 levels)
+            t = [t]  # type: ignore[assignment]
+        return t
+
+    def first(v: Any) -> torch.Tensor:
+        while isinstance(v, list):
+            v = v[0]
+        return v  # type: ignore[no-any-return]
+
     class Head(nn.Module):
         def __init__(self, kind: str) -> None:
             super().__init__()
             self.lin = nn.Linear(8, 8)
-            self.anchors: object = (
-                {"p3": [torch.ones(8)]} if kind == "nested" else Anchors(torch.ones(8))
-            )
+            self.anchors: object = {
+                "nested": lambda: {"p3": [torch.ones(8)]},
+                "dataclass": lambda: Anchors(torch.ones(8)),
+                "deep": lambda: deep(torch.ones(8)),
+                "object": Plain,
+                "module_in_list": lambda: [nn.Linear(8, 8)],
+            }[kind]()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            anchors = self.anchors
-            t = anchors["p3"][0] if isinstance(anchors, dict) else anchors.boxes  # type: ignore[attr-defined]
+            anchors: Any = self.anchors
+            if isinstance(anchors, list) and isinstance(anchors[0], nn.Module):
+                return anchors[0](self.lin(x))  # type: ignore[no-any-return]
+            if isinstance(anchors, dict):
+                t = anchors["p3"][0]
+            else:
+                t = first(anchors) if isinstance(anchors, list) else anchors.boxes
             return self.lin(x) * t
 
-    for kind in ("nested", "dataclass"):
+    for kind in ("nested", "dataclass", "deep", "object", "module_in_list"):
         with pytest.raises(MetaTensorError) as info:
             lm.estimate(lambda kind=kind: Head(kind), torch.randn(4, 8))
-        assert info.value.paths == ("anchors",)
-        assert "pass example_inputs" not in str(info.value)
+        assert info.value.paths == ("anchors",), kind
+        said = str(info.value)
+        assert "pass example_inputs" not in said, kind
+        assert "register each tensor as a buffer" in said
+        assert "each module as a submodule (nn.ModuleList instead of a list)" in said

@@ -6,9 +6,11 @@ Two defects a helper found with real processes:
   is refused (litgpt's attention has load code of its own, which the loader
   follows on a copy of the model, and FSDP2 refuses copies); the fix the refusal
   gave, ``model.load_state_dict(torch.load(...))``, fails on a sharded model
-  (its ``load_state_dict`` takes DTensors). The fix is now torch's
-  ``set_model_state_dict`` with a full state dict, which this test runs as
-  written.
+  (its ``load_state_dict`` takes DTensors). The fix first given in its place,
+  torch's ``set_model_state_dict``, failed where the load code is needed (a
+  legacy key it renames stays a whole tensor) and filled missing keys from the
+  model without an error; the fix is now to load before sharding, which this
+  test runs with the code the message gives.
 - ``fully_shard`` on the holders of an ensemble's stacked tensors (the children
   of ``ensemble.stacked``, as a per-layer wrap policy does), then on the
   ensemble, failed at the first forward with torch's "setStorage ... out of
@@ -44,26 +46,42 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
 
 
 @pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)
+@pytest.mark.parametrize(
+    ("case", "owners", "ran"),
+    [
+        (
+            "load",
+            "'transformer.h.0.attn' (CausalSelfAttention",
+            ["transformer.h.0.attn.", "transformer.h.1.attn."],
+        ),
+        ("legacy", "'0' (FSDP_Renaming: _Renaming._load_from_state_dict", ["0.", "1."]),
+    ],
+)
 def test_a_sharded_model_with_load_code_is_refused_with_a_fix_that_loads(
-    results: dict[str, dict[str, Any]],
+    results: dict[str, dict[str, Any]], case: str, owners: str, ran: list[str]
 ) -> None:
     for rank, result in results.items():
-        load = result["load"]
+        load = result[case]
         assert load["error"] == "MetaTensorError", (rank, load)
         message = load["message"]
-        assert "'transformer.h.0.attn' (CausalSelfAttention" in message
+        assert owners in message
         assert "FSDP does not support deepcopy" in message
+        file = "litgpt.pt" if case == "load" else "legacy.pt"
         assert (
-            "Fix: materialize the model (lm.materialize(model)), then fill it on every rank with "
-            "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
-            "torch.load(path, mmap=True, weights_only=True), "
-            "options=StateDictOptions(full_state_dict=True))" in message
+            "Fix: load it before sharding it: lm.materialize(model) (or build it for real), "
+            in message
         )
-        assert "model.load_state_dict(" not in message  # the fix a sharded model refuses
+        assert "then model.load_state_dict(torch.load('" in message
+        assert (
+            f"{file}', mmap=True, weights_only=True)), which runs that code, then call " in message
+        )
+        assert "fully_shard or parallelize_module" in message
         assert load["unchanged"], rank
-        # The fix, as written: every tensor is the file's, through litgpt's own code.
+        # The fix, as written: every tensor is eager's, through the model's own code (the
+        # fix given before, set_model_state_dict, raised torch's mixed-tensor error on
+        # the legacy keys)
         assert load["keys_equal"] and load["unequal"] == [], (rank, load)
-        assert load["load_code_ran"] == ["transformer.h.0.attn.", "transformer.h.1.attn."]
+        assert load["load_code_ran"] == ran
 
 
 @pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)

@@ -4,9 +4,12 @@ only a view of a tensor it lacks."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import lightning as L
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -138,3 +141,106 @@ def test_a_floating_view_of_an_integer_buffer_is_cast_as_module_to_casts_it(
     lm.load_checkpoint(model, path, dtype=dtype)
     assert model.scale.dtype == eager.scale.dtype == dtype
     assert torch.equal(model.scale, eager.scale) and torch.equal(model.packed, eager.packed)
+
+
+class _Doubling(nn.Module):
+    """Load code that computes what it loads (old checkpoints stored the weight halved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def _load_from_state_dict(self, sd: dict, prefix: str, *args: object, **kw: object) -> None:
+        key = prefix + "proj.weight"
+        if key in sd:
+            sd[key] = sd[key] * 2
+        super()._load_from_state_dict(sd, prefix, *args, **kw)  # type: ignore[arg-type]
+
+
+class _Holder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Doubling()
+
+    def training_step(self, batch: torch.Tensor, index: int) -> torch.Tensor:
+        return self.model.proj(batch).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _written(fmt: str, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint of a _Doubling in ``fmt``, and the state dict it holds for the module."""
+    if fmt == "lightning":  # written by a Trainer: keys under "state_dict", prefixed "model."
+        trainer = L.Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        module = _Holder()
+        trainer.fit(module, torch.utils.data.DataLoader(torch.randn(4, 8), batch_size=2))
+        trainer.save_checkpoint(directory / "doubling.ckpt")
+        return directory / "doubling.ckpt", module.model.state_dict()
+    state = _Doubling().state_dict()
+    if fmt == "safetensors":
+        safetensors.torch.save_file(state, directory / "doubling.safetensors")
+        return directory / "doubling.safetensors", state
+    torch.save({f"net.{k}": v for k, v in state.items()}, directory / "doubling.pt")
+    return directory / "doubling.pt", state
+
+
+@pytest.mark.parametrize("fmt", ["lightning", "safetensors", "torch_prefixed"])
+def test_the_fix_for_load_code_reads_the_checkpoint_as_its_format_holds_it(
+    fmt: str, tmp_path: Path
+) -> None:
+    # The fix said torch.load(path) whatever the file: for a Trainer's checkpoint that
+    # is the whole checkpoint (missing and unexpected keys), and no prefix was
+    # stripped (hostile review of 2026-12-06, fourteenth session).
+    path, state = _written(fmt, tmp_path)
+    model = lm.deferred_init(_Doubling)
+    with pytest.raises(lm.MetaTensorError, match="with values it computes") as refused:
+        lm.load_checkpoint(model, path)
+    found = re.search(
+        r"then fill it with model\.load_state_dict\((.*)\), which runs that code",
+        str(refused.value),
+    )
+    assert found is not None, str(refused.value)
+    lm.materialize(model)
+    model.load_state_dict(eval(found.group(1), {"torch": torch, "safetensors": safetensors}))
+    eager = _Doubling()
+    eager.load_state_dict(dict(state))
+    assert torch.equal(model.proj.weight, eager.proj.weight)
+    assert torch.equal(model.proj.weight, state["proj.weight"] * 2)
+    assert torch.equal(model.proj.bias, state["proj.bias"])
+
+
+class _Prefix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("a", torch.randn(6), persistent=False)
+        self.register_buffer("b", self.a[:2])
+
+
+def test_a_view_filling_part_of_a_non_persistent_buffer_names_only_fixes_that_apply(
+    tmp_path: Path,
+) -> None:
+    # The fix said to put 'a' in the checkpoint too, which a state dict cannot hold
+    # ('a' is not persistent: unexpected under strict=True, refused again otherwise).
+    torch.save({"b": torch.tensor([-1.0, -2.0])}, tmp_path / "b.pt")
+    torch.manual_seed(0)
+    eager = _Prefix()
+    eager.load_state_dict(torch.load(tmp_path / "b.pt"))
+    torch.manual_seed(0)
+    model = lm.deferred_init(_Prefix)
+    with pytest.raises(MaterializationError, match="cannot be reproduced") as refused:
+        lm.load_checkpoint(model, tmp_path / "b.pt")
+    assert "in the checkpoint too" not in str(refused.value)
+    assert "Fix: materialize the model first and then load" in str(refused.value)
+    torch.manual_seed(0)
+    model = lm.deferred_init(_Prefix)
+    lm.materialize(model)
+    lm.load_checkpoint(model, tmp_path / "b.pt")
+    assert torch.equal(model.a, eager.a) and torch.equal(model.b, eager.b)

@@ -9,8 +9,12 @@ starts WORLD copies of itself. Each rank:
   the model with ``fully_shard``, and calls ``lm.load_checkpoint``: litgpt's
   attention has load code of its own, which the loader follows on a copy of
   the model, and FSDP2 refuses copies. It records the refusal, then does what
-  its fix says, word for word, and records the names whose ``full_tensor()``
-  differs from the file and whether litgpt's load code ran;
+  its fix says (the ``load_state_dict`` argument evaluated as the message
+  writes it) on a new deferred model, and records the names whose
+  ``full_tensor()`` differs from eager's load and where litgpt's load code ran;
+- the same with a model of two modules whose load code renames legacy keys
+  (``old.*`` to ``proj.*``), from a legacy checkpoint: torch's
+  ``set_model_state_dict``, the fix given before, fails there;
 - builds an ``Ensemble`` of 4 MLPs and shards it four ways: the holders of its
   stacked tensors (``ensemble.stacked``'s children), ``ensemble.stacked``, the
   holders and then the ensemble, and the ensemble as a whole (the fix). It
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,46 +44,72 @@ from support.processes import end_without_finalizing, launch_ranks, run_main
 end_without_finalizing()
 
 
-def _load_case(path: Path) -> dict[str, Any]:
-    from litgpt.model import CausalSelfAttention
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+class _Renaming(nn.Module):
+    """Legacy checkpoints hold ``old.*``; the load code renames the keys to ``proj.*``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def _load_from_state_dict(self, sd: Any, prefix: str, *args: Any, **kw: Any) -> None:
+        for attr in ("weight", "bias"):
+            if prefix + "old." + attr in sd:
+                sd[prefix + "proj." + attr] = sd.pop(prefix + "old." + attr)
+        super()._load_from_state_dict(sd, prefix, *args, **kw)
+
+
+def _renaming() -> nn.Module:
+    return nn.Sequential(_Renaming(), _Renaming(), nn.Linear(8, 4))
+
+
+def _shard(model: nn.Module, blocks: list[nn.Module]) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    model = lm.deferred_init(litgpt_pythia)
-    for block in model.transformer.h:
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
+
+
+def _load_case(build: Any, blocks: Any, path: Path) -> dict[str, Any]:
+    """Refused on the sharded deferred model; then the fix, its code as the message gives it."""
+    model = lm.deferred_init(build)
+    _shard(model, blocks(model))
     out: dict[str, Any] = {}
     try:
         lm.load_checkpoint(model, path)
         out["error"] = None
+        return out
     except Exception as e:
         out["error"], out["message"] = type(e).__name__, str(e)
     out["unchanged"] = all(t.is_meta for t in model.state_dict().values())
+    found = re.search(r"then model\.load_state_dict\((.*)\), which runs that code", out["message"])
+    if found is None:
+        return out
 
-    # The fix, as the message gives it.
+    # The fix: materialize, load_state_dict (the message's own code), then shard.
     ran: list[str] = []
-    original = CausalSelfAttention._load_from_state_dict
+    model = lm.deferred_init(build)
+    for module in model.modules():
+        own = type(module)._load_from_state_dict
+        if own is not nn.Module._load_from_state_dict:
 
-    def counted(self: nn.Module, state_dict: Any, prefix: str, *args: Any, **kw: Any) -> None:
-        ran.append(prefix)
-        original(self, state_dict, prefix, *args, **kw)
+            def counted(
+                sd: Any, prefix: str, *args: Any, _own: Any = own, _m: Any = module, **kw: Any
+            ) -> None:
+                ran.append(prefix)
+                _own(_m, sd, prefix, *args, **kw)
 
-    CausalSelfAttention._load_from_state_dict = counted  # type: ignore[method-assign]
-    try:
-        lm.materialize(model)
-        set_model_state_dict(
-            model,
-            torch.load(path, mmap=True, weights_only=True),
-            options=StateDictOptions(full_state_dict=True),
-        )
-    finally:
-        CausalSelfAttention._load_from_state_dict = original  # type: ignore[method-assign]
-    saved = torch.load(path, weights_only=True)
-    state = model.state_dict()
-    out["keys_equal"] = sorted(state) == sorted(saved)
+            module._load_from_state_dict = counted  # type: ignore[method-assign]
+    lm.materialize(model)
+    model.load_state_dict(eval(found.group(1), {"torch": torch}))
+    _shard(model, blocks(model))
+    torch.manual_seed(0)
+    expected = build()
+    expected.load_state_dict(torch.load(path, weights_only=True))
+    state, want = model.state_dict(), expected.state_dict()
+    out["keys_equal"] = sorted(state) == sorted(want)
     out["unequal"] = sorted(
-        k for k, v in state.items() if k in saved and not torch.equal(v.full_tensor(), saved[k])
+        k for k, v in state.items() if not torch.equal(v.full_tensor(), want[k])
     )
     out["load_code_ran"] = sorted(set(ran))
     return out
@@ -128,10 +159,15 @@ def main() -> None:
     if "RANK" not in os.environ:
         torch.manual_seed(0)
         torch.save(litgpt_pythia().state_dict(), path)
+        legacy = {k.replace(".proj.", ".old."): v for k, v in _renaming().state_dict().items()}
+        torch.save(legacy, workdir / "legacy.pt")
         sys.exit(launch_ranks("support.run_review14_shards", world, str(workdir)))
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result: dict[str, Any] = {"load": _load_case(path)}
+    result: dict[str, Any] = {
+        "load": _load_case(litgpt_pythia, lambda m: list(m.transformer.h), path),
+        "legacy": _load_case(_renaming, lambda m: list(m)[:2], workdir / "legacy.pt"),
+    }
     for how in ("holders", "stacked", "holders_then_ensemble", "ensemble"):
         result[how] = _ensemble_case(how)
     (workdir / f"result-{rank}.json").write_text(json.dumps(result))

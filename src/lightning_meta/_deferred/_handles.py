@@ -652,12 +652,19 @@ def settle_waiting(records: Iterable[Record]) -> list[Slot]:
 
 
 def view_of(
-    handle: Handle, bases: Iterable[tuple[int, torch.Tensor]], path: str, *, cast: bool = False
+    handle: Handle,
+    bases: Iterable[tuple[int, torch.Tensor]],
+    path: str,
+    *,
+    cast: bool = False,
+    persistent: bool = True,
 ) -> torch.Tensor | None:
     """``handle``'s value as a view of one of ``bases`` (value id, real tensor), as eager has it.
 
     ``cast``: the bases may be in another dtype than the block's values (cast
     element for element, laid out alike), for a view to be copied from.
+    ``persistent``: whether ``path`` is in the model's state dict (a checkpoint
+    can hold it), for the fixes an error names.
 
     ``bases`` are values of ``handle``'s record made real before it, whose
     memory eager construction shares with it. A value of the block that
@@ -704,9 +711,10 @@ def view_of(
                 f"{path!r} cannot be reproduced: in eager construction a tensor made real "
                 f"before it (loaded from the checkpoint, or materialized on its own) views "
                 f"part of the memory of {path!r}, which so holds those values there, and a "
-                f"replay of {path!r} on its own would not. Fix: put {path!r} in the checkpoint "
-                "too, or materialize the model first and then load (load_state_dict(..., "
-                "strict=False) copies into the shared memory as eager's does).",
+                f"replay of {path!r} on its own would not. Fix: "
+                + (f"put {path!r} in the checkpoint too, or " if persistent else "")
+                + "materialize the model first and then load (load_state_dict copies into "
+                "the shared memory as eager's does).",
                 paths=[path],
             )
         if not (

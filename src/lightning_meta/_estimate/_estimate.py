@@ -352,12 +352,14 @@ def _fail(
     if held:
         listed = ", ".join(repr(n) for n in held)
         fix = (
-            f"The model keeps meta tensors in lists, tuples, dicts or dataclasses ({listed}): the "
+            f"The model keeps meta tensors inside plain attributes ({listed}: containers, "
+            "dataclasses, other objects, or modules not registered as submodules): the "
             "factory ran under torch.device('meta'), and estimate gives stand-ins on the device to "
             "parameters, buffers and tensors held directly as attributes, not to tensors "
-            "inside containers. Fix: register each as a buffer (self.register_buffer(name, "
-            "t, persistent=False)) or hold it directly as an attribute, or pass a model "
-            "built on the device"
+            "inside other objects. Fix: register each tensor as a buffer "
+            "(self.register_buffer(name, t, persistent=False)) or hold it directly as an "
+            "attribute, and each module as a submodule (nn.ModuleList instead of a list), or "
+            "pass a model built on the device"
         )
         return MetaTensorError(
             f"estimate: the {record.stage} of {root}{place} failed on inputs {inputs}: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -229,31 +230,44 @@ _TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 def meta_in_containers(module: nn.Module) -> list[str]:
     """Return the dotted names of plain attributes of ``module`` (and its submodules) that
-    hold meta tensors inside lists, tuples, sets, dicts or dataclasses, at any depth: no
-    stand-in reaches inside them."""
+    hold meta tensors inside lists, tuples, sets, dicts, dataclasses, other objects or
+    modules not registered as submodules, at any depth: no stand-in reaches inside them.
+    (Read only when the step failed on a meta tensor.)"""
     found: list[str] = []
+    seen: set[int] = set()
     for path, sub in module.named_modules():
         for name, value in vars(sub).items():
-            if name not in _TABLES and not isinstance(value, torch.Tensor) and _holds_meta(value):
+            plain = name not in _TABLES and not isinstance(value, torch.Tensor)
+            if plain and _holds_meta(value, seen):
                 found.append(f"{path}.{name}" if path else name)
     return found
 
 
-def _holds_meta(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is, or holds inside containers and dataclasses, a meta tensor."""
+def _holds_meta(value: Any, seen: set[int]) -> bool:
+    """Whether ``value`` is, or holds anywhere inside it, a meta tensor (``seen``: the ids
+    of objects walked already, so a cycle or a shared object is walked once)."""
     if isinstance(value, torch.Tensor):
         return value.is_meta
-    if depth > 4 or isinstance(value, nn.Module):
-        return False  # a submodule's own attributes are its own entries
+    if id(value) in seen or len(seen) > _MOST_WALKED:
+        return False
+    seen.add(id(value))
     if isinstance(value, dict):
         items: Any = value.values()
     elif isinstance(value, (list, tuple, set, frozenset)):
         items = value
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         items = (getattr(value, f.name, None) for f in dataclasses.fields(value))
-    else:
+    elif isinstance(value, (type, types.ModuleType, types.FunctionType)) or not hasattr(
+        value, "__dict__"
+    ):
         return False
-    return any(_holds_meta(v, depth + 1) for v in items)
+    else:  # an object holding tensors as attributes; a module kept in a list (its tables)
+        items = vars(value).values()
+    return any(_holds_meta(v, seen) for v in items)
+
+
+# Objects walked at most while looking for meta tensors in a model's attributes.
+_MOST_WALKED = 100_000
 
 
 def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,7 @@ from lightning_meta._compat import fabric_wrapped
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import materialize_beyond
 from lightning_meta._load._formats import open_source
-from lightning_meta._load._hooks import run_post_hooks
+from lightning_meta._load._hooks import LoadFix, run_post_hooks
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
     add_shared,
@@ -239,7 +239,7 @@ def load_checkpoint(
             )
             if plan.code:
                 sharded.missing, sharded.unexpected = run_post_hooks(
-                    module, sharded.missing, sharded.unexpected
+                    module, sharded.missing, sharded.unexpected, plan.fix or LoadFix(source)
                 )
             return sharded
         conversion = convert(
@@ -272,7 +272,7 @@ def load_checkpoint(
         report = make_report(module, where, source, plan, conversion, [*replay.names, *beyond])
     if plan.code:  # as load_state_dict ends: the modules' own post-hooks, for real
         report.missing, report.unexpected = run_post_hooks(
-            module, report.missing, report.unexpected
+            module, report.missing, report.unexpected, plan.fix or LoadFix(source)
         )
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report

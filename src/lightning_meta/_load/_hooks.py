@@ -35,13 +35,14 @@ from lightning_meta import _compat
 from lightning_meta._deferred._handles import ITEMS_ATTR
 from lightning_meta._deferred._load_hooks import OWN_HOOKS
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._load._source import Entry
+from lightning_meta._load._source import Entry, Source
 from lightning_meta._slots import HANDLES_ATTR, children, iter_slots
 from lightning_meta._watched import tensor_class
 
 __all__ = [
     "WRAPPER_RENAMING",
     "LoadCode",
+    "LoadFix",
     "describe_all",
     "load_code",
     "post_hooked",
@@ -52,26 +53,65 @@ __all__ = [
     "unwrapped_name",
 ]
 
-_FIX = (
-    "materialize the model (lm.materialize(model), or build it for real), then fill it with "
-    "model.load_state_dict(torch.load(path, mmap=True, weights_only=True)), which runs that "
-    "code"
-)
-# A sharded model's load_state_dict takes DTensors only; torch's set_model_state_dict
-# shards a full state dict on each rank and runs the modules' load code on the shards.
-_SHARDED_FIX = (
-    "materialize the model (lm.materialize(model)), then fill it on every rank with "
-    "torch.distributed.checkpoint.state_dict.set_model_state_dict(model, "
-    "torch.load(path, mmap=True, weights_only=True), "
-    "options=StateDictOptions(full_state_dict=True)), which runs that code on the shards"
-)
 
+@dataclass
+class LoadFix:
+    """The fix a refusal of a module's own load code gives: that code run by
+    ``load_state_dict`` on a real model, given this checkpoint's state dict.
 
-def _fix(module: nn.Module) -> str:
-    """The fix for a model whose load code load_checkpoint cannot follow: the one for a
-    sharded model (FSDP2, tensor parallel) when ``module`` holds DTensors."""
-    sharded = any(type(s.tensor).__name__ == "DTensor" for s in iter_slots(module))
-    return _SHARDED_FIX if sharded else _FIX
+    Attributes:
+        source: the checkpoint.
+        prefix: the key prefix the load strips (guessed from the module's own
+            names until the load has detected it).
+    """
+
+    source: Source
+    prefix: str = ""
+
+    def text(self, module: nn.Module) -> str:
+        """The fix for ``module``: a sharded one (DTensors: FSDP2, tensor parallel) is
+        loaded before it is sharded, as its ``load_state_dict`` takes DTensors only, and
+        torch's ``set_model_state_dict`` distributes only the keys the model has (a legacy
+        key the load code renames stays whole) and fills missing ones from the model."""
+        state = self._state_dict()
+        if any(type(s.tensor).__name__ == "DTensor" for s in iter_slots(module)):
+            return (
+                "load it before sharding it: lm.materialize(model) (or build it for real), "
+                f"then model.load_state_dict({state}), which runs that code, then call "
+                "fully_shard or parallelize_module (each rank holds the whole model until then)"
+            )
+        return (
+            "materialize the model (lm.materialize(model), or build it for real), then fill "
+            f"it with model.load_state_dict({state}), which runs that code"
+        )
+
+    def _state_dict(self) -> str:
+        """Python reading the checkpoint as ``module.load_state_dict`` takes it, or words
+        saying how where no one expression does."""
+        source, path = self.source, str(self.source.path)
+        if source.format in ("torch", "lightning"):
+            code = f"torch.load({path!r}, mmap=True, weights_only=True)"
+        elif source.format == "torch-legacy":  # mmap needs the zip format
+            code = f"torch.load({path!r}, weights_only=True)"
+        elif source.format == "safetensors":
+            code = f"safetensors.torch.load_file({path!r})"
+        else:
+            code = ""
+        if code and source.under_state_dict:
+            code += '["state_dict"]'
+        prefix = self.prefix
+        if not code:
+            how = (
+                "torch.distributed.checkpoint.format_utils.dcp_to_torch_save writes it as one "
+                "torch file"
+                if source.format == "dcp"
+                else "every shard's tensors in one dict"
+            )
+            stripped = f", the prefix {prefix!r} stripped from its keys" if prefix else ""
+            return f"the checkpoint's state dict ({how}{stripped})"
+        if prefix:
+            code = f"{{k.removeprefix({prefix!r}): v for k, v in {code}.items() if k.startswith({prefix!r})}}"
+        return code
 
 
 @dataclass(frozen=True)
@@ -162,7 +202,8 @@ def unwrapped_name(path: str) -> str:
 class _Skeleton:
     """The module's deep copy with meta stand-ins, and the way back to the module's names."""
 
-    def __init__(self, module: nn.Module, where: str, code: list[LoadCode]) -> None:
+    def __init__(self, module: nn.Module, where: str, code: list[LoadCode], fix: LoadFix) -> None:
+        self.fix = fix
         memo: dict[int, Any] = {}
         self._display: dict[str, str] | None = None
         self.paths: dict[int, list[str]] = {}  # stand-in id -> walk names of its tensor
@@ -185,7 +226,7 @@ class _Skeleton:
                 f"cannot load {where!r}: modules of this model have load code of their own "
                 f"({describe_all(code)}), which load_checkpoint follows on a "
                 f"meta copy of the model, but copying it failed ({type(e).__name__}: {e}); "
-                f"nothing in the module was changed. Fix: {_fix(module)}.",
+                f"nothing in the module was changed. Fix: {fix.text(module)}.",
                 paths=[c.path for c in code],
             ) from e
         # Post-hooks run for real after the load; here only to learn which keys they
@@ -395,7 +436,11 @@ def trace_load(
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
             raise _refusal(
-                module, where, code, f"running it on meta tensors raised {type(e).__name__}: {e}"
+                module,
+                skeleton.fix,
+                where,
+                code,
+                f"running it on meta tensors raised {type(e).__name__}: {e}",
             ) from e
     attrs = _state_changes(skeleton.module, held)
     if attrs:
@@ -404,6 +449,7 @@ def trace_load(
         shown = ", ".join(f"{(p + '.') if p else ''}{a}" for p, a in attrs[:6])
         raise _refusal(
             module,
+            skeleton.fix,
             where,
             owners,
             f"it changes the modules' own attributes ({shown}), which load_checkpoint "
@@ -435,6 +481,7 @@ def trace_load(
             what.append(f"it writes into {partly} other than by copying a checkpoint tensor whole")
         raise _refusal(
             module,
+            skeleton.fix,
             where,
             owners,
             " and ".join(what) + "; load_checkpoint copies only what the file holds",
@@ -464,6 +511,7 @@ def trace_load(
         owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
         raise _refusal(
             module,
+            skeleton.fix,
             where,
             owners,
             f"it fills {bad} with values it computes (or replaces those tensors), not with "
@@ -529,6 +577,7 @@ def describe_all(code: list[LoadCode], most: int = 4) -> str:
 
 def _refusal(
     module: nn.Module,
+    fix: LoadFix,
     where: str,
     code: list[LoadCode],
     problem: str,
@@ -538,14 +587,15 @@ def _refusal(
     return MetaTensorError(
         f"cannot load {where!r}: modules of this model have load code of their own that "
         f"load_state_dict runs ({listed}), and {problem}; nothing in the module was changed. "
-        f"Fix: {_fix(module)}.",
+        f"Fix: {fix.text(module)}.",
         paths=[*(paths or []), *(c.path for c in code)],
     )
 
 
-def skeleton_of(module: nn.Module, where: str, code: list[LoadCode]) -> _Skeleton:
-    """The meta skeleton of ``module`` (see :func:`trace_load`)."""
-    return _Skeleton(module, where, code)
+def skeleton_of(module: nn.Module, where: str, code: list[LoadCode], fix: LoadFix) -> _Skeleton:
+    """The meta skeleton of ``module`` (see :func:`trace_load`); ``fix``: the fix a
+    refusal gives."""
+    return _Skeleton(module, where, code, fix)
 
 
 def _post_order(module: nn.Module) -> Iterator[nn.Module]:
@@ -556,9 +606,10 @@ def _post_order(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def run_post_hooks(
-    module: nn.Module, missing: list[str], unexpected: list[str]
+    module: nn.Module, missing: list[str], unexpected: list[str], fix: LoadFix
 ) -> tuple[list[str], list[str]]:
-    """Run the module's own load post-hooks, children first, as ``load_state_dict`` does.
+    """Run the module's own load post-hooks, children first, as ``load_state_dict`` does;
+    ``fix``: the fix an error gives.
 
     Returns:
         The missing and unexpected keys, sorted, as the hooks left them (they
@@ -579,7 +630,7 @@ def run_post_hooks(
                 raise MetaTensorError(
                     f"the tensors were loaded, but the load_state_dict post-hook {hook!r} of "
                     f"{type(mod).__qualname__} raised {type(e).__name__}: {e}; what it "
-                    f"refreshes may be left as it was. Fix: {_fix(module)}.",
+                    f"refreshes may be left as it was. Fix: {fix.text(module)}.",
                     paths=[],
                 ) from e
     return sorted(set(keys.missing_keys)), sorted(set(keys.unexpected_keys))

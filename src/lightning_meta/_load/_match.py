@@ -7,6 +7,7 @@ so a checkpoint that does not fit is refused before the module is touched.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from lightning_meta._deferred._handles import handle_of, made_for
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._hooks import (
     LoadCode,
+    LoadFix,
     describe_all,
     load_code,
     post_hooked,
@@ -96,13 +98,19 @@ def plan_load(
     # override): what load_state_dict would do is traced on a meta skeleton.
     code = load_code(module)
     renames = renamings_only(code)
-    skeleton = skeleton_of(module, where, code) if code and not renames else None
-    display = skeleton.display() if skeleton is not None else {}
     persistent = [s.path for g in groups for s in g.slots if s.persistent]
+    fix = LoadFix(source)
+    if code and not renames:
+        # Refused before the prefix is detected (a module that cannot be copied): the
+        # fix strips the prefix of the module's own names.
+        with contextlib.suppress(Exception):  # two prefixes equally likely: the fix names none
+            fix.prefix = detect_prefix(source.entries, set(persistent), prefix)
+    skeleton = skeleton_of(module, where, code, fix) if code and not renames else None
+    display = skeleton.display() if skeleton is not None else {}
     if renames:
         display = {p: unwrapped_name(p) for p in persistent if unwrapped_name(p) != p}
     expected = {display.get(p, p) for p in persistent}
-    chosen = detect_prefix(source.entries, expected, prefix)
+    chosen = fix.prefix = detect_prefix(source.entries, expected, prefix)
     _refuse_extra_state(module, source, where, chosen)
     sources = None
     if renames:
@@ -125,6 +133,7 @@ def plan_load(
     plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
     plan.made = made
     plan.code = code
+    plan.fix = fix
     plan.display = display
     if sources is not None:
         plan.missing = sorted(display.get(n, n) for n in plan.missing)
@@ -437,6 +446,7 @@ class Plan:
     not_tensors: list[str] = field(default_factory=list)
     made: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
     code: list[LoadCode] = field(default_factory=list)
+    fix: LoadFix | None = None
     display: dict[str, str] = field(default_factory=dict)
 
     @property

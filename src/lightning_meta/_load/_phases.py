@@ -665,7 +665,12 @@ def replay_missing(
             continue
         # Made in forget() once the rest is in; refused here, before that.
         view = (
-            view_of(handle, [(v, item.tensor) for v, item in bases[id(handle.record)]], slot.path)
+            view_of(
+                handle,
+                [(v, item.tensor) for v, item in bases[id(handle.record)]],
+                slot.path,
+                persistent=slot.persistent,
+            )
             if id(handle.record) in bases
             else None
         )
@@ -859,7 +864,13 @@ def _view_again(
     meta = group.tensor  # the deferred tensor the view is dressed as, kept: swap_in may swap it
 
     def view() -> torch.Tensor | None:
-        found = view_of(handle, [(v, item.tensor) for v, item in bases], group.names[0], cast=copy)
+        found = view_of(
+            handle,
+            [(v, item.tensor) for v, item in bases],
+            group.names[0],
+            cast=copy,
+            persistent=any(s.persistent for s in group.slots),
+        )
         if found is not None and copy:
             found = found.clone()
         if (

@@ -165,6 +165,8 @@ class Source:
         own_versions: whether loading the format eagerly gives the modules
             their own versions (a distributed checkpoint is loaded into
             ``model.state_dict()``), whatever :attr:`versions` says.
+        under_state_dict: whether the tensors are the file's ``"state_dict"``
+            entry (a Lightning checkpoint), not the whole file.
     """
 
     own_versions = False
@@ -184,6 +186,7 @@ class Source:
         self.clashes: dict[str, Path] = {}
         self.stamps: dict[Path, FileStamp] = dict(stamps or {})
         self.versions: Mapping[str, Any] | None = None
+        self.under_state_dict = False
         self._supplied: dict[str, torch.Tensor] = {}
 
     def supply(self, key: str, value: torch.Tensor) -> Entry:
@@ -419,6 +422,7 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
     source = TorchSource(p, fmt, refs, others=others)
+    source.under_state_dict = state is not obj
     source.clashes = dict.fromkeys(clashes, p)
     versions = getattr(state, "_metadata", None)
     source.versions = versions if isinstance(versions, Mapping) else None
