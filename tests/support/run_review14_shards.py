@@ -153,6 +153,89 @@ def _ensemble_case(how: str) -> dict[str, Any]:
     return out
 
 
+def _tensor_parallel(
+    placements: dict[str, Any], execution: str
+) -> tuple[lm.Ensemble, list[nn.Module]]:
+    """An ensemble whose stacked tensors ``placements`` names are DTensors on a 1-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    members = _members()
+    ensemble = lm.Ensemble(members, execution=execution)  # type: ignore[arg-type]
+    for name, placed in placements.items():
+        path, _, leaf = name.rpartition(".")
+        holder = ensemble.stacked.get_submodule(path)
+        tensor = getattr(holder, leaf).detach()
+        setattr(holder, leaf, nn.Parameter(distribute_tensor(tensor, mesh, placed)))
+    return ensemble, members
+
+
+def _tensor_parallel_case(how: str) -> dict[str, Any]:
+    """Calls of an ensemble on tensor-parallel stacked tensors: ``"auto"`` timed the plans
+    on each rank apart (their collectives stopped pairing: a hang); the loop over tensors
+    sharded over the members raised torch's unbind error."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    if how == "layers":  # column-wise, then row-wise
+        placements = {
+            "0.weight": [Shard(1)],
+            "0.bias": [Shard(1)],
+            "2.weight": [Shard(2)],
+            "2.bias": [Replicate()],
+        }
+    else:  # each rank holds half the members
+        placements = {n: [Shard(0)] for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    ensemble, members = _tensor_parallel(placements, "loop" if how == "members_loop" else "auto")
+    mesh = next(t for t in ensemble.parameters() if type(t).__name__ == "DTensor").device_mesh
+    generator = torch.Generator().manual_seed(1)
+    out: dict[str, Any] = {"error": None, "worst": 0.0}
+    for _ in range(8):  # past the first timing and the one after
+        x = distribute_tensor(torch.randn(16, 8, generator=generator), mesh, [Replicate()])
+        try:
+            with torch.no_grad():
+                y = ensemble(x).full_tensor()
+        except Exception as e:
+            out["error"], out["message"] = type(e).__name__, str(e)
+            out["paths"] = list(getattr(e, "paths", []))
+            return out
+        with torch.no_grad():
+            expected = torch.stack([m(x.full_tensor()) for m in members])
+        out["worst"] = max(out["worst"], float((y - expected).abs().max()))
+    out["plan"] = ensemble.plan
+    return out
+
+
+def _late_unit_case() -> dict[str, Any]:
+    """A unit added under a holder after the first forward, without changing any class
+    there (a second parametrization of a parametrized holder), then sharded: refused as
+    before that forward (the check once went by the classes it had seen)."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.distributed.fsdp import fully_shard
+
+    class Same(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t.view_as(t)
+
+    ensemble = lm.Ensemble(_members())
+    holder = ensemble.stacked.get_submodule("0")
+    parametrize.register_parametrization(holder, "weight", Same())
+    x = torch.randn(3, 8)
+    ensemble(x)
+    parametrize.register_parametrization(holder, "bias", Same())
+    fully_shard(holder.parametrizations.bias)
+    fully_shard(ensemble)
+    try:
+        ensemble(x)
+    except Exception as e:
+        return {
+            "error": type(e).__name__,
+            "message": str(e),
+            "paths": list(getattr(e, "paths", [])),
+        }
+    return {"error": None}
+
+
 def main() -> None:
     world, workdir = int(sys.argv[1]), Path(sys.argv[2])
     path = workdir / "litgpt.pt"
@@ -170,6 +253,9 @@ def main() -> None:
     }
     for how in ("holders", "stacked", "holders_then_ensemble", "ensemble"):
         result[how] = _ensemble_case(how)
+    result["late_unit"] = _late_unit_case()
+    for how in ("layers", "members", "members_loop"):
+        result[f"tp_{how}"] = _tensor_parallel_case(how)
     (workdir / f"result-{rank}.json").write_text(json.dumps(result))
 
 

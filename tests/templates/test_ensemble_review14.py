@@ -299,3 +299,27 @@ def test_a_batched_backward_runs_over_large_layers(execution: str) -> None:
     ensemble(x).sum().backward()  # a plain step afterwards reuses its buffers as before
     ref_grad = torch.stack([torch.autograd.grad(m(x).sum(), m[0].weight)[0] for m in members])
     torch.testing.assert_close(w.grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"),
+    reason="torch < 2.8 has no saved-tensor hooks query (nothing to keep out of the graph)",
+)
+def test_the_grouped_plan_under_torch_compile_warns_of_nothing_it_calls() -> None:
+    # The call context of the grouped plan asked torch which saved-tensor hooks are on,
+    # which dynamo cannot trace: a graph break and a UserWarning in a user's compiled
+    # training (found in the suite's warnings summary, 2026-12-06).
+    import warnings
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()) for _ in range(2)]
+    ensemble = lm.Ensemble(copy.deepcopy(members), execution="grouped")
+    compiled = torch.compile(ensemble)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    said = [str(w.message) for w in seen if "saved_tensors" in str(w.message)]
+    assert said == []
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))

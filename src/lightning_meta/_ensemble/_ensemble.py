@@ -334,6 +334,39 @@ def _fsdp_unit(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _sharded_call(
+    tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> bool:
+    """Whether the call computes on DTensors (tensor parallel: stacked tensors or inputs;
+    FSDP2 around the ensemble gives plain ones): its plans are not timed, as each rank
+    would time them apart, and the collectives of one rank's timed runs would wait for
+    another's that run other plans, or no more (a hang)."""
+    return any(type(t).__name__ == "DTensor" for t in tensors.values()) or any(
+        type(x).__name__ == "DTensor" for x in (*inputs, *kwargs.values())
+    )
+
+
+def _refuse_member_shards(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise if a stacked tensor is a DTensor sharded over the members (dim 0), which the
+    loop plan cannot split member by member (torch refuses unbind on a sharded dim)."""
+    from torch.distributed.tensor import Shard
+
+    split = sorted(
+        name
+        for name, t in tensors.items()
+        if _distributed(t) and any(isinstance(p, Shard) and p.dim == 0 for p in t.placements)
+    )
+    if split:
+        raise ArgumentValueError(
+            f"Ensemble cannot run the loop plan: the stacked tensors {_named(split)} are "
+            "DTensors sharded over the members (dim 0), and the loop takes each member's "
+            "tensors whole. Fix: use execution='vmap', 'fused' or 'grouped', which compute "
+            "on the sharded members (with randomness='different', their dropout masks are "
+            "other draws than the loop's), or shard another dim of those tensors.",
+            paths=split,
+        )
+
+
 def _distributed(t: torch.Tensor) -> TypeGuard[DTensor]:
     if not torch.distributed.is_available():
         return False
@@ -986,9 +1019,11 @@ class Ensemble(nn.Module):
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
         self._holders: list[tuple[_Stacked, str, tuple[tuple[str, str], ...]]] | None = None
-        # The modules under stacked with their classes when last checked for FSDP2 units
-        # (fully_shard changes a module's class), see _refuse_sharded_holders.
-        self._checked_classes: list[tuple[nn.Module, type]] | None = None
+        # When the modules under stacked were last checked for FSDP2 units, and their
+        # classes then: fully_shard changes a unit's class and registers hooks on it (a
+        # unit added under a parametrized holder is a new module of an old class), see
+        # _refuse_sharded_holders.
+        self._checked_classes: tuple[int, list[tuple[nn.Module, type]]] | None = None
         self._aliases: dict[str, str] = {}
         self._grouped = GroupedPlan(self.randomness)
         self._last_plan: str | None = None
@@ -1380,7 +1415,7 @@ class Ensemble(nn.Module):
             # all, and a timed run would draw from the caller's generator; untimed
             # calls too (deterministic algorithms, torch.compile, a transform).
             return self._unhooked("loop")
-        if untimed_reason() is not None:
+        if untimed_reason() is not None or _sharded_call(tensors, inputs, kwargs):
             static = self.execution
             if static == "fused" and _float16(tensors):
                 static = "loop"  # see _time
@@ -1556,9 +1591,10 @@ class Ensemble(nn.Module):
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
         checked = self._checked_classes
-        if checked is None or any(type(m) is not cls for m, cls in checked):
+        stamp = hook_registrations()  # fully_shard registers hooks on the module it shards
+        if checked is None or checked[0] != stamp or any(type(m) is not c for m, c in checked[1]):
             _refuse_sharded_holders(self.stacked)
-            self._checked_classes = [(m, type(m)) for m in self.stacked.modules()]
+            self._checked_classes = (stamp, [(m, type(m)) for m in self.stacked.modules()])
         tensors = self.tensors()
         _refuse_meta_with_values(tensors, inputs, kwargs)
         plan = self._choose(tensors, inputs, kwargs)
@@ -1915,6 +1951,8 @@ class Ensemble(nn.Module):
         changes: Reassigned,
     ) -> Any:
         """The loop plan: each member in its own copy of the template (:func:`run_loop`)."""
+        if _sharded_call(tensors, (), {}):
+            _refuse_member_shards(tensors)
         return run_loop(
             self._shells,
             self.template.module,

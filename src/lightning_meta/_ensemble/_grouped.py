@@ -814,7 +814,9 @@ def _call_context() -> tuple[Any, ...]:
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
         tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
-        saved_tensor_hooks_on(),
+        # Under torch.compile, dynamo cannot trace torch's query (a graph break and a
+        # warning); it sees no saved-tensor hooks set outside the compiled call anyway.
+        None if torch.compiler.is_compiling() else saved_tensor_hooks_on(),
     )
 
 
