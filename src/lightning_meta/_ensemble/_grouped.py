@@ -810,14 +810,21 @@ _AUGMENTED = {
 def _call_context() -> tuple[Any, ...]:
     """What of the call's context a traced graph fixes: grad and inference mode, autocast
     on every device type with its dtype, and whether saved-tensor hooks are on."""
-    return (
-        torch.is_grad_enabled(),
-        torch.is_inference_mode_enabled(),
-        tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
-        # Under torch.compile, dynamo cannot trace torch's query (a graph break and a
-        # warning); it sees no saved-tensor hooks set outside the compiled call anyway.
-        None if torch.compiler.is_compiling() else saved_tensor_hooks_on(),
+    autocast = tuple(
+        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
     )
+    untraced = _untraced_context_compiled if torch.compiler.is_compiling() else _untraced_context
+    return (torch.is_grad_enabled(), *untraced(), autocast)
+
+
+def _untraced_context() -> tuple[bool, bool | None]:
+    """Inference mode and whether saved-tensor hooks are on (see :func:`_call_context`)."""
+    return torch.is_inference_mode_enabled(), saved_tensor_hooks_on()
+
+
+# dynamo cannot trace torch's queries of these (it warned of one and broke the graph at
+# each): under torch.compile they run outside the graph, one break, no warning.
+_untraced_context_compiled = torch.compiler.disable(_untraced_context)
 
 
 class _AugmentedProxy(fx.Proxy):
