@@ -188,11 +188,14 @@ def _written(fmt: str, directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     if fmt == "safetensors":
         safetensors.torch.save_file(state, directory / "doubling.safetensors")
         return directory / "doubling.safetensors", state
+    if fmt == "torch_nested":  # {"model": state dict, "step": 3}: keys "model.*" flattened
+        torch.save({"model": state, "step": 3}, directory / "doubling.pt")
+        return directory / "doubling.pt", state
     torch.save({f"net.{k}": v for k, v in state.items()}, directory / "doubling.pt")
     return directory / "doubling.pt", state
 
 
-@pytest.mark.parametrize("fmt", ["lightning", "safetensors", "torch_prefixed"])
+@pytest.mark.parametrize("fmt", ["lightning", "safetensors", "torch_prefixed", "torch_nested"])
 def test_the_fix_for_load_code_reads_the_checkpoint_as_its_format_holds_it(
     fmt: str, tmp_path: Path
 ) -> None:

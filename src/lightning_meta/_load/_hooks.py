@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,12 +100,27 @@ class LoadFix:
         if code and source.under_state_dict:
             code += '["state_dict"]'
         prefix = self.prefix
+        if code and source.mapping is not None:
+            # The prefix's parts that are nested mappings in the file are indexed
+            # ({"model": {...}} gives keys "model.*"); a state dict nesting further
+            # than the prefix is not one load_state_dict takes: said in words.
+            mapping: Any = source.mapping
+            while prefix:
+                head, _, rest = prefix.partition(".")
+                if not isinstance(mapping.get(head), Mapping):
+                    break
+                code += f"[{head!r}]"
+                mapping, prefix = mapping[head], rest
+            if any(isinstance(v, Mapping) for v in mapping.values()):
+                code = ""
         if not code:
             how = (
                 "torch.distributed.checkpoint.format_utils.dcp_to_torch_save writes it as one "
                 "torch file"
                 if source.format == "dcp"
                 else "every shard's tensors in one dict"
+                if source.format == "sharded"
+                else "its nested mappings flattened to dotted keys, as state_dict gives them"
             )
             stripped = f", the prefix {prefix!r} stripped from its keys" if prefix else ""
             return f"the checkpoint's state dict ({how}{stripped})"

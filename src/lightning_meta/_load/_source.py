@@ -167,6 +167,8 @@ class Source:
             ``model.state_dict()``), whatever :attr:`versions` says.
         under_state_dict: whether the tensors are the file's ``"state_dict"``
             entry (a Lightning checkpoint), not the whole file.
+        mapping: the state dict as the file nests it (its tensors described, not
+            read), where the format has one: how a fix reaches a prefix's keys.
     """
 
     own_versions = False
@@ -187,6 +189,7 @@ class Source:
         self.stamps: dict[Path, FileStamp] = dict(stamps or {})
         self.versions: Mapping[str, Any] | None = None
         self.under_state_dict = False
+        self.mapping: Mapping[Any, Any] | None = None
         self._supplied: dict[str, torch.Tensor] = {}
 
     def supply(self, key: str, value: torch.Tensor) -> Entry:
@@ -423,6 +426,7 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     refs = {k: (archive, v) for k, v in leaves.items()}
     source = TorchSource(p, fmt, refs, others=others)
     source.under_state_dict = state is not obj
+    source.mapping = state
     source.clashes = dict.fromkeys(clashes, p)
     versions = getattr(state, "_metadata", None)
     source.versions = versions if isinstance(versions, Mapping) else None
