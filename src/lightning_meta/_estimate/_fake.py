@@ -10,8 +10,6 @@ simulated step (:func:`fake_state`, :func:`fake_inputs`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,9 +18,11 @@ from torch import nn
 
 from lightning_meta._compat import FakeTensorMode, storage_id
 from lightning_meta._deferred._handles import deferred_view_base
+from lightning_meta._deferred._reach import MODULE_TABLES
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._specs import InputSpec, describe_tensor, spec_of
 from lightning_meta._estimate._values import Values
+from lightning_meta._guard._find import find_meta_tensors
 
 __all__ = [
     "fake_inputs",
@@ -220,54 +220,31 @@ def _plain_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     submodules (neither a parameter nor a buffer)."""
     for path, sub in module.named_modules(remove_duplicate=False):
         for name, value in vars(sub).items():
-            if name not in _TABLES and isinstance(value, torch.Tensor):
+            if name not in MODULE_TABLES and isinstance(value, torch.Tensor):
                 yield (f"{path}.{name}" if path else name), value
-
-
-# A module's own tables, which hold its registered tensors and submodules.
-_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
 def meta_in_containers(module: nn.Module) -> list[str]:
     """Return the dotted names of plain attributes of ``module`` (and its submodules) that
     hold meta tensors inside lists, tuples, sets, dicts, dataclasses, other objects or
     modules not registered as submodules, at any depth: no stand-in reaches inside them.
-    (Read only when the step failed on a meta tensor.)"""
+    (Read only when the step failed on a meta tensor.) The search is
+    :func:`~lightning_meta.find_meta_tensors`'."""
+    modules = {name for name, _ in module.named_modules()}
     found: list[str] = []
-    seen: set[int] = set()
-    for path, sub in module.named_modules():
-        for name, value in vars(sub).items():
-            plain = name not in _TABLES and not isinstance(value, torch.Tensor)
-            if plain and _holds_meta(value, seen):
-                found.append(f"{path}.{name}" if path else name)
+    for finding in find_meta_tensors(module):
+        registered = finding.kind in ("parameter", "buffer") and not finding.hidden
+        if registered or finding.kind == "template" or finding.escaped is not None:
+            continue
+        parts = finding.path.split(".")
+        # The attribute after the deepest registered module on the path holds it.
+        owner = max(i for i in range(len(parts)) if ".".join(parts[:i]) in modules)
+        attribute = ".".join(parts[: owner + 1])
+        if attribute == finding.path and not finding.hidden:
+            continue  # a tensor held directly as an attribute: it has a stand-in
+        if attribute not in found:
+            found.append(attribute)
     return found
-
-
-def _holds_meta(value: Any, seen: set[int]) -> bool:
-    """Whether ``value`` is, or holds anywhere inside it, a meta tensor (``seen``: the ids
-    of objects walked already, so a cycle or a shared object is walked once)."""
-    if isinstance(value, torch.Tensor):
-        return value.is_meta
-    if id(value) in seen or len(seen) > _MOST_WALKED:
-        return False
-    seen.add(id(value))
-    if isinstance(value, dict):
-        items: Any = value.values()
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = (getattr(value, f.name, None) for f in dataclasses.fields(value))
-    elif isinstance(value, (type, types.ModuleType, types.FunctionType)) or not hasattr(
-        value, "__dict__"
-    ):
-        return False
-    else:  # an object holding tensors as attributes; a module kept in a list (its tables)
-        items = vars(value).values()
-    return any(_holds_meta(v, seen) for v in items)
-
-
-# Objects walked at most while looking for meta tensors in a model's attributes.
-_MOST_WALKED = 100_000
 
 
 def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
