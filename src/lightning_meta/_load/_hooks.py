@@ -61,12 +61,14 @@ class LoadFix:
 
     Attributes:
         source: the checkpoint.
-        prefix: the key prefix the load strips (guessed from the module's own
-            names until the load has detected it).
+        prefix: the key prefix the load strips, once detected.
+        guess: the prefix for a refusal before it is detected (a module that
+            cannot be copied), asked only then.
     """
 
     source: Source
-    prefix: str = ""
+    prefix: str | None = None
+    guess: Callable[[], str] | None = None
 
     def text(self, module: nn.Module) -> str:
         """The fix for ``module``: a sharded one (DTensors: FSDP2, tensor parallel) is
@@ -100,6 +102,8 @@ class LoadFix:
         if code and source.under_state_dict:
             code += '["state_dict"]'
         prefix = self.prefix
+        if prefix is None:
+            prefix = self.guess() if self.guess is not None else ""
         if code and source.mapping is not None:
             # The prefix's parts that are nested mappings in the file are indexed
             # ({"model": {...}} gives keys "model.*"); a state dict nesting further

@@ -7,7 +7,6 @@ so a checkpoint that does not fit is refused before the module is touched.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -99,12 +98,16 @@ def plan_load(
     code = load_code(module)
     renames = renamings_only(code)
     persistent = [s.path for g in groups for s in g.slots if s.persistent]
-    fix = LoadFix(source)
-    if code and not renames:
+
+    def guess() -> str:
         # Refused before the prefix is detected (a module that cannot be copied): the
-        # fix strips the prefix of the module's own names.
-        with contextlib.suppress(Exception):  # two prefixes equally likely: the fix names none
-            fix.prefix = detect_prefix(source.entries, set(persistent), prefix)
+        # fix strips the prefix of the module's own names, if one is clear.
+        try:
+            return detect_prefix(source.entries, set(persistent), prefix)
+        except (ArgumentValueError, MetaTensorError):
+            return ""
+
+    fix = LoadFix(source, guess=guess)
     skeleton = skeleton_of(module, where, code, fix) if code and not renames else None
     display = skeleton.display() if skeleton is not None else {}
     if renames:
