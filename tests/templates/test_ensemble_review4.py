@@ -61,7 +61,8 @@ def test_auto_draws_the_loops_random_numbers_on_every_call(factory: type[nn.Modu
         ref = _loop_of(members, x, seed)
         assert torch.equal(after, torch.get_rng_state())
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-        assert ens.plan == "loop"
+        # The grouped plan draws the loop's masks too (since 2026-12-06).
+        assert ens.plan in ("loop", "grouped") if factory is _dropout_mlp else ens.plan == "loop"
     assert [r.how for r in ens.plans] == ["random draws"]
     # In eval nothing is drawn: the plans are timed as usual.
     ens.eval()
@@ -82,9 +83,10 @@ def test_forced_plans_keep_their_own_masks() -> None:
         outs[plan] = ens(x)
         torch.manual_seed(7)
         assert torch.equal(ens(x), outs[plan])  # reproducible
-    # The same draws, mapped onto other elements by fused and grouped: other masks.
+    # The same draws, mapped onto other elements by fused: other masks. The grouped
+    # plan draws each member's masks as the loop does (since 2026-12-06).
     assert (outs["fused"] - ref).abs().max() > 0.1
-    assert (outs["grouped"] - ref).abs().max() > 0.1
+    torch.testing.assert_close(outs["grouped"], ref, rtol=1e-5, atol=1e-6)
     # vmap's masks: the loop's on torch 2.13's CPU build with one dropout layer, not on
     # torch 2.6's; not promised, so not checked.
     torch.testing.assert_close(outs["loop"], ref, rtol=0, atol=0)
@@ -113,7 +115,7 @@ def test_mc_dropout_turned_on_after_timing_runs_the_loops_masks(how: str) -> Non
             out = ens(x)
             ref = _loop_of(members, x, seed)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-            assert ens.plan in ("loop", "vmap")
+            assert ens.plan in ("loop", "vmap", "grouped")  # grouped: the loop's masks
 
 
 def test_auto_under_deterministic_algorithms_draws_the_loops_masks() -> None:
@@ -168,7 +170,9 @@ def test_a_seeded_trainer_run_under_auto_trains_the_loops_weights() -> None:
     auto = _seeded_fit("auto")
     assert loop.keys() == auto.keys()
     for name in loop:
-        torch.testing.assert_close(auto[name], loop[name], rtol=0, atol=0)
+        # The loop's masks on every step; the grouped plan, which "auto" may time
+        # faster, computes the same numbers up to rounding (its batched matmuls).
+        torch.testing.assert_close(auto[name], loop[name], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------ FLOP counters and ModelSummary

@@ -683,7 +683,9 @@ class Ensemble(nn.Module):
             members' channels side by side, so that a convolution is one
             grouped convolution and BatchNorm one BatchNorm (convolutions,
             BatchNorm, pooling, ``Linear``, element-wise ops, residual
-            additions and dropout, traced with ``torch.fx``, so Python code in
+            additions and dropout, and torch's ``nn.TransformerEncoderLayer``
+            and ``nn.TransformerEncoder`` without masks, with the members
+            folded into the batch, traced with ``torch.fx``, so Python code in
             ``forward`` such as a print or a warning runs when traced, not on
             every call; inputs it cannot lay out run on the loop);
             ``"vmap"``, ``torch.vmap``; ``"loop"``,
@@ -691,11 +693,12 @@ class Ensemble(nn.Module):
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
             running statistics, a dropout mask per member; but only the
-            loop draws the masks the members would: for the same seed the
-            fused and grouped plans give other dropout masks (and vmap
-            other ``randn`` noise, and other masks with two dropout layers
-            or more), so ``"auto"`` runs the loop for a call that draws
-            random numbers.
+            loop, and the grouped plan on the CPU, draw the masks the
+            members would: for the same seed the fused plan gives other
+            dropout masks (and vmap other ``randn`` noise, and other masks
+            with two dropout layers or more), so for a call that draws
+            random numbers ``"auto"`` chooses between the loop and the
+            grouped plan only.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -745,10 +748,10 @@ class Ensemble(nn.Module):
         untimed call; only Python-level side effects of ``forward`` repeat.
         Plans differ in floating-point summation order, so two processes may
         differ in the last bits; pass ``execution=`` to fix the plan. A call
-        that draws random numbers (dropout in training mode) runs the loop,
-        whose masks are the members' own; a forced ``"fused"`` or
-        ``"grouped"`` plan gives other dropout masks than the loop for the
-        same seed (reproducible, but not the loop's numbers).
+        that draws random numbers (dropout in training mode) runs the loop
+        or, on the CPU, the grouped plan, whose masks are the members' own;
+        a forced ``"fused"`` plan gives other dropout masks than the loop
+        for the same seed (reproducible, but not the loop's numbers).
 
     .. warning::
         Tools that find modules by class in ``model.modules()`` or treat a
@@ -1433,7 +1436,7 @@ class Ensemble(nn.Module):
                 )
             ):
                 static = "loop"
-            if self._draws_elsewhere(static):
+            if self._draws_elsewhere(static, tensors, inputs):
                 static = "loop"
             return self._unhooked(static)
         if dispatch_mode_active():
@@ -1481,10 +1484,14 @@ class Ensemble(nn.Module):
             return "loop"
         return plan
 
-    def _draws_elsewhere(self, plan: str) -> bool:
+    def _draws_elsewhere(
+        self, plan: str, tensors: Mapping[str, torch.Tensor], inputs: tuple[Any, ...]
+    ) -> bool:
         """Whether ``plan`` would draw this call's random numbers onto other elements than
         the loop, by the template's modules (once per plan and modes): a dropout in
-        training mode on the fused or grouped plan, or a dropout (or ``nn.RReLU``) in
+        training mode on the fused plan, on the grouped plan where it cannot draw the
+        loop's masks (an accelerator, an alpha dropout: see
+        :meth:`GroupedPlan.exact`), or a dropout (or ``nn.RReLU``) in
         training mode on vmap, which draws a layer for all members before the next layer
         (so too torch's layers that draw in their own forward: ``nn.MultiheadAttention``'s
         ``dropout=``, see :func:`draws_in_forward`).
@@ -1492,12 +1499,23 @@ class Ensemble(nn.Module):
         one has only this, which sees no random op in a forward's own code."""
         template = self.template.module
         walk = self._template_walk()
+        if plan == "grouped":
+            stacked = next(iter(tensors.values()), None)
+            return (
+                stacked is not None
+                and self._grouped.draws(template)
+                and not self._grouped.exact(
+                    template,
+                    stacked.device,
+                    inputs,
+                    self.per_member_inputs,
+                    GroupedPlan.log(inputs, self.chunk_size).key,
+                )
+            )
 
         def find() -> bool:
             if plan == "fused":
                 return self._fused is not None and self._fused.draws(template)
-            if plan == "grouped":
-                return self._grouped.draws(template)
             if plan == "vmap":
                 return any(
                     draws(m, (*DROPOUTS, nn.RReLU)) or draws_in_forward(m) for m in walk.modules
@@ -1535,7 +1553,9 @@ class Ensemble(nn.Module):
             candidates.remove("fused")
         # vmap is left to the timing, which sees its draws (the reason
         # ``plans`` gives then is "random draws").
-        candidates = [p for p in candidates if p == "vmap" or not self._draws_elsewhere(p)]
+        candidates = [
+            p for p in candidates if p == "vmap" or not self._draws_elsewhere(p, tensors, inputs)
+        ]
         if len(candidates) == 1:
             record = PlanRecord(key, candidates[0], "only plan")
         else:
@@ -1548,12 +1568,16 @@ class Ensemble(nn.Module):
                 inputs,
                 kwargs,
                 around=self._timed_state,
-                # Only the loop draws random numbers as the members would: the
-                # fused and grouped plans apply dropout to the stacked or folded
-                # activations, and torch.vmap's batched normal_ maps the stream
-                # onto other elements (its bernoulli does not, but a template
-                # may draw either). Timing noise would pick the masks otherwise.
-                same_draws=("loop",),
+                # Only the loop, and the grouped plan where it is still a
+                # candidate (it then draws the loop's masks: see _draws_elsewhere),
+                # draw random numbers as the members would: the fused plan applies
+                # dropout to the stacked activations, and torch.vmap's batched
+                # normal_ maps the stream onto other elements (its bernoulli does
+                # not, but a template may draw either). Timing noise would pick
+                # the masks otherwise.
+                same_draws=("loop", "grouped")
+                if "grouped" in candidates and self._grouped.draws(self.template.module)
+                else ("loop",),
             )
             if self._lost:
                 raise ArgumentValueError(

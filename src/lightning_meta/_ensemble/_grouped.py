@@ -9,7 +9,13 @@ views of the stacked buffers, updated in place), pooling, element-wise
 activations, dropout and residual additions apply unchanged, ``flatten(1)``
 keeps every member's features contiguous, and a ``Linear`` is one batched
 matmul. On the CPU this beats both a loop over the members and ``torch.vmap``
-for small and mid-sized convolutional networks.
+for small and mid-sized convolutional networks. torch's transformer encoder
+layers run with the members folded into the batch instead (see
+:func:`_encoder_layer`), which beats both in training.
+
+Dropout takes the masks a loop over the members draws, on the CPU: one
+member's draws are recorded, every member's drawn in the loop's order before
+the run, and each random site takes its own (see :mod:`._draws`).
 
 The template's ``forward`` is traced once with ``torch.fx`` (per train/eval
 state, since tracing fixes ``self.training``) and the graph is run op by op.
@@ -24,6 +30,7 @@ input this plan cannot lay out raises :class:`NotGroupableError` when run.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +43,18 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from lightning_meta._compat import (
     autograd_context_watch,
+    functorch_transform_active,
     has_module_hooks,
     saved_tensor_hooks_on,
     tree_map,
 )
-from lightning_meta._ensemble._fused import ELEMENTWISE_ACTIVATIONS, Refusal, draws
+from lightning_meta._ensemble._draws import Draw, Draws, record
+from lightning_meta._ensemble._fused import (
+    ELEMENTWISE_ACTIVATIONS,
+    Refusal,
+    draws,
+    draws_in_forward,
+)
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
@@ -63,19 +77,30 @@ class LayoutLog:
     only for a kind of call not yet laid out: ``saved`` is ``None`` once it has been.
     """
 
-    __slots__ = ("graph", "key", "saved")
+    __slots__ = ("graph", "key", "rng", "saved")
 
     def __init__(self, key: tuple[Any, ...]) -> None:
         self.key = key
         self.graph: int | None = None
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # The CPU generator's state before the call's first draw (see _draws).
+        self.rng: torch.Tensor | None = None
+
+    def keep_rng(self) -> None:
+        """Note the CPU generator's state before the call draws (its first chunk's draws)."""
+        if self.rng is None:
+            self.rng = torch.get_rng_state()
 
     def save(self, *tensors: torch.Tensor | None) -> None:
         if self.saved is not None:
             self.saved.extend((t, t.clone()) for t in tensors if t is not None)
 
     def restore(self) -> None:
-        """Put back what the call changed (nothing once this kind of call has laid out)."""
+        """Put back what the call changed: the CPU generator's state where it drew, and the
+        running statistics (nothing once this kind of call has laid out)."""
+        if self.rng is not None:
+            torch.set_rng_state(self.rng)
+            self.rng = None
         if self.saved:
             with torch.no_grad():
                 for t, before in reversed(self.saved):
@@ -126,6 +151,9 @@ class _Context:
         self.aliases = aliases
         self.n = n
         self.log = log
+        # The members' dropout masks in the loop's order (see _draws), or None: each
+        # random site then draws on the folded layout, onto other elements than the loop.
+        self.draws: Draws | None = None
 
     def get(self, module_path: str, leaf: str) -> torch.Tensor | None:
         name = f"{module_path}.{leaf}" if module_path else leaf
@@ -253,7 +281,50 @@ def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
         _refuse_in_place(x, getattr(mod, "inplace", False))
     folded = ctx.fold(x).t
     _check_batched(type(mod), folded)
+    if ctx.draws is not None:
+        if type(mod) not in _EXACT_DROPOUTS:
+            raise NotGroupableError(f"{type(mod).__name__}, whose masks this plan draws elsewhere")
+        assert isinstance(mod, nn.modules.dropout._DropoutNd)
+        feature = type(mod) is not nn.Dropout
+        return _Fold(_dropped_fold(ctx, folded, mod.p, mod.training, mod.inplace, feature=feature))
     return _Fold(mod(folded))
+
+
+def _dropped_fold(
+    ctx: _Context, folded: torch.Tensor, p: float, training: bool, inplace: bool, *, feature: bool
+) -> torch.Tensor:
+    """Dropout of a folded ``(B, N*C, ...)`` activation with the loop's masks: member ``i``'s
+    noise (``(B, C, ...)``, or ``(B, C, 1, ...)`` for a channel dropout) is channels
+    ``i*C:(i+1)*C``."""
+    rest = (1,) * (folded.ndim - 2) if feature else tuple(folded.shape[2:])
+    size = (folded.shape[0], folded.shape[1] // ctx.n, *rest)
+    return _dropped(ctx, folded, p, training, inplace, size, lambda masks: torch.cat(masks, 1))
+
+
+def _dropped(
+    ctx: _Context,
+    t: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    size: tuple[int, ...],
+    lay_out: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """``t`` (every member's activation) after dropout with the masks the loop draws.
+
+    torch's dropout on the CPU, for each member at once: no draw in eval mode,
+    for ``p == 0`` or an empty tensor; zeros for ``p == 1``; else
+    ``noise.bernoulli_(1 - p).div_(1 - p)`` (``noise`` of the member's ``size``)
+    and ``t * noise``. ``lay_out`` puts the members' noises in ``t``'s layout.
+    """
+    assert ctx.draws is not None
+    if not training or p == 0 or t.numel() == 0:
+        return t
+    if p == 1:
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)
+        return t.mul_(zero) if inplace else t * zero
+    noise = lay_out(ctx.draws.take(size, 1 - p, NotGroupableError)).div_(1 - p)
+    return t.mul_(noise) if inplace else t * noise
 
 
 # Channel dropouts that take an input without a batch dim for one with a
@@ -286,6 +357,252 @@ def _identity(ctx: _Context, mod: nn.Module, path: str, x: Any) -> Any:
     return x
 
 
+# ------------------------------------------------------------- transformers
+# A transformer layer runs with the members folded into its batch: a member's
+# activation (D0, D1, E) (batch first or sequence first, as its attention
+# takes it) is row i of (N, D0*D1, E), each Linear one batched matmul of every
+# member, the attention one call over (N*B, H, L, d), LayerNorm without its
+# affine part then every member's weight and bias. Dropout takes the loop's masks
+# (see _draws): in training mode this runs as the loop does, with its numbers.
+def _tokens(ctx: _Context, x: Any) -> tuple[torch.Tensor, int, int]:
+    """A layer's input as ``(N, D0*D1, E)`` and ``D0, D1``: a folded ``(D0, N*D1, E)`` one's
+    member ``i`` is row ``i``; a shared ``(D0, D1, E)`` one is every row."""
+    data = x.t if isinstance(x, _Fold) else x
+    if not isinstance(data, torch.Tensor) or data.ndim != 3:
+        raise NotGroupableError("a transformer layer on an input without a batch dim")
+    n = ctx.n
+    if isinstance(x, _Fold):
+        d0, d1, e = data.shape[0], data.shape[1] // n, data.shape[2]
+        return data.view(d0, n, d1, e).transpose(0, 1).reshape(n, d0 * d1, e), d0, d1
+    d0, d1, e = data.shape
+    return data.reshape(1, d0 * d1, e).expand(n, d0 * d1, e), d0, d1
+
+
+def _untokens(h: torch.Tensor, d0: int, d1: int) -> _Fold:
+    n, _, e = h.shape
+    return _Fold(h.view(n, d0, d1, e).transpose(0, 1).reshape(d0, n * d1, e))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _stacked(ctx: _Context, mod: nn.Module, path: str, leaf: str) -> torch.Tensor | None:
+    """The stacked tensor of ``mod.<leaf>`` (``None`` where ``mod`` has none)."""
+    t = ctx.get(path, leaf)
+    if t is None and getattr(mod, leaf, None) is not None:
+        raise NotGroupableError(f"{_join(path, leaf)} is not a stacked parameter or buffer")
+    return t
+
+
+def _batched_linear(
+    h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Every member's ``F.linear`` of ``(N, T, in)``: ``weight`` ``(N, out, in)``."""
+    if weight is None:
+        raise NotGroupableError("a Linear without its weight")
+    if bias is None:
+        return torch.bmm(h, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def _layer_norm(ctx: _Context, mod: nn.Module, path: str, h: torch.Tensor) -> torch.Tensor:
+    assert isinstance(mod, nn.LayerNorm)
+    weight, bias = _stacked(ctx, mod, path, "weight"), _stacked(ctx, mod, path, "bias")
+    out = F.layer_norm(h, mod.normalized_shape, None, None, mod.eps)
+    if weight is not None:
+        out = out * weight.unsqueeze(1)
+    if bias is not None:
+        out = out + bias.unsqueeze(1)
+    return out
+
+
+def _drop_tokens(ctx: _Context, mod: nn.Module, h: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
+    """``nn.Dropout`` ``mod`` on ``(N, D0*D1, C)``: member ``i``'s noise ``(D0, D1, C)`` is row ``i``."""
+    assert isinstance(mod, nn.Dropout)
+    if ctx.draws is None:
+        out: torch.Tensor = mod(h)
+        return out
+    n, _, c = h.shape
+    return _dropped(
+        ctx,
+        h,
+        mod.p,
+        mod.training,
+        mod.inplace,
+        (d0, d1, c),
+        lambda masks: torch.stack(masks).view(n, d0 * d1, c),
+    )
+
+
+def _self_attention(
+    ctx: _Context, mod: nn.MultiheadAttention, path: str, h: torch.Tensor, d0: int, d1: int
+) -> torch.Tensor:
+    """``mod(x, x, x, need_weights=False)[0]`` of every member, ``h`` ``(N, D0*D1, E)``."""
+    n, _, e = h.shape
+    heads = mod.num_heads
+    d = e // heads
+    b, length = (d0, d1) if mod.batch_first else (d1, d0)
+    qkv = _batched_linear(
+        h,
+        _stacked(ctx, mod, path, "in_proj_weight"),
+        _stacked(ctx, mod, path, "in_proj_bias"),
+    )
+    # (N, D0, D1, H, d) -> (N*B, H, L, d), as the members' attention lays out its heads.
+    order = (0, 1, 3, 2, 4) if mod.batch_first else (0, 2, 3, 1, 4)
+    q, k, v = (
+        t.reshape(n, d0, d1, heads, d).permute(order).reshape(n * b, heads, length, d)
+        for t in qkv.split(e, dim=-1)
+    )
+    p = mod.dropout if mod.training else 0.0
+    if p == 0 or ctx.draws is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    else:
+        out = _attention_dropped(ctx, q, k, v, p, b)
+    back = (0, 1, 3, 2, 4) if mod.batch_first else (0, 3, 1, 2, 4)
+    out = out.view(n, b, heads, length, d).permute(back).reshape(n, d0 * d1, e)
+    return _batched_linear(
+        out,
+        _stacked(ctx, mod.out_proj, _join(path, "out_proj"), "weight"),
+        _stacked(ctx, mod.out_proj, _join(path, "out_proj"), "bias"),
+    )
+
+
+def _attention_dropped(
+    ctx: _Context, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, b: int
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, dropout_p=p)`` with the loop's masks.
+
+    With dropout the members' attention on the CPU is torch's math kernel: ``q``
+    and ``k`` each scaled by ``sqrt(1 / sqrt(d))``, softmax, the dropout noise,
+    then ``v``, in the dtype of the noise the members draw.
+    """
+    assert ctx.draws is not None
+    nb, heads, length, d = q.shape
+    size = (b, heads, length, k.shape[2])
+    masks = ctx.draws.take(size, 1 - p, NotGroupableError)
+    acc = masks[0].dtype
+    scale = math.sqrt(1.0 / math.sqrt(d))
+    attn = torch.matmul(q.to(acc) * scale, (k.to(acc) * scale).transpose(-2, -1)).softmax(-1)
+    noise = torch.stack(masks).view(nb, *size[1:]).div_(1 - p)
+    return torch.matmul(attn * noise, v.to(acc)).to(q.dtype)
+
+
+def _encoder_layer(
+    ctx: _Context,
+    mod: nn.Module,
+    path: str,
+    x: Any,
+    src_mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool = False,
+) -> _Fold:
+    """``nn.TransformerEncoderLayer`` (its standard path) for every member at once."""
+    assert isinstance(mod, nn.TransformerEncoderLayer)
+    if src_mask is not None or src_key_padding_mask is not None or is_causal:
+        raise NotGroupableError("a transformer layer given a mask")
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        raise NotGroupableError("a transformer layer under autocast")
+    h, d0, d1 = _tokens(ctx, x)
+    if h.dtype in (torch.float16, torch.bfloat16):
+        # The members' bits are promised in 16-bit floats: torch's fused eval path
+        # rounds otherwise (a third of the outputs by a bfloat16 step), and so,
+        # rarely, do the batched matmuls in training (an element in a thousand).
+        raise NotGroupableError("a transformer layer in 16-bit floats")
+
+    def sa(y: torch.Tensor) -> torch.Tensor:
+        out = _self_attention(ctx, mod.self_attn, _join(path, "self_attn"), y, d0, d1)
+        return _drop_tokens(ctx, mod.dropout1, out, d0, d1)
+
+    def ff(y: torch.Tensor) -> torch.Tensor:
+        y = _batched_linear(
+            y,
+            _stacked(ctx, mod.linear1, _join(path, "linear1"), "weight"),
+            _stacked(ctx, mod.linear1, _join(path, "linear1"), "bias"),
+        )
+        y = _drop_tokens(ctx, mod.dropout, mod.activation(y), d0, d1)
+        y = _batched_linear(
+            y,
+            _stacked(ctx, mod.linear2, _join(path, "linear2"), "weight"),
+            _stacked(ctx, mod.linear2, _join(path, "linear2"), "bias"),
+        )
+        return _drop_tokens(ctx, mod.dropout2, y, d0, d1)
+
+    def norm(name: str, y: torch.Tensor) -> torch.Tensor:
+        return _layer_norm(ctx, getattr(mod, name), _join(path, name), y)
+
+    if mod.norm_first:
+        h = h + sa(norm("norm1", h))
+        h = h + ff(norm("norm2", h))
+    else:
+        h = norm("norm1", h + sa(h))
+        h = norm("norm2", h + ff(h))
+    return _untokens(h, d0, d1)
+
+
+def _encoder(
+    ctx: _Context,
+    mod: nn.Module,
+    path: str,
+    src: Any,
+    mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool | None = None,
+) -> Any:
+    """``nn.TransformerEncoder`` without masks: its layers, then its norm."""
+    assert isinstance(mod, nn.TransformerEncoder)
+    if mask is not None or src_key_padding_mask is not None or is_causal:
+        raise NotGroupableError("a transformer encoder given a mask")
+    out: Any = src
+    for i, layer in enumerate(mod.layers):
+        out = _encoder_layer(ctx, layer, _join(path, f"layers.{i}"), out)
+    if mod.norm is not None:
+        h, d0, d1 = _tokens(ctx, out)
+        out = _untokens(_layer_norm(ctx, mod.norm, _join(path, "norm"), h), d0, d1)
+    return out
+
+
+# What a transformer layer's activation may be: element-wise, so it applies to
+# every member's rows at once.
+_ACTIVATION_FUNCTIONS = (F.relu, F.gelu, torch.relu, F.silu, torch.tanh, torch.sigmoid)
+
+
+def _check_encoder_layer(mod: nn.TransformerEncoderLayer) -> str | None:
+    """Why the transformer layer ``mod`` has no grouped form, or None."""
+    attn = mod.self_attn
+    parts: list[tuple[str, Any, type[nn.Module]]] = [
+        ("self_attn", attn, nn.MultiheadAttention),
+        ("linear1", mod.linear1, nn.Linear),
+        ("linear2", mod.linear2, nn.Linear),
+        ("norm1", mod.norm1, nn.LayerNorm),
+        ("norm2", mod.norm2, nn.LayerNorm),
+        ("dropout", mod.dropout, nn.Dropout),
+        ("dropout1", mod.dropout1, nn.Dropout),
+        ("dropout2", mod.dropout2, nn.Dropout),
+    ]
+    for name, part, kind in parts:
+        if not isinstance(part, kind):
+            return f"its {name} is a {type(part).__name__}, not torch's {kind.__name__}"
+    if type(attn) is not nn.MultiheadAttention:
+        return f"its self_attn is a {type(attn).__name__}, not torch's MultiheadAttention"
+    if (
+        not attn._qkv_same_embed_dim
+        or attn.bias_k is not None
+        or attn.add_zero_attn
+        or attn.in_proj_weight is None
+    ):
+        return "its attention has other key or value sizes, bias_k/bias_v or add_zero_attn"
+    e = attn.embed_dim
+    if any(tuple(n.normalized_shape) != (e,) for n in (mod.norm1, mod.norm2)):
+        return "its LayerNorms normalize other than the embedding dim"
+    act = mod.activation
+    if not (any(act is f for f in _ACTIVATION_FUNCTIONS) or type(act) in ELEMENTWISE_ACTIVATIONS):
+        return f"its activation {act!r} is not one this plan knows to act element by element"
+    if any(m.training != mod.training for m in mod.modules()):
+        return "its sub-layers are not all in its train/eval mode"
+    return None
+
+
 _ModuleRule = Callable[[_Context, nn.Module, str, Any], Any]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ELEMENTWISE = ELEMENTWISE_ACTIVATIONS
@@ -311,6 +628,14 @@ DROPOUTS: tuple[type[nn.Module], ...] = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+# The dropouts whose masks the plan draws as the loop does (see _dropped).
+_EXACT_DROPOUTS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+_TRANSFORMERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _MODULES: dict[type[nn.Module], _ModuleRule] = {
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
@@ -321,6 +646,8 @@ _MODULES: dict[type[nn.Module], _ModuleRule] = {
     nn.Linear: _linear,
     nn.Flatten: _flatten,
     nn.Identity: _identity,
+    nn.TransformerEncoderLayer: _encoder_layer,
+    nn.TransformerEncoder: _encoder,
     **dict.fromkeys(_ELEMENTWISE, _per_channel),
     **dict.fromkeys(_POOLS, _pool),
     **dict.fromkeys(DROPOUTS, _random),
@@ -348,6 +675,26 @@ def _check_module(mod: nn.Module, path: str, randomness: str) -> str | None:
         return "return_indices=True is not supported"
     if isinstance(mod, DROPOUTS) and randomness != "different":
         return f"it draws random numbers, which this plan draws per member only (randomness='different'), not with randomness={randomness!r}"
+    layers: list[nn.Module] = [mod] if isinstance(mod, nn.TransformerEncoderLayer) else []
+    if isinstance(mod, nn.TransformerEncoder):
+        if mod.norm is not None and (
+            not isinstance(mod.norm, nn.LayerNorm) or len(mod.norm.normalized_shape) != 1
+        ):
+            return "its norm is not a LayerNorm of the embedding dim"
+        layers = list(mod.layers)
+        for i, layer in enumerate(layers):
+            if type(layer) is not nn.TransformerEncoderLayer:
+                return f"its layer {i} is a {type(layer).__name__}, not torch's TransformerEncoderLayer"
+    for i, layer in enumerate(layers):
+        assert isinstance(layer, nn.TransformerEncoderLayer)
+        reason = _check_encoder_layer(layer)
+        if reason is not None:
+            return reason if layer is mod else f"its layer {i}: {reason}"
+        if randomness != "different" and (
+            layer.self_attn.dropout > 0
+            or any(m.p > 0 for m in layer.modules() if isinstance(m, nn.Dropout))
+        ):
+            return f"it draws random numbers, which this plan draws per member only (randomness='different'), not with randomness={randomness!r}"
     return None
 
 
@@ -409,6 +756,22 @@ def _unary(fn: Callable[..., Any], *, random: bool = False) -> Callable[..., Any
         if random:
             folded = x.t if isinstance(x, _Fold) else ctx.fold(x).t
             _check_batched(fn, folded)
+            if ctx.draws is not None:
+                # F.dropout(input, p=0.5, training=True, inplace=False) and its kin.
+                given = dict(zip(("p", "training", "inplace"), args, strict=False))
+                given.update(kwargs)
+                p = given.get("p", 0.5)
+                if isinstance(p, (int, float)) and 0 <= p <= 1:  # else torch's own error
+                    return _Fold(
+                        _dropped_fold(
+                            ctx,
+                            folded,
+                            float(p),
+                            bool(given.get("training", True)),
+                            bool(given.get("inplace", False)),
+                            feature=fn is not F.dropout,
+                        )
+                    )
             return _Fold(fn(folded, *args, **kwargs))
         if isinstance(x, _Fold):
             return _Fold(fn(x.t, *args, **kwargs))
@@ -624,6 +987,10 @@ class GroupedPlan:
         self._graphs: dict[tuple[Any, ...], fx.Graph | Refusal] = {}
         # The kinds of call (graph, LayoutLog.key) that ran to the end.
         self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
+        # One member's draws per kind of call (graph, LayoutLog.key); None: not recordable.
+        self._schedules: dict[tuple[int, tuple[Any, ...]], list[Draw] | None] = {}
+        # Per graph: the modules that may draw, and whether a dropout function draws.
+        self._sites: dict[int, tuple[list[nn.Module], bool]] = {}
 
     def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
         return (GroupedPlan, (self.randomness,))
@@ -650,23 +1017,91 @@ class GroupedPlan:
 
     def draws(self, template: nn.Module) -> bool:
         """Whether a call in the template's current modes draws random numbers: a dropout
-        layer in training mode with ``p > 0``, or a dropout function not given
-        ``training=False`` or ``p=0`` in the traced graph. This plan draws them on the folded
-        ``(B, N*C, ...)`` layout, so onto other elements than the loop."""
+        layer in training mode with ``p > 0`` (a transformer layer's too, and its
+        attention's dropout), or a dropout function not given ``training=False`` or
+        ``p=0`` in the traced graph."""
         graph = self.graph(template)
-        if isinstance(graph, Refusal):
-            return False
+        return not isinstance(graph, Refusal) and self._draws(template, graph)
+
+    def _draws(self, template: nn.Module, graph: fx.Graph) -> bool:
+        modules, functions = self._random_sites(template, graph)
+        return functions or any(draws(m, DROPOUTS) or draws_in_forward(m) for m in modules)
+
+    def _random_sites(self, template: nn.Module, graph: fx.Graph) -> tuple[list[nn.Module], bool]:
+        """The modules of ``graph``'s layers that may draw (dropouts, and a transformer
+        layer's dropouts and attention), and whether one of its dropout functions draws
+        (their ``p`` and ``training`` are fixed in the graph); found once per graph."""
+        sites = self._sites.get(id(graph))
+        if sites is not None:
+            return sites
+        modules: list[nn.Module] = []
+        functions = False
         for node in graph.nodes:
             if node.op == "call_module":
                 mod = template.get_submodule(str(node.target))
-                if draws(mod, DROPOUTS):
-                    return True
+                if isinstance(mod, DROPOUTS):
+                    modules.append(mod)
+                elif isinstance(mod, _TRANSFORMERS):
+                    kinds = (*DROPOUTS, nn.MultiheadAttention)
+                    modules += [m for m in mod.modules() if isinstance(m, kinds)]
             elif node.op == "call_function" and node.target in _RANDOM_FUNCTIONS:
                 p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
                 training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-                if not (training is False or p == 0):
-                    return True
-        return False
+                functions = functions or not (training is False or p == 0)
+        self._sites[id(graph)] = (modules, functions)
+        return modules, functions
+
+    def exact(
+        self,
+        template: nn.Module,
+        device: torch.device,
+        inputs: tuple[Any, ...],
+        per_member: bool,
+        key: tuple[Any, ...],
+    ) -> bool:
+        """Whether a call on ``inputs`` draws the loop's masks (see :mod:`._draws`): on the
+        CPU, outside ``torch.compile`` and ``torch.func`` transforms, with no alpha dropout,
+        and with one member's draws recorded."""
+        graph = self.graph(template)
+        return not isinstance(graph, Refusal) and (
+            self._exact(template, graph, device, inputs, per_member, key) is not None
+        )
+
+    def _exact(
+        self,
+        template: nn.Module,
+        graph: fx.Graph,
+        device: torch.device,
+        inputs: tuple[Any, ...],
+        per_member: bool,
+        key: tuple[Any, ...],
+    ) -> list[Draw] | None:
+        """One member's draws for :meth:`exact`, or ``None`` where it is not."""
+        if device.type != "cpu" or torch.compiler.is_compiling() or functorch_transform_active():
+            return None
+        modules, _ = self._random_sites(template, graph)
+        if any(draws(m, DROPOUTS) and type(m) not in _EXACT_DROPOUTS for m in modules):
+            return None
+        return self._schedule(template, graph, inputs, per_member, key)
+
+    def _schedule(
+        self,
+        template: nn.Module,
+        graph: fx.Graph,
+        inputs: tuple[Any, ...],
+        per_member: bool,
+        key: tuple[Any, ...],
+    ) -> list[Draw] | None:
+        """One member's draws in a call on ``inputs`` (recorded once per kind of call)."""
+        k = (id(graph), key)
+        if k not in self._schedules:
+            if len(self._schedules) >= _LAID_OUT_MAX:
+                self._schedules.clear()
+            member = tuple(
+                x[0] if per_member and isinstance(x, torch.Tensor) else x for x in inputs
+            )
+            self._schedules[k] = record(template, member)
+        return self._schedules[k]
 
     def placeholders(self, template: nn.Module) -> int:
         graph = self.graph(template)
@@ -716,8 +1151,14 @@ class GroupedPlan:
         if log.graph is None:  # the call's first chunk
             log.graph = id(graph)
             log.saved = None if (id(graph), log.key) in self._laid_out else []
-        n = next(iter(tensors.values())).shape[0]
+        first = next(iter(tensors.values()))
+        n = first.shape[0]
         ctx = _Context(template, tensors, aliases, n, log)
+        if self._draws(template, graph):
+            schedule = self._exact(template, graph, first.device, inputs, per_member, log.key)
+            if schedule is not None:
+                log.keep_rng()
+                ctx.draws = Draws(schedule, n, first.device)
         if log.saved is None:
             return self._run(graph, ctx, inputs, per_member)
         try:
@@ -757,6 +1198,8 @@ class GroupedPlan:
             elif node.op == "call_method":
                 env[node] = _METHODS[str(node.target)](ctx, *args, **kwargs)
             elif node.op == "output":
+                if ctx.draws is not None:
+                    ctx.draws.finish(NotGroupableError)
                 out = tree_map(lambda v: _unfold(v, n), args[0], is_leaf=_is_value)
                 return _mutable(out)
         raise AssertionError("a graph without output")  # pragma: no cover
@@ -979,6 +1422,13 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
                 f"{_describe(path, mod)} defines {' and '.join(called)} of its own, which "
                 "this plan (traced through forward) would not run",
             )
+    if type(template) in _TRANSFORMERS:
+        # The root is traced through its forward, but a transformer layer (or
+        # encoder) has a rule of its own: one node calling it on the input.
+        graph = fx.Graph()
+        graph.output(graph.call_module("", (graph.placeholder("src"),)))
+        reason = _check_module(template, "", randomness)
+        return graph if reason is None else Refusal("", f"{_describe('', template)}: {reason}")
     state = AttributeState(watched(template.named_modules()), keep=True)
     # A draw the trace makes (torch.rand(()) takes no traced tensor; Python's
     # random, numpy) is made once, and the graph keeps the branch it took for
