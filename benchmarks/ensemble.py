@@ -25,8 +25,8 @@ loop plan, then ran 5-10 % slower in the measured rounds).
     python benchmarks/ensemble.py --zoo [--json zoo.json]           # every architecture
     python benchmarks/ensemble.py --zoo --device cuda --threads 1   # the same table on a GPU
 
-``--zoo`` covers an MLP (small, large), a CNN with BatchNorm (ResNet basic
-blocks), a transformer encoder layer and an LSTM, at N in {4, 16, 32}, on 1
+``--zoo`` covers an MLP (small, large, and small with dropout), a CNN with
+BatchNorm (ResNet basic blocks), a transformer encoder layer and an LSTM, at N in {4, 16, 32}, on 1
 and 2 threads, float32 and bfloat16, training and eval; ``--models``,
 ``--members``, ``--threads``, ``--dtypes`` and ``--modes`` narrow it.
 
@@ -66,12 +66,16 @@ from lightning_meta._ensemble._plan import RETIME_CALL
 
 
 # ------------------------------------------------------------------ the zoo
-def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
+def mlp(d_in: int, hidden: int, d_out: int, dropout: float | None = None) -> nn.Module:
+    """Three Linear layers with ReLUs (and, given ``dropout``, a Dropout after each ReLU)."""
+    drop = [] if dropout is None else [nn.Dropout(dropout)]
     return nn.Sequential(
         nn.Linear(d_in, hidden),
         nn.ReLU(),
+        *drop,
         nn.Linear(hidden, hidden),
         nn.ReLU(),
+        *[nn.Dropout(dropout) for _ in drop],
         nn.Linear(hidden, d_out),
     )
 
@@ -125,6 +129,9 @@ class Model:
 ZOO: dict[str, Model] = {
     "mlp small (64-128-128-10), batch 64": Model(lambda: mlp(64, 128, 10), (64, 64)),
     "mlp large (512-1024-1024-10), batch 64": Model(lambda: mlp(512, 1024, 10), (64, 512)),
+    "mlp dropout (64-128-128-10, p=0.1), batch 64": Model(
+        lambda: mlp(64, 128, 10, dropout=0.1), (64, 64)
+    ),
     "cnn 2x BasicBlock(16) + BN, batch 8x3x16x16": Model(lambda: resnet(16), (8, 3, 16, 16)),
     "transformer layer (64, 4, 128), batch 16x32": Model(
         lambda: nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), (16, 32, 64)

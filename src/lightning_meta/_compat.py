@@ -31,12 +31,17 @@ import re
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from lightning_meta._errors import MetaTensorError
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "default_device",
@@ -51,6 +56,7 @@ __all__ = [
     "active_fake_mode",
     "apply_to_tensors",
     "children_replaced",
+    "is_dtensor",
     "is_subclass_refusal",
     "is_swap_refusal",
     "is_unallocated_read",
@@ -86,6 +92,17 @@ __all__ = [
 ]
 
 _FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+
+
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (or a subclass).
+
+    Imports nothing: where ``torch.distributed.tensor`` was never imported, no
+    DTensor exists (the check runs on hot paths: every Ensemble call, every
+    tensor a deferred model holds).
+    """
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
 
 
 def missing(api: str, feature: str) -> MetaTensorError:

@@ -244,3 +244,20 @@ def test_a_flop_counter_sees_only_the_grouped_run_not_the_recorded_draws() -> No
     assert ens.plan == "grouped"
     assert counted.get_total_flops() == plain.get_total_flops()
     torch.testing.assert_close(out, _members_run(mods, x, seed=1))
+
+
+def test_grouped_dropout_with_per_member_inputs_draws_the_members_masks() -> None:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [
+        nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 2)) for _ in range(3)
+    ]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="grouped", per_member_inputs=True)
+    xs = torch.randn(3, 4, 5)
+    torch.manual_seed(2)
+    out = ens(xs)
+    after = torch.get_rng_state()
+    torch.manual_seed(2)
+    ref = torch.stack([m(xs[i]) for i, m in enumerate(mods)])
+    assert ens.plan == "grouped"
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.testing.assert_close(out, ref)

@@ -20,6 +20,7 @@ from lightning_meta._arguments import (
     real_device,
     spelled,
 )
+from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred._escaped import block_failure, escaped_site
 from lightning_meta._deferred._fallback import overwritten, reset_parameters, without_reset
 from lightning_meta._deferred._handles import (
@@ -231,7 +232,7 @@ def _convert_real(
     ``.data``), a buffer gets a new one. The tensors this call made real are there already."""
 
     def wanted(t: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
-        if type(t).__name__ == "DTensor" or handle_of(t) is not None:
+        if is_dtensor(t) or handle_of(t) is not None:
             return None
         want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
         # A meta tensor made on purpose stays there (eager's .to() cannot move one
@@ -1068,7 +1069,7 @@ def refuse_recast(slots: Iterable[Slot], who: str) -> None:
         if s.kind != "attr"
         and s.tensor.is_meta
         and handle_of(s.tensor) is None  # a plain meta tensor, not the deferred one
-        and type(s.tensor).__name__ != "DTensor"  # sharded: matched to its handle apart
+        and not is_dtensor(s.tensor)  # sharded: matched to its handle apart
         and s.name in handles_of(s.owner)
         and _in_deferred_shape(s)
     ]
@@ -1131,7 +1132,7 @@ def _check_plain(
             "materialize before wrapping (FSDP1: let the strategy wrap and materialize).",
             paths=sorted(s.path for s in replaced),
         )
-    sharded = sorted(s.path for s in plain if type(s.tensor).__name__ == "DTensor")
+    sharded = sorted(s.path for s in plain if is_dtensor(s.tensor))
     if sharded and fallback is not None:
         raise MaterializationError(
             f"materialize(fallback='reset_parameters') cannot initialise the sharded meta "
@@ -1372,7 +1373,7 @@ def sharded_slots(
                 t is not None
                 and t is not handle.tensor
                 and t.is_meta
-                and type(t).__name__ == "DTensor"
+                and is_dtensor(t)
                 and tuple(t.shape) == tuple(handle.tensor.shape)
                 and id(t) not in seen
             ):

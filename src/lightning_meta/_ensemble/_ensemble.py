@@ -9,7 +9,7 @@ import operator
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from lightning_meta._compat import (
     has_tensor_hooks,
     hook_registrations,
     hook_reparametrised,
+    is_dtensor,
     made_at_level,
     module_apply,
     non_persistent_of,
@@ -99,9 +100,6 @@ from lightning_meta._forward_state import (
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import MetaTemplate, copy_module, ensembles_in
 from lightning_meta._watched import holds_values
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 __all__ = ["Ensemble"]
 
@@ -341,8 +339,8 @@ def _sharded_call(
     FSDP2 around the ensemble gives plain ones): its plans are not timed, as each rank
     would time them apart, and the collectives of one rank's timed runs would wait for
     another's that run other plans, or no more (a hang)."""
-    return any(type(t).__name__ == "DTensor" for t in tensors.values()) or any(
-        type(x).__name__ == "DTensor" for x in (*inputs, *kwargs.values())
+    return any(is_dtensor(t) for t in tensors.values()) or any(
+        is_dtensor(x) for x in (*inputs, *kwargs.values())
     )
 
 
@@ -354,7 +352,7 @@ def _refuse_member_shards(tensors: dict[str, torch.Tensor]) -> None:
     split = sorted(
         name
         for name, t in tensors.items()
-        if _distributed(t) and any(isinstance(p, Shard) and p.dim == 0 for p in t.placements)
+        if is_dtensor(t) and any(isinstance(p, Shard) and p.dim == 0 for p in t.placements)
     )
     if split:
         raise ArgumentValueError(
@@ -365,14 +363,6 @@ def _refuse_member_shards(tensors: dict[str, torch.Tensor]) -> None:
             "other draws than the loop's), or shard another dim of those tensors.",
             paths=split,
         )
-
-
-def _distributed(t: torch.Tensor) -> TypeGuard[DTensor]:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _laid_out_as_stacked(out: Any) -> Any:
@@ -1206,7 +1196,7 @@ class Ensemble(nn.Module):
 
         def make(name: str, t: torch.Tensor) -> torch.Tensor:
             stacked = tensors[name]
-            if _distributed(stacked):
+            if is_dtensor(stacked):
                 # FSDP2 or tensor parallel sharded the stacked tensor: the member is
                 # whole and plain, as the docstring promises (a collective).
                 stacked = stacked.full_tensor()
@@ -1246,7 +1236,7 @@ class Ensemble(nn.Module):
                 shape or dtype, a submodule), or changed members differently
                 (``requires_grad``, modes); the ensemble is left as it was.
         """
-        sharded = sorted(n for n, t in self.tensors().items() if _distributed(t))
+        sharded = sorted(n for n, t in self.tensors().items() if is_dtensor(t))
         if sharded:
             raise ArgumentValueError(
                 f"Ensemble.apply cannot write into the stacked tensors {_named(sharded)}, which "
@@ -1504,12 +1494,15 @@ class Ensemble(nn.Module):
             return (
                 stacked is not None
                 and self._grouped.draws(template)
-                and not self._grouped.exact(
-                    template,
-                    stacked.device,
-                    inputs,
-                    self.per_member_inputs,
-                    GroupedPlan.log(inputs, self.chunk_size).key,
+                and (
+                    is_dtensor(stacked)
+                    or not self._grouped.exact(
+                        template,
+                        stacked.device,
+                        inputs,
+                        self.per_member_inputs,
+                        GroupedPlan.log(inputs, self.chunk_size).key,
+                    )
                 )
             )
 

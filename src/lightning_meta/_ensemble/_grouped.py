@@ -45,6 +45,7 @@ from lightning_meta._compat import (
     autograd_context_watch,
     functorch_transform_active,
     has_module_hooks,
+    is_dtensor,
     saved_tensor_hooks_on,
     tree_map,
 )
@@ -284,7 +285,7 @@ def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     if ctx.draws is not None:
         if type(mod) not in _EXACT_DROPOUTS:
             raise NotGroupableError(f"{type(mod).__name__}, whose masks this plan draws elsewhere")
-        assert isinstance(mod, nn.modules.dropout._DropoutNd)
+        assert isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
         feature = type(mod) is not nn.Dropout
         return _Fold(_dropped_fold(ctx, folded, mod.p, mod.training, mod.inplace, feature=feature))
     return _Fold(mod(folded))
@@ -586,7 +587,8 @@ def _check_encoder_layer(mod: nn.TransformerEncoderLayer) -> str | None:
     if type(attn) is not nn.MultiheadAttention:
         return f"its self_attn is a {type(attn).__name__}, not torch's MultiheadAttention"
     if (
-        not attn._qkv_same_embed_dim
+        attn.kdim != attn.embed_dim
+        or attn.vdim != attn.embed_dim
         or attn.bias_k is not None
         or attn.add_zero_attn
         or attn.in_proj_weight is None
@@ -1077,7 +1079,14 @@ class GroupedPlan:
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
         """One member's draws for :meth:`exact`, or ``None`` where it is not."""
-        if device.type != "cpu" or torch.compiler.is_compiling() or functorch_transform_active():
+        if (
+            device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or functorch_transform_active()
+            # DTensors (tensor parallel): the masks would be plain tensors of the
+            # global shapes, and each rank would draw all of them.
+            or any(is_dtensor(x) for x in inputs)
+        ):
             return None
         modules, _ = self._random_sites(template, graph)
         if any(draws(m, DROPOUTS) and type(m) not in _EXACT_DROPOUTS for m in modules):
@@ -1154,7 +1163,7 @@ class GroupedPlan:
         first = next(iter(tensors.values()))
         n = first.shape[0]
         ctx = _Context(template, tensors, aliases, n, log)
-        if self._draws(template, graph):
+        if self._draws(template, graph) and not is_dtensor(first):
             schedule = self._exact(template, graph, first.device, inputs, per_member, log.key)
             if schedule is not None:
                 log.keep_rng()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred import _handles
 from lightning_meta._deferred._escaped import escaped_site
 from lightning_meta._deferred._handles import (
@@ -669,7 +670,7 @@ def _deferred(t: torch.Tensor, handle: Any) -> bool:
         handle is not None
         and handle.tensor.is_meta
         and tuple(handle.tensor.shape) == tuple(t.shape)
-        and type(t).__name__ == "DTensor"
+        and is_dtensor(t)
     )
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_meta import _compat
+from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred._handles import ITEMS_ATTR
 from lightning_meta._deferred._load_hooks import OWN_HOOKS
 from lightning_meta._errors import MetaTensorError
@@ -76,7 +77,7 @@ class LoadFix:
         torch's ``set_model_state_dict`` distributes only the keys the model has (a legacy
         key the load code renames stays whole) and fills missing ones from the model."""
         state = self._state_dict()
-        if any(type(s.tensor).__name__ == "DTensor" for s in iter_slots(module)):
+        if any(is_dtensor(s.tensor) for s in iter_slots(module)):
             return (
                 "load it before sharding it: lm.materialize(model) (or build it for real), "
                 f"then model.load_state_dict({state}), which runs that code, then call "

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred._handles import forget, lone_module
 from lightning_meta._deferred._materialize import (
     SHARDED_CAST_FIX,
@@ -78,7 +79,7 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 def is_sharded(t: torch.Tensor | None) -> bool:
     """Whether ``t`` is a ``DTensor`` (without importing ``torch.distributed`` when none is)."""
-    return t is not None and type(t).__name__ == "DTensor"
+    return t is not None and is_dtensor(t)
 
 
 def reshard_fsdp(module: nn.Module) -> None:
