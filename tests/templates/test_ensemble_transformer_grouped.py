@@ -181,14 +181,60 @@ def test_a_call_the_grouped_plan_cannot_lay_out_puts_the_generator_back_for_the_
     _compare(mods, ens, torch.randn(6, 16), plan="loop")
 
 
-def test_alpha_dropout_keeps_auto_on_the_loop() -> None:
+@pytest.mark.parametrize("drop", [nn.AlphaDropout(0.3), nn.FeatureAlphaDropout(0.3)])
+def test_grouped_alpha_dropout_draws_the_members_masks(drop: nn.Module) -> None:
+    # torch's alpha dropout scales and shifts the same bernoulli noise.
     torch.manual_seed(0)
     mods: list[nn.Module] = [
-        nn.Sequential(nn.Linear(3, 8), nn.AlphaDropout(0.3), nn.Linear(8, 2)) for _ in range(3)
+        nn.Sequential(nn.Conv1d(3, 4, 3), nn.SELU(), copy.deepcopy(drop), nn.Dropout(0.2))
+        for _ in range(3)
     ]
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="grouped")
+    _compare(mods, ens, torch.randn(5, 3, 7), plan="grouped")
+
+
+def _transposed_second_call(auto: lm.Ensemble, x: torch.Tensor) -> torch.Tensor:
+    auto(x)  # contiguous: the kind's plan is timed (grouped may win)
+    return torch.randn(x.shape[1], x.shape[0]).t()  # the same kind, other strides
+
+
+@pytest.mark.parametrize(
+    "case", ["transposed-after-contiguous", "channels-last", "autocast", "inference-mode"]
+)
+def test_auto_never_runs_grouped_draws_that_are_not_the_loops(case: str) -> None:
+    # Each is a call whose masks the grouped plan cannot draw as the loop: its record
+    # (meta kernels) has other strides than eager's, autocast and inference mode change
+    # what the record sees. Found by the review of 2026-12-06: other masks under "auto"
+    # (the transposed input reused the record of the contiguous call of its kind).
+    torch.manual_seed(0)
+    if case == "channels-last":
+        mods: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(64, 2))
+            for _ in range(3)
+        ]
+        x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    else:
+        # 16 members: the grouped plan's timing beats the loop's (1.5-3x here).
+        mods = [
+            nn.Sequential(nn.Dropout(0.5), nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.3))
+            for _ in range(16)
+        ]
+        x = torch.randn(32, 32)
     auto = lm.Ensemble(copy.deepcopy(mods))
-    _compare(mods, auto, torch.randn(5, 3), plan="loop")
-    assert "grouped" not in auto.plans[0].timings_ms
+    if case == "transposed-after-contiguous":
+        x = _transposed_second_call(auto, x)
+    context: Any = {
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+        "inference-mode": torch.inference_mode(),
+    }.get(case, torch.enable_grad())
+    with context:
+        torch.manual_seed(4)
+        out = auto(x)
+        after = torch.get_rng_state()
+        ref = _members_run(mods, x, seed=4)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_mode_grouped_transformer_matches_the_members() -> None:
@@ -201,14 +247,22 @@ def test_eval_mode_grouped_transformer_matches_the_members() -> None:
         _compare(mods, ens, torch.randn(4, 6, 16), plan="grouped")
 
 
+class _OwnDropout(nn.Dropout):
+    """A subclass computing otherwise than its base: the layer's rule would not run it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
         (lambda m: setattr(m, "activation", lambda t: t * 2), r"activation .* element by element"),
         (lambda m: m.dropout1.eval(), r"sub-layers are not all in its train/eval mode"),
         (lambda m: setattr(m, "linear1", nn.Sequential(m.linear1)), r"linear1 is a Sequential"),
+        (lambda m: setattr(m, "dropout", _OwnDropout(0.1)), r"dropout is a _OwnDropout"),
     ],
-    ids=["activation", "modes", "replaced-part"],
+    ids=["activation", "modes", "replaced-part", "subclassed-part"],
 )
 def test_grouped_refuses_a_transformer_layer_it_cannot_run_and_names_why(
     change: Callable[[nn.Module], Any], reason: str

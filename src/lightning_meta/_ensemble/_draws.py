@@ -8,8 +8,10 @@ member's draws in a call are recorded once per kind of call (the template's
 own forward run on meta tensors of one member's shapes, under a dispatch mode
 that notes every op tagged ``nondeterministic_seeded``), drawn for every member
 in the loop's order before the grouped run, each with the sizes, strides and
-dtype eager gives it, and handed to the plan's random sites in turn. A site
-checks that the draw it gets is the one it stands for (sizes, probability), and
+dtype of the record (eager's for contiguous inputs: see
+``GroupedPlan._exact`` for where the record is not used), and handed to the
+plan's random sites in turn. A site checks that the draw it gets is the one it
+stands for (sizes, probability, dtype), and
 that every draw was taken is checked at the end, so a template whose draws the
 sites do not reproduce raises :class:`~lightning_meta._ensemble._grouped.NotGroupableError`
 and runs the loop (the generator put back first).

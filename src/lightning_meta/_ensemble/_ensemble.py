@@ -1480,8 +1480,8 @@ class Ensemble(nn.Module):
         """Whether ``plan`` would draw this call's random numbers onto other elements than
         the loop, by the template's modules (once per plan and modes): a dropout in
         training mode on the fused plan, on the grouped plan where it cannot draw the
-        loop's masks (an accelerator, an alpha dropout: see
-        :meth:`GroupedPlan.exact`), or a dropout (or ``nn.RReLU``) in
+        loop's masks (an accelerator, autocast, inputs that are not contiguous: see
+        :meth:`GroupedPlan._exact`), or a dropout (or ``nn.RReLU``) in
         training mode on vmap, which draws a layer for all members before the next layer
         (so too torch's layers that draw in their own forward: ``nn.MultiheadAttention``'s
         ``dropout=``, see :func:`draws_in_forward`).
@@ -1494,15 +1494,12 @@ class Ensemble(nn.Module):
             return (
                 stacked is not None
                 and self._grouped.draws(template)
-                and (
-                    is_dtensor(stacked)
-                    or not self._grouped.exact(
-                        template,
-                        stacked.device,
-                        inputs,
-                        self.per_member_inputs,
-                        GroupedPlan.log(inputs, self.chunk_size).key,
-                    )
+                and not self._grouped.exact(
+                    template,
+                    tensors,
+                    inputs,
+                    self.per_member_inputs,
+                    GroupedPlan.log(inputs, self.chunk_size).key,
                 )
             )
 
@@ -2054,7 +2051,15 @@ class Ensemble(nn.Module):
     ) -> Any:
         module = self.template.module
         self._slots()  # the aliases of tied names
-        return self._grouped(module, tensors, self._aliases, inputs, self.per_member_inputs, log)
+        return self._grouped(
+            module,
+            tensors,
+            self._aliases,
+            inputs,
+            self.per_member_inputs,
+            log,
+            exact_draws=self._requested == "auto",
+        )
 
     def _fused_call(
         self,

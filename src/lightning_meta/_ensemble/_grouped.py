@@ -283,23 +283,45 @@ def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     folded = ctx.fold(x).t
     _check_batched(type(mod), folded)
     if ctx.draws is not None:
-        if type(mod) not in _EXACT_DROPOUTS:
-            raise NotGroupableError(f"{type(mod).__name__}, whose masks this plan draws elsewhere")
-        assert isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
-        feature = type(mod) is not nn.Dropout
-        return _Fold(_dropped_fold(ctx, folded, mod.p, mod.training, mod.inplace, feature=feature))
+        assert isinstance(
+            mod,
+            (
+                nn.Dropout,
+                nn.Dropout1d,
+                nn.Dropout2d,
+                nn.Dropout3d,
+                nn.AlphaDropout,
+                nn.FeatureAlphaDropout,
+            ),
+        )
+        feature = type(mod) not in (nn.Dropout, nn.AlphaDropout)
+        alpha = type(mod) in (nn.AlphaDropout, nn.FeatureAlphaDropout)
+        return _Fold(
+            _dropped_fold(
+                ctx, folded, mod.p, mod.training, mod.inplace, feature=feature, alpha=alpha
+            )
+        )
     return _Fold(mod(folded))
 
 
 def _dropped_fold(
-    ctx: _Context, folded: torch.Tensor, p: float, training: bool, inplace: bool, *, feature: bool
+    ctx: _Context,
+    folded: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    *,
+    feature: bool,
+    alpha: bool = False,
 ) -> torch.Tensor:
     """Dropout of a folded ``(B, N*C, ...)`` activation with the loop's masks: member ``i``'s
     noise (``(B, C, ...)``, or ``(B, C, 1, ...)`` for a channel dropout) is channels
     ``i*C:(i+1)*C``."""
     rest = (1,) * (folded.ndim - 2) if feature else tuple(folded.shape[2:])
     size = (folded.shape[0], folded.shape[1] // ctx.n, *rest)
-    return _dropped(ctx, folded, p, training, inplace, size, lambda masks: torch.cat(masks, 1))
+    return _dropped(
+        ctx, folded, p, training, inplace, size, lambda masks: torch.cat(masks, 1), alpha=alpha
+    )
 
 
 def _dropped(
@@ -310,13 +332,16 @@ def _dropped(
     inplace: bool,
     size: tuple[int, ...],
     lay_out: Callable[[list[torch.Tensor]], torch.Tensor],
+    *,
+    alpha: bool = False,
 ) -> torch.Tensor:
     """``t`` (every member's activation) after dropout with the masks the loop draws.
 
     torch's dropout on the CPU, for each member at once: no draw in eval mode,
     for ``p == 0`` or an empty tensor; zeros for ``p == 1``; else
     ``noise.bernoulli_(1 - p).div_(1 - p)`` (``noise`` of the member's ``size``)
-    and ``t * noise``. ``lay_out`` puts the members' noises in ``t``'s layout.
+    and ``t * noise`` (an alpha dropout scales and shifts the noise as torch's
+    does). ``lay_out`` puts the members' noises in ``t``'s layout.
     """
     assert ctx.draws is not None
     if not training or p == 0 or t.numel() == 0:
@@ -324,8 +349,21 @@ def _dropped(
     if p == 1:
         zero = torch.zeros((), dtype=t.dtype, device=t.device)
         return t.mul_(zero) if inplace else t * zero
-    noise = lay_out(ctx.draws.take(size, 1 - p, NotGroupableError)).div_(1 - p)
+    masks = ctx.draws.take(size, 1 - p, NotGroupableError)
+    if masks[0].dtype != t.dtype:  # the record saw another dtype (autocast, say)
+        raise NotGroupableError("dropout masks of another dtype than the activation")
+    noise = lay_out(masks)
+    if alpha:
+        a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
+        shift = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
+        noise.mul_(a)
+        return (t.mul_(noise) if inplace else t * noise).add_(shift)
+    noise.div_(1 - p)
     return t.mul_(noise) if inplace else t * noise
+
+
+# The alpha of torch's alpha dropout (SELU's negative saturation, -scale * alpha).
+_SELU_ALPHA = 1.7580993408473766
 
 
 # Channel dropouts that take an input without a batch dim for one with a
@@ -396,6 +434,13 @@ def _stacked(ctx: _Context, mod: nn.Module, path: str, leaf: str) -> torch.Tenso
     return t
 
 
+def _linear_tensors(
+    ctx: _Context, mod: nn.Module, path: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The stacked weight and bias of the Linear ``mod``."""
+    return _stacked(ctx, mod, path, "weight"), _stacked(ctx, mod, path, "bias")
+
+
 def _batched_linear(
     h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -462,11 +507,7 @@ def _self_attention(
         out = _attention_dropped(ctx, q, k, v, p, b)
     back = (0, 1, 3, 2, 4) if mod.batch_first else (0, 3, 1, 2, 4)
     out = out.view(n, b, heads, length, d).permute(back).reshape(n, d0 * d1, e)
-    return _batched_linear(
-        out,
-        _stacked(ctx, mod.out_proj, _join(path, "out_proj"), "weight"),
-        _stacked(ctx, mod.out_proj, _join(path, "out_proj"), "bias"),
-    )
+    return _batched_linear(out, *_linear_tensors(ctx, mod.out_proj, _join(path, "out_proj")))
 
 
 def _attention_dropped(
@@ -476,17 +517,18 @@ def _attention_dropped(
 
     With dropout the members' attention on the CPU is torch's math kernel: ``q``
     and ``k`` each scaled by ``sqrt(1 / sqrt(d))``, softmax, the dropout noise,
-    then ``v``, in the dtype of the noise the members draw.
+    then ``v``.
     """
     assert ctx.draws is not None
     nb, heads, length, d = q.shape
     size = (b, heads, length, k.shape[2])
     masks = ctx.draws.take(size, 1 - p, NotGroupableError)
-    acc = masks[0].dtype
+    if masks[0].dtype != q.dtype:  # 16-bit floats run the loop (see _encoder_layer)
+        raise NotGroupableError("attention dropout masks of another dtype than the attention")
     scale = math.sqrt(1.0 / math.sqrt(d))
-    attn = torch.matmul(q.to(acc) * scale, (k.to(acc) * scale).transpose(-2, -1)).softmax(-1)
+    attn = torch.matmul(q * scale, (k * scale).transpose(-2, -1)).softmax(-1)
     noise = torch.stack(masks).view(nb, *size[1:]).div_(1 - p)
-    return torch.matmul(attn * noise, v.to(acc)).to(q.dtype)
+    return torch.matmul(attn * noise, v)
 
 
 def _encoder_layer(
@@ -516,17 +558,9 @@ def _encoder_layer(
         return _drop_tokens(ctx, mod.dropout1, out, d0, d1)
 
     def ff(y: torch.Tensor) -> torch.Tensor:
-        y = _batched_linear(
-            y,
-            _stacked(ctx, mod.linear1, _join(path, "linear1"), "weight"),
-            _stacked(ctx, mod.linear1, _join(path, "linear1"), "bias"),
-        )
+        y = _batched_linear(y, *_linear_tensors(ctx, mod.linear1, _join(path, "linear1")))
         y = _drop_tokens(ctx, mod.dropout, mod.activation(y), d0, d1)
-        y = _batched_linear(
-            y,
-            _stacked(ctx, mod.linear2, _join(path, "linear2"), "weight"),
-            _stacked(ctx, mod.linear2, _join(path, "linear2"), "bias"),
-        )
+        y = _batched_linear(y, *_linear_tensors(ctx, mod.linear2, _join(path, "linear2")))
         return _drop_tokens(ctx, mod.dropout2, y, d0, d1)
 
     def norm(name: str, y: torch.Tensor) -> torch.Tensor:
@@ -581,11 +615,12 @@ def _check_encoder_layer(mod: nn.TransformerEncoderLayer) -> str | None:
         ("dropout1", mod.dropout1, nn.Dropout),
         ("dropout2", mod.dropout2, nn.Dropout),
     ]
+    # Exact classes: a subclass (a LoRA Linear, a custom dropout) may compute otherwise.
     for name, part, kind in parts:
-        if not isinstance(part, kind):
+        if type(part) is not kind:
             return f"its {name} is a {type(part).__name__}, not torch's {kind.__name__}"
-    if type(attn) is not nn.MultiheadAttention:
-        return f"its self_attn is a {type(attn).__name__}, not torch's MultiheadAttention"
+    if type(attn.out_proj) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return f"its self_attn.out_proj is a {type(attn.out_proj).__name__}, not torch's Linear"
     if (
         attn.kdim != attn.embed_dim
         or attn.vdim != attn.embed_dim
@@ -629,13 +664,6 @@ DROPOUTS: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
-)
-# The dropouts whose masks the plan draws as the loop does (see _dropped).
-_EXACT_DROPOUTS: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
 )
 _TRANSFORMERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _MODULES: dict[type[nn.Module], _ModuleRule] = {
@@ -1056,40 +1084,45 @@ class GroupedPlan:
     def exact(
         self,
         template: nn.Module,
-        device: torch.device,
+        tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
         per_member: bool,
         key: tuple[Any, ...],
     ) -> bool:
-        """Whether a call on ``inputs`` draws the loop's masks (see :mod:`._draws`): on the
-        CPU, outside ``torch.compile`` and ``torch.func`` transforms, with no alpha dropout,
-        and with one member's draws recorded."""
+        """Whether a call on ``inputs`` draws the loop's masks (see :mod:`._draws`)."""
         graph = self.graph(template)
         return not isinstance(graph, Refusal) and (
-            self._exact(template, graph, device, inputs, per_member, key) is not None
+            self._exact(template, graph, tensors, inputs, per_member, key) is not None
         )
 
     def _exact(
         self,
         template: nn.Module,
         graph: fx.Graph,
-        device: torch.device,
+        tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
         per_member: bool,
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
-        """One member's draws for :meth:`exact`, or ``None`` where it is not."""
+        """One member's draws for :meth:`exact`, or ``None`` where the plan cannot draw the
+        loop's masks: on an accelerator (torch's dropout is one fused kernel there), under
+        ``torch.compile``, a ``torch.func`` transform, inference mode or autocast (the
+        record, on meta tensors, would not see what they change), for DTensors (each rank
+        would draw every mask of the global shapes), and for inputs or stacked tensors that
+        are not contiguous (the record's strides are those of torch's meta kernels, which
+        are eager's for contiguous tensors; a mask drawn with other strides is filled in
+        another order: a channels_last input gave other masks)."""
+        stacked = list(tensors.values())
+        leaves = [x for x in inputs if isinstance(x, torch.Tensor)]
         if (
-            device.type != "cpu"
+            not stacked
+            or stacked[0].device.type != "cpu"
             or torch.compiler.is_compiling()
             or functorch_transform_active()
-            # DTensors (tensor parallel): the masks would be plain tensors of the
-            # global shapes, and each rank would draw all of them.
-            or any(is_dtensor(x) for x in inputs)
+            or torch.is_inference_mode_enabled()
+            or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+            or any(is_dtensor(t) or not t.is_contiguous() for t in (*stacked, *leaves))
         ):
-            return None
-        modules, _ = self._random_sites(template, graph)
-        if any(draws(m, DROPOUTS) and type(m) not in _EXACT_DROPOUTS for m in modules):
             return None
         return self._schedule(template, graph, inputs, per_member, key)
 
@@ -1145,12 +1178,19 @@ class GroupedPlan:
         inputs: tuple[Any, ...],
         per_member: bool,
         log: LayoutLog,
+        *,
+        exact_draws: bool = False,
     ) -> Any:
         """Run every member on ``inputs``; outputs stacked on a new dim 0.
 
+        ``exact_draws``: a call that draws random numbers runs only where it draws the
+        loop's masks (``execution="auto"``, whose choice of this plan, timed on another
+        call of the kind, may not hold for this one: an input of other strides).
+
         Raises:
-            NotGroupableError: the inputs cannot be laid out; what the call
-                changed is put back by ``log.restore()``, once for all chunks.
+            NotGroupableError: the inputs cannot be laid out, or with ``exact_draws`` the
+                call would draw other masks than the loop; what the call changed is put
+                back by ``log.restore()``, once for all chunks.
         """
         graph = self.graph(template)
         if isinstance(graph, Refusal):
@@ -1163,11 +1203,17 @@ class GroupedPlan:
         first = next(iter(tensors.values()))
         n = first.shape[0]
         ctx = _Context(template, tensors, aliases, n, log)
-        if self._draws(template, graph) and not is_dtensor(first):
-            schedule = self._exact(template, graph, first.device, inputs, per_member, log.key)
+        if self._draws(template, graph):
+            schedule = self._exact(template, graph, tensors, inputs, per_member, log.key)
+            if schedule is None and exact_draws:
+                raise NotGroupableError("a call that draws other masks than the loop here")
             if schedule is not None:
                 log.keep_rng()
                 ctx.draws = Draws(schedule, n, first.device)
+                if log.saved is None:
+                    # A call whose draws turn out not to match runs the loop: what its
+                    # BatchNorms changed is put back then, even for a kind laid out before.
+                    log.saved = []
         if log.saved is None:
             return self._run(graph, ctx, inputs, per_member)
         try:
