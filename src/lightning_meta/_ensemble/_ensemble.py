@@ -683,8 +683,9 @@ class Ensemble(nn.Module):
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
             running statistics, a dropout mask per member; but only the
-            loop, and the grouped plan on the CPU, draw the masks the
-            members would: for the same seed the fused plan gives other
+            loop, and the grouped plan on the CPU (contiguous inputs, outside
+            autocast), draw the masks the members would: for the same seed
+            the fused plan gives other
             dropout masks (and vmap other ``randn`` noise, and other masks
             with two dropout layers or more), so for a call that draws
             random numbers ``"auto"`` chooses between the loop and the
@@ -739,7 +740,8 @@ class Ensemble(nn.Module):
         Plans differ in floating-point summation order, so two processes may
         differ in the last bits; pass ``execution=`` to fix the plan. A call
         that draws random numbers (dropout in training mode) runs the loop
-        or, on the CPU, the grouped plan, whose masks are the members' own;
+        or, on the CPU for contiguous inputs, the grouped plan, whose masks
+        are the members' own;
         a forced ``"fused"`` plan gives other dropout masks than the loop
         for the same seed (reproducible, but not the loop's numbers).
 
