@@ -1483,7 +1483,7 @@ class Ensemble(nn.Module):
         the loop, by the template's modules (once per plan and modes): a dropout in
         training mode on the fused plan, on the grouped plan where it cannot draw the
         loop's masks (an accelerator, autocast, inputs that are not contiguous: see
-        :meth:`GroupedPlan._exact`), or a dropout (or ``nn.RReLU``) in
+        :meth:`GroupedPlan.draws_elsewhere`), or a dropout (or ``nn.RReLU``) in
         training mode on vmap, which draws a layer for all members before the next layer
         (so too torch's layers that draw in their own forward: ``nn.MultiheadAttention``'s
         ``dropout=``, see :func:`draws_in_forward`).
@@ -1493,16 +1493,12 @@ class Ensemble(nn.Module):
         walk = self._template_walk()
         if plan == "grouped":
             stacked = next(iter(tensors.values()), None)
-            return (
-                stacked is not None
-                and self._grouped.draws(template)
-                and not self._grouped.exact(
-                    template,
-                    tensors,
-                    inputs,
-                    self.per_member_inputs,
-                    GroupedPlan.log(inputs, self.chunk_size).key,
-                )
+            return stacked is not None and self._grouped.draws_elsewhere(
+                template,
+                tensors,
+                inputs,
+                self.per_member_inputs,
+                GroupedPlan.log(inputs, self.chunk_size).key,
             )
 
         def find() -> bool:

@@ -240,10 +240,7 @@ def _linear(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
         if x.t.ndim != 2:
             raise NotGroupableError("Linear on a member activation with more than 2 dims")
         h = x.t.view(x.t.shape[0], n, in_f).transpose(0, 1)  # (N, B, in)
-        if bias is None:
-            out = torch.bmm(h, weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        out = _batched_linear(h, weight, bias)
         return _Fold(out.transpose(0, 1).reshape(h.shape[1], n * out_f))
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         raise NotGroupableError("Linear on a shared input with other than 2 dims")
@@ -283,17 +280,7 @@ def _random(ctx: _Context, mod: nn.Module, path: str, x: Any) -> _Fold:
     folded = ctx.fold(x).t
     _check_batched(type(mod), folded)
     if ctx.draws is not None:
-        assert isinstance(
-            mod,
-            (
-                nn.Dropout,
-                nn.Dropout1d,
-                nn.Dropout2d,
-                nn.Dropout3d,
-                nn.AlphaDropout,
-                nn.FeatureAlphaDropout,
-            ),
-        )
+        assert isinstance(mod, DROPOUTS)
         feature = type(mod) not in (nn.Dropout, nn.AlphaDropout)
         alpha = type(mod) in (nn.AlphaDropout, nn.FeatureAlphaDropout)
         return _Fold(
@@ -657,7 +644,9 @@ _POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
-DROPOUTS: tuple[type[nn.Module], ...] = (
+# Not annotated as a tuple of module types: isinstance then narrows to these classes
+# (their p and inplace).
+DROPOUTS = (
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
@@ -1081,7 +1070,7 @@ class GroupedPlan:
         self._sites[id(graph)] = (modules, functions)
         return modules, functions
 
-    def exact(
+    def draws_elsewhere(
         self,
         template: nn.Module,
         tensors: Mapping[str, torch.Tensor],
@@ -1089,10 +1078,13 @@ class GroupedPlan:
         per_member: bool,
         key: tuple[Any, ...],
     ) -> bool:
-        """Whether a call on ``inputs`` draws the loop's masks (see :mod:`._draws`)."""
+        """Whether a call on ``inputs`` draws random numbers and cannot draw the loop's
+        masks for them (see :meth:`_exact`)."""
         graph = self.graph(template)
-        return not isinstance(graph, Refusal) and (
-            self._exact(template, graph, tensors, inputs, per_member, key) is not None
+        return (
+            not isinstance(graph, Refusal)
+            and self._draws(template, graph)
+            and self._exact(template, graph, tensors, inputs, per_member, key) is None
         )
 
     def _exact(
@@ -1104,8 +1096,8 @@ class GroupedPlan:
         per_member: bool,
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
-        """One member's draws for :meth:`exact`, or ``None`` where the plan cannot draw the
-        loop's masks: on an accelerator (torch's dropout is one fused kernel there), under
+        """One member's draws in a call on ``inputs`` (see :mod:`._draws`), or ``None`` where
+        the plan cannot draw the loop's masks: on an accelerator (torch's dropout is one fused kernel there), under
         ``torch.compile``, a ``torch.func`` transform, inference mode or autocast (the
         record, on meta tensors, would not see what they change), for DTensors (each rank
         would draw every mask of the global shapes), and for inputs or stacked tensors that
