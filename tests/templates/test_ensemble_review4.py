@@ -61,8 +61,11 @@ def test_auto_draws_the_loops_random_numbers_on_every_call(factory: type[nn.Modu
         ref = _loop_of(members, x, seed)
         assert torch.equal(after, torch.get_rng_state())
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-        # The grouped plan draws the loop's masks too (since 2026-12-06).
-        assert ens.plan in ("loop", "grouped") if factory is _dropout_mlp else ens.plan == "loop"
+        # The fused and grouped plans draw the loop's masks too (since 2026-12-06).
+        if factory is _dropout_mlp:
+            assert ens.plan in ("loop", "grouped", "fused")
+        else:
+            assert ens.plan == "loop"
     assert [r.how for r in ens.plans] == ["random draws"]
     # In eval nothing is drawn: the plans are timed as usual.
     ens.eval()
@@ -71,7 +74,7 @@ def test_auto_draws_the_loops_random_numbers_on_every_call(factory: type[nn.Modu
     assert ens.plans[-1].how != "random draws"
 
 
-def test_forced_plans_keep_their_own_masks() -> None:
+def test_forced_plans_are_reproducible_and_batched_ones_draw_the_loops_masks() -> None:
     torch.manual_seed(0)
     members = [_dropout_mlp() for _ in range(3)]
     x = torch.randn(6, 64)
@@ -83,9 +86,9 @@ def test_forced_plans_keep_their_own_masks() -> None:
         outs[plan] = ens(x)
         torch.manual_seed(7)
         assert torch.equal(ens(x), outs[plan])  # reproducible
-    # The same draws, mapped onto other elements by fused: other masks. The grouped
-    # plan draws each member's masks as the loop does (since 2026-12-06).
-    assert (outs["fused"] - ref).abs().max() > 0.1
+    # The fused and grouped plans draw each member's masks as the loop does (since
+    # 2026-12-06; where they cannot, they draw their own: test_ensemble_fused_draws.py).
+    torch.testing.assert_close(outs["fused"], ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs["grouped"], ref, rtol=1e-5, atol=1e-6)
     # vmap's masks: the loop's on torch 2.13's CPU build with one dropout layer, not on
     # torch 2.6's; not promised, so not checked.
@@ -115,11 +118,12 @@ def test_mc_dropout_turned_on_after_timing_runs_the_loops_masks(how: str) -> Non
             out = ens(x)
             ref = _loop_of(members, x, seed)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-            assert ens.plan in ("loop", "vmap", "grouped")  # grouped: the loop's masks
+            assert ens.plan in ("loop", "vmap", "grouped", "fused")  # the loop's masks
 
 
 def test_auto_under_deterministic_algorithms_draws_the_loops_masks() -> None:
-    # Trainer(deterministic=True): nothing is timed, the static plan would be fused.
+    # Trainer(deterministic=True): nothing is timed, the static plan is fused, which
+    # draws the loop's masks (since 2026-12-06; the loop ran before).
     torch.manual_seed(0)
     members = [_dropout_mlp() for _ in range(3)]
     x = torch.randn(6, 64)
@@ -128,7 +132,7 @@ def test_auto_under_deterministic_algorithms_draws_the_loops_masks() -> None:
     with deterministic_algorithms():
         torch.manual_seed(3)
         out = ens(x)
-    assert ens.plan == "loop"
+    assert ens.plan == "fused"
     torch.testing.assert_close(out, _loop_of(members, x, 3), rtol=0, atol=1e-6)
 
 
@@ -170,8 +174,8 @@ def test_a_seeded_trainer_run_under_auto_trains_the_loops_weights() -> None:
     auto = _seeded_fit("auto")
     assert loop.keys() == auto.keys()
     for name in loop:
-        # The loop's masks on every step; the grouped plan, which "auto" may time
-        # faster, computes the same numbers up to rounding (its batched matmuls).
+        # The loop's masks on every step; the fused and grouped plans, which "auto"
+        # may time faster, compute the same numbers up to rounding (batched matmuls).
         torch.testing.assert_close(auto[name], loop[name], rtol=1e-5, atol=1e-6)
 
 

@@ -1,20 +1,19 @@
-"""The grouped plan's dropout masks, drawn as a loop over the members draws them.
+"""The batched plans' dropout masks, drawn as a loop over the members draws them.
 
 A loop over the members runs member 0's forward, then member 1's: every mask
 of member 0 is drawn before any of member 1, each from the generator's state
-the previous draws left. The grouped plan runs a layer for every member at
-once, so drawing there puts the stream onto other elements. Instead, one
+the previous draws left. The grouped and fused plans run a layer for every
+member at once, so drawing there puts the stream onto other elements. Instead, one
 member's draws in a call are recorded once per kind of call (the template's
 own forward run on meta tensors of one member's shapes, under a dispatch mode
 that notes every op tagged ``nondeterministic_seeded``), drawn for every member
 in the loop's order before the grouped run, each with the sizes, strides and
-dtype of the record (eager's for contiguous inputs: see
-``GroupedPlan._exact`` for where the record is not used), and handed to the
-plan's random sites in turn. A site checks that the draw it gets is the one it
-stands for (sizes, probability, dtype), and
-that every draw was taken is checked at the end, so a template whose draws the
-sites do not reproduce raises :class:`~lightning_meta._ensemble._grouped.NotGroupableError`
-and runs the loop (the generator put back first).
+dtype of the record (eager's for contiguous inputs: see :func:`exact_possible`
+for where the record is not used), and handed to the plan's random sites in
+turn (:func:`dropped`). A site checks that the draw it gets is the one it
+stands for (sizes, probability, dtype), and that every draw was taken is
+checked at the end, so a template whose draws the sites do not reproduce
+raises the plan's error and runs the loop (the generator put back first).
 
 Only CPU tensors draw this way: on an accelerator torch's dropout is one fused
 kernel (``native_dropout``), whose offsets into the generator's stream these
@@ -23,16 +22,24 @@ draws would not reproduce.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_meta._compat import TorchDispatchMode, no_dispatch_modes, tree_map_only
+from lightning_meta._compat import (
+    TorchDispatchMode,
+    functorch_transform_active,
+    is_dtensor,
+    no_dispatch_modes,
+    tree_map_only,
+)
 from lightning_meta._forward_state import AttributeState, GlobalRandom, watched
 
-__all__ = ["Draw", "Draws", "record"]
+__all__ = ["Draw", "Draws", "dropped", "exact_possible", "record"]
 
 
 @dataclass(frozen=True)
@@ -109,20 +116,34 @@ class Draws:
 
     def __init__(self, schedule: list[Draw], n: int, device: torch.device) -> None:
         self._schedule = schedule
-        # Per draw, every member's mask: drawn member after member, as the loop does.
-        self._masks: list[list[torch.Tensor]] = [[] for _ in schedule]
-        for _ in range(n):
-            for d, masks in zip(schedule, self._masks, strict=True):
-                empty = torch.empty_strided(d.size, d.stride, dtype=d.dtype, device=device)
-                masks.append(empty.bernoulli_(d.keep))
+        # Per draw, every member's mask stacked, (n, *size): member i's is drawn into
+        # row i (a contiguous tensor of the draw's strides, filled as eager fills its
+        # own), or on its own and stacked after for a draw of other strides.
+        self._masks: list[torch.Tensor | None] = []
+        rows: list[list[torch.Tensor]] = []
+        for d in schedule:
+            stacked = torch.empty((n, *d.size), dtype=d.dtype, device=device)
+            if stacked[0].stride() == d.stride:
+                self._masks.append(stacked)
+                rows.append(list(stacked.unbind(0)))
+            else:
+                self._masks.append(None)
+                rows.append(
+                    [
+                        torch.empty_strided(d.size, d.stride, dtype=d.dtype, device=device)
+                        for _ in range(n)
+                    ]
+                )
+        for i in range(n):  # member after member, as the loop draws
+            for d, row in zip(schedule, rows, strict=True):
+                row[i].bernoulli_(d.keep)
+        self._rows = rows
         self._next = 0
 
-    def take(
-        self, size: tuple[int, ...], keep: float, error: type[Exception]
-    ) -> list[torch.Tensor]:
-        """Every member's mask of the next draw (0 or 1, in the draw's dtype), which must be
-        a draw of ``size`` with probability ``keep``; else ``error`` is raised. The masks
-        are handed over: the caller's layout of them is the only copy kept."""
+    def take(self, size: tuple[int, ...], keep: float, error: type[Exception]) -> torch.Tensor:
+        """Every member's mask of the next draw (0 or 1, in the draw's dtype), stacked
+        ``(n, *size)``, which must be a draw of ``size`` with probability ``keep``; else
+        ``error`` is raised. The masks are handed over: no other reference is kept."""
         j = self._next
         if j >= len(self._schedule):
             raise error("a random site the members' forward does not draw at")
@@ -133,10 +154,77 @@ class Draws:
                 f"forward draws {d.size} with p={1 - d.keep:g}"
             )
         self._next += 1
-        masks, self._masks[j] = self._masks[j], []
-        return masks
+        masks, rows = self._masks[j], self._rows[j]
+        self._masks[j], self._rows[j] = None, []
+        return torch.stack(rows) if masks is None else masks
 
     def finish(self, error: type[Exception]) -> None:
         """Raise ``error`` unless every draw of the members' forward was taken."""
         if self._next != len(self._schedule):
             raise error("the members' forward draws at sites this plan does not reach")
+
+
+def exact_possible(stacked: Iterable[torch.Tensor], inputs: Iterable[Any]) -> bool:
+    """Whether a call on ``inputs`` with the members' ``stacked`` tensors can draw the loop's
+    masks by a record: not on an accelerator (torch's dropout is one fused kernel there),
+    under ``torch.compile``, a ``torch.func`` transform, inference mode or autocast (the
+    record, on meta tensors, would not see what they change), for DTensors (each rank
+    would draw every mask of the global shapes), or for inputs or stacked tensors that
+    are not contiguous (the record's strides are those of torch's meta kernels, which are
+    eager's for contiguous tensors; a mask drawn with other strides is filled in another
+    order: a channels_last input gave other masks)."""
+    tensors = list(stacked)
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor)]
+    return not (
+        not tensors
+        or tensors[0].device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or functorch_transform_active()
+        or torch.is_inference_mode_enabled()
+        or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+        or any(is_dtensor(t) or not t.is_contiguous() for t in (*tensors, *leaves))
+    )
+
+
+# The alpha of torch's alpha dropout (SELU's negative saturation, -scale * alpha).
+_SELU_ALPHA = 1.7580993408473766
+
+
+def dropped(
+    draws: Draws,
+    t: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    size: tuple[int, ...],
+    lay_out: Callable[[torch.Tensor], torch.Tensor],
+    error: type[Exception],
+    *,
+    alpha: bool = False,
+) -> torch.Tensor:
+    """``t`` (every member's activation) after dropout with the masks the loop draws.
+
+    torch's dropout on the CPU, for each member at once: no draw in eval mode,
+    for ``p == 0`` or an empty tensor; zeros for ``p == 1``; else
+    ``noise.bernoulli_(1 - p).div_(1 - p)`` (``noise`` of the member's ``size``)
+    and ``t * noise`` (an alpha dropout scales and shifts the noise as torch's
+    does). ``lay_out`` puts the members' noises (stacked, ``(n, *size)``) in ``t``'s
+    layout, as a new tensor or a view (the noise is changed in place); ``error`` is the
+    plan's, raised where the draw is not the one the members make here.
+    """
+    if not training or p == 0 or t.numel() == 0:
+        return t
+    if p == 1:
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)
+        return t.mul_(zero) if inplace else t * zero
+    masks = draws.take(size, 1 - p, error)
+    if masks.dtype != t.dtype:  # the record saw another dtype (autocast, say)
+        raise error("dropout masks of another dtype than the activation")
+    noise = lay_out(masks)
+    if alpha:
+        a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
+        shift = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
+        noise.mul_(a)
+        return (t.mul_(noise) if inplace else t * noise).add_(shift)
+    noise.div_(1 - p)
+    return t.mul_(noise) if inplace else t * noise

@@ -683,13 +683,13 @@ class Ensemble(nn.Module):
             Every plan agrees with a loop over the original modules up to
             floating-point reassociation: outputs, gradients, BatchNorm
             running statistics, a dropout mask per member; but only the
-            loop, and the grouped plan on the CPU (contiguous inputs, outside
-            autocast), draw the masks the members would: for the same seed
-            the fused plan gives other
-            dropout masks (and vmap other ``randn`` noise, and other masks
+            loop, and the fused and grouped plans on the CPU (contiguous
+            inputs, outside autocast and inference mode), draw the masks the
+            members would: elsewhere those two give other dropout masks for
+            the same seed (and vmap other ``randn`` noise, and other masks
             with two dropout layers or more), so for a call that draws
             random numbers ``"auto"`` chooses between the loop and the
-            grouped plan only.
+            fused and grouped plans where they draw the members' masks.
 
     Attributes:
         execution: the plan used where nothing is timed (under
@@ -740,10 +740,11 @@ class Ensemble(nn.Module):
         Plans differ in floating-point summation order, so two processes may
         differ in the last bits; pass ``execution=`` to fix the plan. A call
         that draws random numbers (dropout in training mode) runs the loop
-        or, on the CPU for contiguous inputs, the grouped plan, whose masks
-        are the members' own;
-        a forced ``"fused"`` plan gives other dropout masks than the loop
-        for the same seed (reproducible, but not the loop's numbers).
+        or, on the CPU for contiguous inputs, the fused or grouped plan,
+        whose masks are the members' own; where they cannot draw those
+        (an accelerator, autocast, strided inputs), a forced ``"fused"`` or
+        ``"grouped"`` plan gives other dropout masks than the loop for the
+        same seed (reproducible, but not the loop's numbers).
 
     .. warning::
         Tools that find modules by class in ``model.modules()`` or treat a
@@ -1481,9 +1482,9 @@ class Ensemble(nn.Module):
     ) -> bool:
         """Whether ``plan`` would draw this call's random numbers onto other elements than
         the loop, by the template's modules (once per plan and modes): a dropout in
-        training mode on the fused plan, on the grouped plan where it cannot draw the
-        loop's masks (an accelerator, autocast, inputs that are not contiguous: see
-        :meth:`GroupedPlan.draws_elsewhere`), or a dropout (or ``nn.RReLU``) in
+        training mode on the fused or grouped plan where it cannot draw the loop's masks
+        (an accelerator, autocast, inputs that are not contiguous: see
+        :func:`._draws.exact_possible`), or a dropout (or ``nn.RReLU``) in
         training mode on vmap, which draws a layer for all members before the next layer
         (so too torch's layers that draw in their own forward: ``nn.MultiheadAttention``'s
         ``dropout=``, see :func:`draws_in_forward`).
@@ -1500,10 +1501,15 @@ class Ensemble(nn.Module):
                 self.per_member_inputs,
                 GroupedPlan.log(inputs, self.chunk_size).key,
             )
+        if plan == "fused":
+            fused = self._fused
+            return (
+                fused is not None
+                and fused.draws(template)
+                and fused.exact(template, tensors, inputs, self.per_member_inputs) is None
+            )
 
         def find() -> bool:
-            if plan == "fused":
-                return self._fused is not None and self._fused.draws(template)
             if plan == "vmap":
                 return any(
                     draws(m, (*DROPOUTS, nn.RReLU)) or draws_in_forward(m) for m in walk.modules
@@ -1556,16 +1562,13 @@ class Ensemble(nn.Module):
                 inputs,
                 kwargs,
                 around=self._timed_state,
-                # Only the loop, and the grouped plan where it is still a
-                # candidate (it then draws the loop's masks: see _draws_elsewhere),
-                # draw random numbers as the members would: the fused plan applies
-                # dropout to the stacked activations, and torch.vmap's batched
-                # normal_ maps the stream onto other elements (its bernoulli does
-                # not, but a template may draw either). Timing noise would pick
-                # the masks otherwise.
-                same_draws=("loop", "grouped")
-                if "grouped" in candidates and self._grouped.draws(self.template.module)
-                else ("loop",),
+                # Every candidate but vmap draws random numbers as the members
+                # would: the loop, and the fused and grouped plans where they are
+                # still candidates (they then draw the loop's masks: see
+                # _draws_elsewhere). torch.vmap's batched normal_ maps the stream
+                # onto other elements (its bernoulli does not, but a template may
+                # draw either). Timing noise would pick the masks otherwise.
+                same_draws=tuple(p for p in candidates if p != "vmap"),
             )
             if self._lost:
                 raise ArgumentValueError(
@@ -2069,19 +2072,44 @@ class Ensemble(nn.Module):
         strict: bool = False,
     ) -> Any:
         """The fused plan; vmap for a call it cannot take (an input of another shape, hooks
-        added to the template since), or with ``strict`` a :class:`NotFusableError`."""
+        added to the template since), or with ``strict`` a :class:`NotFusableError`.
+
+        A call that draws random numbers draws the loop's masks where the plan can
+        (:meth:`FusedPlan.exact`); under ``"auto"`` it runs nowhere else, and any
+        call that draws falls back to the loop, which draws as the members do.
+        """
+        template = self.template.module
+        fused = self._fused
+        drawing = fused is not None and fused.draws(template)
+        rng = None
         try:
-            if self._fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            if fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
                 raise NotFusableError
-            return self._fused(
-                self.template.module, tensors, inputs[0], self.per_member_inputs, self._grads, start
+            schedule = None
+            if drawing:
+                schedule = fused.exact(template, tensors, inputs, self.per_member_inputs)
+                if schedule is None and self._requested == "auto":
+                    raise NotFusableError  # "auto" timed it where it drew the loop's masks
+                if schedule is not None:
+                    rng = torch.get_rng_state()
+            return fused(
+                template,
+                tensors,
+                inputs[0],
+                self.per_member_inputs,
+                self._grads,
+                start,
+                schedule=schedule,
             )
         except NotFusableError:
+            if rng is not None:  # the chunk's draws, made before the plan turned out not to fit
+                torch.set_rng_state(rng)
             if strict:  # timing must not credit the fused plan with vmap's time
                 raise
-            if _half_precision(tensors):
+            if _half_precision(tensors) or drawing:
                 # In 16-bit floats vmap rounds some ops otherwise than the
-                # members (see _time): the loop runs the call.
+                # members (see _time), and it draws other masks: the loop
+                # runs the call (this chunk: the chunks before drew as it does).
                 if self._last_plan != "loop":
                     self._last_plan = "loop"
                 return self._functional_loop(tensors, inputs, {}, None, start)

@@ -5,11 +5,14 @@ the members; one batched matmul per layer costs less than both. The path
 applies only where it computes exactly what each member would: an
 ``nn.Sequential`` whose children are ``nn.Linear`` or stateless element-wise
 modules (applied to the whole stack at once, which is the same function).
+Dropout takes the masks a loop over the members draws, where it can (see
+:mod:`._draws`); elsewhere it draws on the stacked activations, other masks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from lightning_meta._compat import (
     has_module_hooks,
     plain_backward_needed,
 )
+from lightning_meta._ensemble._draws import Draw, Draws, dropped, exact_possible, record
 from lightning_meta._ensemble._grads import GradBuffers
 
 __all__ = [
@@ -60,6 +64,8 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (*ELEMENTWISE_ACTIVATIONS, nn.Identi
 # gradient member by member (see _StackedLinear).
 _PER_MEMBER_GRAD_MACS = 1 << 21
 _DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
+# How many kinds of call a plan keeps one member's draws for.
+_SCHEDULES_MAX = 4096
 
 
 def draws(mod: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
@@ -105,16 +111,46 @@ class FusedPlan:
 
     steps: tuple[Step, ...]
     in_features: int
+    # One member's draws per kind of call (see _draws); None: not recordable.
+    _schedules: dict[tuple[Any, ...], list[Draw] | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def _dropouts(self, template: nn.Module) -> list[nn.Module]:
+        return [
+            mod
+            for step in self.steps
+            if step.kind == "apply" and type(mod := template.get_submodule(step.path)) in _DROPOUT
+        ]
 
     def draws(self, template: nn.Module) -> bool:
         """Whether a call in the template's current modes draws random numbers (a dropout in
-        training mode with ``p > 0``): this plan maps them onto other elements than the loop."""
-        for step in self.steps:
-            if step.kind == "apply":
-                mod = template.get_submodule(step.path)
-                if draws(mod, _DROPOUT):
-                    return True
-        return False
+        training mode with ``p > 0``)."""
+        return any(draws(mod, _DROPOUT) for mod in self._dropouts(template))
+
+    def exact(
+        self,
+        template: nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        inputs: tuple[Any, ...],
+        per_member: bool,
+    ) -> list[Draw] | None:
+        """One member's draws in a call on ``inputs`` (recorded once per kind of call, see
+        :mod:`._draws`), or ``None`` where this plan cannot draw the loop's masks
+        (:func:`._draws.exact_possible`); it then draws on the stacked activations."""
+        if (
+            len(inputs) != 1
+            or not isinstance(x := inputs[0], torch.Tensor)
+            or not exact_possible(tensors.values(), inputs)
+        ):
+            return None
+        modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(template))
+        key = (x.shape, x.dtype, per_member, torch.is_grad_enabled(), modes)
+        if key not in self._schedules:
+            if len(self._schedules) >= _SCHEDULES_MAX:
+                self._schedules.clear()
+            self._schedules[key] = record(template, (x[0] if per_member else x,))
+        return self._schedules[key]
 
     def fits(self, x: torch.Tensor, per_member: bool) -> bool:
         """Whether ``x`` is an input this plan computes (else the member-level path reports it)."""
@@ -128,11 +164,17 @@ class FusedPlan:
         per_member: bool,
         grads: GradBuffers,
         chunk: int = 0,
+        schedule: list[Draw] | None = None,
     ) -> torch.Tensor:
         """Run every member on ``x`` at once; returns ``(N, *lead, out)``.
 
         ``grads`` holds the reused memory of large weight gradients, keyed by
         layer and ``chunk`` (the first member of the chunk ``tensors`` hold).
+        ``schedule`` (:meth:`exact`): one member's draws; every member's are
+        drawn from it in the loop's order (the generator moves as the loop's
+        would) and the dropouts take them; a mismatch raises
+        :class:`NotFusableError` (the caller puts the generator back). Without
+        it dropout draws on the stacked activations.
         """
         n = next(iter(tensors.values())).shape[0]
         if not self.fits(x, per_member) or any(has_module_hooks(m) for m in template.modules()):
@@ -152,9 +194,14 @@ class FusedPlan:
         shared = not per_member
         # The Functions that reuse gradient buffers, only where autograd can run them.
         functions = not custom_functions_unsupported()
+        member_draws = None if schedule is None else Draws(schedule, n, x.device)
         for step in self.steps:
             if step.kind == "apply":
-                h = template.get_submodule(step.path)(h)
+                mod = template.get_submodule(step.path)
+                if member_draws is not None and type(mod) in _DROPOUT:
+                    h = _dropout(member_draws, mod, h, lead)
+                else:
+                    h = mod(h)
                 continue
             weight = tensors[step.weight]
             bias = None if step.bias is None else tensors[step.bias]
@@ -190,7 +237,29 @@ class FusedPlan:
                 h = torch.baddbmm(bias.unsqueeze(2), weight, h)
         if shared:  # no Linear at all: plan_fused never plans that
             raise NotFusableError
+        if member_draws is not None:
+            member_draws.finish(NotFusableError)
         return h.transpose(1, 2).reshape(n, *lead, h.shape[1])
+
+
+def _dropout(
+    member_draws: Draws, mod: nn.Module, h: torch.Tensor, lead: tuple[int, ...]
+) -> torch.Tensor:
+    """Dropout ``mod`` on the feature-major ``(N, F, M)`` stack with the loop's masks: member
+    ``i``'s noise is its activation's, ``(*lead, F)``, transposed into ``h[i]``."""
+    assert isinstance(mod, (nn.Dropout, nn.AlphaDropout))
+    n, f, _ = h.shape
+    return dropped(
+        member_draws,
+        h,
+        mod.p,
+        mod.training,
+        mod.inplace,
+        (*lead, f),
+        lambda masks: masks.view(n, -1, f).transpose(1, 2),
+        NotFusableError,
+        alpha=type(mod) is nn.AlphaDropout,
+    )
 
 
 class _LinearFunction(torch.autograd.Function):

@@ -43,13 +43,11 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from lightning_meta._compat import (
     autograd_context_watch,
-    functorch_transform_active,
     has_module_hooks,
-    is_dtensor,
     saved_tensor_hooks_on,
     tree_map,
 )
-from lightning_meta._ensemble._draws import Draw, Draws, record
+from lightning_meta._ensemble._draws import Draw, Draws, dropped, exact_possible, record
 from lightning_meta._ensemble._fused import (
     ELEMENTWISE_ACTIVATIONS,
     Refusal,
@@ -306,51 +304,18 @@ def _dropped_fold(
     ``i*C:(i+1)*C``."""
     rest = (1,) * (folded.ndim - 2) if feature else tuple(folded.shape[2:])
     size = (folded.shape[0], folded.shape[1] // ctx.n, *rest)
-    return _dropped(
-        ctx, folded, p, training, inplace, size, lambda masks: torch.cat(masks, 1), alpha=alpha
-    )
-
-
-def _dropped(
-    ctx: _Context,
-    t: torch.Tensor,
-    p: float,
-    training: bool,
-    inplace: bool,
-    size: tuple[int, ...],
-    lay_out: Callable[[list[torch.Tensor]], torch.Tensor],
-    *,
-    alpha: bool = False,
-) -> torch.Tensor:
-    """``t`` (every member's activation) after dropout with the masks the loop draws.
-
-    torch's dropout on the CPU, for each member at once: no draw in eval mode,
-    for ``p == 0`` or an empty tensor; zeros for ``p == 1``; else
-    ``noise.bernoulli_(1 - p).div_(1 - p)`` (``noise`` of the member's ``size``)
-    and ``t * noise`` (an alpha dropout scales and shifts the noise as torch's
-    does). ``lay_out`` puts the members' noises in ``t``'s layout.
-    """
     assert ctx.draws is not None
-    if not training or p == 0 or t.numel() == 0:
-        return t
-    if p == 1:
-        zero = torch.zeros((), dtype=t.dtype, device=t.device)
-        return t.mul_(zero) if inplace else t * zero
-    masks = ctx.draws.take(size, 1 - p, NotGroupableError)
-    if masks[0].dtype != t.dtype:  # the record saw another dtype (autocast, say)
-        raise NotGroupableError("dropout masks of another dtype than the activation")
-    noise = lay_out(masks)
-    if alpha:
-        a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
-        shift = noise.add(-1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
-        noise.mul_(a)
-        return (t.mul_(noise) if inplace else t * noise).add_(shift)
-    noise.div_(1 - p)
-    return t.mul_(noise) if inplace else t * noise
-
-
-# The alpha of torch's alpha dropout (SELU's negative saturation, -scale * alpha).
-_SELU_ALPHA = 1.7580993408473766
+    return dropped(
+        ctx.draws,
+        folded,
+        p,
+        training,
+        inplace,
+        size,
+        lambda masks: masks.transpose(0, 1).reshape(folded.shape[0], -1, *rest),
+        NotGroupableError,
+        alpha=alpha,
+    )
 
 
 # Channel dropouts that take an input without a batch dim for one with a
@@ -457,14 +422,15 @@ def _drop_tokens(ctx: _Context, mod: nn.Module, h: torch.Tensor, d0: int, d1: in
         out: torch.Tensor = mod(h)
         return out
     n, _, c = h.shape
-    return _dropped(
-        ctx,
+    return dropped(
+        ctx.draws,
         h,
         mod.p,
         mod.training,
         mod.inplace,
         (d0, d1, c),
-        lambda masks: torch.stack(masks).view(n, d0 * d1, c),
+        lambda masks: masks.view(n, d0 * d1, c),
+        NotGroupableError,
     )
 
 
@@ -510,11 +476,11 @@ def _attention_dropped(
     nb, heads, length, d = q.shape
     size = (b, heads, length, k.shape[2])
     masks = ctx.draws.take(size, 1 - p, NotGroupableError)
-    if masks[0].dtype != q.dtype:  # 16-bit floats run the loop (see _encoder_layer)
+    if masks.dtype != q.dtype:  # 16-bit floats run the loop (see _encoder_layer)
         raise NotGroupableError("attention dropout masks of another dtype than the attention")
     scale = math.sqrt(1.0 / math.sqrt(d))
     attn = torch.matmul(q * scale, (k * scale).transpose(-2, -1)).softmax(-1)
-    noise = torch.stack(masks).view(nb, *size[1:]).div_(1 - p)
+    noise = masks.view(nb, *size[1:]).div_(1 - p)
     return torch.matmul(attn * noise, v)
 
 
@@ -1097,24 +1063,8 @@ class GroupedPlan:
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
         """One member's draws in a call on ``inputs`` (see :mod:`._draws`), or ``None`` where
-        the plan cannot draw the loop's masks: on an accelerator (torch's dropout is one fused kernel there), under
-        ``torch.compile``, a ``torch.func`` transform, inference mode or autocast (the
-        record, on meta tensors, would not see what they change), for DTensors (each rank
-        would draw every mask of the global shapes), and for inputs or stacked tensors that
-        are not contiguous (the record's strides are those of torch's meta kernels, which
-        are eager's for contiguous tensors; a mask drawn with other strides is filled in
-        another order: a channels_last input gave other masks)."""
-        stacked = list(tensors.values())
-        leaves = [x for x in inputs if isinstance(x, torch.Tensor)]
-        if (
-            not stacked
-            or stacked[0].device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or functorch_transform_active()
-            or torch.is_inference_mode_enabled()
-            or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
-            or any(is_dtensor(t) or not t.is_contiguous() for t in (*stacked, *leaves))
-        ):
+        the plan cannot draw the loop's masks (see :func:`._draws.exact_possible`)."""
+        if not exact_possible(tensors.values(), inputs):
             return None
         return self._schedule(template, graph, inputs, per_member, key)
 

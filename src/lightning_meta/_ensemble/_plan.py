@@ -115,9 +115,9 @@ class PlanRecord:
         how: ``"timed"`` (at the first call of its kind), ``"timed again"``
             (at call ``RETIME_CALL``, whose choice replaces the first one
             and is kept; a call on which every plan raises keeps the first
-            one instead), ``"only plan"``, ``"random draws"`` (the loop: a
-            timed run drew random numbers, which only the loop maps onto
-            the elements the members would), or ``"forward keeps state"`` (the loop:
+            one instead), ``"only plan"``, ``"random draws"`` (a timed run
+            drew random numbers: the plans that draw the members' masks were
+            timed, the loop and, where they can, the fused and grouped plans), or ``"forward keeps state"`` (the loop:
             a timed run's forward stored something in a module's plain
             attributes, which only the loop keeps for each member).
         timings_ms: the median time of each timed candidate in milliseconds

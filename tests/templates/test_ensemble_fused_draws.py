@@ -1,0 +1,274 @@
+"""The fused plan draws every dropout mask as a loop over the members draws it (one member's
+draws recorded, every member's drawn in the loop's order before the batched run): for the
+same seed, the members' own numbers and generator state, under a forced ``"fused"`` and
+under ``"auto"``, which may now time the fused plan for a training call that draws."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+def _mlp(*middle: nn.Module, bias: bool = True) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(8, 16, bias=bias),
+            nn.ReLU(),
+            *copy.deepcopy(list(middle)),
+            nn.Linear(16, 16, bias=bias),
+            nn.Tanh(),
+            nn.Dropout(0.25),
+            nn.Linear(16, 3, bias=bias),
+        )
+
+    return make
+
+
+def _members(make: Callable[[], nn.Module], n: int = 5) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [make() for _ in range(n)]
+
+
+def _members_run(mods: list[nn.Module], x: torch.Tensor, per_member: bool) -> torch.Tensor:
+    """What the members themselves give, one after the other (the loop a user writes)."""
+    return torch.stack([m(x[i] if per_member else x) for i, m in enumerate(mods)])
+
+
+def _compare(
+    mods: list[nn.Module], ens: lm.Ensemble, x: torch.Tensor, *, plan: str, seed: int = 3
+) -> None:
+    """Output, generator state after, and gradients of ``ens`` against the members'."""
+    per_member = ens.per_member_inputs
+    torch.manual_seed(seed)
+    out = ens(x)
+    after = torch.get_rng_state()
+    assert ens.plan == plan
+    torch.manual_seed(seed)
+    ref = _members_run(mods, x, per_member)
+    # The same masks: the members' numbers (a single other mask would differ by O(1)).
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    if torch.is_grad_enabled():
+        w = torch.linspace(-1, 2, out.numel()).view(out.shape)
+        (out * w).sum().backward()
+        (ref * w).sum().backward()
+        for i, m in enumerate(mods):
+            for name, p in m.named_parameters():
+                got = ens.stacked.get_parameter(name).grad
+                assert got is not None and p.grad is not None
+                torch.testing.assert_close(got[i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+_CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any]]] = {
+    "dropout": (_mlp(nn.Dropout(0.4)), (7, 8), {}),
+    # In place where the members allow it: not on a ReLU's output, which its backward reads.
+    "in-place": (
+        lambda: nn.Sequential(
+            nn.Linear(8, 16), nn.Dropout(0.4, inplace=True), nn.ReLU(), nn.Linear(16, 3)
+        ),
+        (7, 8),
+        {},
+    ),
+    "alpha": (_mlp(nn.AlphaDropout(0.3)), (7, 8), {}),
+    "p=1": (_mlp(nn.Dropout(1.0)), (7, 8), {}),
+    "no-bias": (_mlp(nn.Dropout(0.4), bias=False), (7, 8), {}),
+    "3-d input": (_mlp(nn.Dropout(0.4)), (2, 3, 8), {}),
+    "unbatched": (_mlp(nn.Dropout(0.4)), (8,), {}),
+    "chunks": (_mlp(nn.Dropout(0.4)), (7, 8), {"chunk_size": 2}),
+    "per-member": (_mlp(nn.Dropout(0.4)), (5, 7, 8), {"per_member_inputs": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_fused_dropout_trains_as_its_members(case: str) -> None:
+    make, shape, kw = _CASES[case]
+    mods = _members(make)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="fused", **kw)
+    x = torch.randn(*shape)
+    for step in range(2):
+        _compare(mods, ens, x, plan="fused", seed=step)
+
+
+def test_fused_dropout_without_grad_and_with_one_layer_in_eval_draws_the_members_masks() -> None:
+    # MC dropout style: one dropout in train mode, the other in eval; no autograd.
+    mods = _members(_mlp(nn.Dropout(0.4)))
+    for m in mods:
+        m[2].eval()
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="fused")
+    ens.template.module[2].eval()
+    with torch.no_grad():
+        _compare(mods, ens, torch.randn(7, 8), plan="fused")
+
+
+def _chosen(ens: lm.Ensemble, x: torch.Tensor) -> str:
+    """The plan ``ens`` settles on for ``x`` (its first call times them; state put back)."""
+    state = torch.get_rng_state()
+    ens(x).sum().backward()
+    ens.zero_grad(set_to_none=True)
+    torch.set_rng_state(state)
+    assert ens.plan is not None
+    return ens.plan
+
+
+def test_auto_times_the_fused_plan_for_a_training_call_that_draws(
+    ranked_first: Callable[[str], None],
+) -> None:
+    ranked_first("fused")
+    mods = _members(_mlp(nn.Dropout(0.4)), 8)
+    auto = lm.Ensemble(copy.deepcopy(mods))
+    x = torch.randn(32, 8)
+    _compare(mods, auto, x, plan=_chosen(auto, x), seed=11)
+    assert auto.plan == "fused"
+    record = auto.plans[0]
+    assert record.how == "random draws"
+    assert {"loop", "fused"} <= set(record.timings_ms)
+    assert all(t < float("inf") for t in record.timings_ms.values())
+
+
+def _wide(n: int = 16) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(
+            nn.Linear(32, 256),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(256, 4),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def ranked_first(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``ranked_first(plan)``: "auto"'s timing ranks ``plan`` first where it was timed (every
+    plan is timed as usual; one that draws other masks than the loop's is left out once a
+    run drew, and has no time), so the test does not hang on the machine's load."""
+    from lightning_meta._ensemble import _ensemble
+
+    timed = _ensemble.measure
+
+    def rank(plan: str) -> None:
+        def first(candidates: Any, *args: Any, **kwargs: Any) -> Any:
+            seconds, finalists, drew = timed(candidates, *args, **kwargs)
+            if seconds.get(plan, math.inf) < math.inf:  # timed to the end or dropped as slow
+                finalists = [plan, *(p for p in finalists if p != plan)]
+            return seconds, finalists, drew
+
+        monkeypatch.setattr(_ensemble, "measure", first)
+
+    return rank
+
+
+@pytest.mark.parametrize("case", ["transposed-after-contiguous", "autocast", "inference-mode"])
+@pytest.mark.parametrize("plan", ["fused", "grouped"])
+def test_auto_never_runs_batched_draws_that_are_not_the_loops(
+    plan: str, case: str, ranked_first: Callable[[str], None]
+) -> None:
+    # Calls whose masks the record cannot give as the loop draws them (other strides,
+    # autocast and inference mode, which the meta record does not see): "auto", which
+    # timed the plan on a contiguous call of the kind, runs the loop there.
+    ranked_first(plan)
+    mods = _wide(4)
+    auto = lm.Ensemble(copy.deepcopy(mods))
+    x = torch.randn(64, 32)
+    assert _chosen(auto, x) == plan  # it draws the loop's masks: a finalist
+    if case == "transposed-after-contiguous":
+        x = torch.randn(32, 64).t()  # the same kind of call, other strides
+    context: Any = {
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+        "inference-mode": torch.inference_mode(),
+    }.get(case, torch.enable_grad())
+    with context:
+        torch.manual_seed(4)
+        out = auto(x)
+        after = torch.get_rng_state()
+        torch.manual_seed(4)
+        ref = _members_run(mods, x, False)
+    assert auto.plan == "loop"
+    assert torch.equal(torch.get_rng_state(), after)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forced_fused_call_on_a_strided_input_draws_its_own_masks() -> None:
+    # Where the record cannot be used, a forced "fused" draws on the stacked
+    # activations, as documented: reproducible for a seed, other masks than the loop's.
+    mods = _wide(4)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="fused")
+    x = torch.randn(32, 64).t()
+    torch.manual_seed(5)
+    out = ens(x)
+    torch.manual_seed(5)
+    assert torch.equal(ens(x), out) and ens.plan == "fused"
+    torch.manual_seed(5)
+    assert (out - _members_run(mods, x, False)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("execution", ["auto", "fused"])
+def test_a_fused_call_a_hook_sends_to_the_loop_draws_the_members_masks(
+    execution: str, ranked_first: Callable[[str], None]
+) -> None:
+    # A forward hook added to the template after the plan was made: the fused plan
+    # leaves the call to another plan. Before, that was vmap, which draws other
+    # masks than the loop with two dropout layers; now the loop runs a call that draws.
+    mods = _members(_mlp(nn.Dropout(0.4)), 8)
+    if execution == "auto":
+        ranked_first("fused")
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(32, 8)
+    if execution == "auto":
+        assert _chosen(ens, x) == "fused"
+    seen: list[int] = []
+    ens.template.module[0].register_forward_hook(lambda *_: seen.append(1))
+    _compare(mods, ens, x, plan="loop")
+    assert seen  # the loop ran the hook
+
+
+def test_fused_dropout_in_a_seeded_trainer_run_trains_the_members_weights() -> None:
+    # A forced "fused" Trainer run and the members' loop: the same masks on every step,
+    # so the same weights but for the rounding of the batched matmuls.
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self, execution: str) -> None:
+            super().__init__()
+            self.ens = lm.Ensemble(_members(_mlp(nn.Dropout(0.4)), 4), execution=execution)  # type: ignore[arg-type]
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.ens(x), y.expand(4, *y.shape))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(execution: str) -> dict[str, torch.Tensor]:
+        L.seed_everything(0, verbose=False)
+        model = Module(execution)
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        data = TensorDataset(torch.randn(32, 8), torch.randn(32, 3))
+        trainer.fit(model, DataLoader(data, batch_size=8))
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    loop, fused = fit("loop"), fit("fused")
+    assert loop.keys() == fused.keys()
+    for name in loop:
+        torch.testing.assert_close(fused[name], loop[name], rtol=1e-5, atol=1e-6)
