@@ -5,6 +5,7 @@ under ``"auto"``, which may now time the fused plan for a training call that dra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -229,10 +230,29 @@ def test_a_fused_call_a_hook_sends_to_the_loop_draws_the_members_masks(
     x = torch.randn(32, 8)
     if execution == "auto":
         assert _chosen(ens, x) == "fused"
-    seen: list[int] = []
-    ens.template.module[0].register_forward_hook(lambda *_: seen.append(1))
+    seen: list[bool] = []
+    ens.template.module[0].register_forward_hook(lambda m, a, out: seen.append(out.is_meta))
     _compare(mods, ens, x, plan="loop")
-    assert seen  # the loop ran the hook
+    assert seen and not any(seen)  # the loop ran the hook; no record ran it on meta tensors
+
+
+@pytest.mark.parametrize("timed", [True, False], ids=["timed", "untimed"])
+def test_a_hook_for_every_module_never_sees_the_records_meta_tensors(timed: bool) -> None:
+    # The record runs the template's forward on meta tensors: a hook would see them.
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from support.torch_modes import deterministic_algorithms
+
+    mods = _members(_mlp(nn.Dropout(0.4)), 3)
+    ens = lm.Ensemble(copy.deepcopy(mods))
+    seen: list[bool] = []
+    handle = register_module_forward_hook(lambda m, a, out: seen.append(out.is_meta))
+    try:
+        with contextlib.nullcontext() if timed else deterministic_algorithms():
+            _compare(mods, ens, torch.randn(7, 8), plan="loop")
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
 
 
 def test_fused_dropout_in_a_seeded_trainer_run_trains_the_members_weights() -> None:

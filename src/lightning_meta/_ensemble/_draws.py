@@ -33,6 +33,8 @@ from torch import nn
 from lightning_meta._compat import (
     TorchDispatchMode,
     functorch_transform_active,
+    global_module_hooks,
+    has_module_hooks,
     is_dtensor,
     no_dispatch_modes,
     tree_map_only,
@@ -92,8 +94,12 @@ def record(template: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Draw] 
 
     The template holds meta tensors; its forward runs on meta copies of the
     inputs (nothing is computed, no generator moves) in the call's grad mode,
-    and what it writes to its modules' attributes is put back.
+    and what it writes to its modules' attributes is put back. Not where a
+    module hook would run (the template's, or one for every module): a user's
+    hook must not see meta tensors, and the plans that record run no hooks.
     """
+    if any(global_module_hooks()) or any(has_module_hooks(m) for m in template.modules()):
+        return None
     state = AttributeState(watched(template.named_modules()), keep=True)
     generators = GlobalRandom(torch_too=True)
     recorder = _Recorder()

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_meta._compat import (
     custom_functions_unsupported,
+    global_module_hooks,
     has_module_hooks,
     plain_backward_needed,
 )
@@ -141,7 +142,11 @@ class FusedPlan:
         if (
             len(inputs) != 1
             or not isinstance(x := inputs[0], torch.Tensor)
+            or not self.fits(x, per_member)
             or not exact_possible(tensors.values(), inputs)
+            # Hooks keep the plan off (and the record would run them on meta tensors).
+            or any(global_module_hooks())
+            or any(has_module_hooks(m) for m in template.modules())
         ):
             return None
         modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(template))
