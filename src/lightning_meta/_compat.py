@@ -1520,6 +1520,17 @@ def no_subclass_torch_function() -> Any:
     return torch._C.DisableTorchFunctionSubclass()
 
 
+def no_torch_function() -> Any:
+    """A context in which no ``__torch_function__`` runs: no tensor subclass's, no
+    ``TorchFunctionMode`` of the caller's.
+
+    ``torch._C.DisableTorchFunction`` (torch 2.6 to 2.15): what Ensemble's
+    record of a member's random draws runs under (a caller's mode reading
+    every result, a NaN check, would fail on its meta tensors).
+    """
+    return torch._C.DisableTorchFunction()
+
+
 class no_python_dispatch:  # used like a function: `with no_python_dispatch():`
     """Run the body with Python dispatch and ``__torch_function__`` off: real kernels only.
 

@@ -292,3 +292,98 @@ def test_fused_dropout_in_a_seeded_trainer_run_trains_the_members_weights() -> N
     assert loop.keys() == fused.keys()
     for name in loop:
         torch.testing.assert_close(fused[name], loop[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------- found by the review of the fused plan's draws
+@pytest.mark.parametrize("execution", ["fused", "grouped"])
+def test_a_first_call_under_non_reentrant_checkpoint_draws_the_members_masks(
+    execution: str,
+) -> None:
+    # The record ran its meta forward under checkpoint's saved-tensor hooks, which
+    # counted its saved tensors: CheckpointError on the first call of each kind.
+    from torch.utils.checkpoint import checkpoint
+
+    mods = _members(_mlp(nn.Dropout(0.4)), 3)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(7, 8)
+    torch.manual_seed(2)
+    out = checkpoint(ens, x, use_reentrant=False)
+    assert isinstance(out, torch.Tensor)
+    out.sum().backward()
+    assert ens.plan == execution
+    torch.manual_seed(2)
+    torch.testing.assert_close(out, _members_run(mods, x, False), rtol=1e-5, atol=1e-6)
+
+
+class _NanCheck(torch.overrides.TorchFunctionMode):
+    """A caller's mode reading every result (which fails on meta tensors)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            assert not bool(out.isnan().any())
+        return out
+
+
+@pytest.mark.parametrize("context", ["save_on_cpu", "function-mode"])
+def test_a_record_that_fails_in_a_callers_context_is_not_kept(context: str) -> None:
+    # save_on_cpu's hook copied the record's meta tensors to the CPU, a mode read them:
+    # the record failed, its None was kept for the kind of call, and forced "fused"
+    # drew its own masks on every later call too (0.65 off the members).
+    mods = _members(_mlp(nn.Dropout(0.4)), 3)
+    ens = lm.Ensemble(copy.deepcopy(mods), execution="fused")
+    x = torch.randn(7, 8)
+    around: Any = torch.autograd.graph.save_on_cpu() if context == "save_on_cpu" else _NanCheck()
+    with around:
+        _compare(mods, ens, x, plan="fused", seed=1)
+    _compare(mods, ens, x, plan="fused", seed=2)
+
+
+@pytest.mark.parametrize("execution", ["fused", "grouped", "auto"])
+def test_an_ensemble_moved_to_bfloat16_draws_the_members_masks_batched(execution: str) -> None:
+    # Lightning's precision="bf16-true" converts the ensemble with .to(): the record
+    # ran on the template's float32 meta tensors, recorded float32 masks, and every
+    # call that drew ran the loop (forced "fused" too, quietly).
+    mods = [m.to(torch.bfloat16) for m in _members(_mlp(nn.Dropout(0.4)), 4)]
+    ens = lm.Ensemble(
+        [copy.deepcopy(m).float() for m in mods],
+        execution=execution,  # type: ignore[arg-type]
+    ).to(torch.bfloat16)
+    x = torch.randn(7, 8, dtype=torch.bfloat16)
+    if execution == "auto":
+        _chosen(ens, x)
+    torch.manual_seed(6)
+    out = ens(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(6)
+    ref = _members_run(mods, x, False)
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    if execution != "auto":
+        assert ens.plan == execution
+    else:  # the batched plans ran when timed for this call that draws (they had raised)
+        timings = ens.plans[0].timings_ms
+        assert all(timings.get(p, math.inf) < math.inf for p in ("fused", "grouped")), timings
+
+
+def _noise(m: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    return out + 0.1 * torch.randn_like(out)
+
+
+@pytest.mark.parametrize("execution", ["auto", "fused"])
+def test_a_noise_hook_added_after_the_first_call_runs_on_the_loop(
+    execution: str, ranked_first: Callable[[str], None]
+) -> None:
+    # The fused plan leaves a template with hooks to another plan: vmap, which drew
+    # other noise than the members' hooks (0.23 off), with no dropout in training.
+    ranked_first("fused")
+    mods = _members(_mlp(nn.Dropout(0.4)), 8)
+    for m in mods:
+        m.eval()
+    ens = lm.Ensemble(copy.deepcopy(mods), execution=execution).eval()  # type: ignore[arg-type]
+    x = torch.randn(32, 8)
+    assert _chosen(ens, x) == "fused"
+    for m in (*mods, ens.template.module):
+        m[0].register_forward_hook(_noise)
+        m[3].register_forward_hook(_noise)
+    _compare(mods, ens, x, plan="loop")

@@ -898,8 +898,8 @@ class _KeywordScaled(nn.Module):
 def test_plan_reports_the_plan_that_ran() -> None:
     # ensemble.plan named the plan asked for where another one ran: a forced
     # grouped plan given a keyword input (vmap ran), a forced fused plan whose
-    # template got a hook (vmap ran), vmap under autocast (a loop ran); and
-    # "auto" timed vmap's run under the fused plan's name.
+    # template got a hook (vmap ran then, the loop since 2026-12-06), vmap under
+    # autocast (a loop ran); and "auto" timed vmap's run under the fused plan's name.
     torch.manual_seed(0)
     convs = [_KeywordScaled() for _ in range(3)]
     x = torch.randn(2, 3, 5, 5)
@@ -918,7 +918,7 @@ def test_plan_reports_the_plan_that_ran() -> None:
         ens.template.module[0].register_forward_hook(lambda m, i, o: seen.append(1))
         ens.clear_plans()
         out = ens(xs)
-        assert ens.plan == "vmap" if execution == "fused" else ens.plan != "fused"
+        assert ens.plan == "loop" if execution == "fused" else ens.plan != "fused"
         assert seen, "the template's hook ran"
         torch.testing.assert_close(out, torch.stack([m(xs) for m in mlps]))
         seen.clear()

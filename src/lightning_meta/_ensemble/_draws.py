@@ -23,7 +23,7 @@ draws would not reproduce.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +37,12 @@ from lightning_meta._compat import (
     has_module_hooks,
     is_dtensor,
     no_dispatch_modes,
+    no_torch_function,
     tree_map_only,
 )
 from lightning_meta._forward_state import AttributeState, GlobalRandom, watched
 
-__all__ = ["Draw", "Draws", "dropped", "exact_possible", "record"]
+__all__ = ["Draw", "Draws", "NotRecorded", "dropped", "exact_possible", "record"]
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,38 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     )
 
 
-def record(template: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Draw] | None:
-    """The draws one member's forward makes on ``inputs`` (one member's, any device), or
-    ``None`` where it draws other than ``bernoulli_`` or cannot run on meta tensors.
+class NotRecorded(Exception):
+    """The template's forward did not run on meta tensors in this call's context (a hook of
+    the caller's that copies what autograd saves, say): no record, and none to keep."""
 
-    The template holds meta tensors; its forward runs on meta copies of the
-    inputs (nothing is computed, no generator moves) in the call's grad mode,
-    and what it writes to its modules' attributes is put back. Not where a
-    module hook would run (the template's, or one for every module): a user's
-    hook must not see meta tensors, and the plans that record run no hooks.
+
+def _drop(t: torch.Tensor) -> None:
+    return None
+
+
+def _never(packed: None) -> torch.Tensor:  # pragma: no cover - nothing runs backward
+    raise RuntimeError("a record's meta forward has no backward")
+
+
+def record(
+    template: nn.Module, tensors: Mapping[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]
+) -> list[Draw] | None:
+    """The draws one member's forward makes on ``inputs`` (one member's, any device), or
+    ``None`` where it draws other than ``bernoulli_`` or a hook would run.
+
+    The template's forward runs on meta copies of member 0's slices of the
+    stacked ``tensors`` (their dtypes, which ``Ensemble.to`` changes and the
+    template's own meta tensors do not follow) and of the inputs: nothing is
+    computed, no generator moves. It runs in the call's grad mode, what it
+    writes to its modules' attributes is put back, and the caller's dispatch
+    and ``__torch_function__`` modes and saved-tensor hooks do not see it (a
+    non-reentrant checkpoint counted its saved tensors; ``save_on_cpu`` failed
+    on them). Not where a module hook would run (the template's, or one for
+    every module): a user's hook must not see meta tensors, and the plans that
+    record run no hooks.
+
+    Raises:
+        NotRecorded: the forward raised on meta tensors (a forward reading values).
     """
     if any(global_module_hooks()) or any(has_module_hooks(m) for m in template.modules()):
         return None
@@ -105,10 +129,22 @@ def record(template: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Draw] 
     recorder = _Recorder()
     try:
         # A FLOP counter or tracker of the caller's does not see this run.
-        with no_dispatch_modes(), recorder:
-            template(*tree_map_only(torch.Tensor, _meta, inputs))
-    except Exception:  # a forward that cannot run on meta tensors: no record
-        return None
+        with (
+            no_dispatch_modes(),
+            no_torch_function(),
+            torch.autograd.graph.saved_tensors_hooks(_drop, _never),
+        ):
+            member = {
+                name: torch.empty(
+                    t.shape[1:], dtype=t.dtype, device="meta", requires_grad=t.requires_grad
+                )
+                for name, t in tensors.items()
+            }
+            xs = tree_map_only(torch.Tensor, _meta, inputs)
+            with recorder:
+                torch.func.functional_call(template, member, xs)
+    except Exception as e:  # a forward that cannot run on meta tensors
+        raise NotRecorded(str(e)) from e
     finally:
         state.restore()
         if generators.moved():

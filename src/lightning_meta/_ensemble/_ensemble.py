@@ -425,8 +425,9 @@ def _skipped_hooks(plan: str, backward_hooked: bool) -> str | None:
     The fused and grouped plans compute layers without calling them (they
     look for the template's own hooks on every call); vmap runs forward
     hooks but no backward hooks. A template with hooks of its own sends
-    the fused plan to vmap, so fused skips backward hooks as vmap does
-    (the grouped plan goes to the loop). ``backward_hooked``: whether the
+    the fused and grouped plans to the loop; a forced fused plan with
+    backward hooks is refused all the same, as it was when such a template
+    went to vmap. ``backward_hooked``: whether the
     template has module backward hooks of its own (:class:`_HookCheck`).
     """
     forward, backward = global_module_hooks()
@@ -2071,12 +2072,11 @@ class Ensemble(nn.Module):
         *,
         strict: bool = False,
     ) -> Any:
-        """The fused plan; vmap for a call it cannot take (an input of another shape, hooks
-        added to the template since), or with ``strict`` a :class:`NotFusableError`.
+        """The fused plan; the loop for a call it cannot take (an input of another shape,
+        hooks added to the template since), or with ``strict`` a :class:`NotFusableError`.
 
         A call that draws random numbers draws the loop's masks where the plan can
-        (:meth:`FusedPlan.exact`); under ``"auto"`` it runs nowhere else, and any
-        call that draws falls back to the loop, which draws as the members do.
+        (:meth:`FusedPlan.exact`); under ``"auto"`` it runs nowhere else.
         """
         template = self.template.module
         fused = self._fused
@@ -2104,20 +2104,16 @@ class Ensemble(nn.Module):
         except NotFusableError:
             if rng is not None:  # the chunk's draws, made before the plan turned out not to fit
                 torch.set_rng_state(rng)
-            if strict:  # timing must not credit the fused plan with vmap's time
+            if strict:  # timing must not credit the fused plan with the loop's time
                 raise
-            if _half_precision(tensors) or drawing:
-                # In 16-bit floats vmap rounds some ops otherwise than the
-                # members (see _time), and it draws other masks: the loop
-                # runs the call (this chunk: the chunks before drew as it does).
-                if self._last_plan != "loop":
-                    self._last_plan = "loop"
-                return self._functional_loop(tensors, inputs, {}, None, start)
-            # Same function, computed member by member: torch reports any
-            # shape error in the member's own terms.
-            if self._last_plan != "vmap":
-                self._last_plan = "vmap"
-            return self._vmap(tensors, inputs, {})
+            # The loop runs the call (this chunk: the chunks before drew as it
+            # does): it reports a shape error in the member's own terms, runs the
+            # hooks added since as the members would (vmap, which ran here before
+            # 2026-12-06, drew other noise for a hook's randn_like, and other masks),
+            # and rounds 16-bit floats as they do.
+            if self._last_plan != "loop":
+                self._last_plan = "loop"
+            return self._functional_loop(tensors, inputs, {}, None, start)
 
     def _call_template(
         self,

@@ -24,7 +24,14 @@ from lightning_meta._compat import (
     has_module_hooks,
     plain_backward_needed,
 )
-from lightning_meta._ensemble._draws import Draw, Draws, dropped, exact_possible, record
+from lightning_meta._ensemble._draws import (
+    Draw,
+    Draws,
+    NotRecorded,
+    dropped,
+    exact_possible,
+    record,
+)
 from lightning_meta._ensemble._grads import GradBuffers
 
 __all__ = [
@@ -136,9 +143,10 @@ class FusedPlan:
         inputs: tuple[Any, ...],
         per_member: bool,
     ) -> list[Draw] | None:
-        """One member's draws in a call on ``inputs`` (recorded once per kind of call, see
-        :mod:`._draws`), or ``None`` where this plan cannot draw the loop's masks
-        (:func:`._draws.exact_possible`); it then draws on the stacked activations."""
+        """One member's draws in a call on ``inputs`` (recorded once per kind of call and
+        stacked dtypes, see :mod:`._draws`), or ``None`` where this plan cannot draw the
+        loop's masks (:func:`._draws.exact_possible`, hooks, a record that failed in this
+        call's context); it then draws on the stacked activations."""
         if (
             len(inputs) != 1
             or not isinstance(x := inputs[0], torch.Tensor)
@@ -150,11 +158,15 @@ class FusedPlan:
         ):
             return None
         modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(template))
-        key = (x.shape, x.dtype, per_member, torch.is_grad_enabled(), modes)
+        dtypes = tuple(t.dtype for t in tensors.values())
+        key = (x.shape, x.dtype, dtypes, per_member, torch.is_grad_enabled(), modes)
         if key not in self._schedules:
             if len(self._schedules) >= _SCHEDULES_MAX:
                 self._schedules.clear()
-            self._schedules[key] = record(template, (x[0] if per_member else x,))
+            try:
+                self._schedules[key] = record(template, tensors, (x[0] if per_member else x,))
+            except NotRecorded:  # in this call's context (a hook of the caller's): not kept
+                return None
         return self._schedules[key]
 
     def fits(self, x: torch.Tensor, per_member: bool) -> bool:

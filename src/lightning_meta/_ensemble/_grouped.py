@@ -47,7 +47,14 @@ from lightning_meta._compat import (
     saved_tensor_hooks_on,
     tree_map,
 )
-from lightning_meta._ensemble._draws import Draw, Draws, dropped, exact_possible, record
+from lightning_meta._ensemble._draws import (
+    Draw,
+    Draws,
+    NotRecorded,
+    dropped,
+    exact_possible,
+    record,
+)
 from lightning_meta._ensemble._fused import (
     ELEMENTWISE_ACTIVATIONS,
     Refusal,
@@ -972,8 +979,9 @@ class GroupedPlan:
         self._graphs: dict[tuple[Any, ...], fx.Graph | Refusal] = {}
         # The kinds of call (graph, LayoutLog.key) that ran to the end.
         self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
-        # One member's draws per kind of call (graph, LayoutLog.key); None: not recordable.
-        self._schedules: dict[tuple[int, tuple[Any, ...]], list[Draw] | None] = {}
+        # One member's draws per kind of call (graph, LayoutLog.key, stacked dtypes); None: not
+        # recordable.
+        self._schedules: dict[tuple[Any, ...], list[Draw] | None] = {}
         # Per graph: the modules that may draw, and whether a dropout function draws.
         self._sites: dict[int, tuple[list[nn.Module], bool]] = {}
 
@@ -1066,25 +1074,30 @@ class GroupedPlan:
         the plan cannot draw the loop's masks (see :func:`._draws.exact_possible`)."""
         if not exact_possible(tensors.values(), inputs):
             return None
-        return self._schedule(template, graph, inputs, per_member, key)
+        return self._schedule(template, graph, tensors, inputs, per_member, key)
 
     def _schedule(
         self,
         template: nn.Module,
         graph: fx.Graph,
+        tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
         per_member: bool,
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
-        """One member's draws in a call on ``inputs`` (recorded once per kind of call)."""
-        k = (id(graph), key)
+        """One member's draws in a call on ``inputs`` (recorded once per kind of call and
+        stacked dtypes; a record that failed is not kept: see :class:`._draws.NotRecorded`)."""
+        k = (id(graph), key, tuple(t.dtype for t in tensors.values()))
         if k not in self._schedules:
             if len(self._schedules) >= _LAID_OUT_MAX:
                 self._schedules.clear()
             member = tuple(
                 x[0] if per_member and isinstance(x, torch.Tensor) else x for x in inputs
             )
-            self._schedules[k] = record(template, member)
+            try:
+                self._schedules[k] = record(template, tensors, member)
+            except NotRecorded:  # in this call's context (a hook of the caller's): not kept
+                return None
         return self._schedules[k]
 
     def placeholders(self, template: nn.Module) -> int:
