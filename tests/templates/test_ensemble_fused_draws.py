@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
+from support.ensembles import chosen_plan, rank_first
 
 
 def _mlp(*middle: nn.Module, bias: bool = True) -> Callable[[], nn.Module]:
@@ -109,16 +110,6 @@ def test_fused_dropout_without_grad_and_with_one_layer_in_eval_draws_the_members
         _compare(mods, ens, torch.randn(7, 8), plan="fused")
 
 
-def _chosen(ens: lm.Ensemble, x: torch.Tensor) -> str:
-    """The plan ``ens`` settles on for ``x`` (its first call times them; state put back)."""
-    state = torch.get_rng_state()
-    ens(x).sum().backward()
-    ens.zero_grad(set_to_none=True)
-    torch.set_rng_state(state)
-    assert ens.plan is not None
-    return ens.plan
-
-
 def test_auto_times_the_fused_plan_for_a_training_call_that_draws(
     ranked_first: Callable[[str], None],
 ) -> None:
@@ -126,7 +117,7 @@ def test_auto_times_the_fused_plan_for_a_training_call_that_draws(
     mods = _members(_mlp(nn.Dropout(0.4)), 8)
     auto = lm.Ensemble(copy.deepcopy(mods))
     x = torch.randn(32, 8)
-    _compare(mods, auto, x, plan=_chosen(auto, x), seed=11)
+    _compare(mods, auto, x, plan=chosen_plan(auto, x), seed=11)
     assert auto.plan == "fused"
     record = auto.plans[0]
     assert record.how == "random draws"
@@ -152,23 +143,8 @@ def _wide(n: int = 16) -> list[nn.Module]:
 
 @pytest.fixture
 def ranked_first(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
-    """``ranked_first(plan)``: "auto"'s timing ranks ``plan`` first where it was timed (every
-    plan is timed as usual; one that draws other masks than the loop's is left out once a
-    run drew, and has no time), so the test does not hang on the machine's load."""
-    from lightning_meta._ensemble import _ensemble
-
-    timed = _ensemble.measure
-
-    def rank(plan: str) -> None:
-        def first(candidates: Any, *args: Any, **kwargs: Any) -> Any:
-            seconds, finalists, drew = timed(candidates, *args, **kwargs)
-            if seconds.get(plan, math.inf) < math.inf:  # timed to the end or dropped as slow
-                finalists = [plan, *(p for p in finalists if p != plan)]
-            return seconds, finalists, drew
-
-        monkeypatch.setattr(_ensemble, "measure", first)
-
-    return rank
+    """``ranked_first(plan)``: :func:`support.ensembles.rank_first` for this test."""
+    return lambda plan: rank_first(monkeypatch, plan)
 
 
 @pytest.mark.parametrize("case", ["transposed-after-contiguous", "autocast", "inference-mode"])
@@ -183,7 +159,7 @@ def test_auto_never_runs_batched_draws_that_are_not_the_loops(
     mods = _wide(4)
     auto = lm.Ensemble(copy.deepcopy(mods))
     x = torch.randn(64, 32)
-    assert _chosen(auto, x) == plan  # it draws the loop's masks: a finalist
+    assert chosen_plan(auto, x) == plan  # it draws the loop's masks: a finalist
     if case == "transposed-after-contiguous":
         x = torch.randn(32, 64).t()  # the same kind of call, other strides
     context: Any = {
@@ -229,7 +205,7 @@ def test_a_fused_call_a_hook_sends_to_the_loop_draws_the_members_masks(
     ens = lm.Ensemble(copy.deepcopy(mods), execution=execution)  # type: ignore[arg-type]
     x = torch.randn(32, 8)
     if execution == "auto":
-        assert _chosen(ens, x) == "fused"
+        assert chosen_plan(ens, x) == "fused"
     seen: list[bool] = []
     ens.template.module[0].register_forward_hook(lambda m, a, out: seen.append(out.is_meta))
     _compare(mods, ens, x, plan="loop")
@@ -253,45 +229,6 @@ def test_a_hook_for_every_module_never_sees_the_records_meta_tensors(timed: bool
     finally:
         handle.remove()
     assert seen and not any(seen)
-
-
-def test_fused_dropout_in_a_seeded_trainer_run_trains_the_members_weights() -> None:
-    # A forced "fused" Trainer run and the members' loop: the same masks on every step,
-    # so the same weights but for the rounding of the batched matmuls.
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Module(L.LightningModule):
-        def __init__(self, execution: str) -> None:
-            super().__init__()
-            self.ens = lm.Ensemble(_members(_mlp(nn.Dropout(0.4)), 4), execution=execution)  # type: ignore[arg-type]
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.mse_loss(self.ens(x), y.expand(4, *y.shape))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def fit(execution: str) -> dict[str, torch.Tensor]:
-        L.seed_everything(0, verbose=False)
-        model = Module(execution)
-        trainer = L.Trainer(
-            max_epochs=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        data = TensorDataset(torch.randn(32, 8), torch.randn(32, 3))
-        trainer.fit(model, DataLoader(data, batch_size=8))
-        return {k: v.clone() for k, v in model.state_dict().items()}
-
-    loop, fused = fit("loop"), fit("fused")
-    assert loop.keys() == fused.keys()
-    for name in loop:
-        torch.testing.assert_close(fused[name], loop[name], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------- found by the review of the fused plan's draws
@@ -351,7 +288,7 @@ def test_an_ensemble_moved_to_bfloat16_draws_the_members_masks_batched(execution
     ).to(torch.bfloat16)
     x = torch.randn(7, 8, dtype=torch.bfloat16)
     if execution == "auto":
-        _chosen(ens, x)
+        chosen_plan(ens, x)
     torch.manual_seed(6)
     out = ens(x)
     after = torch.get_rng_state()
@@ -382,7 +319,7 @@ def test_a_noise_hook_added_after_the_first_call_runs_on_the_loop(
         m.eval()
     ens = lm.Ensemble(copy.deepcopy(mods), execution=execution).eval()  # type: ignore[arg-type]
     x = torch.randn(32, 8)
-    assert _chosen(ens, x) == "fused"
+    assert chosen_plan(ens, x) == "fused"
     for m in (*mods, ens.template.module):
         m[0].register_forward_hook(_noise)
         m[3].register_forward_hook(_noise)

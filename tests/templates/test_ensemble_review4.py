@@ -169,14 +169,15 @@ def _seeded_fit(execution: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_a_seeded_trainer_run_under_auto_trains_the_loops_weights() -> None:
+@pytest.mark.parametrize("execution", ["auto", "fused"])
+def test_a_seeded_trainer_run_trains_the_loops_weights(execution: str) -> None:
     loop = _seeded_fit("loop")
-    auto = _seeded_fit("auto")
-    assert loop.keys() == auto.keys()
+    run = _seeded_fit(execution)
+    assert loop.keys() == run.keys()
     for name in loop:
-        # The loop's masks on every step; the fused and grouped plans, which "auto"
-        # may time faster, compute the same numbers up to rounding (batched matmuls).
-        torch.testing.assert_close(auto[name], loop[name], rtol=1e-5, atol=1e-6)
+        # The loop's masks on every step; the fused and grouped plans ("auto" may time
+        # them faster) compute the same numbers up to rounding (batched matmuls).
+        torch.testing.assert_close(run[name], loop[name], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------ FLOP counters and ModelSummary

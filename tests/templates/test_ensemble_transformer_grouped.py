@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_meta as lm
+from support.ensembles import chosen_plan
 
 
 def _layers(n: int = 3, dtype: torch.dtype = torch.float32, **kw: Any) -> list[nn.Module]:
@@ -156,21 +157,11 @@ def test_auto_times_the_grouped_plan_for_a_training_call_that_draws() -> None:
     mods = _layers(4, batch_first=True)
     auto = lm.Ensemble(copy.deepcopy(mods))
     x = torch.randn(4, 6, 16)
-    _compare(mods, auto, x, plan=_chosen(auto, x), seed=11)
+    _compare(mods, auto, x, plan=chosen_plan(auto, x), seed=11)
     record = auto.plans[0]
     assert record.how == "random draws"
     assert {"loop", "grouped"} <= set(record.timings_ms)
     assert all(t < float("inf") for t in record.timings_ms.values())
-
-
-def _chosen(ens: lm.Ensemble, x: torch.Tensor) -> str:
-    """The plan ``ens`` settles on for ``x`` (its first call times them; state put back)."""
-    state = torch.get_rng_state()
-    ens(x).sum().backward()
-    ens.zero_grad(set_to_none=True)
-    torch.set_rng_state(state)
-    assert ens.plan is not None
-    return ens.plan
 
 
 def test_a_call_the_grouped_plan_cannot_lay_out_puts_the_generator_back_for_the_loop() -> None:
