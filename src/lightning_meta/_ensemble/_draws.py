@@ -154,7 +154,7 @@ def record(
 
 class Draws:
     """Every member's draws of one call (or chunk), made in the loop's order on creation and
-    handed to the grouped plan's random sites in turn (:meth:`take`)."""
+    handed to the batched plans' random sites in turn (:meth:`take`)."""
 
     def __init__(self, schedule: list[Draw], n: int, device: torch.device) -> None:
         self._schedule = schedule
@@ -163,22 +163,25 @@ class Draws:
         # own), or on its own and stacked after for a draw of other strides.
         self._masks: list[torch.Tensor | None] = []
         rows: list[list[torch.Tensor]] = []
-        for d in schedule:
-            stacked = torch.empty((n, *d.size), dtype=d.dtype, device=device)
-            if stacked[0].stride() == d.stride:
-                self._masks.append(stacked)
-                rows.append(list(stacked.unbind(0)))
-            else:
-                self._masks.append(None)
-                rows.append(
-                    [
-                        torch.empty_strided(d.size, d.stride, dtype=d.dtype, device=device)
-                        for _ in range(n)
-                    ]
-                )
-        for i in range(n):  # member after member, as the loop draws
-            for d, row in zip(schedule, rows, strict=True):
-                row[i].bernoulli_(d.keep)
+        # Inside the kernels of the members' dropout, as in eager: a caller's
+        # TorchFunctionMode (a NaN check) does not see the masks' uninitialised memory.
+        with no_torch_function():
+            for d in schedule:
+                stacked = torch.empty((n, *d.size), dtype=d.dtype, device=device)
+                if stacked[0].stride() == d.stride:
+                    self._masks.append(stacked)
+                    rows.append(list(stacked.unbind(0)))
+                else:
+                    self._masks.append(None)
+                    rows.append(
+                        [
+                            torch.empty_strided(d.size, d.stride, dtype=d.dtype, device=device)
+                            for _ in range(n)
+                        ]
+                    )
+            for i in range(n):  # member after member, as the loop draws
+                for d, row in zip(schedule, rows, strict=True):
+                    row[i].bernoulli_(d.keep)
         self._rows = rows
         self._next = 0
 
