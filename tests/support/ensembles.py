@@ -25,7 +25,7 @@ def chosen_plan(ens: lm.Ensemble, x: torch.Tensor) -> str:
 def rank_first(monkeypatch: pytest.MonkeyPatch, plan: str) -> None:
     """Make ``"auto"``'s timing rank ``plan`` first where it was timed: every plan is timed as
     usual (one that draws other masks than the loop's is left out once a run drew, and has
-    no time), so a test of what follows the choice does not hang on the machine's load."""
+    no time), so a test of what follows the choice does not depend on the machine's load."""
     from lightning_meta._ensemble import _ensemble
 
     timed = _ensemble.measure
