@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -37,3 +38,13 @@ def rank_first(monkeypatch: pytest.MonkeyPatch, plan: str) -> None:
         return seconds, finalists, drew
 
     monkeypatch.setattr(_ensemble, "measure", first)
+
+
+def call_context(case: str) -> contextlib.AbstractContextManager[Any]:
+    """The context a call of ``case`` runs in: ``"autocast"`` (CPU, bfloat16),
+    ``"inference-mode"``, or grad mode on for any other case."""
+    if case == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if case == "inference-mode":
+        return torch.inference_mode()
+    return torch.enable_grad()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-from support.ensembles import chosen_plan, rank_first
+from support.ensembles import call_context, chosen_plan, rank_first
 
 
 def _mlp(*middle: nn.Module, bias: bool = True) -> Callable[[], nn.Module]:
@@ -162,11 +162,7 @@ def test_auto_never_runs_batched_draws_that_are_not_the_loops(
     assert chosen_plan(auto, x) == plan  # it draws the loop's masks: a finalist
     if case == "transposed-after-contiguous":
         x = torch.randn(32, 64).t()  # the same kind of call, other strides
-    context: Any = {
-        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
-        "inference-mode": torch.inference_mode(),
-    }.get(case, torch.enable_grad())
-    with context:
+    with call_context(case):
         torch.manual_seed(4)
         out = auto(x)
         after = torch.get_rng_state()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_meta as lm
-from support.ensembles import chosen_plan
+from support.ensembles import call_context, chosen_plan
 
 
 def _layers(n: int = 3, dtype: torch.dtype = torch.float32, **kw: Any) -> list[nn.Module]:
@@ -214,11 +214,7 @@ def test_auto_never_runs_grouped_draws_that_are_not_the_loops(case: str) -> None
     auto = lm.Ensemble(copy.deepcopy(mods))
     if case == "transposed-after-contiguous":
         x = _transposed_second_call(auto, x)
-    context: Any = {
-        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
-        "inference-mode": torch.inference_mode(),
-    }.get(case, torch.enable_grad())
-    with context:
+    with call_context(case):
         torch.manual_seed(4)
         out = auto(x)
         after = torch.get_rng_state()

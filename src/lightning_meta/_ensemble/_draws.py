@@ -42,7 +42,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._forward_state import AttributeState, GlobalRandom, watched
 
-__all__ = ["Draw", "Draws", "NotRecorded", "dropped", "exact_possible", "record"]
+__all__ = ["Draw", "Draws", "NotRecorded", "Schedules", "dropped", "exact_possible", "record"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 class NotRecorded(Exception):
     """The template's forward did not run on meta tensors in this call's context (a hook of
-    the caller's that copies what autograd saves, say): no record, and none to keep."""
+    the caller's that copies what autograd saves, a module hook that would see them, say):
+    no record, and none to keep."""
 
 
 def _drop(t: torch.Tensor) -> None:
@@ -106,7 +107,7 @@ def record(
     template: nn.Module, tensors: Mapping[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]
 ) -> list[Draw] | None:
     """The draws one member's forward makes on ``inputs`` (one member's, any device), or
-    ``None`` where it draws other than ``bernoulli_`` or a hook would run.
+    ``None`` where it draws other than ``bernoulli_``.
 
     The template's forward runs on meta copies of member 0's slices of the
     stacked ``tensors`` (their dtypes, which ``Ensemble.to`` changes and the
@@ -120,10 +121,11 @@ def record(
     record run no hooks.
 
     Raises:
-        NotRecorded: the forward raised on meta tensors (a forward reading values).
+        NotRecorded: the forward raised on meta tensors (a forward reading values), or a
+            module hook would run.
     """
     if any(global_module_hooks()) or any(has_module_hooks(m) for m in template.modules()):
-        return None
+        raise NotRecorded("a module hook would run on the record's meta tensors")
     state = AttributeState(watched(template.named_modules()), keep=True)
     generators = GlobalRandom(torch_too=True)
     recorder = _Recorder()
@@ -150,6 +152,38 @@ def record(
         if generators.moved():
             generators.restore()
     return recorder.draws
+
+
+class Schedules:
+    """One member's draws (:func:`record`) per kind of call, as a plan keys it, and per
+    stacked dtypes (``Ensemble.to`` changes them between calls of a kind): recorded once,
+    kept for at most ``MAX`` kinds (then forgotten all at once); a record that fails
+    (:class:`NotRecorded`) is not kept, so a later call of the kind records again."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], list[Draw] | None] = {}
+
+    def get(
+        self,
+        key: tuple[Any, ...],
+        template: nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        inputs: tuple[torch.Tensor, ...],
+    ) -> list[Draw] | None:
+        """The draws of a call of kind ``key`` on one member's ``inputs``, or ``None`` where
+        there is no record (:func:`record`), or none in this call's context."""
+        k = (key, tuple(t.dtype for t in tensors.values()))
+        if k not in self._kept:
+            try:
+                found = record(template, tensors, inputs)
+            except NotRecorded:
+                return None
+            if len(self._kept) >= self.MAX:
+                self._kept.clear()
+            self._kept[k] = found
+        return self._kept[k]
 
 
 class Draws:

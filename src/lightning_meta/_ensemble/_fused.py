@@ -20,18 +20,10 @@ from torch import nn
 
 from lightning_meta._compat import (
     custom_functions_unsupported,
-    global_module_hooks,
     has_module_hooks,
     plain_backward_needed,
 )
-from lightning_meta._ensemble._draws import (
-    Draw,
-    Draws,
-    NotRecorded,
-    dropped,
-    exact_possible,
-    record,
-)
+from lightning_meta._ensemble._draws import Draw, Draws, Schedules, dropped, exact_possible
 from lightning_meta._ensemble._grads import GradBuffers
 
 __all__ = [
@@ -72,8 +64,6 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (*ELEMENTWISE_ACTIVATIONS, nn.Identi
 # gradient member by member (see _StackedLinear).
 _PER_MEMBER_GRAD_MACS = 1 << 21
 _DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
-# How many kinds of call a plan keeps one member's draws for.
-_SCHEDULES_MAX = 4096
 
 
 def draws(mod: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
@@ -119,10 +109,8 @@ class FusedPlan:
 
     steps: tuple[Step, ...]
     in_features: int
-    # One member's draws per kind of call (see _draws); None: not recordable.
-    _schedules: dict[tuple[Any, ...], list[Draw] | None] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    # One member's draws per kind of call (see _draws).
+    _schedules: Schedules = field(default_factory=Schedules, compare=False, repr=False)
 
     def _dropouts(self, template: nn.Module) -> list[nn.Module]:
         return [
@@ -143,31 +131,20 @@ class FusedPlan:
         inputs: tuple[Any, ...],
         per_member: bool,
     ) -> list[Draw] | None:
-        """One member's draws in a call on ``inputs`` (recorded once per kind of call and
-        stacked dtypes, see :mod:`._draws`), or ``None`` where this plan cannot draw the
-        loop's masks (:func:`._draws.exact_possible`, hooks, a record that failed in this
-        call's context); it then draws on the stacked activations."""
+        """One member's draws in a call on ``inputs`` (:class:`._draws.Schedules`), or ``None``
+        where this plan cannot draw the loop's masks (:func:`._draws.exact_possible`, hooks,
+        a record that failed in this call's context); it then draws on the stacked
+        activations."""
         if (
             len(inputs) != 1
             or not isinstance(x := inputs[0], torch.Tensor)
             or not self.fits(x, per_member)
             or not exact_possible(tensors.values(), inputs)
-            # Hooks keep the plan off (and the record would run them on meta tensors).
-            or any(global_module_hooks())
-            or any(has_module_hooks(m) for m in template.modules())
         ):
             return None
         modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(template))
-        dtypes = tuple(t.dtype for t in tensors.values())
-        key = (x.shape, x.dtype, dtypes, per_member, torch.is_grad_enabled(), modes)
-        if key not in self._schedules:
-            if len(self._schedules) >= _SCHEDULES_MAX:
-                self._schedules.clear()
-            try:
-                self._schedules[key] = record(template, tensors, (x[0] if per_member else x,))
-            except NotRecorded:  # in this call's context (a hook of the caller's): not kept
-                return None
-        return self._schedules[key]
+        key = (x.shape, x.dtype, per_member, torch.is_grad_enabled(), modes)
+        return self._schedules.get(key, template, tensors, (x[0] if per_member else x,))
 
     def fits(self, x: torch.Tensor, per_member: bool) -> bool:
         """Whether ``x`` is an input this plan computes (else the member-level path reports it)."""

@@ -47,14 +47,7 @@ from lightning_meta._compat import (
     saved_tensor_hooks_on,
     tree_map,
 )
-from lightning_meta._ensemble._draws import (
-    Draw,
-    Draws,
-    NotRecorded,
-    dropped,
-    exact_possible,
-    record,
-)
+from lightning_meta._ensemble._draws import Draw, Draws, Schedules, dropped, exact_possible
 from lightning_meta._ensemble._fused import (
     ELEMENTWISE_ACTIVATIONS,
     Refusal,
@@ -979,9 +972,8 @@ class GroupedPlan:
         self._graphs: dict[tuple[Any, ...], fx.Graph | Refusal] = {}
         # The kinds of call (graph, LayoutLog.key) that ran to the end.
         self._laid_out: set[tuple[int, tuple[Any, ...]]] = set()
-        # One member's draws per kind of call (graph, LayoutLog.key, stacked dtypes); None: not
-        # recordable.
-        self._schedules: dict[tuple[Any, ...], list[Draw] | None] = {}
+        # One member's draws per kind of call (graph, LayoutLog.key).
+        self._schedules = Schedules()
         # Per graph: the modules that may draw, and whether a dropout function draws.
         self._sites: dict[int, tuple[list[nn.Module], bool]] = {}
 
@@ -1085,20 +1077,9 @@ class GroupedPlan:
         per_member: bool,
         key: tuple[Any, ...],
     ) -> list[Draw] | None:
-        """One member's draws in a call on ``inputs`` (recorded once per kind of call and
-        stacked dtypes; a record that failed is not kept: see :class:`._draws.NotRecorded`)."""
-        k = (id(graph), key, tuple(t.dtype for t in tensors.values()))
-        if k not in self._schedules:
-            if len(self._schedules) >= _LAID_OUT_MAX:
-                self._schedules.clear()
-            member = tuple(
-                x[0] if per_member and isinstance(x, torch.Tensor) else x for x in inputs
-            )
-            try:
-                self._schedules[k] = record(template, tensors, member)
-            except NotRecorded:  # in this call's context (a hook of the caller's): not kept
-                return None
-        return self._schedules[k]
+        """One member's draws in a call on ``inputs`` (:class:`._draws.Schedules`)."""
+        member = tuple(x[0] if per_member and isinstance(x, torch.Tensor) else x for x in inputs)
+        return self._schedules.get((id(graph), key), template, tensors, member)
 
     def placeholders(self, template: nn.Module) -> int:
         graph = self.graph(template)
