@@ -7,10 +7,13 @@
 #   bash scripts/compat.sh 2.15.0 2.6.6 -- -m "not slow"
 #   PYTHON=python3.10 bash scripts/compat.sh 2.10.0 2.6.6 5.17.0   # another Python
 #
-# Each pair gets .venv-compat/[pyXY-]torch-T-lightning-L (pip's cache is shared, so a
-# rebuild downloads nothing). A constraint file pins the pair, replacing the
-# machine's own pip constraint for this venv only (PIP_CONSTRAINT), so that no
-# later install can move torch or Lightning.
+# Each pair gets .venv-compat/[pyXY-]torch-T-lightning-L. A constraint file pins
+# the pair, replacing the machine's own pip constraint for this venv only
+# (PIP_CONSTRAINT), so that no later install can move torch or Lightning. PyPI's
+# torch is a CUDA build: about 3 GB of wheels that make 5.5 GB installed (torch
+# 2.6). The pair is installed one wheel at a time, so that the disk holds what is
+# installed plus one wheel, not every wheel beside it (a CI machine ran out of
+# disk that way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
@@ -57,7 +60,16 @@ if ! "$VENV/bin/python" -c "import torch, lightning" >/dev/null 2>&1 \
 sys.exit(not os.path.samefile(os.path.dirname(lightning_meta.__file__), 'src/lightning_meta'))" \
         >/dev/null 2>&1 \
     || ! cmp -s "$CONSTRAINTS" "$VENV/installed"; then
-    pip_install "torch==$TORCH" "lightning==$LIGHTNING"
+    # pip fetches every wheel of an install before it installs any: resolve the
+    # pair first (metadata only), then install what it needs one by one.
+    PLAN=$VENV/plan.json
+    pip_install --dry-run --report "$PLAN" "torch==$TORCH" "lightning==$LIGHTNING"
+    "$VENV/bin/python" -c "import json, sys
+for item in json.load(open(sys.argv[1]))['install']:
+    print(item['metadata']['name'] + '==' + item['metadata']['version'])" "$PLAN" \
+        | while read -r pin; do pip_install --no-deps --no-cache-dir "$pin"; done
+    rm -f "$PLAN"
+    pip_install "torch==$TORCH" "lightning==$LIGHTNING"  # installs nothing: checks the set
     pip_install -e ".[test]"
     cp "$CONSTRAINTS" "$VENV/installed"
 fi
