@@ -527,6 +527,24 @@ def _convert_keeping_layout(
     return out.copy_(t)
 
 
+def _stacked_like(ref: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised memory for ``n`` members' copies of ``ref``, each member's slice laid
+    out in memory as ``ref`` is (``channels_last``, a weight stored transposed).
+
+    The loop plan runs every member on its slice: a contiguous slice of a
+    ``channels_last`` convolution weight makes the convolution's output contiguous
+    where the member's own is ``channels_last``, and a dropout after it then
+    drops other elements than the member's with the same seed. ``ref``'s strides
+    are kept where ``torch.empty_like`` keeps them (a dense tensor); anything
+    else is laid out contiguously, as ``empty_like`` would.
+    """
+    if ref.layout != torch.strided:
+        return torch.empty((n, *ref.shape), dtype=dtype, device=ref.device)
+    member = torch.empty_like(ref, dtype=dtype, device="meta")
+    strides = (member.numel(), *member.stride())
+    return torch.empty_strided((n, *ref.shape), strides, dtype=dtype, device=ref.device)
+
+
 def _recurrent_layers(template: nn.Module) -> list[str]:
     """Paths of the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, ``nn.LSTMCell``),
     which ``torch.vmap`` never runs: their kernels have no batching rule and no fallback
@@ -726,7 +744,9 @@ class Ensemble(nn.Module):
     .. warning::
         Members are copied when the ensemble is built: training the ensemble
         does not change the original modules. Use :meth:`member` to get a
-        real module back.
+        real module back. Each member's slice of a stacked tensor is laid out
+        in memory as member 0's tensor (``channels_last`` included); members
+        laid out unlike member 0 are refused.
 
     .. warning::
         With ``execution="auto"``, the first call of each kind, and its 16th
@@ -919,7 +939,7 @@ class Ensemble(nn.Module):
                     "ensemble, as lm.estimate builds).",
                     paths=[name],
                 )
-            data = torch.empty((n, *t.shape), dtype=t.dtype, device=ref.device)
+            data = _stacked_like(ref, n, t.dtype)
             if isinstance(t, nn.Parameter):
                 holder.register_parameter(leaf, nn.Parameter(data, requires_grad=t.requires_grad))
             else:

@@ -68,6 +68,34 @@ def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch
     return sig
 
 
+def _layouts(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor's layout in memory, as the ensemble's stacked slice takes it: the
+    strides ``torch.empty_like`` gives it (a dense tensor's own, ``channels_last``
+    included), over the dims of size > 1 (a size-1 dim's stride says nothing), with
+    a name for the user."""
+    out = {}
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, t in tensors:
+        if t.layout != torch.strided:
+            continue
+        # A contiguous tensor's strides are its dense layout already (most tensors).
+        like = t if t.is_contiguous() else torch.empty_like(t, device="meta")
+        strides = tuple(s for s, n in zip(like.stride(), like.shape, strict=True) if n > 1)
+        if like.is_contiguous():
+            word = "contiguous"
+        elif like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+            word = "channels_last"
+        elif like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
+            word = "channels_last_3d"
+        else:
+            word = f"strides {tuple(like.stride())}"
+        out[name] = (word, strides)
+    return out
+
+
 def _ties(module: nn.Module) -> list[tuple[str, ...]]:
     groups = [tuple(s.path for s in g) for g in tie_groups(module)]
     return sorted(g for g in groups if len(g) > 1)
@@ -83,6 +111,10 @@ class Profile:
     @functools.cached_property
     def signature(self) -> dict[str, tuple[str, tuple[int, ...], torch.dtype, bool]]:
         return _signature(self.module)
+
+    @functools.cached_property
+    def layouts(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return _layouts(self.module)
 
     @functools.cached_property
     def ties(self) -> list[tuple[str, ...]]:
@@ -154,6 +186,20 @@ def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str,
             problems.append(
                 (
                     f"member {index}: {name!r} has requires_grad={grad_b}, member 0 has {grad_a}",
+                    name,
+                )
+            )
+        elif name in reference.layouts and (
+            reference.layouts[name][1] != them.layouts.get(name, reference.layouts[name])[1]
+        ):
+            # The stacked tensor lays every slice out as member 0's: member index
+            # would compute in another layout than its own (a convolution's output
+            # layout, and so the elements a dropout after it drops).
+            problems.append(
+                (
+                    f"member {index}: {name!r} is laid out {them.layouts[name][0]}, member 0's "
+                    f"{reference.layouts[name][0]} (lay every member out alike: "
+                    ".to(memory_format=torch.channels_last) on every member, or on none)",
                     name,
                 )
             )

@@ -1,0 +1,148 @@
+"""Members laid out in memory other than contiguously (``channels_last`` convolutions, a
+weight stored transposed): the stacked tensors keep each member's layout.
+
+Before, every stacked tensor was contiguous. The loop plan then ran a ``channels_last``
+member's convolution on a contiguous slice of its weight, so the convolution's output
+was contiguous where the member's own is ``channels_last``, and a dropout after it
+dropped other elements than the member's with the same seed: the ensemble trained
+other numbers than its members, without an error (1.41 off in the first test here).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_meta as lm
+
+
+def _conv() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 4, 3, padding=1)
+    )
+
+
+def _channels_last_members(n: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [_conv().to(memory_format=torch.channels_last) for _ in range(n)]
+
+
+@pytest.mark.parametrize("execution", ["auto", "loop"])
+def test_channels_last_members_train_as_their_own_loop(execution: str) -> None:
+    members = _channels_last_members()
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(4, 3, 8, 8)  # contiguous: the members' weights make the outputs channels_last
+    for seed in range(3):  # "auto" times its plans on the first call
+        ens.zero_grad()
+        for m in members:
+            m.zero_grad()
+        torch.manual_seed(seed)
+        out = ens(x)
+        out.square().sum().backward()
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        ref = torch.stack([m(x) for m in members])
+        ref.square().sum().backward()
+        assert torch.equal(torch.get_rng_state(), after)
+        assert torch.equal(out, ref), (seed, (out - ref).abs().max().item())
+        for name, stacked in ens.tensors().items():
+            for i, m in enumerate(members):
+                assert stacked.grad is not None
+                assert torch.equal(stacked.grad[i], m.get_parameter(name).grad), (seed, name, i)
+
+
+def test_the_stacked_slices_and_members_keep_the_members_layout() -> None:
+    members = _channels_last_members()
+    ens = lm.Ensemble(members)
+    for name, stacked in ens.tensors().items():
+        for i, m in enumerate(members):
+            want = m.get_parameter(name)
+            assert stacked[i].stride() == want.stride(), name
+            assert torch.equal(stacked[i], want), name
+    for i, m in enumerate(members):
+        mine = ens.member(i)
+        for (name, want), (_, got) in zip(
+            m.state_dict().items(), mine.state_dict().items(), strict=True
+        ):
+            assert got.stride() == want.stride() and torch.equal(got, want), name
+    # A checkpoint round trip into a fresh ensemble of the same members.
+    again = lm.Ensemble(_channels_last_members())
+    again.load_state_dict(ens.state_dict())
+    for name, stacked in again.tensors().items():
+        assert stacked.stride() == ens.tensors()[name].stride(), name
+        assert torch.equal(stacked, ens.tensors()[name]), name
+
+
+def test_a_weight_stored_transposed_is_stacked_transposed() -> None:
+    torch.manual_seed(0)
+    members = []
+    for _ in range(3):
+        lin = nn.Linear(8, 4)
+        lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t())  # column-major
+        members.append(lin)
+    ens = lm.Ensemble(members, execution="loop")
+    assert ens.tensors()["weight"][1].stride() == members[1].weight.stride() == (1, 4)
+    x = torch.randn(5, 8)
+    assert torch.equal(ens(x), torch.stack([m(x) for m in members]))
+
+
+@pytest.mark.parametrize("first_channels_last", [True, False])
+def test_members_laid_out_differently_are_refused(first_channels_last: bool) -> None:
+    torch.manual_seed(0)
+    members = [_conv() for _ in range(2)]
+    members[0 if first_channels_last else 1].to(memory_format=torch.channels_last)
+    with pytest.raises(lm.MetaTensorError, match="channels_last") as info:
+        lm.Ensemble(members)
+    assert "'0.weight' is laid out" in str(info.value)
+    assert "'3.weight' is laid out" in str(info.value)
+    assert info.value.paths == ("0.weight", "3.weight")
+
+
+class _Members(L.LightningModule):
+    def __init__(self, ensemble: bool) -> None:
+        super().__init__()
+        members = _channels_last_members()
+        self.net: nn.Module = lm.Ensemble(members) if ensemble else nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.net, nn.ModuleList):
+            return torch.stack([m(x) for m in self.net])
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def training_step(self, batch: tuple[torch.Tensor], _: int) -> torch.Tensor:
+        return self(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(ensemble: bool) -> list[torch.Tensor]:
+    L.seed_everything(0, verbose=False)
+    model = _Members(ensemble)
+    data = TensorDataset(torch.randn(16, 3, 8, 8))
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    net = model.net
+    if isinstance(net, lm.Ensemble):
+        return [t for m in (net.member(i) for i in range(3)) for t in m.state_dict().values()]
+    return [t for m in net for t in m.state_dict().values()]
+
+
+def test_a_trainer_run_of_channels_last_members_trains_their_loops_weights() -> None:
+    loop, ensemble = _fit(False), _fit(True)
+    assert len(loop) == len(ensemble)
+    for want, got in zip(loop, ensemble, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
