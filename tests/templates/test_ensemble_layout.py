@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_meta as lm
+from support.ensembles import rank_first
 
 
 def _conv() -> nn.Module:
@@ -146,3 +147,63 @@ def test_a_trainer_run_of_channels_last_members_trains_their_loops_weights() -> 
     assert len(loop) == len(ensemble)
     for want, got in zip(loop, ensemble, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------- settings set on the template after its first call
+def _dropout_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.01), nn.Dropout(0.5), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("execution", ["auto", "loop"])
+def test_a_dropout_rate_set_on_the_template_later_reaches_the_loop(
+    execution: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the loop's member copies kept the p they were made with, where the
+    # batched plans (which call the template) saw the new one: 0.73 apart, no error.
+    rank_first(monkeypatch, "loop")  # "auto" runs the loop whatever the machine's load
+    torch.manual_seed(0)
+    members = [_dropout_mlp() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(5, 4)
+    ens(x)
+    ens(x)
+    assert ens.plan == "loop"
+    for module in (ens.template.module, *members):
+        module[2].p = 0.2
+        module[1].negative_slope = 0.3
+    for seed in range(2):
+        torch.manual_seed(seed)
+        out = ens(x)
+        torch.manual_seed(seed)
+        ref = torch.stack([m(x) for m in members])
+        assert torch.equal(out, ref), seed
+
+
+class _Remembers(nn.Module):
+    """Keeps a number of its own member's weights in a plain attribute at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.0)
+        self.norm = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.norm = float(self.lin.weight.detach().norm())
+        return self.drop(self.lin(x))
+
+
+def test_a_setting_followed_from_the_template_leaves_each_members_own_state() -> None:
+    torch.manual_seed(0)
+    members = [_Remembers() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    x = torch.randn(5, 4)
+    ens(x)
+    ens.template.module.drop.p = 0.5
+    ens(x)
+    for i, m in enumerate(members):
+        m(x)
+        got = ens.member(i)
+        assert isinstance(got, _Remembers)
+        assert got.norm == m.norm  # the member's own, not the template's 0.0
+        assert got.drop.p == 0.5

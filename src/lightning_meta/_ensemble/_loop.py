@@ -310,7 +310,8 @@ class MemberShells:
     state of their weights (an RNN's flattened weight list) keep it, as do
     forwards that keep state in plain attributes. The copies follow the
     template's train/eval modes (running their own ``train()``, as the
-    members would) and are rebuilt when the template or any hook of its
+    members would) and the plain settings changed on it (a dropout's ``p``),
+    and are rebuilt when the template or any hook of its
     modules changes (hooks are copied with the template; what the old copies
     held is carried over). On an accelerator, and inside a ``torch.func``
     transform, the views are taken out again after every call, so no copy
@@ -340,6 +341,9 @@ class MemberShells:
         # The handle ids of the template's hooks when the copies were made: a
         # copy's other hooks are its forward's (carried like its attributes).
         self.template_hooks: frozenset[int] = frozenset()
+        # Each template module's __dict__ as the copies last followed it (see
+        # _follow_settings).
+        self._settings: list[dict[str, Any]] = []
 
     def __reduce__(self) -> tuple[Callable[..., MemberShells], tuple[Any, ...]]:
         return (_with_states, (self._states(),))
@@ -362,6 +366,7 @@ class MemberShells:
         self._template, self._state, self._members, self._last = None, [], [], {}
         self._module_list = []
         self._tables = []
+        self._settings = []
 
     def remake(self) -> None:
         """Make the copies again on the next call (the template gained a buffer), keeping
@@ -404,6 +409,7 @@ class MemberShells:
         state = modes_and_hooks(self._module_list)
         same = self._template is template and len(self._members) == num_members
         if same and self._state == state and not self._stale:
+            self._follow_settings(template)
             return
         copies = [list(m.module.modules()) for m in self._members] if same else []
         if (
@@ -421,6 +427,7 @@ class MemberShells:
                 for mine, theirs in zip(mods, self._module_list, strict=True):
                     mine.training = theirs.training
             self._state = state
+            self._follow_settings(template)
             return
         old = self._members if same else []
         # Made outside inference mode even in a call under it: the copies' tensor
@@ -450,6 +457,46 @@ class MemberShells:
             for _, mod in watched(member.module.named_modules())
             for params, buffers in (tensor_tables(mod),)
         ]
+        self._settings = [dict(m.__dict__) for m in self._module_list]
+
+    def _follow_settings(self, template: nn.Module) -> None:
+        """Put a plain setting changed on the template since the copies were made (a
+        dropout's ``p``, an activation's slope) into every copy.
+
+        The plans that batch the members call the template itself and see such a
+        change at once; without this the loop's copies kept the value they were made
+        with, and the plans computed different functions without an error. Only plain
+        values (numbers, strings, tuples of them) are followed, and only those the
+        template's ``__dict__`` changed: what a copy's forward stores for its member
+        stays. Modes are followed by :meth:`build`; hooks make new copies.
+        """
+        changed: list[tuple[int, str]] = []
+        for j, (module, before) in enumerate(zip(self._module_list, self._settings, strict=True)):
+            now = module.__dict__
+            try:
+                if now == before:  # the common case: one comparison in C per module
+                    continue
+            except Exception:  # a tensor put in an attribute: its == is elementwise
+                pass
+            for key in now.keys() | before.keys():
+                if key == "training":
+                    continue
+                new, old = now.get(key), before.get(key)
+                if not (plain_value(new) and plain_value(old)):
+                    continue  # a tensor, a submodule's table, a function: not followed
+                if key not in now or key not in before or differs(new, old):
+                    changed.append((j, key))
+            self._settings[j] = dict(now)
+        if not changed:
+            return
+        paths = [path for path, _ in template.named_modules()]
+        for member in self._members:
+            for j, key in changed:
+                target = member.module.get_submodule(paths[j]).__dict__
+                if key in self._module_list[j].__dict__:
+                    target[key] = self._module_list[j].__dict__[key]
+                else:
+                    target.pop(key, None)
 
     @property
     def copies(self) -> list[MemberSlots]:
