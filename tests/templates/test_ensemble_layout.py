@@ -207,3 +207,23 @@ def test_a_setting_followed_from_the_template_leaves_each_members_own_state() ->
         assert isinstance(got, _Remembers)
         assert got.norm == m.norm  # the member's own, not the template's 0.0
         assert got.drop.p == 0.5
+
+
+@pytest.mark.parametrize("execution", ["auto", "loop", "vmap", "grouped"])
+def test_a_momentum_set_on_the_template_later_reaches_every_plan(execution: str) -> None:
+    # What Ensemble.apply's refusal of a changed setting now names as the fix.
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution)  # type: ignore[arg-type]
+    x = torch.randn(8, 4)
+    ens(x)
+    for m in members:
+        m(x)
+    for module in (ens.template.module, *members):
+        module[1].momentum = 0.5
+    out = ens(x)
+    ref = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, ref)
+    for name in ("1.running_mean", "1.running_var"):
+        want = torch.stack([m.get_buffer(name) for m in members])
+        torch.testing.assert_close(ens.tensors()[name], want, msg=name)

@@ -1311,7 +1311,9 @@ class Ensemble(nn.Module):
                 )
                 raise ArgumentValueError(
                     f"Ensemble.apply({getattr(fn, '__qualname__', fn)}) ran on copies of the "
-                    f"members, and it {what}; the ensemble is left as it was. Fix: change "
+                    f"members, and it {what}; the ensemble is left as it was. Fix: set a "
+                    "plain setting (a dropout's p, BatchNorm's momentum) on "
+                    "ensemble.template.module, which every plan follows; change other "
                     "settings and hooks on the members and build a new Ensemble; apply "
                     "functions that change values, requires_grad or modes alike in every "
                     "member.",
