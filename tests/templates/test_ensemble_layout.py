@@ -11,6 +11,7 @@ other numbers than its members, without an error (1.41 off in the first test her
 from __future__ import annotations
 
 import copy
+import pickle
 
 import lightning as L
 import pytest
@@ -227,3 +228,111 @@ def test_a_momentum_set_on_the_template_later_reaches_every_plan(execution: str)
     for name in ("1.running_mean", "1.running_var"):
         want = torch.stack([m.get_buffer(name) for m in members])
         torch.testing.assert_close(ens.tensors()[name], want, msg=name)
+
+
+# ------------------------------------------ found by the review of the two changes above
+@pytest.mark.parametrize("then", ["hook", "deepcopy", "pickle", "member"])
+def test_a_setting_set_on_the_template_survives_new_copies(then: str) -> None:
+    # The copies made again (a hook added, a copied or unpickled ensemble) got the old
+    # copies' state carried over, p=0.5 included, where the template had 0.1; member(i)
+    # copied the copies' state without following the template first.
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    x = torch.randn(5, 4)
+    ens(x)
+    for module in (ens.template.module, *members):
+        module[1].p = 0.1
+    if then == "member":
+        assert all(ens.member(i)[1].p == 0.1 for i in range(3))
+        return
+    if then == "hook":
+        ens.template.module[2].register_forward_hook(lambda mod, args, out: out)
+    elif then == "deepcopy":
+        ens = copy.deepcopy(ens)
+    else:
+        ens = pickle.loads(pickle.dumps(ens))
+    torch.manual_seed(1)
+    out = ens(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, torch.stack([m(x) for m in members]))
+
+
+def test_members_differing_only_in_the_strides_of_size_1_dims_are_refused() -> None:
+    # A 1x1 convolution's weight (8, 3, 1, 1) made channels_last differs from a
+    # contiguous one only in the strides of its size-1 dims, which torch reads to pick
+    # the convolution's output format: the member's output is channels_last. Before,
+    # the comparison left those strides out and accepted it; the loop then ran it on
+    # member 0's layout and its dropout dropped other elements (1.6 off).
+    def net() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 1), nn.Dropout(0.5), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        )
+
+    torch.manual_seed(0)
+    members = [net(), net().to(memory_format=torch.channels_last), net()]
+    with pytest.raises(lm.MetaTensorError, match=r"'0.weight' is laid out channels_last"):
+        lm.Ensemble(members)
+    same = [net().to(memory_format=torch.channels_last) for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(same), execution="loop")
+    x = torch.randn(2, 3, 5, 5)
+    torch.manual_seed(0)
+    out = ens(x)
+    torch.manual_seed(0)
+    assert torch.equal(out, torch.stack([m(x) for m in same]))
+
+
+def test_a_weight_stored_transposed_in_one_member_is_refused_naming_the_strides() -> None:
+    torch.manual_seed(0)
+    members = [nn.Linear(64, 8) for _ in range(2)]
+    members[1].weight = nn.Parameter(members[1].weight.detach().t().contiguous().t())
+    with pytest.raises(lm.MetaTensorError, match=r"with strides \(1, 8\).*\.contiguous\(\)"):
+        lm.Ensemble(members)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.LeakyReLU(0.01)
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) * self.scale
+
+
+@pytest.mark.parametrize("execution", ["grouped", "auto", "loop", "vmap"])
+def test_a_forwards_own_setting_set_on_the_template_later_reaches_every_plan(
+    execution: str,
+) -> None:
+    # The grouped plan traced the forward once, with self.scale as a constant of the
+    # graph: 3.73 off after scale went from 1 to 3.
+    torch.manual_seed(0)
+    members = [_Scaled().eval() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution).eval()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 6, 6)
+    ens(x)
+    ens(x)
+    for module in (ens.template.module, *members):
+        module.scale = 3.0
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+
+
+def test_a_submodule_added_to_the_template_later_leaves_the_settings_followed() -> None:
+    # Before, the copies looked a setting up by the index of a fresh walk of the
+    # template's modules, shifted by the new one: AttributeError, or the wrong module.
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Dropout(0.5))
+
+    torch.manual_seed(0)
+    members = [net() for _ in range(2)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
+    x = torch.randn(3, 4)
+    ens(x)
+    ens.template.module[0].add_module("extra", nn.Identity())  # the forward does not use it
+    for module in (ens.template.module, *members):
+        module[1].p = 0.0
+    torch.manual_seed(1)
+    out = ens(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, torch.stack([m(x) for m in members]))

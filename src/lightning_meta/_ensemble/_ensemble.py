@@ -1233,6 +1233,7 @@ class Ensemble(nn.Module):
 
         # A copy of the template: its modes, submodule by submodule.
         member = copy_module(self.template.module, make)
+        self._shells.follow_settings()  # set on the template since the last call
         copies = self._shells.copies
         if len(copies) == self.num_members:
             # What the member's forward kept in its plain attributes, under the loop plan.

@@ -54,6 +54,7 @@ from lightning_meta._ensemble._fused import (
     draws,
     draws_in_forward,
 )
+from lightning_meta._ensemble._settings import SettingsWatch
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
@@ -976,6 +977,9 @@ class GroupedPlan:
         self._schedules = Schedules()
         # Per graph: the modules that may draw, and whether a dropout function draws.
         self._sites: dict[int, tuple[list[nn.Module], bool]] = {}
+        # Tracing reads the template's plain settings its forwards read (a forward's
+        # own self.scale becomes a constant of the graph): a change retraces.
+        self._settings = SettingsWatch()
 
     def __reduce__(self) -> tuple[type[GroupedPlan], tuple[str]]:
         return (GroupedPlan, (self.randomness,))
@@ -991,6 +995,11 @@ class GroupedPlan:
         # section of the forward is a no-op when the call's context is already that
         # (nothing to see), and in any other context it is not, so each context is
         # traced (and checked) on its own.
+        if self._settings.changed(template):
+            self._graphs.clear()
+            self._laid_out.clear()
+            self._sites.clear()
+            self._schedules = Schedules()
         key = (
             _call_context(),
             tuple((m.training, has_module_hooks(m)) for m in template.modules()),

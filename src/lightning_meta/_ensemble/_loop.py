@@ -19,7 +19,6 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from lightning_meta._compat import (
     tree_unflatten,
 )
 from lightning_meta._ensemble._grads import GradBuffers, unstack
+from lightning_meta._ensemble._settings import DELETED, SettingsWatch, differs, plain_value
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._forward_state import (
     CopyState,
@@ -61,9 +61,7 @@ __all__ = [
     "changed_in_place",
     "check_no_draw",
     "check_output_leaves",
-    "differs",
     "join_outputs",
-    "plain_value",
     "replay_rng",
     "restack",
     "rng_states",
@@ -341,9 +339,8 @@ class MemberShells:
         # The handle ids of the template's hooks when the copies were made: a
         # copy's other hooks are its forward's (carried like its attributes).
         self.template_hooks: frozenset[int] = frozenset()
-        # Each template module's __dict__ as the copies last followed it (see
-        # _follow_settings).
-        self._settings: list[dict[str, Any]] = []
+        # The template's plain settings as the copies last followed them.
+        self._watch = SettingsWatch()
 
     def __reduce__(self) -> tuple[Callable[..., MemberShells], tuple[Any, ...]]:
         return (_with_states, (self._states(),))
@@ -357,6 +354,7 @@ class MemberShells:
         if not self._members:
             # Not run since it was copied: a copy of what it was given.
             return None if self._pending is None else [copy_state(s) for s in self._pending]
+        self.follow_settings()  # what was set on the template since the last call
         return [
             state_of(m.module, copy=True, template_hooks=self.template_hooks) for m in self._members
         ]
@@ -366,7 +364,7 @@ class MemberShells:
         self._template, self._state, self._members, self._last = None, [], [], {}
         self._module_list = []
         self._tables = []
-        self._settings = []
+        self._watch = SettingsWatch()
 
     def remake(self) -> None:
         """Make the copies again on the next call (the template gained a buffer), keeping
@@ -406,10 +404,13 @@ class MemberShells:
         # cost as much as the member calls of a small layer.
         if self._template is not template:
             self._module_list = list(template.modules())
+        else:
+            # Before anything below carries the copies' state into new copies: the
+            # carried state would otherwise put back the values they were made with.
+            self.follow_settings()
         state = modes_and_hooks(self._module_list)
         same = self._template is template and len(self._members) == num_members
         if same and self._state == state and not self._stale:
-            self._follow_settings(template)
             return
         copies = [list(m.module.modules()) for m in self._members] if same else []
         if (
@@ -427,7 +428,6 @@ class MemberShells:
                 for mine, theirs in zip(mods, self._module_list, strict=True):
                     mine.training = theirs.training
             self._state = state
-            self._follow_settings(template)
             return
         old = self._members if same else []
         # Made outside inference mode even in a call under it: the copies' tensor
@@ -457,46 +457,29 @@ class MemberShells:
             for _, mod in watched(member.module.named_modules())
             for params, buffers in (tensor_tables(mod),)
         ]
-        self._settings = [dict(m.__dict__) for m in self._module_list]
+        self._watch.reset(template)
 
-    def _follow_settings(self, template: nn.Module) -> None:
-        """Put a plain setting changed on the template since the copies were made (a
-        dropout's ``p``, an activation's slope) into every copy.
+    def follow_settings(self) -> None:
+        """Put every plain setting changed on the template since the copies last looked (a
+        dropout's ``p``, an activation's slope, a forward's own ``self.scale``) into every
+        copy.
 
-        The plans that batch the members call the template itself and see such a
-        change at once; without this the loop's copies kept the value they were made
-        with, and the plans computed different functions without an error. Only plain
-        values (numbers, strings, tuples of them) are followed, and only those the
-        template's ``__dict__`` changed: what a copy's forward stores for its member
-        stays. Modes are followed by :meth:`build`; hooks make new copies.
+        The plans that call the template see such a change at once; without this the
+        copies kept the value they were made with, and the plans computed different
+        functions without an error. Only plain values the template changed are put:
+        what a copy's forward stored for its member stays. Modes are followed by
+        :meth:`build`; hooks make new copies.
         """
-        changed: list[tuple[int, str]] = []
-        for j, (module, before) in enumerate(zip(self._module_list, self._settings, strict=True)):
-            now = module.__dict__
-            try:
-                if now == before:  # the common case: one comparison in C per module
-                    continue
-            except Exception:  # a tensor put in an attribute: its == is elementwise
-                pass
-            for key in now.keys() | before.keys():
-                if key == "training":
-                    continue
-                new, old = now.get(key), before.get(key)
-                if not (plain_value(new) and plain_value(old)):
-                    continue  # a tensor, a submodule's table, a function: not followed
-                if key not in now or key not in before or differs(new, old):
-                    changed.append((j, key))
-            self._settings[j] = dict(now)
-        if not changed:
+        if self._template is None or not self._members:
             return
-        paths = [path for path, _ in template.named_modules()]
+        changed = self._watch.changed(self._template)
         for member in self._members:
-            for j, key in changed:
-                target = member.module.get_submodule(paths[j]).__dict__
-                if key in self._module_list[j].__dict__:
-                    target[key] = self._module_list[j].__dict__[key]
-                else:
+            for path, key, value in changed:
+                target = member.module.get_submodule(path).__dict__
+                if value is DELETED:
                     target.pop(key, None)
+                else:
+                    target[key] = value
 
     @property
     def copies(self) -> list[MemberSlots]:
@@ -669,20 +652,6 @@ def run_loop(
     return join_outputs(outs, torch.stack)
 
 
-_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
-
-
-def plain_value(value: Any) -> bool:
-    """Whether ``value`` holds no tensor or object: numbers, strings, and containers of them."""
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (tuple, list, set, frozenset)):
-        return all(plain_value(v) for v in value)
-    if isinstance(value, dict):
-        return all(plain_value(k) and plain_value(v) for k, v in value.items())
-    return False
-
-
 def check_output_leaves(leaves: Sequence[Any]) -> None:
     """Refuse an output leaf that is neither a tensor nor a plain value (a cache object
     holding tensors cannot be stacked, and under vmap its tensors would escape)."""
@@ -724,16 +693,6 @@ def join_outputs(outs: Sequence[Any], join: Callable[[list[torch.Tensor]], torch
 
 
 _NONE = object()
-
-
-def differs(a: Any, b: Any) -> bool:
-    """Whether plain values ``a`` and ``b`` differ (NaN equals NaN; a failing ``==`` differs)."""
-    try:
-        if bool(a == b):
-            return False
-    except Exception:  # a comparison that raises is not an equality
-        pass
-    return repr(a) != repr(b)
 
 
 def _same_leaf(a: Any, b: Any) -> bool:

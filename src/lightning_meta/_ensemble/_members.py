@@ -36,7 +36,7 @@ from lightning_meta._compat import (
     forward_hook_flags,
     module_hooks,
 )
-from lightning_meta._ensemble._loop import differs, plain_value
+from lightning_meta._ensemble._settings import differs, plain_value
 from lightning_meta._forward_state import MODULE_INTERNALS
 from lightning_meta._slots import tie_groups
 from lightning_meta._watched import tensor_class
@@ -69,10 +69,9 @@ def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch
 
 
 def _layouts(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor's layout in memory, as the ensemble's stacked slice takes it: the
-    strides ``torch.empty_like`` gives it (a dense tensor's own, ``channels_last``
-    included), over the dims of size > 1 (a size-1 dim's stride says nothing), with
-    a name for the user."""
+    """Every tensor's layout in memory as the ensemble's stacked slice takes it (the
+    strides ``torch.empty_like`` gives it: a dense tensor's own, size-1 dims included,
+    which torch's choice of a convolution's output format reads), with a name for it."""
     out = {}
     tensors = [
         *module.named_parameters(remove_duplicate=False),
@@ -81,19 +80,22 @@ def _layouts(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
     for name, t in tensors:
         if t.layout != torch.strided:
             continue
-        # A contiguous tensor's strides are its dense layout already (most tensors).
-        like = t if t.is_contiguous() else torch.empty_like(t, device="meta")
-        strides = tuple(s for s, n in zip(like.stride(), like.shape, strict=True) if n > 1)
-        if like.is_contiguous():
-            word = "contiguous"
-        elif like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
-            word = "channels_last"
-        elif like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
-            word = "channels_last_3d"
-        else:
-            word = f"strides {tuple(like.stride())}"
-        out[name] = (word, strides)
+        # A contiguous tensor is dense: empty_like would keep its strides (most tensors).
+        strides = (t if t.is_contiguous() else torch.empty_like(t, device="meta")).stride()
+        out[name] = (_layout_name(t.shape, strides), tuple(strides))
     return out
+
+
+def _layout_name(shape: torch.Size, strides: tuple[int, ...]) -> str:
+    formats = [("contiguous", torch.contiguous_format)]
+    if len(shape) == 4:
+        formats.append(("channels_last", torch.channels_last))
+    elif len(shape) == 5:
+        formats.append(("channels_last_3d", torch.channels_last_3d))
+    for word, memory_format in formats:
+        if torch.empty(shape, device="meta", memory_format=memory_format).stride() == strides:
+            return word
+    return f"with strides {strides}"
 
 
 def _ties(module: nn.Module) -> list[tuple[str, ...]]:
@@ -195,11 +197,15 @@ def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str,
             # The stacked tensor lays every slice out as member 0's: member index
             # would compute in another layout than its own (a convolution's output
             # layout, and so the elements a dropout after it drops).
+            how = (
+                ".to(memory_format=torch.channels_last) on every member, or on none"
+                if len(sig[name][1]) in (4, 5)
+                else "the same strides, e.g. .contiguous() data in every member"
+            )
             problems.append(
                 (
                     f"member {index}: {name!r} is laid out {them.layouts[name][0]}, member 0's "
-                    f"{reference.layouts[name][0]} (lay every member out alike: "
-                    ".to(memory_format=torch.channels_last) on every member, or on none)",
+                    f"{reference.layouts[name][0]} (lay every member out alike: {how})",
                     name,
                 )
             )

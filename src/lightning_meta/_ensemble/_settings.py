@@ -1,0 +1,110 @@
+"""Plain settings changed on an ensemble's template since a plan last looked.
+
+A setting such as a dropout's ``p`` or a module's own ``self.scale`` may be set on
+``ensemble.template.module`` between calls. The ``vmap`` and ``fused`` plans read
+the template on every call; the loop plan runs per-member copies of it, and the
+``grouped`` plan a graph traced from it, which keep what they were made with.
+Each of those keeps a :class:`SettingsWatch` and asks it, once per call, what
+changed: one dictionary comparison per module when nothing did.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DELETED", "SettingsWatch", "differs", "plain_value"]
+
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def plain_value(value: Any) -> bool:
+    """Whether ``value`` holds no tensor or object: numbers, strings, and containers of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(plain_value(k) and plain_value(v) for k, v in value.items())
+    return False
+
+
+def differs(a: Any, b: Any) -> bool:
+    """Whether plain values ``a`` and ``b`` differ (NaN equals NaN; a failing ``==`` differs)."""
+    try:
+        if bool(a == b):
+            return False
+    except Exception:  # a comparison that raises is not an equality
+        pass
+    return repr(a) != repr(b)
+
+
+class SettingsWatch:
+    """Remembers each module's ``__dict__`` under a root module; :meth:`changed` names the
+    plain values (numbers, strings, containers of them) changed since the last look.
+
+    The modules are those of the root when it was first seen, or last :meth:`reset`
+    (a submodule added later is not watched; the paths stay those of that walk).
+    """
+
+    def __init__(self) -> None:
+        self._root: nn.Module | None = None
+        self._paths: list[str] = []
+        self._watched: list[nn.Module] = []
+        self._dicts: list[dict[str, Any]] = []
+
+    def __reduce__(self) -> tuple[type[SettingsWatch], tuple[()]]:
+        return (SettingsWatch, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SettingsWatch:
+        return SettingsWatch()
+
+    def reset(self, root: nn.Module) -> None:
+        """Take ``root``'s modules and their settings as they are now."""
+        pairs = list(root.named_modules())
+        self._root = root
+        self._paths = [path for path, _ in pairs]
+        self._watched = [module for _, module in pairs]
+        self._dicts = [dict(module.__dict__) for module in self._watched]
+
+    def changed(self, root: nn.Module) -> list[tuple[str, str, Any]]:
+        """``(module path, key, new value)`` for every plain setting of ``root``'s modules
+        changed since the last look (a deleted one: the value ``_DELETED``); nothing for
+        a root not seen before (taken as it is). ``training`` is left out: the plans
+        follow modes on their own."""
+        if root is not self._root:
+            self.reset(root)
+            return []
+        out: list[tuple[str, str, Any]] = []
+        for j, module in enumerate(self._watched):
+            now, before = module.__dict__, self._dicts[j]
+            try:
+                if now == before:  # the common case: one comparison in C per module
+                    continue
+            except Exception:  # a tensor put in an attribute: its == is elementwise
+                pass
+            for key in now.keys() | before.keys():
+                if key == "training":
+                    continue
+                new, old = now.get(key, DELETED), before.get(key, DELETED)
+                if not (_followed(new) and _followed(old)):
+                    continue  # a tensor, a submodule table, a function: not a setting
+                if new is DELETED or old is DELETED or differs(new, old):
+                    out.append((self._paths[j], key, new))
+            self._dicts[j] = dict(now)
+        return out
+
+
+class _Deleted:
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETED: Any = _Deleted()
+
+
+def _followed(value: Any) -> bool:
+    return value is DELETED or plain_value(value)
