@@ -19,6 +19,7 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -478,8 +479,8 @@ class MemberShells:
                 target = member.module.get_submodule(path).__dict__
                 if value is DELETED:
                     target.pop(key, None)
-                else:
-                    target[key] = value
+                else:  # a list or dict of its own per copy, as the copies were made
+                    target[key] = copy.deepcopy(value)
 
     @property
     def copies(self) -> list[MemberSlots]:
