@@ -1031,7 +1031,7 @@ class Ensemble(nn.Module):
         self._shells = MemberShells()
         self._member_slots: MemberSlots | None = None
         self._renormed_for: MemberSlots | None = None  # see _renormed
-        self._renormed_names: frozenset[str] = frozenset()
+        self._renormed_names: tuple[str, ...] = ()
         self._backward_hooked = _HookCheck()
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
@@ -1860,7 +1860,7 @@ class Ensemble(nn.Module):
                 return True
         return False
 
-    def _renormed(self) -> frozenset[str]:
+    def _renormed(self) -> tuple[str, ...]:
         """The stacked names of the ``nn.Embedding`` / ``nn.EmbeddingBag(max_norm=...)``
         weights, which the forward renormalises in place: with gradients, the loop gives
         each member a copy of its own (:func:`separate_views`)."""
@@ -1872,7 +1872,10 @@ class Ensemble(nn.Module):
                 if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None
             ]
             aliases = slots.aliases()
-            self._renormed_names = frozenset(aliases.get(p, p) for p in paths)
+            # A tuple, not a frozenset: torch 2.6's dynamo cannot write a frozenset it
+            # made into an attribute when the compiled loop breaks its graph
+            # ("frozenset not in co_names").
+            self._renormed_names = tuple(dict.fromkeys(aliases.get(p, p) for p in paths))
             self._renormed_for = slots
         return self._renormed_names
 
@@ -2535,7 +2538,7 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_draws_seen", set())
         self.__dict__.setdefault("_lost", [])
         self.__dict__.setdefault("_renormed_for", None)
-        self.__dict__.setdefault("_renormed_names", frozenset())
+        self.__dict__.setdefault("_renormed_names", ())
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
             self._sparse = _sparse_gradients(self.template.module)
         if "_padded" not in self.__dict__:  # likewise
