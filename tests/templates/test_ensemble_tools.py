@@ -242,20 +242,47 @@ def test_apply_carries_requires_grad_and_modes_and_refuses_settings() -> None:
     )
     assert not ens.member(0)[1].training and not ens.member(0)[1].weight.requires_grad
 
-    before = {k: v.clone() for k, v in ens.state_dict().items()}
-
+    # A plain setting, alike in every member, is carried to the template, which every
+    # plan follows (refused before 2026-12-07, naming it).
     def slow_bn(m: nn.Module) -> None:
         init_weights(m)
         if isinstance(m, nn.BatchNorm1d):
             m.momentum = 0.5
 
-    with pytest.raises(
-        lm.MetaTensorError, match=r"changed \['1.momentum'\].*left as it was"
-    ) as info:
-        ens.apply(slow_bn)
-    assert list(info.value.paths) == ["1.momentum"]
+    torch.manual_seed(5)
+    ens.apply(slow_bn)
+    torch.manual_seed(5)
+    ref.apply(slow_bn)
+    assert ens.template.module[1].momentum == 0.5 and ens.member(2)[1].momentum == 0.5
+    ens.train()
+    ref.train()
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ref]), rtol=0, atol=0)
+    assert torch.equal(
+        ens.tensors()["1.running_mean"], torch.stack([m[1].running_mean for m in ref])
+    )
+
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+
+    def swap_activation(m: nn.Module) -> None:
+        init_weights(m)
+        if isinstance(m, nn.BatchNorm1d):
+            m.register_forward_hook(lambda mod, args, out: out * 2)
+
+    with pytest.raises(lm.MetaTensorError, match=r"changed \['1.<hooks>'\].*left as it was"):
+        ens.apply(swap_activation)
     for k, v in ens.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+    calls = iter(range(100))
+
+    def uneven(m: nn.Module) -> None:
+        if isinstance(m, nn.BatchNorm1d):
+            m.eps = 1e-5 * (1 + next(calls))
+
+    with pytest.raises(lm.MetaTensorError, match=r"settings \['1.eps'\] differently") as info:
+        ens.apply(uneven)
+    assert list(info.value.paths) == ["1.eps"]
+    assert ens.template.module[1].eps == 1e-5
 
 
 def test_update_bn_member_by_member_gives_the_members_statistics() -> None:

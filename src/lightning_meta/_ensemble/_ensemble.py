@@ -9,6 +9,7 @@ import operator
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from copy import deepcopy
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -85,6 +86,7 @@ from lightning_meta._ensemble._plan import (
     signature,
     untimed_reason,
 )
+from lightning_meta._ensemble._settings import differs, plain_value
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import (
     AttributeState,
@@ -525,6 +527,26 @@ def _convert_keeping_layout(
         return t
     out = torch.empty_strided(t.shape, t.stride(), dtype=target.dtype, device=target.device)
     return out.copy_(t)
+
+
+def _plain_settings(member: nn.Module, changed: Sequence[str]) -> dict[str, Any]:
+    """The names among ``changed`` (:func:`changed_since` of ``member``) that are plain
+    settings of a submodule (a number, string or container of them in its ``__dict__``,
+    not its mode), with their values now."""
+    out = {}
+    for name in changed:
+        path, _, key = name.rpartition(".")
+        try:
+            module = member.get_submodule(path)
+        except AttributeError:
+            continue
+        value = module.__dict__.get(key, _NO_SETTING)
+        if key != "training" and value is not _NO_SETTING and plain_value(value):
+            out[name] = value
+    return out
+
+
+_NO_SETTING = object()
 
 
 def _stacked_like(ref: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -1279,6 +1301,8 @@ class Ensemble(nn.Module):
         # last write, and all end with the last one.
         chained = [n for n in getattr(self, "_aliased", ()) if n in names]
         last: dict[str, torch.Tensor] = {}
+        # Plain settings fn changed (dotted name -> value), alike in every member.
+        carried: dict[str, Any] = {}
         for i in range(self.num_members):
             member = self.member(i)
             if last:
@@ -1290,6 +1314,18 @@ class Ensemble(nn.Module):
             _ = before.signature, before.settings, before.hooks  # read before fn runs
             member.apply(fn)
             changed = changed_since(before)
+            settings = _plain_settings(member, changed)
+            changed = [k for k in changed if k not in settings]
+            uneven = (
+                sorted(
+                    k
+                    for k in settings.keys() | carried.keys()
+                    if k not in settings or k not in carried or differs(settings[k], carried[k])
+                )
+                if i > 0
+                else []
+            )
+            carried = settings
             mine = [m.training for m in member.modules()]
             table = named_tensors(member)
             differ = (
@@ -1301,24 +1337,26 @@ class Ensemble(nn.Module):
                 if not changed
                 else []
             )
-            if changed or differ or (modes is not None and mine != modes):
+            if changed or uneven or differ or (modes is not None and mine != modes):
                 what = (
                     f"changed {changed}, which the ensemble cannot carry (its template and "
                     "the copies the loop plan runs are member 0's)"
                     if changed
+                    else f"changed the settings {uneven} differently in member {i} than in "
+                    "member 0 (the ensemble's settings are one for all members)"
+                    if uneven
                     else f"set requires_grad on {differ} differently in member {i} than in member 0"
                     if differ
                     else f"left member {i} in other train/eval modes than member 0"
                 )
                 raise ArgumentValueError(
                     f"Ensemble.apply({getattr(fn, '__qualname__', fn)}) ran on copies of the "
-                    f"members, and it {what}; the ensemble is left as it was. Fix: set a "
-                    "plain setting (a dropout's p, BatchNorm's momentum) on "
-                    "ensemble.template.module, which every plan follows; change other "
-                    "settings and hooks on the members and build a new Ensemble; apply "
-                    "functions that change values, requires_grad or modes alike in every "
-                    "member.",
-                    paths=changed or differ,
+                    f"members, and it {what}; the ensemble is left as it was. Fix: apply "
+                    "functions that change values, requires_grad, modes and plain settings "
+                    "(a dropout's p, BatchNorm's momentum) alike in every member; change "
+                    "hooks, submodules and other settings on the members and build a new "
+                    "Ensemble.",
+                    paths=changed or uneven or differ,
                 )
             modes = mine
             values.append({name: table[name] for name in names})
@@ -1341,6 +1379,10 @@ class Ensemble(nn.Module):
                 self._plans.clear()
             for module, flag in zip(template_modules, modes, strict=True):
                 module.training = flag
+        for name, value in carried.items():
+            # On the template, which the plans call and the loop's copies follow.
+            path, _, key = name.rpartition(".")
+            self.template.module.get_submodule(path).__dict__[key] = deepcopy(value)
         fn(self)
         return self
 
