@@ -61,7 +61,8 @@ sys.exit(not os.path.samefile(os.path.dirname(lightning_meta.__file__), 'src/lig
         >/dev/null 2>&1 \
     || ! cmp -s "$CONSTRAINTS" "$VENV/installed"; then
     # pip fetches every wheel of an install before it installs any: resolve the
-    # pair first (metadata only), then install what it needs one by one.
+    # pair first (the dry run fetches them too, but into a temporary directory it
+    # empties before anything is installed), then install what it needs one by one.
     PLAN=$VENV/plan.json
     pip_install --dry-run --report "$PLAN" "torch==$TORCH" "lightning==$LIGHTNING"
     "$VENV/bin/python" -c "import json, sys

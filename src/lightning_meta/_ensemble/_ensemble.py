@@ -77,6 +77,7 @@ from lightning_meta._ensemble._members import (
     changed_since,
     compare,
     held_outside,
+    slice_strides,
 )
 from lightning_meta._ensemble._plan import (
     PlanCache,
@@ -556,15 +557,15 @@ def _stacked_like(ref: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor
     The loop plan runs every member on its slice: a contiguous slice of a
     ``channels_last`` convolution weight makes the convolution's output contiguous
     where the member's own is ``channels_last``, and a dropout after it then
-    drops other elements than the member's with the same seed. ``ref``'s strides
-    are kept where ``torch.empty_like`` keeps them (a dense tensor); anything
-    else is laid out contiguously, as ``empty_like`` would.
+    drops other elements than the member's with the same seed. The slice's strides
+    are :func:`slice_strides`', which ``Ensemble`` also compares across members.
     """
-    if ref.layout != torch.strided:
+    strides = slice_strides(ref)
+    if strides is None:
         return torch.empty((n, *ref.shape), dtype=dtype, device=ref.device)
-    member = torch.empty_like(ref, dtype=dtype, device="meta")
-    strides = (member.numel(), *member.stride())
-    return torch.empty_strided((n, *ref.shape), strides, dtype=dtype, device=ref.device)
+    return torch.empty_strided(
+        (n, *ref.shape), (ref.numel(), *strides), dtype=dtype, device=ref.device
+    )
 
 
 def _recurrent_layers(template: nn.Module) -> list[str]:

@@ -48,6 +48,7 @@ __all__ = [
     "compare",
     "held_outside",
     "settings",
+    "slice_strides",
 ]
 
 # What this package adds to a module.
@@ -68,21 +69,29 @@ def _signature(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch
     return sig
 
 
+def slice_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides a member's slice of a stacked tensor takes for the member's ``t``: those
+    ``torch.empty_like`` gives it (a dense tensor's own, size-1 dims included, which torch's
+    choice of a convolution's output format reads; contiguous otherwise), or ``None`` for
+    a tensor that is not strided (contiguous then too)."""
+    if t.layout != torch.strided:
+        return None
+    # A contiguous tensor is dense: empty_like would keep its strides (most tensors).
+    return tuple((t if t.is_contiguous() else torch.empty_like(t, device="meta")).stride())
+
+
 def _layouts(module: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor's layout in memory as the ensemble's stacked slice takes it (the
-    strides ``torch.empty_like`` gives it: a dense tensor's own, size-1 dims included,
-    which torch's choice of a convolution's output format reads), with a name for it."""
+    """Every tensor's layout in memory as the ensemble's stacked slice takes it
+    (:func:`slice_strides`), with a name for it."""
     out = {}
     tensors = [
         *module.named_parameters(remove_duplicate=False),
         *module.named_buffers(remove_duplicate=False),
     ]
     for name, t in tensors:
-        if t.layout != torch.strided:
-            continue
-        # A contiguous tensor is dense: empty_like would keep its strides (most tensors).
-        strides = (t if t.is_contiguous() else torch.empty_like(t, device="meta")).stride()
-        out[name] = (_layout_name(t.shape, strides), tuple(strides))
+        strides = slice_strides(t)
+        if strides is not None:
+            out[name] = (_layout_name(t.shape, strides), strides)
     return out
 
 
