@@ -1,4 +1,4 @@
-"""Helpers for tests of ``Ensemble``'s plan choice."""
+"""Helpers for tests of ``Ensemble``: its plan choice, and a LightningModule over members."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import contextlib
 import math
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from torch import nn
 
 import lightning_meta as lm
 
@@ -48,3 +50,30 @@ def call_context(case: str) -> contextlib.AbstractContextManager[Any]:
     if case == "inference-mode":
         return torch.inference_mode()
     return torch.enable_grad()
+
+
+class MembersModule(L.LightningModule):
+    """The members as an ``Ensemble(members, execution=execution)``, or, for ``execution=None``,
+    as an ``nn.ModuleList`` run in a loop: the same outputs (stacked), loss (mean of
+    squares) and optimizer (SGD, lr 0.1), so a Trainer run of one is compared with the
+    other's."""
+
+    def __init__(self, members: list[nn.Module], execution: str | None) -> None:
+        super().__init__()
+        self.net: nn.Module = (
+            nn.ModuleList(members)
+            if execution is None
+            else lm.Ensemble(members, execution=execution)  # type: ignore[arg-type]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.net, nn.ModuleList):
+            return torch.stack([m(x) for m in self.net])
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def training_step(self, batch: tuple[torch.Tensor], _: int) -> torch.Tensor:
+        return self(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)

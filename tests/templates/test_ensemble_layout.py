@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_meta as lm
-from support.ensembles import rank_first
+from support.ensembles import MembersModule, rank_first
 
 
 def _conv() -> nn.Module:
@@ -105,28 +105,9 @@ def test_members_laid_out_differently_are_refused(first_channels_last: bool) -> 
     assert info.value.paths == ("0.weight", "3.weight")
 
 
-class _Members(L.LightningModule):
-    def __init__(self, ensemble: bool) -> None:
-        super().__init__()
-        members = _channels_last_members()
-        self.net: nn.Module = lm.Ensemble(members) if ensemble else nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.net, nn.ModuleList):
-            return torch.stack([m(x) for m in self.net])
-        out: torch.Tensor = self.net(x)
-        return out
-
-    def training_step(self, batch: tuple[torch.Tensor], _: int) -> torch.Tensor:
-        return self(batch[0]).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def _fit(ensemble: bool) -> list[torch.Tensor]:
     L.seed_everything(0, verbose=False)
-    model = _Members(ensemble)
+    model = MembersModule(_channels_last_members(), "auto" if ensemble else None)
     data = TensorDataset(torch.randn(16, 3, 8, 8))
     trainer = L.Trainer(
         max_epochs=2,

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_meta as lm
+from support.ensembles import MembersModule
 from support.measure import allocator_peak
 from support.torch_modes import deterministic_algorithms
 
@@ -214,29 +215,11 @@ def test_a_flop_counter_around_a_forced_plan_runs_it(execution: str) -> None:
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
 
 
-class _Summarised(L.LightningModule):
+class _Summarised(MembersModule):
     def __init__(self, execution: str | None) -> None:
-        super().__init__()
         torch.manual_seed(0)
-        members = [_mlp() for _ in range(3)]
-        self.net: nn.Module = (
-            nn.ModuleList(members)
-            if execution is None
-            else lm.Ensemble(members, execution=execution)  # type: ignore[arg-type]
-        )
+        super().__init__([_mlp() for _ in range(3)], execution)
         self.example_input_array = torch.randn(4, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.net, nn.ModuleList):
-            return torch.stack([m(x) for m in self.net])
-        out: torch.Tensor = self.net(x)
-        return out
-
-    def training_step(self, batch: tuple[torch.Tensor], _: int) -> torch.Tensor:
-        return self(batch[0]).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.mark.parametrize("execution", ["auto", "fused", "grouped", "vmap", "loop"])
