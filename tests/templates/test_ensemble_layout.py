@@ -317,3 +317,72 @@ def test_a_submodule_added_to_the_template_later_leaves_the_settings_followed() 
     out = ens(x)
     torch.manual_seed(1)
     assert torch.equal(out, torch.stack([m(x) for m in members]))
+
+
+class _Listed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.scales = [1.0, 1.0]
+        self.options = {"shift": 0.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * self.scales[0] + y.relu() * self.scales[1] + self.options["shift"]
+
+
+@pytest.mark.parametrize("execution", ["grouped", "auto", "loop", "vmap"])
+@pytest.mark.parametrize("edit", ["list", "dict", "both"])
+def test_a_list_or_dict_setting_changed_in_place_on_the_template_reaches_every_plan(
+    execution: str, edit: str
+) -> None:
+    # The watch kept the very list and dict the template holds, so a change in place
+    # compared equal to itself: the loop's copies kept [1.0, 1.0] and the grouped
+    # plan its traced constants, while vmap read the new values (2.0 to 5.9 apart here).
+    torch.manual_seed(0)
+    members = [_Listed().eval() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution).eval()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 6, 6)
+    ens(x)
+    ens(x)
+    for module in (ens.template.module, *members):
+        if edit in ("list", "both"):
+            module.scales[1] = 3.0
+        if edit in ("dict", "both"):
+            module.options["shift"] = 2.0
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    # And the change after that, on the copies the first change reached.
+    for module in (ens.template.module, *members):
+        module.scales.append(0.0)
+        module.scales[0] = -1.0
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+
+
+def test_apply_carries_a_list_setting_changed_in_place() -> None:
+    # apply compared each member's settings before and after fn by reference: a list
+    # fn changed in place was the same object, so nothing was carried to the template
+    # and the ensemble kept computing with [1.0, 1.0], without an error.
+    torch.manual_seed(0)
+    members = [_Listed().eval() for _ in range(3)]
+    ens = lm.Ensemble(copy.deepcopy(members), execution="loop").eval()  # type: ignore[arg-type]
+    ref = nn.ModuleList(members)
+    x = torch.randn(2, 3, 6, 6)
+    ens(x)
+
+    def rescale(m: nn.Module) -> None:
+        if isinstance(m, _Listed):
+            m.scales[1] = 3.0
+            m.options["shift"] = 2.0
+
+    ens.apply(rescale)
+    ref.apply(rescale)
+    assert ens.template.module.scales == [1.0, 3.0]
+    assert ens.member(1).options == {"shift": 2.0}
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ref]))
+
+    def uneven(m: nn.Module) -> None:
+        if isinstance(m, _Listed):
+            m.scales.append(len(m.scales) + float(torch.rand(())))
+
+    with pytest.raises(lm.MetaTensorError, match=r"settings \['scales'\] differently"):
+        ens.apply(uneven)

@@ -36,7 +36,7 @@ from lightning_meta._compat import (
     forward_hook_flags,
     module_hooks,
 )
-from lightning_meta._ensemble._settings import differs, plain_value
+from lightning_meta._ensemble._settings import as_now, differs, plain_value
 from lightning_meta._forward_state import MODULE_INTERNALS
 from lightning_meta._slots import tie_groups
 from lightning_meta._watched import tensor_class
@@ -488,7 +488,7 @@ _UNCOMPARED = object()
 def _setting(value: Any, member: _Member, depth: int = 0) -> Any:
     """``value`` in a form ``==`` compares as the template would use it, or ``_UNCOMPARED``."""
     if plain_value(value):
-        return value
+        return as_now(value)
     if isinstance(value, (slice, range)):
         return (type(value).__name__, value.start, value.stop, value.step)
     if isinstance(value, torch.Tensor):

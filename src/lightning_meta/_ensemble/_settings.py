@@ -10,13 +10,16 @@ changed: one dictionary comparison per module when nothing did.
 
 from __future__ import annotations
 
+import copy
 import enum
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["DELETED", "SettingsWatch", "differs", "plain_value"]
+from lightning_meta._forward_state import MODULE_INTERNALS
+
+__all__ = ["DELETED", "SettingsWatch", "as_now", "differs", "plain_value"]
 
 _PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 
@@ -68,7 +71,7 @@ class SettingsWatch:
         self._root = root
         self._paths = [path for path, _ in pairs]
         self._watched = [module for _, module in pairs]
-        self._dicts = [dict(module.__dict__) for module in self._watched]
+        self._dicts = [_snapshot(module.__dict__) for module in self._watched]
 
     def changed(self, root: nn.Module) -> list[tuple[str, str, Any]]:
         """``(module path, key, new value)`` for every plain setting of ``root``'s modules
@@ -94,8 +97,32 @@ class SettingsWatch:
                     continue  # a tensor, a submodule table, a function: not a setting
                 if new is DELETED or old is DELETED or differs(new, old):
                     out.append((self._paths[j], key, new))
-            self._dicts[j] = dict(now)
+            self._dicts[j] = _snapshot(now)
         return out
+
+
+def _snapshot(settings: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a module's ``__dict__`` whose plain containers are copies (:func:`as_now`),
+    but for ``nn.Module``'s own tables (its hook dicts), kept by reference: compared by
+    identity they cost nothing per call, and they are not settings."""
+    return {
+        key: value if key in MODULE_INTERNALS else as_now(value) for key, value in settings.items()
+    }
+
+
+def as_now(value: Any) -> Any:
+    """``value`` as it is now: a plain container (a list, a dict, a tuple holding one) is
+    copied, anything else is itself.
+
+    A list or dict setting changed in place (``self.scales[1] = 3.0``) is the same
+    object before and after: kept by reference, it compared equal to itself and the
+    change went unseen (the loop's copies kept the old values, the grouped plan its
+    traced constants, ``Ensemble.apply`` carried nothing). Comparing with a copy costs
+    the container's length.
+    """
+    if isinstance(value, (tuple, list, set, frozenset, dict)) and plain_value(value):
+        return copy.deepcopy(value)
+    return value
 
 
 class _Deleted:
