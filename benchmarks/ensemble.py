@@ -39,7 +39,11 @@ or with --no-grad-reuse to see the gap the reuse closes.
 
 A cell over 1.05x is measured again (--recheck times, fresh ensemble and
 plan) and every figure is printed, so noise from other processes on a shared
-machine can be told from a plan that picks wrong.
+machine can be told from a plan that picks wrong. ``--control`` also times
+the loop a second time, as a variant of its own in the same rounds, and
+reports that loop over the first (``[A/A 1.02]``): the spread of a ratio
+between two identical steps, which a cell's ratio must exceed to say that
+the ensemble differs from the loop at all.
 """
 
 from __future__ import annotations
@@ -173,13 +177,21 @@ def runs(step: Callable[[], None]) -> bool:
 
 
 def cell(
-    model: Model, n: int, dtype: torch.dtype, train: bool, rounds: int, seconds: float
+    model: Model,
+    n: int,
+    dtype: torch.dtype,
+    train: bool,
+    rounds: int,
+    seconds: float,
+    control: bool = False,
 ) -> dict[str, Any]:
     """Time one cell: at least ``rounds`` rounds and ``seconds`` of timing.
 
     Every round runs each variant once (``inner`` steps), in alternating
     order; the ratio is the median over rounds of Ensemble / baseline, for the
-    faster baseline (the larger of the two ratios).
+    faster baseline (the larger of the two ratios). With ``control`` the loop
+    runs twice per round, and ``control`` is the median of the second over the
+    first: what a ratio of two identical steps gives here.
     """
     torch.manual_seed(0)
     members = [model.make().to(DEVICE, dtype).train(train) for _ in range(n)]
@@ -244,6 +256,8 @@ def cell(
     ensemble_step()  # auto times the plans again and keeps this choice
     retime_call = clock() - start
     steps = {**baselines, "ensemble": ensemble_step}
+    if control:
+        steps["loop again"] = loop_step
     for fn in steps.values():
         fn()
     inner = max(1, round(2e-3 / max(timed(loop_step, 1), 1e-6)))
@@ -269,6 +283,11 @@ def cell(
         **{f"{k}_ms": v * 1e3 for k, v in med.items()},
         "ratio": max(per_baseline.values()),
         "ratio_of_medians": med["ensemble"] / min(med["loop"], med.get("vmap", math.inf)),
+        "control": statistics.median(
+            a / b for a, b in zip(times["loop again"], times["loop"], strict=True)
+        )
+        if control
+        else None,
         "rounds": len(times["loop"]),
         "plan": ensemble.plan,
         "plan_timings_ms": dict(record.timings_ms) if record else {},
@@ -309,8 +328,13 @@ def describe(r: dict[str, Any]) -> str:
         return f"{mark}{ratio:.2f}{mark} {plan}"
 
     text = one(r["ratio"], r["plan"])
+    if r.get("control") is not None:
+        text += f" [A/A {r['control']:.2f}]"
     for again in r.get("rechecks", []):
-        text += f" (again: {one(again['ratio'], again['plan'])})"
+        text += f" (again: {one(again['ratio'], again['plan'])}"
+        if again.get("control") is not None:
+            text += f" [A/A {again['control']:.2f}]"
+        text += ")"
     return text
 
 
@@ -332,6 +356,7 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
                             mode == "train",
                             args.repeats,
                             args.seconds,
+                            args.control,
                         )
                         # Over target: noise (a burst of load from elsewhere)
                         # or real? Measure again; every figure is kept.
@@ -344,9 +369,13 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 mode == "train",
                                 args.repeats,
                                 args.seconds,
+                                args.control,
                             )
                             r["rechecks"].append(
-                                {k: again[k] for k in ("ratio", "plan", "plan_timings_ms")}
+                                {
+                                    k: again[k]
+                                    for k in ("ratio", "plan", "plan_timings_ms", "control")
+                                }
                             )
                             if again["ratio"] <= 1.05:
                                 break
@@ -371,7 +400,8 @@ def zoo_table(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"\ntorch {torch.__version__} on {device_name()}, >= {args.repeats} rounds and {args.seconds} s per cell; "
         "ratio = median over rounds of Ensemble / the faster of (loop, hand vmap); "
         "plan = what execution='auto' chose; (again: ...) = the cell measured anew "
-        f"because it was over 1.05x; gradient buffer reuse "
+        "because it was over 1.05x; [A/A r] = the loop timed twice, the second over the first "
+        f"(--control); gradient buffer reuse "
         f"{'off' if _grads.REUSE_BYTES > 1 << 40 else 'on'}\n"
     )
     print_table(rows)
@@ -424,6 +454,12 @@ def main() -> None:
         action="store_true",
         help="turn off the ensemble's reuse of large gradient buffers (the 'before' of the "
         "allocator gap)",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also time the loop a second time in every round and report it over the first "
+        "([A/A r]): the noise floor of the cell's ratio",
     )
     parser.add_argument("--table", help="print the table of a --zoo JSON file and exit")
     parser.add_argument(
