@@ -29,6 +29,7 @@ import inspect
 import math
 import re
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -174,7 +175,34 @@ class ClosedFakeMode(FakeTensorMode):
         raise self.refusal(func, tuple(args), dict(kwargs or {}))
 
 
-__all__ += ["ClosedFakeMode"]
+class OwnedFakeMode(FakeTensorMode):
+    """A fake mode whose tensors are computed on in the thread that made it only.
+
+    A dispatch mode is per thread: another thread's op on one of its tensors (model
+    code initialising layers in a thread pool) reaches the mode through the tensor,
+    past whatever the owner thread has stacked on top of it (``deferred_init``'s
+    recorder), so it would go unrecorded. Such an op raises :meth:`refusal` instead.
+    """
+
+    owner: int = 0
+
+    def refusal(self, func: Any) -> Exception:
+        """The error for a call of ``func`` on one of this mode's tensors in another thread."""
+        raise NotImplementedError
+
+    def __torch_dispatch__(  # type: ignore[override]
+        self,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
+        if threading.get_ident() != self.owner:
+            raise self.refusal(func)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+__all__ += ["ClosedFakeMode", "OwnedFakeMode"]
 
 # -- dispatch modes: the recorder of deferred_init and estimate's memory tracker.
 # Checked on torch 2.6, 2.13, 2.14.
@@ -196,6 +224,56 @@ def dispatch_mode_active() -> bool:
     if length is None:  # pragma: no cover
         raise missing("torch._C._len_torch_dispatch_stack", "materialize")
     return bool(length() > 0)
+
+
+# torch's float32 precision per backend and op (``torch.backends.mkldnn.matmul.fp32_precision``
+# and the like, torch 2.9+), parents before children: setting a parent sets its children.
+# Checked on torch 2.13 and 2.15; torch 2.6 has none (its legacy getter says it all).
+_FP32_GET = getattr(torch._C, "_get_fp32_precision_getter", None)
+_FP32_SET = getattr(torch._C, "_set_fp32_precision_setter", None)
+
+
+def _fp32_precision_pairs() -> tuple[tuple[str, str], ...]:
+    if _FP32_GET is None or _FP32_SET is None:
+        return ()
+    pairs = []
+    for backend, ops in (("generic", ("all",)), ("mkldnn", _FP32_OPS), ("cuda", _FP32_OPS)):
+        for op in ops:
+            try:
+                _FP32_GET(backend, op)
+            except (RuntimeError, ValueError, TypeError):  # a pair this torch does not know
+                continue
+            pairs.append((backend, op))
+    return tuple(pairs)
+
+
+_FP32_OPS = ("all", "matmul", "conv", "rnn")
+_FP32_PAIRS = _fp32_precision_pairs()
+
+
+def fp32_precisions() -> tuple[str, ...]:
+    """torch's float32 precision of every backend and op (``"none"``, ``"bf16"``, ``"tf32"``) in
+    a fixed order; ``()`` where torch has no such settings (before 2.9).
+
+    They decide what a float32 matmul or convolution computes (oneDNN in bfloat16), and
+    once one is set ``torch.get_float32_matmul_precision()`` raises ("mix of the legacy
+    and new APIs"): deferred_init notes these instead, per recorded op.
+    """
+    get = _FP32_GET
+    return tuple(get(backend, op) for backend, op in _FP32_PAIRS) if get is not None else ()
+
+
+def set_fp32_precisions(values: tuple[str, ...]) -> None:
+    """Make ``values`` (from :func:`fp32_precisions`) torch's float32 precisions."""
+    get, put = _FP32_GET, _FP32_SET
+    if get is None or put is None or len(values) != len(_FP32_PAIRS):
+        return
+    for (backend, op), value in zip(_FP32_PAIRS, values, strict=True):
+        if get(backend, op) != value:
+            put(backend, op, value)
+
+
+__all__ += ["fp32_precisions", "set_fp32_precisions"]
 
 
 def active_fake_mode() -> object | None:

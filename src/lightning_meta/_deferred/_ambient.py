@@ -42,6 +42,10 @@ class Settings(NamedTuple):
     # another torch.set_num_threads (Lightning's DDP launchers set it at fit
     # time, after the model was built). 0: not noted (a block pickled before).
     threads: int = 0
+    # torch's float32 precision per backend and op (torch 2.9+; see
+    # _compat.fp32_precisions), which says what matmul_precision says, and more: noted
+    # instead of it there ("" then), since once one is set the legacy getter raises.
+    fp32_precision: tuple[str, ...] = ()
 
 
 class Ambient(NamedTuple):
@@ -58,15 +62,26 @@ class Ambient(NamedTuple):
 
 def settings() -> Settings:
     """Return the settings in force now."""
+    precisions = _compat.fp32_precisions()
     return Settings(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         bool(torch.utils.deterministic.fill_uninitialized_memory),  # type: ignore[attr-defined]
-        torch.get_float32_matmul_precision(),
+        "" if precisions else torch.get_float32_matmul_precision(),
         torch.is_grad_enabled(),
         bool(torch.backends.mkldnn.enabled),
         torch.get_num_threads(),
+        precisions,
     )
+
+
+def _legacy_precision() -> str | None:
+    """``torch.get_float32_matmul_precision()``, or ``None`` where torch 2.9+ refuses it (the
+    per-backend settings were set apart)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 _TINY: list[torch.Tensor] = []  # one denormal float, made once
@@ -97,7 +112,9 @@ def put(ambient: Ambient) -> None:
     ) != (s.deterministic, s.warn_only):
         torch.use_deterministic_algorithms(s.deterministic, warn_only=s.warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = s.fill_uninitialized  # type: ignore[attr-defined]
-    if torch.get_float32_matmul_precision() != s.matmul_precision:
+    if s.fp32_precision:
+        _compat.set_fp32_precisions(s.fp32_precision)
+    elif s.matmul_precision and _legacy_precision() != s.matmul_precision:
         torch.set_float32_matmul_precision(s.matmul_precision)
     if torch.is_grad_enabled() != s.grad_enabled:
         torch.set_grad_enabled(s.grad_enabled)

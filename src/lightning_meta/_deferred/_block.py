@@ -33,6 +33,7 @@ from lightning_meta._deferred._load_hooks import install_load_hooks
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import MAX_DEPTH, MODULE_TABLES
 from lightning_meta._deferred._record import Graded, Record
+from lightning_meta._deferred._record_errors import caught_refusal, refusals_noted
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._deferred._session import (
     PARAMETER_CLASS,
@@ -158,7 +159,7 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
     recorder: Recorder | None = None
     failed: str | None = None
     try:
-        with recording(record) as recorder:
+        with recording(record) as recorder, refusals_noted(recorder.refusals):
             _ACTIVE.recorder = recorder
             try:
                 yield
@@ -175,6 +176,8 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
                 raise
             finally:
                 _ACTIVE.recorder = None
+            if recorder.refusals:
+                raise caught_refusal(recorder.refusals[0]) from recorder.refusals[0]
         roots = list(recorder.modules.values())
         roots += [m for m in built or () if isinstance(m, nn.Module)]
         owners = _convert(recorder, roots, converted)

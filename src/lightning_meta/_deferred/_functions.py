@@ -163,6 +163,31 @@ def _real_deepcopy(original: Any) -> Any:
     return __deepcopy__
 
 
+def _stand_in_data_ptr(original: Any) -> Any:
+    """``Tensor.data_ptr`` answering, for a fake tensor of an open block, an address that is
+    the same for tensors sharing memory at the same place and differs otherwise.
+
+    Model code tells tensors that share memory apart by it (``if head.weight.data_ptr() !=
+    emb.weight.data_ptr(): nn.init.normal_(head.weight)``). A fake tensor's is 0, so every
+    pair looked shared and the block skipped eager's draw (other values, without an
+    error). The address is the storage's identity plus the offset in bytes, as eager's
+    is its memory's; 0 for a tensor without memory, as eager's. Only equality means
+    anything: it points at nothing.
+    """
+
+    def data_ptr(self: torch.Tensor) -> int:
+        if id(getattr(self, "fake_mode", None)) not in _READERS:
+            return int(original(self))
+        storage = self.untyped_storage()
+        if storage.nbytes() == 0:
+            return 0
+        return _compat.storage_id(storage) + int(self.storage_offset()) * self.element_size()
+
+    data_ptr.__name__ = "data_ptr"
+    data_ptr.__doc__ = getattr(original, "__doc__", None)
+    return data_ptr
+
+
 def _real_numpy(original: Any) -> Any:
     """``torch.Tensor.numpy`` giving a real tensor eager's array over its memory inside a block."""
 
@@ -283,6 +308,8 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
             for name in _METHODS:
                 _SAVED[name] = vars(FakeTensor).get(name)
                 setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
+            _SAVED["data_ptr"] = vars(FakeTensor).get("data_ptr")
+            FakeTensor.data_ptr = _stand_in_data_ptr(FakeTensor.data_ptr)  # type: ignore[method-assign]
             _SAVED["__deepcopy__"] = vars(torch.Tensor)["__deepcopy__"]
             torch.Tensor.__deepcopy__ = _real_deepcopy(_SAVED["__deepcopy__"])  # type: ignore[method-assign]
             # Defined on torch._C.TensorBase: torch.Tensor gets its own for the body.
@@ -307,6 +334,11 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                         delattr(FakeTensor, name)
                     else:
                         setattr(FakeTensor, name, own)
+                data_ptr = _SAVED.pop("data_ptr")
+                if data_ptr is None:
+                    del FakeTensor.data_ptr
+                else:
+                    FakeTensor.data_ptr = data_ptr  # type: ignore[method-assign]
                 torch.Tensor.__deepcopy__ = _SAVED.pop("__deepcopy__")  # type: ignore[method-assign]
                 numpy = _SAVED.pop("Tensor.numpy")
                 if numpy is None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import CodeType
 from typing import NamedTuple
 
@@ -24,7 +25,17 @@ from lightning_meta import _compat, _watched
 from lightning_meta._errors import MaterializationError
 from lightning_meta._slots import buffer_names, parameter_names, tensor_at
 
-__all__ = ["TensorPath", "path_of", "recording_error", "torch_refusal", "user_site"]
+__all__ = [
+    "TensorPath",
+    "caught_refusal",
+    "forget_refusal",
+    "note_refusal",
+    "path_of",
+    "recording_error",
+    "refusals_noted",
+    "torch_refusal",
+    "user_site",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -150,9 +161,64 @@ def recording_error(
         A :class:`MaterializationError` for the caller to raise.
     """
     where = f" on {str(path)!r}" if path is not None else ""
-    return MaterializationError(
+    error = MaterializationError(
         f"deferred_init cannot record {op}{where} issued at {user_site(2)}: it {what}. Fix: {fix}.",
         paths=(path.dotted,) if path is not None else (),
+    )
+    return note_refusal(error)
+
+
+# The refusals made while a block records in this thread (None: no block open).
+_NOTED = threading.local()
+
+
+@contextlib.contextmanager
+def refusals_noted(noted: list[MaterializationError]) -> Iterator[None]:
+    """Note every refusal :func:`recording_error` makes in this thread in ``noted`` for the body.
+
+    A refusal is a ``RuntimeError``, which model code may catch (``try: scale =
+    float(w.max()) except Exception: scale = 1.0``) and go on: eager construction does
+    not raise there, so the block then records another program than eager's, and
+    ``materialize`` gave other values without an error. The block refuses at its end
+    instead (:func:`caught_refusal`).
+    """
+    before = getattr(_NOTED, "refusals", None)
+    _NOTED.refusals = noted
+    try:
+        yield
+    finally:
+        _NOTED.refusals = before
+
+
+def note_refusal(error: MaterializationError) -> MaterializationError:
+    """Note ``error``, a refusal about to be raised, where a block records in this thread."""
+    refusals = getattr(_NOTED, "refusals", None)
+    if refusals is not None:
+        refusals.append(error)
+    return error
+
+
+def forget_refusal(error: MaterializationError) -> None:
+    """Take back a noted refusal that the package itself replaced by another error (torch's own,
+    which eager construction raises too)."""
+    refusals = getattr(_NOTED, "refusals", None)
+    if refusals is not None:
+        for i, noted in enumerate(refusals):
+            if noted is error:
+                del refusals[i]
+                break
+
+
+def caught_refusal(first: MaterializationError) -> MaterializationError:
+    """The error a block raises at its end when model code caught ``first``, a refusal."""
+    said = str(first).splitlines()[0] if str(first) else type(first).__name__
+    return MaterializationError(
+        "deferred_init refused an op inside the block, and the model's own code caught the "
+        "refusal (a try/except around it) and went on: eager construction does not raise "
+        "there, so the code after it ran down another path than eager's, and materialize "
+        "would give other values. Fix: what the caught refusal says, or build this part of "
+        f"the model outside deferred_init and assign it afterwards. The caught refusal: {said}",
+        paths=first.paths,
     )
 
 

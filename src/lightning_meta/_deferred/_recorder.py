@@ -58,7 +58,12 @@ from lightning_meta._deferred._record import (
     Record,
     Stream,
 )
-from lightning_meta._deferred._record_errors import path_of, user_site
+from lightning_meta._deferred._record_errors import (
+    forget_refusal,
+    note_refusal,
+    path_of,
+    user_site,
+)
 from lightning_meta._deferred._replay import replay, same_bits, slice_ops
 from lightning_meta._deferred._rng import DRAW_LOCK, LiveDraws, default_generator, stream_key
 from lightning_meta._deferred._values import ValueIds
@@ -254,6 +259,8 @@ class Recorder(RecordingDispatchMode):
         super().__init__()  # type: ignore[no-untyped-call]
         self.record = record
         self.thread = threading.get_ident()
+        # The refusals raised while recording (see _record_errors.refusals_noted).
+        self.refusals: list[MaterializationError] = []
         self.modules: dict[int, nn.Module] = {}
         self.lineage = Lineage(record.values)
         self.values = ValueIds(record, self.modules, self.lineage)
@@ -587,9 +594,12 @@ class Recorder(RecordingDispatchMode):
             with DRAW_LOCK:
                 try:
                     stream, state = self._draw(func, info, call, args, kwargs, args[0])
-                except MaterializationError:
-                    # Raise what eager construction raises for bad arguments, if anything.
+                except MaterializationError as e:
+                    # Raise what eager construction raises for bad arguments, if anything:
+                    # that error, not the refusal, is what model code may then catch.
+                    forget_refusal(e)
                     self._run_fake(func, info, call, args, kwargs)
+                    note_refusal(e)
                     raise
             self._log(info, call, (call.reads[0],), stream, state)
             self._pending = None

@@ -22,14 +22,36 @@ from torch.nn.modules.module import (
 )
 
 from lightning_meta import _compat
-from lightning_meta._compat import FakeTensor, FakeTensorMode, is_swap_refusal
+from lightning_meta._compat import FakeTensor, FakeTensorMode, OwnedFakeMode, is_swap_refusal
 from lightning_meta._deferred._escaped import close_fake_mode
 from lightning_meta._deferred._functions import PARAMETER_CLASS, conversion_refused, value_reads
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._record_errors import recording_error, torch_refusal
 from lightning_meta._deferred._recorder import Recorder
+from lightning_meta._errors import MaterializationError
 
 __all__ = ["PARAMETER_CLASS", "close", "recording"]
+
+
+class _BlockFakeMode(OwnedFakeMode):
+    """The fake mode of a recording: an op on its tensors in another thread is refused."""
+
+    refusals: list[MaterializationError]
+
+    def refusal(self, func: Any) -> Exception:
+        name = getattr(func, "__name__", str(func))
+        error = recording_error(
+            f"aten.{name}",
+            f"runs in thread {threading.current_thread().name!r} on a tensor of a deferred_init "
+            "block opened in another thread, where the block does not see it: its "
+            "initialisation would be lost (a thread pool in __init__)",
+            "run the initialisation in the thread that opened the block, or build this part "
+            "of the model outside deferred_init and assign it afterwards",
+        )
+        # Noted for the block's own thread too: a worker whose code catches this would
+        # otherwise leave the block to end as if the op had run.
+        self.refusals.append(error)
+        return error
 
 
 @contextlib.contextmanager
@@ -40,7 +62,9 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
     when the body raised.
     """
     recorder = Recorder(record)
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = _BlockFakeMode(allow_non_fake_inputs=True)
+    fake.owner = threading.get_ident()
+    fake.refusals = recorder.refusals
     recorder.fake = fake
     hooks = []
     if track_modules:

@@ -639,8 +639,16 @@ class _TemplateWalk:
         ]
         self._watched: tuple[int, list[tuple[str, nn.Module]]] | None = None
         self.modules = [m for _, m in self.paths]
+        # The template's parameters and their requires_grad as last seen (see
+        # Ensemble._follow_template_grads).
+        self.parameters: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+        self.grads_seen = self.grad_flags()
         self._described: dict[tuple[bool, ...], str] = {}
         self._draws: dict[tuple[str, tuple[bool, ...]], bool] = {}
+
+    def grad_flags(self) -> tuple[bool, ...]:
+        """Every template parameter's ``requires_grad``."""
+        return tuple([p.requires_grad for _, p in self.parameters])
 
     def modes(self) -> tuple[bool, ...]:
         """Every module's ``training``, in the plan cache's keys: a change of any module's
@@ -1079,6 +1087,17 @@ class Ensemble(nn.Module):
         # A call ran the one template for every member (vmap, grouped), which
         # then holds the state such calls leave (see _keeps_state).
         self._ran_shared = False
+        # From here on, `training` set directly is followed at once (see __setattr__).
+        self._follows_training = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "training" and self.__dict__.get("_follows_training", False):
+            # Lightning puts modes back after validation by setting `training` on every
+            # module it sees, the ensemble included, the template not. Followed at the next
+            # call, it put the template's modules back after the user's code had changed
+            # them (a BatchNorm frozen on the template in on_train_epoch_start trained on).
+            self._follow_mode()
 
     def _holder(self, path: str) -> _Stacked:
         holder = self.stacked
@@ -1239,6 +1258,7 @@ class Ensemble(nn.Module):
                 f"Fix: pass an index in [-{self.num_members}, {self.num_members})."
             )
         self._follow_mode()
+        self._follow_template_grads()
         tensors = self.tensors()
 
         def make(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -1372,6 +1392,12 @@ class Ensemble(nn.Module):
         for name, flag in grads.items():
             if tensors[name].requires_grad != flag:
                 tensors[name].requires_grad_(flag)
+        walk = self._template_walk()
+        for name, param in walk.parameters:
+            wanted = grads.get(self._aliases.get(name, name))
+            if wanted is not None and param.requires_grad != wanted:
+                param.requires_grad_(wanted)  # the template says what the members hold
+        walk.grads_seen = walk.grad_flags()
         if modes is not None:
             template_modules = list(self.template.module.modules())
             if [m.training for m in template_modules] != modes:
@@ -1384,11 +1410,20 @@ class Ensemble(nn.Module):
             # On the template, which the plans call and the loop's copies follow.
             path, _, key = name.rpartition(".")
             self.template.module.get_submodule(path).__dict__[key] = deepcopy(value)
+        # And on the copies themselves: a value the template already held (a counter a
+        # forward keeps, reset to where it started) is no change the copies would follow,
+        # and they kept counting.
+        self._shells.put_settings(self.template.module, self._names, self.num_members, carried)
         fn(self)
         return self
 
     def train(self, mode: bool = True) -> Ensemble:
-        super().train(mode)
+        follows = self.__dict__.get("_follows_training", False)
+        self.__dict__["_follows_training"] = False  # a train() call is not a restore
+        try:
+            super().train(mode)
+        finally:
+            self.__dict__["_follows_training"] = follows
         self._apply_mode(mode, restore=False)
         return self
 
@@ -1412,13 +1447,37 @@ class Ensemble(nn.Module):
             self._modes_before_eval = None
         self._mode_applied = mode
 
+    def _follow_template_grads(self) -> None:
+        """Put ``requires_grad`` set on a template parameter since the last look
+        (``ensemble.template.module[0].requires_grad_(False)``) onto its stacked tensor.
+
+        The template is where settings and modes are set, and its meta parameters hold
+        a flag of their own: set there, it changed nothing, and every plan went on
+        computing and accumulating the layer's gradient, without an error. Only a
+        change of the template's flag is put: the stacked tensors' own (set by
+        ``ensemble.requires_grad_``, Lightning's ``BaseFinetuning``) stay as they are.
+        """
+        walk = self._template_walk()
+        now = walk.grad_flags()
+        if now == walk.grads_seen:
+            return
+        self._slots()
+        for (name, _), was, flag in zip(walk.parameters, walk.grads_seen, now, strict=True):
+            if was != flag:
+                stacked = self.stacked.get_parameter(self._aliases.get(name, name))
+                if stacked.requires_grad != flag:
+                    stacked.requires_grad_(flag)
+        walk.grads_seen = now
+
     def _follow_mode(self) -> None:
         """Follow ``self.training`` when it was set directly, not through :meth:`train`.
 
         Lightning does so when it puts modes back after validation: it sets
         ``training`` on every module it sees, and the template is not one of
         them. The template then returns to the modes it had before the
-        switch to eval, as every module Lightning sees does.
+        switch to eval, as every module Lightning sees does. Run where it is set
+        (:meth:`__setattr__`), and again by every call and :meth:`member` for a flag
+        written into ``__dict__`` itself.
         """
         if self.training != self._mode_applied:
             self._apply_mode(self.training, restore=True)
@@ -1670,6 +1729,7 @@ class Ensemble(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
         self._follow_mode()
+        self._follow_template_grads()
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
         checked = self._checked_classes
@@ -2576,6 +2636,7 @@ class Ensemble(nn.Module):
         # Pickled by a version that did not watch the forward's attributes.
         self.__dict__.setdefault("_writes_state", False)
         self.__dict__.setdefault("_ran_shared", False)
+        self.__dict__.setdefault("_follows_training", True)
         self.__dict__.setdefault("_walk", None)
         self.__dict__.setdefault("_checked_classes", None)
         self.__dict__.setdefault("_draws_seen", set())

@@ -482,6 +482,27 @@ class MemberShells:
                 else:  # a list or dict of its own per copy, as the copies were made
                     target[key] = copy.deepcopy(value)
 
+    def put_settings(
+        self,
+        template: nn.Module,
+        names: Sequence[str],
+        num_members: int,
+        settings: Mapping[str, Any],
+    ) -> None:
+        """Put ``settings`` (dotted name -> plain value) into every copy, made first where they
+        are not (what a copied ensemble's copies held is carried into them before).
+
+        For ``Ensemble.apply``, whose ``fn`` set them on every member: the copies follow
+        what the template *changed*, and a value it already held is no change.
+        """
+        if not settings:
+            return
+        self.build(template, names, num_members)
+        for member in self._members:
+            for name, value in settings.items():
+                path, _, key = name.rpartition(".")
+                member.module.get_submodule(path).__dict__[key] = copy.deepcopy(value)
+
     @property
     def copies(self) -> list[MemberSlots]:
         """The copies as they are now (a new list whenever they are rebuilt)."""
