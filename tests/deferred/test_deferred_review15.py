@@ -1,10 +1,11 @@
-"""The hostile review of 2026-12-07: four ways a deferred model came out other than eager's, and
-one crash where eager works.
+"""The hostile review of 2026-12-07: five ways a deferred model came out other than eager's, one
+crash where eager works, and an error that blamed eager construction wrongly.
 
-Five of these tests failed on 381166b (the other three keep what must still work): the block
+Nine of these tests failed on 381166b (the other four keep what must still work): the block
 ended without an error and ``materialize`` gave other values (a refusal the model's own code
-caught, an initialiser run in a worker thread, a ``data_ptr()`` comparison), or the block crashed
-(torch's per-backend float32 precision).
+caught, an initialiser run in a worker thread, a ``data_ptr()`` comparison, a ``torch.linalg``
+error eager raises and the model catches), or the block crashed (torch's per-backend float32
+precision), or the error said eager construction "fails the same way" where it caught it.
 """
 
 from __future__ import annotations
@@ -164,3 +165,62 @@ def test_the_per_backend_float32_precision_set_in_a_block_is_recorded() -> None:
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+class _FactorOrFallBack(nn.Module):
+    def __init__(self, matrix: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        a = torch.randn(4, 4)
+        if matrix == "positive-definite":
+            a = a @ a.T + 4 * torch.eye(4)
+        elif matrix == "constant":
+            a = -torch.eye(4)  # known from Python numbers while recording
+        try:  # as Gaussian-process and flow code does: jitter on failure
+            self.register_buffer("factor", torch.linalg.cholesky(a))
+            self.branch = "cholesky"
+        except RuntimeError:
+            self.register_buffer("factor", torch.linalg.inv(a + 10 * torch.eye(4)))
+            self.branch = "fallback"
+
+
+@pytest.mark.parametrize("matrix", ["positive-definite", "random", "constant"])
+def test_a_linalg_error_that_depends_on_values_is_raised_in_the_block_as_eagerly(
+    matrix: str,
+) -> None:
+    # torch.linalg.cholesky checks its values in aten._linalg_check_errors, which the fake
+    # mode does not run: the block never raised, took the other branch and materialize gave
+    # a factor of NaN (2.0 off where the values are known), without an error.
+    torch.manual_seed(0)
+    eager = _FactorOrFallBack(matrix)
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        deferred = _FactorOrFallBack(matrix)
+    assert deferred.branch == eager.branch
+    _assert_like_eager(lambda: _FactorOrFallBack(matrix))  # type: ignore[arg-type,return-value]
+
+
+def test_a_linalg_error_nobody_catches_is_raised_in_the_block() -> None:
+    with pytest.raises(RuntimeError, match="not positive-definite"):
+        with lm.deferred_init():
+            torch.linalg.cholesky(-torch.eye(3))
+
+
+class _CatchesAnIndexError(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        table = torch.arange(10.0)
+        try:
+            self.register_buffer("x", table[torch.tensor([12])])
+        except IndexError:
+            self.register_buffer("x", torch.zeros(1))
+
+
+def test_a_replay_error_says_the_models_code_may_have_caught_it_eagerly() -> None:
+    # The message said eager construction "fails the same way" and to change the dtype,
+    # where eager construction caught the IndexError and went on.
+    with lm.deferred_init():
+        model = _CatchesAnIndexError()
+    with pytest.raises(lm.MaterializationError, match=r"caught it \(a try/except") as info:
+        lm.materialize(model)
+    assert "IndexError" in str(info.value) and list(info.value.paths) == ["x"]

@@ -78,6 +78,10 @@ _UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
 _KEEPABLE = RANDOM_FILLS
 _INIT_FILE = torch.nn.init.__file__
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
+# Ops that only check values and raise eager's error (torch.linalg.cholesky of a matrix that
+# is not positive-definite, inv of a singular one): the fake mode does not check, and with no
+# output nothing was logged, so the block and materialize went on with NaN where eager raises.
+_VALUE_CHECKS = frozenset({"aten._linalg_check_errors.default"})
 # Deterministic in-place fills every module constructor makes (biases, norms'
 # weights, running statistics).
 _FILLS = frozenset({"aten.zero_.default", "aten.fill_.Scalar"})
@@ -527,6 +531,35 @@ class Recorder(RecordingDispatchMode):
             targets = {vid: "<value read while recording>"}
             return replay(self.record, targets, device=device, preset=self._kept)[vid]
 
+    def _check_values(
+        self, func: Any, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Run a check of values (``_VALUE_CHECKS``) on the real values of its fake inputs, so
+        that it raises here what eager construction raises here (model code may catch it:
+        ``try: L = torch.linalg.cholesky(A) except RuntimeError: ...``). The values are
+        replayed from the log, draws included, as an initialiser's reads are."""
+
+        def real(x: Any) -> Any:
+            if not isinstance(x, FakeTensor):
+                return x
+            vid = self.values.vid(x, info.name)
+            if self.lineage.depends(vid) & GARBAGE:
+                raise self.values.error(
+                    info.name,
+                    x,
+                    f"checks values computed from uninitialised memory (made by "
+                    f"{self.lineage.site(vid)} and never filled), whose values eager "
+                    "construction does not define either",
+                    "fill the tensor before the check",
+                    self._sources(vid),
+                )
+            return self.real_value(x)
+
+        real_args = tuple(real(a) for a in args)
+        real_kwargs = {k: real(v) for k, v in kwargs.items()}
+        with _compat.no_python_dispatch():
+            func(*real_args, **real_kwargs)
+
     # -- one ATen call, phase by phase
     def __torch_dispatch__(
         self,
@@ -615,6 +648,9 @@ class Recorder(RecordingDispatchMode):
             with DRAW_LOCK:
                 out = self._run_fake(func, info, call, args, kwargs)
                 stream, state = self._draw(func, info, call, args, kwargs, out)
+        elif info.name in _VALUE_CHECKS:
+            self._check_values(func, info, args, kwargs)
+            out = self._run_fake(func, info, call, args, kwargs)
         else:
             out = self._run_fake(func, info, call, args, kwargs)
         if call.reads and _script_objects(out):

@@ -556,9 +556,13 @@ def _replay_error(
     shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
     if on_cpu:
         fix = (
-            "Eager construction runs this op on the same tensors on the CPU and fails the "
-            "same way. Fix: build the model in a dtype the op supports (float32, then "
-            "materialize(model, dtype=...) casts the result), or change that initialisation."
+            "Eager construction runs this op on the same tensors on the CPU and raises there "
+            "too: either that error stopped it as well, or the model's code caught it (a "
+            "try/except around the op) and went on another way, which the block could not "
+            "see (the op checks values only when it runs for real). Fix: for a dtype the op "
+            "lacks, build the model in float32 (materialize(model, dtype=...) casts the "
+            "result); for code that catches the error, build that part of the model outside "
+            "deferred_init and assign it afterwards, or change that initialisation."
         )
     else:
         fix = (
