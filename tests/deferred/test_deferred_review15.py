@@ -1,7 +1,9 @@
 """The hostile review of 2026-12-07: five ways a deferred model came out other than eager's, one
 crash where eager works, and an error that blamed eager construction wrongly.
 
-Nine of these tests failed on 381166b (the other four keep what must still work): the block
+The first review's tests failed on 381166b, the second review's (of those fixes) on 5789535,
+but for the controls, which keep what must still work (an error eager raises too, caught as
+eagerly; blocks in two threads; positive-definite matrices): the block
 ended without an error and ``materialize`` gave other values (a refusal the model's own code
 caught, an initialiser run in a worker thread, a ``data_ptr()`` comparison, a ``torch.linalg``
 error eager raises and the model catches), or the block crashed (torch's per-backend float32
@@ -10,6 +12,7 @@ precision), or the error said eager construction "fails the same way" where it c
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -224,3 +227,50 @@ def test_a_replay_error_says_the_models_code_may_have_caught_it_eagerly() -> Non
     with pytest.raises(lm.MaterializationError, match=r"caught it \(a try/except") as info:
         lm.materialize(model)
     assert "IndexError" in str(info.value) and list(info.value.paths) == ["x"]
+
+
+class _ChecksItsOwnMatrices(nn.Module):
+    def __init__(self, check: str) -> None:
+        super().__init__()
+        bad = torch.full((3, 3), float("nan"))
+        try:
+            if check == "eigh":
+                torch.linalg.eigh(bad)
+            elif check == "svd":
+                torch.linalg.svd(bad)
+            elif check == "assert":
+                torch._assert_async(torch.tensor(0))
+            else:  # an error eager's draw raises too: caught, as eagerly
+                torch.multinomial(torch.tensor([0.5, -1.0]), 1)
+            self.branch = "went on"
+        except RuntimeError:
+            self.branch = "fell back"
+            self.lin = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("check", ["eigh", "svd", "assert", "multinomial"])
+def test_value_checks_inside_kernels_raise_in_the_block_as_eagerly(check: str) -> None:
+    # Found by the second review of 2026-12-07: eigh and svd check convergence in their
+    # kernels and _assert_async in its own op, none of which the fake mode runs (0.48 off);
+    # and the first version of the caught-refusal check failed a block whose model caught
+    # the error eager's own draw raises too (multinomial of a negative weight).
+    torch.manual_seed(0)
+    eager = _ChecksItsOwnMatrices(check)
+    assert eager.branch == "fell back"
+    _assert_like_eager(lambda: _ChecksItsOwnMatrices(check))  # type: ignore[arg-type,return-value]
+
+
+def test_stand_in_addresses_of_different_tensors_never_overlap() -> None:
+    # The first stand-in was the storage's identity plus the offset: identities lie a few
+    # hundred bytes apart, so a view far into one weight had another weight's address
+    # (transformers' _find_disjoint compares such ranges).
+    with lm.deferred_init():
+        layers = [nn.Linear(256, 256) for _ in range(6)]
+        tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
+        ranges = sorted(
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+        )
+        assert ranges[0][0] > 0
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(ranges))
+        weight = layers[0].weight
+        assert weight[3].data_ptr() == weight.data_ptr() + 3 * 256 * 4

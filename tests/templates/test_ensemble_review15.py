@@ -199,3 +199,23 @@ def test_a_flag_set_on_the_stacked_tensors_is_not_undone_by_the_template() -> No
     out = ens(x)
     assert not out.requires_grad
     assert ens.template.module[0].weight.requires_grad  # the template's own, unchanged
+
+
+@pytest.mark.parametrize("then", ["call", "deepcopy", "pickle"])
+def test_requires_grad_set_on_the_template_before_the_first_call_or_a_copy_is_followed(
+    then: str,
+) -> None:
+    # Found by the second review of 2026-12-07: the flags were first noted at the first
+    # call, which took one set before it as built; and a copy made before the next call
+    # noted them anew, likewise (the layer trained: gradient norm 4.11).
+    import pickle
+
+    ens = lm.Ensemble(copy.deepcopy(_mlp_members()))
+    ens.template.module[0].requires_grad_(False)
+    if then == "deepcopy":
+        ens = copy.deepcopy(ens)
+    elif then == "pickle":
+        ens = pickle.loads(pickle.dumps(ens))
+    ens(torch.randn(4, 6)).sum().backward()
+    assert ens.tensors()["0.weight"].grad is None
+    assert ens.tensors()["2.weight"].grad is not None

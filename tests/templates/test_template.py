@@ -543,10 +543,12 @@ class _Noisy(nn.Module):
 def test_a_template_copied_inside_deferred_init_refuses_an_attribute_drawn_there() -> None:
     # Raised out of the block: caught inside it, the block refuses at its end (a refusal
     # caught by the model's code leaves the block on another path than eager's).
-    with pytest.raises(lm.MaterializationError, match=r"MetaTemplate\(_Noisy\) copying 'noise'"):
+    def build() -> None:
         with lm.deferred_init():
-            net = _Noisy()
-            lm.MetaTemplate(net)
+            lm.MetaTemplate(_Noisy())
+
+    with pytest.raises(lm.MaterializationError, match=r"MetaTemplate\(_Noisy\) copying 'noise'"):
+        build()
 
 
 def test_a_failing_factory_gets_the_meta_fix_only_for_reading_values() -> None:

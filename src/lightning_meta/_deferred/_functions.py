@@ -63,6 +63,8 @@ class Reads(Protocol):
 
     def numpy_of(self, t: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any: ...
 
+    def stand_in_address(self, t: torch.Tensor) -> int: ...
+
 
 # ``__dlpack__`` (torch.from_dlpack) would hand out a bogus data pointer, and
 # ``__reduce_ex__`` (torch.save, pickle) fails on the fake mode it refers to:
@@ -168,20 +170,18 @@ def _stand_in_data_ptr(original: Any) -> Any:
     the same for tensors sharing memory at the same place and differs otherwise.
 
     Model code tells tensors that share memory apart by it (``if head.weight.data_ptr() !=
-    emb.weight.data_ptr(): nn.init.normal_(head.weight)``). A fake tensor's is 0, so every
-    pair looked shared and the block skipped eager's draw (other values, without an
-    error). The address is the storage's identity plus the offset in bytes, as eager's
-    is its memory's; 0 for a tensor without memory, as eager's. Only equality means
-    anything: it points at nothing.
+    emb.weight.data_ptr(): nn.init.normal_(head.weight)``), or compares address ranges
+    (transformers' ``_find_disjoint``). A fake tensor's is 0, so every pair looked shared
+    and the block skipped eager's draw (other values, without an error). Each storage
+    gets a range of its own (:meth:`Recorder.stand_in_address`); 0 for a tensor without
+    memory, as eager's. It points at nothing.
     """
 
     def data_ptr(self: torch.Tensor) -> int:
-        if id(getattr(self, "fake_mode", None)) not in _READERS:
+        reader = _READERS.get(id(getattr(self, "fake_mode", None)))
+        if reader is None:
             return int(original(self))
-        storage = self.untyped_storage()
-        if storage.nbytes() == 0:
-            return 0
-        return _compat.storage_id(storage) + int(self.storage_offset()) * self.element_size()
+        return reader.stand_in_address(self)
 
     data_ptr.__name__ = "data_ptr"
     data_ptr.__doc__ = getattr(original, "__doc__", None)

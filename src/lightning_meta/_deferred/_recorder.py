@@ -81,7 +81,18 @@ _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(),
 # Ops that only check values and raise eager's error (torch.linalg.cholesky of a matrix that
 # is not positive-definite, inv of a singular one): the fake mode does not check, and with no
 # output nothing was logged, so the block and materialize went on with NaN where eager raises.
-_VALUE_CHECKS = frozenset({"aten._linalg_check_errors.default"})
+_VALUE_CHECKS = frozenset(
+    {
+        "aten._linalg_check_errors.default",
+        "aten._assert_async.default",
+        "aten._assert_async.msg",
+        # Checked inside the kernel: eigh and svd of a matrix holding NaN do not converge.
+        "aten._linalg_eigh.default",
+        "aten._linalg_svd.default",
+    }
+)
+# Likewise, with check_errors=True.
+_CHECKED_ON_REQUEST = frozenset({"aten.linalg_cholesky_ex.default", "aten.linalg_inv_ex.default"})
 # Deterministic in-place fills every module constructor makes (biases, norms'
 # weights, running statistics).
 _FILLS = frozenset({"aten.zero_.default", "aten.fill_.Scalar"})
@@ -265,6 +276,10 @@ class Recorder(RecordingDispatchMode):
         self.thread = threading.get_ident()
         # The refusals raised while recording (see _record_errors.refusals_noted).
         self.refusals: list[MaterializationError] = []
+        # Stand-in addresses of the storages data_ptr() was asked about: storage id ->
+        # (address, bytes), and the next free one (64-byte aligned, as the CPU allocator's).
+        self._addresses: dict[int, tuple[int, int]] = {}
+        self._next_address = 1 << 40
         self.modules: dict[int, nn.Module] = {}
         self.lineage = Lineage(record.values)
         self.values = ValueIds(record, self.modules, self.lineage)
@@ -531,6 +546,23 @@ class Recorder(RecordingDispatchMode):
             targets = {vid: "<value read while recording>"}
             return replay(self.record, targets, device=device, preset=self._kept)[vid]
 
+    def stand_in_address(self, t: torch.Tensor) -> int:
+        """An address for ``t``'s memory (a fake tensor of this block), for ``data_ptr()``:
+        each storage gets a range of its own, as large as its bytes, so that the addresses of
+        tensors on different storages never meet, and those on one storage differ by their
+        offsets, as eager's do. They point at nothing."""
+        storage = t.untyped_storage()
+        size = storage.nbytes()
+        if size == 0:
+            return 0
+        key = _compat.storage_id(storage)
+        base = self._addresses.get(key)
+        if base is None or base[1] < size:  # new, or another storage made where one was freed
+            base = (self._next_address, size)
+            self._addresses[key] = base
+            self._next_address += (size + 127) // 64 * 64
+        return base[0] + int(t.storage_offset()) * t.element_size()
+
     def _check_values(
         self, func: Any, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
@@ -648,7 +680,9 @@ class Recorder(RecordingDispatchMode):
             with DRAW_LOCK:
                 out = self._run_fake(func, info, call, args, kwargs)
                 stream, state = self._draw(func, info, call, args, kwargs, out)
-        elif info.name in _VALUE_CHECKS:
+        elif info.name in _VALUE_CHECKS or (
+            info.name in _CHECKED_ON_REQUEST and kwargs.get("check_errors", False)
+        ):
             self._check_values(func, info, args, kwargs)
             out = self._run_fake(func, info, call, args, kwargs)
         else:
@@ -868,12 +902,17 @@ class Recorder(RecordingDispatchMode):
         except MaterializationError:
             raise
         except Exception as e:
-            raise self.values.error(
+            error = self.values.error(
                 info.name,
                 call.first,
                 f"could not draw its random numbers for real ({type(e).__name__}: {e})",
                 "build this part of the model outside deferred_init and assign it afterwards",
-            ) from e
+            )
+            # The draw ran on the real values, as eager's: what it raised (torch.multinomial
+            # of negative weights) eager raises too, and model code catching it takes
+            # eager's path. Not a refusal the block must fail for.
+            forget_refusal(error)
+            raise error from e
         return stream, state
 
     def _output_vids(self, out: Any, name: str) -> tuple[int | None, ...]:

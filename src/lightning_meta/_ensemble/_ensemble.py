@@ -1089,6 +1089,9 @@ class Ensemble(nn.Module):
         self._ran_shared = False
         # From here on, `training` set directly is followed at once (see __setattr__).
         self._follows_training = True
+        # Walked now: the template's requires_grad flags as built, so that one set on it
+        # before the first call is a change (see _follow_template_grads).
+        self._template_walk()
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -2618,6 +2621,9 @@ class Ensemble(nn.Module):
 
     # ------------------------------------------------------- copy and pickle
     def __getstate__(self) -> dict[str, Any]:
+        # A requires_grad set on the template since the last call is put on the stacked
+        # tensors first: the copy walks its template anew and would take it as built.
+        self._follow_template_grads()
         state = dict(self.__dict__)
         state["_member_slots"] = None  # refers to the template's modules; rebuilt on use
         state["_renormed_for"] = None
