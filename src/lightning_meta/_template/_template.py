@@ -1630,6 +1630,7 @@ def _modes_of(
     """
     out: dict[str, bool] = {}
     replaced = []
+    altered: list[tuple[str, str]] = []
     lacking = False
     for path, sub in named:
         try:
@@ -1642,6 +1643,20 @@ def _modes_of(
         # (Fabric's _FabricModule, torch.compile's OptimizedModule): not compared.
         if path and not _same_code(theirs, sub):
             replaced.append((path, theirs, sub))
+        elif path or _same_code(theirs, sub):
+            what = _altered(without_dynamo_wrappers(theirs), sub)
+            if what is not None:
+                altered.append((path, what))
+    if altered and not replaced and not lacking:
+        listed = ", ".join(f"{p!r} {w}" if p else f"the root {w}" for p, w in altered)
+        raise MetaTensorError(
+            f"MetaTemplate({type(named[0][1]).__name__}): the {type(source).__name__} given as "
+            f"net (state_from(net), modes=net) was changed after the template was made: "
+            f"{listed} than the template's, so the call would not stand for net(x). Fix: "
+            "make the template again from the module as it is now "
+            "(lm.MetaTemplate(net)), or change the module before making the template.",
+            paths=[p for p, _ in altered],
+        )
     if replaced and not lacking:  # a module built otherwise: the caller names what it lacks
         listed = ", ".join(
             f"{p!r} is a {type(t).__name__} where the template has a {type(m).__name__}"
@@ -1663,6 +1678,28 @@ def _modes_of(
             paths=[p for p, _, _ in replaced],
         )
     return out
+
+
+def _altered(theirs: nn.Module, sub: nn.Module) -> str | None:
+    """How ``theirs`` differs from the template's ``sub`` beyond its code (``None``: it does
+    not): a container whose forward, or its parent's, runs every member in turn
+    (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) holding other members, one
+    appended after the template was made, which the template does not run (before
+    2026-12-07 the call went on without it: 0.04 off for a Tanh appended to a
+    Sequential). Another module's submodules are not compared: one added beside a
+    forward need not run (a parametrization's, a helper's). Nor are hooks: a call follows
+    those that recompute a weight (pruning, weight norm), and others only watch
+    (ModelSummary's counters)."""
+    sub = without_dynamo_wrappers(sub)
+    if not isinstance(sub, _CONTAINERS):
+        return None
+    mine = [name for name, _ in sub.named_children()]
+    if [name for name, _ in theirs.named_children()] != mine:
+        return "holds other modules"
+    return None
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
