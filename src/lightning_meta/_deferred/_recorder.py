@@ -60,7 +60,6 @@ from lightning_meta._deferred._record import (
 )
 from lightning_meta._deferred._record_errors import (
     forget_refusal,
-    note_refusal,
     path_of,
     user_site,
 )
@@ -662,9 +661,11 @@ class Recorder(RecordingDispatchMode):
                 except MaterializationError as e:
                     # Raise what eager construction raises for bad arguments, if anything:
                     # that error, not the refusal, is what model code may then catch.
-                    forget_refusal(e)
-                    self._run_fake(func, info, call, args, kwargs)
-                    note_refusal(e)
+                    try:
+                        self._run_fake(func, info, call, args, kwargs)
+                    except BaseException:
+                        forget_refusal(e)
+                        raise
                     raise
             self._log(info, call, (call.reads[0],), stream, state)
             self._pending = None

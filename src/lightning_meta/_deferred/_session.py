@@ -63,7 +63,7 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
     """
     recorder = Recorder(record)
     fake = _BlockFakeMode(allow_non_fake_inputs=True)
-    fake.owner = threading.get_ident()
+    fake.owner = recorder.thread
     fake.refusals = recorder.refusals
     recorder.fake = fake
     hooks = []

@@ -473,9 +473,12 @@ class MemberShells:
         """
         if self._template is None or not self._members:
             return
-        changed = self._watch.changed(self._template)
+        self._put(self._watch.changed(self._template))
+
+    def _put(self, settings: Sequence[tuple[str, str, Any]]) -> None:
+        """Put ``settings`` (module path, key, plain value or ``DELETED``) into every copy."""
         for member in self._members:
-            for path, key, value in changed:
+            for path, key, value in settings:
                 target = member.module.get_submodule(path).__dict__
                 if value is DELETED:
                     target.pop(key, None)
@@ -498,10 +501,11 @@ class MemberShells:
         if not settings:
             return
         self.build(template, names, num_members)
-        for member in self._members:
-            for name, value in settings.items():
-                path, _, key = name.rpartition(".")
-                member.module.get_submodule(path).__dict__[key] = copy.deepcopy(value)
+        changes = []
+        for name, value in settings.items():
+            path, _, key = name.rpartition(".")
+            changes.append((path, key, value))
+        self._put(changes)
 
     @property
     def copies(self) -> list[MemberSlots]:
