@@ -186,7 +186,7 @@ class OwnedFakeMode(FakeTensorMode):
 
     owner: int = 0
 
-    def refusal(self, func: Any) -> Exception:
+    def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
         """The error for a call of ``func`` on one of this mode's tensors in another thread."""
         raise NotImplementedError
 
@@ -198,7 +198,7 @@ class OwnedFakeMode(FakeTensorMode):
         kwargs: Any = None,
     ) -> Any:
         if threading.get_ident() != self.owner:
-            raise self.refusal(func)
+            raise self.refusal(func, tuple(args), dict(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 

@@ -102,6 +102,11 @@ def test_an_op_on_a_blocks_tensor_in_another_thread_is_refused(catch: bool) -> N
         with lm.deferred_init():
             _InitInAThreadPool(catch)
     assert "aten.normal_" in str(info.value)
+    refused = info.value if not catch else info.value.__cause__
+    assert isinstance(refused, lm.MaterializationError)
+    # The tensor's dotted path, as every other refusal names it.
+    assert "on '_InitInAThreadPool.layers.0.weight'" in str(refused)
+    assert refused.paths == ("layers.0.weight",)
 
 
 def test_blocks_in_two_threads_each_record_their_own() -> None:

@@ -26,7 +26,7 @@ from lightning_meta._compat import FakeTensor, FakeTensorMode, OwnedFakeMode, is
 from lightning_meta._deferred._escaped import close_fake_mode
 from lightning_meta._deferred._functions import PARAMETER_CLASS, conversion_refused, value_reads
 from lightning_meta._deferred._record import Record
-from lightning_meta._deferred._record_errors import recording_error, torch_refusal
+from lightning_meta._deferred._record_errors import path_of, recording_error, torch_refusal
 from lightning_meta._deferred._recorder import Recorder
 from lightning_meta._errors import MaterializationError
 
@@ -37,9 +37,17 @@ class _BlockFakeMode(OwnedFakeMode):
     """The fake mode of a recording: an op on its tensors in another thread is refused."""
 
     refusals: list[MaterializationError]
+    modules: dict[int, nn.Module]
 
-    def refusal(self, func: Any) -> Exception:
+    def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
         name = getattr(func, "__name__", str(func))
+        ours = [
+            t
+            for t in _compat.tree_leaves((args, kwargs))
+            if isinstance(t, FakeTensor) and t.fake_mode is self
+        ]
+        # The owner thread may be adding modules meanwhile: path_of gives None then.
+        path = path_of(ours[0], self.modules.values()) if ours else None
         error = recording_error(
             f"aten.{name}",
             f"runs in thread {threading.current_thread().name!r} on a tensor of a deferred_init "
@@ -47,6 +55,7 @@ class _BlockFakeMode(OwnedFakeMode):
             "initialisation would be lost (a thread pool in __init__)",
             "run the initialisation in the thread that opened the block, or build this part "
             "of the model outside deferred_init and assign it afterwards",
+            path=path,
         )
         # Noted for the block's own thread too: a worker whose code catches this would
         # otherwise leave the block to end as if the op had run.
@@ -65,6 +74,7 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
     fake = _BlockFakeMode(allow_non_fake_inputs=True)
     fake.owner = recorder.thread
     fake.refusals = recorder.refusals
+    fake.modules = recorder.modules
     recorder.fake = fake
     hooks = []
     if track_modules:
