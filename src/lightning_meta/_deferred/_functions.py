@@ -65,6 +65,8 @@ class Reads(Protocol):
 
     def stand_in_address(self, t: torch.Tensor) -> int: ...
 
+    def stand_in_storage_address(self, storage: torch.UntypedStorage) -> int | None: ...
+
 
 # ``__dlpack__`` (torch.from_dlpack) would hand out a bogus data pointer, and
 # ``__reduce_ex__`` (torch.save, pickle) fails on the fake mode it refers to:
@@ -182,6 +184,25 @@ def _stand_in_data_ptr(original: Any) -> Any:
         if reader is None:
             return int(original(self))
         return reader.stand_in_address(self)
+
+    data_ptr.__name__ = "data_ptr"
+    data_ptr.__doc__ = getattr(original, "__doc__", None)
+    return data_ptr
+
+
+def _stand_in_storage_data_ptr(original: Any) -> Any:
+    """``UntypedStorage.data_ptr`` answering, for the storage of a fake tensor of an open
+    block, :func:`_stand_in_data_ptr`'s address of its start (``TypedStorage.data_ptr``
+    goes through it). Model code compares storages by it (transformers' and accelerate's
+    ``id_tensor_storage``); every fake tensor's storage is on meta, at 0."""
+
+    def data_ptr(self: torch.UntypedStorage) -> int:
+        if self.device.type == "meta":
+            for reader in list(_READERS.values()):
+                address = reader.stand_in_storage_address(self)
+                if address is not None:
+                    return address
+        return int(original(self))
 
     data_ptr.__name__ = "data_ptr"
     data_ptr.__doc__ = getattr(original, "__doc__", None)
@@ -310,6 +331,10 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                 setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
             _SAVED["data_ptr"] = vars(FakeTensor).get("data_ptr")
             FakeTensor.data_ptr = _stand_in_data_ptr(FakeTensor.data_ptr)  # type: ignore[method-assign]
+            _SAVED["UntypedStorage.data_ptr"] = vars(torch.UntypedStorage).get("data_ptr")
+            torch.UntypedStorage.data_ptr = _stand_in_storage_data_ptr(  # type: ignore[method-assign]
+                torch.UntypedStorage.data_ptr
+            )
             _SAVED["__deepcopy__"] = vars(torch.Tensor)["__deepcopy__"]
             torch.Tensor.__deepcopy__ = _real_deepcopy(_SAVED["__deepcopy__"])  # type: ignore[method-assign]
             # Defined on torch._C.TensorBase: torch.Tensor gets its own for the body.
@@ -339,6 +364,11 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                     del FakeTensor.data_ptr
                 else:
                     FakeTensor.data_ptr = data_ptr  # type: ignore[method-assign]
+                storage_ptr = _SAVED.pop("UntypedStorage.data_ptr")
+                if storage_ptr is None:
+                    del torch.UntypedStorage.data_ptr
+                else:
+                    torch.UntypedStorage.data_ptr = storage_ptr  # type: ignore[method-assign]
                 torch.Tensor.__deepcopy__ = _SAVED.pop("__deepcopy__")  # type: ignore[method-assign]
                 numpy = _SAVED.pop("Tensor.numpy")
                 if numpy is None:

@@ -549,8 +549,23 @@ class Recorder(RecordingDispatchMode):
         """An address for ``t``'s memory (a fake tensor of this block), for ``data_ptr()``:
         each storage gets a range of its own, as large as its bytes, so that the addresses of
         tensors on different storages never meet, and those on one storage differ by their
-        offsets, as eager's do. They point at nothing."""
-        storage = t.untyped_storage()
+        offsets, as eager's do. They point at nothing. 0 where eager's is: a tensor without
+        memory, or on the meta device."""
+        if t.device.type == "meta":
+            return 0
+        base = self._storage_address(t.untyped_storage())
+        return base + int(t.storage_offset()) * t.element_size() if base else 0
+
+    def stand_in_storage_address(self, storage: torch.UntypedStorage) -> int | None:
+        """:meth:`stand_in_address` of the storage of a fake tensor of this block (its
+        ``untyped_storage().data_ptr()``, which is 0, on meta, for every fake tensor);
+        ``None`` for a storage this block did not make."""
+        key = _compat.storage_id(storage)
+        if not self.values.has_storage(key):
+            return None
+        return 0 if self.values.on_meta(key) else self._storage_address(storage)
+
+    def _storage_address(self, storage: torch.UntypedStorage) -> int:
         size = storage.nbytes()
         if size == 0:
             return 0
@@ -560,7 +575,7 @@ class Recorder(RecordingDispatchMode):
             base = (self._next_address, size)
             self._addresses[key] = base
             self._next_address += (size + 127) // 64 * 64
-        return base[0] + int(t.storage_offset()) * t.element_size()
+        return base[0]
 
     def _check_values(
         self, func: Any, info: _OpInfo, args: tuple[Any, ...], kwargs: dict[str, Any]

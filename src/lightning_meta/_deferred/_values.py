@@ -90,6 +90,7 @@ class ValueIds:
         self._vid_cdata: list[int] = []
         self._cdata_storage: dict[int, int] = {}
         self._storages: list[torch.UntypedStorage] = []  # keeps their storage ids unique
+        self._meta_cdatas: set[int] = set()  # storages of fake tensors on the meta device
         self._storage_vid: dict[int, int] = {}
         self._refs: dict[int, Ref] = {}
         self._fsets: dict[int | None, frozenset[int]] = {}
@@ -218,6 +219,15 @@ class ValueIds:
         """Return the storage id (``_compat.storage_id``) value ``vid`` was seen on."""
         return self._vid_cdata[vid]
 
+    def has_storage(self, cdata: int) -> bool:
+        """Whether storage id ``cdata`` (``_compat.storage_id``) is one this recording met."""
+        return cdata in self._cdata_storage
+
+    def on_meta(self, cdata: int) -> bool:
+        """Whether storage ``cdata`` is that of a fake tensor on the meta device (an eager
+        meta tensor, without memory)."""
+        return cdata in self._meta_cdatas
+
     def storages_of(self, vids: list[int | None] | list[int]) -> frozenset[int]:
         """Return the storages of ``vids`` (``None`` skipped), sharing the common sets."""
         values = self.record.values
@@ -262,6 +272,7 @@ class ValueIds:
         self.producer.clear()
         self._vid_cdata.clear()
         self._cdata_storage.clear()
+        self._meta_cdatas.clear()
         self._storages.clear()
         self._refs.clear()
         self._fsets.clear()
@@ -317,6 +328,8 @@ class ValueIds:
                 self._storages.append(owner)
             held = owner if owner is not None else t.untyped_storage()
             self.lineage.new_storage(storage, int(held.nbytes()))
+            if t.device.type == "meta":
+                self._meta_cdatas.add(cdata)
         vid = len(self.record.values)
         self.producer.append(len(self.record.ops))
         self.record.values.append(
