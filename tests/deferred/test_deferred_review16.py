@@ -1,7 +1,7 @@
 """Gaps of 2026-12-07 closed in the second session: a storage's ``data_ptr()`` inside a block.
 
-Each test failed on 4ef1a69 (the block gave other values than eager's without an error), but
-the controls, which keep what must still work.
+Each test failed on 4ef1a69: the block gave other values than eager's without an error, or
+(the tied control, the last test) a storage's address was 0 inside the block.
 """
 
 from __future__ import annotations
