@@ -20,6 +20,7 @@ from lightning_meta._compat import (
     active_fake_mode,
     apply_to_tensors,
     backward_hooked,
+    children_of,
     compiler_disabled,
     default_device,
     dispatch_mode_active,
@@ -624,6 +625,50 @@ def _as_stacked(module: nn.Module, path: str) -> _Stacked:
     return module
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _refuse_changed(
+    path: str,
+    module: nn.Module,
+    cls: type[nn.Module],
+    table: Mapping[str, nn.Module | None],
+    built: Mapping[str, nn.Module | None],
+) -> None:
+    """Raise for the template's module at ``path`` if it is no more as built: another class,
+    a child replaced or removed, or a child added to a container (see
+    :meth:`_TemplateWalk.check_structure`)."""
+
+    def kind(m: nn.Module | None) -> str:
+        return "none" if m is None else f"a {type(m).__name__}"
+
+    where = "template.module" + (f".{path}" if path else "")
+    said: list[str] = []
+    paths: list[str] = []
+    if type(module) is not cls:
+        said.append(f"{where} is now a {type(module).__name__} (was a {cls.__name__})")
+        paths.append(where)
+    added = isinstance(module, _CONTAINERS)
+    for key in dict.fromkeys([*built, *table]):
+        if built.get(key) is not table.get(key) and (key in built or added):
+            said.append(
+                f"{where}'s child {key!r} is now {kind(table.get(key))} "
+                f"(was {kind(built.get(key))})"
+            )
+            paths.append(f"{where}.{key}")
+    if not said:
+        return
+    raise ArgumentValueError(
+        f"Ensemble's template changed after the ensemble was built: {'; '.join(said)}. "
+        "Every plan is laid out for the template as built (the loop's copies of it, the "
+        "grouped plan's trace, the fused plan's layers), so they would not agree with each "
+        "other or with members built that way. Fix: build a new Ensemble from members that "
+        "have the new submodules (settings such as a dropout's `p` may be changed on the "
+        "template).",
+        paths=paths,
+    )
+
+
 class _TemplateWalk:
     """What an ensemble's calls look up about its template's modules, walked once: their
     paths, whether one is an ``nn.MultiheadAttention``, the ``nn.TransformerEncoder`` ones,
@@ -639,12 +684,39 @@ class _TemplateWalk:
         ]
         self._watched: tuple[int, list[tuple[str, nn.Module]]] | None = None
         self.modules = [m for _, m in self.paths]
+        # Every module's children as built (see check_structure). Not its table itself:
+        # nn.Sequential's __delitem__ gives the module a new one.
+        self._children = [
+            (path, m, type(m), dict(children_of(m)), list(children_of(m).values()))
+            for path, m in self.paths
+        ]
         # The template's parameters and their requires_grad as last seen (see
         # Ensemble._follow_template_grads).
         self.parameters: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
         self.grads_seen = self.grad_flags()
         self._described: dict[tuple[bool, ...], str] = {}
         self._draws: dict[tuple[str, tuple[bool, ...]], bool] = {}
+
+    def check_structure(self) -> None:
+        """Refuse a call after a submodule of the template was replaced, added or removed
+        (``ensemble.template.module[1] = nn.Tanh()``, a parametrization registered).
+
+        Every plan is laid out for the template as built: the loop's copies are made once,
+        while the plans that call the template (``fused``, ``grouped``, ``vmap``) reach the
+        new submodule, so the plans, and ``"auto"``'s choice among them, gave other numbers
+        without an error. A child added to a module other than a container
+        (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, which run or hand out
+        every child) is let be: the forward does not reach it unless its code names it.
+
+        Raises:
+            ArgumentValueError: naming the changed children's paths.
+        """
+        for i, (path, module, cls, built, children) in enumerate(self._children):
+            table = children_of(module)
+            if type(module) is not cls or list(table.values()) != children:
+                _refuse_changed(path, module, cls, table, built)
+                # A child added where the forward does not reach it: seen, not checked again.
+                self._children[i] = (path, module, cls, built, list(table.values()))
 
     def grad_flags(self) -> tuple[bool, ...]:
         """Every template parameter's ``requires_grad``."""
@@ -1733,6 +1805,7 @@ class Ensemble(nn.Module):
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
         self._follow_mode()
         self._follow_template_grads()
+        self._template_walk().check_structure()
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
         checked = self._checked_classes
