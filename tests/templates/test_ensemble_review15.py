@@ -198,7 +198,12 @@ def test_a_flag_set_on_the_stacked_tensors_is_not_undone_by_the_template() -> No
     ens.requires_grad_(False)
     out = ens(x)
     assert not out.requires_grad
-    assert ens.template.module[0].weight.requires_grad  # the template's own, unchanged
+    # Mirrored on the template (second session of 2026-12-07: test_ensemble_review16.py).
+    assert not ens.template.module[0].weight.requires_grad
+    for p in ens.parameters():  # set on the stacked tensors directly, as BaseFinetuning does
+        p.requires_grad = True
+    assert ens(x).requires_grad
+    assert ens.template.module[0].weight.requires_grad
 
 
 @pytest.mark.parametrize("then", ["call", "deepcopy", "pickle"])

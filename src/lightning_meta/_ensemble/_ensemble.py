@@ -581,21 +581,6 @@ def _recurrent_layers(template: nn.Module) -> list[str]:
     ]
 
 
-def _padded_embeddings(template: nn.Module) -> list[str]:
-    """Paths of the ``nn.Embedding`` layers with a ``padding_idx``, whose padding row
-    ``torch.vmap`` trains when each member looks up its own indices: its batching rule
-    looks the members' rows up in one flattened table, whose backward keeps only member
-    0's padding row out of the gradient (batched indices only: shared indices are
-    looked up unbatched, with the padding row kept out for every member, unless the
-    forward makes them per-member itself, which :mod:`._lookups` sees). Forward values
-    are exact: only a call with gradients on the weight is concerned."""
-    return [
-        path
-        for path, mod in template.named_modules()
-        if isinstance(mod, nn.Embedding) and mod.padding_idx is not None
-    ]
-
-
 def _named(paths: list[str]) -> str:
     """``paths`` for a message: the template itself is the empty path."""
     return ", ".join(repr(p) if p else "the template itself" for p in paths)
@@ -626,6 +611,15 @@ def _as_stacked(module: nn.Module, path: str) -> _Stacked:
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# The layers that draw through a dropout's kind, and all that may draw in their forward.
+_DRAW_KINDS = (*DROPOUTS, nn.RReLU)
+_MAY_DRAW = (
+    *_DRAW_KINDS,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+)
 
 
 def _refuse_changed(
@@ -690,12 +684,24 @@ class _TemplateWalk:
             (path, m, type(m), dict(children_of(m)), list(children_of(m).values()))
             for path, m in self.paths
         ]
+        # The modules whose settings decide, call by call, whether vmap would train padding
+        # rows or the forward renormalises a table in place (padding_idx, max_norm), and
+        # whether a call draws random numbers (a dropout's p, attention's dropout): settings
+        # a user may change on the template between calls.
+        self.embeddings = [
+            (p, m) for p, m in self.paths if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        ]
+        self.drawers = [m for _, m in self.paths if isinstance(m, _MAY_DRAW)]
+        self._path_of = {id(m): p or "<root>" for p, m in self.paths}
         # The template's parameters and their requires_grad as last seen (see
         # Ensemble._follow_template_grads).
         self.parameters: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
         self.grads_seen = self.grad_flags()
-        self._described: dict[tuple[bool, ...], str] = {}
-        self._draws: dict[tuple[str, tuple[bool, ...]], bool] = {}
+        # Their stacked tensors' names and flags as last seen (taken to agree with the
+        # template's when the walk is made: the next call mirrors any that do not).
+        self.stacked_names: list[str] | None = None
+        self.stacked_seen = self.grads_seen
+        self._described: dict[tuple[tuple[bool, ...], tuple[bool, ...]], str] = {}
 
     def check_structure(self) -> None:
         """Refuse a call after a submodule of the template was replaced, added or removed
@@ -728,10 +734,13 @@ class _TemplateWalk:
         the timing sees whether it draws random numbers."""
         return tuple([m.training for m in self.modules])
 
-    def describe(self, modes: tuple[bool, ...], training: bool) -> str:
+    def describe(
+        self, modes: tuple[bool, ...], training: bool, drawing: tuple[bool, ...] = ()
+    ) -> str:
         """``modes`` in words for a signature: the modules in another mode than the
-        ensemble's ("" when there are none)."""
-        text = self._described.get(modes)
+        ensemble's ("" when there are none), and, in training mode, those of
+        :meth:`drawers` that draw nothing now (a dropout with ``p=0``)."""
+        text = self._described.get((modes, drawing))
         if text is None:
             other = [
                 p or "<root>"
@@ -739,16 +748,39 @@ class _TemplateWalk:
                 if flag != training
             ]
             text = f"{'eval' if training else 'train'}={','.join(other)}" if other else ""
-            self._described[modes] = text
+            idle = [
+                self._path_of[id(m)]
+                for m, draws_now in zip(self.drawers, drawing, strict=True)
+                if m.training and not draws_now
+            ]
+            if idle:
+                text = f"{text} idle={','.join(idle)}".strip()
+            self._described[(modes, drawing)] = text
         return text
 
-    def draws(self, plan: str, modes: tuple[bool, ...], find: Callable[[], bool]) -> bool:
-        """``find()`` (whether ``plan`` draws random numbers onto other elements than the
-        loop), once per plan and ``modes``."""
-        found = self._draws.get((plan, modes))
-        if found is None:
-            found = self._draws[(plan, modes)] = find()
-        return found
+    def drawing(self) -> tuple[bool, ...]:
+        """Whether each module that may draw random numbers in its forward (a dropout, torch's
+        layers with a ``dropout=``) draws in a call now: in the plan cache's keys, so that a
+        dropout's ``p`` raised from 0 after timing is a new kind of call, timed again."""
+        return tuple([draws(m, _DRAW_KINDS) or draws_in_forward(m) for m in self.drawers])
+
+    def padded(self) -> list[str]:
+        """Paths of the ``nn.Embedding`` layers with a ``padding_idx``, whose padding row
+        ``torch.vmap`` trains when each member looks up its own indices: its batching rule
+        looks the members' rows up in one flattened table, whose backward keeps only member
+        0's padding row out of the gradient (batched indices only: shared indices are
+        looked up unbatched, with the padding row kept out for every member, unless the
+        forward makes them per-member itself, which :mod:`._lookups` sees). Forward values
+        are exact: only a call with gradients on the weight is concerned."""
+        return [
+            p
+            for p, m in self.embeddings
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None
+        ]
+
+    def renormed(self) -> list[str]:
+        """Paths of the ``nn.Embedding`` / ``nn.EmbeddingBag`` layers with a ``max_norm`` now."""
+        return [p for p, m in self.embeddings if m.max_norm is not None]
 
     def watched(self) -> list[tuple[str, nn.Module]]:
         stamp = hook_registrations()
@@ -1078,7 +1110,6 @@ class Ensemble(nn.Module):
                 "'auto', which runs the loop for them).",
                 paths=self._recurrent,
             )
-        self._padded = _padded_embeddings(template)
         # A lookup with a padding index of indices that differ per member, seen under
         # vmap with gradients (see _lookups): the refusal's message, kept for the calls
         # after it, which run the loop where they have gradients.
@@ -1097,6 +1128,7 @@ class Ensemble(nn.Module):
         self._fused: FusedPlan | None = (
             fused if execution in ("auto", "fused") and isinstance(fused, FusedPlan) else None
         )
+        self._init_caches()  # before the static plan, which looks at the template's walk
         self._requested: Execution = execution
         self.execution: Execution = (
             (
@@ -1106,13 +1138,12 @@ class Ensemble(nn.Module):
                 if self._names
                 and not self._sparse
                 and not self._recurrent
-                and not (per_member_inputs and self._padded)
+                and not (per_member_inputs and self._padded())
                 else "loop"
             )
             if execution == "auto"
             else execution
         )
-        self._init_caches()
         if execution == "grouped":
             grouped = self._grouped.graph(template)
             if isinstance(grouped, Refusal):
@@ -1135,6 +1166,7 @@ class Ensemble(nn.Module):
         self._member_slots: MemberSlots | None = None
         self._renormed_for: MemberSlots | None = None  # see _renormed
         self._renormed_names: tuple[str, ...] = ()
+        self._renormed_paths: list[str] = []
         self._backward_hooked = _HookCheck()
         # The holders of stacked tensors, in walk order, with their names
         # (built on first use).
@@ -1522,27 +1554,53 @@ class Ensemble(nn.Module):
             self._modes_before_eval = None
         self._mode_applied = mode
 
-    def _follow_template_grads(self) -> None:
+    def _follow_template_grads(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Put ``requires_grad`` set on a template parameter since the last look
-        (``ensemble.template.module[0].requires_grad_(False)``) onto its stacked tensor.
+        (``ensemble.template.module[0].requires_grad_(False)``) onto its stacked tensor, and
+        a flag set on a stacked tensor by other means since (Lightning's ``BaseFinetuning``,
+        ``p.requires_grad = False`` on ``ensemble.parameters()``) back onto the template's.
 
         The template is where settings and modes are set, and its meta parameters hold
         a flag of their own: set there, it changed nothing, and every plan went on
         computing and accumulating the layer's gradient, without an error. Only a
-        change of the template's flag is put: the stacked tensors' own (set by
-        ``ensemble.requires_grad_``, Lightning's ``BaseFinetuning``) stay as they are.
+        change of the template's flag is put: the stacked tensors' own stay as they are,
+        and are mirrored on the template, so that setting the template's flag again is a
+        change (a layer frozen on the template, unfrozen by ``ensemble.requires_grad_()``,
+        then frozen on the template again, trained on before). ``tensors``: the stacked
+        tensors (``None``: the ensemble's own).
         """
+        if functorch_transform_active():
+            # The stacked tensors are the transform's wrappers (torch.func over the ensemble),
+            # whose flags are the transform's and on which requires_grad_ is refused: the
+            # next call outside it looks.
+            return
         walk = self._template_walk()
         now = walk.grad_flags()
-        if now == walk.grads_seen:
+        table = self.tensors() if tensors is None else tensors
+        names = walk.stacked_names
+        if names is None:
+            aliases = self._slots().aliases()
+            names = walk.stacked_names = [aliases.get(n, n) for n, _ in walk.parameters]
+        stacked = [table[name] for name in names]
+        flags = tuple([t.requires_grad for t in stacked])
+        if now == walk.grads_seen and flags == walk.stacked_seen:
             return
-        self._slots()
-        for (name, _), was, flag in zip(walk.parameters, walk.grads_seen, now, strict=True):
-            if was != flag:
-                stacked = self.stacked.get_parameter(self._aliases.get(name, name))
-                if stacked.requires_grad != flag:
-                    stacked.requires_grad_(flag)
-        walk.grads_seen = now
+        for i, (_, p) in enumerate(walk.parameters):
+            if walk.grads_seen[i] != now[i]:  # set on the template: put on the stacked tensor
+                if stacked[i].requires_grad != now[i]:
+                    stacked[i].requires_grad_(now[i])
+            elif walk.stacked_seen[i] != flags[i] and p.requires_grad != flags[i]:
+                p.requires_grad_(flags[i])  # set on the stacked tensor: mirrored
+        walk.grads_seen = walk.grad_flags()
+        walk.stacked_seen = tuple([t.requires_grad for t in stacked])
+
+    def requires_grad_(self, requires_grad: bool = True) -> Ensemble:
+        """:meth:`nn.Module.requires_grad_` on the stacked tensors, mirrored on the template's
+        parameters at once (see :meth:`_follow_template_grads`)."""
+        self._follow_template_grads()  # a flag set on the template before this one is put first
+        super().requires_grad_(requires_grad)
+        self._follow_template_grads()
+        return self
 
     def _follow_mode(self) -> None:
         """Follow ``self.training`` when it was set directly, not through :meth:`train`.
@@ -1577,7 +1635,7 @@ class Ensemble(nn.Module):
             return ["loop"]
         plans = ["loop"] if self._sparse or self._recurrent else ["vmap", "loop"]
         if "vmap" in plans and self._padded_gradients(None):
-            plans.remove("vmap")  # see _padded_embeddings and _lookups
+            plans.remove("vmap")  # see _TemplateWalk.padded and _lookups
         if (
             not kwargs
             and all(isinstance(x, torch.Tensor) for x in inputs)
@@ -1630,7 +1688,9 @@ class Ensemble(nn.Module):
                 )
             ):
                 static = "loop"
-            if self._draws_elsewhere(static, tensors, inputs):
+            if self._draws_elsewhere(static, tensors, inputs) or (
+                static == "vmap" and self._padded_gradients(tensors)  # padding_idx set since
+            ):
                 static = "loop"
             return self._unhooked(static)
         if dispatch_mode_active():
@@ -1644,7 +1704,11 @@ class Ensemble(nn.Module):
         # whether it draws random numbers, and runs the loop if so.
         walk = self._template_walk()
         modes = walk.modes()
-        fast = fast_key(inputs, kwargs, training=self.training, stacked=stacked, modes=modes)
+        # Likewise a module that starts or stops drawing (a dropout's p set from 0 to 0.5).
+        drawing = walk.drawing()
+        fast = fast_key(
+            inputs, kwargs, training=self.training, stacked=stacked, modes=(*modes, *drawing)
+        )
         record = self._plans.seen(fast)
         if record is None:
             key = signature(
@@ -1652,7 +1716,7 @@ class Ensemble(nn.Module):
                 kwargs,
                 training=self.training,
                 stacked=stacked,
-                modes=walk.describe(modes, self.training),
+                modes=walk.describe(modes, self.training, drawing),
             )
             record = self._plans.get(key)
             if record is None:
@@ -1710,14 +1774,8 @@ class Ensemble(nn.Module):
                 and fused.exact(template, tensors, inputs, self.per_member_inputs) is None
             )
 
-        def find() -> bool:
-            if plan == "vmap":
-                return any(
-                    draws(m, (*DROPOUTS, nn.RReLU)) or draws_in_forward(m) for m in walk.modules
-                )
-            return False
-
-        return plan != "loop" and walk.draws(plan, walk.modes(), find)
+        # Looked at on every call: the settings it depends on (a dropout's p) may change.
+        return plan == "vmap" and any(walk.drawing())
 
     def _time(
         self,
@@ -1804,7 +1862,6 @@ class Ensemble(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run every member on ``inputs`` and stack the outputs on a new dim 0 of size N."""
         self._follow_mode()
-        self._follow_template_grads()
         self._template_walk().check_structure()
         if self.per_member_inputs:
             _check_member_inputs(inputs, kwargs, self.num_members)
@@ -1814,6 +1871,7 @@ class Ensemble(nn.Module):
             _refuse_sharded_holders(self.stacked)
             self._checked_classes = (stamp, [(m, type(m)) for m in self.stacked.modules()])
         tensors = self.tensors()
+        self._follow_template_grads(tensors)
         _refuse_meta_with_values(tensors, inputs, kwargs)
         plan = self._choose(tensors, inputs, kwargs)
         if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
@@ -2011,7 +2069,7 @@ class Ensemble(nn.Module):
     def _padded_gradients(
         self, tensors: Mapping[str, torch.Tensor] | None, *, compiling: bool = False
     ) -> bool:
-        """Whether vmap would train padding rows on this call (:func:`_padded_embeddings`,
+        """Whether vmap would train padding rows on this call (:meth:`_TemplateWalk.padded`,
         :mod:`._lookups`): gradients on, and a padded ``nn.Embedding``'s stacked weight
         requiring one with per-member inputs (or any input under ``torch.compile``, where
         no lookup is watched and ``"auto"`` takes the loop), or a forward whose own
@@ -2027,29 +2085,35 @@ class Ensemble(nn.Module):
             and any(t.requires_grad for t in table.values())
         ):
             return True
-        if not self._padded or not (self.per_member_inputs or compiling):
+        padded = self._padded()
+        if not padded or not (self.per_member_inputs or compiling):
             return False
         if compiling and not self.per_member_inputs and self._requested == "vmap":
             return False  # forced, with shared indices: not checked (docs/guarantees.md)
         aliases = self._slots().aliases()
-        for path in self._padded:
+        for path in padded:
             name = f"{path}.weight" if path else "weight"
             weight = table.get(aliases.get(name, name))
             if weight is None or weight.requires_grad:
                 return True
         return False
 
+    def _padded(self) -> list[str]:
+        """Paths of the template's ``nn.Embedding`` layers with a ``padding_idx``, as set now
+        (:meth:`_TemplateWalk.padded`)."""
+        return self._template_walk().padded()
+
     def _renormed(self) -> tuple[str, ...]:
         """The stacked names of the ``nn.Embedding`` / ``nn.EmbeddingBag(max_norm=...)``
         weights, which the forward renormalises in place: with gradients, the loop gives
         each member a copy of its own (:func:`separate_views`)."""
         slots = self._slots()
-        if self._renormed_for is not slots:
-            paths = [
-                f"{path}.weight" if path else "weight"
-                for path, mod in self.template.module.named_modules()
-                if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None
-            ]
+        # Looked up on every call: max_norm may be set on the template after the first.
+        paths = [
+            f"{path}.weight" if path else "weight" for path in self._template_walk().renormed()
+        ]
+        if self._renormed_for is not slots or paths != self._renormed_paths:
+            self._renormed_paths = paths
             aliases = slots.aliases()
             # A tuple, not a frozenset: torch 2.6's dynamo cannot write a frozenset it
             # made into an attribute when the compiled loop breaks its graph
@@ -2434,7 +2498,7 @@ class Ensemble(nn.Module):
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
         if self._padded_gradients(tensors, compiling=torch.compiler.is_compiling()):
             if self._requested == "vmap":
-                _refuse_padded_vmap(self._padded)
+                _refuse_padded_vmap(self._padded())
             if self._last_plan != "loop":
                 self._last_plan = "loop"  # what ran, for ensemble.plan
             return self._functional_loop(tensors, inputs, kwargs, changes, start)
@@ -2546,7 +2610,7 @@ class Ensemble(nn.Module):
         if (
             not compiling
             and torch.is_grad_enabled()
-            and (bool(self._padded) or bool(self._watched_template()))
+            and (bool(self._padded()) or bool(self._watched_template()))
             and any(t.requires_grad for t in tensors.values())
         ):
             lookups = _call_kind(self.training, inputs, kw)
@@ -2722,10 +2786,10 @@ class Ensemble(nn.Module):
         self.__dict__.setdefault("_lost", [])
         self.__dict__.setdefault("_renormed_for", None)
         self.__dict__.setdefault("_renormed_names", ())
+        self.__dict__.setdefault("_renormed_paths", [])
         if "_sparse" not in self.__dict__:  # pickled by a version that did not look
             self._sparse = _sparse_gradients(self.template.module)
-        if "_padded" not in self.__dict__:  # likewise
-            self._padded = _padded_embeddings(self.template.module)
+        self.__dict__.pop("_padded", None)  # pickled by a version that kept it: looked up now
         self.__dict__.setdefault("_padded_lookup", None)
         self.__dict__.setdefault("_lookups_watched", set())
         if "_recurrent" not in self.__dict__:  # likewise

@@ -1,0 +1,238 @@
+"""The review of 2026-12-07 (second session): what a user changes on the template between calls.
+
+- ``ensemble.template.module[1] = nn.Tanh()`` reached the plans that call the template
+  (``fused``, ``grouped``, ``vmap``) but not the loop's copies, made once: the loop went on
+  with the ``ReLU`` (0.58 off members built that way), and ``"auto"`` ran either, without an
+  error. A call after the template's submodules changed is refused, naming where.
+- A layer frozen on the template, unfrozen by ``ensemble.requires_grad_()``, then frozen on
+  the template again trained on (0.019 off after 5 SGD steps): the template's flag did not
+  change the second time. The stacked tensors' flags are mirrored on the template now.
+- A dropout's ``p`` raised from 0 after a call kept ``vmap`` with other masks than the
+  loop's: under deterministic algorithms (1.83 off) and after timing (3.55 off).
+- ``padding_idx`` set on the template after the first call: forced ``vmap`` trained the
+  padding rows (1.56 off); ``max_norm`` set then made the loop refuse with a wrong fix.
+
+Each test but the controls failed on b4d46c8 (the tree before these fixes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lightning_meta as lm
+
+PLANS = ["loop", "fused", "grouped", "vmap", "auto"]
+
+
+def _ensemble(plan: str) -> lm.Ensemble:
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
+    ens = lm.Ensemble(members, execution=plan)
+    ens(torch.randn(5, 4))
+    return ens
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_a_submodule_replaced_on_the_template_is_refused(plan: str) -> None:
+    ens = _ensemble(plan)
+    ens.template.module[1] = nn.Tanh()
+    with pytest.raises(lm.ArgumentValueError, match=r"'1' is now a Tanh \(was a ReLU\)") as info:
+        ens(torch.randn(5, 4))
+    assert "Fix: build a new Ensemble" in str(info.value)
+    assert info.value.paths == ("template.module.1",)
+
+
+@pytest.mark.parametrize("plan", ["loop", "auto"])
+def test_a_submodule_added_or_removed_on_the_template_is_refused(plan: str) -> None:
+    ens = _ensemble(plan)
+    ens.template.module.append(nn.Tanh())
+    with pytest.raises(lm.ArgumentValueError, match=r"'3' is now a Tanh \(was none\)"):
+        ens(torch.randn(5, 4))
+    del ens.template.module[3]
+    ens(torch.randn(5, 4))  # back as built: runs
+    del ens.template.module[1]  # nn.Sequential numbers its children again
+    with pytest.raises(
+        lm.ArgumentValueError,
+        match=r"'1' is now a Linear \(was a ReLU\); .*'2' is now none \(was a Linear\)",
+    ) as info:
+        ens(torch.randn(5, 4))
+    assert info.value.paths == ("template.module.1", "template.module.2")
+
+
+class _Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_a_parametrization_registered_on_the_template_is_refused() -> None:
+    # register_parametrization gives the layer a class of its own (and a `parametrizations`
+    # child, which its forward reaches through that class).
+    ens = _ensemble("loop")
+    parametrize.register_parametrization(ens.template.module[0], "weight", _Doubled())
+    with pytest.raises(
+        lm.ArgumentValueError,
+        match=r"template.module.0 is now a ParametrizedLinear \(was a Linear\)",
+    ) as info:
+        ens(torch.randn(5, 4))
+    assert info.value.paths == ("template.module.0",)
+
+
+def test_settings_changed_on_the_template_are_still_followed() -> None:
+    # The control: a plain setting is no change of structure, and every plan follows it.
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.1), nn.Linear(8, 3)) for _ in range(3)]
+    refs = [copy.deepcopy(m) for m in members]
+    ens = lm.Ensemble(members, execution="loop")
+    x = torch.randn(5, 4)
+    ens(x)
+    ens.template.module[1].negative_slope = 0.5
+    for ref in refs:
+        ref[1].negative_slope = 0.5
+    assert torch.equal(ens(x), torch.stack([r(x) for r in refs]))
+
+
+def _mlp_members(n: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("call_between", [True, False])
+@pytest.mark.parametrize("plan", ["loop", "auto"])
+def test_a_layer_frozen_on_the_template_again_after_the_ensemble_unfroze_it_stays_frozen(
+    plan: str, call_between: bool
+) -> None:
+    members = _mlp_members()
+    ens = lm.Ensemble(copy.deepcopy(members), execution=plan)
+    x = torch.randn(5, 4)
+    ens(x)
+    ens.template.module[0].requires_grad_(False)
+    ens(x)
+    ens.requires_grad_(True)
+    assert ens.template.module[0].weight.requires_grad  # mirrored at once
+    if call_between:
+        ens(x)
+    ens.template.module[0].requires_grad_(False)
+    ens(x).square().sum().backward()
+    assert not ens.tensors()["0.weight"].requires_grad
+    assert ens.tensors()["0.weight"].grad is None
+    assert ens.tensors()["2.weight"].grad is not None
+
+
+def test_a_flag_set_on_the_stacked_tensors_is_mirrored_on_the_template_at_the_next_call() -> None:
+    # As BaseFinetuning freezes: on the parameters themselves, not through requires_grad_.
+    ens = lm.Ensemble(copy.deepcopy(_mlp_members()), execution="loop")
+    x = torch.randn(5, 4)
+    ens(x)
+    ens.tensors()["0.weight"].requires_grad = False
+    ens(x)
+    assert not ens.template.module[0].weight.requires_grad
+    ens.template.module[0].requires_grad_(True)  # a change of the template's: put back
+    ens(x).sum().backward()
+    assert ens.tensors()["0.weight"].grad is not None
+
+
+def _dropout_members(n: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Dropout(0.0), nn.Linear(16, 4))
+        for _ in range(n)
+    ]
+
+
+def test_dropout_turned_on_after_a_call_under_deterministic_algorithms_runs_the_loop() -> None:
+    members = _dropout_members(4)
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members)
+    x = torch.randn(5, 8)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # nothing is timed: the static plan, vmap
+    try:
+        ens(x)
+        for module in (ens.template.module, *refs):
+            module[2].p = 0.5
+        torch.manual_seed(1)
+        out = ens(x)
+        torch.manual_seed(1)
+        expected = torch.stack([r(x) for r in refs])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert ens.plan == "loop"
+    assert torch.equal(out, expected)
+
+
+def test_dropout_turned_on_after_timing_is_a_new_kind_of_call() -> None:
+    members = _dropout_members(8)
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for _ in range(17):  # timed, and timed again at the 16th call
+            ens(x)
+        timed = len(ens.plans)
+        for module in (ens.template.module, *refs):
+            module[2].p = 0.5
+        torch.manual_seed(1)
+        out = ens(x)
+        torch.manual_seed(1)
+        expected = torch.stack([r(x) for r in refs])
+    assert len(ens.plans) == timed + 1  # timed: the timing sees the draws
+    assert "idle=2" in ens.plans[timed - 1].signature
+    assert ens.plan != "vmap"
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def _embedding_members(n: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)) for _ in range(n)]
+
+
+def test_padding_idx_set_on_the_template_after_the_first_call_is_followed() -> None:
+    idx = torch.randint(0, 10, (3, 5, 3))
+    idx[:, :, 0] = 0
+    forced = lm.Ensemble(_embedding_members(), per_member_inputs=True, execution="vmap")
+    forced(idx).sum().backward()
+    forced.template.module[0].padding_idx = 0
+    with pytest.raises(lm.ArgumentValueError, match="padding_idx"):
+        forced(idx).sum().backward()
+    members = _embedding_members()
+    refs = copy.deepcopy(members)
+    auto = lm.Ensemble(members, per_member_inputs=True)
+    auto(idx).sum().backward()
+    auto.zero_grad()
+    for module in (auto.template.module, *refs):
+        module[0].padding_idx = 0
+    auto(idx).square().sum().backward()
+    torch.stack([r(i) for r, i in zip(refs, idx, strict=True)]).square().sum().backward()
+    grad = auto.tensors()["0.weight"].grad
+    assert grad is not None
+    assert torch.equal(grad[:, 0], torch.zeros_like(grad[:, 0]))
+    torch.testing.assert_close(grad, torch.stack([r[0].weight.grad for r in refs]))
+
+
+@pytest.mark.parametrize("plan", ["loop", "auto"])
+def test_max_norm_set_on_the_template_after_the_first_call_is_followed(plan: str) -> None:
+    members = _embedding_members()
+    with torch.no_grad():
+        for m in members:
+            m[0].weight.mul_(3)
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members, execution=plan)
+    idx = torch.randint(0, 10, (5, 3))
+    ens(idx).sum().backward()
+    torch.stack([r(idx) for r in refs]).sum().backward()
+    for module in (ens.template.module, *refs):
+        module[0].max_norm = 1.0
+    out = ens(idx)  # before: refused, naming nn.Embedding(max_norm=...) as the fix
+    expected = torch.stack([r(idx) for r in refs])
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.equal(out, expected)
+    assert torch.equal(ens.tensors()["0.weight"], torch.stack([r[0].weight for r in refs]))
+    grad = ens.tensors()["0.weight"].grad
+    assert grad is not None
+    assert torch.equal(grad, torch.stack([r[0].weight.grad for r in refs]))
