@@ -20,21 +20,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-
-
-def _assert_like_eager(build: type[nn.Module]) -> None:
-    torch.manual_seed(0)
-    eager = build()
-    after_eager = torch.get_rng_state()
-    torch.manual_seed(0)
-    with lm.deferred_init():
-        deferred = build()
-    lm.materialize(deferred)
-    assert torch.equal(torch.get_rng_state(), after_eager)
-    mine, theirs = deferred.state_dict(), eager.state_dict()
-    assert mine.keys() == theirs.keys()
-    for name, value in theirs.items():
-        assert torch.equal(mine[name], value), name
+from support.deferred_models import assert_like_eager
 
 
 class _CatchesARefusal(nn.Module):
@@ -73,7 +59,7 @@ class _CatchesTorchsOwnError(nn.Module):
 def test_an_error_eager_construction_raises_too_may_be_caught_as_eagerly() -> None:
     # The draw refuses a negative std, then raises torch's own error, as eager does: the model
     # catching that one takes eager's path, and the block is not refused.
-    _assert_like_eager(_CatchesTorchsOwnError)
+    assert_like_eager(_CatchesTorchsOwnError)
 
 
 class _InitInAThreadPool(nn.Module):
@@ -142,7 +128,7 @@ class _TiesByPointer(nn.Module):
 def test_data_ptr_tells_tensors_sharing_memory_apart_inside_a_block(tie: bool) -> None:
     # Every fake tensor's data_ptr() was 0: untied weights looked shared, and the head kept
     # nn.Linear's initialisation (0.51 off, the generator elsewhere), without an error.
-    _assert_like_eager(lambda: _TiesByPointer(tie))  # type: ignore[arg-type,return-value]
+    assert_like_eager(lambda: _TiesByPointer(tie))  # type: ignore[arg-type,return-value]
     torch.manual_seed(0)
     with lm.deferred_init():
         deferred = _TiesByPointer(tie)
@@ -168,7 +154,7 @@ def test_the_per_backend_float32_precision_set_in_a_block_is_recorded() -> None:
     # once a backend's precision was set apart ("mix of the legacy and new APIs"): the block
     # crashed where eager construction works.
     try:
-        _assert_like_eager(_MatmulInBf16)
+        assert_like_eager(_MatmulInBf16)
         assert torch.backends.mkldnn.matmul.fp32_precision == "none"
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
@@ -205,7 +191,7 @@ def test_a_linalg_error_that_depends_on_values_is_raised_in_the_block_as_eagerly
     with lm.deferred_init():
         deferred = _FactorOrFallBack(matrix)
     assert deferred.branch == eager.branch
-    _assert_like_eager(lambda: _FactorOrFallBack(matrix))  # type: ignore[arg-type,return-value]
+    assert_like_eager(lambda: _FactorOrFallBack(matrix))  # type: ignore[arg-type,return-value]
 
 
 def test_a_linalg_error_nobody_catches_is_raised_in_the_block() -> None:
@@ -262,7 +248,7 @@ def test_value_checks_inside_kernels_raise_in_the_block_as_eagerly(check: str) -
     torch.manual_seed(0)
     eager = _ChecksItsOwnMatrices(check)
     assert eager.branch == "fell back"
-    _assert_like_eager(lambda: _ChecksItsOwnMatrices(check))  # type: ignore[arg-type,return-value]
+    assert_like_eager(lambda: _ChecksItsOwnMatrices(check))  # type: ignore[arg-type,return-value]
 
 
 def test_stand_in_addresses_of_different_tensors_never_overlap() -> None:

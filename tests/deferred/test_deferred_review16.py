@@ -13,23 +13,7 @@ import torch
 from torch import nn
 
 import lightning_meta as lm
-
-
-def _assert_like_eager(build: type[nn.Module], *args: object) -> nn.Module:
-    torch.manual_seed(0)
-    eager = build(*args)
-    after_eager = torch.get_rng_state()
-    torch.manual_seed(0)
-    with lm.deferred_init():
-        deferred = build(*args)
-    lm.materialize(deferred)
-    assert torch.equal(torch.get_rng_state(), after_eager)
-    mine, theirs = deferred.state_dict(), eager.state_dict()
-    assert mine.keys() == theirs.keys()
-    for name, value in theirs.items():
-        assert torch.equal(mine[name], value), name
-    assert vars(deferred).get("seen") == vars(eager).get("seen")
-    return deferred
+from support.deferred_models import assert_like_eager
 
 
 class _TiesByStorage(nn.Module):
@@ -62,7 +46,7 @@ class _TiesByStorage(nn.Module):
 def test_storage_data_ptr_tells_storages_apart_inside_a_block(tie: bool, typed: bool) -> None:
     # Every fake tensor's storage answered data_ptr() 0: untied weights looked shared, so
     # the block skipped eager's draw of the head (other values, no error). Tied: the control.
-    _assert_like_eager(_TiesByStorage, tie, typed)
+    assert_like_eager(_TiesByStorage, tie, typed)
 
 
 class _MetaInside(nn.Module):
@@ -79,7 +63,7 @@ class _MetaInside(nn.Module):
 
 
 def test_a_meta_tensor_made_in_a_block_has_eagers_address_zero() -> None:
-    _assert_like_eager(_MetaInside)
+    assert_like_eager(_MetaInside)
 
 
 def test_storages_outside_a_block_keep_their_own_addresses() -> None:

@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+import lightning_meta as lm
+
+
+def assert_like_eager(build: Callable[..., nn.Module], *args: object) -> nn.Module:
+    """Build with the same seed eagerly and in a ``deferred_init`` block, materialize, and
+    assert what eager construction gives: every tensor of ``state_dict`` equal, the global
+    generator where eager leaves it, and the same ``seen`` attribute (what ``__init__``
+    observed, if it keeps that). Returns the deferred model."""
+    torch.manual_seed(0)
+    eager = build(*args)
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        deferred = build(*args)
+    lm.materialize(deferred)
+    assert torch.equal(torch.get_rng_state(), after_eager)
+    mine, theirs = deferred.state_dict(), eager.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(mine[name], value), name
+    assert vars(deferred).get("seen") == vars(eager).get("seen")
+    return deferred
 
 
 class Custom(nn.Module):

@@ -144,6 +144,19 @@ def _dropout_members(n: int) -> list[nn.Module]:
     ]
 
 
+def _dropout_on(
+    ens: lm.Ensemble, refs: list[nn.Module], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the dropout's p from 0 to 0.5 on the template and the members; the ensemble's
+    output and the members', from one seed."""
+    for module in (ens.template.module, *refs):
+        module[2].p = 0.5
+    torch.manual_seed(1)
+    out = ens(x)
+    torch.manual_seed(1)
+    return out, torch.stack([r(x) for r in refs])
+
+
 def test_dropout_turned_on_after_a_call_under_deterministic_algorithms_runs_the_loop() -> None:
     members = _dropout_members(4)
     refs = copy.deepcopy(members)
@@ -153,12 +166,7 @@ def test_dropout_turned_on_after_a_call_under_deterministic_algorithms_runs_the_
     torch.use_deterministic_algorithms(True)  # nothing is timed: the static plan, vmap
     try:
         ens(x)
-        for module in (ens.template.module, *refs):
-            module[2].p = 0.5
-        torch.manual_seed(1)
-        out = ens(x)
-        torch.manual_seed(1)
-        expected = torch.stack([r(x) for r in refs])
+        out, expected = _dropout_on(ens, refs, x)
     finally:
         torch.use_deterministic_algorithms(was)
     assert ens.plan == "loop"
@@ -174,12 +182,7 @@ def test_dropout_turned_on_after_timing_is_a_new_kind_of_call() -> None:
         for _ in range(17):  # timed, and timed again at the 16th call
             ens(x)
         timed = len(ens.plans)
-        for module in (ens.template.module, *refs):
-            module[2].p = 0.5
-        torch.manual_seed(1)
-        out = ens(x)
-        torch.manual_seed(1)
-        expected = torch.stack([r(x) for r in refs])
+        out, expected = _dropout_on(ens, refs, x)
     assert len(ens.plans) == timed + 1  # timed: the timing sees the draws
     assert "idle=2" in ens.plans[timed - 1].signature
     assert ens.plan != "vmap"
