@@ -239,3 +239,39 @@ def test_max_norm_set_on_the_template_after_the_first_call_is_followed(plan: str
     grad = ens.tensors()["0.weight"].grad
     assert grad is not None
     assert torch.equal(grad, torch.stack([r[0].weight.grad for r in refs]))
+
+
+def test_dropout_after_a_channels_last_1x1_convolution_draws_the_loops_masks() -> None:
+    # Found by a second review of the same session: a channels_last 1x1 convolution weight
+    # passes is_contiguous() (its size-1 dimensions' strides are skipped), so "auto" ran
+    # the grouped plan with the record's contiguous masks, while torch's convolution read
+    # the strides and gave the members channels_last outputs: 5.71 off, no error.
+    torch.manual_seed(0)
+    members = [
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5)).to(memory_format=torch.channels_last)
+        for _ in range(3)
+    ]
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members)
+    x = torch.randn(6, 3, 5, 5)
+    torch.manual_seed(1)
+    expected = torch.stack([m(x) for m in refs])
+    torch.manual_seed(1)
+    assert torch.equal(ens(x), expected)
+
+
+def test_a_one_channel_input_laid_out_channels_last_draws_the_loops_masks() -> None:
+    # The same through the input: strides (36, 1, 6, 1) pass is_contiguous(), and were the
+    # same kind of call as a contiguous input (4.40 off, no error).
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Dropout(0.5)) for _ in range(3)]
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members)
+    x = torch.randn(5, 1, 6, 6)
+    laid_out = torch.empty_strided((5, 1, 6, 6), (36, 1, 6, 1)).copy_(x)
+    assert laid_out.is_contiguous()
+    for inputs in (x, laid_out):
+        torch.manual_seed(1)
+        expected = torch.stack([m(inputs) for m in refs])
+        torch.manual_seed(1)
+        assert torch.equal(ens(inputs), expected)

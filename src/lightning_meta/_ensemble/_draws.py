@@ -251,7 +251,12 @@ def exact_possible(stacked: Iterable[torch.Tensor], inputs: Iterable[Any]) -> bo
     would draw every mask of the global shapes), or for inputs or stacked tensors that
     are not contiguous (the record's strides are those of torch's meta kernels, which are
     eager's for contiguous tensors; a mask drawn with other strides is filled in another
-    order: a channels_last input gave other masks)."""
+    order: a channels_last input gave other masks). Contiguous means torch's own strides,
+    size-1 dimensions included: ``is_contiguous()`` skips those, and a channels_last 1x1
+    convolution weight, or a one-channel input laid out channels_last, passes it while
+    torch's convolution reads the strides and gives a channels_last output, whose masks
+    the record's contiguous ones are not (5.7 off the loop before the second session of
+    2026-12-07)."""
     tensors = list(stacked)
     leaves = [x for x in inputs if isinstance(x, torch.Tensor)]
     return not (
@@ -261,8 +266,19 @@ def exact_possible(stacked: Iterable[torch.Tensor], inputs: Iterable[Any]) -> bo
         or functorch_transform_active()
         or torch.is_inference_mode_enabled()
         or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
-        or any(is_dtensor(t) or not t.is_contiguous() for t in (*tensors, *leaves))
+        or any(is_dtensor(t) or not _plainly_contiguous(t) for t in (*tensors, *leaves))
     )
+
+
+def _plainly_contiguous(t: torch.Tensor) -> bool:
+    """Whether ``t`` has the strides ``torch.empty(t.shape)`` has, size-1 dimensions
+    included (see :func:`exact_possible`)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        if stride != expected:
+            return False
+        expected *= max(size, 1)  # as torch strides a tensor with an empty dimension
+    return True
 
 
 # The alpha of torch's alpha dropout (SELU's negative saturation, -scale * alpha).
