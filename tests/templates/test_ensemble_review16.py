@@ -275,3 +275,33 @@ def test_a_one_channel_input_laid_out_channels_last_draws_the_loops_masks() -> N
         expected = torch.stack([m(inputs) for m in refs])
         torch.manual_seed(1)
         assert torch.equal(ens(inputs), expected)
+
+
+class _EinsumNorm(nn.Module):
+    """A layer the grouped and fused plans do not run, so that "auto" times vmap and a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.einsum("bi,ij->bj", x, self.w))
+
+
+def test_a_timed_vmap_refused_after_a_setting_changed_says_so_and_how_to_time_again() -> None:
+    # The message said vmap was "used where no plan is timed" where it had been timed, and
+    # named only execution='loop' as the fix.
+    torch.manual_seed(0)
+    ens = lm.Ensemble([_EinsumNorm() for _ in range(64)])
+    x = torch.randn(8, 4)
+    ens(x)
+    if ens.plan != "vmap":  # 64 members: vmap has won by 9x on this machine
+        pytest.skip(f"auto timed {ens.plan} here, not vmap")
+    ens.template.module.bn.momentum = None  # BatchNorm's .item() of its count under vmap
+    with pytest.raises(lm.ArgumentValueError, match=r"chosen by timing an earlier call") as info:
+        ens(x)
+    assert "ensemble.clear_plans()" in str(info.value)
+    ens.clear_plans()
+    ens(x)  # timed again: vmap fails there, and the loop runs
+    assert ens.plan == "loop"

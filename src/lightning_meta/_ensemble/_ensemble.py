@@ -2646,11 +2646,22 @@ class Ensemble(nn.Module):
                     "randomness='different' (one draw per member) or 'same' (one draw "
                     "shared), or call ensemble.eval()."
                 ) from e
-            how = "forced" if self._requested == "vmap" else "used where no plan is timed"
+            fix = "pass execution='loop'"
+            if self._requested == "vmap":
+                how = "forced"
+            elif untimed_reason() is not None:
+                how = "used where no plan is timed"
+            else:
+                # Timed on an earlier call of this kind: a setting changed on the template
+                # since (BatchNorm's momentum=None) makes torch refuse it now.
+                how = "chosen by timing an earlier call of this kind"
+                fix = (
+                    "after changing a setting of the template, call ensemble.clear_plans() "
+                    "so that the next call is timed again, or pass execution='loop'"
+                )
             raise ArgumentValueError(
                 f"Ensemble(execution={self._requested!r}) ran torch.vmap ({how}), which cannot "
-                f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: pass "
-                "execution='loop'."
+                f"run {type(template.module).__name__}: {str(e).splitlines()[0]} Fix: {fix}."
             ) from e
         if generators is not None:
             drawn = generators.moved()
