@@ -678,6 +678,9 @@ class _TemplateWalk:
         ]
         self._watched: tuple[int, list[tuple[str, nn.Module]]] | None = None
         self.modules = [m for _, m in self.paths]
+        # By path, for the fused plan's layers: check_structure keeps them the template's.
+        # Every path, a module used twice included (an activation at two places).
+        self.by_path: dict[str, nn.Module] = dict(module.named_modules(remove_duplicate=False))
         # Every module's children as built (see check_structure). Not its table itself:
         # nn.Sequential's __delitem__ gives the module a new one.
         self._children = [
@@ -1770,8 +1773,9 @@ class Ensemble(nn.Module):
             fused = self._fused
             return (
                 fused is not None
-                and fused.draws(template)
-                and fused.exact(template, tensors, inputs, self.per_member_inputs) is None
+                and fused.draws(walk.by_path)
+                and fused.exact(template, walk.by_path, tensors, inputs, self.per_member_inputs)
+                is None
             )
 
         # Looked at on every call: the settings it depends on (a dropout's p) may change.
@@ -2348,21 +2352,22 @@ class Ensemble(nn.Module):
         (:meth:`FusedPlan.exact`); under ``"auto"`` it runs nowhere else.
         """
         template = self.template.module
+        modules = self._template_walk().by_path
         fused = self._fused
-        drawing = fused is not None and fused.draws(template)
+        drawing = fused is not None and fused.draws(modules)
         rng = None
         try:
             if fused is None or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
                 raise NotFusableError
             schedule = None
             if drawing:
-                schedule = fused.exact(template, tensors, inputs, self.per_member_inputs)
+                schedule = fused.exact(template, modules, tensors, inputs, self.per_member_inputs)
                 if schedule is None and self._requested == "auto":
                     raise NotFusableError  # "auto" timed it where it drew the loop's masks
                 if schedule is not None:
                     rng = torch.get_rng_state()
             return fused(
-                template,
+                modules,
                 tensors,
                 inputs[0],
                 self.per_member_inputs,

@@ -112,21 +112,23 @@ class FusedPlan:
     # One member's draws per kind of call (see _draws).
     _schedules: Schedules = field(default_factory=Schedules, compare=False, repr=False)
 
-    def _dropouts(self, template: nn.Module) -> list[nn.Module]:
+    def _dropouts(self, modules: Mapping[str, nn.Module]) -> list[nn.Module]:
         return [
             mod
             for step in self.steps
-            if step.kind == "apply" and type(mod := template.get_submodule(step.path)) in _DROPOUT
+            if step.kind == "apply" and type(mod := modules[step.path]) in _DROPOUT
         ]
 
-    def draws(self, template: nn.Module) -> bool:
+    def draws(self, modules: Mapping[str, nn.Module]) -> bool:
         """Whether a call in the template's current modes draws random numbers (a dropout in
-        training mode with ``p > 0``)."""
-        return any(draws(mod, _DROPOUT) for mod in self._dropouts(template))
+        training mode with ``p > 0``). ``modules``: the template's modules by dotted path,
+        as the ensemble was built with them (it refuses a call after any was replaced)."""
+        return any(draws(mod, _DROPOUT) for mod in self._dropouts(modules))
 
     def exact(
         self,
         template: nn.Module,
+        modules: Mapping[str, nn.Module],
         tensors: Mapping[str, torch.Tensor],
         inputs: tuple[Any, ...],
         per_member: bool,
@@ -142,7 +144,7 @@ class FusedPlan:
             or not exact_possible(tensors.values(), inputs)
         ):
             return None
-        modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(template))
+        modes = tuple((m.training, getattr(m, "p", None)) for m in self._dropouts(modules))
         key = (x.shape, x.dtype, per_member, torch.is_grad_enabled(), modes)
         return self._schedules.get(key, template, tensors, (x[0] if per_member else x,))
 
@@ -152,7 +154,7 @@ class FusedPlan:
 
     def __call__(
         self,
-        template: nn.Module,
+        modules: Mapping[str, nn.Module],
         tensors: dict[str, torch.Tensor],
         x: torch.Tensor,
         per_member: bool,
@@ -162,6 +164,7 @@ class FusedPlan:
     ) -> torch.Tensor:
         """Run every member on ``x`` at once; returns ``(N, *lead, out)``.
 
+        ``modules``: the template's modules by dotted path (see :meth:`draws`).
         ``grads`` holds the reused memory of large weight gradients, keyed by
         layer and ``chunk`` (the first member of the chunk ``tensors`` hold).
         ``schedule`` (:meth:`exact`): one member's draws; every member's are
@@ -171,7 +174,7 @@ class FusedPlan:
         it dropout draws on the stacked activations.
         """
         n = next(iter(tensors.values())).shape[0]
-        if not self.fits(x, per_member) or any(has_module_hooks(m) for m in template.modules()):
+        if not self.fits(x, per_member) or any(has_module_hooks(m) for m in modules.values()):
             # The generic path raises torch's own, member-level error, and
             # runs hooks added to the template since the plan was made.
             raise NotFusableError
@@ -187,11 +190,14 @@ class FusedPlan:
         )
         shared = not per_member
         # The Functions that reuse gradient buffers, only where autograd can run them.
-        functions = not custom_functions_unsupported()
+        # Their backwards multiply real matrices: a complex one needs the conjugates
+        # (wrong gradients before the second session of 2026-12-07), which autograd's own
+        # matmuls take.
+        functions = not custom_functions_unsupported() and not x.is_complex()
         member_draws = None if schedule is None else Draws(schedule, n, x.device)
         for step in self.steps:
             if step.kind == "apply":
-                mod = template.get_submodule(step.path)
+                mod = modules[step.path]
                 if member_draws is not None and type(mod) in _DROPOUT:
                     h = _dropout(member_draws, mod, h, lead)
                 else:
