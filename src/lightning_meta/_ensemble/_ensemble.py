@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_meta._compat import (
+    FakeTensor,
     active_fake_mode,
     apply_to_tensors,
     backward_hooked,
@@ -223,6 +224,30 @@ def _generator_argument(inputs: Any, kwargs: Any) -> bool:
         ):
             return True
     return False
+
+
+def _subclass_input(inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> type | None:
+    """The class of the first tensor input that is a subclass of ``torch.Tensor`` with a
+    ``__torch_function__`` of its own (``None`` if none is): it sees every op of the
+    members' forwards in the loop, but other ops (one batched matmul for all members) in
+    the other plans, so its own results there are not the members'. ``nn.Parameter``,
+    DTensors (tensor parallel) and fake tensors (an estimate) are the package's to run."""
+    leaves = inputs if not kwargs else tree_leaves((inputs, dict(kwargs)))
+    for x in leaves:
+        kind = type(x)
+        if (
+            kind is not torch.Tensor
+            and isinstance(x, torch.Tensor)
+            and kind is not nn.Parameter
+            and getattr(kind.__torch_function__, "__func__", None) is not _PLAIN_TORCH_FUNCTION
+            and not is_dtensor(x)
+            and not isinstance(x, FakeTensor)
+        ):
+            return kind
+    return None
+
+
+_PLAIN_TORCH_FUNCTION = getattr(torch.Tensor.__torch_function__, "__func__", None)
 
 
 def _float16(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -633,8 +658,12 @@ def _refuse_changed(
     a child replaced or removed, or a child added to a container (see
     :meth:`_TemplateWalk.check_structure`)."""
 
-    def kind(m: nn.Module | None) -> str:
-        return "none" if m is None else f"a {type(m).__name__}"
+    def kind(m: nn.Module | None, was: nn.Module | None = None) -> str:
+        if m is None:
+            return "none"
+        if was is not None and type(was) is type(m):
+            return f"another {type(m).__name__}"
+        return f"a {type(m).__name__}"
 
     where = "template.module" + (f".{path}" if path else "")
     said: list[str] = []
@@ -646,7 +675,7 @@ def _refuse_changed(
     for key in dict.fromkeys([*built, *table]):
         if built.get(key) is not table.get(key) and (key in built or added):
             said.append(
-                f"{where}'s child {key!r} is now {kind(table.get(key))} "
+                f"{where}'s child {key!r} is now {kind(table.get(key), built.get(key))} "
                 f"(was {kind(built.get(key))})"
             )
             paths.append(f"{where}.{key}")
@@ -660,6 +689,30 @@ def _refuse_changed(
         "have the new submodules (settings such as a dropout's `p` may be changed on the "
         "template).",
         paths=paths,
+    )
+
+
+def _tie_pattern(module: nn.Module) -> dict[str, str]:
+    """Every parameter's dotted name -> the first name of its tie group."""
+    first: dict[int, str] = {}
+    return {
+        name: first.setdefault(id(p), name)
+        for name, p in module.named_parameters(remove_duplicate=False)
+    }
+
+
+def _refuse_retied(built: Mapping[str, str], now: Mapping[str, str]) -> None:
+    """Raise for template parameters whose names or ties differ from those built."""
+    changed = [k for k in dict.fromkeys([*built, *now]) if built.get(k) != now.get(k)]
+    raise ArgumentValueError(
+        "Ensemble's template changed after the ensemble was built: its parameter"
+        f"{'s' if len(changed) > 1 else ''} {', '.join(map(repr, changed))} "
+        f"{'were' if len(changed) > 1 else 'was'} tied, untied, added or removed (as "
+        "tie_weights() does). The loop's copies hold the parameters as built, while the plans "
+        "that call the template reach the new ones, so they would not agree with each other "
+        "or with members built that way. Fix: build a new Ensemble from members made that way "
+        "(tie their weights before building it).",
+        paths=[f"template.module.{k}" for k in changed],
     )
 
 
@@ -687,6 +740,11 @@ class _TemplateWalk:
             (path, m, type(m), dict(children_of(m)), list(children_of(m).values()))
             for path, m in self.paths
         ]
+        # And its parameters' names and ties (tie_weights() on the template replaces one):
+        # each module's parameters as last seen, for a check by identity, and the tie
+        # pattern as built, compared when one of them is another object.
+        self._params = [(m, list(tensor_tables(m)[0].values())) for _, m in self.paths]
+        self._ties = _tie_pattern(module)
         # The modules whose settings decide, call by call, whether vmap would train padding
         # rows or the forward renormalises a table in place (padding_idx, max_norm), and
         # whether a call draws random numbers (a dropout's p, attention's dropout): settings
@@ -726,6 +784,20 @@ class _TemplateWalk:
                 _refuse_changed(path, module, cls, table, built)
                 # A child added where the forward does not reach it: seen, not checked again.
                 self._children[i] = (path, module, cls, built, list(table.values()))
+        for module, tensors in self._params:
+            now = tensor_tables(module)[0]
+            if len(now) != len(tensors) or not all(map(operator.is_, now.values(), tensors)):
+                self._check_ties()
+                break
+
+    def _check_ties(self) -> None:
+        """Refuse a call after the template's parameters were renamed, added, removed, tied
+        or untied; a parameter made anew in place of one (the package's own calls of the
+        template may do so) is no change."""
+        now = _tie_pattern(self.module)
+        if now != self._ties:
+            _refuse_retied(self._ties, now)
+        self._params = [(m, list(tensor_tables(m)[0].values())) for m in self.modules]
 
     def grad_flags(self) -> tuple[bool, ...]:
         """Every template parameter's ``requires_grad``."""
@@ -1660,6 +1732,18 @@ class Ensemble(nn.Module):
     def _choose(
         self, tensors: dict[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> str:
+        odd = _subclass_input(inputs, kwargs)
+        if odd is not None:
+            if self._requested not in ("auto", "loop"):
+                raise ArgumentValueError(
+                    f"Ensemble(execution={self._requested!r}) cannot run an input of class "
+                    f"{odd.__name__}, a torch.Tensor subclass with a __torch_function__ of its "
+                    "own: it would see this plan's ops (one batched call for all members), not "
+                    "the members' own, and its results would differ from theirs. Fix: use "
+                    "execution='auto' or 'loop', which run the members' forwards on it, or pass "
+                    "x.as_subclass(torch.Tensor)."
+                )
+            return self._unhooked("loop")
         if self._requested != "auto":
             return self._requested
         if self._writes_state:  # see _timed_state

@@ -36,13 +36,13 @@ def plain_value(value: Any) -> bool:
 
 
 def differs(a: Any, b: Any) -> bool:
-    """Whether plain values ``a`` and ``b`` differ (NaN equals NaN; a failing ``==`` differs)."""
-    try:
-        if bool(a == b):
-            return False
-    except Exception:  # a comparison that raises is not an equality
-        pass
-    return repr(a) != repr(b)
+    """Whether plain values ``a`` and ``b`` differ: in type or in ``repr`` (NaN equals NaN).
+
+    Not by ``==``: values that compare equal may act otherwise, and a setting changed
+    to one was not followed (``0.0`` to ``-0.0`` as a divisor, ``True`` to ``1`` as an index,
+    which keeps the dimension, ``2`` to ``2.0`` as a kernel size, which torch refuses).
+    """
+    return type(a) is not type(b) or repr(a) != repr(b)
 
 
 class SettingsWatch:
@@ -58,6 +58,7 @@ class SettingsWatch:
         self._paths: list[str] = []
         self._watched: list[nn.Module] = []
         self._dicts: list[dict[str, Any]] = []
+        self._scalars: list[list[tuple[str, Any]]] = []
 
     def __reduce__(self) -> tuple[type[SettingsWatch], tuple[()]]:
         return (SettingsWatch, ())
@@ -72,6 +73,7 @@ class SettingsWatch:
         self._paths = [path for path, _ in pairs]
         self._watched = [module for _, module in pairs]
         self._dicts = [_snapshot(module.__dict__) for module in self._watched]
+        self._scalars = [_scalars(d) for d in self._dicts]
 
     def changed(self, root: nn.Module) -> list[tuple[str, str, Any]]:
         """``(module path, key, new value)`` for every plain setting of ``root``'s modules
@@ -85,7 +87,9 @@ class SettingsWatch:
         for j, module in enumerate(self._watched):
             now, before = module.__dict__, self._dicts[j]
             try:
-                if now == before:  # the common case: one comparison in C per module
+                # The common case: one comparison in C per module, and the numbers by
+                # identity, which == does not tell apart from equal ones (0.0 and -0.0).
+                if now == before and all(now.get(k) is v for k, v in self._scalars[j]):
                     continue
             except Exception:  # a tensor put in an attribute: its == is elementwise
                 pass
@@ -98,7 +102,14 @@ class SettingsWatch:
                 if new is DELETED or old is DELETED or differs(new, old):
                     out.append((self._paths[j], key, new))
             self._dicts[j] = _snapshot(now)
+            self._scalars[j] = _scalars(self._dicts[j])
         return out
+
+
+def _scalars(snapshot: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The numbers of a snapshot (``int``, ``float``, ``bool``, ``complex``), compared by
+    identity on every call."""
+    return [(k, v) for k, v in snapshot.items() if type(v) in (int, float, bool, complex)]
 
 
 def _snapshot(settings: dict[str, Any]) -> dict[str, Any]:
