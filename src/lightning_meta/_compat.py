@@ -73,6 +73,7 @@ __all__ = [
     "tree_unflatten",
     "buffers_of",
     "children_of",
+    "structure_of",
     "dispatch_mode_active",
     "foreach_supported_devices",
     "functorch_disabled",
@@ -464,6 +465,20 @@ def buffers_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
 def non_persistent_of(module: nn.Module) -> set[str]:
     """``module._non_persistent_buffers_set``: buffers ``state_dict`` leaves out."""
     return module._non_persistent_buffers_set
+
+
+def structure_of(
+    modules: Sequence[nn.Module],
+) -> tuple[list[type], list[nn.Module | None], list[torch.Tensor | None]]:
+    """Every module's class, every child and every parameter of ``modules``, flat, in table
+    order: what Ensemble compares on every call to see its template as built, read from
+    ``_modules`` and ``_parameters`` directly (two function calls per module cost as much
+    as the comparison)."""
+    return (
+        [type(m) for m in modules],
+        [c for m in modules for c in m._modules.values()],
+        [p for m in modules for p in m._parameters.values()],
+    )
 
 
 def children_of(module: nn.Module) -> dict[str, nn.Module | None]:

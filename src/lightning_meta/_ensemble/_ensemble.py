@@ -36,6 +36,7 @@ from lightning_meta._compat import (
     made_at_level,
     module_apply,
     non_persistent_of,
+    structure_of,
     tensor_tables,
     to_memory_format,
     transform_level,
@@ -745,6 +746,7 @@ class _TemplateWalk:
         # pattern as built, compared when one of them is another object.
         self._params = [(m, list(tensor_tables(m)[0].values())) for _, m in self.paths]
         self._ties = _tie_pattern(module)
+        self._flatten()
         # The modules whose settings decide, call by call, whether vmap would train padding
         # rows or the forward renormalises a table in place (padding_idx, max_norm), and
         # whether a call draws random numbers (a dropout's p, attention's dropout): settings
@@ -778,6 +780,14 @@ class _TemplateWalk:
         Raises:
             ArgumentValueError: naming the changed children's paths.
         """
+        types, children, params = structure_of(self.modules)
+        if (
+            types == self._types
+            and children == self._flat_children
+            and len(params) == len(self._flat_params)
+            and all(map(operator.is_, params, self._flat_params))
+        ):
+            return  # the common case: three flat lists, compared in C
         for i, (path, module, cls, built, children) in enumerate(self._children):
             table = children_of(module)
             if type(module) is not cls or list(table.values()) != children:
@@ -789,6 +799,12 @@ class _TemplateWalk:
             if len(now) != len(tensors) or not all(map(operator.is_, now.values(), tensors)):
                 self._check_ties()
                 break
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """Note what :meth:`check_structure` compares first, flat: every module's class,
+        children and parameters, as now."""
+        self._types, self._flat_children, self._flat_params = structure_of(self.modules)
 
     def _check_ties(self) -> None:
         """Refuse a call after the template's parameters were renamed, added, removed, tied

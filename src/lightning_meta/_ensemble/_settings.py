@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import operator
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ class SettingsWatch:
         self._paths: list[str] = []
         self._watched: list[nn.Module] = []
         self._dicts: list[dict[str, Any]] = []
-        self._scalars: list[list[tuple[str, Any]]] = []
+        self._scalars: list[tuple[tuple[str, ...], tuple[Any, ...]]] = []
 
     def __reduce__(self) -> tuple[type[SettingsWatch], tuple[()]]:
         return (SettingsWatch, ())
@@ -89,7 +90,8 @@ class SettingsWatch:
             try:
                 # The common case: one comparison in C per module, and the numbers by
                 # identity, which == does not tell apart from equal ones (0.0 and -0.0).
-                if now == before and all(now.get(k) is v for k, v in self._scalars[j]):
+                keys, values = self._scalars[j]
+                if now == before and all(map(operator.is_, map(now.get, keys), values)):
                     continue
             except Exception:  # a tensor put in an attribute: its == is elementwise
                 pass
@@ -106,10 +108,11 @@ class SettingsWatch:
         return out
 
 
-def _scalars(snapshot: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The numbers of a snapshot (``int``, ``float``, ``bool``, ``complex``), compared by
-    identity on every call."""
-    return [(k, v) for k, v in snapshot.items() if type(v) in (int, float, bool, complex)]
+def _scalars(snapshot: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The keys and values of a snapshot's numbers (``int``, ``float``, ``bool``,
+    ``complex``), compared by identity on every call."""
+    pairs = [(k, v) for k, v in snapshot.items() if type(v) in (int, float, bool, complex)]
+    return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
 
 
 def _snapshot(settings: dict[str, Any]) -> dict[str, Any]:
