@@ -776,9 +776,10 @@ class _TemplateWalk:
         without an error. A child added to a module other than a container
         (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, which run or hand out
         every child) is let be: the forward does not reach it unless its code names it.
+        Parameters tied, untied, added or removed are refused likewise (:meth:`_check_ties`).
 
         Raises:
-            ArgumentValueError: naming the changed children's paths.
+            ArgumentValueError: naming the changed children's or parameters' paths.
         """
         types, children, params = structure_of(self.modules)
         if (
@@ -829,8 +830,8 @@ class _TemplateWalk:
         self, modes: tuple[bool, ...], training: bool, drawing: tuple[bool, ...] = ()
     ) -> str:
         """``modes`` in words for a signature: the modules in another mode than the
-        ensemble's ("" when there are none), and, in training mode, those of
-        :meth:`drawers` that draw nothing now (a dropout with ``p=0``)."""
+        ensemble's ("" when there are none), and, in training mode, those of ``drawers``
+        that draw nothing now (a dropout with ``p=0``)."""
         text = self._described.get((modes, drawing))
         if text is None:
             other = [
