@@ -439,3 +439,17 @@ def test_weights_tied_on_the_template_after_the_first_call_are_refused(plan: str
     with pytest.raises(lm.ArgumentValueError, match=r"parameter 'head.weight' was tied") as e:
         ens(idx)
     assert e.value.paths == ("template.module.head.weight",)
+
+
+def test_a_sparse_input_after_a_dense_one_of_the_same_shape_is_a_kind_of_its_own() -> None:
+    # The plan cache's key had no layout: a sparse input reused the plan timed on a dense
+    # one (fused, which reshapes) and failed with torch's error, where a loop runs it.
+    members = _mlp_members()
+    refs = copy.deepcopy(members)
+    ens = lm.Ensemble(members)
+    x = torch.randn(5, 4).relu()
+    ens(x)
+    sparse = x.to_sparse()
+    expected = torch.stack([r(sparse) for r in refs])
+    torch.testing.assert_close(ens(sparse), expected)
+    assert "/sparse_coo" in ens.plans[-1].signature

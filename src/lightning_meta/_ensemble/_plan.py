@@ -232,7 +232,10 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         shape = ",".join(str(_bucket(s)) for s in x.shape)
         grad = "+grad" if x.requires_grad else ""
-        return f"{str(x.dtype).removeprefix('torch.')}[{shape}]@{x.device}{grad}"
+        # A sparse (or other layout's) input is a kind of its own: a plan timed on dense
+        # inputs of the same shape (fused, which reshapes) fails on it.
+        layout = "" if x.layout is torch.strided else f"/{str(x.layout).removeprefix('torch.')}"
+        return f"{str(x.dtype).removeprefix('torch.')}[{shape}]{layout}@{x.device}{grad}"
     if x is None or isinstance(x, (bool, str)):
         return repr(x)
     if isinstance(x, (int, float)) and x == 0:
@@ -292,7 +295,7 @@ def fast_key(
     for x in inputs:
         if not isinstance(x, torch.Tensor):
             return None
-        described.append((x.shape, x.dtype, x.device, x.requires_grad))
+        described.append((x.shape, x.dtype, x.device, x.requires_grad, x.layout))
     if stacked is None:
         kind, params = "cpu", None
     else:
