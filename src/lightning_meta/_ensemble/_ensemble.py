@@ -741,10 +741,8 @@ class _TemplateWalk:
             (path, m, type(m), dict(children_of(m)), list(children_of(m).values()))
             for path, m in self.paths
         ]
-        # And its parameters' names and ties (tie_weights() on the template replaces one):
-        # each module's parameters as last seen, for a check by identity, and the tie
-        # pattern as built, compared when one of them is another object.
-        self._params = [(m, list(tensor_tables(m)[0].values())) for _, m in self.paths]
+        # And its parameters' ties as built (tie_weights() on the template replaces one),
+        # compared when a parameter is another object than last seen (see _flatten).
         self._ties = _tie_pattern(module)
         self._flatten()
         # The modules whose settings decide, call by call, whether vmap would train padding
@@ -789,17 +787,16 @@ class _TemplateWalk:
             and all(map(operator.is_, params, self._flat_params))
         ):
             return  # the common case: three flat lists, compared in C
-        for i, (path, module, cls, built, children) in enumerate(self._children):
+        for i, (path, module, cls, built, seen) in enumerate(self._children):
             table = children_of(module)
-            if type(module) is not cls or list(table.values()) != children:
+            if type(module) is not cls or list(table.values()) != seen:
                 _refuse_changed(path, module, cls, table, built)
                 # A child added where the forward does not reach it: seen, not checked again.
                 self._children[i] = (path, module, cls, built, list(table.values()))
-        for module, tensors in self._params:
-            now = tensor_tables(module)[0]
-            if len(now) != len(tensors) or not all(map(operator.is_, now.values(), tensors)):
-                self._check_ties()
-                break
+        if len(params) != len(self._flat_params) or not all(
+            map(operator.is_, params, self._flat_params)
+        ):
+            self._check_ties()
         self._flatten()
 
     def _flatten(self) -> None:
@@ -814,7 +811,6 @@ class _TemplateWalk:
         now = _tie_pattern(self.module)
         if now != self._ties:
             _refuse_retied(self._ties, now)
-        self._params = [(m, list(tensor_tables(m)[0].values())) for m in self.modules]
 
     def grad_flags(self) -> tuple[bool, ...]:
         """Every template parameter's ``requires_grad``."""
