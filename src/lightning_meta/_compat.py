@@ -482,7 +482,11 @@ def structure_of(
 
 
 def children_of(module: nn.Module) -> dict[str, nn.Module | None]:
-    """``module._modules``: the module's own child table, in registration order."""
+    """``module._modules``: the module's own child table, in registration order.
+
+    Read on every call by the checks that follow a template's changes:
+    ``children()`` is a Python generator per module.
+    """
     return module._modules
 
 
@@ -2026,15 +2030,6 @@ def is_checkpoint_wrapper(module: nn.Module) -> bool:
 __all__ += ["is_checkpoint_wrapper"]
 
 
-def child_table(module: nn.Module) -> Mapping[str, nn.Module | None]:
-    """``module``'s own table of children (``_modules``).
-
-    MetaTemplate compares its module's tables with those it laid its checks
-    out for on every call: ``children()`` is a Python generator per module.
-    """
-    return module._modules
-
-
 @contextlib.contextmanager
 def rnn_weak_refs_dropped(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Drop the weak references each ``nn.RNNBase`` among ``modules`` keeps to its
@@ -2301,3 +2296,39 @@ def fabric_wrapped(module: nn.Module) -> nn.Module | None:
 
 
 __all__ += ["fabric_wrapped"]
+
+
+def converts_own(module: nn.Module) -> bool:
+    """Whether ``module``'s class has a ``_apply`` of its own, defined outside torch (torch's
+    own, an RNN's flattening, change no values): what ``module.to()`` runs on it does more
+    than converting its parameters and buffers (torchmetrics' ``Metric``)."""
+    own = type(module)._apply
+    return own is not nn.Module._apply and not own.__module__.startswith("torch.")
+
+
+def apply_own(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``module._apply(fn)``: what ``module.to(...)`` runs on every submodule, overrides
+    included (torchmetrics' ``Metric._apply`` casts and moves its states with ``fn``)."""
+    module._apply(fn)
+
+
+def lightning_placement(
+    module: nn.Module, device: torch.device | None, dtype: torch.dtype | None
+) -> None:
+    """Note ``device`` and ``dtype`` on every Lightning ``_DeviceDtypeModuleMixin`` under
+    ``module`` (a LightningModule's ``.device`` and ``.dtype``), as that mixin's ``to()``
+    does; tensors are not touched. Found by class name, as :func:`fabric_wrapped`."""
+    for sub in module.modules():
+        if not any(
+            c.__name__ == "_DeviceDtypeModuleMixin"
+            and c.__module__.startswith(("lightning.fabric.", "lightning_fabric."))
+            for c in type(sub).__mro__
+        ):
+            continue
+        if device is not None:
+            sub._device = device  # type: ignore[assignment]
+        if dtype is not None:
+            sub._dtype = dtype  # type: ignore[assignment]
+
+
+__all__ += ["apply_own", "converts_own", "lightning_placement"]

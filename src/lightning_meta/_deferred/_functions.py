@@ -72,6 +72,9 @@ class Reads(Protocol):
 # ``__reduce_ex__`` (torch.save, pickle) fails on the fake mode it refers to:
 # both get the real value, as ``.numpy()`` does.
 _METHODS = ("numpy", "tolist", "__dlpack__", "__reduce_ex__")
+# Methods that run a Python function over a CPU tensor's memory without an ATen op (no
+# mode sees them): on a fake tensor, whose memory is not there, the interpreter crashed.
+_PYTHON_MAPS = ("apply_", "map_", "map2_")
 _READERS: dict[int, Reads] = {}  # id of an open block's fake mode -> its reader
 _SAVED: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -80,10 +83,14 @@ _LOCK = threading.Lock()
 def conversion_refused(detail: str, paths: tuple[str, ...] = ()) -> MaterializationError:
     """Return the error for ``Module.to()`` and the like inside a block (``paths``: the tensors)."""
     return MaterializationError(
-        f"deferred_init cannot record Module.to()/.half()/.float() inside the block "
-        f"({detail}): torch cannot swap the fake tensors it builds on, even for a conversion "
-        "that changes nothing. Fix: pass dtype= (and device=) to materialize, or convert "
-        "after it.",
+        f"deferred_init cannot record Module.to()/.half()/.float()/.to_empty() inside the "
+        f"block ({detail}): torch cannot swap the fake tensors it builds on, even for a "
+        "conversion that changes nothing. Fix: pass dtype= (and device=) to materialize, or "
+        "convert after it. torch.nn.utils.skip_init(cls, ...) is to_empty() of a module "
+        "built on meta: call it before the block (a real module from outside is kept as it "
+        "is), or build cls(...) plainly inside the block, whose default initialisation then "
+        "draws from the generator where skip_init's does not (later draws differ from "
+        "eager's)",
         paths=paths,
     )
 
@@ -245,6 +252,28 @@ def _wrapper(name: str, original: Any) -> Any:
     return method
 
 
+def _refused_map(name: str, original: Any) -> Any:
+    """``Tensor.apply_`` (``map_``, ``map2_``) refusing a fake tensor of an open block, whose
+    values the Python function would read from memory that is not there (a segmentation
+    fault, before 2026-12-07, third session)."""
+
+    def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if id(getattr(self, "fake_mode", None)) not in _READERS:
+            return original(self, *args, **kwargs)
+        raise recording_error(
+            f"Tensor.{name}",
+            "runs a Python function over the tensor's values, which a tensor made inside "
+            "the block does not hold (no ATen op runs, so nothing could replay it)",
+            "compute it with torch operations (`t ** 2 + 1` for "
+            "`t.apply_(lambda x: x ** 2 + 1)`), or make that tensor before the block (a real "
+            "tensor from outside is kept as it is) or after materialize",
+        )
+
+    method.__name__ = name
+    method.__doc__ = getattr(original, "__doc__", None)
+    return method
+
+
 # torch.Tensor.data as torch defines it (on torch._C.TensorBase).
 _DATA = inspect.getattr_static(torch.Tensor, "data")
 
@@ -329,6 +358,9 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
             for name in _METHODS:
                 _SAVED[name] = vars(FakeTensor).get(name)
                 setattr(FakeTensor, name, _wrapper(name, getattr(FakeTensor, name)))
+            for name in _PYTHON_MAPS:
+                _SAVED[name] = vars(FakeTensor).get(name)
+                setattr(FakeTensor, name, _refused_map(name, getattr(FakeTensor, name)))
             _SAVED["data_ptr"] = vars(FakeTensor).get("data_ptr")
             FakeTensor.data_ptr = _stand_in_data_ptr(FakeTensor.data_ptr)  # type: ignore[method-assign]
             _SAVED["UntypedStorage.data_ptr"] = vars(torch.UntypedStorage).get("data_ptr")
@@ -353,7 +385,7 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
         with _LOCK:
             del _READERS[id(fake_mode)]
             if not _READERS:
-                for name in _METHODS:
+                for name in (*_METHODS, *_PYTHON_MAPS):
                     own = _SAVED.pop(name)
                     if own is None:
                         delattr(FakeTensor, name)

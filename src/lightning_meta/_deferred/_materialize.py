@@ -219,8 +219,42 @@ def materialize(
         module, device=device, draw_on=draw_on, allow_uninitialized=allow_uninitialized
     )
     if device is not None or dtype is not None:
-        _convert_real(module, real_device(device, "materialize"), dtype)
+        where = real_device(device, "materialize")
+        _convert_real(module, where, dtype)
+        follow_own_conversions(module, where, dtype)
     return module
+
+
+def follow_own_conversions(
+    module: nn.Module, device: torch.device | None, dtype: torch.dtype | None
+) -> None:
+    """Run what modules add to eager's ``module.to(device, dtype)`` themselves, once the
+    tensors are converted: a ``_apply`` of their own (torchmetrics' ``Metric`` casts and
+    moves its states and their defaults), and a LightningModule's ``.device`` and
+    ``.dtype``, which Lightning's ``to()`` notes.
+
+    ``materialize(dtype=)`` and ``load_checkpoint(dtype=)`` converted the tensors without
+    ``module.to()``: a metric kept float32 states (``compute()`` 2e-5 off eager's float16)
+    and ``self.dtype`` stayed float32, so ``torch.full(..., dtype=self.dtype)`` computed
+    in another dtype, without an error (before 2026-12-07, third session). The function
+    given to ``_apply`` converts as ``module.to()`` does and returns a tensor already
+    converted as it is, so the tensors converted before are left alone.
+    """
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if is_dtensor(t) or handle_of(t) is not None:
+            return t
+        want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+        where = device if device is not None and not t.is_meta else t.device
+        return t if (t.device, t.dtype) == (where, want) else t.to(where, want)
+
+    done: set[int] = set()
+    for sub in module.modules():
+        if id(sub) in done or not _compat.converts_own(sub):
+            continue
+        _compat.apply_own(sub, convert)
+        done.update(id(m) for m in sub.modules())
+    _compat.lightning_placement(module, device, dtype)
 
 
 def _convert_real(
@@ -1155,6 +1189,18 @@ def _check_plain(
         if any(
             handles_of(m) or ON_META_ATTR in vars(m) for m in [*modules, *(s.owner for s in plain)]
         ):
+            # A module's own _apply (torchmetrics' Metric) casts its plain tensor
+            # attributes with .to() after the block: new meta tensors, no record's.
+            cast = sorted({type(s.owner).__name__ for s in plain if _compat.converts_own(s.owner)})
+            hint = (
+                f" If the model was moved or cast after the block (.to(), .half()): "
+                f"{', '.join(cast)} convert(s) the tensors they keep in plain attributes in "
+                "their own _apply, which gives new meta tensors no block recorded; pass "
+                "device= or dtype= to materialize (or load_checkpoint) instead, which "
+                "converts them as .to() would."
+                if cast
+                else ""
+            )
             raise MaterializationError(
                 f"materialize found meta tensors that no deferred_init block recorded: "
                 f"{paths}, in a model built in one: made on meta before the block and set in "
@@ -1162,7 +1208,7 @@ def _check_plain(
                 "under a torch.device('meta') context inside the block). Their values are "
                 "unknown. Fix: make them inside the block without the meta device (the block "
                 "keeps them on meta until materialize), load them from a checkpoint, or pass "
-                "fallback='reset_parameters' to initialise them with reset_parameters().",
+                "fallback='reset_parameters' to initialise them with reset_parameters()." + hint,
                 paths=paths,
             )
         raise MaterializationError(

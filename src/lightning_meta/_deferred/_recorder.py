@@ -76,6 +76,7 @@ _UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
 # the tensor they fill: the last one an initialiser makes is kept (see ``_draw``).
 _KEEPABLE = RANDOM_FILLS
 _INIT_FILE = torch.nn.init.__file__
+_IS_SET_TO = torch.ops.aten.is_set_to.default
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
 # Ops that only check values and raise eager's error (torch.linalg.cholesky of a matrix that
 # is not positive-definite, inv of a singular one): the fake mode does not check, and with no
@@ -565,6 +566,23 @@ class Recorder(RecordingDispatchMode):
             return None
         return 0 if self.values.on_meta(key) else self._storage_address(storage)
 
+    @staticmethod
+    def _is_set_to(t: torch.Tensor, other: torch.Tensor) -> bool:
+        """``t.is_set_to(other)`` as eager answers it: the same storage, offset, shape and
+        strides. FakeTensorMode answers ``False`` even for a tensor and itself, so a tie
+        checked that way (``head.weight.is_set_to(emb.weight)``) took the untied branch
+        in a block: 2.95 off (before 2026-12-07, third session)."""
+        with _compat.no_python_dispatch():
+            same = _compat.storage_id(t.untyped_storage()) == _compat.storage_id(
+                other.untyped_storage()
+            )
+        return (
+            same
+            and t.storage_offset() == other.storage_offset()
+            and t.shape == other.shape
+            and t.stride() == other.stride()
+        )
+
     def _storage_address(self, storage: torch.UntypedStorage) -> int:
         size = storage.nbytes()
         if size == 0:
@@ -617,6 +635,8 @@ class Recorder(RecordingDispatchMode):
         # The hot path of recording: one call per ATen op issued by the model,
         # so the phases avoid generator expressions and share what they can.
         kwargs = kwargs or {}
+        if func is _IS_SET_TO:
+            return self._is_set_to(*args, **kwargs)
         if self._arrays:
             self._log_array_writes(args, kwargs)
         info = _info(func)
@@ -639,6 +659,23 @@ class Recorder(RecordingDispatchMode):
                 paths=(path.dotted,) if path is not None else (),
             )
         if info.sets_storage and not self.record.outer_meta and _meta_storage(args):
+            if any(
+                isinstance(a, torch.UntypedStorage)
+                and self.values.has_storage(_compat.storage_id(a))
+                for a in args
+            ):
+                # The storage of another tensor of the block (flat-parameter code), not
+                # a load: the message said "loads a tensor" (before 2026-12-07).
+                raise self.values.error(
+                    info.name,
+                    None,
+                    "puts a tensor onto the storage of another tensor made in the block "
+                    "(Tensor.set_(other.untyped_storage(), offset, size), as flat-parameter "
+                    "code does), which the block does not record",
+                    "take views of the other tensor instead (`p.data = flat[o:o + n]"
+                    ".view_as(p)`, which the block records and replays with eager's "
+                    "sharing), or do it after materialize",
+                )
             raise self.values.error(
                 info.name,
                 None,
@@ -735,9 +772,15 @@ class Recorder(RecordingDispatchMode):
                     # The fake mode's memo: the copy its ops on the tensor use. Held,
                     # so its storage id is not reused by another while recording.
                     fake = aliases[vid] = self.fake.from_tensor(constants[vid][0])
-                    cdatas.add(_compat.storage_id(fake.untyped_storage()))
+                    if not constants[vid][0].is_meta:
+                        cdatas.add(_compat.storage_id(fake.untyped_storage()))
         for vid in call.writes:
-            if vid in constants or self.values.cdata_of(vid) in cdatas:
+            # A meta tensor holds no values to change (torch.tensor(0, device="meta"), as
+            # nn.BatchNorm1d(8, device="meta") makes its counter, which its zero_() was
+            # refused for before 2026-12-07, third session): it stays meta, as eagerly.
+            if (vid in constants and not constants[vid][0].is_meta) or (
+                self.values.cdata_of(vid) in cdatas
+            ):
                 raise self.values.error(
                     info.name,
                     None,

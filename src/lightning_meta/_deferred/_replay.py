@@ -427,6 +427,8 @@ def _execute(
     current_dtype: torch.dtype | None = None
     ambient = ambient if ambient is not None else [_ambient.now()] * 2
 
+    captured = {id(t) for t, _ in record.constants.values()}
+
     def fetch(v: int) -> torch.Tensor:
         t = env.get(v)
         if t is None:
@@ -487,7 +489,15 @@ def _execute(
             if vid is not None:
                 env[vid] = leaf
         for t in finalize_at.pop(i, ()):
-            results[t] = _finish(env[t], device, dtype)
+            value = env[t]
+            if id(value) in captured:
+                # The captured tensor itself (torch.tensor(0)'s, through lift_fresh): the
+                # module gets an alias of its memory, so that taking it over (a load puts
+                # its contents into the deferred object) leaves the record's own tensor,
+                # which a later replay may read (a deep copy of it kept in a dict:
+                # torchmetrics' _defaults, which a load replays after the module's tensors).
+                value = value.detach()
+            results[t] = _finish(value, device, dtype)
         for v in (*op.reads, *(o for o in op.outs if o is not None)):
             if last_use.get(v, -1) <= i and (v not in targets or v in results):
                 env.pop(v, None)

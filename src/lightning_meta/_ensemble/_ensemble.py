@@ -90,7 +90,6 @@ from lightning_meta._ensemble._plan import (
     signature,
     untimed_reason,
 )
-from lightning_meta._ensemble._settings import differs, plain_value
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import (
     AttributeState,
@@ -103,8 +102,14 @@ from lightning_meta._forward_state import (
     tensor_ids,
     watched,
 )
+from lightning_meta._settings import differs, plain_value
 from lightning_meta._slots import named_tensors, slot_at
-from lightning_meta._template._template import MetaTemplate, copy_module, ensembles_in
+from lightning_meta._template._template import (
+    MetaTemplate,
+    copy_module,
+    ensembles_in,
+    hook_objects_copied,
+)
 from lightning_meta._watched import holds_values
 
 __all__ = ["Ensemble"]
@@ -1134,7 +1139,8 @@ class Ensemble(nn.Module):
         _refuse_uncopyable(first, 0)  # before MetaTemplate copies it
         # The members' modes, submodule by submodule (a frozen BatchNorm stays
         # frozen), as a module wrapping them would leave them.
-        self.template = MetaTemplate(first)
+        with hook_objects_copied():
+            self.template = MetaTemplate(first)
         self._mode_applied = first.training
         self._modes_before_eval: list[bool] | None = None
         template = self.template.module

@@ -54,8 +54,8 @@ from lightning_meta._ensemble._fused import (
     draws,
     draws_in_forward,
 )
-from lightning_meta._ensemble._settings import SettingsWatch
 from lightning_meta._forward_state import AttributeState, GlobalRandom, owned_by, watched
+from lightning_meta._settings import SettingsWatch
 
 __all__ = ["GroupedPlan", "LayoutLog", "NotGroupableError"]
 

@@ -42,7 +42,6 @@ from lightning_meta._compat import (
     tree_unflatten,
 )
 from lightning_meta._ensemble._grads import GradBuffers, unstack
-from lightning_meta._ensemble._settings import DELETED, SettingsWatch, differs, plain_value
 from lightning_meta._errors import ArgumentValueError
 from lightning_meta._forward_state import (
     CopyState,
@@ -52,6 +51,7 @@ from lightning_meta._forward_state import (
     state_of,
     watched,
 )
+from lightning_meta._settings import DELETED, SettingsWatch, differs, plain_value
 from lightning_meta._slots import Slot, tie_groups
 
 __all__ = [

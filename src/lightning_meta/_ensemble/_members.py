@@ -36,8 +36,8 @@ from lightning_meta._compat import (
     forward_hook_flags,
     module_hooks,
 )
-from lightning_meta._ensemble._settings import as_now, differs, plain_value
 from lightning_meta._forward_state import MODULE_INTERNALS
+from lightning_meta._settings import as_now, differs, plain_value
 from lightning_meta._slots import tie_groups
 from lightning_meta._watched import tensor_class
 

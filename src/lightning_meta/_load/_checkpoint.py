@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_meta._compat import fabric_wrapped
 from lightning_meta._deferred._handles import forget
-from lightning_meta._deferred._materialize import materialize_beyond
+from lightning_meta._deferred._materialize import follow_own_conversions, materialize_beyond
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import LoadFix, run_post_hooks
 from lightning_meta._load._match import plan_load
@@ -274,5 +274,8 @@ def load_checkpoint(
         report.missing, report.unexpected = run_post_hooks(
             module, report.missing, report.unexpected, plan.fix or LoadFix(source)
         )
+    if args.device is not None or args.dtype is not None:
+        # Eager's load_state_dict then module.to(device, dtype): what modules add to it.
+        follow_own_conversions(module, args.device, args.dtype)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report

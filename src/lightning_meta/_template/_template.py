@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import copy
 import functools
 import inspect
 import pickle
+import sys
 import threading
 import types
 import typing
@@ -27,25 +29,29 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_meta._arguments import build_on_meta, describe
 from lightning_meta._compat import (
-    child_table,
+    children_of,
     compiler_disabled,
     deepcopy_module,
+    disabled_torch_function,
     functional_call_restoring_in_reverse,
     hook_registrations,
     hook_tables,
     is_checkpoint_wrapper,
     no_dispatch_modes,
+    no_subclass_torch_function,
     rebind_hook_closures,
     recomputing_hooks,
     register_pytree_node,
     tensor_tables,
     tree_leaves,
+    tree_map_only,
     without_dynamo_wrappers,
 )
 from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
+from lightning_meta._settings import differs, plain_number
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
@@ -95,6 +101,49 @@ def _keep_outside_owners(module: nn.Module, memo: dict[int, Any]) -> None:
     """
     for owner in outside_modules(module).values():
         memo[id(owner)] = owner
+
+
+# Whether templates made now share their module's hook objects (a user's MetaTemplate) or
+# copy them (an Ensemble's, whose members' hooks run on per-member copies: see
+# hook_objects_copied).
+_SHARE_HOOK_OBJECTS = contextvars.ContextVar("lightning_meta_share_hook_objects", default=True)
+
+
+@contextlib.contextmanager
+def hook_objects_copied() -> Iterator[None]:
+    """Make the templates made in the body copy their module's hook objects, as
+    ``copy.deepcopy`` does: an ``Ensemble``'s template, whose plans run the members' hooks
+    on copies of them (what such a hook collects is not in the original, as documented),
+    and under ``torch.vmap`` would hand the user's object batched tensors."""
+    token = _SHARE_HOOK_OBJECTS.set(False)
+    try:
+        yield
+    finally:
+        _SHARE_HOOK_OBJECTS.reset(token)
+
+
+def _keep_hook_objects(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Keep the hooks of ``module``'s submodules that reach none of its modules and tensors
+    as they are: a bound method of a feature recorder, a callable gate, a
+    ``functools.partial`` over a dict.
+
+    ``copy.deepcopy`` copied them with the template, so a template call's features went
+    to a hidden copy of the recorder (which kept them and their graphs, call after call),
+    and a gate switched off on the original after the template was made still ran:
+    0.81 off, before 2026-12-07 (third session). Kept, they run as for ``net(x)``, as a
+    function hook does (deepcopy keeps functions as they are). One that reaches the
+    module is copied with it, so it refers to the template's modules.
+    """
+    inside = {id(m) for m in module.modules()} | {id(t) for t in _tensors(module)}
+    for sub in module.modules():
+        for name, table in hook_tables(sub).items():
+            if name.endswith(("_with_kwargs", "_always_called")):
+                continue  # flags, not hooks
+            for hook in table.values():
+                if isinstance(hook, types.FunctionType) or id(hook) in memo:
+                    continue
+                if not any(id(v) in inside for v in _reached(hook, set())):
+                    memo[id(hook)] = hook
 
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -157,6 +206,23 @@ def _visit(value: Any, where: str, depth: int, seen: set[int]) -> Iterator[tuple
         if isinstance(attributes, dict):
             for k, v in attributes.items():
                 yield from _visit(v, f"{where}.{k}", depth + 1, seen)
+        # And its slots (``__slots__``, a ``dataclass(slots=True)``): a hook object keeping
+        # the module there looked as if it reached nothing, and was shared, not copied.
+        for k in _slot_names(type(value)):
+            held = getattr(value, k, _MISSING)
+            if held is not _MISSING:
+                yield from _visit(held, f"{where}.{k}", depth + 1, seen)
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The slot names ``cls`` and its bases declare (``__dict__`` and ``__weakref__`` aside)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def _contents(cell: Any) -> Any:
@@ -391,6 +457,8 @@ def to_meta(module: nn.Module) -> nn.Module:
             "`state_from` and the mapping pass them in, or pass them in as inputs.",
             paths=trained,
         )
+    if _SHARE_HOOK_OBJECTS.get():
+        _keep_hook_objects(module, memo)
     try:
         copied = copy_module(module, make, memo=memo)
     except MetaTensorError:
@@ -491,7 +559,7 @@ def _layout_key(modules: list[nn.Module]) -> tuple[Any, ...]:
             tuple(map(id, params.values())),
             tuple(buffers),
             tuple(map(id, buffers.values())),
-            tuple(map(id, child_table(sub).values())),
+            tuple(map(id, children_of(sub).values())),
         )
     return tuple(key)
 
@@ -523,10 +591,19 @@ class _Layout:
             for path, sub in module.named_modules()
             if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
         ]
+        # Slots registered empty (``register_buffer(name, None)``, a Linear without bias):
+        # dotted name -> "parameter" / "buffer". No call must fill them, but net may
+        # hold a tensor there (a lazily filled buffer, a bias added since).
+        self.empty: dict[str, str] = {}
+        for path, sub in module.named_modules():
+            for kind, table in zip(("parameter", "buffer"), tensor_tables(sub), strict=True):
+                self.empty.update(
+                    (f"{path}.{k}" if path else k, kind) for k, v in table.items() if v is None
+                )
         self._names: _Names | None = None
         self._named: list[tuple[str, nn.Module]] | None = None
         self._tensor_names: list[str] | None = None
-        self._settings: list[tuple[str, nn.Module, tuple[str, ...]]] | None = None
+        self._settings: dict[str, tuple[str, ...]] | None = None
         self._hooked: tuple[int, _Watched, _Recomputed] | None = None
         # Meta tensors in plain attributes that are not the module's own (a
         # factory's plain tensors, built on meta): no call's mapping replaces them.
@@ -534,12 +611,23 @@ class _Layout:
         # a shape probe's meta tensors can meet it. One walk for both.
         own = {id(t) for t in _tensors(module)}
         self.strays: dict[int, str] = {}
+        # Those held directly in a module's attribute (Lightning's example_input_array,
+        # a pruned weight the hook recomputes): (submodule, attribute), by id.
+        self.direct: dict[int, tuple[nn.Module, str]] = {}
+        subs = dict(module.named_modules())
         self.real_plain = False
         for path, where, value in _reachable(module, set()):
             if not isinstance(value, torch.Tensor) or id(value) in own:
                 continue
             if value.is_meta:
                 self.strays[id(value)] = repr(f"{path}.{where}" if path else where)
+                sub = subs.get(path)
+                if (
+                    sub is not None
+                    and type(value) is torch.Tensor
+                    and vars(sub).get(where) is value
+                ):
+                    self.direct[id(value)] = (sub, where)
             elif holds_values(value):
                 self.real_plain = True
 
@@ -555,16 +643,16 @@ class _Layout:
             self._named = list(self.modules[0].named_modules())
         return self._named
 
-    def settings(self) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
-        """(path, submodule, names) of the plain settings each submodule's forward may read
-        (momentum, eps, p, track_running_stats): a call standing for ``net(x)`` runs with
-        ``net``'s (:func:`_settings_of`)."""
+    def setting_table(self) -> dict[str, tuple[str, ...]]:
+        """Submodule path -> the names of the plain settings its forward may read (momentum,
+        eps, p, track_running_stats), for the submodules that have any: a call standing for
+        ``net(x)`` runs with ``net``'s (:func:`_settings_of`)."""
         if self._settings is None:
-            found = []
+            found = {}
             for path, sub in self.named():  # a loop: dynamo cannot trace a walrus in one
                 names = _setting_names(sub)
                 if names:
-                    found.append((path, sub, names))
+                    found[path] = names
             self._settings = found
         return self._settings
 
@@ -630,7 +718,9 @@ class TemplateState(dict[str, torch.Tensor]):
     RoPE's ``inv_freq``) is set on the source too, as ``net(x)`` would.
 
     A plain ``dict(...)`` or ``{**state}`` of it drops the modes and the
-    source; :meth:`copy` keeps them, and so does passing ``modes=`` to
+    source; :meth:`copy` keeps them, and so does merging with ``|``
+    (``state | generated`` and ``generated | state`` are states: the
+    right-hand side's tensors win, as for dicts), and passing ``modes=`` to
     :meth:`MetaTemplate.functional_call`. ``copy.deepcopy`` and ``pickle``
     keep the modes and settings and drop the source (the copied tensors are
     not its). It is a pytree node (``torch.func.grad``, ``torch.vmap`` and
@@ -673,6 +763,31 @@ class TemplateState(dict[str, torch.Tensor]):
 
     def copy(self) -> TemplateState:
         new = TemplateState(self)
+        new.modes = dict(self.modes)
+        new.settings = {p: dict(v) for p, v in self.settings.items()}
+        new._source = self._source
+        return new
+
+    # ``state | generated`` (the hypernetwork's merge: net's buffers, generated
+    # parameters) gave a plain dict, whose call ran in the template's own modes: a
+    # BatchNorm trained in a validation step, 10.4 off (before 2026-12-07, third
+    # session). Merged, the state keeps its modes, settings and source, as copy() does.
+    def __or__(self, other: Any) -> TemplateState:  # type: ignore[override]
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        new = self.copy()
+        new.update(other)
+        if isinstance(other, TemplateState):
+            new.modes.update(other.modes)
+            for path, values in other.settings.items():
+                new.settings.setdefault(path, {}).update(values)
+        return new
+
+    def __ror__(self, other: Any) -> TemplateState:  # type: ignore[override]
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        new = TemplateState(other)
+        new.update(self)
         new.modes = dict(self.modes)
         new.settings = {p: dict(v) for p, v in self.settings.items()}
         new._source = self._source
@@ -777,6 +892,7 @@ class MetaTemplate:
         self._spoiled: list[str] = []
         # What _check compares every call with, while the module's tables stay as they were.
         self._layout: _Layout | None = None
+        self._shares_hooks = _SHARE_HOOK_OBJECTS.get()
         if isinstance(module_or_factory, nn.Module):
             if not cache:
                 raise ArgumentValueError(
@@ -940,6 +1056,7 @@ class MetaTemplate:
             layout = self._layout_of(template)
             names = layout.tensor_names()
             out.settings = _settings_of(module, layout, subs)
+        emptied = []
         for name in names:
             prefix, _, leaf = name.rpartition(".")
             try:
@@ -950,9 +1067,32 @@ class MetaTemplate:
                 for hook, attr in list(recomputing_hooks(sub)):
                     if attr == leaf:
                         hook(sub, ())
-                out[name] = getattr(sub, leaf)
+                value = getattr(sub, leaf)
             except AttributeError:
                 missing.append(name)
+                continue
+            if value is None:
+                emptied.append(name)
+            out[name] = value
+        if emptied:
+            raise MetaTensorError(
+                f"MetaTemplate.state_from({type(module).__name__}): the module holds None at "
+                f"{', '.join(map(repr, emptied))}, where the template has a tensor: the module "
+                "was changed after the template was made (a bias removed). Fix: make the "
+                "template again from the module as it is now (lm.MetaTemplate(net)).",
+                paths=emptied,
+            )
+        # The template's empty slots: a tensor net holds there since (a buffer its forward
+        # filled on a first call, a bias set on a Linear built without one) goes in, as
+        # net(x) uses it; before 2026-12-07 (third session) it was left out, 1.0 off.
+        for name in layout.empty:
+            prefix, _, leaf = name.rpartition(".")
+            try:
+                value = getattr(_at(subs, module, prefix), leaf, None)
+            except AttributeError:
+                continue
+            if isinstance(value, torch.Tensor):
+                out[name] = value
         out.modes.update(_modes_of(module, layout.named(), subs))
         lacking = [p for p, _ in layout.named() if p not in out.modes]
         if missing or lacking:
@@ -1106,17 +1246,39 @@ class MetaTemplate:
         # which another thread's call fills with its tensors meanwhile.
         with self._serialized():
             layout = self._layout_of(module)
+            if strict:
+                # A buffer registered empty that the forward fills (a statistic set on
+                # the first call) goes into the dict, as for any buffer it assigns,
+                # not onto the template: kept there, every later call failed (a
+                # template of fixed tensors), and net, for a state_from call, never
+                # got it as net(x) gives it (before 2026-12-07, third session).
+                for name, kind in layout.empty.items():
+                    if kind == "buffer" and name not in given:
+                        given[name] = None  # type: ignore[assignment]
             if modes_of is not None:
                 subs = _by_path(modes_of)
                 mode_map = _modes_of(modes_of, layout.named(), subs)
                 settings = _settings_of(modes_of, layout, subs)
+            # Before _computed_kept holds the attributes hooks recompute (a pruned weight).
+            held_once = bool(layout.direct) and _held_in_place_only(layout)
             with _computed_kept(layout):
                 metas = self._check(layout, before, tie_weights=tie_weights) if strict else {}
                 watch = _meta_watch(layout, metas, before, (args, kwargs)) if strict else None
+                # Meta tensors held directly in attributes only: each is watched where it
+                # is used (_Stray), not every op of the call (see _Stray for why).
+                mode = watch
+                if (
+                    watch is not None
+                    and not torch.compiler.is_compiling()
+                    and watch.names.keys() <= layout.direct.keys()
+                    and held_once
+                ):
+                    mode = None
                 with (
+                    _strays_in_place(layout, watch if mode is None else None) as swapped,
                     _modes_set(module, mode_map or {}, settings or {})
                     if mode_map or settings
-                    else contextlib.nullcontext()
+                    else contextlib.nullcontext(),
                 ):
                     if torch.is_grad_enabled():
                         _refuse_checkpointing(layout)
@@ -1128,7 +1290,7 @@ class MetaTemplate:
                         else None
                     )
                     try:
-                        with watch if watch is not None else contextlib.nullcontext():
+                        with mode if mode is not None else contextlib.nullcontext():
                             if layout.twice and not torch.compiler.is_compiling():
                                 out = functional_call_restoring_in_reverse(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
@@ -1137,6 +1299,7 @@ class MetaTemplate:
                                 out = torch.func.functional_call(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                                 )
+                            out = swapped.restored(out)
                             if watch is not None and _weights_with_values(before):
                                 watch.refuse_meta_output(out)
                     except BaseException as e:
@@ -1246,7 +1409,12 @@ class MetaTemplate:
                     "`template.functional_call(params, args, tie_weights=False)`)"
                 )
         for name, value in given.items():
-            if name not in expected:
+            if name in layout.empty and name not in expected:
+                # An empty slot of the template (a bias net gained, a buffer its forward
+                # filled): its tensor, or None, goes in as net holds it.
+                if value is not None and not isinstance(value, torch.Tensor):
+                    problems[name] = f"{name!r} is {type(value).__name__}, expected a tensor"
+            elif name not in expected:
                 close = _closest(name, expected)
                 hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
                 problems[name] = f"unexpected {name!r}{hint}"
@@ -1283,6 +1451,8 @@ class MetaTemplate:
             # holds it): modules outside it that its module refers to (a hook's
             # owner) stay the live ones, as when it was built.
             _keep_outside_owners(self._module, memo)
+            if self._shares_hooks:
+                _keep_hook_objects(self._module, memo)
         new = MetaTemplate.__new__(MetaTemplate)
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -1304,6 +1474,7 @@ class MetaTemplate:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_spoiled", [])
+        self.__dict__.setdefault("_shares_hooks", True)
         self._layout = None
         self._lock = None
 
@@ -1379,7 +1550,11 @@ class _MetaWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        return self.checked(func, args, kwargs, func(*args, **kwargs))
+
+    def checked(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Refuse ``out`` of ``func`` if it is real and made from a meta tensor; else return
+        it, with the meta tensors made from a named one named after it (``readout.T``)."""
         if func in FROM_REAL_ONLY or func in _SHAPE_ONLY:
             return out
         metas = _metas_among(args, kwargs)
@@ -1388,7 +1563,6 @@ class _MetaWatch(TorchFunctionMode):
         named = sorted({self.names[id(t)] for t in metas if id(t) in self.names})
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not any(holds_values(t) for t in results):
-            # What is made from a named one (readout.T) is named after it.
             if named:
                 self.names.update((id(t), named[0]) for t in results if t.is_meta)
             if any(holds_values(t) for t in _input_tensors(args, kwargs)):
@@ -1425,6 +1599,108 @@ class _MetaWatch(TorchFunctionMode):
             "it, or, for a factory's, pass a module instead.",
             paths=[n for n in named if n not in ("an input", "a meta tensor")],
         )
+
+
+class _Stray(torch.Tensor):
+    """A template's plain meta tensor attribute (Lightning's ``example_input_array`` of a
+    factory's module, a pruned weight its hook recomputes), put in its place for the
+    length of a strict call: only the ops given it run :meth:`_MetaWatch.checked`.
+
+    The whole call under the watch's ``TorchFunctionMode`` made ``has_torch_function``
+    true for every op, which switches off torch's ``TransformerEncoder`` and
+    ``MultiheadAttention`` fast path in eval: padded positions 2.28 off ``net(x)``,
+    without an error (before 2026-12-07, third session). What an op makes from one,
+    meta still, is one too, so a later op on it is seen.
+    """
+
+    _lm_watch: _MetaWatch
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        with no_subclass_torch_function():  # its own reads of the arguments are no ops to check
+            watch = next(t._lm_watch for t in tree_leaves((args, kwargs)) if isinstance(t, _Stray))
+            out = disabled_torch_function(func, types, args, kwargs)
+            out = watch.checked(func, args, kwargs, out)
+            return tree_map_only(
+                torch.Tensor,
+                lambda t: _stray(t, watch) if type(t) is torch.Tensor and t.is_meta else t,
+                out,
+            )
+
+
+def _stray(t: torch.Tensor, watch: _MetaWatch) -> _Stray:
+    stray = t.as_subclass(_Stray)
+    stray._lm_watch = watch
+    name = watch.names.get(id(t))
+    if name is not None:
+        watch.names[id(stray)] = name
+    return stray
+
+
+def _references_of_one_held() -> int:
+    """What ``sys.getrefcount`` answers for an object one dict holds, read into a local."""
+    holder = {"t": object()}
+    value = holder["t"]
+    return sys.getrefcount(value)
+
+
+_HELD_ONCE = _references_of_one_held()
+
+
+def _held_in_place_only(layout: _Layout) -> bool:
+    """Whether nothing but its attribute refers to each meta tensor of ``layout.direct``:
+    one also held in a list, a dict, a closure, a partial or another module's attribute
+    would reach the forward as itself, unwatched, if only the attribute were swapped (the
+    review of this change found all five: uninitialised memory without an error)."""
+    for key, (sub, attr) in layout.direct.items():
+        value = vars(sub).get(attr)
+        if value is not None and id(value) == key and sys.getrefcount(value) > _HELD_ONCE:
+            return False
+    return True
+
+
+class _Swapped:
+    """The :class:`_Stray` put in each attribute for a call, and the tensor it stands for."""
+
+    def __init__(self) -> None:
+        self.originals: dict[int, torch.Tensor] = {}
+
+    def restored(self, out: Any) -> Any:
+        """``out`` (a forward's output) with a stray of the call as the tensor it stands for
+        (a forward returning ``self.anchor``), and one an op made from it as a plain meta
+        tensor: none outlives the call."""
+        if not self.originals:
+            return out
+
+        def plain(t: _Stray) -> torch.Tensor:
+            original = self.originals.get(id(t))
+            return original if original is not None else t.as_subclass(torch.Tensor)
+
+        return tree_map_only(_Stray, plain, out)
+
+
+@contextlib.contextmanager
+def _strays_in_place(layout: _Layout, watch: _MetaWatch | None) -> Iterator[_Swapped]:
+    """Put a :class:`_Stray` in place of each meta tensor a module of the template holds
+    directly in an attribute, for the body (a call the watch is for)."""
+    swapped = _Swapped()
+    if watch is None or not layout.direct:
+        yield swapped
+        return
+    saved = []
+    for key, (sub, attr) in layout.direct.items():
+        value = vars(sub).get(attr)
+        if value is not None and id(value) == key:
+            saved.append((sub, attr, value))
+            stray = vars(sub)[attr] = _stray(value, watch)
+            swapped.originals[id(stray)] = value
+    try:
+        yield swapped
+    finally:
+        for sub, attr, value in saved:
+            if isinstance(vars(sub).get(attr), _Stray):
+                vars(sub)[attr] = value
 
 
 def _weights_with_values(mapping: Mapping[str, Any]) -> bool:
@@ -1738,48 +2014,68 @@ _NOT_FOLLOWED = frozenset({"gradient_checkpointing"})
 
 
 def _is_setting(value: Any) -> bool:
-    """Whether ``value`` is a plain setting (a number, a string, ``None``, a dtype, or a
-    tuple of them), which :func:`_settings_of` carries from the source module."""
+    """Whether ``value`` is a plain setting (a number, numpy's included, a string, ``None``,
+    a dtype, or a tuple of them), which :func:`_settings_of` carries from the source module."""
     cls = type(value)
-    return cls in _SETTING_TYPES or (cls is tuple and all(type(v) in _SETTING_TYPES for v in value))
+    if cls in _SETTING_TYPES or plain_number(value):
+        return True
+    return cls is tuple and all(type(v) in _SETTING_TYPES or plain_number(v) for v in value)
+
+
+def _setting_name(sub: nn.Module, key: str, value: Any) -> bool:
+    """Whether ``sub``'s attribute ``key`` is a public plain setting: private ones are left
+    alone (torch's bookkeeping), and so are the names no call follows."""
+    return (
+        not key.startswith("_")
+        and key not in MODULE_INTERNALS
+        and key not in _NOT_FOLLOWED
+        and _is_setting(value)
+    )
 
 
 def _setting_names(sub: nn.Module) -> tuple[str, ...]:
     """The names of the public plain settings in ``sub``'s own attributes.
 
-    Private ones are left alone (torch's bookkeeping), and so are all of a module that
-    keeps arrays in plain attributes: a cache, whose length or key its numbers may be
-    (ESM's rotary ``seq_len_cached`` beside ``cos_cached``): the template keeps its own
-    cache, and ``net``'s length without it made the template skip building one.
+    All of a module that keeps arrays in plain attributes are left alone: a cache,
+    whose length or key its numbers may be (ESM's rotary ``seq_len_cached`` beside
+    ``cos_cached``): the template keeps its own cache, and ``net``'s length without it
+    made the template skip building one.
     """
     if _holds_tensors(sub):
         return ()
-    return tuple(
-        k
-        for k, v in vars(sub).items()
-        if not k.startswith("_")
-        and k not in MODULE_INTERNALS
-        and k not in _NOT_FOLLOWED
-        and _is_setting(v)
-    )
+    return tuple(k for k, v in vars(sub).items() if _setting_name(sub, k, v))
 
 
 def _holds_tensors(sub: nn.Module) -> bool:
     """Whether ``sub`` keeps an array (a tensor, a numpy array: anything with
     ``__array__`` or ``__dlpack__``) in a plain attribute, or in a list, tuple or dict
-    there, not as a parameter or buffer."""
+    there, not as a parameter or buffer.
+
+    The module's own parameters and buffers listed again are no cache: torch's RNNs
+    keep theirs in ``_flat_weights``, which left none of an ``nn.LSTM``'s settings
+    followed (its ``dropout`` changed on ``net``: 0.033 off, before 2026-12-07).
+    """
+    own: set[int] | None = None
     for k, v in vars(sub).items():
         if k in MODULE_INTERNALS:
             continue
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-        if any(_is_array(item) for item in items):
-            return True
+        for item in items:
+            if not _is_array(item):
+                continue
+            if own is None:
+                params, buffers = tensor_tables(sub)
+                own = {id(t) for t in (*params.values(), *buffers.values()) if t is not None}
+            if id(item) not in own:
+                return True
     return False
 
 
 def _is_array(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
+    if plain_number(value):  # numpy's scalars have __array__ too
+        return False
     cls = type(value)
     return not isinstance(value, type) and (hasattr(cls, "__array__") or hasattr(cls, "__dlpack__"))
 
@@ -1792,26 +2088,34 @@ def _settings_of(
     A callback changes them after the template was made (``StochasticWeightAveraging``
     sets BatchNorm's ``momentum`` to ``None``, ``BaseFinetuning.freeze`` its
     ``track_running_stats`` to ``False``): a call standing for ``source(x)`` runs with
-    them, as it runs in ``source``'s modes (:func:`_modes_of`).
+    them, as it runs in ``source``'s modes (:func:`_modes_of`). A setting ``source``'s
+    submodule gained since (a ``scale`` its forward reads with ``getattr(self, "scale",
+    1.0)``) is carried too, and values are told apart as ``Ensemble`` tells them
+    (:func:`differs`: by type and ``repr``, so ``0.0`` and ``-0.0`` differ).
     """
     out: dict[str, dict[str, Any]] = {}
-    for path, sub, names in layout.settings():
+    followed = layout.setting_table()
+    for path, sub in layout.named():
+        names = followed.get(path, ())
         try:
             theirs = _at(subs, source, path)
         except AttributeError:
             continue
         theirs = without_dynamo_wrappers(theirs)
+        mine, given = vars(sub), vars(theirs)
+        gained = given.keys() - mine.keys()
+        if not names and not gained:
+            continue
         if _holds_tensors(theirs):  # a cache net built since (see _setting_names)
             continue
-        mine, given = vars(sub), vars(theirs)
-        for name in names:
+        if not names and _holds_tensors(sub):
+            continue
+        for name in (*names, *sorted(gained)):
             value = given.get(name, _MISSING)
-            if value is _MISSING or not _is_setting(value):
+            if value is _MISSING or not _setting_name(theirs, name, value):
                 continue
             held = mine.get(name, _MISSING)
-            if held is _MISSING or (
-                value is not held and (type(value) is not type(held) or value != held)
-            ):
+            if held is _MISSING or (value is not held and differs(value, held)):
                 out.setdefault(path, {})[name] = value
     return out
 

@@ -1,4 +1,8 @@
-"""Plain settings changed on an ensemble's template since a plan last looked.
+"""Plain settings: what counts as one, when two differ, and which changed on a template.
+
+:func:`plain_value` and :func:`differs` are shared by ``Ensemble`` and
+``MetaTemplate`` (``state_from(net)`` carries ``net``'s settings), so that both
+take the same values for settings and tell them apart the same way.
 
 A setting such as a dropout's ``p`` or a module's own ``self.scale`` may be set on
 ``ensemble.template.module`` between calls. The ``vmap`` and ``fused`` plans read
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import numbers
 import operator
 from typing import Any
 
@@ -20,14 +25,27 @@ from torch import nn
 
 from lightning_meta._forward_state import MODULE_INTERNALS
 
-__all__ = ["DELETED", "SettingsWatch", "as_now", "differs", "plain_value"]
+__all__ = ["DELETED", "SettingsWatch", "as_now", "differs", "plain_number", "plain_value"]
 
 _PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 
 
+def plain_number(value: Any) -> bool:
+    """Whether ``value`` is a number that is not a tensor: Python's, and numpy's scalars
+    (``np.float32(0.1)`` from a schedule; ``np.bool_``), found without importing numpy.
+
+    numpy's scalars were not taken for settings: a dropout's ``p`` set to
+    ``np.float32(0.0)`` on an ensemble's template left the loop's copies at 0.5
+    (1.05 off), and ``state_from(net)`` did not carry it (2026-12-07, third session).
+    """
+    if isinstance(value, numbers.Number):
+        return not isinstance(value, torch.Tensor)
+    return any(c.__name__ == "generic" and c.__module__ == "numpy" for c in type(value).__mro__)
+
+
 def plain_value(value: Any) -> bool:
     """Whether ``value`` holds no tensor or object: numbers, strings, and containers of them."""
-    if isinstance(value, _PLAIN):
+    if isinstance(value, _PLAIN) or plain_number(value):
         return True
     if isinstance(value, (tuple, list, set, frozenset)):
         return all(plain_value(v) for v in value)
@@ -109,9 +127,9 @@ class SettingsWatch:
 
 
 def _scalars(snapshot: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    """The keys and values of a snapshot's numbers (``int``, ``float``, ``bool``,
-    ``complex``), compared by identity on every call."""
-    pairs = [(k, v) for k, v in snapshot.items() if type(v) in (int, float, bool, complex)]
+    """The keys and values of a snapshot's numbers (Python's and numpy's), compared by
+    identity on every call."""
+    pairs = [(k, v) for k, v in snapshot.items() if plain_number(v)]
     return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
 
 
