@@ -38,9 +38,22 @@ def plain_number(value: Any) -> bool:
     ``np.float32(0.0)`` on an ensemble's template left the loop's copies at 0.5
     (1.05 off), and ``state_from(net)`` did not carry it (2026-12-07, third session).
     """
+    cls = type(value)
+    if cls in _BUILTIN_NUMBERS:
+        return True
     if isinstance(value, numbers.Number):
         return not isinstance(value, torch.Tensor)
-    return any(c.__name__ == "generic" and c.__module__ == "numpy" for c in type(value).__mro__)
+    known = _NUMPY_SCALAR.get(cls)
+    if known is None:
+        known = _NUMPY_SCALAR[cls] = any(
+            c.__name__ == "generic" and c.__module__ == "numpy" for c in cls.__mro__
+        )
+    return known
+
+
+_BUILTIN_NUMBERS = frozenset({int, float, bool, complex})
+# Class -> whether it is one of numpy's scalar classes (np.bool_ is no numbers.Number).
+_NUMPY_SCALAR: dict[type, bool] = {}
 
 
 def plain_value(value: Any) -> bool:

@@ -1275,7 +1275,9 @@ class MetaTemplate:
                 ):
                     mode = None
                 with (
-                    _strays_in_place(layout, watch if mode is None else None) as swapped,
+                    _strays_in_place(layout, watch)
+                    if watch is not None and mode is None
+                    else contextlib.nullcontext(_NOTHING_SWAPPED) as swapped,
                     _modes_set(module, mode_map or {}, settings or {})
                     if mode_map or settings
                     else contextlib.nullcontext(),
@@ -1300,7 +1302,7 @@ class MetaTemplate:
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                                 )
                             out = swapped.restored(out)
-                            if watch is not None and _weights_with_values(before):
+                            if watch is not None and watch.mixed and _weights_with_values(before):
                                 watch.refuse_meta_output(out)
                     except BaseException as e:
                         if state is not None:
@@ -1619,14 +1621,38 @@ class _Stray(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         with no_subclass_torch_function():  # its own reads of the arguments are no ops to check
-            watch = next(t._lm_watch for t in tree_leaves((args, kwargs)) if isinstance(t, _Stray))
             out = disabled_torch_function(func, types, args, kwargs)
-            out = watch.checked(func, args, kwargs, out)
-            return tree_map_only(
-                torch.Tensor,
-                lambda t: _stray(t, watch) if type(t) is torch.Tensor and t.is_meta else t,
-                out,
-            )
+            if not isinstance(out, (torch.Tensor, list, tuple)):
+                return out  # metadata (a shape, a version, a flag): no tensor made
+            watch = _watch_among(args, kwargs)
+            return _strays_in(watch.checked(func, args, kwargs, out), watch)
+
+
+def _watch_among(args: Any, kwargs: dict[str, Any]) -> _MetaWatch:
+    """The watch of the first :class:`_Stray` among an op's arguments (one level of lists
+    looked at directly: the common case; deeper through a tree walk)."""
+    for arg in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(arg, _Stray):
+            return arg._lm_watch
+        if isinstance(arg, (list, tuple)):
+            for item in arg:
+                if isinstance(item, _Stray):
+                    return item._lm_watch
+    return next(t._lm_watch for t in tree_leaves((args, kwargs)) if isinstance(t, _Stray))
+
+
+def _strays_in(out: Any, watch: _MetaWatch) -> Any:
+    """``out`` with each plain meta tensor made a :class:`_Stray` (what an op made from one
+    is watched too)."""
+
+    def one(t: Any) -> Any:
+        return _stray(t, watch) if type(t) is torch.Tensor and t.is_meta else t
+
+    if isinstance(out, torch.Tensor):
+        return one(out)
+    if type(out) in (list, tuple) and all(isinstance(t, torch.Tensor) for t in out):
+        return type(out)(one(t) for t in out)
+    return tree_map_only(torch.Tensor, one, out)
 
 
 def _stray(t: torch.Tensor, watch: _MetaWatch) -> _Stray:
@@ -1680,14 +1706,14 @@ class _Swapped:
         return tree_map_only(_Stray, plain, out)
 
 
+_NOTHING_SWAPPED = _Swapped()
+
+
 @contextlib.contextmanager
-def _strays_in_place(layout: _Layout, watch: _MetaWatch | None) -> Iterator[_Swapped]:
+def _strays_in_place(layout: _Layout, watch: _MetaWatch) -> Iterator[_Swapped]:
     """Put a :class:`_Stray` in place of each meta tensor a module of the template holds
     directly in an attribute, for the body (a call the watch is for)."""
     swapped = _Swapped()
-    if watch is None or not layout.direct:
-        yield swapped
-        return
     saved = []
     for key, (sub, attr) in layout.direct.items():
         value = vars(sub).get(attr)
@@ -2074,10 +2100,12 @@ def _holds_tensors(sub: nn.Module) -> bool:
 def _is_array(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
-    if plain_number(value):  # numpy's scalars have __array__ too
-        return False
     cls = type(value)
-    return not isinstance(value, type) and (hasattr(cls, "__array__") or hasattr(cls, "__dlpack__"))
+    if cls in _SETTING_TYPES or isinstance(value, type):
+        return False
+    if not (hasattr(cls, "__array__") or hasattr(cls, "__dlpack__")):
+        return False
+    return not plain_number(value)  # numpy's scalars have __array__ too
 
 
 def _settings_of(
