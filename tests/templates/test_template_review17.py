@@ -17,15 +17,13 @@ for ``net(x)``, with the same seed.
   switched off on ``net`` still ran (0.81 off).
 - ``state | generated``, the hypernetwork's merge, returned a plain dict: the call ran in
   the template's own modes (10.4 off, running statistics moved in a validation step).
-- A meta tensor the template keeps in a plain attribute (a factory's
-  ``example_input_array``, a pruned weight) put every call under a ``TorchFunctionMode``,
-  which switches off torch's ``TransformerEncoder`` fast path in eval: padded positions
-  2.28 off ``net(x)``.
 
-Each test but the controls failed on the tree before these fixes (7b349e6). The last five
-guard against what a review of these fixes found in their first versions (a meta
-attribute held twice left unwatched, a swapped attribute returned from a call, a hook
-object holding the module in ``__slots__`` shared): they pass on 7b349e6 too.
+Each test but the controls failed on the tree before these fixes (7b349e6). The last ones
+guard against what two reviews of these fixes found in their first versions (a meta
+attribute held twice left unwatched by a per-tensor watch since taken out, a watched
+attribute returned from a call, hook objects holding the module in ``__slots__``, in a
+numpy array of objects or many objects deep, shared where they must be copied): they
+pass on 7b349e6 too.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
 
 import lightning_meta as lm
@@ -260,62 +257,6 @@ def test_merging_a_state_with_generated_tensors_keeps_its_modes() -> None:
     assert right["0.weight"] is state["0.weight"]
 
 
-class _Encoder(nn.Module):
-    """A transformer encoder whose eval forward takes torch's fast path (padded positions
-    are 0 there), with Lightning's ``example_input_array`` the forward never reads."""
-
-    def __init__(self, example: bool = True) -> None:
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
-        if example:
-            self.example_input_array = torch.randn(2, 5, 8)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.enc(x, src_key_padding_mask=mask)
-
-
-def _padded() -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(1)
-    x = torch.randn(3, 5, 8)
-    mask = torch.zeros(3, 5, dtype=torch.bool)
-    mask[0, 3:] = True
-    mask[1, 4:] = True
-    return x, mask
-
-
-@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
-def test_a_meta_attribute_of_a_factory_template_keeps_torchs_fast_path() -> None:
-    torch.manual_seed(0)
-    net = _Encoder().eval()
-    template = lm.MetaTemplate(_Encoder).eval()
-    x, mask = _padded()
-    with torch.no_grad():
-        got = template(template.state_from(net), x, mask)
-        expected = net(x, mask)
-    assert torch.equal(got, expected)  # padded positions: 2.28 off before
-    assert template.module.example_input_array.is_meta  # put back as it was
-
-
-@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
-def test_a_pruned_layer_beside_an_encoder_keeps_torchs_fast_path() -> None:
-    class Pruned(_Encoder):
-        def __init__(self) -> None:
-            super().__init__(example=False)
-            self.head = nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.head(super().forward(x, mask))
-
-    torch.manual_seed(0)
-    net = Pruned().eval()
-    prune.l1_unstructured(net.head, "weight", amount=0.5)
-    template = lm.MetaTemplate(net)
-    x, mask = _padded()
-    with torch.no_grad():
-        assert torch.equal(template(template.state_from(net), x, mask), net(x, mask))
-
-
 def test_a_meta_attribute_the_forward_uses_is_still_refused_naming_it() -> None:
     class Readout(nn.Module):
         def __init__(self) -> None:
@@ -401,6 +342,42 @@ def test_a_hook_object_holding_the_module_in_a_slot_is_copied_with_it() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     net[1].register_forward_hook(_SlottedScale(net[0]))
+    template = lm.MetaTemplate(net)
+    generated = {k: v * 3 for k, v in net.state_dict().items()}
+    x = torch.randn(2, 4)
+    expected = torch.func.functional_call(net, generated, (x,))
+    assert torch.equal(template(generated, x), expected)
+
+
+class _Deep:
+    def __init__(self, held: Any) -> None:
+        self.held = held
+
+
+class _ReadsThrough:
+    """A hook object reaching the module it reads through ``depth`` objects, or a numpy
+    array of objects."""
+
+    def __init__(self, module: nn.Module, depth: int) -> None:
+        held: Any = np.array([module, None], dtype=object) if depth == 0 else module
+        for _ in range(depth):
+            held = _Deep(held)
+        self.held, self.depth = held, depth
+
+    def __call__(self, m: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        held = self.held
+        if self.depth == 0:
+            return output * held[0].weight.sum()
+        for _ in range(self.depth):
+            held = held.held
+        return output * held.weight.sum()
+
+
+@pytest.mark.parametrize("depth", [0, 3, 8], ids=["numpy-objects", "3-deep", "8-deep"])
+def test_a_hook_object_reaching_the_module_however_is_copied_with_it(depth: int) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    net[1].register_forward_hook(_ReadsThrough(net[0], depth))
     template = lm.MetaTemplate(net)
     generated = {k: v * 3 for k, v in net.state_dict().items()}
     x = torch.randn(2, 4)

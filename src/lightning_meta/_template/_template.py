@@ -15,7 +15,6 @@ import copy
 import functools
 import inspect
 import pickle
-import sys
 import threading
 import types
 import typing
@@ -32,19 +31,16 @@ from lightning_meta._compat import (
     children_of,
     compiler_disabled,
     deepcopy_module,
-    disabled_torch_function,
     functional_call_restoring_in_reverse,
     hook_registrations,
     hook_tables,
     is_checkpoint_wrapper,
     no_dispatch_modes,
-    no_subclass_torch_function,
     rebind_hook_closures,
     recomputing_hooks,
     register_pytree_node,
     tensor_tables,
     tree_leaves,
-    tree_map_only,
     without_dynamo_wrappers,
 )
 from lightning_meta._deferred._functions import value_in_block
@@ -142,8 +138,70 @@ def _keep_hook_objects(module: nn.Module, memo: dict[int, Any]) -> None:
             for hook in table.values():
                 if isinstance(hook, types.FunctionType) or id(hook) in memo:
                     continue
-                if not any(id(v) in inside for v in _reached(hook, set())):
+                if _reaches_none_of(hook, inside):
                     memo[id(hook)] = hook
+
+
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_CONTAINERS_WALKED = (dict, list, tuple, set, frozenset, collections.deque)
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
+
+
+def _followable(cls: type) -> bool:
+    """Whether every attribute of an instance of ``cls`` is in its ``__dict__`` or slots: a
+    class defined in Python over ``object`` or Python's containers, not over a C type that
+    keeps references of its own (a numpy array of objects, a ``weakref.ref``)."""
+    return all(
+        c is object or c in _CONTAINERS_WALKED or bool(c.__flags__ & _HEAP_TYPE)
+        for c in cls.__mro__
+    )
+
+
+def _reaches_none_of(hook: Any, inside: set[int], budget: int = 2000) -> bool:
+    """Whether everything ``hook`` refers to could be followed and none of it is in ``inside``
+    (the ids of the net's modules and tensors): through containers, the attributes and
+    slots of objects of Python classes, a method's instance, a partial's arguments, and
+    a function's closure, defaults and the globals its code reads, as deep as they go.
+
+    Anything that cannot be followed (a numpy array of objects, a weak reference, an
+    object of a C type), or more than ``budget`` objects, answers ``False``: the hook is
+    then copied with the template, as before 2026-12-07 (third session), which refers to
+    the template's modules; shared, one reaching the net through such a way read the
+    net's weights instead of the call's (7.1 off, found by the review of this change).
+    """
+    stack, seen = [hook], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in inside:
+            return False
+        if isinstance(obj, _LEAVES) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if len(seen) > budget:
+            return False
+        if isinstance(obj, (torch.Tensor, type, types.ModuleType, types.BuiltinFunctionType)):
+            continue  # not the net's (above); a class or module is code, not state
+        if plain_number(obj):
+            continue
+        if isinstance(obj, types.FunctionType):
+            stack += [_contents(c) for c in obj.__closure__ or ()]
+            stack += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+            named = obj.__globals__
+            stack += [named[n] for n in obj.__code__.co_names if n in named]
+        elif isinstance(obj, types.MethodType):
+            stack += [obj.__func__, obj.__self__]
+        elif isinstance(obj, functools.partial):
+            stack += [obj.func, *obj.args, *obj.keywords.values()]
+        elif not _followable(type(obj)):
+            return False
+        else:
+            if isinstance(obj, dict):
+                stack += [*obj.keys(), *obj.values()]
+            elif isinstance(obj, _CONTAINERS_WALKED):
+                stack += list(obj)
+            stack += list(getattr(obj, "__dict__", {}).values())
+            stack += [getattr(obj, k) for k in _slot_names(type(obj)) if hasattr(obj, k)]
+    return True
 
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -611,23 +669,12 @@ class _Layout:
         # a shape probe's meta tensors can meet it. One walk for both.
         own = {id(t) for t in _tensors(module)}
         self.strays: dict[int, str] = {}
-        # Those held directly in a module's attribute (Lightning's example_input_array,
-        # a pruned weight the hook recomputes): (submodule, attribute), by id.
-        self.direct: dict[int, tuple[nn.Module, str]] = {}
-        subs = dict(module.named_modules())
         self.real_plain = False
         for path, where, value in _reachable(module, set()):
             if not isinstance(value, torch.Tensor) or id(value) in own:
                 continue
             if value.is_meta:
                 self.strays[id(value)] = repr(f"{path}.{where}" if path else where)
-                sub = subs.get(path)
-                if (
-                    sub is not None
-                    and type(value) is torch.Tensor
-                    and vars(sub).get(where) is value
-                ):
-                    self.direct[id(value)] = (sub, where)
             elif holds_values(value):
                 self.real_plain = True
 
@@ -1259,28 +1306,13 @@ class MetaTemplate:
                 subs = _by_path(modes_of)
                 mode_map = _modes_of(modes_of, layout.named(), subs)
                 settings = _settings_of(modes_of, layout, subs)
-            # Before _computed_kept holds the attributes hooks recompute (a pruned weight).
-            held_once = bool(layout.direct) and _held_in_place_only(layout)
             with _computed_kept(layout):
                 metas = self._check(layout, before, tie_weights=tie_weights) if strict else {}
                 watch = _meta_watch(layout, metas, before, (args, kwargs)) if strict else None
-                # Meta tensors held directly in attributes only: each is watched where it
-                # is used (_Stray), not every op of the call (see _Stray for why).
-                mode = watch
-                if (
-                    watch is not None
-                    and not torch.compiler.is_compiling()
-                    and watch.names.keys() <= layout.direct.keys()
-                    and held_once
-                ):
-                    mode = None
                 with (
-                    _strays_in_place(layout, watch)
-                    if watch is not None and mode is None
-                    else contextlib.nullcontext(_NOTHING_SWAPPED) as swapped,
                     _modes_set(module, mode_map or {}, settings or {})
                     if mode_map or settings
-                    else contextlib.nullcontext(),
+                    else contextlib.nullcontext()
                 ):
                     if torch.is_grad_enabled():
                         _refuse_checkpointing(layout)
@@ -1292,7 +1324,7 @@ class MetaTemplate:
                         else None
                     )
                     try:
-                        with mode if mode is not None else contextlib.nullcontext():
+                        with watch if watch is not None else contextlib.nullcontext():
                             if layout.twice and not torch.compiler.is_compiling():
                                 out = functional_call_restoring_in_reverse(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
@@ -1301,7 +1333,6 @@ class MetaTemplate:
                                 out = torch.func.functional_call(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
                                 )
-                            out = swapped.restored(out)
                             if watch is not None and watch.mixed and _weights_with_values(before):
                                 watch.refuse_meta_output(out)
                     except BaseException as e:
@@ -1552,11 +1583,7 @@ class _MetaWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        return self.checked(func, args, kwargs, func(*args, **kwargs))
-
-    def checked(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
-        """Refuse ``out`` of ``func`` if it is real and made from a meta tensor; else return
-        it, with the meta tensors made from a named one named after it (``readout.T``)."""
+        out = func(*args, **kwargs)
         if func in FROM_REAL_ONLY or func in _SHAPE_ONLY:
             return out
         metas = _metas_among(args, kwargs)
@@ -1565,6 +1592,7 @@ class _MetaWatch(TorchFunctionMode):
         named = sorted({self.names[id(t)] for t in metas if id(t) in self.names})
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not any(holds_values(t) for t in results):
+            # What is made from a named one (readout.T) is named after it.
             if named:
                 self.names.update((id(t), named[0]) for t in results if t.is_meta)
             if any(holds_values(t) for t in _input_tensors(args, kwargs)):
@@ -1601,132 +1629,6 @@ class _MetaWatch(TorchFunctionMode):
             "it, or, for a factory's, pass a module instead.",
             paths=[n for n in named if n not in ("an input", "a meta tensor")],
         )
-
-
-class _Stray(torch.Tensor):
-    """A template's plain meta tensor attribute (Lightning's ``example_input_array`` of a
-    factory's module, a pruned weight its hook recomputes), put in its place for the
-    length of a strict call: only the ops given it run :meth:`_MetaWatch.checked`.
-
-    The whole call under the watch's ``TorchFunctionMode`` made ``has_torch_function``
-    true for every op, which switches off torch's ``TransformerEncoder`` and
-    ``MultiheadAttention`` fast path in eval: padded positions 2.28 off ``net(x)``,
-    without an error (before 2026-12-07, third session). What an op makes from one,
-    meta still, is one too, so a later op on it is seen.
-    """
-
-    _lm_watch: _MetaWatch
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        with no_subclass_torch_function():  # its own reads of the arguments are no ops to check
-            out = disabled_torch_function(func, types, args, kwargs)
-            if not isinstance(out, (torch.Tensor, list, tuple)):
-                return out  # metadata (a shape, a version, a flag): no tensor made
-            watch = _watch_among(args, kwargs)
-            return _strays_in(watch.checked(func, args, kwargs, out), watch)
-
-
-def _watch_among(args: Any, kwargs: dict[str, Any]) -> _MetaWatch:
-    """The watch of the first :class:`_Stray` among an op's arguments (one level of lists
-    looked at directly: the common case; deeper through a tree walk)."""
-    for arg in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(arg, _Stray):
-            return arg._lm_watch
-        if isinstance(arg, (list, tuple)):
-            for item in arg:
-                if isinstance(item, _Stray):
-                    return item._lm_watch
-    return next(t._lm_watch for t in tree_leaves((args, kwargs)) if isinstance(t, _Stray))
-
-
-def _strays_in(out: Any, watch: _MetaWatch) -> Any:
-    """``out`` with each plain meta tensor made a :class:`_Stray` (what an op made from one
-    is watched too)."""
-
-    def one(t: Any) -> Any:
-        return _stray(t, watch) if type(t) is torch.Tensor and t.is_meta else t
-
-    if isinstance(out, torch.Tensor):
-        return one(out)
-    if type(out) in (list, tuple) and all(isinstance(t, torch.Tensor) for t in out):
-        return type(out)(one(t) for t in out)
-    return tree_map_only(torch.Tensor, one, out)
-
-
-def _stray(t: torch.Tensor, watch: _MetaWatch) -> _Stray:
-    stray = t.as_subclass(_Stray)
-    stray._lm_watch = watch
-    name = watch.names.get(id(t))
-    if name is not None:
-        watch.names[id(stray)] = name
-    return stray
-
-
-def _references_of_one_held() -> int:
-    """What ``sys.getrefcount`` answers for an object one dict holds, read into a local."""
-    holder = {"t": object()}
-    value = holder["t"]
-    return sys.getrefcount(value)
-
-
-_HELD_ONCE = _references_of_one_held()
-
-
-def _held_in_place_only(layout: _Layout) -> bool:
-    """Whether nothing but its attribute refers to each meta tensor of ``layout.direct``:
-    one also held in a list, a dict, a closure, a partial or another module's attribute
-    would reach the forward as itself, unwatched, if only the attribute were swapped (the
-    review of this change found all five: uninitialised memory without an error)."""
-    for key, (sub, attr) in layout.direct.items():
-        value = vars(sub).get(attr)
-        if value is not None and id(value) == key and sys.getrefcount(value) > _HELD_ONCE:
-            return False
-    return True
-
-
-class _Swapped:
-    """The :class:`_Stray` put in each attribute for a call, and the tensor it stands for."""
-
-    def __init__(self) -> None:
-        self.originals: dict[int, torch.Tensor] = {}
-
-    def restored(self, out: Any) -> Any:
-        """``out`` (a forward's output) with a stray of the call as the tensor it stands for
-        (a forward returning ``self.anchor``), and one an op made from it as a plain meta
-        tensor: none outlives the call."""
-        if not self.originals:
-            return out
-
-        def plain(t: _Stray) -> torch.Tensor:
-            original = self.originals.get(id(t))
-            return original if original is not None else t.as_subclass(torch.Tensor)
-
-        return tree_map_only(_Stray, plain, out)
-
-
-_NOTHING_SWAPPED = _Swapped()
-
-
-@contextlib.contextmanager
-def _strays_in_place(layout: _Layout, watch: _MetaWatch) -> Iterator[_Swapped]:
-    """Put a :class:`_Stray` in place of each meta tensor a module of the template holds
-    directly in an attribute, for the body (a call the watch is for)."""
-    swapped = _Swapped()
-    saved = []
-    for key, (sub, attr) in layout.direct.items():
-        value = vars(sub).get(attr)
-        if value is not None and id(value) == key:
-            saved.append((sub, attr, value))
-            stray = vars(sub)[attr] = _stray(value, watch)
-            swapped.originals[id(stray)] = value
-    try:
-        yield swapped
-    finally:
-        for sub, attr, value in saved:
-            if isinstance(vars(sub).get(attr), _Stray):
-                vars(sub)[attr] = value
 
 
 def _weights_with_values(mapping: Mapping[str, Any]) -> bool:
