@@ -142,7 +142,6 @@ def _keep_hook_objects(module: nn.Module, memo: dict[int, Any]) -> None:
                     memo[id(hook)] = hook
 
 
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _CONTAINERS_WALKED = (dict, list, tuple, set, frozenset, collections.deque)
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
 
@@ -174,7 +173,7 @@ def _reaches_none_of(hook: Any, inside: set[int], budget: int = 2000) -> bool:
         obj = stack.pop()
         if id(obj) in inside:
             return False
-        if isinstance(obj, _LEAVES) or id(obj) in seen:
+        if isinstance(obj, _SCALARS) or id(obj) in seen:
             continue
         seen.add(id(obj))
         if len(seen) > budget:
@@ -1950,9 +1949,10 @@ def _is_setting(value: Any) -> bool:
     return cls is tuple and all(type(v) in _SETTING_TYPES or plain_number(v) for v in value)
 
 
-def _setting_name(sub: nn.Module, key: str, value: Any) -> bool:
-    """Whether ``sub``'s attribute ``key`` is a public plain setting: private ones are left
-    alone (torch's bookkeeping), and so are the names no call follows."""
+def _setting_name(key: str, value: Any) -> bool:
+    """Whether a module's attribute ``key`` holding ``value`` is a public plain setting:
+    private ones are left alone (torch's bookkeeping), and so are the names no call
+    follows."""
     return (
         not key.startswith("_")
         and key not in MODULE_INTERNALS
@@ -1971,7 +1971,7 @@ def _setting_names(sub: nn.Module) -> tuple[str, ...]:
     """
     if _holds_tensors(sub):
         return ()
-    return tuple(k for k, v in vars(sub).items() if _setting_name(sub, k, v))
+    return tuple(k for k, v in vars(sub).items() if _setting_name(k, v))
 
 
 def _holds_tensors(sub: nn.Module) -> bool:
@@ -2042,7 +2042,7 @@ def _settings_of(
             continue
         for name in (*names, *sorted(gained)):
             value = given.get(name, _MISSING)
-            if value is _MISSING or not _setting_name(theirs, name, value):
+            if value is _MISSING or not _setting_name(name, value):
                 continue
             held = mine.get(name, _MISSING)
             if held is _MISSING or (value is not held and differs(value, held)):
