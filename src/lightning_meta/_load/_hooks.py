@@ -428,6 +428,7 @@ def trace_load(
     local: dict[str, Entry],
     where: str,
     skeleton: _Skeleton,
+    saved_versions: Mapping[str, Any] | bool | None = True,
 ) -> dict[str, str]:
     """Run ``load_state_dict(strict=False)`` on the skeleton; return walk name to checkpoint key.
 
@@ -442,8 +443,7 @@ def trace_load(
         ph = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
         placeholders[key] = ph
         key_of[id(ph)] = key
-    # The module's own version numbers, as a checkpoint saved by this code has.
-    state: Any = _with_metadata(placeholders, skeleton.module)
+    state: Any = _with_metadata(placeholders, skeleton.module, saved_versions)
     recorder = _CopyRecorder()
     versions = {sid: _compat.version_of(t) for sid, t in skeleton.standins.items()}
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
@@ -580,12 +580,27 @@ def _under(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + ".")
 
 
-def _with_metadata(placeholders: dict[str, torch.Tensor], skeleton: nn.Module) -> Any:
+def _with_metadata(
+    placeholders: dict[str, torch.Tensor],
+    skeleton: nn.Module,
+    versions: Mapping[str, Any] | bool | None,
+) -> Any:
+    """The state dict the trace loads: ``placeholders`` with the ``_metadata`` eager's
+    ``load_state_dict`` would hand each module's load code, whose conversions may depend on
+    the version a module was saved with (``local_metadata["version"]``): the file's
+    (``versions``, module paths relative to the module loaded), none where the file keeps
+    none (safetensors: eager code then sees no version), or, for ``True``, the module's own
+    (a format eager loads into ``model.state_dict()``). Before 2026-12-07 (third session)
+    the module's own were used for every file, so code converting an older layout did not
+    run in the trace: the weights came out unconverted, without an error."""
     from collections import OrderedDict
 
     state: Any = OrderedDict(placeholders)
-    with contextlib.suppress(Exception):
-        state._metadata = getattr(skeleton.state_dict(), "_metadata")  # noqa: B009
+    if versions is True:
+        with contextlib.suppress(Exception):
+            state._metadata = getattr(skeleton.state_dict(), "_metadata")  # noqa: B009
+    elif isinstance(versions, Mapping):
+        state._metadata = OrderedDict(versions)
     return state
 
 

@@ -8,8 +8,9 @@ so a checkpoint that does not fit is refused before the module is touched.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def plan_load(
         sources = {p: unwrapped_name(p) for p in persistent}
     elif skeleton is not None:
         local = {k[len(chosen) :]: e for k, e in source.entries.items() if k.startswith(chosen)}
-        sources = trace_load(module, code, local, where, skeleton)
+        sources = trace_load(module, code, local, where, skeleton, _local_versions(source, chosen))
     # Only a clash at a key this load reads is refused (the module's names, or what
     # its own load code reads): elsewhere both values would be unexpected anyway.
     reads = expected if sources is None else {*expected, *sources.values()}
@@ -207,6 +208,26 @@ def _fill_batch_counters(module: nn.Module, source: Source, plan: Plan) -> None:
         if counter.is_meta and handle_of(counter) is None and group is not None:
             entry = source.supply(plan.prefix + shown, torch.tensor(0, dtype=torch.long))
             plan.load.append((group, entry))
+
+
+def _local_versions(source: Source, prefix: str) -> Mapping[str, Any] | bool | None:
+    """The versions the file saved its modules with (``_metadata``), by module path relative
+    to ``prefix`` (the loaded module's own path in the file: ``""`` for it); ``None`` where
+    the file keeps none; ``True`` where eager loading gives the modules their own."""
+    if source.own_versions:
+        return True
+    if source.versions is None:
+        return None
+    root = prefix[:-1]
+    out: dict[str, Any] = {}
+    for path, value in source.versions.items():
+        if not prefix:
+            out[path] = value
+        elif path == root:
+            out[""] = value
+        elif path.startswith(prefix):
+            out[path[len(prefix) :]] = value
+    return out
 
 
 def _refuse_post_hooks_on_meta(where: str, plan: Plan) -> None:

@@ -1,0 +1,132 @@
+"""Checkpoint loading under a hostile review (seventeenth round): a module's load code that
+converts an older saved layout, chosen by the version the file saved the module with
+(``local_metadata["version"]``, as ``nn.BatchNorm`` and many libraries do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import lightning_meta as lm
+from lightning_meta import MetaTensorError
+
+
+class _Renamed(nn.Module):
+    """Version 1 saved its weight as ``w``; version 2 as ``weight``."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
+    ) -> None:
+        version = local_metadata.get("version")
+        if version is not None and version < 2 and prefix + "w" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class _Rescaled(nn.Module):
+    """Version 1 saved its weight halved."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
+    ) -> None:
+        version = local_metadata.get("version")
+        if version is not None and version < 2 and prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * 2
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class _Holder(nn.Module):
+    def __init__(self, inner: type[nn.Module]) -> None:
+        super().__init__()
+        self.inner = inner()
+
+
+def _old_file(path: Path, key: str, version: int) -> torch.Tensor:
+    value = torch.arange(12.0).reshape(3, 4)
+    state: Any = {key: value.clone()}
+    from collections import OrderedDict
+
+    state = OrderedDict(state)
+    state._metadata = OrderedDict({"": {"version": 1}, "inner": {"version": version}})
+    torch.save(state, path)
+    return value
+
+
+def test_a_rename_by_the_saved_version_loads_as_in_eager(tmp_path: Path) -> None:
+    # Before, the trace ran the load code with the module's own version (2): the rename did
+    # not run and the load was refused with "weight" missing, where eager loads the file.
+    path = tmp_path / "old.pt"
+    _old_file(path, "inner.w", 1)
+    eager = _Holder(_Renamed)
+    eager.load_state_dict(torch.load(path))
+    model = lm.deferred_init(_Holder, _Renamed)
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.inner.weight, eager.inner.weight)
+
+
+def test_a_value_converted_by_the_saved_version_is_never_loaded_unconverted(tmp_path: Path) -> None:
+    # Before, the trace saw version 2, skipped the doubling and loaded the halved values:
+    # every weight half of eager's, without an error.
+    path = tmp_path / "old.pt"
+    _old_file(path, "inner.weight", 1)
+    eager = _Holder(_Rescaled)
+    eager.load_state_dict(torch.load(path))
+    model = lm.deferred_init(_Holder, _Rescaled)
+    with pytest.raises(MetaTensorError, match=r"fills \['inner.weight'\] with values it computes"):
+        lm.load_checkpoint(model, path)
+    assert model.inner.weight.is_meta
+    lm.materialize(model)
+    model.load_state_dict(torch.load(path))  # the fix the message names
+    assert torch.equal(model.inner.weight, eager.inner.weight)
+
+
+@pytest.mark.parametrize("cls", [_Renamed, _Rescaled])
+def test_a_file_saved_with_the_current_version_loads_as_saved(
+    tmp_path: Path, cls: type[nn.Module]
+) -> None:
+    # Control: the same code with a current file converts nothing.
+    path = tmp_path / "new.pt"
+    value = _old_file(path, "inner.weight", 2)
+    model = lm.deferred_init(_Holder, cls)
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.inner.weight, value)
+
+
+def test_a_file_without_versions_gives_the_load_code_none(tmp_path: Path) -> None:
+    # safetensors keeps no _metadata: eager's load code sees no version and converts nothing.
+    path = tmp_path / "w.safetensors"
+    value = torch.arange(12.0).reshape(3, 4)
+    safetensors.torch.save_file({"inner.weight": value}, path)
+    eager = _Holder(_Rescaled)
+    eager.load_state_dict(safetensors.torch.load_file(path))
+    model = lm.deferred_init(_Holder, _Rescaled)
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.inner.weight, eager.inner.weight)
+    assert torch.equal(model.inner.weight, value)
+
+
+def test_a_submodule_loaded_alone_reads_its_own_saved_version(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    _old_file(path, "inner.w", 1)
+    eager = _Holder(_Renamed)
+    eager.load_state_dict(torch.load(path))
+    model = lm.deferred_init(_Holder, _Renamed)
+    lm.load_checkpoint(model.inner, path, prefix="inner.")
+    assert torch.equal(model.inner.weight, eager.inner.weight)
