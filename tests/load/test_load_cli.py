@@ -98,7 +98,7 @@ def _damaged(checkpoint: Path, tmp_path: Path) -> Path:
         (["--trust", "fractions:Nope"], "'fractions' has no attribute 'Nope'"),
         pytest.param(
             ["--device", "cuda"],
-            "cuda",
+            "Fix: pass --device cpu",  # the option, not Python's device='cpu'
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"),
         ),
     ],

@@ -130,3 +130,69 @@ def test_a_submodule_loaded_alone_reads_its_own_saved_version(tmp_path: Path) ->
     model = lm.deferred_init(_Holder, _Renamed)
     lm.load_checkpoint(model.inner, path, prefix="inner.")
     assert torch.equal(model.inner.weight, eager.inner.weight)
+
+
+class _TwoHeads(nn.Module):
+    """A checkpoint's ``head.weight`` goes into both heads (a pre-hook fanning one key out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self._register_load_state_dict_pre_hook(self._fan_out)
+
+    def _fan_out(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        if prefix + "head.weight" in state_dict:
+            shared = state_dict.pop(prefix + "head.weight")
+            state_dict[prefix + "a.weight"] = shared
+            state_dict[prefix + "b.weight"] = shared
+
+
+def test_one_key_copied_into_two_untied_tensors_is_refused(tmp_path: Path) -> None:
+    # Before, the plan read the key once into one of them: b kept its own values (or
+    # stayed on meta), where eager fills both.
+    path = tmp_path / "head.pt"
+    torch.save({"head.weight": torch.arange(16.0).reshape(4, 4)}, path)
+    eager = _TwoHeads()
+    eager.load_state_dict(torch.load(path))
+    assert torch.equal(eager.a.weight, eager.b.weight)
+    model = lm.deferred_init(_TwoHeads)
+    with pytest.raises(
+        MetaTensorError,
+        match=r"copies one checkpoint tensor into several .*'head.weight' into \['a.weight', 'b.weight'\]",
+    ):
+        lm.load_checkpoint(model, path)
+    assert model.a.weight.is_meta and model.b.weight.is_meta
+    lm.materialize(model)
+    model.load_state_dict(torch.load(path))
+    assert torch.equal(model.b.weight, eager.b.weight)
+
+
+class _TiedHeads(_TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b.weight = self.a.weight
+
+
+def test_one_key_copied_into_a_tied_weight_under_both_names_loads(tmp_path: Path) -> None:
+    # Control: the two names are one tensor, filled once.
+    path = tmp_path / "head.pt"
+    value = torch.arange(16.0).reshape(4, 4)
+    torch.save({"head.weight": value}, path)
+    model = lm.deferred_init(_TiedHeads)
+    lm.load_checkpoint(model, path)
+    assert model.a.weight is model.b.weight
+    assert torch.equal(model.a.weight, value)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|save)` is deprecated:DeprecationWarning")
+def test_a_torchscript_archive_is_named_with_a_fix_that_applies(tmp_path: Path) -> None:
+    # Before, the refusal asked to trust '__torch__.torch.nn.modules.linear.Linear', a
+    # class compiled into the archive that no import can give.
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(4, 4)), str(path))
+    model = lm.deferred_init(nn.Linear, 4, 4)
+    with pytest.raises(MetaTensorError, match=r"is a TorchScript archive.*torch\.jit\.load") as err:
+        lm.load_checkpoint(model, path)
+    assert "safe_globals" not in str(err.value)
+    assert model.weight.is_meta

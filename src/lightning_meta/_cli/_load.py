@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     from lightning_meta._load._checkpoint import load_checkpoint
 
     dtype = _dtype(args.dtype)
-    device = real_device(args.device, "load-check")
+    with command_line_spelling():  # its fix names --device
+        device = real_device(args.device, "load-check")
     factory = target_factory(args.model, args.args)
     trusted = [obj for name in args.trust for obj in _trusted(name, args.model)]
     model = _build(args, factory)

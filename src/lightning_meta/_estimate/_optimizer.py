@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from lightning_meta import _compat
+from lightning_meta._arguments import describe
 from lightning_meta._compat import FakeTensorMode
+from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._options import OptimizerFactory
 
 __all__ = ["prepare_optimizer", "trainable_parameters"]
@@ -54,6 +56,7 @@ def prepare_optimizer(
     with mode:
         if optimizer_factory is not None and params:
             optimizer = optimizer_factory(params)
+            _check_built_over(optimizer, params, optimizer_factory)
             _warm_up(optimizer, params, device)
             if zero_grad_before_forward:
                 optimizer.zero_grad(set_to_none=True)
@@ -64,6 +67,42 @@ def prepare_optimizer(
             for p in params:
                 p.grad = torch.zeros_like(p)
     return optimizer
+
+
+def _check_built_over(
+    optimizer: object, params: list[nn.Parameter], factory: OptimizerFactory
+) -> None:
+    """Refuse an optimizer that is not built over the stand-ins it was given.
+
+    A factory that ignores its argument (``lambda p: model.configure_optimizers()``)
+    returns an optimizer over the real parameters: its state would not be counted, and
+    the simulated step would clear, or with weight decay change, the real tensors.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"estimate: optimizer {describe(factory)} returned {type(optimizer).__name__}, "
+            "not a torch.optim.Optimizer. Fix: pass a callable that takes the parameters "
+            "and returns one optimizer, such as lambda params: torch.optim.AdamW(params, "
+            "lr=1e-3)."
+        )
+    given = {id(p) for p in params}
+    held = [t for g in optimizer.param_groups for t in g["params"]]
+    foreign = [t for t in held if id(t) not in given]
+    if foreign or not held:
+        what = (
+            f"{len(foreign)} of its {len(held)} tensors are not among them (the first: "
+            f"{tuple(foreign[0].shape)} on {foreign[0].device})"
+            if foreign
+            else "it holds none of them"
+        )
+        raise ArgumentValueError(
+            f"estimate: optimizer {describe(factory)} was given the {len(params)} "
+            f"parameters estimate simulates, and {what}: it was built over other tensors "
+            "(the model's own, from configure_optimizers() or a closure), whose state "
+            "estimate cannot count and whose values its simulated step would change; "
+            "nothing was stepped. Fix: build the optimizer from the parameters the "
+            "callable receives, such as lambda params: torch.optim.AdamW(params, lr=1e-3)."
+        )
 
 
 def _warm_up(

@@ -539,7 +539,43 @@ def trace_load(
             "file holds",
             paths=bad,
         )
+    _refuse_fan_out(module, code, where, skeleton, sources)
     return sources
+
+
+def _refuse_fan_out(
+    module: nn.Module,
+    code: list[LoadCode],
+    where: str,
+    skeleton: _Skeleton,
+    sources: dict[str, str],
+) -> None:
+    """Refuse load code that copies one checkpoint key into two tensors that are not tied.
+
+    The plan reads each key once into one tensor group: a pre-hook fanning a fused
+    ``qkv`` into two separate tensors would fill only one of them.
+    """
+    sid_of = {path: sid for sid, paths in skeleton.paths.items() for path in paths}
+    filled: dict[str, dict[int, str]] = {}
+    for path, key in sources.items():
+        sid = sid_of.get(path)
+        if sid is not None:
+            filled.setdefault(key, {}).setdefault(sid, path)
+    fanned = {key: sorted(by.values()) for key, by in filled.items() if len(by) > 1}
+    if not fanned:
+        return
+    bad = sorted(p for paths in fanned.values() for p in paths)
+    owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
+    shown = "; ".join(f"{key!r} into {paths}" for key, paths in sorted(fanned.items())[:4])
+    raise _refusal(
+        module,
+        skeleton.fix,
+        where,
+        owners,
+        f"it copies one checkpoint tensor into several tensors that are not tied ({shown}); "
+        "load_checkpoint fills each tensor group from a key of its own",
+        paths=bad,
+    )
 
 
 def _load_without_strict(module: nn.Module, state: Any) -> Any:

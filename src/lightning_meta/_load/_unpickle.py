@@ -198,6 +198,16 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
         "with --trust module:Name (once per name)",
     )
     needed = sorted(set(names))
+    if any(n.startswith("__torch__.") for n in needed):
+        # Classes TorchScript compiled into the archive: there is no object to trust.
+        return MetaTensorError(
+            f"{where!r} is a TorchScript archive (torch.jit.save): {what} names classes "
+            f"compiled into the archive ({needed[0]}{', ...' if len(needed) > 1 else ''}), "
+            "which no state dict reader loads, trusted or not. Fix: where you trust the "
+            "file, load it with torch.jit.load(path, map_location='cpu') and save its "
+            "weights, torch.save(scripted.state_dict(), 'weights.pt'), then load that.",
+            paths=[where],
+        )
     # On the command line, in the form --trust takes (module:Name).
     listed = spelled(repr(needed), repr([":".join(n.rsplit(".", 1)) for n in needed]))
     modules = ""

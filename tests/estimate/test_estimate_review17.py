@@ -1,0 +1,85 @@
+"""estimate under a hostile review (seventeenth round): an optimizer callable that does not
+build its optimizer over the parameters it is given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+from lightning_meta import ArgumentTypeError, ArgumentValueError
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def _grads_and_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for p in model.parameters() for t in (p, p.grad) if t is not None]
+
+
+def test_an_optimizer_over_the_models_own_parameters_is_refused_and_changes_nothing() -> None:
+    # Before: optimizer_state 0 and the peak about half of the real one, without an error,
+    # and the simulated zero_grad wiped the real module's gradients.
+    model = _Module()
+    model(torch.randn(4, 32)).sum().backward()
+    before = _grads_and_weights(model)
+    with pytest.raises(
+        ArgumentValueError, match=r"4 of its 4 tensors are not among them.*Fix: build the optimizer"
+    ):
+        lm.estimate(
+            model, torch.randn(4, 32), optimizer=lambda params: model.configure_optimizers()
+        )
+    after = _grads_and_weights(model)
+    assert len(after) == len(before) == 8
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_an_optimizer_holding_a_tensor_it_was_not_given_is_refused() -> None:
+    model = _Module()
+    extra = nn.Parameter(torch.ones(3))
+
+    def factory(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD([*params, extra], lr=0.1, weight_decay=0.5)
+
+    with pytest.raises(ArgumentValueError, match=r"1 of its 5 tensors are not among them"):
+        lm.estimate(model, torch.randn(4, 32), optimizer=factory)
+    assert torch.equal(extra, torch.ones(3))
+
+
+def test_a_callable_returning_no_optimizer_is_refused() -> None:
+    model = _Module()
+    with pytest.raises(ArgumentTypeError, match="returned dict, not a torch.optim.Optimizer"):
+        lm.estimate(
+            model,
+            torch.randn(4, 32),
+            optimizer=lambda params: {"optimizer": torch.optim.AdamW(params)},
+        )
+
+
+@pytest.mark.parametrize("part", ["all", "first layer"])
+def test_an_optimizer_over_the_given_parameters_is_counted(part: str) -> None:
+    # Controls: the parameters given, or some of them (a frozen part), are accepted.
+    model = _Module()
+
+    def factory(params: Any) -> torch.optim.Optimizer:
+        chosen = list(params) if part == "all" else list(params)[:2]
+        return torch.optim.AdamW(chosen, lr=1e-3)
+
+    result = lm.estimate(model, torch.randn(4, 32), optimizer=factory)
+    weights = 32 * 64 + 64 + 64 * 8 + 8
+    counted = weights if part == "all" else 32 * 64 + 64
+    # AdamW: two float32 moments per weight, and a step counter per tensor
+    assert 2 * 4 * counted <= result.optimizer_state_bytes <= 2 * 4 * counted + 4 * 8
