@@ -83,3 +83,29 @@ def test_an_optimizer_over_the_given_parameters_is_counted(part: str) -> None:
     counted = weights if part == "all" else 32 * 64 + 64
     # AdamW: two float32 moments per weight, and a step counter per tensor
     assert 2 * 4 * counted <= result.optimizer_state_bytes <= 2 * 4 * counted + 4 * 8
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_tensor_learning_rate_is_estimated_as_a_float_one(foreach: bool | None) -> None:
+    # torch's single-tensor Adam takes lr=torch.tensor(...) on the CPU. Before, the warm-up
+    # step ran foreach, which refuses it, and the estimate was refused as "cannot be built
+    # or stepped", even with foreach=False.
+    model = _Module()
+    x = torch.randn(4, 32)
+    as_tensor = lm.estimate(
+        model, x, optimizer=lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3), foreach=foreach)
+    )
+    as_float = lm.estimate(
+        model, x, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, foreach=foreach)
+    )
+    assert as_tensor.optimizer_state_bytes == as_float.optimizer_state_bytes > 0
+    # the lr tensor itself, if alive at the peak
+    assert 0 <= as_tensor.peak_bytes - as_float.peak_bytes <= 4
+
+
+def test_a_tensor_learning_rate_made_before_the_estimate_is_refused_saying_why() -> None:
+    # The single-tensor step reads a tensor lr's value (.item()); one made outside the
+    # optimizer callable is a real tensor the shape-only step cannot read.
+    lr = torch.tensor(1e-3)
+    with pytest.raises(ArgumentValueError, match=r"reads the values of its own state"):
+        lm.estimate(_Module(), torch.randn(4, 32), optimizer=lambda p: torch.optim.Adam(p, lr=lr))

@@ -124,7 +124,10 @@ def _warm_up(
         if "foreach" in group and group["foreach"] is None and not group.get("fused"):
             group["foreach"] = real_default
         chosen.append(group.get("foreach"))
-        if "foreach" in group and not group.get("fused"):
+        # torch's foreach kernels refuse a tensor lr (or other hyperparameter) unless
+        # capturable: such a group warms up as it will step.
+        held = any(isinstance(v, torch.Tensor) for k, v in group.items() if k != "params")
+        if "foreach" in group and not group.get("fused") and not held:
             group["foreach"] = True
     for p in params:
         p.grad = torch.zeros_like(p)
