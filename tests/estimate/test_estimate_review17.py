@@ -61,7 +61,10 @@ def test_an_optimizer_holding_a_tensor_it_was_not_given_is_refused() -> None:
 
 def test_a_callable_returning_no_optimizer_is_refused() -> None:
     model = _Module()
-    with pytest.raises(ArgumentTypeError, match="returned dict, not a torch.optim.Optimizer"):
+    with pytest.raises(
+        ArgumentTypeError,
+        match=r"returned dict, not an optimizer \(one with step\(\) and param_groups\)",
+    ):
         lm.estimate(
             model,
             torch.randn(4, 32),
@@ -109,3 +112,27 @@ def test_a_tensor_learning_rate_made_before_the_estimate_is_refused_saying_why()
     lr = torch.tensor(1e-3)
     with pytest.raises(ArgumentValueError, match=r"reads the values of its own state"):
         lm.estimate(_Module(), torch.randn(4, 32), optimizer=lambda p: torch.optim.Adam(p, lr=lr))
+
+
+class _Wrapper:
+    """An optimizer wrapper that does not subclass Optimizer (as torchao's
+    CPUOffloadOptimizer), over the parameters it was given."""
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.base = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+
+    def step(self, closure: Any = None) -> Any:
+        return self.base.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+
+def test_an_optimizer_wrapper_that_is_no_subclass_is_counted() -> None:
+    model = _Module()
+    x = torch.randn(4, 32)
+    wrapped = lm.estimate(model, x, optimizer=lambda p: _Wrapper(torch.optim.AdamW(p)))
+    plain = lm.estimate(model, x, optimizer=torch.optim.AdamW)
+    assert wrapped.optimizer_state_bytes == plain.optimizer_state_bytes > 0

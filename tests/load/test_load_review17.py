@@ -196,3 +196,123 @@ def test_a_torchscript_archive_is_named_with_a_fix_that_applies(tmp_path: Path) 
         lm.load_checkpoint(model, path)
     assert "safe_globals" not in str(err.value)
     assert model.weight.is_meta
+
+
+class _Swapped(nn.Module):
+    """Layout 1, and files that keep no version, stored ``a`` and ``b`` swapped (as
+    ``nn.BatchNorm`` takes a missing version for the old layout)."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(3))
+        self.b = nn.Parameter(torch.zeros(3))
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
+    ) -> None:
+        version = local_metadata.get("version")
+        if (version is None or version < 2) and prefix + "a" in state_dict:
+            state_dict[prefix + "a"], state_dict[prefix + "b"] = (
+                state_dict[prefix + "b"],
+                state_dict[prefix + "a"],
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = _Swapped()
+
+
+@pytest.mark.parametrize("prefix", [None, "model."])
+@pytest.mark.parametrize("saver", ["fabric", "torch"])
+def test_the_versions_of_a_state_dict_nested_in_the_file_reach_the_load_code(
+    tmp_path: Path, saver: str, prefix: str | None
+) -> None:
+    # {"model": model.state_dict(), ...} (fabric.save, a training script's checkpoint): the
+    # model's versions sit on the nested dict. Before, only the file's top level was read,
+    # the load code saw no version and swapped a current file's weights, without an error.
+    source = _Gated()
+    with torch.no_grad():
+        source.gate.a.fill_(1.0)
+        source.gate.b.fill_(2.0)
+    path = tmp_path / "nested.ckpt"
+    if saver == "fabric":
+        from lightning.fabric import Fabric
+
+        Fabric(accelerator="cpu", devices=1).save(path, {"model": source, "step": 7})
+    else:
+        torch.save({"model": source.state_dict(), "step": 7}, path)
+    eager = _Gated()
+    eager.load_state_dict(torch.load(path)["model"])
+    assert eager.gate.a.tolist() == [1.0, 1.0, 1.0]
+    model = lm.deferred_init(_Gated)
+    lm.load_checkpoint(model, path, prefix=prefix)
+    assert torch.equal(model.gate.a, eager.gate.a)
+    assert torch.equal(model.gate.b, eager.gate.b)
+
+
+class _Hooked(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: None)
+
+
+class _NormBeside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.lin = _Hooked()
+
+
+@pytest.mark.parametrize("init", ["deferred", "meta", "real"])
+@pytest.mark.parametrize("fmt", ["safetensors", "plain dict"])
+def test_a_norm_layer_beside_load_code_fills_its_counter_as_in_eager(
+    tmp_path: Path, init: str, fmt: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    # A file keeping no versions and no num_batches_tracked (older torchvision weights): the
+    # norm layer's own load code puts its counter in, which the trace took for a value it
+    # computes, and refused the load that eager makes. No warning of the trace comes out.
+    state = {k: v for k, v in _NormBeside().state_dict().items() if "num_batches" not in k}
+    path = tmp_path / ("w.safetensors" if fmt == "safetensors" else "w.pt")
+    if fmt == "safetensors":
+        safetensors.torch.save_file(state, path)
+    else:
+        torch.save(dict(state), path)
+    eager = _NormBeside()
+    eager.bn.num_batches_tracked.fill_(5)
+    eager.load_state_dict(
+        safetensors.torch.load_file(path) if fmt == "safetensors" else torch.load(path)
+    )
+    if init == "deferred":
+        model = lm.deferred_init(_NormBeside)
+    elif init == "meta":
+        model = _NormBeside().to("meta")
+    else:
+        model = _NormBeside()
+        model.bn.num_batches_tracked.fill_(5)
+    report = lm.load_checkpoint(model, path)
+    assert report.missing == []
+    assert torch.equal(model.bn.running_var, eager.bn.running_var)
+    # eager keeps a real counter as it is, and puts 0 where it is on meta
+    assert model.bn.num_batches_tracked.item() == (5 if init == "real" else 0)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_an_old_version_nested_in_the_file_is_converted_as_in_eager(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    state: Any = OrderedDict({"gate.a": torch.full((3,), 1.0), "gate.b": torch.full((3,), 2.0)})
+    state._metadata = OrderedDict({"": {"version": 1}, "gate": {"version": 1}})
+    path = tmp_path / "nested.pt"
+    torch.save({"model": state, "epoch": 3}, path)
+    eager = _Gated()
+    eager.load_state_dict(torch.load(path)["model"])
+    assert eager.gate.a.tolist() == [2.0, 2.0, 2.0]
+    model = lm.deferred_init(_Gated)
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.gate.a, eager.gate.a)
+    assert torch.equal(model.gate.b, eager.gate.b)

@@ -78,15 +78,18 @@ def _check_built_over(
     returns an optimizer over the real parameters: its state would not be counted, and
     the simulated step would clear, or with weight decay change, the real tensors.
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    # Duck typing, as Lightning's: an optimizer wrapper need not subclass Optimizer
+    # (torchao's CPUOffloadOptimizer), but it steps and has param_groups.
+    groups = getattr(optimizer, "param_groups", None)
+    if not callable(getattr(optimizer, "step", None)) or not isinstance(groups, list):
         raise ArgumentTypeError(
             f"estimate: optimizer {describe(factory)} returned {type(optimizer).__name__}, "
-            "not a torch.optim.Optimizer. Fix: pass a callable that takes the parameters "
-            "and returns one optimizer, such as lambda params: torch.optim.AdamW(params, "
-            "lr=1e-3)."
+            "not an optimizer (one with step() and param_groups). Fix: pass a callable "
+            "that takes the parameters and returns one optimizer, such as lambda params: "
+            "torch.optim.AdamW(params, lr=1e-3)."
         )
     given = {id(p) for p in params}
-    held = [t for g in optimizer.param_groups for t in g["params"]]
+    held = [t for g in groups for t in g["params"]]
     foreign = [t for t in held if id(t) not in given]
     if foreign or not held:
         what = (

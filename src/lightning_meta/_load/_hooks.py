@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -422,6 +423,9 @@ def _state_changes(skeleton: nn.Module, before: dict[int, Any]) -> list[tuple[st
     return changed
 
 
+_META_COPY_WARNING = r"for .*: copying from a non-meta parameter in the checkpoint to a meta"
+
+
 def trace_load(
     module: nn.Module,
     code: list[LoadCode],
@@ -448,7 +452,15 @@ def trace_load(
     versions = {sid: _compat.version_of(t) for sid, t in skeleton.standins.items()}
     held = {id(m): _state_of(m) for m in skeleton.module.modules()}
     try:
-        with recorder, _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at):
+        with (
+            recorder,
+            _compat.load_prefixes_seen(skeleton.module.modules(), recorder.at),
+            warnings.catch_warnings(),
+        ):
+            # A real value copied into a stand-in (a norm layer's own counter) is
+            # followed here; torch's warning that the copy does nothing is about the
+            # meta copy, not the user's model.
+            warnings.filterwarnings("ignore", message=_META_COPY_WARNING, category=UserWarning)
             keys = _load_without_strict(skeleton.module, state)
         if hasattr(keys, "missing_keys") and hasattr(keys, "unexpected_keys"):
             skeleton._traced = (state, list(keys.missing_keys), list(keys.unexpected_keys))
@@ -515,6 +527,8 @@ def trace_load(
             continue  # not a tensor of the module (a temporary of the hook)
         source = key_of.get(id(src)) if isinstance(src, torch.Tensor) else None
         for path in _copied_at(paths, at, source, skeleton):
+            if source is None and _own_batch_counter(skeleton.module, path, local):
+                continue  # the plan fills it as the norm layer does (_fill_batch_counters)
             if source is None:
                 converted[path] = type(src).__name__
                 sources.pop(path, None)
@@ -541,6 +555,19 @@ def trace_load(
         )
     _refuse_fan_out(module, code, where, skeleton, sources)
     return sources
+
+
+def _own_batch_counter(module: nn.Module, path: str, local: Mapping[str, Entry]) -> bool:
+    """Whether ``path`` is the ``num_batches_tracked`` a norm layer's own load code puts in
+    a state dict of an older version (or none) that lacks it: not a value load code
+    computes, but the counter the plan fills the same way."""
+    owner, _, name = path.rpartition(".")
+    if name != "num_batches_tracked" or path in local:
+        return False
+    try:
+        return _compat.counts_batches(module.get_submodule(owner))
+    except AttributeError:
+        return False
 
 
 def _refuse_fan_out(

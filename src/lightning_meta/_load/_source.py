@@ -428,9 +428,33 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     source.under_state_dict = state is not obj
     source.mapping = state
     source.clashes = dict.fromkeys(clashes, p)
-    versions = getattr(state, "_metadata", None)
-    source.versions = versions if isinstance(versions, Mapping) else None
+    source.versions = saved_versions(state)
     return source
+
+
+def saved_versions(state: Any) -> dict[str, Any] | None:
+    """The ``_metadata`` of ``state`` and of every mapping nested in it, by module path
+    from ``state``'s root: ``{"model": model.state_dict()}`` (``fabric.save``, a training
+    script's checkpoint) gives the model's under ``model``, which eager loading hands the
+    modules as ``torch.load(path)["model"]``. ``None`` where none keeps any."""
+    out: dict[str, Any] = {}
+    found = False
+    pending: list[tuple[Mapping[Any, Any], str, int]] = [(state, "", 0)]
+    while pending:
+        obj, path, depth = pending.pop()
+        versions = getattr(obj, "_metadata", None)
+        if isinstance(versions, Mapping):
+            found = True
+            for key, value in versions.items():
+                where = f"{path}.{key}" if path and key else path or str(key)
+                out.setdefault(where, value)  # an outer mapping's entry comes first
+        if depth < _MAX_NESTING:
+            pending.extend(
+                (v, f"{path}.{k}" if path else str(k), depth + 1)
+                for k, v in obj.items()
+                if isinstance(v, Mapping)
+            )
+    return out if found else None
 
 
 def state_tensors(

@@ -205,7 +205,9 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
             f"compiled into the archive ({needed[0]}{', ...' if len(needed) > 1 else ''}), "
             "which no state dict reader loads, trusted or not. Fix: where you trust the "
             "file, load it with torch.jit.load(path, map_location='cpu') and save its "
-            "weights, torch.save(scripted.state_dict(), 'weights.pt'), then load that.",
+            "weights, torch.save(scripted.state_dict(), 'weights.pt'), then load that (a "
+            "module frozen with torch.jit.freeze keeps its weights as constants, in no "
+            "state dict: load the weights saved before it was frozen).",
             paths=[where],
         )
     # On the command line, in the form --trust takes (module:Name).
