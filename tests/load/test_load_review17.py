@@ -16,8 +16,8 @@ import lightning_meta as lm
 from lightning_meta import MetaTensorError
 
 
-class _Renamed(nn.Module):
-    """Version 1 saved its weight as ``w``; version 2 as ``weight``."""
+class _Versioned(nn.Module):
+    """A weight whose saved layout changed at version 2; :meth:`convert` reads version 1's."""
 
     _version = 2
 
@@ -29,27 +29,28 @@ class _Renamed(nn.Module):
         self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
     ) -> None:
         version = local_metadata.get("version")
-        if version is not None and version < 2 and prefix + "w" in state_dict:
-            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+        if version is not None and version < 2:
+            self.convert(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
+    def convert(self, state_dict: Any, prefix: str) -> None:
+        raise NotImplementedError
 
-class _Rescaled(nn.Module):
+
+class _Renamed(_Versioned):
+    """Version 1 saved its weight as ``w``."""
+
+    def convert(self, state_dict: Any, prefix: str) -> None:
+        if prefix + "w" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+
+
+class _Rescaled(_Versioned):
     """Version 1 saved its weight halved."""
 
-    _version = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(3, 4))
-
-    def _load_from_state_dict(
-        self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
-    ) -> None:
-        version = local_metadata.get("version")
-        if version is not None and version < 2 and prefix + "weight" in state_dict:
+    def convert(self, state_dict: Any, prefix: str) -> None:
+        if prefix + "weight" in state_dict:
             state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * 2
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
 
 class _Holder(nn.Module):
