@@ -317,3 +317,33 @@ def test_an_old_version_nested_in_the_file_is_converted_as_in_eager(tmp_path: Pa
     lm.load_checkpoint(model, path)
     assert torch.equal(model.gate.a, eager.gate.a)
     assert torch.equal(model.gate.b, eager.gate.b)
+
+
+class _CounterFromHook(nn.Module):
+    """A converter from an older format that kept the counter elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.register_load_state_dict_pre_hook(self._counter)
+
+    @staticmethod
+    def _counter(module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+        if prefix + "bn.num_batches_tracked" not in state_dict:
+            state_dict[prefix + "bn.num_batches_tracked"] = torch.tensor(500)
+
+
+def test_a_counter_load_code_computes_is_refused_not_taken_for_the_norm_layers(
+    tmp_path: Path,
+) -> None:
+    # Guard: a first version of the fix above let any value into a missing counter
+    # through as the norm layer's own, and the plan put 0 where eager loads 500.
+    state = {k: v for k, v in _CounterFromHook().state_dict().items() if "num_batches" not in k}
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(state, path)
+    eager = _CounterFromHook()
+    eager.load_state_dict(safetensors.torch.load_file(path))
+    assert eager.bn.num_batches_tracked.item() == 500
+    model = lm.deferred_init(_CounterFromHook)
+    with pytest.raises(MetaTensorError, match=r"fills \['bn.num_batches_tracked'\] with values"):
+        lm.load_checkpoint(model, path)

@@ -38,6 +38,7 @@ def prepare_optimizer(
     device: torch.device,
     optimizer_factory: OptimizerFactory | None,
     zero_grad_before_forward: bool,
+    model: nn.Module | None = None,
 ) -> torch.optim.Optimizer | None:
     """Bring optimizer and gradients to their steady state: as after a previous step.
 
@@ -48,6 +49,7 @@ def prepare_optimizer(
         optimizer_factory: builds the optimizer; ``None`` for none.
         zero_grad_before_forward: drop the previous step's gradients now
             (``loop="plain"``) instead of after the forward pass.
+        model: the module estimated, to name its tensors in a refusal.
 
     Returns:
         The optimizer with its state created, or ``None``.
@@ -56,7 +58,7 @@ def prepare_optimizer(
     with mode:
         if optimizer_factory is not None and params:
             optimizer = optimizer_factory(params)
-            _check_built_over(optimizer, params, optimizer_factory)
+            _check_built_over(optimizer, params, optimizer_factory, model)
             _warm_up(optimizer, params, device)
             if zero_grad_before_forward:
                 optimizer.zero_grad(set_to_none=True)
@@ -70,16 +72,20 @@ def prepare_optimizer(
 
 
 def _check_built_over(
-    optimizer: object, params: list[nn.Parameter], factory: OptimizerFactory
+    optimizer: object,
+    params: list[nn.Parameter],
+    factory: OptimizerFactory,
+    model: nn.Module | None,
 ) -> None:
-    """Refuse an optimizer that is not built over the stand-ins it was given.
+    """Refuse an optimizer whose ``param_groups`` are not the stand-ins it was given.
 
     A factory that ignores its argument (``lambda p: model.configure_optimizers()``)
     returns an optimizer over the real parameters: its state would not be counted, and
     the simulated step would clear, or with weight decay change, the real tensors.
+    Only ``param_groups`` is read: tensors an optimizer keeps elsewhere are its own.
     """
-    # Duck typing, as Lightning's: an optimizer wrapper need not subclass Optimizer
-    # (torchao's CPUOffloadOptimizer), but it steps and has param_groups.
+    # Duck typing, as Lightning's: an optimizer wrapper need not subclass Optimizer,
+    # but it steps and has param_groups.
     groups = getattr(optimizer, "param_groups", None)
     if not callable(getattr(optimizer, "step", None)) or not isinstance(groups, list):
         raise ArgumentTypeError(
@@ -89,23 +95,30 @@ def _check_built_over(
             "torch.optim.AdamW(params, lr=1e-3)."
         )
     given = {id(p) for p in params}
-    held = [t for g in groups for t in g["params"]]
+    held = [t for g in groups if isinstance(g, dict) for t in g.get("params", ())]
     foreign = [t for t in held if id(t) not in given]
-    if foreign or not held:
+    if not foreign and held:
+        return
+    if foreign:
+        names = {id(t): n for n, t in model.named_parameters()} if model is not None else {}
+        first = foreign[0]
+        shown = names.get(id(first))
         what = (
             f"{len(foreign)} of its {len(held)} tensors are not among them (the first: "
-            f"{tuple(foreign[0].shape)} on {foreign[0].device})"
-            if foreign
-            else "it holds none of them"
+            + (f"the model's own {shown!r}" if shown else f"{tuple(first.shape)} on {first.device}")
+            + ")"
         )
-        raise ArgumentValueError(
-            f"estimate: optimizer {describe(factory)} was given the {len(params)} "
-            f"parameters estimate simulates, and {what}: it was built over other tensors "
-            "(the model's own, from configure_optimizers() or a closure), whose state "
-            "estimate cannot count and whose values its simulated step would change; "
-            "nothing was stepped. Fix: build the optimizer from the parameters the "
-            "callable receives, such as lambda params: torch.optim.AdamW(params, lr=1e-3)."
-        )
+    else:
+        what = "its param_groups hold none of them"
+    raise ArgumentValueError(
+        f"estimate: optimizer {describe(factory)} was given the {len(params)} "
+        f"parameters estimate simulates, and {what}: it was built over other tensors "
+        "(the model's own, from configure_optimizers() or a closure, or copies it made of "
+        "them, as an offloading wrapper does), whose state estimate cannot count and "
+        "whose values its simulated step would change; nothing was stepped. Fix: build "
+        "the optimizer from the parameters the callable receives, such as lambda params: "
+        "torch.optim.AdamW(params, lr=1e-3)."
+    )
 
 
 def _warm_up(

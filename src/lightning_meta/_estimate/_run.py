@@ -403,6 +403,7 @@ def simulate_step(
         device=device,
         optimizer_factory=optimizer_factory,
         zero_grad_before_forward=zero_grad_before_forward,
+        model=module,
     )
     watch = watch_step(
         state, args, kwargs, params, optimizer, record, block_prefix, device, values, rank, module

@@ -467,7 +467,7 @@ def trace_load(
     except Exception as e:
         # torch's own "size mismatch" is reported by the plan (missing, unexpected).
         if not (isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e)):
-            raise _refusal(
+            raise load_code_refusal(
                 module,
                 skeleton.fix,
                 where,
@@ -479,7 +479,7 @@ def trace_load(
         changed = sorted({p for p, _ in attrs})
         owners = [c for c in code if any(_under(p, c.path) for p in changed)] or code
         shown = ", ".join(f"{(p + '.') if p else ''}{a}" for p, a in attrs[:6])
-        raise _refusal(
+        raise load_code_refusal(
             module,
             skeleton.fix,
             where,
@@ -511,7 +511,7 @@ def trace_load(
             what.append(f"it changes the checkpoint's tensors {edited} in place")
         if partly:
             what.append(f"it writes into {partly} other than by copying a checkpoint tensor whole")
-        raise _refusal(
+        raise load_code_refusal(
             module,
             skeleton.fix,
             where,
@@ -527,7 +527,7 @@ def trace_load(
             continue  # not a tensor of the module (a temporary of the hook)
         source = key_of.get(id(src)) if isinstance(src, torch.Tensor) else None
         for path in _copied_at(paths, at, source, skeleton):
-            if source is None and _own_batch_counter(skeleton.module, path, local):
+            if source is None and _own_batch_counter(skeleton.module, path, src, local, state):
                 continue  # the plan fills it as the norm layer does (_fill_batch_counters)
             if source is None:
                 converted[path] = type(src).__name__
@@ -543,7 +543,7 @@ def trace_load(
     if converted or replaced:
         bad = sorted({*converted, *replaced})
         owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
-        raise _refusal(
+        raise load_code_refusal(
             module,
             skeleton.fix,
             where,
@@ -553,56 +553,38 @@ def trace_load(
             "file holds",
             paths=bad,
         )
-    _refuse_fan_out(module, code, where, skeleton, sources)
     return sources
 
 
-def _own_batch_counter(module: nn.Module, path: str, local: Mapping[str, Entry]) -> bool:
-    """Whether ``path`` is the ``num_batches_tracked`` a norm layer's own load code puts in
-    a state dict of an older version (or none) that lacks it: not a value load code
-    computes, but the counter the plan fills the same way."""
+def _own_batch_counter(
+    module: nn.Module, path: str, value: Any, local: Mapping[str, Entry], state: Any
+) -> bool:
+    """Whether ``value`` copied into ``path`` is the ``num_batches_tracked`` a norm layer's
+    own load code puts in a state dict of an older version (or none) that lacks it:
+    ``torch.tensor(0)`` where its counter is on meta, as the meta copy's is. Not a value
+    load code computes, but the counter the plan fills the same way
+    (``_fill_batch_counters``); any other value, or a file of version 2 or more, where the
+    layer puts nothing in, is load code's own and refused."""
     owner, _, name = path.rpartition(".")
     if name != "num_batches_tracked" or path in local:
+        return False
+    if not (
+        isinstance(value, torch.Tensor)
+        and not value.is_meta
+        and value.dtype == torch.long
+        and value.dim() == 0
+        and int(value) == 0
+    ):
+        return False
+    versions = getattr(state, "_metadata", None)
+    saved = versions.get(owner) if isinstance(versions, Mapping) else None
+    version = saved.get("version") if isinstance(saved, Mapping) else None
+    if isinstance(version, int) and version >= 2:
         return False
     try:
         return _compat.counts_batches(module.get_submodule(owner))
     except AttributeError:
         return False
-
-
-def _refuse_fan_out(
-    module: nn.Module,
-    code: list[LoadCode],
-    where: str,
-    skeleton: _Skeleton,
-    sources: dict[str, str],
-) -> None:
-    """Refuse load code that copies one checkpoint key into two tensors that are not tied.
-
-    The plan reads each key once into one tensor group: a pre-hook fanning a fused
-    ``qkv`` into two separate tensors would fill only one of them.
-    """
-    sid_of = {path: sid for sid, paths in skeleton.paths.items() for path in paths}
-    filled: dict[str, dict[int, str]] = {}
-    for path, key in sources.items():
-        sid = sid_of.get(path)
-        if sid is not None:
-            filled.setdefault(key, {}).setdefault(sid, path)
-    fanned = {key: sorted(by.values()) for key, by in filled.items() if len(by) > 1}
-    if not fanned:
-        return
-    bad = sorted(p for paths in fanned.values() for p in paths)
-    owners = [c for c in code if any(_under(p, c.path) for p in bad)] or code
-    shown = "; ".join(f"{key!r} into {paths}" for key, paths in sorted(fanned.items())[:4])
-    raise _refusal(
-        module,
-        skeleton.fix,
-        where,
-        owners,
-        f"it copies one checkpoint tensor into several tensors that are not tied ({shown}); "
-        "load_checkpoint fills each tensor group from a key of its own",
-        paths=bad,
-    )
 
 
 def _load_without_strict(module: nn.Module, state: Any) -> Any:
@@ -673,7 +655,7 @@ def describe_all(code: list[LoadCode], most: int = 4) -> str:
     return shown + (f"; and {len(code) - most} more" if len(code) > most else "")
 
 
-def _refusal(
+def load_code_refusal(
     module: nn.Module,
     fix: LoadFix,
     where: str,

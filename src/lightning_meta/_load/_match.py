@@ -25,6 +25,7 @@ from lightning_meta._load._hooks import (
     LoadFix,
     describe_all,
     load_code,
+    load_code_refusal,
     post_hooked,
     renamings_only,
     skeleton_of,
@@ -135,6 +136,8 @@ def plan_load(
         first = next(iter(clashed.values()))
         raise two_values_error(first, [k for k, f in clashed.items() if f == first])
     plan = make_plan(groups, source.entries, source.others, chosen, sources=sources)
+    if sources is not None:
+        _refuse_fan_out(module, code, where, fix, plan)
     plan.made = made
     plan.code = code
     plan.fix = fix
@@ -208,6 +211,38 @@ def _fill_batch_counters(module: nn.Module, source: Source, plan: Plan) -> None:
         if counter.is_meta and handle_of(counter) is None and group is not None:
             entry = source.supply(plan.prefix + shown, torch.tensor(0, dtype=torch.long))
             plan.load.append((group, entry))
+
+
+def _refuse_fan_out(
+    module: nn.Module, code: list[LoadCode], where: str, fix: LoadFix, plan: Plan
+) -> None:
+    """Refuse load code that copies one checkpoint key into two tensors that are not tied.
+
+    The load reads each key once, into one tensor group (tied names, ties made after
+    construction joined): a pre-hook fanning a fused key out to two separate tensors
+    would fill only one of them.
+    """
+    by_key: dict[str, list[Group]] = {}
+    for group, entry in plan.load:
+        by_key.setdefault(entry.key, []).append(group)
+    fanned = {
+        key[len(plan.prefix) :]: sorted(plan.display.get(n, n) for g in groups for n in g.names)
+        for key, groups in by_key.items()
+        if len({id(g) for g in groups}) > 1
+    }
+    if not fanned:
+        return
+    bad = sorted(p for paths in fanned.values() for p in paths)
+    shown = "; ".join(f"{key!r} into {paths}" for key, paths in sorted(fanned.items())[:4])
+    raise load_code_refusal(
+        module,
+        fix,
+        where,
+        code,
+        f"it copies one checkpoint tensor into several tensors that are not tied ({shown}); "
+        "load_checkpoint fills each tensor, with its tied names, from a key of its own",
+        paths=bad,
+    )
 
 
 def _local_versions(source: Source, prefix: str) -> Mapping[str, Any] | bool | None:
