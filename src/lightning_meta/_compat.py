@@ -1133,12 +1133,13 @@ def autograd_context_watch() -> Iterator[Callable[[], tuple[Any, ...]]]:
 
 
 def has_module_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward, forward-pre or backward hooks of its own.
+    """Whether ``module`` has forward, forward-pre or backward hooks of its own, or a
+    ``forward`` set on the instance (accelerate's ``add_hook_to_module`` wraps it so).
 
     Ensemble's batched paths compute a layer without calling it, so they
-    refuse such layers (their hooks would not run).
+    refuse such layers (their hooks, or that forward, would not run).
     """
-    return any(_hook_tables(module))
+    return "forward" in vars(module) or any(_hook_tables(module))
 
 
 def has_backward_hooks(module: nn.Module) -> bool:

@@ -399,6 +399,9 @@ def _compare_hooks(reference: Profile, other: Profile, index: int) -> list[tuple
 
 
 def _hook_names(mod: nn.Module, table: str) -> list[str]:
+    if table in _OWN_HOOKS:
+        own = vars(mod).get(_OWN_HOOKS[table])
+        return [] if own is None else [_callable_name(own)]
     hooks = module_hooks(mod)[table]
     return [_callable_name(h) for h in hooks.values()]
 
@@ -612,7 +615,16 @@ def _hook_tables(mod: nn.Module, member: _Member = _NOWHERE) -> dict[str, Any]:
             callable_key(h, member) for h in hooks["backward pre-hooks"].values()
         ],
     }
+    # A forward set on the instance and accelerate's hook object, which that forward
+    # (add_hook_to_module's) reads: the template runs member 0's for every member.
+    own = vars(mod)
+    for table, attr in _OWN_HOOKS.items():
+        tables[table] = [callable_key(own[attr], member)] if attr in own else []
     return tables
+
+
+# Hooks kept in a module's own attributes, by the name a message gives them.
+_OWN_HOOKS = {"a forward set on the instance": "forward", "an accelerate hook": "_hf_hook"}
 
 
 class TensorSetting:

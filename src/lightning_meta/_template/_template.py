@@ -128,18 +128,28 @@ def _keep_hook_objects(module: nn.Module, memo: dict[int, Any]) -> None:
     and a gate switched off on the original after the template was made still ran:
     0.81 off, before 2026-12-07 (third session). Kept, they run as for ``net(x)``, as a
     function hook does (deepcopy keeps functions as they are). One that reaches the
-    module is copied with it, so it refers to the template's modules.
+    module is copied with it, so it refers to the template's modules. So is accelerate's
+    hook object (``module._hf_hook``, which the ``forward`` ``add_hook_to_module`` sets
+    reads): a setting changed on ``net``'s hook reaches the template's call.
     """
     inside = {id(m) for m in module.modules()} | {id(t) for t in _tensors(module)}
     for sub in module.modules():
-        for name, table in hook_tables(sub).items():
-            if name.endswith(("_with_kwargs", "_always_called")):
-                continue  # flags, not hooks
-            for hook in table.values():
-                if isinstance(hook, types.FunctionType) or id(hook) in memo:
-                    continue
-                if _reaches_none_of(hook, inside):
-                    memo[id(hook)] = hook
+        hooks = [h for n, t in hook_tables(sub).items() if not _hook_flags(n) for h in t.values()]
+        hooks += [h for h in (vars(sub).get(_ACCELERATE_HOOK),) if h is not None]
+        for hook in hooks:
+            if isinstance(hook, types.FunctionType) or id(hook) in memo:
+                continue
+            if _reaches_none_of(hook, inside):
+                memo[id(hook)] = hook
+
+
+# The attribute accelerate's add_hook_to_module keeps its hook object in.
+_ACCELERATE_HOOK = "_hf_hook"
+
+
+def _hook_flags(table: str) -> bool:
+    """Whether ``table`` (a hook table's attribute name) holds flags, not hooks."""
+    return table.endswith(("_with_kwargs", "_always_called"))
 
 
 _CONTAINERS_WALKED = (dict, list, tuple, set, frozenset, collections.deque)
@@ -1428,6 +1438,7 @@ class MetaTemplate:
         groups, expected, integral = layout.names()
         problems: dict[str, str] = {}  # path -> what is wrong with it
         metas: dict[int, str] = {}
+        reshaped = []
         for names in groups:
             present = [n for n in names if n in given]
             if not present or (not tie_weights and len(present) < len(names)):
@@ -1456,6 +1467,7 @@ class MetaTemplate:
                 problems[name] = (
                     f"{name!r} has shape {_shape(value)}, expected {tuple(expected[name])}"
                 )
+                reshaped.append(name)
             elif name in integral and value.dtype != integral[name]:
                 problems[name] = (
                     f"{name!r} has dtype {value.dtype}, expected {integral[name]} (a buffer: "
@@ -1467,11 +1479,25 @@ class MetaTemplate:
                 metas[id(value)] = f"the mapping's {name!r}"
         if problems:
             lines = "\n  ".join(sorted(problems.values()))
+            source = given.source if isinstance(given, TemplateState) else None
+            if source is not None and len(reshaped) == len(problems):
+                # strict=False would not help: net's tensors are all there, in other shapes.
+                fix = (
+                    f"the {type(source).__name__} these come from (state_from(net)) was "
+                    "changed after the template was made (a tensor made again in another "
+                    "shape, as litgpt's max_seq_length setter does with its rotary cache). "
+                    "Fix: make the template again from the module as it is now "
+                    "(lm.MetaTemplate(net))."
+                )
+            else:
+                fix = (
+                    "Fix: pass one tensor per name in `template.shapes()` (under torch.vmap, "
+                    "the shape of one member), or call `template.functional_call(..., "
+                    "strict=False)`."
+                )
             raise MetaTensorError(
                 f"MetaTemplate({type(module).__name__}) was called with parameters and buffers "
-                f"that do not match it ({len(problems)} problem(s)):\n  {lines}\n"
-                "Fix: pass one tensor per name in `template.shapes()` (under torch.vmap, the "
-                "shape of one member), or call `template.functional_call(..., strict=False)`.",
+                f"that do not match it ({len(problems)} problem(s)):\n  {lines}\n{fix}",
                 paths=problems,
             )
         return metas
@@ -1855,7 +1881,7 @@ def _modes_of(
         raise MetaTensorError(
             f"MetaTemplate({type(named[0][1]).__name__}): the {type(source).__name__} given as "
             f"net (state_from(net), modes=net) was changed after the template was made: "
-            f"{listed} than the template's, so the call would not stand for net(x). Fix: "
+            f"{listed}, so the call would not stand for net(x). Fix: "
             "make the template again from the module as it is now "
             "(lm.MetaTemplate(net)), or change the module before making the template.",
             paths=[p for p, _ in altered],
@@ -1894,15 +1920,34 @@ def _altered(theirs: nn.Module, sub: nn.Module) -> str | None:
     those that recompute a weight (pruning, weight norm), and others only watch
     (ModelSummary's counters)."""
     sub = without_dynamo_wrappers(sub)
+    mine, given = _instance_forward(sub), _instance_forward(theirs)
+    if mine is not given:
+        # A hook library's forward (accelerate's add_hook_to_module) set or removed since:
+        # the template would run its own, without it or with it.
+        if mine is None:
+            return "has a forward set on the instance (as accelerate's add_hook_to_module sets)"
+        if given is None:
+            return "lost the forward the template's has set on the instance (a hook removed)"
+        return "has another forward set on the instance than the template's"
     if not isinstance(sub, _CONTAINERS):
         return None
     mine = [name for name, _ in sub.named_children()]
     if [name for name, _ in theirs.named_children()] != mine:
-        return "holds other modules"
+        return "holds other modules than the template's"
     return None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _instance_forward(module: nn.Module) -> Any:
+    """The code of a ``forward`` set on ``module`` itself (through partials and bound
+    methods: accelerate's ``functools.partial(new_forward, module)``), or ``None``."""
+    forward = vars(module).get("forward")
+    while isinstance(forward, functools.partial):
+        forward = forward.func
+    forward = getattr(forward, "__func__", forward)
+    return getattr(forward, "__code__", forward)
 
 
 def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
