@@ -1911,7 +1911,8 @@ def _modes_of(
 
 def _altered(theirs: nn.Module, sub: nn.Module) -> str | None:
     """How ``theirs`` differs from the template's ``sub`` beyond its code (``None``: it does
-    not): a container whose forward, or its parent's, runs every member in turn
+    not): a ``forward`` set on the instance or removed since (:func:`_moved_forward`), or
+    a container whose forward, or its parent's, runs every member in turn
     (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) holding other members, one
     appended after the template was made, which the template does not run (before
     2026-12-07 the call went on without it: 0.04 off for a Tanh appended to a
@@ -1920,15 +1921,10 @@ def _altered(theirs: nn.Module, sub: nn.Module) -> str | None:
     those that recompute a weight (pruning, weight norm), and others only watch
     (ModelSummary's counters)."""
     sub = without_dynamo_wrappers(sub)
-    mine, given = _instance_forward(sub), _instance_forward(theirs)
-    if mine is not given:
-        # A hook library's forward (accelerate's add_hook_to_module) set or removed since:
-        # the template would run its own, without it or with it.
-        if mine is None:
-            return "has a forward set on the instance (as accelerate's add_hook_to_module sets)"
-        if given is None:
-            return "lost the forward the template's has set on the instance (a hook removed)"
-        return "has another forward set on the instance than the template's"
+    if "forward" in sub.__dict__ or "forward" in theirs.__dict__:
+        moved = _moved_forward(_instance_forward(sub), _instance_forward(theirs))
+        if moved is not None:
+            return moved
     if not isinstance(sub, _CONTAINERS):
         return None
     mine = [name for name, _ in sub.named_children()]
@@ -1938,6 +1934,19 @@ def _altered(theirs: nn.Module, sub: nn.Module) -> str | None:
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _moved_forward(mine: Any, given: Any) -> str | None:
+    """How the code of a ``forward`` set on ``net``'s instance (``given``) differs from the
+    template's (``mine``): a hook library's (accelerate's ``add_hook_to_module``) set or
+    removed since, which the template would not run, or would run."""
+    if mine is given:
+        return None
+    if mine is None:
+        return "has a forward set on the instance (as accelerate's add_hook_to_module sets)"
+    if given is None:
+        return "lost the forward the template's has set on the instance (a hook removed)"
+    return "has another forward set on the instance than the template's"
 
 
 def _instance_forward(module: nn.Module) -> Any:
