@@ -448,7 +448,9 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
     if len(template) == 0:
         return Refusal("", "the template is an empty nn.Sequential")
     if has_module_hooks(template):
-        return Refusal("", "the template has hooks, which the fused path would not run")
+        return Refusal(
+            "", "the template has hooks or a forward of its own, which the fused path would not run"
+        )
     children = list(template.named_children())  # each module once, under its first name
     if len(template) != len(children):  # Sequential's own __len__: _own_methods above
         repeated = next((n for n, c in children if sum(m is c for m in template) > 1), None)
@@ -468,7 +470,8 @@ def plan_fused(template: nn.Module, randomness: str) -> FusedPlan | Refusal:
     for name, child in children:
         if has_module_hooks(child):
             return Refusal(
-                name, f"{_layer(name, child)} has hooks, which the fused path would not run"
+                name,
+                f"{_layer(name, child)} has hooks or a forward set on the instance, which the fused path would not run",
             )
         if type(child) is nn.Linear:
             weight = first.get(id(child.weight))

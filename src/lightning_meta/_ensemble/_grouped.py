@@ -1408,7 +1408,11 @@ def _trace(template: nn.Module, randomness: str) -> fx.Graph | Refusal:
     """Trace ``template`` and check every node against the rules."""
     for path, mod in template.named_modules():
         if has_module_hooks(mod):
-            return Refusal(path, f"{_describe(path, mod)} has hooks, which this plan would not run")
+            return Refusal(
+                path,
+                f"{_describe(path, mod)} has hooks or a forward set on the instance, which "
+                "this plan would not run",
+            )
         # torch.fx traces forward: a __call__ of the module's own would not run (a
         # subclass of nn.Sequential doubling its output ran grouped 0.87 off the members).
         called = [

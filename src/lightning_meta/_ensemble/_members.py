@@ -618,13 +618,30 @@ def _hook_tables(mod: nn.Module, member: _Member = _NOWHERE) -> dict[str, Any]:
     # A forward set on the instance and accelerate's hook object, which that forward
     # (add_hook_to_module's) reads: the template runs member 0's for every member.
     own = vars(mod)
-    for table, attr in _OWN_HOOKS.items():
-        tables[table] = [callable_key(own[attr], member)] if attr in own else []
+    forward, hook = own.get("forward"), own.get("_hf_hook")
+    tables["a forward set on the instance"] = (
+        [] if forward is None else [callable_key(forward, member)]
+    )
+    tables["an accelerate hook"] = [] if hook is None else [_accelerate_key(hook, member)]
     return tables
 
 
-# Hooks kept in a module's own attributes, by the name a message gives them.
+# Hooks kept in a module's own attributes (by the name a message gives them), and what
+# accelerate's hooks keep per module that is not what they compute: AlignDevicesHook keys
+# tied weights by their data_ptr(), which every member has its own of.
 _OWN_HOOKS = {"a forward set on the instance": "forward", "an accelerate hook": "_hf_hook"}
+_ACCELERATE_BOOKKEEPING = frozenset({"tied_params_map", "tied_pointers_to_remove"})
+
+
+def _accelerate_key(hook: Any, member: _Member, depth: int = 0) -> Any:
+    """:func:`callable_key` of an accelerate hook object (a ``SequentialHook``'s hooks one
+    by one), leaving out its per-module bookkeeping (``_ACCELERATE_BOOKKEEPING``)."""
+    inner = getattr(hook, "hooks", None)
+    if isinstance(inner, (list, tuple)) and depth < _DEPTH:
+        return ("hooks", type(hook), tuple(_accelerate_key(h, member, depth + 1) for h in inner))
+    state = vars(hook) if hasattr(hook, "__dict__") else {}
+    kept = {k: v for k, v in state.items() if k not in _ACCELERATE_BOOKKEEPING}
+    return ("callable", type(hook), _setting(kept, member, depth + 1))
 
 
 class TensorSetting:

@@ -47,7 +47,7 @@ from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
-from lightning_meta._settings import differs, plain_number
+from lightning_meta._settings import differs, plain_number, plain_value
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
@@ -297,6 +297,27 @@ def _contents(cell: Any) -> Any:
         return cell.cell_contents
     except ValueError:  # an empty cell (a variable assigned after the function)
         return None
+
+
+def _offloaded_ties(module: nn.Module) -> list[str]:
+    """Paths of the tied weights accelerate's hooks offload in ``module`` (an
+    ``AlignDevicesHook`` with ``offload`` and ``tied_params_names``, also inside a
+    ``SequentialHook``): a review of 2026-12-07 measured a template of a GPT-2 dispatched
+    with its tied head on disk 0.6 to 3e36 off ``net(x)``, without an error."""
+    found = []
+    for path, sub in module.named_modules():
+        pending = [vars(sub).get(_ACCELERATE_HOOK)]
+        while pending:
+            hook = pending.pop()
+            if hook is None:
+                continue
+            inner = getattr(hook, "hooks", None)
+            if isinstance(inner, (list, tuple)):
+                pending.extend(inner)
+            names = getattr(hook, "tied_params_names", None)
+            if getattr(hook, "offload", False) is True and names:
+                found += [f"{path}.{n}" if path else str(n) for n in sorted(names)]
+    return found
 
 
 def _foreign_forwards(copied: nn.Module) -> list[str]:
@@ -551,6 +572,17 @@ def to_meta(module: nn.Module) -> nn.Module:
             "(hook(module, args, output)), or close over the module itself, which the "
             "template points at its copy.",
             paths=[path for path, _ in hooked],
+        )
+    offloaded = _offloaded_ties(module)
+    if offloaded:
+        raise ArgumentValueError(
+            f"MetaTemplate({type(module).__name__}): accelerate offloads tied weights of "
+            f"{', '.join(offloaded)} (dispatch_model or a device_map offloading to 'cpu' or "
+            "'disk'): its hooks share those weights between modules by memory address, "
+            "which a template's copy cannot share, and its calls gave wrong values. Fix: "
+            "dispatch the model without offloading tied weights (the head on the device of "
+            "the embedding it is tied to), or call the module itself.",
+            paths=offloaded,
         )
     foreign = _foreign_forwards(copied)
     if foreign:
@@ -1880,9 +1912,9 @@ def _modes_of(
         listed = ", ".join(f"{p!r} {w}" if p else f"the root {w}" for p, w in altered)
         raise MetaTensorError(
             f"MetaTemplate({type(named[0][1]).__name__}): the {type(source).__name__} given as "
-            f"net (state_from(net), modes=net) was changed after the template was made: "
-            f"{listed}, so the call would not stand for net(x). Fix: "
-            "make the template again from the module as it is now "
+            f"net (state_from(net), modes=net) differs from the module the template was "
+            f"made from (changed since, or built otherwise): {listed}, so the call would not "
+            "stand for net(x). Fix: make the template again from the module as it is now "
             "(lm.MetaTemplate(net)), or change the module before making the template.",
             paths=[p for p, _ in altered],
         )
@@ -1937,10 +1969,11 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _moved_forward(mine: Any, given: Any) -> str | None:
-    """How the code of a ``forward`` set on ``net``'s instance (``given``) differs from the
-    template's (``mine``): a hook library's (accelerate's ``add_hook_to_module``) set or
-    removed since, which the template would not run, or would run."""
-    if mine is given:
+    """How a ``forward`` set on ``net``'s instance (``given``, :func:`_instance_forward`)
+    differs from the template's (``mine``): a hook library's (accelerate's
+    ``add_hook_to_module``) set or removed since, or another partial or closure put in,
+    which the template would not run."""
+    if mine == given:
         return None
     if mine is None:
         return "has a forward set on the instance (as accelerate's add_hook_to_module sets)"
@@ -1950,13 +1983,28 @@ def _moved_forward(mine: Any, given: Any) -> str | None:
 
 
 def _instance_forward(module: nn.Module) -> Any:
-    """The code of a ``forward`` set on ``module`` itself (through partials and bound
-    methods: accelerate's ``functools.partial(new_forward, module)``), or ``None``."""
+    """What decides what a ``forward`` set on ``module`` itself runs, compared with ``==``
+    (``None`` where none is set): the code of the function under partials and bound
+    methods (accelerate's ``functools.partial(new_forward, module)``) and the plain values
+    those hold (a partial's arguments, a closure's cells; other objects by their type,
+    since the template's copy holds its own)."""
     forward = vars(module).get("forward")
+    if forward is None:
+        return None
+    held: list[Any] = []
     while isinstance(forward, functools.partial):
+        held += [*forward.args, *sorted(forward.keywords.items())]
         forward = forward.func
-    forward = getattr(forward, "__func__", forward)
-    return getattr(forward, "__code__", forward)
+    if isinstance(forward, types.MethodType):
+        held.append(forward.__self__)
+        forward = forward.__func__
+    for cell in getattr(forward, "__closure__", None) or ():
+        try:
+            held.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            held.append(None)
+    code = getattr(forward, "__code__", forward)
+    return code, tuple((type(v), repr(v)) if plain_value(v) else type(v) for v in held)
 
 
 def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
