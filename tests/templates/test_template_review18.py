@@ -168,10 +168,54 @@ def test_a_model_whose_tied_head_accelerate_offloads_is_refused(tmp_path: Any) -
     net = transformers.GPT2LMHeadModel(config).eval()
     device_map = {"transformer": "cpu", "lm_head": "disk"}
     dispatch_model(net, device_map=device_map, offload_dir=str(tmp_path))
-    with pytest.raises(
-        lm.ArgumentValueError, match=r"accelerate offloads tied weights of lm_head.weight"
-    ):
+    with pytest.raises(lm.ArgumentValueError, match=r"offloads the tied weights lm_head.weight"):
         lm.MetaTemplate(net)
+
+
+def test_a_model_whose_tied_weights_are_offloaded_on_both_ends_runs(tmp_path: Any) -> None:
+    # Guard: a first version of the refusal above refused any offloaded tie; this ran
+    # exactly before it.
+    transformers = pytest.importorskip("transformers")
+    from accelerate import dispatch_model
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2, use_cache=False
+    )
+    net = transformers.GPT2LMHeadModel(config).eval()
+    device_map = {"transformer": "disk", "lm_head": "disk"}
+    dispatch_model(net, device_map=device_map, offload_dir=str(tmp_path))
+    template = lm.MetaTemplate(net)
+    ids = torch.randint(0, 100, (2, 7))
+    for _ in range(2):
+        assert torch.equal(template(template.state_from(net), ids).logits, net(ids).logits)
+
+
+class _Wrap:
+    def __init__(self, module: nn.Linear, scale: float) -> None:
+        self.module, self.scale = module, scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self.module, x * self.scale)
+
+
+def _counted(module: nn.Linear, calls: list[int], x: torch.Tensor) -> torch.Tensor:
+    calls.append(1)
+    return nn.Linear.forward(module, x)
+
+
+@pytest.mark.parametrize("kind", ["callable object", "partial over a list it appends to"])
+def test_a_forward_the_template_holds_a_copy_of_runs(kind: str) -> None:
+    # Guard: a first version compared what the forward holds by value, and the template's
+    # copy (of a callable object; of a list the forward appends to) never equals net's.
+    net = _net()
+    if kind == "callable object":
+        net[0].forward = _Wrap(net[0], 2.0)
+    else:
+        net[0].forward = functools.partial(_counted, net[0], [])
+    template = lm.MetaTemplate(net)
+    for _ in range(2):
+        assert torch.equal(template(template.state_from(net), X), net(X))
 
 
 def test_a_template_from_a_factory_names_a_hooked_net_as_built_otherwise() -> None:

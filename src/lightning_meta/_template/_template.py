@@ -47,7 +47,7 @@ from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
-from lightning_meta._settings import differs, plain_number, plain_value
+from lightning_meta._settings import differs, plain_number
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
@@ -300,24 +300,52 @@ def _contents(cell: Any) -> Any:
 
 
 def _offloaded_ties(module: nn.Module) -> list[str]:
-    """Paths of the tied weights accelerate's hooks offload in ``module`` (an
-    ``AlignDevicesHook`` with ``offload`` and ``tied_params_names``, also inside a
-    ``SequentialHook``): a review of 2026-12-07 measured a template of a GPT-2 dispatched
-    with its tied head on disk 0.6 to 3e36 off ``net(x)``, without an error."""
+    """Paths of the tied weights accelerate's hooks offload in ``module`` where the other
+    end of the tie is not offloaded (an ``AlignDevicesHook`` with ``offload`` and
+    ``tied_params_names``, also inside a ``SequentialHook``, on a module sharing that
+    weight with one kept on a device): a review of 2026-12-07 measured a template of a
+    GPT-2 dispatched with its tied head on disk and its embedding on the CPU 0.5 to 1e32
+    off ``net(x)``, without an error. Ties offloaded on both ends run exactly."""
+    owners: dict[int, list[nn.Module]] = {}
+    for sub in module.modules():
+        own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        for _, held in own:
+            owners.setdefault(id(held), []).append(sub)
     found = []
     for path, sub in module.named_modules():
-        pending = [vars(sub).get(_ACCELERATE_HOOK)]
-        while pending:
-            hook = pending.pop()
-            if hook is None:
-                continue
-            inner = getattr(hook, "hooks", None)
-            if isinstance(inner, (list, tuple)):
-                pending.extend(inner)
-            names = getattr(hook, "tied_params_names", None)
-            if getattr(hook, "offload", False) is True and names:
-                found += [f"{path}.{n}" if path else str(n) for n in sorted(names)]
+        for name in _offloaded_tied_names(sub):
+            others = [m for m in owners.get(id(getattr(sub, name, None)), []) if m is not sub]
+            if any(not _offloads(m) for m in others):
+                found.append(f"{path}.{name}" if path else name)
     return found
+
+
+def _accelerate_hooks(module: nn.Module) -> list[Any]:
+    """accelerate's hook objects on ``module`` (a ``SequentialHook``'s one by one)."""
+    found, pending = [], [vars(module).get(_ACCELERATE_HOOK)]
+    while pending:
+        hook = pending.pop()
+        if hook is None:
+            continue
+        inner = getattr(hook, "hooks", None)
+        if isinstance(inner, (list, tuple)):
+            pending.extend(inner)
+        else:
+            found.append(hook)
+    return found
+
+
+def _offloads(module: nn.Module) -> bool:
+    return any(getattr(h, "offload", False) is True for h in _accelerate_hooks(module))
+
+
+def _offloaded_tied_names(module: nn.Module) -> list[str]:
+    return sorted(
+        str(n)
+        for h in _accelerate_hooks(module)
+        if getattr(h, "offload", False) is True
+        for n in getattr(h, "tied_params_names", None) or ()
+    )
 
 
 def _foreign_forwards(copied: nn.Module) -> list[str]:
@@ -576,12 +604,13 @@ def to_meta(module: nn.Module) -> nn.Module:
     offloaded = _offloaded_ties(module)
     if offloaded:
         raise ArgumentValueError(
-            f"MetaTemplate({type(module).__name__}): accelerate offloads tied weights of "
-            f"{', '.join(offloaded)} (dispatch_model or a device_map offloading to 'cpu' or "
-            "'disk'): its hooks share those weights between modules by memory address, "
-            "which a template's copy cannot share, and its calls gave wrong values. Fix: "
-            "dispatch the model without offloading tied weights (the head on the device of "
-            "the embedding it is tied to), or call the module itself.",
+            f"MetaTemplate({type(module).__name__}): accelerate offloads the tied weights "
+            f"{', '.join(offloaded)} apart from the module they are tied to, which stays on "
+            "a device (dispatch_model or a device_map offloading to 'cpu' or 'disk'): its "
+            "hooks share such weights by memory address, which a template's copy cannot "
+            "share, and its calls gave wrong values. Fix: put both ends of the tie on one "
+            "device, or offload both (the head with the embedding it is tied to), or call "
+            "the module itself.",
             paths=offloaded,
         )
     foreign = _foreign_forwards(copied)
@@ -1985,9 +2014,10 @@ def _moved_forward(mine: Any, given: Any) -> str | None:
 def _instance_forward(module: nn.Module) -> Any:
     """What decides what a ``forward`` set on ``module`` itself runs, compared with ``==``
     (``None`` where none is set): the code of the function under partials and bound
-    methods (accelerate's ``functools.partial(new_forward, module)``) and the plain values
-    those hold (a partial's arguments, a closure's cells; other objects by their type,
-    since the template's copy holds its own)."""
+    methods (accelerate's ``functools.partial(new_forward, module)``; a callable object's
+    class) and the numbers and strings those hold (a partial's arguments, a closure's
+    cells). Anything else they hold is compared by its type: the template's copy holds a
+    copy of it, which a forward may change (a counter, a cache) or print otherwise."""
     forward = vars(module).get("forward")
     if forward is None:
         return None
@@ -2003,8 +2033,23 @@ def _instance_forward(module: nn.Module) -> Any:
             held.append(cell.cell_contents)
         except ValueError:  # an empty cell
             held.append(None)
-    code = getattr(forward, "__code__", forward)
-    return code, tuple((type(v), repr(v)) if plain_value(v) else type(v) for v in held)
+    code = forward.__code__ if isinstance(forward, types.FunctionType) else type(forward)
+    return code, tuple(_held_key(v) for v in held)
+
+
+_HELD_SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def _held_key(value: Any) -> Any:
+    """A value a forward holds, for :func:`_instance_forward`: a builtin number or string
+    (exact types, whose ``repr`` is safe and tells ``-0.0`` and NaN apart), or a tuple of
+    them, by type and ``repr``; anything else by its type alone."""
+    kind = type(value)
+    if kind in _HELD_SCALARS:
+        return kind, repr(value)
+    if kind is tuple and len(value) <= 64:
+        return kind, tuple(_held_key(v) for v in value)
+    return kind
 
 
 def _same_code(theirs: nn.Module, sub: nn.Module) -> bool:
