@@ -137,3 +137,32 @@ def test_an_optimizer_wrapper_that_is_no_subclass_is_counted() -> None:
     wrapped = lm.estimate(model, x, optimizer=lambda p: _Wrapper(torch.optim.AdamW(p)))
     plain = lm.estimate(model, x, optimizer=torch.optim.AdamW)
     assert wrapped.optimizer_state_bytes == plain.optimizer_state_bytes > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_tensor_learning_rate_on_cuda_steps_single_tensor_as_torch_picks() -> None:
+    # torch's default picks foreach on CUDA, but not for a tensor lr without capturable;
+    # the estimate's own default pick flipped it on, and the step was refused.
+    model = _Module()
+    x = torch.randn(4, 32)
+    as_tensor = lm.estimate(
+        model, x, device="cuda", optimizer=lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3))
+    )
+    assert as_tensor.optimizer_state_bytes > 0
+
+
+class _Master(torch.optim.Optimizer):
+    """Steps float32 copies of the parameters it is given (master weights)."""
+
+    def __init__(self, params: Any) -> None:
+        self.masters = [p.detach().float().clone() for p in params]
+        super().__init__(self.masters, {"lr": 1e-3})
+
+    def step(self, closure: Any = None) -> None:
+        return None
+
+
+def test_an_optimizer_over_copies_it_makes_is_refused_saying_so() -> None:
+    # Before: optimizer_state_bytes 0, without an error.
+    with pytest.raises(ArgumentValueError, match=r"tensors it made from them .*Fix: estimate with"):
+        lm.estimate(_Module(), torch.randn(4, 32), optimizer=_Master)

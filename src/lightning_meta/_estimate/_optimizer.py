@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_meta import _compat
 from lightning_meta._arguments import describe
-from lightning_meta._compat import FakeTensorMode
+from lightning_meta._compat import FakeTensor, FakeTensorMode
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._options import OptimizerFactory
 
@@ -99,6 +99,15 @@ def _check_built_over(
     foreign = [t for t in held if id(t) not in given]
     if not foreign and held:
         return
+    if foreign and all(isinstance(t, FakeTensor) for t in foreign):
+        raise ArgumentValueError(
+            f"estimate: optimizer {describe(factory)} was given the {len(params)} "
+            f"parameters estimate simulates, and {len(foreign)} of the {len(held)} tensors "
+            "its param_groups hold are tensors it made from them (float32 master copies, "
+            "say), whose memory estimate does not count as the optimizer's state. Fix: "
+            "estimate with the optimizer it wraps (such as optimizer='adamw') and add the "
+            "copies' size (4 bytes per parameter for float32 copies)."
+        )
     if foreign:
         names = {id(t): n for n, t in model.named_parameters()} if model is not None else {}
         first = foreign[0]
@@ -113,9 +122,10 @@ def _check_built_over(
     raise ArgumentValueError(
         f"estimate: optimizer {describe(factory)} was given the {len(params)} "
         f"parameters estimate simulates, and {what}: it was built over other tensors "
-        "(the model's own, from configure_optimizers() or a closure, or copies it made of "
-        "them, as an offloading wrapper does), whose state estimate cannot count and "
-        "whose values its simulated step would change; nothing was stepped. Fix: build "
+        "(the model's own, from configure_optimizers() or a closure, or copies made on "
+        "another device, as an offloading wrapper does), whose state estimate cannot "
+        "count and whose values its simulated step would change; nothing was stepped. "
+        "Fix: build "
         "the optimizer from the parameters the callable receives, such as lambda params: "
         "torch.optim.AdamW(params, lr=1e-3)."
     )
@@ -137,12 +147,14 @@ def _warm_up(
     real_default = device.type in supported
     chosen = []
     for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-            group["foreach"] = real_default
-        chosen.append(group.get("foreach"))
         # torch's foreach kernels refuse a tensor lr (or other hyperparameter) unless
-        # capturable: such a group warms up as it will step.
+        # capturable, and torch's default does not pick them then (adam's "Do not flip
+        # on foreach"): such a group warms up and steps single-tensor.
         held = any(isinstance(v, torch.Tensor) for k, v in group.items() if k != "params")
+        held = held and not group.get("capturable")
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = real_default and not held
+        chosen.append(group.get("foreach"))
         if "foreach" in group and not group.get("fused") and not held:
             group["foreach"] = True
     for p in params:
