@@ -77,6 +77,7 @@ from lightning_meta._compat import (
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = [
+    "ACCELERATE_HOOK",
     "MODULE_INTERNALS",
     "AttributeState",
     "StateWrittenError",
@@ -94,6 +95,9 @@ __all__ = [
 
 # nn.Module's own bookkeeping, and what torch.compile adds.
 MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+# The attribute accelerate's add_hook_to_module keeps its hook object in (the forward it
+# sets on the instance reads it there).
+ACCELERATE_HOOK = "_hf_hook"
 # Values noted as they are (an object of another kind may change in place).
 _IMMUTABLE_TYPES = (
     type(None),

@@ -155,9 +155,8 @@ def test_members_whose_accelerate_hooks_differ_only_in_tied_weight_bookkeeping_r
     assert torch.allclose(ensemble(X), expected, atol=1e-6)
 
 
-def test_a_model_whose_tied_head_accelerate_offloads_is_refused(tmp_path: Any) -> None:
-    # GPT-2 dispatched with its tied lm_head on disk: template calls were 0.6 to 3e36 off
-    # net(x), without an error (accelerate shares tied weights by memory address).
+def _dispatched_gpt2(tmp_path: Any, device_map: dict[str, str]) -> nn.Module:
+    """A tiny GPT-2 (its head tied to its embedding) dispatched by accelerate."""
     transformers = pytest.importorskip("transformers")
     from accelerate import dispatch_model
 
@@ -166,8 +165,14 @@ def test_a_model_whose_tied_head_accelerate_offloads_is_refused(tmp_path: Any) -
         vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2, use_cache=False
     )
     net = transformers.GPT2LMHeadModel(config).eval()
-    device_map = {"transformer": "cpu", "lm_head": "disk"}
     dispatch_model(net, device_map=device_map, offload_dir=str(tmp_path))
+    return net
+
+
+def test_a_model_whose_tied_head_accelerate_offloads_is_refused(tmp_path: Any) -> None:
+    # GPT-2 dispatched with its tied lm_head on disk: template calls were 0.6 to 3e36 off
+    # net(x), without an error (accelerate shares tied weights by memory address).
+    net = _dispatched_gpt2(tmp_path, {"transformer": "cpu", "lm_head": "disk"})
     with pytest.raises(lm.ArgumentValueError, match=r"offloads the tied weights lm_head.weight"):
         lm.MetaTemplate(net)
 
@@ -175,16 +180,7 @@ def test_a_model_whose_tied_head_accelerate_offloads_is_refused(tmp_path: Any) -
 def test_a_model_whose_tied_weights_are_offloaded_on_both_ends_runs(tmp_path: Any) -> None:
     # Guard: a first version of the refusal above refused any offloaded tie; this ran
     # exactly before it.
-    transformers = pytest.importorskip("transformers")
-    from accelerate import dispatch_model
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2, use_cache=False
-    )
-    net = transformers.GPT2LMHeadModel(config).eval()
-    device_map = {"transformer": "disk", "lm_head": "disk"}
-    dispatch_model(net, device_map=device_map, offload_dir=str(tmp_path))
+    net = _dispatched_gpt2(tmp_path, {"transformer": "disk", "lm_head": "disk"})
     template = lm.MetaTemplate(net)
     ids = torch.randint(0, 100, (2, 7))
     for _ in range(2):

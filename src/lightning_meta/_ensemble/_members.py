@@ -36,7 +36,7 @@ from lightning_meta._compat import (
     forward_hook_flags,
     module_hooks,
 )
-from lightning_meta._forward_state import MODULE_INTERNALS
+from lightning_meta._forward_state import ACCELERATE_HOOK, MODULE_INTERNALS
 from lightning_meta._settings import as_now, differs, plain_value
 from lightning_meta._slots import tie_groups
 from lightning_meta._watched import tensor_class
@@ -400,7 +400,7 @@ def _compare_hooks(reference: Profile, other: Profile, index: int) -> list[tuple
 
 def _hook_names(mod: nn.Module, table: str) -> list[str]:
     if table in _OWN_HOOKS:
-        own = vars(mod).get(_OWN_HOOKS[table])
+        own = vars(mod).get(_OWN_HOOKS[table][0])
         return [] if own is None else [_callable_name(own)]
     hooks = module_hooks(mod)[table]
     return [_callable_name(h) for h in hooks.values()]
@@ -618,18 +618,14 @@ def _hook_tables(mod: nn.Module, member: _Member = _NOWHERE) -> dict[str, Any]:
     # A forward set on the instance and accelerate's hook object, which that forward
     # (add_hook_to_module's) reads: the template runs member 0's for every member.
     own = vars(mod)
-    forward, hook = own.get("forward"), own.get("_hf_hook")
-    tables["a forward set on the instance"] = (
-        [] if forward is None else [callable_key(forward, member)]
-    )
-    tables["an accelerate hook"] = [] if hook is None else [_accelerate_key(hook, member)]
+    for table, (attr, key) in _OWN_HOOKS.items():
+        value = own.get(attr)
+        tables[table] = [] if value is None else [key(value, member)]
     return tables
 
 
-# Hooks kept in a module's own attributes (by the name a message gives them), and what
-# accelerate's hooks keep per module that is not what they compute: AlignDevicesHook keys
-# tied weights by their data_ptr(), which every member has its own of.
-_OWN_HOOKS = {"a forward set on the instance": "forward", "an accelerate hook": "_hf_hook"}
+# What accelerate's hooks keep per module that is not what they compute: AlignDevicesHook
+# keys tied weights by their data_ptr(), which every member has its own of.
 _ACCELERATE_BOOKKEEPING = frozenset({"tied_params_map", "tied_pointers_to_remove"})
 
 
@@ -642,6 +638,14 @@ def _accelerate_key(hook: Any, member: _Member, depth: int = 0) -> Any:
     state = vars(hook) if hasattr(hook, "__dict__") else {}
     kept = {k: v for k, v in state.items() if k not in _ACCELERATE_BOOKKEEPING}
     return ("callable", type(hook), _setting(kept, member, depth + 1))
+
+
+# Hooks kept in a module's own attributes, by the name a message gives them: the attribute
+# and how it is compared.
+_OWN_HOOKS: dict[str, tuple[str, Callable[[Any, _Member], Any]]] = {
+    "a forward set on the instance": ("forward", callable_key),
+    "an accelerate hook": (ACCELERATE_HOOK, _accelerate_key),
+}
 
 
 class TensorSetting:

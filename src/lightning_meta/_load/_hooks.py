@@ -37,7 +37,7 @@ from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred._handles import ITEMS_ATTR
 from lightning_meta._deferred._load_hooks import OWN_HOOKS
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._load._source import Entry, Source
+from lightning_meta._load._source import Entry, Source, norm_fills_counter
 from lightning_meta._slots import HANDLES_ATTR, children, iter_slots
 from lightning_meta._watched import tensor_class
 
@@ -576,10 +576,7 @@ def _own_batch_counter(
         and int(value) == 0
     ):
         return False
-    versions = getattr(state, "_metadata", None)
-    saved = versions.get(owner) if isinstance(versions, Mapping) else None
-    version = saved.get("version") if isinstance(saved, Mapping) else None
-    if isinstance(version, int) and version >= 2:
+    if not norm_fills_counter(getattr(state, "_metadata", None), owner):
         return False
     try:
         return _compat.counts_batches(module.get_submodule(owner))

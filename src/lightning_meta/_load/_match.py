@@ -32,7 +32,13 @@ from lightning_meta._load._hooks import (
     trace_load,
     unwrapped_name,
 )
-from lightning_meta._load._source import DENSE, Entry, Source, two_values_error
+from lightning_meta._load._source import (
+    DENSE,
+    Entry,
+    Source,
+    norm_fills_counter,
+    two_values_error,
+)
 from lightning_meta._slots import Slot, iter_slots, tie_groups
 
 __all__ = [
@@ -201,9 +207,9 @@ def _fill_batch_counters(module: nn.Module, source: Source, plan: Plan) -> None:
         shown = plan.display.get(name, name)
         if shown not in plan.missing:
             continue
-        local = (source.versions or {}).get(plan.prefix + path if path else plan.prefix[:-1])
-        version = local.get("version") if isinstance(local, dict) else None
-        if isinstance(version, int) and version >= 2:
+        if not norm_fills_counter(
+            source.versions, plan.prefix + path if path else plan.prefix[:-1]
+        ):
             continue
         plan.missing.remove(shown)
         counter = mod.num_batches_tracked

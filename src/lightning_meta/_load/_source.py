@@ -432,6 +432,15 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     return source
 
 
+def norm_fills_counter(versions: Any, path: str) -> bool:
+    """Whether a norm layer at ``path`` puts its own ``num_batches_tracked`` into a state
+    dict saved with ``versions`` (a ``_metadata``) that lacks it, as torch's ``_NormBase``
+    does for a version below 2 or none recorded."""
+    entry = versions.get(path) if isinstance(versions, Mapping) else None
+    version = entry.get("version") if isinstance(entry, Mapping) else None
+    return not (isinstance(version, int) and version >= 2)
+
+
 def saved_versions(state: Any) -> dict[str, Any] | None:
     """The ``_metadata`` of ``state`` and of every mapping nested in it, by module path
     from ``state``'s root: ``{"model": model.state_dict()}`` (``fabric.save``, a training

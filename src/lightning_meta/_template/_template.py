@@ -46,7 +46,13 @@ from lightning_meta._compat import (
 from lightning_meta._deferred._functions import value_in_block
 from lightning_meta._deferred._handles import handle_of
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
-from lightning_meta._forward_state import MODULE_INTERNALS, AttributeState, owned_by, watched
+from lightning_meta._forward_state import (
+    ACCELERATE_HOOK,
+    MODULE_INTERNALS,
+    AttributeState,
+    owned_by,
+    watched,
+)
 from lightning_meta._settings import differs, plain_number
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
@@ -135,16 +141,12 @@ def _keep_hook_objects(module: nn.Module, memo: dict[int, Any]) -> None:
     inside = {id(m) for m in module.modules()} | {id(t) for t in _tensors(module)}
     for sub in module.modules():
         hooks = [h for n, t in hook_tables(sub).items() if not _hook_flags(n) for h in t.values()]
-        hooks += [h for h in (vars(sub).get(_ACCELERATE_HOOK),) if h is not None]
+        hooks += [h for h in (vars(sub).get(ACCELERATE_HOOK),) if h is not None]
         for hook in hooks:
             if isinstance(hook, types.FunctionType) or id(hook) in memo:
                 continue
             if _reaches_none_of(hook, inside):
                 memo[id(hook)] = hook
-
-
-# The attribute accelerate's add_hook_to_module keeps its hook object in.
-_ACCELERATE_HOOK = "_hf_hook"
 
 
 def _hook_flags(table: str) -> bool:
@@ -322,7 +324,7 @@ def _offloaded_ties(module: nn.Module) -> list[str]:
 
 def _accelerate_hooks(module: nn.Module) -> list[Any]:
     """accelerate's hook objects on ``module`` (a ``SequentialHook``'s one by one)."""
-    found, pending = [], [vars(module).get(_ACCELERATE_HOOK)]
+    found, pending = [], [vars(module).get(ACCELERATE_HOOK)]
     while pending:
         hook = pending.pop()
         if hook is None:
