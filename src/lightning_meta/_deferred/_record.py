@@ -251,6 +251,11 @@ class Record:
         # given other memory since: a cast of its module (teacher.double() sets
         # param.data), or .data assigned; its version counter counts neither.
         self.places: dict[int, Place] = {}
+        # The constants torch.tensor([...]) made in the block (through lift_fresh),
+        # which only the record holds: model code writes into what it lifted
+        # (nn.init.constant_(nn.Parameter(torch.tensor([1.0, 1.0])))), so a replay
+        # lifts a copy, leaving the record's own for the next replay.
+        self.fresh: set[int] = set()
         self.streams: list[Stream] = []
         self.states: dict[str, dict[int, torch.Tensor]] = {}
         self.ends: dict[str, torch.Tensor] = {}
@@ -356,6 +361,7 @@ class Record:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("ambient", [])  # pickled before settings were noted
         state.setdefault("ahead", {})
+        state.setdefault("fresh", set())
         state.setdefault("numpy_homes", {})
         state.setdefault("outer_meta", any(s.device.type == "meta" for s in state["streams"]))
         state.setdefault("inference", False)

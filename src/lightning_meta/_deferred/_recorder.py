@@ -77,6 +77,9 @@ _UNTAGGED_RANDOM = frozenset({"aten.random_", "aten.random"})
 _KEEPABLE = RANDOM_FILLS
 _INIT_FILE = torch.nn.init.__file__
 _IS_SET_TO = torch.ops.aten.is_set_to.default
+# ATen namespaces of torch.distributed's collectives (c10d.scatter_, _c10d_functional.*).
+_COLLECTIVES = ("c10d.", "_c10d_functional.", "c10d_functional.")
+_LIFT_FRESH = "aten.lift_fresh.default"  # what torch.tensor([...]) ends with
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
 # Ops that only check values and raise eager's error (torch.linalg.cholesky of a matrix that
 # is not positive-definite, inv of a singular one): the fake mode does not check, and with no
@@ -108,6 +111,8 @@ class _OpInfo:
     keepable: bool  # an in-place draw of ``_KEEPABLE``: fills ``self`` and returns it
     fill: bool  # ``zero_`` or ``fill_`` with a number: fills ``self`` and returns it
     sets_storage: bool  # ``set_`` onto a storage: how torch.load rebuilds a tensor
+    collective: bool  # an op of torch.distributed (refused: see __torch_dispatch__)
+    lifts: bool  # ``lift_fresh``: what torch.tensor([...]) ends with
     func: Any
 
 
@@ -122,8 +127,19 @@ def _info(func: Any) -> _OpInfo:
     fill = name in _FILLS and writes == ((0, "self"),)
     converts = name == "aten._to_copy.default"
     sets_storage = base == "aten.set_" and "Storage" in name
+    collective = name.startswith(_COLLECTIVES)
     return _OpInfo(
-        name, writes, random, returns_tensor, converts, keepable, fill, sets_storage, func
+        name,
+        writes,
+        random,
+        returns_tensor,
+        converts,
+        keepable,
+        fill,
+        sets_storage,
+        collective,
+        name == _LIFT_FRESH,
+        func,
     )
 
 
@@ -640,6 +656,20 @@ class Recorder(RecordingDispatchMode):
         if self._arrays:
             self._log_array_writes(args, kwargs)
         info = _info(func)
+        if info.collective:
+            # The Work object of c10d.scatter_ was refused as a TorchScript object
+            # (quantize's message); a functional collective would be replayed by one
+            # rank alone at materialize, waiting for the others.
+            raise self.values.error(
+                info.name,
+                None,
+                "runs a collective (distribute_tensor, parallelize_module or fully_shard "
+                "inside the block, or the model's own torch.distributed call), which a "
+                "replay on one rank cannot run",
+                "shard after the block: fully_shard / parallelize_module the deferred model, "
+                "then lightning_meta.materialize(model) gives every rank eager's shard; or "
+                "make the model's own collective after materialize",
+            )
         if torch.is_inference_mode_enabled() and not self.record.inference:
             raise self.values.error(
                 info.name,
@@ -695,7 +725,13 @@ class Recorder(RecordingDispatchMode):
             self.record.ambient.append((len(self.record.ops), ambient))
             self._settings = settings
             self.lineage.fills_empty = ambient.fills_empty
-        call = self._log_arguments(info, args, kwargs)
+        if info.lifts:
+            captured = len(self.record.constants)
+            call = self._log_arguments(info, args, kwargs)
+            if len(self.record.constants) > captured:
+                self._note_fresh(call, args)
+        else:
+            call = self._log_arguments(info, args, kwargs)
         if call.writes and self.record.constants:
             # Before the fake mode runs it: on a real tensor, out= and set_
             # raise torch's own AssertionError there.
@@ -761,6 +797,27 @@ class Recorder(RecordingDispatchMode):
         self._pending = None
         return out
 
+    def _note_fresh(self, call: _Call, args: tuple[Any, ...]) -> None:
+        """Note the constant that ``lift_fresh`` just captured as the block's own, if it is.
+
+        ``torch.tensor([...])`` (and ``torch.LongTensor(list)``, ``torch.as_tensor(list)``)
+        copies its data into new memory that nothing else holds before lifting it;
+        memory of numpy's or another library's (``torch.as_tensor(array)``,
+        ``torch.from_dlpack``) is borrowed: not resizable, and it stays a constant
+        captured from outside, whose writes are refused.
+        """
+        t = args[0] if len(args) == 1 else None
+        if (
+            type(t) is torch.Tensor
+            and len(call.reads) == 1
+            and call.reads[0] in self.record.constants
+            and self.record.constants[call.reads[0]][0] is t
+            and not t.is_meta
+            and t.layout == torch.strided
+            and t.untyped_storage().resizable()
+        ):
+            self.record.fresh.add(call.reads[0])
+
     def _refuse_constant_writes(self, info: _OpInfo, call: _Call) -> None:
         """Refuse a write into a real tensor captured from outside the block, or into a view
         of one (``table[0] = 5.0``: the fake mode's view of it has a storage of its own)."""
@@ -772,15 +829,15 @@ class Recorder(RecordingDispatchMode):
                     # The fake mode's memo: the copy its ops on the tensor use. Held,
                     # so its storage id is not reused by another while recording.
                     fake = aliases[vid] = self.fake.from_tensor(constants[vid][0])
-                    if not constants[vid][0].is_meta:
+                    if not constants[vid][0].is_meta and vid not in self.record.fresh:
                         cdatas.add(_compat.storage_id(fake.untyped_storage()))
         for vid in call.writes:
             # A meta tensor holds no values to change (torch.tensor(0, device="meta"), as
             # nn.BatchNorm1d(8, device="meta") makes its counter, which its zero_() was
             # refused for before 2026-12-07, third session): it stays meta, as eagerly.
-            if (vid in constants and not constants[vid][0].is_meta) or (
-                self.values.cdata_of(vid) in cdatas
-            ):
+            if (
+                vid in constants and not constants[vid][0].is_meta and vid not in self.record.fresh
+            ) or (self.values.cdata_of(vid) in cdatas):
                 raise self.values.error(
                     info.name,
                     None,

@@ -451,7 +451,12 @@ def _execute(
                         meta.size, meta.stride, dtype=meta.dtype, device=_out_device(op, remap)
                     )
             continue
-        if op.name == _DETACH and i not in scratch and len(op.args) == 1:
+        if op.name == _LIFT_FRESH and i not in scratch and op.reads[0] in record.fresh:
+            # torch.tensor([...])'s own memory, which model code may write into next:
+            # a copy, so that the record's constant stays as captured for another
+            # replay (the one-element case wrote into it, and the next replay refused).
+            out = fetch(op.reads[0]).clone()
+        elif op.name == _DETACH and i not in scratch and len(op.args) == 1:
             # nn.Parameter(t) records one per parameter: Tensor.detach() is the
             # same op, without the generic argument binding and dispatch.
             out = fetch(op.reads[0]).detach()
@@ -599,6 +604,7 @@ def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) ->
 
 
 _DETACH = "aten.detach.default"
+_LIFT_FRESH = "aten.lift_fresh.default"
 
 # Argument types replayed as logged (never a Ref, a GenRef, a sequence or a device).
 _LITERAL = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.layout})

@@ -44,6 +44,15 @@ def _uncapturable(t: torch.Tensor) -> tuple[str, str] | None:
             "nested tensor's components (t.unbind()) or a padded tensor "
             "(t.to_padded_tensor(0.0)) into the block",
         )
+    if _compat.is_dtensor(t):
+        return (
+            f"reads a {type(t).__name__} (a sharded tensor: made by fully_shard, "
+            "parallelize_module or distribute_tensor inside the block, or captured from "
+            f"outside it), {cannot}",
+            "shard after the block: fully_shard / parallelize_module the deferred model, then "
+            "lightning_meta.materialize(model) gives every rank eager's shard (a DTensor from "
+            "outside the block: pass t.full_tensor(), or t.to_local() for this rank's shard)",
+        )
     if _compat.wrapper_subclass(t):
         return (
             f"reads a {type(t).__name__} {outside} (a tensor around others, such as a "
