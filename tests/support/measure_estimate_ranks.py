@@ -83,16 +83,30 @@ class TinyLM(nn.Module):
     """A Llama-shaped decoder: embedding, blocks of attention and gated MLP, norm, head."""
 
     def __init__(
-        self, dim: int = 256, heads: int = 8, hidden: int = 512, vocab: int = 1024, layers: int = 4
+        self,
+        dim: int = 256,
+        heads: int = 8,
+        hidden: int = 512,
+        vocab: int = 1024,
+        layers: int = 4,
+        tables: int = 0,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
+        # ``tables`` > 0: two fixed (tables, dim) feature tables held as buffers, which
+        # DDP broadcasts before every forward (the review of 2026-12-07, fourth session)
+        self.tables = tables
+        if tables:
+            self.register_buffer("table_a", torch.zeros(tables, dim))
+            self.register_buffer("table_b", torch.zeros(tables, dim))
         self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
+        if self.tables:
+            x = x + self.table_a[ids] + self.table_b[ids]
         for block in self.blocks:
             x = block(x)
         out: torch.Tensor = self.head(self.norm(x))

@@ -307,8 +307,29 @@ def layout_of(module: nn.Module, parallel: Parallel) -> Layout:
                         paths=[alias, pname],
                     )
                 local[alias] = shape
+    if parallel.strategy == "ddp" and not any(p.requires_grad for p in module.parameters()):
+        raise ArgumentValueError(
+            f"estimate: {type(module).__name__} has no parameter that requires a gradient, "
+            'which DistributedDataParallel refuses to wrap ("DistributedDataParallel is not '
+            "needed when a module doesn't have any parameter that requires a gradient\"). "
+            "Fix: estimate without a strategy (each rank would hold the whole model: the "
+            "one-process figure is a rank's), or leave some parameters trainable."
+        )
     units: list[Unit] = []
     if parallel.strategy == "fsdp":
+        scalars = [n for n, p in module.named_parameters() if p.dim() == 0]
+        if scalars:
+            # fully_shard raises for them at setup: a rank estimate would be of a run
+            # that cannot start (CLIP's logit_scale is one).
+            raise ArgumentValueError(
+                f"estimate: {scalars} {'is a' if len(scalars) == 1 else 'are'} 0-dim "
+                f"parameter{'' if len(scalars) == 1 else 's'}, which fully_shard refuses "
+                '("fully_shard doesn\'t support scalar parameters"). Fix: make '
+                f"{'it' if len(scalars) == 1 else 'each'} a 1-D tensor of one element "
+                "(nn.Parameter(torch.tensor([value]))), as torch says, or estimate with "
+                "strategy='ddp'.",
+                paths=scalars,
+            )
         owner: dict[int, Unit] = {}
         units = [Unit(b, module.get_submodule(b)) for b in blocks] + [Unit("", module)]
         for unit in units:  # a parameter belongs to the innermost unit that holds it: blocks first

@@ -8,7 +8,11 @@ the moments it allocates them. What each strategy holds, per rank:
 * **DDP** (``DistributedDataParallel`` as Lightning's ``DDPStrategy`` wraps
   it): the whole model, its gradients and optimizer state, and the gradient
   buckets (one flat buffer per dtype, as large as the gradients; with
-  ``gradient_as_bucket_view`` the gradients are views into them).
+  ``gradient_as_bucket_view`` the gradients are views into them). Before
+  every forward, DDP broadcasts the model's buffers from rank 0
+  (``broadcast_buffers=True``, DDP's and Lightning's default) through
+  ``torch.distributed._broadcast_coalesced``, which copies them into one flat
+  tensor per bucket while the broadcast runs (:func:`buffer_sync_bytes`).
 * **FSDP2** (``fully_shard`` on every block, then on the root, as in
   Lightning's ``ModelParallelStrategy`` and torchtitan): each parameter's
   padded dim-0 shard, the same shards of gradients and optimizer state, and
@@ -33,6 +37,7 @@ the moments it allocates them. What each strategy holds, per rank:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +51,51 @@ from lightning_meta._estimate._layout import Layout, shard_rows
 from lightning_meta._estimate._track import LiveBytes
 
 __all__ = ["RankStep"]
+
+
+# DistributedDataParallel's broadcast_bucket_size, and how many of its buffer
+# broadcasts torch.distributed._broadcast_coalesced keeps in flight
+# (torch/csrc/distributed/c10d/comm.cpp: max_in_flight).
+_BROADCAST_BUCKET = 250 * 1024 * 1024
+_IN_FLIGHT = 2
+
+
+def buffer_sync_bytes(buffers: list[torch.Tensor]) -> int:
+    """Return the most bytes DDP's buffer broadcast holds at once, besides the buffers.
+
+    ``_broadcast_coalesced`` groups the tensors by dtype and device into
+    buckets of ``broadcast_bucket_size`` (a bucket closes once it reaches the
+    size), flattens each bucket into a new tensor (one contiguous tensor is
+    broadcast as it is: no copy), and keeps two buckets in flight, copying a
+    bucket back and freeing it before the third starts.
+
+    Example::
+
+        >>> buffer_sync_bytes([torch.zeros(1024), torch.zeros(1024)])  # one flat copy
+        8192
+        >>> buffer_sync_bytes([torch.zeros(1024)])
+        0
+    """
+    buckets: list[list[int]] = []
+    open_: dict[tuple[torch.dtype, torch.device], tuple[list[int], list[int]]] = {}
+    for i, t in enumerate(buffers):
+        indices, size = open_.setdefault((t.dtype, t.device), ([], [0]))
+        indices.append(i)
+        size[0] += t.numel() * t.element_size()
+        if size[0] >= _BROADCAST_BUCKET:
+            buckets.append(list(indices))
+            del open_[(t.dtype, t.device)]
+    buckets.extend(indices for indices, _ in open_.values())
+    buckets.sort(key=min)
+    flats = [
+        0
+        if len(b) == 1 and buffers[b[0]].is_contiguous()
+        else sum(buffers[i].numel() * buffers[i].element_size() for i in b)
+        for b in buckets
+    ]
+    return max(
+        (sum(flats[max(0, k - _IN_FLIGHT + 1) : k + 1]) for k in range(len(flats))), default=0
+    )
 
 
 def _floating(t: torch.Tensor) -> bool:
@@ -185,6 +235,8 @@ class RankStep:
         self._calls: list[tuple[str, str, int, int]] = []
         self._buckets: list[torch.Tensor] = []
         self._fsdp: FSDP2 | None = None
+        #: the stand-ins of the model's buffers, in DDP's order (its broadcast before a forward)
+        self.buffers = [self.state[name] for name, _ in module.named_buffers()]
 
     # -- persistent buffers
     def setup(self, mode: FakeTensorMode, tracker: LiveBytes) -> None:
@@ -239,9 +291,29 @@ class RankStep:
                 self._fsdp = self._make_fsdp(modules, tracker)
                 for u in self._fsdp.units:
                     stack.enter_context(unit_hooks(self._fsdp, u, root=u.unit.name == ""))
-            elif self.parallel.gradient_as_bucket_view:
-                stack.enter_context(self._bucket_views())
+            else:
+                if self.parallel.gradient_as_bucket_view:
+                    stack.enter_context(self._bucket_views())
+                stack.enter_context(self._buffer_sync(tracker))
             yield self
+
+    @contextlib.contextmanager
+    def _buffer_sync(self, tracker: LiveBytes) -> Iterator[None]:
+        """DDP: count the flat copies of its buffer broadcast when the root's forward starts,
+        before any hook of the model's own (DDP's forward runs it before the module's)."""
+        nbytes = buffer_sync_bytes(self.buffers)
+        if not nbytes:
+            yield
+            return
+
+        def sync(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            tracker.momentary(nbytes, "communication")
+
+        handle = self._module.register_forward_pre_hook(sync, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def block_count(self, prefix: str) -> int | None:
         """Return how many blocks the container named by the counter's ``prefix`` holds now."""
@@ -383,6 +455,15 @@ def _tensor_parallel(
             h.remove()
 
 
+# the arguments of transformers' blocks that carry a cache (GradientCheckpointingLayer's)
+_CACHES = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _is_transformers_object(value: object) -> bool:
+    """Whether ``value`` is an object of a transformers class (a ``Cache``, a block)."""
+    return value is not None and type(value).__module__.startswith("transformers.")
+
+
 @contextlib.contextmanager
 def _checkpointed(block: nn.Module, modules_tracker: Any = None) -> Iterator[None]:
     """Run ``block``'s forward under non-reentrant activation checkpointing for the body.
@@ -405,14 +486,42 @@ def _checkpointed(block: nn.Module, modules_tracker: Any = None) -> Iterator[Non
             parents.clear()
             parents.update(saved)
 
+    try:
+        signature: inspect.Signature | None = inspect.signature(inner)
+    except (TypeError, ValueError):
+        signature = None
+    from_transformers = _is_transformers_object(block)
+    # the name of its **kwargs, where the cache can also arrive
+    extra = next(
+        (
+            p.name
+            for p in (signature.parameters.values() if signature else ())
+            if p.kind is p.VAR_KEYWORD
+        ),
+        "",
+    )
+
     def forward(*args: Any, **kwargs: Any) -> Any:
-        # a cache the block appends to would grow again when recomputed: dropped,
-        # as transformers' GradientCheckpointingLayer drops it
-        for key in ("past_key_value", "past_key_values"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = None
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
+        # A cache the block appends to would grow again when recomputed: dropped,
+        # as transformers' GradientCheckpointingLayer drops it; found by name also
+        # where the model passes it by position (GPT-2's blocks get
+        # past_key_values second: the recomputation failed, "different metadata").
+        try:
+            bound = signature.bind_partial(*args, **kwargs) if signature is not None else None
+        except TypeError:
+            bound = None
+        named = [bound.arguments, bound.arguments.get(extra, {})] if bound is not None else [kwargs]
+        changed = False
+        for given in named:
+            for key in _CACHES:
+                # transformers' Cache objects only: a tensor under such a name (a learned
+                # prefix) is an input the recomputation needs, not a cache
+                if _is_transformers_object(given.get(key)):
+                    given[key], changed = None, True
+            if given.get("use_cache") and from_transformers:
+                given["use_cache"], changed = False, True
+        if changed and bound is not None:
+            args, kwargs = bound.args, bound.kwargs
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     block.forward = forward  # type: ignore[method-assign]

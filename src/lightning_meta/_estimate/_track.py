@@ -145,22 +145,24 @@ class LiveBytes(TorchDispatchMode):
             if best is None or self.total > best[0]:
                 self.window_peaks[window] = (self.total, dict(self.current))
 
-    def momentary(self, nbytes: int) -> None:
-        """Count ``nbytes`` that a kernel allocates and frees inside itself, on top of what is live."""
+    def momentary(self, nbytes: int, category: str | None = None) -> None:
+        """Count ``nbytes`` that a kernel (or a collective) allocates and frees inside itself,
+        on top of what is live, as ``category`` (default: :attr:`allocate_as`)."""
         if nbytes <= 0:
             return
+        cat = category or self.allocate_as
         total = self.total + nbytes
         if total > self.peak:
             self.peak = total
             self.peak_breakdown = dict(self.current)
-            self.peak_breakdown[self.allocate_as] += nbytes
+            self.peak_breakdown[cat] += nbytes
             self.peak_phase = self.phase
         if self.where is not None:
             window = f"{self.phase}|{self.where()}"
             best = self.window_peaks.get(window)
             if best is None or total > best[0]:
                 breakdown = dict(self.current)
-                breakdown[self.allocate_as] += nbytes
+                breakdown[cat] += nbytes
                 self.window_peaks[window] = (total, breakdown)
 
     def ignore(self, t: torch.Tensor) -> None:
