@@ -13,15 +13,19 @@ When it acts, in ``Trainer._run`` order:
    ``teardown``. Lightning offers no callback hook between ``configure_model``
    and the strategy's device transfer, so this is the one place to act.
 2. Right before the strategy's ``setup`` (or before a ``ckpt_path`` restore
-   that comes earlier): refuses meta parameters and buffers that were never
-   deferred, naming each path, then materializes the deferred ones on the
+   that comes earlier): refuses meta tensors other callbacks hold (copies of
+   the weights taken in their ``setup``), and meta parameters and buffers
+   that were never deferred, naming each path, then materializes the deferred ones on the
    root device (shard by shard after ``fully_shard``); for ``strategy="fsdp"``
    hands torch's FSDP a ``param_init_fn`` that replays each unit as it is
    wrapped. Lightning's own ``to_empty()`` + ``reset_parameters()`` then finds
    nothing left to do. Deferred modules held by other callbacks and by the
    ``LightningDataModule`` are materialized on the CPU, where eager
-   construction leaves them.
-3. ``on_fit_start``: refuses meta tensors in the optimizers.
+   construction leaves them; meta tensors ``save_hyperparameters`` kept are
+   refused.
+3. ``on_fit_start``: refuses meta tensors in the optimizers. ``on_train_start``
+   (and the validation, test and predict starts): materializes on the CPU the
+   deferred modules the datasets of the stage's dataloaders hold.
 4. ``on_save_checkpoint``: refuses meta tensors in the checkpoint (they would
    also make ``load_from_checkpoint`` move the model to meta).
 5. The strategy's ``teardown`` and the ``teardown`` / ``on_exception`` hooks
@@ -34,10 +38,11 @@ When it acts, in ``Trainer._run`` order:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,12 +57,18 @@ from lightning_meta._deferred._handles import deferred_slots
 from lightning_meta._deferred._materialize import materialize
 from lightning_meta._deferred._reach import MAX_ITEMS, held_modules
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._guard._find import MetaFinding, explain, find_meta_tensors
+from lightning_meta._guard._find import (
+    MetaFinding,
+    explain,
+    find_meta_tensors,
+    find_meta_tensors_beside,
+)
 from lightning_meta._guard._materialize import (
     HYPERPARAMETERS,
     deepspeed_refusal,
     fsdp_param_init_fn,
     materialize_model,
+    refuse_hyperparameters,
     refuse_left,
     refuse_strays,
 )
@@ -244,6 +255,19 @@ class MetaGuard(Callback):
                 "The optimizer cannot step them.",
             )
 
+    # Lightning sets up a stage's dataloaders just before its start hook.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._datasets(trainer.train_dataloader, "train_dataloader", pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._datasets(trainer.val_dataloaders, "val_dataloaders", pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._datasets(trainer.test_dataloaders, "test_dataloaders", pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._datasets(trainer.predict_dataloaders, "predict_dataloaders", pl_module)
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -322,6 +346,7 @@ class MetaGuard(Callback):
         strategy = trainer.strategy
         device = strategy.root_device
         name = type(module).__name__
+        self._refuse_callback_copies(trainer, module)
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -353,6 +378,61 @@ class MetaGuard(Callback):
         self._prepared = True
         if not _is_fsdp1(strategy):  # torch's FSDP materializes inside the strategy's setup
             refuse_left(module, name)
+            refuse_hyperparameters(module, name)
+
+    def _refuse_callback_copies(self, trainer: pl.Trainer, module: nn.Module) -> None:
+        """Refuse plain meta tensors that other callbacks copied from the deferred model.
+
+        Lightning runs every callback's ``setup`` before the strategy's, where
+        MetaGuard materializes: a copy of the weights taken there
+        (``{k: p.detach().clone()}``, cast or not: an EMA's or L2-SP's
+        snapshot) is a meta tensor no record fills, where eager construction
+        gives a real copy; a CPU op reading it (``w.sub_(snapshot)``) computes
+        nothing and raises nothing. Such a copy is told as a tensor a callback
+        holds outside any module (in an attribute, a container or a plain
+        object) with the shape of one of the model's deferred tensors. A module
+        a callback holds on meta on purpose (a teacher it fills later, a model
+        for ``measure_flops``, the template in the copy ``StochasticWeightAveraging``
+        makes) is left alone, as are deferred modules the callbacks deep-copy,
+        which are materialized (:meth:`_copies`).
+        """
+        others = [cb for cb in trainer.callbacks if cb is not self and vars(cb)]  # type: ignore[attr-defined]
+        shapes = {s.tensor.shape for s in deferred_slots(module)} if others else set()
+        if not shapes:
+            return
+        found = find_meta_tensors_beside(
+            module,
+            {
+                str(i): {
+                    # (not a table of data: a deque of a million tensors holds no copy)
+                    name: value
+                    for name, value in vars(cb).items()
+                    if not isinstance(value, _SIZED) or len(value) <= MAX_ITEMS
+                }
+                for i, cb in enumerate(others)
+            },
+        )
+        for i, callback in enumerate(others):
+            held = [
+                dataclasses.replace(f, path=f.path.split(".", 1)[1].replace(".<tensor>", ""))
+                for f in found[str(i)]
+                if f.kind in ("tensor", "attribute")
+                and not f.deferred
+                and torch.Size(f.shape) in shapes
+            ]
+            if held:
+                owner = type(callback).__name__
+                raise MetaTensorError(
+                    f"The callback {owner} holds {_count(held)} with the shapes of "
+                    f"{type(module).__name__}'s deferred tensors ({_paths(held)}): copies "
+                    f"taken before MetaGuard materialized the model (in {owner}.setup, which "
+                    "Lightning runs before the strategy's setup), which no record fills. Eager "
+                    "construction gives real copies there; a CPU op reading a meta tensor "
+                    f"computes nothing and raises nothing. Fix: take the copies in "
+                    f"{owner}.on_fit_start (or later), after MetaGuard has materialized the "
+                    "model; hold a shape as a torch.Size, not as a meta tensor.",
+                    paths=[f.path for f in held],
+                )
 
     def _copies(self, trainer: pl.Trainer, tree: set[int]) -> None:
         """Materialize the copies of the model other callbacks made in their ``setup``.
@@ -400,6 +480,25 @@ class MetaGuard(Callback):
                 "materializes).",
                 left=True,
             )
+
+    def _datasets(self, loaders: Any, name: str, module: nn.Module) -> None:
+        """Materialize on the CPU the deferred modules the datasets of ``loaders`` hold.
+
+        Dataloaders passed to ``fit`` (or ``validate``, ``test``, ``predict``)
+        without a datamodule: a frozen feature extractor of the model's block
+        used in ``Dataset.__getitem__`` gets eager's values where eager
+        construction leaves it, on the CPU, as a datamodule's does (before
+        2026-12-07, fourth session: torch's "Cannot copy out of meta tensor"
+        when the batch moved).
+        """
+        tree = {id(m) for m in module.modules()}
+        for path, loader in _loaders(loaders, name):
+            dataset = getattr(loader, "dataset", None)
+            attributes = getattr(dataset, "__dict__", None)
+            if isinstance(dataset, nn.Module):
+                attributes = {"": dataset}
+            if attributes:
+                self._held({f"{path}.dataset.{k}": v for k, v in attributes.items()}, tree)
 
     def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
         """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
@@ -587,6 +686,22 @@ def _is_fsdp1(strategy: Any) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
     return isinstance(strategy, FSDPStrategy)
+
+
+_SIZED = (list, tuple, dict, set, frozenset, collections.deque)
+
+
+def _loaders(loaders: Any, path: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """The dataloaders of a stage as Lightning returns them (one, or a list, tuple or dict of
+    them), with their paths."""
+    if isinstance(loaders, dict) and depth < 2:
+        for key, value in loaders.items():
+            yield from _loaders(value, f"{path}[{key!r}]", depth + 1)
+    elif isinstance(loaders, (list, tuple)) and depth < 2:
+        for i, value in enumerate(loaders):
+            yield from _loaders(value, f"{path}[{i}]", depth + 1)
+    elif loaders is not None:
+        yield path, loaders
 
 
 def _deferred_ids(module: nn.Module) -> list[int]:

@@ -225,6 +225,23 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     return found
 
 
+def find_meta_tensors_beside(
+    module: nn.Module, others: dict[str, Any]
+) -> dict[str, list[MetaFinding]]:
+    """Return, by name, the meta tensors each of ``others`` reaches outside ``module``'s tree.
+
+    The modules of ``module``'s tree are passed over, so that an object holding
+    the model (a callback's bound ``log`` method, ``log.__self__``) is not reported
+    as holding the model's tensors. Each tensor is reported once, under the first of
+    ``others`` that reaches it. A bounded search (no trace back past the bounds).
+    """
+    walker = _Walker()
+    walker.tree = {id(m) for m in module.modules()}
+    walker.seen.update(walker.tree)
+    walker.once = True
+    return {name: list(walker.walk(value, name)) for name, value in others.items()}
+
+
 def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
     """Raise if any meta tensor (other than a template) is reachable from ``obj``.
 
@@ -311,9 +328,13 @@ class _Walker:
         self.targets: set[int] | None = None
         self.tick = 0
         self.visits = 0
+        # Report each tensor once, across walks (see find_meta_tensors_beside).
+        self.once = False
 
     def _report(self, t: torch.Tensor) -> bool:
         if self.targets is not None and id(t) not in self.targets:
+            return False
+        if self.once and id(t) in self.tensors:
             return False
         self.tensors.add(id(t))
         return True

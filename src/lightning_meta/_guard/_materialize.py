@@ -178,6 +178,34 @@ def refuse_left(
     raise explain(left, name, "\n".join(lines), left=True)
 
 
+def refuse_hyperparameters(module: nn.Module, owner: str) -> None:
+    """Raise :class:`MetaTensorError` for meta tensors ``save_hyperparameters`` kept.
+
+    Left out of :func:`refuse_left` (a checkpoint's copy, never a layer's), but a
+    forward may compute with them (``x @ self.hparams.proj``: uninitialised memory
+    on the CPU), and every checkpoint would save them: refused before the first
+    step, as ``lightning-meta check`` reports them.
+    """
+    kept = {name: vars(module)[name] for name in sorted(HYPERPARAMETERS) if name in vars(module)}
+    found = [
+        f
+        for f in (find_meta_tensors(kept) if kept else [])
+        # a module's own (a template passed to __init__ and saved with the rest) is
+        # computed with through torch.func, not read: the checkpoint's save refuses it
+        if f.kind in ("tensor", "attribute")
+    ]
+    if found:
+        raise MetaTensorError(
+            f"{owner} holds {len(found)} meta tensor{'s' if len(found) != 1 else ''} in its "
+            f"hyperparameters ({', '.join(repr(f.path) for f in found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}), which hold no data: a forward reading them "
+            "(self.hparams....) computes with uninitialised memory on the CPU, and every "
+            "checkpoint would save them. Fix: pass a real tensor to save_hyperparameters, or "
+            "leave it out (save_hyperparameters(ignore=[...])).",
+            paths=[f.path for f in found],
+        )
+
+
 def _why_left(root: nn.Module, path: str) -> tuple[str, str] | None:
     """Why materialize did not reach the deferred tensor at ``path``, and the call that fills it.
 
