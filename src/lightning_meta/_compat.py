@@ -1462,6 +1462,24 @@ def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str
     return found
 
 
+def transformers_unsaved(module: nn.Module) -> set[str]:
+    """The names of ``module.state_dict()`` that transformers' ``save_pretrained`` leaves out
+    of its files on purpose: each transformers model's ``_keys_to_ignore_on_save`` (exact
+    keys, as ``save_pretrained`` deletes them: Marian's sinusoidal positions), under the
+    model's path in ``module``; ``set()`` where ``module`` holds no transformers model.
+    Checked on transformers 4.57 and 5.3.
+    """
+    found: set[str] = set()
+    for path, sub in module.named_modules():
+        if not type(sub).__module__.startswith("transformers."):
+            continue
+        keys = getattr(sub, "_keys_to_ignore_on_save", None)
+        if isinstance(keys, (list, tuple, set)):
+            prefix = f"{path}." if path else ""
+            found.update(prefix + k for k in keys if isinstance(k, str))
+    return found
+
+
 def unwrapped(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor under every ``torch.func`` transform's wrapper of ``tensor`` (a vmapped
     stacked parameter: the stacked parameter itself).

@@ -643,7 +643,12 @@ def mismatch_error(
             "values are tensors."
         )
         return MetaTensorError("\n".join(lines), paths=list(plan.not_tensors))
-    if not strict or not (plan.missing or plan.unexpected or plan.mismatched):
+    # What transformers' save_pretrained leaves out on purpose (Marian's sinusoidal
+    # positions), which its from_pretrained does not ask the file for either: left as
+    # built (a deferred model's replayed), and listed in the report as missing.
+    unsaved = _compat.transformers_unsaved(module) if plan.missing else set()
+    missing = [n for n in plan.missing if n not in unsaved]
+    if not strict or not (missing or plan.unexpected or plan.mismatched):
         return None
     if plan.mismatched:
         lines.append(f"  shape mismatch ({len(plan.mismatched)}):")
@@ -652,9 +657,9 @@ def mismatch_error(
             for n, m, c in plan.mismatched
         ]
     unexpected_local = [u[len(plan.prefix) :] for u in plan.unexpected]
-    if plan.missing:
-        lines.append(f"  missing from the checkpoint ({len(plan.missing)}):")
-        lines += [f"    {n!r}{_close(n, unexpected_local)}" for n in plan.missing]
+    if missing:
+        lines.append(f"  missing from the checkpoint ({len(missing)}):")
+        lines += [f"    {n!r}{_close(n, unexpected_local)}" for n in missing]
     if plan.unexpected:
         lines.append(f"  unexpected in the checkpoint ({len(plan.unexpected)}):")
         lines += [
