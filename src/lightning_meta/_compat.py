@@ -1456,7 +1456,12 @@ def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str
     for conversion in conversions:
         sources = list(getattr(conversion, "source_patterns", ()))
         targets = list(getattr(conversion, "target_patterns", ()))
+        # globs (Mixtral's "experts.*.w1") and regular expressions (RT-DETRv2's
+        # "layers.(\d+).fc1", which the glob reading never matched)
         patterns = [re.compile(re.escape(p).replace(r"\*", r"[^.]+")) for p in sources]
+        for p in sources:
+            with contextlib.suppress(re.error):
+                patterns.append(re.compile(p))
         if any(p.search(k) for p in patterns for k in keys):
             found.append(" + ".join(map(repr, sources)) + " -> " + " + ".join(map(repr, targets)))
     return found

@@ -119,16 +119,16 @@ def test_a_callbacks_copy_of_the_deferred_weights_in_setup_is_refused_before_the
 
 
 class _OnMetaOnPurpose(Callback):
-    """What a first version of the check refused: a teacher built on meta and filled in
+    """What first versions of the check refused: a teacher built on meta and filled in
     on_fit_start, a model and an input on meta for measure_flops (Lightning's recipe),
-    a shape-only probe of no deferred tensor's shape."""
+    a probe; the input and the probe of the shapes of deferred weights (16 x 6, 16)."""
 
     def __init__(self) -> None:
         with torch.device("meta"):
             self.teacher = _net()
             self.flops_model = _net()
-            self.flops_input = torch.randn(8, 6)
-        self.probe = torch.empty(7, device="meta")
+            self.flops_input = torch.randn(16, 6)
+        self.probe = torch.empty(16, device="meta")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning.fabric.utilities.throughput import measure_flops
@@ -153,6 +153,14 @@ def test_modules_a_callback_holds_on_meta_on_purpose_are_left_alone() -> None:
     # SWA deep-copies the model with its templates in setup
     swa = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
     _fit(_Templates(deferred=True), [lm.MetaGuard(), swa], steps=6)
+
+
+def test_a_meta_tensor_of_a_callback_listed_before_metaguard_is_refused_naming_the_order() -> None:
+    # its setup ran before MetaGuard's: nothing tells its own meta input from a copy
+    with pytest.raises(lm.MetaTensorError, match=r"The callback _OnMetaOnPurpose holds 2") as e:
+        _fit(_Model(deferred=True), [_OnMetaOnPurpose(), lm.MetaGuard()])
+    assert "listed before _OnMetaOnPurpose" in str(e.value)
+    assert set(e.value.paths) == {"flops_input", "probe"}
 
 
 @pytest.mark.parametrize("guard_first", [True, False])
@@ -246,7 +254,8 @@ class _Head(L.LightningModule):
 
 
 def test_a_deferred_module_a_dataset_holds_without_a_datamodule_is_materialized_as_eager() -> None:
-    # passed straight to fit: torch's "Cannot copy out of meta tensor" before
+    # passed straight to fit: torch's "Cannot copy out of meta tensor" before (in the
+    # first batch's transfer, or in a worker)
     losses = []
     for deferred in (False, True):
         torch.manual_seed(0)
@@ -261,7 +270,13 @@ def test_a_deferred_module_a_dataset_holds_without_a_datamodule_is_materialized_
             features, head = build()
         ids = torch.randint(0, 50, (32, 3))
         model = _Head(head)
-        train = DataLoader(_Features(features, ids), batch_size=8)
+        # workers start before the stage's first hook; the dataset is wrapped (a later
+        # version of the fix materialized at on_train_start, too late for both)
+        train = DataLoader(
+            torch.utils.data.Subset(_Features(features, ids), range(32)),
+            batch_size=8,
+            num_workers=2,
+        )
         val = DataLoader(_Features(features, ids[:8]), batch_size=8)
         L.Trainer(
             max_epochs=1,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,14 +49,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.utils.data import Dataset
 
 from lightning_meta import _compat
 from lightning_meta._arguments import check_flag
-from lightning_meta._deferred._handles import deferred_slots
+from lightning_meta._deferred._handles import deferred_slots, deferred_tensors
 from lightning_meta._deferred._materialize import materialize
-from lightning_meta._deferred._reach import MAX_ITEMS, held_modules
+from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS, held_modules
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import (
     MetaFinding,
@@ -165,6 +168,8 @@ class MetaGuard(Callback):
         self._prepared = False
         self._running = False
         self._refusal: tuple[MetaTensorError, BaseException] | None = None
+        # the meta tensors later callbacks held when this setup ran (their own), by id
+        self._own_meta: dict[int, torch.Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer before any run starts; nothing of a
@@ -177,6 +182,7 @@ class MetaGuard(Callback):
             "_prepared": False,
             "_running": False,
             "_refusal": None,
+            "_own_meta": {},
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -197,6 +203,7 @@ class MetaGuard(Callback):
             )
         self._running = True
         self._refusal = None
+        self._own_meta = self._callback_meta(trainer, pl_module)
         _refuse_deepspeed(trainer.strategy, type(pl_module).__name__)
         self._prepared = False
         self._sharded = False
@@ -346,7 +353,10 @@ class MetaGuard(Callback):
         strategy = trainer.strategy
         device = strategy.root_device
         name = type(module).__name__
-        self._refuse_callback_copies(trainer, module)
+        try:
+            self._refuse_callback_copies(trainer, module)
+        finally:
+            self._own_meta = {}
         if _is_fsdp1(strategy):
             refuse_strays(module, name)
             self._install_param_init_fn(strategy, device)
@@ -375,10 +385,54 @@ class MetaGuard(Callback):
         self._copies(trainer, tree)
         if trainer.datamodule is not None:  # type: ignore[attr-defined]
             self._datamodule(trainer.datamodule, tree, check=not _is_fsdp1(strategy))  # type: ignore[attr-defined]
+        for loaders_name, loaders in _given_loaders(trainer):
+            self._datasets(loaders, loaders_name, module)
         self._prepared = True
         if not _is_fsdp1(strategy):  # torch's FSDP materializes inside the strategy's setup
             refuse_left(module, name)
             refuse_hyperparameters(module, name)
+
+    def _callback_found(
+        self, trainer: pl.Trainer, module: nn.Module
+    ) -> list[tuple[Callback, list[tuple[MetaFinding, torch.Tensor | None]]]]:
+        """The meta tensors every other callback holds outside ``module``, with the tensors."""
+        others = [cb for cb in trainer.callbacks if cb is not self and vars(cb)]  # type: ignore[attr-defined]
+        if not others:
+            return []
+        found = find_meta_tensors_beside(
+            module,
+            {
+                str(i): {
+                    # (not a table of data: a deque of a million tensors holds no copy;
+                    # a dict of a large model's copies is searched)
+                    name: value
+                    for name, value in vars(cb).items()
+                    if not isinstance(value, _SIZED) or len(value) <= _CALLBACK_ITEMS
+                }
+                for i, cb in enumerate(others)
+            },
+        )
+        return [(cb, found[str(i)]) for i, cb in enumerate(others)]
+
+    def _callback_meta(self, trainer: pl.Trainer, module: nn.Module) -> dict[int, torch.Tensor]:
+        """The meta tensors the callbacks whose ``setup`` has not run yet hold now, by id: made
+        in their ``__init__`` (on purpose, as eager runs hold them), not copied in ``setup``.
+        Held until the model is prepared, so that no copy made since takes one's id."""
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        later = (
+            {id(cb) for cb in callbacks[callbacks.index(self) + 1 :]}
+            if self in callbacks
+            else set()
+        )
+        if not later:
+            return {}
+        return {
+            id(t): t
+            for cb, found in self._callback_found(trainer, module)
+            if id(cb) in later
+            for f, t in found
+            if t is not None and _copy_like(f)
+        }
 
     def _refuse_callback_copies(self, trainer: pl.Trainer, module: nn.Module) -> None:
         """Refuse plain meta tensors that other callbacks copied from the deferred model.
@@ -386,51 +440,48 @@ class MetaGuard(Callback):
         Lightning runs every callback's ``setup`` before the strategy's, where
         MetaGuard materializes: a copy of the weights taken there
         (``{k: p.detach().clone()}``, cast or not: an EMA's or L2-SP's
-        snapshot) is a meta tensor no record fills, where eager construction
-        gives a real copy; a CPU op reading it (``w.sub_(snapshot)``) computes
-        nothing and raises nothing. Such a copy is told as a tensor a callback
-        holds outside any module (in an attribute, a container or a plain
-        object) with the shape of one of the model's deferred tensors. A module
-        a callback holds on meta on purpose (a teacher it fills later, a model
-        for ``measure_flops``, the template in the copy ``StochasticWeightAveraging``
-        makes) is left alone, as are deferred modules the callbacks deep-copy,
-        which are materialized (:meth:`_copies`).
+        snapshot; ``torch.ones_like(p)`` masks) is a meta tensor no record
+        fills, where eager construction gives a real one; a CPU op reading it
+        (``w.sub_(snapshot)``) computes nothing and raises nothing. Such a copy
+        is told as a tensor a callback holds outside any module (in an
+        attribute, a container or a plain object) with the shape of one of the
+        model's deferred tensors, and that it did not hold yet when MetaGuard's
+        own ``setup`` ran (a meta input for ``measure_flops`` made in the
+        callback's ``__init__`` is its own). A module a callback holds on meta
+        on purpose (a teacher it fills later, a model for ``measure_flops``, the
+        templates in the copy ``StochasticWeightAveraging`` makes) is left
+        alone, as are deferred modules the callbacks deep-copy, which are
+        materialized (:meth:`_copies`).
         """
-        others = [cb for cb in trainer.callbacks if cb is not self and vars(cb)]  # type: ignore[attr-defined]
-        shapes = {s.tensor.shape for s in deferred_slots(module)} if others else set()
-        if not shapes:
-            return
-        found = find_meta_tensors_beside(
-            module,
-            {
-                str(i): {
-                    # (not a table of data: a deque of a million tensors holds no copy)
-                    name: value
-                    for name, value in vars(cb).items()
-                    if not isinstance(value, _SIZED) or len(value) <= MAX_ITEMS
-                }
-                for i, cb in enumerate(others)
-            },
+        candidates = [
+            (callback, [f for f, t in found if _copy_like(f) and id(t) not in self._own_meta])
+            for callback, found in self._callback_found(trainer, module)
+        ]
+        # (the model's deferred tensors are walked only where a callback holds a candidate)
+        shapes = (
+            {s.tensor.shape for s in deferred_slots(module)}
+            if any(fs for _, fs in candidates)
+            else set()
         )
-        for i, callback in enumerate(others):
+        for callback, fs in candidates:
             held = [
                 dataclasses.replace(f, path=f.path.split(".", 1)[1].replace(".<tensor>", ""))
-                for f in found[str(i)]
-                if f.kind in ("tensor", "attribute")
-                and not f.deferred
-                and torch.Size(f.shape) in shapes
+                for f in fs
+                if torch.Size(f.shape) in shapes
             ]
             if held:
                 owner = type(callback).__name__
                 raise MetaTensorError(
                     f"The callback {owner} holds {_count(held)} with the shapes of "
-                    f"{type(module).__name__}'s deferred tensors ({_paths(held)}): copies "
-                    f"taken before MetaGuard materialized the model (in {owner}.setup, which "
-                    "Lightning runs before the strategy's setup), which no record fills. Eager "
-                    "construction gives real copies there; a CPU op reading a meta tensor "
-                    f"computes nothing and raises nothing. Fix: take the copies in "
-                    f"{owner}.on_fit_start (or later), after MetaGuard has materialized the "
-                    "model; hold a shape as a torch.Size, not as a meta tensor.",
+                    f"{type(module).__name__}'s deferred tensors ({_paths(held)}), made from "
+                    f"them before MetaGuard materialized the model (in {owner}.setup, which "
+                    "Lightning runs before the strategy's setup, or before MetaGuard's own "
+                    "setup), which no record fills. Eager construction gives real tensors "
+                    "there; a CPU op reading a meta tensor computes nothing and raises nothing. "
+                    f"Fix: make them in {owner}.on_fit_start (or later), after MetaGuard has "
+                    f"materialized the model; a meta tensor {owner} makes in its __init__ on "
+                    f"purpose is its own where MetaGuard is listed before {owner} in "
+                    "Trainer(callbacks=...).",
                     paths=[f.path for f in held],
                 )
 
@@ -489,16 +540,21 @@ class MetaGuard(Callback):
         used in ``Dataset.__getitem__`` gets eager's values where eager
         construction leaves it, on the CPU, as a datamodule's does (before
         2026-12-07, fourth session: torch's "Cannot copy out of meta tensor"
-        when the batch moved).
+        when the batch moved). Run when the model is prepared, before Lightning
+        starts the loaders' workers (:func:`_given_loaders`), and again when a
+        stage starts, for loaders a ``*_dataloader()`` hook built since.
         """
+        if not deferred_tensors():  # (a dataset's walk is not free: skipped once all is real)
+            return
         tree = {id(m) for m in module.modules()}
         for path, loader in _loaders(loaders, name):
             dataset = getattr(loader, "dataset", None)
-            attributes = getattr(dataset, "__dict__", None)
-            if isinstance(dataset, nn.Module):
-                attributes = {"": dataset}
-            if attributes:
-                self._held({f"{path}.dataset.{k}": v for k, v in attributes.items()}, tree)
+            if dataset is None:
+                continue
+            for name_, value in _dataset_attributes(dataset, f"{path}.dataset"):
+                for _, held in _modules_in(value, name_):
+                    if id(held) not in tree and deferred_slots(held):
+                        materialize(held, allow_uninitialized=self.allow_uninitialized)
 
     def _held(self, attributes: dict[str, Any], tree: set[int]) -> None:
         """Materialize on the CPU the deferred modules outside the model ``attributes`` hold."""
@@ -689,19 +745,107 @@ def _is_fsdp1(strategy: Any) -> bool:
 
 
 _SIZED = (list, tuple, dict, set, frozenset, collections.deque)
+# The most items of a container a callback holds that are searched for copies of the weights.
+_CALLBACK_ITEMS = 100_000
+
+
+def _copy_like(found: MetaFinding) -> bool:
+    """Whether a meta tensor a callback holds may be a copy of a deferred one: held outside
+    any module (a module's own parameters and buffers are on meta on purpose), not deferred."""
+    return found.kind in ("tensor", "attribute") and not found.deferred
+
+
+def _given_loaders(trainer: pl.Trainer) -> list[tuple[str, Any]]:
+    """The dataloaders given to this run's entry point (``fit``'s train and val loaders,
+    ``validate``'s, ``test``'s, ``predict``'s), as Lightning's loops hold them from the
+    call on, before they start any worker; not a datamodule or a module, whose hooks
+    build them later. Reads each loop's ``_data_source.instance`` (private to Lightning,
+    where ``_DataConnector.attach_dataloaders`` puts them: Lightning 2.5 and 2.6)."""
+    fit = getattr(trainer, "fit_loop", None)
+    loops = (
+        ("train_dataloaders", fit),
+        ("val_dataloaders", getattr(getattr(fit, "epoch_loop", None), "val_loop", None)),
+        ("val_dataloaders", getattr(trainer, "validate_loop", None)),
+        ("test_dataloaders", getattr(trainer, "test_loop", None)),
+        ("predict_dataloaders", getattr(trainer, "predict_loop", None)),
+    )
+    given = []
+    for name, loop in loops:
+        instance = getattr(getattr(loop, "_data_source", None), "instance", None)
+        if instance is not None and not isinstance(
+            instance, (pl.LightningModule, pl.LightningDataModule)
+        ):
+            given.append((name, instance))
+    return given
 
 
 def _loaders(loaders: Any, path: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
-    """The dataloaders of a stage as Lightning returns them (one, or a list, tuple or dict of
-    them), with their paths."""
-    if isinstance(loaders, dict) and depth < 2:
+    """The dataloaders of a stage as Lightning takes them (one, a ``CombinedLoader``, or
+    lists, tuples and dicts of them), with their paths."""
+    if depth > MAX_DEPTH:
+        return
+    iterables = getattr(loaders, "iterables", None)
+    if isinstance(loaders, CombinedLoader) and iterables is not None:
+        yield from _loaders(iterables, path, depth + 1)
+    elif isinstance(loaders, dict):
         for key, value in loaders.items():
             yield from _loaders(value, f"{path}[{key!r}]", depth + 1)
-    elif isinstance(loaders, (list, tuple)) and depth < 2:
+    elif isinstance(loaders, (list, tuple)):
         for i, value in enumerate(loaders):
             yield from _loaders(value, f"{path}[{i}]", depth + 1)
     elif loaders is not None:
         yield path, loaders
+
+
+# The most objects searched for modules in one attribute of a dataset (breadth first): a
+# dataset's tables of samples (a tokenised corpus, nested feature lists) are not searched through.
+_DATASET_VISITS = 10_000
+
+
+def _modules_in(value: Any, path: str) -> list[tuple[str, nn.Module]]:
+    """The modules ``value`` is or holds in lists, tuples and dicts, a few levels down,
+    breadth first, looking at most at ``_DATASET_VISITS`` objects."""
+    found: list[tuple[str, nn.Module]] = []
+    queue: collections.deque[tuple[str, Any, int]] = collections.deque([(path, value, 0)])
+    seen: set[int] = set()
+    budget = _DATASET_VISITS
+    while queue and budget > 0:
+        where, item, depth = queue.popleft()
+        budget -= 1
+        if isinstance(item, nn.Module):
+            found.append((where, item))
+        elif depth < MAX_DEPTH and isinstance(item, (list, tuple, dict)) and id(item) not in seen:
+            seen.add(id(item))
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, inner in itertools.islice(pairs, budget):
+                budget -= 1  # every item looked at counts
+                if isinstance(inner, (nn.Module, list, tuple, dict)):
+                    queue.append((f"{where}.{key}", inner, depth + 1))
+    return found
+
+
+def _dataset_attributes(dataset: Any, path: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """The attributes of ``dataset`` and of the datasets it wraps (``Subset``'s ``dataset``,
+    ``ConcatDataset``'s ``datasets``), with their paths; a dataset that is a module itself."""
+    if isinstance(dataset, nn.Module):
+        yield path, dataset
+        return
+    attributes = getattr(dataset, "__dict__", None)
+    if not isinstance(attributes, dict) or depth > MAX_DEPTH:
+        return
+    for key, value in attributes.items():
+        inner = f"{path}.{key}"
+        if isinstance(value, Dataset) and not isinstance(value, nn.Module):
+            yield from _dataset_attributes(value, inner, depth + 1)
+        elif (
+            isinstance(value, (list, tuple))
+            and 0 < len(value) <= MAX_ITEMS
+            and all(isinstance(v, Dataset) for v in value)
+        ):
+            for i, v in enumerate(value):
+                yield from _dataset_attributes(v, f"{inner}[{i}]", depth + 1)
+        else:
+            yield inner, value
 
 
 def _deferred_ids(module: nn.Module) -> list[int]:

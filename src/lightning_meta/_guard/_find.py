@@ -227,8 +227,9 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
 
 def find_meta_tensors_beside(
     module: nn.Module, others: dict[str, Any]
-) -> dict[str, list[MetaFinding]]:
-    """Return, by name, the meta tensors each of ``others`` reaches outside ``module``'s tree.
+) -> dict[str, list[tuple[MetaFinding, torch.Tensor | None]]]:
+    """Return, by name, the meta tensors each of ``others`` reaches outside ``module``'s tree,
+    each with its tensor (``None`` for a template).
 
     The modules of ``module``'s tree are passed over, so that an object holding
     the model (a callback's bound ``log`` method, ``log.__self__``) is not reported
@@ -239,7 +240,13 @@ def find_meta_tensors_beside(
     walker.tree = {id(m) for m in module.modules()}
     walker.seen.update(walker.tree)
     walker.once = True
-    return {name: list(walker.walk(value, name)) for name, value in others.items()}
+    walker.order = []
+    found: dict[str, list[tuple[MetaFinding, torch.Tensor | None]]] = {}
+    for name, value in others.items():
+        found[name] = []
+        for f in walker.walk(value, name):
+            found[name].append((f, walker.order[-1] if f.kind != "template" else None))
+    return found
 
 
 def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
@@ -328,8 +335,10 @@ class _Walker:
         self.targets: set[int] | None = None
         self.tick = 0
         self.visits = 0
-        # Report each tensor once, across walks (see find_meta_tensors_beside).
+        # Report each tensor once, across walks (see find_meta_tensors_beside),
+        # and note each tensor reported, in order.
         self.once = False
+        self.order: list[torch.Tensor] | None = None
 
     def _report(self, t: torch.Tensor) -> bool:
         if self.targets is not None and id(t) not in self.targets:
@@ -337,6 +346,8 @@ class _Walker:
         if self.once and id(t) in self.tensors:
             return False
         self.tensors.add(id(t))
+        if self.order is not None:
+            self.order.append(t)
         return True
 
     def walk(

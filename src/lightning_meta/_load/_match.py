@@ -667,7 +667,7 @@ def mismatch_error(
             for u, ul in zip(plan.unexpected, unexpected_local, strict=True)
         ]
     conversions = _compat.transformers_conversions(module, unexpected_local)
-    if conversions and not plan.code:
+    if conversions:
         # transformers 5 saves some layers in another layout than the module holds
         # (a mixture of experts' per-expert weights) and converts them when it loads;
         # strict=False would leave the converted tensors as initialised.
