@@ -135,9 +135,10 @@ def test_activation_checkpointing_drops_a_cache_gpt2_passes_by_position() -> Non
             activation_checkpointing=True,
         ).peak_bytes
 
-    # the step the fix (use_cache=False) runs, within the mask's few hundred bytes
+    # the step the fix (use_cache=False) runs, or above it by what the model makes for
+    # the cache itself (512 bytes with transformers 5.3, 4.8 % with 5.24)
     with_cache, without = peak(True), peak(False)
-    assert abs(with_cache - without) <= 0.01 * without, (with_cache, without)
+    assert without - 1024 <= with_cache <= 1.1 * without, (with_cache, without)
 
 
 class _PrefixBlock(nn.Module):
@@ -170,6 +171,9 @@ class _Prefixed(nn.Module):
         return x
 
 
+@pytest.mark.filterwarnings(  # torch 2.15 runs the CPU flash attention here: its scratch bound
+    "ignore:estimate. peak_bytes of .* may be too low by up to:lightning_meta.MetaTensorWarning"
+)
 def test_activation_checkpointing_keeps_a_tensor_input_named_like_a_cache() -> None:
     # the first version of the fix above dropped it (by name, by position): 4.6x fewer
     # FLOPs than FlopCounterMode counts, the prefix without gradients

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from lightning_meta._cli._main import write_out
 
 __all__ = ["HiddenModule", "add_parser", "hidden_modules", "run"]
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             "findings": [r.to_dict() for r in rows],
             "hidden_modules": [h.to_dict() for h in hidden],
         }
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        write_out(json.dumps(doc, indent=2) + "\n")
         return status
     _print_table(args.target, type(module).__name__, rows, hidden, status)
     return status

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_meta._cli._main import write_out
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = ["add_parser", "run"]
@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         # nothing fits: a problem found (status 1), after the answer is printed
         status = 0 if answer.value is not None else 1
         if args.json:
-            sys.stdout.write(json.dumps(answer.to_dict(), indent=2) + "\n")
+            write_out(json.dumps(answer.to_dict(), indent=2) + "\n")
             return status
         from lightning_meta._estimate._table import render, render_fit
 
@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         result = estimate(factory, inputs, **common)
     if args.json:
-        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_out(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0
     from lightning_meta._estimate._table import render
 

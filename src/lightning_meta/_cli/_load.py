@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from lightning_meta._cli._main import write_out
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 
 __all__ = ["add_parser", "run"]
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             allow_uninitialized=args.allow_uninitialized,
         )  # fmt: skip
     if args.json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_out(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
         from rich.console import Console
 

@@ -107,6 +107,16 @@ def exit_status(e: BaseException) -> int:
     return EXIT_PROBLEM
 
 
+def write_out(text: str) -> None:
+    """Write a command's own output (its JSON document) to standard output, if it has one:
+    with descriptor 1 closed (``>&-``) or under ``pythonw``, ``sys.stdout`` is ``None``
+    and the exit status alone is the answer, as ``check``'s table (rich) already did
+    (``estimate`` and ``load-check`` failed there, "unexpected AttributeError", blamed on
+    the model, before 2026-12-07, fourth session)."""
+    if sys.stdout is not None:
+        sys.stdout.write(text)
+
+
 def _broken_pipe(e: BaseException) -> bool:
     """Whether ``e`` is standard output closed by its reader (``lightning-meta ... | head``):
     a ``BrokenPipeError``, or the ``SystemExit(1)`` rich raises on one (its ``__context__``)."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_meta._arguments import build_on_meta
+from lightning_meta._arguments import build_on_meta, spelled
 from lightning_meta._compat import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -299,7 +299,8 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
 
 # what torch and models say when an input has the wrong shape or dtype
 _INPUT_WORDS = re.compile(
-    r"shape|size|dim|dtype|scalar type|type|expected|match|broadcast|unpack|ind(ex|ices)|channel",
+    r"shape|size|dim|dtype|scalar type|type|expected|match|broadcast|unpack|ind(ex|ices)|channel"
+    r"|length",
     re.IGNORECASE,
 )
 
@@ -322,6 +323,15 @@ def _about_inputs(e: Exception) -> bool:
 # torch's words when a kernel reads the values of a fake tensor (no storage):
 # nn.LSTM's packed-sequence kernel reading its batch sizes.
 _UNALLOCATED = "its data is not allocated yet"
+
+
+def _inputs_option() -> str:
+    """``example_inputs`` as its reader types it (``--input`` on the command line)."""
+    return spelled("example_inputs", "--input")
+
+
+# What Lightning's ModelParallelStrategy accepts (its accelerator connector's check).
+_MODEL_PARALLEL_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 
 def _device_mismatch(e: Exception) -> bool:
@@ -411,7 +421,7 @@ def _fail(
         )
     elif record.stage == "forward" and layout is not None and layout.tp_modules:
         fix = (
-            f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects; under "
+            f"Fix: pass {_inputs_option()} of the shapes and dtypes {root}.forward expects; under "
             f"tensor parallelism each rank runs the forward on its slice of the split layers "
             f"({len(layout.tp_modules)} of them), so the model must reshape with -1 (its local "
             "head count), not with the whole model's sizes, and the plan must pair column-wise "
@@ -424,7 +434,7 @@ def _fail(
             "cause) and check that one eager step runs"
         )
     elif record.stage == "forward":
-        fix = f"Fix: pass example_inputs of the shapes and dtypes {root}.forward expects"
+        fix = f"Fix: pass {_inputs_option()} of the shapes and dtypes {root}.forward expects"
     elif record.stage == "loss":
         fix = "Fix: make loss_fn take the model's output and return a one-element tensor"
     else:
@@ -864,6 +874,23 @@ def estimate(
         gradient_as_bucket_view=gradient_as_bucket_view,
         backend=backend,
     )
+    if (
+        parallel is not None
+        and parallel.strategy == "fsdp"
+        and options.precision.name not in _MODEL_PARALLEL_PRECISIONS
+    ):
+        # Lightning's ModelParallelStrategy refuses them when the Trainer is built:
+        # no run to estimate (a figure was printed for it before 2026-12-07).
+        raise ArgumentValueError(
+            f"estimate: precision {options.precision.name!r} does not run under "
+            + spelled("strategy='fsdp'", "--strategy fsdp")
+            + f" (Lightning's ModelParallelStrategy accepts {', '.join(_MODEL_PARALLEL_PRECISIONS)})."
+            + " Fix: pass "
+            + spelled("precision=", "--precision ")
+            + "one of those, or "
+            + spelled("strategy='ddp'", "--strategy ddp")
+            + "."
+        )
     # Out of the caller's inference mode: the fake state and the optimizer's are
     # made before the step (which turns gradients on itself, see _run._trainer_modes).
     with torch.inference_mode(False), estimate_modes():

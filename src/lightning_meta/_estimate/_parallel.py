@@ -86,10 +86,11 @@ class Parallel:
 def _positive(value: Any, name: str, fix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(
-            f"estimate: {name} must be an int, got {type(value).__name__} {value!r}. Fix: {fix}."
+            f"estimate: {option(name)} must be an int, got {type(value).__name__} {value!r}. "
+            f"Fix: {fix}."
         )
     if value < 1:
-        raise ArgumentValueError(f"estimate: {name} must be >= 1, got {value}. Fix: {fix}.")
+        raise ArgumentValueError(f"estimate: {option(name)} must be >= 1, got {value}. Fix: {fix}.")
     return value
 
 
@@ -109,7 +110,7 @@ def _mixed_precision(value: Any) -> tuple[torch.dtype | None, torch.dtype | None
     """Return ``(param_dtype, reduce_dtype)`` of FSDP2's ``MixedPrecisionPolicy``."""
     fix = (
         "pass a dtype for the parameters ('bf16': reduced in float32, as torchtitan does) "
-        "or a pair (param_dtype, reduce_dtype) such as ('bf16', 'bf16')"
+        "or a pair (param_dtype, reduce_dtype) such as " + spelled("('bf16', 'bf16')", "bf16,bf16")
     )
 
     def one(v: Any) -> torch.dtype | None:
@@ -302,7 +303,7 @@ def resolve_parallel(
             )
     elif given["gradient_as_bucket_view"]:
         raise ArgumentValueError(
-            "estimate: gradient_as_bucket_view is a DDP option. Fix: pass "
+            f"estimate: {option('gradient_as_bucket_view')} is a DDP option. Fix: pass "
             f"{spelled(_DDP, '--strategy ddp')}, or leave it out."
         )
     if world % tp:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -181,13 +183,24 @@ def _step(name: str, fn: Callable[[], Any], paths: str = "") -> Row:
         fn()
     except Exception as e:  # every failure becomes a row; the cause is in the detail
         status: Status = "problem" if _meta_related(e) else "note"
-        text = str(e).strip()
+        text = _ANSI.sub("", str(e)).strip()  # torch's UnpicklingError bolds a phrase
         first = text.splitlines()[0] if text else ""
+        # torch.load(weights_only=True)'s first line is its general advice; the cause
+        # (the global it refused) is on a line of its own
+        cause = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip().startswith("WeightsUnpickler error:")
+        ]
+        first = cause[0].split(". ")[0] + "." if cause else first
         # The fix, where the message gives one after its first line.
         fix = text[text.index("Fix:") :].split("\n\n")[0] if "Fix:" in text[len(first) :] else ""
         detail = f"{type(e).__name__}: {first}" + (f" {' '.join(fix.split())}" if fix else "")
         return Row(name, status, _path_of(e) or paths, detail)
     return Row(name, "ok", "", "")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _meta_related(e: BaseException) -> bool:
@@ -227,8 +240,8 @@ def _round_trip(module: nn.Module) -> None:
 
 def _optimizers(module: nn.Module) -> None:
     configure = getattr(module, "configure_optimizers", None)
-    if not callable(configure):
-        return
+    if not callable(configure) or _lightnings_own(module, "configure_optimizers"):
+        return  # (Lightning's own warns "must be implemented" and returns nothing)
     result = configure()
     optimizers = [o for o in _flatten(result) if isinstance(o, torch.optim.Optimizer)]
     meta = [f for f in find_meta_tensors(optimizers) if f.problem]
@@ -266,9 +279,23 @@ def _is_lightning_module(module: nn.Module) -> bool:
     return isinstance(module, LightningModule)
 
 
+def _lightnings_own(module: nn.Module, method: str) -> bool:
+    """Whether ``module`` is a ``LightningModule`` that does not override ``method``."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+        return False
+    return isinstance(module, LightningModule) and getattr(type(module), method, None) is getattr(
+        LightningModule, method, None
+    )
+
+
 def _summary(module: nn.Module) -> None:
     from lightning.pytorch import LightningModule
     from lightning.pytorch.utilities.model_summary.model_summary import ModelSummary
 
     if isinstance(module, LightningModule):
-        str(ModelSummary(module, max_depth=1))
+        with warnings.catch_warnings():
+            # about the counts of lazy modules, which this step does not print
+            warnings.filterwarnings("ignore", message="The total number of parameters detected")
+            str(ModelSummary(module, max_depth=1))
