@@ -1429,6 +1429,12 @@ def transform_level() -> int | None:
     return torch._C._functorch.maybe_current_level()  # type: ignore[no-any-return]
 
 
+def is_transformers_object(value: object) -> bool:
+    """Whether ``value`` is an object of a transformers class (a model, a block, a ``Cache``);
+    by its class's module, without importing transformers."""
+    return value is not None and type(value).__module__.startswith("transformers.")
+
+
 def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str]:
     """The weight conversions transformers applies when it loads a checkpoint into
     ``module`` (a transformers model) whose source patterns match one of ``keys``, each
@@ -1440,7 +1446,7 @@ def transformers_conversions(module: nn.Module, keys: Iterable[str]) -> list[str
     Uses ``transformers.conversion_mapping.get_model_conversion_mapping`` and each
     entry's ``source_patterns`` / ``target_patterns``; checked on transformers 5.3.
     """
-    if not type(module).__module__.startswith("transformers."):
+    if not is_transformers_object(module):
         return []
     try:  # not a dependency: imported where the module is one of its models
         mapping = importlib.import_module("transformers.conversion_mapping")
@@ -1476,7 +1482,7 @@ def transformers_unsaved(module: nn.Module) -> set[str]:
     """
     found: set[str] = set()
     for path, sub in module.named_modules():
-        if not type(sub).__module__.startswith("transformers."):
+        if not is_transformers_object(sub):
             continue
         keys = getattr(sub, "_keys_to_ignore_on_save", None)
         if isinstance(keys, (list, tuple, set)):

@@ -27,6 +27,10 @@ import torch
 from lightning_meta import _compat
 from lightning_meta._deferred._ambient import Ambient
 
+# What torch.tensor([...]) (and torch.as_tensor(list), torch.LongTensor(list)) ends with:
+# the recorder notes the block's own constants there, a replay lifts a copy of them.
+LIFT_FRESH = "aten.lift_fresh.default"
+
 # In-place draws whose numbers depend only on the generator and the layout of
 # the tensor they fill (never on its old values): the recorder keeps the last
 # one an initialiser makes, replay can skip one that is overwritten whole, and

@@ -51,6 +51,7 @@ from lightning_meta._deferred._ambient import Ambient
 from lightning_meta._deferred._functions import conversion_refused
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
 from lightning_meta._deferred._record import (
+    LIFT_FRESH,
     RANDOM_FILLS,
     GenRef,
     NumpyHome,
@@ -79,7 +80,6 @@ _INIT_FILE = torch.nn.init.__file__
 _IS_SET_TO = torch.ops.aten.is_set_to.default
 # ATen namespaces of torch.distributed's collectives (c10d.scatter_, _c10d_functional.*).
 _COLLECTIVES = ("c10d.", "_c10d_functional.", "c10d_functional.")
-_LIFT_FRESH = "aten.lift_fresh.default"  # what torch.tensor([...]) ends with
 _VALUE_READ = "aten._local_scalar_dense.default"  # what .item(), bool(), int(), float() run
 # Ops that only check values and raise eager's error (torch.linalg.cholesky of a matrix that
 # is not positive-definite, inv of a singular one): the fake mode does not check, and with no
@@ -138,7 +138,7 @@ def _info(func: Any) -> _OpInfo:
         fill,
         sets_storage,
         collective,
-        name == _LIFT_FRESH,
+        name == LIFT_FRESH,
         func,
     )
 

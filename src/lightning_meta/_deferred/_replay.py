@@ -28,7 +28,7 @@ import torch
 
 from lightning_meta import _compat
 from lightning_meta._deferred import _ambient
-from lightning_meta._deferred._record import RANDOM_FILLS, GenRef, Op, Record, Ref
+from lightning_meta._deferred._record import LIFT_FRESH, RANDOM_FILLS, GenRef, Op, Record, Ref
 from lightning_meta._deferred._rng import ReplayRng, set_default_state
 from lightning_meta._errors import MaterializationError
 
@@ -451,7 +451,7 @@ def _execute(
                         meta.size, meta.stride, dtype=meta.dtype, device=_out_device(op, remap)
                     )
             continue
-        if op.name == _LIFT_FRESH and i not in scratch and op.reads[0] in record.fresh:
+        if op.name == LIFT_FRESH and i not in scratch and op.reads[0] in record.fresh:
             # torch.tensor([...])'s own memory, which model code may write into next:
             # a copy, so that the record's constant stays as captured for another
             # replay (the one-element case wrote into it, and the next replay refused).
@@ -604,7 +604,6 @@ def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) ->
 
 
 _DETACH = "aten.detach.default"
-_LIFT_FRESH = "aten.lift_fresh.default"
 
 # Argument types replayed as logged (never a Ref, a GenRef, a sequence or a device).
 _LITERAL = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.layout})

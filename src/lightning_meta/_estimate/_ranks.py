@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_meta._compat import FakeTensorMode
+from lightning_meta._compat import FakeTensorMode, is_transformers_object
 from lightning_meta._estimate._fsdp2 import FSDP2, UnitState, unit_hooks
 from lightning_meta._estimate._layout import Layout, shard_rows
 from lightning_meta._estimate._track import LiveBytes
@@ -459,11 +459,6 @@ def _tensor_parallel(
 _CACHES = ("past_key_value", "past_key_values", "layer_past")
 
 
-def _is_transformers_object(value: object) -> bool:
-    """Whether ``value`` is an object of a transformers class (a ``Cache``, a block)."""
-    return value is not None and type(value).__module__.startswith("transformers.")
-
-
 @contextlib.contextmanager
 def _checkpointed(block: nn.Module, modules_tracker: Any = None) -> Iterator[None]:
     """Run ``block``'s forward under non-reentrant activation checkpointing for the body.
@@ -490,7 +485,7 @@ def _checkpointed(block: nn.Module, modules_tracker: Any = None) -> Iterator[Non
         signature: inspect.Signature | None = inspect.signature(inner)
     except (TypeError, ValueError):
         signature = None
-    from_transformers = _is_transformers_object(block)
+    from_transformers = is_transformers_object(block)
     # the name of its **kwargs, where the cache can also arrive
     extra = next(
         (
@@ -516,7 +511,7 @@ def _checkpointed(block: nn.Module, modules_tracker: Any = None) -> Iterator[Non
             for key in _CACHES:
                 # transformers' Cache objects only: a tensor under such a name (a learned
                 # prefix) is an input the recomputation needs, not a cache
-                if _is_transformers_object(given.get(key)):
+                if is_transformers_object(given.get(key)):
                     given[key], changed = None, True
             if given.get("use_cache") and from_transformers:
                 given["use_cache"], changed = False, True

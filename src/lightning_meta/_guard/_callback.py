@@ -62,9 +62,11 @@ from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS, held_modules
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import (
     MetaFinding,
+    count_meta,
     explain,
     find_meta_tensors,
     find_meta_tensors_beside,
+    first_paths,
 )
 from lightning_meta._guard._materialize import (
     HYPERPARAMETERS,
@@ -333,8 +335,8 @@ class MetaGuard(Callback):
         error = MetaTensorError(
             f"{earlier} is listed before MetaGuard in Trainer(callbacks=...): Lightning runs "
             f"callbacks' setup in that order, and {earlier}.setup copies {name} and moves the copy "
-            f"to its device there, before MetaGuard could materialize the {_count(found)} "
-            f"({_paths(found)}), so torch raised {type(exception).__name__}. Fix: list "
+            f"to its device there, before MetaGuard could materialize the {count_meta(found)} "
+            f"({first_paths(found)}), so torch raised {type(exception).__name__}. Fix: list "
             f"MetaGuard before {earlier}: callbacks=[lightning_meta.MetaGuard(), {earlier}(...)] "
             "(MetaGuard then materializes the model on the CPU for it).",
             paths=[f.path for f in found],
@@ -472,8 +474,8 @@ class MetaGuard(Callback):
             if held:
                 owner = type(callback).__name__
                 raise MetaTensorError(
-                    f"The callback {owner} holds {_count(held)} with the shapes of "
-                    f"{type(module).__name__}'s deferred tensors ({_paths(held)}), made from "
+                    f"The callback {owner} holds {count_meta(held)} with the shapes of "
+                    f"{type(module).__name__}'s deferred tensors ({first_paths(held)}), made from "
                     f"them before MetaGuard materialized the model (in {owner}.setup, which "
                     "Lightning runs before the strategy's setup, or before MetaGuard's own "
                     "setup), which no record fills. Eager construction gives real tensors "
@@ -716,15 +718,6 @@ def _averaging_before(trainer: pl.Trainer, guard: MetaGuard) -> str | None:
     earlier = callbacks[: callbacks.index(guard)] if guard in callbacks else []
     names = [type(cb).__name__ for cb in earlier if isinstance(cb, WeightAveraging)]
     return names[0] if names else None
-
-
-def _count(found: list[MetaFinding]) -> str:
-    return f"{len(found)} meta tensor{'s' if len(found) != 1 else ''}"
-
-
-def _paths(found: list[MetaFinding], shown: int = 3) -> str:
-    names = ", ".join(repr(f.path) for f in found[:shown])
-    return names + (f", ... {len(found) - shown} more" if len(found) > shown else "")
 
 
 def _averages_in_setup(trainer: pl.Trainer, guard: MetaGuard) -> bool:

@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -260,15 +260,9 @@ def _flatten(obj: Any) -> list[Any]:
 def own_configure_model(module: nn.Module) -> Callable[[], None] | None:
     """``module.configure_model`` where ``module`` is a ``LightningModule`` that overrides it
     (what Lightning's ``load_from_checkpoint`` calls), else ``None``."""
-    try:
-        from lightning.pytorch import LightningModule
-    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+    if not _is_lightning_module(module) or _lightnings_own(module, "configure_model"):
         return None
-    if not isinstance(module, LightningModule) or (
-        type(module).configure_model is LightningModule.configure_model
-    ):
-        return None
-    return module.configure_model
+    return cast("Callable[[], None]", module.configure_model)
 
 
 def _is_lightning_module(module: nn.Module) -> bool:

@@ -275,6 +275,17 @@ def assert_no_meta(obj: Any, *, name: str | None = None) -> None:
         raise explain(problems, name or type(obj).__name__)
 
 
+def count_meta(found: list[MetaFinding]) -> str:
+    """``"3 meta tensors"``, for a message about ``found``."""
+    return f"{len(found)} meta tensor{'s' if len(found) != 1 else ''}"
+
+
+def first_paths(found: list[MetaFinding], shown: int = 3) -> str:
+    """The first ``shown`` paths of ``found``, quoted, then how many more."""
+    names = ", ".join(repr(f.path) for f in found[:shown])
+    return names + (f", ... {len(found) - shown} more" if len(found) > shown else "")
+
+
 def explain(
     problems: list[MetaFinding],
     owner: str,

@@ -46,8 +46,10 @@ from lightning_meta._deferred._reach import MAX_DEPTH, MAX_ITEMS
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._guard._find import (
     MetaFinding,
+    count_meta,
     explain,
     find_meta_tensors,
+    first_paths,
 )
 from lightning_meta._slots import buffer_names, iter_slots, parameter_names, tensor_at
 
@@ -196,9 +198,8 @@ def refuse_hyperparameters(module: nn.Module, owner: str) -> None:
     ]
     if found:
         raise MetaTensorError(
-            f"{owner} holds {len(found)} meta tensor{'s' if len(found) != 1 else ''} in its "
-            f"hyperparameters ({', '.join(repr(f.path) for f in found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}), which hold no data: a forward reading them "
+            f"{owner} holds {count_meta(found)} in its hyperparameters ({first_paths(found)}), "
+            "which hold no data: a forward reading them "
             "(self.hparams....) computes with uninitialised memory on the CPU, and every "
             "checkpoint would save them. Fix: pass a real tensor to save_hyperparameters, or "
             "leave it out (save_hyperparameters(ignore=[...])).",
