@@ -1491,6 +1491,85 @@ def transformers_unsaved(module: nn.Module) -> set[str]:
     return found
 
 
+def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> set[str]:
+    """The ``keys`` (names in ``module``) that transformers' ``from_pretrained`` drops from
+    its unexpected keys: the patterns of the outermost transformers models'
+    ``_keys_to_ignore_on_load_unexpected`` (regular expressions searched in the names
+    under the model's path: GPT-2's ``attn.bias`` masks of the hub's first files), and
+    ``rotary_emb\\.inv_freq`` where the model has such a buffer (older Llama files held
+    one per layer). ``set()`` where ``module`` holds no transformers model. Checked on
+    transformers 4.57 and 5.3.
+    """
+    models: list[tuple[str, nn.Module]] = []
+    for path, sub in module.named_modules():
+        if is_transformers_object(sub) and not any(
+            not p or path == p or path.startswith(f"{p}.") for p, _ in models
+        ):
+            models.append((path, sub))
+    found: set[str] = set()
+    for path, sub in models:
+        given = getattr(sub, "_keys_to_ignore_on_load_unexpected", None)
+        patterns = (
+            [p for p in given if isinstance(p, str)]
+            if isinstance(given, (list, tuple, set))
+            else []
+        )
+        if any(n.endswith("rotary_emb.inv_freq") for n, _ in sub.named_buffers()):
+            patterns.append(r"rotary_emb\.inv_freq")
+        if not patterns:
+            continue
+        ignored = re.compile("|".join(f"({p})" for p in patterns))
+        prefix = f"{path}." if path else ""
+        found.update(
+            k for k in keys if k.startswith(prefix) and ignored.search(k[len(prefix) :]) is not None
+        )
+    return found
+
+
+def transformers_float32_kept(
+    module: nn.Module, dtype: torch.dtype
+) -> dict[str, tuple[str, list[str]]]:
+    """What transformers' ``from_pretrained(..., dtype=dtype)`` keeps in float32 that
+    ``module.to(dtype)`` casts: by the path of each outermost transformers model in
+    ``module``, the regular expression of its dtype plan and the floating point tensors
+    (``state_dict`` names under the model) it matches.
+
+    The plan: ``_keep_in_fp32_modules`` for float16, ``_keep_in_fp32_modules_strict``
+    for float16 and bfloat16 (transformers 5's ``_get_dtype_plan``, and 4.57's rule),
+    each entry searched in the tensor names under the model (``*`` any characters).
+    ``{}`` for other dtypes, or where ``module`` holds no such model.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return {}
+    found: dict[str, tuple[str, list[str]]] = {}
+    models: list[str] = []
+    for path, sub in module.named_modules():
+        if not is_transformers_object(sub) or any(
+            not p or path == p or path.startswith(f"{p}.") for p in models
+        ):
+            continue
+        models.append(path)
+        plan = getattr(sub, "_get_dtype_plan", None)
+        if callable(plan):
+            names = [n for n in plan(dtype) if isinstance(n, str)]
+        else:  # transformers 4.x: the same rule, on the class attributes
+            names = list(getattr(sub, "_keep_in_fp32_modules_strict", None) or [])
+            if dtype == torch.float16:
+                names += list(getattr(sub, "_keep_in_fp32_modules", None) or [])
+        if not names:
+            continue
+        pattern = "|".join(f"({n.replace('*', '.*')})" for n in sorted(names))
+        kept = re.compile(pattern)
+        tensors = [
+            n
+            for n, t in sub.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and kept.search(n) is not None
+        ]
+        if tensors:
+            found[path] = (pattern, tensors)
+    return found
+
+
 def unwrapped(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor under every ``torch.func`` transform's wrapper of ``tensor`` (a vmapped
     stacked parameter: the stacked parameter itself).

@@ -45,6 +45,8 @@ def _estimate(config: dict[str, Any], world: int) -> Any:
         options["reshard_after_forward"] = config["reshard"]
     if config.get("bucket_view"):
         options["gradient_as_bucket_view"] = True
+    if config.get("broadcast") is False:
+        options["broadcast_buffers"] = False
     batch, seq = config.get("batch", 4), config.get("seq", 64)
     sizes = config.get("model", {})
     return estimate(
@@ -97,6 +99,15 @@ def test_ddp_per_rank_peak_matches_two_real_ranks(tmp_path: Path) -> None:
         # copy (broadcast_buffers=True, DDP's and Lightning's default): 30 % under before
         # (the review of 2026-12-07, fourth session)
         {"strategy": "ddp", "model": {**_WIDE_HEAD, "tables": 8192}, "batch": 4, "seq": 32},
+        # DDPStrategy(broadcast_buffers=False): no copy (over by it before 2026-12-07, fifth
+        # session, with no option to say so)
+        {
+            "strategy": "ddp",
+            "model": {**_WIDE_HEAD, "tables": 8192},
+            "batch": 4,
+            "seq": 32,
+            "broadcast": False,
+        },
     ]
     _check(2, configs, tmp_path)
 

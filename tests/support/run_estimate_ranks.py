@@ -3,7 +3,7 @@
     python -m support.run_estimate_ranks WORLD WORKDIR CONFIG [CONFIG ...]   (tests/ on PYTHONPATH)
 
 Each CONFIG is a JSON object: ``{"strategy": "ddp" | "fsdp", "tp": 1, "ac": false,
-"reshard": true, "mp": null | "bf16", "bucket_view": false, "batch": 4, "seq": 64,
+"reshard": true, "mp": null | "bf16", "bucket_view": false, "broadcast": true, "batch": 4, "seq": 64,
 "model": {TinyLM's keyword arguments}, "opt": "adamw" | "sgd"}``. WORLD ranks are
 spawned (gloo, CPU); for every config each rank builds the model, wraps it
 the way Lightning's ``DDPStrategy`` or a ``ModelParallelStrategy``'s
@@ -52,7 +52,9 @@ def _wrap(model: TinyLM, config: dict[str, Any], world: int) -> nn.Module:
             model.blocks[i] = checkpoint_wrapper(block)
     if config["strategy"] == "ddp":
         return nn.parallel.DistributedDataParallel(
-            model, gradient_as_bucket_view=config.get("bucket_view", False)
+            model,
+            gradient_as_bucket_view=config.get("bucket_view", False),
+            broadcast_buffers=config.get("broadcast", True),
         )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

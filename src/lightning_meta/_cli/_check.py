@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_meta._cli._main import write_out
+from lightning_meta._cli._main import write_out, writing_output
 
 __all__ = ["HiddenModule", "add_parser", "hidden_modules", "run"]
 
@@ -152,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
             "findings": [r.to_dict() for r in rows],
             "hidden_modules": [h.to_dict() for h in hidden],
         }
-        write_out(json.dumps(doc, indent=2) + "\n")
+        with writing_output():
+            write_out(json.dumps(doc, indent=2) + "\n")
         return status
-    _print_table(args.target, type(module).__name__, rows, hidden, status)
+    with writing_output():
+        _print_table(args.target, type(module).__name__, rows, hidden, status)
     return status
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_meta._cli._main import write_out
+from lightning_meta._cli._main import write_out, writing_output
 from lightning_meta._errors import ArgumentValueError
 
 __all__ = ["add_parser", "run"]
@@ -135,6 +136,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--gradient-as-bucket-view", action="store_true", help="DDP: gradients live in the buckets"
     )
     ranks.add_argument(
+        "--no-broadcast-buffers",
+        action="store_true",
+        help="DDP: the buffers are not broadcast before each forward (broadcast_buffers=False)",
+    )
+    ranks.add_argument(
         "--backend",
         choices=["nccl", "gloo"],
         help="the collectives' backend whose buffers are simulated (default nccl)",
@@ -196,9 +202,14 @@ def _hf_factory(config_text: str, class_name: str | None) -> Callable[[], Any]:
             "or its JSON content."
         )
     if path.is_dir():
+        if not os.path.lexists(path / "config.json"):
+            raise ArgumentValueError(
+                f"--hf-config {_clip(config_text)} is a folder without a config.json. Fix: pass "
+                "the folder save_pretrained wrote, or the config file's own path."
+            )
         path = path / "config.json"
     try:
-        raw = path.read_text() if path.is_file() else config_text
+        raw = path.read_text() if os.path.lexists(path) else config_text
         data = json.loads(raw)
     except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
         raise ArgumentValueError(
@@ -301,6 +312,8 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
             ) from e
     if args.gradient_as_bucket_view:
         options["gradient_as_bucket_view"] = True
+    if args.no_broadcast_buffers:
+        options["broadcast_buffers"] = False
     if args.backend is not None:
         options["backend"] = args.backend
     return options
@@ -376,13 +389,15 @@ def run(args: argparse.Namespace) -> int:
         # nothing fits: a problem found (status 1), after the answer is printed
         status = 0 if answer.value is not None else 1
         if args.json:
-            write_out(json.dumps(answer.to_dict(), indent=2) + "\n")
+            with writing_output():
+                write_out(json.dumps(answer.to_dict(), indent=2) + "\n")
             return status
         from lightning_meta._estimate._table import render, render_fit
 
-        render_fit(answer, Console())
-        if answer.fits is not None:
-            render(answer.fits, Console(), title=title)
+        with writing_output():
+            render_fit(answer, Console())
+            if answer.fits is not None:
+                render(answer.fits, Console(), title=title)
         return status
     with (
         user_code(),
@@ -391,9 +406,11 @@ def run(args: argparse.Namespace) -> int:
     ):
         result = estimate(factory, inputs, **common)
     if args.json:
-        write_out(json.dumps(result.to_dict(), indent=2) + "\n")
+        with writing_output():
+            write_out(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0
     from lightning_meta._estimate._table import render
 
-    render(result, Console(), title=title)
+    with writing_output():
+        render(result, Console(), title=title)
     return 0

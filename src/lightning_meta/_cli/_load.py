@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from lightning_meta._cli._main import write_out
+from lightning_meta._cli._main import write_out, writing_output
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 
 __all__ = ["add_parser", "run"]
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     with command_line_spelling():  # its fix names --device
         device = real_device(args.device, "load-check")
-    factory = target_factory(args.model, args.args)
     trusted = [obj for name in args.trust for obj in _trusted(name, args.model)]
+    factory = _lightning_factory(args, trusted) or target_factory(args.model, args.args)
     model = _build(args, factory)
     # user_code: the model's load hooks run, and may print.
     with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
@@ -154,13 +154,141 @@ def run(args: argparse.Namespace) -> int:
             verify=args.verify,
             allow_uninitialized=args.allow_uninitialized,
         )  # fmt: skip
-    if args.json:
-        write_out(json.dumps(report.to_dict(), indent=2) + "\n")
-    else:
-        from rich.console import Console
+    with writing_output():
+        if args.json:
+            write_out(json.dumps(report.to_dict(), indent=2) + "\n")
+        else:
+            from rich.console import Console
 
-        Console().print(str(report), markup=False, highlight=False, soft_wrap=True)
+            Console().print(str(report), markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _lightning_factory(args: argparse.Namespace, trusted: list[Any]) -> Any:
+    """A factory building a LightningModule class with its checkpoint's ``hyper_parameters``.
+
+    Lightning's ``load_from_checkpoint`` builds the class with what
+    ``save_hyperparameters`` stored (``--args`` overriding them, as its keyword
+    arguments do, and only the names ``__init__`` takes unless it takes
+    ``**kwargs``); built with its defaults instead, a model saved with other
+    sizes is refused as not matching its own checkpoint. ``None`` where TARGET
+    is not a LightningModule class or the file holds no hyperparameters (the
+    load reports an unreadable file itself); a note on standard error names
+    the values used.
+
+    Raises:
+        TargetError: the hyperparameters cannot be passed (a tensor among
+            them, or LightningCLI's instantiator, which re-parses a config).
+    """
+    import inspect
+
+    from lightning_meta._cli._target import (
+        TargetError,
+        guarded_build,
+        load_target,
+        parse_arguments,
+    )
+    from lightning_meta._guard._check import is_lightning_module_class
+
+    cls = load_target(args.model)
+    if not is_lightning_module_class(cls):
+        return None
+    saved = _saved_hyperparameters(args.checkpoint, trusted)
+    if not saved:
+        return None
+    positional, given = parse_arguments(args.args)
+    if "_instantiator" in saved:
+        if args.args is not None:
+            sys.stderr.write(
+                f"lightning-meta load-check: note: {cls.__name__} built with --args alone: the "
+                "checkpoint's hyper_parameters were saved by LightningCLI, which builds the "
+                "model from its config.\n"
+            )
+            return None
+        raise TargetError(
+            f"target {args.model!r}: the checkpoint's hyper_parameters were saved by "
+            "LightningCLI, which builds the model from its config (their class_path and "
+            "init_args), not with them as keyword arguments. Fix: pass the model's "
+            "arguments with --args (the config's init_args as a JSON object)."
+        )
+    init = inspect.signature(cls.__init__).parameters
+    names = [
+        n for n, p in list(init.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in init.values())
+    saved_name = saved.pop("hparams_name", None)
+    values = saved.pop("hyper_parameters")
+    if isinstance(saved_name, str) and saved_name in names:
+        values = {saved_name: values}  # save_hyperparameters(config): one argument
+    bound = names[: len(positional)]  # --args given as a list fill these
+    kwargs = {k: v for k, v in values.items() if k not in bound and (takes_any or k in names)}
+    kwargs.update(given)
+    if not any(k in values for k in kwargs if k not in given):
+        return None  # none of the saved values reaches the constructor
+    held = [
+        t for k, v in kwargs.items() if k not in given for t in _tensors(v, f"hyper_parameters.{k}")
+    ]
+    if held:
+        raise TargetError(
+            f"target {args.model!r}: the checkpoint's {held[0]} is a tensor, which load-check "
+            "does not read to build the model. Fix: pass that argument with --args (it "
+            "overrides the saved one)."
+        )
+    used = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in given and k in values)
+    sys.stderr.write(
+        f"lightning-meta load-check: note: {cls.__name__} built with the checkpoint's "
+        f"hyper_parameters ({used if len(used) <= 200 else used[:197] + '...'}), as Lightning's "
+        "load_from_checkpoint builds it; --args overrides them.\n"
+    )
+    return guarded_build(args.model, lambda: cls(*positional, **kwargs))
+
+
+def _tensors(value: Any, path: str) -> list[str]:
+    """The paths of the tensors (as the safe reader describes them) inside ``value``."""
+    from lightning_meta._load._torchfile import TensorRef, Unsupported
+
+    if isinstance(value, (TensorRef, Unsupported)):
+        return [path]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _tensors(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [t for i, v in enumerate(value) for t in _tensors(v, f"{path}[{i}]")]
+    return []
+
+
+def _saved_hyperparameters(checkpoint: str, trusted: list[Any]) -> dict[str, Any] | None:
+    """The ``hyper_parameters`` (and ``hparams_name``) of a Lightning checkpoint file, read safely.
+
+    ``None`` where the path is not a torch file holding a mapping of them, or
+    cannot be read: the load that follows reports that file's problem.
+    """
+    from pathlib import Path
+
+    from lightning_meta._load._files import head
+    from lightning_meta._load._source import is_torch, torch_archive
+
+    p = Path(checkpoint).expanduser()
+    try:
+        if not p.is_file() or not is_torch(head(p)):
+            return None
+        obj = torch_archive(p, trusted).obj
+    except (OSError, MetaTensorError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("hyper_parameters"), dict):
+        return None
+    # Lightning's order: the keys of its first versions, then this one's
+    old = [obj.get(k) for k in ("hparams", "module_arguments")]
+    found: dict[str, Any] = {
+        "hyper_parameters": {
+            **{k: v for o in old if isinstance(o, dict) for k, v in o.items()},
+            **obj["hyper_parameters"],
+        }
+    }
+    if "hparams_name" in obj:
+        found["hparams_name"] = obj["hparams_name"]
+    if "_instantiator" in obj["hyper_parameters"]:
+        found["_instantiator"] = True
+    return found
 
 
 def _trusted(name: str, target: str) -> list[Any]:

@@ -10,7 +10,8 @@ Exit status, for every sub-command:
 * ``0``: done, nothing wrong found;
 * ``1``: a problem was found in the model, its inputs or the file (the
   command names it), or the command failed on the model for a reason of its
-  own (an unexpected exception, a ``sys.exit`` in the model's forward);
+  own (an unexpected exception, a ``sys.exit`` in the model's forward), or
+  standard output cannot take the report (a full disk: :func:`writing_output`);
 * ``2``: the command line is wrong (an unknown option or value, a bad
   ``--input`` spec, an unknown device), or the TARGET cannot be imported or
   built (whatever its code raises, ``sys.exit`` included);
@@ -33,7 +34,7 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from lightning_meta._errors import (
@@ -115,6 +116,29 @@ def write_out(text: str) -> None:
     the model, before 2026-12-07, fourth session)."""
     if sys.stdout is not None:
         sys.stdout.write(text)
+
+
+class OutputError(MetaTensorError):
+    """Standard output cannot take the command's report (a full disk, ``> /dev/full``): exit 1."""
+
+
+@contextlib.contextmanager
+def writing_output() -> Iterator[None]:
+    """Write the command's report in the body: an ``OSError`` there (standard output full
+    or failing) is standard output's, said so, not "unexpected" and blamed on the model
+    (before 2026-12-07, fifth session). A reader closing the pipe stays exit 141."""
+    try:
+        yield
+        if sys.stdout is not None:
+            sys.stdout.flush()  # what the buffer still holds fails here, not at exit
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        reason = e.strerror or str(e)
+        raise OutputError(
+            f"cannot write the report to standard output ({reason}). Fix: send it where "
+            "there is room (> another file), or free space there."
+        ) from e
 
 
 def _broken_pipe(e: BaseException) -> bool:

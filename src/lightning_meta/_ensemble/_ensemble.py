@@ -105,6 +105,7 @@ from lightning_meta._forward_state import (
 from lightning_meta._settings import differs, plain_value
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import (
+    CheckpointingRefused,
     MetaTemplate,
     copy_module,
     ensembles_in,
@@ -221,6 +222,10 @@ def _generator_argument(inputs: Any, kwargs: Any) -> bool:
     ``random.Random``, or numpy's ``Generator``, ``RandomState`` or bit generator."""
     if not kwargs and all(isinstance(x, torch.Tensor) for x in inputs):
         return False  # the common call, checked without flattening
+    return _holds_generator_eagerly(inputs, kwargs)
+
+
+def _holds_generator(inputs: Any, kwargs: Any) -> bool:
     for leaf in tree_leaves((inputs, kwargs)):
         if isinstance(leaf, (torch.Generator, random.Random)):
             return True
@@ -230,6 +235,12 @@ def _generator_argument(inputs: Any, kwargs: Any) -> bool:
         ):
             return True
     return False
+
+
+# Run eagerly under torch.compile: dynamo cannot trace an isinstance of
+# random.Random ("RandomClassVariable() is not a constant"), which every compiled
+# call with a keyword or non-tensor argument reached before 2026-12-07 (fifth session).
+_holds_generator_eagerly = compiler_disabled(_holds_generator)
 
 
 def _subclass_input(inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> type | None:
@@ -2737,6 +2748,18 @@ class Ensemble(nn.Module):
         except PaddedLookupError as e:
             self._padded_lookup = str(e)  # the calls after this one do not try vmap
             raise
+        except CheckpointingRefused as e:
+            # the members' own gradient checkpointing: the template's words and fix
+            # were for a MetaTemplate the user did not build
+            raise ArgumentValueError(
+                f"Ensemble(execution='vmap') cannot run members that recompute activations "
+                f"in backward (activation checkpointing) at {', '.join(map(repr, e.paths))}: "
+                "the recomputation runs after torch.vmap has returned. Fix: use "
+                "execution='loop' (or 'auto'), which runs them as the members do, or "
+                "disable it (model.gradient_checkpointing_disable(), or no "
+                "checkpoint_wrapper).",
+                paths=e.paths,
+            ) from e
         except MetaTensorError:
             raise  # the package's own refusals (_refuse_written) say what ran
         except RuntimeError as e:

@@ -700,6 +700,7 @@ def estimate(
     tensor_parallel_plan: dict[str, str] | None = None,
     gradient_as_bucket_view: bool = False,
     backend: str | None = None,
+    broadcast_buffers: bool = True,
 ) -> Estimate:
     """Estimate parameters, FLOPs and peak memory of one training step, allocating nothing.
 
@@ -790,6 +791,10 @@ def estimate(
             (the model's ``tp_plan``, else ``config.base_model_tp_plan``).
         gradient_as_bucket_view: DDP's option: gradients are views into its
             buckets instead of a second copy.
+        broadcast_buffers: DDP's option (its default, and Lightning's, is
+            ``True``): the buffers are broadcast from rank 0 before every
+            forward, through one flat copy per bucket, which the peak counts;
+            ``False`` for ``DDPStrategy(broadcast_buffers=False)``.
         backend: the process-group backend whose buffers are simulated:
             ``"nccl"`` (default; whatever ``device`` simulates the kernels) or
             ``"gloo"`` (CPU processes), which stages a copy of each
@@ -873,6 +878,7 @@ def estimate(
         tensor_parallel_plan=tensor_parallel_plan,
         gradient_as_bucket_view=gradient_as_bucket_view,
         backend=backend,
+        broadcast_buffers=broadcast_buffers,
     )
     if (
         parallel is not None

@@ -99,7 +99,9 @@ class Fit:
     ``limit`` with memory to spare: the answer is then *at least* ``value``.
     ``refused`` is the message of the model's refusal of the next candidate
     (a sequence longer than its positions, which a real forward refuses by
-    index) when that, not memory, bounds the answer; ``""`` otherwise.
+    index), or the length the model declares (an int ``max_seq_length`` of
+    its own, litgpt's ``GPT``: a sequence search with no ``limit`` stops
+    there), when that, not memory, bounds the answer; ``""`` otherwise.
     ``smallest`` is the smallest batch or sequence the model runs (``1``
     unless it refuses smaller ones, as BatchNorm refuses a batch of 1 in
     training): with ``value`` ``None``, ``beyond`` is the estimate there.
@@ -197,10 +199,29 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
     return inputs, size
 
 
-def _varied(e: MetaTensorError, vary: str, given: int, n: int) -> MetaTensorError:
-    """Return ``e`` (an estimate at a size the search chose) saying what the search varied."""
+def _declared_length(module: nn.Module) -> int | None:
+    """The longest sequence ``module`` declares it takes: an int ``max_seq_length`` of its
+    own (litgpt's ``GPT``, whose forward raises "Cannot forward sequence of length" past
+    it; sentence-transformers' models), else ``None``. A refusal by the model's own code
+    is no bound a search may trust (a model that takes square token grids refuses 37 and
+    runs 49), a declared length is."""
+    value = getattr(module, "max_seq_length", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _varied(
+    e: MetaTensorError, vary: str, given: int, n: int, *, ran_at: int | None = None
+) -> MetaTensorError:
+    """Return ``e`` (an estimate at a size the search chose) saying what the search varied;
+    ``ran_at``: a larger size the model ran, which makes ``n``'s refusal no bound."""
     dim = 0 if vary == "batch" else 1
-    if vary == "sequence":
+    if ran_at is not None:
+        fix = (
+            f"Fix: the model runs some sizes and refuses others (at {ran_at} it runs), so no "
+            "largest size can be searched for: estimate the sizes it accepts one by one, or "
+            "make it accept any size"
+        )
+    elif vary == "sequence":
         fix = (
             "Fix: if dim 1 of the inputs is not a sequence (a feature or channel size), search "
             "the batch instead: vary='batch' (--fit batch); otherwise make the model accept "
@@ -408,12 +429,15 @@ def find_fit(
 
     if vary in ("batch", "sequence"):
         inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
-        top = limit or 2**20
+        declared = _declared_length(module) if vary == "sequence" and limit is None else None
+        top = limit or declared or 2**20
         refusals: dict[int, MetaTensorError] = {}
+
+        ran: list[int] = []  # the sizes the model ran
 
         def probe(n: int) -> Estimate | None:
             try:
-                return run(inputs_at(n))
+                found = run(inputs_at(n))
             except MetaTensorError as e:
                 if n == start or isinstance(e, (ArgumentTypeError, ArgumentValueError)):
                     raise  # the inputs as given, or an option: not the search's doing
@@ -421,15 +445,36 @@ def find_fit(
                     # a size below the one given that the model refuses (BatchNorm
                     # refuses a batch of 1 in training): smaller ones are refused too
                     return None
-                # a size the forward refuses by index (positions beyond the
-                # model's): larger ones are refused too; at 1 it is the model's
+                # a size above the one given that the forward refuses by index
+                # (positions beyond the model's): larger ones are taken to be refused
+                # too, which the sizes the search ran must not contradict (below);
+                # at 1 it is the model's
                 if n == 1 or not isinstance(e.__cause__, IndexRefusal):
                     raise _varied(e, vary, start, n) from e
                 refusals[n] = e
                 return None
+            ran.append(n)
+            return found
 
         value, at, beyond, runs, smallest = _search(probe, budget, start, top, True)
+        if value is not None and value + 1 in refusals:
+            # The answer is a refusal's bound. Twice the size that runs keeps its
+            # factors, and so does the size plus its largest power of two: a model
+            # that takes only multiples of something (a patch, a power of two)
+            # runs one of them, and is not bounded there.
+            for n in (2 * value, value + (value & -value)):
+                if value + 1 < n <= top and n not in refusals and n not in ran:
+                    probe(n)
+                    runs += 1
+        for n, e in sorted(refusals.items()):
+            larger = [m for m in ran if m > n]
+            if larger:  # refused at n but run above it: no bound to stop below
+                raise _varied(e, vary, start, n, ran_at=min(larger)) from e
         refused = refusals.get(value + 1) if value is not None else None
+        # the estimate's own Fix is for its inputs: the search found this bound
+        bound = str(refused).partition(" Fix: ")[0].rstrip(" .") if refused is not None else ""
+        if declared is not None and value == top:
+            bound = f"longer than {type(module).__name__}.max_seq_length ({declared})"
         return Fit(
             vary,
             value,
@@ -438,8 +483,8 @@ def find_fit(
             beyond,
             runs,
             top,
-            at_limit=value == top,
-            refused=str(refused) if refused is not None else "",
+            at_limit=value == top and not bound,
+            refused=bound,
             smallest=smallest,
         )
     if global_batch is not None and (

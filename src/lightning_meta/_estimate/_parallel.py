@@ -66,6 +66,7 @@ class Parallel:
     plan: dict[str, str] | None
     gradient_as_bucket_view: bool
     backend: str = "nccl"
+    broadcast_buffers: bool = True
 
     @property
     def data_parallel(self) -> int:
@@ -97,7 +98,10 @@ def _positive(value: Any, name: str, fix: str) -> int:
 def option(name: str) -> str:
     """Argument ``name`` of ``estimate`` as its reader types it: ``world_size`` in Python,
     ``--world-size`` on the command line."""
-    flag = "--no-reshard-after-forward" if name == "reshard_after_forward" else None
+    flag = {
+        "reshard_after_forward": "--no-reshard-after-forward",
+        "broadcast_buffers": "--no-broadcast-buffers",
+    }.get(name)
     return spelled(name, flag or "--" + name.replace("_", "-"))
 
 
@@ -193,6 +197,7 @@ def resolve_parallel(
     tensor_parallel_plan: Any,
     gradient_as_bucket_view: Any,
     backend: Any = None,
+    broadcast_buffers: Any = True,
 ) -> Parallel | None:
     """Check the strategy options of ``estimate``; return them, or ``None`` for one process.
 
@@ -208,6 +213,8 @@ def resolve_parallel(
         blocks: the container of blocks, or their classes.
         tensor_parallel_plan: module name patterns -> style.
         gradient_as_bucket_view: DDP's option.
+        broadcast_buffers: DDP's option (``True``, its default: the buffers'
+            broadcast before each forward is simulated).
         backend: the process group's backend whose buffers are simulated:
             ``"nccl"`` (the default, whatever device simulates the kernels) or
             ``"gloo"``, which also stages a copy of every all-gather and
@@ -238,6 +245,12 @@ def resolve_parallel(
             f"{gradient_as_bucket_view!r}. Fix: pass True (gradients as views into DDP's "
             "buckets) or False (DDP's default)."
         )
+    if not isinstance(broadcast_buffers, bool):
+        raise ArgumentTypeError(
+            f"estimate: broadcast_buffers must be True or False, got {broadcast_buffers!r}. "
+            "Fix: pass False for DDPStrategy(broadcast_buffers=False), or leave it out "
+            "(True, DDP's default)."
+        )
     given = {
         "world_size": world_size is not None,
         "tensor_parallel": tensor_parallel != 1,
@@ -247,6 +260,7 @@ def resolve_parallel(
         "blocks": blocks is not None,
         "tensor_parallel_plan": tensor_parallel_plan is not None,
         "gradient_as_bucket_view": bool(gradient_as_bucket_view),
+        "broadcast_buffers": not broadcast_buffers,
         "backend": backend is not None,
     }
     if strategy is None:
@@ -301,9 +315,12 @@ def resolve_parallel(
                 f"Fix: pass {spelled(_FSDP, '--strategy fsdp')} (FSDP2 and "
                 "tensor parallel, Lightning's ModelParallelStrategy), or leave them out."
             )
-    elif given["gradient_as_bucket_view"]:
+    elif given["gradient_as_bucket_view"] or given["broadcast_buffers"]:
+        name = (
+            "gradient_as_bucket_view" if given["gradient_as_bucket_view"] else "broadcast_buffers"
+        )
         raise ArgumentValueError(
-            f"estimate: {option('gradient_as_bucket_view')} is a DDP option. Fix: pass "
+            f"estimate: {option(name)} is a DDP option. Fix: pass "
             f"{spelled(_DDP, '--strategy ddp')}, or leave it out."
         )
     if world % tp:
@@ -341,4 +358,5 @@ def resolve_parallel(
         plan=_plan(tensor_parallel_plan),
         gradient_as_bucket_view=bool(gradient_as_bucket_view),
         backend=backend or "nccl",
+        broadcast_buffers=broadcast_buffers,
     )

@@ -294,7 +294,8 @@ class RankStep:
             else:
                 if self.parallel.gradient_as_bucket_view:
                     stack.enter_context(self._bucket_views())
-                stack.enter_context(self._buffer_sync(tracker))
+                if self.parallel.broadcast_buffers:
+                    stack.enter_context(self._buffer_sync(tracker))
             yield self
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ import copy
 import io
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -271,6 +272,17 @@ def _is_lightning_module(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
         return False
     return isinstance(module, LightningModule)
+
+
+def is_lightning_module_class(obj: object) -> bool:
+    """Whether ``obj`` is a ``LightningModule`` subclass (also of the old package name,
+    ``pytorch_lightning``, where the target imported it: its checkpoints are the same)."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+        return False
+    old = getattr(sys.modules.get("pytorch_lightning"), "LightningModule", LightningModule)
+    return isinstance(obj, type) and issubclass(obj, (LightningModule, old))
 
 
 def _lightnings_own(module: nn.Module, method: str) -> bool:

@@ -215,6 +215,8 @@ def load_checkpoint(
         allow_uninitialized=allow_uninitialized,
         strict=strict,
     )
+    if args.dtype is not None:
+        _warn_float32_kept(module, args.dtype)
     # Eager code loads into a model built before, copying into its tensors,
     # which stay normal tensors under the caller's torch.inference_mode();
     # tensors made here under it would be inference tensors, which autograd
@@ -279,3 +281,30 @@ def load_checkpoint(
         follow_own_conversions(module, args.device, args.dtype)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report
+
+
+def _warn_float32_kept(module: nn.Module, dtype: torch.dtype) -> None:
+    """Warn where ``dtype=`` casts what transformers' ``from_pretrained`` keeps in float32
+    (T5's ``wo`` layers in float16: 2.5 off in logits of 5 on a tiny T5): the load gives
+    ``module.to(dtype)``'s dtypes, as documented, and says how to get ``from_pretrained``'s."""
+    import warnings
+
+    from lightning_meta._compat import transformers_float32_kept
+    from lightning_meta._errors import MetaTensorWarning
+
+    for path, (pattern, names) in transformers_float32_kept(module, dtype).items():
+        model = module.get_submodule(path) if path else module
+        at = f"module.{path}" if path else "module"
+        warnings.warn(
+            MetaTensorWarning(
+                f"load_checkpoint: dtype={dtype} casts {len(names)} tensors of "
+                f"{type(model).__name__} that transformers' from_pretrained keeps in float32 "
+                f"for {dtype} (its _keep_in_fp32_modules: first {names[0]!r}), as "
+                f"module.to({dtype}) does. Fix: to load as from_pretrained does, build the "
+                "model in float32, leave dtype out, then cast the others: "
+                f"lm.load_checkpoint(module, path); for name, t in {at}.state_dict("
+                "keep_vars=True).items(): if t.is_floating_point() and not "
+                f"re.search(r{pattern!r}, name): t.data = t.data.to({dtype})."
+            ),
+            stacklevel=3,
+        )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import mmap
 import os
@@ -63,11 +64,12 @@ def corrupt(where: str | Path, problem: str) -> MetaTensorError:
 def io_error(where: str | Path, e: OSError) -> MetaTensorError:
     """Return the error for a checkpoint file the system cannot open or read."""
     reason = e.strerror or type(e).__name__
-    fix = (
-        "Fix: give this user read permission on it (chmod/chown), or copy it somewhere readable."
-        if isinstance(e, PermissionError)
-        else "Fix: check that the path exists, is a regular file and is readable."
-    )
+    if isinstance(e, PermissionError):
+        fix = "Fix: give this user read permission on it (chmod/chown), or copy it somewhere readable."
+    elif e.errno == errno.ELOOP:
+        fix = "Fix: a symbolic link on the path leads back to itself; point it at the checkpoint."
+    else:
+        fix = "Fix: check that the path exists, is a regular file and is readable."
     return MetaTensorError(f"cannot read {str(where)!r}: {reason}. {fix}", paths=[str(where)])
 
 

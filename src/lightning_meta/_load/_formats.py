@@ -19,10 +19,11 @@ and reads no tensor data. The readers of one file live in
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._load._files import head, io_error
@@ -90,7 +91,7 @@ def open_source(
     if is_dir:
         return _open_directory(p, safe_globals, prefix)
     if not is_file:
-        raise MetaTensorError(f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)])
+        _missing(p)
     if p.name == ".metadata" and _DCP_METADATA in head(p, 64):
         # torch.distributed.checkpoint's metadata file, named like an index: its
         # directory is the checkpoint (read as a torch pickle, it would need the
@@ -107,6 +108,30 @@ def open_source(
         f"{str(p)!r} is not a checkpoint format lightning_meta knows (first bytes {first[:8]!r}): "
         "expected a torch zip or legacy file, safetensors, a '*.index.json', or a "
         "torch.distributed.checkpoint directory. Fix: pass one of those.",
+        paths=[str(p)],
+    )
+
+
+def _missing(p: Path) -> NoReturn:
+    """Raise the error of a path that is neither a file nor a directory: pathlib's tests
+    answer False for a symbolic link loop too, which ``os.stat`` names."""
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise MetaTensorError(
+                f"{str(p)!r} is a symbolic link to {os.readlink(p)!r}, which does not exist. "
+                "Fix: point the link at the checkpoint, or pass the checkpoint's path.",
+                paths=[str(p)],
+            ) from None
+        raise MetaTensorError(
+            f"no checkpoint at {str(p)!r}. Fix: check the path.", paths=[str(p)]
+        ) from None
+    except OSError as e:  # a loop of links, a file used as a folder
+        raise io_error(p, e) from e
+    raise MetaTensorError(
+        f"{str(p)!r} is neither a file nor a directory (a device, a pipe or a socket). Fix: "
+        "pass the checkpoint file or its directory.",
         paths=[str(p)],
     )
 

@@ -591,6 +591,9 @@ def make_plan(
         [prefix + k for k in local if k not in used]
         + [o for o in others if o.startswith(prefix) and o[len(prefix) :] not in used]
     )
+    # values that are not tensors outside the prefix too (a fabric.save file's
+    # "iter_num", an optimizer's hyperparameters): the report's list is complete
+    plan.ignored += [o for o in others if not o.startswith(prefix)]
     plan.missing.sort()
     plan.not_tensors.sort()
     plan.unsupported.sort()
@@ -666,6 +669,21 @@ def mismatch_error(
             f"    {u!r}{_close(ul, plan.missing)}"
             for u, ul in zip(plan.unexpected, unexpected_local, strict=True)
         ]
+    # Not dropped as from_pretrained drops them: a key its patterns match may be a
+    # weight of another configuration (DeBERTa's position_embeddings), which
+    # strict=True exists to catch. Named, where of a module the model has (leftovers,
+    # not a prefix that differs).
+    lenient = _compat.transformers_ignored_unexpected(module, unexpected_local)
+    if lenient:
+        modules = {n for n, _ in module.named_modules()}
+        lenient = {u for u in lenient if u.rpartition(".")[0] in modules}
+    if lenient:
+        first = next(u for u in unexpected_local if u in lenient)
+        lines.append(
+            f"transformers' from_pretrained ignores {len(lenient)} of the unexpected keys for "
+            f"this model (its _keys_to_ignore_on_load_unexpected: first {first!r}); strict "
+            "load_state_dict does not, nor does this load."
+        )
     conversions = _compat.transformers_conversions(module, unexpected_local)
     if conversions:
         # transformers 5 saves some layers in another layout than the module holds
@@ -704,28 +722,54 @@ def mismatch_error(
             + " mapped the checkpoint's keys as load_state_dict does."
         )
     else:
-        inner = _saved_from(plan.missing, unexpected_local)
-        lines.append(
-            (
-                f"Fix: the checkpoint holds the keys of submodule {inner!r}: load into it ("
-                + spelled(f"lm.load_checkpoint(module.{inner}, ...)", "a target that builds it")
-                + f"; {spelled('prefix=', '--prefix')} only strips a prefix from checkpoint "
-                f"keys), or {spelled('strict=False', '--no-strict')} to load what matches and "
-                "get the rest listed in the report."
-            )
-            if inner is not None
-            else "Fix: load into the module the checkpoint was saved from, pass "
-            f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute, or "
-            f"{spelled('strict=False', '--no-strict')} to load what matches and get the rest "
-            "listed in the report."
+        saved_from = _saved_from(plan.missing, unexpected_local)
+        inner, extra = saved_from if saved_from is not None else (None, [])
+        rest = (
+            f", or {spelled('strict=False', '--no-strict')} to load what matches and get the "
+            "rest listed in the report."
+            if plan.load
+            else f"; {spelled('strict=False', '--no-strict')} on this module would load nothing."
         )
+        if inner is not None:
+            # Keys the submodule has no place for may be leftovers (the hub's first GPT-2
+            # files hold attention masks no GPT2Model keeps) or trained weights (biases a
+            # model built without them lacks): named, for the reader to judge.
+            fix = (
+                f"Fix: the checkpoint holds the keys of submodule {inner!r}"
+                + (f", and {len(extra)} it has no place for (first {extra[0]!r})" if extra else "")
+                + ": load into it ("
+                + spelled(f"lm.load_checkpoint(module.{inner}, ...)", "a target that builds it")
+                + (
+                    f", with {spelled('strict=False', '--no-strict')} if those {len(extra)} are "
+                    "not weights it needs (they are then listed, not loaded)"
+                    if extra
+                    else ""
+                )
+                + f"; {spelled('prefix=', '--prefix')} only strips a prefix from checkpoint "
+                "keys)" + rest
+            )
+        else:
+            fix = (
+                "Fix: "
+                + spelled(
+                    "load into the module the checkpoint was saved from",
+                    "build the model the checkpoint was saved from (its arguments: --args)",
+                )
+                + (", pass " if plan.load else ", or pass ")
+                + f"{spelled('prefix=', '--prefix')} if its keys sit under another attribute"
+                + rest
+            )
+        lines.append(fix)
     paths = [*plan.missing, *plan.unexpected, *(n for n, _, _ in plan.mismatched)]
     return MetaTensorError("\n".join(lines), paths=paths)
 
 
-def _saved_from(missing: list[str], unexpected: list[str]) -> str | None:
+def _saved_from(missing: list[str], unexpected: list[str]) -> tuple[str, list[str]] | None:
     """The submodule whose ``state_dict`` names every unexpected key, shortest first (a base
-    model's checkpoint loaded into a model with a head: ``transformer`` of GPT2LMHeadModel)."""
+    model's checkpoint loaded into a model with a head: ``transformer`` of GPT2LMHeadModel),
+    with ``[]``; else the one whose missing names the checkpoint all holds under its name
+    and which names most of them (at least half), with the unexpected keys it does not
+    name (attention masks of the hub's first GPT-2 files, a pooler, a deeper layer)."""
     if not unexpected:
         return None
     wanted = set(unexpected)
@@ -733,11 +777,18 @@ def _saved_from(missing: list[str], unexpected: list[str]) -> str | None:
         {m.rsplit(".", i)[0] for m in missing for i in range(1, m.count(".") + 1)},
         key=lambda o: (o.count("."), o),
     )
+    best: tuple[str, set[str]] | None = None
     for owner in owners:
         names = {m[len(owner) + 1 :] for m in missing if m.startswith(owner + ".")}
         if wanted <= names:
-            return owner
-    return None
+            return owner, []
+        if (
+            names <= wanted
+            and 2 * len(names) >= len(wanted)
+            and (best is None or len(names) > len(best[1]))
+        ):
+            best = owner, names
+    return (best[0], sorted(wanted - best[1])) if best is not None else None
 
 
 def unsupported_error(where: str, plan: Plan) -> MetaTensorError:

@@ -325,6 +325,10 @@ class _Storages:
             _, stype, key, _location, numel = pid
         if not isinstance(stype, StorageType):
             raise ValueError(f"storage type {stype!r} is not a torch storage class")
+        if isinstance(key, int) and not self.legacy:
+            # torch.load names the record f"data/{key}": litgpt's incremental_save
+            # (every lit_model.pth convert_hf_checkpoint writes) numbers its storages
+            key = str(key)
         if not isinstance(key, str):
             raise ValueError(f"storage key {key!r} is not a str")
         ref = StorageRef(key, stype.dtype, _int(numel, "storage size"))

@@ -57,7 +57,14 @@ from lightning_meta._settings import differs, plain_number
 from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
-__all__ = ["STACKS_MEMBERS", "MetaTemplate", "TemplateState", "ensembles_in", "meta_template"]
+__all__ = [
+    "STACKS_MEMBERS",
+    "CheckpointingRefused",
+    "MetaTemplate",
+    "TemplateState",
+    "ensembles_in",
+    "meta_template",
+]
 
 Factory = Callable[[], nn.Module]
 _T = TypeVar("_T")
@@ -1866,6 +1873,11 @@ def _write_back(
         setattr(source.get_submodule(prefix), leaf, given[name])
 
 
+class CheckpointingRefused(MetaTensorError):
+    """A template call refused for activation checkpointing at ``paths`` (an ensemble
+    says it in its own words)."""
+
+
 def _refuse_checkpointing(layout: _Layout) -> None:
     """Refuse a template whose forward recomputes activations in backward."""
     module = layout.modules[0]
@@ -1876,7 +1888,7 @@ def _refuse_checkpointing(layout: _Layout) -> None:
         or (vars(sub).get("gradient_checkpointing") is True and sub.training)
     ]
     if found:
-        raise MetaTensorError(
+        raise CheckpointingRefused(
             f"MetaTemplate({type(module).__name__}) recomputes activations in backward "
             f"(activation checkpointing) at {', '.join(map(repr, found))}: the recomputation "
             "runs after the call, when the template holds its meta tensors again, and would "
