@@ -1491,6 +1491,18 @@ def transformers_unsaved(module: nn.Module) -> set[str]:
     return found
 
 
+def _outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, submodule)`` of each transformers object in ``module`` that no other one
+    holds: the model whose class attributes (``from_pretrained``'s rules) apply below it."""
+    models: list[tuple[str, nn.Module]] = []
+    for path, sub in module.named_modules():
+        if is_transformers_object(sub) and not any(
+            not p or path.startswith(f"{p}.") for p, _ in models
+        ):
+            models.append((path, sub))
+    return models
+
+
 def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> set[str]:
     """The ``keys`` (names in ``module``) that transformers' ``from_pretrained`` drops from
     its unexpected keys: the patterns of the outermost transformers models'
@@ -1500,14 +1512,8 @@ def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> s
     one per layer). ``set()`` where ``module`` holds no transformers model. Checked on
     transformers 4.57 and 5.3.
     """
-    models: list[tuple[str, nn.Module]] = []
-    for path, sub in module.named_modules():
-        if is_transformers_object(sub) and not any(
-            not p or path == p or path.startswith(f"{p}.") for p, _ in models
-        ):
-            models.append((path, sub))
     found: set[str] = set()
-    for path, sub in models:
+    for path, sub in _outermost_transformers_models(module):
         given = getattr(sub, "_keys_to_ignore_on_load_unexpected", None)
         patterns = (
             [p for p in given if isinstance(p, str)]
@@ -1542,13 +1548,7 @@ def transformers_float32_kept(
     if dtype not in (torch.float16, torch.bfloat16):
         return {}
     found: dict[str, tuple[str, list[str]]] = {}
-    models: list[str] = []
-    for path, sub in module.named_modules():
-        if not is_transformers_object(sub) or any(
-            not p or path == p or path.startswith(f"{p}.") for p in models
-        ):
-            continue
-        models.append(path)
+    for path, sub in _outermost_transformers_models(module):
         plan = getattr(sub, "_get_dtype_plan", None)
         if callable(plan):
             names = [n for n in plan(dtype) if isinstance(n, str)]

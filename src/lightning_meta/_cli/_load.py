@@ -194,10 +194,11 @@ def _lightning_factory(args: argparse.Namespace, trusted: list[Any]) -> Any:
     if not is_lightning_module_class(cls):
         return None
     saved = _saved_hyperparameters(args.checkpoint, trusted)
-    if not saved:
+    if saved is None:
         return None
+    values, saved_name = saved
     positional, given = parse_arguments(args.args)
-    if "_instantiator" in saved:
+    if "_instantiator" in values:
         if args.args is not None:
             sys.stderr.write(
                 f"lightning-meta load-check: note: {cls.__name__} built with --args alone: the "
@@ -216,8 +217,6 @@ def _lightning_factory(args: argparse.Namespace, trusted: list[Any]) -> Any:
         n for n, p in list(init.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in init.values())
-    saved_name = saved.pop("hparams_name", None)
-    values = saved.pop("hyper_parameters")
     if isinstance(saved_name, str) and saved_name in names:
         values = {saved_name: values}  # save_hyperparameters(config): one argument
     bound = names[: len(positional)]  # --args given as a list fill these
@@ -256,8 +255,10 @@ def _tensors(value: Any, path: str) -> list[str]:
     return []
 
 
-def _saved_hyperparameters(checkpoint: str, trusted: list[Any]) -> dict[str, Any] | None:
-    """The ``hyper_parameters`` (and ``hparams_name``) of a Lightning checkpoint file, read safely.
+def _saved_hyperparameters(
+    checkpoint: str, trusted: list[Any]
+) -> tuple[dict[str, Any], object] | None:
+    """The ``hyper_parameters`` and ``hparams_name`` of a Lightning checkpoint file, read safely.
 
     ``None`` where the path is not a torch file holding a mapping of them, or
     cannot be read: the load that follows reports that file's problem.
@@ -278,17 +279,11 @@ def _saved_hyperparameters(checkpoint: str, trusted: list[Any]) -> dict[str, Any
         return None
     # Lightning's order: the keys of its first versions, then this one's
     old = [obj.get(k) for k in ("hparams", "module_arguments")]
-    found: dict[str, Any] = {
-        "hyper_parameters": {
-            **{k: v for o in old if isinstance(o, dict) for k, v in o.items()},
-            **obj["hyper_parameters"],
-        }
+    values = {
+        **{k: v for o in old if isinstance(o, dict) for k, v in o.items()},
+        **obj["hyper_parameters"],
     }
-    if "hparams_name" in obj:
-        found["hparams_name"] = obj["hparams_name"]
-    if "_instantiator" in obj["hyper_parameters"]:
-        found["_instantiator"] = True
-    return found
+    return values, obj.get("hparams_name")
 
 
 def _trusted(name: str, target: str) -> list[Any]:

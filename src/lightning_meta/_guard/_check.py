@@ -266,33 +266,36 @@ def own_configure_model(module: nn.Module) -> Callable[[], None] | None:
     return cast("Callable[[], None]", module.configure_model)
 
 
-def _is_lightning_module(module: nn.Module) -> bool:
+def _lightning_module_class() -> type | None:
     try:
         from lightning.pytorch import LightningModule
     except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
-        return False
-    return isinstance(module, LightningModule)
+        return None
+    return LightningModule
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    base = _lightning_module_class()
+    return base is not None and isinstance(module, base)
 
 
 def is_lightning_module_class(obj: object) -> bool:
     """Whether ``obj`` is a ``LightningModule`` subclass (also of the old package name,
     ``pytorch_lightning``, where the target imported it: its checkpoints are the same)."""
-    try:
-        from lightning.pytorch import LightningModule
-    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
+    base = _lightning_module_class()
+    if base is None:  # pragma: no cover (the command needs Lightning for its targets)
         return False
-    old = getattr(sys.modules.get("pytorch_lightning"), "LightningModule", LightningModule)
-    return isinstance(obj, type) and issubclass(obj, (LightningModule, old))
+    old = getattr(sys.modules.get("pytorch_lightning"), "LightningModule", base)
+    return isinstance(obj, type) and issubclass(obj, (base, old))
 
 
 def _lightnings_own(module: nn.Module, method: str) -> bool:
     """Whether ``module`` is a ``LightningModule`` that does not override ``method``."""
-    try:
-        from lightning.pytorch import LightningModule
-    except ImportError:  # pragma: no cover (the command needs Lightning for its targets)
-        return False
-    return isinstance(module, LightningModule) and getattr(type(module), method, None) is getattr(
-        LightningModule, method, None
+    base = _lightning_module_class()
+    return (
+        base is not None
+        and isinstance(module, base)
+        and getattr(type(module), method, None) is getattr(base, method, None)
     )
 
 
