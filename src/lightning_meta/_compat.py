@@ -63,6 +63,7 @@ __all__ = [
     "is_unallocated_read",
     "is_torch_meta_error",
     "is_weights_only_refusal",
+    "is_share_memory_refusal",
     "lacks_fake_kernel",
     "quiet_fake_tensor_log",
     "state_bytes",
@@ -81,6 +82,8 @@ __all__ = [
     "non_persistent_of",
     "op_schema",
     "transformers_conversions",
+    "transformers_runs_real_path",
+    "VECTORS_FLAG",
     "unwrapped",
     "is_weakref_swap_refusal",
     "call_writes",
@@ -758,6 +761,14 @@ def is_subclass_refusal(e: BaseException) -> bool:
     return "Creating a new Tensor subclass" in text and "FakeTensor" in text
 
 
+def is_share_memory_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is torch refusing to move a fake tensor's storage to shared memory
+    (``Tensor.share_memory_()``, ``Module.share_memory()``: "_share_fd_: only available on
+    CPU"; ``_share_filename_`` under the file-system sharing strategy)."""
+    text = str(e)
+    return ("_share_fd_" in text or "_share_filename_" in text) and "only available on" in text
+
+
 def is_weights_only_refusal(e: BaseException) -> bool:
     """Whether ``torch.load(weights_only=True)`` refused a global (not a corrupt file)."""
     return "Weights only load failed" in str(e)
@@ -1427,6 +1438,67 @@ def transform_level() -> int | None:
     Uses ``torch._C._functorch.maybe_current_level``.
     """
     return torch._C._functorch.maybe_current_level()  # type: ignore[no-any-return]
+
+
+# The ATen ops that torch's values-only linear algebra (svdvals, eigvalsh and the norms
+# made of them) calls, and the position and name of their "vectors too" flag: on a tensor
+# subclass it is set (see lightning_meta._deferred._functions). Same schemas on torch 2.6,
+# 2.13 and 2.15.
+VECTORS_FLAG: dict[Any, tuple[int, str]] = {
+    torch.ops.aten._linalg_svd.default: (2, "compute_uv"),
+    torch.ops.aten._linalg_eigh.default: (2, "compute_v"),
+}
+
+
+# FakeTensorModes whose tensors transformers must take for real ones (see
+# transformers_runs_real_path); the patch is installed while the list is not empty
+_REAL_PATH_MODES: list[object] = []
+_REAL_PATH_LOCK = threading.Lock()
+_REAL_PATH_SAVED: list[Callable[[object], bool]] = []
+
+
+@contextlib.contextmanager
+def transformers_runs_real_path(mode: object) -> Iterator[None]:
+    """Within the block, transformers' ``is_tracing(tensor)`` is false for a fake tensor of
+    ``mode``, as it is for the real tensor that fake stands for.
+
+    transformers (5.x) takes any ``FakeTensor`` for a sign of ``torch.export`` and then runs
+    its export path: a full 4-D attention mask where a real run passes ``is_causal`` (an
+    all-ones ``attention_mask``: 19 % over on Llama and BERT), Mamba's associative scan where
+    a real CPU run loops (48 % over). ``estimate`` simulates the real run, so its fakes must
+    take the real run's branches. Replaces ``transformers.utils.import_utils.is_fake_tensor``
+    (what ``is_tracing`` calls) while any such block is open, in any thread, with a function
+    that answers as before for every other tensor, fakes of other modes included; restored
+    when the last block exits. A no-op where transformers is not imported or has no such
+    function (4.57 checks no fake tensor). Checked on transformers 4.57, 5.3 and 5.24.
+    """
+    utils: Any = sys.modules.get("transformers.utils.import_utils")
+    if utils is None or not callable(getattr(utils, "is_fake_tensor", None)):
+        yield
+        return
+    with _REAL_PATH_LOCK:
+        if not _REAL_PATH_MODES:
+            original = utils.is_fake_tensor
+
+            def is_fake_tensor(x: object) -> bool:
+                mode_of = getattr(x, "fake_mode", None)
+                if any(mode_of is m for m in _REAL_PATH_MODES):
+                    return False
+                return bool(original(x))
+
+            _REAL_PATH_SAVED[:] = [original, is_fake_tensor]
+            utils.is_fake_tensor = is_fake_tensor
+        _REAL_PATH_MODES.append(mode)
+    try:
+        yield
+    finally:
+        with _REAL_PATH_LOCK:
+            _REAL_PATH_MODES.remove(mode)
+            if not _REAL_PATH_MODES:
+                original, installed = _REAL_PATH_SAVED
+                if utils.is_fake_tensor is installed:  # nobody patched it over ours
+                    utils.is_fake_tensor = original
+                _REAL_PATH_SAVED.clear()
 
 
 def is_transformers_object(value: object) -> bool:

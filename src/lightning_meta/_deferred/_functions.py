@@ -51,7 +51,14 @@ from lightning_meta._compat import FakeTensor
 from lightning_meta._deferred._record_errors import recording_error
 from lightning_meta._errors import MaterializationError
 
-__all__ = ["PARAMETER_CLASS", "conversion_refused", "value_in_block", "value_reads"]
+__all__ = [
+    "PARAMETER_CLASS",
+    "conversion_refused",
+    "eager_vectors",
+    "value_in_block",
+    "value_reads",
+    "values_only",
+]
 
 
 class Reads(Protocol):
@@ -413,3 +420,67 @@ def value_reads(fake_mode: object, reader: Reads) -> Iterator[None]:
                     del torch.Tensor.data
                 else:
                     torch.Tensor.data = data
+
+
+# torch's functions that return only values (singular values, eigenvalues, norms made of
+# them) and ask ATen for the vectors too when their input is a tensor subclass, so that
+# the result could be differentiated (``_may_require_fw_or_bw_grad`` in torch's
+# BatchLinearAlgebra.cpp): on a block's fake tensor ``svdvals`` records
+# ``_linalg_svd(compute_uv=True)``, whose singular values differ from those of eager's
+# ``compute_uv=False`` in the last bits (LAPACK runs another routine).
+_VALUES_ONLY = frozenset(
+    {
+        torch.linalg.svdvals,
+        torch.linalg.eigvalsh,
+        torch.linalg.matrix_norm,
+        torch.linalg.norm,
+        torch.linalg.cond,
+        torch.linalg.matrix_rank,
+        torch.nuclear_norm,
+        torch.norm,
+        torch.functional.norm,
+        torch.Tensor.norm,
+    }
+)
+_CALLS = threading.local()
+
+
+class _ValuesOnly(torch.overrides.TorchFunctionMode):
+    """Note, for the recorder, a values-only function whose eager call asks for no vectors."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func not in _VALUES_ONLY:
+            return func(*args, **kwargs)
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        # eager asks for the vectors itself when the input needs a gradient
+        if not isinstance(first, torch.Tensor) or (torch.is_grad_enabled() and first.requires_grad):
+            return func(*args, **kwargs)
+        depth = getattr(_CALLS, "depth", 0)
+        _CALLS.depth = depth + 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _CALLS.depth = depth
+
+
+def values_only() -> contextlib.AbstractContextManager[Any]:
+    """A block's ``TorchFunctionMode``: see :func:`eager_vectors`."""
+    return _ValuesOnly()
+
+
+def eager_vectors(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``func``'s arguments as eager passes them: ``_linalg_svd`` / ``_linalg_eigh`` called
+    by a values-only function (``svdvals``, ``eigvalsh``, ``matrix_norm(ord=2)``...) ask
+    for no vectors, as on a real tensor."""
+    flag = _compat.VECTORS_FLAG.get(func)
+    if flag is None or not getattr(_CALLS, "depth", 0):
+        return args, kwargs
+    index, name = flag
+    if len(args) > index:
+        return (*args[:index], False, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: False}

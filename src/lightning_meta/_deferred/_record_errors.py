@@ -235,6 +235,8 @@ def _torch_call(e: BaseException) -> str | None:
     """The innermost line of torch's own Python in ``e``'s traceback (``file:line: code``),
     where torch called the C++ that failed; ``None`` when the user's code called it."""
     frames = traceback.extract_tb(e.__traceback__)
+    while frames and frames[-1].filename.startswith(_OWN_DIR):
+        frames.pop()  # the block's TorchFunctionMode passing torch's call on
     if not frames or not frames[-1].filename.startswith(_TORCH_DIR):
         return None
     last = frames[-1]
@@ -289,5 +291,20 @@ def torch_refusal(e: BaseException) -> MaterializationError | None:
             "block are FakeTensors, which cannot become another class. Fix: keep a plain "
             "tensor in the module and wrap it in forward, or build this tensor after "
             "materialize and assign it then."
+        )
+    if _compat.is_share_memory_refusal(e):
+        what = "Tensor.share_memory_()"
+        tb = e.__traceback__
+        while tb is not None:  # the outermost Module.share_memory() names the module
+            code = tb.tb_frame.f_code
+            if code.co_name == "share_memory" and code.co_filename.startswith(_TORCH_DIR):
+                what = f"{type(tb.tb_frame.f_locals.get('self')).__name__}.share_memory()"
+                break
+            tb = tb.tb_next
+        return MaterializationError(
+            f"deferred_init cannot record {what} issued at {_raised_at(e)}: the tensors of a "
+            "deferred_init block hold no memory to share, and materialize would give "
+            "tensors that are not shared. Fix: call share_memory() on the module after "
+            "materialize (or after MetaGuard or fabric_setup has materialized it)."
         )
     return None

@@ -48,7 +48,7 @@ from lightning_meta._compat import (
 )
 from lightning_meta._deferred import _ambient
 from lightning_meta._deferred._ambient import Ambient
-from lightning_meta._deferred._functions import conversion_refused
+from lightning_meta._deferred._functions import conversion_refused, eager_vectors
 from lightning_meta._deferred._lineage import GARBAGE, RANDOM, Lineage
 from lightning_meta._deferred._record import (
     LIFT_FRESH,
@@ -651,6 +651,7 @@ class Recorder(RecordingDispatchMode):
         # The hot path of recording: one call per ATen op issued by the model,
         # so the phases avoid generator expressions and share what they can.
         kwargs = kwargs or {}
+        args, kwargs = eager_vectors(func, args, kwargs)
         if func is _IS_SET_TO:
             return self._is_set_to(*args, **kwargs)
         if self._arrays:
@@ -701,10 +702,13 @@ class Recorder(RecordingDispatchMode):
                     None,
                     "puts a tensor onto the storage of another tensor made in the block "
                     "(Tensor.set_(other.untyped_storage(), offset, size), as flat-parameter "
-                    "code does), which the block does not record",
+                    "code does, and as torch does to write through a storage: "
+                    "t.untyped_storage().fill_(v) or .copy_(src)), which the block does "
+                    "not record",
                     "take views of the other tensor instead (`p.data = flat[o:o + n]"
                     ".view_as(p)`, which the block records and replays with eager's "
-                    "sharing), or do it after materialize",
+                    "sharing), write through the tensor rather than its storage "
+                    "(t.data.fill_(v)), or do it after materialize",
                 )
             raise self.values.error(
                 info.name,

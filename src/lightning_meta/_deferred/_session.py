@@ -24,7 +24,12 @@ from torch.nn.modules.module import (
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor, FakeTensorMode, OwnedFakeMode, is_swap_refusal
 from lightning_meta._deferred._escaped import close_fake_mode
-from lightning_meta._deferred._functions import PARAMETER_CLASS, conversion_refused, value_reads
+from lightning_meta._deferred._functions import (
+    PARAMETER_CLASS,
+    conversion_refused,
+    value_reads,
+    values_only,
+)
 from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._record_errors import path_of, recording_error, torch_refusal
 from lightning_meta._deferred._recorder import Recorder
@@ -91,6 +96,7 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
             with (
                 _compat.parameter_calls(_parameter_hook(recorder, fake)),
                 value_reads(fake, recorder),
+                values_only(),
                 fake,
                 recorder,
             ):

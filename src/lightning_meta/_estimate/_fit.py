@@ -101,7 +101,10 @@ class Fit:
     (a sequence longer than its positions, which a real forward refuses by
     index), or the length the model declares (an int ``max_seq_length`` of
     its own, litgpt's ``GPT``: a sequence search with no ``limit`` stops
-    there), when that, not memory, bounds the answer; ``""`` otherwise.
+    there), or the positions a transformers config gives
+    (``config.max_position_embeddings``, where the model refuses the next
+    length in words naming it: BERT), when that, not memory, bounds the
+    answer; ``""`` otherwise.
     ``smallest`` is the smallest batch or sequence the model runs (``1``
     unless it refuses smaller ones, as BatchNorm refuses a batch of 1 in
     training): with ``value`` ``None``, ``beyond`` is the estimate there.
@@ -205,7 +208,28 @@ def _declared_length(module: nn.Module) -> int | None:
     it; sentence-transformers' models), else ``None``. A refusal by the model's own code
     is no bound a search may trust (a model that takes square token grids refuses 37 and
     runs 49), a declared length is."""
-    value = getattr(module, "max_seq_length", None)
+    return _positive_int(getattr(module, "max_seq_length", None))
+
+
+def _config_positions(module: nn.Module) -> int | None:
+    """The positions a transformers model's config gives it (``max_position_embeddings``):
+    BERT-like models slice a buffer of that many position ids, and a longer sequence fails
+    in their own code on a shape, not by index. That is no length the model must refuse
+    (Llama's rotary positions run past it), so only refusals *above* it are taken as the
+    model's bound, and the same checks as for an index refusal follow."""
+    return _positive_int(getattr(getattr(module, "config", None), "max_position_embeddings", None))
+
+
+def _beyond_positions(e: MetaTensorError, n: int, positions: int | None) -> bool:
+    """Whether ``e``, the refusal of length ``n``, is the model's length: ``n`` beyond the
+    config's ``positions`` and a cause that names that many (BERT: "The expanded size of
+    the tensor (513) must match the existing size (512)"), not a rule of its own."""
+    if positions is None or n <= positions:
+        return False
+    return re.search(rf"(?<![0-9.]){positions}(?![0-9.])", str(e.__cause__)) is not None
+
+
+def _positive_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -225,7 +249,7 @@ def _varied(
         fix = (
             "Fix: if dim 1 of the inputs is not a sequence (a feature or channel size), search "
             "the batch instead: vary='batch' (--fit batch); otherwise make the model accept "
-            "any sequence length"
+            "any sequence length" + spelled(", or pass the longest length it takes as limit=N", "")
         )
     else:
         fix = "Fix: make the model accept any batch size, or search another dimension"
@@ -430,6 +454,7 @@ def find_fit(
     if vary in ("batch", "sequence"):
         inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
         declared = _declared_length(module) if vary == "sequence" and limit is None else None
+        positions = _config_positions(module) if vary == "sequence" else None
         top = limit or declared or 2**20
         refusals: dict[int, MetaTensorError] = {}
 
@@ -446,10 +471,13 @@ def find_fit(
                     # refuses a batch of 1 in training): smaller ones are refused too
                     return None
                 # a size above the one given that the forward refuses by index
-                # (positions beyond the model's): larger ones are taken to be refused
-                # too, which the sizes the search ran must not contradict (below);
-                # at 1 it is the model's
-                if n == 1 or not isinstance(e.__cause__, IndexRefusal):
+                # (positions beyond the model's), or beyond the positions its config
+                # gives: larger ones are taken to be refused too, which the sizes the
+                # search ran must not contradict (below); at 1 it is the model's
+                bounded = isinstance(e.__cause__, IndexRefusal) or _beyond_positions(
+                    e, n, positions
+                )
+                if n == 1 or not bounded:
                     raise _varied(e, vary, start, n) from e
                 refusals[n] = e
                 return None
@@ -473,6 +501,18 @@ def find_fit(
         refused = refusals.get(value + 1) if value is not None else None
         # the estimate's own Fix is for its inputs: the search found this bound
         bound = str(refused).partition(" Fix: ")[0].rstrip(" .") if refused is not None else ""
+        if (
+            value is not None
+            and refused is not None
+            and not isinstance(refused.__cause__, IndexRefusal)
+        ):
+            # the config's length is the bound, or there is none
+            if value != positions or not _beyond_positions(refused, value + 1, positions):
+                raise _varied(refused, vary, start, value + 1) from refused
+            bound = (
+                f"longer than {type(module).__name__}.config.max_position_embeddings "
+                f"({positions}): {bound}"
+            )
         if declared is not None and value == top:
             bound = f"longer than {type(module).__name__}.max_seq_length ({declared})"
         return Fit(

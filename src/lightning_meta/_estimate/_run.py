@@ -426,6 +426,7 @@ def simulate_step(
         _compat.reparametrized(module, state),
         rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
+        _compat.transformers_runs_real_path(mode),
         _trainer_modes(module),
         mode,
         watch.counter,
@@ -508,7 +509,14 @@ def trace_forward(
         if precision.autocast is not None
         else contextlib.nullcontext()
     )
-    with _compat.quiet_fake_tensor_log(), _trainer_modes(module), mode, tracker, autocast:
+    with (
+        _compat.quiet_fake_tensor_log(),
+        _compat.transformers_runs_real_path(mode),
+        _trainer_modes(module),
+        mode,
+        tracker,
+        autocast,
+    ):
         loss_fn(torch.func.functional_call(module, state, args, kwargs))
 
 

@@ -75,7 +75,10 @@ FIX = (
     "Fix: keep a stateless copy as lightning_meta.MetaTemplate(module) (Lightning never "
     "sees it), or build the module inside `with lightning_meta.deferred_init():` so that "
     "lightning_meta.materialize (or the MetaGuard callback) gives it exact real values, "
-    "or load real weights into it first."
+    "or load real weights into it first. A checkpoint holds no non-persistent buffer "
+    "(rotary cos/sin caches): after a load, "
+    "lightning_meta.materialize(module, fallback='reset_parameters') initialises what is "
+    "left with its modules' reset_parameters()."
 )
 
 BESIDE_DEFERRED_FIX = (

@@ -1,0 +1,148 @@
+"""transformers' own branches on fake tensors (2026-12-07, sixth session): its
+``is_tracing(tensor)`` is true for any ``FakeTensor``, so ``estimate`` simulated
+``torch.export``'s path, not the real run's: an all-ones ``attention_mask`` built a full
+4-D mask where the real run passes ``is_causal`` (19 % over on Llama and BERT, and
+``find_fit`` answered 642 where 981 fit), Mamba's default config its associative scan
+where a real CPU run loops (48 % over). Measured against real steps.
+
+``find_fit(vary="sequence")`` over a transformers model with absolute positions
+(2026-12-07, sixth session). BERT slices a buffer of ``config.max_position_embeddings``
+position ids: a longer sequence fails in its own code on a shape, not by index, and the
+search failed ("at 1048576 the model refuses them") instead of answering the model's
+length. A refusal above the config's length now bounds the search when the answer is
+that length exactly; a model whose rotary positions run past it (Llama) is not bounded
+there, and a refusal that is no such bound stays an error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_meta import MetaTensorError, estimate, find_fit
+from support.measure import measure_training_step
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert() -> torch.nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=48,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def _llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=48,
+    )  # fmt: skip
+    return transformers.LlamaModel(config)
+
+
+def test_bert_is_bounded_by_its_configs_positions() -> None:
+    ids = {"input_ids": torch.ones(1, 8, dtype=torch.long)}
+    # the real model: 48 runs, 49 fails on the position ids' shape
+    model = _bert()
+    model(input_ids=torch.ones(1, 48, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="size"):
+        model(input_ids=torch.ones(1, 49, dtype=torch.long))
+    fit = find_fit(_bert, ids, memory="1GiB", vary="sequence")
+    assert fit.value == 48 and not fit.at_limit
+    assert fit.refused.startswith("longer than BertModel.config.max_position_embeddings (48): ")
+    # memory below the positions still bounds the answer, with no refusal named
+    small = estimate(_bert, {"input_ids": torch.ones(1, 40, dtype=torch.long)}).peak_bytes
+    fit = find_fit(_bert, ids, memory=small, vary="sequence")
+    assert fit.value is not None and 40 <= fit.value < 48 and fit.refused == ""
+
+
+def test_rotary_positions_run_past_the_configs_length() -> None:
+    _llama()(input_ids=torch.ones(1, 97, dtype=torch.long))
+    fit = find_fit(_llama, {"input_ids": torch.ones(1, 8, dtype=torch.long)},
+                   memory="8MiB", vary="sequence")  # fmt: skip
+    assert fit.value is not None and fit.value > 48 and fit.refused == ""
+
+
+class _Config:
+    max_position_embeddings = 16
+
+
+class _SquaresWithConfig(torch.nn.Module):
+    """Square token grids, and a config whose length is no bound: 49 runs."""
+
+    config = _Config()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(x.size(1))
+        assert side * side == x.size(1), x.size(1)
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+class _Multiples(_SquaresWithConfig):
+    """Past the config's length, only its multiples, refused in words that name the length:
+    no bound either (32 runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(1) > 16 and x.size(1) % 16:
+            raise ValueError(f"length {x.size(1)} is not a multiple of 16")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_refusal_that_is_not_the_configs_length_stays_an_error() -> None:
+    _SquaresWithConfig()(torch.zeros(1, 49, 4))
+    with pytest.raises(MetaTensorError, match="the model refuses them.*AssertionError"):
+        find_fit(_SquaresWithConfig, "1,16,4", memory="4MiB", vary="sequence")
+    _Multiples()(torch.zeros(1, 32, 4))
+    with pytest.raises(MetaTensorError, match="the model refuses them.*not a multiple of 16"):
+        find_fit(_Multiples, "1,16,4", memory="4MiB", vary="sequence")
+
+
+def _causal_lm(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "mamba":
+        config = transformers.MambaConfig(
+            vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+            conv_kernel=4,
+        )  # fmt: skip
+        return transformers.MambaForCausalLM(config).train()
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=256,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).train()
+
+
+@pytest.mark.filterwarnings("ignore:.*CPU kernels allocate scratch memory")
+@pytest.mark.parametrize(
+    ("kind", "with_mask"), [("llama", True), ("llama", False), ("mamba", False)]
+)  # fmt: skip
+def test_the_estimate_takes_the_real_runs_branches(kind: str, with_mask: bool) -> None:
+    ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    if with_mask:  # what a collator gives unpadded or packed data
+        inputs["attention_mask"] = torch.ones_like(ids)
+    estimated = estimate(lambda: _causal_lm(kind), inputs).peak_bytes
+    measured = measure_training_step(_causal_lm(kind), (), inputs).peak_bytes
+    assert estimated == measured
+
+
+def test_transformers_is_left_as_it_was() -> None:
+    utils = pytest.importorskip("transformers.utils.import_utils")
+    before = utils.is_fake_tensor
+    estimate(lambda: _causal_lm("llama"), {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    with pytest.raises(MetaTensorError):
+        estimate(lambda: _causal_lm("llama"), {"input_ids": torch.full((1, 8), 64)})
+    assert utils.is_fake_tensor is before
+    # a fake of anyone else's mode is still one to transformers
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert utils.is_tracing(torch.empty(2))
