@@ -165,3 +165,21 @@ def test_a_routed_mixture_of_experts_is_named_in_the_refusal() -> None:
     tiny_moe()(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(MetaTensorError, match="as litgpt's LLaMAMoE does"):
         estimate(tiny_moe, "1,8:int64")
+
+
+@pytest.mark.filterwarnings("ignore:.*CPU kernels allocate scratch memory")
+def test_find_fit_keeps_an_all_ones_mask_when_it_resizes_the_inputs() -> None:
+    # the search resizes its inputs as meta tensors, which read as zeros: a mask of
+    # ones became one of zeros (all padding), and the 4-D mask path answered 642 where
+    # 981 fit (the review's model; this one is smaller)
+    def at(n: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def peak(n: int) -> int:
+        return measure_training_step(_causal_lm("llama"), (), at(n)).peak_bytes
+
+    budget = peak(200)
+    fit = find_fit(lambda: _causal_lm("llama"), at(16), memory=budget, vary="sequence")
+    assert fit.value is not None
+    assert peak(fit.value) <= budget < peak(fit.value + 1)

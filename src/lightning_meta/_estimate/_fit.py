@@ -25,7 +25,7 @@ from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._estimate._fake import inputs_of, map_leaves
 from lightning_meta._estimate._result import Estimate
-from lightning_meta._estimate._values import IndexRefusal
+from lightning_meta._estimate._values import IndexRefusal, filled_meta
 
 __all__ = ["Fit", "find_fit", "parse_bytes"]
 
@@ -154,7 +154,7 @@ class Fit:
 def _meta_like(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = size
-    return torch.empty(shape, dtype=t.dtype, device="meta")
+    return filled_meta(shape, t)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -167,7 +167,9 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
     """Return the inputs as a function of the size of ``dim``, and the size they have now.
 
     Every input tensor whose ``dim`` has the first input's size is resized
-    (as a meta tensor: inputs given for real lose their values).
+    (as a meta tensor: inputs given for real lose their values, read as zeros,
+    unless all of them are one value, an all-ones ``attention_mask``, which
+    each element then keeps).
     """
     args, kwargs = inputs_of(module, example_inputs)
     tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -45,7 +45,7 @@ import torch
 from lightning_meta import _compat
 from lightning_meta._compat import FakeTensor, no_dispatch_modes, tree_leaves, tree_map
 
-__all__ = ["MAX_ELEMENTS", "IndexRefusal", "Values"]
+__all__ = ["MAX_ELEMENTS", "IndexRefusal", "Values", "filled_meta"]
 
 #: the most elements a followed tensor may have (8 MiB of int64)
 MAX_ELEMENTS = 1 << 20
@@ -53,6 +53,8 @@ MAX_ELEMENTS = 1 << 20
 _ATTRIBUTE = "_lightning_meta_value"
 # marks a value that is (or is computed from) zeros standing for an input given by shape
 _ZEROS = "_lightning_meta_assumed_zeros"
+# On a meta input: the one value every element of it stands for (see filled_meta)
+_FILL = "_lightning_meta_fill"
 _CPU = torch.device("cpu")
 
 
@@ -103,6 +105,20 @@ def _small(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and math.prod(t.shape) <= MAX_ELEMENTS
 
 
+def filled_meta(shape: list[int], like: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``shape`` and ``like``'s dtype standing for ``like``'s values: where
+    every element of the real ``like`` is one value (an all-ones ``attention_mask``), the
+    estimate reads that value from each element, as from ``like`` (else zeros, listed in
+    ``Estimate.inputs_read_as_zeros``). ``find_fit`` resizes its inputs this way."""
+    made = torch.empty(shape, dtype=like.dtype, device="meta")
+    if like.is_meta or like.layout is not torch.strided or like.numel() == 0:
+        return made
+    flat = like.detach().reshape(-1)
+    if torch.equal(flat, flat[:1].expand_as(flat)):
+        setattr(made, _FILL, flat[0].item())
+    return made
+
+
 class Values:
     """The real values of the small tensors a fake step computes from inputs and constants.
 
@@ -135,13 +151,16 @@ class Values:
         """Make ``real`` (or zeros for ``None``) the value of fake tensor ``fake``, if small."""
         if not isinstance(fake, FakeTensor) or not _small(fake):
             return
-        if real is None or real.is_meta:
+        fill = getattr(real, _FILL, None) if real is not None else None
+        if fill is not None:
+            value = torch.full(fake.shape, fill, dtype=fake.dtype, device=_CPU)
+        elif real is None or real.is_meta:
             value = torch.zeros(fake.shape, dtype=fake.dtype, device=_CPU)
         else:
             value = real.detach().to(device=_CPU, dtype=fake.dtype, copy=True)
         if value.shape == fake.shape:
             setattr(fake, _ATTRIBUTE, value)
-            if real is None or real.is_meta:
+            if fill is None and (real is None or real.is_meta):
                 setattr(fake, _ZEROS, True)
 
     def of(self, t: Any) -> torch.Tensor | None:
