@@ -83,6 +83,7 @@ __all__ = [
     "op_schema",
     "transformers_conversions",
     "transformers_runs_real_path",
+    "outermost_transformers_models",
     "VECTORS_FLAG",
     "unwrapped",
     "is_weakref_swap_refusal",
@@ -1450,50 +1451,55 @@ VECTORS_FLAG: dict[Any, tuple[int, str]] = {
 }
 
 
-# FakeTensorModes whose tensors transformers must take for real ones (see
-# transformers_runs_real_path); the patch is installed while the list is not empty
-_REAL_PATH_MODES: list[object] = []
+# The fake modes whose tensors transformers takes for real ones (see
+# transformers_runs_real_path), each with its test of which tensors; the patch is
+# installed while the list is not empty
+_REAL_PATH_MODES: list[tuple[object, Callable[[object], bool]]] = []
 _REAL_PATH_LOCK = threading.Lock()
 _REAL_PATH_SAVED: list[Callable[[object], bool]] = []
 
 
 @contextlib.contextmanager
-def transformers_runs_real_path(mode: object) -> Iterator[None]:
+def transformers_runs_real_path(mode: object, real: Callable[[object], bool]) -> Iterator[None]:
     """Within the block, transformers' ``is_tracing(tensor)`` is false for a fake tensor of
-    ``mode``, as it is for the real tensor that fake stands for.
+    ``mode`` for which ``real(tensor)`` holds, as it is for the real tensor that fake
+    stands for.
 
     transformers (5.x) takes any ``FakeTensor`` for a sign of ``torch.export`` and then runs
     its export path: a full 4-D attention mask where a real run passes ``is_causal`` (an
     all-ones ``attention_mask``: 19 % over on Llama and BERT), Mamba's associative scan where
-    a real CPU run loops (48 % over). ``estimate`` simulates the real run, so its fakes must
-    take the real run's branches. Replaces ``transformers.utils.import_utils.is_fake_tensor``
-    (what ``is_tracing`` calls) while any such block is open, in any thread, with a function
-    that answers as before for every other tensor, fakes of other modes included; restored
-    when the last block exits. A no-op where transformers is not imported or has no such
-    function (4.57 checks no fake tensor). Checked on transformers 4.57, 5.3 and 5.24.
+    a real CPU run loops (48 % over). ``estimate`` simulates the real run, so its fakes take
+    the real run's branches where it can follow them (``real``: see the caller). Replaces
+    ``transformers.utils.import_utils.is_fake_tensor`` (what ``is_tracing`` calls) while any
+    such block is open, in any thread, with a function that answers as before for every
+    other tensor, fakes of other modes included; restored when the last block exits. A
+    no-op where transformers is not imported or has no such function (4.57 checks no fake
+    tensor). Checked on transformers 4.57, 5.3 and 5.24.
     """
     utils: Any = sys.modules.get("transformers.utils.import_utils")
     if utils is None or not callable(getattr(utils, "is_fake_tensor", None)):
         yield
         return
+    entry = (mode, real)
     with _REAL_PATH_LOCK:
         if not _REAL_PATH_MODES:
             original = utils.is_fake_tensor
 
             def is_fake_tensor(x: object) -> bool:
                 mode_of = getattr(x, "fake_mode", None)
-                if any(mode_of is m for m in _REAL_PATH_MODES):
-                    return False
+                for m, takes in _REAL_PATH_MODES:
+                    if mode_of is m:
+                        return not takes(x)
                 return bool(original(x))
 
             _REAL_PATH_SAVED[:] = [original, is_fake_tensor]
             utils.is_fake_tensor = is_fake_tensor
-        _REAL_PATH_MODES.append(mode)
+        _REAL_PATH_MODES.append(entry)
     try:
         yield
     finally:
         with _REAL_PATH_LOCK:
-            _REAL_PATH_MODES.remove(mode)
+            _REAL_PATH_MODES.remove(entry)
             if not _REAL_PATH_MODES:
                 original, installed = _REAL_PATH_SAVED
                 if utils.is_fake_tensor is installed:  # nobody patched it over ours
@@ -1573,6 +1579,12 @@ def _outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Modu
         ):
             models.append((path, sub))
     return models
+
+
+def outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, submodule)`` of each transformers object in ``module`` that no other one
+    holds (``module`` itself, with path ``""``, if it is one)."""
+    return _outermost_transformers_models(module)
 
 
 def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> set[str]:

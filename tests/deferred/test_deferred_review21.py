@@ -18,12 +18,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.linalg import svdvals  # bound at import: the block must see it all the same
 
 import lightning_meta as lm
 
 L = torch.linalg
+
+
+def _dual_svdvals(w: torch.Tensor) -> torch.Tensor:
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(w, torch.ones_like(w))
+        return fwAD.unpack_dual(L.svdvals(dual)).primal[0]
+
+
 RADIUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "svdvals": lambda w: L.svdvals(w)[0],
     "svdvals_bound_at_import": lambda w: svdvals(w)[0],
@@ -37,6 +46,14 @@ RADIUS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tensor_norm_nuc": lambda w: w.norm(p="nuc"),
     "nuclear_norm": lambda w: torch.nuclear_norm(w),  # deprecated, still called
     "matrix_rank_hermitian": lambda w: L.matrix_rank(w @ w.T, hermitian=True) + w.abs().max(),
+    "torch_svd_values_only": lambda w: torch.svd(w, compute_uv=False).S[0],
+    "tensor_svd_values_only": lambda w: w.svd(compute_uv=False)[1][0],
+    # eager asks for the vectors under a transform or forward-mode AD: so must the block
+    # (a first version asked for none there, 6e-8 off, and forward-mode AD crashed)
+    "vmap_svdvals": lambda w: torch.func.vmap(L.svdvals)(w[None])[0, 0],
+    "vmap_eigvalsh": lambda w: torch.func.vmap(L.eigvalsh)((w @ w.T)[None]).max().sqrt(),
+    "jvp_svdvals": lambda w: torch.func.jvp(L.svdvals, (w,), (torch.ones_like(w),))[0][0],
+    "forward_ad_svdvals": lambda w: _dual_svdvals(w),
     # controls: the vectors are asked for in eager too, or the values are the same
     "eigvals": lambda w: L.eigvals(w).abs().max(),
     "svd_S": lambda w: L.svd(w).S[0],
@@ -55,6 +72,7 @@ class Reservoir(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:at::nuclear_norm is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("how", sorted(RADIUS))
 def test_values_only_linear_algebra_replays_eagers_bits(how: str) -> None:
     torch.manual_seed(0)

@@ -183,3 +183,57 @@ def test_find_fit_keeps_an_all_ones_mask_when_it_resizes_the_inputs() -> None:
     fit = find_fit(lambda: _causal_lm("llama"), at(16), memory=budget, vary="sequence")
     assert fit.value is not None
     assert peak(fit.value) <= budget < peak(fit.value + 1)
+
+
+@pytest.mark.filterwarnings("ignore:.*CPU kernels allocate scratch memory")
+def test_a_mask_too_large_to_follow_keeps_the_export_path_not_a_refusal() -> None:
+    # the second look: over MAX_ELEMENTS the estimate follows no values, and the real
+    # branch reads mask.all(): refused, where the export path had estimated (over)
+    ids = torch.ones(1, (1 << 20) + 1, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert estimate(lambda: _causal_lm("llama"), inputs, optimizer="sgd").peak_bytes > 0
+
+
+class _Wrapper(torch.nn.Module):
+    """A LightningModule's way of holding the model: its config one level down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _bert()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(input_ids=input_ids).last_hidden_state
+        return out
+
+
+class _EndsInFive(torch.nn.Module):
+    """Past its config's length only lengths ending in 5, refused in its own words naming
+    the length: 55 runs, so 48 is no bound (the second look's model)."""
+
+    config = transformers.BertConfig(max_position_embeddings=48)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.size(1)
+        if n > 48 and n % 10 != 5:
+            raise ValueError(f"past max_position_embeddings=48 the length must end in 5: {n}")
+        out: torch.Tensor = self.lin(torch.ones(1, n, 4))
+        return out
+
+
+def test_the_configs_length_of_a_held_model_bounds_the_search() -> None:
+    fit = find_fit(_Wrapper, {"input_ids": torch.ones(1, 8, dtype=torch.long)}, memory="1GiB",
+                   vary="sequence")  # fmt: skip
+    assert fit.value == 48
+    assert fit.refused.startswith("longer than _Wrapper.model.config.max_position_embeddings (48)")
+
+
+def test_a_rule_of_the_models_own_naming_the_length_is_no_bound() -> None:
+    # a first version took it for one: 48 answered where 55 runs
+    _EndsInFive()(torch.ones(1, 55, dtype=torch.long))
+    with pytest.raises(MetaTensorError, match="the model refuses them"):
+        find_fit(_EndsInFive, {"input_ids": torch.ones(1, 8, dtype=torch.long)},
+                 memory="64KiB", vary="sequence")  # fmt: skip

@@ -442,7 +442,32 @@ _VALUES_ONLY = frozenset(
         torch.Tensor.norm,
     }
 )
+
+
+# torch.svd(A, some, compute_uv=False) is values-only too, and its vectors flag is its own
+_SVD = frozenset({torch.svd, torch.Tensor.svd})
 _CALLS = threading.local()
+
+
+def _values_only_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether eager's ``func(*args, **kwargs)`` asks ATen for values only."""
+    if func in _SVD:
+        compute_uv = args[2] if len(args) > 2 else kwargs.get("compute_uv", True)
+        if compute_uv is not False:
+            return False
+    elif func not in _VALUES_ONLY:
+        return False
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(first, torch.Tensor):
+        return False
+    # eager asks for the vectors itself where the result could be differentiated: the
+    # input needs a gradient, carries a forward-mode tangent, or is a torch.func
+    # transform's tensor (vmap, grad, jvp), each a tensor subclass there
+    if torch.is_grad_enabled() and first.requires_grad:
+        return False
+    if _compat.transform_level() is not None:
+        return False
+    return torch.autograd.forward_ad.unpack_dual(first).tangent is None
 
 
 class _ValuesOnly(torch.overrides.TorchFunctionMode):
@@ -452,11 +477,9 @@ class _ValuesOnly(torch.overrides.TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func not in _VALUES_ONLY:
-            return func(*args, **kwargs)
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        # eager asks for the vectors itself when the input needs a gradient
-        if not isinstance(first, torch.Tensor) or (torch.is_grad_enabled() and first.requires_grad):
+        if (func not in _VALUES_ONLY and func not in _SVD) or not _values_only_call(
+            func, args, kwargs
+        ):
             return func(*args, **kwargs)
         depth = getattr(_CALLS, "depth", 0)
         _CALLS.depth = depth + 1

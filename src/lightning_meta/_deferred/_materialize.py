@@ -1233,7 +1233,9 @@ def _check_plain(
         raise MaterializationError(
             f"materialize(fallback='reset_parameters') cannot initialise {missing}: their "
             "modules have no reset_parameters(). Fix: build the module under deferred_init "
-            "or load these tensors from a checkpoint.",
+            "(load_checkpoint then loads its weights and replays the rest), or load these "
+            "tensors from a checkpoint that holds them (none holds a non-persistent buffer, "
+            "such as a rotary inv_freq: assign a real one).",
             paths=missing,
         )
 

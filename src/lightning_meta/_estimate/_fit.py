@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_meta import _compat
 from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MetaTensorError
 from lightning_meta._estimate._fake import inputs_of, map_leaves
@@ -213,20 +214,36 @@ def _declared_length(module: nn.Module) -> int | None:
     return _positive_int(getattr(module, "max_seq_length", None))
 
 
-def _config_positions(module: nn.Module) -> int | None:
-    """The positions a transformers model's config gives it (``max_position_embeddings``):
-    BERT-like models slice a buffer of that many position ids, and a longer sequence fails
-    in their own code on a shape, not by index. That is no length the model must refuse
-    (Llama's rotary positions run past it), so only refusals *above* it are taken as the
-    model's bound, and the same checks as for an index refusal follow."""
-    return _positive_int(getattr(getattr(module, "config", None), "max_position_embeddings", None))
+def _config_positions(module: nn.Module) -> tuple[int, str] | None:
+    """The positions a transformers model's config gives it (``max_position_embeddings``),
+    and where: BERT-like models slice a buffer of that many position ids, and a longer
+    sequence fails in their own code on a shape, not by index. That is no length the
+    model must refuse (Llama's rotary positions run past it), so only refusals *above* it
+    are taken as the model's bound, and the same checks as for an index refusal follow.
+    The config of ``module``, or of the one transformers model it holds (a
+    LightningModule's ``self.bert``); its ``text_config``'s where it has none (CLIP)."""
+    owner, path = module, type(module).__name__
+    if getattr(module, "config", None) is None:
+        models = _compat.outermost_transformers_models(module)
+        if len(models) != 1:
+            return None
+        owner, path = models[0][1], f"{path}.{models[0][0]}"
+    config = getattr(owner, "config", None)
+    for name in ("", "text_config"):
+        held = getattr(config, name, None) if name else config
+        value = _positive_int(getattr(held, "max_position_embeddings", None))
+        if value is not None:
+            return value, ".".join(p for p in (path, "config", name) if p)
+    return None
 
 
 def _beyond_positions(e: MetaTensorError, n: int, positions: int | None) -> bool:
     """Whether ``e``, the refusal of length ``n``, is the model's length: ``n`` beyond the
-    config's ``positions`` and a cause that names that many (BERT: "The expanded size of
-    the tensor (513) must match the existing size (512)"), not a rule of its own."""
-    if positions is None or n <= positions:
+    config's ``positions``, and a shape error of torch's that names that many (BERT: "The
+    expanded size of the tensor (513) must match the existing size (512)"), not a rule of
+    the model's own (its ``ValueError`` or ``assert``, which may name the length too while
+    it runs longer sequences of other lengths)."""
+    if positions is None or n <= positions or type(e.__cause__) is not RuntimeError:
         return False
     return re.search(rf"(?<![0-9.]){positions}(?![0-9.])", str(e.__cause__)) is not None
 
@@ -456,7 +473,8 @@ def find_fit(
     if vary in ("batch", "sequence"):
         inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
         declared = _declared_length(module) if vary == "sequence" and limit is None else None
-        positions = _config_positions(module) if vary == "sequence" else None
+        configured = _config_positions(module) if vary == "sequence" else None
+        positions = configured[0] if configured is not None else None
         top = limit or declared or 2**20
         refusals: dict[int, MetaTensorError] = {}
 
@@ -509,12 +527,13 @@ def find_fit(
             and not isinstance(refused.__cause__, IndexRefusal)
         ):
             # the config's length is the bound, or there is none
-            if value != positions or not _beyond_positions(refused, value + 1, positions):
+            if (
+                configured is None
+                or value != positions
+                or not _beyond_positions(refused, value + 1, positions)
+            ):
                 raise _varied(refused, vary, start, value + 1) from refused
-            bound = (
-                f"longer than {type(module).__name__}.config.max_position_embeddings "
-                f"({positions}): {bound}"
-            )
+            bound = f"longer than {configured[1]}.max_position_embeddings ({positions}): {bound}"
         if declared is not None and value == top:
             bound = f"longer than {type(module).__name__}.max_seq_length ({declared})"
         return Fit(

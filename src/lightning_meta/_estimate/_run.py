@@ -426,7 +426,7 @@ def simulate_step(
         _compat.reparametrized(module, state),
         rank.hooks(watch.tracker, watch.modules) if rank is not None else contextlib.nullcontext(),
         _compat.quiet_fake_tensor_log(),
-        _compat.transformers_runs_real_path(mode),
+        _compat.transformers_runs_real_path(mode, _real_path(values)),
         _trainer_modes(module),
         mode,
         watch.counter,
@@ -511,13 +511,31 @@ def trace_forward(
     )
     with (
         _compat.quiet_fake_tensor_log(),
-        _compat.transformers_runs_real_path(mode),
+        _compat.transformers_runs_real_path(mode, _real_path(values)),
         _trainer_modes(module),
         mode,
         tracker,
         autocast,
     ):
         loss_fn(torch.func.functional_call(module, state, args, kwargs))
+
+
+def _real_path(values: Values | None) -> Callable[[object], bool]:
+    """Which of the step's fakes transformers may take for real tensors, and so run the
+    branch a real run takes (see ``_compat.transformers_runs_real_path``): a floating
+    tensor (activations: Mamba's hidden states, a ViT's embeddings, whose branches read
+    shapes), and one whose values the estimate follows (an attention mask or position ids
+    of at most ``MAX_ELEMENTS``, whose branch reads them: ``mask.all()``). A larger mask,
+    which the real branch would read without the estimate knowing its values, keeps
+    transformers' ``torch.export`` path (a full 4-D mask), as every mask did before
+    2026-12-07: over, not refused."""
+
+    def real(t: object) -> bool:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return True
+        return values is not None and values.of(t) is not None
+
+    return real
 
 
 def _block_windows(

@@ -76,9 +76,9 @@ FIX = (
     "sees it), or build the module inside `with lightning_meta.deferred_init():` so that "
     "lightning_meta.materialize (or the MetaGuard callback) gives it exact real values, "
     "or load real weights into it first. A checkpoint holds no non-persistent buffer "
-    "(rotary cos/sin caches): after a load, "
-    "lightning_meta.materialize(module, fallback='reset_parameters') initialises what is "
-    "left with its modules' reset_parameters()."
+    "(rotary caches): build the module under deferred_init, whose load_checkpoint replays "
+    "them, or, where their modules have reset_parameters() (litgpt's GPT), call "
+    "lightning_meta.materialize(module, fallback='reset_parameters') after the load."
 )
 
 BESIDE_DEFERRED_FIX = (
