@@ -119,12 +119,11 @@ class LoadFix:
                 mapping, prefix = mapping[head], rest
             if any(isinstance(v, Mapping) for v in mapping.values()):
                 code = ""
+        if not code and source.format == "dcp":
+            return _dcp_state_dict(path, prefix, source.under_state_dict)
         if not code:
             how = (
-                "torch.distributed.checkpoint.format_utils.dcp_to_torch_save writes it as one "
-                "torch file"
-                if source.format == "dcp"
-                else "every shard's tensors in one dict"
+                "every shard's tensors in one dict"
                 if source.format == "sharded"
                 else "its nested mappings flattened to dotted keys, as state_dict gives them"
             )
@@ -133,6 +132,26 @@ class LoadFix:
         if prefix:
             code = f"{{k.removeprefix({prefix!r}): v for k, v in {code}.items() if k.startswith({prefix!r})}}"
         return code
+
+
+def _dcp_state_dict(path: str, prefix: str, lightning: bool) -> str:
+    """Words for the state dict in the ``torch.distributed.checkpoint`` directory ``path``:
+    ``dcp_to_torch_save`` writes the mapping as it was saved, nested (Lightning's
+    ``{"state_dict": {"model.w": ...}}``, Fabric's ``{"model": {"w": ...}}``), which the
+    directory's flat keys do not tell apart."""
+    written = ("torch.distributed.checkpoint.format_utils.dcp_to_torch_save writes it as "
+               "one torch file, its mappings nested as they were saved")  # fmt: skip
+    if lightning:
+        stripped = f", the prefix {prefix!r} stripped from its keys" if prefix else ""
+        return f"the checkpoint's state dict ({written}: its ['state_dict']{stripped})"
+    if not prefix:
+        return f"the checkpoint's state dict ({written})"
+    head = prefix.partition(".")[0]
+    return (
+        f"the checkpoint's state dict ({written}: the mapping under its {head!r}, as "
+        f"Fabric's save of {{{head!r}: model}} holds it, or, where the keys hold the prefix "
+        f"themselves, those keys with {prefix!r} stripped)"
+    )
 
 
 @dataclass(frozen=True)

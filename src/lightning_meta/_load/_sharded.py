@@ -393,7 +393,9 @@ def open_dcp(p: Path, safe_globals: Sequence[Any] = ()) -> Source:
         for o in others
         if not lightning or o.startswith("state_dict.")
     ]
-    return DcpSource(p, entries, chunks, files, safe_globals, others=kept)
+    source = DcpSource(p, entries, chunks, files, safe_globals, others=kept)
+    source.under_state_dict = lightning
+    return source
 
 
 def _record(value: Any, name: str) -> Record:
