@@ -594,6 +594,93 @@ def _print_scratch(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _branches() -> list[dict[str, Any]]:
+    """transformers models whose code branches on a tensor being fake (``is_tracing``):
+    the estimate against one real CPU step, and ``find_fit`` against a search of real
+    steps, with an all-ones ``attention_mask`` (an unpadded collator's)."""
+    import torch
+    import transformers as tf
+    from torch import nn
+
+    from lightning_meta import estimate, find_fit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.measure import measure_training_step
+
+    torch.set_num_threads(1)
+    vocab = 128
+
+    def llama() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(
+            vocab_size=vocab, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, num_hidden_layers=2, max_position_embeddings=4096,
+        )  # fmt: skip
+        return tf.LlamaForCausalLM(config).train()
+
+    def bert() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.BertConfig(
+            vocab_size=vocab, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+            num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return tf.BertForMaskedLM(config).train()
+
+    def mamba() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.MambaConfig(
+            vocab_size=vocab, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
+            conv_kernel=4,
+        )  # fmt: skip
+        return tf.MambaForCausalLM(config).train()
+
+    def inputs(batch: int, n: int, mask: bool) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(n))
+        out = {"input_ids": ids, "labels": ids}
+        if mask:
+            out["attention_mask"] = torch.ones_like(ids)
+        return out
+
+    cases = [
+        ("Llama, no mask", llama, inputs(1, 256, False)),
+        ("Llama, all-ones mask", llama, inputs(1, 256, True)),
+        ("Llama, all-ones mask", llama, inputs(1, 1024, True)),
+        ("BERT, all-ones mask", bert, inputs(2, 256, True)),
+        ("Mamba, default config", mamba, inputs(2, 64, False)),
+    ]
+    rows: list[dict[str, Any]] = []
+    for name, factory, kwargs in cases:
+        est = estimate(factory, kwargs).peak_bytes
+        real = measure_training_step(factory(), (), kwargs).peak_bytes
+        shape = "x".join(map(str, kwargs["input_ids"].shape))
+        rows.append({"case": f"{name} ({shape})", "estimated": est, "measured": real})
+
+    budget = 12 * 2**20
+
+    def fits(n: int) -> bool:
+        return measure_training_step(llama(), (), inputs(1, n, True)).peak_bytes <= budget
+
+    lo, hi = 16, 4096  # the largest sequence whose real step fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    fit = find_fit(llama, inputs(1, 16, True), memory=budget, vary="sequence")
+    rows.append({"case": "Llama, all-ones mask: find_fit sequence in 12 MiB",
+                 "estimated": fit.value, "measured": lo})  # fmt: skip
+    return rows
+
+
+def _print_branches(rows: list[dict[str, Any]]) -> None:
+    print("## estimate: transformers code that branches on fake tensors, against real steps\n")
+    print("| case | estimated | measured | estimated / measured |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['estimated']:,} | {r['measured']:,} | "
+            f"{r['estimated'] / r['measured']:.3f} |"
+        )
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
@@ -616,6 +703,12 @@ def main() -> None:
         action="store_true",
         help="only convolutions' kernel scratch: peak_bytes, the warned bound, the real peak",
     )
+    parser.add_argument(
+        "--branches",
+        action="store_true",
+        help="only transformers code that branches on fake tensors (masks, Mamba), and "
+        "find_fit with a mask, against real steps",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-ranks", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -630,6 +723,7 @@ def main() -> None:
         "scratch": (_scratch, _print_scratch),
         "measured": (_measured, _print_measured),
         "ranks": (_ranks, _print_ranks),
+        "branches": (_branches, _print_branches),
     }
     for mode, (run, show) in modes.items():
         if getattr(args, mode):
