@@ -237,3 +237,26 @@ def test_a_rule_of_the_models_own_naming_the_length_is_no_bound() -> None:
     with pytest.raises(MetaTensorError, match="the model refuses them"):
         find_fit(_EndsInFive, {"input_ids": torch.ones(1, 8, dtype=torch.long)},
                  memory="64KiB", vary="sequence")  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:.*CPU kernels allocate scratch memory")
+def test_find_fit_keeps_counting_position_ids_when_it_resizes_the_inputs() -> None:
+    # the third look: arange position_ids resized as zeros read as packed sequences in
+    # transformers (use_cache=False), whose 4-D mask answered 124 where 150 fit
+    def model() -> torch.nn.Module:
+        llama = _causal_lm("llama")
+        llama.config.use_cache = False
+        return llama
+
+    def at(n: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n))
+        return {"input_ids": ids, "position_ids": torch.arange(n)[None], "labels": ids}
+
+    def peak(n: int) -> int:
+        return measure_training_step(model(), (), at(n)).peak_bytes
+
+    budget = peak(150)
+    fit = find_fit(model, at(16), memory=budget, vary="sequence")
+    assert fit.value is not None
+    assert peak(fit.value) <= budget < peak(fit.value + 1)
+    assert fit.fits is not None and fit.fits.inputs_read_as_zeros == ()

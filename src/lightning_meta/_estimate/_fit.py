@@ -155,7 +155,7 @@ class Fit:
 def _meta_like(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = size
-    return filled_meta(shape, t)
+    return filled_meta(shape, t, dim)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -169,8 +169,8 @@ def _resized(module: nn.Module, example_inputs: Any, dim: int) -> tuple[Callable
 
     Every input tensor whose ``dim`` has the first input's size is resized
     (as a meta tensor: inputs given for real lose their values, read as zeros,
-    unless all of them are one value, an all-ones ``attention_mask``, which
-    each element then keeps).
+    unless all of them are one value, an all-ones ``attention_mask``, or they
+    count along ``dim``, ``position_ids``: the resized ones follow that rule).
     """
     args, kwargs = inputs_of(module, example_inputs)
     tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -53,7 +53,8 @@ MAX_ELEMENTS = 1 << 20
 _ATTRIBUTE = "_lightning_meta_value"
 # marks a value that is (or is computed from) zeros standing for an input given by shape
 _ZEROS = "_lightning_meta_assumed_zeros"
-# On a meta input: the one value every element of it stands for (see filled_meta)
+# On a meta input: the rule its values follow, ("fill", value) or ("arange", dim) (see
+# filled_meta)
 _FILL = "_lightning_meta_fill"
 _CPU = torch.device("cpu")
 
@@ -105,18 +106,36 @@ def _small(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and math.prod(t.shape) <= MAX_ELEMENTS
 
 
-def filled_meta(shape: list[int], like: torch.Tensor) -> torch.Tensor:
-    """A meta tensor of ``shape`` and ``like``'s dtype standing for ``like``'s values: where
-    every element of the real ``like`` is one value (an all-ones ``attention_mask``), the
-    estimate reads that value from each element, as from ``like`` (else zeros, listed in
-    ``Estimate.inputs_read_as_zeros``). ``find_fit`` resizes its inputs this way."""
+def filled_meta(shape: list[int], like: torch.Tensor, dim: int) -> torch.Tensor:
+    """A meta tensor of ``shape`` and ``like``'s dtype standing for ``like``'s values, with
+    ``like`` resized along ``dim``: where every element of the real ``like`` is one value
+    (an all-ones ``attention_mask``), or where it counts 0, 1, 2, ... along ``dim`` (integer
+    ``position_ids``), the estimate reads the same rule's values from the result (else
+    zeros, listed in ``Estimate.inputs_read_as_zeros``: zeros for positions read as packed
+    sequences by transformers). ``find_fit`` resizes its inputs this way."""
     made = torch.empty(shape, dtype=like.dtype, device="meta")
     if like.is_meta or like.layout is not torch.strided or like.numel() == 0:
         return made
     flat = like.detach().reshape(-1)
     if torch.equal(flat, flat[:1].expand_as(flat)):
-        setattr(made, _FILL, flat[0].item())
+        setattr(made, _FILL, ("fill", flat[0].item()))
+    elif not like.is_floating_point() and not like.is_complex() and like.dtype != torch.bool:
+        counting = torch.arange(like.shape[dim], dtype=like.dtype)
+        view = [1] * like.dim()
+        view[dim] = like.shape[dim]
+        if torch.equal(like.detach().cpu(), counting.view(view).expand(like.shape)):
+            setattr(made, _FILL, ("arange", dim))
     return made
+
+
+def _filled(rule: tuple[str, Any], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The values of a :func:`filled_meta` tensor of ``shape``."""
+    kind, arg = rule
+    if kind == "fill":
+        return torch.full(shape, arg, dtype=dtype, device=_CPU)
+    view = [1] * len(shape)
+    view[arg] = shape[arg]
+    return torch.arange(shape[arg], dtype=dtype, device=_CPU).view(view).expand(shape).clone()
 
 
 class Values:
@@ -153,7 +172,7 @@ class Values:
             return
         fill = getattr(real, _FILL, None) if real is not None else None
         if fill is not None:
-            value = torch.full(fake.shape, fill, dtype=fake.dtype, device=_CPU)
+            value = _filled(fill, fake.shape, fake.dtype)
         elif real is None or real.is_meta:
             value = torch.zeros(fake.shape, dtype=fake.dtype, device=_CPU)
         else:
