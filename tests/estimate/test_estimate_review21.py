@@ -189,6 +189,9 @@ def test_find_fit_keeps_an_all_ones_mask_when_it_resizes_the_inputs() -> None:
 def test_a_mask_too_large_to_follow_keeps_the_export_path_not_a_refusal() -> None:
     # the second look: over MAX_ELEMENTS the estimate follows no values, and the real
     # branch reads mask.all(): refused, where the export path had estimated (over)
+    utils = pytest.importorskip("transformers.utils.import_utils")
+    if not hasattr(utils, "is_fake_tensor"):
+        pytest.skip("transformers 4.57 has no export path for fakes: it reads the mask")
     ids = torch.ones(1, (1 << 20) + 1, dtype=torch.long)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert estimate(lambda: _causal_lm("llama"), inputs, optimizer="sgd").peak_bytes > 0
