@@ -15,11 +15,10 @@ there, and a refusal that is no such bound stays an error."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from cli.test_cli_review20 import _Squares
 from lightning_meta import MetaTensorError, estimate, find_fit
 from support.measure import measure_training_step
 
@@ -69,20 +68,10 @@ class _Config:
     max_position_embeddings = 16
 
 
-class _SquaresWithConfig(torch.nn.Module):
+class _SquaresWithConfig(_Squares):
     """Square token grids, and a config whose length is no bound: 49 runs."""
 
     config = _Config()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = math.isqrt(x.size(1))
-        assert side * side == x.size(1), x.size(1)
-        out: torch.Tensor = self.lin(x)
-        return out
 
 
 class _Multiples(_SquaresWithConfig):
