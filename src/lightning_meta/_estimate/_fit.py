@@ -103,9 +103,9 @@ class Fit:
     index), or the length the model declares (an int ``max_seq_length`` of
     its own, litgpt's ``GPT``: a sequence search with no ``limit`` stops
     there), or the positions a transformers config gives
-    (``config.max_position_embeddings``, where the model refuses the next
-    length in words naming it: BERT), when that, not memory, bounds the
-    answer; ``""`` otherwise.
+    (``config.max_position_embeddings``, where torch's shape error at the
+    next length names it and the answer is that length: BERT), when that,
+    not memory, bounds the answer; ``""`` otherwise.
     ``smallest`` is the smallest batch or sequence the model runs (``1``
     unless it refuses smaller ones, as BatchNorm refuses a batch of 1 in
     training): with ``value`` ``None``, ``beyond`` is the estimate there.

@@ -120,7 +120,7 @@ class LoadFix:
             if any(isinstance(v, Mapping) for v in mapping.values()):
                 code = ""
         if not code and source.format == "dcp":
-            return _dcp_state_dict(path, prefix, source.under_state_dict)
+            return _dcp_state_dict(prefix, source.under_state_dict)
         if not code:
             how = (
                 "every shard's tensors in one dict"
@@ -134,8 +134,8 @@ class LoadFix:
         return code
 
 
-def _dcp_state_dict(path: str, prefix: str, lightning: bool) -> str:
-    """Words for the state dict in the ``torch.distributed.checkpoint`` directory ``path``:
+def _dcp_state_dict(prefix: str, lightning: bool) -> str:
+    """Words for the state dict in a ``torch.distributed.checkpoint`` directory:
     ``dcp_to_torch_save`` writes the mapping as it was saved, nested (Lightning's
     ``{"state_dict": {"model.w": ...}}``, Fabric's ``{"model": {"w": ...}}``), which the
     directory's flat keys do not tell apart."""
