@@ -186,7 +186,7 @@ def test_a_length_the_models_own_code_refuses_bounds_the_search(models: Path) ->
     assert "largest sequence length within 1.00 GiB per device: 64" in " ".join(done.stdout.split())
 
 
-def test_a_model_that_runs_only_some_lengths_gets_no_answer() -> None:
+def test_a_model_that_runs_only_some_lengths_gets_no_answer(models: Path) -> None:
     # a refusal by the model's own code is no bound (a first version took it for one:
     # square token grids answered 36 where 8100 fit)
     import review20_models as m

@@ -15,11 +15,13 @@ there, and a refusal that is no such bound stays an error."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from cli.test_cli_review20 import _Squares
-from lightning_meta import MetaTensorError, estimate, find_fit
+from lightning_meta import MetaTensorError, MetaTensorWarning, estimate, find_fit
 from support.measure import measure_training_step
 
 transformers = pytest.importorskip("transformers")
@@ -252,3 +254,21 @@ def test_find_fit_keeps_counting_position_ids_when_it_resizes_the_inputs() -> No
     assert fit.value is not None
     assert peak(fit.value) <= budget < peak(fit.value + 1)
     assert fit.fits is not None and fit.fits.inputs_read_as_zeros == ()
+
+
+def test_find_fit_warns_of_its_answers_estimate_only() -> None:
+    # a search of 11 estimates printed the CPU flash attention's scratch warning 11
+    # times, each with another bound; the answer's is the one that applies
+    ids = {"input_ids": torch.ones(1, 16, dtype=torch.long)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = find_fit(lambda: _causal_lm("llama"), ids, memory="2MiB", vary="sequence")
+    said = [str(w.message) for w in caught if issubclass(w.category, MetaTensorWarning)]
+    assert fit.value is not None and fit.estimates > 3
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        estimate(
+            lambda: _causal_lm("llama"), {"input_ids": torch.ones(1, fit.value, dtype=torch.long)}
+        )
+    assert said == [str(w.message) for w in again if issubclass(w.category, MetaTensorWarning)]
+    assert len(said) == 1

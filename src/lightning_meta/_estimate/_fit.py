@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -467,8 +468,21 @@ def find_fit(
         )
     module = _build(module_or_factory)
 
+    said: dict[int, list[warnings.WarningMessage]] = {}
+
     def run(inputs: Any, **more: Any) -> Estimate:
-        return estimate(module, inputs, **options, **more)
+        # Each estimate's warnings are held back, and only the answer's are the
+        # caller's: a search of 11 estimates warned of the scratch bound 11 times.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = estimate(module, inputs, **options, **more)
+        said[id(found)] = caught
+        return found
+
+    def answer(fit: Fit) -> Fit:
+        for w in said.get(id(fit.fits), []) if fit.fits is not None else []:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return fit
 
     if vary in ("batch", "sequence"):
         inputs_at, start = _resized(module, example_inputs, 0 if vary == "batch" else 1)
@@ -536,17 +550,19 @@ def find_fit(
             bound = f"longer than {configured[1]}.max_position_embeddings ({positions}): {bound}"
         if declared is not None and value == top:
             bound = f"longer than {type(module).__name__}.max_seq_length ({declared})"
-        return Fit(
-            vary,
-            value,
-            budget,
-            at,
-            beyond,
-            runs,
-            top,
-            at_limit=value == top and not bound,
-            refused=bound,
-            smallest=smallest,
+        return answer(
+            Fit(
+                vary,
+                value,
+                budget,
+                at,
+                beyond,
+                runs,
+                top,
+                at_limit=value == top and not bound,
+                refused=bound,
+                smallest=smallest,
+            )
         )
     if global_batch is not None and (
         isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
@@ -571,4 +587,4 @@ def find_fit(
 
     index, at, beyond, runs, _ = _search(per_rank, budget, 1, len(sizes), False)
     value = sizes[index - 1] * tp if index is not None else None
-    return Fit(vary, value, budget, at, beyond, runs, top)
+    return answer(Fit(vary, value, budget, at, beyond, runs, top))
