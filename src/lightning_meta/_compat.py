@@ -1569,7 +1569,7 @@ def transformers_unsaved(module: nn.Module) -> set[str]:
     return found
 
 
-def _outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, submodule)`` of each transformers object in ``module`` that no other one
     holds: the model whose class attributes (``from_pretrained``'s rules) apply below it."""
     models: list[tuple[str, nn.Module]] = []
@@ -1579,12 +1579,6 @@ def _outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Modu
         ):
             models.append((path, sub))
     return models
-
-
-def outermost_transformers_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, submodule)`` of each transformers object in ``module`` that no other one
-    holds (``module`` itself, with path ``""``, if it is one)."""
-    return _outermost_transformers_models(module)
 
 
 def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> set[str]:
@@ -1597,7 +1591,7 @@ def transformers_ignored_unexpected(module: nn.Module, keys: Iterable[str]) -> s
     transformers 4.57 and 5.3.
     """
     found: set[str] = set()
-    for path, sub in _outermost_transformers_models(module):
+    for path, sub in outermost_transformers_models(module):
         given = getattr(sub, "_keys_to_ignore_on_load_unexpected", None)
         patterns = (
             [p for p in given if isinstance(p, str)]
@@ -1632,7 +1626,7 @@ def transformers_float32_kept(
     if dtype not in (torch.float16, torch.bfloat16):
         return {}
     found: dict[str, tuple[str, list[str]]] = {}
-    for path, sub in _outermost_transformers_models(module):
+    for path, sub in outermost_transformers_models(module):
         plan = getattr(sub, "_get_dtype_plan", None)
         if callable(plan):
             names = [n for n in plan(dtype) if isinstance(n, str)]

@@ -446,17 +446,18 @@ _VALUES_ONLY = frozenset(
 
 # torch.svd(A, some, compute_uv=False) is values-only too, and its vectors flag is its own
 _SVD = frozenset({torch.svd, torch.Tensor.svd})
+# what the block's mode looks at: one lookup per torch call of the model's __init__
+_WATCHED = _VALUES_ONLY | _SVD
 _CALLS = threading.local()
 
 
 def _values_only_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether eager's ``func(*args, **kwargs)`` asks ATen for values only."""
+    """Whether eager's ``func(*args, **kwargs)``, ``func`` one of ``_WATCHED``, asks ATen
+    for values only."""
     if func in _SVD:
         compute_uv = args[2] if len(args) > 2 else kwargs.get("compute_uv", True)
         if compute_uv is not False:
             return False
-    elif func not in _VALUES_ONLY:
-        return False
     first = args[0] if args else next(iter(kwargs.values()), None)
     if not isinstance(first, torch.Tensor):
         return False
@@ -477,9 +478,7 @@ class _ValuesOnly(torch.overrides.TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if (func not in _VALUES_ONLY and func not in _SVD) or not _values_only_call(
-            func, args, kwargs
-        ):
+        if func not in _WATCHED or not _values_only_call(func, args, kwargs):
             return func(*args, **kwargs)
         depth = getattr(_CALLS, "depth", 0)
         _CALLS.depth = depth + 1

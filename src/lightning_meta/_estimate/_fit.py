@@ -540,12 +540,9 @@ def find_fit(
             and refused is not None
             and not isinstance(refused.__cause__, IndexRefusal)
         ):
-            # the config's length is the bound, or there is none
-            if (
-                configured is None
-                or value != positions
-                or not _beyond_positions(refused, value + 1, positions)
-            ):
+            # kept only where _beyond_positions held (probe): the config's length is the
+            # bound if the answer is that length, else there is none
+            if configured is None or value != positions:
                 raise _varied(refused, vary, start, value + 1) from refused
             bound = f"longer than {configured[1]}.max_position_embeddings ({positions}): {bound}"
         if declared is not None and value == top:

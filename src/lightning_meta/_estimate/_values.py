@@ -120,11 +120,9 @@ def filled_meta(shape: list[int], like: torch.Tensor, dim: int) -> torch.Tensor:
     if torch.equal(flat, flat[:1].expand_as(flat)):
         setattr(made, _FILL, ("fill", flat[0].item()))
     elif not like.is_floating_point() and not like.is_complex() and like.dtype != torch.bool:
-        counting = torch.arange(like.shape[dim], dtype=like.dtype)
-        view = [1] * like.dim()
-        view[dim] = like.shape[dim]
-        if torch.equal(like.detach().cpu(), counting.view(view).expand(like.shape)):
-            setattr(made, _FILL, ("arange", dim))
+        counting = ("arange", dim)
+        if torch.equal(like.detach().cpu(), _filled(counting, like.shape, like.dtype)):
+            setattr(made, _FILL, counting)
     return made
 
 
