@@ -55,7 +55,7 @@ def test_torch_equal_of_inputs_is_answered_like_item() -> None:
     x = torch.randn(2, 4)
     by_spec = estimate(Compared, "2,4", optimizer=None)
     assert by_spec.forward_flops == _real_forward_flops(Compared(), torch.zeros(2, 4))
-    assert by_spec.inputs_read_as_zeros == ("aten.equal in Compared",)
+    assert by_spec.inputs_read_as_zeros == ("aten.equal in Compared, reading x",)
     by_value = estimate(Compared, x, optimizer=None)
     assert by_value.inputs_read_as_zeros == ()
     assert by_value.peak_bytes > by_spec.peak_bytes  # the real input takes the other branch
@@ -83,7 +83,7 @@ def test_torch_allclose_of_inputs_is_answered_with_its_keywords() -> None:
         estimate(Close, torch.zeros(2, 4), optimizer=None).peak_bytes
     )  # allclose true for 0.5 (within 0.6 of 1), false for 0: the * 2 costs a tensor
     assert estimate(Close, "2,4", optimizer=None).inputs_read_as_zeros == (
-        "aten.allclose in Close",
+        "aten.allclose in Close, reading x",
     )
 
 
@@ -98,9 +98,9 @@ def test_a_spec_input_reads_as_zeros_and_a_real_input_as_itself() -> None:
     assert by_value.forward_flops == _real_forward_flops(Gated(), x, ones)
     assert by_value.forward_flops < by_spec.forward_flops
     # the result says which reads were answered from zeros, and where; real inputs are not listed
-    assert by_spec.inputs_read_as_zeros == ("aten._local_scalar_dense in Gated",)
+    assert by_spec.inputs_read_as_zeros == ("aten._local_scalar_dense in Gated, reading mask",)
     assert json.loads(json.dumps(by_spec.to_dict()))["inputs_read_as_zeros"] == [
-        "aten._local_scalar_dense in Gated"
+        "aten._local_scalar_dense in Gated, reading mask"
     ]
     assert by_value.inputs_read_as_zeros == ()
 
@@ -114,7 +114,7 @@ def test_a_spec_input_reads_as_zeros_and_a_real_input_as_itself() -> None:
             return out
 
     nested = estimate(Outer, (x, "2,3:float32"), optimizer=None)
-    assert nested.inputs_read_as_zeros == ("aten._local_scalar_dense in inner",)
+    assert nested.inputs_read_as_zeros == ("aten._local_scalar_dense in inner, reading mask",)
     # a model that reads no input value lists none
     assert estimate(nn.Linear(4, 4), "2,4:float32").inputs_read_as_zeros == ()
 

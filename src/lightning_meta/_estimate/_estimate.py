@@ -37,6 +37,7 @@ from lightning_meta._estimate._closed import estimate_modes, new_mode
 from lightning_meta._estimate._fake import (
     fake_inputs,
     fake_state,
+    input_names,
     input_text,
     inputs_of,
     meta_in_containers,
@@ -220,7 +221,9 @@ def fake_step(
     values = Values()
     rank = RankStep(module, layout, mode, options.device, cast_to) if layout is not None else None
     # Together: a tensor given positionally and by keyword is one tensor.
-    fake_args, fake_kwargs = fake_inputs((args, kwargs), mode, options.device, cast_to, values)
+    fake_args, fake_kwargs = fake_inputs(
+        (args, kwargs), mode, options.device, cast_to, values, input_names(module, args, kwargs)
+    )
     return FakeStep(
         mode=mode,
         state=rank.state if rank is not None else fake_state(module, mode, options.device, cast_to),

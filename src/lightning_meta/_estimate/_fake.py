@@ -10,6 +10,7 @@ simulated step (:func:`fake_state`, :func:`fake_inputs`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_meta._guard._find import find_meta_tensors
 __all__ = [
     "fake_inputs",
     "fake_state",
+    "input_names",
     "input_text",
     "inputs_of",
     "map_leaves",
@@ -255,22 +257,48 @@ def _stand_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torc
     return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
+def input_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Name the inputs as the forward's signature does: ``mask`` for ``forward(self, x,
+    mask)``'s second positional input, ``inputs[1]`` for ``forward(self, *inputs)``'s,
+    ``args[1]`` where the signature cannot be read; then the keyword inputs' names."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward
+        params = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names: list[str] = []
+    for i in range(len(args)):
+        p = params[i] if i < len(params) else None
+        if p is not None and p.kind in positional:
+            names.append(p.name)
+            continue
+        star = next((q for q in params if q.kind is inspect.Parameter.VAR_POSITIONAL), None)
+        if star is not None and params.index(star) <= i:
+            names.append(f"{star.name}[{i - params.index(star)}]")
+        else:
+            names.append(f"args[{i}]")
+    return names + list(kwargs)
+
+
 def fake_inputs(
-    value: Any,
+    value: tuple[tuple[Any, ...], dict[str, Any]],
     mode: FakeTensorMode,
     device: torch.device,
     cast_to: torch.dtype | None,
     values: Values | None = None,
-) -> Any:
+    names: list[str] | None = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Replace the tensors in ``value`` (as :func:`inputs_of` left it) by fakes on ``device``.
 
     Args:
-        value: the positional or keyword inputs.
+        value: the positional and keyword inputs.
         mode: the step's ``FakeTensorMode``.
         device: the device of the fakes.
         cast_to: the dtype floating inputs are converted to (``*-true`` precisions).
         values: receives the value of each fake: the real input's, or zeros for
             an input given by shape (a spec or a meta tensor).
+        names: the inputs' names (:func:`input_names`), positional then keyword,
+            for ``values``' list of reads answered from zeros.
 
     Returns:
         ``value`` with every tensor replaced by a fake of its shape; a tensor given
@@ -279,14 +307,22 @@ def fake_inputs(
     """
     made_for: dict[int, torch.Tensor] = {}
 
-    def fake(leaf: Any) -> Any:
+    def fake(leaf: Any, name: str) -> Any:
         if not isinstance(leaf, torch.Tensor):
             return leaf
         if id(leaf) not in made_for:
-            made_for[id(leaf)] = one(leaf)
+            made_for[id(leaf)] = one(leaf, name)
         return made_for[id(leaf)]
 
-    def one(leaf: torch.Tensor) -> torch.Tensor:
+    def walk(v: Any, name: str) -> Any:
+        # as map_leaves, with each leaf's path: batch['attention_mask'], pair[1]
+        if isinstance(v, Mapping):
+            return {k: walk(x, f"{name}[{k!r}]") for k, x in v.items()}
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+            return type(v)(walk(x, f"{name}[{i}]") for i, x in enumerate(v))
+        return fake(v, name)
+
+    def one(leaf: torch.Tensor, name: str) -> torch.Tensor:
         dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
         with mode:
             if leaf.layout is not torch.strided or leaf.is_nested:
@@ -303,10 +339,17 @@ def fake_inputs(
                 if dtype != leaf.dtype:
                     made = made.to(dtype)
         if values is not None:
-            values.give(made, leaf)
+            values.give(made, leaf, name)
         return made
 
-    return map_leaves(value, fake)
+    args, kwargs = value
+    if names is None:
+        names = [f"args[{i}]" for i in range(len(args))] + list(kwargs)
+    fake_args = tuple(walk(a, n) for a, n in zip(args, names, strict=False))
+    fake_kwargs = {
+        k: walk(v, n) for (k, v), n in zip(kwargs.items(), names[len(args) :], strict=False)
+    }
+    return fake_args, fake_kwargs
 
 
 def input_text(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

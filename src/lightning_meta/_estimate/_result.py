@@ -119,9 +119,11 @@ class Estimate:
 
     ``inputs_read_as_zeros`` lists the value reads (``.item()``, ``bool()``,
     a data-dependent shape) the step answered from zeros standing for an
-    input given by shape, as ``"<operator> in <module>"``: where the model
-    branches on an input's value, the estimate follows the branch that zeros
-    take, which may not be the one real data takes. Empty when no such read
+    input given by shape, as ``"<operator> in <module>, reading <inputs>"``
+    with the inputs named by the forward's parameters (``attention_mask``,
+    ``batch['labels']``): where the model branches on an input's value, the
+    estimate follows the branch that zeros take, which may not be the one
+    real data takes. Empty when no such read
     happened (real inputs are read as they are).
 
     Example::

@@ -102,6 +102,14 @@ def _indices(func: Any, args: tuple[Any, ...]) -> list[_Index]:
     return []
 
 
+def _zero_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> frozenset[str]:
+    """The names of the inputs given by shape whose zeros the arguments' values come from."""
+    found: frozenset[str] = frozenset()
+    for t in _tensors(args, kwargs):
+        found |= getattr(t, _ZEROS, frozenset())
+    return found
+
+
 def _small(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and math.prod(t.shape) <= MAX_ELEMENTS
 
@@ -159,13 +167,17 @@ class Values:
         # storages written with values nobody knows: their shadows are stale
         self._stale: set[int] = set()
         #: reads answered from zeros standing for an input given by shape:
-        #: ``"<operator> in <module>"``, each once, in order
+        #: ``"<operator> in <module>, reading <inputs>"``, each once, in order
         self.zero_reads: list[str] = []
         #: where the step is, for :attr:`zero_reads` (the caller sets it)
         self.where: Callable[[], str] = lambda: "the model"
 
-    def give(self, fake: torch.Tensor, real: torch.Tensor | None) -> None:
-        """Make ``real`` (or zeros for ``None``) the value of fake tensor ``fake``, if small."""
+    def give(self, fake: torch.Tensor, real: torch.Tensor | None, name: str = "an input") -> None:
+        """Make ``real`` (or zeros for ``None``) the value of fake tensor ``fake``, if small.
+
+        ``name`` names the input in :attr:`zero_reads` (``mask``, ``batch['labels']``) where
+        its value is zeros standing for an input given by shape.
+        """
         if not isinstance(fake, FakeTensor) or not _small(fake):
             return
         fill = getattr(real, _FILL, None) if real is not None else None
@@ -178,7 +190,7 @@ class Values:
         if value.shape == fake.shape:
             setattr(fake, _ATTRIBUTE, value)
             if fill is None and (real is None or real.is_meta):
-                setattr(fake, _ZEROS, True)
+                setattr(fake, _ZEROS, frozenset((name,)))
 
     def of(self, t: Any) -> torch.Tensor | None:
         """Return the value of tensor ``t`` on the CPU, or ``None`` if it is not known."""
@@ -259,12 +271,12 @@ class Values:
         if real is None or len(results) != len(outputs):
             self._forget(written)
             return
-        zeros = any(getattr(t, _ZEROS, False) for t in _tensors(args, kwargs))
+        zeros = _zero_inputs(args, kwargs)
         for fake, value in zip(outputs, results, strict=True):
             if value.shape == fake.shape and value.dtype == fake.dtype:
                 setattr(fake, _ATTRIBUTE, value)
                 if zeros:
-                    setattr(fake, _ZEROS, True)
+                    setattr(fake, _ZEROS, zeros)
             else:
                 self._forget([fake])
 
@@ -306,8 +318,13 @@ class Values:
 
     def _note_zeros(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Record a read of a value that stands for an input given by shape (zeros)."""
-        if any(getattr(t, _ZEROS, False) for t in _tensors(args, kwargs)):
-            note = f"{str(func).removesuffix('.default')} in {self.where()}"
+        zeros = _zero_inputs(args, kwargs)
+        if zeros:
+            # which input: a model reading several (a mask and labels) branches on each
+            note = (
+                f"{str(func).removesuffix('.default')} in {self.where()}, "
+                f"reading {', '.join(sorted(zeros))}"
+            )
             if note not in self.zero_reads:
                 self.zero_reads.append(note)
 
