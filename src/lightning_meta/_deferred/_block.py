@@ -155,7 +155,9 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
     # Entered inside torch.device("meta") (fabric.init_module(empty_init=True)):
     # every tensor is on meta, which materialize refuses (see check_deferred).
     record.outer_meta = _compat.default_device().type == "meta"
-    converted: set[int] = set()
+    # id of each fake tensor swapped for a deferred meta tensor -> its path (where a
+    # reference to the fake kept elsewhere is named)
+    converted: dict[int, Callable[[], str]] = {}
     recorder: Recorder | None = None
     failed: str | None = None
     try:
@@ -216,7 +218,9 @@ def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
     return {k: v for k, v in vars(t).items() if k not in own and not isinstance(v, torch.Tensor)}
 
 
-def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) -> list[nn.Module]:
+def _convert(
+    recorder: Recorder, roots: list[nn.Module], converted: dict[int, Callable[[], str]]
+) -> list[nn.Module]:
     """Swap every fake tensor the built modules hold for a deferred meta tensor.
 
     Parameters, buffers, tensor attributes, and tensors inside list, tuple
@@ -260,14 +264,19 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
 
     def convert(slot: Slot) -> bool:
         t = slot.tensor
-        kept_on(t, lambda: _path_in(roots, slot.owner, slot.name))
+        owner, name = slot.owner, slot.name
+
+        def path() -> str:  # holds no tensor: kept beside a fake tensor, keyed weakly by it
+            return _path_in(roots, owner, name)
+
+        kept_on(t, path)
         meta, handle, vid = meta_of(t)
+        converted.setdefault(id(t), path)
         if t.device.type == "meta" and not record.outer_meta:
             # Made on meta on purpose (device="meta", a torch.device("meta")
             # block inside, a MetaTemplate's factory): eager leaves it there.
             mark_on_meta(slot.owner, slot.name, meta)
             memo[id(t)] = (meta, None)
-            converted.add(id(t))
             slot.put(meta)
             return False
         handle = attach(record, slot.owner, slot.name, meta, vid, handle)
@@ -279,14 +288,16 @@ def _convert(recorder: Recorder, roots: list[nn.Module], converted: set[int]) ->
             if vid not in owned:
                 owned.append(vid)
         memo[id(t)] = (meta, handle)
-        converted.add(id(t))
         slot.put(meta)
         return True
 
     def convert_item(module: nn.Module, attr: str, keys: tuple[Any, ...], t: torch.Tensor) -> Any:
-        kept_on(t, lambda: _path_in(roots, module, attr) + "".join(f"[{k!r}]" for k in keys))
+        def path() -> str:
+            return _path_in(roots, module, attr) + "".join(f"[{k!r}]" for k in keys)
+
+        kept_on(t, path)
         meta, handle, vid = meta_of(t)
-        converted.add(id(t))
+        converted.setdefault(id(t), path)
         if t.device.type == "meta" and not record.outer_meta:
             memo[id(t)] = (meta, None)
             return meta  # on meta on purpose, as above: no handle, stays meta

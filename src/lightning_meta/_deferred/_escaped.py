@@ -12,7 +12,7 @@ and :func:`escaped_site` lets ``find_meta_tensors`` report such tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,10 +21,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightning_meta._compat import ClosedFakeMode, FakeTensor, FakeTensorMode
 from lightning_meta._errors import MetaTensorError
 
-__all__ = ["block_failure", "close_fake_mode", "escaped_site"]
+__all__ = ["block_failure", "close_fake_mode", "escaped_alias", "escaped_site"]
 
 
-def _refusal(call: str, site: str, failed: str | None) -> MetaTensorError:
+def _refusal(call: str, site: str, failed: str | None, path: str | None = None) -> MetaTensorError:
     if failed is not None:
         return MetaTensorError(
             f"{call} was called on a tensor created inside a deferred_init block at {site}, "
@@ -32,13 +32,28 @@ def _refusal(call: str, site: str, failed: str | None) -> MetaTensorError:
             "made deferred and materialize cannot give it values: it holds none. Fix: fix "
             "what the block raised and build the model again."
         )
+    if path is not None:
+        return MetaTensorError(
+            f"{call} was called on a tensor created inside a deferred_init block at {site}, "
+            f"after the block ended: it is {path!r} as the block made it, held by reference "
+            "from outside the modules (a functools.partial, a closure, a lambda's default, "
+            "an object such as a torch.distributions one) since inside the block. When the "
+            f"block ended, the module's {path!r} became a deferred tensor, which materialize "
+            "makes real; this reference still holds the block's placeholder, which has no "
+            f"values. Fix: read the tensor through the module when it is used (self.{path} "
+            "inside the call, not a reference taken in __init__), or build the object that "
+            "holds it after materialize."
+        )
     return MetaTensorError(
         f"{call} was called on a tensor created inside a deferred_init block at {site}, "
         "after the block ended. It is not a parameter, buffer or attribute (or an item of "
         "a list, tuple or dict attribute) of a module built in the block, so materialize "
         "cannot give it values: it holds none. Fix: register it on the module "
         "(self.register_buffer(name, t, persistent=False), or a plain attribute), or "
-        "create it after materialize."
+        "create it after materialize. An object holding tensors computed from the module's "
+        "(a torch.distributions object keeps broadcast views of its arguments, a "
+        "functools.partial or a closure keeps what it was given) cannot be followed: build "
+        "it after materialize."
     )
 
 
@@ -46,16 +61,19 @@ class _ClosedFakeMode(ClosedFakeMode):
     """The fake mode of a finished block: every op on its tensors raises."""
 
     escaped: WeakIdKeyDictionary
+    # Gives the path of the module's tensor each escaped one is, where it was one (a
+    # reference to ``self.head.weight`` taken inside the block).
+    aliases: WeakIdKeyDictionary
     # What the block raised (``"ValueError: boom"``), or None: it ended normally.
     failed: str | None
 
     def refusal(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
-        site = "<unknown>"
+        site, path = "<unknown>", None
         for x in (*args, *kwargs.values()):
             if isinstance(x, FakeTensor):
-                site = self.escaped.get(x, site)
+                site, path = self.escaped.get(x, site), escaped_alias(x)
                 break
-        return _refusal(str(func), site, self.failed)
+        return _refusal(str(func), site, self.failed, path)
 
 
 # Tensor methods that return the tensor itself, or read its memory, without an
@@ -95,7 +113,7 @@ def _refused(name: str) -> Any:
         mode = getattr(self, "fake_mode", None)
         escaped = getattr(mode, "escaped", None)
         site = escaped.get(self, "<unknown>") if escaped is not None else "<unknown>"
-        raise _refusal(f"Tensor.{name}", site, getattr(mode, "failed", None))
+        raise _refusal(f"Tensor.{name}", site, getattr(mode, "failed", None), escaped_alias(self))
 
     method.__name__ = name
     return method
@@ -110,17 +128,24 @@ for _name in _SILENT:
 
 
 def close_fake_mode(
-    mode: FakeTensorMode, leftovers: Iterable[tuple[torch.Tensor, str]], failed: str | None = None
+    mode: FakeTensorMode,
+    leftovers: Iterable[tuple[torch.Tensor, str, Callable[[], str] | None]],
+    failed: str | None = None,
 ) -> None:
     """Make every later op on a fake tensor of ``mode`` raise; remember where ``leftovers`` were
-    made, and what the block raised (``failed``: ``"ValueError: boom"``; ``None`` if nothing)."""
-    escaped = WeakIdKeyDictionary()
-    for t, site in leftovers:
+    made (and how to name the module's tensor each was, if one: computed only when a
+    refusal or a search names it), and what the block raised
+    (``failed``: ``"ValueError: boom"``; ``None`` if nothing)."""
+    escaped, aliases = WeakIdKeyDictionary(), WeakIdKeyDictionary()
+    for t, site, path in leftovers:
         escaped[t] = site
+        if path is not None:
+            aliases[t] = path
         if type(t) is FakeTensor:
             t.__class__ = _EscapedTensor
     mode.__class__ = _ClosedFakeMode
     mode.escaped = escaped  # type: ignore[attr-defined]
+    mode.aliases = aliases  # type: ignore[attr-defined]
     mode.failed = failed  # type: ignore[attr-defined]
 
 
@@ -144,3 +169,14 @@ def escaped_site(t: object) -> str | None:
         return None
     site: str = mode.escaped.get(t, "<unknown>")
     return site
+
+
+def escaped_alias(t: object) -> str | None:
+    """Return the path of the module's tensor that ``t`` was when its block ended, if ``t``
+    is a fake tensor of a finished block referenced from outside the modules since inside
+    it (``functools.partial(F.linear, weight=self.head.weight)`` in ``__init__``)."""
+    mode = getattr(t, "fake_mode", None) if isinstance(t, FakeTensor) else None
+    if not isinstance(mode, _ClosedFakeMode):
+        return None
+    path = mode.aliases.get(t)
+    return path() if path is not None else None

@@ -12,6 +12,9 @@ where they were.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -99,7 +102,7 @@ def reset_parameters(
     ]
     entry = [(g, g.get_state()) for g in generators]
     record = Record()
-    converted: set[int] = set()
+    converted: dict[int, Callable[[], str]] = {}
     recorder: Recorder | None = None
     ok = False
     try:
@@ -120,7 +123,7 @@ def reset_parameters(
             made = {slot.path: slot.current() for slot in plain}
             vids = {path: recorder.vid_at_exit(t) for path, t in made.items() if t is not None}
             dtypes = {path: t.dtype for path, t in made.items() if t is not None}
-            converted.update(id(t) for t in made.values())
+            converted.update({id(t): functools.partial(str, p) for p, t in made.items()})
         untouched = sorted(p for p, v in vids.items() if recorder.garbage_site(v) is not None)
         if untouched:
             raise MaterializationError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -116,17 +116,22 @@ def recording(record: Record, *, track_modules: bool = True) -> Iterator[Recorde
             hook.remove()
 
 
-def close(recorder: Recorder, converted: set[int], failed: str | None = None) -> None:
+def close(
+    recorder: Recorder, converted: dict[int, Callable[[], str]], failed: str | None = None
+) -> None:
     """End a recording: close its fake mode on every tensor left out, free what it holds.
 
     Args:
         recorder: the recording's recorder.
-        converted: ``id``\\ s of the fake tensors swapped for deferred meta tensors.
+        converted: the fake tensors swapped for deferred meta tensors: ``id`` -> their
+            path, named where a reference to one kept elsewhere is used.
         failed: what the block raised (``"ValueError: boom"``), named by the
             refusals of its tensors; ``None`` if it ended normally.
     """
     try:
-        leftovers = [(t, recorder.site_of(vid)) for t, vid in recorder.values.alive()]
+        leftovers = [
+            (t, recorder.site_of(vid), converted.get(id(t))) for t, vid in recorder.values.alive()
+        ]
         close_fake_mode(recorder.fake, leftovers, failed)
     finally:
         recorder.close()

@@ -25,7 +25,13 @@ from lightning_meta._compat import is_torch_meta_error
 from lightning_meta._deferred._handles import deferred_paths
 from lightning_meta._deferred._materialize import materialize_beyond, materialize_paths
 from lightning_meta._errors import MetaTensorError
-from lightning_meta._guard._find import ESCAPED_FIX, STALE_FIX, explain, find_meta_tensors
+from lightning_meta._guard._find import (
+    ESCAPED_AS_FIX,
+    ESCAPED_FIX,
+    STALE_FIX,
+    explain,
+    find_meta_tensors,
+)
 from lightning_meta._guard._materialize import HYPERPARAMETERS, refuse_left
 
 __all__ = ["Row", "check_module", "own_configure_model"]
@@ -80,7 +86,8 @@ def check_module(module: nn.Module, *, stage: str = "fit") -> list[Row]:
                     "find meta tensors",
                     "problem",
                     f.path,
-                    f"{f.kind} {f.shape} created at {f.escaped}. {ESCAPED_FIX}",
+                    f"{f.kind} {f.shape} created at {f.escaped}. "
+                    + (ESCAPED_FIX if f.escaped_as is None else ESCAPED_AS_FIX),
                 )
             )
         elif f.deferred:

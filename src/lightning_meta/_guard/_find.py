@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_meta._compat import is_dtensor
 from lightning_meta._deferred import _handles
-from lightning_meta._deferred._escaped import escaped_site
+from lightning_meta._deferred._escaped import escaped_alias, escaped_site
 from lightning_meta._deferred._handles import (
     ON_META_ATTR,
     Handle,
@@ -57,6 +57,11 @@ _FOREIGN = frozenset(
         "logging",
     }
 )
+# Objects of torch that hold a model's tensors as plain attributes: a distribution
+# (``D.Normal(torch.zeros_like(head.weight), 0.05)``, a weight-noise regulariser) held
+# a meta ``loc`` through a whole Trainer run, on uninitialised memory, before
+# 2026-12-07 (seventh session).
+_TORCH_HOLDERS = ("torch.distributions.",)
 # Objects searched below each plain object a module or container holds, at most.
 MAX_PLAIN_VISITS = 10_000
 # What holds no tensor (the items of a table of data): passed over at once.
@@ -97,7 +102,19 @@ ESCAPED_FIX = (
     "there (a local variable assigned after the block, a closure, a global list) holds no "
     "data, and materialize cannot fill it: any use raises. Fix: register it on a module "
     "built in the block (self.register_buffer(name, t, persistent=False), or a plain "
-    "attribute set inside the block), or create it after materialize."
+    "attribute set inside the block), or create it after materialize. An object holding "
+    "tensors computed from the module's (a torch.distributions object keeps broadcast "
+    "views of its arguments) cannot be followed: build it after materialize."
+)
+
+ESCAPED_AS_FIX = (
+    "A tensor of a module built in a deferred_init block, referenced from outside the "
+    "modules since inside the block (a functools.partial, a closure or a lambda's default "
+    "holding self.head.weight), is the block's placeholder: the module's own became a "
+    "deferred tensor, which materialize makes real, and the reference still holds no data. "
+    "Fix: read the tensor through the module when it is used (self.head.weight inside the "
+    "call, not a reference taken in __init__), or build the object holding it after "
+    "materialize."
 )
 
 STALE_FIX = (
@@ -138,6 +155,11 @@ class MetaFinding:
             ``None``). It is not on the meta device but holds no data either
             (a fake tensor of the finished block): nothing can fill it and any
             use raises :class:`~lightning_meta.MetaTensorError`.
+        escaped_as: for such a tensor that was a tensor of a module built in the
+            block when it ended (a reference to ``self.head.weight`` taken
+            inside the block, in a ``functools.partial`` or a closure), that
+            tensor's path (``"head.weight"``): the module's own is deferred and
+            materializes, the reference does not (else ``None``).
         stale: a meta tensor that :func:`~lightning_meta.materialize` (or a
             load) already replaced by a real one at the place that owns it
             (a module's parameter): a reference taken before materializing,
@@ -163,6 +185,7 @@ class MetaFinding:
     hidden: bool = False
     escaped: str | None = None
     stale: bool = False
+    escaped_as: str | None = None
 
     @property
     def problem(self) -> bool:
@@ -174,7 +197,12 @@ class MetaFinding:
         if self.kind == "template":
             return f"{self.path!r} (MetaTemplate: meta by design, ignored)"
         where = ", outside the module tree" if self.hidden else ""
-        if self.escaped is not None:
+        if self.escaped is not None and self.escaped_as is not None:
+            state = (
+                f"created in a deferred_init block at {self.escaped} as {self.escaped_as!r}, "
+                "held by a reference taken inside the block"
+            )
+        elif self.escaped is not None:
             state = f"created in a deferred_init block at {self.escaped} and left outside it"
         elif self.stale:
             state = "materialized elsewhere: a reference taken before materializing"
@@ -189,8 +217,9 @@ def find_meta_tensors(obj: Any) -> list[MetaFinding]:
     Searches parameters, buffers, plain tensor attributes of every submodule
     and tensors inside lists, tuples, dicts, sets, dataclasses, other plain
     objects (their attributes) and closures (their variables) held as
-    attributes (modules hidden there are searched too; not objects of torch
-    or Lightning, such as the trainer); the parameter groups
+    attributes (modules hidden there are searched too; not objects of torch,
+    except ``torch.distributions`` ones, or of Lightning, such as the
+    trainer); the parameter groups
     and state of an optimizer; or the items of a plain container. A tensor
     created inside a :func:`~lightning_meta.deferred_init` block but kept
     outside the modules built there holds no data either: it is listed too,
@@ -319,8 +348,10 @@ def explain(
             "Deferred tensors are filled exactly by lightning_meta.materialize(module) "
             "(MetaGuard does it for you inside Trainer.fit)."
         )
-    if any(f.escaped is not None for f in problems):
+    if any(f.escaped is not None and f.escaped_as is None for f in problems):
         lines.append(ESCAPED_FIX)
+    if any(f.escaped_as is not None for f in problems):
+        lines.append(ESCAPED_AS_FIX)
     if any(f.stale for f in problems):
         lines.append(STALE_FIX)
     if any(not f.deferred and f.escaped is None and not f.stale for f in problems):
@@ -595,7 +626,14 @@ def _edge(r: Any, children: set[int]) -> bool:
         ),
     ):
         return False
-    return kind.__module__.split(".", 1)[0] not in _FOREIGN
+    return not _foreign(kind)
+
+
+def _foreign(kind: type) -> bool:
+    """Whether objects of class ``kind`` belong to a package whose objects the search
+    passes over (:data:`_FOREIGN`)."""
+    where = kind.__module__ or ""
+    return where.split(".", 1)[0] in _FOREIGN and not where.startswith(_TORCH_HOLDERS)
 
 
 # Yielded by a forward search past the bounds every ``tick`` objects: time to look at the clock.
@@ -627,10 +665,7 @@ def _plain_attributes(obj: Any, bounded: bool = True) -> list[tuple[str, Any]] |
         found += [(f"keywords.{key}", value) for key, value in obj.keywords.items()]
         return found
     kind = type(obj)
-    if (
-        issubclass(kind, (type, types.ModuleType, str, bytes))
-        or kind.__module__.split(".", 1)[0] in _FOREIGN
-    ):
+    if issubclass(kind, (type, types.ModuleType, str, bytes)) or _foreign(kind):
         return None
     # A class with __slots__ keeps those attributes outside __dict__ (or has none).
     values: list[tuple[str, Any]] = list(_slot_values(obj))
@@ -739,6 +774,7 @@ def _finding(
         hidden,
         escaped,
         stale=not deferred and escaped is None and made_for(t) is not None,
+        escaped_as=escaped_alias(t) if escaped is not None else None,
     )
 
 
