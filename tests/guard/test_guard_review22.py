@@ -116,10 +116,8 @@ class _Readout(L.LightningModule):
 
     def training_step(self, batch: Any, i: int) -> torch.Tensor:
         x, y = batch
-        if self.through_module:  # the fix: read it through the module at call time
-            out = F.linear(x, self.head.weight)
-        else:
-            out = self.readout(x)
+        # the fix: read it through the module at call time
+        out = F.linear(x, self.head.weight) if self.through_module else self.readout(x)
         return (out - y).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

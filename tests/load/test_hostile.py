@@ -641,8 +641,8 @@ def test_path_none_and_bad_flags(tmp_path: Path) -> None:
     with pytest.raises(lm.MetaTensorError, match=r"verify='yes'") as info:
         load_checkpoint(m, tmp_path, verify="yes")  # type: ignore[arg-type]
     assert isinstance(info.value, TypeError)
-    # strict=None would load part of a checkpoint without a word; 'False' would be strict.
-    for strict in (None, "False", 0):
+    # 'False' would be strict; None is the default (the module's strict_loading, else True)
+    for strict in ("False", 0):
         with pytest.raises(lm.MetaTensorError, match=rf"strict={strict!r}") as info:
             load_checkpoint(m, tmp_path, strict=strict)  # type: ignore[arg-type]
         assert isinstance(info.value, TypeError)

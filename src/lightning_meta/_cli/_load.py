@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     # user_code: the model's load hooks run, and may print.
     with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
         report = load_checkpoint(
-            model, args.checkpoint, device=device, dtype=dtype, strict=not args.no_strict,
+            model, args.checkpoint, device=device, dtype=dtype, strict=False if args.no_strict else None,
             prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
             verify=args.verify,
             allow_uninitialized=args.allow_uninitialized,

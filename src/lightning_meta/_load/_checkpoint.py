@@ -28,6 +28,7 @@ from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import follow_own_conversions, materialize_beyond
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import LoadFix, run_post_hooks
+from lightning_meta._load._lightning_hooks import follow_on_load_checkpoint, resolve_strict
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
     add_shared,
@@ -53,7 +54,7 @@ def load_checkpoint(
     *,
     device: torch.device | str | int | None = None,
     dtype: torch.dtype | None = None,
-    strict: bool = True,
+    strict: bool | None = None,
     prefix: str | None = None,
     safe_globals: Sequence[Any] = (),
     progress: bool = False,
@@ -89,6 +90,11 @@ def load_checkpoint(
     count for ``strict`` or the report, as with ``load_state_dict``. Names
     reported are those ``module.state_dict()`` shows.
 
+    A LightningModule's own ``on_load_checkpoint`` runs first, as
+    ``load_from_checkpoint`` runs it: on the whole file, read with its
+    tensors (optimizer states too), and the ``"state_dict"`` it leaves is
+    loaded. A module without one is read one tensor at a time.
+
     Sharded modules (parameters that ``fully_shard`` or
     ``parallelize_module`` made ``DTensor`` s, meta or real) load on every
     rank: each rank reads only the box of each tensor its shard holds
@@ -114,8 +120,10 @@ def load_checkpoint(
             ``module.to(dtype)``: loaded or not (non-persistent buffers, keys
             ``strict=False`` leaves alone), meta ones included (they stay
             meta); others keep their dtype.
-        strict: raise on any missing, unexpected or mis-shaped key (default).
-            With ``False``, load what matches and list the rest in the report.
+        strict: raise on any missing, unexpected or mis-shaped key (the
+            default, ``None``, means ``True``, or a LightningModule's
+            ``strict_loading``, as ``load_from_checkpoint`` reads it). With
+            ``False``, load what matches and list the rest in the report.
         prefix: checkpoint key prefix to strip (``"model."`` to load a
             LightningModule's checkpoint into its ``self.model``); detected
             when ``None``: keys that are the module's names as they are win
@@ -213,8 +221,9 @@ def load_checkpoint(
         verify=verify,
         mmap=mmap,
         allow_uninitialized=allow_uninitialized,
-        strict=strict,
+        strict=True if strict is None else strict,  # None: the default, resolved below
     )
+    strict = resolve_strict(module, strict, "load_checkpoint")
     if args.dtype is not None:
         _warn_float32_kept(module, args.dtype)
     # Eager code loads into a model built before, copying into its tensors,
@@ -225,6 +234,8 @@ def load_checkpoint(
     with torch.inference_mode(False):
         where = str(path)
         source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
+        # a LightningModule's own on_load_checkpoint, as load_from_checkpoint runs it
+        source = follow_on_load_checkpoint(module, source, verify=verify, mapped=mmap)
         reshard_fsdp(module)  # as load_state_dict's FSDP2 pre-hooks: never into the gathered copy
         plan = plan_load(module, source, where, prefix=prefix, strict=strict)
         if has_sharded(plan):  # DTensors: each rank reads only its own shards

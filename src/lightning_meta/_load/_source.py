@@ -265,6 +265,8 @@ class TorchSource(Source):
         files = {a.path for a, _ in refs.values()}
         super().__init__(path, fmt, entries, others=others, stamps=stamps_of(files))
         self._refs = refs
+        #: the file's whole object, where the source is one torch file (see open_torch)
+        self.archive: Archive | None = None
 
     def described(self, key: str) -> tuple[TensorRef, Region] | None:
         """``key``'s tensor as its pickle describes it, and the file region of its storage.
@@ -425,6 +427,7 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     check_storage_bounds([(k, v) for k, v in leaves.items() if isinstance(v, TensorRef)], str(p))
     refs = {k: (archive, v) for k, v in leaves.items()}
     source = TorchSource(p, fmt, refs, others=others)
+    source.archive = archive  # the whole file, for a LightningModule's on_load_checkpoint
     source.under_state_dict = state is not obj
     source.mapping = state
     source.clashes = dict.fromkeys(clashes, p)

@@ -1,0 +1,163 @@
+"""A LightningModule's own ``on_load_checkpoint`` and ``strict_loading``, followed as
+Lightning's ``load_from_checkpoint`` follows them.
+
+``load_from_checkpoint`` hands the whole checkpoint to the module's
+``on_load_checkpoint`` (which may rename keys, convert old formats, drop
+entries) before it loads ``checkpoint["state_dict"]``, and loads with the
+module's ``strict_loading`` unless told otherwise. A loader that skipped the
+hook gave other numbers without an error (a module converting a saved
+``log(temperature)`` with ``.exp()``). Lightning is recognised by its classes'
+module names: the loading core imports no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._load._source import Source, TorchSource, saved_versions, state_tensors
+from lightning_meta._load._torchfile import Archive, TensorRef, Unsupported
+
+__all__ = ["follow_on_load_checkpoint", "lightning_module", "resolve_strict"]
+
+_LIGHTNING = ("lightning.", "pytorch_lightning.")
+
+
+def lightning_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``LightningModule`` (of ``lightning`` or ``pytorch_lightning``)."""
+    return any(
+        c.__name__ == "LightningModule" and c.__module__.startswith(_LIGHTNING)
+        for c in type(module).__mro__
+    )
+
+
+def _own_hook(module: nn.Module) -> str | None:
+    """The qualified name of ``module``'s own ``on_load_checkpoint``; ``None`` where it is
+    Lightning's (which does nothing) or ``module`` is no LightningModule."""
+    if not lightning_module(module):
+        return None
+    if "on_load_checkpoint" in vars(module):  # set on the instance
+        return f"{type(module).__name__}.on_load_checkpoint (set on the instance)"
+    for cls in type(module).__mro__:
+        if "on_load_checkpoint" in vars(cls):
+            if cls.__module__.startswith(_LIGHTNING):
+                return None
+            return f"{cls.__qualname__}.on_load_checkpoint"
+    return None
+
+
+def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> bool:
+    """``strict`` as ``load_from_checkpoint`` resolves it: ``None`` is the module's
+    ``strict_loading`` (True unless a LightningModule sets it), and an explicit value
+    that contradicts one the module set is refused, as Lightning refuses it."""
+    if not lightning_module(module):
+        return True if strict is None else strict
+    own = getattr(module, "_strict_loading", None)
+    if strict is None:
+        return bool(getattr(module, "strict_loading", True))
+    if own is not None and bool(own) != strict:
+        name = type(module).__name__
+        raise ArgumentValueError(
+            f"{who}: strict={strict} contradicts {name}.strict_loading={bool(own)}, which "
+            f"Lightning's load_from_checkpoint refuses too. Fix: leave strict out (the module's "
+            f"strict_loading then decides), or pass strict={bool(own)}."
+        )
+    return strict
+
+
+def follow_on_load_checkpoint(
+    module: nn.Module, source: Source, *, verify: bool, mapped: bool
+) -> Source:
+    """Run ``module``'s own ``on_load_checkpoint`` on the checkpoint, as Lightning does, and
+    return a source of the ``"state_dict"`` it leaves; ``source`` itself where there is no
+    such hook or the file holds no ``"state_dict"`` (no Lightning checkpoint).
+
+    The hook gets the whole file with its tensors read (optimizer states too), as
+    ``torch.load`` gives it to Lightning's ``load_from_checkpoint``: the file is read
+    once, and the tensors the state dict then holds are the ones loaded.
+
+    Raises:
+        MetaTensorError: the hook applies to a distributed checkpoint (its tensors are
+            read rank by rank, not as one checkpoint a hook could be given), or leaves
+            no ``"state_dict"`` mapping.
+    """
+    hook = _own_hook(module)
+    if hook is None or not source.under_state_dict:
+        return source
+    archive = getattr(source, "archive", None)
+    if not isinstance(source, TorchSource) or archive is None:
+        raise MetaTensorError(
+            f"load_checkpoint cannot follow {hook} for {str(source.path)!r} (a "
+            f"{source.format} checkpoint, read rank by rank): Lightning hands the hook the "
+            "whole checkpoint before loading, and the loaded values may depend on what it "
+            "does. Fix: load it with Lightning (trainer.fit(ckpt_path=...) or "
+            f"{type(module).__name__}.load_from_checkpoint), or convert it to one torch file "
+            "(torch.distributed.checkpoint.format_utils.dcp_to_torch_save) and load that.",
+            paths=[str(source.path)],
+        )
+    refs: dict[str, tuple[Archive, TensorRef | Unsupported | torch.Tensor]] = {}
+
+    def collect(x: Any, depth: int = 0) -> None:
+        if isinstance(x, TensorRef):
+            refs.setdefault(f"\0{id(x)}", (archive, x))
+        elif depth < 64 and isinstance(x, Mapping):
+            for v in x.values():
+                collect(v, depth + 1)
+        elif depth < 64 and isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v, depth + 1)
+
+    collect(archive.obj)
+    reader = TorchSource(Path(source.path), source.format, refs)
+    read = dict(reader.read(list(refs), verify=verify, mapped=mapped))
+    checkpoint = _rebuilt(archive.obj, read)
+    module.on_load_checkpoint(checkpoint)  # type: ignore[operator]
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise MetaTensorError(
+            f"{hook} left checkpoint['state_dict'] a {type(state).__name__}, not a state dict, "
+            f"so there is nothing to load from {str(source.path)!r} (Lightning's "
+            "load_from_checkpoint fails on it too). Fix: leave a mapping of tensors there.",
+            paths=[str(source.path)],
+        )
+    clashes: list[str] = []
+    leaves, others = state_tensors(Path(source.path), state, clashes)
+    out = TorchSource(
+        Path(source.path),
+        source.format,
+        {k: (archive, v) for k, v in leaves.items()},
+        others=others,
+    )
+    out.under_state_dict = True
+    out.mapping = state
+    out.clashes = dict.fromkeys(clashes, Path(source.path))
+    out.versions = saved_versions(state)
+    return out
+
+
+def _rebuilt(x: Any, read: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """``x`` with its tensor references replaced by the tensors read (containers rebuilt, a
+    state dict's ``_metadata`` kept, as ``torch.load`` gives them)."""
+    if isinstance(x, TensorRef):
+        return read[f"\0{id(x)}"]
+    if depth >= 64:
+        return x
+    if isinstance(x, Mapping):
+        out: dict[Any, Any] = OrderedDict() if isinstance(x, OrderedDict) else {}
+        for k, v in x.items():
+            out[k] = _rebuilt(v, read, depth + 1)
+        versions = getattr(x, "_metadata", None)
+        if versions is not None and isinstance(out, OrderedDict):
+            out._metadata = versions  # type: ignore[attr-defined]
+        return out
+    if type(x) is list:
+        return [_rebuilt(v, read, depth + 1) for v in x]
+    if type(x) is tuple:
+        return tuple(_rebuilt(v, read, depth + 1) for v in x)
+    return x

@@ -1,0 +1,208 @@
+"""A LightningModule's own ``on_load_checkpoint`` and ``strict_loading`` (review of
+2026-12-07, seventh session).
+
+Lightning's ``load_from_checkpoint`` hands the whole checkpoint to the module's
+``on_load_checkpoint`` before it loads ``checkpoint["state_dict"]``, and loads with the
+module's ``strict_loading``. ``load_checkpoint`` and ``load-check`` did neither: a
+module converting an old format (``log(temperature)`` saved, ``.exp()`` on load) got
+the raw value without an error and ``load-check`` exited 0; one renaming keys was
+refused with a fix that did not apply; one with ``strict_loading = False`` was
+refused. Each test failed on 08308e5, the tree before them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_meta as lm
+from lightning_meta._cli import main
+
+
+class LitConvert(L.LightningModule):
+    """Version-1 checkpoints stored log(temperature); ``on_load_checkpoint`` converts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 4)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.l1(x) / self.temperature
+        return out
+
+    def training_step(self, batch: Any, i: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["format_version"] = 2
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert "optimizer_states" in checkpoint or checkpoint.get("format_version", 1) < 2
+        if checkpoint.get("format_version", 1) < 2:
+            state = checkpoint["state_dict"]
+            state["temperature"] = state["temperature"].exp()
+
+
+class LitRename(L.LightningModule):
+    """Renames an old ``backbone.`` to ``encoder.`` on load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(8, 4)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for k in list(state):
+            if k.startswith("backbone."):
+                state["encoder." + k.removeprefix("backbone.")] = state.pop(k)
+
+
+class LitPartial(L.LightningModule):
+    """Saves only its head (a frozen backbone), and loads with ``strict_loading = False``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False
+        self.backbone = nn.Linear(8, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 2)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if "head" in k}
+
+
+def _v1(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    m = LitConvert()
+    with torch.no_grad():
+        m.temperature.fill_(0.7)
+    path = tmp_path / "v1.ckpt"
+    torch.save({"state_dict": m.state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+def test_on_load_checkpoint_converts_an_old_format_as_load_from_checkpoint(
+    tmp_path: Path,
+) -> None:
+    path = _v1(tmp_path)
+    expected = LitConvert.load_from_checkpoint(path)
+    assert expected.temperature.item() == pytest.approx(torch.tensor(0.7).exp().item())
+    with lm.deferred_init():
+        model = LitConvert()
+    report = lm.load_checkpoint(model, path)
+    assert report.loaded == ["l1.bias", "l1.weight", "temperature"]
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # mapped, and into a real model (copied in place) too
+    real = LitConvert()
+    lm.load_checkpoint(real, path, mmap=True)
+    assert torch.equal(real.temperature, expected.temperature)
+
+
+def test_a_checkpoint_lightning_wrote_is_left_as_the_hook_leaves_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = LitConvert()
+    data = DataLoader(TensorDataset(torch.randn(8, 8)), batch_size=4)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(trained, data)
+    path = tmp_path / "v2.ckpt"
+    trainer.save_checkpoint(path)  # format_version 2 and the optimizer's state in it
+    expected = LitConvert.load_from_checkpoint(path)
+    with lm.deferred_init():
+        model = LitConvert()
+    lm.load_checkpoint(model, path)
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert torch.equal(model.temperature, trained.temperature)
+
+
+def test_on_load_checkpoint_renaming_keys_is_followed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = LitRename()
+    path = tmp_path / "renamed.ckpt"
+    state = {"backbone." + k.removeprefix("encoder."): v for k, v in old.state_dict().items()}
+    torch.save({"state_dict": state, "pytorch-lightning_version": L.__version__}, path)
+    with lm.deferred_init():
+        model = LitRename()
+    report = lm.load_checkpoint(model, path)
+    assert report.loaded == ["encoder.bias", "encoder.weight"]
+    assert torch.equal(model.encoder.weight, old.encoder.weight)
+
+
+def test_strict_loading_false_is_the_default_strictness(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = LitPartial()
+    path = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": saved.state_dict(), "pytorch-lightning_version": L.__version__}, path)
+    torch.manual_seed(1)
+    eager = LitPartial()
+    eager.load_state_dict(torch.load(path, weights_only=True)["state_dict"], strict=False)
+    torch.manual_seed(1)
+    with lm.deferred_init():
+        model = LitPartial()
+    lm.load_checkpoint(model, path)
+    assert torch.equal(model.head.weight, saved.head.weight)
+    assert torch.equal(model.backbone.weight, eager.backbone.weight)  # replayed, as eager
+    with lm.deferred_init():
+        again = LitPartial()
+    with pytest.raises(lm.ArgumentValueError, match="contradicts LitPartial.strict_loading"):
+        lm.load_checkpoint(again, path, strict=True)
+    assert lm.is_deferred(again)
+
+
+def test_a_hook_leaving_no_state_dict_is_refused(tmp_path: Path) -> None:
+    class Drops(LitRename):
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            del checkpoint["state_dict"]
+
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": LitRename().state_dict()}, path)
+    with lm.deferred_init():
+        model = Drops()
+    with pytest.raises(lm.MetaTensorError, match=r"left checkpoint\['state_dict'\] a NoneType"):
+        lm.load_checkpoint(model, path)
+    assert lm.is_deferred(model)
+
+
+def test_load_check_follows_the_hook_and_strict_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent))
+    target = f"{__name__}:LitPartial"
+    assert sys.modules[__name__].LitPartial is LitPartial
+    path = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": LitPartial().state_dict()}, path)
+    assert main(["load-check", target, str(path)]) == 0
+    assert "loaded 2 tensors" in capsys.readouterr().out
+    old = LitRename()
+    state = {"backbone." + k.removeprefix("encoder."): v for k, v in old.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "renamed.ckpt")
+    rename = f"{__name__}:LitRename"
+    assert main(["load-check", rename, str(tmp_path / "renamed.ckpt"), "--json"]) == 0
+    assert '"encoder.weight"' in capsys.readouterr().out
+
+
+def test_strict_left_out_is_strict_for_a_plain_module(tmp_path: Path) -> None:
+    torch.save({**nn.Linear(2, 2).state_dict(), "extra": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(lm.MetaTensorError, match="extra"):
+        lm.load_checkpoint(nn.Linear(2, 2), tmp_path / "x.pt", strict=None)
+    assert lm.load_checkpoint(nn.Linear(2, 2), tmp_path / "x.pt", strict=False).unexpected == [
+        "extra"
+    ]
