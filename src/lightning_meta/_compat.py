@@ -1311,11 +1311,85 @@ def modes_and_hooks(modules: Sequence[nn.Module]) -> list[tuple[bool, Any]]:
 
 def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(module, memo)``, with its hooks that close over ``module`` pointed at
-    the copy (:func:`rebind_hook_closures`)."""
+    the copy (:func:`rebind_hook_closures`), and each parametrized module of the copy given a
+    class of its own (:func:`own_parametrized_classes`)."""
     memo = {} if memo is None else memo
     copied = copy.deepcopy(module, memo)
     rebind_hook_closures(module, copied, memo)
+    own_parametrized_classes(copied)
     return copied
+
+
+def own_parametrized_classes(module: nn.Module) -> None:
+    """Give each parametrized module of ``module`` a class of its own whose properties
+    close over it, as ``register_parametrization`` made for the original.
+
+    ``copy.deepcopy`` of a parametrized module keeps the original's class (torch makes one
+    per module), whose properties close over the original: under
+    ``torch.nn.utils.parametrize.cached()`` every copy then read the cache entry of the
+    original, ``(id(original), name)``, and an ensemble's member copies all ran with one
+    member's weight (before 2026-12-07, seventh session). Uses torch's private
+    ``parametrize._inject_property`` (checked on torch 2.6, 2.13 and 2.15), the code that
+    made the original's.
+    """
+    from torch.nn.utils import parametrize
+
+    inject = getattr(parametrize, "_inject_property", None)
+    if inject is None:
+        raise missing(
+            "torch.nn.utils.parametrize._inject_property", "copying a parametrized module"
+        )
+    for sub in module.modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        cls = type(sub)
+        table: nn.ModuleDict = sub.parametrizations  # type: ignore[assignment]
+        names = list(table.keys())
+        body = {k: v for k, v in vars(cls).items() if k not in names and k != "__weakref__"}
+        sub.__class__ = type(cls.__name__, cls.__bases__, body)
+        for name in names:
+            inject(sub, name)
+
+
+@contextlib.contextmanager
+def fresh_parametrizations(module: nn.Module) -> Iterator[None]:
+    """Inside ``torch.nn.utils.parametrize.cached()``, drop the cache entries of ``module``'s
+    parametrized modules before and after the body: a template called with one state after
+    another (``template(template.state_from(b), x)`` after ``a``'s) would otherwise read the
+    weight cached from the first state, 0.88 off on an orthogonal layer, without an error
+    (before 2026-12-07, seventh session). Uses torch's private ``parametrize._cache_enabled``
+    and ``_cache`` (checked on torch 2.6, 2.13 and 2.15)."""
+    from torch.nn.utils import parametrize
+
+    if not getattr(parametrize, "_cache_enabled", 0):
+        yield
+        return
+    keys = [
+        (id(m), name)
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for name in m.parametrizations  # type: ignore[union-attr]
+    ]
+    cache = parametrize_cache() if keys else {}
+    for key in keys:
+        cache.pop(key, None)
+    try:
+        yield
+    finally:
+        for key in keys:
+            cache.pop(key, None)
+
+
+def parametrize_cache() -> dict[Any, Any]:
+    """``torch.nn.utils.parametrize``'s cache of the current ``cached()`` region (torch's
+    private ``_cache``, checked on torch 2.6, 2.13 and 2.15): an ensemble's timed runs put
+    back what they add, so that the call itself computes as a member's call does."""
+    from torch.nn.utils import parametrize
+
+    cache = getattr(parametrize, "_cache", None)
+    if not isinstance(cache, dict):
+        raise missing("torch.nn.utils.parametrize._cache", "timing an ensemble's plans")
+    return cache
 
 
 def rebind_hook_closures(original: nn.Module, copied: nn.Module, memo: dict[int, Any]) -> None:
@@ -1706,6 +1780,9 @@ def to_memory_format(fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.memory
 __all__ += [
     "to_memory_format",
     "deepcopy_module",
+    "fresh_parametrizations",
+    "own_parametrized_classes",
+    "parametrize_cache",
     "recomputing_hooks",
     "dynamo_wrapper",
     "without_dynamo_wrappers",

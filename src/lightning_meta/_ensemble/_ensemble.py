@@ -36,6 +36,7 @@ from lightning_meta._compat import (
     made_at_level,
     module_apply,
     non_persistent_of,
+    parametrize_cache,
     structure_of,
     tensor_tables,
     to_memory_format,
@@ -2103,9 +2104,16 @@ class Ensemble(nn.Module):
         # them (a LayerDrop) makes one draw under vmap for all members, where
         # each member draws its own; only the loop draws as the members do.
         generators = GlobalRandom()
+        # Inside torch.nn.utils.parametrize.cached(), a timed run's parametrized weights
+        # would stay cached, and the call would use them: their graph already freed by the
+        # timed backward ("backward through the graph a second time"), or none at all.
+        cache = parametrize_cache()
+        cached = dict(cache)
         try:
             yield
         finally:
+            cache.clear()
+            cache.update(cached)
             if state.changed(among(tensor_ids(state.modules))):
                 self._keeps_state()
             self._lost += state.restore()

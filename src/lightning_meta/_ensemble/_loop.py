@@ -118,17 +118,44 @@ class MemberSlots:
         """Whether the module has buffers a forward could replace."""
         return bool(self._buffer_reads)
 
-    def reassigned(self, given: Mapping[str, Any], index: int | None) -> list[tuple[str, Any]]:
+    def reassigned(
+        self,
+        given: Mapping[str, Any],
+        index: int | None,
+        shapes: Mapping[str, torch.Size] | None = None,
+    ) -> list[tuple[str, Any]]:
         """The buffers the forward replaced by another value: ``(name, what it put there)``.
 
         ``given`` holds what was put (member ``index``'s slices, or the
         tensors themselves when ``index`` is ``None``).
+
+        Raises:
+            ArgumentValueError: given ``shapes`` (each slice's shape), a slice
+                the forward resized in place (``resize_``, as torch.ao's
+                per-channel observers grow ``scale`` from ``(1,)`` on their
+                first call): it grew over the next members' rows of the one
+                stacked tensor, whose values it overwrote (before 2026-12-07,
+                seventh session, the stacked buffer, ``state_dict`` and
+                ``member(i)`` kept wrong values without an error).
         """
         out = []
         for name, table, key in self._buffer_reads:
             now = table.get(key)
-            if now is not (given[name] if index is None else given[name][index]):
+            put = given[name] if index is None else given[name][index]
+            if now is not put:
                 out.append((name, now))
+            elif shapes is not None and isinstance(now, torch.Tensor) and now.shape != shapes[name]:
+                raise ArgumentValueError(
+                    f"Ensemble member {index}'s forward resized buffer {name!r} in place, from "
+                    f"{tuple(shapes[name])} to {tuple(now.shape)} (a resize_, as torch.ao's "
+                    "per-channel observers do on their first call). On the loop plan each "
+                    "member's buffer is a view of one stacked tensor, and the resized view "
+                    "grew over the next members' rows: this call left the ensemble's buffers "
+                    "wrong. Fix: run each member's forward once before building the ensemble "
+                    "(its buffers then have their final shapes: calibrate, for quantization-"
+                    "aware training), or pass execution='vmap', which stacks the new buffers.",
+                    paths=[name],
+                )
         return out
 
     def restore(self) -> None:
@@ -645,6 +672,8 @@ def run_loop(
         member_kwargs = [member(i, dict(kwargs)) for i in range(num_members)]
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     replay = rng_states(device) if randomness != "different" else []
+    # each member's slice's shape, to see a forward resize a buffer in place
+    rows = {name: t.shape[1:] for name, t in tensors.items()}
     outs = []
     try:
         for i in range(num_members):
@@ -659,7 +688,7 @@ def run_loop(
                 raise refusal from e
             if renormed and torch.is_grad_enabled():
                 write_back(tensors, views, renormed, i)
-            for name, new in members[i].reassigned(views, i):
+            for name, new in members[i].reassigned(views, i, rows):
                 changes.setdefault(name, {})[i] = new
             if randomness == "error":
                 check_no_draw(replay, device, i)

@@ -471,7 +471,16 @@ def _record_region(
 ) -> Region:
     name = info.filename.split("/", 1)[-1]
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-        raise corrupt(where, f"is not a torch checkpoint: record {name!r} is compressed")
+        # torch.save stores every record; a zip tool can recompress them, and torch.load
+        # still reads them. lightning_meta reads (and maps) the records where they lie.
+        raise MetaTensorError(
+            f"{where!r} holds record {name!r} compressed (zip method {info.compress_type}), "
+            "which torch.save never writes: the file was recompressed by a zip tool. "
+            "lightning_meta reads each record where it lies in the file. Fix: write it again "
+            "as torch.save does, torch.save(torch.load(path, map_location='cpu'), new_path) "
+            "(torch.load reads compressed records), and load new_path.",
+            paths=[where],
+        )
     if info.file_size != ref.nbytes:
         raise corrupt(
             where,

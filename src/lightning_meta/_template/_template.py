@@ -31,6 +31,7 @@ from lightning_meta._compat import (
     children_of,
     compiler_disabled,
     deepcopy_module,
+    fresh_parametrizations,
     functional_call_restoring_in_reverse,
     hook_registrations,
     hook_tables,
@@ -1403,7 +1404,10 @@ class MetaTemplate:
                         else None
                     )
                     try:
-                        with watch if watch is not None else contextlib.nullcontext():
+                        with (
+                            watch if watch is not None else contextlib.nullcontext(),
+                            fresh_parametrizations(module),
+                        ):
                             if layout.twice and not torch.compiler.is_compiling():
                                 out = functional_call_restoring_in_reverse(
                                     module, given, args, dict(kwargs or {}), tie_weights=tie_weights
