@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -130,12 +131,16 @@ def test_dtype_says_what_from_pretrained_keeps_in_float32_and_the_fix_gives_it(
         model = _t5()
     with pytest.warns(
         lm.MetaTensorWarning,
-        match=r"dtype=torch.float16 casts 2 tensors of T5ForConditionalGeneration that "
+        match=r"(?s)dtype=torch.float16 casts 2 tensors of T5ForConditionalGeneration that "
         r"transformers' from_pretrained keeps in float32 .*first 'encoder.block.0.layer.1."
-        r"DenseReluDense.wo.weight'.*Fix: .*leave dtype out, then cast the others: .*"
-        r"not re.search\(r'\(wo\)', name\): t.data = t.data.to\(torch.float16\)",
-    ):
+        r"DenseReluDense.wo.weight'.*Fix: .*leave dtype out, then cast the others:.*"
+        r"not re.search\(r'\(wo\)', name\):\n +t.data = t.data.to\(torch.float16\)",
+    ) as said:
         lm.load_checkpoint(model, tmp_path, dtype=torch.float16)
+    # the recipe is code on lines of its own, which compiles as printed (it was one line,
+    # a SyntaxError pasted, before 2026-12-07, seventh session)
+    recipe = [line for line in str(said[0].message).splitlines() if line.startswith("    ")]
+    compile(textwrap.dedent("\n".join(recipe)), "<fix>", "exec")
     assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float16
     # the fix, followed as printed: from_pretrained's dtypes and values, bit for bit
     with lm.deferred_init():

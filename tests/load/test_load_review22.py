@@ -230,3 +230,34 @@ def test_a_recompressed_torch_file_is_named_so_and_its_fix_works(tmp_path: Path)
     torch.save(torch.load(path, map_location="cpu"), tmp_path / "new.pt")  # the fix
     lm.load_checkpoint(model, tmp_path / "new.pt")
     assert torch.equal(model.weight, ref.weight)
+
+
+def test_messages_say_what_is_on_disk(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    def refusal(path: Path) -> str:
+        with torch.device("meta"):
+            model = nn.Linear(4, 2)
+        with pytest.raises(lm.MetaTensorError) as refused:
+            lm.load_checkpoint(model, path)
+        return " ".join(str(refused.value).split())
+
+    header = json.dumps(
+        {
+            "weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+            "bias": {"dtype": "F32", "shape": [2], "data_offsets": [32, 40]},
+        }
+    ).encode()
+    extra = tmp_path / "trailing.safetensors"
+    extra.write_bytes(struct.pack("<Q", len(header)) + header + bytes(40) + b"EXTRA!!!")
+    # was "(truncated?)" for a file 8 bytes too long
+    assert "(8 bytes after the last tensor: appended to?)" in refusal(extra)
+    (tmp_path / "hf1" / "model.safetensors").mkdir(parents=True)
+    assert "(there, model.safetensors is not a regular file)" in refusal(tmp_path / "hf1")
+    (tmp_path / "hf2" / "s1.safetensors").mkdir(parents=True)
+    index = {"weight_map": {"weight": "s1.safetensors", "bias": "s1.safetensors"}}
+    (tmp_path / "hf2" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "s1.safetensors: not a regular file" in refusal(tmp_path / "hf2")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is empty (0 bytes)" in refusal(tmp_path / "empty.pt")  # was "first bytes b''"

@@ -312,10 +312,11 @@ def _warn_float32_kept(module: nn.Module, dtype: torch.dtype) -> None:
                 f"{type(model).__name__} that transformers' from_pretrained keeps in float32 "
                 f"for {dtype} (its _keep_in_fp32_modules: first {names[0]!r}), as "
                 f"module.to({dtype}) does. Fix: to load as from_pretrained does, build the "
-                "model in float32, leave dtype out, then cast the others: "
-                f"lm.load_checkpoint(module, path); for name, t in {at}.state_dict("
-                "keep_vars=True).items(): if t.is_floating_point() and not "
-                f"re.search(r{pattern!r}, name): t.data = t.data.to({dtype})."
+                "model in float32, leave dtype out, then cast the others:\n"
+                "    lm.load_checkpoint(module, path)\n"
+                f"    for name, t in {at}.state_dict(keep_vars=True).items():\n"
+                f"        if t.is_floating_point() and not re.search(r{pattern!r}, name):\n"
+                f"            t.data = t.data.to({dtype})"
             ),
             stacklevel=3,
         )

@@ -98,6 +98,12 @@ def open_source(
         # metadata's classes, and the storage files beside it would be unread).
         return open_dcp(p.parent, safe_globals)
     first = head(p)
+    if not first:
+        raise MetaTensorError(
+            f"{str(p)!r} is empty (0 bytes). Fix: save or download the checkpoint again; "
+            "the file on disk holds nothing.",
+            paths=[str(p)],
+        )
     if is_torch(first):
         return open_torch(p, safe_globals, prefix)
     if is_safetensors(first) or p.suffix == ".safetensors":
@@ -156,9 +162,11 @@ def _open_directory(p: Path, safe_globals: Sequence[Any], prefix: str | None) ->
         if indexes
         else "no '*.index.json'"
     )
+    odd = [name for name in _HF_NAMES if (p / name).exists()]
+    not_files = f" (there, {', '.join(odd)} is not a regular file)" if odd else ""
     raise MetaTensorError(
         f"{str(p)!r} is a directory but holds no torch.distributed.checkpoint '.metadata', "
-        f"{found} and no {' or '.join(_HF_NAMES)}. Fix: pass the checkpoint file or "
-        "index itself.",
+        f"{found} and no {' or '.join(_HF_NAMES)}{not_files}. Fix: pass the checkpoint "
+        "file or index itself.",
         paths=[str(p)],
     )

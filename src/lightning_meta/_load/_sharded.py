@@ -89,9 +89,12 @@ def open_index(index: Path, safe_globals: Sequence[Any]) -> Source:
     names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
+        odd = [n for n in missing if (index.parent / n).exists()]
+        not_files = f" ({', '.join(odd)}: not a regular file, a directory say)" if odd else ""
         raise MetaTensorError(
             f"the index {str(index)!r} refers to shard(s) {missing} that do not exist in "
-            f"{str(index.parent)!r}. Fix: download or copy the missing shard(s) next to the index.",
+            f"{str(index.parent)!r} as files{not_files}. Fix: download or copy the missing "
+            "shard(s) next to the index.",
             paths=[str(index.parent / n) for n in missing],
         )
     parts: list[Source] = []

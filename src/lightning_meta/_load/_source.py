@@ -596,7 +596,12 @@ class SafetensorsSource(Source):
         if data_start + edge != size:
             raise self._bad(
                 where,
-                f"its tensors need {data_start + edge} bytes but the file has {size} (truncated?)",
+                f"its tensors need {data_start + edge} bytes but the file has {size} "
+                + (
+                    "(truncated?)"
+                    if size < data_start + edge
+                    else f"({size - data_start - edge} bytes after the last tensor: appended to?)"
+                ),
             )
         super().__init__(path, fmt, entries, stamps=stamps)
 
