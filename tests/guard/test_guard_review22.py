@@ -153,3 +153,33 @@ def test_following_the_fix_trains_as_eager() -> None:
     _trainer().fit(model, _loader())
     assert torch.equal(model.head.weight, eager.head.weight)
     assert torch.equal(model.head.bias, eager.head.bias)
+
+
+def test_an_escaped_reference_keeps_no_model_alive_and_names_a_replaced_module() -> None:
+    import gc
+    import weakref
+
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 1)
+            self.readout = functools.partial(F.linear, weight=self.head.weight)
+
+    class Replaced(Base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 2)  # the base's head is dropped; the partial keeps its weight
+
+    with lm.deferred_init():
+        model = Replaced()
+    (finding,) = [f for f in lm.find_meta_tensors(model) if f.escaped is not None]
+    # a second look: named 'weight', a path the model does not have
+    assert finding.escaped_as == "Linear.weight"
+    kept = model.readout
+    lm.materialize(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    # a second look: the escaped tensor's name kept the block's modules, so the model
+    assert alive() is None
+    del kept

@@ -261,3 +261,71 @@ def test_messages_say_what_is_on_disk(tmp_path: Path) -> None:
     assert "s1.safetensors: not a regular file" in refusal(tmp_path / "hf2")
     (tmp_path / "empty.pt").write_bytes(b"")
     assert "is empty (0 bytes)" in refusal(tmp_path / "empty.pt")  # was "first bytes b''"
+
+
+def test_a_file_saved_untied_into_a_tied_model_warns(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    def config(tie: bool) -> Any:
+        return transformers.LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+        )
+
+    torch.manual_seed(0)
+    untied = transformers.LlamaForCausalLM(config(False))
+    untied.save_pretrained(tmp_path / "untied")
+    with lm.deferred_init():
+        model = transformers.LlamaForCausalLM(config(True))
+    with pytest.warns(lm.MetaTensorWarning, match=r"saved untied.*tie_word_embeddings=False"):
+        report = lm.load_checkpoint(model, tmp_path / "untied")
+    assert report.tied  # as load_state_dict: the last name's values, in the tied tensor
+    assert torch.equal(model.lm_head.weight, untied.lm_head.weight)
+    # a tied model's own file (one tensor, or the same values under both names): no warning
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(config(True))
+    torch.save(tied.state_dict(), tmp_path / "tied.pt")
+    with lm.deferred_init():
+        again = transformers.LlamaForCausalLM(config(True))
+    lm.load_checkpoint(again, tmp_path / "tied.pt")  # warnings are errors in this suite
+    assert torch.equal(again.model.embed_tokens.weight, tied.model.embed_tokens.weight)
+
+
+class LitBackbone(L.LightningModule):
+    """Lightning's pattern: a module argument left out of the hyperparameters."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.head = nn.Linear(8, num_classes)
+
+
+def build_backbone(num_classes: int = 3) -> LitBackbone:
+    return LitBackbone(backbone=nn.Linear(8, 8), num_classes=num_classes)
+
+
+def test_load_check_of_a_module_argument_names_a_factory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = build_backbone(num_classes=5)
+    path = tmp_path / "ign.ckpt"
+    torch.save(
+        {
+            "state_dict": saved.state_dict(),
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": dict(saved.hparams),
+        },
+        path,
+    )
+    assert main(["load-check", f"{__name__}:LitBackbone", str(path)]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    # before, the fix was --args alone, which cannot hold a module
+    assert "needs a factory: point TARGET at a function of yours" in said
+    args = ["load-check", f"{__name__}:build_backbone", str(path), "--args", '{"num_classes": 5}']
+    assert main(args) == 0  # the fix, followed

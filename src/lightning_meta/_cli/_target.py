@@ -359,6 +359,16 @@ def guarded_build(
                 fix = "make the constructor return the model instead of exiting"
             else:
                 fix = f"fix the model's constructor or the arguments it gets ({arguments})"
+                if isinstance(e, TypeError) and "required" in str(e) and "argument" in str(e):
+                    # Lightning's pattern: save_hyperparameters(ignore=["backbone"]) and
+                    # load_from_checkpoint(path, backbone=...), which JSON cannot spell
+                    fix += (
+                        "; an argument JSON cannot hold (a module, such as a backbone left out "
+                        "of save_hyperparameters) needs a factory: point TARGET at a function "
+                        "of yours that builds the model with it, e.g. mymodule:build with "
+                        "def build(num_classes=3): return MyModel(backbone=nn.Linear(8, 8), "
+                        "num_classes=num_classes), and give the rest with --args"
+                    )
             if on_meta and is_torch_meta_error(e):
                 fix += (
                     "; on meta it must not read tensor values (.item(), .tolist(), printing "

@@ -9,6 +9,7 @@ the op log in ``_record``, replay in ``_replay`` and ``_materialize``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import warnings
@@ -236,6 +237,23 @@ def _convert(
     # Tensors set on the block's tensors (``.grad``, tensor attributes), by path: refused.
     kept: list[str] = []
 
+    # Module paths under the outermost modules built, walked once, when first asked
+    # (a reference to a module's tensor kept elsewhere is named by its path at close).
+    module_paths: dict[int, str] = {}
+    below = {id(m) for root in roots for m in root.modules() if m is not root}
+    tops = [m for m in roots if id(m) not in below]
+
+    def alias(owner: nn.Module, name: str) -> str:
+        if not module_paths:
+            for root in tops:
+                for prefix, m in root.named_modules(remove_duplicate=False):
+                    module_paths.setdefault(id(m), prefix)
+        where = module_paths.get(id(owner))
+        if where is None or (not where and len(tops) > 1):
+            # one of several modules built apart (one dropped or replaced, maybe)
+            where = type(owner).__name__
+        return f"{where}.{name}" if where else name
+
     def kept_on(t: torch.Tensor, path: Callable[[], str]) -> None:
         if id(t) not in memo:
             kept.extend(_tensor_state(t, path))
@@ -266,12 +284,12 @@ def _convert(
         t = slot.tensor
         owner, name = slot.owner, slot.name
 
-        def path() -> str:  # holds no tensor: kept beside a fake tensor, keyed weakly by it
+        def path() -> str:
             return _path_in(roots, owner, name)
 
         kept_on(t, path)
         meta, handle, vid = meta_of(t)
-        converted.setdefault(id(t), path)
+        converted.setdefault(id(t), functools.partial(alias, owner, name))
         if t.device.type == "meta" and not record.outer_meta:
             # Made on meta on purpose (device="meta", a torch.device("meta")
             # block inside, a MetaTemplate's factory): eager leaves it there.
@@ -297,7 +315,9 @@ def _convert(
 
         kept_on(t, path)
         meta, handle, vid = meta_of(t)
-        converted.setdefault(id(t), path)
+        converted.setdefault(
+            id(t), functools.partial(alias, module, attr + "".join(f"[{k!r}]" for k in keys))
+        )
         if t.device.type == "meta" and not record.outer_meta:
             memo[id(t)] = (meta, None)
             return meta  # on meta on purpose, as above: no handle, stays meta

@@ -12,7 +12,7 @@ and :func:`escaped_site` lets ``find_meta_tensors`` report such tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def _refusal(call: str, site: str, failed: str | None, path: str | None = None) 
             "an object such as a torch.distributions one) since inside the block. When the "
             f"block ended, the module's {path!r} became a deferred tensor, which materialize "
             "makes real; this reference still holds the block's placeholder, which has no "
-            f"values. Fix: read the tensor through the module when it is used (self.{path} "
+            "values. Fix: read the tensor through the module when it is used (self.head.weight "
             "inside the call, not a reference taken in __init__), or build the object that "
             "holds it after materialize."
         )
@@ -61,8 +61,8 @@ class _ClosedFakeMode(ClosedFakeMode):
     """The fake mode of a finished block: every op on its tensors raises."""
 
     escaped: WeakIdKeyDictionary
-    # Gives the path of the module's tensor each escaped one is, where it was one (a
-    # reference to ``self.head.weight`` taken inside the block).
+    # The path of the module's tensor each escaped one is, where it was one (a reference
+    # to ``self.head.weight`` taken inside the block).
     aliases: WeakIdKeyDictionary
     # What the block raised (``"ValueError: boom"``), or None: it ended normally.
     failed: str | None
@@ -129,12 +129,11 @@ for _name in _SILENT:
 
 def close_fake_mode(
     mode: FakeTensorMode,
-    leftovers: Iterable[tuple[torch.Tensor, str, Callable[[], str] | None]],
+    leftovers: Iterable[tuple[torch.Tensor, str, str | None]],
     failed: str | None = None,
 ) -> None:
     """Make every later op on a fake tensor of ``mode`` raise; remember where ``leftovers`` were
-    made (and how to name the module's tensor each was, if one: computed only when a
-    refusal or a search names it), and what the block raised
+    made (and the path of the module's tensor each was, if one), and what the block raised
     (``failed``: ``"ValueError: boom"``; ``None`` if nothing)."""
     escaped, aliases = WeakIdKeyDictionary(), WeakIdKeyDictionary()
     for t, site, path in leftovers:
@@ -178,5 +177,5 @@ def escaped_alias(t: object) -> str | None:
     mode = getattr(t, "fake_mode", None) if isinstance(t, FakeTensor) else None
     if not isinstance(mode, _ClosedFakeMode):
         return None
-    path = mode.aliases.get(t)
-    return path() if path is not None else None
+    path: str | None = mode.aliases.get(t)
+    return path

@@ -129,8 +129,11 @@ def close(
             refusals of its tensors; ``None`` if it ended normally.
     """
     try:
+        # The paths named now, as strings: the escaped tensors outlive the block, and must
+        # not keep its modules (the materialized model) alive through them.
         leftovers = [
-            (t, recorder.site_of(vid), converted.get(id(t))) for t, vid in recorder.values.alive()
+            (t, recorder.site_of(vid), converted[id(t)]() if id(t) in converted else None)
+            for t, vid in recorder.values.alive()
         ]
         close_fake_mode(recorder.fake, leftovers, failed)
     finally:

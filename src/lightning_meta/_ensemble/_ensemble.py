@@ -2108,12 +2108,13 @@ class Ensemble(nn.Module):
         # would stay cached, and the call would use them: their graph already freed by the
         # timed backward ("backward through the graph a second time"), or none at all.
         cache = parametrize_cache()
-        cached = dict(cache)
+        cached = dict(cache) if cache else None
         try:
             yield
         finally:
-            cache.clear()
-            cache.update(cached)
+            if cache is not None:
+                cache.clear()
+                cache.update(cached or {})
             if state.changed(among(tensor_ids(state.modules))):
                 self._keeps_state()
             self._lost += state.restore()

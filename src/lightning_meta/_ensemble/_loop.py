@@ -20,6 +20,7 @@ call to call (:class:`ViewCache`), so an inference call puts nothing at all.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -144,7 +145,12 @@ class MemberSlots:
             put = given[name] if index is None else given[name][index]
             if now is not put:
                 out.append((name, now))
-            elif shapes is not None and isinstance(now, torch.Tensor) and now.shape != shapes[name]:
+            elif (
+                shapes is not None
+                and isinstance(now, torch.Tensor)
+                and now.numel() > math.prod(shapes[name])
+            ):
+                # grown: past its own row (a view reshaped in place, unsqueeze_, stays in it)
                 raise ArgumentValueError(
                     f"Ensemble member {index}'s forward resized buffer {name!r} in place, from "
                     f"{tuple(shapes[name])} to {tuple(now.shape)} (a resize_, as torch.ao's "

@@ -232,9 +232,8 @@ def compare(reference: Profile, other: nn.Module, index: int) -> list[tuple[str,
     if not problems:
         for mine, theirs in zip(reference.repr_lines, them.repr_lines, strict=False):
             if mine != theirs:
-                with _values_of(them.module, reference.module):
-                    if repr(them.module).splitlines() == reference.repr_lines:
-                        break  # only tensors' values differ, which a repr may print
+                if _same_reprs_but_values(reference.module, them.module, deep=True):
+                    break  # only tensors' values differ, which a repr may print
                 problems.append(
                     (
                         f"member {index} has {theirs.strip()!r} where member 0 has "
@@ -309,9 +308,8 @@ def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tup
             continue
         mine, their_repr = reference.reprs[path], other.reprs[path]
         if mine != their_repr:
-            with _values_of(other.module, reference.module):
-                if _extra_repr(theirs) == mine:
-                    continue  # only their tensors' values differ (an observer's scale)
+            if _same_reprs_but_values(mod, theirs, deep=False):
+                continue  # only their tensors' values differ (an observer's scale)
             problems.append(
                 (
                     f"member {index} has {type(mod).__name__}({their_repr}) at {where}, "
@@ -323,31 +321,52 @@ def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tup
 
 
 @contextlib.contextmanager
-def _values_of(module: nn.Module, reference: nn.Module) -> Iterator[None]:
-    """Give ``module``'s modules the parameters and buffers of ``reference``'s at the same
-    paths (where the names are the same), for a repr that prints tensor values.
+def _neutral(*modules: nn.Module, deep: bool = False) -> Iterator[None]:
+    """Give ``modules`` (with their submodules if ``deep``) zeros in place of their
+    parameters and buffers (same shapes and dtypes, expanded from one element each), for
+    a repr that prints tensor values.
 
     torch.ao's ``FakeQuantize`` prints its ``scale`` and ``zero_point``: members calibrated
     on their data differ there, and were refused as "not the same architecture", with a fix
     that could not help, before 2026-12-07 (seventh session). Members' values differ by
-    design; the reprs are compared with one member's tensors in both.
+    design (and a template's are on meta); the reprs are compared with zeros on both sides.
     """
-    references = dict(reference.named_modules(remove_duplicate=False))
     saved: list[tuple[Any, dict[str, Any]]] = []
     try:
-        for path, mod in module.named_modules(remove_duplicate=False):
-            ref = references.get(path)
-            if ref is None:
-                continue
-            for table, ref_table in zip(tensor_tables(mod), tensor_tables(ref), strict=True):
-                if table.keys() == ref_table.keys():
+        for module in modules:
+            for mod in module.modules() if deep else (module,):
+                for table in tensor_tables(mod):
+                    if not any(isinstance(t, torch.Tensor) for t in table.values()):
+                        continue
                     saved.append((table, dict(table)))
-                    table.update(ref_table)  # type: ignore[attr-defined]
+                    for key, t in list(table.items()):
+                        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                            zero = torch.zeros((), dtype=t.dtype).expand(t.shape)
+                            table[key] = (  # type: ignore[index]
+                                nn.Parameter(zero, requires_grad=False)
+                                if isinstance(t, nn.Parameter)
+                                else zero
+                            )
         yield
     finally:
         for table, old in reversed(saved):
             table.clear()
             table.update(old)
+
+
+def _same_reprs_but_values(mine: nn.Module, theirs: nn.Module, *, deep: bool) -> bool:
+    """Whether ``mine`` and ``theirs`` show the same repr (``deep``) or ``extra_repr`` once
+    their tensors' values are out of it (see :func:`_neutral`)."""
+    show = _repr if deep else _extra_repr
+    with _neutral(mine, theirs, deep=deep):
+        return show(mine) == show(theirs)
+
+
+def _repr(mod: nn.Module) -> str:
+    try:
+        return repr(mod)
+    except Exception as e:  # user code
+        return f"<repr raised {type(e).__name__}>"
 
 
 def _extra_repr(mod: nn.Module) -> str:

@@ -238,6 +238,7 @@ def load_checkpoint(
         source = follow_on_load_checkpoint(module, source, verify=verify, mapped=mmap)
         reshard_fsdp(module)  # as load_state_dict's FSDP2 pre-hooks: never into the gathered copy
         plan = plan_load(module, source, where, prefix=prefix, strict=strict)
+        _warn_untied_file(module, source, plan, verify=verify)
         if has_sharded(plan):  # DTensors: each rank reads only its own shards
             sharded = load_into_shards(
                 module,
@@ -292,6 +293,38 @@ def load_checkpoint(
         follow_own_conversions(module, args.device, args.dtype)
     logger.debug("loaded %d tensors from %s", len(report.loaded), where)
     return report
+
+
+def _warn_untied_file(module: nn.Module, source: Any, plan: Any, *, verify: bool) -> None:
+    """Warn where the file holds different values under names the module ties.
+
+    ``load_state_dict`` copies each into the one tensor, so the last name's stays, and so
+    does :func:`load_checkpoint`; transformers' ``from_pretrained`` unties them instead
+    (a model built with ``tie_word_embeddings=True`` loading a file saved untied). Before
+    2026-12-07 (seventh session) the first name's values were dropped without a word.
+    """
+    import warnings
+
+    from lightning_meta._errors import MetaTensorWarning
+
+    for names, keys in plan.twice:
+        values = dict(source.read(keys, verify=verify))
+        kept = values[keys[-1]]
+        dropped = [k for k in keys[:-1] if not torch.equal(values[k], kept)]
+        if not dropped:
+            continue  # one tensor saved under each name (torch.save of a tied model)
+        warnings.warn(
+            MetaTensorWarning(
+                f"load_checkpoint: {type(module).__name__} ties {names} into one tensor, and "
+                f"the file holds other values under {dropped} than under {keys[-1]!r} (it was "
+                f"saved untied): as load_state_dict, {keys[-1]!r}'s are loaded into the tied "
+                "tensor and the others dropped. transformers' from_pretrained unties them "
+                "instead (with its own warning). Fix: build the model as the file was saved "
+                "(tie_word_embeddings=False in its config) to keep both; or, if tying is "
+                "what you want, this is the value it keeps."
+            ),
+            stacklevel=3,
+        )
 
 
 def _warn_float32_kept(module: nn.Module, dtype: torch.dtype) -> None:

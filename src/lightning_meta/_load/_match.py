@@ -497,6 +497,9 @@ class Plan:
             after the load).
         display: walk names to ``state_dict`` names, where these differ
             (a ``checkpoint_wrapper``), for the report.
+        twice: for each tied group the checkpoint holds under several keys,
+            ``(the group's names, those keys, prefix included)``: loaded from
+            the last key, as ``load_state_dict`` loads it.
     """
 
     prefix: str
@@ -513,6 +516,7 @@ class Plan:
     code: list[LoadCode] = field(default_factory=list)
     fix: LoadFix | None = None
     display: dict[str, str] = field(default_factory=dict)
+    twice: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
     @property
     def loaded_names(self) -> list[str]:
@@ -587,6 +591,8 @@ def make_plan(
         # Tied names the checkpoint holds twice (with different values, maybe):
         # the last, in state_dict order, as load_state_dict leaves it.
         plan.load.append((group, local[present[-1]]))
+        if len(set(present)) > 1:
+            plan.twice.append((names, [prefix + k for k in dict.fromkeys(present)]))
     plan.unexpected = sorted(
         [prefix + k for k in local if k not in used]
         + [o for o in others if o.startswith(prefix) and o[len(prefix) :] not in used]

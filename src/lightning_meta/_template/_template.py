@@ -1406,7 +1406,10 @@ class MetaTemplate:
                     try:
                         with (
                             watch if watch is not None else contextlib.nullcontext(),
-                            fresh_parametrizations(module),
+                            # a template's own call: each state computes its weights (an
+                            # Ensemble's, strict=False, keeps the region's cache as a
+                            # loop over its members keeps theirs)
+                            fresh_parametrizations(module) if strict else contextlib.nullcontext(),
                         ):
                             if layout.twice and not torch.compiler.is_compiling():
                                 out = functional_call_restoring_in_reverse(
