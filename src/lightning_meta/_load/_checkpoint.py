@@ -26,6 +26,7 @@ from torch import nn
 from lightning_meta._compat import fabric_wrapped
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import follow_own_conversions, materialize_beyond
+from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import LoadFix, run_post_hooks
 from lightning_meta._load._lightning_hooks import follow_on_load_checkpoint, resolve_strict
@@ -235,9 +236,30 @@ def load_checkpoint(
         where = str(path)
         source = open_source(path, safe_globals=args.safe_globals, prefix=prefix)
         # a LightningModule's own on_load_checkpoint, as load_from_checkpoint runs it
-        source = follow_on_load_checkpoint(module, source, verify=verify, mapped=mmap)
+        followed = follow_on_load_checkpoint(
+            module, source, prefix=prefix, verify=verify, mapped=mmap
+        )
+        source = followed.source
         reshard_fsdp(module)  # as load_state_dict's FSDP2 pre-hooks: never into the gathered copy
-        plan = plan_load(module, source, where, prefix=prefix, strict=strict)
+        try:
+            plan = plan_load(module, source, where, prefix=prefix, strict=strict, own=followed.own)
+        except (MetaTensorError, ArgumentValueError) as e:
+            if followed.hook is None:
+                raise
+            # lightning_meta changed nothing, but the hook may have changed the module
+            raise type(e)(
+                f"{e} ({followed.hook} ran first, as Lightning runs it, and anything it "
+                "changed in the module itself stays changed.)",
+                paths=e.paths,
+            ) from e
+        if followed.hook is not None and plan.prefix:
+            raise MetaTensorError(
+                f"{followed.hook} ran on {where!r}, whose keys sit under {plan.prefix!r}: the "
+                f"file was saved from another module holding {type(module).__name__} there, "
+                "whose hook Lightning would run instead of this one. Fix: pass "
+                f"prefix={plan.prefix!r} (the hook of the module loaded then does not run).",
+                paths=[where],
+            )
         _warn_untied_file(module, source, plan, verify=verify)
         if has_sharded(plan):  # DTensors: each rank reads only its own shards
             sharded = load_into_shards(

@@ -12,19 +12,21 @@ module names: the loading core imports no Lightning.
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from lightning_meta._arguments import spelled
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._source import Source, TorchSource, saved_versions, state_tensors
 from lightning_meta._load._torchfile import Archive, TensorRef, Unsupported
 
-__all__ = ["follow_on_load_checkpoint", "lightning_module", "resolve_strict"]
+__all__ = ["Followed", "follow_on_load_checkpoint", "lightning_module", "resolve_strict"]
 
 _LIGHTNING = ("lightning.", "pytorch_lightning.")
 
@@ -63,24 +65,42 @@ def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> bool:
         return bool(getattr(module, "strict_loading", True))
     if own is not None and bool(own) != strict:
         name = type(module).__name__
+        given = spelled(f"strict={strict}", "--no-strict")
+        leave = spelled("leave strict out", "leave --no-strict out")
         raise ArgumentValueError(
-            f"{who}: strict={strict} contradicts {name}.strict_loading={bool(own)}, which "
-            f"Lightning's load_from_checkpoint refuses too. Fix: leave strict out (the module's "
-            f"strict_loading then decides), or pass strict={bool(own)}."
+            f"{who}: {given} contradicts {name}.strict_loading={bool(own)}, which Lightning's "
+            f"load_from_checkpoint refuses too. Fix: {leave} (the module's strict_loading then "
+            "decides); to load part of a checkpoint into this module, set its "
+            "strict_loading = False (or leave it unset)."
         )
     return strict
 
 
+class Followed(NamedTuple):
+    """What :func:`follow_on_load_checkpoint` gave: the source to load, the hook that ran
+    (its qualified name, or ``None``), and the keys the hook filled with the module's own
+    meta tensors (``sd.setdefault(k, v)`` over ``self.state_dict()``, for keys an older
+    checkpoint lacks): they keep the module's values, as loading them into itself does."""
+
+    source: Source
+    hook: str | None
+    own: frozenset[str]
+
+
 def follow_on_load_checkpoint(
-    module: nn.Module, source: Source, *, verify: bool, mapped: bool
-) -> Source:
+    module: nn.Module, source: Source, *, prefix: str | None, verify: bool, mapped: bool
+) -> Followed:
     """Run ``module``'s own ``on_load_checkpoint`` on the checkpoint, as Lightning does, and
     return a source of the ``"state_dict"`` it leaves; ``source`` itself where there is no
-    such hook or the file holds no ``"state_dict"`` (no Lightning checkpoint).
+    such hook, the file holds no ``"state_dict"`` (no Lightning checkpoint), or ``prefix``
+    names one (the module loaded is a part of the one the file was saved from, whose hook
+    Lightning would not run).
 
     The hook gets the whole file with its tensors read (optimizer states too), as
-    ``torch.load`` gives it to Lightning's ``load_from_checkpoint``: the file is read
-    once, and the tensors the state dict then holds are the ones loaded.
+    ``torch.load`` gives it to Lightning's ``load_from_checkpoint``, after Lightning's own
+    migration of the file's format and with ``"hyper_parameters"`` set (``{}`` where the
+    file has none), as that method does: the file is read once, and the tensors the state
+    dict then holds are the ones loaded.
 
     Raises:
         MetaTensorError: the hook applies to a distributed checkpoint (its tensors are
@@ -88,17 +108,17 @@ def follow_on_load_checkpoint(
             no ``"state_dict"`` mapping.
     """
     hook = _own_hook(module)
-    if hook is None or not source.under_state_dict:
-        return source
+    if hook is None or not source.under_state_dict or prefix or _saved_around(module, source):
+        return Followed(source, None, frozenset())
     archive = getattr(source, "archive", None)
     if not isinstance(source, TorchSource) or archive is None:
         raise MetaTensorError(
             f"load_checkpoint cannot follow {hook} for {str(source.path)!r} (a "
             f"{source.format} checkpoint, read rank by rank): Lightning hands the hook the "
             "whole checkpoint before loading, and the loaded values may depend on what it "
-            "does. Fix: load it with Lightning (trainer.fit(ckpt_path=...) or "
-            f"{type(module).__name__}.load_from_checkpoint), or convert it to one torch file "
-            "(torch.distributed.checkpoint.format_utils.dcp_to_torch_save) and load that.",
+            "does. Fix: load it through Lightning's own resume, which hands the hook the "
+            "directory's other state: trainer.fit(model, ckpt_path=...) (or "
+            "trainer.validate) with the strategy that wrote it.",
             paths=[str(source.path)],
         )
     refs: dict[str, tuple[Archive, TensorRef | Unsupported | torch.Tensor]] = {}
@@ -117,6 +137,10 @@ def follow_on_load_checkpoint(
     reader = TorchSource(Path(source.path), source.format, refs)
     read = dict(reader.read(list(refs), verify=verify, mapped=mapped))
     checkpoint = _rebuilt(archive.obj, read)
+    if isinstance(checkpoint, dict):
+        if _VERSION_KEY in checkpoint:
+            checkpoint = _migrated(module, checkpoint, Path(source.path))
+        checkpoint.setdefault("hyper_parameters", {})
     module.on_load_checkpoint(checkpoint)  # type: ignore[operator]
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
@@ -126,6 +150,11 @@ def follow_on_load_checkpoint(
             "load_from_checkpoint fails on it too). Fix: leave a mapping of tensors there.",
             paths=[str(source.path)],
         )
+    # Values the hook took from the module itself (its meta or deferred tensors): loading
+    # them would copy the module's values into itself; they are left to the module.
+    own = frozenset(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta)
+    if own:
+        state = {k: v for k, v in state.items() if k not in own}
     clashes: list[str] = []
     leaves, others = state_tensors(Path(source.path), state, clashes)
     out = TorchSource(
@@ -138,7 +167,49 @@ def follow_on_load_checkpoint(
     out.mapping = state
     out.clashes = dict.fromkeys(clashes, Path(source.path))
     out.versions = saved_versions(state)
-    return out
+    return Followed(out, hook, own)
+
+
+def _saved_around(module: nn.Module, source: Source) -> bool:
+    """Whether the file's keys name ``module``'s tensors under a prefix only (``model.``):
+    saved from another module holding it, whose hook Lightning runs, not this one's (the
+    inner module's ran on the outer checkpoint before 2026-12-07, seventh session)."""
+    from lightning_meta._load._match import detect_prefix
+
+    try:
+        return bool(detect_prefix(source.entries, set(module.state_dict()), None))
+    except MetaTensorError:  # no match (a hook renaming keys), or no one prefix
+        return False
+
+
+_VERSION_KEY = "pytorch-lightning_version"
+
+
+def _migrated(module: nn.Module, checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``checkpoint`` upgraded as ``load_from_checkpoint`` upgrades it before the hook
+    (Lightning's ``_pl_migrate_checkpoint``, which also sets the version to the running
+    one: a hook branching on it saw the file's before 2026-12-07, seventh session).
+
+    Lightning is imported here only for a LightningModule, whose package is loaded already:
+    the loading core pulls in no Lightning for anyone else.
+    """
+    package = next(
+        c.__module__.split(".", 1)[0]
+        for c in type(module).__mro__
+        if c.__name__ == "LightningModule" and c.__module__.startswith(_LIGHTNING)
+    )
+    where = "lightning.pytorch" if package == "lightning" else "pytorch_lightning"
+    utils = importlib.import_module(f"{where}.utilities.migration.utils")
+    migrate = getattr(utils, "_pl_migrate_checkpoint", None)
+    if migrate is None:
+        raise MetaTensorError(
+            f"load_checkpoint cannot follow {type(module).__name__}.on_load_checkpoint as "
+            f"load_from_checkpoint does: {where}.utilities.migration.utils has no "
+            "_pl_migrate_checkpoint (a Lightning this version of lightning_meta does not "
+            "know). Fix: load with Lightning's load_from_checkpoint, or upgrade lightning_meta."
+        )
+    migrated: dict[str, Any] = migrate(checkpoint, checkpoint_path=path)
+    return migrated
 
 
 def _rebuilt(x: Any, read: dict[str, torch.Tensor], depth: int = 0) -> Any:

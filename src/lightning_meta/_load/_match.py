@@ -8,7 +8,7 @@ so a checkpoint that does not fit is refused before the module is touched.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +76,13 @@ class Group:
 
 
 def plan_load(
-    module: nn.Module, source: Source, where: str, *, prefix: str | None, strict: bool
+    module: nn.Module,
+    source: Source,
+    where: str,
+    *,
+    prefix: str | None,
+    strict: bool,
+    own: Collection[str] = (),
 ) -> Plan:
     """Pair ``module``'s tensors with ``source``'s entries; refuse a checkpoint that does not fit.
 
@@ -86,6 +92,9 @@ def plan_load(
         where: the checkpoint as the caller named it, for the message.
         prefix: the key prefix to strip, or ``None`` to detect it.
         strict: refuse any missing, unexpected or mis-shaped key.
+        own: names a LightningModule's ``on_load_checkpoint`` filled with the module's
+            own tensors (see :func:`~lightning_meta._load._lightning_hooks.
+            follow_on_load_checkpoint`): not missing, and left as the module holds them.
 
     Returns:
         The :class:`Plan`.
@@ -152,6 +161,16 @@ def plan_load(
         plan.missing = sorted(display.get(n, n) for n in plan.missing)
         if skeleton is not None and (plan.missing or plan.unexpected):
             _apply_post_hook_edits(plan, skeleton.post_hook_edits())
+    if own:
+        # the module's own values: deferred (replayed, as eager's init) or real (kept); a
+        # plain meta tensor has none, and stays missing
+        valued = {
+            n
+            for g in groups
+            if handle_of(g.tensor) is not None or not g.tensor.is_meta
+            for n in g.names
+        }
+        plan.missing = [n for n in plan.missing if n not in own or n not in valued]
     if plan.missing:
         _fill_batch_counters(module, source, plan)
     if sources is not None:

@@ -476,9 +476,12 @@ def _record_region(
         raise MetaTensorError(
             f"{where!r} holds record {name!r} compressed (zip method {info.compress_type}), "
             "which torch.save never writes: the file was recompressed by a zip tool. "
-            "lightning_meta reads each record where it lies in the file. Fix: write it again "
-            "as torch.save does, torch.save(torch.load(path, map_location='cpu'), new_path) "
-            "(torch.load reads compressed records), and load new_path.",
+            "lightning_meta reads each record where it lies in the file. Fix: store its "
+            "records again, uncompressed, and load new_path:\n"
+            "    import zipfile\n"
+            "    with zipfile.ZipFile(path) as old, zipfile.ZipFile(new_path, 'w') as new:\n"
+            "        for info in old.infolist():\n"
+            "            new.writestr(info.filename, old.read(info.filename))",
             paths=[where],
         )
     if info.file_size != ref.nbytes:
