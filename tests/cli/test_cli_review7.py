@@ -112,8 +112,8 @@ def test_load_check_json_keeps_a_load_hooks_print_off_stdout(tmp_path: Path) -> 
 def test_torch_nn_classes_in_a_pickle_name_both_causes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A whole model (re-save its state_dict), or a loss kept beside the weights
-    # (a Lightning checkpoint's hyperparameters), which --trust loads.
+    # A whole model, or a loss kept beside the weights (a Lightning checkpoint's
+    # hyperparameters), which --trust loads (a whole model too, since 2026-12-07).
     (tmp_path / "lm_review7_whole.py").write_text(NET)
     torch.save(nn.Sequential(nn.Linear(3, 2)), tmp_path / "whole.pt")
     weights = {f"lin.{k}": v for k, v in nn.Linear(3, 2).state_dict().items()}
@@ -123,7 +123,8 @@ def test_torch_nn_classes_in_a_pickle_name_both_causes(
         assert main(["load-check", target, str(tmp_path / name)]) == 1
         err = capsys.readouterr().err
         assert "Among them are torch.nn modules: the file holds a whole model" in err
-        assert "model.state_dict()" in err and "--trust module:Name" in err
+        assert "trusting them loads each such module's parameters" in err
+        assert "--trust module:Name" in err
     assert "'torch.nn.modules.linear:Linear'" in err or "'torch.nn.modules.loss:" in err
     trust = ["--trust", "torch.nn.modules.loss:CrossEntropyLoss"]
     assert main(["load-check", target, str(tmp_path / "hp.pt"), *trust]) == 0

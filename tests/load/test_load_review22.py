@@ -469,3 +469,20 @@ def test_a_dcp_directory_with_a_hook_names_lightnings_resume(tmp_path: Path) -> 
     # state (a format version the hook reads), and load_from_checkpoint, which reads no
     # directory
     assert "dcp_to_torch_save" not in str(e.value)
+
+
+def test_a_trusted_whole_module_in_a_file_loads_as_its_state_dict(tmp_path: Path) -> None:
+    # Before: trusting the classes gave "unexpected 'model'", and prefix='model.' then
+    # "matches no checkpoint key (its first keys: [])"
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    torch.save({"model": net, "epoch": 3}, tmp_path / "dict.pt")
+    torch.save(net, tmp_path / "whole.pt")
+    trusted = [nn.Sequential, nn.Linear, nn.BatchNorm1d]
+    for name in ("dict.pt", "whole.pt"):
+        with lm.deferred_init():
+            model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        with pytest.raises(lm.MetaTensorError, match="trusting them loads each such module"):
+            lm.load_checkpoint(model, tmp_path / name)
+        lm.load_checkpoint(model, tmp_path / name, safe_globals=trusted)
+        for k, v in net.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), (name, k)

@@ -229,3 +229,29 @@ def test_a_buffer_reshaped_in_place_within_its_elements_is_not_refused() -> None
     ens = lm.Ensemble(copy.deepcopy(members), execution="loop")
     with torch.no_grad():
         assert torch.equal(ens(x), torch.stack([m(x) for m in reference]))
+
+
+@pytest.mark.parametrize("execution", ["loop", "auto"])  # vmap has no rule for LSTMs
+def test_a_packed_sequence_output_keeps_its_batch_sizes_once(execution: str) -> None:
+    # Before, batch_sizes and the indices were stacked too, and torch's
+    # pad_packed_sequence refused each member's PackedSequence.
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    members = [nn.LSTM(3, 4, batch_first=True) for _ in range(2)]
+    x = torch.randn(3, 5, 3)
+    packed = pack_padded_sequence(
+        x, torch.tensor([5, 3, 2]), batch_first=True, enforce_sorted=False
+    )
+    ens = lm.Ensemble(copy.deepcopy(members), execution=execution)
+    out, _ = ens(packed)
+    assert out.batch_sizes.dim() == 1 and out.data.shape[0] == 2
+    for i, member in enumerate(members):
+        own, _ = member(packed)
+        mine = PackedSequence(
+            out.data[i], out.batch_sizes, out.sorted_indices, out.unsorted_indices
+        )
+        padded, lengths = pad_packed_sequence(mine, batch_first=True)
+        expected, expected_lengths = pad_packed_sequence(own, batch_first=True)
+        assert torch.allclose(padded, expected, atol=1e-6, rtol=0)
+        assert torch.equal(lengths, expected_lengths)

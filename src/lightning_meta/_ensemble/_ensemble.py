@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_meta._compat import (
     FakeTensor,
@@ -1996,7 +1997,7 @@ class Ensemble(nn.Module):
         if plan != self._last_plan:  # nn.Module.__setattr__ costs on every call otherwise
             self._last_plan = plan
         replaced: list[str] = []
-        out = self._run(plan, tensors, inputs, kwargs, replaced=replaced)
+        out = _packed_once(self._run(plan, tensors, inputs, kwargs, replaced=replaced))
         if self._last_plan in ("vmap", "grouped") and not self._ran_shared:
             self._ran_shared = True
         for name in replaced:
@@ -2968,3 +2969,35 @@ class Ensemble(nn.Module):
             f"num_members={self.num_members}, template={arch}, execution={self._requested!r}"
             f"{plan}, randomness={self.randomness!r}, per_member_inputs={self.per_member_inputs}"
         )
+
+
+def _packed_once(out: Any, depth: int = 0) -> Any:
+    """``out`` with each ``PackedSequence`` in it (an ``nn.LSTM`` given a packed input)
+    holding its members' data stacked, ``(N, total, *)``, and its ``batch_sizes`` and
+    indices once, as each member's: every plan stacks all four, and a stacked
+    ``batch_sizes`` made torch's ``pad_packed_sequence`` fail on ``PackedSequence(
+    out.data[i], out.batch_sizes, ...)`` (before 2026-12-07, seventh session).
+
+    Raises:
+        ArgumentValueError: the members' batch sizes or orders differ (per-member inputs
+            of other lengths), which one ``PackedSequence`` cannot hold.
+    """
+    if isinstance(out, PackedSequence):
+        if out.batch_sizes.dim() != 2:
+            return out
+        once: list[torch.Tensor | None] = []
+        for name in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            t = getattr(out, name)
+            if t is not None and not all(torch.equal(t[0], row) for row in t[1:]):
+                raise ArgumentValueError(
+                    f"Ensemble members returned PackedSequences of other {name} (inputs of "
+                    "other lengths per member), which one PackedSequence cannot hold. Fix: "
+                    "unpack them in the forward (pad_packed_sequence) and return the padded "
+                    "tensor and the lengths."
+                )
+            once.append(t[0] if t is not None else None)
+        return PackedSequence(out.data, *once)
+    if depth < 4 and type(out) in (tuple, list):
+        items = [_packed_once(x, depth + 1) for x in out]
+        return out if all(a is b for a, b in zip(items, out, strict=True)) else type(out)(items)
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_meta._compat import children_of, non_persistent_of, tensor_tables
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._load._files import (
     CORRUPT_FIX,
@@ -411,6 +412,8 @@ def open_torch(p: Path, safe_globals: Sequence[Any], prefix: str | None = None) 
     """
     archive = torch_archive(p, safe_globals)
     obj = state = archive.obj
+    if isinstance(obj, torch.nn.Module):  # torch.save(model), its classes trusted
+        obj = state = _module_tensors(obj)
     fmt = "torch" if archive.layout == "zip" else "torch-legacy"
     clashes: list[str] = []
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -547,9 +550,30 @@ def _flatten(
         for k, v in obj.items():
             if not _flatten(v, f"{prefix}{k}.", out, others, clashes, depth + 1):
                 return False
+    elif isinstance(obj, torch.nn.Module):
+        # A whole module the caller trusted (safe_globals), kept beside other state
+        # (torch.save({"model": model, "epoch": 3})): its tensors under its key, as its
+        # state_dict names them. Before 2026-12-07 (seventh session) it was one
+        # unexpected key, and the prefix the refusal suggested matched nothing.
+        return _flatten(_module_tensors(obj), prefix, out, others, clashes, depth + 1)
     elif prefix:
         others.append(prefix[:-1])
     return True
+
+
+def _module_tensors(module: torch.nn.Module, depth: int = 0) -> dict[str, Any]:
+    """The parameters and persistent buffers of an unpickled module (tensors still as the
+    file describes them), nested by submodule, as ``state_dict`` names them (without its
+    hooks, which the unpickled module's tensors could not run)."""
+    parameters, buffers = tensor_tables(module)
+    skipped = non_persistent_of(module)
+    out: dict[str, Any] = {k: v for k, v in parameters.items() if v is not None}
+    out.update({k: v for k, v in buffers.items() if v is not None and k not in skipped})
+    if depth < _MAX_NESTING:
+        for name, child in children_of(module).items():
+            if child is not None:
+                out[name] = _module_tensors(child, depth + 1)
+    return out
 
 
 class SafetensorsSource(Source):

@@ -218,10 +218,10 @@ def unsafe_error(where: str, names: Sequence[str], what: str) -> MetaTensorError
         # in its hyperparameters beside the weights, which trusting loads.
         modules = (
             " Among them are torch.nn modules: the file holds a whole model saved with "
-            "torch.save(model), which no state dict reader loads (where you trust the file, "
-            "load it in Python with torch.load(path, weights_only=False) and save "
-            "model.state_dict()), or modules kept beside the weights (a loss in a "
-            "checkpoint's hyperparameters), which trusting them loads."
+            "torch.save(model), alone or in a dict ({'model': model, 'epoch': 3}), or "
+            "modules kept beside the weights (a loss in a checkpoint's hyperparameters); "
+            "trusting them loads each such module's parameters and persistent buffers "
+            "under its key, as its state_dict names them."
         )
     scripts = ""
     if any(n.startswith("__main__.") for n in needed):
