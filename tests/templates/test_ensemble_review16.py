@@ -235,11 +235,20 @@ def test_max_norm_set_on_the_template_after_the_first_call_is_followed(plan: str
     expected = torch.stack([r(idx) for r in refs])
     out.square().sum().backward()
     expected.square().sum().backward()
-    assert torch.equal(out, expected)
+    # "auto" may time vmap faster (on a busy machine it did, 2026-12-07), whose embedding
+    # sums in another order: the documented reassociation
+    if plan == "loop":
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert torch.equal(ens.tensors()["0.weight"], torch.stack([r[0].weight for r in refs]))
     grad = ens.tensors()["0.weight"].grad
     assert grad is not None
-    assert torch.equal(grad, torch.stack([r[0].weight.grad for r in refs]))
+    expected_grad = torch.stack([r[0].weight.grad for r in refs])
+    if plan == "loop":
+        assert torch.equal(grad, expected_grad)
+    else:
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
 
 
 def test_dropout_after_a_channels_last_1x1_convolution_draws_the_loops_masks() -> None:
