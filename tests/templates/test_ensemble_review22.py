@@ -20,7 +20,9 @@ Each test failed on 08308e5, the tree before them.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -255,3 +257,59 @@ def test_a_packed_sequence_output_keeps_its_batch_sizes_once(execution: str) -> 
         expected, expected_lengths = pad_packed_sequence(own, batch_first=True)
         assert torch.allclose(padded, expected, atol=1e-6, rtol=0)
         assert torch.equal(lengths, expected_lengths)
+
+
+class _Quant(nn.Module):
+    """A configuration the settings do not compare (an object), shown by its repr through
+    a calibrated buffer."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.cfg = types.SimpleNamespace(bits=bits)
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("scale", torch.tensor(0.1))
+
+    def extra_repr(self) -> str:
+        return f"max_value={float(self.scale) * (2 ** (self.cfg.bits - 1) - 1):.3g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = 2 ** (self.cfg.bits - 1)
+        return torch.clamp(torch.round(self.lin(x) / self.scale), -q, q - 1) * self.scale
+
+
+def test_reprs_compared_without_values_still_see_other_settings() -> None:
+    # A third look: reprs compared with zeros in both printed 0 for both, and members of
+    # 8 and 2 bits were accepted, 2.0 off a loop
+    with pytest.raises(lm.MetaTensorError, match="same architecture"):
+        lm.Ensemble([_Quant(8), _Quant(2)])
+    lm.Ensemble([_Quant(8), _Quant(8)])  # the same configuration: accepted
+
+
+def test_a_packed_sequence_in_a_dict_or_namedtuple_output_keeps_its_batch_sizes_once() -> None:
+    from collections import namedtuple
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    out_type = namedtuple("out_type", ["seq", "last"])
+
+    class Wrapped(nn.Module):
+        def __init__(self, as_dict: bool) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+            self.as_dict = as_dict
+
+        def forward(self, packed: Any) -> Any:
+            seq, (h, _) = self.rnn(packed)
+            return {"seq": seq, "h": h} if self.as_dict else out_type(seq, h)
+
+    x = torch.randn(3, 5, 3)
+    packed = pack_padded_sequence(
+        x, torch.tensor([5, 3, 2]), batch_first=True, enforce_sorted=False
+    )
+    for as_dict in (True, False):
+        torch.manual_seed(0)
+        ens = lm.Ensemble([Wrapped(as_dict) for _ in range(2)], execution="loop")
+        out = ens(packed)
+        seq = out["seq"] if as_dict else out.seq
+        assert seq.batch_sizes.dim() == 1, as_dict
+        assert isinstance(out, dict) if as_dict else isinstance(out, out_type)

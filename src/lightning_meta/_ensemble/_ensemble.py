@@ -2997,7 +2997,14 @@ def _packed_once(out: Any, depth: int = 0) -> Any:
                 )
             once.append(t[0] if t is not None else None)
         return PackedSequence(out.data, *once)
-    if depth < 4 and type(out) in (tuple, list):
+    if depth >= 4:
+        return out
+    if type(out) in (tuple, list) or (isinstance(out, tuple) and hasattr(out, "_fields")):
         items = [_packed_once(x, depth + 1) for x in out]
-        return out if all(a is b for a, b in zip(items, out, strict=True)) else type(out)(items)
+        if all(a is b for a, b in zip(items, out, strict=True)):
+            return out
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if type(out) is dict:
+        found = {k: _packed_once(v, depth + 1) for k, v in out.items()}
+        return out if all(found[k] is v for k, v in out.items()) else found
     return out

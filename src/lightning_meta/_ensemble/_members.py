@@ -321,32 +321,37 @@ def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tup
 
 
 @contextlib.contextmanager
-def _neutral(*modules: nn.Module, deep: bool = False) -> Iterator[None]:
-    """Give ``modules`` (with their submodules if ``deep``) zeros in place of their
-    parameters and buffers (same shapes and dtypes, expanded from one element each), for
-    a repr that prints tensor values.
+def _tensors_of(module: nn.Module, source: nn.Module | None, *, deep: bool) -> Iterator[None]:
+    """Give ``module`` (with its submodules if ``deep``) the parameters and buffers of
+    ``source`` at the same paths, or zeros of the same shapes and dtypes where ``source``
+    is ``None``, for a repr that prints tensor values.
 
     torch.ao's ``FakeQuantize`` prints its ``scale`` and ``zero_point``: members calibrated
     on their data differ there, and were refused as "not the same architecture", with a fix
     that could not help, before 2026-12-07 (seventh session). Members' values differ by
-    design (and a template's are on meta); the reprs are compared with zeros on both sides.
+    design.
     """
+    sources = dict(source.named_modules(remove_duplicate=False)) if source is not None else {}
     saved: list[tuple[Any, dict[str, Any]]] = []
     try:
-        for module in modules:
-            for mod in module.modules() if deep else (module,):
-                for table in tensor_tables(mod):
-                    if not any(isinstance(t, torch.Tensor) for t in table.values()):
-                        continue
-                    saved.append((table, dict(table)))
-                    for key, t in list(table.items()):
-                        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                            zero = torch.zeros((), dtype=t.dtype).expand(t.shape)
-                            table[key] = (  # type: ignore[index]
-                                nn.Parameter(zero, requires_grad=False)
-                                if isinstance(t, nn.Parameter)
-                                else zero
-                            )
+        for path, mod in module.named_modules(remove_duplicate=False) if deep else [("", module)]:
+            theirs = tensor_tables(sources[path]) if path in sources else None
+            for k, table in enumerate(tensor_tables(mod)):
+                if not any(isinstance(t, torch.Tensor) for t in table.values()):
+                    continue
+                if theirs is not None and table.keys() != theirs[k].keys():
+                    continue
+                saved.append((table, dict(table)))
+                for key, t in list(table.items()):
+                    if theirs is not None:
+                        table[key] = theirs[k][key]  # type: ignore[index]
+                    elif isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                        zero = torch.zeros((), dtype=t.dtype).expand(t.shape)
+                        table[key] = (  # type: ignore[index]
+                            nn.Parameter(zero, requires_grad=False)
+                            if isinstance(t, nn.Parameter)
+                            else zero
+                        )
         yield
     finally:
         for table, old in reversed(saved):
@@ -356,10 +361,19 @@ def _neutral(*modules: nn.Module, deep: bool = False) -> Iterator[None]:
 
 def _same_reprs_but_values(mine: nn.Module, theirs: nn.Module, *, deep: bool) -> bool:
     """Whether ``mine`` and ``theirs`` show the same repr (``deep``) or ``extra_repr`` once
-    their tensors' values are out of it (see :func:`_neutral`)."""
+    ``theirs`` holds ``mine``'s tensors: only their values differed. Where ``mine`` is a
+    template on meta (``from_factory``), with zeros in both. A repr that raises shows
+    nothing to compare: not the same."""
     show = _repr if deep else _extra_repr
-    with _neutral(mine, theirs, deep=deep):
-        return show(mine) == show(theirs)
+    on_meta = any(t.is_meta for t in [*mine.parameters(), *mine.buffers()])
+    if on_meta:
+        with _tensors_of(mine, None, deep=deep), _tensors_of(theirs, None, deep=deep):
+            a, b = show(mine), show(theirs)
+    else:
+        a = show(mine)
+        with _tensors_of(theirs, mine, deep=deep):
+            b = show(theirs)
+    return a == b and "<repr raised" not in a and "<extra_repr raised" not in a
 
 
 def _repr(mod: nn.Module) -> str:

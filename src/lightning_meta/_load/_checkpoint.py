@@ -244,20 +244,30 @@ def load_checkpoint(
         try:
             plan = plan_load(module, source, where, prefix=prefix, strict=strict, own=followed.own)
         except (MetaTensorError, ArgumentValueError) as e:
-            if followed.hook is None:
+            if followed.hook is not None:
+                # lightning_meta changed nothing, but the hook may have changed the module
+                note = (
+                    f"{followed.hook} ran first, as Lightning runs it, and anything it changed "
+                    "in the module itself stays changed."
+                )
+            elif followed.skipped is not None:
+                note = (
+                    f"{followed.skipped} did not run: the file holds no 'state_dict', as a "
+                    "Lightning checkpoint does, and is read as a state dict. Where the hook "
+                    "makes one, load through Lightning (load_from_checkpoint), or save the "
+                    "state dict it leaves and load that."
+                )
+            else:
                 raise
-            # lightning_meta changed nothing, but the hook may have changed the module
-            raise type(e)(
-                f"{e} ({followed.hook} ran first, as Lightning runs it, and anything it "
-                "changed in the module itself stays changed.)",
-                paths=e.paths,
-            ) from e
+            raise type(e)(f"{e} ({note})", paths=e.paths) from e
         if followed.hook is not None and plan.prefix:
             raise MetaTensorError(
-                f"{followed.hook} ran on {where!r}, whose keys sit under {plan.prefix!r}: the "
-                f"file was saved from another module holding {type(module).__name__} there, "
-                "whose hook Lightning would run instead of this one. Fix: pass "
-                f"prefix={plan.prefix!r} (the hook of the module loaded then does not run).",
+                f"{followed.hook} ran on {where!r}, and its keys still sit under "
+                f"{plan.prefix!r}: the file was saved from another module holding "
+                f"{type(module).__name__} there, maybe, whose hook Lightning would run "
+                f"instead of this one. Fix: if so, pass prefix={plan.prefix!r} (the hook of "
+                "the module loaded then does not run); if the hook is meant to convert such "
+                "a file, make it strip the prefix.",
                 paths=[where],
             )
         _warn_untied_file(module, source, plan, verify=verify)
@@ -330,9 +340,12 @@ def _warn_untied_file(module: nn.Module, source: Any, plan: Any, *, verify: bool
     from lightning_meta._errors import MetaTensorWarning
 
     for names, keys in plan.twice:
+        described = [source.described(k) if hasattr(source, "described") else None for k in keys]
+        if all(d is not None for d in described) and len({_place(d) for d in described}) == 1:
+            continue  # one tensor saved under each name (torch.save of a tied model): no read
         values = dict(source.read(keys, verify=verify))
         kept = values[keys[-1]]
-        dropped = [k for k in keys[:-1] if not torch.equal(values[k], kept)]
+        dropped = [k for k in keys[:-1] if not _same_values(values[k], kept)]
         if not dropped:
             continue  # one tensor saved under each name (torch.save of a tied model)
         warnings.warn(
@@ -347,6 +360,21 @@ def _warn_untied_file(module: nn.Module, source: Any, plan: Any, *, verify: bool
             ),
             stacklevel=3,
         )
+
+
+def _place(described: Any) -> tuple[Any, ...]:
+    """Where a torch file's tensor lies: its storage, offset, shape and strides."""
+    ref, region = described
+    return (region.file, region.offset, ref.offset, ref.shape, ref.stride)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, with NaN equal to NaN (a tied weight holding a NaN is one tensor)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 def _warn_float32_kept(module: nn.Module, dtype: torch.dtype) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_meta._arguments import spelled
+from lightning_meta._compat import storage_id
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._source import Source, TorchSource, saved_versions, state_tensors
 from lightning_meta._load._torchfile import Archive, TensorRef, Unsupported
@@ -85,6 +86,8 @@ class Followed(NamedTuple):
     source: Source
     hook: str | None
     own: frozenset[str]
+    #: the hook not run: the file holds no "state_dict" (see the refusals that name it)
+    skipped: str | None = None
 
 
 def follow_on_load_checkpoint(
@@ -108,8 +111,12 @@ def follow_on_load_checkpoint(
             no ``"state_dict"`` mapping.
     """
     hook = _own_hook(module)
-    if hook is None or not source.under_state_dict or prefix or _saved_around(module, source):
+    if hook is None or prefix:
         return Followed(source, None, frozenset())
+    if not source.under_state_dict:
+        # Lightning's load_from_checkpoint hands a file without one to the hook too; this
+        # loader reads such a file as a state dict, and says so where it does not fit
+        return Followed(source, None, frozenset(), skipped=hook)
     archive = getattr(source, "archive", None)
     if not isinstance(source, TorchSource) or archive is None:
         raise MetaTensorError(
@@ -141,7 +148,24 @@ def follow_on_load_checkpoint(
         if _VERSION_KEY in checkpoint:
             checkpoint = _migrated(module, checkpoint, Path(source.path))
         checkpoint.setdefault("hyper_parameters", {})
-    module.on_load_checkpoint(checkpoint)  # type: ignore[operator]
+    own_storages = {
+        storage_id(t.untyped_storage())
+        for t in module.state_dict(keep_vars=True).values()
+        if isinstance(t, torch.Tensor)
+    }
+    try:
+        module.on_load_checkpoint(checkpoint)  # type: ignore[operator]
+    except Exception as e:
+        around = _saved_around(module, source)
+        if not around:
+            raise
+        raise MetaTensorError(
+            f"{hook} raised {type(e).__name__}: {e} on {str(source.path)!r}, whose keys name "
+            f"{type(module).__name__}'s tensors under {around!r}: saved from another module "
+            "holding it, maybe, whose hook Lightning would run instead of this one. Fix: if "
+            f"so, pass prefix={around!r} (the hook of the module loaded then does not run).",
+            paths=[str(source.path)],
+        ) from e
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
         raise MetaTensorError(
@@ -150,9 +174,21 @@ def follow_on_load_checkpoint(
             "load_from_checkpoint fails on it too). Fix: leave a mapping of tensors there.",
             paths=[str(source.path)],
         )
-    # Values the hook took from the module itself (its meta or deferred tensors): loading
-    # them would copy the module's values into itself; they are left to the module.
-    own = frozenset(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta)
+    # Values the hook took from the module itself (its meta or deferred tensors: they share
+    # their storage, state_dict() detaches): loading them would copy the module's values
+    # into itself; they are left to the module. Other meta tensors hold no values.
+    metas = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta}
+    own = frozenset(k for k in metas if storage_id(state[k].untyped_storage()) in own_storages)
+    made = sorted(metas - own)
+    if made:
+        raise MetaTensorError(
+            f"{hook} put meta tensors it made under {made} (on the device of the module's "
+            "tensors, meta here: torch.eye(n, device=self.head.weight.device), "
+            "torch.zeros_like(self.head.bias)), which hold no values; eager construction "
+            "gives it real ones. Fix: make them on the CPU in the hook (torch.eye(n), "
+            "torch.zeros(shape)), or load into a module built eagerly.",
+            paths=made,
+        )
     if own:
         state = {k: v for k, v in state.items() if k not in own}
     clashes: list[str] = []
@@ -170,16 +206,16 @@ def follow_on_load_checkpoint(
     return Followed(out, hook, own)
 
 
-def _saved_around(module: nn.Module, source: Source) -> bool:
-    """Whether the file's keys name ``module``'s tensors under a prefix only (``model.``):
-    saved from another module holding it, whose hook Lightning runs, not this one's (the
-    inner module's ran on the outer checkpoint before 2026-12-07, seventh session)."""
+def _saved_around(module: nn.Module, source: Source) -> str:
+    """The prefix under which the file's keys name ``module``'s tensors (``model.``), if
+    only under one: the file may have been saved from another module holding it, whose
+    hook Lightning runs, not this one's; ``""`` otherwise."""
     from lightning_meta._load._match import detect_prefix
 
     try:
-        return bool(detect_prefix(source.entries, set(module.state_dict()), None))
+        return detect_prefix(source.entries, set(module.state_dict()), None)
     except MetaTensorError:  # no match (a hook renaming keys), or no one prefix
-        return False
+        return ""
 
 
 _VERSION_KEY = "pytorch-lightning_version"

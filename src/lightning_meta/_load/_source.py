@@ -569,6 +569,12 @@ def _module_tensors(module: torch.nn.Module, depth: int = 0) -> dict[str, Any]:
     skipped = non_persistent_of(module)
     out: dict[str, Any] = {k: v for k, v in parameters.items() if v is not None}
     out.update({k: v for k, v in buffers.items() if v is not None and k not in skipped})
+    if type(module).get_extra_state is not torch.nn.Module.get_extra_state:
+        # state_dict would hold it under _extra_state: a value that is not a tensor, which
+        # the load refuses by its key as it refuses it in a state dict file (a third look:
+        # it was dropped without a word)
+        out["_extra_state"] = "<extra state>"
+
     if depth < _MAX_NESTING:
         for name, child in children_of(module).items():
             if child is not None:
