@@ -313,3 +313,30 @@ def test_a_packed_sequence_in_a_dict_or_namedtuple_output_keeps_its_batch_sizes_
         seq = out["seq"] if as_dict else out.seq
         assert seq.batch_sizes.dim() == 1, as_dict
         assert isinstance(out, dict) if as_dict else isinstance(out, out_type)
+
+
+def test_fourth_look_from_factory_and_ordered_dict_outputs() -> None:
+    from collections import OrderedDict
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    # from_factory compared with zeros in both (its reference is the meta template)
+    bits = iter([8, 2])
+    with pytest.raises(lm.MetaTensorError, match="same architecture"):
+        lm.Ensemble.from_factory(lambda: _Quant(next(bits)), 2)
+
+    class Ordered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, packed: Any) -> Any:
+            seq, (h, _) = self.rnn(packed)
+            return OrderedDict(seq=seq, h=h)
+
+    x = torch.randn(3, 5, 3)
+    packed = pack_padded_sequence(
+        x, torch.tensor([5, 3, 2]), batch_first=True, enforce_sorted=False
+    )
+    out = lm.Ensemble([Ordered() for _ in range(2)], execution="loop")(packed)
+    assert isinstance(out, OrderedDict) and out["seq"].batch_sizes.dim() == 1

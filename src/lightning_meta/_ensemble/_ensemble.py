@@ -8,7 +8,7 @@ import logging
 import operator
 import random
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from copy import deepcopy
 from typing import Any, ClassVar, Literal
 
@@ -3004,7 +3004,9 @@ def _packed_once(out: Any, depth: int = 0) -> Any:
         if all(a is b for a, b in zip(items, out, strict=True)):
             return out
         return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
-    if type(out) is dict:
-        found = {k: _packed_once(v, depth + 1) for k, v in out.items()}
-        return out if all(found[k] is v for k, v in out.items()) else found
+    if isinstance(out, MutableMapping):  # a dict, an OrderedDict, transformers' ModelOutput
+        for k, v in list(out.items()):
+            new = _packed_once(v, depth + 1)
+            if new is not v:
+                out[k] = new  # the ensemble's own output, made by its stacking
     return out

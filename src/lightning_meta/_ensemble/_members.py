@@ -362,13 +362,16 @@ def _tensors_of(module: nn.Module, source: nn.Module | None, *, deep: bool) -> I
 def _same_reprs_but_values(mine: nn.Module, theirs: nn.Module, *, deep: bool) -> bool:
     """Whether ``mine`` and ``theirs`` show the same repr (``deep``) or ``extra_repr`` once
     ``theirs`` holds ``mine``'s tensors: only their values differed. Where ``mine`` is a
-    template on meta (``from_factory``), with zeros in both. A repr that raises shows
+    template on meta (``from_factory``), the other way round. A repr that raises shows
     nothing to compare: not the same."""
     show = _repr if deep else _extra_repr
     on_meta = any(t.is_meta for t in [*mine.parameters(), *mine.buffers()])
     if on_meta:
-        with _tensors_of(mine, None, deep=deep), _tensors_of(theirs, None, deep=deep):
-            a, b = show(mine), show(theirs)
+        # the template of from_factory: it takes the member's tensors instead (zeros in
+        # both hid a setting printed through a value, found by the fourth look)
+        b = show(theirs)
+        with _tensors_of(mine, theirs, deep=deep):
+            a = show(mine)
     else:
         a = show(mine)
         with _tensors_of(theirs, mine, deep=deep):

@@ -113,11 +113,15 @@ def follow_on_load_checkpoint(
     hook = _own_hook(module)
     if hook is None or prefix:
         return Followed(source, None, frozenset())
-    if not source.under_state_dict:
-        # Lightning's load_from_checkpoint hands a file without one to the hook too; this
-        # loader reads such a file as a state dict, and says so where it does not fit
-        return Followed(source, None, frozenset(), skipped=hook)
     archive = getattr(source, "archive", None)
+    lightning_file = (
+        archive is not None and isinstance(archive.obj, Mapping) and _VERSION_KEY in archive.obj
+    )
+    if not source.under_state_dict and not lightning_file:
+        # a plain state dict (Lightning's load_from_checkpoint fails on one without its
+        # version): read as one, and a refusal says the hook did not run. A Lightning file
+        # without "state_dict" gets the hook, which may build it (a fourth look)
+        return Followed(source, None, frozenset(), skipped=hook)
     if not isinstance(source, TorchSource) or archive is None:
         raise MetaTensorError(
             f"load_checkpoint cannot follow {hook} for {str(source.path)!r} (a "
@@ -148,9 +152,9 @@ def follow_on_load_checkpoint(
         if _VERSION_KEY in checkpoint:
             checkpoint = _migrated(module, checkpoint, Path(source.path))
         checkpoint.setdefault("hyper_parameters", {})
-    own_storages = {
-        storage_id(t.untyped_storage())
-        for t in module.state_dict(keep_vars=True).values()
+    places = {
+        k: _place(t)
+        for k, t in module.state_dict(keep_vars=True).items()
         if isinstance(t, torch.Tensor)
     }
     try:
@@ -177,15 +181,18 @@ def follow_on_load_checkpoint(
     # Values the hook took from the module itself (its meta or deferred tensors: they share
     # their storage, state_dict() detaches): loading them would copy the module's values
     # into itself; they are left to the module. Other meta tensors hold no values.
+    # (the module's own at that very key: another key's tensor, a slice or a clone is not)
     metas = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta}
-    own = frozenset(k for k in metas if storage_id(state[k].untyped_storage()) in own_storages)
+    own = frozenset(k for k in metas if places.get(k) == _place(state[k]))
     made = sorted(metas - own)
     if made:
         raise MetaTensorError(
-            f"{hook} put meta tensors it made under {made} (on the device of the module's "
-            "tensors, meta here: torch.eye(n, device=self.head.weight.device), "
-            "torch.zeros_like(self.head.bias)), which hold no values; eager construction "
-            "gives it real ones. Fix: make them on the CPU in the hook (torch.eye(n), "
+            f"{hook} put meta tensors under {made} that are not the module's own tensor at "
+            "that key (a tensor made on the module's device, meta here: torch.eye(n, "
+            "device=self.head.weight.device), torch.zeros_like(self.head.bias); a clone; "
+            "another key's tensor), which hold no values; eager construction gives them "
+            "real ones. Fix: fill a key from the module's own tensor at that key "
+            "(self.state_dict()[k], no clone), make real values on the CPU (torch.eye(n), "
             "torch.zeros(shape)), or load into a module built eagerly.",
             paths=made,
         )
@@ -219,6 +226,12 @@ def _saved_around(module: nn.Module, source: Source) -> str:
 
 
 _VERSION_KEY = "pytorch-lightning_version"
+
+
+def _place(t: torch.Tensor) -> tuple[Any, ...]:
+    """Where ``t`` lies: its storage, offset, shape and strides (``state_dict()`` detaches,
+    and the detached tensor lies where the module's does)."""
+    return (storage_id(t.untyped_storage()), t.storage_offset(), tuple(t.shape), t.stride())
 
 
 def _migrated(module: nn.Module, checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
