@@ -647,3 +647,67 @@ def test_fourth_look_hooks(tmp_path: Path) -> None:
         model = LitBuilds()
     lm.load_checkpoint(model, path)
     assert torch.equal(model.temperature, expected.temperature)
+
+
+class LitTiedFill(L.LightningModule):
+    """Ties its head to its embedding; the hook fills the head's key from its own state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.lm_head = nn.Linear(3, 5, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].setdefault("lm_head.weight", self.state_dict()["embed.weight"])
+
+
+class LitWrapped(L.LightningModule):
+    """Layers under checkpoint_wrapper; the hook keeps its own ``b`` for an older file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        self.a = checkpoint_wrapper(nn.Linear(2, 2))
+        self.b = checkpoint_wrapper(nn.Linear(2, 2))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        for k in ("b.weight", "b.bias"):
+            checkpoint["state_dict"].setdefault(k, own[k])
+
+
+def test_fifth_look_hooks(tmp_path: Path) -> None:
+    # An eager tied model: the head's value, the module's own, was read before the load
+    # and kept its starting values (2.24 off), with a "saved untied" warning
+    torch.manual_seed(0)
+    file = {"embed.weight": LitTiedFill().embed.weight.detach().clone()}
+    path = tmp_path / "tied.ckpt"
+    torch.save({"state_dict": file, "pytorch-lightning_version": L.__version__}, path)
+    expected = LitTiedFill.load_from_checkpoint(path)
+    for how in ("eager", "deferred"):
+        torch.manual_seed(1)
+        if how == "eager":
+            model = LitTiedFill()
+        else:
+            with lm.deferred_init():
+                model = LitTiedFill()
+        lm.load_checkpoint(model, path)  # a warning would be an error here
+        assert torch.equal(model.embed.weight, expected.embed.weight), how
+        assert model.lm_head.weight is model.embed.weight
+    # checkpoint_wrapper's names: the module's own tensors were refused as missing
+    torch.manual_seed(0)
+    old = {k: v for k, v in LitWrapped().state_dict().items() if k.startswith("a.")}
+    path = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": old, "pytorch-lightning_version": L.__version__}, path)
+    torch.manual_seed(1)
+    expected_wrapped = LitWrapped.load_from_checkpoint(path)
+    torch.manual_seed(1)
+    with lm.deferred_init():
+        wrapped = LitWrapped()
+    lm.load_checkpoint(wrapped, path)
+    for k, v in expected_wrapped.state_dict().items():
+        assert torch.equal(wrapped.state_dict()[k], v), k

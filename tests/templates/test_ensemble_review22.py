@@ -32,6 +32,18 @@ from torch.nn.utils import parametrizations, parametrize
 import lightning_meta as lm
 
 
+def _packed_outputs_supported() -> None:
+    """Skip where torch's pytree keeps a PackedSequence whole (torch 2.6): the ensemble
+    refuses such an output there, as any output leaf that is not a tensor."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    from lightning_meta._compat import tree_flatten
+
+    leaves, _ = tree_flatten(PackedSequence(torch.zeros(2), torch.tensor([2]), None, None))
+    if len(leaves) == 1:
+        pytest.skip(f"torch {torch.__version__}'s pytree keeps a PackedSequence whole")
+
+
 def _members() -> list[nn.Module]:
     torch.manual_seed(0)
     return [
@@ -235,6 +247,7 @@ def test_a_buffer_reshaped_in_place_within_its_elements_is_not_refused() -> None
 
 @pytest.mark.parametrize("execution", ["loop", "auto"])  # vmap has no rule for LSTMs
 def test_a_packed_sequence_output_keeps_its_batch_sizes_once(execution: str) -> None:
+    _packed_outputs_supported()
     # Before, batch_sizes and the indices were stacked too, and torch's
     # pad_packed_sequence refused each member's PackedSequence.
     from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -286,6 +299,7 @@ def test_reprs_compared_without_values_still_see_other_settings() -> None:
 
 
 def test_a_packed_sequence_in_a_dict_or_namedtuple_output_keeps_its_batch_sizes_once() -> None:
+    _packed_outputs_supported()
     from collections import namedtuple
 
     from torch.nn.utils.rnn import pack_padded_sequence
@@ -324,6 +338,7 @@ def test_fourth_look_from_factory_and_ordered_dict_outputs() -> None:
     bits = iter([8, 2])
     with pytest.raises(lm.MetaTensorError, match="same architecture"):
         lm.Ensemble.from_factory(lambda: _Quant(next(bits)), 2)
+    _packed_outputs_supported()
 
     class Ordered(nn.Module):
         def __init__(self) -> None:

@@ -165,7 +165,7 @@ def plan_load(
         # the module's own values: deferred (replayed, as eager's init) or real (kept); a
         # plain meta tensor has none, and stays missing
         valued = {
-            n
+            display.get(n, n)  # as state_dict names them (a checkpoint_wrapper's, unwrapped)
             for g in groups
             if handle_of(g.tensor) is not None or not g.tensor.is_meta
             for n in g.names
