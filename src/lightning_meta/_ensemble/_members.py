@@ -321,37 +321,26 @@ def _compare_modules(reference: Profile, other: Profile, index: int) -> list[tup
 
 
 @contextlib.contextmanager
-def _tensors_of(module: nn.Module, source: nn.Module | None, *, deep: bool) -> Iterator[None]:
+def _tensors_of(module: nn.Module, source: nn.Module, *, deep: bool) -> Iterator[None]:
     """Give ``module`` (with its submodules if ``deep``) the parameters and buffers of
-    ``source`` at the same paths, or zeros of the same shapes and dtypes where ``source``
-    is ``None``, for a repr that prints tensor values.
+    ``source`` at the same paths (where the names are the same), for a repr that prints
+    tensor values.
 
     torch.ao's ``FakeQuantize`` prints its ``scale`` and ``zero_point``: members calibrated
     on their data differ there, and were refused as "not the same architecture", with a fix
     that could not help, before 2026-12-07 (seventh session). Members' values differ by
     design.
     """
-    sources = dict(source.named_modules(remove_duplicate=False)) if source is not None else {}
+    sources = dict(source.named_modules(remove_duplicate=False))
     saved: list[tuple[Any, dict[str, Any]]] = []
     try:
         for path, mod in module.named_modules(remove_duplicate=False) if deep else [("", module)]:
-            theirs = tensor_tables(sources[path]) if path in sources else None
-            for k, table in enumerate(tensor_tables(mod)):
-                if not any(isinstance(t, torch.Tensor) for t in table.values()):
-                    continue
-                if theirs is not None and table.keys() != theirs[k].keys():
-                    continue
-                saved.append((table, dict(table)))
-                for key, t in list(table.items()):
-                    if theirs is not None:
-                        table[key] = theirs[k][key]  # type: ignore[index]
-                    elif isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                        zero = torch.zeros((), dtype=t.dtype).expand(t.shape)
-                        table[key] = (  # type: ignore[index]
-                            nn.Parameter(zero, requires_grad=False)
-                            if isinstance(t, nn.Parameter)
-                            else zero
-                        )
+            if path not in sources:
+                continue
+            for table, theirs in zip(tensor_tables(mod), tensor_tables(sources[path]), strict=True):
+                if table and table.keys() == theirs.keys():
+                    saved.append((table, dict(table)))
+                    table.update(theirs)  # type: ignore[attr-defined]
         yield
     finally:
         for table, old in reversed(saved):
