@@ -95,9 +95,9 @@ def follow_on_load_checkpoint(
 ) -> Followed:
     """Run ``module``'s own ``on_load_checkpoint`` on the checkpoint, as Lightning does, and
     return a source of the ``"state_dict"`` it leaves; ``source`` itself where there is no
-    such hook, the file holds no ``"state_dict"`` (no Lightning checkpoint), or ``prefix``
-    names one (the module loaded is a part of the one the file was saved from, whose hook
-    Lightning would not run).
+    such hook, the file holds no ``"state_dict"`` and records no Lightning version (a
+    plain state dict), or ``prefix`` names one (the module loaded is a part of the one the
+    file was saved from, whose hook Lightning would not run).
 
     The hook gets the whole file with its tensors read (optimizer states too), as
     ``torch.load`` gives it to Lightning's ``load_from_checkpoint``, after Lightning's own
