@@ -714,3 +714,74 @@ def test_fifth_look_hooks(tmp_path: Path) -> None:
     lm.load_checkpoint(wrapped, path)
     for k, v in expected_wrapped.state_dict().items():
         assert torch.equal(wrapped.state_dict()[k], v), k
+
+
+class LitConverts(L.LightningModule):
+    """Converts only when its ``convert`` hyperparameter says so."""
+
+    def __init__(self, convert: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.temp = nn.Parameter(torch.zeros(1))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not checkpoint["hyper_parameters"].get("convert"):
+            raise ValueError("the hook saw convert=False")
+        checkpoint["state_dict"]["temp"] = checkpoint["state_dict"]["temp"].exp()
+
+
+class LitLoose(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False
+        self.lin = nn.Linear(2, 3)
+
+
+def test_cli_look_args_reach_the_hook_and_loose_strictness_keeps_shapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --args reach the hook's hyper_parameters, as load_from_checkpoint(path, **kwargs)
+    # writes them there (the hook saw the file's convert=False, and loaded unconverted)
+    path = tmp_path / "temp.ckpt"
+    torch.save(
+        {
+            "state_dict": {"temp": torch.tensor([0.5])},
+            "hyper_parameters": {"convert": False},
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    assert LitConverts.load_from_checkpoint(path, convert=True).temp.item() == pytest.approx(
+        torch.tensor(0.5).exp().item()
+    )
+    target = f"{__name__}:LitConverts"
+    assert main(["load-check", target, str(path), "--args", '{"convert": true}']) == 0
+    assert main(["load-check", target, str(path)]) == 1  # as load_from_checkpoint(path)
+    assert "the hook saw convert=False" in capsys.readouterr().err
+    # strict_loading=False still refuses a shape that differs, as load_state_dict(strict=False)
+    # does (load-check exited 0, loading nothing)
+    torch.save(
+        {
+            "state_dict": {"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)},
+            "pytorch-lightning_version": L.__version__,
+        },
+        tmp_path / "net.ckpt",
+    )
+    with pytest.raises(RuntimeError):
+        LitLoose.load_from_checkpoint(tmp_path / "net.ckpt")
+    assert main(["load-check", f"{__name__}:LitLoose", str(tmp_path / "net.ckpt")]) == 1
+    assert "a shape that differs fails load_state_dict(strict=False) too" in " ".join(
+        capsys.readouterr().err.split()
+    )
+
+
+def test_cli_look_the_prefix_fix_speaks_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = Finetune()
+    path = tmp_path / "finetune.ckpt"
+    torch.save({"state_dict": saved.state_dict(), "pytorch-lightning_version": "1.9.0"}, path)
+    assert main(["load-check", f"{__name__}:LitConvert", str(path)]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "pass --prefix model." in said and "prefix='model.'" not in said
+    assert main(["load-check", f"{__name__}:LitConvert", str(path), "--prefix", "model."]) == 0

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             status 1).
     """
     from lightning_meta._arguments import command_line_spelling, real_device
-    from lightning_meta._cli._target import target_factory, user_code
+    from lightning_meta._cli._target import parse_arguments, target_factory, user_code
     from lightning_meta._load._checkpoint import load_checkpoint
 
     dtype = _dtype(args.dtype)
@@ -146,14 +146,27 @@ def run(args: argparse.Namespace) -> int:
     trusted = [obj for name in args.trust for obj in _trusted(name, args.model)]
     factory = _lightning_factory(args, trusted) or target_factory(args.model, args.args)
     model = _build(args, factory)
-    # user_code: the model's load hooks run, and may print.
-    with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
-        report = load_checkpoint(
-            model, args.checkpoint, device=device, dtype=dtype, strict=False if args.no_strict else None,
-            prefix=args.prefix, safe_globals=trusted, progress=not args.json and sys.stderr.isatty(),
-            verify=args.verify,
-            allow_uninitialized=args.allow_uninitialized,
-        )  # fmt: skip
+    from lightning_meta._load._lightning_hooks import HYPERPARAMETER_OVERRIDES
+
+    _, overrides = parse_arguments(args.args)
+    token = HYPERPARAMETER_OVERRIDES.set(overrides or None)  # the hook sees --args too
+    try:
+        # user_code: the model's load hooks run, and may print.
+        with command_line_spelling(), user_code():  # its messages name --no-strict, --prefix
+            report = load_checkpoint(
+                model,
+                args.checkpoint,
+                device=device,
+                dtype=dtype,
+                strict=False if args.no_strict else None,
+                prefix=args.prefix,
+                safe_globals=trusted,
+                progress=not args.json and sys.stderr.isatty(),
+                verify=args.verify,
+                allow_uninitialized=args.allow_uninitialized,
+            )
+    finally:
+        HYPERPARAMETER_OVERRIDES.reset(token)
     with writing_output():
         if args.json:
             write_out(json.dumps(report.to_dict(), indent=2) + "\n")

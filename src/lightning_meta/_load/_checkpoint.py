@@ -23,13 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_meta._arguments import spelled
 from lightning_meta._compat import fabric_wrapped
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import follow_own_conversions, materialize_beyond
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import LoadFix, run_post_hooks
-from lightning_meta._load._lightning_hooks import follow_on_load_checkpoint, resolve_strict
+from lightning_meta._load._lightning_hooks import (
+    follow_on_load_checkpoint,
+    resolve_strict,
+    strict_from_module,
+)
 from lightning_meta._load._match import plan_load
 from lightning_meta._load._phases import (
     add_shared,
@@ -224,6 +229,7 @@ def load_checkpoint(
         allow_uninitialized=allow_uninitialized,
         strict=True if strict is None else strict,  # None: the default, resolved below
     )
+    by_module = strict_from_module(module, strict)
     strict = resolve_strict(module, strict, "load_checkpoint")
     if args.dtype is not None:
         _warn_float32_kept(module, args.dtype)
@@ -260,14 +266,32 @@ def load_checkpoint(
             else:
                 raise
             raise type(e)(f"{e} ({note})", paths=e.paths) from e
+        if by_module and not strict and plan.mismatched:
+            # strict_loading=False loads with load_state_dict(strict=False), which still
+            # raises on a shape that differs (a fifth look: load-check exited 0, loading
+            # nothing, where load_from_checkpoint fails)
+            shown = ", ".join(
+                f"{n!r} ({tuple(a)} in the model, {tuple(b)} in the file)"
+                for n, a, b in plan.mismatched[:5]
+            )
+            raise MetaTensorError(
+                f"cannot load {where!r} into {type(module).__name__}: shape mismatch for "
+                f"{shown}. {type(module).__name__}.strict_loading=False loads what the file "
+                "holds and lists the rest, but a shape that differs fails "
+                "load_state_dict(strict=False) too, as load_from_checkpoint fails. Fix: build "
+                "the model the checkpoint was saved from (its arguments: "
+                f"{spelled('the constructor', '--args')}).",
+                paths=[n for n, _, _ in plan.mismatched],
+            )
         if followed.hook is not None and plan.prefix:
             raise MetaTensorError(
                 f"{followed.hook} ran on {where!r}, and its keys still sit under "
                 f"{plan.prefix!r}: the file was saved from another module holding "
                 f"{type(module).__name__} there, maybe, whose hook Lightning would run "
-                f"instead of this one. Fix: if so, pass prefix={plan.prefix!r} (the hook of "
-                "the module loaded then does not run); if the hook is meant to convert such "
-                "a file, make it strip the prefix.",
+                "instead of this one. Fix: if so, pass "
+                f"{spelled(f'prefix={plan.prefix!r}', f'--prefix {plan.prefix}')} (the hook "
+                "of the module loaded then does not run); if the hook is meant to convert "
+                "such a file, make it strip the prefix.",
                 paths=[where],
             )
         _warn_untied_file(module, source, plan, verify=verify)

@@ -12,6 +12,7 @@ module names: the loading core imports no Lightning.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -27,9 +28,23 @@ from lightning_meta._errors import ArgumentValueError, MetaTensorError
 from lightning_meta._load._source import Source, TorchSource, saved_versions, state_tensors
 from lightning_meta._load._torchfile import Archive, TensorRef, Unsupported
 
-__all__ = ["Followed", "follow_on_load_checkpoint", "lightning_module", "resolve_strict"]
+__all__ = [
+    "HYPERPARAMETER_OVERRIDES",
+    "Followed",
+    "follow_on_load_checkpoint",
+    "lightning_module",
+    "resolve_strict",
+    "strict_from_module",
+]
 
 _LIGHTNING = ("lightning.", "pytorch_lightning.")
+
+#: keyword arguments the model was built with beyond the checkpoint's (``load-check
+#: --args``), which ``load_from_checkpoint(path, **kwargs)`` writes into the
+#: ``"hyper_parameters"`` the hook sees
+HYPERPARAMETER_OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "lightning_meta_hyperparameter_overrides", default=None
+)
 
 
 def lightning_module(module: nn.Module) -> bool:
@@ -53,6 +68,11 @@ def _own_hook(module: nn.Module) -> str | None:
                 return None
             return f"{cls.__qualname__}.on_load_checkpoint"
     return None
+
+
+def strict_from_module(module: nn.Module, strict: bool | None) -> bool:
+    """Whether ``strict`` left out is decided by a LightningModule's ``strict_loading``."""
+    return strict is None and lightning_module(module)
 
 
 def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> bool:
@@ -152,6 +172,11 @@ def follow_on_load_checkpoint(
         if _VERSION_KEY in checkpoint:
             checkpoint = _migrated(module, checkpoint, Path(source.path))
         checkpoint.setdefault("hyper_parameters", {})
+        overrides = HYPERPARAMETER_OVERRIDES.get()
+        if overrides and isinstance(checkpoint["hyper_parameters"], dict):
+            # as load_from_checkpoint(path, **kwargs) does (a fifth look at the CLI: the hook
+            # saw the file's values, not --args')
+            checkpoint["hyper_parameters"].update(overrides)
     places = {
         k: _place(t)
         for k, t in module.state_dict(keep_vars=True).items()
@@ -167,7 +192,8 @@ def follow_on_load_checkpoint(
             f"{hook} raised {type(e).__name__}: {e} on {str(source.path)!r}, whose keys name "
             f"{type(module).__name__}'s tensors under {around!r}: saved from another module "
             "holding it, maybe, whose hook Lightning would run instead of this one. Fix: if "
-            f"so, pass prefix={around!r} (the hook of the module loaded then does not run).",
+            f"so, pass {spelled(f'prefix={around!r}', f'--prefix {around}')} (the hook of the "
+            "module loaded then does not run).",
             paths=[str(source.path)],
         ) from e
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
