@@ -1361,7 +1361,8 @@ def fresh_parametrizations(module: nn.Module) -> Iterator[None]:
     and ``_cache`` (checked on torch 2.6, 2.13 and 2.15)."""
     from torch.nn.utils import parametrize
 
-    if not getattr(parametrize, "_cache_enabled", 0):
+    cache = parametrize_cache()
+    if cache is None:  # outside a cached() region
         yield
         return
     keys = [
@@ -1370,7 +1371,6 @@ def fresh_parametrizations(module: nn.Module) -> Iterator[None]:
         if parametrize.is_parametrized(m)
         for name in m.parametrizations  # type: ignore[union-attr]
     ]
-    cache = (parametrize_cache() if keys else None) or {}
     for key in keys:
         cache.pop(key, None)
     try:

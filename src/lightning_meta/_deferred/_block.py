@@ -183,10 +183,12 @@ def _block(built: list[Any] | None = None) -> Iterator[None]:
                 raise caught_refusal(recorder.refusals[0]) from recorder.refusals[0]
         roots = list(recorder.modules.values())
         roots += [m for m in built or () if isinstance(m, nn.Module)]
-        owners = _convert(recorder, roots, converted)
-        # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
+        # the outermost modules built: no other built module holds them
         below = {id(m) for root in roots for m in root.modules() if m is not root}
-        install_load_hooks(owners, tops=[m for m in roots if id(m) not in below])
+        tops = [m for m in roots if id(m) not in below]
+        owners = _convert(recorder, roots, tops, converted)
+        # load_state_dict on these modules (or any ancestor) fills them; see _load_hooks.
+        install_load_hooks(owners, tops=tops)
     except BaseException as e:
         try:
             said = str(e).strip().splitlines()
@@ -220,9 +222,15 @@ def _own_attrs(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _convert(
-    recorder: Recorder, roots: list[nn.Module], converted: dict[int, Callable[[], str]]
+    recorder: Recorder,
+    roots: list[nn.Module],
+    tops: list[nn.Module],
+    converted: dict[int, Callable[[], str]],
 ) -> list[nn.Module]:
     """Swap every fake tensor the built modules hold for a deferred meta tensor.
+
+    ``tops`` are the outermost of ``roots``, by which a tensor a reference kept
+    elsewhere was is named (``converted``: its id -> how to name it).
 
     Parameters, buffers, tensor attributes, and tensors inside list, tuple
     and dict attributes. Returns every module that owns deferred tensors.
@@ -240,8 +248,6 @@ def _convert(
     # Module paths under the outermost modules built, walked once, when first asked
     # (a reference to a module's tensor kept elsewhere is named by its path at close).
     module_paths: dict[int, str] = {}
-    below = {id(m) for root in roots for m in root.modules() if m is not root}
-    tops = [m for m in roots if id(m) not in below]
 
     def alias(owner: nn.Module, name: str) -> str:
         if not module_paths:

@@ -47,11 +47,17 @@ def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
     Named tuples are leaves: their constructor takes fields, not an iterable,
     and an :class:`InputSpec` is one.
     """
+    return map_named_leaves(value, "", lambda v, _: leaf(v))
+
+
+def map_named_leaves(value: Any, name: str, leaf: Callable[[Any, str], Any]) -> Any:
+    """:func:`map_leaves`, giving ``leaf`` each value's path under ``name`` too:
+    ``batch['attention_mask']``, ``pair[1]``."""
     if isinstance(value, Mapping):
-        return {k: map_leaves(v, leaf) for k, v in value.items()}
+        return {k: map_named_leaves(v, f"{name}[{k!r}]", leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(map_leaves(v, leaf) for v in value)
-    return leaf(value)
+        return type(value)(map_named_leaves(v, f"{name}[{i}]", leaf) for i, v in enumerate(value))
+    return leaf(value, name)
 
 
 def _spec_to_meta(value: Any) -> Any:
@@ -314,14 +320,6 @@ def fake_inputs(
             made_for[id(leaf)] = one(leaf, name)
         return made_for[id(leaf)]
 
-    def walk(v: Any, name: str) -> Any:
-        # as map_leaves, with each leaf's path: batch['attention_mask'], pair[1]
-        if isinstance(v, Mapping):
-            return {k: walk(x, f"{name}[{k!r}]") for k, x in v.items()}
-        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-            return type(v)(walk(x, f"{name}[{i}]") for i, x in enumerate(v))
-        return fake(v, name)
-
     def one(leaf: torch.Tensor, name: str) -> torch.Tensor:
         dtype = cast_to if cast_to is not None and leaf.is_floating_point() else leaf.dtype
         with mode:
@@ -345,9 +343,10 @@ def fake_inputs(
     args, kwargs = value
     if names is None:
         names = [f"args[{i}]" for i in range(len(args))] + list(kwargs)
-    fake_args = tuple(walk(a, n) for a, n in zip(args, names, strict=False))
+    fake_args = tuple(map_named_leaves(a, n, fake) for a, n in zip(args, names, strict=False))
     fake_kwargs = {
-        k: walk(v, n) for (k, v), n in zip(kwargs.items(), names[len(args) :], strict=False)
+        k: map_named_leaves(v, n, fake)
+        for (k, v), n in zip(kwargs.items(), names[len(args) :], strict=False)
     }
     return fake_args, fake_kwargs
 

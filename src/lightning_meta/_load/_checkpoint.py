@@ -16,6 +16,7 @@ anything in it fails, and report (:mod:`~lightning_meta._load._report`).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,14 @@ import torch
 from torch import nn
 
 from lightning_meta._arguments import spelled
-from lightning_meta._compat import fabric_wrapped
+from lightning_meta._compat import fabric_wrapped, transformers_float32_kept
 from lightning_meta._deferred._handles import forget
 from lightning_meta._deferred._materialize import follow_own_conversions, materialize_beyond
-from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._errors import ArgumentValueError, MetaTensorError, MetaTensorWarning
 from lightning_meta._load._formats import open_source
 from lightning_meta._load._hooks import LoadFix, run_post_hooks
-from lightning_meta._load._lightning_hooks import (
-    follow_on_load_checkpoint,
-    resolve_strict,
-    strict_from_module,
-)
-from lightning_meta._load._match import plan_load
+from lightning_meta._load._lightning_hooks import follow_on_load_checkpoint, resolve_strict
+from lightning_meta._load._match import Plan, plan_load
 from lightning_meta._load._phases import (
     add_shared,
     check_arguments,
@@ -48,6 +45,7 @@ from lightning_meta._load._phases import (
 )
 from lightning_meta._load._report import LoadReport
 from lightning_meta._load._shards import has_sharded, load_into_shards, reshard_fsdp
+from lightning_meta._load._source import Source, TorchSource
 
 __all__ = ["LoadReport", "load_checkpoint"]
 
@@ -229,8 +227,7 @@ def load_checkpoint(
         allow_uninitialized=allow_uninitialized,
         strict=True if strict is None else strict,  # None: the default, resolved below
     )
-    by_module = strict_from_module(module, strict)
-    strict = resolve_strict(module, strict, "load_checkpoint")
+    strict, by_module = resolve_strict(module, strict, "load_checkpoint")
     if args.dtype is not None:
         _warn_float32_kept(module, args.dtype)
     # Eager code loads into a model built before, copying into its tensors,
@@ -351,7 +348,7 @@ def load_checkpoint(
     return report
 
 
-def _warn_untied_file(module: nn.Module, source: Any, plan: Any, *, verify: bool) -> None:
+def _warn_untied_file(module: nn.Module, source: Source, plan: Plan, *, verify: bool) -> None:
     """Warn where the file holds different values under names the module ties.
 
     ``load_state_dict`` copies each into the one tensor, so the last name's stays, and so
@@ -359,19 +356,16 @@ def _warn_untied_file(module: nn.Module, source: Any, plan: Any, *, verify: bool
     (a model built with ``tie_word_embeddings=True`` loading a file saved untied). Before
     2026-12-07 (seventh session) the first name's values were dropped without a word.
     """
-    import warnings
-
-    from lightning_meta._errors import MetaTensorWarning
-
     for names, keys in plan.twice:
-        described = [source.described(k) if hasattr(source, "described") else None for k in keys]
-        if all(d is not None for d in described) and len({_place(d) for d in described}) == 1:
-            continue  # one tensor saved under each name (torch.save of a tied model): no read
+        if isinstance(source, TorchSource):
+            described = [source.described(k) for k in keys]
+            if all(d is not None for d in described) and len({_place(d) for d in described}) == 1:
+                continue  # one storage saved under each name (torch.save of a tied model)
         values = dict(source.read(keys, verify=verify))
         kept = values[keys[-1]]
         dropped = [k for k in keys[:-1] if not _same_values(values[k], kept)]
         if not dropped:
-            continue  # one tensor saved under each name (torch.save of a tied model)
+            continue  # the same values under each name
         warnings.warn(
             MetaTensorWarning(
                 f"load_checkpoint: {type(module).__name__} ties {names} into one tensor, and "
@@ -405,11 +399,6 @@ def _warn_float32_kept(module: nn.Module, dtype: torch.dtype) -> None:
     """Warn where ``dtype=`` casts what transformers' ``from_pretrained`` keeps in float32
     (T5's ``wo`` layers in float16: 2.5 off in logits of 5 on a tiny T5): the load gives
     ``module.to(dtype)``'s dtypes, as documented, and says how to get ``from_pretrained``'s."""
-    import warnings
-
-    from lightning_meta._compat import transformers_float32_kept
-    from lightning_meta._errors import MetaTensorWarning
-
     for path, (pattern, names) in transformers_float32_kept(module, dtype).items():
         model = module.get_submodule(path) if path else module
         at = f"module.{path}" if path else "module"

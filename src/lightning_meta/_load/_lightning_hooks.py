@@ -34,7 +34,6 @@ __all__ = [
     "follow_on_load_checkpoint",
     "lightning_module",
     "resolve_strict",
-    "strict_from_module",
 ]
 
 _LIGHTNING = ("lightning.", "pytorch_lightning.")
@@ -70,20 +69,16 @@ def _own_hook(module: nn.Module) -> str | None:
     return None
 
 
-def strict_from_module(module: nn.Module, strict: bool | None) -> bool:
-    """Whether ``strict`` left out is decided by a LightningModule's ``strict_loading``."""
-    return strict is None and lightning_module(module)
-
-
-def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> bool:
-    """``strict`` as ``load_from_checkpoint`` resolves it: ``None`` is the module's
-    ``strict_loading`` (True unless a LightningModule sets it), and an explicit value
-    that contradicts one the module set is refused, as Lightning refuses it."""
+def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> tuple[bool, bool]:
+    """``strict`` as ``load_from_checkpoint`` resolves it, and whether the module decided
+    it: ``None`` is the module's ``strict_loading`` (True unless a LightningModule sets
+    it), and an explicit value that contradicts one the module set is refused, as
+    Lightning refuses it."""
     if not lightning_module(module):
-        return True if strict is None else strict
+        return (True if strict is None else strict), False
     own = getattr(module, "_strict_loading", None)
     if strict is None:
-        return bool(getattr(module, "strict_loading", True))
+        return bool(getattr(module, "strict_loading", True)), True
     if own is not None and bool(own) != strict:
         name = type(module).__name__
         given = spelled(f"strict={strict}", "--no-strict")
@@ -94,7 +89,7 @@ def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> bool:
             "decides); to load part of a checkpoint into this module, set its "
             "strict_loading = False (or leave it unset)."
         )
-    return strict
+    return strict, False
 
 
 class Followed(NamedTuple):
