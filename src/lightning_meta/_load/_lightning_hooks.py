@@ -33,6 +33,7 @@ __all__ = [
     "Followed",
     "follow_on_load_checkpoint",
     "lightning_module",
+    "partial_load",
     "resolve_strict",
 ]
 
@@ -69,6 +70,16 @@ def _own_hook(module: nn.Module) -> str | None:
     return None
 
 
+def partial_load(module: nn.Module) -> str:
+    """How a fix names loading part of a checkpoint into ``module``: ``strict=False``
+    (``--no-strict``), or, where a LightningModule set ``strict_loading = True``, which
+    refuses both as ``load_from_checkpoint`` does, setting it to ``False``."""
+    if lightning_module(module) and getattr(module, "_strict_loading", None):
+        name = type(module).__name__
+        return f"set {name}.strict_loading = False (its True refuses {spelled('strict=False', '--no-strict')})"
+    return spelled("strict=False", "--no-strict")
+
+
 def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> tuple[bool, bool]:
     """``strict`` as ``load_from_checkpoint`` resolves it, and whether the module decided
     it: ``None`` is the module's ``strict_loading`` (True unless a LightningModule sets
@@ -84,7 +95,7 @@ def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> tuple[bo
         given = spelled(f"strict={strict}", "--no-strict")
         leave = spelled("leave strict out", "leave --no-strict out")
         raise ArgumentValueError(
-            f"{who}: {given} contradicts {name}.strict_loading={bool(own)}, which Lightning's "
+            f"{spelled(who, 'load-check')}: {given} contradicts {name}.strict_loading={bool(own)}, which Lightning's "
             f"load_from_checkpoint refuses too. Fix: {leave} (the module's strict_loading then "
             "decides); to load part of a checkpoint into this module, set its "
             "strict_loading = False (or leave it unset)."

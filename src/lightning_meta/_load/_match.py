@@ -32,6 +32,7 @@ from lightning_meta._load._hooks import (
     trace_load,
     unwrapped_name,
 )
+from lightning_meta._load._lightning_hooks import partial_load
 from lightning_meta._load._source import (
     DENSE,
     Entry,
@@ -750,7 +751,7 @@ def mismatch_error(
         saved_from = _saved_from(plan.missing, unexpected_local)
         inner, extra = saved_from if saved_from is not None else (None, [])
         rest = (
-            f", or {spelled('strict=False', '--no-strict')} to load what matches and get the "
+            f", or {partial_load(module)} to load what matches and get the "
             "rest listed in the report."
             if plan.load
             else f"; {spelled('strict=False', '--no-strict')} on this module would load nothing."
