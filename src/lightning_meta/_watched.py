@@ -238,7 +238,9 @@ def _refuse_mixed(
         "lightning_meta.materialize(module) where you need it earlier; a module MetaGuard "
         "does not reach from the model (a class attribute, a global) stays deferred: hold it "
         "on the LightningModule, or materialize it yourself. To count FLOPs or follow shapes "
-        "without values, pass meta inputs."
+        "without values, pass meta inputs (in eval mode where the model keeps running "
+        "statistics, as BatchNorm does: a forward in train mode updates them, which "
+        "materialize then refuses)."
     ) from failed
 
 

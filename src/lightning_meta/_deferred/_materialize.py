@@ -346,6 +346,7 @@ def materialize_paths(
     at: str = "",
     identity: bool = True,
     attrs_on: torch.device | None = None,
+    who: str = "materialize",
 ) -> nn.Module:
     """Materialize the deferred tensors of ``module`` named in ``names`` (all if ``None``).
 
@@ -371,6 +372,7 @@ def materialize_paths(
         attrs_on: the device for plain tensor attributes (``None``: ``device``);
             the checkpoint loader's are where eager construction put them, as
             its ``module.to()`` leaves them there.
+        who: the public function a refusal of ``dtype=`` names (the loader's own).
 
     Returns:
         ``module`` itself.
@@ -405,7 +407,10 @@ def materialize_paths(
             return module
         deferred, plain, made = _split(slots)
         recast = check_deferred(
-            [*deferred, *((s.as_slot(), s.handle) for s in sharded)], allow_uninitialized, dtype
+            [*deferred, *((s.as_slot(), s.handle) for s in sharded)],
+            allow_uninitialized,
+            dtype,
+            who,
         )
         _check_plain(plain, fallback, (m for _, m in walk))
         _check_sharded(sharded, target, dtype)
@@ -965,8 +970,15 @@ def outer_meta_refusal(paths: list[str]) -> MaterializationError:
     )
 
 
+#: the buffers a norm layer tracking running statistics updates in a train-mode forward
+_RUNNING_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
 def check_deferred(
-    deferred: list[tuple[Slot, Handle]], allow_uninitialized: bool, dtype: torch.dtype | None
+    deferred: list[tuple[Slot, Handle]],
+    allow_uninitialized: bool,
+    dtype: torch.dtype | None,
+    who: str = "materialize",
 ) -> dict[int, torch.dtype]:
     """Refuse deferred tensors whose record cannot give their value (exactly) any more.
 
@@ -977,6 +989,7 @@ def check_deferred(
     # the errors are raised below in order of what to fix first.
     on_meta: list[str] = []
     modified: list[str] = []
+    statistics: list[str] = []  # of those, a norm layer's running statistics
     released: list[str] = []
     garbage: dict[str, str] = {}
     unsaved: list[str] = []  # of ``garbage``: in no state dict, so no checkpoint fills them
@@ -998,6 +1011,8 @@ def check_deferred(
             on_meta.append(s.path)
         if h.changed():  # s.tensor is h.tensor: a deferred slot holds its handle's
             modified.append(s.path)
+            if s.name in _RUNNING_STATS and getattr(s.owner, "track_running_stats", False):
+                statistics.append(s.path)
         if released_without_result(h):
             released.append(s.path)
         if h.vid in record.garbage and done(h) is None:
@@ -1018,9 +1033,9 @@ def check_deferred(
     if recast and dtype is not None:
         paths = sorted(s.path for s, _ in deferred if id(s.tensor) in recast)
         raise MaterializationError(
-            f"materialize(dtype={dtype}) was asked to cast {paths}, which module.to() already "
-            "cast to another dtype after the deferred_init block. Fix: cast once: either "
-            "module.to(dtype) before materialize, or materialize(dtype=...).",
+            f"{who}(dtype={dtype}) was asked to cast {paths}, which module.to() already cast "
+            f"to another dtype after the deferred_init block. Fix: cast once: either "
+            f"module.to(dtype) before {who} (without dtype=), or {who}(dtype=...) without it.",
             paths=paths,
         )
     if modified:
@@ -1031,7 +1046,15 @@ def check_deferred(
             "through .data such as `weight.data.normal_()`), and that change was not recorded. "
             "Fix: move the initialisation into the deferred_init block, or run it after "
             "materialize (so too a parametrization, such as register_parametrization or "
-            "weight_norm, or pruning, applied to the deferred model).",
+            "weight_norm, or pruning, applied to the deferred model)."
+            + (
+                f" {statistics} are running statistics, which a forward in train mode "
+                "updates: a forward with meta inputs (to count FLOPs or follow shapes) "
+                "updated them on meta; run such a forward in eval mode (model.eval(), then "
+                "model.train()), and forwards with real inputs after materialize."
+                if statistics
+                else ""
+            ),
             paths=modified,
         )
     if released:
@@ -1183,6 +1206,14 @@ def _check_plain(
         )
     if plain and fallback is None:
         paths = sorted(s.path for s in plain)
+        # The fallback named only where it would run (a module without reset_parameters,
+        # or one holding other tensors, is refused by it in turn).
+        tail = (
+            "load them from a checkpoint, or pass fallback='reset_parameters' to initialise "
+            "them with reset_parameters()"
+            if not without_reset(plain) and not overwritten(plain)
+            else "or load them from a checkpoint"
+        )
         # In a model built in a block, "build it inside deferred_init" is no fix: a meta
         # tensor made before the block and set in it, or after it, or made inside it where
         # the block sees no op (torch.tensor(5) under a torch.device("meta") there).
@@ -1207,15 +1238,14 @@ def _check_plain(
                 "it, or after it, or inside it where the block sees no op (torch.tensor(...) "
                 "under a torch.device('meta') context inside the block). Their values are "
                 "unknown. Fix: make them inside the block without the meta device (the block "
-                "keeps them on meta until materialize), load them from a checkpoint, or pass "
-                "fallback='reset_parameters' to initialise them with reset_parameters()." + hint,
+                "keeps them on meta until materialize) or after materialize (a tensor computed "
+                f"from the model's), {tail}." + hint,
                 paths=paths,
             )
         raise MaterializationError(
             f"materialize found meta tensors that were not built under deferred_init: {paths}. "
             "Their values are unknown. Fix: build the module inside `with "
-            "lightning_meta.deferred_init():`, load them from a checkpoint, or pass "
-            "fallback='reset_parameters' to initialise them with reset_parameters().",
+            f"lightning_meta.deferred_init():`, {tail}.",
             paths=paths,
         )
     drawn_again = overwritten(plain)
@@ -1328,6 +1358,19 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
         "floating-point buffers, whose values the record cannot give (it cannot tell one "
         "cast from several, which round more)."
     )
+    # Module.type(dtype) casts integer and bool tensors too, which dtype= (as
+    # module.to(dtype)) leaves alone: that fix would give other dtypes than eager's.
+    whole = sorted(
+        s.path for s in recast if not handles_of(s.owner)[s.name].tensor.is_floating_point()
+    )
+    if whole:
+        return MaterializationError(
+            f"{what} {whole} were not floating point when deferred: module.type(dtype) casts "
+            f"every tensor, which {spelled('dtype=', '--dtype')} leaves as module.to(dtype) "
+            f"does. Fix: drop the cast before {who} and call module.type(dtype) after it, on the "
+            "real model.",
+            paths=[s.path for s in recast],
+        )
     in_dtype = (
         "build the model in that dtype inside the block (torch.set_default_dtype, "
         "transformers' from_config(config, dtype=...))"

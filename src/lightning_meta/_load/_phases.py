@@ -723,6 +723,7 @@ def replay_missing(
             allow_uninitialized=allow_uninitialized,
             identity=False,
             attrs_on=torch.device("cpu"),
+            who="load_checkpoint",
         )
     for path, group in groups:
         parent, _, name = path.rpartition(".")
