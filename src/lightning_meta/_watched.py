@@ -34,6 +34,8 @@ a tensor "of the same class" must ask for.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
 from typing import Any, ClassVar, NoReturn
 
 import torch
@@ -44,7 +46,9 @@ from lightning_meta._errors import DeferredCopyError, MetaTensorError
 
 __all__ = [
     "FROM_REAL_ONLY",
+    "any_emptied",
     "casts",
+    "emptied",
     "holds_values",
     "note_casts",
     "tensor_class",
@@ -137,6 +141,14 @@ class _Watched:
         # a forward run before materialize, LightningModule.setup()). Ops
         # whose result stays meta (an embedding with CPU ids, a 0-dim CPU
         # factor) are answered as before: no value is made from nothing.
+        if func is torch.empty_like and kwargs and args:
+            # Module.to_empty() (Lightning's materialization under ModelParallelStrategy,
+            # or called by hand): uninitialised memory where eager has values, without
+            # an error before the eighth session's review.
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type != "meta":
+                applying = _compat.module_applying() is not None
+                _refuse_copy(args[0], ".to_empty()" if applying else "torch.empty_like")
         if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
             # Getters and methods of the tensor alone (.shape, .detach()):
             # most calls, and nothing real to mix in.
@@ -244,9 +256,28 @@ def _refuse_mixed(
     ) from failed
 
 
+#: real tensors of a model whose ``to_empty()`` was refused at a deferred tensor: the
+#: ones it reached first hold uninitialised memory (the DTensors ``fully_shard`` made of
+#: deferred parameters are not watched), which a later ``materialize`` would keep
+_EMPTIED: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+def any_emptied() -> bool:
+    """Whether a ``to_empty()`` was refused after emptying some tensor (see :func:`emptied`)."""
+    return bool(_EMPTIED)
+
+
+def emptied(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of ``tensors`` a refused ``to_empty()`` may have emptied."""
+    if not _EMPTIED:
+        return []
+    return [n for n, t in tensors if (r := _EMPTIED.get(id(t))) is not None and r() is t]
+
+
 def _refuse_copy(t: Any, call: str) -> NoReturn:
     root = _compat.module_applying()
     path = None
+    named: list[tuple[str, torch.Tensor]] = []
     if root is not None:
         named = [
             *root.named_parameters(remove_duplicate=False),
@@ -254,6 +285,19 @@ def _refuse_copy(t: Any, call: str) -> NoReturn:
         ]
         path = next((name for name, other in named if other is t), None)
     what = f"{type(root).__name__}'s {path!r}" if path is not None else "a deferred tensor"
+    gone = ""
+    if call == ".to_empty()":
+        # Module._apply visits the children first: what it reached before this tensor
+        # is empty now, and a replay would not refill it (sharded ones are not watched)
+        real = [(n, other) for n, other in named if not other.is_meta]
+        for _, other in real:
+            _EMPTIED[id(other)] = weakref.ref(other)
+        if real:
+            gone = (
+                f" to_empty() had emptied {len(real)} tensors of the model before it reached "
+                f"this one (first {real[0][0]!r}), which hold uninitialised memory now: build "
+                "the model again."
+            )
     raise DeferredCopyError(
         f"Cannot copy out of meta tensor: {call} of {what} ({t._watched_base.__name__} of shape "
         f"{tuple(t.shape)}, {t.dtype}), built under lightning_meta.deferred_init, which "
@@ -261,7 +305,7 @@ def _refuse_copy(t: Any, call: str) -> NoReturn:
         "Fix: call lightning_meta.materialize(model, device=...) instead; in a Trainer, add "
         "lightning_meta.MetaGuard() to its callbacks; under Fabric, use "
         "lightning_meta.fabric_setup(fabric, model). Not to_empty(): it gives "
-        "uninitialised memory.",
+        "uninitialised memory." + gone,
         paths=[path] if path is not None else [],
     )
 

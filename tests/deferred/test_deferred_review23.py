@@ -113,3 +113,47 @@ def test_load_checkpoint_names_itself_when_its_dtype_meets_a_cast(tmp_path: Path
     said = " ".join(str(refused.value).split())
     assert said.startswith("load_checkpoint(dtype=torch.float32) was asked to cast")
     assert "materialize" not in said
+
+
+class WithScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        nn.init.ones_(self.lin.weight)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+
+
+def test_to_empty_of_a_deferred_model_is_refused_before_anything_moves() -> None:
+    # gave uninitialised memory without an error (the docs' "not to_empty()" was advice);
+    # Lightning's ModelParallelStrategy without MetaGuard / fabric_setup calls it
+    torch.manual_seed(0)
+    with lm.deferred_init():
+        model = WithScale()
+    with pytest.raises(lm.MetaTensorError, match=r"\.to_empty\(\) of WithScale's 'lin.weight'"):
+        model.to_empty(device="cpu")
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    with pytest.raises(NotImplementedError):  # torch's own type for this, as .to() raises
+        model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    eager = WithScale()
+    lm.materialize(model)  # the fix: nothing was lost
+    for (k, v), w in zip(eager.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    # a module on meta on purpose (not deferred) is emptied as torch empties it
+    with torch.device("meta"):
+        plain = nn.Linear(2, 2)
+    assert not plain.to_empty(device="cpu").weight.is_meta
+
+
+def test_what_a_refused_to_empty_emptied_first_is_refused_by_materialize() -> None:
+    # Module._apply visits the children first: a real child is emptied before the
+    # refusal reaches the root's deferred buffer (what fully_shard's DTensors are under
+    # ModelParallelStrategy); materialize kept its uninitialised memory
+    with lm.deferred_init():
+        model = WithScale()
+    lm.materialize(model.lin)
+    with pytest.raises(lm.MetaTensorError, match=r"had emptied 2 tensors of the model"):
+        model.to_empty(device="cpu")
+    with pytest.raises(lm.MaterializationError, match=r"Module.to_empty\(\) ran on it") as no:
+        lm.materialize(model)
+    assert sorted(no.value.paths) == ["lin.bias", "lin.weight"]

@@ -3,12 +3,14 @@
 A LightningModule that sets ``strict_loading = True`` was refused a partial file with
 ``strict=False`` (``--no-strict``) as the fix, which its own ``strict_loading`` then
 refuses as a contradiction: the fix names ``strict_loading = False`` for such a module,
-and the contradiction speaks the command line's name. Each test failed on 15fb339, the
+and the contradiction speaks the command line's name. A plain state dict loaded into a
+module with its own ``on_load_checkpoint`` skipped the hook without a word. Each test failed on 15fb339, the
 tree before it, except the control named in its docstring.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,55 @@ def test_a_module_leaving_strict_loading_unset_is_still_told_strict_false(
         "head.bias",
         "head.weight",
     ]
+
+
+class LitDoubling(LitHead):
+    """Its hook converts an old format; Lightning fails on a file that is no checkpoint."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        state["body.weight"] = state["body.weight"] * 2
+
+
+def test_a_plain_state_dict_says_the_modules_hook_did_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # read as a state dict (load_from_checkpoint fails on it), loaded without a word
+    # before: a hook converting the file's values was skipped silently
+    torch.manual_seed(0)
+    saved = LitDoubling()
+    path = tmp_path / "plain.pt"
+    torch.save(saved.state_dict(), path)
+    model = LitDoubling()
+    with pytest.warns(lm.MetaTensorWarning, match=r"LitDoubling.on_load_checkpoint did not run"):
+        lm.load_checkpoint(model, path)
+    assert torch.equal(model.body.weight, saved.body.weight)  # as stored: the hook did not run
+    with warnings.catch_warnings():  # shown as the command line shows it
+        warnings.simplefilter("always", lm.MetaTensorWarning)
+        assert main(["load-check", f"{__name__}:LitDoubling", str(path)]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "warning: load_checkpoint: LitDoubling.on_load_checkpoint did not run" in said
+    # a module without its own hook loads the same file without a warning (the
+    # suite turns MetaTensorWarning into an error)
+    lm.load_checkpoint(LitHead(), path)
+
+
+class LitLooseLater(LitHead):
+    """Sets strict_loading in configure_model, which load_from_checkpoint calls after it
+    resolved strict from it."""
+
+    def configure_model(self) -> None:
+        self.strict_loading = False
+
+
+def test_strict_loading_set_in_configure_model_does_not_decide_as_in_lightning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _body_only_checkpoint(tmp_path)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"head.weight\""):
+        LitLooseLater.load_from_checkpoint(path)  # strict: read before configure_model
+    # exit 0 before, the head left as initialised
+    assert main(["load-check", f"{__name__}:LitLooseLater", str(path)]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "missing from the checkpoint (2)" in said
+    assert main(["load-check", f"{__name__}:LitLooseLater", str(path), "--no-strict"]) == 0

@@ -231,6 +231,16 @@ def refusals() -> dict[str, Any]:
     tp_fabric, _ = model_parallel(1, 1, parallelize_fn=parallelize_then_init)
     model = deferred()
     attempt("written_in_parallelize_fn", model, lambda: lm.fabric_setup(tp_fabric, model))
+    # Plain fabric.setup, no fabric_setup: Lightning fills the sharded model with
+    # to_empty() and reset_parameters() (uninitialised memory, other draws than eager's),
+    # which trained without an error before the eighth session's review; refused at the
+    # first deferred tensor it empties (the root's buffer, here).
+    plain_fabric, _ = model_parallel(1, 1)
+    model = deferred()
+    attempt("plain_setup", model, lambda: plain_fabric.setup(model))
+    # what to_empty() emptied before the refusal (every sharded parameter) is refused
+    # too: materialize kept it, uninitialised, as no longer deferred
+    attempt("after_plain_setup", model, lambda: lm.materialize(model))
     return out
 
 

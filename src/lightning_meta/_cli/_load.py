@@ -371,7 +371,6 @@ def _configure(args: argparse.Namespace, model: torch.nn.Module, how: str) -> No
     built) leaves the module as it stands, which a note on standard error says; where
     that holds no tensor, the target is refused.
     """
-    from lightning_meta._cli._target import TargetError, user_code
     from lightning_meta._deferred._handles import deferred_slots
     from lightning_meta._deferred._materialize import materialize_paths
     from lightning_meta._guard._check import own_configure_model
@@ -391,6 +390,20 @@ def _configure(args: argparse.Namespace, model: torch.nn.Module, how: str) -> No
         ]
         if unsaved:
             materialize_paths(model, unsaved, allow_uninitialized=args.allow_uninitialized)
+    # Lightning's load_from_checkpoint resolves strict from strict_loading before it calls
+    # configure_model: a value set there does not decide this load either.
+    strict_loading = vars(model).get("_strict_loading")
+    try:
+        _configured(args, model, how, configure)
+    finally:
+        if vars(model).get("_strict_loading") != strict_loading:
+            vars(model)["_strict_loading"] = strict_loading
+
+
+def _configured(args: argparse.Namespace, model: torch.nn.Module, how: str, configure: Any) -> None:
+    """Run ``configure``, the model's own ``configure_model``, as :func:`_configure` says."""
+    from lightning_meta._cli._target import TargetError, user_code
+
     try:
         with (
             user_code(),  # what it prints goes to standard error

@@ -64,7 +64,7 @@ from lightning_meta._deferred._record import Record
 from lightning_meta._deferred._replay import complete, replay, replay_inputs
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError, MaterializationError
 from lightning_meta._slots import Slot, own_slots, tensor_at
-from lightning_meta._watched import casts
+from lightning_meta._watched import any_emptied, casts, emptied
 
 __all__ = [
     "SHARDED_CAST_FIX",
@@ -394,6 +394,7 @@ def materialize_paths(
         # One walk of the tree for every step below: on a small model the walks
         # cost as much as replaying its ops.
         walk = [(_join(at, path), mod) for path, mod in module.named_modules()]
+        _refuse_emptied(module, at)
         sharded = sharded_slots(module, walk)
         slots = _select(module, names, walk)
         wanted = {s.path for s in slots}
@@ -941,6 +942,31 @@ def _swap_in(
         if handle.tensor.is_meta:  # not taken over at another of its places
             unregister(handle)
             mark_stale(handle.tensor, path, reason)
+
+
+def _refuse_emptied(module: nn.Module, at: str) -> None:
+    """Refuse a model whose ``to_empty()`` was refused after it had emptied some tensors:
+    they hold uninitialised memory, which materialize would keep (a sharded parameter is
+    no longer meta, so no longer deferred in its eyes)."""
+    if not any_emptied():
+        return
+    gone = emptied(
+        [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
+    )
+    if gone:
+        paths = [_join(at, n) for n in gone]
+        raise MaterializationError(
+            f"materialize cannot fill this model: Module.to_empty() ran on it and was refused "
+            f"at a deferred tensor, after it had emptied {paths[:5]}"
+            + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            + " (uninitialised memory now, which no record refills). Fix: build the model "
+            "again under deferred_init and use lightning_meta.materialize, MetaGuard (in a "
+            "Trainer) or lightning_meta.fabric_setup (under Fabric) instead of to_empty().",
+            paths=paths,
+        )
 
 
 def _complete_records(

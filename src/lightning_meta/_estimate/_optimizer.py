@@ -8,6 +8,8 @@ there rather than from a fresh optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from lightning_meta._compat import FakeTensor, FakeTensorMode
 from lightning_meta._errors import ArgumentTypeError, ArgumentValueError
 from lightning_meta._estimate._options import OptimizerFactory
 
-__all__ = ["prepare_optimizer", "trainable_parameters"]
+__all__ = ["prepare_optimizer", "state_tensors", "trainable_parameters"]
 
 
 def trainable_parameters(state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
@@ -29,6 +31,45 @@ def trainable_parameters(state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
             seen.add(id(t))
             params.append(t)
     return params
+
+
+def state_tensors(optimizer: object) -> list[object]:
+    """What ``optimizer`` keeps between steps: its ``state`` and that of the optimizers it
+    holds (a wrapper stepping two; Lookahead's inner one), each optimizer once.
+
+    An optimizer wrapper need not subclass ``Optimizer`` (Lightning's duck typing), and
+    its own ``state`` may be empty while the optimizers it steps hold the moments:
+    reading ``optimizer.state`` alone counted none of them (a review measured 1.18x the
+    estimate for a wrapper over Adam and SGD, ``optimizer_state_bytes`` 0).
+    """
+    held: list[object] = []
+    seen: set[int] = set()
+
+    def walk(o: object) -> None:
+        if id(o) in seen:
+            return
+        seen.add(id(o))
+        state = getattr(o, "state", None)
+        if isinstance(state, Mapping):
+            held.extend(list(v.values()) if isinstance(v, Mapping) else v for v in state.values())
+        for value in vars(o).values() if hasattr(o, "__dict__") else ():
+            if isinstance(value, (list, tuple)):
+                inner: Iterable[object] = value
+            elif isinstance(value, dict):
+                inner = value.values()
+            else:
+                inner = (value,)
+            for i in inner:
+                if _is_optimizer(i):
+                    walk(i)
+
+    walk(optimizer)
+    return held
+
+
+def _is_optimizer(o: object) -> bool:
+    """An optimizer, by Lightning's duck typing: it steps and has ``param_groups``."""
+    return callable(getattr(o, "step", None)) and isinstance(getattr(o, "param_groups", None), list)
 
 
 def prepare_optimizer(

@@ -29,7 +29,11 @@ from lightning_meta import _compat
 from lightning_meta._compat import FakeTensorMode, StepModuleTracker, tree_leaves
 from lightning_meta._errors import MetaTensorError
 from lightning_meta._estimate._kernels import RealKernels
-from lightning_meta._estimate._optimizer import prepare_optimizer, trainable_parameters
+from lightning_meta._estimate._optimizer import (
+    prepare_optimizer,
+    state_tensors,
+    trainable_parameters,
+)
 from lightning_meta._estimate._options import LossFn, OptimizerFactory, Precision
 from lightning_meta._estimate._track import (
     CATEGORIES,
@@ -238,7 +242,7 @@ def watch_step(
     tracker.track_all([args, kwargs], "inputs")
     tracker.track_all([p.grad for p in params if p.grad is not None], "gradients")
     if optimizer is not None:
-        tracker.track_all([list(s.values()) for s in optimizer.state.values()], "optimizer_state")
+        tracker.track_all(state_tensors(optimizer), "optimizer_state")
     record.input_bytes = tracker.current["inputs"]
     record.optimizer_state_bytes = tracker.current["optimizer_state"]
     return Watch(counter, uncounted, tracker, modules)

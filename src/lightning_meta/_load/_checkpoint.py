@@ -291,6 +291,19 @@ def load_checkpoint(
                 "such a file, make it strip the prefix.",
                 paths=[where],
             )
+        if followed.skipped is not None:
+            # not silently: the hook may convert what the file holds
+            warnings.warn(
+                MetaTensorWarning(
+                    f"load_checkpoint: {followed.skipped} did not run: {where!r} holds no "
+                    "'state_dict' and records no Lightning version, so it is read as a plain "
+                    "state dict (Lightning's load_from_checkpoint fails on such a file). If "
+                    "the hook converts what this file holds, apply it to the state dict "
+                    "before loading, or load a checkpoint Lightning wrote "
+                    "(trainer.save_checkpoint)."
+                ),
+                stacklevel=2,
+            )
         _warn_untied_file(module, source, plan, verify=verify)
         if has_sharded(plan):  # DTensors: each rank reads only its own shards
             sharded = load_into_shards(
