@@ -144,11 +144,15 @@ class _Watched:
         if func is torch.empty_like and kwargs and args:
             # Module.to_empty() (Lightning's materialization under ModelParallelStrategy,
             # or called by hand): uninitialised memory where eager has values, without
-            # an error before the eighth session's review.
+            # an error before the eighth session's review. Only there: the loader's
+            # own empty_like gives a deferred tensor storage that a copy then fills.
             device = kwargs.get("device")
-            if device is not None and torch.device(device).type != "meta":
-                applying = _compat.module_applying() is not None
-                _refuse_copy(args[0], ".to_empty()" if applying else "torch.empty_like")
+            if (
+                device is not None
+                and torch.device(device).type != "meta"
+                and _compat.module_applying() is not None
+            ):
+                _refuse_copy(args[0], ".to_empty()")
         if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
             # Getters and methods of the tensor alone (.shape, .detach()):
             # most calls, and nothing real to mix in.

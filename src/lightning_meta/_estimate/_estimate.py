@@ -148,7 +148,9 @@ def _refuse_sparse(module: nn.Module) -> None:
             "sparse=True), which estimate does not simulate: their gradients would be counted "
             "as dense tensors of the weight's size, not the rows a step looks up. Fix: "
             "estimate a model built with sparse=False, whose step holds dense gradients "
-            "instead, and read its gradient and optimizer terms as that.",
+            "instead, with an optimizer that takes them (Adam where the model's is "
+            "SparseAdam, which refuses dense gradients), and read its gradient and optimizer "
+            "terms as that.",
             paths=sparse,
         )
 
@@ -262,6 +264,17 @@ def _dtype_fix(e: KernelRefusal, module: nn.Module, stage: str) -> str:
     )
 
 
+def _optimizer_option(names: str) -> str:
+    """``names`` (Python's quoted spelling), or on the command line as ``--optimizer``."""
+    return spelled(
+        names,
+        "--optimizer "
+        + names.replace("'", "")
+        .replace(" or ", " or --optimizer ")
+        .replace(", ", ", --optimizer "),
+    )
+
+
 def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> ArgumentValueError:
     """Return the error for an optimizer that cannot be built or stepped in a simulated step.
 
@@ -278,8 +291,8 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
             "at fault"
         )
         fix = (
-            "Fix: pass an optimizer whose step computes on tensors only, such as 'adamw', "
-            "'adam', 'sgd' or 'sgd-momentum'"
+            "Fix: pass an optimizer whose step computes on tensors only, such as "
+            + _optimizer_option("'adamw', 'adam', 'sgd' or 'sgd-momentum'")
         )
     elif isinstance(e, TypeError) and "closure" in str(e):
         why = (
@@ -287,13 +300,18 @@ def _optimizer_fail(e: Exception, root: str, stage: str, name: str | None) -> Ar
             "backward passes per step, as LBFGS does), which estimate does not simulate"
         )
         fix = (
-            "Fix: pass an optimizer whose step takes no closure, such as 'adamw' or 'sgd' "
-            "(the estimate then lacks the closure's extra passes and the optimizer's own "
+            "Fix: pass an optimizer whose step takes no closure, such as "
+            + _optimizer_option("'adamw' or 'sgd'")
+            + " (the estimate then lacks the closure's extra passes and the optimizer's own "
             "history)"
         )
     else:
         why = "it cannot be built or stepped on the model's parameters"
-        fix = "Fix: pass an optimizer name, class or factory that accepts the parameters"
+        fix = spelled(
+            "Fix: pass an optimizer name, class or factory that accepts the parameters",
+            "Fix: pass an --optimizer (a name such as adamw, or MODULE:CLASS) that accepts "
+            "the parameters",
+        )
     return ArgumentValueError(
         f"estimate: the {which} of {root} cannot be simulated (stage: {stage}): {why} "
         f"({raised}). {fix}."

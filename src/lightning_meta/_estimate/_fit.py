@@ -273,10 +273,21 @@ def _varied(
         )
     else:
         fix = "Fix: make the model accept any batch size, or search another dimension"
+    refuses = "the model refuses them"
+    if ran_at is None and str(e).startswith("estimate: the loss of "):
+        refuses = "the model runs but its loss_fn fails"
+        # the model ran; the loss_fn computes with tensors of the example's size (labels
+        # taken from the caller's scope), which the search does not vary
+        fix = (
+            "Fix: loss_fn computes with tensors of the example's size, maybe (labels of "
+            f"{given}): pass them as an input of the model's "
+            "forward (the search varies every input), or make loss_fn build them from the "
+            "output's shape"
+        )
     cause = str(e).partition(" Fix: ")[0].rstrip(". ")  # the estimate's own Fix is for its inputs
     return type(e)(
         f"find_fit: vary={vary!r} (--fit {vary}) varies dim {dim} of the inputs, given as "
-        f"{given}; at {n} the model refuses them ({cause}). {fix}.",
+        f"{given}; at {n} {refuses} ({cause}). {fix}.",
         paths=e.paths,
     )
 

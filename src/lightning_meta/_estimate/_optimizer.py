@@ -135,6 +135,15 @@ def _check_built_over(
             "that takes the parameters and returns one optimizer, such as lambda params: "
             "torch.optim.AdamW(params, lr=1e-3)."
         )
+    if not callable(getattr(optimizer, "zero_grad", None)):
+        # Lightning's step calls it: without it the refusal blamed the model's backward
+        raise ArgumentTypeError(
+            f"estimate: optimizer {describe(factory)} returned {type(optimizer).__name__}, "
+            "which has step() and param_groups but no zero_grad(), which Lightning's "
+            "training step calls (as estimate's does). Fix: give it one, such as def "
+            "zero_grad(self, set_to_none=True) calling the zero_grad of the optimizers it "
+            "steps."
+        )
     given = {id(p) for p in params}
     held = [t for g in groups if isinstance(g, dict) for t in g.get("params", ())]
     foreign = [t for t in held if id(t) not in given]

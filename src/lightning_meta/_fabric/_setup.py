@@ -439,7 +439,11 @@ def _materialize_after_parallelize(
         "_parallelize_fn",
         "parallelize_fn",
         "call lm.materialize(model, device=fabric.device) as the last step of your "
-        "parallelize_fn and use fabric.setup as usual.",
+        "parallelize_fn and use fabric.setup as usual; under a precision that casts "
+        "the model (bf16-true, 16-true), which Fabric does before parallelize_fn, first "
+        "make the modules holding floating-point buffers (a rotary inv_freq) real before "
+        "fabric.setup, as fabric_setup does: lm.materialize(model.get_submodule(path)) "
+        "for each (the whole model where it holds one itself).",
     )
 
     def parallelize(module: nn.Module, mesh: Any) -> nn.Module:
