@@ -1347,8 +1347,13 @@ def own_parametrized_classes(module: nn.Module) -> None:
         names = list(table.keys())
         body = {k: v for k, v in vars(cls).items() if k not in names and k != "__weakref__"}
         sub.__class__ = type(cls.__name__, cls.__bases__, body)
+        cache = parametrize_cache()
         for name in names:
             inject(sub, name)
+            if cache is not None:
+                # a copy made inside a cached() region may have the id of one freed there
+                # (member(i) after member(i - 1)'s copy was dropped): its entry is stale
+                cache.pop((id(sub), name), None)
 
 
 @contextlib.contextmanager

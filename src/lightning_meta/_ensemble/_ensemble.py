@@ -413,6 +413,24 @@ def _refuse_member_shards(tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
+def _channels_last(
+    tensors: Mapping[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> bool:
+    """Whether an input tensor, or a member's slice of a stacked tensor, is laid out
+    channels_last (and not contiguous): the members' outputs may then be too."""
+
+    def last(t: torch.Tensor) -> bool:
+        if t.dim() not in (4, 5) or t.is_contiguous():
+            return False
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.is_contiguous(memory_format=fmt)
+
+    leaves = tree_leaves((inputs, dict(kwargs)))
+    if any(isinstance(x, torch.Tensor) and last(x) for x in leaves):
+        return True
+    return any(t.dim() > 1 and last(t[0]) for t in tensors.values())
+
+
 def _laid_out_as_stacked(out: Any) -> Any:
     """Lay each output tensor out in memory as the loop's ``torch.stack`` of the members' would be.
 
@@ -1919,6 +1937,12 @@ class Ensemble(nn.Module):
             candidates.remove("vmap")
         if "vmap" in candidates and self._nested_encoder(tensors) is not None:
             candidates.remove("vmap")  # see _nested_encoder
+        if _channels_last(tensors, inputs, kwargs):
+            # vmap and grouped may return a channels_last output contiguous (vmap over a
+            # ResNet trunk: the loop's stack keeps the members' channels_last layout),
+            # and noise drawn on it then differs from the loop's (found by the eighth
+            # session's review): the loop is the plan that lays it out as the loop does
+            candidates = [p for p in candidates if p not in ("vmap", "grouped")]
         if _float16(tensors) and "fused" in candidates:
             # In float16 the fused plan's GEMMs over the members' stacked
             # weights round differently from each member's own (bfloat16
@@ -2766,8 +2790,9 @@ class Ensemble(nn.Module):
                 f"in backward (activation checkpointing) at {', '.join(map(repr, e.paths))}: "
                 "the recomputation runs after torch.vmap has returned. Fix: use "
                 "execution='loop' (or 'auto'), which runs them as the members do, or "
-                "disable it (model.gradient_checkpointing_disable(), or no "
-                "checkpoint_wrapper).",
+                "disable it (transformers' model.gradient_checkpointing_disable(), timm's "
+                "model.set_grad_checkpointing(False), torchvision's DenseNet built with "
+                "memory_efficient=False, or no checkpoint_wrapper).",
                 paths=e.paths,
             ) from e
         except MetaTensorError:

@@ -427,11 +427,26 @@ def _class_body(cls: type) -> list[tuple[str, Any]]:
                 (name, tuple(callable_key(v, _IN_A_CLASS) if callable(v) else v for v in value))
             )
         elif callable(value):
-            body.append((name, callable_key(value, _IN_A_CLASS)))
+            body.append((name, _class_callable_key(value, cls)))
         elif plain_value(value) and not (name.startswith("__") and name.endswith("__")):
             # (copyreg caches __slotnames__ on a class once an instance is copied)
             body.append((name, value))
     return body
+
+
+def _class_callable_key(value: Any, cls: type) -> Any:
+    """:func:`callable_key` of a class attribute; a callable object's references to the class
+    itself compare alike: torch.fx gives each GraphModule a class of its own, whose
+    ``_wrapped_call`` holds that class (two copies of one traced module were refused as
+    "defined anew, with other code or values" before the eighth session)."""
+    if (
+        isinstance(value, (types.FunctionType, types.MethodType, functools.partial, type))
+        or not hasattr(value, "__dict__")
+        or not any(v is cls for v in vars(value).values())
+    ):
+        return callable_key(value, _IN_A_CLASS)
+    state = {k: (("the class itself",) if v is cls else v) for k, v in vars(value).items()}
+    return ("callable", type(value), _setting(state, _IN_A_CLASS, 1))
 
 
 def _compare_hooks(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:

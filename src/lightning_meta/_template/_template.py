@@ -727,7 +727,7 @@ class _Layout:
         self.checkpointing = [
             (path, sub)
             for path, sub in module.named_modules()
-            if is_checkpoint_wrapper(sub) or "gradient_checkpointing" in vars(sub)
+            if is_checkpoint_wrapper(sub) or _checkpoint_flags(sub)
         ]
         # Slots registered empty (``register_buffer(name, None)``, a Linear without bias):
         # dotted name -> "parameter" / "buffer". No call must fill them, but net may
@@ -1892,7 +1892,7 @@ def _refuse_checkpointing(layout: _Layout) -> None:
         path or "<root>"
         for path, sub in layout.checkpointing
         if is_checkpoint_wrapper(sub)
-        or (vars(sub).get("gradient_checkpointing") is True and sub.training)
+        or (sub.training and any(vars(sub).get(f) is True for f in _checkpoint_flags(sub)))
     ]
     if found:
         raise CheckpointingRefused(
@@ -2105,7 +2105,24 @@ _MAKING_LOCKS = threading.Lock()  # one lock per template, made once (MetaTempla
 _SETTING_TYPES = frozenset({bool, int, float, complex, str, type(None), torch.dtype})
 # Followed from net by no call: activation checkpointing recomputes in backward, after the
 # call, which a template refuses; it changes what is kept, not the values.
-_NOT_FOLLOWED = frozenset({"gradient_checkpointing"})
+_NOT_FOLLOWED = frozenset({"gradient_checkpointing", "grad_checkpointing"})
+
+#: a module's own switch for activation checkpointing in training: transformers'
+#: ``gradient_checkpointing``, timm's ``grad_checkpointing`` (``set_grad_checkpointing()``),
+#: torchvision's DenseNet layers' ``memory_efficient`` (a name other libraries give to
+#: other things: torchvision's only). Their forwards check it, and often whether the
+#: activations require gradients too, which they do not under torch.vmap: a batched call
+#: then skips the recomputation a loop runs (BatchNorm's running statistics advanced once
+#: where the loop advances them twice), or runs it after vmap returned
+_CHECKPOINT_FLAGS = frozenset({"gradient_checkpointing", "grad_checkpointing"})
+
+
+def _checkpoint_flags(module: nn.Module) -> frozenset[str]:
+    """The names of ``module``'s own checkpointing switches it holds (see _CHECKPOINT_FLAGS)."""
+    names = set(_CHECKPOINT_FLAGS)
+    if type(module).__module__.startswith("torchvision."):
+        names.add("memory_efficient")
+    return frozenset(names.intersection(vars(module)))
 
 
 def _is_setting(value: Any) -> bool:

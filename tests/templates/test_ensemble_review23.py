@@ -1,0 +1,152 @@
+"""Ensembles of vision models written by others (hostile review, eighth session,
+2026-12-08; torchvision and timm run in the torchvision/timm venv:
+``bash scripts/compat-vision.sh``).
+
+The review ran torchvision's and timm's classifiers through every plan and a Trainer and
+found them exact, except where members checkpoint activations by a flag of their own and
+only when their activations require gradients (torchvision's DenseNet with
+``memory_efficient=True``, timm's ``set_grad_checkpointing()``): under ``torch.vmap`` the
+activations read ``requires_grad=False``, so ``"auto"`` ran vmap without the
+recomputation the loop runs, BatchNorm's statistics advanced once where the loop advances
+them twice (0.06 off in eval after one training call), and a forced vmap failed in
+backward with functorch's raw error. A ResNet trunk on a ``channels_last`` input came back
+from vmap contiguous where the loop's output is ``channels_last`` (noise drawn on it 0.57
+off), and two copies of one ``torch.fx`` GraphModule were refused as another architecture.
+Each test failed on 15fb339, the tree before it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta as lm
+
+
+def test_torchvision_densenet_memory_efficient_runs_as_the_loop() -> None:
+    models = pytest.importorskip("torchvision.models", reason="torchvision venv")
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return models.DenseNet(
+            growth_rate=8,
+            block_config=(2, 2),
+            num_init_features=16,
+            num_classes=5,
+            memory_efficient=True,
+        )
+
+    members = [make() for _ in range(2)]
+    ref = copy.deepcopy(members)
+    ens = lm.Ensemble(copy.deepcopy(members))  # "auto"
+    x = torch.randn(4, 3, 32, 32)
+    out = ens(x)
+    loop = torch.stack([m(x) for m in ref])
+    out.pow(2).sum().backward()
+    loop.pow(2).sum().backward()
+    assert ens.plan == "loop"  # vmap skipped the recomputation
+    assert torch.equal(out, loop)
+    tensors = ens.tensors()
+    for k, _ in members[0].named_buffers():
+        assert torch.equal(tensors[k], torch.stack([dict(m.named_buffers())[k] for m in ref])), k
+    with pytest.raises(lm.ArgumentValueError, match=r"memory_efficient=False"):
+        lm.Ensemble(copy.deepcopy(members), execution="vmap")(x)
+
+
+def test_timm_set_grad_checkpointing_is_refused_by_vmap_and_run_by_auto() -> None:
+    timm = pytest.importorskip("timm", reason="timm is tested in the torchvision/timm venv")
+    torch.manual_seed(0)
+    members = []
+    for _ in range(2):
+        m = timm.create_model("resnet10t", num_classes=5)
+        m.set_grad_checkpointing()
+        members.append(m)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(lm.ArgumentValueError, match=r"set_grad_checkpointing\(False\)"):
+        lm.Ensemble(copy.deepcopy(members), execution="vmap")(x)  # functorch's raw error before
+    ref = copy.deepcopy(members)
+    ens = lm.Ensemble(copy.deepcopy(members))
+    out = ens(x)
+    out.sum().backward()
+    loop = torch.stack([m(x) for m in ref])
+    loop.sum().backward()
+    assert torch.equal(out, loop)
+    assert ens.plan == "loop"
+
+
+def test_a_channels_last_resnet_trunk_is_laid_out_as_the_loop() -> None:
+    models = pytest.importorskip("torchvision.models", reason="torchvision venv")
+    torch.manual_seed(0)
+    members = [nn.Sequential(*list(models.resnet18().children())[:-2]) for _ in range(2)]
+    ref = copy.deepcopy(members)
+    ens = lm.Ensemble(copy.deepcopy(members))
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    out = ens(x)
+    loop = torch.stack([m(x) for m in ref])
+    assert out.stride() == loop.stride()
+    torch.manual_seed(1)
+    noisy = out + torch.randn_like(out)
+    torch.manual_seed(1)
+    assert torch.equal(noisy, loop + torch.randn_like(loop))
+
+
+def test_auto_runs_the_loop_for_channels_last_inputs() -> None:
+    # torch alone: the plan "auto" picks for a channels_last input of conv members
+    torch.manual_seed(0)
+    members = [
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        for _ in range(2)
+    ]
+    ref = copy.deepcopy(members)
+    ens = lm.Ensemble(copy.deepcopy(members))
+    x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    out = ens(x)
+    loop = torch.stack([m(x) for m in ref])
+    assert ens.plan == "loop"
+    assert torch.equal(out, loop) and out.stride() == loop.stride()
+
+
+def _traced() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+
+
+def test_copies_of_one_fx_graph_module_form_an_ensemble() -> None:
+    # torch.fx gives each GraphModule a class of its own; copies were refused as
+    # "defined anew, with other code or values", with a fix already met
+    torch.manual_seed(0)
+    first = _traced()
+    members = [first, copy.deepcopy(first), _traced()]
+    ref = copy.deepcopy(members)
+    x = torch.randn(5, 4)
+    for execution in ("loop", "vmap"):
+        ens = lm.Ensemble(copy.deepcopy(members), execution=execution)
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ref]), rtol=0, atol=1e-6)
+    assert torch.equal(
+        lm.Ensemble(copy.deepcopy(members), execution="loop").member(2)(x), ref[2](x)
+    )
+    other = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    with pytest.raises(lm.MetaTensorError, match=r"member 1 has a Tanh at '1'"):
+        lm.Ensemble([first, other])
+
+
+def test_traced_graphs_that_compute_otherwise_are_refused() -> None:
+    # control (passes on 15fb339): the same modules, another graph, stays refused
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x) * 2
+            return out
+
+    class Thrice(Twice):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x) * 3
+            return out
+
+    with pytest.raises(lm.MetaTensorError, match=r"same architecture"):
+        lm.Ensemble([torch.fx.symbolic_trace(Twice()), torch.fx.symbolic_trace(Thrice())])
