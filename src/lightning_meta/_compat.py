@@ -1830,15 +1830,34 @@ def module_applying() -> nn.Module | None:
     the outermost frame's ``self`` is the module the user called, from which
     a refusal can name the tensor's dotted path. Read only to word an error.
     """
-    found: nn.Module | None = None
+    found = module_apply_call()
+    return None if found is None else found[0]
+
+
+def module_apply_call() -> tuple[nn.Module, bool] | None:
+    """:func:`module_applying`'s module and the ``recurse`` it was called with
+    (``to_empty(recurse=False)`` visits the module's own tensors only)."""
+    found: tuple[nn.Module, bool] | None = None
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is _MODULE_APPLY:
             module = frame.f_locals.get("self")
             if isinstance(module, nn.Module):
-                found = module
+                found = (module, frame.f_locals.get("recurse", True) is not False)
         frame = frame.f_back  # type: ignore[assignment]
     return found
+
+
+def apply_order(module: nn.Module, recurse: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters and buffers ``module._apply(fn, recurse)`` calls ``fn`` on, in its
+    order (each child first, then the module's own parameters, then its buffers), with
+    their dotted names; a tensor held twice comes twice, as ``_apply`` visits it."""
+    if recurse:
+        for name, child in module.named_children():
+            for path, t in apply_order(child, True):
+                yield f"{name}.{path}", t
+    yield from module.named_parameters(recurse=False, remove_duplicate=False)
+    yield from module.named_buffers(recurse=False, remove_duplicate=False)
 
 
 def target_device(*args: Any, **kwargs: Any) -> Any:
@@ -2298,6 +2317,7 @@ def is_checkpoint_wrapper(module: nn.Module) -> bool:
 
 
 __all__ += ["is_checkpoint_wrapper"]
+__all__ += ["apply_order", "module_apply_call"]
 
 
 @contextlib.contextmanager

@@ -260,10 +260,17 @@ def _refuse_mixed(
     ) from failed
 
 
-#: real tensors of a model whose ``to_empty()`` was refused at a deferred tensor: the
-#: ones it reached first hold uninitialised memory (the DTensors ``fully_shard`` made of
-#: deferred parameters are not watched), which a later ``materialize`` would keep
-_EMPTIED: dict[int, weakref.ref[torch.Tensor]] = {}
+#: the real tensors a refused ``to_empty()`` emptied before it reached a deferred one
+#: (``Module._apply`` visits the children first; the DTensors ``fully_shard`` made of
+#: deferred parameters are not watched): uninitialised memory, which a later
+#: ``materialize`` would keep. With each, its write marks: a tensor written since (a
+#: ``load_state_dict`` restoring it) holds values again.
+_EMPTIED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
+
+
+def _marks(t: torch.Tensor) -> tuple[int, ...]:
+    local = t.to_local() if _compat.is_dtensor(t) else t
+    return (_compat.version_of(t), _compat.version_of(local), local.data_ptr())
 
 
 def any_emptied() -> bool:
@@ -272,16 +279,39 @@ def any_emptied() -> bool:
 
 
 def emptied(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """The names of ``tensors`` a refused ``to_empty()`` may have emptied."""
-    if not _EMPTIED:
+    """The names of ``tensors`` a refused ``to_empty()`` emptied, not written since."""
+    found = []
+    for name, t in tensors:
+        entry = _EMPTIED.get(id(t))
+        if entry is not None and entry[0]() is t:
+            if entry[1] == _marks(t):
+                found.append(name)
+            else:
+                del _EMPTIED[id(t)]  # written since: values again
+    return found
+
+
+def _record_emptied(t: torch.Tensor) -> list[str]:
+    """Record what the ``to_empty()`` refused at ``t`` emptied before it; their names."""
+    call = _compat.module_apply_call()
+    if call is None:
         return []
-    return [n for n, t in tensors if (r := _EMPTIED.get(id(t))) is not None and r() is t]
+    root, recurse = call
+    for key in [k for k, (r, _) in _EMPTIED.items() if r() is None]:
+        del _EMPTIED[key]
+    reached: list[str] = []
+    for name, other in _compat.apply_order(root, recurse):
+        if other is t:
+            break
+        if not other.is_meta and id(other) not in _EMPTIED:
+            _EMPTIED[id(other)] = (weakref.ref(other), _marks(other))
+            reached.append(name)
+    return reached
 
 
 def _refuse_copy(t: Any, call: str) -> NoReturn:
     root = _compat.module_applying()
     path = None
-    named: list[tuple[str, torch.Tensor]] = []
     if root is not None:
         named = [
             *root.named_parameters(remove_duplicate=False),
@@ -291,16 +321,12 @@ def _refuse_copy(t: Any, call: str) -> NoReturn:
     what = f"{type(root).__name__}'s {path!r}" if path is not None else "a deferred tensor"
     gone = ""
     if call == ".to_empty()":
-        # Module._apply visits the children first: what it reached before this tensor
-        # is empty now, and a replay would not refill it (sharded ones are not watched)
-        real = [(n, other) for n, other in named if not other.is_meta]
-        for _, other in real:
-            _EMPTIED[id(other)] = weakref.ref(other)
-        if real:
+        reached = _record_emptied(t)
+        if reached:
             gone = (
-                f" to_empty() had emptied {len(real)} tensors of the model before it reached "
-                f"this one (first {real[0][0]!r}), which hold uninitialised memory now: build "
-                "the model again."
+                f" to_empty() had emptied {len(reached)} tensors of the model before it "
+                f"reached this one (first {reached[0]!r}), which hold uninitialised memory "
+                "now: build the model again, reloading any real module it held."
             )
     raise DeferredCopyError(
         f"Cannot copy out of meta tensor: {call} of {what} ({t._watched_base.__name__} of shape "

@@ -134,7 +134,7 @@ def test_a_plain_state_dict_says_the_modules_hook_did_not_run(
         warnings.simplefilter("always", lm.MetaTensorWarning)
         assert main(["load-check", f"{__name__}:LitDoubling", str(path)]) == 0
     said = " ".join(capsys.readouterr().err.split())
-    assert "warning: load_checkpoint: LitDoubling.on_load_checkpoint did not run" in said
+    assert "load-check: warning: LitDoubling.on_load_checkpoint did not run" in said
     # a module without its own hook loads the same file without a warning (the
     # suite turns MetaTensorWarning into an error)
     lm.load_checkpoint(LitHead(), path)

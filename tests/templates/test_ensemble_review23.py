@@ -150,3 +150,92 @@ def test_traced_graphs_that_compute_otherwise_are_refused() -> None:
 
     with pytest.raises(lm.MetaTensorError, match=r"same architecture"):
         lm.Ensemble([torch.fx.symbolic_trace(Twice()), torch.fx.symbolic_trace(Thrice())])
+
+
+def _scaled(k: float) -> torch.fx.GraphModule:
+    """A traced Linear whose graph then calls a function made per graph (x * k)."""
+
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return x * k
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(scale, (node.args[0],))
+            node.args = (new,)
+    gm.recompile()
+    return gm
+
+
+def test_graph_modules_calling_other_functions_under_one_name_are_refused() -> None:
+    """A second look at the GraphModule fix: the generated code names the function the
+    same in both (``scale``), its globals bind other ones; accepted, every plan was 1.36
+    off the loop."""
+    a, b = _scaled(2.0), _scaled(3.0)
+    b.load_state_dict(a.state_dict())
+    assert a.code == b.code
+    with pytest.raises(lm.MetaTensorError, match=r"same architecture"):
+        lm.Ensemble([a, b])
+    one, two = _scaled(2.0), _scaled(2.0)
+    x = torch.randn(3, 4)
+    expected = torch.stack([one(x), two(x)])
+    ens = lm.Ensemble([one, two], execution="loop")
+    assert torch.equal(ens(x), expected)
+
+
+def test_a_channels_last_call_after_a_contiguous_one_is_planned_apart() -> None:
+    """A second look: the plan cache's key ignored the layout (a channels_last call reused
+    the grouped plan timed on a contiguous one), and one channel in channels_last reads as
+    contiguous (its strides tell)."""
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)) for _ in range(2)]
+    ref = copy.deepcopy(members)
+    x = torch.randn(4, 1, 16, 16)
+    last = x.to(memory_format=torch.channels_last)
+    assert last.is_contiguous()  # torch's answer for one channel
+    ens = lm.Ensemble(copy.deepcopy(members)).eval()
+    with torch.no_grad():
+        ens(x)
+        out = ens(last)
+        loop = torch.stack([m(last) for m in ref])
+    assert ens.plan == "loop"
+    assert out.stride() == loop.stride() and torch.equal(out, loop)
+
+
+def test_a_frozen_memory_efficient_densenet_is_not_refused_and_eval_mode_is() -> None:
+    """A second look: a DenseNet layer checkpoints where its inputs require gradients (not
+    with every tensor frozen, refused by the first version), in either mode (its eval mode
+    was let through to torch's device error in backward), and timm's in either mode too."""
+    models = pytest.importorskip("torchvision.models", reason="torchvision venv")
+    torch.manual_seed(0)
+    net = models.DenseNet(
+        growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=3,
+        memory_efficient=True,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    template = lm.MetaTemplate(net)
+    frozen = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.testing.assert_close(template(frozen, x), net(x), rtol=0, atol=0)
+    trained = {
+        k: v.detach().clone().requires_grad_(v.is_floating_point())
+        for k, v in net.named_parameters()
+    }
+    trained.update({k: v.clone() for k, v in net.named_buffers()})
+    template.module.eval()
+    with pytest.raises(lm.MetaTensorError, match=r"memory_efficient=False"):
+        template(trained, x)
+
+
+def test_the_template_refusal_names_timms_switch() -> None:
+    timm = pytest.importorskip("timm", reason="timm is tested in the torchvision/timm venv")
+    net = timm.create_model("resnet10t", num_classes=3)
+    net.set_grad_checkpointing(True)
+    state = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    state.update({k: v.clone() for k, v in net.named_buffers()})
+    template = lm.MetaTemplate(net)
+    with pytest.raises(lm.MetaTensorError, match=r"set_grad_checkpointing\(False\)"):
+        template(state, torch.randn(2, 3, 32, 32))
+    net.set_grad_checkpointing(False)  # the fix, followed
+    plain = lm.MetaTemplate(net)
+    torch.testing.assert_close(plain(state, torch.randn(2, 3, 32, 32)).shape, (2, 3))

@@ -963,7 +963,8 @@ def _refuse_emptied(module: nn.Module, at: str) -> None:
             f"at a deferred tensor, after it had emptied {paths[:5]}"
             + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
             + " (uninitialised memory now, which no record refills). Fix: build the model "
-            "again under deferred_init and use lightning_meta.materialize, MetaGuard (in a "
+            "again under deferred_init, reloading any real module it held (or load the "
+            "values of these tensors), and use lightning_meta.materialize, MetaGuard (in a "
             "Trainer) or lightning_meta.fabric_setup (under Fabric) instead of to_empty().",
             paths=paths,
         )
@@ -1140,24 +1141,34 @@ def check_draw_on(draw_on: Any, who: str) -> None:
         )
 
 
-def refuse_recast(slots: Iterable[Slot], who: str) -> None:
+def refuse_recast(slots: Iterable[Slot], who: str, every: Iterable[Slot] = ()) -> None:
     """Refuse the plain meta tensors among ``slots`` that ``module.to(dtype)`` made of deferred
     buffers after the block (meta tensors of their shape in their place: in another dtype,
     or in theirs after a cast there and back), with :func:`materialize`'s message naming
     ``who`` (``"load_checkpoint"``, which leaves other never-deferred meta tensors, such as
-    litgpt's longer ``cos`` after ``max_seq_length = n``, on meta)."""
-    recast = [
-        s
-        for s in slots
-        if s.kind != "attr"
+    litgpt's longer ``cos`` after ``max_seq_length = n``, on meta). ``every``: all the
+    model's slots, where ``slots`` are some (the ones a checkpoint does not fill): a
+    ``Module.type(dtype)`` cast of an integer buffer among the others changes the fix."""
+    recast = [s for s in slots if _recast(s)]
+    if recast:
+        whole = sorted(s.path for s in every if _recast(s) and not _deferred_float(s))
+        raise _recast_error(sorted(recast, key=lambda s: s.path), who, whole)
+
+
+def _recast(s: Slot) -> bool:
+    """Whether ``s`` holds a plain meta tensor a cast put in place of its deferred one."""
+    return (
+        s.kind != "attr"
         and s.tensor.is_meta
         and handle_of(s.tensor) is None  # a plain meta tensor, not the deferred one
         and not is_dtensor(s.tensor)  # sharded: matched to its handle apart
         and s.name in handles_of(s.owner)
         and _in_deferred_shape(s)
-    ]
-    if recast:
-        raise _recast_error(sorted(recast, key=lambda s: s.path), who)
+    )
+
+
+def _deferred_float(s: Slot) -> bool:
+    return handles_of(s.owner)[s.name].tensor.is_floating_point()
 
 
 def _check_plain(
@@ -1366,8 +1377,12 @@ def converted_batchnorm_message(who: str, paths: list[str]) -> str:
     )
 
 
-def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
-    """The refusal of buffers ``module.to(dtype)`` replaced after the block, naming ``who``."""
+def _recast_error(
+    recast: list[Slot], who: str, whole: list[str] | None = None
+) -> MaterializationError:
+    """The refusal of buffers ``module.to(dtype)`` replaced after the block, naming ``who``;
+    ``whole``: the integer or bool ones ``Module.type(dtype)`` cast (``recast``'s where
+    empty)."""
     owners = sorted({s.path.rpartition(".")[0] for s in recast})
     # Materializing the root would be the whole model: that fix only for submodules.
     real_first = (
@@ -1386,9 +1401,8 @@ def _recast_error(recast: list[Slot], who: str) -> MaterializationError:
     )
     # Module.type(dtype) casts integer and bool tensors too, which dtype= (as
     # module.to(dtype)) leaves alone: that fix would give other dtypes than eager's.
-    whole = sorted(
-        s.path for s in recast if not handles_of(s.owner)[s.name].tensor.is_floating_point()
-    )
+    if not whole:
+        whole = sorted(s.path for s in recast if not _deferred_float(s))
     if whole:
         return MaterializationError(
             f"{what} {whole} were not floating point when deferred: module.type(dtype) casts "

@@ -87,6 +87,7 @@ from lightning_meta._ensemble._members import (
 from lightning_meta._ensemble._plan import (
     PlanCache,
     PlanRecord,
+    channels_last,
     fast_key,
     measure,
     signature,
@@ -107,6 +108,7 @@ from lightning_meta._forward_state import (
 from lightning_meta._settings import differs, plain_value
 from lightning_meta._slots import named_tensors, slot_at
 from lightning_meta._template._template import (
+    CHECKPOINTING_OFF,
     CheckpointingRefused,
     MetaTemplate,
     copy_module,
@@ -417,18 +419,11 @@ def _channels_last(
     tensors: Mapping[str, torch.Tensor], inputs: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> bool:
     """Whether an input tensor, or a member's slice of a stacked tensor, is laid out
-    channels_last (and not contiguous): the members' outputs may then be too."""
-
-    def last(t: torch.Tensor) -> bool:
-        if t.dim() not in (4, 5) or t.is_contiguous():
-            return False
-        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
-        return t.is_contiguous(memory_format=fmt)
-
+    channels_last (and not as contiguous): the members' outputs may then be too."""
     leaves = tree_leaves((inputs, dict(kwargs)))
-    if any(isinstance(x, torch.Tensor) and last(x) for x in leaves):
+    if any(isinstance(x, torch.Tensor) and channels_last(x) for x in leaves):
         return True
-    return any(t.dim() > 1 and last(t[0]) for t in tensors.values())
+    return any(t.dim() > 1 and channels_last(t[0]) for t in tensors.values())
 
 
 def _laid_out_as_stacked(out: Any) -> Any:
@@ -2790,9 +2785,7 @@ class Ensemble(nn.Module):
                 f"in backward (activation checkpointing) at {', '.join(map(repr, e.paths))}: "
                 "the recomputation runs after torch.vmap has returned. Fix: use "
                 "execution='loop' (or 'auto'), which runs them as the members do, or "
-                "disable it (transformers' model.gradient_checkpointing_disable(), timm's "
-                "model.set_grad_checkpointing(False), torchvision's DenseNet built with "
-                "memory_efficient=False, or no checkpoint_wrapper).",
+                f"disable it ({CHECKPOINTING_OFF}).",
                 paths=e.paths,
             ) from e
         except MetaTensorError:

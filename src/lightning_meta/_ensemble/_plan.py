@@ -59,6 +59,7 @@ from lightning_meta._compat import (
 
 __all__ = [
     "RETIME_CALL",
+    "channels_last",
     "PlanCache",
     "PlanRecord",
     "fast_key",
@@ -223,6 +224,22 @@ def _describe_tree(tree: Any) -> Any:
     return tree_map(_describe, tree, is_leaf=_named_tuple)
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` (4-D or 5-D) is laid out channels_last and not as contiguous: a
+    convolution's output then is too. With one channel ``is_contiguous()`` holds either
+    way; the strides tell them apart."""
+    if t.dim() not in (4, 5) or t.layout is not torch.strided:
+        return False
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    if not t.is_contiguous(memory_format=fmt):
+        return False
+    contiguous, step = [], 1
+    for size in reversed(t.shape):
+        contiguous.append(step)
+        step *= size
+    return t.stride() != tuple(reversed(contiguous))
+
+
 def _describe(x: Any) -> str:
     if _named_tuple(x):
         # Field by field: a named tuple rebuilt with descriptions would meet
@@ -235,6 +252,8 @@ def _describe(x: Any) -> str:
         # A sparse (or other layout's) input is a kind of its own: a plan timed on dense
         # inputs of the same shape (fused, which reshapes) fails on it.
         layout = "" if x.layout is torch.strided else f"/{str(x.layout).removeprefix('torch.')}"
+        if channels_last(x):  # decides the plans that apply (see Ensemble._time)
+            layout = "/channels_last"
         return f"{str(x.dtype).removeprefix('torch.')}[{shape}]{layout}@{x.device}{grad}"
     if x is None or isinstance(x, (bool, str)):
         return repr(x)
@@ -295,7 +314,7 @@ def fast_key(
     for x in inputs:
         if not isinstance(x, torch.Tensor):
             return None
-        described.append((x.shape, x.dtype, x.device, x.requires_grad, x.layout))
+        described.append((x.shape, x.dtype, x.device, x.requires_grad, x.layout, channels_last(x)))
     if stacked is None:
         kind, params = "cpu", None
     else:

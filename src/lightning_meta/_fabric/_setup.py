@@ -148,7 +148,8 @@ def fabric_setup(
         # (deferred tensors can be held outside the tree too: a module in a list)
         return fabric.setup(module, *optimizers, **setup_kwargs)
     _refuse_converted_batchnorm(module)
-    refuse_recast(iter_slots(module), "fabric_setup")
+    slots = list(iter_slots(module))
+    refuse_recast(slots, "fabric_setup", slots)
     if "ModelParallelStrategy" in names:
         _refuse_meta_optimizers(optimizers, "ModelParallelStrategy")
         refuse_strays(module, owner)

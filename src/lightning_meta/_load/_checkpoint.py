@@ -295,7 +295,7 @@ def load_checkpoint(
             # not silently: the hook may convert what the file holds
             warnings.warn(
                 MetaTensorWarning(
-                    f"load_checkpoint: {followed.skipped} did not run: {where!r} holds no "
+                    f"{spelled('load_checkpoint: ', '')}{followed.skipped} did not run: {where!r} holds no "
                     "'state_dict' and records no Lightning version, so it is read as a plain "
                     "state dict (Lightning's load_from_checkpoint fails on such a file). If "
                     "the hook converts what this file holds, apply it to the state dict "
@@ -381,7 +381,7 @@ def _warn_untied_file(module: nn.Module, source: Source, plan: Plan, *, verify: 
             continue  # the same values under each name
         warnings.warn(
             MetaTensorWarning(
-                f"load_checkpoint: {type(module).__name__} ties {names} into one tensor, and "
+                f"{spelled('load_checkpoint: ', '')}{type(module).__name__} ties {names} into one tensor, and "
                 f"the file holds other values under {dropped} than under {keys[-1]!r} (it was "
                 f"saved untied): as load_state_dict, {keys[-1]!r}'s are loaded into the tied "
                 "tensor and the others dropped. transformers' from_pretrained unties them "

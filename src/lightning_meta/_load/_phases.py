@@ -576,7 +576,8 @@ def replay_missing(
     # What module.to(dtype) after the block made of a deferred buffer the checkpoint does
     # not fill (a rotary inv_freq) is a new meta tensor no record gives: refused as
     # materialize refuses it (before, it was left on meta, and the forward raised).
-    refuse_recast((s for s in iter_slots(module) if s.path not in covered), "load_checkpoint")
+    every = list(iter_slots(module))
+    refuse_recast((s for s in every if s.path not in covered), "load_checkpoint", every)
     slots = deferred_slots(module)
     wanted = {s.path for s in slots if s.path not in covered}
     if not wanted:

@@ -42,6 +42,7 @@ from lightning_meta._compat import (
     register_pytree_node,
     tensor_tables,
     tree_leaves,
+    unwrapped,
     without_dynamo_wrappers,
 )
 from lightning_meta._deferred._functions import value_in_block
@@ -59,6 +60,7 @@ from lightning_meta._slots import named_tensors, tie_groups
 from lightning_meta._watched import FROM_REAL_ONLY, holds_values
 
 __all__ = [
+    "CHECKPOINTING_OFF",
     "STACKS_MEMBERS",
     "CheckpointingRefused",
     "MetaTemplate",
@@ -1395,7 +1397,7 @@ class MetaTemplate:
                     else contextlib.nullcontext()
                 ):
                     if torch.is_grad_enabled():
-                        _refuse_checkpointing(layout)
+                        _refuse_checkpointing(layout, (given, args, kwargs))
                     # strict=False is torch.func.functional_call as is (Ensemble
                     # watches and keeps what its forward stores itself).
                     state = (
@@ -1885,26 +1887,47 @@ class CheckpointingRefused(MetaTensorError):
     says it in its own words)."""
 
 
-def _refuse_checkpointing(layout: _Layout) -> None:
-    """Refuse a template whose forward recomputes activations in backward."""
+def _refuse_checkpointing(layout: _Layout, call: Any) -> None:
+    """Refuse a template whose forward recomputes activations in backward; ``call``: the
+    call's tensors and inputs, whose gradients decide a DenseNet layer's checkpointing."""
     module = layout.modules[0]
-    found = [
-        path or "<root>"
-        for path, sub in layout.checkpointing
-        if is_checkpoint_wrapper(sub)
-        or (sub.training and any(vars(sub).get(f) is True for f in _checkpoint_flags(sub)))
-    ]
+    found = [path or "<root>" for path, sub in layout.checkpointing if _checkpoints(sub, call)]
     if found:
         raise CheckpointingRefused(
             f"MetaTemplate({type(module).__name__}) recomputes activations in backward "
             f"(activation checkpointing) at {', '.join(map(repr, found))}: the recomputation "
             "runs after the call, when the template holds its meta tensors again, and would "
             "fail with a device error. Fix: build the template from a module without "
-            "gradient checkpointing (`model.gradient_checkpointing_disable()`, or no "
-            "checkpoint_wrapper) and checkpoint outside the template call, e.g. "
-            "`torch.utils.checkpoint.checkpoint(template, params, x, use_reentrant=False)`.",
+            f"gradient checkpointing ({CHECKPOINTING_OFF}) and checkpoint outside the "
+            "template call, e.g. `torch.utils.checkpoint.checkpoint(template, params, x, "
+            "use_reentrant=False)`.",
             paths=found,
         )
+
+
+#: how each switch _CHECKPOINT_FLAGS names is turned off
+CHECKPOINTING_OFF = (
+    "transformers' model.gradient_checkpointing_disable(), timm's "
+    "model.set_grad_checkpointing(False), torchvision's DenseNet built with "
+    "memory_efficient=False, or no checkpoint_wrapper"
+)
+
+
+def _checkpoints(sub: nn.Module, call: Any) -> bool:
+    """Whether ``sub`` checkpoints in a call with gradients, as its own switch says:
+    transformers' in training only, timm's in either mode, torchvision DenseNet's where
+    its inputs require gradients (none where every tensor of the call is frozen)."""
+    if is_checkpoint_wrapper(sub):
+        return True
+    on = {f for f in _checkpoint_flags(sub) if vars(sub).get(f) is True}
+    if "gradient_checkpointing" in on and sub.training:
+        return True
+    if "grad_checkpointing" in on:
+        return True
+    # (under vmap a batched tensor reads requires_grad=False: the one it wraps says)
+    return "memory_efficient" in on and any(
+        isinstance(t, torch.Tensor) and unwrapped(t).requires_grad for t in tree_leaves(call)
+    )
 
 
 def _by_path(source: nn.Module) -> dict[str, nn.Module]:
