@@ -25,6 +25,7 @@ from torch import nn
 from lightning_meta._arguments import spelled
 from lightning_meta._compat import storage_id
 from lightning_meta._errors import ArgumentValueError, MetaTensorError
+from lightning_meta._load._lightning_class import LIGHTNING_PACKAGES, lightning_module
 from lightning_meta._load._source import Source, TorchSource, saved_versions, state_tensors
 from lightning_meta._load._torchfile import Archive, TensorRef, Unsupported
 
@@ -32,12 +33,9 @@ __all__ = [
     "HYPERPARAMETER_OVERRIDES",
     "Followed",
     "follow_on_load_checkpoint",
-    "lightning_module",
-    "partial_load",
     "resolve_strict",
 ]
 
-_LIGHTNING = ("lightning.", "pytorch_lightning.")
 
 #: keyword arguments the model was built with beyond the checkpoint's (``load-check
 #: --args``), which ``load_from_checkpoint(path, **kwargs)`` writes into the
@@ -45,14 +43,6 @@ _LIGHTNING = ("lightning.", "pytorch_lightning.")
 HYPERPARAMETER_OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "lightning_meta_hyperparameter_overrides", default=None
 )
-
-
-def lightning_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``LightningModule`` (of ``lightning`` or ``pytorch_lightning``)."""
-    return any(
-        c.__name__ == "LightningModule" and c.__module__.startswith(_LIGHTNING)
-        for c in type(module).__mro__
-    )
 
 
 def _own_hook(module: nn.Module) -> str | None:
@@ -64,20 +54,10 @@ def _own_hook(module: nn.Module) -> str | None:
         return f"{type(module).__name__}.on_load_checkpoint (set on the instance)"
     for cls in type(module).__mro__:
         if "on_load_checkpoint" in vars(cls):
-            if cls.__module__.startswith(_LIGHTNING):
+            if cls.__module__.startswith(LIGHTNING_PACKAGES):
                 return None
             return f"{cls.__qualname__}.on_load_checkpoint"
     return None
-
-
-def partial_load(module: nn.Module) -> str:
-    """How a fix names loading part of a checkpoint into ``module``: ``strict=False``
-    (``--no-strict``), or, where a LightningModule set ``strict_loading = True``, which
-    refuses both as ``load_from_checkpoint`` does, setting it to ``False``."""
-    if lightning_module(module) and getattr(module, "_strict_loading", None):
-        name = type(module).__name__
-        return f"set {name}.strict_loading = False (its True refuses {spelled('strict=False', '--no-strict')})"
-    return spelled("strict=False", "--no-strict")
 
 
 def resolve_strict(module: nn.Module, strict: bool | None, who: str) -> tuple[bool, bool]:
@@ -282,7 +262,7 @@ def _migrated(module: nn.Module, checkpoint: dict[str, Any], path: Path) -> dict
     package = next(
         c.__module__.split(".", 1)[0]
         for c in type(module).__mro__
-        if c.__name__ == "LightningModule" and c.__module__.startswith(_LIGHTNING)
+        if c.__name__ == "LightningModule" and c.__module__.startswith(LIGHTNING_PACKAGES)
     )
     where = "lightning.pytorch" if package == "lightning" else "pytorch_lightning"
     utils = importlib.import_module(f"{where}.utilities.migration.utils")

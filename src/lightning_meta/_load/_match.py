@@ -32,7 +32,7 @@ from lightning_meta._load._hooks import (
     trace_load,
     unwrapped_name,
 )
-from lightning_meta._load._lightning_hooks import partial_load
+from lightning_meta._load._lightning_class import partial_load
 from lightning_meta._load._source import (
     DENSE,
     Entry,
