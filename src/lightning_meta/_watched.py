@@ -34,7 +34,6 @@ a tensor "of the same class" must ask for.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Any, ClassVar, NoReturn
 
@@ -263,14 +262,19 @@ def _refuse_mixed(
 #: the real tensors a refused ``to_empty()`` emptied before it reached a deferred one
 #: (``Module._apply`` visits the children first; the DTensors ``fully_shard`` made of
 #: deferred parameters are not watched): uninitialised memory, which a later
-#: ``materialize`` would keep. With each, its write marks: a tensor written since (a
-#: ``load_state_dict`` restoring it) holds values again.
-_EMPTIED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
+#: ``materialize`` would keep. With each, its version counters: a tensor written since (a
+#: ``load_state_dict`` restoring it) holds values again. Held strongly, not by weak
+#: reference: torch refuses to swap a tensor with a weak reference (FSDP2's ``_apply``),
+#: and an id alone may be a new tensor's; what a dropped model leaves here is kept until
+#: the process ends (a refused ``to_empty()`` is an error path).
+_EMPTIED: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
 
 
-def _marks(t: torch.Tensor) -> tuple[int, ...]:
+def _marks(t: torch.Tensor) -> tuple[int, int]:
+    # Versions only: a retried to_empty() or a cast gives the tensor new storage
+    # (``.data =``), new garbage, and moves neither; a copy_ into it moves them.
     local = t.to_local() if _compat.is_dtensor(t) else t
-    return (_compat.version_of(t), _compat.version_of(local), local.data_ptr())
+    return (_compat.version_of(t), _compat.version_of(local))
 
 
 def any_emptied() -> bool:
@@ -283,7 +287,7 @@ def emptied(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     found = []
     for name, t in tensors:
         entry = _EMPTIED.get(id(t))
-        if entry is not None and entry[0]() is t:
+        if entry is not None and entry[0] is t:
             if entry[1] == _marks(t):
                 found.append(name)
             else:
@@ -292,19 +296,18 @@ def emptied(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
 
 
 def _record_emptied(t: torch.Tensor) -> list[str]:
-    """Record what the ``to_empty()`` refused at ``t`` emptied before it; their names."""
+    """Record what the ``to_empty()`` refused at ``t`` emptied before it; their names (a
+    retry empties them again: recorded anew)."""
     call = _compat.module_apply_call()
     if call is None:
         return []
     root, recurse = call
-    for key in [k for k, (r, _) in _EMPTIED.items() if r() is None]:
-        del _EMPTIED[key]
     reached: list[str] = []
     for name, other in _compat.apply_order(root, recurse):
         if other is t:
             break
-        if not other.is_meta and id(other) not in _EMPTIED:
-            _EMPTIED[id(other)] = (weakref.ref(other), _marks(other))
+        if not other.is_meta:
+            _EMPTIED[id(other)] = (other, _marks(other))
             reached.append(name)
     return reached
 

@@ -240,3 +240,22 @@ def test_module_type_with_an_integer_buffer_a_checkpoint_fills(tmp_path: Path) -
     x = torch.randn(2, 4, dtype=torch.float64)
     assert model.pos.dtype == eager.pos.dtype == torch.float64
     assert torch.equal(model(x), eager(x))
+
+
+def test_a_retried_to_empty_or_a_cast_leaves_the_emptied_tensors_refused() -> None:
+    """A third look: the record's marks held the data pointer, which a second to_empty()
+    (new garbage) or a cast moves too: the garbage was then taken as written, and
+    materialize accepted it."""
+    for after in ("retry", "cast"):
+        with lm.deferred_init():
+            model = WithBackbone(nn.Linear(4, 4), head_first=False)
+        lm.materialize(model.backbone)
+        with pytest.raises(lm.MetaTensorError, match=r"had emptied"):
+            model.to_empty(device="cpu")
+        if after == "retry":
+            with pytest.raises(lm.MetaTensorError, match=r"had emptied"):
+                model.to_empty(device="cpu")
+        else:
+            model.backbone.double()
+        with pytest.raises(lm.MaterializationError, match=r"'backbone.weight'"):
+            lm.materialize(model)

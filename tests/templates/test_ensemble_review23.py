@@ -18,6 +18,7 @@ Each test failed on 15fb339, the tree before it.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -239,3 +240,80 @@ def test_the_template_refusal_names_timms_switch() -> None:
     net.set_grad_checkpointing(False)  # the fix, followed
     plain = lm.MetaTemplate(net)
     torch.testing.assert_close(plain(state, torch.randn(2, 3, 32, 32)).shape, (2, 3))
+
+
+class _Scaler:
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
+
+
+class _ScaleFn:
+    __name__ = "scalefn"
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
+
+
+def _calling(target: Any) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(target, (node.args[0],))
+            node.args = (new,)
+    gm.recompile()
+    return gm
+
+
+@pytest.mark.parametrize("make", [lambda k: _Scaler(k).apply, _ScaleFn], ids=["method", "object"])
+def test_graphs_calling_bound_methods_or_objects_of_other_state_are_refused(make: Any) -> None:
+    """A third look: a bound method or a callable object in a graph's globals was compared
+    by type alone (accepted, 0.91 off a loop)."""
+    a, b = _calling(make(2.0)), _calling(make(3.0))
+    assert a.code == b.code
+    with pytest.raises(lm.MetaTensorError, match=r"same architecture"):
+        lm.Ensemble([a, b])
+    one, two = _calling(make(2.0)), _calling(make(2.0))
+    x = torch.randn(3, 4)
+    expected = torch.stack([one(x), two(x)])
+    assert torch.equal(lm.Ensemble([one, two], execution="loop")(x), expected)
+
+
+def test_checkpointing_members_that_change_nothing_under_vmap_still_run_it() -> None:
+    """A third look: a DenseNet in eval mode (BatchNorm's statistics not advanced, so the
+    loop's recomputation changes nothing) and timm's with nothing to differentiate ran
+    under a forced vmap as the loop before, and were refused by the second version."""
+    models = pytest.importorskip("torchvision.models", reason="torchvision venv")
+    timm = pytest.importorskip("timm", reason="timm is tested in the torchvision/timm venv")
+    torch.manual_seed(0)
+    dense = [
+        models.DenseNet(
+            growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=3,
+            memory_efficient=True,
+        ).eval()
+        for _ in range(2)
+    ]  # fmt: skip
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    ref = copy.deepcopy(dense)
+    loop = torch.stack([m(x) for m in ref])
+    out = lm.Ensemble(copy.deepcopy(dense), execution="vmap").eval()(x)
+    torch.testing.assert_close(out, loop, rtol=0, atol=1e-6)
+    vit = []
+    for _ in range(2):
+        m = timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, depth=1, embed_dim=16, num_heads=2, num_classes=3
+        ).eval()
+        m.set_grad_checkpointing(True)
+        m.requires_grad_(False)
+        vit.append(m)
+    frozen = torch.randn(2, 3, 32, 32)
+    expected = torch.stack([m(frozen) for m in copy.deepcopy(vit)])
+    got = lm.Ensemble(copy.deepcopy(vit), execution="vmap").eval()(frozen)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

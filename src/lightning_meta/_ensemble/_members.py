@@ -455,18 +455,25 @@ def _class_callable_key(value: Any, cls: type) -> Any:
 
 
 def _globals_key(fn: types.FunctionType) -> tuple[Any, ...]:
-    """The globals ``fn``'s code names and calls: functions by :func:`callable_key` (a
-    closure made per graph compares by what it closes over); modules, classes and builtins
-    by identity. Other values are left out: a module's mutable state (parametrize's
-    ``_cache``, a new dict at each ``cached()`` region's end) is no part of a definition."""
+    """The globals ``fn``'s code names and calls: modules, classes and builtins by
+    identity, any other callable by :func:`callable_key` (a closure made per graph by what
+    it closes over, a bound method by its instance, a callable object by its state: a
+    third look found the latter two accepted, 0.91 off a loop). Values that are not
+    callable are left out: a module's mutable state (parametrize's ``_cache``, a new dict
+    at each ``cached()`` region's end) is no part of a definition."""
     table = fn.__globals__
-    key = []
+    key: list[tuple[Any, ...]] = []
     for name in fn.__code__.co_names:
         value = table.get(name, _EMPTY)
-        if isinstance(value, (types.FunctionType, functools.partial)):
-            key.append((name, callable_key(value, _IN_A_CLASS, 1)))
-        elif isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
+        if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
             key.append((name, id(value)))
+        elif isinstance(value, types.MethodType) and hasattr(value.__self__, "__dict__"):
+            # by its instance's state, not its type alone (as callable_key compares a
+            # hook's configuration object)
+            state = _setting(dict(vars(value.__self__)), _IN_A_CLASS, 1)
+            key.append((name, callable_key(value.__func__, _IN_A_CLASS, 1), state))
+        elif value is not _EMPTY and callable(value):
+            key.append((name, callable_key(value, _IN_A_CLASS, 1)))
     return tuple(key)
 
 

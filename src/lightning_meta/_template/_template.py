@@ -33,6 +33,7 @@ from lightning_meta._compat import (
     deepcopy_module,
     fresh_parametrizations,
     functional_call_restoring_in_reverse,
+    functorch_transform_active,
     hook_registrations,
     hook_tables,
     is_checkpoint_wrapper,
@@ -1914,20 +1915,27 @@ CHECKPOINTING_OFF = (
 
 
 def _checkpoints(sub: nn.Module, call: Any) -> bool:
-    """Whether ``sub`` checkpoints in a call with gradients, as its own switch says:
-    transformers' in training only, timm's in either mode, torchvision DenseNet's where
-    its inputs require gradients (none where every tensor of the call is frozen)."""
+    """Whether ``sub`` recomputes in backward what differs from a loop's, in a call with
+    gradients, as its own switch says: transformers' in training; timm's in either mode
+    where the call has gradients to compute; torchvision DenseNet's where its inputs
+    require gradients, and under vmap (where they read ``requires_grad=False`` and it does
+    not checkpoint) in training only: there the loop's recomputation advances BatchNorm's
+    statistics a second time, in eval it changes nothing (a third look found eval-mode
+    vmap refused, which ran as the loop before)."""
     if is_checkpoint_wrapper(sub):
         return True
     on = {f for f in _checkpoint_flags(sub) if vars(sub).get(f) is True}
     if "gradient_checkpointing" in on and sub.training:
         return True
-    if "grad_checkpointing" in on:
-        return True
+    if not on.intersection(("grad_checkpointing", "memory_efficient")):
+        return False
     # (under vmap a batched tensor reads requires_grad=False: the one it wraps says)
-    return "memory_efficient" in on and any(
+    graded = any(
         isinstance(t, torch.Tensor) and unwrapped(t).requires_grad for t in tree_leaves(call)
     )
+    if "grad_checkpointing" in on and graded:
+        return True
+    return graded and (sub.training or not functorch_transform_active())
 
 
 def _by_path(source: nn.Module) -> dict[str, nn.Module]:
