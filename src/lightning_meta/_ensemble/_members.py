@@ -413,7 +413,19 @@ def same_class(a: type, b: type, depth: int = 0) -> bool:
     return _same_key(_class_body(a), _class_body(b))
 
 
+def _in_class(cls: type) -> _Member:
+    """What a method of ``cls`` may refer to as "the member": an instance of ``cls`` or of
+    one of its module bases (``nn.Module`` itself excepted)."""
+    own = tuple(
+        c
+        for c in cls.__mro__
+        if isinstance(c, type) and issubclass(c, nn.Module) and c is not nn.Module
+    )
+    return _Member(None, every_module=True, own_types=own)
+
+
 def _class_body(cls: type) -> list[tuple[str, Any]]:
+    member = _in_class(cls)
     body = []
     for name, value in sorted(vars(cls).items()):
         if name in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
@@ -423,18 +435,16 @@ def _class_body(cls: type) -> list[tuple[str, Any]]:
         if isinstance(value, property):
             value = (value.fget, value.fset)
         if isinstance(value, tuple):
-            body.append(
-                (name, tuple(callable_key(v, _IN_A_CLASS) if callable(v) else v for v in value))
-            )
+            body.append((name, tuple(callable_key(v, member) if callable(v) else v for v in value)))
         elif callable(value):
-            body.append((name, _class_callable_key(value, cls)))
+            body.append((name, _class_callable_key(value, cls, member)))
         elif plain_value(value) and not (name.startswith("__") and name.endswith("__")):
             # (copyreg caches __slotnames__ on a class once an instance is copied)
             body.append((name, value))
     return body
 
 
-def _class_callable_key(value: Any, cls: type) -> Any:
+def _class_callable_key(value: Any, cls: type, member: _Member) -> Any:
     """:func:`callable_key` of a class attribute; a callable object's references to the class
     itself compare alike: torch.fx gives each GraphModule a class of its own, whose
     ``_wrapped_call`` holds that class (two copies of one traced module were refused as
@@ -443,18 +453,18 @@ def _class_callable_key(value: Any, cls: type) -> Any:
         # torch.fx gives each GraphModule's forward a globals table of its own, binding
         # the names its code calls (a wrapped function per graph): same code, other
         # functions (a second look found x * 2 and x * 3 accepted, 1.36 off a loop)
-        return (callable_key(value, _IN_A_CLASS), _globals_key(value))
+        return (callable_key(value, member), _globals_key(value, member))
     if (
         isinstance(value, (types.MethodType, functools.partial, type))
         or not hasattr(value, "__dict__")
         or not any(v is cls for v in vars(value).values())
     ):
-        return callable_key(value, _IN_A_CLASS)
+        return callable_key(value, member)
     state = {k: (("the class itself",) if v is cls else v) for k, v in vars(value).items()}
-    return ("callable", type(value), _setting(state, _IN_A_CLASS, 1))
+    return ("callable", type(value), _setting(state, member, 1))
 
 
-def _globals_key(fn: types.FunctionType) -> tuple[Any, ...]:
+def _globals_key(fn: types.FunctionType, member: _Member) -> tuple[Any, ...]:
     """The globals ``fn``'s code names and calls: modules, classes and builtins by
     identity, any other callable by :func:`callable_key` (a closure made per graph by what
     it closes over, a bound method by its instance, a callable object by its state: a
@@ -467,14 +477,30 @@ def _globals_key(fn: types.FunctionType) -> tuple[Any, ...]:
         value = table.get(name, _EMPTY)
         if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
             key.append((name, id(value)))
-        elif isinstance(value, types.MethodType) and hasattr(value.__self__, "__dict__"):
+        elif isinstance(value, types.MethodType):
             # by its instance's state, not its type alone (as callable_key compares a
             # hook's configuration object)
-            state = _setting(dict(vars(value.__self__)), _IN_A_CLASS, 1)
-            key.append((name, callable_key(value.__func__, _IN_A_CLASS, 1), state))
+            state = _setting(_object_state(value.__self__), member, 1)
+            key.append((name, callable_key(value.__func__, member, 1), state))
+        elif isinstance(value, (types.FunctionType, functools.partial, nn.Module)):
+            key.append((name, callable_key(value, member, 1)))
         elif value is not _EMPTY and callable(value):
-            key.append((name, callable_key(value, _IN_A_CLASS, 1)))
+            # an object's state, its slots' too (a fourth look: one with __slots__ read
+            # as stateless, 0.89 off a loop)
+            state = _setting(_object_state(value), member, 1)
+            key.append((name, type(value), state))
     return tuple(key)
+
+
+def _object_state(obj: Any) -> dict[str, Any]:
+    """``obj``'s attributes: its ``__dict__`` and the slots its classes declare."""
+    state = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    for klass in type(obj).__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                state.setdefault(slot, getattr(obj, slot))
+    return state
 
 
 def _compare_hooks(reference: Profile, other: Profile, index: int) -> list[tuple[str, str]]:
@@ -532,10 +558,21 @@ class _Member:
     hook closing over ``self``) is compared by where it points, not by value.
     """
 
-    def __init__(self, member: nn.Module | None, *, every_module: bool = False) -> None:
+    def __init__(
+        self,
+        member: nn.Module | None,
+        *,
+        every_module: bool = False,
+        own_types: tuple[type, ...] = (),
+    ) -> None:
         # every_module: a class's own methods refer to the instance they were
-        # made for (torch's parametrized classes): any module is "the member".
+        # made for (torch's parametrized classes): any module is "the member";
+        # with own_types, only a module of those classes (the class compared and
+        # its module bases): another one a method closes over (an activation a
+        # factory's class or a traced graph's function holds) is compared by its
+        # settings, as a fourth look found Softplus(beta=1) and (beta=5) accepted.
         self.every_module = every_module
+        self.own_types = own_types
         self.tensors: dict[int, str] = {}
         self.modules: dict[int, str] = {}
         if member is not None:
@@ -693,7 +730,8 @@ def _loose(value: Any, member: _Member, depth: int) -> Any:
     As :func:`_setting`, except that objects of other kinds (a config) are
     compared by type only.
     """
-    if isinstance(value, nn.Module) and (member.every_module or id(value) in member.modules):
+    own = member.every_module and (not member.own_types or isinstance(value, member.own_types))
+    if isinstance(value, nn.Module) and (own or id(value) in member.modules):
         return _Own(member.modules.get(id(value), type(value).__qualname__))
     if callable(value) and not isinstance(value, nn.Module):
         return callable_key(value, member, depth)
