@@ -2154,10 +2154,12 @@ _CHECKPOINT_FLAGS = frozenset({"gradient_checkpointing", "grad_checkpointing"})
 
 def _checkpoint_flags(module: nn.Module) -> frozenset[str]:
     """The names of ``module``'s own checkpointing switches it holds (see _CHECKPOINT_FLAGS)."""
-    names = set(_CHECKPOINT_FLAGS)
+    # tuples and a loop: torch 2.6's dynamo traces this and refuses set(frozenset)
+    names: tuple[str, ...] = ("gradient_checkpointing", "grad_checkpointing")
     if type(module).__module__.startswith("torchvision."):
-        names.add("memory_efficient")
-    return frozenset(names.intersection(vars(module)))
+        names = (*names, "memory_efficient")
+    held = vars(module)
+    return frozenset([n for n in names if n in held])
 
 
 def _is_setting(value: Any) -> bool:
