@@ -295,13 +295,9 @@ def emptied(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return found
 
 
-def _record_emptied(t: torch.Tensor) -> list[str]:
-    """Record what the ``to_empty()`` refused at ``t`` emptied before it; their names (a
-    retry empties them again: recorded anew)."""
-    call = _compat.module_apply_call()
-    if call is None:
-        return []
-    root, recurse = call
+def _record_emptied(t: torch.Tensor, root: nn.Module, recurse: bool) -> list[str]:
+    """Record what the ``to_empty()`` of ``root`` refused at ``t`` emptied before it; their
+    names (a retry empties them again: recorded anew)."""
     reached: list[str] = []
     for name, other in _compat.apply_order(root, recurse):
         if other is t:
@@ -313,7 +309,8 @@ def _record_emptied(t: torch.Tensor) -> list[str]:
 
 
 def _refuse_copy(t: Any, call: str) -> NoReturn:
-    root = _compat.module_applying()
+    applying = _compat.module_apply_call()
+    root = applying[0] if applying is not None else None
     path = None
     if root is not None:
         named = [
@@ -323,8 +320,8 @@ def _refuse_copy(t: Any, call: str) -> NoReturn:
         path = next((name for name, other in named if other is t), None)
     what = f"{type(root).__name__}'s {path!r}" if path is not None else "a deferred tensor"
     gone = ""
-    if call == ".to_empty()":
-        reached = _record_emptied(t)
+    if call == ".to_empty()" and applying is not None:
+        reached = _record_emptied(t, *applying)
         if reached:
             gone = (
                 f" to_empty() had emptied {len(reached)} tensors of the model before it "

@@ -2149,13 +2149,13 @@ _NOT_FOLLOWED = frozenset({"gradient_checkpointing", "grad_checkpointing"})
 #: activations require gradients too, which they do not under torch.vmap: a batched call
 #: then skips the recomputation a loop runs (BatchNorm's running statistics advanced once
 #: where the loop advances them twice), or runs it after vmap returned
-_CHECKPOINT_FLAGS = frozenset({"gradient_checkpointing", "grad_checkpointing"})
+_CHECKPOINT_FLAGS: tuple[str, ...] = ("gradient_checkpointing", "grad_checkpointing")
 
 
 def _checkpoint_flags(module: nn.Module) -> frozenset[str]:
     """The names of ``module``'s own checkpointing switches it holds (see _CHECKPOINT_FLAGS)."""
     # tuples and a loop: torch 2.6's dynamo traces this and refuses set(frozenset)
-    names: tuple[str, ...] = ("gradient_checkpointing", "grad_checkpointing")
+    names = _CHECKPOINT_FLAGS
     if type(module).__module__.startswith("torchvision."):
         names = (*names, "memory_efficient")
     held = vars(module)
